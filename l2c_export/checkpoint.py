@@ -1,0 +1,93 @@
+"""Loading DiT checkpoints in the official layout, and torch files in general, without unrestricted unpickling.
+
+Accepted: a plain ``state_dict`` ``.pt`` (``DiT-XL-2-256x256.pt``), a DiT training checkpoint
+(``{"model", "ema", "opt", "args"}``, of which ``ema`` is taken, as DiT's ``find_model`` does) and ``.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .models import DiT, DiTConfig
+
+# The only non-tensor global that DiT and L2C training files contain (their ``args``). weights_only=True forbids
+# everything else, so a crafted file can construct nothing beyond tensors, containers and this plain namespace.
+_ALLOWED_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+def load_torch_file(path: str | Path) -> object:
+    """``torch.load`` with ``weights_only=True``, allowing only ``argparse.Namespace`` beyond tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... depending on the damage
+        raise CheckpointError(f"{path}: not a loadable torch file without unrestricted unpickling ({error})") from error
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state_dict of a ``.pt``/``.pth``/``.bin`` or ``.safetensors`` file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        try:
+            return load_file(str(path))
+        except Exception as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    data = load_torch_file(path)
+    if isinstance(data, Mapping) and "ema" in data:
+        data = data["ema"]
+    elif isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
+        data = data["model"]
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: expected a state_dict (parameter name -> tensor), "
+                              f"or a training checkpoint with an 'ema' or 'model' state_dict")
+    return dict(data)
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str) -> None:
+    """Raises CheckpointError naming the missing and unexpected keys and the mismatched shapes."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{name}: file {tuple(state_dict[name].shape)}, model {tuple(expected[name].shape)}"
+        for name in expected
+        if name in state_dict and tuple(state_dict[name].shape) != tuple(expected[name].shape)
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys ({len(missing)}): {_abbreviate(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): {_abbreviate(unexpected)}")
+        if mismatched:
+            problems.append(f"mismatched shapes ({len(mismatched)}): {_abbreviate(mismatched)}")
+        raise CheckpointError(f"{source}: does not fit the model; " + "; ".join(problems))
+
+
+def load_dit(path: str | Path, config: DiTConfig) -> DiT:
+    """A DiT of ``config`` with the weights of ``path``, in eval mode, in fp32."""
+    state_dict = load_state_dict(path)
+    model = DiT(config)
+    check_state_dict(state_dict, model, str(path))
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return model.eval()
+
+
+def _abbreviate(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")

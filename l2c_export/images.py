@@ -1,0 +1,35 @@
+"""Turning pixel-space samples into pictures: a grid PNG."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .util import atomic_write_bytes
+
+
+def to_uint8(samples: np.ndarray) -> np.ndarray:
+    """(n, C, H, W) in [-1, 1] -> (n, H, W, C) uint8."""
+    return np.clip((samples + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def save_grid(samples: np.ndarray, path: str | Path, columns: int | None = None, scale: int = 8) -> None:
+    """Writes a PNG grid of ``samples`` (n, C, H, W) in [-1, 1], each image upscaled ``scale`` times (nearest)."""
+    images = to_uint8(samples)
+    n, h, w, c = images.shape
+    columns = columns or min(n, 8)
+    rows = -(-n // columns)
+    pad = 2
+    grid = np.full((rows * (h * scale + pad) + pad, columns * (w * scale + pad) + pad, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, columns)
+        big = image.repeat(scale, axis=0).repeat(scale, axis=1)
+        top, left = pad + r * (h * scale + pad), pad + q * (w * scale + pad)
+        grid[top: top + h * scale, left: left + w * scale] = big
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())

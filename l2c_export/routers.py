@@ -1,0 +1,133 @@
+"""Router files: the authors' ``.pt`` (Learning-to-Cache's ``DiT/ckpt/DDIM20_router.pt``) and their decoding into
+schedules.
+
+Authors' format: a torch archive holding ``{"routers": {"{i}.prob": (2 * depth,) logits}, "opt": ..., "args":
+argparse.Namespace}`` with one entry per sampling step. Router index ``i`` is the step's position in the *ascending*
+timestep list, so ``i = N - 1`` is the first sampling step (t = 999). Their sampler computes everything at odd ``i``
+(clearing the cache) and, at even ``i``, computes sub-layer ``j`` when ``sigmoid(logit[j]) > threshold``.
+
+Here router logits are always held in *sampling order*: ``logits[s]`` is the router of sampling step ``s``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Mapping
+
+import numpy as np
+
+from .checkpoint import CheckpointError, load_torch_file
+from .schedule import Schedule
+
+ScheduleMode = Literal["official", "general"]
+
+
+class RouterError(ValueError):
+    """A router file that cannot be read; the message names the file and the field."""
+
+
+@dataclass
+class RouterLogits:
+    logits: np.ndarray  # (num_steps, 2 * depth) float32, sampling order
+    source: str
+    meta: dict = field(default_factory=dict)  # what the file says of its model: model, image_size, num_classes, ...
+
+    @property
+    def num_steps(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def depth(self) -> int:
+        return self.logits.shape[1] // 2
+
+    def probabilities(self) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))
+
+    def to_schedule(self, threshold: float, mode: ScheduleMode = "official",
+                    timesteps: list[int] | None = None) -> Schedule:
+        """Decode into a schedule.
+
+        ``official``: as the authors' sampler; steps whose router index ``N - 1 - s`` is odd compute everything, the
+        others compute sub-layer j where sigmoid(logit j) > threshold. (With an odd N the first step has an even
+        index; it computes everything all the same, since nothing is cached yet.)
+        ``general``: every step but the first is decided by its router.
+        """
+        if mode not in ("official", "general"):
+            raise ValueError(f"unknown schedule mode {mode!r}; expected 'official' or 'general'")
+        compute = self.probabilities() > threshold
+        n = self.num_steps
+        for s in range(n):
+            if s == 0 or (mode == "official" and (n - 1 - s) % 2 == 1):
+                compute[s] = True
+        return Schedule(compute, timesteps=timesteps, source=self.source, threshold=float(threshold), mode=mode)
+
+
+_AUTHORS_KEY = re.compile(r"^(\d+)\.prob$")
+
+
+def load_router(path: str | Path) -> RouterLogits:
+    """Router logits of an authors' ``.pt`` file (restricted unpickling), in sampling order."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _load_router_safetensors(path)
+    try:
+        data = load_torch_file(path)
+    except CheckpointError as error:
+        raise RouterError(str(error)) from error
+    routers = data.get("routers") if isinstance(data, Mapping) else None
+    if not isinstance(routers, Mapping):
+        raise RouterError(f"{path}: expected a dict with field 'routers' mapping '{{i}}.prob' to logit tensors")
+    args = vars(data["args"]) if hasattr(data.get("args"), "__dict__") else {}
+    meta = {key: args[key] for key in ("model", "image_size", "num_classes", "num_sampling_steps") if key in args}
+    return RouterLogits(_stack_by_index(routers, str(path)), source=str(path), meta=meta)
+
+
+def _stack_by_index(routers: Mapping, where: str) -> np.ndarray:
+    by_index = {}
+    for key, value in routers.items():
+        match = _AUTHORS_KEY.match(str(key))
+        if not match or getattr(value, "ndim", None) != 1:
+            raise RouterError(f"{where}: field 'routers' key {key!r}: expected '{{i}}.prob' -> a 1-D logit tensor")
+        by_index[int(match.group(1))] = np.asarray(value.detach().float().numpy() if hasattr(value, "detach")
+                                                    else value, dtype=np.float32)
+    n = len(by_index)
+    if sorted(by_index) != list(range(n)):
+        raise RouterError(f"{where}: field 'routers' must hold indices 0..{n - 1}; got {sorted(by_index)}")
+    widths = {v.shape[0] for v in by_index.values()}
+    if len(widths) != 1 or next(iter(widths)) % 2:
+        raise RouterError(f"{where}: field 'routers' logits must all have the same even length 2 * depth; "
+                          f"got lengths {sorted(widths)}")
+    # Router index i belongs to sampling step N - 1 - i.
+    return np.stack([by_index[n - 1 - s] for s in range(n)])
+
+
+def _load_router_safetensors(path: Path) -> RouterLogits:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise RouterError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            meta = dict(f.metadata() or {})
+    except Exception as error:
+        raise RouterError(f"{path}: not a readable safetensors file ({error})") from error
+    if "logits" not in tensors or tensors["logits"].ndim != 2 or tensors["logits"].shape[1] % 2:
+        raise RouterError(f"{path}: expected tensor 'logits' of shape (num_steps, 2 * depth) in sampling order")
+    for key in ("image_size", "num_classes"):
+        if key in meta:
+            meta[key] = int(meta[key])
+    return RouterLogits(tensors["logits"].astype(np.float32), source=str(path), meta=meta)
+
+
+def save_router(router: RouterLogits, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """This project's router format: safetensors with one tensor ``logits`` (num_steps, 2 * depth), float32, in
+    sampling order (row 0 is the first step), and string metadata (sampler, model, lambda, ...)."""
+    from safetensors.numpy import save
+
+    from .util import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), save({"logits": np.ascontiguousarray(router.logits, dtype=np.float32)},
+                                        metadata={"format": "l2c-export-router-v1", **(metadata or {})}))

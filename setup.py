@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="l2c-export",
+    version="0.1.0",
+    description="Learning-to-Cache schedules for Diffusion Transformers, exported to ONNX Runtime and TensorRT engines",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["l2c_export", "l2c_export.*"]),
+    package_data={"l2c_export": ["default/*", "schemas/*.json"]},
+    # torch is not pinned here: the Makefile installs torch==2.13.0 (CPU) first, which satisfies this range, so pip
+    # never reaches for the multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "click>=8.1",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "pillow>=9",
+        "matplotlib>=3.7",
+        "scikit-learn>=1.3",
+        "onnx>=1.16",
+        "onnxruntime-gpu>=1.18",
+        "polygraphy>=0.49",
+        "jsonschema>=4.17",
+    ],
+    extras_require={"test": ["pytest>=7"], "tensorrt": ["tensorrt>=10"]},
+    entry_points={"console_scripts": ["l2c-export=l2c_export.cli:main"]},
+)

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny DiT configs, the authors' router file from ../shared (skipped where absent)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2c_export.models import DiT, DiTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+AUTHORS_ROUTER = SHARED / "data" / "official-l2c" / "DDIM20_router.pt"
+
+TINY = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+
+
+@pytest.fixture
+def tiny_model() -> DiT:
+    """A 3-block latent-style DiT with random (non-zero) weights everywhere, gates included."""
+    torch.manual_seed(0)
+    model = DiT(TINY).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture
+def authors_router() -> Path:
+    if not AUTHORS_ROUTER.is_file():
+        pytest.skip(f"the authors' router file is not here ({AUTHORS_ROUTER}): ../shared is absent")
+    return AUTHORS_ROUTER
+
+
+def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs ``l2c-export`` in a real subprocess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "l2c_export.cli", *args], capture_output=True, text=True,
+                            env=env, cwd=cwd or REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"l2c-export {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,43 @@
+"""The command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import run_cli
+
+
+def test_schedule_decodes_the_authors_router(tmp_path, authors_router):
+    out = run_cli("schedule", "--router", str(authors_router), "--steps", "20", "--threshold", "0.1",
+                  "--json", str(tmp_path / "s.json"), "--png", str(tmp_path / "s.png")).stdout
+    assert "computing 312 of 560 sub-layers (44.29% removed)" in out
+    assert "distinct subsets: 7" in out
+    assert "ideal speedup: 1.285x" in out
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert (data["num_steps"], data["depth"], data["timesteps"][0]) == (20, 28, 999)
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedule_inspects_a_schedule_file(tmp_path):
+    path = tmp_path / "s.json"
+    rows = [[1] * 12, [1, 0] * 6]
+    path.write_text(json.dumps({"num_steps": 2, "depth": 6, "compute": rows}))
+    out = run_cli("schedule", "--schedule", str(path)).stdout
+    assert "step   1     6/12" in out
+    assert "distinct subsets: 2" in out
+
+
+def test_an_invalid_schedule_is_a_clear_error_and_exit_code(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"num_steps": 1, "depth": 1, "compute": [[0, 1]]}))
+    result = run_cli("schedule", "--schedule", str(path), "--json", str(tmp_path / "out.json"), check=False)
+    assert result.returncode == 1
+    assert f"{path}: field 'compute' row 0 (the first step)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_steps_that_do_not_match_the_router_are_refused(authors_router):
+    result = run_cli("schedule", "--router", str(authors_router), "--steps", "50", check=False)
+    assert result.returncode == 1
+    assert "holds routers for 20 steps; --steps is 50" in result.stderr
