@@ -25,6 +25,7 @@ setup(
         "onnx>=1.16",
         "onnxruntime-gpu>=1.18",
         "polygraphy>=0.49",
+        "onnx-graphsurgeon>=0.5",
         "jsonschema>=4.17",
     ],
     extras_require={"test": ["pytest>=7"], "tensorrt": ["tensorrt>=10"]},

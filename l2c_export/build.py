@@ -1,0 +1,255 @@
+"""``l2c-export build``: model + schedule -> subset graphs, engines and ``manifest.json`` in one folder.
+
+Atomic: everything is written into a hidden staging folder beside the output, the manifest last, and the staging
+folder then replaces the output with two renames; a build killed at any point leaves the previous output (or none)
+and a stale staging folder that the next build removes.
+
+Incremental: every file carries a key, a hash of what produced it (weights, config, precision, subset, tool
+versions). A rebuild reuses a previous file with the same key (hard link) instead of tracing, exporting or building
+again; when every file is reusable the model is not even loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import manifest as manifest_io
+from .diffusion import Sampler
+from .engines import BatchRange, get_builder
+from .macs import count_macs
+from .models import default_guided_channels
+from .plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name, slot_name
+from .schedule import Schedule
+from .zoo import ModelSpec
+
+LATENT_SCALE = 0.18215
+
+
+@dataclass
+class BuildRequest:
+    spec: ModelSpec
+    schedule: Schedule
+    sampler: Sampler
+    out_dir: Path
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    batch: BatchRange = field(default_factory=lambda: BatchRange(1, 2, 16))
+    cfg_scale: float | None = None
+    guide_all_channels: bool = False
+
+
+@dataclass
+class BuildReport:
+    manifest_path: Path
+    exported: list[str]  # subset graphs exported in this build
+    reused: list[str]  # files reused from the previous build
+    traced: bool
+
+
+def build(request: BuildRequest, progress: bool = True) -> BuildReport:
+    from .export import NUMPY_DTYPES, OPSET, PRECISIONS
+
+    if request.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {request.precision!r}")
+    out_dir = Path(request.out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.staging"
+    builder = get_builder(request.backend, staging)
+    builder.check_available()  # before anything is written
+    spec, config = request.spec, request.spec.config
+    request.schedule.check_fits(request.sampler.num_steps, config.depth)
+    plan = BuildPlan.from_schedule(request.schedule)
+    versions = _versions()
+    weights_sha = manifest_io.sha256_of(spec.weights)
+    base_key = _hash({"weights": weights_sha, "config": config.to_dict(), "precision": request.precision,
+                      "opset": OPSET, "versions": versions})
+    graph_keys = [_hash({"base": base_key, "compute": s.compute, "writes": s.writes}) for s in plan.subsets]
+    previous = _previous_files(out_dir)
+
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a build that was killed
+    staging.mkdir(parents=True)
+    reused: list[str] = []
+    exported: list[str] = []
+    try:
+        universal = None
+        weights_name = "weights.bin"
+        graph_files = [f"{subset.name}.onnx" for subset in plan.subsets]
+        need_trace = not _reuse(previous, base_key, staging / weights_name, reused) or not all(
+            key in previous for key in graph_keys)
+        if need_trace:
+            from .export import trace, write_weights
+
+            model = spec.load_model()
+            universal = trace(model, request.precision)
+            layout = write_weights(universal, staging / weights_name) if weights_name not in reused else \
+                _layout_of(universal)
+            universal.bind_weights(layout)
+        dtype = NUMPY_DTYPES[request.precision]
+        subset_records = []
+        bar = tqdm(list(zip(plan.subsets, graph_files, graph_keys)), desc=f"building {request.backend} subsets",
+                   disable=not progress)
+        for subset, graph_file, key in bar:
+            bar.set_postfix_str(subset.name)
+            inputs, outputs = _interface(subset, config, dtype)
+            if not _reuse(previous, key, staging / graph_file, reused):
+                _export_subset(universal, subset, staging / graph_file, inputs, outputs)
+                exported.append(graph_file)
+            engine_file = builder.engine_file(graph_file, key)
+            engine_key = _hash({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
+            if engine_file != graph_file and not _reuse(previous, engine_key, staging / engine_file, reused):
+                builder.build(staging / graph_file, staging / engine_file, inputs, request.batch)
+            subset_records.append(_subset_record(subset, staging, graph_file, key, engine_file, engine_key,
+                                                 inputs, outputs, spec))
+        data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)
+        manifest_io.write(staging, data)
+        _replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildReport(out_dir / manifest_io.MANIFEST_NAME, exported, reused, universal is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _interface(subset: SubsetPlan, config, dtype: str) -> tuple[list[dict], list[dict]]:
+    """The graph's inputs and outputs as manifest tensor records."""
+    side = config.input_size
+    branch_shape = ["batch", config.num_tokens, config.hidden_size]
+    inputs = [
+        {"name": "x", "dtype": "float32", "shape": ["batch", config.in_channels, side, side]},
+        {"name": "t", "dtype": "float32", "shape": ["batch"]},
+        {"name": "y", "dtype": "int64", "shape": ["batch"]},
+    ] + [{"name": cache_input_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k)}
+         for k in subset.reads]
+    outputs = [{"name": "model_out", "dtype": "float32", "shape": ["batch", config.out_channels, side, side]}] + [
+        {"name": fresh_output_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k)}
+        for k in subset.writes]
+    return inputs, outputs
+
+
+def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict], outputs: list[dict]) -> None:
+    import onnx
+
+    from .export import check_ops_supported, subset_graph
+    from .opsupport import tensorrt_supported_ops
+
+    graph = subset_graph(universal, subset, graph_name=subset.name)
+    check_ops_supported(graph, tensorrt_supported_ops(), where=path.name)
+    got = ([i.name for i in graph.graph.input], [o.name for o in graph.graph.output])
+    want = ([t["name"] for t in inputs], [t["name"] for t in outputs])
+    if got != want:  # the surgery and the liveness plan must agree exactly
+        raise AssertionError(f"{path.name}: graph interface {got} differs from the plan's {want}")
+    onnx.save_model(graph, str(path))
+    onnx.checker.check_model(str(path), full_check=False)
+
+
+def _subset_record(subset, folder, graph_file, graph_key, engine_file, engine_key, inputs, outputs, spec) -> dict:
+    macs = count_macs(spec.config)
+    graph_entry = manifest_io.file_entry(folder, graph_file, graph_key)
+    engine_entry = graph_entry if engine_file == graph_file else manifest_io.file_entry(folder, engine_file,
+                                                                                        engine_key)
+    reads, writes = [slot_name(k) for k in subset.reads], [slot_name(k) for k in subset.writes]
+    return {"index": subset.index, "name": subset.name, "compute": [int(v) for v in subset.compute],
+            "steps": list(subset.steps), "reads": reads, "writes": writes, "graph": graph_entry,
+            "engine": engine_entry, "inputs": inputs, "outputs": outputs,
+            "macs_per_sample": macs.of_subset(subset.compute)}
+
+
+def _manifest(request, plan, subset_records, folder, weights_name, base_key, weights_sha, dtype, versions) -> dict:
+    spec, config, schedule = request.spec, request.spec.config, request.schedule
+    macs = count_macs(config)
+    used_slots = sorted({k for s in plan.subsets for k in (*s.reads, *s.writes)})
+    guided = config.in_channels if request.guide_all_channels else default_guided_channels(config.in_channels)
+    model = {"config": config.to_dict(), "space": spec.space, "num_sublayers": config.num_sublayers,
+             "weights_sha256": weights_sha}
+    if spec.space == "latent":
+        model["latent_scale"] = LATENT_SCALE
+    data = {
+        "schema_version": manifest_io.SCHEMA_VERSION,
+        "name": spec.name,
+        "backend": request.backend,
+        "precision": request.precision,
+        "model": model,
+        "sampler": request.sampler.to_dict(),
+        "guidance": {"cfg_scale": float(spec.cfg_scale if request.cfg_scale is None else request.cfg_scale),
+                     "guided_channels": guided, "null_class": config.num_classes},
+        "schedule": {"compute": schedule.compute.astype(int).tolist(), "step_subset": list(plan.step_to_subset),
+                     "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
+        "batch": request.batch.to_dict(),
+        "cache_slots": [{"name": slot_name(k), "index": k, "dtype": dtype,
+                         "shape": ["batch", config.num_tokens, config.hidden_size]} for k in used_slots],
+        "weights": manifest_io.file_entry(folder, weights_name, base_key),
+        "subsets": subset_records,
+        "macs": {"always": macs.always, "attn": macs.attn, "mlp": macs.mlp, "full": macs.full,
+                 "schedule_fraction": schedule.mac_fraction(macs), "ideal_speedup": schedule.ideal_speedup(macs)},
+        "versions": versions,
+    }
+    if request.backend == "tensorrt":
+        data["tensorrt"] = {"timing_cache": manifest_io.file_entry(folder, "timing.cache"), "stripped_plans": True}
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _previous_files(out_dir: Path) -> dict[str, Path]:
+    """key -> file of the previous build in ``out_dir`` (only files whose sha256 still matches)."""
+    try:
+        data = manifest_io.load(out_dir, verify_files=True)
+    except manifest_io.ManifestError:
+        return {}
+    files = {}
+    for entry in manifest_io.all_files(data):
+        if "key" in entry:
+            files[entry["key"]] = out_dir / entry["file"]
+    return files
+
+
+def _reuse(previous: dict[str, Path], key: str, target: Path, reused: list[str]) -> bool:
+    source = previous.get(key)
+    if source is None:
+        return False
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    reused.append(target.name)
+    return True
+
+
+def _layout_of(universal) -> dict[str, tuple[int, int]]:
+    """The layout ``write_weights`` would produce, without writing (the weights file is reused)."""
+    from .export import weights_layout
+
+    return weights_layout(universal)
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Puts the finished staging folder in place of ``out_dir`` with renames only."""
+    old = out_dir.parent / f".{out_dir.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _hash(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("l2c-export", "torch", "onnx", "onnxruntime-gpu", "onnxruntime", "tensorrt", "polygraphy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
