@@ -219,6 +219,89 @@ def _parse_labels(text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+EXIT_BACKEND_UNAVAILABLE = 3
+
+
+def schedule_options(function):
+    """--schedule, or --router with --threshold/--mode; --steps/--sampler."""
+    options = [
+        click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Schedule JSON (default: the embedded default's own; none for a checkpoint: full only)."),
+        click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Or a router file (the authors' .pt or a learned .safetensors) to decode."),
+        click.option("--threshold", type=float, default=0.1, show_default=True, help="Router threshold."),
+        click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
+                     help="How a router is decoded."),
+        click.option("--steps", type=int, help="Sampling steps (default: the model's, 20)."),
+        click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]),
+                     help="Default: the model's (ddim)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _resolve_schedule(spec, sampler, schedule_file, router, threshold, mode, use_default: bool):
+    from .routers import load_router
+    from .schedule import Schedule
+
+    if schedule_file is not None and router is not None:
+        raise click.UsageError("give --schedule or --router, not both")
+    if router is not None:
+        result = load_router(router).to_schedule(threshold, mode=mode, timesteps=sampler.timesteps.tolist())
+    elif schedule_file is not None:
+        result = Schedule.load(schedule_file)
+    elif use_default and spec.default_schedule is not None:
+        result = spec.schedule()
+    else:
+        result = Schedule.full(sampler.num_steps, spec.config.depth, timesteps=sampler.timesteps.tolist())
+    result.check_fits(sampler.num_steps, spec.config.depth)
+    return result
+
+
+@main.command()
+@model_options
+@schedule_options
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Precision written into the graphs (LayerNorm and softmax stay fp32).")
+@click.option("--batch", "batch_text", default="1,2,16", show_default=True,
+              help="Model batch range MIN,OPT,MAX (guidance doubles the images), or N for 1..N.")
+@click.option("--cfg-scale", type=float, help="Default guidance scale recorded in the manifest.")
+@click.option("--guide-all-channels", is_flag=True, help="Guide every eps channel (DiT guides 3 of 4).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: engines/<model>-<backend>-<precision>).")
+@_user_errors
+def build(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, mode, steps,
+          sampler_kind, backend, precision, batch_text, cfg_scale, guide_all_channels, out):
+    """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
+    import time
+
+    from .build import BuildRequest, build as run_build
+    from .engines import BackendUnavailable, BatchRange
+
+    spec = _resolve_model(checkpoint, model_name, image_size, num_classes)
+    sampler = spec.sampler(sampler_kind, steps)
+    plan = _resolve_schedule(spec, sampler, schedule_file, router, threshold, mode, use_default=checkpoint is None)
+    slug = spec.name.replace("/", "-").replace(" ", "-").lower()
+    out = out or Path("engines") / f"{slug}-{backend}-{precision}"
+    request = BuildRequest(spec=spec, schedule=plan, sampler=sampler, out_dir=out, backend=backend,
+                           precision=precision, batch=BatchRange.parse(batch_text), cfg_scale=cfg_scale,
+                           guide_all_channels=guide_all_channels)
+    start = time.perf_counter()
+    try:
+        report = run_build(request)
+    except BackendUnavailable as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(EXIT_BACKEND_UNAVAILABLE)
+    subsets = len(plan.distinct_subsets())
+    click.echo(f"built {subsets} subset(s) for {backend} ({precision}) in {time.perf_counter() - start:.1f} s: "
+               f"{len(report.exported)} exported, {len(report.reused)} file(s) reused"
+               + ("" if report.traced else ", model not traced"))
+    click.echo(f"wrote {report.manifest_path}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
 @main.command("train-default")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/dit-digits"),
               show_default=True, help="Folder for dit-digits.safetensors.")

@@ -26,7 +26,9 @@ def save_grid(samples: np.ndarray, path: str | Path, columns: int | None = None,
     grid = np.full((rows * (h * scale + pad) + pad, columns * (w * scale + pad) + pad, c), 255, dtype=np.uint8)
     for i, image in enumerate(images):
         r, q = divmod(i, columns)
-        big = image.repeat(scale, axis=0).repeat(scale, axis=1)
+        # Bicubic upscaling: an 8x8 digit reads as a digit when smooth, and as a mosaic when nearest-neighbour.
+        big = np.asarray(Image.fromarray(image[..., 0] if c == 1 else image).resize(
+            (w * scale, h * scale), Image.Resampling.BICUBIC)).reshape(h * scale, w * scale, c)
         top, left = pad + r * (h * scale + pad), pad + q * (w * scale + pad)
         grid[top: top + h * scale, left: left + w * scale] = big
     picture = Image.fromarray(grid[..., 0] if c == 1 else grid)

@@ -108,7 +108,13 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        if self.proj.weight.dtype == torch.bfloat16:
+            # ONNX Conv takes bfloat16 only from opset 22 (TensorRT 10 parses up to 20): convolve in fp32.
+            weight, bias = self.proj.weight.float(), self.proj.bias.float()
+            x = F.conv2d(x.float(), weight, bias, stride=self.proj.stride).to(torch.bfloat16)
+        else:
+            x = self.proj(x)
+        return x.flatten(2).transpose(1, 2)
 
 
 class TimestepEmbedder(nn.Module):
