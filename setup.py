@@ -28,6 +28,6 @@ setup(
         "onnx-graphsurgeon>=0.5",
         "jsonschema>=4.17",
     ],
-    extras_require={"test": ["pytest>=7"], "tensorrt": ["tensorrt>=10"]},
+    extras_require={"test": ["pytest>=7"], "tensorrt": ["tensorrt>=10"], "vae": ["diffusers>=0.25"]},
     entry_points={"console_scripts": ["l2c-export=l2c_export.cli:main"]},
 )

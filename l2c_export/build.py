@@ -108,6 +108,7 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
             subset_records.append(_subset_record(subset, staging, graph_file, key, engine_file, engine_key,
                                                  inputs, outputs, spec))
         data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)
+        data["weight_tensors"] = _weight_table(universal, out_dir)
         manifest_io.write(staging, data)
         _replace(staging, out_dir)
     except BaseException:
@@ -238,6 +239,17 @@ def _reuse(previous: dict[str, Path], key: str, target: Path, reused: list[str])
         shutil.copy2(source, target)
     reused.append(target.name)
     return True
+
+
+def _weight_table(universal, out_dir: Path) -> list[dict]:
+    """name, dtype, shape, offset, length of every tensor in weights.bin (from the trace, or the previous manifest
+    when the weights were reused without tracing)."""
+    if universal is None:
+        return manifest_io.load(out_dir, verify_files=False)["weight_tensors"]
+    from .export import weights_layout
+
+    return [{"name": name, "dtype": str(universal.weights[name].dtype), "shape": list(universal.weights[name].shape),
+             "offset": offset, "length": length} for name, (offset, length) in weights_layout(universal).items()]
 
 
 def _layout_of(universal) -> dict[str, tuple[int, int]]:

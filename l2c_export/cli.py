@@ -69,8 +69,11 @@ def main():
 @click.option("--image-size", type=int, help="Image size in pixels for MAC counting of an official model.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the schedule JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap PNG.")
+@click.option("--target-mac-fraction", type=float,
+              help="Instead of --threshold: the lowest threshold whose MAC fraction is at most this.")
 @_user_errors
-def schedule(router, schedule_file, steps, threshold, mode, model_name, image_size, json_out, png_out):
+def schedule(router, schedule_file, steps, threshold, mode, model_name, image_size, json_out, png_out,
+             target_mac_fraction):
     """Decode a router into a schedule, or inspect one: sub-layers per step, subsets, MACs, ideal speedup."""
     from .macs import count_macs
     from .routers import load_router
@@ -86,6 +89,12 @@ def schedule(router, schedule_file, steps, threshold, mode, model_name, image_si
             raise click.ClickException(f"{router}: holds routers for {logits.num_steps} steps; --steps is {steps}")
         timesteps = Sampler.create("ddim", logits.num_steps).timesteps.tolist()
         result = logits.to_schedule(threshold, mode=mode, timesteps=timesteps)
+        if target_mac_fraction is not None:
+            from .baselines import schedule_for_mac_fraction
+
+            result = schedule_for_mac_fraction(logits, target_mac_fraction, count_macs(_config_for_macs(
+                logits.depth, model_name or meta.get("model"), image_size or meta.get("image_size"),
+                meta.get("num_classes", 1000))), mode, timesteps)
     else:
         result = Schedule.load(schedule_file)
     config = _config_for_macs(result.depth, model_name or meta.get("model"),
@@ -166,11 +175,10 @@ def sample(checkpoint, model_name, image_size, num_classes, schedule_file, route
     import numpy as np
     import torch
 
-    from .reference import make_noise, sample_reference
+    from .diffusion import make_noise
+    from .reference import sample_reference
     from .routers import load_router
     from .schedule import Schedule
-    from .util import atomic_write_bytes
-
     spec = _resolve_model(checkpoint, model_name, image_size, num_classes)
     sampler = spec.sampler(sampler_kind, steps)
     if full:
@@ -196,11 +204,7 @@ def sample(checkpoint, model_name, image_size, num_classes, schedule_file, route
     what = "full compute" if plan is None else f"L2C schedule ({plan.source})"
     click.echo(f"sampled {len(label_list)} x {sampler.num_steps} {sampler.kind} steps with {what} in {elapsed:.2f} s")
     if save_latents:
-        import io
-
-        buffer = io.BytesIO()
-        np.save(buffer, samples)
-        atomic_write_bytes(save_latents, buffer.getvalue())
+        _save_npy(save_latents, samples)
         click.echo(f"wrote {save_latents}")
     if spec.space == "pixel":
         from .images import save_grid
@@ -299,6 +303,305 @@ def build(checkpoint, model_name, image_size, num_classes, schedule_file, router
                f"{len(report.exported)} exported, {len(report.reused)} file(s) reused"
                + ("" if report.traced else ", model not traced"))
     click.echo(f"wrote {report.manifest_path}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def _backend_options(device: str | None, backend: str) -> dict:
+    if device is None:
+        return {}
+    if backend == "onnxruntime":
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        return {"providers": providers}
+    if backend == "torch":
+        return {"device": device}
+    raise click.UsageError(f"--device does not apply to --backend {backend}")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--labels", default="0,1,2,3,4,5,6,7,8,9", show_default=True, help="Comma-separated class labels.")
+@click.option("--cfg-scale", type=float, help="Guidance scale (default: the manifest's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
+@click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Initial noise .npy of shape (n labels, C, H, W), float32; guidance duplicates it.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
+              show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
+@click.option("--full", is_flag=True, help="Run the full-compute engine at every step instead of the schedule.")
+@click.option("--compare-full", is_flag=True, help="Also time full compute on the same request and print both.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG grid (pixel models, or with --vae).")
+@click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Save the samples (.npy).")
+@click.option("--vae", type=click.Path(file_okay=False, path_type=Path),
+              help="Local diffusers AutoencoderKL folder to decode latents (scale 0.18215).")
+@_user_errors
+def run(engine_dir, labels, cfg_scale, seed, noise_file, backend, device, full, compare_full, out, save_latents, vae):
+    """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
+    import numpy as np
+
+    from .manifest import ManifestError
+    from .runtime import L2CPipeline
+
+    label_list = _parse_labels(labels)
+    noise = None
+    if noise_file is not None:
+        try:
+            noise = np.load(noise_file, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise click.ClickException(f"{noise_file}: not a readable .npy array ({error})") from None
+    try:
+        pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **_backend_options(device, backend))
+    except ManifestError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
+               f"{pipe.sampler.num_steps} {pipe.sampler.kind} steps, backend {backend} on {', '.join(pipe.providers)}")
+    if pipe.manifest["model"]["space"] == "latent" and out is not None and vae is None:
+        raise click.UsageError("--out needs --vae for a latent model (or use --save-latents)")
+    result = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True)
+    what = "full compute" if full else "L2C schedule"
+    click.echo(f"{what}: {result.seconds:.3f} s for {len(label_list)} sample(s) "
+               f"({100 * result.overhead_fraction:.1f}% outside the engines)")
+    if compare_full and not full:
+        reference = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, full=True, progress=True)
+        again = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, progress=True)  # warm, like full
+        click.echo(f"full compute: {reference.seconds:.3f} s; L2C schedule (warm): {again.seconds:.3f} s; "
+                   f"speedup {reference.seconds / again.seconds:.2f}x "
+                   f"(ideal {pipe.manifest['macs']['ideal_speedup']:.2f}x)")
+    if save_latents:
+        _save_npy(save_latents, result.samples)
+        click.echo(f"wrote {save_latents}")
+    if out is not None:
+        from .images import save_grid
+
+        samples = result.samples
+        if pipe.manifest["model"]["space"] == "latent":
+            from .vae import decode_latents
+
+            samples = decode_latents(vae, samples, pipe.manifest["model"]["latent_scale"])
+        save_grid(samples, out, columns=min(len(label_list), 10))
+        click.echo(f"wrote {out}")
+
+
+def _save_npy(path: Path, array) -> None:
+    import io
+
+    import numpy as np
+
+    from .util import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
+              show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
+@click.option("--tolerance", type=float, help="Largest relative difference allowed (default by precision: "
+                                              "fp32 1e-4, fp16 3e-2, bf16 6e-2).")
+@_user_errors
+def verify(engine_dir, backend, device, tolerance):
+    """Check every subset engine against the PyTorch cached forward on the same inputs."""
+    from .manifest import ManifestError
+    from .verify import verify_build
+
+    try:
+        checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance,
+                                         **_backend_options(device, backend))
+    except ManifestError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{engine_dir}: {backend} on {', '.join(providers)} against PyTorch (fp32)")
+    for check in checks:
+        worst_output = max(check.worst, key=check.worst.get)
+        click.echo(f"  {'ok  ' if check.passed else 'FAIL'} {check.name:<24} step {check.step:>3}  worst "
+                   f"{check.worst_value:.2e} ({worst_output})  tolerance {check.tolerance:.0e}")
+    failed = [c.name for c in checks if not c.passed]
+    if failed:
+        raise click.ClickException(f"{len(failed)} subset(s) differ from PyTorch beyond tolerance: {', '.join(failed)}")
+    click.echo(f"all {len(checks)} subset engine(s) agree with PyTorch")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+@main.command()
+@model_options
+@click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path),
+              help="A DiT config JSON (the fields of DiTConfig) for a --checkpoint .safetensors of any architecture.")
+@click.option("--data", "data_arg",
+              help="A folder of images (class subfolders), a .npy of latents (n, C, H, W), 'digits' or 'none' "
+                   "(trajectories sampled from the model: the teacher needs no data). Default: digits for the "
+                   "embedded default, none for a checkpoint.")
+@click.option("--data-labels", type=click.Path(dir_okay=False, path_type=Path),
+              help="Labels (n,) .npy for --data latents; default: random classes.")
+@click.option("--trajectories", type=int, default=256, show_default=True,
+              help="With --data none: trajectories sampled from the model to learn on.")
+@click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
+              help="official: every other step computes everything (the authors'); general: any step may reuse.")
+@click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]), help="Default: the model's (ddim).")
+@click.option("--steps", type=int, help="Sampling steps (default: the model's, 20).")
+@click.option("--iterations", type=int, default=1500, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True,
+              help="Images per iteration over all processes (guidance doubles the model's batch).")
+@click.option("--lr", type=float, default=0.02, show_default=True, help="AdamW learning rate of the logits.")
+@click.option("--l1", "--lambda", "l1", type=float, default=1e-5, show_default=True,
+              help="lambda of the loss MSE + lambda * sum(w): larger removes more.")
+@click.option("--cfg-scale", type=float, help="Guidance of the trajectories and training batch (default: the model's).")
+@click.option("--window", type=int, help="General mode: unroll this many steps back (default: from the first step).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Router file to write (.safetensors: tensor 'logits' (num_steps, 2 x depth), sampling order).")
+@click.option("--save-every", type=int, default=250, show_default=True,
+              help="Write the learning state (OUT with .state.safetensors) every N iterations.")
+@click.option("--resume", is_flag=True, help="Continue from the learning state beside --out.")
+@click.option("--threshold", type=float, help="Also decode the router at this threshold (see --json).")
+@click.option("--target-mac-fraction", type=float, help="Or at the threshold that meets this MAC fraction.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
+@_user_errors
+def learn(checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories, mode,
+          sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window, seed, out, save_every, resume,
+          threshold, target_mac_fraction, json_out):
+    """Learn router logits (L2C): teacher = full model, student = soft-routed cache, loss = MSE + lambda * sum(w).
+
+    Runs under torchrun for data-parallel learning (gloo on CPU):
+    python -m torch.distributed.run --nproc_per_node 2 -m l2c_export.cli learn ...
+    """
+    from .learn import (LearnSettings, NoisedData, init_distributed, learn_router, load_image_folder, load_latents,
+                        router_metadata, sample_trajectories, with_random_labels, write_router)
+
+    if out.suffix != ".safetensors":
+        raise click.BadParameter(f"{out}: the router is written as .safetensors", param_hint="--out")
+    if json_out and threshold is None and target_mac_fraction is None:
+        raise click.UsageError("--json needs --threshold or --target-mac-fraction")
+    spec = _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config)
+    sampler = spec.sampler(sampler_kind, steps)
+    settings = LearnSettings(mode=mode, iterations=iterations, batch_size=batch_size, lr=lr, l1=l1,
+                             cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale, window=window, seed=seed)
+    dist_info = init_distributed()
+    echo = click.echo if dist_info.is_main else (lambda *args, **kwargs: None)
+    model = spec.load_model()
+    config = spec.config
+    data_arg = data_arg or ("digits" if checkpoint is None else "none")
+    if data_arg == "none":
+        source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed,
+                                     progress=dist_info.is_main)
+    elif data_arg == "digits":
+        from .train_default import digits_dataset
+
+        if (config.in_channels, config.input_size, config.num_classes) != (1, 8, 10):
+            raise click.BadParameter("the digits are 8x8 one-channel images of 10 classes; this model is not",
+                                     param_hint="--data")
+        images, labels = digits_dataset()
+        source = NoisedData(images, labels, sampler, "scikit-learn digits")
+    else:
+        path = Path(data_arg)
+        if path.is_dir():
+            if spec.space == "latent":
+                raise click.BadParameter(f"{path}: a latent model learns on latents (.npy), not images (no VAE "
+                                         f"here)", param_hint="--data")
+            images, labels, _ = load_image_folder(path, config.input_size, config.in_channels)
+        elif path.suffix == ".npy":
+            images, labels = load_latents(path, data_labels, config)
+        else:
+            raise click.BadParameter(f"{path}: expected a folder of images, a .npy of latents, 'digits' or 'none'",
+                                     param_hint="--data")
+        source = NoisedData(images, with_random_labels(labels, config.num_classes, seed), sampler, str(path))
+    echo(f"learning {2 * config.depth} x {sampler.num_steps} router logits ({mode} mode) on "
+         f"{source.description}, {dist_info.world_size} process(es)")
+    state_path = out.with_name(out.name[: -len(".safetensors")] + ".state.safetensors")
+    result = learn_router(model, sampler, source, settings, state_path=state_path, resume=resume,
+                          save_every=save_every, progress=dist_info.is_main, source_name=source.description)
+    if not dist_info.is_main:
+        return
+    official_model = model_name if checkpoint is not None and model_config is None else None
+    write_router(result.router, out, router_metadata(spec.name, sampler, settings, source.description,
+                                                     result.seconds, official_model, image_size,
+                                                     num_classes if official_model else None))
+    last = result.history[-1] if result.history else {}
+    echo(f"learned in {result.seconds:.1f} s" + (f" (last mse {last['mse']:.3g})" if last else ""))
+    echo(f"wrote {out}")
+    if threshold is not None or target_mac_fraction is not None:
+        from .baselines import schedule_for_mac_fraction
+        from .macs import count_macs
+
+        logits = result.router
+        logits.source = str(out)
+        macs = count_macs(config)
+        timesteps = sampler.timesteps.tolist()
+        if target_mac_fraction is not None:
+            decoded = schedule_for_mac_fraction(logits, target_mac_fraction, macs, mode, timesteps)
+        else:
+            decoded = logits.to_schedule(threshold, mode=mode, timesteps=timesteps)
+        echo(f"threshold {decoded.threshold:.6g}: MAC fraction {decoded.mac_fraction(macs):.4f}, ideal speedup "
+             f"{1 / decoded.mac_fraction(macs):.3f}x")
+        if json_out:
+            decoded.save(json_out)
+            echo(f"wrote {json_out}")
+
+
+def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config):
+    import json
+
+    from . import zoo
+    from .models import DiTConfig
+
+    if model_config is None:
+        return _resolve_model(checkpoint, model_name, image_size, num_classes)
+    if checkpoint is None:
+        raise click.UsageError("--model-config describes a --checkpoint; give both")
+    try:
+        config = DiTConfig.from_dict(json.loads(Path(model_config).read_text()))
+    except (OSError, json.JSONDecodeError) as error:
+        raise click.BadParameter(f"{model_config}: {error}", param_hint="--model-config") from None
+    return zoo.ModelSpec(name=Path(checkpoint).stem, config=config, weights=Path(checkpoint),
+                         space="pixel" if config.in_channels in (1, 3) else "latent", cfg_scale=1.0)
+
+
+@main.command("eval")
+@click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
+              help="Router for the l2c sweep (default: the embedded default's router.safetensors).")
+@click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The learned schedule to compare (default: the embedded default's schedule.json).")
+@click.option("--mode", type=click.Choice(["official", "general"]), help="How the router is decoded for the sweep "
+                                                                          "(default: the schedule's).")
+@click.option("--budgets", default=",".join(str(b) for b in (0.6, 0.7, 0.8, 0.9)), show_default=True,
+              help="MAC fractions of the sweep, comma-separated ('' for none).")
+@click.option("--num-samples", type=int, default=500, show_default=True, help="Samples per method (labels 0-9 in turn).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed, the same for every method.")
+@click.option("--random-seeds", type=int, default=3, show_default=True,
+              help="Random-drop schedules averaged per budget.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
+@click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the plot of FD against MAC fraction.")
+@_user_errors
+def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out):
+    """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs on the
+    embedded digits DiT: Frechet distance (digits classifier features), class accuracy, PSNR against full."""
+    from . import zoo
+    from .evaluate import evaluate, format_table, plot_fd, write_json
+    from .routers import load_router
+    from .schedule import Schedule
+
+    default_router = zoo.DEFAULT_DIR / "router.safetensors"
+    learned = Schedule.load(schedule_file) if schedule_file else zoo.embedded_default().schedule()
+    router_path = router or (default_router if default_router.is_file() else None)
+    logits = load_router(router_path) if router_path else None
+    try:
+        budget_list = [float(part) for part in budgets.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated MAC fractions; got {budgets!r}",
+                                 param_hint="--budgets") from None
+    if num_samples < 2:
+        raise click.BadParameter("at least 2 samples are needed for a Frechet distance", param_hint="--num-samples")
+    report = evaluate(learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
+                      random_seeds=tuple(range(random_seeds)))
+    click.echo(format_table(report))
+    if json_out:
+        write_json(report, json_out)
+        click.echo(f"wrote {json_out}")
+    if png_out:
+        plot_fd(report, png_out)
+        click.echo(f"wrote {png_out}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .diffusion import apply_guidance, default_guided_channels
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -350,6 +352,37 @@ class DiT(nn.Module):
             tokens = tokens + gate_mlp.unsqueeze(1) * _cached(cache, 2 * j + 1)
         return self.unpatchify(self.final_layer(tokens, c))
 
+    def forward_soft(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+                     cache: Mapping[int, torch.Tensor],
+                     fresh: MutableMapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The soft-routed forward that router learning differentiates (L2C's student).
+
+        Every sub-layer is computed; sub-layer ``i`` then contributes ``weights[i] * fresh_i + (1 - weights[i]) *
+        cache[i]`` times the current gate, where ``fresh_i`` is its ungated branch output (N, T, D) at this step and
+        ``cache[i]`` (N, T, D) the value the cached forward would reuse. ``weights``: (2 * depth,) in [0, 1], usually
+        sigmoid(router logits); gradients flow to it (and to ``cache`` if that carries any). With all weights 1 this
+        is :meth:`forward`; with weights 0 or 1 it is :meth:`forward_cached` with ``compute = weights > 0.5``.
+        ``fresh``, if given, receives each sub-layer's fresh branch output. ``cache`` is not modified.
+        Returns the model output (N, out_channels, H, W).
+        """
+        if weights.shape != (self.config.num_sublayers,):
+            raise ValueError(f"weights has shape {tuple(weights.shape)}; expected (2 * depth,) = "
+                             f"({self.config.num_sublayers},)")
+        tokens, c = self.embed(x, t, y)
+        for j, block in enumerate(self.blocks):
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(c)
+            attn_out = block.attn_branch(tokens, shift_msa, scale_msa)
+            if fresh is not None:
+                fresh[2 * j] = attn_out
+            mixed = weights[2 * j] * attn_out + (1 - weights[2 * j]) * _cached(cache, 2 * j)
+            tokens = tokens + gate_msa.unsqueeze(1) * mixed
+            mlp_out = block.mlp_branch(tokens, shift_mlp, scale_mlp)
+            if fresh is not None:
+                fresh[2 * j + 1] = mlp_out
+            mixed = weights[2 * j + 1] * mlp_out + (1 - weights[2 * j + 1]) * _cached(cache, 2 * j + 1)
+            tokens = tokens + gate_mlp.unsqueeze(1) * mixed
+        return self.unpatchify(self.final_layer(tokens, c))
+
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          guided_channels: int | None = None, compute: Sequence[bool] | None = None,
                          cache: MutableMapping[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -371,27 +404,6 @@ def _cached(cache: Mapping[int, torch.Tensor], index: int) -> torch.Tensor:
         return cache[index]
     except KeyError:
         raise KeyError(f"sub-layer {index} is reused but was never computed in this request") from None
-
-
-def default_guided_channels(in_channels: int) -> int:
-    """DiT's ``forward_with_cfg`` guides ``model_out[:, :3]``: the first three eps channels of a 4-channel latent
-    model. Reproduce that for 4 channels; for other models guide all eps channels (``[:, :3]`` would reach into the
-    learned-sigma channels of a 1-channel model)."""
-    return 3 if in_channels == 4 else in_channels
-
-
-def apply_guidance(model_out, cfg_scale: float, guided_channels: int):
-    """model_out: (2B, C_out, H, W), conditional half first -> the same shape with both halves guided.
-
-    Works on torch tensors and numpy arrays alike, so that runtimes without PyTorch share it.
-    """
-    eps, rest = model_out[:, :guided_channels], model_out[:, guided_channels:]
-    half = len(eps) // 2
-    cond_eps, uncond_eps = eps[:half], eps[half:]
-    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-    if isinstance(model_out, np.ndarray):
-        return np.concatenate([np.concatenate([half_eps, half_eps], axis=0), rest], axis=1)
-    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 
 #################################################################################

@@ -1,7 +1,7 @@
 """The PyTorch reference sampler: eager DiT, the L2C cached forward per step, classifier-free guidance as one 2B batch.
 
 This is the numerical reference every exported backend is compared with. Noise comes from numpy's generator
-(:func:`make_noise`), so a seed gives the same noise to every backend, PyTorch or not.
+(:func:`l2c_export.diffusion.make_noise`), so a seed gives the same noise to every backend, PyTorch or not.
 """
 
 from __future__ import annotations
@@ -12,31 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import Sampler
-from .models import DiT, default_guided_channels
+from .diffusion import Sampler, check_labels, default_guided_channels, guidance_batch, make_noise, step_noise
+from .models import DiT
 from .schedule import Schedule
-
-
-def make_noise(seed: int, shape: Sequence[int]) -> np.ndarray:
-    """Standard normal float32 noise of ``shape`` from ``numpy.random.default_rng(seed)``."""
-    return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
-
-
-def guidance_batch(noise: np.ndarray, labels: Sequence[int], num_classes: int, cfg_scale: float
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The batch the model runs: (n, C, H, W) noise and n labels -> x (2n, ...) and y (2n,) with the null class in
-    the second half when guiding (cfg_scale > 1, as DiT's sample.py), else the inputs unchanged."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if cfg_scale > 1.0:
-        return (np.concatenate([noise, noise], axis=0),
-                np.concatenate([labels, np.full_like(labels, num_classes)]))
-    return noise, labels
-
-
-def check_labels(labels: Sequence[int], num_classes: int) -> None:
-    bad = [int(label) for label in labels if not 0 <= int(label) < num_classes]
-    if bad:
-        raise ValueError(f"labels {bad} are out of range; expected class indices in 0..{num_classes - 1}")
 
 
 @torch.no_grad()
@@ -46,7 +24,7 @@ def sample_reference(model: DiT, sampler: Sampler, labels: Sequence[int], noise:
     """Samples n images (latents) for ``labels`` from ``noise`` (n, C, H, W) -> float32 (n, C, H, W).
 
     With ``schedule`` the model runs the L2C cached forward (one cache per call, i.e. per request); without it, the
-    plain forward. DDPM draws its per-step noise (2n, C, H, W) from ``make_noise(step_noise_seed + s, ...)``.
+    plain forward. DDPM draws its per-step noise (2n, C, H, W) from ``step_noise(step_noise_seed, s, ...)``.
     """
     config = model.config
     check_labels(labels, config.num_classes)
@@ -72,6 +50,6 @@ def sample_reference(model: DiT, sampler: Sampler, labels: Sequence[int], noise:
             out = model.forward_cached(x, t, y, compute, cache)
         noise_s = None
         if sampler.kind == "ddpm" and s < sampler.num_steps - 1:
-            noise_s = torch.from_numpy(make_noise((step_noise_seed or 0) + s + 1, tuple(x.shape))).to(device)
+            noise_s = torch.from_numpy(step_noise(step_noise_seed or 0, s, tuple(x.shape))).to(device)
         x = sampler.step(s, x, out, noise_s, learn_sigma=config.learn_sigma)
     return x[: len(labels)].float().cpu().numpy()

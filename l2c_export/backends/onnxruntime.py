@@ -1,0 +1,129 @@
+"""ONNX Runtime backend: one session per subset graph, the weights held once for all of them.
+
+- Weights: every session gets the same memory-mapped arrays through ``SessionOptions.add_initializer`` with
+  ``session.disable_prepacking`` set (measured on DiT-S/2: with prepacking each session keeps its own packed copy,
+  more memory than not sharing at all). Graph optimisation stops at ``ORT_ENABLE_EXTENDED`` by default: at
+  ``ORT_ENABLE_ALL`` some layout optimisers re-lay-out weights read from the graph file instead of the shared arrays.
+- Cache: a request's slots are numpy buffers wrapped as OrtValues and bound with IO binding, inputs and outputs alike,
+  so a fresh branch output is written straight into the slot the next subset reads, with no copy in between.
+- Providers: the CUDA provider where asked and present; ``onnxruntime-gpu`` falls back to the CPU silently, so
+  :attr:`providers` reports what the sessions really use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from . import selected_subsets, weight_arrays
+
+OPTIMIZATION_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+class _RequestCache:
+    """One request's cache slots: slot name -> numpy buffer (N, T, D) and its OrtValue view."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+        self.values: dict[str, ort.OrtValue] = {}
+
+    def slot(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> ort.OrtValue:
+        array = self.arrays.get(name)
+        if array is None or array.shape != shape:
+            array = np.empty(shape, dtype=dtype)
+            self.arrays[name] = array
+            self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+        return self.values[name]
+
+    def read(self, name: str) -> ort.OrtValue:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise RuntimeError(f"cache slot {name} is read before any step wrote it") from None
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, manifest: dict, folder: Path, subsets: Sequence[int] | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), share_weights: bool = True,
+                 optimization: str = "extended", threads: int | None = None):
+        if manifest["precision"] == "bf16":
+            raise ValueError("ONNX Runtime has no bfloat16 kernels for these graphs; build with --precision fp32 or "
+                             "fp16 for the onnxruntime backend (bf16 graphs are meant for TensorRT)")
+        self.manifest = manifest
+        self.folder = Path(folder)
+        self._weights = {}
+        if share_weights:
+            self._weights = {name: ort.OrtValue.ortvalue_from_numpy(array)
+                             for name, array in weight_arrays(manifest, folder).items()}
+        self._slot_dtype = {s["name"]: np.dtype(s["dtype"]) for s in manifest["cache_slots"]}
+        self._config = manifest["model"]["config"]
+        self.sessions: dict[int, ort.InferenceSession] = {}
+        self._outputs: dict[int, list[dict]] = {}
+        self._inputs: dict[int, list[dict]] = {}
+        for record in selected_subsets(manifest, subsets):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+            if threads:
+                options.intra_op_num_threads = threads
+            if share_weights:
+                options.add_session_config_entry("session.disable_prepacking", "1")
+                for name in _initializer_names(self.folder / record["engine"]["file"]):
+                    options.add_initializer(name, self._weights[name])
+            session = ort.InferenceSession(str(self.folder / record["engine"]["file"]), options,
+                                           providers=list(providers))
+            self.sessions[record["index"]] = session
+            self._inputs[record["index"]] = record["inputs"]
+            self._outputs[record["index"]] = record["outputs"]
+
+    @property
+    def providers(self) -> list[str]:
+        used = {p for session in self.sessions.values() for p in session.get_providers()}
+        return [p for p in ort.get_available_providers() if p in used]
+
+    def new_request(self) -> _RequestCache:
+        return _RequestCache()
+
+    def write_cache(self, state: _RequestCache, slot: str, value: np.ndarray) -> None:
+        state.slot(slot, value.shape, self._slot_dtype[slot])
+        state.arrays[slot][...] = value
+
+    def read_cache(self, state: _RequestCache, slot: str) -> np.ndarray:
+        state.read(slot)
+        return state.arrays[slot].astype(np.float32)
+
+    def run(self, subset: int, x: np.ndarray, t: np.ndarray, y: np.ndarray, state: _RequestCache) -> np.ndarray:
+        session = self.sessions[subset]
+        batch = x.shape[0]
+        binding = session.io_binding()
+        binding.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
+        binding.bind_cpu_input("t", np.ascontiguousarray(t, dtype=np.float32))
+        binding.bind_cpu_input("y", np.ascontiguousarray(y, dtype=np.int64))
+        for tensor in self._inputs[subset][3:]:
+            binding.bind_ortvalue_input(tensor["name"], state.read(tensor["slot"]))
+        side = self._config["input_size"]
+        model_out = np.empty((batch, _out_channels(self._config), side, side), dtype=np.float32)
+        binding.bind_ortvalue_output("model_out", ort.OrtValue.ortvalue_from_numpy(model_out))
+        for tensor in self._outputs[subset][1:]:
+            shape = (batch, *tensor["shape"][1:])
+            binding.bind_ortvalue_output(tensor["name"], state.slot(tensor["slot"], shape,
+                                                                    self._slot_dtype[tensor["slot"]]))
+        session.run_with_iobinding(binding)
+        return model_out
+
+
+def _initializer_names(path: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _out_channels(config: dict) -> int:
+    return config["in_channels"] * (2 if config["learn_sigma"] else 1)
