@@ -172,7 +172,6 @@ def sample(checkpoint, model_name, image_size, num_classes, schedule_file, route
     """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule."""
     import time
 
-    import numpy as np
     import torch
 
     from .diffusion import make_noise
@@ -601,6 +600,35 @@ def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random
         click.echo(f"wrote {json_out}")
     if png_out:
         plot_fd(report, png_out)
+        click.echo(f"wrote {png_out}")
+
+
+@main.command()
+@click.argument("engine_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--batch", type=int, default=2, show_default=True, help="Images per request (x2 with guidance).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+              help="Backends to measure (repeatable; default: onnxruntime and torch).")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved (full, schedule) pairs.")
+@click.option("--no-memory", is_flag=True, help="Skip the memory measurements (subprocesses).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results.")
+@click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Plot achieved against ideal speedup.")
+@_user_errors
+def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
+    """Full compute against the schedule, interleaved: speedup vs ideal, step overhead, memory."""
+    from .bench import benchmark, machine_description, plot, table, write_results
+
+    results = []
+    for folder in engine_dirs:
+        for backend in backends or ("onnxruntime", "torch"):
+            click.echo(f"benchmarking {folder} on {backend} ...")
+            results.append(benchmark(folder, backend, batch=batch, repeats=repeats, measure_memory=not no_memory))
+    click.echo(table(results))
+    if json_out:
+        write_results(results, json_out, machine_description())
+        click.echo(f"wrote {json_out}")
+    if png_out:
+        plot(results, png_out)
         click.echo(f"wrote {png_out}")
 
 

@@ -181,20 +181,23 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, D) -> (N, T, D)."""
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        # Shapes as Python ints with -1 for the batch: an exported graph then has constant reshapes, not a chain of
+        # Shape/Gather/Concat nodes per reshape.
+        tokens, dim = int(x.shape[1]), int(x.shape[2])
+        qkv = self.qkv(x).reshape(-1, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32 and not torch.jit.is_tracing():
             x = F.scaled_dot_product_attention(q, k, v)
-        else:  # half precision: softmax in fp32 (SDPA would export it in the input dtype)
-            scores = (q @ k.transpose(-2, -1)).float() * (d // self.num_heads) ** -0.5
+        else:  # exported or half precision: a constant scale, softmax in fp32 (SDPA exports a dynamic one)
+            scores = (q @ k.transpose(-2, -1)).float() * self.head_dim ** -0.5
             x = scores.softmax(dim=-1).to(v.dtype) @ v
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+        return self.proj(x.transpose(1, 2).reshape(-1, tokens, dim))
 
 
 class Mlp(nn.Module):
@@ -312,10 +315,10 @@ class DiT(nn.Module):
         """(N, T, patch_size ** 2 * C) -> (N, C, H, W)."""
         c = self.out_channels
         p = self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
+        h = w = int(int(x.shape[1]) ** 0.5)
+        x = x.reshape(-1, h, w, p, p, c)
         x = x.permute(0, 5, 1, 3, 2, 4)  # DiT's einsum("nhwpqc->nchpwq"), as a plain transpose for exporters
-        return x.reshape(x.shape[0], c, h * p, h * p)
+        return x.reshape(-1, c, h * p, h * p)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, C, H, W), t: (N,), y: (N,) -> tokens (N, T, D) and conditioning c (N, D)."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import Sampler, check_labels, default_guided_channels, guidance_batch, make_noise, step_noise
+from .diffusion import Sampler, check_labels, default_guided_channels, guidance_batch, step_noise
 from .models import DiT
 from .schedule import Schedule
 

@@ -4,6 +4,9 @@
   ``session.disable_prepacking`` set (measured on DiT-S/2: with prepacking each session keeps its own packed copy,
   more memory than not sharing at all). Graph optimisation stops at ``ORT_ENABLE_EXTENDED`` by default: at
   ``ORT_ENABLE_ALL`` some layout optimisers re-lay-out weights read from the graph file instead of the shared arrays.
+- Activations: every session allocates from one process-wide CPU arena (``session.use_env_allocators``). Measured
+  on DiT-S/2 with 11 subsets: all engines loaded and run once take 1.15x the memory of the full engine alone, against
+  2.1x with an arena per session.
 - Cache: a request's slots are numpy buffers wrapped as OrtValues and bound with IO binding, inputs and outputs alike,
   so a fresh branch output is written straight into the slot the next subset reads, with no copy in between.
 - Providers: the CUDA provider where asked and present; ``onnxruntime-gpu`` falls back to the CPU silently, so
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +23,19 @@ import numpy as np
 import onnxruntime as ort
 
 from . import selected_subsets, weight_arrays
+
+_shared_arena_lock = threading.Lock()
+_shared_arena_registered = False
+
+
+def _register_shared_cpu_arena() -> None:
+    """Registers the environment's CPU arena once per process (ONNX Runtime has one environment per process)."""
+    global _shared_arena_registered
+    with _shared_arena_lock:
+        if not _shared_arena_registered:
+            memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))
+            _shared_arena_registered = True
 
 OPTIMIZATION_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -52,7 +69,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, manifest: dict, folder: Path, subsets: Sequence[int] | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",), share_weights: bool = True,
-                 optimization: str = "extended", threads: int | None = None):
+                 shared_arena: bool = True, optimization: str = "extended", threads: int | None = None):
         if manifest["precision"] == "bf16":
             raise ValueError("ONNX Runtime has no bfloat16 kernels for these graphs; build with --precision fp32 or "
                              "fp16 for the onnxruntime backend (bf16 graphs are meant for TensorRT)")
@@ -64,6 +81,8 @@ class OnnxRuntimeBackend:
                              for name, array in weight_arrays(manifest, folder).items()}
         self._slot_dtype = {s["name"]: np.dtype(s["dtype"]) for s in manifest["cache_slots"]}
         self._config = manifest["model"]["config"]
+        if shared_arena:
+            _register_shared_cpu_arena()
         self.sessions: dict[int, ort.InferenceSession] = {}
         self._outputs: dict[int, list[dict]] = {}
         self._inputs: dict[int, list[dict]] = {}
@@ -72,6 +91,8 @@ class OnnxRuntimeBackend:
             options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
             if threads:
                 options.intra_op_num_threads = threads
+            if shared_arena:
+                options.add_session_config_entry("session.use_env_allocators", "1")
             if share_weights:
                 options.add_session_config_entry("session.disable_prepacking", "1")
                 for name in _initializer_names(self.folder / record["engine"]["file"]):

@@ -1,0 +1,184 @@
+"""``l2c-export bench``: full compute against the schedule on the same engines, machine and batch, interleaved.
+
+Per backend: one warm-up run of each, then ``repeats`` pairs (full, schedule) alternating, medians of each. Memory is
+measured in a fresh subprocess per configuration, as the growth of the resident set from loading the engines and
+running each once (the Python, numpy and ONNX Runtime imports come before the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import manifest as manifest_io
+
+
+@dataclass
+class BenchResult:
+    model: str
+    backend: str
+    providers: list[str]
+    batch: int  # images; the model batch is twice this with guidance
+    full_seconds: float
+    schedule_seconds: float
+    speedup: float
+    ideal_speedup: float
+    speedup_of_ideal: float
+    step_overhead_fraction: float
+    memory_all_engines_bytes: int | None
+    memory_full_engine_bytes: int | None
+    model_weights_bytes: int
+    num_subsets: int
+    repeats: int
+
+
+def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
+              measure_memory: bool = True, threads: int | None = None) -> BenchResult:
+    from .runtime import L2CPipeline
+
+    folder = Path(folder)
+    options = {"threads": threads} if backend == "onnxruntime" and threads else {}
+    pipe = L2CPipeline.from_engine_dir(folder, backend=backend, **options)
+    labels = [i % pipe.num_classes for i in range(batch)]
+    full, scheduled, overhead = [], [], []
+    pipe(labels, seed=0, full=True)
+    pipe(labels, seed=0)
+    for repeat in range(repeats):
+        full.append(pipe(labels, seed=repeat, full=True).seconds)
+        result = pipe(labels, seed=repeat)
+        scheduled.append(result.seconds)
+        overhead.append(result.overhead_fraction)
+    full_seconds, schedule_seconds = statistics.median(full), statistics.median(scheduled)
+    data = pipe.manifest
+    memory_all = memory_full = None
+    if measure_memory:
+        memory_all = measure_engine_memory(folder, backend, batch, "all")
+        memory_full = measure_engine_memory(folder, backend, batch, "full")
+    ideal = data["macs"]["ideal_speedup"]
+    return BenchResult(model=data["name"], backend=backend, providers=pipe.providers, batch=batch,
+                       full_seconds=full_seconds, schedule_seconds=schedule_seconds,
+                       speedup=full_seconds / schedule_seconds, ideal_speedup=ideal,
+                       speedup_of_ideal=full_seconds / schedule_seconds / ideal,
+                       step_overhead_fraction=statistics.median(overhead), memory_all_engines_bytes=memory_all,
+                       memory_full_engine_bytes=memory_full, model_weights_bytes=data["weights"]["bytes"],
+                       num_subsets=len(data["subsets"]), repeats=repeats)
+
+
+def measure_engine_memory(folder: Path, backend: str, batch: int, which: str) -> int:
+    """Resident-set growth (bytes) of loading ``which`` ("all" or "full") engines and running each once, measured
+    in a fresh interpreter so that nothing loaded before skews it."""
+    command = [sys.executable, "-m", "l2c_export.bench", str(folder), backend, str(batch), which]
+    result = subprocess.run(command, capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_probe(folder: str, backend: str, batch: int, which: str) -> int:
+    import onnxruntime  # noqa: F401  (imported before the baseline: its libraries are not the engines' cost)
+
+    if backend == "torch":
+        import torch  # noqa: F401
+    from .backends import load_backend
+    from .diffusion import guidance_batch, make_noise
+
+    data = manifest_io.load(folder, verify_files=False)
+    before = _resident_bytes()
+    full = next(s["index"] for s in data["subsets"] if all(s["compute"]))
+    subsets = None if which == "all" else [full]
+    engines = load_backend(backend, data, Path(folder), subsets=subsets)
+    config = data["model"]["config"]
+    noise = make_noise(0, (batch, config["in_channels"], config["input_size"], config["input_size"]))
+    x, y = guidance_batch(noise, list(range(batch)), config["num_classes"], data["guidance"]["cfg_scale"])
+    t = np.full(len(x), 500.0, dtype=np.float32)
+    state = engines.new_request()
+    order = [full] + [s["index"] for s in data["subsets"] if s["index"] != full] if subsets is None else [full]
+    for index in order:  # the full subset first: it writes every slot the others read
+        engines.run(index, x, t, y, state)
+    return _resident_bytes() - before
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def write_results(results: list[BenchResult], path: Path, machine: dict) -> None:
+    from .util import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps({"machine": machine, "results": [asdict(r) for r in results]},
+                                             indent=1) + "\n")
+
+
+def table(results: list[BenchResult]) -> str:
+    header = (f"{'model':<14} {'backend':<12} {'batch':>5} {'full s':>8} {'L2C s':>8} {'speedup':>8} {'ideal':>6} "
+              f"{'of ideal':>8} {'overhead':>8} {'mem all':>9} {'mem full':>9} {'weights':>9}")
+    rows = [header, "-" * len(header)]
+    for r in results:
+        rows.append(f"{r.model:<14} {r.backend:<12} {r.batch:>5} {r.full_seconds:>8.3f} {r.schedule_seconds:>8.3f} "
+                    f"{r.speedup:>7.3f}x {r.ideal_speedup:>5.3f}x {r.speedup_of_ideal:>8.3f} "
+                    f"{100 * r.step_overhead_fraction:>7.2f}% {_mib(r.memory_all_engines_bytes):>9} "
+                    f"{_mib(r.memory_full_engine_bytes):>9} {_mib(r.model_weights_bytes):>9}")
+    return "\n".join(rows)
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2 ** 20:.1f}M"
+
+
+def plot(results: list[BenchResult], path: Path) -> None:
+    """Achieved against ideal speedup, one marker per (model, backend), with the y = x line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .util import atomic_write_bytes
+
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    top = max([r.ideal_speedup for r in results] + [r.speedup for r in results]) * 1.08
+    axis.plot([1, top], [1, top], color="#999999", linestyle="--", label="achieved = ideal")
+    axis.plot([1, top], [1, 1 + 0.98 * (top - 1)], color="#cccccc", linestyle=":", label="0.98 of ideal (target)")
+    for r in results:
+        axis.scatter([r.ideal_speedup], [r.speedup], s=60, label=f"{r.model} / {r.backend} ({r.speedup:.2f}x)")
+    axis.set_xlabel("ideal speedup (MACs of full / MACs of schedule)")
+    axis.set_ylabel("achieved speedup (wall time of full / schedule)")
+    axis.set_xlim(0.95, top)
+    axis.set_ylim(0.95, top)
+    axis.legend(fontsize=7, loc="upper left")
+    axis.set_title("L2C schedule vs full compute, same engines and machine", fontsize=9)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+if __name__ == "__main__":  # the memory probe, run in a fresh interpreter by measure_engine_memory
+    folder_arg, backend_arg, batch_arg, which_arg = sys.argv[1:5]
+    print(_memory_probe(folder_arg, backend_arg, int(batch_arg), which_arg))
