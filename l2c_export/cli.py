@@ -510,6 +510,10 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
     state_path = out.with_name(out.name[: -len(".safetensors")] + ".state.safetensors")
     result = learn_router(model, sampler, source, settings, state_path=state_path, resume=resume,
                           save_every=save_every, progress=dist_info.is_main, source_name=source.description)
+    if dist_info.world_size > 1:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
     if not dist_info.is_main:
         return
     official_model = model_name if checkpoint is not None and model_config is None else None
@@ -636,7 +640,7 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
 @main.command("train-default")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/dit-digits"),
               show_default=True, help="Folder for dit-digits.safetensors.")
-@click.option("--steps", type=int, default=4000, show_default=True)
+@click.option("--steps", type=int, default=6000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_default_command(out, steps, seed):
     """Reproduce the embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""

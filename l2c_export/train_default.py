@@ -90,8 +90,8 @@ DEFAULT_CONFIG = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_siz
                            num_classes=10, learn_sigma=True)
 
 
-def train(config: DiTConfig = DEFAULT_CONFIG, steps: int = 4000, batch_size: int = 128, lr: float = 5e-4,
-          ema_decay: float = 0.999, seed: int = 0, shift_augment: bool = True, progress: bool = True) -> DiT:
+def train(config: DiTConfig = DEFAULT_CONFIG, steps: int = 6000, batch_size: int = 128, lr: float = 2e-3,
+          ema_decay: float = 0.999, seed: int = 0, shift_augment: bool = False, progress: bool = True) -> DiT:
     """Trains a DiT on the digits and returns its EMA weights (eval mode)."""
     torch.manual_seed(seed)
     images, labels = (torch.from_numpy(a) for a in digits_dataset())

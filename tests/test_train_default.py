@@ -1,0 +1,39 @@
+"""Training the embedded default: the digits data, DiT's loss, and real training steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from l2c_export.models import DiT, DiTConfig
+from l2c_export.train_default import DiffusionLoss, digits_dataset, save_weights, train
+
+SMALL = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+
+
+def test_digits_are_the_bundled_set_in_minus_one_to_one():
+    images, labels = digits_dataset()
+    assert images.shape == (1797, 1, 8, 8) and labels.shape == (1797,)
+    assert images.min() == -1.0 and images.max() == 1.0
+    assert sorted(set(labels.tolist())) == list(range(10))
+
+
+def _loss_on_fixed_batch(model: DiT) -> float:
+    images, labels = (torch.from_numpy(a[:256]) for a in digits_dataset())
+    torch.manual_seed(123)
+    t = torch.randint(1000, (256,))
+    with torch.no_grad():
+        return DiffusionLoss()(model.eval(), images, labels, t).item()
+
+
+def test_training_steps_lower_the_loss_and_the_weights_load_back(tmp_path):
+    torch.manual_seed(0)
+    untrained = _loss_on_fixed_batch(DiT(SMALL))
+    trained = train(SMALL, steps=150, batch_size=64, lr=2e-3, ema_decay=0.9, progress=False)
+    assert _loss_on_fixed_batch(trained) < 0.8 * untrained
+    save_weights(trained, tmp_path / "w.safetensors")
+    from l2c_export.checkpoint import load_dit
+
+    again = load_dit(tmp_path / "w.safetensors", SMALL)
+    for name, tensor in trained.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[name].numpy(), tensor.numpy())
