@@ -7,6 +7,9 @@
 - Activations: every session allocates from one process-wide CPU arena (``session.use_env_allocators``). Measured
   on DiT-S/2 with 11 subsets: all engines loaded and run once take 1.15x the memory of the full engine alone, against
   2.1x with an arena per session.
+- Threads: one process-wide intra-op pool for all subset sessions (``use_per_session_threads = False``). With a pool
+  per session, the pool of the subset that just ran keeps spinning while the next subset's pool works: on two cores
+  that made the schedule slower than full compute.
 - Cache: a request's slots are numpy buffers wrapped as OrtValues and bound with IO binding, inputs and outputs alike,
   so a fresh branch output is written straight into the slot the next subset reads, with no copy in between.
 - Providers: the CUDA provider where asked and present; ``onnxruntime-gpu`` falls back to the CPU silently, so
@@ -28,10 +31,22 @@ _shared_arena_lock = threading.Lock()
 _shared_arena_registered = False
 
 
-def _register_shared_cpu_arena() -> None:
-    """Registers the environment's CPU arena once per process (ONNX Runtime has one environment per process)."""
-    global _shared_arena_registered
+_global_threads: int | None = None
+
+
+def _set_up_environment(threads: int | None) -> None:
+    """Once per process, before the first session creates ONNX Runtime's environment: one global intra-op thread
+    pool (``threads``, 0 = one per core) and one shared CPU arena."""
+    global _shared_arena_registered, _global_threads
     with _shared_arena_lock:
+        if _global_threads is None:
+            from onnxruntime.capi import _pybind_state
+
+            _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
+            _global_threads = threads or 0
+        elif (threads or 0) != _global_threads:
+            raise ValueError(f"ONNX Runtime's global thread pool already has {_global_threads or 'one per core'} "
+                             f"threads in this process; cannot change it to {threads}")
         if not _shared_arena_registered:
             memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
             ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))
@@ -81,16 +96,14 @@ class OnnxRuntimeBackend:
                              for name, array in weight_arrays(manifest, folder).items()}
         self._slot_dtype = {s["name"]: np.dtype(s["dtype"]) for s in manifest["cache_slots"]}
         self._config = manifest["model"]["config"]
-        if shared_arena:
-            _register_shared_cpu_arena()
+        _set_up_environment(threads)
         self.sessions: dict[int, ort.InferenceSession] = {}
         self._outputs: dict[int, list[dict]] = {}
         self._inputs: dict[int, list[dict]] = {}
         for record in selected_subsets(manifest, subsets):
             options = ort.SessionOptions()
             options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-            if threads:
-                options.intra_op_num_threads = threads
+            options.use_per_session_threads = False
             if shared_arena:
                 options.add_session_config_entry("session.use_env_allocators", "1")
             if share_weights:
