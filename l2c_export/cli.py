@@ -81,6 +81,8 @@ def schedule(router, schedule_file, steps, threshold, mode, model_name, image_si
 
     if (router is None) == (schedule_file is None):
         raise click.UsageError("give exactly one of --router FILE or --schedule FILE")
+    if target_mac_fraction is not None and router is None:
+        raise click.UsageError("--target-mac-fraction decodes a --router")
     meta: dict = {}
     if router is not None:
         logits = load_router(router)
@@ -438,18 +440,24 @@ def verify(engine_dir, backend, device, tolerance):
               help="official: every other step computes everything (the authors'); general: any step may reuse.")
 @click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]), help="Default: the model's (ddim).")
 @click.option("--steps", type=int, help="Sampling steps (default: the model's, 20).")
-@click.option("--iterations", type=int, default=1500, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True,
-              help="Images per iteration over all processes (guidance doubles the model's batch).")
-@click.option("--lr", type=float, default=0.02, show_default=True, help="AdamW learning rate of the logits.")
-@click.option("--l1", "--lambda", "l1", type=float, default=1e-5, show_default=True,
-              help="lambda of the loss MSE + lambda * sum(w): larger removes more.")
+@click.option("--iterations", type=int, default=300, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Images per learned step and iteration, over all processes (guidance doubles the model's batch).")
+@click.option("--lr", type=float, default=0.05, show_default=True,
+              help="AdamW learning rate of the logits (the authors' DiT-XL/2: 1e-3 over many more iterations).")
+@click.option("--l1", "--lambda", "l1", type=float, default=2e-4, show_default=True,
+              help="lambda of the loss MSE + lambda * sum(w): larger removes more (the authors' DiT-XL/2 at 20 steps: "
+                   "5e-6).")
 @click.option("--cfg-scale", type=float, help="Guidance of the trajectories and training batch (default: the model's).")
 @click.option("--window", type=int, help="General mode: unroll this many steps back (default: from the first step).")
+@click.option("--steps-per-iteration", type=int, default=0, show_default=True,
+              help="Learned steps per iteration, drawn at random (the authors': 1 per process); 0: all of them.")
+@click.option("--init-std", type=float, default=0.0, show_default=True,
+              help="Learned logits start at init_std * N(0, 1) (the authors': 1).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Router file to write (.safetensors: tensor 'logits' (num_steps, 2 x depth), sampling order).")
-@click.option("--save-every", type=int, default=250, show_default=True,
+@click.option("--save-every", type=int, default=50, show_default=True,
               help="Write the learning state (OUT with .state.safetensors) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue from the learning state beside --out.")
 @click.option("--threshold", type=float, help="Also decode the router at this threshold (see --json).")
@@ -458,12 +466,12 @@ def verify(engine_dir, backend, device, tolerance):
               help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
 @_user_errors
 def learn(checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories, mode,
-          sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window, seed, out, save_every, resume,
-          threshold, target_mac_fraction, json_out):
+          sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window, steps_per_iteration, init_std, seed,
+          out, save_every, resume, threshold, target_mac_fraction, json_out):
     """Learn router logits (L2C): teacher = full model, student = soft-routed cache, loss = MSE + lambda * sum(w).
 
     Runs under torchrun for data-parallel learning (gloo on CPU):
-    python -m torch.distributed.run --nproc_per_node 2 -m l2c_export.cli learn ...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m l2c_export.cli learn ...
     """
     from .learn import (LearnSettings, NoisedData, init_distributed, learn_router, load_image_folder, load_latents,
                         router_metadata, sample_trajectories, with_random_labels, write_router)
@@ -475,7 +483,8 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
     spec = _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config)
     sampler = spec.sampler(sampler_kind, steps)
     settings = LearnSettings(mode=mode, iterations=iterations, batch_size=batch_size, lr=lr, l1=l1,
-                             cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale, window=window, seed=seed)
+                             cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale, window=window,
+                             steps_per_iteration=steps_per_iteration, init_std=init_std, seed=seed)
     dist_info = init_distributed()
     echo = click.echo if dist_info.is_main else (lambda *args, **kwargs: None)
     model = spec.load_model()
@@ -569,9 +578,10 @@ def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_con
                                                                           "(default: the schedule's).")
 @click.option("--budgets", default=",".join(str(b) for b in (0.6, 0.7, 0.8, 0.9)), show_default=True,
               help="MAC fractions of the sweep, comma-separated ('' for none).")
-@click.option("--num-samples", type=int, default=500, show_default=True, help="Samples per method (labels 0-9 in turn).")
+@click.option("--num-samples", type=int, default=1000, show_default=True,
+              help="Samples per method (labels 0-9 in turn).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed, the same for every method.")
-@click.option("--random-seeds", type=int, default=3, show_default=True,
+@click.option("--random-seeds", type=int, default=2, show_default=True,
               help="Random-drop schedules averaged per budget.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
