@@ -153,15 +153,58 @@ def _print_schedule(result, macs) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+def schedule_options(function):
+    """--schedule, or --router with --threshold/--mode; --steps/--sampler."""
+    options = [
+        click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Schedule JSON (default: the embedded default's own; none for a checkpoint: full only)."),
+        click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Or a router file (the authors' .pt or a learned .safetensors) to decode."),
+        click.option("--threshold", type=float, default=0.1, show_default=True, help="Router threshold."),
+        click.option("--target-mac-fraction", type=float,
+                     help="Or decode the router at the threshold that meets this MAC fraction."),
+        click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
+                     help="How a router is decoded."),
+        click.option("--steps", type=int, help="Sampling steps (default: the model's, 20)."),
+        click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]),
+                     help="Default: the model's (ddim)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction, mode,
+                      use_default: bool):
+    from .routers import load_router
+    from .schedule import Schedule
+
+    if schedule_file is not None and router is not None:
+        raise click.UsageError("give --schedule or --router, not both")
+    if target_mac_fraction is not None and router is None:
+        raise click.UsageError("--target-mac-fraction decodes a --router")
+    if router is not None and target_mac_fraction is not None:
+        from .baselines import schedule_for_mac_fraction
+        from .macs import count_macs
+
+        result = schedule_for_mac_fraction(load_router(router), target_mac_fraction, count_macs(spec.config),
+                                           mode=mode, timesteps=sampler.timesteps.tolist())
+    elif router is not None:
+        result = load_router(router).to_schedule(threshold, mode=mode, timesteps=sampler.timesteps.tolist())
+    elif schedule_file is not None:
+        result = Schedule.load(schedule_file)
+    elif use_default and spec.default_schedule is not None:
+        result = spec.schedule()
+    else:
+        result = Schedule.full(sampler.num_steps, spec.config.depth, timesteps=sampler.timesteps.tolist())
+    result.check_fits(sampler.num_steps, spec.config.depth)
+    return result
+
+
 @main.command()
 @model_options
-@click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Schedule JSON (default: the embedded default's; none for an official checkpoint).")
-@click.option("--router", type=click.Path(dir_okay=False, path_type=Path), help="Or a router file to decode.")
-@click.option("--threshold", type=float, default=0.1, show_default=True)
+@schedule_options
 @click.option("--full", is_flag=True, help="Ignore any schedule: compute every sub-layer at every step.")
-@click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]), help="Default: the model's (ddim).")
-@click.option("--steps", type=int, help="Sampling steps (default: the model's, 20).")
 @click.option("--labels", default="0,1,2,3,4,5,6,7,8,9", show_default=True, help="Comma-separated class labels.")
 @click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (1 = none; default: the model's).")
 @click.option("--guide-all-channels", is_flag=True, help="Guide every eps channel (DiT guides 3 of 4 latent channels).")
@@ -169,8 +212,8 @@ def _print_schedule(result, macs) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True)
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Also save the samples (.npy).")
 @_user_errors
-def sample(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, full, sampler_kind,
-           steps, labels, cfg_scale, guide_all_channels, seed, out, save_latents):
+def sample(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
+           mode, steps, sampler_kind, full, labels, cfg_scale, guide_all_channels, seed, out, save_latents):
     """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule."""
     import time
 
@@ -178,20 +221,13 @@ def sample(checkpoint, model_name, image_size, num_classes, schedule_file, route
 
     from .diffusion import make_noise
     from .reference import sample_reference
-    from .routers import load_router
-    from .schedule import Schedule
+
     spec = _resolve_model(checkpoint, model_name, image_size, num_classes)
     sampler = spec.sampler(sampler_kind, steps)
-    if full:
-        plan = None
-    elif router is not None:
-        plan = load_router(router).to_schedule(threshold, timesteps=sampler.timesteps.tolist())
-    elif schedule_file is not None:
-        plan = Schedule.load(schedule_file)
-    else:
-        plan = spec.schedule() if checkpoint is None else None
-    if plan is not None:
-        plan.check_fits(sampler.num_steps, spec.config.depth)
+    plan = None if full else _resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction,
+                                               mode, use_default=checkpoint is None)
+    if plan is not None and plan.compute.all():
+        plan = None  # nothing is reused: the plain forward
     label_list = _parse_labels(labels)
     config = spec.config
     noise = make_noise(seed, (len(label_list), config.in_channels, config.input_size, config.input_size))
@@ -227,43 +263,6 @@ def _parse_labels(text: str) -> list[int]:
 EXIT_BACKEND_UNAVAILABLE = 3
 
 
-def schedule_options(function):
-    """--schedule, or --router with --threshold/--mode; --steps/--sampler."""
-    options = [
-        click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Schedule JSON (default: the embedded default's own; none for a checkpoint: full only)."),
-        click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Or a router file (the authors' .pt or a learned .safetensors) to decode."),
-        click.option("--threshold", type=float, default=0.1, show_default=True, help="Router threshold."),
-        click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
-                     help="How a router is decoded."),
-        click.option("--steps", type=int, help="Sampling steps (default: the model's, 20)."),
-        click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]),
-                     help="Default: the model's (ddim)."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-def _resolve_schedule(spec, sampler, schedule_file, router, threshold, mode, use_default: bool):
-    from .routers import load_router
-    from .schedule import Schedule
-
-    if schedule_file is not None and router is not None:
-        raise click.UsageError("give --schedule or --router, not both")
-    if router is not None:
-        result = load_router(router).to_schedule(threshold, mode=mode, timesteps=sampler.timesteps.tolist())
-    elif schedule_file is not None:
-        result = Schedule.load(schedule_file)
-    elif use_default and spec.default_schedule is not None:
-        result = spec.schedule()
-    else:
-        result = Schedule.full(sampler.num_steps, spec.config.depth, timesteps=sampler.timesteps.tolist())
-    result.check_fits(sampler.num_steps, spec.config.depth)
-    return result
-
-
 @main.command()
 @model_options
 @schedule_options
@@ -277,8 +276,8 @@ def _resolve_schedule(spec, sampler, schedule_file, router, threshold, mode, use
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: engines/<model>-<backend>-<precision>).")
 @_user_errors
-def build(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, mode, steps,
-          sampler_kind, backend, precision, batch_text, cfg_scale, guide_all_channels, out):
+def build(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
+          mode, steps, sampler_kind, backend, precision, batch_text, cfg_scale, guide_all_channels, out):
     """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
     import time
 
@@ -287,7 +286,8 @@ def build(checkpoint, model_name, image_size, num_classes, schedule_file, router
 
     spec = _resolve_model(checkpoint, model_name, image_size, num_classes)
     sampler = spec.sampler(sampler_kind, steps)
-    plan = _resolve_schedule(spec, sampler, schedule_file, router, threshold, mode, use_default=checkpoint is None)
+    plan = _resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction, mode,
+                             use_default=checkpoint is None)
     slug = spec.name.replace("/", "-").replace(" ", "-").lower()
     out = out or Path("engines") / f"{slug}-{backend}-{precision}"
     request = BuildRequest(spec=spec, schedule=plan, sampler=sampler, out_dir=out, backend=backend,

@@ -210,7 +210,8 @@ def test_a_missing_engine_file_is_named(default_build, tmp_path):
 
 def test_verify_passes_and_catches_a_wrong_graph(default_build, tmp_path):
     result = run_cli("verify", str(default_build))
-    assert "all 2 subset engine(s) agree with PyTorch" in result.stdout
+    count = len(manifest_io.load(default_build)["subsets"])
+    assert count > 1 and f"all {count} subset engine(s) agree with PyTorch" in result.stdout
     import onnx
 
     folder = _copy_build(default_build, tmp_path / "wrong")
