@@ -164,7 +164,7 @@ def plot(results: list[BenchResult], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4.5))
     top = max([r.ideal_speedup for r in results] + [r.speedup for r in results]) * 1.08
     axis.plot([1, top], [1, top], color="#999999", linestyle="--", label="achieved = ideal")
-    axis.plot([1, top], [1, 1 + 0.98 * (top - 1)], color="#cccccc", linestyle=":", label="0.98 of ideal (target)")
+    axis.plot([1, top], [0.98, 0.98 * top], color="#bbbbbb", linestyle=":", label="0.98 of ideal (target)")
     for r in results:
         axis.scatter([r.ideal_speedup], [r.speedup], s=60, label=f"{r.model} / {r.backend} ({r.speedup:.2f}x)")
     axis.set_xlabel("ideal speedup (MACs of full / MACs of schedule)")
