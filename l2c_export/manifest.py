@@ -11,7 +11,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .util import atomic_write_text
+from .util import atomic_write_text, read_json
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -84,12 +84,7 @@ def load(folder: str | Path, verify_files: bool = True) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST_NAME if folder.is_dir() else folder
     folder = path.parent
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no such file (is {folder} an l2c-export build?)") from None
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{path}: not valid JSON ({error})") from None
+    data = read_json(path, ManifestError, f" (is {folder} an l2c-export build?)")
     validate(data, str(path))
     if verify_files:
         for entry in all_files(data):

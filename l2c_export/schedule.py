@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .macs import MacCount
-from .util import atomic_write_text
+from .util import atomic_write_text, read_json
 
 
 class ScheduleError(ValueError):
@@ -145,12 +145,5 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | Path) -> "Schedule":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ScheduleError(f"{path}: no such file") from None
-        except json.JSONDecodeError as error:
-            raise ScheduleError(f"{path}: not valid JSON ({error})") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_json(Path(path), ScheduleError), where=str(path))
 

@@ -1,7 +1,8 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, JSON files read with errors that name them."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,3 +25,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def read_json(path: Path, error: type[Exception], missing_hint: str = "") -> object:
+    """``json.loads`` of ``path``, raising ``error`` naming the file when it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: no such file{missing_hint}") from None
+    except json.JSONDecodeError as decode_error:
+        raise error(f"{path}: not valid JSON ({decode_error})") from None
