@@ -84,13 +84,12 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
         need_trace = not _reuse(previous, base_key, staging / weights_name, reused) or not all(
             key in previous for key in graph_keys)
         if need_trace:
-            from .export import trace, write_weights
+            from .export import trace, weights_layout, write_weights
 
-            model = spec.load_model()
-            universal = trace(model, request.precision)
-            layout = write_weights(universal, staging / weights_name) if weights_name not in reused else \
-                _layout_of(universal)
-            universal.bind_weights(layout)
+            universal = trace(spec.load_model(), request.precision)
+            reusing_weights = weights_name in reused
+            universal.bind_weights(weights_layout(universal) if reusing_weights
+                                   else write_weights(universal, staging / weights_name))
         dtype = NUMPY_DTYPES[request.precision]
         subset_records = []
         bar = tqdm(list(zip(plan.subsets, graph_files, graph_keys)), desc=f"building {request.backend} subsets",
@@ -250,13 +249,6 @@ def _weight_table(universal, out_dir: Path) -> list[dict]:
 
     return [{"name": name, "dtype": str(universal.weights[name].dtype), "shape": list(universal.weights[name].shape),
              "offset": offset, "length": length} for name, (offset, length) in weights_layout(universal).items()]
-
-
-def _layout_of(universal) -> dict[str, tuple[int, int]]:
-    """The layout ``write_weights`` would produce, without writing (the weights file is reused)."""
-    from .export import weights_layout
-
-    return weights_layout(universal)
 
 
 def _replace(staging: Path, out_dir: Path) -> None:

@@ -34,7 +34,7 @@ import torch
 from onnx import TensorProto
 
 from .models import DiT
-from .plan import SubsetPlan, cache_input_name, fresh_output_name, slot_name
+from .plan import SubsetPlan, cache_input_name, fresh_output_name
 from .util import atomic_write_bytes
 
 OPSET = 20  # Gelu(approximate='tanh') is an op from 20 on; TensorRT 10 parses opsets 9 to 20
@@ -256,8 +256,3 @@ def check_ops_supported(model: onnx.ModelProto, supported: Iterable[str], where:
     missing = sorted(used_ops(model) - set(supported))
     if missing:
         raise ValueError(f"{where}: uses ops outside TensorRT's ONNX parser support matrix: {', '.join(missing)}")
-
-
-def reads_and_writes(subset: SubsetPlan) -> tuple[list[str], list[str]]:
-    """The cache slot names a subset reads and writes."""
-    return [slot_name(k) for k in subset.reads], [slot_name(k) for k in subset.writes]
