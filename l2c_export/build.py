@@ -27,6 +27,7 @@ from .macs import count_macs
 from .models import default_guided_channels
 from .plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name, slot_name
 from .schedule import Schedule
+from .util import replace_folder
 from .zoo import ModelSpec
 
 LATENT_SCALE = 0.18215
@@ -253,13 +254,7 @@ def _weight_table(universal, out_dir: Path) -> list[dict]:
 
 def _replace(staging: Path, out_dir: Path) -> None:
     """Puts the finished staging folder in place of ``out_dir`` with renames only."""
-    old = out_dir.parent / f".{out_dir.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, out_dir)
 
 
 def _hash(data) -> str:

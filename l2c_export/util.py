@@ -1,9 +1,10 @@
-"""Small shared helpers: atomic file writes, JSON files read with errors that name them."""
+"""Small shared helpers: atomic file and folder writes, JSON files read with errors that name them."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,3 +36,15 @@ def read_json(path: Path, error: type[Exception], missing_hint: str = "") -> obj
         raise error(f"{path}: no such file{missing_hint}") from None
     except json.JSONDecodeError as decode_error:
         raise error(f"{path}: not valid JSON ({decode_error})") from None
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Puts the finished ``staging`` folder in place of ``target`` with renames only (both in one parent folder, or
+    at least on one file system), so a reader sees the old folder or the new one, never a mix."""
+    old = target.parent / f".{target.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
