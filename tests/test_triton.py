@@ -261,7 +261,7 @@ def test_two_instances_with_small_batches_serve_concurrent_clients(server, pipel
     (dict(labels=[[1]], noise=np.full((1, 1, 8, 8), np.nan)), "not finite"),
     (dict(labels=[[1]], noise=np.zeros((1, 1, 8, 8)), seed=[[3]]), "both given"),
     (dict(labels=[[1]], seed=[[-4]]), "'seed'"),
-    (dict(labels=[[1]], cfg_scale=[[-2.0]]), "'cfg_scale'"),
+    (dict(labels=[[1]], cfg_scale=[[0.5]]), "'cfg_scale' is 0.5; expected a number at least 1"),
     (dict(labels=[[1]], cfg_scale=[[np.inf]]), "not finite"),
 ])
 def test_bad_requests_get_errors_naming_the_input_and_the_server_keeps_serving(server, pipeline, inputs, message):
@@ -348,14 +348,14 @@ def test_serve_refuses_a_port_in_use_and_port_zero(repository, triton_env):
         port = taken.getsockname()[1]
         result = run_cli("serve", str(repository), "--http-port", str(port), "--grpc-port", str(free_port()),
                          "--metrics-port", str(free_port()), "--env", str(triton_env), check=False)
-    assert result.returncode != 0 and f"--http-port {port}: the port is in use" in result.stderr
+    assert result.returncode == 2 and f"--http-port {port}: the port is in use" in result.stderr
     zero = run_cli("serve", str(repository), "--grpc-port", "0", "--env", str(triton_env), check=False)
     assert zero.returncode != 0 and "--grpc-port" in zero.stderr
 
 
 def test_serve_without_a_server_environment_says_how_to_make_one(repository, tmp_path):
     result = run_cli("serve", str(repository), "--env", str(tmp_path / "nowhere"), check=False)
-    assert result.returncode != 0 and "make triton-env" in result.stderr
+    assert result.returncode == 3 and "make triton-env" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------------------------

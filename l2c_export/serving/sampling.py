@@ -11,7 +11,7 @@ labels     (1,) int64    class label, 0 .. num_classes - 1
 noise      (C, H, W) f32 optional: the initial noise
 seed       (1,) int64    optional: the initial noise is ``make_noise(seed, (1, C, H, W))``, so the image equals
                          ``L2CPipeline([label], seed=seed)``'s; with neither noise nor seed a fresh random seed
-cfg_scale  (1,) f32      optional: classifier-free guidance scale (default: the build's; 1 or less: none)
+cfg_scale  (1,) f32      optional: classifier-free guidance scale, at least 1 (default: the build's; 1: none)
 ========== ============= ====================================================================================
 
 Images of the same guidance scale are sampled as one batch (up to the build's batch limit), whatever request they
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..diffusion import check_labels, make_noise
+from ..util import check_finite
 
 MAX_SEED = 2 ** 63 - 1
 
@@ -71,8 +72,8 @@ def decode_request(pipeline, labels: np.ndarray | None, noise: np.ndarray | None
     scales = per_image("cfg_scale", cfg_scale, np.float64)
     if scales is None:
         scales = np.full(n, float(pipeline.manifest["guidance"]["cfg_scale"]))
-    elif np.any(scales < 0):
-        raise ValueError(f"input 'cfg_scale' is {scales.tolist()}; expected scales >= 0 (1 or less: no guidance)")
+    for scale in scales:
+        check_finite(scale, "input 'cfg_scale'", low=1.0)  # L2CPipeline's rule: 1 is no guidance
     if seeds is not None and np.any(seeds < 0):
         raise ValueError(f"input 'seed' is {seeds.tolist()}; expected seeds in 0..{MAX_SEED}")
     if noise is not None:

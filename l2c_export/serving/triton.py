@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import manifest as manifest_io
-from ..util import atomic_write_text, replace_folder
+from ..util import atomic_write_text
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 DEFAULT_ENV = Path(".venv-triton")
@@ -41,7 +41,11 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class ServingError(RuntimeError):
-    """A repository or server that cannot be made or started; the message says what and how to fix it."""
+    """A server that cannot be started as asked (repository, ports); the message says what and how to fix it."""
+
+
+class ServerUnavailable(ServingError):
+    """No usable server environment (tritonserver, its stub, numpy < 2, l2c-export) where it was looked for."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -90,6 +94,8 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "l2c",
     """
     from google.protobuf import text_format
 
+    from ..build import _replace as replace_folder  # the builds' atomic folder exchange, one definition
+
     build_dir, repo = Path(build_dir), Path(repo)
     if not _NAME.match(name):
         raise ValueError(f"model name {name!r}: expected letters, digits, '_', '.' or '-'")
@@ -108,9 +114,11 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "l2c",
     try:
         version = staging / "1"
         (version / "build").mkdir(parents=True)
-        files = [manifest_io.MANIFEST_NAME] + [entry["file"] for entry in manifest_io.all_files(manifest)]
-        for file in files:
-            shutil.copy2(build_dir / file, version / "build" / file)
+        where = str(build_dir / manifest_io.MANIFEST_NAME)
+        for file in [manifest_io.MANIFEST_NAME] + [entry["file"] for entry in manifest_io.all_files(manifest)]:
+            target = version / "build" / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(manifest_io.file_path(build_dir, file, where), target)
         shutil.copy2(MODEL_FILE, version / "model.py")
         atomic_write_text(staging / "config.pbtxt", text_format.MessageToString(config))
         replace_folder(staging, repo / name)
@@ -169,22 +177,22 @@ def server_environment(env: str | Path | None = None) -> ServerEnvironment:
     hint = "make triton-env creates .venv-triton; or point --env / $L2C_TRITON_ENV at one"
     python = prefix / "bin" / "python3"
     if not python.is_file():
-        raise ServingError(f"{prefix}: no Triton server environment there (no bin/python3); {hint}")
+        raise ServerUnavailable(f"{prefix}: no Triton server environment there (no bin/python3); {hint}")
     probe = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, env=_clean_env())
     try:
         facts = json.loads(probe.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
-        raise ServingError(f"{python}: could not be probed ({probe.stderr.strip()[-300:]}); {hint}") from None
+        raise ServerUnavailable(f"{python}: could not be probed ({probe.stderr.strip()[-300:]}); {hint}") from None
     if "missing" in facts:
-        raise ServingError(f"{prefix}: {facts['missing']}; the environment needs nvidia-pytriton, numpy<2 and "
+        raise ServerUnavailable(f"{prefix}: {facts['missing']}; the environment needs nvidia-pytriton, numpy<2 and "
                            f"l2c-export; {hint}")
     if int(facts["numpy"].split(".")[0]) >= 2:
-        raise ServingError(f"{prefix}: numpy {facts['numpy']}; the Triton Python backend stub needs numpy < 2 "
+        raise ServerUnavailable(f"{prefix}: numpy {facts['numpy']}; the Triton Python backend stub needs numpy < 2 "
                            f"(with numpy 2 its outputs come back empty)")
     found = ServerEnvironment(prefix, facts["version"], Path(facts["libdir"]), Path(facts["pytriton"]))
     for path in (found.binary, found.stub, found.python_backend / "libtriton_python.so", found.libraries):
         if not path.exists():
-            raise ServingError(f"{path} is missing: nvidia-pytriton in {prefix} has no tritonserver for Python "
+            raise ServerUnavailable(f"{path} is missing: nvidia-pytriton in {prefix} has no tritonserver for Python "
                                f"{found.python_version} there")
     return found
 
