@@ -384,3 +384,24 @@ def test_tensorrt_build_repository_has_the_same_shape(tmp_path):
     config = (repo / MODEL / "config.pbtxt").read_text()
     assert 'string_value: "tensorrt"' in config and "KIND_GPU" in config
     assert (repo / MODEL / "1" / "model.py").is_file() and (repo / MODEL / "1" / "build" / "manifest.json").is_file()
+
+
+def test_the_readme_client_snippet_works_against_the_server(server):
+    text = (REPO / "README.md").read_text()
+    snippet = text[text.index("## Serving on Triton"):].split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"127.0.0.1:8000"' in snippet  # what `make serve` listens on
+    result = subprocess.run([sys.executable, "-c", snippet.replace("127.0.0.1:8000", server.http_url)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(4, 1, 8, 8) (4, 8, 8, 3)"
+
+
+def test_serving_throughput_counts_every_image_and_how_they_were_merged(server, tmp_path):
+    from l2c_export.serving import throughput
+
+    result = throughput.compare(server, MODEL, clients=4, requests_per_client=2, rounds=1)
+    assert result["one_client"]["images"] == 2 and result["concurrent"]["images"] == 8
+    assert result["one_client"]["images_per_sampling_batch"] == 1.0  # one client never has a request to merge with
+    assert 1.0 <= result["concurrent"]["images_per_sampling_batch"] <= 4.0
+    throughput.plot(result, tmp_path / "serving.png")
+    assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

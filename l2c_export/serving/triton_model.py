@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from l2c_export.images import to_uint8
+from l2c_export.runtime import L2CPipeline
 from l2c_export.serving.sampling import decode_request, sample_requests
 
 OPTIONAL_INPUTS = ("noise", "seed", "cfg_scale")
@@ -30,9 +32,6 @@ OPTIONAL_INPUTS = ("noise", "seed", "cfg_scale")
 
 class TritonPythonModel:
     def initialize(self, args):
-        from l2c_export.images import to_uint8
-        from l2c_export.runtime import L2CPipeline
-
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         backend = parameters.get("backend", "onnxruntime")
@@ -49,7 +48,6 @@ class TritonPythonModel:
         build = Path(__file__).resolve().parent / "build"
         self.pipeline = L2CPipeline.from_engine_dir(build, backend=backend, verify=True, **options)
         self.pixel_space = self.pipeline.manifest["model"]["space"] == "pixel"
-        self.to_uint8 = to_uint8
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.batches_family = pb_utils.MetricFamily(name="l2c_sampling_batches_total",
                                                     description="Sampling batches run (one L2CPipeline call each)",
@@ -82,7 +80,7 @@ class TritonPythonModel:
                 continue
             outputs = [pb_utils.Tensor("samples", np.ascontiguousarray(samples, dtype=np.float32))]
             if self.pixel_space:
-                pictures = self.to_uint8(samples)  # (n, H, W, C)
+                pictures = to_uint8(samples)  # (n, H, W, C)
                 if pictures.shape[-1] == 1:
                     pictures = np.repeat(pictures, 3, axis=-1)
                 outputs.append(pb_utils.Tensor("images", np.ascontiguousarray(pictures)))
