@@ -12,6 +12,7 @@ on), which gives 11 distinct subsets.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,7 @@ def serving_benchmark(work: Path, docs: Path, clients: int = 8) -> dict:
     from .bench import machine_description
     from .build import BuildRequest, build
     from .diffusion import Sampler
+    from .runtime import L2CPipeline
     from .serving import throughput
     from .serving.triton import TritonServer, free_port, write_repository
     from .util import write_json
@@ -118,13 +120,16 @@ def serving_benchmark(work: Path, docs: Path, clients: int = 8) -> dict:
     print(f"serving {out} on Triton: 1 client against {clients} concurrent clients ...", flush=True)
     with TritonServer(work / "triton", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                       log=work / "tritonserver.log") as server:
-        result = throughput.compare(server, "l2c", clients=clients)
+        load = os.getloadavg()[0]
+        result = throughput.compare(server, "l2c", clients=clients, pipeline=L2CPipeline.from_engine_dir(out))
     result["machine"] = machine_description()
+    result["load_average_1min"] = [load, os.getloadavg()[0]]  # before and after: other work on the machine
     docs.mkdir(parents=True, exist_ok=True)
     write_json(docs / "bench-serving.json", result)
     throughput.plot(result, docs / "bench-serving.png")
     one, many = result["one_client"], result["concurrent"]
-    print(f"1 client: {one['images_per_second']:.1f} images/s (p50 {one['latency_ms_median']:.1f} ms); "
+    print(f"in-process: {result['in_process']['images_per_second']:.1f} images/s; "
+          f"1 client: {one['images_per_second']:.1f} images/s (p50 {one['latency_ms_median']:.1f} ms); "
           f"{clients} clients: {many['images_per_second']:.1f} images/s (p50 {many['latency_ms_median']:.1f} ms, "
           f"{many['images_per_sampling_batch']:.2f} images per sampling batch): {result['speedup']:.2f}x")
     print(f"wrote {docs / 'bench-serving.json'}, {docs / 'bench-serving.png'}")

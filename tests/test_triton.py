@@ -396,11 +396,12 @@ def test_the_readme_client_snippet_works_against_the_server(server):
     assert result.stdout.strip() == "(4, 1, 8, 8) (4, 8, 8, 3)"
 
 
-def test_serving_throughput_counts_every_image_and_how_they_were_merged(server, tmp_path):
+def test_serving_throughput_counts_every_image_and_how_they_were_merged(server, pipeline, tmp_path):
     from l2c_export.serving import throughput
 
-    result = throughput.compare(server, MODEL, clients=4, requests_per_client=2, rounds=1)
+    result = throughput.compare(server, MODEL, clients=4, requests_per_client=2, rounds=1, pipeline=pipeline)
     assert result["one_client"]["images"] == 2 and result["concurrent"]["images"] == 8
+    assert result["in_process"]["images"] == 2
     assert result["one_client"]["images_per_sampling_batch"] == 1.0  # one client never has a request to merge with
     assert 1.0 <= result["concurrent"]["images_per_sampling_batch"] <= 4.0
     throughput.plot(result, tmp_path / "serving.png")

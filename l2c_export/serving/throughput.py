@@ -77,25 +77,44 @@ def measure(server, model: str, clients: int, requests_per_client: int) -> Throu
                       1000 * float(np.median([t for per in latencies for t in per])), merged)
 
 
-def compare(server, model: str, clients: int = 8, requests_per_client: int = 24, rounds: int = 3) -> dict:
-    """1 client against ``clients`` clients, interleaved over ``rounds``; medians of images/s and the ratio."""
+def in_process(pipeline, images: int) -> Throughput:
+    """The same single-image requests as one client sends, as direct ``L2CPipeline`` calls: no server at all."""
+    latencies = []
+    start = time.perf_counter()
+    for i in range(images):
+        begin = time.perf_counter()
+        pipeline([i % 10], seed=i)
+        latencies.append(time.perf_counter() - begin)
+    seconds = time.perf_counter() - start
+    return Throughput(0, images, seconds, images / seconds, 1000 * float(np.median(latencies)), 1.0)
+
+
+def compare(server, model: str, clients: int = 8, requests_per_client: int = 24, rounds: int = 3,
+            pipeline=None) -> dict:
+    """1 client against ``clients`` clients (and, given ``pipeline``, direct calls in this process), interleaved
+    over ``rounds``; medians of images/s and the ratio."""
     measure(server, model, 1, 4)  # warm-up: the instance's first requests pay for lazy allocations
-    single, many = [], []
+    single, many, direct = [], [], []
     for _ in range(rounds):
         single.append(measure(server, model, 1, requests_per_client))
         many.append(measure(server, model, clients, requests_per_client))
+        if pipeline is not None:
+            direct.append(in_process(pipeline, requests_per_client))
 
     def median(runs: list[Throughput]) -> Throughput:
         return sorted(runs, key=lambda t: t.images_per_second)[len(runs) // 2]
 
     one, n = median(single), median(many)
-    return {"model": model, "rounds": rounds, "requests_per_client": requests_per_client,
-            "one_client": asdict(one), "concurrent": asdict(n),
-            "speedup": n.images_per_second / one.images_per_second}
+    result = {"model": model, "rounds": rounds, "requests_per_client": requests_per_client,
+              "one_client": asdict(one), "concurrent": asdict(n),
+              "speedup": n.images_per_second / one.images_per_second}
+    if direct:
+        result["in_process"] = asdict(median(direct))
+    return result
 
 
 def plot(result: dict, path) -> None:
-    """Bar chart: images per second with one client and with N concurrent clients."""
+    """Bar chart: images per second with one client and with N concurrent clients (and in-process, if measured)."""
     import io
 
     import matplotlib
@@ -105,18 +124,21 @@ def plot(result: dict, path) -> None:
 
     from ..util import atomic_write_bytes
 
-    one, many = result["one_client"], result["concurrent"]
-    figure, axis = plt.subplots(figsize=(5, 3.4))
-    labels = ["1 client", f"{many['clients']} concurrent clients"]
-    values = [one["images_per_second"], many["images_per_second"]]
-    bars = axis.bar(labels, values, color=["#8da0cb", "#1f77b4"])
-    for bar, run in zip(bars, (one, many)):
-        axis.annotate(f"{run['images_per_second']:.0f} img/s\n{run['images_per_sampling_batch']:.1f} img/batch\n"
+    runs = [("1 client", result["one_client"]), (f"{result['concurrent']['clients']} concurrent clients",
+                                                 result["concurrent"])]
+    if "in_process" in result:
+        runs.insert(0, ("in-process\n(no server)", result["in_process"]))
+    figure, axis = plt.subplots(figsize=(2 + 1.6 * len(runs), 3.6))
+    values = [run["images_per_second"] for _, run in runs]
+    bars = axis.bar([label for label, _ in runs], values, color=["#c6c6c6", "#8da0cb", "#1f77b4"][-len(runs):])
+    for bar, (_, run) in zip(bars, runs):
+        axis.annotate(f"{run['images_per_second']:.1f} img/s\n{run['images_per_sampling_batch']:.1f} img/batch\n"
                       f"p50 {run['latency_ms_median']:.0f} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                       ha="center", va="bottom", fontsize=8)
     axis.set_ylabel("images / s")
     axis.set_ylim(0, max(values) * 1.35)
-    axis.set_title(f"Triton, dynamic batching: {result['speedup']:.2f}x with {many['clients']} clients", fontsize=10)
+    axis.set_title(f"Triton, dynamic batching: {result['speedup']:.2f}x with {result['concurrent']['clients']} "
+                   f"clients", fontsize=10)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
