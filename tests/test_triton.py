@@ -149,7 +149,14 @@ def test_repository_write_refuses_a_bad_build_and_keeps_the_model_it_had(digits_
     assert (repo / MODEL / "config.pbtxt").read_text() == before
     assert sorted(p.name for p in repo.iterdir()) == [MODEL] and not list(tmp_path.glob(".*staging"))
     missing = run_cli("triton", str(tmp_path / "nothing"), "--repo", str(repo), check=False)
-    assert missing.returncode != 0 and "manifest.json" in missing.stderr
+    assert missing.returncode == 2 and "manifest.json" in missing.stderr
+    (repo / "mine").mkdir()
+    (repo / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a model written by l2c-export triton"):
+        write_repository(digits_build, repo, name="mine")
+    assert (repo / "mine" / "notes.txt").read_text() == "keep me"
+    write_repository(digits_build, repo, max_batch_size=3)  # a model of its own is replaced
+    assert "max_batch_size: 3" in (repo / MODEL / "config.pbtxt").read_text()
 
 
 def test_single_requests_over_http_equal_the_pipeline(server, pipeline):

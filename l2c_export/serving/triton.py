@@ -106,6 +106,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "l2c",
     if not build_dir.is_dir():
         raise ValueError(f"{build_dir}: no such folder; expected an l2c-export build (a folder with manifest.json)")
     manifest = manifest_io.load(build_dir, verify_files=True)
+    _check_replaceable(repo / name)
     config = model_config(manifest, name, instances, max_batch_size, max_queue_delay_us, device, threads)
     repo.mkdir(parents=True, exist_ok=True)
     staging = repo.parent / f".{repo.name}.{name}.staging"
@@ -126,6 +127,21 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "l2c",
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return repo / name
+
+
+def _check_replaceable(model: Path) -> None:
+    """Nothing lost: an existing ``model`` folder is replaced only if it is a model this function's writer made
+    (config.pbtxt and version 1 holding model.py and build/, plus the __pycache__ the Python backend may leave)."""
+    if not model.exists() and not model.is_symlink():
+        return
+    expected = {model / "config.pbtxt", model / "1"}
+    version = {model / "1" / name for name in ("model.py", "build", "__pycache__")}
+    ours = (model.is_dir() and not model.is_symlink() and set(model.iterdir()) <= expected
+            and (model / "1").is_dir() and set((model / "1").iterdir()) <= version
+            and (model / "1" / "build" / manifest_io.MANIFEST_NAME).is_file())
+    if not ours:
+        raise ValueError(f"{model}: exists and is not a model written by l2c-export triton; refusing to replace it "
+                         f"(remove it, or choose another --name or --repo)")
 
 
 # ------------------------------------------------------------------------------------------------------------------
