@@ -60,7 +60,11 @@ def validate(data: dict, where: str) -> None:
         jsonschema.validate(data, schema())
     except jsonschema.ValidationError as error:
         field = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise ManifestError(f"{where}: field '{field}': {error.message}") from None
+        message = error.message
+        if error.validator == "pattern" and field.endswith("/file"):
+            message = (f"file {error.instance!r} is not a plain relative path inside the build folder (no absolute "
+                       f"path, '..', hidden component or backslash)")
+        raise ManifestError(f"{where}: field '{field}': {message}") from None
 
 
 def write(folder: Path, data: dict) -> Path:
