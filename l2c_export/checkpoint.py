@@ -45,10 +45,13 @@ def _why_not_loadable(error: Exception) -> str:
     if refused:
         return (f"refused: it needs {refused.group(1)!r}, which only unrestricted unpickling would create (a "
                 f"checkpoint holds tensors; only argparse.Namespace is allowed besides them)")
+    if "Unsupported operand" in text:
+        return ("not a torch file that loads without unrestricted unpickling (its pickle stream has an instruction "
+                "torch's safe loader refuses: a damaged file, not a torch file, or objects other than tensors)")
     if "weights_only" in text or "Weights only load failed" in text:
         return "refused: it holds objects other than tensors, which only unrestricted unpickling would create"
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return f"not a readable torch file ({first_line})"
+    return f"not a torch file (.pt/.pth zip or pickle archive) that loads safely ({type(error).__name__}: " \
+           f"{text.strip().splitlines()[0] if text.strip() else 'no detail'})"
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
