@@ -322,6 +322,8 @@ def test_serve_prints_where_it_listens_and_stops_with_its_stubs_on_sigterm(repos
                                 "--metrics-port", str(ports[2]), "--env", str(triton_env)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    watchdog = threading.Timer(300, lambda: os.killpg(process.pid, signal.SIGKILL))  # never hang the suite
+    watchdog.start()
     try:
         lines = []
         for line in process.stdout:
@@ -339,6 +341,7 @@ def test_serve_prints_where_it_listens_and_stops_with_its_stubs_on_sigterm(repos
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
