@@ -384,6 +384,19 @@ def test_ddpm_images_merged_from_several_requests_equal_each_alone(tmp_path):
             _close_to(sample, pipe([label], seed=seed).samples[0])
 
 
+def test_a_tensorrt_manifest_gets_the_same_interface_on_gpu_instances(digits_build):
+    from l2c_export.manifest import load
+    from l2c_export.serving.triton import model_config
+
+    manifest = load(digits_build)
+    onnx, trt = model_config(manifest, MODEL), model_config({**manifest, "backend": "tensorrt"}, MODEL)
+    assert list(trt.input) == list(onnx.input) and list(trt.output) == list(onnx.output)
+    assert trt.max_batch_size == onnx.max_batch_size and trt.dynamic_batching == onnx.dynamic_batching
+    assert trt.instance_group[0].kind == trt.instance_group[0].KIND_GPU
+    assert onnx.instance_group[0].kind == onnx.instance_group[0].KIND_CPU
+    assert trt.parameters["backend"].string_value == "tensorrt"
+
+
 def test_tensorrt_build_repository_has_the_same_shape(tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed here (its PyPI packages fetch their libraries "
                                            "from NVIDIA's own index), so no TensorRT build can be made")
