@@ -629,8 +629,6 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
 
 
 def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config):
-    import json
-
     from . import zoo
     from .models import DiTConfig
 
@@ -638,9 +636,11 @@ def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_con
         return _resolve_model(checkpoint, model_name, image_size, num_classes)
     if checkpoint is None:
         raise click.UsageError("--model-config describes a --checkpoint; give both")
+    from .util import read_json
+
     try:
-        config = DiTConfig.from_dict(json.loads(Path(model_config).read_text()))
-    except (OSError, json.JSONDecodeError) as error:
+        config = DiTConfig.from_dict(read_json(Path(model_config), ValueError))
+    except (ValueError, TypeError, KeyError) as error:
         raise click.BadParameter(f"{model_config}: {error}", param_hint="--model-config") from None
     return zoo.ModelSpec(name=Path(checkpoint).stem, config=config, weights=Path(checkpoint),
                          space="pixel" if config.in_channels in (1, 3) else "latent", cfg_scale=1.0)
