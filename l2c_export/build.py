@@ -21,8 +21,6 @@ again; when every file is reusable the model is not even loaded.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import hashlib
 import json
@@ -40,6 +38,7 @@ from .macs import count_macs
 from .models import default_guided_channels
 from .plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name, slot_name
 from .schedule import Schedule
+from .util import replace_folder
 from .zoo import ModelSpec
 
 LATENT_SCALE = 0.18215
@@ -134,7 +133,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
         data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)
         data["weight_tensors"] = _weight_table(universal, out_dir)
         manifest_io.write(staging, data)
-        _replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -304,7 +303,7 @@ def _exclusive_lock(out_dir: Path, progress: bool):
 
 
 def _recover(out_dir: Path) -> None:
-    """Before anything else (under the lock): a build killed between the two renames of :func:`_replace` left the
+    """Before anything else (under the lock): a build killed between the two renames of :func:`l2c_export.util.replace_folder` left the
     previous build at ``.<name>.old`` and nothing at ``out_dir``: put it back. A leftover ``.old`` beside a complete
     ``out_dir`` is stale and removed."""
     old = out_dir.parent / f".{out_dir.name}.old"
@@ -351,41 +350,6 @@ def _weight_table(universal, out_dir: Path) -> list[dict]:
 
     return [{"name": name, "dtype": str(universal.weights[name].dtype), "shape": list(universal.weights[name].shape),
              "offset": offset, "length": length} for name, (offset, length) in weights_layout(universal).items()]
-
-
-def _replace(staging: Path, out_dir: Path) -> None:
-    """Puts the finished staging folder in place of ``out_dir``: one atomic exchange where the file system allows it,
-    else two renames (a kill between them is repaired by :func:`_recover`)."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    if _exchange(staging, out_dir):
-        shutil.rmtree(staging, ignore_errors=True)  # now the previous build
-        return
-    old = out_dir.parent / f".{out_dir.name}.old"
-    os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps the names ``a`` and ``b`` (Linux ``renameat2`` with ``RENAME_EXCHANGE``; Python's ``os`` has
-    no binding for it, hence ctypes). False where the kernel, C library or file system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
 
 
 def _hash(data) -> str:

@@ -32,12 +32,7 @@ class _Group(click.Group):
     traceback."""
 
     def invoke(self, ctx):
-        from .build import OutputFolderError
-        from .checkpoint import CheckpointError
-        from .engines import BackendUnavailable
-        from .manifest import ManifestError
-        from .routers import RouterError
-        from .schedule import ScheduleError
+        from .engines import BackendUnavailable  # light: no torch, so that serve and run start fast
 
         try:
             return super().invoke(ctx)
@@ -45,8 +40,9 @@ class _Group(click.Group):
             raise
         except BackendUnavailable as error:
             raise CommandError(str(error), EXIT_BACKEND_UNAVAILABLE) from None
-        except (CheckpointError, RouterError, ScheduleError, ManifestError, OutputFolderError, FileNotFoundError,
-                ValueError) as error:
+        # Every input error of the stages is a ValueError: CheckpointError, RouterError, ScheduleError, ManifestError,
+        # OutputFolderError.
+        except (FileNotFoundError, ValueError) as error:
             raise CommandError(str(error), EXIT_BAD_INPUT) from None
         except OSError as error:
             raise CommandError(_describe_os_error(error), EXIT_IO) from None
@@ -724,7 +720,7 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
 @main.command("train-default")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/dit-digits"),
               show_default=True, help="Folder for dit-digits.safetensors.")
-@click.option("--steps", type=STEPS, default=6000, show_default=True)
+@click.option("--steps", type=POSITIVE, default=6000, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(out, steps, seed):
     """Reproduce the embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""

@@ -94,7 +94,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "l2c",
     """
     from google.protobuf import text_format
 
-    from ..build import _replace as replace_folder  # the builds' atomic folder exchange, one definition
+    from ..util import replace_folder  # the builds' atomic folder exchange, one definition
 
     build_dir, repo = Path(build_dir), Path(repo)
     if not _NAME.match(name):
