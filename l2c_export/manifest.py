@@ -1,7 +1,8 @@
 """``manifest.json``: the only contract between building and running. No PyTorch here.
 
 Checked against the JSON Schema shipped in ``schemas/manifest.schema.json`` when written and when read; a manifest of
-a newer schema version than this reader knows is refused before anything else is looked at.
+a newer schema version than this reader knows is refused before anything else is looked at, and one of version 1
+(DiT only, before model families) is upgraded in memory to the current shape when read.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from .util import atomic_write_text, read_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
 
@@ -85,6 +86,8 @@ def load(folder: str | Path, verify_files: bool = True) -> dict:
     path = folder / MANIFEST_NAME if folder.is_dir() else folder
     folder = path.parent
     data = read_json(path, ManifestError, f" (is {folder} an l2c-export build?)")
+    if isinstance(data, dict) and data.get("schema_version") == 1:
+        data = upgrade_v1(data, str(path))
     validate(data, str(path))
     if verify_files:
         for entry in all_files(data):
@@ -95,4 +98,29 @@ def load(folder: str | Path, verify_files: bool = True) -> dict:
             if actual != entry["sha256"]:
                 raise ManifestError(f"{file}: sha256 {actual} does not match the manifest's {entry['sha256']} "
                                     f"(the file was changed after the build)")
+    return data
+
+
+_V1_ROLES = {"x": "sample", "t": "time", "y": "label", "model_out": "output"}
+
+
+def upgrade_v1(data: dict, where: str) -> dict:
+    """A version 1 manifest (DiT, DDIM/DDPM, tensors without roles) in the version 2 shape: family ``dit``, roles by
+    the names version 1 used, the model interface taken from the first subset, and the sampler's calls."""
+    try:
+        for subset in data["subsets"]:
+            for tensor in (*subset["inputs"], *subset["outputs"]):
+                tensor["role"] = _V1_ROLES.get(tensor["name"], "cache" if tensor["name"].startswith("cache_")
+                                               else "fresh")
+        first = data["subsets"][0]
+        data["model"]["family"] = "dit"
+        data["model"]["inputs"] = [t for t in first["inputs"] if t["role"] in ("sample", "time", "label")]
+        data["model"]["output"] = next(t for t in first["outputs"] if t["role"] == "output")
+        sampler = data["sampler"]
+        sampler["num_calls"] = sampler["num_steps"]
+        sampler["model_times"] = [float(t) for t in sampler["timesteps"]]
+    except (KeyError, TypeError, IndexError, StopIteration) as error:
+        raise ManifestError(f"{where}: a version 1 manifest without the field {error} cannot be upgraded; rebuild "
+                            f"the engines") from None
+    data["schema_version"] = SCHEMA_VERSION
     return data

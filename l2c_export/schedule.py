@@ -31,6 +31,7 @@ class Schedule:
     source: str | None = None
     threshold: float | None = None
     mode: str | None = None
+    sampler: str | None = None  # the sampler whose model calls the rows are (official mode's cache calls depend on it)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -90,7 +91,9 @@ class Schedule:
         """The steps where the schedule decides per sub-layer: in official mode those with an even router index
         (``N - 1 - s``), else every step that reuses anything."""
         if self.mode == "official":
-            return [s for s in range(1, self.num_steps) if (self.num_steps - 1 - s) % 2 == 0]
+            from .samplers import official_cache_calls
+
+            return official_cache_calls(self.sampler or "ddim", self.num_steps)
         return [s for s in range(self.num_steps) if not self.compute[s].all()]
 
     def computed_per_step(self) -> list[int]:
@@ -106,7 +109,7 @@ class Schedule:
     # ----------------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         data = {"num_steps": self.num_steps, "depth": self.depth, "compute": self.compute.astype(int).tolist()}
-        for name in ("timesteps", "source", "threshold", "mode"):
+        for name in ("timesteps", "source", "threshold", "mode", "sampler"):
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
@@ -138,9 +141,10 @@ class Schedule:
             bad = [v for v in row if v not in (0, 1) or isinstance(v, float)]
             if bad:
                 raise ScheduleError(f"{where}: field 'compute' row {s} must hold only 0 or 1; got {bad[0]!r}")
-        known = {"num_steps", "depth", "compute", "timesteps", "source", "threshold", "mode"}
+        known = {"num_steps", "depth", "compute", "timesteps", "source", "threshold", "mode", "sampler"}
         return cls(np.asarray(rows, dtype=bool).reshape(num_steps, 2 * depth), timesteps=data.get("timesteps"),
                    source=data.get("source", where), threshold=data.get("threshold"), mode=data.get("mode"),
+                   sampler=data.get("sampler"),
                    extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod
