@@ -20,6 +20,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, load_torch_file
 from .schedule import Schedule
+from .util import check_finite
 
 ScheduleMode = Literal["official", "general"]
 
@@ -64,6 +65,7 @@ class RouterLogits:
 
         if mode not in ("official", "general"):
             raise ValueError(f"unknown schedule mode {mode!r}; expected 'official' or 'general'")
+        threshold = check_finite(threshold, "threshold", 0.0, 1.0)
         decided = self.probabilities() > threshold
         n = self.num_steps
         if mode == "official":
@@ -78,6 +80,7 @@ class RouterLogits:
 
 
 _AUTHORS_KEY = re.compile(r"^(\d+)\.prob$")
+ALWAYS_COMPUTE = 1e4  # a finite logit whose sigmoid is 1.0 in float64: the call computes every sub-layer
 
 
 def load_router(path: str | Path) -> RouterLogits:
@@ -104,10 +107,10 @@ def load_router(path: str | Path) -> RouterLogits:
 def _authors_dpm_router(routers: Mapping, path: Path) -> RouterLogits:
     """The authors' U-ViT router (``U-ViT/ckpt/dpm20_router.pth``): a bare ``{i}.prob`` dict with one entry per model
     call of DPM-Solver-2S, of which router ``k`` serves the first call of solver step ``k`` (call ``2k``), as their
-    ``load_ranking`` reads it. Held per call in sampling order: row ``2k`` is router ``k``; midpoint rows (odd) are
-    +inf, since their sampler computes everything there."""
+    ``load_ranking`` reads it. Held per call in sampling order: row ``2k`` is router ``k``; midpoint rows (odd) hold
+    :data:`ALWAYS_COMPUTE`, since their sampler computes everything there."""
     by_index = _stack_by_index(routers, str(path))[::-1]  # back to the file's index order
-    calls = np.full_like(by_index, np.inf)
+    calls = np.full_like(by_index, ALWAYS_COMPUTE)
     calls[0::2] = by_index[: (len(by_index) + 1) // 2]
     return RouterLogits(calls, source=str(path), meta={"sampler": "dpm_solver_2s"})
 
@@ -120,6 +123,10 @@ def _stack_by_index(routers: Mapping, where: str) -> np.ndarray:
             raise RouterError(f"{where}: field 'routers' key {key!r}: expected '{{i}}.prob' -> a 1-D logit tensor")
         by_index[int(match.group(1))] = np.asarray(value.detach().float().numpy() if hasattr(value, "detach")
                                                     else value, dtype=np.float32)
+    for index, logits in by_index.items():
+        if not np.isfinite(logits).all():
+            raise RouterError(f"{where}: field 'routers' key '{index}.prob' holds NaN or infinite logits; expected "
+                              f"finite numbers")
     n = len(by_index)
     if sorted(by_index) != list(range(n)):
         raise RouterError(f"{where}: field 'routers' must hold indices 0..{n - 1}; got {sorted(by_index)}")
@@ -144,8 +151,12 @@ def _load_router_safetensors(path: Path) -> RouterLogits:
         raise RouterError(f"{path}: not a readable safetensors file ({error})") from error
     if "logits" not in tensors or tensors["logits"].ndim != 2 or tensors["logits"].shape[1] % 2:
         raise RouterError(f"{path}: expected tensor 'logits' of shape (num_steps, 2 * depth) in sampling order")
+    if not np.issubdtype(tensors["logits"].dtype, np.floating) or not np.isfinite(tensors["logits"]).all():
+        raise RouterError(f"{path}: tensor 'logits' holds NaN or infinite values; expected finite float logits")
     for key in ("image_size", "num_classes"):
         if key in meta:
+            if not meta[key].isdigit() or int(meta[key]) < 1:
+                raise RouterError(f"{path}: metadata field {key!r} is {meta[key]!r}; expected a positive integer")
             meta[key] = int(meta[key])
     return RouterLogits(tensors["logits"].astype(np.float32), source=str(path), meta=meta)
 
