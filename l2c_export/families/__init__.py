@@ -65,12 +65,9 @@ class ModelFamily:
 
     # -- sub-layers --------------------------------------------------------------------------------------------------
     def num_layers(self, config) -> int:
-        """Layers with an attention and an MLP sub-layer: the schedule has 2 * num_layers columns."""
+        """Layers with an attention and an MLP sub-layer: the schedule has 2 * num_layers columns; sub-layer 2l (cache
+        slot ``attn_l``) is layer l's attention, 2l + 1 (``mlp_l``) its MLP (:func:`l2c_export.plan.slot_name`)."""
         raise NotImplementedError
-
-    def sublayer_name(self, index: int) -> str:
-        """The cache slot of sub-layer ``index``: ``attn_l`` for 2l, ``mlp_l`` for 2l + 1."""
-        return f"{'attn' if index % 2 == 0 else 'mlp'}_{index // 2}"
 
     def cached_shape(self, config) -> tuple[int, ...]:
         """Per-sample shape of a cached sub-layer output, (T, D)."""
@@ -110,10 +107,6 @@ class ModelFamily:
     def null_class(self, config) -> int:
         """The label of the unconditional half; labels 0 .. null_class - 1 are the classes."""
         raise NotImplementedError
-
-    def space(self, config) -> str:
-        """``pixel`` (images in [-1, 1]) or ``latent`` (SD-VAE latents times :attr:`latent_scale`)."""
-        return "latent" if self.graph_inputs(config)[0].shape[0] == 4 else "pixel"
 
 
 # name -> module defining FAMILY; adding a family is one line here.
