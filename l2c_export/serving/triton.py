@@ -64,8 +64,9 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
     builds); ``threads``: ONNX Runtime intra-op threads per instance (0: one per core)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
-    config = manifest["model"]["config"]
-    channels, side = config["in_channels"], config["input_size"]
+    from ..runtime import ModelInterface
+
+    channels, side, _ = ModelInterface.from_manifest(manifest).sample_shape
     device = device or ("cuda" if manifest["backend"] == "tensorrt" else "cpu")
     model = pb.ModelConfig(name=name, backend="python",
                            max_batch_size=max_batch_size or default_max_batch_size(manifest))
