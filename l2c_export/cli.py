@@ -531,8 +531,9 @@ def verify(engine_dir, backend, device, tolerance):
               help="With --data none: trajectories sampled from the model to learn on.")
 @click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
               help="official: every other step computes everything (the authors'); general: any step may reuse.")
-@click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]), help="Default: the model's (ddim).")
-@click.option("--steps", type=STEPS, help="Sampling steps (default: the model's, 20).")
+@click.option("--sampler", "sampler_kind", type=click.Choice(SAMPLER_KINDS),
+              help="Default: the model's (DiT: ddim, U-ViT: dpm_solver_2s).")
+@click.option("--steps", type=STEPS, help="Model calls (NFE; default: the model's, 20). DPM-Solver-2S makes two a step.")
 @click.option("--iterations", type=POSITIVE, default=300, show_default=True)
 @click.option("--batch-size", type=POSITIVE, default=16, show_default=True,
               help="Images per learned step and iteration, over all processes (guidance doubles the model's batch).")
@@ -549,7 +550,7 @@ def verify(engine_dir, backend, device, tolerance):
               help="Learned logits start at init_std * N(0, 1) (the authors': 1).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Router file to write (.safetensors: tensor 'logits' (num_steps, 2 x depth), sampling order).")
+              help="Router file to write (.safetensors: tensor 'logits' (model calls, sub-layers), sampling order).")
 @click.option("--save-every", type=POSITIVE, default=50, show_default=True,
               help="Write the learning state (OUT with .state.safetensors) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue from the learning state beside --out.")
@@ -580,7 +581,9 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
     dist_info = init_distributed()
     echo = click.echo if dist_info.is_main else (lambda *args, **kwargs: None)
     model = spec.load_model()
-    config = spec.config
+    config, family = spec.config, spec.family
+    sample_shape = next(tensor.shape for tensor in family.graph_inputs(config) if tensor.role == "sample")
+    num_labels = family.null_class(config)
     data_arg = data_arg or ("digits" if checkpoint is None else "none")
     if data_arg == "none":
         source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed,
@@ -588,7 +591,7 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
     elif data_arg == "digits":
         from .train_default import digits_dataset
 
-        if (config.in_channels, config.input_size, config.num_classes) != (1, 8, 10):
+        if (tuple(sample_shape), num_labels) != ((1, 8, 8), 10):
             raise click.BadParameter("the digits are 8x8 one-channel images of 10 classes; this model is not",
                                      param_hint="--data")
         images, labels = digits_dataset()
@@ -599,14 +602,14 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
             if spec.space == "latent":
                 raise click.BadParameter(f"{path}: a latent model learns on latents (.npy), not images (no VAE "
                                          f"here)", param_hint="--data")
-            images, labels, _ = load_image_folder(path, config.input_size, config.in_channels)
+            images, labels, _ = load_image_folder(path, sample_shape[-1], sample_shape[0])
         elif path.suffix == ".npy":
-            images, labels = load_latents(path, data_labels, config)
+            images, labels = load_latents(path, data_labels, tuple(sample_shape))
         else:
             raise click.BadParameter(f"{path}: expected a folder of images, a .npy of latents, 'digits' or 'none'",
                                      param_hint="--data")
-        source = NoisedData(images, with_random_labels(labels, config.num_classes, seed), sampler, str(path))
-    echo(f"learning {2 * config.depth} x {sampler.num_steps} router logits ({mode} mode) on "
+        source = NoisedData(images, with_random_labels(labels, num_labels, seed), sampler, str(path))
+    echo(f"learning {config.num_sublayers} x {sampler.num_calls} router logits ({mode} mode, {sampler.kind}) on "
          f"{source.description}, {dist_info.world_size} process(es)")
     state_path = out.with_name(out.name[: -len(".safetensors")] + ".state.safetensors")
     result = learn_router(model, sampler, source, settings, state_path=state_path, resume=resume,
@@ -626,11 +629,10 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
     echo(f"wrote {out}")
     if threshold is not None or target_mac_fraction is not None:
         from .baselines import schedule_for_mac_fraction
-        from .macs import count_macs
 
         logits = result.router
         logits.source = str(out)
-        macs = count_macs(config)
+        macs = family.count_macs(config)
         timesteps = sampler.timesteps.tolist()
         if target_mac_fraction is not None:
             decoded = schedule_for_mac_fraction(logits, target_mac_fraction, macs, mode, timesteps)
@@ -737,17 +739,25 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
 
 # ------------------------------------------------------------------------------------------------------------------
 @main.command("train-default")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/dit-digits"),
-              show_default=True, help="Folder for dit-digits.safetensors.")
-@click.option("--steps", type=POSITIVE, default=6000, show_default=True)
+@click.option("--family", "family_name", type=click.Choice(["dit", "uvit"]), default="dit", show_default=True,
+              help="dit: the embedded default DiT; uvit: the digits U-ViT (DPM-Solver-2S).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the weights [engines/dit-digits or engines/uvit-digits].")
+@click.option("--steps", type=POSITIVE, help="Training steps [dit: 6000, uvit: 800].")
+@click.option("--batch-size", type=POSITIVE, help="Images per step [dit: 128, uvit: 64].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-def train_default_command(out, steps, seed):
-    """Reproduce the embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""
-    from .train_default import save_weights, train
+def train_default_command(family_name, out, steps, batch_size, seed):
+    """Reproduce an embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""
+    from .train_default import DEFAULT_CONFIG, UVIT_CONFIG, UVIT_TRAINING, save_weights, train
 
-    model = train(steps=steps, seed=seed)
-    save_weights(model, out / "dit-digits.safetensors")
-    click.echo(f"wrote {out / 'dit-digits.safetensors'}")
+    if family_name == "uvit":
+        config, name, defaults = UVIT_CONFIG, "uvit-digits", UVIT_TRAINING
+    else:
+        config, name, defaults = DEFAULT_CONFIG, "dit-digits", {"steps": 6000, "batch_size": 128}
+    out = out or Path("engines") / name
+    model = train(config, steps=steps or defaults["steps"], batch_size=batch_size or defaults["batch_size"], seed=seed)
+    save_weights(model, out / f"{name}.safetensors")
+    click.echo(f"wrote {out / f'{name}.safetensors'}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -131,13 +131,16 @@ class Sampler:
     def model_times(self) -> np.ndarray:
         return self.timesteps.astype(np.float64)
 
-    def calls(self, x, noise=None):
+    calls_per_step = 1
+
+    def calls(self, x, noise=None, first_step: int = 0):
         """The sampler as model calls (see :mod:`l2c_export.samplers`): yields one call per step, receives the guided
         model output, returns the samples. ``noise(s)`` is the noise DDPM adds after step ``s``. Learned sigma is read
-        off the output: twice the channels of ``x``."""
+        off the output: twice the channels of ``x``. ``first_step``: ``x`` is the input of that step (learning
+        starts there)."""
         from .samplers import ModelCall
 
-        for s in range(self.num_steps):
+        for s in range(first_step, self.num_steps):
             out = yield ModelCall(s, x, int(self.timesteps[s]))
             noise_s = None
             if self.kind == "ddpm" and s < self.num_steps - 1:

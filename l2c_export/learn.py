@@ -1,28 +1,34 @@
-"""Learning router logits: the Learning-to-Cache objective (Ma et al., NeurIPS 2024), as the authors' DiT code does it.
+"""Learning router logits: the Learning-to-Cache objective (Ma et al., NeurIPS 2024), as the authors train it.
 
-Per sampling step ``s`` a router holds ``2 * depth`` logits, ``w = sigmoid(logit)``. For a training step ``m``:
+The objective runs through the sampler's own model calls (:meth:`calls`, the loop of
+:func:`l2c_export.samplers.denoise`), so it holds for every sampler and family: per model call ``c`` (DDIM/DDPM: one
+per step; DPM-Solver-2S: two per step) a router holds one logit per sub-layer, ``w = sigmoid(logit)``. For a learned
+call ``m``:
 
-1. Take ``x`` at the input of an earlier step (data noised to that step's timestep, or a state of a trajectory that
-   the full model sampled from noise) and run the full model there: that fills the cache with every sub-layer's fresh
-   (ungated) branch output, and one sampler step moves ``x`` on.
-2. At step ``m`` the teacher is the full model; the student is :meth:`DiT.forward_soft`, in which every sub-layer
-   outputs ``w * fresh + (1 - w) * cached``.
-3. loss = MSE(teacher output, student output) + lambda * sum(w of step m). AdamW (no weight decay) updates only the
+1. Take ``x`` at the input of an earlier solver step (data noised to its noise level, or a state of a trajectory
+   that the full model sampled from noise) and run the full model there: that fills the cache with every
+   sub-layer's fresh output, and the sampler moves ``x`` on with the (guided) teacher output.
+2. At call ``m`` the teacher is the full model; the student is the family's ``forward_soft`` (DiT's, U-ViT's), in
+   which every sub-layer outputs ``w * fresh + (1 - w) * cached``.
+3. loss = MSE(teacher output, student output) + lambda * sum(w of call m). AdamW (no weight decay) updates only the
    logits, which are clamped to [-5, 5] after every update; the model is frozen and keeps no gradient.
 
-The authors draw one step m per iteration and process (on 8 GPUs, 8 steps an iteration). Here an iteration averages
-the loss over every learned step by default (``steps_per_iteration``: 1 gives theirs): the same objective with less
+The authors draw one call m per iteration and process (on 8 GPUs, 8 an iteration). Here an iteration averages the
+loss over every learned call by default (``steps_per_iteration``: 1 gives theirs): the same objective with less
 variance, so that AdamW, which moves a logit about ``lr`` per update, converges in a few hundred iterations on a CPU.
 
-Schedule modes decide which steps are learned and what the cache holds:
+Schedule modes decide which calls are learned and what the cache holds:
 
-- ``official`` (the authors'): the steps whose router index ``N - 1 - s`` is odd compute everything, so the cache at a
-  learned step ``m`` is exactly the full model's fresh values at ``m - 1`` (their ``ts = 2 t + 1`` step, then ``t``).
-- ``general``: every step after the first may reuse, and a reused sub-layer holds its most recent *computed* value,
-  which under soft routing is the previous step's output at that sub-layer, ``w * fresh + (1 - w) * cached``. So the
-  student is unrolled from a step where the cache is exact (step 0 by default, or ``window`` steps back), with the
+- ``official`` (the authors'): only the calls where their sampler consults the router are learned
+  (:func:`l2c_export.samplers.official_cache_calls`); every other call computes everything. DDIM/DDPM: the steps
+  whose router index ``N - 1 - s`` is even, so the cache at ``m`` is the full model's values at ``m - 1`` (their
+  ``ts = 2 t + 1`` step, then ``t``). DPM-Solver-2S: the outer call ``2k`` of solver steps k = 1 .. K-1, whose cache
+  is what the previous step's midpoint call ``2k - 1`` computed; the unroll starts at step k - 1.
+- ``general``: every call after the first may reuse, and a reused sub-layer holds its most recent *computed* value,
+  which under soft routing is the previous call's output at that sub-layer, ``w * fresh + (1 - w) * cached``. So the
+  student is unrolled from a step where the cache is exact (step 0 by default, or ``window`` calls back), with the
   teacher's trajectory as its inputs (teacher forcing, as the authors do for one step), and the loss at ``m`` reaches
-  the routers of the steps before it through the cache.
+  the routers of the calls before it through the cache.
 
 With classifier-free guidance the batch is the sampler's: the conditional half and the null-class half share the
 router (the authors drop 10% of the labels instead; their sampler too runs both halves through one schedule).
@@ -32,7 +38,7 @@ per-iteration generator and takes its shard; DDP averages the router's gradient,
 one process on the same data, up to float summation order.
 
 Checkpoints and the router itself are safetensors files (no pickles). Router file: one float32 tensor ``logits``
-(num_steps, 2 * depth) in sampling order and string metadata (see :func:`router_metadata`).
+(num_calls, num_sublayers) in sampling order and string metadata (see :func:`router_metadata`).
 """
 
 from __future__ import annotations
@@ -50,9 +56,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .diffusion import Sampler, apply_guidance, default_guided_channels
-from .models import DiT
+from .diffusion import Sampler, apply_guidance
+from .families import family_of_config
 from .routers import RouterLogits, save_router
+from .samplers import DenoisingSampler
 
 ScheduleMode = Literal["official", "general"]
 LOGIT_LIMIT = 5.0
@@ -86,29 +93,31 @@ class LearnSettings:
             raise ValueError(f"steps per iteration must be >= 0 (0: all); got {self.steps_per_iteration}")
 
 
-def learned_steps(num_steps: int, mode: ScheduleMode) -> list[int]:
-    """The sampling steps whose routers are learned: in official mode those with an even router index ``N - 1 - s``
-    (the others compute everything), in general mode every step after the first."""
+def learned_calls(sampler: DenoisingSampler, mode: ScheduleMode) -> list[int]:
+    """The model calls whose routers are learned. Official mode: the calls where the authors' sampler consults its
+    router (DDIM/DDPM: the steps with an even router index ``N - 1 - s``; DPM-Solver-2S: the first call of solver
+    steps 1 .. K-1), the others compute everything; general mode: every call after the first."""
     if mode == "official":
-        return [s for s in range(1, num_steps) if (num_steps - 1 - s) % 2 == 0]
-    return list(range(1, num_steps))
+        return list(sampler.official_cache_calls())
+    return list(range(1, sampler.num_calls))
 
 
 class Router(nn.Module):
-    """The learned parameters: logits (num_steps, 2 * depth) in sampling order. ``forward()`` -> sigmoid(logits).
+    """The learned parameters: logits (num_calls, num_sublayers) in sampling order. ``forward()`` -> sigmoid(logits).
 
-    Rows never learned (the first step; in official mode the full steps) start at +5, i.e. compute, so that a router
-    learned in official mode decodes sensibly in general mode too. Learned rows start at ``init_std * N(0, 1)``: the
-    authors' N(0, 1) with ``init_std`` 1; the default 0 (w = 0.5) keeps a short run's ranking of the sub-layers free of
-    the random start, which after a few hundred AdamW steps is still a large part of each logit.
+    Rows never learned (the first call; in official mode the calls that compute everything) start at +5, i.e.
+    compute, so that a router learned in official mode decodes sensibly in general mode too. Learned rows start at
+    ``init_std * N(0, 1)``: the authors' N(0, 1) with ``init_std`` 1; the default 0 (w = 0.5) keeps a short run's
+    ranking of the sub-layers free of the random start, which after a few hundred AdamW steps is still a large part
+    of each logit.
     """
 
-    def __init__(self, num_steps: int, depth: int, mode: ScheduleMode, generator: torch.Generator,
+    def __init__(self, num_calls: int, num_sublayers: int, rows: Sequence[int], generator: torch.Generator,
                  init_std: float = 0.0):
         super().__init__()
-        logits = torch.full((num_steps, 2 * depth), LOGIT_LIMIT)
-        rows = learned_steps(num_steps, mode)
-        start = torch.randn(len(rows), 2 * depth, generator=generator) * init_std
+        logits = torch.full((num_calls, num_sublayers), LOGIT_LIMIT)
+        rows = list(rows)
+        start = torch.randn(len(rows), num_sublayers, generator=generator) * init_std
         logits[rows] = start.clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
         self.logits = nn.Parameter(logits)
 
@@ -120,14 +129,14 @@ class Router(nn.Module):
 # Data: where the input of a step comes from.
 
 class StepSource(Protocol):
-    def draw(self, generator: torch.Generator, batch_size: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (batch, C, H, W) at the input of sampling step ``step`` and labels (batch,) int64."""
+    def draw(self, generator: torch.Generator, batch_size: int, call: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (batch, C, H, W) at the input of model call ``call`` and labels (batch,) int64."""
 
 
 class NoisedData:
     """Clean data x0 (images in [-1, 1], or latents as the model sees them) noised to a step's timestep."""
 
-    def __init__(self, x0: np.ndarray, labels: np.ndarray, sampler: Sampler, description: str):
+    def __init__(self, x0: np.ndarray, labels: np.ndarray, sampler: DenoisingSampler, description: str):
         if len(x0) == 0:
             raise ValueError(f"{description}: no samples")
         self.x0 = torch.from_numpy(np.ascontiguousarray(x0, dtype=np.float32))
@@ -135,17 +144,25 @@ class NoisedData:
         self.sampler = sampler
         self.description = description
 
-    def draw(self, generator, batch_size, step):
+    def draw(self, generator, batch_size, call):
         index = torch.randint(len(self.x0), (batch_size,), generator=generator)
         noise = torch.randn(self.x0[index].shape, generator=generator)
-        alpha_bar = float(self.sampler.alphas_cumprod[step])
-        return math.sqrt(alpha_bar) * self.x0[index] + math.sqrt(1.0 - alpha_bar) * noise, self.labels[index]
+        alpha, sigma = noise_level(self.sampler, call)
+        return alpha * self.x0[index] + sigma * noise, self.labels[index]
+
+
+def noise_level(sampler: DenoisingSampler, call: int) -> tuple[float, float]:
+    """(alpha, sigma) of the samples the model sees at ``call``: ``x = alpha * x0 + sigma * noise``."""
+    if isinstance(sampler, Sampler):
+        alpha_bar = float(sampler.alphas_cumprod[call])
+        return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    return float(sampler.alphas[call]), float(sampler.sigmas[call])
 
 
 class Trajectories:
     """States the full model passes through when it samples from noise: the teacher needs no data.
 
-    states: (P, num_steps, C, H, W), ``states[p, s]`` is the input of step ``s``; labels: (P,).
+    states: (P, num_calls, C, H, W), ``states[p, c]`` is the input of model call ``c``; labels: (P,).
     """
 
     def __init__(self, states: torch.Tensor, labels: torch.Tensor):
@@ -153,31 +170,34 @@ class Trajectories:
         self.labels = labels
         self.description = f"{len(states)} trajectories sampled from the model"
 
-    def draw(self, generator, batch_size, step):
+    def draw(self, generator, batch_size, call):
         index = torch.randint(len(self.states), (batch_size,), generator=generator)
-        return self.states[index, step], self.labels[index]
+        return self.states[index, call], self.labels[index]
 
 
 @torch.no_grad()
-def sample_trajectories(model: DiT, sampler: Sampler, count: int, cfg_scale: float, seed: int,
+def sample_trajectories(model: nn.Module, sampler: DenoisingSampler, count: int, cfg_scale: float, seed: int,
                         batch_size: int = 256, progress: bool = True) -> Trajectories:
     """Samples ``count`` trajectories with the full model (random labels, guidance as the sampler runs it) through
     the one denoising loop, and keeps every model call's input."""
     from .samplers import ModelCall, denoise
 
     config = model.config
+    family = family_of_config(config)
+    sample_shape = next(spec.shape for spec in family.graph_inputs(config) if spec.role == "sample")
+    null_class = family.null_class(config)
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(config.num_classes, (count,), generator=generator)
-    noise = torch.randn((count, config.in_channels, config.input_size, config.input_size), generator=generator)
+    labels = torch.randint(null_class, (count,), generator=generator)
+    noise = torch.randn((count, *sample_shape), generator=generator)
     states = torch.empty((count, sampler.num_calls) + tuple(noise.shape[1:]))
-    guided = default_guided_channels(config.in_channels)
+    guided = family.guided_channels(config)
     bar = tqdm(total=count * sampler.num_calls, desc="sampling trajectories", disable=not progress, leave=False)
     for begin in range(0, count, batch_size):
         x, y = noise[begin: begin + batch_size], labels[begin: begin + batch_size]
 
         def run_model(call: ModelCall) -> torch.Tensor:
             states[begin: begin + len(call.x), call.index] = call.x
-            xb, yb = _guidance_batch(call.x, y, config.num_classes, cfg_scale)
+            xb, yb = _guidance_batch(call.x, y, null_class, cfg_scale)
             t = torch.full((len(xb),), call.t, dtype=torch.float32)
             out = _guided(model(xb, t, yb), cfg_scale, guided)
             bar.update(len(call.x))
@@ -188,18 +208,14 @@ def sample_trajectories(model: DiT, sampler: Sampler, count: int, cfg_scale: flo
     return Trajectories(states, labels)
 
 
-def _guidance_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg_scale: float):
+def _guidance_batch(x: torch.Tensor, y: torch.Tensor, null_class: int, cfg_scale: float):
     if cfg_scale > 1.0:
-        return torch.cat([x, x]), torch.cat([y, torch.full_like(y, num_classes)])
+        return torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_class)])
     return x, y
 
 
 def _guided(model_out: torch.Tensor, cfg_scale: float, guided_channels: int) -> torch.Tensor:
     return apply_guidance(model_out, cfg_scale, guided_channels) if cfg_scale > 1.0 else model_out
-
-
-def _t(sampler: Sampler, step: int, batch: int) -> torch.Tensor:
-    return torch.full((batch,), int(sampler.timesteps[step]), dtype=torch.int64)
 
 
 def load_image_folder(folder: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -230,14 +246,15 @@ def load_image_folder(folder: Path, size: int, channels: int) -> tuple[np.ndarra
     return np.stack(images), np.array([label for _, label in files], dtype=np.int64), classes
 
 
-def load_latents(path: Path, labels_path: Path | None, config) -> tuple[np.ndarray, np.ndarray]:
+def load_latents(path: Path, labels_path: Path | None, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(n, C, H, W) latents of a ``.npy`` file, already scaled as the model sees them (SD-VAE: x 0.18215), and
-    labels (n,) from ``labels_path`` (``.npy``), else -1 (a random class is drawn for each)."""
+    labels (n,) from ``labels_path`` (``.npy``), else -1 (a random class is drawn for each). ``shape``: the model's
+    per-sample input (C, H, W)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     latents = np.load(path, allow_pickle=False)
-    expected = (config.in_channels, config.input_size, config.input_size)
+    expected = tuple(shape)
     if latents.ndim != 4 or tuple(latents.shape[1:]) != expected:
         raise ValueError(f"{path}: latents of shape {latents.shape}; expected (n, {', '.join(map(str, expected))})")
     if not np.issubdtype(latents.dtype, np.floating) or not np.isfinite(latents).all():
@@ -267,65 +284,80 @@ def with_random_labels(labels: np.ndarray, num_classes: int, seed: int) -> np.nd
 
 @dataclass
 class LossTerms:
-    loss: torch.Tensor  # scalar: mean over the target steps of MSE + l1 * sum(w)
-    mse: torch.Tensor  # scalar: mean over the target steps of the MSE
-    router_sum: torch.Tensor  # scalar: mean over the target steps of sum(w)
+    loss: torch.Tensor  # scalar: mean over the target calls of MSE + l1 * sum(w)
+    mse: torch.Tensor  # scalar: mean over the target calls of the MSE
+    router_sum: torch.Tensor  # scalar: mean over the target calls of sum(w)
 
 
-def l2c_loss(model: DiT, sampler: Sampler, weights: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
-             start: int, targets: int | Sequence[int], l1: float, cfg_scale: float = 1.0,
-             step_noise: Callable[[int, tuple], torch.Tensor] | None = None) -> LossTerms:
-    """The L2C loss at the sampling steps ``targets`` (one step, or several along one unrolled window).
+def l2c_loss(model: nn.Module, sampler: DenoisingSampler, weights: torch.Tensor, x: torch.Tensor,
+             labels: torch.Tensor, start: int, targets: int | Sequence[int], l1: float, cfg_scale: float = 1.0,
+             step_noise: Callable[[int, tuple], torch.Tensor] | None = None,
+             learned: Sequence[int] | None = None) -> LossTerms:
+    """The L2C loss at the model calls ``targets`` (one, or several along one unrolled window), driven through the
+    sampler's own model calls (:meth:`calls`, as :func:`l2c_export.samplers.denoise` runs them).
 
-    weights: (num_steps, 2 * depth), sigmoid of the router logits; only rows ``start + 1 .. max(targets)`` are used.
-    x: (B, C, H, W) at the input of step ``start`` (< every target), where the full model fills the cache;
-    labels: (B,). After ``start`` the inputs follow the teacher (full model, guided as the sampler runs it) and the
-    student's cache becomes each step's soft output ``w * fresh + (1 - w) * cached``. ``step_noise(s, shape)``
-    gives DDPM's noise. The model must be frozen (no parameter requires grad).
+    weights: (num_calls, num_sublayers), sigmoid of the router logits. x: (B, C, H, W) at the input of solver step
+    ``start``, whose first call ``start * calls_per_step`` precedes every target; labels: (B,). The sampler moves on
+    with the teacher's output (full model, guided as the sampler runs it). At the window's first call, and at calls
+    not in ``learned`` (default: every later call; official mode passes the router's calls, so that e.g.
+    DPM-Solver's midpoint calls compute everything), the full model fills the cache; at the other calls the student
+    is ``model.forward_soft`` and the cache becomes its soft output ``w * fresh + (1 - w) * cached``.
+    ``step_noise(s, shape)`` gives DDPM's noise after step ``s``. The model must be frozen.
     """
     targets = sorted({targets} if isinstance(targets, int) else set(targets))
-    if not targets or not 0 <= start < targets[0] or targets[-1] >= sampler.num_steps:
-        raise ValueError(f"need 0 <= start ({start}) < targets ({targets}) < num_steps ({sampler.num_steps})")
+    first = start * sampler.calls_per_step
+    if not targets or not 0 <= first < targets[0] or targets[-1] >= sampler.num_calls:
+        raise ValueError(f"need 0 <= first call of step {start} ({first}) < targets ({targets}) < num_calls "
+                         f"({sampler.num_calls})")
+    learned = set(range(first + 1, sampler.num_calls) if learned is None else learned)
     config = model.config
-    guided = default_guided_channels(config.in_channels)
-    xb, yb = _guidance_batch(x, labels, config.num_classes, cfg_scale)
+    family = family_of_config(config)
+    guided = family.guided_channels(config)
+    compute_all = [True] * config.num_sublayers
+    xb, yb = _guidance_batch(x, labels, family.null_class(config), cfg_scale)
+
+    def ddpm_noise(s: int) -> torch.Tensor:
+        return step_noise(s, tuple(xb.shape)) if step_noise else torch.zeros_like(xb)
+
     cache: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        out = model.forward_cached(xb, _t(sampler, start, len(xb)), yb, [True] * config.num_sublayers, cache)
-        xb = _advance(sampler, start, xb, _guided(out, cfg_scale, guided), step_noise, config.learn_sigma)
     mse, router_sum = 0.0, 0.0
-    for s in range(start + 1, targets[-1] + 1):
-        t = _t(sampler, s, len(xb))
-        with torch.no_grad():
-            teacher = model(xb, t, yb)
-        fresh: dict[int, torch.Tensor] = {}
-        student = model.forward_soft(xb, t, yb, weights[s], cache, fresh)
-        if s in targets:
-            mse = mse + ((teacher - student) ** 2).mean()
-            router_sum = router_sum + weights[s].sum()
-        if s < targets[-1]:
-            cache = {k: weights[s, k] * fresh[k] + (1 - weights[s, k]) * cache[k] for k in cache}
-            xb = _advance(sampler, s, xb, _guided(teacher, cfg_scale, guided), step_noise, config.learn_sigma)
+    calls = sampler.calls(xb, ddpm_noise, first_step=start)
+    call = next(calls)
+    while True:
+        t = torch.full((len(call.x),), call.t, dtype=torch.float32)
+        if call.index == first or call.index not in learned:
+            with torch.no_grad():
+                teacher = model.forward_cached(call.x, t, yb, compute_all, cache)
+        else:
+            with torch.no_grad():
+                teacher = model(call.x, t, yb)
+            fresh: dict[int, torch.Tensor] = {}
+            student = model.forward_soft(call.x, t, yb, weights[call.index], cache, fresh)
+            if call.index in targets:
+                mse = mse + ((teacher - student) ** 2).mean()
+                router_sum = router_sum + weights[call.index].sum()
+            if call.index < targets[-1]:
+                w = weights[call.index]
+                cache = {k: w[k] * fresh[k] + (1 - w[k]) * cache[k] for k in cache}
+        if call.index == targets[-1]:
+            break
+        call = calls.send(_guided(teacher, cfg_scale, guided))
+    calls.close()
     mse, router_sum = mse / len(targets), router_sum / len(targets)
     return LossTerms(loss=mse + l1 * router_sum, mse=mse, router_sum=router_sum)
 
 
-def windows(targets: Sequence[int], mode: ScheduleMode, window: int | None) -> list[tuple[int, list[int]]]:
-    """(start, targets) unrolls that cover ``targets``: in official mode one per target, from the full step before
-    it; in general mode one from the first step covering all of them, or with ``window`` one per target from
-    ``window`` steps back."""
+def windows(sampler: DenoisingSampler, targets: Sequence[int], mode: ScheduleMode,
+            window: int | None) -> list[tuple[int, list[int]]]:
+    """(start step, target calls) unrolls that cover ``targets``: in official mode one per target, from the solver
+    step before it (whose calls compute everything); in general mode one from the first step covering all of them,
+    or with ``window`` one per target from the step of the call ``window`` calls back."""
+    per_step = sampler.calls_per_step
     if mode == "official":
-        return [(m - 1, [m]) for m in targets]
+        return [(m // per_step - 1, [m]) for m in targets]
     if window is None:
         return [(0, list(targets))]
-    return [(max(0, m - window), [m]) for m in targets]
-
-
-def _advance(sampler, s, xb, guided_out, step_noise, learn_sigma):
-    noise = None
-    if sampler.kind == "ddpm" and s < sampler.num_steps - 1:
-        noise = step_noise(s, tuple(xb.shape)) if step_noise else torch.zeros_like(xb)
-    return sampler.step(s, xb, guided_out, noise, learn_sigma=learn_sigma)
+    return [(max(0, m - window) // per_step, [m]) for m in targets]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -366,7 +398,7 @@ class LearnResult:
     history: list[dict]  # per logged iteration: iteration, steps, loss, mse, computed (mean w of those steps)
 
 
-def learn_router(model: DiT, sampler: Sampler, source: StepSource, settings: LearnSettings,
+def learn_router(model: nn.Module, sampler: DenoisingSampler, source: StepSource, settings: LearnSettings,
                  state_path: Path | None = None, resume: bool = False, save_every: int = 50,
                  progress: bool = True, source_name: str = "", log_every: int = 25) -> LearnResult:
     """Learns router logits for ``model`` at ``sampler``'s steps; returns them (sampling order).
@@ -380,20 +412,21 @@ def learn_router(model: DiT, sampler: Sampler, source: StepSource, settings: Lea
         raise ValueError(f"batch size {settings.batch_size} is not a multiple of the {dist_info.world_size} processes")
     shard = settings.batch_size // dist_info.world_size
     model.eval().requires_grad_(False)
-    if sampler.kind not in ("ddim", "ddpm") or not hasattr(model, "forward_soft"):
-        raise ValueError(f"learning routers takes a DiT with DDIM or DDPM for now; got {type(model).__name__} with "
-                         f"{sampler.kind} (decode the authors' routers, or learned ones, for any family)")
-    num_steps, depth = sampler.num_steps, model.config.depth
-    if num_steps < 2:
-        raise ValueError("a router needs at least 2 sampling steps (the first always computes everything)")
-    steps = learned_steps(num_steps, settings.mode)
-    router = Router(num_steps, depth, settings.mode, torch.Generator().manual_seed(settings.seed), settings.init_std)
+    if not hasattr(model, "forward_soft"):
+        raise ValueError(f"{type(model).__name__} has no soft-routed forward (forward_soft); learning routers needs "
+                         f"one (decode the authors' routers, or learned ones, instead)")
+    num_calls, width = sampler.num_calls, model.config.num_sublayers
+    steps = learned_calls(sampler, settings.mode)
+    if not steps:
+        raise ValueError(f"{sampler.kind} with {num_calls} model calls has no call to learn in {settings.mode} mode "
+                         f"(the first solver step always computes everything); take more steps")
+    router = Router(num_calls, width, steps, torch.Generator().manual_seed(settings.seed), settings.init_std)
     optimizer = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=0.0)
     first = 0
     if resume:
         if state_path is None or not Path(state_path).is_file():
             raise FileNotFoundError(f"{state_path}: no learning state to resume from")
-        first = _load_state(Path(state_path), router, optimizer, settings, num_steps, depth)
+        first = _load_state(Path(state_path), router, optimizer, settings, num_calls, width)
     trainer: nn.Module = router
     if dist_info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -413,8 +446,8 @@ def learn_router(model: DiT, sampler: Sampler, source: StepSource, settings: Lea
         part = slice(dist_info.rank * shard, (dist_info.rank + 1) * shard)
         weights = trainer()
         loss = mse = router_sum = 0.0
-        for start, window_targets in windows(targets, settings.mode, settings.window):
-            x, labels = source.draw(generator, settings.batch_size, start)
+        for start, window_targets in windows(sampler, targets, settings.mode, settings.window):
+            x, labels = source.draw(generator, settings.batch_size, start * sampler.calls_per_step)
             noise_seed = int(torch.randint(2 ** 31, (1,), generator=generator))
 
             def step_noise(s, shape, _seed=noise_seed, _part=part):
@@ -423,7 +456,7 @@ def learn_router(model: DiT, sampler: Sampler, source: StepSource, settings: Lea
                 return torch.cat([full, full]) if shape[0] == 2 * len(full) else full
 
             window_terms = l2c_loss(model, sampler, weights, x[part], labels[part], start, window_targets,
-                                    settings.l1, settings.cfg_scale, step_noise)
+                                    settings.l1, settings.cfg_scale, step_noise, learned=steps)
             share = len(window_targets) / len(targets)
             loss = loss + share * window_terms.loss
             mse = mse + share * window_terms.mse
@@ -437,7 +470,7 @@ def learn_router(model: DiT, sampler: Sampler, source: StepSource, settings: Lea
         done = iteration + 1
         if done % log_every == 0 or done == settings.iterations:
             entry = {"iteration": done, "steps": targets, "loss": terms.loss.item(), "mse": terms.mse.item(),
-                     "computed": terms.router_sum.item() / (2 * depth)}
+                     "computed": terms.router_sum.item() / width}
             history.append(entry)
             bar.set_postfix(mse=f"{entry['mse']:.2e}", w=f"{entry['computed']:.2f}")
         if state_path is not None and dist_info.is_main and (done % save_every == 0 or done == settings.iterations):
@@ -466,7 +499,7 @@ def _save_state(path: Path, router: Router, optimizer: torch.optim.Optimizer, se
 
 
 def _load_state(path: Path, router: Router, optimizer: torch.optim.Optimizer, settings: LearnSettings,
-                num_steps: int, depth: int) -> int:
+                num_calls: int, width: int) -> int:
     from safetensors import safe_open
 
     try:
@@ -486,9 +519,9 @@ def _load_state(path: Path, router: Router, optimizer: torch.optim.Optimizer, se
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values; expected a finite learning state")
-    if tuple(tensors["logits"].shape) != (num_steps, 2 * depth):
+    if tuple(tensors["logits"].shape) != (num_calls, width):
         raise ValueError(f"{path}: tensor 'logits' has shape {tuple(tensors['logits'].shape)}; expected "
-                         f"({num_steps}, {2 * depth})")
+                         f"({num_calls}, {width})")
     with torch.no_grad():
         router.logits.copy_(tensors["logits"])
     if "exp_avg" in tensors:
@@ -504,7 +537,7 @@ def router_metadata(spec_name: str, sampler: Sampler, settings: LearnSettings, d
     """String metadata of a learned router file. ``model``/``image_size``/``num_classes`` are set only for official
     checkpoints, so that ``schedule`` counts MACs of the right model (it reads those keys)."""
     meta = {"learned_by": "l2c-export learn", "spec": spec_name, "sampler": sampler.kind,
-            "num_sampling_steps": str(sampler.num_steps), "timesteps": json.dumps(sampler.timesteps.tolist()),
+            "num_sampling_steps": str(sampler.num_calls), "timesteps": json.dumps(sampler.timesteps.tolist()),
             "data": data, "seconds": f"{seconds:.1f}", "settings": json.dumps(asdict(settings))}
     if official_model:
         meta["model"] = official_model

@@ -46,8 +46,11 @@ class DenoisingSampler(Protocol):
     def model_times(self) -> np.ndarray:
         """(num_calls,) float64: the timestep the model sees at each call."""
 
-    def calls(self, x, noise: Callable[[int], object] | None = None) -> CallGenerator:
-        """Yields each model call and receives its guided model output (n, C_out, H, W); returns the samples."""
+    calls_per_step: int  # model calls of one solver step; a step's first call is at ``step * calls_per_step``
+
+    def calls(self, x, noise: Callable[[int], object] | None = None, first_step: int = 0) -> CallGenerator:
+        """Yields each model call and receives its guided model output (n, C_out, H, W); returns the samples.
+        ``x`` is the input of solver step ``first_step`` (0: the initial noise)."""
 
     def official_cache_calls(self) -> list[int]:
         """The calls where the authors' sampler consults the router (all others compute everything)."""
@@ -163,6 +166,7 @@ class DPMSolver2S:
     kind: str = "dpm_solver_2s"
 
     R1 = 0.5
+    calls_per_step = 2
     T_START, T_END = 1.0, 1e-3
     NUM_TRAIN_TIMESTEPS = 1000
 
@@ -216,8 +220,8 @@ class DPMSolver2S:
         eps = model_out[:, : x.shape[1]]
         return (x - float(self.sigmas[call]) * eps) / float(self.alphas[call])
 
-    def calls(self, x, noise=None) -> CallGenerator:
-        for k in range(self.num_steps):
+    def calls(self, x, noise=None, first_step: int = 0) -> CallGenerator:
+        for k in range(first_step, self.num_steps):
             start, middle = 2 * k, 2 * k + 1
             x0_s = self._x0(start, x, (yield ModelCall(start, x, float(self.model_times[start]))))
             x_s1 = float(self.mid_x[k]) * x + float(self.mid_x0[k]) * x0_s

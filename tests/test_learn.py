@@ -14,20 +14,26 @@ import torch
 from safetensors.torch import save_file
 
 from l2c_export import baselines
-from l2c_export.diffusion import Sampler
+from l2c_export.diffusion import Sampler, make_noise
+from l2c_export.families import get_family
+from l2c_export.families.uvit.model import UViT, UViTConfig, uvit_config
 from l2c_export.learn import (
     LearnSettings,
     NoisedData,
     Router,
     l2c_loss,
     learn_router,
-    learned_steps,
+    learned_calls,
     load_image_folder,
     load_latents,
+    router_metadata,
     sample_trajectories,
+    write_router,
 )
 from l2c_export.macs import count_macs
+from l2c_export.reference import sample_reference
 from l2c_export.routers import RouterLogits, load_router
+from l2c_export.samplers import create_sampler
 from l2c_export.schedule import Schedule
 
 from .conftest import REPO, TINY, run_cli
@@ -73,9 +79,9 @@ def test_forward_soft_with_hard_weights_is_the_cached_forward(tiny_model):
 def test_gradients_reach_only_the_router(tiny_model):
     sampler = Sampler.create("ddim", 6)
     tiny_model.requires_grad_(False)
-    router = Router(6, TINY.depth, "official", torch.Generator().manual_seed(0))
+    router = Router(6, TINY.num_sublayers, learned_calls(sampler, "official"), torch.Generator().manual_seed(0))
     x, y, _ = _batch(4)
-    target = learned_steps(6, "official")[1]
+    target = learned_calls(sampler, "official")[1]
     terms = l2c_loss(tiny_model, sampler, router(), x, y, target - 1, target, l1=1e-3, cfg_scale=4.0)
     terms.loss.backward()
     grad = router.logits.grad
@@ -89,7 +95,7 @@ def test_gradients_reach_only_the_router(tiny_model):
 def test_in_general_mode_the_loss_reaches_earlier_routers_through_the_cache(tiny_model):
     sampler = Sampler.create("ddim", 6)
     tiny_model.requires_grad_(False)
-    router = Router(6, TINY.depth, "general", torch.Generator().manual_seed(0))
+    router = Router(6, TINY.num_sublayers, learned_calls(sampler, "general"), torch.Generator().manual_seed(0))
     x, y, _ = _batch(4)
     l2c_loss(tiny_model, sampler, router(), x, y, 0, 3, l1=0.0).loss.backward()
     grad = router.logits.grad
@@ -103,9 +109,10 @@ def test_learning_changes_the_router_not_the_model_and_clamps(tiny_model):
     x0, labels = _latent_data()
     settings = LearnSettings(mode="official", iterations=6, batch_size=4, lr=3.0, l1=1.0, seed=0)
     result = learn_router(tiny_model, sampler, NoisedData(x0, labels, sampler, "test"), settings, progress=False)
-    initial = Router(4, TINY.depth, "official", torch.Generator().manual_seed(0)).logits.detach().numpy()
+    initial = Router(4, TINY.num_sublayers, learned_calls(sampler, "official"),
+                     torch.Generator().manual_seed(0)).logits.detach().numpy()
     learned = result.router.logits
-    assert not np.allclose(learned[learned_steps(4, "official")], initial[learned_steps(4, "official")])
+    assert not np.allclose(learned[learned_calls(sampler, "official")], initial[learned_calls(sampler, "official")])
     assert np.abs(learned).max() <= 5.0 and (learned == -5.0).any()  # lr 3 with lambda 1 drives logits to the clamp
     for key, value in tiny_model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -172,7 +179,7 @@ def test_image_folder_and_latents(tmp_path):
 
     np.save(tmp_path / "bad.npy", np.zeros((3, 4, 4, 4), dtype=np.float32))
     with pytest.raises(ValueError, match=r"bad.npy: latents of shape \(3, 4, 4, 4\); expected \(n, 4, 8, 8\)"):
-        load_latents(tmp_path / "bad.npy", None, TINY)
+        load_latents(tmp_path / "bad.npy", None, (TINY.in_channels, TINY.input_size, TINY.input_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -253,6 +260,121 @@ def test_two_torchrun_processes_give_the_router_of_one(tiny_model, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 process(es)" in result.stdout
     one, two = load_router(tmp_path / "one.safetensors"), load_router(tmp_path / "two.safetensors")
-    initial = Router(6, TINY.depth, "general", torch.Generator().manual_seed(0)).logits.detach().numpy()
+    initial = Router(6, TINY.num_sublayers, learned_calls(Sampler.create("ddim", 6), "general"),
+                     torch.Generator().manual_seed(0)).logits.detach().numpy()
     assert np.abs(one.logits - initial).max() > 0.1  # it learned something, so the comparison means something
     np.testing.assert_allclose(two.logits, one.logits, rtol=0, atol=TORCHRUN_TOLERANCE)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# U-ViT with DPM-Solver-2S: the objective through the sampler's model calls, official mode as the authors' dpm20.
+
+TINY_UVIT = UViTConfig(img_size=8, patch_size=2, in_chans=4, embed_dim=32, depth=4, num_heads=2, num_classes=11)
+
+
+@pytest.fixture
+def tiny_uvit() -> UViT:
+    torch.manual_seed(5)
+    model = UViT(TINY_UVIT).eval()
+    with torch.no_grad():  # larger than U-ViT's init, so that reusing a sub-layer visibly changes the output
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.2)
+    return model.requires_grad_(False)
+
+
+def _uvit_batch(n: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 4, 8, 8), generator=generator)
+    return x, torch.randint(10, (n,), generator=generator), torch.full((n,), 512.5)
+
+
+def test_uvit_forward_soft_is_the_full_forward_at_one_and_the_cached_forward_at_hard_weights(tiny_uvit):
+    x, y, t = _uvit_batch()
+    width = TINY_UVIT.num_sublayers
+    cache = {}
+    with torch.no_grad():
+        full = tiny_uvit.forward_cached(x, torch.full((3,), 800.0), y, [True] * width, cache)
+        fresh = {}
+        soft = tiny_uvit.forward_soft(x, t, y, torch.ones(width), cache, fresh)
+        torch.testing.assert_close(soft, tiny_uvit(x, t, y), rtol=0, atol=1e-5)
+        assert sorted(fresh) == list(range(width))
+        compute = [True, False, False, True, True, True, False, False, True, False]
+        expected = tiny_uvit.forward_cached(x, t, y, compute, dict(cache))
+        soft = tiny_uvit.forward_soft(x, t, y, torch.tensor(compute, dtype=torch.float32), cache)
+    torch.testing.assert_close(soft, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(expected, full, atol=1e-3)  # the cache matters, so the comparison means something
+
+
+def test_official_dpm_solver_learning_reuses_the_previous_midpoint_call(tiny_uvit):
+    """At a learned outer call 2k the student's cache is what the full model computed at the midpoint call 2k - 1
+    of the run the sampler makes from step k - 1: with hard weights the loss is the MSE of the cached forward there."""
+    sampler = create_sampler("dpm_solver_2s", 8)
+    calls = learned_calls(sampler, "official")
+    assert calls == [2, 4, 6]
+    x, y, _ = _uvit_batch(2, seed=1)
+    compute = torch.tensor([True, False] * 5, dtype=torch.float32)
+    weights = torch.ones(8, TINY_UVIT.num_sublayers)
+    weights[4] = compute
+    terms = l2c_loss(tiny_uvit, sampler, weights, x, y, 1, 4, l1=0.0, cfg_scale=1.4, learned=calls)
+
+    # The same through the one denoising loop from step 1: the full model guided, a cache filled at call 3.
+    xb, yb = torch.cat([x, x]), torch.cat([y, torch.full_like(y, 10)])
+    cache, expected = {}, {}
+
+    def full_model(call):
+        t = torch.full((4,), call.t)
+        out = tiny_uvit.forward_cached(call.x, t, yb, [True] * TINY_UVIT.num_sublayers, cache)
+        if call.index == 4:
+            cached = tiny_uvit.forward_cached(call.x, t, yb, compute.bool().tolist(), dict(cache_at_3))
+            expected["mse"] = ((out - cached) ** 2).mean()
+        if call.index == 3:
+            cache_at_3.update(cache)
+        cond, uncond = out.chunk(2)
+        guided = uncond + 1.4 * (cond - uncond)
+        return torch.cat([guided, guided])
+
+    cache_at_3 = {}
+    with torch.no_grad():
+        steps = sampler.calls(xb, first_step=1)
+        call = next(steps)
+        while call.index <= 4:
+            call = steps.send(full_model(call))
+    assert expected["mse"] > 1e-6
+    torch.testing.assert_close(terms.mse, expected["mse"], rtol=1e-4, atol=1e-9)
+
+
+def test_learning_a_uvit_router_for_dpm_solver_decodes_to_a_schedule_that_builds_and_runs(tmp_path):
+    """Learning runs real AdamW steps on a U-ViT-S/2 checkpoint, the loss falls, only the router's calls move, and
+    the learned file decodes to a schedule that `build` and `run` accept."""
+    config = uvit_config("U-ViT-S/2", img_size=8, num_classes=1001)
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) * 0.05 for k, v in UViT(config).state_dict().items()}
+    checkpoint = tmp_path / "uvit-s2.pth"
+    torch.save(state, checkpoint)
+    model = get_family("uvit").load(checkpoint, config)
+    sampler = create_sampler("dpm_solver_2s", 4)
+    x0 = np.random.default_rng(0).standard_normal((16, 4, 8, 8)).astype(np.float32)
+    settings = LearnSettings(mode="official", iterations=6, batch_size=1, lr=0.3, l1=1e-2, cfg_scale=1.4)
+    result = learn_router(model, sampler, NoisedData(x0, np.arange(16) % 1000, sampler, "test"), settings,
+                          progress=False, log_every=1)
+    losses = [entry["loss"] for entry in result.history]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    logits = result.router.logits
+    assert logits.shape == (4, config.num_sublayers)
+    assert (logits[[0, 1, 3]] == 5.0).all() and (logits[2] < 0).any()  # only the outer call of step 1 learns
+
+    router_file = tmp_path / "learned.safetensors"
+    write_router(result.router, router_file, router_metadata("uvit-s2", sampler, settings, "test", result.seconds))
+    schedule = load_router(router_file).to_schedule(0.5)
+    assert schedule.sampler == "dpm_solver_2s" and not schedule.compute[2].all() and schedule.compute[[0, 1, 3]].all()
+    out = tmp_path / "engines"
+    run_cli("build", "--checkpoint", str(checkpoint), "--model", "U-ViT-S/2", "--image-size", "64",
+            "--num-classes", "1001", "--router", str(router_file), "--threshold", "0.5", "--steps", "4",
+            "--out", str(out))
+    noise = make_noise(3, (1, 4, 8, 8))
+    np.save(tmp_path / "z.npy", noise)
+    run_cli("run", str(out), "--labels", "207", "--cfg-scale", "1.4", "--noise", str(tmp_path / "z.npy"),
+            "--save-latents", str(tmp_path / "out.npy"))
+    reference = sample_reference(model, sampler, [207], noise, cfg_scale=1.4, schedule=schedule, progress=False)
+    samples = np.load(tmp_path / "out.npy")
+    assert np.abs(samples - reference).max() <= 1e-4 * (reference.max() - reference.min())

@@ -121,6 +121,21 @@ class Block(nn.Module):
             cache[mlp] = self.mlp(self.norm2(x))
         return x + _cached(cache, mlp)
 
+    def forward_soft(self, x: torch.Tensor, skip: torch.Tensor | None, layer: int, weights: torch.Tensor,
+                     cache: Mapping[int, torch.Tensor],
+                     fresh: MutableMapping[int, torch.Tensor] | None) -> torch.Tensor:
+        """x, skip: (N, T, D) -> (N, T, D); each sub-layer adds ``w * fresh + (1 - w) * cache`` (see
+        :meth:`UViT.forward_soft`)."""
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        attn, mlp = 2 * layer, 2 * layer + 1
+        attn_out = self.attn(self.norm1(x))
+        x = x + weights[attn] * attn_out + (1 - weights[attn]) * _cached(cache, attn)
+        mlp_out = self.mlp(self.norm2(x))
+        if fresh is not None:
+            fresh[attn], fresh[mlp] = attn_out, mlp_out
+        return x + weights[mlp] * mlp_out + (1 - weights[mlp]) * _cached(cache, mlp)
+
 
 class UViT(nn.Module):
     """U-ViT: a ViT over [label, time, patch] tokens with long skips between shallow and deep blocks."""
@@ -194,4 +209,28 @@ class UViT(nn.Module):
         tokens = self.mid_block.forward_cached(tokens, None, len(self.in_blocks), compute, cache)
         for offset, block in enumerate(self.out_blocks):
             tokens = block.forward_cached(tokens, skips.pop(), len(self.in_blocks) + 1 + offset, compute, cache)
+        return self.decode(tokens)
+
+    def forward_soft(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+                     cache: Mapping[int, torch.Tensor],
+                     fresh: MutableMapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The soft-routed forward that router learning differentiates (L2C's student, as DiT's).
+
+        Every sub-layer is computed; sub-layer ``i`` then adds ``weights[i] * fresh_i + (1 - weights[i]) * cache[i]``
+        to the residual stream, ``fresh_i`` (N, T, D) being its output at this call. ``weights``: (2 * (depth + 1),)
+        in [0, 1], gradients flow to it. With all weights 1 this is :meth:`forward`; with weights 0 or 1 it is
+        :meth:`forward_cached` with ``compute = weights > 0.5``. ``fresh``, if given, receives every sub-layer's fresh
+        output; ``cache`` is not modified. Returns eps (N, C, H, W).
+        """
+        if weights.shape != (self.config.num_sublayers,):
+            raise ValueError(f"weights has shape {tuple(weights.shape)}; expected (2 * (depth + 1),) = "
+                             f"({self.config.num_sublayers},)")
+        tokens = self.embed(x, t, y)
+        skips = []
+        for layer, block in enumerate(self.in_blocks):
+            tokens = block.forward_soft(tokens, None, layer, weights, cache, fresh)
+            skips.append(tokens)
+        tokens = self.mid_block.forward_soft(tokens, None, len(self.in_blocks), weights, cache, fresh)
+        for offset, block in enumerate(self.out_blocks):
+            tokens = block.forward_soft(tokens, skips.pop(), len(self.in_blocks) + 1 + offset, weights, cache, fresh)
         return self.decode(tokens)
