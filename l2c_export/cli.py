@@ -743,7 +743,7 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
               help="dit: the embedded default DiT; uvit: the digits U-ViT (DPM-Solver-2S).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the weights [engines/dit-digits or engines/uvit-digits].")
-@click.option("--steps", type=POSITIVE, help="Training steps [dit: 6000, uvit: 800].")
+@click.option("--steps", type=POSITIVE, help="Training steps [6000].")
 @click.option("--batch-size", type=POSITIVE, help="Images per step [dit: 128, uvit: 64].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(family_name, out, steps, batch_size, seed):

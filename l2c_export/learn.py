@@ -477,7 +477,7 @@ def learn_router(model: nn.Module, sampler: DenoisingSampler, source: StepSource
             _save_state(Path(state_path), router, optimizer, settings, done)
     bar.close()
     logits = router.logits.detach().numpy().copy()
-    meta = {"source_data": source_name, "settings": settings}
+    meta = {"sampler": sampler.kind, "source_data": source_name, "settings": settings}
     return LearnResult(RouterLogits(logits, source="learned", meta=meta), settings.iterations,
                        time.perf_counter() - start_time, history)
 

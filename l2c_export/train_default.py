@@ -114,11 +114,11 @@ DEFAULT_CONFIG = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_siz
                            num_classes=10, learn_sigma=True)
 
 
-# The digits U-ViT: 2 in_blocks, the mid_block and 2 out_blocks of width 96 (0.6 M parameters, 2.4 MB); the null
-# class is label 10. Sized so that its training (UVIT_TRAINING) takes about 10 minutes on two loaded CPU cores
-# (0.7 s a step measured there with batch 64).
+# The digits U-ViT: 2 in_blocks, the mid_block and 2 out_blocks of width 96 (0.6 M parameters, 2.4 MB in float32);
+# the null class is label 10. Measured here with batch 64: 0.05 to 0.7 s a step as the shared machine's load varied
+# (6000 steps: 5 to 70 minutes); 800 steps are far too few (its samples classify at chance).
 UVIT_CONFIG = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=96, depth=4, num_heads=4, num_classes=11)
-UVIT_TRAINING = {"steps": 800, "batch_size": 64}
+UVIT_TRAINING = {"steps": 6000, "batch_size": 64}
 
 
 def train(config: DiTConfig | UViTConfig = DEFAULT_CONFIG, steps: int = 6000, batch_size: int = 128,

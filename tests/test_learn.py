@@ -360,7 +360,7 @@ def test_learning_a_uvit_router_for_dpm_solver_decodes_to_a_schedule_that_builds
     losses = [entry["loss"] for entry in result.history]
     assert len(losses) == 6 and losses[-1] < losses[0]
     logits = result.router.logits
-    assert logits.shape == (4, config.num_sublayers)
+    assert logits.shape == (4, config.num_sublayers) and result.router.sampler == "dpm_solver_2s"
     assert (logits[[0, 1, 3]] == 5.0).all() and (logits[2] < 0).any()  # only the outer call of step 1 learns
 
     router_file = tmp_path / "learned.safetensors"
@@ -378,3 +378,18 @@ def test_learning_a_uvit_router_for_dpm_solver_decodes_to_a_schedule_that_builds
     reference = sample_reference(model, sampler, [207], noise, cfg_scale=1.4, schedule=schedule, progress=False)
     samples = np.load(tmp_path / "out.npy")
     assert np.abs(samples - reference).max() <= 1e-4 * (reference.max() - reference.min())
+
+
+def test_learn_cli_on_a_uvit_checkpoint_samples_trajectories_and_decodes_at_a_budget(tmp_path):
+    config = uvit_config("U-ViT-S/2", img_size=8, num_classes=1001)
+    torch.manual_seed(0)
+    torch.save({k: torch.randn_like(v) * 0.05 for k, v in UViT(config).state_dict().items()}, tmp_path / "u.pth")
+    result = run_cli("learn", "--checkpoint", str(tmp_path / "u.pth"), "--model", "U-ViT-S/2", "--image-size", "64",
+                     "--num-classes", "1001", "--data", "none", "--trajectories", "2", "--steps", "4",
+                     "--iterations", "2", "--batch-size", "1", "--out", str(tmp_path / "r.safetensors"),
+                     "--target-mac-fraction", "0.9", "--json", str(tmp_path / "s.json"))
+    assert "learning 26 x 4 router logits (official mode, dpm_solver_2s)" in result.stdout
+    router = load_router(tmp_path / "r.safetensors")
+    assert router.logits.shape == (4, 26) and router.sampler == "dpm_solver_2s"
+    schedule = Schedule.load(tmp_path / "s.json")
+    assert schedule.compute[[0, 1, 3]].all() and not schedule.compute[2].all()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from l2c_export.families import get_family
+from l2c_export.families.uvit.model import UViT, UViTConfig
 from l2c_export.models import DiT, DiTConfig
-from l2c_export.train_default import DiffusionLoss, digits_dataset, save_weights, train
+from l2c_export.train_default import DiffusionLoss, UViTLoss, digits_dataset, save_weights, train
 
 SMALL = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
@@ -37,3 +39,36 @@ def test_training_steps_lower_the_loss_and_the_weights_load_back(tmp_path):
     again = load_dit(tmp_path / "w.safetensors", SMALL)
     for name, tensor in trained.state_dict().items():
         np.testing.assert_array_equal(again.state_dict()[name].numpy(), tensor.numpy())
+
+
+SMALL_UVIT = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=11)
+
+
+def test_uvit_training_steps_lower_u_vits_loss_and_the_weights_load_back_in_the_official_layout(tmp_path):
+    images, labels = (torch.from_numpy(a[:256]) for a in digits_dataset())
+
+    def loss_of(model: UViT) -> float:
+        torch.manual_seed(123)
+        t = torch.randint(1000, (256,))
+        with torch.no_grad():
+            return UViTLoss(SMALL_UVIT.num_classes, label_drop=0.0)(model.eval(), images, labels, t).item()
+
+    torch.manual_seed(0)
+    untrained = loss_of(UViT(SMALL_UVIT))
+    trained = train(SMALL_UVIT, steps=150, batch_size=64, lr=2e-3, ema_decay=0.9, progress=False)
+    assert isinstance(trained, UViT) and loss_of(trained) < 0.8 * untrained
+    save_weights(trained, tmp_path / "w.safetensors")
+    again = get_family("uvit").load(tmp_path / "w.safetensors", SMALL_UVIT)
+    for name, tensor in trained.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[name].numpy(), tensor.numpy())
+
+
+def test_train_default_command_trains_the_digits_uvit(tmp_path):
+    from l2c_export.train_default import UVIT_CONFIG
+
+    from .conftest import run_cli
+
+    result = run_cli("train-default", "--family", "uvit", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path))
+    assert "uvit-digits.safetensors" in result.stdout
+    model = get_family("uvit").load(tmp_path / "uvit-digits.safetensors", UVIT_CONFIG)
+    assert isinstance(model, UViT) and model.config.embed_dim == 96
