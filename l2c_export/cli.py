@@ -533,7 +533,8 @@ def verify(engine_dir, backend, device, tolerance):
               help="official: every other step computes everything (the authors'); general: any step may reuse.")
 @click.option("--sampler", "sampler_kind", type=click.Choice(SAMPLER_KINDS),
               help="Default: the model's (DiT: ddim, U-ViT: dpm_solver_2s).")
-@click.option("--steps", type=STEPS, help="Model calls (NFE; default: the model's, 20). DPM-Solver-2S makes two a step.")
+@click.option("--steps", type=STEPS,
+              help="Model calls (NFE; default: the model's, 20). DPM-Solver-2S makes two a step.")
 @click.option("--iterations", type=POSITIVE, default=300, show_default=True)
 @click.option("--batch-size", type=POSITIVE, default=16, show_default=True,
               help="Images per learned step and iteration, over all processes (guidance doubles the model's batch).")
