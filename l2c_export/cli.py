@@ -267,8 +267,14 @@ EXIT_BACKEND_UNAVAILABLE = 3
 @model_options
 @schedule_options
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Precision written into the graphs (LayerNorm and softmax stay fp32).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
+              help="Precision written into the graphs (LayerNorm and softmax stay fp32; int8: the MatMul/Gemm "
+                   "weights per output channel, activations and cache float32).")
+@click.option("--quantization", type=click.Choice(["dynamic", "qdq"]),
+              help="int8 form: dynamic (per-call activation scales; onnxruntime's default) or qdq (Q/DQ with "
+                   "static scales calibrated on the model's own trajectories; tensorrt's, also runs on onnxruntime).")
+@click.option("--calibration-images", type=click.IntRange(1, 1024), default=4, show_default=True,
+              help="qdq: images whose full-model sampling trajectories calibrate the activation scales.")
 @click.option("--batch", "batch_text", default="1,2,16", show_default=True,
               help="Model batch range MIN,OPT,MAX (guidance doubles the images), or N for 1..N.")
 @click.option("--cfg-scale", type=float, help="Default guidance scale recorded in the manifest.")
@@ -277,7 +283,8 @@ EXIT_BACKEND_UNAVAILABLE = 3
               help="Output folder (default: engines/<model>-<backend>-<precision>).")
 @_user_errors
 def build(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
-          mode, steps, sampler_kind, backend, precision, batch_text, cfg_scale, guide_all_channels, out):
+          mode, steps, sampler_kind, backend, precision, quantization, calibration_images, batch_text, cfg_scale,
+          guide_all_channels, out):
     """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
     import time
 
@@ -292,7 +299,8 @@ def build(checkpoint, model_name, image_size, num_classes, schedule_file, router
     out = out or Path("engines") / f"{slug}-{backend}-{precision}"
     request = BuildRequest(spec=spec, schedule=plan, sampler=sampler, out_dir=out, backend=backend,
                            precision=precision, batch=BatchRange.parse(batch_text), cfg_scale=cfg_scale,
-                           guide_all_channels=guide_all_channels)
+                           guide_all_channels=guide_all_channels, quantization=quantization,
+                           calibration_images=calibration_images)
     start = time.perf_counter()
     try:
         report = run_build(request)
