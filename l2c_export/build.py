@@ -174,7 +174,7 @@ def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict]
     graph = subset_graph(universal, subset, graph_name=subset.name)
     supported = set(tensorrt_supported_ops())
     if form == "dynamic":  # ONNX Runtime's dynamic int8 form; TensorRT builds take the qdq form instead
-        supported |= {"DynamicQuantizeLinear", "MatMulInteger"}
+        supported |= {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
     check_ops_supported(graph, supported, where=path.name)
     got = ([i.name for i in graph.graph.input], [o.name for o in graph.graph.output])
     want = ([t["name"] for t in inputs], [t["name"] for t in outputs])

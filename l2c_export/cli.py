@@ -408,19 +408,26 @@ def _save_npy(path: Path, array) -> None:
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
 @click.option("--tolerance", type=float, help="Largest relative difference allowed (default by precision: "
-                                              "fp32 1e-4, fp16 3e-2, bf16 6e-2).")
+                                              "fp32 1e-4, fp16 3e-2, bf16 6e-2, int8 0.1, int8 qdq 0.25).")
+@click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
+              help="An fp32 build of the same checkpoint: compare with its weights (default: this build's own, "
+                   "dequantized for int8).")
 @_user_errors
-def verify(engine_dir, backend, device, tolerance):
+def verify(engine_dir, backend, device, tolerance, reference):
     """Check every subset engine against the PyTorch cached forward on the same inputs."""
     from .manifest import ManifestError
     from .verify import verify_build
 
     try:
-        checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance,
+        checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance, reference=reference,
                                          **_backend_options(device, backend))
     except ManifestError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"{engine_dir}: {backend} on {', '.join(providers)} against PyTorch (fp32)")
+    from .manifest import load as load_manifest
+
+    weights = (f"the fp32 weights of {reference}" if reference else "its weights dequantized"
+               if "quantization" in load_manifest(engine_dir, verify_files=False) else "its weights")
+    click.echo(f"{engine_dir}: {backend} on {', '.join(providers)} against PyTorch (fp32, {weights})")
     for check in checks:
         worst_output = max(check.worst, key=check.worst.get)
         click.echo(f"  {'ok  ' if check.passed else 'FAIL'} {check.name:<24} step {check.step:>3}  worst "
@@ -637,14 +644,22 @@ def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random
               help="Plot achieved against ideal speedup.")
 @_user_errors
 def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
-    """Full compute against the schedule, interleaved: speedup vs ideal, step overhead, memory."""
-    from .bench import benchmark, machine_description, plot, table, write_results
+    """Full compute against the schedule, interleaved: speedup vs ideal, step overhead, memory.
+
+    All ENGINE_DIRS are measured in one interleaved loop per backend: `bench DIR_FP32 DIR_INT8` gives the int8 rows'
+    speedups against the fp32 full compute of the same run. The torch backend skips int8 builds (it would run their
+    dequantized weights in fp32)."""
+    from .bench import benchmark_together, machine_description, plot, table, write_results
+    from .manifest import load as load_manifest
 
     results = []
-    for folder in engine_dirs:
-        for backend in backends or ("onnxruntime", "torch"):
-            click.echo(f"benchmarking {folder} on {backend} ...")
-            results.append(benchmark(folder, backend, batch=batch, repeats=repeats, measure_memory=not no_memory))
+    for backend in backends or ("onnxruntime", "torch"):
+        folders = [f for f in engine_dirs
+                   if backend != "torch" or load_manifest(f, verify_files=False)["precision"] != "int8"]
+        if folders:
+            click.echo(f"benchmarking {', '.join(map(str, folders))} on {backend} ...")
+            results += benchmark_together(folders, backend, batch=batch, repeats=repeats,
+                                          measure_memory=not no_memory)
     click.echo(table(results))
     if json_out:
         write_results(results, json_out, machine_description())
