@@ -601,8 +601,10 @@ def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_con
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the plot of FD against MAC fraction.")
+@click.option("--int8/--no-int8", default=True, show_default=True,
+              help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule.")
 @_user_errors
-def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out):
+def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out, int8):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs on the
     embedded digits DiT: Frechet distance (digits classifier features), class accuracy, PSNR against full."""
     from . import zoo
@@ -622,7 +624,7 @@ def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random
     if num_samples < 2:
         raise click.BadParameter("at least 2 samples are needed for a Frechet distance", param_hint="--num-samples")
     report = evaluate(learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
-                      random_seeds=tuple(range(random_seeds)))
+                      random_seeds=tuple(range(random_seeds)), int8=int8)
     click.echo(format_table(report))
     if json_out:
         write_json(report, json_out)
