@@ -63,9 +63,10 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {request.precision!r}")
     form = None
     if request.precision in QUANTIZED_PRECISIONS:
-        form = request.quantization or default_form(request.backend)
-        if request.backend == "tensorrt" and form != "qdq":
-            raise ValueError(f"--quantization {form}: TensorRT takes int8 only as explicit Q/DQ graphs; use qdq")
+        form = request.quantization or default_form(request.backend, request.precision)
+        if (request.backend == "tensorrt" or request.precision == "fp8") and form != "qdq":
+            raise ValueError(f"--quantization {form}: TensorRT and fp8 take quantized graphs only in explicit Q/DQ "
+                             f"form; use qdq")
         if not 1 <= request.calibration_images <= 1024:
             raise ValueError(f"--calibration-images must be in 1..1024; got {request.calibration_images}")
     elif request.quantization is not None:
@@ -161,7 +162,7 @@ def _quantize(universal, form: str, model, request: BuildRequest) -> dict:
         cfg_scale = float(request.spec.cfg_scale if request.cfg_scale is None else request.cfg_scale)
         calibration = calibration_batches(model, request.sampler, cfg_scale, model.config.num_classes,
                                           images=request.calibration_images)
-    return quantize_universal(universal, form, calibration)
+    return quantize_universal(universal, form, calibration, request.precision)
 
 
 def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict], outputs: list[dict],

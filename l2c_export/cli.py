@@ -267,9 +267,10 @@ EXIT_BACKEND_UNAVAILABLE = 3
 @model_options
 @schedule_options
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
-              help="Precision written into the graphs (LayerNorm and softmax stay fp32; int8: the MatMul/Gemm "
-                   "weights per output channel, activations and cache float32).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8"]), default="fp32",
+              show_default=True,
+              help="Precision written into the graphs (LayerNorm and softmax stay fp32; int8/fp8: the MatMul/Gemm "
+                   "weights per output channel, cache and graph boundary float32; fp8: Q/DQ E4M3 for TensorRT).")
 @click.option("--quantization", type=click.Choice(["dynamic", "qdq"]),
               help="int8 form: dynamic (per-call activation scales; onnxruntime's default) or qdq (Q/DQ with "
                    "static scales calibrated on the model's own trajectories; tensorrt's, also runs on onnxruntime).")
@@ -408,7 +409,7 @@ def _save_npy(path: Path, array) -> None:
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
 @click.option("--tolerance", type=float, help="Largest relative difference allowed (default by precision: "
-                                              "fp32 1e-4, fp16 3e-2, bf16 6e-2, int8 0.1, int8 qdq 0.25).")
+                                              "fp32 1e-4, fp16 3e-2, bf16 6e-2, int8 0.1, int8 qdq 0.25, fp8 0.3).")
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
               help="An fp32 build of the same checkpoint: compare with its weights (default: this build's own, "
                    "dequantized for int8).")

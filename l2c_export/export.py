@@ -39,10 +39,11 @@ from .util import atomic_write_bytes
 
 OPSET = 20  # Gelu(approximate='tanh') is an op from 20 on; TensorRT 10 parses opsets 9 to 20
 # precision -> the dtype the graph computes in between its quantized MatMuls (int8: l2c_export.quantize)
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
+              "fp8": torch.float32}
 ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
-               "int8": TensorProto.FLOAT}
-NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
+               "int8": TensorProto.FLOAT, "fp8": TensorProto.FLOAT}
+NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32", "fp8": "float32"}
 WEIGHTS_FILE = "weights.bin"
 _ALIGNMENT = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights file
 

@@ -29,12 +29,13 @@ def _build_default(out: Path, precision: str = "fp32", **kwargs):
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory) -> dict[str, Path]:
-    """The embedded default in fp32, int8 dynamic (onnxruntime's default) and int8 Q/DQ."""
+    """The embedded default in fp32, int8 dynamic (onnxruntime's default), int8 Q/DQ and fp8 Q/DQ."""
     root = tmp_path_factory.mktemp("int8")
-    folders = {"fp32": root / "fp32", "dynamic": root / "dynamic", "qdq": root / "qdq"}
+    folders = {"fp32": root / "fp32", "dynamic": root / "dynamic", "qdq": root / "qdq", "fp8": root / "fp8"}
     _build_default(folders["fp32"])
     _build_default(folders["dynamic"], "int8")
     _build_default(folders["qdq"], "int8", quantization="qdq")
+    _build_default(folders["fp8"], "fp8")
     return folders
 
 
@@ -106,10 +107,12 @@ def test_verify_refuses_a_reference_that_is_not_the_same_fp32_model(builds):
     assert other.returncode != 0 and "field 'precision'" in other.stderr and "fp32 build" in other.stderr
 
 
-def test_qdq_graphs_stay_inside_tensorrt_matrix_with_zero_points_zero_and_run_on_onnxruntime(builds):
-    folder = builds["qdq"]
+@pytest.mark.parametrize("kind, dtype", [("qdq", "int8"), ("fp8", "float8_e4m3fn")])
+def test_qdq_graphs_stay_inside_tensorrt_matrix_with_zero_points_zero_and_run_on_onnxruntime(builds, kind, dtype):
+    folder = builds[kind]
     data = manifest_io.load(folder)
     assert data["quantization"]["form"] == "qdq" and data["quantization"]["activations"]["mode"] == "static"
+    assert {e["dtype"] for e in data["weight_tensors"] if "quantization" in e} == {dtype}
     arrays = weight_arrays(data, folder)
     supported = set(tensorrt_supported_ops())
     for subset in data["subsets"]:
@@ -119,9 +122,10 @@ def test_qdq_graphs_stay_inside_tensorrt_matrix_with_zero_points_zero_and_run_on
         for node in graph.graph.node:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 zero_point = arrays[node.input[2]]
-                assert zero_point.dtype == np.int8 and not zero_point.any()  # TensorRT: symmetric, zero point 0
+                assert zero_point.dtype.name == dtype  # TensorRT: symmetric, zero point 0
+                assert not zero_point.astype(np.float32).any()
             if node.op_type == "DequantizeLinear" and node.input[0] in arrays:
-                assert arrays[node.input[0]].dtype == np.int8  # weights int8 (no int32 bias: TensorRT has none)
+                assert arrays[node.input[0]].dtype.name == dtype  # no int32 bias: TensorRT's DQ has none
     checks, providers = verify_build(folder, reference=builds["fp32"])
     assert providers == ["CPUExecutionProvider"]
     assert all(check.passed for check in checks) and max(c.worst_value for c in checks) > 1e-3

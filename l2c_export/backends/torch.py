@@ -14,7 +14,8 @@ import torch
 from ..models import DiT, DiTConfig
 from . import selected_subsets, weight_arrays
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
+           "fp8": torch.float32}
 
 
 def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu", precision: str | None = None) -> DiT:
