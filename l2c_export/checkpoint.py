@@ -7,6 +7,8 @@ Accepted: a plain ``state_dict`` ``.pt`` (``DiT-XL-2-256x256.pt``), a DiT traini
 from __future__ import annotations
 
 import argparse
+import re
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -29,10 +31,27 @@ def load_torch_file(path: str | Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
+        with torch.serialization.safe_globals(_ALLOWED_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... depending on the damage
-        raise CheckpointError(f"{path}: not a loadable torch file without unrestricted unpickling ({error})") from error
+        raise CheckpointError(f"{path}: {_why_not_loadable(error)}") from None
+
+
+def _why_not_loadable(error: Exception) -> str:
+    """torch's message, less its advice to pass ``weights_only=False`` (which would run whatever the file holds)."""
+    text = str(error)
+    refused = re.search(r"(?:[Uu]nsupported global:|unsupported) GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"refused: it needs {refused.group(1)!r}, which only unrestricted unpickling would create (a "
+                f"checkpoint holds tensors; only argparse.Namespace is allowed besides them)")
+    if "Unsupported operand" in text:
+        return ("not a torch file that loads without unrestricted unpickling (its pickle stream has an instruction "
+                "torch's safe loader refuses: a damaged file, not a torch file, or objects other than tensors)")
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "refused: it holds objects other than tensors, which only unrestricted unpickling would create"
+    return f"not a torch file (.pt/.pth zip or pickle archive) that loads safely ({type(error).__name__}: " \
+           f"{text.strip().splitlines()[0] if text.strip() else 'no detail'})"
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -44,9 +63,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
         try:
-            return load_file(str(path))
+            return check_finite_tensors(load_file(str(path)), path)
+        except CheckpointError:
+            raise
         except Exception as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     data = load_torch_file(path)
     if isinstance(data, Mapping) and "ema" in data:
         data = data["ema"]
@@ -55,7 +76,17 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: expected a state_dict (parameter name -> tensor), "
                               f"or a training checkpoint with an 'ema' or 'model' state_dict")
-    return dict(data)
+    return check_finite_tensors(dict(data), path)
+
+
+def check_finite_tensors(state_dict: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """Refuses a state_dict with NaN or infinite values, naming the first tensor that has them."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s); expected finite "
+                                  f"weights")
+    return state_dict
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str) -> None:

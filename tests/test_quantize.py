@@ -4,6 +4,7 @@ form inside TensorRT's op matrix, verify against the fp32 model, and the benchma
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from l2c_export.backends import weight_arrays
 from l2c_export.build import BuildRequest, build
 from l2c_export.opsupport import tensorrt_supported_ops
 from l2c_export.quantize import dequantize
-from l2c_export.verify import DEFAULT_TOLERANCE, verify_build
+from l2c_export.verify import DEFAULT_TOLERANCE
 from l2c_export.zoo import embedded_default
 
 from .conftest import run_cli
@@ -90,13 +91,21 @@ def test_int8_weights_are_symmetric_per_output_channel_and_dequantize_to_the_fp3
     assert set(restored) >= set(fp32)  # every fp32 tensor has its counterpart
 
 
+def _worst(stdout: str) -> dict[str, tuple[float, str]]:
+    """subset name -> (worst relative difference, the output it was in), from verify's lines."""
+    found = re.findall(r"^\s+(?:ok  |FAIL) (\S+)\s+step\s+\d+\s+worst (\S+) \((\S+)\)", stdout, re.MULTILINE)
+    return {name: (float(value), output) for name, value, output in found}
+
+
+# verify runs in subprocesses here: ONNX Runtime's global thread pool, once set up in a process, refuses the plain
+# sessions other tests open.
 def test_verify_reports_int8_error_against_the_fp32_model_within_the_stated_tolerance(builds):
     result = run_cli("verify", str(builds["dynamic"]), "--reference", str(builds["fp32"]))
     assert "the fp32 weights of" in result.stdout and "all 5 subset engine(s) agree" in result.stdout
-    checks, _ = verify_build(builds["dynamic"], reference=builds["fp32"])
-    worst = max(check.worst_value for check in checks)
-    assert 1e-3 < worst <= DEFAULT_TOLERANCE["int8"]  # really quantized, and within the tolerance
-    assert all(check.worst["model_out"] < 2e-2 for check in checks)
+    worst = _worst(result.stdout)
+    assert len(worst) == 5
+    assert 1e-3 < max(value for value, _ in worst.values()) <= DEFAULT_TOLERANCE["int8"]  # quantized, within it
+    assert all(value < 2e-2 for value, output in worst.values() if output == "model_out")
     failing = run_cli("verify", str(builds["dynamic"]), "--reference", str(builds["fp32"]), "--tolerance", "1e-3",
                       check=False)
     assert failing.returncode != 0 and "differ from PyTorch beyond tolerance" in failing.stderr
@@ -126,9 +135,9 @@ def test_qdq_graphs_stay_inside_tensorrt_matrix_with_zero_points_zero_and_run_on
                 assert not zero_point.astype(np.float32).any()
             if node.op_type == "DequantizeLinear" and node.input[0] in arrays:
                 assert arrays[node.input[0]].dtype.name == dtype  # no int32 bias: TensorRT's DQ has none
-    checks, providers = verify_build(folder, reference=builds["fp32"])
-    assert providers == ["CPUExecutionProvider"]
-    assert all(check.passed for check in checks) and max(c.worst_value for c in checks) > 1e-3
+    result = run_cli("verify", str(folder), "--reference", str(builds["fp32"]))
+    assert "on CPUExecutionProvider" in result.stdout and "all 5 subset engine(s) agree" in result.stdout
+    assert max(value for value, _ in _worst(result.stdout).values()) > 1e-3
 
 
 def test_int8_options_are_checked_before_anything_is_written(tmp_path):
