@@ -290,6 +290,9 @@ class _record_inputs:
         self.batches: list[dict[str, np.ndarray]] = []
 
     def __enter__(self) -> list[dict[str, np.ndarray]]:
+        if not all(hasattr(self.model, f"{key}_embedder") for key in ("x", "t", "y")):
+            raise ValueError(f"calibrating static scales (--quantization qdq, fp8) needs a DiT's x/t/y embedders; "
+                             f"{type(self.model).__name__} has none: build it with --quantization dynamic")
         def hook(key):
             def record(module, args):
                 if key == "x":
