@@ -1,0 +1,220 @@
+#include "l2c/manifest.hpp"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <fstream>
+#include <iomanip>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "json_fields.hpp"
+#include "l2c/error.hpp"
+#include "sampler_factory.hpp"
+
+namespace l2c {
+
+namespace fs = std::filesystem;
+using detail::Fields;
+using detail::json;
+
+std::string sha256_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path.string() + ": cannot be read");
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> context(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  EVP_DigestInit_ex(context.get(), EVP_sha256(), nullptr);
+  std::vector<char> block(1 << 22);
+  while (in) {
+    in.read(block.data(), static_cast<std::streamsize>(block.size()));
+    EVP_DigestUpdate(context.get(), block.data(), static_cast<size_t>(in.gcount()));
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(context.get(), digest, &length);
+  std::ostringstream hex;
+  for (unsigned int i = 0; i < length; ++i) hex << std::hex << std::setw(2) << std::setfill('0') << int(digest[i]);
+  return hex.str();
+}
+
+namespace {
+
+FileRecord read_file_record(const Fields& node) {
+  FileRecord record{node["file"].str(), node["sha256"].str(),
+                    static_cast<uint64_t>(node["bytes"].integer(0))};
+  if (record.sha256.size() != 64 || record.sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
+    node["sha256"].fail("expected 64 lowercase hex digits");
+  fs::path relative(record.file);
+  if (relative.is_absolute() || relative.lexically_normal().string().rfind("..", 0) == 0)
+    node["file"].fail("expected a path inside the build's folder");
+  return record;
+}
+
+std::vector<int64_t> read_shape(const Fields& node, bool allow_batch) {
+  std::vector<int64_t> shape;
+  for (size_t i = 0; i < node.size(); ++i) {
+    Fields dim = node[i];
+    if (allow_batch && i == 0) {
+      if (dim.str() != "batch") dim.fail("expected \"batch\" (the first dimension)");
+      shape.push_back(kBatch);
+    } else {
+      shape.push_back(dim.integer(allow_batch ? 1 : 0, int64_t(1) << 40));
+    }
+  }
+  return shape;
+}
+
+TensorRecord read_tensor(const Fields& node) {
+  TensorRecord record{node["name"].str(), node["dtype"].str(), read_shape(node["shape"], true), ""};
+  static const std::set<std::string> dtypes{"float32", "float16", "bfloat16", "int64"};
+  if (!dtypes.count(record.dtype)) node["dtype"].fail("is " + record.dtype + "; expected float32, float16, bfloat16 or int64");
+  if (node.has("slot")) record.slot = node["slot"].str();
+  return record;
+}
+
+std::vector<bool> read_bool_row(const Fields& node) {
+  std::vector<bool> row;
+  for (size_t i = 0; i < node.size(); ++i) row.push_back(node[i].integer(0, 1) == 1);
+  return row;
+}
+
+}  // namespace
+
+Manifest Manifest::load(const fs::path& where, bool verify_files) {
+  Manifest m;
+  m.path = fs::is_directory(where) ? where / "manifest.json" : where;
+  m.folder = m.path.parent_path();
+  const std::string file = m.path.string();
+  std::ifstream in(m.path);
+  if (!in) throw Error(file + ": cannot be read (is " + m.folder.string() + " an l2c-export build?)");
+  json data;
+  try {
+    data = json::parse(in);
+  } catch (const json::parse_error& error) {
+    throw Error(file + ": not valid JSON (" + error.what() + ")");
+  }
+  Fields root(data, file);
+  // The version first: a newer manifest may have changed any other field.
+  m.schema_version = static_cast<int>(root["schema_version"].integer(1));
+  if (m.schema_version > kSchemaVersion)
+    root.fail("schema_version", "is " + std::to_string(m.schema_version) + ", newer than this l2c runtime reads (" +
+                                    std::to_string(kSchemaVersion) + "); upgrade l2c or rebuild the engines");
+  m.name = root["name"].str();
+  m.backend = root["backend"].str();
+  if (m.backend != "onnxruntime" && m.backend != "tensorrt") root["backend"].fail("expected onnxruntime or tensorrt");
+  m.precision = root["precision"].str();
+  if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16")
+    root["precision"].fail("expected fp32, fp16 or bf16");
+
+  Fields model = root["model"], config = model["config"];
+  m.space = model["space"].str();
+  m.num_classes = config["num_classes"].integer(1, 1 << 30);
+  m.sampler = detail::make_sampler(root["sampler"], config["learn_sigma"].boolean());
+
+  Fields guidance = root["guidance"];
+  m.guidance.cfg_scale = guidance["cfg_scale"].number();
+  m.guidance.guided_channels = static_cast<int>(guidance["guided_channels"].integer(1, 1 << 20));
+  m.guidance.null_class = guidance["null_class"].integer(0, 1 << 30);
+
+  Fields batch = root["batch"];
+  m.batch_min = batch["min"].integer(1, 1 << 20);
+  m.batch_max = batch["max"].integer(m.batch_min, 1 << 20);
+
+  Fields slots = root["cache_slots"];
+  for (size_t i = 0; i < slots.size(); ++i) {
+    CacheSlot slot{slots[i]["name"].str(), slots[i]["dtype"].str(), read_shape(slots[i]["shape"], true)};
+    if (slot.dtype != "float32" && slot.dtype != "float16" && slot.dtype != "bfloat16")
+      slots[i]["dtype"].fail("expected float32, float16 or bfloat16");
+    m.cache_slots.push_back(slot);
+  }
+
+  m.weights = read_file_record(root["weights"]);
+  Fields weights = root["weight_tensors"];
+  for (size_t i = 0; i < weights.size(); ++i) {
+    Fields w = weights[i];
+    WeightTensor tensor{w["name"].str(), w["dtype"].str(), read_shape(w["shape"], false),
+                        static_cast<uint64_t>(w["offset"].integer(0)), static_cast<uint64_t>(w["length"].integer(0))};
+    int element = tensor.dtype == "float32" ? 4 : (tensor.dtype == "float16" || tensor.dtype == "bfloat16") ? 2 : 0;
+    if (element == 0) w["dtype"].fail("expected float32, float16 or bfloat16");
+    if (tensor.length != Tensor::count(tensor.shape) * element)
+      w["length"].fail("does not match its shape and dtype");
+    if (tensor.offset + tensor.length > m.weights.bytes)
+      w["offset"].fail("reaches past the end of " + m.weights.file + " (" + std::to_string(m.weights.bytes) + " bytes)");
+    m.weight_tensors.push_back(tensor);
+  }
+
+  Fields subsets = root["subsets"];
+  if (subsets.size() == 0) subsets.fail("expected at least one subset");
+  for (size_t i = 0; i < subsets.size(); ++i) {
+    Fields s = subsets[i];
+    SubsetRecord record;
+    record.index = static_cast<int>(s["index"].integer(static_cast<int64_t>(i), static_cast<int64_t>(i)));
+    record.name = s["name"].str();
+    record.compute = read_bool_row(s["compute"]);
+    record.graph = read_file_record(s["graph"]);
+    record.engine = read_file_record(s["engine"]);
+    for (size_t k = 0; k < s["inputs"].size(); ++k) record.inputs.push_back(read_tensor(s["inputs"][k]));
+    for (size_t k = 0; k < s["outputs"].size(); ++k) record.outputs.push_back(read_tensor(s["outputs"][k]));
+    for (const auto* list : {&record.inputs, &record.outputs})
+      for (const auto& tensor : *list)
+        if (!tensor.slot.empty() &&
+            std::none_of(m.cache_slots.begin(), m.cache_slots.end(), [&](auto& c) { return c.name == tensor.slot; }))
+          s.fail("names cache slot " + tensor.slot + ", which is not in cache_slots");
+    if (m.full_subset < 0 && std::all_of(record.compute.begin(), record.compute.end(), [](bool b) { return b; }))
+      m.full_subset = record.index;
+    m.subsets.push_back(std::move(record));
+  }
+  if (m.full_subset < 0) subsets.fail("has no subset that computes every sub-layer (the full-compute engine)");
+
+  Fields step_subset = root["schedule"]["step_subset"];
+  if (static_cast<int>(step_subset.size()) != m.sampler->num_model_calls())
+    step_subset.fail("has " + std::to_string(step_subset.size()) + " entries; expected one per model call of the " +
+                     "sampler (" + std::to_string(m.sampler->num_model_calls()) + ")");
+  for (size_t i = 0; i < step_subset.size(); ++i)
+    m.step_subset.push_back(static_cast<int>(step_subset[i].integer(0, static_cast<int64_t>(m.subsets.size()) - 1)));
+  m.ideal_speedup = root["macs"]["ideal_speedup"].number();
+
+  if (verify_files) {
+    for (const FileRecord& record : m.files()) {
+      fs::path path = m.folder / record.file;
+      if (!fs::is_regular_file(path))
+        throw Error(file + ": file " + record.file + " is missing from " + m.folder.string());
+      std::string actual = sha256_file(path);
+      if (actual != record.sha256)
+        throw Error(path.string() + ": sha256 " + actual + " does not match the manifest's " + record.sha256 +
+                    " (the file was changed after the build)");
+    }
+  }
+  return m;
+}
+
+const SubsetRecord& Manifest::subset(int index) const {
+  if (index < 0 || index >= static_cast<int>(subsets.size()))
+    throw Error(path.string() + ": no subset " + std::to_string(index));
+  return subsets[index];
+}
+
+const CacheSlot& Manifest::slot(const std::string& slot_name) const {
+  for (const auto& slot : cache_slots)
+    if (slot.name == slot_name) return slot;
+  throw Error(path.string() + ": no cache slot " + slot_name);
+}
+
+const TensorRecord& Manifest::model_tensor(const SubsetRecord& subset, const std::string& tensor_name, bool output) {
+  for (const auto& tensor : output ? subset.outputs : subset.inputs)
+    if (tensor.slot.empty() && tensor.name == tensor_name) return tensor;
+  throw Error("subset " + subset.name + ": no model " + (output ? "output " : "input ") + tensor_name +
+              " among its tensor records");
+}
+
+std::vector<FileRecord> Manifest::files() const {
+  std::vector<FileRecord> all{weights};
+  for (const auto& subset : subsets) all.insert(all.end(), {subset.graph, subset.engine});
+  std::vector<FileRecord> unique;
+  std::set<std::string> seen;
+  for (auto& record : all)
+    if (seen.insert(record.file).second) unique.push_back(record);
+  return unique;
+}
+
+}  // namespace l2c
