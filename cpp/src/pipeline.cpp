@@ -154,21 +154,26 @@ struct Pipeline::Impl {
                     RequestCache& cache, Tensor& model_out) const;
 };
 
-Pipeline::Pipeline(const fs::path& engine_dir, Options options) : impl_(std::make_unique<Impl>()) {
-  Impl& p = *impl_;
-  p.options = std::move(options);
-  p.manifest = Manifest::load(engine_dir, p.options.verify_files);
-  const Manifest& m = p.manifest;
-  const std::string where = m.path.string();
-  if (m.precision == "bf16" && p.options.provider == Provider::Cpu)
+Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
+  // The build is checked before ONNX Runtime is touched: Impl's ONNX Runtime members need the loaded library even
+  // to be destroyed.
+  Manifest manifest = Manifest::load(engine_dir, options.verify_files);
+  const std::string where = manifest.path.string();
+  if (manifest.precision == "bf16" && options.provider == Provider::Cpu)
     throw Error(where + ": field 'precision' is bf16; ONNX Runtime's CPU provider has no bfloat16 kernels for these "
                         "graphs (build with --precision fp32 or fp16, or run with the TensorRT provider)");
   static const std::map<std::string, GraphOptimizationLevel> levels{
       {"basic", ORT_ENABLE_BASIC}, {"extended", ORT_ENABLE_EXTENDED}, {"all", ORT_ENABLE_ALL}};
-  if (!levels.count(p.options.optimization))
-    throw Error("optimization level " + p.options.optimization + ": expected basic, extended or all");
+  if (!levels.count(options.optimization))
+    throw Error("optimization level " + options.optimization + ": expected basic, extended or all");
+  OnnxRuntime& ort = onnxruntime(options.onnxruntime_library, options.threads);
 
-  p.ort = &onnxruntime(p.options.onnxruntime_library, p.options.threads);
+  impl_ = std::make_unique<Impl>();
+  Impl& p = *impl_;
+  p.manifest = std::move(manifest);
+  p.options = std::move(options);
+  p.ort = &ort;
+  const Manifest& m = p.manifest;
   p.cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
 
   // Shapes come from the records: x is (batch, C, H, W), model_out (batch, C_out, H, W).
@@ -256,7 +261,7 @@ void Pipeline::Impl::append_tensorrt(Ort::SessionOptions& session_options) const
     for (char& c : what)
       if (c == '\n') c = ' ';
     throw Error("TensorRT is not usable by ONNX Runtime (" + ort->library + ") on this machine: " + what +
-                ". The TensorRT provider needs an NVIDIA GPU, CUDA 12 and TensorRT 10 libraries on the loader path; "
+                ". The TensorRT provider needs an NVIDIA GPU with the CUDA and TensorRT libraries that this ONNX Runtime was built for on the loader path; "
                 "run with the CPU provider (the default) instead");
   }
   api.ReleaseTensorRTProviderOptions(tensorrt);
