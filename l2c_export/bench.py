@@ -38,6 +38,9 @@ class BenchResult:
     model_weights_bytes: int
     num_subsets: int
     repeats: int
+    # The C++ runtime (cpp/, built by `make cpp`) on the same build: onnxruntime builds only, None where not built.
+    cpp_memory_all_engines_bytes: int | None = None
+    cpp_memory_full_engine_bytes: int | None = None
 
 
 def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
@@ -58,10 +61,12 @@ def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, 
         overhead.append(result.overhead_fraction)
     full_seconds, schedule_seconds = statistics.median(full), statistics.median(scheduled)
     data = pipe.manifest
-    memory_all = memory_full = None
+    memory_all = memory_full = cpp_all = cpp_full = None
     if measure_memory:
         memory_all = measure_engine_memory(folder, backend, batch, "all")
         memory_full = measure_engine_memory(folder, backend, batch, "full")
+        if backend == "onnxruntime" and CPP_MEMORY_PROBE.is_file():
+            cpp_all, cpp_full = (measure_cpp_engine_memory(folder, batch, which) for which in ("all", "full"))
     ideal = data["macs"]["ideal_speedup"]
     return BenchResult(model=data["name"], backend=backend, providers=pipe.providers, batch=batch,
                        full_seconds=full_seconds, schedule_seconds=schedule_seconds,
@@ -69,7 +74,8 @@ def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, 
                        speedup_of_ideal=full_seconds / schedule_seconds / ideal,
                        step_overhead_fraction=statistics.median(overhead), memory_all_engines_bytes=memory_all,
                        memory_full_engine_bytes=memory_full, model_weights_bytes=data["weights"]["bytes"],
-                       num_subsets=len(data["subsets"]), repeats=repeats)
+                       num_subsets=len(data["subsets"]), repeats=repeats, cpp_memory_all_engines_bytes=cpp_all,
+                       cpp_memory_full_engine_bytes=cpp_full)
 
 
 def measure_engine_memory(folder: Path, backend: str, batch: int, which: str) -> int:
@@ -78,6 +84,18 @@ def measure_engine_memory(folder: Path, backend: str, batch: int, which: str) ->
     command = [sys.executable, "-m", "l2c_export.bench", str(folder), backend, str(batch), which]
     result = subprocess.run(command, capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+CPP_MEMORY_PROBE = Path(__file__).resolve().parents[1] / "cpp" / "build" / "l2c-memory-probe"
+
+
+def measure_cpp_engine_memory(folder: Path, batch: int, which: str) -> int:
+    """The same measurement for the C++ runtime: ``l2c-memory-probe`` (cpp/tools/memory_probe.cpp) loads ONNX
+    Runtime, then the engines, samples once with each, and prints its resident-set growth."""
+    result = subprocess.run([str(CPP_MEMORY_PROBE), str(folder), str(batch), which], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{CPP_MEMORY_PROBE} {folder} {batch} {which} failed: {result.stderr.strip()}")
     return int(result.stdout.strip().splitlines()[-1])
 
 
