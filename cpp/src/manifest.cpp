@@ -173,6 +173,8 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   for (size_t i = 0; i < step_subset.size(); ++i)
     m.step_subset.push_back(static_cast<int>(step_subset[i].integer(0, static_cast<int64_t>(m.subsets.size()) - 1)));
   m.ideal_speedup = root["macs"]["ideal_speedup"].number();
+  if (root.has("tensorrt") && root["tensorrt"].has("timing_cache"))
+    m.other_files.push_back(read_file_record(root["tensorrt"]["timing_cache"]));
 
   if (verify_files) {
     for (const FileRecord& record : m.files()) {
@@ -210,6 +212,7 @@ const TensorRecord& Manifest::model_tensor(const SubsetRecord& subset, const std
 std::vector<FileRecord> Manifest::files() const {
   std::vector<FileRecord> all{weights};
   for (const auto& subset : subsets) all.insert(all.end(), {subset.graph, subset.engine});
+  all.insert(all.end(), other_files.begin(), other_files.end());
   std::vector<FileRecord> unique;
   std::set<std::string> seen;
   for (auto& record : all)

@@ -63,6 +63,7 @@ struct Manifest {
   int64_t batch_min = 1, batch_max = 1;
   std::vector<CacheSlot> cache_slots;
   FileRecord weights;
+  std::vector<FileRecord> other_files;  // e.g. a TensorRT build's timing cache
   std::vector<WeightTensor> weight_tensors;
   std::vector<SubsetRecord> subsets;
   int full_subset = -1;  // the subset that computes every sub-layer
