@@ -83,11 +83,11 @@ int main(int argc, char** argv) {
       l2c_run::write_png_grid(png_path, samples);
       std::cout << "wrote " << png_path << std::endl;
     }
-  } catch (const l2c::Error& error) {
-    std::cerr << "l2c-run: error: " << error.what() << std::endl;
-    return 1;
   } catch (const std::exception& error) {
-    std::cerr << "l2c-run: error: " << error.what() << std::endl;
+    std::string message = error.what();  // one line, whatever ONNX Runtime's own messages hold
+    for (char& c : message)
+      if (c == '\n' || c == '\r') c = ' ';
+    std::cerr << "l2c-run: error: " << message << std::endl;
     return 1;
   }
   return 0;
