@@ -149,7 +149,7 @@ def write_results(results: list[BenchResult], path: Path, machine: dict) -> None
     from .util import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps({"machine": machine, "results": [asdict(r) for r in results]},
-                                             indent=1) + "\n")
+                                             indent=1, allow_nan=False) + "\n")
 
 
 def table(results: list[BenchResult]) -> str:

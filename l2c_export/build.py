@@ -1,8 +1,17 @@
 """``l2c-export build``: model + schedule -> subset graphs, engines and ``manifest.json`` in one folder.
 
-Atomic: everything is written into a hidden staging folder beside the output, the manifest last, and the staging
-folder then replaces the output with two renames; a build killed at any point leaves the previous output (or none)
-and a stale staging folder that the next build removes.
+What a build folder guarantees:
+
+- Nothing lost: ``--out`` must be absent, empty, or a previous l2c-export build (a valid manifest and nothing but the
+  files it names); anything else is refused before anything is written.
+- Atomic: everything is written into a hidden staging folder beside the output, the manifest last, and the staging
+  folder then takes the output's place in one atomic exchange of the two names (``renameat2(RENAME_EXCHANGE)``), so
+  ``--out`` always holds a complete build, the previous one or the new one. Where the file system cannot exchange,
+  two renames are used, and a build killed between them is put back by the next build before anything else.
+- Locked: builds into one ``--out`` hold an exclusive lock beside it (``.<name>.lock``), so a second build waits for
+  the first instead of sharing its staging folder.
+- Closed world: a previous build's files are reused only through :func:`manifest.file_path` (inside the folder, no
+  links), and only when their sha256 still matches.
 
 Incremental: every file carries a key, a hash of what produced it (weights, config, precision, subset, tool
 versions). A rebuild reuses a previous file with the same key (hard link) instead of tracing, exporting or building
@@ -11,6 +20,10 @@ again; when every file is reusable the model is not even loaded.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -54,7 +67,7 @@ class BuildReport:
 
 
 def build(request: BuildRequest, progress: bool = True) -> BuildReport:
-    from .export import NUMPY_DTYPES, OPSET, PRECISIONS
+    from .export import PRECISIONS
 
     if request.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {request.precision!r}")
@@ -65,6 +78,18 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
     spec, config = request.spec, request.spec.config
     request.schedule.check_fits(request.sampler.num_steps, config.depth)
     plan = BuildPlan.from_schedule(request.schedule)
+    check_output_folder(out_dir)
+    with _exclusive_lock(out_dir, progress):
+        _recover(out_dir)
+        check_output_folder(out_dir)  # again, under the lock: another build may have written it meanwhile
+        return _build_locked(request, builder, plan, out_dir, staging, progress)
+
+
+def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path, staging: Path,
+                  progress: bool) -> BuildReport:
+    from .export import NUMPY_DTYPES, OPSET
+
+    spec, config = request.spec, request.spec.config
     versions = _versions()
     weights_sha = manifest_io.sha256_of(spec.weights)
     base_key = _hash({"weights": weights_sha, "config": config.to_dict(), "precision": request.precision,
@@ -215,16 +240,93 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _previous_files(out_dir: Path) -> dict[str, Path]:
-    """key -> file of the previous build in ``out_dir`` (only files whose sha256 still matches)."""
+class OutputFolderError(ValueError):
+    """``--out`` is not a place a build may be written to; the message says why and what is expected."""
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """Refuses an ``--out`` that is not absent, empty, or a previous l2c-export build (a valid manifest and nothing
+    but the files it names), so that replacing it can lose nothing of the user's."""
+    if out_dir.is_symlink():
+        raise OutputFolderError(f"--out {out_dir}: is a symbolic link; give the folder itself")
+    if not out_dir.exists():
+        parent = next((p for p in out_dir.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise OutputFolderError(f"--out {out_dir}: {parent} is a file, not a folder")
+        return
+    if not out_dir.is_dir():
+        raise OutputFolderError(f"--out {out_dir}: is a file; expected a folder (absent, empty or a previous build)")
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return
+    not_a_build = (f"--out {out_dir}: not empty and not an l2c-export build, refusing to replace it (it holds "
+                   f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); give an absent or empty folder, "
+                   f"or a previous build's")
+    if manifest_io.MANIFEST_NAME not in entries:
+        raise OutputFolderError(not_a_build)
     try:
-        data = manifest_io.load(out_dir, verify_files=True)
+        data = manifest_io.load(out_dir, verify_files=False)
+    except manifest_io.ManifestError as error:
+        raise OutputFolderError(f"{not_a_build}: {error}") from None
+    named = {manifest_io.MANIFEST_NAME} | {entry["file"].split("/")[0] for entry in manifest_io.all_files(data)}
+    foreign = [entry for entry in entries if entry not in named]
+    if foreign:
+        raise OutputFolderError(f"--out {out_dir}: a previous build, but it also holds files the build did not write "
+                                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them away "
+                                f"first, a new build replaces the whole folder")
+
+
+@contextlib.contextmanager
+def _exclusive_lock(out_dir: Path, progress: bool):
+    """An exclusive ``flock`` on ``.<name>.lock`` beside ``out_dir`` for the whole build: a second build into the same
+    folder waits here (saying so) instead of sharing the staging folder."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            if progress:
+                print(f"waiting for the build already running into {out_dir} ({holder}) ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.seek(0)
+            lock.truncate()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _recover(out_dir: Path) -> None:
+    """Before anything else (under the lock): a build killed between the two renames of :func:`_replace` left the
+    previous build at ``.<name>.old`` and nothing at ``out_dir``: put it back. A leftover ``.old`` beside a complete
+    ``out_dir`` is stale and removed."""
+    old = out_dir.parent / f".{out_dir.name}.old"
+    if old.exists():
+        if out_dir.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, out_dir)
+
+
+def _previous_files(out_dir: Path) -> dict[str, Path]:
+    """key -> file of the previous build in ``out_dir`` (only files inside it whose size and sha256 still match)."""
+    try:
+        data = manifest_io.load(out_dir, verify_files=False)
     except manifest_io.ManifestError:
         return {}
     files = {}
     for entry in manifest_io.all_files(data):
-        if "key" in entry:
-            files[entry["key"]] = out_dir / entry["file"]
+        path = manifest_io.file_path(out_dir, entry["file"], str(out_dir / manifest_io.MANIFEST_NAME))
+        if "key" in entry and path.is_file() and path.stat().st_size == entry["bytes"] \
+                and manifest_io.sha256_of(path) == entry["sha256"]:
+            files[entry["key"]] = path
     return files
 
 
@@ -252,14 +354,38 @@ def _weight_table(universal, out_dir: Path) -> list[dict]:
 
 
 def _replace(staging: Path, out_dir: Path) -> None:
-    """Puts the finished staging folder in place of ``out_dir`` with renames only."""
+    """Puts the finished staging folder in place of ``out_dir``: one atomic exchange where the file system allows it,
+    else two renames (a kill between them is repaired by :func:`_recover`)."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    if _exchange(staging, out_dir):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous build
+        return
     old = out_dir.parent / f".{out_dir.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
+    os.replace(out_dir, old)
     os.replace(staging, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps the names ``a`` and ``b`` (Linux ``renameat2`` with ``RENAME_EXCHANGE``; Python's ``os`` has
+    no binding for it, hence ctypes). False where the kernel, C library or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _hash(data) -> str:

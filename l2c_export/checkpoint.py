@@ -7,6 +7,7 @@ Accepted: a plain ``state_dict`` ``.pt`` (``DiT-XL-2-256x256.pt``), a DiT traini
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -32,7 +33,20 @@ def load_torch_file(path: str | Path) -> object:
         with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... depending on the damage
-        raise CheckpointError(f"{path}: not a loadable torch file without unrestricted unpickling ({error})") from error
+        raise CheckpointError(f"{path}: {_why_not_loadable(error)}") from None
+
+
+def _why_not_loadable(error: Exception) -> str:
+    """torch's message, less its advice to pass ``weights_only=False`` (which would run whatever the file holds)."""
+    text = str(error)
+    refused = re.search(r"(?:Unsupported global|Unsupported operand|unsupported global): ?(?:GLOBAL )?([\w.]+)", text)
+    if refused:
+        return (f"refused: it needs {refused.group(1)!r}, which only unrestricted unpickling would create (a "
+                f"checkpoint holds tensors; only argparse.Namespace is allowed besides them)")
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "refused: it holds objects other than tensors, which only unrestricted unpickling would create"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"not a readable torch file ({first_line})"
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -44,9 +58,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
         try:
-            return load_file(str(path))
+            return check_finite_tensors(load_file(str(path)), path)
+        except CheckpointError:
+            raise
         except Exception as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     data = load_torch_file(path)
     if isinstance(data, Mapping) and "ema" in data:
         data = data["ema"]
@@ -55,7 +71,17 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: expected a state_dict (parameter name -> tensor), "
                               f"or a training checkpoint with an 'ema' or 'model' state_dict")
-    return dict(data)
+    return check_finite_tensors(dict(data), path)
+
+
+def check_finite_tensors(state_dict: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """Refuses a state_dict with NaN or infinite values, naming the first tensor that has them."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s); expected finite "
+                                  f"weights")
+    return state_dict
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str) -> None:

@@ -11,20 +11,86 @@ import click
 from .diffusion import Sampler
 
 
-def _user_errors(function):
-    """Bad input (files, fields, flags) ends in one clear line and exit code 2, not a traceback."""
-    from .checkpoint import CheckpointError
-    from .routers import RouterError
-    from .schedule import ScheduleError
+# Exit codes (documented in the README).
+EXIT_CHECK_FAILED = 1  # the command ran and what it checks failed (verify beyond tolerance)
+EXIT_BAD_INPUT = 2  # bad flags, files, fields or manifests: one line says which and what was expected
+EXIT_BACKEND_UNAVAILABLE = 3  # the backend asked for is not installed or has no device here
+EXIT_IO = 4  # the file system refused: disk full, read-only, permission, a parent that is a file
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
+
+class CommandError(click.ClickException):
+    """One line on stderr and a documented exit code, never a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Group(click.Group):
+    """Turns the errors of every command into one clear line and an exit code. Internal errors (bugs) keep their
+    traceback."""
+
+    def invoke(self, ctx):
+        from .build import OutputFolderError
+        from .checkpoint import CheckpointError
+        from .engines import BackendUnavailable
+        from .manifest import ManifestError
+        from .routers import RouterError
+        from .schedule import ScheduleError
+
         try:
-            return function(*args, **kwargs)
-        except (CheckpointError, RouterError, ScheduleError, ValueError, FileNotFoundError) as error:
-            raise click.ClickException(str(error)) from error
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException):
+            raise
+        except BackendUnavailable as error:
+            raise CommandError(str(error), EXIT_BACKEND_UNAVAILABLE) from None
+        except (CheckpointError, RouterError, ScheduleError, ManifestError, OutputFolderError, FileNotFoundError,
+                ValueError) as error:
+            raise CommandError(str(error), EXIT_BAD_INPUT) from None
+        except OSError as error:
+            raise CommandError(_describe_os_error(error), EXIT_IO) from None
+        except KeyboardInterrupt:
+            raise CommandError("interrupted", EXIT_INTERRUPTED) from None
 
-    return wrapper
+
+def _describe_os_error(error: OSError) -> str:
+    where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    return f"{where + ': ' if where else ''}{error.strerror or error}"
+
+
+class Finite(click.ParamType):
+    """A float flag that must be finite and in range (click's FloatRange lets NaN and infinity through)."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False):
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        too_low = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        if too_low or (self.high is not None and number > self.high):
+            low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
+            high = "" if self.high is None else f"<= {self.high}"
+            self.fail(f"{value} is out of range; expected a number {' and '.join(s for s in (low, high) if s)}",
+                      param, ctx)
+        return number
+
+
+THRESHOLD = Finite(0.0, 1.0)
+MAC_FRACTION = Finite(0.0, 1.0, low_open=True)
+CFG_SCALE = Finite(1.0)
+POSITIVE = click.IntRange(min=1)
+SEED = click.IntRange(min=0, max=2**63 - 1)
+STEPS = click.IntRange(min=1, max=1000)
 
 
 def model_options(function):
@@ -33,8 +99,8 @@ def model_options(function):
         click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
                      help="Official-layout DiT weights (.pt state_dict or .safetensors); default: the embedded digits DiT."),
         click.option("--model", "model_name", help="Model of --checkpoint, for example DiT-XL/2."),
-        click.option("--image-size", type=int, help="Image size in pixels of --checkpoint (latents are 1/8)."),
-        click.option("--num-classes", type=int, default=1000, show_default=True, help="Classes of --checkpoint."),
+        click.option("--image-size", type=POSITIVE, help="Image size in pixels of --checkpoint (latents are 1/8)."),
+        click.option("--num-classes", type=POSITIVE, default=1000, show_default=True, help="Classes of --checkpoint."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -47,7 +113,7 @@ def _resolve_model(checkpoint, model_name, image_size, num_classes):
     return zoo.resolve(checkpoint, model_name, image_size, num_classes)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="l2c-export")
 def main():
     """Learning-to-Cache for deployed Diffusion Transformers: schedules, export, engines, runtime."""
@@ -59,19 +125,18 @@ def main():
               help="Router file: the authors' .pt or this project's .safetensors.")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Inspect an existing schedule JSON instead.")
-@click.option("--steps", type=int, help="Sampling steps the router was learned for (checked against the file).")
-@click.option("--threshold", type=float, default=0.1, show_default=True,
+@click.option("--steps", type=STEPS, help="Sampling steps the router was learned for (checked against the file).")
+@click.option("--threshold", type=THRESHOLD, default=0.1, show_default=True,
               help="A sub-layer is computed where sigmoid(logit) > threshold.")
 @click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
               help="official: every other step computes everything (the authors' sampler); general: any step may reuse.")
 @click.option("--model", "model_name", help="Model for MAC counting, e.g. DiT-XL/2 (default: from the router file, "
                                             "else the embedded default).")
-@click.option("--image-size", type=int, help="Image size in pixels for MAC counting of an official model.")
+@click.option("--image-size", type=POSITIVE, help="Image size in pixels for MAC counting of an official model.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the schedule JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap PNG.")
-@click.option("--target-mac-fraction", type=float,
+@click.option("--target-mac-fraction", type=MAC_FRACTION,
               help="Instead of --threshold: the lowest threshold whose MAC fraction is at most this.")
-@_user_errors
 def schedule(router, schedule_file, steps, threshold, mode, model_name, image_size, json_out, png_out,
              target_mac_fraction):
     """Decode a router into a schedule, or inspect one: sub-layers per step, subsets, MACs, ideal speedup."""
@@ -88,7 +153,7 @@ def schedule(router, schedule_file, steps, threshold, mode, model_name, image_si
         logits = load_router(router)
         meta = logits.meta
         if steps is not None and steps != logits.num_steps:
-            raise click.ClickException(f"{router}: holds routers for {logits.num_steps} steps; --steps is {steps}")
+            raise CommandError(f"{router}: holds routers for {logits.num_steps} steps; --steps is {steps}")
         timesteps = Sampler.create("ddim", logits.num_steps).timesteps.tolist()
         result = logits.to_schedule(threshold, mode=mode, timesteps=timesteps)
         if target_mac_fraction is not None:
@@ -124,7 +189,7 @@ def _config_for_macs(depth, model_name, image_size, num_classes):
     else:
         config = zoo.embedded_default().config
     if config.depth != depth:
-        raise click.ClickException(f"the schedule has {depth} blocks but the model for MAC counting "
+        raise CommandError(f"the schedule has {depth} blocks but the model for MAC counting "
                                    f"({model_name or 'the embedded default'}) has {config.depth}; pass --model and "
                                    f"--image-size")
     return config
@@ -160,12 +225,12 @@ def schedule_options(function):
                      help="Schedule JSON (default: the embedded default's own; none for a checkpoint: full only)."),
         click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
                      help="Or a router file (the authors' .pt or a learned .safetensors) to decode."),
-        click.option("--threshold", type=float, default=0.1, show_default=True, help="Router threshold."),
-        click.option("--target-mac-fraction", type=float,
+        click.option("--threshold", type=THRESHOLD, default=0.1, show_default=True, help="Router threshold."),
+        click.option("--target-mac-fraction", type=MAC_FRACTION,
                      help="Or decode the router at the threshold that meets this MAC fraction."),
         click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
                      help="How a router is decoded."),
-        click.option("--steps", type=int, help="Sampling steps (default: the model's, 20)."),
+        click.option("--steps", type=STEPS, help="Sampling steps (default: the model's, 20)."),
         click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]),
                      help="Default: the model's (ddim)."),
     ]
@@ -206,12 +271,11 @@ def _resolve_schedule(spec, sampler, schedule_file, router, threshold, target_ma
 @schedule_options
 @click.option("--full", is_flag=True, help="Ignore any schedule: compute every sub-layer at every step.")
 @click.option("--labels", default="0,1,2,3,4,5,6,7,8,9", show_default=True, help="Comma-separated class labels.")
-@click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (1 = none; default: the model's).")
+@click.option("--cfg-scale", type=CFG_SCALE, help="Classifier-free guidance scale (1 = none; default: the model's).")
 @click.option("--guide-all-channels", is_flag=True, help="Guide every eps channel (DiT guides 3 of 4 latent channels).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True)
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Also save the samples (.npy).")
-@_user_errors
 def sample(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
            mode, steps, sampler_kind, full, labels, cfg_scale, guide_all_channels, seed, out, save_latents):
     """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule."""
@@ -260,9 +324,6 @@ def _parse_labels(text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-EXIT_BACKEND_UNAVAILABLE = 3
-
-
 @main.command()
 @model_options
 @schedule_options
@@ -271,18 +332,17 @@ EXIT_BACKEND_UNAVAILABLE = 3
               help="Precision written into the graphs (LayerNorm and softmax stay fp32).")
 @click.option("--batch", "batch_text", default="1,2,16", show_default=True,
               help="Model batch range MIN,OPT,MAX (guidance doubles the images), or N for 1..N.")
-@click.option("--cfg-scale", type=float, help="Default guidance scale recorded in the manifest.")
+@click.option("--cfg-scale", type=CFG_SCALE, help="Default guidance scale recorded in the manifest.")
 @click.option("--guide-all-channels", is_flag=True, help="Guide every eps channel (DiT guides 3 of 4).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: engines/<model>-<backend>-<precision>).")
-@_user_errors
 def build(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
           mode, steps, sampler_kind, backend, precision, batch_text, cfg_scale, guide_all_channels, out):
     """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
     import time
 
     from .build import BuildRequest, build as run_build
-    from .engines import BackendUnavailable, BatchRange
+    from .engines import BatchRange
 
     spec = _resolve_model(checkpoint, model_name, image_size, num_classes)
     sampler = spec.sampler(sampler_kind, steps)
@@ -296,9 +356,11 @@ def build(checkpoint, model_name, image_size, num_classes, schedule_file, router
     start = time.perf_counter()
     try:
         report = run_build(request)
-    except BackendUnavailable as error:
-        click.echo(f"Error: {error}", err=True)
-        sys.exit(EXIT_BACKEND_UNAVAILABLE)
+    except OSError as error:
+        if isinstance(error, FileNotFoundError) and error.filename is None:
+            raise
+        raise CommandError(f"{_describe_os_error(error)} (writing the build into {out}; the previous build there, if "
+                           f"any, is unchanged)", EXIT_IO) from None
     subsets = len(plan.distinct_subsets())
     click.echo(f"built {subsets} subset(s) for {backend} ({precision}) in {time.perf_counter() - start:.1f} s: "
                f"{len(report.exported)} exported, {len(report.reused)} file(s) reused"
@@ -321,8 +383,8 @@ def _backend_options(device: str | None, backend: str) -> dict:
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--labels", default="0,1,2,3,4,5,6,7,8,9", show_default=True, help="Comma-separated class labels.")
-@click.option("--cfg-scale", type=float, help="Guidance scale (default: the manifest's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
+@click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the manifest's).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Initial noise .npy of shape (n labels, C, H, W), float32; guidance duplicates it.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
@@ -334,25 +396,13 @@ def _backend_options(device: str | None, backend: str) -> dict:
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Save the samples (.npy).")
 @click.option("--vae", type=click.Path(file_okay=False, path_type=Path),
               help="Local diffusers AutoencoderKL folder to decode latents (scale 0.18215).")
-@_user_errors
 def run(engine_dir, labels, cfg_scale, seed, noise_file, backend, device, full, compare_full, out, save_latents, vae):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
-    import numpy as np
-
-    from .manifest import ManifestError
     from .runtime import L2CPipeline
 
     label_list = _parse_labels(labels)
-    noise = None
-    if noise_file is not None:
-        try:
-            noise = np.load(noise_file, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise click.ClickException(f"{noise_file}: not a readable .npy array ({error})") from None
-    try:
-        pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **_backend_options(device, backend))
-    except ManifestError as error:
-        raise click.ClickException(str(error)) from None
+    noise = None if noise_file is None else _load_noise(noise_file)
+    pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **_backend_options(device, backend))
     click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
                f"{pipe.sampler.num_steps} {pipe.sampler.kind} steps, backend {backend} on {', '.join(pipe.providers)}")
     if pipe.manifest["model"]["space"] == "latent" and out is not None and vae is None:
@@ -382,6 +432,25 @@ def run(engine_dir, labels, cfg_scale, seed, noise_file, backend, device, full, 
         click.echo(f"wrote {out}")
 
 
+def _load_noise(path: Path):
+    """``--noise``: a finite float .npy array (never unpickled)."""
+    import numpy as np
+
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CommandError(f"--noise {path}: no such file") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise CommandError(f"--noise {path}: not a readable .npy array ({error})") from None
+    if not np.issubdtype(noise.dtype, np.floating):
+        raise CommandError(f"--noise {path}: holds {noise.dtype} values; expected float32")
+    bad = int(np.size(noise) - np.count_nonzero(np.isfinite(noise)))
+    if bad:
+        raise CommandError(f"--noise {path}: {bad} of its {noise.size} values are NaN or infinite; expected finite "
+                           f"noise")
+    return noise.astype(np.float32)
+
+
 def _save_npy(path: Path, array) -> None:
     import io
 
@@ -399,19 +468,14 @@ def _save_npy(path: Path, array) -> None:
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
-@click.option("--tolerance", type=float, help="Largest relative difference allowed (default by precision: "
+@click.option("--tolerance", type=Finite(0.0, low_open=True), help="Largest relative difference allowed (default by precision: "
                                               "fp32 1e-4, fp16 3e-2, bf16 6e-2).")
-@_user_errors
 def verify(engine_dir, backend, device, tolerance):
     """Check every subset engine against the PyTorch cached forward on the same inputs."""
-    from .manifest import ManifestError
     from .verify import verify_build
 
-    try:
-        checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance,
-                                         **_backend_options(device, backend))
-    except ManifestError as error:
-        raise click.ClickException(str(error)) from None
+    checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance,
+                                     **_backend_options(device, backend))
     click.echo(f"{engine_dir}: {backend} on {', '.join(providers)} against PyTorch (fp32)")
     for check in checks:
         worst_output = max(check.worst, key=check.worst.get)
@@ -419,7 +483,8 @@ def verify(engine_dir, backend, device, tolerance):
                    f"{check.worst_value:.2e} ({worst_output})  tolerance {check.tolerance:.0e}")
     failed = [c.name for c in checks if not c.passed]
     if failed:
-        raise click.ClickException(f"{len(failed)} subset(s) differ from PyTorch beyond tolerance: {', '.join(failed)}")
+        raise CommandError(f"{len(failed)} subset(s) differ from PyTorch beyond tolerance: {', '.join(failed)}",
+                           EXIT_CHECK_FAILED)
     click.echo(f"all {len(checks)} subset engine(s) agree with PyTorch")
 
 
@@ -434,37 +499,36 @@ def verify(engine_dir, backend, device, tolerance):
                    "embedded default, none for a checkpoint.")
 @click.option("--data-labels", type=click.Path(dir_okay=False, path_type=Path),
               help="Labels (n,) .npy for --data latents; default: random classes.")
-@click.option("--trajectories", type=int, default=256, show_default=True,
+@click.option("--trajectories", type=POSITIVE, default=256, show_default=True,
               help="With --data none: trajectories sampled from the model to learn on.")
 @click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
               help="official: every other step computes everything (the authors'); general: any step may reuse.")
 @click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]), help="Default: the model's (ddim).")
-@click.option("--steps", type=int, help="Sampling steps (default: the model's, 20).")
-@click.option("--iterations", type=int, default=300, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True,
+@click.option("--steps", type=STEPS, help="Sampling steps (default: the model's, 20).")
+@click.option("--iterations", type=POSITIVE, default=300, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=16, show_default=True,
               help="Images per learned step and iteration, over all processes (guidance doubles the model's batch).")
-@click.option("--lr", type=float, default=0.05, show_default=True,
+@click.option("--lr", type=Finite(0.0, low_open=True), default=0.05, show_default=True,
               help="AdamW learning rate of the logits (the authors' DiT-XL/2: 1e-3 over many more iterations).")
-@click.option("--l1", "--lambda", "l1", type=float, default=2e-4, show_default=True,
+@click.option("--l1", "--lambda", "l1", type=Finite(0.0), default=2e-4, show_default=True,
               help="lambda of the loss MSE + lambda * sum(w): larger removes more (the authors' DiT-XL/2 at 20 steps: "
                    "5e-6).")
-@click.option("--cfg-scale", type=float, help="Guidance of the trajectories and training batch (default: the model's).")
-@click.option("--window", type=int, help="General mode: unroll this many steps back (default: from the first step).")
-@click.option("--steps-per-iteration", type=int, default=0, show_default=True,
+@click.option("--cfg-scale", type=CFG_SCALE, help="Guidance of the trajectories and training batch (default: the model's).")
+@click.option("--window", type=POSITIVE, help="General mode: unroll this many steps back (default: from the first step).")
+@click.option("--steps-per-iteration", type=click.IntRange(min=0), default=0, show_default=True,
               help="Learned steps per iteration, drawn at random (the authors': 1 per process); 0: all of them.")
-@click.option("--init-std", type=float, default=0.0, show_default=True,
+@click.option("--init-std", type=Finite(0.0), default=0.0, show_default=True,
               help="Learned logits start at init_std * N(0, 1) (the authors': 1).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Router file to write (.safetensors: tensor 'logits' (num_steps, 2 x depth), sampling order).")
-@click.option("--save-every", type=int, default=50, show_default=True,
+@click.option("--save-every", type=POSITIVE, default=50, show_default=True,
               help="Write the learning state (OUT with .state.safetensors) every N iterations.")
 @click.option("--resume", is_flag=True, help="Continue from the learning state beside --out.")
-@click.option("--threshold", type=float, help="Also decode the router at this threshold (see --json).")
-@click.option("--target-mac-fraction", type=float, help="Or at the threshold that meets this MAC fraction.")
+@click.option("--threshold", type=THRESHOLD, help="Also decode the router at this threshold (see --json).")
+@click.option("--target-mac-fraction", type=MAC_FRACTION, help="Or at the threshold that meets this MAC fraction.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
-@_user_errors
 def learn(checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories, mode,
           sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window, steps_per_iteration, init_std, seed,
           out, save_every, resume, threshold, target_mac_fraction, json_out):
@@ -578,15 +642,14 @@ def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_con
                                                                           "(default: the schedule's).")
 @click.option("--budgets", default=",".join(str(b) for b in (0.6, 0.7, 0.8, 0.9)), show_default=True,
               help="MAC fractions of the sweep, comma-separated ('' for none).")
-@click.option("--num-samples", type=int, default=1000, show_default=True,
+@click.option("--num-samples", type=click.IntRange(min=2), default=1000, show_default=True,
               help="Samples per method (labels 0-9 in turn).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed, the same for every method.")
-@click.option("--random-seeds", type=int, default=2, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed, the same for every method.")
+@click.option("--random-seeds", type=POSITIVE, default=2, show_default=True,
               help="Random-drop schedules averaged per budget.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the plot of FD against MAC fraction.")
-@_user_errors
 def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs on the
     embedded digits DiT: Frechet distance (digits classifier features), class accuracy, PSNR against full."""
@@ -600,10 +663,9 @@ def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random
     router_path = router or (default_router if default_router.is_file() else None)
     logits = load_router(router_path) if router_path else None
     try:
-        budget_list = [float(part) for part in budgets.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated MAC fractions; got {budgets!r}",
-                                 param_hint="--budgets") from None
+        budget_list = [MAC_FRACTION.convert(part, None, None) for part in budgets.split(",") if part.strip()]
+    except click.BadParameter as error:
+        raise click.BadParameter(error.message, param_hint="--budgets") from None
     if num_samples < 2:
         raise click.BadParameter("at least 2 samples are needed for a Frechet distance", param_hint="--num-samples")
     report = evaluate(learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
@@ -619,15 +681,14 @@ def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random
 
 @main.command()
 @click.argument("engine_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--batch", type=int, default=2, show_default=True, help="Images per request (x2 with guidance).")
+@click.option("--batch", type=POSITIVE, default=2, show_default=True, help="Images per request (x2 with guidance).")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
               help="Backends to measure (repeatable; default: onnxruntime and torch).")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved (full, schedule) pairs.")
+@click.option("--repeats", type=POSITIVE, default=5, show_default=True, help="Interleaved (full, schedule) pairs.")
 @click.option("--no-memory", is_flag=True, help="Skip the memory measurements (subprocesses).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Plot achieved against ideal speedup.")
-@_user_errors
 def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
     """Full compute against the schedule, interleaved: speedup vs ideal, step overhead, memory."""
     from .bench import benchmark, machine_description, plot, table, write_results
@@ -650,8 +711,8 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
 @main.command("train-default")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/dit-digits"),
               show_default=True, help="Folder for dit-digits.safetensors.")
-@click.option("--steps", type=int, default=6000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=STEPS, default=6000, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(out, steps, seed):
     """Reproduce the embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""
     from .train_default import save_weights, train

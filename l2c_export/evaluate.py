@@ -193,7 +193,7 @@ def _average_random_seeds(rows: list[dict]) -> list[dict]:
 
 
 def write_json(report: dict, path: Path) -> None:
-    atomic_write_text(Path(path), json.dumps(report, indent=1) + "\n")
+    atomic_write_text(Path(path), json.dumps(report, indent=1, allow_nan=False) + "\n")
 
 
 def plot_fd(report: dict, path: Path) -> None:

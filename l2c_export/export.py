@@ -230,8 +230,8 @@ def subset_graph(universal: UniversalGraph, subset: SubsetPlan, graph_name: str)
     precision_dtype = ONNX_DTYPES[universal.precision]
     for k in subset.reads:
         fresh = tensors[fresh_output_name(k)]
-        cached = gs.Variable(cache_input_name(k), dtype=onnx.helper.tensor_dtype_to_np_dtype(precision_dtype)
-                             if universal.precision != "bf16" else None, shape=fresh.shape)
+        # The ONNX type enum, not a numpy dtype: numpy has no bfloat16, and graphsurgeon takes either.
+        cached = gs.Variable(cache_input_name(k), dtype=precision_dtype, shape=fresh.shape)
         for consumer in list(fresh.outputs):
             consumer.inputs[consumer.inputs.index(fresh)] = cached
         graph.inputs.append(cached)
@@ -241,9 +241,6 @@ def subset_graph(universal: UniversalGraph, subset: SubsetPlan, graph_name: str)
     graph.name = graph_name
     result = gs.export_onnx(graph)
     result.opset_import[0].version = OPSET
-    for graph_input in result.graph.input:
-        if graph_input.name.startswith("cache_"):
-            graph_input.type.tensor_type.elem_type = precision_dtype
     return result
 
 

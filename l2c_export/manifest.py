@@ -1,7 +1,12 @@
 """``manifest.json``: the only contract between building and running. No PyTorch here.
 
 Checked against the JSON Schema shipped in ``schemas/manifest.schema.json`` when written and when read; a manifest of
-a newer schema version than this reader knows is refused before anything else is looked at.
+a newer schema version than this reader knows is refused before anything else is looked at. Read strictly: no NaN or
+Infinity, and the records must agree with one another (:func:`check_consistency`).
+
+A build folder is a closed world: every file a manifest names is a plain relative path that stays inside the folder
+(no absolute path, no ``..``, no symbolic link anywhere on the way); :func:`file_path` is the one way to turn a file
+record into a path, and it refuses anything else.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .util import atomic_write_text, read_json
+from .util import read_json, write_json
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -59,10 +64,30 @@ def validate(data: dict, where: str) -> None:
 
 
 def write(folder: Path, data: dict) -> Path:
-    """Validates and writes ``folder/manifest.json`` atomically."""
+    """Validates and writes ``folder/manifest.json`` atomically, as strict JSON."""
     path = Path(folder) / MANIFEST_NAME
     validate(data, str(path))
-    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    check_consistency(data, str(path))
+    write_json(path, data)
+    return path
+
+
+def file_path(folder: Path, name: object, where: str) -> Path:
+    """``folder / name`` for a file a manifest names, refusing any name that could lead out of ``folder``: absolute
+    paths, ``..``, hidden or empty components, backslashes, and symbolic links on the way (the link itself or a
+    folder that is one). Raises ManifestError naming ``where``."""
+    folder = Path(folder)
+    plain = isinstance(name, str) and name and not name.startswith("/") and "\\" not in name and all(
+        part and not part.startswith(".") for part in name.split("/"))
+    if not plain:
+        raise ManifestError(f"{where}: file {name!r} is not a plain relative path inside the build folder "
+                            f"(no absolute path, '..', hidden component or backslash)")
+    path = folder
+    for part in name.split("/"):
+        path = path / part
+        if path.is_symlink():
+            raise ManifestError(f"{where}: file {name!r} is (or lies in) a symbolic link; a build folder holds no "
+                                f"links, so nothing outside it is ever read")
     return path
 
 
@@ -80,19 +105,84 @@ def all_files(data: dict) -> list[dict]:
 
 
 def load(folder: str | Path, verify_files: bool = True) -> dict:
-    """Reads and validates ``folder/manifest.json``; with ``verify_files`` checks every file's sha256."""
+    """Reads and validates ``folder/manifest.json`` (schema, consistency, every file path inside the folder); with
+    ``verify_files`` also checks every file's size and sha256."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME if folder.is_dir() else folder
     folder = path.parent
+    if path.is_symlink():
+        raise ManifestError(f"{path}: is a symbolic link; a build folder holds no links")
     data = read_json(path, ManifestError, f" (is {folder} an l2c-export build?)")
     validate(data, str(path))
-    if verify_files:
-        for entry in all_files(data):
-            file = folder / entry["file"]
-            if not file.is_file():
-                raise ManifestError(f"{path}: file {entry['file']} is missing from {folder}")
+    check_consistency(data, str(path))
+    for entry in all_files(data):
+        file = file_path(folder, entry["file"], str(path))
+        if not file.is_file():
+            raise ManifestError(f"{path}: file {entry['file']} is missing from {folder}")
+        if verify_files:
+            size = file.stat().st_size
+            if size != entry["bytes"]:
+                raise ManifestError(f"{file}: sha256 cannot match: {size} bytes where the manifest says "
+                                    f"{entry['bytes']} (the file was changed after the build)")
             actual = sha256_of(file)
             if actual != entry["sha256"]:
                 raise ManifestError(f"{file}: sha256 {actual} does not match the manifest's {entry['sha256']} "
                                     f"(the file was changed after the build)")
     return data
+
+
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int8": 1, "uint8": 1, "int32": 4}
+
+
+def check_consistency(data: dict, where: str) -> None:
+    """What the schema cannot say: the records agree with one another. Subsets are numbered 0..n-1; every step names
+    one; the first step's subset computes everything; a step reads only slots that an earlier step wrote; each
+    subset's cache inputs and fresh outputs are the slots it reads and writes; weight tensors lie inside weights.bin
+    and are as long as their shapes say."""
+    subsets = data["subsets"]
+    for position, record in enumerate(subsets):
+        if record["index"] != position:
+            raise ManifestError(f"{where}: field 'subsets/{position}/index' is {record['index']}; expected {position}")
+    schedule = data["schedule"]
+    step_subset = schedule["step_subset"]
+    if not step_subset:
+        raise ManifestError(f"{where}: field 'schedule/step_subset' is empty; expected one subset per step")
+    if len(schedule["compute"]) != len(step_subset):
+        raise ManifestError(f"{where}: field 'schedule/compute' has {len(schedule['compute'])} rows for "
+                            f"{len(step_subset)} steps in 'schedule/step_subset'")
+    slots = {slot["name"] for slot in data["cache_slots"]}
+    written: set[str] = set()
+    for step, index in enumerate(step_subset):
+        if index >= len(subsets):
+            raise ManifestError(f"{where}: field 'schedule/step_subset/{step}' names subset {index}, but there are "
+                                f"only {len(subsets)} (0..{len(subsets) - 1})")
+        record = subsets[index]
+        if step == 0 and not all(record["compute"]):
+            raise ManifestError(f"{where}: field 'schedule/step_subset/0' names subset {index}, which reuses "
+                                f"sub-layers; the first step must compute every sub-layer (nothing is cached yet)")
+        unwritten = [slot for slot in record["reads"] if slot not in written]
+        if unwritten:
+            raise ManifestError(f"{where}: step {step} runs subset {index}, which reads cache slot(s) "
+                                f"{', '.join(unwritten)} that no earlier step writes")
+        written.update(record["writes"])
+    for record in subsets:
+        at = f"{where}: field 'subsets/{record['index']}"
+        unknown = [slot for slot in (*record["reads"], *record["writes"]) if slot not in slots]
+        if unknown:
+            raise ManifestError(f"{at}' uses cache slot(s) {', '.join(unknown)} missing from 'cache_slots'")
+        if [t["slot"] for t in record["inputs"] if "slot" in t] != record["reads"]:
+            raise ManifestError(f"{at}/inputs': the cache inputs' slots differ from 'reads' {record['reads']}")
+        if [t["slot"] for t in record["outputs"] if "slot" in t] != record["writes"]:
+            raise ManifestError(f"{at}/outputs': the fresh outputs' slots differ from 'writes' {record['writes']}")
+    weights_bytes = data["weights"]["bytes"]
+    for position, tensor in enumerate(data["weight_tensors"]):
+        at = f"{where}: field 'weight_tensors/{position}' ({tensor['name']})"
+        count = 1
+        for dim in tensor["shape"]:
+            count *= dim
+        if tensor["length"] != count * _ITEM_BYTES[tensor["dtype"]]:
+            raise ManifestError(f"{at}: length {tensor['length']} does not fit shape {tensor['shape']} of "
+                                f"{tensor['dtype']}")
+        if tensor["offset"] + tensor["length"] > weights_bytes:
+            raise ManifestError(f"{at}: bytes {tensor['offset']}..{tensor['offset'] + tensor['length']} lie past "
+                                f"the end of {data['weights']['file']} ({weights_bytes} bytes)")

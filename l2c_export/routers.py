@@ -20,6 +20,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, load_torch_file
 from .schedule import Schedule
+from .util import check_finite
 
 ScheduleMode = Literal["official", "general"]
 
@@ -56,6 +57,7 @@ class RouterLogits:
         """
         if mode not in ("official", "general"):
             raise ValueError(f"unknown schedule mode {mode!r}; expected 'official' or 'general'")
+        threshold = check_finite(threshold, "threshold", 0.0, 1.0)
         compute = self.probabilities() > threshold
         n = self.num_steps
         for s in range(n):
@@ -92,6 +94,10 @@ def _stack_by_index(routers: Mapping, where: str) -> np.ndarray:
             raise RouterError(f"{where}: field 'routers' key {key!r}: expected '{{i}}.prob' -> a 1-D logit tensor")
         by_index[int(match.group(1))] = np.asarray(value.detach().float().numpy() if hasattr(value, "detach")
                                                     else value, dtype=np.float32)
+    for index, logits in by_index.items():
+        if not np.isfinite(logits).all():
+            raise RouterError(f"{where}: field 'routers' key '{index}.prob' holds NaN or infinite logits; expected "
+                              f"finite numbers")
     n = len(by_index)
     if sorted(by_index) != list(range(n)):
         raise RouterError(f"{where}: field 'routers' must hold indices 0..{n - 1}; got {sorted(by_index)}")
@@ -116,8 +122,12 @@ def _load_router_safetensors(path: Path) -> RouterLogits:
         raise RouterError(f"{path}: not a readable safetensors file ({error})") from error
     if "logits" not in tensors or tensors["logits"].ndim != 2 or tensors["logits"].shape[1] % 2:
         raise RouterError(f"{path}: expected tensor 'logits' of shape (num_steps, 2 * depth) in sampling order")
+    if not np.issubdtype(tensors["logits"].dtype, np.floating) or not np.isfinite(tensors["logits"]).all():
+        raise RouterError(f"{path}: tensor 'logits' holds NaN or infinite values; expected finite float logits")
     for key in ("image_size", "num_classes"):
         if key in meta:
+            if not meta[key].isdigit() or int(meta[key]) < 1:
+                raise RouterError(f"{path}: metadata field {key!r} is {meta[key]!r}; expected a positive integer")
             meta[key] = int(meta[key])
     return RouterLogits(tensors["logits"].astype(np.float32), source=str(path), meta=meta)
 

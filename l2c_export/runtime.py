@@ -20,6 +20,7 @@ import numpy as np
 from . import manifest as manifest_io
 from .backends import Backend, load_backend
 from .diffusion import (Sampler, apply_guidance, check_labels, guidance_batch, make_noise, step_noise)
+from .util import check_finite
 
 
 @dataclass
@@ -83,12 +84,15 @@ class L2CPipeline:
         if not labels:
             raise ValueError("no labels given; expected at least one class label")
         check_labels(labels, self.num_classes)
-        cfg_scale = float(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale)
+        cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
+                                 "cfg_scale", low=1.0)
         expected = (len(labels), *self.sample_shape)
         if noise is None:
             noise = make_noise(seed, expected)
         elif tuple(noise.shape) != expected:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {expected} (n labels, C, H, W)")
+        elif not np.isfinite(noise).all():
+            raise ValueError("noise holds NaN or infinite values; expected finite noise")
         guiding = cfg_scale > 1.0
         _, y = guidance_batch(noise, labels, self.num_classes, cfg_scale)
         x = np.asarray(noise, dtype=np.float32)  # the n conditional samples: DiT runs both halves on these

@@ -11,13 +11,12 @@ sub-layer; that is checked here, when a schedule is made, not when it runs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 
 from .macs import MacCount
-from .util import atomic_write_text, read_json
+from .util import read_json, write_json
 
 
 class ScheduleError(ValueError):
@@ -113,7 +112,7 @@ class Schedule:
         return {**data, **self.extra}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+        write_json(Path(path), self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "schedule") -> "Schedule":
@@ -138,6 +137,13 @@ class Schedule:
             bad = [v for v in row if v not in (0, 1) or isinstance(v, float)]
             if bad:
                 raise ScheduleError(f"{where}: field 'compute' row {s} must hold only 0 or 1; got {bad[0]!r}")
+        timesteps, threshold = data.get("timesteps"), data.get("threshold")
+        if timesteps is not None and (not isinstance(timesteps, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v for v in timesteps)):
+            raise ScheduleError(f"{where}: field 'timesteps' must be a list of non-negative integers")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0.0 <= threshold <= 1.0):
+            raise ScheduleError(f"{where}: field 'threshold' is {threshold!r}; expected a number in [0, 1]")
         known = {"num_steps", "depth", "compute", "timesteps", "source", "threshold", "mode"}
         return cls(np.asarray(rows, dtype=bool).reshape(num_steps, 2 * depth), timesteps=data.get("timesteps"),
                    source=data.get("source", where), threshold=data.get("threshold"), mode=data.get("mode"),

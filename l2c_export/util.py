@@ -1,20 +1,30 @@
-"""Small shared helpers: atomic file writes, JSON files read with errors that name them."""
+"""Small shared helpers: atomic file writes with the user's file modes, strict JSON in and out."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and setting it back: POSIX has no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so that a reader (or a
-    process killed half-way) never sees a half-written file."""
+    process killed half-way) never sees a half-written file. The file gets the mode a plain ``open`` would give
+    (0666 less the umask), not ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -27,11 +37,48 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def read_json(path: Path, error: type[Exception], missing_hint: str = "") -> object:
-    """``json.loads`` of ``path``, raising ``error`` naming the file when it is missing or not JSON."""
+def to_json(data, where: str, indent: int | None = 1) -> str:
+    """Strict JSON: NaN and infinities are refused (they are not JSON, and the C++ and Triton readers reject them)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.dumps(data, indent=indent, allow_nan=False)
+    except ValueError as error:
+        raise ValueError(f"{where}: refusing to write a non-finite number (NaN or infinity) into JSON ({error})") \
+            from None
+
+
+def write_json(path: Path, data) -> None:
+    """``data`` as strict JSON, written atomically."""
+    atomic_write_text(Path(path), to_json(data, str(path)) + "\n")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number (expected a finite number)")
+
+
+def read_json(path: Path, error: type[Exception], missing_hint: str = "") -> object:
+    """Strict ``json.loads`` of ``path`` (no NaN or Infinity), raising ``error`` naming the file when it is missing,
+    unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(), parse_constant=_no_constant)
     except FileNotFoundError:
         raise error(f"{path}: no such file{missing_hint}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder; expected a JSON file") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as decode_error:
         raise error(f"{path}: not valid JSON ({decode_error})") from None
+    except ValueError as value_error:  # NaN / Infinity tokens
+        raise error(f"{path}: not valid JSON ({value_error})") from None
+
+
+def check_finite(value: float, what: str, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a float if it is finite and within [low, high]; else ValueError naming ``what``."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} is {value!r}; expected a finite number")
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = (f"at least {low}" if high is None else f"at most {high}" if low is None
+                  else f"in [{low}, {high}]")
+        raise ValueError(f"{what} is {value!r}; expected a number {bounds}")
+    return number

@@ -31,7 +31,7 @@ def test_an_invalid_schedule_is_a_clear_error_and_exit_code(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"num_steps": 1, "depth": 1, "compute": [[0, 1]]}))
     result = run_cli("schedule", "--schedule", str(path), "--json", str(tmp_path / "out.json"), check=False)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"{path}: field 'compute' row 0 (the first step)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.json").exists()
@@ -39,5 +39,5 @@ def test_an_invalid_schedule_is_a_clear_error_and_exit_code(tmp_path):
 
 def test_steps_that_do_not_match_the_router_are_refused(authors_router):
     result = run_cli("schedule", "--router", str(authors_router), "--steps", "50", check=False)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "holds routers for 20 steps; --steps is 50" in result.stderr

@@ -193,8 +193,14 @@ def test_fp16_graphs_keep_norm_and_softmax_in_fp32_and_stay_close(tmp_path):
 def test_bf16_graphs_evaluate_close_to_fp32_with_the_onnx_reference_evaluator(tmp_path):
     from onnx.reference import ReferenceEvaluator
 
-    spec, report = _build(tmp_path, TINY2, [[1, 1, 1, 1]], precision="bf16")
+    spec, report = _build(tmp_path, TINY2, ROWS, precision="bf16")  # a schedule that reuses: cache inputs in bf16
     folder = report.manifest_path.parent
+    for subset in manifest_io.load(folder)["subsets"]:
+        graph = onnx.load(folder / subset["graph"]["file"], load_external_data=False)
+        cache_types = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input if i.name.startswith("cache_")}
+        assert len(cache_types) == len(subset["reads"])
+        assert set(cache_types.values()) <= {onnx.TensorProto.BFLOAT16}
+        onnx.checker.check_model(str(folder / subset["graph"]["file"]), full_check=True)
     evaluator = ReferenceEvaluator(onnx.load(folder / "full.onnx"))
     feeds, _ = _feeds(TINY2)
     (got,) = evaluator.run(["model_out"], feeds)

@@ -60,7 +60,9 @@ def load_backend(name: str, manifest: dict, folder: Path, subsets: Sequence[int]
 
 def weight_arrays(manifest: dict, folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of ``weights.bin`` as a read-only memory-mapped numpy view (nothing is copied)."""
-    path = Path(folder) / manifest["weights"]["file"]
+    from ..manifest import file_path
+
+    path = file_path(Path(folder), manifest["weights"]["file"], "manifest field 'weights'")
     blob = np.memmap(path, dtype=np.uint8, mode="r")
     arrays = {}
     for entry in manifest["weight_tensors"]:
@@ -68,6 +70,13 @@ def weight_arrays(manifest: dict, folder: Path) -> dict[str, np.ndarray]:
         raw = blob[entry["offset"]: entry["offset"] + entry["length"]]
         arrays[entry["name"]] = raw.view(dtype).reshape(entry["shape"])
     return arrays
+
+
+def engine_path(folder: Path, record: dict) -> Path:
+    """The engine file of subset ``record``, inside the build folder (see :func:`l2c_export.manifest.file_path`)."""
+    from ..manifest import file_path
+
+    return file_path(Path(folder), record["engine"]["file"], f"manifest field 'subsets/{record['index']}/engine'")
 
 
 def _numpy_dtype(name: str) -> np.dtype:

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from . import selected_subsets, weight_arrays
+from . import engine_path, selected_subsets, weight_arrays
 
 _shared_arena_lock = threading.Lock()
 _shared_arena_registered = False
@@ -106,12 +106,14 @@ class OnnxRuntimeBackend:
             options.use_per_session_threads = False
             if shared_arena:
                 options.add_session_config_entry("session.use_env_allocators", "1")
+            path = engine_path(self.folder, record)
+            external = _external_initializers(path, manifest)
             if share_weights:
                 options.add_session_config_entry("session.disable_prepacking", "1")
-                for name in _initializer_names(self.folder / record["engine"]["file"]):
+                for name in external:
                     options.add_initializer(name, self._weights[name])
-            session = ort.InferenceSession(str(self.folder / record["engine"]["file"]), options,
-                                           providers=list(providers))
+            session = ort.InferenceSession(str(path), options, providers=list(providers))
+            _check_interface(session, record, path)
             self.sessions[record["index"]] = session
             self._inputs[record["index"]] = record["inputs"]
             self._outputs[record["index"]] = record["outputs"]
@@ -152,11 +154,51 @@ class OnnxRuntimeBackend:
         return model_out
 
 
-def _initializer_names(path: Path) -> list[str]:
+def _external_initializers(path: Path, manifest: dict) -> list[str]:
+    """The names of the graph's initializers held in the build's weights file. Each must be one of the manifest's
+    weight tensors, at its offset and length in that file: a graph can name no other file, so that nothing outside
+    the build folder is ever read."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    from ..manifest import ManifestError
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise ManifestError(f"{path}: not a readable ONNX graph ({error})") from None
+    tensors = {t["name"]: t for t in manifest["weight_tensors"]}
+    weights_file = manifest["weights"]["file"]
+    names = []
+    for initializer in graph.initializer:
+        if initializer.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in initializer.external_data}
+        record = tensors.get(initializer.name)
+        if (info.get("location") != weights_file or record is None
+                or int(info.get("offset", 0)) != record["offset"] or int(info.get("length", -1)) != record["length"]):
+            raise ManifestError(f"{path}: initializer {initializer.name!r} reads {info.get('location')!r} at offset "
+                                f"{info.get('offset', 0)}, length {info.get('length')}; the manifest's weight table "
+                                f"puts it in {weights_file}" + (f" at offset {record['offset']}, length "
+                                                                 f"{record['length']}" if record else " nowhere"))
+        names.append(initializer.name)
+    return names
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+              "int64": "tensor(int64)"}
+
+
+def _check_interface(session: ort.InferenceSession, record: dict, path: Path) -> None:
+    """The session's inputs and outputs must be the manifest's records: names, order and dtypes."""
+    from ..manifest import ManifestError
+
+    for kind, actual, expected in (("inputs", session.get_inputs(), record["inputs"]),
+                                   ("outputs", session.get_outputs(), record["outputs"])):
+        got = [(a.name, a.type) for a in actual]
+        want = [(t["name"], _ORT_TYPES[t["dtype"]]) for t in expected]
+        if got != want:
+            raise ManifestError(f"{path}: the graph's {kind} {got} are not the manifest's "
+                                f"(field 'subsets/{record['index']}/{kind}': {want})")
 
 
 def _out_channels(config: dict) -> int:

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from ..engines import BackendUnavailable
-from . import selected_subsets, weight_arrays
+from . import engine_path, selected_subsets, weight_arrays
 
 
 def _import_tensorrt():
@@ -49,9 +49,9 @@ class TensorRTBackend:
         self.max_batch = manifest["batch"]["max"]
         self.engines, self.contexts, self.records = {}, {}, {}
         for record in selected_subsets(manifest, subsets):
-            engine = runtime.deserialize_cuda_engine((folder / record["engine"]["file"]).read_bytes())
+            engine = runtime.deserialize_cuda_engine(engine_path(folder, record).read_bytes())
             if engine is None:
-                raise RuntimeError(f"{folder / record['engine']['file']}: TensorRT could not deserialise the plan "
+                raise RuntimeError(f"{engine_path(folder, record)}: TensorRT could not deserialise the plan "
                                    f"(built by another TensorRT version or for another GPU?)")
             if weights is not None:
                 _refit(trt, engine, weights, logger, record["engine"]["file"])
