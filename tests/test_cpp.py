@@ -312,3 +312,57 @@ def test_the_benchmark_measures_the_cpp_runtime_memory(cpp_build, dit_s2_build, 
     [row] = json.loads((tmp_path / "b.json").read_text())["results"]
     assert row["cpp_memory_full_engine_bytes"] > 0.5 * row["model_weights_bytes"]  # it loaded and ran the engine
     assert row["cpp_memory_all_engines_bytes"] > 0
+
+
+def _rewrite_manifest(engines: Path, change) -> None:
+    path = engines / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_symbolic_link_in_the_build_is_refused(cpp_build, default_build, tmp_path):
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    graph = sorted(engines.glob("*.onnx"))[0]
+    (tmp_path / "elsewhere.onnx").write_bytes(graph.read_bytes())
+    graph.unlink()
+    graph.symlink_to(tmp_path / "elsewhere.onnx")
+    line = _refused(tmp_path, engines)
+    assert graph.name in line and "symbolic link" in line
+
+
+def test_a_path_leading_out_of_the_build_is_refused(cpp_build, default_build, tmp_path):
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    _rewrite_manifest(engines, lambda d: d["subsets"][0]["graph"].update(file="../elsewhere.onnx"))
+    assert "field 'subsets/0/graph/file' is '../elsewhere.onnx'; expected a plain relative path" in \
+        _refused(tmp_path, engines)
+
+
+def test_a_schedule_that_reads_before_writing_is_refused(cpp_build, default_build, tmp_path):
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    data = json.loads((engines / "manifest.json").read_text())
+    partial = next(s["index"] for s in data["subsets"] if not all(s["compute"]))
+    _rewrite_manifest(engines, lambda d: d["schedule"]["step_subset"].__setitem__(0, partial))
+    assert f"field 'schedule/step_subset/0' names subset {partial}, which reuses sub-layers" in \
+        _refused(tmp_path, engines)
+
+
+def test_a_graph_whose_interface_differs_from_its_record_is_refused(cpp_build, default_build, tmp_path):
+    """A subset's graph swapped for another subset's (sha256 updated to match): the session's inputs give it away."""
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    data = json.loads((engines / "manifest.json").read_text())
+    full, other = data["subsets"][data["schedule"]["step_subset"][0]], data["subsets"][-1]
+    assert full["index"] != other["index"]
+    shutil.copy(engines / other["engine"]["file"], engines / full["engine"]["file"])
+
+    def swap(d):
+        for key in ("graph", "engine"):
+            d["subsets"][full["index"]][key].update(sha256=other["engine"]["sha256"], bytes=other["engine"]["bytes"])
+    _rewrite_manifest(engines, swap)
+    line = _refused(tmp_path, engines)
+    assert full["engine"]["file"] in line and f"are not the manifest's (field 'subsets/{full['index']}/inputs'" in line
+
+
+def test_a_guidance_scale_below_one_is_refused(cpp_build, default_build, tmp_path):
+    assert "cfg_scale is 0.500000; expected a finite number at least 1" in \
+        _refused(tmp_path, default_build, "--cfg-scale", "0.5")

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <iomanip>
 #include <map>
+#include <regex>
 #include <set>
 #include <sstream>
 
@@ -44,9 +45,12 @@ FileRecord read_file_record(const Fields& node) {
                     static_cast<uint64_t>(node["bytes"].integer(0))};
   if (record.sha256.size() != 64 || record.sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
     node["sha256"].fail("expected 64 lowercase hex digits");
-  fs::path relative(record.file);
-  if (relative.is_absolute() || relative.lexically_normal().string().rfind("..", 0) == 0)
-    node["file"].fail("expected a path inside the build's folder");
+  // The schema's rule: a plain relative path that stays inside the build folder (no absolute path, '..', hidden or
+  // empty component); symbolic links are refused when the path is opened (Manifest::file_path).
+  static const std::regex plain("[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*");
+  if (!std::regex_match(record.file, plain))
+    node["file"].fail("is '" + record.file + "'; expected a plain relative path inside the build folder (no "
+                      "absolute path, '..', hidden component or backslash)");
   return record;
 }
 
@@ -78,6 +82,36 @@ std::vector<bool> read_bool_row(const Fields& node) {
   return row;
 }
 
+// What the schema cannot say, as l2c_export.manifest.check_consistency: the first step computes everything, a step
+// reads only slots an earlier step wrote, and each subset's cache inputs and fresh outputs are its reads and writes.
+void check_consistency(const Manifest& m, const Fields& subsets, const Fields& step_subset) {
+  for (size_t i = 0; i < m.subsets.size(); ++i) {
+    const SubsetRecord& record = m.subsets[i];
+    std::vector<std::string> reads, writes, slot_inputs, slot_outputs;
+    for (size_t k = 0; k < subsets[i]["reads"].size(); ++k) reads.push_back(subsets[i]["reads"][k].str());
+    for (size_t k = 0; k < subsets[i]["writes"].size(); ++k) writes.push_back(subsets[i]["writes"][k].str());
+    for (const auto& tensor : record.inputs)
+      if (!tensor.slot.empty()) slot_inputs.push_back(tensor.slot);
+    for (const auto& tensor : record.outputs)
+      if (!tensor.slot.empty()) slot_outputs.push_back(tensor.slot);
+    if (slot_inputs != reads) subsets[i]["inputs"].fail("the cache inputs' slots differ from 'reads'");
+    if (slot_outputs != writes) subsets[i]["outputs"].fail("the fresh outputs' slots differ from 'writes'");
+  }
+  std::set<std::string> written;
+  for (size_t step = 0; step < m.step_subset.size(); ++step) {
+    const SubsetRecord& record = m.subsets[m.step_subset[step]];
+    if (step == 0 && std::find(record.compute.begin(), record.compute.end(), false) != record.compute.end())
+      step_subset[0].fail("names subset " + std::to_string(record.index) + ", which reuses sub-layers; the first " +
+                          "step must compute every sub-layer (nothing is cached yet)");
+    for (const auto& tensor : record.inputs)
+      if (!tensor.slot.empty() && !written.count(tensor.slot))
+        step_subset[step].fail("runs subset " + std::to_string(record.index) + ", which reads cache slot " +
+                               tensor.slot + " that no earlier step writes");
+    for (const auto& tensor : record.outputs)
+      if (!tensor.slot.empty()) written.insert(tensor.slot);
+  }
+}
+
 }  // namespace
 
 Manifest Manifest::load(const fs::path& where, bool verify_files) {
@@ -85,6 +119,7 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   m.path = fs::is_directory(where) ? where / "manifest.json" : where;
   m.folder = m.path.parent_path();
   const std::string file = m.path.string();
+  if (fs::is_symlink(m.path)) throw Error(file + ": is a symbolic link; a build folder holds no links");
   std::ifstream in(m.path);
   if (!in) throw Error(file + ": cannot be read (is " + m.folder.string() + " an l2c-export build?)");
   json data;
@@ -166,28 +201,46 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   }
   if (m.full_subset < 0) subsets.fail("has no subset that computes every sub-layer (the full-compute engine)");
 
-  Fields step_subset = root["schedule"]["step_subset"];
+  Fields schedule = root["schedule"], step_subset = schedule["step_subset"];
   if (static_cast<int>(step_subset.size()) != m.sampler->num_model_calls())
     step_subset.fail("has " + std::to_string(step_subset.size()) + " entries; expected one per model call of the " +
                      "sampler (" + std::to_string(m.sampler->num_model_calls()) + ")");
+  if (schedule["compute"].size() != step_subset.size())
+    schedule["compute"].fail("has " + std::to_string(schedule["compute"].size()) + " rows for " +
+                             std::to_string(step_subset.size()) + " steps in 'schedule/step_subset'");
   for (size_t i = 0; i < step_subset.size(); ++i)
     m.step_subset.push_back(static_cast<int>(step_subset[i].integer(0, static_cast<int64_t>(m.subsets.size()) - 1)));
+  check_consistency(m, subsets, step_subset);
   m.ideal_speedup = root["macs"]["ideal_speedup"].number();
   if (root.has("tensorrt") && root["tensorrt"].has("timing_cache"))
     m.other_files.push_back(read_file_record(root["tensorrt"]["timing_cache"]));
 
-  if (verify_files) {
-    for (const FileRecord& record : m.files()) {
-      fs::path path = m.folder / record.file;
-      if (!fs::is_regular_file(path))
-        throw Error(file + ": file " + record.file + " is missing from " + m.folder.string());
-      std::string actual = sha256_file(path);
-      if (actual != record.sha256)
-        throw Error(path.string() + ": sha256 " + actual + " does not match the manifest's " + record.sha256 +
-                    " (the file was changed after the build)");
-    }
+  for (const FileRecord& record : m.files()) {
+    const fs::path path = m.file_path(record);
+    if (!fs::is_regular_file(path))
+      throw Error(file + ": file " + record.file + " is missing from " + m.folder.string());
+    if (!verify_files) continue;
+    const uintmax_t size = fs::file_size(path);
+    if (size != record.bytes)
+      throw Error(path.string() + ": sha256 cannot match: " + std::to_string(size) + " bytes where the manifest says " +
+                  std::to_string(record.bytes) + " (the file was changed after the build)");
+    const std::string actual = sha256_file(path);
+    if (actual != record.sha256)
+      throw Error(path.string() + ": sha256 " + actual + " does not match the manifest's " + record.sha256 +
+                  " (the file was changed after the build)");
   }
   return m;
+}
+
+fs::path Manifest::file_path(const FileRecord& record) const {
+  fs::path at = folder;
+  for (const auto& part : fs::path(record.file)) {
+    at /= part;
+    if (fs::is_symlink(at))
+      throw Error(path.string() + ": file " + record.file + " is (or lies in) a symbolic link; a build folder holds "
+                  "no links, so nothing outside it is ever read");
+  }
+  return at;
 }
 
 const SubsetRecord& Manifest::subset(int index) const {

@@ -99,6 +99,29 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
+// The session's inputs and outputs must be the manifest's records: names, order and element types.
+void check_interface(const Ort::Session& session, const SubsetRecord& record, const fs::path& file) {
+  Ort::AllocatorWithDefaultOptions allocator;
+  for (bool outputs : {false, true}) {
+    const std::vector<TensorRecord>& expected = outputs ? record.outputs : record.inputs;
+    const size_t count = outputs ? session.GetOutputCount() : session.GetInputCount();
+    std::string got, want;
+    bool same = count == expected.size();
+    for (size_t i = 0; i < count; ++i) {
+      auto name = outputs ? session.GetOutputNameAllocated(i, allocator) : session.GetInputNameAllocated(i, allocator);
+      auto type = (outputs ? session.GetOutputTypeInfo(i) : session.GetInputTypeInfo(i))
+                      .GetTensorTypeAndShapeInfo().GetElementType();
+      got += std::string(i ? ", " : "") + name.get();
+      same = same && i < expected.size() && expected[i].name == name.get() && element_type(expected[i].dtype) == type;
+    }
+    for (size_t i = 0; i < expected.size(); ++i) want += (i ? ", " : "") + expected[i].name + " " + expected[i].dtype;
+    if (!same)
+      throw Error(file.string() + ": the graph's " + (outputs ? "outputs (" : "inputs (") + got +
+                  ") are not the manifest's (field 'subsets/" + std::to_string(record.index) +
+                  (outputs ? "/outputs': " : "/inputs': ") + want + ")");
+  }
+}
+
 // weights.bin, mapped read-only once for the whole process lifetime of the pipeline.
 class MappedFile {
  public:
@@ -190,9 +213,9 @@ Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
     throw Error(where + ": field 'guidance/guided_channels' is " + std::to_string(m.guidance.guided_channels) +
                 "; expected at most model_out's " + std::to_string(p.out_shape[0]) + " channels");
 
-  p.weights = std::make_unique<MappedFile>(m.folder / m.weights.file);
+  p.weights = std::make_unique<MappedFile>(m.file_path(m.weights));
   if (p.weights->size() != m.weights.bytes)
-    throw Error((m.folder / m.weights.file).string() + ": " + std::to_string(p.weights->size()) +
+    throw Error(m.file_path(m.weights).string() + ": " + std::to_string(p.weights->size()) +
                 " bytes; the manifest says " + std::to_string(m.weights.bytes));
   for (const WeightTensor& w : m.weight_tensors)
     p.weight_values.push_back(Ort::Value::CreateTensor(p.cpu, p.weights->data() + w.offset, w.length,
@@ -217,9 +240,11 @@ Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
     if (p.options.provider == Provider::TensorRT) p.append_tensorrt(session_options);
     // ONNX Runtime runs ONNX: an onnxruntime build's engine is its graph; a TensorRT build's plans are for TensorRT
     // itself, so its graphs are opened (ONNX Runtime's TensorRT provider builds and caches its own engines).
-    const fs::path file = m.folder / (m.backend == "onnxruntime" ? record.engine.file : record.graph.file);
+    const fs::path file = m.file_path(m.backend == "onnxruntime" ? record.engine : record.graph);
     try {
-      p.sessions.emplace(index, Ort::Session(*p.ort->env, file.c_str(), session_options));
+      Ort::Session session(*p.ort->env, file.c_str(), session_options);
+      check_interface(session, record, file);
+      p.sessions.emplace(index, std::move(session));
     } catch (const Ort::Exception& error) {
       throw Error(file.string() + ": ONNX Runtime cannot load it: " + error.what());
     }
@@ -340,8 +365,9 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
   for (float value : noise.data)
     if (!std::isfinite(value)) throw Error("noise holds a value that is not finite; expected finite float32 noise");
   const double cfg_scale = options.cfg_scale.value_or(m.guidance.cfg_scale);
-  if (!std::isfinite(cfg_scale) || cfg_scale < 0.0)
-    throw Error("cfg_scale " + std::to_string(cfg_scale) + ": expected a finite scale >= 0");
+  if (!std::isfinite(cfg_scale) || cfg_scale < 1.0)
+    throw Error("cfg_scale is " + std::to_string(cfg_scale) + "; expected a finite number at least 1 "
+                "(uncond + s * (cond - uncond); 1 means no guidance)");
   const bool guiding = cfg_scale > 1.0;
   const int64_t model_batch = guiding ? 2 * n : n;
   if (model_batch < m.batch_min || model_batch > m.batch_max)

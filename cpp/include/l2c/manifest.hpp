@@ -73,6 +73,8 @@ struct Manifest {
   // verify_files, every listed file's size and sha256. Throws l2c::Error naming the file and the field.
   static Manifest load(const std::filesystem::path& folder, bool verify_files = true);
 
+  // folder / record.file, refusing a symbolic link anywhere on the way.
+  std::filesystem::path file_path(const FileRecord& record) const;
   const SubsetRecord& subset(int index) const;
   const CacheSlot& slot(const std::string& name) const;
   // The record of a subset's model input or output by role ("x", "t", "y", "model_out").
