@@ -56,7 +56,7 @@ class Pipeline {
 
   const Manifest& manifest() const;
   std::vector<int64_t> sample_shape() const;  // (C, H, W) of one sample, from the subsets' `x` input record
-  std::vector<std::string> providers() const;  // what the sessions really run on
+  std::vector<std::string> providers() const;  // the execution providers the sessions were created with
 
  private:
   struct Impl;
