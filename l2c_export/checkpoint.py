@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -30,7 +31,8 @@ def load_torch_file(path: str | Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
+        with torch.serialization.safe_globals(_ALLOWED_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... depending on the damage
         raise CheckpointError(f"{path}: {_why_not_loadable(error)}") from None
@@ -39,14 +41,17 @@ def load_torch_file(path: str | Path) -> object:
 def _why_not_loadable(error: Exception) -> str:
     """torch's message, less its advice to pass ``weights_only=False`` (which would run whatever the file holds)."""
     text = str(error)
-    refused = re.search(r"(?:Unsupported global|Unsupported operand|unsupported global): ?(?:GLOBAL )?([\w.]+)", text)
+    refused = re.search(r"(?:[Uu]nsupported global:|unsupported) GLOBAL ([\w.]+)", text)
     if refused:
         return (f"refused: it needs {refused.group(1)!r}, which only unrestricted unpickling would create (a "
                 f"checkpoint holds tensors; only argparse.Namespace is allowed besides them)")
+    if "Unsupported operand" in text:
+        return ("not a torch file that loads without unrestricted unpickling (its pickle stream has an instruction "
+                "torch's safe loader refuses: a damaged file, not a torch file, or objects other than tensors)")
     if "weights_only" in text or "Weights only load failed" in text:
         return "refused: it holds objects other than tensors, which only unrestricted unpickling would create"
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return f"not a readable torch file ({first_line})"
+    return f"not a torch file (.pt/.pth zip or pickle archive) that loads safely ({type(error).__name__}: " \
+           f"{text.strip().splitlines()[0] if text.strip() else 'no detail'})"
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

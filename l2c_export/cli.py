@@ -53,6 +53,19 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             raise CommandError("interrupted", EXIT_INTERRUPTED) from None
 
+    def main(self, *args, **kwargs):
+        """Click's main, except that every error is one line on stderr (click's usage errors print three)."""
+        kwargs.pop("standalone_mode", None)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as error:
+            click.echo(f"Error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Error: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 def _describe_os_error(error: OSError) -> str:
     where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
@@ -616,8 +629,6 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
 
 
 def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config):
-    import json
-
     from . import zoo
     from .models import DiTConfig
 
@@ -625,9 +636,11 @@ def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_con
         return _resolve_model(checkpoint, model_name, image_size, num_classes)
     if checkpoint is None:
         raise click.UsageError("--model-config describes a --checkpoint; give both")
+    from .util import read_json
+
     try:
-        config = DiTConfig.from_dict(json.loads(Path(model_config).read_text()))
-    except (OSError, json.JSONDecodeError) as error:
+        config = DiTConfig.from_dict(read_json(Path(model_config), ValueError))
+    except (ValueError, TypeError, KeyError) as error:
         raise click.BadParameter(f"{model_config}: {error}", param_hint="--model-config") from None
     return zoo.ModelSpec(name=Path(checkpoint).stem, config=config, weights=Path(checkpoint),
                          space="pixel" if config.in_channels in (1, 3) else "latent", cfg_scale=1.0)

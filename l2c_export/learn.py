@@ -235,6 +235,9 @@ def load_latents(path: Path, labels_path: Path | None, config) -> tuple[np.ndarr
     expected = (config.in_channels, config.input_size, config.input_size)
     if latents.ndim != 4 or tuple(latents.shape[1:]) != expected:
         raise ValueError(f"{path}: latents of shape {latents.shape}; expected (n, {', '.join(map(str, expected))})")
+    if not np.issubdtype(latents.dtype, np.floating) or not np.isfinite(latents).all():
+        raise ValueError(f"{path}: latents must be finite floating-point numbers (found {latents.dtype} with NaN, "
+                         f"infinite or non-float values)")
     if labels_path is None:
         return latents.astype(np.float32), np.full(len(latents), -1, dtype=np.int64)
     labels = np.load(labels_path, allow_pickle=False)
@@ -472,6 +475,9 @@ def _load_state(path: Path, router: Router, optimizer: torch.optim.Optimizer, se
     if differing:
         raise ValueError(f"{path}: field 'settings' differs from this run in "
                          + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in differing.items()))
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values; expected a finite learning state")
     if tuple(tensors["logits"].shape) != (num_steps, 2 * depth):
         raise ValueError(f"{path}: tensor 'logits' has shape {tuple(tensors['logits'].shape)}; expected "
                          f"({num_steps}, {2 * depth})")

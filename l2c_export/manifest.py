@@ -60,7 +60,11 @@ def validate(data: dict, where: str) -> None:
         jsonschema.validate(data, schema())
     except jsonschema.ValidationError as error:
         field = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise ManifestError(f"{where}: field '{field}': {error.message}") from None
+        message = error.message
+        if error.validator == "pattern" and field.endswith("/file"):
+            message = (f"file {error.instance!r} is not a plain relative path inside the build folder (no absolute "
+                       f"path, '..', hidden component or backslash)")
+        raise ManifestError(f"{where}: field '{field}': {message}") from None
 
 
 def write(folder: Path, data: dict) -> Path:
@@ -108,6 +112,8 @@ def load(folder: str | Path, verify_files: bool = True) -> dict:
     """Reads and validates ``folder/manifest.json`` (schema, consistency, every file path inside the folder); with
     ``verify_files`` also checks every file's size and sha256."""
     folder = Path(folder)
+    if not folder.exists():
+        raise ManifestError(f"{folder}: no such build folder")
     path = folder / MANIFEST_NAME if folder.is_dir() else folder
     folder = path.parent
     if path.is_symlink():
@@ -150,6 +156,15 @@ def check_consistency(data: dict, where: str) -> None:
     if len(schedule["compute"]) != len(step_subset):
         raise ManifestError(f"{where}: field 'schedule/compute' has {len(schedule['compute'])} rows for "
                             f"{len(step_subset)} steps in 'schedule/step_subset'")
+    sampler = data["sampler"]
+    if not len(sampler["timesteps"]) == sampler["num_steps"] == len(step_subset):
+        raise ManifestError(f"{where}: field 'sampler/num_steps' is {sampler['num_steps']}, with "
+                            f"{len(sampler['timesteps'])} 'sampler/timesteps' and {len(step_subset)} "
+                            f"'schedule/step_subset'; expected one of each per step")
+    for name, table in sampler.items():
+        if isinstance(table, list) and len(table) != sampler["num_steps"]:
+            raise ManifestError(f"{where}: field 'sampler/{name}' has {len(table)} entries; expected num_steps = "
+                                f"{sampler['num_steps']}")
     slots = {slot["name"] for slot in data["cache_slots"]}
     written: set[str] = set()
     for step, index in enumerate(step_subset):

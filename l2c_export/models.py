@@ -38,6 +38,15 @@ class DiTConfig:
     learn_sigma: bool = True
 
     def __post_init__(self):
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DiT config field {name!r} is {value!r}; expected a positive integer")
+        if not isinstance(self.mlp_ratio, (int, float)) or not 0 < self.mlp_ratio < 1e3:
+            raise ValueError(f"DiT config field 'mlp_ratio' is {self.mlp_ratio!r}; expected a positive number")
+        if not isinstance(self.class_dropout_prob, (int, float)) or not 0 <= self.class_dropout_prob <= 1:
+            raise ValueError(f"DiT config field 'class_dropout_prob' is {self.class_dropout_prob!r}; expected a "
+                             f"number in [0, 1]")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:

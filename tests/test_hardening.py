@@ -1,0 +1,427 @@
+"""Hardening, tried as a user and as an attacker would: nothing lost, nothing outside a build folder read, no bad
+number accepted, one clear line and a documented exit code for every user error.
+
+Exit codes: 1 a check failed (verify), 2 bad input, 3 backend unavailable, 4 the file system refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from l2c_export import manifest as manifest_io
+from l2c_export.build import BuildRequest, _exchange, build
+from l2c_export.zoo import embedded_default
+
+from .conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory) -> Path:
+    """The embedded default with its own schedule, built for ONNX Runtime (fp32)."""
+    spec = embedded_default()
+    out = tmp_path_factory.mktemp("hardening") / "engines"
+    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
+    return out
+
+
+def _copy(build_dir: Path, target: Path) -> Path:
+    shutil.copytree(build_dir, target)
+    return target
+
+
+def _refused(*args: str, code: int = 2) -> str:
+    """Runs the CLI, expecting exit ``code`` and exactly one line on stderr, no traceback; returns that line."""
+    result = run_cli(*args, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]  # not tqdm
+    assert result.returncode == code, f"exit {result.returncode}, expected {code}:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _write_manifest(folder: Path, data: dict) -> None:
+    (folder / "manifest.json").write_text(json.dumps(data, indent=1))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(folder.rglob("*"))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nothing lost: --out must be absent, empty or a previous build.
+
+def test_build_refuses_a_folder_of_the_users_files_and_writes_nothing(tmp_path):
+    docs = tmp_path / "mydocs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "thesis.txt").write_text("x\n")
+    before = _snapshot(tmp_path)
+    line = _refused("build", "--out", str(docs))
+    assert f"--out {docs}: not empty and not an l2c-export build" in line and "thesis.txt" in line
+    assert _snapshot(tmp_path) == before  # nothing written beside it either (no staging folder, no lock)
+
+
+def test_build_refuses_a_previous_build_with_foreign_files_and_a_file_as_out(default_build, tmp_path):
+    folder = _copy(default_build, tmp_path / "build")
+    (folder / "notes.txt").write_text("mine")
+    line = _refused("build", "--out", str(folder))
+    assert "also holds files the build did not write (notes.txt)" in line
+    assert (folder / "notes.txt").read_text() == "mine"
+    (tmp_path / "afile").write_text("data")
+    assert "afile' is a file" in _refused("build", "--out", str(tmp_path / "afile"))
+    assert "afile is a file, not a folder" in _refused("build", "--out", str(tmp_path / "afile" / "sub"))
+    assert (tmp_path / "afile").read_text() == "data"
+
+
+def test_build_replaces_an_empty_folder_and_a_previous_build(default_build, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_cli("build", "--out", str(empty))
+    manifest_io.load(empty)
+    run_cli("build", "--out", str(empty))  # a previous build: replaced, everything reused
+    manifest_io.load(empty)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A build folder is a closed world.
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_a_manifest_naming_a_file_outside_its_folder_is_refused_by_run_and_build(default_build, tmp_path, how):
+    folder = _copy(default_build, tmp_path / "planted")
+    data = _manifest(folder)
+    record = data["subsets"][1]
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(folder / record["engine"]["file"], outside)  # the same bytes: only the path check can stop it
+    if how == "symlink":
+        (folder / record["engine"]["file"]).unlink()
+        (folder / record["engine"]["file"]).symlink_to(outside)
+        name = record["engine"]["file"]
+    else:
+        (folder / record["engine"]["file"]).unlink()
+        name = str(outside) if how == "absolute" else "../outside.onnx"
+        record["engine"]["file"] = record["graph"]["file"] = name
+        _write_manifest(folder, data)
+    line = _refused("run", str(folder), "--labels", "1")
+    assert str(folder / "manifest.json") in line
+    assert (f"file {name!r} is (or lies in) a symbolic link" in line if how == "symlink"
+            else f"'{name}'" in line and "not a plain relative path inside the build folder" in line)
+    # A build over the planted folder refuses it and never hard-links the outside file in.
+    assert "not an l2c-export build" in _refused("build", "--out", str(folder))
+    assert os.stat(outside).st_nlink == 1
+
+
+def test_a_graph_whose_weights_point_outside_the_build_is_refused(default_build, tmp_path):
+    import onnx
+
+    folder = _copy(default_build, tmp_path / "external")
+    data = _manifest(folder)
+    record = data["subsets"][0]
+    path = folder / record["graph"]["file"]
+    graph = onnx.load(path, load_external_data=False)
+    tensor = next(t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in tensor.external_data if e.key == "location").value = "../secret.bin"
+    onnx.save_model(graph, str(path))
+    record["graph"] = record["engine"] = manifest_io.file_entry(folder, record["graph"]["file"], record["graph"]["key"])
+    _write_manifest(folder, data)
+    line = _refused("run", str(folder), "--labels", "1")
+    assert f"{path}: initializer {tensor.name!r} reads '../secret.bin'" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inconsistent manifests.
+
+def _edit(default_build: Path, tmp_path: Path, edit) -> Path:
+    folder = _copy(default_build, tmp_path / "edited")
+    data = _manifest(folder)
+    edit(data)
+    _write_manifest(folder, data)
+    return folder
+
+
+def test_a_step_naming_a_missing_subset_is_refused(default_build, tmp_path):
+    def edit(data):
+        data["schedule"]["step_subset"][3] = 42
+
+    line = _refused("run", str(_edit(default_build, tmp_path, edit)), "--labels", "1")
+    assert "field 'schedule/step_subset/3' names subset 42" in line
+
+
+def test_a_first_step_that_reuses_is_refused(default_build, tmp_path):
+    def edit(data):
+        data["schedule"]["step_subset"][0] = 1
+
+    line = _refused("run", str(_edit(default_build, tmp_path, edit)), "--labels", "1")
+    assert "the first step must compute every sub-layer" in line
+
+
+def test_weight_offsets_past_the_end_of_the_weights_file_are_refused(default_build, tmp_path):
+    def edit(data):
+        data["weight_tensors"][-1]["offset"] = data["weights"]["bytes"]
+
+    line = _refused("run", str(_edit(default_build, tmp_path, edit)), "--labels", "1")
+    assert "lie past the end of weights.bin" in line
+
+
+def test_a_graph_whose_interface_differs_from_the_manifest_is_refused(default_build, tmp_path):
+    def edit(data):
+        data["subsets"][1]["inputs"][0]["name"] = "latents"
+
+    line = _refused("run", str(_edit(default_build, tmp_path, edit)), "--labels", "1")
+    assert "the graph's inputs" in line and "are not the manifest's" in line and "'latents'" in line
+
+
+def test_nan_in_the_manifests_sampler_tables_is_refused(default_build, tmp_path):
+    folder = _copy(default_build, tmp_path / "nan")
+    text = (folder / "manifest.json").read_text()
+    data = json.loads(text)
+    first = json.dumps(data["sampler"]["alphas_cumprod"][0])
+    (folder / "manifest.json").write_text(text.replace(first, "NaN", 1))
+    line = _refused("run", str(folder), "--labels", "1")
+    assert "manifest.json: not valid JSON (NaN is not a JSON number" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Locked, atomic, and the modes a user's umask gives.
+
+def test_two_builds_into_one_folder_at_once_are_serialised(tmp_path):
+    out = tmp_path / "engines"
+    command = [sys.executable, "-m", "l2c_export.cli", "build", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first, second = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=REPO) for _ in range(2))
+    outputs = [process.communicate(timeout=600) for process in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    assert any("waiting for the build already running into" in stdout for stdout, _ in outputs)
+    manifest_io.load(out, verify_files=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".engines.lock", "engines"]
+
+
+def test_a_build_killed_between_the_two_renames_is_restored_before_anything_else(default_build, tmp_path):
+    """The two-rename fallback (file systems without RENAME_EXCHANGE) moves the previous build to .<name>.old first;
+    a kill right then leaves nothing at --out. The next build puts it back, and it is a usable build meanwhile."""
+    out = tmp_path / "engines"
+    old = tmp_path / ".engines.old"
+    _copy(default_build, old)
+    (tmp_path / ".engines.staging").mkdir()  # the half-written new build
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({"num_steps": 20, "depth": 6, "compute": [[1] * 12] * 20}))
+    result = run_cli("build", "--out", str(out), "--schedule", str(full))
+    # Restored first: the new build reuses the previous one's weights and full graph without tracing.
+    assert "1 exported, 1 file(s) reused" in result.stdout  # weights.bin, from the restored build
+    assert not old.exists() and not (tmp_path / ".engines.staging").exists()
+    assert len(manifest_io.load(out)["subsets"]) == 1
+
+
+def test_the_output_swap_is_one_atomic_exchange(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_text("a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "f").write_text("b")
+    if not _exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this file system cannot exchange names atomically (renameat2 RENAME_EXCHANGE)")
+    assert (tmp_path / "a" / "f").read_text() == "b" and (tmp_path / "b" / "f").read_text() == "a"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_build_files_get_the_modes_of_the_users_umask(tmp_path, umask):
+    out = tmp_path / "engines"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([sys.executable, "-m", "l2c_export.cli", "build", "--out", str(out)], check=True,
+                   capture_output=True, env=env, cwd=REPO, preexec_fn=lambda: os.umask(umask))
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every number that enters is finite and in range.
+
+def test_nan_weights_are_refused_naming_the_tensor(tmp_path):
+    from l2c_export.models import DiT, dit_config
+
+    state = DiT(dit_config("DiT-S/2", input_size=4, num_classes=10)).state_dict()
+    state["blocks.1.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    line = _refused("build", "--checkpoint", str(tmp_path / "nan.pt"), "--model", "DiT-S/2", "--image-size", "32",
+                    "--num-classes", "10", "--out", str(tmp_path / "out"))
+    assert f"{tmp_path / 'nan.pt'}: tensor 'blocks.1.attn.qkv.weight' holds 1 NaN or infinite value(s)" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_router_logits_are_refused_naming_the_key(tmp_path):
+    from argparse import Namespace
+
+    routers = {f"{i}.prob": torch.zeros(12) for i in range(20)}
+    routers["7.prob"][3] = float("nan")
+    torch.save({"routers": routers, "args": Namespace(model="x")}, tmp_path / "router.pt")
+    line = _refused("schedule", "--router", str(tmp_path / "router.pt"))
+    assert "field 'routers' key '7.prob' holds NaN or infinite logits" in line
+    from safetensors.numpy import save_file
+
+    save_file({"logits": np.full((20, 12), np.inf, dtype=np.float32)}, str(tmp_path / "router.safetensors"))
+    assert "tensor 'logits' holds NaN or infinite values" in _refused("schedule", "--router",
+                                                                      str(tmp_path / "router.safetensors"))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_noise_is_refused(default_build, tmp_path, value):
+    noise = np.zeros((1, 1, 8, 8), dtype=np.float32)
+    noise[0, 0, 2, 3] = float(value)
+    np.save(tmp_path / "z.npy", noise)
+    line = _refused("run", str(default_build), "--labels", "1", "--noise", str(tmp_path / "z.npy"),
+                    "--save-latents", str(tmp_path / "out.npy"))
+    assert "1 of its 64 values are NaN or infinite" in line
+    assert not (tmp_path / "out.npy").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("run", "{build}", "--cfg-scale", "nan"), "'nan' is not a finite number"),
+    (("run", "{build}", "--cfg-scale", "inf"), "'inf' is not a finite number"),
+    (("run", "{build}", "--cfg-scale", "-3"), "expected a number >= 1.0"),
+    (("build", "--threshold", "nan", "--router", "{router}", "--out", "{out}"), "'nan' is not a finite number"),
+    (("build", "--steps", "0", "--out", "{out}"), "0 is not in the range 1<=x<=1000"),
+    (("schedule", "--router", "{router}", "--target-mac-fraction", "1.5"), "expected a number > 0.0 and <= 1.0"),
+])
+def test_flags_out_of_range_are_refused(default_build, tmp_path, flags, message):
+    from l2c_export.zoo import DEFAULT_DIR
+
+    args = [f.format(build=default_build, router=DEFAULT_DIR / "router.safetensors", out=tmp_path / "out")
+            for f in flags]
+    assert message in _refused(*args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_is_written_and_read_strictly(tmp_path):
+    from l2c_export.schedule import Schedule, ScheduleError
+    from l2c_export.util import write_json
+
+    with pytest.raises(ValueError, match="x.json: refusing to write a non-finite number"):
+        write_json(tmp_path / "x.json", {"threshold": float("nan")})
+    assert not (tmp_path / "x.json").exists()
+    (tmp_path / "s.json").write_text('{"num_steps": 1, "depth": 1, "compute": [[1, 1]], "threshold": Infinity}')
+    with pytest.raises(ScheduleError, match="s.json: not valid JSON \\(Infinity is not a JSON number"):
+        Schedule.load(tmp_path / "s.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backends, checkpoints, I/O.
+
+def test_a_missing_backend_is_exit_3_for_run_and_verify(default_build):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; this test covers machines without it")
+    except ImportError:
+        pass
+    for command in ("run", "verify"):
+        assert "TensorRT is not installed" in _refused(command, str(default_build), "--backend", "tensorrt", code=3)
+
+
+def test_a_pickle_exploit_is_refused_without_torchs_advice_to_unpickle(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    for protocol in (2, 4):  # torch.save's protocol, and one its safe unpickler does not speak
+        with open(tmp_path / "evil.pt", "wb") as f:
+            pickle.dump({"weight": Exploit()}, f, protocol=protocol)
+        line = _refused("build", "--checkpoint", str(tmp_path / "evil.pt"), "--model", "DiT-S/2", "--image-size",
+                        "32", "--out", str(tmp_path / "out"))
+        if protocol == 2:
+            assert "refused: it needs 'posix.system', which only unrestricted unpickling would create" in line
+        else:
+            assert "not a torch file that loads without unrestricted unpickling" in line
+        assert "weights_only" not in line
+        assert not (tmp_path / "pwned").exists()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs (a real full disk); skipped where this process may not mount (it needs root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_exit_4_and_leaves_the_previous_build(default_build, small_tmpfs):
+    out = small_tmpfs / "engines"
+    line = _refused("build", "--out", str(out), code=4)  # the default's weights alone are 7 MB
+    assert "No space left on device" in line and f"writing the build into {out}" in line
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == [".engines.lock"]
+
+
+def test_a_read_only_folder_is_one_line_exit_4(default_build, small_tmpfs):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    line = _refused("run", str(default_build), "--labels", "1", "--save-latents", str(small_tmpfs / "l.npy"), code=4)
+    assert "Read-only file system" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A non-editable install (a wheel) can build: its package data is complete.
+
+def test_the_wheel_installs_into_a_fresh_environment_and_builds(tmp_path):
+    wheels, source = tmp_path / "wheels", tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv*", ".git", "engines", "build", "*.egg-info",
+                                                                 "__pycache__", ".pytest_cache", "cpp"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(source)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("l2c_export-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    # The dependencies (torch, onnx, ...) come from this environment's site-packages, without its .pth files, so
+    # the editable install of this checkout is not seen: l2c_export can only come from the wheel.
+    here = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
+    (site / "dependencies.pth").write_text(f"{here}\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True,
+                   capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(python), "-c", "import l2c_export; print(l2c_export.__file__)"], capture_output=True,
+                           text=True, check=True, cwd=tmp_path, env=env).stdout
+    assert where.startswith(str(venv))
+    result = subprocess.run([str(venv / "bin" / "l2c-export"), "build", "--out", str(tmp_path / "engines")],
+                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    manifest_io.load(tmp_path / "engines")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("alphas_cumprod", 1.5, "field 'sampler/alphas_cumprod/2': 1.5 is greater than the maximum of 1"),
+    ("log_betas", 0.7, "field 'sampler/log_betas/2': 0.7 is greater than the maximum of 0"),
+    ("timesteps", 5000, "field 'sampler/timesteps/2': 5000 is greater than the maximum of 999"),
+])
+def test_manifest_tables_out_of_range_are_refused(default_build, tmp_path, field, value, message):
+    def edit(data):
+        data["sampler"][field][2] = value
+
+    assert message in _refused("run", str(_edit(default_build, tmp_path, edit)), "--labels", "1")
+
+
+def test_a_sampler_table_of_the_wrong_length_is_refused(default_build, tmp_path):
+    def edit(data):
+        data["sampler"]["posterior_mean_coef1"].pop()
+
+    line = _refused("run", str(_edit(default_build, tmp_path, edit)), "--labels", "1")
+    assert "field 'sampler/posterior_mean_coef1' has 19 entries; expected num_steps = 20" in line
