@@ -116,6 +116,7 @@ void check_consistency(const Manifest& m, const Fields& subsets, const Fields& s
 
 Manifest Manifest::load(const fs::path& where, bool verify_files) {
   Manifest m;
+  if (!fs::exists(where)) throw Error(where.string() + ": no such build folder");
   m.path = fs::is_directory(where) ? where / "manifest.json" : where;
   m.folder = m.path.parent_path();
   const std::string file = m.path.string();

@@ -99,7 +99,7 @@ std::shared_ptr<const Sampler> make_sampler(const Fields& section, bool learn_si
   tables.learn_sigma = learn_sigma;
   tables.clip_denoised = section["clip_denoised"].boolean();
   for (size_t i = 0; i < section["timesteps"].size(); ++i)
-    tables.timesteps.push_back(static_cast<double>(section["timesteps"][i].integer(0, 1 << 20)));
+    tables.timesteps.push_back(static_cast<double>(section["timesteps"][i].integer(0, 999)));
   if (tables.timesteps.size() != steps)
     section["timesteps"].fail("has " + std::to_string(tables.timesteps.size()) + " entries; expected num_steps (" +
                               std::to_string(steps) + ")");
@@ -117,6 +117,8 @@ std::shared_ptr<const Sampler> make_sampler(const Fields& section, bool learn_si
       section["alphas_cumprod"][s].fail("expected a value in (0, 1)");
     if (!(tables.alphas_cumprod_prev[s] > 0.0 && tables.alphas_cumprod_prev[s] <= 1.0))
       section["alphas_cumprod_prev"][s].fail("expected a value in (0, 1]");
+    for (const char* log_table : {"posterior_log_variance_clipped", "log_betas", "fixed_log_variance"})
+      if (section[log_table][s].number() > 0.0) section[log_table][s].fail("expected a log variance, at most 0");
   }
   if (kind == "ddim") return std::make_shared<DdimSampler>(std::move(tables));
   if (kind == "ddpm") return std::make_shared<DdpmSampler>(std::move(tables));
