@@ -68,11 +68,26 @@ std::vector<int64_t> read_shape(const Fields& node, bool allow_batch) {
   return shape;
 }
 
-TensorRecord read_tensor(const Fields& node) {
-  TensorRecord record{node["name"].str(), node["dtype"].str(), read_shape(node["shape"], true), ""};
+TensorRecord read_tensor(const Fields& node, bool output) {
+  TensorRecord record{node["name"].str(), node["dtype"].str(), read_shape(node["shape"], true), "", ""};
   static const std::set<std::string> dtypes{"float32", "float16", "bfloat16", "int64"};
   if (!dtypes.count(record.dtype)) node["dtype"].fail("is " + record.dtype + "; expected float32, float16, bfloat16 or int64");
   if (node.has("slot")) record.slot = node["slot"].str();
+  if (node.has("role")) {
+    record.role = node["role"].str();
+  } else {  // schema 1: roles by name
+    static const std::map<std::string, std::string> by_name{
+        {"x", "sample"}, {"t", "time"}, {"y", "label"}, {"model_out", "output"}};
+    auto found = by_name.find(record.name);
+    record.role = !record.slot.empty() ? (output ? "fresh" : "cache") : found != by_name.end() ? found->second : "";
+  }
+  static const std::set<std::string> input_roles{"sample", "time", "label", "cache"}, output_roles{"output", "fresh"};
+  if (!(output ? output_roles : input_roles).count(record.role))
+    node.fail(std::string("has no role this runtime feeds; expected ") +
+              (output ? "model_out (role output) or a fresh output with a slot" :
+                        "x, t, y (roles sample, time, label) or a cache input with a slot"));
+  if ((record.role == "cache" || record.role == "fresh") == record.slot.empty())
+    node.fail("role " + record.role + (record.slot.empty() ? " needs a slot" : " takes no slot"));
   return record;
 }
 
@@ -189,8 +204,8 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     record.compute = read_bool_row(s["compute"]);
     record.graph = read_file_record(s["graph"]);
     record.engine = read_file_record(s["engine"]);
-    for (size_t k = 0; k < s["inputs"].size(); ++k) record.inputs.push_back(read_tensor(s["inputs"][k]));
-    for (size_t k = 0; k < s["outputs"].size(); ++k) record.outputs.push_back(read_tensor(s["outputs"][k]));
+    for (size_t k = 0; k < s["inputs"].size(); ++k) record.inputs.push_back(read_tensor(s["inputs"][k], false));
+    for (size_t k = 0; k < s["outputs"].size(); ++k) record.outputs.push_back(read_tensor(s["outputs"][k], true));
     for (const auto* list : {&record.inputs, &record.outputs})
       for (const auto& tensor : *list)
         if (!tensor.slot.empty() &&
@@ -256,11 +271,11 @@ const CacheSlot& Manifest::slot(const std::string& slot_name) const {
   throw Error(path.string() + ": no cache slot " + slot_name);
 }
 
-const TensorRecord& Manifest::model_tensor(const SubsetRecord& subset, const std::string& tensor_name, bool output) {
-  for (const auto& tensor : output ? subset.outputs : subset.inputs)
-    if (tensor.slot.empty() && tensor.name == tensor_name) return tensor;
-  throw Error("subset " + subset.name + ": no model " + (output ? "output " : "input ") + tensor_name +
-              " among its tensor records");
+const TensorRecord& Manifest::model_tensor(const SubsetRecord& subset, const std::string& role) {
+  for (const auto* list : {&subset.inputs, &subset.outputs})
+    for (const auto& tensor : *list)
+      if (tensor.role == role) return tensor;
+  throw Error("subset " + subset.name + ": no tensor record with role " + role);
 }
 
 std::vector<FileRecord> Manifest::files() const {

@@ -201,12 +201,12 @@ Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
 
   // Shapes come from the records: x is (batch, C, H, W), model_out (batch, C_out, H, W).
   const SubsetRecord& full = m.subset(m.full_subset);
-  const TensorRecord& x = Manifest::model_tensor(full, "x", false);
-  const TensorRecord& out = Manifest::model_tensor(full, "model_out", true);
+  const TensorRecord& x = Manifest::model_tensor(full, "sample");
+  const TensorRecord& out = Manifest::model_tensor(full, "output");
   if (x.shape.size() != 4 || x.dtype != "float32")
-    throw Error(where + ": subset " + full.name + " input x: expected float32 (batch, C, H, W)");
+    throw Error(where + ": subset " + full.name + " input " + x.name + ": expected float32 (batch, C, H, W)");
   if (out.shape.size() != 4 || out.dtype != "float32")
-    throw Error(where + ": subset " + full.name + " output model_out: expected float32 (batch, C_out, H, W)");
+    throw Error(where + ": subset " + full.name + " output " + out.name + ": expected float32 (batch, C_out, H, W)");
   p.sample_shape.assign(x.shape.begin() + 1, x.shape.end());
   p.out_shape.assign(out.shape.begin() + 1, out.shape.end());
   if (m.guidance.guided_channels > p.out_shape[0])
@@ -304,31 +304,21 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
   auto t_value = Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(t.data()), t.size(), &batch, 1);
   auto y_value = Ort::Value::CreateTensor<int64_t>(cpu, const_cast<int64_t*>(y.data()), y.size(), &batch, 1);
   for (const TensorRecord& input : record.inputs) {
-    if (!input.slot.empty()) {
+    if (input.role == "cache") {
       auto found = cache.slots.find(input.slot);
       if (found == cache.slots.end())
         throw Error("subset " + record.name + " reads cache slot " + input.slot + " before any step wrote it");
       binding.BindInput(input.name.c_str(), found->second.value);
-    } else if (input.name == "x") {
-      binding.BindInput("x", x_value);
-    } else if (input.name == "t") {
-      binding.BindInput("t", t_value);
-    } else if (input.name == "y") {
-      binding.BindInput("y", y_value);
     } else {
-      throw Error(manifest.path.string() + ": subset " + record.name + " input " + input.name +
-                  " is neither a cache slot nor one of x, t, y");
+      binding.BindInput(input.name.c_str(), input.role == "sample" ? x_value : input.role == "time" ? t_value : y_value);
     }
   }
   model_out = Tensor({batch, out_shape[0], out_shape[1], out_shape[2]});
   auto out_value = Ort::Value::CreateTensor<float>(cpu, model_out.data.data(), model_out.size(),
                                                    model_out.shape.data(), model_out.shape.size());
   for (const TensorRecord& output : record.outputs) {
-    if (output.slot.empty()) {
-      if (output.name != "model_out")
-        throw Error(manifest.path.string() + ": subset " + record.name + " output " + output.name +
-                    " is neither a cache slot nor model_out");
-      binding.BindOutput("model_out", out_value);
+    if (output.role == "output") {
+      binding.BindOutput(output.name.c_str(), out_value);
       continue;
     }
     const CacheSlot& slot = manifest.slot(output.slot);

@@ -90,10 +90,75 @@ void DdpmSampler::update(int s, Tensor& x, const Tensor& model_out, const float*
     }
 }
 
+const std::string& DpmSolver2SSampler::kind() const {
+  static const std::string name = "dpm_solver_2s";
+  return name;
+}
+
+std::vector<float> DpmSolver2SSampler::predict_x0(int call, const std::vector<float>& x, const Tensor& model_out) const {
+  const int64_t n = model_out.shape[0], plane = static_cast<int64_t>(x.size()) / n;
+  const int64_t out_plane = static_cast<int64_t>(model_out.size()) / n;
+  const float sigma = static_cast<float>(tables_.sigmas[call]), alpha = static_cast<float>(tables_.alphas[call]);
+  std::vector<float> x0(x.size());
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t i = 0; i < plane; ++i)
+      x0[b * plane + i] = (x[b * plane + i] - sigma * model_out.data[b * out_plane + i]) / alpha;
+  return x0;
+}
+
+void DpmSolver2SSampler::sample(Tensor& x, const ModelCall& model, const Tensor*) const {
+  Tensor x_s1(x.shape);
+  for (size_t k = 0; k < tables_.mid_x.size(); ++k) {
+    const int start = static_cast<int>(2 * k), middle = start + 1;
+    // The model output is only valid until the next call: x0_s is taken from it first.
+    const std::vector<float> x0_s = predict_x0(start, x.data, model(start, x, static_cast<float>(tables_.times[start] * 1000.0)));
+    const float mid_x = static_cast<float>(tables_.mid_x[k]), mid_x0 = static_cast<float>(tables_.mid_x0[k]);
+    for (size_t i = 0; i < x.size(); ++i) x_s1.data[i] = mid_x * x.data[i] + mid_x0 * x0_s[i];
+    const std::vector<float> x0_s1 =
+        predict_x0(middle, x_s1.data, model(middle, x_s1, static_cast<float>(tables_.times[middle] * 1000.0)));
+    const float out_x = static_cast<float>(tables_.out_x[k]), out_x0 = static_cast<float>(tables_.out_x0[k]);
+    const float out_diff = static_cast<float>(tables_.out_diff[k]);
+    for (size_t i = 0; i < x.size(); ++i)
+      x.data[i] = out_x * x.data[i] + out_x0 * x0_s[i] + out_diff * (x0_s1[i] - x0_s[i]);
+  }
+}
+
 namespace detail {
+
+namespace {
+
+std::shared_ptr<const Sampler> make_dpm_solver_2s(const Fields& section) {
+  const size_t calls = section["times"].size();
+  if (calls < 2 || calls % 2) section["times"].fail("has " + std::to_string(calls) + " entries; expected an even "
+                                                    "number of model calls, at least 2 (two per solver step)");
+  DpmSolverTables tables;
+  tables.times = section["times"].numbers(calls);
+  tables.alphas = section["alphas"].numbers(calls);
+  tables.sigmas = section["sigmas"].numbers(calls);
+  for (size_t c = 0; c < calls; ++c) {
+    if (!(tables.times[c] > 0.0 && tables.times[c] <= 1.0)) section["times"][c].fail("expected a time in (0, 1]");
+    if (!(tables.alphas[c] > 0.0 && tables.alphas[c] <= 1.0)) section["alphas"][c].fail("expected a value in (0, 1]");
+    if (!(tables.sigmas[c] > 0.0 && tables.sigmas[c] < 1.0)) section["sigmas"][c].fail("expected a value in (0, 1)");
+  }
+  const std::pair<const char*, std::vector<double>*> per_step[] = {{"mid_x", &tables.mid_x},
+                                                                   {"mid_x0", &tables.mid_x0},
+                                                                   {"out_x", &tables.out_x},
+                                                                   {"out_x0", &tables.out_x0},
+                                                                   {"out_diff", &tables.out_diff}};
+  for (const auto& [name, table] : per_step) *table = section[name].numbers(calls / 2);
+  if (section.has("num_calls") && section["num_calls"].integer() != static_cast<int64_t>(calls))
+    section["num_calls"].fail("expected " + std::to_string(calls) + ", one per entry of 'times'");
+  return std::make_shared<DpmSolver2SSampler>(std::move(tables));
+}
+
+}  // namespace
+
 
 std::shared_ptr<const Sampler> make_sampler(const Fields& section, bool learn_sigma) {
   const std::string kind = section["kind"].str();
+  if (kind == "dpm_solver_2s") return make_dpm_solver_2s(section);
+  if (kind != "ddim" && kind != "ddpm") section["kind"].fail("is " + kind + "; this l2c runtime knows ddim, ddpm and "
+                                                              "dpm_solver_2s");
   const size_t steps = static_cast<size_t>(section["num_steps"].integer(1, 1 << 20));
   RespacedTables tables;
   tables.learn_sigma = learn_sigma;
@@ -121,8 +186,7 @@ std::shared_ptr<const Sampler> make_sampler(const Fields& section, bool learn_si
       if (section[log_table][s].number() > 0.0) section[log_table][s].fail("expected a log variance, at most 0");
   }
   if (kind == "ddim") return std::make_shared<DdimSampler>(std::move(tables));
-  if (kind == "ddpm") return std::make_shared<DdpmSampler>(std::move(tables));
-  section["kind"].fail("is " + kind + "; this l2c runtime knows ddim and ddpm");
+  return std::make_shared<DdpmSampler>(std::move(tables));
 }
 
 }  // namespace detail

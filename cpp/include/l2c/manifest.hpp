@@ -11,7 +11,7 @@
 
 namespace l2c {
 
-constexpr int kSchemaVersion = 1;  // the newest manifest schema this runtime reads
+constexpr int kSchemaVersion = 2;  // the newest manifest schema this runtime reads (1 and 2)
 constexpr int64_t kBatch = -1;     // a "batch" dimension in a tensor record's shape
 
 struct FileRecord {
@@ -25,6 +25,9 @@ struct TensorRecord {
   std::string dtype;           // float32, float16, bfloat16, int64
   std::vector<int64_t> shape;  // kBatch where the record says "batch"
   std::string slot;            // the cache slot a cache input reads or a fresh output writes; empty otherwise
+  // What the runtime feeds or reads: inputs "sample", "time", "label", "cache"; outputs "output", "fresh". Schema 2
+  // records say it; for schema 1 it follows from the names x, t, y, model_out and the slot.
+  std::string role;
 };
 
 struct WeightTensor {
@@ -77,8 +80,8 @@ struct Manifest {
   std::filesystem::path file_path(const FileRecord& record) const;
   const SubsetRecord& subset(int index) const;
   const CacheSlot& slot(const std::string& name) const;
-  // The record of a subset's model input or output by role ("x", "t", "y", "model_out").
-  static const TensorRecord& model_tensor(const SubsetRecord& subset, const std::string& name, bool output);
+  // The record of a subset's tensor with `role` ("sample", "time", "label", "output").
+  static const TensorRecord& model_tensor(const SubsetRecord& subset, const std::string& role);
   // Every file the manifest lists (weights, graphs, engines), each once.
   std::vector<FileRecord> files() const;
 };

@@ -74,4 +74,28 @@ class DdpmSampler : public OneCallPerStepSampler {
   void update(int s, Tensor& x, const Tensor& model_out, const float* noise) const override;
 };
 
+// DPM-Solver++ (data prediction), singlestep, order 2 (r1 = 0.5), as Learning-to-Cache samples U-ViT
+// (l2c_export.samplers.DPMSolver2S): K steps of two model calls each, at the step's start s and its midpoint s1.
+//   x0 = (x - sigma * eps) / alpha                       at each call, with that call's alpha and sigma
+//   x_s1 = mid_x * x + mid_x0 * x0_s                      the midpoint call's input
+//   x <- out_x * x + out_x0 * x0_s + out_diff * (x0_s1 - x0_s)
+// The model sees 1000 * t as a float.
+struct DpmSolverTables {
+  std::vector<double> times, alphas, sigmas;                  // per call (2K)
+  std::vector<double> mid_x, mid_x0, out_x, out_x0, out_diff;  // per step (K)
+};
+
+class DpmSolver2SSampler : public Sampler {
+ public:
+  explicit DpmSolver2SSampler(DpmSolverTables tables) : tables_(std::move(tables)) {}
+  const std::string& kind() const override;
+  int num_model_calls() const override { return static_cast<int>(tables_.times.size()); }
+  void sample(Tensor& x, const ModelCall& model, const Tensor* step_noise) const override;
+
+ private:
+  // x0 = (x - sigma * eps) / alpha at model call `call`.
+  std::vector<float> predict_x0(int call, const std::vector<float>& x, const Tensor& model_out) const;
+  DpmSolverTables tables_;
+};
+
 }  // namespace l2c
