@@ -157,15 +157,14 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16")
     root["precision"].fail("expected fp32, fp16 or bf16");
 
-  Fields model = root["model"], config = model["config"];
-  m.space = model["space"].str();
-  m.num_classes = config["num_classes"].integer(1, 1 << 30);
-  m.sampler = detail::make_sampler(root["sampler"], config["learn_sigma"].boolean());
+  m.space = root["model"]["space"].str();
+  if (m.space != "pixel" && m.space != "latent") root["model"]["space"].fail("expected pixel or latent");
 
   Fields guidance = root["guidance"];
   m.guidance.cfg_scale = guidance["cfg_scale"].number();
   m.guidance.guided_channels = static_cast<int>(guidance["guided_channels"].integer(1, 1 << 20));
-  m.guidance.null_class = guidance["null_class"].integer(0, 1 << 30);
+  m.guidance.null_class = guidance["null_class"].integer(1, 1 << 30);
+  m.num_classes = m.guidance.null_class;  // the labels are 0 .. null_class - 1 (every family's convention)
 
   Fields batch = root["batch"];
   m.batch_min = batch["min"].integer(1, 1 << 20);
@@ -216,6 +215,14 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     m.subsets.push_back(std::move(record));
   }
   if (m.full_subset < 0) subsets.fail("has no subset that computes every sub-layer (the full-compute engine)");
+
+  // Learned sigma (DiT): model_out carries the variance interpolation values after the eps channels.
+  const SubsetRecord& full = m.subsets[m.full_subset];
+  const TensorRecord& sample = Manifest::model_tensor(full, "sample"), &output = Manifest::model_tensor(full, "output");
+  if (sample.shape.size() != 4 || output.shape.size() != 4 ||
+      (output.shape[1] != sample.shape[1] && output.shape[1] != 2 * sample.shape[1]))
+    subsets[m.full_subset].fail("expected (batch, C, H, W) samples in and (batch, C or 2C, H, W) out");
+  m.sampler = detail::make_sampler(root["sampler"], output.shape[1] == 2 * sample.shape[1]);
 
   Fields schedule = root["schedule"], step_subset = schedule["step_subset"];
   if (static_cast<int>(step_subset.size()) != m.sampler->num_model_calls())
