@@ -22,7 +22,6 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <sstream>
 
 namespace l2c {
 
@@ -90,14 +89,6 @@ ONNXTensorElementDataType element_type(const std::string& dtype) {
 }
 
 size_t element_size(const std::string& dtype) { return dtype == "float32" ? 4 : dtype == "int64" ? 8 : 2; }
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << (shape.size() == 1 ? ",)" : ")");
-  return out.str();
-}
 
 // The session's inputs and outputs must be the manifest's records: names, order and element types.
 void check_interface(const Ort::Session& session, const SubsetRecord& record, const fs::path& file) {
@@ -345,12 +336,12 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
   for (int64_t label : labels)
     if (label < 0 || label >= m.num_classes) bad.push_back(label);
   if (!bad.empty())
-    throw Error("labels " + shape_text(bad) + " are out of range; expected class indices in 0.." +
+    throw Error("labels " + shape_string(bad) + " are out of range; expected class indices in 0.." +
                 std::to_string(m.num_classes - 1));
   const int64_t n = static_cast<int64_t>(labels.size());
   std::vector<int64_t> expected{n, p.sample_shape[0], p.sample_shape[1], p.sample_shape[2]};
   if (noise.shape != expected)
-    throw Error("noise has shape " + shape_text(noise.shape) + "; expected " + shape_text(expected) +
+    throw Error("noise has shape " + shape_string(noise.shape) + "; expected " + shape_string(expected) +
                 " (n labels, C, H, W)");
   for (float value : noise.data)
     if (!std::isfinite(value)) throw Error("noise holds a value that is not finite; expected finite float32 noise");
@@ -369,11 +360,11 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
   if (noises > 0) {
     if (options.step_noise == nullptr)
       throw Error("the " + sampler.kind() + " sampler adds noise after each step but the last: pass step noise of " +
-                  "shape " + shape_text({noises, n, expected[1], expected[2], expected[3]}));
+                  "shape " + shape_string({noises, n, expected[1], expected[2], expected[3]}));
     std::vector<int64_t> step_shape{noises, n, expected[1], expected[2], expected[3]};
     if (options.step_noise->shape != step_shape)
-      throw Error("step noise has shape " + shape_text(options.step_noise->shape) + "; expected " +
-                  shape_text(step_shape) + " (steps - 1, n labels, C, H, W)");
+      throw Error("step noise has shape " + shape_string(options.step_noise->shape) + "; expected " +
+                  shape_string(step_shape) + " (steps - 1, n labels, C, H, W)");
     for (float value : options.step_noise->data)
       if (!std::isfinite(value)) throw Error("step noise holds a value that is not finite");
   }

@@ -24,7 +24,9 @@ size_t Tensor::count(const std::vector<int64_t>& shape) {
   return total;
 }
 
-std::string Tensor::shape_string() const {
+std::string Tensor::shape_string() const { return l2c::shape_string(shape); }
+
+std::string shape_string(const std::vector<int64_t>& shape) {
   std::ostringstream out;
   out << "(";
   for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];

@@ -19,6 +19,9 @@ struct Tensor {
   std::string shape_string() const;
 };
 
+// "(2, 1, 8, 8)", as numpy prints shapes.
+std::string shape_string(const std::vector<int64_t>& shape);
+
 // Reads a float32 (little-endian, C order) .npy array; other dtypes, Fortran order and pickles are refused with an
 // error naming the file.
 Tensor read_npy(const std::filesystem::path& path);
