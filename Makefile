@@ -1,12 +1,14 @@
-# `make demo`, `make test` and `make bench` each set up their own environment in $(VENV) on a fresh machine.
+# `make demo`, `make test`, `make bench` and `make serve` each set up their own environments on a fresh machine:
+# $(VENV) for the project, $(TRITON_VENV) for the Triton server (its Python backend stub needs numpy < 2).
 PYTHON ?= python3
 VENV ?= .venv
+TRITON_VENV ?= .venv-triton
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/l2c-export
 DEMO := engines/demo
 DIGITS := 0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9
 
-.PHONY: setup demo test bench clean cpp cpp-deps
+.PHONY: setup triton-env demo test bench serve clean cpp cpp-deps
 
 setup: $(VENV)/.installed
 
@@ -14,6 +16,16 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# The Triton server's environment: nvidia-pytriton (the real tritonserver), numpy < 2, ONNX Runtime, and l2c-export
+# itself without its dependencies (the Triton model imports no torch).
+triton-env: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed: requirements-triton.txt setup.py
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-triton.txt
+	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 # The main job on the embedded default: its schedule, one ONNX graph per subset, then sampling on ONNX Runtime.
@@ -25,15 +37,21 @@ demo: setup
 	$(CLI) run $(DEMO)/engines --labels $(DIGITS) --seed 1 --compare-full --out $(DEMO)/samples-l2c.png
 	@echo "demo: $(DEMO)/samples-l2c.png (L2C schedule), $(DEMO)/samples-full.png (every sub-layer), $(DEMO)/schedule.png"
 
-test: setup cpp
+test: setup triton-env cpp
 	$(PY) -m pytest -q tests
 
 # Figures for the README: docs/bench.json, docs/bench.md, docs/bench.png (a few minutes on 2 cores).
-bench: setup cpp
+bench: setup triton-env cpp
 	$(PY) -m l2c_export.bench_suite --work engines/bench --docs docs
 
+# The embedded default on Triton Inference Server, on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics).
+serve: setup triton-env
+	$(CLI) build --out $(DEMO)/engines
+	$(CLI) triton $(DEMO)/engines --repo $(DEMO)/triton
+	$(CLI) serve $(DEMO)/triton --env $(TRITON_VENV)
+
 clean:
-	rm -rf $(VENV) engines/demo engines/bench .pytest_cache cpp/build
+	rm -rf $(VENV) $(TRITON_VENV) engines/demo engines/bench .pytest_cache cpp/build
 
 # --- C++ runtime (cpp/): `make cpp` builds cpp/build/l2c-run, libl2c_runtime and the embedding example. ------------
 # ONNX Runtime's headers: Debian 13's libonnxruntime-dev, downloaded under a private APT_CONFIG, sha256-pinned and

@@ -1,5 +1,7 @@
 """``make bench``: the benchmark on the embedded default and on DiT-S/2 at 256 px, onnxruntime and torch, writing
-``docs/bench.json``, ``docs/bench.md`` (the table) and ``docs/bench.png`` (achieved against ideal speedup).
+``docs/bench.json``, ``docs/bench.md`` (the table) and ``docs/bench.png`` (achieved against ideal speedup); then the
+serving figure, the embedded default through a real Triton server with 1 and 8 concurrent clients
+(``docs/bench-serving.json``, ``docs/bench-serving.png``; ``--serving-only`` runs just that).
 
 DiT-S/2 uses random weights in the official layout (timing does not depend on the values) and a fixed synthetic
 schedule in the authors' official mode: every other step computes everything; the 10 cache steps in between drop a
@@ -10,6 +12,7 @@ on), which gives 11 distinct subsets.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2, help="images per request (the model batch is twice this)")
+    parser.add_argument("--serving-only", action="store_true", help="only the serving figure")
     args = parser.parse_args(argv)
+    if args.serving_only:
+        return serving_benchmark(args.work, args.docs)
 
     import torch
 
@@ -99,6 +105,42 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(args.docs / "bench.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {args.docs / 'bench.json'}, {args.docs / 'bench.md'}, {args.docs / 'bench.png'}")
+    serving_benchmark(args.work, args.docs)
+
+
+def serving_benchmark(work: Path, docs: Path, clients: int = 8) -> dict:
+    """The embedded default's build served by the bundled tritonserver (from ``.venv-triton``): images per second
+    with one client and with ``clients`` concurrent clients, interleaved in one run."""
+    from .bench import machine_description
+    from .build import BuildRequest, build
+    from .diffusion import Sampler
+    from .runtime import L2CPipeline
+    from .serving import throughput
+    from .serving.triton import TritonServer, free_port, write_repository
+    from .util import write_json
+    from .zoo import embedded_default
+
+    default = embedded_default()
+    out = work / "dit-digits"
+    build(BuildRequest(spec=default, schedule=default.schedule(), sampler=Sampler.create("ddim", 20), out_dir=out))
+    write_repository(out, work / "triton")
+    print(f"serving {out} on Triton: 1 client against {clients} concurrent clients ...", flush=True)
+    with TritonServer(work / "triton", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                      log=work / "tritonserver.log") as server:
+        load = os.getloadavg()[0]
+        result = throughput.compare(server, "l2c", clients=clients, pipeline=L2CPipeline.from_engine_dir(out))
+    result["machine"] = machine_description()
+    result["load_average_1min"] = [load, os.getloadavg()[0]]  # before and after: other work on the machine
+    docs.mkdir(parents=True, exist_ok=True)
+    write_json(docs / "bench-serving.json", result)
+    throughput.plot(result, docs / "bench-serving.png")
+    one, many = result["one_client"], result["concurrent"]
+    print(f"in-process: {result['in_process']['images_per_second']:.1f} images/s; "
+          f"1 client: {one['images_per_second']:.1f} images/s (p50 {one['latency_ms_median']:.1f} ms); "
+          f"{clients} clients: {many['images_per_second']:.1f} images/s (p50 {many['latency_ms_median']:.1f} ms, "
+          f"{many['images_per_sampling_batch']:.2f} images per sampling batch): {result['speedup']:.2f}x")
+    print(f"wrote {docs / 'bench-serving.json'}, {docs / 'bench-serving.png'}")
+    return result
 
 
 if __name__ == "__main__":
