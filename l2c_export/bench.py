@@ -111,20 +111,22 @@ def _memory_probe(folder: str, backend: str, batch: int, which: str) -> int:
         import torch  # noqa: F401
     from .backends import load_backend
     from .diffusion import guidance_batch, make_noise
+    from .runtime import ModelInterface
 
     data = manifest_io.load(folder, verify_files=False)
     before = _resident_bytes()
     full = next(s["index"] for s in data["subsets"] if all(s["compute"]))
     subsets = None if which == "all" else [full]
     engines = load_backend(backend, data, Path(folder), subsets=subsets)
-    config = data["model"]["config"]
-    noise = make_noise(0, (batch, config["in_channels"], config["input_size"], config["input_size"]))
-    x, y = guidance_batch(noise, list(range(batch)), config["num_classes"], data["guidance"]["cfg_scale"])
-    t = np.full(len(x), 500.0, dtype=np.float32)
+    interface = ModelInterface.from_manifest(data)
+    null_class = data["guidance"]["null_class"]
+    noise = make_noise(0, (batch, *interface.sample_shape))
+    x, y = guidance_batch(noise, [i % null_class for i in range(batch)], null_class, data["guidance"]["cfg_scale"])
+    feeds = interface.feeds(x, np.full(len(x), 500.0, dtype=np.float32), y)
     state = engines.new_request()
     order = [full] + [s["index"] for s in data["subsets"] if s["index"] != full] if subsets is None else [full]
     for index in order:  # the full subset first: it writes every slot the others read
-        engines.run(index, x, t, y, state)
+        engines.run(index, feeds, state)
     return _resident_bytes() - before
 
 

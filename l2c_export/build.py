@@ -21,8 +21,6 @@ again; when every file is reusable the model is not even loaded.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import hashlib
 import json
@@ -34,22 +32,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import manifest as manifest_io
-from .diffusion import Sampler
 from .engines import BatchRange, get_builder
-from .macs import count_macs
-from .models import default_guided_channels
 from .plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name, slot_name
+from .samplers import DenoisingSampler
 from .schedule import Schedule
+from .util import replace_folder
 from .zoo import ModelSpec
-
-LATENT_SCALE = 0.18215
 
 
 @dataclass
 class BuildRequest:
     spec: ModelSpec
     schedule: Schedule
-    sampler: Sampler
+    sampler: DenoisingSampler
     out_dir: Path
     backend: str = "onnxruntime"
     precision: str = "fp32"
@@ -75,8 +70,8 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
     staging = out_dir.parent / f".{out_dir.name}.staging"
     builder = get_builder(request.backend, staging)
     builder.check_available()  # before anything is written
-    spec, config = request.spec, request.spec.config
-    request.schedule.check_fits(request.sampler.num_steps, config.depth)
+    spec = request.spec
+    request.schedule.check_fits(request.sampler.num_calls, spec.num_layers)
     plan = BuildPlan.from_schedule(request.schedule)
     check_output_folder(out_dir)
     with _exclusive_lock(out_dir, progress):
@@ -92,7 +87,8 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
     spec, config = request.spec, request.spec.config
     versions = _versions()
     weights_sha = manifest_io.sha256_of(spec.weights)
-    base_key = _hash({"weights": weights_sha, "config": config.to_dict(), "precision": request.precision,
+    base_key = _hash({"weights": weights_sha, "family": spec.family_name, "config": config.to_dict(),
+                      "precision": request.precision,
                       "opset": OPSET, "versions": versions})
     graph_keys = [_hash({"base": base_key, "compute": s.compute, "writes": s.writes}) for s in plan.subsets]
     previous = _previous_files(out_dir)
@@ -111,7 +107,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
         if need_trace:
             from .export import trace, weights_layout, write_weights
 
-            universal = trace(spec.load_model(), request.precision)
+            universal = trace(spec.load_model(), request.precision, spec.family)
             reusing_weights = weights_name in reused
             universal.bind_weights(weights_layout(universal) if reusing_weights
                                    else write_weights(universal, staging / weights_name))
@@ -121,7 +117,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
                    disable=not progress)
         for subset, graph_file, key in bar:
             bar.set_postfix_str(subset.name)
-            inputs, outputs = _interface(subset, config, dtype)
+            inputs, outputs = _interface(subset, spec, dtype)
             if not _reuse(previous, key, staging / graph_file, reused):
                 _export_subset(universal, subset, staging / graph_file, inputs, outputs)
                 exported.append(graph_file)
@@ -134,7 +130,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
         data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)
         data["weight_tensors"] = _weight_table(universal, out_dir)
         manifest_io.write(staging, data)
-        _replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -142,18 +138,16 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _interface(subset: SubsetPlan, config, dtype: str) -> tuple[list[dict], list[dict]]:
-    """The graph's inputs and outputs as manifest tensor records."""
-    side = config.input_size
-    branch_shape = ["batch", config.num_tokens, config.hidden_size]
-    inputs = [
-        {"name": "x", "dtype": "float32", "shape": ["batch", config.in_channels, side, side]},
-        {"name": "t", "dtype": "float32", "shape": ["batch"]},
-        {"name": "y", "dtype": "int64", "shape": ["batch"]},
-    ] + [{"name": cache_input_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k)}
-         for k in subset.reads]
-    outputs = [{"name": "model_out", "dtype": "float32", "shape": ["batch", config.out_channels, side, side]}] + [
-        {"name": fresh_output_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k)}
+def _interface(subset: SubsetPlan, spec: ModelSpec, dtype: str) -> tuple[list[dict], list[dict]]:
+    """The graph's inputs and outputs as manifest tensor records: the family's model inputs and output, then the
+    cache inputs and fresh outputs of the subset's live slots."""
+    family, config = spec.family, spec.config
+    branch_shape = ["batch", *family.cached_shape(config)]
+    inputs = [tensor.record() for tensor in family.graph_inputs(config)] + [
+        {"name": cache_input_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k), "role": "cache"}
+        for k in subset.reads]
+    outputs = [family.graph_output(config).record()] + [
+        {"name": fresh_output_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k), "role": "fresh"}
         for k in subset.writes]
     return inputs, outputs
 
@@ -194,7 +188,7 @@ def _check_structure(graph) -> None:
 
 
 def _subset_record(subset, folder, graph_file, graph_key, engine_file, engine_key, inputs, outputs, spec) -> dict:
-    macs = count_macs(spec.config)
+    macs = spec.family.count_macs(spec.config)
     graph_entry = manifest_io.file_entry(folder, graph_file, graph_key)
     engine_entry = graph_entry if engine_file == graph_file else manifest_io.file_entry(folder, engine_file,
                                                                                         engine_key)
@@ -207,13 +201,16 @@ def _subset_record(subset, folder, graph_file, graph_key, engine_file, engine_ke
 
 def _manifest(request, plan, subset_records, folder, weights_name, base_key, weights_sha, dtype, versions) -> dict:
     spec, config, schedule = request.spec, request.spec.config, request.schedule
-    macs = count_macs(config)
+    family = spec.family
+    macs = family.count_macs(config)
     used_slots = sorted({k for s in plan.subsets for k in (*s.reads, *s.writes)})
-    guided = config.in_channels if request.guide_all_channels else default_guided_channels(config.in_channels)
-    model = {"config": config.to_dict(), "space": spec.space, "num_sublayers": config.num_sublayers,
-             "weights_sha256": weights_sha}
+    guided = family.guided_channels(config, request.guide_all_channels)
+    model = {"family": family.name, "config": config.to_dict(), "space": spec.space,
+             "num_sublayers": 2 * family.num_layers(config), "weights_sha256": weights_sha,
+             "inputs": [tensor.record() for tensor in family.graph_inputs(config)],
+             "output": family.graph_output(config).record()}
     if spec.space == "latent":
-        model["latent_scale"] = LATENT_SCALE
+        model["latent_scale"] = family.latent_scale
     data = {
         "schema_version": manifest_io.SCHEMA_VERSION,
         "name": spec.name,
@@ -222,12 +219,12 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
         "model": model,
         "sampler": request.sampler.to_dict(),
         "guidance": {"cfg_scale": float(spec.cfg_scale if request.cfg_scale is None else request.cfg_scale),
-                     "guided_channels": guided, "null_class": config.num_classes},
+                     "guided_channels": guided, "null_class": family.null_class(config)},
         "schedule": {"compute": schedule.compute.astype(int).tolist(), "step_subset": list(plan.step_to_subset),
                      "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
         "batch": request.batch.to_dict(),
         "cache_slots": [{"name": slot_name(k), "index": k, "dtype": dtype,
-                         "shape": ["batch", config.num_tokens, config.hidden_size]} for k in used_slots],
+                         "shape": ["batch", *family.cached_shape(config)]} for k in used_slots],
         "weights": manifest_io.file_entry(folder, weights_name, base_key),
         "subsets": subset_records,
         "macs": {"always": macs.always, "attn": macs.attn, "mlp": macs.mlp, "full": macs.full,
@@ -304,7 +301,7 @@ def _exclusive_lock(out_dir: Path, progress: bool):
 
 
 def _recover(out_dir: Path) -> None:
-    """Before anything else (under the lock): a build killed between the two renames of :func:`_replace` left the
+    """Before anything else (under the lock): a build killed between the two renames of :func:`l2c_export.util.replace_folder` left the
     previous build at ``.<name>.old`` and nothing at ``out_dir``: put it back. A leftover ``.old`` beside a complete
     ``out_dir`` is stale and removed."""
     old = out_dir.parent / f".{out_dir.name}.old"
@@ -351,41 +348,6 @@ def _weight_table(universal, out_dir: Path) -> list[dict]:
 
     return [{"name": name, "dtype": str(universal.weights[name].dtype), "shape": list(universal.weights[name].shape),
              "offset": offset, "length": length} for name, (offset, length) in weights_layout(universal).items()]
-
-
-def _replace(staging: Path, out_dir: Path) -> None:
-    """Puts the finished staging folder in place of ``out_dir``: one atomic exchange where the file system allows it,
-    else two renames (a kill between them is repaired by :func:`_recover`)."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    if _exchange(staging, out_dir):
-        shutil.rmtree(staging, ignore_errors=True)  # now the previous build
-        return
-    old = out_dir.parent / f".{out_dir.name}.old"
-    os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps the names ``a`` and ``b`` (Linux ``renameat2`` with ``RENAME_EXCHANGE``; Python's ``os`` has
-    no binding for it, hence ctypes). False where the kernel, C library or file system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
 
 
 def _hash(data) -> str:

@@ -1,4 +1,5 @@
-"""Loading DiT checkpoints in the official layout, and torch files in general, without unrestricted unpickling.
+"""Loading checkpoints in their official layout (DiT, U-ViT, any family), and torch files in general, without
+unrestricted unpickling.
 
 Accepted: a plain ``state_dict`` ``.pt`` (``DiT-XL-2-256x256.pt``), a DiT training checkpoint
 (``{"model", "ema", "opt", "args"}``, of which ``ema`` is taken, as DiT's ``find_model`` does) and ``.safetensors``.
@@ -112,8 +113,13 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Mod
 
 def load_dit(path: str | Path, config: DiTConfig) -> DiT:
     """A DiT of ``config`` with the weights of ``path``, in eval mode, in fp32."""
+    return load_into(path, DiT(config))
+
+
+def load_into(path: str | Path, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (of any family) with the weights of ``path``, checked key by key and shape by shape, in eval mode,
+    in fp32."""
     state_dict = load_state_dict(path)
-    model = DiT(config)
     check_state_dict(state_dict, model, str(path))
     model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return model.eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .diffusion import Sampler
+from .samplers import SAMPLER_KINDS, create_sampler
 
 
 # Exit codes (documented in the README).
@@ -32,12 +32,7 @@ class _Group(click.Group):
     traceback."""
 
     def invoke(self, ctx):
-        from .build import OutputFolderError
-        from .checkpoint import CheckpointError
-        from .engines import BackendUnavailable
-        from .manifest import ManifestError
-        from .routers import RouterError
-        from .schedule import ScheduleError
+        from .engines import BackendUnavailable  # light: no torch, so that serve and run start fast
 
         try:
             return super().invoke(ctx)
@@ -45,8 +40,9 @@ class _Group(click.Group):
             raise
         except BackendUnavailable as error:
             raise CommandError(str(error), EXIT_BACKEND_UNAVAILABLE) from None
-        except (CheckpointError, RouterError, ScheduleError, ManifestError, OutputFolderError, FileNotFoundError,
-                ValueError) as error:
+        # Every input error of the stages is a ValueError: CheckpointError, RouterError, ScheduleError, ManifestError,
+        # OutputFolderError.
+        except (FileNotFoundError, ValueError) as error:
             raise CommandError(str(error), EXIT_BAD_INPUT) from None
         except OSError as error:
             raise CommandError(_describe_os_error(error), EXIT_IO) from None
@@ -145,7 +141,7 @@ def main():
               help="official: every other step computes everything (the authors' sampler); general: any step may reuse.")
 @click.option("--model", "model_name", help="Model for MAC counting, e.g. DiT-XL/2 (default: from the router file, "
                                             "else the embedded default).")
-@click.option("--image-size", type=POSITIVE, help="Image size in pixels for MAC counting of an official model.")
+@click.option("--image-size", type=POSITIVE, help="Image size in pixels for MAC counting of an official model [256].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the schedule JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap PNG.")
 @click.option("--target-mac-fraction", type=MAC_FRACTION,
@@ -153,7 +149,6 @@ def main():
 def schedule(router, schedule_file, steps, threshold, mode, model_name, image_size, json_out, png_out,
              target_mac_fraction):
     """Decode a router into a schedule, or inspect one: sub-layers per step, subsets, MACs, ideal speedup."""
-    from .macs import count_macs
     from .routers import load_router
     from .schedule import Schedule
 
@@ -167,19 +162,18 @@ def schedule(router, schedule_file, steps, threshold, mode, model_name, image_si
         meta = logits.meta
         if steps is not None and steps != logits.num_steps:
             raise CommandError(f"{router}: holds routers for {logits.num_steps} steps; --steps is {steps}")
-        timesteps = Sampler.create("ddim", logits.num_steps).timesteps.tolist()
+        timesteps = create_sampler(logits.sampler, logits.num_steps).model_times.tolist()
         result = logits.to_schedule(threshold, mode=mode, timesteps=timesteps)
         if target_mac_fraction is not None:
             from .baselines import schedule_for_mac_fraction
 
-            result = schedule_for_mac_fraction(logits, target_mac_fraction, count_macs(_config_for_macs(
+            result = schedule_for_mac_fraction(logits, target_mac_fraction, _macs_for(
                 logits.depth, model_name or meta.get("model"), image_size or meta.get("image_size"),
-                meta.get("num_classes", 1000))), mode, timesteps)
+                meta.get("num_classes", 1000)), mode, timesteps)
     else:
         result = Schedule.load(schedule_file)
-    config = _config_for_macs(result.depth, model_name or meta.get("model"),
-                              image_size or meta.get("image_size"), meta.get("num_classes", 1000))
-    macs = count_macs(config)
+    macs = _macs_for(result.depth, model_name or meta.get("model"), image_size or meta.get("image_size"),
+                     meta.get("num_classes", 1000))
     _print_schedule(result, macs)
     if json_out:
         result.save(json_out)
@@ -191,38 +185,44 @@ def schedule(router, schedule_file, steps, threshold, mode, model_name, image_si
         click.echo(f"wrote {png_out}")
 
 
-def _config_for_macs(depth, model_name, image_size, num_classes):
+def _macs_for(depth, model_name, image_size, num_classes):
+    """The MAC count of --model (at --image-size, default 256 px) or of the embedded default, checked to have
+    ``depth`` layers."""
     from . import zoo
-    from .models import dit_config
+    from .families import family_of_model
 
     if model_name:
-        if not image_size:
-            raise click.UsageError(f"--model {model_name} needs --image-size (pixels) to count MACs")
-        config = dit_config(model_name, input_size=int(image_size) // 8, num_classes=int(num_classes))
+        family = family_of_model(model_name)
+        config = family.preset(model_name, int(image_size or 256), int(num_classes))
     else:
-        config = zoo.embedded_default().config
-    if config.depth != depth:
-        raise CommandError(f"the schedule has {depth} blocks but the model for MAC counting "
-                                   f"({model_name or 'the embedded default'}) has {config.depth}; pass --model and "
-                                   f"--image-size")
-    return config
+        spec = zoo.embedded_default()
+        family, config = spec.family, spec.config
+    if family.num_layers(config) != depth:
+        raise CommandError(f"the schedule has {depth} layers but the model for MAC counting "
+                           f"({model_name or 'the embedded default'}) has {family.num_layers(config)}; pass "
+                           f"--model and --image-size")
+    return family.count_macs(config)
+
+
+def _format_time(t) -> str:
+    return f"{t:>4}" if float(t).is_integer() else f"{t:>6.1f}"
 
 
 def _print_schedule(result, macs) -> None:
     subsets = result.distinct_subsets()
     subset_of_step = result.subset_of_step()
     width = 2 * result.depth
-    click.echo(f"schedule: {result.num_steps} steps x {width} sub-layers ({result.source or 'unnamed'}"
+    click.echo(f"schedule: {result.num_steps} model calls x {width} sub-layers ({result.source or 'unnamed'}"
                + (f", threshold {result.threshold}" if result.threshold is not None else "")
                + (f", mode {result.mode}" if result.mode else "") + ")")
     for s, (count, subset) in enumerate(zip(result.computed_per_step(), subset_of_step)):
-        t = f" t={result.timesteps[s]:>4}" if result.timesteps else ""
+        t = f" t={_format_time(result.timesteps[s])}" if result.timesteps else ""
         bar = "".join("#" if v else "." for v in result.compute[s])
         click.echo(f"  step {s:>3}{t}  {count:>4}/{width}  subset {subset:>2}  {bar}")
     reused_steps = result.cache_steps()
     if reused_steps:
         computed = int(result.compute[reused_steps].sum())
-        click.echo(f"cache steps: {len(reused_steps)}, computing {computed} of {len(reused_steps) * width} sub-layers "
+        click.echo(f"cache calls: {len(reused_steps)}, computing {computed} of {len(reused_steps) * width} sub-layers "
                    f"({100 * (1 - computed / (len(reused_steps) * width)):.2f}% removed)")
     click.echo(f"distinct subsets: {len(subsets)}")
     fraction = result.mac_fraction(macs)
@@ -243,9 +243,10 @@ def schedule_options(function):
                      help="Or decode the router at the threshold that meets this MAC fraction."),
         click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
                      help="How a router is decoded."),
-        click.option("--steps", type=STEPS, help="Sampling steps (default: the model's, 20)."),
-        click.option("--sampler", "sampler_kind", type=click.Choice(["ddim", "ddpm"]),
-                     help="Default: the model's (ddim)."),
+        click.option("--steps", type=STEPS, help="Model calls (NFE; default: the model's, 20). DPM-Solver-2S makes two "
+                                                "per step."),
+        click.option("--sampler", "sampler_kind", type=click.Choice(SAMPLER_KINDS),
+                     help="Default: the model's (DiT: ddim; U-ViT: dpm_solver_2s)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -254,7 +255,6 @@ def schedule_options(function):
 
 def _resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction, mode,
                       use_default: bool):
-    from .routers import load_router
     from .schedule import Schedule
 
     if schedule_file is not None and router is not None:
@@ -263,20 +263,35 @@ def _resolve_schedule(spec, sampler, schedule_file, router, threshold, target_ma
         raise click.UsageError("--target-mac-fraction decodes a --router")
     if router is not None and target_mac_fraction is not None:
         from .baselines import schedule_for_mac_fraction
-        from .macs import count_macs
 
-        result = schedule_for_mac_fraction(load_router(router), target_mac_fraction, count_macs(spec.config),
-                                           mode=mode, timesteps=sampler.timesteps.tolist())
+        result = schedule_for_mac_fraction(_router_for(router, sampler), target_mac_fraction,
+                                           spec.family.count_macs(spec.config), mode=mode,
+                                           timesteps=sampler.model_times.tolist())
     elif router is not None:
-        result = load_router(router).to_schedule(threshold, mode=mode, timesteps=sampler.timesteps.tolist())
+        result = _router_for(router, sampler).to_schedule(threshold, mode=mode,
+                                                          timesteps=sampler.model_times.tolist())
     elif schedule_file is not None:
         result = Schedule.load(schedule_file)
     elif use_default and spec.default_schedule is not None:
         result = spec.schedule()
     else:
-        result = Schedule.full(sampler.num_steps, spec.config.depth, timesteps=sampler.timesteps.tolist())
-    result.check_fits(sampler.num_steps, spec.config.depth)
+        result = Schedule.full(sampler.num_calls, spec.num_layers, timesteps=sampler.model_times.tolist(),
+                               sampler=sampler.kind)
+    result.check_fits(sampler.num_calls, spec.num_layers)
     return result
+
+
+def _router_for(path, sampler):
+    """The router file at ``path``, checked to be made for ``sampler``'s kind of model calls."""
+    from .routers import RouterError, load_router
+
+    router = load_router(path)
+    one_call_per_step = ("ddim", "ddpm")
+    if router.sampler != sampler.kind and not {router.sampler, sampler.kind} <= set(one_call_per_step):
+        raise RouterError(f"{path}: routes the model calls of {router.sampler}; the sampler is {sampler.kind} "
+                          f"(pass --sampler {router.sampler})")
+    router.meta["sampler"] = sampler.kind
+    return router
 
 
 @main.command()
@@ -306,8 +321,7 @@ def sample(checkpoint, model_name, image_size, num_classes, schedule_file, route
     if plan is not None and plan.compute.all():
         plan = None  # nothing is reused: the plain forward
     label_list = _parse_labels(labels)
-    config = spec.config
-    noise = make_noise(seed, (len(label_list), config.in_channels, config.input_size, config.input_size))
+    noise = make_noise(seed, (len(label_list), *spec.family.graph_inputs(spec.config)[0].shape))
     model = spec.load_model()
     torch.set_grad_enabled(False)
     start = time.perf_counter()
@@ -316,7 +330,8 @@ def sample(checkpoint, model_name, image_size, num_classes, schedule_file, route
                                step_noise_seed=seed)
     elapsed = time.perf_counter() - start
     what = "full compute" if plan is None else f"L2C schedule ({plan.source})"
-    click.echo(f"sampled {len(label_list)} x {sampler.num_steps} {sampler.kind} steps with {what} in {elapsed:.2f} s")
+    click.echo(f"sampled {len(label_list)} x {sampler.num_calls} {sampler.kind} model calls with {what} in "
+               f"{elapsed:.2f} s")
     if save_latents:
         _save_npy(save_latents, samples)
         click.echo(f"wrote {save_latents}")
@@ -417,7 +432,7 @@ def run(engine_dir, labels, cfg_scale, seed, noise_file, backend, device, full, 
     noise = None if noise_file is None else _load_noise(noise_file)
     pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **_backend_options(device, backend))
     click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
-               f"{pipe.sampler.num_steps} {pipe.sampler.kind} steps, backend {backend} on {', '.join(pipe.providers)}")
+               f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on {', '.join(pipe.providers)}")
     if pipe.manifest["model"]["space"] == "latent" and out is not None and vae is None:
         raise click.UsageError("--out needs --vae for a latent model (or use --save-latents)")
     result = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True)
@@ -724,7 +739,7 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
 @main.command("train-default")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("engines/dit-digits"),
               show_default=True, help="Folder for dit-digits.safetensors.")
-@click.option("--steps", type=STEPS, default=6000, show_default=True)
+@click.option("--steps", type=POSITIVE, default=6000, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(out, steps, seed):
     """Reproduce the embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""

@@ -122,9 +122,40 @@ class Sampler:
             std = float(np.exp(0.5 * self.fixed_log_variance[s]))
         return mean + std * noise
 
+    @property
+    def num_calls(self) -> int:
+        """Model calls (NFE): one per step."""
+        return self.num_steps
+
+    @property
+    def model_times(self) -> np.ndarray:
+        return self.timesteps.astype(np.float64)
+
+    def calls(self, x, noise=None):
+        """The sampler as model calls (see :mod:`l2c_export.samplers`): yields one call per step, receives the guided
+        model output, returns the samples. ``noise(s)`` is the noise DDPM adds after step ``s``. Learned sigma is read
+        off the output: twice the channels of ``x``."""
+        from .samplers import ModelCall
+
+        for s in range(self.num_steps):
+            out = yield ModelCall(s, x, int(self.timesteps[s]))
+            noise_s = None
+            if self.kind == "ddpm" and s < self.num_steps - 1:
+                if noise is None:
+                    raise ValueError("the DDPM sampler needs noise at every step but the last")
+                noise_s = noise(s)
+            x = self.step(s, x, out, noise_s, learn_sigma=out.shape[1] == 2 * x.shape[1])
+        return x
+
+    def official_cache_calls(self) -> list[int]:
+        from .samplers import official_cache_calls
+
+        return official_cache_calls(self.kind, self.num_steps)
+
     def to_dict(self) -> dict:
         """What a runtime needs to rebuild this sampler (see :meth:`from_dict`); JSON-serialisable."""
-        return {"kind": self.kind, "num_steps": self.num_steps, "clip_denoised": self.clip_denoised,
+        return {"kind": self.kind, "num_calls": self.num_calls, "model_times": self.model_times.tolist(),
+                "num_steps": self.num_steps, "clip_denoised": self.clip_denoised,
                 "timesteps": self.timesteps.tolist(),
                 **{name: getattr(self, name).tolist() for name in _TABLES}}
 

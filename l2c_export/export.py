@@ -14,9 +14,9 @@
 4. All subset graphs reference one external-data file, ``weights.bin``, at the same offsets, so the weights are
    stored once on disk and a runtime can hold them once in memory.
 
-Graph interface (batch ``N`` dynamic; guidance doubles it): inputs ``x`` float32 (N, C, H, W), ``t`` float32 (N,),
-``y`` int64 (N,), ``cache_<slot>`` (N, T, D) in the graph precision; outputs ``model_out`` float32 (N, C_out, H, W),
-``fresh_<slot>`` (N, T, D) in the graph precision.
+Graph interface (batch ``N`` dynamic; guidance doubles it): the family's model inputs (DiT and U-ViT: ``x`` float32
+(N, C, H, W), ``t`` float32 (N,), ``y`` int64 (N,)) and ``cache_<slot>`` (N, T, D) in the graph precision; outputs the
+family's model output (``model_out`` float32 (N, C_out, H, W)) and ``fresh_<slot>`` (N, T, D) in the graph precision.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from .models import DiT
 from .plan import SubsetPlan, cache_input_name, fresh_output_name
 from .util import atomic_write_bytes
 
@@ -46,18 +45,20 @@ _ALIGNMENT = 4096  # page-aligned offsets let ONNX Runtime memory-map the weight
 
 
 class _EveryBranch(torch.nn.Module):
-    """x (N, C, H, W) fp32, t (N,) fp32, y (N,) int64 -> model_out (N, C_out, H, W) fp32 and the 2 * depth ungated
-    branch outputs (N, T, D) in the model's dtype, every sub-layer computed."""
+    """The family's model inputs (x (N, C, H, W) fp32, t (N,) fp32, y (N,) int64 for DiT and U-ViT) -> model_out
+    fp32 and every ungated sub-layer output (N, T, D) in the model's dtype, every sub-layer computed."""
 
-    def __init__(self, model: DiT):
+    def __init__(self, model: torch.nn.Module, num_sublayers: int):
         super().__init__()
         self.model = model
+        self.num_sublayers = num_sublayers
         self.dtype = next(model.parameters()).dtype
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    def forward(self, *inputs: torch.Tensor):
         cache: dict[int, torch.Tensor] = {}
-        everything = [True] * self.model.config.num_sublayers
-        out = self.model.forward_cached(x.to(self.dtype), t, y, everything, cache)
+        everything = [True] * self.num_sublayers
+        inputs = tuple(i.to(self.dtype) if i.is_floating_point() and i.ndim > 1 else i for i in inputs)
+        out = self.model.forward_cached(*inputs, everything, cache)
         return (out.float(),) + tuple(cache[k] for k in range(len(everything)))
 
 
@@ -87,36 +88,38 @@ class UniversalGraph:
             self.model.graph.initializer.append(tensor)
 
 
-def trace(model: DiT, precision: str = "fp32") -> UniversalGraph:
-    """Traces ``model`` once in ``precision`` and returns the universal graph and its weights."""
+def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> UniversalGraph:
+    """Traces ``model`` once in ``precision`` and returns the universal graph and its weights. The graph interface
+    (input names, shapes, dummy inputs) and the cached shape come from the model's family."""
+    from .families import family_of_config
+
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     config = model.config
+    family = family or family_of_config(config)
+    num_sublayers = 2 * family.num_layers(config)
     stand_in = copy.deepcopy(model).to(dtype).eval()
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
         for parameter in stand_in.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    batch = 2
-    x = torch.zeros(batch, config.in_channels, config.input_size, config.input_size)
-    t = torch.full((batch,), 500.0)
-    y = torch.zeros(batch, dtype=torch.int64)
-    outputs = ["model_out"] + [fresh_output_name(k) for k in range(config.num_sublayers)]
+    inputs = [spec.name for spec in family.graph_inputs(config)]
+    outputs = [family.graph_output(config).name] + [fresh_output_name(k) for k in range(num_sublayers)]
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_EveryBranch(stand_in).eval(), (x, t, y), buffer, input_names=["x", "t", "y"],
-                          output_names=outputs, opset_version=OPSET, dynamo=False, export_params=False,
-                          do_constant_folding=False,
-                          dynamic_axes={name: {0: "batch"} for name in ["x", "t", "y", *outputs]})
+        torch.onnx.export(_EveryBranch(stand_in, num_sublayers).eval(), family.dummy_inputs(config, 2), buffer,
+                          input_names=inputs, output_names=outputs, opset_version=OPSET, dynamo=False,
+                          export_params=False, do_constant_folding=False,
+                          dynamic_axes={name: {0: "batch"} for name in [*inputs, *outputs]})
     graph_model = onnx.load_from_string(buffer.getvalue())
     weights = _attach_parameters(graph_model, model, dtype)
-    _name_dims(graph_model, config)
-    return UniversalGraph(graph_model, weights, precision, config.num_sublayers)
+    _name_dims(graph_model, family.cached_shape(config))
+    return UniversalGraph(graph_model, weights, precision, num_sublayers)
 
 
-def _attach_parameters(graph_model: onnx.ModelProto, model: DiT, dtype: torch.dtype) -> dict[str, np.ndarray]:
+def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, np.ndarray]:
     """Renames the parameter inputs (``model.<name>``) to ``<name>``, or ``<name>.T`` for a weight that only feeds
     Transpose (whose data is then stored transposed and the Transpose removed), and returns their arrays."""
     graph = graph_model.graph
@@ -180,13 +183,13 @@ def _onnx_dtype(array: np.ndarray) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
 
 
-def _name_dims(graph_model: onnx.ModelProto, config) -> None:
+def _name_dims(graph_model: onnx.ModelProto, cached_shape: tuple[int, ...]) -> None:
     """Static shapes on the graph boundary besides the batch: (batch, T, D) for the branch outputs."""
     for output in graph_model.graph.output:
         if output.name.startswith("fresh_"):
             dims = output.type.tensor_type.shape.dim
             del dims[:]
-            for value in ("batch", config.num_tokens, config.hidden_size):
+            for value in ("batch", *cached_shape):
                 dim = dims.add()
                 if isinstance(value, str):
                     dim.dim_param = value
@@ -235,7 +238,8 @@ def subset_graph(universal: UniversalGraph, subset: SubsetPlan, graph_name: str)
         for consumer in list(fresh.outputs):
             consumer.inputs[consumer.inputs.index(fresh)] = cached
         graph.inputs.append(cached)
-    keep = {"model_out"} | {fresh_output_name(k) for k in subset.writes}
+    model_outputs = {tensor.name for tensor in graph.outputs if not tensor.name.startswith("fresh_")}
+    keep = model_outputs | {fresh_output_name(k) for k in subset.writes}
     graph.outputs = [tensor for tensor in graph.outputs if tensor.name in keep]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     graph.name = graph_name

@@ -161,24 +161,29 @@ class Trajectories:
 @torch.no_grad()
 def sample_trajectories(model: DiT, sampler: Sampler, count: int, cfg_scale: float, seed: int,
                         batch_size: int = 256, progress: bool = True) -> Trajectories:
-    """Samples ``count`` trajectories with the full model (random labels, guidance as the sampler runs it) and keeps
-    every step's input."""
+    """Samples ``count`` trajectories with the full model (random labels, guidance as the sampler runs it) through
+    the one denoising loop, and keeps every model call's input."""
+    from .samplers import ModelCall, denoise
+
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(config.num_classes, (count,), generator=generator)
     noise = torch.randn((count, config.in_channels, config.input_size, config.input_size), generator=generator)
-    states = torch.empty((count, sampler.num_steps) + tuple(noise.shape[1:]))
+    states = torch.empty((count, sampler.num_calls) + tuple(noise.shape[1:]))
     guided = default_guided_channels(config.in_channels)
-    bar = tqdm(total=count * sampler.num_steps, desc="sampling trajectories", disable=not progress, leave=False)
+    bar = tqdm(total=count * sampler.num_calls, desc="sampling trajectories", disable=not progress, leave=False)
     for begin in range(0, count, batch_size):
         x, y = noise[begin: begin + batch_size], labels[begin: begin + batch_size]
-        for s in range(sampler.num_steps):
-            states[begin: begin + len(x), s] = x
-            xb, yb = _guidance_batch(x, y, config.num_classes, cfg_scale)
-            out = _guided(model(xb, _t(sampler, s, len(xb)), yb), cfg_scale, guided)
-            step_noise = torch.randn(x.shape, generator=generator) if sampler.kind == "ddpm" else None
-            x = sampler.step(s, x, out[: len(x)], step_noise, learn_sigma=config.learn_sigma)
-            bar.update(len(x))
+
+        def run_model(call: ModelCall) -> torch.Tensor:
+            states[begin: begin + len(call.x), call.index] = call.x
+            xb, yb = _guidance_batch(call.x, y, config.num_classes, cfg_scale)
+            t = torch.full((len(xb),), call.t, dtype=torch.float32)
+            out = _guided(model(xb, t, yb), cfg_scale, guided)
+            bar.update(len(call.x))
+            return out[: len(call.x)]
+
+        denoise(sampler, x, run_model, lambda s: torch.randn(x.shape, generator=generator))
     bar.close()
     return Trajectories(states, labels)
 
@@ -375,6 +380,9 @@ def learn_router(model: DiT, sampler: Sampler, source: StepSource, settings: Lea
         raise ValueError(f"batch size {settings.batch_size} is not a multiple of the {dist_info.world_size} processes")
     shard = settings.batch_size // dist_info.world_size
     model.eval().requires_grad_(False)
+    if sampler.kind not in ("ddim", "ddpm") or not hasattr(model, "forward_soft"):
+        raise ValueError(f"learning routers takes a DiT with DDIM or DDPM for now; got {type(model).__name__} with "
+                         f"{sampler.kind} (decode the authors' routers, or learned ones, for any family)")
     num_steps, depth = sampler.num_steps, model.config.depth
     if num_steps < 2:
         raise ValueError("a router needs at least 2 sampling steps (the first always computes everything)")

@@ -1,7 +1,8 @@
 """``manifest.json``: the only contract between building and running. No PyTorch here.
 
 Checked against the JSON Schema shipped in ``schemas/manifest.schema.json`` when written and when read; a manifest of
-a newer schema version than this reader knows is refused before anything else is looked at. Read strictly: no NaN or
+a newer schema version than this reader knows is refused before anything else is looked at, and one of version 1
+(DiT only, before model families) is upgraded in memory to the current shape when read. Read strictly: no NaN or
 Infinity, and the records must agree with one another (:func:`check_consistency`).
 
 A build folder is a closed world: every file a manifest names is a plain relative path that stays inside the folder
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .util import read_json, write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
 
@@ -119,6 +120,8 @@ def load(folder: str | Path, verify_files: bool = True) -> dict:
     if path.is_symlink():
         raise ManifestError(f"{path}: is a symbolic link; a build folder holds no links")
     data = read_json(path, ManifestError, f" (is {folder} an l2c-export build?)")
+    if isinstance(data, dict) and data.get("schema_version") == 1:
+        data = upgrade_v1(data, str(path))
     validate(data, str(path))
     check_consistency(data, str(path))
     for entry in all_files(data):
@@ -134,6 +137,31 @@ def load(folder: str | Path, verify_files: bool = True) -> dict:
             if actual != entry["sha256"]:
                 raise ManifestError(f"{file}: sha256 {actual} does not match the manifest's {entry['sha256']} "
                                     f"(the file was changed after the build)")
+    return data
+
+
+_V1_ROLES = {"x": "sample", "t": "time", "y": "label", "model_out": "output"}
+
+
+def upgrade_v1(data: dict, where: str) -> dict:
+    """A version 1 manifest (DiT, DDIM/DDPM, tensors without roles) in the version 2 shape: family ``dit``, roles by
+    the names version 1 used, the model interface taken from the first subset, and the sampler's calls."""
+    try:
+        for subset in data["subsets"]:
+            for tensor in (*subset["inputs"], *subset["outputs"]):
+                tensor["role"] = _V1_ROLES.get(tensor["name"], "cache" if tensor["name"].startswith("cache_")
+                                               else "fresh")
+        first = data["subsets"][0]
+        data["model"]["family"] = "dit"
+        data["model"]["inputs"] = [t for t in first["inputs"] if t["role"] in ("sample", "time", "label")]
+        data["model"]["output"] = next(t for t in first["outputs"] if t["role"] == "output")
+        sampler = data["sampler"]
+        sampler["num_calls"] = sampler["num_steps"]
+        sampler["model_times"] = [float(t) for t in sampler["timesteps"]]
+    except (KeyError, TypeError, IndexError, StopIteration) as error:
+        raise ManifestError(f"{where}: a version 1 manifest without the field {error} cannot be upgraded; rebuild "
+                            f"the engines") from None
+    data["schema_version"] = SCHEMA_VERSION
     return data
 
 
@@ -157,14 +185,21 @@ def check_consistency(data: dict, where: str) -> None:
         raise ManifestError(f"{where}: field 'schedule/compute' has {len(schedule['compute'])} rows for "
                             f"{len(step_subset)} steps in 'schedule/step_subset'")
     sampler = data["sampler"]
-    if not len(sampler["timesteps"]) == sampler["num_steps"] == len(step_subset):
-        raise ManifestError(f"{where}: field 'sampler/num_steps' is {sampler['num_steps']}, with "
-                            f"{len(sampler['timesteps'])} 'sampler/timesteps' and {len(step_subset)} "
-                            f"'schedule/step_subset'; expected one of each per step")
+    if not len(sampler["model_times"]) == sampler["num_calls"] == len(step_subset):
+        raise ManifestError(f"{where}: field 'sampler/num_calls' is {sampler['num_calls']}, with "
+                            f"{len(sampler['model_times'])} 'sampler/model_times' and {len(step_subset)} "
+                            f"'schedule/step_subset'; expected one of each per model call")
+    # DDIM/DDPM: one call per step, every table per step; DPM-Solver-2S: per-call tables and per-step ones (half).
+    per_call = {"model_times", "times", "alphas", "sigmas"}
+    steps = sampler["num_calls"] // 2 if sampler["kind"] == "dpm_solver_2s" else sampler["num_calls"]
+    if "num_steps" in sampler and sampler["num_steps"] != steps:
+        raise ManifestError(f"{where}: field 'sampler/num_steps' is {sampler['num_steps']}; expected {steps} for "
+                            f"{sampler['num_calls']} model calls of {sampler['kind']}")
     for name, table in sampler.items():
-        if isinstance(table, list) and len(table) != sampler["num_steps"]:
-            raise ManifestError(f"{where}: field 'sampler/{name}' has {len(table)} entries; expected num_steps = "
-                                f"{sampler['num_steps']}")
+        counted, size = ("num_calls", sampler["num_calls"]) if name in per_call else ("num_steps", steps)
+        if isinstance(table, list) and len(table) != size:
+            raise ManifestError(f"{where}: field 'sampler/{name}' has {len(table)} entries; expected {counted} = "
+                                f"{size}")
     slots = {slot["name"] for slot in data["cache_slots"]}
     written: set[str] = set()
     for step, index in enumerate(step_subset):

@@ -46,27 +46,41 @@ class RouterLogits:
     def probabilities(self) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))
 
+    @property
+    def sampler(self) -> str:
+        """The sampler the router was made for (its rows are that sampler's model calls); DDIM unless it says."""
+        return str(self.meta.get("sampler", "ddim"))
+
     def to_schedule(self, threshold: float, mode: ScheduleMode = "official",
                     timesteps: list[int] | None = None) -> Schedule:
-        """Decode into a schedule.
+        """Decode into a schedule with one row per model call.
 
-        ``official``: as the authors' sampler; steps whose router index ``N - 1 - s`` is odd compute everything, the
-        others compute sub-layer j where sigmoid(logit j) > threshold. (With an odd N the first step has an even
-        index; it computes everything all the same, since nothing is cached yet.)
-        ``general``: every step but the first is decided by its router.
+        ``official``: as the authors' samplers; only the calls where they consult the router
+        (:func:`l2c_export.samplers.official_cache_calls`: for DDIM the steps whose router index ``N - 1 - s`` is
+        even, for DPM-Solver-2S the first call of solver steps 1 .. K-1) compute sub-layer j where sigmoid(logit j) >
+        threshold; every other call computes everything.
+        ``general``: every call but the first is decided by its router.
         """
+        from .samplers import official_cache_calls
+
         if mode not in ("official", "general"):
             raise ValueError(f"unknown schedule mode {mode!r}; expected 'official' or 'general'")
         threshold = check_finite(threshold, "threshold", 0.0, 1.0)
-        compute = self.probabilities() > threshold
+        decided = self.probabilities() > threshold
         n = self.num_steps
-        for s in range(n):
-            if s == 0 or (mode == "official" and (n - 1 - s) % 2 == 1):
-                compute[s] = True
-        return Schedule(compute, timesteps=timesteps, source=self.source, threshold=float(threshold), mode=mode)
+        if mode == "official":
+            compute = np.ones_like(decided)
+            cache_calls = official_cache_calls(self.sampler, n)
+            compute[cache_calls] = decided[cache_calls]
+        else:
+            compute = decided
+            compute[0] = True
+        return Schedule(compute, timesteps=timesteps, source=self.source, threshold=float(threshold), mode=mode,
+                        sampler=self.sampler)
 
 
 _AUTHORS_KEY = re.compile(r"^(\d+)\.prob$")
+ALWAYS_COMPUTE = 1e4  # a finite logit whose sigmoid is 1.0 in float64: the call computes every sub-layer
 
 
 def load_router(path: str | Path) -> RouterLogits:
@@ -78,12 +92,27 @@ def load_router(path: str | Path) -> RouterLogits:
         data = load_torch_file(path)
     except CheckpointError as error:
         raise RouterError(str(error)) from error
+    if isinstance(data, Mapping) and data and all(_AUTHORS_KEY.match(str(key)) for key in data):
+        return _authors_dpm_router(data, path)
     routers = data.get("routers") if isinstance(data, Mapping) else None
     if not isinstance(routers, Mapping):
-        raise RouterError(f"{path}: expected a dict with field 'routers' mapping '{{i}}.prob' to logit tensors")
+        raise RouterError(f"{path}: expected a dict with field 'routers' mapping '{{i}}.prob' to logit tensors "
+                          f"(the authors' DiT file), or a bare '{{i}}.prob' dict (their U-ViT file)")
     args = vars(data["args"]) if hasattr(data.get("args"), "__dict__") else {}
     meta = {key: args[key] for key in ("model", "image_size", "num_classes", "num_sampling_steps") if key in args}
+    meta["sampler"] = "ddim"
     return RouterLogits(_stack_by_index(routers, str(path)), source=str(path), meta=meta)
+
+
+def _authors_dpm_router(routers: Mapping, path: Path) -> RouterLogits:
+    """The authors' U-ViT router (``U-ViT/ckpt/dpm20_router.pth``): a bare ``{i}.prob`` dict with one entry per model
+    call of DPM-Solver-2S, of which router ``k`` serves the first call of solver step ``k`` (call ``2k``), as their
+    ``load_ranking`` reads it. Held per call in sampling order: row ``2k`` is router ``k``; midpoint rows (odd) hold
+    :data:`ALWAYS_COMPUTE`, since their sampler computes everything there."""
+    by_index = _stack_by_index(routers, str(path))[::-1]  # back to the file's index order
+    calls = np.full_like(by_index, ALWAYS_COMPUTE)
+    calls[0::2] = by_index[: (len(by_index) + 1) // 2]
+    return RouterLogits(calls, source=str(path), meta={"sampler": "dpm_solver_2s"})
 
 
 def _stack_by_index(routers: Mapping, where: str) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""The runtime: reads a build's manifest, and samples by running each denoising step on that step's subset engine.
+"""The runtime: reads a build's manifest, and samples by running each model call on that call's subset engine.
 
-The sampler math (guidance, DDIM/DDPM updates) lives here, in numpy, so the ONNX Runtime and TensorRT backends need
-no PyTorch. Each call is one request with its own cache, so a pipeline can serve requests from several threads::
+It drives the one denoising loop (:func:`l2c_export.samplers.denoise`) with numpy arrays, so the ONNX Runtime and
+TensorRT backends need no PyTorch; every name and shape comes from the manifest. Each call is one request with its
+own cache, so a pipeline can serve requests from several threads::
 
     pipe = L2CPipeline.from_engine_dir("engines/dit-digits-onnxruntime-fp32")
     result = pipe(labels=[3, 7], cfg_scale=4.0, seed=0)
@@ -19,8 +20,40 @@ import numpy as np
 
 from . import manifest as manifest_io
 from .backends import Backend, load_backend
-from .diffusion import (Sampler, apply_guidance, check_labels, guidance_batch, make_noise, step_noise)
+from .diffusion import apply_guidance, check_labels, guidance_batch, make_noise, step_noise
+from .samplers import ModelCall, denoise, sampler_from_dict
 from .util import check_finite
+
+
+@dataclass(frozen=True)
+class ModelInterface:
+    """The model's graph interface as the manifest records it: which input is the sample, the time and the label,
+    their shapes, and the output. Every shape and name a runtime uses comes from here."""
+
+    sample: str
+    time: str
+    label: str
+    output: str
+    sample_shape: tuple[int, ...]  # per sample: (C, H, W)
+    output_shape: tuple[int, ...]  # per sample: (C_out, H, W)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "ModelInterface":
+        by_role = {tensor["role"]: tensor for tensor in manifest["model"]["inputs"]}
+        missing = {"sample", "time", "label"} - set(by_role)
+        if missing:
+            raise manifest_io.ManifestError(f"manifest: field 'model/inputs' has no input with role "
+                                            f"{', '.join(sorted(missing))}")
+        output = manifest["model"]["output"]
+        return cls(sample=by_role["sample"]["name"], time=by_role["time"]["name"], label=by_role["label"]["name"],
+                   output=output["name"], sample_shape=tuple(by_role["sample"]["shape"][1:]),
+                   output_shape=tuple(output["shape"][1:]))
+
+    def feeds(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """Input name -> array for one model call: x (N, C, H, W) float32, t (N,) float32, y (N,) int64."""
+        return {self.sample: np.ascontiguousarray(x, dtype=np.float32),
+                self.time: np.ascontiguousarray(t, dtype=np.float32),
+                self.label: np.ascontiguousarray(y, dtype=np.int64)}
 
 
 @dataclass
@@ -28,7 +61,7 @@ class SampleResult:
     samples: np.ndarray  # (n, C, H, W) float32: images in [-1, 1] for pixel models, latents for latent models
     seconds: float  # the whole sampling loop
     engine_seconds: float  # inside the engines
-    step_subsets: list[int] = field(default_factory=list)
+    step_subsets: list[int] = field(default_factory=list)  # the subset of each model call
 
     @property
     def overhead_fraction(self) -> float:
@@ -53,11 +86,10 @@ class L2CPipeline:
         self.manifest = manifest
         self.folder = Path(folder)
         self.backend = backend
-        self.sampler = Sampler.from_dict(manifest["sampler"])
-        config = manifest["model"]["config"]
-        self.num_classes = config["num_classes"]
-        self.sample_shape = (config["in_channels"], config["input_size"], config["input_size"])
-        self.learn_sigma = config["learn_sigma"]
+        self.sampler = sampler_from_dict(manifest["sampler"])
+        self.interface = ModelInterface.from_manifest(manifest)
+        self.num_classes = manifest["guidance"]["null_class"]  # labels 0 .. null_class - 1
+        self.sample_shape = self.interface.sample_shape
         self.step_subset = manifest["schedule"]["step_subset"]
         self.full_subset = next(s["index"] for s in manifest["subsets"] if all(s["compute"]))
 
@@ -78,7 +110,7 @@ class L2CPipeline:
 
         noise: (n, C, H, W) float32 initial noise for the n conditional samples (default: ``make_noise(seed, ...)``);
         guidance duplicates it for the null-class half. DDPM draws its step noise from ``seed`` too.
-        full: run the full-compute engine at every step (the reference the schedule is measured against).
+        full: run the full-compute engine at every call (the reference the schedule is measured against).
         """
         labels = [int(label) for label in labels]
         if not labels:
@@ -95,29 +127,36 @@ class L2CPipeline:
             raise ValueError("noise holds NaN or infinite values; expected finite noise")
         guiding = cfg_scale > 1.0
         _, y = guidance_batch(noise, labels, self.num_classes, cfg_scale)
-        x = np.asarray(noise, dtype=np.float32)  # the n conditional samples: DiT runs both halves on these
         guided = self.manifest["guidance"]["guided_channels"]
         state = self.backend.new_request()
-        subsets = [self.full_subset] * self.sampler.num_steps if full else list(self.step_subset)
+        subsets = [self.full_subset] * self.sampler.num_calls if full else list(self.step_subset)
+        n = len(labels)
         engine_seconds = 0.0
-        start = time.perf_counter()
-        steps = range(self.sampler.num_steps)
+
+        def run_model(call: ModelCall) -> np.ndarray:
+            nonlocal engine_seconds
+            model_x = np.concatenate([call.x, call.x]) if guiding else call.x  # both halves run on the same samples
+            t = np.full(len(model_x), call.t, dtype=np.float32)
+            engine_start = time.perf_counter()
+            out = self.backend.run(subsets[call.index], self.interface.feeds(model_x, t, y), state)
+            engine_seconds += time.perf_counter() - engine_start
+            return apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
+
+        def ddpm_noise(s: int) -> np.ndarray:
+            return step_noise(seed, s, (len(y), *self.sample_shape))[:n]  # drawn for the model batch, as DiT does
+
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc=f"sampling ({self.backend.name})", leave=False)
-        n = len(labels)
-        for s in steps:
-            model_x = np.concatenate([x, x]) if guiding else x
-            t = np.full(len(model_x), float(self.sampler.timesteps[s]), dtype=np.float32)
-            engine_start = time.perf_counter()
-            out = self.backend.run(subsets[s], model_x, t, y, state)
-            engine_seconds += time.perf_counter() - engine_start
-            if guiding:
-                out = apply_guidance(out, cfg_scale, guided)[:n]
-            noise_s = None
-            if self.sampler.kind == "ddpm" and s < self.sampler.num_steps - 1:
-                noise_s = step_noise(seed, s, model_x.shape)[:n]  # drawn for the model batch, as DiT does
-            x = self.sampler.step(s, x, out, noise_s, learn_sigma=self.learn_sigma).astype(np.float32)
+            bar = tqdm(total=self.sampler.num_calls, desc=f"sampling ({self.backend.name})", leave=False)
+        start = time.perf_counter()
+        try:
+            x = denoise(self.sampler, np.asarray(noise, dtype=np.float32), run_model, ddpm_noise,
+                        progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
         seconds = time.perf_counter() - start
-        return SampleResult(samples=x, seconds=seconds, engine_seconds=engine_seconds, step_subsets=subsets)
+        return SampleResult(samples=np.asarray(x, dtype=np.float32), seconds=seconds, engine_seconds=engine_seconds,
+                            step_subsets=subsets)

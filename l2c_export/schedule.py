@@ -11,11 +11,13 @@ sub-layer; that is checked here, when a schedule is made, not when it runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 
 from .macs import MacCount
+from .samplers import SAMPLER_KINDS
 from .util import read_json, write_json
 
 
@@ -30,6 +32,7 @@ class Schedule:
     source: str | None = None
     threshold: float | None = None
     mode: str | None = None
+    sampler: str | None = None  # the sampler whose model calls the rows are (official mode's cache calls depend on it)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -89,7 +92,9 @@ class Schedule:
         """The steps where the schedule decides per sub-layer: in official mode those with an even router index
         (``N - 1 - s``), else every step that reuses anything."""
         if self.mode == "official":
-            return [s for s in range(1, self.num_steps) if (self.num_steps - 1 - s) % 2 == 0]
+            from .samplers import official_cache_calls
+
+            return official_cache_calls(self.sampler or "ddim", self.num_steps)
         return [s for s in range(self.num_steps) if not self.compute[s].all()]
 
     def computed_per_step(self) -> list[int]:
@@ -105,7 +110,7 @@ class Schedule:
     # ----------------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         data = {"num_steps": self.num_steps, "depth": self.depth, "compute": self.compute.astype(int).tolist()}
-        for name in ("timesteps", "source", "threshold", "mode"):
+        for name in ("timesteps", "source", "threshold", "mode", "sampler"):
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
@@ -139,14 +144,20 @@ class Schedule:
                 raise ScheduleError(f"{where}: field 'compute' row {s} must hold only 0 or 1; got {bad[0]!r}")
         timesteps, threshold = data.get("timesteps"), data.get("threshold")
         if timesteps is not None and (not isinstance(timesteps, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and 0 <= v for v in timesteps)):
-            raise ScheduleError(f"{where}: field 'timesteps' must be a list of non-negative integers")
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v
+                for v in timesteps)):
+            raise ScheduleError(f"{where}: field 'timesteps' must be a list of non-negative numbers (the timestep "
+                                f"the model sees at each call)")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not 0.0 <= threshold <= 1.0):
             raise ScheduleError(f"{where}: field 'threshold' is {threshold!r}; expected a number in [0, 1]")
-        known = {"num_steps", "depth", "compute", "timesteps", "source", "threshold", "mode"}
+        sampler = data.get("sampler")
+        if sampler is not None and sampler not in SAMPLER_KINDS:
+            raise ScheduleError(f"{where}: field 'sampler' is {sampler!r}; expected one of {', '.join(SAMPLER_KINDS)}")
+        known = {"num_steps", "depth", "compute", "timesteps", "source", "threshold", "mode", "sampler"}
         return cls(np.asarray(rows, dtype=bool).reshape(num_steps, 2 * depth), timesteps=data.get("timesteps"),
                    source=data.get("source", where), threshold=data.get("threshold"), mode=data.get("mode"),
+                   sampler=data.get("sampler"),
                    extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod

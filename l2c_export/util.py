@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -85,3 +88,38 @@ def check_finite(value: float, what: str, low: float | None = None, high: float 
                   else f"in [{low}, {high}]")
         raise ValueError(f"{what} is {value!r}; expected a number {bounds}")
     return number
+
+
+def replace_folder(staging: Path, out_dir: Path) -> None:
+    """Puts the finished staging folder in place of ``out_dir``: one atomic exchange where the file system allows it,
+    else two renames (a build killed between them is repaired by the next: ``build._recover``)."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    if exchange_names(staging, out_dir):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous build
+        return
+    old = out_dir.parent / f".{out_dir.name}.old"
+    os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_names(a: Path, b: Path) -> bool:
+    """Atomically swaps the names ``a`` and ``b`` (Linux ``renameat2`` with ``RENAME_EXCHANGE``; Python's ``os`` has
+    no binding for it, hence ctypes). False where the kernel, C library or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

@@ -1,8 +1,8 @@
 """``l2c-export verify``: every subset engine against the PyTorch cached forward on the same inputs.
 
-The PyTorch reference (fp32, rebuilt from ``weights.bin``) samples through the schedule; at the first step that runs
-each subset, the engine gets exactly the reference's inputs and cache contents, and its model output and fresh branch
-outputs are compared with the reference's. Differences are relative to the reference tensor's largest magnitude.
+The PyTorch reference (fp32, rebuilt from ``weights.bin``) samples through the schedule, driven by the one denoising
+loop; at the first model call that runs each subset, the engine gets exactly the reference's inputs and cache
+contents, and its model output and fresh branch outputs are compared with the reference's. Differences are relative to the reference tensor's largest magnitude.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from . import manifest as manifest_io
-from .backends import load_backend
+from .backends import cache_inputs, fresh_outputs, load_backend
 from .backends.torch import model_from_manifest
-from .diffusion import Sampler, apply_guidance, guidance_batch, make_noise, step_noise
+from .diffusion import apply_guidance, guidance_batch, make_noise, step_noise
+from .runtime import ModelInterface
+from .samplers import ModelCall, denoise, sampler_from_dict
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2}
 
@@ -24,7 +26,7 @@ DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2}
 @dataclass
 class SubsetCheck:
     name: str
-    step: int
+    step: int  # the model call at which the subset was checked
     worst: dict[str, float]  # output name -> max |engine - reference| / max |reference|
     tolerance: float
 
@@ -46,40 +48,44 @@ def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: fl
     tolerance = DEFAULT_TOLERANCE[data["precision"]] if tolerance is None else tolerance
     engines = load_backend(backend, data, folder, **backend_options)
     reference = model_from_manifest(data, folder, precision="fp32")
-    config = reference.config
-    sampler = Sampler.from_dict(data["sampler"])
+    interface = ModelInterface.from_manifest(data)
+    sampler = sampler_from_dict(data["sampler"])
     cfg_scale = data["guidance"]["cfg_scale"]
-    noise = make_noise(seed, (len(labels), config.in_channels, config.input_size, config.input_size))
-    guiding = cfg_scale > 1.0
-    _, y = guidance_batch(noise, labels, config.num_classes, cfg_scale)
-    samples = noise  # the conditional samples; with guidance both halves of the model batch run on them (as DiT)
+    null_class = data["guidance"]["null_class"]
+    labels = tuple(label % null_class for label in labels)
+    noise = make_noise(seed, (len(labels), *interface.sample_shape))
+    guiding, n = cfg_scale > 1.0, len(labels)
+    _, y = guidance_batch(noise, labels, null_class, cfg_scale)
     slot_index = {slot["name"]: slot["index"] for slot in data["cache_slots"]}
+    step_subset = data["schedule"]["step_subset"]
     reference_cache: dict[int, torch.Tensor] = {}
     checks: dict[int, SubsetCheck] = {}
-    for s, subset_index in enumerate(data["schedule"]["step_subset"]):
+
+    def run_model(call: ModelCall) -> np.ndarray:
+        subset_index = step_subset[call.index]
         record = data["subsets"][subset_index]
-        x = np.concatenate([samples, samples]) if guiding else samples
-        t = np.full(len(x), float(sampler.timesteps[s]), dtype=np.float32)
+        x = np.concatenate([call.x, call.x]) if guiding else call.x  # both halves run on the same samples
+        feeds = interface.feeds(x, np.full(len(x), call.t, dtype=np.float32), y)
         check_now = subset_index not in checks
-        if check_now:
+        if check_now:  # the engine gets exactly the reference's inputs and cache contents
             state = engines.new_request()
-            for tensor in record["inputs"][3:]:
+            for tensor in cache_inputs(record):
                 engines.write_cache(state, tensor["slot"], reference_cache[slot_index[tensor["slot"]]].numpy())
-            engine_out = engines.run(subset_index, x, t, y, state)
-        out = reference.forward_cached(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y),
-                                       [bool(c) for c in record["compute"]], reference_cache).numpy()
+            engine_out = engines.run(subset_index, feeds, state)
+        inputs = [torch.from_numpy(feeds[spec["name"]]) for spec in data["model"]["inputs"]]
+        out = reference.forward_cached(*inputs, [bool(c) for c in record["compute"]], reference_cache).numpy()
         if check_now:
-            worst = {"model_out": _relative(engine_out, out)}
-            for tensor in record["outputs"][1:]:
+            worst = {interface.output: _relative(engine_out, out)}
+            for tensor in fresh_outputs(record):
                 worst[tensor["name"]] = _relative(engines.read_cache(state, tensor["slot"]),
                                                   reference_cache[slot_index[tensor["slot"]]].numpy())
-            checks[subset_index] = SubsetCheck(record["name"], s, worst, tolerance)
-        if guiding:
-            out = apply_guidance(out, cfg_scale, data["guidance"]["guided_channels"])[: len(samples)]
-        noise_s = None
-        if sampler.kind == "ddpm" and s < sampler.num_steps - 1:
-            noise_s = step_noise(seed, s, x.shape)[: len(samples)]
-        samples = sampler.step(s, samples, out, noise_s, learn_sigma=config.learn_sigma).astype(np.float32)
+            checks[subset_index] = SubsetCheck(record["name"], call.index, worst, tolerance)
+        return apply_guidance(out, cfg_scale, data["guidance"]["guided_channels"])[:n] if guiding else out
+
+    def ddpm_noise(s: int) -> np.ndarray:
+        return step_noise(seed, s, (len(y), *interface.sample_shape))[:n]
+
+    denoise(sampler, noise, run_model, ddpm_noise)
     return [checks[i] for i in sorted(checks)], engines.providers
 
 

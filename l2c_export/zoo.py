@@ -1,4 +1,4 @@
-"""Where models come from: the embedded default (a digits DiT shipped in the package) and official checkpoints.
+"""Where models come from: the embedded defaults (digits models shipped in the package) and official checkpoints.
 
 A :class:`ModelSpec` says everything the later stages need about a model besides its weights: the architecture, whether
 it samples pixels or VAE latents, and its default sampler and guidance.
@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .diffusion import Sampler, SamplerKind
-from .models import DiT, DiTConfig, dit_config
+from .families import ModelFamily, family_of_model, get_family
+from .samplers import DenoisingSampler, create_sampler
 from .schedule import Schedule
 
 DEFAULT_DIR = Path(__file__).parent / "default"
@@ -21,42 +21,57 @@ DEFAULT_NAME = "dit-digits"
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    config: DiTConfig
+    config: object  # the family's config (DiTConfig, UViTConfig, ...)
     weights: Path
     space: str  # "pixel": samples are images in [-1, 1]; "latent": SD-VAE latents (scale 0.18215)
-    sampler_kind: SamplerKind = "ddim"
-    num_steps: int = 20
+    sampler_kind: str = "ddim"
+    num_steps: int = 20  # model calls (NFE)
     cfg_scale: float = 4.0
     clip_denoised: bool = False
     default_schedule: Path | None = None
+    family_name: str = "dit"
 
-    def load_model(self) -> DiT:
-        from .checkpoint import load_dit
+    @property
+    def family(self) -> ModelFamily:
+        return get_family(self.family_name)
 
-        return load_dit(self.weights, self.config)
+    @property
+    def num_layers(self) -> int:
+        return self.family.num_layers(self.config)
 
-    def sampler(self, kind: SamplerKind | None = None, num_steps: int | None = None) -> Sampler:
-        return Sampler.create(kind or self.sampler_kind, num_steps or self.num_steps, clip_denoised=self.clip_denoised)
+    def load_model(self):
+        return self.family.load(self.weights, self.config)
+
+    def sampler(self, kind: str | None = None, num_steps: int | None = None) -> DenoisingSampler:
+        """The sampler ``kind`` (default: the model's) with ``num_steps`` model calls (NFE; default: the model's)."""
+        return create_sampler(kind or self.sampler_kind, num_steps or self.num_steps, clip_denoised=self.clip_denoised)
 
     def schedule(self) -> Schedule | None:
         return Schedule.load(self.default_schedule) if self.default_schedule else None
 
 
-def embedded_default() -> ModelSpec:
-    """The digits DiT shipped in ``l2c_export/default/`` (see ``model.json`` there)."""
-    info = json.loads((DEFAULT_DIR / "model.json").read_text())
-    return ModelSpec(name=info["name"], config=DiTConfig.from_dict(info["config"]), weights=DEFAULT_DIR / info["weights"],
-                     space=info["space"], sampler_kind=info["sampler"]["kind"], num_steps=info["sampler"]["num_steps"],
-                     cfg_scale=info["cfg_scale"], clip_denoised=info["sampler"]["clip_denoised"],
-                     default_schedule=DEFAULT_DIR / info["schedule"])
+def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
+    """A model shipped in ``l2c_export/default/`` (see its ``model.json``): the digits DiT by default."""
+    folder = DEFAULT_DIR if name == DEFAULT_NAME else DEFAULT_DIR / name
+    info = json.loads((folder / "model.json").read_text())
+    family = get_family(info.get("family", "dit"))
+    return ModelSpec(name=info["name"], config=family.config_from_dict(info["config"]),
+                     weights=folder / info["weights"], space=info["space"], sampler_kind=info["sampler"]["kind"],
+                     num_steps=info["sampler"]["num_steps"], cfg_scale=info["cfg_scale"],
+                     clip_denoised=info["sampler"].get("clip_denoised", False),
+                     default_schedule=folder / info["schedule"] if info.get("schedule") else None,
+                     family_name=family.name)
 
 
 def official(checkpoint: str | Path, model: str, image_size: int, num_classes: int = 1000) -> ModelSpec:
-    """An official DiT checkpoint: ``image_size`` in pixels, latents at 1/8 with 4 channels, learned sigma."""
+    """An official checkpoint of a preset (DiT-XL/2, U-ViT-H/2, ...): ``image_size`` in pixels, 4-channel latents at
+    1/8; the family's default sampler and guidance scale."""
     if image_size % 8:
         raise ValueError(f"--image-size {image_size} is not a multiple of 8 (latents are 1/8 of the image)")
-    config = dit_config(model, input_size=image_size // 8, num_classes=num_classes)
-    return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent")
+    family = family_of_model(model)
+    config = family.preset(model, image_size, num_classes)
+    return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent",
+                     sampler_kind=family.default_sampler, cfg_scale=family.default_cfg_scale, family_name=family.name)
 
 
 def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | None,
@@ -65,5 +80,6 @@ def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | 
     if checkpoint is None:
         return embedded_default()
     if model is None or image_size is None:
-        raise ValueError("--checkpoint needs --model (for example DiT-XL/2) and --image-size (pixels, for example 256)")
+        raise ValueError("--checkpoint needs --model (for example DiT-XL/2 or U-ViT-H/2) and --image-size (pixels, "
+                         "for example 256)")
     return official(checkpoint, model, image_size, num_classes or 1000)

@@ -239,9 +239,38 @@ def test_manifest_schema_is_checked_on_write_and_read(tmp_path):
     report.manifest_path.write_text(json.dumps(data))
     with pytest.raises(manifest_io.ManifestError, match=r"field 'subsets/0/inputs/0/dtype'"):
         manifest_io.load(folder)
-    data["schema_version"] = 2
+    newer = manifest_io.SCHEMA_VERSION + 1
+    data["schema_version"] = newer
     report.manifest_path.write_text(json.dumps(data))
-    with pytest.raises(manifest_io.ManifestError, match="'schema_version' is 2, newer than this l2c-export reads"):
+    with pytest.raises(manifest_io.ManifestError, match=f"'schema_version' is {newer}, newer than this l2c-export"):
+        manifest_io.load(folder)
+
+
+def test_a_version_1_manifest_is_read_by_upgrading_it(tmp_path):
+    """A build made before model families (schema 1: DiT fields, no roles, sampler without calls) still runs."""
+    _, report = _build(tmp_path, TINY2, ROWS)
+    folder = report.manifest_path.parent
+
+    def run_samples(name: str) -> np.ndarray:  # in a subprocess: this process keeps its own ONNX Runtime settings
+        run_cli("run", str(folder), "--labels", "1,2", "--seed", "3", "--save-latents", str(tmp_path / name))
+        return np.load(tmp_path / name)
+
+    before = run_samples("before.npy")
+    data = json.loads(report.manifest_path.read_text())
+    data["schema_version"] = 1
+    for key in ("family", "inputs", "output"):
+        del data["model"][key]
+    for key in ("num_calls", "model_times"):
+        del data["sampler"][key]
+    for subset in data["subsets"]:
+        for tensor in (*subset["inputs"], *subset["outputs"]):
+            del tensor["role"]
+    report.manifest_path.write_text(json.dumps(data))
+    after = run_samples("after.npy")
+    np.testing.assert_array_equal(after, before)
+    del data["sampler"]["timesteps"]
+    report.manifest_path.write_text(json.dumps(data))
+    with pytest.raises(manifest_io.ManifestError, match="version 1 manifest without the field 'timesteps'"):
         manifest_io.load(folder)
 
 

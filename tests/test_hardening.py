@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from l2c_export import manifest as manifest_io
-from l2c_export.build import BuildRequest, _exchange, build
+from l2c_export.build import BuildRequest, build
+from l2c_export.util import exchange_names
 from l2c_export.zoo import embedded_default
 
 from .conftest import REPO, run_cli
@@ -232,7 +233,7 @@ def test_the_output_swap_is_one_atomic_exchange(tmp_path):
     (tmp_path / "a" / "f").write_text("a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "f").write_text("b")
-    if not _exchange(tmp_path / "a", tmp_path / "b"):
+    if not exchange_names(tmp_path / "a", tmp_path / "b"):
         pytest.skip("this file system cannot exchange names atomically (renameat2 RENAME_EXCHANGE)")
     assert (tmp_path / "a" / "f").read_text() == "b" and (tmp_path / "b" / "f").read_text() == "a"
 

@@ -198,7 +198,8 @@ def test_a_newer_manifest_is_refused(default_build, tmp_path):
     data = json.loads((folder / "manifest.json").read_text())
     data["schema_version"] = 99
     (folder / "manifest.json").write_text(json.dumps(data))
-    assert "'schema_version' is 99, newer than this l2c-export reads (1)" in _bad_run(folder, tmp_path)
+    expected = f"'schema_version' is 99, newer than this l2c-export reads ({manifest_io.SCHEMA_VERSION})"
+    assert expected in _bad_run(folder, tmp_path)
 
 
 def test_a_missing_engine_file_is_named(default_build, tmp_path):

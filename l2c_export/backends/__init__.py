@@ -1,13 +1,14 @@
 """Runtime backends behind one small interface. Each reads only the manifest and the files it lists.
 
-A backend runs one denoising step on one subset engine::
+A backend runs one model call on one subset engine::
 
     state = backend.new_request()                      # the request's cache: one buffer per cache slot
-    model_out = backend.run(subset_index, x, t, y, state)
+    model_out = backend.run(subset_index, feeds, state)
 
-``x`` (N, C, H, W) float32, ``t`` (N,) float32, ``y`` (N,) int64, all numpy; ``model_out`` (N, C_out, H, W) float32
-numpy. The engine reads the slots its subset reuses from ``state`` and writes its fresh branch outputs into ``state``;
-the cache belongs to the request, so requests in different threads never share one.
+``feeds`` maps the model's input names (the manifest's ``model/inputs``: for DiT and U-ViT ``x`` (N, C, H, W)
+float32, ``t`` (N,) float32, ``y`` (N,) int64) to numpy arrays; ``model_out`` is the manifest's ``model/output``,
+(N, C_out, H, W) float32 numpy. The engine reads the slots its subset reuses from ``state`` and writes its fresh
+branch outputs into ``state``; the cache belongs to the request, so requests in different threads never share one.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class Backend(Protocol):
     def new_request(self) -> object:
         """A fresh per-request cache."""
 
-    def run(self, subset: int, x: np.ndarray, t: np.ndarray, y: np.ndarray, state: object) -> np.ndarray:
-        """One step on subset engine ``subset``; returns model_out (N, C_out, H, W) float32."""
+    def run(self, subset: int, feeds: dict[str, np.ndarray], state: object) -> np.ndarray:
+        """One model call on subset engine ``subset``; returns the model output (N, C_out, H, W) float32."""
 
     def write_cache(self, state: object, slot: str, value: np.ndarray) -> None:
         """Sets cache slot ``slot`` of a request to ``value`` (N, T, D) (for verification)."""
@@ -85,6 +86,19 @@ def _numpy_dtype(name: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
+
+def model_inputs(record: dict) -> list[dict]:
+    """A subset's inputs that the caller feeds (not cache inputs)."""
+    return [tensor for tensor in record["inputs"] if tensor["role"] != "cache"]
+
+
+def cache_inputs(record: dict) -> list[dict]:
+    return [tensor for tensor in record["inputs"] if tensor["role"] == "cache"]
+
+
+def fresh_outputs(record: dict) -> list[dict]:
+    return [tensor for tensor in record["outputs"] if tensor["role"] == "fresh"]
 
 
 def selected_subsets(manifest: dict, subsets: Sequence[int] | None) -> list[dict]:

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from . import engine_path, selected_subsets, weight_arrays
+from . import cache_inputs, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
 
 _shared_arena_lock = threading.Lock()
 _shared_arena_registered = False
@@ -95,11 +95,10 @@ class OnnxRuntimeBackend:
             self._weights = {name: ort.OrtValue.ortvalue_from_numpy(array)
                              for name, array in weight_arrays(manifest, folder).items()}
         self._slot_dtype = {s["name"]: np.dtype(s["dtype"]) for s in manifest["cache_slots"]}
-        self._config = manifest["model"]["config"]
+        self._output = manifest["model"]["output"]
         _set_up_environment(threads)
         self.sessions: dict[int, ort.InferenceSession] = {}
-        self._outputs: dict[int, list[dict]] = {}
-        self._inputs: dict[int, list[dict]] = {}
+        self._records: dict[int, dict] = {}
         for record in selected_subsets(manifest, subsets):
             options = ort.SessionOptions()
             options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
@@ -115,8 +114,7 @@ class OnnxRuntimeBackend:
             session = ort.InferenceSession(str(path), options, providers=list(providers))
             _check_interface(session, record, path)
             self.sessions[record["index"]] = session
-            self._inputs[record["index"]] = record["inputs"]
-            self._outputs[record["index"]] = record["outputs"]
+            self._records[record["index"]] = record
 
     @property
     def providers(self) -> list[str]:
@@ -134,19 +132,18 @@ class OnnxRuntimeBackend:
         state.read(slot)
         return state.arrays[slot].astype(np.float32)
 
-    def run(self, subset: int, x: np.ndarray, t: np.ndarray, y: np.ndarray, state: _RequestCache) -> np.ndarray:
+    def run(self, subset: int, feeds: dict[str, np.ndarray], state: _RequestCache) -> np.ndarray:
         session = self.sessions[subset]
-        batch = x.shape[0]
+        record = self._records[subset]
+        batch = len(next(iter(feeds.values())))
         binding = session.io_binding()
-        binding.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
-        binding.bind_cpu_input("t", np.ascontiguousarray(t, dtype=np.float32))
-        binding.bind_cpu_input("y", np.ascontiguousarray(y, dtype=np.int64))
-        for tensor in self._inputs[subset][3:]:
+        for tensor in model_inputs(record):
+            binding.bind_cpu_input(tensor["name"], feeds[tensor["name"]])
+        for tensor in cache_inputs(record):
             binding.bind_ortvalue_input(tensor["name"], state.read(tensor["slot"]))
-        side = self._config["input_size"]
-        model_out = np.empty((batch, _out_channels(self._config), side, side), dtype=np.float32)
-        binding.bind_ortvalue_output("model_out", ort.OrtValue.ortvalue_from_numpy(model_out))
-        for tensor in self._outputs[subset][1:]:
+        model_out = np.empty((batch, *self._output["shape"][1:]), dtype=np.float32)
+        binding.bind_ortvalue_output(self._output["name"], ort.OrtValue.ortvalue_from_numpy(model_out))
+        for tensor in fresh_outputs(record):
             shape = (batch, *tensor["shape"][1:])
             binding.bind_ortvalue_output(tensor["name"], state.slot(tensor["slot"], shape,
                                                                     self._slot_dtype[tensor["slot"]]))
@@ -200,6 +197,3 @@ def _check_interface(session: ort.InferenceSession, record: dict, path: Path) ->
             raise ManifestError(f"{path}: the graph's {kind} {got} are not the manifest's "
                                 f"(field 'subsets/{record['index']}/{kind}': {want})")
 
-
-def _out_channels(config: dict) -> int:
-    return config["in_channels"] * (2 if config["learn_sigma"] else 1)

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from ..engines import BackendUnavailable
-from . import engine_path, selected_subsets, weight_arrays
+from . import cache_inputs, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
 
 
 def _import_tensorrt():
@@ -66,9 +66,8 @@ class TensorRTBackend:
         self._io: dict[str, object] = {}
         self._lock = threading.Lock()
         self._slot_dtype = {s["name"]: np.dtype(s["dtype"]) for s in manifest["cache_slots"]}
-        config = manifest["model"]["config"]
-        self._out_shape = (config["in_channels"] * (2 if config["learn_sigma"] else 1), config["input_size"],
-                           config["input_size"])
+        self._output = manifest["model"]["output"]
+        self._out_shape = tuple(self._output["shape"][1:])
 
     @property
     def providers(self) -> list[str]:
@@ -95,27 +94,28 @@ class TensorRTBackend:
             array = store[name] = self._cuda.DeviceArray(shape=shape, dtype=dtype)
         return array
 
-    def run(self, subset: int, x: np.ndarray, t: np.ndarray, y: np.ndarray, state: dict) -> np.ndarray:
-        batch = len(x)
+    def run(self, subset: int, feeds: dict[str, np.ndarray], state: dict) -> np.ndarray:
+        batch = len(next(iter(feeds.values())))
         if batch > self.max_batch:
             raise ValueError(f"model batch {batch} is over the engines' maximum {self.max_batch} (rebuild with a "
                              f"larger --batch)")
         record, context = self.records[subset], self.contexts[subset]
         with self._lock:
-            for name, host in (("x", x.astype(np.float32)), ("t", t.astype(np.float32)), ("y", y.astype(np.int64))):
+            for tensor in model_inputs(record):
+                name, host = tensor["name"], feeds[tensor["name"]]
                 device = self._buffer(self._io, name, host.shape, host.dtype)
                 device.copy_from(np.ascontiguousarray(host), self.stream)
                 context.set_input_shape(name, host.shape)
                 context.set_tensor_address(name, device.ptr)
-            for tensor in record["inputs"][3:]:
+            for tensor in cache_inputs(record):
                 if tensor["slot"] not in state:
                     raise RuntimeError(f"cache slot {tensor['slot']} is read before any step wrote it")
                 slot = state[tensor["slot"]]
                 context.set_input_shape(tensor["name"], tuple(slot.shape))
                 context.set_tensor_address(tensor["name"], slot.ptr)
-            model_out = self._buffer(self._io, "model_out", (batch, *self._out_shape), np.float32)
-            context.set_tensor_address("model_out", model_out.ptr)
-            for tensor in record["outputs"][1:]:
+            model_out = self._buffer(self._io, self._output["name"], (batch, *self._out_shape), np.float32)
+            context.set_tensor_address(self._output["name"], model_out.ptr)
+            for tensor in fresh_outputs(record):
                 shape = (batch, *tensor["shape"][1:])
                 slot = self._buffer(state, tensor["slot"], shape, self._slot_dtype[tensor["slot"]])
                 context.set_tensor_address(tensor["name"], slot.ptr)

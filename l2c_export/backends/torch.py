@@ -11,16 +11,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..models import DiT, DiTConfig
+from ..families import get_family
 from . import selected_subsets, weight_arrays
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu", precision: str | None = None) -> DiT:
-    """The DiT of a build, its weights read back from ``weights.bin``, in the build's precision (or ``precision``)."""
+def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
+                        precision: str | None = None) -> torch.nn.Module:
+    """The model of a build (of its family), its weights read back from ``weights.bin``, in the build's precision
+    (or ``precision``)."""
     dtype = _DTYPES[precision or manifest["precision"]]
-    model = DiT(DiTConfig.from_dict(manifest["model"]["config"]))
+    family = get_family(manifest["model"]["family"])
+    model = family.create(family.config_from_dict(manifest["model"]["config"]))
     state = {}
     for name, array in weight_arrays(manifest, folder).items():
         tensor = torch.from_numpy(np.array(array.view(np.uint16) if array.dtype.name == "bfloat16" else array))
@@ -43,6 +46,8 @@ class TorchBackend:
         self.dtype = _DTYPES[manifest["precision"]]
         self.compute = {record["index"]: [bool(c) for c in record["compute"]]
                         for record in selected_subsets(manifest, subsets)}
+        self.input_names = [tensor["name"] for tensor in manifest["model"]["inputs"]]
+        self.cached_shape = tuple(manifest["cache_slots"][0]["shape"][1:]) if manifest["cache_slots"] else ()
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
 
@@ -60,19 +65,24 @@ class TorchBackend:
         return state[_slot_index(slot)].float().cpu().numpy()
 
     @torch.no_grad()
-    def run(self, subset: int, x: np.ndarray, t: np.ndarray, y: np.ndarray, state: dict) -> np.ndarray:
-        x_t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        t_t = torch.from_numpy(np.ascontiguousarray(t)).to(self.device)
-        y_t = torch.from_numpy(np.ascontiguousarray(y)).to(self.device)
+    def run(self, subset: int, feeds: dict[str, np.ndarray], state: dict) -> np.ndarray:
+        inputs = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
+                       for name in self.input_names)
+        batch = len(inputs[0])
         if self.cuda_graphs:
-            step = self._graphs.get((subset, len(x)))
+            step = self._graphs.get((subset, batch))
             if step is None:
-                step = self._graphs[(subset, len(x))] = _CapturedStep(self.model, self.compute[subset], x_t, t_t,
-                                                                      y_t, self.dtype)
-            out = step(x_t, t_t, y_t, state)
+                step = self._graphs[(subset, batch)] = _CapturedStep(self.model, self.compute[subset], inputs,
+                                                                     self.cached_shape, self.dtype)
+            out = step(inputs, state)
         else:
-            out = self.model.forward_cached(x_t.to(self.dtype), t_t, y_t, self.compute[subset], state)
+            out = self.model.forward_cached(*_cast(inputs, self.dtype), self.compute[subset], state)
         return out.float().cpu().numpy()
+
+
+def _cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Sample inputs (floating, more than one axis) in the model's dtype; times and labels as they are."""
+    return tuple(i.to(dtype) if i.is_floating_point() and i.ndim > 1 else i for i in inputs)
 
 
 def _slot_index(slot: str) -> int:
@@ -88,28 +98,28 @@ class _CapturedStep:
     it: a CUDA graph has fixed addresses, while the cache belongs to the request.
     """
 
-    def __init__(self, model: DiT, compute: list[bool], x, t, y, dtype):
+    def __init__(self, model: torch.nn.Module, compute: list[bool], inputs: tuple[torch.Tensor, ...],
+                 cached_shape: tuple[int, ...], dtype):
         self.compute = compute
         self.reads = [k for k, on in enumerate(compute) if not on]
-        self.static = {"x": x.clone(), "t": t.clone(), "y": y.clone()}
-        shape = (len(x), model.config.num_tokens, model.config.hidden_size)
-        self.static_cache = {k: torch.zeros(shape, dtype=dtype, device=x.device) for k in self.reads}
+        self.static = tuple(tensor.clone() for tensor in inputs)
+        device = inputs[0].device
+        shape = (len(inputs[0]), *cached_shape)
+        self.static_cache = {k: torch.zeros(shape, dtype=dtype, device=device) for k in self.reads}
         cache = dict(self.static_cache)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the capture, as CUDA graphs require
-            model.forward_cached(self.static["x"].to(dtype), self.static["t"], self.static["y"], compute, dict(cache))
+            model.forward_cached(*_cast(self.static, dtype), compute, dict(cache))
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = model.forward_cached(self.static["x"].to(dtype), self.static["t"], self.static["y"], compute,
-                                            cache)
+            self.out = model.forward_cached(*_cast(self.static, dtype), compute, cache)
         self.fresh = {k: v for k, v in cache.items() if compute[k]}
 
-    def __call__(self, x, t, y, state: dict) -> torch.Tensor:
-        self.static["x"].copy_(x)
-        self.static["t"].copy_(t)
-        self.static["y"].copy_(y)
+    def __call__(self, inputs: tuple[torch.Tensor, ...], state: dict) -> torch.Tensor:
+        for static, tensor in zip(self.static, inputs):
+            static.copy_(tensor)
         for k in self.reads:
             self.static_cache[k].copy_(state[k])
         self.graph.replay()

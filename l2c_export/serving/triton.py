@@ -64,8 +64,9 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
     builds); ``threads``: ONNX Runtime intra-op threads per instance (0: one per core)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
-    config = manifest["model"]["config"]
-    channels, side = config["in_channels"], config["input_size"]
+    from ..runtime import ModelInterface
+
+    channels, side, _ = ModelInterface.from_manifest(manifest).sample_shape
     device = device or ("cuda" if manifest["backend"] == "tensorrt" else "cpu")
     model = pb.ModelConfig(name=name, backend="python",
                            max_batch_size=max_batch_size or default_max_batch_size(manifest))
@@ -94,7 +95,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "l2c",
     """
     from google.protobuf import text_format
 
-    from ..build import _replace as replace_folder  # the builds' atomic folder exchange, one definition
+    from ..util import replace_folder  # the builds' atomic folder exchange, one definition
 
     build_dir, repo = Path(build_dir), Path(repo)
     if not _NAME.match(name):
