@@ -45,6 +45,9 @@ class BenchResult:
     full_speedup_vs_fp32: float | None = None  # fp32 full / this build's full
     schedule_speedup_vs_fp32: float | None = None  # fp32 full / this build's schedule
     schedule_of_target: float | None = None  # schedule_speedup_vs_fp32 / (full_speedup_vs_fp32 x ideal_speedup)
+    # The C++ runtime (cpp/, built by `make cpp`) on the same build: onnxruntime builds only, None where not built.
+    cpp_memory_all_engines_bytes: int | None = None
+    cpp_memory_full_engine_bytes: int | None = None
 
 
 def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
@@ -79,10 +82,12 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
     for i, (folder, pipe) in enumerate(zip(folders, pipes)):
         full_seconds, schedule_seconds = statistics.median(full[i]), statistics.median(scheduled[i])
         data = pipe.manifest
-        memory_all = memory_full = None
+        memory_all = memory_full = cpp_all = cpp_full = None
         if measure_memory:
             memory_all = measure_engine_memory(folder, backend, batch, "all")
             memory_full = measure_engine_memory(folder, backend, batch, "full")
+            if backend == "onnxruntime" and CPP_MEMORY_PROBE.is_file():
+                cpp_all, cpp_full = (measure_cpp_engine_memory(folder, batch, which) for which in ("all", "full"))
         ideal = data["macs"]["ideal_speedup"]
         results.append(BenchResult(model=data["name"], backend=backend, precision=data["precision"],
                                    providers=pipe.providers, batch=batch, full_seconds=full_seconds,
@@ -91,7 +96,8 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
                                    step_overhead_fraction=statistics.median(overhead[i]),
                                    memory_all_engines_bytes=memory_all, memory_full_engine_bytes=memory_full,
                                    model_weights_bytes=data["weights"]["bytes"], num_subsets=len(data["subsets"]),
-                                   repeats=repeats))
+                                   repeats=repeats, cpp_memory_all_engines_bytes=cpp_all,
+                                   cpp_memory_full_engine_bytes=cpp_full))
     _against_fp32(results, [pipe.manifest for pipe in pipes])
     return results
 
@@ -118,6 +124,18 @@ def measure_engine_memory(folder: Path, backend: str, batch: int, which: str) ->
     command = [sys.executable, "-m", "l2c_export.bench", str(folder), backend, str(batch), which]
     result = subprocess.run(command, capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+CPP_MEMORY_PROBE = Path(__file__).resolve().parents[1] / "cpp" / "build" / "l2c-memory-probe"
+
+
+def measure_cpp_engine_memory(folder: Path, batch: int, which: str) -> int:
+    """The same measurement for the C++ runtime: ``l2c-memory-probe`` (cpp/tools/memory_probe.cpp) loads ONNX
+    Runtime, then the engines, samples once with each, and prints its resident-set growth."""
+    result = subprocess.run([str(CPP_MEMORY_PROBE), str(folder), str(batch), which], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{CPP_MEMORY_PROBE} {folder} {batch} {which} failed: {result.stderr.strip()}")
     return int(result.stdout.strip().splitlines()[-1])
 
 

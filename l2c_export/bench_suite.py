@@ -108,6 +108,13 @@ def main(argv: list[str] | None = None) -> None:
                          f"speedup x ideal {r.ideal_speedup:.3f}x); all int8 subsets resident in "
                          f"{r.memory_all_engines_bytes / r.memory_full_engine_bytes:.2f}x the int8 full subset's "
                          f"memory.")
+    for r in exported.values():
+        if r.cpp_memory_all_engines_bytes:
+            lines.append(f"- {r.model}, C++ runtime (cpp/, `l2c-memory-probe`): all {r.num_subsets} subsets loaded "
+                         f"{r.cpp_memory_all_engines_bytes / 2 ** 20:.1f} MiB, the full subset alone "
+                         f"{r.cpp_memory_full_engine_bytes / 2 ** 20:.1f} MiB: "
+                         f"{r.cpp_memory_all_engines_bytes / r.cpp_memory_full_engine_bytes:.3f}x (target <= 1.25x; "
+                         f"Python {r.memory_all_engines_bytes / r.memory_full_engine_bytes:.3f}x).")
     from .util import atomic_write_text
 
     atomic_write_text(args.docs / "bench.md", "\n".join(lines) + "\n")
