@@ -8,7 +8,7 @@ CLI := $(VENV)/bin/l2c-export
 DEMO := engines/demo
 DIGITS := 0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9
 
-.PHONY: setup triton-env demo test bench serve clean
+.PHONY: setup triton-env demo test bench serve clean cpp cpp-deps
 
 setup: $(VENV)/.installed
 
@@ -37,11 +37,11 @@ demo: setup
 	$(CLI) run $(DEMO)/engines --labels $(DIGITS) --seed 1 --compare-full --out $(DEMO)/samples-l2c.png
 	@echo "demo: $(DEMO)/samples-l2c.png (L2C schedule), $(DEMO)/samples-full.png (every sub-layer), $(DEMO)/schedule.png"
 
-test: setup triton-env
+test: setup triton-env cpp
 	$(PY) -m pytest -q tests
 
 # Figures for the README: docs/bench.json, docs/bench.md, docs/bench.png (a few minutes on 2 cores).
-bench: setup triton-env
+bench: setup triton-env cpp
 	$(PY) -m l2c_export.bench_suite --work engines/bench --docs docs
 
 # The embedded default on Triton Inference Server, on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics).
@@ -51,4 +51,30 @@ serve: setup triton-env
 	$(CLI) serve $(DEMO)/triton --env $(TRITON_VENV)
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) engines/demo engines/bench .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) engines/demo engines/bench .pytest_cache cpp/build
+
+# --- C++ runtime (cpp/): `make cpp` builds cpp/build/l2c-run, libl2c_runtime and the embedding example. ------------
+# ONNX Runtime's headers: Debian 13's libonnxruntime-dev, downloaded under a private APT_CONFIG, sha256-pinned and
+# unpacked (nothing installed); its library: the onnxruntime wheel's in $(VENV), dlopen'ed at run time. The other
+# build dependencies are Debian packages, installed only where missing (root needed then).
+CPP_BUILD := cpp/build
+CPP_ORT_HEADERS := $(CPP_BUILD)/deps/include/onnxruntime
+CPP_DEBIAN_PACKAGES := cmake g++ make nlohmann-json3-dev libssl-dev libcli11-dev zlib1g-dev
+
+cpp: setup cpp-deps $(CPP_ORT_HEADERS)/onnxruntime_cxx_api.h
+	@library=$$(ls $(abspath $(VENV))/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.* | head -n1); \
+	  test -n "$$library" || { echo "make cpp: no libonnxruntime.so.1.* in the onnxruntime wheel of $(VENV)" >&2; exit 1; }; \
+	  cmake -S cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release -DL2C_ONNXRUNTIME_INCLUDE_DIR=$(abspath $(CPP_ORT_HEADERS)) \
+	    -DL2C_ONNXRUNTIME_LIBRARY=$$library > $(CPP_BUILD)/cmake.log || { cat $(CPP_BUILD)/cmake.log; exit 1; }
+	cmake --build $(CPP_BUILD) -j2 -- --no-print-directory
+
+cpp-deps:
+	@missing=$$(for p in $(CPP_DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "make cpp: installing Debian packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi
+
+$(CPP_ORT_HEADERS)/onnxruntime_cxx_api.h: cpp/scripts/fetch-onnxruntime-headers.sh
+	cpp/scripts/fetch-onnxruntime-headers.sh $(CPP_BUILD)/deps
+	touch $@

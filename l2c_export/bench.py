@@ -1,6 +1,8 @@
 """``l2c-export bench``: full compute against the schedule on the same engines, machine and batch, interleaved.
 
-Per backend: one warm-up run of each, then ``repeats`` pairs (full, schedule) alternating, medians of each. Memory is
+Per backend: one warm-up run of each, then ``repeats`` pairs (full, schedule) alternating, medians of each. Builds of
+one model measured together (``bench DIR_FP32 DIR_INT8``) are interleaved in the same loop, and every row also gets
+its speedups against the fp32 build's full compute of that same run. Memory is
 measured in a fresh subprocess per configuration, as the growth of the resident set from loading the engines and
 running each once (the Python, numpy and ONNX Runtime imports come before the baseline).
 """
@@ -25,6 +27,7 @@ from . import manifest as manifest_io
 class BenchResult:
     model: str
     backend: str
+    precision: str  # the build's (manifest) precision
     providers: list[str]
     batch: int  # images; the model batch is twice this with guidance
     full_seconds: float
@@ -38,38 +41,81 @@ class BenchResult:
     model_weights_bytes: int
     num_subsets: int
     repeats: int
+    fp32_full_seconds: float | None = None  # the fp32 build's full compute in the same run (None: none measured)
+    full_speedup_vs_fp32: float | None = None  # fp32 full / this build's full
+    schedule_speedup_vs_fp32: float | None = None  # fp32 full / this build's schedule
+    schedule_of_target: float | None = None  # schedule_speedup_vs_fp32 / (full_speedup_vs_fp32 x ideal_speedup)
+    # The C++ runtime (cpp/, built by `make cpp`) on the same build: onnxruntime builds only, None where not built.
+    cpp_memory_all_engines_bytes: int | None = None
+    cpp_memory_full_engine_bytes: int | None = None
 
 
 def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
               measure_memory: bool = True, threads: int | None = None) -> BenchResult:
+    return benchmark_together([folder], backend, batch, repeats, measure_memory, threads)[0]
+
+
+def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
+                       measure_memory: bool = True, threads: int | None = None) -> list[BenchResult]:
+    """One row per build, all measured in one interleaved loop (each repeat runs every build's full compute and
+    schedule in turn), so that ratios between builds (int8 against fp32) share the machine's load."""
     from .runtime import L2CPipeline
 
-    folder = Path(folder)
+    folders = [Path(folder) for folder in folders]
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
-    pipe = L2CPipeline.from_engine_dir(folder, backend=backend, **options)
-    labels = [i % pipe.num_classes for i in range(batch)]
-    full, scheduled, overhead = [], [], []
-    pipe(labels, seed=0, full=True)
-    pipe(labels, seed=0)
+    pipes = [L2CPipeline.from_engine_dir(folder, backend=backend, **options) for folder in folders]
+    full = [[] for _ in pipes]
+    scheduled = [[] for _ in pipes]
+    overhead = [[] for _ in pipes]
+    for pipe in pipes:
+        labels = [i % pipe.num_classes for i in range(batch)]
+        pipe(labels, seed=0, full=True)
+        pipe(labels, seed=0)
     for repeat in range(repeats):
-        full.append(pipe(labels, seed=repeat, full=True).seconds)
-        result = pipe(labels, seed=repeat)
-        scheduled.append(result.seconds)
-        overhead.append(result.overhead_fraction)
-    full_seconds, schedule_seconds = statistics.median(full), statistics.median(scheduled)
-    data = pipe.manifest
-    memory_all = memory_full = None
-    if measure_memory:
-        memory_all = measure_engine_memory(folder, backend, batch, "all")
-        memory_full = measure_engine_memory(folder, backend, batch, "full")
-    ideal = data["macs"]["ideal_speedup"]
-    return BenchResult(model=data["name"], backend=backend, providers=pipe.providers, batch=batch,
-                       full_seconds=full_seconds, schedule_seconds=schedule_seconds,
-                       speedup=full_seconds / schedule_seconds, ideal_speedup=ideal,
-                       speedup_of_ideal=full_seconds / schedule_seconds / ideal,
-                       step_overhead_fraction=statistics.median(overhead), memory_all_engines_bytes=memory_all,
-                       memory_full_engine_bytes=memory_full, model_weights_bytes=data["weights"]["bytes"],
-                       num_subsets=len(data["subsets"]), repeats=repeats)
+        for i, pipe in enumerate(pipes):
+            labels = [k % pipe.num_classes for k in range(batch)]
+            full[i].append(pipe(labels, seed=repeat, full=True).seconds)
+            result = pipe(labels, seed=repeat)
+            scheduled[i].append(result.seconds)
+            overhead[i].append(result.overhead_fraction)
+    results = []
+    for i, (folder, pipe) in enumerate(zip(folders, pipes)):
+        full_seconds, schedule_seconds = statistics.median(full[i]), statistics.median(scheduled[i])
+        data = pipe.manifest
+        memory_all = memory_full = cpp_all = cpp_full = None
+        if measure_memory:
+            memory_all = measure_engine_memory(folder, backend, batch, "all")
+            memory_full = measure_engine_memory(folder, backend, batch, "full")
+            if backend == "onnxruntime" and CPP_MEMORY_PROBE.is_file():
+                cpp_all, cpp_full = (measure_cpp_engine_memory(folder, batch, which) for which in ("all", "full"))
+        ideal = data["macs"]["ideal_speedup"]
+        results.append(BenchResult(model=data["name"], backend=backend, precision=data["precision"],
+                                   providers=pipe.providers, batch=batch, full_seconds=full_seconds,
+                                   schedule_seconds=schedule_seconds, speedup=full_seconds / schedule_seconds,
+                                   ideal_speedup=ideal, speedup_of_ideal=full_seconds / schedule_seconds / ideal,
+                                   step_overhead_fraction=statistics.median(overhead[i]),
+                                   memory_all_engines_bytes=memory_all, memory_full_engine_bytes=memory_full,
+                                   model_weights_bytes=data["weights"]["bytes"], num_subsets=len(data["subsets"]),
+                                   repeats=repeats, cpp_memory_all_engines_bytes=cpp_all,
+                                   cpp_memory_full_engine_bytes=cpp_full))
+    _against_fp32(results, [pipe.manifest for pipe in pipes])
+    return results
+
+
+def _against_fp32(results: list[BenchResult], manifests: list[dict]) -> None:
+    """Fills each row's speedups against the full compute of an fp32 build of the same checkpoint and model config
+    measured in the same run (the first such build given)."""
+    for result, data in zip(results, manifests):
+        baseline = next((r for r, d in zip(results, manifests) if d["precision"] == "fp32"
+                         and d["model"]["weights_sha256"] == data["model"]["weights_sha256"]
+                         and d["model"]["config"] == data["model"]["config"]), None)
+        if baseline is None:
+            continue
+        result.fp32_full_seconds = baseline.full_seconds
+        result.full_speedup_vs_fp32 = baseline.full_seconds / result.full_seconds
+        result.schedule_speedup_vs_fp32 = baseline.full_seconds / result.schedule_seconds
+        result.schedule_of_target = result.schedule_speedup_vs_fp32 / (result.full_speedup_vs_fp32
+                                                                       * result.ideal_speedup)
 
 
 def measure_engine_memory(folder: Path, backend: str, batch: int, which: str) -> int:
@@ -78,6 +124,18 @@ def measure_engine_memory(folder: Path, backend: str, batch: int, which: str) ->
     command = [sys.executable, "-m", "l2c_export.bench", str(folder), backend, str(batch), which]
     result = subprocess.run(command, capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+CPP_MEMORY_PROBE = Path(__file__).resolve().parents[1] / "cpp" / "build" / "l2c-memory-probe"
+
+
+def measure_cpp_engine_memory(folder: Path, batch: int, which: str) -> int:
+    """The same measurement for the C++ runtime: ``l2c-memory-probe`` (cpp/tools/memory_probe.cpp) loads ONNX
+    Runtime, then the engines, samples once with each, and prints its resident-set growth."""
+    result = subprocess.run([str(CPP_MEMORY_PROBE), str(folder), str(batch), which], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{CPP_MEMORY_PROBE} {folder} {batch} {which} failed: {result.stderr.strip()}")
     return int(result.stdout.strip().splitlines()[-1])
 
 
@@ -137,15 +195,21 @@ def write_results(results: list[BenchResult], path: Path, machine: dict) -> None
 
 
 def table(results: list[BenchResult]) -> str:
-    header = (f"{'model':<14} {'backend':<12} {'batch':>5} {'full s':>8} {'L2C s':>8} {'speedup':>8} {'ideal':>6} "
-              f"{'of ideal':>8} {'overhead':>8} {'mem all':>9} {'mem full':>9} {'weights':>9}")
+    header = (f"{'model':<14} {'backend':<12} {'prec':<5} {'batch':>5} {'full s':>8} {'L2C s':>8} {'speedup':>8} "
+              f"{'ideal':>6} {'of ideal':>8} {'overhead':>8} {'mem all':>9} {'mem full':>9} {'weights':>9} "
+              f"{'full/fp32':>9} {'L2C/fp32':>9}")
     rows = [header, "-" * len(header)]
     for r in results:
-        rows.append(f"{r.model:<14} {r.backend:<12} {r.batch:>5} {r.full_seconds:>8.3f} {r.schedule_seconds:>8.3f} "
-                    f"{r.speedup:>7.3f}x {r.ideal_speedup:>5.3f}x {r.speedup_of_ideal:>8.3f} "
+        rows.append(f"{r.model:<14} {r.backend:<12} {r.precision:<5} {r.batch:>5} {r.full_seconds:>8.3f} "
+                    f"{r.schedule_seconds:>8.3f} {r.speedup:>7.3f}x {r.ideal_speedup:>5.3f}x {r.speedup_of_ideal:>8.3f} "
                     f"{100 * r.step_overhead_fraction:>7.2f}% {_mib(r.memory_all_engines_bytes):>9} "
-                    f"{_mib(r.memory_full_engine_bytes):>9} {_mib(r.model_weights_bytes):>9}")
+                    f"{_mib(r.memory_full_engine_bytes):>9} {_mib(r.model_weights_bytes):>9} "
+                    f"{_times(r.full_speedup_vs_fp32):>9} {_times(r.schedule_speedup_vs_fp32):>9}")
     return "\n".join(rows)
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}x"
 
 
 def _mib(value: int | None) -> str:
@@ -168,7 +232,8 @@ def plot(results: list[BenchResult], path: Path) -> None:
     axis.plot([1, top], [1, top], color="#999999", linestyle="--", label="achieved = ideal")
     axis.plot([1, top], [0.98, 0.98 * top], color="#bbbbbb", linestyle=":", label="0.98 of ideal (target)")
     for r in results:
-        axis.scatter([r.ideal_speedup], [r.speedup], s=60, label=f"{r.model} / {r.backend} ({r.speedup:.2f}x)")
+        axis.scatter([r.ideal_speedup], [r.speedup], s=60,
+                     label=f"{r.model} / {r.backend} / {r.precision} ({r.speedup:.2f}x)")
     axis.set_xlabel("ideal speedup (MACs of full / MACs of schedule)")
     axis.set_ylabel("achieved speedup (wall time of full / schedule)")
     axis.set_xlim(0.95, top)

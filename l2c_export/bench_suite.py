@@ -3,6 +3,10 @@
 serving figure, the embedded default through a real Triton server with 1 and 8 concurrent clients
 (``docs/bench-serving.json``, ``docs/bench-serving.png``; ``--serving-only`` runs just that).
 
+Each model is built in fp32 and in int8 (dynamic, :mod:`l2c_export.quantize`); on onnxruntime both builds are measured
+in one interleaved loop, so the int8 rows' speedups against fp32 full compute share the machine's load. torch runs
+the fp32 build only.
+
 DiT-S/2 uses random weights in the official layout (timing does not depend on the values) and a fixed synthetic
 schedule in the authors' official mode: every other step computes everything; the 10 cache steps in between drop a
 share of sub-layers falling from 80% at the first cache step to 10% at the last (the authors' routers reuse most early
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from .bench import benchmark, machine_description, plot, table, write_results
+    from .bench import benchmark_together, machine_description, plot, table, write_results
     from .build import BuildRequest, build
     from .diffusion import Sampler
     from .zoo import embedded_default, official
@@ -71,17 +75,21 @@ def main(argv: list[str] | None = None) -> None:
               (s2, synthetic_official_schedule(20, s2.config.depth), args.work / "dit-s2-256")]
     results = []
     for spec, schedule, out in builds:
-        build(BuildRequest(spec=spec, schedule=schedule, sampler=Sampler.create("ddim", 20), out_dir=out))
-        for backend in ("onnxruntime", "torch"):
+        int8_out = out.parent / f"{out.name}-int8"
+        for folder, precision in ((out, "fp32"), (int8_out, "int8")):
+            build(BuildRequest(spec=spec, schedule=schedule, sampler=Sampler.create("ddim", 20), out_dir=folder,
+                               precision=precision))
+        for backend, folders in (("onnxruntime", [out, int8_out]), ("torch", [out])):
             print(f"benchmarking {spec.name} on {backend} ...", flush=True)
-            results.append(benchmark(out, backend, batch=args.batch, repeats=args.repeats))
-            print(table(results[-1:]), flush=True)
+            rows = benchmark_together(folders, backend, batch=args.batch, repeats=args.repeats)
+            results += rows
+            print(table(rows), flush=True)
     machine = machine_description()
     args.docs.mkdir(parents=True, exist_ok=True)
     write_results(results, args.docs / "bench.json", machine)
     plot(results, args.docs / "bench.png")
     text = table(results)
-    exported = {r.model: r for r in results if r.backend == "onnxruntime"}
+    exported = {r.model: r for r in results if r.backend == "onnxruntime" and r.precision == "fp32"}
     eager = {r.model: r for r in results if r.backend == "torch"}
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores; onnxruntime {machine['onnxruntime']}, "
              f"torch {machine['torch']} ({machine['torch_threads']} threads). Batch {args.batch} images with "
@@ -93,6 +101,20 @@ def main(argv: list[str] | None = None) -> None:
                          f"faster than PyTorch eager; the exported schedule "
                          f"{eager[model].schedule_seconds / result.schedule_seconds:.2f}x faster than the eager L2C "
                          f"sampler.")
+    for r in results:
+        if r.precision == "int8" and r.full_speedup_vs_fp32 is not None:
+            lines.append(f"- {r.model}: int8 full compute is {r.full_speedup_vs_fp32:.2f}x faster than fp32 full "
+                         f"compute; int8 L2C {r.schedule_speedup_vs_fp32:.2f}x, {r.schedule_of_target:.3f} of (int8 "
+                         f"speedup x ideal {r.ideal_speedup:.3f}x); all int8 subsets resident in "
+                         f"{r.memory_all_engines_bytes / r.memory_full_engine_bytes:.2f}x the int8 full subset's "
+                         f"memory.")
+    for r in exported.values():
+        if r.cpp_memory_all_engines_bytes:
+            lines.append(f"- {r.model}, C++ runtime (cpp/, `l2c-memory-probe`): all {r.num_subsets} subsets loaded "
+                         f"{r.cpp_memory_all_engines_bytes / 2 ** 20:.1f} MiB, the full subset alone "
+                         f"{r.cpp_memory_full_engine_bytes / 2 ** 20:.1f} MiB: "
+                         f"{r.cpp_memory_all_engines_bytes / r.cpp_memory_full_engine_bytes:.3f}x (target <= 1.25x; "
+                         f"Python {r.memory_all_engines_bytes / r.memory_full_engine_bytes:.3f}x).")
     from .util import atomic_write_text
 
     atomic_write_text(args.docs / "bench.md", "\n".join(lines) + "\n")

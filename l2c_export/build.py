@@ -51,6 +51,8 @@ class BuildRequest:
     batch: BatchRange = field(default_factory=lambda: BatchRange(1, 2, 16))
     cfg_scale: float | None = None
     guide_all_channels: bool = False
+    quantization: str | None = None  # int8: "dynamic" or "qdq" (default: l2c_export.quantize.default_form)
+    calibration_images: int = 4  # qdq: images whose full-model trajectories calibrate the activation scales
 
 
 @dataclass
@@ -66,6 +68,7 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
 
     if request.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {request.precision!r}")
+    _quantization_form(request)
     out_dir = Path(request.out_dir)
     staging = out_dir.parent / f".{out_dir.name}.staging"
     builder = get_builder(request.backend, staging)
@@ -85,11 +88,12 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
     from .export import NUMPY_DTYPES, OPSET
 
     spec, config = request.spec, request.spec.config
+    form = _quantization_form(request)
     versions = _versions()
     weights_sha = manifest_io.sha256_of(spec.weights)
     base_key = _hash({"weights": weights_sha, "family": spec.family_name, "config": config.to_dict(),
-                      "precision": request.precision,
-                      "opset": OPSET, "versions": versions})
+                      "precision": request.precision, "opset": OPSET, "versions": versions, "quantization": form,
+                      "calibration": request.calibration_images if form == "qdq" else None})
     graph_keys = [_hash({"base": base_key, "compute": s.compute, "writes": s.writes}) for s in plan.subsets]
     previous = _previous_files(out_dir)
 
@@ -100,6 +104,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
     exported: list[str] = []
     try:
         universal = None
+        quantization = None
         weights_name = "weights.bin"
         graph_files = [f"{subset.name}.onnx" for subset in plan.subsets]
         need_trace = not _reuse(previous, base_key, staging / weights_name, reused) or not all(
@@ -107,7 +112,10 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
         if need_trace:
             from .export import trace, weights_layout, write_weights
 
-            universal = trace(spec.load_model(), request.precision, spec.family)
+            model = spec.load_model()
+            universal = trace(model, request.precision, spec.family)
+            if form is not None:
+                quantization = _quantize(universal, form, model, request)
             reusing_weights = weights_name in reused
             universal.bind_weights(weights_layout(universal) if reusing_weights
                                    else write_weights(universal, staging / weights_name))
@@ -119,7 +127,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
             bar.set_postfix_str(subset.name)
             inputs, outputs = _interface(subset, spec, dtype)
             if not _reuse(previous, key, staging / graph_file, reused):
-                _export_subset(universal, subset, staging / graph_file, inputs, outputs)
+                _export_subset(universal, subset, staging / graph_file, inputs, outputs, form)
                 exported.append(graph_file)
             engine_file = builder.engine_file(graph_file, key)
             engine_key = _hash({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
@@ -128,7 +136,9 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
             subset_records.append(_subset_record(subset, staging, graph_file, key, engine_file, engine_key,
                                                  inputs, outputs, spec))
         data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)
-        data["weight_tensors"] = _weight_table(universal, out_dir)
+        data["weight_tensors"] = _weight_table(universal, out_dir, quantization)
+        if form is not None:
+            data["quantization"] = _quantization_record(quantization, out_dir)
         manifest_io.write(staging, data)
         replace_folder(staging, out_dir)
     except BaseException:
@@ -152,14 +162,47 @@ def _interface(subset: SubsetPlan, spec: ModelSpec, dtype: str) -> tuple[list[di
     return inputs, outputs
 
 
-def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict], outputs: list[dict]) -> None:
+def _quantization_form(request: BuildRequest) -> str | None:
+    """The quantized form of an int8/fp8 build (None for a float one), its options checked."""
+    from .quantize import QUANTIZED_PRECISIONS, default_form
+
+    if request.precision not in QUANTIZED_PRECISIONS:
+        if request.quantization is not None:
+            raise ValueError(f"--quantization applies to --precision {', '.join(QUANTIZED_PRECISIONS)} only; "
+                             f"got --precision {request.precision}")
+        return None
+    form = request.quantization or default_form(request.backend, request.precision)
+    if (request.backend == "tensorrt" or request.precision == "fp8") and form != "qdq":
+        raise ValueError(f"--quantization {form}: TensorRT and fp8 take quantized graphs only in explicit Q/DQ "
+                         f"form; use qdq")
+    if not 1 <= request.calibration_images <= 1024:
+        raise ValueError(f"--calibration-images must be in 1..1024; got {request.calibration_images}")
+    return form
+
+
+def _quantize(universal, form: str, model, request: BuildRequest) -> dict:
+    from .quantize import calibration_batches, quantize_universal
+
+    calibration = None
+    if form == "qdq":
+        cfg_scale = float(request.spec.cfg_scale if request.cfg_scale is None else request.cfg_scale)
+        calibration = calibration_batches(model, request.sampler, cfg_scale, model.config.num_classes,
+                                          images=request.calibration_images)
+    return quantize_universal(universal, form, calibration, request.precision)
+
+
+def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict], outputs: list[dict],
+                   form: str | None = None) -> None:
     import onnx
 
     from .export import check_ops_supported, subset_graph
     from .opsupport import tensorrt_supported_ops
 
     graph = subset_graph(universal, subset, graph_name=subset.name)
-    check_ops_supported(graph, tensorrt_supported_ops(), where=path.name)
+    supported = set(tensorrt_supported_ops())
+    if form == "dynamic":  # ONNX Runtime's dynamic int8 form; TensorRT builds take the qdq form instead
+        supported |= {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    check_ops_supported(graph, supported, where=path.name)
     got = ([i.name for i in graph.graph.input], [o.name for o in graph.graph.output])
     want = ([t["name"] for t in inputs], [t["name"] for t in outputs])
     if got != want:  # the surgery and the liveness plan must agree exactly
@@ -339,15 +382,29 @@ def _reuse(previous: dict[str, Path], key: str, target: Path, reused: list[str])
     return True
 
 
-def _weight_table(universal, out_dir: Path) -> list[dict]:
-    """name, dtype, shape, offset, length of every tensor in weights.bin (from the trace, or the previous manifest
-    when the weights were reused without tracing)."""
+def _weight_table(universal, out_dir: Path, quantization: dict | None = None) -> list[dict]:
+    """name, dtype, shape, offset, length (and for an int8 weight how it dequantizes) of every tensor in weights.bin
+    (from the trace, or the previous manifest when the weights were reused without tracing)."""
     if universal is None:
         return manifest_io.load(out_dir, verify_files=False)["weight_tensors"]
     from .export import weights_layout
 
-    return [{"name": name, "dtype": str(universal.weights[name].dtype), "shape": list(universal.weights[name].shape),
-             "offset": offset, "length": length} for name, (offset, length) in weights_layout(universal).items()]
+    quantized = (quantization or {}).get("tensors", {})
+    table = []
+    for name, (offset, length) in weights_layout(universal).items():
+        entry = {"name": name, "dtype": str(universal.weights[name].dtype),
+                 "shape": list(universal.weights[name].shape), "offset": offset, "length": length}
+        if name in quantized:
+            entry["quantization"] = quantized[name]
+        table.append(entry)
+    return table
+
+
+def _quantization_record(quantization: dict | None, out_dir: Path) -> dict:
+    """The manifest's ``quantization`` summary (the per-tensor records live in ``weight_tensors``)."""
+    if quantization is None:  # weights reused without tracing: the previous build's record describes them
+        return manifest_io.load(out_dir, verify_files=False)["quantization"]
+    return {key: value for key, value in quantization.items() if key != "tensors"}
 
 
 def _hash(data) -> str:

@@ -356,8 +356,15 @@ def _parse_labels(text: str) -> list[int]:
 @model_options
 @schedule_options
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Precision written into the graphs (LayerNorm and softmax stay fp32).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8"]), default="fp32",
+              show_default=True,
+              help="Precision written into the graphs (LayerNorm and softmax stay fp32; int8/fp8: the MatMul/Gemm "
+                   "weights per output channel, cache and graph boundary float32; fp8: Q/DQ E4M3 for TensorRT).")
+@click.option("--quantization", type=click.Choice(["dynamic", "qdq"]),
+              help="int8 form: dynamic (per-call activation scales; onnxruntime's default) or qdq (Q/DQ with "
+                   "static scales calibrated on the model's own trajectories; tensorrt's, also runs on onnxruntime).")
+@click.option("--calibration-images", type=click.IntRange(1, 1024), default=4, show_default=True,
+              help="qdq: images whose full-model sampling trajectories calibrate the activation scales.")
 @click.option("--batch", "batch_text", default="1,2,16", show_default=True,
               help="Model batch range MIN,OPT,MAX (guidance doubles the images), or N for 1..N.")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Default guidance scale recorded in the manifest.")
@@ -365,7 +372,8 @@ def _parse_labels(text: str) -> list[int]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: engines/<model>-<backend>-<precision>).")
 def build(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
-          mode, steps, sampler_kind, backend, precision, batch_text, cfg_scale, guide_all_channels, out):
+          mode, steps, sampler_kind, backend, precision, quantization, calibration_images, batch_text, cfg_scale,
+          guide_all_channels, out):
     """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
     import time
 
@@ -380,7 +388,8 @@ def build(checkpoint, model_name, image_size, num_classes, schedule_file, router
     out = out or Path("engines") / f"{slug}-{backend}-{precision}"
     request = BuildRequest(spec=spec, schedule=plan, sampler=sampler, out_dir=out, backend=backend,
                            precision=precision, batch=BatchRange.parse(batch_text), cfg_scale=cfg_scale,
-                           guide_all_channels=guide_all_channels)
+                           guide_all_channels=guide_all_channels, quantization=quantization,
+                           calibration_images=calibration_images)
     start = time.perf_counter()
     try:
         report = run_build(request)
@@ -497,14 +506,20 @@ def _save_npy(path: Path, array) -> None:
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
 @click.option("--tolerance", type=Finite(0.0, low_open=True), help="Largest relative difference allowed (default by precision: "
-                                              "fp32 1e-4, fp16 3e-2, bf16 6e-2).")
-def verify(engine_dir, backend, device, tolerance):
+                                              "fp32 1e-4, fp16 3e-2, bf16 6e-2, int8 0.1, int8 qdq 0.25, fp8 0.3).")
+@click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
+              help="An fp32 build of the same checkpoint: compare with its weights (default: this build's own, "
+                   "dequantized for int8).")
+def verify(engine_dir, backend, device, tolerance, reference):
     """Check every subset engine against the PyTorch cached forward on the same inputs."""
+    from .manifest import load as load_manifest
     from .verify import verify_build
 
-    checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance,
+    checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance, reference=reference,
                                      **_backend_options(device, backend))
-    click.echo(f"{engine_dir}: {backend} on {', '.join(providers)} against PyTorch (fp32)")
+    weights = (f"the fp32 weights of {reference}" if reference else "its weights dequantized"
+               if "quantization" in load_manifest(engine_dir, verify_files=False) else "its weights")
+    click.echo(f"{engine_dir}: {backend} on {', '.join(providers)} against PyTorch (fp32, {weights})")
     for check in checks:
         worst_output = max(check.worst, key=check.worst.get)
         click.echo(f"  {'ok  ' if check.passed else 'FAIL'} {check.name:<24} step {check.step:>3}  worst "
@@ -681,7 +696,9 @@ def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_con
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the plot of FD against MAC fraction.")
-def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out):
+@click.option("--int8/--no-int8", default=True, show_default=True,
+              help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule.")
+def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out, int8):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs on the
     embedded digits DiT: Frechet distance (digits classifier features), class accuracy, PSNR against full."""
     from . import zoo
@@ -700,7 +717,7 @@ def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random
     if num_samples < 2:
         raise click.BadParameter("at least 2 samples are needed for a Frechet distance", param_hint="--num-samples")
     report = evaluate(learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
-                      random_seeds=tuple(range(random_seeds)))
+                      random_seeds=tuple(range(random_seeds)), int8=int8)
     click.echo(format_table(report))
     if json_out:
         write_json(report, json_out)
@@ -721,14 +738,22 @@ def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Plot achieved against ideal speedup.")
 def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
-    """Full compute against the schedule, interleaved: speedup vs ideal, step overhead, memory."""
-    from .bench import benchmark, machine_description, plot, table, write_results
+    """Full compute against the schedule, interleaved: speedup vs ideal, step overhead, memory.
+
+    All ENGINE_DIRS are measured in one interleaved loop per backend: `bench DIR_FP32 DIR_INT8` gives the int8 rows'
+    speedups against the fp32 full compute of the same run. The torch backend skips int8 builds (it would run their
+    dequantized weights in fp32)."""
+    from .bench import benchmark_together, machine_description, plot, table, write_results
+    from .manifest import load as load_manifest
 
     results = []
-    for folder in engine_dirs:
-        for backend in backends or ("onnxruntime", "torch"):
-            click.echo(f"benchmarking {folder} on {backend} ...")
-            results.append(benchmark(folder, backend, batch=batch, repeats=repeats, measure_memory=not no_memory))
+    for backend in backends or ("onnxruntime", "torch"):
+        folders = [f for f in engine_dirs
+                   if backend != "torch" or load_manifest(f, verify_files=False)["precision"] != "int8"]
+        if folders:
+            click.echo(f"benchmarking {', '.join(map(str, folders))} on {backend} ...")
+            results += benchmark_together(folders, backend, batch=batch, repeats=repeats,
+                                          measure_memory=not no_memory)
     click.echo(table(results))
     if json_out:
         write_results(results, json_out, machine_description())

@@ -12,6 +12,10 @@ From the same noise and labels, samples are drawn with full compute, with the le
   moves the model's own distribution (0 for full compute). ``fd`` can fall below full compute's when an
   approximation happens to move the samples towards the data; ``fd_to_full`` cannot.
 
+``int8 full`` and ``int8 l2c`` are the int8 build (ONNX Runtime, dynamic activations; :mod:`l2c_export.quantize`)
+with the learned schedule, sampled from the same noise; their PSNR and FD to full are against the fp32 full-compute
+samples, so they count quantization and caching together.
+
 JSON: ``{"results": [{"method", "mac_fraction", "fd", "accuracy", "psnr", "budget", "point", ...}, ...], ...}`` where
 ``point`` is ``"matched"`` (at the learned schedule's MAC fraction) or ``"sweep"``.
 """
@@ -107,7 +111,7 @@ def candidates_at(budget: float, router: RouterLogits | None, mode: ScheduleMode
 def evaluate(learned: Schedule, router: RouterLogits | None = None, mode: ScheduleMode = "official",
              budgets: Sequence[float] = DEFAULT_BUDGETS, num_samples: int = 1000, seed: int = 0,
              random_seeds: Sequence[int] = (0, 1), classifier_path: Path | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, int8: bool = True) -> dict:
     """Evaluates ``learned`` (a schedule of the embedded default) and the baselines at its MAC fraction, and the
     router (if given) and the baselines at each of ``budgets``. Returns the JSON document (see the module doc)."""
     import torch
@@ -148,21 +152,45 @@ def evaluate(learned: Schedule, router: RouterLogits | None = None, mode: Schedu
     full_samples = samples_by_key[candidates[0].key()]
     full_features = features(classifier, full_samples)
     label_array = np.asarray(labels)
+
+    def metrics(samples: np.ndarray, reference: bool = False) -> dict:
+        sample_features = features(classifier, samples)
+        return {"fd": frechet_distance(sample_features, real_features),
+                "accuracy": accuracy(classifier, samples, label_array),
+                "psnr": None if reference else psnr(samples, full_samples),
+                "fd_to_full": frechet_distance(sample_features, full_features)}
+
     rows = []
     for candidate in candidates:
-        samples = samples_by_key[candidate.key()]
-        sample_features = features(classifier, samples)
         rows.append({"method": candidate.method, "mac_fraction": round(candidate.mac_fraction, 6),
-                     "fd": frechet_distance(sample_features, real_features),
-                     "accuracy": accuracy(classifier, samples, label_array),
-                     "psnr": None if candidate.method == "full" else psnr(samples, full_samples),
-                     "fd_to_full": frechet_distance(sample_features, full_features),
+                     **metrics(samples_by_key[candidate.key()], reference=candidate.method == "full"),
                      "budget": candidate.budget, "point": candidate.point, **candidate.info})
+    if int8:
+        for method, samples in _int8_samples(spec, learned, sampler, labels, noise).items():
+            rows.append({"method": method, "mac_fraction": 1.0 if method == "int8 full" else round(matched, 6),
+                         **metrics(samples), "budget": None,
+                         "point": "reference" if method == "int8 full" else "matched", "precision": "int8"})
     return {"results": _average_random_seeds(rows), "learned_mac_fraction": matched,
             "learned_schedule": learned.source, "num_samples": num_samples, "seed": seed,
             "random_seeds": list(random_seeds), "sampler": {"kind": sampler.kind, "num_steps": sampler.num_steps},
             "cfg_scale": spec.cfg_scale,
             "fd_reference": "scikit-learn digits (1797) in the shipped classifier's 64-d feature space"}
+
+
+def _int8_samples(spec, learned: Schedule, sampler, labels: list[int], noise: np.ndarray) -> dict[str, np.ndarray]:
+    """Samples of the int8 build (ONNX Runtime) of ``spec`` with ``learned``: full compute and the schedule."""
+    import tempfile
+
+    from .build import BuildRequest, build
+    from .runtime import L2CPipeline
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "int8"
+        build(BuildRequest(spec=spec, schedule=learned, sampler=sampler, out_dir=folder, precision="int8"),
+              progress=False)
+        pipe = L2CPipeline.from_engine_dir(folder)
+        return {"int8 full": pipe(labels, noise=noise, full=True).samples,
+                "int8 l2c": pipe(labels, noise=noise).samples}
 
 
 def _average_random_seeds(rows: list[dict]) -> list[dict]:

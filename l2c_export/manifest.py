@@ -165,7 +165,8 @@ def upgrade_v1(data: dict, where: str) -> dict:
     return data
 
 
-_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int8": 1, "uint8": 1, "int32": 4}
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int8": 1, "uint8": 1, "int32": 4,
+               "float8_e4m3fn": 1}
 
 
 def check_consistency(data: dict, where: str) -> None:
@@ -236,3 +237,14 @@ def check_consistency(data: dict, where: str) -> None:
         if tensor["offset"] + tensor["length"] > weights_bytes:
             raise ManifestError(f"{at}: bytes {tensor['offset']}..{tensor['offset'] + tensor['length']} lie past "
                                 f"the end of {data['weights']['file']} ({weights_bytes} bytes)")
+    names = {tensor["name"] for tensor in data["weight_tensors"]}
+    for position, tensor in enumerate(data["weight_tensors"]):
+        record = tensor.get("quantization")
+        if record is None:
+            continue
+        at = f"{where}: field 'weight_tensors/{position}/quantization' ({tensor['name']})"
+        missing = [record[key] for key in ("scale", "zero_point") if record[key] not in names]
+        if missing:
+            raise ManifestError(f"{at}: names {', '.join(missing)}, which 'weight_tensors' does not hold")
+        if record["axis"] >= len(tensor["shape"]):
+            raise ManifestError(f"{at}: axis {record['axis']} of a tensor of {len(tensor['shape'])} dimensions")

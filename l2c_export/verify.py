@@ -3,6 +3,10 @@
 The PyTorch reference (fp32, rebuilt from ``weights.bin``) samples through the schedule, driven by the one denoising
 loop; at the first model call that runs each subset, the engine gets exactly the reference's inputs and cache
 contents, and its model output and fresh branch outputs are compared with the reference's. Differences are relative to the reference tensor's largest magnitude.
+
+An int8/fp8 build's reference is by default the float32 model of its own weights dequantized (what the engines stand
+for: the error of quantized activations and arithmetic); with ``reference`` (an fp32 build of the same checkpoint) it
+is the original fp32 model, so the error includes the weights' quantization too.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from .diffusion import apply_guidance, guidance_batch, make_noise, step_noise
 from .runtime import ModelInterface
 from .samplers import ModelCall, denoise, sampler_from_dict
 
-DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2}
+# int8, measured on the embedded default against its fp32 build (verify --reference): the worst tensor of any subset,
+# a fresh branch output at the first step, is 4.6e-2 off with dynamic activations and 0.20 with static Q/DQ ones;
+# model_out 1.2e-2 and 3.2e-2; fp8 (E4M3 Q/DQ): 0.22, model_out 0.1. The tolerances leave 1.25x to 2x of headroom.
+DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2, "int8": 0.1, "int8-qdq": 0.25,
+                     "fp8": 0.3}
 
 
 @dataclass
@@ -41,13 +49,15 @@ class SubsetCheck:
 
 @torch.no_grad()
 def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: float | None = None,
-                 labels: tuple[int, ...] = (0, 1), seed: int = 0, **backend_options) -> tuple[list[SubsetCheck], list[str]]:
-    """Returns one check per subset and the providers the engines ran on."""
+                 labels: tuple[int, ...] = (0, 1), seed: int = 0, reference: str | Path | None = None,
+                 **backend_options) -> tuple[list[SubsetCheck], list[str]]:
+    """Returns one check per subset and the providers the engines ran on. ``reference``: an fp32 build of the same
+    checkpoint whose weights are the reference (default: this build's own, dequantized where int8)."""
     folder = Path(folder)
     data = manifest_io.load(folder)
-    tolerance = DEFAULT_TOLERANCE[data["precision"]] if tolerance is None else tolerance
+    tolerance = default_tolerance(data) if tolerance is None else tolerance
     engines = load_backend(backend, data, folder, **backend_options)
-    reference = model_from_manifest(data, folder, precision="fp32")
+    reference = _reference_model(data, folder, reference)
     interface = ModelInterface.from_manifest(data)
     sampler = sampler_from_dict(data["sampler"])
     cfg_scale = data["guidance"]["cfg_scale"]
@@ -87,6 +97,27 @@ def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: fl
 
     denoise(sampler, noise, run_model, ddpm_noise)
     return [checks[i] for i in sorted(checks)], engines.providers
+
+
+def default_tolerance(data: dict) -> float:
+    qdq = data.get("quantization", {}).get("form") == "qdq"
+    return DEFAULT_TOLERANCE["int8-qdq" if qdq and data["precision"] == "int8" else data["precision"]]
+
+
+def _reference_model(data: dict, folder: Path, reference: str | Path | None):
+    if reference is None:
+        return model_from_manifest(data, folder, precision="fp32")
+    reference = Path(reference)
+    other = manifest_io.load(reference)
+    where = reference / manifest_io.MANIFEST_NAME
+    if other["precision"] != "fp32":
+        raise manifest_io.ManifestError(f"{where}: field 'precision' is {other['precision']!r}; the reference must "
+                                        f"be an fp32 build")
+    for field in ("weights_sha256", "config"):
+        if other["model"][field] != data["model"][field]:
+            raise manifest_io.ManifestError(f"{where}: field 'model/{field}' differs from {folder}'s: the reference "
+                                            f"must be built from the same checkpoint")
+    return model_from_manifest(other, reference, precision="fp32")
 
 
 def _relative(got: np.ndarray, want: np.ndarray) -> float:

@@ -118,12 +118,14 @@ def test_cli_eval_writes_results_and_plot(tmp_path):
     assert "| l2c | matched |" in out
     report = json.loads((tmp_path / "eval.json").read_text())
     rows = report["results"]
-    assert {row["method"] for row in rows} == {"full", "l2c", "fora", "random", "fewer-steps"}
+    assert {row["method"] for row in rows} == {"full", "l2c", "fora", "random", "fewer-steps", "int8 full", "int8 l2c"}
     for row in rows:
         assert set(row) >= {"method", "mac_fraction", "fd", "accuracy", "psnr"}
         assert row["fd"] >= 0 and 0 <= row["accuracy"] <= 1
         assert (row["psnr"] is None) == (row["method"] == "full")
     matched = {row["method"]: row for row in rows if row["point"] == "matched"}
+    assert matched["int8 l2c"]["mac_fraction"] == pytest.approx(matched["l2c"]["mac_fraction"])
+    assert 20 < matched["int8 l2c"]["psnr"] < 80  # quantized and cached, against fp32 full compute
     learned = matched["l2c"]["mac_fraction"]
     assert learned == pytest.approx(report["learned_mac_fraction"], abs=1e-6)
     for method in ("fora", "random", "fewer-steps"):

@@ -14,18 +14,28 @@ import torch
 from ..families import get_family
 from . import selected_subsets, weight_arrays
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
+           "fp8": torch.float32}
 
 
 def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
                         precision: str | None = None) -> torch.nn.Module:
     """The model of a build (of its family), its weights read back from ``weights.bin``, in the build's precision
-    (or ``precision``)."""
+    (or ``precision``). An int8/fp8 build's weights come back dequantized (the float32 model its engines stand for)."""
+    from ..quantize import dequantize
+
     dtype = _DTYPES[precision or manifest["precision"]]
     family = get_family(manifest["model"]["family"])
     model = family.create(family.config_from_dict(manifest["model"]["config"]))
+    parameters = set(model.state_dict())
+    arrays = weight_arrays(manifest, folder)
+    quantized = {e["name"]: e["quantization"] for e in manifest["weight_tensors"] if "quantization" in e}
+    if quantized:
+        arrays = dequantize(arrays, quantized)
     state = {}
-    for name, array in weight_arrays(manifest, folder).items():
+    for name, array in arrays.items():
+        if name.removesuffix(".T") not in parameters:  # an activation scale of a qdq build
+            continue
         tensor = torch.from_numpy(np.array(array.view(np.uint16) if array.dtype.name == "bfloat16" else array))
         if array.dtype.name == "bfloat16":
             tensor = tensor.view(torch.bfloat16)

@@ -1,0 +1,91 @@
+// manifest.json: the only thing the C++ runtime reads about a build (see l2c_export/schemas/manifest.schema.json).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "l2c/sampler.hpp"
+
+namespace l2c {
+
+constexpr int kSchemaVersion = 2;  // the newest manifest schema this runtime reads (1 and 2)
+constexpr int64_t kBatch = -1;     // a "batch" dimension in a tensor record's shape
+
+struct FileRecord {
+  std::string file;  // relative to the manifest's folder
+  std::string sha256;
+  uint64_t bytes = 0;
+};
+
+struct TensorRecord {
+  std::string name;
+  std::string dtype;           // float32, float16, bfloat16, int64
+  std::vector<int64_t> shape;  // kBatch where the record says "batch"
+  std::string slot;            // the cache slot a cache input reads or a fresh output writes; empty otherwise
+  // What the runtime feeds or reads: inputs "sample", "time", "label", "cache"; outputs "output", "fresh". Schema 2
+  // records say it; for schema 1 it follows from the names x, t, y, model_out and the slot.
+  std::string role;
+};
+
+struct WeightTensor {
+  std::string name, dtype;
+  std::vector<int64_t> shape;
+  uint64_t offset = 0, length = 0;  // bytes into weights.bin
+};
+
+struct CacheSlot {
+  std::string name, dtype;
+  std::vector<int64_t> shape;  // (batch, tokens, hidden)
+};
+
+struct SubsetRecord {
+  int index = 0;
+  std::string name;
+  std::vector<bool> compute;  // per sub-layer
+  FileRecord graph, engine;
+  std::vector<TensorRecord> inputs, outputs;  // model inputs and cache reads; model_out and fresh cache writes
+};
+
+struct Guidance {
+  double cfg_scale = 1.0;   // default scale; > 1 runs the conditional and null halves as one 2B batch
+  int guided_channels = 0;  // the leading model_out channels guidance mixes; the rest come from the conditional half
+  int64_t null_class = 0;
+};
+
+struct Manifest {
+  std::filesystem::path folder, path;
+  int schema_version = 0;
+  std::string name, backend, precision, space;  // space: "pixel" (images in [-1, 1]) or "latent"
+  int64_t num_classes = 0;
+  std::shared_ptr<const Sampler> sampler;
+  Guidance guidance;
+  std::vector<int> step_subset;  // schedule: subset index per model call
+  int64_t batch_min = 1, batch_max = 1;
+  std::vector<CacheSlot> cache_slots;
+  FileRecord weights;
+  std::vector<FileRecord> other_files;  // e.g. a TensorRT build's timing cache
+  std::vector<WeightTensor> weight_tensors;
+  std::vector<SubsetRecord> subsets;
+  int full_subset = -1;  // the subset that computes every sub-layer
+  double ideal_speedup = 1.0;
+
+  // Reads and checks `folder/manifest.json` (refusing a newer schema version before anything else) and, with
+  // verify_files, every listed file's size and sha256. Throws l2c::Error naming the file and the field.
+  static Manifest load(const std::filesystem::path& folder, bool verify_files = true);
+
+  // folder / record.file, refusing a symbolic link anywhere on the way.
+  std::filesystem::path file_path(const FileRecord& record) const;
+  const SubsetRecord& subset(int index) const;
+  const CacheSlot& slot(const std::string& name) const;
+  // The record of a subset's tensor with `role` ("sample", "time", "label", "output").
+  static const TensorRecord& model_tensor(const SubsetRecord& subset, const std::string& role);
+  // Every file the manifest lists (weights, graphs, engines), each once.
+  std::vector<FileRecord> files() const;
+};
+
+std::string sha256_file(const std::filesystem::path& path);
+
+}  // namespace l2c

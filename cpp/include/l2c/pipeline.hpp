@@ -1,0 +1,70 @@
+// l2c::Pipeline: samples from an L2C build exactly as the Python runtime (l2c_export/runtime.py) does.
+//
+//   l2c::Pipeline pipe("engines/demo");                  // manifest checked, one ONNX Runtime session per subset
+//   l2c::Tensor noise = l2c::read_npy("z.npy");          // (n, C, H, W) float32
+//   l2c::Tensor samples = pipe.sample({3, 1, 4}, noise);  // guidance at the manifest's default scale
+//
+// Every subset session shares one memory-mapped copy of weights.bin, one global thread pool and one CPU arena; each
+// `sample` call is one request with its own cache slots, so calls from several threads give the results of serial
+// ones.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "l2c/error.hpp"
+#include "l2c/manifest.hpp"
+#include "l2c/tensor.hpp"
+
+namespace l2c {
+
+enum class Provider { Cpu, TensorRT };
+
+struct Options {
+  // libonnxruntime.so to dlopen; empty: $L2C_ONNXRUNTIME_LIBRARY, else the library this runtime was built against
+  // (the onnxruntime wheel's capi/libonnxruntime.so.*), else "libonnxruntime.so.1" from the loader's search path.
+  std::string onnxruntime_library;
+  int threads = 0;                  // ONNX Runtime's global intra-op pool; 0 = one per core
+  bool verify_files = true;         // check every file's sha256 against the manifest
+  std::optional<std::vector<int>> subsets;  // load only these subset engines (default: all)
+  Provider provider = Provider::Cpu;
+  std::string optimization = "extended";  // basic | extended | all (see l2c_export/backends/onnxruntime.py)
+};
+
+struct SampleOptions {
+  std::optional<double> cfg_scale;  // default: the manifest's guidance.cfg_scale; > 1 guides (one 2n batch)
+  bool full = false;                // run the full-compute engine at every model call instead of the schedule
+  // The noise DDPM adds after each step but the last, (steps - 1, n, C, H, W). The Python runtime draws it from
+  // numpy's generator (`step_noise(seed, s, ...)`); a C++ program passes it in, so both sample the same thing.
+  const Tensor* step_noise = nullptr;
+};
+
+class Pipeline {
+ public:
+  explicit Pipeline(const std::filesystem::path& engine_dir, Options options = {});
+  ~Pipeline();
+  Pipeline(const Pipeline&) = delete;
+  Pipeline& operator=(const Pipeline&) = delete;
+
+  // labels: n class indices in [0, num_classes); noise: (n, C, H, W) float32. Returns samples (n, C, H, W): images in
+  // [-1, 1] for a pixel model, latents for a latent one. Thread-safe.
+  Tensor sample(const std::vector<int64_t>& labels, const Tensor& noise, const SampleOptions& options = {}) const;
+
+  const Manifest& manifest() const;
+  std::vector<int64_t> sample_shape() const;  // (C, H, W) of one sample, from the subsets' `x` input record
+  std::vector<std::string> providers() const;  // the execution providers the sessions were created with
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Loads ONNX Runtime (dlopen) and creates its process-wide environment (global thread pool, shared CPU arena) once;
+// Pipeline does this itself. Exposed for programs that want the library loaded before they measure something.
+void init_onnxruntime(const std::string& library = "", int threads = 0);
+
+}  // namespace l2c

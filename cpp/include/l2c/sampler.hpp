@@ -1,0 +1,101 @@
+// Samplers: the denoising loop of a build, as its manifest's `sampler` section describes it.
+//
+// A sampler owns its model calls: DDIM and DDPM make one per step; a sampler that makes two (DPM-Solver-2S) calls the
+// model twice per step. The schedule has one row per model call, so the pipeline only answers "run model call k on
+// x at timestep t" and never needs to know the sampler. Adding a sampler kind is one class here plus one line in
+// `make_sampler` (src/sampler.cpp).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "l2c/tensor.hpp"
+
+namespace l2c {
+
+// One model call: x (n, C, H, W) at model timestep t -> model_out (n, C_out, H, W), guidance already applied.
+using ModelCall = std::function<const Tensor&(int call, const Tensor& x, float t)>;
+
+class Sampler {
+ public:
+  virtual ~Sampler() = default;
+  virtual const std::string& kind() const = 0;
+  // The schedule's rows: how many times `sample` calls the model.
+  virtual int num_model_calls() const = 0;
+  // How many noise draws (each like x) the loop adds after the initial noise: DDPM one per step but the last.
+  virtual int num_step_noises() const { return 0; }
+  // Runs the whole loop on x (n, C, H, W) in place. step_noise: (num_step_noises(), n, C, H, W) or null when none.
+  virtual void sample(Tensor& x, const ModelCall& model, const Tensor* step_noise) const = 0;
+};
+
+// The respaced Gaussian diffusion of DiT (`create_diffusion(str(N))`): per sampling step the model timestep and the
+// float64 coefficient tables, in sampling order (as `l2c_export.diffusion.Sampler`). DDIM and DDPM differ only in
+// `update`.
+struct RespacedTables {
+  std::vector<double> timesteps, alphas_cumprod, alphas_cumprod_prev, posterior_mean_coef1, posterior_mean_coef2,
+      posterior_log_variance_clipped, log_betas, fixed_log_variance;
+  bool clip_denoised = false;
+  bool learn_sigma = true;  // model_out has 2C channels: eps, then the variance interpolation values in [-1, 1]
+};
+
+class OneCallPerStepSampler : public Sampler {
+ public:
+  explicit OneCallPerStepSampler(RespacedTables tables) : tables_(std::move(tables)) {}
+  int num_model_calls() const override { return static_cast<int>(tables_.timesteps.size()); }
+  void sample(Tensor& x, const ModelCall& model, const Tensor* step_noise) const override;
+
+ protected:
+  // One update x_t -> x_{t-1} at step s, in float32 arithmetic with float64 coefficients rounded to float32, exactly
+  // as numpy evaluates the Python sampler. noise: like x (null where the step adds none).
+  virtual void update(int s, Tensor& x, const Tensor& model_out, const float* noise) const = 0;
+  // x0 prediction (clipped where the tables say) from x and the eps channels of model_out.
+  std::vector<float> predict_xstart(int s, const Tensor& x, const Tensor& model_out) const;
+  RespacedTables tables_;
+};
+
+class DdimSampler : public OneCallPerStepSampler {  // eta = 0, deterministic
+ public:
+  using OneCallPerStepSampler::OneCallPerStepSampler;
+  const std::string& kind() const override;
+
+ protected:
+  void update(int s, Tensor& x, const Tensor& model_out, const float* noise) const override;
+};
+
+class DdpmSampler : public OneCallPerStepSampler {
+ public:
+  using OneCallPerStepSampler::OneCallPerStepSampler;
+  const std::string& kind() const override;
+  int num_step_noises() const override { return num_model_calls() - 1; }
+
+ protected:
+  void update(int s, Tensor& x, const Tensor& model_out, const float* noise) const override;
+};
+
+// DPM-Solver++ (data prediction), singlestep, order 2 (r1 = 0.5), as Learning-to-Cache samples U-ViT
+// (l2c_export.samplers.DPMSolver2S): K steps of two model calls each, at the step's start s and its midpoint s1.
+//   x0 = (x - sigma * eps) / alpha                       at each call, with that call's alpha and sigma
+//   x_s1 = mid_x * x + mid_x0 * x0_s                      the midpoint call's input
+//   x <- out_x * x + out_x0 * x0_s + out_diff * (x0_s1 - x0_s)
+// The model sees 1000 * t as a float.
+struct DpmSolverTables {
+  std::vector<double> times, alphas, sigmas;                  // per call (2K)
+  std::vector<double> mid_x, mid_x0, out_x, out_x0, out_diff;  // per step (K)
+};
+
+class DpmSolver2SSampler : public Sampler {
+ public:
+  explicit DpmSolver2SSampler(DpmSolverTables tables) : tables_(std::move(tables)) {}
+  const std::string& kind() const override;
+  int num_model_calls() const override { return static_cast<int>(tables_.times.size()); }
+  void sample(Tensor& x, const ModelCall& model, const Tensor* step_noise) const override;
+
+ private:
+  // x0 = (x - sigma * eps) / alpha at model call `call`.
+  std::vector<float> predict_x0(int call, const std::vector<float>& x, const Tensor& model_out) const;
+  DpmSolverTables tables_;
+};
+
+}  // namespace l2c

@@ -1,0 +1,299 @@
+#include "l2c/manifest.hpp"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <fstream>
+#include <iomanip>
+#include <map>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include "json_fields.hpp"
+#include "l2c/error.hpp"
+#include "sampler_factory.hpp"
+
+namespace l2c {
+
+namespace fs = std::filesystem;
+using detail::Fields;
+using detail::json;
+
+std::string sha256_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path.string() + ": cannot be read");
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> context(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  EVP_DigestInit_ex(context.get(), EVP_sha256(), nullptr);
+  std::vector<char> block(1 << 22);
+  while (in) {
+    in.read(block.data(), static_cast<std::streamsize>(block.size()));
+    EVP_DigestUpdate(context.get(), block.data(), static_cast<size_t>(in.gcount()));
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(context.get(), digest, &length);
+  std::ostringstream hex;
+  for (unsigned int i = 0; i < length; ++i) hex << std::hex << std::setw(2) << std::setfill('0') << int(digest[i]);
+  return hex.str();
+}
+
+namespace {
+
+FileRecord read_file_record(const Fields& node) {
+  FileRecord record{node["file"].str(), node["sha256"].str(),
+                    static_cast<uint64_t>(node["bytes"].integer(0))};
+  if (record.sha256.size() != 64 || record.sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
+    node["sha256"].fail("expected 64 lowercase hex digits");
+  // The schema's rule: a plain relative path that stays inside the build folder (no absolute path, '..', hidden or
+  // empty component); symbolic links are refused when the path is opened (Manifest::file_path).
+  static const std::regex plain("[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*");
+  if (!std::regex_match(record.file, plain))
+    node["file"].fail("is '" + record.file + "'; expected a plain relative path inside the build folder (no "
+                      "absolute path, '..', hidden component or backslash)");
+  return record;
+}
+
+std::vector<int64_t> read_shape(const Fields& node, bool allow_batch) {
+  std::vector<int64_t> shape;
+  for (size_t i = 0; i < node.size(); ++i) {
+    Fields dim = node[i];
+    if (allow_batch && i == 0) {
+      if (dim.str() != "batch") dim.fail("expected \"batch\" (the first dimension)");
+      shape.push_back(kBatch);
+    } else {
+      shape.push_back(dim.integer(allow_batch ? 1 : 0, int64_t(1) << 40));
+    }
+  }
+  return shape;
+}
+
+TensorRecord read_tensor(const Fields& node, bool output) {
+  TensorRecord record{node["name"].str(), node["dtype"].str(), read_shape(node["shape"], true), "", ""};
+  static const std::set<std::string> dtypes{"float32", "float16", "bfloat16", "int64"};
+  if (!dtypes.count(record.dtype)) node["dtype"].fail("is " + record.dtype + "; expected float32, float16, bfloat16 or int64");
+  if (node.has("slot")) record.slot = node["slot"].str();
+  if (node.has("role")) {
+    record.role = node["role"].str();
+  } else {  // schema 1: roles by name
+    static const std::map<std::string, std::string> by_name{
+        {"x", "sample"}, {"t", "time"}, {"y", "label"}, {"model_out", "output"}};
+    auto found = by_name.find(record.name);
+    record.role = !record.slot.empty() ? (output ? "fresh" : "cache") : found != by_name.end() ? found->second : "";
+  }
+  static const std::set<std::string> input_roles{"sample", "time", "label", "cache"}, output_roles{"output", "fresh"};
+  if (!(output ? output_roles : input_roles).count(record.role))
+    node.fail(std::string("has no role this runtime feeds; expected ") +
+              (output ? "model_out (role output) or a fresh output with a slot" :
+                        "x, t, y (roles sample, time, label) or a cache input with a slot"));
+  if ((record.role == "cache" || record.role == "fresh") == record.slot.empty())
+    node.fail("role " + record.role + (record.slot.empty() ? " needs a slot" : " takes no slot"));
+  return record;
+}
+
+std::vector<bool> read_bool_row(const Fields& node) {
+  std::vector<bool> row;
+  for (size_t i = 0; i < node.size(); ++i) row.push_back(node[i].integer(0, 1) == 1);
+  return row;
+}
+
+// What the schema cannot say, as l2c_export.manifest.check_consistency: the first step computes everything, a step
+// reads only slots an earlier step wrote, and each subset's cache inputs and fresh outputs are its reads and writes.
+void check_consistency(const Manifest& m, const Fields& subsets, const Fields& step_subset) {
+  for (size_t i = 0; i < m.subsets.size(); ++i) {
+    const SubsetRecord& record = m.subsets[i];
+    std::vector<std::string> reads, writes, slot_inputs, slot_outputs;
+    for (size_t k = 0; k < subsets[i]["reads"].size(); ++k) reads.push_back(subsets[i]["reads"][k].str());
+    for (size_t k = 0; k < subsets[i]["writes"].size(); ++k) writes.push_back(subsets[i]["writes"][k].str());
+    for (const auto& tensor : record.inputs)
+      if (!tensor.slot.empty()) slot_inputs.push_back(tensor.slot);
+    for (const auto& tensor : record.outputs)
+      if (!tensor.slot.empty()) slot_outputs.push_back(tensor.slot);
+    if (slot_inputs != reads) subsets[i]["inputs"].fail("the cache inputs' slots differ from 'reads'");
+    if (slot_outputs != writes) subsets[i]["outputs"].fail("the fresh outputs' slots differ from 'writes'");
+  }
+  std::set<std::string> written;
+  for (size_t step = 0; step < m.step_subset.size(); ++step) {
+    const SubsetRecord& record = m.subsets[m.step_subset[step]];
+    if (step == 0 && std::find(record.compute.begin(), record.compute.end(), false) != record.compute.end())
+      step_subset[0].fail("names subset " + std::to_string(record.index) + ", which reuses sub-layers; the first " +
+                          "step must compute every sub-layer (nothing is cached yet)");
+    for (const auto& tensor : record.inputs)
+      if (!tensor.slot.empty() && !written.count(tensor.slot))
+        step_subset[step].fail("runs subset " + std::to_string(record.index) + ", which reads cache slot " +
+                               tensor.slot + " that no earlier step writes");
+    for (const auto& tensor : record.outputs)
+      if (!tensor.slot.empty()) written.insert(tensor.slot);
+  }
+}
+
+}  // namespace
+
+Manifest Manifest::load(const fs::path& where, bool verify_files) {
+  Manifest m;
+  if (!fs::exists(where)) throw Error(where.string() + ": no such build folder");
+  m.path = fs::is_directory(where) ? where / "manifest.json" : where;
+  m.folder = m.path.parent_path();
+  const std::string file = m.path.string();
+  if (fs::is_symlink(m.path)) throw Error(file + ": is a symbolic link; a build folder holds no links");
+  std::ifstream in(m.path);
+  if (!in) throw Error(file + ": cannot be read (is " + m.folder.string() + " an l2c-export build?)");
+  json data;
+  try {
+    data = json::parse(in);
+  } catch (const json::parse_error& error) {
+    throw Error(file + ": not valid JSON (" + error.what() + ")");
+  }
+  Fields root(data, file);
+  // The version first: a newer manifest may have changed any other field.
+  m.schema_version = static_cast<int>(root["schema_version"].integer(1));
+  if (m.schema_version > kSchemaVersion)
+    root.fail("schema_version", "is " + std::to_string(m.schema_version) + ", newer than this l2c runtime reads (" +
+                                    std::to_string(kSchemaVersion) + "); upgrade l2c or rebuild the engines");
+  m.name = root["name"].str();
+  m.backend = root["backend"].str();
+  if (m.backend != "onnxruntime" && m.backend != "tensorrt") root["backend"].fail("expected onnxruntime or tensorrt");
+  m.precision = root["precision"].str();
+  if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16")
+    root["precision"].fail("expected fp32, fp16 or bf16");
+
+  m.space = root["model"]["space"].str();
+  if (m.space != "pixel" && m.space != "latent") root["model"]["space"].fail("expected pixel or latent");
+
+  Fields guidance = root["guidance"];
+  m.guidance.cfg_scale = guidance["cfg_scale"].number();
+  m.guidance.guided_channels = static_cast<int>(guidance["guided_channels"].integer(1, 1 << 20));
+  m.guidance.null_class = guidance["null_class"].integer(1, 1 << 30);
+  m.num_classes = m.guidance.null_class;  // the labels are 0 .. null_class - 1 (every family's convention)
+
+  Fields batch = root["batch"];
+  m.batch_min = batch["min"].integer(1, 1 << 20);
+  m.batch_max = batch["max"].integer(m.batch_min, 1 << 20);
+
+  Fields slots = root["cache_slots"];
+  for (size_t i = 0; i < slots.size(); ++i) {
+    CacheSlot slot{slots[i]["name"].str(), slots[i]["dtype"].str(), read_shape(slots[i]["shape"], true)};
+    if (slot.dtype != "float32" && slot.dtype != "float16" && slot.dtype != "bfloat16")
+      slots[i]["dtype"].fail("expected float32, float16 or bfloat16");
+    m.cache_slots.push_back(slot);
+  }
+
+  m.weights = read_file_record(root["weights"]);
+  Fields weights = root["weight_tensors"];
+  for (size_t i = 0; i < weights.size(); ++i) {
+    Fields w = weights[i];
+    WeightTensor tensor{w["name"].str(), w["dtype"].str(), read_shape(w["shape"], false),
+                        static_cast<uint64_t>(w["offset"].integer(0)), static_cast<uint64_t>(w["length"].integer(0))};
+    int element = tensor.dtype == "float32" ? 4 : (tensor.dtype == "float16" || tensor.dtype == "bfloat16") ? 2 : 0;
+    if (element == 0) w["dtype"].fail("expected float32, float16 or bfloat16");
+    if (tensor.length != Tensor::count(tensor.shape) * element)
+      w["length"].fail("does not match its shape and dtype");
+    if (tensor.offset + tensor.length > m.weights.bytes)
+      w["offset"].fail("reaches past the end of " + m.weights.file + " (" + std::to_string(m.weights.bytes) + " bytes)");
+    m.weight_tensors.push_back(tensor);
+  }
+
+  Fields subsets = root["subsets"];
+  if (subsets.size() == 0) subsets.fail("expected at least one subset");
+  for (size_t i = 0; i < subsets.size(); ++i) {
+    Fields s = subsets[i];
+    SubsetRecord record;
+    record.index = static_cast<int>(s["index"].integer(static_cast<int64_t>(i), static_cast<int64_t>(i)));
+    record.name = s["name"].str();
+    record.compute = read_bool_row(s["compute"]);
+    record.graph = read_file_record(s["graph"]);
+    record.engine = read_file_record(s["engine"]);
+    for (size_t k = 0; k < s["inputs"].size(); ++k) record.inputs.push_back(read_tensor(s["inputs"][k], false));
+    for (size_t k = 0; k < s["outputs"].size(); ++k) record.outputs.push_back(read_tensor(s["outputs"][k], true));
+    for (const auto* list : {&record.inputs, &record.outputs})
+      for (const auto& tensor : *list)
+        if (!tensor.slot.empty() &&
+            std::none_of(m.cache_slots.begin(), m.cache_slots.end(), [&](auto& c) { return c.name == tensor.slot; }))
+          s.fail("names cache slot " + tensor.slot + ", which is not in cache_slots");
+    if (m.full_subset < 0 && std::all_of(record.compute.begin(), record.compute.end(), [](bool b) { return b; }))
+      m.full_subset = record.index;
+    m.subsets.push_back(std::move(record));
+  }
+  if (m.full_subset < 0) subsets.fail("has no subset that computes every sub-layer (the full-compute engine)");
+
+  // Learned sigma (DiT): model_out carries the variance interpolation values after the eps channels.
+  const SubsetRecord& full = m.subsets[m.full_subset];
+  const TensorRecord& sample = Manifest::model_tensor(full, "sample"), &output = Manifest::model_tensor(full, "output");
+  if (sample.shape.size() != 4 || output.shape.size() != 4 ||
+      (output.shape[1] != sample.shape[1] && output.shape[1] != 2 * sample.shape[1]))
+    subsets[m.full_subset].fail("expected (batch, C, H, W) samples in and (batch, C or 2C, H, W) out");
+  m.sampler = detail::make_sampler(root["sampler"], output.shape[1] == 2 * sample.shape[1]);
+
+  Fields schedule = root["schedule"], step_subset = schedule["step_subset"];
+  if (static_cast<int>(step_subset.size()) != m.sampler->num_model_calls())
+    step_subset.fail("has " + std::to_string(step_subset.size()) + " entries; expected one per model call of the " +
+                     "sampler (" + std::to_string(m.sampler->num_model_calls()) + ")");
+  if (schedule["compute"].size() != step_subset.size())
+    schedule["compute"].fail("has " + std::to_string(schedule["compute"].size()) + " rows for " +
+                             std::to_string(step_subset.size()) + " steps in 'schedule/step_subset'");
+  for (size_t i = 0; i < step_subset.size(); ++i)
+    m.step_subset.push_back(static_cast<int>(step_subset[i].integer(0, static_cast<int64_t>(m.subsets.size()) - 1)));
+  check_consistency(m, subsets, step_subset);
+  m.ideal_speedup = root["macs"]["ideal_speedup"].number();
+  if (root.has("tensorrt") && root["tensorrt"].has("timing_cache"))
+    m.other_files.push_back(read_file_record(root["tensorrt"]["timing_cache"]));
+
+  for (const FileRecord& record : m.files()) {
+    const fs::path path = m.file_path(record);
+    if (!fs::is_regular_file(path))
+      throw Error(file + ": file " + record.file + " is missing from " + m.folder.string());
+    if (!verify_files) continue;
+    const uintmax_t size = fs::file_size(path);
+    if (size != record.bytes)
+      throw Error(path.string() + ": sha256 cannot match: " + std::to_string(size) + " bytes where the manifest says " +
+                  std::to_string(record.bytes) + " (the file was changed after the build)");
+    const std::string actual = sha256_file(path);
+    if (actual != record.sha256)
+      throw Error(path.string() + ": sha256 " + actual + " does not match the manifest's " + record.sha256 +
+                  " (the file was changed after the build)");
+  }
+  return m;
+}
+
+fs::path Manifest::file_path(const FileRecord& record) const {
+  fs::path at = folder;
+  for (const auto& part : fs::path(record.file)) {
+    at /= part;
+    if (fs::is_symlink(at))
+      throw Error(path.string() + ": file " + record.file + " is (or lies in) a symbolic link; a build folder holds "
+                  "no links, so nothing outside it is ever read");
+  }
+  return at;
+}
+
+const SubsetRecord& Manifest::subset(int index) const {
+  if (index < 0 || index >= static_cast<int>(subsets.size()))
+    throw Error(path.string() + ": no subset " + std::to_string(index));
+  return subsets[index];
+}
+
+const CacheSlot& Manifest::slot(const std::string& slot_name) const {
+  for (const auto& slot : cache_slots)
+    if (slot.name == slot_name) return slot;
+  throw Error(path.string() + ": no cache slot " + slot_name);
+}
+
+const TensorRecord& Manifest::model_tensor(const SubsetRecord& subset, const std::string& role) {
+  for (const auto* list : {&subset.inputs, &subset.outputs})
+    for (const auto& tensor : *list)
+      if (tensor.role == role) return tensor;
+  throw Error("subset " + subset.name + ": no tensor record with role " + role);
+}
+
+std::vector<FileRecord> Manifest::files() const {
+  std::vector<FileRecord> all{weights};
+  for (const auto& subset : subsets) all.insert(all.end(), {subset.graph, subset.engine});
+  all.insert(all.end(), other_files.begin(), other_files.end());
+  std::vector<FileRecord> unique;
+  std::set<std::string> seen;
+  for (auto& record : all)
+    if (seen.insert(record.file).second) unique.push_back(record);
+  return unique;
+}
+
+}  // namespace l2c

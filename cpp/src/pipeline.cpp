@@ -1,0 +1,413 @@
+// The ONNX Runtime side of l2c::Pipeline, as l2c_export/backends/onnxruntime.py:
+// - ONNX Runtime is dlopen'ed (ORT_API_MANUAL_INIT): the onnxruntime wheels ship the library but no headers or
+//   unversioned link, and a dlopen'ed library finds its provider libraries beside it.
+// - Weights: weights.bin memory-mapped once; each tensor wrapped as an OrtValue and given to every session with
+//   AddInitializer, with session.disable_prepacking (prepacking would keep a packed copy per session).
+// - One global intra-op thread pool and one process-wide CPU arena for all sessions.
+// - A request's cache slots are its own buffers bound with IO binding, inputs and outputs alike: a fresh branch
+//   output is written straight into the slot the next subset reads.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include "l2c/pipeline.hpp"
+
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
+namespace l2c {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct OnnxRuntime {
+  std::string library;
+  int threads = 0;
+  std::unique_ptr<Ort::Env> env;
+};
+
+std::mutex runtime_mutex;
+OnnxRuntime* runtime_instance = nullptr;  // process-wide, never unloaded (sessions may outlive a Pipeline's caller)
+
+std::string default_library() {
+  if (const char* from_env = std::getenv("L2C_ONNXRUNTIME_LIBRARY"); from_env && *from_env) return from_env;
+#ifdef L2C_DEFAULT_ONNXRUNTIME_LIBRARY
+  if (fs::exists(L2C_DEFAULT_ONNXRUNTIME_LIBRARY)) return L2C_DEFAULT_ONNXRUNTIME_LIBRARY;
+#endif
+  return "libonnxruntime.so.1";
+}
+
+OnnxRuntime& onnxruntime(const std::string& library, int threads) {
+  std::lock_guard<std::mutex> lock(runtime_mutex);
+  if (runtime_instance != nullptr) {
+    if (threads != runtime_instance->threads)
+      throw Error("ONNX Runtime's global thread pool already has " +
+                  (runtime_instance->threads ? std::to_string(runtime_instance->threads) : "one per core") +
+                  " threads in this process; cannot change it to " + std::to_string(threads));
+    return *runtime_instance;
+  }
+  const std::string path = library.empty() ? default_library() : library;
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr)
+    throw Error("cannot load ONNX Runtime from " + path + " (" + dlerror() +
+                "); point L2C_ONNXRUNTIME_LIBRARY at libonnxruntime.so from the onnxruntime wheel");
+  using GetApiBase = const OrtApiBase* (*)();
+  auto get_api_base = reinterpret_cast<GetApiBase>(dlsym(handle, "OrtGetApiBase"));
+  if (get_api_base == nullptr) throw Error(path + ": has no OrtGetApiBase; not an ONNX Runtime library");
+  const OrtApi* api = get_api_base()->GetApi(ORT_API_VERSION);
+  if (api == nullptr)
+    throw Error(path + ": ONNX Runtime " + get_api_base()->GetVersionString() + " does not offer C API version " +
+                std::to_string(ORT_API_VERSION) + "; use ONNX Runtime 1." + std::to_string(ORT_API_VERSION) + " or newer");
+  Ort::InitApi(api);
+  auto* instance = new OnnxRuntime{path, threads, nullptr};
+  Ort::ThreadingOptions threading;
+  threading.SetGlobalIntraOpNumThreads(threads);
+  threading.SetGlobalInterOpNumThreads(1);
+  instance->env = std::make_unique<Ort::Env>(threading, ORT_LOGGING_LEVEL_ERROR, "l2c");
+  Ort::MemoryInfo arena_memory("Cpu", OrtArenaAllocator, 0, OrtMemTypeDefault);
+  Ort::ArenaCfg arena(0, -1, -1, -1);
+  instance->env->CreateAndRegisterAllocator(arena_memory, arena);
+  runtime_instance = instance;
+  return *instance;
+}
+
+ONNXTensorElementDataType element_type(const std::string& dtype) {
+  if (dtype == "float32") return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (dtype == "float16") return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  if (dtype == "bfloat16") return ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+  if (dtype == "int64") return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  throw Error("unknown dtype " + dtype);
+}
+
+size_t element_size(const std::string& dtype) { return dtype == "float32" ? 4 : dtype == "int64" ? 8 : 2; }
+
+// The session's inputs and outputs must be the manifest's records: names, order and element types.
+void check_interface(const Ort::Session& session, const SubsetRecord& record, const fs::path& file) {
+  Ort::AllocatorWithDefaultOptions allocator;
+  for (bool outputs : {false, true}) {
+    const std::vector<TensorRecord>& expected = outputs ? record.outputs : record.inputs;
+    const size_t count = outputs ? session.GetOutputCount() : session.GetInputCount();
+    std::string got, want;
+    bool same = count == expected.size();
+    for (size_t i = 0; i < count; ++i) {
+      auto name = outputs ? session.GetOutputNameAllocated(i, allocator) : session.GetInputNameAllocated(i, allocator);
+      auto type = (outputs ? session.GetOutputTypeInfo(i) : session.GetInputTypeInfo(i))
+                      .GetTensorTypeAndShapeInfo().GetElementType();
+      got += std::string(i ? ", " : "") + name.get();
+      same = same && i < expected.size() && expected[i].name == name.get() && element_type(expected[i].dtype) == type;
+    }
+    for (size_t i = 0; i < expected.size(); ++i) want += (i ? ", " : "") + expected[i].name + " " + expected[i].dtype;
+    if (!same)
+      throw Error(file.string() + ": the graph's " + (outputs ? "outputs (" : "inputs (") + got +
+                  ") are not the manifest's (field 'subsets/" + std::to_string(record.index) +
+                  (outputs ? "/outputs': " : "/inputs': ") + want + ")");
+  }
+}
+
+// weights.bin, mapped read-only once for the whole process lifetime of the pipeline.
+class MappedFile {
+ public:
+  explicit MappedFile(const fs::path& path) {
+    int fd = ::open(path.c_str(), O_RDONLY);
+    if (fd < 0) throw Error(path.string() + ": cannot be opened");
+    struct stat info {};
+    ::fstat(fd, &info);
+    size_ = static_cast<size_t>(info.st_size);
+    data_ = size_ ? ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0) : nullptr;
+    ::close(fd);
+    if (data_ == MAP_FAILED) throw Error(path.string() + ": cannot be memory-mapped");
+  }
+  ~MappedFile() {
+    if (data_ && data_ != MAP_FAILED) ::munmap(data_, size_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  char* data() const { return static_cast<char*>(data_); }
+  size_t size() const { return size_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// One request's cache: a buffer per slot, allocated at its first write and bound in place from then on.
+struct RequestCache {
+  struct Slot {
+    std::vector<char> bytes;
+    Ort::Value value{nullptr};
+  };
+  std::map<std::string, Slot> slots;
+};
+
+}  // namespace
+
+void init_onnxruntime(const std::string& library, int threads) { onnxruntime(library, threads); }
+
+struct Pipeline::Impl {
+  Manifest manifest;
+  Options options;
+  OnnxRuntime* ort = nullptr;
+  std::unique_ptr<MappedFile> weights;
+  std::vector<Ort::Value> weight_values;  // views into `weights`, shared by every session
+  std::map<int, Ort::Session> sessions;
+  Ort::MemoryInfo cpu{nullptr};
+  std::vector<int64_t> sample_shape, out_shape;  // (C, H, W) and (C_out, H, W)
+  std::vector<std::string> providers;
+
+  void append_tensorrt(Ort::SessionOptions& session_options) const;
+  const Tensor& run(int subset, const Tensor& x, const std::vector<float>& t, const std::vector<int64_t>& y,
+                    RequestCache& cache, Tensor& model_out) const;
+};
+
+Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
+  // The build is checked before ONNX Runtime is touched: Impl's ONNX Runtime members need the loaded library even
+  // to be destroyed.
+  Manifest manifest = Manifest::load(engine_dir, options.verify_files);
+  const std::string where = manifest.path.string();
+  if (manifest.precision == "bf16" && options.provider == Provider::Cpu)
+    throw Error(where + ": field 'precision' is bf16; ONNX Runtime's CPU provider has no bfloat16 kernels for these "
+                        "graphs (build with --precision fp32 or fp16, or run with the TensorRT provider)");
+  static const std::map<std::string, GraphOptimizationLevel> levels{
+      {"basic", ORT_ENABLE_BASIC}, {"extended", ORT_ENABLE_EXTENDED}, {"all", ORT_ENABLE_ALL}};
+  if (!levels.count(options.optimization))
+    throw Error("optimization level " + options.optimization + ": expected basic, extended or all");
+  OnnxRuntime& ort = onnxruntime(options.onnxruntime_library, options.threads);
+
+  impl_ = std::make_unique<Impl>();
+  Impl& p = *impl_;
+  p.manifest = std::move(manifest);
+  p.options = std::move(options);
+  p.ort = &ort;
+  const Manifest& m = p.manifest;
+  p.cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
+
+  // Shapes come from the records: x is (batch, C, H, W), model_out (batch, C_out, H, W).
+  const SubsetRecord& full = m.subset(m.full_subset);
+  const TensorRecord& x = Manifest::model_tensor(full, "sample");
+  const TensorRecord& out = Manifest::model_tensor(full, "output");
+  if (x.shape.size() != 4 || x.dtype != "float32")
+    throw Error(where + ": subset " + full.name + " input " + x.name + ": expected float32 (batch, C, H, W)");
+  if (out.shape.size() != 4 || out.dtype != "float32")
+    throw Error(where + ": subset " + full.name + " output " + out.name + ": expected float32 (batch, C_out, H, W)");
+  p.sample_shape.assign(x.shape.begin() + 1, x.shape.end());
+  p.out_shape.assign(out.shape.begin() + 1, out.shape.end());
+  if (m.guidance.guided_channels > p.out_shape[0])
+    throw Error(where + ": field 'guidance/guided_channels' is " + std::to_string(m.guidance.guided_channels) +
+                "; expected at most model_out's " + std::to_string(p.out_shape[0]) + " channels");
+
+  p.weights = std::make_unique<MappedFile>(m.file_path(m.weights));
+  if (p.weights->size() != m.weights.bytes)
+    throw Error(m.file_path(m.weights).string() + ": " + std::to_string(p.weights->size()) +
+                " bytes; the manifest says " + std::to_string(m.weights.bytes));
+  for (const WeightTensor& w : m.weight_tensors)
+    p.weight_values.push_back(Ort::Value::CreateTensor(p.cpu, p.weights->data() + w.offset, w.length,
+                                                       w.shape.data(), w.shape.size(), element_type(w.dtype)));
+
+  std::vector<int> selected;
+  if (p.options.subsets) {
+    selected = *p.options.subsets;
+  } else {
+    for (const auto& subset : m.subsets) selected.push_back(subset.index);
+  }
+  for (int index : selected) {
+    const SubsetRecord& record = m.subset(index);
+    Ort::SessionOptions session_options;
+    session_options.SetGraphOptimizationLevel(levels.at(p.options.optimization));
+    session_options.DisablePerSessionThreads();
+    session_options.AddConfigEntry("session.use_env_allocators", "1");
+    session_options.AddConfigEntry("session.disable_prepacking", "1");
+    // Every weight of weights.bin is offered; ONNX Runtime takes those the graph names and ignores the rest.
+    for (size_t i = 0; i < m.weight_tensors.size(); ++i)
+      session_options.AddInitializer(m.weight_tensors[i].name.c_str(), p.weight_values[i]);
+    if (p.options.provider == Provider::TensorRT) p.append_tensorrt(session_options);
+    // ONNX Runtime runs ONNX: an onnxruntime build's engine is its graph; a TensorRT build's plans are for TensorRT
+    // itself, so its graphs are opened (ONNX Runtime's TensorRT provider builds and caches its own engines).
+    const fs::path file = m.file_path(m.backend == "onnxruntime" ? record.engine : record.graph);
+    try {
+      Ort::Session session(*p.ort->env, file.c_str(), session_options);
+      check_interface(session, record, file);
+      p.sessions.emplace(index, std::move(session));
+    } catch (const Ort::Exception& error) {
+      throw Error(file.string() + ": ONNX Runtime cannot load it: " + error.what());
+    }
+  }
+  p.providers = p.options.provider == Provider::TensorRT
+                    ? std::vector<std::string>{"TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                               "CPUExecutionProvider"}
+                    : std::vector<std::string>{"CPUExecutionProvider"};
+}
+
+Pipeline::~Pipeline() = default;
+
+const Manifest& Pipeline::manifest() const { return impl_->manifest; }
+std::vector<int64_t> Pipeline::sample_shape() const { return impl_->sample_shape; }
+std::vector<std::string> Pipeline::providers() const { return impl_->providers; }
+
+void Pipeline::Impl::append_tensorrt(Ort::SessionOptions& session_options) const {
+  // ONNX Runtime's TensorRT execution provider (documented C API: CreateTensorRTProviderOptions,
+  // UpdateTensorRTProviderOptions, SessionOptionsAppendExecutionProvider_TensorRT_V2), the CUDA provider behind it
+  // for anything TensorRT does not take. Engines are cached beside the build, keyed by ONNX Runtime.
+  const std::string cache = (manifest.folder / "ort-tensorrt-cache").string();
+  const std::string fp16 = manifest.precision == "fp16" ? "1" : "0";
+  const char* keys[] = {"device_id", "trt_fp16_enable", "trt_engine_cache_enable", "trt_engine_cache_path",
+                        "trt_timing_cache_enable", "trt_timing_cache_path"};
+  const char* values[] = {"0", fp16.c_str(), "1", cache.c_str(), "1", cache.c_str()};
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorRTProviderOptionsV2* tensorrt = nullptr;
+  OrtCUDAProviderOptionsV2* cuda = nullptr;
+  try {
+    Ort::ThrowOnError(api.CreateTensorRTProviderOptions(&tensorrt));
+    Ort::ThrowOnError(api.UpdateTensorRTProviderOptions(tensorrt, keys, values, 6));
+    session_options.AppendExecutionProvider_TensorRT_V2(*tensorrt);
+    Ort::ThrowOnError(api.CreateCUDAProviderOptions(&cuda));
+    session_options.AppendExecutionProvider_CUDA_V2(*cuda);
+  } catch (const Ort::Exception& error) {
+    if (tensorrt) api.ReleaseTensorRTProviderOptions(tensorrt);
+    if (cuda) api.ReleaseCUDAProviderOptions(cuda);
+    std::string what = error.what();
+    for (char& c : what)
+      if (c == '\n') c = ' ';
+    throw Error("TensorRT is not usable by ONNX Runtime (" + ort->library + ") on this machine: " + what +
+                ". The TensorRT provider needs an NVIDIA GPU with the CUDA and TensorRT libraries that this ONNX Runtime was built for on the loader path; "
+                "run with the CPU provider (the default) instead");
+  }
+  api.ReleaseTensorRTProviderOptions(tensorrt);
+  api.ReleaseCUDAProviderOptions(cuda);
+}
+
+const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector<float>& t,
+                                  const std::vector<int64_t>& y, RequestCache& cache, Tensor& model_out) const {
+  const SubsetRecord& record = manifest.subset(subset);
+  Ort::Session& session = const_cast<Ort::Session&>(sessions.at(subset));  // Run is thread-safe
+  const int64_t batch = x.shape[0];
+  Ort::IoBinding binding(session);
+  auto x_value = Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(x.data.data()), x.size(), x.shape.data(),
+                                                 x.shape.size());
+  auto t_value = Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(t.data()), t.size(), &batch, 1);
+  auto y_value = Ort::Value::CreateTensor<int64_t>(cpu, const_cast<int64_t*>(y.data()), y.size(), &batch, 1);
+  for (const TensorRecord& input : record.inputs) {
+    if (input.role == "cache") {
+      auto found = cache.slots.find(input.slot);
+      if (found == cache.slots.end())
+        throw Error("subset " + record.name + " reads cache slot " + input.slot + " before any step wrote it");
+      binding.BindInput(input.name.c_str(), found->second.value);
+    } else {
+      binding.BindInput(input.name.c_str(), input.role == "sample" ? x_value : input.role == "time" ? t_value : y_value);
+    }
+  }
+  model_out = Tensor({batch, out_shape[0], out_shape[1], out_shape[2]});
+  auto out_value = Ort::Value::CreateTensor<float>(cpu, model_out.data.data(), model_out.size(),
+                                                   model_out.shape.data(), model_out.shape.size());
+  for (const TensorRecord& output : record.outputs) {
+    if (output.role == "output") {
+      binding.BindOutput(output.name.c_str(), out_value);
+      continue;
+    }
+    const CacheSlot& slot = manifest.slot(output.slot);
+    std::vector<int64_t> shape = slot.shape;
+    shape[0] = batch;
+    RequestCache::Slot& buffer = cache.slots[output.slot];
+    const size_t bytes = Tensor::count(shape) * element_size(slot.dtype);
+    if (buffer.bytes.size() != bytes) {
+      buffer.bytes.assign(bytes, 0);
+      buffer.value = Ort::Value::CreateTensor(cpu, buffer.bytes.data(), bytes, shape.data(), shape.size(),
+                                              element_type(slot.dtype));
+    }
+    binding.BindOutput(output.name.c_str(), buffer.value);
+  }
+  session.Run(Ort::RunOptions{nullptr}, binding);
+  return model_out;
+}
+
+Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise, const SampleOptions& options) const {
+  const Impl& p = *impl_;
+  const Manifest& m = p.manifest;
+  if (labels.empty()) throw Error("no labels given; expected at least one class label");
+  std::vector<int64_t> bad;
+  for (int64_t label : labels)
+    if (label < 0 || label >= m.num_classes) bad.push_back(label);
+  if (!bad.empty())
+    throw Error("labels " + shape_string(bad) + " are out of range; expected class indices in 0.." +
+                std::to_string(m.num_classes - 1));
+  const int64_t n = static_cast<int64_t>(labels.size());
+  std::vector<int64_t> expected{n, p.sample_shape[0], p.sample_shape[1], p.sample_shape[2]};
+  if (noise.shape != expected)
+    throw Error("noise has shape " + shape_string(noise.shape) + "; expected " + shape_string(expected) +
+                " (n labels, C, H, W)");
+  for (float value : noise.data)
+    if (!std::isfinite(value)) throw Error("noise holds a value that is not finite; expected finite float32 noise");
+  const double cfg_scale = options.cfg_scale.value_or(m.guidance.cfg_scale);
+  if (!std::isfinite(cfg_scale) || cfg_scale < 1.0)
+    throw Error("cfg_scale is " + std::to_string(cfg_scale) + "; expected a finite number at least 1 "
+                "(uncond + s * (cond - uncond); 1 means no guidance)");
+  const bool guiding = cfg_scale > 1.0;
+  const int64_t model_batch = guiding ? 2 * n : n;
+  if (model_batch < m.batch_min || model_batch > m.batch_max)
+    throw Error(std::to_string(n) + " label(s) make a model batch of " + std::to_string(model_batch) +
+                (guiding ? " (guidance doubles it)" : "") + "; the engines take " + std::to_string(m.batch_min) +
+                ".." + std::to_string(m.batch_max) + " (" + m.path.string() + " field 'batch')");
+  const Sampler& sampler = *m.sampler;
+  const int noises = sampler.num_step_noises();
+  if (noises > 0) {
+    if (options.step_noise == nullptr)
+      throw Error("the " + sampler.kind() + " sampler adds noise after each step but the last: pass step noise of " +
+                  "shape " + shape_string({noises, n, expected[1], expected[2], expected[3]}));
+    std::vector<int64_t> step_shape{noises, n, expected[1], expected[2], expected[3]};
+    if (options.step_noise->shape != step_shape)
+      throw Error("step noise has shape " + shape_string(options.step_noise->shape) + "; expected " +
+                  shape_string(step_shape) + " (steps - 1, n labels, C, H, W)");
+    for (float value : options.step_noise->data)
+      if (!std::isfinite(value)) throw Error("step noise holds a value that is not finite");
+  }
+  std::vector<int> subsets = options.full ? std::vector<int>(sampler.num_model_calls(), m.full_subset)
+                                          : m.step_subset;
+  for (int subset : subsets)
+    if (!p.sessions.count(subset))
+      throw Error("subset " + std::to_string(subset) + " is not loaded (Options::subsets leaves it out)");
+
+  // The model batch: n conditional samples, then (guiding) the same x with the null class.
+  std::vector<int64_t> y(labels);
+  if (guiding) y.insert(y.end(), n, m.guidance.null_class);
+  const float scale = static_cast<float>(cfg_scale);
+  const int64_t out_plane = p.out_shape[0] * p.out_shape[1] * p.out_shape[2];
+  const int64_t guided_plane = m.guidance.guided_channels * p.out_shape[1] * p.out_shape[2];
+
+  RequestCache cache;
+  Tensor model_x, model_out, guided({n, p.out_shape[0], p.out_shape[1], p.out_shape[2]});
+  std::vector<float> t(model_batch);
+  ModelCall model = [&](int call, const Tensor& x, float timestep) -> const Tensor& {
+    const Tensor* input = &x;
+    if (guiding) {
+      model_x.shape = {model_batch, expected[1], expected[2], expected[3]};
+      model_x.data.assign(x.data.begin(), x.data.end());
+      model_x.data.insert(model_x.data.end(), x.data.begin(), x.data.end());
+      input = &model_x;
+    }
+    std::fill(t.begin(), t.end(), timestep);
+    p.run(subsets[call], *input, t, y, cache, model_out);
+    if (!guiding) return model_out;
+    // Guided channels: uncond + s * (cond - uncond); the others from the conditional half (DiT's forward_with_cfg).
+    for (int64_t b = 0; b < n; ++b) {
+      const float* cond = model_out.data.data() + b * out_plane;
+      const float* uncond = model_out.data.data() + (b + n) * out_plane;
+      float* to = guided.data.data() + b * out_plane;
+      for (int64_t i = 0; i < out_plane; ++i)
+        to[i] = i < guided_plane ? uncond[i] + scale * (cond[i] - uncond[i]) : cond[i];
+    }
+    return guided;
+  };
+  Tensor x = noise;
+  sampler.sample(x, model, options.step_noise);
+  return x;
+}
+
+}  // namespace l2c

@@ -1,0 +1,193 @@
+#include "l2c/sampler.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "l2c/error.hpp"
+#include "sampler_factory.hpp"
+
+namespace l2c {
+
+void OneCallPerStepSampler::sample(Tensor& x, const ModelCall& model, const Tensor* step_noise) const {
+  const size_t per_step = x.size();
+  for (int s = 0; s < num_model_calls(); ++s) {
+    const Tensor& model_out = model(s, x, static_cast<float>(tables_.timesteps[s]));
+    const float* noise = nullptr;
+    if (step_noise != nullptr && s < num_step_noises()) noise = step_noise->data.data() + per_step * s;
+    update(s, x, model_out, noise);
+  }
+}
+
+std::vector<float> OneCallPerStepSampler::predict_xstart(int s, const Tensor& x, const Tensor& model_out) const {
+  const int64_t n = x.shape[0], plane = static_cast<int64_t>(x.size()) / n;  // plane: C*H*W
+  const int64_t out_plane = static_cast<int64_t>(model_out.size()) / n;
+  const double alpha_bar = tables_.alphas_cumprod[s];
+  const float sqrt_recip = static_cast<float>(std::sqrt(1.0 / alpha_bar));
+  const float sqrt_recipm1 = static_cast<float>(std::sqrt(1.0 / alpha_bar - 1.0));
+  std::vector<float> xstart(x.size());
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t i = 0; i < plane; ++i) {
+      const float eps = model_out.data[b * out_plane + i];  // the eps channels lead model_out
+      float value = sqrt_recip * x.data[b * plane + i] - sqrt_recipm1 * eps;
+      if (tables_.clip_denoised) value = std::min(1.0f, std::max(-1.0f, value));
+      xstart[b * plane + i] = value;
+    }
+  return xstart;
+}
+
+const std::string& DdimSampler::kind() const {
+  static const std::string name = "ddim";
+  return name;
+}
+
+void DdimSampler::update(int s, Tensor& x, const Tensor& model_out, const float*) const {
+  const std::vector<float> xstart = predict_xstart(s, x, model_out);
+  const double alpha_bar = tables_.alphas_cumprod[s], alpha_bar_prev = tables_.alphas_cumprod_prev[s];
+  const float sqrt_recip = static_cast<float>(std::sqrt(1.0 / alpha_bar));
+  const float sqrt_recipm1 = static_cast<float>(std::sqrt(1.0 / alpha_bar - 1.0));
+  const float coef_xstart = static_cast<float>(std::sqrt(alpha_bar_prev));
+  const float coef_eps = static_cast<float>(std::sqrt(1.0 - alpha_bar_prev));
+  for (size_t i = 0; i < x.size(); ++i) {
+    // eps re-derived from the (possibly clipped) x0 prediction, as DiT's ddim_sample (eta 0).
+    const float eps = (sqrt_recip * x.data[i] - xstart[i]) / sqrt_recipm1;
+    x.data[i] = xstart[i] * coef_xstart + coef_eps * eps;
+  }
+}
+
+const std::string& DdpmSampler::kind() const {
+  static const std::string name = "ddpm";
+  return name;
+}
+
+void DdpmSampler::update(int s, Tensor& x, const Tensor& model_out, const float* noise) const {
+  const std::vector<float> xstart = predict_xstart(s, x, model_out);
+  const float coef1 = static_cast<float>(tables_.posterior_mean_coef1[s]);
+  const float coef2 = static_cast<float>(tables_.posterior_mean_coef2[s]);
+  const bool last = s == num_model_calls() - 1;
+  if (!last && noise == nullptr)
+    throw Error("the DDPM sampler needs step noise at every step but the last; none was given for step " +
+                std::to_string(s));
+  const int64_t n = x.shape[0], plane = static_cast<int64_t>(x.size()) / n;
+  const int64_t out_plane = static_cast<int64_t>(model_out.size()) / n;
+  const float min_log = static_cast<float>(tables_.posterior_log_variance_clipped[s]);
+  const float max_log = static_cast<float>(tables_.log_betas[s]);
+  const float fixed_std = static_cast<float>(std::exp(0.5 * tables_.fixed_log_variance[s]));
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t i = 0; i < plane; ++i) {
+      const int64_t at = b * plane + i;
+      const float mean = coef1 * xstart[at] + coef2 * x.data[at];
+      if (last) {
+        x.data[at] = mean;
+        continue;
+      }
+      float std_dev = fixed_std;
+      if (tables_.learn_sigma) {
+        // LEARNED_RANGE: the log variance interpolated between the clipped posterior's and beta's.
+        const float frac = (model_out.data[b * out_plane + plane + i] + 1.0f) / 2.0f;
+        std_dev = std::exp(0.5f * (frac * max_log + (1.0f - frac) * min_log));
+      }
+      x.data[at] = mean + std_dev * noise[at];
+    }
+}
+
+const std::string& DpmSolver2SSampler::kind() const {
+  static const std::string name = "dpm_solver_2s";
+  return name;
+}
+
+std::vector<float> DpmSolver2SSampler::predict_x0(int call, const std::vector<float>& x, const Tensor& model_out) const {
+  const int64_t n = model_out.shape[0], plane = static_cast<int64_t>(x.size()) / n;
+  const int64_t out_plane = static_cast<int64_t>(model_out.size()) / n;
+  const float sigma = static_cast<float>(tables_.sigmas[call]), alpha = static_cast<float>(tables_.alphas[call]);
+  std::vector<float> x0(x.size());
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t i = 0; i < plane; ++i)
+      x0[b * plane + i] = (x[b * plane + i] - sigma * model_out.data[b * out_plane + i]) / alpha;
+  return x0;
+}
+
+void DpmSolver2SSampler::sample(Tensor& x, const ModelCall& model, const Tensor*) const {
+  Tensor x_s1(x.shape);
+  for (size_t k = 0; k < tables_.mid_x.size(); ++k) {
+    const int start = static_cast<int>(2 * k), middle = start + 1;
+    // The model output is only valid until the next call: x0_s is taken from it first.
+    const std::vector<float> x0_s = predict_x0(start, x.data, model(start, x, static_cast<float>(tables_.times[start] * 1000.0)));
+    const float mid_x = static_cast<float>(tables_.mid_x[k]), mid_x0 = static_cast<float>(tables_.mid_x0[k]);
+    for (size_t i = 0; i < x.size(); ++i) x_s1.data[i] = mid_x * x.data[i] + mid_x0 * x0_s[i];
+    const std::vector<float> x0_s1 =
+        predict_x0(middle, x_s1.data, model(middle, x_s1, static_cast<float>(tables_.times[middle] * 1000.0)));
+    const float out_x = static_cast<float>(tables_.out_x[k]), out_x0 = static_cast<float>(tables_.out_x0[k]);
+    const float out_diff = static_cast<float>(tables_.out_diff[k]);
+    for (size_t i = 0; i < x.size(); ++i)
+      x.data[i] = out_x * x.data[i] + out_x0 * x0_s[i] + out_diff * (x0_s1[i] - x0_s[i]);
+  }
+}
+
+namespace detail {
+
+namespace {
+
+std::shared_ptr<const Sampler> make_dpm_solver_2s(const Fields& section) {
+  const size_t calls = section["times"].size();
+  if (calls < 2 || calls % 2) section["times"].fail("has " + std::to_string(calls) + " entries; expected an even "
+                                                    "number of model calls, at least 2 (two per solver step)");
+  DpmSolverTables tables;
+  tables.times = section["times"].numbers(calls);
+  tables.alphas = section["alphas"].numbers(calls);
+  tables.sigmas = section["sigmas"].numbers(calls);
+  for (size_t c = 0; c < calls; ++c) {
+    if (!(tables.times[c] > 0.0 && tables.times[c] <= 1.0)) section["times"][c].fail("expected a time in (0, 1]");
+    if (!(tables.alphas[c] > 0.0 && tables.alphas[c] <= 1.0)) section["alphas"][c].fail("expected a value in (0, 1]");
+    if (!(tables.sigmas[c] > 0.0 && tables.sigmas[c] < 1.0)) section["sigmas"][c].fail("expected a value in (0, 1)");
+  }
+  const std::pair<const char*, std::vector<double>*> per_step[] = {{"mid_x", &tables.mid_x},
+                                                                   {"mid_x0", &tables.mid_x0},
+                                                                   {"out_x", &tables.out_x},
+                                                                   {"out_x0", &tables.out_x0},
+                                                                   {"out_diff", &tables.out_diff}};
+  for (const auto& [name, table] : per_step) *table = section[name].numbers(calls / 2);
+  if (section.has("num_calls") && section["num_calls"].integer() != static_cast<int64_t>(calls))
+    section["num_calls"].fail("expected " + std::to_string(calls) + ", one per entry of 'times'");
+  return std::make_shared<DpmSolver2SSampler>(std::move(tables));
+}
+
+}  // namespace
+
+
+std::shared_ptr<const Sampler> make_sampler(const Fields& section, bool learn_sigma) {
+  const std::string kind = section["kind"].str();
+  if (kind == "dpm_solver_2s") return make_dpm_solver_2s(section);
+  if (kind != "ddim" && kind != "ddpm") section["kind"].fail("is " + kind + "; this l2c runtime knows ddim, ddpm and "
+                                                              "dpm_solver_2s");
+  const size_t steps = static_cast<size_t>(section["num_steps"].integer(1, 1 << 20));
+  RespacedTables tables;
+  tables.learn_sigma = learn_sigma;
+  tables.clip_denoised = section["clip_denoised"].boolean();
+  for (size_t i = 0; i < section["timesteps"].size(); ++i)
+    tables.timesteps.push_back(static_cast<double>(section["timesteps"][i].integer(0, 999)));
+  if (tables.timesteps.size() != steps)
+    section["timesteps"].fail("has " + std::to_string(tables.timesteps.size()) + " entries; expected num_steps (" +
+                              std::to_string(steps) + ")");
+  const std::pair<const char*, std::vector<double>*> named[] = {
+      {"alphas_cumprod", &tables.alphas_cumprod},
+      {"alphas_cumprod_prev", &tables.alphas_cumprod_prev},
+      {"posterior_mean_coef1", &tables.posterior_mean_coef1},
+      {"posterior_mean_coef2", &tables.posterior_mean_coef2},
+      {"posterior_log_variance_clipped", &tables.posterior_log_variance_clipped},
+      {"log_betas", &tables.log_betas},
+      {"fixed_log_variance", &tables.fixed_log_variance}};
+  for (const auto& [name, table] : named) *table = section[name].numbers(steps);
+  for (size_t s = 0; s < steps; ++s) {
+    if (!(tables.alphas_cumprod[s] > 0.0 && tables.alphas_cumprod[s] < 1.0))
+      section["alphas_cumprod"][s].fail("expected a value in (0, 1)");
+    if (!(tables.alphas_cumprod_prev[s] > 0.0 && tables.alphas_cumprod_prev[s] <= 1.0))
+      section["alphas_cumprod_prev"][s].fail("expected a value in (0, 1]");
+    for (const char* log_table : {"posterior_log_variance_clipped", "log_betas", "fixed_log_variance"})
+      if (section[log_table][s].number() > 0.0) section[log_table][s].fail("expected a log variance, at most 0");
+  }
+  if (kind == "ddim") return std::make_shared<DdimSampler>(std::move(tables));
+  return std::make_shared<DdpmSampler>(std::move(tables));
+}
+
+}  // namespace detail
+}  // namespace l2c
