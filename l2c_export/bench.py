@@ -86,7 +86,8 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
         if measure_memory:
             memory_all = measure_engine_memory(folder, backend, batch, "all")
             memory_full = measure_engine_memory(folder, backend, batch, "full")
-            if backend == "onnxruntime" and CPP_MEMORY_PROBE.is_file():
+            # The C++ runtime reads fp32 and fp16 builds (not yet int8's quantization records).
+            if backend == "onnxruntime" and data["precision"] in ("fp32", "fp16") and CPP_MEMORY_PROBE.is_file():
                 cpp_all, cpp_full = (measure_cpp_engine_memory(folder, batch, which) for which in ("all", "full"))
         ideal = data["macs"]["ideal_speedup"]
         results.append(BenchResult(model=data["name"], backend=backend, precision=data["precision"],
