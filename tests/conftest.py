@@ -31,6 +31,19 @@ def tiny_model() -> DiT:
     return model
 
 
+@pytest.fixture(scope="session")
+def default_build(tmp_path_factory) -> Path:
+    """The embedded default (pixel digits, DDIM 20) with its own schedule, built once for ONNX Runtime (fp32). Tests
+    that change a build work on a copy."""
+    from l2c_export.build import BuildRequest, build
+    from l2c_export.zoo import embedded_default
+
+    spec = embedded_default()
+    out = tmp_path_factory.mktemp("default") / "engines"
+    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
+    return out
+
+
 @pytest.fixture
 def authors_router() -> Path:
     if not AUTHORS_ROUTER.is_file():

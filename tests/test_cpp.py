@@ -36,15 +36,6 @@ def cpp_build() -> Path:
 
 
 @pytest.fixture(scope="module")
-def default_build(tmp_path_factory) -> Path:
-    """The embedded default (pixel digits, DDIM 20) with its own schedule."""
-    spec = embedded_default()
-    out = tmp_path_factory.mktemp("cpp-default") / "engines"
-    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def ddpm_build(tmp_path_factory) -> Path:
     """The embedded default sampled with DDPM at 12 steps, half the sub-layers cached at every other step."""
     spec = embedded_default()

@@ -20,20 +20,9 @@ import pytest
 import torch
 
 from l2c_export import manifest as manifest_io
-from l2c_export.build import BuildRequest, build
 from l2c_export.util import exchange_names
-from l2c_export.zoo import embedded_default
 
 from .conftest import REPO, run_cli
-
-
-@pytest.fixture(scope="module")
-def default_build(tmp_path_factory) -> Path:
-    """The embedded default with its own schedule, built for ONNX Runtime (fp32)."""
-    spec = embedded_default()
-    out = tmp_path_factory.mktemp("hardening") / "engines"
-    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
-    return out
 
 
 def _copy(build_dir: Path, target: Path) -> Path:

@@ -27,15 +27,6 @@ from .conftest import REPO, run_cli
 LABELS = [0, 3, 5, 9]
 
 
-@pytest.fixture(scope="module")
-def default_build(tmp_path_factory) -> Path:
-    """The embedded default with its own schedule, built for ONNX Runtime (fp32)."""
-    spec = embedded_default()
-    out = tmp_path_factory.mktemp("default") / "engines"
-    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
-    return out
-
-
 def _parity(samples: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(samples - reference).max() / (reference.max() - reference.min()))
 
