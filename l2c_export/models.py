@@ -69,11 +69,16 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "DiTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown DiT config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        return cls(**dict(data))
+        return config_from_dict(cls, data, "DiT")
+
+
+def config_from_dict(cls, data: Mapping, family: str):
+    """A model config dataclass from a dict, refusing fields it does not have (one rule for every family)."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {family} config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+    return cls(**dict(data))
 
 
 # (depth, hidden_size, num_heads) of the official configurations.

@@ -15,13 +15,13 @@ time), D = ``embed_dim``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Mapping, MutableMapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from ...models import Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, _cached
+from ...models import Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, _cached, config_from_dict
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,7 @@ class UViTConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "UViTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown U-ViT config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        return cls(**dict(data))
+        return config_from_dict(cls, data, "U-ViT")
 
 
 # (embed_dim, depth, num_heads) of the official U-ViT configs; depth counts in_blocks + out_blocks.
