@@ -28,21 +28,29 @@ $(TRITON_VENV)/.installed: requirements-triton.txt setup.py
 	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-# The main job on the embedded default: its schedule, one ONNX graph per subset, then sampling on ONNX Runtime.
+# The main job on both embedded models, one per family: the digits DiT (DDIM) and the digits U-ViT (DPM-Solver-2S).
+# For each, its schedule, one ONNX graph per subset, every graph verified against PyTorch, then sampling on ONNX
+# Runtime with full compute and with the schedule.
 demo: setup
-	$(CLI) schedule --schedule l2c_export/default/schedule.json --png $(DEMO)/schedule.png
+	$(CLI) schedule --schedule l2c_export/demo/dit-digits/schedule.json --png $(DEMO)/schedule.png
 	$(CLI) build --out $(DEMO)/engines
 	$(CLI) verify $(DEMO)/engines
 	$(CLI) run $(DEMO)/engines --labels $(DIGITS) --seed 1 --full --out $(DEMO)/samples-full.png
 	$(CLI) run $(DEMO)/engines --labels $(DIGITS) --seed 1 --compare-full --out $(DEMO)/samples-l2c.png
-	@echo "demo: $(DEMO)/samples-l2c.png (L2C schedule), $(DEMO)/samples-full.png (every sub-layer), $(DEMO)/schedule.png"
+	$(CLI) schedule --model uvit-digits --schedule l2c_export/demo/uvit-digits/schedule.json --png $(DEMO)/uvit-schedule.png
+	$(CLI) build --model uvit-digits --out $(DEMO)/uvit-engines
+	$(CLI) verify $(DEMO)/uvit-engines
+	$(CLI) run $(DEMO)/uvit-engines --labels $(DIGITS) --seed 1 --full --out $(DEMO)/uvit-samples-full.png
+	$(CLI) run $(DEMO)/uvit-engines --labels $(DIGITS) --seed 1 --compare-full --out $(DEMO)/uvit-samples-l2c.png
+	@echo "demo: DiT $(DEMO)/samples-l2c.png (L2C schedule), $(DEMO)/samples-full.png (every sub-layer), $(DEMO)/schedule.png"
+	@echo "demo: U-ViT $(DEMO)/uvit-samples-l2c.png, $(DEMO)/uvit-samples-full.png, $(DEMO)/uvit-schedule.png"
 
 test: setup triton-env cpp
 	$(PY) -m pytest -q tests
 
 # Figures for the README: docs/bench.json, docs/bench.md, docs/bench.png (a few minutes on 2 cores).
 bench: setup triton-env cpp
-	$(PY) -m l2c_export.bench_suite --work engines/bench --docs docs
+	$(PY) -m l2c_export.tools.bench_suite --work engines/bench --docs docs
 
 # The embedded default on Triton Inference Server, on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics).
 serve: setup triton-env

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
+from .core.schedule import SCHEDULE_MODES
 from .samplers import SAMPLER_KINDS, create_sampler
-
 
 # Exit codes (documented in the README).
 EXIT_CHECK_FAILED = 1  # the command ran and what it checks failed (verify beyond tolerance)
@@ -32,7 +31,7 @@ class _Group(click.Group):
     traceback."""
 
     def invoke(self, ctx):
-        from .engines import BackendUnavailable  # light: no torch, so that serve and run start fast
+        from .build.engines import BackendUnavailable  # light: no torch, so that serve and run start fast
 
         try:
             return super().invoke(ctx)
@@ -103,11 +102,14 @@ STEPS = click.IntRange(min=1, max=1000)
 
 
 def model_options(function):
-    """--checkpoint/--model/--image-size/--num-classes; the embedded default when --checkpoint is absent."""
+    """--checkpoint/--model/--image-size/--num-classes; an embedded model when --checkpoint is absent."""
     options = [
         click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Official-layout DiT weights (.pt state_dict or .safetensors); default: the embedded digits DiT."),
-        click.option("--model", "model_name", help="Model of --checkpoint, for example DiT-XL/2."),
+                     help="Official-layout DiT or U-ViT weights (.pt/.pth state_dict or .safetensors); default: an "
+                          "embedded digits model."),
+        click.option("--model", "model_name",
+                     help="Model of --checkpoint, for example DiT-XL/2 or U-ViT-H/2; without --checkpoint an embedded "
+                          "model: dit-digits (default), uvit-digits."),
         click.option("--image-size", type=POSITIVE, help="Image size in pixels of --checkpoint (latents are 1/8)."),
         click.option("--num-classes", type=POSITIVE, default=1000, show_default=True, help="Classes of --checkpoint."),
     ]
@@ -117,7 +119,7 @@ def model_options(function):
 
 
 def _resolve_model(checkpoint, model_name, image_size, num_classes):
-    from . import zoo
+    from .models import zoo
 
     return zoo.resolve(checkpoint, model_name, image_size, num_classes)
 
@@ -137,7 +139,7 @@ def main():
 @click.option("--steps", type=STEPS, help="Sampling steps the router was learned for (checked against the file).")
 @click.option("--threshold", type=THRESHOLD, default=0.1, show_default=True,
               help="A sub-layer is computed where sigmoid(logit) > threshold.")
-@click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
+@click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
               help="official: every other step computes everything (the authors' sampler); general: any step may reuse.")
 @click.option("--model", "model_name", help="Model for MAC counting, e.g. DiT-XL/2 (default: from the router file, "
                                             "else the embedded default).")
@@ -149,8 +151,8 @@ def main():
 def schedule(router, schedule_file, steps, threshold, mode, model_name, image_size, json_out, png_out,
              target_mac_fraction):
     """Decode a router into a schedule, or inspect one: sub-layers per step, subsets, MACs, ideal speedup."""
+    from .core.schedule import Schedule
     from .routers import load_router
-    from .schedule import Schedule
 
     if (router is None) == (schedule_file is None):
         raise click.UsageError("give exactly one of --router FILE or --schedule FILE")
@@ -165,7 +167,7 @@ def schedule(router, schedule_file, steps, threshold, mode, model_name, image_si
         timesteps = create_sampler(logits.sampler, logits.num_steps).model_times.tolist()
         result = logits.to_schedule(threshold, mode=mode, timesteps=timesteps)
         if target_mac_fraction is not None:
-            from .baselines import schedule_for_mac_fraction
+            from .routers.baselines import schedule_for_mac_fraction
 
             result = schedule_for_mac_fraction(logits, target_mac_fraction, _macs_for(
                 logits.depth, model_name or meta.get("model"), image_size or meta.get("image_size"),
@@ -179,7 +181,7 @@ def schedule(router, schedule_file, steps, threshold, mode, model_name, image_si
         result.save(json_out)
         click.echo(f"wrote {json_out}")
     if png_out:
-        from .plots import schedule_heatmap
+        from .tools.plots import schedule_heatmap
 
         schedule_heatmap(result, png_out, title=str(router or schedule_file), mac_fraction=result.mac_fraction(macs))
         click.echo(f"wrote {png_out}")
@@ -188,14 +190,13 @@ def schedule(router, schedule_file, steps, threshold, mode, model_name, image_si
 def _macs_for(depth, model_name, image_size, num_classes):
     """The MAC count of --model (at --image-size, default 256 px) or of the embedded default, checked to have
     ``depth`` layers."""
-    from . import zoo
-    from .families import family_of_model
+    from .models import family_of_model, zoo
 
-    if model_name:
+    if model_name and model_name not in zoo.EMBEDDED_MODELS:
         family = family_of_model(model_name)
         config = family.preset(model_name, int(image_size or 256), int(num_classes))
     else:
-        spec = zoo.embedded_default()
+        spec = zoo.embedded_default(model_name or zoo.DEFAULT_NAME)
         family, config = spec.family, spec.config
     if family.num_layers(config) != depth:
         raise CommandError(f"the schedule has {depth} layers but the model for MAC counting "
@@ -241,7 +242,7 @@ def schedule_options(function):
         click.option("--threshold", type=THRESHOLD, default=0.1, show_default=True, help="Router threshold."),
         click.option("--target-mac-fraction", type=MAC_FRACTION,
                      help="Or decode the router at the threshold that meets this MAC fraction."),
-        click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
+        click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
                      help="How a router is decoded."),
         click.option("--steps", type=STEPS, help="Model calls (NFE; default: the model's, 20). DPM-Solver-2S makes two "
                                                 "per step."),
@@ -255,14 +256,14 @@ def schedule_options(function):
 
 def _resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction, mode,
                       use_default: bool):
-    from .schedule import Schedule
+    from .core.schedule import Schedule
 
     if schedule_file is not None and router is not None:
         raise click.UsageError("give --schedule or --router, not both")
     if target_mac_fraction is not None and router is None:
         raise click.UsageError("--target-mac-fraction decodes a --router")
     if router is not None and target_mac_fraction is not None:
-        from .baselines import schedule_for_mac_fraction
+        from .routers.baselines import schedule_for_mac_fraction
 
         result = schedule_for_mac_fraction(_router_for(router, sampler), target_mac_fraction,
                                            spec.family.count_macs(spec.config), mode=mode,
@@ -311,8 +312,8 @@ def sample(checkpoint, model_name, image_size, num_classes, schedule_file, route
 
     import torch
 
-    from .diffusion import make_noise
-    from .reference import sample_reference
+    from .samplers.guidance import make_noise
+    from .samplers.reference import sample_reference
 
     spec = _resolve_model(checkpoint, model_name, image_size, num_classes)
     sampler = spec.sampler(sampler_kind, steps)
@@ -336,7 +337,7 @@ def sample(checkpoint, model_name, image_size, num_classes, schedule_file, route
         _save_npy(save_latents, samples)
         click.echo(f"wrote {save_latents}")
     if spec.space == "pixel":
-        from .images import save_grid
+        from .core.images import save_grid
 
         save_grid(samples, out, columns=min(len(label_list), 10))
         click.echo(f"wrote {out}")
@@ -377,8 +378,9 @@ def build(checkpoint, model_name, image_size, num_classes, schedule_file, router
     """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
     import time
 
-    from .build import BuildRequest, build as run_build
-    from .engines import BatchRange
+    from .build.builder import BuildRequest
+    from .build.builder import build as run_build
+    from .build.engines import BatchRange
 
     spec = _resolve_model(checkpoint, model_name, image_size, num_classes)
     sampler = spec.sampler(sampler_kind, steps)
@@ -435,7 +437,7 @@ def _backend_options(device: str | None, backend: str) -> dict:
               help="Local diffusers AutoencoderKL folder to decode latents (scale 0.18215).")
 def run(engine_dir, labels, cfg_scale, seed, noise_file, backend, device, full, compare_full, out, save_latents, vae):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
-    from .runtime import L2CPipeline
+    from .runtime.pipeline import L2CPipeline
 
     label_list = _parse_labels(labels)
     noise = None if noise_file is None else _load_noise(noise_file)
@@ -458,11 +460,11 @@ def run(engine_dir, labels, cfg_scale, seed, noise_file, backend, device, full, 
         _save_npy(save_latents, result.samples)
         click.echo(f"wrote {save_latents}")
     if out is not None:
-        from .images import save_grid
+        from .core.images import save_grid
 
         samples = result.samples
         if pipe.manifest["model"]["space"] == "latent":
-            from .vae import decode_latents
+            from .models.vae import decode_latents
 
             samples = decode_latents(vae, samples, pipe.manifest["model"]["latent_scale"])
         save_grid(samples, out, columns=min(len(label_list), 10))
@@ -493,7 +495,7 @@ def _save_npy(path: Path, array) -> None:
 
     import numpy as np
 
-    from .util import atomic_write_bytes
+    from .core.util import atomic_write_bytes
 
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -512,8 +514,8 @@ def _save_npy(path: Path, array) -> None:
                    "dequantized for int8).")
 def verify(engine_dir, backend, device, tolerance, reference):
     """Check every subset engine against the PyTorch cached forward on the same inputs."""
-    from .manifest import load as load_manifest
-    from .verify import verify_build
+    from .core.manifest import load as load_manifest
+    from .tools.verify import verify_build
 
     checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance, reference=reference,
                                      **_backend_options(device, backend))
@@ -544,7 +546,7 @@ def verify(engine_dir, backend, device, tolerance, reference):
               help="Labels (n,) .npy for --data latents; default: random classes.")
 @click.option("--trajectories", type=POSITIVE, default=256, show_default=True,
               help="With --data none: trajectories sampled from the model to learn on.")
-@click.option("--mode", type=click.Choice(["official", "general"]), default="official", show_default=True,
+@click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
               help="official: every other step computes everything (the authors'); general: any step may reuse.")
 @click.option("--sampler", "sampler_kind", type=click.Choice(SAMPLER_KINDS),
               help="Default: the model's (DiT: ddim, U-ViT: dpm_solver_2s).")
@@ -582,8 +584,18 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
     Runs under torchrun for data-parallel learning (gloo on CPU):
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m l2c_export.cli learn ...
     """
-    from .learn import (LearnSettings, NoisedData, init_distributed, learn_router, load_image_folder, load_latents,
-                        router_metadata, sample_trajectories, with_random_labels, write_router)
+    from .learn.learner import (
+        LearnSettings,
+        NoisedData,
+        init_distributed,
+        learn_router,
+        load_image_folder,
+        load_latents,
+        router_metadata,
+        sample_trajectories,
+        with_random_labels,
+        write_router,
+    )
 
     if out.suffix != ".safetensors":
         raise click.BadParameter(f"{out}: the router is written as .safetensors", param_hint="--out")
@@ -605,7 +617,7 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
         source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed,
                                      progress=dist_info.is_main)
     elif data_arg == "digits":
-        from .train_default import digits_dataset
+        from .demo.train import digits_dataset
 
         if (tuple(sample_shape), num_labels) != ((1, 8, 8), 10):
             raise click.BadParameter("the digits are 8x8 one-channel images of 10 classes; this model is not",
@@ -644,7 +656,7 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
     echo(f"learned in {result.seconds:.1f} s" + (f" (last mse {last['mse']:.3g})" if last else ""))
     echo(f"wrote {out}")
     if threshold is not None or target_mac_fraction is not None:
-        from .baselines import schedule_for_mac_fraction
+        from .routers.baselines import schedule_for_mac_fraction
 
         logits = result.router
         logits.source = str(out)
@@ -662,14 +674,14 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
 
 
 def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config):
-    from . import zoo
-    from .models import DiTConfig
+    from .models import zoo
+    from .models.dit.model import DiTConfig
 
     if model_config is None:
         return _resolve_model(checkpoint, model_name, image_size, num_classes)
     if checkpoint is None:
         raise click.UsageError("--model-config describes a --checkpoint; give both")
-    from .util import read_json
+    from .core.util import read_json
 
     try:
         config = DiTConfig.from_dict(read_json(Path(model_config), ValueError))
@@ -680,11 +692,13 @@ def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_con
 
 
 @main.command("eval")
+@click.option("--model", "model_name", type=click.Choice(["dit-digits", "uvit-digits"]), default="dit-digits",
+              show_default=True, help="The embedded model: the digits DiT (DDIM) or U-ViT (DPM-Solver-2S).")
 @click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
-              help="Router for the l2c sweep (default: the embedded default's router.safetensors).")
+              help="Router for the l2c sweep (default: the embedded model's).")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="The learned schedule to compare (default: the embedded default's schedule.json).")
-@click.option("--mode", type=click.Choice(["official", "general"]), help="How the router is decoded for the sweep "
+              help="The learned schedule to compare (default: the embedded model's).")
+@click.option("--mode", type=click.Choice(SCHEDULE_MODES), help="How the router is decoded for the sweep "
                                                                           "(default: the schedule's).")
 @click.option("--budgets", default=",".join(str(b) for b in (0.6, 0.7, 0.8, 0.9)), show_default=True,
               help="MAC fractions of the sweep, comma-separated ('' for none).")
@@ -698,17 +712,20 @@ def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_con
               help="Write the plot of FD against MAC fraction.")
 @click.option("--int8/--no-int8", default=True, show_default=True,
               help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule.")
-def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out, int8):
-    """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs on the
-    embedded digits DiT: Frechet distance (digits classifier features), class accuracy, PSNR against full."""
-    from . import zoo
-    from .evaluate import evaluate, format_table, plot_fd, write_json
+def eval_command(model_name, router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out,
+                 int8):
+    """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs on an
+    embedded digits model: Frechet distance (digits classifier features), class accuracy, PSNR against full."""
+    from .core.schedule import Schedule
+    from .demo.evaluate import evaluate, format_table, plot_fd, write_json
+    from .models import zoo
     from .routers import load_router
-    from .schedule import Schedule
 
-    default_router = zoo.DEFAULT_DIR / "router.safetensors"
-    learned = Schedule.load(schedule_file) if schedule_file else zoo.embedded_default().schedule()
-    router_path = router or (default_router if default_router.is_file() else None)
+    spec = zoo.embedded_default(model_name)
+    learned = Schedule.load(schedule_file) if schedule_file else spec.schedule()
+    if learned is None:
+        raise click.UsageError(f"{model_name} ships no schedule; pass --schedule")
+    router_path = router or spec.default_router
     logits = load_router(router_path) if router_path else None
     try:
         budget_list = [MAC_FRACTION.convert(part, None, None) for part in budgets.split(",") if part.strip()]
@@ -717,7 +734,7 @@ def eval_command(router, schedule_file, mode, budgets, num_samples, seed, random
     if num_samples < 2:
         raise click.BadParameter("at least 2 samples are needed for a Frechet distance", param_hint="--num-samples")
     report = evaluate(learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
-                      random_seeds=tuple(range(random_seeds)), int8=int8)
+                      random_seeds=tuple(range(random_seeds)), int8=int8, model_name=model_name)
     click.echo(format_table(report))
     if json_out:
         write_json(report, json_out)
@@ -743,8 +760,8 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
     All ENGINE_DIRS are measured in one interleaved loop per backend: `bench DIR_FP32 DIR_INT8` gives the int8 rows'
     speedups against the fp32 full compute of the same run. The torch backend skips int8 builds (it would run their
     dequantized weights in fp32)."""
-    from .bench import benchmark_together, machine_description, plot, table, write_results
-    from .manifest import load as load_manifest
+    from .core.manifest import load as load_manifest
+    from .tools.bench import benchmark_together, machine_description, plot, table, write_results
 
     results = []
     for backend in backends or ("onnxruntime", "torch"):
@@ -774,7 +791,7 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(family_name, out, steps, batch_size, seed):
     """Reproduce an embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""
-    from .train_default import DEFAULT_CONFIG, UVIT_CONFIG, UVIT_TRAINING, save_weights, train
+    from .demo.train import DEFAULT_CONFIG, UVIT_CONFIG, UVIT_TRAINING, save_weights, train
 
     if family_name == "uvit":
         config, name, defaults = UVIT_CONFIG, "uvit-digits", UVIT_TRAINING

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2c_export.models import DiT, DiTConfig
+from l2c_export.models.dit.model import DiT, DiTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -35,8 +35,8 @@ def tiny_model() -> DiT:
 def default_build(tmp_path_factory) -> Path:
     """The embedded default (pixel digits, DDIM 20) with its own schedule, built once for ONNX Runtime (fp32). Tests
     that change a build work on a copy."""
-    from l2c_export.build import BuildRequest, build
-    from l2c_export.zoo import embedded_default
+    from l2c_export.build.builder import BuildRequest, build
+    from l2c_export.models.zoo import embedded_default
 
     spec = embedded_default()
     out = tmp_path_factory.mktemp("default") / "engines"

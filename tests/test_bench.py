@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from l2c_export.build import BuildRequest, build
-from l2c_export.zoo import embedded_default
+from l2c_export.build.builder import BuildRequest, build
+from l2c_export.models.zoo import embedded_default
 
 from .conftest import run_cli
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from l2c_export.build import BuildRequest, build
-from l2c_export.diffusion import make_noise, step_noise
-from l2c_export.zoo import embedded_default
+from l2c_export.build.builder import BuildRequest, build
+from l2c_export.models.zoo import embedded_default
+from l2c_export.samplers.guidance import make_noise, step_noise
 
 from .conftest import REPO, run_cli
 
@@ -52,10 +52,10 @@ def dit_s2_build(tmp_path_factory) -> Path:
     at 64 px (8 x 8 latents) to stay quick, DDIM 6 steps with an official-mode schedule (4 subsets)."""
     import torch
 
-    from l2c_export.bench_suite import synthetic_official_schedule
-    from l2c_export.diffusion import Sampler
-    from l2c_export.models import DiT, dit_config
-    from l2c_export.zoo import official
+    from l2c_export.models.dit.model import DiT, dit_config
+    from l2c_export.models.zoo import official
+    from l2c_export.samplers.gaussian import GaussianSampler
+    from l2c_export.tools.bench_suite import synthetic_official_schedule
 
     folder = tmp_path_factory.mktemp("cpp-s2")
     torch.manual_seed(0)
@@ -65,7 +65,8 @@ def dit_s2_build(tmp_path_factory) -> Path:
     spec = official(checkpoint, "DiT-S/2", 64)
     schedule = synthetic_official_schedule(6, spec.config.depth)
     out = folder / "engines"
-    build(BuildRequest(spec=spec, schedule=schedule, sampler=Sampler.create("ddim", 6), out_dir=out), progress=False)
+    build(BuildRequest(spec=spec, schedule=schedule, sampler=GaussianSampler.create("ddim", 6), out_dir=out),
+          progress=False)
     assert len(json.loads((out / "manifest.json").read_text())["subsets"]) > 1
     return out
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from l2c_export.diffusion import Sampler, linear_betas, space_timesteps
+from l2c_export.samplers.gaussian import GaussianSampler, linear_betas, space_timesteps
 
 
 def test_ddim20_timesteps_are_the_authors():
-    timesteps = Sampler.create("ddim", 20).timesteps.tolist()
+    timesteps = GaussianSampler.create("ddim", 20).timesteps.tolist()
     assert len(timesteps) == 20
     assert timesteps[:3] == [999, 946, 894]
     assert timesteps[-3:] == [105, 53, 0]
@@ -18,7 +18,7 @@ def test_ddim20_timesteps_are_the_authors():
 
 
 def test_ddim50_timesteps_are_the_authors():
-    timesteps = Sampler.create("ddim", 50).timesteps.tolist()
+    timesteps = GaussianSampler.create("ddim", 50).timesteps.tolist()
     assert len(set(timesteps)) == 50
     # stride 999/49 = 20.388: round(20.39) = 20, round(40.78) = 41, round(61.16) = 61, round(81.55) = 82.
     assert timesteps[-5:] == [82, 61, 41, 20, 0]
@@ -32,7 +32,7 @@ def test_space_timesteps_keeps_everything_at_full_length():
 
 
 def test_respaced_alphas_are_those_of_the_kept_timesteps():
-    sampler = Sampler.create("ddpm", 20)
+    sampler = GaussianSampler.create("ddpm", 20)
     alphas_cumprod = np.cumprod(1 - linear_betas())
     np.testing.assert_allclose(sampler.alphas_cumprod, alphas_cumprod[sampler.timesteps])
     np.testing.assert_allclose(sampler.alphas_cumprod_prev[:-1], alphas_cumprod[sampler.timesteps[1:]])
@@ -42,7 +42,7 @@ def test_respaced_alphas_are_those_of_the_kept_timesteps():
 @pytest.mark.parametrize("kind", ["ddim", "ddpm"])
 def test_an_oracle_eps_model_recovers_its_data_point(kind):
     """With the exact eps of a single data point x0, both samplers land on x0 (DDPM: up to its small last noise)."""
-    sampler = Sampler.create(kind, 25)
+    sampler = GaussianSampler.create(kind, 25)
     rng = np.random.default_rng(0)
     x0 = np.tanh(rng.standard_normal((1, 2, 4, 4)))
     x = rng.standard_normal(x0.shape)
@@ -55,7 +55,7 @@ def test_an_oracle_eps_model_recovers_its_data_point(kind):
 
 
 def test_learned_sigma_interpolates_between_posterior_and_beta_variance():
-    sampler = Sampler.create("ddpm", 10)
+    sampler = GaussianSampler.create("ddpm", 10)
     x = np.zeros((1, 1, 2, 2))
     noise = np.ones_like(x)
     s = 3
@@ -67,7 +67,7 @@ def test_learned_sigma_interpolates_between_posterior_and_beta_variance():
 
 
 def test_the_same_step_drives_numpy_and_torch():
-    sampler = Sampler.create("ddpm", 20, clip_denoised=True)
+    sampler = GaussianSampler.create("ddpm", 20, clip_denoised=True)
     rng = np.random.default_rng(3)
     x, out, noise = (rng.standard_normal(shape).astype(np.float32) for shape in [(2, 1, 4, 4), (2, 2, 4, 4), (2, 1, 4, 4)])
     with_numpy = sampler.step(5, x, out, noise)
@@ -78,7 +78,7 @@ def test_the_same_step_drives_numpy_and_torch():
 def test_sampler_round_trips_through_its_dict():
     import json
 
-    sampler = Sampler.create("ddim", 20)
-    again = Sampler.from_dict(json.loads(json.dumps(sampler.to_dict())))
+    sampler = GaussianSampler.create("ddim", 20)
+    again = GaussianSampler.from_dict(json.loads(json.dumps(sampler.to_dict())))
     assert again.timesteps.tolist() == sampler.timesteps.tolist()
     np.testing.assert_array_equal(again.posterior_mean_coef1, sampler.posterior_mean_coef1)

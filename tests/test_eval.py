@@ -8,19 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from l2c_export import baselines
-from l2c_export.classifier import (
-    FEATURE_DIM,
-    accuracy,
-    features,
-    load_classifier,
-    split_digits,
-    train_classifier,
-)
-from l2c_export.evaluate import frechet_distance, psnr
-from l2c_export.macs import count_macs
-from l2c_export.routers import load_router
-from l2c_export.zoo import DEFAULT_DIR, embedded_default
+from l2c_export.demo.classifier import FEATURE_DIM, accuracy, features, load_classifier, split_digits, train_classifier
+from l2c_export.demo.evaluate import frechet_distance, psnr
+from l2c_export.models.dit import count_macs
+from l2c_export.models.zoo import embedded_default
+from l2c_export.routers import baselines, load_router
 
 from .conftest import run_cli
 
@@ -102,7 +94,7 @@ def test_fewer_steps():
 
 # ---------------------------------------------------------------------------------------------------------------------
 def test_the_shipped_schedule_is_decoded_from_the_shipped_router():
-    router_path = DEFAULT_DIR / "router.safetensors"
+    router_path = embedded_default().default_router
     spec = embedded_default()
     schedule = spec.schedule()
     router = load_router(router_path)

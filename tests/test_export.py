@@ -17,15 +17,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from l2c_export import manifest as manifest_io
-from l2c_export.build import BuildRequest, build
-from l2c_export.diffusion import Sampler
-from l2c_export.export import check_ops_supported
-from l2c_export.models import DiT
-from l2c_export.opsupport import parse_support_matrix, tensorrt_supported_ops
-from l2c_export.plan import BuildPlan
-from l2c_export.schedule import Schedule
-from l2c_export.zoo import ModelSpec
+from l2c_export.build.builder import BuildRequest, build
+from l2c_export.core import manifest as manifest_io
+from l2c_export.core.plan import BuildPlan
+from l2c_export.core.schedule import Schedule
+from l2c_export.export.onnx import check_ops_supported
+from l2c_export.export.opsupport import parse_support_matrix, tensorrt_supported_ops
+from l2c_export.models.dit.model import DiT
+from l2c_export.models.zoo import ModelSpec
+from l2c_export.samplers.gaussian import GaussianSampler
 
 from .conftest import REPO, SHARED, TINY, run_cli
 
@@ -49,7 +49,7 @@ def _spec(path: Path, config) -> ModelSpec:
 def _build(tmp_path, config, rows, out="build", precision="fp32", seed=0, **kwargs):
     spec = _spec(_checkpoint(tmp_path, config, seed), config)
     schedule = Schedule(np.array(rows, dtype=bool))
-    sampler = Sampler.create("ddim", len(rows))
+    sampler = GaussianSampler.create("ddim", len(rows))
     report = build(BuildRequest(spec=spec, schedule=schedule, sampler=sampler, out_dir=tmp_path / out,
                                 precision=precision, **kwargs), progress=False)
     return spec, report
@@ -287,7 +287,7 @@ def test_a_tampered_file_fails_its_sha256(tmp_path):
 def test_incremental_rebuild_exports_only_what_changed(tmp_path):
     config = TINY2
     spec = _spec(_checkpoint(tmp_path, config), config)
-    sampler = Sampler.create("ddim", 5)
+    sampler = GaussianSampler.create("ddim", 5)
     out = tmp_path / "build"
 
     def run(rows):
@@ -355,7 +355,7 @@ def test_tensorrt_missing_is_a_clear_error_and_writes_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def dit_s2_checkpoint(tmp_path_factory) -> Path:
     """DiT-S/2 at 256 px in the official layout, random weights (timing and parity do not depend on values)."""
-    from l2c_export.models import dit_config
+    from l2c_export.models.dit.model import dit_config
 
     torch.manual_seed(0)
     state = {k: torch.randn_like(v) * 0.05 for k, v in DiT(dit_config("DiT-S/2", input_size=32)).state_dict().items()}
@@ -365,8 +365,8 @@ def dit_s2_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_build_cli_on_a_dit_s2_checkpoint_in_the_official_layout(tmp_path, dit_s2_checkpoint):
-    from l2c_export.checkpoint import load_dit
-    from l2c_export.models import dit_config
+    from l2c_export.models.checkpoint import load_dit
+    from l2c_export.models.dit.model import dit_config
 
     rows = [[1] * 24] + [[1] * 24 if s % 2 == 0 else [int(k % 4 != 1) for k in range(24)] for s in range(1, 6)]
     rows[3] = [int(k < 12) for k in range(24)]

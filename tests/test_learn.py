@@ -13,11 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from l2c_export import baselines
-from l2c_export.diffusion import Sampler, make_noise
-from l2c_export.families import get_family
-from l2c_export.families.uvit.model import UViT, UViTConfig, uvit_config
-from l2c_export.learn import (
+from l2c_export.core.schedule import Schedule
+from l2c_export.learn.learner import (
     LearnSettings,
     NoisedData,
     Router,
@@ -30,11 +27,14 @@ from l2c_export.learn import (
     sample_trajectories,
     write_router,
 )
-from l2c_export.macs import count_macs
-from l2c_export.reference import sample_reference
-from l2c_export.routers import RouterLogits, load_router
+from l2c_export.models import get_family
+from l2c_export.models.dit import count_macs
+from l2c_export.models.uvit.model import UViT, UViTConfig, uvit_config
+from l2c_export.routers import RouterLogits, baselines, load_router
 from l2c_export.samplers import create_sampler
-from l2c_export.schedule import Schedule
+from l2c_export.samplers.gaussian import GaussianSampler
+from l2c_export.samplers.guidance import make_noise
+from l2c_export.samplers.reference import sample_reference
 
 from .conftest import REPO, TINY, run_cli
 
@@ -77,7 +77,7 @@ def test_forward_soft_with_hard_weights_is_the_cached_forward(tiny_model):
 
 
 def test_gradients_reach_only_the_router(tiny_model):
-    sampler = Sampler.create("ddim", 6)
+    sampler = GaussianSampler.create("ddim", 6)
     tiny_model.requires_grad_(False)
     router = Router(6, TINY.num_sublayers, learned_calls(sampler, "official"), torch.Generator().manual_seed(0))
     x, y, _ = _batch(4)
@@ -93,7 +93,7 @@ def test_gradients_reach_only_the_router(tiny_model):
 
 
 def test_in_general_mode_the_loss_reaches_earlier_routers_through_the_cache(tiny_model):
-    sampler = Sampler.create("ddim", 6)
+    sampler = GaussianSampler.create("ddim", 6)
     tiny_model.requires_grad_(False)
     router = Router(6, TINY.num_sublayers, learned_calls(sampler, "general"), torch.Generator().manual_seed(0))
     x, y, _ = _batch(4)
@@ -105,7 +105,7 @@ def test_in_general_mode_the_loss_reaches_earlier_routers_through_the_cache(tiny
 
 def test_learning_changes_the_router_not_the_model_and_clamps(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    sampler = Sampler.create("ddim", 4)
+    sampler = GaussianSampler.create("ddim", 4)
     x0, labels = _latent_data()
     settings = LearnSettings(mode="official", iterations=6, batch_size=4, lr=3.0, l1=1.0, seed=0)
     result = learn_router(tiny_model, sampler, NoisedData(x0, labels, sampler, "test"), settings, progress=False)
@@ -119,7 +119,7 @@ def test_learning_changes_the_router_not_the_model_and_clamps(tiny_model):
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tiny_model, tmp_path):
-    sampler = Sampler.create("ddim", 4)
+    sampler = GaussianSampler.create("ddim", 4)
     x0, labels = _latent_data()
     source = NoisedData(x0, labels, sampler, "test")
 
@@ -135,7 +135,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_model, tmp_path):
 
 
 def test_resume_refuses_a_state_of_other_settings(tiny_model, tmp_path):
-    sampler = Sampler.create("ddim", 4)
+    sampler = GaussianSampler.create("ddim", 4)
     x0, labels = _latent_data()
     source = NoisedData(x0, labels, sampler, "test")
     state = tmp_path / "state.safetensors"
@@ -148,7 +148,7 @@ def test_resume_refuses_a_state_of_other_settings(tiny_model, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 def test_trajectories_follow_the_full_model(tiny_model):
-    sampler = Sampler.create("ddim", 4)
+    sampler = GaussianSampler.create("ddim", 4)
     pool = sample_trajectories(tiny_model, sampler, count=3, cfg_scale=1.0, seed=0, progress=False)
     assert pool.states.shape == (3, 4, TINY.in_channels, TINY.input_size, TINY.input_size)
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_trajectories_follow_the_full_model(tiny_model):
 
 
 def test_noised_data_is_at_the_step_timestep():
-    sampler = Sampler.create("ddim", 10)
+    sampler = GaussianSampler.create("ddim", 10)
     x0 = np.ones((1, 1, 8, 8), dtype=np.float32)
     x, labels = NoisedData(x0, np.array([7]), sampler, "ones").draw(torch.Generator().manual_seed(0), 4000, 9)
     # The last step (t = 0) has alpha_bar = 1 - 1e-4: the data almost unchanged, and noise of std 0.01.
@@ -185,7 +185,7 @@ def test_image_folder_and_latents(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["official", "general"])
 def test_a_mac_budget_is_met_with_the_least_removed(mode):
-    from l2c_export.zoo import embedded_default
+    from l2c_export.models.zoo import embedded_default
 
     macs = count_macs(embedded_default().config)
     logits = np.random.default_rng(1).normal(size=(20, 12)).astype(np.float32)
@@ -203,7 +203,7 @@ def test_a_mac_budget_is_met_with_the_least_removed(mode):
 
 
 def test_an_unreachable_budget_is_refused():
-    from l2c_export.zoo import embedded_default
+    from l2c_export.models.zoo import embedded_default
 
     macs = count_macs(embedded_default().config)
     router = RouterLogits(np.zeros((20, 12), dtype=np.float32), source="zeros")
@@ -233,7 +233,7 @@ def test_cli_official_schedule_equals_what_schedule_decodes(tmp_path):
 
 
 def learned_config():
-    from l2c_export.zoo import embedded_default
+    from l2c_export.models.zoo import embedded_default
 
     return embedded_default().config
 
@@ -260,7 +260,7 @@ def test_two_torchrun_processes_give_the_router_of_one(tiny_model, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 process(es)" in result.stdout
     one, two = load_router(tmp_path / "one.safetensors"), load_router(tmp_path / "two.safetensors")
-    initial = Router(6, TINY.num_sublayers, learned_calls(Sampler.create("ddim", 6), "general"),
+    initial = Router(6, TINY.num_sublayers, learned_calls(GaussianSampler.create("ddim", 6), "general"),
                      torch.Generator().manual_seed(0)).logits.detach().numpy()
     assert np.abs(one.logits - initial).max() > 0.1  # it learned something, so the comparison means something
     np.testing.assert_allclose(two.logits, one.logits, rtol=0, atol=TORCHRUN_TOLERANCE)

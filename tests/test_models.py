@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from l2c_export.checkpoint import CheckpointError, load_dit, load_torch_file
-from l2c_export.models import DiT, DiTConfig, dit_config
+from l2c_export.models.checkpoint import CheckpointError, load_dit, load_torch_file
+from l2c_export.models.dit.model import DiT, DiTConfig, dit_config
 
 from .conftest import TINY
 

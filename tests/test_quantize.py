@@ -11,13 +11,13 @@ import numpy as np
 import onnx
 import pytest
 
-from l2c_export import manifest as manifest_io
-from l2c_export.backends import weight_arrays
-from l2c_export.build import BuildRequest, build
-from l2c_export.opsupport import tensorrt_supported_ops
-from l2c_export.quantize import dequantize
-from l2c_export.verify import DEFAULT_TOLERANCE
-from l2c_export.zoo import embedded_default
+from l2c_export.build.builder import BuildRequest, build
+from l2c_export.core import manifest as manifest_io
+from l2c_export.export.opsupport import tensorrt_supported_ops
+from l2c_export.export.quantize import dequantize
+from l2c_export.models.zoo import embedded_default
+from l2c_export.runtime.backends import weight_arrays
+from l2c_export.tools.verify import DEFAULT_TOLERANCE
 
 from .conftest import run_cli
 

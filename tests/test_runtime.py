@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from l2c_export import manifest as manifest_io
-from l2c_export.build import BuildRequest, build
-from l2c_export.diffusion import make_noise
-from l2c_export.reference import sample_reference
+from l2c_export.build.builder import BuildRequest, build
+from l2c_export.core import manifest as manifest_io
+from l2c_export.models.zoo import embedded_default
 from l2c_export.routers import load_router
-from l2c_export.runtime import L2CPipeline
-from l2c_export.zoo import embedded_default
+from l2c_export.runtime.pipeline import L2CPipeline
+from l2c_export.samplers.guidance import make_noise
+from l2c_export.samplers.reference import sample_reference
 
 from .conftest import REPO, run_cli
 
@@ -77,7 +77,7 @@ def test_eight_concurrent_requests_give_the_serial_results(default_build):
 
 
 def test_the_runtime_needs_no_pytorch(default_build):
-    code = ("import sys; from l2c_export.runtime import L2CPipeline; "
+    code = ("import sys; from l2c_export.runtime.pipeline import L2CPipeline; "
             f"r = L2CPipeline.from_engine_dir({str(default_build)!r})([1, 2], seed=0); "
             "assert r.samples.shape == (2, 1, 8, 8); "
             "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
@@ -108,9 +108,9 @@ def _authors_router(path: Path, num_steps: int, depth: int, seed: int = 0) -> Pa
 
 
 def test_dit_s2_with_an_authors_router_matches_the_reference(tmp_path):
-    from l2c_export.checkpoint import load_dit
-    from l2c_export.diffusion import Sampler
-    from l2c_export.models import DiT, dit_config
+    from l2c_export.models.checkpoint import load_dit
+    from l2c_export.models.dit.model import DiT, dit_config
+    from l2c_export.samplers.gaussian import GaussianSampler
 
     config = dit_config("DiT-S/2", input_size=32)
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def test_dit_s2_with_an_authors_router_matches_the_reference(tmp_path):
     pipe = L2CPipeline.from_engine_dir(out)
     labels = [207, 992]
     result = pipe(labels, cfg_scale=4.0, seed=5)
-    reference = sample_reference(load_dit(checkpoint, config), Sampler.create("ddim", 6), labels,
+    reference = sample_reference(load_dit(checkpoint, config), GaussianSampler.create("ddim", 6), labels,
                                  make_noise(5, (2, 4, 32, 32)), cfg_scale=4.0, schedule=schedule, progress=False)
     assert _parity(result.samples, reference) <= 1e-4
 
@@ -225,9 +225,9 @@ def test_a_latent_model_decodes_through_a_local_vae(tmp_path):
     pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
     from diffusers import AutoencoderKL
 
-    from l2c_export.models import DiT, DiTConfig
-    from l2c_export.schedule import Schedule
-    from l2c_export.zoo import ModelSpec
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.dit.model import DiT, DiTConfig
+    from l2c_export.models.zoo import ModelSpec
 
     vae_dir = tmp_path / "vae"
     AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from l2c_export.macs import count_macs
-from l2c_export.models import dit_config
+from l2c_export.core.schedule import Schedule, ScheduleError
+from l2c_export.models.dit import count_macs
+from l2c_export.models.dit.model import dit_config
 from l2c_export.routers import RouterError, RouterLogits, load_router, save_router
-from l2c_export.schedule import Schedule, ScheduleError
 
 
 def _write(tmp_path, data, name="schedule.json"):

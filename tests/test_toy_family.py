@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from l2c_export import manifest as manifest_io
-from l2c_export.build import BuildRequest, build
-from l2c_export.diffusion import make_noise
-from l2c_export.families import get_family, register
-from l2c_export.reference import sample_reference
+from l2c_export.build.builder import BuildRequest, build
+from l2c_export.core import manifest as manifest_io
+from l2c_export.core.schedule import Schedule
+from l2c_export.models import get_family, register
+from l2c_export.models.zoo import ModelSpec
 from l2c_export.samplers import create_sampler
-from l2c_export.schedule import Schedule
-from l2c_export.verify import verify_build
-from l2c_export.zoo import ModelSpec
+from l2c_export.samplers.guidance import make_noise
+from l2c_export.samplers.reference import sample_reference
+from l2c_export.tools.verify import verify_build
 
 from .conftest import run_cli
 from .toy_family import FAMILY, ToyConfig

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from l2c_export.families import get_family
-from l2c_export.families.uvit.model import UViT, UViTConfig
-from l2c_export.models import DiT, DiTConfig
-from l2c_export.train_default import DiffusionLoss, UViTLoss, digits_dataset, save_weights, train
+from l2c_export.demo.train import DiffusionLoss, UViTLoss, digits_dataset, save_weights, train
+from l2c_export.models import get_family
+from l2c_export.models.dit.model import DiT, DiTConfig
+from l2c_export.models.uvit.model import UViT, UViTConfig
 
 SMALL = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
@@ -34,7 +34,7 @@ def test_training_steps_lower_the_loss_and_the_weights_load_back(tmp_path):
     trained = train(SMALL, steps=150, batch_size=64, lr=2e-3, ema_decay=0.9, progress=False)
     assert _loss_on_fixed_batch(trained) < 0.8 * untrained
     save_weights(trained, tmp_path / "w.safetensors")
-    from l2c_export.checkpoint import load_dit
+    from l2c_export.models.checkpoint import load_dit
 
     again = load_dit(tmp_path / "w.safetensors", SMALL)
     for name, tensor in trained.state_dict().items():
@@ -64,7 +64,7 @@ def test_uvit_training_steps_lower_u_vits_loss_and_the_weights_load_back_in_the_
 
 
 def test_train_default_command_trains_the_digits_uvit(tmp_path):
-    from l2c_export.train_default import UVIT_CONFIG
+    from l2c_export.demo.train import UVIT_CONFIG
 
     from .conftest import run_cli
 

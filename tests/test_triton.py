@@ -19,8 +19,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from l2c_export.images import to_uint8
-from l2c_export.runtime import L2CPipeline
+from l2c_export.core.images import to_uint8
+from l2c_export.runtime.pipeline import L2CPipeline
 from l2c_export.serving.sampling import decode_request, sample_requests
 from l2c_export.serving.triton import ServingError, TritonServer, free_port, server_environment, write_repository
 
@@ -385,7 +385,7 @@ def test_ddpm_images_merged_from_several_requests_equal_each_alone(tmp_path):
 
 
 def test_a_tensorrt_manifest_gets_the_same_interface_on_gpu_instances(digits_build):
-    from l2c_export.manifest import load
+    from l2c_export.core.manifest import load
     from l2c_export.serving.triton import model_config
 
     manifest = load(digits_build)

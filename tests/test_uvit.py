@@ -12,14 +12,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from l2c_export import manifest as manifest_io
-from l2c_export.checkpoint import CheckpointError
-from l2c_export.diffusion import make_noise
-from l2c_export.families import family_of_model, get_family
-from l2c_export.families.uvit.model import UViT, UViTConfig, uvit_config
-from l2c_export.reference import sample_reference
+from l2c_export.core import manifest as manifest_io
+from l2c_export.models import family_of_model, get_family
+from l2c_export.models.checkpoint import CheckpointError
+from l2c_export.models.uvit.model import UViT, UViTConfig, uvit_config
 from l2c_export.routers import load_router
-from l2c_export.samplers import DPMSolver2S, create_sampler, denoise
+from l2c_export.samplers import create_sampler, denoise
+from l2c_export.samplers.dpm_solver import DPMSolver2S
+from l2c_export.samplers.guidance import make_noise
+from l2c_export.samplers.reference import sample_reference
 
 from .conftest import SHARED, run_cli
 

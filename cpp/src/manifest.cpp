@@ -97,7 +97,7 @@ std::vector<bool> read_bool_row(const Fields& node) {
   return row;
 }
 
-// What the schema cannot say, as l2c_export.manifest.check_consistency: the first step computes everything, a step
+// What the schema cannot say, as l2c_export.core.manifest.check_consistency: the first step computes everything, a step
 // reads only slots an earlier step wrote, and each subset's cache inputs and fresh outputs are its reads and writes.
 void check_consistency(const Manifest& m, const Fields& subsets, const Fields& step_subset) {
   for (size_t i = 0; i < m.subsets.size(); ++i) {

@@ -1,4 +1,4 @@
-// The ONNX Runtime side of l2c::Pipeline, as l2c_export/backends/onnxruntime.py:
+// The ONNX Runtime side of l2c::Pipeline, as l2c_export/runtime/backends/onnxruntime.py:
 // - ONNX Runtime is dlopen'ed (ORT_API_MANUAL_INIT): the onnxruntime wheels ship the library but no headers or
 //   unversioned link, and a dlopen'ed library finds its provider libraries beside it.
 // - Weights: weights.bin memory-mapped once; each tensor wrapped as an OrtValue and given to every session with

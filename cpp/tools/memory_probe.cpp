@@ -1,5 +1,5 @@
 // l2c-memory-probe ENGINE_DIR BATCH all|full: the resident-set growth (bytes) of loading the subset engines ("all",
-// or the full-compute one alone) and sampling once with each, as l2c_export/bench.py measures the Python runtime.
+// or the full-compute one alone) and sampling once with each, as l2c_export/tools/bench.py measures the Python runtime.
 // ONNX Runtime is loaded before the baseline: its library is not the engines' cost.
 #include <unistd.h>
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..diffusion import check_labels, make_noise
-from ..util import check_finite
+from ..core.util import check_finite
+from ..samplers.guidance import check_labels, make_noise
 
 MAX_SEED = 2 ** 63 - 1
 

@@ -122,7 +122,7 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..util import atomic_write_bytes
+    from ..core.util import atomic_write_bytes
 
     runs = [("1 client", result["one_client"]), (f"{result['concurrent']['clients']} concurrent clients",
                                                  result["concurrent"])]

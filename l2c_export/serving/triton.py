@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import manifest as manifest_io
-from ..util import atomic_write_text
+from ..core import manifest as manifest_io
+from ..core.util import atomic_write_text
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 DEFAULT_ENV = Path(".venv-triton")
@@ -64,7 +64,7 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
     builds); ``threads``: ONNX Runtime intra-op threads per instance (0: one per core)."""
     from tritonclient.grpc import model_config_pb2 as pb
 
-    from ..runtime import ModelInterface
+    from ..runtime.pipeline import ModelInterface
 
     channels, side, _ = ModelInterface.from_manifest(manifest).sample_shape
     device = device or ("cuda" if manifest["backend"] == "tensorrt" else "cpu")
@@ -95,7 +95,7 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "l2c",
     """
     from google.protobuf import text_format
 
-    from ..util import replace_folder  # the builds' atomic folder exchange, one definition
+    from ..core.util import replace_folder  # the builds' atomic folder exchange, one definition
 
     build_dir, repo = Path(build_dir), Path(repo)
     if not _NAME.match(name):

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from l2c_export.images import to_uint8
-from l2c_export.runtime import L2CPipeline
+from l2c_export.core.images import to_uint8
+from l2c_export.runtime.pipeline import L2CPipeline
 from l2c_export.serving.sampling import decode_request, sample_requests
 
 OPTIONAL_INPUTS = ("noise", "seed", "cfg_scale")

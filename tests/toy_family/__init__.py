@@ -1,5 +1,5 @@
 """A toy third model family, all in this one folder: no gates, a long skip, extra (register) tokens, and its own input
-and output names. The tests register it at run time (``l2c_export.families.register``) and take it through build,
+and output names. The tests register it at run time (``l2c_export.models.register``) and take it through build,
 verify and run; the runtime, which reads only the manifest, never imports it."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Mapping, MutableMapping, Sequence
 import torch
 import torch.nn as nn
 
-from l2c_export.families import ModelFamily, TensorSpec
-from l2c_export.macs import MacCount
-from l2c_export.models import Attention, LayerNorm, Mlp, TimestepEmbedder, _cached
+from l2c_export.core.macs import MacCount
+from l2c_export.models import ModelFamily, TensorSpec
+from l2c_export.models.dit.model import Attention, LayerNorm, Mlp, TimestepEmbedder, _cached
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,424 @@
+"""``l2c-export build``: model + schedule -> subset graphs, engines and ``manifest.json`` in one folder.
+
+What a build folder guarantees:
+
+- Nothing lost: ``--out`` must be absent, empty, or a previous l2c-export build (a valid manifest and nothing but the
+  files it names); anything else is refused before anything is written.
+- Atomic: everything is written into a hidden staging folder beside the output, the manifest last, and the staging
+  folder then takes the output's place in one atomic exchange of the two names (``renameat2(RENAME_EXCHANGE)``), so
+  ``--out`` always holds a complete build, the previous one or the new one. Where the file system cannot exchange,
+  two renames are used, and a build killed between them is put back by the next build before anything else.
+- Locked: builds into one ``--out`` hold an exclusive lock beside it (``.<name>.lock``), so a second build waits for
+  the first instead of sharing its staging folder.
+- Closed world: a previous build's files are reused only through :func:`manifest.file_path` (inside the folder, no
+  links), and only when their sha256 still matches.
+
+Incremental: every file carries a key, a hash of what produced it (weights, config, precision, subset, tool
+versions). A rebuild reuses a previous file with the same key (hard link) instead of tracing, exporting or building
+again; when every file is reusable the model is not even loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..core import manifest as manifest_io
+from ..core.plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name, slot_name
+from ..core.schedule import Schedule
+from ..core.util import replace_folder
+from ..models.zoo import ModelSpec
+from ..samplers import DenoisingSampler
+from .engines import BatchRange, get_builder
+
+
+@dataclass
+class BuildRequest:
+    spec: ModelSpec
+    schedule: Schedule
+    sampler: DenoisingSampler
+    out_dir: Path
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    batch: BatchRange = field(default_factory=lambda: BatchRange(1, 2, 16))
+    cfg_scale: float | None = None
+    guide_all_channels: bool = False
+    quantization: str | None = None  # int8: "dynamic" or "qdq" (default: l2c_export.export.quantize.default_form)
+    calibration_images: int = 4  # qdq: images whose full-model trajectories calibrate the activation scales
+
+
+@dataclass
+class BuildReport:
+    manifest_path: Path
+    exported: list[str]  # subset graphs exported in this build
+    reused: list[str]  # files reused from the previous build
+    traced: bool
+
+
+def build(request: BuildRequest, progress: bool = True) -> BuildReport:
+    from ..export.onnx import PRECISIONS
+
+    if request.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {request.precision!r}")
+    _quantization_form(request)
+    out_dir = Path(request.out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.staging"
+    builder = get_builder(request.backend, staging)
+    builder.check_available()  # before anything is written
+    spec = request.spec
+    request.schedule.check_fits(request.sampler.num_calls, spec.num_layers)
+    plan = BuildPlan.from_schedule(request.schedule)
+    check_output_folder(out_dir)
+    with _exclusive_lock(out_dir, progress):
+        _recover(out_dir)
+        check_output_folder(out_dir)  # again, under the lock: another build may have written it meanwhile
+        return _build_locked(request, builder, plan, out_dir, staging, progress)
+
+
+def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path, staging: Path,
+                  progress: bool) -> BuildReport:
+    from ..export.onnx import NUMPY_DTYPES, OPSET
+
+    spec, config = request.spec, request.spec.config
+    form = _quantization_form(request)
+    versions = _versions()
+    weights_sha = manifest_io.sha256_of(spec.weights)
+    base_key = _hash({"weights": weights_sha, "family": spec.family_name, "config": config.to_dict(),
+                      "precision": request.precision, "opset": OPSET, "versions": versions, "quantization": form,
+                      "calibration": request.calibration_images if form == "qdq" else None})
+    graph_keys = [_hash({"base": base_key, "compute": s.compute, "writes": s.writes}) for s in plan.subsets]
+    previous = _previous_files(out_dir)
+
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a build that was killed
+    staging.mkdir(parents=True)
+    reused: list[str] = []
+    exported: list[str] = []
+    try:
+        universal = None
+        quantization = None
+        weights_name = "weights.bin"
+        graph_files = [f"{subset.name}.onnx" for subset in plan.subsets]
+        need_trace = not _reuse(previous, base_key, staging / weights_name, reused) or not all(
+            key in previous for key in graph_keys)
+        if need_trace:
+            from ..export.onnx import trace, weights_layout, write_weights
+
+            model = spec.load_model()
+            universal = trace(model, request.precision, spec.family)
+            if form is not None:
+                quantization = _quantize(universal, form, model, request)
+            reusing_weights = weights_name in reused
+            universal.bind_weights(weights_layout(universal) if reusing_weights
+                                   else write_weights(universal, staging / weights_name))
+        dtype = NUMPY_DTYPES[request.precision]
+        subset_records = []
+        bar = tqdm(list(zip(plan.subsets, graph_files, graph_keys)), desc=f"building {request.backend} subsets",
+                   disable=not progress)
+        for subset, graph_file, key in bar:
+            bar.set_postfix_str(subset.name)
+            inputs, outputs = _interface(subset, spec, dtype)
+            if not _reuse(previous, key, staging / graph_file, reused):
+                _export_subset(universal, subset, staging / graph_file, inputs, outputs, form)
+                exported.append(graph_file)
+            engine_file = builder.engine_file(graph_file, key)
+            engine_key = _hash({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
+            if engine_file != graph_file and not _reuse(previous, engine_key, staging / engine_file, reused):
+                builder.build(staging / graph_file, staging / engine_file, inputs, request.batch)
+            subset_records.append(_subset_record(subset, staging, graph_file, key, engine_file, engine_key,
+                                                 inputs, outputs, spec))
+        data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)
+        data["weight_tensors"] = _weight_table(universal, out_dir, quantization)
+        if form is not None:
+            data["quantization"] = _quantization_record(quantization, out_dir)
+        manifest_io.write(staging, data)
+        replace_folder(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildReport(out_dir / manifest_io.MANIFEST_NAME, exported, reused, universal is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _interface(subset: SubsetPlan, spec: ModelSpec, dtype: str) -> tuple[list[dict], list[dict]]:
+    """The graph's inputs and outputs as manifest tensor records: the family's model inputs and output, then the
+    cache inputs and fresh outputs of the subset's live slots."""
+    family, config = spec.family, spec.config
+    branch_shape = ["batch", *family.cached_shape(config)]
+    inputs = [tensor.record() for tensor in family.graph_inputs(config)] + [
+        {"name": cache_input_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k), "role": "cache"}
+        for k in subset.reads]
+    outputs = [family.graph_output(config).record()] + [
+        {"name": fresh_output_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k), "role": "fresh"}
+        for k in subset.writes]
+    return inputs, outputs
+
+
+def _quantization_form(request: BuildRequest) -> str | None:
+    """The quantized form of an int8/fp8 build (None for a float one), its options checked."""
+    from ..export.quantize import QUANTIZED_PRECISIONS, default_form
+
+    if request.precision not in QUANTIZED_PRECISIONS:
+        if request.quantization is not None:
+            raise ValueError(f"--quantization applies to --precision {', '.join(QUANTIZED_PRECISIONS)} only; "
+                             f"got --precision {request.precision}")
+        return None
+    form = request.quantization or default_form(request.backend, request.precision)
+    if (request.backend == "tensorrt" or request.precision == "fp8") and form != "qdq":
+        raise ValueError(f"--quantization {form}: TensorRT and fp8 take quantized graphs only in explicit Q/DQ "
+                         f"form; use qdq")
+    if not 1 <= request.calibration_images <= 1024:
+        raise ValueError(f"--calibration-images must be in 1..1024; got {request.calibration_images}")
+    return form
+
+
+def _quantize(universal, form: str, model, request: BuildRequest) -> dict:
+    from ..export.quantize import calibration_batches, quantize_universal
+
+    calibration = None
+    if form == "qdq":
+        cfg_scale = float(request.spec.cfg_scale if request.cfg_scale is None else request.cfg_scale)
+        calibration = calibration_batches(model, request.sampler, cfg_scale, model.config.num_classes,
+                                          images=request.calibration_images)
+    return quantize_universal(universal, form, calibration, request.precision)
+
+
+def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict], outputs: list[dict],
+                   form: str | None = None) -> None:
+    import onnx
+
+    from ..export.onnx import check_ops_supported, subset_graph
+    from ..export.opsupport import tensorrt_supported_ops
+
+    graph = subset_graph(universal, subset, graph_name=subset.name)
+    supported = set(tensorrt_supported_ops())
+    if form == "dynamic":  # ONNX Runtime's dynamic int8 form; TensorRT builds take the qdq form instead
+        supported |= {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    check_ops_supported(graph, supported, where=path.name)
+    got = ([i.name for i in graph.graph.input], [o.name for o in graph.graph.output])
+    want = ([t["name"] for t in inputs], [t["name"] for t in outputs])
+    if got != want:  # the surgery and the liveness plan must agree exactly
+        raise AssertionError(f"{path.name}: graph interface {got} differs from the plan's {want}")
+    _check_structure(graph)
+    onnx.save_model(graph, str(path))
+
+
+def _check_structure(graph) -> None:
+    """onnx.checker with full shape inference on the graph, its external weights stood in for by typed inputs.
+
+    The checker also opens external data, and refuses a file with several hard links, which weights.bin is during an
+    incremental build (linked to the previous build's until that is removed). Its bytes are covered by sha256.
+    """
+    import onnx
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph)
+    external = [t for t in probe.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in external:
+        probe.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    kept = [t for t in probe.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(kept)
+    onnx.checker.check_model(probe, full_check=True)
+
+
+def _subset_record(subset, folder, graph_file, graph_key, engine_file, engine_key, inputs, outputs, spec) -> dict:
+    macs = spec.family.count_macs(spec.config)
+    graph_entry = manifest_io.file_entry(folder, graph_file, graph_key)
+    engine_entry = graph_entry if engine_file == graph_file else manifest_io.file_entry(folder, engine_file,
+                                                                                        engine_key)
+    reads, writes = [slot_name(k) for k in subset.reads], [slot_name(k) for k in subset.writes]
+    return {"index": subset.index, "name": subset.name, "compute": [int(v) for v in subset.compute],
+            "steps": list(subset.steps), "reads": reads, "writes": writes, "graph": graph_entry,
+            "engine": engine_entry, "inputs": inputs, "outputs": outputs,
+            "macs_per_sample": macs.of_subset(subset.compute)}
+
+
+def _manifest(request, plan, subset_records, folder, weights_name, base_key, weights_sha, dtype, versions) -> dict:
+    spec, config, schedule = request.spec, request.spec.config, request.schedule
+    family = spec.family
+    macs = family.count_macs(config)
+    used_slots = sorted({k for s in plan.subsets for k in (*s.reads, *s.writes)})
+    guided = family.guided_channels(config, request.guide_all_channels)
+    model = {"family": family.name, "config": config.to_dict(), "space": spec.space,
+             "num_sublayers": 2 * family.num_layers(config), "weights_sha256": weights_sha,
+             "inputs": [tensor.record() for tensor in family.graph_inputs(config)],
+             "output": family.graph_output(config).record()}
+    if spec.space == "latent":
+        model["latent_scale"] = family.latent_scale
+    data = {
+        "schema_version": manifest_io.SCHEMA_VERSION,
+        "name": spec.name,
+        "backend": request.backend,
+        "precision": request.precision,
+        "model": model,
+        "sampler": request.sampler.to_dict(),
+        "guidance": {"cfg_scale": float(spec.cfg_scale if request.cfg_scale is None else request.cfg_scale),
+                     "guided_channels": guided, "null_class": family.null_class(config)},
+        "schedule": {"compute": schedule.compute.astype(int).tolist(), "step_subset": list(plan.step_to_subset),
+                     "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
+        "batch": request.batch.to_dict(),
+        "cache_slots": [{"name": slot_name(k), "index": k, "dtype": dtype,
+                         "shape": ["batch", *family.cached_shape(config)]} for k in used_slots],
+        "weights": manifest_io.file_entry(folder, weights_name, base_key),
+        "subsets": subset_records,
+        "macs": {"always": macs.always, "attn": macs.attn, "mlp": macs.mlp, "full": macs.full,
+                 "schedule_fraction": schedule.mac_fraction(macs), "ideal_speedup": schedule.ideal_speedup(macs)},
+        "versions": versions,
+    }
+    if request.backend == "tensorrt":
+        data["tensorrt"] = {"timing_cache": manifest_io.file_entry(folder, "timing.cache"), "stripped_plans": True}
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class OutputFolderError(ValueError):
+    """``--out`` is not a place a build may be written to; the message says why and what is expected."""
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """Refuses an ``--out`` that is not absent, empty, or a previous l2c-export build (a valid manifest and nothing
+    but the files it names), so that replacing it can lose nothing of the user's."""
+    if out_dir.is_symlink():
+        raise OutputFolderError(f"--out {out_dir}: is a symbolic link; give the folder itself")
+    if not out_dir.exists():
+        parent = next((p for p in out_dir.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise OutputFolderError(f"--out {out_dir}: {parent} is a file, not a folder")
+        return
+    if not out_dir.is_dir():
+        raise OutputFolderError(f"--out {out_dir}: is a file; expected a folder (absent, empty or a previous build)")
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return
+    not_a_build = (f"--out {out_dir}: not empty and not an l2c-export build, refusing to replace it (it holds "
+                   f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); give an absent or empty folder, "
+                   f"or a previous build's")
+    if manifest_io.MANIFEST_NAME not in entries:
+        raise OutputFolderError(not_a_build)
+    try:
+        data = manifest_io.load(out_dir, verify_files=False)
+    except manifest_io.ManifestError as error:
+        raise OutputFolderError(f"{not_a_build}: {error}") from None
+    named = {manifest_io.MANIFEST_NAME} | {entry["file"].split("/")[0] for entry in manifest_io.all_files(data)}
+    foreign = [entry for entry in entries if entry not in named]
+    if foreign:
+        raise OutputFolderError(f"--out {out_dir}: a previous build, but it also holds files the build did not write "
+                                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them away "
+                                f"first, a new build replaces the whole folder")
+
+
+@contextlib.contextmanager
+def _exclusive_lock(out_dir: Path, progress: bool):
+    """An exclusive ``flock`` on ``.<name>.lock`` beside ``out_dir`` for the whole build: a second build into the same
+    folder waits here (saying so) instead of sharing the staging folder."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            if progress:
+                print(f"waiting for the build already running into {out_dir} ({holder}) ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.seek(0)
+            lock.truncate()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _recover(out_dir: Path) -> None:
+    """Before anything else (under the lock): a build killed between the two renames of
+    :func:`l2c_export.core.util.replace_folder` left the
+    previous build at ``.<name>.old`` and nothing at ``out_dir``: put it back. A leftover ``.old`` beside a complete
+    ``out_dir`` is stale and removed."""
+    old = out_dir.parent / f".{out_dir.name}.old"
+    if old.exists():
+        if out_dir.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, out_dir)
+
+
+def _previous_files(out_dir: Path) -> dict[str, Path]:
+    """key -> file of the previous build in ``out_dir`` (only files inside it whose size and sha256 still match)."""
+    try:
+        data = manifest_io.load(out_dir, verify_files=False)
+    except manifest_io.ManifestError:
+        return {}
+    files = {}
+    for entry in manifest_io.all_files(data):
+        path = manifest_io.file_path(out_dir, entry["file"], str(out_dir / manifest_io.MANIFEST_NAME))
+        if "key" in entry and path.is_file() and path.stat().st_size == entry["bytes"] \
+                and manifest_io.sha256_of(path) == entry["sha256"]:
+            files[entry["key"]] = path
+    return files
+
+
+def _reuse(previous: dict[str, Path], key: str, target: Path, reused: list[str]) -> bool:
+    source = previous.get(key)
+    if source is None:
+        return False
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    reused.append(target.name)
+    return True
+
+
+def _weight_table(universal, out_dir: Path, quantization: dict | None = None) -> list[dict]:
+    """name, dtype, shape, offset, length (and for an int8 weight how it dequantizes) of every tensor in weights.bin
+    (from the trace, or the previous manifest when the weights were reused without tracing)."""
+    if universal is None:
+        return manifest_io.load(out_dir, verify_files=False)["weight_tensors"]
+    from ..export.onnx import weights_layout
+
+    quantized = (quantization or {}).get("tensors", {})
+    table = []
+    for name, (offset, length) in weights_layout(universal).items():
+        entry = {"name": name, "dtype": str(universal.weights[name].dtype),
+                 "shape": list(universal.weights[name].shape), "offset": offset, "length": length}
+        if name in quantized:
+            entry["quantization"] = quantized[name]
+        table.append(entry)
+    return table
+
+
+def _quantization_record(quantization: dict | None, out_dir: Path) -> dict:
+    """The manifest's ``quantization`` summary (the per-tensor records live in ``weight_tensors``)."""
+    if quantization is None:  # weights reused without tracing: the previous build's record describes them
+        return manifest_io.load(out_dir, verify_files=False)["quantization"]
+    return {key: value for key, value in quantization.items() if key != "tensors"}
+
+
+def _hash(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("l2c-export", "torch", "onnx", "onnxruntime-gpu", "onnxruntime", "tensorrt", "polygraphy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -1,0 +1,250 @@
+"""``manifest.json``: the only contract between building and running. No PyTorch here.
+
+Checked against the JSON Schema shipped in ``l2c_export/schemas/manifest.schema.json`` when written and when read; a
+manifest of a newer schema version than this reader knows is refused before anything else is looked at, and one of
+version 1 (DiT only, before model families) is upgraded in memory to the current shape when read. Read strictly: no NaN or
+Infinity, and the records must agree with one another (:func:`check_consistency`).
+
+A build folder is a closed world: every file a manifest names is a plain relative path that stays inside the folder
+(no absolute path, no ``..``, no symbolic link anywhere on the way); :func:`file_path` is the one way to turn a file
+record into a path, and it refuses anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from .util import read_json, write_json
+
+SCHEMA_VERSION = 2
+MANIFEST_NAME = "manifest.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "manifest.schema.json"
+
+
+class ManifestError(ValueError):
+    """A manifest or one of its files that cannot be used; the message names the file and the field."""
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(folder: Path, name: str, key: str | None = None) -> dict:
+    """The manifest record of ``folder / name``: file, sha256, bytes (and the key that produced it)."""
+    path = folder / name
+    entry = {"file": name, "sha256": sha256_of(path), "bytes": path.stat().st_size}
+    if key is not None:
+        entry["key"] = key
+    return entry
+
+
+def validate(data: dict, where: str) -> None:
+    import jsonschema
+
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise ManifestError(f"{where}: field 'schema_version' is {version}, newer than this l2c-export reads "
+                            f"({SCHEMA_VERSION}); upgrade l2c-export or rebuild the engines")
+    try:
+        jsonschema.validate(data, schema())
+    except jsonschema.ValidationError as error:
+        field = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        message = error.message
+        if error.validator == "pattern" and field.endswith("/file"):
+            message = (f"file {error.instance!r} is not a plain relative path inside the build folder (no absolute "
+                       f"path, '..', hidden component or backslash)")
+        raise ManifestError(f"{where}: field '{field}': {message}") from None
+
+
+def write(folder: Path, data: dict) -> Path:
+    """Validates and writes ``folder/manifest.json`` atomically, as strict JSON."""
+    path = Path(folder) / MANIFEST_NAME
+    validate(data, str(path))
+    check_consistency(data, str(path))
+    write_json(path, data)
+    return path
+
+
+def file_path(folder: Path, name: object, where: str) -> Path:
+    """``folder / name`` for a file a manifest names, refusing any name that could lead out of ``folder``: absolute
+    paths, ``..``, hidden or empty components, backslashes, and symbolic links on the way (the link itself or a
+    folder that is one). Raises ManifestError naming ``where``."""
+    folder = Path(folder)
+    plain = isinstance(name, str) and name and not name.startswith("/") and "\\" not in name and all(
+        part and not part.startswith(".") for part in name.split("/"))
+    if not plain:
+        raise ManifestError(f"{where}: file {name!r} is not a plain relative path inside the build folder "
+                            f"(no absolute path, '..', hidden component or backslash)")
+    path = folder
+    for part in name.split("/"):
+        path = path / part
+        if path.is_symlink():
+            raise ManifestError(f"{where}: file {name!r} is (or lies in) a symbolic link; a build folder holds no "
+                                f"links, so nothing outside it is ever read")
+    return path
+
+
+def all_files(data: dict) -> list[dict]:
+    """Every file record of a manifest: weights, graphs, engines, timing cache (each once)."""
+    entries = [data["weights"]]
+    for subset in data["subsets"]:
+        entries += [subset["graph"], subset["engine"]]
+    if "tensorrt" in data and "timing_cache" in data["tensorrt"]:
+        entries.append(data["tensorrt"]["timing_cache"])
+    unique = {}
+    for entry in entries:
+        unique.setdefault(entry["file"], entry)
+    return list(unique.values())
+
+
+def load(folder: str | Path, verify_files: bool = True) -> dict:
+    """Reads and validates ``folder/manifest.json`` (schema, consistency, every file path inside the folder); with
+    ``verify_files`` also checks every file's size and sha256."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ManifestError(f"{folder}: no such build folder")
+    path = folder / MANIFEST_NAME if folder.is_dir() else folder
+    folder = path.parent
+    if path.is_symlink():
+        raise ManifestError(f"{path}: is a symbolic link; a build folder holds no links")
+    data = read_json(path, ManifestError, f" (is {folder} an l2c-export build?)")
+    if isinstance(data, dict) and data.get("schema_version") == 1:
+        data = upgrade_v1(data, str(path))
+    validate(data, str(path))
+    check_consistency(data, str(path))
+    for entry in all_files(data):
+        file = file_path(folder, entry["file"], str(path))
+        if not file.is_file():
+            raise ManifestError(f"{path}: file {entry['file']} is missing from {folder}")
+        if verify_files:
+            size = file.stat().st_size
+            if size != entry["bytes"]:
+                raise ManifestError(f"{file}: sha256 cannot match: {size} bytes where the manifest says "
+                                    f"{entry['bytes']} (the file was changed after the build)")
+            actual = sha256_of(file)
+            if actual != entry["sha256"]:
+                raise ManifestError(f"{file}: sha256 {actual} does not match the manifest's {entry['sha256']} "
+                                    f"(the file was changed after the build)")
+    return data
+
+
+_V1_ROLES = {"x": "sample", "t": "time", "y": "label", "model_out": "output"}
+
+
+def upgrade_v1(data: dict, where: str) -> dict:
+    """A version 1 manifest (DiT, DDIM/DDPM, tensors without roles) in the version 2 shape: family ``dit``, roles by
+    the names version 1 used, the model interface taken from the first subset, and the sampler's calls."""
+    try:
+        for subset in data["subsets"]:
+            for tensor in (*subset["inputs"], *subset["outputs"]):
+                tensor["role"] = _V1_ROLES.get(tensor["name"], "cache" if tensor["name"].startswith("cache_")
+                                               else "fresh")
+        first = data["subsets"][0]
+        data["model"]["family"] = "dit"
+        data["model"]["inputs"] = [t for t in first["inputs"] if t["role"] in ("sample", "time", "label")]
+        data["model"]["output"] = next(t for t in first["outputs"] if t["role"] == "output")
+        sampler = data["sampler"]
+        sampler["num_calls"] = sampler["num_steps"]
+        sampler["model_times"] = [float(t) for t in sampler["timesteps"]]
+    except (KeyError, TypeError, IndexError, StopIteration) as error:
+        raise ManifestError(f"{where}: a version 1 manifest without the field {error} cannot be upgraded; rebuild "
+                            f"the engines") from None
+    data["schema_version"] = SCHEMA_VERSION
+    return data
+
+
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int8": 1, "uint8": 1, "int32": 4,
+               "float8_e4m3fn": 1}
+
+
+def check_consistency(data: dict, where: str) -> None:
+    """What the schema cannot say: the records agree with one another. Subsets are numbered 0..n-1; every step names
+    one; the first step's subset computes everything; a step reads only slots that an earlier step wrote; each
+    subset's cache inputs and fresh outputs are the slots it reads and writes; weight tensors lie inside weights.bin
+    and are as long as their shapes say."""
+    subsets = data["subsets"]
+    for position, record in enumerate(subsets):
+        if record["index"] != position:
+            raise ManifestError(f"{where}: field 'subsets/{position}/index' is {record['index']}; expected {position}")
+    schedule = data["schedule"]
+    step_subset = schedule["step_subset"]
+    if not step_subset:
+        raise ManifestError(f"{where}: field 'schedule/step_subset' is empty; expected one subset per step")
+    if len(schedule["compute"]) != len(step_subset):
+        raise ManifestError(f"{where}: field 'schedule/compute' has {len(schedule['compute'])} rows for "
+                            f"{len(step_subset)} steps in 'schedule/step_subset'")
+    sampler = data["sampler"]
+    if not len(sampler["model_times"]) == sampler["num_calls"] == len(step_subset):
+        raise ManifestError(f"{where}: field 'sampler/num_calls' is {sampler['num_calls']}, with "
+                            f"{len(sampler['model_times'])} 'sampler/model_times' and {len(step_subset)} "
+                            f"'schedule/step_subset'; expected one of each per model call")
+    # DDIM/DDPM: one call per step, every table per step; DPM-Solver-2S: per-call tables and per-step ones (half).
+    per_call = {"model_times", "times", "alphas", "sigmas"}
+    steps = sampler["num_calls"] // 2 if sampler["kind"] == "dpm_solver_2s" else sampler["num_calls"]
+    if "num_steps" in sampler and sampler["num_steps"] != steps:
+        raise ManifestError(f"{where}: field 'sampler/num_steps' is {sampler['num_steps']}; expected {steps} for "
+                            f"{sampler['num_calls']} model calls of {sampler['kind']}")
+    for name, table in sampler.items():
+        counted, size = ("num_calls", sampler["num_calls"]) if name in per_call else ("num_steps", steps)
+        if isinstance(table, list) and len(table) != size:
+            raise ManifestError(f"{where}: field 'sampler/{name}' has {len(table)} entries; expected {counted} = "
+                                f"{size}")
+    slots = {slot["name"] for slot in data["cache_slots"]}
+    written: set[str] = set()
+    for step, index in enumerate(step_subset):
+        if index >= len(subsets):
+            raise ManifestError(f"{where}: field 'schedule/step_subset/{step}' names subset {index}, but there are "
+                                f"only {len(subsets)} (0..{len(subsets) - 1})")
+        record = subsets[index]
+        if step == 0 and not all(record["compute"]):
+            raise ManifestError(f"{where}: field 'schedule/step_subset/0' names subset {index}, which reuses "
+                                f"sub-layers; the first step must compute every sub-layer (nothing is cached yet)")
+        unwritten = [slot for slot in record["reads"] if slot not in written]
+        if unwritten:
+            raise ManifestError(f"{where}: step {step} runs subset {index}, which reads cache slot(s) "
+                                f"{', '.join(unwritten)} that no earlier step writes")
+        written.update(record["writes"])
+    for record in subsets:
+        at = f"{where}: field 'subsets/{record['index']}"
+        unknown = [slot for slot in (*record["reads"], *record["writes"]) if slot not in slots]
+        if unknown:
+            raise ManifestError(f"{at}' uses cache slot(s) {', '.join(unknown)} missing from 'cache_slots'")
+        if [t["slot"] for t in record["inputs"] if "slot" in t] != record["reads"]:
+            raise ManifestError(f"{at}/inputs': the cache inputs' slots differ from 'reads' {record['reads']}")
+        if [t["slot"] for t in record["outputs"] if "slot" in t] != record["writes"]:
+            raise ManifestError(f"{at}/outputs': the fresh outputs' slots differ from 'writes' {record['writes']}")
+    weights_bytes = data["weights"]["bytes"]
+    for position, tensor in enumerate(data["weight_tensors"]):
+        at = f"{where}: field 'weight_tensors/{position}' ({tensor['name']})"
+        count = 1
+        for dim in tensor["shape"]:
+            count *= dim
+        if tensor["length"] != count * _ITEM_BYTES[tensor["dtype"]]:
+            raise ManifestError(f"{at}: length {tensor['length']} does not fit shape {tensor['shape']} of "
+                                f"{tensor['dtype']}")
+        if tensor["offset"] + tensor["length"] > weights_bytes:
+            raise ManifestError(f"{at}: bytes {tensor['offset']}..{tensor['offset'] + tensor['length']} lie past "
+                                f"the end of {data['weights']['file']} ({weights_bytes} bytes)")
+    names = {tensor["name"] for tensor in data["weight_tensors"]}
+    for position, tensor in enumerate(data["weight_tensors"]):
+        record = tensor.get("quantization")
+        if record is None:
+            continue
+        at = f"{where}: field 'weight_tensors/{position}/quantization' ({tensor['name']})"
+        missing = [record[key] for key in ("scale", "zero_point") if record[key] not in names]
+        if missing:
+            raise ManifestError(f"{at}: names {', '.join(missing)}, which 'weight_tensors' does not hold")
+        if record["axis"] >= len(tensor["shape"]):
+            raise ManifestError(f"{at}: axis {record['axis']} of a tensor of {len(tensor['shape'])} dimensions")

@@ -1,0 +1,180 @@
+"""Schedules: which sub-layers each sampling step computes, and the interchange JSON.
+
+A schedule is a (num_steps, 2 * depth) boolean matrix in sampling order (row 0 is the first step, t = 999). JSON::
+
+    {"num_steps": N, "depth": D, "compute": [[1, 0, ...], ...],       # N rows of 2 * D values, 0 or 1
+     "timesteps": [999, ...], "source": "...", "threshold": 0.1, "mode": "official"}   # optional
+
+A reused sub-layer reads its most recent computed value in the same request, so the first step must compute every
+sub-layer; that is checked here, when a schedule is made, not when it runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ..samplers import SAMPLER_KINDS
+from .macs import MacCount
+from .util import read_json, write_json
+
+# How a router decodes into a schedule. ``official``: as the authors' samplers, only the calls where they consult their
+# router are decided (:func:`l2c_export.samplers.official_cache_calls`), every other call computes everything;
+# ``general``: every call but the first is decided.
+ScheduleMode = Literal["official", "general"]
+SCHEDULE_MODES = ("official", "general")
+
+
+def check_mode(mode: str) -> ScheduleMode:
+    if mode not in SCHEDULE_MODES:
+        raise ValueError(f"unknown schedule mode {mode!r}; expected one of {', '.join(SCHEDULE_MODES)}")
+    return mode
+
+
+class ScheduleError(ValueError):
+    """An invalid schedule; the message names the file (or source) and the field."""
+
+
+@dataclass
+class Schedule:
+    compute: np.ndarray  # (num_steps, 2 * depth) bool
+    timesteps: list[int] | None = None
+    source: str | None = None
+    threshold: float | None = None
+    mode: str | None = None
+    sampler: str | None = None  # the sampler whose model calls the rows are (official mode's cache calls depend on it)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.compute = np.asarray(self.compute, dtype=bool)
+        self.validate(self.source or "schedule")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self.compute.shape[0]
+
+    @property
+    def depth(self) -> int:
+        return self.compute.shape[1] // 2
+
+    @classmethod
+    def full(cls, num_steps: int, depth: int, **kwargs) -> "Schedule":
+        return cls(np.ones((num_steps, 2 * depth), dtype=bool), source=kwargs.pop("source", "full"), **kwargs)
+
+    def validate(self, where: str) -> None:
+        if self.compute.ndim != 2 or self.compute.shape[0] < 1:
+            raise ScheduleError(f"{where}: field 'compute' must be a non-empty list of rows; got shape "
+                                f"{self.compute.shape}")
+        if self.compute.shape[1] < 2 or self.compute.shape[1] % 2:
+            raise ScheduleError(f"{where}: field 'compute' rows must have 2 * depth entries; got {self.compute.shape[1]}")
+        if not self.compute[0].all():
+            missing = np.flatnonzero(~self.compute[0]).tolist()
+            raise ScheduleError(f"{where}: field 'compute' row 0 (the first step) must compute every sub-layer, since "
+                                f"a reused sub-layer reads a value computed earlier in the request; sub-layers "
+                                f"{missing} are not computed")
+        if self.timesteps is not None and len(self.timesteps) != self.num_steps:
+            raise ScheduleError(f"{where}: field 'timesteps' has {len(self.timesteps)} entries; expected num_steps = "
+                                f"{self.num_steps}")
+
+    def check_fits(self, num_steps: int, depth: int, where: str | None = None) -> None:
+        """Raises ScheduleError unless this schedule is for ``num_steps`` steps of a ``depth``-block model."""
+        where = where or self.source or "schedule"
+        if self.num_steps != num_steps:
+            raise ScheduleError(f"{where}: field 'num_steps' is {self.num_steps}; the sampler takes {num_steps} steps")
+        if self.depth != depth:
+            raise ScheduleError(f"{where}: field 'depth' is {self.depth}; the model has {depth} blocks")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def distinct_subsets(self) -> list[tuple[bool, ...]]:
+        """The distinct rows, in order of first appearance (the full subset is first)."""
+        seen: dict[tuple[bool, ...], None] = {}
+        for row in self.compute:
+            seen.setdefault(tuple(bool(v) for v in row), None)
+        return list(seen)
+
+    def subset_of_step(self) -> list[int]:
+        """For each step, the index of its row in :meth:`distinct_subsets`."""
+        index = {subset: i for i, subset in enumerate(self.distinct_subsets())}
+        return [index[tuple(bool(v) for v in row)] for row in self.compute]
+
+    def cache_steps(self) -> list[int]:
+        """The steps where the schedule decides per sub-layer: in official mode those with an even router index
+        (``N - 1 - s``), else every step that reuses anything."""
+        if self.mode == "official":
+            from ..samplers import official_cache_calls
+
+            return official_cache_calls(self.sampler or "ddim", self.num_steps)
+        return [s for s in range(self.num_steps) if not self.compute[s].all()]
+
+    def computed_per_step(self) -> list[int]:
+        return self.compute.sum(axis=1).astype(int).tolist()
+
+    def mac_fraction(self, macs: MacCount) -> float:
+        """MACs of sampling with this schedule over MACs of computing everything, always-run parts included."""
+        return sum(macs.of_subset(row) for row in self.compute) / (self.num_steps * macs.full)
+
+    def ideal_speedup(self, macs: MacCount) -> float:
+        return 1.0 / self.mac_fraction(macs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = {"num_steps": self.num_steps, "depth": self.depth, "compute": self.compute.astype(int).tolist()}
+        for name in ("timesteps", "source", "threshold", "mode", "sampler"):
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
+        return {**data, **self.extra}
+
+    def save(self, path: str | Path) -> None:
+        write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "schedule") -> "Schedule":
+        if not isinstance(data, dict):
+            raise ScheduleError(f"{where}: expected a JSON object with fields num_steps, depth, compute")
+        for name in ("num_steps", "depth", "compute"):
+            if name not in data:
+                raise ScheduleError(f"{where}: missing field {name!r}")
+        num_steps, depth, rows = data["num_steps"], data["depth"], data["compute"]
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ScheduleError(f"{where}: field 'num_steps' must be a positive integer; got {num_steps!r}")
+        if not isinstance(depth, int) or depth < 1:
+            raise ScheduleError(f"{where}: field 'depth' must be a positive integer; got {depth!r}")
+        if not isinstance(rows, list) or len(rows) != num_steps:
+            got = len(rows) if isinstance(rows, list) else type(rows).__name__
+            raise ScheduleError(f"{where}: field 'compute' must have num_steps = {num_steps} rows; got {got}")
+        for s, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != 2 * depth:
+                got = len(row) if isinstance(row, list) else type(row).__name__
+                raise ScheduleError(f"{where}: field 'compute' row {s} must have 2 * depth = {2 * depth} entries; "
+                                    f"got {got}")
+            bad = [v for v in row if v not in (0, 1) or isinstance(v, float)]
+            if bad:
+                raise ScheduleError(f"{where}: field 'compute' row {s} must hold only 0 or 1; got {bad[0]!r}")
+        timesteps, threshold = data.get("timesteps"), data.get("threshold")
+        if timesteps is not None and (not isinstance(timesteps, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v
+                for v in timesteps)):
+            raise ScheduleError(f"{where}: field 'timesteps' must be a list of non-negative numbers (the timestep "
+                                f"the model sees at each call)")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0.0 <= threshold <= 1.0):
+            raise ScheduleError(f"{where}: field 'threshold' is {threshold!r}; expected a number in [0, 1]")
+        sampler = data.get("sampler")
+        if sampler is not None and sampler not in SAMPLER_KINDS:
+            raise ScheduleError(f"{where}: field 'sampler' is {sampler!r}; expected one of {', '.join(SAMPLER_KINDS)}")
+        known = {"num_steps", "depth", "compute", "timesteps", "source", "threshold", "mode", "sampler"}
+        return cls(np.asarray(rows, dtype=bool).reshape(num_steps, 2 * depth), timesteps=data.get("timesteps"),
+                   source=data.get("source", where), threshold=data.get("threshold"), mode=data.get("mode"),
+                   sampler=data.get("sampler"),
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schedule":
+        return cls.from_dict(read_json(Path(path), ScheduleError), where=str(path))
+

@@ -1,0 +1,290 @@
+"""Export: one traced ONNX graph of the whole model, and every subset graph derived from it by graph surgery.
+
+1. The model is traced *once* (TorchScript exporter, ``export_params=False``, no constant folding) by a wrapper that
+   computes every sub-layer and returns the model output and all 2 * depth ungated branch outputs. Parameters come out
+   as graph inputs named after the module path, so every initializer is named after the parameter it comes from
+   (the exporter's own folding names transposed MatMul weights by a counter that changes between exports, and it
+   merges parameters that happen to be equal). The trace runs on random stand-in weights for the same reason.
+2. Parameter inputs become initializers holding the real weights. A weight that only feeds ``Transpose`` (a Linear
+   applied to (N, T, D) tokens) is stored transposed, as ``<parameter>.T`` of shape (in, out), so that no runtime
+   constant-folds a private copy of it.
+3. For each subset (:mod:`l2c_export.core.plan`), the universal graph is cut: the consumers of a reused sub-layer's
+   branch
+   output read a new input ``cache_<slot>`` instead, so its producing nodes become dead and are removed; outputs are
+   ``model_out`` and the live ``fresh_<slot>`` values only.
+4. All subset graphs reference one external-data file, ``weights.bin``, at the same offsets, so the weights are
+   stored once on disk and a runtime can hold them once in memory.
+
+Graph interface (batch ``N`` dynamic; guidance doubles it): the family's model inputs (DiT and U-ViT: ``x`` float32
+(N, C, H, W), ``t`` float32 (N,), ``y`` int64 (N,)) and ``cache_<slot>`` (N, T, D) in the graph precision; outputs the
+family's model output (``model_out`` float32 (N, C_out, H, W)) and ``fresh_<slot>`` (N, T, D) in the graph precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from ..core.plan import SubsetPlan, cache_input_name, fresh_output_name
+from ..core.util import atomic_write_bytes
+
+OPSET = 20  # Gelu(approximate='tanh') is an op from 20 on; TensorRT 10 parses opsets 9 to 20
+# precision -> the dtype the graph computes in between its quantized MatMuls (int8: l2c_export.export.quantize)
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
+              "fp8": torch.float32}
+ONNX_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
+               "int8": TensorProto.FLOAT, "fp8": TensorProto.FLOAT}
+NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32", "fp8": "float32"}
+WEIGHTS_FILE = "weights.bin"
+_ALIGNMENT = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights file
+
+
+class _EveryBranch(torch.nn.Module):
+    """The family's model inputs (x (N, C, H, W) fp32, t (N,) fp32, y (N,) int64 for DiT and U-ViT) -> model_out
+    fp32 and every ungated sub-layer output (N, T, D) in the model's dtype, every sub-layer computed."""
+
+    def __init__(self, model: torch.nn.Module, num_sublayers: int):
+        super().__init__()
+        self.model = model
+        self.num_sublayers = num_sublayers
+        self.dtype = next(model.parameters()).dtype
+
+    def forward(self, *inputs: torch.Tensor):
+        cache: dict[int, torch.Tensor] = {}
+        everything = [True] * self.num_sublayers
+        inputs = tuple(i.to(self.dtype) if i.is_floating_point() and i.ndim > 1 else i for i in inputs)
+        out = self.model.forward_cached(*inputs, everything, cache)
+        return (out.float(),) + tuple(cache[k] for k in range(len(everything)))
+
+
+@dataclass
+class UniversalGraph:
+    """The traced whole-model graph with its weights named after parameters.
+
+    ``model`` references the weights through initializers once :meth:`bind_weights` has pointed them at the shared
+    file; before that the parameter names are used by nodes but not yet defined.
+    """
+
+    model: onnx.ModelProto
+    weights: dict[str, np.ndarray]  # initializer name -> array in graph layout (transposed where the name ends .T)
+    precision: str
+    num_sublayers: int
+
+    def bind_weights(self, layout: dict[str, tuple[int, int]]) -> None:
+        """Adds one initializer per weight, stored externally in ``weights.bin`` at ``layout[name]``."""
+        del self.model.graph.initializer[:]
+        for name, array in self.weights.items():
+            tensor = TensorProto(name=name, data_type=_onnx_dtype(array), dims=list(array.shape))
+            offset, length = layout[name]
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", WEIGHTS_FILE), ("offset", offset), ("length", length)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            self.model.graph.initializer.append(tensor)
+
+
+def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> UniversalGraph:
+    """Traces ``model`` once in ``precision`` and returns the universal graph and its weights. The graph interface
+    (input names, shapes, dummy inputs) and the cached shape come from the model's family."""
+    from ..models import family_of_config
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    config = model.config
+    family = family or family_of_config(config)
+    num_sublayers = 2 * family.num_layers(config)
+    stand_in = copy.deepcopy(model).to(dtype).eval()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in stand_in.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    inputs = [spec.name for spec in family.graph_inputs(config)]
+    outputs = [family.graph_output(config).name] + [fresh_output_name(k) for k in range(num_sublayers)]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_EveryBranch(stand_in, num_sublayers).eval(), family.dummy_inputs(config, 2), buffer,
+                          input_names=inputs, output_names=outputs, opset_version=OPSET, dynamo=False,
+                          export_params=False, do_constant_folding=False,
+                          dynamic_axes={name: {0: "batch"} for name in [*inputs, *outputs]})
+    graph_model = onnx.load_from_string(buffer.getvalue())
+    weights = _attach_parameters(graph_model, model, dtype)
+    _merge_equal_constants(graph_model)
+    _name_dims(graph_model, family.cached_shape(config))
+    return UniversalGraph(graph_model, weights, precision, num_sublayers)
+
+
+def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """Renames the parameter inputs (``model.<name>``) to ``<name>``, or ``<name>.T`` for a weight that only feeds
+    Transpose (whose data is then stored transposed and the Transpose removed), and returns their arrays."""
+    graph = graph_model.graph
+    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weights: dict[str, np.ndarray] = {}
+    kept_inputs = []
+    removed_nodes = set()
+    for graph_input in graph.input:
+        if graph_input.name not in state:
+            kept_inputs.append(graph_input)
+            continue
+        array = _to_numpy(state[graph_input.name].to(dtype))
+        name = graph_input.name[len("model."):]
+        users = consumers.get(graph_input.name, [])
+        if users and all(node.op_type == "Transpose" and _perm(node) == [1, 0] for node in users):
+            transposed_name = f"{name}.T"
+            weights[transposed_name] = np.ascontiguousarray(array.T)
+            for node in users:  # every reader of the Transpose reads the stored transposed weight instead
+                _rename_uses(graph, node.output[0], transposed_name)
+                removed_nodes.add(id(node))
+        else:
+            weights[name] = array
+            _rename_uses(graph, graph_input.name, name)
+    nodes = [node for node in graph.node if id(node) not in removed_nodes]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    return weights
+
+
+def _merge_equal_constants(graph_model: onnx.ModelProto) -> None:
+    """Keeps one ``Constant`` node per distinct value (the trace emits one per use: 367 on DiT-S/2, 18 distinct).
+    Every subset session holds its graph, so this is memory: measured on DiT-S/2 with 11 int8 subsets, 0.3 MB less
+    per session."""
+    graph = graph_model.graph
+    outputs = {output.name for output in graph.output}
+    first: dict[bytes, str] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] not in outputs:
+            value = b"".join(attribute.SerializeToString() for attribute in node.attribute)
+            if value in first:
+                renamed[node.output[0]] = first[value]
+                continue
+            first[value] = node.output[0]
+        kept.append(node)
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _perm(node: onnx.NodeProto) -> list[int]:
+    for attribute in node.attribute:
+        if attribute.name == "perm":
+            return list(attribute.ints)
+    return []
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.detach().contiguous().numpy()
+
+
+def _onnx_dtype(array: np.ndarray) -> int:
+    if array.dtype.name == "bfloat16":
+        return TensorProto.BFLOAT16
+    return onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+
+
+def _name_dims(graph_model: onnx.ModelProto, cached_shape: tuple[int, ...]) -> None:
+    """Static shapes on the graph boundary besides the batch: (batch, T, D) for the branch outputs."""
+    for output in graph_model.graph.output:
+        if output.name.startswith("fresh_"):
+            dims = output.type.tensor_type.shape.dim
+            del dims[:]
+            for value in ("batch", *cached_shape):
+                dim = dims.add()
+                if isinstance(value, str):
+                    dim.dim_param = value
+                else:
+                    dim.dim_value = value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def weights_layout(universal: UniversalGraph) -> dict[str, tuple[int, int]]:
+    """name -> (offset, length) of every initializer in the shared weights file: sorted by name, page-aligned."""
+    layout, offset = {}, 0
+    for name in sorted(universal.weights):
+        offset += (-offset) % _ALIGNMENT
+        layout[name] = (offset, universal.weights[name].nbytes)
+        offset += universal.weights[name].nbytes
+    return layout
+
+
+def write_weights(universal: UniversalGraph, path: Path) -> dict[str, tuple[int, int]]:
+    """Writes every initializer once to ``path`` at :func:`weights_layout`; returns the layout.
+
+    Written by hand because onnx's ``save_as_external_data`` writes one file per model, and the point here is one
+    file that every subset graph shares.
+    """
+    layout = weights_layout(universal)
+    chunks, end = [], 0
+    for name, (offset, length) in layout.items():
+        chunks += [b"\0" * (offset - end), universal.weights[name].tobytes()]
+        end = offset + length
+    atomic_write_bytes(path, b"".join(chunks))
+    return layout
+
+
+def subset_graph(universal: UniversalGraph, subset: SubsetPlan, graph_name: str) -> onnx.ModelProto:
+    """The graph of one subset: reused branches read ``cache_<slot>`` inputs, dead nodes pruned, live outputs only.
+    Call after :meth:`UniversalGraph.bind_weights`; the result references the shared weights file."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(universal.model)
+    tensors = graph.tensors()
+    precision_dtype = ONNX_DTYPES[universal.precision]
+    for k in subset.reads:
+        fresh = tensors[fresh_output_name(k)]
+        # The ONNX type enum, not a numpy dtype: numpy has no bfloat16, and graphsurgeon takes either.
+        cached = gs.Variable(cache_input_name(k), dtype=precision_dtype, shape=fresh.shape)
+        for consumer in list(fresh.outputs):
+            consumer.inputs[consumer.inputs.index(fresh)] = cached
+        graph.inputs.append(cached)
+    model_outputs = {tensor.name for tensor in graph.outputs if not tensor.name.startswith("fresh_")}
+    keep = model_outputs | {fresh_output_name(k) for k in subset.writes}
+    graph.outputs = [tensor for tensor in graph.outputs if tensor.name in keep]
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    graph.name = graph_name
+    result = gs.export_onnx(graph)
+    for opset in result.opset_import:
+        if opset.domain in ("", "ai.onnx"):  # an int8 graph also imports com.microsoft (l2c_export.export.quantize)
+            opset.version = OPSET
+    return result
+
+
+def used_ops(model: onnx.ModelProto) -> set[str]:
+    return {node.op_type for node in model.graph.node}
+
+
+def check_ops_supported(model: onnx.ModelProto, supported: Iterable[str], where: str) -> None:
+    """Raises ValueError naming every op of ``model`` that is not in ``supported``."""
+    missing = sorted(used_ops(model) - set(supported))
+    if missing:
+        raise ValueError(f"{where}: uses ops outside TensorRT's ONNX parser support matrix: {', '.join(missing)}")

@@ -1,0 +1,158 @@
+"""Model families: what every stage needs to know about a kind of model, declared in one place per family.
+
+A family (``dit/``, ``uvit/``) is one folder whose ``__init__`` defines a :class:`ModelFamily`; this registry maps its
+name to it. Plan, export, build, manifest, runtime, backends, verify and bench read only a family's declaration or
+the manifest a build wrote from it; none of them knows which family it handles. (The pattern: Optimum's
+per-architecture ONNX export configs and TensorRT demo/Diffusion's ``BaseModel``.)
+
+Adding a family: a folder with the model (a module whose ``forward_cached(x, t, y, compute, cache)`` computes
+sub-layer ``i`` where ``compute[i]`` and otherwise adds ``cache[i]``) and a :class:`ModelFamily` subclass, and one line
+in :data:`FAMILIES` (or :func:`register` at run time, as the tests' toy family does).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+LATENT_SCALE = 0.18215  # the SD-VAE scale both DiT and U-ViT latents use
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the graph interface, the batch axis left out: ``shape`` is per sample. ``role`` says what a
+    runtime feeds or reads: ``sample`` (x), ``time`` (the timestep, float), ``label`` (class index), ``output``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    role: str
+
+    def record(self) -> dict:
+        """The manifest's tensor record."""
+        return {"name": self.name, "dtype": self.dtype, "shape": ["batch", *self.shape], "role": self.role}
+
+
+class ModelFamily:
+    """What the stages need of one model family. Subclasses set the class attributes and implement the methods."""
+
+    name: str  # registry key, recorded in the manifest
+    config_class: type  # the family's config dataclass
+    model_names: tuple[str, ...]  # presets, e.g. DiT-XL/2
+    default_sampler: str  # "ddim", "ddpm" or "dpm_solver_2s"
+    default_cfg_scale: float  # uncond + s * (cond - uncond), the same meaning for every family
+    latent_scale: float = LATENT_SCALE
+
+    # -- configs and checkpoints -----------------------------------------------------------------------------------
+    def config_from_dict(self, data: Mapping):
+        raise NotImplementedError
+
+    def preset(self, model_name: str, image_size: int, num_classes: int):
+        """The config of preset ``model_name`` for ``image_size`` pixels (latents at 1/8) and ``num_classes``."""
+        raise NotImplementedError
+
+    def create(self, config):
+        """A model with this family's initialisation (random weights)."""
+        raise NotImplementedError
+
+    def load(self, path: str | Path, config):
+        """The model of ``config`` with the weights of ``path`` (safe loading, clear errors), eval mode, fp32."""
+        from .checkpoint import load_into
+
+        return load_into(path, self.create(config))
+
+    # -- sub-layers --------------------------------------------------------------------------------------------------
+    def num_layers(self, config) -> int:
+        """Layers with an attention and an MLP sub-layer: the schedule has 2 * num_layers columns; sub-layer 2l (cache
+        slot ``attn_l``) is layer l's attention, 2l + 1 (``mlp_l``) its MLP (:func:`l2c_export.core.plan.slot_name`)."""
+        raise NotImplementedError
+
+    def cached_shape(self, config) -> tuple[int, ...]:
+        """Per-sample shape of a cached sub-layer output, (T, D)."""
+        raise NotImplementedError
+
+    # -- graph interface ---------------------------------------------------------------------------------------------
+    def graph_inputs(self, config) -> list[TensorSpec]:
+        """The model inputs, in the order ``forward_cached`` takes them."""
+        raise NotImplementedError
+
+    def graph_output(self, config) -> TensorSpec:
+        raise NotImplementedError
+
+    def dummy_inputs(self, config, batch: int) -> tuple:
+        """Torch tensors for tracing, one per :meth:`graph_inputs` entry."""
+        import torch
+
+        tensors = []
+        for spec in self.graph_inputs(config):
+            if spec.role == "time":
+                tensors.append(torch.full((batch, *spec.shape), 500.0))
+            elif spec.dtype == "int64":
+                tensors.append(torch.zeros((batch, *spec.shape), dtype=torch.int64))
+            else:
+                tensors.append(torch.zeros((batch, *spec.shape)))
+        return tuple(tensors)
+
+    # -- cost and sampling conventions -------------------------------------------------------------------------------
+    def count_macs(self, config):
+        """:class:`l2c_export.core.macs.MacCount` of one sample's forward."""
+        raise NotImplementedError
+
+    def guided_channels(self, config, guide_all: bool = False) -> int:
+        """How many leading output channels classifier-free guidance mixes."""
+        raise NotImplementedError
+
+    def null_class(self, config) -> int:
+        """The label of the unconditional half; labels 0 .. null_class - 1 are the classes."""
+        raise NotImplementedError
+
+
+def config_from_dict(cls, data: Mapping, family: str):
+    """A model config dataclass from a dict, refusing fields it does not have (one rule for every family)."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {family} config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+    return cls(**dict(data))
+
+
+# name -> module defining FAMILY; adding a family is one line here.
+FAMILIES = {"dit": "l2c_export.models.dit", "uvit": "l2c_export.models.uvit"}
+_loaded: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> None:
+    """Adds a family defined outside this package (a plug-in, or a test's toy family)."""
+    _loaded[family.name] = family
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in _loaded:
+        if name not in FAMILIES:
+            known = sorted(set(FAMILIES) | set(_loaded))
+            raise ValueError(f"unknown model family {name!r}; expected one of {', '.join(known)}")
+        _loaded[name] = importlib.import_module(FAMILIES[name]).FAMILY
+    return _loaded[name]
+
+
+def all_families() -> list[ModelFamily]:
+    return [get_family(name) for name in sorted(set(FAMILIES) | set(_loaded))]
+
+
+def family_of_config(config) -> ModelFamily:
+    """The family whose config class ``config`` is an instance of."""
+    for family in all_families():
+        if isinstance(config, family.config_class):
+            return family
+    raise ValueError(f"no registered model family has configs of type {type(config).__name__}")
+
+
+def family_of_model(model_name: str) -> ModelFamily:
+    """The family whose presets include ``model_name`` (DiT-XL/2, U-ViT-H/2, ...)."""
+    for family in all_families():
+        if model_name in family.model_names:
+            return family
+    names = [name for family in all_families() for name in family.model_names]
+    raise ValueError(f"unknown model {model_name!r}; expected one of {', '.join(names)}")

@@ -1,0 +1,94 @@
+"""Where models come from: the embedded defaults (digits models shipped in the package) and official checkpoints.
+
+A :class:`ModelSpec` says everything the later stages need about a model besides its weights: the architecture, whether
+it samples pixels or VAE latents, and its default sampler and guidance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.schedule import Schedule
+from ..samplers import DenoisingSampler, create_sampler
+from . import ModelFamily, family_of_model, get_family
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+EMBEDDED_MODELS = ("dit-digits", "uvit-digits")  # folders of DEMO_DIR, each with a model.json
+DEFAULT_NAME = "dit-digits"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config: object  # the family's config (DiTConfig, UViTConfig, ...)
+    weights: Path
+    space: str  # "pixel": samples are images in [-1, 1]; "latent": SD-VAE latents (scale 0.18215)
+    sampler_kind: str = "ddim"
+    num_steps: int = 20  # model calls (NFE)
+    cfg_scale: float = 4.0
+    clip_denoised: bool = False
+    default_schedule: Path | None = None
+    default_router: Path | None = None
+    family_name: str = "dit"
+
+    @property
+    def family(self) -> ModelFamily:
+        return get_family(self.family_name)
+
+    @property
+    def num_layers(self) -> int:
+        return self.family.num_layers(self.config)
+
+    def load_model(self):
+        return self.family.load(self.weights, self.config)
+
+    def sampler(self, kind: str | None = None, num_steps: int | None = None) -> DenoisingSampler:
+        """The sampler ``kind`` (default: the model's) with ``num_steps`` model calls (NFE; default: the model's)."""
+        return create_sampler(kind or self.sampler_kind, num_steps or self.num_steps, clip_denoised=self.clip_denoised)
+
+    def schedule(self) -> Schedule | None:
+        return Schedule.load(self.default_schedule) if self.default_schedule else None
+
+
+def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
+    """A model shipped in ``l2c_export/demo/NAME/`` (see its ``model.json``): the digits DiT by default."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; expected one of {', '.join(EMBEDDED_MODELS)}")
+    folder = DEMO_DIR / name
+    info = json.loads((folder / "model.json").read_text())
+    family = get_family(info.get("family", "dit"))
+    return ModelSpec(name=info["name"], config=family.config_from_dict(info["config"]),
+                     weights=folder / info["weights"], space=info["space"], sampler_kind=info["sampler"]["kind"],
+                     num_steps=info["sampler"]["num_steps"], cfg_scale=info["cfg_scale"],
+                     clip_denoised=info["sampler"].get("clip_denoised", False),
+                     default_schedule=folder / info["schedule"] if info.get("schedule") else None,
+                     default_router=folder / info["router"] if info.get("router") else None,
+                     family_name=family.name)
+
+
+def official(checkpoint: str | Path, model: str, image_size: int, num_classes: int = 1000) -> ModelSpec:
+    """An official checkpoint of a preset (DiT-XL/2, U-ViT-H/2, ...): ``image_size`` in pixels, 4-channel latents at
+    1/8; the family's default sampler and guidance scale."""
+    if image_size % 8:
+        raise ValueError(f"--image-size {image_size} is not a multiple of 8 (latents are 1/8 of the image)")
+    family = family_of_model(model)
+    config = family.preset(model, image_size, num_classes)
+    return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent",
+                     sampler_kind=family.default_sampler, cfg_scale=family.default_cfg_scale, family_name=family.name)
+
+
+def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | None,
+            num_classes: int | None) -> ModelSpec:
+    """Without a checkpoint, an embedded model (``model``: dit-digits, the default, or uvit-digits); else the official
+    model the flags describe."""
+    if checkpoint is None:
+        if model is not None and model not in EMBEDDED_MODELS:
+            raise ValueError(f"--model {model} needs --checkpoint; without one, --model is an embedded model: "
+                             f"{', '.join(EMBEDDED_MODELS)}")
+        return embedded_default(model or DEFAULT_NAME)
+    if model is None or image_size is None:
+        raise ValueError("--checkpoint needs --model (for example DiT-XL/2 or U-ViT-H/2) and --image-size (pixels, "
+                         "for example 256)")
+    return official(checkpoint, model, image_size, num_classes or 1000)

@@ -1,0 +1,138 @@
+"""PyTorch backend: the eager reference, built from the manifest and ``weights.bin`` alone (the initializer names are
+the official parameter names; ``.T`` ones are stored transposed), and on a GPU optionally one captured CUDA graph per
+subset and batch size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ...models import get_family
+from . import selected_subsets, weight_arrays
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
+           "fp8": torch.float32}
+
+
+def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
+                        precision: str | None = None) -> torch.nn.Module:
+    """The model of a build (of its family), its weights read back from ``weights.bin``, in the build's precision
+    (or ``precision``). An int8/fp8 build's weights come back dequantized (the float32 model its engines stand for)."""
+    from ...export.quantize import dequantize
+
+    dtype = _DTYPES[precision or manifest["precision"]]
+    family = get_family(manifest["model"]["family"])
+    model = family.create(family.config_from_dict(manifest["model"]["config"]))
+    parameters = set(model.state_dict())
+    arrays = weight_arrays(manifest, folder)
+    quantized = {e["name"]: e["quantization"] for e in manifest["weight_tensors"] if "quantization" in e}
+    if quantized:
+        arrays = dequantize(arrays, quantized)
+    state = {}
+    for name, array in arrays.items():
+        if name.removesuffix(".T") not in parameters:  # an activation scale of a qdq build
+            continue
+        tensor = torch.from_numpy(np.array(array.view(np.uint16) if array.dtype.name == "bfloat16" else array))
+        if array.dtype.name == "bfloat16":
+            tensor = tensor.view(torch.bfloat16)
+        state[name.removesuffix(".T")] = tensor.T.contiguous() if name.endswith(".T") else tensor
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    return model.eval().to(device, dtype)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, manifest: dict, folder: Path, subsets: Sequence[int] | None = None, device: str = "cpu",
+                 cuda_graphs: bool = False):
+        if cuda_graphs and not device.startswith("cuda"):
+            raise ValueError("CUDA graphs need --device cuda")
+        self.device = torch.device(device)
+        self.model = model_from_manifest(manifest, Path(folder), device)
+        self.dtype = _DTYPES[manifest["precision"]]
+        self.compute = {record["index"]: [bool(c) for c in record["compute"]]
+                        for record in selected_subsets(manifest, subsets)}
+        self.input_names = [tensor["name"] for tensor in manifest["model"]["inputs"]]
+        self.cached_shape = tuple(manifest["cache_slots"][0]["shape"][1:]) if manifest["cache_slots"] else ()
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple[int, int], _CapturedStep] = {}
+
+    @property
+    def providers(self) -> list[str]:
+        return [f"torch-{self.device.type}" + ("-cudagraph" if self.cuda_graphs else "")]
+
+    def new_request(self) -> dict[int, torch.Tensor]:
+        return {}
+
+    def write_cache(self, state: dict, slot: str, value: np.ndarray) -> None:
+        state[_slot_index(slot)] = torch.from_numpy(np.ascontiguousarray(value)).to(self.device, self.dtype)
+
+    def read_cache(self, state: dict, slot: str) -> np.ndarray:
+        return state[_slot_index(slot)].float().cpu().numpy()
+
+    @torch.no_grad()
+    def run(self, subset: int, feeds: dict[str, np.ndarray], state: dict) -> np.ndarray:
+        inputs = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
+                       for name in self.input_names)
+        batch = len(inputs[0])
+        if self.cuda_graphs:
+            step = self._graphs.get((subset, batch))
+            if step is None:
+                step = self._graphs[(subset, batch)] = _CapturedStep(self.model, self.compute[subset], inputs,
+                                                                     self.cached_shape, self.dtype)
+            out = step(inputs, state)
+        else:
+            out = self.model.forward_cached(*_cast(inputs, self.dtype), self.compute[subset], state)
+        return out.float().cpu().numpy()
+
+
+def _cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Sample inputs (floating, more than one axis) in the model's dtype; times and labels as they are."""
+    return tuple(i.to(dtype) if i.is_floating_point() and i.ndim > 1 else i for i in inputs)
+
+
+def _slot_index(slot: str) -> int:
+    """``attn_j`` -> 2j, ``mlp_j`` -> 2j + 1."""
+    kind, block = slot.split("_")
+    return 2 * int(block) + (kind == "mlp")
+
+
+class _CapturedStep:
+    """One subset at one batch size captured as a CUDA graph over static buffers.
+
+    The request's cache tensors are copied into the static input slots before replay and the fresh values out after
+    it: a CUDA graph has fixed addresses, while the cache belongs to the request.
+    """
+
+    def __init__(self, model: torch.nn.Module, compute: list[bool], inputs: tuple[torch.Tensor, ...],
+                 cached_shape: tuple[int, ...], dtype):
+        self.compute = compute
+        self.reads = [k for k, on in enumerate(compute) if not on]
+        self.static = tuple(tensor.clone() for tensor in inputs)
+        device = inputs[0].device
+        shape = (len(inputs[0]), *cached_shape)
+        self.static_cache = {k: torch.zeros(shape, dtype=dtype, device=device) for k in self.reads}
+        cache = dict(self.static_cache)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the capture, as CUDA graphs require
+            model.forward_cached(*_cast(self.static, dtype), compute, dict(cache))
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model.forward_cached(*_cast(self.static, dtype), compute, cache)
+        self.fresh = {k: v for k, v in cache.items() if compute[k]}
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...], state: dict) -> torch.Tensor:
+        for static, tensor in zip(self.static, inputs):
+            static.copy_(tensor)
+        for k in self.reads:
+            self.static_cache[k].copy_(state[k])
+        self.graph.replay()
+        for k, value in self.fresh.items():
+            state[k] = value.clone()
+        return self.out

@@ -1,0 +1,162 @@
+"""The runtime: reads a build's manifest, and samples by running each model call on that call's subset engine.
+
+It drives the one denoising loop (:func:`l2c_export.samplers.denoise`) with numpy arrays, so the ONNX Runtime and
+TensorRT backends need no PyTorch; every name and shape comes from the manifest. Each call is one request with its
+own cache, so a pipeline can serve requests from several threads::
+
+    pipe = L2CPipeline.from_engine_dir("engines/dit-digits-onnxruntime-fp32")
+    result = pipe(labels=[3, 7], cfg_scale=4.0, seed=0)
+    result.images      # list of PIL images (pixel models) / result.samples (n, C, H, W)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..core import manifest as manifest_io
+from ..core.util import check_finite
+from ..samplers import ModelCall, denoise, sampler_from_dict
+from ..samplers.guidance import apply_guidance, check_labels, guidance_batch, make_noise, step_noise
+from .backends import Backend, load_backend
+
+
+@dataclass(frozen=True)
+class ModelInterface:
+    """The model's graph interface as the manifest records it: which input is the sample, the time and the label,
+    their shapes, and the output. Every shape and name a runtime uses comes from here."""
+
+    sample: str
+    time: str
+    label: str
+    output: str
+    sample_shape: tuple[int, ...]  # per sample: (C, H, W)
+    output_shape: tuple[int, ...]  # per sample: (C_out, H, W)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "ModelInterface":
+        by_role = {tensor["role"]: tensor for tensor in manifest["model"]["inputs"]}
+        missing = {"sample", "time", "label"} - set(by_role)
+        if missing:
+            raise manifest_io.ManifestError(f"manifest: field 'model/inputs' has no input with role "
+                                            f"{', '.join(sorted(missing))}")
+        output = manifest["model"]["output"]
+        return cls(sample=by_role["sample"]["name"], time=by_role["time"]["name"], label=by_role["label"]["name"],
+                   output=output["name"], sample_shape=tuple(by_role["sample"]["shape"][1:]),
+                   output_shape=tuple(output["shape"][1:]))
+
+    def feeds(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """Input name -> array for one model call: x (N, C, H, W) float32, t (N,) float32, y (N,) int64."""
+        return {self.sample: np.ascontiguousarray(x, dtype=np.float32),
+                self.time: np.ascontiguousarray(t, dtype=np.float32),
+                self.label: np.ascontiguousarray(y, dtype=np.int64)}
+
+
+@dataclass
+class SampleResult:
+    samples: np.ndarray  # (n, C, H, W) float32: images in [-1, 1] for pixel models, latents for latent models
+    seconds: float  # the whole sampling loop
+    engine_seconds: float  # inside the engines
+    step_subsets: list[int] = field(default_factory=list)  # the subset of each model call
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Time spent outside the engines (sampler math, dispatch, binding) over the whole loop."""
+        return max(0.0, 1.0 - self.engine_seconds / self.seconds) if self.seconds > 0 else 0.0
+
+    @property
+    def images(self):
+        """PIL images of a pixel-space model's samples."""
+        from PIL import Image
+
+        from ..core.images import to_uint8
+
+        pictures = to_uint8(self.samples)
+        return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pictures]
+
+
+class L2CPipeline:
+    """Samples from an L2C build: class labels in, images or latents out."""
+
+    def __init__(self, manifest: dict, folder: Path, backend: Backend):
+        self.manifest = manifest
+        self.folder = Path(folder)
+        self.backend = backend
+        self.sampler = sampler_from_dict(manifest["sampler"])
+        self.interface = ModelInterface.from_manifest(manifest)
+        self.num_classes = manifest["guidance"]["null_class"]  # labels 0 .. null_class - 1
+        self.sample_shape = self.interface.sample_shape
+        self.step_subset = manifest["schedule"]["step_subset"]
+        self.full_subset = next(s["index"] for s in manifest["subsets"] if all(s["compute"]))
+
+    @classmethod
+    def from_engine_dir(cls, path: str | Path, backend: str = "onnxruntime", verify: bool = True,
+                        subsets: Sequence[int] | None = None, **backend_options) -> "L2CPipeline":
+        """Loads ``path/manifest.json`` (checking every file's sha256 unless ``verify`` is false) and its engines."""
+        data = manifest_io.load(path, verify_files=verify)
+        return cls(data, Path(path), load_backend(backend, data, Path(path), subsets=subsets, **backend_options))
+
+    @property
+    def providers(self) -> list[str]:
+        return self.backend.providers
+
+    def __call__(self, labels: Sequence[int], cfg_scale: float | None = None, seed: int = 0,
+                 noise: np.ndarray | None = None, full: bool = False, progress: bool = False) -> SampleResult:
+        """Samples ``len(labels)`` images.
+
+        noise: (n, C, H, W) float32 initial noise for the n conditional samples (default: ``make_noise(seed, ...)``);
+        guidance duplicates it for the null-class half. DDPM draws its step noise from ``seed`` too.
+        full: run the full-compute engine at every call (the reference the schedule is measured against).
+        """
+        labels = [int(label) for label in labels]
+        if not labels:
+            raise ValueError("no labels given; expected at least one class label")
+        check_labels(labels, self.num_classes)
+        cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
+                                 "cfg_scale", low=1.0)
+        expected = (len(labels), *self.sample_shape)
+        if noise is None:
+            noise = make_noise(seed, expected)
+        elif tuple(noise.shape) != expected:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {expected} (n labels, C, H, W)")
+        elif not np.isfinite(noise).all():
+            raise ValueError("noise holds NaN or infinite values; expected finite noise")
+        guiding = cfg_scale > 1.0
+        _, y = guidance_batch(noise, labels, self.num_classes, cfg_scale)
+        guided = self.manifest["guidance"]["guided_channels"]
+        state = self.backend.new_request()
+        subsets = [self.full_subset] * self.sampler.num_calls if full else list(self.step_subset)
+        n = len(labels)
+        engine_seconds = 0.0
+
+        def run_model(call: ModelCall) -> np.ndarray:
+            nonlocal engine_seconds
+            model_x = np.concatenate([call.x, call.x]) if guiding else call.x  # both halves run on the same samples
+            t = np.full(len(model_x), call.t, dtype=np.float32)
+            engine_start = time.perf_counter()
+            out = self.backend.run(subsets[call.index], self.interface.feeds(model_x, t, y), state)
+            engine_seconds += time.perf_counter() - engine_start
+            return apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
+
+        def ddpm_noise(s: int) -> np.ndarray:
+            return step_noise(seed, s, (len(y), *self.sample_shape))[:n]  # drawn for the model batch, as DiT does
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.sampler.num_calls, desc=f"sampling ({self.backend.name})", leave=False)
+        start = time.perf_counter()
+        try:
+            x = denoise(self.sampler, np.asarray(noise, dtype=np.float32), run_model, ddpm_noise,
+                        progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - start
+        return SampleResult(samples=np.asarray(x, dtype=np.float32), seconds=seconds, engine_seconds=engine_seconds,
+                            step_subsets=subsets)

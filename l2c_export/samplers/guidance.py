@@ -1,0 +1,57 @@
+"""The inputs and outputs of model calls, shared by the PyTorch reference and the runtimes (which must not need
+PyTorch): seeded noise, labels and the classifier-free guidance batch and mix."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_noise(seed: int, shape) -> np.ndarray:
+    """Standard normal float32 noise of ``shape`` from ``numpy.random.default_rng(seed)``: the same for every
+    backend."""
+    return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+
+
+def step_noise(seed: int, step: int, shape) -> np.ndarray:
+    """The noise DDPM adds after sampling step ``step``: ``make_noise(seed + step + 1, shape)`` (step 0 of a request
+    is fed ``make_noise(seed, ...)`` as its initial noise, so the two never coincide)."""
+    return make_noise(seed + step + 1, shape)
+
+
+def check_labels(labels, num_classes: int) -> None:
+    bad = [int(label) for label in labels if not 0 <= int(label) < num_classes]
+    if bad:
+        raise ValueError(f"labels {bad} are out of range; expected class indices in 0..{num_classes - 1}")
+
+
+def guidance_batch(noise: np.ndarray, labels, num_classes: int, cfg_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The batch the model runs: (n, C, H, W) noise and n labels -> x (2n, ...) and y (2n,) with the null class in
+    the second half when guiding (cfg_scale > 1, as DiT's sample.py), else the inputs unchanged."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if cfg_scale > 1.0:
+        return (np.concatenate([noise, noise], axis=0),
+                np.concatenate([labels, np.full_like(labels, num_classes)]))
+    return noise, labels
+
+
+def default_guided_channels(in_channels: int) -> int:
+    """DiT's ``forward_with_cfg`` guides ``model_out[:, :3]``: the first three eps channels of a 4-channel latent
+    model. Reproduce that for 4 channels; for other models guide all eps channels (``[:, :3]`` would reach into the
+    learned-sigma channels of a 1-channel model)."""
+    return 3 if in_channels == 4 else in_channels
+
+
+def apply_guidance(model_out, cfg_scale: float, guided_channels: int):
+    """model_out: (2B, C_out, H, W), conditional half first -> the same shape with both halves guided.
+
+    Works on torch tensors and numpy arrays alike, so that runtimes without PyTorch share it.
+    """
+    eps, rest = model_out[:, :guided_channels], model_out[:, guided_channels:]
+    half = len(eps) // 2
+    cond_eps, uncond_eps = eps[:half], eps[half:]
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    if isinstance(model_out, np.ndarray):
+        return np.concatenate([np.concatenate([half_eps, half_eps], axis=0), rest], axis=1)
+    import torch  # only reached with torch tensors, so torch is there
+
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)

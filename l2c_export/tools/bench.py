@@ -1,0 +1,252 @@
+"""``l2c-export bench``: full compute against the schedule on the same engines, machine and batch, interleaved.
+
+Per backend: one warm-up run of each, then ``repeats`` pairs (full, schedule) alternating, medians of each. Builds of
+one model measured together (``bench DIR_FP32 DIR_INT8``) are interleaved in the same loop, and every row also gets
+its speedups against the fp32 build's full compute of that same run. Memory is
+measured in a fresh subprocess per configuration, as the growth of the resident set from loading the engines and
+running each once (the Python, numpy and ONNX Runtime imports come before the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core import manifest as manifest_io
+
+
+@dataclass
+class BenchResult:
+    model: str
+    backend: str
+    precision: str  # the build's (manifest) precision
+    providers: list[str]
+    batch: int  # images; the model batch is twice this with guidance
+    full_seconds: float
+    schedule_seconds: float
+    speedup: float
+    ideal_speedup: float
+    speedup_of_ideal: float
+    step_overhead_fraction: float
+    memory_all_engines_bytes: int | None
+    memory_full_engine_bytes: int | None
+    model_weights_bytes: int
+    num_subsets: int
+    repeats: int
+    fp32_full_seconds: float | None = None  # the fp32 build's full compute in the same run (None: none measured)
+    full_speedup_vs_fp32: float | None = None  # fp32 full / this build's full
+    schedule_speedup_vs_fp32: float | None = None  # fp32 full / this build's schedule
+    schedule_of_target: float | None = None  # schedule_speedup_vs_fp32 / (full_speedup_vs_fp32 x ideal_speedup)
+    # The C++ runtime (cpp/, built by `make cpp`) on the same build: onnxruntime builds only, None where not built.
+    cpp_memory_all_engines_bytes: int | None = None
+    cpp_memory_full_engine_bytes: int | None = None
+
+
+def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
+              measure_memory: bool = True, threads: int | None = None) -> BenchResult:
+    return benchmark_together([folder], backend, batch, repeats, measure_memory, threads)[0]
+
+
+def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
+                       measure_memory: bool = True, threads: int | None = None) -> list[BenchResult]:
+    """One row per build, all measured in one interleaved loop (each repeat runs every build's full compute and
+    schedule in turn), so that ratios between builds (int8 against fp32) share the machine's load."""
+    from ..runtime.pipeline import L2CPipeline
+
+    folders = [Path(folder) for folder in folders]
+    options = {"threads": threads} if backend == "onnxruntime" and threads else {}
+    pipes = [L2CPipeline.from_engine_dir(folder, backend=backend, **options) for folder in folders]
+    full = [[] for _ in pipes]
+    scheduled = [[] for _ in pipes]
+    overhead = [[] for _ in pipes]
+    for pipe in pipes:
+        labels = [i % pipe.num_classes for i in range(batch)]
+        pipe(labels, seed=0, full=True)
+        pipe(labels, seed=0)
+    for repeat in range(repeats):
+        for i, pipe in enumerate(pipes):
+            labels = [k % pipe.num_classes for k in range(batch)]
+            full[i].append(pipe(labels, seed=repeat, full=True).seconds)
+            result = pipe(labels, seed=repeat)
+            scheduled[i].append(result.seconds)
+            overhead[i].append(result.overhead_fraction)
+    results = []
+    for i, (folder, pipe) in enumerate(zip(folders, pipes)):
+        full_seconds, schedule_seconds = statistics.median(full[i]), statistics.median(scheduled[i])
+        data = pipe.manifest
+        memory_all = memory_full = cpp_all = cpp_full = None
+        if measure_memory:
+            memory_all = measure_engine_memory(folder, backend, batch, "all")
+            memory_full = measure_engine_memory(folder, backend, batch, "full")
+            # The C++ runtime reads fp32 and fp16 builds (not yet int8's quantization records).
+            if backend == "onnxruntime" and data["precision"] in ("fp32", "fp16") and CPP_MEMORY_PROBE.is_file():
+                cpp_all, cpp_full = (measure_cpp_engine_memory(folder, batch, which) for which in ("all", "full"))
+        ideal = data["macs"]["ideal_speedup"]
+        results.append(BenchResult(model=data["name"], backend=backend, precision=data["precision"],
+                                   providers=pipe.providers, batch=batch, full_seconds=full_seconds,
+                                   schedule_seconds=schedule_seconds, speedup=full_seconds / schedule_seconds,
+                                   ideal_speedup=ideal, speedup_of_ideal=full_seconds / schedule_seconds / ideal,
+                                   step_overhead_fraction=statistics.median(overhead[i]),
+                                   memory_all_engines_bytes=memory_all, memory_full_engine_bytes=memory_full,
+                                   model_weights_bytes=data["weights"]["bytes"], num_subsets=len(data["subsets"]),
+                                   repeats=repeats, cpp_memory_all_engines_bytes=cpp_all,
+                                   cpp_memory_full_engine_bytes=cpp_full))
+    _against_fp32(results, [pipe.manifest for pipe in pipes])
+    return results
+
+
+def _against_fp32(results: list[BenchResult], manifests: list[dict]) -> None:
+    """Fills each row's speedups against the full compute of an fp32 build of the same checkpoint and model config
+    measured in the same run (the first such build given)."""
+    for result, data in zip(results, manifests):
+        baseline = next((r for r, d in zip(results, manifests) if d["precision"] == "fp32"
+                         and d["model"]["weights_sha256"] == data["model"]["weights_sha256"]
+                         and d["model"]["config"] == data["model"]["config"]), None)
+        if baseline is None:
+            continue
+        result.fp32_full_seconds = baseline.full_seconds
+        result.full_speedup_vs_fp32 = baseline.full_seconds / result.full_seconds
+        result.schedule_speedup_vs_fp32 = baseline.full_seconds / result.schedule_seconds
+        result.schedule_of_target = result.schedule_speedup_vs_fp32 / (result.full_speedup_vs_fp32
+                                                                       * result.ideal_speedup)
+
+
+def measure_engine_memory(folder: Path, backend: str, batch: int, which: str) -> int:
+    """Resident-set growth (bytes) of loading ``which`` ("all" or "full") engines and running each once, measured
+    in a fresh interpreter so that nothing loaded before skews it."""
+    command = [sys.executable, "-m", "l2c_export.tools.bench", str(folder), backend, str(batch), which]
+    result = subprocess.run(command, capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+CPP_MEMORY_PROBE = Path(__file__).resolve().parents[2] / "cpp" / "build" / "l2c-memory-probe"
+
+
+def measure_cpp_engine_memory(folder: Path, batch: int, which: str) -> int:
+    """The same measurement for the C++ runtime: ``l2c-memory-probe`` (cpp/tools/memory_probe.cpp) loads ONNX
+    Runtime, then the engines, samples once with each, and prints its resident-set growth."""
+    result = subprocess.run([str(CPP_MEMORY_PROBE), str(folder), str(batch), which], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{CPP_MEMORY_PROBE} {folder} {batch} {which} failed: {result.stderr.strip()}")
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_probe(folder: str, backend: str, batch: int, which: str) -> int:
+    import onnxruntime  # noqa: F401  (imported before the baseline: its libraries are not the engines' cost)
+
+    if backend == "torch":
+        import torch  # noqa: F401
+    from ..runtime.backends import load_backend
+    from ..runtime.pipeline import ModelInterface
+    from ..samplers.guidance import guidance_batch, make_noise
+
+    data = manifest_io.load(folder, verify_files=False)
+    before = _resident_bytes()
+    full = next(s["index"] for s in data["subsets"] if all(s["compute"]))
+    subsets = None if which == "all" else [full]
+    engines = load_backend(backend, data, Path(folder), subsets=subsets)
+    interface = ModelInterface.from_manifest(data)
+    null_class = data["guidance"]["null_class"]
+    noise = make_noise(0, (batch, *interface.sample_shape))
+    x, y = guidance_batch(noise, [i % null_class for i in range(batch)], null_class, data["guidance"]["cfg_scale"])
+    feeds = interface.feeds(x, np.full(len(x), 500.0, dtype=np.float32), y)
+    state = engines.new_request()
+    order = [full] + [s["index"] for s in data["subsets"] if s["index"] != full] if subsets is None else [full]
+    for index in order:  # the full subset first: it writes every slot the others read
+        engines.run(index, feeds, state)
+    return _resident_bytes() - before
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def write_results(results: list[BenchResult], path: Path, machine: dict) -> None:
+    from ..core.util import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps({"machine": machine, "results": [asdict(r) for r in results]},
+                                             indent=1, allow_nan=False) + "\n")
+
+
+def table(results: list[BenchResult]) -> str:
+    header = (f"{'model':<14} {'backend':<12} {'prec':<5} {'batch':>5} {'full s':>8} {'L2C s':>8} {'speedup':>8} "
+              f"{'ideal':>6} {'of ideal':>8} {'overhead':>8} {'mem all':>9} {'mem full':>9} {'weights':>9} "
+              f"{'full/fp32':>9} {'L2C/fp32':>9}")
+    rows = [header, "-" * len(header)]
+    for r in results:
+        rows.append(f"{r.model:<14} {r.backend:<12} {r.precision:<5} {r.batch:>5} {r.full_seconds:>8.3f} "
+                    f"{r.schedule_seconds:>8.3f} {r.speedup:>7.3f}x {r.ideal_speedup:>5.3f}x {r.speedup_of_ideal:>8.3f} "
+                    f"{100 * r.step_overhead_fraction:>7.2f}% {_mib(r.memory_all_engines_bytes):>9} "
+                    f"{_mib(r.memory_full_engine_bytes):>9} {_mib(r.model_weights_bytes):>9} "
+                    f"{_times(r.full_speedup_vs_fp32):>9} {_times(r.schedule_speedup_vs_fp32):>9}")
+    return "\n".join(rows)
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}x"
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2 ** 20:.1f}M"
+
+
+def plot(results: list[BenchResult], path: Path) -> None:
+    """Achieved against ideal speedup, one marker per (model, backend), with the y = x line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..core.util import atomic_write_bytes
+
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    top = max([r.ideal_speedup for r in results] + [r.speedup for r in results]) * 1.08
+    axis.plot([1, top], [1, top], color="#999999", linestyle="--", label="achieved = ideal")
+    axis.plot([1, top], [0.98, 0.98 * top], color="#bbbbbb", linestyle=":", label="0.98 of ideal (target)")
+    for r in results:
+        axis.scatter([r.ideal_speedup], [r.speedup], s=60,
+                     label=f"{r.model} / {r.backend} / {r.precision} ({r.speedup:.2f}x)")
+    axis.set_xlabel("ideal speedup (MACs of full / MACs of schedule)")
+    axis.set_ylabel("achieved speedup (wall time of full / schedule)")
+    axis.set_xlim(0.95, top)
+    axis.set_ylim(0.95, top)
+    axis.legend(fontsize=7, loc="upper left")
+    axis.set_title("L2C schedule vs full compute, same engines and machine", fontsize=9)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+if __name__ == "__main__":  # the memory probe, run in a fresh interpreter by measure_engine_memory
+    folder_arg, backend_arg, batch_arg, which_arg = sys.argv[1:5]
+    print(_memory_probe(folder_arg, backend_arg, int(batch_arg), which_arg))

@@ -1,0 +1,51 @@
+"""Pictures of results: the schedule heatmap (steps x sub-layers)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ..core.schedule import Schedule
+from ..core.util import atomic_write_bytes
+
+
+def _figure_to_png(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def schedule_heatmap(schedule: Schedule, path: str | Path, title: str | None = None,
+                     mac_fraction: float | None = None) -> None:
+    """Writes a PNG: one row per sampling step, one column per sub-layer (attention, MLP alternating)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    n, width = schedule.compute.shape
+    figure, axis = plt.subplots(figsize=(max(6.0, width * 0.16 + 2), max(3.0, n * 0.22 + 1.5)))
+    axis.imshow(schedule.compute.astype(np.uint8), cmap=ListedColormap(["#f2f2f2", "#2b6cb0"]), aspect="auto",
+                interpolation="nearest", vmin=0, vmax=1)
+    axis.set_xlabel("sub-layer (2j attention, 2j+1 MLP of block j)")
+    axis.set_ylabel("sampling step (timestep)")
+    ticks = range(0, width, 2 if width <= 24 else 4)
+    axis.set_xticks(list(ticks))
+    axis.set_xticklabels([f"b{i // 2}" for i in ticks], fontsize=7)
+    labels = schedule.timesteps or list(range(n))
+    axis.set_yticks(range(n))
+    axis.set_yticklabels([f"{s} (t={t})" if schedule.timesteps else str(s) for s, t in enumerate(labels)], fontsize=7)
+    computed = schedule.computed_per_step()
+    for s, count in enumerate(computed):
+        axis.text(width - 0.4, s, f" {count}/{width}", va="center", ha="left", fontsize=7)
+    summary = f"{int(schedule.compute.sum())}/{schedule.compute.size} sub-layers computed (blue)"
+    if mac_fraction is not None:
+        summary += f", MAC fraction {mac_fraction:.3f}, ideal speedup {1 / mac_fraction:.2f}x"
+    axis.set_title((title + "\n" if title else "") + summary, fontsize=9)
+    _figure_to_png(figure, Path(path))

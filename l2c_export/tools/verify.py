@@ -1,0 +1,125 @@
+"""``l2c-export verify``: every subset engine against the PyTorch cached forward on the same inputs.
+
+The PyTorch reference (fp32, rebuilt from ``weights.bin``) samples through the schedule, driven by the one denoising
+loop; at the first model call that runs each subset, the engine gets exactly the reference's inputs and cache
+contents, and its model output and fresh branch outputs are compared with the reference's. Differences are relative to the reference tensor's largest magnitude.
+
+An int8/fp8 build's reference is by default the float32 model of its own weights dequantized (what the engines stand
+for: the error of quantized activations and arithmetic); with ``reference`` (an fp32 build of the same checkpoint) it
+is the original fp32 model, so the error includes the weights' quantization too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core import manifest as manifest_io
+from ..runtime.backends import cache_inputs, fresh_outputs, load_backend
+from ..runtime.backends.torch import model_from_manifest
+from ..runtime.pipeline import ModelInterface
+from ..samplers import ModelCall, denoise, sampler_from_dict
+from ..samplers.guidance import apply_guidance, guidance_batch, make_noise, step_noise
+
+# int8, measured on the embedded default against its fp32 build (verify --reference): the worst tensor of any subset,
+# a fresh branch output at the first step, is 4.6e-2 off with dynamic activations and 0.20 with static Q/DQ ones;
+# model_out 1.2e-2 and 3.2e-2; fp8 (E4M3 Q/DQ): 0.22, model_out 0.1. The tolerances leave 1.25x to 2x of headroom.
+DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2, "int8": 0.1, "int8-qdq": 0.25,
+                     "fp8": 0.3}
+
+
+@dataclass
+class SubsetCheck:
+    name: str
+    step: int  # the model call at which the subset was checked
+    worst: dict[str, float]  # output name -> max |engine - reference| / max |reference|
+    tolerance: float
+
+    @property
+    def worst_value(self) -> float:
+        return max(self.worst.values())
+
+    @property
+    def passed(self) -> bool:
+        return self.worst_value <= self.tolerance
+
+
+@torch.no_grad()
+def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: float | None = None,
+                 labels: tuple[int, ...] = (0, 1), seed: int = 0, reference: str | Path | None = None,
+                 **backend_options) -> tuple[list[SubsetCheck], list[str]]:
+    """Returns one check per subset and the providers the engines ran on. ``reference``: an fp32 build of the same
+    checkpoint whose weights are the reference (default: this build's own, dequantized where int8)."""
+    folder = Path(folder)
+    data = manifest_io.load(folder)
+    tolerance = default_tolerance(data) if tolerance is None else tolerance
+    engines = load_backend(backend, data, folder, **backend_options)
+    reference = _reference_model(data, folder, reference)
+    interface = ModelInterface.from_manifest(data)
+    sampler = sampler_from_dict(data["sampler"])
+    cfg_scale = data["guidance"]["cfg_scale"]
+    null_class = data["guidance"]["null_class"]
+    labels = tuple(label % null_class for label in labels)
+    noise = make_noise(seed, (len(labels), *interface.sample_shape))
+    guiding, n = cfg_scale > 1.0, len(labels)
+    _, y = guidance_batch(noise, labels, null_class, cfg_scale)
+    slot_index = {slot["name"]: slot["index"] for slot in data["cache_slots"]}
+    step_subset = data["schedule"]["step_subset"]
+    reference_cache: dict[int, torch.Tensor] = {}
+    checks: dict[int, SubsetCheck] = {}
+
+    def run_model(call: ModelCall) -> np.ndarray:
+        subset_index = step_subset[call.index]
+        record = data["subsets"][subset_index]
+        x = np.concatenate([call.x, call.x]) if guiding else call.x  # both halves run on the same samples
+        feeds = interface.feeds(x, np.full(len(x), call.t, dtype=np.float32), y)
+        check_now = subset_index not in checks
+        if check_now:  # the engine gets exactly the reference's inputs and cache contents
+            state = engines.new_request()
+            for tensor in cache_inputs(record):
+                engines.write_cache(state, tensor["slot"], reference_cache[slot_index[tensor["slot"]]].numpy())
+            engine_out = engines.run(subset_index, feeds, state)
+        inputs = [torch.from_numpy(feeds[spec["name"]]) for spec in data["model"]["inputs"]]
+        out = reference.forward_cached(*inputs, [bool(c) for c in record["compute"]], reference_cache).numpy()
+        if check_now:
+            worst = {interface.output: _relative(engine_out, out)}
+            for tensor in fresh_outputs(record):
+                worst[tensor["name"]] = _relative(engines.read_cache(state, tensor["slot"]),
+                                                  reference_cache[slot_index[tensor["slot"]]].numpy())
+            checks[subset_index] = SubsetCheck(record["name"], call.index, worst, tolerance)
+        return apply_guidance(out, cfg_scale, data["guidance"]["guided_channels"])[:n] if guiding else out
+
+    def ddpm_noise(s: int) -> np.ndarray:
+        return step_noise(seed, s, (len(y), *interface.sample_shape))[:n]
+
+    denoise(sampler, noise, run_model, ddpm_noise)
+    return [checks[i] for i in sorted(checks)], engines.providers
+
+
+def default_tolerance(data: dict) -> float:
+    qdq = data.get("quantization", {}).get("form") == "qdq"
+    return DEFAULT_TOLERANCE["int8-qdq" if qdq and data["precision"] == "int8" else data["precision"]]
+
+
+def _reference_model(data: dict, folder: Path, reference: str | Path | None):
+    if reference is None:
+        return model_from_manifest(data, folder, precision="fp32")
+    reference = Path(reference)
+    other = manifest_io.load(reference)
+    where = reference / manifest_io.MANIFEST_NAME
+    if other["precision"] != "fp32":
+        raise manifest_io.ManifestError(f"{where}: field 'precision' is {other['precision']!r}; the reference must "
+                                        f"be an fp32 build")
+    for field in ("weights_sha256", "config"):
+        if other["model"][field] != data["model"][field]:
+            raise manifest_io.ManifestError(f"{where}: field 'model/{field}' differs from {folder}'s: the reference "
+                                            f"must be built from the same checkpoint")
+    return model_from_manifest(other, reference, precision="fp32")
+
+
+def _relative(got: np.ndarray, want: np.ndarray) -> float:
+    scale = float(np.abs(want).max()) or 1.0
+    return float(np.abs(got.astype(np.float32) - want).max()) / scale
