@@ -102,3 +102,17 @@ def test_eval_on_the_digits_uvit_the_learned_schedule_beats_fora_and_random_at_e
     for method in ("fora", "random"):  # the margins at 1000 samples: 10 and 14 dB (README)
         assert matched["l2c"]["psnr"] > matched[method]["psnr"] + 3, method
         assert matched["l2c"]["fd_to_full"] < matched[method]["fd_to_full"], method
+
+
+def test_the_digits_uvit_builds_static_int8_with_calibration_on_its_own_model_calls(tmp_path):
+    """Q/DQ int8 (TensorRT's form) calibrates on the model's own calls, for any family: 20 DPM-Solver calls here."""
+    from l2c_export.export.quantize import calibration_batches
+
+    spec = embedded_default("uvit-digits")
+    batches = calibration_batches(spec.load_model(), spec.sampler(), spec.cfg_scale, 10, images=2)
+    assert len(batches) == 20 and set(batches[0]) == {"x", "t", "y"}
+    assert batches[0]["x"].shape == (4, 1, 8, 8) and batches[0]["y"].tolist() == [0, 1, 10, 10]
+    out = tmp_path / "qdq"
+    run_cli("build", "--model", "uvit-digits", "--precision", "int8", "--quantization", "qdq",
+            "--calibration-images", "2", "--out", str(out))
+    assert "FAIL" not in run_cli("verify", str(out)).stdout

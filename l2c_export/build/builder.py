@@ -186,7 +186,8 @@ def _quantize(universal, form: str, model, request: BuildRequest) -> dict:
     calibration = None
     if form == "qdq":
         cfg_scale = float(request.spec.cfg_scale if request.cfg_scale is None else request.cfg_scale)
-        calibration = calibration_batches(model, request.sampler, cfg_scale, model.config.num_classes,
+        calibration = calibration_batches(model, request.sampler, cfg_scale,
+                                          request.spec.family.null_class(model.config),
                                           images=request.calibration_images)
     return quantize_universal(universal, form, calibration, request.precision)
 

@@ -274,47 +274,29 @@ def dequantize(arrays: dict[str, np.ndarray], tensors: dict[str, dict]) -> dict[
 
 def calibration_batches(model, sampler, cfg_scale: float, num_classes: int, images: int = 4,
                         seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """The graph inputs (x, t, y) of every step of the full model sampling ``images`` images from noise of ``seed``
-    (labels 0, 1, ... in turn; guidance doubles the batch as at run time): calibration needs no data set."""
+    """The graph inputs (by name: x, t, y for DiT and U-ViT) of every model call of the full model sampling
+    ``images`` images from noise of ``seed`` (labels 0, 1, ... in turn; guidance doubles the batch as at run time):
+    calibration needs no data set."""
+    from ..models import family_of_config
     from ..samplers.guidance import make_noise
     from ..samplers.reference import sample_reference
 
-    config = model.config
+    family = family_of_config(model.config)
+    inputs = family.graph_inputs(model.config)
     labels = [i % num_classes for i in range(images)]
-    noise = make_noise(seed, (images, config.in_channels, config.input_size, config.input_size))
-    with _record_inputs(model) as batches:
+    noise = make_noise(seed, (images, *next(spec.shape for spec in inputs if spec.role == "sample")))
+    batches: list[dict[str, np.ndarray]] = []
+
+    def record(module, args):  # the reference sampler calls model(*inputs) once per model call without a schedule
+        batches.append({spec.name: value.detach().cpu().numpy().astype(spec.dtype)
+                        for spec, value in zip(inputs, args)})
+
+    handle = model.register_forward_pre_hook(record)
+    try:
         sample_reference(model, sampler, labels, noise, cfg_scale, progress=False)
+    finally:
+        handle.remove()
     return batches
-
-
-class _record_inputs:
-    """Records (x, t, y) of every forward of a DiT from its three embedders' inputs: the reference sampler calls
-    ``forward``/``forward_with_cfg`` directly, which module hooks on the model itself do not see."""
-
-    def __init__(self, model):
-        self.model = model
-        self.batches: list[dict[str, np.ndarray]] = []
-
-    def __enter__(self) -> list[dict[str, np.ndarray]]:
-        if not all(hasattr(self.model, f"{key}_embedder") for key in ("x", "t", "y")):
-            raise ValueError(f"calibrating static scales (--quantization qdq, fp8) needs a DiT's x/t/y embedders; "
-                             f"{type(self.model).__name__} has none: build it with --quantization dynamic")
-        def hook(key):
-            def record(module, args):
-                if key == "x":
-                    self.batches.append({})
-                value = args[0].detach().cpu().numpy()
-                self.batches[-1][key] = value.astype(np.int64 if key == "y" else np.float32)
-            return record
-
-        self.handles = [getattr(self.model, f"{key}_embedder").register_forward_pre_hook(hook(key))
-                        for key in ("x", "t", "y")]
-        return self.batches
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-
 
 
 if __name__ == "__main__":  # the static quantization, run in a fresh process by quantize_universal
