@@ -313,7 +313,7 @@ def l2c_loss(model: nn.Module, sampler: DenoisingSampler, weights: torch.Tensor,
     config = model.config
     family = family_of_config(config)
     guided = family.guided_channels(config)
-    compute_all = [True] * config.num_sublayers
+    compute_all = [True] * (2 * family.num_layers(config))
     xb, yb = _guidance_batch(x, labels, family.null_class(config), cfg_scale)
 
     def ddpm_noise(s: int) -> torch.Tensor:
@@ -415,7 +415,7 @@ def learn_router(model: nn.Module, sampler: DenoisingSampler, source: StepSource
     if not hasattr(model, "forward_soft"):
         raise ValueError(f"{type(model).__name__} has no soft-routed forward (forward_soft); learning routers needs "
                          f"one (decode the authors' routers, or learned ones, instead)")
-    num_calls, width = sampler.num_calls, model.config.num_sublayers
+    num_calls, width = sampler.num_calls, 2 * family_of_config(model.config).num_layers(model.config)
     steps = learned_calls(sampler, settings.mode)
     if not steps:
         raise ValueError(f"{sampler.kind} with {num_calls} model calls has no call to learn in {settings.mode} mode "

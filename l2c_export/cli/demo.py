@@ -1,0 +1,85 @@
+"""``l2c-export eval`` and ``train-default``: the embedded digits models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..core.schedule import SCHEDULE_MODES
+from . import MAC_FRACTION, POSITIVE, SEED, main
+
+
+@main.command("eval")
+@click.option("--model", "model_name", type=click.Choice(["dit-digits", "uvit-digits"]), default="dit-digits",
+              show_default=True, help="The embedded model: the digits DiT (DDIM) or U-ViT (DPM-Solver-2S).")
+@click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
+              help="Router for the l2c sweep (default: the embedded model's).")
+@click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The learned schedule to compare (default: the embedded model's).")
+@click.option("--mode", type=click.Choice(SCHEDULE_MODES), help="How the router is decoded for the sweep "
+                                                                          "(default: the schedule's).")
+@click.option("--budgets", default=",".join(str(b) for b in (0.6, 0.7, 0.8, 0.9)), show_default=True,
+              help="MAC fractions of the sweep, comma-separated ('' for none).")
+@click.option("--num-samples", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Samples per method (labels 0-9 in turn).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed, the same for every method.")
+@click.option("--random-seeds", type=POSITIVE, default=2, show_default=True,
+              help="Random-drop schedules averaged per budget.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
+@click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the plot of FD against MAC fraction.")
+@click.option("--int8/--no-int8", default=True, show_default=True,
+              help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule.")
+def eval_command(model_name, router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out,
+                 int8):
+    """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs on an
+    embedded digits model: Frechet distance (digits classifier features), class accuracy, PSNR against full."""
+    from ..core.schedule import Schedule
+    from ..demo.evaluate import evaluate, format_table, plot_fd, write_json
+    from ..models import zoo
+    from ..routers import load_router
+
+    spec = zoo.embedded_default(model_name)
+    learned = Schedule.load(schedule_file) if schedule_file else spec.schedule()
+    if learned is None:
+        raise click.UsageError(f"{model_name} ships no schedule; pass --schedule")
+    router_path = router or spec.default_router
+    logits = load_router(router_path) if router_path else None
+    try:
+        budget_list = [MAC_FRACTION.convert(part, None, None) for part in budgets.split(",") if part.strip()]
+    except click.BadParameter as error:
+        raise click.BadParameter(error.message, param_hint="--budgets") from None
+    if num_samples < 2:
+        raise click.BadParameter("at least 2 samples are needed for a Frechet distance", param_hint="--num-samples")
+    report = evaluate(learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
+                      random_seeds=tuple(range(random_seeds)), int8=int8, model_name=model_name)
+    click.echo(format_table(report))
+    if json_out:
+        write_json(report, json_out)
+        click.echo(f"wrote {json_out}")
+    if png_out:
+        plot_fd(report, png_out)
+        click.echo(f"wrote {png_out}")
+
+
+@main.command("train-default")
+@click.option("--family", "family_name", type=click.Choice(["dit", "uvit"]), default="dit", show_default=True,
+              help="dit: the embedded default DiT; uvit: the digits U-ViT (DPM-Solver-2S).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the weights [engines/dit-digits or engines/uvit-digits].")
+@click.option("--steps", type=POSITIVE, help="Training steps [6000].")
+@click.option("--batch-size", type=POSITIVE, help="Images per step [dit: 128, uvit: 64].")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+def train_default_command(family_name, out, steps, batch_size, seed):
+    """Reproduce an embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""
+    from ..demo.train import DEFAULT_CONFIG, UVIT_CONFIG, UVIT_TRAINING, save_weights, train
+
+    if family_name == "uvit":
+        config, name, defaults = UVIT_CONFIG, "uvit-digits", UVIT_TRAINING
+    else:
+        config, name, defaults = DEFAULT_CONFIG, "dit-digits", {"steps": 6000, "batch_size": 128}
+    out = out or Path("engines") / name
+    model = train(config, steps=steps or defaults["steps"], batch_size=batch_size or defaults["batch_size"], seed=seed)
+    save_weights(model, out / f"{name}.safetensors")
+    click.echo(f"wrote {out / f'{name}.safetensors'}")

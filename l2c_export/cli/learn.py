@@ -1,0 +1,169 @@
+"""``l2c-export learn``: router learning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..core.schedule import SCHEDULE_MODES
+from ..samplers import SAMPLER_KINDS
+from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, Finite, main
+from .options import model_options, resolve_model
+
+
+@main.command()
+@model_options
+@click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path),
+              help="A DiT config JSON (the fields of DiTConfig) for a --checkpoint .safetensors of any architecture.")
+@click.option("--data", "data_arg",
+              help="A folder of images (class subfolders), a .npy of latents (n, C, H, W), 'digits' or 'none' "
+                   "(trajectories sampled from the model: the teacher needs no data). Default: digits for the "
+                   "embedded default, none for a checkpoint.")
+@click.option("--data-labels", type=click.Path(dir_okay=False, path_type=Path),
+              help="Labels (n,) .npy for --data latents; default: random classes.")
+@click.option("--trajectories", type=POSITIVE, default=256, show_default=True,
+              help="With --data none: trajectories sampled from the model to learn on.")
+@click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
+              help="official: every other step computes everything (the authors'); general: any step may reuse.")
+@click.option("--sampler", "sampler_kind", type=click.Choice(SAMPLER_KINDS),
+              help="Default: the model's (DiT: ddim, U-ViT: dpm_solver_2s).")
+@click.option("--steps", type=STEPS,
+              help="Model calls (NFE; default: the model's, 20). DPM-Solver-2S makes two a step.")
+@click.option("--iterations", type=POSITIVE, default=300, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=16, show_default=True,
+              help="Images per learned step and iteration, over all processes (guidance doubles the model's batch).")
+@click.option("--lr", type=Finite(0.0, low_open=True), default=0.05, show_default=True,
+              help="AdamW learning rate of the logits (the authors' DiT-XL/2: 1e-3 over many more iterations).")
+@click.option("--l1", "--lambda", "l1", type=Finite(0.0), default=2e-4, show_default=True,
+              help="lambda of the loss MSE + lambda * sum(w): larger removes more (the authors' DiT-XL/2 at 20 steps: "
+                   "5e-6).")
+@click.option("--cfg-scale", type=CFG_SCALE, help="Guidance of the trajectories and training batch (default: the model's).")
+@click.option("--window", type=POSITIVE, help="General mode: unroll this many steps back (default: from the first step).")
+@click.option("--steps-per-iteration", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Learned steps per iteration, drawn at random (the authors': 1 per process); 0: all of them.")
+@click.option("--init-std", type=Finite(0.0), default=0.0, show_default=True,
+              help="Learned logits start at init_std * N(0, 1) (the authors': 1).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Router file to write (.safetensors: tensor 'logits' (model calls, sub-layers), sampling order).")
+@click.option("--save-every", type=POSITIVE, default=50, show_default=True,
+              help="Write the learning state (OUT with .state.safetensors) every N iterations.")
+@click.option("--resume", is_flag=True, help="Continue from the learning state beside --out.")
+@click.option("--threshold", type=THRESHOLD, help="Also decode the router at this threshold (see --json).")
+@click.option("--target-mac-fraction", type=MAC_FRACTION, help="Or at the threshold that meets this MAC fraction.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
+def learn(checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories, mode,
+          sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window, steps_per_iteration, init_std, seed,
+          out, save_every, resume, threshold, target_mac_fraction, json_out):
+    """Learn router logits (L2C): teacher = full model, student = soft-routed cache, loss = MSE + lambda * sum(w).
+
+    Runs under torchrun for data-parallel learning (gloo on CPU):
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m l2c_export.cli learn ...
+    """
+    from ..learn.learner import (
+        LearnSettings,
+        NoisedData,
+        init_distributed,
+        learn_router,
+        load_image_folder,
+        load_latents,
+        router_metadata,
+        sample_trajectories,
+        with_random_labels,
+        write_router,
+    )
+
+    if out.suffix != ".safetensors":
+        raise click.BadParameter(f"{out}: the router is written as .safetensors", param_hint="--out")
+    if json_out and threshold is None and target_mac_fraction is None:
+        raise click.UsageError("--json needs --threshold or --target-mac-fraction")
+    spec = _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config)
+    sampler = spec.sampler(sampler_kind, steps)
+    settings = LearnSettings(mode=mode, iterations=iterations, batch_size=batch_size, lr=lr, l1=l1,
+                             cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale, window=window,
+                             steps_per_iteration=steps_per_iteration, init_std=init_std, seed=seed)
+    dist_info = init_distributed()
+    echo = click.echo if dist_info.is_main else (lambda *args, **kwargs: None)
+    model = spec.load_model()
+    config, family = spec.config, spec.family
+    sample_shape = next(tensor.shape for tensor in family.graph_inputs(config) if tensor.role == "sample")
+    num_labels = family.null_class(config)
+    data_arg = data_arg or ("digits" if checkpoint is None else "none")
+    if data_arg == "none":
+        source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed,
+                                     progress=dist_info.is_main)
+    elif data_arg == "digits":
+        from ..demo.train import digits_dataset
+
+        if (tuple(sample_shape), num_labels) != ((1, 8, 8), 10):
+            raise click.BadParameter("the digits are 8x8 one-channel images of 10 classes; this model is not",
+                                     param_hint="--data")
+        images, labels = digits_dataset()
+        source = NoisedData(images, labels, sampler, "scikit-learn digits")
+    else:
+        path = Path(data_arg)
+        if path.is_dir():
+            if spec.space == "latent":
+                raise click.BadParameter(f"{path}: a latent model learns on latents (.npy), not images (no VAE "
+                                         f"here)", param_hint="--data")
+            images, labels, _ = load_image_folder(path, sample_shape[-1], sample_shape[0])
+        elif path.suffix == ".npy":
+            images, labels = load_latents(path, data_labels, tuple(sample_shape))
+        else:
+            raise click.BadParameter(f"{path}: expected a folder of images, a .npy of latents, 'digits' or 'none'",
+                                     param_hint="--data")
+        source = NoisedData(images, with_random_labels(labels, num_labels, seed), sampler, str(path))
+    echo(f"learning {config.num_sublayers} x {sampler.num_calls} router logits ({mode} mode, {sampler.kind}) on "
+         f"{source.description}, {dist_info.world_size} process(es)")
+    state_path = out.with_name(out.name[: -len(".safetensors")] + ".state.safetensors")
+    result = learn_router(model, sampler, source, settings, state_path=state_path, resume=resume,
+                          save_every=save_every, progress=dist_info.is_main, source_name=source.description)
+    if dist_info.world_size > 1:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+    if not dist_info.is_main:
+        return
+    official_model = model_name if checkpoint is not None and model_config is None else None
+    write_router(result.router, out, router_metadata(spec.name, sampler, settings, source.description,
+                                                     result.seconds, official_model, image_size,
+                                                     num_classes if official_model else None))
+    last = result.history[-1] if result.history else {}
+    echo(f"learned in {result.seconds:.1f} s" + (f" (last mse {last['mse']:.3g})" if last else ""))
+    echo(f"wrote {out}")
+    if threshold is not None or target_mac_fraction is not None:
+        from ..routers.baselines import schedule_for_mac_fraction
+
+        logits = result.router
+        logits.source = str(out)
+        macs = family.count_macs(config)
+        timesteps = sampler.timesteps.tolist()
+        if target_mac_fraction is not None:
+            decoded = schedule_for_mac_fraction(logits, target_mac_fraction, macs, mode, timesteps)
+        else:
+            decoded = logits.to_schedule(threshold, mode=mode, timesteps=timesteps)
+        echo(f"threshold {decoded.threshold:.6g}: MAC fraction {decoded.mac_fraction(macs):.4f}, ideal speedup "
+             f"{1 / decoded.mac_fraction(macs):.3f}x")
+        if json_out:
+            decoded.save(json_out)
+            echo(f"wrote {json_out}")
+
+
+def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config):
+    from ..models import zoo
+    from ..models.dit.model import DiTConfig
+
+    if model_config is None:
+        return resolve_model(checkpoint, model_name, image_size, num_classes)
+    if checkpoint is None:
+        raise click.UsageError("--model-config describes a --checkpoint; give both")
+    from ..core.util import read_json
+
+    try:
+        config = DiTConfig.from_dict(read_json(Path(model_config), ValueError))
+    except (ValueError, TypeError, KeyError) as error:
+        raise click.BadParameter(f"{model_config}: {error}", param_hint="--model-config") from None
+    return zoo.ModelSpec(name=Path(checkpoint).stem, config=config, weights=Path(checkpoint),
+                         space="pixel" if config.in_channels in (1, 3) else "latent", cfg_scale=1.0)

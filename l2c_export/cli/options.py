@@ -1,0 +1,164 @@
+"""Options and resolvers that several commands share: which model, which schedule, labels, noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..core.schedule import SCHEDULE_MODES
+from ..samplers import SAMPLER_KINDS
+from . import MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
+
+
+def model_options(function):
+    """--checkpoint/--model/--image-size/--num-classes; an embedded model when --checkpoint is absent."""
+    options = [
+        click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Official-layout DiT or U-ViT weights (.pt/.pth state_dict or .safetensors); default: an "
+                          "embedded digits model."),
+        click.option("--model", "model_name",
+                     help="Model of --checkpoint, for example DiT-XL/2 or U-ViT-H/2; without --checkpoint an embedded "
+                          "model: dit-digits (default), uvit-digits."),
+        click.option("--image-size", type=POSITIVE, help="Image size in pixels of --checkpoint (latents are 1/8)."),
+        click.option("--num-classes", type=POSITIVE, default=1000, show_default=True, help="Classes of --checkpoint."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def resolve_model(checkpoint, model_name, image_size, num_classes):
+    from ..models import zoo
+
+    return zoo.resolve(checkpoint, model_name, image_size, num_classes)
+
+
+def schedule_options(function):
+    """--schedule, or --router with --threshold/--mode; --steps/--sampler."""
+    options = [
+        click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Schedule JSON (default: the embedded default's own; none for a checkpoint: full only)."),
+        click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Or a router file (the authors' .pt or a learned .safetensors) to decode."),
+        click.option("--threshold", type=THRESHOLD, default=0.1, show_default=True, help="Router threshold."),
+        click.option("--target-mac-fraction", type=MAC_FRACTION,
+                     help="Or decode the router at the threshold that meets this MAC fraction."),
+        click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
+                     help="How a router is decoded."),
+        click.option("--steps", type=STEPS, help="Model calls (NFE; default: the model's, 20). DPM-Solver-2S makes two "
+                                                "per step."),
+        click.option("--sampler", "sampler_kind", type=click.Choice(SAMPLER_KINDS),
+                     help="Default: the model's (DiT: ddim; U-ViT: dpm_solver_2s)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction, mode,
+                      use_default: bool):
+    from ..core.schedule import Schedule
+
+    if schedule_file is not None and router is not None:
+        raise click.UsageError("give --schedule or --router, not both")
+    if target_mac_fraction is not None and router is None:
+        raise click.UsageError("--target-mac-fraction decodes a --router")
+    if router is not None and target_mac_fraction is not None:
+        from ..routers.baselines import schedule_for_mac_fraction
+
+        result = schedule_for_mac_fraction(router_for(router, sampler), target_mac_fraction,
+                                           spec.family.count_macs(spec.config), mode=mode,
+                                           timesteps=sampler.model_times.tolist())
+    elif router is not None:
+        result = router_for(router, sampler).to_schedule(threshold, mode=mode,
+                                                          timesteps=sampler.model_times.tolist())
+    elif schedule_file is not None:
+        result = Schedule.load(schedule_file)
+    elif use_default and spec.default_schedule is not None:
+        result = spec.schedule()
+    else:
+        result = Schedule.full(sampler.num_calls, spec.num_layers, timesteps=sampler.model_times.tolist(),
+                               sampler=sampler.kind)
+    result.check_fits(sampler.num_calls, spec.num_layers)
+    return result
+
+
+def router_for(path, sampler):
+    """The router file at ``path``, checked to be made for ``sampler``'s kind of model calls."""
+    from ..routers import RouterError, load_router
+
+    router = load_router(path)
+    one_call_per_step = ("ddim", "ddpm")
+    if router.sampler != sampler.kind and not {router.sampler, sampler.kind} <= set(one_call_per_step):
+        raise RouterError(f"{path}: routes the model calls of {router.sampler}; the sampler is {sampler.kind} "
+                          f"(pass --sampler {router.sampler})")
+    router.meta["sampler"] = sampler.kind
+    return router
+
+
+def macs_for(depth, model_name, image_size, num_classes):
+    """The MAC count of --model (at --image-size, default 256 px) or of the embedded default, checked to have
+    ``depth`` layers."""
+    from ..models import family_of_model, zoo
+
+    if model_name and model_name not in zoo.EMBEDDED_MODELS:
+        family = family_of_model(model_name)
+        config = family.preset(model_name, int(image_size or 256), int(num_classes))
+    else:
+        spec = zoo.embedded_default(model_name or zoo.DEFAULT_NAME)
+        family, config = spec.family, spec.config
+    if family.num_layers(config) != depth:
+        raise CommandError(f"the schedule has {depth} layers but the model for MAC counting "
+                           f"({model_name or 'the embedded default'}) has {family.num_layers(config)}; pass "
+                           f"--model and --image-size")
+    return family.count_macs(config)
+
+
+def parse_labels(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers; got {text!r}", param_hint="--labels") from None
+
+
+def load_noise(path: Path):
+    """``--noise``: a finite float .npy array (never unpickled)."""
+    import numpy as np
+
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CommandError(f"--noise {path}: no such file") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise CommandError(f"--noise {path}: not a readable .npy array ({error})") from None
+    if not np.issubdtype(noise.dtype, np.floating):
+        raise CommandError(f"--noise {path}: holds {noise.dtype} values; expected float32")
+    bad = int(np.size(noise) - np.count_nonzero(np.isfinite(noise)))
+    if bad:
+        raise CommandError(f"--noise {path}: {bad} of its {noise.size} values are NaN or infinite; expected finite "
+                           f"noise")
+    return noise.astype(np.float32)
+
+
+def save_npy(path: Path, array) -> None:
+    import io
+
+    import numpy as np
+
+    from ..core.util import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def backend_options(device: str | None, backend: str) -> dict:
+    if device is None:
+        return {}
+    if backend == "onnxruntime":
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        return {"providers": providers}
+    if backend == "torch":
+        return {"device": device}
+    raise click.UsageError(f"--device does not apply to --backend {backend}")

@@ -1,0 +1,129 @@
+"""``l2c-export run``, ``verify`` and ``bench``: sampling from a build, checking it, measuring it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import CFG_SCALE, EXIT_CHECK_FAILED, POSITIVE, SEED, CommandError, Finite, main
+from .options import backend_options, load_noise, parse_labels, save_npy
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--labels", default="0,1,2,3,4,5,6,7,8,9", show_default=True, help="Comma-separated class labels.")
+@click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the manifest's).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
+@click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Initial noise .npy of shape (n labels, C, H, W), float32; guidance duplicates it.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
+              show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
+@click.option("--full", is_flag=True, help="Run the full-compute engine at every step instead of the schedule.")
+@click.option("--compare-full", is_flag=True, help="Also time full compute on the same request and print both.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG grid (pixel models, or with --vae).")
+@click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Save the samples (.npy).")
+@click.option("--vae", type=click.Path(file_okay=False, path_type=Path),
+              help="Local diffusers AutoencoderKL folder to decode latents (scale 0.18215).")
+def run(engine_dir, labels, cfg_scale, seed, noise_file, backend, device, full, compare_full, out, save_latents, vae):
+    """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
+    from ..runtime.pipeline import L2CPipeline
+
+    label_list = parse_labels(labels)
+    noise = None if noise_file is None else load_noise(noise_file)
+    pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **backend_options(device, backend))
+    click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
+               f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on {', '.join(pipe.providers)}")
+    if pipe.manifest["model"]["space"] == "latent" and out is not None and vae is None:
+        raise click.UsageError("--out needs --vae for a latent model (or use --save-latents)")
+    result = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True)
+    what = "full compute" if full else "L2C schedule"
+    click.echo(f"{what}: {result.seconds:.3f} s for {len(label_list)} sample(s) "
+               f"({100 * result.overhead_fraction:.1f}% outside the engines)")
+    if compare_full and not full:
+        reference = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, full=True, progress=True)
+        again = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, progress=True)  # warm, like full
+        click.echo(f"full compute: {reference.seconds:.3f} s; L2C schedule (warm): {again.seconds:.3f} s; "
+                   f"speedup {reference.seconds / again.seconds:.2f}x "
+                   f"(ideal {pipe.manifest['macs']['ideal_speedup']:.2f}x)")
+    if save_latents:
+        save_npy(save_latents, result.samples)
+        click.echo(f"wrote {save_latents}")
+    if out is not None:
+        from ..core.images import save_grid
+
+        samples = result.samples
+        if pipe.manifest["model"]["space"] == "latent":
+            from ..models.vae import decode_latents
+
+            samples = decode_latents(vae, samples, pipe.manifest["model"]["latent_scale"])
+        save_grid(samples, out, columns=min(len(label_list), 10))
+        click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
+              show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
+@click.option("--tolerance", type=Finite(0.0, low_open=True), help="Largest relative difference allowed (default by precision: "
+                                              "fp32 1e-4, fp16 3e-2, bf16 6e-2, int8 0.1, int8 qdq 0.25, fp8 0.3).")
+@click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
+              help="An fp32 build of the same checkpoint: compare with its weights (default: this build's own, "
+                   "dequantized for int8).")
+def verify(engine_dir, backend, device, tolerance, reference):
+    """Check every subset engine against the PyTorch cached forward on the same inputs."""
+    from ..core.manifest import load as load_manifest
+    from ..tools.verify import verify_build
+
+    checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance, reference=reference,
+                                     **backend_options(device, backend))
+    weights = (f"the fp32 weights of {reference}" if reference else "its weights dequantized"
+               if "quantization" in load_manifest(engine_dir, verify_files=False) else "its weights")
+    click.echo(f"{engine_dir}: {backend} on {', '.join(providers)} against PyTorch (fp32, {weights})")
+    for check in checks:
+        worst_output = max(check.worst, key=check.worst.get)
+        click.echo(f"  {'ok  ' if check.passed else 'FAIL'} {check.name:<24} step {check.step:>3}  worst "
+                   f"{check.worst_value:.2e} ({worst_output})  tolerance {check.tolerance:.0e}")
+    failed = [c.name for c in checks if not c.passed]
+    if failed:
+        raise CommandError(f"{len(failed)} subset(s) differ from PyTorch beyond tolerance: {', '.join(failed)}",
+                           EXIT_CHECK_FAILED)
+    click.echo(f"all {len(checks)} subset engine(s) agree with PyTorch")
+
+
+@main.command()
+@click.argument("engine_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--batch", type=POSITIVE, default=2, show_default=True, help="Images per request (x2 with guidance).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+              help="Backends to measure (repeatable; default: onnxruntime and torch).")
+@click.option("--repeats", type=POSITIVE, default=5, show_default=True, help="Interleaved (full, schedule) pairs.")
+@click.option("--no-memory", is_flag=True, help="Skip the memory measurements (subprocesses).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results.")
+@click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Plot achieved against ideal speedup.")
+def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
+    """Full compute against the schedule, interleaved: speedup vs ideal, step overhead, memory.
+
+    All ENGINE_DIRS are measured in one interleaved loop per backend: `bench DIR_FP32 DIR_INT8` gives the int8 rows'
+    speedups against the fp32 full compute of the same run. The torch backend skips int8 builds (it would run their
+    dequantized weights in fp32)."""
+    from ..core.manifest import load as load_manifest
+    from ..tools.bench import benchmark_together, machine_description, plot, table, write_results
+
+    results = []
+    for backend in backends or ("onnxruntime", "torch"):
+        folders = [f for f in engine_dirs
+                   if backend != "torch" or load_manifest(f, verify_files=False)["precision"] != "int8"]
+        if folders:
+            click.echo(f"benchmarking {', '.join(map(str, folders))} on {backend} ...")
+            results += benchmark_together(folders, backend, batch=batch, repeats=repeats,
+                                          measure_memory=not no_memory)
+    click.echo(table(results))
+    if json_out:
+        write_results(results, json_out, machine_description())
+        click.echo(f"wrote {json_out}")
+    if png_out:
+        plot(results, png_out)
+        click.echo(f"wrote {png_out}")

@@ -1,0 +1,144 @@
+"""``l2c-export schedule`` (decode or inspect a schedule) and ``sample`` (the PyTorch reference sampler)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..core.schedule import SCHEDULE_MODES
+from ..samplers import create_sampler
+from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, CommandError, main
+from .options import macs_for, model_options, parse_labels, resolve_model, resolve_schedule, save_npy, schedule_options
+
+
+@main.command()
+@click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
+              help="Router file: the authors' .pt or this project's .safetensors.")
+@click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Inspect an existing schedule JSON instead.")
+@click.option("--steps", type=STEPS, help="Sampling steps the router was learned for (checked against the file).")
+@click.option("--threshold", type=THRESHOLD, default=0.1, show_default=True,
+              help="A sub-layer is computed where sigmoid(logit) > threshold.")
+@click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
+              help="official: every other step computes everything (the authors' sampler); general: any step may reuse.")
+@click.option("--model", "model_name", help="Model for MAC counting, e.g. DiT-XL/2 (default: from the router file, "
+                                            "else the embedded default).")
+@click.option("--image-size", type=POSITIVE, help="Image size in pixels for MAC counting of an official model [256].")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the schedule JSON.")
+@click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap PNG.")
+@click.option("--target-mac-fraction", type=MAC_FRACTION,
+              help="Instead of --threshold: the lowest threshold whose MAC fraction is at most this.")
+def schedule(router, schedule_file, steps, threshold, mode, model_name, image_size, json_out, png_out,
+             target_mac_fraction):
+    """Decode a router into a schedule, or inspect one: sub-layers per step, subsets, MACs, ideal speedup."""
+    from ..core.schedule import Schedule
+    from ..routers import load_router
+
+    if (router is None) == (schedule_file is None):
+        raise click.UsageError("give exactly one of --router FILE or --schedule FILE")
+    if target_mac_fraction is not None and router is None:
+        raise click.UsageError("--target-mac-fraction decodes a --router")
+    meta: dict = {}
+    if router is not None:
+        logits = load_router(router)
+        meta = logits.meta
+        if steps is not None and steps != logits.num_steps:
+            raise CommandError(f"{router}: holds routers for {logits.num_steps} steps; --steps is {steps}")
+        timesteps = create_sampler(logits.sampler, logits.num_steps).model_times.tolist()
+        result = logits.to_schedule(threshold, mode=mode, timesteps=timesteps)
+        if target_mac_fraction is not None:
+            from ..routers.baselines import schedule_for_mac_fraction
+
+            result = schedule_for_mac_fraction(logits, target_mac_fraction, macs_for(
+                logits.depth, model_name or meta.get("model"), image_size or meta.get("image_size"),
+                meta.get("num_classes", 1000)), mode, timesteps)
+    else:
+        result = Schedule.load(schedule_file)
+    macs = macs_for(result.depth, model_name or meta.get("model"), image_size or meta.get("image_size"),
+                     meta.get("num_classes", 1000))
+    _print_schedule(result, macs)
+    if json_out:
+        result.save(json_out)
+        click.echo(f"wrote {json_out}")
+    if png_out:
+        from ..tools.plots import schedule_heatmap
+
+        schedule_heatmap(result, png_out, title=str(router or schedule_file), mac_fraction=result.mac_fraction(macs))
+        click.echo(f"wrote {png_out}")
+
+
+def _format_time(t) -> str:
+    return f"{t:>4}" if float(t).is_integer() else f"{t:>6.1f}"
+
+
+def _print_schedule(result, macs) -> None:
+    subsets = result.distinct_subsets()
+    subset_of_step = result.subset_of_step()
+    width = 2 * result.depth
+    click.echo(f"schedule: {result.num_steps} model calls x {width} sub-layers ({result.source or 'unnamed'}"
+               + (f", threshold {result.threshold}" if result.threshold is not None else "")
+               + (f", mode {result.mode}" if result.mode else "") + ")")
+    for s, (count, subset) in enumerate(zip(result.computed_per_step(), subset_of_step)):
+        t = f" t={_format_time(result.timesteps[s])}" if result.timesteps else ""
+        bar = "".join("#" if v else "." for v in result.compute[s])
+        click.echo(f"  step {s:>3}{t}  {count:>4}/{width}  subset {subset:>2}  {bar}")
+    reused_steps = result.cache_steps()
+    if reused_steps:
+        computed = int(result.compute[reused_steps].sum())
+        click.echo(f"cache calls: {len(reused_steps)}, computing {computed} of {len(reused_steps) * width} sub-layers "
+                   f"({100 * (1 - computed / (len(reused_steps) * width)):.2f}% removed)")
+    click.echo(f"distinct subsets: {len(subsets)}")
+    fraction = result.mac_fraction(macs)
+    click.echo(f"MAC fraction: {fraction:.4f}  (full {macs.full / 1e9:.3f} GMAC per sample per step)")
+    click.echo(f"ideal speedup: {1 / fraction:.3f}x")
+
+
+@main.command()
+@model_options
+@schedule_options
+@click.option("--full", is_flag=True, help="Ignore any schedule: compute every sub-layer at every step.")
+@click.option("--labels", default="0,1,2,3,4,5,6,7,8,9", show_default=True, help="Comma-separated class labels.")
+@click.option("--cfg-scale", type=CFG_SCALE, help="Classifier-free guidance scale (1 = none; default: the model's).")
+@click.option("--guide-all-channels", is_flag=True, help="Guide every eps channel (DiT guides 3 of 4 latent channels).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True)
+@click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Also save the samples (.npy).")
+def sample(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
+           mode, steps, sampler_kind, full, labels, cfg_scale, guide_all_channels, seed, out, save_latents):
+    """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule."""
+    import time
+
+    import torch
+
+    from ..samplers.guidance import make_noise
+    from ..samplers.reference import sample_reference
+
+    spec = resolve_model(checkpoint, model_name, image_size, num_classes)
+    sampler = spec.sampler(sampler_kind, steps)
+    plan = None if full else resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction,
+                                               mode, use_default=checkpoint is None)
+    if plan is not None and plan.compute.all():
+        plan = None  # nothing is reused: the plain forward
+    label_list = parse_labels(labels)
+    noise = make_noise(seed, (len(label_list), *spec.family.graph_inputs(spec.config)[0].shape))
+    model = spec.load_model()
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    samples = sample_reference(model, sampler, label_list, noise, cfg_scale=spec.cfg_scale if cfg_scale is None
+                               else cfg_scale, schedule=plan, guide_all_channels=guide_all_channels,
+                               step_noise_seed=seed)
+    elapsed = time.perf_counter() - start
+    what = "full compute" if plan is None else f"L2C schedule ({plan.source})"
+    click.echo(f"sampled {len(label_list)} x {sampler.num_calls} {sampler.kind} model calls with {what} in "
+               f"{elapsed:.2f} s")
+    if save_latents:
+        save_npy(save_latents, samples)
+        click.echo(f"wrote {save_latents}")
+    if spec.space == "pixel":
+        from ..core.images import save_grid
+
+        save_grid(samples, out, columns=min(len(label_list), 10))
+        click.echo(f"wrote {out}")
+    else:
+        click.echo("latent model: no image written (decode the saved latents with a VAE)")
