@@ -82,7 +82,7 @@ def _print_schedule(result, macs) -> None:
     for s, (count, subset) in enumerate(zip(result.computed_per_step(), subset_of_step)):
         t = f" t={_format_time(result.timesteps[s])}" if result.timesteps else ""
         bar = "".join("#" if v else "." for v in result.compute[s])
-        click.echo(f"  step {s:>3}{t}  {count:>4}/{width}  subset {subset:>2}  {bar}")
+        click.echo(f"  call {s:>3}{t}  {count:>4}/{width}  subset {subset:>2}  {bar}")
     reused_steps = result.cache_steps()
     if reused_steps:
         computed = int(result.compute[reused_steps].sum())
@@ -90,7 +90,7 @@ def _print_schedule(result, macs) -> None:
                    f"({100 * (1 - computed / (len(reused_steps) * width)):.2f}% removed)")
     click.echo(f"distinct subsets: {len(subsets)}")
     fraction = result.mac_fraction(macs)
-    click.echo(f"MAC fraction: {fraction:.4f}  (full {macs.full / 1e9:.3f} GMAC per sample per step)")
+    click.echo(f"MAC fraction: {fraction:.4f}  (full {macs.full / 1e9:.3f} GMAC per sample per model call)")
     click.echo(f"ideal speedup: {1 / fraction:.3f}x")
 
 
