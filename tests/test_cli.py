@@ -23,7 +23,7 @@ def test_schedule_inspects_a_schedule_file(tmp_path):
     rows = [[1] * 12, [1, 0] * 6]
     path.write_text(json.dumps({"num_steps": 2, "depth": 6, "compute": rows}))
     out = run_cli("schedule", "--schedule", str(path)).stdout
-    assert "step   1     6/12" in out
+    assert "call   1     6/12" in out
     assert "distinct subsets: 2" in out
 
 
