@@ -7,11 +7,12 @@ from pathlib import Path
 import click
 
 from ..core.schedule import SCHEDULE_MODES
+from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS
 from . import MAC_FRACTION, POSITIVE, SEED, main
 
 
 @main.command("eval")
-@click.option("--model", "model_name", type=click.Choice(["dit-digits", "uvit-digits"]), default="dit-digits",
+@click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS), default=DEFAULT_NAME,
               show_default=True, help="The embedded model: the digits DiT (DDIM) or U-ViT (DPM-Solver-2S).")
 @click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
               help="Router for the l2c sweep (default: the embedded model's).")
