@@ -76,8 +76,9 @@ def l2c_run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _noise(folder: Path, n: int, seed: int, path: Path) -> np.ndarray:
-    config = json.loads((folder / "manifest.json").read_text())["model"]["config"]
-    noise = make_noise(seed, (n, config["in_channels"], config["input_size"], config["input_size"]))
+    inputs = json.loads((folder / "manifest.json").read_text())["model"]["inputs"]
+    sample = next(record for record in inputs if record["role"] == "sample")
+    noise = make_noise(seed, (n, *sample["shape"][1:]))
     np.save(path, noise)
     return noise
 
@@ -126,6 +127,15 @@ def test_l2c_run_equals_the_python_runtime_with_dpm_solver(cpp_build, tmp_path):
                        out_dir=out), progress=False)
     assert json.loads((out / "manifest.json").read_text())["sampler"]["kind"] == "dpm_solver_2s"
     assert _compare(out, tmp_path, LABELS, 4.0, full=False) <= 1e-5
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["schedule", "full"])
+def test_l2c_run_equals_the_python_runtime_on_the_digits_uvit(cpp_build, tmp_path, full):
+    """The second family (long skips, no gates, label and time tokens) with its own DPM-Solver-2S schedule."""
+    spec = embedded_default("uvit-digits")
+    out = tmp_path / "engines"
+    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
+    assert _compare(out, tmp_path, LABELS, spec.cfg_scale, full=full) <= 1e-5
 
 
 @pytest.mark.parametrize("full,cfg_scale", [(False, 4.0), (True, 4.0), (False, 1.0), (True, 1.0)],
