@@ -64,11 +64,11 @@ def test_uvit_training_steps_lower_u_vits_loss_and_the_weights_load_back_in_the_
 
 
 def test_train_default_command_trains_the_digits_uvit(tmp_path):
-    from l2c_export.demo.train import UVIT_CONFIG
+    from l2c_export.models.zoo import embedded_default
 
     from .conftest import run_cli
 
     result = run_cli("train-default", "--family", "uvit", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path))
     assert "uvit-digits.safetensors" in result.stdout
-    model = get_family("uvit").load(tmp_path / "uvit-digits.safetensors", UVIT_CONFIG)
+    model = get_family("uvit").load(tmp_path / "uvit-digits.safetensors", embedded_default("uvit-digits").config)
     assert isinstance(model, UViT) and model.config.embed_dim == 96

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..core.schedule import SCHEDULE_MODES
-from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS
+from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS, embedded_default
 from . import MAC_FRACTION, POSITIVE, SEED, main
 
 
@@ -74,13 +74,12 @@ def eval_command(model_name, router, schedule_file, mode, budgets, num_samples, 
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(family_name, out, steps, batch_size, seed):
     """Reproduce an embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""
-    from ..demo.train import DEFAULT_CONFIG, UVIT_CONFIG, UVIT_TRAINING, save_weights, train
+    from ..demo.train import save_weights, train
 
-    if family_name == "uvit":
-        config, name, defaults = UVIT_CONFIG, "uvit-digits", UVIT_TRAINING
-    else:
-        config, name, defaults = DEFAULT_CONFIG, "dit-digits", {"steps": 6000, "batch_size": 128}
+    name = {"dit": "dit-digits", "uvit": "uvit-digits"}[family_name]
+    spec = embedded_default(name)  # the shipped model.json: its config and training settings
     out = out or Path("engines") / name
-    model = train(config, steps=steps or defaults["steps"], batch_size=batch_size or defaults["batch_size"], seed=seed)
+    model = train(spec.config, steps=steps or spec.training["steps"],
+                  batch_size=batch_size or spec.training["batch_size"], seed=seed)
     save_weights(model, out / f"{name}.safetensors")
     click.echo(f"wrote {out / f'{name}.safetensors'}")

@@ -5,7 +5,7 @@ gradient stopped), on the 1000-step linear schedule. U-ViT (``--family uvit``): 
 timestep n drawn from 1 .. 1000 of the discrete schedule DPM-Solver samples (``stable_diffusion_betas``), the model
 seeing n as a float (DPM-Solver's ``1000 * t``). Both drop labels to the null class with probability 0.1 for
 classifier-free guidance and keep an EMA of the weights. ``l2c-export train-default`` reproduces the shipped weights
-in minutes on two CPU cores.
+in minutes on two CPU cores, from the config and training settings of their ``model.json``.
 """
 
 from __future__ import annotations
@@ -110,18 +110,7 @@ class UViTLoss:
         return ((noise - model(xt, (t + 1).float(), y)) ** 2).mean()
 
 
-DEFAULT_CONFIG = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=6, num_heads=4,
-                           num_classes=10, learn_sigma=True)
-
-
-# The digits U-ViT: 2 in_blocks, the mid_block and 2 out_blocks of width 96 (0.6 M parameters, 2.4 MB in float32);
-# the null class is label 10. Measured here with batch 64: 0.05 to 0.7 s a step as the shared machine's load varied
-# (6000 steps: 5 to 70 minutes); 800 steps are far too few (its samples classify at chance).
-UVIT_CONFIG = UViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=96, depth=4, num_heads=4, num_classes=11)
-UVIT_TRAINING = {"steps": 6000, "batch_size": 64}
-
-
-def train(config: DiTConfig | UViTConfig = DEFAULT_CONFIG, steps: int = 6000, batch_size: int = 128,
+def train(config: DiTConfig | UViTConfig, steps: int = 6000, batch_size: int = 128,
           lr: float = 2e-3, ema_decay: float = 0.999, seed: int = 0, shift_augment: bool = False,
           progress: bool = True) -> DiT | UViT:
     """Trains a DiT or a U-ViT (by the config's type) on the digits and returns its EMA weights (eval mode)."""

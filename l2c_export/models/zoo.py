@@ -32,6 +32,7 @@ class ModelSpec:
     default_schedule: Path | None = None
     default_router: Path | None = None
     family_name: str = "dit"
+    training: dict | None = None  # embedded models: how ``train-default`` trains them (steps, batch_size)
 
     @property
     def family(self) -> ModelFamily:
@@ -65,7 +66,7 @@ def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
                      clip_denoised=info["sampler"].get("clip_denoised", False),
                      default_schedule=folder / info["schedule"] if info.get("schedule") else None,
                      default_router=folder / info["router"] if info.get("router") else None,
-                     family_name=family.name)
+                     family_name=family.name, training=info.get("training"))
 
 
 def official(checkpoint: str | Path, model: str, image_size: int, num_classes: int = 1000) -> ModelSpec:
