@@ -16,6 +16,7 @@ import pytest
 
 from l2c_export.build.builder import BuildRequest, build
 from l2c_export.models.zoo import embedded_default
+from l2c_export.samplers import create_sampler
 from l2c_export.samplers.guidance import make_noise, step_noise
 
 from .conftest import REPO, run_cli
@@ -119,11 +120,9 @@ def test_l2c_run_equals_the_python_runtime_with_ddpm_step_noise(cpp_build, ddpm_
 
 
 def test_l2c_run_equals_the_python_runtime_with_dpm_solver(cpp_build, tmp_path):
-    samplers = pytest.importorskip("l2c_export.samplers", reason="DPM-Solver-2S comes with issue 10's samplers "
-                                   "module (l2c_export.samplers), not on this branch yet")
     spec = embedded_default()
     out = tmp_path / "engines"
-    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=samplers.create_sampler("dpm_solver_2s", 20),
+    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=create_sampler("dpm_solver_2s", 20),
                        out_dir=out), progress=False)
     assert json.loads((out / "manifest.json").read_text())["sampler"]["kind"] == "dpm_solver_2s"
     assert _compare(out, tmp_path, LABELS, 4.0, full=False) <= 1e-5

@@ -1,4 +1,5 @@
-"""Training the embedded default: the digits data, DiT's loss, and real training steps."""
+"""Training the embedded models: the digits data, DiT's and U-ViT's losses, real training steps, and
+``train-default``."""
 
 from __future__ import annotations
 

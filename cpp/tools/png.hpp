@@ -1,4 +1,4 @@
-// A grid PNG of pixel-space samples (n, C, H, W) in [-1, 1], C = 1 or 3, as l2c_export/images.py lays it out
+// A grid PNG of pixel-space samples (n, C, H, W) in [-1, 1], C = 1 or 3, as l2c_export/core/images.py lays it out
 // (nearest-neighbour upscaling here). Written with zlib: libpng's API is far larger than these 40 lines.
 #pragma once
 

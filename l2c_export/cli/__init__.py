@@ -9,20 +9,10 @@ import sys
 import click
 
 # Exit codes (documented in the README).
-
-
 EXIT_CHECK_FAILED = 1  # the command ran and what it checks failed (verify beyond tolerance)
-
-
 EXIT_BAD_INPUT = 2  # bad flags, files, fields or manifests: one line says which and what was expected
-
-
 EXIT_BACKEND_UNAVAILABLE = 3  # the backend asked for is not installed or has no device here
-
-
 EXIT_IO = 4  # the file system refused: disk full, read-only, permission, a parent that is a file
-
-
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
@@ -102,20 +92,10 @@ class Finite(click.ParamType):
 
 
 THRESHOLD = Finite(0.0, 1.0)
-
-
 MAC_FRACTION = Finite(0.0, 1.0, low_open=True)
-
-
 CFG_SCALE = Finite(1.0)
-
-
 POSITIVE = click.IntRange(min=1)
-
-
 SEED = click.IntRange(min=0, max=2**63 - 1)
-
-
 STEPS = click.IntRange(min=1, max=1000)
 
 

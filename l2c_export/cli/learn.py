@@ -25,7 +25,8 @@ from .options import model_options, resolve_model
 @click.option("--trajectories", type=POSITIVE, default=256, show_default=True,
               help="With --data none: trajectories sampled from the model to learn on.")
 @click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
-              help="official: every other step computes everything (the authors'); general: any step may reuse.")
+              help="official: only the calls where the authors' sampler consults its router reuse (DDIM: every "
+                   "other step; DPM-Solver-2S: each step's first call); general: any call may reuse.")
 @click.option("--sampler", "sampler_kind", type=click.Choice(SAMPLER_KINDS),
               help="Default: the model's (DiT: ddim, U-ViT: dpm_solver_2s).")
 @click.option("--steps", type=STEPS,
@@ -115,7 +116,7 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
             raise click.BadParameter(f"{path}: expected a folder of images, a .npy of latents, 'digits' or 'none'",
                                      param_hint="--data")
         source = NoisedData(images, with_random_labels(labels, num_labels, seed), sampler, str(path))
-    echo(f"learning {config.num_sublayers} x {sampler.num_calls} router logits ({mode} mode, {sampler.kind}) on "
+    echo(f"learning {2 * family.num_layers(config)} x {sampler.num_calls} router logits ({mode} mode, {sampler.kind}) on "
          f"{source.description}, {dist_info.world_size} process(es)")
     state_path = out.with_name(out.name[: -len(".safetensors")] + ".state.safetensors")
     result = learn_router(model, sampler, source, settings, state_path=state_path, resume=resume,

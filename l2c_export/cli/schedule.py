@@ -17,11 +17,12 @@ from .options import macs_for, model_options, parse_labels, resolve_model, resol
               help="Router file: the authors' .pt or this project's .safetensors.")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Inspect an existing schedule JSON instead.")
-@click.option("--steps", type=STEPS, help="Sampling steps the router was learned for (checked against the file).")
+@click.option("--steps", type=STEPS, help="Model calls (NFE) the router was learned for (checked against the file).")
 @click.option("--threshold", type=THRESHOLD, default=0.1, show_default=True,
               help="A sub-layer is computed where sigmoid(logit) > threshold.")
 @click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
-              help="official: every other step computes everything (the authors' sampler); general: any step may reuse.")
+              help="official: only the calls where the authors' sampler consults its router reuse (DDIM: every "
+                   "other step; DPM-Solver-2S: each step's first call); general: any call may reuse.")
 @click.option("--model", "model_name", help="Model for MAC counting, e.g. DiT-XL/2 (default: from the router file, "
                                             "else the embedded default).")
 @click.option("--image-size", type=POSITIVE, help="Image size in pixels for MAC counting of an official model [256].")

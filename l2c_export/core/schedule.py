@@ -1,11 +1,13 @@
-"""Schedules: which sub-layers each sampling step computes, and the interchange JSON.
+"""Schedules: which sub-layers each model call computes, and the interchange JSON.
 
-A schedule is a (num_steps, 2 * depth) boolean matrix in sampling order (row 0 is the first step, t = 999). JSON::
+A schedule is a (num_steps, 2 * depth) boolean matrix, one row per model call in sampling order (``num_steps`` counts
+calls: DPM-Solver-2S makes two a step), one column per sub-layer. JSON::
 
     {"num_steps": N, "depth": D, "compute": [[1, 0, ...], ...],       # N rows of 2 * D values, 0 or 1
-     "timesteps": [999, ...], "source": "...", "threshold": 0.1, "mode": "official"}   # optional
+     "timesteps": [999, ...], "source": "...", "threshold": 0.1,      # optional
+     "mode": "official", "sampler": "ddim"}                           # optional
 
-A reused sub-layer reads its most recent computed value in the same request, so the first step must compute every
+A reused sub-layer reads its most recent computed value in the same request, so the first call must compute every
 sub-layer; that is checked here, when a schedule is made, not when it runs.
 """
 

@@ -32,9 +32,9 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..core.schedule import Schedule
+from ..core.schedule import Schedule, ScheduleMode
 from ..core.util import atomic_write_bytes, atomic_write_text
-from ..routers import RouterLogits, ScheduleMode, baselines
+from ..routers import RouterLogits, baselines
 
 DEFAULT_BUDGETS = (0.6, 0.7, 0.8, 0.9)
 METHODS = ("full", "l2c", "fora", "random", "fewer-steps")

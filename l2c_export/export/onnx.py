@@ -9,9 +9,8 @@
    applied to (N, T, D) tokens) is stored transposed, as ``<parameter>.T`` of shape (in, out), so that no runtime
    constant-folds a private copy of it.
 3. For each subset (:mod:`l2c_export.core.plan`), the universal graph is cut: the consumers of a reused sub-layer's
-   branch
-   output read a new input ``cache_<slot>`` instead, so its producing nodes become dead and are removed; outputs are
-   ``model_out`` and the live ``fresh_<slot>`` values only.
+   branch output read a new input ``cache_<slot>`` instead, so its producing nodes become dead and are removed;
+   outputs are ``model_out`` and the live ``fresh_<slot>`` values only.
 4. All subset graphs reference one external-data file, ``weights.bin``, at the same offsets, so the weights are
    stored once on disk and a runtime can hold them once in memory.
 

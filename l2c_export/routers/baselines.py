@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.macs import MacCount
-from ..core.schedule import Schedule
+from ..core.schedule import Schedule, ScheduleMode
 from ..samplers import create_sampler, official_cache_calls
-from . import RouterLogits, ScheduleMode
+from . import RouterLogits
 
 
 def least_mac_fraction(num_calls: int, macs: MacCount, mode: ScheduleMode, sampler_kind: str = "ddim") -> float:

@@ -69,19 +69,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from ..build.builder import BuildRequest, build
     from ..models.zoo import embedded_default, official
-    from ..samplers.gaussian import GaussianSampler
     from .bench import benchmark_together, machine_description, plot, table, write_results
 
     torch.set_num_threads(torch.get_num_threads())
     default = embedded_default()
     s2 = official(dit_s2_checkpoint(args.work / "DiT-S-2-256x256.pt"), "DiT-S/2", 256)
     builds = [(default, default.schedule(), args.work / "dit-digits"),
-              (s2, synthetic_official_schedule(20, s2.config.depth), args.work / "dit-s2-256")]
+              (s2, synthetic_official_schedule(20, s2.num_layers), args.work / "dit-s2-256")]
     results = []
     for spec, schedule, out in builds:
         int8_out = out.parent / f"{out.name}-int8"
         for folder, precision in ((out, "fp32"), (int8_out, "int8")):
-            build(BuildRequest(spec=spec, schedule=schedule, sampler=GaussianSampler.create("ddim", 20), out_dir=folder,
+            build(BuildRequest(spec=spec, schedule=schedule, sampler=spec.sampler(num_steps=20), out_dir=folder,
                                precision=precision))
         for backend, folders in (("onnxruntime", [out, int8_out]), ("torch", [out])):
             print(f"benchmarking {spec.name} on {backend} ...", flush=True)
@@ -134,14 +133,13 @@ def serving_benchmark(work: Path, docs: Path, clients: int = 8) -> dict:
     from ..core.util import write_json
     from ..models.zoo import embedded_default
     from ..runtime.pipeline import L2CPipeline
-    from ..samplers.gaussian import GaussianSampler
     from ..serving import throughput
     from ..serving.triton import TritonServer, free_port, write_repository
     from .bench import machine_description
 
     default = embedded_default()
     out = work / "dit-digits"
-    build(BuildRequest(spec=default, schedule=default.schedule(), sampler=GaussianSampler.create("ddim", 20),
+    build(BuildRequest(spec=default, schedule=default.schedule(), sampler=default.sampler(),
                        out_dir=out))
     write_repository(out, work / "triton")
     print(f"serving {out} on Triton: 1 client against {clients} concurrent clients ...", flush=True)

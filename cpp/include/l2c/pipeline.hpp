@@ -1,4 +1,4 @@
-// l2c::Pipeline: samples from an L2C build exactly as the Python runtime (l2c_export/runtime.py) does.
+// l2c::Pipeline: samples from an L2C build exactly as the Python runtime (l2c_export/runtime/pipeline.py) does.
 //
 //   l2c::Pipeline pipe("engines/demo");                  // manifest checked, one ONNX Runtime session per subset
 //   l2c::Tensor noise = l2c::read_npy("z.npy");          // (n, C, H, W) float32
@@ -32,7 +32,7 @@ struct Options {
   bool verify_files = true;         // check every file's sha256 against the manifest
   std::optional<std::vector<int>> subsets;  // load only these subset engines (default: all)
   Provider provider = Provider::Cpu;
-  std::string optimization = "extended";  // basic | extended | all (see l2c_export/backends/onnxruntime.py)
+  std::string optimization = "extended";  // basic | extended | all (see l2c_export/runtime/backends/onnxruntime.py)
 };
 
 struct SampleOptions {

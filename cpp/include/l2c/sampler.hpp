@@ -31,7 +31,7 @@ class Sampler {
 };
 
 // The respaced Gaussian diffusion of DiT (`create_diffusion(str(N))`): per sampling step the model timestep and the
-// float64 coefficient tables, in sampling order (as `l2c_export.diffusion.Sampler`). DDIM and DDPM differ only in
+// float64 coefficient tables, in sampling order (as `l2c_export.samplers.gaussian.GaussianSampler`). DDIM and DDPM differ only in
 // `update`.
 struct RespacedTables {
   std::vector<double> timesteps, alphas_cumprod, alphas_cumprod_prev, posterior_mean_coef1, posterior_mean_coef2,
