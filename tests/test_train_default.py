@@ -69,7 +69,7 @@ def test_train_default_command_trains_the_digits_uvit(tmp_path):
 
     from .conftest import run_cli
 
-    result = run_cli("train-default", "--family", "uvit", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path))
+    result = run_cli("train-default", "--model", "uvit-digits", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path))
     assert "uvit-digits.safetensors" in result.stdout
     model = get_family("uvit").load(tmp_path / "uvit-digits.safetensors", embedded_default("uvit-digits").config)
     assert isinstance(model, UViT) and model.config.embed_dim == 96

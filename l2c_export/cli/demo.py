@@ -65,21 +65,20 @@ def eval_command(model_name, router, schedule_file, mode, budgets, num_samples, 
 
 
 @main.command("train-default")
-@click.option("--family", "family_name", type=click.Choice(["dit", "uvit"]), default="dit", show_default=True,
-              help="dit: the embedded default DiT; uvit: the digits U-ViT (DPM-Solver-2S).")
+@click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS), default=DEFAULT_NAME, show_default=True,
+              help="The embedded model to train: the digits DiT or U-ViT (config and settings from its model.json).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the weights [engines/dit-digits or engines/uvit-digits].")
-@click.option("--steps", type=POSITIVE, help="Training steps [6000].")
-@click.option("--batch-size", type=POSITIVE, help="Images per step [dit: 128, uvit: 64].")
+              help="Folder for the weights [engines/MODEL].")
+@click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000].")
+@click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-def train_default_command(family_name, out, steps, batch_size, seed):
-    """Reproduce an embedded default's training on scikit-learn's digits (minutes on two CPU cores)."""
+def train_default_command(model_name, out, steps, batch_size, seed):
+    """Reproduce an embedded model's training on scikit-learn's digits (minutes on two CPU cores)."""
     from ..demo.train import save_weights, train
 
-    name = {"dit": "dit-digits", "uvit": "uvit-digits"}[family_name]
-    spec = embedded_default(name)  # the shipped model.json: its config and training settings
-    out = out or Path("engines") / name
+    spec = embedded_default(model_name)  # the shipped model.json: its config and training settings
+    out = out or Path("engines") / model_name
     model = train(spec.config, steps=steps or spec.training["steps"],
                   batch_size=batch_size or spec.training["batch_size"], seed=seed)
-    save_weights(model, out / f"{name}.safetensors")
-    click.echo(f"wrote {out / f'{name}.safetensors'}")
+    save_weights(model, out / f"{model_name}.safetensors")
+    click.echo(f"wrote {out / f'{model_name}.safetensors'}")

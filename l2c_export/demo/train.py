@@ -1,7 +1,7 @@
 """Training the embedded defaults: small class-conditional pixel-space models on scikit-learn's bundled digits.
 
-DiT (``--family dit``): DiT's objective, eps MSE plus the variational bound for the learned sigma (with the mean's
-gradient stopped), on the 1000-step linear schedule. U-ViT (``--family uvit``): U-ViT's ``LSimple``, eps MSE at a
+DiT (``--model dit-digits``): DiT's objective, eps MSE plus the variational bound for the learned sigma (with the mean's
+gradient stopped), on the 1000-step linear schedule. U-ViT (``--model uvit-digits``): U-ViT's ``LSimple``, eps MSE at a
 timestep n drawn from 1 .. 1000 of the discrete schedule DPM-Solver samples (``stable_diffusion_betas``), the model
 seeing n as a float (DPM-Solver's ``1000 * t``). Both drop labels to the null class with probability 0.1 for
 classifier-free guidance and keep an EMA of the weights. ``l2c-export train-default`` reproduces the shipped weights
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..models import family_of_config
 from ..models.dit.model import DiT, DiTConfig
 from ..models.uvit.model import UViT, UViTConfig
 from ..samplers.dpm_solver import stable_diffusion_betas
@@ -110,22 +111,27 @@ class UViTLoss:
         return ((noise - model(xt, (t + 1).float(), y)) ** 2).mean()
 
 
+# The training objective of each family: the loss its authors train with.
+LOSSES = {"dit": lambda config: DiffusionLoss(), "uvit": lambda config: UViTLoss(config.num_classes)}
+
+
 def train(config: DiTConfig | UViTConfig, steps: int = 6000, batch_size: int = 128,
           lr: float = 2e-3, ema_decay: float = 0.999, seed: int = 0, shift_augment: bool = False,
           progress: bool = True) -> DiT | UViT:
-    """Trains a DiT or a U-ViT (by the config's type) on the digits and returns its EMA weights (eval mode)."""
+    """Trains a DiT or a U-ViT (by the config's family) on the digits with that family's loss and returns its EMA
+    weights (eval mode)."""
     torch.manual_seed(seed)
     images, labels = (torch.from_numpy(a) for a in digits_dataset())
-    model_class = UViT if isinstance(config, UViTConfig) else DiT
-    model = model_class(config)
-    ema = model_class(config).eval()
+    family = family_of_config(config)
+    model = family.create(config)
+    ema = family.create(config).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    loss_fn = UViTLoss(config.num_classes) if model_class is UViT else DiffusionLoss()
+    loss_fn = LOSSES[family.name](config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc=f"training the digits {model_class.__name__}", disable=not progress)
+    bar = tqdm(range(steps), desc=f"training the digits {type(model).__name__}", disable=not progress)
     for step in bar:
         index = torch.randint(len(images), (batch_size,), generator=generator)
         x0 = images[index]

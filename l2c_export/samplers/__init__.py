@@ -15,14 +15,14 @@ from __future__ import annotations
 from .base import CallGenerator, DenoisingSampler, ModelCall, denoise, official_cache_calls
 from .dpm_solver import DiscreteVPSchedule, DPMSolver2S, stable_diffusion_betas
 from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianSampler, linear_betas, space_timesteps
-from .guidance import apply_guidance, check_labels, default_guided_channels, guidance_batch, make_noise, step_noise
+from .guidance import apply_guidance, check_labels, guidance_batch, make_noise, step_noise
 
 SAMPLER_KINDS = ("ddim", "ddpm", "dpm_solver_2s")
 
 __all__ = ["SAMPLER_KINDS", "CallGenerator", "DenoisingSampler", "ModelCall", "denoise", "official_cache_calls",
            "create_sampler", "sampler_from_dict", "GaussianSampler", "DPMSolver2S", "DiscreteVPSchedule",
            "NUM_TRAIN_TIMESTEPS", "linear_betas", "space_timesteps", "stable_diffusion_betas", "apply_guidance",
-           "check_labels", "default_guided_channels", "guidance_batch", "make_noise", "step_noise"]
+           "check_labels", "guidance_batch", "make_noise", "step_noise"]
 
 
 def create_sampler(kind: str, num_calls: int, clip_denoised: bool = False) -> DenoisingSampler:

@@ -34,13 +34,6 @@ def guidance_batch(noise: np.ndarray, labels, num_classes: int, cfg_scale: float
     return noise, labels
 
 
-def default_guided_channels(in_channels: int) -> int:
-    """DiT's ``forward_with_cfg`` guides ``model_out[:, :3]``: the first three eps channels of a 4-channel latent
-    model. Reproduce that for 4 channels; for other models guide all eps channels (``[:, :3]`` would reach into the
-    learned-sigma channels of a 1-channel model)."""
-    return 3 if in_channels == 4 else in_channels
-
-
 def apply_guidance(model_out, cfg_scale: float, guided_channels: int):
     """model_out: (2B, C_out, H, W), conditional half first -> the same shape with both halves guided.
 

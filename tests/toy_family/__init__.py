@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from l2c_export.core.macs import MacCount
 from l2c_export.models import ModelFamily, TensorSpec
-from l2c_export.models.dit.model import Attention, LayerNorm, Mlp, TimestepEmbedder, _cached
+from l2c_export.models.layers import Attention, LayerNorm, Mlp, TimestepEmbedder, cached_output
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class ToyModel(nn.Module):
             for index, branch in ((2 * layer, self.attns[layer]), (2 * layer + 1, self.mlps[layer])):
                 if compute[index]:
                     cache[index] = branch(self.norms[index](tokens))
-                tokens = tokens + _cached(cache, index)
+                tokens = tokens + cached_output(cache, index)
             if layer == 0:
                 skip = tokens
         out = self.head(tokens[:, self.config.registers + 1:])

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .. import config_from_dict
-from ..dit.model import Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, _cached
+from ..layers import Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, cached_output
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,10 @@ class Block(nn.Module):
         attn, mlp = 2 * layer, 2 * layer + 1
         if compute[attn]:
             cache[attn] = self.attn(self.norm1(x))
-        x = x + _cached(cache, attn)
+        x = x + cached_output(cache, attn)
         if compute[mlp]:
             cache[mlp] = self.mlp(self.norm2(x))
-        return x + _cached(cache, mlp)
+        return x + cached_output(cache, mlp)
 
     def forward_soft(self, x: torch.Tensor, skip: torch.Tensor | None, layer: int, weights: torch.Tensor,
                      cache: Mapping[int, torch.Tensor],
@@ -127,11 +127,11 @@ class Block(nn.Module):
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         attn, mlp = 2 * layer, 2 * layer + 1
         attn_out = self.attn(self.norm1(x))
-        x = x + weights[attn] * attn_out + (1 - weights[attn]) * _cached(cache, attn)
+        x = x + weights[attn] * attn_out + (1 - weights[attn]) * cached_output(cache, attn)
         mlp_out = self.mlp(self.norm2(x))
         if fresh is not None:
             fresh[attn], fresh[mlp] = attn_out, mlp_out
-        return x + weights[mlp] * mlp_out + (1 - weights[mlp]) * _cached(cache, mlp)
+        return x + weights[mlp] * mlp_out + (1 - weights[mlp]) * cached_output(cache, mlp)
 
 
 class UViT(nn.Module):
