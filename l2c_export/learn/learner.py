@@ -44,7 +44,6 @@ Checkpoints and the router itself are safetensors files (no pickles). Router fil
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -60,7 +59,6 @@ from ..core.schedule import ScheduleMode, check_mode
 from ..models import family_of_config
 from ..routers import RouterLogits, save_router
 from ..samplers import DenoisingSampler
-from ..samplers.gaussian import GaussianSampler
 from ..samplers.guidance import apply_guidance
 
 LOGIT_LIMIT = 5.0
@@ -147,16 +145,8 @@ class NoisedData:
     def draw(self, generator, batch_size, call):
         index = torch.randint(len(self.x0), (batch_size,), generator=generator)
         noise = torch.randn(self.x0[index].shape, generator=generator)
-        alpha, sigma = noise_level(self.sampler, call)
+        alpha, sigma = self.sampler.noise_level(call)
         return alpha * self.x0[index] + sigma * noise, self.labels[index]
-
-
-def noise_level(sampler: DenoisingSampler, call: int) -> tuple[float, float]:
-    """(alpha, sigma) of the samples the model sees at ``call``: ``x = alpha * x0 + sigma * noise``."""
-    if isinstance(sampler, GaussianSampler):
-        alpha_bar = float(sampler.alphas_cumprod[call])
-        return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
-    return float(sampler.alphas[call]), float(sampler.sigmas[call])
 
 
 class Trajectories:
@@ -531,7 +521,7 @@ def _load_state(path: Path, router: Router, optimizer: torch.optim.Optimizer, se
     return int(metadata["iteration"])
 
 
-def router_metadata(spec_name: str, sampler: GaussianSampler, settings: LearnSettings, data: str, seconds: float,
+def router_metadata(spec_name: str, sampler: DenoisingSampler, settings: LearnSettings, data: str, seconds: float,
                     official_model: str | None = None, image_size: int | None = None,
                     num_classes: int | None = None) -> dict[str, str]:
     """String metadata of a learned router file. ``model``/``image_size``/``num_classes`` are set only for official

@@ -42,6 +42,9 @@ class DenoisingSampler(Protocol):
     def official_cache_calls(self) -> list[int]:
         """The calls where the authors' sampler consults the router (all others compute everything)."""
 
+    def noise_level(self, call: int) -> tuple[float, float]:
+        """(alpha, sigma) of the samples the model sees at ``call``: ``x = alpha * x0 + sigma * noise``."""
+
     def to_dict(self) -> dict:
         """The manifest's sampler section."""
 

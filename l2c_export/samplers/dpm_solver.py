@@ -135,6 +135,9 @@ class DPMSolver2S:
     def official_cache_calls(self) -> list[int]:
         return official_cache_calls(self.kind, self.num_calls)
 
+    def noise_level(self, call: int) -> tuple[float, float]:
+        return float(self.alphas[call]), float(self.sigmas[call])
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "num_calls": self.num_calls, "model_times": self.model_times.tolist(),
                 **{name: getattr(self, name).tolist() for name in _DPM_TABLES}}

@@ -8,6 +8,7 @@ must not need PyTorch).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,6 +153,10 @@ class GaussianSampler:
 
     def official_cache_calls(self) -> list[int]:
         return official_cache_calls(self.kind, self.num_steps)
+
+    def noise_level(self, call: int) -> tuple[float, float]:
+        alpha_bar = float(self.alphas_cumprod[call])
+        return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
 
     def to_dict(self) -> dict:
         """What a runtime needs to rebuild this sampler (see :meth:`from_dict`); JSON-serialisable."""
