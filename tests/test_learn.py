@@ -393,3 +393,20 @@ def test_learn_cli_on_a_uvit_checkpoint_samples_trajectories_and_decodes_at_a_bu
     assert router.logits.shape == (4, 26) and router.sampler == "dpm_solver_2s"
     schedule = Schedule.load(tmp_path / "s.json")
     assert schedule.compute[[0, 1, 3]].all() and not schedule.compute[2].all()
+
+
+def test_model_config_describes_a_checkpoint_of_another_family(tmp_path):
+    """--model-config with ``"family": "uvit"``: any U-ViT architecture learns on its family's sampler."""
+    config = UViTConfig(img_size=4, patch_size=2, in_chans=4, embed_dim=16, depth=2, num_heads=2, num_classes=5)
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in UViT(config).state_dict().items()}, str(tmp_path / "u.safetensors"))
+    (tmp_path / "u.json").write_text(json.dumps({"family": "uvit", **config.to_dict()}))
+    run_cli("learn", "--checkpoint", str(tmp_path / "u.safetensors"), "--model-config", str(tmp_path / "u.json"),
+            "--data", "none", "--trajectories", "4", "--steps", "6", "--iterations", "2", "--batch-size", "2",
+            "--out", str(tmp_path / "r.safetensors"))
+    router = load_router(tmp_path / "r.safetensors")
+    assert router.sampler == "dpm_solver_2s" and router.logits.shape == (6, 2 * config.num_layers)
+    (tmp_path / "bad.json").write_text(json.dumps({"family": "nope"}))
+    result = run_cli("learn", "--checkpoint", str(tmp_path / "u.safetensors"), "--model-config",
+                     str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.safetensors"), check=False)
+    assert result.returncode == 2 and "unknown model family 'nope'" in result.stderr

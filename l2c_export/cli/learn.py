@@ -15,7 +15,8 @@ from .options import model_options, resolve_model
 @main.command()
 @model_options
 @click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path),
-              help="A DiT config JSON (the fields of DiTConfig) for a --checkpoint .safetensors of any architecture.")
+              help="A config JSON for a --checkpoint of any architecture: the family's config fields (DiTConfig, "
+                   "UViTConfig) and \"family\" (dit, the default, or uvit).")
 @click.option("--data", "data_arg",
               help="A folder of images (class subfolders), a .npy of latents (n, C, H, W), 'digits' or 'none' "
                    "(trajectories sampled from the model: the teacher needs no data). Default: digits for the "
@@ -153,18 +154,22 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
 
 
 def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config):
-    from ..models import zoo
-    from ..models.dit.model import DiTConfig
+    """The model of the flags, or with --model-config a checkpoint of any architecture of a family: the config JSON
+    holds the family's config fields and ``family`` (default ``dit``)."""
+    from ..core.util import read_json
+    from ..models import get_family, zoo
 
     if model_config is None:
         return resolve_model(checkpoint, model_name, image_size, num_classes)
     if checkpoint is None:
         raise click.UsageError("--model-config describes a --checkpoint; give both")
-    from ..core.util import read_json
-
     try:
-        config = DiTConfig.from_dict(read_json(Path(model_config), ValueError))
+        fields = dict(read_json(Path(model_config), ValueError))
+        family = get_family(str(fields.pop("family", "dit")))
+        config = family.config_from_dict(fields)
     except (ValueError, TypeError, KeyError) as error:
         raise click.BadParameter(f"{model_config}: {error}", param_hint="--model-config") from None
+    channels = next(spec.shape[0] for spec in family.graph_inputs(config) if spec.role == "sample")
     return zoo.ModelSpec(name=Path(checkpoint).stem, config=config, weights=Path(checkpoint),
-                         space="pixel" if config.in_channels in (1, 3) else "latent", cfg_scale=1.0)
+                         space="pixel" if channels in (1, 3) else "latent", sampler_kind=family.default_sampler,
+                         cfg_scale=1.0, family_name=family.name)
