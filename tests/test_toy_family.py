@@ -34,8 +34,7 @@ def toy_build(tmp_path_factory):
     model = FAMILY.create(config)
     state = {k: torch.randn_like(v) * 0.3 for k, v in model.state_dict().items()}
     save_file(state, str(folder / "toy.safetensors"))
-    spec = ModelSpec(name="toy", config=config, weights=folder / "toy.safetensors", space="pixel", cfg_scale=2.0,
-                     family_name="toy")
+    spec = ModelSpec(name="toy", config=config, weights=folder / "toy.safetensors", space="pixel", cfg_scale=2.0)
     schedule = Schedule(np.array(ROWS, dtype=bool))
     build(BuildRequest(spec=spec, schedule=schedule, sampler=create_sampler("ddim", 5), out_dir=folder / "engines"),
           progress=False)

@@ -91,7 +91,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
     form = _quantization_form(request)
     versions = _versions()
     weights_sha = manifest_io.sha256_of(spec.weights)
-    base_key = _hash({"weights": weights_sha, "family": spec.family_name, "config": config.to_dict(),
+    base_key = _hash({"weights": weights_sha, "family": spec.family.name, "config": config.to_dict(),
                       "precision": request.precision, "opset": OPSET, "versions": versions, "quantization": form,
                       "calibration": request.calibration_images if form == "qdq" else None})
     graph_keys = [_hash({"base": base_key, "compute": s.compute, "writes": s.writes}) for s in plan.subsets]

@@ -117,8 +117,8 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
             raise click.BadParameter(f"{path}: expected a folder of images, a .npy of latents, 'digits' or 'none'",
                                      param_hint="--data")
         source = NoisedData(images, with_random_labels(labels, num_labels, seed), sampler, str(path))
-    echo(f"learning {2 * family.num_layers(config)} x {sampler.num_calls} router logits ({mode} mode, {sampler.kind}) on "
-         f"{source.description}, {dist_info.world_size} process(es)")
+    echo(f"learning {2 * family.num_layers(config)} x {sampler.num_calls} router logits ({mode} mode, "
+         f"{sampler.kind}) on {source.description}, {dist_info.world_size} process(es)")
     state_path = out.with_name(out.name[: -len(".safetensors")] + ".state.safetensors")
     result = learn_router(model, sampler, source, settings, state_path=state_path, resume=resume,
                           save_every=save_every, progress=dist_info.is_main, source_name=source.description)
@@ -171,5 +171,4 @@ def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_con
         raise click.BadParameter(f"{model_config}: {error}", param_hint="--model-config") from None
     channels = next(spec.shape[0] for spec in family.graph_inputs(config) if spec.role == "sample")
     return zoo.ModelSpec(name=Path(checkpoint).stem, config=config, weights=Path(checkpoint),
-                         space="pixel" if channels in (1, 3) else "latent", sampler_kind=family.default_sampler,
-                         cfg_scale=1.0, family_name=family.name)
+                         space="pixel" if channels in (1, 3) else "latent", cfg_scale=1.0)

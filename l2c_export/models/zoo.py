@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..core.schedule import Schedule
 from ..samplers import DenoisingSampler, create_sampler
-from . import ModelFamily, family_of_model, get_family
+from . import ModelFamily, family_of_config, family_of_model, get_family
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 EMBEDDED_MODELS = ("dit-digits", "uvit-digits")  # folders of DEMO_DIR, each with a model.json
@@ -22,21 +22,26 @@ DEFAULT_NAME = "dit-digits"
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    config: object  # the family's config (DiTConfig, UViTConfig, ...)
+    config: object  # the family's config (DiTConfig, UViTConfig, ...): it says the family
     weights: Path
     space: str  # "pixel": samples are images in [-1, 1]; "latent": SD-VAE latents (scale 0.18215)
-    sampler_kind: str = "ddim"
+    sampler_kind: str | None = None  # default: the family's (DiT: ddim; U-ViT: dpm_solver_2s)
     num_steps: int = 20  # model calls (NFE)
-    cfg_scale: float = 4.0
+    cfg_scale: float | None = None  # default: the family's (DiT: 4.0; U-ViT: 1.4)
     clip_denoised: bool = False
     default_schedule: Path | None = None
     default_router: Path | None = None
-    family_name: str = "dit"
     training: dict | None = None  # embedded models: how ``train-default`` trains them (steps, batch_size)
+
+    def __post_init__(self):
+        if self.sampler_kind is None:
+            object.__setattr__(self, "sampler_kind", self.family.default_sampler)
+        if self.cfg_scale is None:
+            object.__setattr__(self, "cfg_scale", self.family.default_cfg_scale)
 
     @property
     def family(self) -> ModelFamily:
-        return get_family(self.family_name)
+        return family_of_config(self.config)
 
     @property
     def num_layers(self) -> int:
@@ -59,14 +64,14 @@ def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
         raise ValueError(f"unknown embedded model {name!r}; expected one of {', '.join(EMBEDDED_MODELS)}")
     folder = DEMO_DIR / name
     info = json.loads((folder / "model.json").read_text())
-    family = get_family(info.get("family", "dit"))
+    family = get_family(info["family"])
     return ModelSpec(name=info["name"], config=family.config_from_dict(info["config"]),
                      weights=folder / info["weights"], space=info["space"], sampler_kind=info["sampler"]["kind"],
                      num_steps=info["sampler"]["num_steps"], cfg_scale=info["cfg_scale"],
                      clip_denoised=info["sampler"].get("clip_denoised", False),
                      default_schedule=folder / info["schedule"] if info.get("schedule") else None,
                      default_router=folder / info["router"] if info.get("router") else None,
-                     family_name=family.name, training=info.get("training"))
+                     training=info.get("training"))
 
 
 def official(checkpoint: str | Path, model: str, image_size: int, num_classes: int = 1000) -> ModelSpec:
@@ -76,8 +81,7 @@ def official(checkpoint: str | Path, model: str, image_size: int, num_classes: i
         raise ValueError(f"--image-size {image_size} is not a multiple of 8 (latents are 1/8 of the image)")
     family = family_of_model(model)
     config = family.preset(model, image_size, num_classes)
-    return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent",
-                     sampler_kind=family.default_sampler, cfg_scale=family.default_cfg_scale, family_name=family.name)
+    return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent")
 
 
 def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | None,
