@@ -105,8 +105,9 @@ class Schedule:
         return [index[tuple(bool(v) for v in row)] for row in self.compute]
 
     def cache_steps(self) -> list[int]:
-        """The steps where the schedule decides per sub-layer: in official mode those with an even router index
-        (``N - 1 - s``), else every step that reuses anything."""
+        """The model calls where the schedule decides per sub-layer: in official mode the calls where the authors'
+        sampler consults its router (:func:`l2c_export.samplers.official_cache_calls` of the schedule's sampler,
+        DDIM when it names none), else every call that reuses anything."""
         if self.mode == "official":
             from ..samplers import official_cache_calls
 
