@@ -12,15 +12,17 @@ arrays.
 
 from __future__ import annotations
 
-from .base import CallGenerator, DenoisingSampler, ModelCall, denoise, official_cache_calls
+from .base import CallGenerator, DenoisingSampler, ModelCall, denoise
 from .dpm_solver import DiscreteVPSchedule, DPMSolver2S, stable_diffusion_betas
 from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianSampler, linear_betas, space_timesteps
 from .guidance import apply_guidance, check_labels, guidance_batch, make_noise, step_noise
 
-SAMPLER_KINDS = ("ddim", "ddpm", "dpm_solver_2s")
+# kind -> the class that implements it; adding a sampler is a class and a line here.
+SAMPLERS = {"ddim": GaussianSampler, "ddpm": GaussianSampler, "dpm_solver_2s": DPMSolver2S}
+SAMPLER_KINDS = tuple(SAMPLERS)
 
-__all__ = ["SAMPLER_KINDS", "CallGenerator", "DenoisingSampler", "ModelCall", "denoise", "official_cache_calls",
-           "create_sampler", "sampler_from_dict", "GaussianSampler", "DPMSolver2S", "DiscreteVPSchedule",
+__all__ = ["SAMPLERS", "SAMPLER_KINDS", "CallGenerator", "DenoisingSampler", "ModelCall", "denoise",
+           "official_cache_calls", "create_sampler", "sampler_from_dict", "GaussianSampler", "DPMSolver2S", "DiscreteVPSchedule",
            "NUM_TRAIN_TIMESTEPS", "linear_betas", "space_timesteps", "stable_diffusion_betas", "apply_guidance",
            "check_labels", "guidance_batch", "make_noise", "step_noise"]
 
@@ -42,3 +44,12 @@ def sampler_from_dict(data: dict) -> DenoisingSampler:
     if kind == "dpm_solver_2s":
         return DPMSolver2S.from_dict(data)
     raise ValueError(f"sampler: field 'kind' is {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}")
+
+
+def official_cache_calls(kind: str, num_calls: int) -> list[int]:
+    """The official rule: the model calls of ``kind`` where the authors' samplers consult their routers (every other
+    call computes everything). DDIM/DDPM: the steps whose router index ``N - 1 - s`` is even, except the first;
+    DPM-Solver-2S: the first call of solver steps 1 .. K-1."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown sampler {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}")
+    return SAMPLERS[kind].official_calls(num_calls)

@@ -1,5 +1,4 @@
-"""What every sampler is: a generator of model calls that owns its state, the one loop that drives it, and the
-official rule of where the authors' samplers consult their routers."""
+"""What every sampler is: a generator of model calls that owns its state, and the one loop that drives it."""
 
 from __future__ import annotations
 
@@ -66,12 +65,3 @@ def denoise(sampler: DenoisingSampler, x, model: Callable[[ModelCall], object],
             call = steps.send(out)
     except StopIteration as done:
         return done.value
-
-
-def official_cache_calls(kind: str, num_calls: int) -> list[int]:
-    """The calls where the authors' samplers consult their router. DDIM/DDPM: the steps whose router index
-    ``N - 1 - s`` is even, except the first step; DPM-Solver-2S: the first call of solver steps 1 .. K-1 (their
-    midpoint calls and step 0 compute everything)."""
-    if kind == "dpm_solver_2s":
-        return [2 * k for k in range(1, num_calls // 2)]
-    return [s for s in range(1, num_calls) if (num_calls - 1 - s) % 2 == 0]
