@@ -200,3 +200,13 @@ def test_guidance_reproduces_dit_first_three_channels_and_can_guide_all(tiny_mod
     assert torch.equal(dit[:, 3:], raw[:, 3:])  # channel 3 and the sigma channels pass through unguided
     every = tiny_model.forward_with_cfg(x, t, y, cfg_scale=4.0, guided_channels=4)
     torch.testing.assert_close(every[:2, 3], raw[2:, 3] + 4.0 * (raw[:2, 3] - raw[2:, 3]))
+
+
+@pytest.mark.parametrize("family_name, config_class", [("dit", "DiTConfig"), ("uvit", "UViTConfig")])
+def test_a_config_with_a_field_the_family_does_not_have_is_refused_by_name(family_name, config_class):
+    from l2c_export.models import get_family
+
+    family = get_family(family_name)
+    with pytest.raises(ValueError, match=rf"unknown {config_class} fields \['hiden_size'\]"):
+        family.config_from_dict({"hiden_size": 64})
+    assert family.config_from_dict({}) == family.config_class()

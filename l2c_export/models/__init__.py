@@ -47,7 +47,8 @@ class ModelFamily:
 
     # -- configs and checkpoints -----------------------------------------------------------------------------------
     def config_from_dict(self, data: Mapping):
-        raise NotImplementedError
+        """The family's config from a dict (a ``model.json``'s or a manifest's), refusing fields it does not have."""
+        return config_from_dict(self.config_class, data)
 
     def preset(self, model_name: str, image_size: int, num_classes: int):
         """The config of preset ``model_name`` for ``image_size`` pixels (latents at 1/8) and ``num_classes``."""
@@ -109,12 +110,12 @@ class ModelFamily:
         raise NotImplementedError
 
 
-def config_from_dict(cls, data: Mapping, family: str):
+def config_from_dict(cls, data: Mapping):
     """A model config dataclass from a dict, refusing fields it does not have (one rule for every family)."""
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"unknown {family} config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; expected a subset of {sorted(known)}")
     return cls(**dict(data))
 
 

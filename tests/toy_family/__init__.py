@@ -5,7 +5,7 @@ verify and run; the runtime, which reads only the manifest, never imports it."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping, MutableMapping, Sequence
+from typing import MutableMapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -87,9 +87,6 @@ class ToyFamily(ModelFamily):
     model_names = ("Toy/2",)
     default_sampler = "ddim"
     default_cfg_scale = 2.0
-
-    def config_from_dict(self, data: Mapping) -> ToyConfig:
-        return ToyConfig(**dict(data))
 
     def preset(self, model_name: str, image_size: int, num_classes: int) -> ToyConfig:
         return ToyConfig(side=image_size, num_classes=num_classes)

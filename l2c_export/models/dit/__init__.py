@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Mapping
-
 from ...core.macs import MacCount
 from .. import ModelFamily, TensorSpec
 from .model import MODEL_NAMES, DiT, DiTConfig, default_guided_channels, dit_config
@@ -16,9 +14,6 @@ class DiTFamily(ModelFamily):
     model_names = MODEL_NAMES
     default_sampler = "ddim"
     default_cfg_scale = 4.0
-
-    def config_from_dict(self, data: Mapping) -> DiTConfig:
-        return DiTConfig.from_dict(data)
 
     def preset(self, model_name: str, image_size: int, num_classes: int) -> DiTConfig:
         return dit_config(model_name, input_size=image_size // 8, num_classes=num_classes)

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 
 from ...samplers.guidance import apply_guidance
-from .. import config_from_dict
 from ..layers import Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, cached_output
 
 
@@ -67,9 +66,6 @@ class DiTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "DiTConfig":
-        return config_from_dict(cls, data, "DiT")
 
 
 # (depth, hidden_size, num_heads) of the official configurations.

@@ -3,8 +3,6 @@ DPM-Solver-2S by default, guidance on every channel. The model is :mod:`.model`.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 from ...core.macs import MacCount
 from .. import ModelFamily, TensorSpec
 from .model import MODEL_NAMES, UViT, UViTConfig, uvit_config
@@ -16,9 +14,6 @@ class UViTFamily(ModelFamily):
     model_names = MODEL_NAMES
     default_sampler = "dpm_solver_2s"
     default_cfg_scale = 1.4  # the authors' scale 0.4 in cond + 0.4 * (cond - uncond)
-
-    def config_from_dict(self, data: Mapping) -> UViTConfig:
-        return UViTConfig.from_dict(data)
 
     def preset(self, model_name: str, image_size: int, num_classes: int) -> UViTConfig:
         return uvit_config(model_name, img_size=image_size // 8, num_classes=num_classes)

@@ -21,7 +21,6 @@ from typing import Mapping, MutableMapping, Sequence
 import torch
 import torch.nn as nn
 
-from .. import config_from_dict
 from ..layers import Attention, LayerNorm, Mlp, PatchEmbed, TimestepEmbedder, cached_output
 
 
@@ -74,9 +73,6 @@ class UViTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "UViTConfig":
-        return config_from_dict(cls, data, "U-ViT")
 
 
 # (embed_dim, depth, num_heads) of the official U-ViT configs; depth counts in_blocks + out_blocks.
