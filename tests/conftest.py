@@ -35,7 +35,7 @@ def tiny_model() -> DiT:
 def default_build(tmp_path_factory) -> Path:
     """The embedded default (pixel digits, DDIM 20) with its own schedule, built once for ONNX Runtime (fp32). Tests
     that change a build work on a copy."""
-    from l2c_export.build.builder import BuildRequest, build
+    from l2c_export.builder.build import BuildRequest, build
     from l2c_export.models.zoo import embedded_default
 
     spec = embedded_default()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from l2c_export.build.builder import BuildRequest, build
+from l2c_export.builder.build import BuildRequest, build
 from l2c_export.models.zoo import embedded_default
 
 from .conftest import run_cli

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from l2c_export.build.builder import BuildRequest, build
+from l2c_export.builder.build import BuildRequest, build
 from l2c_export.models.zoo import embedded_default
 from l2c_export.samplers import create_sampler
 from l2c_export.samplers.guidance import make_noise, step_noise

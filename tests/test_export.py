@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from l2c_export.build.builder import BuildRequest, build
+from l2c_export.builder.build import BuildRequest, build
 from l2c_export.core import manifest as manifest_io
 from l2c_export.core.plan import BuildPlan
 from l2c_export.core.schedule import Schedule

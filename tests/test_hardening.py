@@ -373,9 +373,9 @@ def test_the_wheel_installs_into_a_fresh_environment_and_builds(tmp_path):
     wheels, source = tmp_path / "wheels", tmp_path / "source"
     skipped_anywhere = shutil.ignore_patterns(".venv*", ".git", "*.egg-info", "__pycache__", ".pytest_cache")
 
-    def ignore(folder, names):  # engines/, build/ (setuptools') and cpp/ only at the top: l2c_export/build is code
-        top = {"engines", "build", "cpp"} & set(names) if Path(folder) == REPO else set()
-        return set(skipped_anywhere(folder, names)) | top
+    def ignore(folder, names):  # build/ (setuptools', cpp's) anywhere; engines/ and cpp/ only at the top
+        top = {"engines", "cpp"} & set(names) if Path(folder) == REPO else set()
+        return set(skipped_anywhere(folder, names)) | top | ({"build"} & set(names))
 
     shutil.copytree(REPO, source, ignore=ignore)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
@@ -420,3 +420,20 @@ def test_a_sampler_table_of_the_wrong_length_is_refused(default_build, tmp_path)
 
     line = _refused("run", str(_edit(default_build, tmp_path, edit)), "--labels", "1")
     assert "field 'sampler/posterior_mean_coef1' has 19 entries; expected num_steps = 20" in line
+
+
+# The common Python .gitignore template (github/gitignore Python.gitignore) ignores these folders at any depth as
+# generated output; no tracked file may sit under one, or a contributor who adopts the template loses it from git.
+PYTHON_GITIGNORE_TEMPLATE_FOLDERS = ["build/", "develop-eggs/", "dist/", "downloads/", "eggs/", ".eggs/", "lib/",
+                                     "lib64/", "parts/", "sdist/", "var/", "wheels/", "share/python-wheels/",
+                                     "htmlcov/", ".tox/", ".nox/", "env/", "venv/", "ENV/", "site/"]
+
+
+def test_no_tracked_file_is_ignored_by_the_common_python_gitignore_template(tmp_path):
+    template = tmp_path / "python.gitignore"
+    template.write_text("\n".join(PYTHON_GITIGNORE_TEMPLATE_FOLDERS) + "\n")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert "l2c_export/builder/build.py" in tracked.splitlines()
+    ignored = subprocess.run(["git", "-c", f"core.excludesFile={template}", "check-ignore", "--no-index", "--stdin"],
+                             cwd=REPO, input=tracked, capture_output=True, text=True)
+    assert ignored.returncode == 1, f"tracked files the template would drop from git:\n{ignored.stdout}"

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from l2c_export.build.builder import BuildRequest, build
+from l2c_export.builder.build import BuildRequest, build
 from l2c_export.core import manifest as manifest_io
 from l2c_export.export.opsupport import tensorrt_supported_ops
 from l2c_export.export.quantize import dequantize

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from l2c_export.build.builder import BuildRequest, build
+from l2c_export.builder.build import BuildRequest, build
 from l2c_export.core import manifest as manifest_io
 from l2c_export.models.zoo import embedded_default
 from l2c_export.routers import load_router

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from l2c_export.build.builder import BuildRequest, build
+from l2c_export.builder.build import BuildRequest, build
 from l2c_export.core import manifest as manifest_io
 from l2c_export.core.schedule import Schedule
 from l2c_export.models import get_family, register

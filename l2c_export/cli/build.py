@@ -35,9 +35,9 @@ def build(checkpoint, model_name, image_size, num_classes, schedule_file, router
     """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
     import time
 
-    from ..build.builder import BuildRequest
-    from ..build.builder import build as run_build
-    from ..build.engines import BatchRange
+    from ..builder.build import BuildRequest
+    from ..builder.build import build as run_build
+    from ..builder.engines import BatchRange
 
     spec = resolve_model(checkpoint, model_name, image_size, num_classes)
     sampler = spec.sampler(sampler_kind, steps)

@@ -182,7 +182,7 @@ def _int8_samples(spec, learned: Schedule, sampler, labels: list[int], noise: np
     """Samples of the int8 build (ONNX Runtime) of ``spec`` with ``learned``: full compute and the schedule."""
     import tempfile
 
-    from ..build.builder import BuildRequest, build
+    from ..builder.build import BuildRequest, build
     from ..runtime.pipeline import L2CPipeline
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from ..build.builder import BuildRequest, build
+    from ..builder.build import BuildRequest, build
     from ..models.zoo import embedded_default, official
     from .bench import benchmark_together, machine_description, plot, table, write_results
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 def serving_benchmark(work: Path, docs: Path, clients: int = 8) -> dict:
     """The embedded default's build served by the bundled tritonserver (from ``.venv-triton``): images per second
     with one client and with ``clients`` concurrent clients, interleaved in one run."""
-    from ..build.builder import BuildRequest, build
+    from ..builder.build import BuildRequest, build
     from ..core.util import write_json
     from ..models.zoo import embedded_default
     from ..runtime.pipeline import L2CPipeline

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...build.engines import BackendUnavailable
+from ...builder.engines import BackendUnavailable
 from . import cache_inputs, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
 
 
