@@ -39,7 +39,7 @@ def test_a_schedule_round_trips_through_json(tmp_path):
     ({"num_steps": 3, "depth": 1, "compute": [[1, 1], [1, 1]]}, "field 'compute' must have num_steps = 3 rows; got 2"),
     ({"num_steps": 1, "depth": 1, "compute": [[1, 2]]}, "must hold only 0 or 1; got 2"),
     ({"num_steps": 1, "depth": 1, "compute": [[1, 0.5]]}, "must hold only 0 or 1; got 0.5"),
-    ({"num_steps": 1, "compute": [[1, 1]]}, "missing field 'depth'"),
+    ({"num_steps": 1, "compute": [[1, 1]]}, "expected exactly one of the fields 'depth'"),
     ({"num_steps": 0, "depth": 1, "compute": []}, "field 'num_steps' must be a positive integer"),
     ({"num_steps": 1, "depth": 1, "compute": [[1, 1]], "timesteps": [1, 2]}, "field 'timesteps' has 2 entries"),
 ])

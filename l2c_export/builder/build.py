@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..core import manifest as manifest_io
-from ..core.plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name, slot_name
+from ..core.plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name
 from ..core.schedule import Schedule
 from ..core.util import replace_folder
 from ..models.zoo import ModelSpec
@@ -74,7 +74,7 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
     builder = get_builder(request.backend, staging)
     builder.check_available()  # before anything is written
     spec = request.spec
-    request.schedule.check_fits(request.sampler.num_calls, spec.num_layers)
+    request.schedule.check_fits(request.sampler.num_calls, spec.sublayer_names)
     plan = BuildPlan.from_schedule(request.schedule)
     check_output_folder(out_dir)
     with _exclusive_lock(out_dir, progress):
@@ -90,7 +90,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
     spec, config = request.spec, request.spec.config
     form = _quantization_form(request)
     versions = _versions()
-    weights_sha = manifest_io.sha256_of(spec.weights)
+    weights_sha = spec.family.weights_sha256(spec.weights)
     base_key = _hash({"weights": weights_sha, "family": spec.family.name, "config": config.to_dict(),
                       "precision": request.precision, "opset": OPSET, "versions": versions, "quantization": form,
                       "calibration": request.calibration_images if form == "qdq" else None})
@@ -125,7 +125,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
                    disable=not progress)
         for subset, graph_file, key in bar:
             bar.set_postfix_str(subset.name)
-            inputs, outputs = _interface(subset, spec, dtype)
+            inputs, outputs = _interface(subset, plan.slots, spec, dtype)
             if not _reuse(previous, key, staging / graph_file, reused):
                 _export_subset(universal, subset, staging / graph_file, inputs, outputs, form)
                 exported.append(graph_file)
@@ -133,8 +133,8 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
             engine_key = _hash({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
             if engine_file != graph_file and not _reuse(previous, engine_key, staging / engine_file, reused):
                 builder.build(staging / graph_file, staging / engine_file, inputs, request.batch)
-            subset_records.append(_subset_record(subset, staging, graph_file, key, engine_file, engine_key,
-                                                 inputs, outputs, spec))
+            subset_records.append(_subset_record(subset, plan.slots, staging, graph_file, key, engine_file,
+                                                 engine_key, inputs, outputs, spec))
         data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)
         data["weight_tensors"] = _weight_table(universal, out_dir, quantization)
         if form is not None:
@@ -148,17 +148,18 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _interface(subset: SubsetPlan, spec: ModelSpec, dtype: str) -> tuple[list[dict], list[dict]]:
+def _interface(subset: SubsetPlan, slots: tuple[str, ...], spec: ModelSpec, dtype: str) -> tuple[list[dict],
+                                                                                                   list[dict]]:
     """The graph's inputs and outputs as manifest tensor records: the family's model inputs and output, then the
-    cache inputs and fresh outputs of the subset's live slots."""
+    cache inputs and fresh outputs of the subset's live slots (``slots``: the name of every sub-layer)."""
     family, config = spec.family, spec.config
     branch_shape = ["batch", *family.cached_shape(config)]
     inputs = [tensor.record() for tensor in family.graph_inputs(config)] + [
-        {"name": cache_input_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k), "role": "cache"}
-        for k in subset.reads]
+        {"name": cache_input_name(slots[k]), "dtype": dtype, "shape": branch_shape, "slot": slots[k],
+         "role": "cache"} for k in subset.reads]
     outputs = [family.graph_output(config).record()] + [
-        {"name": fresh_output_name(k), "dtype": dtype, "shape": branch_shape, "slot": slot_name(k), "role": "fresh"}
-        for k in subset.writes]
+        {"name": fresh_output_name(slots[k]), "dtype": dtype, "shape": branch_shape, "slot": slots[k],
+         "role": "fresh"} for k in subset.writes]
     return inputs, outputs
 
 
@@ -231,12 +232,13 @@ def _check_structure(graph) -> None:
     onnx.checker.check_model(probe, full_check=True)
 
 
-def _subset_record(subset, folder, graph_file, graph_key, engine_file, engine_key, inputs, outputs, spec) -> dict:
+def _subset_record(subset, slots, folder, graph_file, graph_key, engine_file, engine_key, inputs, outputs,
+                   spec) -> dict:
     macs = spec.family.count_macs(spec.config)
     graph_entry = manifest_io.file_entry(folder, graph_file, graph_key)
     engine_entry = graph_entry if engine_file == graph_file else manifest_io.file_entry(folder, engine_file,
                                                                                         engine_key)
-    reads, writes = [slot_name(k) for k in subset.reads], [slot_name(k) for k in subset.writes]
+    reads, writes = [slots[k] for k in subset.reads], [slots[k] for k in subset.writes]
     return {"index": subset.index, "name": subset.name, "compute": [int(v) for v in subset.compute],
             "steps": list(subset.steps), "reads": reads, "writes": writes, "graph": graph_entry,
             "engine": engine_entry, "inputs": inputs, "outputs": outputs,
@@ -250,7 +252,7 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
     used_slots = sorted({k for s in plan.subsets for k in (*s.reads, *s.writes)})
     guided = family.guided_channels(config, request.guide_all_channels)
     model = {"family": family.name, "config": config.to_dict(), "space": spec.space,
-             "num_sublayers": 2 * family.num_layers(config), "weights_sha256": weights_sha,
+             "num_sublayers": len(plan.slots), "sublayers": list(plan.slots), "weights_sha256": weights_sha,
              "inputs": [tensor.record() for tensor in family.graph_inputs(config)],
              "output": family.graph_output(config).record()}
     if spec.space == "latent":
@@ -267,7 +269,7 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
         "schedule": {"compute": schedule.compute.astype(int).tolist(), "step_subset": list(plan.step_to_subset),
                      "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
         "batch": request.batch.to_dict(),
-        "cache_slots": [{"name": slot_name(k), "index": k, "dtype": dtype,
+        "cache_slots": [{"name": plan.slots[k], "index": k, "dtype": dtype,
                          "shape": ["batch", *family.cached_shape(config)]} for k in used_slots],
         "weights": manifest_io.file_entry(folder, weights_name, base_key),
         "subsets": subset_records,

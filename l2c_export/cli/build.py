@@ -29,7 +29,7 @@ from .options import model_options, resolve_model, resolve_schedule, schedule_op
 @click.option("--guide-all-channels", is_flag=True, help="Guide every eps channel (DiT guides 3 of 4).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: engines/<model>-<backend>-<precision>).")
-def build(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
+def build(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
           mode, steps, sampler_kind, backend, precision, quantization, calibration_images, batch_text, cfg_scale,
           guide_all_channels, out):
     """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
@@ -39,10 +39,10 @@ def build(checkpoint, model_name, image_size, num_classes, schedule_file, router
     from ..builder.build import build as run_build
     from ..builder.engines import BatchRange
 
-    spec = resolve_model(checkpoint, model_name, image_size, num_classes)
+    spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers)
     sampler = spec.sampler(sampler_kind, steps)
     plan = resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction, mode,
-                             use_default=checkpoint is None)
+                             use_default=checkpoint is None and diffusers is None)
     slug = spec.name.replace("/", "-").replace(" ", "-").lower()
     out = out or Path("engines") / f"{slug}-{backend}-{precision}"
     request = BuildRequest(spec=spec, schedule=plan, sampler=sampler, out_dir=out, backend=backend,

@@ -8,7 +8,7 @@ import click
 
 from ..core.schedule import SCHEDULE_MODES
 from ..samplers import SAMPLER_KINDS
-from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, Finite, main
+from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, CommandError, Finite, main
 from .options import model_options, resolve_model
 
 
@@ -56,7 +56,7 @@ from .options import model_options, resolve_model
 @click.option("--target-mac-fraction", type=MAC_FRACTION, help="Or at the threshold that meets this MAC fraction.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
-def learn(checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories, mode,
+def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories, mode,
           sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window, steps_per_iteration, init_std, seed,
           out, save_every, resume, threshold, target_mac_fraction, json_out):
     """Learn router logits (L2C): teacher = full model, student = soft-routed cache, loss = MSE + lambda * sum(w).
@@ -64,6 +64,9 @@ def learn(checkpoint, model_name, image_size, num_classes, model_config, data_ar
     Runs under torchrun for data-parallel learning (gloo on CPU):
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m l2c_export.cli learn ...
     """
+    if diffusers is not None:
+        raise CommandError("learn --diffusers: not supported yet; a diffusers folder takes a schedule JSON over its "
+                           "named sub-layers (l2c-export schedule --diffusers DIR lists them)")
     from ..learn.learner import (
         LearnSettings,
         NoisedData,

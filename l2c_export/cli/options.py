@@ -12,8 +12,11 @@ from . import MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
 
 
 def model_options(function):
-    """--checkpoint/--model/--image-size/--num-classes; an embedded model when --checkpoint is absent."""
+    """--diffusers or --checkpoint/--model/--image-size/--num-classes; an embedded model when neither is given."""
     options = [
+        click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
+                     help="A diffusers pipeline folder (what save_pretrained writes: model_index.json, transformer/, "
+                          "scheduler/): DiTPipeline or PixArtAlphaPipeline/PixArtSigmaPipeline."),
         click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
                      help="Official-layout DiT or U-ViT weights (.pt/.pth state_dict or .safetensors); default: an "
                           "embedded digits model."),
@@ -28,10 +31,10 @@ def model_options(function):
     return function
 
 
-def resolve_model(checkpoint, model_name, image_size, num_classes):
+def resolve_model(checkpoint, model_name, image_size, num_classes, diffusers=None):
     from ..models import zoo
 
-    return zoo.resolve(checkpoint, model_name, image_size, num_classes)
+    return zoo.resolve(checkpoint, model_name, image_size, num_classes, diffusers)
 
 
 def schedule_options(function):
@@ -78,9 +81,9 @@ def resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac
     elif use_default and spec.default_schedule is not None:
         result = spec.schedule()
     else:
-        result = Schedule.full(sampler.num_calls, spec.num_layers, timesteps=sampler.model_times.tolist(),
-                               sampler=sampler.kind)
-    result.check_fits(sampler.num_calls, spec.num_layers)
+        result = Schedule.full(sampler.num_calls, sublayers=spec.sublayer_names,
+                               timesteps=sampler.model_times.tolist(), sampler=sampler.kind)
+    result.check_fits(sampler.num_calls, spec.sublayer_names)
     return result
 
 

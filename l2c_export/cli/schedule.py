@@ -105,7 +105,7 @@ def _print_schedule(result, macs) -> None:
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True)
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Also save the samples (.npy).")
-def sample(checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
+def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
            mode, steps, sampler_kind, full, labels, cfg_scale, guide_all_channels, seed, out, save_latents):
     """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule."""
     import time
@@ -115,6 +115,9 @@ def sample(checkpoint, model_name, image_size, num_classes, schedule_file, route
     from ..samplers.guidance import make_noise
     from ..samplers.reference import sample_reference
 
+    if diffusers is not None:
+        raise CommandError("sample --diffusers: not supported yet; sample a diffusers folder from its build "
+                           "(l2c-export build --diffusers DIR --out E, then l2c-export run E)")
     spec = resolve_model(checkpoint, model_name, image_size, num_classes)
     sampler = spec.sampler(sampler_kind, steps)
     plan = None if full else resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction,

@@ -5,29 +5,39 @@ branch outputs that some later step reuses. A value computed at step s is read l
 that sub-layer (a reuse reads the most recent computed value, and any recomputation in between would replace it). A
 subset used at several steps returns the union of what those steps must hand on.
 
-Cache slots are named after the sub-layer: ``attn_{j}`` (index 2j) and ``mlp_{j}`` (index 2j + 1). A subset graph's
-inputs are ``x``, ``t``, ``y`` and ``cache_{slot}`` for each slot it reads; its outputs are ``model_out`` and
-``fresh_{slot}`` for each slot it writes.
+Cache slots are named after the sub-layer: the schedule's column names (:attr:`Schedule.sublayer_names`), which for
+the authors' families are ``attn_{j}`` (index 2j) and ``mlp_{j}`` (index 2j + 1) and for a diffusers model the module
+paths (``transformer_blocks.3.attn1``). A subset graph's inputs are the model's inputs and ``cache_{slot}`` for each
+slot it reads; its outputs are the model's output and ``fresh_{slot}`` for each slot it writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .schedule import Schedule
+if TYPE_CHECKING:
+    from .schedule import Schedule
 
 
 def slot_name(index: int) -> str:
-    """Sub-layer index -> cache slot name: 2j -> ``attn_j``, 2j + 1 -> ``mlp_j``."""
+    """The authors' families' sub-layer index -> cache slot name: 2j -> ``attn_j``, 2j + 1 -> ``mlp_j``."""
     return f"{'attn' if index % 2 == 0 else 'mlp'}_{index // 2}"
 
 
-def cache_input_name(index: int) -> str:
-    return f"cache_{slot_name(index)}"
+def default_sublayer_names(width: int) -> tuple[str, ...]:
+    """The column names of a schedule of ``width`` (= 2 * depth) sub-layers in the authors' layout."""
+    return tuple(slot_name(k) for k in range(width))
 
 
-def fresh_output_name(index: int) -> str:
-    return f"fresh_{slot_name(index)}"
+def cache_input_name(slot: str) -> str:
+    """The graph input that carries cache slot ``slot`` into a subset that reuses it."""
+    return f"cache_{slot}"
+
+
+def fresh_output_name(slot: str) -> str:
+    """The graph output that carries a computed sub-layer's fresh value out to cache slot ``slot``."""
+    return f"fresh_{slot}"
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class SubsetPlan:
     """One distinct subset of computed sub-layers and its graph boundary."""
 
     index: int
-    compute: tuple[bool, ...]  # (2 * depth,)
+    compute: tuple[bool, ...]  # (num_sublayers,)
     reads: tuple[int, ...]  # sub-layers read from the cache (exactly those not computed)
     writes: tuple[int, ...]  # computed sub-layers whose fresh value a later step reuses
     steps: tuple[int, ...]  # sampling steps that run this subset
@@ -56,6 +66,7 @@ class SubsetPlan:
 class BuildPlan:
     subsets: tuple[SubsetPlan, ...]
     step_to_subset: tuple[int, ...]  # (num_steps,)
+    slots: tuple[str, ...]  # (num_sublayers,): the cache slot (sub-layer) name of each column
 
     @classmethod
     def from_schedule(cls, schedule: Schedule) -> "BuildPlan":
@@ -73,4 +84,4 @@ class BuildPlan:
                        steps=tuple(s for s in range(num_steps) if step_to_subset[s] == i))
             for i, subset in enumerate(distinct)
         )
-        return cls(subsets=subsets, step_to_subset=tuple(step_to_subset))
+        return cls(subsets=subsets, step_to_subset=tuple(step_to_subset), slots=tuple(schedule.sublayer_names))

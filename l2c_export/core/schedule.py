@@ -1,11 +1,15 @@
 """Schedules: which sub-layers each model call computes, and the interchange JSON.
 
-A schedule is a (num_steps, 2 * depth) boolean matrix, one row per model call in sampling order (``num_steps`` counts
-calls: DPM-Solver-2S makes two a step), one column per sub-layer. JSON::
+A schedule is a (num_steps, num_sublayers) boolean matrix, one row per model call in sampling order (``num_steps``
+counts calls: DPM-Solver-2S makes two a step), one column per sub-layer. JSON::
 
     {"num_steps": N, "depth": D, "compute": [[1, 0, ...], ...],       # N rows of 2 * D values, 0 or 1
      "timesteps": [999, ...], "source": "...", "threshold": 0.1,      # optional
      "mode": "official", "sampler": "ddim"}                           # optional
+
+The authors' families' columns are ``attn_j``/``mlp_j`` (2j, 2j + 1) and ``depth`` says how many; a model whose
+sub-layers are named (a diffusers transformer: ``transformer_blocks.3.attn1``, ``.attn2``, ``.ff``) names its columns
+in a ``sublayers`` list instead of ``depth``: ``{"num_steps": 12, "sublayers": [...], "compute": [...]}``.
 
 A reused sub-layer reads its most recent computed value in the same request, so the first call must compute every
 sub-layer; that is checked here, when a schedule is made, not when it runs.
@@ -22,6 +26,7 @@ import numpy as np
 
 from ..samplers import SAMPLER_KINDS
 from .macs import MacCount
+from .plan import default_sublayer_names
 from .util import read_json, write_json
 
 # How a router decodes into a schedule. ``official``: as the authors' samplers, only the calls where they consult their
@@ -43,16 +48,21 @@ class ScheduleError(ValueError):
 
 @dataclass
 class Schedule:
-    compute: np.ndarray  # (num_steps, 2 * depth) bool
+    compute: np.ndarray  # (num_steps, num_sublayers) bool
     timesteps: list[int] | None = None
     source: str | None = None
     threshold: float | None = None
     mode: str | None = None
     sampler: str | None = None  # the sampler whose model calls the rows are (official mode's cache calls depend on it)
     extra: dict = field(default_factory=dict)
+    sublayers: tuple[str, ...] | None = None  # column names; None: the authors' attn_j/mlp_j (2 * depth columns)
 
     def __post_init__(self):
         self.compute = np.asarray(self.compute, dtype=bool)
+        if self.sublayers is not None:
+            self.sublayers = tuple(self.sublayers)
+            if self.sublayers == default_sublayer_names(len(self.sublayers)):
+                self.sublayers = None  # the authors' layout, written as depth
         self.validate(self.source or "schedule")
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -62,18 +72,39 @@ class Schedule:
 
     @property
     def depth(self) -> int:
+        """Blocks of an authors'-layout schedule (2 columns each)."""
         return self.compute.shape[1] // 2
 
+    @property
+    def width(self) -> int:
+        """Columns: sub-layers of the model."""
+        return self.compute.shape[1]
+
+    @property
+    def sublayer_names(self) -> tuple[str, ...]:
+        """The name of every column: the ``sublayers`` list, else ``attn_j``/``mlp_j``."""
+        return self.sublayers if self.sublayers is not None else default_sublayer_names(self.width)
+
     @classmethod
-    def full(cls, num_steps: int, depth: int, **kwargs) -> "Schedule":
-        return cls(np.ones((num_steps, 2 * depth), dtype=bool), source=kwargs.pop("source", "full"), **kwargs)
+    def full(cls, num_steps: int, depth: int | None = None, sublayers=None, **kwargs) -> "Schedule":
+        """Every sub-layer at every call: of a ``depth``-block authors' model, or over the named ``sublayers``."""
+        width = len(sublayers) if sublayers is not None else 2 * depth
+        return cls(np.ones((num_steps, width), dtype=bool), source=kwargs.pop("source", "full"), sublayers=sublayers,
+                   **kwargs)
 
     def validate(self, where: str) -> None:
         if self.compute.ndim != 2 or self.compute.shape[0] < 1:
             raise ScheduleError(f"{where}: field 'compute' must be a non-empty list of rows; got shape "
                                 f"{self.compute.shape}")
-        if self.compute.shape[1] < 2 or self.compute.shape[1] % 2:
+        if self.sublayers is None and (self.compute.shape[1] < 2 or self.compute.shape[1] % 2):
             raise ScheduleError(f"{where}: field 'compute' rows must have 2 * depth entries; got {self.compute.shape[1]}")
+        if self.sublayers is not None:
+            if len(self.sublayers) != self.compute.shape[1]:
+                raise ScheduleError(f"{where}: field 'compute' rows have {self.compute.shape[1]} entries; field "
+                                    f"'sublayers' names {len(self.sublayers)}")
+            repeated = next((name for k, name in enumerate(self.sublayers) if name in self.sublayers[:k]), None)
+            if repeated is not None:
+                raise ScheduleError(f"{where}: field 'sublayers' names {repeated!r} twice")
         if not self.compute[0].all():
             missing = np.flatnonzero(~self.compute[0]).tolist()
             raise ScheduleError(f"{where}: field 'compute' row 0 (the first step) must compute every sub-layer, since "
@@ -83,13 +114,29 @@ class Schedule:
             raise ScheduleError(f"{where}: field 'timesteps' has {len(self.timesteps)} entries; expected num_steps = "
                                 f"{self.num_steps}")
 
-    def check_fits(self, num_steps: int, depth: int, where: str | None = None) -> None:
-        """Raises ScheduleError unless this schedule is for ``num_steps`` steps of a ``depth``-block model."""
+    def check_fits(self, num_steps: int, sublayers, where: str | None = None) -> None:
+        """Raises ScheduleError unless this schedule is for ``num_steps`` calls of a model whose sub-layers are
+        ``sublayers`` (their names in forward order; an int: an authors'-layout model of that many blocks). A name
+        that is not one of the model's sub-layers is refused by name."""
         where = where or self.source or "schedule"
         if self.num_steps != num_steps:
             raise ScheduleError(f"{where}: field 'num_steps' is {self.num_steps}; the sampler takes {num_steps} steps")
-        if self.depth != depth:
-            raise ScheduleError(f"{where}: field 'depth' is {self.depth}; the model has {depth} blocks")
+        model = default_sublayer_names(2 * sublayers) if isinstance(sublayers, int) else tuple(sublayers)
+        if self.sublayer_names == model:
+            return
+        named = model != default_sublayer_names(len(model))
+        if self.sublayers is None and not named:
+            raise ScheduleError(f"{where}: field 'depth' is {self.depth}; the model has {len(model) // 2} blocks")
+        if self.sublayers is None:
+            raise ScheduleError(f"{where}: field 'depth' describes attn_j/mlp_j columns; the model's sub-layers are "
+                                f"named ({model[0]}, ...): give field 'sublayers' with its {len(model)} names")
+        unknown = next((name for name in self.sublayers if name not in model), None)
+        if unknown is not None:
+            raise ScheduleError(f"{where}: field 'sublayers' names {unknown!r}, which is not a sub-layer of the model "
+                                f"(its {len(model)}: {', '.join(model[:4])}{', ...' if len(model) > 4 else ''})")
+        raise ScheduleError(f"{where}: field 'sublayers' must list the model's {len(model)} sub-layers in forward "
+                            f"order ({', '.join(model[:4])}{', ...' if len(model) > 4 else ''}); got "
+                            f"{len(self.sublayers)}")
 
     # ----------------------------------------------------------------------------------------------------------------
     def distinct_subsets(self) -> list[tuple[bool, ...]]:
@@ -126,7 +173,9 @@ class Schedule:
 
     # ----------------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        data = {"num_steps": self.num_steps, "depth": self.depth, "compute": self.compute.astype(int).tolist()}
+        data = {"num_steps": self.num_steps, **({"depth": self.depth} if self.sublayers is None else
+                                                 {"sublayers": list(self.sublayers)}),
+                "compute": self.compute.astype(int).tolist()}
         for name in ("timesteps", "source", "threshold", "mode", "sampler"):
             value = getattr(self, name)
             if value is not None:
@@ -139,22 +188,34 @@ class Schedule:
     @classmethod
     def from_dict(cls, data: dict, where: str = "schedule") -> "Schedule":
         if not isinstance(data, dict):
-            raise ScheduleError(f"{where}: expected a JSON object with fields num_steps, depth, compute")
-        for name in ("num_steps", "depth", "compute"):
+            raise ScheduleError(f"{where}: expected a JSON object with fields num_steps, depth (or sublayers), "
+                                f"compute")
+        for name in ("num_steps", "compute"):
             if name not in data:
                 raise ScheduleError(f"{where}: missing field {name!r}")
-        num_steps, depth, rows = data["num_steps"], data["depth"], data["compute"]
+        if ("depth" in data) == ("sublayers" in data):
+            raise ScheduleError(f"{where}: expected exactly one of the fields 'depth' (attn_j/mlp_j columns) and "
+                                f"'sublayers' (the columns' names)")
+        num_steps, rows, sublayers = data["num_steps"], data["compute"], data.get("sublayers")
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ScheduleError(f"{where}: field 'num_steps' must be a positive integer; got {num_steps!r}")
-        if not isinstance(depth, int) or depth < 1:
-            raise ScheduleError(f"{where}: field 'depth' must be a positive integer; got {depth!r}")
+        if sublayers is not None:
+            if not isinstance(sublayers, list) or not sublayers or not all(
+                    isinstance(name, str) and name for name in sublayers):
+                raise ScheduleError(f"{where}: field 'sublayers' must be a non-empty list of sub-layer names")
+            width, what = len(sublayers), "len(sublayers)"
+        else:
+            depth = data["depth"]
+            if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+                raise ScheduleError(f"{where}: field 'depth' must be a positive integer; got {depth!r}")
+            width, what = 2 * depth, "2 * depth"
         if not isinstance(rows, list) or len(rows) != num_steps:
             got = len(rows) if isinstance(rows, list) else type(rows).__name__
             raise ScheduleError(f"{where}: field 'compute' must have num_steps = {num_steps} rows; got {got}")
         for s, row in enumerate(rows):
-            if not isinstance(row, list) or len(row) != 2 * depth:
+            if not isinstance(row, list) or len(row) != width:
                 got = len(row) if isinstance(row, list) else type(row).__name__
-                raise ScheduleError(f"{where}: field 'compute' row {s} must have 2 * depth = {2 * depth} entries; "
+                raise ScheduleError(f"{where}: field 'compute' row {s} must have {what} = {width} entries; "
                                     f"got {got}")
             bad = [v for v in row if v not in (0, 1) or isinstance(v, float)]
             if bad:
@@ -171,10 +232,10 @@ class Schedule:
         sampler = data.get("sampler")
         if sampler is not None and sampler not in SAMPLER_KINDS:
             raise ScheduleError(f"{where}: field 'sampler' is {sampler!r}; expected one of {', '.join(SAMPLER_KINDS)}")
-        known = {"num_steps", "depth", "compute", "timesteps", "source", "threshold", "mode", "sampler"}
-        return cls(np.asarray(rows, dtype=bool).reshape(num_steps, 2 * depth), timesteps=data.get("timesteps"),
+        known = {"num_steps", "depth", "sublayers", "compute", "timesteps", "source", "threshold", "mode", "sampler"}
+        return cls(np.asarray(rows, dtype=bool).reshape(num_steps, width), timesteps=data.get("timesteps"),
                    source=data.get("source", where), threshold=data.get("threshold"), mode=data.get("mode"),
-                   sampler=data.get("sampler"),
+                   sampler=data.get("sampler"), sublayers=sublayers,
                    extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod

@@ -125,7 +125,7 @@ def evaluate(learned: Schedule, router: RouterLogits | None = None, mode: Schedu
     spec = zoo.embedded_default(model_name)
     config, family = spec.config, spec.family
     sampler = spec.sampler()
-    learned.check_fits(sampler.num_calls, spec.num_layers)
+    learned.check_fits(sampler.num_calls, spec.sublayer_names)
     macs = family.count_macs(config)
     timesteps = sampler.model_times.tolist()
     classifier = load_classifier(classifier_path or CLASSIFIER_PATH)

@@ -15,8 +15,10 @@
    stored once on disk and a runtime can hold them once in memory.
 
 Graph interface (batch ``N`` dynamic; guidance doubles it): the family's model inputs (DiT and U-ViT: ``x`` float32
-(N, C, H, W), ``t`` float32 (N,), ``y`` int64 (N,)) and ``cache_<slot>`` (N, T, D) in the graph precision; outputs the
+(N, C, H, W), ``t`` float32 (N,), ``y`` int64 (N,); a diffusers PixArt also ``encoder_hidden_states`` (N, L, D_text)
+and ``encoder_attention_mask`` (N, L), L dynamic) and ``cache_<slot>`` (N, T, D) in the graph precision; outputs the
 family's model output (``model_out`` float32 (N, C_out, H, W)) and ``fresh_<slot>`` (N, T, D) in the graph precision.
+Slots are the family's sub-layer names (:meth:`l2c_export.models.ModelFamily.sublayer_names`).
 """
 
 from __future__ import annotations
@@ -76,7 +78,11 @@ class UniversalGraph:
     model: onnx.ModelProto
     weights: dict[str, np.ndarray]  # initializer name -> array in graph layout (transposed where the name ends .T)
     precision: str
-    num_sublayers: int
+    slots: tuple[str, ...]  # every sub-layer's cache slot name, in the order of the model's sub-layer indices
+
+    @property
+    def num_sublayers(self) -> int:
+        return len(self.slots)
 
     def bind_weights(self, layout: dict[str, tuple[int, int]]) -> None:
         """Adds one initializer per weight, stored externally in ``weights.bin`` at ``layout[name]``."""
@@ -101,26 +107,30 @@ def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> Unive
     dtype = PRECISIONS[precision]
     config = model.config
     family = family or family_of_config(config)
-    num_sublayers = 2 * family.num_layers(config)
+    slots = tuple(family.sublayer_names(config))
+    num_sublayers = len(slots)
     stand_in = copy.deepcopy(model).to(dtype).eval()
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
         for parameter in stand_in.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    inputs = [spec.name for spec in family.graph_inputs(config)]
-    outputs = [family.graph_output(config).name] + [fresh_output_name(k) for k in range(num_sublayers)]
+    input_specs = family.graph_inputs(config)
+    inputs = [spec.name for spec in input_specs]
+    outputs = [family.graph_output(config).name] + [fresh_output_name(slot) for slot in slots]
+    dynamic_axes = {name: {0: "batch"} for name in [*inputs, *outputs]}
+    for spec in input_specs:  # axes that vary per request (a prompt's tokens) keep their names
+        dynamic_axes[spec.name].update({1 + i: dim for i, dim in enumerate(spec.shape) if isinstance(dim, str)})
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_EveryBranch(stand_in, num_sublayers).eval(), family.dummy_inputs(config, 2), buffer,
                           input_names=inputs, output_names=outputs, opset_version=OPSET, dynamo=False,
-                          export_params=False, do_constant_folding=False,
-                          dynamic_axes={name: {0: "batch"} for name in [*inputs, *outputs]})
+                          export_params=False, do_constant_folding=False, dynamic_axes=dynamic_axes)
     graph_model = onnx.load_from_string(buffer.getvalue())
     weights = _attach_parameters(graph_model, model, dtype)
     _merge_equal_constants(graph_model)
     _name_dims(graph_model, family.cached_shape(config))
-    return UniversalGraph(graph_model, weights, precision, num_sublayers)
+    return UniversalGraph(graph_model, weights, precision, slots)
 
 
 def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, np.ndarray]:
@@ -260,14 +270,14 @@ def subset_graph(universal: UniversalGraph, subset: SubsetPlan, graph_name: str)
     tensors = graph.tensors()
     precision_dtype = ONNX_DTYPES[universal.precision]
     for k in subset.reads:
-        fresh = tensors[fresh_output_name(k)]
+        fresh = tensors[fresh_output_name(universal.slots[k])]
         # The ONNX type enum, not a numpy dtype: numpy has no bfloat16, and graphsurgeon takes either.
-        cached = gs.Variable(cache_input_name(k), dtype=precision_dtype, shape=fresh.shape)
+        cached = gs.Variable(cache_input_name(universal.slots[k]), dtype=precision_dtype, shape=fresh.shape)
         for consumer in list(fresh.outputs):
             consumer.inputs[consumer.inputs.index(fresh)] = cached
         graph.inputs.append(cached)
     model_outputs = {tensor.name for tensor in graph.outputs if not tensor.name.startswith("fresh_")}
-    keep = model_outputs | {fresh_output_name(k) for k in subset.writes}
+    keep = model_outputs | {fresh_output_name(universal.slots[k]) for k in subset.writes}
     graph.outputs = [tensor for tensor in graph.outputs if tensor.name in keep]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     graph.name = graph_name

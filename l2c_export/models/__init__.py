@@ -5,9 +5,10 @@ name to it. Plan, export, build, manifest, runtime, backends, verify and bench r
 the manifest a build wrote from it; none of them knows which family it handles. (The pattern: Optimum's
 per-architecture ONNX export configs and TensorRT demo/Diffusion's ``BaseModel``.)
 
-Adding a family: a folder with the model (a module whose ``forward_cached(x, t, y, compute, cache)`` computes
+Adding a family: a folder with the model (a module whose ``forward_cached(*inputs, compute, cache)`` computes
 sub-layer ``i`` where ``compute[i]`` and otherwise adds ``cache[i]``) and a :class:`ModelFamily` subclass, and one line
-in :data:`FAMILIES` (or :func:`register` at run time, as the tests' toy family does).
+in :data:`FAMILIES` (or :func:`register` at run time, as the tests' toy family does). A diffusers transformer class is
+a smaller declaration still (:mod:`l2c_export.models.diffusers`): its block list, sub-layer paths and conditioning.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ LATENT_SCALE = 0.18215  # the SD-VAE scale both DiT and U-ViT latents use
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of the graph interface, the batch axis left out: ``shape`` is per sample. ``role`` says what a
-    runtime feeds or reads: ``sample`` (x), ``time`` (the timestep, float), ``label`` (class index), ``output``."""
+    """One tensor of the graph interface, the batch axis left out: ``shape`` is per sample, an axis that varies per
+    request named by a string (``prompt_tokens``). ``role`` says what a runtime feeds or reads: ``sample`` (x),
+    ``time`` (the timestep, float), ``label`` (class index), ``prompt_embeds`` and ``prompt_attention_mask`` (text
+    conditioning, fed from the pipeline arguments of those names), ``output``."""
 
     name: str
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     role: str
 
     def record(self) -> dict:
@@ -46,6 +49,16 @@ class ModelFamily:
     latent_scale: float = LATENT_SCALE
 
     # -- configs and checkpoints -----------------------------------------------------------------------------------
+    def owns(self, config) -> bool:
+        """Whether ``config`` is one of this family's (its config class, unless the family says more)."""
+        return isinstance(config, self.config_class)
+
+    def weights_sha256(self, path: str | Path) -> str:
+        """The digest of the weights at ``path`` that a build records (``model/weights_sha256``)."""
+        from ..core.manifest import sha256_of
+
+        return sha256_of(Path(path))
+
     def config_from_dict(self, data: Mapping):
         """The family's config from a dict (a ``model.json``'s or a manifest's), refusing fields it does not have."""
         return config_from_dict(self.config_class, data)
@@ -65,6 +78,13 @@ class ModelFamily:
         return load_into(path, self.create(config))
 
     # -- sub-layers --------------------------------------------------------------------------------------------------
+    def sublayer_names(self, config) -> tuple[str, ...]:
+        """Every sub-layer's name in forward order: the schedule's columns and the cache slots. The authors' families:
+        ``attn_l``, ``mlp_l`` for each of :meth:`num_layers` layers."""
+        from ..core.plan import default_sublayer_names
+
+        return default_sublayer_names(2 * self.num_layers(config))
+
     def num_layers(self, config) -> int:
         """Layers with an attention and an MLP sub-layer: the schedule has 2 * num_layers columns; sub-layer 2l (cache
         slot ``attn_l``) is layer l's attention, 2l + 1 (``mlp_l``) its MLP (:func:`l2c_export.core.plan.slot_name`)."""
@@ -120,7 +140,8 @@ def config_from_dict(cls, data: Mapping):
 
 
 # name -> module defining FAMILY; adding a family is one line here.
-FAMILIES = {"dit": "l2c_export.models.dit", "uvit": "l2c_export.models.uvit"}
+FAMILIES = {"dit": "l2c_export.models.dit", "uvit": "l2c_export.models.uvit",
+            "diffusers-dit": "l2c_export.models.diffusers.dit", "diffusers-pixart": "l2c_export.models.diffusers.pixart"}
 _loaded: dict[str, ModelFamily] = {}
 
 
@@ -145,7 +166,7 @@ def all_families() -> list[ModelFamily]:
 def family_of_config(config) -> ModelFamily:
     """The family whose config class ``config`` is an instance of."""
     for family in all_families():
-        if isinstance(config, family.config_class):
+        if family.owns(config):
             return family
     raise ValueError(f"no registered model family has configs of type {type(config).__name__}")
 

@@ -1,4 +1,5 @@
-"""Where models come from: the embedded defaults (digits models shipped in the package) and official checkpoints.
+"""Where models come from: the embedded defaults (digits models shipped in the package), official checkpoints and
+diffusers pipeline folders.
 
 A :class:`ModelSpec` says everything the later stages need about a model besides its weights: the architecture, whether
 it samples pixels or VAE latents, and its default sampler and guidance.
@@ -32,6 +33,8 @@ class ModelSpec:
     default_schedule: Path | None = None
     default_router: Path | None = None
     training: dict | None = None  # embedded models: how ``train-default`` trains them (steps, batch_size)
+    scheduler_config: dict | None = None  # a diffusers folder's scheduler_config.json: the sampler comes from it
+    scheduler_source: str | None = None  # where that config was read (named in its errors)
 
     def __post_init__(self):
         if self.sampler_kind is None:
@@ -47,11 +50,27 @@ class ModelSpec:
     def num_layers(self) -> int:
         return self.family.num_layers(self.config)
 
+    @property
+    def sublayer_names(self) -> tuple[str, ...]:
+        """The schedule's columns: every sub-layer's name in forward order."""
+        return self.family.sublayer_names(self.config)
+
     def load_model(self):
         return self.family.load(self.weights, self.config)
 
     def sampler(self, kind: str | None = None, num_steps: int | None = None) -> DenoisingSampler:
-        """The sampler ``kind`` (default: the model's) with ``num_steps`` model calls (NFE; default: the model's)."""
+        """The sampler ``kind`` (default: the model's) with ``num_steps`` model calls (NFE; default: the model's). A
+        diffusers folder's sampler is its scheduler, ``num_steps`` its ``num_inference_steps``."""
+        if self.family.default_sampler == "diffusers":
+            if kind is not None:
+                raise ValueError(f"--sampler {kind}: a diffusers folder samples with its own scheduler "
+                                 f"({self.scheduler_source}); leave --sampler out")
+            if self.scheduler_config is None:
+                raise ValueError(f"{self.scheduler_source}: missing; a diffusers folder needs its scheduler/ to sample")
+            from ..samplers import sampler_from_scheduler_config
+
+            return sampler_from_scheduler_config(self.scheduler_config, num_steps or self.num_steps,
+                                                 self.scheduler_source)
         return create_sampler(kind or self.sampler_kind, num_steps or self.num_steps, clip_denoised=self.clip_denoised)
 
     def schedule(self) -> Schedule | None:
@@ -84,10 +103,25 @@ def official(checkpoint: str | Path, model: str, image_size: int, num_classes: i
     return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent")
 
 
+def from_diffusers(folder: str | Path) -> ModelSpec:
+    """A diffusers pipeline folder (:func:`l2c_export.models.diffusers.read_folder`): its transformer, its scheduler as
+    the sampler, the pipeline's default steps and guidance scale."""
+    from .diffusers import read_folder
+
+    found = read_folder(folder)
+    return ModelSpec(name=f"{found.config.transformer_class} {Path(folder).resolve().name}", config=found.config,
+                     weights=found.transformer_dir, space="latent", num_steps=found.family.default_steps,
+                     scheduler_config=found.scheduler_config, scheduler_source=str(found.scheduler_config_path))
+
+
 def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | None,
-            num_classes: int | None) -> ModelSpec:
-    """Without a checkpoint, an embedded model (``model``: dit-digits, the default, or uvit-digits); else the official
-    model the flags describe."""
+            num_classes: int | None, diffusers: str | Path | None = None) -> ModelSpec:
+    """A diffusers folder (``diffusers``); without a checkpoint, an embedded model (``model``: dit-digits, the
+    default, or uvit-digits); else the official model the flags describe."""
+    if diffusers is not None:
+        if checkpoint is not None or model is not None:
+            raise ValueError("--diffusers names the model; leave out --checkpoint and --model")
+        return from_diffusers(diffusers)
     if checkpoint is None:
         if model is not None and model not in EMBEDDED_MODELS:
             raise ValueError(f"--model {model} needs --checkpoint; without one, --model is an embedded model: "

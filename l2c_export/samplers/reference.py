@@ -38,7 +38,7 @@ def sample_reference(model: torch.nn.Module, sampler: DenoisingSampler, labels: 
     if tuple(noise.shape) != expected:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {expected} (n labels, C, H, W)")
     if schedule is not None:
-        schedule.check_fits(sampler.num_calls, family.num_layers(config))
+        schedule.check_fits(sampler.num_calls, family.sublayer_names(config))
     _, y_np = guidance_batch(noise, labels, null_class, cfg_scale)
     device = next(model.parameters()).device
     y = torch.from_numpy(y_np).to(device)

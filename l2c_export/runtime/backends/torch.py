@@ -58,6 +58,7 @@ class TorchBackend:
                         for record in selected_subsets(manifest, subsets)}
         self.input_names = [tensor["name"] for tensor in manifest["model"]["inputs"]]
         self.cached_shape = tuple(manifest["cache_slots"][0]["shape"][1:]) if manifest["cache_slots"] else ()
+        self._slot_index = {slot["name"]: slot["index"] for slot in manifest["cache_slots"]}
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
 
@@ -69,10 +70,10 @@ class TorchBackend:
         return {}
 
     def write_cache(self, state: dict, slot: str, value: np.ndarray) -> None:
-        state[_slot_index(slot)] = torch.from_numpy(np.ascontiguousarray(value)).to(self.device, self.dtype)
+        state[self._slot_index[slot]] = torch.from_numpy(np.ascontiguousarray(value)).to(self.device, self.dtype)
 
     def read_cache(self, state: dict, slot: str) -> np.ndarray:
-        return state[_slot_index(slot)].float().cpu().numpy()
+        return state[self._slot_index[slot]].float().cpu().numpy()
 
     @torch.no_grad()
     def run(self, subset: int, feeds: dict[str, np.ndarray], state: dict) -> np.ndarray:
@@ -93,12 +94,6 @@ class TorchBackend:
 def _cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Sample inputs (floating, more than one axis) in the model's dtype; times and labels as they are."""
     return tuple(i.to(dtype) if i.is_floating_point() and i.ndim > 1 else i for i in inputs)
-
-
-def _slot_index(slot: str) -> int:
-    """``attn_j`` -> 2j, ``mlp_j`` -> 2j + 1."""
-    kind, block = slot.split("_")
-    return 2 * int(block) + (kind == "mlp")
 
 
 class _CapturedStep:

@@ -1,0 +1,411 @@
+"""Diffusers pipeline folders as models: a transformer class is a small declaration, diffusers' own modules do the rest.
+
+A folder is what a pipeline's ``save_pretrained`` writes: ``model_index.json``, ``transformer/`` (``config.json`` and
+``diffusion_pytorch_model.safetensors`` or a sharded ``.safetensors.index.json``), ``scheduler/``
+(``scheduler_config.json``), and ``vae/``, ``text_encoder/``, ``tokenizer/`` where present. :func:`read_folder`
+checks it and refuses, in one line naming the file and field, what is not supported.
+
+A :class:`DiffusersFamily` declares, like cache-dit's block adapters and Optimum's export configs, only what differs
+between transformer classes: the class and pipeline it reads, the options it supports, its block list and the module
+paths of each block's sub-layers in forward order (DiT ``attn1``, ``ff``; PixArt ``attn1``, ``attn2``, ``ff``), its
+graph interface (the transformer's forward arguments, each with a role) and how those feed the transformer. The
+model is diffusers' own transformer, wrapped by :class:`CachedTransformer`: each named sub-module either runs and
+hands its output to the request's cache, or returns the cached value; everything else in the block (norms,
+modulation, gates, residual adds) runs every call exactly as diffusers wrote it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, MutableMapping, Sequence
+
+from .. import LATENT_SCALE, ModelFamily, TensorSpec, config_from_dict, get_family
+from ...core.macs import MacCount
+
+MODEL_INDEX = "model_index.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+class DiffusersFolderError(ValueError):
+    """A diffusers folder that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class DiffusersConfig:
+    """A diffusers transformer: its class and its ``config.json`` (without diffusers' private ``_`` keys)."""
+
+    transformer_class: str
+    transformer: Mapping = field(default_factory=dict)
+
+    def __getitem__(self, key: str):
+        return self.transformer[key]
+
+    def get(self, key: str, default=None):
+        return self.transformer.get(key, default)
+
+    def to_dict(self) -> dict:
+        return {"transformer_class": self.transformer_class, "transformer": dict(self.transformer)}
+
+    def __hash__(self):
+        return hash((self.transformer_class, json.dumps(dict(self.transformer), sort_keys=True)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class _CacheState:
+    """What the wrapped sub-modules of one :class:`CachedTransformer` read during a call: which sub-layers compute
+    (None: all) and the request's cache (sub-layer index -> output, or None: keep nothing)."""
+
+    def __init__(self):
+        self.compute: Sequence[bool] | None = None
+        self.cache: MutableMapping | None = None
+
+
+def _cached_forward(module, *args, **kwargs):
+    """The forward of a named sub-module: its own (the class's) forward, its output kept as the sub-layer's fresh
+    value; or, where this call reuses it, the cached value instead."""
+    from ..layers import cached_output
+
+    state, index = module._l2c_state, module._l2c_index
+    if state.compute is not None and not state.compute[index]:
+        return cached_output(state.cache, index)
+    out = type(module).forward(module, *args, **kwargs)
+    if state.cache is not None:
+        state.cache[index] = out
+    return out
+
+
+@functools.cache
+def _cached_transformer_class():
+    """The wrapper's class, made on first use so that importing this module needs no torch."""
+    import torch
+
+    class _CachedTransformer(torch.nn.Module):
+        """A diffusers transformer whose named sub-modules compute or reuse per call.
+
+        ``forward_cached(*inputs, compute, cache)`` takes the family's graph inputs (the transformer's forward
+        arguments, :meth:`DiffusersFamily.graph_inputs`), runs sub-layer ``i`` where ``compute[i]`` (its output
+        written to ``cache[i]``) and otherwise returns ``cache[i]`` in its place; returns the transformer's output
+        (N, C_out, H, W). Sub-modules keep their parameter names, under ``transformer.``.
+        """
+
+        def __init__(self, family: "DiffusersFamily", config: DiffusersConfig, transformer: torch.nn.Module):
+            super().__init__()
+            self.config = config
+            self.family_name = family.name
+            self.transformer = transformer
+            self._state = _CacheState()
+            for index, path in enumerate(family.sublayer_names(config)):
+                module = transformer.get_submodule(path)
+                module._l2c_index = index
+                module._l2c_state = self._state
+                # An instance attribute, so deep copies (the exporter's stand-in) call their own copy.
+                module.forward = functools.partial(_cached_forward, module)
+
+        @property
+        def family(self) -> "DiffusersFamily":
+            return get_family(self.family_name)
+
+        def forward(self, *inputs):
+            return self.forward_cached(*inputs, compute=None, cache=None)
+
+        def forward_cached(self, *inputs, compute: Sequence[bool] | None, cache: MutableMapping | None):
+            names = self.family.sublayer_names(self.config)
+            if compute is not None and len(compute) != len(names):
+                raise ValueError(f"compute has {len(compute)} entries; the model has {len(names)} sub-layers")
+            self._state.compute, self._state.cache = compute, cache
+            try:
+                return self.family.run_transformer(self.transformer, self.config, *inputs)
+            finally:
+                self._state.compute = self._state.cache = None
+
+    return _CachedTransformer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class DiffusersFamily(ModelFamily):
+    """A diffusers transformer class. Subclasses declare the class attributes and the three methods at the end."""
+
+    transformer_class: str  # the ``_class_name`` of transformer/config.json
+    pipeline_classes: tuple[str, ...]  # the pipelines whose sampling the runtime reproduces
+    blocks: str = "transformer_blocks"  # the block list
+    block_sublayers: tuple[str, ...]  # each block's sub-layer module paths, in forward order
+    required: Mapping[str, object] = {}  # config option -> the only value supported
+    default_steps: int = 20
+    model_names = ()
+    default_sampler = "diffusers"  # the folder's scheduler (scheduler/scheduler_config.json)
+    latent_scale = LATENT_SCALE
+
+    config_class = DiffusersConfig
+
+    def owns(self, config) -> bool:
+        return isinstance(config, DiffusersConfig) and config.transformer_class == self.transformer_class
+
+    def config_from_dict(self, data: Mapping) -> DiffusersConfig:
+        config = config_from_dict(DiffusersConfig, data)
+        self.check_config(config, "config")
+        return config
+
+    def check_config(self, config: DiffusersConfig, where: str) -> None:
+        """Refuses, naming it, a class or option this family does not run: unknown keys (not arguments of the class),
+        options other than :attr:`required`, and sizes that are not positive integers."""
+        if config.transformer_class != self.transformer_class:
+            raise DiffusersFolderError(f"{where}: field '_class_name' is {config.transformer_class!r}; the "
+                                       f"{self.name} family reads {self.transformer_class}")
+        accepted = set(inspect.signature(self.diffusers_class().__init__).parameters) - {"self"}
+        unknown = sorted(set(config.transformer) - accepted)
+        if unknown:
+            raise DiffusersFolderError(f"{where}: field {unknown[0]!r} is not an option of {self.transformer_class} "
+                                       f"(diffusers 0.42); not supported")
+        for key, value in self.required.items():
+            if config.get(key, value) != value:
+                raise DiffusersFolderError(f"{where}: field {key!r} is {config.get(key)!r}; {self.transformer_class} "
+                                           f"is supported with {key} = {value!r} only")
+        for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "sample_size",
+                    "patch_size"):
+            value = config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 16:
+                raise DiffusersFolderError(f"{where}: field {key!r} is {value!r}; expected a positive integer")
+        if config["sample_size"] % config["patch_size"]:
+            raise DiffusersFolderError(f"{where}: field 'sample_size' {config['sample_size']} is not a multiple of "
+                                       f"'patch_size' {config['patch_size']}")
+        if self.out_channels(config) not in (self.in_channels(config), 2 * self.in_channels(config)):
+            raise DiffusersFolderError(f"{where}: field 'out_channels' is {config.get('out_channels')!r}; expected "
+                                       f"in_channels or 2 * in_channels (learned sigma)")
+
+    def diffusers_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class)
+
+    # -- sizes -------------------------------------------------------------------------------------------------------
+    def in_channels(self, config: DiffusersConfig) -> int:
+        return config["in_channels"]
+
+    def out_channels(self, config: DiffusersConfig) -> int:
+        return config.get("out_channels") or config["in_channels"]
+
+    def num_tokens(self, config: DiffusersConfig) -> int:
+        return (config["sample_size"] // config["patch_size"]) ** 2
+
+    def inner_dim(self, config: DiffusersConfig) -> int:
+        return config["num_attention_heads"] * config["attention_head_dim"]
+
+    # -- models ------------------------------------------------------------------------------------------------------
+    def create(self, config: DiffusersConfig):
+        """diffusers' transformer of ``config`` (its own initialisation), wrapped for cached calls."""
+        transformer = self.diffusers_class().from_config(dict(config.transformer))
+        return _cached_transformer_class()(self, config, transformer.eval())
+
+    def load(self, path: str | Path, config: DiffusersConfig):
+        """The transformer of a folder's ``transformer/`` (``path``) with its safetensors weights, eval mode, fp32."""
+        from ..checkpoint import check_state_dict, load_state_dict
+
+        model = self.create(config)
+        state_dict = {}
+        for file in weight_files(Path(path)):
+            state_dict.update(load_state_dict(file))
+        check_state_dict(state_dict, model.transformer, str(path))
+        model.transformer.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()})
+        return model.eval().float()
+
+    def weights_sha256(self, path: str | Path) -> str:
+        """One digest of the transformer's config and every weight file (a sharded model has several)."""
+        from ...core.manifest import sha256_of
+
+        path = Path(path)
+        digest = hashlib.sha256()
+        for file in [path / "config.json", *weight_files(path)]:
+            digest.update(f"{file.name}:{sha256_of(file)}\n".encode())
+        return digest.hexdigest()
+
+    # -- sub-layers --------------------------------------------------------------------------------------------------
+    def num_layers(self, config: DiffusersConfig) -> int:
+        return config["num_layers"]
+
+    def sublayer_names(self, config: DiffusersConfig) -> tuple[str, ...]:
+        return tuple(f"{self.blocks}.{i}.{name}" for i in range(self.num_layers(config))
+                     for name in self.block_sublayers)
+
+    def cached_shape(self, config: DiffusersConfig) -> tuple[int, ...]:
+        return (self.num_tokens(config), self.inner_dim(config))
+
+    # -- graph interface ---------------------------------------------------------------------------------------------
+    def sample_spec(self, config: DiffusersConfig) -> TensorSpec:
+        side = config["sample_size"]
+        return TensorSpec("hidden_states", "float32", (self.in_channels(config), side, side), "sample")
+
+    def graph_output(self, config: DiffusersConfig) -> TensorSpec:
+        side = config["sample_size"]
+        return TensorSpec("noise_pred", "float32", (self.out_channels(config), side, side), "output")
+
+    # -- cost and sampling conventions -------------------------------------------------------------------------------
+    def count_macs(self, config: DiffusersConfig) -> MacCount:
+        return count_macs_by_hooks(self, config)
+
+    def guided_channels(self, config: DiffusersConfig, guide_all: bool = False) -> int:
+        """The pipelines guide every latent channel (and drop the learned-sigma half after)."""
+        return self.in_channels(config)
+
+    def sampler_channels(self, config: DiffusersConfig) -> int | None:
+        """The leading channels of the guided output the scheduler steps on: the pipelines drop a learned-sigma half."""
+        return self.in_channels(config) if self.out_channels(config) == 2 * self.in_channels(config) else None
+
+    def null_class(self, config: DiffusersConfig) -> int | None:
+        return None
+
+    # -- what each class declares ------------------------------------------------------------------------------------
+    def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def run_transformer(self, transformer, config: DiffusersConfig, *inputs):
+        """The transformer's forward on the graph inputs (in :meth:`graph_inputs` order) -> (N, C_out, H, W)."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def count_macs_by_hooks(family: DiffusersFamily, config: DiffusersConfig) -> MacCount:
+    """MACs of one sample's forward, counted on the meta device (no memory, any size): every Linear and Conv2d by its
+    shapes, every attention's two products (2 * Tq * Tk * inner), each charged to the sub-layer whose module holds it,
+    the rest to ``always``."""
+    import torch
+
+    names = family.sublayer_names(config)
+    per_sublayer = [0] * len(names)
+    always = 0
+
+    def charge(path: str, macs: int) -> None:
+        nonlocal always
+        for index, name in enumerate(names):
+            if path == name or path.startswith(name + "."):
+                per_sublayer[index] += macs
+                return
+        always += macs
+
+    def hook(path):
+        def count(module, args, kwargs, out):
+            if isinstance(module, torch.nn.Linear):
+                charge(path, out.numel() // module.out_features * module.in_features * module.out_features)
+            elif isinstance(module, torch.nn.Conv2d):
+                kh, kw = module.kernel_size
+                charge(path, out.numel() * module.in_channels // module.groups * kh * kw)
+            else:  # an attention: queries from the first argument, keys from encoder_hidden_states when given
+                query = args[0] if args else kwargs["hidden_states"]
+                keys = kwargs.get("encoder_hidden_states")
+                keys = query if keys is None else keys
+                charge(path, 2 * query.shape[1] * keys.shape[1] * module.inner_dim)
+        return count
+
+    from diffusers.models.attention_processor import Attention
+
+    with torch.device("meta"):
+        model = family.create(config)
+        inputs = family.dummy_inputs(config, 1)
+        for path, module in model.transformer.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, Attention)):
+                module.register_forward_hook(hook(path), with_kwargs=True)
+        with torch.no_grad():
+            model(*inputs)
+    return MacCount(always=always, per_sublayer=tuple(per_sublayer))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transformer class -> the family that reads it.
+TRANSFORMER_FAMILIES = {"DiTTransformer2DModel": "diffusers-dit", "PixArtTransformer2DModel": "diffusers-pixart"}
+
+
+@dataclass(frozen=True)
+class DiffusersFolder:
+    """A checked diffusers pipeline folder."""
+
+    path: Path
+    pipeline_class: str
+    family: DiffusersFamily
+    config: DiffusersConfig
+    scheduler_config: dict | None  # scheduler/scheduler_config.json (None where the folder has no scheduler/)
+
+    @property
+    def transformer_dir(self) -> Path:
+        return self.path / "transformer"
+
+    @property
+    def scheduler_config_path(self) -> Path:
+        return self.path / "scheduler" / "scheduler_config.json"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    from ...core.util import read_json
+
+    if not path.is_file():
+        raise DiffusersFolderError(f"{path}: missing; {what}")
+    data = read_json(path, DiffusersFolderError)
+    if not isinstance(data, dict):
+        raise DiffusersFolderError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_folder(folder: str | Path) -> DiffusersFolder:
+    """Reads and checks a diffusers pipeline folder: its model index, its transformer's class, config and weight
+    files, and its scheduler config. Raises :class:`DiffusersFolderError` naming the file and field."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DiffusersFolderError(f"--diffusers {folder}: no such folder; expected a diffusers pipeline folder "
+                                   f"(what a pipeline's save_pretrained writes)")
+    index = _read_json(folder / MODEL_INDEX, "expected a diffusers pipeline folder (what a pipeline's "
+                                             "save_pretrained writes: model_index.json, transformer/, scheduler/)")
+    where = folder / MODEL_INDEX
+    entry = index.get("transformer")
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+        raise DiffusersFolderError(f"{where}: field 'transformer' is {entry!r}; expected a pipeline with a "
+                                   f"transformer ([library, class])")
+    if not (folder / "transformer").is_dir():
+        raise DiffusersFolderError(f"{folder}: no transformer/ folder (model_index.json names {entry[1]})")
+    config_path = folder / "transformer" / "config.json"
+    raw = _read_json(config_path, "expected the transformer's config.json")
+    class_name = raw.get("_class_name")
+    if class_name not in TRANSFORMER_FAMILIES:
+        raise DiffusersFolderError(f"{config_path}: field '_class_name' is {class_name!r}; supported transformer "
+                                   f"classes: {', '.join(TRANSFORMER_FAMILIES)}")
+    family = get_family(TRANSFORMER_FAMILIES[class_name])
+    config = DiffusersConfig(class_name, {k: v for k, v in raw.items() if not k.startswith("_")})
+    family.check_config(config, str(config_path))
+    weight_files(folder / "transformer")
+    pipeline_class = index.get("_class_name")
+    if pipeline_class not in family.pipeline_classes:
+        raise DiffusersFolderError(f"{where}: field '_class_name' is {pipeline_class!r}; a {class_name} is sampled "
+                                   f"as {' or '.join(family.pipeline_classes)} does")
+    scheduler = None
+    if (folder / "scheduler").is_dir():
+        scheduler = _read_json(folder / "scheduler" / "scheduler_config.json", "expected the scheduler's config")
+    return DiffusersFolder(folder, pipeline_class, family, config, scheduler)
+
+
+def weight_files(transformer_dir: Path) -> list[Path]:
+    """The transformer's safetensors files: the single file, or the shards its index names (each inside the
+    folder). Pickled ``.bin`` weights are refused: a checkpoint is never unpickled here."""
+    single, sharded = transformer_dir / WEIGHTS_FILE, transformer_dir / WEIGHTS_INDEX
+    if single.is_file():
+        return [single]
+    if sharded.is_file():
+        weight_map = _read_json(sharded, "").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise DiffusersFolderError(f"{sharded}: field 'weight_map' must map parameter names to shard files")
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") \
+                    or not name.endswith(".safetensors"):
+                raise DiffusersFolderError(f"{sharded}: field 'weight_map' names {name!r}; expected a .safetensors "
+                                           f"file inside {transformer_dir}")
+            if not (transformer_dir / name).is_file():
+                raise DiffusersFolderError(f"{sharded}: field 'weight_map' names {name}, which is missing")
+            files.append(transformer_dir / name)
+        return files
+    pickled = sorted(p.name for p in transformer_dir.glob("*.bin"))
+    raise DiffusersFolderError(f"{transformer_dir}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX}"
+                               + (f" ({', '.join(pickled)} is pickled, which is never loaded here; re-save with "
+                                  f"safe_serialization=True)" if pickled else ""))
