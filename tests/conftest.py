@@ -59,3 +59,20 @@ def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subproce
     if check and result.returncode != 0:
         raise AssertionError(f"l2c-export {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers(tmp_path_factory):
+    """``tiny_diffusers(family, scheduler)``: a tiny random diffusers pipeline folder ("dit" or "pixart"; "ddim" or
+    "dpm"), saved once per session with ``save_pretrained`` (tests/diffusers_pipelines.py)."""
+    from .diffusers_pipelines import save_tiny_pipeline
+
+    folders: dict[tuple[str, str], Path] = {}
+
+    def folder(family: str, scheduler: str = "ddim") -> Path:
+        if (family, scheduler) not in folders:
+            root = tmp_path_factory.mktemp(f"{family}-{scheduler}")
+            folders[(family, scheduler)] = save_tiny_pipeline(root / "pipeline", family, scheduler)
+        return folders[(family, scheduler)]
+
+    return folder

@@ -127,6 +127,7 @@ def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> Unive
                           input_names=inputs, output_names=outputs, opset_version=OPSET, dynamo=False,
                           export_params=False, do_constant_folding=False, dynamic_axes=dynamic_axes)
     graph_model = onnx.load_from_string(buffer.getvalue())
+    _fold_static_shape_ifs(graph_model)
     weights = _attach_parameters(graph_model, model, dtype)
     _merge_equal_constants(graph_model)
     _name_dims(graph_model, family.cached_shape(config))
@@ -167,6 +168,53 @@ def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dty
     del graph.input[:]
     graph.input.extend(kept_inputs)
     return weights
+
+
+def _fold_static_shape_ifs(graph_model: onnx.ModelProto) -> None:
+    """Replaces each ``If(Equal(Gather(Shape(x), k), v))`` whose dimension ``k`` of ``x`` shape inference proves
+    static by the branch it always takes.
+
+    The TorchScript exporter writes ``x.squeeze(1)`` (diffusers' PixArt does it after ``proj_out``) as such an If
+    when it cannot prove the size itself; ONNX Runtime then infers both branches' types and refuses the Squeeze of
+    the branch never taken (a dimension of 16, not 1).
+    """
+    from onnx import numpy_helper
+
+    graph = graph_model.graph
+    inferred = onnx.shape_inference.infer_shapes(graph_model)
+    dims = {}
+    for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+    producer = {output: node for node in graph.node for output in node.output}
+
+    def constant(name):
+        node = producer.get(name)
+        if node is None or node.op_type != "Constant":
+            return None
+        return numpy_helper.to_array(node.attribute[0].t)
+
+    nodes = []
+    for node in graph.node:
+        equal = producer.get(node.input[0]) if node.op_type == "If" else None
+        gather = producer.get(equal.input[0]) if equal is not None and equal.op_type == "Equal" else None
+        shape = producer.get(gather.input[0]) if gather is not None and gather.op_type == "Gather" else None
+        index, value = (constant(gather.input[1]), constant(equal.input[1])) if shape is not None else (None, None)
+        if shape is None or shape.op_type != "Shape" or shape.attribute or index is None or value is None \
+                or index.size != 1 or value.size != 1:
+            nodes.append(node)
+            continue
+        size = (dims.get(shape.input[0]) or [])[int(index.reshape(()))] \
+            if int(index.reshape(())) < len(dims.get(shape.input[0]) or []) else None
+        if size is None:
+            nodes.append(node)
+            continue
+        taken = next(a.g for a in node.attribute if a.name == ("then_branch" if size == int(value.reshape(()))
+                                                              else "else_branch"))
+        nodes.extend(taken.node)
+        nodes.extend(onnx.helper.make_node("Identity", [branch.name], [output], name=f"{node.name}/taken_{i}")
+                     for i, (branch, output) in enumerate(zip(taken.output, node.output)))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _merge_equal_constants(graph_model: onnx.ModelProto) -> None:

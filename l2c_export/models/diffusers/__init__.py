@@ -112,9 +112,12 @@ def _cached_transformer_class():
             return get_family(self.family_name)
 
         def forward(self, *inputs):
-            return self.forward_cached(*inputs, compute=None, cache=None)
+            return self.forward_cached(*inputs, None, None)
 
-        def forward_cached(self, *inputs, compute: Sequence[bool] | None, cache: MutableMapping | None):
+        def forward_cached(self, *arguments):
+            """``forward_cached(*inputs, compute, cache)``: compute (num_sublayers bools, None: all), cache (index ->
+            (N, T, D), None: keep nothing), as every family's."""
+            *inputs, compute, cache = arguments
             names = self.family.sublayer_names(self.config)
             if compute is not None and len(compute) != len(names):
                 raise ValueError(f"compute has {len(compute)} entries; the model has {len(names)} sub-layers")

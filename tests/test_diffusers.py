@@ -1,0 +1,234 @@
+"""Diffusers folders as models (issue 19): the folder is read and checked, sub-layers are named module paths, the
+cached wrapper around diffusers' own transformer equals diffusers with schedule hooks, and every subset graph equals
+it in ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from l2c_export.core.plan import BuildPlan
+from l2c_export.core.schedule import Schedule, ScheduleError
+from l2c_export.models.diffusers import DiffusersFolderError, read_folder
+
+from .conftest import run_cli
+from .diffusers_pipelines import CAPTION_CHANNELS, schedule_hooks
+
+FAMILIES = ("dit", "pixart")
+
+
+def _inputs(family: str, batch: int, tokens: int = 7, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random graph inputs of a tiny model: latents, timesteps, and class labels or padded prompt embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=generator)
+    t = torch.tensor([981.0, 21.0, 500.0][:batch] + [7.0] * max(0, batch - 3))
+    if family == "dit":
+        return x, t, torch.tensor([207, 1000, 3][:batch] + [1] * max(0, batch - 3))
+    embeds = torch.randn(batch, tokens, CAPTION_CHANNELS, generator=generator)
+    mask = torch.ones(batch, tokens)
+    mask[0, tokens - 2:] = 0  # padded prompts, as a tokenizer pads them
+    return x, t, embeds, mask
+
+
+def _diffusers_call(family: str, transformer, inputs):
+    if family == "dit":
+        x, t, labels = inputs
+        return transformer(x, timestep=t, class_labels=labels, return_dict=False)[0]
+    x, t, embeds, mask = inputs
+    return transformer(x, encoder_hidden_states=embeds, timestep=t, encoder_attention_mask=mask,
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+
+
+def _schedule_rows(width: int, calls: int = 4) -> np.ndarray:
+    """Call 0 computes everything; later calls reuse different sub-layers (the last call computes only the first)."""
+    rows = np.ones((calls, width), dtype=bool)
+    rows[1, 1::2] = False
+    rows[2, ::3] = False
+    rows[3, 1:] = False
+    return rows
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sublayers_are_named_module_paths_in_forward_order(tiny_diffusers, family):
+    found = read_folder(tiny_diffusers(family))
+    per_block = {"dit": ("attn1", "ff"), "pixart": ("attn1", "attn2", "ff")}[family]
+    assert found.family.sublayer_names(found.config) == tuple(
+        f"transformer_blocks.{i}.{name}" for i in range(2) for name in per_block)
+    order = []
+    model = found.family.load(found.transformer_dir, found.config)
+    handles = [model.transformer.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: order.append(n))
+               for name in found.family.sublayer_names(found.config)]
+    with torch.no_grad():
+        model(*_inputs(family, 2))
+    for handle in handles:
+        handle.remove()
+    assert tuple(order) == found.family.sublayer_names(found.config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_forward_equals_diffusers_with_schedule_hooks(tiny_diffusers, family):
+    """The wrapper around diffusers' modules and diffusers' transformer with hooks that return the last computed
+    output at skipped calls agree at every call of a schedule that reuses sub-layers (1e-5)."""
+    from diffusers import DiffusionPipeline
+
+    folder = tiny_diffusers(family)
+    found = read_folder(folder)
+    names = found.family.sublayer_names(found.config)
+    rows = _schedule_rows(len(names))
+    model = found.family.load(found.transformer_dir, found.config)
+    reference = DiffusionPipeline.from_pretrained(str(folder)).transformer.eval()
+    cache: dict[int, torch.Tensor] = {}
+    worst = 0.0
+    with torch.no_grad(), schedule_hooks(reference, names, rows):
+        for call, row in enumerate(rows):
+            inputs = _inputs(family, 3, seed=call)
+            want = _diffusers_call(family, reference, inputs)
+            got = model.forward_cached(*inputs, [bool(v) for v in row], cache)
+            full = _diffusers_call(family, model.transformer, inputs) if call == len(rows) - 1 else None
+            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    assert worst < 1e-5
+    assert float((full - got).abs().max()) > 1e-3  # the last call really reused: full compute differs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_subset_graph_equals_the_cached_forward_in_onnxruntime(tiny_diffusers, family, tmp_path):
+    """One trace, one graph per distinct subset cut by the same surgery as the authors' families; each run in ONNX
+    Runtime (batch and prompt length unlike the trace's) equals the PyTorch cached forward, model output and fresh
+    values alike."""
+    import onnx
+
+    from l2c_export.export.onnx import subset_graph, trace, write_weights
+
+    found = read_folder(tiny_diffusers(family))
+    names = found.family.sublayer_names(found.config)
+    schedule = Schedule(_schedule_rows(len(names)), sublayers=names)
+    plan = BuildPlan.from_schedule(schedule)
+    model = found.family.load(found.transformer_dir, found.config)
+    universal = trace(model, "fp32", found.family)
+    universal.bind_weights(write_weights(universal, tmp_path / "weights.bin"))
+    cache: dict[int, torch.Tensor] = {}
+    for subset in plan.subsets:
+        path = tmp_path / f"{subset.name}.onnx"
+        onnx.save_model(subset_graph(universal, subset, subset.name), str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()][len(_inputs(family, 1)):] == [
+            f"cache_{names[k]}" for k in subset.reads]
+        inputs = _inputs(family, 3, tokens=9, seed=subset.index)
+        previous = {k: v.clone() for k, v in cache.items()}
+        with torch.no_grad():
+            want = model.forward_cached(*inputs, list(subset.compute), cache).numpy()
+        feeds = {i.name: tensor.numpy() for i, tensor in zip(session.get_inputs(), inputs)}
+        feeds.update({f"cache_{names[k]}": previous[k].numpy() for k in subset.reads})
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        assert np.abs(outputs["noise_pred"] - want).max() <= 1e-5 * np.abs(want).max()
+        assert sorted(outputs) == sorted(["noise_pred", *[f"fresh_{names[k]}" for k in subset.writes]])
+        for k in subset.writes:
+            fresh = cache[k].numpy()
+            assert np.abs(outputs[f"fresh_{names[k]}"] - fresh).max() <= 1e-5 * np.abs(fresh).max()
+    assert len(plan.subsets) == 4
+
+
+def test_weights_keep_diffusers_parameter_names(tiny_diffusers):
+    from l2c_export.export.onnx import trace
+
+    found = read_folder(tiny_diffusers("pixart"))
+    model = found.family.load(found.transformer_dir, found.config)
+    names = {name.removesuffix(".T") for name in trace(model, "fp32", found.family).weights}
+    assert {f"transformer.{name}" for name, _ in model.transformer.named_parameters()} <= names
+
+
+# -- schedules over named sub-layers ----------------------------------------------------------------------------------
+def test_a_schedule_names_its_columns_and_round_trips(tmp_path):
+    names = ["transformer_blocks.0.attn1", "transformer_blocks.0.ff"]
+    schedule = Schedule(np.array([[1, 1], [0, 1]]), sublayers=names, mode="general")
+    schedule.save(tmp_path / "s.json")
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["sublayers"] == names and "depth" not in data
+    loaded = Schedule.load(tmp_path / "s.json")
+    assert loaded.sublayer_names == tuple(names)
+    loaded.check_fits(2, names)
+    with pytest.raises(ScheduleError, match="field 'sublayers' names 'transformer_blocks.0.ff'"):
+        loaded.check_fits(2, ["transformer_blocks.0.attn1", "transformer_blocks.0.attn2"])
+    with pytest.raises(ScheduleError, match="field 'depth' describes attn_j/mlp_j columns"):
+        Schedule.full(2, depth=1).check_fits(2, names)
+    with pytest.raises(ScheduleError, match="names 'a' twice"):
+        Schedule(np.ones((1, 2)), sublayers=["a", "a"])
+
+
+def test_authors_schedules_keep_depth():
+    schedule = Schedule.full(3, depth=2)
+    assert schedule.to_dict()["depth"] == 2 and "sublayers" not in schedule.to_dict()
+    assert schedule.sublayer_names == ("attn_0", "mlp_0", "attn_1", "mlp_1")
+
+
+# -- the folder is checked --------------------------------------------------------------------------------------------
+def _copy(folder, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(folder, target)
+    return target
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda f: (f / "model_index.json").unlink(), "model_index.json: missing; expected a diffusers pipeline folder"),
+    (lambda f: shutil.rmtree(f / "transformer"), "no transformer/ folder"),
+    (lambda f: _edit_json(f / "transformer" / "config.json", _class_name="SD3Transformer2DModel"),
+     "field '_class_name' is 'SD3Transformer2DModel'; supported transformer classes: DiTTransformer2DModel"),
+    (lambda f: _edit_json(f / "transformer" / "config.json", norm_type="ada_norm"),
+     "field 'norm_type' is 'ada_norm'; PixArtTransformer2DModel is supported with norm_type = 'ada_norm_single'"),
+    (lambda f: _edit_json(f / "transformer" / "config.json", use_additional_conditions=True),
+     "field 'use_additional_conditions' is on"),
+    (lambda f: _edit_json(f / "transformer" / "config.json", frobnicate=3),
+     "field 'frobnicate' is not an option of PixArtTransformer2DModel"),
+    (lambda f: _edit_json(f / "transformer" / "config.json", num_layers=0), "field 'num_layers' is 0"),
+    (lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors").rename(
+        f / "transformer" / "diffusion_pytorch_model.bin"), "is pickled, which is never loaded here"),
+])
+def test_a_folder_that_cannot_be_used_is_refused_naming_file_and_field(tiny_diffusers, tmp_path, breakage, message):
+    folder = _copy(tiny_diffusers("pixart"), tmp_path)
+    breakage(folder)
+    with pytest.raises(DiffusersFolderError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace(".", r"\.")):
+        read_folder(folder)
+
+
+def test_sharded_weights_load_and_escaping_shards_are_refused(tiny_diffusers, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(tiny_diffusers("dit"), tmp_path)
+    transformer = folder / "transformer"
+    state = load_file(str(transformer / "diffusion_pytorch_model.safetensors"))
+    (transformer / "diffusion_pytorch_model.safetensors").unlink()
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for shard, part in (("a.safetensors", names[:half]), ("b.safetensors", names[half:])):
+        save_file({name: state[name] for name in part}, str(transformer / shard))
+        weight_map.update({name: shard for name in part})
+    index = transformer / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    found = read_folder(folder)
+    model = found.family.load(found.transformer_dir, found.config)
+    assert torch.equal(model.transformer.state_dict()[names[0]], state[names[0]])
+    index.write_text(json.dumps({"weight_map": {names[0]: "../escape.safetensors"}}))
+    with pytest.raises(DiffusersFolderError, match="field 'weight_map' names '../escape.safetensors'"):
+        read_folder(folder)
+
+
+def test_build_refuses_a_bad_folder_in_one_line_with_exit_2(tiny_diffusers, tmp_path):
+    folder = _copy(tiny_diffusers("dit"), tmp_path)
+    (folder / "model_index.json").unlink()
+    result = run_cli("build", "--diffusers", str(folder), "--out", str(tmp_path / "E"), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "model_index.json: missing" in result.stderr
+    assert not (tmp_path / "E").exists()
