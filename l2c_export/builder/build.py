@@ -264,8 +264,7 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
         "precision": request.precision,
         "model": model,
         "sampler": request.sampler.to_dict(),
-        "guidance": {"cfg_scale": float(spec.cfg_scale if request.cfg_scale is None else request.cfg_scale),
-                     "guided_channels": guided, "null_class": family.null_class(config)},
+        "guidance": _guidance_record(request, guided),
         "schedule": {"compute": schedule.compute.astype(int).tolist(), "step_subset": list(plan.step_to_subset),
                      "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
         "batch": request.batch.to_dict(),
@@ -280,6 +279,21 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
     if request.backend == "tensorrt":
         data["tensorrt"] = {"timing_cache": manifest_io.file_entry(folder, "timing.cache"), "stripped_plans": True}
     return data
+
+
+def _guidance_record(request: BuildRequest, guided: int) -> dict:
+    """cfg_scale and guided channels; the null class of a label model; the channels the sampler takes where the
+    family's pipeline drops a learned-sigma half before its scheduler step."""
+    spec = request.spec
+    record = {"cfg_scale": float(spec.cfg_scale if request.cfg_scale is None else request.cfg_scale),
+              "guided_channels": guided}
+    null_class = spec.family.null_class(spec.config)
+    if null_class is not None:
+        record["null_class"] = null_class
+    sampler_channels = spec.family.sampler_channels(spec.config)
+    if sampler_channels is not None:
+        record["sampler_channels"] = sampler_channels
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,11 +12,16 @@ from .options import backend_options, load_noise, parse_labels, save_npy
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--labels", default="0,1,2,3,4,5,6,7,8,9", show_default=True, help="Comma-separated class labels.")
+@click.option("--labels", help="Comma-separated class labels of a label model [0,1,...,9].")
+@click.option("--conditioning", "conditioning_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A text model's conditioning: an .npz of prompt_embeds (n, L, D), prompt_attention_mask (n, L) and, "
+                   "for guidance, negative_prompt_embeds and negative_prompt_attention_mask (the pipeline's "
+                   "argument names).")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the manifest's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Initial noise .npy of shape (n labels, C, H, W), float32; guidance duplicates it.")
+              help="Initial noise (the pipeline's latents) .npy of shape (n samples, C, H, W), float32; guidance "
+                   "duplicates it.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
@@ -26,24 +31,33 @@ from .options import backend_options, load_noise, parse_labels, save_npy
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Save the samples (.npy).")
 @click.option("--vae", type=click.Path(file_okay=False, path_type=Path),
               help="Local diffusers AutoencoderKL folder to decode latents (scale 0.18215).")
-def run(engine_dir, labels, cfg_scale, seed, noise_file, backend, device, full, compare_full, out, save_latents, vae):
+def run(engine_dir, labels, conditioning_file, cfg_scale, seed, noise_file, backend, device, full, compare_full, out,
+        save_latents, vae):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
+    from ..runtime.conditioning import conditioning_inputs, load_conditioning
     from ..runtime.pipeline import L2CPipeline
 
-    label_list = parse_labels(labels)
     noise = None if noise_file is None else load_noise(noise_file)
     pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **backend_options(device, backend))
+    conditioning = None
+    if conditioning_file is not None:
+        conditioning = load_conditioning(conditioning_file)
+    elif labels is None and "label" in conditioning_inputs(pipe.manifest):
+        labels = "0,1,2,3,4,5,6,7,8,9"
+    label_list = None if labels is None else parse_labels(labels)
+    request = {"labels": label_list, "conditioning": conditioning}
+    where = f"--conditioning {conditioning_file}"
     click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
                f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on {', '.join(pipe.providers)}")
     if pipe.manifest["model"]["space"] == "latent" and out is not None and vae is None:
         raise click.UsageError("--out needs --vae for a latent model (or use --save-latents)")
-    result = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True)
+    result = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True, where=where)
     what = "full compute" if full else "L2C schedule"
-    click.echo(f"{what}: {result.seconds:.3f} s for {len(label_list)} sample(s) "
+    click.echo(f"{what}: {result.seconds:.3f} s for {len(result.samples)} sample(s) "
                f"({100 * result.overhead_fraction:.1f}% outside the engines)")
     if compare_full and not full:
-        reference = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, full=True, progress=True)
-        again = pipe(label_list, cfg_scale=cfg_scale, seed=seed, noise=noise, progress=True)  # warm, like full
+        reference = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, full=True, progress=True)
+        again = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, progress=True)  # warm, like full
         click.echo(f"full compute: {reference.seconds:.3f} s; L2C schedule (warm): {again.seconds:.3f} s; "
                    f"speedup {reference.seconds / again.seconds:.2f}x "
                    f"(ideal {pipe.manifest['macs']['ideal_speedup']:.2f}x)")
@@ -58,7 +72,7 @@ def run(engine_dir, labels, cfg_scale, seed, noise_file, backend, device, full, 
             from ..models.vae import decode_latents
 
             samples = decode_latents(vae, samples, pipe.manifest["model"]["latent_scale"])
-        save_grid(samples, out, columns=min(len(label_list), 10))
+        save_grid(samples, out, columns=min(len(samples), 10))
         click.echo(f"wrote {out}")
 
 

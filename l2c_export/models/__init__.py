@@ -125,9 +125,14 @@ class ModelFamily:
         """How many leading output channels classifier-free guidance mixes."""
         raise NotImplementedError
 
-    def null_class(self, config) -> int:
-        """The label of the unconditional half; labels 0 .. null_class - 1 are the classes."""
+    def null_class(self, config) -> int | None:
+        """The label of the unconditional half; labels 0 .. null_class - 1 are the classes (None: no label input)."""
         raise NotImplementedError
+
+    def sampler_channels(self, config) -> int | None:
+        """The leading channels of the guided model output the sampler takes; None: every channel (the authors'
+        samplers read a learned sigma themselves)."""
+        return None
 
 
 def config_from_dict(cls, data: Mapping):

@@ -21,39 +21,45 @@ import numpy as np
 from ..core import manifest as manifest_io
 from ..core.util import check_finite
 from ..samplers import ModelCall, denoise, sampler_from_dict
-from ..samplers.guidance import apply_guidance, check_labels, guidance_batch, make_noise, step_noise
+from ..samplers.guidance import apply_guidance, make_noise, step_noise
 from .backends import Backend, load_backend
 
 
 @dataclass(frozen=True)
 class ModelInterface:
-    """The model's graph interface as the manifest records it: which input is the sample, the time and the label,
-    their shapes, and the output. Every shape and name a runtime uses comes from here."""
+    """The model's graph interface as the manifest records it: which input is the sample and the time, the
+    conditioning inputs (:mod:`.conditioning`: a label, or prompt embeddings and their mask), their shapes, and the
+    output. Every shape and name a runtime uses comes from here."""
 
     sample: str
     time: str
-    label: str
+    label: str | None  # the label input's name; None for a model conditioned otherwise
     output: str
     sample_shape: tuple[int, ...]  # per sample: (C, H, W)
     output_shape: tuple[int, ...]  # per sample: (C_out, H, W)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ModelInterface":
-        by_role = {tensor["role"]: tensor for tensor in manifest["model"]["inputs"]}
-        missing = {"sample", "time", "label"} - set(by_role)
-        if missing:
-            raise manifest_io.ManifestError(f"manifest: field 'model/inputs' has no input with role "
-                                            f"{', '.join(sorted(missing))}")
-        output = manifest["model"]["output"]
-        return cls(sample=by_role["sample"]["name"], time=by_role["time"]["name"], label=by_role["label"]["name"],
-                   output=output["name"], sample_shape=tuple(by_role["sample"]["shape"][1:]),
-                   output_shape=tuple(output["shape"][1:]))
+        from .conditioning import CONDITIONING_ROLES
 
-    def feeds(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        """Input name -> array for one model call: x (N, C, H, W) float32, t (N,) float32, y (N,) int64."""
+        by_role = {tensor["role"]: tensor for tensor in manifest["model"]["inputs"]}
+        missing = {"sample", "time"} - set(by_role)
+        if missing or not set(by_role) & set(CONDITIONING_ROLES):
+            what = ", ".join(sorted(missing)) or f"of the conditioning roles ({', '.join(CONDITIONING_ROLES)})"
+            raise manifest_io.ManifestError(f"manifest: field 'model/inputs' has no input with role {what}")
+        output = manifest["model"]["output"]
+        label = by_role.get("label")
+        return cls(sample=by_role["sample"]["name"], time=by_role["time"]["name"],
+                   label=None if label is None else label["name"], output=output["name"],
+                   sample_shape=tuple(by_role["sample"]["shape"][1:]), output_shape=tuple(output["shape"][1:]))
+
+    def feeds(self, x: np.ndarray, t: np.ndarray, condition) -> dict[str, np.ndarray]:
+        """Input name -> array for one model call: x (N, C, H, W) float32, t (N,) float32, and ``condition``: the
+        conditioning inputs by name (:func:`.conditioning.model_batch_conditioning`), or the labels y (N,) int64."""
+        if not isinstance(condition, dict):
+            condition = {self.label: np.ascontiguousarray(condition, dtype=np.int64)}
         return {self.sample: np.ascontiguousarray(x, dtype=np.float32),
-                self.time: np.ascontiguousarray(t, dtype=np.float32),
-                self.label: np.ascontiguousarray(y, dtype=np.int64)}
+                self.time: np.ascontiguousarray(t, dtype=np.float32), **condition}
 
 
 @dataclass
@@ -88,7 +94,8 @@ class L2CPipeline:
         self.backend = backend
         self.sampler = sampler_from_dict(manifest["sampler"])
         self.interface = ModelInterface.from_manifest(manifest)
-        self.num_classes = manifest["guidance"]["null_class"]  # labels 0 .. null_class - 1
+        self.num_classes = manifest["guidance"].get("null_class")  # labels 0 .. null_class - 1 (label models)
+        self.sampler_channels = manifest["guidance"].get("sampler_channels")  # None: the sampler takes every channel
         self.sample_shape = self.interface.sample_shape
         self.step_subset = manifest["schedule"]["step_subset"]
         self.full_subset = next(s["index"] for s in manifest["subsets"] if all(s["compute"]))
@@ -104,33 +111,33 @@ class L2CPipeline:
     def providers(self) -> list[str]:
         return self.backend.providers
 
-    def __call__(self, labels: Sequence[int], cfg_scale: float | None = None, seed: int = 0,
-                 noise: np.ndarray | None = None, full: bool = False, progress: bool = False) -> SampleResult:
-        """Samples ``len(labels)`` images.
+    def __call__(self, labels: Sequence[int] | None = None, cfg_scale: float | None = None, seed: int = 0,
+                 noise: np.ndarray | None = None, full: bool = False, progress: bool = False,
+                 conditioning: dict[str, np.ndarray] | None = None, where: str = "conditioning") -> SampleResult:
+        """Samples one image per label (a label model) or per prompt (``conditioning``: the text arrays by the
+        pipelines' argument names, :mod:`.conditioning`; ``where`` names it in errors).
 
         noise: (n, C, H, W) float32 initial noise for the n conditional samples (default: ``make_noise(seed, ...)``);
-        guidance duplicates it for the null-class half. DDPM draws its step noise from ``seed`` too.
+        guidance duplicates it for the unconditional half. DDPM draws its step noise from ``seed`` too.
         full: run the full-compute engine at every call (the reference the schedule is measured against).
         """
-        labels = [int(label) for label in labels]
-        if not labels:
-            raise ValueError("no labels given; expected at least one class label")
-        check_labels(labels, self.num_classes)
+        from .conditioning import model_batch_conditioning
+
         cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
                                  "cfg_scale", low=1.0)
-        expected = (len(labels), *self.sample_shape)
+        guiding = cfg_scale > 1.0
+        n, condition = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where)
+        expected = (n, *self.sample_shape)
         if noise is None:
             noise = make_noise(seed, expected)
         elif tuple(noise.shape) != expected:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {expected} (n labels, C, H, W)")
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {expected} (n samples, C, H, W)")
         elif not np.isfinite(noise).all():
             raise ValueError("noise holds NaN or infinite values; expected finite noise")
-        guiding = cfg_scale > 1.0
-        _, y = guidance_batch(noise, labels, self.num_classes, cfg_scale)
         guided = self.manifest["guidance"]["guided_channels"]
         state = self.backend.new_request()
         subsets = [self.full_subset] * self.sampler.num_calls if full else list(self.step_subset)
-        n = len(labels)
+        batch = 2 * n if guiding else n
         engine_seconds = 0.0
 
         def run_model(call: ModelCall) -> np.ndarray:
@@ -138,12 +145,13 @@ class L2CPipeline:
             model_x = np.concatenate([call.x, call.x]) if guiding else call.x  # both halves run on the same samples
             t = np.full(len(model_x), call.t, dtype=np.float32)
             engine_start = time.perf_counter()
-            out = self.backend.run(subsets[call.index], self.interface.feeds(model_x, t, y), state)
+            out = self.backend.run(subsets[call.index], self.interface.feeds(model_x, t, condition), state)
             engine_seconds += time.perf_counter() - engine_start
-            return apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
+            out = apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
+            return out if self.sampler_channels is None else out[:, :self.sampler_channels]
 
         def ddpm_noise(s: int) -> np.ndarray:
-            return step_noise(seed, s, (len(y), *self.sample_shape))[:n]  # drawn for the model batch, as DiT does
+            return step_noise(seed, s, (batch, *self.sample_shape))[:n]  # drawn for the model batch, as DiT does
 
         bar = None
         if progress:

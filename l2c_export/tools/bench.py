@@ -152,7 +152,8 @@ def _memory_probe(folder: str, backend: str, batch: int, which: str) -> int:
         import torch  # noqa: F401
     from ..runtime.backends import load_backend
     from ..runtime.pipeline import ModelInterface
-    from ..samplers.guidance import guidance_batch, make_noise
+    from ..runtime.conditioning import example_conditioning, model_batch_conditioning
+    from ..samplers.guidance import make_noise
 
     data = manifest_io.load(folder, verify_files=False)
     before = _resident_bytes()
@@ -160,10 +161,12 @@ def _memory_probe(folder: str, backend: str, batch: int, which: str) -> int:
     subsets = None if which == "all" else [full]
     engines = load_backend(backend, data, Path(folder), subsets=subsets)
     interface = ModelInterface.from_manifest(data)
-    null_class = data["guidance"]["null_class"]
+    guiding = data["guidance"]["cfg_scale"] > 1.0
+    example = example_conditioning(data, batch)
+    _, condition = model_batch_conditioning(data, guiding, example.get("labels"), example.get("conditioning"))
     noise = make_noise(0, (batch, *interface.sample_shape))
-    x, y = guidance_batch(noise, [i % null_class for i in range(batch)], null_class, data["guidance"]["cfg_scale"])
-    feeds = interface.feeds(x, np.full(len(x), 500.0, dtype=np.float32), y)
+    x = np.concatenate([noise, noise]) if guiding else noise
+    feeds = interface.feeds(x, np.full(len(x), 500.0, dtype=np.float32), condition)
     state = engines.new_request()
     order = [full] + [s["index"] for s in data["subsets"] if s["index"] != full] if subsets is None else [full]
     for index in order:  # the full subset first: it writes every slot the others read

@@ -22,7 +22,8 @@ from ..runtime.backends import cache_inputs, fresh_outputs, load_backend
 from ..runtime.backends.torch import model_from_manifest
 from ..runtime.pipeline import ModelInterface
 from ..samplers import ModelCall, denoise, sampler_from_dict
-from ..samplers.guidance import apply_guidance, guidance_batch, make_noise, step_noise
+from ..runtime.conditioning import example_conditioning, model_batch_conditioning
+from ..samplers.guidance import apply_guidance, make_noise, step_noise
 
 # int8, measured on the embedded default against its fp32 build (verify --reference): the worst tensor of any subset,
 # a fresh branch output at the first step, is 4.6e-2 off with dynamic activations and 0.20 with static Q/DQ ones;
@@ -61,11 +62,13 @@ def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: fl
     interface = ModelInterface.from_manifest(data)
     sampler = sampler_from_dict(data["sampler"])
     cfg_scale = data["guidance"]["cfg_scale"]
-    null_class = data["guidance"]["null_class"]
-    labels = tuple(label % null_class for label in labels)
-    noise = make_noise(seed, (len(labels), *interface.sample_shape))
-    guiding, n = cfg_scale > 1.0, len(labels)
-    _, y = guidance_batch(noise, labels, null_class, cfg_scale)
+    guiding = cfg_scale > 1.0
+    example = example_conditioning(data, len(labels), seed)  # labels, or seeded prompt embeddings with padding
+    if "labels" in example:
+        example["labels"] = [label % data["guidance"]["null_class"] for label in labels]
+    n, condition = model_batch_conditioning(data, guiding, example.get("labels"), example.get("conditioning"))
+    noise = make_noise(seed, (n, *interface.sample_shape))
+    sampler_channels = data["guidance"].get("sampler_channels")
     slot_index = {slot["name"]: slot["index"] for slot in data["cache_slots"]}
     step_subset = data["schedule"]["step_subset"]
     reference_cache: dict[int, torch.Tensor] = {}
@@ -75,7 +78,7 @@ def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: fl
         subset_index = step_subset[call.index]
         record = data["subsets"][subset_index]
         x = np.concatenate([call.x, call.x]) if guiding else call.x  # both halves run on the same samples
-        feeds = interface.feeds(x, np.full(len(x), call.t, dtype=np.float32), y)
+        feeds = interface.feeds(x, np.full(len(x), call.t, dtype=np.float32), condition)
         check_now = subset_index not in checks
         if check_now:  # the engine gets exactly the reference's inputs and cache contents
             state = engines.new_request()
@@ -90,10 +93,11 @@ def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: fl
                 worst[tensor["name"]] = _relative(engines.read_cache(state, tensor["slot"]),
                                                   reference_cache[slot_index[tensor["slot"]]].numpy())
             checks[subset_index] = SubsetCheck(record["name"], call.index, worst, tolerance)
-        return apply_guidance(out, cfg_scale, data["guidance"]["guided_channels"])[:n] if guiding else out
+        out = apply_guidance(out, cfg_scale, data["guidance"]["guided_channels"])[:n] if guiding else out
+        return out if sampler_channels is None else out[:, :sampler_channels]
 
     def ddpm_noise(s: int) -> np.ndarray:
-        return step_noise(seed, s, (len(y), *interface.sample_shape))[:n]
+        return step_noise(seed, s, ((2 if guiding else 1) * n, *interface.sample_shape))[:n]
 
     denoise(sampler, noise, run_model, ddpm_noise)
     return [checks[i] for i in sorted(checks)], engines.providers
