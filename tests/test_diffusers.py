@@ -232,3 +232,134 @@ def test_build_refuses_a_bad_folder_in_one_line_with_exit_2(tiny_diffusers, tmp_
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "model_index.json: missing" in result.stderr
     assert not (tmp_path / "E").exists()
+
+
+# -- schedule --diffusers ---------------------------------------------------------------------------------------------
+def test_schedule_cli_lists_the_sublayers_by_name_and_refuses_unknown_ones(tiny_diffusers, tmp_path):
+    folder = tiny_diffusers("pixart")
+    listing = run_cli("schedule", "--diffusers", str(folder)).stdout
+    assert "6 sub-layers in forward order" in listing
+    assert all(f"transformer_blocks.{i}.{name}" in listing for i in range(2) for name in ("attn1", "attn2", "ff"))
+    names = read_folder(folder).family.sublayer_names(read_folder(folder).config)
+    good = Schedule(_schedule_rows(len(names)), sublayers=names, mode="general")
+    good.save(tmp_path / "good.json")
+    shown = run_cli("schedule", "--diffusers", str(folder), "--schedule", str(tmp_path / "good.json"),
+                    "--png", str(tmp_path / "s.png")).stdout
+    assert "distinct subsets: 4" in shown and (tmp_path / "s.png").stat().st_size > 0
+    data = good.to_dict()
+    data["sublayers"] = [name.replace("blocks.1.attn2", "blocks.1.attn3") for name in data["sublayers"]]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    refused = run_cli("schedule", "--diffusers", str(folder), "--schedule", str(tmp_path / "bad.json"), check=False)
+    assert refused.returncode == 2
+    assert "field 'sublayers' names 'transformer_blocks.1.attn3', which is not a sub-layer" in refused.stderr
+
+
+# -- builds: every subset verified, the runtime fed from the manifest ------------------------------------------------
+@pytest.fixture(scope="module")
+def diffusers_builds(tiny_diffusers, tmp_path_factory):
+    """family -> a build of the tiny folder over a general schedule of its named sub-layers (6 DDIM calls)."""
+    from l2c_export.builder.build import BuildRequest, build
+    from l2c_export.models.zoo import from_diffusers
+    from l2c_export.samplers import create_sampler
+
+    builds = {}
+    for family in FAMILIES:
+        spec = from_diffusers(tiny_diffusers(family))
+        rows = np.ones((6, len(spec.sublayer_names)), dtype=bool)
+        rows[2:] = _schedule_rows(len(spec.sublayer_names))[:4]
+        rows[2:, 0] = False  # a slot live across several calls
+        out = tmp_path_factory.mktemp(family) / "E"
+        build(BuildRequest(spec=spec, schedule=Schedule(rows, sublayers=spec.sublayer_names, mode="general"),
+                           sampler=create_sampler("ddim", 6), out_dir=out), progress=False)
+        builds[family] = out
+    return builds
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_diffusers_build_records_its_interface_and_verifies_every_subset(diffusers_builds, family):
+    from l2c_export.core.manifest import load
+    from l2c_export.tools.verify import verify_build
+
+    manifest = load(diffusers_builds[family])
+    roles = [(t["name"], t["role"], t["dtype"], t["shape"]) for t in manifest["model"]["inputs"]]
+    if family == "dit":
+        assert roles[2] == ("class_labels", "label", "int64", ["batch"])
+        assert manifest["guidance"]["null_class"] == 1000
+    else:
+        assert roles[2:] == [("encoder_hidden_states", "prompt_embeds", "float32",
+                              ["batch", "prompt_tokens", CAPTION_CHANNELS]),
+                             ("encoder_attention_mask", "prompt_attention_mask", "float32", ["batch", "prompt_tokens"])]
+        assert "null_class" not in manifest["guidance"]
+    assert manifest["guidance"]["sampler_channels"] == 4 and manifest["guidance"]["guided_channels"] == 4
+    assert manifest["model"]["sublayers"][1] == ("transformer_blocks.0.ff" if family == "dit"
+                                                 else "transformer_blocks.0.attn2")
+    assert {s["name"] for s in manifest["cache_slots"]} <= set(manifest["model"]["sublayers"])
+    checks, _ = verify_build(diffusers_builds[family])
+    assert len(checks) == len(manifest["subsets"]) == 5
+    assert all(check.worst_value < 1e-5 for check in checks)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onnxruntime_and_torch_backends_agree_on_a_diffusers_build(diffusers_builds, family):
+    from l2c_export.runtime.conditioning import example_conditioning
+    from l2c_export.runtime.pipeline import L2CPipeline
+
+    onnx_pipe = L2CPipeline.from_engine_dir(diffusers_builds[family])
+    torch_pipe = L2CPipeline.from_engine_dir(diffusers_builds[family], backend="torch")
+    request = example_conditioning(onnx_pipe.manifest, 2, seed=3)
+    result = onnx_pipe(**request, seed=1)
+    got, want = result.samples, torch_pipe(**request, seed=1).samples
+    assert got.shape == (2, 4, 8, 8)
+    assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
+    assert result.step_subsets == [0, 0, 1, 2, 3, 4]
+    assert not np.array_equal(onnx_pipe(**request, seed=1, full=True).samples, got)  # the schedule reused something
+
+
+def _conditioning(n=2, length=5, width=CAPTION_CHANNELS):
+    generator = np.random.default_rng(0)
+    return {"prompt_embeds": generator.standard_normal((n, length, width)).astype(np.float32),
+            "prompt_attention_mask": np.ones((n, length), dtype=np.int64),
+            "negative_prompt_embeds": generator.standard_normal((n, length, width)).astype(np.float32),
+            "negative_prompt_attention_mask": np.ones((n, length), dtype=np.int64)}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(prompt_embedz=c.pop("prompt_embeds")), "unknown array 'prompt_embedz'"),
+    (lambda c: c.pop("negative_prompt_embeds"), "array 'negative_prompt_embeds' is missing"),
+    (lambda c: c.update(prompt_embeds=c["prompt_embeds"][..., :5]), "array 'prompt_embeds' has shape (2, 5, 5); "
+                                                                     "expected (n, L, 12)"),
+    (lambda c: c.update(prompt_embeds=c["prompt_embeds"].astype(np.int32)), "holds int32 values"),
+    (lambda c: c["negative_prompt_embeds"].__setitem__((0, 0, 0), np.nan), "1 of its 120 values are NaN"),
+    (lambda c: c.update(prompt_attention_mask=np.ones((2, 4))), "array 'prompt_attention_mask' has shape (2, 4); "
+                                                                "expected (2, 5)"),
+    (lambda c: c.update(prompt_attention_mask=np.full((2, 5), 2)), "values other than 0 and 1"),
+])
+def test_conditioning_that_does_not_fit_is_refused_naming_the_array(diffusers_builds, change, message):
+    from l2c_export.core.manifest import load
+    from l2c_export.runtime.conditioning import ConditioningError, model_batch_conditioning
+
+    manifest = load(diffusers_builds["pixart"], verify_files=False)
+    conditioning = _conditioning()
+    n, feeds = model_batch_conditioning(manifest, True, None, conditioning)
+    assert n == 2 and feeds["encoder_hidden_states"].shape == (4, 5, CAPTION_CHANNELS)
+    change(conditioning)
+    with pytest.raises(ConditioningError) as info:
+        model_batch_conditioning(manifest, True, None, conditioning, where="--conditioning c.npz")
+    assert message in str(info.value) and str(info.value).startswith("--conditioning c.npz: ")
+
+
+def test_run_cli_reads_conditioning_and_refuses_a_bad_archive_in_one_line(diffusers_builds, tmp_path):
+    conditioning = _conditioning()
+    np.savez(tmp_path / "cond.npz", **conditioning)
+    result = run_cli("run", str(diffusers_builds["pixart"]), "--conditioning", str(tmp_path / "cond.npz"),
+                     "--cfg-scale", "3", "--save-latents", str(tmp_path / "out.npy"))
+    assert np.load(tmp_path / "out.npy").shape == (2, 4, 8, 8)
+    conditioning["prompt_attention_mask"] = np.ones((2, 7))
+    np.savez(tmp_path / "bad.npz", **conditioning)
+    refused = run_cli("run", str(diffusers_builds["pixart"]), "--conditioning", str(tmp_path / "bad.npz"),
+                      check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert f"--conditioning {tmp_path / 'bad.npz'}: array 'prompt_attention_mask' has shape (2, 7)" in refused.stderr
+    labels = run_cli("run", str(diffusers_builds["pixart"]), "--labels", "1,2", check=False)
+    assert labels.returncode == 2 and "conditioned on prompt embeddings" in labels.stderr
+    assert result.returncode == 0

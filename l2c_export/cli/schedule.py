@@ -13,6 +13,8 @@ from .options import macs_for, model_options, parse_labels, resolve_model, resol
 
 
 @main.command()
+@click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
+              help="A diffusers pipeline folder: list its sub-layers by name (and check --schedule against them).")
 @click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
               help="Router file: the authors' .pt or this project's .safetensors.")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -30,12 +32,15 @@ from .options import macs_for, model_options, parse_labels, resolve_model, resol
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap PNG.")
 @click.option("--target-mac-fraction", type=MAC_FRACTION,
               help="Instead of --threshold: the lowest threshold whose MAC fraction is at most this.")
-def schedule(router, schedule_file, steps, threshold, mode, model_name, image_size, json_out, png_out,
+def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_name, image_size, json_out, png_out,
              target_mac_fraction):
     """Decode a router into a schedule, or inspect one: sub-layers per step, subsets, MACs, ideal speedup."""
     from ..core.schedule import Schedule
     from ..routers import load_router
 
+    if diffusers is not None:
+        _diffusers_schedule(diffusers, router, schedule_file, model_name, json_out, png_out)
+        return
     if (router is None) == (schedule_file is None):
         raise click.UsageError("give exactly one of --router FILE or --schedule FILE")
     if target_mac_fraction is not None and router is None:
@@ -69,6 +74,39 @@ def schedule(router, schedule_file, steps, threshold, mode, model_name, image_si
         click.echo(f"wrote {png_out}")
 
 
+def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png_out) -> None:
+    """``schedule --diffusers DIR [--schedule FILE]``: the folder's sub-layers by name, and a schedule checked against
+    them."""
+    from ..core.schedule import Schedule
+    from ..models.zoo import from_diffusers
+
+    if router is not None or model_name is not None:
+        raise CommandError("--diffusers: give its sub-layers' schedule with --schedule (router files over named "
+                           "sub-layers are not supported yet; --model does not apply)")
+    spec = from_diffusers(folder)
+    names = spec.sublayer_names
+    macs = spec.family.count_macs(spec.config)
+    click.echo(f"{folder}: {spec.config.transformer_class}, {len(names)} sub-layers in forward order "
+               f"(full {macs.full / 1e6:.3f} MMAC per sample per model call, {macs.always / 1e6:.3f} always run)")
+    for index, name in enumerate(names):
+        click.echo(f"  {index:>4}  {name:<40} {macs.sublayer(index) / 1e6:>10.3f} MMAC")
+    if schedule_file is None:
+        if json_out or png_out:
+            raise CommandError("--json/--png: give the --schedule to write")
+        return
+    result = Schedule.load(schedule_file)
+    result.check_fits(result.num_steps, names)
+    _print_schedule(result, macs)
+    if json_out:
+        result.save(json_out)
+        click.echo(f"wrote {json_out}")
+    if png_out:
+        from ..tools.plots import schedule_heatmap
+
+        schedule_heatmap(result, png_out, title=str(schedule_file), mac_fraction=result.mac_fraction(macs))
+        click.echo(f"wrote {png_out}")
+
+
 def _format_time(t) -> str:
     return f"{t:>4}" if float(t).is_integer() else f"{t:>6.1f}"
 
@@ -76,7 +114,7 @@ def _format_time(t) -> str:
 def _print_schedule(result, macs) -> None:
     subsets = result.distinct_subsets()
     subset_of_step = result.subset_of_step()
-    width = 2 * result.depth
+    width = result.width
     click.echo(f"schedule: {result.num_steps} model calls x {width} sub-layers ({result.source or 'unnamed'}"
                + (f", threshold {result.threshold}" if result.threshold is not None else "")
                + (f", mode {result.mode}" if result.mode else "") + ")")
