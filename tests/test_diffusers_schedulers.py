@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 import warnings
 
 import numpy as np
@@ -18,6 +19,8 @@ import pytest
 from l2c_export.samplers import (SAMPLERS, DiffusersDDIM, DiffusersDPMMultistep, SchedulerConfigError,
                                  create_sampler, official_cache_calls, sampler_from_dict, sampler_from_scheduler_config)
 from l2c_export.samplers.diffusers import read_scheduler_config
+
+from .conftest import run_cli
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference for these tests (the project's .venv "
                                                     "has it)")
@@ -398,3 +401,35 @@ def test_a_diffusers_kind_without_a_config_is_the_schedulers_default():
     assert np.array_equal(create_sampler("diffusers_ddim", 12).timesteps, reference.timesteps.numpy())
     reference = reference_scheduler("DPMSolverMultistepScheduler", {}, 12)
     assert np.array_equal(create_sampler("diffusers_dpm_multistep", 12).timesteps, reference.timesteps.numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In a build: the manifest reader, the numpy runtime and the torch reference run the same sampler
+
+@pytest.mark.parametrize("class_name,config", [("DDIMScheduler", {"clip_sample": False}),
+                                               ("DPMSolverMultistepScheduler", {"solver_type": "heun"})])
+def test_a_build_runs_a_diffusers_sampler_from_its_manifest(default_build, tmp_path, class_name, config):
+    """The embedded default's build (20 model calls, learned sigma) with its sampler section swapped for a diffusers
+    scheduler's: the manifest validates, ``l2c-export run`` samples with it, and equals the PyTorch reference sampler
+    driving the same sampler on torch tensors."""
+    from l2c_export.models.zoo import embedded_default
+    from l2c_export.samplers.guidance import make_noise
+    from l2c_export.samplers.reference import sample_reference
+
+    folder = tmp_path / "engines"
+    shutil.copytree(default_build, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    sampler = sampler_from_scheduler_config({"_class_name": class_name, **config}, manifest["sampler"]["num_calls"],
+                                            "s")
+    manifest["sampler"] = sampler.to_dict()
+    (folder / "manifest.json").write_text(json.dumps(manifest, allow_nan=False))
+    noise = make_noise(3, (2, 1, 8, 8))
+    np.save(tmp_path / "noise.npy", noise)
+    run_cli("run", str(folder), "--labels", "1,7", "--noise", str(tmp_path / "noise.npy"), "--cfg-scale", "2.0",
+            "--save-latents", str(tmp_path / "latents.npy"))
+    spec = embedded_default()
+    reference = sample_reference(spec.load_model(), sampler, [1, 7], noise, cfg_scale=2.0, schedule=spec.schedule(),
+                                 progress=False)
+    latents = np.load(tmp_path / "latents.npy")
+    assert np.abs(latents - reference).max() <= 1e-4 * np.ptp(reference)
+    assert np.abs(latents - noise).max() > 0.1  # it did sample
