@@ -4,6 +4,7 @@ it in ONNX Runtime."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -260,7 +261,6 @@ def diffusers_builds(tiny_diffusers, tmp_path_factory):
     """family -> a build of the tiny folder over a general schedule of its named sub-layers (6 DDIM calls)."""
     from l2c_export.builder.build import BuildRequest, build
     from l2c_export.models.zoo import from_diffusers
-    from l2c_export.samplers import create_sampler
 
     builds = {}
     for family in FAMILIES:
@@ -270,7 +270,7 @@ def diffusers_builds(tiny_diffusers, tmp_path_factory):
         rows[2:, 0] = False  # a slot live across several calls
         out = tmp_path_factory.mktemp(family) / "E"
         build(BuildRequest(spec=spec, schedule=Schedule(rows, sublayers=spec.sublayer_names, mode="general"),
-                           sampler=create_sampler("ddim", 6), out_dir=out), progress=False)
+                           sampler=spec.sampler(None, 6), out_dir=out), progress=False)
         builds[family] = out
     return builds
 
@@ -363,3 +363,95 @@ def test_run_cli_reads_conditioning_and_refuses_a_bad_archive_in_one_line(diffus
     labels = run_cli("run", str(diffusers_builds["pixart"]), "--labels", "1,2", check=False)
     assert labels.returncode == 2 and "conditioned on prompt embeddings" in labels.stderr
     assert result.returncode == 0
+
+
+# -- sampling as diffusers' own pipelines do --------------------------------------------------------------------------
+CFG_SCALE = 3.0
+STEPS = 12
+
+
+def _parity_schedule(names: tuple[str, ...]) -> Schedule:
+    """A general schedule over the named sub-layers: odd calls reuse every block's ff (and PixArt's attn2), every
+    third call block 0's attn1 too."""
+    rows = np.ones((STEPS, len(names)), dtype=bool)
+    for call in range(1, STEPS):
+        for column, name in enumerate(names):
+            if call % 2 == 1 and name.endswith((".ff", ".attn2")):
+                rows[call, column] = False
+            if call % 3 == 2 and name == "transformer_blocks.0.attn1":
+                rows[call, column] = False
+    return Schedule(rows, sublayers=names, mode="general", source="parity schedule")
+
+
+def _pipeline_latents(family: str, folder, noise: torch.Tensor, conditioning: dict | None, schedule=None):
+    """The latents diffusers' own pipeline returns (DiT: the scheduler's latents before the VAE's 1 / scaling
+    factor), with ``schedule`` applied by forward hooks on the named sub-modules."""
+    from .diffusers_pipelines import load_pipeline
+
+    pipe = load_pipeline(folder)
+    hooks = (schedule_hooks(pipe.transformer, schedule.sublayer_names, schedule.compute) if schedule is not None
+             else contextlib.nullcontext([STEPS]))
+    with torch.no_grad(), hooks as calls:
+        if family == "dit":
+            captured = []
+            decode = pipe.vae.decode
+
+            def capture(latents, *args, **kwargs):
+                captured.append(latents * pipe.vae.config.scaling_factor)
+                return decode(latents, *args, **kwargs)
+
+            pipe.vae.decode = capture  # DiTPipeline draws the latents from the generator: the noise is its draw
+            pipe(class_labels=[207, 3], guidance_scale=CFG_SCALE, num_inference_steps=STEPS,
+                 generator=torch.Generator().manual_seed(0), output_type="np")
+            latents = captured[0]
+        else:
+            latents = pipe(prompt=None, negative_prompt=None, latents=noise.clone(), guidance_scale=CFG_SCALE,
+                           num_inference_steps=STEPS, output_type="latent", use_resolution_binning=False,
+                           **{name: torch.from_numpy(value) for name, value in conditioning.items()}).images
+    assert calls[0] == STEPS
+    return latents.numpy()
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, scheduler,
+                                                                              tmp_path):
+    """build --diffusers DIR --schedule s.json --steps 12, then run --noise z.npy (--labels 207,3 | --conditioning
+    cond.npz) --cfg-scale 3 --save-latents: equal to diffusers' pipeline on the same latents and conditioning (padded
+    masks included) to 1e-4 of the range, with --full and with the schedule (the pipeline with hooks); verify passes
+    every subset."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    folder = tiny_diffusers(family, scheduler)
+    found = read_folder(folder)
+    schedule = _parity_schedule(found.family.sublayer_names(found.config))
+    schedule.save(tmp_path / "s.json")
+    noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "z.npy", noise.numpy())
+    conditioning = None
+    if family == "dit":
+        request = ["--labels", "207,3"]
+    else:
+        generator = np.random.default_rng(1)
+        conditioning = {"prompt_embeds": generator.standard_normal((2, 5, CAPTION_CHANNELS)).astype(np.float32),
+                        "prompt_attention_mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+                        "negative_prompt_embeds": generator.standard_normal((2, 5, CAPTION_CHANNELS)).astype(np.float32),
+                        "negative_prompt_attention_mask": np.array([[1, 0, 0, 0, 0]] * 2)}
+        np.savez(tmp_path / "cond.npz", **conditioning)
+        request = ["--conditioning", str(tmp_path / "cond.npz")]
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--schedule", str(tmp_path / "s.json"),
+            "--out", str(engines))
+    if scheduler == "ddim":  # verify does not depend on the scheduler; once per family keeps the test short
+        assert "all 4 subset engine(s) agree with PyTorch" in run_cli("verify", str(engines)).stdout
+    for full, reference in ((True, None), (False, schedule)):
+        out = tmp_path / f"{'full' if full else 'l2c'}.npy"
+        run_cli("run", str(engines), "--noise", str(tmp_path / "z.npy"), *request, "--cfg-scale", str(CFG_SCALE),
+                "--save-latents", str(out), *(["--full"] if full else []))
+        want = _pipeline_latents(family, folder, noise, conditioning, reference)
+        got = np.load(out)
+        assert got.shape == want.shape == (2, 4, 8, 8)
+        assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min()), (full, np.abs(got - want).max())
+        if full:
+            full_latents = got
+    assert np.abs(full_latents - got).max() > 1e-3 * (want.max() - want.min())  # the schedule changed the result

@@ -384,7 +384,12 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
                                    f"as {' or '.join(family.pipeline_classes)} does")
     scheduler = None
     if (folder / "scheduler").is_dir():
-        scheduler = _read_json(folder / "scheduler" / "scheduler_config.json", "expected the scheduler's config")
+        from ...samplers.diffusers import read_scheduler_config
+
+        path = folder / "scheduler" / "scheduler_config.json"
+        if not path.is_file():
+            raise DiffusersFolderError(f"{path}: missing; expected the scheduler's config")
+        scheduler = read_scheduler_config(path)
     return DiffusersFolder(folder, pipeline_class, family, config, scheduler)
 
 
