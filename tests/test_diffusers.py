@@ -455,3 +455,32 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
         if full:
             full_latents = got
     assert np.abs(full_latents - got).max() > 1e-3 * (want.max() - want.min())  # the schedule changed the result
+
+
+def test_verify_against_the_diffusers_folder_refuses_another_folder(diffusers_builds, tiny_diffusers, tmp_path):
+    engines = str(diffusers_builds["dit"])
+    passed = run_cli("verify", engines, "--diffusers", str(tiny_diffusers("dit")))
+    assert "all 5 subset engine(s) agree" in passed.stdout and "the transformer of" in passed.stdout
+    other = run_cli("verify", engines, "--diffusers", str(tiny_diffusers("pixart")), check=False)
+    assert other.returncode == 2 and "field 'model/config' differs" in other.stderr
+    changed = _copy(tiny_diffusers("dit"), tmp_path)
+    weights = changed / "transformer" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    name = sorted(state)[0]
+    state[name] = state[name] + 1
+    save_file(state, str(weights))
+    retrained = run_cli("verify", engines, "--diffusers", str(changed), check=False)
+    assert retrained.returncode == 2 and "field 'model/weights_sha256' differs" in retrained.stderr
+
+
+def test_a_diffusers_folder_samples_with_its_own_scheduler(tiny_diffusers, tmp_path):
+    refused = run_cli("build", "--diffusers", str(tiny_diffusers("dit")), "--sampler", "ddim", "--out",
+                      str(tmp_path / "E"), check=False)
+    assert refused.returncode == 2 and "a diffusers folder samples with its own scheduler" in refused.stderr
+    folder = _copy(tiny_diffusers("dit"), tmp_path)
+    _edit_json(folder / "scheduler" / "scheduler_config.json", _class_name="EulerDiscreteScheduler")
+    unsupported = run_cli("build", "--diffusers", str(folder), "--out", str(tmp_path / "E"), check=False)
+    assert unsupported.returncode == 2 and "field '_class_name' is 'EulerDiscreteScheduler'" in unsupported.stderr
+    assert not (tmp_path / "E").exists()

@@ -86,15 +86,21 @@ def run(engine_dir, labels, conditioning_file, cfg_scale, seed, noise_file, back
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
               help="An fp32 build of the same checkpoint: compare with its weights (default: this build's own, "
                    "dequantized for int8).")
-def verify(engine_dir, backend, device, tolerance, reference):
+@click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
+              help="The diffusers folder the build came from: compare with its transformer as diffusers saved it "
+                   "(checked to be the build's by its weights' sha256).")
+def verify(engine_dir, backend, device, tolerance, reference, diffusers):
     """Check every subset engine against the PyTorch cached forward on the same inputs."""
     from ..core.manifest import load as load_manifest
     from ..tools.verify import verify_build
 
+    if reference is not None and diffusers is not None:
+        raise click.UsageError("give --reference or --diffusers, not both")
     checks, providers = verify_build(engine_dir, backend=backend, tolerance=tolerance, reference=reference,
-                                     **backend_options(device, backend))
-    weights = (f"the fp32 weights of {reference}" if reference else "its weights dequantized"
-               if "quantization" in load_manifest(engine_dir, verify_files=False) else "its weights")
+                                     diffusers=diffusers, **backend_options(device, backend))
+    weights = (f"the fp32 weights of {reference}" if reference else f"the transformer of {diffusers}" if diffusers
+               else "its weights dequantized" if "quantization" in load_manifest(engine_dir, verify_files=False)
+               else "its weights")
     click.echo(f"{engine_dir}: {backend} on {', '.join(providers)} against PyTorch (fp32, {weights})")
     for check in checks:
         worst_output = max(check.worst, key=check.worst.get)

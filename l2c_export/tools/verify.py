@@ -51,14 +51,16 @@ class SubsetCheck:
 @torch.no_grad()
 def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: float | None = None,
                  labels: tuple[int, ...] = (0, 1), seed: int = 0, reference: str | Path | None = None,
-                 **backend_options) -> tuple[list[SubsetCheck], list[str]]:
+                 diffusers: str | Path | None = None, **backend_options) -> tuple[list[SubsetCheck], list[str]]:
     """Returns one check per subset and the providers the engines ran on. ``reference``: an fp32 build of the same
-    checkpoint whose weights are the reference (default: this build's own, dequantized where int8)."""
+    checkpoint whose weights are the reference (default: this build's own, dequantized where int8); ``diffusers``:
+    the diffusers folder the build came from, whose transformer (as diffusers saved it) is the reference."""
     folder = Path(folder)
     data = manifest_io.load(folder)
     tolerance = default_tolerance(data) if tolerance is None else tolerance
     engines = load_backend(backend, data, folder, **backend_options)
-    reference = _reference_model(data, folder, reference)
+    reference = _diffusers_model(data, folder, diffusers) if diffusers is not None else _reference_model(
+        data, folder, reference)
     interface = ModelInterface.from_manifest(data)
     sampler = sampler_from_dict(data["sampler"])
     cfg_scale = data["guidance"]["cfg_scale"]
@@ -122,6 +124,20 @@ def _reference_model(data: dict, folder: Path, reference: str | Path | None):
             raise manifest_io.ManifestError(f"{where}: field 'model/{field}' differs from {folder}'s: the reference "
                                             f"must be built from the same checkpoint")
     return model_from_manifest(other, reference, precision="fp32")
+
+
+def _diffusers_model(data: dict, folder: Path, diffusers: str | Path):
+    """The transformer of the diffusers folder a build came from, refused unless its weights are the build's."""
+    from ..models.zoo import from_diffusers
+
+    spec = from_diffusers(diffusers)
+    if spec.family.name != data["model"]["family"] or spec.config.to_dict() != data["model"]["config"]:
+        raise manifest_io.ManifestError(f"{folder / manifest_io.MANIFEST_NAME}: field 'model/config' differs from "
+                                        f"{diffusers}'s transformer: the build did not come from that folder")
+    if spec.family.weights_sha256(spec.weights) != data["model"]["weights_sha256"]:
+        raise manifest_io.ManifestError(f"{folder / manifest_io.MANIFEST_NAME}: field 'model/weights_sha256' differs "
+                                        f"from the weights of {diffusers}: the build did not come from that folder")
+    return spec.load_model()
 
 
 def _relative(got: np.ndarray, want: np.ndarray) -> float:
