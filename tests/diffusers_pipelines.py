@@ -50,7 +50,8 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
                            scheduler=_scheduler(scheduler))
     elif family == "pixart":
         pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(),
-                                   transformer=PixArtTransformer2DModel(**PIXART_CONFIG), scheduler=_scheduler(scheduler))
+                                   transformer=PixArtTransformer2DModel(**PIXART_CONFIG),
+                                   scheduler=_scheduler(scheduler))
     else:
         raise ValueError(f"unknown family {family!r}")
     pipe.set_progress_bar_config(disable=True)

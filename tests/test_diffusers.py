@@ -433,9 +433,10 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
         request = ["--labels", "207,3"]
     else:
         generator = np.random.default_rng(1)
-        conditioning = {"prompt_embeds": generator.standard_normal((2, 5, CAPTION_CHANNELS)).astype(np.float32),
+        shape = (2, 5, CAPTION_CHANNELS)
+        conditioning = {"prompt_embeds": generator.standard_normal(shape).astype(np.float32),
                         "prompt_attention_mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
-                        "negative_prompt_embeds": generator.standard_normal((2, 5, CAPTION_CHANNELS)).astype(np.float32),
+                        "negative_prompt_embeds": generator.standard_normal(shape).astype(np.float32),
                         "negative_prompt_attention_mask": np.array([[1, 0, 0, 0, 0]] * 2)}
         np.savez(tmp_path / "cond.npz", **conditioning)
         request = ["--conditioning", str(tmp_path / "cond.npz")]
@@ -484,3 +485,16 @@ def test_a_diffusers_folder_samples_with_its_own_scheduler(tiny_diffusers, tmp_p
     unsupported = run_cli("build", "--diffusers", str(folder), "--out", str(tmp_path / "E"), check=False)
     assert unsupported.returncode == 2 and "field '_class_name' is 'EulerDiscreteScheduler'" in unsupported.stderr
     assert not (tmp_path / "E").exists()
+
+
+def test_macs_are_counted_per_named_sublayer(tiny_diffusers):
+    """Linear layers by their shapes and attention's two products, each charged to its sub-layer: T = 16 tokens,
+    D = 16, cross-attention over PixArt-α's 120 prompt tokens (projected from 12 to 16 channels)."""
+    found = read_folder(tiny_diffusers("pixart"))
+    macs = found.family.count_macs(found.config)
+    tokens, dim, prompt = 16, 16, 120
+    attn1 = 4 * tokens * dim * dim + 2 * tokens * tokens * dim
+    attn2 = 2 * tokens * dim * dim + 2 * prompt * dim * dim + 2 * tokens * prompt * dim
+    ff = 2 * tokens * dim * 4 * dim
+    assert macs.per_sublayer == (attn1, attn2, ff) * 2
+    assert macs.full == macs.always + 2 * (attn1 + attn2 + ff) and macs.always > prompt * 12 * dim

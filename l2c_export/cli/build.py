@@ -29,9 +29,9 @@ from .options import model_options, resolve_model, resolve_schedule, schedule_op
 @click.option("--guide-all-channels", is_flag=True, help="Guide every eps channel (DiT guides 3 of 4).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: engines/<model>-<backend>-<precision>).")
-def build(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
-          mode, steps, sampler_kind, backend, precision, quantization, calibration_images, batch_text, cfg_scale,
-          guide_all_channels, out):
+def build(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold,
+          target_mac_fraction, mode, steps, sampler_kind, backend, precision, quantization, calibration_images,
+          batch_text, cfg_scale, guide_all_channels, out):
     """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
     import time
 

@@ -143,8 +143,9 @@ def _print_schedule(result, macs) -> None:
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True)
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Also save the samples (.npy).")
-def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold, target_mac_fraction,
-           mode, steps, sampler_kind, full, labels, cfg_scale, guide_all_channels, seed, out, save_latents):
+def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold,
+           target_mac_fraction, mode, steps, sampler_kind, full, labels, cfg_scale, guide_all_channels, seed, out,
+           save_latents):
     """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule."""
     import time
 

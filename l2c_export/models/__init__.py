@@ -146,7 +146,8 @@ def config_from_dict(cls, data: Mapping):
 
 # name -> module defining FAMILY; adding a family is one line here.
 FAMILIES = {"dit": "l2c_export.models.dit", "uvit": "l2c_export.models.uvit",
-            "diffusers-dit": "l2c_export.models.diffusers.dit", "diffusers-pixart": "l2c_export.models.diffusers.pixart"}
+            "diffusers-dit": "l2c_export.models.diffusers.dit",
+            "diffusers-pixart": "l2c_export.models.diffusers.pixart"}
 _loaded: dict[str, ModelFamily] = {}
 
 

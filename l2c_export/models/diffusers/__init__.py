@@ -262,6 +262,10 @@ class DiffusersFamily(ModelFamily):
     def null_class(self, config: DiffusersConfig) -> int | None:
         return None
 
+    def macs_inputs(self, config: DiffusersConfig) -> tuple:
+        """One sample's graph inputs whose forward :meth:`count_macs` counts (the traced dummies by default)."""
+        return self.dummy_inputs(config, 1)
+
     # -- what each class declares ------------------------------------------------------------------------------------
     def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
         raise NotImplementedError
@@ -308,7 +312,7 @@ def count_macs_by_hooks(family: DiffusersFamily, config: DiffusersConfig) -> Mac
 
     with torch.device("meta"):
         model = family.create(config)
-        inputs = family.dummy_inputs(config, 1)
+        inputs = family.macs_inputs(config)
         for path, module in model.transformer.named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, Attention)):
                 module.register_forward_hook(hook(path), with_kwargs=True)

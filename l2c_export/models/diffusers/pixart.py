@@ -10,6 +10,7 @@ from .. import TensorSpec
 from . import DiffusersConfig, DiffusersFamily, DiffusersFolderError
 
 PROMPT_TOKENS = "prompt_tokens"  # the text conditioning's length varies per request
+MACS_PROMPT_TOKENS = 120  # PixArt-α's T5 max_sequence_length: the prompt length MACs are counted at
 
 
 class PixArtDiffusersFamily(DiffusersFamily):
@@ -42,10 +43,15 @@ class PixArtDiffusersFamily(DiffusersFamily):
                            "prompt_embeds"),
                 TensorSpec("encoder_attention_mask", "float32", (PROMPT_TOKENS,), "prompt_attention_mask")]
 
-    def dummy_inputs(self, config: DiffusersConfig, batch: int) -> tuple:
+    def macs_inputs(self, config: DiffusersConfig) -> tuple:
+        return self.dummy_inputs(config, 1, tokens=MACS_PROMPT_TOKENS)
+
+    def dummy_inputs(self, config: DiffusersConfig, batch: int, tokens: int | None = None) -> tuple:
+        """Latents, timesteps 500, zero prompt embeddings of ``tokens`` (default: a short traced length) and a mask
+        with the last token padded."""
         import torch
 
-        side, tokens = config["sample_size"], self.dummy_prompt_tokens
+        side, tokens = config["sample_size"], tokens or self.dummy_prompt_tokens
         mask = torch.ones(batch, tokens)
         mask[:, -1] = 0  # a padded token, so the trace keeps the mask's path
         return (torch.zeros(batch, self.in_channels(config), side, side), torch.full((batch,), 500.0),
