@@ -192,6 +192,10 @@ def _edit_json(path, **changes):
     (lambda f: _edit_json(f / "transformer" / "config.json", frobnicate=3),
      "field 'frobnicate' is not an option of PixArtTransformer2DModel"),
     (lambda f: _edit_json(f / "transformer" / "config.json", num_layers=0), "field 'num_layers' is 0"),
+    (lambda f: _edit_json(f / "transformer" / "config.json", cross_attention_dim=24),
+     "field 'cross_attention_dim' is 24; the caption projection makes the prompt 16 wide"),
+    (lambda f: _edit_json(f / "model_index.json", _class_name="DiTPipeline"),
+     "field '_class_name' is 'DiTPipeline'; a PixArtTransformer2DModel is sampled as PixArtAlphaPipeline or"),
     (lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors").rename(
         f / "transformer" / "diffusion_pytorch_model.bin"), "is pickled, which is never loaded here"),
 ])

@@ -29,9 +29,15 @@ class PixArtDiffusersFamily(DiffusersFamily):
         if additional or (additional is None and config["sample_size"] == 128):
             raise DiffusersFolderError(f"{where}: field 'use_additional_conditions' is on (PixArt-α 1024's resolution "
                                        f"and aspect-ratio conditions); not supported yet")
-        if not isinstance(self.text_channels(config), int) or self.text_channels(config) < 1:
-            raise DiffusersFolderError(f"{where}: field 'caption_channels' is {config.get('caption_channels')!r}; "
-                                       f"expected a positive integer")
+        for key in ("cross_attention_dim", "caption_channels"):
+            value = config.get(key)
+            if (value is not None or key == "cross_attention_dim") and (
+                    not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 16):
+                raise DiffusersFolderError(f"{where}: field {key!r} is {value!r}; expected a positive integer")
+        if config.get("caption_channels") is not None and config["cross_attention_dim"] != self.inner_dim(config):
+            raise DiffusersFolderError(f"{where}: field 'cross_attention_dim' is {config['cross_attention_dim']}; "
+                                       f"the caption projection makes the prompt {self.inner_dim(config)} wide "
+                                       f"(num_attention_heads x attention_head_dim)")
 
     def text_channels(self, config: DiffusersConfig) -> int:
         """D of the prompt embeddings: caption_channels (projected inside), else cross_attention_dim."""
