@@ -51,6 +51,20 @@ def authors_router() -> Path:
     return AUTHORS_ROUTER
 
 
+def ort_session(path: Path):
+    """A plain ONNX Runtime CPU session that can live in a process where the runtime already runs: the first
+    ``OnnxRuntimeBackend`` of a process sets up ONNX Runtime's global thread pool, after which a session with threads
+    of its own is refused (``use_per_session_threads must be false``), whatever test ran first."""
+    import onnxruntime as ort
+
+    from l2c_export.runtime.backends.onnxruntime import _set_up_environment
+
+    _set_up_environment(None)
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Runs ``l2c-export`` in a real subprocess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -9,7 +9,6 @@ import json
 import shutil
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -17,7 +16,7 @@ from l2c_export.core.plan import BuildPlan
 from l2c_export.core.schedule import Schedule, ScheduleError
 from l2c_export.models.diffusers import DiffusersFolderError, read_folder
 
-from .conftest import run_cli
+from .conftest import ort_session, run_cli
 from .diffusers_pipelines import CAPTION_CHANNELS, schedule_hooks
 
 FAMILIES = ("dit", "pixart")
@@ -116,7 +115,7 @@ def test_every_subset_graph_equals_the_cached_forward_in_onnxruntime(tiny_diffus
     for subset in plan.subsets:
         path = tmp_path / f"{subset.name}.onnx"
         onnx.save_model(subset_graph(universal, subset, subset.name), str(path))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort_session(path)
         assert [i.name for i in session.get_inputs()][len(_inputs(family, 1)):] == [
             f"cache_{names[k]}" for k in subset.reads]
         inputs = _inputs(family, 3, tokens=9, seed=subset.index)

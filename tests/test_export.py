@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -27,7 +26,7 @@ from l2c_export.models.dit.model import DiT
 from l2c_export.models.zoo import ModelSpec
 from l2c_export.samplers.gaussian import GaussianSampler
 
-from .conftest import REPO, SHARED, TINY, run_cli
+from .conftest import REPO, SHARED, TINY, ort_session, run_cli
 
 # depth 2, 5 steps. Subset A = 1111 (steps 0, 4), B = 1011 (steps 1, 3), C = 1100 (step 2).
 ROWS = [[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1]]
@@ -82,7 +81,7 @@ def test_subset_graphs_take_and_return_only_live_values(tmp_path):
 
 
 def _ort_outputs(path: Path, feeds: dict) -> dict:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     assert session.get_providers() == ["CPUExecutionProvider"]
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in
