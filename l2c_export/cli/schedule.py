@@ -74,39 +74,6 @@ def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_nam
         click.echo(f"wrote {png_out}")
 
 
-def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png_out) -> None:
-    """``schedule --diffusers DIR [--schedule FILE]``: the folder's sub-layers by name, and a schedule checked against
-    them."""
-    from ..core.schedule import Schedule
-    from ..models.zoo import from_diffusers
-
-    if router is not None or model_name is not None:
-        raise CommandError("--diffusers: give its sub-layers' schedule with --schedule (router files over named "
-                           "sub-layers are not supported yet; --model does not apply)")
-    spec = from_diffusers(folder)
-    names = spec.sublayer_names
-    macs = spec.family.count_macs(spec.config)
-    click.echo(f"{folder}: {spec.config.transformer_class}, {len(names)} sub-layers in forward order "
-               f"(full {macs.full / 1e6:.3f} MMAC per sample per model call, {macs.always / 1e6:.3f} always run)")
-    for index, name in enumerate(names):
-        click.echo(f"  {index:>4}  {name:<40} {macs.sublayer(index) / 1e6:>10.3f} MMAC")
-    if schedule_file is None:
-        if json_out or png_out:
-            raise CommandError("--json/--png: give the --schedule to write")
-        return
-    result = Schedule.load(schedule_file)
-    result.check_fits(result.num_steps, names)
-    _print_schedule(result, macs)
-    if json_out:
-        result.save(json_out)
-        click.echo(f"wrote {json_out}")
-    if png_out:
-        from ..tools.plots import schedule_heatmap
-
-        schedule_heatmap(result, png_out, title=str(schedule_file), mac_fraction=result.mac_fraction(macs))
-        click.echo(f"wrote {png_out}")
-
-
 def _format_time(t) -> str:
     return f"{t:>4}" if float(t).is_integer() else f"{t:>6.1f}"
 
@@ -185,3 +152,36 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
         click.echo(f"wrote {out}")
     else:
         click.echo("latent model: no image written (decode the saved latents with a VAE)")
+
+
+def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png_out) -> None:
+    """``schedule --diffusers DIR [--schedule FILE]``: the folder's sub-layers by name, and a schedule checked against
+    them."""
+    from ..core.schedule import Schedule
+    from ..models.zoo import from_diffusers
+
+    if router is not None or model_name is not None:
+        raise CommandError("--diffusers: give its sub-layers' schedule with --schedule (router files over named "
+                           "sub-layers are not supported yet; --model does not apply)")
+    spec = from_diffusers(folder)
+    names = spec.sublayer_names
+    macs = spec.family.count_macs(spec.config)
+    click.echo(f"{folder}: {spec.config.transformer_class}, {len(names)} sub-layers in forward order "
+               f"(full {macs.full / 1e6:.3f} MMAC per sample per model call, {macs.always / 1e6:.3f} always run)")
+    for index, name in enumerate(names):
+        click.echo(f"  {index:>4}  {name:<40} {macs.sublayer(index) / 1e6:>10.3f} MMAC")
+    if schedule_file is None:
+        if json_out or png_out:
+            raise CommandError("--json/--png: give the --schedule to write")
+        return
+    result = Schedule.load(schedule_file)
+    result.check_fits(result.num_steps, names)
+    _print_schedule(result, macs)
+    if json_out:
+        result.save(json_out)
+        click.echo(f"wrote {json_out}")
+    if png_out:
+        from ..tools.plots import schedule_heatmap
+
+        schedule_heatmap(result, png_out, title=str(schedule_file), mac_fraction=result.mac_fraction(macs))
+        click.echo(f"wrote {png_out}")

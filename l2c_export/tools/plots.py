@@ -22,8 +22,7 @@ def _figure_to_png(figure, path: Path) -> None:
 
 def schedule_heatmap(schedule: Schedule, path: str | Path, title: str | None = None,
                      mac_fraction: float | None = None) -> None:
-    """Writes a PNG: one row per sampling step, one column per sub-layer (the authors' families: attention, MLP
-    alternating; named sub-layers: each column labelled with its name)."""
+    """Writes a PNG: one row per sampling step, one column per sub-layer (attention, MLP alternating)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,22 +33,21 @@ def schedule_heatmap(schedule: Schedule, path: str | Path, title: str | None = N
     figure, axis = plt.subplots(figsize=(max(6.0, width * 0.16 + 2), max(3.0, n * 0.22 + 1.5)))
     axis.imshow(schedule.compute.astype(np.uint8), cmap=ListedColormap(["#f2f2f2", "#2b6cb0"]), aspect="auto",
                 interpolation="nearest", vmin=0, vmax=1)
+    axis.set_xlabel("sub-layer (2j attention, 2j+1 MLP of block j)")
     axis.set_ylabel("sampling step (timestep)")
-    if schedule.sublayers is None:
-        axis.set_xlabel("sub-layer (2j attention, 2j+1 MLP of block j)")
-        ticks = range(0, width, 2 if width <= 24 else 4)
-        axis.set_xticks(list(ticks))
-        axis.set_xticklabels([f"b{i // 2}" for i in ticks], fontsize=7)
-    else:
-        axis.set_xlabel("sub-layer")
-        axis.set_xticks(range(width))
-        axis.set_xticklabels(schedule.sublayers, fontsize=6, rotation=90)
+    ticks = range(0, width, 2 if width <= 24 else 4)
+    axis.set_xticks(list(ticks))
+    axis.set_xticklabels([f"b{i // 2}" for i in ticks], fontsize=7)
     labels = schedule.timesteps or list(range(n))
     axis.set_yticks(range(n))
     axis.set_yticklabels([f"{s} (t={t})" if schedule.timesteps else str(s) for s, t in enumerate(labels)], fontsize=7)
     computed = schedule.computed_per_step()
     for s, count in enumerate(computed):
         axis.text(width - 0.4, s, f" {count}/{width}", va="center", ha="left", fontsize=7)
+    if schedule.sublayers is not None:  # named sub-layers (a diffusers model): every column labelled with its name
+        axis.set_xlabel("sub-layer")
+        axis.set_xticks(range(width))
+        axis.set_xticklabels(schedule.sublayers, fontsize=6, rotation=90)
     summary = f"{int(schedule.compute.sum())}/{schedule.compute.size} sub-layers computed (blue)"
     if mac_fraction is not None:
         summary += f", MAC fraction {mac_fraction:.3f}, ideal speedup {1 / mac_fraction:.2f}x"
