@@ -501,3 +501,62 @@ def test_macs_are_counted_per_named_sublayer(tiny_diffusers):
     ff = 2 * tokens * dim * 4 * dim
     assert macs.per_sublayer == (attn1, attn2, ff) * 2
     assert macs.full == macs.always + 2 * (attn1 + attn2 + ff) and macs.always > prompt * 12 * dim
+
+
+# -- learning routers over named sub-layers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_soft_routed_forward_at_zero_and_one_is_the_cached_forward(tiny_diffusers, family):
+    """L2C's student on diffusers' modules: with weights 0 or 1 every sub-layer contributes its fresh or its cached
+    value, exactly as forward_cached with compute = weights; fresh receives every sub-layer's output."""
+    found = read_folder(tiny_diffusers(family))
+    model = found.family.load(found.transformer_dir, found.config)
+    width = len(found.family.sublayer_names(found.config))
+    cache: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        model.forward_cached(*_inputs(family, 2, seed=1), [True] * width, cache)
+        weights = torch.tensor([float(k % 2) for k in range(width)])
+        fresh: dict[int, torch.Tensor] = {}
+        soft = model.forward_soft(*_inputs(family, 2, seed=2), weights, cache, fresh)
+        hard = model.forward_cached(*_inputs(family, 2, seed=2), [bool(w) for w in weights], dict(cache))
+        half = model.forward_soft(*_inputs(family, 2, seed=2), torch.full((width,), 0.5), cache, None)
+    assert torch.allclose(soft, hard, atol=1e-6) and sorted(fresh) == list(range(width))
+    assert not torch.allclose(half, hard, atol=1e-4)
+
+
+def test_a_router_learned_on_a_tiny_pixart_decodes_builds_and_runs(tiny_diffusers, tmp_path):
+    """learn --diffusers DIR --conditioning-data prompts.npz writes a router whose columns are the sub-layers' names;
+    schedule --diffusers decodes it, build --router builds it, run and verify run it."""
+    folder = str(tiny_diffusers("pixart"))
+    prompts = _conditioning(n=3)
+    np.savez(tmp_path / "prompts.npz", **prompts)
+    router = tmp_path / "router.safetensors"
+    run_cli("learn", "--diffusers", folder, "--steps", "6", "--conditioning-data", str(tmp_path / "prompts.npz"),
+            "--trajectories", "4", "--batch-size", "2", "--iterations", "5", "--mode", "general", "--lr", "0.5",
+            "--out", str(router))
+    from l2c_export.routers import load_router
+
+    names = list(read_folder(folder).family.sublayer_names(read_folder(folder).config))
+    learned = load_router(router)
+    assert learned.sublayers == names and learned.logits.shape == (6, 6)
+    assert np.abs(learned.logits[1:]).max() > 0  # the routers moved
+    decoded = run_cli("schedule", "--diffusers", folder, "--router", str(router), "--mode", "general",
+                      "--target-mac-fraction", "0.8", "--json", str(tmp_path / "s.json")).stdout
+    assert "ideal speedup" in decoded and json.loads((tmp_path / "s.json").read_text())["sublayers"] == names
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", folder, "--steps", "6", "--router", str(router), "--mode", "general",
+            "--target-mac-fraction", "0.8", "--out", str(engines))
+    np.savez(tmp_path / "cond.npz", **_conditioning())
+    run_cli("run", str(engines), "--conditioning", str(tmp_path / "cond.npz"), "--save-latents",
+            str(tmp_path / "out.npy"))
+    assert np.isfinite(np.load(tmp_path / "out.npy")).all()
+    assert "agree with PyTorch" in run_cli("verify", str(engines)).stdout
+
+
+def test_learn_asks_a_text_model_for_prompts_and_refuses_them_for_a_label_model(tiny_diffusers, tmp_path):
+    np.savez(tmp_path / "prompts.npz", **_conditioning())
+    missing = run_cli("learn", "--diffusers", str(tiny_diffusers("pixart")), "--steps", "4", "--out",
+                      str(tmp_path / "r.safetensors"), check=False)
+    assert missing.returncode == 2 and "give --conditioning-data prompts.npz" in missing.stderr
+    labels = run_cli("learn", "--diffusers", str(tiny_diffusers("dit")), "--steps", "4", "--conditioning-data",
+                     str(tmp_path / "prompts.npz"), "--out", str(tmp_path / "r.safetensors"), check=False)
+    assert labels.returncode == 2 and "conditioned on class labels" in labels.stderr

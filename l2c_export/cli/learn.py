@@ -8,7 +8,7 @@ import click
 
 from ..core.schedule import SCHEDULE_MODES
 from ..samplers import SAMPLER_KINDS
-from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, CommandError, Finite, main
+from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, Finite, main
 from .options import model_options, resolve_model
 
 
@@ -25,6 +25,10 @@ from .options import model_options, resolve_model
               help="Labels (n,) .npy for --data latents; default: random classes.")
 @click.option("--trajectories", type=POSITIVE, default=256, show_default=True,
               help="With --data none: trajectories sampled from the model to learn on.")
+@click.option("--conditioning-data", type=click.Path(dir_okay=False, path_type=Path),
+              help="A text model's prompts to learn on: an .npz of prompt_embeds (P, L, D), prompt_attention_mask "
+                   "(P, L) and, for guidance, negative_prompt_embeds and negative_prompt_attention_mask (the "
+                   "pipeline's argument names); each trajectory takes one at random.")
 @click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
               help="official: only the calls where the authors' sampler consults its router reuse (DDIM: every "
                    "other step; DPM-Solver-2S: each step's first call); general: any call may reuse.")
@@ -57,16 +61,13 @@ from .options import model_options, resolve_model
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
 def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories,
-          mode, sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window, steps_per_iteration, init_std,
+          conditioning_data, mode, sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window, steps_per_iteration, init_std,
           seed, out, save_every, resume, threshold, target_mac_fraction, json_out):
     """Learn router logits (L2C): teacher = full model, student = soft-routed cache, loss = MSE + lambda * sum(w).
 
     Runs under torchrun for data-parallel learning (gloo on CPU):
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m l2c_export.cli learn ...
     """
-    if diffusers is not None:
-        raise CommandError("learn --diffusers: not supported yet; a diffusers folder takes a schedule JSON over its "
-                           "named sub-layers (l2c-export schedule --diffusers DIR lists them)")
     from ..learn.learner import (
         LearnSettings,
         NoisedData,
@@ -84,7 +85,7 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
         raise click.BadParameter(f"{out}: the router is written as .safetensors", param_hint="--out")
     if json_out and threshold is None and target_mac_fraction is None:
         raise click.UsageError("--json needs --threshold or --target-mac-fraction")
-    spec = _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config)
+    spec = _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers)
     sampler = spec.sampler(sampler_kind, steps)
     settings = LearnSettings(mode=mode, iterations=iterations, batch_size=batch_size, lr=lr, l1=l1,
                              cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale, window=window,
@@ -95,10 +96,11 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
     config, family = spec.config, spec.family
     sample_shape = next(tensor.shape for tensor in family.graph_inputs(config) if tensor.role == "sample")
     num_labels = family.null_class(config)
-    data_arg = data_arg or ("digits" if checkpoint is None else "none")
+    data_arg = data_arg or ("digits" if checkpoint is None and diffusers is None else "none")
+    prompts = _learning_prompts(spec, conditioning_data, settings.cfg_scale > 1.0, data_arg)
     if data_arg == "none":
         source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed,
-                                     progress=dist_info.is_main)
+                                     progress=dist_info.is_main, prompts=prompts)
     elif data_arg == "digits":
         from ..demo.train import digits_dataset
 
@@ -120,7 +122,7 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
             raise click.BadParameter(f"{path}: expected a folder of images, a .npy of latents, 'digits' or 'none'",
                                      param_hint="--data")
         source = NoisedData(images, with_random_labels(labels, num_labels, seed), sampler, str(path))
-    echo(f"learning {2 * family.num_layers(config)} x {sampler.num_calls} router logits ({mode} mode, "
+    echo(f"learning {len(spec.sublayer_names)} x {sampler.num_calls} router logits ({mode} mode, "
          f"{sampler.kind}) on {source.description}, {dist_info.world_size} process(es)")
     state_path = out.with_name(out.name[: -len(".safetensors")] + ".state.safetensors")
     result = learn_router(model, sampler, source, settings, state_path=state_path, resume=resume,
@@ -134,7 +136,8 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
     official_model = model_name if checkpoint is not None and model_config is None else None
     write_router(result.router, out, router_metadata(spec.name, sampler, settings, source.description,
                                                      result.seconds, official_model, image_size,
-                                                     num_classes if official_model else None))
+                                                     num_classes if official_model else None,
+                                                     result.router.sublayers))
     last = result.history[-1] if result.history else {}
     echo(f"learned in {result.seconds:.1f} s" + (f" (last mse {last['mse']:.3g})" if last else ""))
     echo(f"wrote {out}")
@@ -156,14 +159,37 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
             echo(f"wrote {json_out}")
 
 
-def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config):
+def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str):
+    """A text model's prompts to learn on (``--conditioning-data``), as a :class:`Condition`; None for a label
+    model (which refuses the flag)."""
+    from ..learn.learner import Condition
+    from ..runtime.conditioning import TEXT_ROLES, load_conditioning
+
+    inputs = {tensor.role: tensor for tensor in spec.family.graph_inputs(spec.config)}
+    if not set(TEXT_ROLES) <= set(inputs):
+        if conditioning_data is not None:
+            raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
+                                     param_hint="--conditioning-data")
+        return None
+    if conditioning_data is None:
+        raise click.UsageError("a text model learns on prompts: give --conditioning-data prompts.npz")
+    if data_arg != "none":
+        raise click.BadParameter("a text model learns on its own trajectories over --conditioning-data; use --data "
+                                 "none", param_hint="--data")
+    return Condition.of_prompts(load_conditioning(conditioning_data), inputs["prompt_embeds"].shape[-1], guiding,
+                                f"--conditioning-data {conditioning_data}")
+
+
+def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers=None):
     """The model of the flags, or with --model-config a checkpoint of any architecture of a family: the config JSON
     holds the family's config fields and ``family`` (default ``dit``)."""
     from ..core.util import read_json
     from ..models import get_family, zoo
 
     if model_config is None:
-        return resolve_model(checkpoint, model_name, image_size, num_classes)
+        return resolve_model(checkpoint, model_name, image_size, num_classes, diffusers)
+    if diffusers is not None:
+        raise click.UsageError("--model-config describes a --checkpoint; a diffusers folder has its own config")
     if checkpoint is None:
         raise click.UsageError("--model-config describes a --checkpoint; give both")
     try:

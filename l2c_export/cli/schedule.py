@@ -39,7 +39,8 @@ def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_nam
     from ..routers import load_router
 
     if diffusers is not None:
-        _diffusers_schedule(diffusers, router, schedule_file, model_name, json_out, png_out)
+        _diffusers_schedule(diffusers, router, schedule_file, model_name, json_out, png_out, threshold, mode,
+                            target_mac_fraction)
         return
     if (router is None) == (schedule_file is None):
         raise click.UsageError("give exactly one of --router FILE or --schedule FILE")
@@ -154,15 +155,18 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
         click.echo("latent model: no image written (decode the saved latents with a VAE)")
 
 
-def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png_out) -> None:
-    """``schedule --diffusers DIR [--schedule FILE]``: the folder's sub-layers by name, and a schedule checked against
-    them."""
+def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png_out, threshold, mode,
+                        target_mac_fraction) -> None:
+    """``schedule --diffusers DIR [--schedule FILE | --router FILE]``: the folder's sub-layers by name, and a schedule
+    (or a router learned on the folder, decoded) checked against them."""
     from ..core.schedule import Schedule
     from ..models.zoo import from_diffusers
+    from ..routers import load_router
 
-    if router is not None or model_name is not None:
-        raise CommandError("--diffusers: give its sub-layers' schedule with --schedule (router files over named "
-                           "sub-layers are not supported yet; --model does not apply)")
+    if model_name is not None:
+        raise CommandError("--model does not apply to --diffusers (the folder is the model)")
+    if router is not None and schedule_file is not None:
+        raise click.UsageError("give --router or --schedule, not both")
     spec = from_diffusers(folder)
     names = spec.sublayer_names
     macs = spec.family.count_macs(spec.config)
@@ -170,11 +174,21 @@ def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png
                f"(full {macs.full / 1e6:.3f} MMAC per sample per model call, {macs.always / 1e6:.3f} always run)")
     for index, name in enumerate(names):
         click.echo(f"  {index:>4}  {name:<40} {macs.sublayer(index) / 1e6:>10.3f} MMAC")
-    if schedule_file is None:
+    if router is not None:
+        logits = load_router(router)
+        timesteps = spec.sampler(None, logits.num_steps).model_times.tolist()
+        if target_mac_fraction is not None:
+            from ..routers.baselines import schedule_for_mac_fraction
+
+            result = schedule_for_mac_fraction(logits, target_mac_fraction, macs, mode, timesteps)
+        else:
+            result = logits.to_schedule(threshold, mode=mode, timesteps=timesteps)
+    elif schedule_file is not None:
+        result = Schedule.load(schedule_file)
+    else:
         if json_out or png_out:
-            raise CommandError("--json/--png: give the --schedule to write")
+            raise CommandError("--json/--png: give the --schedule or --router to write")
         return
-    result = Schedule.load(schedule_file)
     result.check_fits(result.num_steps, names)
     _print_schedule(result, macs)
     if json_out:
@@ -183,5 +197,5 @@ def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png
     if png_out:
         from ..tools.plots import schedule_heatmap
 
-        schedule_heatmap(result, png_out, title=str(schedule_file), mac_fraction=result.mac_fraction(macs))
+        schedule_heatmap(result, png_out, title=str(router or schedule_file), mac_fraction=result.mac_fraction(macs))
         click.echo(f"wrote {png_out}")

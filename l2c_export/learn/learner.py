@@ -31,7 +31,9 @@ Schedule modes decide which calls are learned and what the cache holds:
   the routers of the calls before it through the cache.
 
 With classifier-free guidance the batch is the sampler's: the conditional half and the null-class half share the
-router (the authors drop 10% of the labels instead; their sampler too runs both halves through one schedule).
+router (the authors drop 10% of the labels instead; their sampler too runs both halves through one schedule). A text
+model (a diffusers PixArt) learns on a set of prompts (:class:`Condition`: prompt embeddings and masks, and the
+negative ones as the unconditional half).
 
 Distributed: under ``torchrun`` (gloo on CPU, NCCL on GPUs) every process draws the same global batch from the same
 per-iteration generator and takes its shard; DDP averages the router's gradient, so N processes follow the path of
@@ -55,6 +57,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..core.plan import default_sublayer_names
 from ..core.schedule import ScheduleMode, check_mode
 from ..models import family_of_config
 from ..routers import RouterLogits, save_router
@@ -124,11 +127,47 @@ class Router(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: where the input of a step comes from.
+# Data: where the input of a step comes from, and what it is conditioned on.
+
+@dataclass
+class Condition:
+    """Per-sample conditioning, the model's inputs after (x, t), for a batch of B: ``cond`` and, as the guidance
+    batch's unconditional half, ``uncond``. Label models: the labels (B,) and the null class; text models: prompt
+    embeddings (B, L, D) and masks (B, L), and the negative prompt's."""
+
+    cond: tuple[torch.Tensor, ...]
+    uncond: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of_labels(cls, labels: torch.Tensor, null_class: int) -> "Condition":
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        return cls((labels,), (torch.full_like(labels, null_class),))
+
+    @classmethod
+    def of_prompts(cls, arrays: dict, width: int, guiding: bool, where: str) -> "Condition":
+        """A set of prompts from arrays by the pipelines' argument names, checked as the runtime checks them (the
+        negative ones needed when ``guiding``)."""
+        from ..runtime.conditioning import check_prompts
+
+        embeds, mask, negative, negative_mask = check_prompts(arrays, width, guiding, where)
+        cond = (torch.from_numpy(embeds), torch.from_numpy(mask))
+        return cls(cond, (torch.from_numpy(negative), torch.from_numpy(negative_mask)) if guiding else cond)
+
+    def __len__(self) -> int:
+        return len(self.cond[0])
+
+    def __getitem__(self, index) -> "Condition":
+        return Condition(tuple(t[index] for t in self.cond), tuple(t[index] for t in self.uncond))
+
+    def model_batch(self, guiding: bool) -> tuple[torch.Tensor, ...]:
+        """The model batch's conditioning inputs: conditional half first, then the unconditional one when guiding."""
+        return tuple(torch.cat([c, u]) for c, u in zip(self.cond, self.uncond)) if guiding else self.cond
+
 
 class StepSource(Protocol):
-    def draw(self, generator: torch.Generator, batch_size: int, call: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (batch, C, H, W) at the input of model call ``call`` and labels (batch,) int64."""
+    def draw(self, generator: torch.Generator, batch_size: int, call: int) -> tuple[torch.Tensor, object]:
+        """x (batch, C, H, W) at the input of model call ``call`` and its conditioning: labels (batch,) int64 or a
+        :class:`Condition`."""
 
 
 class NoisedData:
@@ -152,10 +191,11 @@ class NoisedData:
 class Trajectories:
     """States the full model passes through when it samples from noise: the teacher needs no data.
 
-    states: (P, num_calls, C, H, W), ``states[p, c]`` is the input of model call ``c``; labels: (P,).
+    states: (P, num_calls, C, H, W), ``states[p, c]`` is the input of model call ``c``; labels: (P,), or the
+    trajectories' :class:`Condition`.
     """
 
-    def __init__(self, states: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, states: torch.Tensor, labels):
         self.states = states
         self.labels = labels
         self.description = f"{len(states)} trajectories sampled from the model"
@@ -167,29 +207,32 @@ class Trajectories:
 
 @torch.no_grad()
 def sample_trajectories(model: nn.Module, sampler: DenoisingSampler, count: int, cfg_scale: float, seed: int,
-                        batch_size: int = 256, progress: bool = True) -> Trajectories:
-    """Samples ``count`` trajectories with the full model (random labels, guidance as the sampler runs it) through
-    the one denoising loop, and keeps every model call's input."""
+                        batch_size: int = 256, progress: bool = True,
+                        prompts: Condition | None = None) -> Trajectories:
+    """Samples ``count`` trajectories with the full model (random labels, or random prompts of ``prompts`` for a text
+    model; guidance as the sampler runs it) through the one denoising loop, and keeps every model call's input."""
     from ..samplers import ModelCall, denoise
 
     config = model.config
     family = family_of_config(config)
     sample_shape = next(spec.shape for spec in family.graph_inputs(config) if spec.role == "sample")
-    null_class = family.null_class(config)
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(null_class, (count,), generator=generator)
+    if prompts is None:
+        labels = torch.randint(family.null_class(config), (count,), generator=generator)
+        condition = Condition.of_labels(labels, family.null_class(config))
+    else:
+        labels = condition = prompts[torch.randint(len(prompts), (count,), generator=generator)]
     noise = torch.randn((count, *sample_shape), generator=generator)
     states = torch.empty((count, sampler.num_calls) + tuple(noise.shape[1:]))
-    guided = family.guided_channels(config)
     bar = tqdm(total=count * sampler.num_calls, desc="sampling trajectories", disable=not progress, leave=False)
     for begin in range(0, count, batch_size):
-        x, y = noise[begin: begin + batch_size], labels[begin: begin + batch_size]
+        x, y = noise[begin: begin + batch_size], condition[begin: begin + batch_size]
 
         def run_model(call: ModelCall) -> torch.Tensor:
             states[begin: begin + len(call.x), call.index] = call.x
-            xb, yb = _guidance_batch(call.x, y, null_class, cfg_scale)
+            xb = torch.cat([call.x, call.x]) if cfg_scale > 1.0 else call.x
             t = torch.full((len(xb),), call.t, dtype=torch.float32)
-            out = _guided(model(xb, t, yb), cfg_scale, guided)
+            out = _sampler_output(model(xb, t, *y.model_batch(cfg_scale > 1.0)), cfg_scale, family, config)
             bar.update(len(call.x))
             return out[: len(call.x)]
 
@@ -198,14 +241,13 @@ def sample_trajectories(model: nn.Module, sampler: DenoisingSampler, count: int,
     return Trajectories(states, labels)
 
 
-def _guidance_batch(x: torch.Tensor, y: torch.Tensor, null_class: int, cfg_scale: float):
+def _sampler_output(model_out: torch.Tensor, cfg_scale: float, family, config) -> torch.Tensor:
+    """The model output as the sampler takes it: guided (as the family's pipeline guides), and only the channels the
+    sampler steps on (a diffusers pipeline drops the learned-sigma half)."""
     if cfg_scale > 1.0:
-        return torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_class)])
-    return x, y
-
-
-def _guided(model_out: torch.Tensor, cfg_scale: float, guided_channels: int) -> torch.Tensor:
-    return apply_guidance(model_out, cfg_scale, guided_channels) if cfg_scale > 1.0 else model_out
+        model_out = apply_guidance(model_out, cfg_scale, family.guided_channels(config))
+    channels = family.sampler_channels(config)
+    return model_out if channels is None else model_out[:, :channels]
 
 
 def load_image_folder(folder: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -287,7 +329,8 @@ def l2c_loss(model: nn.Module, sampler: DenoisingSampler, weights: torch.Tensor,
     sampler's own model calls (:meth:`calls`, as :func:`l2c_export.samplers.denoise` runs them).
 
     weights: (num_calls, num_sublayers), sigmoid of the router logits. x: (B, C, H, W) at the input of solver step
-    ``start``, whose first call ``start * calls_per_step`` precedes every target; labels: (B,). The sampler moves on
+    ``start``, whose first call ``start * calls_per_step`` precedes every target; labels: (B,) or a
+    :class:`Condition` of B. The sampler moves on
     with the teacher's output (full model, guided as the sampler runs it). At the window's first call, and at calls
     not in ``learned`` (default: every later call; official mode passes the router's calls, so that e.g.
     DPM-Solver's midpoint calls compute everything), the full model fills the cache; at the other calls the student
@@ -302,9 +345,10 @@ def l2c_loss(model: nn.Module, sampler: DenoisingSampler, weights: torch.Tensor,
     learned = set(range(first + 1, sampler.num_calls) if learned is None else learned)
     config = model.config
     family = family_of_config(config)
-    guided = family.guided_channels(config)
-    compute_all = [True] * (2 * family.num_layers(config))
-    xb, yb = _guidance_batch(x, labels, family.null_class(config), cfg_scale)
+    compute_all = [True] * len(family.sublayer_names(config))
+    condition = labels if isinstance(labels, Condition) else Condition.of_labels(labels, family.null_class(config))
+    guiding = cfg_scale > 1.0
+    xb, yb = (torch.cat([x, x]) if guiding else x), condition.model_batch(guiding)
 
     def ddpm_noise(s: int) -> torch.Tensor:
         return step_noise(s, tuple(xb.shape)) if step_noise else torch.zeros_like(xb)
@@ -317,12 +361,12 @@ def l2c_loss(model: nn.Module, sampler: DenoisingSampler, weights: torch.Tensor,
         t = torch.full((len(call.x),), call.t, dtype=torch.float32)
         if call.index == first or call.index not in learned:
             with torch.no_grad():
-                teacher = model.forward_cached(call.x, t, yb, compute_all, cache)
+                teacher = model.forward_cached(call.x, t, *yb, compute_all, cache)
         else:
             with torch.no_grad():
-                teacher = model(call.x, t, yb)
+                teacher = model(call.x, t, *yb)
             fresh: dict[int, torch.Tensor] = {}
-            student = model.forward_soft(call.x, t, yb, weights[call.index], cache, fresh)
+            student = model.forward_soft(call.x, t, *yb, weights[call.index], cache, fresh)
             if call.index in targets:
                 mse = mse + ((teacher - student) ** 2).mean()
                 router_sum = router_sum + weights[call.index].sum()
@@ -331,7 +375,7 @@ def l2c_loss(model: nn.Module, sampler: DenoisingSampler, weights: torch.Tensor,
                 cache = {k: w[k] * fresh[k] + (1 - w[k]) * cache[k] for k in cache}
         if call.index == targets[-1]:
             break
-        call = calls.send(_guided(teacher, cfg_scale, guided))
+        call = calls.send(_sampler_output(teacher, cfg_scale, family, config))
     calls.close()
     mse, router_sum = mse / len(targets), router_sum / len(targets)
     return LossTerms(loss=mse + l1 * router_sum, mse=mse, router_sum=router_sum)
@@ -405,7 +449,7 @@ def learn_router(model: nn.Module, sampler: DenoisingSampler, source: StepSource
     if not hasattr(model, "forward_soft"):
         raise ValueError(f"{type(model).__name__} has no soft-routed forward (forward_soft); learning routers needs "
                          f"one (decode the authors' routers, or learned ones, instead)")
-    num_calls, width = sampler.num_calls, 2 * family_of_config(model.config).num_layers(model.config)
+    num_calls, width = sampler.num_calls, len(family_of_config(model.config).sublayer_names(model.config))
     steps = learned_calls(sampler, settings.mode)
     if not steps:
         raise ValueError(f"{sampler.kind} with {num_calls} model calls has no call to learn in {settings.mode} mode "
@@ -468,6 +512,9 @@ def learn_router(model: nn.Module, sampler: DenoisingSampler, source: StepSource
     bar.close()
     logits = router.logits.detach().numpy().copy()
     meta = {"sampler": sampler.kind, "source_data": source_name, "settings": settings}
+    names = family_of_config(model.config).sublayer_names(model.config)
+    if names != default_sublayer_names(len(names)):
+        meta["sublayers"] = list(names)
     return LearnResult(RouterLogits(logits, source="learned", meta=meta), settings.iterations,
                        time.perf_counter() - start_time, history)
 
@@ -523,9 +570,10 @@ def _load_state(path: Path, router: Router, optimizer: torch.optim.Optimizer, se
 
 def router_metadata(spec_name: str, sampler: DenoisingSampler, settings: LearnSettings, data: str, seconds: float,
                     official_model: str | None = None, image_size: int | None = None,
-                    num_classes: int | None = None) -> dict[str, str]:
+                    num_classes: int | None = None, sublayers: Sequence[str] | None = None) -> dict[str, str]:
     """String metadata of a learned router file. ``model``/``image_size``/``num_classes`` are set only for official
-    checkpoints, so that ``schedule`` counts MACs of the right model (it reads those keys)."""
+    checkpoints, so that ``schedule`` counts MACs of the right model (it reads those keys); ``sublayers`` (JSON) names
+    the columns of a model whose sub-layers are named (a diffusers model)."""
     meta = {"learned_by": "l2c-export learn", "spec": spec_name, "sampler": sampler.kind,
             "num_sampling_steps": str(sampler.num_calls), "timesteps": json.dumps(sampler.timesteps.tolist()),
             "data": data, "seconds": f"{seconds:.1f}", "settings": json.dumps(asdict(settings))}
@@ -535,6 +583,8 @@ def router_metadata(spec_name: str, sampler: DenoisingSampler, settings: LearnSe
         meta["image_size"] = str(image_size)
     if num_classes:
         meta["num_classes"] = str(num_classes)
+    if sublayers:
+        meta["sublayers"] = json.dumps(list(sublayers))
     return meta
 
 

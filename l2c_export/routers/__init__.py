@@ -11,6 +11,7 @@ Here router logits are always held in *sampling order*: ``logits[s]`` is the rou
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,14 @@ class RouterError(ValueError):
 
 @dataclass
 class RouterLogits:
-    logits: np.ndarray  # (num_steps, 2 * depth) float32, sampling order
+    logits: np.ndarray  # (num_steps, num_sublayers) float32, sampling order
     source: str
     meta: dict = field(default_factory=dict)  # what the file says of its model: model, image_size, num_classes, ...
+
+    @property
+    def sublayers(self) -> list[str] | None:
+        """The columns' names where the model names its sub-layers (a diffusers model); None: attn_j/mlp_j."""
+        return self.meta.get("sublayers")
 
     @property
     def num_steps(self) -> int:
@@ -73,7 +79,7 @@ class RouterLogits:
             compute = decided
             compute[0] = True
         return Schedule(compute, timesteps=timesteps, source=self.source, threshold=float(threshold), mode=mode,
-                        sampler=self.sampler)
+                        sampler=self.sampler, sublayers=self.sublayers)
 
 
 _AUTHORS_KEY = re.compile(r"^(\d+)\.prob$")
@@ -146,8 +152,19 @@ def _load_router_safetensors(path: Path) -> RouterLogits:
             meta = dict(f.metadata() or {})
     except Exception as error:
         raise RouterError(f"{path}: not a readable safetensors file ({error})") from error
-    if "logits" not in tensors or tensors["logits"].ndim != 2 or tensors["logits"].shape[1] % 2:
-        raise RouterError(f"{path}: expected tensor 'logits' of shape (num_steps, 2 * depth) in sampling order")
+    if "sublayers" in meta:
+        try:
+            meta["sublayers"] = json.loads(meta["sublayers"])
+        except ValueError:
+            meta["sublayers"] = None
+        names = meta["sublayers"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise RouterError(f"{path}: metadata field 'sublayers' must be a JSON list of sub-layer names")
+    width = len(meta["sublayers"]) if "sublayers" in meta else None
+    if "logits" not in tensors or tensors["logits"].ndim != 2 or (
+            tensors["logits"].shape[1] % 2 if width is None else tensors["logits"].shape[1] != width):
+        raise RouterError(f"{path}: expected tensor 'logits' of shape (num_steps, "
+                          f"{'2 * depth' if width is None else f'{width} (metadata sublayers)'}) in sampling order")
     if not np.issubdtype(tensors["logits"].dtype, np.floating) or not np.isfinite(tensors["logits"]).all():
         raise RouterError(f"{path}: tensor 'logits' holds NaN or infinite values; expected finite float logits")
     for key in ("image_size", "num_classes"):

@@ -27,9 +27,9 @@ def least_mac_fraction(num_calls: int, macs: MacCount, mode: ScheduleMode, sampl
     """The smallest MAC fraction a router of ``sampler_kind``'s calls can reach in ``mode`` (every call it decides
     reusing everything)."""
     decided = official_cache_calls(sampler_kind, num_calls) if mode == "official" else range(1, num_calls)
-    rows = np.ones((num_calls, 2 * macs.depth), dtype=bool)
+    rows = np.ones((num_calls, macs.width), dtype=bool)
     rows[list(decided)] = False
-    return Schedule(rows).mac_fraction(macs)
+    return sum(macs.of_subset(row) for row in rows) / (num_calls * macs.full)
 
 
 def schedule_for_mac_fraction(router: RouterLogits, target: float, macs: MacCount, mode: ScheduleMode = "official",
@@ -37,8 +37,9 @@ def schedule_for_mac_fraction(router: RouterLogits, target: float, macs: MacCoun
     """Decodes ``router`` at the threshold that meets a MAC budget: the schedule with the largest MAC fraction that is
     <= ``target``. The threshold is the midpoint between two neighbouring router probabilities, so decoding it again
     (``l2c-export schedule --threshold``) gives the same schedule."""
-    if router.depth != macs.depth:
-        raise ValueError(f"{router.source}: the router has {router.depth} blocks; the model has {macs.depth}")
+    if router.logits.shape[1] != macs.width:
+        raise ValueError(f"{router.source}: the router has {router.logits.shape[1]} sub-layers; the model has "
+                         f"{macs.width}")
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target MAC fraction {target} is outside (0, 1]")
     least = least_mac_fraction(router.num_steps, macs, mode, router.sampler)

@@ -58,6 +58,19 @@ def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int
 
 
 def _text_conditioning(inputs: dict, guiding: bool, arrays: dict, where: str) -> tuple[int, dict[str, np.ndarray]]:
+    embeds, mask, negative, negative_mask = check_prompts(arrays, inputs["prompt_embeds"]["shape"][-1], guiding, where)
+    n = len(embeds)
+    if guiding:
+        embeds, mask = np.concatenate([embeds, negative]), np.concatenate([mask, negative_mask])
+    return n, {inputs["prompt_embeds"]["name"]: np.ascontiguousarray(embeds),
+               inputs["prompt_attention_mask"]["name"]: np.ascontiguousarray(mask)}
+
+
+def check_prompts(arrays: Mapping[str, np.ndarray], width: int, guiding: bool, where: str = "conditioning"):
+    """Prompt conditioning by the pipelines' argument names, checked: -> prompt_embeds (n, L, width) float32,
+    prompt_attention_mask (n, L) float32 0/1, and when ``guiding`` the negative ones of the same shapes (else None).
+    Raises :class:`ConditioningError` naming the array."""
+    arrays = dict(arrays)
     unknown = sorted(set(arrays) - set(TEXT_ARGUMENTS))
     if unknown:
         raise ConditioningError(f"{where}: unknown array {unknown[0]!r}; expected {', '.join(TEXT_ARGUMENTS)}")
@@ -66,20 +79,18 @@ def _text_conditioning(inputs: dict, guiding: bool, arrays: dict, where: str) ->
     if missing:
         why = " (guidance runs the negative prompt as the unconditional half)" if missing[0].startswith("neg") else ""
         raise ConditioningError(f"{where}: array {missing[0]!r} is missing{why}; expected {', '.join(needed)}")
-    width = inputs["prompt_embeds"]["shape"][-1]
     embeds = _embeddings(arrays["prompt_embeds"], "prompt_embeds", width, where)
     n, length = embeds.shape[:2]
     mask = _mask(arrays["prompt_attention_mask"], "prompt_attention_mask", (n, length), where)
-    if guiding:
-        negative = _embeddings(arrays["negative_prompt_embeds"], "negative_prompt_embeds", width, where)
-        if negative.shape != embeds.shape:
-            raise ConditioningError(f"{where}: array 'negative_prompt_embeds' has shape {negative.shape}; expected "
-                                    f"{embeds.shape}, that of 'prompt_embeds' (both halves run as one batch)")
-        negative_mask = _mask(arrays["negative_prompt_attention_mask"], "negative_prompt_attention_mask", (n, length),
-                              where)
-        embeds, mask = np.concatenate([embeds, negative]), np.concatenate([mask, negative_mask])
-    return n, {inputs["prompt_embeds"]["name"]: np.ascontiguousarray(embeds),
-               inputs["prompt_attention_mask"]["name"]: np.ascontiguousarray(mask)}
+    if not guiding:
+        return embeds, mask, None, None
+    negative = _embeddings(arrays["negative_prompt_embeds"], "negative_prompt_embeds", width, where)
+    if negative.shape != embeds.shape:
+        raise ConditioningError(f"{where}: array 'negative_prompt_embeds' has shape {negative.shape}; expected "
+                                f"{embeds.shape}, that of 'prompt_embeds' (both halves run as one batch)")
+    negative_mask = _mask(arrays["negative_prompt_attention_mask"], "negative_prompt_attention_mask", (n, length),
+                          where)
+    return embeds, mask, negative, negative_mask
 
 
 def _embeddings(array, name: str, width: int, where: str) -> np.ndarray:

@@ -58,23 +58,31 @@ class DiffusersConfig:
 
 # ---------------------------------------------------------------------------------------------------------------------
 class _CacheState:
-    """What the wrapped sub-modules of one :class:`CachedTransformer` read during a call: which sub-layers compute
-    (None: all) and the request's cache (sub-layer index -> output, or None: keep nothing)."""
+    """What the wrapped sub-modules of one cached transformer read during a call: which sub-layers compute (None:
+    all), the request's cache (sub-layer index -> output, or None: keep nothing), and for the soft-routed forward the
+    weights (num_sublayers,) and where fresh outputs go."""
 
     def __init__(self):
         self.compute: Sequence[bool] | None = None
         self.cache: MutableMapping | None = None
+        self.weights = None
+        self.fresh: MutableMapping | None = None
 
 
 def _cached_forward(module, *args, **kwargs):
     """The forward of a named sub-module: its own (the class's) forward, its output kept as the sub-layer's fresh
-    value; or, where this call reuses it, the cached value instead."""
+    value; where this call reuses it, the cached value instead; soft-routed, ``w * fresh + (1 - w) * cached``."""
     from ..layers import cached_output
 
     state, index = module._l2c_state, module._l2c_index
     if state.compute is not None and not state.compute[index]:
         return cached_output(state.cache, index)
     out = type(module).forward(module, *args, **kwargs)
+    if state.weights is not None:
+        if state.fresh is not None:
+            state.fresh[index] = out
+        weight = state.weights[index]
+        return weight * out + (1 - weight) * cached_output(state.cache, index)
     if state.cache is not None:
         state.cache[index] = out
     return out
@@ -126,6 +134,20 @@ def _cached_transformer_class():
                 return self.family.run_transformer(self.transformer, self.config, *inputs)
             finally:
                 self._state.compute = self._state.cache = None
+
+        def forward_soft(self, *arguments):
+            """``forward_soft(*inputs, weights, cache, fresh)``, L2C's student as every family's: every sub-layer is
+            computed and contributes ``weights[i] * fresh_i + (1 - weights[i]) * cache[i]`` in place of its output;
+            ``fresh`` (or None) receives each fresh output; ``cache`` is not modified. weights: (num_sublayers,)."""
+            *inputs, weights, cache, fresh = arguments
+            names = self.family.sublayer_names(self.config)
+            if tuple(weights.shape) != (len(names),):
+                raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({len(names)},)")
+            self._state.weights, self._state.cache, self._state.fresh = weights, cache, fresh
+            try:
+                return self.family.run_transformer(self.transformer, self.config, *inputs)
+            finally:
+                self._state.weights = self._state.cache = self._state.fresh = None
 
     return _CachedTransformer
 
