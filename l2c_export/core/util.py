@@ -61,11 +61,17 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number (expected a finite number)")
 
 
-def read_json(path: Path, error: type[Exception], missing_hint: str = "") -> object:
-    """Strict ``json.loads`` of ``path`` (no NaN or Infinity), raising ``error`` naming the file when it is missing,
-    unreadable or not JSON."""
+def read_json(path: Path, error: type[Exception], missing_hint: str = "",
+              constants: dict[str, float] | None = None) -> object:
+    """Strict ``json.loads`` of ``path`` (no NaN or Infinity, except the tokens ``constants`` maps to values), raising
+    ``error`` naming the file when it is missing, unreadable or not JSON."""
+    allowed = constants or {}
+
+    def constant(name: str) -> float:
+        return allowed[name] if name in allowed else _no_constant(name)
+
     try:
-        return json.loads(Path(path).read_text(), parse_constant=_no_constant)
+        return json.loads(Path(path).read_text(), parse_constant=constant)
     except FileNotFoundError:
         raise error(f"{path}: no such file{missing_hint}") from None
     except IsADirectoryError:

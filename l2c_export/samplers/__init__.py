@@ -13,43 +13,44 @@ arrays.
 from __future__ import annotations
 
 from .base import CallGenerator, DenoisingSampler, ModelCall, denoise
+from .diffusers import DiffusersDDIM, DiffusersDPMMultistep, SchedulerConfigError, sampler_from_scheduler_config
 from .dpm_solver import DiscreteVPSchedule, DPMSolver2S, stable_diffusion_betas
 from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianSampler, linear_betas, space_timesteps
 from .guidance import apply_guidance, check_labels, guidance_batch, make_noise, step_noise
 
-# kind -> the class that implements it; adding a sampler is a class and a line here.
-SAMPLERS = {"ddim": GaussianSampler, "ddpm": GaussianSampler, "dpm_solver_2s": DPMSolver2S}
+# kind -> the class that implements it (``create(kind, num_calls, clip_denoised)``, ``from_dict``,
+# ``official_calls``); adding a sampler is a class and a line here.
+SAMPLERS = {"ddim": GaussianSampler, "ddpm": GaussianSampler, "dpm_solver_2s": DPMSolver2S,
+            "diffusers_ddim": DiffusersDDIM, "diffusers_dpm_multistep": DiffusersDPMMultistep}
 SAMPLER_KINDS = tuple(SAMPLERS)
 
 __all__ = ["SAMPLERS", "SAMPLER_KINDS", "CallGenerator", "DenoisingSampler", "ModelCall", "denoise",
            "official_cache_calls", "create_sampler", "sampler_from_dict", "GaussianSampler", "DPMSolver2S", "DiscreteVPSchedule",
+           "DiffusersDDIM", "DiffusersDPMMultistep", "SchedulerConfigError", "sampler_from_scheduler_config",
            "NUM_TRAIN_TIMESTEPS", "linear_betas", "space_timesteps", "stable_diffusion_betas", "apply_guidance",
            "check_labels", "guidance_batch", "make_noise", "step_noise"]
 
 
+def _sampler_class(kind, what: str):
+    if kind not in SAMPLERS:
+        raise ValueError(f"{what} {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}")
+    return SAMPLERS[kind]
+
+
 def create_sampler(kind: str, num_calls: int, clip_denoised: bool = False) -> DenoisingSampler:
-    """The sampler ``kind`` with ``num_calls`` model calls (NFE)."""
-    if kind in ("ddim", "ddpm"):
-        return GaussianSampler.create(kind, num_calls, clip_denoised=clip_denoised)
-    if kind == "dpm_solver_2s":
-        return DPMSolver2S.create(num_calls)
-    raise ValueError(f"unknown sampler {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}")
+    """The sampler ``kind`` with ``num_calls`` model calls (NFE). The diffusers kinds get their scheduler's default
+    config here; a diffusers folder's sampler comes from its ``scheduler_config.json``
+    (:func:`sampler_from_scheduler_config`)."""
+    return _sampler_class(kind, "unknown sampler").create(kind, num_calls, clip_denoised=clip_denoised)
 
 
 def sampler_from_dict(data: dict) -> DenoisingSampler:
     """The sampler of a manifest's sampler section, by its ``kind``."""
-    kind = data.get("kind")
-    if kind in ("ddim", "ddpm"):
-        return GaussianSampler.from_dict(data)
-    if kind == "dpm_solver_2s":
-        return DPMSolver2S.from_dict(data)
-    raise ValueError(f"sampler: field 'kind' is {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}")
+    return _sampler_class(data.get("kind"), "sampler: field 'kind' is").from_dict(data)
 
 
 def official_cache_calls(kind: str, num_calls: int) -> list[int]:
     """The official rule: the model calls of ``kind`` where the authors' samplers consult their routers (every other
     call computes everything). DDIM/DDPM: the steps whose router index ``N - 1 - s`` is even, except the first;
-    DPM-Solver-2S: the first call of solver steps 1 .. K-1."""
-    if kind not in SAMPLERS:
-        raise ValueError(f"unknown sampler {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}")
-    return SAMPLERS[kind].official_calls(num_calls)
+    DPM-Solver-2S: the first call of solver steps 1 .. K-1; diffusers' schedulers: DDIM's rule."""
+    return _sampler_class(kind, "unknown sampler").official_calls(num_calls)

@@ -74,7 +74,9 @@ class DPMSolver2S:
     NUM_TRAIN_TIMESTEPS = 1000
 
     @classmethod
-    def create(cls, num_calls: int) -> "DPMSolver2S":
+    def create(cls, kind: str, num_calls: int, clip_denoised: bool = False) -> "DPMSolver2S":
+        """``num_calls`` model calls (``clip_denoised`` has no counterpart: the authors' data prediction is not
+        clipped)."""
         if num_calls < 2 or num_calls % 2:
             raise ValueError(f"DPM-Solver-2S makes two model calls per step; --steps (model calls) must be even and "
                              f"at least 2; got {num_calls}")
