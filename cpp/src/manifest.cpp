@@ -152,7 +152,8 @@ void check_consistency(const Manifest& m, const Fields& subsets, const Fields& s
 // The graph interface the runtime binds, as l2c_export.core.manifest checks it: one sample (float32 (batch, C, H, W)),
 // time (float32 (batch,)) and label (int64 (batch,)) input and one output (float32 (batch, C or 2C, H, W)) per
 // subset, the same in every subset as in the full one; each cache input and fresh output is its slot's dtype and
-// shape; every subset computes as many sub-layers as the full one. (That these records are each graph's own interface is checked when the graph is loaded.)
+// shape; every subset computes as many sub-layers as the full one. (That these records are each graph's own
+// interface is checked when the graph is loaded.)
 void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& guidance) {
   const SubsetRecord& full = m.subsets[m.full_subset];
   static const std::map<std::string, std::pair<std::string, size_t>> model_roles{
@@ -181,8 +182,9 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
                        std::to_string(form.second) + (form.second == 4 ? " (batch, C, H, W)" : " (batch,)"));
       const TensorRecord& in_full = Manifest::model_tensor(full, role);
       if (!same(tensor, in_full))
-        field[at].fail("(" + tensor.name + " " + tensor.dtype + " " + record_shape_string(tensor.shape) + ") differs from " +
-                       "the full subset's " + in_full.name + " " + in_full.dtype + " " + record_shape_string(in_full.shape));
+        field[at].fail("(" + tensor.name + " " + tensor.dtype + " " + record_shape_string(tensor.shape) +
+                       ") differs from the full subset's " + in_full.name + " " + in_full.dtype + " " +
+                       record_shape_string(in_full.shape));
     }
     for (bool output : {false, true}) {
       const std::vector<TensorRecord>& list = output ? record.outputs : record.inputs;
@@ -191,8 +193,9 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
         const CacheSlot& slot = m.slot(list[k].slot);
         if (list[k].dtype != slot.dtype || list[k].shape != slot.shape)
           subsets[i][output ? "outputs" : "inputs"][k].fail(
-              "(" + list[k].name + ") is " + list[k].dtype + " " + record_shape_string(list[k].shape) + "; its cache slot " +
-              slot.name + " in 'cache_slots' is " + slot.dtype + " " + record_shape_string(slot.shape));
+              "(" + list[k].name + ") is " + list[k].dtype + " " + record_shape_string(list[k].shape) +
+              "; its cache slot " + slot.name + " in 'cache_slots' is " + slot.dtype + " " +
+              record_shape_string(slot.shape));
       }
     }
   }

@@ -59,14 +59,15 @@ OnnxRuntime& onnxruntime(const std::string& library, int threads) {
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr)
     throw UnavailableError("cannot load ONNX Runtime from " + path + " (" + dlerror() +
-                "); point L2C_ONNXRUNTIME_LIBRARY at libonnxruntime.so from the onnxruntime wheel");
+                           "); point L2C_ONNXRUNTIME_LIBRARY at libonnxruntime.so from the onnxruntime wheel");
   using GetApiBase = const OrtApiBase* (*)();
   auto get_api_base = reinterpret_cast<GetApiBase>(dlsym(handle, "OrtGetApiBase"));
   if (get_api_base == nullptr) throw UnavailableError(path + ": has no OrtGetApiBase; not an ONNX Runtime library");
   const OrtApi* api = get_api_base()->GetApi(ORT_API_VERSION);
   if (api == nullptr)
-    throw UnavailableError(path + ": ONNX Runtime " + get_api_base()->GetVersionString() + " does not offer C API version " +
-                std::to_string(ORT_API_VERSION) + "; use ONNX Runtime 1." + std::to_string(ORT_API_VERSION) + " or newer");
+    throw UnavailableError(path + ": ONNX Runtime " + get_api_base()->GetVersionString() +
+                           " does not offer C API version " + std::to_string(ORT_API_VERSION) + "; use ONNX Runtime 1." +
+                           std::to_string(ORT_API_VERSION) + " or newer");
   Ort::InitApi(api);
   auto* instance = new OnnxRuntime{path, threads, nullptr};
   Ort::ThreadingOptions threading;
