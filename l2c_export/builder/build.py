@@ -8,8 +8,8 @@ What a build folder guarantees:
   folder then takes the output's place in one atomic exchange of the two names (``renameat2(RENAME_EXCHANGE)``), so
   ``--out`` always holds a complete build, the previous one or the new one. Where the file system cannot exchange,
   two renames are used, and a build killed between them is put back by the next build before anything else.
-- Locked: builds into one ``--out`` hold an exclusive lock beside it (``.<name>.lock``), so a second build waits for
-  the first instead of sharing its staging folder.
+- Locked: builds into one ``--out`` hold an exclusive lock beside it (``.<name>.lock``, removed when the build
+  ends, whatever its outcome), so a second build waits for the first instead of sharing its staging folder.
 - Closed world: a previous build's files are reused only through :func:`manifest.file_path` (inside the folder, no
   links), and only when their sha256 still matches.
 
@@ -37,7 +37,7 @@ from ..core.schedule import Schedule
 from ..core.util import replace_folder
 from ..models.zoo import ModelSpec
 from ..samplers import DenoisingSampler
-from .engines import BatchRange, get_builder
+from .engines import BatchRange, get_builder, precision_refusal
 
 
 @dataclass
@@ -68,6 +68,9 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
 
     if request.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {request.precision!r}")
+    refusal = precision_refusal(request.backend, request.precision)
+    if refusal:
+        raise ValueError(f"--precision {request.precision} --backend {request.backend}: {refusal}")
     _quantization_form(request)
     out_dir = Path(request.out_dir)
     staging = out_dir.parent / f".{out_dir.name}.staging"
@@ -320,28 +323,73 @@ def check_output_folder(out_dir: Path) -> None:
 @contextlib.contextmanager
 def _exclusive_lock(out_dir: Path, progress: bool):
     """An exclusive ``flock`` on ``.<name>.lock`` beside ``out_dir`` for the whole build: a second build into the same
-    folder waits here (saying so) instead of sharing the staging folder."""
+    folder waits here (saying so) instead of sharing the staging folder.
+
+    The lock file exists only while a build holds or waits for it, so nothing is left beside ``--out``: the holder
+    removes it before unlocking, and a build that was waiting and then holds the lock of a removed file opens the
+    name again (the lock is the one on the file the name points to). Folders above ``--out`` that this call created
+    are removed again when the build fails and they are still empty."""
+    created = _missing_folders(out_dir.parent)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out_dir.parent / f".{out_dir.name}.lock"
-    with open(lock_path, "a+") as lock:
+    succeeded = False
+    try:
+        lock = _acquire(lock_path, out_dir, progress)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            if progress:
-                print(f"waiting for the build already running into {out_dir} ({holder}) ...", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}\n")
-        lock.flush()
-        try:
+            lock.write(f"pid {os.getpid()}\n")
+            lock.flush()
             yield
+            succeeded = True
         finally:
-            lock.seek(0)
-            lock.truncate()
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock_path.unlink(missing_ok=True)  # still holding it: a waiter finds its file gone and opens the name again
+            lock.close()  # unlocks
+    finally:
+        if not succeeded:
+            for folder in created:  # deepest first; one that is not empty (another build's) stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _acquire(lock_path: Path, out_dir: Path, progress: bool):
+    """The open lock file ``lock_path``, exclusively locked, and still the file that name points to."""
+    while True:
+        lock = open(lock_path, "a+")
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                if progress:
+                    print(f"waiting for the build already running into {out_dir} ({holder}) ...", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if _is_same_file(lock, lock_path):
+                lock.seek(0)
+                lock.truncate()
+                return lock
+        except BaseException:
+            lock.close()
+            raise
+        lock.close()  # the build that held it removed the file meanwhile: lock the one the name points to now
+
+
+def _is_same_file(opened, path: Path) -> bool:
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(opened.fileno())
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those above it that do not exist yet, deepest first."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    return missing
 
 
 def _recover(out_dir: Path) -> None:
