@@ -647,3 +647,16 @@ def test_the_sanitizer_build_is_instrumented(cpp_build):
         needed = subprocess.run(["readelf", "-d", str(cpp_build / program)], capture_output=True, text=True,
                                 check=True).stdout
         assert "[libasan.so" in needed and "[libubsan.so" in needed, program
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("num_classes", 1000, "field 'model/config/num_classes' is 1000; the graph was built for 10 (graph full.onnx)"),
+    ("num_classes", 5, "field 'model/config/num_classes' is 5; the graph was built for 10 (graph full.onnx)"),
+    ("learn_sigma", False, "field 'model/config/learn_sigma' is false; the graph was built for true (graph full.onnx)"),
+], ids=["classes-up", "classes-down", "flag"])
+def test_a_model_config_edited_after_the_build_is_refused(cpp_build, default_build, tmp_path, field, value, expected):
+    """Each graph carries the model config it was exported from; a number l2c-run never reads itself (the class count
+    lives in the label table) still may not contradict the graphs."""
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    _rewrite_manifest(engines, lambda data: data["model"]["config"].update({field: value}))
+    assert expected in _refused(tmp_path, engines)

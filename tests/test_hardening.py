@@ -536,8 +536,12 @@ def _set_cache_shape(data: dict) -> None:
      "field 'subsets/1/reads' reads sub-layers"),
     (lambda d: d["model"]["config"].update(num_classes=1000), "torch",  # the torch backend rebuilds the model from it
      "field 'model/config' describes a model its weights do not fit: y_embedder.embedding_table.weight (1001, 128)"),
+    (lambda d: d["model"]["config"].update(num_classes=1000), "onnxruntime",  # a number this runtime never reads
+     "field 'model/config/num_classes' is 1000; the graph was built for 10 (graph full.onnx)"),
+    (lambda d: d["model"]["config"].update(learn_sigma=False), "onnxruntime",
+     "field 'model/config/learn_sigma' is False; the graph was built for True (graph full.onnx)"),
 ], ids=["num-classes", "sample-shape", "output-shape", "cache-shape", "weight-shape", "guided-channels",
-        "one-subset", "compute-vs-reads", "config-torch"])
+        "one-subset", "compute-vs-reads", "config-torch", "config-onnxruntime", "config-flag"])
 def test_a_manifest_that_contradicts_its_graphs_is_refused_naming_the_field(default_build, tmp_path, edit, backend,
                                                                             message):
     """The graphs' hashes are intact; only the manifest's numbers were edited. Every number the runtime takes is

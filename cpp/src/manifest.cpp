@@ -242,6 +242,9 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     root["precision"].fail("expected fp32, fp16 or bf16");
 
   m.space = root["model"]["space"].str();
+  if (!data["model"].contains("config") || !data["model"]["config"].is_object())
+    root["model"].fail("config", "is missing; expected the model config object");
+  m.model_config = data["model"]["config"].dump();
   if (m.space != "pixel" && m.space != "latent") root["model"]["space"].fail("expected pixel or latent");
 
   Fields guidance = root["guidance"];
@@ -380,6 +383,42 @@ std::vector<FileRecord> Manifest::files() const {
   for (auto& record : all)
     if (seen.insert(record.file).second) unique.push_back(record);
   return unique;
+}
+
+namespace {
+
+std::string config_difference(const json& recorded, const json& built, const std::string& path) {
+  if (recorded.is_object() && built.is_object()) {
+    std::vector<std::string> keys;
+    for (const auto& item : recorded.items()) keys.push_back(item.key());
+    for (const auto& item : built.items())
+      if (!recorded.contains(item.key())) keys.push_back(item.key());
+    std::sort(keys.begin(), keys.end());
+    for (const std::string& key : keys) {
+      const std::string field = path + "/" + key;
+      if (!built.contains(key)) return "field '" + field + "' is not in the config the graph was built for";
+      if (!recorded.contains(key)) return "field '" + field + "' is missing; the graph was built for " + built[key].dump();
+      std::string difference = config_difference(recorded[key], built[key], field);
+      if (!difference.empty()) return difference;
+    }
+    return "";
+  }
+  // nlohmann compares integers and floats by value, as the manifest's JSON means them.
+  if (recorded != built || recorded.is_boolean() != built.is_boolean())
+    return "field '" + path + "' is " + recorded.dump() + "; the graph was built for " + built.dump();
+  return "";
+}
+
+}  // namespace
+
+std::string config_difference(const std::string& recorded, const std::string& built) {
+  json built_config;
+  try {
+    built_config = json::parse(built);
+  } catch (const json::parse_error&) {
+    return std::string("the graph's '") + kGraphConfigKey + "' record is not JSON";
+  }
+  return config_difference(json::parse(recorded), built_config, "model/config");
 }
 
 }  // namespace l2c

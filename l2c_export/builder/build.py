@@ -130,7 +130,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
             bar.set_postfix_str(subset.name)
             inputs, outputs = _interface(subset, spec, dtype)
             if not _reuse(previous, key, staging / graph_file, reused):
-                _export_subset(universal, subset, staging / graph_file, inputs, outputs, form)
+                _export_subset(universal, subset, staging / graph_file, inputs, outputs, config.to_dict(), form)
                 exported.append(graph_file)
             engine_file = builder.engine_file(graph_file, key)
             engine_key = _hash({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
@@ -196,7 +196,9 @@ def _quantize(universal, form: str, model, request: BuildRequest) -> dict:
 
 
 def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict], outputs: list[dict],
-                   form: str | None = None) -> None:
+                   model_config: dict, form: str | None = None) -> None:
+    """Writes subset ``subset``'s graph to ``path``, stamped with the model record's config it was built from
+    (:data:`l2c_export.core.manifest.GRAPH_CONFIG_KEY`)."""
     import onnx
 
     from ..export.onnx import check_ops_supported, subset_graph
@@ -212,6 +214,7 @@ def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict]
     if got != want:  # the surgery and the liveness plan must agree exactly
         raise AssertionError(f"{path.name}: graph interface {got} differs from the plan's {want}")
     _check_structure(graph)
+    onnx.helper.set_model_props(graph, {manifest_io.GRAPH_CONFIG_KEY: manifest_io.config_stamp(model_config)})
     onnx.save_model(graph, str(path))
 
 

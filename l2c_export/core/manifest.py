@@ -29,6 +29,35 @@ class ManifestError(ValueError):
 
 
 @lru_cache(maxsize=1)
+# Each graph carries the model record's config it was exported from, as compact JSON under this ONNX metadata key; a
+# runtime compares it with the manifest's ``model/config``, so a config edited after the build (hashes fixed up or
+# not) is refused, whichever of its numbers the runtime itself reads.
+GRAPH_CONFIG_KEY = "l2c.model_config"
+
+
+def config_stamp(config: dict) -> str:
+    """The value of :data:`GRAPH_CONFIG_KEY` for a manifest's ``model/config``."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def config_difference(recorded: object, built: object, path: str = "model/config") -> str | None:
+    """The first field where the manifest's config ``recorded`` differs from the config a graph was ``built`` from,
+    as ``'model/config/num_classes' is 1000; the graph was built for 10``; None when they agree."""
+    if isinstance(recorded, dict) and isinstance(built, dict):
+        for key in sorted(set(recorded) | set(built)):
+            if key not in built:
+                return f"field '{path}/{key}' is not in the config the graph was built for"
+            if key not in recorded:
+                return f"field '{path}/{key}' is missing; the graph was built for {built[key]!r}"
+            difference = config_difference(recorded[key], built[key], f"{path}/{key}")
+            if difference:
+                return difference
+        return None
+    if recorded != built or isinstance(recorded, bool) != isinstance(built, bool):
+        return f"field '{path}' is {recorded!r}; the graph was built for {built!r}"
+    return None
+
+
 def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 

@@ -13,6 +13,7 @@ branch outputs into ``state``; the cache belongs to the request, so requests in 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -106,7 +107,9 @@ def check_graph(folder: Path, record: dict, manifest: dict, path: Path | None = 
       build folder is ever read);
     - the graph's inputs and outputs are the record's ``inputs`` and ``outputs``: names, order, dtypes and shapes;
     - where the label input indexes a table (``Gather`` over an initializer), the table has ``guidance/null_class``
-      + 1 rows: the labels 0 .. null_class - 1 and the null class.
+      + 1 rows: the labels 0 .. null_class - 1 and the null class;
+    - the graph was exported from the manifest's ``model/config`` (its :data:`~l2c_export.core.manifest.GRAPH_CONFIG_KEY`
+      stamp), so an edited config is refused whether or not this runtime reads the edited number.
     """
     import onnx
 
@@ -119,6 +122,7 @@ def check_graph(folder: Path, record: dict, manifest: dict, path: Path | None = 
         raise ManifestError(f"{path}: not a readable ONNX graph ({error})") from None
     graph = model.graph
     where = str(Path(folder) / "manifest.json")
+    _check_config_stamp(model, manifest, where, path.name)
 
     def dtype(element_type: int) -> str:
         name = onnx.TensorProto.DataType.Name(element_type)
@@ -159,6 +163,22 @@ def check_graph(folder: Path, record: dict, manifest: dict, path: Path | None = 
                                     f"{shapes[tensor['name']]}")
     _check_label_table(graph, manifest, where, path.name)
     return external
+
+
+def _check_config_stamp(model, manifest: dict, where: str, name: str) -> None:
+    from ...core.manifest import GRAPH_CONFIG_KEY, ManifestError, config_difference
+
+    stamp = {prop.key: prop.value for prop in model.metadata_props}.get(GRAPH_CONFIG_KEY)
+    if stamp is None:
+        raise ManifestError(f"{where}: the graph {name} has no '{GRAPH_CONFIG_KEY}' record of the model config it was "
+                            "built from (a build of an older l2c-export); rebuild it")
+    try:
+        built = json.loads(stamp)
+    except ValueError:
+        raise ManifestError(f"{where}: the graph {name}'s '{GRAPH_CONFIG_KEY}' record is not JSON") from None
+    difference = config_difference(manifest["model"]["config"], built)
+    if difference:
+        raise ManifestError(f"{where}: {difference} (graph {name})")
 
 
 def _boundary_shapes(model) -> dict[str, list]:
