@@ -649,14 +649,21 @@ def test_the_sanitizer_build_is_instrumented(cpp_build):
         assert "[libasan.so" in needed and "[libubsan.so" in needed, program
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("num_classes", 1000, "field 'model/config/num_classes' is 1000; the graph was built for 10 (graph full.onnx)"),
-    ("num_classes", 5, "field 'model/config/num_classes' is 5; the graph was built for 10 (graph full.onnx)"),
-    ("learn_sigma", False, "field 'model/config/learn_sigma' is false; the graph was built for true (graph full.onnx)"),
-], ids=["classes-up", "classes-down", "flag"])
-def test_a_model_config_edited_after_the_build_is_refused(cpp_build, default_build, tmp_path, field, value, expected):
-    """Each graph carries the model config it was exported from; a number l2c-run never reads itself (the class count
-    lives in the label table) still may not contradict the graphs."""
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d["model"]["config"].update(num_classes=1000),
+     "field 'model/config/num_classes' is 1000; the graph was built for 10 (graph full.onnx)"),
+    (lambda d: d["model"]["config"].update(learn_sigma=False),
+     "field 'model/config/learn_sigma' is false; the graph was built for true (graph full.onnx)"),
+    (lambda d: d["guidance"].update(null_class=5),
+     "field 'guidance/null_class' is 5; the graph was built for 10 (graph full.onnx)"),
+    (lambda d: d["guidance"].update(null_class=1000),
+     "field 'guidance/null_class' is 1000; the graph was built for 10 (graph full.onnx)"),
+], ids=["num-classes", "flag", "null-class-down", "null-class-up"])
+def test_a_field_the_graphs_fix_edited_after_the_build_is_refused(cpp_build, default_build, tmp_path, change,
+                                                                  expected):
+    """Each graph carries the manifest fields its build fixed (model/config, guidance/null_class): an edit is refused
+    even where l2c-run never reads the field itself, and a lowered null class, which indexes the label table without
+    an error, too."""
     engines = shutil.copytree(default_build, tmp_path / "engines")
-    _rewrite_manifest(engines, lambda data: data["model"]["config"].update({field: value}))
+    _rewrite_manifest(engines, change)
     assert expected in _refused(tmp_path, engines)

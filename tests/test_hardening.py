@@ -516,8 +516,7 @@ def _set_cache_shape(data: dict) -> None:
 
 @pytest.mark.parametrize("edit, backend, message", [
     (lambda d: (d["model"]["config"].update(num_classes=1000), d["guidance"].update(null_class=1000)), "onnxruntime",
-     "field 'guidance/null_class' is 1000 (labels 0..999, null class 1000); the graph full.onnx's label table "
-     "'y_embedder.embedding_table.weight' has 11 rows"),
+     "field 'guidance/null_class' is 1000; the graph was built for 10 (graph full.onnx)"),
     (lambda d: _edit_records(d, "sample", ["batch", 1, 16, 16]), "onnxruntime",
      "field 'subsets/0/inputs/0/shape' (x) is ['batch', 1, 16, 16]; the graph full.onnx has ['batch', 1, 8, 8]"),
     (lambda d: _edit_records(d, "output", ["batch", 1, 8, 8]), "onnxruntime",  # learned sigma dropped
@@ -535,13 +534,15 @@ def _set_cache_shape(data: dict) -> None:
     (lambda d: d["subsets"][1]["compute"].__setitem__(5, 1), "onnxruntime",
      "field 'subsets/1/reads' reads sub-layers"),
     (lambda d: d["model"]["config"].update(num_classes=1000), "torch",  # the torch backend rebuilds the model from it
-     "field 'model/config' describes a model its weights do not fit: y_embedder.embedding_table.weight (1001, 128)"),
+     "field 'model/config/num_classes' is 1000; the graph was built for 10 (graph full.onnx)"),
     (lambda d: d["model"]["config"].update(num_classes=1000), "onnxruntime",  # a number this runtime never reads
      "field 'model/config/num_classes' is 1000; the graph was built for 10 (graph full.onnx)"),
     (lambda d: d["model"]["config"].update(learn_sigma=False), "onnxruntime",
      "field 'model/config/learn_sigma' is False; the graph was built for True (graph full.onnx)"),
+    (lambda d: d["guidance"].update(null_class=5), "onnxruntime",  # lowered: every label still indexes the table
+     "field 'guidance/null_class' is 5; the graph was built for 10 (graph full.onnx)"),
 ], ids=["num-classes", "sample-shape", "output-shape", "cache-shape", "weight-shape", "guided-channels",
-        "one-subset", "compute-vs-reads", "config-torch", "config-onnxruntime", "config-flag"])
+        "one-subset", "compute-vs-reads", "config-torch", "config-onnxruntime", "config-flag", "null-class-down"])
 def test_a_manifest_that_contradicts_its_graphs_is_refused_naming_the_field(default_build, tmp_path, edit, backend,
                                                                             message):
     """The graphs' hashes are intact; only the manifest's numbers were edited. Every number the runtime takes is
@@ -551,6 +552,28 @@ def test_a_manifest_that_contradicts_its_graphs_is_refused_naming_the_field(defa
                     str(tmp_path / "out.npy"))
     assert f"{folder / 'manifest.json'}: " in line and message in line
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_a_null_class_past_the_label_table_is_refused_even_with_the_graphs_restamped(default_build, tmp_path):
+    """Behind the stamps: every graph re-stamped for 1000 classes and its sha256 fixed up, the label table itself
+    (11 rows) still contradicts the manifest."""
+    import onnx
+
+    folder = _copy(default_build, tmp_path / "restamped")
+    data = _manifest(folder)
+    data["model"]["config"]["num_classes"] = data["guidance"]["null_class"] = 1000
+    stamp = manifest_io.graph_stamp({"model/config": data["model"]["config"], "guidance/null_class": 1000})
+    for record in data["subsets"]:
+        path = folder / record["graph"]["file"]
+        graph = onnx.load(path, load_external_data=False)
+        onnx.helper.set_model_props(graph, {manifest_io.GRAPH_STAMP_KEY: stamp})
+        onnx.save_model(graph, str(path))
+        record["graph"] = record["engine"] = manifest_io.file_entry(folder, record["graph"]["file"],
+                                                                    record["graph"]["key"])
+    _write_manifest(folder, data)
+    line = _refused("run", str(folder), "--labels", "1")
+    assert ("field 'guidance/null_class' is 1000 (labels 0..999, null class 1000); the graph full.onnx's label table "
+            "'y_embedder.embedding_table.weight' has 11 rows") in line
 
 
 def _deeply_nested(levels: int = 1_000_000) -> str:

@@ -242,9 +242,7 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     root["precision"].fail("expected fp32, fp16 or bf16");
 
   m.space = root["model"]["space"].str();
-  if (!data["model"].contains("config") || !data["model"]["config"].is_object())
-    root["model"].fail("config", "is missing; expected the model config object");
-  m.model_config = data["model"]["config"].dump();
+  m.document = data.dump();
   if (m.space != "pixel" && m.space != "latent") root["model"]["space"].fail("expected pixel or latent");
 
   Fields guidance = root["guidance"];
@@ -387,7 +385,7 @@ std::vector<FileRecord> Manifest::files() const {
 
 namespace {
 
-std::string config_difference(const json& recorded, const json& built, const std::string& path) {
+std::string difference(const json& recorded, const json& built, const std::string& path) {
   if (recorded.is_object() && built.is_object()) {
     std::vector<std::string> keys;
     for (const auto& item : recorded.items()) keys.push_back(item.key());
@@ -396,10 +394,10 @@ std::string config_difference(const json& recorded, const json& built, const std
     std::sort(keys.begin(), keys.end());
     for (const std::string& key : keys) {
       const std::string field = path + "/" + key;
-      if (!built.contains(key)) return "field '" + field + "' is not in the config the graph was built for";
+      if (!built.contains(key)) return "field '" + field + "' is not in what the graph was built for";
       if (!recorded.contains(key)) return "field '" + field + "' is missing; the graph was built for " + built[key].dump();
-      std::string difference = config_difference(recorded[key], built[key], field);
-      if (!difference.empty()) return difference;
+      std::string found = difference(recorded[key], built[key], field);
+      if (!found.empty()) return found;
     }
     return "";
   }
@@ -411,14 +409,27 @@ std::string config_difference(const json& recorded, const json& built, const std
 
 }  // namespace
 
-std::string config_difference(const std::string& recorded, const std::string& built) {
-  json built_config;
+std::string stamp_difference(const std::string& manifest, const std::string& stamp) {
+  json fields;
   try {
-    built_config = json::parse(built);
+    fields = json::parse(stamp);
   } catch (const json::parse_error&) {
-    return std::string("the graph's '") + kGraphConfigKey + "' record is not JSON";
+    return std::string("the graph's '") + kGraphStampKey + "' record is not JSON";
   }
-  return config_difference(json::parse(recorded), built_config, "model/config");
+  if (!fields.is_object()) return "the graph's stamp is not a JSON object";
+  const json document = json::parse(manifest);
+  for (const auto& item : fields.items()) {  // nlohmann's objects iterate in key order, as the Python reader does
+    json recorded;  // null where the manifest has no such field
+    try {
+      const json::json_pointer pointer("/" + item.key());
+      if (document.contains(pointer)) recorded = document.at(pointer);
+    } catch (const json::exception&) {
+      return "the graph's stamp names '" + item.key() + "', which is not a manifest field";
+    }
+    std::string found = difference(recorded, item.value(), item.key());
+    if (!found.empty()) return found;
+  }
+  return "";
 }
 
 }  // namespace l2c

@@ -97,16 +97,16 @@ size_t element_size(const std::string& dtype) { return dtype == "float32" ? 4 : 
 // shapes (a record's "batch" is a dimension the graph leaves open; a size the graph leaves open matches any record).
 // A graph swapped for another subset's (its sha256 updated to match) fails here: distinct subsets reuse distinct
 // sub-layers, so their cache inputs differ.
-// The graph must have been exported from the manifest's model/config (its kGraphConfigKey record), so a config edited
-// after the build is refused whether or not this runtime reads the edited number.
-void check_config_stamp(Ort::Session& session, const Manifest& manifest, const fs::path& file,
+// The fields the graph's build fixed (its kGraphStampKey record: model/config, guidance/null_class) must be the
+// manifest's, so a field edited after the build is refused whether or not this runtime reads it.
+void check_stamp(Ort::Session& session, const Manifest& manifest, const fs::path& file,
                         const std::string& manifest_path) {
   Ort::AllocatorWithDefaultOptions allocator;
-  Ort::AllocatedStringPtr stamp = session.GetModelMetadata().LookupCustomMetadataMapAllocated(kGraphConfigKey, allocator);
+  Ort::AllocatedStringPtr stamp = session.GetModelMetadata().LookupCustomMetadataMapAllocated(kGraphStampKey, allocator);
   if (!stamp)
-    throw Error(manifest_path + ": the graph " + file.filename().string() + " has no '" + kGraphConfigKey +
-                "' record of the model config it was built from (a build of an older l2c-export); rebuild it");
-  const std::string difference = config_difference(manifest.model_config, stamp.get());
+    throw Error(manifest_path + ": the graph " + file.filename().string() + " has no '" + kGraphStampKey +
+                "' record of what it was built for (a build of an older l2c-export); rebuild it");
+  const std::string difference = stamp_difference(manifest.document, stamp.get());
   if (!difference.empty()) throw Error(manifest_path + ": " + difference + " (graph " + file.filename().string() + ")");
 }
 
@@ -266,7 +266,7 @@ Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
     const fs::path file = m.file_path(m.backend == "onnxruntime" ? record.engine : record.graph);
     try {
       Ort::Session session(*p.ort->env, file.c_str(), session_options);
-      check_config_stamp(session, m, file, where);
+      check_stamp(session, m, file, where);
       check_interface(session, record, file, where);
       p.sessions.emplace(index, std::move(session));
     } catch (const Ort::Exception& error) {

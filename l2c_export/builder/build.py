@@ -130,7 +130,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
             bar.set_postfix_str(subset.name)
             inputs, outputs = _interface(subset, spec, dtype)
             if not _reuse(previous, key, staging / graph_file, reused):
-                _export_subset(universal, subset, staging / graph_file, inputs, outputs, config.to_dict(), form)
+                _export_subset(universal, subset, staging / graph_file, inputs, outputs, _stamped_fields(spec), form)
                 exported.append(graph_file)
             engine_file = builder.engine_file(graph_file, key)
             engine_key = _hash({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
@@ -196,9 +196,9 @@ def _quantize(universal, form: str, model, request: BuildRequest) -> dict:
 
 
 def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict], outputs: list[dict],
-                   model_config: dict, form: str | None = None) -> None:
-    """Writes subset ``subset``'s graph to ``path``, stamped with the model record's config it was built from
-    (:data:`l2c_export.core.manifest.GRAPH_CONFIG_KEY`)."""
+                   stamped: dict, form: str | None = None) -> None:
+    """Writes subset ``subset``'s graph to ``path``, stamped with the manifest fields it fixes (``stamped``, see
+    :data:`l2c_export.core.manifest.GRAPH_STAMP_KEY`)."""
     import onnx
 
     from ..export.onnx import check_ops_supported, subset_graph
@@ -214,7 +214,7 @@ def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict]
     if got != want:  # the surgery and the liveness plan must agree exactly
         raise AssertionError(f"{path.name}: graph interface {got} differs from the plan's {want}")
     _check_structure(graph)
-    onnx.helper.set_model_props(graph, {manifest_io.GRAPH_CONFIG_KEY: manifest_io.config_stamp(model_config)})
+    onnx.helper.set_model_props(graph, {manifest_io.GRAPH_STAMP_KEY: manifest_io.graph_stamp(stamped)})
     onnx.save_model(graph, str(path))
 
 
@@ -249,13 +249,20 @@ def _subset_record(subset, folder, graph_file, graph_key, engine_file, engine_ke
             "macs_per_sample": macs.of_subset(subset.compute)}
 
 
+def _stamped_fields(spec: ModelSpec) -> dict:
+    """The manifest fields the graphs fix, by path (:data:`l2c_export.core.manifest.STAMPED_FIELDS`): written into the
+    manifest and stamped into every graph from this one place."""
+    return {"model/config": spec.config.to_dict(), "guidance/null_class": spec.family.null_class(spec.config)}
+
+
 def _manifest(request, plan, subset_records, folder, weights_name, base_key, weights_sha, dtype, versions) -> dict:
     spec, config, schedule = request.spec, request.spec.config, request.schedule
     family = spec.family
+    stamped = _stamped_fields(spec)
     macs = family.count_macs(config)
     used_slots = sorted({k for s in plan.subsets for k in (*s.reads, *s.writes)})
     guided = family.guided_channels(config, request.guide_all_channels)
-    model = {"family": family.name, "config": config.to_dict(), "space": spec.space,
+    model = {"family": family.name, "config": stamped["model/config"], "space": spec.space,
              "num_sublayers": 2 * family.num_layers(config), "weights_sha256": weights_sha,
              "inputs": [tensor.record() for tensor in family.graph_inputs(config)],
              "output": family.graph_output(config).record()}
@@ -269,7 +276,7 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
         "model": model,
         "sampler": request.sampler.to_dict(),
         "guidance": {"cfg_scale": float(spec.cfg_scale if request.cfg_scale is None else request.cfg_scale),
-                     "guided_channels": guided, "null_class": family.null_class(config)},
+                     "guided_channels": guided, "null_class": stamped["guidance/null_class"]},
         "schedule": {"compute": schedule.compute.astype(int).tolist(), "step_subset": list(plan.step_to_subset),
                      "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
         "batch": request.batch.to_dict(),

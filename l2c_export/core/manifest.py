@@ -28,28 +28,42 @@ class ManifestError(ValueError):
     """A manifest or one of its files that cannot be used; the message names the file and the field."""
 
 
-@lru_cache(maxsize=1)
-# Each graph carries the model record's config it was exported from, as compact JSON under this ONNX metadata key; a
-# runtime compares it with the manifest's ``model/config``, so a config edited after the build (hashes fixed up or
-# not) is refused, whichever of its numbers the runtime itself reads.
-GRAPH_CONFIG_KEY = "l2c.model_config"
+# Each graph carries, under this ONNX metadata key, the manifest fields that its build fixed (:data:`STAMPED_FIELDS`),
+# as compact JSON ``{"model/config": {...}, "guidance/null_class": 10}``. A runtime compares them with the manifest, so
+# a field edited after the build (hashes fixed up or not) is refused whether or not the runtime reads it itself.
+GRAPH_STAMP_KEY = "l2c.built_for"
+STAMPED_FIELDS = ("model/config", "guidance/null_class")
 
 
-def config_stamp(config: dict) -> str:
-    """The value of :data:`GRAPH_CONFIG_KEY` for a manifest's ``model/config``."""
-    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+def graph_stamp(fields: dict) -> str:
+    """The value of :data:`GRAPH_STAMP_KEY`: ``fields`` maps each of :data:`STAMPED_FIELDS` to its value."""
+    assert set(fields) == set(STAMPED_FIELDS), fields
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
-def config_difference(recorded: object, built: object, path: str = "model/config") -> str | None:
-    """The first field where the manifest's config ``recorded`` differs from the config a graph was ``built`` from,
-    as ``'model/config/num_classes' is 1000; the graph was built for 10``; None when they agree."""
+def stamp_difference(data: dict, stamp: dict) -> str | None:
+    """The first field where manifest ``data`` differs from a graph's stamp, as ``field 'model/config/num_classes' is
+    1000; the graph was built for 10``; None when they agree."""
+    if not isinstance(stamp, dict):
+        return "the graph's stamp is not a JSON object"
+    for path in sorted(stamp):
+        recorded: object = data
+        for key in path.split("/"):
+            recorded = recorded.get(key) if isinstance(recorded, dict) else None
+        difference = _difference(recorded, stamp[path], path)
+        if difference:
+            return difference
+    return None
+
+
+def _difference(recorded: object, built: object, path: str) -> str | None:
     if isinstance(recorded, dict) and isinstance(built, dict):
         for key in sorted(set(recorded) | set(built)):
             if key not in built:
-                return f"field '{path}/{key}' is not in the config the graph was built for"
+                return f"field '{path}/{key}' is not in what the graph was built for"
             if key not in recorded:
                 return f"field '{path}/{key}' is missing; the graph was built for {built[key]!r}"
-            difference = config_difference(recorded[key], built[key], f"{path}/{key}")
+            difference = _difference(recorded[key], built[key], f"{path}/{key}")
             if difference:
                 return difference
         return None
@@ -58,6 +72,7 @@ def config_difference(recorded: object, built: object, path: str = "model/config
     return None
 
 
+@lru_cache(maxsize=1)
 def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 

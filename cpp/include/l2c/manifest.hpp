@@ -63,7 +63,7 @@ struct Manifest {
   std::filesystem::path folder, path;
   int schema_version = 0;
   std::string name, backend, precision, space;  // space: "pixel" (images in [-1, 1]) or "latent"
-  std::string model_config;  // model/config as JSON text; each graph carries the config it was built from
+  std::string document;  // the whole manifest as JSON text, for the fields each graph's stamp names
   int64_t num_classes = 0;
   std::shared_ptr<const Sampler> sampler;
   Guidance guidance;
@@ -96,12 +96,13 @@ struct Manifest {
 
 std::string sha256_file(const std::filesystem::path& path);
 
-// The ONNX metadata key under which each graph carries the model config it was exported from (JSON text).
-inline constexpr const char* kGraphConfigKey = "l2c.model_config";
+// The ONNX metadata key under which each graph carries the manifest fields its build fixed, as JSON text
+// {"model/config": {...}, "guidance/null_class": 10} (l2c_export/core/manifest.py: GRAPH_STAMP_KEY).
+inline constexpr const char* kGraphStampKey = "l2c.built_for";
 
-// The first field where the manifest's model/config (JSON text) differs from the config a graph was built from, as
+// The first field where the manifest (JSON text) differs from a graph's stamp (JSON text), as
 // "field 'model/config/num_classes' is 1000; the graph was built for 10"; empty when they agree.
-std::string config_difference(const std::string& recorded, const std::string& built);
+std::string stamp_difference(const std::string& manifest, const std::string& stamp);
 
 // A record's shape as the manifest writes it: "(batch, 16, 128)".
 std::string record_shape_string(const std::vector<int64_t>& shape);

@@ -108,8 +108,9 @@ def check_graph(folder: Path, record: dict, manifest: dict, path: Path | None = 
     - the graph's inputs and outputs are the record's ``inputs`` and ``outputs``: names, order, dtypes and shapes;
     - where the label input indexes a table (``Gather`` over an initializer), the table has ``guidance/null_class``
       + 1 rows: the labels 0 .. null_class - 1 and the null class;
-    - the graph was exported from the manifest's ``model/config`` (its :data:`~l2c_export.core.manifest.GRAPH_CONFIG_KEY`
-      stamp), so an edited config is refused whether or not this runtime reads the edited number.
+    - the fields the graph's build fixed (``model/config``, ``guidance/null_class``: its
+      :data:`~l2c_export.core.manifest.GRAPH_STAMP_KEY` stamp) are the manifest's, so an edited field is refused
+      whether or not this runtime reads it.
     """
     import onnx
 
@@ -122,7 +123,7 @@ def check_graph(folder: Path, record: dict, manifest: dict, path: Path | None = 
         raise ManifestError(f"{path}: not a readable ONNX graph ({error})") from None
     graph = model.graph
     where = str(Path(folder) / "manifest.json")
-    _check_config_stamp(model, manifest, where, path.name)
+    _check_stamp(model, manifest, where, path.name)
 
     def dtype(element_type: int) -> str:
         name = onnx.TensorProto.DataType.Name(element_type)
@@ -165,18 +166,17 @@ def check_graph(folder: Path, record: dict, manifest: dict, path: Path | None = 
     return external
 
 
-def _check_config_stamp(model, manifest: dict, where: str, name: str) -> None:
-    from ...core.manifest import GRAPH_CONFIG_KEY, ManifestError, config_difference
+def _check_stamp(model, manifest: dict, where: str, name: str) -> None:
+    from ...core.manifest import GRAPH_STAMP_KEY, ManifestError, stamp_difference
 
-    stamp = {prop.key: prop.value for prop in model.metadata_props}.get(GRAPH_CONFIG_KEY)
+    stamp = {prop.key: prop.value for prop in model.metadata_props}.get(GRAPH_STAMP_KEY)
     if stamp is None:
-        raise ManifestError(f"{where}: the graph {name} has no '{GRAPH_CONFIG_KEY}' record of the model config it was "
-                            "built from (a build of an older l2c-export); rebuild it")
+        raise ManifestError(f"{where}: the graph {name} has no '{GRAPH_STAMP_KEY}' record of what it was built for (a "
+                            "build of an older l2c-export); rebuild it")
     try:
-        built = json.loads(stamp)
+        difference = stamp_difference(manifest, json.loads(stamp))
     except ValueError:
-        raise ManifestError(f"{where}: the graph {name}'s '{GRAPH_CONFIG_KEY}' record is not JSON") from None
-    difference = config_difference(manifest["model"]["config"], built)
+        difference = f"the graph's '{GRAPH_STAMP_KEY}' record is not JSON"
     if difference:
         raise ManifestError(f"{where}: {difference} (graph {name})")
 
