@@ -735,6 +735,7 @@ def test_a_request_arriving_while_the_server_stops_gets_an_answer_or_an_error_ne
     repo = tmp_path / "repo"
     write_repository(digits_build, repo)
     ports = [free_port() for _ in range(3)]
+    scratch_before = _server_scratch()
     process = subprocess.Popen([sys.executable, "-m", "l2c_export.cli", "serve", str(repo), "--http-port",
                                 str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
                                 "--env", str(triton_env)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -794,6 +795,13 @@ def test_a_request_arriving_while_the_server_stops_gets_an_answer_or_an_error_ne
     assert any(sent < stopping for _, sent in answered)  # served before the signal, ...
     assert any(stopping <= sent < stopped for _, sent, _ in outcomes)  # ... requests sent while it stopped ...
     assert any(sent >= stopped for _, sent, _ in outcomes)  # ... and after it was gone, all ended (none hung)
+    # Its exit timed out (Triton waits for the clients' open HTTP connections, then exits at once): what a clean exit
+    # removes (the Python backend's /tmp/python_env_*, the stubs' shared memory) is removed all the same
+    assert _server_scratch() <= scratch_before
+
+
+def _server_scratch() -> set[Path]:
+    return {*Path("/tmp").glob("python_env_??????"), *Path("/dev/shm").glob("l2c-triton-*")}
 
 
 def _traced_server_class(trace: Path):

@@ -271,6 +271,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._work: Path | None = None
         self._shm_prefix = f"l2c-triton-{os.getpid()}-{os.urandom(4).hex()}-"
+        self._python_envs: set[Path] = set()
 
     @property
     def http_url(self) -> str:
@@ -320,6 +321,7 @@ class TritonServer:
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             output = open(self.log, "wb")
+        envs_before = set(_python_env_folders())
         try:
             self.process = subprocess.Popen(self.command(), env=env, stdout=None if self.log is None else output,
                                             stderr=subprocess.STDOUT if self.log is not None else None,
@@ -327,11 +329,14 @@ class TritonServer:
         finally:
             if self.log is not None:
                 output.close()
+        ready = False
         try:
             self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+            ready = True
+        finally:
+            self._python_envs = set(_python_env_folders()) - envs_before
+            if not ready:
+                self.stop()
         return self
 
     def _wait_ready(self, timeout: float) -> None:
@@ -388,6 +393,12 @@ class TritonServer:
             process.wait()
         for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             region.unlink(missing_ok=True)
+        for folder in self._python_envs:  # left when the server's exit timed out (see _python_env_folders)
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # removed by the server itself, or not empty: not the backend's empty folder
+        self._python_envs = set()
         if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
@@ -397,6 +408,14 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _python_env_folders() -> list[Path]:
+    """The empty folders ``/tmp/python_env_XXXXXX`` that Triton's Python backend makes when it starts (the path is
+    fixed in the backend) and removes when the server exits cleanly. A server whose exit times out (Triton 2.51
+    waits up to --exit-timeout-secs for clients' open HTTP connections to close, then exits at once) leaves its
+    folder: :meth:`TritonServer.stop` removes the ones that appeared while its server started."""
+    return list(Path("/tmp").glob("python_env_??????"))
 
 
 def _signal_group(pgid: int, signum: int) -> None:
