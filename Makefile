@@ -67,7 +67,8 @@ clean:
 # build dependencies are Debian packages, installed only where missing (root needed then).
 CPP_BUILD := cpp/build
 CPP_ORT_HEADERS := $(CPP_BUILD)/deps/include/onnxruntime
-CPP_DEBIAN_PACKAGES := cmake g++ make nlohmann-json3-dev libssl-dev libcli11-dev zlib1g-dev
+# strace is the tests' (test_triton traces the server's file writes), installed with the C++ build's packages.
+CPP_DEBIAN_PACKAGES := cmake g++ make nlohmann-json3-dev libssl-dev libcli11-dev zlib1g-dev strace
 
 # $(call cpp_configure,BUILD_FOLDER,EXTRA_CMAKE_ARGUMENTS)
 cpp_configure = library=$$(ls $(abspath $(VENV))/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.* | head -n1); \
