@@ -601,10 +601,27 @@ def test_labels_past_the_class_count_are_refused(cpp_build, default_build, tmp_p
 
 
 def test_labels_past_the_graphs_label_table_are_refused(cpp_build, default_build, tmp_path):
-    """A manifest whose class count was raised past the graph's label table (10 -> 1000): the label the manifest
-    allows fails in the graph's Gather, and that reaches the caller as an l2c::Error naming the graph, not a crash."""
+    """A manifest whose class count was raised past the graph's label table (10 -> 1000), every graph re-stamped for
+    it and the hashes fixed up: the label the manifest allows fails in the graph's Gather, and that reaches the caller
+    as an l2c::Error naming the graph, not a crash."""
+    import onnx
+
+    from l2c_export.core import manifest as manifest_io
+
     engines = shutil.copytree(default_build, tmp_path / "engines")
-    _rewrite_manifest(engines, lambda d: d["guidance"].update(null_class=1000))
+
+    def raise_and_restamp(data):
+        data["guidance"]["null_class"] = 1000
+        stamp = manifest_io.graph_stamp({"model/config": data["model"]["config"], "guidance/null_class": 1000})
+        for record in data["subsets"]:
+            path = engines / record["graph"]["file"]
+            graph = onnx.load(path, load_external_data=False)
+            onnx.helper.set_model_props(graph, {manifest_io.GRAPH_STAMP_KEY: stamp})
+            onnx.save_model(graph, str(path))
+            entry = manifest_io.file_entry(engines, record["graph"]["file"], record["graph"]["key"])
+            record["graph"] = record["engine"] = entry
+
+    _rewrite_manifest(engines, raise_and_restamp)
     line = _refused(tmp_path, engines, labels="0,500")
     assert "full.onnx: ONNX Runtime failed to run subset full" in line and "idx=500" in line
 
