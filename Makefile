@@ -8,7 +8,7 @@ CLI := $(VENV)/bin/l2c-export
 DEMO := engines/demo
 DIGITS := 0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9
 
-.PHONY: setup triton-env demo test bench serve clean cpp cpp-deps
+.PHONY: setup triton-env demo test bench serve clean cpp cpp-deps cpp-asan cpp-asan-test
 
 setup: $(VENV)/.installed
 
@@ -67,14 +67,28 @@ clean:
 # build dependencies are Debian packages, installed only where missing (root needed then).
 CPP_BUILD := cpp/build
 CPP_ORT_HEADERS := $(CPP_BUILD)/deps/include/onnxruntime
-CPP_DEBIAN_PACKAGES := cmake g++ make nlohmann-json3-dev libssl-dev libcli11-dev zlib1g-dev
+# strace is the tests' (test_triton traces the server's file writes), installed with the C++ build's packages.
+CPP_DEBIAN_PACKAGES := cmake g++ make nlohmann-json3-dev libssl-dev libcli11-dev zlib1g-dev strace
+
+# $(call cpp_configure,BUILD_FOLDER,EXTRA_CMAKE_ARGUMENTS)
+cpp_configure = library=$$(ls $(abspath $(VENV))/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.* | head -n1); \
+	  test -n "$$library" || { echo "make cpp: no libonnxruntime.so.1.* in the onnxruntime wheel of $(VENV)" >&2; exit 1; }; \
+	  mkdir -p $(1) && cmake -S cpp -B $(1) -DL2C_ONNXRUNTIME_INCLUDE_DIR=$(abspath $(CPP_ORT_HEADERS)) \
+	    -DL2C_ONNXRUNTIME_LIBRARY=$$library $(2) > $(1)/cmake.log || { cat $(1)/cmake.log; exit 1; }
 
 cpp: setup cpp-deps $(CPP_ORT_HEADERS)/onnxruntime_cxx_api.h
-	@library=$$(ls $(abspath $(VENV))/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.* | head -n1); \
-	  test -n "$$library" || { echo "make cpp: no libonnxruntime.so.1.* in the onnxruntime wheel of $(VENV)" >&2; exit 1; }; \
-	  cmake -S cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release -DL2C_ONNXRUNTIME_INCLUDE_DIR=$(abspath $(CPP_ORT_HEADERS)) \
-	    -DL2C_ONNXRUNTIME_LIBRARY=$$library > $(CPP_BUILD)/cmake.log || { cat $(CPP_BUILD)/cmake.log; exit 1; }
+	@$(call cpp_configure,$(CPP_BUILD),-DCMAKE_BUILD_TYPE=Release)
 	cmake --build $(CPP_BUILD) -j2 -- --no-print-directory
+
+# The same runtime, programs and tests built with AddressSanitizer and UndefinedBehaviorSanitizer, in a folder of its
+# own; `make cpp-asan-test` (or L2C_CPP_SANITIZE=1 with pytest) runs tests/test_cpp.py against it.
+CPP_ASAN_BUILD := $(CPP_BUILD)/asan
+cpp-asan: setup cpp-deps $(CPP_ORT_HEADERS)/onnxruntime_cxx_api.h
+	@$(call cpp_configure,$(CPP_ASAN_BUILD),-DCMAKE_BUILD_TYPE=RelWithDebInfo -DL2C_SANITIZE=ON)
+	cmake --build $(CPP_ASAN_BUILD) -j2 -- --no-print-directory
+
+cpp-asan-test: cpp-asan
+	L2C_CPP_SANITIZE=1 $(PY) -m pytest -q tests/test_cpp.py
 
 cpp-deps:
 	@missing=$$(for p in $(CPP_DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \

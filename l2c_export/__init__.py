@@ -1,0 +1,51 @@
+"""l2c-export: Learning-to-Cache schedules carried into exported diffusion transformers.
+
+The names a user needs first, importable from the package itself::
+
+    from l2c_export import BuildRequest, L2CPipeline, build, embedded_default
+
+Each lives in its stage's module and is imported only when first used (PEP 562), so ``import l2c_export`` stays light:
+no PyTorch is imported until a name that needs it is (``build``, ``verify_build``, the model specs' weights).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> the module that defines it (one definition each; these are re-exports)
+_EXPORTS = {
+    # running a build (numpy and ONNX Runtime; no PyTorch)
+    "L2CPipeline": "l2c_export.runtime.pipeline",
+    "SampleResult": "l2c_export.runtime.pipeline",
+    "load_manifest": "l2c_export.core.manifest",
+    # models, schedules and routers
+    "embedded_default": "l2c_export.models.zoo",
+    "official": "l2c_export.models.zoo",
+    "ModelSpec": "l2c_export.models.zoo",
+    "Schedule": "l2c_export.core.schedule",
+    "load_router": "l2c_export.routers",
+    "schedule_for_mac_fraction": "l2c_export.routers.baselines",
+    "create_sampler": "l2c_export.samplers",
+    # building and checking
+    "build": "l2c_export.builder.build",
+    "BuildRequest": "l2c_export.builder.build",
+    "BuildReport": "l2c_export.builder.build",
+    "BatchRange": "l2c_export.builder.engines",
+    "verify_build": "l2c_export.tools.verify",
+}
+_ALIASES = {"load_manifest": "load"}  # exported name -> its name in its module
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'l2c_export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

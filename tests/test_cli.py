@@ -41,3 +41,25 @@ def test_steps_that_do_not_match_the_router_are_refused(authors_router):
     result = run_cli("schedule", "--router", str(authors_router), "--steps", "50", check=False)
     assert result.returncode == 2
     assert "holds routers for 20 steps; --steps is 50" in result.stderr
+
+
+def test_the_schedule_picture_and_listing_label_model_calls_with_rounded_times(tmp_path):
+    """DPM-Solver's model times are floats (951.8417600387976): the heatmap's rows and the listing say which model
+    call and the time rounded to one decimal (whole times as they are), as every plot in the README."""
+    import re
+
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import embedded_default
+    from l2c_export.tools.plots import schedule_figure
+
+    uvit = embedded_default("uvit-digits").default_schedule
+    out = run_cli("schedule", "--model", "uvit-digits", "--schedule", str(uvit), "--png", str(tmp_path / "u.png"))
+    assert "call   1 t= 951.8    10/10" in out.stdout and "951.84" not in out.stdout
+    assert (tmp_path / "u.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for schedule, first in ((Schedule.load(uvit), ["0 (t=1000)", "1 (t=951.8)", "2 (t=900.1)"]),
+                            (embedded_default().schedule(), ["0 (t=999)", "1 (t=946)", "2 (t=894)"])):
+        axis = schedule_figure(schedule).axes[0]
+        rows = [label.get_text() for label in axis.get_yticklabels()]
+        assert rows[:3] == first
+        assert len(rows) == schedule.num_steps and all(re.fullmatch(r"\d+ \(t=\d+(\.\d)?\)", row) for row in rows)
+        assert axis.get_ylabel() == "model call (time the model sees)"

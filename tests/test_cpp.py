@@ -1,12 +1,15 @@
 """The C++ runtime (cpp/): ``l2c-run`` against ``l2c-export run`` on the same noise, its refusals, threads, install.
 
 Everything runs the real compiled binaries in subprocesses; the session fixture builds them with ``make cpp`` (a no-op
-when ``make test`` has just done so).
+when ``make test`` has just done so). With ``L2C_CPP_SANITIZE=1`` (``make cpp-asan-test``) every test runs against
+the AddressSanitizer + UndefinedBehaviorSanitizer build of ``make cpp-asan`` (cpp/build/asan) instead, and every
+binary's stderr must hold no sanitizer report.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,19 +24,40 @@ from l2c_export.samplers.guidance import make_noise, step_noise
 
 from .conftest import REPO, run_cli
 
-BUILD_DIR = REPO / "cpp" / "build"
+SANITIZE = os.environ.get("L2C_CPP_SANITIZE", "0") not in ("", "0")
+BUILD_DIR = REPO / "cpp" / "build" / ("asan" if SANITIZE else "")
+MAKE_TARGET = "cpp-asan" if SANITIZE else "cpp"
 L2C_RUN = BUILD_DIR / "l2c-run"
 LABELS = [0, 3, 5, 9]
+# Leak detection stays on and nothing is suppressed: ONNX Runtime (dlopen'ed, not instrumented, but its allocations go
+# through ASan's malloc) leaves no leak in these runs. Any report ends the process non-zero.
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+} if SANITIZE else {}
+SANITIZER_REPORTS = ("AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSanitizer", "runtime error:")
 
 
 @pytest.fixture(scope="session")
 def cpp_build() -> Path:
-    """Builds the C++ runtime with ``make cpp`` (headers from Debian, library from the venv's onnxruntime wheel)."""
-    result = subprocess.run(["make", "--no-print-directory", "cpp"], cwd=REPO, capture_output=True, text=True)
+    """Builds the C++ runtime with ``make cpp`` (headers from Debian, library from the venv's onnxruntime wheel), or
+    its sanitizer build with ``make cpp-asan`` under L2C_CPP_SANITIZE=1."""
+    result = subprocess.run(["make", "--no-print-directory", MAKE_TARGET], cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
-        raise AssertionError(f"make cpp failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(f"make {MAKE_TARGET} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
     assert L2C_RUN.is_file()
     return BUILD_DIR
+
+
+def run_binary(program: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs a compiled program of the C++ runtime (with the sanitizers' settings under L2C_CPP_SANITIZE=1) and
+    checks that its stderr holds no sanitizer report."""
+    result = subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **SANITIZER_ENV})
+    reports = [line for line in result.stderr.splitlines() if any(mark in line for mark in SANITIZER_REPORTS)]
+    assert not reports, f"{program.name}: sanitizer report:\n{result.stderr[-6000:]}"
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +97,7 @@ def dit_s2_build(tmp_path_factory) -> Path:
 
 
 def l2c_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(L2C_RUN), *map(str, args)], capture_output=True, text=True, timeout=300)
+    return run_binary(L2C_RUN, *args)
 
 
 def _noise(folder: Path, n: int, seed: int, path: Path) -> np.ndarray:
@@ -170,8 +194,7 @@ def test_l2c_run_writes_a_png_grid(cpp_build, default_build, tmp_path):
 
 def test_concurrent_requests_from_threads_equal_serial_ones(cpp_build, dit_s2_build, tmp_path):
     _noise(dit_s2_build, 2, 3, tmp_path / "z.npy")
-    result = subprocess.run([str(cpp_build / "l2c-embed-example"), str(dit_s2_build), str(tmp_path / "z.npy"),
-                             "207,992", "6"], capture_output=True, text=True, timeout=300)
+    result = run_binary(cpp_build / "l2c-embed-example", dit_s2_build, tmp_path / "z.npy", "207,992", "6")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 concurrent requests == serial" in result.stdout
 
@@ -179,12 +202,14 @@ def test_concurrent_requests_from_threads_equal_serial_ones(cpp_build, dit_s2_bu
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: one line naming what is wrong, a non-zero exit, nothing written.
 
-def _refused(tmp_path: Path, engines: Path, *args: str, labels: str = "0,3") -> str:
+def _refused(tmp_path: Path, engines: Path, *args: str, labels: str = "0,3", status: int = 2) -> str:
+    """Runs l2c-run on ``engines``; it must exit with ``status`` (2: the library threw an l2c::Error, bad input)
+    and one line on stderr, leaving nothing written. Returns that line."""
     if not (tmp_path / "z.npy").exists():
         _noise(engines, 2, 0, tmp_path / "z.npy")
     out = tmp_path / "out.npy"
     result = l2c_run(engines, "--labels", labels, "--noise", tmp_path / "z.npy", "--out", out, *args)
-    assert result.returncode != 0
+    assert result.returncode == status, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("l2c-run: error: "), result.stderr
     assert not out.exists() and not list(tmp_path.glob("out.npy*")), "a refused run left output behind"
@@ -271,18 +296,19 @@ def test_a_model_batch_beyond_the_engines_is_refused(cpp_build, default_build, t
 # ---------------------------------------------------------------------------------------------------------------------
 # TensorRT (ONNX Runtime's TensorRT execution provider) and the installed CMake package.
 
-def _tensorrt_refusal(default_build: Path, tmp_path: Path) -> str | None:
+def _tensorrt_refusal(default_build: Path, tmp_path: Path) -> tuple[int, str] | None:
     _noise(default_build, 2, 0, tmp_path / "z.npy")
     result = l2c_run(default_build, "--labels", "0,3", "--noise", tmp_path / "z.npy", "--provider", "tensorrt",
                      "--out", tmp_path / "trt.npy")
-    return None if result.returncode == 0 else result.stderr.strip()
+    return None if result.returncode == 0 else (result.returncode, result.stderr.strip())
 
 
 def test_the_tensorrt_provider_is_guarded_with_a_clear_message(cpp_build, default_build, tmp_path):
     refusal = _tensorrt_refusal(default_build, tmp_path)
     if refusal is None:
         pytest.skip("TensorRT is usable here: the guard has nothing to refuse (the parity test below runs instead)")
-    assert len(refusal.splitlines()) == 1
+    status, refusal = refusal
+    assert status == 3 and len(refusal.splitlines()) == 1  # 3: the provider asked for is not usable here
     assert "TensorRT is not usable by ONNX Runtime" in refusal and "run with the CPU provider" in refusal
     assert not (tmp_path / "trt.npy").exists()
 
@@ -291,7 +317,7 @@ def test_the_tensorrt_provider_matches_the_cpu(cpp_build, default_build, tmp_pat
     refusal = _tensorrt_refusal(default_build, tmp_path)
     if refusal is not None:
         pytest.skip(f"TensorRT is not available to ONNX Runtime on this machine (no NVIDIA GPU / TensorRT "
-                    f"libraries): {refusal}")
+                    f"libraries): {refusal[1]}")
     result = l2c_run(default_build, "--labels", "0,3", "--noise", tmp_path / "z.npy", "--out", tmp_path / "cpu.npy")
     assert result.returncode == 0, result.stderr
     cpu, trt = np.load(tmp_path / "cpu.npy"), np.load(tmp_path / "trt.npy")
@@ -310,12 +336,13 @@ def test_the_installed_package_is_found_by_find_package(cpp_build, default_build
     compile_ = subprocess.run(["cmake", "--build", str(consumer)], capture_output=True, text=True)
     assert compile_.returncode == 0, compile_.stdout + compile_.stderr
     _noise(default_build, 2, 0, tmp_path / "z.npy")
-    result = subprocess.run([str(consumer / "embed"), str(default_build), str(tmp_path / "z.npy"), "0,3", "2"],
-                            capture_output=True, text=True, timeout=120)
+    result = run_binary(consumer / "embed", default_build, tmp_path / "z.npy", "0,3", "2", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 concurrent requests == serial (dit-digits, (2, 1, 8, 8))" in result.stdout
 
 
+@pytest.mark.skipif(SANITIZE, reason="measures the memory of the release build (cpp/build/l2c-memory-probe); a "
+                                      "sanitizer build's memory is not the product's")
 def test_the_benchmark_measures_the_cpp_runtime_memory(cpp_build, dit_s2_build, tmp_path):
     """`make bench` records the C++ runtime's resident memory with all subsets loaded and with the full one alone
     (in a subprocess: ONNX Runtime's global thread pool would outlive the benchmark in this process)."""
@@ -378,3 +405,282 @@ def test_a_graph_whose_interface_differs_from_its_record_is_refused(cpp_build, d
 def test_a_guidance_scale_below_one_is_refused(cpp_build, default_build, tmp_path):
     assert "cfg_scale is 0.500000; expected a finite number at least 1" in \
         _refused(tmp_path, default_build, "--cfg-scale", "0.5")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tried as a hostile client would: each refused with one line, exit 2 (the library threw a typed l2c::Error), nothing
+# written, and no sanitizer report under L2C_CPP_SANITIZE=1.
+
+def _weights(engines: Path) -> Path:
+    return engines / json.loads((engines / "manifest.json").read_text())["weights"]["file"]
+
+
+def _truncate(path: Path, keep: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def test_a_truncated_weights_file_is_refused(cpp_build, default_build, tmp_path):
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    weights = _weights(engines)
+    size = weights.stat().st_size
+    _truncate(weights, size // 2)
+    line = _refused(tmp_path, engines)
+    assert f"{weights}: sha256 cannot match: {size // 2} bytes where the manifest says {size}" in line
+
+
+def test_a_truncated_weights_file_with_its_hash_fixed_up_is_refused(cpp_build, default_build, tmp_path):
+    """The manifest's size and sha256 of weights.bin rewritten to the truncated file's: its weight table still says
+    where each tensor lies, and a tensor past the end is refused before anything is mapped."""
+    import hashlib
+
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    weights = _weights(engines)
+    _truncate(weights, weights.stat().st_size // 2)
+    data = weights.read_bytes()
+    _rewrite_manifest(engines, lambda d: d["weights"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    tensors = json.loads((engines / "manifest.json").read_text())["weight_tensors"]
+    first_past = next(i for i, t in enumerate(tensors) if t["offset"] + t["length"] > len(data))
+    assert (f"field 'weight_tensors/{first_past}/offset' reaches past the end of {weights.name} ({len(data)} bytes)"
+            in _refused(tmp_path, engines))
+
+
+def _swap_graph(engines: Path, into: int, taken_from: int) -> dict:
+    """Copies subset ``taken_from``'s graph over subset ``into``'s and fixes up the manifest's size and sha256 of
+    ``into``'s graph and engine to match; returns ``into``'s record."""
+    data = json.loads((engines / "manifest.json").read_text())
+    target, source = data["subsets"][into], data["subsets"][taken_from]
+    shutil.copy(engines / source["engine"]["file"], engines / target["engine"]["file"])
+
+    def swap(d):
+        for key in ("graph", "engine"):
+            d["subsets"][into][key].update(sha256=source["engine"]["sha256"], bytes=source["engine"]["bytes"])
+    _rewrite_manifest(engines, swap)
+    return target
+
+
+@pytest.mark.parametrize("into,taken_from", [(1, 2), (4, 3), (2, 0)], ids=["partial-for-partial", "fewer-reads",
+                                                                        "full-for-partial"])
+def test_a_graph_swapped_for_another_subsets_is_refused(cpp_build, default_build, tmp_path, into, taken_from):
+    """Any two subsets differ in the sub-layers they reuse, so in their cache inputs: the session's interface,
+    compared with the record of the subset it was loaded for, gives the swap away, naming that subset."""
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    record = _swap_graph(engines, into, taken_from)
+    line = _refused(tmp_path, engines)
+    assert record["engine"]["file"] in line
+    assert f"(field 'subsets/{into}/inputs' of subset {record['name']}:" in line
+
+
+def _set_everywhere(data: dict, name_matches, shape: list) -> None:
+    """Gives every record of a tensor (cache slots, subset inputs and outputs) that ``name_matches`` ``shape``: a
+    manifest consistent in itself that its graphs contradict."""
+    for slot in data["cache_slots"]:
+        if name_matches(slot["name"]):
+            slot["shape"] = shape
+    for subset in data["subsets"]:
+        for tensor in (*subset["inputs"], *subset["outputs"]):
+            if name_matches(tensor.get("slot", "")) or name_matches(tensor["name"]):
+                tensor["shape"] = shape
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: (_set_everywhere(d, lambda n: n == "x", ["batch", 1, 4, 4]),
+                _set_everywhere(d, lambda n: n == "model_out", ["batch", 2, 4, 4])),
+     "field 'subsets/0/inputs/0/shape' (x of subset full) is (batch, 1, 4, 4); the graph full.onnx has (?, 1, 8, 8)"),
+    (lambda d: _set_everywhere(d, lambda n: n == "attn_0", ["batch", 16, 64]),
+     "field 'subsets/0/outputs/1/shape' (fresh_attn_0 of subset full) is (batch, 16, 64); the graph full.onnx has "
+     "(?, 16, 128)"),
+], ids=["sample", "cache-slot"])
+def test_a_manifest_whose_shapes_its_graphs_contradict_is_refused(cpp_build, default_build, tmp_path, change,
+                                                                   expected):
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    _rewrite_manifest(engines, change)
+    assert expected in _refused(tmp_path, engines)
+
+
+HUGE = 2 ** 40
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d["cache_slots"][0]["shape"].__setitem__(1, -16),
+     "field 'cache_slots/0/shape/1' is -16; expected 1..2147483647"),
+    (lambda d: d["subsets"][0]["inputs"][0]["shape"].__setitem__(2, 0),
+     "field 'subsets/0/inputs/0/shape/2' is 0; expected 1..2147483647"),
+    (lambda d: d["weight_tensors"][0]["shape"].__setitem__(0, -1),
+     "field 'weight_tensors/0/shape/0' is -1; expected 0..2147483647"),
+    (lambda d: d["cache_slots"][0]["shape"].__setitem__(1, HUGE),
+     f"field 'cache_slots/0/shape/1' is {HUGE}; expected 1..2147483647"),
+    (lambda d: d["cache_slots"][0].update(shape=["batch", 2 ** 31 - 1, 2 ** 31 - 1]),
+     "field 'cache_slots/0/shape' has more than 2147483648 elements per sample"),
+    (lambda d: d["weight_tensors"][0].update(shape=[2 ** 31 - 1] * 3, length=8),
+     "field 'weight_tensors/0/shape' has more than 2147483648 elements"),
+    (lambda d: d["batch"].update(max=2 ** 40),
+     f"field 'batch/max' is {2 ** 40}; expected 1..1048576"),
+    (lambda d: d["weight_tensors"][0].update(offset=d["weight_tensors"][0]["offset"] + 2),
+     "field 'weight_tensors/0/offset' is"),
+], ids=["negative-slot-dim", "zero-sample-dim", "negative-weight-dim", "huge-dim", "huge-slot", "huge-weight",
+        "huge-batch", "misaligned-weight"])
+def test_a_manifest_with_a_negative_or_huge_shape_is_refused(cpp_build, default_build, tmp_path, change, expected):
+    """Shapes are positive and bounded (each size below 2^31, at most 2^31 elements per sample or weight) before the
+    runtime allocates anything from them."""
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    _rewrite_manifest(engines, change)
+    line = _refused(tmp_path, engines)
+    assert "manifest.json: " + expected in line
+
+
+def test_records_that_disagree_with_one_another_are_refused(cpp_build, default_build, tmp_path):
+    """A sample input of another shape in one subset than in the full one: the runtime feeds every subset the
+    same samples, so the manifest is refused at load, naming the subset's field."""
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    _rewrite_manifest(engines, lambda d: d["subsets"][3]["inputs"][0].update(shape=["batch", 1, 4, 4]))
+    assert ("field 'subsets/3/inputs/0' (x float32 (batch, 1, 4, 4)) differs from the full subset's x float32 "
+            "(batch, 1, 8, 8)") in _refused(tmp_path, engines)
+
+
+def _npy_bytes(header: str, data: bytes = b"", version: int = 1) -> bytes:
+    header = header.ljust(118) + "\n"
+    length = len(header).to_bytes(2 if version == 1 else 4, "little")
+    return b"\x93NUMPY" + bytes([version, 0]) + length + header.encode() + data
+
+
+_GOOD_HEADER = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 1, 8, 8), }"
+
+
+@pytest.mark.parametrize("write,expected", [
+    (lambda p: np.save(p, make_noise(0, (2, 1, 8, 8)).astype(np.float64)), "z.npy: dtype <f8; expected float32"),
+    (lambda p: np.save(p, make_noise(0, (2, 1, 8, 8)).astype(">f4")), "z.npy: dtype >f4; expected float32"),
+    (lambda p: np.save(p, np.zeros((2, 1, 8, 8), np.int64)), "z.npy: dtype <i8; expected float32"),
+    (lambda p: np.save(p, np.asfortranarray(make_noise(0, (2, 1, 8, 8)))), "z.npy: Fortran order"),
+    (lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True), "z.npy: dtype |O; expected"),
+    (lambda p: np.save(p, make_noise(0, (3, 1, 8, 8))), "noise has shape (3, 1, 8, 8); expected (2, 1, 8, 8)"),
+    (lambda p: np.save(p, make_noise(0, (2, 1, 8)).reshape(2, 1, 8)), "noise has shape (2, 1, 8); expected"),
+    (lambda p: p.write_bytes(_npy_bytes(_GOOD_HEADER, b"\0" * (2 * 64 * 4 - 4))),
+     "z.npy: holds 508 bytes of data; its shape (2, 1, 8, 8) says 128 float32 values"),
+    (lambda p: p.write_bytes(_npy_bytes(_GOOD_HEADER, b"\0" * (2 * 64 * 4 + 4))),
+     "z.npy: holds 516 bytes of data; its shape (2, 1, 8, 8) says 128 float32 values"),
+    (lambda p: p.write_bytes(_npy_bytes(_GOOD_HEADER.replace("(2, 1, 8, 8)", "(4294967296, 4294967296, 16)"))),
+     "z.npy: shape (4294967296, 4294967296, 16) has more elements than this machine can address"),
+    (lambda p: p.write_bytes(_npy_bytes(_GOOD_HEADER.replace("(2, 1, 8, 8)", "(2, -1, 8, 8)"))),
+     "z.npy: header has no shape of non-negative integers"),
+    (lambda p: p.write_bytes(_npy_bytes(_GOOD_HEADER, version=2)[:12] + b"x" * 64),
+     "z.npy: truncated header"),
+    (lambda p: p.write_bytes(b"\x93NUMPY\x02\x00" + (2 ** 31).to_bytes(4, "little")),
+     "z.npy: header of 2147483648 bytes; expected at most 10000"),
+    (lambda p: p.write_bytes(b"P6 8 8 255\n" + b"\0" * 64), "z.npy: not a .npy file"),
+], ids=["float64", "big-endian", "int64", "fortran", "pickle", "shape", "rank", "short-data", "long-data",
+        "overflowing-shape", "negative-shape", "truncated-header", "huge-header", "not-npy"])
+def test_bad_noise_files_are_refused(cpp_build, default_build, tmp_path, write, expected):
+    write(tmp_path / "z.npy")
+    assert expected in _refused(tmp_path, default_build)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_noise_that_is_not_finite_is_refused(cpp_build, default_build, tmp_path, value):
+    noise = make_noise(0, (2, 1, 8, 8))
+    noise[1, 0, 3, 5] = value
+    np.save(tmp_path / "z.npy", noise)
+    assert "noise holds a value that is not finite" in _refused(tmp_path, default_build)
+
+
+def test_step_noise_that_is_not_finite_is_refused(cpp_build, ddpm_build, tmp_path):
+    draws = make_noise(1, (11, 2, 1, 8, 8))
+    draws[4, 1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "s.npy", draws)
+    assert "step noise holds a value that is not finite" in \
+        _refused(tmp_path, ddpm_build, "--step-noise", tmp_path / "s.npy")
+
+
+@pytest.mark.parametrize("labels,expected", [
+    ("0,99999999999999999999", "--labels: '99999999999999999999' is not an integer"),
+    ("0,9223372036854775807", "labels (9223372036854775807,) are out of range; expected class indices in 0..9"),
+    ("0,10", "labels (10,) are out of range; expected class indices in 0..9"),
+], ids=["past-int64", "int64-max", "the-null-class"])
+def test_labels_past_the_class_count_are_refused(cpp_build, default_build, tmp_path, labels, expected):
+    assert expected in _refused(tmp_path, default_build, labels=labels)
+
+
+def test_labels_past_the_graphs_label_table_are_refused(cpp_build, default_build, tmp_path):
+    """A manifest whose class count was raised past the graph's label table (10 -> 1000), every graph re-stamped for
+    it and the hashes fixed up: the label the manifest allows fails in the graph's Gather, and that reaches the caller
+    as an l2c::Error naming the graph, not a crash."""
+    import onnx
+
+    from l2c_export.core import manifest as manifest_io
+
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+
+    def raise_and_restamp(data):
+        data["guidance"]["null_class"] = 1000
+        stamp = manifest_io.graph_stamp({"model/config": data["model"]["config"], "guidance/null_class": 1000})
+        for record in data["subsets"]:
+            path = engines / record["graph"]["file"]
+            graph = onnx.load(path, load_external_data=False)
+            onnx.helper.set_model_props(graph, {manifest_io.GRAPH_STAMP_KEY: stamp})
+            onnx.save_model(graph, str(path))
+            entry = manifest_io.file_entry(engines, record["graph"]["file"], record["graph"]["key"])
+            record["graph"] = record["engine"] = entry
+
+    _rewrite_manifest(engines, raise_and_restamp)
+    line = _refused(tmp_path, engines, labels="0,500")
+    assert "full.onnx: ONNX Runtime failed to run subset full" in line and "idx=500" in line
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--threads", "-1"], "--threads: Value -1 not in range 0 to 1024"),
+    (["--threads", "100000"], "--threads: Value 100000 not in range 0 to 1024"),
+    (["--cfg-scale", "nan"], "cfg_scale is nan; expected a finite number at least 1"),
+    (["--cfg-scale", "1e400"], "cfg_scale is inf; expected a finite number at least 1"),
+    (["--provider", "cuda"], "--provider: cuda not in {cpu,tensorrt}"),
+], ids=["negative-threads", "huge-threads", "nan-guidance", "overflowing-guidance", "provider"])
+def test_bad_flags_are_one_line_and_exit_2(cpp_build, default_build, tmp_path, args, expected):
+    assert expected in _refused(tmp_path, default_build, *args)
+
+
+def test_an_output_the_file_system_refuses_exits_4(cpp_build, default_build, tmp_path):
+    _noise(default_build, 2, 0, tmp_path / "z.npy")
+    out = tmp_path / "no-such-folder" / "s.npy"
+    result = l2c_run(default_build, "--labels", "0,3", "--noise", tmp_path / "z.npy", "--out", out)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.strip() == f"l2c-run: error: {out}: cannot be written (does its folder exist?)"
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+def test_sixteen_threads_on_one_pipeline_then_destroyed_by_another(cpp_build, default_build, tmp_path):
+    """cpp/tests/concurrency.cpp: 16 threads sample from one l2c::Pipeline (schedule, full, unguided, and a refused
+    request), a 17th destroys it after they finish; each sample equals the serial one, each bad request is an
+    l2c::Error, and a new Pipeline samples the same. Under L2C_CPP_SANITIZE=1, with ASan and UBSan watching."""
+    _noise(default_build, 4, 7, tmp_path / "z.npy")
+    result = run_binary(cpp_build / "l2c-concurrency-test", default_build, tmp_path / "z.npy", "0,3,5,9")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("16 threads on one Pipeline: 12 samples == serial, 4 bad requests refused with l2c::Error; destroyed on "
+            "another thread; a new Pipeline samples the same") in result.stdout
+
+
+@pytest.mark.skipif(not SANITIZE, reason="checks the sanitizer build; set L2C_CPP_SANITIZE=1 (make cpp-asan-test)")
+def test_the_sanitizer_build_is_instrumented(cpp_build):
+    """Guards the L2C_CPP_SANITIZE=1 run: the binaries it tests really carry ASan and UBSan."""
+    for program in ("l2c-run", "l2c-concurrency-test", "libl2c_runtime.so"):
+        needed = subprocess.run(["readelf", "-d", str(cpp_build / program)], capture_output=True, text=True,
+                                check=True).stdout
+        assert "[libasan.so" in needed and "[libubsan.so" in needed, program
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d["model"]["config"].update(num_classes=1000),
+     "field 'model/config/num_classes' is 1000; the graph was built for 10 (graph full.onnx)"),
+    (lambda d: d["model"]["config"].update(learn_sigma=False),
+     "field 'model/config/learn_sigma' is false; the graph was built for true (graph full.onnx)"),
+    (lambda d: d["guidance"].update(null_class=5),
+     "field 'guidance/null_class' is 5; the graph was built for 10 (graph full.onnx)"),
+    (lambda d: d["guidance"].update(null_class=1000),
+     "field 'guidance/null_class' is 1000; the graph was built for 10 (graph full.onnx)"),
+], ids=["num-classes", "flag", "null-class-down", "null-class-up"])
+def test_a_field_the_graphs_fix_edited_after_the_build_is_refused(cpp_build, default_build, tmp_path, change,
+                                                                  expected):
+    """Each graph carries the manifest fields its build fixed (model/config, guidance/null_class): an edit is refused
+    even where l2c-run never reads the field itself, and a lowered null class, which indexes the label table without
+    an error, too."""
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    _rewrite_manifest(engines, change)
+    assert expected in _refused(tmp_path, engines)

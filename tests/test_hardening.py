@@ -168,8 +168,9 @@ def test_weight_offsets_past_the_end_of_the_weights_file_are_refused(default_bui
 
 
 def test_a_graph_whose_interface_differs_from_the_manifest_is_refused(default_build, tmp_path):
-    def edit(data):
-        data["subsets"][1]["inputs"][0]["name"] = "latents"
+    def edit(data):  # every record renamed alike: only the graphs themselves say otherwise
+        for tensor in (data["model"]["inputs"][0], *(subset["inputs"][0] for subset in data["subsets"])):
+            tensor["name"] = "latents"
 
     line = _refused("run", str(_edit(default_build, tmp_path, edit)), "--labels", "1")
     assert "the graph's inputs" in line and "are not the manifest's" in line and "'latents'" in line
@@ -198,7 +199,7 @@ def test_two_builds_into_one_folder_at_once_are_serialised(tmp_path):
     assert [first.returncode, second.returncode] == [0, 0], outputs
     assert any("waiting for the build already running into" in stdout for stdout, _ in outputs)
     manifest_io.load(out, verify_files=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".engines.lock", "engines"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # the lock is gone with the builds
 
 
 def test_a_build_killed_between_the_two_renames_is_restored_before_anything_else(default_build, tmp_path):
@@ -357,7 +358,7 @@ def test_a_full_disk_is_one_line_exit_4_and_leaves_the_previous_build(default_bu
     out = small_tmpfs / "engines"
     line = _refused("build", "--out", str(out), code=4)  # the default's weights alone are 7 MB
     assert "No space left on device" in line and f"writing the build into {out}" in line
-    assert sorted(p.name for p in small_tmpfs.iterdir()) == [".engines.lock"]
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == []  # no staging folder, no lock
 
 
 def test_a_read_only_folder_is_one_line_exit_4(default_build, small_tmpfs):
@@ -437,3 +438,158 @@ def test_no_tracked_file_is_ignored_by_the_common_python_gitignore_template(tmp_
     ignored = subprocess.run(["git", "-c", f"core.excludesFile={template}", "check-ignore", "--no-index", "--stdin"],
                              cwd=REPO, input=tracked, capture_output=True, text=True)
     assert ignored.returncode == 1, f"tracked files the template would drop from git:\n{ignored.stdout}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Round two: what cannot work is refused at the first command that sees it, and a refused command leaves nothing.
+
+@pytest.mark.parametrize("dtype, where, suffix", [
+    (torch.int8, None, ".pt"),  # a whole state_dict of integers
+    (torch.int32, "blocks.1.mlp.fc1.weight", ".safetensors"),  # one integer tensor among float ones
+])
+def test_a_checkpoint_of_integer_weights_is_refused_naming_the_tensor(tmp_path, dtype, where, suffix):
+    from safetensors.torch import save_file
+
+    from l2c_export.models.dit.model import DiT, dit_config
+
+    state = DiT(dit_config("DiT-S/2", input_size=4, num_classes=10)).state_dict()
+    state = {name: (tensor * 100).to(dtype) if where in (None, name) else tensor for name, tensor in state.items()}
+    checkpoint = tmp_path / f"quantized{suffix}"
+    if suffix == ".pt":
+        torch.save(state, checkpoint)
+    else:
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(checkpoint))
+    before = _snapshot(tmp_path)
+    out = tmp_path / "new" / "deeper" / "engines"  # folders above --out that the refused build would have created
+    line = _refused("build", "--checkpoint", str(checkpoint), "--model", "DiT-S/2", "--image-size", "32",
+                    "--num-classes", "10", "--out", str(out))
+    name = where or next(iter(state))
+    assert f"{checkpoint}: tensor {name!r} is {str(dtype).removeprefix('torch.')}; expected floating-point " \
+           f"weights" in line
+    assert _snapshot(tmp_path) == before  # no output, no staging folder, no lock, no parent folders
+
+
+def test_bf16_for_onnxruntime_is_refused_at_build_naming_the_backends_that_take_it(default_build, tmp_path):
+    before = _snapshot(tmp_path)
+    line = _refused("build", "--precision", "bf16", "--backend", "onnxruntime", "--out", str(tmp_path / "engines"))
+    assert "--precision bf16 --backend onnxruntime: onnxruntime cannot run bf16 graphs; bf16 is for --backend " \
+           "tensorrt only" in line
+    assert _snapshot(tmp_path) == before
+    # A bf16 manifest (an older build's) is still refused by the runtime, naming the field.
+    folder = _edit(default_build, tmp_path, lambda data: data.update(precision="bf16"))
+    assert "manifest.json: field 'precision' is bf16: onnxruntime cannot run bf16 graphs" in _refused(
+        "run", str(folder), "--labels", "1")
+
+
+def test_a_build_refused_under_the_lock_leaves_the_previous_build_and_no_lock(default_build, tmp_path):
+    """A checkpoint is read only under the lock (an unchanged rebuild never loads it): refused there, the previous
+    build stays as it was and the lock goes with the refused build. (A build that succeeds leaves no lock either:
+    test_two_builds_into_one_folder_at_once_are_serialised.)"""
+    from l2c_export.models.dit.model import DiT, dit_config
+
+    state = DiT(dit_config("DiT-S/2", input_size=4, num_classes=10)).state_dict()
+    torch.save({name: tensor.to(torch.int8) for name, tensor in state.items()}, tmp_path / "int8.pt")
+    out = _copy(default_build, tmp_path / "engines")
+    before = _snapshot(tmp_path)
+    line = _refused("build", "--checkpoint", str(tmp_path / "int8.pt"), "--model", "DiT-S/2", "--image-size", "32",
+                    "--num-classes", "10", "--out", str(out))
+    assert "is int8; expected floating-point weights" in line
+    assert _snapshot(tmp_path) == before
+    manifest_io.load(out, verify_files=True)
+
+
+def _edit_records(data: dict, role: str, shape: list) -> None:
+    """Sets ``shape`` on every record of the tensors with ``role`` (model record and every subset's), so that the
+    manifest agrees with itself and only its graphs say otherwise."""
+    model = data["model"]
+    for tensor in (*model["inputs"], model["output"], *data["cache_slots"],
+                   *(t for s in data["subsets"] for t in (*s["inputs"], *s["outputs"]))):
+        if tensor.get("role") == role or (role == "cache" and "role" not in tensor):
+            tensor["shape"] = shape
+
+
+def _set_cache_shape(data: dict) -> None:
+    for tensor in (*data["cache_slots"], *(t for s in data["subsets"] for t in (*s["inputs"], *s["outputs"])
+                                           if "slot" in t)):
+        tensor["shape"] = ["batch", 16, 64]
+
+
+@pytest.mark.parametrize("edit, backend, message", [
+    (lambda d: (d["model"]["config"].update(num_classes=1000), d["guidance"].update(null_class=1000)), "onnxruntime",
+     "field 'guidance/null_class' is 1000; the graph was built for 10 (graph full.onnx)"),
+    (lambda d: _edit_records(d, "sample", ["batch", 1, 16, 16]), "onnxruntime",
+     "field 'subsets/0/inputs/0/shape' (x) is ['batch', 1, 16, 16]; the graph full.onnx has ['batch', 1, 8, 8]"),
+    (lambda d: _edit_records(d, "output", ["batch", 1, 8, 8]), "onnxruntime",  # learned sigma dropped
+     "field 'subsets/0/outputs/0/shape' (model_out) is ['batch', 1, 8, 8]; the graph full.onnx has ['batch', 2, 8, "
+     "8]"),
+    (_set_cache_shape, "onnxruntime",
+     "(fresh_attn_0) is ['batch', 16, 64]; the graph full.onnx has ['batch', 16, 128]"),
+    (lambda d: next(w for w in d["weight_tensors"] if w["name"] == "y_embedder.embedding_table.weight").update(
+        shape=[128, 11]), "onnxruntime",
+     "(y_embedder.embedding_table.weight) says float32 [128, 11]; the graph full.onnx has float32 [11, 128]"),
+    (lambda d: d["guidance"].update(guided_channels=4), "onnxruntime",
+     "field 'guidance/guided_channels' is 4; expected at most the sample's 1 channel(s)"),
+    (lambda d: d["subsets"][1]["inputs"][0].update(shape=["batch", 1, 4, 4]), "onnxruntime",
+     "field 'subsets/1/inputs': the model inputs"),
+    (lambda d: d["subsets"][1]["compute"].__setitem__(5, 1), "onnxruntime",
+     "field 'subsets/1/reads' reads sub-layers"),
+    (lambda d: d["model"]["config"].update(num_classes=1000), "torch",  # the torch backend rebuilds the model from it
+     "field 'model/config/num_classes' is 1000; the graph was built for 10 (graph full.onnx)"),
+    (lambda d: d["model"]["config"].update(num_classes=1000), "onnxruntime",  # a number this runtime never reads
+     "field 'model/config/num_classes' is 1000; the graph was built for 10 (graph full.onnx)"),
+    (lambda d: d["model"]["config"].update(learn_sigma=False), "onnxruntime",
+     "field 'model/config/learn_sigma' is False; the graph was built for True (graph full.onnx)"),
+    (lambda d: d["guidance"].update(null_class=5), "onnxruntime",  # lowered: every label still indexes the table
+     "field 'guidance/null_class' is 5; the graph was built for 10 (graph full.onnx)"),
+], ids=["num-classes", "sample-shape", "output-shape", "cache-shape", "weight-shape", "guided-channels",
+        "one-subset", "compute-vs-reads", "config-torch", "config-onnxruntime", "config-flag", "null-class-down"])
+def test_a_manifest_that_contradicts_its_graphs_is_refused_naming_the_field(default_build, tmp_path, edit, backend,
+                                                                            message):
+    """The graphs' hashes are intact; only the manifest's numbers were edited. Every number the runtime takes is
+    checked against the graph it loads (or against the manifest's other records of the same thing)."""
+    folder = _edit(default_build, tmp_path, edit)
+    line = _refused("run", str(folder), "--labels", "1", "--backend", backend, "--save-latents",
+                    str(tmp_path / "out.npy"))
+    assert f"{folder / 'manifest.json'}: " in line and message in line
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_a_null_class_past_the_label_table_is_refused_even_with_the_graphs_restamped(default_build, tmp_path):
+    """Behind the stamps: every graph re-stamped for 1000 classes and its sha256 fixed up, the label table itself
+    (11 rows) still contradicts the manifest."""
+    import onnx
+
+    folder = _copy(default_build, tmp_path / "restamped")
+    data = _manifest(folder)
+    data["model"]["config"]["num_classes"] = data["guidance"]["null_class"] = 1000
+    stamp = manifest_io.graph_stamp({"model/config": data["model"]["config"], "guidance/null_class": 1000})
+    for record in data["subsets"]:
+        path = folder / record["graph"]["file"]
+        graph = onnx.load(path, load_external_data=False)
+        onnx.helper.set_model_props(graph, {manifest_io.GRAPH_STAMP_KEY: stamp})
+        onnx.save_model(graph, str(path))
+        record["graph"] = record["engine"] = manifest_io.file_entry(folder, record["graph"]["file"],
+                                                                    record["graph"]["key"])
+    _write_manifest(folder, data)
+    line = _refused("run", str(folder), "--labels", "1")
+    assert ("field 'guidance/null_class' is 1000 (labels 0..999, null class 1000); the graph full.onnx's label table "
+            "'y_embedder.embedding_table.weight' has 11 rows") in line
+
+
+def _deeply_nested(levels: int = 1_000_000) -> str:
+    return "[" * levels + "]" * levels
+
+
+def test_json_nested_a_million_deep_is_one_line_exit_2(default_build, tmp_path):
+    schedule = tmp_path / "deep.json"
+    schedule.write_text('{"num_steps": 1, "depth": 1, "compute": ' + _deeply_nested() + "}")
+    expected = "JSON arrays or objects nested more than 64 levels deep; expected at most 64"
+    assert f"{schedule}: {expected}" in _refused("schedule", "--schedule", str(schedule))
+    folder = _copy(default_build, tmp_path / "build")
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text.replace('"name":', f'"deep": {_deeply_nested()}, "name":', 1))
+    assert f"{folder / 'manifest.json'}: {expected}" in _refused("run", str(folder), "--labels", "1")
+    config = tmp_path / "config.json"  # learn --model-config
+    config.write_text('{"family": "dit", "depth": ' + _deeply_nested(100) + "}")
+    assert f"{config}: {expected}" in _refused("learn", "--checkpoint", str(tmp_path / "x.pt"), "--model-config",
+                                               str(config), "--out", str(tmp_path / "r.safetensors"))

@@ -38,6 +38,13 @@ std::string sha256_file(const fs::path& path) {
   return hex.str();
 }
 
+std::string record_shape_string(const std::vector<int64_t>& shape) {
+  std::string text = "(";
+  for (size_t i = 0; i < shape.size(); ++i)
+    text += (i ? ", " : "") + (shape[i] == kBatch ? std::string("batch") : std::to_string(shape[i]));
+  return text + (shape.size() == 1 ? ",)" : ")");
+}
+
 namespace {
 
 FileRecord read_file_record(const Fields& node) {
@@ -54,17 +61,27 @@ FileRecord read_file_record(const Fields& node) {
   return record;
 }
 
+// A shape's dimensions: "batch" first where allowed, then sizes in 1..kMaxDimension (0.. for a weight), and no more
+// than kMaxElements elements per sample (or per weight tensor), so every size the runtime computes from it is small
+// enough to allocate and cannot overflow.
 std::vector<int64_t> read_shape(const Fields& node, bool allow_batch) {
   std::vector<int64_t> shape;
+  uint64_t elements = 1;
   for (size_t i = 0; i < node.size(); ++i) {
     Fields dim = node[i];
     if (allow_batch && i == 0) {
       if (dim.str() != "batch") dim.fail("expected \"batch\" (the first dimension)");
       shape.push_back(kBatch);
-    } else {
-      shape.push_back(dim.integer(allow_batch ? 1 : 0, int64_t(1) << 40));
+      continue;
     }
+    const int64_t size = dim.integer(allow_batch ? 1 : 0, kMaxDimension);
+    shape.push_back(size);
+    elements = elements > kMaxElements ? elements : elements * static_cast<uint64_t>(size);
   }
+  if (allow_batch && shape.empty()) node.fail("is empty; expected [\"batch\", ...]");
+  if (elements > kMaxElements)
+    node.fail("has more than " + std::to_string(kMaxElements) + " elements" + (allow_batch ? " per sample" : "") +
+              "; expected a tensor this runtime can allocate");
   return shape;
 }
 
@@ -98,8 +115,10 @@ std::vector<bool> read_bool_row(const Fields& node) {
 }
 
 // What the schema cannot say, as l2c_export.core.manifest.check_consistency: the first step computes everything, a step
-// reads only slots an earlier step wrote, and each subset's cache inputs and fresh outputs are its reads and writes.
-void check_consistency(const Manifest& m, const Fields& subsets, const Fields& step_subset) {
+// reads only slots an earlier step wrote, each subset's cache inputs and fresh outputs are its reads and writes, and
+// the schedule's rows are the compute of the subsets its steps name.
+void check_consistency(const Manifest& m, const Fields& subsets, const Fields& schedule) {
+  const Fields step_subset = schedule["step_subset"], compute = schedule["compute"];
   for (size_t i = 0; i < m.subsets.size(); ++i) {
     const SubsetRecord& record = m.subsets[i];
     std::vector<std::string> reads, writes, slot_inputs, slot_outputs;
@@ -124,7 +143,72 @@ void check_consistency(const Manifest& m, const Fields& subsets, const Fields& s
                                tensor.slot + " that no earlier step writes");
     for (const auto& tensor : record.outputs)
       if (!tensor.slot.empty()) written.insert(tensor.slot);
+    if (read_bool_row(compute[step]) != record.compute)
+      compute[step].fail("differs from the 'compute' of subset " + std::to_string(record.index) +
+                         ", which 'schedule/step_subset/" + std::to_string(step) + "' names");
   }
+}
+
+// The graph interface the runtime binds, as l2c_export.core.manifest checks it: one sample (float32 (batch, C, H, W)),
+// time (float32 (batch,)) and label (int64 (batch,)) input and one output (float32 (batch, C or 2C, H, W)) per
+// subset, the same in every subset as in the full one; each cache input and fresh output is its slot's dtype and
+// shape; every subset computes as many sub-layers as the full one. (That these records are each graph's own
+// interface is checked when the graph is loaded.)
+void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& guidance) {
+  const SubsetRecord& full = m.subsets[m.full_subset];
+  static const std::map<std::string, std::pair<std::string, size_t>> model_roles{
+      {"sample", {"float32", 4}}, {"time", {"float32", 1}}, {"label", {"int64", 1}}, {"output", {"float32", 4}}};
+  auto same = [](const TensorRecord& a, const TensorRecord& b) {
+    return a.name == b.name && a.dtype == b.dtype && a.shape == b.shape;
+  };
+  for (size_t i = 0; i < m.subsets.size(); ++i) {
+    const SubsetRecord& record = m.subsets[i];
+    if (record.compute.size() != full.compute.size() || record.compute.empty())
+      subsets[i]["compute"].fail("has " + std::to_string(record.compute.size()) + " entries; expected " +
+                                 std::to_string(full.compute.size()) + ", one per sub-layer, as the full subset");
+    for (const auto& [role, form] : model_roles) {
+      const bool output = role == "output";
+      const std::vector<TensorRecord>& list = output ? record.outputs : record.inputs;
+      const Fields field = subsets[i][output ? "outputs" : "inputs"];
+      const auto count = std::count_if(list.begin(), list.end(), [&](const TensorRecord& t) { return t.role == role; });
+      if (count != 1)
+        field.fail("has " + std::to_string(count) + " tensors with role " + role + "; expected exactly one");
+      const size_t at = std::find_if(list.begin(), list.end(), [&](const TensorRecord& t) { return t.role == role; }) -
+                        list.begin();
+      const TensorRecord& tensor = list[at];
+      if (tensor.dtype != form.first || tensor.shape.size() != form.second)
+        field[at].fail("(" + tensor.name + ", role " + role + ") is " + tensor.dtype + " of " +
+                       std::to_string(tensor.shape.size()) + " dimensions; expected " + form.first + " of " +
+                       std::to_string(form.second) + (form.second == 4 ? " (batch, C, H, W)" : " (batch,)"));
+      const TensorRecord& in_full = Manifest::model_tensor(full, role);
+      if (!same(tensor, in_full))
+        field[at].fail("(" + tensor.name + " " + tensor.dtype + " " + record_shape_string(tensor.shape) +
+                       ") differs from the full subset's " + in_full.name + " " + in_full.dtype + " " +
+                       record_shape_string(in_full.shape));
+    }
+    for (bool output : {false, true}) {
+      const std::vector<TensorRecord>& list = output ? record.outputs : record.inputs;
+      for (size_t k = 0; k < list.size(); ++k) {
+        if (list[k].slot.empty()) continue;
+        const CacheSlot& slot = m.slot(list[k].slot);
+        if (list[k].dtype != slot.dtype || list[k].shape != slot.shape)
+          subsets[i][output ? "outputs" : "inputs"][k].fail(
+              "(" + list[k].name + ") is " + list[k].dtype + " " + record_shape_string(list[k].shape) +
+              "; its cache slot " + slot.name + " in 'cache_slots' is " + slot.dtype + " " +
+              record_shape_string(slot.shape));
+      }
+    }
+  }
+  const TensorRecord& sample = Manifest::model_tensor(full, "sample");
+  const TensorRecord& output = Manifest::model_tensor(full, "output");
+  if ((output.shape[1] != sample.shape[1] && output.shape[1] != 2 * sample.shape[1]) ||
+      output.shape[2] != sample.shape[2] || output.shape[3] != sample.shape[3])
+    subsets[m.full_subset]["outputs"].fail("model output " + output.name + " " + record_shape_string(output.shape) +
+                                           " does not fit the sample " + record_shape_string(sample.shape) +
+                                           "; expected (batch, C or 2C, H, W)");
+  if (m.guidance.guided_channels > sample.shape[1])
+    guidance["guided_channels"].fail("is " + std::to_string(m.guidance.guided_channels) + "; expected at most the " +
+                                     "sample's " + std::to_string(sample.shape[1]) + " channel(s)");
 }
 
 }  // namespace
@@ -158,6 +242,7 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     root["precision"].fail("expected fp32, fp16 or bf16");
 
   m.space = root["model"]["space"].str();
+  m.document = data.dump();
   if (m.space != "pixel" && m.space != "latent") root["model"]["space"].fail("expected pixel or latent");
 
   Fields guidance = root["guidance"];
@@ -188,6 +273,9 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     if (element == 0) w["dtype"].fail("expected float32, float16 or bfloat16");
     if (tensor.length != Tensor::count(tensor.shape) * element)
       w["length"].fail("does not match its shape and dtype");
+    if (tensor.offset % element != 0)  // each weight is used in place, straight from the memory-mapped file
+      w["offset"].fail("is " + std::to_string(tensor.offset) + "; expected a multiple of its dtype's " +
+                       std::to_string(element) + " bytes");
     if (tensor.offset + tensor.length > m.weights.bytes)
       w["offset"].fail("reaches past the end of " + m.weights.file + " (" + std::to_string(m.weights.bytes) + " bytes)");
     m.weight_tensors.push_back(tensor);
@@ -216,12 +304,11 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   }
   if (m.full_subset < 0) subsets.fail("has no subset that computes every sub-layer (the full-compute engine)");
 
+  check_interfaces(m, subsets, guidance);
+
   // Learned sigma (DiT): model_out carries the variance interpolation values after the eps channels.
   const SubsetRecord& full = m.subsets[m.full_subset];
   const TensorRecord& sample = Manifest::model_tensor(full, "sample"), &output = Manifest::model_tensor(full, "output");
-  if (sample.shape.size() != 4 || output.shape.size() != 4 ||
-      (output.shape[1] != sample.shape[1] && output.shape[1] != 2 * sample.shape[1]))
-    subsets[m.full_subset].fail("expected (batch, C, H, W) samples in and (batch, C or 2C, H, W) out");
   m.sampler = detail::make_sampler(root["sampler"], output.shape[1] == 2 * sample.shape[1]);
 
   Fields schedule = root["schedule"], step_subset = schedule["step_subset"];
@@ -233,7 +320,7 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
                              std::to_string(step_subset.size()) + " steps in 'schedule/step_subset'");
   for (size_t i = 0; i < step_subset.size(); ++i)
     m.step_subset.push_back(static_cast<int>(step_subset[i].integer(0, static_cast<int64_t>(m.subsets.size()) - 1)));
-  check_consistency(m, subsets, step_subset);
+  check_consistency(m, subsets, schedule);
   m.ideal_speedup = root["macs"]["ideal_speedup"].number();
   if (root.has("tensorrt") && root["tensorrt"].has("timing_cache"))
     m.other_files.push_back(read_file_record(root["tensorrt"]["timing_cache"]));
@@ -294,6 +381,55 @@ std::vector<FileRecord> Manifest::files() const {
   for (auto& record : all)
     if (seen.insert(record.file).second) unique.push_back(record);
   return unique;
+}
+
+namespace {
+
+std::string difference(const json& recorded, const json& built, const std::string& path) {
+  if (recorded.is_object() && built.is_object()) {
+    std::vector<std::string> keys;
+    for (const auto& item : recorded.items()) keys.push_back(item.key());
+    for (const auto& item : built.items())
+      if (!recorded.contains(item.key())) keys.push_back(item.key());
+    std::sort(keys.begin(), keys.end());
+    for (const std::string& key : keys) {
+      const std::string field = path + "/" + key;
+      if (!built.contains(key)) return "field '" + field + "' is not in what the graph was built for";
+      if (!recorded.contains(key)) return "field '" + field + "' is missing; the graph was built for " + built[key].dump();
+      std::string found = difference(recorded[key], built[key], field);
+      if (!found.empty()) return found;
+    }
+    return "";
+  }
+  // nlohmann compares integers and floats by value, as the manifest's JSON means them.
+  if (recorded != built || recorded.is_boolean() != built.is_boolean())
+    return "field '" + path + "' is " + recorded.dump() + "; the graph was built for " + built.dump();
+  return "";
+}
+
+}  // namespace
+
+std::string stamp_difference(const std::string& manifest, const std::string& stamp) {
+  json fields;
+  try {
+    fields = json::parse(stamp);
+  } catch (const json::parse_error&) {
+    return std::string("the graph's '") + kGraphStampKey + "' record is not JSON";
+  }
+  if (!fields.is_object()) return "the graph's stamp is not a JSON object";
+  const json document = json::parse(manifest);
+  for (const auto& item : fields.items()) {  // nlohmann's objects iterate in key order, as the Python reader does
+    json recorded;  // null where the manifest has no such field
+    try {
+      const json::json_pointer pointer("/" + item.key());
+      if (document.contains(pointer)) recorded = document.at(pointer);
+    } catch (const json::exception&) {
+      return "the graph's stamp names '" + item.key() + "', which is not a manifest field";
+    }
+    std::string found = difference(recorded, item.value(), item.key());
+    if (!found.empty()) return found;
+  }
+  return "";
 }
 
 }  // namespace l2c

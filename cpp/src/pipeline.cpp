@@ -58,21 +58,24 @@ OnnxRuntime& onnxruntime(const std::string& library, int threads) {
   const std::string path = library.empty() ? default_library() : library;
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr)
-    throw Error("cannot load ONNX Runtime from " + path + " (" + dlerror() +
-                "); point L2C_ONNXRUNTIME_LIBRARY at libonnxruntime.so from the onnxruntime wheel");
+    throw UnavailableError("cannot load ONNX Runtime from " + path + " (" + dlerror() +
+                           "); point L2C_ONNXRUNTIME_LIBRARY at libonnxruntime.so from the onnxruntime wheel");
   using GetApiBase = const OrtApiBase* (*)();
   auto get_api_base = reinterpret_cast<GetApiBase>(dlsym(handle, "OrtGetApiBase"));
-  if (get_api_base == nullptr) throw Error(path + ": has no OrtGetApiBase; not an ONNX Runtime library");
+  if (get_api_base == nullptr) throw UnavailableError(path + ": has no OrtGetApiBase; not an ONNX Runtime library");
   const OrtApi* api = get_api_base()->GetApi(ORT_API_VERSION);
   if (api == nullptr)
-    throw Error(path + ": ONNX Runtime " + get_api_base()->GetVersionString() + " does not offer C API version " +
-                std::to_string(ORT_API_VERSION) + "; use ONNX Runtime 1." + std::to_string(ORT_API_VERSION) + " or newer");
+    throw UnavailableError(path + ": ONNX Runtime " + get_api_base()->GetVersionString() +
+                           " does not offer C API version " + std::to_string(ORT_API_VERSION) + "; use ONNX Runtime 1." +
+                           std::to_string(ORT_API_VERSION) + " or newer");
   Ort::InitApi(api);
   auto* instance = new OnnxRuntime{path, threads, nullptr};
   Ort::ThreadingOptions threading;
   threading.SetGlobalIntraOpNumThreads(threads);
   threading.SetGlobalInterOpNumThreads(1);
-  instance->env = std::make_unique<Ort::Env>(threading, ORT_LOGGING_LEVEL_ERROR, "l2c");
+  // ONNX Runtime's own log stays quiet: every error it reports reaches the caller as an exception, and from there
+  // as one line (its log would print the same error again, on lines of its own).
+  instance->env = std::make_unique<Ort::Env>(threading, ORT_LOGGING_LEVEL_FATAL, "l2c");
   Ort::MemoryInfo arena_memory("Cpu", OrtArenaAllocator, 0, OrtMemTypeDefault);
   Ort::ArenaCfg arena(0, -1, -1, -1);
   instance->env->CreateAndRegisterAllocator(arena_memory, arena);
@@ -90,11 +93,29 @@ ONNXTensorElementDataType element_type(const std::string& dtype) {
 
 size_t element_size(const std::string& dtype) { return dtype == "float32" ? 4 : dtype == "int64" ? 8 : 2; }
 
-// The session's inputs and outputs must be the manifest's records: names, order and element types.
-void check_interface(const Ort::Session& session, const SubsetRecord& record, const fs::path& file) {
+// The session's inputs and outputs must be the manifest's records of that subset: names, order, element types and
+// shapes (a record's "batch" is a dimension the graph leaves open; a size the graph leaves open matches any record).
+// A graph swapped for another subset's (its sha256 updated to match) fails here: distinct subsets reuse distinct
+// sub-layers, so their cache inputs differ.
+// The fields the graph's build fixed (its kGraphStampKey record: model/config, guidance/null_class) must be the
+// manifest's, so a field edited after the build is refused whether or not this runtime reads it.
+void check_stamp(Ort::Session& session, const Manifest& manifest, const fs::path& file,
+                        const std::string& manifest_path) {
+  Ort::AllocatorWithDefaultOptions allocator;
+  Ort::AllocatedStringPtr stamp = session.GetModelMetadata().LookupCustomMetadataMapAllocated(kGraphStampKey, allocator);
+  if (!stamp)
+    throw Error(manifest_path + ": the graph " + file.filename().string() + " has no '" + kGraphStampKey +
+                "' record of what it was built for (a build of an older l2c-export); rebuild it");
+  const std::string difference = stamp_difference(manifest.document, stamp.get());
+  if (!difference.empty()) throw Error(manifest_path + ": " + difference + " (graph " + file.filename().string() + ")");
+}
+
+void check_interface(const Ort::Session& session, const SubsetRecord& record, const fs::path& file,
+                     const std::string& manifest_path) {
   Ort::AllocatorWithDefaultOptions allocator;
   for (bool outputs : {false, true}) {
     const std::vector<TensorRecord>& expected = outputs ? record.outputs : record.inputs;
+    const std::string field = "subsets/" + std::to_string(record.index) + (outputs ? "/outputs" : "/inputs");
     const size_t count = outputs ? session.GetOutputCount() : session.GetInputCount();
     std::string got, want;
     bool same = count == expected.size();
@@ -108,8 +129,23 @@ void check_interface(const Ort::Session& session, const SubsetRecord& record, co
     for (size_t i = 0; i < expected.size(); ++i) want += (i ? ", " : "") + expected[i].name + " " + expected[i].dtype;
     if (!same)
       throw Error(file.string() + ": the graph's " + (outputs ? "outputs (" : "inputs (") + got +
-                  ") are not the manifest's (field 'subsets/" + std::to_string(record.index) +
-                  (outputs ? "/outputs': " : "/inputs': ") + want + ")");
+                  ") are not the manifest's (field '" + field + "' of subset " + record.name + ": " + want + ")");
+    for (size_t i = 0; i < count; ++i) {
+      const std::vector<int64_t> shape = (outputs ? session.GetOutputTypeInfo(i) : session.GetInputTypeInfo(i))
+                                             .GetTensorTypeAndShapeInfo().GetShape();
+      const std::vector<int64_t>& recorded = expected[i].shape;
+      bool fits = shape.size() == recorded.size();
+      for (size_t d = 0; fits && d < shape.size(); ++d)
+        fits = recorded[d] == kBatch ? shape[d] < 0 : shape[d] < 0 || shape[d] == recorded[d];
+      if (!fits) {
+        std::string graph_shape = "(";
+        for (size_t d = 0; d < shape.size(); ++d)
+          graph_shape += (d ? ", " : "") + (shape[d] < 0 ? std::string("?") : std::to_string(shape[d]));
+        throw Error(manifest_path + ": field '" + field + "/" + std::to_string(i) + "/shape' (" + expected[i].name +
+                    " of subset " + record.name + ") is " + record_shape_string(recorded) + "; the graph " +
+                    file.filename().string() + " has " + graph_shape + ")");
+      }
+    }
   }
 }
 
@@ -180,6 +216,9 @@ Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
       {"basic", ORT_ENABLE_BASIC}, {"extended", ORT_ENABLE_EXTENDED}, {"all", ORT_ENABLE_ALL}};
   if (!levels.count(options.optimization))
     throw Error("optimization level " + options.optimization + ": expected basic, extended or all");
+  if (options.threads < 0 || options.threads > kMaxThreads)
+    throw Error("threads is " + std::to_string(options.threads) + "; expected 0 (one per core) to " +
+                std::to_string(kMaxThreads));
   OnnxRuntime& ort = onnxruntime(options.onnxruntime_library, options.threads);
 
   impl_ = std::make_unique<Impl>();
@@ -190,19 +229,12 @@ Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
   const Manifest& m = p.manifest;
   p.cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
 
-  // Shapes come from the records: x is (batch, C, H, W), model_out (batch, C_out, H, W).
+  // Shapes come from the records (Manifest::load checked them): x is (batch, C, H, W), model_out (batch, C_out, H, W).
   const SubsetRecord& full = m.subset(m.full_subset);
   const TensorRecord& x = Manifest::model_tensor(full, "sample");
   const TensorRecord& out = Manifest::model_tensor(full, "output");
-  if (x.shape.size() != 4 || x.dtype != "float32")
-    throw Error(where + ": subset " + full.name + " input " + x.name + ": expected float32 (batch, C, H, W)");
-  if (out.shape.size() != 4 || out.dtype != "float32")
-    throw Error(where + ": subset " + full.name + " output " + out.name + ": expected float32 (batch, C_out, H, W)");
   p.sample_shape.assign(x.shape.begin() + 1, x.shape.end());
   p.out_shape.assign(out.shape.begin() + 1, out.shape.end());
-  if (m.guidance.guided_channels > p.out_shape[0])
-    throw Error(where + ": field 'guidance/guided_channels' is " + std::to_string(m.guidance.guided_channels) +
-                "; expected at most model_out's " + std::to_string(p.out_shape[0]) + " channels");
 
   p.weights = std::make_unique<MappedFile>(m.file_path(m.weights));
   if (p.weights->size() != m.weights.bytes)
@@ -234,7 +266,8 @@ Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
     const fs::path file = m.file_path(m.backend == "onnxruntime" ? record.engine : record.graph);
     try {
       Ort::Session session(*p.ort->env, file.c_str(), session_options);
-      check_interface(session, record, file);
+      check_stamp(session, m, file, where);
+      check_interface(session, record, file, where);
       p.sessions.emplace(index, std::move(session));
     } catch (const Ort::Exception& error) {
       throw Error(file.string() + ": ONNX Runtime cannot load it: " + error.what());
@@ -276,9 +309,10 @@ void Pipeline::Impl::append_tensorrt(Ort::SessionOptions& session_options) const
     std::string what = error.what();
     for (char& c : what)
       if (c == '\n') c = ' ';
-    throw Error("TensorRT is not usable by ONNX Runtime (" + ort->library + ") on this machine: " + what +
-                ". The TensorRT provider needs an NVIDIA GPU with the CUDA and TensorRT libraries that this ONNX Runtime was built for on the loader path; "
-                "run with the CPU provider (the default) instead");
+    throw UnavailableError("TensorRT is not usable by ONNX Runtime (" + ort->library + ") on this machine: " + what +
+                           ". The TensorRT provider needs an NVIDIA GPU with the CUDA and TensorRT libraries that this "
+                           "ONNX Runtime was built for on the loader path; run with the CPU provider (the default) "
+                           "instead");
   }
   api.ReleaseTensorRTProviderOptions(tensorrt);
   api.ReleaseCUDAProviderOptions(cuda);
@@ -324,7 +358,17 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
     }
     binding.BindOutput(output.name.c_str(), buffer.value);
   }
-  session.Run(Ort::RunOptions{nullptr}, binding);
+  try {
+    session.Run(Ort::RunOptions{nullptr}, binding);
+  } catch (const Ort::Exception& error) {
+    // A graph that does not run on what its records say it takes (a hostile build whose hashes were fixed up).
+    std::string what = error.what();
+    for (char& c : what)
+      if (c == '\n' || c == '\r') c = ' ';
+    throw Error(manifest.file_path(manifest.backend == "onnxruntime" ? record.engine : record.graph).string() +
+                ": ONNX Runtime failed to run subset " + record.name + " on a batch of " + std::to_string(batch) +
+                ": " + what);
+  }
   return model_out;
 }
 

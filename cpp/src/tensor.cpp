@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -16,11 +17,20 @@ namespace l2c {
 
 namespace fs = std::filesystem;
 
+namespace {
+constexpr size_t kMaxNpyHeader = 10000;  // numpy.lib.format's max_header_size: a longer header is refused
+}  // namespace
+
 Tensor::Tensor(std::vector<int64_t> shape_, float fill) : shape(std::move(shape_)), data(count(shape), fill) {}
 
 size_t Tensor::count(const std::vector<int64_t>& shape) {
   size_t total = 1;
-  for (int64_t dim : shape) total *= static_cast<size_t>(dim);
+  for (int64_t dim : shape) {
+    if (dim < 0) throw Error("shape " + l2c::shape_string(shape) + " has a negative dimension");
+    if (dim != 0 && total > SIZE_MAX / static_cast<size_t>(dim))
+      throw Error("shape " + l2c::shape_string(shape) + " has more elements than this machine can address");
+    total *= static_cast<size_t>(dim);
+  }
   return total;
 }
 
@@ -36,21 +46,22 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 
 Tensor read_npy(const fs::path& path) {
   const std::string name = path.string();
+  std::error_code size_error;
+  const uintmax_t file_bytes = fs::file_size(path, size_error);
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(name + ": cannot be read");
+  if (!in || size_error) throw Error(name + ": cannot be read");
+  // numpy's format: magic, version (1, 2 or 3), the header's length (2 bytes in version 1, else 4), the header (a
+  // Python dict literal), the data.
   char magic[8];
-  if (!in.read(magic, 8) || std::memcmp(magic, "\x93NUMPY", 6) != 0)
+  if (!in.read(magic, 8) || std::memcmp(magic, "\x93NUMPY", 6) != 0 || magic[6] < 1 || magic[6] > 3)
     throw Error(name + ": not a .npy file (expected a float32 array saved with numpy.save)");
-  size_t header_length = 0;
-  if (magic[6] == 1) {
-    unsigned char length[2];
-    in.read(reinterpret_cast<char*>(length), 2);
-    header_length = length[0] | (length[1] << 8);
-  } else {
-    unsigned char length[4];
-    in.read(reinterpret_cast<char*>(length), 4);
-    header_length = length[0] | (length[1] << 8) | (length[2] << 16) | (size_t(length[3]) << 24);
-  }
+  unsigned char length[4] = {0, 0, 0, 0};
+  const int length_bytes = magic[6] == 1 ? 2 : 4;
+  if (!in.read(reinterpret_cast<char*>(length), length_bytes)) throw Error(name + ": truncated header");
+  const size_t header_length = length[0] | (length[1] << 8) | (length[2] << 16) | (size_t(length[3]) << 24);
+  if (header_length > kMaxNpyHeader)
+    throw Error(name + ": header of " + std::to_string(header_length) + " bytes; expected at most " +
+                std::to_string(kMaxNpyHeader) + " (numpy's own limit)");
   std::string header(header_length, '\0');
   if (!in.read(header.data(), static_cast<std::streamsize>(header_length))) throw Error(name + ": truncated header");
   std::smatch match;
@@ -58,15 +69,28 @@ Tensor read_npy(const fs::path& path) {
     throw Error(name + ": dtype " + (match.size() > 1 ? match[1].str() : "?") + "; expected float32 ('<f4')");
   if (!std::regex_search(header, match, std::regex("'fortran_order':\\s*(True|False)")) || match[1] != "False")
     throw Error(name + ": Fortran order; expected a C-order array");
-  if (!std::regex_search(header, match, std::regex("'shape':\\s*\\(([^)]*)\\)")))
-    throw Error(name + ": header has no shape");
+  if (!std::regex_search(header, match, std::regex("'shape':\\s*\\(([^)]*)\\)")) ||
+      !std::regex_match(match[1].str(), std::regex("\\s*([0-9]{1,18}\\s*,\\s*)*([0-9]{1,18}\\s*,?\\s*)?")))
+    throw Error(name + ": header has no shape of non-negative integers");
   Tensor tensor;
-  std::string dims = match[1];
-  std::regex number("[0-9]+");
+  const std::string dims = match[1];
+  const std::regex number("[0-9]+");
   for (auto it = std::sregex_iterator(dims.begin(), dims.end(), number); it != std::sregex_iterator(); ++it)
     tensor.shape.push_back(std::stoll(it->str()));
-  tensor.data.resize(Tensor::count(tensor.shape));
-  if (!in.read(reinterpret_cast<char*>(tensor.data.data()), static_cast<std::streamsize>(tensor.size() * 4)))
+  // The data's size is checked against the file before anything is allocated for it.
+  size_t count = 0;
+  try {
+    count = Tensor::count(tensor.shape);
+  } catch (const Error& error) {
+    throw Error(name + ": " + error.what());
+  }
+  const uintmax_t data_offset = 8 + length_bytes + header_length;
+  const uintmax_t data_bytes = file_bytes > data_offset ? file_bytes - data_offset : 0;
+  if (count > data_bytes / 4 || data_bytes != count * 4)
+    throw Error(name + ": holds " + std::to_string(data_bytes) + " bytes of data; its shape " +
+                tensor.shape_string() + " says " + std::to_string(count) + " float32 values");
+  tensor.data.resize(count);
+  if (!in.read(reinterpret_cast<char*>(tensor.data.data()), static_cast<std::streamsize>(count * 4)))
     throw Error(name + ": holds fewer values than its shape " + tensor.shape_string() + " says");
   return tensor;
 }
@@ -76,20 +100,20 @@ void atomic_write(const fs::path& path, const std::string& bytes) {
   temporary += ".tmp-" + std::to_string(::getpid());
   {
     std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(path.string() + ": cannot be written (does its folder exist?)");
+    if (!out) throw FileSystemError(path.string() + ": cannot be written (does its folder exist?)");
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     out.flush();
     if (!out) {
       out.close();
       fs::remove(temporary);
-      throw Error(path.string() + ": writing failed (disk full?)");
+      throw FileSystemError(path.string() + ": writing failed (disk full?)");
     }
   }
   std::error_code error;
   fs::rename(temporary, path, error);
   if (error) {
     fs::remove(temporary);
-    throw Error(path.string() + ": cannot be written (" + error.message() + ")");
+    throw FileSystemError(path.string() + ": cannot be written (" + error.message() + ")");
   }
 }
 

@@ -2,8 +2,10 @@
 //
 //   l2c-run ENGINE_DIR --labels 3,1,4 --noise z.npy [--cfg-scale S] [--full] --out samples.npy [--png grid.png]
 //
-// Bad input gets one line on stderr naming what is wrong and exit status 1; the outputs are written only after the
-// whole run succeeded, each atomically.
+// Every failure is one line on stderr ("l2c-run: error: ..."), and the outputs are written only after the whole run
+// succeeded, each atomically. Exit status, as the l2c-export commands': 2 bad input (an l2c::Error from the library:
+// a flag, file, field or manifest that cannot be used), 3 ONNX Runtime or the asked-for provider is not usable here,
+// 4 the file system refused an output, 1 anything else (a failure that is not the input's, e.g. out of memory).
 #include <CLI/CLI.hpp>
 
 #include <chrono>
@@ -32,6 +34,14 @@ std::vector<int64_t> parse_labels(const std::string& text) {
   return labels;
 }
 
+// One line on stderr, whatever ONNX Runtime's or CLI11's own messages hold; returns `status`.
+int fail(int status, std::string message) {
+  for (char& c : message)
+    if (c == '\n' || c == '\r') c = ' ';
+  std::cerr << "l2c-run: error: " << message << std::endl;
+  return status;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -49,10 +59,17 @@ int main(int argc, char** argv) {
   app.add_flag("--full", full, "run the full-compute engine at every step instead of the L2C schedule");
   app.add_option("--out", out_path, ".npy float32 (n, C, H, W): the samples")->required();
   app.add_option("--png", png_path, "a grid PNG of the samples (pixel-space builds)");
-  app.add_option("--threads", threads, "ONNX Runtime's intra-op threads (0: one per core)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", threads, "ONNX Runtime's intra-op threads (0: one per core)")
+      ->check(CLI::Range(0, l2c::kMaxThreads));
   app.add_option("--provider", provider, "cpu, or tensorrt (ONNX Runtime's TensorRT provider)")
       ->check(CLI::IsMember({"cpu", "tensorrt"}));
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& help) {
+    return app.exit(help);
+  } catch (const CLI::ParseError& error) {  // a flag that cannot be used: one line, as any other bad input
+    return fail(2, error.what());
+  }
 
   try {
     const std::vector<int64_t> labels = parse_labels(labels_text);
@@ -83,12 +100,14 @@ int main(int argc, char** argv) {
       l2c_run::write_png_grid(png_path, samples);
       std::cout << "wrote " << png_path << std::endl;
     }
+  } catch (const l2c::UnavailableError& error) {
+    return fail(3, error.what());
+  } catch (const l2c::FileSystemError& error) {
+    return fail(4, error.what());
+  } catch (const l2c::Error& error) {
+    return fail(2, error.what());
   } catch (const std::exception& error) {
-    std::string message = error.what();  // one line, whatever ONNX Runtime's own messages hold
-    for (char& c : message)
-      if (c == '\n' || c == '\r') c = ' ';
-    std::cerr << "l2c-run: error: " << message << std::endl;
-    return 1;
+    return fail(1, error.what());
   }
   return 0;
 }

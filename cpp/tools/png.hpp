@@ -41,6 +41,7 @@ inline void write_png_grid(const std::filesystem::path& path, const l2c::Tensor&
         uint8_t value = 255;
         if (i < n && y >= 0 && y < h * scale && x >= 0 && x < w * scale) {
           float v = samples.data[((i * c + ch) * h + y / scale) * w + x / scale];
+          if (std::isnan(v)) v = -1.0f;  // black; casting NaN to an integer is undefined
           value = static_cast<uint8_t>(std::clamp((v + 1.0f) * 127.5f + 0.5f, 0.0f, 255.0f));
         }
         raw.push_back(static_cast<char>(value));

@@ -8,8 +8,8 @@ What a build folder guarantees:
   folder then takes the output's place in one atomic exchange of the two names (``renameat2(RENAME_EXCHANGE)``), so
   ``--out`` always holds a complete build, the previous one or the new one. Where the file system cannot exchange,
   two renames are used, and a build killed between them is put back by the next build before anything else.
-- Locked: builds into one ``--out`` hold an exclusive lock beside it (``.<name>.lock``), so a second build waits for
-  the first instead of sharing its staging folder.
+- Locked: builds into one ``--out`` hold an exclusive lock beside it (``.<name>.lock``, removed when the build
+  ends, whatever its outcome), so a second build waits for the first instead of sharing its staging folder.
 - Closed world: a previous build's files are reused only through :func:`manifest.file_path` (inside the folder, no
   links), and only when their sha256 still matches.
 
@@ -37,7 +37,7 @@ from ..core.schedule import Schedule
 from ..core.util import replace_folder
 from ..models.zoo import ModelSpec
 from ..samplers import DenoisingSampler
-from .engines import BatchRange, get_builder
+from .engines import BatchRange, get_builder, precision_refusal
 
 
 @dataclass
@@ -68,6 +68,9 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
 
     if request.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {request.precision!r}")
+    refusal = precision_refusal(request.backend, request.precision)
+    if refusal:
+        raise ValueError(f"--precision {request.precision} --backend {request.backend}: {refusal}")
     _quantization_form(request)
     out_dir = Path(request.out_dir)
     staging = out_dir.parent / f".{out_dir.name}.staging"
@@ -127,7 +130,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
             bar.set_postfix_str(subset.name)
             inputs, outputs = _interface(subset, plan.slots, spec, dtype)
             if not _reuse(previous, key, staging / graph_file, reused):
-                _export_subset(universal, subset, staging / graph_file, inputs, outputs, form)
+                _export_subset(universal, subset, staging / graph_file, inputs, outputs, _stamped_fields(spec), form)
                 exported.append(graph_file)
             engine_file = builder.engine_file(graph_file, key)
             engine_key = _hash({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
@@ -194,7 +197,9 @@ def _quantize(universal, form: str, model, request: BuildRequest) -> dict:
 
 
 def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict], outputs: list[dict],
-                   form: str | None = None) -> None:
+                   stamped: dict, form: str | None = None) -> None:
+    """Writes subset ``subset``'s graph to ``path``, stamped with the manifest fields it fixes (``stamped``, see
+    :data:`l2c_export.core.manifest.GRAPH_STAMP_KEY`)."""
     import onnx
 
     from ..export.onnx import check_ops_supported, subset_graph
@@ -210,6 +215,7 @@ def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict]
     if got != want:  # the surgery and the liveness plan must agree exactly
         raise AssertionError(f"{path.name}: graph interface {got} differs from the plan's {want}")
     _check_structure(graph)
+    onnx.helper.set_model_props(graph, {manifest_io.GRAPH_STAMP_KEY: manifest_io.graph_stamp(stamped)})
     onnx.save_model(graph, str(path))
 
 
@@ -245,13 +251,21 @@ def _subset_record(subset, slots, folder, graph_file, graph_key, engine_file, en
             "macs_per_sample": macs.of_subset(subset.compute)}
 
 
+def _stamped_fields(spec: ModelSpec) -> dict:
+    """The manifest fields the graphs fix, by path (:data:`l2c_export.core.manifest.STAMPED_FIELDS`): written into the
+    manifest and stamped into every graph from this one place. A model without labels has no null class: the stamp
+    says null, and the manifest has no such field."""
+    return {"model/config": spec.config.to_dict(), "guidance/null_class": spec.family.null_class(spec.config)}
+
+
 def _manifest(request, plan, subset_records, folder, weights_name, base_key, weights_sha, dtype, versions) -> dict:
     spec, config, schedule = request.spec, request.spec.config, request.schedule
     family = spec.family
+    stamped = _stamped_fields(spec)
     macs = family.count_macs(config)
     used_slots = sorted({k for s in plan.subsets for k in (*s.reads, *s.writes)})
     guided = family.guided_channels(config, request.guide_all_channels)
-    model = {"family": family.name, "config": config.to_dict(), "space": spec.space,
+    model = {"family": family.name, "config": stamped["model/config"], "space": spec.space,
              "num_sublayers": len(plan.slots), "sublayers": list(plan.slots), "weights_sha256": weights_sha,
              "inputs": [tensor.record() for tensor in family.graph_inputs(config)],
              "output": family.graph_output(config).record()}
@@ -264,7 +278,7 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
         "precision": request.precision,
         "model": model,
         "sampler": request.sampler.to_dict(),
-        "guidance": _guidance_record(request, guided),
+        "guidance": _guidance_record(request, guided, stamped["guidance/null_class"]),
         "schedule": {"compute": schedule.compute.astype(int).tolist(), "step_subset": list(plan.step_to_subset),
                      "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
         "batch": request.batch.to_dict(),
@@ -281,13 +295,12 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
     return data
 
 
-def _guidance_record(request: BuildRequest, guided: int) -> dict:
+def _guidance_record(request: BuildRequest, guided: int, null_class: int | None) -> dict:
     """cfg_scale and guided channels; the null class of a label model; the channels the sampler takes where the
     family's pipeline drops a learned-sigma half before its scheduler step."""
     spec = request.spec
     record = {"cfg_scale": float(spec.cfg_scale if request.cfg_scale is None else request.cfg_scale),
               "guided_channels": guided}
-    null_class = spec.family.null_class(spec.config)
     if null_class is not None:
         record["null_class"] = null_class
     sampler_channels = spec.family.sampler_channels(spec.config)
@@ -336,28 +349,73 @@ def check_output_folder(out_dir: Path) -> None:
 @contextlib.contextmanager
 def _exclusive_lock(out_dir: Path, progress: bool):
     """An exclusive ``flock`` on ``.<name>.lock`` beside ``out_dir`` for the whole build: a second build into the same
-    folder waits here (saying so) instead of sharing the staging folder."""
+    folder waits here (saying so) instead of sharing the staging folder.
+
+    The lock file exists only while a build holds or waits for it, so nothing is left beside ``--out``: the holder
+    removes it before unlocking, and a build that was waiting and then holds the lock of a removed file opens the
+    name again (the lock is the one on the file the name points to). Folders above ``--out`` that this call created
+    are removed again when the build fails and they are still empty."""
+    created = _missing_folders(out_dir.parent)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_path = out_dir.parent / f".{out_dir.name}.lock"
-    with open(lock_path, "a+") as lock:
+    succeeded = False
+    try:
+        lock = _acquire(lock_path, out_dir, progress)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            if progress:
-                print(f"waiting for the build already running into {out_dir} ({holder}) ...", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}\n")
-        lock.flush()
-        try:
+            lock.write(f"pid {os.getpid()}\n")
+            lock.flush()
             yield
+            succeeded = True
         finally:
-            lock.seek(0)
-            lock.truncate()
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock_path.unlink(missing_ok=True)  # still holding it: a waiter finds its file gone and opens the name again
+            lock.close()  # unlocks
+    finally:
+        if not succeeded:
+            for folder in created:  # deepest first; one that is not empty (another build's) stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _acquire(lock_path: Path, out_dir: Path, progress: bool):
+    """The open lock file ``lock_path``, exclusively locked, and still the file that name points to."""
+    while True:
+        lock = open(lock_path, "a+")
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                if progress:
+                    print(f"waiting for the build already running into {out_dir} ({holder}) ...", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if _is_same_file(lock, lock_path):
+                lock.seek(0)
+                lock.truncate()
+                return lock
+        except BaseException:
+            lock.close()
+            raise
+        lock.close()  # the build that held it removed the file meanwhile: lock the one the name points to now
+
+
+def _is_same_file(opened, path: Path) -> bool:
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(opened.fileno())
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those above it that do not exist yet, deepest first."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    return missing
 
 
 def _recover(out_dir: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..core.schedule import SCHEDULE_MODES
+from ..core.schedule import SCHEDULE_MODES, format_model_time
 from ..samplers import create_sampler
 from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, CommandError, main
 from .options import macs_for, model_options, parse_labels, resolve_model, resolve_schedule, save_npy, schedule_options
@@ -75,10 +75,6 @@ def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_nam
         click.echo(f"wrote {png_out}")
 
 
-def _format_time(t) -> str:
-    return f"{t:>4}" if float(t).is_integer() else f"{t:>6.1f}"
-
-
 def _print_schedule(result, macs) -> None:
     subsets = result.distinct_subsets()
     subset_of_step = result.subset_of_step()
@@ -87,7 +83,7 @@ def _print_schedule(result, macs) -> None:
                + (f", threshold {result.threshold}" if result.threshold is not None else "")
                + (f", mode {result.mode}" if result.mode else "") + ")")
     for s, (count, subset) in enumerate(zip(result.computed_per_step(), subset_of_step)):
-        t = f" t={_format_time(result.timesteps[s])}" if result.timesteps else ""
+        t = f" t={format_model_time(result.timesteps[s]):>6}" if result.timesteps else ""
         bar = "".join("#" if v else "." for v in result.compute[s])
         click.echo(f"  call {s:>3}{t}  {count:>4}/{width}  subset {subset:>2}  {bar}")
     reused_steps = result.cache_steps()

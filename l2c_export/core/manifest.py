@@ -28,6 +28,50 @@ class ManifestError(ValueError):
     """A manifest or one of its files that cannot be used; the message names the file and the field."""
 
 
+# Each graph carries, under this ONNX metadata key, the manifest fields that its build fixed (:data:`STAMPED_FIELDS`),
+# as compact JSON ``{"model/config": {...}, "guidance/null_class": 10}``. A runtime compares them with the manifest, so
+# a field edited after the build (hashes fixed up or not) is refused whether or not the runtime reads it itself.
+GRAPH_STAMP_KEY = "l2c.built_for"
+STAMPED_FIELDS = ("model/config", "guidance/null_class")
+
+
+def graph_stamp(fields: dict) -> str:
+    """The value of :data:`GRAPH_STAMP_KEY`: ``fields`` maps each of :data:`STAMPED_FIELDS` to its value."""
+    assert set(fields) == set(STAMPED_FIELDS), fields
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+
+
+def stamp_difference(data: dict, stamp: dict) -> str | None:
+    """The first field where manifest ``data`` differs from a graph's stamp, as ``field 'model/config/num_classes' is
+    1000; the graph was built for 10``; None when they agree."""
+    if not isinstance(stamp, dict):
+        return "the graph's stamp is not a JSON object"
+    for path in sorted(stamp):
+        recorded: object = data
+        for key in path.split("/"):
+            recorded = recorded.get(key) if isinstance(recorded, dict) else None
+        difference = _difference(recorded, stamp[path], path)
+        if difference:
+            return difference
+    return None
+
+
+def _difference(recorded: object, built: object, path: str) -> str | None:
+    if isinstance(recorded, dict) and isinstance(built, dict):
+        for key in sorted(set(recorded) | set(built)):
+            if key not in built:
+                return f"field '{path}/{key}' is not in what the graph was built for"
+            if key not in recorded:
+                return f"field '{path}/{key}' is missing; the graph was built for {built[key]!r}"
+            difference = _difference(recorded[key], built[key], f"{path}/{key}")
+            if difference:
+                return difference
+        return None
+    if recorded != built or isinstance(recorded, bool) != isinstance(built, bool):
+        return f"field '{path}' is {recorded!r}; the graph was built for {built!r}"
+    return None
+
+
 @lru_cache(maxsize=1)
 def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
@@ -172,7 +216,8 @@ _ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int8": 1,
 def check_consistency(data: dict, where: str) -> None:
     """What the schema cannot say: the records agree with one another. Subsets are numbered 0..n-1; every step names
     one; the first step's subset computes everything; a step reads only slots that an earlier step wrote; each
-    subset's cache inputs and fresh outputs are the slots it reads and writes; weight tensors lie inside weights.bin
+    subset's cache inputs and fresh outputs are the slots it reads and writes; every record of the graph interface
+    says the same names, dtypes and shapes (:func:`_check_interfaces_agree`); weight tensors lie inside weights.bin
     and are as long as their shapes say."""
     subsets = data["subsets"]
     for position, record in enumerate(subsets):
@@ -225,6 +270,7 @@ def check_consistency(data: dict, where: str) -> None:
             raise ManifestError(f"{at}/inputs': the cache inputs' slots differ from 'reads' {record['reads']}")
         if [t["slot"] for t in record["outputs"] if "slot" in t] != record["writes"]:
             raise ManifestError(f"{at}/outputs': the fresh outputs' slots differ from 'writes' {record['writes']}")
+    _check_interfaces_agree(data, where)
     weights_bytes = data["weights"]["bytes"]
     for position, tensor in enumerate(data["weight_tensors"]):
         at = f"{where}: field 'weight_tensors/{position}' ({tensor['name']})"
@@ -248,3 +294,62 @@ def check_consistency(data: dict, where: str) -> None:
             raise ManifestError(f"{at}: names {', '.join(missing)}, which 'weight_tensors' does not hold")
         if record["axis"] >= len(tensor["shape"]):
             raise ManifestError(f"{at}: axis {record['axis']} of a tensor of {len(tensor['shape'])} dimensions")
+
+
+def _tensor(record: dict) -> tuple:
+    return record["name"], record["dtype"], record["shape"], record["role"]
+
+
+def _check_interfaces_agree(data: dict, where: str) -> None:
+    """Every number the runtime takes about the graph interface says the same wherever the manifest says it: each
+    subset computes ``model/num_sublayers`` sub-layers and reads exactly those it does not compute, and the schedule's
+    rows are the compute of the subsets its steps name; each subset's model inputs and output are ``model/inputs``
+    and ``model/output``; each cache input and fresh output has its slot's dtype and shape; shapes have ``batch``
+    first and only there; ``guidance/guided_channels`` is at most the sample's channels. (That these records are the
+    graphs' own interface is checked by the runtime against each graph it loads.)"""
+    model = data["model"]
+    model_inputs = [_tensor(t) for t in model["inputs"]]
+    for field, tensors in (("model/inputs", model["inputs"]), ("model/output", [model["output"]])):
+        for position, tensor in enumerate(tensors):
+            shape = tensor["shape"]
+            if not shape or shape[0] != "batch" or "batch" in shape[1:]:
+                at = field if field == "model/output" else f"{field}/{position}"
+                raise ManifestError(f"{where}: field '{at}/shape' is {shape}; expected 'batch' first, then the "
+                                    f"per-sample sizes")
+    sample = next((t for t in model["inputs"] if t["role"] == "sample"), None)
+    guided = data["guidance"]["guided_channels"]
+    if sample is not None and (len(sample["shape"]) < 2 or guided > sample["shape"][1]):
+        raise ManifestError(f"{where}: field 'guidance/guided_channels' is {guided}; expected at most the sample's "
+                            f"{sample['shape'][1] if len(sample['shape']) > 1 else 0} channel(s) ('model/inputs' "
+                            f"{sample['name']} {sample['shape']})")
+    slots = {slot["name"]: slot for slot in data["cache_slots"]}
+    num_sublayers = model["num_sublayers"]
+    for record in data["subsets"]:
+        at = f"{where}: field 'subsets/{record['index']}"
+        if len(record["compute"]) != num_sublayers:
+            raise ManifestError(f"{at}/compute' has {len(record['compute'])} entries; expected 'model/num_sublayers' "
+                                f"= {num_sublayers}")
+        reused = sorted(k for k, computed in enumerate(record["compute"]) if not computed)
+        read = sorted(slots[name]["index"] for name in record["reads"] if name in slots)
+        if read != reused:
+            raise ManifestError(f"{at}/reads' reads sub-layers {read}; expected exactly those its 'compute' reuses "
+                                f"{reused}")
+        feeds = [_tensor(t) for t in record["inputs"] if t["role"] != "cache"]
+        if feeds != model_inputs:
+            raise ManifestError(f"{at}/inputs': the model inputs {feeds} differ from 'model/inputs' {model_inputs}")
+        outputs = [_tensor(t) for t in record["outputs"] if t["role"] != "fresh"]
+        if outputs != [_tensor(model["output"])]:
+            raise ManifestError(f"{at}/outputs': the model output {outputs} differs from 'model/output' "
+                                f"{[_tensor(model['output'])]}")
+        for kind in ("inputs", "outputs"):
+            for position, tensor in enumerate(record[kind]):
+                slot = slots.get(tensor.get("slot"))
+                if slot is not None and (tensor["dtype"], tensor["shape"]) != (slot["dtype"], slot["shape"]):
+                    raise ManifestError(f"{at}/{kind}/{position}' ({tensor['name']}): {tensor['dtype']} "
+                                        f"{tensor['shape']} differs from its cache slot {slot['name']}'s "
+                                        f"{slot['dtype']} {slot['shape']} in 'cache_slots'")
+    compute = data["schedule"]["compute"]
+    for step, index in enumerate(data["schedule"]["step_subset"]):
+        if compute[step] != data["subsets"][index]["compute"]:
+            raise ManifestError(f"{where}: field 'schedule/compute/{step}' differs from the 'compute' of subset "
+                                f"{index}, which 'schedule/step_subset/{step}' names")

@@ -42,6 +42,12 @@ def check_mode(mode: str) -> ScheduleMode:
     return mode
 
 
+def format_model_time(t: float) -> str:
+    """The time the model sees at a call, for people: ``999``, or one decimal where it is not whole (DPM-Solver's
+    ``951.8``, not ``951.8417600387976``)."""
+    return f"{float(t):.0f}" if float(t).is_integer() else f"{float(t):.1f}"
+
+
 class ScheduleError(ValueError):
     """An invalid schedule; the message names the file (or source) and the field."""
 

@@ -61,27 +61,59 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number (expected a finite number)")
 
 
-def read_json(path: Path, error: type[Exception], missing_hint: str = "",
-              constants: dict[str, float] | None = None) -> object:
-    """Strict ``json.loads`` of ``path`` (no NaN or Infinity, except the tokens ``constants`` maps to values), raising
-    ``error`` naming the file when it is missing, unreadable or not JSON."""
+# Arrays and objects nested deeper than this are refused: every file l2c-export reads nests fewer than 10 levels, and
+# Python's parser would otherwise end a deeply nested file (a million '[') in a RecursionError.
+MAX_JSON_DEPTH = 64
+
+
+def parse_json(text: str, where: str, error: type[Exception], constants: dict[str, float] | None = None) -> object:
+    """Strict ``json.loads`` of ``text`` (no NaN or Infinity, except the tokens ``constants`` maps to values; at most
+    :data:`MAX_JSON_DEPTH` levels of nesting), raising ``error`` naming ``where`` when it is not such JSON."""
     allowed = constants or {}
 
     def constant(name: str) -> float:
         return allowed[name] if name in allowed else _no_constant(name)
 
+    too_deep = (f"{where}: JSON arrays or objects nested more than {MAX_JSON_DEPTH} levels deep; expected at most "
+                f"{MAX_JSON_DEPTH}")
     try:
-        return json.loads(Path(path).read_text(), parse_constant=constant)
+        data = json.loads(text, parse_constant=constant)
+    except RecursionError:
+        raise error(too_deep) from None
+    except json.JSONDecodeError as decode_error:
+        raise error(f"{where}: not valid JSON ({decode_error})") from None
+    except ValueError as value_error:  # NaN / Infinity tokens
+        raise error(f"{where}: not valid JSON ({value_error})") from None
+    if _nesting_depth(data) > MAX_JSON_DEPTH:
+        raise error(too_deep)
+    return data
+
+
+def _nesting_depth(data: object) -> int:
+    """How many arrays and objects deep ``data`` nests (iteratively: no recursion to exhaust)."""
+    deepest, pending = 0, [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:  # deeper is refused anyway; no need to walk on
+                pending.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def read_json(path: Path, error: type[Exception], missing_hint: str = "",
+              constants: dict[str, float] | None = None) -> object:
+    """Strict JSON (:func:`parse_json`, ``constants`` as there) read from ``path``, raising ``error`` naming the file
+    when it is missing, unreadable or not such JSON."""
+    try:
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise error(f"{path}: no such file{missing_hint}") from None
     except IsADirectoryError:
         raise error(f"{path}: is a folder; expected a JSON file") from None
     except UnicodeDecodeError:
         raise error(f"{path}: not valid JSON (not UTF-8 text)") from None
-    except json.JSONDecodeError as decode_error:
-        raise error(f"{path}: not valid JSON ({decode_error})") from None
-    except ValueError as value_error:  # NaN / Infinity tokens
-        raise error(f"{path}: not valid JSON ({value_error})") from None
+    return parse_json(text, str(path), error, constants)
 
 
 def check_finite(value: float, what: str, low: float | None = None, high: float | None = None) -> float:

@@ -257,7 +257,7 @@ def plot_fd(report: dict, path: Path) -> None:
     psnr_axis.set_title("PSNR against the full-compute samples (higher is better)", fontsize=9)
     fd_axis.legend(fontsize=8)
     figure.suptitle(f"{report['model']}, {report['num_samples']} samples from the same noise, guidance "
-                    f"{report['cfg_scale']}", fontsize=10)
+                    f"{report['cfg_scale']:g}", fontsize=10)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)

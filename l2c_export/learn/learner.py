@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from ..core.plan import default_sublayer_names
 from ..core.schedule import ScheduleMode, check_mode
+from ..core.util import parse_json
 from ..models import family_of_config
 from ..routers import RouterLogits, save_router
 from ..samplers import DenoisingSampler
@@ -548,7 +549,9 @@ def _load_state(path: Path, router: Router, optimizer: torch.optim.Optimizer, se
     if metadata.get("format") != STATE_FORMAT or "logits" not in tensors:
         raise ValueError(f"{path}: field 'format' is {metadata.get('format')!r}; expected {STATE_FORMAT!r} with a "
                          f"tensor 'logits'")
-    saved = json.loads(metadata.get("settings", "{}"))
+    saved = parse_json(metadata.get("settings", "{}"), f"{path}: metadata field 'settings'", ValueError)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: metadata field 'settings' is not a JSON object of learning settings")
     differing = {k: (saved.get(k), v) for k, v in asdict(settings).items() if k != "iterations" and saved.get(k) != v}
     if differing:
         raise ValueError(f"{path}: field 'settings' differs from this run in "

@@ -91,7 +91,9 @@ def check_finite_tensors(state_dict: dict[str, torch.Tensor], path: str | Path) 
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str) -> None:
-    """Raises CheckpointError naming the missing and unexpected keys and the mismatched shapes."""
+    """Raises CheckpointError naming the missing and unexpected keys and the mismatched shapes, or the first tensor
+    that is not floating-point where the model has floating weights (an int8 or int32 state_dict, a quantized
+    export: ``load_state_dict`` would cast its integers to float without a word)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -109,6 +111,11 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Mod
         if mismatched:
             problems.append(f"mismatched shapes ({len(mismatched)}): {_abbreviate(mismatched)}")
         raise CheckpointError(f"{source}: does not fit the model; " + "; ".join(problems))
+    for name, tensor in state_dict.items():
+        if expected[name].is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                  f"expected floating-point weights (float32, float16 or bfloat16), not an integer "
+                                  f"or quantized export of them")
 
 
 def load_dit(path: str | Path, config: DiTConfig) -> DiT:

@@ -269,8 +269,8 @@ def _table(data: dict, name: str, length: int, low: float | None = None, high: f
     return np.asarray(values, dtype=np.int64 if integer else np.float64)
 
 
-def _section_header(data: dict, kind: str, specs: dict, class_name: str) -> tuple[dict, int, int]:
-    """The checked (options, num_inference_steps, num_calls) of a manifest sampler section of ``kind``."""
+def _section_header(data: dict, kind: str, specs: dict, class_name: str) -> tuple[dict, int, np.ndarray]:
+    """The checked (options, num_inference_steps, timesteps (num_calls,)) of a manifest sampler section of ``kind``."""
     if not isinstance(data, dict) or data.get("kind") != kind:
         raise SchedulerConfigError(f"sampler: field 'kind' is {data.get('kind') if isinstance(data, dict) else None!r}"
                                    f"; expected {kind!r}")
@@ -288,7 +288,7 @@ def _section_header(data: dict, kind: str, specs: dict, class_name: str) -> tupl
     if not np.array_equal(model_times, timesteps.astype(np.float64)):
         raise SchedulerConfigError("sampler: field 'model_times' differs from 'timesteps'; the model sees the "
                                    "scheduler's timestep")
-    return options, steps, num_calls
+    return options, steps, timesteps
 
 
 class _DiffusersSampler:
@@ -423,10 +423,9 @@ class DiffusersDDIM(_DiffusersSampler):
 
     @classmethod
     def from_dict(cls, data: dict) -> "DiffusersDDIM":
-        options, steps, num_calls = _section_header(data, cls.kind, DDIM_OPTIONS, cls.class_name)
-        return cls(options, steps, _table(data, "timesteps", num_calls, integer=True),
-                   _table(data, "alphas_cumprod", num_calls, 0.0, 1.0, low_open=True),
-                   _table(data, "alphas_cumprod_prev", num_calls, 0.0, 1.0, low_open=True))
+        options, steps, timesteps = _section_header(data, cls.kind, DDIM_OPTIONS, cls.class_name)
+        return cls(options, steps, timesteps, _table(data, "alphas_cumprod", len(timesteps), 0.0, 1.0, low_open=True),
+                   _table(data, "alphas_cumprod_prev", len(timesteps), 0.0, 1.0, low_open=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -603,13 +602,12 @@ class DiffusersDPMMultistep(_DiffusersSampler):
 
     @classmethod
     def from_dict(cls, data: dict) -> "DiffusersDPMMultistep":
-        options, steps, num_calls = _section_header(data, cls.kind, DPM_MULTISTEP_OPTIONS, cls.class_name)
+        options, steps, timesteps = _section_header(data, cls.kind, DPM_MULTISTEP_OPTIONS, cls.class_name)
         final = data.get("final_sigma")
         if not (_is_number(final) and final >= 0):
             raise SchedulerConfigError(f"sampler: field 'final_sigma' is {final!r}; expected a finite number >= 0")
-        return cls(options, steps, _table(data, "timesteps", num_calls, integer=True),
-                   _table(data, "sigmas", num_calls, 0.0, math.inf, low_open=True), final,
-                   _table(data, "orders", num_calls, 1, 2, integer=True))
+        return cls(options, steps, timesteps, _table(data, "sigmas", len(timesteps), 0.0, math.inf, low_open=True),
+                   final, _table(data, "orders", len(timesteps), 1, 2, integer=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,11 +8,16 @@ images (Triton's batch dimension); per image:
 input      shape, dtype  meaning
 ========== ============= ====================================================================================
 labels     (1,) int64    class label, 0 .. num_classes - 1
-noise      (C, H, W) f32 optional: the initial noise
-seed       (1,) int64    optional: the initial noise is ``make_noise(seed, (1, C, H, W))``, so the image equals
-                         ``L2CPipeline([label], seed=seed)``'s; with neither noise nor seed a fresh random seed
-cfg_scale  (1,) f32      optional: classifier-free guidance scale, at least 1 (default: the build's; 1: none)
+noise      (C, H, W) f32 optional: the initial noise, finite, within +-MAX_ABS_NOISE
+seed       (1,) int64    optional, 0 .. 2**63 - 1: the initial noise is ``make_noise(seed, (1, C, H, W))``, so the
+                         image equals ``L2CPipeline([label], seed=seed)``'s; with neither noise nor seed a fresh
+                         random seed
+cfg_scale  (1,) f32      optional: classifier-free guidance scale in [1, MAX_CFG_SCALE] (default: the build's;
+                         1: none)
 ========== ============= ====================================================================================
+
+:func:`input_ranges` holds those ranges, :func:`decode_request` enforces them (the only place that does), and the
+Triton model config states them (its ``input_ranges`` parameter).
 
 Images of the same guidance scale are sampled as one batch (up to the build's batch limit), whatever request they
 came from: each image's sample is the same as when it is sampled alone (the model is per-sample; to float rounding).
@@ -28,7 +33,16 @@ import numpy as np
 from ..core.util import check_finite
 from ..samplers.guidance import check_labels, make_noise
 
-MAX_SEED = 2 ** 63 - 1
+MAX_SEED = 2 ** 63 - 1  # numpy's generators take any seed >= 0; int64 caps it here
+MAX_CFG_SCALE = 100.0  # far above any scale in use (DiT samples at 1.5-4, text-to-image pipelines at up to ~20);
+#                        a scale of 1e30 swamps the prediction (and overflows float32 in a latent model)
+MAX_ABS_NOISE = 1000.0  # standard normal noise never comes near it (|x| > 10 has probability 1e-23)
+
+
+def input_ranges(num_classes: int) -> dict[str, list]:
+    """The closed range of every input's values, by input name: what :func:`decode_request` enforces."""
+    return {"labels": [0, num_classes - 1], "noise": [-MAX_ABS_NOISE, MAX_ABS_NOISE], "seed": [0, MAX_SEED],
+            "cfg_scale": [1.0, MAX_CFG_SCALE]}
 
 
 @dataclass
@@ -63,19 +77,17 @@ def decode_request(pipeline, labels: np.ndarray | None, noise: np.ndarray | None
         value = np.asarray(value)
         if value.shape != (n, 1):
             raise ValueError(f"input '{name}' has shape {list(value.shape)}; expected [{n}, 1] (one per label)")
-        value = value.reshape(n).astype(dtype)
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"input '{name}' holds a value that is not finite: {value.tolist()}")
-        return value
+        return value.reshape(n).astype(dtype)
 
+    ranges = input_ranges(pipeline.num_classes)
     seeds = per_image("seed", seed, np.int64)
+    if seeds is not None and np.any(seeds < 0):
+        raise ValueError(f"input 'seed' is {seeds.tolist()}; expected seeds in 0..{MAX_SEED}")
     scales = per_image("cfg_scale", cfg_scale, np.float64)
     if scales is None:
         scales = np.full(n, float(pipeline.manifest["guidance"]["cfg_scale"]))
     for scale in scales:
-        check_finite(scale, "input 'cfg_scale'", low=1.0)  # L2CPipeline's rule: 1 is no guidance
-    if seeds is not None and np.any(seeds < 0):
-        raise ValueError(f"input 'seed' is {seeds.tolist()}; expected seeds in 0..{MAX_SEED}")
+        check_finite(float(scale), "input 'cfg_scale'", *ranges["cfg_scale"])  # 1 is no guidance
     if noise is not None:
         if seeds is not None:
             raise ValueError("inputs 'noise' and 'seed' are both given; give one of them (seed draws the noise)")
@@ -83,8 +95,13 @@ def decode_request(pipeline, labels: np.ndarray | None, noise: np.ndarray | None
         expected = (n, *pipeline.sample_shape)
         if noise.shape != expected:
             raise ValueError(f"input 'noise' has shape {list(noise.shape)}; expected {list(expected)} (n, C, H, W)")
+        low, high = ranges["noise"]
         if not np.all(np.isfinite(noise)):
-            raise ValueError("input 'noise' holds values that are not finite")
+            raise ValueError(f"input 'noise' holds values that are not finite; expected finite values in "
+                             f"[{low}, {high}]")
+        if np.any(noise < low) or np.any(noise > high):
+            raise ValueError(f"input 'noise' holds a value of magnitude {float(np.abs(noise).max())!r}; expected "
+                             f"values in [{low}, {high}] (standard normal noise)")
         noise = noise.astype(np.float32)
         seeds = np.zeros(n, dtype=np.int64)  # as L2CPipeline's default seed for DDPM's step noise
     else:

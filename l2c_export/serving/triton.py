@@ -13,6 +13,8 @@ numpy 2 its outputs come back empty) while the project's environment keeps numpy
 ``python3`` of that environment first on PATH (the embedded interpreter finds its ``sys.prefix`` through it),
 ``libpython3.x.so`` on the library path, and a backend folder holding the stub of that Python version. Triton
 refuses port 0 and, when a port is taken, exits only after loading every model: ports are checked free first.
+The server writes nothing outside the model repository but its scratch folder and shared memory, both removed when
+it stops (:func:`_scratch_env` says how; tests/test_triton.py checks it with strace).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import manifest as manifest_io
-from ..core.util import atomic_write_text
+from ..core.util import atomic_write_text, check_finite
+from .sampling import MAX_CFG_SCALE, input_ranges
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 DEFAULT_ENV = Path(".venv-triton")
@@ -61,7 +64,8 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
                  max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, device: str | None = None, threads: int = 0):
     """The model's ``config.pbtxt`` as a ``ModelConfig`` message (tritonclient's generated protobuf classes, so a
     misspelt field fails here, not in the server). ``device``: ``cpu`` or ``cuda`` (default: cuda for TensorRT
-    builds); ``threads``: ONNX Runtime intra-op threads per instance (0: one per core)."""
+    builds); ``threads``: ONNX Runtime intra-op threads per instance (0: one per core). The parameter ``input_ranges``
+    states the range of every input's values (JSON, by input name), which the model enforces."""
     from tritonclient.grpc import model_config_pb2 as pb
 
     from ..runtime.pipeline import ModelInterface
@@ -82,6 +86,7 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
     model.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     model.parameters["backend"].string_value = manifest["backend"]
     model.parameters["threads"].string_value = str(threads)
+    model.parameters["input_ranges"].string_value = json.dumps(input_ranges(manifest["guidance"]["null_class"]))
     return model
 
 
@@ -107,6 +112,8 @@ def write_repository(build_dir: str | Path, repo: str | Path, name: str = "l2c",
     if not build_dir.is_dir():
         raise ValueError(f"{build_dir}: no such folder; expected an l2c-export build (a folder with manifest.json)")
     manifest = manifest_io.load(build_dir, verify_files=True)
+    check_finite(manifest["guidance"]["cfg_scale"], f"{build_dir / manifest_io.MANIFEST_NAME}: guidance.cfg_scale "
+                 f"(the served default)", 1.0, MAX_CFG_SCALE)
     _check_replaceable(repo / name)
     config = model_config(manifest, name, instances, max_batch_size, max_queue_delay_us, device, threads)
     repo.mkdir(parents=True, exist_ok=True)
@@ -231,6 +238,17 @@ def _check_port_free(port: int, option: str) -> None:
             raise ServingError(f"{option} {port}: the port is in use on 127.0.0.1; choose another") from None
 
 
+def _scratch_env(work: Path) -> dict[str, str]:
+    """What keeps the server's writes inside the model repository and ``work`` (its scratch folder, removed by
+    :meth:`TritonServer.stop`), measured with strace: DCGM (GPU metrics) logs to /var/log/nv-hostengine.log unless
+    ``__DCGM_DBG_FILE`` says otherwise, ONNX Runtime keeps a telemetry database under ~/.cache/Microsoft unless
+    ``ORT_DISABLE_TELEMETRY`` is set, and temporary files go to ``TMPDIR``. (The stub's interpreter ignores
+    PYTHONDONTWRITEBYTECODE: the model turns bytecode writing off itself.)"""
+    (work / "tmp").mkdir(exist_ok=True)
+    return {"__DCGM_DBG_FILE": str(work / "nv-hostengine.log"), "ORT_DISABLE_TELEMETRY": "1",
+            "TMPDIR": str(work / "tmp")}
+
+
 def _clean_env() -> dict[str, str]:
     """This process's environment without what would point a Python at the project's own environment."""
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
@@ -253,6 +271,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._work: Path | None = None
         self._shm_prefix = f"l2c-triton-{os.getpid()}-{os.urandom(4).hex()}-"
+        self._python_envs: set[Path] = set()
 
     @property
     def http_url(self) -> str:
@@ -271,6 +290,9 @@ class TritonServer:
         return [str(self.env.binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
                 "--model-control-mode=explicit", "--load-model=*", "--exit-on-error=false",
                 "--strict-readiness=false", "--exit-timeout-secs=5", "--log-verbose=0",
+                # gRPC request objects kept for reuse keep the capacity of the largest request they held: with the
+                # default pool of 8, a burst of 64 MB requests left ~700 MB resident; with none, ~100-250 MB
+                "--grpc-infer-allocation-pool-size=0",
                 f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
                 *(f"--{kind}-address=127.0.0.1" for kind in self.ports),
                 *(f"--{kind}-port={port}" for kind, port in self.ports.items())]
@@ -294,22 +316,27 @@ class TritonServer:
         env["PATH"] = f"{self.env.prefix / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
         env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(self.env.libraries), str(self.env.libpython_dir),
                                                         env.get("LD_LIBRARY_PATH")]))
+        env.update(_scratch_env(self._work))
         output = subprocess.DEVNULL
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             output = open(self.log, "wb")
+        envs_before = set(_python_env_folders())
         try:
             self.process = subprocess.Popen(self.command(), env=env, stdout=None if self.log is None else output,
                                             stderr=subprocess.STDOUT if self.log is not None else None,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=self._work)
         finally:
             if self.log is not None:
                 output.close()
+        ready = False
         try:
             self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
+            ready = True
+        finally:
+            self._python_envs = set(_python_env_folders()) - envs_before
+            if not ready:
+                self.stop()
         return self
 
     def _wait_ready(self, timeout: float) -> None:
@@ -366,6 +393,12 @@ class TritonServer:
             process.wait()
         for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             region.unlink(missing_ok=True)
+        for folder in self._python_envs:  # left when the server's exit timed out (see _python_env_folders)
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # removed by the server itself, or not empty: not the backend's empty folder
+        self._python_envs = set()
         if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
@@ -375,6 +408,14 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _python_env_folders() -> list[Path]:
+    """The empty folders ``/tmp/python_env_XXXXXX`` that Triton's Python backend makes when it starts (the path is
+    fixed in the backend) and removes when the server exits cleanly. A server whose exit times out (Triton 2.51
+    waits up to --exit-timeout-secs for clients' open HTTP connections to close, then exits at once) leaves its
+    folder: :meth:`TritonServer.stop` removes the ones that appeared while its server started."""
+    return list(Path("/tmp").glob("python_env_??????"))
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -18,14 +18,19 @@ installed; the onnxruntime path imports no PyTorch.
 
 import json
 import os
+import sys
 from pathlib import Path
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+# The stub's embedded interpreter ignores PYTHONDONTWRITEBYTECODE; without this, importing l2c_export below would
+# write .pyc files beside its sources, outside the model repository.
+sys.dont_write_bytecode = True
 
-from l2c_export.core.images import to_uint8
-from l2c_export.runtime.pipeline import L2CPipeline
-from l2c_export.serving.sampling import decode_request, sample_requests
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from l2c_export.core.images import to_uint8  # noqa: E402
+from l2c_export.runtime.pipeline import L2CPipeline  # noqa: E402
+from l2c_export.serving.sampling import decode_request, sample_requests  # noqa: E402
 
 OPTIONAL_INPUTS = ("noise", "seed", "cfg_scale")
 

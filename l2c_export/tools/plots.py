@@ -1,4 +1,4 @@
-"""Pictures of results: the schedule heatmap (steps x sub-layers)."""
+"""Pictures of results: the schedule heatmap (model calls x sub-layers)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.schedule import Schedule
+from ..core.schedule import Schedule, format_model_time
 from ..core.util import atomic_write_bytes
 
 
@@ -22,7 +22,14 @@ def _figure_to_png(figure, path: Path) -> None:
 
 def schedule_heatmap(schedule: Schedule, path: str | Path, title: str | None = None,
                      mac_fraction: float | None = None) -> None:
-    """Writes a PNG: one row per sampling step, one column per sub-layer (attention, MLP alternating)."""
+    """Writes :func:`schedule_figure` as a PNG."""
+    _figure_to_png(schedule_figure(schedule, title, mac_fraction), Path(path))
+
+
+def schedule_figure(schedule: Schedule, title: str | None = None, mac_fraction: float | None = None):
+    """The schedule as a heatmap: one row per model call (DPM-Solver-2S makes two a step), labelled with the time
+    the model sees, rounded (:func:`l2c_export.core.schedule.format_model_time`); one column per sub-layer
+    (attention, MLP alternating); computed sub-layers in blue, the count of each row at its right."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,13 +41,13 @@ def schedule_heatmap(schedule: Schedule, path: str | Path, title: str | None = N
     axis.imshow(schedule.compute.astype(np.uint8), cmap=ListedColormap(["#f2f2f2", "#2b6cb0"]), aspect="auto",
                 interpolation="nearest", vmin=0, vmax=1)
     axis.set_xlabel("sub-layer (2j attention, 2j+1 MLP of block j)")
-    axis.set_ylabel("sampling step (timestep)")
+    axis.set_ylabel("model call (time the model sees)" if schedule.timesteps else "model call")
     ticks = range(0, width, 2 if width <= 24 else 4)
     axis.set_xticks(list(ticks))
     axis.set_xticklabels([f"b{i // 2}" for i in ticks], fontsize=7)
-    labels = schedule.timesteps or list(range(n))
     axis.set_yticks(range(n))
-    axis.set_yticklabels([f"{s} (t={t})" if schedule.timesteps else str(s) for s, t in enumerate(labels)], fontsize=7)
+    axis.set_yticklabels([f"{s} (t={format_model_time(schedule.timesteps[s])})" if schedule.timesteps else str(s)
+                          for s in range(n)], fontsize=7)
     computed = schedule.computed_per_step()
     for s, count in enumerate(computed):
         axis.text(width - 0.4, s, f" {count}/{width}", va="center", ha="left", fontsize=7)
@@ -52,4 +59,4 @@ def schedule_heatmap(schedule: Schedule, path: str | Path, title: str | None = N
     if mac_fraction is not None:
         summary += f", MAC fraction {mac_fraction:.3f}, ideal speedup {1 / mac_fraction:.2f}x"
     axis.set_title((title + "\n" if title else "") + summary, fontsize=9)
-    _figure_to_png(figure, Path(path))
+    return figure

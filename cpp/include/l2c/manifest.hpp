@@ -13,6 +13,10 @@ namespace l2c {
 
 constexpr int kSchemaVersion = 2;  // the newest manifest schema this runtime reads (1 and 2)
 constexpr int64_t kBatch = -1;     // a "batch" dimension in a tensor record's shape
+// Bounds on what a manifest may declare, checked before anything is allocated: each dimension, and the elements of
+// one sample of a tensor (or of one weight tensor). 2^31 float32 values are 8 GiB per sample, beyond any DiT's.
+constexpr int64_t kMaxDimension = (int64_t(1) << 31) - 1;
+constexpr uint64_t kMaxElements = uint64_t(1) << 31;
 
 struct FileRecord {
   std::string file;  // relative to the manifest's folder
@@ -59,6 +63,7 @@ struct Manifest {
   std::filesystem::path folder, path;
   int schema_version = 0;
   std::string name, backend, precision, space;  // space: "pixel" (images in [-1, 1]) or "latent"
+  std::string document;  // the whole manifest as JSON text, for the fields each graph's stamp names
   int64_t num_classes = 0;
   std::shared_ptr<const Sampler> sampler;
   Guidance guidance;
@@ -73,7 +78,10 @@ struct Manifest {
   double ideal_speedup = 1.0;
 
   // Reads and checks `folder/manifest.json` (refusing a newer schema version before anything else) and, with
-  // verify_files, every listed file's size and sha256. Throws l2c::Error naming the file and the field.
+  // verify_files, every listed file's size and sha256. The records must agree with one another: every subset feeds
+  // the same sample, time and label inputs and returns the same output as the full subset, each cache input and
+  // fresh output has its slot's dtype and shape, shapes are positive and bounded (kMaxDimension, kMaxElements).
+  // Throws l2c::Error naming the file and the field.
   static Manifest load(const std::filesystem::path& folder, bool verify_files = true);
 
   // folder / record.file, refusing a symbolic link anywhere on the way.
@@ -87,5 +95,16 @@ struct Manifest {
 };
 
 std::string sha256_file(const std::filesystem::path& path);
+
+// The ONNX metadata key under which each graph carries the manifest fields its build fixed, as JSON text
+// {"model/config": {...}, "guidance/null_class": 10} (l2c_export/core/manifest.py: GRAPH_STAMP_KEY).
+inline constexpr const char* kGraphStampKey = "l2c.built_for";
+
+// The first field where the manifest (JSON text) differs from a graph's stamp (JSON text), as
+// "field 'model/config/num_classes' is 1000; the graph was built for 10"; empty when they agree.
+std::string stamp_difference(const std::string& manifest, const std::string& stamp);
+
+// A record's shape as the manifest writes it: "(batch, 16, 128)".
+std::string record_shape_string(const std::vector<int64_t>& shape);
 
 }  // namespace l2c

@@ -7,6 +7,18 @@
 // Every subset session shares one memory-mapped copy of weights.bin, one global thread pool and one CPU arena; each
 // `sample` call is one request with its own cache slots, so calls from several threads give the results of serial
 // ones.
+//
+// Threads. On one Pipeline, `sample`, `manifest`, `sample_shape` and `providers` may be called from any number of
+// threads at once (the sessions are only read, and ONNX Runtime's Run is thread-safe; each request's cache and
+// buffers are its own). The destructor may run on any thread, but only after every call on that Pipeline has
+// returned (join the threads first); the Manifest reference `manifest` returns lives as long as the Pipeline.
+// Different Pipelines may be constructed, used and destroyed concurrently (ONNX Runtime is loaded once, under a
+// lock). cpp/tests/concurrency.cpp holds this to account: 16 threads sample from one Pipeline, then another thread
+// destroys it, under AddressSanitizer and UndefinedBehaviorSanitizer (`make cpp-asan`).
+//
+// Errors. Everything a build, a file or an argument can get wrong is an l2c::Error (one line naming the file or
+// argument, the field and what was expected), thrown before anything is allocated for it or written; a missing
+// ONNX Runtime library or execution provider is its subclass l2c::UnavailableError.
 #pragma once
 
 #include <cstdint>
@@ -24,11 +36,13 @@ namespace l2c {
 
 enum class Provider { Cpu, TensorRT };
 
+constexpr int kMaxThreads = 1024;  // Options::threads beyond this is refused, not handed to ONNX Runtime
+
 struct Options {
   // libonnxruntime.so to dlopen; empty: $L2C_ONNXRUNTIME_LIBRARY, else the library this runtime was built against
   // (the onnxruntime wheel's capi/libonnxruntime.so.*), else "libonnxruntime.so.1" from the loader's search path.
   std::string onnxruntime_library;
-  int threads = 0;                  // ONNX Runtime's global intra-op pool; 0 = one per core
+  int threads = 0;                  // ONNX Runtime's global intra-op pool; 0 = one per core, at most kMaxThreads
   bool verify_files = true;         // check every file's sha256 against the manifest
   std::optional<std::vector<int>> subsets;  // load only these subset engines (default: all)
   Provider provider = Provider::Cpu;
@@ -50,8 +64,10 @@ class Pipeline {
   Pipeline(const Pipeline&) = delete;
   Pipeline& operator=(const Pipeline&) = delete;
 
-  // labels: n class indices in [0, num_classes); noise: (n, C, H, W) float32. Returns samples (n, C, H, W): images in
-  // [-1, 1] for a pixel model, latents for a latent one. Thread-safe.
+  // labels: n class indices in [0, num_classes); noise: (n, C, H, W) float32, finite. Returns samples (n, C, H, W):
+  // images in [-1, 1] for a pixel model, latents for a latent one. Thread-safe (see above). l2c::Error for a label
+  // out of range, noise of another shape or not finite, a guidance scale below 1, a batch beyond the engines', and a
+  // graph that fails on what its records say it takes.
   Tensor sample(const std::vector<int64_t>& labels, const Tensor& noise, const SampleOptions& options = {}) const;
 
   const Manifest& manifest() const;

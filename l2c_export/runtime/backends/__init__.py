@@ -13,6 +13,7 @@ branch outputs into ``state``; the cache belongs to the request, so requests in 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -79,6 +80,160 @@ def engine_path(folder: Path, record: dict) -> Path:
     from ...core.manifest import file_path
 
     return file_path(Path(folder), record["engine"]["file"], f"manifest field 'subsets/{record['index']}/engine'")
+
+
+def graph_path(folder: Path, record: dict) -> Path:
+    """The ONNX graph of subset ``record``, inside the build folder."""
+    from ...core.manifest import file_path
+
+    return file_path(Path(folder), record["graph"]["file"], f"manifest field 'subsets/{record['index']}/graph'")
+
+
+# The manifest's dtype names of ONNX element types (TensorProto.DataType names).
+_DTYPE_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT64": "int64", "INT8": "int8",
+                "UINT8": "uint8", "INT32": "int32", "FLOAT8E4M3FN": "float8_e4m3fn"}
+# Nodes a label passes through unchanged on its way to the label table.
+_LABEL_PASSTHROUGH = {"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
+
+
+def check_graph(folder: Path, record: dict, manifest: dict, path: Path | None = None) -> list[str]:
+    """Cross-checks the numbers the runtime takes from the manifest against the graph of subset ``record`` (its ONNX
+    file in build ``folder``, or ``path``; read without its weights) and returns the names of its initializers held
+    in ``weights.bin``.
+    Raises ManifestError naming the field that contradicts the graph:
+
+    - every initializer stored outside the graph is one of ``weight_tensors``, in the build's weights file at that
+      record's offset and length, with its dtype and shape (a graph can name no other file, so nothing outside the
+      build folder is ever read);
+    - the graph's inputs and outputs are the record's ``inputs`` and ``outputs``: names, order, dtypes and shapes;
+    - where the label input indexes a table (``Gather`` over an initializer), the table has ``guidance/null_class``
+      + 1 rows: the labels 0 .. null_class - 1 and the null class;
+    - the fields the graph's build fixed (``model/config``, ``guidance/null_class``: its
+      :data:`~l2c_export.core.manifest.GRAPH_STAMP_KEY` stamp) are the manifest's, so an edited field is refused
+      whether or not this runtime reads it.
+    """
+    import onnx
+
+    from ...core.manifest import ManifestError
+
+    path = graph_path(folder, record) if path is None else Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise ManifestError(f"{path}: not a readable ONNX graph ({error})") from None
+    graph = model.graph
+    where = str(Path(folder) / "manifest.json")
+    _check_stamp(model, manifest, where, path.name)
+
+    def dtype(element_type: int) -> str:
+        name = onnx.TensorProto.DataType.Name(element_type)
+        return _DTYPE_NAMES.get(name, name.lower())
+
+    tensors = {t["name"]: (position, t) for position, t in enumerate(manifest["weight_tensors"])}
+    weights_file = manifest["weights"]["file"]
+    external = []
+    for initializer in graph.initializer:
+        if initializer.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in initializer.external_data}
+        position, tensor = tensors.get(initializer.name, (None, None))
+        if (info.get("location") != weights_file or tensor is None
+                or int(info.get("offset", 0)) != tensor["offset"] or int(info.get("length", -1)) != tensor["length"]):
+            raise ManifestError(f"{path}: initializer {initializer.name!r} reads {info.get('location')!r} at offset "
+                                f"{info.get('offset', 0)}, length {info.get('length')}; the manifest's weight table "
+                                f"puts it in {weights_file}" + (f" at offset {tensor['offset']}, length "
+                                                                 f"{tensor['length']}" if tensor else " nowhere"))
+        graph_form = (dtype(initializer.data_type), list(initializer.dims))
+        if graph_form != (tensor["dtype"], tensor["shape"]):
+            raise ManifestError(f"{where}: field 'weight_tensors/{position}' ({tensor['name']}) says "
+                                f"{tensor['dtype']} {tensor['shape']}; the graph {path.name} has "
+                                f"{graph_form[0]} {graph_form[1]}")
+        external.append(initializer.name)
+    shapes = _boundary_shapes(model)
+    for kind, actual, expected in (("inputs", graph.input, record["inputs"]),
+                                   ("outputs", graph.output, record["outputs"])):
+        got = [(t.name, dtype(t.type.tensor_type.elem_type)) for t in actual]
+        want = [(t["name"], t["dtype"]) for t in expected]
+        if got != want:
+            raise ManifestError(f"{path}: the graph's {kind} {got} are not the manifest's "
+                                f"(field 'subsets/{record['index']}/{kind}': {want})")
+        for position, tensor in enumerate(expected):
+            if not _same_shape(tensor["shape"], shapes[tensor["name"]]):
+                raise ManifestError(f"{where}: field 'subsets/{record['index']}/{kind}/{position}/shape' "
+                                    f"({tensor['name']}) is {tensor['shape']}; the graph {path.name} has "
+                                    f"{shapes[tensor['name']]}")
+    _check_label_table(graph, manifest, where, path.name)
+    return external
+
+
+def _check_stamp(model, manifest: dict, where: str, name: str) -> None:
+    from ...core.manifest import GRAPH_STAMP_KEY, ManifestError, stamp_difference
+
+    stamp = {prop.key: prop.value for prop in model.metadata_props}.get(GRAPH_STAMP_KEY)
+    if stamp is None:
+        raise ManifestError(f"{where}: the graph {name} has no '{GRAPH_STAMP_KEY}' record of what it was built for (a "
+                            "build of an older l2c-export); rebuild it")
+    try:
+        difference = stamp_difference(manifest, json.loads(stamp))
+    except ValueError:
+        difference = f"the graph's '{GRAPH_STAMP_KEY}' record is not JSON"
+    if difference:
+        raise ManifestError(f"{where}: {difference} (graph {name})")
+
+
+def _boundary_shapes(model) -> dict[str, list]:
+    """Each graph input's and output's shape: an int per static dim, ``batch`` for the batch, None where unknown.
+    Outputs whose sizes the exporter left symbolic get them from ONNX shape inference."""
+    import onnx
+
+    def dims(value) -> list:
+        return [d.dim_value if d.HasField("dim_value") else "batch" if d.dim_param == "batch" else None
+                for d in value.type.tensor_type.shape.dim]
+
+    graph = model.graph
+    shapes = {value.name: dims(value) for value in (*graph.input, *graph.output)}
+    unresolved = [o.name for o in graph.output if None in shapes[o.name]]
+    if unresolved:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        for output in probe.graph.output:
+            if output.name in unresolved:
+                output.type.tensor_type.ClearField("shape")
+        try:
+            inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph.output
+        except Exception:  # an op shape inference does not know: those sizes stay unknown
+            inferred = []
+        for output in inferred:
+            if output.name in unresolved and len(dims(output)) == len(shapes[output.name]):
+                shapes[output.name] = [known if known is not None else found if isinstance(found, int) else None
+                                       for known, found in zip(shapes[output.name], dims(output))]
+    return shapes
+
+
+def _same_shape(recorded: list, graph: list) -> bool:
+    """The manifest's shape against the graph's (None: a size the graph does not state)."""
+    return len(recorded) == len(graph) and all(g is None or r == g for r, g in zip(recorded, graph))
+
+
+def _check_label_table(graph, manifest: dict, where: str, name: str) -> None:
+    from ...core.manifest import ManifestError
+
+    label = next((t["name"] for t in manifest["model"]["inputs"] if t["role"] == "label"), None)
+    tables = {t.name: list(t.dims) for t in graph.initializer}
+    names, reached = {label}, []
+    for node in graph.node:  # nodes are in topological order
+        if node.op_type in _LABEL_PASSTHROUGH and node.input and node.input[0] in names:
+            names.update(node.output)
+        elif (node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in names
+              and node.input[0] in tables and all(a.name != "axis" or a.i == 0 for a in node.attribute)):
+            reached.append(node.input[0])
+    null_class = manifest["guidance"]["null_class"]
+    for table in reached:
+        rows = tables[table][0]
+        if rows != null_class + 1:
+            raise ManifestError(f"{where}: field 'guidance/null_class' is {null_class} (labels 0..{null_class - 1}, "
+                                f"null class {null_class}); the graph {name}'s label table {table!r} has {rows} rows "
+                                f"(labels 0..{rows - 2} and the null class {rows - 1})")
 
 
 def _numpy_dtype(name: str) -> np.dtype:

@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from . import cache_inputs, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
+from ...builder.engines import precision_refusal
+from . import cache_inputs, check_graph, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
 
 _shared_arena_lock = threading.Lock()
 _shared_arena_registered = False
@@ -85,9 +86,10 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest: dict, folder: Path, subsets: Sequence[int] | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",), share_weights: bool = True,
                  shared_arena: bool = True, optimization: str = "extended", threads: int | None = None):
-        if manifest["precision"] == "bf16":
-            raise ValueError("ONNX Runtime has no bfloat16 kernels for these graphs; build with --precision fp32 or "
-                             "fp16 for the onnxruntime backend (bf16 graphs are meant for TensorRT)")
+        refusal = precision_refusal(self.name, manifest["precision"])
+        if refusal:
+            raise ValueError(f"{Path(folder) / 'manifest.json'}: field 'precision' is {manifest['precision']}: "
+                             f"{refusal}")
         if manifest["precision"] == "fp8":  # ONNX Runtime's Q/DQ fusions make float8 kernels its CPU provider lacks
             optimization = "basic"
         self.manifest = manifest
@@ -107,13 +109,12 @@ class OnnxRuntimeBackend:
             if shared_arena:
                 options.add_session_config_entry("session.use_env_allocators", "1")
             path = engine_path(self.folder, record)
-            external = _external_initializers(path, manifest)
+            external = check_graph(self.folder, record, manifest, path)
             if share_weights:
                 options.add_session_config_entry("session.disable_prepacking", "1")
                 for name in external:
                     options.add_initializer(name, self._weights[name])
             session = ort.InferenceSession(str(path), options, providers=list(providers))
-            _check_interface(session, record, path)
             self.sessions[record["index"]] = session
             self._records[record["index"]] = record
 
@@ -159,51 +160,3 @@ def _ortvalue(array: np.ndarray) -> ort.OrtValue:
 
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint8), onnx.TensorProto.FLOAT8E4M3FN)
     return ort.OrtValue.ortvalue_from_numpy(array)
-
-
-def _external_initializers(path: Path, manifest: dict) -> list[str]:
-    """The names of the graph's initializers held in the build's weights file. Each must be one of the manifest's
-    weight tensors, at its offset and length in that file: a graph can name no other file, so that nothing outside
-    the build folder is ever read."""
-    import onnx
-
-    from ...core.manifest import ManifestError
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as error:  # protobuf's DecodeError and friends
-        raise ManifestError(f"{path}: not a readable ONNX graph ({error})") from None
-    tensors = {t["name"]: t for t in manifest["weight_tensors"]}
-    weights_file = manifest["weights"]["file"]
-    names = []
-    for initializer in graph.initializer:
-        if initializer.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in initializer.external_data}
-        record = tensors.get(initializer.name)
-        if (info.get("location") != weights_file or record is None
-                or int(info.get("offset", 0)) != record["offset"] or int(info.get("length", -1)) != record["length"]):
-            raise ManifestError(f"{path}: initializer {initializer.name!r} reads {info.get('location')!r} at offset "
-                                f"{info.get('offset', 0)}, length {info.get('length')}; the manifest's weight table "
-                                f"puts it in {weights_file}" + (f" at offset {record['offset']}, length "
-                                                                 f"{record['length']}" if record else " nowhere"))
-        names.append(initializer.name)
-    return names
-
-
-_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
-              "int64": "tensor(int64)"}
-
-
-def _check_interface(session: ort.InferenceSession, record: dict, path: Path) -> None:
-    """The session's inputs and outputs must be the manifest's records: names, order and dtypes."""
-    from ...core.manifest import ManifestError
-
-    for kind, actual, expected in (("inputs", session.get_inputs(), record["inputs"]),
-                                   ("outputs", session.get_outputs(), record["outputs"])):
-        got = [(a.name, a.type) for a in actual]
-        want = [(t["name"], _ORT_TYPES[t["dtype"]]) for t in expected]
-        if got != want:
-            raise ManifestError(f"{path}: the graph's {kind} {got} are not the manifest's "
-                                f"(field 'subsets/{record['index']}/{kind}': {want})")
-

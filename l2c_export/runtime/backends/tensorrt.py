@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from ...builder.engines import BackendUnavailable
-from . import cache_inputs, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
+from . import cache_inputs, check_graph, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
 
 
 def _import_tensorrt():
@@ -49,6 +49,7 @@ class TensorRTBackend:
         self.max_batch = manifest["batch"]["max"]
         self.engines, self.contexts, self.records = {}, {}, {}
         for record in selected_subsets(manifest, subsets):
+            check_graph(folder, record, manifest)  # the graph the plan was built from says what the manifest says
             engine = runtime.deserialize_cuda_engine(engine_path(folder, record).read_bytes())
             if engine is None:
                 raise RuntimeError(f"{engine_path(folder, record)}: TensorRT could not deserialise the plan "

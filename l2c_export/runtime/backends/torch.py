@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from ...models import get_family
-from . import selected_subsets, weight_arrays
+from ...core.manifest import ManifestError
+from . import check_graph, selected_subsets, weight_arrays
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
            "fp8": torch.float32}
@@ -40,6 +41,13 @@ def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
         if array.dtype.name == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
         state[name.removesuffix(".T")] = tensor.T.contiguous() if name.endswith(".T") else tensor
+    expected = model.state_dict()
+    problems = [f"{name} {tuple(expected[name].shape)} in the config's model, {tuple(tensor.shape)} in weights.bin"
+                for name, tensor in state.items() if tuple(expected[name].shape) != tuple(tensor.shape)]
+    problems += [f"{name} is not in weights.bin" for name in sorted(set(expected) - set(state))]
+    if problems:
+        raise ManifestError(f"{Path(folder) / 'manifest.json'}: field 'model/config' describes a model its weights "
+                            f"do not fit: {'; '.join(problems[:3])}" + (" ..." if len(problems) > 3 else ""))
     model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
     return model.eval().to(device, dtype)
 
@@ -52,6 +60,8 @@ class TorchBackend:
         if cuda_graphs and not device.startswith("cuda"):
             raise ValueError("CUDA graphs need --device cuda")
         self.device = torch.device(device)
+        for record in selected_subsets(manifest, subsets):
+            check_graph(Path(folder), record, manifest)  # what the manifest says of the interface is the graphs'
         self.model = model_from_manifest(manifest, Path(folder), device)
         self.dtype = _DTYPES[manifest["precision"]]
         self.compute = {record["index"]: [bool(c) for c in record["compute"]]
