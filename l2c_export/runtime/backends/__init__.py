@@ -219,6 +219,8 @@ def _check_label_table(graph, manifest: dict, where: str, name: str) -> None:
     from ...core.manifest import ManifestError
 
     label = next((t["name"] for t in manifest["model"]["inputs"] if t["role"] == "label"), None)
+    if label is None:  # conditioned on something else (prompt embeddings): no label table
+        return
     tables = {t.name: list(t.dims) for t in graph.initializer}
     names, reached = {label}, []
     for node in graph.node:  # nodes are in topological order
