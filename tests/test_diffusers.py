@@ -560,3 +560,20 @@ def test_learn_asks_a_text_model_for_prompts_and_refuses_them_for_a_label_model(
     labels = run_cli("learn", "--diffusers", str(tiny_diffusers("dit")), "--steps", "4", "--conditioning-data",
                      str(tmp_path / "prompts.npz"), "--out", str(tmp_path / "r.safetensors"), check=False)
     assert labels.returncode == 2 and "conditioned on class labels" in labels.stderr
+
+
+def test_concurrent_requests_on_the_torch_backend_give_the_serial_results(diffusers_builds):
+    """The wrapped sub-modules read their call's compute and cache per thread: four requests at once through one
+    torch model equal the same requests one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from l2c_export.runtime.conditioning import example_conditioning
+    from l2c_export.runtime.pipeline import L2CPipeline
+
+    pipe = L2CPipeline.from_engine_dir(diffusers_builds["pixart"], backend="torch")
+    requests = [example_conditioning(pipe.manifest, 2, seed=seed) for seed in range(4)]
+    serial = [pipe(**request, seed=seed).samples for seed, request in enumerate(requests)]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda item: pipe(**item[1], seed=item[0]).samples, enumerate(requests)))
+    for one, other in zip(serial, concurrent):
+        np.testing.assert_array_equal(one, other)

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import inspect
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, MutableMapping, Sequence
@@ -60,13 +61,26 @@ class DiffusersConfig:
 class _CacheState:
     """What the wrapped sub-modules of one cached transformer read during a call: which sub-layers compute (None:
     all), the request's cache (sub-layer index -> output, or None: keep nothing), and for the soft-routed forward the
-    weights (num_sublayers,) and where fresh outputs go."""
+    weights (num_sublayers,) and where fresh outputs go. Per thread, so that requests in several threads (the torch
+    backend serving them) never see each other's; a deep copy (the exporter's stand-in) gets a state of its own."""
+
+    _FIELDS = ("compute", "cache", "weights", "fresh")
 
     def __init__(self):
-        self.compute: Sequence[bool] | None = None
-        self.cache: MutableMapping | None = None
-        self.weights = None
-        self.fresh: MutableMapping | None = None
+        object.__setattr__(self, "_local", threading.local())
+
+    def __getattr__(self, name: str):
+        if name not in self._FIELDS:
+            raise AttributeError(name)
+        return getattr(self._local, name, None)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self._FIELDS:
+            raise AttributeError(name)
+        setattr(self._local, name, value)
+
+    def __deepcopy__(self, memo) -> "_CacheState":
+        return _CacheState()
 
 
 def _cached_forward(module, *args, **kwargs):
