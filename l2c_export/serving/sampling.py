@@ -2,25 +2,34 @@
 dynamic batcher hands over together merged into as few ``L2CPipeline`` calls as the build allows.
 
 No Triton imports here: the Triton model (``triton_model.py``) only moves tensors in and out. A request holds ``n``
-images (Triton's batch dimension); per image:
+images (Triton's batch dimension). Its conditioning is the build's (:func:`served_inputs`, from the manifest's
+``model/inputs``): ``labels`` for a label model, the prompt embeddings by the pipelines' argument names for a text model
+(PixArt). Per image:
 
-========== ============= ====================================================================================
-input      shape, dtype  meaning
-========== ============= ====================================================================================
-labels     (1,) int64    class label, 0 .. num_classes - 1
-noise      (C, H, W) f32 optional: the initial noise, finite, within +-MAX_ABS_NOISE
-seed       (1,) int64    optional, 0 .. 2**63 - 1: the initial noise is ``make_noise(seed, (1, C, H, W))``, so the
-                         image equals ``L2CPipeline([label], seed=seed)``'s; with neither noise nor seed a fresh
-                         random seed
-cfg_scale  (1,) f32      optional: classifier-free guidance scale in [1, MAX_CFG_SCALE] (default: the build's;
-                         1: none)
-========== ============= ====================================================================================
+============================== ============= =========================================================================
+input                          shape, dtype  meaning
+============================== ============= =========================================================================
+labels                         (1,) int64    label models: class label, 0 .. num_classes - 1
+prompt_embeds                  (L, D) f32    text models: the prompt's embeddings (L tokens, any length >= 1; D the
+                                             model's caption width), finite
+prompt_attention_mask          (L,) f32      text models: 1 keep / 0 padding, at least one 1
+negative_prompt_embeds         (L, D) f32    text models, needed when guiding (cfg_scale > 1): the unconditional half
+negative_prompt_attention_mask (L,) f32      text models, with the negative embeddings
+noise                          (C, H, W) f32 optional: the initial noise, finite, within +-MAX_ABS_NOISE
+seed                           (1,) int64    optional, 0 .. 2**63 - 1: the initial noise is
+                                             ``make_noise(seed, (1, C, H, W))``, so the image equals
+                                             ``L2CPipeline([label], seed=seed)``'s; with neither noise nor seed a
+                                             fresh random seed
+cfg_scale                      (1,) f32      optional: classifier-free guidance scale in [1, MAX_CFG_SCALE]
+                                             (default: the build's; 1: none)
+============================== ============= =========================================================================
 
 :func:`input_ranges` holds those ranges, :func:`decode_request` enforces them (the only place that does), and the
 Triton model config states them (its ``input_ranges`` parameter).
 
-Images of the same guidance scale are sampled as one batch (up to the build's batch limit), whatever request they
-came from: each image's sample is the same as when it is sampled alone (the model is per-sample; to float rounding).
+Images of the same guidance scale (and, for text models, the same prompt length L) are sampled as one batch (up to the
+build's batch limit), whatever request they came from: each image's sample is the same as when it is sampled alone
+(the model is per-sample; to float rounding).
 DDPM draws its step noise per sampling batch, so DDPM images are sampled one per batch, each from its own seed.
 """
 
@@ -31,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.util import check_finite
+from ..runtime.conditioning import TEXT_ARGUMENTS, check_prompts, conditioning_inputs
 from ..samplers.guidance import check_labels, make_noise
 
 MAX_SEED = 2 ** 63 - 1  # numpy's generators take any seed >= 0; int64 caps it here
@@ -39,44 +49,80 @@ MAX_CFG_SCALE = 100.0  # far above any scale in use (DiT samples at 1.5-4, text-
 MAX_ABS_NOISE = 1000.0  # standard normal noise never comes near it (|x| > 10 has probability 1e-23)
 
 
-def input_ranges(num_classes: int) -> dict[str, list]:
-    """The closed range of every input's values, by input name: what :func:`decode_request` enforces."""
-    return {"labels": [0, num_classes - 1], "noise": [-MAX_ABS_NOISE, MAX_ABS_NOISE], "seed": [0, MAX_SEED],
-            "cfg_scale": [1.0, MAX_CFG_SCALE]}
+def input_ranges(num_classes: int | None) -> dict[str, list]:
+    """The closed range of every input's values, by input name: what :func:`decode_request` enforces.
+    ``num_classes``: a label model's classes; None for a text model (its masks are 0/1, its embeddings finite)."""
+    ranges = {"noise": [-MAX_ABS_NOISE, MAX_ABS_NOISE], "seed": [0, MAX_SEED], "cfg_scale": [1.0, MAX_CFG_SCALE]}
+    if num_classes is None:
+        return {"prompt_attention_mask": [0, 1], "negative_prompt_attention_mask": [0, 1], **ranges}
+    return {"labels": [0, num_classes - 1], **ranges}
+
+
+def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
+    """Every input a served request may carry, from the manifest alone: (name, numpy dtype, per-image dims with -1 for
+    the prompt length, optional). The conditioning comes first: ``labels`` for a label model, or for a text model the
+    pipelines' argument names with the dtypes and caption width of the manifest's ``prompt_embeds`` and
+    ``prompt_attention_mask`` inputs (the negatives are optional: needed only when guiding)."""
+    from ..runtime.pipeline import ModelInterface
+
+    sample_shape = list(ModelInterface.from_manifest(manifest).sample_shape)
+    inputs = conditioning_inputs(manifest)
+    if "label" in inputs:
+        conditioning = [("labels", "int64", [1], False)]
+    else:
+        embeds, mask = inputs["prompt_embeds"], inputs["prompt_attention_mask"]
+        conditioning = [(name, record["dtype"], [-1, embeds["shape"][-1]] if record is embeds else [-1],
+                         name.startswith("negative"))
+                        for name, record in zip(TEXT_ARGUMENTS, (embeds, mask, embeds, mask))]
+    return conditioning + [("noise", "float32", sample_shape, True), ("seed", "int64", [1], True),
+                           ("cfg_scale", "float32", [1], True)]
 
 
 @dataclass
 class SampleRequest:
     """One request's images, checked."""
 
-    labels: np.ndarray  # (n,) int64
+    labels: np.ndarray | None  # (n,) int64; None for a text model
     noise: np.ndarray  # (n, C, H, W) float32
     seeds: np.ndarray  # (n,) int64: DDPM's step noise is drawn from them
     cfg_scales: np.ndarray  # (n,) float64
+    conditioning: dict[str, np.ndarray] | None = None  # text models: TEXT_ARGUMENTS -> (n, L, D) / (n, L) float32
+
+    @property
+    def prompt_length(self) -> int | None:
+        return None if self.conditioning is None else self.conditioning["prompt_embeds"].shape[1]
 
 
-def decode_request(pipeline, labels: np.ndarray | None, noise: np.ndarray | None = None,
-                   seed: np.ndarray | None = None, cfg_scale: np.ndarray | None = None) -> SampleRequest:
+def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray | None = None,
+                   seed: np.ndarray | None = None, cfg_scale: np.ndarray | None = None,
+                   **prompts: np.ndarray | None) -> SampleRequest:
     """Checks one request's tensors (shapes as in the table above, with the batch dimension first) against
-    ``pipeline``'s build; raises ``ValueError`` with a message naming the input and what was expected."""
-    if labels is None:
-        raise ValueError("input 'labels' is missing; expected int64 class labels of shape (n, 1)")
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.shape[1] != 1 or labels.shape[0] < 1:
-        raise ValueError(f"input 'labels' has shape {list(labels.shape)}; expected [n, 1]")
-    n = labels.shape[0]
-    labels = labels.reshape(n).astype(np.int64)
-    try:
-        check_labels(labels, pipeline.num_classes)
-    except ValueError as error:
-        raise ValueError(f"input 'labels': {error}") from None
+    ``pipeline``'s build; raises ``ValueError`` with a message naming the input and what was expected. ``prompts``:
+    a text model's conditioning by the pipelines' argument names (None: not sent)."""
+    prompts = {name: value for name, value in prompts.items() if value is not None}
+    if pipeline.interface.label is not None:
+        if prompts:
+            raise ValueError(f"input {sorted(prompts)[0]!r}: this model is conditioned on class labels (input "
+                             f"'labels')")
+        n, labels = _decode_labels(pipeline, labels)
+    else:
+        if labels is not None:
+            raise ValueError("input 'labels': this model is conditioned on prompt embeddings (inputs "
+                             f"{', '.join(TEXT_ARGUMENTS)}), not class labels")
+        if "prompt_embeds" not in prompts:
+            raise ValueError("input 'prompt_embeds' is missing; expected float32 prompt embeddings of shape "
+                             "(n, L, D)")
+        if np.ndim(prompts["prompt_embeds"]) != 3:
+            raise ValueError(f"input 'prompt_embeds' has shape {list(np.shape(prompts['prompt_embeds']))}; expected "
+                             f"[n, L, D]")
+        n = np.shape(prompts["prompt_embeds"])[0]
 
     def per_image(name: str, value: np.ndarray | None, dtype) -> np.ndarray | None:
         if value is None:
             return None
         value = np.asarray(value)
         if value.shape != (n, 1):
-            raise ValueError(f"input '{name}' has shape {list(value.shape)}; expected [{n}, 1] (one per label)")
+            raise ValueError(f"input '{name}' has shape {list(value.shape)}; expected [{n}, 1] (one per image)")
         return value.reshape(n).astype(dtype)
 
     ranges = input_ranges(pipeline.num_classes)
@@ -88,6 +134,13 @@ def decode_request(pipeline, labels: np.ndarray | None, noise: np.ndarray | None
         scales = np.full(n, float(pipeline.manifest["guidance"]["cfg_scale"]))
     for scale in scales:
         check_finite(float(scale), "input 'cfg_scale'", *ranges["cfg_scale"])  # 1 is no guidance
+    conditioning = None
+    if pipeline.interface.label is None:
+        # the negatives are checked whenever they are sent, and needed when any image of the request guides
+        guiding = bool(np.any(scales > 1.0)) or any(name.startswith("negative") for name in prompts)
+        width = conditioning_inputs(pipeline.manifest)["prompt_embeds"]["shape"][-1]
+        checked = check_prompts(prompts, width, guiding, where="request")
+        conditioning = {name: array for name, array in zip(TEXT_ARGUMENTS, checked) if array is not None}
     if noise is not None:
         if seeds is not None:
             raise ValueError("inputs 'noise' and 'seed' are both given; give one of them (seed draws the noise)")
@@ -108,7 +161,23 @@ def decode_request(pipeline, labels: np.ndarray | None, noise: np.ndarray | None
         if seeds is None:
             seeds = np.random.SeedSequence().generate_state(n, dtype=np.uint64).astype(np.int64) & MAX_SEED
         noise = np.stack([make_noise(int(s), (1, *pipeline.sample_shape))[0] for s in seeds])
-    return SampleRequest(labels=labels, noise=noise, seeds=seeds, cfg_scales=scales)
+    return SampleRequest(labels=labels, noise=noise, seeds=seeds, cfg_scales=scales, conditioning=conditioning)
+
+
+def _decode_labels(pipeline, labels: np.ndarray | None) -> tuple[int, np.ndarray]:
+    """A label model's ``labels`` input (n, 1), checked -> (n, labels (n,) int64)."""
+    if labels is None:
+        raise ValueError("input 'labels' is missing; expected int64 class labels of shape (n, 1)")
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.shape[1] != 1 or labels.shape[0] < 1:
+        raise ValueError(f"input 'labels' has shape {list(labels.shape)}; expected [n, 1]")
+    n = labels.shape[0]
+    labels = labels.reshape(n).astype(np.int64)
+    try:
+        check_labels(labels, pipeline.num_classes)
+    except ValueError as error:
+        raise ValueError(f"input 'labels': {error}") from None
+    return n, labels
 
 
 def images_per_batch(pipeline, cfg_scale: float) -> int:
@@ -127,20 +196,25 @@ def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.nd
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for r, request in enumerate(requests):
         for i, scale in enumerate(request.cfg_scales):
-            key = (float(scale), (r, i) if pipeline.sampler.kind == "ddpm" else None)
+            key = (float(scale), request.prompt_length, (r, i) if pipeline.sampler.kind == "ddpm" else None)
             groups.setdefault(key, []).append((r, i))
-    results: list[np.ndarray | Exception] = [np.empty((len(q.labels), *pipeline.sample_shape), np.float32)
+    results: list[np.ndarray | Exception] = [np.empty((len(q.noise), *pipeline.sample_shape), np.float32)
                                              for q in requests]
     batch_sizes = []
-    for (scale, _), members in groups.items():
+    for (scale, length, _), members in groups.items():
         size = images_per_batch(pipeline, scale)
         for start in range(0, len(members), size):
             chunk = members[start: start + size]
-            labels = [int(requests[r].labels[i]) for r, i in chunk]
+            if length is None:
+                condition = {"labels": [int(requests[r].labels[i]) for r, i in chunk]}
+            else:  # the negatives only where this batch guides (a request may send them for its unguided images too)
+                names = TEXT_ARGUMENTS if scale > 1.0 else TEXT_ARGUMENTS[:2]
+                condition = {"conditioning": {name: np.stack([requests[r].conditioning[name][i] for r, i in chunk])
+                                              for name in names}}
             noise = np.stack([requests[r].noise[i] for r, i in chunk])
             seed = int(requests[chunk[0][0]].seeds[chunk[0][1]])
             try:
-                samples = pipeline(labels, cfg_scale=scale, seed=seed, noise=noise).samples
+                samples = pipeline(**condition, cfg_scale=scale, seed=seed, noise=noise).samples
             except Exception as error:  # noqa: BLE001 - reported to the requests of this batch, the rest go on
                 for r, _ in chunk:
                     results[r] = error

@@ -5,7 +5,9 @@ sha256s checked when the model loads), so the cache never leaves the process and
 The requests that Triton's dynamic batcher hands over together are sampled as one batch per guidance scale
 (``l2c_export.serving.sampling``); a bad request gets its own error and the others in the batch go on.
 
-Inputs and outputs, per image (the batch dimension is images): ``labels`` INT64 [1]; optional ``noise`` FP32
+Inputs and outputs, per image (the batch dimension is images): the build's conditioning (``labels`` INT64 [1], or
+for a text model ``prompt_embeds`` FP32 [L, D], ``prompt_attention_mask`` FP32 [L] and, when guiding, their
+``negative_`` twins), read from the manifest (``l2c_export.serving.sampling.served_inputs``); optional ``noise`` FP32
 [C, H, W], ``seed`` INT64 [1], ``cfg_scale`` FP32 [1]; ``samples`` FP32 [C, H, W] (pixels in [-1, 1] or latents,
 as ``L2CPipeline`` returns them) and, for pixel models, ``images`` UINT8 [H, W, 3].
 
@@ -30,9 +32,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from l2c_export.core.images import to_uint8  # noqa: E402
 from l2c_export.runtime.pipeline import L2CPipeline  # noqa: E402
-from l2c_export.serving.sampling import decode_request, sample_requests  # noqa: E402
-
-OPTIONAL_INPUTS = ("noise", "seed", "cfg_scale")
+from l2c_export.serving.sampling import decode_request, sample_requests, served_inputs  # noqa: E402
 
 
 class TritonPythonModel:
@@ -53,6 +53,7 @@ class TritonPythonModel:
         build = Path(__file__).resolve().parent / "build"
         self.pipeline = L2CPipeline.from_engine_dir(build, backend=backend, verify=True, **options)
         self.pixel_space = self.pipeline.manifest["model"]["space"] == "pixel"
+        self.input_names = [name for name, *_ in served_inputs(self.pipeline.manifest)]
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.batches_family = pb_utils.MetricFamily(name="l2c_sampling_batches_total",
                                                     description="Sampling batches run (one L2CPipeline call each)",
@@ -66,7 +67,7 @@ class TritonPythonModel:
         decoded, errors = [], {}
         for index, request in enumerate(requests):
             tensors = {}
-            for name in ("labels", *OPTIONAL_INPUTS):
+            for name in self.input_names:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 tensors[name] = None if tensor is None else tensor.as_numpy()
             try:
