@@ -684,3 +684,86 @@ def test_a_field_the_graphs_fix_edited_after_the_build_is_refused(cpp_build, def
     engines = shutil.copytree(default_build, tmp_path / "engines")
     _rewrite_manifest(engines, change)
     assert expected in _refused(tmp_path, engines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# diffusers folders (issue 19): their schedulers (DDIM, DPM-Solver++ 2M) and conditioning (labels; PixArt's prompt
+# embeddings by role, from --conditioning cond.npz).
+
+DIFFUSERS_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def diffusers_cpp_builds(tiny_diffusers, tmp_path_factory):
+    """(family, scheduler) -> a build of the tiny diffusers folder at 8 steps over a general schedule of its named
+    sub-layers that reuses some at every other call (tests/diffusers_pipelines.py's folders)."""
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import from_diffusers
+
+    def make(family: str, scheduler: str) -> Path:
+        key = (family, scheduler)
+        if key not in builds:
+            spec = from_diffusers(tiny_diffusers(family, scheduler))
+            rows = np.ones((DIFFUSERS_STEPS, len(spec.sublayer_names)), dtype=bool)
+            rows[1::2, 1::2] = False
+            rows[2::3, 0] = False
+            out = tmp_path_factory.mktemp(f"cpp-{family}-{scheduler}") / "engines"
+            build(BuildRequest(spec=spec, schedule=Schedule(rows, sublayers=spec.sublayer_names, mode="general"),
+                               sampler=spec.sampler(None, DIFFUSERS_STEPS), out_dir=out), progress=False)
+            builds[key] = out
+        return builds[key]
+
+    builds: dict[tuple[str, str], Path] = {}
+    return make
+
+
+def _prompt_conditioning(path: Path, n: int = 2, length: int = 5, seed: int = 1) -> dict:
+    """PixArt conditioning by the pipelines' argument names, the first prompt padded (a 0/1 int64 mask, as a
+    tokenizer's), saved with np.savez at ``path``."""
+    from .diffusers_pipelines import CAPTION_CHANNELS
+
+    generator = np.random.default_rng(seed)
+    shape = (n, length, CAPTION_CHANNELS)
+    mask = np.ones((n, length), dtype=np.int64)
+    mask[0, 3:] = 0
+    negative_mask = np.zeros((n, length), dtype=np.int64)
+    negative_mask[:, :1] = 1
+    conditioning = {"prompt_embeds": generator.standard_normal(shape).astype(np.float32),
+                    "prompt_attention_mask": mask,
+                    "negative_prompt_embeds": generator.standard_normal(shape).astype(np.float32),
+                    "negative_prompt_attention_mask": negative_mask}
+    np.savez(path, **conditioning)
+    return conditioning
+
+
+def _compare_request(engines: Path, tmp_path: Path, request: list, n: int, cfg_scale: float, full: bool,
+                     seed: int = 2) -> float:
+    """l2c-run and l2c-export run on the same noise and request (--labels or --conditioning); returns max |diff| /
+    sample range."""
+    noise = _noise(engines, n, seed, tmp_path / "z.npy")
+    common = [*request, "--noise", tmp_path / "z.npy", "--cfg-scale", str(cfg_scale), *(["--full"] if full else [])]
+    result = l2c_run(engines, *common, "--out", tmp_path / "cpp.npy")
+    assert result.returncode == 0, result.stderr
+    run_cli("run", str(engines), *map(str, common), "--save-latents", str(tmp_path / "py.npy"))
+    cpp, python = np.load(tmp_path / "cpp.npy"), np.load(tmp_path / "py.npy")
+    assert cpp.shape == python.shape == noise.shape and cpp.dtype == np.float32 and np.isfinite(cpp).all()
+    return float(np.abs(cpp - python).max() / (python.max() - python.min()))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_l2c_run_equals_the_python_runtime_on_a_diffusers_dit(cpp_build, diffusers_cpp_builds, tmp_path, scheduler):
+    """DiT with labels and a learned sigma (the sampler steps on the first half, sampler_channels), guided and not,
+    full and with the schedule, under DDIMScheduler and DPMSolverMultistepScheduler (2M)."""
+    engines = diffusers_cpp_builds("dit", scheduler)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["sampler"]["kind"] == {"ddim": "diffusers_ddim", "dpm": "diffusers_dpm_multistep"}[scheduler]
+    assert manifest["guidance"]["sampler_channels"] == 4
+    if scheduler == "dpm":
+        assert 2 in manifest["sampler"]["orders"]  # the multistep update really runs
+    results = {}
+    for full in (True, False):
+        for cfg_scale in (3.0, 1.0):
+            assert _compare_request(engines, tmp_path, ["--labels", "207,3"], 2, cfg_scale, full) <= 1e-5
+            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
+    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
+    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # guidance changed the result

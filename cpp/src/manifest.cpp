@@ -206,6 +206,11 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
     subsets[m.full_subset]["outputs"].fail("model output " + output.name + " " + record_shape_string(output.shape) +
                                            " does not fit the sample " + record_shape_string(sample.shape) +
                                            "; expected (batch, C or 2C, H, W)");
+  if (m.guidance.sampler_channels > output.shape[1] ||
+      (m.guidance.sampler_channels && m.guidance.sampler_channels < sample.shape[1]))
+    guidance["sampler_channels"].fail("is " + std::to_string(m.guidance.sampler_channels) + "; expected the sample's " +
+                                      std::to_string(sample.shape[1]) + " channel(s) up to the output's " +
+                                      std::to_string(output.shape[1]));
   if (m.guidance.guided_channels > sample.shape[1])
     guidance["guided_channels"].fail("is " + std::to_string(m.guidance.guided_channels) + "; expected at most the " +
                                      "sample's " + std::to_string(sample.shape[1]) + " channel(s)");
@@ -250,6 +255,8 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   m.guidance.guided_channels = static_cast<int>(guidance["guided_channels"].integer(1, 1 << 20));
   m.guidance.null_class = guidance["null_class"].integer(1, 1 << 30);
   m.num_classes = m.guidance.null_class;  // the labels are 0 .. null_class - 1 (every family's convention)
+  if (guidance.has("sampler_channels") && !guidance["sampler_channels"].is_null())
+    m.guidance.sampler_channels = static_cast<int>(guidance["sampler_channels"].integer(1, 1 << 20));
 
   Fields batch = root["batch"];
   m.batch_min = batch["min"].integer(1, 1 << 20);

@@ -425,8 +425,11 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
   const int64_t out_plane = p.out_shape[0] * p.out_shape[1] * p.out_shape[2];
   const int64_t guided_plane = m.guidance.guided_channels * p.out_shape[1] * p.out_shape[2];
 
+  const int64_t sampler_channels = m.guidance.sampler_channels ? m.guidance.sampler_channels : p.out_shape[0];
+  const int64_t sampler_plane = sampler_channels * p.out_shape[1] * p.out_shape[2];
+
   RequestCache cache;
-  Tensor model_x, model_out, guided({n, p.out_shape[0], p.out_shape[1], p.out_shape[2]});
+  Tensor model_x, model_out, guided({n, sampler_channels, p.out_shape[1], p.out_shape[2]});
   std::vector<float> t(model_batch);
   ModelCall model = [&](int call, const Tensor& x, float timestep) -> const Tensor& {
     const Tensor* input = &x;
@@ -438,14 +441,15 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
     }
     std::fill(t.begin(), t.end(), timestep);
     p.run(subsets[call], *input, t, y, cache, model_out);
-    if (!guiding) return model_out;
+    if (!guiding && sampler_plane == out_plane) return model_out;
     // Guided channels: uncond + s * (cond - uncond); the others from the conditional half (DiT's forward_with_cfg).
+    // Only the leading sampler channels are kept (all but where the manifest's guidance/sampler_channels says).
     for (int64_t b = 0; b < n; ++b) {
       const float* cond = model_out.data.data() + b * out_plane;
-      const float* uncond = model_out.data.data() + (b + n) * out_plane;
-      float* to = guided.data.data() + b * out_plane;
-      for (int64_t i = 0; i < out_plane; ++i)
-        to[i] = i < guided_plane ? uncond[i] + scale * (cond[i] - uncond[i]) : cond[i];
+      const float* uncond = guiding ? model_out.data.data() + (b + n) * out_plane : cond;
+      float* to = guided.data.data() + b * sampler_plane;
+      for (int64_t i = 0; i < sampler_plane; ++i)
+        to[i] = guiding && i < guided_plane ? uncond[i] + scale * (cond[i] - uncond[i]) : cond[i];
     }
     return guided;
   };

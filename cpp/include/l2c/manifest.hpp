@@ -56,7 +56,10 @@ struct SubsetRecord {
 struct Guidance {
   double cfg_scale = 1.0;   // default scale; > 1 runs the conditional and null halves as one 2B batch
   int guided_channels = 0;  // the leading model_out channels guidance mixes; the rest come from the conditional half
-  int64_t null_class = 0;
+  int64_t null_class = 0;   // the label of the unconditional half (label models; 0 for a model without labels)
+  // The leading channels of the guided output the sampler steps on (diffusers' pipelines drop the learned-sigma half
+  // before the scheduler); 0: every channel.
+  int sampler_channels = 0;
 };
 
 struct Manifest {
