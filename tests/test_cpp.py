@@ -767,3 +767,31 @@ def test_l2c_run_equals_the_python_runtime_on_a_diffusers_dit(cpp_build, diffuse
             results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
     assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
     assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # guidance changed the result
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
+def test_l2c_run_equals_the_python_runtime_on_a_pixart_with_prompts(cpp_build, diffusers_cpp_builds, tmp_path,
+                                                                    scheduler):
+    """PixArt conditioned on prompt embeddings by role (--conditioning cond.npz, a padded mask, a negative prompt for
+    guidance): guided and not, full and with the schedule."""
+    engines = diffusers_cpp_builds("pixart", scheduler)
+    roles = [t["role"] for t in json.loads((engines / "manifest.json").read_text())["model"]["inputs"]]
+    assert roles[2:] == ["prompt_embeds", "prompt_attention_mask"]
+    _prompt_conditioning(tmp_path / "cond.npz")
+    request = ["--conditioning", tmp_path / "cond.npz"]
+    results = {}
+    for full in (True, False):
+        for cfg_scale in (3.0, 1.0):
+            assert _compare_request(engines, tmp_path, request, 2, cfg_scale, full) <= 1e-5
+            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
+    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
+    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # the negative prompt was used
+    # The mask is used: unpadding the first prompt changes its sample, not the second's.
+    conditioning = dict(np.load(tmp_path / "cond.npz"))
+    conditioning["prompt_attention_mask"][0] = 1
+    np.savez(tmp_path / "unpadded.npz", **conditioning)
+    assert l2c_run(engines, "--conditioning", tmp_path / "unpadded.npz", "--noise", tmp_path / "z.npy",
+                   "--cfg-scale", "1", "--out", tmp_path / "unpadded.npy").returncode == 0
+    unpadded = np.load(tmp_path / "unpadded.npy")
+    assert np.abs(unpadded[0] - results[False, 1.0][0]).max() > 1e-4
+    assert np.abs(unpadded[1] - results[False, 1.0][1]).max() <= 1e-6 * np.abs(unpadded[1]).max()
