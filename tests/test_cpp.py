@@ -684,3 +684,241 @@ def test_a_field_the_graphs_fix_edited_after_the_build_is_refused(cpp_build, def
     engines = shutil.copytree(default_build, tmp_path / "engines")
     _rewrite_manifest(engines, change)
     assert expected in _refused(tmp_path, engines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# diffusers folders (issue 19): their schedulers (DDIM, DPM-Solver++ 2M) and conditioning (labels; PixArt's prompt
+# embeddings by role, from --conditioning cond.npz).
+
+DIFFUSERS_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def diffusers_cpp_builds(tiny_diffusers, tmp_path_factory):
+    """(family, scheduler) -> a build of the tiny diffusers folder at 8 steps over a general schedule of its named
+    sub-layers that reuses some at every other call (tests/diffusers_pipelines.py's folders)."""
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import from_diffusers
+
+    def make(family: str, scheduler: str) -> Path:
+        key = (family, scheduler)
+        if key not in builds:
+            spec = from_diffusers(tiny_diffusers(family, scheduler))
+            rows = np.ones((DIFFUSERS_STEPS, len(spec.sublayer_names)), dtype=bool)
+            rows[1::2, 1::2] = False
+            rows[2::3, 0] = False
+            out = tmp_path_factory.mktemp(f"cpp-{family}-{scheduler}") / "engines"
+            build(BuildRequest(spec=spec, schedule=Schedule(rows, sublayers=spec.sublayer_names, mode="general"),
+                               sampler=spec.sampler(None, DIFFUSERS_STEPS), out_dir=out), progress=False)
+            builds[key] = out
+        return builds[key]
+
+    builds: dict[tuple[str, str], Path] = {}
+    return make
+
+
+def _prompt_conditioning(path: Path, n: int = 2, length: int = 5, seed: int = 1) -> dict:
+    """PixArt conditioning by the pipelines' argument names, the first prompt padded (a 0/1 int64 mask, as a
+    tokenizer's), saved with np.savez at ``path``."""
+    from .diffusers_pipelines import CAPTION_CHANNELS
+
+    generator = np.random.default_rng(seed)
+    shape = (n, length, CAPTION_CHANNELS)
+    mask = np.ones((n, length), dtype=np.int64)
+    mask[0, 3:] = 0
+    negative_mask = np.zeros((n, length), dtype=np.int64)
+    negative_mask[:, :1] = 1
+    conditioning = {"prompt_embeds": generator.standard_normal(shape).astype(np.float32),
+                    "prompt_attention_mask": mask,
+                    "negative_prompt_embeds": generator.standard_normal(shape).astype(np.float32),
+                    "negative_prompt_attention_mask": negative_mask}
+    np.savez(path, **conditioning)
+    return conditioning
+
+
+def _compare_request(engines: Path, tmp_path: Path, request: list, n: int, cfg_scale: float, full: bool,
+                     seed: int = 2) -> float:
+    """l2c-run and l2c-export run on the same noise and request (--labels or --conditioning); returns max |diff| /
+    sample range."""
+    noise = _noise(engines, n, seed, tmp_path / "z.npy")
+    common = [*request, "--noise", tmp_path / "z.npy", "--cfg-scale", str(cfg_scale), *(["--full"] if full else [])]
+    result = l2c_run(engines, *common, "--out", tmp_path / "cpp.npy")
+    assert result.returncode == 0, result.stderr
+    run_cli("run", str(engines), *map(str, common), "--save-latents", str(tmp_path / "py.npy"))
+    cpp, python = np.load(tmp_path / "cpp.npy"), np.load(tmp_path / "py.npy")
+    assert cpp.shape == python.shape == noise.shape and cpp.dtype == np.float32 and np.isfinite(cpp).all()
+    return float(np.abs(cpp - python).max() / (python.max() - python.min()))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_l2c_run_equals_the_python_runtime_on_a_diffusers_dit(cpp_build, diffusers_cpp_builds, tmp_path, scheduler):
+    """DiT with labels and a learned sigma (the sampler steps on the first half, sampler_channels), guided and not,
+    full and with the schedule, under DDIMScheduler and DPMSolverMultistepScheduler (2M)."""
+    engines = diffusers_cpp_builds("dit", scheduler)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["sampler"]["kind"] == {"ddim": "diffusers_ddim", "dpm": "diffusers_dpm_multistep"}[scheduler]
+    assert manifest["guidance"]["sampler_channels"] == 4
+    if scheduler == "dpm":
+        assert 2 in manifest["sampler"]["orders"]  # the multistep update really runs
+    results = {}
+    for full in (True, False):
+        for cfg_scale in (3.0, 1.0):
+            assert _compare_request(engines, tmp_path, ["--labels", "207,3"], 2, cfg_scale, full) <= 1e-5
+            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
+    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
+    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # guidance changed the result
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
+def test_l2c_run_equals_the_python_runtime_on_a_pixart_with_prompts(cpp_build, diffusers_cpp_builds, tmp_path,
+                                                                    scheduler):
+    """PixArt conditioned on prompt embeddings by role (--conditioning cond.npz, a padded mask, a negative prompt for
+    guidance): guided and not, full and with the schedule."""
+    engines = diffusers_cpp_builds("pixart", scheduler)
+    roles = [t["role"] for t in json.loads((engines / "manifest.json").read_text())["model"]["inputs"]]
+    assert roles[2:] == ["prompt_embeds", "prompt_attention_mask"]
+    _prompt_conditioning(tmp_path / "cond.npz")
+    request = ["--conditioning", tmp_path / "cond.npz"]
+    results = {}
+    for full in (True, False):
+        for cfg_scale in (3.0, 1.0):
+            assert _compare_request(engines, tmp_path, request, 2, cfg_scale, full) <= 1e-5
+            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
+    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
+    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # the negative prompt was used
+    # The mask is used: unpadding the first prompt changes its sample, not the second's.
+    conditioning = dict(np.load(tmp_path / "cond.npz"))
+    conditioning["prompt_attention_mask"][0] = 1
+    np.savez(tmp_path / "unpadded.npz", **conditioning)
+    assert l2c_run(engines, "--conditioning", tmp_path / "unpadded.npz", "--noise", tmp_path / "z.npy",
+                   "--cfg-scale", "1", "--out", tmp_path / "unpadded.npy").returncode == 0
+    unpadded = np.load(tmp_path / "unpadded.npy")
+    assert np.abs(unpadded[0] - results[False, 1.0][0]).max() > 1e-4
+    assert np.abs(unpadded[1] - results[False, 1.0][1]).max() <= 1e-6 * np.abs(unpadded[1]).max()
+
+
+def _refused_request(tmp_path: Path, engines: Path, *request) -> str:
+    """l2c-run on ``engines`` with ``request`` must exit 2 with one line on stderr and write nothing; returns it."""
+    if not (tmp_path / "z.npy").exists():
+        _noise(engines, 2, 0, tmp_path / "z.npy")
+    out = tmp_path / "out.npy"
+    result = l2c_run(engines, *request, "--noise", tmp_path / "z.npy", "--cfg-scale", "3", "--out", out)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("l2c-run: error: "), result.stderr
+    assert not out.exists() and not list(tmp_path.glob("out.npy*")), "a refused run left output behind"
+    return lines[0]
+
+
+def _bad_npz(path: Path, conditioning: dict) -> None:
+    path.write_bytes(b"")  # np.savez appends .npz to a name without it
+    with open(path, "wb") as file:
+        np.savez(file, **conditioning)
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda c: c.update(prompt_embedz=c.pop("prompt_embeds")), "unknown array 'prompt_embedz'; expected"),
+    (lambda c: c.pop("negative_prompt_embeds"), "array 'negative_prompt_embeds' is missing (guidance runs the "
+                                                "negative prompt as the unconditional half)"),
+    (lambda c: c.pop("prompt_attention_mask"), "array 'prompt_attention_mask' is missing"),
+    (lambda c: c.update(prompt_embeds=c["prompt_embeds"][..., :5].copy()),
+     "array 'prompt_embeds' has shape (2, 5, 5); expected (n, L, 12)"),
+    (lambda c: c.update(prompt_embeds=c["prompt_embeds"][0].copy()),
+     "array 'prompt_embeds' has shape (5, 12); expected (n, L, 12)"),
+    (lambda c: c.update(prompt_embeds=c["prompt_embeds"].astype(np.int32)),
+     "array 'prompt_embeds': dtype <i4; expected float32 embeddings"),
+    (lambda c: c["negative_prompt_embeds"].__setitem__((0, 0, 0), np.nan),
+     "array 'negative_prompt_embeds': 1 of its 120 values are NaN or infinite"),
+    (lambda c: c.update(negative_prompt_embeds=c["negative_prompt_embeds"][:, :4].copy()),
+     "array 'negative_prompt_embeds' has shape (2, 4, 12); expected (2, 5, 12), that of 'prompt_embeds'"),
+    (lambda c: c.update(prompt_attention_mask=np.ones((2, 4), dtype=np.int64)),
+     "array 'prompt_attention_mask' has shape (2, 4); expected (2, 5) (n, L of the embeddings)"),
+    (lambda c: c.update(negative_prompt_attention_mask=np.ones((3, 5), dtype=np.int64)),
+     "array 'negative_prompt_attention_mask' has shape (3, 5); expected (2, 5)"),
+    (lambda c: c.update(prompt_attention_mask=np.full((2, 5), 2)),
+     "array 'prompt_attention_mask' holds values other than 0 and 1"),
+    (lambda c: c["prompt_attention_mask"].__setitem__(1, 0),
+     "array 'prompt_attention_mask' masks every token of a prompt"),
+    (lambda c: c.update(prompt_attention_mask=np.array(["1"] * 10).reshape(2, 5)),
+     "array 'prompt_attention_mask': dtype <U1; expected a 0/1 mask"),
+], ids=["unknown-name", "missing-negative", "missing-mask", "width", "rank", "int-embeddings", "nan", "negative-shape",
+        "mask-length", "negative-mask-rows", "mask-values", "all-padding", "string-mask"])
+def test_bad_conditioning_is_refused_naming_the_array(cpp_build, diffusers_cpp_builds, tmp_path, change, expected):
+    engines = diffusers_cpp_builds("pixart", "dpm")
+    conditioning = _prompt_conditioning(tmp_path / "cond.npz")
+    change(conditioning)
+    _bad_npz(tmp_path / "bad.npz", conditioning)
+    line = _refused_request(tmp_path, engines, "--conditioning", tmp_path / "bad.npz")
+    assert f"--conditioning {tmp_path / 'bad.npz'}: {expected}" in line, line
+
+
+def test_conditioning_archives_that_cannot_be_read_are_refused(cpp_build, diffusers_cpp_builds, tmp_path):
+    engines = diffusers_cpp_builds("pixart", "dpm")
+    conditioning = _prompt_conditioning(tmp_path / "cond.npz")
+    np.save(tmp_path / "single.npy", conditioning["prompt_embeds"])
+    assert "single.npy: not a zip archive" in _refused_request(tmp_path, engines, "--conditioning",
+                                                               tmp_path / "single.npy")
+    archive = (tmp_path / "cond.npz").read_bytes()
+    corrupted = bytearray(archive)
+    corrupted[200] ^= 0xFF  # inside the first member's data
+    (tmp_path / "corrupt.npz").write_bytes(bytes(corrupted))
+    assert "fails its CRC-32 check" in _refused_request(tmp_path, engines, "--conditioning", tmp_path / "corrupt.npz")
+    (tmp_path / "cut.npz").write_bytes(archive[: len(archive) // 2])
+    assert "cut.npz: not a zip archive" in _refused_request(tmp_path, engines, "--conditioning", tmp_path / "cut.npz")
+    objects = dict(conditioning, prompt_embeds=np.array([{"a": 1}], dtype=object))
+    with open(tmp_path / "pickle.npz", "wb") as file:
+        np.savez(file, **objects)
+    assert "array 'prompt_embeds': dtype |O; expected float32" in _refused_request(
+        tmp_path, engines, "--conditioning", tmp_path / "pickle.npz")
+    assert "no-such.npz: cannot be read" in _refused_request(tmp_path, engines, "--conditioning",
+                                                             tmp_path / "no-such.npz")
+
+
+def test_compressed_conditioning_equals_stored(cpp_build, diffusers_cpp_builds, tmp_path):
+    """np.savez_compressed (deflate) reads as np.savez (stored) does."""
+    engines = diffusers_cpp_builds("pixart", "dpm")
+    conditioning = _prompt_conditioning(tmp_path / "cond.npz")
+    np.savez_compressed(tmp_path / "packed.npz", **conditioning)
+    _noise(engines, 2, 0, tmp_path / "z.npy")
+    for name in ("cond", "packed"):
+        result = l2c_run(engines, "--conditioning", tmp_path / f"{name}.npz", "--noise", tmp_path / "z.npy",
+                         "--out", tmp_path / f"{name}.npy")
+        assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.load(tmp_path / "cond.npy"), np.load(tmp_path / "packed.npy"))
+
+
+def test_the_wrong_conditioning_for_the_model_is_refused(cpp_build, diffusers_cpp_builds, tmp_path):
+    pixart, dit = diffusers_cpp_builds("pixart", "dpm"), diffusers_cpp_builds("dit", "dpm")
+    _prompt_conditioning(tmp_path / "cond.npz")
+    assert "--labels: this model is conditioned on prompt embeddings (--conditioning)" in _refused_request(
+        tmp_path, pixart, "--labels", "1,2")
+    assert "this model is conditioned on class labels (--labels), not on prompt embeddings" in _refused_request(
+        tmp_path, dit, "--conditioning", tmp_path / "cond.npz")
+    assert "--labels excludes --conditioning" in _refused_request(tmp_path, pixart, "--labels", "1,2",
+                                                                  "--conditioning", tmp_path / "cond.npz")
+    assert "give either --labels" in _refused_request(tmp_path, pixart)
+
+
+@pytest.mark.parametrize("scheduler,change,expected", [
+    ("ddim", lambda s: s["alphas_cumprod"].__setitem__(0, 1.5), "field 'sampler/alphas_cumprod/0' expected a value "
+                                                                "in (0, 1]"),
+    ("ddim", lambda s: s["alphas_cumprod_prev"].pop(), "field 'sampler/alphas_cumprod_prev' has 7 entries; expected 8"),
+    ("ddim", lambda s: s["options"].update(prediction_type="flow"), "field 'sampler/options/prediction_type' is not "
+                                                                    "one this l2c runtime implements"),
+    ("ddim", lambda s: s["timesteps"].__setitem__(0, 1000), "field 'sampler/timesteps/0' is 1000; expected 0..999"),
+    ("ddim", lambda s: s["model_times"].__setitem__(1, 3.5), "field 'sampler/model_times' differs from 'timesteps'"),
+    ("dpm", lambda s: s["sigmas"].__setitem__(3, s["sigmas"][2]), "field 'sampler/sigmas/3' expected the steps' "
+                                                                  "sigmas strictly decreasing"),
+    ("dpm", lambda s: s["sigmas"].__setitem__(0, "1.0"), "field 'sampler/sigmas/0' expected a number"),
+    ("dpm", lambda s: s["orders"].__setitem__(0, 2), "field 'sampler/orders/0' expected 1"),
+    ("dpm", lambda s: s["orders"].__setitem__(7, 2), "field 'sampler/orders/7' is 2 onto final sigma"),
+    ("dpm", lambda s: s["options"].update(solver_order=3), "field 'sampler/options/solver_order' is not one"),
+    ("dpm", lambda s: s.update(final_sigma=-1.0), "field 'sampler/final_sigma' expected a sigma in [0"),
+], ids=["ddim-alpha", "ddim-length", "ddim-prediction", "ddim-timestep", "ddim-model-times", "dpm-sigmas",
+        "dpm-string", "dpm-first-order", "dpm-last-order", "dpm-solver-order", "dpm-final-sigma"])
+def test_a_bad_diffusers_sampler_table_is_refused(cpp_build, diffusers_cpp_builds, tmp_path, scheduler, change,
+                                                  expected):
+    engines = shutil.copytree(diffusers_cpp_builds("dit", scheduler), tmp_path / "engines")
+    _rewrite_manifest(engines, lambda data: change(data["sampler"]))
+    line = _refused_request(tmp_path, engines, "--labels", "1,2")
+    assert f"manifest.json: {expected}" in line, line

@@ -29,6 +29,10 @@ class Fields {
   }
   Fields operator[](size_t i) const { return Fields(node_.at(i), file_, field_ + "/" + std::to_string(i)); }
   bool has(const std::string& key) const { return node_.is_object() && node_.contains(key); }
+  bool is_string() const { return node_.is_string(); }
+  bool is_boolean() const { return node_.is_boolean(); }
+  bool is_integer() const { return node_.is_number_integer(); }
+  bool is_null() const { return node_.is_null(); }
 
   size_t size() const {
     if (!node_.is_array()) fail(field_, "expected an array");

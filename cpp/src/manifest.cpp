@@ -8,6 +8,7 @@
 #include <map>
 #include <regex>
 #include <set>
+#include <tuple>
 #include <sstream>
 
 #include "json_fields.hpp"
@@ -41,7 +42,9 @@ std::string sha256_file(const fs::path& path) {
 std::string record_shape_string(const std::vector<int64_t>& shape) {
   std::string text = "(";
   for (size_t i = 0; i < shape.size(); ++i)
-    text += (i ? ", " : "") + (shape[i] == kBatch ? std::string("batch") : std::to_string(shape[i]));
+    text += (i ? ", " : "") + (shape[i] == kBatch           ? std::string("batch")
+                               : shape[i] == kPromptTokens ? std::string("prompt_tokens")
+                                                           : std::to_string(shape[i]));
   return text + (shape.size() == 1 ? ",)" : ")");
 }
 
@@ -74,6 +77,11 @@ std::vector<int64_t> read_shape(const Fields& node, bool allow_batch) {
       shape.push_back(kBatch);
       continue;
     }
+    if (allow_batch && dim.is_string()) {
+      if (dim.str() != "prompt_tokens") dim.fail("expected a size or \"prompt_tokens\" (the prompt's length)");
+      shape.push_back(kPromptTokens);
+      continue;
+    }
     const int64_t size = dim.integer(allow_batch ? 1 : 0, kMaxDimension);
     shape.push_back(size);
     elements = elements > kMaxElements ? elements : elements * static_cast<uint64_t>(size);
@@ -98,11 +106,14 @@ TensorRecord read_tensor(const Fields& node, bool output) {
     auto found = by_name.find(record.name);
     record.role = !record.slot.empty() ? (output ? "fresh" : "cache") : found != by_name.end() ? found->second : "";
   }
-  static const std::set<std::string> input_roles{"sample", "time", "label", "cache"}, output_roles{"output", "fresh"};
+  static const std::set<std::string> input_roles{"sample", "time", "label", "prompt_embeds", "prompt_attention_mask",
+                                                 "cache"},
+      output_roles{"output", "fresh"};
   if (!(output ? output_roles : input_roles).count(record.role))
     node.fail(std::string("has no role this runtime feeds; expected ") +
               (output ? "model_out (role output) or a fresh output with a slot" :
-                        "x, t, y (roles sample, time, label) or a cache input with a slot"));
+                        "roles sample, time, label (or prompt_embeds and prompt_attention_mask) or a cache input "
+                        "with a slot"));
   if ((record.role == "cache" || record.role == "fresh") == record.slot.empty())
     node.fail("role " + record.role + (record.slot.empty() ? " needs a slot" : " takes no slot"));
   return record;
@@ -156,8 +167,16 @@ void check_consistency(const Manifest& m, const Fields& subsets, const Fields& s
 // interface is checked when the graph is loaded.)
 void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& guidance) {
   const SubsetRecord& full = m.subsets[m.full_subset];
-  static const std::map<std::string, std::pair<std::string, size_t>> model_roles{
-      {"sample", {"float32", 4}}, {"time", {"float32", 1}}, {"label", {"int64", 1}}, {"output", {"float32", 4}}};
+  // role -> (dtype, rank, the form in words)
+  std::map<std::string, std::tuple<std::string, size_t, std::string>> model_roles{
+      {"sample", {"float32", 4, "(batch, C, H, W)"}}, {"time", {"float32", 1, "(batch,)"}},
+      {"output", {"float32", 4, "(batch, C, H, W)"}}};
+  if (m.conditioning == "label") {
+    model_roles["label"] = {"int64", 1, "(batch,)"};
+  } else {
+    model_roles["prompt_embeds"] = {"float32", 3, "(batch, prompt_tokens, D)"};
+    model_roles["prompt_attention_mask"] = {"float32", 2, "(batch, prompt_tokens)"};
+  }
   auto same = [](const TensorRecord& a, const TensorRecord& b) {
     return a.name == b.name && a.dtype == b.dtype && a.shape == b.shape;
   };
@@ -176,10 +195,11 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
       const size_t at = std::find_if(list.begin(), list.end(), [&](const TensorRecord& t) { return t.role == role; }) -
                         list.begin();
       const TensorRecord& tensor = list[at];
-      if (tensor.dtype != form.first || tensor.shape.size() != form.second)
+      const auto& [dtype, rank, words] = form;
+      if (tensor.dtype != dtype || tensor.shape.size() != rank)
         field[at].fail("(" + tensor.name + ", role " + role + ") is " + tensor.dtype + " of " +
-                       std::to_string(tensor.shape.size()) + " dimensions; expected " + form.first + " of " +
-                       std::to_string(form.second) + (form.second == 4 ? " (batch, C, H, W)" : " (batch,)"));
+                       std::to_string(tensor.shape.size()) + " dimensions; expected " + dtype + " of " +
+                       std::to_string(rank) + " " + words);
       const TensorRecord& in_full = Manifest::model_tensor(full, role);
       if (!same(tensor, in_full))
         field[at].fail("(" + tensor.name + " " + tensor.dtype + " " + record_shape_string(tensor.shape) +
@@ -206,6 +226,20 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
     subsets[m.full_subset]["outputs"].fail("model output " + output.name + " " + record_shape_string(output.shape) +
                                            " does not fit the sample " + record_shape_string(sample.shape) +
                                            "; expected (batch, C or 2C, H, W)");
+  if (m.conditioning == "prompt") {
+    const TensorRecord& embeds = Manifest::model_tensor(full, "prompt_embeds");
+    const TensorRecord& mask = Manifest::model_tensor(full, "prompt_attention_mask");
+    if (embeds.shape[1] != mask.shape[1] || embeds.shape[2] < 1)
+      subsets[m.full_subset]["inputs"].fail("prompt embeddings " + embeds.name + " " +
+                                            record_shape_string(embeds.shape) + " and mask " + mask.name + " " +
+                                            record_shape_string(mask.shape) +
+                                            " do not fit; expected (batch, prompt_tokens, D) and (batch, prompt_tokens)");
+  }
+  if (m.guidance.sampler_channels > output.shape[1] ||
+      (m.guidance.sampler_channels && m.guidance.sampler_channels < sample.shape[1]))
+    guidance["sampler_channels"].fail("is " + std::to_string(m.guidance.sampler_channels) + "; expected the sample's " +
+                                      std::to_string(sample.shape[1]) + " channel(s) up to the output's " +
+                                      std::to_string(output.shape[1]));
   if (m.guidance.guided_channels > sample.shape[1])
     guidance["guided_channels"].fail("is " + std::to_string(m.guidance.guided_channels) + "; expected at most the " +
                                      "sample's " + std::to_string(sample.shape[1]) + " channel(s)");
@@ -248,8 +282,8 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   Fields guidance = root["guidance"];
   m.guidance.cfg_scale = guidance["cfg_scale"].number();
   m.guidance.guided_channels = static_cast<int>(guidance["guided_channels"].integer(1, 1 << 20));
-  m.guidance.null_class = guidance["null_class"].integer(1, 1 << 30);
-  m.num_classes = m.guidance.null_class;  // the labels are 0 .. null_class - 1 (every family's convention)
+  if (guidance.has("sampler_channels") && !guidance["sampler_channels"].is_null())
+    m.guidance.sampler_channels = static_cast<int>(guidance["sampler_channels"].integer(1, 1 << 20));
 
   Fields batch = root["batch"];
   m.batch_min = batch["min"].integer(1, 1 << 20);
@@ -304,7 +338,23 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   }
   if (m.full_subset < 0) subsets.fail("has no subset that computes every sub-layer (the full-compute engine)");
 
+  // What the model conditions on, by the full subset's input roles.
+  const std::vector<TensorRecord>& model_inputs = m.subsets[m.full_subset].inputs;
+  auto has_role = [&](const char* role) {
+    return std::any_of(model_inputs.begin(), model_inputs.end(), [&](const TensorRecord& t) { return t.role == role; });
+  };
+  if (has_role("label")) {
+    m.conditioning = "label";
+    m.guidance.null_class = guidance["null_class"].integer(1, 1 << 30);
+    m.num_classes = m.guidance.null_class;  // the labels are 0 .. null_class - 1 (every family's convention)
+  } else if (has_role("prompt_embeds")) {
+    m.conditioning = "prompt";
+  } else {
+    subsets[m.full_subset]["inputs"].fail("has no conditioning input; expected one with role label, or "
+                                          "prompt_embeds and prompt_attention_mask");
+  }
   check_interfaces(m, subsets, guidance);
+  if (m.conditioning == "prompt") m.prompt_width = Manifest::model_tensor(m.subsets[m.full_subset], "prompt_embeds").shape[2];
 
   // Learned sigma (DiT): model_out carries the variance interpolation values after the eps channels.
   const SubsetRecord& full = m.subsets[m.full_subset];

@@ -136,7 +136,7 @@ void check_interface(const Ort::Session& session, const SubsetRecord& record, co
       const std::vector<int64_t>& recorded = expected[i].shape;
       bool fits = shape.size() == recorded.size();
       for (size_t d = 0; fits && d < shape.size(); ++d)
-        fits = recorded[d] == kBatch ? shape[d] < 0 : shape[d] < 0 || shape[d] == recorded[d];
+        fits = recorded[d] < 0 ? shape[d] < 0 : shape[d] < 0 || shape[d] == recorded[d];  // batch, prompt_tokens
       if (!fits) {
         std::string graph_shape = "(";
         for (size_t d = 0; d < shape.size(); ++d)
@@ -184,7 +184,91 @@ struct RequestCache {
   std::map<std::string, Slot> slots;
 };
 
+// The model batch's conditioning inputs: class labels (with the null class for the unconditional half), or prompt
+// embeddings (batch, L, D) and masks (batch, L) (the negative prompt's for the unconditional half).
+struct Condition {
+  std::vector<int64_t> labels;
+  Tensor embeds, mask;
+};
+
+double checked_scale(const SampleOptions& options, const Manifest& m) {
+  const double cfg_scale = options.cfg_scale.value_or(m.guidance.cfg_scale);
+  if (!std::isfinite(cfg_scale) || cfg_scale < 1.0)
+    throw Error("cfg_scale is " + std::to_string(cfg_scale) + "; expected a finite number at least 1 "
+                "(uncond + s * (cond - uncond); 1 means no guidance)");
+  return cfg_scale;
+}
+
+const char* const kPromptArrays[] = {"prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                                     "negative_prompt_attention_mask"};
+
+std::string prompt_arrays(bool guiding) {
+  return guiding ? "prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask"
+                 : "prompt_embeds, prompt_attention_mask";
+}
+
+// prompt_embeds-like: (n, L, width) with n, L >= 1 (and `like`'s shape when given), every value finite.
+void check_embeddings(const Tensor& embeds, const std::string& array, int64_t width, const Tensor* like,
+                      const std::string& source) {
+  const std::string where = source + ": array '" + array + "'";
+  if (like != nullptr && embeds.shape != like->shape)
+    throw Error(where + " has shape " + embeds.shape_string() + "; expected " + like->shape_string() +
+                ", that of 'prompt_embeds' (both halves run as one batch)");
+  if (embeds.shape.size() != 3 || embeds.shape[0] < 1 || embeds.shape[1] < 1 || embeds.shape[2] != width)
+    throw Error(where + " has shape " + embeds.shape_string() + "; expected (n, L, " + std::to_string(width) + ")");
+  const size_t bad = static_cast<size_t>(
+      std::count_if(embeds.data.begin(), embeds.data.end(), [](float v) { return !std::isfinite(v); }));
+  if (bad)
+    throw Error(where + ": " + std::to_string(bad) + " of its " + std::to_string(embeds.size()) +
+                " values are NaN or infinite; expected finite embeddings");
+}
+
+// prompt_attention_mask-like: (n, L) of the embeddings, values 0 and 1, at least one 1 per prompt.
+void check_mask(const Tensor& mask, const std::string& array, const Tensor& embeds, const std::string& source) {
+  const std::string where = source + ": array '" + array + "'";
+  const std::vector<int64_t> shape{embeds.shape[0], embeds.shape[1]};
+  if (mask.shape != shape)
+    throw Error(where + " has shape " + mask.shape_string() + "; expected " + shape_string(shape) +
+                " (n, L of the embeddings)");
+  for (int64_t row = 0; row < shape[0]; ++row) {
+    bool kept = false;
+    for (int64_t i = 0; i < shape[1]; ++i) {
+      const float value = mask.data[row * shape[1] + i];
+      if (value != 0.0f && value != 1.0f)
+        throw Error(where + " holds values other than 0 and 1; expected a 0/1 mask");
+      kept = kept || value == 1.0f;
+    }
+    if (!kept) throw Error(where + " masks every token of a prompt; expected at least one 1 per row");
+  }
+}
+
+Tensor concatenated(const Tensor& first, const Tensor& second) {
+  Tensor both = first;
+  both.shape[0] += second.shape[0];
+  both.data.insert(both.data.end(), second.data.begin(), second.data.end());
+  return both;
+}
+
 }  // namespace
+
+Prompts read_prompts(const fs::path& npz, const std::string& source) {
+  Prompts prompts;
+  prompts.source = source.empty() ? npz.string() : source;
+  for (auto& [array, bytes] : read_npz(npz)) {
+    const std::string where = prompts.source + ": array '" + array + "'";
+    const bool embeddings = array == kPromptArrays[0] || array == kPromptArrays[2];
+    Tensor* to = array == kPromptArrays[0]   ? &prompts.embeds
+                 : array == kPromptArrays[1] ? &prompts.mask
+                 : array == kPromptArrays[2] ? &prompts.negative_embeds
+                 : array == kPromptArrays[3] ? &prompts.negative_mask
+                                             : nullptr;
+    if (to == nullptr) throw Error(prompts.source + ": unknown array '" + array + "'; expected " + prompt_arrays(true));
+    *to = embeddings ? parse_npy(bytes, where, {"<f4", "<f8"}, "float32 embeddings")
+                     : parse_npy(bytes, where, {"<f4", "<f8", "<i8", "<i4", "|b1"}, "a 0/1 mask (bool, int or float)");
+    if (to->shape.empty()) throw Error(where + " is a 0-d array; expected " + (embeddings ? "(n, L, D)" : "(n, L)"));
+  }
+  return prompts;
+}
 
 void init_onnxruntime(const std::string& library, int threads) { onnxruntime(library, threads); }
 
@@ -200,8 +284,11 @@ struct Pipeline::Impl {
   std::vector<std::string> providers;
 
   void append_tensorrt(Ort::SessionOptions& session_options) const;
-  const Tensor& run(int subset, const Tensor& x, const std::vector<float>& t, const std::vector<int64_t>& y,
+  const Tensor& run(int subset, const Tensor& x, const std::vector<float>& t, const Condition& condition,
                     RequestCache& cache, Tensor& model_out) const;
+  // The sampling loop for n samples whose model-batch conditioning is `condition` (2n rows when guiding).
+  Tensor sample(int64_t n, const Condition& condition, double cfg_scale, const Tensor& noise,
+                const SampleOptions& options, const std::string& what) const;
 };
 
 Pipeline::Pipeline(const fs::path& engine_dir, Options options) {
@@ -319,7 +406,7 @@ void Pipeline::Impl::append_tensorrt(Ort::SessionOptions& session_options) const
 }
 
 const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector<float>& t,
-                                  const std::vector<int64_t>& y, RequestCache& cache, Tensor& model_out) const {
+                                  const Condition& condition, RequestCache& cache, Tensor& model_out) const {
   const SubsetRecord& record = manifest.subset(subset);
   Ort::Session& session = const_cast<Ort::Session&>(sessions.at(subset));  // Run is thread-safe
   const int64_t batch = x.shape[0];
@@ -327,16 +414,35 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
   auto x_value = Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(x.data.data()), x.size(), x.shape.data(),
                                                  x.shape.size());
   auto t_value = Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(t.data()), t.size(), &batch, 1);
-  auto y_value = Ort::Value::CreateTensor<int64_t>(cpu, const_cast<int64_t*>(y.data()), y.size(), &batch, 1);
+  auto wrap = [&](const Tensor& tensor) {
+    return Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(tensor.data.data()), tensor.size(),
+                                           tensor.shape.data(), tensor.shape.size());
+  };
+  Ort::Value y_value{nullptr}, embeds_value{nullptr}, mask_value{nullptr};
+  if (manifest.conditioning == "label") {
+    y_value = Ort::Value::CreateTensor<int64_t>(cpu, const_cast<int64_t*>(condition.labels.data()),
+                                                condition.labels.size(), &batch, 1);
+  } else {
+    embeds_value = wrap(condition.embeds);
+    mask_value = wrap(condition.mask);
+  }
   for (const TensorRecord& input : record.inputs) {
     if (input.role == "cache") {
       auto found = cache.slots.find(input.slot);
       if (found == cache.slots.end())
         throw Error("subset " + record.name + " reads cache slot " + input.slot + " before any step wrote it");
       binding.BindInput(input.name.c_str(), found->second.value);
-    } else {
-      binding.BindInput(input.name.c_str(), input.role == "sample" ? x_value : input.role == "time" ? t_value : y_value);
+      continue;
     }
+    const Ort::Value& value = input.role == "sample"          ? x_value
+                              : input.role == "time"          ? t_value
+                              : input.role == "label"         ? y_value
+                              : input.role == "prompt_embeds" ? embeds_value
+                                                              : mask_value;
+    if (!value)
+      throw Error(manifest.path.string() + ": subset " + record.name + " has an input " + input.name + " (role " +
+                  input.role + ") that a model conditioned by " + manifest.conditioning + " does not feed");
+    binding.BindInput(input.name.c_str(), value);
   }
   model_out = Tensor({batch, out_shape[0], out_shape[1], out_shape[2]});
   auto out_value = Ort::Value::CreateTensor<float>(cpu, model_out.data.data(), model_out.size(),
@@ -373,8 +479,9 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
 }
 
 Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise, const SampleOptions& options) const {
-  const Impl& p = *impl_;
-  const Manifest& m = p.manifest;
+  const Manifest& m = impl_->manifest;
+  if (m.conditioning != "label")
+    throw Error("--labels: this model is conditioned on prompt embeddings (--conditioning), not class labels");
   if (labels.empty()) throw Error("no labels given; expected at least one class label");
   std::vector<int64_t> bad;
   for (int64_t label : labels)
@@ -382,21 +489,55 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
   if (!bad.empty())
     throw Error("labels " + shape_string(bad) + " are out of range; expected class indices in 0.." +
                 std::to_string(m.num_classes - 1));
-  const int64_t n = static_cast<int64_t>(labels.size());
+  const double cfg_scale = checked_scale(options, m);
+  // The model batch: n conditional samples, then (guiding) the same x with the null class.
+  Condition condition;
+  condition.labels = labels;
+  if (cfg_scale > 1.0) condition.labels.insert(condition.labels.end(), labels.size(), m.guidance.null_class);
+  return impl_->sample(static_cast<int64_t>(labels.size()), condition, cfg_scale, noise, options, "labels");
+}
+
+Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const SampleOptions& options) const {
+  const Manifest& m = impl_->manifest;
+  if (m.conditioning != "prompt")
+    throw Error(prompts.source + ": this model is conditioned on class labels (--labels), not on prompt embeddings");
+  const double cfg_scale = checked_scale(options, m);
+  const bool guiding = cfg_scale > 1.0;
+  const Tensor* arrays[] = {&prompts.embeds, &prompts.mask, &prompts.negative_embeds, &prompts.negative_mask};
+  for (int i = 0; i < (guiding ? 4 : 2); ++i)
+    if (arrays[i]->shape.empty())
+      throw Error(prompts.source + ": array '" + kPromptArrays[i] + "' is missing" +
+                  (i >= 2 ? " (guidance runs the negative prompt as the unconditional half)" : "") + "; expected " +
+                  prompt_arrays(guiding));
+  check_embeddings(prompts.embeds, kPromptArrays[0], m.prompt_width, nullptr, prompts.source);
+  check_mask(prompts.mask, kPromptArrays[1], prompts.embeds, prompts.source);
+  Condition condition;
+  if (guiding) {
+    check_embeddings(prompts.negative_embeds, kPromptArrays[2], m.prompt_width, &prompts.embeds, prompts.source);
+    check_mask(prompts.negative_mask, kPromptArrays[3], prompts.embeds, prompts.source);
+    condition.embeds = concatenated(prompts.embeds, prompts.negative_embeds);
+    condition.mask = concatenated(prompts.mask, prompts.negative_mask);
+  } else {
+    condition.embeds = prompts.embeds;
+    condition.mask = prompts.mask;
+  }
+  return impl_->sample(prompts.embeds.shape[0], condition, cfg_scale, noise, options, "prompts");
+}
+
+Tensor Pipeline::Impl::sample(int64_t n, const Condition& condition, double cfg_scale, const Tensor& noise,
+                              const SampleOptions& options, const std::string& what) const {
+  const Impl& p = *this;
+  const Manifest& m = p.manifest;
   std::vector<int64_t> expected{n, p.sample_shape[0], p.sample_shape[1], p.sample_shape[2]};
   if (noise.shape != expected)
     throw Error("noise has shape " + shape_string(noise.shape) + "; expected " + shape_string(expected) +
-                " (n labels, C, H, W)");
+                " (n " + what + ", C, H, W)");
   for (float value : noise.data)
     if (!std::isfinite(value)) throw Error("noise holds a value that is not finite; expected finite float32 noise");
-  const double cfg_scale = options.cfg_scale.value_or(m.guidance.cfg_scale);
-  if (!std::isfinite(cfg_scale) || cfg_scale < 1.0)
-    throw Error("cfg_scale is " + std::to_string(cfg_scale) + "; expected a finite number at least 1 "
-                "(uncond + s * (cond - uncond); 1 means no guidance)");
   const bool guiding = cfg_scale > 1.0;
   const int64_t model_batch = guiding ? 2 * n : n;
   if (model_batch < m.batch_min || model_batch > m.batch_max)
-    throw Error(std::to_string(n) + " label(s) make a model batch of " + std::to_string(model_batch) +
+    throw Error(std::to_string(n) + " " + what + " make a model batch of " + std::to_string(model_batch) +
                 (guiding ? " (guidance doubles it)" : "") + "; the engines take " + std::to_string(m.batch_min) +
                 ".." + std::to_string(m.batch_max) + " (" + m.path.string() + " field 'batch')");
   const Sampler& sampler = *m.sampler;
@@ -408,7 +549,7 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
     std::vector<int64_t> step_shape{noises, n, expected[1], expected[2], expected[3]};
     if (options.step_noise->shape != step_shape)
       throw Error("step noise has shape " + shape_string(options.step_noise->shape) + "; expected " +
-                  shape_string(step_shape) + " (steps - 1, n labels, C, H, W)");
+                  shape_string(step_shape) + " (steps - 1, n " + what + ", C, H, W)");
     for (float value : options.step_noise->data)
       if (!std::isfinite(value)) throw Error("step noise holds a value that is not finite");
   }
@@ -418,15 +559,15 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
     if (!p.sessions.count(subset))
       throw Error("subset " + std::to_string(subset) + " is not loaded (Options::subsets leaves it out)");
 
-  // The model batch: n conditional samples, then (guiding) the same x with the null class.
-  std::vector<int64_t> y(labels);
-  if (guiding) y.insert(y.end(), n, m.guidance.null_class);
   const float scale = static_cast<float>(cfg_scale);
   const int64_t out_plane = p.out_shape[0] * p.out_shape[1] * p.out_shape[2];
   const int64_t guided_plane = m.guidance.guided_channels * p.out_shape[1] * p.out_shape[2];
 
+  const int64_t sampler_channels = m.guidance.sampler_channels ? m.guidance.sampler_channels : p.out_shape[0];
+  const int64_t sampler_plane = sampler_channels * p.out_shape[1] * p.out_shape[2];
+
   RequestCache cache;
-  Tensor model_x, model_out, guided({n, p.out_shape[0], p.out_shape[1], p.out_shape[2]});
+  Tensor model_x, model_out, guided({n, sampler_channels, p.out_shape[1], p.out_shape[2]});
   std::vector<float> t(model_batch);
   ModelCall model = [&](int call, const Tensor& x, float timestep) -> const Tensor& {
     const Tensor* input = &x;
@@ -437,15 +578,16 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
       input = &model_x;
     }
     std::fill(t.begin(), t.end(), timestep);
-    p.run(subsets[call], *input, t, y, cache, model_out);
-    if (!guiding) return model_out;
+    p.run(subsets[call], *input, t, condition, cache, model_out);
+    if (!guiding && sampler_plane == out_plane) return model_out;
     // Guided channels: uncond + s * (cond - uncond); the others from the conditional half (DiT's forward_with_cfg).
+    // Only the leading sampler channels are kept (all but where the manifest's guidance/sampler_channels says).
     for (int64_t b = 0; b < n; ++b) {
       const float* cond = model_out.data.data() + b * out_plane;
-      const float* uncond = model_out.data.data() + (b + n) * out_plane;
-      float* to = guided.data.data() + b * out_plane;
-      for (int64_t i = 0; i < out_plane; ++i)
-        to[i] = i < guided_plane ? uncond[i] + scale * (cond[i] - uncond[i]) : cond[i];
+      const float* uncond = guiding ? model_out.data.data() + (b + n) * out_plane : cond;
+      float* to = guided.data.data() + b * sampler_plane;
+      for (int64_t i = 0; i < sampler_plane; ++i)
+        to[i] = guiding && i < guided_plane ? uncond[i] + scale * (cond[i] - uncond[i]) : cond[i];
     }
     return guided;
   };

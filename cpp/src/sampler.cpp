@@ -123,6 +123,125 @@ void DpmSolver2SSampler::sample(Tensor& x, const ModelCall& model, const Tensor*
   }
 }
 
+namespace {
+
+// The scheduler's model output: model_out (n, C or 2C, H, W) cut to its leading C channels, the sample's (a learned
+// sigma half dropped, as DiTPipeline and the PixArt pipelines do before `step`). Returns the row stride.
+int64_t scheduler_output_stride(const Tensor& x, const Tensor& model_out) {
+  const int64_t n = x.shape[0], plane = static_cast<int64_t>(x.size()) / n;
+  const int64_t out_plane = static_cast<int64_t>(model_out.size()) / n;
+  if (out_plane != plane && out_plane != 2 * plane)
+    throw Error("the model output has " + std::to_string(out_plane) + " values per sample; the diffusers scheduler "
+                "expects the sample's " + std::to_string(plane) + " (or twice that, with a learned sigma)");
+  return out_plane;
+}
+
+}  // namespace
+
+const std::string& DiffusersDdimSampler::kind() const {
+  static const std::string name = "diffusers_ddim";
+  return name;
+}
+
+void DiffusersDdimSampler::sample(Tensor& x, const ModelCall& model, const Tensor*) const {
+  const int64_t n = x.shape[0], plane = static_cast<int64_t>(x.size()) / n;
+  const float limit = static_cast<float>(tables_.clip_sample_range);
+  for (int s = 0; s < num_model_calls(); ++s) {
+    const Tensor& out = model(s, x, static_cast<float>(tables_.timesteps[s]));
+    const int64_t stride = scheduler_output_stride(x, out);
+    const float alpha = static_cast<float>(tables_.alphas_cumprod[s]);
+    const float alpha_prev = static_cast<float>(tables_.alphas_cumprod_prev[s]);
+    const float sqrt_alpha = std::sqrt(alpha), sqrt_beta = std::sqrt(1.0f - alpha);
+    const float sqrt_alpha_prev = std::sqrt(alpha_prev), sqrt_beta_prev = std::sqrt(1.0f - alpha_prev);
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t i = 0; i < plane; ++i) {
+        float& value = x.data[b * plane + i];
+        const float m = out.data[b * stride + i];
+        float x0, eps;
+        if (tables_.prediction == Prediction::Epsilon) {
+          x0 = (value - sqrt_beta * m) / sqrt_alpha;
+          eps = m;
+        } else if (tables_.prediction == Prediction::Sample) {
+          x0 = m;
+          eps = (value - sqrt_alpha * x0) / sqrt_beta;
+        } else {
+          x0 = sqrt_alpha * value - sqrt_beta * m;
+          eps = sqrt_alpha * m + sqrt_beta * value;
+        }
+        if (tables_.clip_sample) x0 = std::min(limit, std::max(-limit, x0));
+        value = sqrt_alpha_prev * x0 + sqrt_beta_prev * eps;
+      }
+  }
+}
+
+namespace {
+
+// float32 log and exp rounded from float64, as the Python sampler's _log32/_exp32 (glibc's logf/expf).
+float log32(float value) { return static_cast<float>(std::log(static_cast<double>(value))); }
+float exp32(float value) { return static_cast<float>(std::exp(static_cast<double>(value))); }
+
+}  // namespace
+
+DiffusersDpmMultistepSampler::DiffusersDpmMultistepSampler(DiffusersDpmTables tables) : tables_(std::move(tables)) {
+  const size_t count = tables_.timesteps.size();
+  std::vector<float> alphas, sigmas_t, lambdas;
+  for (size_t i = 0; i <= count; ++i) {
+    const float sigma = static_cast<float>(i < count ? tables_.sigmas[i] : tables_.final_sigma);
+    const float alpha = 1.0f / std::sqrt(sigma * sigma + 1.0f);
+    alphas.push_back(alpha);
+    sigmas_t.push_back(sigma * alpha);
+    lambdas.push_back(log32(alpha) - log32(sigma * alpha));  // +inf at sigma 0
+  }
+  alpha_.assign(alphas.begin(), alphas.end() - 1);
+  sigma_.assign(sigmas_t.begin(), sigmas_t.end() - 1);
+  c_sample_.assign(count, 0.0f);
+  c_x0_.assign(count, 0.0f);
+  c_d1_.assign(count, 0.0f);
+  inv_r0_.assign(count, 0.0f);
+  for (size_t i = 0; i < count; ++i) {
+    const float h = lambdas[i + 1] - lambdas[i];
+    const float phi = alphas[i + 1] * (exp32(-h) - 1.0f);
+    c_sample_[i] = sigmas_t[i + 1] / sigmas_t[i];
+    c_x0_[i] = phi;
+    if (tables_.orders[i] == 2) {
+      inv_r0_[i] = 1.0f / ((lambdas[i] - lambdas[i - 1]) / h);
+      c_d1_[i] = tables_.heun ? alphas[i + 1] * ((exp32(-h) - 1.0f) / h + 1.0f) : 0.5f * phi;
+    }
+  }
+}
+
+const std::string& DiffusersDpmMultistepSampler::kind() const {
+  static const std::string name = "diffusers_dpm_multistep";
+  return name;
+}
+
+void DiffusersDpmMultistepSampler::sample(Tensor& x, const ModelCall& model, const Tensor*) const {
+  const int64_t n = x.shape[0], plane = static_cast<int64_t>(x.size()) / n;
+  std::vector<float> x0(x.size()), previous;
+  for (int s = 0; s < num_model_calls(); ++s) {
+    const Tensor& out = model(s, x, static_cast<float>(tables_.timesteps[s]));
+    const int64_t stride = scheduler_output_stride(x, out);
+    const float alpha = alpha_[s], sigma = sigma_[s];
+    for (int64_t b = 0; b < n; ++b)  // convert_model_output: the data prediction
+      for (int64_t i = 0; i < plane; ++i) {
+        const float value = x.data[b * plane + i], m = out.data[b * stride + i];
+        x0[b * plane + i] = tables_.prediction == Prediction::Epsilon ? (value - sigma * m) / alpha
+                            : tables_.prediction == Prediction::Sample ? m
+                                                                       : alpha * value - sigma * m;
+      }
+    const bool second_order = tables_.orders[s] == 2 && !previous.empty();
+    for (size_t i = 0; i < x.size(); ++i) {
+      float update = c_sample_[s] * x.data[i] - c_x0_[s] * x0[i];
+      if (second_order) {
+        const float d1 = inv_r0_[s] * (x0[i] - previous[i]);
+        update = tables_.heun ? update + c_d1_[s] * d1 : update - c_d1_[s] * d1;
+      }
+      x.data[i] = update;
+    }
+    previous = x0;
+  }
+}
+
 namespace detail {
 
 namespace {
@@ -151,14 +270,103 @@ std::shared_ptr<const Sampler> make_dpm_solver_2s(const Fields& section) {
   return std::make_shared<DpmSolver2SSampler>(std::move(tables));
 }
 
-}  // namespace
 
+// The option `name` of a diffusers sampler section (options/NAME), which must be one of `supported`.
+std::string diffusers_choice(const Fields& section, const std::string& name, const std::vector<std::string>& supported) {
+  const Fields option = section["options"][name];
+  std::string value;
+  if (option.is_string()) value = option.str();
+  else if (option.is_boolean()) value = option.boolean() ? "true" : "false";
+  else if (option.is_integer()) value = std::to_string(option.integer());
+  std::string listed;
+  for (const std::string& choice : supported) {
+    if (value == choice) return value;
+    listed += (listed.empty() ? "" : ", ") + choice;
+  }
+  option.fail("is not one this l2c runtime implements; supported: " + listed);
+}
+
+Prediction diffusers_prediction(const Fields& section) {
+  const std::string type = diffusers_choice(section, "prediction_type", {"epsilon", "sample", "v_prediction"});
+  return type == "epsilon" ? Prediction::Epsilon : type == "sample" ? Prediction::Sample : Prediction::VPrediction;
+}
+
+// num_calls, num_inference_steps, timesteps (integers in 0..num_train_timesteps - 1) and model_times (the same) of a
+// diffusers sampler section.
+std::vector<double> diffusers_timesteps(const Fields& section) {
+  const int64_t train = section["options"]["num_train_timesteps"].integer(2, 1000);
+  const size_t calls = static_cast<size_t>(section["num_calls"].integer(1, train));
+  section["num_inference_steps"].integer(1, train);
+  if (section["timesteps"].size() != calls)
+    section["timesteps"].fail("has " + std::to_string(section["timesteps"].size()) + " entries; expected num_calls (" +
+                              std::to_string(calls) + ")");
+  std::vector<double> timesteps;
+  for (size_t i = 0; i < calls; ++i) timesteps.push_back(static_cast<double>(section["timesteps"][i].integer(0, train - 1)));
+  const std::vector<double> model_times = section["model_times"].numbers(calls);
+  if (model_times != timesteps) section["model_times"].fail("differs from 'timesteps'; the model sees the scheduler's timestep");
+  return timesteps;
+}
+
+std::shared_ptr<const Sampler> make_diffusers_ddim(const Fields& section) {
+  DiffusersDdimTables tables;
+  tables.timesteps = diffusers_timesteps(section);
+  const size_t calls = tables.timesteps.size();
+  tables.prediction = diffusers_prediction(section);
+  tables.clip_sample = section["options"]["clip_sample"].boolean();
+  tables.clip_sample_range = section["options"]["clip_sample_range"].number();
+  if (!(tables.clip_sample_range > 0.0)) section["options"]["clip_sample_range"].fail("expected a number > 0");
+  diffusers_choice(section, "thresholding", {"false"});
+  tables.alphas_cumprod = section["alphas_cumprod"].numbers(calls);
+  tables.alphas_cumprod_prev = section["alphas_cumprod_prev"].numbers(calls);
+  for (size_t s = 0; s < calls; ++s) {
+    if (!(tables.alphas_cumprod[s] > 0.0 && tables.alphas_cumprod[s] <= 1.0))
+      section["alphas_cumprod"][s].fail("expected a value in (0, 1]");
+    if (!(tables.alphas_cumprod_prev[s] > 0.0 && tables.alphas_cumprod_prev[s] <= 1.0))
+      section["alphas_cumprod_prev"][s].fail("expected a value in (0, 1]");
+  }
+  return std::make_shared<DiffusersDdimSampler>(std::move(tables));
+}
+
+std::shared_ptr<const Sampler> make_diffusers_dpm_multistep(const Fields& section) {
+  DiffusersDpmTables tables;
+  tables.timesteps = diffusers_timesteps(section);
+  const size_t calls = tables.timesteps.size();
+  tables.prediction = diffusers_prediction(section);
+  diffusers_choice(section, "algorithm_type", {"dpmsolver++"});
+  diffusers_choice(section, "thresholding", {"false"});
+  tables.heun = diffusers_choice(section, "solver_type", {"midpoint", "heun"}) == "heun";
+  const int order = std::stoi(diffusers_choice(section, "solver_order", {"1", "2"}));
+  tables.sigmas = section["sigmas"].numbers(calls);
+  tables.final_sigma = section["final_sigma"].number();
+  for (size_t s = 0; s < calls; ++s) {
+    if (!(tables.sigmas[s] > 0.0)) section["sigmas"][s].fail("expected a sigma > 0");
+    if (s > 0 && !(tables.sigmas[s] < tables.sigmas[s - 1]))
+      section["sigmas"][s].fail("expected the steps' sigmas strictly decreasing (a step divides by the log ratio of "
+                                "the last two)");
+    tables.orders.push_back(static_cast<int>(section["orders"][s].integer(1, order)));
+  }
+  if (section["orders"].size() != calls)
+    section["orders"].fail("has " + std::to_string(section["orders"].size()) + " entries; expected " + std::to_string(calls));
+  if (!(tables.final_sigma >= 0.0 && tables.final_sigma <= tables.sigmas.back()))
+    section["final_sigma"].fail("expected a sigma in [0, the last step's sigma]");
+  if (tables.orders[0] != 1) section["orders"][0].fail("expected 1 (the first step has no history)");
+  if (calls > 1 && tables.orders.back() == 2 &&
+      (tables.final_sigma == 0.0 || (tables.final_sigma == tables.sigmas.back() && tables.heun)))
+    section["orders"][calls - 1].fail("is 2 onto final sigma " + std::to_string(tables.final_sigma) +
+                                      ", which has no finite update; expected 1");
+  return std::make_shared<DiffusersDpmMultistepSampler>(std::move(tables));
+}
+
+}  // namespace
 
 std::shared_ptr<const Sampler> make_sampler(const Fields& section, bool learn_sigma) {
   const std::string kind = section["kind"].str();
   if (kind == "dpm_solver_2s") return make_dpm_solver_2s(section);
-  if (kind != "ddim" && kind != "ddpm") section["kind"].fail("is " + kind + "; this l2c runtime knows ddim, ddpm and "
-                                                              "dpm_solver_2s");
+  if (kind == "diffusers_ddim") return make_diffusers_ddim(section);
+  if (kind == "diffusers_dpm_multistep") return make_diffusers_dpm_multistep(section);
+  if (kind != "ddim" && kind != "ddpm")
+    section["kind"].fail("is " + kind + "; this l2c runtime knows ddim, ddpm, dpm_solver_2s, diffusers_ddim and "
+                         "diffusers_dpm_multistep");
   const size_t steps = static_cast<size_t>(section["num_steps"].integer(1, 1 << 20));
   RespacedTables tables;
   tables.learn_sigma = learn_sigma;

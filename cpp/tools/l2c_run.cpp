@@ -1,6 +1,7 @@
 // l2c-run: samples from an l2c-export build with the C++ runtime, no Python in the process.
 //
 //   l2c-run ENGINE_DIR --labels 3,1,4 --noise z.npy [--cfg-scale S] [--full] --out samples.npy [--png grid.png]
+//   l2c-run ENGINE_DIR --conditioning cond.npz --noise z.npy ...   (a text-conditioned build: PixArt)
 //
 // Every failure is one line on stderr ("l2c-run: error: ..."), and the outputs are written only after the whole run
 // succeeded, each atomically. Exit status, as the l2c-export commands': 2 bad input (an l2c::Error from the library:
@@ -46,12 +47,18 @@ int fail(int status, std::string message) {
 
 int main(int argc, char** argv) {
   CLI::App app{"Sample from an l2c-export build with the C++ runtime (ONNX Runtime, no Python)."};
-  std::string engine_dir, labels_text, noise_path, step_noise_path, out_path, png_path, provider = "cpu";
+  std::string engine_dir, labels_text, conditioning_path, noise_path, step_noise_path, out_path, png_path, provider = "cpu";
   std::optional<double> cfg_scale;
   bool full = false;
   int threads = 0;
   app.add_option("engine_dir", engine_dir, "a build's folder (its manifest.json)")->required();
-  app.add_option("--labels", labels_text, "comma-separated class labels, e.g. 3,1,4")->required();
+  auto* labels_option = app.add_option("--labels", labels_text, "comma-separated class labels, e.g. 3,1,4 (label models)");
+  auto* conditioning_option = app.add_option(
+      "--conditioning", conditioning_path,
+      ".npz (numpy.savez) of prompt_embeds, prompt_attention_mask and, to guide, negative_prompt_embeds and "
+      "negative_prompt_attention_mask (text-conditioned models)");
+  labels_option->excludes(conditioning_option);
+
   app.add_option("--noise", noise_path, ".npy float32 (n, C, H, W): the initial noise")->required();
   app.add_option("--step-noise", step_noise_path,
                  ".npy float32 (steps - 1, n, C, H, W): the noise a DDPM build adds after each step but the last");
@@ -72,7 +79,11 @@ int main(int argc, char** argv) {
   }
 
   try {
+    if (labels_option->count() == conditioning_option->count())
+      throw l2c::Error("give either --labels (a label model) or --conditioning cond.npz (a text-conditioned model)");
     const std::vector<int64_t> labels = parse_labels(labels_text);
+    std::optional<l2c::Prompts> prompts;
+    if (!conditioning_path.empty()) prompts = l2c::read_prompts(conditioning_path, "--conditioning " + conditioning_path);
     const l2c::Tensor noise = l2c::read_npy(noise_path);
     std::optional<l2c::Tensor> step_noise;
     if (!step_noise_path.empty()) step_noise = l2c::read_npy(step_noise_path);
@@ -90,9 +101,10 @@ int main(int argc, char** argv) {
     sample_options.full = full;
     sample_options.step_noise = step_noise ? &*step_noise : nullptr;
     const auto start = std::chrono::steady_clock::now();
-    const l2c::Tensor samples = pipe.sample(labels, noise, sample_options);
+    const l2c::Tensor samples =
+        prompts ? pipe.sample(*prompts, noise, sample_options) : pipe.sample(labels, noise, sample_options);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::cout << (full ? "full compute: " : "L2C schedule: ") << seconds << " s for " << labels.size()
+    std::cout << (full ? "full compute: " : "L2C schedule: ") << seconds << " s for " << samples.shape[0]
               << " sample(s)" << std::endl;
     l2c::write_npy(out_path, samples);
     std::cout << "wrote " << out_path << std::endl;

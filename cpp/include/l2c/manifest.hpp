@@ -13,6 +13,7 @@ namespace l2c {
 
 constexpr int kSchemaVersion = 2;  // the newest manifest schema this runtime reads (1 and 2)
 constexpr int64_t kBatch = -1;     // a "batch" dimension in a tensor record's shape
+constexpr int64_t kPromptTokens = -2;  // a "prompt_tokens" dimension: the text conditioning's length, per request
 // Bounds on what a manifest may declare, checked before anything is allocated: each dimension, and the elements of
 // one sample of a tensor (or of one weight tensor). 2^31 float32 values are 8 GiB per sample, beyond any DiT's.
 constexpr int64_t kMaxDimension = (int64_t(1) << 31) - 1;
@@ -29,7 +30,8 @@ struct TensorRecord {
   std::string dtype;           // float32, float16, bfloat16, int64
   std::vector<int64_t> shape;  // kBatch where the record says "batch"
   std::string slot;            // the cache slot a cache input reads or a fresh output writes; empty otherwise
-  // What the runtime feeds or reads: inputs "sample", "time", "label", "cache"; outputs "output", "fresh". Schema 2
+  // What the runtime feeds or reads: inputs "sample", "time", "label" (or "prompt_embeds" and
+  // "prompt_attention_mask" for a text-conditioned model), "cache"; outputs "output", "fresh". Schema 2
   // records say it; for schema 1 it follows from the names x, t, y, model_out and the slot.
   std::string role;
 };
@@ -56,7 +58,10 @@ struct SubsetRecord {
 struct Guidance {
   double cfg_scale = 1.0;   // default scale; > 1 runs the conditional and null halves as one 2B batch
   int guided_channels = 0;  // the leading model_out channels guidance mixes; the rest come from the conditional half
-  int64_t null_class = 0;
+  int64_t null_class = 0;   // the label of the unconditional half (label models; 0 for a model without labels)
+  // The leading channels of the guided output the sampler steps on (diffusers' pipelines drop the learned-sigma half
+  // before the scheduler); 0: every channel.
+  int sampler_channels = 0;
 };
 
 struct Manifest {
@@ -64,7 +69,12 @@ struct Manifest {
   int schema_version = 0;
   std::string name, backend, precision, space;  // space: "pixel" (images in [-1, 1]) or "latent"
   std::string document;  // the whole manifest as JSON text, for the fields each graph's stamp names
-  int64_t num_classes = 0;
+  int64_t num_classes = 0;  // label models: labels 0 .. num_classes - 1; 0 for a text-conditioned model
+  // What the model conditions on, from its input roles: "label" (class labels, guided against the null class) or
+  // "prompt" (prompt_embeds (batch, L, prompt_width) and prompt_attention_mask (batch, L), guided against the
+  // negative prompt's).
+  std::string conditioning;
+  int64_t prompt_width = 0;
   std::shared_ptr<const Sampler> sampler;
   Guidance guidance;
   std::vector<int> step_subset;  // schedule: subset index per model call

@@ -57,6 +57,23 @@ struct SampleOptions {
   const Tensor* step_noise = nullptr;
 };
 
+// A text-conditioned model's request (PixArt): the prompt embeddings of n prompts and their masks, by the diffusers
+// pipelines' argument names; guidance runs the negative prompt as the unconditional half.
+struct Prompts {
+  Tensor embeds;           // prompt_embeds (n, L, D) float32, finite; D the manifest's prompt_width
+  Tensor mask;             // prompt_attention_mask (n, L): 1 keep, 0 padding; at least one 1 per prompt
+  Tensor negative_embeds;  // negative_prompt_embeds (n, L, D), needed when guiding (empty shape: not given)
+  Tensor negative_mask;    // negative_prompt_attention_mask (n, L), needed when guiding
+  std::string source = "conditioning";  // names the arrays' origin in errors, e.g. "--conditioning cond.npz"
+};
+
+// Prompts from an .npz archive (numpy.savez or savez_compressed) holding arrays named prompt_embeds,
+// prompt_attention_mask, negative_prompt_embeds and negative_prompt_attention_mask: embeddings float32 or float64,
+// masks bool, int32, int64, float32 or float64 (all read as float32). An unknown or repeated name, another dtype, a
+// file that is not such an archive: l2c::Error naming the file and the array. Shapes and values are checked by
+// Pipeline::sample, against the manifest. `source` names the arrays in errors (default: the file's path).
+Prompts read_prompts(const std::filesystem::path& npz, const std::string& source = "");
+
 class Pipeline {
  public:
   explicit Pipeline(const std::filesystem::path& engine_dir, Options options = {});
@@ -69,6 +86,11 @@ class Pipeline {
   // out of range, noise of another shape or not finite, a guidance scale below 1, a batch beyond the engines', and a
   // graph that fails on what its records say it takes.
   Tensor sample(const std::vector<int64_t>& labels, const Tensor& noise, const SampleOptions& options = {}) const;
+  // The same for a text-conditioned model (Manifest::conditioning "prompt"): one sample per prompt, noise (n, C, H,
+  // W). l2c::Error (naming prompts.source and the array) for a missing array (the negative ones when guiding), a
+  // shape that is not (n, L, prompt_width) / (n, L) with the same n and L throughout, values that are not finite, a
+  // mask of values other than 0 and 1 or masking a whole prompt, and for prompts given to a label model.
+  Tensor sample(const Prompts& prompts, const Tensor& noise, const SampleOptions& options = {}) const;
 
   const Manifest& manifest() const;
   std::vector<int64_t> sample_shape() const;  // (C, H, W) of one sample, from the subsets' `x` input record

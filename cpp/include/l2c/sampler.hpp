@@ -98,4 +98,52 @@ class DpmSolver2SSampler : public Sampler {
   DpmSolverTables tables_;
 };
 
+// diffusers' schedulers as its pipelines run them (l2c_export/samplers/diffusers.py: kinds diffusers_ddim and
+// diffusers_dpm_multistep): one model call per step at the integer timestep, eta 0, the model output cut to the
+// sample's channels (the learned-sigma half dropped) before the step, every coefficient formed in float32 from the
+// manifest's float32 tables, operation by operation, as the Python sampler forms it.
+enum class Prediction { Epsilon, Sample, VPrediction };
+
+// DDIMScheduler.step: per step the float32 alphas_cumprod at the timestep and at the previous one.
+struct DiffusersDdimTables {
+  std::vector<double> timesteps, alphas_cumprod, alphas_cumprod_prev;
+  Prediction prediction = Prediction::Epsilon;
+  bool clip_sample = false;
+  double clip_sample_range = 1.0;
+};
+
+class DiffusersDdimSampler : public Sampler {
+ public:
+  explicit DiffusersDdimSampler(DiffusersDdimTables tables) : tables_(std::move(tables)) {}
+  const std::string& kind() const override;
+  int num_model_calls() const override { return static_cast<int>(tables_.timesteps.size()); }
+  void sample(Tensor& x, const ModelCall& model, const Tensor* step_noise) const override;
+
+ private:
+  DiffusersDdimTables tables_;
+};
+
+// DPMSolverMultistepScheduler (dpmsolver++, order 1 or 2, midpoint or heun): per step the float32 sigma, the sigma
+// after the last step (final_sigma) and the solver order; a second-order step also uses the previous step's x0.
+struct DiffusersDpmTables {
+  std::vector<double> timesteps, sigmas;
+  std::vector<int> orders;
+  double final_sigma = 0.0;
+  Prediction prediction = Prediction::Epsilon;
+  bool heun = false;  // solver_type heun (else midpoint)
+};
+
+class DiffusersDpmMultistepSampler : public Sampler {
+ public:
+  explicit DiffusersDpmMultistepSampler(DiffusersDpmTables tables);
+  const std::string& kind() const override;
+  int num_model_calls() const override { return static_cast<int>(tables_.timesteps.size()); }
+  void sample(Tensor& x, const ModelCall& model, const Tensor* step_noise) const override;
+
+ private:
+  DiffusersDpmTables tables_;
+  // Per step, float32: the data prediction's alpha_t and sigma_t, and the update's coefficients.
+  std::vector<float> alpha_, sigma_, c_sample_, c_x0_, c_d1_, inv_r0_;
+};
+
 }  // namespace l2c
