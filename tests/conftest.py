@@ -51,6 +51,24 @@ def authors_router() -> Path:
     return AUTHORS_ROUTER
 
 
+def restamp_graphs(folder: Path, data: dict) -> None:
+    """Stamps every subset graph of build ``folder`` with the fields of manifest ``data`` (edited by a test) and fixes
+    up the graphs' sha256 and sizes in ``data``: an edit made as a hostile user with the tools would make it."""
+    import onnx
+
+    from l2c_export.core import manifest as manifest_io
+
+    stamp = manifest_io.graph_stamp({"model/config": data["model"]["config"],
+                                     "guidance/null_class": data["guidance"].get("null_class")})
+    for record in data["subsets"]:
+        path = folder / record["graph"]["file"]
+        graph = onnx.load(path, load_external_data=False)
+        onnx.helper.set_model_props(graph, {manifest_io.GRAPH_STAMP_KEY: stamp})
+        onnx.save_model(graph, str(path))
+        record["graph"] = record["engine"] = manifest_io.file_entry(folder, record["graph"]["file"],
+                                                                    record["graph"]["key"])
+
+
 def ort_session(path: Path):
     """A plain ONNX Runtime CPU session that can live in a process where the runtime already runs: the first
     ``OnnxRuntimeBackend`` of a process sets up ONNX Runtime's global thread pool, after which a session with threads

@@ -22,7 +22,7 @@ from l2c_export.models.zoo import embedded_default
 from l2c_export.samplers import create_sampler
 from l2c_export.samplers.guidance import make_noise, step_noise
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, restamp_graphs, run_cli
 
 SANITIZE = os.environ.get("L2C_CPP_SANITIZE", "0") not in ("", "0")
 BUILD_DIR = REPO / "cpp" / "build" / ("asan" if SANITIZE else "")
@@ -604,22 +604,11 @@ def test_labels_past_the_graphs_label_table_are_refused(cpp_build, default_build
     """A manifest whose class count was raised past the graph's label table (10 -> 1000), every graph re-stamped for
     it and the hashes fixed up: the label the manifest allows fails in the graph's Gather, and that reaches the caller
     as an l2c::Error naming the graph, not a crash."""
-    import onnx
-
-    from l2c_export.core import manifest as manifest_io
-
     engines = shutil.copytree(default_build, tmp_path / "engines")
 
     def raise_and_restamp(data):
         data["guidance"]["null_class"] = 1000
-        stamp = manifest_io.graph_stamp({"model/config": data["model"]["config"], "guidance/null_class": 1000})
-        for record in data["subsets"]:
-            path = engines / record["graph"]["file"]
-            graph = onnx.load(path, load_external_data=False)
-            onnx.helper.set_model_props(graph, {manifest_io.GRAPH_STAMP_KEY: stamp})
-            onnx.save_model(graph, str(path))
-            entry = manifest_io.file_entry(engines, record["graph"]["file"], record["graph"]["key"])
-            record["graph"] = record["engine"] = entry
+        restamp_graphs(engines, data)
 
     _rewrite_manifest(engines, raise_and_restamp)
     line = _refused(tmp_path, engines, labels="0,500")

@@ -22,7 +22,7 @@ import torch
 from l2c_export.core import manifest as manifest_io
 from l2c_export.core.util import exchange_names
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, restamp_graphs, run_cli
 
 
 def _copy(build_dir: Path, target: Path) -> Path:
@@ -557,19 +557,10 @@ def test_a_manifest_that_contradicts_its_graphs_is_refused_naming_the_field(defa
 def test_a_null_class_past_the_label_table_is_refused_even_with_the_graphs_restamped(default_build, tmp_path):
     """Behind the stamps: every graph re-stamped for 1000 classes and its sha256 fixed up, the label table itself
     (11 rows) still contradicts the manifest."""
-    import onnx
-
     folder = _copy(default_build, tmp_path / "restamped")
     data = _manifest(folder)
     data["model"]["config"]["num_classes"] = data["guidance"]["null_class"] = 1000
-    stamp = manifest_io.graph_stamp({"model/config": data["model"]["config"], "guidance/null_class": 1000})
-    for record in data["subsets"]:
-        path = folder / record["graph"]["file"]
-        graph = onnx.load(path, load_external_data=False)
-        onnx.helper.set_model_props(graph, {manifest_io.GRAPH_STAMP_KEY: stamp})
-        onnx.save_model(graph, str(path))
-        record["graph"] = record["engine"] = manifest_io.file_entry(folder, record["graph"]["file"],
-                                                                    record["graph"]["key"])
+    restamp_graphs(folder, data)
     _write_manifest(folder, data)
     line = _refused("run", str(folder), "--labels", "1")
     assert ("field 'guidance/null_class' is 1000 (labels 0..999, null class 1000); the graph full.onnx's label table "

@@ -64,6 +64,11 @@ def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_nam
         result = Schedule.load(schedule_file)
     macs = macs_for(result.depth, model_name or meta.get("model"), image_size or meta.get("image_size"),
                      meta.get("num_classes", 1000))
+    _show_schedule(result, macs, json_out, png_out, title=str(router or schedule_file))
+
+
+def _show_schedule(result, macs, json_out, png_out, title: str) -> None:
+    """Prints the schedule's summary and writes its JSON and heatmap where asked."""
     _print_schedule(result, macs)
     if json_out:
         result.save(json_out)
@@ -71,7 +76,7 @@ def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_nam
     if png_out:
         from ..tools.plots import schedule_heatmap
 
-        schedule_heatmap(result, png_out, title=str(router or schedule_file), mac_fraction=result.mac_fraction(macs))
+        schedule_heatmap(result, png_out, title=title, mac_fraction=result.mac_fraction(macs))
         click.echo(f"wrote {png_out}")
 
 
@@ -186,12 +191,4 @@ def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png
             raise CommandError("--json/--png: give the --schedule or --router to write")
         return
     result.check_fits(result.num_steps, names)
-    _print_schedule(result, macs)
-    if json_out:
-        result.save(json_out)
-        click.echo(f"wrote {json_out}")
-    if png_out:
-        from ..tools.plots import schedule_heatmap
-
-        schedule_heatmap(result, png_out, title=str(router or schedule_file), mac_fraction=result.mac_fraction(macs))
-        click.echo(f"wrote {png_out}")
+    _show_schedule(result, macs, json_out, png_out, title=str(router or schedule_file))
