@@ -74,8 +74,9 @@ def repository(digits_build, tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.fixture(scope="session")
-def server(repository, triton_env, tmp_path_factory):
+def running_server(repository: Path, triton_env: Path, tmp_path_factory):
+    """A tritonserver on free local ports serving ``repository``, for a fixture to yield; stopped after, with its
+    whole process group checked gone."""
     log = tmp_path_factory.mktemp("log") / "tritonserver.log"
     server = TritonServer(repository, triton_env, http_port=free_port(), grpc_port=free_port(),
                           metrics_port=free_port(), log=log)
@@ -84,6 +85,11 @@ def server(repository, triton_env, tmp_path_factory):
     yield server
     server.stop()
     _assert_group_gone(group)
+
+
+@pytest.fixture(scope="session")
+def server(repository, triton_env, tmp_path_factory):
+    yield from running_server(repository, triton_env, tmp_path_factory)
 
 
 def _assert_group_gone(group: int) -> None:

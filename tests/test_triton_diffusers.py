@@ -15,11 +15,10 @@ from tritonclient.utils import InferenceServerException
 
 from l2c_export.core.schedule import Schedule
 from l2c_export.runtime.pipeline import L2CPipeline
-from l2c_export.serving.triton import TritonServer, free_port
 
 from .conftest import run_cli
 from .diffusers_pipelines import CAPTION_CHANNELS
-from .test_triton import _assert_group_gone, _close_to, _f32, _i64, _typed_inputs, triton_env  # noqa: F401
+from .test_triton import _close_to, _f32, _i64, _typed_inputs, running_server, triton_env  # noqa: F401
 
 STEPS = 6
 CFG_SCALE = 3.0
@@ -61,14 +60,7 @@ def repository(builds, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repository, triton_env, tmp_path_factory):  # noqa: F811 - triton_env is test_triton's fixture
-    log = tmp_path_factory.mktemp("log") / "tritonserver.log"
-    server = TritonServer(repository, triton_env, http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port(), log=log)
-    server.start()
-    group = server.process.pid
-    yield server
-    server.stop()
-    _assert_group_gone(group)
+    yield from running_server(repository, triton_env, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
