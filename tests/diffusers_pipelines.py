@@ -1,7 +1,8 @@
 """Tiny random diffusers pipelines saved with ``save_pretrained``, and diffusers' own pipelines as the reference
 (test-time only: the runtime never imports torch or diffusers).
 
-:func:`save_tiny_pipeline` writes a ``DiTPipeline`` or a ``PixArtAlphaPipeline(tokenizer=None, text_encoder=None)``
+:func:`save_tiny_pipeline` writes a ``DiTPipeline``, a ``PixArtAlphaPipeline(tokenizer=None, text_encoder=None)``
+("pixart") or one with a tiny random ``T5EncoderModel`` and a T5-shaped tokenizer ("pixart-t5", :func:`tiny_t5`),
 with a DDIM or DPM-Solver++ multistep scheduler; :func:`schedule_hooks` makes a diffusers transformer follow a
 schedule the way the paper defines it, with forward hooks on the named sub-modules that return their last computed
 output at the calls the schedule skips.
@@ -40,16 +41,50 @@ def tiny_vae():
                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
 
 
+# The tiny tokenizer's words: prompts of other words tokenize letter by letter (the pieces below), as T5's do.
+PROMPT_WORDS = ("a an the handwritten digit number zero one two three four five six seven eight nine of drawn "
+                "picture").split()
+
+
+def tiny_t5():
+    """A tiny random ``T5EncoderModel`` (d_model = the tiny PixArt's caption_channels) and a tokenizer of T5's shape
+    built with the ``tokenizers`` library: a Unigram model over whole words (``▁word``), single letters and digits
+    for anything else, T5's pad/eos/unk ids 0/1/2, its Metaspace pre-tokenizer and ``$A </s>`` post-processor,
+    wrapped as transformers' T5 tokenizer so that ``save_pretrained`` writes tokenizer.json (transformers 5 rebuilds
+    a T5 tokenizer as a Unigram model when it loads one, so a word-level model would not load back)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + word, -1.0) for word in PROMPT_WORDS]
+    vocab += [(piece, -5.0) for piece in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    metaspace = dict(replacement="\u2581", prepend_scheme="always", split=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Metaspace(**metaspace)])
+    backend.decoder = decoders.Metaspace(**metaspace)
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, extra_ids=0)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=CAPTION_CHANNELS, d_kv=4, d_ff=24, num_layers=2,
+                                      num_heads=3, relative_attention_num_buckets=8,
+                                      relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
+                                      decoder_start_token_id=0))
+    return tokenizer, encoder.eval()
+
+
 def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
-    """A tiny random ``DiTPipeline`` (``family`` "dit") or ``PixArtAlphaPipeline`` ("pixart"), fp32, eval."""
+    """A tiny random ``DiTPipeline`` (``family`` "dit") or ``PixArtAlphaPipeline`` ("pixart": without text encoder;
+    "pixart-t5": with :func:`tiny_t5`), fp32, eval."""
     from diffusers import DiTPipeline, DiTTransformer2DModel, PixArtAlphaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     if family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))
-    elif family == "pixart":
-        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(),
+    elif family in ("pixart", "pixart-t5"):
+        tokenizer, text_encoder = tiny_t5() if family == "pixart-t5" else (None, None)
+        pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(),
                                    transformer=PixArtTransformer2DModel(**PIXART_CONFIG),
                                    scheduler=_scheduler(scheduler))
     else:

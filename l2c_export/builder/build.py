@@ -139,6 +139,9 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
             subset_records.append(_subset_record(subset, plan.slots, staging, graph_file, key, engine_file,
                                                  engine_key, inputs, outputs, spec))
         data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)
+        components = _components(spec, staging, out_dir, previous, reused, versions)
+        if components:
+            data["components"] = components
         data["weight_tensors"] = _weight_table(universal, out_dir, quantization)
         if form is not None:
             data["quantization"] = _quantization_record(quantization, out_dir)
@@ -148,6 +151,24 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return BuildReport(out_dir / manifest_io.MANIFEST_NAME, exported, reused, universal is not None)
+
+
+def _components(spec: ModelSpec, staging: Path, out_dir: Path, previous: dict[str, Path], reused: list[str],
+                versions: dict) -> dict:
+    """The manifest's ``components`` (:mod:`.components`): the diffusers folder's VAE decoder, text encoder and
+    tokenizer, each reused from the previous build when its source and the tools are unchanged."""
+    from ..export.onnx import OPSET
+    from .components import build_components
+
+    try:
+        before = manifest_io.load(out_dir, verify_files=False).get("components", {})
+    except manifest_io.ManifestError:
+        before = {}
+    exporters = _versions(("diffusers", "transformers", "tokenizers"))  # they make the components' files
+    return build_components(
+        spec, staging, key_of=lambda file, source: _hash({"file": file, "source": source, "opset": OPSET,
+                                                          "versions": versions, "exporters": exporters}),
+        reuse=lambda key, target: _reuse(previous, key, target, reused), previous_record=before.get)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,6 +292,8 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
              "output": family.graph_output(config).record()}
     if spec.space == "latent":
         model["latent_scale"] = family.latent_scale
+    if spec.max_prompt_tokens is not None:
+        model["max_sequence_length"] = spec.max_prompt_tokens
     data = {
         "schema_version": manifest_io.SCHEMA_VERSION,
         "name": spec.name,
@@ -487,11 +510,12 @@ def _hash(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _versions() -> dict[str, str | None]:
+def _versions(packages=("l2c-export", "torch", "onnx", "onnxruntime-gpu", "onnxruntime", "tensorrt",
+                         "polygraphy")) -> dict[str, str | None]:
     from importlib import metadata
 
     versions = {}
-    for package in ("l2c-export", "torch", "onnx", "onnxruntime-gpu", "onnxruntime", "tensorrt", "polygraphy"):
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -17,6 +17,12 @@ from .options import backend_options, load_noise, parse_labels, save_npy
               help="A text model's conditioning: an .npz of prompt_embeds (n, L, D), prompt_attention_mask (n, L) and, "
                    "for guidance, negative_prompt_embeds and negative_prompt_attention_mask (the pipeline's "
                    "argument names).")
+@click.option("--prompt", "prompts", multiple=True,
+              help="A text model whose build has a text encoder: a prompt (repeat for several, one image each).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A UTF-8 file of prompts, one a line (blank lines skipped), sampled as one batch.")
+@click.option("--negative-prompt", default="", help="The unconditional half's text when guiding (default: \"\", as "
+                                                     "the PixArt pipelines).")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the manifest's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -27,30 +33,41 @@ from .options import backend_options, load_noise, parse_labels, save_npy
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
 @click.option("--full", is_flag=True, help="Run the full-compute engine at every step instead of the schedule.")
 @click.option("--compare-full", is_flag=True, help="Also time full compute on the same request and print both.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG grid (pixel models, or with --vae).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG grid (pixel models; latent models through the build's VAE decoder, or --vae).")
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Save the samples (.npy).")
 @click.option("--vae", type=click.Path(file_okay=False, path_type=Path),
-              help="Local diffusers AutoencoderKL folder to decode latents (scale 0.18215).")
-def run(engine_dir, labels, conditioning_file, cfg_scale, seed, noise_file, backend, device, full, compare_full, out,
-        save_latents, vae):
+              help="The authors' latent models: a local diffusers AutoencoderKL folder to decode latents with torch "
+                   "(scale 0.18215). A diffusers build decodes with its own VAE decoder graph.")
+def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_prompt, cfg_scale, seed, noise_file,
+        backend, device, full, compare_full, out, save_latents, vae):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
     from ..runtime.conditioning import conditioning_inputs, load_conditioning
     from ..runtime.pipeline import L2CPipeline
 
+    given = [flag for flag, value in (("--labels", labels), ("--conditioning", conditioning_file),
+                                      ("--prompt", prompts), ("--prompts", prompts_file)) if value]
+    if len(given) > 1:
+        raise click.UsageError(f"give one of --labels, --conditioning, --prompt and --prompts; got {', '.join(given)}")
+    prompt_list = _read_prompts(prompts, prompts_file) if prompts or prompts_file else None
     noise = None if noise_file is None else load_noise(noise_file)
     pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **backend_options(device, backend))
     conditioning = None
     if conditioning_file is not None:
         conditioning = load_conditioning(conditioning_file)
-    elif labels is None and "label" in conditioning_inputs(pipe.manifest):
+    elif labels is None and prompt_list is None and "label" in conditioning_inputs(pipe.manifest):
         labels = "0,1,2,3,4,5,6,7,8,9"
     label_list = None if labels is None else parse_labels(labels)
     request = {"labels": label_list, "conditioning": conditioning}
+    if prompt_list is not None:
+        request.update(prompt=prompt_list, negative_prompt=negative_prompt)
     where = f"--conditioning {conditioning_file}"
     click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
                f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on {', '.join(pipe.providers)}")
-    if pipe.manifest["model"]["space"] == "latent" and out is not None and vae is None:
-        raise click.UsageError("--out needs --vae for a latent model (or use --save-latents)")
+    latent = pipe.manifest["model"]["space"] == "latent"
+    if latent and out is not None and vae is None and pipe.decoder is None:
+        raise click.UsageError(f"--out: the build {engine_dir} has no VAE decoder (build from a diffusers folder with "
+                               f"vae/), so give --vae for its latents, or use --save-latents")
     result = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True, where=where)
     what = "full compute" if full else "L2C schedule"
     click.echo(f"{what}: {result.seconds:.3f} s for {len(result.samples)} sample(s) "
@@ -67,13 +84,34 @@ def run(engine_dir, labels, conditioning_file, cfg_scale, seed, noise_file, back
     if out is not None:
         from ..core.images import save_grid
 
-        samples = result.samples
-        if pipe.manifest["model"]["space"] == "latent":
+        samples, scale = result.samples, 8
+        if latent and vae is not None:
             from ..models.vae import decode_latents
 
             samples = decode_latents(vae, samples, pipe.manifest["model"]["latent_scale"])
-        save_grid(samples, out, columns=min(len(samples), 10))
+        elif latent:
+            samples = pipe.decoder(samples)
+            scale = max(1, 64 // samples.shape[-1])  # the VAE's images are the model's size; tiny ones are enlarged
+        save_grid(samples, out, columns=min(len(samples), 10), scale=scale)
         click.echo(f"wrote {out}")
+
+
+def _read_prompts(prompts: tuple[str, ...], prompts_file: Path | None) -> list[str]:
+    """``--prompt`` texts, or ``--prompts FILE``'s lines (UTF-8, blank lines skipped), each checked."""
+    from ..runtime.components import check_prompt
+
+    if prompts_file is None:
+        return [check_prompt(text, f"--prompt {text!r}") for text in prompts]
+    try:
+        data = prompts_file.read_bytes()
+    except FileNotFoundError:
+        raise CommandError(f"--prompts {prompts_file}: no such file") from None
+    lines = data.split(b"\n")
+    texts = [check_prompt(line.rstrip(b"\r"), f"--prompts {prompts_file} line {number}")
+             for number, line in enumerate(lines, 1) if line.strip()]
+    if not texts:
+        raise CommandError(f"--prompts {prompts_file}: no prompts; expected one a line")
+    return texts
 
 
 @main.command()

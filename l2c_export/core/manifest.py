@@ -141,12 +141,14 @@ def file_path(folder: Path, name: object, where: str) -> Path:
 
 
 def all_files(data: dict) -> list[dict]:
-    """Every file record of a manifest: weights, graphs, engines, timing cache (each once)."""
+    """Every file record of a manifest: weights, graphs, engines, timing cache, components (each once)."""
     entries = [data["weights"]]
     for subset in data["subsets"]:
         entries += [subset["graph"], subset["engine"]]
     if "tensorrt" in data and "timing_cache" in data["tensorrt"]:
         entries.append(data["tensorrt"]["timing_cache"])
+    for component in data.get("components", {}).values():
+        entries += [component[field] for field in ("graph", "weights", "file") if field in component]
     unique = {}
     for entry in entries:
         unique.setdefault(entry["file"], entry)
@@ -271,6 +273,7 @@ def check_consistency(data: dict, where: str) -> None:
         if [t["slot"] for t in record["outputs"] if "slot" in t] != record["writes"]:
             raise ManifestError(f"{at}/outputs': the fresh outputs' slots differ from 'writes' {record['writes']}")
     _check_interfaces_agree(data, where)
+    _check_components(data, where)
     weights_bytes = data["weights"]["bytes"]
     for position, tensor in enumerate(data["weight_tensors"]):
         at = f"{where}: field 'weight_tensors/{position}' ({tensor['name']})"
@@ -353,3 +356,47 @@ def _check_interfaces_agree(data: dict, where: str) -> None:
         if compute[step] != data["subsets"][index]["compute"]:
             raise ManifestError(f"{where}: field 'schedule/compute/{step}' differs from the 'compute' of subset "
                                 f"{index}, which 'schedule/step_subset/{step}' names")
+
+
+def _check_components(data: dict, where: str) -> None:
+    """A text model (prompt embeddings among 'model/inputs') states its longest prompt, 'model/max_sequence_length',
+    and only a text model does; the components fit the model: the VAE decoder takes the sample's shape, the text
+    encoder gives embeddings as wide as 'prompt_embeds' and comes with its tokenizer (the schema says so too); the
+    files of the components are named once each."""
+    model = data["model"]
+    by_role = {tensor["role"]: tensor for tensor in model["inputs"]}
+    text = "prompt_embeds" in by_role
+    if text != ("max_sequence_length" in model):
+        raise ManifestError(f"{where}: field 'model/max_sequence_length' is "
+                            + ("missing; a text model states its longest prompt (rebuild with this l2c-export)" if text
+                               else "given; only a model with prompt embeddings among 'model/inputs' has one"))
+    components = data.get("components", {})
+    decoder = components.get("vae_decoder")
+    if decoder is not None:
+        expected = by_role["sample"]["shape"] if "sample" in by_role else None
+        if [t["shape"] for t in decoder["inputs"]] != [expected]:
+            raise ManifestError(f"{where}: field 'components/vae_decoder/inputs' is "
+                                f"{[t['shape'] for t in decoder['inputs']]}; expected one input of the sample's "
+                                f"shape {expected}")
+        if len(decoder["outputs"]) != 1 or len(decoder["outputs"][0]["shape"]) != 4:
+            raise ManifestError(f"{where}: field 'components/vae_decoder/outputs': expected one image output "
+                                f"(batch, C, H, W)")
+    encoder = components.get("text_encoder")
+    if encoder is not None:
+        width = by_role["prompt_embeds"]["shape"][-1] if text else None
+        shapes = [t["shape"] for t in encoder["outputs"]]
+        if shapes != [["batch", "prompt_tokens", width]]:
+            raise ManifestError(f"{where}: field 'components/text_encoder/outputs' is {shapes}; expected the prompt "
+                                f"embeddings ['batch', 'prompt_tokens', {width}] of 'model/inputs'")
+        if [(t["dtype"], t["shape"]) for t in encoder["inputs"]] != [("int64", ["batch", "prompt_tokens"])] * 2:
+            raise ManifestError(f"{where}: field 'components/text_encoder/inputs': expected input ids and an "
+                                f"attention mask, int64 ['batch', 'prompt_tokens']")
+    seen: dict[str, str] = {}
+    for name, component in components.items():
+        for field in ("graph", "weights", "file"):
+            if field in component:
+                file = component[field]["file"]
+                if file in seen or file in {e["file"] for e in all_files({**data, "components": {}})}:
+                    raise ManifestError(f"{where}: field 'components/{name}/{field}' names {file}, which another "
+                                        f"record of the manifest names too")
+                seen[file] = name

@@ -35,6 +35,8 @@ class ModelSpec:
     training: dict | None = None  # embedded models: how ``train-default`` trains them (steps, batch_size)
     scheduler_config: dict | None = None  # a diffusers folder's scheduler_config.json: the sampler comes from it
     scheduler_source: str | None = None  # where that config was read (named in its errors)
+    components: object = None  # a diffusers folder's FolderComponents: the VAE, text encoder and tokenizer a build carries
+    max_prompt_tokens: int | None = None  # text models: the longest prompt L (the pipeline's max_sequence_length)
 
     def __post_init__(self):
         if self.sampler_kind is None:
@@ -111,7 +113,9 @@ def from_diffusers(folder: str | Path) -> ModelSpec:
     found = read_folder(folder)
     return ModelSpec(name=f"{found.config.transformer_class} {Path(folder).resolve().name}", config=found.config,
                      weights=found.transformer_dir, space="latent", num_steps=found.family.default_steps,
-                     scheduler_config=found.scheduler_config, scheduler_source=str(found.scheduler_config_path))
+                     scheduler_config=found.scheduler_config, scheduler_source=str(found.scheduler_config_path),
+                     components=found.components,
+                     max_prompt_tokens=found.family.max_prompt_tokens(found.pipeline_class))
 
 
 def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | None,

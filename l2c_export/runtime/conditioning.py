@@ -54,11 +54,14 @@ def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int
     if labels is not None:
         raise ConditioningError("--labels: this model is conditioned on prompt embeddings (--conditioning), not class "
                                 "labels")
-    return _text_conditioning(inputs, guiding, dict(conditioning or {}), where)
+    return _text_conditioning(inputs, guiding, dict(conditioning or {}), where,
+                              manifest["model"].get("max_sequence_length"))
 
 
-def _text_conditioning(inputs: dict, guiding: bool, arrays: dict, where: str) -> tuple[int, dict[str, np.ndarray]]:
-    embeds, mask, negative, negative_mask = check_prompts(arrays, inputs["prompt_embeds"]["shape"][-1], guiding, where)
+def _text_conditioning(inputs: dict, guiding: bool, arrays: dict, where: str,
+                       max_tokens: int | None) -> tuple[int, dict[str, np.ndarray]]:
+    embeds, mask, negative, negative_mask = check_prompts(arrays, inputs["prompt_embeds"]["shape"][-1], guiding, where,
+                                                          max_tokens)
     n = len(embeds)
     if guiding:
         embeds, mask = np.concatenate([embeds, negative]), np.concatenate([mask, negative_mask])
@@ -66,9 +69,11 @@ def _text_conditioning(inputs: dict, guiding: bool, arrays: dict, where: str) ->
                inputs["prompt_attention_mask"]["name"]: np.ascontiguousarray(mask)}
 
 
-def check_prompts(arrays: Mapping[str, np.ndarray], width: int, guiding: bool, where: str = "conditioning"):
+def check_prompts(arrays: Mapping[str, np.ndarray], width: int, guiding: bool, where: str = "conditioning",
+                  max_tokens: int | None = None):
     """Prompt conditioning by the pipelines' argument names, checked: -> prompt_embeds (n, L, width) float32,
-    prompt_attention_mask (n, L) float32 0/1, and when ``guiding`` the negative ones of the same shapes (else None).
+    prompt_attention_mask (n, L) float32 0/1, and when ``guiding`` the negative ones of the same shapes (else None);
+    L at most ``max_tokens`` (the manifest's ``model/max_sequence_length``) where given.
     Raises :class:`ConditioningError` naming the array."""
     arrays = dict(arrays)
     unknown = sorted(set(arrays) - set(TEXT_ARGUMENTS))
@@ -81,6 +86,9 @@ def check_prompts(arrays: Mapping[str, np.ndarray], width: int, guiding: bool, w
         raise ConditioningError(f"{where}: array {missing[0]!r} is missing{why}; expected {', '.join(needed)}")
     embeds = _embeddings(arrays["prompt_embeds"], "prompt_embeds", width, where)
     n, length = embeds.shape[:2]
+    if max_tokens is not None and length > max_tokens:
+        raise ConditioningError(f"{where}: array 'prompt_embeds' has shape {embeds.shape}: {length} prompt tokens; "
+                                f"expected at most the model's max_sequence_length {max_tokens}")
     mask = _mask(arrays["prompt_attention_mask"], "prompt_attention_mask", (n, length), where)
     if not guiding:
         return embeds, mask, None, None

@@ -7,6 +7,12 @@ own cache, so a pipeline can serve requests from several threads::
     pipe = L2CPipeline.from_engine_dir("engines/dit-digits-onnxruntime-fp32")
     result = pipe(labels=[3, 7], cfg_scale=4.0, seed=0)
     result.images      # list of PIL images (pixel models) / result.samples (n, C, H, W)
+
+A build that carries a text encoder and tokenizer takes prompts, and one with a VAE decoder gives images of its
+latents (the manifest's ``components``, :mod:`.components`)::
+
+    result = pipe(prompt=["a handwritten seven"], negative_prompt="", seed=0, decode=True)
+    result.images      # PIL images decoded from the latents, as the diffusers pipeline's output_type="pil"
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class SampleResult:
     seconds: float  # the whole sampling loop
     engine_seconds: float  # inside the engines
     step_subsets: list[int] = field(default_factory=list)  # the subset of each model call
+    decoded: np.ndarray | None = None  # latent models decoded by the build's VAE decoder: (n, 3, H, W) in about [-1, 1]
 
     @property
     def overhead_fraction(self) -> float:
@@ -75,20 +82,29 @@ class SampleResult:
         return max(0.0, 1.0 - self.engine_seconds / self.seconds) if self.seconds > 0 else 0.0
 
     @property
+    def pixels(self) -> np.ndarray:
+        """The images (n, C, H, W) in [-1, 1] before clamping: a pixel model's samples, or the decoded latents."""
+        if self.decoded is not None:
+            return self.decoded
+        if self.samples.shape[1] not in (1, 3):
+            raise ValueError("latent samples: decode them (decode=True, with a build that has a VAE decoder)")
+        return self.samples
+
+    @property
     def images(self):
-        """PIL images of a pixel-space model's samples."""
+        """PIL images of a pixel-space model's samples, or of the decoded latents."""
         from PIL import Image
 
         from ..core.images import to_uint8
 
-        pictures = to_uint8(self.samples)
+        pictures = to_uint8(self.pixels)
         return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pictures]
 
 
 class L2CPipeline:
     """Samples from an L2C build: class labels in, images or latents out."""
 
-    def __init__(self, manifest: dict, folder: Path, backend: Backend):
+    def __init__(self, manifest: dict, folder: Path, backend: Backend, component_providers=None):
         self.manifest = manifest
         self.folder = Path(folder)
         self.backend = backend
@@ -99,13 +115,21 @@ class L2CPipeline:
         self.sample_shape = self.interface.sample_shape
         self.step_subset = manifest["schedule"]["step_subset"]
         self.full_subset = next(s["index"] for s in manifest["subsets"] if all(s["compute"]))
+        components = manifest.get("components", {})
+        providers = component_providers or ("CPUExecutionProvider",)
+        from .components import ImageDecoder, PromptEncoder
+
+        self.prompt_encoder = PromptEncoder(manifest, self.folder, providers) if "text_encoder" in components else None
+        self.decoder = ImageDecoder(manifest, self.folder, providers) if "vae_decoder" in components else None
 
     @classmethod
     def from_engine_dir(cls, path: str | Path, backend: str = "onnxruntime", verify: bool = True,
                         subsets: Sequence[int] | None = None, **backend_options) -> "L2CPipeline":
         """Loads ``path/manifest.json`` (checking every file's sha256 unless ``verify`` is false) and its engines."""
         data = manifest_io.load(path, verify_files=verify)
-        return cls(data, Path(path), load_backend(backend, data, Path(path), subsets=subsets, **backend_options))
+        providers = backend_options.get("providers") if backend == "onnxruntime" else None
+        return cls(data, Path(path), load_backend(backend, data, Path(path), subsets=subsets, **backend_options),
+                   component_providers=providers)
 
     @property
     def providers(self) -> list[str]:
@@ -113,19 +137,37 @@ class L2CPipeline:
 
     def __call__(self, labels: Sequence[int] | None = None, cfg_scale: float | None = None, seed: int = 0,
                  noise: np.ndarray | None = None, full: bool = False, progress: bool = False,
-                 conditioning: dict[str, np.ndarray] | None = None, where: str = "conditioning") -> SampleResult:
-        """Samples one image per label (a label model) or per prompt (``conditioning``: the text arrays by the
-        pipelines' argument names, :mod:`.conditioning`; ``where`` names it in errors).
+                 conditioning: dict[str, np.ndarray] | None = None, where: str = "conditioning",
+                 prompt: Sequence[str] | str | None = None, negative_prompt: Sequence[str] | str = "",
+                 decode: bool = False) -> SampleResult:
+        """Samples one image per label (a label model) or per prompt (``prompt``: texts, for a build with a text
+        encoder; or ``conditioning``: the text arrays by the pipelines' argument names, :mod:`.conditioning`;
+        ``where`` names it in errors).
 
         noise: (n, C, H, W) float32 initial noise for the n conditional samples (default: ``make_noise(seed, ...)``);
         guidance duplicates it for the unconditional half. DDPM draws its step noise from ``seed`` too.
         full: run the full-compute engine at every call (the reference the schedule is measured against).
+        negative_prompt: the unconditional half's text when guiding ("" as the PixArt pipelines; one, or one per
+        prompt). decode: decode latents with the build's VAE decoder into ``result.decoded``.
         """
         from .conditioning import model_batch_conditioning
 
         cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
                                  "cfg_scale", low=1.0)
         guiding = cfg_scale > 1.0
+        if decode and self.decoder is None and self.manifest["model"]["space"] == "latent":
+            raise ValueError(f"{self.folder}: the build has no VAE decoder (field 'components/vae_decoder'); build "
+                             f"from a diffusers folder with a vae/ to decode, or save the latents")
+        if prompt is not None:
+            if conditioning is not None:
+                raise ValueError("give prompts or conditioning arrays, not both")
+            if self.prompt_encoder is None:
+                raise ValueError(f"{self.folder}: the build has no text encoder and tokenizer (field "
+                                 f"'components/text_encoder'); give prompt embeddings (conditioning) instead, or "
+                                 f"build from a diffusers folder with text_encoder/ and tokenizer/")
+            prompts = [prompt] if isinstance(prompt, (str, bytes)) else list(prompt)
+            conditioning = self.prompt_encoder(prompts, negative_prompt, guiding)
+            where = "prompt"
         n, condition = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where)
         expected = (n, *self.sample_shape)
         if noise is None:
@@ -166,5 +208,7 @@ class L2CPipeline:
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - start
-        return SampleResult(samples=np.asarray(x, dtype=np.float32), seconds=seconds, engine_seconds=engine_seconds,
-                            step_subsets=subsets)
+        samples = np.asarray(x, dtype=np.float32)
+        decoded = self.decoder(samples) if decode and self.decoder is not None else None
+        return SampleResult(samples=samples, seconds=seconds, engine_seconds=engine_seconds, step_subsets=subsets,
+                            decoded=decoded)

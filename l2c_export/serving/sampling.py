@@ -139,7 +139,8 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
         # the negatives are checked whenever they are sent, and needed when any image of the request guides
         guiding = bool(np.any(scales > 1.0)) or any(name.startswith("negative") for name in prompts)
         width = conditioning_inputs(pipeline.manifest)["prompt_embeds"]["shape"][-1]
-        checked = check_prompts(prompts, width, guiding, where="request")
+        checked = check_prompts(prompts, width, guiding, where="request",
+                                max_tokens=pipeline.manifest["model"].get("max_sequence_length"))
         conditioning = {name: array for name, array in zip(TEXT_ARGUMENTS, checked) if array is not None}
     if noise is not None:
         if seeds is not None:

@@ -3,7 +3,9 @@
 A folder is what a pipeline's ``save_pretrained`` writes: ``model_index.json``, ``transformer/`` (``config.json`` and
 ``diffusion_pytorch_model.safetensors`` or a sharded ``.safetensors.index.json``), ``scheduler/``
 (``scheduler_config.json``), and ``vae/``, ``text_encoder/``, ``tokenizer/`` where present. :func:`read_folder`
-checks it and refuses, in one line naming the file and field, what is not supported.
+checks it and refuses, in one line naming the file and field, what is not supported; the components a build carries
+beside the transformer (:class:`FolderComponents`: a VAE decoder, a T5 text encoder and its tokenizer) are found and
+checked here, and exported by :mod:`l2c_export.builder.components`.
 
 A :class:`DiffusersFamily` declares, like cache-dit's block adapters and Optimum's export configs, only what differs
 between transformer classes: the class and pipeline it reads, the options it supports, its block list and the module
@@ -302,6 +304,15 @@ class DiffusersFamily(ModelFamily):
         """One sample's graph inputs whose forward :meth:`count_macs` counts (the traced dummies by default)."""
         return self.dummy_inputs(config, 1)
 
+    def max_prompt_tokens(self, pipeline_class: str) -> int | None:
+        """The longest prompt (tokens, L) the pipeline encodes: its ``max_sequence_length`` default; None for a model
+        without text conditioning."""
+        return None
+
+    def text_channels(self, config: DiffusersConfig) -> int | None:
+        """D of the prompt embeddings the transformer takes; None for a model without text conditioning."""
+        return None
+
     # -- what each class declares ------------------------------------------------------------------------------------
     def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
         raise NotImplementedError
@@ -363,6 +374,17 @@ TRANSFORMER_FAMILIES = {"DiTTransformer2DModel": "diffusers-dit", "PixArtTransfo
 
 
 @dataclass(frozen=True)
+class FolderComponents:
+    """The parts of a pipeline folder a build carries beside the transformer, each checked (None: not in the
+    folder): ``vae/`` (an ``AutoencoderKL``: its decoder), ``text_encoder/`` (a ``T5EncoderModel``) with
+    ``tokenizer/`` (a ``tokenizer.json``; the two come together)."""
+
+    vae: Path | None = None
+    text_encoder: Path | None = None
+    tokenizer: Path | None = None
+
+
+@dataclass(frozen=True)
 class DiffusersFolder:
     """A checked diffusers pipeline folder."""
 
@@ -371,6 +393,7 @@ class DiffusersFolder:
     family: DiffusersFamily
     config: DiffusersConfig
     scheduler_config: dict | None  # scheduler/scheduler_config.json (None where the folder has no scheduler/)
+    components: FolderComponents = FolderComponents()
 
     @property
     def transformer_dir(self) -> Path:
@@ -430,7 +453,71 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
         if not path.is_file():
             raise DiffusersFolderError(f"{path}: missing; expected the scheduler's config")
         scheduler = read_scheduler_config(path)
-    return DiffusersFolder(folder, pipeline_class, family, config, scheduler)
+    components = read_components(folder, index, family, config)
+    return DiffusersFolder(folder, pipeline_class, family, config, scheduler, components)
+
+
+VAE_CLASSES = ("AutoencoderKL",)
+TEXT_ENCODER_CLASSES = ("T5EncoderModel",)
+
+
+def read_components(folder: Path, index: dict, family: DiffusersFamily, config: DiffusersConfig) -> FolderComponents:
+    """The folder's VAE, text encoder and tokenizer where ``model_index.json`` names them, checked: their classes,
+    safetensors weights, the VAE's latent channels and scaling factor against the transformer, the text encoder's
+    width against the prompt embeddings the transformer takes."""
+    def named(part: str) -> bool:
+        entry = index.get(part)
+        return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+    vae = text_encoder = tokenizer = None
+    if named("vae"):
+        vae = folder / "vae"
+        raw = _read_json(vae / "config.json", "expected the VAE's config.json (model_index.json names a vae)")
+        where = vae / "config.json"
+        if raw.get("_class_name") not in VAE_CLASSES:
+            raise DiffusersFolderError(f"{where}: field '_class_name' is {raw.get('_class_name')!r}; supported VAE "
+                                       f"classes: {', '.join(VAE_CLASSES)}")
+        if raw.get("latent_channels") != family.in_channels(config):
+            raise DiffusersFolderError(f"{where}: field 'latent_channels' is {raw.get('latent_channels')!r}; the "
+                                       f"transformer samples {family.in_channels(config)} latent channels")
+        scale = raw.get("scaling_factor", 0.18215)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
+            raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {scale!r}; expected a positive number")
+        _safetensors_weights(vae, "diffusion_pytorch_model")
+    if named("text_encoder") or named("tokenizer"):
+        if not (named("text_encoder") and named("tokenizer")):
+            missing = "tokenizer" if named("text_encoder") else "text_encoder"
+            raise DiffusersFolderError(f"{folder / MODEL_INDEX}: field {missing!r} is missing; a text encoder and its "
+                                       f"tokenizer come together")
+        text_encoder, tokenizer = folder / "text_encoder", folder / "tokenizer"
+        raw = _read_json(text_encoder / "config.json", "expected the text encoder's config.json")
+        where = text_encoder / "config.json"
+        architectures = raw.get("architectures")
+        if not (isinstance(architectures, list) and len(architectures) == 1
+                and architectures[0] in TEXT_ENCODER_CLASSES):
+            raise DiffusersFolderError(f"{where}: field 'architectures' is {architectures!r}; supported text "
+                                       f"encoders: {', '.join(TEXT_ENCODER_CLASSES)}")
+        width = family.text_channels(config)
+        if width is None:
+            raise DiffusersFolderError(f"{folder / MODEL_INDEX}: names a text encoder, but a "
+                                       f"{config.transformer_class} takes no prompt embeddings")
+        if raw.get("d_model") != width:
+            raise DiffusersFolderError(f"{where}: field 'd_model' is {raw.get('d_model')!r}; the transformer takes "
+                                       f"prompt embeddings {width} wide (caption_channels)")
+        _safetensors_weights(text_encoder, "model")
+        if not (tokenizer / "tokenizer.json").is_file():
+            raise DiffusersFolderError(f"{tokenizer / 'tokenizer.json'}: missing; expected the tokenizer as a "
+                                       f"tokenizers library file (a fast tokenizer's save_pretrained writes it)")
+    return FolderComponents(vae, text_encoder, tokenizer)
+
+
+def _safetensors_weights(part: Path, stem: str) -> None:
+    """Refuses a component whose weights are not safetensors (a checkpoint is never unpickled here)."""
+    if not ((part / f"{stem}.safetensors").is_file() or (part / f"{stem}.safetensors.index.json").is_file()):
+        pickled = sorted(p.name for p in part.glob("*.bin"))
+        raise DiffusersFolderError(f"{part}: no {stem}.safetensors"
+                                   + (f" ({', '.join(pickled)} is pickled, which is never loaded here; re-save with "
+                                      f"safe_serialization=True)" if pickled else ""))
 
 
 def weight_files(transformer_dir: Path) -> list[Path]:

@@ -11,6 +11,8 @@ from . import DiffusersConfig, DiffusersFamily, DiffusersFolderError
 
 PROMPT_TOKENS = "prompt_tokens"  # the text conditioning's length varies per request
 MACS_PROMPT_TOKENS = 120  # PixArt-α's T5 max_sequence_length: the prompt length MACs are counted at
+# The pipelines' max_sequence_length defaults: the longest prompt each encodes, and the bound of the prompt axis L.
+MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 
 
 class PixArtDiffusersFamily(DiffusersFamily):
@@ -38,6 +40,9 @@ class PixArtDiffusersFamily(DiffusersFamily):
             raise DiffusersFolderError(f"{where}: field 'cross_attention_dim' is {config['cross_attention_dim']}; "
                                        f"the caption projection makes the prompt {self.inner_dim(config)} wide "
                                        f"(num_attention_heads x attention_head_dim)")
+
+    def max_prompt_tokens(self, pipeline_class: str) -> int:
+        return MAX_SEQUENCE_LENGTH[pipeline_class]
 
     def text_channels(self, config: DiffusersConfig) -> int:
         """D of the prompt embeddings: caption_channels (projected inside), else cross_attention_dim."""

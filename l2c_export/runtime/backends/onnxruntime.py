@@ -153,6 +153,19 @@ class OnnxRuntimeBackend:
         return model_out
 
 
+def component_session(path: Path, providers: Sequence = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    """A session for a build's component graph (text encoder, VAE decoder; their weights beside them), on the
+    process-wide thread pool and arena the subset sessions use (set up with one thread per core if no backend has
+    set them up yet)."""
+    if _global_threads is None:
+        _set_up_environment(None)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS["extended"]
+    options.use_per_session_threads = False
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
 def _ortvalue(array: np.ndarray) -> ort.OrtValue:
     """An OrtValue over ``array``'s memory (no copy); float8 (an ml_dtypes type numpy does not know) by its bytes."""
     if array.dtype.name == "float8_e4m3fn":

@@ -1,0 +1,155 @@
+"""A build's components at run time (the manifest's ``components``; numpy, ONNX Runtime and the ``tokenizers`` library,
+no torch or transformers): prompts to prompt embeddings, latents to images.
+
+:class:`PromptEncoder` turns prompts into the pipelines' four conditioning arrays as ``PixArtAlphaPipeline.encode_prompt``
+(diffusers 0.42, ``clean_caption=False``) makes them; :class:`ImageDecoder` decodes latents with the VAE decoder graph
+as the pipelines do before ``image_processor.postprocess``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..core import manifest as manifest_io
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be encoded (empty, not UTF-8, not text); the message names it."""
+
+
+def check_prompt(text, where: str, allow_empty: bool = False) -> str:
+    """``text`` (str, or UTF-8 bytes as Triton sends them) as a str; refuses bytes that are not UTF-8, a str that
+    cannot be written as UTF-8 (undecodable command-line bytes arrive as lone surrogates) and, unless
+    ``allow_empty`` (the negative prompt, empty by default), a prompt with no visible characters."""
+    if isinstance(text, (bytes, bytearray, np.bytes_)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise PromptError(f"{where}: not UTF-8 text (byte {error.start}: {bytes(text)[error.start]:#04x}); "
+                              f"expected a UTF-8 prompt") from None
+    if not isinstance(text, str):
+        raise PromptError(f"{where}: a {type(text).__name__}; expected a text prompt")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PromptError(f"{where}: not UTF-8 text (character {error.start} cannot be encoded); expected a UTF-8 "
+                          f"prompt") from None
+    if not allow_empty and not text.strip():
+        raise PromptError(f"{where}: empty prompt; expected some text")
+    return text
+
+
+def _component_path(folder: Path, manifest: dict, name: str, field: str) -> Path:
+    return manifest_io.file_path(folder, manifest["components"][name][field]["file"],
+                                 f"manifest field 'components/{name}/{field}'")
+
+
+def _component_session(folder: Path, manifest: dict, name: str, providers: Sequence):
+    """A session of component ``name``'s graph, after checking that the graph reads its weights only from the
+    recorded weights file (nothing outside the build folder) and that its inputs and outputs are the record's."""
+    import onnx
+
+    from .backends.onnxruntime import component_session
+
+    record = manifest["components"][name]
+    path = _component_path(folder, manifest, name, "graph")
+    weights = _component_path(folder, manifest, name, "weights")
+    where = str(folder / manifest_io.MANIFEST_NAME)
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise manifest_io.ManifestError(f"{path}: not a readable ONNX graph ({error})") from None
+    for initializer in graph.initializer:
+        if initializer.data_location == onnx.TensorProto.EXTERNAL:
+            location = {entry.key: entry.value for entry in initializer.external_data}.get("location")
+            if location != weights.name:
+                raise manifest_io.ManifestError(f"{path}: initializer {initializer.name!r} reads {location!r}; the "
+                                                f"manifest's 'components/{name}/weights' is {weights.name}")
+    for kind, actual in (("inputs", graph.input), ("outputs", graph.output)):
+        got = [t.name for t in actual]
+        want = [t["name"] for t in record[kind]]
+        if got != want:
+            raise manifest_io.ManifestError(f"{where}: field 'components/{name}/{kind}' names {want}; the graph "
+                                            f"{path.name} has {got}")
+    return component_session(path, providers)
+
+
+class PromptEncoder:
+    """Prompts -> ``prompt_embeds`` (n, L, D) float32, ``prompt_attention_mask`` (n, L) float32 and, when guiding,
+    the negative prompt's pair, L = the manifest's ``model/max_sequence_length``.
+
+    Written by hand because the pipeline's own ``encode_prompt`` needs torch and transformers; it mirrors diffusers
+    0.42's ``PixArtAlphaPipeline.encode_prompt`` with ``clean_caption=False`` (``PixArtSigmaPipeline``'s is the
+    same): each prompt lower-cased and stripped (``_text_preprocessing``), tokenized with special tokens (T5's
+    ``</s>``), truncated and padded on the right to ``max_sequence_length`` (the mask 1 on tokens, 0 on padding),
+    encoded with that mask; the negative prompt ("" by default) the same way, to the prompts' length, one per prompt.
+    """
+
+    def __init__(self, manifest: dict, folder: Path, providers: Sequence = ("CPUExecutionProvider",)):
+        from tokenizers import Tokenizer
+
+        self.max_length = manifest["model"]["max_sequence_length"]
+        record = manifest["components"]["tokenizer"]
+        path = _component_path(folder, manifest, "tokenizer", "file")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises its own Exception on a bad file
+            raise manifest_io.ManifestError(f"{path}: not a tokenizers library file ({error})") from None
+        # As transformers calls it (padding="max_length", truncation=True): right side, longest first, no stride.
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        self.tokenizer.enable_padding(direction="right", pad_id=record["pad_id"], pad_token=record["pad_token"],
+                                      length=self.max_length)
+        self.session = _component_session(folder, manifest, "text_encoder", providers)
+        self._inputs = [t["name"] for t in manifest["components"]["text_encoder"]["inputs"]]
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts (already checked) -> input_ids (n, L) int64 and attention_mask (n, L) int64."""
+        encodings = self.tokenizer.encode_batch([prompt.lower().strip() for prompt in prompts],
+                                                add_special_tokens=True)
+        return (np.array([e.ids for e in encodings], dtype=np.int64),
+                np.array([e.attention_mask for e in encodings], dtype=np.int64))
+
+    def embed(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> embeddings (n, L, D) float32 and their mask (n, L) float32."""
+        ids, mask = self.tokenize(prompts)
+        (embeds,) = self.session.run(None, dict(zip(self._inputs, (ids, mask))))
+        return np.asarray(embeds, dtype=np.float32), mask.astype(np.float32)
+
+    def __call__(self, prompts: Sequence, negative_prompt="", guiding: bool = True,
+                 where: str = "prompt") -> dict[str, np.ndarray]:
+        """The conditioning arrays by the pipelines' argument names. ``negative_prompt``: one text for every prompt,
+        or one per prompt; used only when ``guiding``."""
+        if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+            raise PromptError(f"{where}: expected a list of one or more prompts")
+        prompts = [check_prompt(text, f"{where} {i + 1}" if len(prompts) > 1 else where)
+                   for i, text in enumerate(prompts)]
+        embeds, mask = self.embed(prompts)
+        arrays = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+        if guiding:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, (str, bytes)) \
+                else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise PromptError(f"negative prompt: {len(negatives)} given for {len(prompts)} prompts; expected one, "
+                                  f"or one per prompt")
+            negatives = [check_prompt(text, "negative prompt", allow_empty=True) for text in negatives]
+            arrays["negative_prompt_embeds"], arrays["negative_prompt_attention_mask"] = self.embed(negatives)
+        return arrays
+
+
+class ImageDecoder:
+    """Latents (n, C, h, w) -> the VAE's sample (n, 3, H, W) float32 in about [-1, 1]: ``vae.decode(latents /
+    scaling_factor).sample``, as the pipelines decode before ``image_processor.postprocess``."""
+
+    def __init__(self, manifest: dict, folder: Path, providers: Sequence = ("CPUExecutionProvider",)):
+        record = manifest["components"]["vae_decoder"]
+        self.scaling_factor = float(record["scaling_factor"])
+        self.session = _component_session(folder, manifest, "vae_decoder", providers)
+        self._input = record["inputs"][0]["name"]
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray:
+        scaled = np.ascontiguousarray(np.asarray(latents, dtype=np.float32) / np.float32(self.scaling_factor))
+        (sample,) = self.session.run(None, {self._input: scaled})
+        return np.asarray(sample, dtype=np.float32)

@@ -1,0 +1,277 @@
+"""Prompts in, images out (issues 19 and 20): a build from a diffusers folder with ``text_encoder/``, ``tokenizer/`` and
+``vae/`` carries a T5 encoder graph, the tokenizer (read with the ``tokenizers`` library) and a VAE decoder graph,
+all hashed in the manifest; ``run --prompt`` equals diffusers' ``PixArtAlphaPipeline`` with the same prompt and
+latents, and the decoded images equal the pipeline's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from l2c_export.core.manifest import ManifestError, load
+from l2c_export.models.diffusers import DiffusersFolderError, read_folder
+from l2c_export.runtime.pipeline import L2CPipeline
+
+from .conftest import run_cli
+from .diffusers_pipelines import CAPTION_CHANNELS, load_pipeline, schedule_hooks
+from .test_diffusers import CFG_SCALE, STEPS, _parity_schedule
+
+MAX_TOKENS = 120  # PixArtAlphaPipeline's max_sequence_length
+PROMPTS = ["A handwritten Seven ", "the digit 7 drawn in blue"]  # case, spaces and a word outside the vocabulary
+LONG_PROMPT = " ".join(["seven", "picture", "of", "number", "xyz"] * 30)  # well over 120 tokens
+
+
+@pytest.fixture(scope="module")
+def text_build(tiny_diffusers, tmp_path_factory):
+    """(folder, build, schedule): the tiny PixArt folder with a T5 encoder, tokenizer and VAE, built over the parity
+    schedule at 12 DDIM steps, and the noise z.npy (2 latents) beside it."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    folder = tiny_diffusers("pixart-t5")
+    found = read_folder(folder)
+    schedule = _parity_schedule(found.family.sublayer_names(found.config))
+    root = tmp_path_factory.mktemp("text-build")
+    schedule.save(root / "s.json")
+    np.save(root / "z.npy", randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)).numpy())
+    run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--schedule", str(root / "s.json"), "--out",
+            str(root / "E"))
+    return folder, root / "E", schedule
+
+
+def _pipeline_output(folder, prompts, noise: np.ndarray, negative_prompt="", schedule=None, output_type="latent"):
+    """diffusers' own PixArtAlphaPipeline on the prompts and latents, ``schedule`` applied by hooks."""
+    import contextlib
+
+    pipe = load_pipeline(folder)
+    hooks = (schedule_hooks(pipe.transformer, schedule.sublayer_names, schedule.compute) if schedule is not None
+             else contextlib.nullcontext())
+    with torch.no_grad(), hooks:
+        images = pipe(prompt=prompts, negative_prompt=negative_prompt, latents=torch.from_numpy(noise),
+                      guidance_scale=CFG_SCALE, num_inference_steps=STEPS, output_type=output_type,
+                      use_resolution_binning=False).images
+    return images.numpy() if output_type == "latent" else images
+
+
+def test_the_build_carries_the_text_encoder_tokenizer_and_vae_decoder_with_their_hashes(text_build):
+    _, engines, _ = text_build
+    manifest = load(engines)
+    components = manifest["components"]
+    assert sorted(components) == ["text_encoder", "tokenizer", "vae_decoder"]
+    assert manifest["model"]["max_sequence_length"] == MAX_TOKENS
+    assert components["text_encoder"]["outputs"][0]["shape"] == ["batch", "prompt_tokens", CAPTION_CHANNELS]
+    assert components["vae_decoder"]["inputs"][0]["shape"] == ["batch", 4, 8, 8]
+    assert components["vae_decoder"]["scaling_factor"] == pytest.approx(0.18215)
+    assert components["tokenizer"]["pad_id"] == 0 and components["tokenizer"]["pad_token"] == "<pad>"
+    files = {entry["file"] for c in components.values() for entry in c.values() if isinstance(entry, dict)
+             and "sha256" in entry}
+    assert files == {"text_encoder.onnx", "text_encoder.weights", "vae_decoder.onnx", "vae_decoder.weights",
+                     "tokenizer.json"}
+    assert all((engines / file).is_file() for file in files)
+
+
+def test_tokenizing_equals_the_pipelines_tokenizer_truncation_and_padding_included(text_build):
+    """The tokenizers-library mirror of encode_prompt: the same ids and mask as the pipeline's transformers
+    tokenizer called as encode_prompt calls it, for short, out-of-vocabulary and over-long prompts."""
+    folder, engines, _ = text_build
+    encoder = L2CPipeline.from_engine_dir(engines).prompt_encoder
+    pipe = load_pipeline(folder)
+    texts = [*PROMPTS, LONG_PROMPT, ""]
+    ids, mask = encoder.tokenize(texts)
+    want = pipe.tokenizer(pipe._text_preprocessing(texts), padding="max_length", max_length=MAX_TOKENS,
+                          truncation=True, add_special_tokens=True, return_tensors="np")
+    np.testing.assert_array_equal(ids, want.input_ids)
+    np.testing.assert_array_equal(mask, want.attention_mask)
+    assert ids.shape == (4, MAX_TOKENS) and mask[2].all() and ids[2, -1] == 1  # truncated, ending in </s>
+    assert mask[3].tolist() == [1] + [0] * (MAX_TOKENS - 1)  # the empty negative prompt: </s> alone
+
+
+@pytest.mark.parametrize("case", ["full", "schedule-negative", "long-prompt"])
+def test_run_with_prompts_equals_the_diffusers_pipeline(text_build, tmp_path, case):
+    """run E --prompt ... --noise z.npy (--full) --save-latents equals PixArtAlphaPipeline with the same prompts and
+    latents, output_type="latent", to 1e-4 of the range: full compute; the schedule (the pipeline with hooks) with a
+    negative prompt; a prompt longer than max_sequence_length (truncated as diffusers truncates it)."""
+    folder, engines, schedule = text_build
+    noise = np.load(engines.parent / "z.npy")
+    prompts, negative, reference = PROMPTS, "", None
+    if case == "schedule-negative":
+        negative, reference = "a blurry picture", schedule
+    elif case == "long-prompt":
+        prompts = [LONG_PROMPT, PROMPTS[0]]
+    options = [option for prompt in prompts for option in ("--prompt", prompt)]
+    options += ["--negative-prompt", negative] if negative else []
+    run_cli("run", str(engines), *options, "--noise", str(engines.parent / "z.npy"), "--cfg-scale", str(CFG_SCALE),
+            "--save-latents", str(tmp_path / "out.npy"), *(["--full"] if reference is None else []))
+    got = np.load(tmp_path / "out.npy")
+    want = _pipeline_output(folder, prompts, noise, negative, reference)
+    assert got.shape == want.shape == (2, 4, 8, 8)
+    assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
+    if case == "schedule-negative":  # the negative prompt and the schedule both changed the result
+        plain = _pipeline_output(folder, prompts, noise, "", reference)
+        assert np.abs(plain - want).max() > 1e-3 * (want.max() - want.min())
+
+
+def test_decoded_images_equal_the_pipelines_postprocessed_output(text_build):
+    """L2CPipeline(prompt=..., decode=True): the VAE decoder graph's images, postprocessed, equal the pipeline's
+    output_type="np" (to 1e-3) and "pil" (to one level of 255)."""
+    folder, engines, _ = text_build
+    noise = np.load(engines.parent / "z.npy")
+    pipe = L2CPipeline.from_engine_dir(engines)
+    result = pipe(prompt=PROMPTS, cfg_scale=CFG_SCALE, noise=noise, full=True, decode=True)
+    assert result.decoded.shape == (2, 3, 8, 8)
+    got = np.clip(result.decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    want = _pipeline_output(folder, PROMPTS, noise, output_type="np")
+    assert np.abs(got - want).max() <= 1e-3
+    pictures = _pipeline_output(folder, PROMPTS, noise, output_type="pil")
+    for ours, theirs in zip(result.images, pictures):
+        difference = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(theirs, dtype=np.int16))
+        assert ours.size == theirs.size and difference.max() <= 1
+
+
+def test_run_out_writes_the_decoded_grid_and_a_prompts_file_is_one_batch(text_build, tmp_path):
+    _, engines, _ = text_build
+    (tmp_path / "prompts.txt").write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n", encoding="utf-8")
+    run_cli("run", str(engines), "--prompts", str(tmp_path / "prompts.txt"), "--noise",
+            str(engines.parent / "z.npy"), "--out", str(tmp_path / "x.png"), "--save-latents", str(tmp_path / "a.npy"))
+    run_cli("run", str(engines), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--noise",
+            str(engines.parent / "z.npy"), "--save-latents", str(tmp_path / "b.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "x.png").size[0] > 2 * 8 * 8  # two 8x8 images, enlarged 8 times, side by side
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--prompt", ""], "--prompt '': empty prompt; expected some text"),
+    (["--prompt", "   "], "empty prompt"),
+    (["--prompts", "{bad}"], "line 2: not UTF-8 text (byte 0: 0xff)"),
+    (["--prompt", "seven \udcff"], "not UTF-8 text (character 6 cannot be encoded)"),  # the byte 0xff in argv
+    (["--prompts", "{blank}"], "no prompts; expected one a line"),
+    (["--prompt", "seven", "--conditioning", "c.npz"], "give one of --labels, --conditioning, --prompt and --prompts"),
+])
+def test_a_bad_prompt_is_refused_in_one_line(text_build, tmp_path, arguments, message):
+    _, engines, _ = text_build
+    (tmp_path / "bad.txt").write_bytes("seven\n\xff\xfeseven\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    arguments = [a.format(bad=tmp_path / "bad.txt", blank=tmp_path / "blank.txt") for a in arguments]
+    result = run_cli("run", str(engines), *arguments, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+def test_prompts_on_a_build_without_a_text_encoder_are_refused(tiny_diffusers, tmp_path):
+    run_cli("build", "--diffusers", str(tiny_diffusers("pixart")), "--steps", "2", "--out", str(tmp_path / "E"))
+    assert sorted(load(tmp_path / "E")["components"]) == ["vae_decoder"]
+    result = run_cli("run", str(tmp_path / "E"), "--prompt", "seven", check=False)
+    assert result.returncode == 2 and "the build has no text encoder and tokenizer" in result.stderr
+
+
+def test_the_prompt_length_is_bounded_by_max_sequence_length(text_build, tmp_path):
+    """--conditioning with more tokens than the model's max_sequence_length is refused; exactly that many runs."""
+    _, engines, _ = text_build
+    generator = np.random.default_rng(0)
+    for length, code in ((MAX_TOKENS + 1, 2), (MAX_TOKENS, 0)):
+        arrays = {"prompt_embeds": generator.standard_normal((1, length, CAPTION_CHANNELS)).astype(np.float32),
+                  "prompt_attention_mask": np.ones((1, length), dtype=np.float32)}
+        np.savez(tmp_path / "c.npz", **arrays)
+        result = run_cli("run", str(engines), "--conditioning", str(tmp_path / "c.npz"), "--cfg-scale", "1",
+                         "--save-latents", str(tmp_path / "o.npy"), check=False)
+        assert result.returncode == code, result.stderr
+    assert "121 prompt tokens; expected at most the model's max_sequence_length 120" in result.stderr or code == 0
+
+
+def test_component_files_are_hashed_and_stay_inside_the_build(text_build, tmp_path):
+    """A changed tokenizer.json or component weights file is refused by its sha256; a component graph that reads its
+    weights from another file (hashes fixed up) is refused by the runtime before ONNX Runtime opens it."""
+    import onnx
+
+    from l2c_export.core.manifest import sha256_of, write
+
+    _, engines, _ = text_build
+    for file in ("tokenizer.json", "vae_decoder.weights"):
+        copy = tmp_path / file.replace(".", "-")
+        shutil.copytree(engines, copy)
+        with open(copy / file, "ab") as handle:
+            handle.write(b" ")
+        with pytest.raises(ManifestError, match=f"{file}: sha256 cannot match"):
+            load(copy)
+    copy = tmp_path / "escape"
+    shutil.copytree(engines, copy)
+    graph = onnx.load(str(copy / "text_encoder.onnx"), load_external_data=False)
+    for initializer in graph.graph.initializer:
+        for entry in initializer.external_data:
+            if entry.key == "location":
+                entry.value = "weights.bin"
+    onnx.save_model(graph, str(copy / "text_encoder.onnx"))
+    data = json.loads((copy / "manifest.json").read_text())
+    entry = data["components"]["text_encoder"]["graph"]
+    entry["sha256"], entry["bytes"] = sha256_of(copy / "text_encoder.onnx"), (copy / "text_encoder.onnx").stat().st_size
+    write(copy, data)
+    with pytest.raises(ManifestError, match="reads 'weights.bin'; the manifest's 'components/text_encoder/weights'"):
+        L2CPipeline.from_engine_dir(copy)
+
+
+def test_manifest_checks_refuse_components_that_do_not_fit_the_model(text_build):
+    from l2c_export.core.manifest import check_consistency, validate
+
+    _, engines, _ = text_build
+    data = load(engines, verify_files=False)
+    encoder = json.loads(json.dumps(data))
+    encoder["components"]["text_encoder"]["outputs"][0]["shape"][-1] = 7
+    with pytest.raises(ManifestError, match="'components/text_encoder/outputs' is .*expected the prompt embeddings"):
+        check_consistency(encoder, "m")
+    unbounded = json.loads(json.dumps(data))
+    del unbounded["model"]["max_sequence_length"]
+    with pytest.raises(ManifestError, match="'model/max_sequence_length' is missing; a text model states"):
+        check_consistency(unbounded, "m")
+    alone = json.loads(json.dumps(data))
+    del alone["components"]["tokenizer"]
+    with pytest.raises(ManifestError, match="components"):
+        validate(alone, "m")
+
+
+def test_a_rebuild_reuses_the_component_files(text_build, tmp_path):
+    from l2c_export.builder.build import BuildRequest, build
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import from_diffusers
+
+    folder, _, _ = text_build
+    spec = from_diffusers(folder)
+    request = BuildRequest(spec=spec, schedule=Schedule.full(2, sublayers=spec.sublayer_names),
+                           sampler=spec.sampler(None, 2), out_dir=tmp_path / "E")
+    build(request, progress=False)
+    again = build(request, progress=False)
+    assert {"text_encoder.onnx", "text_encoder.weights", "vae_decoder.onnx", "tokenizer.json"} <= set(again.reused)
+    assert not again.traced
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda f: _edit(f / "vae" / "config.json", _class_name="AutoencoderTiny"),
+     "field '_class_name' is 'AutoencoderTiny'; supported VAE classes: AutoencoderKL"),
+    (lambda f: _edit(f / "vae" / "config.json", latent_channels=8),
+     "field 'latent_channels' is 8; the transformer samples 4 latent channels"),
+    (lambda f: _edit(f / "text_encoder" / "config.json", architectures=["CLIPTextModel"]),
+     "field 'architectures' is ['CLIPTextModel']; supported text encoders: T5EncoderModel"),
+    (lambda f: _edit(f / "text_encoder" / "config.json", d_model=16),
+     "field 'd_model' is 16; the transformer takes prompt embeddings 12 wide"),
+    (lambda f: (f / "tokenizer" / "tokenizer.json").unlink(), "tokenizer.json: missing"),
+    (lambda f: (f / "text_encoder" / "model.safetensors").rename(f / "text_encoder" / "pytorch_model.bin"),
+     "pytorch_model.bin is pickled, which is never loaded here"),
+])
+def test_components_that_cannot_be_used_are_refused_naming_file_and_field(tiny_diffusers, tmp_path, breakage,
+                                                                         message):
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_diffusers("pixart-t5"), folder)
+    breakage(folder)
+    with pytest.raises(DiffusersFolderError) as info:
+        read_folder(folder)
+    assert message in str(info.value)
+
+
+def _edit(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
