@@ -65,6 +65,8 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
                f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on {', '.join(pipe.providers)}")
     latent = pipe.manifest["model"]["space"] == "latent"
+    if vae is not None and pipe.decoder is not None:
+        raise click.UsageError(f"--vae: the build {engine_dir} decodes with its own VAE decoder graph; leave --vae out")
     if latent and out is not None and vae is None and pipe.decoder is None:
         raise click.UsageError(f"--out: the build {engine_dir} has no VAE decoder (build from a diffusers folder with "
                                f"vae/), so give --vae for its latents, or use --save-latents")
