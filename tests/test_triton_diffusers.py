@@ -1,7 +1,8 @@
 """Serving diffusers builds on a real Triton Inference Server (issue 19): the repository declares the build's
 conditioning inputs by the pipelines' argument names (PixArt: ``prompt_embeds``, ``prompt_attention_mask`` and their
-``negative_`` twins, L variable; DiT: ``labels`` as for every label model), and what the server answers equals
-``l2c-export run`` on the same latents and conditioning, to 1e-5 of the range."""
+``negative_`` twins, L variable up to max_sequence_length; DiT: ``labels`` as for every label model; a build with a
+text encoder: ``prompt`` and ``negative_prompt`` as text, and ``images`` decoded by its VAE decoder), and what the
+server answers equals ``l2c-export run`` on the same latents, conditioning or prompts, to 1e-5 of the range."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .test_triton import _close_to, _f32, _i64, _typed_inputs, running_server, t
 
 STEPS = 6
 CFG_SCALE = 3.0
-FAMILIES = ("pixart", "dit")
+FAMILIES = ("pixart", "dit", "pixart-t5")  # pixart-t5: with a T5 text encoder and tokenizer, served prompts as text
 
 
 def _schedule(names: tuple[str, ...]) -> Schedule:
@@ -112,7 +113,8 @@ def test_repository_declares_the_builds_conditioning_by_the_pipelines_names(repo
         ("negative_prompt_attention_mask", pb.TYPE_FP32, [-1], True),
         ("noise", pb.TYPE_FP32, [4, 8, 8], True), ("seed", pb.TYPE_INT64, [1], True),
         ("cfg_scale", pb.TYPE_FP32, [1], True)]
-    assert [(o.name, list(o.dims)) for o in pixart.output] == [("samples", [4, 8, 8])]  # latents: no images
+    assert [(o.name, list(o.dims)) for o in pixart.output] == [("samples", [4, 8, 8]),  # latents, and the images
+                                                               ("images", [8, 8, 3])]  # of the build's VAE decoder
     assert json.loads(pixart.parameters["input_ranges"].string_value) == {
         "prompt_attention_mask": [0, 1], "negative_prompt_attention_mask": [0, 1], "noise": [-1000.0, 1000.0],
         "seed": [0, 2 ** 63 - 1], "cfg_scale": [1.0, 100.0]}
@@ -235,3 +237,90 @@ def test_bad_text_conditioning_gets_an_error_naming_it_and_the_server_keeps_serv
         _close_to(served, pixart(conditioning=good, noise=noise).samples)  # the build's default guidance
     finally:
         client.close()
+
+
+# -- prompts as text (issue 20): a build with a text encoder, tokenizer and VAE decoder -----------------------------
+LONG_PROMPT = " ".join(["seven", "picture", "of", "number"] * 40)  # 160 tokens and </s>: truncated to 120
+
+
+def _texts(*texts) -> np.ndarray:
+    return np.array([[text if isinstance(text, bytes) else text.encode()] for text in texts], dtype=object)
+
+
+@pytest.fixture(scope="module")
+def pixart_t5(builds) -> L2CPipeline:
+    return L2CPipeline.from_engine_dir(builds["pixart-t5"])
+
+
+def test_a_build_with_a_text_encoder_is_served_prompts_and_gives_images(repository):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    config = text_format.Parse((repository / "pixart-t5" / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input][:2] == [
+        ("prompt", pb.TYPE_STRING, [1], False), ("negative_prompt", pb.TYPE_STRING, [1], True)]
+    assert [i.name for i in config.input][2:] == ["noise", "seed", "cfg_scale"]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("samples", pb.TYPE_FP32, [4, 8, 8]), ("images", pb.TYPE_UINT8, [8, 8, 3])]
+    assert "prompt_attention_mask" not in json.loads(config.parameters["input_ranges"].string_value)
+
+
+@pytest.mark.parametrize("prompt, negative", [("A handwritten Seven", None), (LONG_PROMPT, "a blurry picture")])
+def test_a_served_prompt_equals_the_run_cli_with_the_same_seed(server, builds, pixart_t5, tmp_path, prompt, negative):
+    """prompt (and negative_prompt) with a seed: the samples equal ``l2c-export run --prompt P [--negative-prompt N]
+    --seed S --save-latents`` to 1e-5 of the range, a prompt longer than max_sequence_length included (truncated as
+    diffusers truncates it); the images are those L2CPipeline decodes with the build's VAE decoder."""
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+    texts = {"prompt": _texts(prompt)} | ({"negative_prompt": _texts(negative)} if negative else {})
+    try:
+        answer = client.infer("pixart-t5", _typed_inputs(httpclient, **texts, seed=_i64([[11]]),
+                                                         cfg_scale=_f32([[CFG_SCALE]])))
+    finally:
+        client.close()
+    run_cli("run", str(builds["pixart-t5"]), "--prompt", prompt, *(["--negative-prompt", negative] if negative else []),
+            "--seed", "11", "--cfg-scale", str(CFG_SCALE), "--save-latents", str(tmp_path / "out.npy"))
+    want = np.load(tmp_path / "out.npy")
+    _close_to(answer.as_numpy("samples"), want)
+    local = pixart_t5(prompt=[prompt], negative_prompt=negative or "", seed=11, cfg_scale=CFG_SCALE, decode=True)
+    images = answer.as_numpy("images")
+    assert images.shape == (1, 8, 8, 3) and images.dtype == np.uint8
+    assert np.abs(images.astype(int) - np.asarray(local.images[0], dtype=int)).max() <= 1
+    other = pixart_t5(prompt=["the digit 3"], seed=11, cfg_scale=CFG_SCALE).samples
+    assert np.abs(other - want).max() > 1e-3 * float(want.max() - want.min())  # the prompt mattered
+
+
+BAD_TEXTS = {
+    "an empty prompt": ({"prompt": _texts("  ")}, r"input 'prompt': empty prompt; expected some text"),
+    "a prompt that is not UTF-8": ({"prompt": _texts(b"seven \xff\xfe")},
+                                   r"input 'prompt': not UTF-8 text \(byte 6: 0xff\)"),
+    "a negative prompt that is not UTF-8": ({"prompt": _texts("seven"), "negative_prompt": _texts(b"\xc3")},
+                                            r"input 'negative_prompt': not UTF-8 text"),
+    "embeddings to a build that encodes prompts": (
+        {"prompt": _texts("seven"), "prompt_embeds": np.zeros((1, 3, CAPTION_CHANNELS), np.float32)},
+        r"unexpected inference input 'prompt_embeds' for model 'pixart-t5'"),
+    "no prompt": ({"seed": _i64([[1]])}, r"input 'prompt' is missing; expected UTF-8 prompts of shape \(n, 1\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEXTS))
+def test_a_bad_prompt_gets_an_error_naming_it_and_the_server_keeps_serving(server, pixart_t5, case):
+    inputs, message = BAD_TEXTS[case]
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+    try:
+        with pytest.raises(InferenceServerException, match=message):
+            client.infer("pixart-t5", _typed_inputs(httpclient, **inputs))
+        served = client.infer("pixart-t5", _typed_inputs(httpclient, prompt=_texts("seven"), seed=_i64([[2]])))
+        _close_to(served.as_numpy("samples"), pixart_t5(prompt=["seven"], seed=2).samples)
+    finally:
+        client.close()
+
+
+def test_prompt_embeddings_longer_than_max_sequence_length_are_refused(pixart):
+    """The prompt axis L is bounded by the manifest's max_sequence_length (PixArt-alpha's 120) when serving
+    embeddings too (checked in the model, as run --conditioning checks it)."""
+    from l2c_export.serving.sampling import decode_request
+
+    assert pixart.manifest["model"]["max_sequence_length"] == 120
+    decode_request(pixart, **_prompts(1, 120, seed=1))
+    with pytest.raises(ValueError, match=r"121 prompt tokens; expected at most the model's max_sequence_length 120"):
+        decode_request(pixart, **_prompts(1, 121, seed=1))

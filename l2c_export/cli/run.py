@@ -68,8 +68,8 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     if vae is not None and pipe.decoder is not None:
         raise click.UsageError(f"--vae: the build {engine_dir} decodes with its own VAE decoder graph; leave --vae out")
     if latent and out is not None and vae is None and pipe.decoder is None:
-        raise click.UsageError(f"--out: the build {engine_dir} has no VAE decoder (build from a diffusers folder with "
-                               f"vae/), so give --vae for its latents, or use --save-latents")
+        raise click.UsageError(f"--out needs --vae for a latent build without a VAE decoder graph ({engine_dir}; a "
+                               f"diffusers folder with vae/ builds one), or use --save-latents")
     result = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True, where=where)
     what = "full compute" if full else "L2C schedule"
     click.echo(f"{what}: {result.seconds:.3f} s for {len(result.samples)} sample(s) "

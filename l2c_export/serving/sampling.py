@@ -10,8 +10,12 @@ images (Triton's batch dimension). Its conditioning is the build's (:func:`serve
 input                          shape, dtype  meaning
 ============================== ============= =========================================================================
 labels                         (1,) int64    label models: class label, 0 .. num_classes - 1
-prompt_embeds                  (L, D) f32    text models: the prompt's embeddings (L tokens, any length >= 1; D the
-                                             model's caption width), finite
+prompt                         (1,) bytes    text models whose build has a text encoder and tokenizer: the prompt,
+                                             UTF-8, not empty (encoded as ``run --prompt`` encodes it, truncated to
+                                             the model's max_sequence_length); such a build takes no embeddings
+negative_prompt                (1,) bytes    optional, with ``prompt``: the unconditional half's text (default "")
+prompt_embeds                  (L, D) f32    text models: the prompt's embeddings (L tokens, 1 .. the model's
+                                             max_sequence_length; D the model's caption width), finite
 prompt_attention_mask          (L,) f32      text models: 1 keep / 0 padding, at least one 1
 negative_prompt_embeds         (L, D) f32    text models, needed when guiding (cfg_scale > 1): the unconditional half
 negative_prompt_attention_mask (L,) f32      text models, with the negative embeddings
@@ -49,19 +53,27 @@ MAX_CFG_SCALE = 100.0  # far above any scale in use (DiT samples at 1.5-4, text-
 MAX_ABS_NOISE = 1000.0  # standard normal noise never comes near it (|x| > 10 has probability 1e-23)
 
 
-def input_ranges(num_classes: int | None) -> dict[str, list]:
+def input_ranges(num_classes: int | None, text_prompts: bool = False) -> dict[str, list]:
     """The closed range of every input's values, by input name: what :func:`decode_request` enforces.
-    ``num_classes``: a label model's classes; None for a text model (its masks are 0/1, its embeddings finite)."""
+    ``num_classes``: a label model's classes; None for a text model (its masks are 0/1, its embeddings finite);
+    ``text_prompts``: a text model served prompts as text (no masks)."""
     ranges = {"noise": [-MAX_ABS_NOISE, MAX_ABS_NOISE], "seed": [0, MAX_SEED], "cfg_scale": [1.0, MAX_CFG_SCALE]}
+    if text_prompts:
+        return ranges
     if num_classes is None:
         return {"prompt_attention_mask": [0, 1], "negative_prompt_attention_mask": [0, 1], **ranges}
     return {"labels": [0, num_classes - 1], **ranges}
 
 
+def takes_text(manifest: dict) -> bool:
+    """Whether the build is served prompts as text: it carries a text encoder and tokenizer."""
+    return "text_encoder" in manifest.get("components", {})
+
+
 def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
     """Every input a served request may carry, from the manifest alone: (name, numpy dtype, per-image dims with -1 for
-    the prompt length, optional). The conditioning comes first: ``labels`` for a label model, or for a text model the
-    pipelines' argument names with the dtypes and caption width of the manifest's ``prompt_embeds`` and
+    the prompt length, optional). The conditioning comes first: ``labels`` for a label model, ``prompt`` and
+    ``negative_prompt`` (bytes) for a build with a text encoder, or for another text model the pipelines' argument names with the dtypes and caption width of the manifest's ``prompt_embeds`` and
     ``prompt_attention_mask`` inputs (the negatives are optional: needed only when guiding)."""
     from ..runtime.pipeline import ModelInterface
 
@@ -69,6 +81,8 @@ def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
     inputs = conditioning_inputs(manifest)
     if "label" in inputs:
         conditioning = [("labels", "int64", [1], False)]
+    elif takes_text(manifest):
+        conditioning = [("prompt", "bytes", [1], False), ("negative_prompt", "bytes", [1], True)]
     else:
         embeds, mask = inputs["prompt_embeds"], inputs["prompt_attention_mask"]
         conditioning = [(name, record["dtype"], [-1, embeds["shape"][-1]] if record is embeds else [-1],
@@ -95,12 +109,25 @@ class SampleRequest:
 
 def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray | None = None,
                    seed: np.ndarray | None = None, cfg_scale: np.ndarray | None = None,
+                   prompt: np.ndarray | None = None, negative_prompt: np.ndarray | None = None,
                    **prompts: np.ndarray | None) -> SampleRequest:
     """Checks one request's tensors (shapes as in the table above, with the batch dimension first) against
     ``pipeline``'s build; raises ``ValueError`` with a message naming the input and what was expected. ``prompts``:
-    a text model's conditioning by the pipelines' argument names (None: not sent)."""
+    a text model's conditioning by the pipelines' argument names (None: not sent); ``prompt`` and
+    ``negative_prompt``: texts (n, 1), for a build with a text encoder, encoded here (once per request)."""
     prompts = {name: value for name, value in prompts.items() if value is not None}
-    if pipeline.interface.label is not None:
+    texts = {name: value for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt))
+             if value is not None}
+    if texts and not takes_text(pipeline.manifest):
+        raise ValueError(f"input {sorted(texts)[0]!r}: this build has no text encoder; send "
+                         + ("'labels'" if pipeline.interface.label is not None else "prompt embeddings"))
+    if takes_text(pipeline.manifest):
+        if prompts:
+            raise ValueError(f"input {sorted(prompts)[0]!r}: this build encodes prompts itself; send 'prompt' (text)")
+        if labels is not None:
+            raise ValueError("input 'labels': this model is conditioned on prompts (input 'prompt'), not class labels")
+        n, texts = _decode_texts(texts)
+    elif pipeline.interface.label is not None:
         if prompts:
             raise ValueError(f"input {sorted(prompts)[0]!r}: this model is conditioned on class labels (input "
                              f"'labels')")
@@ -135,7 +162,11 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
     for scale in scales:
         check_finite(float(scale), "input 'cfg_scale'", *ranges["cfg_scale"])  # 1 is no guidance
     conditioning = None
-    if pipeline.interface.label is None:
+    if texts:  # encoded once for the request; the negatives whenever any image guides
+        guiding = bool(np.any(scales > 1.0))
+        conditioning = pipeline.prompt_encoder(texts["prompt"], texts.get("negative_prompt", ""), guiding,
+                                               where="input 'prompt'")
+    elif pipeline.interface.label is None:
         # the negatives are checked whenever they are sent, and needed when any image of the request guides
         guiding = bool(np.any(scales > 1.0)) or any(name.startswith("negative") for name in prompts)
         width = conditioning_inputs(pipeline.manifest)["prompt_embeds"]["shape"][-1]
@@ -163,6 +194,26 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
             seeds = np.random.SeedSequence().generate_state(n, dtype=np.uint64).astype(np.int64) & MAX_SEED
         noise = np.stack([make_noise(int(s), (1, *pipeline.sample_shape))[0] for s in seeds])
     return SampleRequest(labels=labels, noise=noise, seeds=seeds, cfg_scales=scales, conditioning=conditioning)
+
+
+def _decode_texts(texts: dict[str, np.ndarray]) -> tuple[int, dict[str, list[str]]]:
+    """``prompt`` (n, 1) and optional ``negative_prompt`` (n, 1) bytes -> (n, the texts checked: UTF-8, the prompts
+    not empty)."""
+    from ..runtime.components import check_prompt
+
+    if "prompt" not in texts:
+        raise ValueError("input 'prompt' is missing; expected UTF-8 prompts of shape (n, 1)")
+    n = None
+    decoded = {}
+    for name, value in texts.items():
+        value = np.asarray(value, dtype=object)
+        if value.ndim != 2 or value.shape[1] != 1 or value.shape[0] < 1 or (n is not None and value.shape[0] != n):
+            raise ValueError(f"input {name!r} has shape {list(value.shape)}; expected [{n or 'n'}, 1] (one text per "
+                             f"image)")
+        n = value.shape[0]
+        decoded[name] = [check_prompt(text, f"input {name!r}", allow_empty=name == "negative_prompt")
+                         for text in value[:, 0]]
+    return n, decoded
 
 
 def _decode_labels(pipeline, labels: np.ndarray | None) -> tuple[int, np.ndarray]:

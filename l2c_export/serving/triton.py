@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..core import manifest as manifest_io
 from ..core.util import atomic_write_text, check_finite
-from .sampling import MAX_CFG_SCALE, input_ranges, served_inputs
+from .sampling import MAX_CFG_SCALE, input_ranges, served_inputs, takes_text
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 DEFAULT_ENV = Path(".venv-triton")
@@ -74,7 +74,7 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
     device = device or ("cuda" if manifest["backend"] == "tensorrt" else "cpu")
     model = pb.ModelConfig(name=name, backend="python",
                            max_batch_size=max_batch_size or default_max_batch_size(manifest))
-    triton_types = {"float32": pb.TYPE_FP32, "int64": pb.TYPE_INT64}
+    triton_types = {"float32": pb.TYPE_FP32, "int64": pb.TYPE_INT64, "bytes": pb.TYPE_STRING}
     for input_name, dtype, dims, optional in served_inputs(manifest):
         if dtype not in triton_types:
             raise manifest_io.ManifestError(f"manifest: field 'model/inputs': input {input_name!r} is {dtype}; "
@@ -83,12 +83,16 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
     model.output.add(name="samples", data_type=pb.TYPE_FP32, dims=[channels, side, side])
     if manifest["model"]["space"] == "pixel":
         model.output.add(name="images", data_type=pb.TYPE_UINT8, dims=[side, side, 3])
+    elif "vae_decoder" in manifest.get("components", {}):  # latents decoded by the build's VAE decoder
+        _, _, height, width = manifest["components"]["vae_decoder"]["outputs"][0]["shape"]
+        model.output.add(name="images", data_type=pb.TYPE_UINT8, dims=[height, width, 3])
     model.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_GPU if device == "cuda"
                              else pb.ModelInstanceGroup.KIND_CPU)
     model.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     model.parameters["backend"].string_value = manifest["backend"]
     model.parameters["threads"].string_value = str(threads)
-    model.parameters["input_ranges"].string_value = json.dumps(input_ranges(manifest["guidance"].get("null_class")))
+    model.parameters["input_ranges"].string_value = json.dumps(input_ranges(manifest["guidance"].get("null_class"),
+                                                                            takes_text(manifest)))
     return model
 
 

@@ -5,11 +5,12 @@ sha256s checked when the model loads), so the cache never leaves the process and
 The requests that Triton's dynamic batcher hands over together are sampled as one batch per guidance scale
 (``l2c_export.serving.sampling``); a bad request gets its own error and the others in the batch go on.
 
-Inputs and outputs, per image (the batch dimension is images): the build's conditioning (``labels`` INT64 [1], or
-for a text model ``prompt_embeds`` FP32 [L, D], ``prompt_attention_mask`` FP32 [L] and, when guiding, their
-``negative_`` twins), read from the manifest (``l2c_export.serving.sampling.served_inputs``); optional ``noise`` FP32
-[C, H, W], ``seed`` INT64 [1], ``cfg_scale`` FP32 [1]; ``samples`` FP32 [C, H, W] (pixels in [-1, 1] or latents,
-as ``L2CPipeline`` returns them) and, for pixel models, ``images`` UINT8 [H, W, 3].
+Inputs and outputs, per image (the batch dimension is images): the build's conditioning (``labels`` INT64 [1]; for
+a build with a text encoder ``prompt`` BYTES [1] and optional ``negative_prompt`` BYTES [1]; for another text model
+``prompt_embeds`` FP32 [L, D], ``prompt_attention_mask`` FP32 [L] and, when guiding, their ``negative_`` twins), read
+from the manifest (``l2c_export.serving.sampling.served_inputs``); optional ``noise`` FP32 [C, H, W], ``seed`` INT64
+[1], ``cfg_scale`` FP32 [1]; ``samples`` FP32 [C, H, W] (pixels in [-1, 1] or latents, as ``L2CPipeline`` returns
+them) and, for pixel models and builds with a VAE decoder, ``images`` UINT8 [H, W, 3].
 
 Metrics beside Triton's own: ``l2c_sampling_batches_total`` and ``l2c_sampled_images_total`` (their ratio is the
 mean sampling batch), labelled by model and version.
@@ -53,6 +54,7 @@ class TritonPythonModel:
         build = Path(__file__).resolve().parent / "build"
         self.pipeline = L2CPipeline.from_engine_dir(build, backend=backend, verify=True, **options)
         self.pixel_space = self.pipeline.manifest["model"]["space"] == "pixel"
+        self.decoder = self.pipeline.decoder  # a latent build's VAE decoder graph, or None
         self.input_names = [name for name, *_ in served_inputs(self.pipeline.manifest)]
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.batches_family = pb_utils.MetricFamily(name="l2c_sampling_batches_total",
@@ -85,8 +87,13 @@ class TritonPythonModel:
                     error=pb_utils.TritonError(f"sampling failed: {type(samples).__name__}: {samples}"))
                 continue
             outputs = [pb_utils.Tensor("samples", np.ascontiguousarray(samples, dtype=np.float32))]
-            if self.pixel_space:
-                pictures = to_uint8(samples)  # (n, H, W, C)
+            if self.pixel_space or self.decoder is not None:
+                try:
+                    pictures = to_uint8(samples if self.pixel_space else self.decoder(samples))  # (n, H, W, C)
+                except Exception as error:  # noqa: BLE001 - this request's error; the others go on
+                    responses[index] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"decoding failed: {type(error).__name__}: {error}"))
+                    continue
                 if pictures.shape[-1] == 1:
                     pictures = np.repeat(pictures, 3, axis=-1)
                 outputs.append(pb_utils.Tensor("images", np.ascontiguousarray(pictures)))
