@@ -35,3 +35,33 @@ def test_bench_writes_every_field_and_a_plot(tmp_path):
         assert row["memory_all_engines_bytes"] > 0 and row["memory_full_engine_bytes"] > 0
         assert row["model_weights_bytes"] == (out / "weights.bin").stat().st_size
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_runs_diffusers_builds_with_the_manifests_conditioning(tiny_diffusers, tmp_path):
+    """A DiT build (class labels) and a PixArt build (prompt embeddings and masks, the model's only conditioning) of
+    tiny diffusers folders, each over a schedule that reuses sub-layers, measured together on both backends."""
+    import numpy as np
+
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import from_diffusers
+
+    folders = []
+    for family in ("dit", "pixart"):
+        spec = from_diffusers(tiny_diffusers(family))
+        rows = np.ones((4, len(spec.sublayer_names)), dtype=bool)
+        rows[1::2, 1:] = False
+        out = tmp_path / family
+        build(BuildRequest(spec=spec, schedule=Schedule(rows, sublayers=spec.sublayer_names, mode="general"),
+                           sampler=spec.sampler(None, 4), out_dir=out), progress=False)
+        folders.append(out)
+    run_cli("bench", *map(str, folders), "--repeats", "1", "--batch", "1", "--prompt-tokens", "9",
+            "--json", str(tmp_path / "b.json"))
+    rows = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert [(r["model"].split()[0], r["backend"]) for r in rows] == [
+        ("DiTTransformer2DModel", "onnxruntime"), ("PixArtTransformer2DModel", "onnxruntime"),
+        ("DiTTransformer2DModel", "torch"), ("PixArtTransformer2DModel", "torch")]
+    for row, folder in zip(rows, folders * 2):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert row["ideal_speedup"] == pytest.approx(manifest["macs"]["ideal_speedup"]) and row["ideal_speedup"] > 1
+        assert row["num_subsets"] == 2 and row["full_seconds"] > 0 and row["schedule_seconds"] > 0
+        assert row["memory_all_engines_bytes"] > 0 and row["memory_full_engine_bytes"] > 0
