@@ -8,7 +8,7 @@ CLI := $(VENV)/bin/l2c-export
 DEMO := engines/demo
 DIGITS := 0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9
 
-.PHONY: setup triton-env demo test bench serve clean cpp cpp-deps cpp-asan cpp-asan-test
+.PHONY: setup triton-env demo test bench bench-large serve clean cpp cpp-deps cpp-asan cpp-asan-test
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,13 @@ test: setup triton-env cpp
 bench: setup triton-env cpp
 	$(PY) -m l2c_export.tools.bench_suite --work engines/bench --docs docs
 
+# The real sizes (not part of `make test`): random-weight diffusers folders in the configs of facebook/DiT-XL-2-256 and
+# PixArt-α 512 (about 2.5 GiB of weights each), built, verified, benchmarked against the ideal and against diffusers'
+# own pipeline at 6 steps, batch 1: docs/bench-large.json, docs/bench-large.md. Tens of minutes and ~12 GiB of RAM on
+# 2 cores.
+bench-large: setup cpp
+	$(PY) -m l2c_export.tools.bench_suite --large --work engines/bench-large --docs docs
+
 # The embedded default on Triton Inference Server, on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics).
 serve: setup triton-env
 	$(CLI) build --out $(DEMO)/engines
@@ -59,7 +66,7 @@ serve: setup triton-env
 	$(CLI) serve $(DEMO)/triton --env $(TRITON_VENV)
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) engines/demo engines/bench .pytest_cache cpp/build
+	rm -rf $(VENV) $(TRITON_VENV) engines/demo engines/bench engines/bench-large .pytest_cache cpp/build
 
 # --- C++ runtime (cpp/): `make cpp` builds cpp/build/l2c-run, libl2c_runtime and the embedding example. ------------
 # ONNX Runtime's headers: Debian 13's libonnxruntime-dev, downloaded under a private APT_CONFIG, sha256-pinned and

@@ -35,3 +35,59 @@ def test_bench_writes_every_field_and_a_plot(tmp_path):
         assert row["memory_all_engines_bytes"] > 0 and row["memory_full_engine_bytes"] > 0
         assert row["model_weights_bytes"] == (out / "weights.bin").stat().st_size
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_runs_diffusers_builds_with_the_manifests_conditioning(tiny_diffusers, tmp_path):
+    """A DiT build (class labels) and a PixArt build (prompt embeddings and masks, the model's only conditioning) of
+    tiny diffusers folders, each over a schedule that reuses sub-layers, measured together on both backends."""
+    import numpy as np
+
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import from_diffusers
+
+    folders = []
+    for family in ("dit", "pixart"):
+        spec = from_diffusers(tiny_diffusers(family))
+        rows = np.ones((4, len(spec.sublayer_names)), dtype=bool)
+        rows[1::2, 1:] = False
+        out = tmp_path / family
+        build(BuildRequest(spec=spec, schedule=Schedule(rows, sublayers=spec.sublayer_names, mode="general"),
+                           sampler=spec.sampler(None, 4), out_dir=out), progress=False)
+        folders.append(out)
+    run_cli("bench", *map(str, folders), "--repeats", "1", "--batch", "1", "--prompt-tokens", "9",
+            "--json", str(tmp_path / "b.json"))
+    rows = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert [(r["model"].split()[0], r["backend"]) for r in rows] == [
+        ("DiTTransformer2DModel", "onnxruntime"), ("PixArtTransformer2DModel", "onnxruntime"),
+        ("DiTTransformer2DModel", "torch"), ("PixArtTransformer2DModel", "torch")]
+    for row, folder in zip(rows, folders * 2):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert row["ideal_speedup"] == pytest.approx(manifest["macs"]["ideal_speedup"]) and row["ideal_speedup"] > 1
+        assert row["num_subsets"] == 2 and row["full_seconds"] > 0 and row["schedule_seconds"] > 0
+        assert row["memory_all_engines_bytes"] > 0 and row["memory_full_engine_bytes"] > 0
+
+
+def test_the_real_size_configs_are_accepted_and_their_macs_counted_per_sublayer():
+    """make bench-large's models (DiT-XL/2 256 and PixArt-α 512, 28 blocks of 16 heads of 72) pass their family's
+    config checks, and their MACs are counted per named sub-layer on the meta device (no memory): DiT-XL/2's attention
+    and MLP equal the authors' DiT-XL/2 count; PixArt's self-attention over 1024 tokens, cross-attention over 120
+    prompt tokens projected from 4096 channels, and its MLP are the formulas'."""
+    from l2c_export.models import family_of_model
+    from l2c_export.tools.bench_suite import real_size_config
+
+    family, config = real_size_config("DiT-XL-2-256")
+    macs = family.count_macs(config)
+    authors = family_of_model("DiT-XL/2")
+    authors_macs = authors.count_macs(authors.preset("DiT-XL/2", 256, 1000))
+    assert family.sublayer_names(config)[-2:] == ("transformer_blocks.27.attn1", "transformer_blocks.27.ff")
+    assert macs.per_sublayer == (authors_macs.attn, authors_macs.mlp) * 28
+    assert macs.full == pytest.approx(authors_macs.full, rel=1e-3)  # ~118.6 GMAC; the always-run parts differ a little
+
+    family, config = real_size_config("PixArt-XL-2-512")
+    macs = family.count_macs(config)
+    tokens, dim, prompt = 1024, 1152, 120
+    attn1 = 4 * tokens * dim * dim + 2 * tokens * tokens * dim
+    attn2 = 2 * tokens * dim * dim + 2 * prompt * dim * dim + 2 * tokens * prompt * dim
+    ff = 2 * tokens * dim * 4 * dim
+    assert len(family.sublayer_names(config)) == 84 and macs.per_sublayer == (attn1, attn2, ff) * 28
+    assert macs.always > prompt * 4096 * dim  # the caption projection, the patch embedding and the adaLN-single run always

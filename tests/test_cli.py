@@ -63,3 +63,17 @@ def test_the_schedule_picture_and_listing_label_model_calls_with_rounded_times(t
         assert rows[:3] == first
         assert len(rows) == schedule.num_steps and all(re.fullmatch(r"\d+ \(t=\d+(\.\d)?\)", row) for row in rows)
         assert axis.get_ylabel() == "model call (time the model sees)"
+
+
+def test_sample_equals_run_on_the_embedded_default(default_build, tmp_path):
+    """The PyTorch reference sampler (`sample`, the embedded default and its schedule, noise from --seed) and the
+    build's runtime (`run`) give the same digits; `sample` writes the grid of a pixel model."""
+    import numpy as np
+
+    run_cli("sample", "--labels", "3,7", "--seed", "2", "--save-latents", str(tmp_path / "reference.npy"),
+            "--out", str(tmp_path / "grid.png"))
+    run_cli("run", str(default_build), "--labels", "3,7", "--seed", "2", "--save-latents", str(tmp_path / "run.npy"))
+    want, got = np.load(tmp_path / "reference.npy"), np.load(tmp_path / "run.npy")
+    assert want.shape == got.shape == (2, 1, 8, 8)
+    assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -415,6 +415,29 @@ def _pipeline_latents(family: str, folder, noise: torch.Tensor, conditioning: di
     return latents.numpy()
 
 
+def _parity_request(family: str, folder, tmp_path):
+    """The parity schedule (saved as s.json), the pipeline's latents (saved as z.npy), and the request: DiT labels
+    207,3, or PixArt prompt embeddings with padded masks (saved as cond.npz). -> (schedule, noise, conditioning or
+    None, CLI flags)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    found = read_folder(folder)
+    schedule = _parity_schedule(found.family.sublayer_names(found.config))
+    schedule.save(tmp_path / "s.json")
+    noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "z.npy", noise.numpy())
+    if family == "dit":
+        return schedule, noise, None, ["--labels", "207,3"]
+    generator = np.random.default_rng(1)
+    shape = (2, 5, CAPTION_CHANNELS)
+    conditioning = {"prompt_embeds": generator.standard_normal(shape).astype(np.float32),
+                    "prompt_attention_mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+                    "negative_prompt_embeds": generator.standard_normal(shape).astype(np.float32),
+                    "negative_prompt_attention_mask": np.array([[1, 0, 0, 0, 0]] * 2)}
+    np.savez(tmp_path / "cond.npz", **conditioning)
+    return schedule, noise, conditioning, ["--conditioning", str(tmp_path / "cond.npz")]
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, scheduler,
@@ -423,26 +446,8 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
     cond.npz) --cfg-scale 3 --save-latents: equal to diffusers' pipeline on the same latents and conditioning (padded
     masks included) to 1e-4 of the range, with --full and with the schedule (the pipeline with hooks); verify passes
     every subset."""
-    from diffusers.utils.torch_utils import randn_tensor
-
     folder = tiny_diffusers(family, scheduler)
-    found = read_folder(folder)
-    schedule = _parity_schedule(found.family.sublayer_names(found.config))
-    schedule.save(tmp_path / "s.json")
-    noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    np.save(tmp_path / "z.npy", noise.numpy())
-    conditioning = None
-    if family == "dit":
-        request = ["--labels", "207,3"]
-    else:
-        generator = np.random.default_rng(1)
-        shape = (2, 5, CAPTION_CHANNELS)
-        conditioning = {"prompt_embeds": generator.standard_normal(shape).astype(np.float32),
-                        "prompt_attention_mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
-                        "negative_prompt_embeds": generator.standard_normal(shape).astype(np.float32),
-                        "negative_prompt_attention_mask": np.array([[1, 0, 0, 0, 0]] * 2)}
-        np.savez(tmp_path / "cond.npz", **conditioning)
-        request = ["--conditioning", str(tmp_path / "cond.npz")]
+    schedule, noise, conditioning, request = _parity_request(family, folder, tmp_path)
     engines = tmp_path / "E"
     run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--schedule", str(tmp_path / "s.json"),
             "--out", str(engines))
@@ -459,6 +464,44 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
         if full:
             full_latents = got
     assert np.abs(full_latents - got).max() > 1e-3 * (want.max() - want.min())  # the schedule changed the result
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_equals_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, tmp_path):
+    """sample --diffusers DIR (the PyTorch reference sampler) --steps 12 --noise z.npy (--labels | --conditioning)
+    --cfg-scale 3 --save-latents: equal to diffusers' pipeline on the same latents to 1e-4 of the range, with --full
+    and with --schedule (the pipeline with hooks)."""
+    folder = tiny_diffusers(family, "dpm")
+    schedule, noise, conditioning, request = _parity_request(family, folder, tmp_path)
+    for full, reference in ((True, None), (False, schedule)):
+        out = tmp_path / f"{'full' if full else 'l2c'}.npy"
+        run_cli("sample", "--diffusers", str(folder), "--steps", str(STEPS), "--noise", str(tmp_path / "z.npy"),
+                *request, "--cfg-scale", str(CFG_SCALE), "--save-latents", str(out),
+                *(["--full"] if full else ["--schedule", str(tmp_path / "s.json")]))
+        want = _pipeline_latents(family, folder, noise, conditioning, reference)
+        got = np.load(out)
+        assert got.shape == want.shape == (2, 4, 8, 8)
+        assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min()), (full, np.abs(got - want).max())
+        if full:
+            full_latents = got
+    assert np.abs(full_latents - got).max() > 1e-3 * (want.max() - want.min())  # the schedule changed the result
+
+
+def test_sample_refuses_conditioning_that_does_not_fit_in_one_line(tiny_diffusers, tmp_path):
+    pixart, dit = str(tiny_diffusers("pixart")), str(tiny_diffusers("dit"))
+    missing = run_cli("sample", "--diffusers", pixart, "--steps", "2", check=False)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "--conditioning: array 'prompt_embeds' is missing" in missing.stderr
+    np.savez(tmp_path / "cond.npz", **_conditioning(length=5))
+    labels = run_cli("sample", "--diffusers", pixart, "--steps", "2", "--labels", "1", check=False)
+    assert labels.returncode == 2 and "conditioned on prompt embeddings" in labels.stderr
+    prompts = run_cli("sample", "--diffusers", dit, "--steps", "2", "--conditioning", str(tmp_path / "cond.npz"),
+                      check=False)
+    assert prompts.returncode == 2 and "conditioned on class labels" in prompts.stderr
+    np.save(tmp_path / "z.npy", np.zeros((3, 4, 8, 8), dtype=np.float32))
+    noise = run_cli("sample", "--diffusers", pixart, "--steps", "2", "--conditioning", str(tmp_path / "cond.npz"),
+                    "--noise", str(tmp_path / "z.npy"), check=False)
+    assert noise.returncode == 2 and "noise has shape (3, 4, 8, 8); expected (2, 4, 8, 8)" in noise.stderr
 
 
 def test_verify_against_the_diffusers_folder_refuses_another_folder(diffusers_builds, tiny_diffusers, tmp_path):

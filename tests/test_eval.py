@@ -124,3 +124,102 @@ def test_cli_eval_writes_results_and_plot(tmp_path):
         assert abs(matched[method]["mac_fraction"] - learned) <= 0.03, method
     assert any(row["point"] == "sweep" and row["method"] == "l2c" and row["budget"] == 0.8 for row in rows)
     assert (tmp_path / "fd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- diffusers folders: the same evaluation, features from a fixed random projection ----------------------------------
+def _prompts(n: int, length: int = 5, width: int = 12) -> dict:
+    generator = np.random.default_rng(0)
+    mask = np.ones((n, length), dtype=np.int64)
+    mask[0, 3:] = 0
+    return {"prompt_embeds": generator.standard_normal((n, length, width)).astype(np.float32),
+            "prompt_attention_mask": mask,
+            "negative_prompt_embeds": generator.standard_normal((n, length, width)).astype(np.float32),
+            "negative_prompt_attention_mask": np.ones((n, length), dtype=np.int64)}
+
+
+def _check_diffusers_report(report: dict, budget: float) -> dict:
+    """The rows every diffusers evaluation has: full compute, l2c and each method at the matched MAC fraction and at
+    ``budget``; PSNR and FD to full against full compute, no FD to data or accuracy (no reference data)."""
+    rows = report["results"]
+    assert "random projection" in report["features"] and report["fd_reference"] is None
+    assert {row["method"] for row in rows} == {"full", "l2c", "fora", "random", "fewer-steps"}
+    for row in rows:
+        assert row["fd"] is None and row["accuracy"] is None and row["fd_to_full"] >= 0
+        assert (row["psnr"] is None) == (row["method"] == "full")
+    full = next(row for row in rows if row["method"] == "full")
+    assert full["fd_to_full"] == pytest.approx(0.0, abs=1e-6)
+    matched = {row["method"]: row for row in rows if row["point"] == "matched"}
+    learned = report["learned_mac_fraction"]
+    assert learned < 0.999 and matched["l2c"]["mac_fraction"] == pytest.approx(learned, abs=1e-6)
+    for method in ("fora", "random", "fewer-steps"):
+        assert abs(matched[method]["mac_fraction"] - learned) <= 0.1, method
+        assert matched[method]["psnr"] > 0 and matched[method]["fd_to_full"] > 0, method
+    assert {row["method"] for row in rows if row["point"] == "sweep" and row["budget"] == budget} >= {
+        "fora", "random", "fewer-steps"}
+    return matched
+
+
+def test_cli_eval_on_a_diffusers_pixart_with_a_learned_router(tiny_diffusers, tmp_path):
+    """learn --diffusers on prompts, then eval --diffusers --schedule --router --conditioning-data: the learned schedule
+    against FORA, random and fewer steps at its MAC fraction and on the router's sweep; JSON and plot."""
+    folder = str(tiny_diffusers("pixart"))
+    np.savez(tmp_path / "prompts.npz", **_prompts(3))
+    router = tmp_path / "router.safetensors"
+    run_cli("learn", "--diffusers", folder, "--steps", "6", "--conditioning-data", str(tmp_path / "prompts.npz"),
+            "--trajectories", "4", "--batch-size", "2", "--iterations", "5", "--mode", "general", "--lr", "0.5",
+            "--target-mac-fraction", "0.75", "--json", str(tmp_path / "s.json"), "--out", str(router))
+    out = run_cli("eval", "--diffusers", folder, "--schedule", str(tmp_path / "s.json"), "--router", str(router),
+                  "--conditioning-data", str(tmp_path / "prompts.npz"), "--num-samples", "8", "--budgets", "0.85",
+                  "--random-seeds", "1", "--json", str(tmp_path / "eval.json"), "--png", str(tmp_path / "fd.png"))
+    assert "| l2c | matched |" in out.stdout and "features: a fixed random projection" in out.stdout
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["sampler"] == {"kind": "diffusers_ddim", "num_calls": 6} and report["num_samples"] == 8
+    _check_diffusers_report(report, 0.85)
+    assert any(row["method"] == "l2c" and row["point"] == "sweep" for row in report["results"])
+    assert (tmp_path / "fd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_on_a_diffusers_dit_with_labels_and_its_int8_build(tiny_diffusers, tmp_path):
+    """A DiT folder evaluated on --labels with a schedule over its named sub-layers (no router: baselines only on the
+    sweep), the int8 build's rows included."""
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import from_diffusers
+
+    folder = tiny_diffusers("dit")
+    names = from_diffusers(folder).sublayer_names
+    rows = np.ones((6, len(names)), dtype=bool)
+    rows[1::2, 1:] = False
+    Schedule(rows, sublayers=names, mode="general").save(tmp_path / "s.json")
+    run_cli("eval", "--diffusers", str(folder), "--schedule", str(tmp_path / "s.json"), "--labels", "207,3",
+            "--num-samples", "6", "--budgets", "0.8", "--random-seeds", "1", "--int8", "--cfg-scale", "2",
+            "--json", str(tmp_path / "eval.json"))
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["cfg_scale"] == 2.0
+    int8 = {row["method"]: row for row in report["results"] if row.get("precision") == "int8"}
+    assert set(int8) == {"int8 full", "int8 l2c"} and all(row["psnr"] > 10 for row in int8.values())
+    report["results"] = [row for row in report["results"] if row.get("precision") != "int8"]
+    _check_diffusers_report(report, 0.8)
+
+
+def test_eval_refuses_conditioning_that_does_not_fit_the_model(tiny_diffusers, tmp_path):
+    pixart, dit = str(tiny_diffusers("pixart")), str(tiny_diffusers("dit"))
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import from_diffusers
+
+    Schedule.full(4, sublayers=from_diffusers(pixart).sublayer_names).save(tmp_path / "s.json")
+    no_prompts = run_cli("eval", "--diffusers", pixart, "--schedule", str(tmp_path / "s.json"), check=False)
+    assert no_prompts.returncode == 2 and "give --conditioning-data prompts.npz" in no_prompts.stderr
+    bad = _prompts(2)
+    bad["prompt_attention_mask"] = bad["prompt_attention_mask"][:, :4]
+    np.savez(tmp_path / "bad.npz", **bad)
+    misshapen = run_cli("eval", "--diffusers", pixart, "--schedule", str(tmp_path / "s.json"), "--conditioning-data",
+                        str(tmp_path / "bad.npz"), check=False)
+    assert misshapen.returncode == 2 and misshapen.stderr.count("\n") == 1
+    assert f"--conditioning-data {tmp_path / 'bad.npz'}: array 'prompt_attention_mask' has shape (2, 4)" in \
+        misshapen.stderr
+    np.savez(tmp_path / "prompts.npz", **_prompts(2))
+    label_model = run_cli("eval", "--diffusers", dit, "--conditioning-data", str(tmp_path / "prompts.npz"),
+                          "--schedule", str(tmp_path / "s.json"), check=False)
+    assert label_model.returncode == 2 and "conditioned on class labels" in label_model.stderr
+    other_model = run_cli("eval", "--diffusers", dit, "--schedule", str(tmp_path / "s.json"), check=False)
+    assert other_model.returncode == 2 and "not a sub-layer" in other_model.stderr

@@ -1,4 +1,5 @@
-"""``l2c-export eval`` and ``train-default``: the embedded digits models."""
+"""``l2c-export eval`` (an embedded digits model or a diffusers folder) and ``train-default`` (the embedded digits
+models)."""
 
 from __future__ import annotations
 
@@ -8,54 +9,96 @@ import click
 
 from ..core.schedule import SCHEDULE_MODES
 from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS, embedded_default
-from . import MAC_FRACTION, POSITIVE, SEED, main
+from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, THRESHOLD, main
 
 
 @main.command("eval")
-@click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS), default=DEFAULT_NAME,
-              show_default=True, help="The embedded model: the digits DiT (DDIM) or U-ViT (DPM-Solver-2S).")
+@click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS),
+              help="The embedded model: the digits DiT (DDIM; the default) or U-ViT (DPM-Solver-2S).")
+@click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
+              help="Or a diffusers pipeline folder (DiTPipeline, PixArtAlphaPipeline/PixArtSigmaPipeline): its "
+                   "transformer and scheduler; needs --schedule or --router.")
 @click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
-              help="Router for the l2c sweep (default: the embedded model's).")
+              help="Router for the l2c sweep (default: the embedded model's); with --diffusers and no --schedule, "
+                   "decoded at --threshold it is also the learned schedule.")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="The learned schedule to compare (default: the embedded model's).")
+              help="The learned schedule to compare (default: the embedded model's); its rows are the steps.")
+@click.option("--threshold", type=THRESHOLD, default=0.1, show_default=True,
+              help="With --router and no --schedule: the threshold the learned schedule is decoded at.")
 @click.option("--mode", type=click.Choice(SCHEDULE_MODES), help="How the router is decoded for the sweep "
                                                                           "(default: the schedule's).")
 @click.option("--budgets", default=",".join(str(b) for b in (0.6, 0.7, 0.8, 0.9)), show_default=True,
               help="MAC fractions of the sweep, comma-separated ('' for none).")
 @click.option("--num-samples", type=click.IntRange(min=2), default=1000, show_default=True,
-              help="Samples per method (labels 0-9 in turn).")
+              help="Samples per method (labels or prompts in turn).")
+@click.option("--labels", help="A label model's class labels, comma-separated, used in turn [every class in turn].")
+@click.option("--conditioning-data", type=click.Path(dir_okay=False, path_type=Path),
+              help="A text model's prompts (--diffusers PixArt), used in turn: an .npz of prompt_embeds (P, L, D), "
+                   "prompt_attention_mask (P, L) and, for guidance, negative_prompt_embeds and "
+                   "negative_prompt_attention_mask (the pipeline's argument names).")
+@click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the model's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed, the same for every method.")
 @click.option("--random-seeds", type=POSITIVE, default=2, show_default=True,
               help="Random-drop schedules averaged per budget.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the plot of FD against MAC fraction.")
-@click.option("--int8/--no-int8", default=True, show_default=True,
-              help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule.")
-def eval_command(model_name, router, schedule_file, mode, budgets, num_samples, seed, random_seeds, json_out, png_out,
-                 int8):
-    """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs on an
-    embedded digits model: Frechet distance (digits classifier features), class accuracy, PSNR against full."""
+@click.option("--int8/--no-int8", default=None,
+              help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule [on for the "
+                   "embedded models, off for --diffusers].")
+def eval_command(model_name, diffusers, router, schedule_file, threshold, mode, budgets, num_samples, labels,
+                 conditioning_data, cfg_scale, seed, random_seeds, json_out, png_out, int8):
+    """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs, from the
+    same noise: PSNR and Frechet distance against full compute; on the digits models also FD to the real digits and
+    class accuracy (digits classifier features; elsewhere a fixed random projection of the latents)."""
+    import dataclasses
+
     from ..core.schedule import Schedule
     from ..demo.evaluate import evaluate, format_table, plot_fd, write_json
     from ..models import zoo
     from ..routers import load_router
+    from .options import parse_labels
 
-    spec = zoo.embedded_default(model_name)
-    learned = Schedule.load(schedule_file) if schedule_file else spec.schedule()
-    if learned is None:
-        raise click.UsageError(f"{model_name} ships no schedule; pass --schedule")
+    if diffusers is not None and model_name is not None:
+        raise click.UsageError("give --model (an embedded model) or --diffusers, not both")
+    spec = zoo.from_diffusers(diffusers) if diffusers is not None else zoo.embedded_default(model_name or DEFAULT_NAME)
+    if cfg_scale is not None:
+        spec = dataclasses.replace(spec, cfg_scale=cfg_scale)
     router_path = router or spec.default_router
     logits = load_router(router_path) if router_path else None
+    if schedule_file is not None:
+        learned = Schedule.load(schedule_file)
+    elif diffusers is not None and logits is not None:
+        learned = logits.to_schedule(threshold, mode=mode or "official",
+                                     timesteps=spec.sampler(None, logits.num_steps).model_times.tolist())
+    else:
+        learned = spec.schedule()
+    if learned is None:
+        raise click.UsageError(f"{spec.name} comes with no schedule; pass --schedule or --router")
     try:
         budget_list = [MAC_FRACTION.convert(part, None, None) for part in budgets.split(",") if part.strip()]
     except click.BadParameter as error:
         raise click.BadParameter(error.message, param_hint="--budgets") from None
-    if num_samples < 2:
-        raise click.BadParameter("at least 2 samples are needed for a Frechet distance", param_hint="--num-samples")
-    report = evaluate(learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
-                      random_seeds=tuple(range(random_seeds)), int8=int8, model_name=model_name)
+    prompts = None
+    if conditioning_data is not None:
+        from ..runtime.conditioning import load_conditioning
+
+        prompts = load_conditioning(conditioning_data)
+    text_model = spec.family.null_class(spec.config) is None
+    if text_model and prompts is None:
+        raise click.UsageError("a text model is evaluated on prompts: give --conditioning-data prompts.npz")
+    if not text_model and prompts is not None:
+        raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
+                                 param_hint="--conditioning-data")
+    if text_model and labels is not None:
+        raise click.BadParameter("this model is conditioned on prompt embeddings (--conditioning-data), not class "
+                                 "labels", param_hint="--labels")
+    report = evaluate(spec, learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
+                      random_seeds=tuple(range(random_seeds)), int8=diffusers is None if int8 is None else int8,
+                      labels=None if labels is None else parse_labels(labels), prompts=prompts,
+                      prompts_source=f"--conditioning-data {conditioning_data}")
     click.echo(format_table(report))
+    click.echo(f"features: {report['features']}")
     if json_out:
         write_json(report, json_out)
         click.echo(f"wrote {json_out}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..models.diffusers.pixart import MACS_PROMPT_TOKENS
 from . import CFG_SCALE, EXIT_CHECK_FAILED, POSITIVE, SEED, CommandError, Finite, main
 from .options import backend_options, load_noise, parse_labels, save_npy
 
@@ -61,7 +62,7 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     request = {"labels": label_list, "conditioning": conditioning}
     if prompt_list is not None:
         request.update(prompt=prompt_list, negative_prompt=negative_prompt)
-    where = f"--conditioning {conditioning_file}"
+    where = f"--conditioning {conditioning_file or ''}".rstrip()
     click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
                f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on {', '.join(pipe.providers)}")
     latent = pipe.manifest["model"]["space"] == "latent"
@@ -160,10 +161,13 @@ def verify(engine_dir, backend, device, tolerance, reference, diffusers):
               help="Backends to measure (repeatable; default: onnxruntime and torch).")
 @click.option("--repeats", type=POSITIVE, default=5, show_default=True, help="Interleaved (full, schedule) pairs.")
 @click.option("--no-memory", is_flag=True, help="Skip the memory measurements (subprocesses).")
+@click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=MACS_PROMPT_TOKENS, show_default=True,
+              help="Text models: the requests' prompt length (random embeddings; default: the length the MACs and "
+                   "the ideal speedup are counted at, PixArt-α's T5 maximum).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Plot achieved against ideal speedup.")
-def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
+def bench(engine_dirs, batch, backends, repeats, no_memory, prompt_tokens, json_out, png_out):
     """Full compute against the schedule, interleaved: speedup vs ideal, step overhead, memory.
 
     All ENGINE_DIRS are measured in one interleaved loop per backend: `bench DIR_FP32 DIR_INT8` gives the int8 rows'
@@ -179,7 +183,7 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, json_out, png_out):
         if folders:
             click.echo(f"benchmarking {', '.join(map(str, folders))} on {backend} ...")
             results += benchmark_together(folders, backend, batch=batch, repeats=repeats,
-                                          measure_memory=not no_memory)
+                                          measure_memory=not no_memory, prompt_tokens=prompt_tokens)
     click.echo(table(results))
     if json_out:
         write_results(results, json_out, machine_description())

@@ -106,43 +106,51 @@ def _print_schedule(result, macs) -> None:
 @model_options
 @schedule_options
 @click.option("--full", is_flag=True, help="Ignore any schedule: compute every sub-layer at every step.")
-@click.option("--labels", default="0,1,2,3,4,5,6,7,8,9", show_default=True, help="Comma-separated class labels.")
+@click.option("--labels", help="Comma-separated class labels of a label model [0,1,...,9].")
+@click.option("--conditioning", "conditioning_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A text model's conditioning (--diffusers PixArt): an .npz of prompt_embeds (n, L, D), "
+                   "prompt_attention_mask (n, L) and, for guidance, negative_prompt_embeds and "
+                   "negative_prompt_attention_mask (the pipeline's argument names).")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Classifier-free guidance scale (1 = none; default: the model's).")
 @click.option("--guide-all-channels", is_flag=True, help="Guide every eps channel (DiT guides 3 of 4 latent channels).")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
+@click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Initial noise (the pipeline's latents) .npy of shape (n samples, C, H, W), float32.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True)
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Also save the samples (.npy).")
 def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold,
-           target_mac_fraction, mode, steps, sampler_kind, full, labels, cfg_scale, guide_all_channels, seed, out,
-           save_latents):
-    """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule."""
+           target_mac_fraction, mode, steps, sampler_kind, full, labels, conditioning_file, cfg_scale,
+           guide_all_channels, seed, noise_file, out, save_latents):
+    """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule. For a diffusers folder:
+    its transformer and scheduler as its pipeline samples them (--noise is the pipeline's latents)."""
     import time
 
     import torch
 
-    from ..samplers.guidance import make_noise
+    from ..runtime.conditioning import load_conditioning
     from ..samplers.reference import sample_reference
+    from .options import load_noise
 
-    if diffusers is not None:
-        raise CommandError("sample --diffusers: not supported yet; sample a diffusers folder from its build "
-                           "(l2c-export build --diffusers DIR --out E, then l2c-export run E)")
-    spec = resolve_model(checkpoint, model_name, image_size, num_classes)
+    spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers)
     sampler = spec.sampler(sampler_kind, steps)
     plan = None if full else resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction,
-                                               mode, use_default=checkpoint is None)
+                                               mode, use_default=checkpoint is None and diffusers is None)
     if plan is not None and plan.compute.all():
         plan = None  # nothing is reused: the plain forward
-    label_list = parse_labels(labels)
-    noise = make_noise(seed, (len(label_list), *spec.family.graph_inputs(spec.config)[0].shape))
+    conditioning = None if conditioning_file is None else load_conditioning(conditioning_file)
+    label_list = parse_labels(labels) if labels is not None else (
+        None if conditioning is not None or spec.family.null_class(spec.config) is None else list(range(10)))
+    noise = None if noise_file is None else load_noise(noise_file)
     model = spec.load_model()
     torch.set_grad_enabled(False)
     start = time.perf_counter()
     samples = sample_reference(model, sampler, label_list, noise, cfg_scale=spec.cfg_scale if cfg_scale is None
                                else cfg_scale, schedule=plan, guide_all_channels=guide_all_channels,
-                               step_noise_seed=seed)
+                               step_noise_seed=seed, conditioning=conditioning,
+                               where=f"--conditioning {conditioning_file or ''}".rstrip())
     elapsed = time.perf_counter() - start
     what = "full compute" if plan is None else f"L2C schedule ({plan.source})"
-    click.echo(f"sampled {len(label_list)} x {sampler.num_calls} {sampler.kind} model calls with {what} in "
+    click.echo(f"sampled {len(samples)} x {sampler.num_calls} {sampler.kind} model calls with {what} in "
                f"{elapsed:.2f} s")
     if save_latents:
         save_npy(save_latents, samples)
@@ -150,7 +158,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
     if spec.space == "pixel":
         from ..core.images import save_grid
 
-        save_grid(samples, out, columns=min(len(label_list), 10))
+        save_grid(samples, out, columns=min(len(samples), 10))
         click.echo(f"wrote {out}")
     else:
         click.echo("latent model: no image written (decode the saved latents with a VAE)")

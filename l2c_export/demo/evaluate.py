@@ -1,24 +1,34 @@
-"""What a schedule buys at equal cost: the learned schedule against the learning-free ones on an embedded digits model
-(the DiT with DDIM, or the U-ViT with DPM-Solver-2S).
+"""What a schedule buys at equal cost: the learned schedule against the learning-free ones, on an embedded digits
+model (the DiT with DDIM, or the U-ViT with DPM-Solver-2S) or a diffusers folder (its transformer and scheduler).
 
-From the same noise and labels, samples are drawn with full compute, with the learned schedule and with each baseline
-(:mod:`l2c_export.routers.baselines`) at the learned schedule's MAC fraction and at a sweep of budgets. Per method:
+From the same noise and conditioning (labels, or prompt embeddings), samples are drawn with full compute, with the
+learned schedule and with each baseline (:mod:`l2c_export.routers.baselines`) at the learned schedule's MAC fraction
+and at a sweep of budgets. A method is a :class:`Method`: given a budget it makes :class:`Candidate`s, each saying
+what it costs (its MAC fraction of full compute) and how it samples (the PyTorch reference sampler with a schedule
+and a step count, or a sampler of its own); :data:`METHODS` lists them, so a method is one entry. Per method:
 
-- ``fd``: Frechet distance between the samples and scikit-learn's 1797 digits in the feature space of the shipped
-  digits classifier (:mod:`l2c_export.demo.classifier`; 64 features), the FID recipe with a domain-appropriate network.
-- ``accuracy``: fraction of samples that the classifier assigns the class they were sampled for.
-- ``psnr``: PSNR (dB, data range 2 for [-1, 1]) of the samples against the full-compute samples from the same noise;
-  ``null`` for full compute itself (identical, infinite).
-- ``fd_to_full``: the Frechet distance to the full-compute samples instead of the real digits: how far the method
-  moves the model's own distribution (0 for full compute). ``fd`` can fall below full compute's when an
-  approximation happens to move the samples towards the data; ``fd_to_full`` cannot.
+- ``fd``: Frechet distance between the samples and reference data in a feature space (the FID recipe):
+  scikit-learn's 1797 digits in the 64 features of the shipped digits classifier (:mod:`l2c_export.demo.classifier`)
+  where that classifier applies (8x8 one-channel pixel models); ``null`` where there are no reference data (diffusers
+  folders).
+- ``accuracy``: fraction of samples that the classifier assigns the class they were sampled for (digits label
+  models; else ``null``).
+- ``psnr``: PSNR (dB) of the samples against the full-compute samples from the same noise; ``null`` for full compute
+  itself (identical, infinite). Pixel models: both clipped to [-1, 1], data range 2; latents: unclipped, data range
+  the full-compute latents' (max - min).
+- ``fd_to_full``: the Frechet distance to the full-compute samples: how far the method moves the model's own
+  distribution (0 for full compute), in the classifier's features where it applies, else in a fixed random
+  projection of the flattened latents (:class:`RandomProjection`: 64 Gaussian directions from seed 0). ``fd`` can
+  fall below full compute's when an approximation happens to move the samples towards the data; ``fd_to_full``
+  cannot.
 
 ``int8 full`` and ``int8 l2c`` are the int8 build (ONNX Runtime, dynamic activations; :mod:`l2c_export.export.quantize`)
 with the learned schedule, sampled from the same noise; their PSNR and FD to full are against the fp32 full-compute
 samples, so they count quantization and caching together.
 
-JSON: ``{"results": [{"method", "mac_fraction", "fd", "accuracy", "psnr", "budget", "point", ...}, ...], ...}`` where
-``point`` is ``"matched"`` (at the learned schedule's MAC fraction) or ``"sweep"``.
+JSON: ``{"results": [{"method", "mac_fraction", "fd", "accuracy", "psnr", "fd_to_full", "budget", "point", ...},
+...], "features": ..., ...}`` where ``point`` is ``"reference"`` (full compute), ``"matched"`` (at the learned
+schedule's MAC fraction) or ``"sweep"``.
 """
 
 from __future__ import annotations
@@ -27,17 +37,18 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..core.macs import MacCount
 from ..core.schedule import Schedule, ScheduleMode
 from ..core.util import atomic_write_bytes, atomic_write_text
 from ..routers import RouterLogits, baselines
 
 DEFAULT_BUDGETS = (0.6, 0.7, 0.8, 0.9)
-METHODS = ("full", "l2c", "fora", "random", "fewer-steps")
+PROJECTION_DIM = 64  # features of the random projection (as many as the digits classifier's)
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -58,15 +69,112 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(max(distance, 0.0))  # identical sets give a rounding error's worth below zero
 
 
-def psnr(samples: np.ndarray, reference: np.ndarray, data_range: float = 2.0) -> float | None:
-    """PSNR in dB of ``samples`` against ``reference`` (same shape), both clipped to [-1, 1]; None when identical."""
-    mse = float(np.mean((np.clip(samples, -1, 1) - np.clip(reference, -1, 1)) ** 2, dtype=np.float64))
+def psnr(samples: np.ndarray, reference: np.ndarray, data_range: float | None = 2.0) -> float | None:
+    """PSNR in dB of ``samples`` against ``reference`` (same shape); None when identical. With ``data_range`` 2 (pixel
+    models) both are clipped to [-1, 1]; with None (latents) nothing is clipped and the range is the reference's
+    (max - min)."""
+    if data_range is not None:
+        samples, reference = np.clip(samples, -1, 1), np.clip(reference, -1, 1)
+    else:
+        data_range = float(reference.max() - reference.min())
+    mse = float(np.mean((samples - reference) ** 2, dtype=np.float64))
     return None if mse == 0.0 else float(10.0 * np.log10(data_range ** 2 / mse))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Feature spaces.
+
+class DigitsFeatures:
+    """The shipped digits classifier: 64 penultimate features, the 1797 real digits as reference, class accuracy."""
+
+    description = "scikit-learn digits (1797) in the shipped classifier's 64-d feature space"
+    data_range = 2.0  # pixels in [-1, 1]
+
+    def __init__(self, classifier_path: Path | None = None):
+        from .classifier import CLASSIFIER_PATH, load_classifier
+        from .train import digits_dataset
+
+        self.classifier = load_classifier(classifier_path or CLASSIFIER_PATH)
+        self.real = self(digits_dataset()[0])
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        from .classifier import features
+
+        return features(self.classifier, samples)
+
+    def accuracy(self, samples: np.ndarray, labels: np.ndarray | None) -> float | None:
+        from .classifier import accuracy
+
+        return None if labels is None else accuracy(self.classifier, samples, labels)
+
+    @staticmethod
+    def applies(spec) -> bool:
+        """8x8 one-channel pixel models of 10 classes (the embedded digits models)."""
+        sample = next(t for t in spec.family.graph_inputs(spec.config) if t.role == "sample")
+        return spec.space == "pixel" and tuple(sample.shape) == (1, 8, 8)
+
+
+class RandomProjection:
+    """A fixed random projection of the flattened samples (C * H * W) onto ``dim`` Gaussian directions of norm about
+    1, from ``numpy.random.default_rng(seed)``: a feature space for any model, with no reference data (so FD to full
+    only) and no classes."""
+
+    real = None
+    data_range = None  # latents: PSNR over the reference's range
+
+    def __init__(self, sample_shape: Sequence[int], dim: int = PROJECTION_DIM, seed: int = 0):
+        size = int(np.prod(sample_shape))
+        self.matrix = np.random.default_rng(seed).standard_normal((size, dim)) / np.sqrt(size)
+        self.description = (f"a fixed random projection of the flattened {'x'.join(map(str, sample_shape))} latents "
+                            f"onto {dim} Gaussian directions (numpy default_rng({seed})); no reference data")
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        return samples.reshape(len(samples), -1).astype(np.float64) @ self.matrix
+
+    def accuracy(self, samples: np.ndarray, labels: np.ndarray | None) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Methods.
+
+@dataclass
+class EvalSetup:
+    """What every method samples from: the model, the N-call sampler the MAC fractions are counted against, the
+    request (labels, or prompt arrays by the pipelines' names, one row per sample) and its noise (n, C, H, W)."""
+
+    spec: object  # models.zoo.ModelSpec
+    model: object  # the family's torch module
+    num_steps: int  # model calls of full compute
+    macs: MacCount
+    labels: list[int] | None
+    conditioning: dict[str, np.ndarray] | None
+    noise: np.ndarray
+    cfg_scale: float
+    mode: ScheduleMode = "official"
+    router: RouterLogits | None = None
+    random_seeds: Sequence[int] = (0, 1)
+
+    @property
+    def sampler(self):
+        return self.spec.sampler(None, self.num_steps)
+
+    @property
+    def timesteps(self) -> list:
+        return self.sampler.model_times.tolist()
+
+    def sample(self, schedule: Schedule | None, num_steps: int) -> np.ndarray:
+        """The PyTorch reference sampler at ``num_steps`` model calls, with ``schedule`` (None: full compute)."""
+        from ..samplers.reference import sample_reference
+
+        return sample_reference(self.model, self.spec.sampler(None, num_steps), self.labels, self.noise,
+                                self.cfg_scale, schedule=schedule, progress=False, conditioning=self.conditioning)
 
 
 @dataclass
 class Candidate:
-    """One way of sampling: a schedule for a sampler of ``num_steps`` steps (None: full compute)."""
+    """One way of sampling and what it costs: ``mac_fraction`` of full compute. By default the reference sampler with
+    ``schedule`` (None: full compute) at ``num_steps`` model calls; a method with a sampler of its own gives ``run``."""
 
     method: str
     mac_fraction: float
@@ -75,89 +183,122 @@ class Candidate:
     budget: float | None
     point: str
     info: dict = field(default_factory=dict)
+    run: Callable[[EvalSetup], np.ndarray] | None = None
 
     def key(self) -> tuple:
+        """Candidates with equal keys sample the same thing (drawn once)."""
+        if self.run is not None:
+            return self.method, json.dumps(self.info, sort_keys=True, default=str)
         compute = None if self.schedule is None or self.schedule.compute.all() else self.schedule.compute.tobytes()
         return self.num_steps, compute
 
+    def samples(self, setup: EvalSetup) -> np.ndarray:
+        return self.run(setup) if self.run is not None else setup.sample(self.schedule, self.num_steps)
 
-def candidates_at(budget: float, router: RouterLogits | None, mode: ScheduleMode, num_steps: int, macs,
-                  timesteps: list[int], point: str, random_seeds: Sequence[int], sampler_kind: str,
-                  clip_denoised: bool, learned: Schedule | None = None) -> list[Candidate]:
-    """The l2c schedule (``learned`` if given, else the router at ``budget``) and every baseline at ``budget``."""
+
+# A method: (budget, setup, point) -> its candidates at that budget (none where it cannot reach it).
+Method = Callable[[float, EvalSetup, str], list[Candidate]]
+
+
+def _fora(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
+    fora = baselines.reuse_every_n(setup.num_steps, setup.macs, budget, setup.timesteps,
+                                   sublayers=setup.spec.sublayer_names)
+    return [Candidate("fora", fora.mac_fraction(setup.macs), setup.num_steps, fora, budget, point,
+                      {"interval": fora.extra["interval"]})]
+
+
+def _random(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
     out = []
-    if learned is None and router is not None:
-        try:
-            learned = baselines.schedule_for_mac_fraction(router, budget, macs, mode, timesteps)
-        except ValueError:
-            learned = None  # below what the mode can reach
-    if learned is not None:
-        out.append(Candidate("l2c", learned.mac_fraction(macs), num_steps, learned, budget, point,
-                             {"threshold": learned.threshold, "mode": learned.mode}))
-    fora = baselines.reuse_every_n(num_steps, macs, budget, timesteps)
-    out.append(Candidate("fora", fora.mac_fraction(macs), num_steps, fora, budget, point,
-                         {"interval": fora.extra["interval"]}))
-    for seed in random_seeds:
-        drop = baselines.random_drop(num_steps, macs, budget, seed=seed, timesteps=timesteps)
-        out.append(Candidate("random", drop.mac_fraction(macs), num_steps, drop, budget, point,
+    for seed in setup.random_seeds:
+        drop = baselines.random_drop(setup.num_steps, setup.macs, budget, seed=seed, timesteps=setup.timesteps,
+                                     sublayers=setup.spec.sublayer_names)
+        out.append(Candidate("random", drop.mac_fraction(setup.macs), setup.num_steps, drop, budget, point,
                              {"seed": seed, "dropped": drop.extra["dropped"]}))
-    fewer = baselines.fewer_steps(num_steps, macs.depth, budget, kind=sampler_kind, clip_denoised=clip_denoised)
-    out.append(Candidate("fewer-steps", fewer.extra["mac_fraction"], fewer.num_steps, None, budget, point,
-                         {"steps": fewer.num_steps}))
     return out
 
 
-def evaluate(learned: Schedule, router: RouterLogits | None = None, mode: ScheduleMode = "official",
+def _fewer_steps(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
+    spec = setup.spec
+    fewer = baselines.fewer_steps(setup.num_steps, spec.num_layers, budget, kind=setup.sampler.kind,
+                                  clip_denoised=spec.clip_denoised, sublayers=spec.sublayer_names,
+                                  make_sampler=lambda calls: spec.sampler(None, calls))
+    return [Candidate("fewer-steps", fewer.extra["mac_fraction"], fewer.num_steps, None, budget, point,
+                      {"steps": fewer.num_steps})]
+
+
+# The learning-free methods, compared with the learned schedule at every budget, in this order.
+METHODS: dict[str, Method] = {"fora": _fora, "random": _random, "fewer-steps": _fewer_steps}
+
+
+def candidates_at(budget: float, setup: EvalSetup, point: str, learned: Schedule | None = None) -> list[Candidate]:
+    """The l2c schedule (``learned`` if given, else the router at ``budget``) and every method of :data:`METHODS`
+    at ``budget``."""
+    out = []
+    if learned is None and setup.router is not None:
+        try:
+            learned = baselines.schedule_for_mac_fraction(setup.router, budget, setup.macs, setup.mode,
+                                                          setup.timesteps)
+        except ValueError:
+            learned = None  # below what the mode can reach
+    if learned is not None:
+        out.append(Candidate("l2c", learned.mac_fraction(setup.macs), setup.num_steps, learned, budget, point,
+                             {"threshold": learned.threshold, "mode": learned.mode}))
+    for method in METHODS.values():
+        out += method(budget, setup, point)
+    return out
+
+
+def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: ScheduleMode = "official",
              budgets: Sequence[float] = DEFAULT_BUDGETS, num_samples: int = 1000, seed: int = 0,
-             random_seeds: Sequence[int] = (0, 1), classifier_path: Path | None = None,
-             progress: bool = True, int8: bool = True, model_name: str = "dit-digits") -> dict:
-    """Evaluates ``learned`` (a schedule of the embedded model ``model_name``) and the baselines at its MAC fraction,
-    and the router (if given) and the baselines at each of ``budgets``. Returns the JSON document (see the module
-    doc)."""
+             random_seeds: Sequence[int] = (0, 1), classifier_path: Path | None = None, progress: bool = True,
+             int8: bool = True, labels: Sequence[int] | None = None,
+             prompts: Mapping[str, np.ndarray] | None = None, prompts_source: str = "prompts") -> dict:
+    """Evaluates ``learned`` (a schedule of ``spec``, a :class:`l2c_export.models.zoo.ModelSpec`: an embedded digits
+    model or a diffusers folder; its row count is the sampler's step count) and every method at its MAC fraction,
+    and the router (if given) and every method at each of ``budgets``. Sample i is conditioned on ``labels[i %
+    len(labels)]`` (label models; default: every class in turn) or on prompt ``i % P`` of ``prompts`` (text models:
+    arrays by the pipelines' argument names, P rows; ``prompts_source`` names them in errors). Returns the JSON document (see the module doc)."""
     import torch
 
-    from ..models import zoo
     from ..samplers.guidance import make_noise
-    from ..samplers.reference import sample_reference
-    from .classifier import CLASSIFIER_PATH, accuracy, features, load_classifier
-    from .train import digits_dataset
 
-    spec = zoo.embedded_default(model_name)
     config, family = spec.config, spec.family
-    sampler = spec.sampler()
+    sampler = spec.sampler(None, learned.num_steps)
     learned.check_fits(sampler.num_calls, spec.sublayer_names)
     macs = family.count_macs(config)
-    timesteps = sampler.model_times.tolist()
-    classifier = load_classifier(classifier_path or CLASSIFIER_PATH)
-    real_features = features(classifier, digits_dataset()[0])
-    model = spec.load_model()
-    labels = [i % family.null_class(config) for i in range(num_samples)]
-    noise = make_noise(seed, (num_samples, *family.graph_inputs(config)[0].shape))
+    null_class = family.null_class(config)
+    label_array = conditioning = None
+    if null_class is not None:
+        cycle = list(labels) if labels else list(range(null_class))
+        label_array = np.asarray([cycle[i % len(cycle)] for i in range(num_samples)], dtype=np.int64)
+    elif prompts is not None:
+        conditioning = _cycle_prompts(spec, prompts, num_samples, spec.cfg_scale > 1.0, prompts_source)
+    sample_shape = next(t.shape for t in family.graph_inputs(config) if t.role == "sample")
+    judge = DigitsFeatures(classifier_path) if DigitsFeatures.applies(spec) else RandomProjection(sample_shape)
+    setup = EvalSetup(spec=spec, model=spec.load_model(), num_steps=sampler.num_calls, macs=macs,
+                      labels=None if label_array is None else label_array.tolist(), conditioning=conditioning,
+                      noise=make_noise(seed, (num_samples, *sample_shape)), cfg_scale=spec.cfg_scale, mode=mode,
+                      router=router, random_seeds=tuple(random_seeds))
 
     matched = learned.mac_fraction(macs)
     candidates = [Candidate("full", 1.0, sampler.num_calls, None, None, "reference")]
-    common = dict(mode=mode, num_steps=sampler.num_calls, macs=macs, timesteps=timesteps, random_seeds=random_seeds,
-                  sampler_kind=sampler.kind, clip_denoised=spec.clip_denoised)
-    candidates += candidates_at(matched, router, point="matched", learned=learned, **common)
+    candidates += candidates_at(matched, setup, "matched", learned=learned)
     for budget in budgets:
-        candidates += candidates_at(budget, router, point="sweep", **common)
+        candidates += candidates_at(budget, setup, "sweep")
 
     samples_by_key: dict[tuple, np.ndarray] = {}
     torch.set_grad_enabled(False)
     for candidate in tqdm(candidates, desc="evaluating schedules", disable=not progress):
         if candidate.key() not in samples_by_key:
-            run_sampler = spec.sampler(num_steps=candidate.num_steps)
-            samples_by_key[candidate.key()] = sample_reference(model, run_sampler, labels, noise, spec.cfg_scale,
-                                                               schedule=candidate.schedule, progress=False)
+            samples_by_key[candidate.key()] = candidate.samples(setup)
     full_samples = samples_by_key[candidates[0].key()]
-    full_features = features(classifier, full_samples)
-    label_array = np.asarray(labels)
+    full_features = judge(full_samples)
 
     def metrics(samples: np.ndarray, reference: bool = False) -> dict:
-        sample_features = features(classifier, samples)
-        return {"fd": frechet_distance(sample_features, real_features),
-                "accuracy": accuracy(classifier, samples, label_array),
-                "psnr": None if reference else psnr(samples, full_samples),
+        sample_features = judge(samples)
+        return {"fd": None if judge.real is None else frechet_distance(sample_features, judge.real),
+                "accuracy": judge.accuracy(samples, label_array),
+                "psnr": None if reference else psnr(samples, full_samples, judge.data_range),
                 "fd_to_full": frechet_distance(sample_features, full_features)}
 
     rows = []
@@ -166,7 +307,8 @@ def evaluate(learned: Schedule, router: RouterLogits | None = None, mode: Schedu
                      **metrics(samples_by_key[candidate.key()], reference=candidate.method == "full"),
                      "budget": candidate.budget, "point": candidate.point, **candidate.info})
     if int8:
-        for method, samples in _int8_samples(spec, learned, sampler, labels, noise).items():
+        request = {"labels": setup.labels} if setup.labels is not None else {"conditioning": conditioning}
+        for method, samples in _int8_samples(spec, learned, sampler, request, setup.noise).items():
             rows.append({"method": method, "mac_fraction": 1.0 if method == "int8 full" else round(matched, 6),
                          **metrics(samples), "budget": None,
                          "point": "reference" if method == "int8 full" else "matched", "precision": "int8"})
@@ -174,12 +316,23 @@ def evaluate(learned: Schedule, router: RouterLogits | None = None, mode: Schedu
             "learned_schedule": learned.source, "num_samples": num_samples, "seed": seed,
             "random_seeds": list(random_seeds), "model": spec.name,
             "sampler": {"kind": sampler.kind, "num_calls": sampler.num_calls},
-            "cfg_scale": spec.cfg_scale,
-            "fd_reference": "scikit-learn digits (1797) in the shipped classifier's 64-d feature space"}
+            "cfg_scale": spec.cfg_scale, "features": judge.description,
+            "fd_reference": None if judge.real is None else judge.description}
 
 
-def _int8_samples(spec, learned: Schedule, sampler, labels: list[int], noise: np.ndarray) -> dict[str, np.ndarray]:
-    """Samples of the int8 build (ONNX Runtime) of ``spec`` with ``learned``: full compute and the schedule."""
+def _cycle_prompts(spec, prompts: Mapping[str, np.ndarray], n: int, guiding: bool, where: str) -> dict:
+    """``n`` rows of prompt arrays, prompt ``i % P`` in row i, checked as the runtime checks a request."""
+    from ..runtime.conditioning import TEXT_ARGUMENTS, check_prompts
+
+    width = next(t.shape[-1] for t in spec.family.graph_inputs(spec.config) if t.role == "prompt_embeds")
+    checked = check_prompts(prompts, width, guiding, where)
+    rows = np.arange(n) % len(checked[0])
+    return {name: array[rows] for name, array in zip(TEXT_ARGUMENTS, checked) if array is not None}
+
+
+def _int8_samples(spec, learned: Schedule, sampler, request: dict, noise: np.ndarray) -> dict[str, np.ndarray]:
+    """Samples of the int8 build (ONNX Runtime) of ``spec`` with ``learned``: full compute and the schedule, for
+    ``request`` (the pipeline's ``labels`` or ``conditioning``)."""
     import tempfile
 
     from ..builder.build import BuildRequest, build
@@ -190,8 +343,8 @@ def _int8_samples(spec, learned: Schedule, sampler, labels: list[int], noise: np
         build(BuildRequest(spec=spec, schedule=learned, sampler=sampler, out_dir=folder, precision="int8"),
               progress=False)
         pipe = L2CPipeline.from_engine_dir(folder)
-        return {"int8 full": pipe(labels, noise=noise, full=True).samples,
-                "int8 l2c": pipe(labels, noise=noise).samples}
+        return {"int8 full": pipe(**request, noise=noise, full=True).samples,
+                "int8 l2c": pipe(**request, noise=noise).samples}
 
 
 def _average_random_seeds(rows: list[dict]) -> list[dict]:
@@ -215,8 +368,9 @@ def _average_random_seeds(rows: list[dict]) -> list[dict]:
         row = {**group[0], "seed": [r["seed"] for r in group], "dropped": [r["dropped"] for r in group]}
         for name in ("mac_fraction", "fd", "accuracy", "psnr", "fd_to_full"):
             values = [r[name] for r in group]
-            row[name] = float(np.mean(values))
-        row["fd_std"] = float(np.std([r["fd"] for r in group]))
+            row[name] = None if None in values else float(np.mean(values))
+        spread = "fd" if row["fd"] is not None else "fd_to_full"
+        row[f"{spread}_std"] = float(np.std([r[spread] for r in group]))
         merged.append(row)
     return merged
 
@@ -226,8 +380,9 @@ def write_json(report: dict, path: Path) -> None:
 
 
 def plot_fd(report: dict, path: Path) -> None:
-    """Left: FD (to the real digits) against MAC fraction, one line per method, full compute dashed and the shipped
-    schedule marked. Right: PSNR against the full-compute samples, the same lines."""
+    """Left: FD against MAC fraction (to the reference data where there are some, else to full compute), one line per
+    method, full compute dashed and the learned schedule marked. Right: PSNR against the full-compute samples, the
+    same lines. A method without a style of its own gets the next colour of matplotlib's cycle."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,20 +393,29 @@ def plot_fd(report: dict, path: Path) -> None:
     rows = report["results"]
     full = next(r for r in rows if r["method"] == "full")
     learned = next((r for r in rows if r["method"] == "l2c" and r["point"] == "matched"), None)
+    fd_metric = "fd" if full["fd"] is not None else "fd_to_full"
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full" and "precision" not in r))
+    cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][4:] * 4)
     figure, (fd_axis, psnr_axis) = plt.subplots(1, 2, figsize=(11.0, 4.2))
-    for axis, metric in ((fd_axis, "fd"), (psnr_axis, "psnr")):
-        for method, (color, marker) in styles.items():
-            points = sorted({(r["mac_fraction"], r[metric]) for r in rows if r["method"] == method})
+    for axis, metric in ((fd_axis, fd_metric), (psnr_axis, "psnr")):
+        for method in methods:
+            color, marker = styles.setdefault(method, (next(cycle), "v"))
+            points = sorted({(r["mac_fraction"], r[metric]) for r in rows if r["method"] == method
+                             and r[metric] is not None})
             if points:
                 axis.plot(*zip(*points), color=color, marker=marker, label=method, linewidth=1.5, markersize=5)
         if learned:
             axis.axvline(learned["mac_fraction"], color="#2b6cb0", linestyle=":", linewidth=1,
-                         label="shipped schedule")
+                         label="learned schedule")
         sampler = report["sampler"]
         axis.set_xlabel(f"MAC fraction (of full compute, {sampler['num_calls']} {sampler['kind']} model calls)")
         axis.grid(True, alpha=0.3)
-    fd_axis.axhline(full["fd"], color="black", linestyle="--", linewidth=1, label=f"full compute ({full['fd']:.2f})")
-    fd_axis.set_ylabel("Frechet distance to the digits (classifier features)")
+    if fd_metric == "fd":
+        fd_axis.axhline(full["fd"], color="black", linestyle="--", linewidth=1,
+                        label=f"full compute ({full['fd']:.2f})")
+        fd_axis.set_ylabel("Frechet distance to the digits (classifier features)")
+    else:
+        fd_axis.set_ylabel("Frechet distance to full compute (random projection)")
     fd_axis.set_title("FD (lower is better)", fontsize=9)
     psnr_axis.set_ylabel("PSNR against full compute (dB)")
     psnr_axis.set_title("PSNR against the full-compute samples (higher is better)", fontsize=9)
@@ -265,12 +429,14 @@ def plot_fd(report: dict, path: Path) -> None:
 
 
 def format_table(report: dict) -> str:
-    """A Markdown table of the matched point (then the sweep)."""
+    """A Markdown table of the matched point (then the sweep); ``-`` where a metric does not apply."""
+    def number(value, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     lines = ["| method | point | MAC fraction | FD | accuracy | PSNR (dB) | FD to full |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in report["results"]:
-        value = "-" if row["psnr"] is None else f"{row['psnr']:.2f}"
         budget = row["point"] if row["budget"] is None or row["point"] == "matched" else f"sweep {row['budget']}"
-        lines.append(f"| {row['method']} | {budget} | {row['mac_fraction']:.3f} | {row['fd']:.3f} | "
-                     f"{row['accuracy']:.3f} | {value} | {row['fd_to_full']:.3f} |")
+        lines.append(f"| {row['method']} | {budget} | {row['mac_fraction']:.3f} | {number(row['fd'])} | "
+                     f"{number(row['accuracy'])} | {number(row['psnr'], 2)} | {number(row['fd_to_full'])} |")
     return "\n".join(lines)

@@ -15,11 +15,13 @@ schedule records the fraction it reached in ``extra["mac_fraction"]``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..core.macs import MacCount
 from ..core.schedule import Schedule, ScheduleMode
-from ..samplers import create_sampler, official_cache_calls
+from ..samplers import DenoisingSampler, create_sampler, official_cache_calls
 from . import RouterLogits
 
 
@@ -61,14 +63,16 @@ def schedule_for_mac_fraction(router: RouterLogits, target: float, macs: MacCoun
     return result
 
 
-def reuse_every_n(num_steps: int, macs: MacCount, target: float, timesteps: list[int] | None = None) -> Schedule:
+def reuse_every_n(num_steps: int, macs: MacCount, target: float, timesteps: list[int] | None = None,
+                  sublayers: tuple[str, ...] | None = None) -> Schedule:
     """FORA: all sub-layers computed at k evenly spaced steps (``floor(i * N / k)``, interval n = N / k), reused in
-    between; k chosen so that the MAC fraction is closest to ``target``."""
+    between; k chosen so that the MAC fraction is closest to ``target``. ``sublayers``: the columns' names (a model
+    with named sub-layers; None: the authors' attn_j/mlp_j)."""
     best = None
     for k in range(1, num_steps + 1):
-        rows = np.zeros((num_steps, 2 * macs.depth), dtype=bool)
+        rows = np.zeros((num_steps, macs.width), dtype=bool)
         rows[np.floor(np.arange(k) * num_steps / k).astype(int)] = True
-        candidate = Schedule(rows, timesteps=timesteps)
+        candidate = Schedule(rows, timesteps=timesteps, sublayers=sublayers)
         fraction = candidate.mac_fraction(macs)
         if best is None or abs(fraction - target) < abs(best[0] - target) - 1e-12:
             best = (fraction, k, candidate)
@@ -81,10 +85,10 @@ def reuse_every_n(num_steps: int, macs: MacCount, target: float, timesteps: list
 
 
 def random_drop(num_steps: int, macs: MacCount, target: float, seed: int = 0,
-                timesteps: list[int] | None = None) -> Schedule:
+                timesteps: list[int] | None = None, sublayers: tuple[str, ...] | None = None) -> Schedule:
     """Removes sub-layers of steps 1..N-1, in a random order from ``numpy.random.default_rng(seed)``, until the MAC
-    fraction is the closest to ``target`` that the order reaches."""
-    width = 2 * macs.depth
+    fraction is the closest to ``target`` that the order reaches. ``sublayers``: as :func:`reuse_every_n`."""
+    width = macs.width
     rows = np.ones((num_steps, width), dtype=bool)
     order = np.random.default_rng(seed).permutation((num_steps - 1) * width)
     total = num_steps * macs.full
@@ -98,23 +102,27 @@ def random_drop(num_steps: int, macs: MacCount, target: float, seed: int = 0,
             break
     for cell in order[: best[1]]:
         rows[1 + cell // width, cell % width] = False
-    result = Schedule(rows, timesteps=timesteps, mode="general",
+    result = Schedule(rows, timesteps=timesteps, mode="general", sublayers=sublayers,
                       source=f"random drop of {best[1]} sub-layers (seed {seed})")
     result.extra.update({"baseline": "random", "seed": seed, "dropped": int(best[1]), "target_mac_fraction": target,
                          "mac_fraction": result.mac_fraction(macs)})
     return result
 
 
-def fewer_steps(num_steps: int, depth: int, target: float, kind: str = "ddim",
-                clip_denoised: bool = False) -> Schedule:
+def fewer_steps(num_steps: int, depth: int, target: float, kind: str = "ddim", clip_denoised: bool = False,
+                sublayers: tuple[str, ...] | None = None,
+                make_sampler: Callable[[int], DenoisingSampler] | None = None) -> Schedule:
     """The full model at k = round(target * N) model calls (at least one solver step; a whole number of solver
     steps, so even for DPM-Solver-2S): a full schedule of k rows, with the times of a k-call sampler. Its MAC
-    fraction, against N full calls, is k / N."""
-    per_step = create_sampler(kind, num_steps).calls_per_step
+    fraction, against N full calls, is k / N. ``make_sampler(calls)``: the model's sampler at that many calls
+    (default: ``create_sampler(kind, calls)``; a diffusers folder's is its scheduler's); ``sublayers`` as
+    :func:`reuse_every_n` (then ``depth`` is not used)."""
+    make_sampler = make_sampler or (lambda calls: create_sampler(kind, calls, clip_denoised=clip_denoised))
+    per_step = make_sampler(num_steps).calls_per_step
     k = int(min(num_steps, per_step * max(1, round(target * num_steps / per_step))))
-    timesteps = create_sampler(kind, k, clip_denoised=clip_denoised).model_times.tolist()
-    result = Schedule.full(k, depth, timesteps=timesteps, source=f"fewer steps: {k} instead of {num_steps}",
-                           sampler=kind)
+    timesteps = make_sampler(k).model_times.tolist()
+    result = Schedule.full(k, None if sublayers else depth, sublayers=sublayers, timesteps=timesteps,
+                           source=f"fewer steps: {k} instead of {num_steps}", sampler=kind)
     result.extra.update({"baseline": "fewer-steps", "reference_steps": num_steps, "target_mac_fraction": target,
                          "mac_fraction": k / num_steps})
     return result

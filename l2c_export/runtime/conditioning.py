@@ -26,7 +26,11 @@ class ConditioningError(ValueError):
 
 def conditioning_inputs(manifest: dict) -> dict[str, dict]:
     """role -> the manifest's input record, for each conditioning input of the model."""
-    return {tensor["role"]: tensor for tensor in manifest["model"]["inputs"] if tensor["role"] in CONDITIONING_ROLES}
+    return _by_role(manifest["model"]["inputs"])
+
+
+def _by_role(input_records: Sequence[dict]) -> dict[str, dict]:
+    return {tensor["role"]: tensor for tensor in input_records if tensor["role"] in CONDITIONING_ROLES}
 
 
 def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int] | None = None,
@@ -36,14 +40,22 @@ def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int
     ``guiding``). ``labels``: class labels (models with a label input); ``conditioning``: the text arrays by the
     pipelines' argument names (models with text inputs). Anything missing, extra, misshapen, of the wrong dtype or not
     finite is refused naming it."""
-    inputs = conditioning_inputs(manifest)
+    return batch_conditioning(manifest["model"]["inputs"], manifest["guidance"].get("null_class"), guiding, labels,
+                              conditioning, where)
+
+
+def batch_conditioning(input_records: Sequence[dict], null_class: int | None, guiding: bool,
+                       labels: Sequence[int] | None = None, conditioning: Mapping[str, np.ndarray] | None = None,
+                       where: str = "conditioning") -> tuple[int, dict[str, np.ndarray]]:
+    """:func:`model_batch_conditioning` from the model's input records (the manifest's ``model/inputs``, or a
+    family's ``TensorSpec.record()``s: the PyTorch reference checks a request as the runtimes do) and null class."""
+    inputs = _by_role(input_records)
     if "label" in inputs:
         if conditioning:
             raise ConditioningError(f"{where}: this model is conditioned on class labels (--labels), not on "
                                     f"{', '.join(sorted(conditioning))}")
         if labels is None or len(labels) == 0:
             raise ConditioningError("no labels given; expected at least one class label")
-        null_class = manifest["guidance"]["null_class"]
         labels = np.asarray([int(label) for label in labels], dtype=np.int64)
         check_labels(labels, null_class)
         batch = np.concatenate([labels, np.full_like(labels, null_class)]) if guiding else labels
@@ -130,17 +142,18 @@ def _mask(array, name: str, shape: tuple[int, int], where: str) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def example_conditioning(manifest: dict, n: int, seed: int = 0) -> dict:
+def example_conditioning(manifest: dict, n: int, seed: int = 0, prompt_tokens: int = 6) -> dict:
     """Conditioning for checks (verify, bench): ``{"labels": [...]}`` for a label model, else ``{"conditioning":
-    {...}}`` with seeded random prompt embeddings of 6 tokens, the last two of the first prompt padded."""
+    {...}}`` with seeded random prompt embeddings of ``prompt_tokens`` tokens, the last two of the first prompt
+    padded."""
     inputs = conditioning_inputs(manifest)
     if "label" in inputs:
         null_class = manifest["guidance"]["null_class"]
         return {"labels": [i % null_class for i in range(n)]}
-    width, length = inputs["prompt_embeds"]["shape"][-1], 6
+    width, length = inputs["prompt_embeds"]["shape"][-1], prompt_tokens
     generator = np.random.default_rng(seed)
     mask = np.ones((n, length), dtype=np.float32)
-    mask[0, -2:] = 0
+    mask[0, max(1, length - 2):] = 0  # padded, one token kept
     return {"conditioning": {
         "prompt_embeds": generator.standard_normal((n, length, width), dtype=np.float32),
         "prompt_attention_mask": mask,

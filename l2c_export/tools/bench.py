@@ -5,6 +5,10 @@ one model measured together (``bench DIR_FP32 DIR_INT8``) are interleaved in the
 its speedups against the fp32 build's full compute of that same run. Memory is
 measured in a fresh subprocess per configuration, as the growth of the resident set from loading the engines and
 running each once (the Python, numpy and ONNX Runtime imports come before the baseline).
+
+Every request is the manifest's conditioning roles filled in (:func:`bench_request`): class labels 0, 1, ... for a
+label model; for a text model (PixArt) seeded random prompt embeddings of ``prompt_tokens`` tokens, by default the
+length the MACs (and so the ideal speedup) are counted at, 120 (PixArt-α's T5 maximum).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import manifest as manifest_io
+from ..models.diffusers.pixart import MACS_PROMPT_TOKENS
 
 
 @dataclass
@@ -51,14 +56,25 @@ class BenchResult:
 
 
 def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
-              measure_memory: bool = True, threads: int | None = None) -> BenchResult:
-    return benchmark_together([folder], backend, batch, repeats, measure_memory, threads)[0]
+              measure_memory: bool = True, threads: int | None = None,
+              prompt_tokens: int = MACS_PROMPT_TOKENS) -> BenchResult:
+    return benchmark_together([folder], backend, batch, repeats, measure_memory, threads, prompt_tokens)[0]
+
+
+def bench_request(manifest: dict, batch: int, prompt_tokens: int = MACS_PROMPT_TOKENS) -> dict:
+    """The keyword arguments of a benchmark request of ``batch`` samples: labels, or prompt embeddings of
+    ``prompt_tokens`` tokens (:func:`l2c_export.runtime.conditioning.example_conditioning`)."""
+    from ..runtime.conditioning import example_conditioning
+
+    return example_conditioning(manifest, batch, prompt_tokens=prompt_tokens)
 
 
 def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
-                       measure_memory: bool = True, threads: int | None = None) -> list[BenchResult]:
+                       measure_memory: bool = True, threads: int | None = None,
+                       prompt_tokens: int = MACS_PROMPT_TOKENS) -> list[BenchResult]:
     """One row per build, all measured in one interleaved loop (each repeat runs every build's full compute and
     schedule in turn), so that ratios between builds (int8 against fp32) share the machine's load."""
+    from ..runtime.conditioning import conditioning_inputs
     from ..runtime.pipeline import L2CPipeline
 
     folders = [Path(folder) for folder in folders]
@@ -67,15 +83,14 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
     full = [[] for _ in pipes]
     scheduled = [[] for _ in pipes]
     overhead = [[] for _ in pipes]
-    for pipe in pipes:
-        labels = [i % pipe.num_classes for i in range(batch)]
-        pipe(labels, seed=0, full=True)
-        pipe(labels, seed=0)
+    requests = [bench_request(pipe.manifest, batch, prompt_tokens) for pipe in pipes]
+    for pipe, request in zip(pipes, requests):
+        pipe(**request, seed=0, full=True)
+        pipe(**request, seed=0)
     for repeat in range(repeats):
-        for i, pipe in enumerate(pipes):
-            labels = [k % pipe.num_classes for k in range(batch)]
-            full[i].append(pipe(labels, seed=repeat, full=True).seconds)
-            result = pipe(labels, seed=repeat)
+        for i, (pipe, request) in enumerate(zip(pipes, requests)):
+            full[i].append(pipe(**request, seed=repeat, full=True).seconds)
+            result = pipe(**request, seed=repeat)
             scheduled[i].append(result.seconds)
             overhead[i].append(result.overhead_fraction)
     results = []
@@ -84,10 +99,12 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
         data = pipe.manifest
         memory_all = memory_full = cpp_all = cpp_full = None
         if measure_memory:
-            memory_all = measure_engine_memory(folder, backend, batch, "all")
-            memory_full = measure_engine_memory(folder, backend, batch, "full")
-            # The C++ runtime reads fp32 and fp16 builds (not yet int8's quantization records).
-            if backend == "onnxruntime" and data["precision"] in ("fp32", "fp16") and CPP_MEMORY_PROBE.is_file():
+            memory_all = measure_engine_memory(folder, backend, batch, "all", prompt_tokens)
+            memory_full = measure_engine_memory(folder, backend, batch, "full", prompt_tokens)
+            # The C++ runtime reads fp32 and fp16 builds (not yet int8's quantization records); its memory probe
+            # feeds class labels (a text model's prompts: not yet).
+            if backend == "onnxruntime" and data["precision"] in ("fp32", "fp16") and CPP_MEMORY_PROBE.is_file() \
+                    and "label" in conditioning_inputs(data):
                 cpp_all, cpp_full = (measure_cpp_engine_memory(folder, batch, which) for which in ("all", "full"))
         ideal = data["macs"]["ideal_speedup"]
         results.append(BenchResult(model=data["name"], backend=backend, precision=data["precision"],
@@ -119,10 +136,12 @@ def _against_fp32(results: list[BenchResult], manifests: list[dict]) -> None:
                                                                        * result.ideal_speedup)
 
 
-def measure_engine_memory(folder: Path, backend: str, batch: int, which: str) -> int:
+def measure_engine_memory(folder: Path, backend: str, batch: int, which: str,
+                          prompt_tokens: int = MACS_PROMPT_TOKENS) -> int:
     """Resident-set growth (bytes) of loading ``which`` ("all" or "full") engines and running each once, measured
     in a fresh interpreter so that nothing loaded before skews it."""
-    command = [sys.executable, "-m", "l2c_export.tools.bench", str(folder), backend, str(batch), which]
+    command = [sys.executable, "-m", "l2c_export.tools.bench", str(folder), backend, str(batch), which,
+               str(prompt_tokens)]
     result = subprocess.run(command, capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return int(result.stdout.strip().splitlines()[-1])
@@ -145,14 +164,14 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _memory_probe(folder: str, backend: str, batch: int, which: str) -> int:
+def _memory_probe(folder: str, backend: str, batch: int, which: str, prompt_tokens: int) -> int:
     import onnxruntime  # noqa: F401  (imported before the baseline: its libraries are not the engines' cost)
 
     if backend == "torch":
         import torch  # noqa: F401
     from ..runtime.backends import load_backend
     from ..runtime.pipeline import ModelInterface
-    from ..runtime.conditioning import example_conditioning, model_batch_conditioning
+    from ..runtime.conditioning import model_batch_conditioning
     from ..samplers.guidance import make_noise
 
     data = manifest_io.load(folder, verify_files=False)
@@ -162,7 +181,7 @@ def _memory_probe(folder: str, backend: str, batch: int, which: str) -> int:
     engines = load_backend(backend, data, Path(folder), subsets=subsets)
     interface = ModelInterface.from_manifest(data)
     guiding = data["guidance"]["cfg_scale"] > 1.0
-    example = example_conditioning(data, batch)
+    example = bench_request(data, batch, prompt_tokens)
     _, condition = model_batch_conditioning(data, guiding, example.get("labels"), example.get("conditioning"))
     noise = make_noise(0, (batch, *interface.sample_shape))
     x = np.concatenate([noise, noise]) if guiding else noise
@@ -251,5 +270,5 @@ def plot(results: list[BenchResult], path: Path) -> None:
 
 
 if __name__ == "__main__":  # the memory probe, run in a fresh interpreter by measure_engine_memory
-    folder_arg, backend_arg, batch_arg, which_arg = sys.argv[1:5]
-    print(_memory_probe(folder_arg, backend_arg, int(batch_arg), which_arg))
+    folder_arg, backend_arg, batch_arg, which_arg, tokens_arg = sys.argv[1:6]
+    print(_memory_probe(folder_arg, backend_arg, int(batch_arg), which_arg, int(tokens_arg)))

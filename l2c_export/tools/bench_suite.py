@@ -11,6 +11,13 @@ DiT-S/2 uses random weights in the official layout (timing does not depend on th
 schedule in the authors' official mode: every other step computes everything; the 10 cache steps in between drop a
 share of sub-layers falling from 80% at the first cache step to 10% at the last (the authors' routers reuse most early
 on), which gives 11 distinct subsets.
+
+``make bench-large`` (``--large``; not part of ``make test``): diffusers folders at the real sizes, random weights
+(:data:`REAL_SIZES`: ``facebook/DiT-XL-2-256``'s transformer and PixArt-α 512's), each built over the same kind of
+synthetic official-mode schedule over its named sub-layers, verified, benchmarked (speed against the ideal, memory of
+every subset against the full one alone) and its exported full compute timed against diffusers' own PyTorch pipeline
+on the same work (steps, batch, latents, conditioning, guidance), writing ``docs/bench-large.json`` and
+``docs/bench-large.md``.
 """
 
 from __future__ import annotations
@@ -22,21 +29,26 @@ from pathlib import Path
 import numpy as np
 
 
-def synthetic_official_schedule(num_steps: int, depth: int, seed: int = 0):
-    """DDIM, official mode: each cache step drops a random share of sub-layers, from 80% at the first to 10% at the
-    last."""
+def synthetic_official_schedule(num_steps: int, depth: int, seed: int = 0, sublayers: tuple[str, ...] | None = None,
+                                sampler=None):
+    """DDIM's official mode (every other call after the first is a cache call): each cache call drops a random share
+    of sub-layers, from 80% at the first to 10% at the last. Over ``depth`` authors'-layout blocks and DiT's DDIM
+    timesteps, or over the named ``sublayers`` with ``sampler``'s (a diffusers folder's scheduler)."""
     from ..core.schedule import Schedule
     from ..samplers import official_cache_calls
     from ..samplers.gaussian import GaussianSampler
 
     rng = np.random.default_rng(seed)
-    compute = np.ones((num_steps, 2 * depth), dtype=bool)
+    width = len(sublayers) if sublayers is not None else 2 * depth
+    compute = np.ones((num_steps, width), dtype=bool)
     cache_steps = official_cache_calls("ddim", num_steps)
     for position, s in enumerate(cache_steps):
         drop = 0.8 - 0.7 * position / max(1, len(cache_steps) - 1)
-        compute[s, rng.choice(2 * depth, size=int(round(drop * 2 * depth)), replace=False)] = False
-    return Schedule(compute, timesteps=GaussianSampler.create("ddim", num_steps).timesteps.tolist(), mode="official",
-                    sampler="ddim",
+        compute[s, rng.choice(width, size=int(round(drop * width)), replace=False)] = False
+    timesteps = (GaussianSampler.create("ddim", num_steps).timesteps if sampler is None else sampler.model_times)
+    return Schedule(compute, timesteps=timesteps.tolist(), mode="official",
+                    sampler="ddim" if sampler is None else sampler.kind,
+                    sublayers=sublayers,
                     source=f"synthetic official-mode schedule (seed {seed}), l2c_export.tools.bench_suite")
 
 
@@ -58,12 +70,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("engines/bench"))
     parser.add_argument("--docs", type=Path, default=Path("docs"))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=2, help="images per request (the model batch is twice this)")
+    parser.add_argument("--repeats", type=int, help="interleaved runs [5; --large: 2]")
+    parser.add_argument("--batch", type=int, help="images per request (the model batch is twice this) [2; --large: 1]")
     parser.add_argument("--serving-only", action="store_true", help="only the serving figure")
+    parser.add_argument("--large", action="store_true",
+                        help="the real-size diffusers models instead (make bench-large): --steps model calls, "
+                             "--batch images (default 1), --repeats (default 2)")
+    parser.add_argument("--steps", type=int, default=6, help="--large: num_inference_steps")
+    parser.add_argument("--models", default=",".join(REAL_SIZES), help="--large: which of " + ", ".join(REAL_SIZES))
     args = parser.parse_args(argv)
     if args.serving_only:
         return serving_benchmark(args.work, args.docs)
+    if args.large:
+        return large_benchmark(args.work, args.docs, [m for m in args.models.split(",") if m], args.steps,
+                               args.batch or 1, args.repeats or 2)
+    args.batch, args.repeats = args.batch or 2, args.repeats or 5
 
     import torch
 
@@ -124,6 +145,211 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
     print(f"wrote {args.docs / 'bench.json'}, {args.docs / 'bench.md'}, {args.docs / 'bench.png'}")
     serving_benchmark(args.work, args.docs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real sizes (make bench-large).
+
+# The transformers' config.json fields of facebook/DiT-XL-2-256 and PixArt-alpha/PixArt-XL-2-512x512 (the options
+# those folders set; the rest are diffusers' defaults, which are theirs), the pipeline that samples each, and its
+# scheduler: DDIM for DiT (linear betas, as DiT trained), DPM-Solver++ 2M for PixArt-α (as its pipeline runs it).
+DIT_XL_2_256 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                    sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+                    activation_fn="gelu-approximate", attention_bias=True, norm_elementwise_affine=False,
+                    norm_num_groups=32, upcast_attention=False, dropout=0.0)
+PIXART_ALPHA_512 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                        sample_size=64, patch_size=2, caption_channels=4096, cross_attention_dim=1152,
+                        norm_type="ada_norm_single", num_embeds_ada_norm=1000, activation_fn="gelu-approximate",
+                        attention_bias=True, norm_elementwise_affine=False, norm_eps=1e-6, norm_num_groups=32,
+                        use_additional_conditions=False, attention_type="default", upcast_attention=False,
+                        dropout=0.0)
+REAL_SIZES = {"DiT-XL-2-256": ("DiTPipeline", "DiTTransformer2DModel", DIT_XL_2_256, "DDIMScheduler"),
+              "PixArt-XL-2-512": ("PixArtAlphaPipeline", "PixArtTransformer2DModel", PIXART_ALPHA_512,
+                                  "DPMSolverMultistepScheduler")}
+SCHEDULER_OPTIONS = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
+
+
+def real_size_config(name: str):
+    """The :class:`l2c_export.models.diffusers.DiffusersConfig` of ``name`` (a key of :data:`REAL_SIZES`), checked by
+    its family as a folder's config is."""
+    from ..models.diffusers import TRANSFORMER_FAMILIES, DiffusersConfig
+    from ..models import get_family
+
+    _, transformer_class, config, _ = REAL_SIZES[name]
+    family = get_family(TRANSFORMER_FAMILIES[transformer_class])
+    return family, family.config_from_dict({"transformer_class": transformer_class, "transformer": dict(config)})
+
+
+def save_random_pipeline(name: str, folder: Path) -> Path:
+    """The pipeline ``name`` with random weights (diffusers' own initialisation, seed 0) in its real config, saved
+    with ``save_pretrained`` into ``folder`` (transformer/ and scheduler/; no VAE or text encoder); kept if there."""
+    import shutil
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    import diffusers
+    import torch
+
+    pipeline_class, transformer_class, config, scheduler_class = REAL_SIZES[name]
+    torch.manual_seed(0)
+    transformer = getattr(diffusers, transformer_class)(**config)
+    scheduler = getattr(diffusers, scheduler_class)(**SCHEDULER_OPTIONS)
+    if pipeline_class == "DiTPipeline":
+        pipe = diffusers.DiTPipeline(transformer=transformer, vae=None, scheduler=scheduler)
+    else:
+        pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                                             scheduler=scheduler)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(str(partial))
+    partial.rename(folder)  # whole or not at all
+    return folder
+
+
+class _KeepLatents:
+    """Stands in for ``DiTPipeline``'s VAE, which it calls unconditionally: keeps the final latents as the pipeline
+    has them before the VAE's 1 / scaling_factor (the latents ``l2c-export run`` returns) and decodes nothing, so
+    that both sides do the same work."""
+
+    def __init__(self, scaling_factor: float):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(scaling_factor=scaling_factor)
+        self.latents = None
+
+    def decode(self, latents):
+        from types import SimpleNamespace
+
+        self.latents = latents * self.config.scaling_factor
+        return SimpleNamespace(sample=latents)
+
+
+def run_diffusers_pipeline(pipe, request: dict, noise: np.ndarray, steps: int, cfg_scale: float) -> np.ndarray:
+    """diffusers' own pipeline on ``request`` (``labels``, or ``conditioning``: prompt arrays by its argument
+    names) from latents ``noise`` (n, C, H, W) -> its final latents (n, C, H, W), as ``l2c-export run`` returns
+    them. ``DiTPipeline`` draws its latents from its generator: ``noise`` must be that draw (seed 0)."""
+    import torch
+
+    with torch.no_grad():
+        if "labels" in request:
+            keep = pipe.vae = _KeepLatents(pipe.vae.config.scaling_factor if pipe.vae is not None else 0.18215)
+            pipe(class_labels=list(request["labels"]), guidance_scale=cfg_scale, num_inference_steps=steps,
+                 generator=torch.Generator().manual_seed(0), output_type="pt")
+            return keep.latents.float().numpy()
+        conditioning = {name: torch.from_numpy(np.asarray(value, dtype=np.float32))
+                        for name, value in request["conditioning"].items()}
+        return pipe(prompt=None, negative_prompt=None, latents=torch.from_numpy(noise), guidance_scale=cfg_scale,
+                    num_inference_steps=steps, output_type="latent", use_resolution_binning=False,
+                    **conditioning).images.float().numpy()
+
+
+def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, batch: int = 1,
+                    repeats: int = 2) -> list[dict]:
+    """Per real-size model: save the random pipeline, build (fp32, ONNX Runtime), verify every subset, benchmark the
+    build (speed against the ideal, memory against the full subset alone) and time its full compute against
+    diffusers' own pipeline on the same work (after one warm-up each, ``repeats`` interleaved pairs, medians), with
+    their largest difference relative to the pipeline latents' range. Writes docs/bench-large.json and .md."""
+    import dataclasses
+    import gc
+    import json
+    import statistics
+    import time
+
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from ..builder.build import BuildRequest, build
+    from ..core import manifest as manifest_io
+    from ..core.util import atomic_write_text, write_json
+    from ..models.zoo import from_diffusers
+    from ..runtime.pipeline import L2CPipeline
+    from ..tools.verify import verify_build
+    from .bench import bench_request, benchmark_together, machine_description, table
+
+    unknown = [name for name in names if name not in REAL_SIZES]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown[0]!r}; expected some of {', '.join(REAL_SIZES)}")
+    reports = []
+    for name in names:
+        print(f"{name}: random weights in the real config ...", flush=True)
+        folder = save_random_pipeline(name, work / name)
+        spec = from_diffusers(folder)
+        sampler = spec.sampler(None, steps)
+        schedule = synthetic_official_schedule(steps, 0, sublayers=spec.sublayer_names, sampler=sampler)
+        out = work / f"{name}-onnxruntime-fp32"
+        start = time.perf_counter()
+        build(BuildRequest(spec=spec, schedule=schedule, sampler=sampler, out_dir=out), progress=False)
+        build_seconds = time.perf_counter() - start
+        print(f"{name}: built in {build_seconds:.0f} s; verifying ...", flush=True)
+        checks, _ = verify_build(out)
+        gc.collect()
+        print(f"{name}: worst subset difference {max(c.worst_value for c in checks):.2e}; benchmarking ...",
+              flush=True)
+        row = benchmark_together([out], "onnxruntime", batch=batch, repeats=repeats)[0]
+        print(table([row]), flush=True)
+        gc.collect()
+
+        full_subset = next(s["index"] for s in manifest_io.load(out, verify_files=False)["subsets"] if all(s["compute"]))
+        exported = L2CPipeline.from_engine_dir(out, subsets=[full_subset])
+        request = bench_request(exported.manifest, batch)
+        cfg_scale = exported.manifest["guidance"]["cfg_scale"]
+        noise = randn_tensor((batch, *exported.sample_shape), generator=torch.Generator().manual_seed(0)).numpy()
+        index = json.loads((folder / "model_index.json").read_text())
+        absent = {key: None for key, value in index.items() if value == [None, None]}  # saved without VAE/encoder
+        reference = DiffusionPipeline.from_pretrained(str(folder), **absent)
+        reference.set_progress_bar_config(disable=True)
+        exported_seconds, pipeline_seconds = [], []
+        for repeat in range(repeats + 1):  # the first pair warms up
+            begin = time.perf_counter()
+            ours = exported(**request, noise=noise, full=True).samples
+            middle = time.perf_counter()
+            theirs = run_diffusers_pipeline(reference, request, noise, steps, cfg_scale)
+            end = time.perf_counter()
+            if repeat:
+                exported_seconds.append(middle - begin)
+                pipeline_seconds.append(end - middle)
+        worst = float(np.abs(ours - theirs).max() / (theirs.max() - theirs.min()))
+        del exported, reference
+        gc.collect()
+        report = {"model": name, "folder": str(folder), "build": str(out), "transformer": REAL_SIZES[name][1],
+                  "config": REAL_SIZES[name][2], "scheduler": REAL_SIZES[name][3], "steps": steps, "batch": batch,
+                  "cfg_scale": cfg_scale, "repeats": repeats, "build_seconds": build_seconds,
+                  "verify_worst": max(c.worst_value for c in checks), "num_subsets": row.num_subsets,
+                  "bench": dataclasses.asdict(row),
+                  "pipeline_seconds": statistics.median(pipeline_seconds),
+                  "exported_full_seconds": statistics.median(exported_seconds),
+                  "exported_full_vs_pipeline": statistics.median(pipeline_seconds) / statistics.median(exported_seconds),
+                  "exported_full_vs_pipeline_worst_difference": worst,
+                  "prompt_tokens": None if "labels" in request else request["conditioning"]["prompt_embeds"].shape[1]}
+        print(f"{name}: diffusers pipeline {report['pipeline_seconds']:.2f} s, exported full compute "
+              f"{report['exported_full_seconds']:.2f} s ({report['exported_full_vs_pipeline']:.2f}x); latents differ "
+              f"by {worst:.1e} of their range", flush=True)
+        reports.append(report)
+    machine = machine_description()
+    docs.mkdir(parents=True, exist_ok=True)
+    write_json(docs / "bench-large.json", {"machine": machine, "results": reports})
+    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores (shared with other jobs while it ran); "
+             f"onnxruntime {machine['onnxruntime']}, torch {machine['torch']} ({machine['torch_threads']} threads). "
+             f"Random weights in the real configs, {steps} steps, batch {batch} with guidance (model batch "
+             f"{2 * batch}), medians of {repeats} interleaved runs after a warm-up.", "",
+             "| model | subsets | full s | L2C s | speedup | ideal | of ideal | mem all (MiB) | mem full (MiB) | "
+             "all / full | weights (MiB) | diffusers pipeline s | exported full s | vs pipeline | differ (of range) "
+             "| verify worst |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in reports:
+        b = r["bench"]
+        lines.append(f"| {r['model']} | {r['num_subsets']} | {b['full_seconds']:.2f} | {b['schedule_seconds']:.2f} | "
+                     f"{b['speedup']:.3f}x | {b['ideal_speedup']:.3f}x | {b['speedup_of_ideal']:.3f} | "
+                     f"{b['memory_all_engines_bytes'] / 2 ** 20:.0f} | {b['memory_full_engine_bytes'] / 2 ** 20:.0f} | "
+                     f"{b['memory_all_engines_bytes'] / b['memory_full_engine_bytes']:.3f}x | "
+                     f"{b['model_weights_bytes'] / 2 ** 20:.0f} | {r['pipeline_seconds']:.2f} | "
+                     f"{r['exported_full_seconds']:.2f} | {r['exported_full_vs_pipeline']:.2f}x | "
+                     f"{r['exported_full_vs_pipeline_worst_difference']:.1e} | {r['verify_worst']:.1e} |")
+    atomic_write_text(docs / "bench-large.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {docs / 'bench-large.json'}, {docs / 'bench-large.md'}")
+    return reports
 
 
 def serving_benchmark(work: Path, docs: Path, clients: int = 8) -> dict:
