@@ -227,6 +227,10 @@ def test_manifest_checks_refuse_components_that_do_not_fit_the_model(text_build)
     del unbounded["model"]["max_sequence_length"]
     with pytest.raises(ManifestError, match="'model/max_sequence_length' is missing; a text model states"):
         check_consistency(unbounded, "m")
+    shared = json.loads(json.dumps(data))
+    shared["components"]["tokenizer"]["file"]["file"] = "weights.bin"
+    with pytest.raises(ManifestError, match="'components/tokenizer/file' names weights.bin, which another record"):
+        check_consistency(shared, "m")
     alone = json.loads(json.dumps(data))
     del alone["components"]["tokenizer"]
     with pytest.raises(ManifestError, match="components"):
@@ -299,3 +303,35 @@ def test_a_dit_build_decodes_its_latents_as_dit_pipeline_does(tiny_diffusers, tm
     run_cli("run", str(tmp_path / "E"), "--labels", "207,3", "--noise", str(tmp_path / "z.npy"), "--out",
             str(tmp_path / "x.png"))
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_verify_checks_the_component_graphs_against_the_folders_modules(text_build, tmp_path):
+    """verify --diffusers DIR: the text encoder and VAE decoder graphs equal transformers' T5 and diffusers'
+    AutoencoderKL of the folder (1e-4); a weights file changed after the build (hashes fixed up) fails (exit 1); a
+    folder whose vae/ is not the build's is refused (exit 2)."""
+    import onnx
+
+    from l2c_export.core.manifest import sha256_of, write
+
+    folder, engines, _ = text_build
+    passed = run_cli("verify", str(engines), "--diffusers", str(folder))
+    assert "component(s) text_encoder, vae_decoder agree with the folder's" in passed.stdout
+    changed = tmp_path / "changed"
+    shutil.copytree(engines, changed)
+    graph = onnx.load(str(changed / "text_encoder.onnx"), load_external_data=False)
+    bias = next(t for t in graph.graph.initializer if "relative_attention_bias" in t.name)
+    offset = int({e.key: e.value for e in bias.external_data}.get("offset", 0))
+    weights = bytearray((changed / "text_encoder.weights").read_bytes())
+    weights[offset: offset + 4] = np.float32(30.0).tobytes()  # one relative position bias
+    (changed / "text_encoder.weights").write_bytes(bytes(weights))
+    data = json.loads((changed / "manifest.json").read_text())
+    data["components"]["text_encoder"]["weights"]["sha256"] = sha256_of(changed / "text_encoder.weights")
+    write(changed, data)
+    failed = run_cli("verify", str(changed), "--diffusers", str(folder), check=False)
+    assert failed.returncode == 1 and "FAIL text_encoder" in failed.stdout
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    _edit(other / "vae" / "config.json", scaling_factor=0.5)
+    refused = run_cli("verify", str(engines), "--diffusers", str(other), check=False)
+    assert refused.returncode == 2
+    assert "field 'components/vae_decoder/source_sha256' differs from" in refused.stderr

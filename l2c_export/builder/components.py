@@ -173,10 +173,11 @@ def build_components(spec, staging: Path, key_of: Callable[[str, str], str],
         keys = {file: key_of(file, source_sha) for file in files}
         previous = previous_record(name)
         if previous is not None and all(reuse(keys[file], staging / file) for file in files):
-            record = {field: value for field, value in previous.items() if field not in ("graph", "weights", "file")}
+            record = {field: value for field, value in previous.items()
+                      if field not in ("graph", "weights", "file", "source_sha256")}
         else:
             for file in files:
                 (staging / file).unlink(missing_ok=True)
             record = export_component(name, source, spec, staging)
-        components[name] = component_record(name, record, staging, keys)
+        components[name] = {**component_record(name, record, staging, keys), "source_sha256": source_sha}
     return components
