@@ -89,6 +89,21 @@ def test_tokenizing_equals_the_pipelines_tokenizer_truncation_and_padding_includ
     assert mask[3].tolist() == [1] + [0] * (MAX_TOKENS - 1)  # the empty negative prompt: </s> alone
 
 
+def test_a_word_level_tokenizer_tokenizes_as_the_pipelines(tiny_diffusers, tmp_path):
+    """A caption vocabulary shipped as a WordLevel tokenizer.json (transformers' generic fast tokenizer): the build
+    tokenizes as the pipeline does, unknown words, truncation and padding included."""
+    folder = tiny_diffusers("pixart-t5-words")
+    run_cli("build", "--diffusers", str(folder), "--steps", "2", "--out", str(tmp_path / "E"))
+    texts = [*PROMPTS, LONG_PROMPT, ""]
+    ids, mask = L2CPipeline.from_engine_dir(tmp_path / "E").prompt_encoder.tokenize(texts)
+    pipe = load_pipeline(folder)
+    want = pipe.tokenizer(pipe._text_preprocessing(texts), padding="max_length", max_length=MAX_TOKENS,
+                          truncation=True, add_special_tokens=True, return_tensors="np")
+    np.testing.assert_array_equal(ids, want.input_ids)
+    np.testing.assert_array_equal(mask, want.attention_mask)
+    assert 2 in ids[1] and ids[2, -1] == 1  # "7" and "blue" are unknown words; the long prompt ends in </s>
+
+
 @pytest.mark.parametrize("case", ["full", "schedule-negative", "long-prompt"])
 def test_run_with_prompts_equals_the_diffusers_pipeline(text_build, tmp_path, case):
     """run E --prompt ... --noise z.npy (--full) --save-latents equals PixArtAlphaPipeline with the same prompts and
