@@ -46,14 +46,16 @@ PROMPT_WORDS = ("a an the handwritten digit number zero one two three four five 
                 "picture").split()
 
 
-def tiny_t5():
+def tiny_t5(word_level: bool = False):
     """A tiny random ``T5EncoderModel`` (d_model = the tiny PixArt's caption_channels) and a tokenizer of T5's shape
     built with the ``tokenizers`` library: a Unigram model over whole words (``▁word``), single letters and digits
     for anything else, T5's pad/eos/unk ids 0/1/2, its Metaspace pre-tokenizer and ``$A </s>`` post-processor,
     wrapped as transformers' T5 tokenizer so that ``save_pretrained`` writes tokenizer.json (transformers 5 rebuilds
-    a T5 tokenizer as a Unigram model when it loads one, so a word-level model would not load back)."""
+    a T5 tokenizer as a Unigram model when it loads one, so a word-level model would not load back as one).
+    ``word_level``: a WordLevel model over the words instead (unknown words <unk>), wrapped as transformers' generic
+    fast tokenizer, which loads tokenizer.json as it is (how a small caption vocabulary is shipped)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [("\u2581" + word, -1.0) for word in PROMPT_WORDS]
@@ -66,6 +68,13 @@ def tiny_t5():
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                            special_tokens=[("</s>", 1)])
     tokenizer = T5TokenizerFast(tokenizer_object=backend, extra_ids=0)
+    if word_level:
+        backend = Tokenizer(models.WordLevel({token: i for i, (token, _) in enumerate(vocab[:3])}
+                                             | {word: 3 + i for i, word in enumerate(PROMPT_WORDS)}, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                            unk_token="<unk>")
     encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=CAPTION_CHANNELS, d_kv=4, d_ff=24, num_layers=2,
                                       num_heads=3, relative_attention_num_buckets=8,
                                       relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
@@ -75,15 +84,15 @@ def tiny_t5():
 
 def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     """A tiny random ``DiTPipeline`` (``family`` "dit") or ``PixArtAlphaPipeline`` ("pixart": without text encoder;
-    "pixart-t5": with :func:`tiny_t5`), fp32, eval."""
+    "pixart-t5": with :func:`tiny_t5`; "pixart-t5-words": with its word-level tokenizer), fp32, eval."""
     from diffusers import DiTPipeline, DiTTransformer2DModel, PixArtAlphaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     if family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))
-    elif family in ("pixart", "pixart-t5"):
-        tokenizer, text_encoder = tiny_t5() if family == "pixart-t5" else (None, None)
+    elif family in ("pixart", "pixart-t5", "pixart-t5-words"):
+        tokenizer, text_encoder = tiny_t5(family == "pixart-t5-words") if family != "pixart" else (None, None)
         pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(),
                                    transformer=PixArtTransformer2DModel(**PIXART_CONFIG),
                                    scheduler=_scheduler(scheduler))

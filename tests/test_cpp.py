@@ -830,8 +830,11 @@ def _bad_npz(path: Path, conditioning: dict) -> None:
      "array 'prompt_attention_mask' masks every token of a prompt"),
     (lambda c: c.update(prompt_attention_mask=np.array(["1"] * 10).reshape(2, 5)),
      "array 'prompt_attention_mask': dtype <U1; expected a 0/1 mask"),
+    (lambda c: c.update({name: np.ones((2, 121, *value.shape[2:]), dtype=value.dtype) for name, value in c.items()}),
+     "array 'prompt_embeds' has shape (2, 121, 12): 121 prompt tokens; expected at most the model's "
+     "max_sequence_length 120"),
 ], ids=["unknown-name", "missing-negative", "missing-mask", "width", "rank", "int-embeddings", "nan", "negative-shape",
-        "mask-length", "negative-mask-rows", "mask-values", "all-padding", "string-mask"])
+        "mask-length", "negative-mask-rows", "mask-values", "all-padding", "string-mask", "too-long"])
 def test_bad_conditioning_is_refused_naming_the_array(cpp_build, diffusers_cpp_builds, tmp_path, change, expected):
     engines = diffusers_cpp_builds("pixart", "dpm")
     conditioning = _prompt_conditioning(tmp_path / "cond.npz")

@@ -89,6 +89,21 @@ def test_tokenizing_equals_the_pipelines_tokenizer_truncation_and_padding_includ
     assert mask[3].tolist() == [1] + [0] * (MAX_TOKENS - 1)  # the empty negative prompt: </s> alone
 
 
+def test_a_word_level_tokenizer_tokenizes_as_the_pipelines(tiny_diffusers, tmp_path):
+    """A caption vocabulary shipped as a WordLevel tokenizer.json (transformers' generic fast tokenizer): the build
+    tokenizes as the pipeline does, unknown words, truncation and padding included."""
+    folder = tiny_diffusers("pixart-t5-words")
+    run_cli("build", "--diffusers", str(folder), "--steps", "2", "--out", str(tmp_path / "E"))
+    texts = [*PROMPTS, LONG_PROMPT, ""]
+    ids, mask = L2CPipeline.from_engine_dir(tmp_path / "E").prompt_encoder.tokenize(texts)
+    pipe = load_pipeline(folder)
+    want = pipe.tokenizer(pipe._text_preprocessing(texts), padding="max_length", max_length=MAX_TOKENS,
+                          truncation=True, add_special_tokens=True, return_tensors="np")
+    np.testing.assert_array_equal(ids, want.input_ids)
+    np.testing.assert_array_equal(mask, want.attention_mask)
+    assert 2 in ids[1] and ids[2, -1] == 1  # "7" and "blue" are unknown words; the long prompt ends in </s>
+
+
 @pytest.mark.parametrize("case", ["full", "schedule-negative", "long-prompt"])
 def test_run_with_prompts_equals_the_diffusers_pipeline(text_build, tmp_path, case):
     """run E --prompt ... --noise z.npy (--full) --save-latents equals PixArtAlphaPipeline with the same prompts and
@@ -227,6 +242,10 @@ def test_manifest_checks_refuse_components_that_do_not_fit_the_model(text_build)
     del unbounded["model"]["max_sequence_length"]
     with pytest.raises(ManifestError, match="'model/max_sequence_length' is missing; a text model states"):
         check_consistency(unbounded, "m")
+    shared = json.loads(json.dumps(data))
+    shared["components"]["tokenizer"]["file"]["file"] = "weights.bin"
+    with pytest.raises(ManifestError, match="'components/tokenizer/file' names weights.bin, which another record"):
+        check_consistency(shared, "m")
     alone = json.loads(json.dumps(data))
     del alone["components"]["tokenizer"]
     with pytest.raises(ManifestError, match="components"):
@@ -275,3 +294,59 @@ def _edit(path, **changes):
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+def test_a_dit_build_decodes_its_latents_as_dit_pipeline_does(tiny_diffusers, tmp_path):
+    """DiTPipeline's folder has a VAE too: the build's decoder gives DiTPipeline's output_type="np" images (to 1e-3) from
+    the same latents (its generator's draw, fed as --noise), and run --out needs no --vae."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    folder = tiny_diffusers("dit")
+    run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--out", str(tmp_path / "E"))
+    assert sorted(load(tmp_path / "E")["components"]) == ["vae_decoder"]
+    noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)).numpy()
+    result = L2CPipeline.from_engine_dir(tmp_path / "E")(labels=[207, 3], cfg_scale=CFG_SCALE, noise=noise,
+                                                         decode=True)
+    pipe = load_pipeline(folder)
+    with torch.no_grad():
+        want = pipe(class_labels=[207, 3], guidance_scale=CFG_SCALE, num_inference_steps=STEPS,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+    got = np.clip(result.decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    assert got.shape == want.shape == (2, 8, 8, 3)
+    assert np.abs(got - want).max() <= 1e-3
+    np.save(tmp_path / "z.npy", noise)
+    run_cli("run", str(tmp_path / "E"), "--labels", "207,3", "--noise", str(tmp_path / "z.npy"), "--out",
+            str(tmp_path / "x.png"))
+    assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_verify_checks_the_component_graphs_against_the_folders_modules(text_build, tmp_path):
+    """verify --diffusers DIR: the text encoder and VAE decoder graphs equal transformers' T5 and diffusers'
+    AutoencoderKL of the folder (1e-4); a weights file changed after the build (hashes fixed up) fails (exit 1); a
+    folder whose vae/ is not the build's is refused (exit 2)."""
+    import onnx
+
+    from l2c_export.core.manifest import sha256_of, write
+
+    folder, engines, _ = text_build
+    passed = run_cli("verify", str(engines), "--diffusers", str(folder))
+    assert "component(s) text_encoder, vae_decoder agree with the folder's" in passed.stdout
+    changed = tmp_path / "changed"
+    shutil.copytree(engines, changed)
+    graph = onnx.load(str(changed / "text_encoder.onnx"), load_external_data=False)
+    bias = next(t for t in graph.graph.initializer if "relative_attention_bias" in t.name)
+    offset = int({e.key: e.value for e in bias.external_data}.get("offset", 0))
+    weights = bytearray((changed / "text_encoder.weights").read_bytes())
+    weights[offset: offset + 4] = np.float32(30.0).tobytes()  # one relative position bias
+    (changed / "text_encoder.weights").write_bytes(bytes(weights))
+    data = json.loads((changed / "manifest.json").read_text())
+    data["components"]["text_encoder"]["weights"]["sha256"] = sha256_of(changed / "text_encoder.weights")
+    write(changed, data)
+    failed = run_cli("verify", str(changed), "--diffusers", str(folder), check=False)
+    assert failed.returncode == 1 and "FAIL text_encoder" in failed.stdout
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    _edit(other / "vae" / "config.json", scaling_factor=0.5)
+    refused = run_cli("verify", str(engines), "--diffusers", str(other), check=False)
+    assert refused.returncode == 2
+    assert "field 'components/vae_decoder/source_sha256' differs from" in refused.stderr

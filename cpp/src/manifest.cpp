@@ -354,7 +354,10 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
                                           "prompt_embeds and prompt_attention_mask");
   }
   check_interfaces(m, subsets, guidance);
-  if (m.conditioning == "prompt") m.prompt_width = Manifest::model_tensor(m.subsets[m.full_subset], "prompt_embeds").shape[2];
+  if (m.conditioning == "prompt") {
+    m.prompt_width = Manifest::model_tensor(m.subsets[m.full_subset], "prompt_embeds").shape[2];
+    m.max_prompt_tokens = root["model"]["max_sequence_length"].integer(1, 65536);
+  }
 
   // Learned sigma (DiT): model_out carries the variance interpolation values after the eps channels.
   const SubsetRecord& full = m.subsets[m.full_subset];

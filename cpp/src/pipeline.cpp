@@ -510,6 +510,10 @@ Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const Sampl
                   (i >= 2 ? " (guidance runs the negative prompt as the unconditional half)" : "") + "; expected " +
                   prompt_arrays(guiding));
   check_embeddings(prompts.embeds, kPromptArrays[0], m.prompt_width, nullptr, prompts.source);
+  if (prompts.embeds.shape[1] > m.max_prompt_tokens)
+    throw Error(prompts.source + ": array 'prompt_embeds' has shape " + prompts.embeds.shape_string() + ": " +
+                std::to_string(prompts.embeds.shape[1]) + " prompt tokens; expected at most the model's " +
+                "max_sequence_length " + std::to_string(m.max_prompt_tokens));
   check_mask(prompts.mask, kPromptArrays[1], prompts.embeds, prompts.source);
   Condition condition;
   if (guiding) {

@@ -15,8 +15,8 @@ it (``<name>.weights``), both recorded in the manifest's ``components`` with the
 from __future__ import annotations
 
 import hashlib
-import io
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -57,20 +57,23 @@ def export_component(name: str, source: Path, spec, staging: Path) -> dict:
 def _export(module, inputs: tuple, input_names: list[str], output_names: list[str], dynamic_axes: dict,
             graph_file: str, weights_file: str, staging: Path) -> None:
     """``module`` (eval, fp32) to ONNX: the graph in ``graph_file``, every initializer in ``weights_file`` beside it
-    (one file whatever the size; protobuf alone stops at 2 GiB)."""
+    (one file whatever the size: protobuf alone stops at 2 GiB, past which the exporter itself writes a file per
+    tensor, so it exports into a scratch folder first)."""
     import onnx
     import torch
 
     from ..export.onnx import OPSET
 
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), inputs, buffer, input_names=input_names, output_names=output_names,
-                          opset_version=OPSET, dynamo=False, dynamic_axes=dynamic_axes)
-    graph = onnx.load_from_string(buffer.getvalue())
-    onnx.save_model(graph, str(staging / graph_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=weights_file, size_threshold=0)
+    with tempfile.TemporaryDirectory(dir=staging, prefix=".export-") as scratch:
+        exported = Path(scratch) / graph_file
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), inputs, str(exported), input_names=input_names,
+                              output_names=output_names, opset_version=OPSET, dynamo=False,
+                              dynamic_axes=dynamic_axes)
+        graph = onnx.load(str(exported))
+        onnx.save_model(graph, str(staging / graph_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=weights_file, size_threshold=0)
     shutil.copymode(staging / graph_file, staging / weights_file)  # onnx creates it private (0600)
 
 
@@ -170,10 +173,11 @@ def build_components(spec, staging: Path, key_of: Callable[[str, str], str],
         keys = {file: key_of(file, source_sha) for file in files}
         previous = previous_record(name)
         if previous is not None and all(reuse(keys[file], staging / file) for file in files):
-            record = {field: value for field, value in previous.items() if field not in ("graph", "weights", "file")}
+            record = {field: value for field, value in previous.items()
+                      if field not in ("graph", "weights", "file", "source_sha256")}
         else:
             for file in files:
                 (staging / file).unlink(missing_ok=True)
             record = export_component(name, source, spec, staging)
-        components[name] = component_record(name, record, staging, keys)
+        components[name] = {**component_record(name, record, staging, keys), "source_sha256": source_sha}
     return components

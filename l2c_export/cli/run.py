@@ -147,11 +147,21 @@ def verify(engine_dir, backend, device, tolerance, reference, diffusers):
         worst_output = max(check.worst, key=check.worst.get)
         click.echo(f"  {'ok  ' if check.passed else 'FAIL'} {check.name:<24} step {check.step:>3}  worst "
                    f"{check.worst_value:.2e} ({worst_output})  tolerance {check.tolerance:.0e}")
-    failed = [c.name for c in checks if not c.passed]
+    components = []
+    if diffusers is not None:  # the text encoder and VAE decoder graphs against the folder's own modules
+        from ..tools.verify import verify_components
+
+        components = verify_components(engine_dir, diffusers)
+        for check in components:
+            click.echo(f"  {'ok  ' if check.passed else 'FAIL'} {check.name:<24} (component)  worst "
+                       f"{check.worst_value:.2e}  tolerance {check.tolerance:.0e}")
+    failed = [c.name for c in (*checks, *components) if not c.passed]
     if failed:
         raise CommandError(f"{len(failed)} subset(s) differ from PyTorch beyond tolerance: {', '.join(failed)}",
                            EXIT_CHECK_FAILED)
-    click.echo(f"all {len(checks)} subset engine(s) agree with PyTorch")
+    click.echo(f"all {len(checks)} subset engine(s) agree with PyTorch"
+               + (f"; component(s) {', '.join(c.name for c in components)} agree with the folder's" if components
+                  else ""))
 
 
 @main.command()

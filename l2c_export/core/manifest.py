@@ -391,12 +391,12 @@ def _check_components(data: dict, where: str) -> None:
         if [(t["dtype"], t["shape"]) for t in encoder["inputs"]] != [("int64", ["batch", "prompt_tokens"])] * 2:
             raise ManifestError(f"{where}: field 'components/text_encoder/inputs': expected input ids and an "
                                 f"attention mask, int64 ['batch', 'prompt_tokens']")
-    seen: dict[str, str] = {}
+    named = {entry["file"] for entry in all_files({**data, "components": {}})}
     for name, component in components.items():
         for field in ("graph", "weights", "file"):
             if field in component:
                 file = component[field]["file"]
-                if file in seen or file in {e["file"] for e in all_files({**data, "components": {}})}:
+                if file in named:
                     raise ManifestError(f"{where}: field 'components/{name}/{field}' names {file}, which another "
                                         f"record of the manifest names too")
-                seen[file] = name
+                named.add(file)

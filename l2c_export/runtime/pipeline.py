@@ -29,6 +29,7 @@ from ..core.util import check_finite
 from ..samplers import ModelCall, denoise, sampler_from_dict
 from ..samplers.guidance import apply_guidance, make_noise, step_noise
 from .backends import Backend, load_backend
+from .components import ImageDecoder, PromptEncoder
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ class SampleResult:
 class L2CPipeline:
     """Samples from an L2C build: class labels in, images or latents out."""
 
-    def __init__(self, manifest: dict, folder: Path, backend: Backend, component_providers=None):
+    def __init__(self, manifest: dict, folder: Path, backend: Backend, component_providers: Sequence | None = None):
+        """``component_providers``: ONNX Runtime providers of the text encoder and VAE decoder sessions (default:
+        the CPU; the onnxruntime backend's own where it runs the subsets)."""
         self.manifest = manifest
         self.folder = Path(folder)
         self.backend = backend
@@ -117,8 +120,6 @@ class L2CPipeline:
         self.full_subset = next(s["index"] for s in manifest["subsets"] if all(s["compute"]))
         components = manifest.get("components", {})
         providers = component_providers or ("CPUExecutionProvider",)
-        from .components import ImageDecoder, PromptEncoder
-
         self.prompt_encoder = PromptEncoder(manifest, self.folder, providers) if "text_encoder" in components else None
         self.decoder = ImageDecoder(manifest, self.folder, providers) if "vae_decoder" in components else None
 

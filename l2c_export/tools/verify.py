@@ -143,3 +143,46 @@ def _diffusers_model(data: dict, folder: Path, diffusers: str | Path):
 def _relative(got: np.ndarray, want: np.ndarray) -> float:
     scale = float(np.abs(want).max()) or 1.0
     return float(np.abs(got.astype(np.float32) - want).max()) / scale
+
+
+@torch.no_grad()
+def verify_components(folder: str | Path, diffusers: str | Path, tolerance: float = 1e-4,
+                      seed: int = 0) -> list[SubsetCheck]:
+    """The build's component graphs against the diffusers folder's own modules on the same inputs, one check each
+    (``step`` 0): the text encoder (transformers' T5) on example prompts tokenized as the runtime tokenizes them
+    (padded, one truncated), the VAE decoder (diffusers' AutoencoderKL) on seeded random latents. A component whose
+    folder part is not the one it was built from (``source_sha256``) is refused."""
+    from ..builder.components import component_sources, source_sha256
+    from ..models.zoo import from_diffusers
+    from ..runtime.pipeline import L2CPipeline
+
+    folder = Path(folder)
+    pipe = L2CPipeline.from_engine_dir(folder)
+    components = pipe.manifest.get("components", {})
+    sources = component_sources(from_diffusers(diffusers))
+    where = folder / manifest_io.MANIFEST_NAME
+    for name, record in components.items():
+        if name not in sources or source_sha256(sources[name]) != record["source_sha256"]:
+            raise manifest_io.ManifestError(f"{where}: field 'components/{name}/source_sha256' differs from "
+                                            f"{diffusers}'s: the component did not come from that folder")
+    checks = []
+    if pipe.prompt_encoder is not None:
+        from transformers import T5EncoderModel
+
+        encoder = T5EncoderModel.from_pretrained(str(sources["text_encoder"]), use_safetensors=True,
+                                                 local_files_only=True).float().eval()
+        prompts = ["a photo of a cat", "the digit seven, handwritten", " ".join(["word"] * 400)]
+        ids, mask = pipe.prompt_encoder.tokenize(prompts)
+        got, _ = pipe.prompt_encoder.embed(prompts)
+        want = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+        checks.append(SubsetCheck("text_encoder", 0, {"last_hidden_state": _relative(got, want.numpy())}, tolerance))
+    if pipe.decoder is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(sources["vae_decoder"]), use_safetensors=True,
+                                            local_files_only=True).float().eval()
+        latents = make_noise(seed, (2, *pipe.sample_shape))
+        want = vae.decode(torch.from_numpy(latents) / components["vae_decoder"]["scaling_factor"]).sample
+        checks.append(SubsetCheck("vae_decoder", 0, {"sample": _relative(pipe.decoder(latents), want.numpy())},
+                                  tolerance))
+    return checks

@@ -75,6 +75,7 @@ struct Manifest {
   // negative prompt's).
   std::string conditioning;
   int64_t prompt_width = 0;
+  int64_t max_prompt_tokens = 0;  // "prompt" models: the most prompt tokens L (model/max_sequence_length)
   std::shared_ptr<const Sampler> sampler;
   Guidance guidance;
   std::vector<int> step_subset;  // schedule: subset index per model call
