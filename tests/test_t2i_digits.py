@@ -4,11 +4,9 @@ shipped diffusers folder as diffusers' own pipeline loads and samples it (read b
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from l2c_export.demo import t2i
@@ -134,9 +132,10 @@ def test_the_shipped_schedule_is_decoded_from_the_router_learned_on_the_models_o
 
 
 def test_diffusers_pipeline_draws_the_digit_each_prompt_names_including_held_out_caption_forms():
-    """PixArtAlphaPipeline.from_pretrained(the folder), 20 steps, its default guidance: the digits classifier reads
-    at least 90% of 100 samples (every caption form with every digit) as the prompt's digit, on the held-out forms
-    too (the README's figure is the 500-sample run of python -m l2c_export.demo.t2i accuracy)."""
+    """PixArtAlphaPipeline.from_pretrained(the folder; it ignores the router, schedule and captions beside), 20
+    steps, its default guidance: the digits classifier reads at least 90% of 100 samples (every caption form with
+    every digit) as the prompt's digit, on the held-out forms too (the README's figure is the 500-sample run of
+    python -m l2c_export.demo.t2i accuracy)."""
     result = t2i.sample_accuracy(num_samples=100, seed=1)
     assert result["accuracy"] >= 0.9, result
     assert result["held_out_forms"] >= 0.9, result
@@ -153,6 +152,8 @@ def test_model_t2i_digits_resolves_to_the_shipped_folder_with_its_router_and_sch
     spec.schedule().check_fits(spec.sampler().num_calls, spec.sublayer_names)
     listed = run_cli("schedule", "--model", "t2i-digits", "--schedule", str(spec.default_schedule)).stdout
     assert "transformer_blocks.0.attn2" in listed and "ideal speedup" in listed
+    refused = run_cli("sample", "--model", "t2i-digits", check=False)  # as sample --diffusers is, for now
+    assert refused.returncode == 2 and "sample --model t2i-digits (a diffusers folder): not supported" in refused.stderr
 
 
 def test_build_model_t2i_digits_runs_its_learned_schedule_on_prompts_from_its_own_t5(tmp_path):

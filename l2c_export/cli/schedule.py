@@ -126,8 +126,11 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
     from ..samplers.guidance import make_noise
     from ..samplers.reference import sample_reference
 
-    if diffusers is not None:
-        raise CommandError("sample --diffusers: not supported yet; sample a diffusers folder from its build "
+    from ..models.zoo import embedded_diffusers_folder
+
+    if diffusers is not None or embedded_diffusers_folder(model_name) is not None:
+        what = "--diffusers" if diffusers is not None else f"--model {model_name} (a diffusers folder)"
+        raise CommandError(f"sample {what}: not supported yet; sample a diffusers folder from its build "
                            "(l2c-export build --diffusers DIR --out E, then l2c-export run E)")
     spec = resolve_model(checkpoint, model_name, image_size, num_classes)
     sampler = spec.sampler(sampler_kind, steps)
