@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["l2c_export", "l2c_export.*"]),
-    package_data={"l2c_export": ["demo/*.safetensors", "demo/*/*", "schemas/*.json", "data/*.json"]},
+    package_data={"l2c_export": ["demo/*.safetensors", "demo/*/*", "demo/*/*/*", "schemas/*.json", "data/*.json"]},
     # torch is not pinned here: the Makefile installs torch==2.13.0 (CPU) first, which satisfies this range, so pip
     # never reaches for the multi-GB CUDA build.
     install_requires=[

@@ -8,12 +8,14 @@ from pathlib import Path
 import click
 
 from ..core.schedule import SCHEDULE_MODES
-from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS, embedded_default
-from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, THRESHOLD, main
+from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS, TEXT_TO_IMAGE_MODELS, embedded_default
+from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, THRESHOLD, CommandError, main
+
+LABEL_MODELS = tuple(name for name in EMBEDDED_MODELS if name not in TEXT_TO_IMAGE_MODELS)  # eval's, for now
 
 
 @main.command("eval")
-@click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS),
+@click.option("--model", "model_name", type=click.Choice(LABEL_MODELS),
               help="The embedded model: the digits DiT (DDIM; the default) or U-ViT (DPM-Solver-2S).")
 @click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
               help="Or a diffusers pipeline folder (DiTPipeline, PixArtAlphaPipeline/PixArtSigmaPipeline): its "
@@ -109,19 +111,53 @@ def eval_command(model_name, diffusers, router, schedule_file, threshold, mode, 
 
 @main.command("train-default")
 @click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS), default=DEFAULT_NAME, show_default=True,
-              help="The embedded model to train: the digits DiT or U-ViT (config and settings from its model.json).")
+              help="The embedded model to train: the digits DiT or U-ViT (config and settings from its model.json), "
+                   "or the text-to-image t2i-digits (a diffusers folder; settings of l2c_export/demo/t2i.py).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the weights [engines/MODEL].")
-@click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000].")
-@click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64].")
+              help="Folder for the weights [engines/MODEL] (t2i-digits: the diffusers folder).")
+@click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000; t2i-digits: 3000 of the "
+                                             "transformer, after a third as many of the VAE].")
+@click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64; t2i: 128].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(model_name, out, steps, batch_size, seed):
     """Reproduce an embedded model's training on scikit-learn's digits (minutes on two CPU cores)."""
+    out = out or Path("engines") / model_name
+    if model_name in TEXT_TO_IMAGE_MODELS:
+        _train_text_to_image(out, steps, batch_size, seed)
+        return
     from ..demo.train import save_weights, train
 
     spec = embedded_default(model_name)  # the shipped model.json: its config and training settings
-    out = out or Path("engines") / model_name
     model = train(spec.config, steps=steps or spec.training["steps"],
                   batch_size=batch_size or spec.training["batch_size"], seed=seed)
     save_weights(model, out / f"{model_name}.safetensors")
     click.echo(f"wrote {out / f'{model_name}.safetensors'}")
+
+
+def _train_text_to_image(out: Path, steps, batch_size, seed) -> None:
+    """t2i-digits: the VAE, then the PixArt transformer; the pipeline saved as a diffusers folder at ``out`` (written
+    beside it, then moved into place: a failed run leaves no half-written folder)."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from ..core.util import replace_folder
+    from ..demo.t2i import T2IConfig, save_t2i, train_t2i
+
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "model_index.json").is_file())):
+        raise CommandError(f"--out {out}: exists and is not a diffusers folder; give an absent or empty folder, or "
+                           f"a previous t2i-digits folder to replace")
+    config = T2IConfig()
+    if steps is not None:  # the VAE trains for a third as many steps as the transformer (1000 of 3000)
+        config = dataclasses.replace(config, steps=steps, vae_steps=max(1, steps // 3))
+    config = dataclasses.replace(config, batch_size=batch_size or config.batch_size)
+    pipe = train_t2i(config, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_t2i(pipe, staging, config)
+        replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    click.echo(f"wrote {out} (a PixArtAlphaPipeline folder; learn its router with l2c-export learn --diffusers {out} "
+               f"--conditioning-data prompts.npz, the prompts from python -m l2c_export.demo.t2i prompts)")

@@ -20,7 +20,7 @@ from .options import model_options, resolve_model
 @click.option("--data", "data_arg",
               help="A folder of images (class subfolders), a .npy of latents (n, C, H, W), 'digits' or 'none' "
                    "(trajectories sampled from the model: the teacher needs no data). Default: digits for the "
-                   "embedded default, none for a checkpoint.")
+                   "embedded pixel-space models, none for a checkpoint or a latent model.")
 @click.option("--data-labels", type=click.Path(dir_okay=False, path_type=Path),
               help="Labels (n,) .npy for --data latents; default: random classes.")
 @click.option("--trajectories", type=POSITIVE, default=256, show_default=True,
@@ -96,7 +96,7 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
     config, family = spec.config, spec.family
     sample_shape = next(tensor.shape for tensor in family.graph_inputs(config) if tensor.role == "sample")
     num_labels = family.null_class(config)
-    data_arg = data_arg or ("digits" if checkpoint is None and diffusers is None else "none")
+    data_arg = data_arg or ("digits" if checkpoint is None and spec.space == "pixel" else "none")
     prompts = _learning_prompts(spec, conditioning_data, settings.cfg_scale > 1.0, data_arg)
     if data_arg == "none":
         source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed,

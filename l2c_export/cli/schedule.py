@@ -36,8 +36,11 @@ def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_nam
              target_mac_fraction):
     """Decode a router into a schedule, or inspect one: sub-layers per step, subsets, MACs, ideal speedup."""
     from ..core.schedule import Schedule
+    from ..models.zoo import embedded_diffusers_folder
     from ..routers import load_router
 
+    if diffusers is None and embedded_diffusers_folder(model_name) is not None:  # --model t2i-digits
+        diffusers, model_name = embedded_diffusers_folder(model_name), None
     if diffusers is not None:
         _diffusers_schedule(diffusers, router, schedule_file, model_name, json_out, png_out, threshold, mode,
                             target_mac_fraction)

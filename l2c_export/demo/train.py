@@ -115,6 +115,40 @@ class UViTLoss:
 LOSSES = {"dit": lambda config: DiffusionLoss(), "uvit": lambda config: UViTLoss(config.num_classes)}
 
 
+def fit(model: torch.nn.Module, batch_loss, steps: int, lr: float, ema_decay: float | None, seed: int = 0,
+        progress: bool = True, description: str = "training", ema: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The training loop of every embedded model: AdamW (no weight decay) under a one-cycle learning rate (5% warm-up),
+    gradients clipped to norm 1, ``batch_loss(model, generator)`` the loss of one batch drawn with ``generator`` (seeded
+    by ``seed``). Returns the EMA of the weights (``ema_decay``; None: the weights themselves), in eval mode, kept in
+    ``ema`` (a model of the same architecture; default: a copy of ``model``)."""
+    import copy
+
+    if ema_decay is None:
+        ema = None
+    else:
+        ema = (ema or copy.deepcopy(model)).eval()
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc=description, disable=not progress)
+    for step in bar:
+        loss = batch_loss(model, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1.0 - ema_decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return ema if ema is not None else model.eval()
+
+
 def train(config: DiTConfig | UViTConfig, steps: int = 6000, batch_size: int = 128,
           lr: float = 2e-3, ema_decay: float = 0.999, seed: int = 0, shift_augment: bool = False,
           progress: bool = True) -> DiT | UViT:
@@ -124,32 +158,19 @@ def train(config: DiTConfig | UViTConfig, steps: int = 6000, batch_size: int = 1
     images, labels = (torch.from_numpy(a) for a in digits_dataset())
     family = family_of_config(config)
     model = family.create(config)
-    ema = family.create(config).eval()
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+    ema = family.create(config)  # before anything else draws from torch's global generator: the shipped weights' order
     loss_fn = LOSSES[family.name](config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc=f"training the digits {type(model).__name__}", disable=not progress)
-    for step in bar:
+
+    def batch_loss(model, generator):
         index = torch.randint(len(images), (batch_size,), generator=generator)
         x0 = images[index]
         if shift_augment:  # random shifts by up to one pixel: 1797 images are few for a diffusion model
             x0 = torch.roll(x0, shifts=(int(torch.randint(-1, 2, ())), int(torch.randint(-1, 2, ()))), dims=(2, 3))
         t = torch.randint(NUM_TRAIN_TIMESTEPS, (batch_size,), generator=generator)
-        loss = loss_fn(model, x0, labels[index], t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1.0 - ema_decay)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    return ema
+        return loss_fn(model, x0, labels[index], t)
+
+    return fit(model, batch_loss, steps, lr, ema_decay, seed, progress,
+               f"training the digits {type(model).__name__}", ema=ema)
 
 
 def save_weights(model: DiT | UViT, path: str | Path) -> None:

@@ -8,7 +8,7 @@ it samples pixels or VAE latents, and its default sampler and guidance.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..core.schedule import Schedule
@@ -16,8 +16,12 @@ from ..samplers import DenoisingSampler, create_sampler
 from . import ModelFamily, family_of_config, family_of_model, get_family
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
-EMBEDDED_MODELS = ("dit-digits", "uvit-digits")  # folders of DEMO_DIR, each with a model.json
+# Folders of DEMO_DIR, each with a model.json, or a diffusers pipeline folder (model_index.json) with the learned
+# router.safetensors and schedule.json beside (diffusers' from_pretrained ignores them).
+EMBEDDED_MODELS = ("dit-digits", "uvit-digits", "t2i-digits")
+TEXT_TO_IMAGE_MODELS = ("t2i-digits",)
 DEFAULT_NAME = "dit-digits"
+ROUTER_FILE, SCHEDULE_FILE = "router.safetensors", "schedule.json"
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,16 @@ class ModelSpec:
 
 
 def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
-    """A model shipped in ``l2c_export/demo/NAME/`` (see its ``model.json``): the digits DiT by default."""
+    """A model shipped in ``l2c_export/demo/NAME/`` (see its ``model.json``, or for ``t2i-digits`` the diffusers
+    folder it is, with its router and schedule): the digits DiT by default."""
     if name not in EMBEDDED_MODELS:
         raise ValueError(f"unknown embedded model {name!r}; expected one of {', '.join(EMBEDDED_MODELS)}")
     folder = DEMO_DIR / name
+    if embedded_diffusers_folder(name) is not None:
+        spec = from_diffusers(folder)
+        return replace(spec, name=name,
+                       default_schedule=folder / SCHEDULE_FILE if (folder / SCHEDULE_FILE).is_file() else None,
+                       default_router=folder / ROUTER_FILE if (folder / ROUTER_FILE).is_file() else None)
     info = json.loads((folder / "model.json").read_text())
     family = get_family(info["family"])
     return ModelSpec(name=info["name"], config=family.config_from_dict(info["config"]),
@@ -93,6 +103,12 @@ def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
                      default_schedule=folder / info["schedule"] if info.get("schedule") else None,
                      default_router=folder / info["router"] if info.get("router") else None,
                      training=info.get("training"))
+
+
+def embedded_diffusers_folder(name: str | None) -> Path | None:
+    """The folder of an embedded model that is a diffusers pipeline folder (``t2i-digits``); None for any other name."""
+    folder = DEMO_DIR / name if name in EMBEDDED_MODELS else None
+    return folder if folder is not None and (folder / "model_index.json").is_file() else None
 
 
 def official(checkpoint: str | Path, model: str, image_size: int, num_classes: int = 1000) -> ModelSpec:
@@ -121,7 +137,7 @@ def from_diffusers(folder: str | Path) -> ModelSpec:
 def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | None,
             num_classes: int | None, diffusers: str | Path | None = None) -> ModelSpec:
     """A diffusers folder (``diffusers``); without a checkpoint, an embedded model (``model``: dit-digits, the
-    default, or uvit-digits); else the official model the flags describe."""
+    default, uvit-digits or t2i-digits); else the official model the flags describe."""
     if diffusers is not None:
         if checkpoint is not None or model is not None:
             raise ValueError("--diffusers names the model; leave out --checkpoint and --model")
