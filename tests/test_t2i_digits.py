@@ -152,8 +152,8 @@ def test_model_t2i_digits_resolves_to_the_shipped_folder_with_its_router_and_sch
     spec.schedule().check_fits(spec.sampler().num_calls, spec.sublayer_names)
     listed = run_cli("schedule", "--model", "t2i-digits", "--schedule", str(spec.default_schedule)).stdout
     assert "transformer_blocks.0.attn2" in listed and "ideal speedup" in listed
-    refused = run_cli("sample", "--model", "t2i-digits", check=False)  # as sample --diffusers is, for now
-    assert refused.returncode == 2 and "sample --model t2i-digits (a diffusers folder): not supported" in refused.stderr
+    refused = run_cli("sample", "--model", "t2i-digits", check=False)  # a text model samples prompt embeddings
+    assert refused.returncode == 2 and "array 'prompt_embeds' is missing" in refused.stderr
 
 
 def test_build_model_t2i_digits_runs_its_learned_schedule_on_prompts_from_its_own_t5(tmp_path):

@@ -41,14 +41,15 @@ def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int
     pipelines' argument names (models with text inputs). Anything missing, extra, misshapen, of the wrong dtype or not
     finite is refused naming it."""
     return batch_conditioning(manifest["model"]["inputs"], manifest["guidance"].get("null_class"), guiding, labels,
-                              conditioning, where)
+                              conditioning, where, manifest["model"].get("max_sequence_length"))
 
 
 def batch_conditioning(input_records: Sequence[dict], null_class: int | None, guiding: bool,
                        labels: Sequence[int] | None = None, conditioning: Mapping[str, np.ndarray] | None = None,
-                       where: str = "conditioning") -> tuple[int, dict[str, np.ndarray]]:
+                       where: str = "conditioning", max_tokens: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
     """:func:`model_batch_conditioning` from the model's input records (the manifest's ``model/inputs``, or a
-    family's ``TensorSpec.record()``s: the PyTorch reference checks a request as the runtimes do) and null class."""
+    family's ``TensorSpec.record()``s: the PyTorch reference checks a request as the runtimes do), null class and
+    longest prompt (``model/max_sequence_length``; None: unbounded)."""
     inputs = _by_role(input_records)
     if "label" in inputs:
         if conditioning:
@@ -66,8 +67,7 @@ def batch_conditioning(input_records: Sequence[dict], null_class: int | None, gu
     if labels is not None:
         raise ConditioningError("--labels: this model is conditioned on prompt embeddings (--conditioning), not class "
                                 "labels")
-    return _text_conditioning(inputs, guiding, dict(conditioning or {}), where,
-                              manifest["model"].get("max_sequence_length"))
+    return _text_conditioning(inputs, guiding, dict(conditioning or {}), where, max_tokens)
 
 
 def _text_conditioning(inputs: dict, guiding: bool, arrays: dict, where: str,
