@@ -121,12 +121,12 @@ class L2CPipeline:
         guidance duplicates it for the unconditional half. DDPM draws its step noise from ``seed`` too.
         full: run the full-compute engine at every call (the reference the schedule is measured against).
         """
-        from .conditioning import model_batch_conditioning
+        from .conditioning import classifier_free_batch, model_batch_conditioning
 
         cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
                                  "cfg_scale", low=1.0)
-        guiding = cfg_scale > 1.0
-        n, condition = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where)
+        guiding = classifier_free_batch(self.manifest, cfg_scale)
+        n, condition = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where, cfg_scale)
         expected = (n, *self.sample_shape)
         if noise is None:
             noise = make_noise(seed, expected)
