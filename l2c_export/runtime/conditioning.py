@@ -65,7 +65,12 @@ def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int
     if labels is not None:
         raise ConditioningError("--labels: this model is conditioned on prompt embeddings (--conditioning), not class "
                                 "labels")
-    checked = check_text_conditioning(dict(conditioning or {}), inputs, guiding, where)
+    arrays = dict(conditioning or {})
+    negatives = sorted(name for name in arrays if name.startswith("negative_"))
+    if negatives and not manifest["guidance"].get("classifier_free", True):
+        raise ConditioningError(f"{where}: array {negatives[0]!r} is not used: this model is guidance-distilled "
+                                f"(--cfg-scale feeds its guidance embedding; no negative prompt runs); leave it out")
+    checked = check_text_conditioning(arrays, inputs, guiding, where)
     n = len(checked["prompt_embeds"][0])
     feeds = {inputs[role]["name"]: np.ascontiguousarray(np.concatenate(pair) if guiding else pair[0])
              for role, pair in checked.items()}

@@ -385,8 +385,9 @@ def count_macs_by_hooks(family: DiffusersFamily, config: DiffusersConfig) -> Mac
 
     def hook(path):
         def count(module, args, kwargs, out):
-            if isinstance(module, torch.nn.Linear):
-                charge(path, out.numel() // module.out_features * module.in_features * module.out_features)
+            if isinstance(module, torch.nn.Linear):  # by its input: a wrapped sub-layer may return a packed value
+                rows = (args[0] if args else kwargs["input"]).numel() // module.in_features
+                charge(path, rows * module.in_features * module.out_features)
             elif isinstance(module, torch.nn.Conv2d):
                 kh, kw = module.kernel_size
                 charge(path, out.numel() * module.in_channels // module.groups * kh * kw)
