@@ -69,6 +69,11 @@ def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
     inputs = conditioning_inputs(manifest)
     if "label" in inputs:
         conditioning = [("labels", "int64", [1], False)]
+    elif "prompt_attention_mask" not in inputs or set(inputs) & {"pooled_prompt_embeds", "guidance"}:
+        roles = ", ".join(sorted(inputs))
+        raise ValueError(f"manifest: field 'model/inputs' has the conditioning roles {roles}; serving is implemented "
+                         f"for class labels and for prompt embeddings with a mask (PixArt), not yet for pooled "
+                         f"embeddings or a guidance input (SD3, FLUX.1)")
     else:
         embeds, mask = inputs["prompt_embeds"], inputs["prompt_attention_mask"]
         conditioning = [(name, record["dtype"], [-1, embeds["shape"][-1]] if record is embeds else [-1],
