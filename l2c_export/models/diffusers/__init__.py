@@ -204,6 +204,8 @@ class DiffusersFamily(ModelFamily):
     blocks: str = "transformer_blocks"  # the block list
     block_sublayers: tuple[str, ...]  # each block's sub-layer module paths, in forward order
     required: Mapping[str, object] = {}  # config option -> the only value supported
+    size_fields: tuple[str, ...] = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+                                    "sample_size", "patch_size")  # config fields that must be positive integers
     scheduler_classes: tuple[str, ...] = ("DDIMScheduler", "DPMSolverMultistepScheduler")  # what its pipelines take
     classifier_free: bool = True  # guidance runs a 2N batch (False: the pipeline never does; FLUX.1)
     default_steps: int = 20
@@ -246,9 +248,6 @@ class DiffusersFamily(ModelFamily):
         if self.out_channels(config) not in (self.in_channels(config), 2 * self.in_channels(config)):
             raise DiffusersFolderError(f"{where}: field 'out_channels' is {config.get('out_channels')!r}; expected "
                                        f"in_channels or 2 * in_channels (learned sigma)")
-
-    size_fields = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "sample_size",
-                   "patch_size")  # config fields that must be positive integers
 
     def sized_config(self, config: DiffusersConfig, image_size: int | None, vae_scale_factor: int) -> DiffusersConfig:
         """The config at ``--image-size`` pixels; these families take their size from ``sample_size``."""
