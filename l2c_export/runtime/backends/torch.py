@@ -88,7 +88,6 @@ class TorchBackend:
     def run(self, subset: int, feeds: dict[str, np.ndarray], state: dict) -> np.ndarray:
         inputs = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
                        for name in self.input_names)
-        batch = len(inputs[0])
         if self.cuda_graphs:
             key = (subset, tuple(tuple(i.shape) for i in inputs))  # a prompt's length changes the shapes too
             step = self._graphs.get(key)
@@ -107,7 +106,8 @@ def _cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.T
 
 
 class _CapturedStep:
-    """One subset at one batch size captured as a CUDA graph over static buffers.
+    """One subset at one set of input shapes (batch, prompt length) captured as a CUDA graph over static buffers
+    shaped as the request's cache slots were at capture.
 
     The request's cache tensors are copied into the static input slots before replay and the fresh values out after
     it: a CUDA graph has fixed addresses, while the cache belongs to the request.
