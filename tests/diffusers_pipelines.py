@@ -16,17 +16,31 @@ from typing import Sequence
 
 import torch
 
-SCHEDULERS = ("ddim", "dpm")
+SCHEDULERS = ("ddim", "dpm", "flow")
 DIT_CONFIG = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
                   sample_size=8, patch_size=2)
 PIXART_CONFIG = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
                      cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=12)
 CAPTION_CHANNELS = PIXART_CONFIG["caption_channels"]
+# SD3 (3 blocks: the last context_pre_only) and SD3.5 (dual attention in blocks 0 and 1, RMS qk_norm)
+SD3_CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                  num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6,
+                  out_channels=4, pos_embed_max_size=8)
+SD35_CONFIG = dict(SD3_CONFIG, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+# FLUX.1-dev's layout in miniature: 2 double-stream blocks, 2 single-stream ones, rotary axes summing to the head dim
+FLUX_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                   num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=True,
+                   axes_dims_rope=(2, 2, 4))
+FLOW_SCHEDULERS = {"sd3": dict(shift=3.0), "sd35": dict(shift=3.0),  # SD3-medium's and SD3.5's
+                   "flux": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                max_image_seq_len=4096, shift=3.0)}  # FLUX.1-dev's
 
 
-def _scheduler(kind: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+def _scheduler(kind: str, family: str = ""):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+    if kind == "flow":
+        return FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULERS[family])
     if kind == "ddim":
         return DDIMScheduler()
     if kind == "dpm":
@@ -83,12 +97,25 @@ def tiny_t5(word_level: bool = False):
 
 
 def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
-    """A tiny random ``DiTPipeline`` (``family`` "dit") or ``PixArtAlphaPipeline`` ("pixart": without text encoder;
-    "pixart-t5": with :func:`tiny_t5`; "pixart-t5-words": with its word-level tokenizer), fp32, eval."""
-    from diffusers import DiTPipeline, DiTTransformer2DModel, PixArtAlphaPipeline, PixArtTransformer2DModel
+    """A tiny random ``DiTPipeline`` (``family`` "dit"), ``PixArtAlphaPipeline`` ("pixart": without text encoder;
+    "pixart-t5": with :func:`tiny_t5`; "pixart-t5-words": with its word-level tokenizer), ``StableDiffusion3Pipeline``
+    ("sd3", "sd35") or ``FluxPipeline`` ("flux"; the last three with scheduler "flow"; without text encoders), fp32,
+    eval. The VAE has one level, so pixels are latents (vae_scale_factor 1)."""
+    from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
+                           PixArtAlphaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
 
     torch.manual_seed(seed)
-    if family == "dit":
+    if family in ("sd3", "sd35"):
+        encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**(SD3_CONFIG if family == "sd3" else SD35_CONFIG)), vae=tiny_vae(),
+            scheduler=_scheduler("flow", family), **encoders)
+    elif family == "flux":
+        pipe = FluxPipeline(transformer=FluxTransformer2DModel(**FLUX_CONFIG), vae=tiny_vae(),
+                            scheduler=_scheduler("flow", family), text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None)
+    elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))
     elif family in ("pixart", "pixart-t5", "pixart-t5-words"):
@@ -108,10 +135,15 @@ def save_tiny_pipeline(folder: Path, family: str, scheduler: str = "ddim", seed:
 
 
 def load_pipeline(folder: Path):
-    """The saved pipeline, as diffusers loads it."""
+    """The saved pipeline, as diffusers loads it (the components saved as null, text encoders and tokenizers, as
+    None)."""
+    import json
+
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **absent)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

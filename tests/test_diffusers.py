@@ -182,8 +182,8 @@ def _edit_json(path, **changes):
 @pytest.mark.parametrize("breakage, message", [
     (lambda f: (f / "model_index.json").unlink(), "model_index.json: missing; expected a diffusers pipeline folder"),
     (lambda f: shutil.rmtree(f / "transformer"), "no transformer/ folder"),
-    (lambda f: _edit_json(f / "transformer" / "config.json", _class_name="SD3Transformer2DModel"),
-     "field '_class_name' is 'SD3Transformer2DModel'; supported transformer classes: DiTTransformer2DModel"),
+    (lambda f: _edit_json(f / "transformer" / "config.json", _class_name="HunyuanDiT2DModel"),
+     "field '_class_name' is 'HunyuanDiT2DModel'; supported transformer classes: DiTTransformer2DModel"),
     (lambda f: _edit_json(f / "transformer" / "config.json", norm_type="ada_norm"),
      "field 'norm_type' is 'ada_norm'; PixArtTransformer2DModel is supported with norm_type = 'ada_norm_single'"),
     (lambda f: _edit_json(f / "transformer" / "config.json", use_additional_conditions=True),

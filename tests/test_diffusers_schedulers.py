@@ -433,3 +433,127 @@ def test_a_build_runs_a_diffusers_sampler_from_its_manifest(default_build, tmp_p
     latents = np.load(tmp_path / "latents.npy")
     assert np.abs(latents - reference).max() <= 1e-4 * np.ptp(reference)
     assert np.abs(latents - noise).max() > 0.1  # it did sample
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FlowMatchEulerDiscreteScheduler as StableDiffusion3Pipeline and FluxPipeline set it up
+
+FLOW_CONFIGS = [{}, {"shift": 3.0}, {"shift": 1.7},  # SD3-medium and SD3.5 use shift 3.0
+                {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                 "max_image_seq_len": 4096},  # FLUX.1-dev's
+                {"use_dynamic_shifting": True, "time_shift_type": "linear", "max_shift": 1.3}]
+
+
+def flow_reference(config: dict, steps: int, pipeline):
+    """diffusers' scheduler with ``set_timesteps`` called as the pipeline calls it: FluxPipeline passes
+    ``np.linspace(1, 1 / N, N)`` as sigmas and always ``mu``; StableDiffusion3Pipeline no sigmas, ``mu`` with
+    dynamic shifting; both ``mu = calculate_shift(image_seq_len, ...)``."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    mu = calculate_shift(pipeline.image_seq_len, scheduler.config.base_image_seq_len,
+                         scheduler.config.max_image_seq_len, scheduler.config.base_shift, scheduler.config.max_shift)
+    if pipeline.linspace_sigmas:
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        scheduler.set_begin_index(0)
+    else:
+        scheduler.set_timesteps(steps, mu=mu if config.get("use_dynamic_shifting") else None)
+    return scheduler
+
+
+@pytest.mark.parametrize("steps", (1, 2, 8, 28, 50))
+@pytest.mark.parametrize("flux", (False, True))
+@pytest.mark.parametrize("config", FLOW_CONFIGS)
+def test_flow_matching_matches_diffusers_step_by_step(config, flux, steps):
+    """The timesteps the model sees are diffusers' float32 ones exactly, and every step's latents equal diffusers'
+    to 1e-6 of their range, for both pipelines' ways of setting the timesteps (image sequence lengths 16 and 4096)."""
+    from l2c_export.samplers import PipelineTimesteps
+
+    for image_seq_len in (16, 4096):
+        pipeline = PipelineTimesteps(image_seq_len, linspace_sigmas=flux)
+        scheduler = flow_reference(config, steps, pipeline)
+        sampler = sampler_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", **config}, steps,
+                                                "scheduler_config.json", pipeline)
+        timesteps = scheduler.timesteps.numpy()
+        assert sampler.model_times.tolist() == timesteps.astype(float).tolist()
+        assert sampler.num_calls == steps and sampler.kind == "diffusers_flow_match_euler"
+        x, outputs = random_inputs(steps)
+        ours, times = our_run(sampler, x, outputs)
+        assert times == [float(t) for t in timesteps] and all(a.dtype == np.float32 for a in ours)
+        assert worst_step_error(ours, reference_run(scheduler, x, outputs)) <= TOLERANCE
+        if config.get("use_dynamic_shifting"):
+            assert sampler.mu == pytest.approx(
+                0.5 + (config.get("max_shift", 1.15) - 0.5) * (image_seq_len - 256) / (4096 - 256))
+
+
+def test_flow_matching_started_later_and_its_noise_level():
+    """From a later step the Euler step needs no history; the samples the model sees at call i are
+    ``(1 - sigma_i) x0 + sigma_i noise``, diffusers' ``scale_noise``."""
+    from l2c_export.samplers import PipelineTimesteps
+
+    pipeline = PipelineTimesteps(64, linspace_sigmas=True)
+    config = {"use_dynamic_shifting": True}
+    scheduler = flow_reference(config, 10, pipeline)
+    scheduler.set_begin_index(4)
+    sampler = sampler_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", **config}, 10, "s",
+                                            pipeline)
+    x, outputs = random_inputs(10, seed=3)
+    assert worst_step_error(our_run(sampler, x, outputs, first=4)[0], reference_run(scheduler, x, outputs, 4)) <= \
+        TOLERANCE
+    noise, x0 = random_inputs(1, seed=5)
+    alpha, sigma = sampler.noise_level(6)
+    noising = flow_reference(config, 10, pipeline)
+    noising.set_begin_index(6)
+    want = noising.scale_noise(torch.from_numpy(x0[0]), scheduler.timesteps[6:7], torch.from_numpy(noise))
+    assert alpha == pytest.approx(1 - sigma) and sigma == pytest.approx(float(scheduler.sigmas[6]))
+    assert np.abs(alpha * x0[0] + sigma * noise - want.numpy()).max() <= 1e-6
+
+
+@pytest.mark.parametrize("field, value", [("invert_sigmas", True), ("shift_terminal", 0.1),
+                                          ("use_karras_sigmas", True), ("use_exponential_sigmas", True),
+                                          ("use_beta_sigmas", True), ("stochastic_sampling", True),
+                                          ("time_shift_type", "cosine"), ("shift", 0.0), ("shift", float("nan")),
+                                          ("max_image_seq_len", 100), ("prediction_type", "epsilon")])
+def test_a_flow_matching_option_not_implemented_is_refused_by_name(field, value):
+    from l2c_export.samplers import PipelineTimesteps
+
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.42.1", field: value}
+    with pytest.raises(SchedulerConfigError) as refusal:
+        sampler_from_scheduler_config(config, 12, "DIR/scheduler/scheduler_config.json", PipelineTimesteps(16))
+    message = str(refusal.value)
+    assert "\n" not in message and message.startswith("DIR/scheduler/scheduler_config.json: field ")
+    assert f"'{field}'" in message
+
+
+def test_dynamic_shifting_needs_the_pipelines_image_size():
+    with pytest.raises(SchedulerConfigError, match="field 'use_dynamic_shifting' is true; the shift then depends on "
+                                                   "the image size"):
+        sampler_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                       "use_dynamic_shifting": True}, 12, "s")
+
+
+@pytest.mark.parametrize("config", [{"shift": 3.0}, {"use_dynamic_shifting": True}])
+def test_a_flow_matching_section_round_trips_and_its_damage_is_refused_by_field(config):
+    jsonschema = pytest.importorskip("jsonschema")
+    from l2c_export.core.manifest import schema
+    from l2c_export.samplers import PipelineTimesteps
+
+    sampler = sampler_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", **config}, 12, "s",
+                                            PipelineTimesteps(256, linspace_sigmas=True))
+    section = json.loads(json.dumps(sampler.to_dict(), allow_nan=False))
+    jsonschema.validate(section, schema()["properties"]["sampler"])
+    again = sampler_from_dict(section)
+    assert again.model_times.tolist() == sampler.model_times.tolist() and again.mu == sampler.mu
+    x, outputs = random_inputs(12)
+    assert all(np.array_equal(a, b) for a, b in zip(our_run(again, x, outputs)[0], our_run(sampler, x, outputs)[0]))
+    for change, message in [(lambda s: s["sigmas"].reverse(), "not strictly decreasing"),
+                            (lambda s: s["sigmas"].__setitem__(0, 1.5), "field 'sigmas' entry 0 is 1.5"),
+                            (lambda s: s["model_times"].__setitem__(2, 1.0), "field 'model_times' differs"),
+                            (lambda s: s.__setitem__("final_sigma", 0.1), "field 'final_sigma' is 0.1"),
+                            (lambda s: s.__setitem__("mu", None if s["mu"] is not None else 1.0), "field 'mu' is"),
+                            (lambda s: s["options"].__setitem__("invert_sigmas", True),
+                             "field 'options/invert_sigmas' is True")]:
+        damaged = json.loads(json.dumps(section))
+        change(damaged)
+        with pytest.raises(SchedulerConfigError, match=message):
+            sampler_from_dict(damaged)

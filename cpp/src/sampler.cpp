@@ -242,6 +242,34 @@ void DiffusersDpmMultistepSampler::sample(Tensor& x, const ModelCall& model, con
   }
 }
 
+DiffusersFlowMatchEulerSampler::DiffusersFlowMatchEulerSampler(DiffusersFlowMatchTables tables)
+    : tables_(std::move(tables)) {
+  const size_t count = tables_.sigmas.size();
+  for (size_t i = 0; i < count; ++i) {
+    const float next = i + 1 < count ? static_cast<float>(tables_.sigmas[i + 1]) : 0.0f;
+    dt_.push_back(next - static_cast<float>(tables_.sigmas[i]));
+  }
+}
+
+const std::string& DiffusersFlowMatchEulerSampler::kind() const {
+  static const std::string name = "diffusers_flow_match_euler";
+  return name;
+}
+
+void DiffusersFlowMatchEulerSampler::sample(Tensor& x, const ModelCall& model, const Tensor*) const {
+  const int64_t n = x.shape[0], plane = static_cast<int64_t>(x.size()) / n;
+  for (int s = 0; s < num_model_calls(); ++s) {
+    const Tensor& out = model(s, x, static_cast<float>(tables_.model_times[s]));
+    const int64_t stride = scheduler_output_stride(x, out);
+    const float dt = dt_[s];
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t i = 0; i < plane; ++i) {
+        const float step = dt * out.data[b * stride + i];  // rounded before the add, as numpy does
+        x.data[b * plane + i] = x.data[b * plane + i] + step;
+      }
+  }
+}
+
 namespace detail {
 
 namespace {
@@ -357,6 +385,29 @@ std::shared_ptr<const Sampler> make_diffusers_dpm_multistep(const Fields& sectio
   return std::make_shared<DiffusersDpmMultistepSampler>(std::move(tables));
 }
 
+std::shared_ptr<const Sampler> make_diffusers_flow_match_euler(const Fields& section) {
+  const int64_t train = section["options"]["num_train_timesteps"].integer(2, 1000);
+  const size_t calls = static_cast<size_t>(section["num_calls"].integer(1, train));
+  section["num_inference_steps"].integer(1, train);
+  for (const char* option : {"invert_sigmas", "stochastic_sampling", "use_karras_sigmas", "use_exponential_sigmas",
+                             "use_beta_sigmas"})
+    diffusers_choice(section, option, {"false"});
+  DiffusersFlowMatchTables tables;
+  tables.sigmas = section["sigmas"].numbers(calls);
+  tables.model_times = section["model_times"].numbers(calls);
+  for (size_t s = 0; s < calls; ++s) {
+    if (!(tables.sigmas[s] > 0.0 && tables.sigmas[s] <= 1.0)) section["sigmas"][s].fail("expected a sigma in (0, 1]");
+    if (s > 0 && !(tables.sigmas[s] < tables.sigmas[s - 1]))
+      section["sigmas"][s].fail("expected the steps' sigmas strictly decreasing");
+    const float time = static_cast<float>(tables.sigmas[s]) * static_cast<float>(train);
+    if (tables.model_times[s] != static_cast<double>(time))
+      section["model_times"][s].fail("differs from sigmas * num_train_timesteps (float32); the model sees the "
+                                     "scheduler's timestep");
+  }
+  if (section["final_sigma"].number() != 0.0) section["final_sigma"].fail("expected 0");
+  return std::make_shared<DiffusersFlowMatchEulerSampler>(std::move(tables));
+}
+
 }  // namespace
 
 std::shared_ptr<const Sampler> make_sampler(const Fields& section, bool learn_sigma) {
@@ -364,9 +415,10 @@ std::shared_ptr<const Sampler> make_sampler(const Fields& section, bool learn_si
   if (kind == "dpm_solver_2s") return make_dpm_solver_2s(section);
   if (kind == "diffusers_ddim") return make_diffusers_ddim(section);
   if (kind == "diffusers_dpm_multistep") return make_diffusers_dpm_multistep(section);
+  if (kind == "diffusers_flow_match_euler") return make_diffusers_flow_match_euler(section);
   if (kind != "ddim" && kind != "ddpm")
-    section["kind"].fail("is " + kind + "; this l2c runtime knows ddim, ddpm, dpm_solver_2s, diffusers_ddim and "
-                         "diffusers_dpm_multistep");
+    section["kind"].fail("is " + kind + "; this l2c runtime knows ddim, ddpm, dpm_solver_2s, diffusers_ddim, "
+                         "diffusers_dpm_multistep and diffusers_flow_match_euler");
   const size_t steps = static_cast<size_t>(section["num_steps"].integer(1, 1 << 20));
   RespacedTables tables;
   tables.learn_sigma = learn_sigma;

@@ -177,12 +177,12 @@ def _interface(subset: SubsetPlan, slots: tuple[str, ...], spec: ModelSpec, dtyp
     """The graph's inputs and outputs as manifest tensor records: the family's model inputs and output, then the
     cache inputs and fresh outputs of the subset's live slots (``slots``: the name of every sub-layer)."""
     family, config = spec.family, spec.config
-    branch_shape = ["batch", *family.cached_shape(config)]
+    shapes = [["batch", *shape] for shape in family.cached_shapes(config)]
     inputs = [tensor.record() for tensor in family.graph_inputs(config)] + [
-        {"name": cache_input_name(slots[k]), "dtype": dtype, "shape": branch_shape, "slot": slots[k],
+        {"name": cache_input_name(slots[k]), "dtype": dtype, "shape": shapes[k], "slot": slots[k],
          "role": "cache"} for k in subset.reads]
     outputs = [family.graph_output(config).record()] + [
-        {"name": fresh_output_name(slots[k]), "dtype": dtype, "shape": branch_shape, "slot": slots[k],
+        {"name": fresh_output_name(slots[k]), "dtype": dtype, "shape": shapes[k], "slot": slots[k],
          "role": "fresh"} for k in subset.writes]
     return inputs, outputs
 
@@ -306,7 +306,7 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
                      "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
         "batch": request.batch.to_dict(),
         "cache_slots": [{"name": plan.slots[k], "index": k, "dtype": dtype,
-                         "shape": ["batch", *family.cached_shape(config)]} for k in used_slots],
+                         "shape": ["batch", *family.cached_shapes(config)[k]]} for k in used_slots],
         "weights": manifest_io.file_entry(folder, weights_name, base_key),
         "subsets": subset_records,
         "macs": {"always": macs.always, "attn": macs.attn, "mlp": macs.mlp, "full": macs.full,
@@ -326,6 +326,8 @@ def _guidance_record(request: BuildRequest, guided: int, null_class: int | None)
               "guided_channels": guided}
     if null_class is not None:
         record["null_class"] = null_class
+    if not getattr(spec.family, "classifier_free", True):
+        record["classifier_free"] = False
     sampler_channels = spec.family.sampler_channels(spec.config)
     if sampler_channels is not None:
         record["sampler_channels"] = sampler_channels

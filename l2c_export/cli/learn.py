@@ -163,10 +163,13 @@ def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str):
     """A text model's prompts to learn on (``--conditioning-data``), as a :class:`Condition`; None for a label
     model (which refuses the flag)."""
     from ..learn.learner import Condition
-    from ..runtime.conditioning import TEXT_ROLES, load_conditioning
+    from ..runtime.conditioning import GUIDANCE_ROLE, load_conditioning
 
     inputs = {tensor.role: tensor for tensor in spec.family.graph_inputs(spec.config)}
-    if not set(TEXT_ROLES) <= set(inputs):
+    if GUIDANCE_ROLE in inputs or not getattr(spec.family, "classifier_free", True):
+        raise click.UsageError(f"learning a router for a guidance-distilled model ({spec.family.transformer_class}) "
+                               f"is not supported yet")
+    if "prompt_embeds" not in inputs:
         if conditioning_data is not None:
             raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
                                      param_hint="--conditioning-data")
@@ -176,7 +179,9 @@ def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str):
     if data_arg != "none":
         raise click.BadParameter("a text model learns on its own trajectories over --conditioning-data; use --data "
                                  "none", param_hint="--data")
-    return Condition.of_prompts(load_conditioning(conditioning_data), inputs["prompt_embeds"].shape[-1], guiding,
+    records = {role: {"shape": ["batch", *tensor.shape]} for role, tensor in inputs.items()}
+    order = [tensor.role for tensor in spec.family.graph_inputs(spec.config)]
+    return Condition.of_prompts(load_conditioning(conditioning_data), records, order, guiding,
                                 f"--conditioning-data {conditioning_data}")
 
 

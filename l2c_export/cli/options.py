@@ -24,7 +24,9 @@ def model_options(function):
                      help="Model of --checkpoint, for example DiT-XL/2 or U-ViT-H/2; without --checkpoint an embedded "
                           "model: dit-digits (default), uvit-digits, t2i-digits (the diffusers folder "
                           "l2c_export/demo/t2i-digits)."),
-        click.option("--image-size", type=POSITIVE, help="Image size in pixels of --checkpoint (latents are 1/8)."),
+        click.option("--image-size", type=POSITIVE, help="Image size in pixels of --checkpoint (latents are 1/8), or of a "
+                     "--diffusers folder whose transformer has no sample_size (FLUX.1; latents are pixels over the "
+                     "VAE's scale factor)."),
         click.option("--num-classes", type=POSITIVE, default=1000, show_default=True, help="Classes of --checkpoint."),
     ]
     for option in reversed(options):

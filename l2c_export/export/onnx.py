@@ -97,6 +97,22 @@ class UniversalGraph:
             self.model.graph.initializer.append(tensor)
 
 
+def _rms_norm_symbolic(g, input, normalized_shape, weight, eps):
+    """``aten::rms_norm`` (``torch.nn.RMSNorm``: FLUX.1's query/key norms), which the TorchScript exporter has no
+    symbolic for below ONNX's RMSNormalization (opset 23), as its definition: ``x / sqrt(mean(x^2) + eps) * w`` over
+    the normalized axes (eps None: float32's machine epsilon, as torch's default)."""
+    from torch.onnx import symbolic_helper
+
+    dims = symbolic_helper._maybe_get_const(normalized_shape, "is")
+    axes = g.op("Constant", value_t=torch.tensor([-(i + 1) for i in range(len(dims))], dtype=torch.long))
+    eps = symbolic_helper._maybe_get_const(eps, "f")
+    eps = torch.finfo(torch.float32).eps if symbolic_helper._is_none(eps) or eps is None else float(eps)
+    mean = g.op("ReduceMean", g.op("Mul", input, input), axes, keepdims_i=1)
+    epsilon = g.op("CastLike", g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32)), input)
+    out = g.op("Div", input, g.op("Sqrt", g.op("Add", mean, epsilon)))
+    return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
+
+
 def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> UniversalGraph:
     """Traces ``model`` once in ``precision`` and returns the universal graph and its weights. The graph interface
     (input names, shapes, dummy inputs) and the cached shape come from the model's family."""
@@ -121,7 +137,8 @@ def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> Unive
     for spec in input_specs:  # axes that vary per request (a prompt's tokens) keep their names
         dynamic_axes[spec.name].update({1 + i: dim for i, dim in enumerate(spec.shape) if isinstance(dim, str)})
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
+    with warnings.catch_warnings(), family.export_context():
         warnings.simplefilter("ignore")
         torch.onnx.export(_EveryBranch(stand_in, num_sublayers).eval(), family.dummy_inputs(config, 2), buffer,
                           input_names=inputs, output_names=outputs, opset_version=OPSET, dynamo=False,
@@ -130,7 +147,7 @@ def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> Unive
     _fold_static_shape_ifs(graph_model)
     weights = _attach_parameters(graph_model, model, dtype)
     _merge_equal_constants(graph_model)
-    _name_dims(graph_model, family.cached_shape(config))
+    _name_dims(graph_model, dict(zip(slots, family.cached_shapes(config))))
     return UniversalGraph(graph_model, weights, precision, slots)
 
 
@@ -269,13 +286,14 @@ def _onnx_dtype(array: np.ndarray) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
 
 
-def _name_dims(graph_model: onnx.ModelProto, cached_shape: tuple[int, ...]) -> None:
-    """Static shapes on the graph boundary besides the batch: (batch, T, D) for the branch outputs."""
+def _name_dims(graph_model: onnx.ModelProto, cached_shapes: dict[str, tuple[int | str, ...]]) -> None:
+    """The branch outputs' shapes on the graph boundary: (batch, T, D) with each slot's sizes (static, or named
+    where they vary per request)."""
     for output in graph_model.graph.output:
         if output.name.startswith("fresh_"):
             dims = output.type.tensor_type.shape.dim
             del dims[:]
-            for value in ("batch", *cached_shape):
+            for value in ("batch", *cached_shapes[output.name[len("fresh_"):]]):
                 dim = dims.add()
                 if isinstance(value, str):
                     dim.dim_param = value

@@ -145,14 +145,16 @@ class Condition:
         return cls((labels,), (torch.full_like(labels, null_class),))
 
     @classmethod
-    def of_prompts(cls, arrays: dict, width: int, guiding: bool, where: str) -> "Condition":
+    def of_prompts(cls, arrays: dict, inputs: dict, order: list[str], guiding: bool, where: str) -> "Condition":
         """A set of prompts from arrays by the pipelines' argument names, checked as the runtime checks them (the
-        negative ones needed when ``guiding``)."""
-        from ..runtime.conditioning import check_prompts
+        negative ones needed when ``guiding``): ``inputs`` role -> record with the per-request ``shape`` of each of
+        the model's inputs, ``order`` their roles in the model's argument order."""
+        from ..runtime.conditioning import check_text_conditioning
 
-        embeds, mask, negative, negative_mask = check_prompts(arrays, width, guiding, where)
-        cond = (torch.from_numpy(embeds), torch.from_numpy(mask))
-        return cls(cond, (torch.from_numpy(negative), torch.from_numpy(negative_mask)) if guiding else cond)
+        checked = check_text_conditioning(arrays, inputs, guiding, where)
+        roles = [role for role in order if role in checked]
+        cond = tuple(torch.from_numpy(checked[role][0]) for role in roles)
+        return cls(cond, tuple(torch.from_numpy(checked[role][1]) for role in roles) if guiding else cond)
 
     def __len__(self) -> int:
         return len(self.cond[0])

@@ -25,8 +25,9 @@ LATENT_SCALE = 0.18215  # the SD-VAE scale both DiT and U-ViT latents use
 class TensorSpec:
     """One tensor of the graph interface, the batch axis left out: ``shape`` is per sample, an axis that varies per
     request named by a string (``prompt_tokens``). ``role`` says what a runtime feeds or reads: ``sample`` (x),
-    ``time`` (the timestep, float), ``label`` (class index), ``prompt_embeds`` and ``prompt_attention_mask`` (text
-    conditioning, fed from the pipeline arguments of those names), ``output``."""
+    ``time`` (the timestep, float), ``label`` (class index), ``prompt_embeds``, ``prompt_attention_mask`` and
+    ``pooled_prompt_embeds`` (text conditioning, fed from the pipeline arguments of those names), ``guidance`` (a
+    guidance-distilled model's guidance scale, (N,) float, fed ``--cfg-scale``), ``output``."""
 
     name: str
     dtype: str
@@ -94,6 +95,12 @@ class ModelFamily:
         """Per-sample shape of a cached sub-layer output, (T, D)."""
         raise NotImplementedError
 
+    def cached_shapes(self, config) -> tuple[tuple[int | str, ...], ...]:
+        """Per-sample shape of each sub-layer's cached value, in :meth:`sublayer_names` order (every one
+        :meth:`cached_shape` unless the family says otherwise; a size that varies per request is named by a string,
+        as in :class:`TensorSpec`)."""
+        return (tuple(self.cached_shape(config)),) * len(self.sublayer_names(config))
+
     # -- graph interface ---------------------------------------------------------------------------------------------
     def graph_inputs(self, config) -> list[TensorSpec]:
         """The model inputs, in the order ``forward_cached`` takes them."""
@@ -115,6 +122,12 @@ class ModelFamily:
             else:
                 tensors.append(torch.zeros((batch, *spec.shape)))
         return tuple(tensors)
+
+    def export_context(self):
+        """A context the ONNX trace runs in (where a family's modules need a traceable stand-in); none by default."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     # -- cost and sampling conventions -------------------------------------------------------------------------------
     def count_macs(self, config):
@@ -147,7 +160,8 @@ def config_from_dict(cls, data: Mapping):
 # name -> module defining FAMILY; adding a family is one line here.
 FAMILIES = {"dit": "l2c_export.models.dit", "uvit": "l2c_export.models.uvit",
             "diffusers-dit": "l2c_export.models.diffusers.dit",
-            "diffusers-pixart": "l2c_export.models.diffusers.pixart"}
+            "diffusers-pixart": "l2c_export.models.diffusers.pixart",
+            "diffusers-sd3": "l2c_export.models.diffusers.sd3", "diffusers-flux": "l2c_export.models.diffusers.flux"}
 _loaded: dict[str, ModelFamily] = {}
 
 

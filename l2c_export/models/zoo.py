@@ -76,7 +76,7 @@ class ModelSpec:
             from ..samplers import sampler_from_scheduler_config
 
             return sampler_from_scheduler_config(self.scheduler_config, num_steps or self.num_steps,
-                                                 self.scheduler_source)
+                                                 self.scheduler_source, self.family.pipeline_timesteps(self.config))
         return create_sampler(kind or self.sampler_kind, num_steps or self.num_steps, clip_denoised=self.clip_denoised)
 
     def schedule(self) -> Schedule | None:
@@ -121,13 +121,15 @@ def official(checkpoint: str | Path, model: str, image_size: int, num_classes: i
     return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent")
 
 
-def from_diffusers(folder: str | Path) -> ModelSpec:
+def from_diffusers(folder: str | Path, image_size: int | None = None) -> ModelSpec:
     """A diffusers pipeline folder (:func:`l2c_export.models.diffusers.read_folder`): its transformer, its scheduler as
-    the sampler, the pipeline's default steps and guidance scale."""
+    the sampler, the pipeline's default steps and guidance scale; ``image_size`` (pixels) for a transformer without a
+    ``sample_size`` (FLUX.1)."""
     from .diffusers import read_folder
 
     found = read_folder(folder)
-    return ModelSpec(name=f"{found.config.transformer_class} {Path(folder).resolve().name}", config=found.config,
+    config = found.family.sized_config(found.config, image_size, found.vae_scale_factor)
+    return ModelSpec(name=f"{found.config.transformer_class} {Path(folder).resolve().name}", config=config,
                      weights=found.transformer_dir, space="latent", num_steps=found.family.default_steps,
                      scheduler_config=found.scheduler_config, scheduler_source=str(found.scheduler_config_path),
                      components=found.components,
@@ -141,7 +143,7 @@ def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | 
     if diffusers is not None:
         if checkpoint is not None or model is not None:
             raise ValueError("--diffusers names the model; leave out --checkpoint and --model")
-        return from_diffusers(diffusers)
+        return from_diffusers(diffusers, image_size)
     if checkpoint is None:
         if model is not None and model not in EMBEDDED_MODELS:
             raise ValueError(f"--model {model} needs --checkpoint; without one, --model is an embedded model: "

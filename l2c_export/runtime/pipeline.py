@@ -151,11 +151,11 @@ class L2CPipeline:
         negative_prompt: the unconditional half's text when guiding ("" as the PixArt pipelines; one, or one per
         prompt). decode: decode latents with the build's VAE decoder into ``result.decoded``.
         """
-        from .conditioning import model_batch_conditioning
+        from .conditioning import classifier_free_batch, model_batch_conditioning
 
         cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
                                  "cfg_scale", low=1.0)
-        guiding = cfg_scale > 1.0
+        guiding = classifier_free_batch(self.manifest, cfg_scale)
         if decode and self.decoder is None and self.manifest["model"]["space"] == "latent":
             raise ValueError(f"{self.folder}: the build has no VAE decoder (field 'components/vae_decoder'); build "
                              f"from a diffusers folder with a vae/ to decode, or save the latents")
@@ -169,7 +169,7 @@ class L2CPipeline:
             prompts = [prompt] if isinstance(prompt, (str, bytes)) else list(prompt)
             conditioning = self.prompt_encoder(prompts, negative_prompt, guiding)
             where = "prompt"
-        n, condition = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where)
+        n, condition = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where, cfg_scale)
         expected = (n, *self.sample_shape)
         if noise is None:
             noise = make_noise(seed, expected)

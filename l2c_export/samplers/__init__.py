@@ -13,7 +13,8 @@ arrays.
 from __future__ import annotations
 
 from .base import CallGenerator, DenoisingSampler, ModelCall, denoise
-from .diffusers import DiffusersDDIM, DiffusersDPMMultistep, SchedulerConfigError, sampler_from_scheduler_config
+from .diffusers import (DiffusersDDIM, DiffusersDPMMultistep, DiffusersFlowMatchEuler, PipelineTimesteps,
+                        SchedulerConfigError, sampler_from_scheduler_config)
 from .dpm_solver import DiscreteVPSchedule, DPMSolver2S, stable_diffusion_betas
 from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianSampler, linear_betas, space_timesteps
 from .guidance import apply_guidance, check_labels, guidance_batch, make_noise, step_noise
@@ -21,12 +22,13 @@ from .guidance import apply_guidance, check_labels, guidance_batch, make_noise, 
 # kind -> the class that implements it (``create(kind, num_calls, clip_denoised)``, ``from_dict``,
 # ``official_calls``); adding a sampler is a class and a line here.
 SAMPLERS = {"ddim": GaussianSampler, "ddpm": GaussianSampler, "dpm_solver_2s": DPMSolver2S,
-            "diffusers_ddim": DiffusersDDIM, "diffusers_dpm_multistep": DiffusersDPMMultistep}
+            "diffusers_ddim": DiffusersDDIM, "diffusers_dpm_multistep": DiffusersDPMMultistep,
+            "diffusers_flow_match_euler": DiffusersFlowMatchEuler}
 SAMPLER_KINDS = tuple(SAMPLERS)
 
 __all__ = ["SAMPLERS", "SAMPLER_KINDS", "CallGenerator", "DenoisingSampler", "ModelCall", "denoise",
            "official_cache_calls", "create_sampler", "sampler_from_dict", "GaussianSampler", "DPMSolver2S", "DiscreteVPSchedule",
-           "DiffusersDDIM", "DiffusersDPMMultistep", "SchedulerConfigError", "sampler_from_scheduler_config",
+           "DiffusersDDIM", "DiffusersDPMMultistep", "DiffusersFlowMatchEuler", "PipelineTimesteps", "SchedulerConfigError", "sampler_from_scheduler_config",
            "NUM_TRAIN_TIMESTEPS", "linear_betas", "space_timesteps", "stable_diffusion_betas", "apply_guidance",
            "check_labels", "guidance_batch", "make_noise", "step_noise"]
 

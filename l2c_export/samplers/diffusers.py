@@ -1,11 +1,12 @@
-"""diffusers' schedulers as samplers: ``DDIMScheduler`` and ``DPMSolverMultistepScheduler`` (DPM-Solver++ 1S/2M),
-read from a pipeline folder's ``scheduler/scheduler_config.json``.
+"""diffusers' schedulers as samplers: ``DDIMScheduler``, ``DPMSolverMultistepScheduler`` (DPM-Solver++ 1S/2M) and
+``FlowMatchEulerDiscreteScheduler`` (flow matching: SD3/3.5, FLUX.1), read from a pipeline folder's
+``scheduler/scheduler_config.json``.
 
 Hand-written in numpy on purpose: diffusers' schedulers are torch code, and the samplers here run where torch is not
 (the runtime, the Triton model, the C++ runtime, which reads the same manifest tables). They reproduce diffusers 0.42's
 ``set_timesteps`` and ``step`` as its pipelines (``DiTPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``)
 run them: ``eta = 0``, ``scale_model_input`` the identity, the model given the integer timestep, one model call per
-step. Like diffusers, the tables are float32 (betas from a float64 linspace rounded to float32, ``alphas_cumprod`` a
+step; flow matching as ``StableDiffusion3Pipeline`` and ``FluxPipeline`` set its timesteps (:class:`PipelineTimesteps`). Like diffusers, the tables are float32 (betas from a float64 linspace rounded to float32, ``alphas_cumprod`` a
 product accumulated in float64 and rounded per entry, as torch's CPU ``cumprod`` does) and every scalar coefficient of
 a step is formed in float32 operation by operation; on float32 samples the step then matches diffusers' own to float32
 rounding. (torch's float32 ``linspace`` rounds some betas one float32 ulp differently, depending on the CPU's vector
@@ -19,6 +20,7 @@ and ignored.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -150,7 +152,7 @@ def check_options(specs: dict[str, tuple[object, Check]], config: dict, where: s
         options[name] = value
     if options.get("lambda_min_clipped") == -math.inf:
         options["lambda_min_clipped"] = None
-    betas = options["trained_betas"]
+    betas = options.get("trained_betas")
     if betas is not None and len(betas) != options["num_train_timesteps"]:
         raise SchedulerConfigError(f"{where}: field '{prefix}trained_betas' has {len(betas)} entries; expected "
                                    f"num_train_timesteps = {options['num_train_timesteps']}")
@@ -611,21 +613,204 @@ class DiffusersDPMMultistep(_DiffusersSampler):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# FlowMatchEulerDiscreteScheduler
+
+def _optional_number(value) -> str | None:
+    return None if value is None or _is_number(value) else "expected null or a finite number"
+
+
+FLOW_MATCH_OPTIONS: dict[str, tuple[object, Check]] = {
+    "num_train_timesteps": (1000, _integer(2, 1000)),
+    "shift": (1.0, _positive),
+    "use_dynamic_shifting": (False, _boolean),
+    "base_shift": (0.5, _optional_number),  # read only with use_dynamic_shifting (null: the pipeline's default)
+    "max_shift": (1.15, _optional_number),
+    "base_image_seq_len": (256, _integer(1, 1 << 24)),
+    "max_image_seq_len": (4096, _integer(1, 1 << 24)),
+    "invert_sigmas": (False, _choice(False)),
+    "shift_terminal": (None, _choice(None)),
+    "use_karras_sigmas": (False, _choice(False)),
+    "use_exponential_sigmas": (False, _choice(False)),
+    "use_beta_sigmas": (False, _choice(False)),
+    "time_shift_type": ("exponential", _choice("exponential", "linear")),
+    "stochastic_sampling": (False, _choice(False)),
+}
+
+
+@dataclass(frozen=True)
+class PipelineTimesteps:
+    """How a flow-matching pipeline calls ``set_timesteps``: ``image_seq_len`` the transformer's image tokens (the
+    ``mu`` of dynamic shifting comes from it with the scheduler's base/max shift and sequence lengths, and the
+    pipeline's defaults where the config leaves them null); ``linspace_sigmas``: the pipeline passes
+    ``sigmas = np.linspace(1, 1 / N, N)`` (FluxPipeline) rather than none (StableDiffusion3Pipeline);
+    ``default_max_shift`` the pipeline's fallback for ``max_shift`` (SD3 1.16, FLUX 1.15)."""
+
+    image_seq_len: int
+    linspace_sigmas: bool = False
+    default_max_shift: float = 1.15
+
+    def mu(self, options: dict) -> float:
+        """The pipelines' ``calculate_shift``: linear in the image sequence length, float64."""
+        base_len, max_len = options["base_image_seq_len"], options["max_image_seq_len"]
+        base_shift = 0.5 if options["base_shift"] is None else options["base_shift"]
+        max_shift = self.default_max_shift if options["max_shift"] is None else options["max_shift"]
+        m = (max_shift - base_shift) / (max_len - base_len)
+        b = base_shift - m * base_len
+        return self.image_seq_len * m + b
+
+
+class DiffusersFlowMatchEuler(_DiffusersSampler):
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` (deterministic Euler on the velocity), as SD3 and FLUX.1
+    pipelines call it: ``x_next = x + (sigma_next - sigma) * v`` in float32, the model given ``1000 * sigma``
+    (float32; FLUX.1's pipeline divides it by 1000 again, inside the graph).
+
+    Tables: ``sigmas`` (num_calls,) float32 values, descending, and ``final_sigma`` (0) after the last step; the
+    model sees ``timesteps`` = ``sigmas * num_train_timesteps`` in float32. ``mu`` is the dynamic shift used (None
+    without ``use_dynamic_shifting``). The samples are ``x = (1 - sigma) * x0 + sigma * noise``.
+    """
+
+    kind = "diffusers_flow_match_euler"
+    class_name = "FlowMatchEulerDiscreteScheduler"
+
+    def __init__(self, options: dict, num_inference_steps: int, sigmas: np.ndarray, mu: float | None = None,
+                 where: str = "sampler"):
+        self.options = options
+        self.num_inference_steps = num_inference_steps
+        self.mu = mu
+        sigmas32 = np.asarray(sigmas, dtype=np.float32)
+        if len(sigmas32) == 0 or not (np.all(np.isfinite(sigmas32)) and np.all(sigmas32 > 0)
+                                      and np.all(sigmas32 <= 1) and np.all(np.diff(sigmas32) < 0)):
+            raise SchedulerConfigError(f"{where}: the sigmas {sigmas32.tolist()} are not strictly decreasing in "
+                                       f"(0, 1]; choose fewer steps or another shift")
+        self.sigmas = sigmas32.astype(np.float64)
+        self.final_sigma = 0.0
+        self._timesteps32 = sigmas32 * np.float32(options["num_train_timesteps"])
+        self.timesteps = self._timesteps32.astype(np.float64)
+        every = np.append(sigmas32, np.float32(0.0))
+        self._dt = (every[1:] - every[:-1]).astype(np.float32)  # float32, as diffusers' sigma_next - sigma
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict, num_inference_steps: int, source: str,
+                              pipeline: PipelineTimesteps | None = None) -> "DiffusersFlowMatchEuler":
+        """``set_timesteps`` as ``pipeline`` calls it (None: no sigmas and no ``mu``, which dynamic shifting
+        refuses: it needs the image sequence length)."""
+        options = check_options(FLOW_MATCH_OPTIONS, config, source, cls.class_name)
+        _check_num_steps(num_inference_steps, options, source)
+        if options["base_image_seq_len"] >= options["max_image_seq_len"]:
+            raise SchedulerConfigError(f"{source}: field 'max_image_seq_len' is {options['max_image_seq_len']}; "
+                                       f"expected more than base_image_seq_len {options['base_image_seq_len']}")
+        count = options["num_train_timesteps"]
+        mu = None
+        if options["use_dynamic_shifting"]:
+            if pipeline is None:
+                raise SchedulerConfigError(f"{source}: field 'use_dynamic_shifting' is true; the shift then depends "
+                                           f"on the image size, which only a pipeline folder's transformer gives")
+            mu = pipeline.mu(options)
+        if pipeline is not None and pipeline.linspace_sigmas:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).astype(np.float32)
+        else:
+            # __init__'s float32 table (shifted unless dynamic), whose ends set_timesteps spaces in float64.
+            train = np.linspace(1, count, count, dtype=np.float32)[::-1] / np.float32(count)
+            if not options["use_dynamic_shifting"]:
+                # torch casts each Python scalar operand to float32: shift, and shift - 1 formed in float64.
+                shift, shift_less_one = np.float32(options["shift"]), np.float32(options["shift"] - 1)
+                train = shift * train / (np.float32(1.0) + shift_less_one * train)
+            sigma_max, sigma_min = float(train[0]), float(train[-1])
+            sigmas = np.linspace(sigma_max * count, sigma_min * count, num_inference_steps) / count
+        if options["use_dynamic_shifting"]:
+            exp_mu = math.exp(mu)
+            if options["time_shift_type"] == "exponential":
+                sigmas = exp_mu / (exp_mu + (1 / sigmas - 1) ** 1.0)
+            else:
+                sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+        else:
+            shift = float(options["shift"])
+            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        return cls(options, num_inference_steps, np.asarray(sigmas).astype(np.float32), mu,
+                   where=f"{source} ({num_inference_steps} steps)")
+
+    @classmethod
+    def create(cls, kind: str, num_calls: int, clip_denoised: bool = False) -> "DiffusersFlowMatchEuler":
+        """diffusers' default FlowMatchEulerDiscreteScheduler config (``clip_denoised`` has no counterpart)."""
+        return cls.from_scheduler_config({}, num_calls, f"{cls.class_name} defaults")
+
+    @property
+    def model_times(self) -> np.ndarray:
+        """(num_calls,) float64: the float32 timestep ``1000 * sigma`` the pipeline gives the transformer."""
+        return self.timesteps
+
+    def step(self, s: int, x, model_output):
+        """``FlowMatchEulerDiscreteScheduler.step(model_output, timesteps[s], x).prev_sample``: x + dt * v."""
+        return x + float(self._dt[s]) * model_output
+
+    def calls(self, x, noise=None, first_step: int = 0) -> CallGenerator:
+        """Yields one call per step, receives the (guided) velocity, returns the latents as ``output_type="latent"``.
+        ``noise`` is unused (deterministic); from ``first_step`` the Euler step needs no history."""
+        for s in range(first_step, self.num_calls):
+            out = yield ModelCall(s, x, float(self._timesteps32[s]))
+            x = self.step(s, x, out)
+        return x
+
+    def noise_level(self, call: int) -> tuple[float, float]:
+        """(1 - sigma, sigma): flow matching's interpolation ``x = (1 - sigma) * x0 + sigma * noise``."""
+        sigma = float(self.sigmas[call])
+        return 1.0 - sigma, sigma
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "num_calls": self.num_calls, "model_times": self.model_times.tolist(),
+                "num_steps": self.num_steps, "num_inference_steps": self.num_inference_steps,
+                "options": dict(self.options), "sigmas": self.sigmas.tolist(), "final_sigma": self.final_sigma,
+                "mu": self.mu}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DiffusersFlowMatchEuler":
+        if not isinstance(data, dict) or data.get("kind") != cls.kind:
+            raise SchedulerConfigError(f"sampler: field 'kind' is "
+                                       f"{data.get('kind') if isinstance(data, dict) else None!r}; expected "
+                                       f"{cls.kind!r}")
+        options = check_options(FLOW_MATCH_OPTIONS, data.get("options"), "sampler", cls.class_name,
+                                prefix="options/")
+        num_calls, steps = data.get("num_calls"), data.get("num_inference_steps")
+        for name, value in (("num_calls", num_calls), ("num_inference_steps", steps)):
+            if not (isinstance(value, int) and not isinstance(value, bool)
+                    and 1 <= value <= options["num_train_timesteps"]):
+                raise SchedulerConfigError(f"sampler: field '{name}' is {value!r}; expected an integer in "
+                                           f"1..{options['num_train_timesteps']}")
+        if data.get("final_sigma") != 0:
+            raise SchedulerConfigError(f"sampler: field 'final_sigma' is {data.get('final_sigma')!r}; expected 0")
+        mu = data.get("mu")
+        if (mu is None) == bool(options["use_dynamic_shifting"]) or (mu is not None and not _is_number(mu)):
+            raise SchedulerConfigError(f"sampler: field 'mu' is {mu!r}; expected a finite number with "
+                                       f"use_dynamic_shifting, else null")
+        sampler = cls(options, steps, _table(data, "sigmas", num_calls, 0.0, 1.0, low_open=True), mu)
+        model_times = _table(data, "model_times", num_calls, 0, options["num_train_timesteps"])
+        if not np.array_equal(model_times, sampler.model_times):
+            raise SchedulerConfigError("sampler: field 'model_times' differs from 'sigmas' * num_train_timesteps "
+                                       "(float32); the model sees the scheduler's timestep")
+        return sampler
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Reading a scheduler config.
 
-SCHEDULER_CLASSES = {cls.class_name: cls for cls in (DiffusersDDIM, DiffusersDPMMultistep)}
+SCHEDULER_CLASSES = {cls.class_name: cls for cls in (DiffusersDDIM, DiffusersDPMMultistep,
+                                                      DiffusersFlowMatchEuler)}
 
 
-def sampler_from_scheduler_config(config: dict, num_inference_steps: int, source: str):
+def sampler_from_scheduler_config(config: dict, num_inference_steps: int, source: str,
+                                  pipeline: PipelineTimesteps | None = None):
     """The sampler of a ``scheduler_config.json`` dict (its ``_class_name`` picks the scheduler) running
-    ``num_inference_steps`` (``--steps``). Raises :class:`SchedulerConfigError` in one line naming ``source``, the
-    field and what is supported."""
+    ``num_inference_steps`` (``--steps``); ``pipeline``: how a flow-matching pipeline sets the timesteps (the other
+    schedulers take none). Raises :class:`SchedulerConfigError` in one line naming ``source``, the field and what is
+    supported."""
     if not isinstance(config, dict):
         raise SchedulerConfigError(f"{source}: expected a JSON object; got {type(config).__name__}")
     name = config.get("_class_name")
     if name not in SCHEDULER_CLASSES:
         raise SchedulerConfigError(f"{source}: field '_class_name' is {name!r}; supported: "
                                    f"{', '.join(SCHEDULER_CLASSES)}")
+    if name == DiffusersFlowMatchEuler.class_name:
+        return DiffusersFlowMatchEuler.from_scheduler_config(config, num_inference_steps, source, pipeline)
     return SCHEDULER_CLASSES[name].from_scheduler_config(config, num_inference_steps, source)
 
 

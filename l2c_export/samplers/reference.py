@@ -40,9 +40,11 @@ def sample_reference(model: torch.nn.Module, sampler: DenoisingSampler, labels: 
     config = model.config
     family = family_of_config(config)
     graph_inputs = family.graph_inputs(config)
-    guiding = cfg_scale > 1.0
+    classifier_free = getattr(family, "classifier_free", True)  # False: a guidance-distilled model (FLUX.1)
+    guiding = classifier_free and cfg_scale > 1.0
     n, by_name = batch_conditioning([tensor.record() for tensor in graph_inputs], family.null_class(config), guiding,
-                                    labels, conditioning, where)
+                                    labels, conditioning, where, classifier_free=classifier_free,
+                                    guidance_scale=cfg_scale)
     sample_shape = graph_inputs[0].shape
     expected = (n, *sample_shape)
     if noise is None:

@@ -4,7 +4,8 @@ dynamic batcher hands over together merged into as few ``L2CPipeline`` calls as 
 No Triton imports here: the Triton model (``triton_model.py``) only moves tensors in and out. A request holds ``n``
 images (Triton's batch dimension). Its conditioning is the build's (:func:`served_inputs`, from the manifest's
 ``model/inputs``): ``labels`` for a label model, the prompt embeddings by the pipelines' argument names for a text model
-(PixArt). Per image:
+(PixArt; SD3 and FLUX.1 take ``pooled_prompt_embeds`` (P,) in place of the mask, FLUX.1 no negatives, its
+``cfg_scale`` feeding the guidance embedding; FLUX.1's ``noise`` and ``samples`` are packed, (T, 4 C)). Per image:
 
 ============================== ============= =========================================================================
 input                          shape, dtype  meaning
@@ -44,7 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.util import check_finite
-from ..runtime.conditioning import TEXT_ARGUMENTS, check_prompts, conditioning_inputs
+from ..runtime.conditioning import (TEXT_ROLES, check_text_conditioning, classifier_free_batch,
+                                   conditioning_inputs)
 from ..samplers.guidance import check_labels, make_noise
 
 MAX_SEED = 2 ** 63 - 1  # numpy's generators take any seed >= 0; int64 caps it here
@@ -53,21 +55,32 @@ MAX_CFG_SCALE = 100.0  # far above any scale in use (DiT samples at 1.5-4, text-
 MAX_ABS_NOISE = 1000.0  # standard normal noise never comes near it (|x| > 10 has probability 1e-23)
 
 
-def input_ranges(num_classes: int | None, text_prompts: bool = False) -> dict[str, list]:
+def input_ranges(num_classes: int | None, masked: bool = True, text_prompts: bool = False) -> dict[str, list]:
     """The closed range of every input's values, by input name: what :func:`decode_request` enforces.
-    ``num_classes``: a label model's classes; None for a text model (its masks are 0/1, its embeddings finite);
-    ``text_prompts``: a text model served prompts as text (no masks)."""
+    ``num_classes``: a label model's classes; None for a text model (its masks, where ``masked``, are 0/1, its
+    embeddings finite); ``text_prompts``: a text model served prompts as text (no masks)."""
     ranges = {"noise": [-MAX_ABS_NOISE, MAX_ABS_NOISE], "seed": [0, MAX_SEED], "cfg_scale": [1.0, MAX_CFG_SCALE]}
     if text_prompts:
         return ranges
     if num_classes is None:
-        return {"prompt_attention_mask": [0, 1], "negative_prompt_attention_mask": [0, 1], **ranges}
+        masks = {"prompt_attention_mask": [0, 1], "negative_prompt_attention_mask": [0, 1]} if masked else {}
+        return {**masks, **ranges}
     return {"labels": [0, num_classes - 1], **ranges}
 
 
 def takes_text(manifest: dict) -> bool:
     """Whether the build is served prompts as text: it carries a text encoder and tokenizer."""
     return "text_encoder" in manifest.get("components", {})
+
+
+def served_text_arguments(manifest: dict) -> list[str]:
+    """A text model's conditioning inputs by the pipelines' argument names: its text roles (prompt_embeds, and
+    prompt_attention_mask or pooled_prompt_embeds where it has them), then their ``negative_`` twins where it guides
+    with a classifier-free batch."""
+    inputs = conditioning_inputs(manifest)
+    roles = [role for role in TEXT_ROLES if role in inputs]
+    negatives = [f"negative_{role}" for role in roles] if manifest["guidance"].get("classifier_free", True) else []
+    return roles + negatives
 
 
 def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
@@ -84,10 +97,11 @@ def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
     elif takes_text(manifest):
         conditioning = [("prompt", "bytes", [1], False), ("negative_prompt", "bytes", [1], True)]
     else:
-        embeds, mask = inputs["prompt_embeds"], inputs["prompt_attention_mask"]
-        conditioning = [(name, record["dtype"], [-1, embeds["shape"][-1]] if record is embeds else [-1],
+        dims = {"prompt_embeds": [-1, inputs["prompt_embeds"]["shape"][-1]], "prompt_attention_mask": [-1],
+                "pooled_prompt_embeds": [inputs.get("pooled_prompt_embeds", {"shape": [0]})["shape"][-1]]}
+        conditioning = [(name, inputs[name.removeprefix("negative_")]["dtype"], dims[name.removeprefix("negative_")],
                          name.startswith("negative"))
-                        for name, record in zip(TEXT_ARGUMENTS, (embeds, mask, embeds, mask))]
+                        for name in served_text_arguments(manifest)]
     return conditioning + [("noise", "float32", sample_shape, True), ("seed", "int64", [1], True),
                            ("cfg_scale", "float32", [1], True)]
 
@@ -100,7 +114,7 @@ class SampleRequest:
     noise: np.ndarray  # (n, C, H, W) float32
     seeds: np.ndarray  # (n,) int64: DDPM's step noise is drawn from them
     cfg_scales: np.ndarray  # (n,) float64
-    conditioning: dict[str, np.ndarray] | None = None  # text models: TEXT_ARGUMENTS -> (n, L, D) / (n, L) float32
+    conditioning: dict[str, np.ndarray] | None = None  # text models: argument name -> (n, L, D) / (n, L) / (n, P)
 
     @property
     def prompt_length(self) -> int | None:
@@ -135,7 +149,7 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
     else:
         if labels is not None:
             raise ValueError("input 'labels': this model is conditioned on prompt embeddings (inputs "
-                             f"{', '.join(TEXT_ARGUMENTS)}), not class labels")
+                             f"{', '.join(served_text_arguments(pipeline.manifest))}), not class labels")
         if "prompt_embeds" not in prompts:
             raise ValueError("input 'prompt_embeds' is missing; expected float32 prompt embeddings of shape "
                              "(n, L, D)")
@@ -152,7 +166,7 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
             raise ValueError(f"input '{name}' has shape {list(value.shape)}; expected [{n}, 1] (one per image)")
         return value.reshape(n).astype(dtype)
 
-    ranges = input_ranges(pipeline.num_classes)
+    ranges = input_ranges(pipeline.num_classes, "prompt_attention_mask" in conditioning_inputs(pipeline.manifest))
     seeds = per_image("seed", seed, np.int64)
     if seeds is not None and np.any(seeds < 0):
         raise ValueError(f"input 'seed' is {seeds.tolist()}; expected seeds in 0..{MAX_SEED}")
@@ -163,16 +177,25 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
         check_finite(float(scale), "input 'cfg_scale'", *ranges["cfg_scale"])  # 1 is no guidance
     conditioning = None
     if texts:  # encoded once for the request; the negatives whenever any image guides
-        guiding = bool(np.any(scales > 1.0))
+        guiding = any(classifier_free_batch(pipeline.manifest, float(scale)) for scale in scales)
         conditioning = pipeline.prompt_encoder(texts["prompt"], texts.get("negative_prompt", ""), guiding,
                                                where="input 'prompt'")
     elif pipeline.interface.label is None:
-        # the negatives are checked whenever they are sent, and needed when any image of the request guides
-        guiding = bool(np.any(scales > 1.0)) or any(name.startswith("negative") for name in prompts)
-        width = conditioning_inputs(pipeline.manifest)["prompt_embeds"]["shape"][-1]
-        checked = check_prompts(prompts, width, guiding, where="request",
-                                max_tokens=pipeline.manifest["model"].get("max_sequence_length"))
-        conditioning = {name: array for name, array in zip(TEXT_ARGUMENTS, checked) if array is not None}
+        # the negatives are checked whenever they are sent, and needed when any image of the request guides with a
+        # classifier-free batch (a guidance-distilled model takes none)
+        names = served_text_arguments(pipeline.manifest)
+        unknown = sorted(set(prompts) - set(names))
+        if unknown:
+            raise ValueError(f"input {unknown[0]!r} is not one of this model's; expected {', '.join(names)}")
+        guiding = any(classifier_free_batch(pipeline.manifest, float(scale)) for scale in scales) or \
+            any(name.startswith("negative") for name in prompts)
+        checked = check_text_conditioning(prompts, conditioning_inputs(pipeline.manifest), guiding, where="request",
+                                          max_tokens=pipeline.manifest["model"].get("max_sequence_length"))
+        conditioning = {}
+        for role, (array, negative) in checked.items():
+            conditioning[role] = array
+            if negative is not None:
+                conditioning[f"negative_{role}"] = negative
     if noise is not None:
         if seeds is not None:
             raise ValueError("inputs 'noise' and 'seed' are both given; give one of them (seed draws the noise)")
@@ -236,7 +259,7 @@ def images_per_batch(pipeline, cfg_scale: float) -> int:
     """The most images one sampling batch may hold: the build's model batch limit (halved when guiding, as the
     conditional and null-class halves run as one batch)."""
     limit = pipeline.manifest["batch"]["max"]
-    return max(1, limit // 2) if cfg_scale > 1.0 else limit
+    return max(1, limit // 2) if classifier_free_batch(pipeline.manifest, cfg_scale) else limit
 
 
 def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.ndarray | Exception], list[int]]:
@@ -260,7 +283,9 @@ def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.nd
             if length is None:
                 condition = {"labels": [int(requests[r].labels[i]) for r, i in chunk]}
             else:  # the negatives only where this batch guides (a request may send them for its unguided images too)
-                names = TEXT_ARGUMENTS if scale > 1.0 else TEXT_ARGUMENTS[:2]
+                guided = classifier_free_batch(pipeline.manifest, scale)
+                names = [name for name in served_text_arguments(pipeline.manifest)
+                         if guided or not name.startswith("negative_")]
                 condition = {"conditioning": {name: np.stack([requests[r].conditioning[name][i] for r, i in chunk])
                                               for name in names}}
             noise = np.stack([requests[r].noise[i] for r, i in chunk])

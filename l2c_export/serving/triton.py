@@ -70,7 +70,7 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
 
     from ..runtime.pipeline import ModelInterface
 
-    channels, side, _ = ModelInterface.from_manifest(manifest).sample_shape
+    sample_shape = list(ModelInterface.from_manifest(manifest).sample_shape)  # (C, H, W); FLUX.1: packed (T, 4C)
     device = device or ("cuda" if manifest["backend"] == "tensorrt" else "cpu")
     model = pb.ModelConfig(name=name, backend="python",
                            max_batch_size=max_batch_size or default_max_batch_size(manifest))
@@ -80,9 +80,9 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
             raise manifest_io.ManifestError(f"manifest: field 'model/inputs': input {input_name!r} is {dtype}; "
                                             f"expected one of {', '.join(triton_types)} to serve it")
         model.input.add(name=input_name, data_type=triton_types[dtype], dims=dims, optional=optional)
-    model.output.add(name="samples", data_type=pb.TYPE_FP32, dims=[channels, side, side])
+    model.output.add(name="samples", data_type=pb.TYPE_FP32, dims=sample_shape)
     if manifest["model"]["space"] == "pixel":
-        model.output.add(name="images", data_type=pb.TYPE_UINT8, dims=[side, side, 3])
+        model.output.add(name="images", data_type=pb.TYPE_UINT8, dims=[sample_shape[-1], sample_shape[-1], 3])
     elif "vae_decoder" in manifest.get("components", {}):  # latents decoded by the build's VAE decoder
         _, _, height, width = manifest["components"]["vae_decoder"]["outputs"][0]["shape"]
         model.output.add(name="images", data_type=pb.TYPE_UINT8, dims=[height, width, 3])
@@ -91,8 +91,9 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
     model.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     model.parameters["backend"].string_value = manifest["backend"]
     model.parameters["threads"].string_value = str(threads)
+    masked = any(tensor["role"] == "prompt_attention_mask" for tensor in manifest["model"]["inputs"])
     model.parameters["input_ranges"].string_value = json.dumps(input_ranges(manifest["guidance"].get("null_class"),
-                                                                            takes_text(manifest)))
+                                                                            masked, takes_text(manifest)))
     return model
 
 

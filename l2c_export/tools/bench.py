@@ -171,7 +171,7 @@ def _memory_probe(folder: str, backend: str, batch: int, which: str, prompt_toke
         import torch  # noqa: F401
     from ..runtime.backends import load_backend
     from ..runtime.pipeline import ModelInterface
-    from ..runtime.conditioning import model_batch_conditioning
+    from ..runtime.conditioning import classifier_free_batch, model_batch_conditioning
     from ..samplers.guidance import make_noise
 
     data = manifest_io.load(folder, verify_files=False)
@@ -180,7 +180,7 @@ def _memory_probe(folder: str, backend: str, batch: int, which: str, prompt_toke
     subsets = None if which == "all" else [full]
     engines = load_backend(backend, data, Path(folder), subsets=subsets)
     interface = ModelInterface.from_manifest(data)
-    guiding = data["guidance"]["cfg_scale"] > 1.0
+    guiding = classifier_free_batch(data, data["guidance"]["cfg_scale"])
     example = bench_request(data, batch, prompt_tokens)
     _, condition = model_batch_conditioning(data, guiding, example.get("labels"), example.get("conditioning"))
     noise = make_noise(0, (batch, *interface.sample_shape))

@@ -22,7 +22,7 @@ from ..runtime.backends import cache_inputs, fresh_outputs, load_backend
 from ..runtime.backends.torch import model_from_manifest
 from ..runtime.pipeline import ModelInterface
 from ..samplers import ModelCall, denoise, sampler_from_dict
-from ..runtime.conditioning import example_conditioning, model_batch_conditioning
+from ..runtime.conditioning import classifier_free_batch, example_conditioning, model_batch_conditioning
 from ..samplers.guidance import apply_guidance, make_noise, step_noise
 
 # int8, measured on the embedded default against its fp32 build (verify --reference): the worst tensor of any subset,
@@ -64,7 +64,7 @@ def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: fl
     interface = ModelInterface.from_manifest(data)
     sampler = sampler_from_dict(data["sampler"])
     cfg_scale = data["guidance"]["cfg_scale"]
-    guiding = cfg_scale > 1.0
+    guiding = classifier_free_batch(data, cfg_scale)
     example = example_conditioning(data, len(labels), seed)  # labels, or seeded prompt embeddings with padding
     if "labels" in example:
         example["labels"] = [label % data["guidance"]["null_class"] for label in labels]

@@ -146,4 +146,23 @@ class DiffusersDpmMultistepSampler : public Sampler {
   std::vector<float> alpha_, sigma_, c_sample_, c_x0_, c_d1_, inv_r0_;
 };
 
+// FlowMatchEulerDiscreteScheduler (kind diffusers_flow_match_euler; SD3/3.5, FLUX.1): deterministic Euler on the
+// velocity, x + (sigma_next - sigma) * v in float32 (sigma after the last step 0), the model given the float32 timestep
+// sigma * num_train_timesteps (the manifest's model_times).
+struct DiffusersFlowMatchTables {
+  std::vector<double> model_times, sigmas;
+};
+
+class DiffusersFlowMatchEulerSampler : public Sampler {
+ public:
+  explicit DiffusersFlowMatchEulerSampler(DiffusersFlowMatchTables tables);
+  const std::string& kind() const override;
+  int num_model_calls() const override { return static_cast<int>(tables_.sigmas.size()); }
+  void sample(Tensor& x, const ModelCall& model, const Tensor* step_noise) const override;
+
+ private:
+  DiffusersFlowMatchTables tables_;
+  std::vector<float> dt_;  // per step, float32: sigma_next - sigma
+};
+
 }  // namespace l2c

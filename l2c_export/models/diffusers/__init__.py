@@ -25,7 +25,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, MutableMapping, Sequence
+from typing import Mapping
 
 from .. import LATENT_SCALE, ModelFamily, TensorSpec, config_from_dict, get_family
 from ...core.macs import MacCount
@@ -41,10 +41,13 @@ class DiffusersFolderError(ValueError):
 
 @dataclass(frozen=True)
 class DiffusersConfig:
-    """A diffusers transformer: its class and its ``config.json`` (without diffusers' private ``_`` keys)."""
+    """A diffusers transformer: its class and its ``config.json`` (without diffusers' private ``_`` keys), and where
+    that config has no ``sample_size`` (FLUX.1) the latent side the build runs at (``--image-size`` over the VAE's
+    scale factor)."""
 
     transformer_class: str
     transformer: Mapping = field(default_factory=dict)
+    latent_size: int | None = None
 
     def __getitem__(self, key: str):
         return self.transformer[key]
@@ -53,10 +56,13 @@ class DiffusersConfig:
         return self.transformer.get(key, default)
 
     def to_dict(self) -> dict:
-        return {"transformer_class": self.transformer_class, "transformer": dict(self.transformer)}
+        data = {"transformer_class": self.transformer_class, "transformer": dict(self.transformer)}
+        if self.latent_size is not None:
+            data["latent_size"] = self.latent_size
+        return data
 
     def __hash__(self):
-        return hash((self.transformer_class, json.dumps(dict(self.transformer), sort_keys=True)))
+        return hash((self.transformer_class, json.dumps(dict(self.transformer), sort_keys=True), self.latent_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -85,23 +91,44 @@ class _CacheState:
         return _CacheState()
 
 
+class OutputPacking:
+    """How a sub-module's output becomes the one tensor its cache slot holds, and back: ``pack(output, args,
+    kwargs)`` -> (N, T', D') and ``unpack(value, args, kwargs)`` -> what the block consumes in place of the module's
+    output (``args``/``kwargs``: the module's call arguments). A family declares one where a module returns a tuple
+    (joint attention's two streams) or where the cached value is more than the module's output (a branch's share of
+    a linear map after it); without one the cached value is the output itself."""
+
+    def pack(self, output, args, kwargs):
+        raise NotImplementedError
+
+    def unpack(self, value, args, kwargs):
+        raise NotImplementedError
+
+    def macs(self, value) -> int:
+        """MACs that packing adds to the module's own (a share of a linear map: FLUX.1's single-stream blocks)."""
+        return 0
+
+
 def _cached_forward(module, *args, **kwargs):
-    """The forward of a named sub-module: its own (the class's) forward, its output kept as the sub-layer's fresh
-    value; where this call reuses it, the cached value instead; soft-routed, ``w * fresh + (1 - w) * cached``."""
+    """The forward of a named sub-module: its own (the class's) forward, its output (packed, where the family
+    declares an :class:`OutputPacking`) kept as the sub-layer's fresh value; where this call reuses it, the cached
+    value instead; soft-routed, ``w * fresh + (1 - w) * cached``."""
     from ..layers import cached_output
 
-    state, index = module._l2c_state, module._l2c_index
+    state, index, packing = module._l2c_state, module._l2c_index, module._l2c_packing
     if state.compute is not None and not state.compute[index]:
-        return cached_output(state.cache, index)
+        cached = cached_output(state.cache, index)
+        return cached if packing is None else packing.unpack(cached, args, kwargs)
     out = type(module).forward(module, *args, **kwargs)
+    value = out if packing is None else packing.pack(out, args, kwargs)
     if state.weights is not None:
         if state.fresh is not None:
-            state.fresh[index] = out
+            state.fresh[index] = value
         weight = state.weights[index]
-        return weight * out + (1 - weight) * cached_output(state.cache, index)
-    if state.cache is not None:
-        state.cache[index] = out
-    return out
+        value = weight * value + (1 - weight) * cached_output(state.cache, index)
+    elif state.cache is not None:
+        state.cache[index] = value
+    return value if packing is None else packing.unpack(value, args, kwargs)
 
 
 @functools.cache
@@ -128,8 +155,10 @@ def _cached_transformer_class():
                 module = transformer.get_submodule(path)
                 module._l2c_index = index
                 module._l2c_state = self._state
+                module._l2c_packing = family.output_packing(transformer, config, path)
                 # An instance attribute, so deep copies (the exporter's stand-in) call their own copy.
                 module.forward = functools.partial(_cached_forward, module)
+            family.adapt_blocks(transformer, config)
 
         @property
         def family(self) -> "DiffusersFamily":
@@ -177,6 +206,11 @@ class DiffusersFamily(ModelFamily):
     blocks: str = "transformer_blocks"  # the block list
     block_sublayers: tuple[str, ...]  # each block's sub-layer module paths, in forward order
     required: Mapping[str, object] = {}  # config option -> the only value supported
+    size_fields: tuple[str, ...] = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+                                    "sample_size", "patch_size")  # config fields that must be positive integers
+    scheduler_classes: tuple[str, ...] = ("DDIMScheduler", "DPMSolverMultistepScheduler")  # what its pipelines take
+    classifier_free: bool = True  # guidance runs a 2N batch (False: the pipeline never does; FLUX.1)
+    component_parts: tuple[str, ...] = ("vae", "text_encoder")  # the folder parts a build carries as graphs
     default_steps: int = 20
     model_names = ()
     default_sampler = "diffusers"  # the folder's scheduler (scheduler/scheduler_config.json)
@@ -207,17 +241,23 @@ class DiffusersFamily(ModelFamily):
             if config.get(key, value) != value:
                 raise DiffusersFolderError(f"{where}: field {key!r} is {config.get(key)!r}; {self.transformer_class} "
                                            f"is supported with {key} = {value!r} only")
-        for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "sample_size",
-                    "patch_size"):
+        for key in self.size_fields:
             value = config.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 16:
                 raise DiffusersFolderError(f"{where}: field {key!r} is {value!r}; expected a positive integer")
-        if config["sample_size"] % config["patch_size"]:
+        if "sample_size" in self.size_fields and config["sample_size"] % config["patch_size"]:
             raise DiffusersFolderError(f"{where}: field 'sample_size' {config['sample_size']} is not a multiple of "
                                        f"'patch_size' {config['patch_size']}")
         if self.out_channels(config) not in (self.in_channels(config), 2 * self.in_channels(config)):
             raise DiffusersFolderError(f"{where}: field 'out_channels' is {config.get('out_channels')!r}; expected "
                                        f"in_channels or 2 * in_channels (learned sigma)")
+
+    def sized_config(self, config: DiffusersConfig, image_size: int | None, vae_scale_factor: int) -> DiffusersConfig:
+        """The config at ``--image-size`` pixels; these families take their size from ``sample_size``."""
+        if image_size is not None:
+            raise ValueError(f"--image-size: a {self.transformer_class} runs at its config's sample_size "
+                             f"({config.get('sample_size')} latents); leave --image-size out")
+        return config
 
     def diffusers_class(self):
         import diffusers
@@ -275,6 +315,19 @@ class DiffusersFamily(ModelFamily):
 
     def cached_shape(self, config: DiffusersConfig) -> tuple[int, ...]:
         return (self.num_tokens(config), self.inner_dim(config))
+
+    def output_packing(self, transformer, config: DiffusersConfig, path: str) -> OutputPacking | None:
+        """The packing of sub-layer ``path``'s output into its cache slot (None: the output itself)."""
+        return None
+
+    def adapt_blocks(self, transformer, config: DiffusersConfig) -> None:
+        """Where a family's cached values are not what diffusers' block consumes (FLUX.1's single-stream branches,
+        cached with their share of ``proj_out``), it replaces those blocks' forwards here; by default nothing."""
+
+    def pipeline_timesteps(self, config: DiffusersConfig):
+        """How the pipeline sets a flow-matching scheduler's timesteps
+        (:class:`l2c_export.samplers.PipelineTimesteps`); None for the other families."""
+        return None
 
     # -- graph interface ---------------------------------------------------------------------------------------------
     def sample_spec(self, config: DiffusersConfig) -> TensorSpec:
@@ -343,26 +396,41 @@ def count_macs_by_hooks(family: DiffusersFamily, config: DiffusersConfig) -> Mac
 
     def hook(path):
         def count(module, args, kwargs, out):
-            if isinstance(module, torch.nn.Linear):
-                charge(path, out.numel() // module.out_features * module.in_features * module.out_features)
+            if isinstance(module, torch.nn.Linear):  # by its input: a wrapped sub-layer may return a packed value
+                rows = (args[0] if args else kwargs["input"]).numel() // module.in_features
+                charge(path, rows * module.in_features * module.out_features)
             elif isinstance(module, torch.nn.Conv2d):
                 kh, kw = module.kernel_size
                 charge(path, out.numel() * module.in_channels // module.groups * kh * kw)
             else:  # an attention: queries from the first argument, keys from encoder_hidden_states when given
                 query = args[0] if args else kwargs["hidden_states"]
                 keys = kwargs.get("encoder_hidden_states")
-                keys = query if keys is None else keys
-                charge(path, 2 * query.shape[1] * keys.shape[1] * module.inner_dim)
+                if keys is not None and getattr(module, "added_kv_proj_dim", None) is not None:
+                    tokens = query.shape[1] + keys.shape[1]  # joint attention (SD3, FLUX.1): both streams attend
+                    charge(path, 2 * tokens * tokens * module.inner_dim)
+                else:
+                    keys = query if keys is None else keys
+                    charge(path, 2 * query.shape[1] * keys.shape[1] * module.inner_dim)
         return count
 
+    def packed(path, packing):
+        def count(module, args, kwargs, out):  # what a packing computes besides the module (a share of a linear map)
+            charge(path, packing.macs(out))
+        return count
+
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
     with torch.device("meta"):
         model = family.create(config)
         inputs = family.macs_inputs(config)
         for path, module in model.transformer.named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, Attention)):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, Attention, AttentionModuleMixin)):
                 module.register_forward_hook(hook(path), with_kwargs=True)
+        for path in names:
+            packing = model.transformer.get_submodule(path)._l2c_packing
+            if packing is not None and hasattr(packing, "macs"):
+                model.transformer.get_submodule(path).register_forward_hook(packed(path, packing), with_kwargs=True)
         with torch.no_grad():
             model(*inputs)
     return MacCount(always=always, per_sublayer=tuple(per_sublayer))
@@ -370,7 +438,8 @@ def count_macs_by_hooks(family: DiffusersFamily, config: DiffusersConfig) -> Mac
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Transformer class -> the family that reads it.
-TRANSFORMER_FAMILIES = {"DiTTransformer2DModel": "diffusers-dit", "PixArtTransformer2DModel": "diffusers-pixart"}
+TRANSFORMER_FAMILIES = {"DiTTransformer2DModel": "diffusers-dit", "PixArtTransformer2DModel": "diffusers-pixart",
+                        "SD3Transformer2DModel": "diffusers-sd3", "FluxTransformer2DModel": "diffusers-flux"}
 
 
 @dataclass(frozen=True)
@@ -402,6 +471,18 @@ class DiffusersFolder:
     @property
     def scheduler_config_path(self) -> Path:
         return self.path / "scheduler" / "scheduler_config.json"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)``, 8 without a ``vae/``."""
+        path = self.path / "vae" / "config.json"
+        if not path.is_file():
+            return 8
+        channels = _read_json(path, "").get("block_out_channels")
+        if not isinstance(channels, list) or not 1 <= len(channels) <= 8:
+            raise DiffusersFolderError(f"{path}: field 'block_out_channels' is {channels!r}; expected a list of 1 to "
+                                       f"8 channel counts")
+        return 2 ** (len(channels) - 1)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -453,6 +534,9 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
         if not path.is_file():
             raise DiffusersFolderError(f"{path}: missing; expected the scheduler's config")
         scheduler = read_scheduler_config(path)
+        if scheduler.get("_class_name") not in family.scheduler_classes:
+            raise DiffusersFolderError(f"{path}: field '_class_name' is {scheduler.get('_class_name')!r}; "
+                                       f"{pipeline_class} is run here with {' or '.join(family.scheduler_classes)}")
     components = read_components(folder, index, family, config)
     return DiffusersFolder(folder, pipeline_class, family, config, scheduler, components)
 
@@ -470,7 +554,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
     vae = text_encoder = tokenizer = None
-    if named("vae"):
+    if named("vae") and "vae" in family.component_parts:
         vae = folder / "vae"
         raw = _read_json(vae / "config.json", "expected the VAE's config.json (model_index.json names a vae)")
         where = vae / "config.json"
@@ -484,7 +568,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
             raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {scale!r}; expected a positive number")
         _safetensors_weights(vae, "diffusion_pytorch_model")
-    if named("text_encoder") or named("tokenizer"):
+    if (named("text_encoder") or named("tokenizer")) and "text_encoder" in family.component_parts:
         if not (named("text_encoder") and named("tokenizer")):
             missing = "tokenizer" if named("text_encoder") else "text_encoder"
             raise DiffusersFolderError(f"{folder / MODEL_INDEX}: field {missing!r} is missing; a text encoder and its "

@@ -11,7 +11,9 @@
   per session, the pool of the subset that just ran keeps spinning while the next subset's pool works: on two cores
   that made the schedule slower than full compute.
 - Cache: a request's slots are numpy buffers wrapped as OrtValues and bound with IO binding, inputs and outputs alike,
-  so a fresh branch output is written straight into the slot the next subset reads, with no copy in between.
+  so a fresh branch output is written straight into the slot the next subset reads, with no copy in between. A slot
+  whose size varies per request (a named size in the manifest: the prompt's tokens) is allocated by ONNX Runtime at
+  each call that writes it, and that OrtValue is what the next subset reads.
 - Providers: the CUDA provider where asked and present; ``onnxruntime-gpu`` falls back to the CPU silently, so
   :attr:`providers` reports what the sessions really use.
 """
@@ -73,6 +75,11 @@ class _RequestCache:
             self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
         return self.values[name]
 
+    def put(self, name: str, value: ort.OrtValue) -> None:
+        """A slot ONNX Runtime allocated (its size named, not fixed, in the manifest)."""
+        self.values[name] = value
+        self.arrays[name] = None  # read back from the OrtValue only where asked (read_cache)
+
     def read(self, name: str) -> ort.OrtValue:
         try:
             return self.values[name]
@@ -131,8 +138,9 @@ class OnnxRuntimeBackend:
         state.arrays[slot][...] = value
 
     def read_cache(self, state: _RequestCache, slot: str) -> np.ndarray:
-        state.read(slot)
-        return state.arrays[slot].astype(np.float32)
+        value = state.read(slot)
+        array = state.arrays[slot]
+        return (value.numpy() if array is None else array).astype(np.float32)
 
     def run(self, subset: int, feeds: dict[str, np.ndarray], state: _RequestCache) -> np.ndarray:
         session = self.sessions[subset]
@@ -145,11 +153,20 @@ class OnnxRuntimeBackend:
             binding.bind_ortvalue_input(tensor["name"], state.read(tensor["slot"]))
         model_out = np.empty((batch, *self._output["shape"][1:]), dtype=np.float32)
         binding.bind_ortvalue_output(self._output["name"], ort.OrtValue.ortvalue_from_numpy(model_out))
-        for tensor in fresh_outputs(record):
+        allocated = {}  # binding position -> slot, for slots of a size named per request (ONNX Runtime allocates)
+        for position, tensor in enumerate(fresh_outputs(record), start=1):
             shape = (batch, *tensor["shape"][1:])
-            binding.bind_ortvalue_output(tensor["name"], state.slot(tensor["slot"], shape,
-                                                                    self._slot_dtype[tensor["slot"]]))
+            if all(isinstance(size, int) for size in shape[1:]):
+                binding.bind_ortvalue_output(tensor["name"], state.slot(tensor["slot"], shape,
+                                                                        self._slot_dtype[tensor["slot"]]))
+            else:
+                binding.bind_output(tensor["name"], "cpu")
+                allocated[position] = tensor["slot"]
         session.run_with_iobinding(binding)
+        if allocated:
+            values = binding.get_outputs()  # in binding order: the model output, then the fresh outputs
+            for position, slot in allocated.items():
+                state.put(slot, values[position])
         return model_out
 
 

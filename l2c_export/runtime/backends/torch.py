@@ -67,7 +67,6 @@ class TorchBackend:
         self.compute = {record["index"]: [bool(c) for c in record["compute"]]
                         for record in selected_subsets(manifest, subsets)}
         self.input_names = [tensor["name"] for tensor in manifest["model"]["inputs"]]
-        self.cached_shape = tuple(manifest["cache_slots"][0]["shape"][1:]) if manifest["cache_slots"] else ()
         self._slot_index = {slot["name"]: slot["index"] for slot in manifest["cache_slots"]}
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
@@ -89,12 +88,12 @@ class TorchBackend:
     def run(self, subset: int, feeds: dict[str, np.ndarray], state: dict) -> np.ndarray:
         inputs = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
                        for name in self.input_names)
-        batch = len(inputs[0])
         if self.cuda_graphs:
-            step = self._graphs.get((subset, batch))
+            key = (subset, tuple(tuple(i.shape) for i in inputs))  # a prompt's length changes the shapes too
+            step = self._graphs.get(key)
             if step is None:
-                step = self._graphs[(subset, batch)] = _CapturedStep(self.model, self.compute[subset], inputs,
-                                                                     self.cached_shape, self.dtype)
+                step = self._graphs[key] = _CapturedStep(self.model, self.compute[subset], inputs, state,
+                                                         self.dtype)
             out = step(inputs, state)
         else:
             out = self.model.forward_cached(*_cast(inputs, self.dtype), self.compute[subset], state)
@@ -107,20 +106,19 @@ def _cast(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.T
 
 
 class _CapturedStep:
-    """One subset at one batch size captured as a CUDA graph over static buffers.
+    """One subset at one set of input shapes (batch, prompt length) captured as a CUDA graph over static buffers
+    shaped as the request's cache slots were at capture.
 
     The request's cache tensors are copied into the static input slots before replay and the fresh values out after
     it: a CUDA graph has fixed addresses, while the cache belongs to the request.
     """
 
-    def __init__(self, model: torch.nn.Module, compute: list[bool], inputs: tuple[torch.Tensor, ...],
-                 cached_shape: tuple[int, ...], dtype):
+    def __init__(self, model: torch.nn.Module, compute: list[bool], inputs: tuple[torch.Tensor, ...], state: dict,
+                 dtype):
         self.compute = compute
         self.reads = [k for k, on in enumerate(compute) if not on]
         self.static = tuple(tensor.clone() for tensor in inputs)
-        device = inputs[0].device
-        shape = (len(inputs[0]), *cached_shape)
-        self.static_cache = {k: torch.zeros(shape, dtype=dtype, device=device) for k in self.reads}
+        self.static_cache = {k: torch.zeros_like(state[k]) for k in self.reads}  # the request's slots, as shaped
         cache = dict(self.static_cache)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -1,0 +1,259 @@
+"""``FluxTransformer2DModel`` (FLUX.1) as ``FluxPipeline`` samples it: double-stream blocks like SD3's, then
+single-stream blocks whose attention and MLP run side by side over the text and image tokens together.
+
+Sub-layers, in forward order:
+
+- ``transformer_blocks.{i}.attn`` (joint attention; cached value both streams' outputs, (N, T + L, D), image
+  first), ``.ff`` (image stream, (N, T, D)) and ``.ff_context`` (text stream, (N, L, D)), as in SD3;
+- ``single_transformer_blocks.{j}.attn`` and ``.proj_mlp``: the two branches, which meet in one ``proj_out`` over
+  their concatenation. That map is linear, so each branch is cached *with its share of it*: the attention branch's
+  value is ``attn(x) @ proj_out.weight[:, :D].T`` and the MLP branch's ``act_mlp(proj_mlp(x)) @
+  proj_out.weight[:, D:].T``, both (N, L + T, D); the block adds the two shares and ``proj_out``'s bias every call,
+  then its gate and residual. A reused branch costs nothing of its own (not even its share of ``proj_out``, nor the
+  MLP's activation). The block's forward is replaced by that sum (:func:`_single_block_forward`); diffusers' with
+  the branches hooked to their last outputs computes the same (to float rounding: one matmul split in two).
+
+Everything else (adaLN modulation, gates, residual adds, the rotary embedding) runs every call.
+
+Conditioning: ``prompt_embeds`` (N, L, joint_attention_dim) and ``pooled_prompt_embeds`` (N, pooled_projection_dim),
+never guided by a negative batch: FLUX.1-dev is guidance-distilled, ``--cfg-scale`` is the pipeline's
+``guidance_scale`` fed to its guidance embedding (input ``guidance``, (N,)), and FLUX.1-schnell has none. The text and
+image position ids are derived inside the graph as the pipeline derives them: zeros (L, 3) for the text, (row, column)
+of each 2x2 latent patch for the image. Latents are packed as the pipeline packs them, (N, T, 4 C), T = (H / 2) *
+(W / 2) for latents H x W = pixels over the VAE's scale factor (``build --image-size``; default the pipeline's
+1024 px). The timestep fed is the scheduler's (0..1000); the graph divides it by 1000, as the pipeline does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+from .. import TensorSpec
+from . import DiffusersConfig, DiffusersFamily, DiffusersFolderError, OutputPacking
+from .sd3 import JOINT_TOKENS, PROMPT_TOKENS, JointAttentionPacking
+
+MACS_PROMPT_TOKENS = 512  # FLUX.1-dev's max_sequence_length: MACs are counted there
+DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: 1024 px at the VAE's scale factor 8
+
+
+class ProjOutShare(OutputPacking):
+    """A single-stream branch cached with its share of ``proj_out``: ``act(output) @ weight[:, start:stop].T``
+    (N, L + T, D), no bias (added every call). Nothing to unpack: the block sums the shares."""
+
+    def __init__(self, proj_out, start: int, stop: int, activation=None):
+        self.proj_out, self.start, self.stop, self.activation = proj_out, start, stop, activation
+
+    def pack(self, output, args, kwargs):
+        import torch.nn.functional as F
+
+        branch = output if self.activation is None else self.activation(output)
+        return F.linear(branch, self.proj_out.weight[:, self.start:self.stop])
+
+    def unpack(self, value, args, kwargs):
+        return value
+
+    def macs(self, value) -> int:
+        """The share's matrix product: every output value sums ``stop - start`` products."""
+        return value.numel() * (self.stop - self.start)
+
+
+def _single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                          joint_attention_kwargs=None):
+    """``FluxSingleTransformerBlock.forward`` with ``proj_out(cat(attn, act(mlp)))`` as the sum of the branches'
+    cached shares plus the bias: hidden_states (N, T, D), encoder_hidden_states (N, L, D) -> (text, image) as
+    diffusers returns them."""
+    import torch
+
+    text_seq_len = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    residual = hidden_states
+    norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
+    attn_share = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                            **(joint_attention_kwargs or {}))
+    mlp_share = block.proj_mlp(norm_hidden_states)
+    hidden_states = residual + gate.unsqueeze(1) * (attn_share + mlp_share + block.proj_out.bias)
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def _traceable_rotary(original, x, freqs_cis, use_real: bool = True, use_real_unbind_dim: int = -1,
+                      sequence_dim: int = 2):
+    """diffusers' ``apply_rotary_emb`` as FLUX.1 calls it (real, pairs interleaved), with ``x.unflatten(-1, (-1, 2))``
+    for its ``x.reshape(*x.shape[:-1], -1, 2)``: the same view, but the TorchScript tracer records that reshape's
+    sizes as constants, which would fix the prompt length and batch of the exported graph."""
+    import torch
+
+    if not (use_real and use_real_unbind_dim == -1):
+        return original(x, freqs_cis, use_real=use_real, use_real_unbind_dim=use_real_unbind_dim,
+                        sequence_dim=sequence_dim)
+    cos, sin = freqs_cis  # (S, D)
+    index = (None, None, slice(None), slice(None)) if sequence_dim == 2 else (None, slice(None), None, slice(None))
+    cos, sin = cos[index].to(x.device), sin[index].to(x.device)
+    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+class FluxDiffusersFamily(DiffusersFamily):
+    name = "diffusers-flux"
+    transformer_class = "FluxTransformer2DModel"
+    pipeline_classes = ("FluxPipeline",)
+    scheduler_classes = ("FlowMatchEulerDiscreteScheduler",)
+    # Not carried yet: the VAE decodes with a shift_factor (and FLUX.1's latents packed), the text encoders are
+    # CLIP and T5 pairs; such a build takes prompt embeddings (--conditioning) and gives latents.
+    component_parts = ()
+    classifier_free = False  # FluxPipeline guides through the guidance embedding (true CFG is not run)
+    required = {"patch_size": 1}  # the pipeline packs 2x2 latent patches itself
+    default_steps = 28  # the pipeline's num_inference_steps
+    default_cfg_scale = 3.5  # the pipeline's guidance_scale
+    dummy_prompt_tokens = 5
+    size_fields = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+                   "patch_size", "joint_attention_dim", "pooled_projection_dim")
+
+    def check_config(self, config: DiffusersConfig, where: str) -> None:
+        super().check_config(config, where)
+        if config["in_channels"] % 4:
+            raise DiffusersFolderError(f"{where}: field 'in_channels' is {config['in_channels']}; expected 4 x the "
+                                       f"VAE's latent channels (the pipeline packs 2x2 patches)")
+        if sum(config.get("axes_dims_rope") or (16, 56, 56)) != config["attention_head_dim"]:
+            raise DiffusersFolderError(f"{where}: field 'axes_dims_rope' is {config.get('axes_dims_rope')!r}; its "
+                                       f"sum must be attention_head_dim {config['attention_head_dim']}")
+
+    def latent_size(self, config: DiffusersConfig) -> int:
+        return config.latent_size or DEFAULT_LATENT_SIZE
+
+    def sized_config(self, config: DiffusersConfig, image_size: int | None, vae_scale_factor: int) -> DiffusersConfig:
+        """``--image-size PIXELS``: the latents are ``2 * (pixels // (vae_scale_factor * 2))`` on a side, as
+        ``FluxPipeline.prepare_latents`` computes; default its 128 * vae_scale_factor pixels."""
+        pixels = DEFAULT_LATENT_SIZE * vae_scale_factor if image_size is None else image_size
+        if not isinstance(pixels, int) or pixels < 2 * vae_scale_factor or pixels % (2 * vae_scale_factor):
+            raise ValueError(f"--image-size {pixels}: expected a positive multiple of {2 * vae_scale_factor} (the "
+                             f"VAE's scale factor {vae_scale_factor} times the pipeline's 2x2 packing)")
+        return DiffusersConfig(config.transformer_class, config.transformer, latent_size=pixels // vae_scale_factor)
+
+    # -- sizes -------------------------------------------------------------------------------------------------------
+    def num_tokens(self, config: DiffusersConfig) -> int:
+        return (self.latent_size(config) // 2) ** 2
+
+    def num_layers(self, config: DiffusersConfig) -> int:
+        return config["num_layers"] + config["num_single_layers"]
+
+    def out_channels(self, config: DiffusersConfig) -> int:
+        return config.get("out_channels") or config["in_channels"]
+
+    # -- sub-layers --------------------------------------------------------------------------------------------------
+    def sublayer_names(self, config: DiffusersConfig) -> tuple[str, ...]:
+        return (tuple(f"transformer_blocks.{i}.{name}" for i in range(config["num_layers"])
+                      for name in ("attn", "ff", "ff_context"))
+                + tuple(f"single_transformer_blocks.{j}.{name}" for j in range(config["num_single_layers"])
+                        for name in ("attn", "proj_mlp")))
+
+    def cached_shapes(self, config: DiffusersConfig) -> tuple[tuple[int | str, ...], ...]:
+        dim, tokens = self.inner_dim(config), self.num_tokens(config)
+        shapes = []
+        for name in self.sublayer_names(config):
+            if name.endswith(".ff"):
+                shapes.append((tokens, dim))
+            elif name.endswith(".ff_context"):
+                shapes.append((PROMPT_TOKENS, dim))
+            else:  # joint attention, and the single-stream branches' proj_out shares: text and image tokens
+                shapes.append((JOINT_TOKENS, dim))
+        return tuple(shapes)
+
+    def output_packing(self, transformer, config: DiffusersConfig, path: str) -> OutputPacking | None:
+        if path.startswith("transformer_blocks.") and path.endswith(".attn"):
+            return JointAttentionPacking()
+        if path.startswith("single_transformer_blocks."):
+            block = transformer.get_submodule(path.rsplit(".", 1)[0])
+            dim = self.inner_dim(config)
+            if path.endswith(".attn"):
+                return ProjOutShare(block.proj_out, 0, dim)
+            return ProjOutShare(block.proj_out, dim, block.proj_out.in_features, block.act_mlp)
+        return None
+
+    def adapt_blocks(self, transformer, config: DiffusersConfig) -> None:
+        for block in transformer.single_transformer_blocks:
+            block.forward = functools.partial(_single_block_forward, block)
+
+    @contextlib.contextmanager
+    def export_context(self):
+        """The trace runs the attention processors with :func:`_traceable_rotary`."""
+        from diffusers.models.transformers import transformer_flux
+
+        original = transformer_flux.apply_rotary_emb
+        transformer_flux.apply_rotary_emb = functools.partial(_traceable_rotary, original)
+        try:
+            yield
+        finally:
+            transformer_flux.apply_rotary_emb = original
+
+    # -- graph interface ---------------------------------------------------------------------------------------------
+    def sample_spec(self, config: DiffusersConfig) -> TensorSpec:
+        return TensorSpec("hidden_states", "float32", (self.num_tokens(config), config["in_channels"]), "sample")
+
+    def graph_output(self, config: DiffusersConfig) -> TensorSpec:
+        return TensorSpec("noise_pred", "float32", (self.num_tokens(config), self.out_channels(config)), "output")
+
+    def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
+        inputs = [self.sample_spec(config), TensorSpec("timestep", "float32", (), "time"),
+                  TensorSpec("encoder_hidden_states", "float32", (PROMPT_TOKENS, config["joint_attention_dim"]),
+                             "prompt_embeds"),
+                  TensorSpec("pooled_projections", "float32", (config["pooled_projection_dim"],),
+                             "pooled_prompt_embeds")]
+        if config.get("guidance_embeds"):
+            inputs.append(TensorSpec("guidance", "float32", (), "guidance"))
+        return inputs
+
+    def dummy_inputs(self, config: DiffusersConfig, batch: int, tokens: int | None = None) -> tuple:
+        import torch
+
+        tokens = tokens or self.dummy_prompt_tokens
+        inputs = (torch.zeros(batch, self.num_tokens(config), config["in_channels"]), torch.full((batch,), 500.0),
+                  torch.zeros(batch, tokens, config["joint_attention_dim"]),
+                  torch.zeros(batch, config["pooled_projection_dim"]))
+        return inputs + ((torch.full((batch,), 3.5),) if config.get("guidance_embeds") else ())
+
+    def macs_inputs(self, config: DiffusersConfig) -> tuple:
+        return self.dummy_inputs(config, 1, tokens=MACS_PROMPT_TOKENS)
+
+    def image_ids(self, config: DiffusersConfig):
+        """(T, 3) float32: ``FluxPipeline._prepare_latent_image_ids``: (0, row, column) of each packed patch."""
+        import torch
+
+        side = self.latent_size(config) // 2
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1] = ids[..., 1] + torch.arange(side)[:, None]
+        ids[..., 2] = ids[..., 2] + torch.arange(side)[None, :]
+        return ids.reshape(side * side, 3)
+
+    def run_transformer(self, transformer, config: DiffusersConfig, hidden_states, timestep, encoder_hidden_states,
+                        pooled_projections, guidance=None):
+        """hidden_states (N, T, C) packed, timestep (N,) the scheduler's (0..1000), encoder_hidden_states (N, L,
+        joint_attention_dim), pooled_projections (N, P), guidance (N,) or None -> the velocity (N, T, C_out)."""
+        import torch
+
+        # zeros (L, 3) shaped after the prompt, so that the traced graph keeps L dynamic (a size read as an int is
+        # traced as a constant)
+        text_ids = torch.zeros_like(encoder_hidden_states[0, :, :3], dtype=hidden_states.dtype)
+        return transformer(hidden_states=hidden_states, timestep=timestep / 1000, guidance=guidance,
+                           pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
+                           txt_ids=text_ids, img_ids=self.image_ids(config).to(hidden_states.dtype),
+                           return_dict=False)[0]
+
+    # -- sampling ----------------------------------------------------------------------------------------------------
+    def guided_channels(self, config: DiffusersConfig, guide_all: bool = False) -> int:
+        """No classifier-free batch runs; the whole packed sample (its axis 1, the tokens) is the model's output."""
+        return self.num_tokens(config)
+
+    def sampler_channels(self, config: DiffusersConfig) -> int | None:
+        return None
+
+    def pipeline_timesteps(self, config: DiffusersConfig):
+        from ...samplers import PipelineTimesteps
+
+        return PipelineTimesteps(self.num_tokens(config), linspace_sigmas=True, default_max_shift=1.15)
+
+
+FAMILY = FluxDiffusersFamily()

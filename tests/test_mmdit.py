@@ -1,0 +1,291 @@
+"""MMDiT families from diffusers folders (issue 21): SD3/3.5 (``StableDiffusion3Pipeline``) and FLUX.1
+(``FluxPipeline``), sampled with flow matching. Tiny random transformers saved without text encoders; the reference is
+diffusers' own pipeline on the same latents, embeddings and guidance, with forward hooks that make the named
+sub-modules return their last computed output at the calls a schedule skips."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from l2c_export.core.schedule import Schedule
+from l2c_export.models.diffusers import read_folder
+
+from .conftest import run_cli
+from .diffusers_pipelines import FLUX_CONFIG, SD3_CONFIG, load_pipeline, schedule_hooks
+
+FAMILIES = ("sd3", "sd35", "flux")
+STEPS = 8
+CFG_SCALE = 3.0
+PROMPT_TOKENS = 7  # unlike the traced length (5): the prompt axis of every graph is dynamic
+IMAGE_SIZE = 8  # FLUX: pixels; the tiny VAE has one level (scale factor 1), so 8 x 8 latents, 16 packed tokens
+
+
+def _names(folder) -> tuple[str, ...]:
+    found = read_folder(folder)
+    return found.family.sublayer_names(found.config)
+
+
+def test_sd3_sublayers_follow_the_blocks_in_forward_order(tiny_diffusers):
+    """SD3: attn, ff, ff_context per block, no ff_context in the last (context_pre_only); SD3.5: attn2 in the
+    dual-attention blocks. The order is the one the forward calls them in."""
+    assert _names(tiny_diffusers("sd3", "flow")) == (
+        "transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
+        "transformer_blocks.1.attn", "transformer_blocks.1.ff", "transformer_blocks.1.ff_context",
+        "transformer_blocks.2.attn", "transformer_blocks.2.ff")
+    folder = tiny_diffusers("sd35", "flow")
+    names = _names(folder)
+    assert names[:4] == ("transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.0.ff",
+                         "transformer_blocks.0.ff_context")
+    assert "transformer_blocks.2.attn2" not in names and len(names) == 10
+    found = read_folder(folder)
+    model = found.family.load(found.transformer_dir, found.config)
+    order = []
+    for name in names:
+        model.transformer.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: order.append(n))
+    with torch.no_grad():
+        model(*found.family.dummy_inputs(found.config, 2))
+    assert tuple(order) == names
+
+
+def test_flux_sublayers_and_what_each_caches(tiny_diffusers):
+    """FLUX.1: double-stream attn/ff/ff_context, then each single-stream block's attn and proj_mlp; the cached
+    shapes name the per-request sizes (text + image tokens, text tokens)."""
+    found = read_folder(tiny_diffusers("flux", "flow"))
+    config = found.family.sized_config(found.config, IMAGE_SIZE, found.vae_scale_factor)
+    names = found.family.sublayer_names(config)
+    assert names == tuple(f"transformer_blocks.{i}.{s}" for i in range(2) for s in ("attn", "ff", "ff_context")) + \
+        tuple(f"single_transformer_blocks.{j}.{s}" for j in range(2) for s in ("attn", "proj_mlp"))
+    shapes = dict(zip(names, found.family.cached_shapes(config)))
+    assert shapes["transformer_blocks.0.attn"] == ("joint_tokens", 16)
+    assert shapes["transformer_blocks.0.ff"] == (16, 16) and shapes["transformer_blocks.0.ff_context"] == (
+        "prompt_tokens", 16)
+    assert shapes["single_transformer_blocks.1.proj_mlp"] == ("joint_tokens", 16)  # its share of proj_out: D wide
+
+
+def test_a_reused_single_stream_branch_is_its_share_of_proj_out(tiny_diffusers):
+    """The attention and MLP branches of a single-stream block are cached as ``branch @ proj_out``'s columns for that
+    branch; with both reused the block equals diffusers' with both modules hooked to their last outputs."""
+    found = read_folder(tiny_diffusers("flux", "flow"))
+    config = found.family.sized_config(found.config, IMAGE_SIZE, found.vae_scale_factor)
+    model = found.family.load(found.transformer_dir, config)
+    reference = load_pipeline(tiny_diffusers("flux", "flow")).transformer.eval()
+    names = found.family.sublayer_names(config)
+    rows = np.ones((2, len(names)), dtype=bool)
+    rows[1, [names.index("single_transformer_blocks.0.attn"), names.index("single_transformer_blocks.1.proj_mlp")]] \
+        = False
+    cache: dict[int, torch.Tensor] = {}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad(), schedule_hooks(reference, names, rows):
+        for call, row in enumerate(rows):
+            inputs = found.family.dummy_inputs(config, 2, tokens=PROMPT_TOKENS)
+            inputs = (torch.randn(inputs[0].shape, generator=generator), torch.tensor([900.0, 300.0][call:] * 2)[:2],
+                      torch.randn(inputs[2].shape, generator=generator), torch.randn(inputs[3].shape,
+                                                                                     generator=generator), inputs[4])
+            text_ids = torch.zeros(PROMPT_TOKENS, 3)
+            want = reference(hidden_states=inputs[0], timestep=inputs[1] / 1000, guidance=inputs[4],
+                             pooled_projections=inputs[3], encoder_hidden_states=inputs[2], txt_ids=text_ids,
+                             img_ids=found.family.image_ids(config), return_dict=False)[0]
+            got = model.forward_cached(*inputs, [bool(v) for v in row], cache)
+            assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    block = model.transformer.single_transformer_blocks[0]
+    share = cache[names.index("single_transformer_blocks.0.attn")]
+    assert share.shape == (2, PROMPT_TOKENS + 16, 16) and block.proj_out.in_features == 16 + 64
+
+
+def test_macs_count_joint_attention_and_the_proj_out_shares(tiny_diffusers):
+    """Joint attention attends over image and text tokens together (2 (T + L)^2 D products); a single-stream
+    branch's share of proj_out is charged to the branch."""
+    found = read_folder(tiny_diffusers("sd3", "flow"))
+    macs = dict(zip(found.family.sublayer_names(found.config), found.family.count_macs(found.config).per_sublayer))
+    tokens, prompt, dim = 16, 333, 16
+    projections = 4 * tokens * dim * dim + 4 * prompt * dim * dim  # q, k, v, out of each stream
+    assert macs["transformer_blocks.0.attn"] == projections + 2 * (tokens + prompt) ** 2 * dim
+    assert macs["transformer_blocks.2.attn"] == projections - prompt * dim * dim + 2 * (tokens + prompt) ** 2 * dim
+    flux = read_folder(tiny_diffusers("flux", "flow"))
+    config = flux.family.sized_config(flux.config, IMAGE_SIZE, flux.vae_scale_factor)
+    macs = dict(zip(flux.family.sublayer_names(config), flux.family.count_macs(config).per_sublayer))
+    joint = 16 + 512
+    assert macs["single_transformer_blocks.0.proj_mlp"] == joint * dim * 64 + joint * 64 * dim
+    assert macs["single_transformer_blocks.0.attn"] == 3 * joint * dim * dim + 2 * joint * joint * dim + \
+        joint * dim * dim
+
+
+# -- build and run against the pipeline ------------------------------------------------------------------------------
+def _schedule(names: tuple[str, ...]) -> Schedule:
+    """Odd calls reuse every feed-forward, attn2 and MLP branch; every third call the attentions too."""
+    rows = np.ones((STEPS, len(names)), dtype=bool)
+    for call in range(1, STEPS):
+        for column, name in enumerate(names):
+            if call % 2 == 1 and name.endswith((".ff", ".ff_context", ".attn2", ".proj_mlp")):
+                rows[call, column] = False
+            if call % 3 == 2 and name.endswith(".attn"):
+                rows[call, column] = False
+    return Schedule(rows, sublayers=names, mode="general", source="parity schedule")
+
+
+def _request(family: str, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Latents as the pipeline takes them (FLUX: packed (n, T, 4 C)) and the embeddings by its argument names."""
+    generator = torch.Generator().manual_seed(seed)
+    width = FLUX_CONFIG["joint_attention_dim"] if family == "flux" else SD3_CONFIG["joint_attention_dim"]
+    pooled = FLUX_CONFIG["pooled_projection_dim"] if family == "flux" else SD3_CONFIG["pooled_projection_dim"]
+    conditioning = {"prompt_embeds": torch.randn(2, PROMPT_TOKENS, width, generator=generator),
+                    "pooled_prompt_embeds": torch.randn(2, pooled, generator=generator)}
+    if family == "flux":
+        return torch.randn(2, 16, FLUX_CONFIG["in_channels"], generator=generator), conditioning
+    conditioning.update(negative_prompt_embeds=torch.randn(2, PROMPT_TOKENS, width, generator=generator),
+                        negative_pooled_prompt_embeds=torch.randn(2, pooled, generator=generator))
+    return torch.randn(2, 4, 8, 8, generator=generator), conditioning
+
+
+def _pipeline_latents(family: str, folder, latents, conditioning, schedule: Schedule | None) -> np.ndarray:
+    pipe = load_pipeline(folder)
+    hooks = (schedule_hooks(pipe.transformer, schedule.sublayer_names, schedule.compute) if schedule is not None
+             else contextlib.nullcontext([STEPS]))
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE} if family == "flux" else {}
+    with torch.no_grad(), hooks as calls:
+        out = pipe(prompt=None, latents=latents.clone(), num_inference_steps=STEPS, guidance_scale=CFG_SCALE,
+                   output_type="latent", **size, **conditioning).images
+    assert calls[0] == STEPS
+    return out.numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, tmp_path):
+    """build --diffusers DIR --steps 8 --schedule s.json (FLUX: --image-size 8), then run --noise z.npy
+    --conditioning cond.npz --cfg-scale 3 --save-latents: equal to diffusers' pipeline with output_type="latent" on
+    the same latents, embeddings and guidance (SD3: classifier-free with the negatives; FLUX: the guidance
+    embedding, no negative batch) to 1e-4 of the range, with --full and with the schedule (the pipeline with hooks);
+    verify passes every subset."""
+    folder = tiny_diffusers(family, "flow")
+    found = read_folder(folder)
+    size = ["--image-size", str(IMAGE_SIZE)] if family == "flux" else []
+    config = found.family.sized_config(found.config, IMAGE_SIZE if size else None, found.vae_scale_factor)
+    schedule = _schedule(found.family.sublayer_names(config))
+    schedule.save(tmp_path / "s.json")
+    latents, conditioning = _request(family)
+    np.save(tmp_path / "z.npy", latents.numpy())
+    np.savez(tmp_path / "cond.npz", **{name: value.numpy() for name, value in conditioning.items()})
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--schedule", str(tmp_path / "s.json"),
+            *size, "--out", str(engines))
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["sampler"]["kind"] == "diffusers_flow_match_euler"
+    assert [t["role"] for t in manifest["model"]["inputs"]] == [
+        "sample", "time", "prompt_embeds", "pooled_prompt_embeds", *(["guidance"] if family == "flux" else [])]
+    assert manifest["guidance"].get("classifier_free", True) is (family != "flux")
+    assert "agree with PyTorch" in run_cli("verify", str(engines)).stdout
+    results = {}
+    for full in (True, False):
+        out = tmp_path / f"{'full' if full else 'l2c'}.npy"
+        run_cli("run", str(engines), "--noise", str(tmp_path / "z.npy"), "--conditioning", str(tmp_path / "cond.npz"),
+                "--cfg-scale", str(CFG_SCALE), "--save-latents", str(out), *(["--full"] if full else []))
+        want = _pipeline_latents(family, folder, latents, conditioning, None if full else schedule)
+        got = results[full] = np.load(out)
+        assert got.shape == want.shape == tuple(latents.shape)
+        assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min()), (full, np.abs(got - want).max())
+    # the schedule reused: its effect is well above the parity tolerance (random tiny models change little per step)
+    assert np.abs(results[True] - results[False]).max() > 2e-4 * np.ptp(results[True])
+
+
+def test_flux_guidance_scale_feeds_the_guidance_embedding(tiny_diffusers, tmp_path):
+    """--cfg-scale is FluxPipeline's guidance_scale: another scale gives other latents, and negatives are refused
+    (no classifier-free batch runs)."""
+    from l2c_export.builder.build import BuildRequest, build
+    from l2c_export.models.zoo import from_diffusers
+    from l2c_export.runtime.conditioning import ConditioningError
+    from l2c_export.runtime.pipeline import L2CPipeline
+
+    spec = from_diffusers(tiny_diffusers("flux", "flow"), IMAGE_SIZE)
+    build(BuildRequest(spec=spec, schedule=Schedule.full(4, sublayers=spec.sublayer_names), sampler=spec.sampler(None, 4),
+                       out_dir=tmp_path / "E"), progress=False)
+    pipe = L2CPipeline.from_engine_dir(tmp_path / "E")
+    latents, conditioning = _request("flux")
+    arrays = {name: value.numpy() for name, value in conditioning.items()}
+    low = pipe(conditioning=arrays, noise=latents.numpy(), cfg_scale=1.0).samples
+    high = pipe(conditioning=arrays, noise=latents.numpy(), cfg_scale=5.0).samples
+    assert np.abs(low - high).max() > 1e-3 * np.ptp(low)
+    with pytest.raises(ConditioningError, match="array 'negative_prompt_embeds' is not used: this model is "
+                                                "guidance-distilled"):
+        pipe(conditioning={**arrays, "negative_prompt_embeds": arrays["prompt_embeds"]}, noise=latents.numpy())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("pooled_prompt_embeds"), "array 'pooled_prompt_embeds' is missing"),
+    (lambda c: c.update(negative_pooled_prompt_embeds=c["negative_pooled_prompt_embeds"][:, :4]),
+     "array 'negative_pooled_prompt_embeds' has shape (2, 4); expected (2, 6)"),
+    (lambda c: c.update(prompt_attention_mask=np.ones((2, 7))), "unknown array 'prompt_attention_mask'"),
+    (lambda c: c["pooled_prompt_embeds"].__setitem__((0, 0), np.nan), "array 'pooled_prompt_embeds': 1 of its 12"),
+])
+def test_sd3_conditioning_that_does_not_fit_is_refused_in_one_line(tiny_diffusers, tmp_path, change, message):
+    folder = tiny_diffusers("sd3", "flow")
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", str(folder), "--steps", "2", "--out", str(engines))
+    latents, conditioning = _request("sd3")
+    arrays = {name: value.numpy() for name, value in conditioning.items()}
+    change(arrays)
+    np.savez(tmp_path / "cond.npz", **arrays)
+    refused = run_cli("run", str(engines), "--conditioning", str(tmp_path / "cond.npz"), "--cfg-scale", "3",
+                      check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert message in refused.stderr
+
+
+def test_image_size_is_flux_only_and_checked(tiny_diffusers, tmp_path):
+    sd3 = run_cli("build", "--diffusers", str(tiny_diffusers("sd3", "flow")), "--image-size", "16", "--out",
+                  str(tmp_path / "A"), check=False)
+    assert sd3.returncode == 2 and "runs at its config's sample_size" in sd3.stderr
+    flux = run_cli("build", "--diffusers", str(tiny_diffusers("flux", "flow")), "--image-size", "9", "--out",
+                   str(tmp_path / "B"), check=False)
+    assert flux.returncode == 2 and "--image-size 9: expected a positive multiple of 2" in flux.stderr
+    assert not (tmp_path / "A").exists() and not (tmp_path / "B").exists()
+
+
+def test_a_folder_with_another_scheduler_is_refused_by_name(tiny_diffusers, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_diffusers("sd3", "flow"), folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "DDIMScheduler"}))
+    refused = run_cli("build", "--diffusers", str(folder), "--out", str(tmp_path / "E"), check=False)
+    assert refused.returncode == 2
+    assert "field '_class_name' is 'DDIMScheduler'; StableDiffusion3Pipeline is run here with " \
+           "FlowMatchEulerDiscreteScheduler" in refused.stderr
+    path.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True}))
+    inverted = run_cli("build", "--diffusers", str(folder), "--out", str(tmp_path / "E"), check=False)
+    assert inverted.returncode == 2 and "field 'invert_sigmas' is True" in inverted.stderr
+
+
+def test_a_router_learned_on_a_tiny_sd3_decodes_builds_and_runs(tiny_diffusers, tmp_path):
+    """learn --diffusers on SD3's own flow-matching trajectories (the teacher is the full model's velocity) over a
+    set of prompts with pooled embeddings writes a router over the named sub-layers; it decodes, builds, runs and
+    verifies. FLUX.1 (guidance-distilled) is refused by name."""
+    folder = str(tiny_diffusers("sd3", "flow"))
+    latents, conditioning = _request("sd3")
+    np.savez(tmp_path / "prompts.npz", **{name: value.numpy() for name, value in conditioning.items()})
+    router = tmp_path / "router.safetensors"
+    run_cli("learn", "--diffusers", folder, "--steps", "4", "--conditioning-data", str(tmp_path / "prompts.npz"),
+            "--trajectories", "2", "--batch-size", "2", "--iterations", "3", "--mode", "general", "--lr", "0.5",
+            "--out", str(router))
+    from l2c_export.routers import load_router
+
+    learned = load_router(router)
+    assert learned.sublayers == list(_names(folder)) and learned.logits.shape == (4, 8)
+    assert np.abs(learned.logits[1:]).max() > 0  # the routers moved
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", folder, "--steps", "4", "--router", str(router), "--mode", "general",
+            "--target-mac-fraction", "0.8", "--out", str(engines))
+    np.save(tmp_path / "z.npy", latents.numpy())
+    run_cli("run", str(engines), "--noise", str(tmp_path / "z.npy"), "--conditioning", str(tmp_path / "prompts.npz"),
+            "--save-latents", str(tmp_path / "out.npy"))
+    assert np.isfinite(np.load(tmp_path / "out.npy")).all()
+    assert "agree with PyTorch" in run_cli("verify", str(engines)).stdout
+    flux = run_cli("learn", "--diffusers", str(tiny_diffusers("flux", "flow")), "--steps", "4", "--conditioning-data",
+                   str(tmp_path / "prompts.npz"), "--out", str(tmp_path / "f.safetensors"), check=False)
+    assert flux.returncode == 2 and "guidance-distilled model (FluxTransformer2DModel) is not supported yet" in \
+        flux.stderr
