@@ -261,7 +261,6 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
 
     from ..builder.build import BuildRequest, build
     from ..core import manifest as manifest_io
-    from ..core.util import atomic_write_text, write_json
     from ..models.zoo import from_diffusers
     from ..runtime.pipeline import L2CPipeline
     from ..tools.verify import verify_build
@@ -282,7 +281,7 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         build(BuildRequest(spec=spec, schedule=schedule, sampler=sampler, out_dir=out), progress=False)
         build_seconds = time.perf_counter() - start
         print(f"{name}: built in {build_seconds:.0f} s; verifying ...", flush=True)
-        checks, _ = verify_build(out)
+        checks, _ = verify_build(out, labels=(0,))  # one image (model batch 2): every subset, at half the cost
         gc.collect()
         print(f"{name}: worst subset difference {max(c.worst_value for c in checks):.2e}; benchmarking ...",
               flush=True)
@@ -315,7 +314,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         report = {"model": name, "folder": str(folder), "build": str(out), "transformer": REAL_SIZES[name][1],
                   "config": REAL_SIZES[name][2], "scheduler": REAL_SIZES[name][3], "steps": steps, "batch": batch,
                   "cfg_scale": cfg_scale, "repeats": repeats, "build_seconds": build_seconds,
-                  "verify_worst": max(c.worst_value for c in checks), "num_subsets": row.num_subsets,
+                  "verify_worst": max(c.worst_value for c in checks), "verify_images": 1,
+                  "num_subsets": row.num_subsets,
                   "bench": dataclasses.asdict(row),
                   "pipeline_seconds": statistics.median(pipeline_seconds),
                   "exported_full_seconds": statistics.median(exported_seconds),
@@ -326,21 +326,35 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
               f"{report['exported_full_seconds']:.2f} s ({report['exported_full_vs_pipeline']:.2f}x); latents differ "
               f"by {worst:.1e} of their range", flush=True)
         reports.append(report)
-    machine = machine_description()
+    return write_large_docs(reports, machine_description(), docs)
+
+
+def write_large_docs(reports: list[dict], machine: dict, docs: Path) -> list[dict]:
+    """docs/bench-large.json and .md: ``reports``, and the rows of other models already there (a run of some
+    ``--models`` keeps the others'), in :data:`REAL_SIZES` order. Returns every row."""
+    import json
+
+    from ..core.util import atomic_write_text, write_json
+
+    path = docs / "bench-large.json"
+    names = {r["model"] for r in reports}
+    kept = [r for r in json.loads(path.read_text())["results"] if r["model"] not in names] if path.is_file() else []
+    rows = sorted(kept + reports, key=lambda r: list(REAL_SIZES).index(r["model"]) if r["model"] in REAL_SIZES else 99)
     docs.mkdir(parents=True, exist_ok=True)
-    write_json(docs / "bench-large.json", {"machine": machine, "results": reports})
-    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores (shared with other jobs while it ran); "
-             f"onnxruntime {machine['onnxruntime']}, torch {machine['torch']} ({machine['torch_threads']} threads). "
-             f"Random weights in the real configs, {steps} steps, batch {batch} with guidance (model batch "
-             f"{2 * batch}), medians of {repeats} interleaved runs after a warm-up.", "",
-             "| model | subsets | full s | L2C s | speedup | ideal | of ideal | mem all (MiB) | mem full (MiB) | "
-             "all / full | weights (MiB) | diffusers pipeline s | exported full s | vs pipeline | differ (of range) "
-             "| verify worst |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in reports:
+    write_json(path, {"machine": machine, "results": rows})
+    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, shared with other jobs while it ran; onnxruntime "
+             f"{machine['onnxruntime']}, torch {machine['torch']} ({machine['torch_threads']} threads). Random weights "
+             f"in the real configs, fp32, guidance on (model batch twice the images); medians of the interleaved "
+             f"runs after a warm-up of each.", "",
+             "| model | steps | images | repeats | subsets | full s | L2C s | speedup | ideal | of ideal | mem all (MiB) "
+             "| mem full (MiB) | all / full | weights (MiB) | diffusers pipeline s | exported full s | vs pipeline | "
+             "latents differ (of range) | verify worst |",
+             "| --- " * 19 + "|"]
+    for r in rows:
         b = r["bench"]
-        lines.append(f"| {r['model']} | {r['num_subsets']} | {b['full_seconds']:.2f} | {b['schedule_seconds']:.2f} | "
-                     f"{b['speedup']:.3f}x | {b['ideal_speedup']:.3f}x | {b['speedup_of_ideal']:.3f} | "
+        lines.append(f"| {r['model']} | {r['steps']} | {r['batch']} | {r['repeats']} | {r['num_subsets']} | "
+                     f"{b['full_seconds']:.2f} | {b['schedule_seconds']:.2f} | {b['speedup']:.3f}x | "
+                     f"{b['ideal_speedup']:.3f}x | {b['speedup_of_ideal']:.3f} | "
                      f"{b['memory_all_engines_bytes'] / 2 ** 20:.0f} | {b['memory_full_engine_bytes'] / 2 ** 20:.0f} | "
                      f"{b['memory_all_engines_bytes'] / b['memory_full_engine_bytes']:.3f}x | "
                      f"{b['model_weights_bytes'] / 2 ** 20:.0f} | {r['pipeline_seconds']:.2f} | "
@@ -349,7 +363,7 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
     atomic_write_text(docs / "bench-large.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {docs / 'bench-large.json'}, {docs / 'bench-large.md'}")
-    return reports
+    return rows
 
 
 def serving_benchmark(work: Path, docs: Path, clients: int = 8) -> dict:
