@@ -264,7 +264,7 @@ def test_a_folder_with_another_scheduler_is_refused_by_name(tiny_diffusers, tmp_
 def test_a_router_learned_on_a_tiny_sd3_decodes_builds_and_runs(tiny_diffusers, tmp_path):
     """learn --diffusers on SD3's own flow-matching trajectories (the teacher is the full model's velocity) over a
     set of prompts with pooled embeddings writes a router over the named sub-layers; it decodes, builds, runs and
-    verifies. FLUX.1 (guidance-distilled) is refused by name."""
+    verifies."""
     folder = str(tiny_diffusers("sd3", "flow"))
     latents, conditioning = _request("sd3")
     np.savez(tmp_path / "prompts.npz", **{name: value.numpy() for name, value in conditioning.items()})
@@ -285,10 +285,40 @@ def test_a_router_learned_on_a_tiny_sd3_decodes_builds_and_runs(tiny_diffusers, 
             "--save-latents", str(tmp_path / "out.npy"))
     assert np.isfinite(np.load(tmp_path / "out.npy")).all()
     assert "agree with PyTorch" in run_cli("verify", str(engines)).stdout
-    flux = run_cli("learn", "--diffusers", str(tiny_diffusers("flux", "flow")), "--steps", "4", "--conditioning-data",
-                   str(tmp_path / "prompts.npz"), "--out", str(tmp_path / "f.safetensors"), check=False)
-    assert flux.returncode == 2 and "guidance-distilled model (FluxTransformer2DModel) is not supported yet" in \
-        flux.stderr
+
+
+
+def test_a_router_learned_on_a_tiny_flux_decodes_builds_and_runs(tiny_diffusers, tmp_path):
+    """learn --diffusers on FLUX.1 (guidance-distilled: --cfg-scale feeds the guidance embedding of the teacher and
+    the student, no negative batch) writes a router over the named sub-layers that decodes, builds at --image-size and
+    runs; negative prompts are refused by name, not ignored."""
+    folder = str(tiny_diffusers("flux", "flow"))
+    latents, conditioning = _request("flux")
+    np.savez(tmp_path / "prompts.npz", **{name: value.numpy() for name, value in conditioning.items()})
+    router = tmp_path / "router.safetensors"
+    common = ["learn", "--diffusers", folder, "--image-size", str(IMAGE_SIZE), "--steps", "4", "--trajectories", "2",
+              "--batch-size", "2", "--iterations", "3", "--mode", "general", "--lr", "0.5"]
+    run_cli(*common, "--conditioning-data", str(tmp_path / "prompts.npz"), "--out", str(router))
+    from l2c_export.routers import load_router
+
+    learned = load_router(router)
+    names = tuple(learned.sublayers)
+    assert any(name.endswith(".proj_mlp") for name in names) and learned.logits.shape == (4, len(names))
+    assert np.abs(learned.logits[1:]).max() > 0  # the routers moved
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", folder, "--image-size", str(IMAGE_SIZE), "--steps", "4", "--router", str(router),
+            "--mode", "general", "--target-mac-fraction", "0.8", "--out", str(engines))
+    np.save(tmp_path / "z.npy", latents.numpy())
+    run_cli("run", str(engines), "--noise", str(tmp_path / "z.npy"), "--conditioning", str(tmp_path / "prompts.npz"),
+            "--save-latents", str(tmp_path / "out.npy"))
+    assert np.isfinite(np.load(tmp_path / "out.npy")).all()
+    negatives = {**{name: value.numpy() for name, value in conditioning.items()},
+                 "negative_prompt_embeds": conditioning["prompt_embeds"].numpy()}
+    np.savez(tmp_path / "negatives.npz", **negatives)
+    refused = run_cli(*common, "--conditioning-data", str(tmp_path / "negatives.npz"), "--out",
+                      str(tmp_path / "f.safetensors"), check=False)
+    assert refused.returncode == 2 and "array 'negative_prompt_embeds' is not used: this model is guidance-distilled" \
+        in refused.stderr
 
 
 def test_eval_on_a_tiny_sd3_the_learned_router_beats_fora_at_a_mac_fraction_of_0_7(tiny_diffusers, tmp_path):
