@@ -357,3 +357,16 @@ def test_eval_on_a_tiny_sd3_the_learned_router_beats_fora_at_a_mac_fraction_of_0
     run_cli("run", str(engines), "--noise", str(tmp_path / "z.npy"), "--conditioning", str(tmp_path / "cond.npz"),
             "--save-latents", str(tmp_path / "out.npy"))
     assert np.isfinite(np.load(tmp_path / "out.npy")).all()
+
+
+def test_verify_diffusers_checks_a_flux_build_at_its_image_size(tiny_diffusers, tmp_path):
+    """verify --diffusers compares a FLUX.1 build with the folder's transformer at the build's --image-size (not
+    the pipeline's default size, which would make the folder's config differ), and still refuses another folder."""
+    folder = tiny_diffusers("flux", "flow")
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", str(folder), "--image-size", "16", "--steps", "2", "--out", str(engines))
+    assert json.loads((engines / "manifest.json").read_text())["model"]["config"]["latent_size"] == 16
+    passed = run_cli("verify", str(engines), "--diffusers", str(folder))
+    assert "agree with PyTorch" in passed.stdout
+    other = run_cli("verify", str(engines), "--diffusers", str(tiny_diffusers("sd3", "flow")), check=False)
+    assert other.returncode == 2 and "the build did not come from that folder" in other.stderr
