@@ -370,3 +370,24 @@ def test_verify_diffusers_checks_a_flux_build_at_its_image_size(tiny_diffusers, 
     assert "agree with PyTorch" in passed.stdout
     other = run_cli("verify", str(engines), "--diffusers", str(tiny_diffusers("sd3", "flow")), check=False)
     assert other.returncode == 2 and "the build did not come from that folder" in other.stderr
+
+
+def test_eval_on_a_tiny_flux_at_its_image_size_without_negatives(tiny_diffusers, tmp_path):
+    """eval --diffusers on FLUX.1 (--image-size 8): prompts without negatives (guidance-distilled: --cfg-scale feeds
+    the guidance embedding), every method measured against full compute."""
+    folder = str(tiny_diffusers("flux", "flow"))
+    _, conditioning = _request("flux")
+    np.savez(tmp_path / "prompts.npz", **{name: value.numpy() for name, value in conditioning.items()})
+    names = _names(folder)
+    rows = np.ones((4, len(names)), dtype=bool)
+    rows[1::2, 1::2] = False
+    Schedule(rows, sublayers=names, mode="general").save(tmp_path / "s.json")
+    run_cli("eval", "--diffusers", folder, "--image-size", str(IMAGE_SIZE), "--schedule", str(tmp_path / "s.json"),
+            "--budgets", "", "--num-samples", "2", "--random-seeds", "1", "--conditioning-data",
+            str(tmp_path / "prompts.npz"), "--json", str(tmp_path / "eval.json"))
+    report = json.loads((tmp_path / "eval.json").read_text())
+    learned = next(row for row in report["results"] if row["method"] == "l2c")
+    assert learned["mac_fraction"] < 1.0 and np.isfinite(learned["psnr"])
+    refused = run_cli("eval", "--diffusers", folder, "--image-size", "7", "--schedule", str(tmp_path / "s.json"),
+                      "--conditioning-data", str(tmp_path / "prompts.npz"), check=False)
+    assert refused.returncode == 2 and "--image-size 7: expected a positive multiple of 2" in refused.stderr

@@ -272,7 +272,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         cycle = list(labels) if labels else list(range(null_class))
         label_array = np.asarray([cycle[i % len(cycle)] for i in range(num_samples)], dtype=np.int64)
     elif prompts is not None:
-        conditioning = _cycle_prompts(spec, prompts, num_samples, spec.cfg_scale > 1.0, prompts_source)
+        guiding = getattr(family, "classifier_free", True) and spec.cfg_scale > 1.0  # FLUX.1: no negative batch
+        conditioning = _cycle_prompts(spec, prompts, num_samples, guiding, prompts_source)
     sample_shape = next(t.shape for t in family.graph_inputs(config) if t.role == "sample")
     judge = DigitsFeatures(classifier_path) if DigitsFeatures.applies(spec) else RandomProjection(sample_shape)
     setup = EvalSetup(spec=spec, model=spec.load_model(), num_steps=sampler.num_calls, macs=macs,
