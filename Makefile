@@ -55,9 +55,12 @@ bench: setup triton-env cpp
 # The real sizes (not part of `make test`): random-weight diffusers folders in the configs of facebook/DiT-XL-2-256 and
 # PixArt-α 512 (about 2.5 GiB of weights each), built, verified, benchmarked against the ideal and against diffusers'
 # own pipeline at 6 steps, batch 1: docs/bench-large.json, docs/bench-large.md. Tens of minutes and ~12 GiB of RAM on
-# 2 cores.
+# 2 cores. Then SD3-medium's layout at 256 px (2B parameters) and FLUX.1's width with 2 double + 4 single blocks (1.25B;
+# the full FLUX.1 projected per block): their builds need about 30 and 17+ GiB of RAM; on a smaller machine leave them
+# out: make bench-large BENCH_LARGE_MODELS=DiT-XL-2-256,PixArt-XL-2-512
+BENCH_LARGE_MODELS ?= DiT-XL-2-256,PixArt-XL-2-512,SD3-medium-256,FLUX.1-width-2+4-256
 bench-large: setup cpp
-	$(PY) -m l2c_export.tools.bench_suite --large --work engines/bench-large --docs docs
+	$(PY) -m l2c_export.tools.bench_suite --large --work engines/bench-large --docs docs --models $(BENCH_LARGE_MODELS)
 
 # The embedded default on Triton Inference Server, on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics).
 serve: setup triton-env

@@ -680,6 +680,7 @@ def test_a_field_the_graphs_fix_edited_after_the_build_is_refused(cpp_build, def
 # embeddings by role, from --conditioning cond.npz).
 
 DIFFUSERS_STEPS = 8
+MMDIT_IMAGE_SIZE = 8  # FLUX.1 has no sample_size: 8 px, the tiny VAE's scale factor 1, 8 x 8 latents, 16 packed tokens
 
 
 @pytest.fixture(scope="module")
@@ -692,7 +693,7 @@ def diffusers_cpp_builds(tiny_diffusers, tmp_path_factory):
     def make(family: str, scheduler: str) -> Path:
         key = (family, scheduler)
         if key not in builds:
-            spec = from_diffusers(tiny_diffusers(family, scheduler))
+            spec = from_diffusers(tiny_diffusers(family, scheduler), MMDIT_IMAGE_SIZE if family == "flux" else None)
             rows = np.ones((DIFFUSERS_STEPS, len(spec.sublayer_names)), dtype=bool)
             rows[1::2, 1::2] = False
             rows[2::3, 0] = False
@@ -943,3 +944,91 @@ def test_a_bad_diffusers_sampler_table_is_refused(cpp_build, diffusers_cpp_build
     _rewrite_manifest(engines, lambda data: change(data["sampler"]))
     line = _refused_request(tmp_path, engines, "--labels", "1,2")
     assert f"manifest.json: {expected}" in line, line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MMDiTs (issue 21): SD3 (prompt and pooled embeddings, their negatives for classifier-free guidance) and FLUX.1
+# (guidance-distilled: --cfg-scale feeds the guidance input, no negative batch; packed (n, T, C) latents), sampled with
+# flow matching; their joint-attention cache slots are (batch, joint_tokens, D), sized per request by the prompt.
+
+
+def _mmdit_conditioning(path: Path, family: str, n: int = 2, length: int = 7, seed: int = 3) -> dict:
+    """SD3's or FLUX.1's conditioning by the pipelines' argument names (SD3 with negatives), saved at ``path``."""
+    from .diffusers_pipelines import FLUX_CONFIG, SD3_CONFIG
+
+    config = FLUX_CONFIG if family == "flux" else SD3_CONFIG
+    generator = np.random.default_rng(seed)
+    width, pooled = config["joint_attention_dim"], config["pooled_projection_dim"]
+    prefixes = ("",) if family == "flux" else ("", "negative_")
+    conditioning = {}
+    for prefix in prefixes:
+        conditioning[f"{prefix}prompt_embeds"] = generator.standard_normal((n, length, width)).astype(np.float32)
+        conditioning[f"{prefix}pooled_prompt_embeds"] = generator.standard_normal((n, pooled)).astype(np.float32)
+    np.savez(path, **conditioning)
+    return conditioning
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_l2c_run_equals_the_python_runtime_on_sd3_and_flux(cpp_build, diffusers_cpp_builds, tmp_path, family):
+    """SD3 and FLUX.1 builds: full and with the schedule, at two guidance scales and two prompt lengths (the
+    joint-attention slots are sized per request), equal to l2c-export run to 1e-5 of the range; SD3 guides with the
+    negatives, FLUX.1's scale reaches its guidance embedding."""
+    engines = diffusers_cpp_builds(family, "flow")
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert [t["role"] for t in manifest["model"]["inputs"]][2:] == [
+        "prompt_embeds", "pooled_prompt_embeds", *(["guidance"] if family == "flux" else [])]
+    assert any("joint_tokens" in slot["shape"] for slot in manifest["cache_slots"])
+    assert len(manifest["model"]["inputs"][0]["shape"]) == (3 if family == "flux" else 4)  # FLUX.1: packed
+    results = {}
+    for length in (7, 3):
+        _mmdit_conditioning(tmp_path / "cond.npz", family, length=length)
+        request = ["--conditioning", tmp_path / "cond.npz"]
+        for full in (True, False):
+            for cfg_scale in (3.0, 1.0):
+                assert _compare_request(engines, tmp_path, request, 2, cfg_scale, full) <= 1e-5
+                results[length, full, cfg_scale] = np.load(tmp_path / "cpp.npy")
+    assert np.abs(results[7, True, 3.0] - results[7, False, 3.0]).max() > 1e-4  # the schedule reused something
+    assert np.abs(results[7, False, 3.0] - results[7, False, 1.0]).max() > 1e-4  # guidance changed the result
+    assert np.abs(results[7, False, 3.0] - results[3, False, 3.0]).max() > 1e-4  # another prompt, another sample
+
+
+@pytest.mark.parametrize("family,change,expected", [
+    ("sd3", lambda c: c.pop("pooled_prompt_embeds"), "array 'pooled_prompt_embeds' is missing; expected "
+                                                     "prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, "
+                                                     "negative_pooled_prompt_embeds"),
+    ("sd3", lambda c: c.pop("negative_pooled_prompt_embeds"), "array 'negative_pooled_prompt_embeds' is missing "
+                                                              "(guidance runs the negative prompt"),
+    ("sd3", lambda c: c.update(prompt_attention_mask=np.ones((2, 7), dtype=np.int64)),
+     "unknown array 'prompt_attention_mask'; expected prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds"),
+    ("sd3", lambda c: c.update(pooled_prompt_embeds=c["pooled_prompt_embeds"][:, :4].copy()),
+     "array 'pooled_prompt_embeds' has shape (2, 4); expected (2, 6) (one pooled embedding per prompt)"),
+    ("sd3", lambda c: c.update(negative_pooled_prompt_embeds=c["negative_pooled_prompt_embeds"][:1].copy()),
+     "array 'negative_pooled_prompt_embeds' has shape (1, 6); expected (2, 6)"),
+    ("sd3", lambda c: c["pooled_prompt_embeds"].__setitem__((0, 0), np.inf),
+     "array 'pooled_prompt_embeds': 1 of its 12 values are NaN or infinite"),
+    ("sd3", lambda c: c.update(pooled_prompt_embeds=c["pooled_prompt_embeds"].astype(np.int32)),
+     "array 'pooled_prompt_embeds': dtype <i4; expected float32 embeddings"),
+    ("flux", lambda c: c.update(negative_prompt_embeds=c["prompt_embeds"]),
+     "array 'negative_prompt_embeds' is not used: this model is guidance-distilled"),
+    ("flux", lambda c: c.update(prompt_embeds=np.ones((2, 513, 12), dtype=np.float32)),
+     "array 'prompt_embeds' has shape (2, 513, 12): 513 prompt tokens; expected at most the model's "
+     "max_sequence_length 512"),
+], ids=["missing-pooled", "missing-negative-pooled", "mask", "pooled-width", "pooled-rows", "pooled-inf",
+        "pooled-int", "flux-negative", "flux-too-long"])
+def test_bad_mmdit_conditioning_is_refused_naming_the_array(cpp_build, diffusers_cpp_builds, tmp_path, family, change,
+                                                            expected):
+    engines = diffusers_cpp_builds(family, "flow")
+    conditioning = _mmdit_conditioning(tmp_path / "cond.npz", family)
+    change(conditioning)
+    _bad_npz(tmp_path / "bad.npz", conditioning)
+    line = _refused_request(tmp_path, engines, "--conditioning", tmp_path / "bad.npz")
+    assert f"--conditioning {tmp_path / 'bad.npz'}: {expected}" in line, line
+
+
+def test_flux_noise_must_be_the_packed_latents(cpp_build, diffusers_cpp_builds, tmp_path):
+    engines = diffusers_cpp_builds("flux", "flow")
+    _mmdit_conditioning(tmp_path / "cond.npz", "flux")
+    np.save(tmp_path / "z.npy", np.zeros((2, 16, 8, 8), dtype=np.float32))  # unpacked (n, C, H, W)
+    line = _refused_request(tmp_path, engines, "--conditioning", tmp_path / "cond.npz")
+    assert "noise has shape (2, 16, 8, 8); expected (2, 16, 16) (n prompts, T, C), the pipeline's packed latents" \
+        in line, line

@@ -44,6 +44,7 @@ std::string record_shape_string(const std::vector<int64_t>& shape) {
   for (size_t i = 0; i < shape.size(); ++i)
     text += (i ? ", " : "") + (shape[i] == kBatch           ? std::string("batch")
                                : shape[i] == kPromptTokens ? std::string("prompt_tokens")
+                               : shape[i] == kJointTokens  ? std::string("joint_tokens")
                                                            : std::to_string(shape[i]));
   return text + (shape.size() == 1 ? ",)" : ")");
 }
@@ -78,8 +79,10 @@ std::vector<int64_t> read_shape(const Fields& node, bool allow_batch) {
       continue;
     }
     if (allow_batch && dim.is_string()) {
-      if (dim.str() != "prompt_tokens") dim.fail("expected a size or \"prompt_tokens\" (the prompt's length)");
-      shape.push_back(kPromptTokens);
+      if (dim.str() != "prompt_tokens" && dim.str() != "joint_tokens")
+        dim.fail("expected a size, \"prompt_tokens\" (the prompt's length) or \"joint_tokens\" (image and prompt "
+                 "tokens)");
+      shape.push_back(dim.str() == "prompt_tokens" ? kPromptTokens : kJointTokens);
       continue;
     }
     const int64_t size = dim.integer(allow_batch ? 1 : 0, kMaxDimension);
@@ -106,14 +109,15 @@ TensorRecord read_tensor(const Fields& node, bool output) {
     auto found = by_name.find(record.name);
     record.role = !record.slot.empty() ? (output ? "fresh" : "cache") : found != by_name.end() ? found->second : "";
   }
-  static const std::set<std::string> input_roles{"sample", "time", "label", "prompt_embeds", "prompt_attention_mask",
+  static const std::set<std::string> input_roles{"sample",        "time",   "label", "prompt_embeds",
+                                                 "prompt_attention_mask", "pooled_prompt_embeds", "guidance",
                                                  "cache"},
       output_roles{"output", "fresh"};
   if (!(output ? output_roles : input_roles).count(record.role))
     node.fail(std::string("has no role this runtime feeds; expected ") +
               (output ? "model_out (role output) or a fresh output with a slot" :
-                        "roles sample, time, label (or prompt_embeds and prompt_attention_mask) or a cache input "
-                        "with a slot"));
+                        "roles sample, time, label (or prompt_embeds with prompt_attention_mask or "
+                        "pooled_prompt_embeds), guidance or a cache input with a slot"));
   if ((record.role == "cache" || record.role == "fresh") == record.slot.empty())
     node.fail("role " + record.role + (record.slot.empty() ? " needs a slot" : " takes no slot"));
   return record;
@@ -160,23 +164,28 @@ void check_consistency(const Manifest& m, const Fields& subsets, const Fields& s
   }
 }
 
-// The graph interface the runtime binds, as l2c_export.core.manifest checks it: one sample (float32 (batch, C, H, W)),
-// time (float32 (batch,)) and label (int64 (batch,)) input and one output (float32 (batch, C or 2C, H, W)) per
-// subset, the same in every subset as in the full one; each cache input and fresh output is its slot's dtype and
+// The graph interface the runtime binds, as l2c_export.core.manifest checks it: one sample (float32 (batch, C, H, W),
+// or FLUX.1's packed (batch, T, C)), time (float32 (batch,)) and label (int64 (batch,)) or text input and one output
+// (float32 (batch, C or 2C, H, W); packed: the sample's shape) per subset, the same in every subset as in the full
+// one (the optional text roles, prompt_attention_mask, pooled_prompt_embeds and guidance, where the full one has them); each cache input and fresh output is its slot's dtype and
 // shape; every subset computes as many sub-layers as the full one. (That these records are each graph's own
 // interface is checked when the graph is loaded.)
 void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& guidance) {
   const SubsetRecord& full = m.subsets[m.full_subset];
   // role -> (dtype, rank, the form in words)
+  const bool packed = Manifest::model_tensor(full, "sample").shape.size() == 3;
+  const char* sample_form = packed ? "(batch, T, C) (packed)" : "(batch, C, H, W)";
   std::map<std::string, std::tuple<std::string, size_t, std::string>> model_roles{
-      {"sample", {"float32", 4, "(batch, C, H, W)"}}, {"time", {"float32", 1, "(batch,)"}},
-      {"output", {"float32", 4, "(batch, C, H, W)"}}};
+      {"sample", {"float32", packed ? 3 : 4, sample_form}}, {"time", {"float32", 1, "(batch,)"}},
+      {"output", {"float32", packed ? 3 : 4, sample_form}}};
   if (m.conditioning == "label") {
     model_roles["label"] = {"int64", 1, "(batch,)"};
   } else {
     model_roles["prompt_embeds"] = {"float32", 3, "(batch, prompt_tokens, D)"};
-    model_roles["prompt_attention_mask"] = {"float32", 2, "(batch, prompt_tokens)"};
+    if (m.has_prompt_mask) model_roles["prompt_attention_mask"] = {"float32", 2, "(batch, prompt_tokens)"};
+    if (m.pooled_width) model_roles["pooled_prompt_embeds"] = {"float32", 2, "(batch, P)"};
   }
+  if (m.has_guidance_input) model_roles["guidance"] = {"float32", 1, "(batch,)"};
   auto same = [](const TensorRecord& a, const TensorRecord& b) {
     return a.name == b.name && a.dtype == b.dtype && a.shape == b.shape;
   };
@@ -221,12 +230,24 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
   }
   const TensorRecord& sample = Manifest::model_tensor(full, "sample");
   const TensorRecord& output = Manifest::model_tensor(full, "output");
+  if (packed && (output.shape != sample.shape || sample.shape[1] < 1))
+    subsets[m.full_subset]["outputs"].fail("model output " + output.name + " " + record_shape_string(output.shape) +
+                                           " does not fit the packed sample " + record_shape_string(sample.shape) +
+                                           "; expected the same (batch, T, C)");
+  // Guidance and the sampler take channels: along axis 1 of (batch, C, H, W); a packed sample's channels are its
+  // last axis, so there every channel is guided and stepped on.
+  if (packed && (m.guidance.guided_channels != sample.shape[2] || m.guidance.sampler_channels))
+    guidance["guided_channels"].fail("is " + std::to_string(m.guidance.guided_channels) +
+                                     " (sampler_channels " + std::to_string(m.guidance.sampler_channels) +
+                                     "); a packed sample " + record_shape_string(sample.shape) + " expects all " +
+                                     std::to_string(sample.shape[2]) + " channels guided and no sampler_channels");
+  if (packed) return;
   if ((output.shape[1] != sample.shape[1] && output.shape[1] != 2 * sample.shape[1]) ||
       output.shape[2] != sample.shape[2] || output.shape[3] != sample.shape[3])
     subsets[m.full_subset]["outputs"].fail("model output " + output.name + " " + record_shape_string(output.shape) +
                                            " does not fit the sample " + record_shape_string(sample.shape) +
                                            "; expected (batch, C or 2C, H, W)");
-  if (m.conditioning == "prompt") {
+  if (m.conditioning == "prompt" && m.has_prompt_mask) {
     const TensorRecord& embeds = Manifest::model_tensor(full, "prompt_embeds");
     const TensorRecord& mask = Manifest::model_tensor(full, "prompt_attention_mask");
     if (embeds.shape[1] != mask.shape[1] || embeds.shape[2] < 1)
@@ -284,6 +305,7 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   m.guidance.guided_channels = static_cast<int>(guidance["guided_channels"].integer(1, 1 << 20));
   if (guidance.has("sampler_channels") && !guidance["sampler_channels"].is_null())
     m.guidance.sampler_channels = static_cast<int>(guidance["sampler_channels"].integer(1, 1 << 20));
+  if (guidance.has("classifier_free")) m.guidance.classifier_free = guidance["classifier_free"].boolean();
 
   Fields batch = root["batch"];
   m.batch_min = batch["min"].integer(1, 1 << 20);
@@ -349,13 +371,29 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     m.num_classes = m.guidance.null_class;  // the labels are 0 .. null_class - 1 (every family's convention)
   } else if (has_role("prompt_embeds")) {
     m.conditioning = "prompt";
+    m.has_prompt_mask = has_role("prompt_attention_mask");
+    if (!m.has_prompt_mask && !has_role("pooled_prompt_embeds"))
+      subsets[m.full_subset]["inputs"].fail("has prompt_embeds alone; expected prompt_attention_mask (PixArt) or "
+                                            "pooled_prompt_embeds (SD3, FLUX.1) beside it");
   } else {
     subsets[m.full_subset]["inputs"].fail("has no conditioning input; expected one with role label, or "
-                                          "prompt_embeds and prompt_attention_mask");
+                                          "prompt_embeds with prompt_attention_mask or pooled_prompt_embeds");
   }
+  m.has_guidance_input = has_role("guidance");
+  m.pooled_width = has_role("pooled_prompt_embeds") ? 1 : 0;  // its width once check_interfaces checked its rank
   check_interfaces(m, subsets, guidance);
   if (m.conditioning == "prompt") {
     m.prompt_width = Manifest::model_tensor(m.subsets[m.full_subset], "prompt_embeds").shape[2];
+    if (m.prompt_width < 1)
+      subsets[m.full_subset]["inputs"].fail("prompt_embeds is " + record_shape_string(Manifest::model_tensor(
+          m.subsets[m.full_subset], "prompt_embeds").shape) + "; expected (batch, prompt_tokens, D) with a size D");
+    if (m.pooled_width) {
+      const TensorRecord& pooled = Manifest::model_tensor(m.subsets[m.full_subset], "pooled_prompt_embeds");
+      m.pooled_width = pooled.shape[1];
+      if (m.pooled_width < 1)
+        subsets[m.full_subset]["inputs"].fail("pooled_prompt_embeds is " + record_shape_string(pooled.shape) +
+                                              "; expected (batch, P) with a size P");
+    }
     m.max_prompt_tokens = root["model"]["max_sequence_length"].integer(1, 65536);
   }
 

@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -175,7 +176,9 @@ class MappedFile {
   size_t size_ = 0;
 };
 
-// One request's cache: a buffer per slot, allocated at its first write and bound in place from then on.
+// One request's cache: a buffer per slot, allocated at its first write and bound in place from then on. A slot whose
+// shape names joint_tokens (image + prompt tokens) is allocated by ONNX Runtime at its first write, at the size the
+// graph computes, and bound in place from then on too.
 struct RequestCache {
   struct Slot {
     std::vector<char> bytes;
@@ -185,10 +188,12 @@ struct RequestCache {
 };
 
 // The model batch's conditioning inputs: class labels (with the null class for the unconditional half), or prompt
-// embeddings (batch, L, D) and masks (batch, L) (the negative prompt's for the unconditional half).
+// embeddings (batch, L, D) with masks (batch, L) or pooled embeddings (batch, P) (the negative prompt's for the
+// unconditional half); the guidance input's scale per row where the model has one.
 struct Condition {
   std::vector<int64_t> labels;
-  Tensor embeds, mask;
+  Tensor embeds, mask, pooled;
+  std::vector<float> guidance;
 };
 
 double checked_scale(const SampleOptions& options, const Manifest& m) {
@@ -199,12 +204,56 @@ double checked_scale(const SampleOptions& options, const Manifest& m) {
   return cfg_scale;
 }
 
-const char* const kPromptArrays[] = {"prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
-                                     "negative_prompt_attention_mask"};
+// The pipelines' argument names: the text roles, then their negative_ counterparts, in the order the Python runtime
+// names them (l2c_export/runtime/conditioning.py: TEXT_ROLES).
+const char* const kTextRoles[] = {"prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"};
 
-std::string prompt_arrays(bool guiding) {
-  return guiding ? "prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask"
-                 : "prompt_embeds, prompt_attention_mask";
+// The text arrays a model takes (its roles; with `negatives`, their negative_ counterparts after them).
+std::vector<std::string> prompt_array_names(const Manifest& m, bool negatives) {
+  std::vector<std::string> roles{kTextRoles[0]};
+  if (m.has_prompt_mask) roles.push_back(kTextRoles[1]);
+  if (m.pooled_width) roles.push_back(kTextRoles[2]);
+  std::vector<std::string> names = roles;
+  if (negatives)
+    for (const auto& role : roles) names.push_back("negative_" + role);
+  return names;
+}
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string text;
+  for (const auto& name : names) text += (text.empty() ? "" : ", ") + name;
+  return text;
+}
+
+// Every text array by its argument name, the member of Prompts that holds it.
+const std::vector<std::pair<std::string, Tensor Prompts::*>> kPromptMembers{
+    {"prompt_embeds", &Prompts::embeds},
+    {"prompt_attention_mask", &Prompts::mask},
+    {"pooled_prompt_embeds", &Prompts::pooled},
+    {"negative_prompt_embeds", &Prompts::negative_embeds},
+    {"negative_prompt_attention_mask", &Prompts::negative_mask},
+    {"negative_pooled_prompt_embeds", &Prompts::negative_pooled}};
+
+// The member holding the array `name`; nullptr for a name no pipeline takes.
+Tensor Prompts::*prompt_member(const std::string& name) {
+  for (const auto& [known, member] : kPromptMembers)
+    if (known == name) return member;
+  return nullptr;
+}
+
+const Tensor& prompt_array(const Prompts& prompts, const std::string& name) { return prompts.*prompt_member(name); }
+
+// pooled_prompt_embeds-like: (n, width), every value finite.
+void check_pooled(const Tensor& pooled, const std::string& array, int64_t n, int64_t width, const std::string& source) {
+  const std::string where = source + ": array '" + array + "'";
+  if (pooled.shape != std::vector<int64_t>{n, width})
+    throw Error(where + " has shape " + pooled.shape_string() + "; expected " + shape_string({n, width}) +
+                " (one pooled embedding per prompt)");
+  const size_t bad = static_cast<size_t>(
+      std::count_if(pooled.data.begin(), pooled.data.end(), [](float v) { return !std::isfinite(v); }));
+  if (bad)
+    throw Error(where + ": " + std::to_string(bad) + " of its " + std::to_string(pooled.size()) +
+                " values are NaN or infinite; expected finite embeddings");
 }
 
 // prompt_embeds-like: (n, L, width) with n, L >= 1 (and `like`'s shape when given), every value finite.
@@ -256,16 +305,19 @@ Prompts read_prompts(const fs::path& npz, const std::string& source) {
   prompts.source = source.empty() ? npz.string() : source;
   for (auto& [array, bytes] : read_npz(npz)) {
     const std::string where = prompts.source + ": array '" + array + "'";
-    const bool embeddings = array == kPromptArrays[0] || array == kPromptArrays[2];
-    Tensor* to = array == kPromptArrays[0]   ? &prompts.embeds
-                 : array == kPromptArrays[1] ? &prompts.mask
-                 : array == kPromptArrays[2] ? &prompts.negative_embeds
-                 : array == kPromptArrays[3] ? &prompts.negative_mask
-                                             : nullptr;
-    if (to == nullptr) throw Error(prompts.source + ": unknown array '" + array + "'; expected " + prompt_arrays(true));
-    *to = embeddings ? parse_npy(bytes, where, {"<f4", "<f8"}, "float32 embeddings")
-                     : parse_npy(bytes, where, {"<f4", "<f8", "<i8", "<i4", "|b1"}, "a 0/1 mask (bool, int or float)");
-    if (to->shape.empty()) throw Error(where + " is a 0-d array; expected " + (embeddings ? "(n, L, D)" : "(n, L)"));
+    Tensor Prompts::*member = prompt_member(array);
+    if (member == nullptr) {
+      std::vector<std::string> known;
+      for (const auto& entry : kPromptMembers) known.push_back(entry.first);
+      throw Error(prompts.source + ": unknown array '" + array + "'; expected " + joined(known));
+    }
+    Tensor& to = prompts.*member;
+    const bool mask = array.find("attention_mask") != std::string::npos;
+    to = mask ? parse_npy(bytes, where, {"<f4", "<f8", "<i8", "<i4", "|b1"}, "a 0/1 mask (bool, int or float)")
+              : parse_npy(bytes, where, {"<f4", "<f8"}, "float32 embeddings");
+    if (to.shape.empty())
+      throw Error(where + " is a 0-d array; expected " +
+                  (mask ? "(n, L)" : array.find("pooled") != std::string::npos ? "(n, P)" : "(n, L, D)"));
   }
   return prompts;
 }
@@ -286,8 +338,9 @@ struct Pipeline::Impl {
   void append_tensorrt(Ort::SessionOptions& session_options) const;
   const Tensor& run(int subset, const Tensor& x, const std::vector<float>& t, const Condition& condition,
                     RequestCache& cache, Tensor& model_out) const;
-  // The sampling loop for n samples whose model-batch conditioning is `condition` (2n rows when guiding).
-  Tensor sample(int64_t n, const Condition& condition, double cfg_scale, const Tensor& noise,
+  // The sampling loop for n samples whose model-batch conditioning is `condition` (2n rows when `guiding`, the
+  // classifier-free batch); the guidance input, where the model has one, is fed cfg_scale here.
+  Tensor sample(int64_t n, Condition condition, bool guiding, double cfg_scale, const Tensor& noise,
                 const SampleOptions& options, const std::string& what) const;
 };
 
@@ -418,14 +471,19 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
     return Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(tensor.data.data()), tensor.size(),
                                            tensor.shape.data(), tensor.shape.size());
   };
-  Ort::Value y_value{nullptr}, embeds_value{nullptr}, mask_value{nullptr};
+  Ort::Value y_value{nullptr}, embeds_value{nullptr}, mask_value{nullptr}, pooled_value{nullptr},
+      guidance_value{nullptr};
   if (manifest.conditioning == "label") {
     y_value = Ort::Value::CreateTensor<int64_t>(cpu, const_cast<int64_t*>(condition.labels.data()),
                                                 condition.labels.size(), &batch, 1);
   } else {
     embeds_value = wrap(condition.embeds);
-    mask_value = wrap(condition.mask);
+    if (manifest.has_prompt_mask) mask_value = wrap(condition.mask);
+    if (manifest.pooled_width) pooled_value = wrap(condition.pooled);
   }
+  if (manifest.has_guidance_input)
+    guidance_value = Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(condition.guidance.data()),
+                                                     condition.guidance.size(), &batch, 1);
   for (const TensorRecord& input : record.inputs) {
     if (input.role == "cache") {
       auto found = cache.slots.find(input.slot);
@@ -434,28 +492,47 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
       binding.BindInput(input.name.c_str(), found->second.value);
       continue;
     }
-    const Ort::Value& value = input.role == "sample"          ? x_value
-                              : input.role == "time"          ? t_value
-                              : input.role == "label"         ? y_value
-                              : input.role == "prompt_embeds" ? embeds_value
-                                                              : mask_value;
+    const Ort::Value& value = input.role == "sample"                 ? x_value
+                              : input.role == "time"                 ? t_value
+                              : input.role == "label"                ? y_value
+                              : input.role == "prompt_embeds"        ? embeds_value
+                              : input.role == "prompt_attention_mask" ? mask_value
+                              : input.role == "pooled_prompt_embeds" ? pooled_value
+                                                                     : guidance_value;
     if (!value)
       throw Error(manifest.path.string() + ": subset " + record.name + " has an input " + input.name + " (role " +
                   input.role + ") that a model conditioned by " + manifest.conditioning + " does not feed");
     binding.BindInput(input.name.c_str(), value);
   }
-  model_out = Tensor({batch, out_shape[0], out_shape[1], out_shape[2]});
+  std::vector<int64_t> out_dims{batch};
+  out_dims.insert(out_dims.end(), out_shape.begin(), out_shape.end());
+  model_out = Tensor(out_dims);
   auto out_value = Ort::Value::CreateTensor<float>(cpu, model_out.data.data(), model_out.size(),
                                                    model_out.shape.data(), model_out.shape.size());
-  for (const TensorRecord& output : record.outputs) {
+  // The slots ONNX Runtime sizes at their first write (joint_tokens), by their place among the bound outputs.
+  std::vector<std::pair<size_t, const TensorRecord*>> sized_by_graph;
+  const int64_t prompt_tokens = condition.embeds.shape.size() == 3 ? condition.embeds.shape[1] : 0;
+  for (size_t k = 0; k < record.outputs.size(); ++k) {
+    const TensorRecord& output = record.outputs[k];
     if (output.role == "output") {
       binding.BindOutput(output.name.c_str(), out_value);
       continue;
     }
     const CacheSlot& slot = manifest.slot(output.slot);
+    RequestCache::Slot& buffer = cache.slots[output.slot];
     std::vector<int64_t> shape = slot.shape;
     shape[0] = batch;
-    RequestCache::Slot& buffer = cache.slots[output.slot];
+    for (int64_t& size : shape)
+      if (size == kPromptTokens) size = prompt_tokens;
+    if (std::find(shape.begin(), shape.end(), kJointTokens) != shape.end()) {
+      if (buffer.value) {  // sized by an earlier write of this request (its batch and prompt do not change)
+        binding.BindOutput(output.name.c_str(), buffer.value);
+      } else {
+        binding.BindOutput(output.name.c_str(), cpu);
+        sized_by_graph.emplace_back(k, &output);
+      }
+      continue;
+    }
     const size_t bytes = Tensor::count(shape) * element_size(slot.dtype);
     if (buffer.bytes.size() != bytes) {
       buffer.bytes.assign(bytes, 0);
@@ -475,6 +552,26 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
                 ": ONNX Runtime failed to run subset " + record.name + " on a batch of " + std::to_string(batch) +
                 ": " + what);
   }
+  if (!sized_by_graph.empty()) {
+    std::vector<Ort::Value> values = binding.GetOutputValues();
+    for (auto& [k, output] : sized_by_graph) {
+      // The size the graph gave must be the record's wherever the record fixes it (batch, prompt_tokens, sizes).
+      const std::vector<int64_t> got = values[k].GetTensorTypeAndShapeInfo().GetShape();
+      const std::vector<int64_t>& recorded = manifest.slot(output->slot).shape;
+      bool fits = got.size() == recorded.size();
+      for (size_t d = 0; fits && d < got.size(); ++d)
+        fits = recorded[d] == kBatch         ? got[d] == batch
+               : recorded[d] == kPromptTokens ? got[d] == prompt_tokens
+               : recorded[d] == kJointTokens  ? got[d] > prompt_tokens
+                                              : got[d] == recorded[d];
+      if (!fits)
+        throw Error(manifest.path.string() + ": cache slot " + output->slot + " is " +
+                    record_shape_string(recorded) + "; subset " + record.name + " wrote " + shape_string(got) +
+                    " for a batch of " + std::to_string(batch) + " with " + std::to_string(prompt_tokens) +
+                    " prompt tokens");
+      cache.slots[output->slot].value = std::move(values[k]);
+    }
+  }
   return model_out;
 }
 
@@ -490,11 +587,13 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
     throw Error("labels " + shape_string(bad) + " are out of range; expected class indices in 0.." +
                 std::to_string(m.num_classes - 1));
   const double cfg_scale = checked_scale(options, m);
+  const bool guiding = m.guidance.classifier_free && cfg_scale > 1.0;
   // The model batch: n conditional samples, then (guiding) the same x with the null class.
   Condition condition;
   condition.labels = labels;
-  if (cfg_scale > 1.0) condition.labels.insert(condition.labels.end(), labels.size(), m.guidance.null_class);
-  return impl_->sample(static_cast<int64_t>(labels.size()), condition, cfg_scale, noise, options, "labels");
+  if (guiding) condition.labels.insert(condition.labels.end(), labels.size(), m.guidance.null_class);
+  return impl_->sample(static_cast<int64_t>(labels.size()), std::move(condition), guiding, cfg_scale, noise, options,
+                       "labels");
 }
 
 Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const SampleOptions& options) const {
@@ -502,44 +601,66 @@ Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const Sampl
   if (m.conditioning != "prompt")
     throw Error(prompts.source + ": this model is conditioned on class labels (--labels), not on prompt embeddings");
   const double cfg_scale = checked_scale(options, m);
-  const bool guiding = cfg_scale > 1.0;
-  const Tensor* arrays[] = {&prompts.embeds, &prompts.mask, &prompts.negative_embeds, &prompts.negative_mask};
-  for (int i = 0; i < (guiding ? 4 : 2); ++i)
-    if (arrays[i]->shape.empty())
-      throw Error(prompts.source + ": array '" + kPromptArrays[i] + "' is missing" +
-                  (i >= 2 ? " (guidance runs the negative prompt as the unconditional half)" : "") + "; expected " +
-                  prompt_arrays(guiding));
-  check_embeddings(prompts.embeds, kPromptArrays[0], m.prompt_width, nullptr, prompts.source);
+  const bool guiding = m.guidance.classifier_free && cfg_scale > 1.0;
+  // As l2c_export/runtime/conditioning.py: negatives a guidance-distilled model never runs, arrays the model does not
+  // take, missing ones; then each array's shape and values.
+  const std::vector<std::string> all = prompt_array_names(m, true), needed = prompt_array_names(m, guiding);
+  if (!m.guidance.classifier_free)
+    for (const auto& name : all)
+      if (name.rfind("negative_", 0) == 0 && !prompt_array(prompts, name).shape.empty())
+        throw Error(prompts.source + ": array '" + name + "' is not used: this model is guidance-distilled "
+                    "(--cfg-scale feeds its guidance embedding; no negative prompt runs); leave it out");
+  for (const auto& [name, member] : kPromptMembers)
+    if (!(prompts.*member).shape.empty() && std::find(all.begin(), all.end(), name) == all.end())
+      throw Error(prompts.source + ": unknown array '" + name + "'; expected " + joined(all));
+  for (const auto& name : needed)
+    if (prompt_array(prompts, name).shape.empty())
+      throw Error(prompts.source + ": array '" + name + "' is missing" +
+                  (name.rfind("negative_", 0) == 0 ? " (guidance runs the negative prompt as the unconditional half)"
+                                                   : "") +
+                  "; expected " + joined(needed));
+  check_embeddings(prompts.embeds, "prompt_embeds", m.prompt_width, nullptr, prompts.source);
   if (prompts.embeds.shape[1] > m.max_prompt_tokens)
     throw Error(prompts.source + ": array 'prompt_embeds' has shape " + prompts.embeds.shape_string() + ": " +
                 std::to_string(prompts.embeds.shape[1]) + " prompt tokens; expected at most the model's " +
                 "max_sequence_length " + std::to_string(m.max_prompt_tokens));
-  check_mask(prompts.mask, kPromptArrays[1], prompts.embeds, prompts.source);
+  const int64_t n = prompts.embeds.shape[0];
+  if (m.has_prompt_mask) check_mask(prompts.mask, "prompt_attention_mask", prompts.embeds, prompts.source);
+  if (m.pooled_width) check_pooled(prompts.pooled, "pooled_prompt_embeds", n, m.pooled_width, prompts.source);
   Condition condition;
   if (guiding) {
-    check_embeddings(prompts.negative_embeds, kPromptArrays[2], m.prompt_width, &prompts.embeds, prompts.source);
-    check_mask(prompts.negative_mask, kPromptArrays[3], prompts.embeds, prompts.source);
+    check_embeddings(prompts.negative_embeds, "negative_prompt_embeds", m.prompt_width, &prompts.embeds,
+                     prompts.source);
+    if (m.has_prompt_mask)
+      check_mask(prompts.negative_mask, "negative_prompt_attention_mask", prompts.embeds, prompts.source);
+    if (m.pooled_width)
+      check_pooled(prompts.negative_pooled, "negative_pooled_prompt_embeds", n, m.pooled_width, prompts.source);
     condition.embeds = concatenated(prompts.embeds, prompts.negative_embeds);
-    condition.mask = concatenated(prompts.mask, prompts.negative_mask);
+    if (m.has_prompt_mask) condition.mask = concatenated(prompts.mask, prompts.negative_mask);
+    if (m.pooled_width) condition.pooled = concatenated(prompts.pooled, prompts.negative_pooled);
   } else {
     condition.embeds = prompts.embeds;
     condition.mask = prompts.mask;
+    condition.pooled = prompts.pooled;
   }
-  return impl_->sample(prompts.embeds.shape[0], condition, cfg_scale, noise, options, "prompts");
+  return impl_->sample(n, std::move(condition), guiding, cfg_scale, noise, options, "prompts");
 }
 
-Tensor Pipeline::Impl::sample(int64_t n, const Condition& condition, double cfg_scale, const Tensor& noise,
+Tensor Pipeline::Impl::sample(int64_t n, Condition condition, bool guiding, double cfg_scale, const Tensor& noise,
                               const SampleOptions& options, const std::string& what) const {
   const Impl& p = *this;
   const Manifest& m = p.manifest;
-  std::vector<int64_t> expected{n, p.sample_shape[0], p.sample_shape[1], p.sample_shape[2]};
+  const bool packed = p.sample_shape.size() == 2;  // FLUX.1's (T, C)
+  const std::string axes = packed ? ", T, C)" : ", C, H, W)";
+  std::vector<int64_t> expected{n};
+  expected.insert(expected.end(), p.sample_shape.begin(), p.sample_shape.end());
   if (noise.shape != expected)
     throw Error("noise has shape " + shape_string(noise.shape) + "; expected " + shape_string(expected) +
-                " (n " + what + ", C, H, W)");
+                " (n " + what + axes + (packed ? ", the pipeline's packed latents" : ""));
   for (float value : noise.data)
     if (!std::isfinite(value)) throw Error("noise holds a value that is not finite; expected finite float32 noise");
-  const bool guiding = cfg_scale > 1.0;
   const int64_t model_batch = guiding ? 2 * n : n;
+  if (m.has_guidance_input) condition.guidance.assign(model_batch, static_cast<float>(cfg_scale));
   if (model_batch < m.batch_min || model_batch > m.batch_max)
     throw Error(std::to_string(n) + " " + what + " make a model batch of " + std::to_string(model_batch) +
                 (guiding ? " (guidance doubles it)" : "") + "; the engines take " + std::to_string(m.batch_min) +
@@ -550,10 +671,11 @@ Tensor Pipeline::Impl::sample(int64_t n, const Condition& condition, double cfg_
     if (options.step_noise == nullptr)
       throw Error("the " + sampler.kind() + " sampler adds noise after each step but the last: pass step noise of " +
                   "shape " + shape_string({noises, n, expected[1], expected[2], expected[3]}));
-    std::vector<int64_t> step_shape{noises, n, expected[1], expected[2], expected[3]};
+    std::vector<int64_t> step_shape{noises};
+    step_shape.insert(step_shape.end(), expected.begin(), expected.end());
     if (options.step_noise->shape != step_shape)
       throw Error("step noise has shape " + shape_string(options.step_noise->shape) + "; expected " +
-                  shape_string(step_shape) + " (steps - 1, n " + what + ", C, H, W)");
+                  shape_string(step_shape) + " (steps - 1, n " + what + axes);
     for (float value : options.step_noise->data)
       if (!std::isfinite(value)) throw Error("step noise holds a value that is not finite");
   }
@@ -564,19 +686,24 @@ Tensor Pipeline::Impl::sample(int64_t n, const Condition& condition, double cfg_
       throw Error("subset " + std::to_string(subset) + " is not loaded (Options::subsets leaves it out)");
 
   const float scale = static_cast<float>(cfg_scale);
-  const int64_t out_plane = p.out_shape[0] * p.out_shape[1] * p.out_shape[2];
-  const int64_t guided_plane = m.guidance.guided_channels * p.out_shape[1] * p.out_shape[2];
-
+  // Per sample: (C_out, H, W) planes of which guidance mixes the leading guided channels and the sampler takes the
+  // leading sampler channels; a packed (T, C) output is guided and stepped on whole (Manifest::load checks so).
+  const int64_t out_plane = static_cast<int64_t>(Tensor::count(p.out_shape));
+  const int64_t channel_plane = packed ? 0 : p.out_shape[1] * p.out_shape[2];
+  const int64_t guided_plane = packed ? out_plane : m.guidance.guided_channels * channel_plane;
   const int64_t sampler_channels = m.guidance.sampler_channels ? m.guidance.sampler_channels : p.out_shape[0];
-  const int64_t sampler_plane = sampler_channels * p.out_shape[1] * p.out_shape[2];
+  const int64_t sampler_plane = packed ? out_plane : sampler_channels * channel_plane;
+  std::vector<int64_t> guided_shape = expected;
+  if (!packed) guided_shape[1] = sampler_channels;
 
   RequestCache cache;
-  Tensor model_x, model_out, guided({n, sampler_channels, p.out_shape[1], p.out_shape[2]});
+  Tensor model_x, model_out, guided(guided_shape);
   std::vector<float> t(model_batch);
   ModelCall model = [&](int call, const Tensor& x, float timestep) -> const Tensor& {
     const Tensor* input = &x;
     if (guiding) {
-      model_x.shape = {model_batch, expected[1], expected[2], expected[3]};
+      model_x.shape = expected;
+      model_x.shape[0] = model_batch;
       model_x.data.assign(x.data.begin(), x.data.end());
       model_x.data.insert(model_x.data.end(), x.data.begin(), x.data.end());
       input = &model_x;

@@ -1,7 +1,7 @@
 // l2c-run: samples from an l2c-export build with the C++ runtime, no Python in the process.
 //
 //   l2c-run ENGINE_DIR --labels 3,1,4 --noise z.npy [--cfg-scale S] [--full] --out samples.npy [--png grid.png]
-//   l2c-run ENGINE_DIR --conditioning cond.npz --noise z.npy ...   (a text-conditioned build: PixArt)
+//   l2c-run ENGINE_DIR --conditioning cond.npz --noise z.npy ...   (a text-conditioned build: PixArt, SD3, FLUX.1)
 //
 // Every failure is one line on stderr ("l2c-run: error: ..."), and the outputs are written only after the whole run
 // succeeded, each atomically. Exit status, as the l2c-export commands': 2 bad input (an l2c::Error from the library:
@@ -55,11 +55,12 @@ int main(int argc, char** argv) {
   auto* labels_option = app.add_option("--labels", labels_text, "comma-separated class labels, e.g. 3,1,4 (label models)");
   auto* conditioning_option = app.add_option(
       "--conditioning", conditioning_path,
-      ".npz (numpy.savez) of prompt_embeds, prompt_attention_mask and, to guide, negative_prompt_embeds and "
-      "negative_prompt_attention_mask (text-conditioned models)");
+      ".npz (numpy.savez) of prompt_embeds with prompt_attention_mask (PixArt) or pooled_prompt_embeds (SD3, "
+      "FLUX.1) and, to guide classifier-free, their negative_ twins (text-conditioned models)");
   labels_option->excludes(conditioning_option);
 
-  app.add_option("--noise", noise_path, ".npy float32 (n, C, H, W): the initial noise")->required();
+  app.add_option("--noise", noise_path, ".npy float32 (n, C, H, W) (FLUX.1: packed (n, T, C)): the initial noise")
+      ->required();
   app.add_option("--step-noise", step_noise_path,
                  ".npy float32 (steps - 1, n, C, H, W): the noise a DDPM build adds after each step but the last");
   app.add_option("--cfg-scale", cfg_scale, "guidance scale (default: the manifest's); > 1 guides");

@@ -20,6 +20,8 @@ LABEL_MODELS = tuple(name for name in EMBEDDED_MODELS if name not in TEXT_TO_IMA
 @click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
               help="Or a diffusers pipeline folder (DiTPipeline, PixArtAlphaPipeline/PixArtSigmaPipeline): its "
                    "transformer and scheduler; needs --schedule or --router.")
+@click.option("--image-size", type=click.IntRange(min=1),
+              help="With --diffusers: the size in pixels of a transformer without sample_size (FLUX.1).")
 @click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
               help="Router for the l2c sweep (default: the embedded model's); with --diffusers and no --schedule, "
                    "decoded at --threshold it is also the learned schedule.")
@@ -48,7 +50,7 @@ LABEL_MODELS = tuple(name for name in EMBEDDED_MODELS if name not in TEXT_TO_IMA
 @click.option("--int8/--no-int8", default=None,
               help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule [on for the "
                    "embedded models, off for --diffusers].")
-def eval_command(model_name, diffusers, router, schedule_file, threshold, mode, budgets, num_samples, labels,
+def eval_command(model_name, diffusers, image_size, router, schedule_file, threshold, mode, budgets, num_samples, labels,
                  conditioning_data, cfg_scale, seed, random_seeds, json_out, png_out, int8):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs, from the
     same noise: PSNR and Frechet distance against full compute; on the digits models also FD to the real digits and
@@ -63,7 +65,13 @@ def eval_command(model_name, diffusers, router, schedule_file, threshold, mode, 
 
     if diffusers is not None and model_name is not None:
         raise click.UsageError("give --model (an embedded model) or --diffusers, not both")
-    spec = zoo.from_diffusers(diffusers) if diffusers is not None else zoo.embedded_default(model_name or DEFAULT_NAME)
+    if image_size is not None and diffusers is None:
+        raise click.UsageError("--image-size sizes a --diffusers folder's transformer")
+    try:
+        spec = (zoo.from_diffusers(diffusers, image_size) if diffusers is not None
+                else zoo.embedded_default(model_name or DEFAULT_NAME))
+    except ValueError as error:  # an --image-size the family does not take
+        raise click.BadParameter(str(error), param_hint="--image-size") from None
     if cfg_scale is not None:
         spec = dataclasses.replace(spec, cfg_scale=cfg_scale)
     router_path = router or spec.default_router

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -97,7 +98,11 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
     sample_shape = next(tensor.shape for tensor in family.graph_inputs(config) if tensor.role == "sample")
     num_labels = family.null_class(config)
     data_arg = data_arg or ("digits" if checkpoint is None and spec.space == "pixel" else "none")
-    prompts = _learning_prompts(spec, conditioning_data, settings.cfg_scale > 1.0, data_arg)
+    classifier_free = getattr(family, "classifier_free", True)
+    prompts = _learning_prompts(spec, conditioning_data, classifier_free and settings.cfg_scale > 1.0, data_arg,
+                                settings.cfg_scale)
+    if not classifier_free:  # a guidance-distilled model: the scale rides in its guidance input; no negative batch
+        settings = dataclasses.replace(settings, cfg_scale=1.0)
     if data_arg == "none":
         source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed,
                                      progress=dist_info.is_main, prompts=prompts)
@@ -159,16 +164,13 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
             echo(f"wrote {json_out}")
 
 
-def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str):
-    """A text model's prompts to learn on (``--conditioning-data``), as a :class:`Condition`; None for a label
-    model (which refuses the flag)."""
+def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, guidance_scale: float):
+    """A text model's prompts to learn on (``--conditioning-data``), as a :class:`Condition` (a guidance-distilled
+    model's guidance input fed ``guidance_scale``); None for a label model (which refuses the flag)."""
     from ..learn.learner import Condition
-    from ..runtime.conditioning import GUIDANCE_ROLE, load_conditioning
+    from ..runtime.conditioning import load_conditioning, refuse_negatives
 
     inputs = {tensor.role: tensor for tensor in spec.family.graph_inputs(spec.config)}
-    if GUIDANCE_ROLE in inputs or not getattr(spec.family, "classifier_free", True):
-        raise click.UsageError(f"learning a router for a guidance-distilled model ({spec.family.transformer_class}) "
-                               f"is not supported yet")
     if "prompt_embeds" not in inputs:
         if conditioning_data is not None:
             raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
@@ -181,8 +183,10 @@ def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str):
                                  "none", param_hint="--data")
     records = {role: {"shape": ["batch", *tensor.shape]} for role, tensor in inputs.items()}
     order = [tensor.role for tensor in spec.family.graph_inputs(spec.config)]
-    return Condition.of_prompts(load_conditioning(conditioning_data), records, order, guiding,
-                                f"--conditioning-data {conditioning_data}")
+    arrays, where = load_conditioning(conditioning_data), f"--conditioning-data {conditioning_data}"
+    if not getattr(spec.family, "classifier_free", True):
+        refuse_negatives(arrays, where)
+    return Condition.of_prompts(arrays, records, order, guiding, where, guidance_scale)
 
 
 def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers=None):

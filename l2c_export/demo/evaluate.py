@@ -272,7 +272,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         cycle = list(labels) if labels else list(range(null_class))
         label_array = np.asarray([cycle[i % len(cycle)] for i in range(num_samples)], dtype=np.int64)
     elif prompts is not None:
-        conditioning = _cycle_prompts(spec, prompts, num_samples, spec.cfg_scale > 1.0, prompts_source)
+        guiding = getattr(family, "classifier_free", True) and spec.cfg_scale > 1.0  # FLUX.1: no negative batch
+        conditioning = _cycle_prompts(spec, prompts, num_samples, guiding, prompts_source)
     sample_shape = next(t.shape for t in family.graph_inputs(config) if t.role == "sample")
     judge = DigitsFeatures(classifier_path) if DigitsFeatures.applies(spec) else RandomProjection(sample_shape)
     setup = EvalSetup(spec=spec, model=spec.load_model(), num_steps=sampler.num_calls, macs=macs,
@@ -321,13 +322,19 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
 
 
 def _cycle_prompts(spec, prompts: Mapping[str, np.ndarray], n: int, guiding: bool, where: str) -> dict:
-    """``n`` rows of prompt arrays, prompt ``i % P`` in row i, checked as the runtime checks a request."""
-    from ..runtime.conditioning import TEXT_ARGUMENTS, check_prompts
+    """``n`` rows of prompt arrays (the model's text roles: PixArt's masks, SD3's pooled embeddings; their negatives
+    when ``guiding``), prompt ``i % P`` in row i, checked as the runtime checks a request."""
+    from ..runtime.conditioning import TEXT_ROLES, check_text_conditioning
 
-    width = next(t.shape[-1] for t in spec.family.graph_inputs(spec.config) if t.role == "prompt_embeds")
-    checked = check_prompts(prompts, width, guiding, where)
-    rows = np.arange(n) % len(checked[0])
-    return {name: array[rows] for name, array in zip(TEXT_ARGUMENTS, checked) if array is not None}
+    inputs = {t.role: t.record() for t in spec.family.graph_inputs(spec.config) if t.role in TEXT_ROLES}
+    checked = check_text_conditioning(prompts, inputs, guiding, where)
+    rows = np.arange(n) % len(checked["prompt_embeds"][0])
+    out = {}
+    for role, (array, negative) in checked.items():
+        out[role] = array[rows]
+        if negative is not None:
+            out[f"negative_{role}"] = negative[rows]
+    return out
 
 
 def _int8_samples(spec, learned: Schedule, sampler, request: dict, noise: np.ndarray) -> dict[str, np.ndarray]:

@@ -145,13 +145,18 @@ class Condition:
         return cls((labels,), (torch.full_like(labels, null_class),))
 
     @classmethod
-    def of_prompts(cls, arrays: dict, inputs: dict, order: list[str], guiding: bool, where: str) -> "Condition":
+    def of_prompts(cls, arrays: dict, inputs: dict, order: list[str], guiding: bool, where: str,
+                   guidance_scale: float | None = None) -> "Condition":
         """A set of prompts from arrays by the pipelines' argument names, checked as the runtime checks them (the
         negative ones needed when ``guiding``): ``inputs`` role -> record with the per-request ``shape`` of each of
-        the model's inputs, ``order`` their roles in the model's argument order."""
-        from ..runtime.conditioning import check_text_conditioning
+        the model's inputs, ``order`` their roles in the model's argument order. A model with a ``guidance`` input
+        (a guidance-distilled FLUX.1) is fed ``guidance_scale`` there, (P,) for P prompts."""
+        from ..runtime.conditioning import GUIDANCE_ROLE, check_text_conditioning
 
         checked = check_text_conditioning(arrays, inputs, guiding, where)
+        if GUIDANCE_ROLE in inputs:
+            scale = np.full(len(checked["prompt_embeds"][0]), guidance_scale, dtype=np.float32)
+            checked[GUIDANCE_ROLE] = (scale, scale)
         roles = [role for role in order if role in checked]
         cond = tuple(torch.from_numpy(checked[role][0]) for role in roles)
         return cls(cond, tuple(torch.from_numpy(checked[role][1]) for role in roles) if guiding else cond)

@@ -84,10 +84,8 @@ def batch_conditioning(input_records: Sequence[dict], null_class: int | None, gu
         raise ConditioningError("--labels: this model is conditioned on prompt embeddings (--conditioning), not class "
                                 "labels")
     arrays = dict(conditioning or {})
-    negatives = sorted(name for name in arrays if name.startswith("negative_"))
-    if negatives and not classifier_free:
-        raise ConditioningError(f"{where}: array {negatives[0]!r} is not used: this model is guidance-distilled "
-                                f"(--cfg-scale feeds its guidance embedding; no negative prompt runs); leave it out")
+    if not classifier_free:
+        refuse_negatives(arrays, where)
     checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens)
     n = len(checked["prompt_embeds"][0])
     feeds = {inputs[role]["name"]: np.ascontiguousarray(np.concatenate(pair) if guiding else pair[0])
@@ -97,6 +95,15 @@ def batch_conditioning(input_records: Sequence[dict], null_class: int | None, gu
             raise ConditioningError(f"{where}: the model's guidance input needs a guidance scale (--cfg-scale)")
         feeds[inputs[GUIDANCE_ROLE]["name"]] = np.full(2 * n if guiding else n, guidance_scale, dtype=np.float32)
     return n, feeds
+
+
+def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str) -> None:
+    """A guidance-distilled model (``guidance/classifier_free`` false) runs no negative prompt: a ``negative_`` array
+    is refused by name rather than ignored."""
+    negatives = sorted(name for name in arrays if name.startswith("negative_"))
+    if negatives:
+        raise ConditioningError(f"{where}: array {negatives[0]!r} is not used: this model is guidance-distilled "
+                                f"(--cfg-scale feeds its guidance embedding; no negative prompt runs); leave it out")
 
 
 def check_text_conditioning(arrays: Mapping[str, np.ndarray], inputs: dict, guiding: bool,

@@ -13,7 +13,9 @@ share of sub-layers falling from 80% at the first cache step to 10% at the last 
 on), which gives 11 distinct subsets.
 
 ``make bench-large`` (``--large``; not part of ``make test``): diffusers folders at the real sizes, random weights
-(:data:`REAL_SIZES`: ``facebook/DiT-XL-2-256``'s transformer and PixArt-α 512's), each built over the same kind of
+(:data:`REAL_SIZES`: ``facebook/DiT-XL-2-256``'s transformer, PixArt-α 512's, SD3-medium's at 256 px and FLUX.1's
+real width with 2 double and 4 single blocks at 256 px, whose row also projects the full FLUX.1 per block: see
+:func:`flux_projection`), each built over the same kind of
 synthetic official-mode schedule over its named sub-layers, verified, benchmarked (speed against the ideal, memory of
 every subset against the full one alone) and its exported full compute timed against diffusers' own PyTorch pipeline
 on the same work (steps, batch, latents, conditioning, guidance), writing ``docs/bench-large.json`` and
@@ -163,10 +165,30 @@ PIXART_ALPHA_512 = dict(num_attention_heads=16, attention_head_dim=72, in_channe
                         attention_bias=True, norm_elementwise_affine=False, norm_eps=1e-6, norm_num_groups=32,
                         use_additional_conditions=False, attention_type="default", upcast_attention=False,
                         dropout=0.0)
+# stabilityai/stable-diffusion-3-medium-diffusers' transformer (2B parameters), with sample_size 32 for 256 px (the
+# real 128 is 1024 px; the weights do not depend on it: the position embedding is pos_embed_max_size's, cropped).
+SD3_MEDIUM_256 = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                      num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                      pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+# black-forest-labs/FLUX.1-dev's transformer (19 double-stream and 38 single-stream blocks: 12B parameters, 48 GB in
+# fp32, beyond these machines) and the benchmarked cut of it: the real width, 2 double and 4 single blocks.
+FLUX_1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                  axes_dims_rope=(16, 56, 56))
+FLUX_WIDTH_2_4 = dict(FLUX_1_DEV, num_layers=2, num_single_layers=4)
 REAL_SIZES = {"DiT-XL-2-256": ("DiTPipeline", "DiTTransformer2DModel", DIT_XL_2_256, "DDIMScheduler"),
               "PixArt-XL-2-512": ("PixArtAlphaPipeline", "PixArtTransformer2DModel", PIXART_ALPHA_512,
-                                  "DPMSolverMultistepScheduler")}
+                                  "DPMSolverMultistepScheduler"),
+              "SD3-medium-256": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", SD3_MEDIUM_256,
+                                 "FlowMatchEulerDiscreteScheduler"),
+              "FLUX.1-width-2+4-256": ("FluxPipeline", "FluxTransformer2DModel", FLUX_WIDTH_2_4,
+                                       "FlowMatchEulerDiscreteScheduler")}
 SCHEDULER_OPTIONS = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
+# The flow-matching schedulers as SD3-medium's and FLUX.1-dev's folders configure them.
+FLOW_SCHEDULER_OPTIONS = {"StableDiffusion3Pipeline": dict(shift=3.0),
+                          "FluxPipeline": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                               base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)}
+IMAGE_SIZES = {"FLUX.1-width-2+4-256": 256}  # pixels, for a transformer without sample_size (FLUX.1)
 
 
 def real_size_config(name: str):
@@ -193,15 +215,22 @@ def save_random_pipeline(name: str, folder: Path) -> Path:
     pipeline_class, transformer_class, config, scheduler_class = REAL_SIZES[name]
     torch.manual_seed(0)
     transformer = getattr(diffusers, transformer_class)(**config)
-    scheduler = getattr(diffusers, scheduler_class)(**SCHEDULER_OPTIONS)
+    scheduler = getattr(diffusers, scheduler_class)(**FLOW_SCHEDULER_OPTIONS.get(pipeline_class, SCHEDULER_OPTIONS))
     if pipeline_class == "DiTPipeline":
         pipe = diffusers.DiTPipeline(transformer=transformer, vae=None, scheduler=scheduler)
+    elif pipeline_class == "StableDiffusion3Pipeline":
+        encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
+        pipe = diffusers.StableDiffusion3Pipeline(transformer=transformer, vae=None, scheduler=scheduler, **encoders)
+    elif pipeline_class == "FluxPipeline":
+        pipe = diffusers.FluxPipeline(transformer=transformer, vae=None, scheduler=scheduler, text_encoder=None,
+                                      tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     else:
         pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                                              scheduler=scheduler)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(str(partial))
+    del pipe, transformer
     partial.rename(folder)  # whole or not at all
     return folder
 
@@ -224,10 +253,12 @@ class _KeepLatents:
         return SimpleNamespace(sample=latents)
 
 
-def run_diffusers_pipeline(pipe, request: dict, noise: np.ndarray, steps: int, cfg_scale: float) -> np.ndarray:
+def run_diffusers_pipeline(pipe, request: dict, noise: np.ndarray, steps: int, cfg_scale: float,
+                           image_size: int | None = None) -> np.ndarray:
     """diffusers' own pipeline on ``request`` (``labels``, or ``conditioning``: prompt arrays by its argument
-    names) from latents ``noise`` (n, C, H, W) -> its final latents (n, C, H, W), as ``l2c-export run`` returns
-    them. ``DiTPipeline`` draws its latents from its generator: ``noise`` must be that draw (seed 0)."""
+    names) from latents ``noise`` (n, C, H, W; FLUX.1: packed (n, T, C) at ``image_size`` pixels) -> its final
+    latents of that shape, as ``l2c-export run`` returns them. ``DiTPipeline`` draws its latents from its generator:
+    ``noise`` must be that draw (seed 0)."""
     import torch
 
     with torch.no_grad():
@@ -238,9 +269,44 @@ def run_diffusers_pipeline(pipe, request: dict, noise: np.ndarray, steps: int, c
             return keep.latents.float().numpy()
         conditioning = {name: torch.from_numpy(np.asarray(value, dtype=np.float32))
                         for name, value in request["conditioning"].items()}
-        return pipe(prompt=None, negative_prompt=None, latents=torch.from_numpy(noise), guidance_scale=cfg_scale,
-                    num_inference_steps=steps, output_type="latent", use_resolution_binning=False,
-                    **conditioning).images.float().numpy()
+        if type(pipe).__name__.startswith("PixArt"):
+            options = dict(negative_prompt=None, use_resolution_binning=False)
+        else:  # SD3 takes its negatives by name; FLUX.1 none, and its size in pixels (its latents are packed)
+            options = {"height": image_size, "width": image_size} if image_size else {}
+        return pipe(prompt=None, latents=torch.from_numpy(noise), guidance_scale=cfg_scale, num_inference_steps=steps,
+                    output_type="latent", **options, **conditioning).images.float().numpy()
+
+
+def flux_projection(measured: dict, measured_config: dict, image_size: int, prompt_tokens: int) -> dict:
+    """The full FLUX.1-dev (:data:`FLUX_1_DEV`) projected from the measured cut of it (``measured``: a report of
+    :func:`large_benchmark`): parameters and MACs counted exactly on the meta device (no memory), the times scaled
+    by the MAC ratio (per block: each block's MACs are its share of the time), the weights at 4 bytes (fp32) and 2
+    (bf16) a parameter. A projection, not a measurement."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from ..models import get_family
+    from ..models.diffusers import DiffusersConfig
+
+    family = get_family("diffusers-flux")
+
+    def counts(config: dict) -> tuple[int, int]:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in FluxTransformer2DModel(**config).parameters())
+        sized = family.sized_config(family.config_from_dict({"transformer_class": "FluxTransformer2DModel",
+                                                             "transformer": dict(config)}), image_size, 8)
+        return parameters, family.count_macs(sized).full
+
+    (cut_parameters, cut_macs), (full_parameters, full_macs) = counts(measured_config), counts(FLUX_1_DEV)
+    scale = full_macs / cut_macs
+    bench = measured["bench"]
+    return {"config": FLUX_1_DEV, "image_size": image_size, "prompt_tokens": prompt_tokens,
+            "parameters": full_parameters, "measured_parameters": cut_parameters,
+            "macs_per_sample": full_macs, "measured_macs_per_sample": cut_macs, "mac_ratio": scale,
+            "weights_fp32_bytes": 4 * full_parameters, "weights_bf16_bytes": 2 * full_parameters,
+            "full_seconds": bench["full_seconds"] * scale, "schedule_seconds": bench["schedule_seconds"] * scale,
+            "note": "projected from the measured 2 double + 4 single block cut by MACs (times) and parameters "
+                    "(weights); not measured"}
 
 
 def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, batch: int = 1,
@@ -273,7 +339,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
     for name in names:
         print(f"{name}: random weights in the real config ...", flush=True)
         folder = save_random_pipeline(name, work / name)
-        spec = from_diffusers(folder)
+        image_size = IMAGE_SIZES.get(name)
+        spec = from_diffusers(folder, image_size)
         sampler = spec.sampler(None, steps)
         schedule = synthetic_official_schedule(steps, 0, sublayers=spec.sublayer_names, sampler=sampler)
         out = work / f"{name}-onnxruntime-fp32"
@@ -285,13 +352,14 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         gc.collect()
         print(f"{name}: worst subset difference {max(c.worst_value for c in checks):.2e}; benchmarking ...",
               flush=True)
-        row = benchmark_together([out], "onnxruntime", batch=batch, repeats=repeats)[0]
+        prompt_tokens = manifest_io.load(out, verify_files=False)["model"].get("max_sequence_length", 120)
+        row = benchmark_together([out], "onnxruntime", batch=batch, repeats=repeats, prompt_tokens=prompt_tokens)[0]
         print(table([row]), flush=True)
         gc.collect()
 
         full_subset = next(s["index"] for s in manifest_io.load(out, verify_files=False)["subsets"] if all(s["compute"]))
         exported = L2CPipeline.from_engine_dir(out, subsets=[full_subset])
-        request = bench_request(exported.manifest, batch)
+        request = bench_request(exported.manifest, batch, prompt_tokens=prompt_tokens)
         cfg_scale = exported.manifest["guidance"]["cfg_scale"]
         noise = randn_tensor((batch, *exported.sample_shape), generator=torch.Generator().manual_seed(0)).numpy()
         index = json.loads((folder / "model_index.json").read_text())
@@ -303,7 +371,7 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
             begin = time.perf_counter()
             ours = exported(**request, noise=noise, full=True).samples
             middle = time.perf_counter()
-            theirs = run_diffusers_pipeline(reference, request, noise, steps, cfg_scale)
+            theirs = run_diffusers_pipeline(reference, request, noise, steps, cfg_scale, image_size)
             end = time.perf_counter()
             if repeat:
                 exported_seconds.append(middle - begin)
@@ -321,7 +389,10 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
                   "exported_full_seconds": statistics.median(exported_seconds),
                   "exported_full_vs_pipeline": statistics.median(pipeline_seconds) / statistics.median(exported_seconds),
                   "exported_full_vs_pipeline_worst_difference": worst,
-                  "prompt_tokens": None if "labels" in request else request["conditioning"]["prompt_embeds"].shape[1]}
+                  "prompt_tokens": None if "labels" in request else request["conditioning"]["prompt_embeds"].shape[1],
+                  "image_size": image_size}
+        if REAL_SIZES[name][0] == "FluxPipeline":
+            report["full_model_projection"] = flux_projection(report, REAL_SIZES[name][2], image_size, prompt_tokens)
         print(f"{name}: diffusers pipeline {report['pipeline_seconds']:.2f} s, exported full compute "
               f"{report['exported_full_seconds']:.2f} s ({report['exported_full_vs_pipeline']:.2f}x); latents differ "
               f"by {worst:.1e} of their range", flush=True)
@@ -360,6 +431,19 @@ def write_large_docs(reports: list[dict], machine: dict, docs: Path) -> list[dic
                      f"{b['model_weights_bytes'] / 2 ** 20:.0f} | {r['pipeline_seconds']:.2f} | "
                      f"{r['exported_full_seconds']:.2f} | {r['exported_full_vs_pipeline']:.2f}x | "
                      f"{r['exported_full_vs_pipeline_worst_difference']:.1e} | {r['verify_worst']:.1e} |")
+    for r in reports:
+        projection = r.get("full_model_projection")
+        if projection:
+            lines += ["", f"Projected, not measured: the full FLUX.1-dev ({projection['config']['num_layers']} double "
+                      f"and {projection['config']['num_single_layers']} single blocks) from the {r['model']} row, per "
+                      f"block by MACs: {projection['parameters'] / 1e9:.1f}B parameters "
+                      f"({projection['weights_fp32_bytes'] / 2 ** 30:.0f} GiB fp32, "
+                      f"{projection['weights_bf16_bytes'] / 2 ** 30:.0f} GiB bf16; measured cut "
+                      f"{projection['measured_parameters'] / 1e9:.2f}B), {projection['mac_ratio']:.1f}x the cut's MACs "
+                      f"at {projection['image_size']} px and {projection['prompt_tokens']} prompt tokens: full compute "
+                      f"about {projection['full_seconds']:.0f} s, the same schedule about "
+                      f"{projection['schedule_seconds']:.0f} s for {r['steps']} steps, batch {r['batch']}, on this "
+                      f"machine."]
     atomic_write_text(docs / "bench-large.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {docs / 'bench-large.json'}, {docs / 'bench-large.md'}")

@@ -127,11 +127,17 @@ def _reference_model(data: dict, folder: Path, reference: str | Path | None):
 
 
 def _diffusers_model(data: dict, folder: Path, diffusers: str | Path):
-    """The transformer of the diffusers folder a build came from, refused unless its weights are the build's."""
+    """The transformer of the diffusers folder a build came from, refused unless its weights are the build's; at the
+    build's size (FLUX.1: the ``latent_size`` its ``--image-size`` set)."""
+    import dataclasses
+
     from ..models.zoo import from_diffusers
 
     spec = from_diffusers(diffusers)
-    if spec.family.name != data["model"]["family"] or spec.config.to_dict() != data["model"]["config"]:
+    built = data["model"]["config"]
+    if "latent_size" in built and spec.config.latent_size is not None:
+        spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, latent_size=built["latent_size"]))
+    if spec.family.name != data["model"]["family"] or spec.config.to_dict() != built:
         raise manifest_io.ManifestError(f"{folder / manifest_io.MANIFEST_NAME}: field 'model/config' differs from "
                                         f"{diffusers}'s transformer: the build did not come from that folder")
     if spec.family.weights_sha256(spec.weights) != data["model"]["weights_sha256"]:

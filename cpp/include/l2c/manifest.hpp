@@ -14,6 +14,9 @@ namespace l2c {
 constexpr int kSchemaVersion = 2;  // the newest manifest schema this runtime reads (1 and 2)
 constexpr int64_t kBatch = -1;     // a "batch" dimension in a tensor record's shape
 constexpr int64_t kPromptTokens = -2;  // a "prompt_tokens" dimension: the text conditioning's length, per request
+// A "joint_tokens" dimension (MMDiTs' joint attention: image tokens + prompt tokens), per request; the runtime learns
+// its size from the graph's first write of the slot.
+constexpr int64_t kJointTokens = -3;
 // Bounds on what a manifest may declare, checked before anything is allocated: each dimension, and the elements of
 // one sample of a tensor (or of one weight tensor). 2^31 float32 values are 8 GiB per sample, beyond any DiT's.
 constexpr int64_t kMaxDimension = (int64_t(1) << 31) - 1;
@@ -30,9 +33,10 @@ struct TensorRecord {
   std::string dtype;           // float32, float16, bfloat16, int64
   std::vector<int64_t> shape;  // kBatch where the record says "batch"
   std::string slot;            // the cache slot a cache input reads or a fresh output writes; empty otherwise
-  // What the runtime feeds or reads: inputs "sample", "time", "label" (or "prompt_embeds" and
-  // "prompt_attention_mask" for a text-conditioned model), "cache"; outputs "output", "fresh". Schema 2
-  // records say it; for schema 1 it follows from the names x, t, y, model_out and the slot.
+  // What the runtime feeds or reads: inputs "sample", "time", "label" (or "prompt_embeds" with
+  // "prompt_attention_mask" (PixArt) or "pooled_prompt_embeds" (SD3, FLUX.1) for a text-conditioned model),
+  // "guidance" (FLUX.1's guidance embedding: the scale), "cache"; outputs "output", "fresh". Schema 2 records say it;
+  // for schema 1 it follows from the names x, t, y, model_out and the slot.
   std::string role;
 };
 
@@ -44,7 +48,7 @@ struct WeightTensor {
 
 struct CacheSlot {
   std::string name, dtype;
-  std::vector<int64_t> shape;  // (batch, tokens, hidden)
+  std::vector<int64_t> shape;  // (batch, tokens, hidden); tokens may be kPromptTokens or kJointTokens
 };
 
 struct SubsetRecord {
@@ -62,6 +66,8 @@ struct Guidance {
   // The leading channels of the guided output the sampler steps on (diffusers' pipelines drop the learned-sigma half
   // before the scheduler); 0: every channel.
   int sampler_channels = 0;
+  // false: a guidance-distilled model (FLUX.1): no classifier-free batch runs; the scale feeds its guidance input.
+  bool classifier_free = true;
 };
 
 struct Manifest {
@@ -71,10 +77,13 @@ struct Manifest {
   std::string document;  // the whole manifest as JSON text, for the fields each graph's stamp names
   int64_t num_classes = 0;  // label models: labels 0 .. num_classes - 1; 0 for a text-conditioned model
   // What the model conditions on, from its input roles: "label" (class labels, guided against the null class) or
-  // "prompt" (prompt_embeds (batch, L, prompt_width) and prompt_attention_mask (batch, L), guided against the
-  // negative prompt's).
+  // "prompt" (prompt_embeds (batch, L, prompt_width), with prompt_attention_mask (batch, L) and/or
+  // pooled_prompt_embeds (batch, pooled_width) where the model has them, guided against the negative prompt's).
   std::string conditioning;
   int64_t prompt_width = 0;
+  bool has_prompt_mask = false;  // a prompt_attention_mask input (PixArt)
+  int64_t pooled_width = 0;      // P of a pooled_prompt_embeds input (SD3, FLUX.1); 0: none
+  bool has_guidance_input = false;  // a guidance input (FLUX.1-dev), fed the guidance scale per row
   int64_t max_prompt_tokens = 0;  // "prompt" models: the most prompt tokens L (model/max_sequence_length)
   std::shared_ptr<const Sampler> sampler;
   Guidance guidance;

@@ -57,18 +57,22 @@ struct SampleOptions {
   const Tensor* step_noise = nullptr;
 };
 
-// A text-conditioned model's request (PixArt): the prompt embeddings of n prompts and their masks, by the diffusers
-// pipelines' argument names; guidance runs the negative prompt as the unconditional half.
+// A text-conditioned model's request (PixArt, SD3, FLUX.1): the prompt embeddings of n prompts with their masks
+// (PixArt) or pooled embeddings (SD3, FLUX.1), by the diffusers pipelines' argument names; classifier-free guidance
+// runs the negative prompt as the unconditional half. An empty shape: not given. Which arrays a model takes follows
+// from its inputs (Manifest::has_prompt_mask, pooled_width; negatives only when it guides classifier-free).
 struct Prompts {
   Tensor embeds;           // prompt_embeds (n, L, D) float32, finite; D the manifest's prompt_width
   Tensor mask;             // prompt_attention_mask (n, L): 1 keep, 0 padding; at least one 1 per prompt
-  Tensor negative_embeds;  // negative_prompt_embeds (n, L, D), needed when guiding (empty shape: not given)
+  Tensor negative_embeds;  // negative_prompt_embeds (n, L, D), needed when guiding
   Tensor negative_mask;    // negative_prompt_attention_mask (n, L), needed when guiding
+  Tensor pooled;           // pooled_prompt_embeds (n, P) float32, finite; P the manifest's pooled_width
+  Tensor negative_pooled;  // negative_pooled_prompt_embeds (n, P), needed when guiding
   std::string source = "conditioning";  // names the arrays' origin in errors, e.g. "--conditioning cond.npz"
 };
 
 // Prompts from an .npz archive (numpy.savez or savez_compressed) holding arrays named prompt_embeds,
-// prompt_attention_mask, negative_prompt_embeds and negative_prompt_attention_mask: embeddings float32 or float64,
+// prompt_attention_mask, pooled_prompt_embeds and their negative_ counterparts: embeddings float32 or float64,
 // masks bool, int32, int64, float32 or float64 (all read as float32). An unknown or repeated name, another dtype, a
 // file that is not such an archive: l2c::Error naming the file and the array. Shapes and values are checked by
 // Pipeline::sample, against the manifest. `source` names the arrays in errors (default: the file's path).
@@ -87,13 +91,15 @@ class Pipeline {
   // graph that fails on what its records say it takes.
   Tensor sample(const std::vector<int64_t>& labels, const Tensor& noise, const SampleOptions& options = {}) const;
   // The same for a text-conditioned model (Manifest::conditioning "prompt"): one sample per prompt, noise (n, C, H,
-  // W). l2c::Error (naming prompts.source and the array) for a missing array (the negative ones when guiding), a
-  // shape that is not (n, L, prompt_width) / (n, L) with the same n and L throughout, values that are not finite, a
-  // mask of values other than 0 and 1 or masking a whole prompt, and for prompts given to a label model.
+  // W) (FLUX.1: packed (n, T, C)). A guidance-distilled model (guidance.classifier_free false) runs no negative
+  // batch; its guidance input is fed the scale. l2c::Error (naming prompts.source and the array) for an array the
+  // model does not take, a missing one (the negative ones when guiding), a shape that is not (n, L, prompt_width) /
+  // (n, L) / (n, pooled_width) with the same n and L throughout, values that are not finite, a mask of values other
+  // than 0 and 1 or masking a whole prompt, and for prompts given to a label model.
   Tensor sample(const Prompts& prompts, const Tensor& noise, const SampleOptions& options = {}) const;
 
   const Manifest& manifest() const;
-  std::vector<int64_t> sample_shape() const;  // (C, H, W) of one sample, from the subsets' `x` input record
+  std::vector<int64_t> sample_shape() const;  // (C, H, W) (packed: (T, C)) of one sample, from the sample record
   std::vector<std::string> providers() const;  // the execution providers the sessions were created with
 
  private:

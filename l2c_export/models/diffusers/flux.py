@@ -222,6 +222,10 @@ class FluxDiffusersFamily(DiffusersFamily):
     def macs_inputs(self, config: DiffusersConfig) -> tuple:
         return self.dummy_inputs(config, 1, tokens=MACS_PROMPT_TOKENS)
 
+    def max_prompt_tokens(self, pipeline_class: str) -> int:
+        """FluxPipeline's max_sequence_length: T5's tokens, the whole prompt_embeds."""
+        return MACS_PROMPT_TOKENS
+
     def image_ids(self, config: DiffusersConfig):
         """(T, 3) float32: ``FluxPipeline._prepare_latent_image_ids``: (0, row, column) of each packed patch."""
         import torch

@@ -129,6 +129,10 @@ class SD3DiffusersFamily(DiffusersFamily):
     def macs_inputs(self, config: DiffusersConfig) -> tuple:
         return self.dummy_inputs(config, 1, tokens=MACS_PROMPT_TOKENS)
 
+    def max_prompt_tokens(self, pipeline_class: str) -> int:
+        """The longest prompt_embeds the pipeline makes at its defaults: CLIP's 77 tokens and T5's 256."""
+        return MACS_PROMPT_TOKENS
+
     def run_transformer(self, transformer, config: DiffusersConfig, hidden_states, timestep, encoder_hidden_states,
                         pooled_projections):
         """hidden_states (N, C, H, W), timestep (N,) the scheduler's (0..1000), encoder_hidden_states (N, L,
