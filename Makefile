@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/l2c-export
 DEMO := engines/demo
 DIGITS := 0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5,6,7,8,9
+# The text-to-image demo's prompts, one a line: every digit, the caption forms in turn (the last three held out of
+# t2i-digits' training).
+T2I_PROMPTS := "a handwritten zero" "the digit 1" "number two" "a picture of the digit three" "4" \
+	"an image of a handwritten 5" "the handwritten number six" "the number 7" "a handwritten digit eight" \
+	"a picture of a 9"
 
 .PHONY: setup triton-env demo test bench bench-large serve clean cpp cpp-deps cpp-asan cpp-asan-test
 
@@ -28,9 +33,9 @@ $(TRITON_VENV)/.installed: requirements-triton.txt setup.py
 	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-# The main job on both embedded models, one per family: the digits DiT (DDIM) and the digits U-ViT (DPM-Solver-2S).
-# For each, its schedule, one ONNX graph per subset, every graph verified against PyTorch, then sampling on ONNX
-# Runtime with full compute and with the schedule.
+# The main job on the embedded models: the digits DiT (DDIM), the digits U-ViT (DPM-Solver-2S) and the text-to-image
+# t2i-digits (PixArt-α, DPM-Solver++; prompts in, images out). For each, its schedule, one ONNX graph per subset,
+# every graph verified against PyTorch, then sampling on ONNX Runtime with full compute and with the schedule.
 demo: setup
 	$(CLI) schedule --schedule l2c_export/demo/dit-digits/schedule.json --png $(DEMO)/schedule.png
 	$(CLI) build --out $(DEMO)/engines
@@ -42,8 +47,15 @@ demo: setup
 	$(CLI) verify $(DEMO)/uvit-engines
 	$(CLI) run $(DEMO)/uvit-engines --labels $(DIGITS) --seed 1 --full --out $(DEMO)/uvit-samples-full.png
 	$(CLI) run $(DEMO)/uvit-engines --labels $(DIGITS) --seed 1 --compare-full --out $(DEMO)/uvit-samples-l2c.png
+	$(CLI) schedule --model t2i-digits --schedule l2c_export/demo/t2i-digits/schedule.json --png $(DEMO)/t2i-schedule.png
+	$(CLI) build --model t2i-digits --out $(DEMO)/t2i-engines
+	$(CLI) verify $(DEMO)/t2i-engines --diffusers l2c_export/demo/t2i-digits
+	printf '%s\n' $(T2I_PROMPTS) > $(DEMO)/t2i-prompts.txt
+	$(CLI) run $(DEMO)/t2i-engines --prompts $(DEMO)/t2i-prompts.txt --seed 1 --full --out $(DEMO)/t2i-samples-full.png
+	$(CLI) run $(DEMO)/t2i-engines --prompts $(DEMO)/t2i-prompts.txt --seed 1 --compare-full --out $(DEMO)/t2i-samples-l2c.png
 	@echo "demo: DiT $(DEMO)/samples-l2c.png (L2C schedule), $(DEMO)/samples-full.png (every sub-layer), $(DEMO)/schedule.png"
 	@echo "demo: U-ViT $(DEMO)/uvit-samples-l2c.png, $(DEMO)/uvit-samples-full.png, $(DEMO)/uvit-schedule.png"
+	@echo "demo: text to image $(DEMO)/t2i-samples-l2c.png, $(DEMO)/t2i-samples-full.png (prompts: $(DEMO)/t2i-prompts.txt)"
 
 test: setup triton-env cpp
 	$(PY) -m pytest -q tests
@@ -62,10 +74,13 @@ BENCH_LARGE_MODELS ?= DiT-XL-2-256,PixArt-XL-2-512,SD3-medium-256,FLUX.1-width-2
 bench-large: setup cpp
 	$(PY) -m l2c_export.tools.bench_suite --large --work engines/bench-large --docs docs --models $(BENCH_LARGE_MODELS)
 
-# The embedded default on Triton Inference Server, on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics).
+# The embedded default (model l2c: labels in) and the text-to-image default (model t2i-digits: a prompt in, an image
+# out) on Triton Inference Server, on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics).
 serve: setup triton-env
 	$(CLI) build --out $(DEMO)/engines
 	$(CLI) triton $(DEMO)/engines --repo $(DEMO)/triton
+	$(CLI) build --model t2i-digits --out $(DEMO)/t2i-engines
+	$(CLI) triton $(DEMO)/t2i-engines --repo $(DEMO)/triton --name t2i-digits
 	$(CLI) serve $(DEMO)/triton --env $(TRITON_VENV)
 
 clean:

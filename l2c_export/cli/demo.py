@@ -11,12 +11,14 @@ from ..core.schedule import SCHEDULE_MODES
 from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS, TEXT_TO_IMAGE_MODELS, embedded_default
 from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, THRESHOLD, CommandError, main
 
-LABEL_MODELS = tuple(name for name in EMBEDDED_MODELS if name not in TEXT_TO_IMAGE_MODELS)  # eval's, for now
+DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: none unless asked)
 
 
 @main.command("eval")
-@click.option("--model", "model_name", type=click.Choice(LABEL_MODELS),
-              help="The embedded model: the digits DiT (DDIM; the default) or U-ViT (DPM-Solver-2S).")
+@click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS),
+              help="The embedded model: the digits DiT (DDIM; the default), U-ViT (DPM-Solver-2S), or the "
+                   "text-to-image t2i-digits (captions in, images judged by the digits classifier; the schedules on "
+                   "ONNX Runtime builds and cache-dit's DBCache on diffusers' pipeline, each timed).")
 @click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
               help="Or a diffusers pipeline folder (DiTPipeline, PixArtAlphaPipeline/PixArtSigmaPipeline): its "
                    "transformer and scheduler; needs --schedule or --router.")
@@ -31,10 +33,15 @@ LABEL_MODELS = tuple(name for name in EMBEDDED_MODELS if name not in TEXT_TO_IMA
               help="With --router and no --schedule: the threshold the learned schedule is decoded at.")
 @click.option("--mode", type=click.Choice(SCHEDULE_MODES), help="How the router is decoded for the sweep "
                                                                           "(default: the schedule's).")
-@click.option("--budgets", default=",".join(str(b) for b in (0.6, 0.7, 0.8, 0.9)), show_default=True,
-              help="MAC fractions of the sweep, comma-separated ('' for none).")
-@click.option("--num-samples", type=click.IntRange(min=2), default=1000, show_default=True,
-              help="Samples per method (labels or prompts in turn).")
+@click.option("--budgets", help=f"MAC fractions of the sweep, comma-separated ('' for none) [{DEFAULT_BUDGETS}; "
+                                 f"t2i-digits: none].")
+@click.option("--num-samples", type=click.IntRange(min=2), help="Samples per method (labels or prompts in turn) "
+                                                                 "[1000; t2i-digits: 500].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
+              help="t2i-digits: prompts per pipeline call, for every method (the timed calls).")
+@click.option("--grid", "grid_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="t2i-digits: write a PNG of one prompt per digit through full compute, the learned schedule and "
+                   "cache-dit, side by side.")
 @click.option("--labels", help="A label model's class labels, comma-separated, used in turn [every class in turn].")
 @click.option("--conditioning-data", type=click.Path(dir_okay=False, path_type=Path),
               help="A text model's prompts (--diffusers PixArt), used in turn: an .npz of prompt_embeds (P, L, D), "
@@ -50,15 +57,16 @@ LABEL_MODELS = tuple(name for name in EMBEDDED_MODELS if name not in TEXT_TO_IMA
 @click.option("--int8/--no-int8", default=None,
               help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule [on for the "
                    "embedded models, off for --diffusers].")
-def eval_command(model_name, diffusers, image_size, router, schedule_file, threshold, mode, budgets, num_samples, labels,
-                 conditioning_data, cfg_scale, seed, random_seeds, json_out, png_out, int8):
+def eval_command(model_name, diffusers, image_size, router, schedule_file, threshold, mode, budgets, num_samples,
+                 batch_size, grid_out, labels, conditioning_data, cfg_scale, seed, random_seeds, json_out, png_out,
+                 int8):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs, from the
     same noise: PSNR and Frechet distance against full compute; on the digits models also FD to the real digits and
     class accuracy (digits classifier features; elsewhere a fixed random projection of the latents)."""
     import dataclasses
 
     from ..core.schedule import Schedule
-    from ..demo.evaluate import evaluate, format_table, plot_fd, write_json
+    from ..demo.evaluate import evaluate, format_table, plot_fd, plot_t2i_grid, write_json
     from ..models import zoo
     from ..routers import load_router
     from .options import parse_labels
@@ -85,6 +93,13 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
         learned = spec.schedule()
     if learned is None:
         raise click.UsageError(f"{spec.name} comes with no schedule; pass --schedule or --router")
+    captioned = model_name in TEXT_TO_IMAGE_MODELS  # sampled from captions, judged on decoded images
+    if budgets is None:
+        budgets = "" if captioned else DEFAULT_BUDGETS
+    num_samples = num_samples or (500 if captioned else 1000)
+    if grid_out is not None and not captioned:
+        raise click.BadParameter("the sample grid is drawn for a text-to-image model (--model t2i-digits)",
+                                 param_hint="--grid")
     try:
         budget_list = [MAC_FRACTION.convert(part, None, None) for part in budgets.split(",") if part.strip()]
     except click.BadParameter as error:
@@ -95,7 +110,10 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
 
         prompts = load_conditioning(conditioning_data)
     text_model = spec.family.null_class(spec.config) is None
-    if text_model and prompts is None:
+    if captioned and prompts is not None:
+        raise click.BadParameter(f"{model_name} is evaluated on its own captions (every caption form with every "
+                                 f"digit); prompt embeddings do not apply", param_hint="--conditioning-data")
+    if text_model and prompts is None and not captioned:
         raise click.UsageError("a text model is evaluated on prompts: give --conditioning-data prompts.npz")
     if not text_model and prompts is not None:
         raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
@@ -103,10 +121,20 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
     if text_model and labels is not None:
         raise click.BadParameter("this model is conditioned on prompt embeddings (--conditioning-data), not class "
                                  "labels", param_hint="--labels")
+    if captioned and int8:
+        raise click.BadParameter(f"{model_name} has no int8 rows", param_hint="--int8")
+    captions = None
+    if captioned:
+        from ..demo.t2i import evaluation_prompts
+
+        captions = evaluation_prompts(num_samples)
+    grid = {}
     report = evaluate(spec, learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
-                      random_seeds=tuple(range(random_seeds)), int8=diffusers is None if int8 is None else int8,
+                      random_seeds=tuple(range(random_seeds)),
+                      int8=(diffusers is None and not captioned) if int8 is None else int8,
                       labels=None if labels is None else parse_labels(labels), prompts=prompts,
-                      prompts_source=f"--conditioning-data {conditioning_data}")
+                      prompts_source=f"--conditioning-data {conditioning_data}", captions=captions,
+                      batch_size=batch_size, grid=grid)
     click.echo(format_table(report))
     click.echo(f"features: {report['features']}")
     if json_out:
@@ -115,6 +143,9 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
     if png_out:
         plot_fd(report, png_out)
         click.echo(f"wrote {png_out}")
+    if grid_out:
+        plot_t2i_grid(grid, grid_out)
+        click.echo(f"wrote {grid_out}")
 
 
 @main.command("train-default")

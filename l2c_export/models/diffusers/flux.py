@@ -196,10 +196,6 @@ class FluxDiffusersFamily(DiffusersFamily):
     def graph_output(self, config: DiffusersConfig) -> TensorSpec:
         return TensorSpec("noise_pred", "float32", (self.num_tokens(config), self.out_channels(config)), "output")
 
-    def max_prompt_tokens(self, pipeline_class: str) -> int:
-        """FluxPipeline's prompt: T5's max_sequence_length (512)."""
-        return 512
-
     def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
         inputs = [self.sample_spec(config), TensorSpec("timestep", "float32", (), "time"),
                   TensorSpec("encoder_hidden_states", "float32", (PROMPT_TOKENS, config["joint_attention_dim"]),

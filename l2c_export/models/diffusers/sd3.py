@@ -106,11 +106,6 @@ class SD3DiffusersFamily(DiffusersFamily):
         return None
 
     # -- graph interface ---------------------------------------------------------------------------------------------
-    def max_prompt_tokens(self, pipeline_class: str) -> int:
-        """StableDiffusion3Pipeline's prompt: CLIP's 77 tokens (padded, the two CLIP encoders side by side) followed
-        by T5's max_sequence_length 256."""
-        return 77 + 256
-
     def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
         return [self.sample_spec(config), TensorSpec("timestep", "float32", (), "time"),
                 TensorSpec("encoder_hidden_states", "float32", (PROMPT_TOKENS, config["joint_attention_dim"]),

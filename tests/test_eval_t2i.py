@@ -1,0 +1,163 @@
+"""Text to image against the peer: ``eval --model t2i-digits`` (every method from captions, cache-dit's DBCache on
+diffusers' own pipeline with its compute counted from the blocks it ran), and the shipped t2i-digits build sampled
+from prompts (``run --prompt``) as diffusers' PixArtAlphaPipeline samples it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from l2c_export.demo import t2i
+from l2c_export.models.zoo import embedded_default
+
+from .conftest import run_cli
+
+METHODS = ("full", "l2c", "fora", "random", "fewer-steps", "cache-dit")
+
+
+@pytest.fixture(scope="module")
+def t2i_build(tmp_path_factory):
+    """``build --model t2i-digits`` (the shipped learned schedule, with the T5, tokenizer and VAE decoder graphs)."""
+    engines = tmp_path_factory.mktemp("t2i") / "E"
+    run_cli("build", "--model", "t2i-digits", "--out", str(engines))
+    return engines
+
+
+def _block_macs(spec) -> tuple[object, list[int]]:
+    macs = spec.family.count_macs(spec.config)
+    blocks = [sum(macs.sublayer(j) for j, name in enumerate(spec.sublayer_names)
+                  if name.startswith(f"transformer_blocks.{i}.")) for i in range(4)]
+    return macs, blocks
+
+
+def test_dbcache_compute_is_counted_from_the_blocks_that_ran():
+    """cache-dit's DBCache (F1B0) on diffusers' pipeline: the hooks count the first block at every forward and the
+    others at the forwards cache-dit did not serve from its cache (its own cached_steps); a higher threshold caches
+    more and counts less; without cache-dit every block runs (fraction 1)."""
+    from l2c_export.demo import cache_dit_peer
+    from l2c_export.samplers.guidance import make_noise
+
+    spec = embedded_default("t2i-digits")
+    macs, blocks = _block_macs(spec)
+    captions = [text for text, _, _ in t2i.evaluation_prompts(4)]
+    noise = make_noise(0, (4, 4, 4, 4))
+    pipe = t2i.load_pipeline()
+    full = cache_dit_peer.sample_dbcache(pipe, None, captions, noise, 20, 4.5, macs, spec.sublayer_names,
+                                         batch_size=2)
+    assert full.mac_fraction == 1.0 and full.block_calls == [40] * 4 and full.transformer_calls == 40
+    fractions = []
+    for threshold in (0.05, 0.3):
+        settings = cache_dit_peer.DBCacheSettings(Fn=1, Bn=0, threshold=threshold, warmup=2)
+        drawn = cache_dit_peer.sample_dbcache(pipe, settings, captions, noise, 20, 4.5, macs, spec.sublayer_names,
+                                              batch_size=2)
+        cached = sum(len(steps) for steps in drawn.cached_steps)
+        assert drawn.transformer_calls == 40 and len(drawn.cached_steps) == 2
+        assert drawn.block_calls == [40] + [40 - cached] * 3
+        spent = 40 * macs.always + sum(c * m for c, m in zip(drawn.block_calls, blocks))
+        assert drawn.mac_fraction == pytest.approx(spent / (40 * macs.full))
+        assert drawn.images.shape == (4, 1, 8, 8) and np.abs(drawn.images).max() <= 1.0
+        fractions.append(drawn.mac_fraction)
+    assert fractions[0] > fractions[1]
+    assert np.abs(drawn.images - full.images).max() > 0  # caching changed the images
+
+
+def test_eval_model_t2i_digits_has_every_methods_row_timed_and_the_grid(tmp_path):
+    """eval --model t2i-digits (6 captions, one DBCache setting searched): a matched row per method with every
+    metric; cache-dit's MAC fraction is the one its block counts give, near the learned schedule's; the grid and
+    the plot are written."""
+    from l2c_export.demo.evaluate import evaluate, plot_fd, plot_t2i_grid
+
+    spec = embedded_default("t2i-digits")
+    macs, blocks = _block_macs(spec)
+    captions = t2i.evaluation_prompts(6)
+    grid = {}
+    report = evaluate(spec, spec.schedule(), budgets=(), num_samples=6, random_seeds=(0,), progress=False,
+                      captions=captions, batch_size=3, grid=grid,
+                      peer_search={"structures": ((1, 0, 2),), "iterations": 3})
+    rows = {row["method"]: row for row in report["results"]}
+    assert tuple(rows) == METHODS
+    for row in rows.values():
+        for name in ("mac_fraction", "fd_to_full", "fd", "accuracy", "seconds_per_image"):
+            assert row[name] is not None and np.isfinite(row[name]), (row["method"], name)
+        assert row["seconds_per_image"] > 0
+        assert row["method"] == "full" or np.isfinite(row["psnr"])
+    assert rows["full"]["fd_to_full"] == 0.0 and rows["full"]["accuracy"] >= 5 / 6
+    assert rows["l2c"]["mac_fraction"] == pytest.approx(report["learned_mac_fraction"], abs=1e-6)
+    assert report["learned_mac_fraction"] < 0.75
+    peer = rows["cache-dit"]
+    assert peer["transformer_calls"] == 2 * 20 and peer["dbcache"]["Fn_compute_blocks"] == 1
+    spent = peer["transformer_calls"] * macs.always + sum(c * m for c, m in zip(peer["block_calls"], blocks))
+    assert peer["mac_fraction"] == pytest.approx(spent / (peer["transformer_calls"] * macs.full), abs=1e-6)
+    assert abs(peer["mac_fraction"] - report["learned_mac_fraction"]) < 0.15
+    assert len(peer["calibration"]["tried"]) == 3
+    assert report["prompts"]["num_samples"] == 6 and "ONNX Runtime" in report["timing"]["schedules"]
+    assert grid["full"].shape == grid["l2c"].shape == grid["cache-dit"].shape == (len(grid["captions"]), 1, 8, 8)
+    plot_t2i_grid(grid, tmp_path / "grid.png")
+    plot_fd(report, tmp_path / "plot.png")
+    assert Image.open(tmp_path / "grid.png").size[0] > 100 and (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_eval_t2i_refuses_what_does_not_apply(tmp_path):
+    np.savez(tmp_path / "p.npz", prompt_embeds=np.zeros((1, 4, 64), np.float32))
+    refused = run_cli("eval", "--model", "t2i-digits", "--conditioning-data", str(tmp_path / "p.npz"), check=False)
+    assert refused.returncode == 2 and "--conditioning-data" in refused.stderr
+    refused = run_cli("eval", "--model", "dit-digits", "--grid", str(tmp_path / "g.png"), check=False)
+    assert refused.returncode == 2 and "--grid" in refused.stderr and not (tmp_path / "g.png").exists()
+
+
+def _read_digits_png(path, count: int) -> np.ndarray:
+    """run --out's grid (one row, 8x-upscaled 8x8 images, 2-pixel borders) back to (count, 1, 8, 8) in [-1, 1]."""
+    picture = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    images = []
+    for i in range(count):
+        left = 2 + i * (64 + 2)
+        tile = Image.fromarray(picture[2:66, left:left + 64]).resize((8, 8), Image.Resampling.BOX)
+        images.append(np.asarray(tile, dtype=np.float32) / 127.5 - 1.0)
+    return np.stack(images)[:, None]
+
+
+def test_run_prompt_on_the_t2i_digits_build_draws_the_digit_named(t2i_build, tmp_path):
+    """run E --prompt "a handwritten seven" --seed 0 --out x.png writes a seven (the digits classifier reads the
+    PNG); several prompts, a held-out caption form among them, read as theirs."""
+    from l2c_export.demo.classifier import load_classifier
+
+    classifier = load_classifier()
+    run_cli("run", str(t2i_build), "--prompt", "a handwritten seven", "--seed", "0", "--out", str(tmp_path / "x.png"))
+    seven = _read_digits_png(tmp_path / "x.png", 1)
+    assert classifier(torch.from_numpy(seven)).argmax(dim=1).tolist() == [7]
+    prompts = ["the number 3", "a handwritten digit zero", "number nine"]
+    options = [option for prompt in prompts for option in ("--prompt", prompt)]
+    run_cli("run", str(t2i_build), *options, "--seed", "1", "--out", str(tmp_path / "three.png"))
+    read = classifier(torch.from_numpy(_read_digits_png(tmp_path / "three.png", 3))).argmax(dim=1).tolist()
+    assert read == [3, 0, 9]
+
+
+def test_run_prompt_full_equals_diffusers_pixart_pipeline_on_t2i_digits(t2i_build, tmp_path):
+    """run --prompt --noise --full --save-latents equals PixArtAlphaPipeline.from_pretrained(t2i-digits)(prompt,
+    latents, output_type="latent") to 1e-4 of the range (tokenizer and T5 included); the decoded images
+    (L2CPipeline(prompt=..., decode=True)) equal the pipeline's output_type="np" to 1e-3."""
+    from l2c_export.runtime.pipeline import L2CPipeline
+
+    prompts = ["a handwritten seven", "the number 4"]
+    noise = np.random.default_rng(3).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "z.npy", noise)
+    run_cli("run", str(t2i_build), "--prompt", prompts[0], "--prompt", prompts[1], "--noise", str(tmp_path / "z.npy"),
+            "--full", "--save-latents", str(tmp_path / "out.npy"))
+    got = np.load(tmp_path / "out.npy")
+    pipe = t2i.load_pipeline()
+
+    def reference(output_type):
+        with torch.no_grad():
+            return pipe(prompts, latents=torch.from_numpy(noise), num_inference_steps=t2i.SAMPLE_STEPS,
+                        output_type=output_type, use_resolution_binning=False, clean_caption=False).images
+
+    want = reference("latent").numpy()
+    assert got.shape == want.shape == (2, 4, 4, 4)
+    assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
+    decoded = L2CPipeline.from_engine_dir(t2i_build)(prompt=prompts, noise=noise, full=True, decode=True).decoded
+    images = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    assert np.abs(images - reference("np")).max() <= 1e-3
