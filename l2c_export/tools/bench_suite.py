@@ -415,8 +415,8 @@ def write_large_docs(reports: list[dict], machine: dict, docs: Path) -> list[dic
     write_json(path, {"machine": machine, "results": rows})
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, shared with other jobs while it ran; onnxruntime "
              f"{machine['onnxruntime']}, torch {machine['torch']} ({machine['torch_threads']} threads). Random weights "
-             f"in the real configs, fp32, guidance on (model batch twice the images); medians of the interleaved "
-             f"runs after a warm-up of each.", "",
+             f"in the real configs, fp32, guidance on (model batch twice the images; FLUX.1 runs none: its guidance "
+             f"embedding takes the scale); medians of the interleaved runs after a warm-up of each.", "",
              "| model | steps | images | repeats | subsets | full s | L2C s | speedup | ideal | of ideal | mem all (MiB) "
              "| mem full (MiB) | all / full | weights (MiB) | diffusers pipeline s | exported full s | vs pipeline | "
              "latents differ (of range) | verify worst |",
