@@ -398,14 +398,14 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
 
     samples_by_key: dict[tuple, np.ndarray] = {}
     drawn_by_key: dict[tuple, Drawn] = {}
-    torch.set_grad_enabled(False)
     try:
-        for candidate in tqdm(candidates, desc="evaluating schedules", disable=not progress):
-            if candidate.key() not in samples_by_key:
-                drawn = candidate.samples(setup)
-                if isinstance(drawn, Drawn):
-                    drawn_by_key[candidate.key()], drawn = drawn, drawn.samples
-                samples_by_key[candidate.key()] = drawn
+        with torch.no_grad():  # scoped: evaluate() is also called in-process (tests), where grads must stay on
+            for candidate in tqdm(candidates, desc="evaluating schedules", disable=not progress):
+                if candidate.key() not in samples_by_key:
+                    drawn = candidate.samples(setup)
+                    if isinstance(drawn, Drawn):
+                        drawn_by_key[candidate.key()], drawn = drawn, drawn.samples
+                    samples_by_key[candidate.key()] = drawn
     finally:
         if scratch is not None:
             scratch.cleanup()
