@@ -453,10 +453,17 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
             "--out", str(engines))
     if scheduler == "ddim":  # verify does not depend on the scheduler; once per family keeps the test short
         assert "all 4 subset engine(s) agree with PyTorch" in run_cli("verify", str(engines)).stdout
+    _assert_equal_to_the_pipeline(family, folder, noise, conditioning, schedule, tmp_path, lambda full, out: run_cli(
+        "run", str(engines), "--noise", str(tmp_path / "z.npy"), *request, "--cfg-scale", str(CFG_SCALE),
+        "--save-latents", str(out), *(["--full"] if full else [])))
+
+
+def _assert_equal_to_the_pipeline(family, folder, noise, conditioning, schedule, tmp_path, sample_to) -> None:
+    """``sample_to(full, out)`` writes latents to ``out`` (full compute, then the schedule): each equal to diffusers'
+    pipeline (with hooks for the schedule) to 1e-4 of the range, and the schedule's differing from full compute's."""
     for full, reference in ((True, None), (False, schedule)):
         out = tmp_path / f"{'full' if full else 'l2c'}.npy"
-        run_cli("run", str(engines), "--noise", str(tmp_path / "z.npy"), *request, "--cfg-scale", str(CFG_SCALE),
-                "--save-latents", str(out), *(["--full"] if full else []))
+        sample_to(full, out)
         want = _pipeline_latents(family, folder, noise, conditioning, reference)
         got = np.load(out)
         assert got.shape == want.shape == (2, 4, 8, 8)
@@ -473,18 +480,10 @@ def test_sample_equals_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diff
     and with --schedule (the pipeline with hooks)."""
     folder = tiny_diffusers(family, "dpm")
     schedule, noise, conditioning, request = _parity_request(family, folder, tmp_path)
-    for full, reference in ((True, None), (False, schedule)):
-        out = tmp_path / f"{'full' if full else 'l2c'}.npy"
-        run_cli("sample", "--diffusers", str(folder), "--steps", str(STEPS), "--noise", str(tmp_path / "z.npy"),
-                *request, "--cfg-scale", str(CFG_SCALE), "--save-latents", str(out),
-                *(["--full"] if full else ["--schedule", str(tmp_path / "s.json")]))
-        want = _pipeline_latents(family, folder, noise, conditioning, reference)
-        got = np.load(out)
-        assert got.shape == want.shape == (2, 4, 8, 8)
-        assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min()), (full, np.abs(got - want).max())
-        if full:
-            full_latents = got
-    assert np.abs(full_latents - got).max() > 1e-3 * (want.max() - want.min())  # the schedule changed the result
+    _assert_equal_to_the_pipeline(family, folder, noise, conditioning, schedule, tmp_path, lambda full, out: run_cli(
+        "sample", "--diffusers", str(folder), "--steps", str(STEPS), "--noise", str(tmp_path / "z.npy"), *request,
+        "--cfg-scale", str(CFG_SCALE), "--save-latents", str(out),
+        *(["--full"] if full else ["--schedule", str(tmp_path / "s.json")])))
 
 
 def test_sample_refuses_conditioning_that_does_not_fit_in_one_line(tiny_diffusers, tmp_path):
