@@ -23,6 +23,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so that a reader (or a
     process killed half-way) never sees a half-written file. The file gets the mode a plain ``open`` would give
     (0666 less the umask), not ``mkstemp``'s 0600."""
+    atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: Path, write) -> None:
+    """:func:`atomic_write_bytes` for content written piece by piece: ``write(f)`` writes it to the open binary
+    file ``f`` (a multi-GB weights file is streamed rather than held in memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -32,7 +38,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

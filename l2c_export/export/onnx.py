@@ -23,7 +23,7 @@ Slots are the family's sub-layer names (:meth:`l2c_export.models.ModelFamily.sub
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ import torch
 from onnx import TensorProto
 
 from ..core.plan import SubsetPlan, cache_input_name, fresh_output_name
-from ..core.util import atomic_write_bytes
+from ..core.util import atomic_write_with
 
 OPSET = 20  # Gelu(approximate='tanh') is an op from 20 on; TensorRT 10 parses opsets 9 to 20
 # precision -> the dtype the graph computes in between its quantized MatMuls (int8: l2c_export.export.quantize)
@@ -125,11 +125,6 @@ def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> Unive
     family = family or family_of_config(config)
     slots = tuple(family.sublayer_names(config))
     num_sublayers = len(slots)
-    stand_in = copy.deepcopy(model).to(dtype).eval()
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for parameter in stand_in.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
     input_specs = family.graph_inputs(config)
     inputs = [spec.name for spec in input_specs]
     outputs = [family.graph_output(config).name] + [fresh_output_name(slot) for slot in slots]
@@ -138,9 +133,9 @@ def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> Unive
         dynamic_axes[spec.name].update({1 + i: dim for i, dim in enumerate(spec.shape) if isinstance(dim, str)})
     buffer = io.BytesIO()
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
-    with warnings.catch_warnings(), family.export_context():
+    with warnings.catch_warnings(), family.export_context(), _stand_in_weights(model, dtype):
         warnings.simplefilter("ignore")
-        torch.onnx.export(_EveryBranch(stand_in, num_sublayers).eval(), family.dummy_inputs(config, 2), buffer,
+        torch.onnx.export(_EveryBranch(model, num_sublayers).eval(), family.dummy_inputs(config, 2), buffer,
                           input_names=inputs, output_names=outputs, opset_version=OPSET, dynamo=False,
                           export_params=False, do_constant_folding=False, dynamic_axes=dynamic_axes)
     graph_model = onnx.load_from_string(buffer.getvalue())
@@ -149,6 +144,42 @@ def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> Unive
     _merge_equal_constants(graph_model)
     _name_dims(graph_model, dict(zip(slots, family.cached_shapes(config))))
     return UniversalGraph(graph_model, weights, precision, slots)
+
+
+@contextlib.contextmanager
+def _stand_in_weights(model: torch.nn.Module, dtype: torch.dtype):
+    """Within the block, every parameter of ``model`` is a random stand-in in ``dtype`` (and every floating buffer
+    is cast to ``dtype``); the real tensors are put back after, untouched.
+
+    Random, so that no two parameters are equal (the exporter would merge them); each a random row broadcast over
+    its leading axes (a stride-0 view), so that the stand-ins of a multi-GB model take kilobytes: the model is never
+    held twice, which is what lets SD3-medium (8 GB in fp32) export on a 24 GiB machine.
+    """
+    generator = torch.Generator().manual_seed(0)
+    swapped: list[tuple[torch.nn.Module, str, str, torch.Tensor]] = []
+    stand_ins: dict[int, torch.Tensor] = {}  # a tensor shared by several modules gets one stand-in, shared too
+
+    def stand_in(kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        if kind == "_buffers":
+            return tensor.to(dtype)
+        row = torch.randn(tensor.shape[-1:] or (1,), generator=generator).to(dtype)
+        return torch.nn.Parameter(row.expand(tensor.shape) if tensor.ndim else row[0], requires_grad=False)
+
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                for kind in ("_parameters", "_buffers"):
+                    for name, tensor in getattr(module, kind).items():
+                        if tensor is None or (kind == "_buffers" and not tensor.is_floating_point()):
+                            continue
+                        swapped.append((module, kind, name, tensor))
+                        if id(tensor) not in stand_ins:
+                            stand_ins[id(tensor)] = stand_in(kind, tensor)
+                        getattr(module, kind)[name] = stand_ins[id(tensor)]
+        yield model
+    finally:
+        for module, kind, name, tensor in swapped:
+            getattr(module, kind)[name] = tensor
 
 
 def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, np.ndarray]:
@@ -172,7 +203,7 @@ def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dty
         users = consumers.get(graph_input.name, [])
         if users and all(node.op_type == "Transpose" and _perm(node) == [1, 0] for node in users):
             transposed_name = f"{name}.T"
-            weights[transposed_name] = np.ascontiguousarray(array.T)
+            weights[transposed_name] = array.T  # a view: laid out transposed only when written
             for node in users:  # every reader of the Transpose reads the stored transposed weight instead
                 _rename_uses(graph, node.output[0], transposed_name)
                 removed_nodes.add(id(node))
@@ -319,11 +350,15 @@ def write_weights(universal: UniversalGraph, path: Path) -> dict[str, tuple[int,
     file that every subset graph shares.
     """
     layout = weights_layout(universal)
-    chunks, end = [], 0
-    for name, (offset, length) in layout.items():
-        chunks += [b"\0" * (offset - end), universal.weights[name].tobytes()]
-        end = offset + length
-    atomic_write_bytes(path, b"".join(chunks))
+
+    def write(f) -> None:  # one tensor at a time: a transposed weight is laid out only while it is written
+        end = 0
+        for name, (offset, length) in layout.items():
+            f.write(b"\0" * (offset - end))
+            f.write(np.ascontiguousarray(universal.weights[name]).reshape(-1).view(np.uint8).data)
+            end = offset + length
+
+    atomic_write_with(path, write)
     return layout
 
 

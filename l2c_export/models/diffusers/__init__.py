@@ -285,15 +285,11 @@ class DiffusersFamily(ModelFamily):
 
     def load(self, path: str | Path, config: DiffusersConfig):
         """The transformer of a folder's ``transformer/`` (``path``) with its safetensors weights, eval mode, fp32."""
-        from ..checkpoint import check_state_dict, load_state_dict
+        from ..checkpoint import load_safetensors_into
 
-        model = self.create(config)
-        state_dict = {}
-        for file in weight_files(Path(path)):
-            state_dict.update(load_state_dict(file))
-        check_state_dict(state_dict, model.transformer, str(path))
-        model.transformer.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()})
-        return model.eval().float()
+        model = self.create(config).float()
+        load_safetensors_into(weight_files(Path(path)), model.transformer, str(path))
+        return model.eval()
 
     def weights_sha256(self, path: str | Path) -> str:
         """One digest of the transformer's config and every weight file (a sharded model has several)."""
