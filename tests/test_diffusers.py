@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from l2c_export.core.plan import BuildPlan
 from l2c_export.core.schedule import Schedule, ScheduleError
+from l2c_export.models.checkpoint import CheckpointError
 from l2c_export.models.diffusers import DiffusersFolderError, read_folder
 
 from .conftest import ort_session, run_cli
@@ -227,6 +229,38 @@ def test_sharded_weights_load_and_escaping_shards_are_refused(tiny_diffusers, tm
     index.write_text(json.dumps({"weight_map": {names[0]: "../escape.safetensors"}}))
     with pytest.raises(DiffusersFolderError, match="field 'weight_map' names '../escape.safetensors'"):
         read_folder(folder)
+
+
+def _first_float(state):
+    return next(name for name, tensor in state.items() if tensor.ndim == 2)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop(_first_float(s)), "does not fit the model; missing keys (1)"),
+    (lambda s: s.update({"extra.weight": torch.zeros(2)}), "unexpected keys (1): extra.weight"),
+    (lambda s: s.update({_first_float(s): s[_first_float(s)][:, :1].contiguous()}), "mismatched shapes (1)"),
+    (lambda s: s.update({_first_float(s): s[_first_float(s)].to(torch.int8)}), "is int8; expected floating-point"),
+    (lambda s: s[_first_float(s)].__setitem__((0, 0), float("nan")), "holds 1 NaN or infinite value(s)"),
+])
+def test_weights_are_checked_from_the_file_headers_then_copied_in_one_tensor_at_a_time(tiny_diffusers, tmp_path,
+                                                                                        change, message):
+    """The diffusers loader streams (an 8 GB transformer is never held twice) and still refuses what does not fit
+    before copying anything, naming the file; an fp16 file loads cast to fp32."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(tiny_diffusers("pixart"), tmp_path)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    save_file({name: tensor.half() for name, tensor in state.items()}, str(weights))
+    found = read_folder(folder)
+    loaded = found.family.load(found.transformer_dir, found.config).transformer.state_dict()
+    for name, tensor in state.items():
+        assert loaded[name].dtype == torch.float32 and torch.equal(loaded[name], tensor.half().float()), name
+    change(state)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=re.escape(message)) as refusal:
+        found.family.load(found.transformer_dir, found.config)
+    assert str(folder / "transformer") in str(refusal.value) or str(weights) in str(refusal.value)
 
 
 def test_build_refuses_a_bad_folder_in_one_line_with_exit_2(tiny_diffusers, tmp_path):

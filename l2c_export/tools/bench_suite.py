@@ -25,6 +25,7 @@ on the same work (steps, batch, latents, conditioning, guidance), writing ``docs
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -235,6 +236,20 @@ def save_random_pipeline(name: str, folder: Path) -> Path:
     return folder
 
 
+def diffusers_transformer(folder: Path):
+    """The pipeline folder's transformer as diffusers has it, its weights copied in one tensor at a time (diffusers'
+    own loader holds them twice without accelerate: SD3-medium's 8 GB would not fit beside the exported model)."""
+    import diffusers
+
+    from ..models.checkpoint import load_safetensors_into
+    from ..models.diffusers import weight_files
+
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    transformer = getattr(diffusers, config["_class_name"]).from_config(config)
+    load_safetensors_into(weight_files(folder / "transformer"), transformer, str(folder / "transformer"))
+    return transformer.eval()
+
+
 class _KeepLatents:
     """Stands in for ``DiTPipeline``'s VAE, which it calls unconditionally: keeps the final latents as the pipeline
     has them before the VAE's 1 / scaling_factor (the latents ``l2c-export run`` returns) and decodes nothing, so
@@ -317,7 +332,6 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
     their largest difference relative to the pipeline latents' range. Writes docs/bench-large.json and .md."""
     import dataclasses
     import gc
-    import json
     import statistics
     import time
 
@@ -364,7 +378,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         noise = randn_tensor((batch, *exported.sample_shape), generator=torch.Generator().manual_seed(0)).numpy()
         index = json.loads((folder / "model_index.json").read_text())
         absent = {key: None for key, value in index.items() if value == [None, None]}  # saved without VAE/encoder
-        reference = DiffusionPipeline.from_pretrained(str(folder), **absent)
+        reference = DiffusionPipeline.from_pretrained(str(folder), transformer=diffusers_transformer(folder),
+                                                      **absent)
         reference.set_progress_bar_config(disable=True)
         exported_seconds, pipeline_seconds = [], []
         for repeat in range(repeats + 1):  # the first pair warms up
@@ -403,8 +418,6 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
 def write_large_docs(reports: list[dict], machine: dict, docs: Path) -> list[dict]:
     """docs/bench-large.json and .md: ``reports``, and the rows of other models already there (a run of some
     ``--models`` keeps the others'), in :data:`REAL_SIZES` order. Returns every row."""
-    import json
-
     from ..core.util import atomic_write_text, write_json
 
     path = docs / "bench-large.json"

@@ -33,22 +33,28 @@ def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
     quantized = {e["name"]: e["quantization"] for e in manifest["weight_tensors"] if "quantization" in e}
     if quantized:
         arrays = dequantize(arrays, quantized)
-    state = {}
-    for name, array in arrays.items():
-        if name.removesuffix(".T") not in parameters:  # an activation scale of a qdq build
-            continue
-        tensor = torch.from_numpy(np.array(array.view(np.uint16) if array.dtype.name == "bfloat16" else array))
-        if array.dtype.name == "bfloat16":
-            tensor = tensor.view(torch.bfloat16)
-        state[name.removesuffix(".T")] = tensor.T.contiguous() if name.endswith(".T") else tensor
     expected = model.state_dict()
-    problems = [f"{name} {tuple(expected[name].shape)} in the config's model, {tuple(tensor.shape)} in weights.bin"
-                for name, tensor in state.items() if tuple(expected[name].shape) != tuple(tensor.shape)]
-    problems += [f"{name} is not in weights.bin" for name in sorted(set(expected) - set(state))]
+    stored = {}  # parameter name -> its array in weights.bin (a memory-mapped view)
+    problems = []
+    for name, array in arrays.items():
+        parameter = name.removesuffix(".T")
+        if parameter not in parameters:  # an activation scale of a qdq build
+            continue
+        shape = tuple(array.shape[::-1]) if name.endswith(".T") else tuple(array.shape)
+        if shape != tuple(expected[parameter].shape):
+            problems.append(f"{parameter} {tuple(expected[parameter].shape)} in the config's model, {shape} in "
+                            f"weights.bin")
+        stored[parameter] = (name, array)
+    problems += [f"{name} is not in weights.bin" for name in sorted(set(expected) - set(stored))]
     if problems:
         raise ManifestError(f"{Path(folder) / 'manifest.json'}: field 'model/config' describes a model its weights "
                             f"do not fit: {'; '.join(problems[:3])}" + (" ..." if len(problems) > 3 else ""))
-    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    with torch.no_grad():  # one tensor at a time: the weights are never held twice
+        for parameter, (name, array) in stored.items():
+            tensor = torch.from_numpy(np.array(array.view(np.uint16) if array.dtype.name == "bfloat16" else array))
+            if array.dtype.name == "bfloat16":
+                tensor = tensor.view(torch.bfloat16)
+            expected[parameter].copy_(tensor.T if name.endswith(".T") else tensor)
     return model.eval().to(device, dtype)
 
 
