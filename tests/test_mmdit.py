@@ -9,6 +9,7 @@ import contextlib
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -370,6 +371,37 @@ def test_verify_diffusers_checks_a_flux_build_at_its_image_size(tiny_diffusers, 
     assert "agree with PyTorch" in passed.stdout
     other = run_cli("verify", str(engines), "--diffusers", str(tiny_diffusers("sd3", "flow")), check=False)
     assert other.returncode == 2 and "the build did not come from that folder" in other.stderr
+
+
+def test_flux_proj_out_is_stored_as_its_branches_slices_and_read_back_whole(tiny_diffusers, tmp_path):
+    """Each single-stream proj_out is held in weights.bin as its two branches' transposed column slices, which the
+    graphs read directly (a runtime folding Transpose(Slice(W)) would copy them into every subset session); the
+    PyTorch reference reassembles the folder's weights from them exactly."""
+    from l2c_export.core import manifest as manifest_io
+    from l2c_export.models.zoo import from_diffusers
+    from l2c_export.runtime.backends.torch import model_from_manifest
+
+    folder = tiny_diffusers("flux", "flow")
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", str(folder), "--image-size", str(IMAGE_SIZE), "--steps", "2", "--out",
+            str(engines))
+    data = manifest_io.load(engines)
+    names = {t["name"]: t["shape"] for t in data["weight_tensors"]}
+    inner = FLUX_CONFIG["num_attention_heads"] * FLUX_CONFIG["attention_head_dim"]
+    for j in range(FLUX_CONFIG["num_single_layers"]):
+        stem = f"transformer.single_transformer_blocks.{j}.proj_out.weight"
+        assert names[f"{stem}.T[0:{inner}]"] == [inner, inner]
+        assert names[f"{stem}.T[{inner}:{5 * inner}]"] == [4 * inner, inner]
+        assert stem not in names and f"{stem}.T" not in names
+    full = onnx.load(engines / "full.onnx", load_external_data=False)
+    single = "transformer.single_transformer_blocks."
+    read = {name for node in full.graph.node for name in node.input if name.startswith(single)
+            and ".proj_out.weight" in name}
+    assert read == {name for name in names if name.startswith(single) and ".proj_out.weight" in name}
+    rebuilt = model_from_manifest(data, engines).state_dict()
+    spec = from_diffusers(folder, IMAGE_SIZE)
+    for name, tensor in spec.load_model().state_dict().items():
+        assert torch.equal(rebuilt[name], tensor), name
 
 
 def test_eval_on_a_tiny_flux_at_its_image_size_without_negatives(tiny_diffusers, tmp_path):

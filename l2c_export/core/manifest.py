@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -209,6 +210,26 @@ def upgrade_v1(data: dict, where: str) -> dict:
                             f"the engines") from None
     data["schema_version"] = SCHEMA_VERSION
     return data
+
+
+_ROWS = re.compile(r"^(?P<stored>.+\.T)\[(?P<start>\d+):(?P<stop>\d+)\]$")
+
+
+def weight_name(parameter: str, transposed: bool = False, rows: tuple[int, int] | None = None) -> str:
+    """The name of a tensor of ``weights.bin`` (``weight_tensors``): the model parameter it holds, ``.T`` where it is
+    stored transposed (a Linear weight, (in, out)), and ``[start:stop]`` where it holds rows start..stop of that
+    transposed weight alone (a Linear applied to a slice of its inputs: each of FLUX.1's single-stream branches
+    reads its own columns of ``proj_out``)."""
+    if rows is not None and not transposed:
+        raise ValueError(f"{parameter}: only a transposed weight is stored by rows")
+    return parameter + (".T" if transposed else "") + (f"[{rows[0]}:{rows[1]}]" if rows is not None else "")
+
+
+def parse_weight_name(name: str) -> tuple[str, bool, tuple[int, int] | None]:
+    """The inverse of :func:`weight_name`: (parameter, transposed, rows or None)."""
+    sliced = _ROWS.match(name)
+    stored, rows = (sliced["stored"], (int(sliced["start"]), int(sliced["stop"]))) if sliced else (name, None)
+    return stored.removesuffix(".T"), stored.endswith(".T"), rows
 
 
 _ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int8": 1, "uint8": 1, "int32": 4,

@@ -7,7 +7,9 @@
    merges parameters that happen to be equal). The trace runs on random stand-in weights for the same reason.
 2. Parameter inputs become initializers holding the real weights. A weight that only feeds ``Transpose`` (a Linear
    applied to (N, T, D) tokens) is stored transposed, as ``<parameter>.T`` of shape (in, out), so that no runtime
-   constant-folds a private copy of it.
+   constant-folds a private copy of it; a weight read only through transposed column slices (a Linear on part of
+   its inputs: FLUX.1's proj_out shares) is stored as those slices, ``<parameter>.T[start:stop]``, for the same
+   reason.
 3. For each subset (:mod:`l2c_export.core.plan`), the universal graph is cut: the consumers of a reused sub-layer's
    branch output read a new input ``cache_<slot>`` instead, so its producing nodes become dead and are removed;
    outputs are ``model_out`` and the live ``fresh_<slot>`` values only.
@@ -35,6 +37,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
+from ..core.manifest import weight_name
 from ..core.plan import SubsetPlan, cache_input_name, fresh_output_name
 from ..core.util import atomic_write_with
 
@@ -184,13 +187,16 @@ def _stand_in_weights(model: torch.nn.Module, dtype: torch.dtype):
 
 def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, np.ndarray]:
     """Renames the parameter inputs (``model.<name>``) to ``<name>``, or ``<name>.T`` for a weight that only feeds
-    Transpose (whose data is then stored transposed and the Transpose removed), and returns their arrays."""
+    Transpose (whose data is then stored transposed and the Transpose removed), or ``<name>.T[start:stop]`` for each
+    column slice of a weight read only through transposed column slices; returns their arrays (views of the model's
+    tensors: see :func:`l2c_export.core.manifest.weight_name`)."""
     graph = graph_model.graph
     state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    producers = {output: node for node in graph.node for output in node.output}
     weights: dict[str, np.ndarray] = {}
     kept_inputs = []
     removed_nodes = set()
@@ -201,12 +207,23 @@ def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dty
         array = _to_numpy(state[graph_input.name].to(dtype))
         name = graph_input.name[len("model."):]
         users = consumers.get(graph_input.name, [])
-        if users and all(node.op_type == "Transpose" and _perm(node) == [1, 0] for node in users):
-            transposed_name = f"{name}.T"
+        slices = _transposed_column_slices(users, consumers, producers, array.shape)
+        if users and all(_is_transpose(node) for node in users):
+            transposed_name = weight_name(name, transposed=True)
             weights[transposed_name] = array.T  # a view: laid out transposed only when written
             for node in users:  # every reader of the Transpose reads the stored transposed weight instead
                 _rename_uses(graph, node.output[0], transposed_name)
                 removed_nodes.add(id(node))
+        elif slices:
+            # Stored as the slices' own tensors, not the whole weight: a runtime would fold Transpose(Slice(W))
+            # into a private copy per session (FLUX.1's proj_out shares, 7 GB per subset at full size).
+            for node, (start, stop) in slices:
+                sliced_name = weight_name(name, transposed=True, rows=(start, stop))
+                weights[sliced_name] = array.T[start:stop]
+                removed_nodes.add(id(node))
+                for transpose in consumers[node.output[0]]:
+                    _rename_uses(graph, transpose.output[0], sliced_name)
+                    removed_nodes.add(id(transpose))
         else:
             weights[name] = array
             _rename_uses(graph, graph_input.name, name)
@@ -216,6 +233,46 @@ def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dty
     del graph.input[:]
     graph.input.extend(kept_inputs)
     return weights
+
+
+def _is_transpose(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Transpose" and _perm(node) == [1, 0]
+
+
+def _transposed_column_slices(users: list[onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]],
+                              producers: dict[str, onnx.NodeProto],
+                              shape: tuple[int, ...]) -> list[tuple[onnx.NodeProto, tuple[int, int]]]:
+    """Where a 2-D weight (out, in) is read only through ``Slice`` nodes over its columns (axis 1, step 1, constant
+    bounds) each read only through ``Transpose`` (a Linear on part of its inputs), the slices and their column
+    ranges; else []."""
+    if len(shape) != 2 or not users:
+        return []
+    found = []
+    for node in users:
+        bounds = [_constant_ints(name, producers) for name in node.input[1:]] if node.op_type == "Slice" else []
+        if len(bounds) < 3 or any(b is None or len(b) != 1 for b in bounds):
+            return []
+        start, stop, axis = bounds[0][0], min(bounds[1][0], shape[1]), bounds[2][0]
+        step = bounds[3][0] if len(bounds) > 3 else 1
+        readers = consumers.get(node.output[0], [])
+        if axis not in (1, -1) or step != 1 or not 0 <= start < stop or not readers \
+                or not all(_is_transpose(reader) for reader in readers):
+            return []
+        found.append((node, (start, stop)))
+    return found
+
+
+def _constant_ints(name: str, producers: dict[str, onnx.NodeProto]) -> list[int] | None:
+    """The value of ``name`` as a flat list of ints where a ``Constant``, or an ``Unsqueeze`` of one (how the
+    TorchScript exporter writes a Slice's bounds), produces it; else None."""
+    from onnx import numpy_helper
+
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+        return [int(v) for v in numpy_helper.to_array(node.attribute[0].t).reshape(-1)]
+    if node is not None and node.op_type == "Unsqueeze":
+        return _constant_ints(node.input[0], producers)
+    return None
 
 
 def _fold_static_shape_ifs(graph_model: onnx.ModelProto) -> None:

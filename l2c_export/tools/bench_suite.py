@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,27 @@ def save_random_pipeline(name: str, folder: Path) -> Path:
     return folder
 
 
+def measured_build(folder: Path, schedule, steps: int, out: Path, image_size: int | None) -> tuple[float, int]:
+    """``l2c-export build --diffusers folder`` over ``schedule`` in a child process, as a user runs it: its wall
+    seconds and its peak resident set in bytes (the child's own ``ru_maxrss``)."""
+    import subprocess
+    import sys
+    import time
+
+    schedule_file = out.with_name(out.name + ".schedule.json")
+    schedule.save(schedule_file)
+    command = [sys.executable, "-m", "l2c_export.cli", "build", "--diffusers", str(folder), "--steps", str(steps),
+               "--schedule", str(schedule_file), "--out", str(out)]
+    command += ["--image-size", str(image_size)] if image_size else []
+    start = time.perf_counter()
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)}: exit status {process.returncode}")
+    return time.perf_counter() - start, usage.ru_maxrss * 1024
+
+
 def diffusers_transformer(folder: Path):
     """The pipeline folder's transformer as diffusers has it, its weights copied in one tensor at a time (diffusers'
     own loader holds them twice without accelerate: SD3-medium's 8 GB would not fit beside the exported model)."""
@@ -339,7 +361,6 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
     from diffusers import DiffusionPipeline
     from diffusers.utils.torch_utils import randn_tensor
 
-    from ..builder.build import BuildRequest, build
     from ..core import manifest as manifest_io
     from ..models.zoo import from_diffusers
     from ..runtime.pipeline import L2CPipeline
@@ -358,10 +379,9 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         sampler = spec.sampler(None, steps)
         schedule = synthetic_official_schedule(steps, 0, sublayers=spec.sublayer_names, sampler=sampler)
         out = work / f"{name}-onnxruntime-fp32"
-        start = time.perf_counter()
-        build(BuildRequest(spec=spec, schedule=schedule, sampler=sampler, out_dir=out), progress=False)
-        build_seconds = time.perf_counter() - start
-        print(f"{name}: built in {build_seconds:.0f} s; verifying ...", flush=True)
+        build_seconds, build_peak = measured_build(folder, schedule, steps, out, image_size)
+        print(f"{name}: built in {build_seconds:.0f} s, peak resident set {build_peak / 2 ** 30:.1f} GiB; "
+              f"verifying ...", flush=True)
         checks, _ = verify_build(out, labels=(0,))  # one image (model batch 2): every subset, at half the cost
         gc.collect()
         print(f"{name}: worst subset difference {max(c.worst_value for c in checks):.2e}; benchmarking ...",
@@ -397,6 +417,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         report = {"model": name, "folder": str(folder), "build": str(out), "transformer": REAL_SIZES[name][1],
                   "config": REAL_SIZES[name][2], "scheduler": REAL_SIZES[name][3], "steps": steps, "batch": batch,
                   "cfg_scale": cfg_scale, "repeats": repeats, "build_seconds": build_seconds,
+                  "build_peak_rss_bytes": build_peak,
+                  "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "verify_worst": max(c.worst_value for c in checks), "verify_images": 1,
                   "num_subsets": row.num_subsets,
                   "bench": dataclasses.asdict(row),

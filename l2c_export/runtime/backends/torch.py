@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ...models import get_family
-from ...core.manifest import ManifestError
+from ...core.manifest import ManifestError, parse_weight_name
 from . import check_graph, selected_subsets, weight_arrays
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
@@ -34,28 +34,42 @@ def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
     if quantized:
         arrays = dequantize(arrays, quantized)
     expected = model.state_dict()
-    stored = {}  # parameter name -> its array in weights.bin (a memory-mapped view)
-    problems = []
+    stored: dict[str, list] = {}  # parameter -> its (array (memory-mapped view), transposed, rows) in weights.bin
     for name, array in arrays.items():
-        parameter = name.removesuffix(".T")
-        if parameter not in parameters:  # an activation scale of a qdq build
-            continue
-        shape = tuple(array.shape[::-1]) if name.endswith(".T") else tuple(array.shape)
-        if shape != tuple(expected[parameter].shape):
-            problems.append(f"{parameter} {tuple(expected[parameter].shape)} in the config's model, {shape} in "
-                            f"weights.bin")
-        stored[parameter] = (name, array)
+        parameter, transposed, rows = parse_weight_name(name)
+        if parameter in parameters:  # else an activation scale of a qdq build
+            stored.setdefault(parameter, []).append((array, transposed, rows))
+    problems = [problem for parameter, pieces in stored.items()
+                if (problem := _misfit(parameter, tuple(expected[parameter].shape), pieces))]
     problems += [f"{name} is not in weights.bin" for name in sorted(set(expected) - set(stored))]
     if problems:
         raise ManifestError(f"{Path(folder) / 'manifest.json'}: field 'model/config' describes a model its weights "
                             f"do not fit: {'; '.join(problems[:3])}" + (" ..." if len(problems) > 3 else ""))
     with torch.no_grad():  # one tensor at a time: the weights are never held twice
-        for parameter, (name, array) in stored.items():
-            tensor = torch.from_numpy(np.array(array.view(np.uint16) if array.dtype.name == "bfloat16" else array))
-            if array.dtype.name == "bfloat16":
-                tensor = tensor.view(torch.bfloat16)
-            expected[parameter].copy_(tensor.T if name.endswith(".T") else tensor)
+        for parameter, pieces in stored.items():
+            for array, transposed, rows in pieces:
+                tensor = torch.from_numpy(np.array(array.view(np.uint16) if array.dtype.name == "bfloat16"
+                                                   else array))
+                if array.dtype.name == "bfloat16":
+                    tensor = tensor.view(torch.bfloat16)
+                target = expected[parameter] if rows is None else expected[parameter][:, rows[0]:rows[1]]
+                target.copy_(tensor.T if transposed else tensor)
     return model.eval().to(device, dtype)
+
+
+def _misfit(parameter: str, shape: tuple[int, ...], pieces: list) -> str | None:
+    """What keeps ``pieces`` (:func:`model_from_manifest`'s) from making up a parameter of ``shape``, or None: one
+    whole tensor, or transposed column slices covering every column once."""
+    if len(pieces) == 1 and pieces[0][2] is None:
+        array, transposed, _ = pieces[0]
+        got = tuple(array.shape[::-1]) if transposed else tuple(array.shape)
+        return None if got == shape else f"{parameter} {shape} in the config's model, {got} in weights.bin"
+    ranges = sorted(rows for _, _, rows in pieces if rows is not None)
+    covered = len(ranges) == len(pieces) and len(shape) == 2 and ranges[0][0] == 0 and ranges[-1][1] == shape[1] \
+        and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) \
+        and all(array.shape == (rows[1] - rows[0], shape[0]) for array, _, rows in pieces)
+    return None if covered else (f"{parameter} {shape} in the config's model, pieces {ranges} in weights.bin that "
+                                 f"do not make it up")
 
 
 class TorchBackend:
