@@ -549,8 +549,8 @@ TEXT_ENCODER_CLASSES = ("T5EncoderModel",)
 
 def read_components(folder: Path, index: dict, family: DiffusersFamily, config: DiffusersConfig) -> FolderComponents:
     """The folder's VAE, text encoder and tokenizer where ``model_index.json`` names them, checked: their classes,
-    safetensors weights, the VAE's latent channels against the transformer and its scaling and shift factors, the text encoder's
-    width against the prompt embeddings the transformer takes."""
+    safetensors weights, the VAE's latent channels against the transformer and its scaling and shift factors, the
+    text encoder's width against the prompt embeddings the transformer takes."""
     def named(part: str) -> bool:
         entry = index.get(part)
         return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
