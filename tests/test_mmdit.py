@@ -457,15 +457,18 @@ def test_decoded_images_equal_the_pipelines(tiny_diffusers, family, tmp_path):
 
 def test_manifest_checks_refuse_a_decoder_that_does_not_fit_the_packed_latents(tiny_diffusers, tmp_path):
     """A packed_2x2 record's input must pack into the sample's shape; the spatial layout must be the sample's; a
-    shift factor is a number."""
+    shift factor is a number. A rebuild at another --image-size exports the decoder again (not reused)."""
     from l2c_export.builder.build import BuildRequest, build
     from l2c_export.core.manifest import ManifestError, check_consistency, load, validate
     from l2c_export.models.zoo import from_diffusers
 
-    spec = from_diffusers(tiny_diffusers("flux", "flow"), IMAGE_SIZE)
-    build(BuildRequest(spec=spec, schedule=Schedule.full(2, sublayers=spec.sublayer_names),
-                       sampler=spec.sampler(None, 2), out_dir=tmp_path / "E"), progress=False)
+    for size in (2 * IMAGE_SIZE, IMAGE_SIZE):
+        spec = from_diffusers(tiny_diffusers("flux", "flow"), size)
+        report = build(BuildRequest(spec=spec, schedule=Schedule.full(2, sublayers=spec.sublayer_names),
+                                    sampler=spec.sampler(None, 2), out_dir=tmp_path / "E"), progress=False)
+    assert "vae_decoder.onnx" not in report.reused
     data = load(tmp_path / "E", verify_files=False)
+    assert data["components"]["vae_decoder"]["inputs"][0]["shape"] == ["batch", 4, IMAGE_SIZE, IMAGE_SIZE]
     check_consistency(data, "m")
     wide = json.loads(json.dumps(data))
     wide["components"]["vae_decoder"]["inputs"][0]["shape"] = ["batch", 4, 8, 10]

@@ -166,16 +166,25 @@ def component_record(name: str, record: dict, staging: Path, keys: dict[str, str
     return {**named, **record}
 
 
-def build_components(spec, staging: Path, key_of: Callable[[str, str], str],
+def _made_for(name: str, spec) -> dict:
+    """What a component's files depend on beside its folder: the VAE decoder's latents (C, h, w) and their layout
+    (FLUX.1's differ with ``--image-size``)."""
+    if name != "vae_decoder":
+        return {}
+    return {"latents": list(spec.family.vae_latents(spec.config)), "latent_layout": spec.family.latent_layout}
+
+
+def build_components(spec, staging: Path, key_of: Callable[[str, dict], str],
                      reuse: Callable[[str, Path], bool], previous_record: Callable[[str], dict | None]) -> dict:
     """The manifest's ``components`` record, every file written into ``staging``: reused from the previous build
-    where ``reuse(key, target)`` links it (same source, same tools), else exported. ``key_of(file, source_sha)``
-    makes a file's key; ``previous_record(name)`` is the previous build's record of the component."""
+    where ``reuse(key, target)`` links it (same source and shapes, same tools), else exported. ``key_of(file,
+    source)`` makes a file's key (``source``: the folder part's sha256 and what the file is made for);
+    ``previous_record(name)`` is the previous build's record of the component."""
     components = {}
     for name, source in component_sources(spec).items():
         source_sha = source_sha256(source)
         files = COMPONENT_FILES[name]
-        keys = {file: key_of(file, source_sha) for file in files}
+        keys = {file: key_of(file, {"sha256": source_sha, **_made_for(name, spec)}) for file in files}
         previous = previous_record(name)
         if previous is not None and all(reuse(keys[file], staging / file) for file in files):
             record = {field: value for field, value in previous.items()
