@@ -1,7 +1,8 @@
 """MMDiT families from diffusers folders (issue 21): SD3/3.5 (``StableDiffusion3Pipeline``) and FLUX.1
 (``FluxPipeline``), sampled with flow matching. Tiny random transformers saved without text encoders; the reference is
 diffusers' own pipeline on the same latents, embeddings and guidance, with forward hooks that make the named
-sub-modules return their last computed output at the calls a schedule skips."""
+sub-modules return their last computed output at the calls a schedule skips. The folders' tiny VAEs have SD3's and
+FLUX.1's scaling and shift factors: the builds' VAE decoders give the pipelines' images."""
 
 from __future__ import annotations
 
