@@ -48,11 +48,17 @@ def _scheduler(kind: str, family: str = ""):
     raise ValueError(f"unknown scheduler {kind!r}; expected one of {SCHEDULERS}")
 
 
-def tiny_vae():
+# The MMDiTs' VAEs scale and shift: SD3's and FLUX.1's factors
+VAE_FACTORS = {"sd3": dict(scaling_factor=1.5305, shift_factor=0.0609),
+               "flux": dict(scaling_factor=0.3611, shift_factor=0.1159)}
+
+
+def tiny_vae(**factors):
+    """One level (vae_scale_factor 1), 4 latent channels; ``factors``: scaling_factor, shift_factor."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8, layers_per_block=1,
-                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), **factors)
 
 
 # The tiny tokenizer's words: prompts of other words tokenize letter by letter (the pieces below), as T5's do.
@@ -99,8 +105,9 @@ def tiny_t5(word_level: bool = False):
 def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     """A tiny random ``DiTPipeline`` (``family`` "dit"), ``PixArtAlphaPipeline`` ("pixart": without text encoder;
     "pixart-t5": with :func:`tiny_t5`; "pixart-t5-words": with its word-level tokenizer), ``StableDiffusion3Pipeline``
-    ("sd3", "sd35") or ``FluxPipeline`` ("flux"; the last three with scheduler "flow"; without text encoders), fp32,
-    eval. The VAE has one level, so pixels are latents (vae_scale_factor 1)."""
+    ("sd3", "sd35") or ``FluxPipeline`` ("flux"; the last three with scheduler "flow"; without text encoders; their
+    VAEs with SD3's and FLUX.1's scaling and shift factors), fp32, eval. The VAE has one level, so pixels are latents
+    (vae_scale_factor 1)."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
@@ -109,10 +116,11 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     if family in ("sd3", "sd35"):
         encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
         pipe = StableDiffusion3Pipeline(
-            transformer=SD3Transformer2DModel(**(SD3_CONFIG if family == "sd3" else SD35_CONFIG)), vae=tiny_vae(),
+            transformer=SD3Transformer2DModel(**(SD3_CONFIG if family == "sd3" else SD35_CONFIG)),
+            vae=tiny_vae(**VAE_FACTORS["sd3"]),
             scheduler=_scheduler("flow", family), **encoders)
     elif family == "flux":
-        pipe = FluxPipeline(transformer=FluxTransformer2DModel(**FLUX_CONFIG), vae=tiny_vae(),
+        pipe = FluxPipeline(transformer=FluxTransformer2DModel(**FLUX_CONFIG), vae=tiny_vae(**VAE_FACTORS["flux"]),
                             scheduler=_scheduler("flow", family), text_encoder=None, tokenizer=None,
                             text_encoder_2=None, tokenizer_2=None)
     elif family == "dit":

@@ -272,6 +272,8 @@ def test_a_rebuild_reuses_the_component_files(text_build, tmp_path):
      "field '_class_name' is 'AutoencoderTiny'; supported VAE classes: AutoencoderKL"),
     (lambda f: _edit(f / "vae" / "config.json", latent_channels=8),
      "field 'latent_channels' is 8; the transformer samples 4 latent channels"),
+    (lambda f: _edit(f / "vae" / "config.json", shift_factor="0.1"),
+     "field 'shift_factor' is '0.1'; expected a finite number or null"),
     (lambda f: _edit(f / "text_encoder" / "config.json", architectures=["CLIPTextModel"]),
      "field 'architectures' is ['CLIPTextModel']; supported text encoders: T5EncoderModel"),
     (lambda f: _edit(f / "text_encoder" / "config.json", d_model=16),

@@ -1,7 +1,8 @@
 """MMDiT families from diffusers folders (issue 21): SD3/3.5 (``StableDiffusion3Pipeline``) and FLUX.1
 (``FluxPipeline``), sampled with flow matching. Tiny random transformers saved without text encoders; the reference is
 diffusers' own pipeline on the same latents, embeddings and guidance, with forward hooks that make the named
-sub-modules return their last computed output at the calls a schedule skips."""
+sub-modules return their last computed output at the calls a schedule skips. The folders' tiny VAEs have SD3's and
+FLUX.1's scaling and shift factors: the builds' VAE decoders give the pipelines' images."""
 
 from __future__ import annotations
 
@@ -423,3 +424,96 @@ def test_eval_on_a_tiny_flux_at_its_image_size_without_negatives(tiny_diffusers,
     refused = run_cli("eval", "--diffusers", folder, "--image-size", "7", "--schedule", str(tmp_path / "s.json"),
                       "--conditioning-data", str(tmp_path / "prompts.npz"), check=False)
     assert refused.returncode == 2 and "--image-size 7: expected a positive multiple of 2" in refused.stderr
+
+
+# -- the VAE decoder -------------------------------------------------------------------------------------------------
+def test_unpacking_flux_latents_equals_flux_pipelines():
+    """unpack_latents (numpy, the runtime's) equals FluxPipeline._unpack_latents, on a non-square size with the
+    pipeline's scale factor; a token count that does not fit the size is refused."""
+    from diffusers import FluxPipeline
+
+    from l2c_export.runtime.components import unpack_latents
+
+    packed = torch.randn(2, 2 * 3, 4 * 5, generator=torch.Generator().manual_seed(0))
+    want = FluxPipeline._unpack_latents(packed, 4 * 8, 6 * 8, 8).numpy()
+    got = unpack_latents(packed.numpy(), 4, 6)
+    assert got.shape == want.shape == (2, 5, 4, 6)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"packed latents \(2, 6, 20\): expected \(n, 4, 4 C\) for 4 x 4 latents"):
+        unpack_latents(packed.numpy(), 4, 4)
+
+
+@pytest.mark.parametrize("family", ("sd3", "flux"))
+def test_decoded_images_equal_the_pipelines(tiny_diffusers, family, tmp_path):
+    """SD3 and FLUX.1 builds carry the folder's VAE decoder, its record the VAE's scaling and shift factors (FLUX.1:
+    its packed latents' layout): L2CPipeline(..., decode=True) equals the pipeline's output_type="np" images on the
+    same latents, embeddings and guidance to 1e-4 of the range (the latents scaled, shifted and, for FLUX.1,
+    unpacked as the pipelines do), verify's component check passes, and run --out writes the grid."""
+    from l2c_export.core.manifest import load
+    from l2c_export.runtime.pipeline import L2CPipeline
+    from l2c_export.tools.verify import verify_components
+
+    from .diffusers_pipelines import VAE_FACTORS
+
+    folder = tiny_diffusers(family, "flow")
+    size = ["--image-size", str(IMAGE_SIZE)] if family == "flux" else []
+    latents, conditioning = _request(family)
+    np.save(tmp_path / "z.npy", latents.numpy())
+    np.savez(tmp_path / "cond.npz", **{name: value.numpy() for name, value in conditioning.items()})
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), *size, "--out", str(engines))
+    record = load(engines)["components"]["vae_decoder"]
+    assert record["scaling_factor"] == pytest.approx(VAE_FACTORS[family]["scaling_factor"])
+    assert record["shift_factor"] == pytest.approx(VAE_FACTORS[family]["shift_factor"])
+    assert record["latent_layout"] == ("packed_2x2" if family == "flux" else "spatial")
+    assert record["inputs"][0]["shape"] == ["batch", 4, 8, 8]
+    arrays = {name: value.numpy() for name, value in conditioning.items()}
+    result = L2CPipeline.from_engine_dir(engines)(conditioning=arrays, noise=latents.numpy(), cfg_scale=CFG_SCALE,
+                                                  full=True, decode=True)
+    got = np.clip(result.decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    pipe = load_pipeline(folder)
+    pixels = {"height": IMAGE_SIZE, "width": IMAGE_SIZE} if family == "flux" else {}
+    with torch.no_grad():
+        want = pipe(prompt=None, latents=latents.clone(), num_inference_steps=STEPS, guidance_scale=CFG_SCALE,
+                    output_type="np", **pixels, **conditioning).images
+    assert got.shape == want.shape == (2, 8, 8, 3)
+    assert np.ptp(want) > 0.1
+    assert np.abs(got - want).max() <= 1e-4 * np.ptp(want), (np.abs(got - want).max(), np.ptp(want))
+    (check,) = verify_components(engines, folder)
+    assert check.passed, check
+    run_cli("run", str(engines), "--noise", str(tmp_path / "z.npy"), "--conditioning", str(tmp_path / "cond.npz"),
+            "--cfg-scale", str(CFG_SCALE), "--out", str(tmp_path / "grid.png"))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size[0] > 2 * 8 * 8  # two 8x8 images, enlarged, side by side
+
+
+def test_manifest_checks_refuse_a_decoder_that_does_not_fit_the_packed_latents(tiny_diffusers, tmp_path):
+    """A packed_2x2 record's input must pack into the sample's shape; the spatial layout must be the sample's; a
+    shift factor is a number. A rebuild at another --image-size exports the decoder again (not reused)."""
+    from l2c_export.builder.build import BuildRequest, build
+    from l2c_export.core.manifest import ManifestError, check_consistency, load, validate
+    from l2c_export.models.zoo import from_diffusers
+
+    for size in (2 * IMAGE_SIZE, IMAGE_SIZE):
+        spec = from_diffusers(tiny_diffusers("flux", "flow"), size)
+        report = build(BuildRequest(spec=spec, schedule=Schedule.full(2, sublayers=spec.sublayer_names),
+                                    sampler=spec.sampler(None, 2), out_dir=tmp_path / "E"), progress=False)
+    assert "vae_decoder.onnx" not in report.reused
+    data = load(tmp_path / "E", verify_files=False)
+    assert data["components"]["vae_decoder"]["inputs"][0]["shape"] == ["batch", 4, IMAGE_SIZE, IMAGE_SIZE]
+    check_consistency(data, "m")
+    wide = json.loads(json.dumps(data))
+    wide["components"]["vae_decoder"]["inputs"][0]["shape"] = ["batch", 4, 8, 10]
+    with pytest.raises(ManifestError, match=r"'components/vae_decoder/inputs' is \[\['batch', 4, 8, 10\]\]; "
+                                            r"expected one input \(batch, C, h, w\), h and w even, that packs 2x2"):
+        check_consistency(wide, "m")
+    spatial = json.loads(json.dumps(data))
+    spatial["components"]["vae_decoder"]["latent_layout"] = "spatial"
+    with pytest.raises(ManifestError, match="expected one input of the sample's shape"):
+        check_consistency(spatial, "m")
+    for bad in ("0.1", True, 1e7):
+        shifted = json.loads(json.dumps(data))
+        shifted["components"]["vae_decoder"]["shift_factor"] = bad
+        with pytest.raises(ManifestError, match="shift_factor"):
+            validate(shifted, "m")

@@ -10,6 +10,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from l2c_export.core.images import to_uint8
 from l2c_export.core.schedule import Schedule
 from l2c_export.runtime.pipeline import L2CPipeline
 
@@ -78,14 +79,16 @@ def test_the_repository_declares_the_mmdit_conditioning(builds, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mmdit_served_equals_the_run_cli(server, builds, family, tmp_path):
     """SD3 guided with its negatives, FLUX.1 with its guidance embedding: the server's latents equal
-    ``l2c-export run --conditioning cond.npz --cfg-scale 3`` on the same latents to 1e-5 of the range."""
+    ``l2c-export run --conditioning cond.npz --cfg-scale 3`` on the same latents to 1e-5 of the range, and its images
+    are theirs decoded by the build's VAE decoder."""
     arrays, noise = _request(family, 2, 6, seed=1)
     client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
     try:
         inputs = _typed_inputs(httpclient, **arrays, noise=noise, cfg_scale=_f32(np.full((2, 1), CFG_SCALE)))
-        served = client.infer(family, inputs).as_numpy("samples")
+        answer = client.infer(family, inputs)
     finally:
         client.close()
+    served = answer.as_numpy("samples")
     np.savez(tmp_path / "cond.npz", **arrays)
     np.save(tmp_path / "z.npy", noise)
     run_cli("run", str(builds[family]), "--noise", str(tmp_path / "z.npy"), "--conditioning", str(tmp_path / "cond.npz"),
@@ -93,6 +96,8 @@ def test_mmdit_served_equals_the_run_cli(server, builds, family, tmp_path):
     want = np.load(tmp_path / "out.npy")
     assert served.shape == want.shape == noise.shape
     _close_to(served, want)
+    decoded = to_uint8(L2CPipeline.from_engine_dir(builds[family]).decoder(want))  # scaled, shifted, FLUX.1 unpacked
+    assert np.abs(answer.as_numpy("images").astype(int) - decoded.astype(int)).max() <= 1
 
 
 def test_a_flux_request_with_negatives_is_refused_and_the_server_keeps_serving(server, builds):

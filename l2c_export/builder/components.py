@@ -4,9 +4,11 @@ tokenizer (:class:`l2c_export.models.diffusers.FolderComponents`), each run once
 Each graph is exported once in fp32 (TorchScript exporter, as the subset graphs) with its weights in one file beside
 it (``<name>.weights``), both recorded in the manifest's ``components`` with their sha256:
 
-- ``vae_decoder``: ``latents`` (N, C, h, w) float32, already divided by ``scaling_factor`` -> ``sample`` (N, 3, H, W)
-  float32, ``vae.decode(latents).sample`` (the pipelines' ``vae.decode(latents / scaling_factor)``; the runtime
-  divides, reading ``scaling_factor`` from the record);
+- ``vae_decoder``: ``latents`` (N, C, h, w) float32, already scaled -> ``sample`` (N, 3, H, W) float32,
+  ``vae.decode(latents).sample``. The pipelines decode ``latents / scaling_factor + shift_factor`` (SD3 and FLUX.1
+  have a shift; FLUX.1 first unpacks its packed (N, T, 4 C) latents to (N, C, h, w)); the record says so with
+  ``scaling_factor``, ``shift_factor`` (where the VAE has one) and ``latent_layout`` ("spatial" or "packed_2x2"), and
+  the runtime does it (:class:`l2c_export.runtime.components.ImageDecoder`);
 - ``text_encoder``: ``input_ids`` (N, L) int64 and ``attention_mask`` (N, L) int64 -> ``last_hidden_state``
   (N, L, D) float32, L dynamic up to ``model/max_sequence_length``;
 - ``tokenizer``: ``tokenizer.json`` for the ``tokenizers`` library, with the pad token the runtime pads with.
@@ -84,7 +86,7 @@ def _export_vae_decoder(source: Path, spec, staging: Path) -> dict:
     vae = AutoencoderKL.from_pretrained(str(source), use_safetensors=True, local_files_only=True).float().eval()
 
     class Decoder(torch.nn.Module):
-        """latents (N, C, h, w), divided by the scaling factor -> sample (N, 3, H, W) in about [-1, 1]."""
+        """latents (N, C, h, w), scaled (and shifted) -> sample (N, 3, H, W) in about [-1, 1]."""
 
         def __init__(self):
             super().__init__()
@@ -93,16 +95,19 @@ def _export_vae_decoder(source: Path, spec, staging: Path) -> dict:
         def forward(self, latents):
             return self.vae.decode(latents, return_dict=False)[0]
 
-    sample = spec.family.sample_spec(spec.config)
-    latents = torch.zeros(2, *sample.shape)
+    shape = list(spec.family.vae_latents(spec.config))
+    latents = torch.zeros(2, *shape)
     with torch.no_grad():
         image_shape = list(Decoder().eval()(latents).shape[1:])
     graph_file, weights_file = COMPONENT_FILES["vae_decoder"]
     _export(Decoder(), (latents,), ["latents"], ["sample"], {"latents": {0: "batch"}, "sample": {0: "batch"}},
             graph_file, weights_file, staging)
-    return {"inputs": [{"name": "latents", "dtype": "float32", "shape": ["batch", *sample.shape]}],
+    shift = getattr(vae.config, "shift_factor", None)
+    return {"inputs": [{"name": "latents", "dtype": "float32", "shape": ["batch", *shape]}],
             "outputs": [{"name": "sample", "dtype": "float32", "shape": ["batch", *image_shape]}],
-            "scaling_factor": float(vae.config.scaling_factor)}
+            "scaling_factor": float(vae.config.scaling_factor),
+            **({} if shift is None else {"shift_factor": float(shift)}),
+            "latent_layout": spec.family.latent_layout}
 
 
 def _export_text_encoder(source: Path, spec, staging: Path) -> dict:
@@ -161,16 +166,25 @@ def component_record(name: str, record: dict, staging: Path, keys: dict[str, str
     return {**named, **record}
 
 
-def build_components(spec, staging: Path, key_of: Callable[[str, str], str],
+def _made_for(name: str, spec) -> dict:
+    """What a component's files depend on beside its folder: the VAE decoder's latents (C, h, w) and their layout
+    (FLUX.1's differ with ``--image-size``)."""
+    if name != "vae_decoder":
+        return {}
+    return {"latents": list(spec.family.vae_latents(spec.config)), "latent_layout": spec.family.latent_layout}
+
+
+def build_components(spec, staging: Path, key_of: Callable[[str, dict], str],
                      reuse: Callable[[str, Path], bool], previous_record: Callable[[str], dict | None]) -> dict:
     """The manifest's ``components`` record, every file written into ``staging``: reused from the previous build
-    where ``reuse(key, target)`` links it (same source, same tools), else exported. ``key_of(file, source_sha)``
-    makes a file's key; ``previous_record(name)`` is the previous build's record of the component."""
+    where ``reuse(key, target)`` links it (same source and shapes, same tools), else exported. ``key_of(file,
+    source)`` makes a file's key (``source``: the folder part's sha256 and what the file is made for);
+    ``previous_record(name)`` is the previous build's record of the component."""
     components = {}
     for name, source in component_sources(spec).items():
         source_sha = source_sha256(source)
         files = COMPONENT_FILES[name]
-        keys = {file: key_of(file, source_sha) for file in files}
+        keys = {file: key_of(file, {"sha256": source_sha, **_made_for(name, spec)}) for file in files}
         previous = previous_record(name)
         if previous is not None and all(reuse(keys[file], staging / file) for file in files):
             record = {field: value for field, value in previous.items()

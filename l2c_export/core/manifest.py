@@ -379,11 +379,19 @@ def _check_interfaces_agree(data: dict, where: str) -> None:
                                 f"{index}, which 'schedule/step_subset/{step}' names")
 
 
+def _packed_2x2(shape: list | None) -> list | None:
+    """(batch, C, h, w) -> the packed latents' shape (batch, (h / 2) (w / 2), 4 C); None where h or w is not even."""
+    if shape is None or len(shape) != 4 or not all(isinstance(size, int) for size in shape[1:]):
+        return None
+    batch, channels, height, width = shape
+    return None if height % 2 or width % 2 else [batch, (height // 2) * (width // 2), 4 * channels]
+
+
 def _check_components(data: dict, where: str) -> None:
     """A text model (prompt embeddings among 'model/inputs') states its longest prompt, 'model/max_sequence_length',
-    and only a text model does; the components fit the model: the VAE decoder takes the sample's shape, the text
-    encoder gives embeddings as wide as 'prompt_embeds' and comes with its tokenizer (the schema says so too); the
-    files of the components are named once each."""
+    and only a text model does; the components fit the model: the VAE decoder takes the sample's shape (unpacked,
+    where its 'latent_layout' is packed_2x2), the text encoder gives embeddings as wide as 'prompt_embeds' and comes
+    with its tokenizer (the schema says so too); the files of the components are named once each."""
     model = data["model"]
     by_role = {tensor["role"]: tensor for tensor in model["inputs"]}
     text = "prompt_embeds" in by_role
@@ -395,10 +403,16 @@ def _check_components(data: dict, where: str) -> None:
     decoder = components.get("vae_decoder")
     if decoder is not None:
         expected = by_role["sample"]["shape"] if "sample" in by_role else None
-        if [t["shape"] for t in decoder["inputs"]] != [expected]:
-            raise ManifestError(f"{where}: field 'components/vae_decoder/inputs' is "
-                                f"{[t['shape'] for t in decoder['inputs']]}; expected one input of the sample's "
-                                f"shape {expected}")
+        shapes = [t["shape"] for t in decoder["inputs"]]
+        sample = shapes[0] if len(shapes) == 1 else None
+        if decoder.get("latent_layout") == "packed_2x2":
+            sample = _packed_2x2(sample)
+            what = f"(batch, C, h, w), h and w even, that packs 2x2 into the sample's shape {expected}"
+        else:
+            what = f"of the sample's shape {expected}"
+        if sample is None or sample != expected:
+            raise ManifestError(f"{where}: field 'components/vae_decoder/inputs' is {shapes}; expected one input "
+                                f"{what}")
         if len(decoder["outputs"]) != 1 or len(decoder["outputs"][0]["shape"]) != 4:
             raise ManifestError(f"{where}: field 'components/vae_decoder/outputs': expected one image output "
                                 f"(batch, C, H, W)")

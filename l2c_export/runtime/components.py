@@ -3,7 +3,8 @@ no torch or transformers): prompts to prompt embeddings, latents to images.
 
 :class:`PromptEncoder` turns prompts into the pipelines' four conditioning arrays as ``PixArtAlphaPipeline.encode_prompt``
 (diffusers 0.42, ``clean_caption=False``) makes them; :class:`ImageDecoder` decodes latents with the VAE decoder graph
-as the pipelines do before ``image_processor.postprocess``.
+as the pipelines do before ``image_processor.postprocess`` (scaled, shifted, FLUX.1's unpacked by
+:func:`unpack_latents`).
 """
 
 from __future__ import annotations
@@ -139,17 +140,38 @@ class PromptEncoder:
         return arrays
 
 
+def unpack_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray:
+    """FLUX.1's packed latents (n, (h / 2) (w / 2), 4 C) -> (n, C, h, w), as ``FluxPipeline._unpack_latents`` (token
+    (i, j) holds the 2x2 patch at rows 2i, 2i + 1 and columns 2j, 2j + 1, channel-major: c, row, column)."""
+    n, tokens, channels = latents.shape
+    if height % 2 or width % 2 or tokens != (height // 2) * (width // 2) or channels % 4:
+        raise ValueError(f"packed latents {tuple(latents.shape)}: expected (n, {(height // 2) * (width // 2)}, 4 C) "
+                         f"for {height} x {width} latents")
+    patches = latents.reshape(n, height // 2, width // 2, channels // 4, 2, 2)
+    return patches.transpose(0, 3, 1, 4, 2, 5).reshape(n, channels // 4, height, width)
+
+
 class ImageDecoder:
-    """Latents (n, C, h, w) -> the VAE's sample (n, 3, H, W) float32 in about [-1, 1]: ``vae.decode(latents /
-    scaling_factor).sample``, as the pipelines decode before ``image_processor.postprocess``."""
+    """Latents (n, *sample shape) -> the VAE's sample (n, 3, H, W) float32 in about [-1, 1], as the pipelines decode
+    before ``image_processor.postprocess``: ``vae.decode(latents / scaling_factor + shift_factor).sample``, the shift
+    0 where the record has none (SD3 and FLUX.1 have one), and a "packed_2x2" ``latent_layout`` (FLUX.1's (n, T,
+    4 C)) first unpacked to the decoder's (n, C, h, w) (:func:`unpack_latents`)."""
 
     def __init__(self, manifest: dict, folder: Path, providers: Sequence = ("CPUExecutionProvider",)):
         record = manifest["components"]["vae_decoder"]
         self.scaling_factor = float(record["scaling_factor"])
+        self.shift_factor = record.get("shift_factor")
+        self.layout = record.get("latent_layout", "spatial")
+        self.latent_shape = tuple(record["inputs"][0]["shape"][1:])  # (C, h, w)
         self.session = _component_session(folder, manifest, "vae_decoder", providers)
         self._input = record["inputs"][0]["name"]
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
-        scaled = np.ascontiguousarray(np.asarray(latents, dtype=np.float32) / np.float32(self.scaling_factor))
-        (sample,) = self.session.run(None, {self._input: scaled})
+        latents = np.asarray(latents, dtype=np.float32)
+        if self.layout == "packed_2x2":
+            latents = unpack_latents(latents, *self.latent_shape[1:])
+        scaled = latents / np.float32(self.scaling_factor)
+        if self.shift_factor is not None:
+            scaled = scaled + np.float32(self.shift_factor)
+        (sample,) = self.session.run(None, {self._input: np.ascontiguousarray(scaled)})
         return np.asarray(sample, dtype=np.float32)

@@ -156,8 +156,9 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
                       seed: int = 0) -> list[SubsetCheck]:
     """The build's component graphs against the diffusers folder's own modules on the same inputs, one check each
     (``step`` 0): the text encoder (transformers' T5) on example prompts tokenized as the runtime tokenizes them
-    (padded, one truncated), the VAE decoder (diffusers' AutoencoderKL) on seeded random latents. A component whose
-    folder part is not the one it was built from (``source_sha256``) is refused."""
+    (padded, one truncated), the VAE decoder (diffusers' AutoencoderKL, after the pipelines' scaling, shift and
+    FLUX.1's ``FluxPipeline._unpack_latents``) on seeded random latents. A component whose folder part is not the one
+    it was built from (``source_sha256``) is refused."""
     from ..builder.components import component_sources, source_sha256
     from ..models.zoo import from_diffusers
     from ..runtime.pipeline import L2CPipeline
@@ -187,8 +188,15 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
 
         vae = AutoencoderKL.from_pretrained(str(sources["vae_decoder"]), use_safetensors=True,
                                             local_files_only=True).float().eval()
+        record = components["vae_decoder"]
         latents = make_noise(seed, (2, *pipe.sample_shape))
-        want = vae.decode(torch.from_numpy(latents) / components["vae_decoder"]["scaling_factor"]).sample
+        spatial = torch.from_numpy(latents)
+        if record.get("latent_layout") == "packed_2x2":
+            from diffusers import FluxPipeline
+
+            _, height, width = record["inputs"][0]["shape"][1:]
+            spatial = FluxPipeline._unpack_latents(spatial, height, width, 1)
+        want = vae.decode(spatial / record["scaling_factor"] + (record.get("shift_factor") or 0.0)).sample
         checks.append(SubsetCheck("vae_decoder", 0, {"sample": _relative(pipe.decoder(latents), want.numpy())},
                                   tolerance))
     return checks

@@ -211,6 +211,7 @@ class DiffusersFamily(ModelFamily):
     scheduler_classes: tuple[str, ...] = ("DDIMScheduler", "DPMSolverMultistepScheduler")  # what its pipelines take
     classifier_free: bool = True  # guidance runs a 2N batch (False: the pipeline never does; FLUX.1)
     component_parts: tuple[str, ...] = ("vae", "text_encoder")  # the folder parts a build carries as graphs
+    latent_layout: str = "spatial"  # how the sampled latents lie before the VAE decodes them (see vae_latents)
     default_steps: int = 20
     model_names = ()
     default_sampler = "diffusers"  # the folder's scheduler (scheduler/scheduler_config.json)
@@ -329,6 +330,11 @@ class DiffusersFamily(ModelFamily):
     def sample_spec(self, config: DiffusersConfig) -> TensorSpec:
         side = config["sample_size"]
         return TensorSpec("hidden_states", "float32", (self.in_channels(config), side, side), "sample")
+
+    def vae_latents(self, config: DiffusersConfig) -> tuple[int, int, int]:
+        """The VAE's latents (C, h, w) for a sample of ``config``: the sample itself where :attr:`latent_layout` is
+        "spatial"; FLUX.1's ("packed_2x2") unpacks (T, 4 C) to (C, h, w)."""
+        return tuple(self.sample_spec(config).shape)
 
     def graph_output(self, config: DiffusersConfig) -> TensorSpec:
         side = config["sample_size"]
@@ -543,8 +549,8 @@ TEXT_ENCODER_CLASSES = ("T5EncoderModel",)
 
 def read_components(folder: Path, index: dict, family: DiffusersFamily, config: DiffusersConfig) -> FolderComponents:
     """The folder's VAE, text encoder and tokenizer where ``model_index.json`` names them, checked: their classes,
-    safetensors weights, the VAE's latent channels and scaling factor against the transformer, the text encoder's
-    width against the prompt embeddings the transformer takes."""
+    safetensors weights, the VAE's latent channels against the transformer and its scaling and shift factors, the
+    text encoder's width against the prompt embeddings the transformer takes."""
     def named(part: str) -> bool:
         entry = index.get(part)
         return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
@@ -557,12 +563,18 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         if raw.get("_class_name") not in VAE_CLASSES:
             raise DiffusersFolderError(f"{where}: field '_class_name' is {raw.get('_class_name')!r}; supported VAE "
                                        f"classes: {', '.join(VAE_CLASSES)}")
-        if raw.get("latent_channels") != family.in_channels(config):
+        channels = family.vae_latents(config)[0]
+        if raw.get("latent_channels") != channels:
             raise DiffusersFolderError(f"{where}: field 'latent_channels' is {raw.get('latent_channels')!r}; the "
-                                       f"transformer samples {family.in_channels(config)} latent channels")
+                                       f"transformer samples {channels} latent channels")
         scale = raw.get("scaling_factor", 0.18215)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
             raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {scale!r}; expected a positive number")
+        shift = raw.get("shift_factor")
+        if shift is not None and (not isinstance(shift, (int, float)) or isinstance(shift, bool)
+                                  or not -1e6 <= shift <= 1e6):
+            raise DiffusersFolderError(f"{where}: field 'shift_factor' is {shift!r}; expected a finite number or "
+                                       f"null")
         _safetensors_weights(vae, "diffusion_pytorch_model")
     if (named("text_encoder") or named("tokenizer")) and "text_encoder" in family.component_parts:
         if not (named("text_encoder") and named("tokenizer")):

@@ -101,9 +101,9 @@ class FluxDiffusersFamily(DiffusersFamily):
     transformer_class = "FluxTransformer2DModel"
     pipeline_classes = ("FluxPipeline",)
     scheduler_classes = ("FlowMatchEulerDiscreteScheduler",)
-    # Not carried yet: the VAE decodes with a shift_factor (and FLUX.1's latents packed), the text encoders are
-    # CLIP and T5 pairs; such a build takes prompt embeddings (--conditioning) and gives latents.
-    component_parts = ()
+    # The VAE only: the text encoders are CLIP and T5 pairs (not carried), so a build takes prompt embeddings.
+    component_parts = ("vae",)
+    latent_layout = "packed_2x2"  # FluxPipeline._unpack_latents before the VAE
     classifier_free = False  # FluxPipeline guides through the guidance embedding (true CFG is not run)
     required = {"patch_size": 1}  # the pipeline packs 2x2 latent patches itself
     default_steps = 28  # the pipeline's num_inference_steps
@@ -136,6 +136,11 @@ class FluxDiffusersFamily(DiffusersFamily):
     # -- sizes -------------------------------------------------------------------------------------------------------
     def num_tokens(self, config: DiffusersConfig) -> int:
         return (self.latent_size(config) // 2) ** 2
+
+    def vae_latents(self, config: DiffusersConfig) -> tuple[int, int, int]:
+        """The packed sample (T, 4 C) unpacked, (C, h, w) (``FluxPipeline._unpack_latents``)."""
+        side = self.latent_size(config)
+        return config["in_channels"] // 4, side, side
 
     def num_layers(self, config: DiffusersConfig) -> int:
         return config["num_layers"] + config["num_single_layers"]

@@ -51,9 +51,8 @@ class SD3DiffusersFamily(DiffusersFamily):
     transformer_class = "SD3Transformer2DModel"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     scheduler_classes = ("FlowMatchEulerDiscreteScheduler",)
-    # Not carried yet: the VAE decodes with a shift_factor (and FLUX.1's latents packed), the text encoders are
-    # CLIP and T5 pairs; such a build takes prompt embeddings (--conditioning) and gives latents.
-    component_parts = ()
+    # The VAE only: the text encoders are CLIP and T5 pairs (not carried), so a build takes prompt embeddings.
+    component_parts = ("vae",)
     default_steps = 28  # the pipeline's num_inference_steps
     default_cfg_scale = 7.0  # the pipeline's guidance_scale
     dummy_prompt_tokens = 5  # the traced length (any: the axis is dynamic)
