@@ -16,7 +16,8 @@ def model_options(function):
     options = [
         click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
                      help="A diffusers pipeline folder (what save_pretrained writes: model_index.json, transformer/, "
-                          "scheduler/): DiTPipeline or PixArtAlphaPipeline/PixArtSigmaPipeline."),
+                          "scheduler/; vae/ and text encoders where it has them): DiTPipeline, "
+                          "PixArtAlphaPipeline/PixArtSigmaPipeline, StableDiffusion3Pipeline or FluxPipeline."),
         click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
                      help="Official-layout DiT or U-ViT weights (.pt/.pth state_dict or .safetensors); default: an "
                           "embedded digits model."),
