@@ -636,6 +636,11 @@ def test_learn_asks_a_text_model_for_prompts_and_refuses_them_for_a_label_model(
     labels = run_cli("learn", "--diffusers", str(tiny_diffusers("dit")), "--steps", "4", "--conditioning-data",
                      str(tmp_path / "prompts.npz"), "--out", str(tmp_path / "r.safetensors"), check=False)
     assert labels.returncode == 2 and "conditioned on class labels" in labels.stderr
+    np.savez(tmp_path / "long.npz", **_conditioning(length=121))  # PixArt-α encodes at most 120 tokens
+    long = run_cli("learn", "--diffusers", str(tiny_diffusers("pixart")), "--steps", "4", "--conditioning-data",
+                   str(tmp_path / "long.npz"), "--out", str(tmp_path / "r.safetensors"), check=False)
+    assert long.returncode == 2 and "121 prompt tokens; expected at most the model's max_sequence_length 120" \
+        in long.stderr and not (tmp_path / "r.safetensors").exists()
 
 
 def test_concurrent_requests_on_the_torch_backend_give_the_serial_results(diffusers_builds):

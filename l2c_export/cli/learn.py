@@ -186,7 +186,7 @@ def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, gui
     arrays, where = load_conditioning(conditioning_data), f"--conditioning-data {conditioning_data}"
     if not getattr(spec.family, "classifier_free", True):
         refuse_negatives(arrays, where)
-    return Condition.of_prompts(arrays, records, order, guiding, where, guidance_scale)
+    return Condition.of_prompts(arrays, records, order, guiding, where, guidance_scale, spec.max_prompt_tokens)
 
 
 def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers=None):

@@ -525,7 +525,7 @@ def _cycle_prompts(spec, prompts: Mapping[str, np.ndarray], n: int, guiding: boo
     from ..runtime.conditioning import TEXT_ROLES, check_text_conditioning
 
     inputs = {t.role: t.record() for t in spec.family.graph_inputs(spec.config) if t.role in TEXT_ROLES}
-    checked = check_text_conditioning(prompts, inputs, guiding, where)
+    checked = check_text_conditioning(prompts, inputs, guiding, where, max_tokens=spec.max_prompt_tokens)
     rows = np.arange(n) % len(checked["prompt_embeds"][0])
     out = {}
     for role, (array, negative) in checked.items():

@@ -146,14 +146,15 @@ class Condition:
 
     @classmethod
     def of_prompts(cls, arrays: dict, inputs: dict, order: list[str], guiding: bool, where: str,
-                   guidance_scale: float | None = None) -> "Condition":
+                   guidance_scale: float | None = None, max_tokens: int | None = None) -> "Condition":
         """A set of prompts from arrays by the pipelines' argument names, checked as the runtime checks them (the
         negative ones needed when ``guiding``): ``inputs`` role -> record with the per-request ``shape`` of each of
         the model's inputs, ``order`` their roles in the model's argument order. A model with a ``guidance`` input
-        (a guidance-distilled FLUX.1) is fed ``guidance_scale`` there, (P,) for P prompts."""
+        (a guidance-distilled FLUX.1) is fed ``guidance_scale`` there, (P,) for P prompts; prompts are at most
+        ``max_tokens`` long (the pipeline's max_sequence_length: the longest a build of the model takes)."""
         from ..runtime.conditioning import GUIDANCE_ROLE, check_text_conditioning
 
-        checked = check_text_conditioning(arrays, inputs, guiding, where)
+        checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens=max_tokens)
         if GUIDANCE_ROLE in inputs:
             scale = np.full(len(checked["prompt_embeds"][0]), guidance_scale, dtype=np.float32)
             checked[GUIDANCE_ROLE] = (scale, scale)
