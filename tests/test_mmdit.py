@@ -517,3 +517,25 @@ def test_manifest_checks_refuse_a_decoder_that_does_not_fit_the_packed_latents(t
         shifted["components"]["vae_decoder"]["shift_factor"] = bad
         with pytest.raises(ManifestError, match="shift_factor"):
             validate(shifted, "m")
+
+
+def test_tensorrt_profiles_range_the_prompt_up_to_max_sequence_length(tiny_diffusers):
+    """A TensorRT build's optimisation profile gives every named size a range: the prompt 1 to the pipeline's
+    max_sequence_length (SD3: 333), joint attention's cached image + prompt tokens with it; an unranged name is
+    refused rather than passed to TensorRT as a string."""
+    from l2c_export.builder.engines import BatchRange, profile_shapes
+    from l2c_export.models.zoo import from_diffusers
+
+    spec = from_diffusers(tiny_diffusers("sd3", "flow"))
+    family, config = spec.family, spec.config
+    records = [t.record() for t in family.graph_inputs(config)] + [
+        {"name": f"cache_{k}", "shape": ["batch", *shape]} for k, shape in enumerate(family.cached_shapes(config))]
+    shapes = profile_shapes(records, BatchRange(1, 2, 4), family.dim_ranges(config, spec.max_prompt_tokens))
+    longest, image, width = spec.max_prompt_tokens, family.num_tokens(config), SD3_CONFIG["joint_attention_dim"]
+    assert longest == 333
+    assert shapes["encoder_hidden_states"] == ((1, 1, width), (2, longest, width), (4, longest, width))
+    inner = family.inner_dim(config)
+    assert shapes["cache_0"] == ((1, image + 1, inner), (2, image + longest, inner), (4, image + longest, inner))
+    assert shapes["cache_1"] == ((1, image, inner), (2, image, inner), (4, image, inner))
+    with pytest.raises(ValueError, match="names a size 'prompt_tokens' with no range"):
+        profile_shapes(records, BatchRange(1, 2, 4), {})

@@ -135,7 +135,8 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
             engine_file = builder.engine_file(graph_file, key)
             engine_key = _hash({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
             if engine_file != graph_file and not _reuse(previous, engine_key, staging / engine_file, reused):
-                builder.build(staging / graph_file, staging / engine_file, inputs, request.batch)
+                builder.build(staging / graph_file, staging / engine_file, inputs, request.batch,
+                              spec.family.dim_ranges(spec.config, spec.max_prompt_tokens))
             subset_records.append(_subset_record(subset, plan.slots, staging, graph_file, key, engine_file,
                                                  engine_key, inputs, outputs, spec))
         data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)

@@ -71,8 +71,10 @@ class EngineBuilder(Protocol):
     def engine_file(self, graph_file: str, graph_key: str) -> str:
         """The engine's file name for a graph (the graph itself where the backend runs ONNX)."""
 
-    def build(self, graph_path: Path, engine_path: Path, inputs: list[dict], batch: BatchRange) -> None:
-        """Builds ``engine_path`` from ``graph_path``; ``inputs`` are the manifest's tensor records."""
+    def build(self, graph_path: Path, engine_path: Path, inputs: list[dict], batch: BatchRange,
+              dims: dict[str, tuple[int, int, int]]) -> None:
+        """Builds ``engine_path`` from ``graph_path``; ``inputs`` are the manifest's tensor records, ``dims`` the
+        (min, opt, max) of the sizes they name besides the batch (:meth:`ModelFamily.dim_ranges`)."""
 
 
 class OnnxRuntimeBuilder:
@@ -88,7 +90,8 @@ class OnnxRuntimeBuilder:
     def engine_file(self, graph_file: str, graph_key: str) -> str:
         return graph_file
 
-    def build(self, graph_path: Path, engine_path: Path, inputs: list[dict], batch: BatchRange) -> None:
+    def build(self, graph_path: Path, engine_path: Path, inputs: list[dict], batch: BatchRange,
+              dims: dict[str, tuple[int, int, int]]) -> None:
         assert engine_path == graph_path, "ONNX Runtime runs the graph itself"
 
 
@@ -121,21 +124,38 @@ class TensorRTBuilder:
         digest = hashlib.sha256(f"{graph_key}|{trt.__version__}|{_gpu_name()}".encode()).hexdigest()[:16]
         return f"{Path(graph_file).stem}-{digest}.plan"
 
-    def build(self, graph_path: Path, engine_path: Path, inputs: list[dict], batch: BatchRange) -> None:
+    def build(self, graph_path: Path, engine_path: Path, inputs: list[dict], batch: BatchRange,
+              dims: dict[str, tuple[int, int, int]]) -> None:
         from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
         from ..core.util import atomic_write_bytes
 
         profile = Profile()
-        for tensor in inputs:
-            shapes = [tuple(b if d == "batch" else d for d in tensor["shape"]) for b in (batch.min, batch.opt,
-                                                                                         batch.max)]
-            profile.add(tensor["name"], min=shapes[0], opt=shapes[1], max=shapes[2])
+        for name, shapes in profile_shapes(inputs, batch, dims).items():
+            profile.add(name, min=shapes[0], opt=shapes[1], max=shapes[2])
         config = CreateConfig(profiles=[profile], load_timing_cache=str(self.timing_cache)
                               if self.timing_cache.exists() else None, refittable=True, strip_plan=True)
         network = NetworkFromOnnxPath(str(graph_path), strongly_typed=True)
         plan = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(self.timing_cache))()
         atomic_write_bytes(engine_path, bytes(plan))
+
+
+def profile_shapes(inputs: list[dict], batch: BatchRange,
+                   dims: dict[str, tuple[int, int, int]]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Input name -> its (min, opt, max) shapes for TensorRT's optimisation profile: the batch from ``batch``, every
+    other named size from ``dims``, the fixed sizes as they are."""
+    def size(dim, which: int) -> int:
+        if dim == "batch":
+            return (batch.min, batch.opt, batch.max)[which]
+        if isinstance(dim, str):
+            if dim not in dims:
+                raise ValueError(f"the graph interface names a size {dim!r} with no range; known: "
+                                 f"{', '.join(['batch', *dims])}")
+            return dims[dim][which]
+        return dim
+
+    return {tensor["name"]: tuple(tuple(size(d, which) for d in tensor["shape"]) for which in range(3))
+            for tensor in inputs}
 
 
 def _gpu_name() -> str:

@@ -101,6 +101,11 @@ class ModelFamily:
         as in :class:`TensorSpec`)."""
         return (tuple(self.cached_shape(config)),) * len(self.sublayer_names(config))
 
+    def dim_ranges(self, config, max_prompt_tokens: int | None) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of each size the graph interface names besides the batch (a prompt's tokens), for
+        TensorRT's optimisation profile; none by default."""
+        return {}
+
     # -- graph interface ---------------------------------------------------------------------------------------------
     def graph_inputs(self, config) -> list[TensorSpec]:
         """The model inputs, in the order ``forward_cached`` takes them."""

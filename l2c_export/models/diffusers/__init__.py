@@ -91,6 +91,11 @@ class _CacheState:
         return _CacheState()
 
 
+# The sizes of a text model's graph interface that vary per request (TensorSpec names them): the prompt's tokens, and
+# joint attention's image + prompt tokens (SD3, FLUX.1).
+PROMPT_TOKENS = "prompt_tokens"
+JOINT_TOKENS = "joint_tokens"
+
 class OutputPacking:
     """How a sub-module's output becomes the one tensor its cache slot holds, and back: ``pack(output, args,
     kwargs)`` -> (N, T', D') and ``unpack(value, args, kwargs)`` -> what the block consumes in place of the module's
@@ -312,6 +317,15 @@ class DiffusersFamily(ModelFamily):
 
     def cached_shape(self, config: DiffusersConfig) -> tuple[int, ...]:
         return (self.num_tokens(config), self.inner_dim(config))
+
+    def dim_ranges(self, config: DiffusersConfig, max_prompt_tokens: int | None) -> dict[str, tuple[int, int, int]]:
+        """A text model's prompt length: 1 to the pipeline's max_sequence_length, the optimum at the longest (the
+        pipelines pad to it); joint attention's image + prompt tokens follow it."""
+        if max_prompt_tokens is None:
+            return {}
+        image = self.num_tokens(config)
+        return {PROMPT_TOKENS: (1, max_prompt_tokens, max_prompt_tokens),
+                JOINT_TOKENS: (image + 1, image + max_prompt_tokens, image + max_prompt_tokens)}
 
     def output_packing(self, transformer, config: DiffusersConfig, path: str) -> OutputPacking | None:
         """The packing of sub-layer ``path``'s output into its cache slot (None: the output itself)."""

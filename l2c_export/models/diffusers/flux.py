@@ -30,8 +30,9 @@ import contextlib
 import functools
 
 from .. import TensorSpec
-from . import DiffusersConfig, DiffusersFamily, DiffusersFolderError, OutputPacking
-from .sd3 import JOINT_TOKENS, PROMPT_TOKENS, JointAttentionPacking
+from . import (JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError,
+               OutputPacking)
+from .sd3 import JointAttentionPacking
 
 MACS_PROMPT_TOKENS = 512  # FLUX.1-dev's max_sequence_length: MACs are counted there
 DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: 1024 px at the VAE's scale factor 8

@@ -7,9 +7,8 @@ residual adds run every call)."""
 from __future__ import annotations
 
 from .. import TensorSpec
-from . import DiffusersConfig, DiffusersFamily, DiffusersFolderError
+from . import PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError
 
-PROMPT_TOKENS = "prompt_tokens"  # the text conditioning's length varies per request
 MACS_PROMPT_TOKENS = 120  # PixArt-α's T5 max_sequence_length: the prompt length MACs are counted at
 # The pipelines' max_sequence_length defaults: the longest prompt each encodes, and the bound of the prompt axis L.
 MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}

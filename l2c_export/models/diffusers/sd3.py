@@ -17,10 +17,9 @@ image sequence length when ``use_dynamic_shifting``).
 from __future__ import annotations
 
 from .. import TensorSpec
-from . import DiffusersConfig, DiffusersFamily, DiffusersFolderError, OutputPacking
+from . import (JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError,
+               OutputPacking)
 
-PROMPT_TOKENS = "prompt_tokens"  # the text conditioning's length varies per request
-JOINT_TOKENS = "joint_tokens"  # image tokens + prompt tokens
 MACS_PROMPT_TOKENS = 333  # the pipeline's 77 CLIP + 256 T5 tokens (max_sequence_length): MACs are counted there
 QK_NORMS = (None, "rms_norm", "layer_norm")
 
