@@ -361,12 +361,20 @@ def test_eval_on_a_tiny_sd3_the_learned_router_beats_fora_at_a_mac_fraction_of_0
     assert np.isfinite(np.load(tmp_path / "out.npy")).all()
 
 
-def test_verify_diffusers_checks_a_flux_build_at_its_image_size(tiny_diffusers, tmp_path):
+@pytest.fixture(scope="module")
+def flux_build_16(tiny_diffusers, tmp_path_factory):
+    """``build --diffusers`` of the tiny FLUX.1 at --image-size 16, 2 steps (CLI, a real subprocess)."""
+    engines = tmp_path_factory.mktemp("flux16") / "E"
+    run_cli("build", "--diffusers", str(tiny_diffusers("flux", "flow")), "--image-size", "16", "--steps", "2",
+            "--out", str(engines))
+    return engines
+
+
+def test_verify_diffusers_checks_a_flux_build_at_its_image_size(tiny_diffusers, flux_build_16):
     """verify --diffusers compares a FLUX.1 build with the folder's transformer at the build's --image-size (not
     the pipeline's default size, which would make the folder's config differ), and still refuses another folder."""
     folder = tiny_diffusers("flux", "flow")
-    engines = tmp_path / "E"
-    run_cli("build", "--diffusers", str(folder), "--image-size", "16", "--steps", "2", "--out", str(engines))
+    engines = flux_build_16
     assert json.loads((engines / "manifest.json").read_text())["model"]["config"]["latent_size"] == 16
     passed = run_cli("verify", str(engines), "--diffusers", str(folder))
     assert "agree with PyTorch" in passed.stdout
@@ -374,7 +382,7 @@ def test_verify_diffusers_checks_a_flux_build_at_its_image_size(tiny_diffusers, 
     assert other.returncode == 2 and "the build did not come from that folder" in other.stderr
 
 
-def test_flux_proj_out_is_stored_as_its_branches_slices_and_read_back_whole(tiny_diffusers, tmp_path):
+def test_flux_proj_out_is_stored_as_its_branches_slices_and_read_back_whole(tiny_diffusers, flux_build_16):
     """Each single-stream proj_out is held in weights.bin as its two branches' transposed column slices, which the
     graphs read directly (a runtime folding Transpose(Slice(W)) would copy them into every subset session); the
     PyTorch reference reassembles the folder's weights from them exactly."""
@@ -382,10 +390,7 @@ def test_flux_proj_out_is_stored_as_its_branches_slices_and_read_back_whole(tiny
     from l2c_export.models.zoo import from_diffusers
     from l2c_export.runtime.backends.torch import model_from_manifest
 
-    folder = tiny_diffusers("flux", "flow")
-    engines = tmp_path / "E"
-    run_cli("build", "--diffusers", str(folder), "--image-size", str(IMAGE_SIZE), "--steps", "2", "--out",
-            str(engines))
+    folder, engines = tiny_diffusers("flux", "flow"), flux_build_16
     data = manifest_io.load(engines)
     names = {t["name"]: t["shape"] for t in data["weight_tensors"]}
     inner = FLUX_CONFIG["num_attention_heads"] * FLUX_CONFIG["attention_head_dim"]
@@ -400,7 +405,7 @@ def test_flux_proj_out_is_stored_as_its_branches_slices_and_read_back_whole(tiny
             and ".proj_out.weight" in name}
     assert read == {name for name in names if name.startswith(single) and ".proj_out.weight" in name}
     rebuilt = model_from_manifest(data, engines).state_dict()
-    spec = from_diffusers(folder, IMAGE_SIZE)
+    spec = from_diffusers(folder, 16)
     for name, tensor in spec.load_model().state_dict().items():
         assert torch.equal(rebuilt[name], tensor), name
 
