@@ -77,6 +77,8 @@ def test_int8_weights_are_symmetric_per_output_channel_and_dequantize_to_the_fp3
     fp32 = weight_arrays(manifest_io.load(builds["fp32"]), builds["fp32"])
     records = {e["name"]: e["quantization"] for e in data["weight_tensors"] if "quantization" in e}
     restored = dequantize(arrays, records)
+    # An onnxruntime build's weights take 7 bits: int8 kernels without VNNI saturate on full-range weights
+    assert data["quantization"]["weights"]["bits"] == 7
     for name, record in records.items():
         assert not arrays[record["zero_point"]].any()  # symmetric
         scale = arrays[record["scale"]]
@@ -84,7 +86,7 @@ def test_int8_weights_are_symmetric_per_output_channel_and_dequantize_to_the_fp3
         weight = original.T if record["transposed"] else original
         assert scale.shape == (weight.shape[record["axis"]],)  # one scale per output channel
         channel_max = np.abs(weight).max(axis=1 - record["axis"])
-        np.testing.assert_allclose(scale, channel_max / 127, rtol=1e-5)
+        np.testing.assert_allclose(scale, channel_max / 64, rtol=1e-5)  # onnxruntime maps amax to 64
         step = np.expand_dims(scale, 1 - record["axis"])
         assert np.all(np.abs((weight - (restored[record["of"]].T if record["transposed"] else
                                         restored[record["of"]]))) <= step / 2 + 1e-7)

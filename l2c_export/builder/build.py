@@ -96,7 +96,8 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
     weights_sha = spec.family.weights_sha256(spec.weights)
     base_key = _hash({"weights": weights_sha, "family": spec.family.name, "config": config.to_dict(),
                       "precision": request.precision, "opset": OPSET, "versions": versions, "quantization": form,
-                      "calibration": request.calibration_images if form == "qdq" else None})
+                      "calibration": request.calibration_images if form == "qdq" else None,
+                      **({"reduce_range": request.backend == "onnxruntime"} if form is not None else {})})
     graph_keys = [_hash({"base": base_key, "compute": s.compute, "writes": s.writes}) for s in plan.subsets]
     previous = _previous_files(out_dir)
 
@@ -215,7 +216,8 @@ def _quantize(universal, form: str, model, request: BuildRequest) -> dict:
         calibration = calibration_batches(model, request.sampler, cfg_scale,
                                           request.spec.family.null_class(model.config),
                                           images=request.calibration_images)
-    return quantize_universal(universal, form, calibration, request.precision)
+    return quantize_universal(universal, form, calibration, request.precision,
+                              reduce_range=request.backend == "onnxruntime")
 
 
 def _export_subset(universal, subset: SubsetPlan, path: Path, inputs: list[dict], outputs: list[dict],
