@@ -92,7 +92,26 @@ def compare(class_name: str, config: dict, steps: int) -> float:
     ours, times = our_run(sampler, x, outputs)
     assert times == [float(t) for t in timesteps]
     assert all(a.dtype == np.float32 for a in ours)
-    return worst_step_error(ours, reference_run(scheduler, x, outputs))
+    error = worst_step_error(ours, reference_run(scheduler, x, outputs))
+    if error <= TOLERANCE:
+        return error
+    # diffusers' own float32 result varies by CPU: torch's float32 pow(x, 0.5) of a 0-d tensor is 1 ulp off the
+    # correctly rounded square root on some (an AVX2-only AMD EPYC), and DDIM's last step amplifies that by
+    # 1 / sqrt(alpha_T) (157 for linear betas). There, ours must be no farther from diffusers' step run in float64
+    # than diffusers' float32 run is.
+    exact = reference_run(_in_float64(reference_scheduler(class_name, config, steps)), x.astype(np.float64),
+                          outputs.astype(np.float64))
+    theirs = worst_step_error(reference_run(scheduler, x, outputs), exact)
+    assert worst_step_error(ours, exact) <= max(theirs, TOLERANCE), (config, steps, error, theirs)
+    return 0.0
+
+
+def _in_float64(scheduler):
+    """``scheduler`` with every floating-point tensor it holds (alphas_cumprod, sigmas, ...) in float64."""
+    for name, value in vars(scheduler).items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            setattr(scheduler, name, value.double())
+    return scheduler
 
 
 # ---------------------------------------------------------------------------------------------------------------------

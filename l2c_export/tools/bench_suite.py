@@ -457,26 +457,34 @@ def write_large_docs(reports: list[dict], machine: dict, docs: Path) -> list[dic
 
     path = docs / "bench-large.json"
     names = {r["model"] for r in reports}
-    kept = [r for r in json.loads(path.read_text())["results"] if r["model"] not in names] if path.is_file() else []
+    before = json.loads(path.read_text()) if path.is_file() else {"results": []}
+    kept = [{"machine": before.get("machine"), **r} for r in before["results"] if r["model"] not in names]
+    reports = [{**r, "machine": machine} for r in reports]  # rows of several runs: each says where it ran
     rows = sorted(kept + reports, key=lambda r: list(REAL_SIZES).index(r["model"]) if r["model"] in REAL_SIZES else 99)
     docs.mkdir(parents=True, exist_ok=True)
     write_json(path, {"machine": machine, "results": rows})
-    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, shared with other jobs while it ran; onnxruntime "
-             f"{machine['onnxruntime']}, torch {machine['torch']} ({machine['torch_threads']} threads). Random weights "
-             f"in the real configs, fp32, guidance on (model batch twice the images; FLUX.1 runs none: its guidance "
-             f"embedding takes the scale); medians of the interleaved runs after a warm-up of each.", "",
-             "| model | steps | images | repeats | subsets | full s | L2C s | speedup | ideal | of ideal | mem all (MiB) "
-             "| mem full (MiB) | all / full | weights (MiB) | diffusers pipeline s | exported full s | vs pipeline | "
-             "latents differ (of range) | verify worst |",
-             "| --- " * 19 + "|"]
+    lines = [f"Machine of this run: {machine['cpu']}, {machine['cores']} cores, shared with other jobs while it ran; "
+             f"onnxruntime {machine['onnxruntime']}, torch {machine['torch']} ({machine['torch_threads']} threads); "
+             f"each row names its CPU. Random weights in the real configs, fp32, guidance on (model batch twice the "
+             f"images; FLUX.1 runs none: its guidance embedding takes the scale); medians of the interleaved runs "
+             f"after a warm-up of each.", "",
+             "| model | CPU | steps | images | repeats | subsets | full s | L2C s | speedup | ideal | of ideal | mem all "
+             "(MiB) | mem full (MiB) | all / full | weights (MiB) | build s | build peak anon / RSS (GiB) | diffusers "
+             "pipeline s | exported full s | vs pipeline | latents differ (of range) | verify worst |",
+             "| --- " * 22 + "|"]
     for r in rows:
         b = r["bench"]
-        lines.append(f"| {r['model']} | {r['steps']} | {r['batch']} | {r['repeats']} | {r['num_subsets']} | "
+        cpu = (r.get("machine") or {}).get("cpu", "?")
+        anonymous, rss = r.get("build_peak_anonymous_bytes"), r.get("build_peak_rss_bytes")
+        peak = f"{anonymous / 2 ** 30:.1f} / {rss / 2 ** 30:.1f}" if anonymous and rss else (
+            f"? / {rss / 2 ** 30:.1f}" if rss else "?")
+        lines.append(f"| {r['model']} | {cpu} | {r['steps']} | {r['batch']} | {r['repeats']} | {r['num_subsets']} | "
                      f"{b['full_seconds']:.2f} | {b['schedule_seconds']:.2f} | {b['speedup']:.3f}x | "
                      f"{b['ideal_speedup']:.3f}x | {b['speedup_of_ideal']:.3f} | "
                      f"{b['memory_all_engines_bytes'] / 2 ** 20:.0f} | {b['memory_full_engine_bytes'] / 2 ** 20:.0f} | "
                      f"{b['memory_all_engines_bytes'] / b['memory_full_engine_bytes']:.3f}x | "
-                     f"{b['model_weights_bytes'] / 2 ** 20:.0f} | {r['pipeline_seconds']:.2f} | "
+                     f"{b['model_weights_bytes'] / 2 ** 20:.0f} | {r['build_seconds']:.0f} | {peak} | "
+                     f"{r['pipeline_seconds']:.2f} | "
                      f"{r['exported_full_seconds']:.2f} | {r['exported_full_vs_pipeline']:.2f}x | "
                      f"{r['exported_full_vs_pipeline_worst_difference']:.1e} | {r['verify_worst']:.1e} |")
     for r in reports:
