@@ -64,12 +64,13 @@ test: setup triton-env cpp
 bench: setup triton-env cpp
 	$(PY) -m l2c_export.tools.bench_suite --work engines/bench --docs docs
 
-# The real sizes (not part of `make test`): random-weight diffusers folders in the configs of facebook/DiT-XL-2-256 and
-# PixArt-α 512 (about 2.5 GiB of weights each), built, verified, benchmarked against the ideal and against diffusers'
-# own pipeline at 6 steps, batch 1: docs/bench-large.json, docs/bench-large.md. Tens of minutes and ~12 GiB of RAM on
-# 2 cores. Then SD3-medium's layout at 256 px (2B parameters) and FLUX.1's width with 2 double + 4 single blocks (1.25B;
-# the full FLUX.1 projected per block): their builds need about 30 and 17+ GiB of RAM; on a smaller machine leave them
-# out: make bench-large BENCH_LARGE_MODELS=DiT-XL-2-256,PixArt-XL-2-512
+# The real sizes (not part of `make test`): random-weight diffusers folders in the configs of facebook/DiT-XL-2-256,
+# PixArt-α 512, SD3-medium at 256 px (2B parameters) and FLUX.1's width with 2 double + 4 single blocks (1.3B; the full
+# FLUX.1 projected per block), each built (`l2c-export build` in a child process: time, peak memory), verified,
+# benchmarked against the ideal and against diffusers' own pipeline: docs/bench-large.json, docs/bench-large.md. About
+# an hour on 2 cores; the builds hold the weights once (SD3-medium's 8 GB build peaks near 10 GiB of RAM), and verify
+# holds them twice (PyTorch reference + engines). Rows can be picked:
+# make bench-large BENCH_LARGE_MODELS=DiT-XL-2-256,PixArt-XL-2-512
 BENCH_LARGE_MODELS ?= DiT-XL-2-256,PixArt-XL-2-512,SD3-medium-256,FLUX.1-width-2+4-256
 bench-large: setup cpp
 	$(PY) -m l2c_export.tools.bench_suite --large --work engines/bench-large --docs docs --models $(BENCH_LARGE_MODELS)
