@@ -93,7 +93,6 @@ def load_safetensors_into(files: list[Path], module: torch.nn.Module, source: st
     :func:`check_state_dict` do, naming the file."""
     from safetensors import safe_open
 
-    located: dict[str, Path] = {}
     headers: dict[str, torch.Tensor] = {}  # name -> a meta tensor of the file's shape and dtype
     for file in files:
         if not Path(file).is_file():
@@ -107,7 +106,6 @@ def load_safetensors_into(files: list[Path], module: torch.nn.Module, source: st
                         raise CheckpointError(f"{file}: tensor {name!r} has dtype {header.get_dtype()}; expected "
                                               f"one of {', '.join(_SAFETENSORS_DTYPES)}")
                     headers[name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
-                    located[name] = Path(file)
         except CheckpointError:
             raise
         except Exception as error:

@@ -96,6 +96,7 @@ class _CacheState:
 PROMPT_TOKENS = "prompt_tokens"
 JOINT_TOKENS = "joint_tokens"
 
+
 class OutputPacking:
     """How a sub-module's output becomes the one tensor its cache slot holds, and back: ``pack(output, args,
     kwargs)`` -> (N, T', D') and ``unpack(value, args, kwargs)`` -> what the block consumes in place of the module's

@@ -28,16 +28,15 @@ def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
     dtype = _DTYPES[precision or manifest["precision"]]
     family = get_family(manifest["model"]["family"])
     model = family.create(family.config_from_dict(manifest["model"]["config"]))
-    parameters = set(model.state_dict())
+    expected = model.state_dict()
     arrays = weight_arrays(manifest, folder)
     quantized = {e["name"]: e["quantization"] for e in manifest["weight_tensors"] if "quantization" in e}
     if quantized:
         arrays = dequantize(arrays, quantized)
-    expected = model.state_dict()
     stored: dict[str, list] = {}  # parameter -> its (array (memory-mapped view), transposed, rows) in weights.bin
     for name, array in arrays.items():
         parameter, transposed, rows = parse_weight_name(name)
-        if parameter in parameters:  # else an activation scale of a qdq build
+        if parameter in expected:  # else an activation scale of a qdq build
             stored.setdefault(parameter, []).append((array, transposed, rows))
     problems = [problem for parameter, pieces in stored.items()
                 if (problem := _misfit(parameter, tuple(expected[parameter].shape), pieces))]
