@@ -433,7 +433,7 @@ def test_a_build_runs_a_diffusers_sampler_from_its_manifest(default_build, tmp_p
     driving the same sampler on torch tensors."""
     from l2c_export.models.zoo import embedded_default
     from l2c_export.samplers.guidance import make_noise
-    from l2c_export.samplers.reference import sample_reference
+    from l2c_export.models.reference import sample_reference
 
     folder = tmp_path / "engines"
     shutil.copytree(default_build, folder)

@@ -14,7 +14,7 @@ from l2c_export.demo.classifier import accuracy, load_classifier
 from l2c_export.models.zoo import EMBEDDED_MODELS, TEXT_TO_IMAGE_MODELS, embedded_default, resolve
 from l2c_export.routers import baselines, load_router
 from l2c_export.samplers import make_noise
-from l2c_export.samplers.reference import sample_reference
+from l2c_export.models.reference import sample_reference
 
 from .conftest import run_cli
 

@@ -34,7 +34,7 @@ from l2c_export.routers import RouterLogits, baselines, load_router
 from l2c_export.samplers import create_sampler
 from l2c_export.samplers.gaussian import GaussianSampler
 from l2c_export.samplers.guidance import make_noise
-from l2c_export.samplers.reference import sample_reference
+from l2c_export.models.reference import sample_reference
 
 from .conftest import REPO, TINY, run_cli
 

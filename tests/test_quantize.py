@@ -14,7 +14,7 @@ import pytest
 from l2c_export.builder.build import BuildRequest, build
 from l2c_export.core import manifest as manifest_io
 from l2c_export.export.opsupport import tensorrt_supported_ops
-from l2c_export.export.quantize import dequantize
+from l2c_export.core.quantized import dequantize
 from l2c_export.models.zoo import embedded_default
 from l2c_export.runtime.backends import weight_arrays
 from l2c_export.tools.verify import DEFAULT_TOLERANCE

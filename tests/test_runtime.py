@@ -20,7 +20,7 @@ from l2c_export.models.zoo import embedded_default
 from l2c_export.routers import load_router
 from l2c_export.runtime.pipeline import L2CPipeline
 from l2c_export.samplers.guidance import make_noise
-from l2c_export.samplers.reference import sample_reference
+from l2c_export.models.reference import sample_reference
 
 from .conftest import REPO, run_cli
 

@@ -15,7 +15,7 @@ from l2c_export.models import get_family, register
 from l2c_export.models.zoo import ModelSpec
 from l2c_export.samplers import create_sampler
 from l2c_export.samplers.guidance import make_noise
-from l2c_export.samplers.reference import sample_reference
+from l2c_export.models.reference import sample_reference
 from l2c_export.tools.verify import verify_build
 
 from .conftest import run_cli

@@ -20,7 +20,7 @@ from l2c_export.routers import load_router
 from l2c_export.samplers import create_sampler, denoise
 from l2c_export.samplers.dpm_solver import DPMSolver2S
 from l2c_export.samplers.guidance import make_noise
-from l2c_export.samplers.reference import sample_reference
+from l2c_export.models.reference import sample_reference
 
 from .conftest import SHARED, run_cli
 

@@ -32,12 +32,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..core import manifest as manifest_io
+from ..core.backends import precision_refusal
 from ..core.plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name
 from ..core.schedule import Schedule
 from ..core.util import replace_folder
 from ..models.zoo import ModelSpec
 from ..samplers import DenoisingSampler
-from .engines import BatchRange, get_builder, precision_refusal
+from .engines import BatchRange, get_builder
 
 
 @dataclass

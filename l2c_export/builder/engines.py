@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-
-class BackendUnavailable(RuntimeError):
-    """The backend cannot run on this machine; the message says what is missing and what to do."""
+from ..core.backends import BackendUnavailable
 
 
 @dataclass(frozen=True)
@@ -45,21 +43,6 @@ class BatchRange:
 
     def to_dict(self) -> dict:
         return {"min": self.min, "opt": self.opt, "max": self.max}
-
-
-# The precisions each backend runs. ONNX Runtime has no bfloat16 kernels for these graphs (bf16 graphs are meant for
-# TensorRT, which is strongly typed); fp8 runs there only unfused, as Q/DQ.
-BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16", "int8", "fp8"),
-                      "tensorrt": ("fp32", "fp16", "bf16", "int8", "fp8")}
-
-
-def precision_refusal(backend: str, precision: str) -> str | None:
-    """Why ``backend`` cannot run graphs of ``precision`` (None when it can): which backends take that precision."""
-    if precision in BACKEND_PRECISIONS.get(backend, (precision,)):
-        return None
-    takers = [name for name, precisions in BACKEND_PRECISIONS.items() if precision in precisions]
-    return (f"{backend} cannot run {precision} graphs; {precision} is for --backend {' or '.join(takers)} only "
-            f"({backend} takes {', '.join(BACKEND_PRECISIONS[backend])})")
 
 
 class EngineBuilder(Protocol):

@@ -29,7 +29,7 @@ class _Group(click.Group):
     traceback."""
 
     def invoke(self, ctx):
-        from ..builder.engines import BackendUnavailable  # light: no torch, so that serve and run start fast
+        from ..core.backends import BackendUnavailable  # light: no torch, so that serve and run start fast
 
         try:
             return super().invoke(ctx)

@@ -131,7 +131,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
     import torch
 
     from ..runtime.conditioning import load_conditioning
-    from ..samplers.reference import sample_reference
+    from ..models.reference import sample_reference
     from .options import load_noise
 
     spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers)

@@ -24,13 +24,13 @@ from typing import Literal
 
 import numpy as np
 
-from ..samplers import SAMPLER_KINDS
 from .macs import MacCount
 from .plan import default_sublayer_names
 from .util import read_json, write_json
+from .vocabulary import SAMPLER_KINDS, official_cache_calls
 
 # How a router decodes into a schedule. ``official``: as the authors' samplers, only the calls where they consult their
-# router are decided (:func:`l2c_export.samplers.official_cache_calls`), every other call computes everything;
+# router are decided (:func:`l2c_export.core.vocabulary.official_cache_calls`), every other call computes everything;
 # ``general``: every call but the first is decided.
 ScheduleMode = Literal["official", "general"]
 SCHEDULE_MODES = ("official", "general")
@@ -159,11 +159,9 @@ class Schedule:
 
     def cache_steps(self) -> list[int]:
         """The model calls where the schedule decides per sub-layer: in official mode the calls where the authors'
-        sampler consults its router (:func:`l2c_export.samplers.official_cache_calls` of the schedule's sampler,
+        sampler consults its router (:func:`l2c_export.core.vocabulary.official_cache_calls` of the schedule's sampler,
         DDIM when it names none), else every call that reuses anything."""
         if self.mode == "official":
-            from ..samplers import official_cache_calls
-
             return official_cache_calls(self.sampler or "ddim", self.num_steps)
         return [s for s in range(self.num_steps) if not self.compute[s].all()]
 

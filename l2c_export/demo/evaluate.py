@@ -170,7 +170,7 @@ class EvalSetup:
         text-to-image model (``prompts``), a build of ``schedule`` on ONNX Runtime, captions in, decoded images out."""
         if self.prompts is not None:
             return self.prompts.sample_build(self, schedule, num_steps)
-        from ..samplers.reference import sample_reference
+        from ..models.reference import sample_reference
 
         return sample_reference(self.model, self.spec.sampler(None, num_steps), self.labels, self.noise,
                                 self.cfg_scale, schedule=schedule, progress=False, conditioning=self.conditioning)

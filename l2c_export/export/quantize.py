@@ -24,6 +24,9 @@ them in fp32 adds no error beyond the int8 MatMuls'. Two forms, both written by 
 takes for FP8 GPUs): the int8 Q/DQ graph with the same min/max calibration, each scale set so that the range maps onto
 E4M3's +-448 (:func:`_to_float8`). ONNX Runtime's CPU provider runs these graphs unfused (its Q/DQ fusions have no
 float8 kernels), which is how they are verified here.
+
+The inverse, the float32 weights a quantized build stands for, is :func:`l2c_export.core.quantized.dequantize` (the
+runtime's PyTorch backend reads it without the exporter).
 """
 
 from __future__ import annotations
@@ -262,25 +265,6 @@ def _quantized_tensors(graph_model, weights: dict[str, np.ndarray], transposed_b
     return tensors
 
 
-def dequantize(arrays: dict[str, np.ndarray], tensors: dict[str, dict]) -> dict[str, np.ndarray]:
-    """The float32 weights an int8 build stands for: ``(q - zero_point) * scale`` per channel, under the parameter's
-    own name and layout; the tensors that are not quantized weights pass through (activation scales included)."""
-    out = {}
-    consumed = set()
-    for name, record in tensors.items():
-        shape = [1] * arrays[name].ndim
-        shape[record["axis"]] = -1
-        scale = np.asarray(arrays[record["scale"]], dtype=np.float32).reshape(shape)
-        zero = np.asarray(arrays[record["zero_point"]], dtype=np.float32).reshape(shape)
-        weight = (np.asarray(arrays[name], dtype=np.float32) - zero) * scale
-        out[record["of"]] = np.ascontiguousarray(weight.T if record["transposed"] else weight)
-        consumed |= {name, record["scale"], record["zero_point"]}
-    for name, array in arrays.items():
-        if name not in consumed:
-            out[name] = array
-    return out
-
-
 def calibration_batches(model, sampler, cfg_scale: float, num_classes: int, images: int = 4,
                         seed: int = 0) -> list[dict[str, np.ndarray]]:
     """The graph inputs (by name: x, t, y for DiT and U-ViT) of every model call of the full model sampling
@@ -288,7 +272,7 @@ def calibration_batches(model, sampler, cfg_scale: float, num_classes: int, imag
     calibration needs no data set."""
     from ..models import family_of_config
     from ..samplers.guidance import make_noise
-    from ..samplers.reference import sample_reference
+    from ..models.reference import sample_reference
 
     family = family_of_config(model.config)
     inputs = family.graph_inputs(model.config)

@@ -152,7 +152,7 @@ class Condition:
         the model's inputs, ``order`` their roles in the model's argument order. A model with a ``guidance`` input
         (a guidance-distilled FLUX.1) is fed ``guidance_scale`` there, (P,) for P prompts; prompts are at most
         ``max_tokens`` long (the pipeline's max_sequence_length: the longest a build of the model takes)."""
-        from ..runtime.conditioning import GUIDANCE_ROLE, check_text_conditioning
+        from ..samplers.conditioning import GUIDANCE_ROLE, check_text_conditioning
 
         checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens=max_tokens)
         if GUIDANCE_ROLE in inputs:

@@ -15,25 +15,16 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..samplers.guidance import check_labels
-
-TEXT_ROLES = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
-GUIDANCE_ROLE = "guidance"
-CONDITIONING_ROLES = ("label", *TEXT_ROLES, GUIDANCE_ROLE)
-TEXT_ARGUMENTS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
-
-
-class ConditioningError(ValueError):
-    """Conditioning that does not fit the model; the message names the array (and file) and what was expected."""
+# The record-level checks live a stage down, where the PyTorch reference sampler and learning can use them too;
+# re-exported here, the runtime's conditioning module, for its callers.
+from ..samplers.conditioning import (CONDITIONING_ROLES, GUIDANCE_ROLE, TEXT_ARGUMENTS, TEXT_ROLES,  # noqa: F401
+                                     ConditioningError, batch_conditioning, by_role, check_prompts,
+                                     check_text_conditioning, refuse_negatives)
 
 
 def conditioning_inputs(manifest: dict) -> dict[str, dict]:
     """role -> the manifest's input record, for each conditioning input of the model."""
-    return _by_role(manifest["model"]["inputs"])
-
-
-def _by_role(input_records: Sequence[dict]) -> dict[str, dict]:
-    return {tensor["role"]: tensor for tensor in input_records if tensor["role"] in CONDITIONING_ROLES}
+    return by_role(manifest["model"]["inputs"])
 
 
 def classifier_free_batch(manifest: dict, cfg_scale: float) -> bool:
@@ -56,152 +47,6 @@ def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int
                               where, manifest["model"].get("max_sequence_length"),
                               guidance.get("classifier_free", True),
                               guidance["cfg_scale"] if cfg_scale is None else cfg_scale)
-
-
-def batch_conditioning(input_records: Sequence[dict], null_class: int | None, guiding: bool,
-                       labels: Sequence[int] | None = None, conditioning: Mapping[str, np.ndarray] | None = None,
-                       where: str = "conditioning", max_tokens: int | None = None, classifier_free: bool = True,
-                       guidance_scale: float | None = None) -> tuple[int, dict[str, np.ndarray]]:
-    """:func:`model_batch_conditioning` from the model's input records (the manifest's ``model/inputs``, or a
-    family's ``TensorSpec.record()``s: the PyTorch reference checks a request as the runtimes do), null class,
-    longest prompt (``model/max_sequence_length``; None: unbounded), whether the model guides with a classifier-free
-    batch (``guidance/classifier_free``) and the scale a ``guidance`` input is fed."""
-    inputs = _by_role(input_records)
-    if "label" in inputs:
-        if conditioning:
-            raise ConditioningError(f"{where}: this model is conditioned on class labels (--labels), not on "
-                                    f"{', '.join(sorted(conditioning))}")
-        if labels is None or len(labels) == 0:
-            raise ConditioningError("no labels given; expected at least one class label")
-        labels = np.asarray([int(label) for label in labels], dtype=np.int64)
-        check_labels(labels, null_class)
-        batch = np.concatenate([labels, np.full_like(labels, null_class)]) if guiding else labels
-        return len(labels), {inputs["label"]["name"]: batch}
-    if "prompt_embeds" not in inputs:
-        raise ConditioningError(f"{where}: the manifest's model inputs have no conditioning this runtime knows "
-                                f"(roles {', '.join(CONDITIONING_ROLES)})")
-    if labels is not None:
-        raise ConditioningError("--labels: this model is conditioned on prompt embeddings (--conditioning), not class "
-                                "labels")
-    arrays = dict(conditioning or {})
-    if not classifier_free:
-        refuse_negatives(arrays, where)
-    checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens)
-    n = len(checked["prompt_embeds"][0])
-    feeds = {inputs[role]["name"]: np.ascontiguousarray(np.concatenate(pair) if guiding else pair[0])
-             for role, pair in checked.items()}
-    if GUIDANCE_ROLE in inputs:
-        if guidance_scale is None:
-            raise ConditioningError(f"{where}: the model's guidance input needs a guidance scale (--cfg-scale)")
-        feeds[inputs[GUIDANCE_ROLE]["name"]] = np.full(2 * n if guiding else n, guidance_scale, dtype=np.float32)
-    return n, feeds
-
-
-def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str) -> None:
-    """A guidance-distilled model (``guidance/classifier_free`` false) runs no negative prompt: a ``negative_`` array
-    is refused by name rather than ignored."""
-    negatives = sorted(name for name in arrays if name.startswith("negative_"))
-    if negatives:
-        raise ConditioningError(f"{where}: array {negatives[0]!r} is not used: this model is guidance-distilled "
-                                f"(--cfg-scale feeds its guidance embedding; no negative prompt runs); leave it out")
-
-
-def check_text_conditioning(arrays: Mapping[str, np.ndarray], inputs: dict, guiding: bool,
-                            where: str = "conditioning",
-                            max_tokens: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Text conditioning by the pipelines' argument names, for the text roles the model has (``inputs``: role ->
-    manifest record), checked: role -> (array, its ``negative_`` counterpart when ``guiding``, else None), float32;
-    prompt_embeds (n, L, D) with L at most ``max_tokens`` (the manifest's ``model/max_sequence_length``) where given,
-    prompt_attention_mask (n, L) 0/1, pooled_prompt_embeds (n, P). Raises :class:`ConditioningError` naming the
-    array."""
-    roles = [role for role in TEXT_ROLES if role in inputs]
-    names = [*roles, *(f"negative_{role}" for role in roles)]
-    unknown = sorted(set(arrays) - set(names))
-    if unknown:
-        raise ConditioningError(f"{where}: unknown array {unknown[0]!r}; expected {', '.join(names)}")
-    needed = names if guiding else roles
-    missing = [name for name in needed if name not in arrays]
-    if missing:
-        why = " (guidance runs the negative prompt as the unconditional half)" if missing[0].startswith("neg") else ""
-        raise ConditioningError(f"{where}: array {missing[0]!r} is missing{why}; expected {', '.join(needed)}")
-    checked = {}
-    for prefix in ("", "negative_") if guiding else ("",):
-        embeds = _embeddings(arrays[f"{prefix}prompt_embeds"], f"{prefix}prompt_embeds",
-                             inputs["prompt_embeds"]["shape"][-1], where)
-        if prefix and embeds.shape != checked["prompt_embeds"][0].shape:
-            raise ConditioningError(f"{where}: array 'negative_prompt_embeds' has shape {embeds.shape}; expected "
-                                    f"{checked['prompt_embeds'][0].shape}, that of 'prompt_embeds' (both halves run "
-                                    f"as one batch)")
-        n, length = embeds.shape[:2]
-        if max_tokens is not None and length > max_tokens:
-            raise ConditioningError(f"{where}: array '{prefix}prompt_embeds' has shape {embeds.shape}: {length} prompt "
-                                    f"tokens; expected at most the model's max_sequence_length {max_tokens}")
-        found = {"prompt_embeds": embeds}
-        if "prompt_attention_mask" in inputs:
-            name = f"{prefix}prompt_attention_mask"
-            found["prompt_attention_mask"] = _mask(arrays[name], name, (n, length), where)
-        if "pooled_prompt_embeds" in inputs:
-            name = f"{prefix}pooled_prompt_embeds"
-            found["pooled_prompt_embeds"] = _pooled(arrays[name], name, n, inputs["pooled_prompt_embeds"]["shape"][-1],
-                                                    where)
-        for role, array in found.items():
-            checked[role] = (array, None) if not prefix else (checked[role][0], array)
-    return checked
-
-
-def check_prompts(arrays: Mapping[str, np.ndarray], width: int, guiding: bool, where: str = "conditioning",
-                  max_tokens: int | None = None):
-    """Prompt conditioning with a mask (PixArt) by the pipelines' argument names, checked: -> prompt_embeds (n, L,
-    width) float32, prompt_attention_mask (n, L) float32 0/1, and when ``guiding`` the negative ones of the same
-    shapes (else None); L at most ``max_tokens`` where given. Raises :class:`ConditioningError` naming the array."""
-    inputs = {"prompt_embeds": {"shape": ["batch", "prompt_tokens", width]},
-              "prompt_attention_mask": {"shape": ["batch", "prompt_tokens"]}}
-    checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens)
-    (embeds, negative), (mask, negative_mask) = checked["prompt_embeds"], checked["prompt_attention_mask"]
-    return embeds, mask, negative, negative_mask
-
-
-def _embeddings(array, name: str, width: int, where: str) -> np.ndarray:
-    array = np.asarray(array)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected float32 embeddings")
-    if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1 or array.shape[2] != width:
-        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected (n, L, {width})")
-    if not np.isfinite(array).all():
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        raise ConditioningError(f"{where}: array {name!r}: {bad} of its {array.size} values are NaN or infinite; "
-                                f"expected finite embeddings")
-    return array.astype(np.float32)
-
-
-def _pooled(array, name: str, n: int, width: int, where: str) -> np.ndarray:
-    array = np.asarray(array)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected float32 embeddings")
-    if array.shape != (n, width):
-        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected ({n}, {width}) (one "
-                                f"pooled embedding per prompt)")
-    if not np.isfinite(array).all():
-        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        raise ConditioningError(f"{where}: array {name!r}: {bad} of its {array.size} values are NaN or infinite; "
-                                f"expected finite embeddings")
-    return array.astype(np.float32)
-
-
-def _mask(array, name: str, shape: tuple[int, int], where: str) -> np.ndarray:
-    array = np.asarray(array)
-    if array.shape != shape:
-        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected {shape} (n, L of the "
-                                f"embeddings)")
-    if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected a 0/1 mask")
-    values = array.astype(np.float64)
-    if not np.isin(values, (0.0, 1.0)).all():
-        raise ConditioningError(f"{where}: array {name!r} holds values other than 0 and 1; expected a 0/1 mask")
-    if not values.any(axis=1).all():
-        raise ConditioningError(f"{where}: array {name!r} masks every token of a prompt; expected at least one 1 "
-                                f"per row")
-    return values.astype(np.float32)
 
 
 def example_conditioning(manifest: dict, n: int, seed: int = 0, prompt_tokens: int = 6) -> dict:

@@ -12,6 +12,7 @@ arrays.
 
 from __future__ import annotations
 
+from ..core.vocabulary import SAMPLER_KINDS, official_cache_calls
 from .base import CallGenerator, DenoisingSampler, ModelCall, denoise
 from .diffusers import (DiffusersDDIM, DiffusersDPMMultistep, DiffusersFlowMatchEuler, PipelineTimesteps,
                         SchedulerConfigError, sampler_from_scheduler_config)
@@ -20,11 +21,11 @@ from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianSampler, linear_betas, space_
 from .guidance import apply_guidance, check_labels, guidance_batch, make_noise, step_noise
 
 # kind -> the class that implements it (``create(kind, num_calls, clip_denoised)``, ``from_dict``,
-# ``official_calls``); adding a sampler is a class and a line here.
+# ``official_calls``); adding a sampler is a class, a line here and its kind and official rule in
+# :mod:`l2c_export.core.vocabulary` (the manifest's vocabulary, which ``core`` checks).
 SAMPLERS = {"ddim": GaussianSampler, "ddpm": GaussianSampler, "dpm_solver_2s": DPMSolver2S,
             "diffusers_ddim": DiffusersDDIM, "diffusers_dpm_multistep": DiffusersDPMMultistep,
             "diffusers_flow_match_euler": DiffusersFlowMatchEuler}
-SAMPLER_KINDS = tuple(SAMPLERS)
 
 __all__ = ["SAMPLERS", "SAMPLER_KINDS", "CallGenerator", "DenoisingSampler", "ModelCall", "denoise",
            "official_cache_calls", "create_sampler", "sampler_from_dict", "GaussianSampler", "DPMSolver2S", "DiscreteVPSchedule",
@@ -49,10 +50,3 @@ def create_sampler(kind: str, num_calls: int, clip_denoised: bool = False) -> De
 def sampler_from_dict(data: dict) -> DenoisingSampler:
     """The sampler of a manifest's sampler section, by its ``kind``."""
     return _sampler_class(data.get("kind"), "sampler: field 'kind' is").from_dict(data)
-
-
-def official_cache_calls(kind: str, num_calls: int) -> list[int]:
-    """The official rule: the model calls of ``kind`` where the authors' samplers consult their routers (every other
-    call computes everything). DDIM/DDPM: the steps whose router index ``N - 1 - s`` is even, except the first;
-    DPM-Solver-2S: the first call of solver steps 1 .. K-1; diffusers' schedulers: DDIM's rule."""
-    return _sampler_class(kind, "unknown sampler").official_calls(num_calls)

@@ -27,6 +27,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from ..core.util import read_json
+from ..core.vocabulary import dit_official_calls
 from .base import CallGenerator, ModelCall
 from .gaussian import GaussianSampler, _clip
 
@@ -321,11 +322,9 @@ class _DiffusersSampler:
     def official_cache_calls(self) -> list[int]:
         return self.official_calls(self.num_calls)
 
-    @staticmethod
-    def official_calls(num_calls: int) -> list[int]:
-        """diffusers models come with no authors' router; the official mode uses the DDIM rule's analogue (every
-        other call after the first, as the authors' DiT sampler consults its router)."""
-        return GaussianSampler.official_calls(num_calls)
+    # diffusers models come with no authors' router; the official mode uses the DDIM rule's analogue (every other
+    # call after the first, as the authors' DiT sampler consults its router)
+    official_calls = staticmethod(dit_official_calls)
 
     def _header(self) -> dict:
         return {"kind": self.kind, "num_calls": self.num_calls, "model_times": self.model_times.tolist(),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.vocabulary import uvit_official_calls
 from .base import CallGenerator, ModelCall
 
 
@@ -137,11 +138,7 @@ class DPMSolver2S:
     def official_cache_calls(self) -> list[int]:
         return self.official_calls(self.num_calls)
 
-    @staticmethod
-    def official_calls(num_calls: int) -> list[int]:
-        """Where the authors' U-ViT sampler consults its router: the first call of solver steps 1 .. K-1 (router ``k``
-        serves call ``2k``); step 0 and every midpoint call compute everything."""
-        return [2 * k for k in range(1, num_calls // 2)]
+    official_calls = staticmethod(uvit_official_calls)
 
     def noise_level(self, call: int) -> tuple[float, float]:
         return float(self.alphas[call]), float(self.sigmas[call])

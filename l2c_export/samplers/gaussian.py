@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..core.vocabulary import dit_official_calls
 from .base import ModelCall
 
 SamplerKind = Literal["ddim", "ddpm"]
@@ -154,11 +155,7 @@ class GaussianSampler:
     def official_cache_calls(self) -> list[int]:
         return self.official_calls(self.num_steps)
 
-    @staticmethod
-    def official_calls(num_calls: int) -> list[int]:
-        """Where the authors' DiT sampler consults its router: the steps whose router index ``N - 1 - s`` is even,
-        except the first step (so every other step computes everything)."""
-        return [s for s in range(1, num_calls) if (num_calls - 1 - s) % 2 == 0]
+    official_calls = staticmethod(dit_official_calls)
 
     def noise_level(self, call: int) -> tuple[float, float]:
         alpha_bar = float(self.alphas_cumprod[call])

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ...builder.engines import precision_refusal
+from ...core.backends import precision_refusal
 from . import cache_inputs, check_graph, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
 
 _shared_arena_lock = threading.Lock()

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...builder.engines import BackendUnavailable
+from ...core.backends import BackendUnavailable
 from . import cache_inputs, check_graph, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
 
 

@@ -23,7 +23,7 @@ def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
                         precision: str | None = None) -> torch.nn.Module:
     """The model of a build (of its family), its weights read back from ``weights.bin``, in the build's precision
     (or ``precision``). An int8/fp8 build's weights come back dequantized (the float32 model its engines stand for)."""
-    from ...export.quantize import dequantize
+    from ...core.quantized import dequantize
 
     dtype = _DTYPES[precision or manifest["precision"]]
     family = get_family(manifest["model"]["family"])

@@ -14,9 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.schedule import Schedule
-from ..models import family_of_config
-from . import DenoisingSampler, ModelCall, denoise
-from .guidance import apply_guidance, make_noise, step_noise
+from ..samplers import DenoisingSampler, ModelCall, denoise
+from ..samplers.conditioning import batch_conditioning
+from ..samplers.guidance import apply_guidance, make_noise, step_noise
+from . import family_of_config
 
 
 @torch.no_grad()
@@ -28,15 +29,13 @@ def sample_reference(model: torch.nn.Module, sampler: DenoisingSampler, labels: 
     """Samples n images (latents) from ``noise`` (n, C, H, W; None: ``make_noise(step_noise_seed or 0, ...)``, as
     the runtime draws it) -> float32 (n, C, H, W), one per label (a label model)
     or per prompt (``conditioning``: a text model's arrays by the pipelines' argument names, checked as the runtime
-    checks them, :func:`l2c_export.runtime.conditioning.batch_conditioning`; ``where`` names them in errors).
+    checks them, :func:`l2c_export.samplers.conditioning.batch_conditioning`; ``where`` names them in errors).
 
     With ``schedule`` (one row per model call) the model runs the L2C cached forward, one cache per request; without
     it, the plain forward. Guidance mixes the family's guided channels and the sampler takes the family's sampler
     channels (a diffusers pipeline drops the learned-sigma half). DDPM draws the noise of step s from
     ``step_noise(step_noise_seed, s, (2n, C, H, W))[:n]`` when guiding (as the runtime does), else ``(n, C, H, W)``.
     """
-    from ..runtime.conditioning import batch_conditioning
-
     config = model.config
     family = family_of_config(config)
     graph_inputs = family.graph_inputs(config)
