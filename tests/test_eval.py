@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from l2c_export.demo.classifier import FEATURE_DIM, accuracy, features, load_classifier, split_digits, train_classifier
-from l2c_export.demo.evaluate import frechet_distance, psnr
+from l2c_export.demo.metrics import frechet_distance, psnr
 from l2c_export.models.dit import count_macs
 from l2c_export.models.zoo import embedded_default
 from l2c_export.routers import baselines, load_router

@@ -69,7 +69,8 @@ def test_eval_model_t2i_digits_has_every_methods_row_timed_and_the_grid(tmp_path
     """eval --model t2i-digits (6 captions, one DBCache setting searched): a matched row per method with every
     metric; cache-dit's MAC fraction is the one its block counts give, near the learned schedule's; the grid and
     the plot are written."""
-    from l2c_export.demo.evaluate import evaluate, plot_fd, plot_t2i_grid
+    from l2c_export.demo.eval_plots import plot_fd, plot_t2i_grid
+    from l2c_export.demo.evaluate import evaluate
 
     spec = embedded_default("t2i-digits")
     macs, blocks = _block_macs(spec)

@@ -66,7 +66,8 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
     import dataclasses
 
     from ..core.schedule import Schedule
-    from ..demo.evaluate import evaluate, format_table, plot_fd, plot_t2i_grid, write_json
+    from ..demo.eval_plots import plot_fd, plot_t2i_grid
+    from ..demo.evaluate import evaluate, format_table, write_json
     from ..models import zoo
     from ..routers import load_router
     from .options import parse_labels

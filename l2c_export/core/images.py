@@ -1,4 +1,4 @@
-"""Turning pixel-space samples into pictures: a grid PNG."""
+"""Pictures: pixel-space samples as a grid PNG, and any matplotlib figure as a PNG file."""
 
 from __future__ import annotations
 
@@ -9,6 +9,17 @@ import numpy as np
 from PIL import Image
 
 from .util import atomic_write_bytes
+
+
+def figure_to_png(figure, path: str | Path, dpi: int = 120, tight: bool = True) -> None:
+    """Writes a matplotlib ``figure`` to ``path`` as a PNG (atomically) and closes it; ``tight``: cropped to what
+    is drawn (``bbox_inches="tight"``)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
+    plt.close(figure)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:

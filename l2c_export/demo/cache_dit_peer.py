@@ -162,7 +162,7 @@ def match_mac_fraction(folder, target: float, captions: Sequence[str], noise: np
     :data:`THRESHOLD_RANGE`; a higher threshold caches more); of the settings within ``tolerance`` of the target
     the one with the highest PSNR against DBCache-off (full compute) on the calibration set wins (the peer's best
     shot), else the nearest. Returns it and every setting tried (``settings``, ``mac_fraction``, ``psnr``)."""
-    from .evaluate import psnr
+    from .metrics import psnr
     from .t2i import load_pipeline
 
     folder = load_pipeline(folder)  # one pipeline for every setting: cache-dit's hooks are released after each

@@ -115,14 +115,12 @@ def compare(server, model: str, clients: int = 8, requests_per_client: int = 24,
 
 def plot(result: dict, path) -> None:
     """Bar chart: images per second with one client and with N concurrent clients (and in-process, if measured)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..core.util import atomic_write_bytes
+    from ..core.images import figure_to_png
 
     runs = [("1 client", result["one_client"]), (f"{result['concurrent']['clients']} concurrent clients",
                                                  result["concurrent"])]
@@ -140,7 +138,4 @@ def plot(result: dict, path) -> None:
     axis.set_title(f"Triton, dynamic batching: {result['speedup']:.2f}x with {result['concurrent']['clients']} "
                    f"clients", fontsize=10)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    figure_to_png(figure, path, tight=False)

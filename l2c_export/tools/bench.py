@@ -241,14 +241,12 @@ def _mib(value: int | None) -> str:
 
 def plot(results: list[BenchResult], path: Path) -> None:
     """Achieved against ideal speedup, one marker per (model, backend), with the y = x line."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..core.util import atomic_write_bytes
+    from ..core.images import figure_to_png
 
     figure, axis = plt.subplots(figsize=(6, 4.5))
     top = max([r.ideal_speedup for r in results] + [r.speedup for r in results]) * 1.08
@@ -263,10 +261,7 @@ def plot(results: list[BenchResult], path: Path) -> None:
     axis.set_ylim(0.95, top)
     axis.legend(fontsize=7, loc="upper left")
     axis.set_title("L2C schedule vs full compute, same engines and machine", fontsize=9)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    figure_to_png(figure, path)
 
 
 if __name__ == "__main__":  # the memory probe, run in a fresh interpreter by measure_engine_memory

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
 from ..core.schedule import Schedule, format_model_time
-from ..core.util import atomic_write_bytes
-
-
-def _figure_to_png(figure, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+from ..core.images import figure_to_png
 
 
 def schedule_heatmap(schedule: Schedule, path: str | Path, title: str | None = None,
                      mac_fraction: float | None = None) -> None:
     """Writes :func:`schedule_figure` as a PNG."""
-    _figure_to_png(schedule_figure(schedule, title, mac_fraction), Path(path))
+    figure_to_png(schedule_figure(schedule, title, mac_fraction), Path(path))
 
 
 def schedule_figure(schedule: Schedule, title: str | None = None, mac_fraction: float | None = None):

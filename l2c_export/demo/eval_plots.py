@@ -1,0 +1,108 @@
+"""The evaluation's pictures (:mod:`l2c_export.demo.evaluate`): FD and PSNR against MAC fraction, and the
+text-to-image grid of a few prompts' images per method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..core.images import figure_to_png
+from .methods import Candidate, TextToImagePrompts
+
+
+GRID_METHODS = ("full", "l2c", "cache-dit")  # the grid's columns
+
+
+def grid_samples(prompts: TextToImagePrompts, candidates: list[Candidate], samples_by_key: dict) -> dict:
+    """One prompt per digit (caption forms in turn, held-out ones included) and its images of :data:`GRID_METHODS`
+    at the matched point: {"captions": [...], "held_out": [...], method: (k, C, H, W)}."""
+    chosen = []
+    for digit in range(10):
+        rows = [i for i in np.flatnonzero(prompts.digits == digit)]
+        if rows:
+            forms = list(dict.fromkeys(prompts.captions[i] for i in rows))
+            wanted = forms[digit % len(forms)]
+            chosen.append(next(i for i in rows if prompts.captions[i] == wanted))
+    out = {"captions": [prompts.captions[i] for i in chosen], "held_out": [bool(prompts.held_out[i]) for i in chosen]}
+    for method in GRID_METHODS:
+        candidate = next((c for c in candidates if c.method == method and c.point in ("reference", "matched")), None)
+        if candidate is not None:
+            out[method] = samples_by_key[candidate.key()][chosen]
+    return out
+
+
+def plot_t2i_grid(grid: dict, path: Path) -> None:
+    """The grid of :func:`grid_samples`: a row per prompt (its caption, "held-out form" marked), a column per
+    method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in GRID_METHODS if m in grid]
+    rows = len(grid["captions"])
+    figure, axes = plt.subplots(rows, len(methods), figsize=(1.5 * len(methods) + 2.6, 1.25 * rows), squeeze=False)
+    titles = {"full": "full compute", "l2c": "learned schedule", "cache-dit": "cache-dit DBCache"}
+    for r, text in enumerate(grid["captions"]):
+        for c, method in enumerate(methods):
+            axis = axes[r][c]
+            axis.imshow(np.clip(grid[method][r, 0], -1, 1), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if r == 0:
+                axis.set_title(titles.get(method, method), fontsize=8)
+        label = f'"{text}"' + ("\n(held-out form)" if grid["held_out"][r] else "")
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    figure.tight_layout()
+    figure_to_png(figure, path, dpi=110)
+
+
+def plot_fd(report: dict, path: Path) -> None:
+    """Left: FD against MAC fraction (to the reference data where there are some, else to full compute), one line per
+    method, full compute dashed and the learned schedule marked. Right: PSNR against the full-compute samples, the
+    same lines. A method without a style of its own gets the next colour of matplotlib's cycle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"l2c": ("#2b6cb0", "o"), "fora": ("#dd6b20", "s"), "random": ("#718096", "^"),
+              "fewer-steps": ("#38a169", "D"), "cache-dit": ("#c53030", "P")}
+    rows = report["results"]
+    full = next(r for r in rows if r["method"] == "full")
+    learned = next((r for r in rows if r["method"] == "l2c" and r["point"] == "matched"), None)
+    # FD to the data where there are some, except for a text-to-image model: its methods' FD to the digits differ by
+    # less than the samples' own spread, so its plot shows how far each moves full compute's samples
+    fd_metric = "fd" if full["fd"] is not None and "prompts" not in report else "fd_to_full"
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full" and "precision" not in r))
+    cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][4:] * 4)
+    figure, (fd_axis, psnr_axis) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    for axis, metric in ((fd_axis, fd_metric), (psnr_axis, "psnr")):
+        for method in methods:
+            color, marker = styles.setdefault(method, (next(cycle), "v"))
+            points = sorted({(r["mac_fraction"], r[metric]) for r in rows if r["method"] == method
+                             and r[metric] is not None})
+            if points:
+                axis.plot(*zip(*points), color=color, marker=marker, label=method, linewidth=1.5, markersize=5)
+        if learned:
+            axis.axvline(learned["mac_fraction"], color="#2b6cb0", linestyle=":", linewidth=1,
+                         label="learned schedule")
+        sampler = report["sampler"]
+        axis.set_xlabel(f"MAC fraction (of full compute, {sampler['num_calls']} {sampler['kind']} model calls)")
+        axis.grid(True, alpha=0.3)
+    if fd_metric == "fd":
+        fd_axis.axhline(full["fd"], color="black", linestyle="--", linewidth=1,
+                        label=f"full compute ({full['fd']:.2f})")
+        fd_axis.set_ylabel("Frechet distance to the digits (classifier features)")
+    else:
+        features = "classifier features" if full["fd"] is not None else "random projection"
+        fd_axis.set_ylabel(f"Frechet distance to full compute ({features})")
+    fd_axis.set_title("FD (lower is better)", fontsize=9)
+    psnr_axis.set_ylabel("PSNR against full compute (dB)")
+    psnr_axis.set_title("PSNR against the full-compute samples (higher is better)", fontsize=9)
+    fd_axis.legend(fontsize=8)
+    figure.suptitle(f"{report['model']}, {report['num_samples']} samples from the same noise, guidance "
+                    f"{report['cfg_scale']:g}", fontsize=10)
+    figure_to_png(figure, path, dpi=110)

@@ -1,0 +1,211 @@
+"""The evaluation's methods (:mod:`l2c_export.demo.evaluate`): what every method samples from (:class:`EvalSetup`),
+one way of sampling and its cost (:class:`Candidate`), and the registry of the methods compared with the learned
+schedule (:data:`METHODS`: a method is one entry).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..core.macs import MacCount
+from ..core.schedule import Schedule, ScheduleMode
+from ..routers import RouterLogits, baselines
+
+
+@dataclass
+class EvalSetup:
+    """What every method samples from: the model, the N-call sampler the MAC fractions are counted against, the
+    request (labels, or prompt arrays by the pipelines' names, one row per sample) and its noise (n, C, H, W)."""
+
+    spec: object  # models.zoo.ModelSpec
+    model: object  # the family's torch module
+    num_steps: int  # model calls of full compute
+    macs: MacCount
+    labels: list[int] | None
+    conditioning: dict[str, np.ndarray] | None
+    noise: np.ndarray
+    cfg_scale: float
+    mode: ScheduleMode = "official"
+    router: RouterLogits | None = None
+    random_seeds: Sequence[int] = (0, 1)
+    prompts: "TextToImagePrompts | None" = None  # a text-to-image model sampled from captions, on ONNX Runtime
+    peer_search: dict = field(default_factory=dict)  # cache_dit_peer.match_mac_fraction's search options
+
+    @property
+    def sampler(self):
+        return self.spec.sampler(None, self.num_steps)
+
+    @property
+    def timesteps(self) -> list:
+        return self.sampler.model_times.tolist()
+
+    def sample(self, schedule: Schedule | None, num_steps: int) -> "np.ndarray | Drawn":
+        """The PyTorch reference sampler at ``num_steps`` model calls, with ``schedule`` (None: full compute); for a
+        text-to-image model (``prompts``), a build of ``schedule`` on ONNX Runtime, captions in, decoded images out."""
+        if self.prompts is not None:
+            return self.prompts.sample_build(self, schedule, num_steps)
+        from ..models.reference import sample_reference
+
+        return sample_reference(self.model, self.spec.sampler(None, num_steps), self.labels, self.noise,
+                                self.cfg_scale, schedule=schedule, progress=False, conditioning=self.conditioning)
+
+
+@dataclass
+class Drawn:
+    """Samples (n, C, H, W) with the wall-clock seconds their drawing took as a user runs the method."""
+
+    samples: np.ndarray
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextToImagePrompts:
+    """A text-to-image model (the embedded ``t2i-digits``, a diffusers folder with its T5, tokenizer and VAE) judged
+    on its decoded images: sample i is ``captions[i]`` (naming digit ``digits[i]``) from noise row i. Each schedule
+    is built (fp32, ONNX Runtime, with the folder's text encoder and VAE decoder graphs) into ``scratch`` and run as
+    ``L2CPipeline(...)(prompt=..., decode=True)``, ``batch_size`` prompts a call; the seconds are those calls'."""
+
+    folder: Path  # the diffusers folder (what cache-dit's pipeline loads)
+    captions: list[str]
+    digits: np.ndarray
+    held_out: np.ndarray
+    scratch: Path
+    batch_size: int = 50
+
+    def sample_build(self, setup: "EvalSetup", schedule: Schedule | None, num_steps: int) -> Drawn:
+        import time
+
+        from ..builder.build import BuildRequest, build
+        from ..runtime.pipeline import L2CPipeline
+
+        spec = setup.spec
+        sampler = spec.sampler(None, num_steps)
+        if schedule is None:
+            schedule = Schedule.full(num_steps, sublayers=list(spec.sublayer_names),
+                                     timesteps=sampler.model_times.tolist(), sampler=sampler.kind)
+        folder = self.scratch / f"build-{len(list(self.scratch.glob('build-*')))}"
+        build(BuildRequest(spec=spec, schedule=schedule, sampler=sampler, out_dir=folder), progress=False)
+        pipe = L2CPipeline.from_engine_dir(folder)
+        pipe(prompt=self.captions[:1], noise=setup.noise[:1], decode=True)  # untimed: sessions' first-run set-up
+        images, seconds = [], 0.0
+        for start in range(0, len(self.captions), self.batch_size):
+            stop = min(start + self.batch_size, len(self.captions))
+            begin = time.perf_counter()
+            result = pipe(prompt=self.captions[start:stop], noise=setup.noise[start:stop], decode=True)
+            seconds += time.perf_counter() - begin
+            images.append(np.clip(result.decoded, -1.0, 1.0))  # as the pipelines' postprocess clamps
+        return Drawn(np.concatenate(images), seconds)
+
+
+@dataclass
+class Candidate:
+    """One way of sampling and what it costs: ``mac_fraction`` of full compute. By default the reference sampler with
+    ``schedule`` (None: full compute) at ``num_steps`` model calls; a method with a sampler of its own gives ``run``."""
+
+    method: str
+    mac_fraction: float
+    num_steps: int
+    schedule: Schedule | None
+    budget: float | None
+    point: str
+    info: dict = field(default_factory=dict)
+    run: Callable[[EvalSetup], np.ndarray] | None = None
+
+    def key(self) -> tuple:
+        """Candidates with equal keys sample the same thing (drawn once)."""
+        if self.run is not None:
+            return self.method, json.dumps(self.info, sort_keys=True, default=str)
+        compute = None if self.schedule is None or self.schedule.compute.all() else self.schedule.compute.tobytes()
+        return self.num_steps, compute
+
+    def samples(self, setup: EvalSetup) -> "np.ndarray | Drawn":
+        """The samples (n, C, H, W); a :class:`Drawn` where the method was timed as its users run it."""
+        return self.run(setup) if self.run is not None else setup.sample(self.schedule, self.num_steps)
+
+
+# A method: (budget, setup, point) -> its candidates at that budget (none where it cannot reach it).
+Method = Callable[[float, EvalSetup, str], list[Candidate]]
+
+
+def _fora(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
+    fora = baselines.reuse_every_n(setup.num_steps, setup.macs, budget, setup.timesteps,
+                                   sublayers=setup.spec.sublayer_names)
+    return [Candidate("fora", fora.mac_fraction(setup.macs), setup.num_steps, fora, budget, point,
+                      {"interval": fora.extra["interval"]})]
+
+
+def _random(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
+    out = []
+    for seed in setup.random_seeds:
+        drop = baselines.random_drop(setup.num_steps, setup.macs, budget, seed=seed, timesteps=setup.timesteps,
+                                     sublayers=setup.spec.sublayer_names)
+        out.append(Candidate("random", drop.mac_fraction(setup.macs), setup.num_steps, drop, budget, point,
+                             {"seed": seed, "dropped": drop.extra["dropped"]}))
+    return out
+
+
+def _fewer_steps(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
+    spec = setup.spec
+    fewer = baselines.fewer_steps(setup.num_steps, spec.num_layers, budget, kind=setup.sampler.kind,
+                                  clip_denoised=spec.clip_denoised, sublayers=spec.sublayer_names,
+                                  make_sampler=lambda calls: spec.sampler(None, calls))
+    return [Candidate("fewer-steps", fewer.extra["mac_fraction"], fewer.num_steps, None, budget, point,
+                      {"steps": fewer.num_steps})]
+
+
+def _cache_dit(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
+    """cache-dit's DBCache on diffusers' own pipeline (text-to-image models only), its settings matched to
+    ``budget`` on a calibration set (the first ``batch_size`` prompts); its MAC fraction is the one counted from
+    the blocks it ran on every prompt (set after it samples)."""
+    if setup.prompts is None:
+        return []
+    from . import cache_dit_peer
+
+    prompts, spec = setup.prompts, setup.spec
+    calibration = slice(0, min(prompts.batch_size, len(prompts.captions)))
+    settings, tried = cache_dit_peer.match_mac_fraction(
+        prompts.folder, budget, prompts.captions[calibration], setup.noise[calibration], setup.num_steps,
+        setup.cfg_scale, setup.macs, spec.sublayer_names, batch_size=prompts.batch_size, **setup.peer_search)
+    candidate = Candidate("cache-dit", budget, setup.num_steps, None, budget, point,
+                          {"dbcache": settings.as_dict(), "calibration": {"prompts": calibration.stop,
+                                                                         "tried": tried}})
+
+    def run(setup: EvalSetup) -> Drawn:
+        drawn = cache_dit_peer.sample_dbcache(prompts.folder, settings, prompts.captions, setup.noise, setup.num_steps,
+                                              setup.cfg_scale, setup.macs, spec.sublayer_names, prompts.batch_size)
+        candidate.mac_fraction = drawn.mac_fraction
+        return Drawn(drawn.images, drawn.seconds,
+                     {"block_calls": drawn.block_calls, "transformer_calls": drawn.transformer_calls,
+                      "cached_steps": drawn.cached_steps})
+
+    candidate.run = run
+    return [candidate]
+
+
+# The other methods, compared with the learned schedule at every budget, in this order (cache-dit: text-to-image
+# models only).
+METHODS: dict[str, Method] = {"fora": _fora, "random": _random, "fewer-steps": _fewer_steps, "cache-dit": _cache_dit}
+
+
+def candidates_at(budget: float, setup: EvalSetup, point: str, learned: Schedule | None = None) -> list[Candidate]:
+    """The l2c schedule (``learned`` if given, else the router at ``budget``) and every method of :data:`METHODS`
+    at ``budget``."""
+    out = []
+    if learned is None and setup.router is not None:
+        try:
+            learned = baselines.schedule_for_mac_fraction(setup.router, budget, setup.macs, setup.mode,
+                                                          setup.timesteps)
+        except ValueError:
+            learned = None  # below what the mode can reach
+    if learned is not None:
+        out.append(Candidate("l2c", learned.mac_fraction(setup.macs), setup.num_steps, learned, budget, point,
+                             {"threshold": learned.threshold, "mode": learned.mode}))
+    for method in METHODS.values():
+        out += method(budget, setup, point)
+    return out

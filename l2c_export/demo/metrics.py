@@ -1,0 +1,93 @@
+"""The evaluation's measures (:mod:`l2c_export.demo.evaluate`): Frechet distance, PSNR, and the feature spaces they
+are taken in (the digits classifier's, or a fixed random projection of the latents).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+PROJECTION_DIM = 64  # features of the random projection (as many as the digits classifier's)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to (n, d) and (m, d) features:
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+
+    Tr (S_a S_b)^(1/2) is taken as the sum of the square roots of the eigenvalues of the symmetric S_a^(1/2) S_b
+    S_a^(1/2) (the same eigenvalues), which needs no general matrix square root.
+    """
+    mu_a, mu_b = features_a.mean(axis=0), features_b.mean(axis=0)
+    sigma_a = np.atleast_2d(np.cov(features_a, rowvar=False))
+    sigma_b = np.atleast_2d(np.cov(features_b, rowvar=False))
+    values, vectors = np.linalg.eigh(sigma_a)
+    root_a = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    middle = root_a @ sigma_b @ root_a
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    distance = ((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_root
+    return float(max(distance, 0.0))  # identical sets give a rounding error's worth below zero
+
+
+def psnr(samples: np.ndarray, reference: np.ndarray, data_range: float | None = 2.0) -> float | None:
+    """PSNR in dB of ``samples`` against ``reference`` (same shape); None when identical. With ``data_range`` 2 (pixel
+    models) both are clipped to [-1, 1]; with None (latents) nothing is clipped and the range is the reference's
+    (max - min)."""
+    if data_range is not None:
+        samples, reference = np.clip(samples, -1, 1), np.clip(reference, -1, 1)
+    else:
+        data_range = float(reference.max() - reference.min())
+    mse = float(np.mean((samples - reference) ** 2, dtype=np.float64))
+    return None if mse == 0.0 else float(10.0 * np.log10(data_range ** 2 / mse))
+
+
+class DigitsFeatures:
+    """The shipped digits classifier: 64 penultimate features, the 1797 real digits as reference, class accuracy."""
+
+    description = "scikit-learn digits (1797) in the shipped classifier's 64-d feature space"
+    data_range = 2.0  # pixels in [-1, 1]
+
+    def __init__(self, classifier_path: Path | None = None):
+        from .classifier import CLASSIFIER_PATH, load_classifier
+        from .train import digits_dataset
+
+        self.classifier = load_classifier(classifier_path or CLASSIFIER_PATH)
+        self.real = self(digits_dataset()[0])
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        from .classifier import features
+
+        return features(self.classifier, samples)
+
+    def accuracy(self, samples: np.ndarray, labels: np.ndarray | None) -> float | None:
+        from .classifier import accuracy
+
+        return None if labels is None else accuracy(self.classifier, samples, labels)
+
+    @staticmethod
+    def applies(spec) -> bool:
+        """8x8 one-channel pixel models of 10 classes (the embedded digits models)."""
+        sample = next(t for t in spec.family.graph_inputs(spec.config) if t.role == "sample")
+        return spec.space == "pixel" and tuple(sample.shape) == (1, 8, 8)
+
+
+class RandomProjection:
+    """A fixed random projection of the flattened samples (C * H * W) onto ``dim`` Gaussian directions of norm about
+    1, from ``numpy.random.default_rng(seed)``: a feature space for any model, with no reference data (so FD to full
+    only) and no classes."""
+
+    real = None
+    data_range = None  # latents: PSNR over the reference's range
+
+    def __init__(self, sample_shape: Sequence[int], dim: int = PROJECTION_DIM, seed: int = 0):
+        size = int(np.prod(sample_shape))
+        self.matrix = np.random.default_rng(seed).standard_normal((size, dim)) / np.sqrt(size)
+        self.description = (f"a fixed random projection of the flattened {'x'.join(map(str, sample_shape))} latents "
+                            f"onto {dim} Gaussian directions (numpy default_rng({seed})); no reference data")
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        return samples.reshape(len(samples), -1).astype(np.float64) @ self.matrix
+
+    def accuracy(self, samples: np.ndarray, labels: np.ndarray | None) -> None:
+        return None
