@@ -14,19 +14,11 @@ import torch
 from safetensors.torch import save_file
 
 from l2c_export.core.schedule import Schedule
-from l2c_export.learn.learner import (
-    LearnSettings,
-    NoisedData,
-    Router,
-    l2c_loss,
-    learn_router,
-    learned_calls,
-    load_image_folder,
-    load_latents,
-    router_metadata,
-    sample_trajectories,
-    write_router,
-)
+from l2c_export.learn.data import NoisedData, load_image_folder, load_latents, sample_trajectories
+from l2c_export.learn.files import router_metadata, write_router
+from l2c_export.learn.learner import learn_router
+from l2c_export.learn.objective import Router, l2c_loss, learned_calls
+from l2c_export.learn.settings import LearnSettings
 from l2c_export.models import get_family
 from l2c_export.models.dit import count_macs
 from l2c_export.models.uvit.model import UViT, UViTConfig, uvit_config

@@ -69,18 +69,11 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
     Runs under torchrun for data-parallel learning (gloo on CPU):
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m l2c_export.cli learn ...
     """
-    from ..learn.learner import (
-        LearnSettings,
-        NoisedData,
-        init_distributed,
-        learn_router,
-        load_image_folder,
-        load_latents,
-        router_metadata,
-        sample_trajectories,
-        with_random_labels,
-        write_router,
-    )
+    from ..learn.data import NoisedData, load_image_folder, load_latents, sample_trajectories, with_random_labels
+    from ..learn.distributed import init_distributed
+    from ..learn.files import router_metadata, write_router
+    from ..learn.learner import learn_router
+    from ..learn.settings import LearnSettings
 
     if out.suffix != ".safetensors":
         raise click.BadParameter(f"{out}: the router is written as .safetensors", param_hint="--out")
@@ -167,7 +160,7 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
 def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, guidance_scale: float):
     """A text model's prompts to learn on (``--conditioning-data``), as a :class:`Condition` (a guidance-distilled
     model's guidance input fed ``guidance_scale``); None for a label model (which refuses the flag)."""
-    from ..learn.learner import Condition
+    from ..learn.data import Condition
     from ..runtime.conditioning import load_conditioning, refuse_negatives
 
     inputs = {tensor.role: tensor for tensor in spec.family.graph_inputs(spec.config)}
