@@ -340,6 +340,42 @@ def test_incremental_rebuild_exports_only_what_changed(tmp_path):
     manifest_io.load(out)  # the result is complete and consistent
 
 
+def test_the_exporter_digest_changes_with_the_exporters_source_and_only_with_it(tmp_path):
+    import shutil
+
+    from l2c_export.builder.reuse import PACKAGE, exporter_digest
+
+    copy = tmp_path / "l2c_export"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert exporter_digest(copy) == exporter_digest()
+    with open(copy / "cli" / "run.py", "a") as f:  # not a stage that makes a build's files
+        f.write("# edited\n")
+    assert exporter_digest.__wrapped__(copy) == exporter_digest()
+    with open(copy / "export" / "onnx.py", "a") as f:
+        f.write("# edited\n")
+    assert exporter_digest.__wrapped__(copy) != exporter_digest()
+
+
+def test_a_changed_exporter_rebuilds_what_an_unchanged_one_reuses(tmp_path, monkeypatch):
+    """The exporter's digest is part of every key: the same request rebuilds everything once it changes."""
+    import l2c_export.builder.build as build_module
+
+    spec = _spec(_checkpoint(tmp_path, TINY2), TINY2)
+    sampler = GaussianSampler.create("ddim", 5)
+
+    def run():
+        return build(BuildRequest(spec=spec, schedule=Schedule(np.array(ROWS, dtype=bool)), sampler=sampler,
+                                  out_dir=tmp_path / "build"), progress=False)
+
+    first = run()
+    unchanged = run()
+    assert not unchanged.traced and unchanged.exported == [] and "weights.bin" in unchanged.reused
+    monkeypatch.setattr(build_module, "exporter_digest", lambda: "another exporter")
+    changed = run()
+    assert changed.traced and changed.reused == [] and sorted(changed.exported) == sorted(first.exported)
+    manifest_io.load(tmp_path / "build")
+
+
 def _default_schedule_file(tmp_path: Path, rows) -> Path:
     path = tmp_path / f"schedule-{len(list(tmp_path.iterdir()))}.json"
     path.write_text(json.dumps({"num_steps": len(rows), "depth": len(rows[0]) // 2, "compute": rows}))

@@ -134,6 +134,26 @@ def test_modules_of_one_stage_do_not_import_each_other_in_a_cycle():
     assert not same_stage_cycles(edges), same_stage_cycles(edges)
 
 
+def test_a_build_runs_only_code_of_the_stages_its_key_hashes():
+    """``builder.reuse.exporter_digest`` hashes the sources of ``EXPORTER_STAGES``: everything a build imports,
+    directly or through others (inside functions too), must be there, or a change to it would not rebuild."""
+    from l2c_export.builder.reuse import EXPORTER_STAGES
+
+    modules = package_modules()
+    known = set(modules)
+    reached, todo = set(), ["l2c_export.builder.build"]
+    while todo:
+        name = todo.pop()
+        if name in reached or name not in known:
+            continue
+        reached.add(name)
+        source, is_package = modules[name]
+        todo += [target for _, target, _ in imported_modules(source, name, is_package, typing_only=False)]
+        todo += [name.rsplit(".", 1)[0]]  # importing a module runs its package's __init__
+    outside = sorted(name for name in reached if stage_of(name) not in EXPORTER_STAGES and stage_of(name))
+    assert not outside, outside
+
+
 def test_the_check_fails_on_a_climbing_import_at_the_top_or_inside_a_function():
     known = {"l2c_export.core.schedule", "l2c_export.samplers", "l2c_export.runtime.conditioning",
              "l2c_export.models", "l2c_export.runtime.backends.torch", "l2c_export.runtime.pipeline"}

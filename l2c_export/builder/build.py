@@ -14,17 +14,16 @@ What a build folder guarantees:
   links), and only when their sha256 still matches.
 
 Incremental: every file carries a key, a hash of what produced it (weights, config, precision, subset, tool
-versions). A rebuild reuses a previous file with the same key (hard link) instead of tracing, exporting or building
-again; when every file is reusable the model is not even loaded.
+versions, and the exporter's own source: :func:`l2c_export.builder.reuse.exporter_digest`). A rebuild reuses a
+previous file with the same key (hard link) instead of tracing, exporting or building again; when every file is
+reusable the model is not even loaded.
+
+The folder transaction lives by job beside this module: :mod:`.output_folder` (what ``--out`` may be, recovery of a
+killed build), :mod:`.lock` (the lock) and :mod:`.reuse` (keys and reuse).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,9 @@ from ..core.util import replace_folder
 from ..models.zoo import ModelSpec
 from ..samplers import DenoisingSampler
 from .engines import BatchRange, get_builder
+from .lock import exclusive_lock
+from .output_folder import check_output_folder, recover
+from .reuse import exporter_digest, key_of, previous_files, reuse, tool_versions
 
 
 @dataclass
@@ -81,8 +83,8 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
     request.schedule.check_fits(request.sampler.num_calls, spec.sublayer_names)
     plan = BuildPlan.from_schedule(request.schedule)
     check_output_folder(out_dir)
-    with _exclusive_lock(out_dir, progress):
-        _recover(out_dir)
+    with exclusive_lock(out_dir, progress):
+        recover(out_dir)
         check_output_folder(out_dir)  # again, under the lock: another build may have written it meanwhile
         return _build_locked(request, builder, plan, out_dir, staging, progress)
 
@@ -93,14 +95,15 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
 
     spec, config = request.spec, request.spec.config
     form = _quantization_form(request)
-    versions = _versions()
+    versions = tool_versions()
     weights_sha = spec.family.weights_sha256(spec.weights)
-    base_key = _hash({"weights": weights_sha, "family": spec.family.name, "config": config.to_dict(),
-                      "precision": request.precision, "opset": OPSET, "versions": versions, "quantization": form,
-                      "calibration": request.calibration_images if form == "qdq" else None,
-                      **({"reduce_range": request.backend == "onnxruntime"} if form is not None else {})})
-    graph_keys = [_hash({"base": base_key, "compute": s.compute, "writes": s.writes}) for s in plan.subsets]
-    previous = _previous_files(out_dir)
+    base_key = key_of({"weights": weights_sha, "family": spec.family.name, "config": config.to_dict(),
+                       "precision": request.precision, "opset": OPSET, "versions": versions,
+                       "exporter": exporter_digest(), "quantization": form,
+                       "calibration": request.calibration_images if form == "qdq" else None,
+                       **({"reduce_range": request.backend == "onnxruntime"} if form is not None else {})})
+    graph_keys = [key_of({"base": base_key, "compute": s.compute, "writes": s.writes}) for s in plan.subsets]
+    previous = previous_files(out_dir)
 
     if staging.exists():
         shutil.rmtree(staging)  # left by a build that was killed
@@ -112,7 +115,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
         quantization = None
         weights_name = "weights.bin"
         graph_files = [f"{subset.name}.onnx" for subset in plan.subsets]
-        need_trace = not _reuse(previous, base_key, staging / weights_name, reused) or not all(
+        need_trace = not reuse(previous, base_key, staging / weights_name, reused) or not all(
             key in previous for key in graph_keys)
         if need_trace:
             from ..export.onnx import trace, weights_layout, write_weights
@@ -131,12 +134,12 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
         for subset, graph_file, key in bar:
             bar.set_postfix_str(subset.name)
             inputs, outputs = _interface(subset, plan.slots, spec, dtype)
-            if not _reuse(previous, key, staging / graph_file, reused):
+            if not reuse(previous, key, staging / graph_file, reused):
                 _export_subset(universal, subset, staging / graph_file, inputs, outputs, _stamped_fields(spec), form)
                 exported.append(graph_file)
             engine_file = builder.engine_file(graph_file, key)
-            engine_key = _hash({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
-            if engine_file != graph_file and not _reuse(previous, engine_key, staging / engine_file, reused):
+            engine_key = key_of({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
+            if engine_file != graph_file and not reuse(previous, engine_key, staging / engine_file, reused):
                 builder.build(staging / graph_file, staging / engine_file, inputs, request.batch,
                               spec.family.dim_ranges(spec.config, spec.max_prompt_tokens))
             subset_records.append(_subset_record(subset, plan.slots, staging, graph_file, key, engine_file,
@@ -167,11 +170,12 @@ def _components(spec: ModelSpec, staging: Path, out_dir: Path, previous: dict[st
         before = manifest_io.load(out_dir, verify_files=False).get("components", {})
     except manifest_io.ManifestError:
         before = {}
-    exporters = _versions(("diffusers", "transformers", "tokenizers"))  # they make the components' files
+    exporters = tool_versions(("diffusers", "transformers", "tokenizers"))  # they make the components' files
     return build_components(
-        spec, staging, key_of=lambda file, source: _hash({"file": file, "source": source, "opset": OPSET,
-                                                          "versions": versions, "exporters": exporters}),
-        reuse=lambda key, target: _reuse(previous, key, target, reused), previous_record=before.get)
+        spec, staging, key_of=lambda file, source: key_of({"file": file, "source": source, "opset": OPSET,
+                                                           "versions": versions, "exporters": exporters,
+                                                           "exporter": exporter_digest()}),
+        reuse=lambda key, target: reuse(previous, key, target, reused), previous_record=before.get)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,155 +342,6 @@ def _guidance_record(request: BuildRequest, guided: int, null_class: int | None)
     return record
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-class OutputFolderError(ValueError):
-    """``--out`` is not a place a build may be written to; the message says why and what is expected."""
-
-
-def check_output_folder(out_dir: Path) -> None:
-    """Refuses an ``--out`` that is not absent, empty, or a previous l2c-export build (a valid manifest and nothing
-    but the files it names), so that replacing it can lose nothing of the user's."""
-    if out_dir.is_symlink():
-        raise OutputFolderError(f"--out {out_dir}: is a symbolic link; give the folder itself")
-    if not out_dir.exists():
-        parent = next((p for p in out_dir.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise OutputFolderError(f"--out {out_dir}: {parent} is a file, not a folder")
-        return
-    if not out_dir.is_dir():
-        raise OutputFolderError(f"--out {out_dir}: is a file; expected a folder (absent, empty or a previous build)")
-    entries = sorted(os.listdir(out_dir))
-    if not entries:
-        return
-    not_a_build = (f"--out {out_dir}: not empty and not an l2c-export build, refusing to replace it (it holds "
-                   f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); give an absent or empty folder, "
-                   f"or a previous build's")
-    if manifest_io.MANIFEST_NAME not in entries:
-        raise OutputFolderError(not_a_build)
-    try:
-        data = manifest_io.load(out_dir, verify_files=False)
-    except manifest_io.ManifestError as error:
-        raise OutputFolderError(f"{not_a_build}: {error}") from None
-    named = {manifest_io.MANIFEST_NAME} | {entry["file"].split("/")[0] for entry in manifest_io.all_files(data)}
-    foreign = [entry for entry in entries if entry not in named]
-    if foreign:
-        raise OutputFolderError(f"--out {out_dir}: a previous build, but it also holds files the build did not write "
-                                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them away "
-                                f"first, a new build replaces the whole folder")
-
-
-@contextlib.contextmanager
-def _exclusive_lock(out_dir: Path, progress: bool):
-    """An exclusive ``flock`` on ``.<name>.lock`` beside ``out_dir`` for the whole build: a second build into the same
-    folder waits here (saying so) instead of sharing the staging folder.
-
-    The lock file exists only while a build holds or waits for it, so nothing is left beside ``--out``: the holder
-    removes it before unlocking, and a build that was waiting and then holds the lock of a removed file opens the
-    name again (the lock is the one on the file the name points to). Folders above ``--out`` that this call created
-    are removed again when the build fails and they are still empty."""
-    created = _missing_folders(out_dir.parent)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out_dir.parent / f".{out_dir.name}.lock"
-    succeeded = False
-    try:
-        lock = _acquire(lock_path, out_dir, progress)
-        try:
-            lock.write(f"pid {os.getpid()}\n")
-            lock.flush()
-            yield
-            succeeded = True
-        finally:
-            lock_path.unlink(missing_ok=True)  # still holding it: a waiter finds its file gone and opens the name again
-            lock.close()  # unlocks
-    finally:
-        if not succeeded:
-            for folder in created:  # deepest first; one that is not empty (another build's) stays
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-
-
-def _acquire(lock_path: Path, out_dir: Path, progress: bool):
-    """The open lock file ``lock_path``, exclusively locked, and still the file that name points to."""
-    while True:
-        lock = open(lock_path, "a+")
-        try:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                holder = lock.read().strip() or "another process"
-                if progress:
-                    print(f"waiting for the build already running into {out_dir} ({holder}) ...", flush=True)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            if _is_same_file(lock, lock_path):
-                lock.seek(0)
-                lock.truncate()
-                return lock
-        except BaseException:
-            lock.close()
-            raise
-        lock.close()  # the build that held it removed the file meanwhile: lock the one the name points to now
-
-
-def _is_same_file(opened, path: Path) -> bool:
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(opened.fileno())
-    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those above it that do not exist yet, deepest first."""
-    missing = []
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            break
-        missing.append(candidate)
-    return missing
-
-
-def _recover(out_dir: Path) -> None:
-    """Before anything else (under the lock): a build killed between the two renames of
-    :func:`l2c_export.core.util.replace_folder` left the
-    previous build at ``.<name>.old`` and nothing at ``out_dir``: put it back. A leftover ``.old`` beside a complete
-    ``out_dir`` is stale and removed."""
-    old = out_dir.parent / f".{out_dir.name}.old"
-    if old.exists():
-        if out_dir.exists():
-            shutil.rmtree(old)
-        else:
-            os.replace(old, out_dir)
-
-
-def _previous_files(out_dir: Path) -> dict[str, Path]:
-    """key -> file of the previous build in ``out_dir`` (only files inside it whose size and sha256 still match)."""
-    try:
-        data = manifest_io.load(out_dir, verify_files=False)
-    except manifest_io.ManifestError:
-        return {}
-    files = {}
-    for entry in manifest_io.all_files(data):
-        path = manifest_io.file_path(out_dir, entry["file"], str(out_dir / manifest_io.MANIFEST_NAME))
-        if "key" in entry and path.is_file() and path.stat().st_size == entry["bytes"] \
-                and manifest_io.sha256_of(path) == entry["sha256"]:
-            files[entry["key"]] = path
-    return files
-
-
-def _reuse(previous: dict[str, Path], key: str, target: Path, reused: list[str]) -> bool:
-    source = previous.get(key)
-    if source is None:
-        return False
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-    reused.append(target.name)
-    return True
-
-
 def _weight_table(universal, out_dir: Path, quantization: dict | None = None) -> list[dict]:
     """name, dtype, shape, offset, length (and for an int8 weight how it dequantizes) of every tensor in weights.bin
     (from the trace, or the previous manifest when the weights were reused without tracing)."""
@@ -510,20 +365,3 @@ def _quantization_record(quantization: dict | None, out_dir: Path) -> dict:
     if quantization is None:  # weights reused without tracing: the previous build's record describes them
         return manifest_io.load(out_dir, verify_files=False)["quantization"]
     return {key: value for key, value in quantization.items() if key != "tensors"}
-
-
-def _hash(data) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _versions(packages=("l2c-export", "torch", "onnx", "onnxruntime-gpu", "onnxruntime", "tensorrt",
-                         "polygraphy")) -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions = {}
-    for package in packages:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions

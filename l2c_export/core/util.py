@@ -136,7 +136,7 @@ def check_finite(value: float, what: str, low: float | None = None, high: float 
 
 def replace_folder(staging: Path, out_dir: Path) -> None:
     """Puts the finished staging folder in place of ``out_dir``: one atomic exchange where the file system allows it,
-    else two renames (a build killed between them is repaired by the next: ``build._recover``)."""
+    else two renames (a build killed between them is repaired by the next: ``builder.output_folder.recover``)."""
     if not out_dir.exists():
         os.replace(staging, out_dir)
         return
