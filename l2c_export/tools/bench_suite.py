@@ -20,6 +20,13 @@ synthetic official-mode schedule over its named sub-layers, verified, benchmarke
 every subset against the full one alone) and its exported full compute timed against diffusers' own PyTorch pipeline
 on the same work (steps, batch, latents, conditioning, guidance), writing ``docs/bench-large.json`` and
 ``docs/bench-large.md``.
+
+Why it ships in the installed package rather than in a scripts folder beside it: it is how a user reproduces the
+published figures on their own machine and models (``python -m l2c_export.tools.bench_suite --large --models ...``
+against an installed wheel, no clone needed), it stands on the package's public stages only (builder, runtime,
+serving, :mod:`l2c_export.tools.bench`), and its schedule and real-size model configurations
+(:func:`synthetic_official_schedule`, :func:`real_size_config`) are what the C++ and bench tests build. It imports
+nothing at module level beyond numpy, so shipping it costs an installed user nothing.
 """
 
 from __future__ import annotations
