@@ -433,17 +433,20 @@ def test_eval_on_a_tiny_flux_at_its_image_size_without_negatives(tiny_diffusers,
 
 # -- the VAE decoder -------------------------------------------------------------------------------------------------
 def test_unpacking_flux_latents_equals_flux_pipelines():
-    """unpack_latents (numpy, the runtime's) equals FluxPipeline._unpack_latents, on a non-square size with the
-    pipeline's scale factor; a token count that does not fit the size is refused."""
+    """unpack_latents (numpy, core's, which the runtime's ImageDecoder uses) equals FluxPipeline._unpack_latents, on
+    a non-square size with the pipeline's scale factor; a token count that does not fit the size is refused."""
     from diffusers import FluxPipeline
 
-    from l2c_export.runtime.components import unpack_latents
+    from l2c_export.core.latents import packed_2x2_shape, unpack_latents
+    from l2c_export.runtime import components
 
+    assert components.unpack_latents is unpack_latents
     packed = torch.randn(2, 2 * 3, 4 * 5, generator=torch.Generator().manual_seed(0))
     want = FluxPipeline._unpack_latents(packed, 4 * 8, 6 * 8, 8).numpy()
     got = unpack_latents(packed.numpy(), 4, 6)
     assert got.shape == want.shape == (2, 5, 4, 6)
     np.testing.assert_array_equal(got, want)
+    assert tuple(FluxPipeline._pack_latents(torch.from_numpy(got), 2, 5, 4, 6).shape[1:]) == packed_2x2_shape(5, 4, 6)
     with pytest.raises(ValueError, match=r"packed latents \(2, 6, 20\): expected \(n, 4, 4 C\) for 4 x 4 latents"):
         unpack_latents(packed.numpy(), 4, 4)
 
