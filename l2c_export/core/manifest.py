@@ -226,6 +226,19 @@ def weight_name(parameter: str, transposed: bool = False, rows: tuple[int, int] 
     return parameter + (".T" if transposed else "") + (f"[{rows[0]}:{rows[1]}]" if rows is not None else "")
 
 
+def folded_weight_name(parameters: list[str], value: str) -> str:
+    """The name of a tensor of ``weights.bin`` that the exporter computed from ``parameters`` alone, standing for the
+    graph value ``value`` (a parameter-only chain folded at export: SD3's crop of its position-embedding table),
+    ``<parameter>[+<parameter>...]@<value>``. It holds no parameter of the model: the parameters stay in weights.bin
+    as they are, and the PyTorch reference reads them, not this."""
+    return "+".join(parameters) + "@" + value
+
+
+def is_folded_weight_name(name: str) -> bool:
+    """Whether ``name`` is a :func:`folded_weight_name` (a parameter's name has no ``@``)."""
+    return "@" in name
+
+
 def parse_weight_name(name: str) -> tuple[str, bool, tuple[int, int] | None]:
     """The inverse of :func:`weight_name`: (parameter, transposed, rows or None)."""
     sliced = _ROWS.match(name)
