@@ -11,6 +11,13 @@ no PyTorch is imported until a name that needs it is (``build``, ``verify_build`
 from __future__ import annotations
 
 import importlib
+import os
+
+# ONNX Runtime's telemetry off, as in the Triton server's environment (l2c_export.serving.triton): ONNX Runtime reads
+# ORT_DISABLE_TELEMETRY when it is imported (after that, disable_telemetry_events() is too late to keep it from making
+# its database under ~/.cache/Microsoft), and every stage that imports it imports this package first: the CLI, the
+# Python API, Triton's model. An explicit ORT_DISABLE_TELEMETRY=0 in the environment is kept.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # name -> the module that defines it (one definition each; these are re-exports)
 _EXPORTS = {

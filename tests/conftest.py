@@ -83,6 +83,18 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def telemetry_home(home: Path, setting: str | None) -> tuple[dict[str, str], Path]:
+    """An environment whose home and cache folder are ``home`` (fresh), ORT_DISABLE_TELEMETRY set to ``setting`` (None:
+    unset), and the telemetry database ONNX Runtime makes there when its telemetry is on
+    ($XDG_CACHE_HOME/Microsoft/DeveloperTools/.onnxruntime/onnxruntime.db)."""
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), PYTHONUNBUFFERED="1")
+    if setting is not None:
+        env["ORT_DISABLE_TELEMETRY"] = setting
+    return env, home / ".cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime" / "onnxruntime.db"
+
+
 def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Runs ``l2c-export`` in a real subprocess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -77,3 +77,21 @@ def test_sample_equals_run_on_the_embedded_default(default_build, tmp_path):
     assert want.shape == got.shape == (2, 1, 8, 8)
     assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_onnx_runtime_telemetry_is_off_in_the_cli_unless_asked_for(default_build, tmp_path):
+    """`run` (ONNX Runtime sessions) leaves no telemetry database in the home folder: the package sets
+    ORT_DISABLE_TELEMETRY=1 before ONNX Runtime is imported, as the Triton server's environment does; an explicit
+    ORT_DISABLE_TELEMETRY=0 is kept (ONNX Runtime then makes its database, which shows this test can see it)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO, telemetry_home
+
+    for setting, made in ((None, False), ("0", True)):
+        env, database = telemetry_home(tmp_path / f"home-{setting}", setting)
+        result = subprocess.run([sys.executable, "-m", "l2c_export.cli", "run", str(default_build), "--labels", "3",
+                                 "--out", str(tmp_path / "grid.png")], capture_output=True, text=True, env=env,
+                                cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        assert database.is_file() is made, setting

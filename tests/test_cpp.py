@@ -50,11 +50,11 @@ def cpp_build() -> Path:
     return BUILD_DIR
 
 
-def run_binary(program: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs a compiled program of the C++ runtime (with the sanitizers' settings under L2C_CPP_SANITIZE=1) and
-    checks that its stderr holds no sanitizer report."""
+def run_binary(program: Path, *args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs a compiled program of the C++ runtime (with the sanitizers' settings under L2C_CPP_SANITIZE=1; in ``env``
+    where given, else this process's environment) and checks that its stderr holds no sanitizer report."""
     result = subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **SANITIZER_ENV})
+                            env={**(os.environ if env is None else env), **SANITIZER_ENV})
     reports = [line for line in result.stderr.splitlines() if any(mark in line for mark in SANITIZER_REPORTS)]
     assert not reports, f"{program.name}: sanitizer report:\n{result.stderr[-6000:]}"
     return result
@@ -129,6 +129,22 @@ def _compare(engines: Path, tmp_path: Path, labels: list[int], cfg_scale: float,
     assert cpp.shape == python.shape == noise.shape and cpp.dtype == np.float32
     assert np.isfinite(cpp).all()
     return float(np.abs(cpp - python).max() / (python.max() - python.min()))
+
+
+def test_onnx_runtime_telemetry_is_off_in_l2c_run_unless_asked_for(cpp_build, default_build, tmp_path):
+    """l2c-run leaves no ONNX Runtime telemetry database in the home folder (the runtime sets ORT_DISABLE_TELEMETRY=1
+    before it loads ONNX Runtime, as the Triton server's environment does); an explicit ORT_DISABLE_TELEMETRY=0 is
+    kept (ONNX Runtime then makes its database, which shows this test can see it)."""
+    from .conftest import telemetry_home
+
+    noise = tmp_path / "z.npy"
+    _noise(default_build, 2, 0, noise)
+    for setting, made in ((None, False), ("0", True)):
+        env, database = telemetry_home(tmp_path / f"home-{setting}", setting)
+        result = run_binary(L2C_RUN, default_build, "--labels", "1,2", "--noise", noise, "--out", tmp_path / "o.npy",
+                            env=env)
+        assert result.returncode == 0, result.stderr
+        assert database.is_file() is made, setting
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["schedule", "full"])

@@ -410,6 +410,64 @@ def test_flux_proj_out_is_stored_as_its_branches_slices_and_read_back_whole(tiny
         assert torch.equal(rebuilt[name], tensor), name
 
 
+def test_sd3_position_embedding_crop_is_a_weight_of_its_own(tiny_diffusers, tmp_path):
+    """SD3 reads its position-embedding table (pos_embed_max_size on a side) through Reshape, Slice, Slice, Reshape:
+    the crop for the build's size. The export folds that parameter-only chain into a weight of its own, so that no
+    ONNX Runtime session folds a private copy: the graphs read the crop (by the Add alone), not the table, and no op
+    of theirs reads initializers and constants alone; ONNX Runtime's optimised graph (the backend's options, the
+    weights shared) holds no float tensor of its own made from the table. The table stays in weights.bin, whole, and the
+    PyTorch reference reads it back."""
+    import onnxruntime as ort
+
+    from l2c_export.builder.build import BuildRequest, build
+    from l2c_export.core import manifest as manifest_io
+    from l2c_export.export.onnx import _FOLDABLE
+    from l2c_export.models.zoo import from_diffusers
+    from l2c_export.runtime.backends import check_graph, graph_path, weight_arrays
+    from l2c_export.runtime.backends.onnxruntime import OPTIMIZATION_LEVELS, _set_up_environment
+    from l2c_export.runtime.backends.torch import model_from_manifest
+
+    spec = from_diffusers(tiny_diffusers("sd3", "flow"))
+    engines = tmp_path / "E"
+    build(BuildRequest(spec=spec, schedule=_schedule(spec.sublayer_names), sampler=spec.sampler(None, STEPS),
+                       out_dir=engines), progress=False)
+    data = manifest_io.load(engines)
+    arrays = weight_arrays(data, engines)
+    table_name = "transformer.pos_embed.pos_embed"
+    (crop_name,) = [name for name in arrays if name.startswith(table_name + "@")]
+    side, grid = SD3_CONFIG["pos_embed_max_size"], SD3_CONFIG["sample_size"] // SD3_CONFIG["patch_size"]
+    width = SD3_CONFIG["num_attention_heads"] * SD3_CONFIG["attention_head_dim"]
+    table = arrays[table_name].reshape(side, side, width)
+    top = (side - grid) // 2
+    np.testing.assert_array_equal(arrays[crop_name],
+                                  table[top:top + grid, top:top + grid].reshape(1, grid * grid, width))
+    _set_up_environment(None)
+    for record in data["subsets"]:
+        graph = onnx.load(graph_path(engines, record), load_external_data=False).graph
+        initializers = {tensor.name for tensor in graph.initializer}
+        constants = initializers | {node.output[0] for node in graph.node if node.op_type == "Constant"}
+        assert table_name not in initializers and crop_name in initializers
+        assert [node.op_type for node in graph.node if crop_name in node.input] == ["Add"]
+        assert not [node.name for node in graph.node if node.op_type in _FOLDABLE
+                    and set(node.input) & initializers and set(node.input) - {""} <= constants]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS["extended"]
+        options.use_per_session_threads = False
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.optimized_model_filepath = str(tmp_path / f"optimized-{record['index']}.onnx")
+        shared = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[name]))
+                  for name in check_graph(engines, record, data)}
+        for name, value in shared.items():
+            options.add_initializer(name, value)
+        ort.InferenceSession(str(graph_path(engines, record)), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+        own = [tensor.name for tensor in optimized.initializer if tensor.name not in arrays
+               and tensor.data_type == onnx.TensorProto.FLOAT]  # not the int64 shape constants
+        assert not [name for name in own if "pos_embed" in name], own
+    rebuilt = model_from_manifest(data, engines).state_dict()
+    assert torch.equal(rebuilt[table_name], spec.load_model().state_dict()[table_name])
+
+
 def test_eval_on_a_tiny_flux_at_its_image_size_without_negatives(tiny_diffusers, tmp_path):
     """eval --diffusers on FLUX.1 (--image-size 8): prompts without negatives (guidance-distilled: --cfg-scale feeds
     the guidance embedding), every method measured against full compute."""
@@ -433,17 +491,20 @@ def test_eval_on_a_tiny_flux_at_its_image_size_without_negatives(tiny_diffusers,
 
 # -- the VAE decoder -------------------------------------------------------------------------------------------------
 def test_unpacking_flux_latents_equals_flux_pipelines():
-    """unpack_latents (numpy, the runtime's) equals FluxPipeline._unpack_latents, on a non-square size with the
-    pipeline's scale factor; a token count that does not fit the size is refused."""
+    """unpack_latents (numpy, core's, which the runtime's ImageDecoder uses) equals FluxPipeline._unpack_latents, on
+    a non-square size with the pipeline's scale factor; a token count that does not fit the size is refused."""
     from diffusers import FluxPipeline
 
-    from l2c_export.runtime.components import unpack_latents
+    from l2c_export.core.latents import packed_2x2_shape, unpack_latents
+    from l2c_export.runtime import components
 
+    assert components.unpack_latents is unpack_latents
     packed = torch.randn(2, 2 * 3, 4 * 5, generator=torch.Generator().manual_seed(0))
     want = FluxPipeline._unpack_latents(packed, 4 * 8, 6 * 8, 8).numpy()
     got = unpack_latents(packed.numpy(), 4, 6)
     assert got.shape == want.shape == (2, 5, 4, 6)
     np.testing.assert_array_equal(got, want)
+    assert tuple(FluxPipeline._pack_latents(torch.from_numpy(got), 2, 5, 4, 6).shape[1:]) == packed_2x2_shape(5, 4, 6)
     with pytest.raises(ValueError, match=r"packed latents \(2, 6, 20\): expected \(n, 4, 4 C\) for 4 x 4 latents"):
         unpack_latents(packed.numpy(), 4, 4)
 

@@ -3,7 +3,7 @@
 //   unversioned link, and a dlopen'ed library finds its provider libraries beside it.
 // - Weights: weights.bin memory-mapped once; each tensor wrapped as an OrtValue and given to every session with
 //   AddInitializer, with session.disable_prepacking (prepacking would keep a packed copy per session).
-// - One global intra-op thread pool and one process-wide CPU arena for all sessions.
+// - One global intra-op thread pool and one process-wide CPU arena for all sessions; telemetry off.
 // - A request's cache slots are its own buffers bound with IO binding, inputs and outputs alike: a fresh branch
 //   output is written straight into the slot the next subset reads.
 #define ORT_API_MANUAL_INIT
@@ -57,6 +57,10 @@ OnnxRuntime& onnxruntime(const std::string& library, int threads) {
     return *runtime_instance;
   }
   const std::string path = library.empty() ? default_library() : library;
+  // ONNX Runtime's telemetry off, as in the Triton server's environment and the Python package: ONNX Runtime reads
+  // ORT_DISABLE_TELEMETRY when it starts (DisableTelemetryEvents afterwards does not keep it from making its database
+  // under ~/.cache/Microsoft). Once, before the library is loaded; an explicit ORT_DISABLE_TELEMETRY=0 is kept.
+  setenv("ORT_DISABLE_TELEMETRY", "1", /*overwrite=*/0);
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr)
     throw UnavailableError("cannot load ONNX Runtime from " + path + " (" + dlerror() +
@@ -77,6 +81,7 @@ OnnxRuntime& onnxruntime(const std::string& library, int threads) {
   // ONNX Runtime's own log stays quiet: every error it reports reaches the caller as an exception, and from there
   // as one line (its log would print the same error again, on lines of its own).
   instance->env = std::make_unique<Ort::Env>(threading, ORT_LOGGING_LEVEL_FATAL, "l2c");
+  instance->env->DisableTelemetryEvents();
   Ort::MemoryInfo arena_memory("Cpu", OrtArenaAllocator, 0, OrtMemTypeDefault);
   Ort::ArenaCfg arena(0, -1, -1, -1);
   instance->env->CreateAndRegisterAllocator(arena_memory, arena);

@@ -18,6 +18,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from .latents import packed_2x2_shape
 from .util import read_json, write_json
 
 SCHEMA_VERSION = 2
@@ -225,6 +226,19 @@ def weight_name(parameter: str, transposed: bool = False, rows: tuple[int, int] 
     return parameter + (".T" if transposed else "") + (f"[{rows[0]}:{rows[1]}]" if rows is not None else "")
 
 
+def folded_weight_name(parameters: list[str], value: str) -> str:
+    """The name of a tensor of ``weights.bin`` that the exporter computed from ``parameters`` alone, standing for the
+    graph value ``value`` (a parameter-only chain folded at export: SD3's crop of its position-embedding table),
+    ``<parameter>[+<parameter>...]@<value>``. It holds no parameter of the model: the parameters stay in weights.bin
+    as they are, and the PyTorch reference reads them, not this."""
+    return "+".join(parameters) + "@" + value
+
+
+def is_folded_weight_name(name: str) -> bool:
+    """Whether ``name`` is a :func:`folded_weight_name` (a parameter's name has no ``@``)."""
+    return "@" in name
+
+
 def parse_weight_name(name: str) -> tuple[str, bool, tuple[int, int] | None]:
     """The inverse of :func:`weight_name`: (parameter, transposed, rows or None)."""
     sliced = _ROWS.match(name)
@@ -380,11 +394,14 @@ def _check_interfaces_agree(data: dict, where: str) -> None:
 
 
 def _packed_2x2(shape: list | None) -> list | None:
-    """(batch, C, h, w) -> the packed latents' shape (batch, (h / 2) (w / 2), 4 C); None where h or w is not even."""
+    """(batch, C, h, w) -> the packed latents' shape (batch, T, 4 C) (:func:`~l2c_export.core.latents.packed_2x2_shape`);
+    None where that is not a shape that packs."""
     if shape is None or len(shape) != 4 or not all(isinstance(size, int) for size in shape[1:]):
         return None
-    batch, channels, height, width = shape
-    return None if height % 2 or width % 2 else [batch, (height // 2) * (width // 2), 4 * channels]
+    try:
+        return [shape[0], *packed_2x2_shape(*shape[1:])]
+    except ValueError:
+        return None
 
 
 def _check_components(data: dict, where: str) -> None:

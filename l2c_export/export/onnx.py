@@ -25,6 +25,7 @@ Slots are the family's sub-layer names (:meth:`l2c_export.models.ModelFamily.sub
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import warnings
@@ -37,7 +38,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from ..core.manifest import weight_name
+from ..core.manifest import folded_weight_name, weight_name
 from ..core.plan import SubsetPlan, cache_input_name, fresh_output_name
 from ..core.util import atomic_write_with
 
@@ -144,6 +145,7 @@ def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> Unive
     graph_model = onnx.load_from_string(buffer.getvalue())
     _fold_static_shape_ifs(graph_model)
     weights = _attach_parameters(graph_model, model, dtype)
+    _fold_parameter_chains(graph_model, weights)
     _merge_equal_constants(graph_model)
     _name_dims(graph_model, dict(zip(slots, family.cached_shapes(config))))
     return UniversalGraph(graph_model, weights, precision, slots)
@@ -233,6 +235,144 @@ def _attach_parameters(graph_model: onnx.ModelProto, model: torch.nn.Module, dty
     del graph.input[:]
     graph.input.extend(kept_inputs)
     return weights
+
+
+# Ops that only move or index data, and integer arithmetic (shape computations), evaluated in numpy exactly as ONNX
+# defines them: a chain of them over parameters and constants is folded at export (:func:`_fold_parameter_chains`).
+def _reshape(node, data, shape):
+    shape = [data.shape[i] if size == 0 and not _attribute(node, "allowzero", 0) else size
+             for i, size in enumerate(shape.tolist())]
+    return data.reshape(shape)
+
+
+def _slice(node, data, starts, ends, axes=None, steps=None):
+    axes = range(len(starts)) if axes is None else axes.tolist()
+    steps = [1] * len(starts) if steps is None else steps.tolist()
+    index = [slice(None)] * data.ndim
+    for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes, steps):
+        index[axis] = slice(start, end, step)
+    return data[tuple(index)]
+
+
+def _unsqueeze(node, data, axes):
+    rank = data.ndim + len(axes)
+    return np.expand_dims(data, tuple(sorted(axis % rank for axis in axes.tolist())))
+
+
+def _integers(operation):
+    """An elementwise op on integer tensors only (None: not folded), with numpy's broadcasting (ONNX's)."""
+    def apply(node, a, b):
+        if not (np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer)):
+            return None
+        return operation(a, b).astype(np.result_type(a, b))
+    return apply
+
+
+def _cast(node, data):
+    """Cast between integer types only (a float cast would round: not data movement)."""
+    to = onnx.helper.tensor_dtype_to_np_dtype(_attribute(node, "to", 0))
+    return data.astype(to) if np.issubdtype(data.dtype, np.integer) and np.issubdtype(to, np.integer) else None
+
+
+_FOLDABLE = {
+    "Identity": lambda node, data: data,
+    "Reshape": _reshape,
+    "Slice": _slice,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": lambda node, data, axes=None: np.squeeze(data, None if axes is None else tuple(axes.tolist())),
+    "Transpose": lambda node, data: data.transpose(_perm(node) or None),
+    "Gather": lambda node, data, indices: np.take(data, indices, axis=_attribute(node, "axis", 0)),
+    "Concat": lambda node, *parts: np.concatenate(parts, axis=_attribute(node, "axis", 0)),
+    "Shape": lambda node, data: np.array(data.shape[_attribute(node, "start", 0):_attribute(node, "end", None)],
+                                         dtype=np.int64),
+    "Cast": _cast,
+    "Add": _integers(np.add),
+    "Sub": _integers(np.subtract),
+    "Mul": _integers(np.multiply),
+    "Div": _integers(lambda a, b: np.trunc(a / b)),  # ONNX's integer Div truncates toward zero
+}
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _fold_parameter_chains(graph_model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> None:
+    """Folds every value the graph computes from parameters alone (with constants and the static sizes of its inputs),
+    through ops that only move or index data or compute shapes (:data:`_FOLDABLE`), into a weight of its own named
+    after them (:func:`l2c_export.core.manifest.folded_weight_name`), and removes the chain. Else each runtime session
+    folds it into a private copy: SD3 reads its 226 MB position-embedding table (pos_embed_max_size 192) through
+    Reshape, two Slices (the crop for the build's image size, from the sample's static height and width) and a
+    Reshape. The parameters stay in ``weights`` as they are (the PyTorch reference reads them); one that no node
+    reads any more is in no graph, so no session loads it."""
+    from onnx import numpy_helper
+
+    graph = graph_model.graph
+    inferred = onnx.shape_inference.infer_shapes(graph_model)
+    dims = {info.name: [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
+            for info in (*inferred.graph.value_info, *inferred.graph.input) if info.type.tensor_type.HasField("shape")}
+    values: dict[str, np.ndarray] = {}  # name -> value, for what is computed from parameters, constants, static sizes
+    sources: dict[str, set[str]] = {}  # name -> the parameters it is computed from (none: not a weight's)
+    sizes: dict[str, list] = {}  # a Shape's output over a tensor of partly static shape: its sizes (None: dynamic)
+    folded_nodes = []
+    for node in graph.node:
+        inputs = list(node.input)
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]], sources[node.output[0]] = numpy_helper.to_array(node.attribute[0].t), set()
+            continue
+        if node.op_type == "Shape" and inputs[0] not in values and inputs[0] not in weights and inputs[0] in dims:
+            sizes[node.output[0]] = dims[inputs[0]][_attribute(node, "start", 0):_attribute(node, "end", None)]
+            folded_nodes.append(node)
+            continue
+        if node.op_type == "Gather" and inputs[0] in sizes and inputs[1] in values:
+            known, index = sizes[inputs[0]], values[inputs[1]]
+            if not np.issubdtype(index.dtype, np.integer) or not np.all((-len(known) <= index) & (index < len(known))):
+                continue
+            picked = np.take(np.array(known, dtype=object), index)
+            if any(size is None for size in np.ravel(picked)):
+                continue
+            values[node.output[0]], sources[node.output[0]] = np.asarray(picked, dtype=np.int64), set()
+            folded_nodes.append(node)
+            continue
+        if node.op_type not in _FOLDABLE or len(node.output) != 1 \
+                or not all(name == "" or name in values or name in weights for name in inputs):
+            continue
+        arguments = [None if name == "" else values[name] if name in values else weights[name] for name in inputs]
+        while arguments and arguments[-1] is None:
+            arguments.pop()
+        value = _FOLDABLE[node.op_type](node, *arguments)
+        if value is None:
+            continue
+        values[node.output[0]] = value
+        sources[node.output[0]] = set().union(*({name} if name in weights else sources.get(name, set())
+                                                for name in inputs if name))
+        folded_nodes.append(node)
+    computed = {node.output[0] for node in folded_nodes}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.output}
+    for node in folded_nodes:
+        name = node.output[0]
+        if not sources.get(name):
+            continue  # not computed from a parameter: small, and every runtime folds it alike
+        if name in outputs or any(reader.output[0] not in computed for reader in readers.get(name, [])):
+            stored = folded_weight_name(sorted(sources[name]), name)
+            weights[stored] = np.ascontiguousarray(values[name])
+            _rename_uses(graph, name, stored)
+    reads = collections.Counter(name for node in graph.node for name in node.input)
+    dead = set()
+    for node in reversed(folded_nodes):  # the folded chains' nodes that nothing reads any more, readers first
+        if node.output[0] not in outputs and reads[node.output[0]] == 0:
+            dead.add(id(node))
+            reads.subtract(node.input)
+    kept = [node for node in graph.node if id(node) not in dead]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _is_transpose(node: onnx.NodeProto) -> bool:

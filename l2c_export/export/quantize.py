@@ -67,6 +67,10 @@ def quantize_universal(universal, form: str, calibration: list[dict[str, np.ndar
     if precision == "fp8" and form != "qdq":
         raise ValueError("fp8 exists only in the qdq form (ONNX Runtime has no dynamic float8 MatMul)")
     originals = dict(universal.weights)
+    read = {name for node in universal.model.graph.node for name in node.input}
+    # Parameters no node reads (folded into weights of their own at export): the quantizer drops them, the PyTorch
+    # reference reads them.
+    unread = {name: array for name, array in originals.items() if name not in read}
     transposed_b = {node.input[1] for node in universal.model.graph.node if node.op_type == "Gemm" and
                     any(a.name == "transB" and a.i == 1 for a in node.attribute)}
     model = onnx.ModelProto()
@@ -109,7 +113,7 @@ def quantize_universal(universal, form: str, calibration: list[dict[str, np.ndar
     if precision == "fp8":
         _to_float8(quantized, originals)
     del quantized.graph.value_info[:]  # the quantizer's inferred shapes: each session would hold them again
-    universal.weights = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    universal.weights = {**unread, **{t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}}
     del quantized.graph.initializer[:]
     universal.model = quantized
     tensors = _quantized_tensors(quantized, universal.weights, transposed_b)

@@ -4,7 +4,7 @@ no torch or transformers): prompts to prompt embeddings, latents to images.
 :class:`PromptEncoder` turns prompts into the pipelines' four conditioning arrays as ``PixArtAlphaPipeline.encode_prompt``
 (diffusers 0.42, ``clean_caption=False``) makes them; :class:`ImageDecoder` decodes latents with the VAE decoder graph
 as the pipelines do before ``image_processor.postprocess`` (scaled, shifted, FLUX.1's unpacked by
-:func:`unpack_latents`).
+:func:`l2c_export.core.latents.unpack_latents`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..core import manifest as manifest_io
+from ..core.latents import unpack_latents
 
 
 class PromptError(ValueError):
@@ -140,22 +141,11 @@ class PromptEncoder:
         return arrays
 
 
-def unpack_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray:
-    """FLUX.1's packed latents (n, (h / 2) (w / 2), 4 C) -> (n, C, h, w), as ``FluxPipeline._unpack_latents`` (token
-    (i, j) holds the 2x2 patch at rows 2i, 2i + 1 and columns 2j, 2j + 1, channel-major: c, row, column)."""
-    n, tokens, channels = latents.shape
-    if height % 2 or width % 2 or tokens != (height // 2) * (width // 2) or channels % 4:
-        raise ValueError(f"packed latents {tuple(latents.shape)}: expected (n, {(height // 2) * (width // 2)}, 4 C) "
-                         f"for {height} x {width} latents")
-    patches = latents.reshape(n, height // 2, width // 2, channels // 4, 2, 2)
-    return patches.transpose(0, 3, 1, 4, 2, 5).reshape(n, channels // 4, height, width)
-
-
 class ImageDecoder:
     """Latents (n, *sample shape) -> the VAE's sample (n, 3, H, W) float32 in about [-1, 1], as the pipelines decode
     before ``image_processor.postprocess``: ``vae.decode(latents / scaling_factor + shift_factor).sample``, the shift
     0 where the record has none (SD3 and FLUX.1 have one), and a "packed_2x2" ``latent_layout`` (FLUX.1's (n, T,
-    4 C)) first unpacked to the decoder's (n, C, h, w) (:func:`unpack_latents`)."""
+    4 C)) first unpacked to the decoder's (n, C, h, w) (:func:`~l2c_export.core.latents.unpack_latents`)."""
 
     def __init__(self, manifest: dict, folder: Path, providers: Sequence = ("CPUExecutionProvider",)):
         record = manifest["components"]["vae_decoder"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
+from ...core.latents import unpacked_2x2_shape
 from .. import TensorSpec
 from . import (JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError,
                OutputPacking)
@@ -141,7 +142,7 @@ class FluxDiffusersFamily(DiffusersFamily):
     def vae_latents(self, config: DiffusersConfig) -> tuple[int, int, int]:
         """The packed sample (T, 4 C) unpacked, (C, h, w) (``FluxPipeline._unpack_latents``)."""
         side = self.latent_size(config)
-        return config["in_channels"] // 4, side, side
+        return unpacked_2x2_shape(self.sample_spec(config).shape, side, side)
 
     def num_layers(self, config: DiffusersConfig) -> int:
         return config["num_layers"] + config["num_single_layers"]

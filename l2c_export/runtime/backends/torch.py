@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ...models import get_family
-from ...core.manifest import ManifestError, parse_weight_name
+from ...core.manifest import ManifestError, is_folded_weight_name, parse_weight_name
 from . import check_graph, selected_subsets, weight_arrays
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32,
@@ -35,6 +35,8 @@ def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
         arrays = dequantize(arrays, quantized)
     stored: dict[str, list] = {}  # parameter -> its (array (memory-mapped view), transposed, rows) in weights.bin
     for name, array in arrays.items():
+        if is_folded_weight_name(name):  # computed from parameters that weights.bin holds as they are
+            continue
         parameter, transposed, rows = parse_weight_name(name)
         if parameter in expected:  # else an activation scale of a qdq build
             stored.setdefault(parameter, []).append((array, transposed, rows))
