@@ -238,9 +238,11 @@ def test_check_fits_names_the_largest_part():
 def test_a_malformed_tokenizer_is_refused_naming_the_file_before_any_export(tiny_diffusers, tmp_path):
     folder = _copy(tiny_diffusers("pixart-t5"), tmp_path / "f")
     path = folder / "tokenizer" / "tokenizer.json"
-    path.write_text(path.read_text()[:-200])  # cut short
+    original = path.read_text()
+    path.write_text(original[:-200])  # cut short
     line = _refused_build(folder, tmp_path)
     assert f"{path}: not valid JSON" in line
+    path.write_text(original)
     _edit(path, model={"type": "Unigram", "vocab": "not a list"})
     line = _refused_build(folder, tmp_path)
     assert f"{path}: not a tokenizers library file (" in line
