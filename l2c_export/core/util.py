@@ -216,11 +216,11 @@ def check_finite(value: float, what: str, low: float | None = None, high: float 
     """``value`` as a float if it is finite and within [low, high]; else ValueError naming ``what``."""
     number = float(value)
     if not math.isfinite(number):
-        raise ValueError(f"{what} is {value!r}; expected a finite number")
+        raise ValueError(f"{what} is {short_repr(value)}; expected a finite number")
     if (low is not None and number < low) or (high is not None and number > high):
         bounds = (f"at least {low}" if high is None else f"at most {high}" if low is None
                   else f"in [{low}, {high}]")
-        raise ValueError(f"{what} is {value!r}; expected a number {bounds}")
+        raise ValueError(f"{what} is {short_repr(value)}; expected a number {bounds}")
     return number
 
 
