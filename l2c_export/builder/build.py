@@ -33,10 +33,12 @@ from tqdm.auto import tqdm
 from ..core import manifest as manifest_io
 from ..core.backends import precision_refusal
 from ..core.plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name
+from ..core.memory import check_build_fits
 from ..core.schedule import Schedule
 from ..core.util import replace_folder
 from ..models.zoo import ModelSpec
 from ..samplers import DenoisingSampler
+from .components import check_components
 from .engines import BatchRange, get_builder
 from .lock import exclusive_lock
 from .output_folder import check_output_folder, recover
@@ -81,6 +83,8 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
     builder.check_available()  # before anything is written
     spec = request.spec
     request.schedule.check_fits(request.sampler.num_calls, spec.sublayer_names)
+    check_components(spec)  # the tokenizer as it will be exported: a bad one is refused before the first export
+    check_build_fits(spec)  # the memory estimate, before torch allocates anything
     plan = BuildPlan.from_schedule(request.schedule)
     check_output_folder(out_dir)
     with exclusive_lock(out_dir, progress):

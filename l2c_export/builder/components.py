@@ -140,10 +140,11 @@ def _export_text_encoder(source: Path, spec, staging: Path) -> dict:
                          "shape": [*tokens, int(encoder.config.d_model)]}]}
 
 
-def _write_tokenizer(source: Path, spec, staging: Path) -> dict:
-    """The tokenizer as transformers loads it for the pipeline (its ``backend_tokenizer``: a T5 tokenizer is rebuilt
-    on loading, so this, not the folder's file as such, is what diffusers tokenizes with), truncation and padding
-    cleared (the runtime sets them per request), and its pad token."""
+def _load_tokenizer(source: Path, spec):
+    """The tokenizer as transformers loads it for the pipeline (a T5 tokenizer is rebuilt on loading, so this, not
+    the folder's file as such, is what diffusers tokenizes with) and its ``backend_tokenizer``, checked: a fast
+    tokenizer with a pad token, whose ids (vocabulary, pad and end-of-sequence tokens) are all below the text
+    encoder's ``vocab_size``."""
     from transformers import AutoTokenizer
 
     from ..models.diffusers import DiffusersFolderError
@@ -153,6 +154,32 @@ def _write_tokenizer(source: Path, spec, staging: Path) -> dict:
     if backend is None or tokenizer.pad_token is None:
         raise DiffusersFolderError(f"{source}: {type(tokenizer).__name__} has no tokenizers-library backend and pad "
                                    f"token; expected a fast tokenizer (tokenizer.json) with a pad token")
+    config = spec.components.text_encoder_config
+    vocab_size = None if config is None else config["vocab_size"]
+    if vocab_size is not None:
+        largest = max(backend.get_vocab(with_added_tokens=True).values(), default=0)
+        for what, token_id in (("its vocabulary", largest), (f"pad token {tokenizer.pad_token!r}",
+                                                             tokenizer.pad_token_id),
+                               (f"end-of-sequence token {tokenizer.eos_token!r}", tokenizer.eos_token_id)):
+            if token_id is not None and not 0 <= token_id < vocab_size:
+                raise DiffusersFolderError(f"{source}: {what} has token id {token_id}; the text encoder's vocab_size "
+                                           f"is {vocab_size} ({spec.components.text_encoder / 'config.json'})")
+    return tokenizer, backend
+
+
+def check_components(spec) -> None:
+    """Loads what a build will export beside the transformer as the export will (the tokenizer, whose checks need
+    transformers), so that a folder whose tokenizer cannot be used is refused before the first export, not after
+    the transformer's."""
+    sources = component_sources(spec)
+    if "tokenizer" in sources:
+        _load_tokenizer(sources["tokenizer"], spec)
+
+
+def _write_tokenizer(source: Path, spec, staging: Path) -> dict:
+    """The tokenizer as :func:`_load_tokenizer` loads it, truncation and padding cleared (the runtime sets them per
+    request), and its pad token."""
+    tokenizer, backend = _load_tokenizer(source, spec)
     backend.no_truncation()
     backend.no_padding()
     (staging / COMPONENT_FILES["tokenizer"][0]).write_text(backend.to_str())

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .latents import packed_2x2_shape
-from .util import read_json, write_json
+from .util import read_json, short_repr, write_json
 
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -64,13 +64,13 @@ def _difference(recorded: object, built: object, path: str) -> str | None:
             if key not in built:
                 return f"field '{path}/{key}' is not in what the graph was built for"
             if key not in recorded:
-                return f"field '{path}/{key}' is missing; the graph was built for {built[key]!r}"
+                return f"field '{path}/{key}' is missing; the graph was built for {short_repr(built[key])}"
             difference = _difference(recorded[key], built[key], f"{path}/{key}")
             if difference:
                 return difference
         return None
     if recorded != built or isinstance(recorded, bool) != isinstance(built, bool):
-        return f"field '{path}' is {recorded!r}; the graph was built for {built!r}"
+        return f"field '{path}' is {short_repr(recorded)}; the graph was built for {short_repr(built)}"
     return None
 
 
@@ -109,8 +109,8 @@ def validate(data: dict, where: str) -> None:
         field = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         message = error.message
         if error.validator == "pattern" and field.endswith("/file"):
-            message = (f"file {error.instance!r} is not a plain relative path inside the build folder (no absolute "
-                       f"path, '..', hidden component or backslash)")
+            message = (f"file {short_repr(error.instance)} is not a plain relative path inside the build folder (no "
+                       f"absolute path, '..', hidden component or backslash)")
         raise ManifestError(f"{where}: field '{field}': {message}") from None
 
 
@@ -131,14 +131,14 @@ def file_path(folder: Path, name: object, where: str) -> Path:
     plain = isinstance(name, str) and name and not name.startswith("/") and "\\" not in name and all(
         part and not part.startswith(".") for part in name.split("/"))
     if not plain:
-        raise ManifestError(f"{where}: file {name!r} is not a plain relative path inside the build folder "
+        raise ManifestError(f"{where}: file {short_repr(name)} is not a plain relative path inside the build folder "
                             f"(no absolute path, '..', hidden component or backslash)")
     path = folder
     for part in name.split("/"):
         path = path / part
         if path.is_symlink():
-            raise ManifestError(f"{where}: file {name!r} is (or lies in) a symbolic link; a build folder holds no "
-                                f"links, so nothing outside it is ever read")
+            raise ManifestError(f"{where}: file {short_repr(name)} is (or lies in) a symbolic link; a build folder "
+                                f"holds no links, so nothing outside it is ever read")
     return path
 
 

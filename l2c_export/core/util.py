@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes with the user's file modes, strict JSON in and out."""
+"""Small shared helpers: atomic file writes with the user's file modes, strict JSON in and out (files of a model
+folder size-capped before they are parsed), values echoed in messages shortened."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import errno
 import json
 import math
 import os
+import reprlib
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -122,15 +125,102 @@ def read_json(path: Path, error: type[Exception], missing_hint: str = "",
     return parse_json(text, str(path), error, constants)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Values from a file, echoed in a message: at most this many characters (a 50 MB class name is not echoed whole).
+MAX_ECHO = 80
+
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = _ECHO.maxother = _ECHO.maxlong = MAX_ECHO
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxdict = _ECHO.maxset = 8
+_ECHO.maxlevel = 3
+
+
+def short_repr(value: object, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` shortened to at most ``limit`` characters (long strings, numbers, lists and nested values
+    elided with ``...``), for every message that echoes a value read from a file."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class JsonCap:
+    """The largest JSON file of one kind that is parsed, and why that is enough (parsing takes some 20-40x the file's
+    size in memory, so a file is measured before it is read)."""
+
+    max_bytes: int
+    reason: str
+
+
+_KIB, _MIB = 1 << 10, 1 << 20
+# The JSON files read from a model folder (a diffusers pipeline folder), by kind.
+FOLDER_JSON_CAPS = {
+    "model_index": JsonCap(64 * _KIB, "a pipeline's model_index.json names a handful of components (under 1 KB)"),
+    "config": JsonCap(1 * _MIB, "a model's or scheduler's config.json holds some tens of options (under 10 KB; "
+                                "trained_betas, the longest, 1000 numbers)"),
+    "weights_index": JsonCap(16 * _MIB, "a sharded model's index maps each parameter to its shard (FLUX.1's "
+                                        "transformer: about 120 KB)"),
+    "tokenizer": JsonCap(48 * _MIB, "the largest tokenizer.json in common use (a 262k-token vocabulary) is about "
+                                    "33 MB; T5's is 2.4 MB"),
+    "tokenizer_config": JsonCap(16 * _MIB, "tokenizer_config.json and special_tokens_map.json name the special "
+                                           "tokens (T5's: about 20 KB)"),
+}
+
+
+def check_file_size(path: Path, kind: str, error: type[Exception]) -> int:
+    """The size of ``path`` (a file of kind ``kind``, :data:`FOLDER_JSON_CAPS`), refused with the reason when it is
+    larger than that kind's cap; for files handed to a library (tokenizers, transformers) unread."""
+    cap = FOLDER_JSON_CAPS[kind]
+    try:
+        size = Path(path).stat().st_size
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    if size > cap.max_bytes:
+        raise error(f"{path}: {format_bytes(size)}; at most {format_bytes(cap.max_bytes)} is read ({cap.reason})")
+    return size
+
+
+def read_folder_json(path: Path, kind: str, error: type[Exception], missing_hint: str = "",
+                     constants: dict[str, float] | None = None) -> object:
+    """:func:`read_json` for a file of a model folder: its size is checked against the cap of its kind
+    (:data:`FOLDER_JSON_CAPS`) before it is read, and no more than the cap is ever read (a file growing meanwhile,
+    or a device, is refused the same way)."""
+    cap = FOLDER_JSON_CAPS[kind]
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder; expected a JSON file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cap.max_bytes + 1)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file{missing_hint}") from None
+    if len(data) > cap.max_bytes:
+        size = max(len(data), path.stat().st_size)
+        raise error(f"{path}: {format_bytes(size)}; at most {format_bytes(cap.max_bytes)} is read ({cap.reason})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not valid JSON (not UTF-8 text)") from None
+    return parse_json(text, str(path), error, constants)
+
+
+def format_bytes(size: float) -> str:
+    """``size`` bytes as 812 B, 3.4 KiB, 1.2 GiB, ... (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(size) < 1024 or unit == "PiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def check_finite(value: float, what: str, low: float | None = None, high: float | None = None) -> float:
     """``value`` as a float if it is finite and within [low, high]; else ValueError naming ``what``."""
     number = float(value)
     if not math.isfinite(number):
-        raise ValueError(f"{what} is {value!r}; expected a finite number")
+        raise ValueError(f"{what} is {short_repr(value)}; expected a finite number")
     if (low is not None and number < low) or (high is not None and number > high):
         bounds = (f"at least {low}" if high is None else f"at most {high}" if low is None
                   else f"in [{low}, {high}]")
-        raise ValueError(f"{what} is {value!r}; expected a number {bounds}")
+        raise ValueError(f"{what} is {short_repr(value)}; expected a number {bounds}")
     return number
 
 

@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch
 
+from ..core.util import short_repr
 from .dit.model import DiT, DiTConfig
 
 # The only non-tensor global that DiT and L2C training files contain (their ``args``). weights_only=True forbids
@@ -103,8 +104,8 @@ def load_safetensors_into(files: list[Path], module: torch.nn.Module, source: st
                     header = opened.get_slice(name)
                     dtype = _SAFETENSORS_DTYPES.get(header.get_dtype())
                     if dtype is None:
-                        raise CheckpointError(f"{file}: tensor {name!r} has dtype {header.get_dtype()}; expected "
-                                              f"one of {', '.join(_SAFETENSORS_DTYPES)}")
+                        raise CheckpointError(f"{file}: tensor {short_repr(name)} has dtype {header.get_dtype()}; "
+                                              f"expected one of {', '.join(_SAFETENSORS_DTYPES)}")
                     headers[name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
         except CheckpointError:
             raise
@@ -129,8 +130,8 @@ def check_finite_tensors(state_dict: dict[str, torch.Tensor], path: str | Path) 
     for name, tensor in state_dict.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s); expected finite "
-                                  f"weights")
+            raise CheckpointError(f"{path}: tensor {short_repr(name)} holds {bad} NaN or infinite value(s); expected "
+                                  f"finite weights")
     return state_dict
 
 
@@ -157,7 +158,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Mod
         raise CheckpointError(f"{source}: does not fit the model; " + "; ".join(problems))
     for name, tensor in state_dict.items():
         if expected[name].is_floating_point() and not tensor.is_floating_point():
-            raise CheckpointError(f"{source}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; "
+            raise CheckpointError(f"{source}: tensor {short_repr(name)} is {str(tensor.dtype).removeprefix('torch.')}; "
                                   f"expected floating-point weights (float32, float16 or bfloat16), not an integer "
                                   f"or quantized export of them")
 

@@ -22,6 +22,7 @@ EMBEDDED_MODELS = ("dit-digits", "uvit-digits", "t2i-digits")
 TEXT_TO_IMAGE_MODELS = ("t2i-digits",)
 DEFAULT_NAME = "dit-digits"
 ROUTER_FILE, SCHEDULE_FILE = "router.safetensors", "schedule.json"
+MAX_PRESET_IMAGE_SIZE = 4096  # --image-size of an official checkpoint's preset, in pixels
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ def official(checkpoint: str | Path, model: str, image_size: int, num_classes: i
     1/8; the family's default sampler and guidance scale."""
     if image_size % 8:
         raise ValueError(f"--image-size {image_size} is not a multiple of 8 (latents are 1/8 of the image)")
+    if image_size > MAX_PRESET_IMAGE_SIZE:
+        raise ValueError(f"--image-size {image_size}: expected at most {MAX_PRESET_IMAGE_SIZE} pixels (the presets are "
+                         f"released at 256 and 512 px; the position table grows with the square of the size)")
     family = family_of_model(model)
     config = family.preset(model, image_size, num_classes)
     return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent")

@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from ..core.schedule import Schedule, ScheduleMode, check_mode
-from ..core.util import check_finite
+from ..core.util import check_finite, short_repr
 from ..models.checkpoint import CheckpointError, load_torch_file
 
 
@@ -123,7 +123,8 @@ def _stack_by_index(routers: Mapping, where: str) -> np.ndarray:
     for key, value in routers.items():
         match = _AUTHORS_KEY.match(str(key))
         if not match or getattr(value, "ndim", None) != 1:
-            raise RouterError(f"{where}: field 'routers' key {key!r}: expected '{{i}}.prob' -> a 1-D logit tensor")
+            raise RouterError(f"{where}: field 'routers' key {short_repr(key)}: expected '{{i}}.prob' -> a 1-D logit "
+                              f"tensor")
         by_index[int(match.group(1))] = np.asarray(value.detach().float().numpy() if hasattr(value, "detach")
                                                     else value, dtype=np.float32)
     for index, logits in by_index.items():
@@ -170,7 +171,8 @@ def _load_router_safetensors(path: Path) -> RouterLogits:
     for key in ("image_size", "num_classes"):
         if key in meta:
             if not meta[key].isdigit() or int(meta[key]) < 1:
-                raise RouterError(f"{path}: metadata field {key!r} is {meta[key]!r}; expected a positive integer")
+                raise RouterError(f"{path}: metadata field {short_repr(key)} is {short_repr(meta[key])}; expected a "
+                                  f"positive integer")
             meta[key] = int(meta[key])
     return RouterLogits(tensors["logits"].astype(np.float32), source=str(path), meta=meta)
 

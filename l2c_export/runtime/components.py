@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core import manifest as manifest_io
 from ..core.latents import unpack_latents
+from ..core.util import short_repr
 
 
 class PromptError(ValueError):
@@ -68,8 +69,9 @@ def _component_session(folder: Path, manifest: dict, name: str, providers: Seque
         if initializer.data_location == onnx.TensorProto.EXTERNAL:
             location = {entry.key: entry.value for entry in initializer.external_data}.get("location")
             if location != weights.name:
-                raise manifest_io.ManifestError(f"{path}: initializer {initializer.name!r} reads {location!r}; the "
-                                                f"manifest's 'components/{name}/weights' is {weights.name}")
+                raise manifest_io.ManifestError(f"{path}: initializer {short_repr(initializer.name)} reads "
+                                                f"{short_repr(location)}; the manifest's 'components/{name}/weights' "
+                                                f"is {weights.name}")
     for kind, actual in (("inputs", graph.input), ("outputs", graph.output)):
         got = [t.name for t in actual]
         want = [t["name"] for t in record[kind]]

@@ -151,6 +151,7 @@ class L2CPipeline:
         negative_prompt: the unconditional half's text when guiding ("" as the PixArt pipelines; one, or one per
         prompt). decode: decode latents with the build's VAE decoder into ``result.decoded``.
         """
+        from ..core.memory import check_run_fits
         from .conditioning import classifier_free_batch, model_batch_conditioning
 
         cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
@@ -167,9 +168,11 @@ class L2CPipeline:
                                  f"'components/text_encoder'); give prompt embeddings (conditioning) instead, or "
                                  f"build from a diffusers folder with text_encoder/ and tokenizer/")
             prompts = [prompt] if isinstance(prompt, (str, bytes)) else list(prompt)
+            check_run_fits(self.manifest, len(prompts), guiding, f"{len(prompts)} prompts")
             conditioning = self.prompt_encoder(prompts, negative_prompt, guiding)
             where = "prompt"
         n, condition = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where, cfg_scale)
+        check_run_fits(self.manifest, n, guiding, f"{n} {'labels' if labels is not None else where}")
         expected = (n, *self.sample_shape)
         if noise is None:
             noise = make_noise(seed, expected)

@@ -26,7 +26,7 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from ..core.util import read_json
+from ..core.util import read_folder_json, short_repr
 from ..core.vocabulary import dit_official_calls
 from .base import CallGenerator, ModelCall
 from .gaussian import GaussianSampler, _clip
@@ -142,14 +142,14 @@ def check_options(specs: dict[str, tuple[object, Check]], config: dict, where: s
                                    f"{type(config).__name__}")
     unknown = sorted(key for key in config if not str(key).startswith("_") and key not in specs)
     if unknown:
-        raise SchedulerConfigError(f"{where}: field '{prefix}{unknown[0]}' is not a {class_name} option that "
-                                   f"l2c-export implements; expected only: {', '.join(specs)}")
+        raise SchedulerConfigError(f"{where}: field '{prefix}{short_repr(unknown[0])[1:-1]}' is not a {class_name} "
+                                   f"option that l2c-export implements; expected only: {', '.join(specs)}")
     options = {}
     for name, (default, check) in specs.items():
         value = config.get(name, default)
         problem = check(value)
         if problem is not None:
-            raise SchedulerConfigError(f"{where}: field '{prefix}{name}' is {value!r}; {problem}")
+            raise SchedulerConfigError(f"{where}: field '{prefix}{name}' is {short_repr(value)}; {problem}")
         options[name] = value
     if options.get("lambda_min_clipped") == -math.inf:
         options["lambda_min_clipped"] = None
@@ -806,7 +806,7 @@ def sampler_from_scheduler_config(config: dict, num_inference_steps: int, source
         raise SchedulerConfigError(f"{source}: expected a JSON object; got {type(config).__name__}")
     name = config.get("_class_name")
     if name not in SCHEDULER_CLASSES:
-        raise SchedulerConfigError(f"{source}: field '_class_name' is {name!r}; supported: "
+        raise SchedulerConfigError(f"{source}: field '_class_name' is {short_repr(name)}; supported: "
                                    f"{', '.join(SCHEDULER_CLASSES)}")
     if name == DiffusersFlowMatchEuler.class_name:
         return DiffusersFlowMatchEuler.from_scheduler_config(config, num_inference_steps, source, pipeline)
@@ -816,4 +816,4 @@ def sampler_from_scheduler_config(config: dict, num_inference_steps: int, source
 def read_scheduler_config(path: Path) -> dict:
     """``scheduler_config.json`` as diffusers writes it: strict JSON, except that its default
     ``lambda_min_clipped`` is written ``-Infinity``."""
-    return read_json(Path(path), SchedulerConfigError, constants={"-Infinity": -math.inf})
+    return read_folder_json(Path(path), "config", SchedulerConfigError, constants={"-Infinity": -math.inf})

@@ -29,6 +29,9 @@ from typing import Mapping
 
 from .. import LATENT_SCALE, ModelFamily, TensorSpec, config_from_dict, get_family
 from ...core.macs import MacCount
+from ...core.util import read_folder_json, short_repr
+from .sizes import (TEXT_ENCODER_SIZES, TRANSFORMER_SIZES, VAE_CHANNELS, VAE_LEVELS, VAE_SIZES, Size,
+                    check_integer_list, check_sizes, is_integer)
 
 MODEL_INDEX = "model_index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -212,8 +215,7 @@ class DiffusersFamily(ModelFamily):
     blocks: str = "transformer_blocks"  # the block list
     block_sublayers: tuple[str, ...]  # each block's sub-layer module paths, in forward order
     required: Mapping[str, object] = {}  # config option -> the only value supported
-    size_fields: tuple[str, ...] = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
-                                    "sample_size", "patch_size")  # config fields that must be positive integers
+    sizes: Mapping[str, Size] = TRANSFORMER_SIZES  # the config's integer fields, each bounded (.sizes)
     scheduler_classes: tuple[str, ...] = ("DDIMScheduler", "DPMSolverMultistepScheduler")  # what its pipelines take
     classifier_free: bool = True  # guidance runs a 2N batch (False: the pipeline never does; FLUX.1)
     component_parts: tuple[str, ...] = ("vae", "text_encoder")  # the folder parts a build carries as graphs
@@ -235,29 +237,26 @@ class DiffusersFamily(ModelFamily):
 
     def check_config(self, config: DiffusersConfig, where: str) -> None:
         """Refuses, naming it, a class or option this family does not run: unknown keys (not arguments of the class),
-        options other than :attr:`required`, and sizes that are not positive integers."""
+        options other than :attr:`required`, and integer fields outside their bounds (:attr:`sizes`)."""
         if config.transformer_class != self.transformer_class:
-            raise DiffusersFolderError(f"{where}: field '_class_name' is {config.transformer_class!r}; the "
+            raise DiffusersFolderError(f"{where}: field '_class_name' is {short_repr(config.transformer_class)}; the "
                                        f"{self.name} family reads {self.transformer_class}")
         accepted = set(inspect.signature(self.diffusers_class().__init__).parameters) - {"self"}
         unknown = sorted(set(config.transformer) - accepted)
         if unknown:
-            raise DiffusersFolderError(f"{where}: field {unknown[0]!r} is not an option of {self.transformer_class} "
-                                       f"(diffusers 0.42); not supported")
+            raise DiffusersFolderError(f"{where}: field {short_repr(unknown[0])} is not an option of "
+                                       f"{self.transformer_class} (diffusers 0.42); not supported")
         for key, value in self.required.items():
             if config.get(key, value) != value:
-                raise DiffusersFolderError(f"{where}: field {key!r} is {config.get(key)!r}; {self.transformer_class} "
-                                           f"is supported with {key} = {value!r} only")
-        for key in self.size_fields:
-            value = config.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 16:
-                raise DiffusersFolderError(f"{where}: field {key!r} is {value!r}; expected a positive integer")
-        if "sample_size" in self.size_fields and config["sample_size"] % config["patch_size"]:
+                raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(config.get(key))}; "
+                                           f"{self.transformer_class} is supported with {key} = {value!r} only")
+        check_sizes(config, self.sizes, where, DiffusersFolderError)
+        if "sample_size" in self.sizes and config["sample_size"] % config["patch_size"]:
             raise DiffusersFolderError(f"{where}: field 'sample_size' {config['sample_size']} is not a multiple of "
                                        f"'patch_size' {config['patch_size']}")
         if self.out_channels(config) not in (self.in_channels(config), 2 * self.in_channels(config)):
-            raise DiffusersFolderError(f"{where}: field 'out_channels' is {config.get('out_channels')!r}; expected "
-                                       f"in_channels or 2 * in_channels (learned sigma)")
+            raise DiffusersFolderError(f"{where}: field 'out_channels' is {short_repr(config.get('out_channels'))}; "
+                                       f"expected in_channels or 2 * in_channels (learned sigma)")
 
     def sized_config(self, config: DiffusersConfig, image_size: int | None, vae_scale_factor: int) -> DiffusersConfig:
         """The config at ``--image-size`` pixels; these families take their size from ``sample_size``."""
@@ -463,11 +462,14 @@ TRANSFORMER_FAMILIES = {"DiTTransformer2DModel": "diffusers-dit", "PixArtTransfo
 class FolderComponents:
     """The parts of a pipeline folder a build carries beside the transformer, each checked (None: not in the
     folder): ``vae/`` (an ``AutoencoderKL``: its decoder), ``text_encoder/`` (a ``T5EncoderModel``) with
-    ``tokenizer/`` (a ``tokenizer.json``; the two come together)."""
+    ``tokenizer/`` (a ``tokenizer.json``; the two come together); and their configs as read (what the memory
+    estimate and the tokenizer's cross-check read)."""
 
     vae: Path | None = None
     text_encoder: Path | None = None
     tokenizer: Path | None = None
+    vae_config: dict | None = field(default=None, compare=False)
+    text_encoder_config: dict | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -495,54 +497,76 @@ class DiffusersFolder:
         path = self.path / "vae" / "config.json"
         if not path.is_file():
             return 8
-        channels = _read_json(path, "").get("block_out_channels")
-        if not isinstance(channels, list) or not 1 <= len(channels) <= 8:
-            raise DiffusersFolderError(f"{path}: field 'block_out_channels' is {channels!r}; expected a list of 1 to "
-                                       f"8 channel counts")
-        return 2 ** (len(channels) - 1)
+        raw = _read_json(path, "")
+        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(path), DiffusersFolderError, VAE_LEVELS)
+        return 2 ** (len(raw["block_out_channels"]) - 1)
 
 
-def _read_json(path: Path, what: str) -> dict:
-    from ...core.util import read_json
-
+def _read_json(path: Path, what: str, kind: str = "config") -> dict:
+    """A JSON object from a folder's file (size-capped by ``kind``: :data:`l2c_export.core.util.FOLDER_JSON_CAPS`);
+    ``what``: what the file is, said when it is missing."""
     if not path.is_file():
         raise DiffusersFolderError(f"{path}: missing; {what}")
-    data = read_json(path, DiffusersFolderError)
+    data = read_folder_json(path, kind, DiffusersFolderError)
     if not isinstance(data, dict):
         raise DiffusersFolderError(f"{path}: expected a JSON object")
     return data
 
 
+def _is_name(value: object, dotted: bool = False) -> bool:
+    """A Python identifier (``dotted``: or a dotted module path), as diffusers imports a component's library and
+    class by name: never a path."""
+    return isinstance(value, str) and value.isascii() and all(
+        part.isidentifier() for part in (value.split(".") if dotted else [value]))
+
+
+def check_model_index(index: dict, where: Path) -> None:
+    """Every component entry of ``model_index.json`` is ``[library, class]``: a module name and a class name (each
+    may be null: a component saved as absent), never a path."""
+    for key, entry in index.items():
+        if not isinstance(entry, list):
+            continue  # a pipeline option (requires_safety_checker, ...), not a component
+        if not (len(entry) == 2 and (entry[0] is None or _is_name(entry[0], dotted=True))
+                and (entry[1] is None or _is_name(entry[1]))):
+            raise DiffusersFolderError(f"{where}: field {short_repr(key)} is {short_repr(entry)}; expected [library, "
+                                       f"class], a module and a class name (Python identifiers), or nulls")
+
+
 def read_folder(folder: str | Path) -> DiffusersFolder:
     """Reads and checks a diffusers pipeline folder: its model index, its transformer's class, config and weight
-    files, and its scheduler config. Raises :class:`DiffusersFolderError` naming the file and field."""
+    files, and its scheduler config. Raises :class:`DiffusersFolderError` naming the file and field.
+
+    The folder's files may be symbolic links (a Hugging Face cache snapshot links each to ``../../blobs/<hash>``):
+    they are read through them, as files; what a build takes from them is their content."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DiffusersFolderError(f"--diffusers {folder}: no such folder; expected a diffusers pipeline folder "
                                    f"(what a pipeline's save_pretrained writes)")
     index = _read_json(folder / MODEL_INDEX, "expected a diffusers pipeline folder (what a pipeline's "
-                                             "save_pretrained writes: model_index.json, transformer/, scheduler/)")
+                                             "save_pretrained writes: model_index.json, transformer/, scheduler/)",
+                       kind="model_index")
     where = folder / MODEL_INDEX
+    check_model_index(index, where)
     entry = index.get("transformer")
-    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
-        raise DiffusersFolderError(f"{where}: field 'transformer' is {entry!r}; expected a pipeline with a "
+    if not (isinstance(entry, list) and entry[1]):
+        raise DiffusersFolderError(f"{where}: field 'transformer' is {short_repr(entry)}; expected a pipeline with a "
                                    f"transformer ([library, class])")
     if not (folder / "transformer").is_dir():
-        raise DiffusersFolderError(f"{folder}: no transformer/ folder (model_index.json names {entry[1]})")
+        raise DiffusersFolderError(f"{folder}: no transformer/ folder (model_index.json names {short_repr(entry[1])})")
     config_path = folder / "transformer" / "config.json"
     raw = _read_json(config_path, "expected the transformer's config.json")
     class_name = raw.get("_class_name")
     if class_name not in TRANSFORMER_FAMILIES:
-        raise DiffusersFolderError(f"{config_path}: field '_class_name' is {class_name!r}; supported transformer "
-                                   f"classes: {', '.join(TRANSFORMER_FAMILIES)}")
+        raise DiffusersFolderError(f"{config_path}: field '_class_name' is {short_repr(class_name)}; supported "
+                                   f"transformer classes: {', '.join(TRANSFORMER_FAMILIES)}")
     family = get_family(TRANSFORMER_FAMILIES[class_name])
     config = DiffusersConfig(class_name, {k: v for k, v in raw.items() if not k.startswith("_")})
     family.check_config(config, str(config_path))
     weight_files(folder / "transformer")
     pipeline_class = index.get("_class_name")
     if pipeline_class not in family.pipeline_classes:
-        raise DiffusersFolderError(f"{where}: field '_class_name' is {pipeline_class!r}; a {class_name} is sampled "
-                                   f"as {' or '.join(family.pipeline_classes)} does")
+        raise DiffusersFolderError(f"{where}: field '_class_name' is {short_repr(pipeline_class)}; a {class_name} is "
+                                   f"sampled as {' or '.join(family.pipeline_classes)} does")
     scheduler = None
     if (folder / "scheduler").is_dir():
         from ...samplers.diffusers import read_scheduler_config
@@ -552,7 +576,7 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
             raise DiffusersFolderError(f"{path}: missing; expected the scheduler's config")
         scheduler = read_scheduler_config(path)
         if scheduler.get("_class_name") not in family.scheduler_classes:
-            raise DiffusersFolderError(f"{path}: field '_class_name' is {scheduler.get('_class_name')!r}; "
+            raise DiffusersFolderError(f"{path}: field '_class_name' is {short_repr(scheduler.get('_class_name'))}; "
                                        f"{pipeline_class} is run here with {' or '.join(family.scheduler_classes)}")
     components = read_components(folder, index, family, config)
     return DiffusersFolder(folder, pipeline_class, family, config, scheduler, components)
@@ -560,37 +584,52 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
 
 VAE_CLASSES = ("AutoencoderKL",)
 TEXT_ENCODER_CLASSES = ("T5EncoderModel",)
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def read_components(folder: Path, index: dict, family: DiffusersFamily, config: DiffusersConfig) -> FolderComponents:
     """The folder's VAE, text encoder and tokenizer where ``model_index.json`` names them, checked: their classes,
-    safetensors weights, the VAE's latent channels against the transformer and its scaling and shift factors, the
-    text encoder's width against the prompt embeddings the transformer takes."""
+    integer fields (:mod:`.sizes`), safetensors weights, the VAE's latent channels against the transformer and its
+    scaling and shift factors, the text encoder's width against the prompt embeddings the transformer takes, and the
+    tokenizer against the text encoder (:func:`check_tokenizer`)."""
     def named(part: str) -> bool:
         entry = index.get(part)
         return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
-    vae = text_encoder = tokenizer = None
+    vae = text_encoder = tokenizer = vae_config = text_encoder_config = None
     if named("vae") and "vae" in family.component_parts:
         vae = folder / "vae"
         raw = _read_json(vae / "config.json", "expected the VAE's config.json (model_index.json names a vae)")
         where = vae / "config.json"
         if raw.get("_class_name") not in VAE_CLASSES:
-            raise DiffusersFolderError(f"{where}: field '_class_name' is {raw.get('_class_name')!r}; supported VAE "
-                                       f"classes: {', '.join(VAE_CLASSES)}")
+            raise DiffusersFolderError(f"{where}: field '_class_name' is {short_repr(raw.get('_class_name'))}; "
+                                       f"supported VAE classes: {', '.join(VAE_CLASSES)}")
+        check_sizes(raw, VAE_SIZES, str(where), DiffusersFolderError)
+        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
+        groups = raw.get("norm_num_groups") or 32
+        if any(channels % groups for channels in raw["block_out_channels"]):
+            raise DiffusersFolderError(f"{where}: field 'block_out_channels' is {short_repr(raw['block_out_channels'])}"
+                                       f"; each must be a multiple of norm_num_groups {groups}")
+        for key in ("down_block_types", "up_block_types"):
+            blocks = raw.get(key)
+            if blocks is not None and not (isinstance(blocks, list) and len(blocks) == len(raw["block_out_channels"])):
+                raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(blocks)}; expected one block type "
+                                           f"per entry of block_out_channels")
         channels = family.vae_latents(config)[0]
         if raw.get("latent_channels") != channels:
-            raise DiffusersFolderError(f"{where}: field 'latent_channels' is {raw.get('latent_channels')!r}; the "
-                                       f"transformer samples {channels} latent channels")
+            raise DiffusersFolderError(f"{where}: field 'latent_channels' is {short_repr(raw.get('latent_channels'))}; "
+                                       f"the transformer samples {channels} latent channels")
         scale = raw.get("scaling_factor", 0.18215)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
-            raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {scale!r}; expected a positive number")
+            raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {short_repr(scale)}; expected a positive "
+                                       f"number")
         shift = raw.get("shift_factor")
         if shift is not None and (not isinstance(shift, (int, float)) or isinstance(shift, bool)
                                   or not -1e6 <= shift <= 1e6):
-            raise DiffusersFolderError(f"{where}: field 'shift_factor' is {shift!r}; expected a finite number or "
-                                       f"null")
+            raise DiffusersFolderError(f"{where}: field 'shift_factor' is {short_repr(shift)}; expected a finite "
+                                       f"number or null")
         _safetensors_weights(vae, "diffusion_pytorch_model")
+        vae_config = {k: v for k, v in raw.items() if not k.startswith("_")}
     if (named("text_encoder") or named("tokenizer")) and "text_encoder" in family.component_parts:
         if not (named("text_encoder") and named("tokenizer")):
             missing = "tokenizer" if named("text_encoder") else "text_encoder"
@@ -602,20 +641,89 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         architectures = raw.get("architectures")
         if not (isinstance(architectures, list) and len(architectures) == 1
                 and architectures[0] in TEXT_ENCODER_CLASSES):
-            raise DiffusersFolderError(f"{where}: field 'architectures' is {architectures!r}; supported text "
-                                       f"encoders: {', '.join(TEXT_ENCODER_CLASSES)}")
+            raise DiffusersFolderError(f"{where}: field 'architectures' is {short_repr(architectures)}; supported "
+                                       f"text encoders: {', '.join(TEXT_ENCODER_CLASSES)}")
+        check_sizes(raw, TEXT_ENCODER_SIZES, str(where), DiffusersFolderError)
+        for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            if raw.get(key) is not None and raw[key] >= raw["vocab_size"]:
+                raise DiffusersFolderError(f"{where}: field {key!r} is {raw[key]}; expected a token id below "
+                                           f"vocab_size {raw['vocab_size']}")
         width = family.text_channels(config)
         if width is None:
             raise DiffusersFolderError(f"{folder / MODEL_INDEX}: names a text encoder, but a "
                                        f"{config.transformer_class} takes no prompt embeddings")
         if raw.get("d_model") != width:
-            raise DiffusersFolderError(f"{where}: field 'd_model' is {raw.get('d_model')!r}; the transformer takes "
-                                       f"prompt embeddings {width} wide (caption_channels)")
+            raise DiffusersFolderError(f"{where}: field 'd_model' is {short_repr(raw.get('d_model'))}; the transformer "
+                                       f"takes prompt embeddings {width} wide (caption_channels)")
         _safetensors_weights(text_encoder, "model")
-        if not (tokenizer / "tokenizer.json").is_file():
-            raise DiffusersFolderError(f"{tokenizer / 'tokenizer.json'}: missing; expected the tokenizer as a "
-                                       f"tokenizers library file (a fast tokenizer's save_pretrained writes it)")
-    return FolderComponents(vae, text_encoder, tokenizer)
+        check_tokenizer(tokenizer, raw["vocab_size"])
+        text_encoder_config = raw
+    return FolderComponents(vae, text_encoder, tokenizer, vae_config, text_encoder_config)
+
+
+def _special_token(value: object) -> str | None:
+    """A special token as tokenizer_config.json and special_tokens_map.json write it: the text, or an object with
+    its ``content``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def check_tokenizer(tokenizer: Path, vocab_size: int) -> None:
+    """Reads ``tokenizer/`` as the build and the runtime will, before anything is exported: every file within its
+    size cap, ``tokenizer.json`` JSON the ``tokenizers`` library loads, every token id it can produce (its
+    vocabulary, added tokens, post-processor's special tokens, padding id) below the text encoder's ``vocab_size``,
+    and the pad and end-of-sequence tokens the configs name present in the vocabulary. Raises
+    :class:`DiffusersFolderError` naming the file."""
+    from ...core.util import check_file_size
+
+    path = tokenizer / TOKENIZER_FILE
+    if not path.is_file():
+        raise DiffusersFolderError(f"{path}: missing; expected the tokenizer as a tokenizers library file (a fast "
+                                   f"tokenizer's save_pretrained writes it)")
+    for file in sorted(tokenizer.iterdir()):  # what transformers will read besides: each within its cap
+        if file.is_file() and file.name != TOKENIZER_FILE:
+            check_file_size(file, "tokenizer_config" if file.suffix == ".json" else "tokenizer", DiffusersFolderError)
+    data = _read_json(path, "", kind="tokenizer")
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_str(json.dumps(data))
+    except Exception as error:  # the tokenizers library raises its own Exception on a bad file
+        raise DiffusersFolderError(f"{path}: not a tokenizers library file ({short_repr(str(error), 160)[1:-1]})") \
+            from None
+    vocabulary = backend.get_vocab(with_added_tokens=True)
+    ids = [("its vocabulary", max(vocabulary.values(), default=0))]
+    processor = data.get("post_processor")
+    pending = [processor] if isinstance(processor, (dict, list)) else []
+    while pending:  # the special tokens' ids of a (nested) post-processor
+        value = pending.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if key == "ids" and isinstance(item, list):
+                ids += [("field 'post_processor' special token", i) for i in item if is_integer(i)]
+            elif isinstance(item, (dict, list)):
+                pending.append(item)
+    padding = data.get("padding")
+    if isinstance(padding, dict) and is_integer(padding.get("pad_id")):
+        ids.append(("field 'padding/pad_id'", padding["pad_id"]))
+    for what, token_id in ids:
+        if not 0 <= token_id < vocab_size:
+            raise DiffusersFolderError(f"{path}: {what} has token id {token_id}; the text encoder's vocab_size is "
+                                       f"{vocab_size} (text_encoder/config.json), so ids must be below it")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config_path = tokenizer / name
+        if not config_path.is_file():
+            continue
+        tokens = _read_json(config_path, "", kind="tokenizer_config")
+        for key in ("pad_token", "eos_token"):
+            token = _special_token(tokens.get(key))
+            if tokens.get(key) is not None and token is None:
+                raise DiffusersFolderError(f"{config_path}: field {key!r} is {short_repr(tokens.get(key))}; expected "
+                                           f"a token (text)")
+            if token is not None and token not in vocabulary:
+                raise DiffusersFolderError(f"{config_path}: field {key!r} is {short_repr(token)}, which is not in "
+                                           f"{path}'s vocabulary")
 
 
 def _safetensors_weights(part: Path, stem: str) -> None:
@@ -634,17 +742,17 @@ def weight_files(transformer_dir: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if sharded.is_file():
-        weight_map = _read_json(sharded, "").get("weight_map")
+        weight_map = _read_json(sharded, "", kind="weights_index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise DiffusersFolderError(f"{sharded}: field 'weight_map' must map parameter names to shard files")
         files = []
         for name in dict.fromkeys(weight_map.values()):
             if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") \
                     or not name.endswith(".safetensors"):
-                raise DiffusersFolderError(f"{sharded}: field 'weight_map' names {name!r}; expected a .safetensors "
-                                           f"file inside {transformer_dir}")
+                raise DiffusersFolderError(f"{sharded}: field 'weight_map' names {short_repr(name)}; expected a "
+                                           f".safetensors file inside {transformer_dir}")
             if not (transformer_dir / name).is_file():
-                raise DiffusersFolderError(f"{sharded}: field 'weight_map' names {name}, which is missing")
+                raise DiffusersFolderError(f"{sharded}: field 'weight_map' names {short_repr(name)}, which is missing")
             files.append(transformer_dir / name)
         return files
     pickled = sorted(p.name for p in transformer_dir.glob("*.bin"))

@@ -33,7 +33,9 @@ from ...core.latents import unpacked_2x2_shape
 from .. import TensorSpec
 from . import (JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError,
                OutputPacking)
+from ...core.util import short_repr
 from .sd3 import JointAttentionPacking
+from .sizes import FLUX_ROPE_AXES, FLUX_SIZES, LATENT_SIDE, TRANSFORMER_SIZES, check_integer_list
 
 MACS_PROMPT_TOKENS = 512  # FLUX.1-dev's max_sequence_length: MACs are counted there
 DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: 1024 px at the VAE's scale factor 8
@@ -111,17 +113,18 @@ class FluxDiffusersFamily(DiffusersFamily):
     default_steps = 28  # the pipeline's num_inference_steps
     default_cfg_scale = 3.5  # the pipeline's guidance_scale
     dummy_prompt_tokens = 5
-    size_fields = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels",
-                   "patch_size", "joint_attention_dim", "pooled_projection_dim")
+    sizes = {**{k: v for k, v in TRANSFORMER_SIZES.items() if k != "sample_size"}, **FLUX_SIZES}
 
     def check_config(self, config: DiffusersConfig, where: str) -> None:
         super().check_config(config, where)
         if config["in_channels"] % 4:
             raise DiffusersFolderError(f"{where}: field 'in_channels' is {config['in_channels']}; expected 4 x the "
                                        f"VAE's latent channels (the pipeline packs 2x2 patches)")
+        check_integer_list(config, "axes_dims_rope", FLUX_ROPE_AXES, where, DiffusersFolderError, (1, 8))
         if sum(config.get("axes_dims_rope") or (16, 56, 56)) != config["attention_head_dim"]:
-            raise DiffusersFolderError(f"{where}: field 'axes_dims_rope' is {config.get('axes_dims_rope')!r}; its "
-                                       f"sum must be attention_head_dim {config['attention_head_dim']}")
+            axes = short_repr(config.get("axes_dims_rope"))
+            raise DiffusersFolderError(f"{where}: field 'axes_dims_rope' is {axes}; its sum must be "
+                                       f"attention_head_dim {config['attention_head_dim']}")
 
     def latent_size(self, config: DiffusersConfig) -> int:
         return config.latent_size or DEFAULT_LATENT_SIZE
@@ -131,8 +134,13 @@ class FluxDiffusersFamily(DiffusersFamily):
         ``FluxPipeline.prepare_latents`` computes; default its 128 * vae_scale_factor pixels."""
         pixels = DEFAULT_LATENT_SIZE * vae_scale_factor if image_size is None else image_size
         if not isinstance(pixels, int) or pixels < 2 * vae_scale_factor or pixels % (2 * vae_scale_factor):
-            raise ValueError(f"--image-size {pixels}: expected a positive multiple of {2 * vae_scale_factor} (the "
-                             f"VAE's scale factor {vae_scale_factor} times the pipeline's 2x2 packing)")
+            raise ValueError(f"--image-size {short_repr(pixels)}: expected a positive multiple of "
+                             f"{2 * vae_scale_factor} (the VAE's scale factor {vae_scale_factor} times the pipeline's "
+                             f"2x2 packing)")
+        if pixels // vae_scale_factor > LATENT_SIDE.high:
+            raise ValueError(f"--image-size {pixels}: expected at most {LATENT_SIDE.high * vae_scale_factor} pixels "
+                             f"({LATENT_SIDE.high} latents on a side at the VAE's scale factor {vae_scale_factor}; "
+                             f"FLUX.1 samples up to about 2 megapixels)")
         return DiffusersConfig(config.transformer_class, config.transformer, latent_size=pixels // vae_scale_factor)
 
     # -- sizes -------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .. import TensorSpec
 from . import PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError
+from .sizes import PIXART_SIZES, TRANSFORMER_SIZES
 
 MACS_PROMPT_TOKENS = 120  # PixArt-α's T5 max_sequence_length: the prompt length MACs are counted at
 # The pipelines' max_sequence_length defaults: the longest prompt each encodes, and the bound of the prompt axis L.
@@ -23,6 +24,7 @@ class PixArtDiffusersFamily(DiffusersFamily):
     default_steps = 20  # the pipelines' num_inference_steps
     default_cfg_scale = 4.5  # the pipelines' guidance_scale
     dummy_prompt_tokens = 5  # the traced length (any: the axis is dynamic)
+    sizes = {**TRANSFORMER_SIZES, **PIXART_SIZES}
 
     def check_config(self, config: DiffusersConfig, where: str) -> None:
         super().check_config(config, where)
@@ -30,11 +32,6 @@ class PixArtDiffusersFamily(DiffusersFamily):
         if additional or (additional is None and config["sample_size"] == 128):
             raise DiffusersFolderError(f"{where}: field 'use_additional_conditions' is on (PixArt-α 1024's resolution "
                                        f"and aspect-ratio conditions); not supported yet")
-        for key in ("cross_attention_dim", "caption_channels"):
-            value = config.get(key)
-            if (value is not None or key == "cross_attention_dim") and (
-                    not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 16):
-                raise DiffusersFolderError(f"{where}: field {key!r} is {value!r}; expected a positive integer")
         if config.get("caption_channels") is not None and config["cross_attention_dim"] != self.inner_dim(config):
             raise DiffusersFolderError(f"{where}: field 'cross_attention_dim' is {config['cross_attention_dim']}; "
                                        f"the caption projection makes the prompt {self.inner_dim(config)} wide "

@@ -19,6 +19,8 @@ from __future__ import annotations
 from .. import TensorSpec
 from . import (JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError,
                OutputPacking)
+from ...core.util import short_repr
+from .sizes import SD3_SIZES, TRANSFORMER_SIZES
 
 MACS_PROMPT_TOKENS = 333  # the pipeline's 77 CLIP + 256 T5 tokens (max_sequence_length): MACs are counted there
 QK_NORMS = (None, "rms_norm", "layer_norm")
@@ -55,8 +57,7 @@ class SD3DiffusersFamily(DiffusersFamily):
     default_steps = 28  # the pipeline's num_inference_steps
     default_cfg_scale = 7.0  # the pipeline's guidance_scale
     dummy_prompt_tokens = 5  # the traced length (any: the axis is dynamic)
-    size_fields = DiffusersFamily.size_fields + ("joint_attention_dim", "caption_projection_dim",
-                                                 "pooled_projection_dim", "pos_embed_max_size")
+    sizes = {**TRANSFORMER_SIZES, **SD3_SIZES}
 
     def check_config(self, config: DiffusersConfig, where: str) -> None:
         super().check_config(config, where)
@@ -68,13 +69,13 @@ class SD3DiffusersFamily(DiffusersFamily):
             raise DiffusersFolderError(f"{where}: field 'sample_size' {config['sample_size']} is more patches than "
                                        f"pos_embed_max_size {config['pos_embed_max_size']}")
         if config.get("qk_norm") not in QK_NORMS:
-            raise DiffusersFolderError(f"{where}: field 'qk_norm' is {config.get('qk_norm')!r}; supported: "
+            raise DiffusersFolderError(f"{where}: field 'qk_norm' is {short_repr(config.get('qk_norm'))}; supported: "
                                        f"{', '.join(repr(q) for q in QK_NORMS)}")
         dual = config.get("dual_attention_layers") or ()
-        if not isinstance(dual, (list, tuple)) or any(not isinstance(i, int) or isinstance(i, bool)
-                                                      or not 0 <= i < config["num_layers"] for i in dual):
-            raise DiffusersFolderError(f"{where}: field 'dual_attention_layers' is {dual!r}; expected block indices "
-                                       f"in 0..{config['num_layers'] - 1}")
+        if not isinstance(dual, (list, tuple)) or len(dual) > config["num_layers"] or any(
+                not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < config["num_layers"] for i in dual):
+            raise DiffusersFolderError(f"{where}: field 'dual_attention_layers' is {short_repr(dual)}; expected at "
+                                       f"most num_layers block indices in 0..{config['num_layers'] - 1}")
 
     # -- sub-layers --------------------------------------------------------------------------------------------------
     def _block_sublayers(self, config: DiffusersConfig, i: int) -> tuple[str, ...]:
