@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from l2c_export.core.memory import MemoryEstimateError, Part, build_parts, check_build_fits, check_fits
+from l2c_export.builder.memory import build_parts, check_build_fits
+from l2c_export.core.memory import MemoryEstimateError, Part, check_fits
 from l2c_export.core.util import MAX_ECHO, short_repr
 from l2c_export.models.diffusers import DiffusersFolderError, read_folder
 from l2c_export.models.zoo import from_diffusers

@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 from ..core import manifest as manifest_io
 from ..core.backends import precision_refusal
 from ..core.plan import BuildPlan, SubsetPlan, cache_input_name, fresh_output_name
-from ..core.memory import check_build_fits
 from ..core.schedule import Schedule
 from ..core.util import replace_folder
 from ..models.zoo import ModelSpec
 from ..samplers import DenoisingSampler
 from .components import check_components
+from .memory import check_build_fits
 from .engines import BatchRange, get_builder
 from .lock import exclusive_lock
 from .output_folder import check_output_folder, recover

@@ -7,7 +7,7 @@ Declared once per component as data (:data:`TRANSFORMER_SIZES` shared by the tra
 own; :data:`TEXT_ENCODER_SIZES`; :data:`VAE_SIZES`); :func:`check_sizes` applies a table. The scheduler's integers
 are bounded where its options are declared (:mod:`l2c_export.samplers.diffusers`), and a tokenizer's ids by the text
 encoder's ``vocab_size`` (:func:`l2c_export.models.diffusers.check_tokenizer`). What a config costs as a whole is
-:mod:`l2c_export.core.memory`'s estimate.
+:mod:`l2c_export.builder.memory`'s estimate.
 """
 
 from __future__ import annotations

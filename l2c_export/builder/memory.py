@@ -1,0 +1,91 @@
+"""The build's memory estimate: :mod:`l2c_export.core.memory`'s terms counted for a diffusers folder's model (its
+transformer, text encoder and VAE built on torch's ``meta`` device, which allocates nothing), before anything is
+allocated. The terms, the comparison with the machine's memory and the request's estimate are in core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.memory import ACTIVATION_COPIES, DECODER_COPIES, FLOAT32, TRACE_BATCH, Part, check_fits
+
+
+def count_parameters(make) -> int:
+    """Parameters and buffers of the module ``make()`` builds, built on the ``meta`` device (nothing allocated)."""
+    import torch
+
+    with torch.device("meta"):
+        module = make()
+    return sum(t.numel() for t in module.parameters()) + sum(t.numel() for t in module.buffers())
+
+
+def transformer_parts(family, config, where: str, size_blame: str) -> list[Part]:
+    """The transformer's weights and traced activations (``where``: its config.json; ``size_blame``: what sets the
+    latents' size, its sample_size or --image-size)."""
+    params = count_parameters(lambda: family.diffusers_class().from_config(dict(config.transformer)))
+    width = family.inner_dim(config)
+    tokens = family.num_tokens(config) + (getattr(family, "dummy_prompt_tokens", 0) or 0)
+    blocks = config.get("num_layers")
+    return [Part(f"transformer weights ({params:,} parameters)", params * FLOAT32,
+                 f"{where}: fields 'num_layers' ({blocks}) and 'num_attention_heads' x 'attention_head_dim' "
+                 f"({width})"),
+            Part(f"traced activations ({tokens:,} tokens x {width} wide)",
+                 TRACE_BATCH * tokens * width * FLOAT32 * ACTIVATION_COPIES, size_blame)]
+
+
+def text_encoder_parts(config: dict, where: str) -> list[Part]:
+    """A T5 encoder's fp32 weights (its vocabulary's embedding named where it is most of them)."""
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = T5Config.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    params = count_parameters(lambda: T5EncoderModel(t5))
+    embedding = config["vocab_size"] * config["d_model"]
+    blame = (f"{where}: field 'vocab_size' ({config['vocab_size']})" if 2 * embedding >= params
+             else f"{where}: field 'num_layers' ({config['num_layers']})")
+    return [Part(f"text encoder weights ({params:,} parameters)", params * FLOAT32, blame)]
+
+
+def vae_parts(config: dict, where: str, latents: tuple[int, int, int], size_blame: str) -> list[Part]:
+    """The VAE's fp32 weights and its decoder's traced run on a batch of 2 latents (C, h, w)."""
+    from diffusers import AutoencoderKL
+
+    params = count_parameters(lambda: AutoencoderKL.from_config(config))
+    channels = config.get("block_out_channels") or (64,)
+    scale = 2 ** (len(channels) - 1)
+    _, h, w = latents
+    decoded = TRACE_BATCH * channels[0] * (h * scale) * (w * scale) * FLOAT32 * DECODER_COPIES
+    return [Part(f"VAE weights ({params:,} parameters)", params * FLOAT32,
+                 f"{where}: field 'block_out_channels' ({list(channels)})"),
+            Part(f"VAE decoder activations ({h * scale}x{w * scale} px)", decoded, size_blame)]
+
+
+def build_parts(spec) -> list[Part]:
+    """The estimate of a build of ``spec`` (a diffusers folder's model; none for the other models, whose sizes are
+    presets): the transformer's parts plus the larger of its components'."""
+    from ..models.diffusers import DiffusersConfig
+
+    config = spec.config
+    if not isinstance(config, DiffusersConfig):
+        return []
+    family, found = spec.family, spec.components
+    transformer_dir = Path(spec.weights)
+    where = str(transformer_dir / "config.json")
+    size_blame = (f"--image-size ({config.latent_size} latents on a side)" if config.latent_size is not None
+                  else f"{where}: field 'sample_size' ({config.get('sample_size')})"
+                  if "sample_size" in config.transformer else f"--image-size (default {family.num_tokens(config)} "
+                                                               f"image tokens)")
+    parts = transformer_parts(family, config, where, size_blame)
+    components = []
+    if found is not None and found.text_encoder_config is not None:
+        components.append(text_encoder_parts(found.text_encoder_config, str(found.text_encoder / "config.json")))
+    if found is not None and found.vae_config is not None:
+        components.append(vae_parts(found.vae_config, str(found.vae / "config.json"), family.vae_latents(config),
+                                    size_blame))
+    if components:
+        parts += max(components, key=lambda group: sum(part.bytes for part in group))
+    return parts
+
+
+def check_build_fits(spec, available: int | None = None) -> int:
+    """:func:`check_fits` of :func:`build_parts`: refuses a build that cannot fit, before anything is allocated."""
+    parts = build_parts(spec)
+    return check_fits(parts, "the build", available) if parts else 0
