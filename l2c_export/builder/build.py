@@ -37,6 +37,7 @@ from ..core.schedule import Schedule
 from ..core.util import replace_folder
 from ..models.zoo import ModelSpec
 from ..samplers import DenoisingSampler
+from .components import require_exporters
 from .engines import BatchRange, get_builder, precision_refusal
 
 
@@ -77,6 +78,7 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
     builder = get_builder(request.backend, staging)
     builder.check_available()  # before anything is written
     spec = request.spec
+    require_exporters(spec)
     request.schedule.check_fits(request.sampler.num_calls, spec.sublayer_names)
     plan = BuildPlan.from_schedule(request.schedule)
     check_output_folder(out_dir)
