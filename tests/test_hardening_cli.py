@@ -249,7 +249,7 @@ def _venv(wheel: Path, root: Path, without: tuple[str, ...] = ()) -> Path:
     its .pth files, so the editable install of this checkout is not seen) less the distributions ``without``: a
     folder of links to every other entry stands in for it. Nothing is downloaded."""
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)  # this pip installs
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
@@ -263,8 +263,8 @@ def _venv(wheel: Path, root: Path, without: tuple[str, ...] = ()) -> Path:
             if distribution not in without and entry.name != "__pycache__":
                 (dependencies / entry.name).symlink_to(entry)
     (site / "dependencies.pth").write_text(f"{dependencies}\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+                    str(wheel)], check=True, capture_output=True)
     return venv
 
 
