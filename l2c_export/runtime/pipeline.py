@@ -188,7 +188,7 @@ class L2CPipeline:
                 refuse_unused_negative_prompt(guiding, True, False)
             if guiding:
                 negatives = negative_prompts("" if negative_prompt is None else negative_prompt, len(prompts))
-            n = len(prompts)
+            n, where = len(prompts), "prompt"
         else:
             if negative_prompt is not None:
                 refuse_unused_negative_prompt(guiding, False, conditioning is not None)
@@ -206,9 +206,16 @@ class L2CPipeline:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {expected} (n samples, C, H, W)")
         if noise is not None and not np.isfinite(noise).all():
             raise ValueError("noise holds NaN or infinite values; expected finite noise")
-        # make_noise(seed, (n, ...)) and each DDPM step's first n rows, drawn a batch at a time
+        # make_noise(seed, (n, ...)) and the first n rows of each DDPM step's step_noise(seed, s, ...), drawn a batch
+        # at a time
         initial_noise = NoiseRows(seed, self.sample_shape) if noise is None else None
-        ddpm_noise = {}
+        ddpm_streams: dict[int, NoiseRows] = {}
+
+        def ddpm_noise(s: int, rows: int) -> np.ndarray:
+            if s not in ddpm_streams:
+                ddpm_streams[s] = NoiseRows(seed + s + 1, self.sample_shape)
+            return ddpm_streams[s].draw(rows)
+
         starts = range(0, n, batch_size)
         subsets = [self.full_subset] * self.sampler.num_calls if full else list(self.step_subset)
         bar = None
@@ -234,9 +241,7 @@ class L2CPipeline:
                 batch_noise = noise[start:stop] if noise is not None else initial_noise.draw(stop - start)
                 x, batch_seconds, batch_engine_seconds = self._sample(
                     np.asarray(batch_noise, dtype=np.float32), condition, guiding, cfg_scale, subsets,
-                    lambda s, rows=stop - start: ddpm_noise.setdefault(s, NoiseRows(seed + s + 1,
-                                                                                   self.sample_shape)).draw(rows),
-                    bar)
+                    lambda s, rows=stop - start: ddpm_noise(s, rows), bar)
                 samples.append(x)
                 seconds += batch_seconds
                 engine_seconds += batch_engine_seconds
