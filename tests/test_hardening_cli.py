@@ -141,6 +141,23 @@ def test_a_conditioning_file_that_is_not_an_npz_of_arrays_is_one_line_naming_it(
         L2CPipeline.from_engine_dir(default_build)(conditioning=path)  # the Python API takes the path too
 
 
+@pytest.mark.parametrize("kind", ["npz", "truncated"])
+def test_noise_that_is_not_one_npy_array_is_one_line_naming_it(default_build, tmp_path, kind):
+    path = tmp_path / "z.npz"
+    np.savez(path, z=np.zeros((1, 1, 8, 8), np.float32))
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    line = _refused("run", str(default_build), "--labels", "1", "--noise", str(path))
+    assert f"--noise {path}: " in line and ("an .npz archive" if kind == "npz" else "not a readable") in line
+
+
+def test_a_conditioning_data_file_is_named_by_its_flag(tmp_path):
+    (tmp_path / "c.npz").write_text("not an archive")
+    line = _refused("learn", "--model", "t2i-digits", "--conditioning-data", str(tmp_path / "c.npz"), "--out",
+                    str(tmp_path / "r.safetensors"))
+    assert line.startswith(f"Error: --conditioning-data {tmp_path / 'c.npz'}: not a readable .npz archive")
+
+
 def test_the_python_api_refuses_conditioning_that_is_not_a_dict_of_arrays(default_build):
     with pytest.raises(ConditioningError, match="^conditioning is a list; expected a dict of arrays"):
         L2CPipeline.from_engine_dir(default_build)(conditioning=[np.zeros((1, 4, 8))])
