@@ -163,9 +163,9 @@ def _write_tokenizer(source: Path, spec, staging: Path) -> dict:
     on loading, so this, not the folder's file as such, is what diffusers tokenizes with), truncation and padding
     cleared (the runtime sets them per request), and its pad token."""
     from ..core.extras import import_extra
+    from ..models.diffusers import DiffusersFolderError
 
     AutoTokenizer = import_extra("transformers", "writing the tokenizer").AutoTokenizer
-    from ..models.diffusers import DiffusersFolderError
 
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     backend = getattr(tokenizer, "backend_tokenizer", None)

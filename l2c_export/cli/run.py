@@ -68,7 +68,8 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     conditioning = None if conditioning_file is None else load_conditioning(conditioning_file)
     noise = None if noise_file is None else load_noise(noise_file)
     pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **backend_options(device, backend))
-    if conditioning_file is None and labels is None and prompt_list is None and "label" in conditioning_inputs(pipe.manifest):
+    if conditioning is None and labels is None and prompt_list is None and \
+            "label" in conditioning_inputs(pipe.manifest):
         labels = "0,1,2,3,4,5,6,7,8,9"
     label_list = None if labels is None else parse_labels(labels)
     request = {"labels": label_list, "conditioning": conditioning, "batch_size": batch_size}
