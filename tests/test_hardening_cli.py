@@ -89,6 +89,9 @@ def test_the_python_api_refuses_an_unused_negative_prompt_naming_its_arguments(d
     text = L2CPipeline.from_engine_dir(text_build[1])
     with pytest.raises(PromptError, match="^negative_prompt is not used: no classifier-free batch runs .* cfg_scale"):
         text(prompt=["seven"], negative_prompt="blurry", cfg_scale=1.0)
+    with pytest.raises(ConditioningError, match=r"^labels: this model is conditioned on prompt embeddings "
+                                                r"\(conditioning\), not class labels"):
+        text([1])
     guided = [text(prompt=["seven"], negative_prompt=negative, seed=0).samples for negative in ("", "blurry")]
     assert not np.array_equal(*guided)  # used where it runs
 

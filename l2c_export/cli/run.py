@@ -14,8 +14,6 @@ from .options import backend_options, load_noise, parse_labels, save_npy
 # at most this many; and the file is read whole, so it is bounded first: this many prompts of 670 bytes.
 MAX_PROMPTS = 100_000
 MAX_PROMPTS_FILE_BYTES = 64 * 2**20
-NEGATIVE_PROMPT_FLAGS = {"negative_prompt": "--negative-prompt", "prompt": "--prompt/--prompts",
-                         "conditioning": "--conditioning", "cfg_scale": "--cfg-scale"}
 
 
 @main.command()
@@ -55,15 +53,15 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
         noise_file, backend, device, full, compare_full, out, save_latents, vae):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
     from ..runtime.components import refuse_unused_negative_prompt
-    from ..runtime.conditioning import conditioning_inputs, load_conditioning
+    from ..runtime.conditioning import FLAG_NAMES, conditioning_inputs, load_conditioning
     from ..runtime.pipeline import L2CPipeline
 
     given = [flag for flag, value in (("--labels", labels), ("--conditioning", conditioning_file),
                                       ("--prompt", prompts), ("--prompts", prompts_file)) if value]
     if len(given) > 1:
         raise click.UsageError(f"give one of --labels, --conditioning, --prompt and --prompts; got {', '.join(given)}")
-    if negative_prompt is not None and not (prompts or prompts_file):  # the rest of the rule needs the manifest
-        refuse_unused_negative_prompt(True, False, conditioning_file is not None, NEGATIVE_PROMPT_FLAGS)
+    if negative_prompt is not None and not (prompts or prompts_file):  # before loading; the pipeline checks the rest
+        refuse_unused_negative_prompt(True, False, conditioning_file is not None, FLAG_NAMES)
     prompt_list = _read_prompts(prompts, prompts_file) if prompts or prompts_file else None
     conditioning = None if conditioning_file is None else load_conditioning(conditioning_file)
     noise = None if noise_file is None else load_noise(noise_file)
@@ -72,14 +70,8 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
             "label" in conditioning_inputs(pipe.manifest):
         labels = "0,1,2,3,4,5,6,7,8,9"
     label_list = None if labels is None else parse_labels(labels)
-    request = {"labels": label_list, "conditioning": conditioning, "batch_size": batch_size}
+    request = {"labels": label_list, "conditioning": conditioning, "batch_size": batch_size, "names": FLAG_NAMES}
     if prompt_list is not None:
-        if negative_prompt is not None:
-            from ..runtime.conditioning import classifier_free_batch
-
-            guiding = classifier_free_batch(pipe.manifest, pipe.manifest["guidance"]["cfg_scale"] if cfg_scale is None
-                                            else cfg_scale)
-            refuse_unused_negative_prompt(guiding, True, False, NEGATIVE_PROMPT_FLAGS)
         request.update(prompt=prompt_list, negative_prompt=negative_prompt)
     where = f"--conditioning {conditioning_file or ''}".rstrip()
     click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "

@@ -160,10 +160,11 @@ def negative_prompts(negative_prompt, count: int, where: str = "negative prompt"
 def refuse_unused_negative_prompt(guiding: bool, prompts_given: bool, conditioning_given: bool,
                                   names: Mapping[str, str] | None = None) -> None:
     """A negative prompt is used only with prompts and a classifier-free batch: else it is refused, not dropped.
-    ``names``: how the caller calls ``negative_prompt``, ``prompt``, ``conditioning`` and ``cfg_scale`` (the CLI's
-    flags; default the Python arguments)."""
-    name = {"negative_prompt": "negative_prompt", "prompt": "prompt", "conditioning": "conditioning",
-            "cfg_scale": "cfg_scale", **(names or {})}
+    ``names``: how messages call the request's parts (:data:`.conditioning.FLAG_NAMES`; default the Python
+    arguments)."""
+    from .conditioning import ARGUMENT_NAMES
+
+    name = names or ARGUMENT_NAMES
     if conditioning_given:
         raise PromptError(f"{name['negative_prompt']} is not used with {name['conditioning']}: the conditioning "
                           f"carries its own negative_prompt_embeds; encode the negative prompt into it, or give "

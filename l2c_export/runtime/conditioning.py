@@ -23,6 +23,12 @@ CONDITIONING_ROLES = ("label", *TEXT_ROLES, GUIDANCE_ROLE)
 TEXT_ARGUMENTS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 
 
+# How messages call a request's parts: the command line's flags, or L2CPipeline's Python arguments.
+FLAG_NAMES = {"labels": "--labels", "conditioning": "--conditioning", "cfg_scale": "--cfg-scale",
+              "prompt": "--prompt/--prompts", "negative_prompt": "--negative-prompt"}
+ARGUMENT_NAMES = {name: name for name in FLAG_NAMES}
+
+
 class ConditioningError(ValueError):
     """Conditioning that does not fit the model; the message names the array (and file) and what was expected."""
 
@@ -52,23 +58,24 @@ def images_per_batch(manifest: dict, cfg_scale: float) -> int:
 def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int] | None = None,
                              conditioning: Mapping[str, np.ndarray] | None = None,
                              where: str = "conditioning", cfg_scale: float | None = None,
-                             ) -> tuple[int, dict[str, np.ndarray]]:
+                             names: Mapping[str, str] = FLAG_NAMES) -> tuple[int, dict[str, np.ndarray]]:
     """The number of samples n and, for each conditioning input of the model, its model-batch array (2n rows when
     ``guiding``: :func:`classifier_free_batch`). ``labels``: class labels (models with a label input);
     ``conditioning``: the text arrays by the pipelines' argument names (models with text inputs); ``cfg_scale``: what
     a ``guidance`` input is fed (the manifest's scale when None). Anything missing, extra, misshapen, of the wrong
-    dtype or not finite is refused naming it."""
+    dtype or not finite is refused naming it (``names``: how messages call labels, conditioning and cfg_scale)."""
     guidance = manifest["guidance"]
     return batch_conditioning(manifest["model"]["inputs"], guidance.get("null_class"), guiding, labels, conditioning,
                               where, manifest["model"].get("max_sequence_length"),
                               guidance.get("classifier_free", True),
-                              guidance["cfg_scale"] if cfg_scale is None else cfg_scale)
+                              guidance["cfg_scale"] if cfg_scale is None else cfg_scale, names)
 
 
 def batch_conditioning(input_records: Sequence[dict], null_class: int | None, guiding: bool,
                        labels: Sequence[int] | None = None, conditioning: Mapping[str, np.ndarray] | None = None,
                        where: str = "conditioning", max_tokens: int | None = None, classifier_free: bool = True,
-                       guidance_scale: float | None = None) -> tuple[int, dict[str, np.ndarray]]:
+                       guidance_scale: float | None = None,
+                       names: Mapping[str, str] = FLAG_NAMES) -> tuple[int, dict[str, np.ndarray]]:
     """:func:`model_batch_conditioning` from the model's input records (the manifest's ``model/inputs``, or a
     family's ``TensorSpec.record()``s: the PyTorch reference checks a request as the runtimes do), null class,
     longest prompt (``model/max_sequence_length``; None: unbounded), whether the model guides with a classifier-free
@@ -76,8 +83,8 @@ def batch_conditioning(input_records: Sequence[dict], null_class: int | None, gu
     inputs = _by_role(input_records)
     if "label" in inputs:
         if conditioning:
-            raise ConditioningError(f"{where}: this model is conditioned on class labels (--labels), not on "
-                                    f"{', '.join(sorted(conditioning))}")
+            raise ConditioningError(f"{where}: this model is conditioned on class labels ({names['labels']}), not "
+                                    f"on {', '.join(sorted(conditioning))}")
         if labels is None or len(labels) == 0:
             raise ConditioningError("no labels given; expected at least one class label")
         labels = np.asarray([int(label) for label in labels], dtype=np.int64)
@@ -88,29 +95,31 @@ def batch_conditioning(input_records: Sequence[dict], null_class: int | None, gu
         raise ConditioningError(f"{where}: the manifest's model inputs have no conditioning this runtime knows "
                                 f"(roles {', '.join(CONDITIONING_ROLES)})")
     if labels is not None:
-        raise ConditioningError("--labels: this model is conditioned on prompt embeddings (--conditioning), not class "
-                                "labels")
+        raise ConditioningError(f"{names['labels']}: this model is conditioned on prompt embeddings "
+                                f"({names['conditioning']}), not class labels")
     arrays = dict(conditioning or {})
     if not classifier_free:
-        refuse_negatives(arrays, where)
+        refuse_negatives(arrays, where, names)
     checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens)
     n = len(checked["prompt_embeds"][0])
     feeds = {inputs[role]["name"]: np.ascontiguousarray(np.concatenate(pair) if guiding else pair[0])
              for role, pair in checked.items()}
     if GUIDANCE_ROLE in inputs:
         if guidance_scale is None:
-            raise ConditioningError(f"{where}: the model's guidance input needs a guidance scale (--cfg-scale)")
+            raise ConditioningError(f"{where}: the model's guidance input needs a guidance scale "
+                                    f"({names['cfg_scale']})")
         feeds[inputs[GUIDANCE_ROLE]["name"]] = np.full(2 * n if guiding else n, guidance_scale, dtype=np.float32)
     return n, feeds
 
 
-def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str) -> None:
+def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str, names: Mapping[str, str] = FLAG_NAMES) -> None:
     """A guidance-distilled model (``guidance/classifier_free`` false) runs no negative prompt: a ``negative_`` array
     is refused by name rather than ignored."""
     negatives = sorted(name for name in arrays if name.startswith("negative_"))
     if negatives:
         raise ConditioningError(f"{where}: array {negatives[0]!r} is not used: this model is guidance-distilled "
-                                f"(--cfg-scale feeds its guidance embedding; no negative prompt runs); leave it out")
+                                f"({names['cfg_scale']} feeds its guidance embedding; no negative prompt runs); leave "
+                                f"it out")
 
 
 def check_text_conditioning(arrays: Mapping[str, np.ndarray], inputs: dict, guiding: bool,

@@ -142,7 +142,8 @@ class L2CPipeline:
                  noise: np.ndarray | None = None, full: bool = False, progress: bool = False,
                  conditioning: dict[str, np.ndarray] | None = None, where: str = "conditioning",
                  prompt: Sequence[str] | str | None = None, negative_prompt: Sequence[str] | str | None = None,
-                 decode: bool = False, batch_size: int | None = None) -> SampleResult:
+                 decode: bool = False, batch_size: int | None = None,
+                 names: Mapping[str, str] | None = None) -> SampleResult:
         """Samples one image per label (a label model) or per prompt (``prompt``: texts, for a build with a text
         encoder; or ``conditioning``: the text arrays by the pipelines' argument names, :mod:`.conditioning`;
         ``where`` names it in errors; or the path of an .npz of them).
@@ -157,9 +158,13 @@ class L2CPipeline:
         when guiding, :func:`.conditioning.images_per_batch`), so that a long list of prompts takes the memory of
         one batch; the samples are those of one batch of all n, since every sample's noise is its own rows of the
         seeded streams.
+        names: how messages call the arguments (default their Python names; the CLI passes its flags,
+        :data:`.conditioning.FLAG_NAMES`).
         """
-        from .conditioning import (TEXT_ARGUMENTS, ConditioningError, classifier_free_batch, images_per_batch,
-                                   load_conditioning, model_batch_conditioning)
+        from .conditioning import (ARGUMENT_NAMES, TEXT_ARGUMENTS, ConditioningError, classifier_free_batch,
+                                   images_per_batch, load_conditioning, model_batch_conditioning)
+
+        names = names or ARGUMENT_NAMES
 
         cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
                                  "cfg_scale", low=1.0)
@@ -185,13 +190,13 @@ class L2CPipeline:
             prompts = [check_prompt(text, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
                        for i, text in enumerate(prompts)]
             if negative_prompt is not None and not guiding:
-                refuse_unused_negative_prompt(guiding, True, False)
+                refuse_unused_negative_prompt(guiding, True, False, names)
             if guiding:
                 negatives = negative_prompts("" if negative_prompt is None else negative_prompt, len(prompts))
             n, where = len(prompts), "prompt"
         else:
             if negative_prompt is not None:
-                refuse_unused_negative_prompt(guiding, False, conditioning is not None)
+                refuse_unused_negative_prompt(guiding, False, conditioning is not None, names)
             if isinstance(conditioning, (str, os.PathLike)):  # an .npz file
                 where = f"conditioning {conditioning}"
                 conditioning = load_conditioning(conditioning, where)
@@ -200,7 +205,7 @@ class L2CPipeline:
                                         f"by the pipelines' argument names ({', '.join(TEXT_ARGUMENTS)}), or the "
                                         f"path of an .npz of them")
             # the whole request checked once, so that a message names what is wrong in it, not in one batch
-            n, _ = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where, cfg_scale)
+            n, _ = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where, cfg_scale, names)
         expected = (n, *self.sample_shape)
         if noise is not None and tuple(noise.shape) != expected:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {expected} (n samples, C, H, W)")
@@ -237,7 +242,7 @@ class L2CPipeline:
                         name: np.asarray(array)[start:stop] for name, array in conditioning.items()}
                     batch_labels = None if labels is None else list(labels)[start:stop]
                 _, condition = model_batch_conditioning(self.manifest, guiding, batch_labels, batch_conditioning,
-                                                        where, cfg_scale)
+                                                        where, cfg_scale, names)
                 batch_noise = noise[start:stop] if noise is not None else initial_noise.draw(stop - start)
                 x, batch_seconds, batch_engine_seconds = self._sample(
                     np.asarray(batch_noise, dtype=np.float32), condition, guiding, cfg_scale, subsets,
