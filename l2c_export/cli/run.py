@@ -31,8 +31,9 @@ MAX_PROMPTS_FILE_BYTES = 64 * 2**20
 @click.option("--negative-prompt", help="With --prompt/--prompts, when guiding: the unconditional half's text "
                                         "(default: \"\", as the PixArt pipelines).")
 @click.option("--batch-size", type=POSITIVE, help="Images encoded, sampled and decoded at once (default: the build's "
-                                                  "largest model batch, build --batch, halved when guiding); the "
-                                                  "samples are the same whatever the batch size.")
+                                                  "largest model batch, build --batch, halved when guiding); each "
+                                                  "sample's noise is its own whatever the batch size, so the samples "
+                                                  "are the same up to the engines' rounding.")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the manifest's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
