@@ -2,6 +2,22 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+
+def pinned(*names: str) -> list[str]:
+    """The requirements.txt lines of ``names`` (the one place their versions are pinned)."""
+    text = Path(__file__).with_name("requirements.txt").read_text()
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    found = {line.split("==")[0].split("[")[0].lower(): line for line in lines if "==" in line}
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise SystemExit(f"requirements.txt pins no {', '.join(missing)}")
+    return [found[name] for name in names]
+
+
+# A diffusers folder's transformer, VAE and text encoder are diffusers' and transformers' classes: the build and the
+# PyTorch reference need them, the runtime does not (it tokenizes with tokenizers and runs ONNX graphs).
+DIFFUSERS = pinned("diffusers", "transformers")
+
 setup(
     name="l2c-export",
     version="0.1.0",
@@ -27,7 +43,9 @@ setup(
         "polygraphy>=0.49",
         "onnx-graphsurgeon>=0.5",
         "jsonschema>=4.17",
+        *pinned("tokenizers"),  # the runtime's prompt encoder (a build with a text encoder)
     ],
-    extras_require={"test": ["pytest>=7"], "tensorrt": ["tensorrt>=10"], "vae": ["diffusers>=0.25"]},
+    # vae: the authors' latent models' `run --vae`, the same diffusers
+    extras_require={"test": ["pytest>=7"], "tensorrt": ["tensorrt>=10"], "diffusers": DIFFUSERS, "vae": DIFFUSERS},
     entry_points={"console_scripts": ["l2c-export=l2c_export.cli:main"]},
 )

@@ -367,42 +367,6 @@ def test_a_read_only_folder_is_one_line_exit_4(default_build, small_tmpfs):
     assert "Read-only file system" in line
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# A non-editable install (a wheel) can build: its package data is complete.
-
-def test_the_wheel_installs_into_a_fresh_environment_and_builds(tmp_path):
-    wheels, source = tmp_path / "wheels", tmp_path / "source"
-    skipped_anywhere = shutil.ignore_patterns(".venv*", ".git", "*.egg-info", "__pycache__", ".pytest_cache")
-
-    def ignore(folder, names):  # build/ (setuptools', cpp's) anywhere; engines/ and cpp/ only at the top
-        top = {"engines", "cpp"} & set(names) if Path(folder) == REPO else set()
-        return set(skipped_anywhere(folder, names)) | top | ({"build"} & set(names))
-
-    shutil.copytree(REPO, source, ignore=ignore)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheels), str(source)], check=True, capture_output=True)
-    (wheel,) = wheels.glob("l2c_export-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    # The dependencies (torch, onnx, ...) come from this environment's site-packages, without its .pth files, so
-    # the editable install of this checkout is not seen: l2c_export can only come from the wheel.
-    here = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
-    (site / "dependencies.pth").write_text(f"{here}\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True,
-                   capture_output=True)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run([str(python), "-c", "import l2c_export; print(l2c_export.__file__)"], capture_output=True,
-                           text=True, check=True, cwd=tmp_path, env=env).stdout
-    assert where.startswith(str(venv))
-    result = subprocess.run([str(venv / "bin" / "l2c-export"), "build", "--out", str(tmp_path / "engines")],
-                            capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr
-    manifest_io.load(tmp_path / "engines")
-
-
 @pytest.mark.parametrize("field, value, message", [
     ("alphas_cumprod", 1.5, "field 'sampler/alphas_cumprod/2': 1.5 is greater than the maximum of 1"),
     ("log_betas", 0.7, "field 'sampler/log_betas/2': 0.7 is greater than the maximum of 0"),

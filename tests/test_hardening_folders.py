@@ -216,13 +216,14 @@ def test_a_config_that_cannot_fit_is_refused_naming_the_field_before_allocating(
 
 
 def test_a_request_that_cannot_fit_is_refused_with_the_estimate(default_build):
-    """10 million labels on the digits DiT: the cache alone is terabytes; refused before any noise is drawn."""
+    """10 million labels sampled at once on the digits DiT: the cache alone is terabytes; refused before any noise
+    is drawn. (Sampled a batch at a time, as by default, only the results are held for all of them.)"""
     from l2c_export.runtime.pipeline import L2CPipeline
 
     pipe = L2CPipeline.from_engine_dir(default_build)
     with pytest.raises(MemoryEstimateError, match=r"^10000000 labels: sampling 10000000 image\(s\) with guidance "
                                                   r"\(x2\) needs at least .* \(cache \(\d+ slots\) "):
-        pipe(labels=np.zeros(10_000_000, dtype=np.int64))
+        pipe(labels=np.zeros(10_000_000, dtype=np.int64), batch_size=10_000_000)
     assert pipe(labels=[1, 2]).samples.shape[0] == 2  # a request that fits runs
 
 

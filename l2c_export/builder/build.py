@@ -37,10 +37,10 @@ from ..core.schedule import Schedule
 from ..core.util import replace_folder
 from ..models.zoo import ModelSpec
 from ..samplers import DenoisingSampler
-from .components import check_components
-from .memory import check_build_fits
+from .components import check_components, require_exporters
 from .engines import BatchRange, get_builder
 from .lock import exclusive_lock
+from .memory import check_build_fits
 from .output_folder import check_output_folder, recover
 from .reuse import exporter_digest, key_of, previous_files, reuse, tool_versions
 
@@ -82,6 +82,7 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
     builder = get_builder(request.backend, staging)
     builder.check_available()  # before anything is written
     spec = request.spec
+    require_exporters(spec)
     request.schedule.check_fits(request.sampler.num_calls, spec.sublayer_names)
     check_components(spec)  # the tokenizer as it will be exported: a bad one is refused before the first export
     check_build_fits(spec)  # the memory estimate, before torch allocates anything

@@ -49,6 +49,18 @@ def component_sources(spec) -> dict[str, Path]:
     return {name: folder for name, folder in sources.items() if folder is not None}
 
 
+def require_exporters(spec) -> None:
+    """Imports the libraries that export ``spec``'s components (:func:`~l2c_export.core.extras.import_extra`), so
+    that a missing one is refused before anything is exported."""
+    from ..core.extras import import_extra
+
+    sources = component_sources(spec)
+    if "vae_decoder" in sources:
+        import_extra("diffusers", "exporting the VAE decoder")
+    if {"text_encoder", "tokenizer"} & set(sources):
+        import_extra("transformers", "exporting the text encoder and tokenizer")
+
+
 def export_component(name: str, source: Path, spec, staging: Path) -> dict:
     """Writes component ``name`` from ``source`` into ``staging`` (the files of :data:`COMPONENT_FILES`) and returns
     its manifest record without the file entries (the caller adds them)."""
@@ -81,7 +93,10 @@ def _export(module, inputs: tuple, input_names: list[str], output_names: list[st
 
 def _export_vae_decoder(source: Path, spec, staging: Path) -> dict:
     import torch
-    from diffusers import AutoencoderKL
+
+    from ..core.extras import import_extra
+
+    AutoencoderKL = import_extra("diffusers", "exporting the VAE decoder").AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(str(source), use_safetensors=True, local_files_only=True).float().eval()
 
@@ -112,7 +127,10 @@ def _export_vae_decoder(source: Path, spec, staging: Path) -> dict:
 
 def _export_text_encoder(source: Path, spec, staging: Path) -> dict:
     import torch
-    from transformers import T5EncoderModel
+
+    from ..core.extras import import_extra
+
+    T5EncoderModel = import_extra("transformers", "exporting the text encoder").T5EncoderModel
 
     encoder = T5EncoderModel.from_pretrained(str(source), use_safetensors=True, local_files_only=True).float().eval()
 
@@ -145,9 +163,10 @@ def _load_tokenizer(source: Path, spec):
     the folder's file as such, is what diffusers tokenizes with) and its ``backend_tokenizer``, checked: a fast
     tokenizer with a pad token, whose ids (vocabulary, pad and end-of-sequence tokens) are all below the text
     encoder's ``vocab_size``."""
-    from transformers import AutoTokenizer
-
+    from ..core.extras import import_extra
     from ..models.diffusers import DiffusersFolderError
+
+    AutoTokenizer = import_extra("transformers", "writing the tokenizer").AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -11,7 +11,7 @@ import click
 # Exit codes (documented in the README).
 EXIT_CHECK_FAILED = 1  # the command ran and what it checks failed (verify beyond tolerance)
 EXIT_BAD_INPUT = 2  # bad flags, files, fields or manifests: one line says which and what was expected
-EXIT_BACKEND_UNAVAILABLE = 3  # the backend asked for is not installed or has no device here
+EXIT_BACKEND_UNAVAILABLE = 3  # the backend or optional dependency asked for is not installed or has no device here
 EXIT_IO = 4  # the file system refused: disk full, read-only, permission, a parent that is a file
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
@@ -30,12 +30,13 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         from ..core.backends import BackendUnavailable  # light: no torch, so that serve and run start fast
+        from ..core.extras import MissingExtra
 
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException):
             raise
-        except BackendUnavailable as error:
+        except (BackendUnavailable, MissingExtra) as error:
             raise CommandError(str(error), EXIT_BACKEND_UNAVAILABLE) from None
         # Every input error of the stages is a ValueError: CheckpointError, RouterError, ScheduleError, ManifestError,
         # OutputFolderError.

@@ -109,7 +109,7 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
     if conditioning_data is not None:
         from ..runtime.conditioning import load_conditioning
 
-        prompts = load_conditioning(conditioning_data)
+        prompts = load_conditioning(conditioning_data, f"--conditioning-data {conditioning_data}")
     text_model = spec.family.null_class(spec.config) is None
     if captioned and prompts is not None:
         raise click.BadParameter(f"{model_name} is evaluated on its own captions (every caption form with every "

@@ -176,7 +176,8 @@ def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, gui
                                  "none", param_hint="--data")
     records = {role: {"shape": ["batch", *tensor.shape]} for role, tensor in inputs.items()}
     order = [tensor.role for tensor in spec.family.graph_inputs(spec.config)]
-    arrays, where = load_conditioning(conditioning_data), f"--conditioning-data {conditioning_data}"
+    where = f"--conditioning-data {conditioning_data}"
+    arrays = load_conditioning(conditioning_data, where)
     if not getattr(spec.family, "classifier_free", True):
         refuse_negatives(arrays, where)
     return Condition.of_prompts(arrays, records, order, guiding, where, guidance_scale, spec.max_prompt_tokens)

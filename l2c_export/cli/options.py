@@ -131,14 +131,19 @@ def parse_labels(text: str) -> list[int]:
 
 def load_noise(path: Path):
     """``--noise``: a finite float .npy array (never unpickled)."""
+    import zipfile
+
     import numpy as np
 
     try:
         noise = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise CommandError(f"--noise {path}: no such file") from None
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise CommandError(f"--noise {path}: not a readable .npy array ({error})") from None
+    if not isinstance(noise, np.ndarray):  # an .npz archive
+        noise.close()
+        raise CommandError(f"--noise {path}: an .npz archive; expected one .npy array of shape (n samples, C, H, W)")
     if not np.issubdtype(noise.dtype, np.floating):
         raise CommandError(f"--noise {path}: holds {noise.dtype} values; expected float32")
     bad = int(np.size(noise) - np.count_nonzero(np.isfinite(noise)))

@@ -10,6 +10,11 @@ from ..models.diffusers.pixart import MACS_PROMPT_TOKENS
 from . import CFG_SCALE, EXIT_CHECK_FAILED, POSITIVE, SEED, CommandError, Finite, main
 from .options import backend_options, load_noise, parse_labels, save_npy
 
+# --prompts: every prompt's sample is held until the run ends (--save-latents writes them as one array), so a run takes
+# at most this many; and the file is read whole, so it is bounded first: this many prompts of 670 bytes.
+MAX_PROMPTS = 100_000
+MAX_PROMPTS_FILE_BYTES = 64 * 2**20
+
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -21,9 +26,14 @@ from .options import backend_options, load_noise, parse_labels, save_npy
 @click.option("--prompt", "prompts", multiple=True,
               help="A text model whose build has a text encoder: a prompt (repeat for several, one image each).")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="A UTF-8 file of prompts, one a line (blank lines skipped), sampled as one batch.")
-@click.option("--negative-prompt", default="", help="The unconditional half's text when guiding (default: \"\", as "
-                                                     "the PixArt pipelines).")
+              help=f"A UTF-8 file of prompts, one a line (blank lines skipped; at most {MAX_PROMPTS} prompts and "
+                   f"{MAX_PROMPTS_FILE_BYTES // 2**20} MiB), sampled --batch-size at a time.")
+@click.option("--negative-prompt", help="With --prompt/--prompts, when guiding: the unconditional half's text "
+                                        "(default: \"\", as the PixArt pipelines).")
+@click.option("--batch-size", type=POSITIVE, help="Images encoded, sampled and decoded at once (default: the build's "
+                                                  "largest model batch, build --batch, halved when guiding); each "
+                                                  "sample's noise is its own whatever the batch size, so the samples "
+                                                  "are the same up to the engines' rounding.")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the manifest's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -40,26 +50,28 @@ from .options import backend_options, load_noise, parse_labels, save_npy
 @click.option("--vae", type=click.Path(file_okay=False, path_type=Path),
               help="The authors' latent models: a local diffusers AutoencoderKL folder to decode latents with torch "
                    "(scale 0.18215). A diffusers build decodes with its own VAE decoder graph.")
-def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_prompt, cfg_scale, seed, noise_file,
-        backend, device, full, compare_full, out, save_latents, vae):
+def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_prompt, batch_size, cfg_scale, seed,
+        noise_file, backend, device, full, compare_full, out, save_latents, vae):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
-    from ..runtime.conditioning import conditioning_inputs, load_conditioning
+    from ..runtime.components import refuse_unused_negative_prompt
+    from ..runtime.conditioning import FLAG_NAMES, conditioning_inputs, load_conditioning
     from ..runtime.pipeline import L2CPipeline
 
     given = [flag for flag, value in (("--labels", labels), ("--conditioning", conditioning_file),
                                       ("--prompt", prompts), ("--prompts", prompts_file)) if value]
     if len(given) > 1:
         raise click.UsageError(f"give one of --labels, --conditioning, --prompt and --prompts; got {', '.join(given)}")
+    if negative_prompt is not None and not (prompts or prompts_file):  # before loading; the pipeline checks the rest
+        refuse_unused_negative_prompt(True, False, conditioning_file is not None, FLAG_NAMES)
     prompt_list = _read_prompts(prompts, prompts_file) if prompts or prompts_file else None
+    conditioning = None if conditioning_file is None else load_conditioning(conditioning_file)
     noise = None if noise_file is None else load_noise(noise_file)
     pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **backend_options(device, backend))
-    conditioning = None
-    if conditioning_file is not None:
-        conditioning = load_conditioning(conditioning_file)
-    elif labels is None and prompt_list is None and "label" in conditioning_inputs(pipe.manifest):
+    if conditioning is None and labels is None and prompt_list is None and \
+            "label" in conditioning_inputs(pipe.manifest):
         labels = "0,1,2,3,4,5,6,7,8,9"
     label_list = None if labels is None else parse_labels(labels)
-    request = {"labels": label_list, "conditioning": conditioning}
+    request = {"labels": label_list, "conditioning": conditioning, "batch_size": batch_size, "names": FLAG_NAMES}
     if prompt_list is not None:
         request.update(prompt=prompt_list, negative_prompt=negative_prompt)
     where = f"--conditioning {conditioning_file or ''}".rstrip()
@@ -100,16 +112,30 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
 
 
 def _read_prompts(prompts: tuple[str, ...], prompts_file: Path | None) -> list[str]:
-    """``--prompt`` texts, or ``--prompts FILE``'s lines (UTF-8, blank lines skipped), each checked."""
+    """``--prompt`` texts, or ``--prompts FILE``'s lines (UTF-8, blank lines skipped), each checked; a file is
+    bounded in bytes before it is read and in prompts before they are decoded."""
     from ..runtime.components import check_prompt
 
     if prompts_file is None:
-        return [check_prompt(text, f"--prompt {text!r}") for text in prompts]
+        return [check_prompt(text, f"--prompt {text[:40]!r}{'...' if len(text) > 40 else ''}") for text in prompts]
     try:
-        data = prompts_file.read_bytes()
+        size = prompts_file.stat().st_size
     except FileNotFoundError:
         raise CommandError(f"--prompts {prompts_file}: no such file") from None
+    if size > MAX_PROMPTS_FILE_BYTES:
+        raise CommandError(f"--prompts {prompts_file}: {size} bytes; expected at most {MAX_PROMPTS_FILE_BYTES} (the "
+                           f"file is read whole: {MAX_PROMPTS} prompts of {MAX_PROMPTS_FILE_BYTES // MAX_PROMPTS} "
+                           f"bytes; split it)")
+    with open(prompts_file, "rb") as file:
+        data = file.read(MAX_PROMPTS_FILE_BYTES + 1)  # the file may have grown since
+    if len(data) > MAX_PROMPTS_FILE_BYTES:
+        raise CommandError(f"--prompts {prompts_file}: over {MAX_PROMPTS_FILE_BYTES} bytes; expected at most "
+                           f"{MAX_PROMPTS_FILE_BYTES} (split the file)")
     lines = data.split(b"\n")
+    count = sum(1 for line in lines if line.strip())
+    if count > MAX_PROMPTS:
+        raise CommandError(f"--prompts {prompts_file}: {count} prompts; expected at most {MAX_PROMPTS} (every sample "
+                           f"is held until the run ends; split the file)")
     texts = [check_prompt(line.rstrip(b"\r"), f"--prompts {prompts_file} line {number}")
              for number, line in enumerate(lines, 1) if line.strip()]
     if not texts:

@@ -87,9 +87,11 @@ def _resolved(shape: list, sizes: dict[str, int]) -> int:
     return math.prod(sizes.get(dim, 1) if isinstance(dim, str) else int(dim) for dim in shape[1:])
 
 
-def run_parts(manifest: dict, samples: int, guiding: bool, blame: str) -> list[Part]:
-    """The estimate of one request of ``samples`` samples on a build (``manifest``), doubled when ``guiding``."""
-    batch = samples * (2 if guiding else 1)
+def run_parts(manifest: dict, samples: int, guiding: bool, blame: str, batch: int | None = None) -> list[Part]:
+    """The estimate of one request of ``samples`` samples on a build (``manifest``), sampled ``batch`` at a time
+    (default all at once): the working set of one batch (doubled when ``guiding``) and every sample's result."""
+    working = min(samples, batch or samples)
+    batch = working * (2 if guiding else 1)
     model = manifest["model"]
     prompt = int(model.get("max_sequence_length") or 0)
     slots = manifest.get("cache_slots", [])
@@ -101,20 +103,23 @@ def run_parts(manifest: dict, samples: int, guiding: bool, blame: str) -> list[P
     joint = tokens + prompt
     config = model["config"].get("transformer", model["config"])  # a diffusers model's, or the family's own
     heads = int(config.get("num_attention_heads") or config.get("num_heads") or 1)
+    sample = math.prod(int(d) for d in sample_shape[1:]) * FLOAT32
     parts = [Part(f"cache ({len(slots)} slots)", cache, blame),
              Part(f"activations ({joint:,} tokens x {width} wide)", batch * joint * width * FLOAT32 * ACTIVATION_COPIES,
                   blame),
              Part(f"attention scores ({heads} heads x {joint:,}^2)", batch * heads * joint * joint * FLOAT32, blame),
-             Part("samples", batch * math.prod(int(d) for d in sample_shape[1:]) * FLOAT32 * 4, blame)]
+             Part("samples being sampled", batch * sample * 4, blame),
+             Part("results", samples * sample, blame)]
     decoder = manifest.get("components", {}).get("vae_decoder")
     if decoder is not None:
         image = decoder["outputs"][0]["shape"]
-        parts.append(Part("decoded images", samples * math.prod(int(d) for d in image[1:]) * FLOAT32 * DECODER_COPIES,
-                          blame))
+        pixels = math.prod(int(d) for d in image[1:]) * FLOAT32
+        parts.append(Part("decoded images", (samples + working * (DECODER_COPIES - 1)) * pixels, blame))
     return parts
 
 
-def check_run_fits(manifest: dict, samples: int, guiding: bool, blame: str, available: int | None = None) -> int:
+def check_run_fits(manifest: dict, samples: int, guiding: bool, blame: str, available: int | None = None,
+                   batch: int | None = None) -> int:
     """:func:`check_fits` of :func:`run_parts`: refuses a request that cannot fit, before it is sampled."""
-    return check_fits(run_parts(manifest, samples, guiding, blame),
+    return check_fits(run_parts(manifest, samples, guiding, blame, batch),
                       f"sampling {samples} image(s){' with guidance (x2)' if guiding else ''}", available)

@@ -36,9 +36,19 @@ ScheduleMode = Literal["official", "general"]
 SCHEDULE_MODES = ("official", "general")
 
 
-def check_mode(mode: str) -> ScheduleMode:
-    if mode not in SCHEDULE_MODES:
-        raise ValueError(f"unknown schedule mode {mode!r}; expected one of {', '.join(SCHEDULE_MODES)}")
+class ScheduleError(ValueError):
+    """An invalid schedule; the message names the file (or source) and the field."""
+
+
+def check_mode(mode: str, where: str | None = None) -> ScheduleMode:
+    """``mode`` if it is one of :data:`SCHEDULE_MODES`; else a ValueError (a :class:`ScheduleError` naming field
+    'mode' of ``where`` where given)."""
+    if not isinstance(mode, str) or mode not in SCHEDULE_MODES:
+        shown = repr(mode) if len(repr(mode)) <= 40 else f"{repr(mode)[:40]}..."
+        if where is None:
+            raise ValueError(f"unknown schedule mode {shown}; expected one of {', '.join(SCHEDULE_MODES)}")
+        raise ScheduleError(f"{where}: field 'mode' is {shown}; expected one of {', '.join(SCHEDULE_MODES)} (how "
+                            f"the router was decoded), or no 'mode'")
     return mode
 
 
@@ -46,10 +56,6 @@ def format_model_time(t: float) -> str:
     """The time the model sees at a call, for people: ``999``, or one decimal where it is not whole (DPM-Solver's
     ``951.8``, not ``951.8417600387976``)."""
     return f"{float(t):.0f}" if float(t).is_integer() else f"{float(t):.1f}"
-
-
-class ScheduleError(ValueError):
-    """An invalid schedule; the message names the file (or source) and the field."""
 
 
 @dataclass
@@ -116,6 +122,8 @@ class Schedule:
             raise ScheduleError(f"{where}: field 'compute' row 0 (the first step) must compute every sub-layer, since "
                                 f"a reused sub-layer reads a value computed earlier in the request; sub-layers "
                                 f"{missing} are not computed")
+        if self.mode is not None:
+            check_mode(self.mode, where)
         if self.timesteps is not None and len(self.timesteps) != self.num_steps:
             raise ScheduleError(f"{where}: field 'timesteps' has {len(self.timesteps)} entries; expected num_steps = "
                                 f"{self.num_steps}")
@@ -233,6 +241,8 @@ class Schedule:
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not 0.0 <= threshold <= 1.0):
             raise ScheduleError(f"{where}: field 'threshold' is {threshold!r}; expected a number in [0, 1]")
+        if data.get("mode") is not None:
+            check_mode(data["mode"], where)
         sampler = data.get("sampler")
         if sampler is not None and sampler not in SAMPLER_KINDS:
             raise ScheduleError(f"{where}: field 'sampler' is {sampler!r}; expected one of {', '.join(SAMPLER_KINDS)}")

@@ -33,7 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.extras import import_extra
 from .train import DiffusionLoss, digits_dataset, fit
+
+T2I_NEEDS = "the t2i-digits demo (a PixArtAlphaPipeline)"
 
 T2I_DIR = Path(__file__).parent / "t2i-digits"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -89,7 +92,8 @@ class T2IConfig:
 def make_tokenizer():
     """The word-level tokenizer over :func:`caption_vocabulary`, as transformers loads it from ``tokenizer.json``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast = import_extra("transformers", T2I_NEEDS).PreTrainedTokenizerFast
 
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + tuple(caption_vocabulary()))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -103,7 +107,8 @@ def make_tokenizer():
 
 def make_text_encoder(config: T2IConfig, vocab_size: int):
     """A small T5 v1.1 encoder (gated GELU, as PixArt's T5-XXL) with random weights, frozen."""
-    from transformers import T5Config, T5EncoderModel
+    transformers = import_extra("transformers", T2I_NEEDS)
+    T5Config, T5EncoderModel = transformers.T5Config, transformers.T5EncoderModel
 
     t5 = T5Config(vocab_size=vocab_size, d_model=config.text_width, d_kv=config.text_width // config.text_heads,
                   d_ff=2 * config.text_width, num_layers=config.text_layers, num_heads=config.text_heads,
@@ -115,8 +120,7 @@ def make_text_encoder(config: T2IConfig, vocab_size: int):
 
 def make_vae(config: T2IConfig):
     """8x8x1 images in [-1, 1] -> (latent_channels, 8 / 2 ** (levels - 1), ...) latents."""
-    from diffusers import AutoencoderKL
-
+    AutoencoderKL = import_extra("diffusers", T2I_NEEDS).AutoencoderKL
     levels = len(config.vae_channels)
     return AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * levels,
                          up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=config.vae_channels,
@@ -125,8 +129,7 @@ def make_vae(config: T2IConfig):
 
 
 def make_transformer(config: T2IConfig):
-    from diffusers import PixArtTransformer2DModel
-
+    PixArtTransformer2DModel = import_extra("diffusers", T2I_NEEDS).PixArtTransformer2DModel
     inner = config.num_attention_heads * config.attention_head_dim
     return PixArtTransformer2DModel(num_attention_heads=config.num_attention_heads,
                                     attention_head_dim=config.attention_head_dim,
@@ -138,8 +141,7 @@ def make_transformer(config: T2IConfig):
 
 def make_scheduler():
     """DPM-Solver++ 2M as PixArt-α's folders configure it (these are diffusers' defaults)."""
-    from diffusers import DPMSolverMultistepScheduler
-
+    DPMSolverMultistepScheduler = import_extra("diffusers", T2I_NEEDS).DPMSolverMultistepScheduler
     return DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                                        num_train_timesteps=1000, solver_order=2, prediction_type="epsilon",
                                        algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
@@ -236,8 +238,7 @@ def training_captions(pipe) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_pipeline(config: T2IConfig, transformer=None, vae=None, seed: int = 0):
     """A ``PixArtAlphaPipeline`` of the parts (untrained where not given); the text encoder is seeded by ``seed``."""
-    from diffusers import PixArtAlphaPipeline
-
+    PixArtAlphaPipeline = import_extra("diffusers", T2I_NEEDS).PixArtAlphaPipeline
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
     text_encoder = make_text_encoder(config, len(tokenizer))
@@ -276,8 +277,7 @@ def save_t2i(pipe, folder: str | Path, config: T2IConfig | None = None) -> Path:
 # -- what the model draws --------------------------------------------------------------------------------------------
 def load_pipeline(folder: str | Path = T2I_DIR):
     """diffusers' own ``PixArtAlphaPipeline.from_pretrained(folder)``."""
-    from diffusers import PixArtAlphaPipeline
-
+    PixArtAlphaPipeline = import_extra("diffusers", T2I_NEEDS).PixArtAlphaPipeline
     pipe = PixArtAlphaPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe

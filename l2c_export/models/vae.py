@@ -11,11 +11,11 @@ def decode_latents(vae_dir: str | Path, latents: np.ndarray, latent_scale: float
                    batch_size: int = 8) -> np.ndarray:
     """latents (n, 4, h, w) float32 -> images (n, 3, 8h, 8w) in [-1, 1], as DiT's sample.py:
     ``vae.decode(latents / 0.18215).sample``. ``vae_dir`` is a local folder (no hub access)."""
-    try:
-        import torch
-        from diffusers import AutoencoderKL
-    except ImportError as error:
-        raise ValueError("--vae needs diffusers and torch: pip install diffusers") from error
+    import torch
+
+    from ..core.extras import import_extra
+
+    AutoencoderKL = import_extra("diffusers", "--vae").AutoencoderKL
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").is_file():
         raise ValueError(f"{vae_dir}: not a diffusers AutoencoderKL folder (no config.json)")

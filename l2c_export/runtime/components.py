@@ -10,7 +10,7 @@ as the pipelines do before ``image_processor.postprocess`` (scaled, shifted, FLU
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -19,14 +19,24 @@ from ..core.latents import unpack_latents
 from ..core.util import short_repr
 
 
+# The longest prompt, in UTF-8 bytes. A prompt is cut at the model's max_sequence_length tokens (PixArt-Sigma's 300,
+# T5's 512 at most), and a T5 token is a few characters: 16 KiB is far past any prompt that reaches the model, and
+# bounds what the tokenizer is given to read.
+MAX_PROMPT_BYTES = 16 * 1024
+
+
 class PromptError(ValueError):
-    """A prompt that cannot be encoded (empty, not UTF-8, not text); the message names it."""
+    """A prompt that cannot be encoded (empty, not UTF-8, not text, too long); the message names it."""
 
 
 def check_prompt(text, where: str, allow_empty: bool = False) -> str:
     """``text`` (str, or UTF-8 bytes as Triton sends them) as a str; refuses bytes that are not UTF-8, a str that
-    cannot be written as UTF-8 (undecodable command-line bytes arrive as lone surrogates) and, unless
-    ``allow_empty`` (the negative prompt, empty by default), a prompt with no visible characters."""
+    cannot be written as UTF-8 (undecodable command-line bytes arrive as lone surrogates), one longer than
+    :data:`MAX_PROMPT_BYTES` and, unless ``allow_empty`` (the negative prompt, empty by default), a prompt with no
+    visible characters."""
+    if isinstance(text, (bytes, bytearray, np.bytes_)) and len(text) > MAX_PROMPT_BYTES:
+        raise PromptError(f"{where}: {len(text)} bytes; expected a prompt of at most {MAX_PROMPT_BYTES} bytes (the "
+                          f"model reads at most its max_sequence_length tokens of it)")
     if isinstance(text, (bytes, bytearray, np.bytes_)):
         try:
             text = bytes(text).decode("utf-8")
@@ -36,10 +46,13 @@ def check_prompt(text, where: str, allow_empty: bool = False) -> str:
     if not isinstance(text, str):
         raise PromptError(f"{where}: a {type(text).__name__}; expected a text prompt")
     try:
-        text.encode("utf-8")
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError as error:
         raise PromptError(f"{where}: not UTF-8 text (character {error.start} cannot be encoded); expected a UTF-8 "
                           f"prompt") from None
+    if size > MAX_PROMPT_BYTES:
+        raise PromptError(f"{where}: {size} bytes; expected a prompt of at most {MAX_PROMPT_BYTES} bytes (the model "
+                          f"reads at most its max_sequence_length tokens of it)")
     if not allow_empty and not text.strip():
         raise PromptError(f"{where}: empty prompt; expected some text")
     return text
@@ -133,14 +146,38 @@ class PromptEncoder:
         embeds, mask = self.embed(prompts)
         arrays = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
         if guiding:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, (str, bytes)) \
-                else list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise PromptError(f"negative prompt: {len(negatives)} given for {len(prompts)} prompts; expected one, "
-                                  f"or one per prompt")
-            negatives = [check_prompt(text, "negative prompt", allow_empty=True) for text in negatives]
+            negatives = negative_prompts(negative_prompt, len(prompts))
             arrays["negative_prompt_embeds"], arrays["negative_prompt_attention_mask"] = self.embed(negatives)
         return arrays
+
+
+def negative_prompts(negative_prompt, count: int, where: str = "negative prompt") -> list[str]:
+    """``negative_prompt`` (one text for every prompt, or a sequence of one per prompt) as ``count`` checked texts."""
+    negatives = [negative_prompt] * count if isinstance(negative_prompt, (str, bytes, bytearray, np.bytes_)) \
+        else list(negative_prompt)
+    if len(negatives) != count:
+        raise PromptError(f"{where}: {len(negatives)} given for {count} prompts; expected one, or one per prompt")
+    return [check_prompt(text, where, allow_empty=True) for text in negatives]
+
+
+def refuse_unused_negative_prompt(guiding: bool, prompts_given: bool, conditioning_given: bool,
+                                  names: Mapping[str, str] | None = None) -> None:
+    """A negative prompt is used only with prompts and a classifier-free batch: else it is refused, not dropped.
+    ``names``: how messages call the request's parts (:data:`.conditioning.FLAG_NAMES`; default the Python
+    arguments)."""
+    from .conditioning import ARGUMENT_NAMES
+
+    name = names or ARGUMENT_NAMES
+    if conditioning_given:
+        raise PromptError(f"{name['negative_prompt']} is not used with {name['conditioning']}: the conditioning "
+                          f"carries its own negative_prompt_embeds; encode the negative prompt into it, or give "
+                          f"{name['prompt']} instead")
+    if not prompts_given:
+        raise PromptError(f"{name['negative_prompt']} needs {name['prompt']}: it is the text the prompts are guided "
+                          f"against")
+    if not guiding:
+        raise PromptError(f"{name['negative_prompt']} is not used: no classifier-free batch runs (a "
+                          f"{name['cfg_scale']} of 1, or a guidance-distilled model); leave it out")
 
 
 class ImageDecoder:

@@ -18,8 +18,8 @@ import numpy as np
 # The record-level checks live a stage down, where the PyTorch reference sampler and learning can use them too;
 # re-exported here, the runtime's conditioning module, for its callers.
 from ..samplers.conditioning import (CONDITIONING_ROLES, GUIDANCE_ROLE, TEXT_ARGUMENTS, TEXT_ROLES,  # noqa: F401
-                                     ConditioningError, batch_conditioning, by_role, check_prompts,
-                                     check_text_conditioning, refuse_negatives)
+                                     ARGUMENT_NAMES, FLAG_NAMES, ConditioningError, batch_conditioning, by_role,
+                                     check_prompts, check_text_conditioning, refuse_negatives)
 
 
 def conditioning_inputs(manifest: dict) -> dict[str, dict]:
@@ -33,20 +33,27 @@ def classifier_free_batch(manifest: dict, cfg_scale: float) -> bool:
     return manifest["guidance"].get("classifier_free", True) and cfg_scale > 1.0
 
 
+def images_per_batch(manifest: dict, cfg_scale: float) -> int:
+    """The most images one sampling batch holds: the build's model batch maximum (``batch/max``: the engines' range),
+    halved when guiding, as the conditional and unconditional halves run as one batch."""
+    limit = manifest["batch"]["max"]
+    return max(1, limit // 2) if classifier_free_batch(manifest, cfg_scale) else limit
+
+
 def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int] | None = None,
                              conditioning: Mapping[str, np.ndarray] | None = None,
                              where: str = "conditioning", cfg_scale: float | None = None,
-                             ) -> tuple[int, dict[str, np.ndarray]]:
+                             names: Mapping[str, str] = FLAG_NAMES) -> tuple[int, dict[str, np.ndarray]]:
     """The number of samples n and, for each conditioning input of the model, its model-batch array (2n rows when
     ``guiding``: :func:`classifier_free_batch`). ``labels``: class labels (models with a label input);
     ``conditioning``: the text arrays by the pipelines' argument names (models with text inputs); ``cfg_scale``: what
     a ``guidance`` input is fed (the manifest's scale when None). Anything missing, extra, misshapen, of the wrong
-    dtype or not finite is refused naming it."""
+    dtype or not finite is refused naming it (``names``: how messages call labels, conditioning and cfg_scale)."""
     guidance = manifest["guidance"]
     return batch_conditioning(manifest["model"]["inputs"], guidance.get("null_class"), guiding, labels, conditioning,
                               where, manifest["model"].get("max_sequence_length"),
                               guidance.get("classifier_free", True),
-                              guidance["cfg_scale"] if cfg_scale is None else cfg_scale)
+                              guidance["cfg_scale"] if cfg_scale is None else cfg_scale, names)
 
 
 def example_conditioning(manifest: dict, n: int, seed: int = 0, prompt_tokens: int = 6) -> dict:
@@ -74,21 +81,40 @@ def example_conditioning(manifest: dict, n: int, seed: int = 0, prompt_tokens: i
     return {"conditioning": arrays}
 
 
-def load_conditioning(path) -> dict[str, np.ndarray]:
-    """``--conditioning cond.npz``: its arrays by name (never unpickled)."""
+def load_conditioning(path, where: str | None = None) -> dict[str, np.ndarray]:
+    """``--conditioning cond.npz``: its arrays by name (never unpickled). Anything else (not a zip, a damaged or
+    truncated one, a pickled object array) is a :class:`ConditioningError` naming the file (``where``: how it is
+    named; default ``--conditioning PATH``) and the array."""
+    import zipfile
+    import zlib
     from pathlib import Path
 
     path = Path(path)
+    where = where or f"--conditioning {path}"
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+    expected = f"expected an .npz archive of arrays named {', '.join(TEXT_ARGUMENTS)} (numpy.savez)"
     try:
         archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ConditioningError(f"--conditioning {path}: a single .npy array; expected an .npz archive of arrays "
-                                    f"named {', '.join(TEXT_ARGUMENTS)}")
-        with archive:
-            return {name: archive[name] for name in archive.files}
     except FileNotFoundError:
-        raise ConditioningError(f"--conditioning {path}: no such file") from None
-    except ConditioningError:
-        raise
-    except (OSError, ValueError, EOFError) as error:
-        raise ConditioningError(f"--conditioning {path}: not a readable .npz archive ({error})") from None
+        raise ConditioningError(f"{where}: no such file") from None
+    except unreadable as error:
+        raise ConditioningError(f"{where}: not a readable .npz archive ({_first_line(error)}); {expected}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ConditioningError(f"{where}: a single .npy array; {expected}")
+    arrays = {}
+    with archive:
+        for name in archive.files:
+            try:
+                arrays[name] = archive[name]
+            except unreadable as error:
+                raise ConditioningError(f"{where}: array {name[:40]!r} is not readable ({_first_line(error)}); "
+                                        f"{expected}, of numbers") from None
+            if not isinstance(arrays[name], np.ndarray):  # numpy hands back a member that is no .npy as bytes
+                raise ConditioningError(f"{where}: array {name[:40]!r} is not readable (not a .npy array); "
+                                        f"{expected}, of numbers")
+    return arrays
+
+
+def _first_line(error: Exception, limit: int = 120) -> str:
+    text = (str(error).splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else f"{text[:limit]}..."

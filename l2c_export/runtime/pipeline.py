@@ -17,19 +17,21 @@ latents (the manifest's ``components``, :mod:`.components`)::
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..core import manifest as manifest_io
 from ..core.util import check_finite
 from ..samplers import ModelCall, denoise, sampler_from_dict
-from ..samplers.guidance import apply_guidance, make_noise, step_noise
+from ..samplers.guidance import NoiseRows, apply_guidance
 from .backends import Backend, load_backend
-from .components import ImageDecoder, PromptEncoder
+from .components import (ImageDecoder, PromptEncoder, PromptError, check_prompt, negative_prompts,
+                         refuse_unused_negative_prompt)
 
 
 @dataclass(frozen=True)
@@ -139,27 +141,43 @@ class L2CPipeline:
     def __call__(self, labels: Sequence[int] | None = None, cfg_scale: float | None = None, seed: int = 0,
                  noise: np.ndarray | None = None, full: bool = False, progress: bool = False,
                  conditioning: dict[str, np.ndarray] | None = None, where: str = "conditioning",
-                 prompt: Sequence[str] | str | None = None, negative_prompt: Sequence[str] | str = "",
-                 decode: bool = False) -> SampleResult:
+                 prompt: Sequence[str] | str | None = None, negative_prompt: Sequence[str] | str | None = None,
+                 decode: bool = False, batch_size: int | None = None,
+                 names: Mapping[str, str] | None = None) -> SampleResult:
         """Samples one image per label (a label model) or per prompt (``prompt``: texts, for a build with a text
         encoder; or ``conditioning``: the text arrays by the pipelines' argument names, :mod:`.conditioning`;
-        ``where`` names it in errors).
+        ``where`` names it in errors; or the path of an .npz of them).
 
         noise: (n, C, H, W) float32 initial noise for the n conditional samples (default: ``make_noise(seed, ...)``);
         guidance duplicates it for the unconditional half. DDPM draws its step noise from ``seed`` too.
         full: run the full-compute engine at every call (the reference the schedule is measured against).
-        negative_prompt: the unconditional half's text when guiding ("" as the PixArt pipelines; one, or one per
-        prompt). decode: decode latents with the build's VAE decoder into ``result.decoded``.
+        negative_prompt: with ``prompt`` only, when guiding: the unconditional half's text (default "", as the PixArt
+        pipelines; one, or one per prompt); refused rather than dropped where it would not be used.
+        decode: decode latents with the build's VAE decoder into ``result.decoded``.
+        batch_size: images encoded, sampled and decoded at once (default: the build's largest model batch, halved
+        when guiding, :func:`.conditioning.images_per_batch`), so that a long list of prompts takes the memory of
+        one batch; the samples are those of one batch of all n, since every sample's noise is its own rows of the
+        seeded streams.
+        names: how messages call the arguments (default their Python names; the CLI passes its flags,
+        :data:`.conditioning.FLAG_NAMES`).
         """
         from ..core.memory import check_run_fits
-        from .conditioning import classifier_free_batch, model_batch_conditioning
+        from .conditioning import (ARGUMENT_NAMES, TEXT_ARGUMENTS, ConditioningError, classifier_free_batch,
+                                   images_per_batch, load_conditioning, model_batch_conditioning)
+
+        names = names or ARGUMENT_NAMES
 
         cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
                                  "cfg_scale", low=1.0)
         guiding = classifier_free_batch(self.manifest, cfg_scale)
+        if batch_size is None:
+            batch_size = images_per_batch(self.manifest, cfg_scale)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size is {batch_size!r}; expected a positive integer (images sampled at once)")
         if decode and self.decoder is None and self.manifest["model"]["space"] == "latent":
             raise ValueError(f"{self.folder}: the build has no VAE decoder (field 'components/vae_decoder'); build "
                              f"from a diffusers folder with a vae/ to decode, or save the latents")
+        negatives = None
         if prompt is not None:
             if conditioning is not None:
                 raise ValueError("give prompts or conditioning arrays, not both")
@@ -168,22 +186,89 @@ class L2CPipeline:
                                  f"'components/text_encoder'); give prompt embeddings (conditioning) instead, or "
                                  f"build from a diffusers folder with text_encoder/ and tokenizer/")
             prompts = [prompt] if isinstance(prompt, (str, bytes)) else list(prompt)
-            check_run_fits(self.manifest, len(prompts), guiding, f"{len(prompts)} prompts")
-            conditioning = self.prompt_encoder(prompts, negative_prompt, guiding)
-            where = "prompt"
-        n, condition = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where, cfg_scale)
-        check_run_fits(self.manifest, n, guiding, f"{n} {'labels' if labels is not None else where}")
+            if not prompts:
+                raise PromptError("prompt: expected one or more prompts")
+            prompts = [check_prompt(text, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
+                       for i, text in enumerate(prompts)]
+            if negative_prompt is not None and not guiding:
+                refuse_unused_negative_prompt(guiding, True, False, names)
+            if guiding:
+                negatives = negative_prompts("" if negative_prompt is None else negative_prompt, len(prompts))
+            n, where = len(prompts), "prompt"
+        else:
+            if negative_prompt is not None:
+                refuse_unused_negative_prompt(guiding, False, conditioning is not None, names)
+            if isinstance(conditioning, (str, os.PathLike)):  # an .npz file
+                where = f"conditioning {conditioning}"
+                conditioning = load_conditioning(conditioning, where)
+            elif conditioning is not None and not isinstance(conditioning, Mapping):
+                raise ConditioningError(f"conditioning is a {type(conditioning).__name__}; expected a dict of arrays "
+                                        f"by the pipelines' argument names ({', '.join(TEXT_ARGUMENTS)}), or the "
+                                        f"path of an .npz of them")
+            # the whole request checked once, so that a message names what is wrong in it, not in one batch
+            n, _ = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where, cfg_scale, names)
+        check_run_fits(self.manifest, n, guiding, f"{n} {'labels' if labels is not None else where}",
+                       batch=batch_size)
         expected = (n, *self.sample_shape)
-        if noise is None:
-            noise = make_noise(seed, expected)
-        elif tuple(noise.shape) != expected:
+        if noise is not None and tuple(noise.shape) != expected:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {expected} (n samples, C, H, W)")
-        elif not np.isfinite(noise).all():
+        if noise is not None and not np.isfinite(noise).all():
             raise ValueError("noise holds NaN or infinite values; expected finite noise")
+        # make_noise(seed, (n, ...)) and the first n rows of each DDPM step's step_noise(seed, s, ...), drawn a batch
+        # at a time
+        initial_noise = NoiseRows(seed, self.sample_shape) if noise is None else None
+        ddpm_streams: dict[int, NoiseRows] = {}
+
+        def ddpm_noise(s: int, rows: int) -> np.ndarray:
+            if s not in ddpm_streams:
+                ddpm_streams[s] = NoiseRows(seed + s + 1, self.sample_shape)
+            return ddpm_streams[s].draw(rows)
+
+        starts = range(0, n, batch_size)
+        subsets = [self.full_subset] * self.sampler.num_calls if full else list(self.step_subset)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.sampler.num_calls * len(starts), leave=False,
+                       desc=f"sampling {n} image(s) ({self.backend.name})")
+        samples, decoded, seconds, engine_seconds = [], [], 0.0, 0.0
+        try:
+            for start in starts:
+                stop = min(n, start + batch_size)
+                if prompt is not None:
+                    batch_conditioning = self.prompt_encoder(prompts[start:stop], negatives[start:stop] if guiding
+                                                             else "", guiding)
+                    batch_labels = None
+                else:
+                    batch_conditioning = None if conditioning is None else {
+                        name: np.asarray(array)[start:stop] for name, array in conditioning.items()}
+                    batch_labels = None if labels is None else list(labels)[start:stop]
+                _, condition = model_batch_conditioning(self.manifest, guiding, batch_labels, batch_conditioning,
+                                                        where, cfg_scale, names)
+                batch_noise = noise[start:stop] if noise is not None else initial_noise.draw(stop - start)
+                x, batch_seconds, batch_engine_seconds = self._sample(
+                    np.asarray(batch_noise, dtype=np.float32), condition, guiding, cfg_scale, subsets,
+                    lambda s, rows=stop - start: ddpm_noise(s, rows), bar)
+                samples.append(x)
+                seconds += batch_seconds
+                engine_seconds += batch_engine_seconds
+                if decode and self.decoder is not None:
+                    decoded.append(self.decoder(x))
+        finally:
+            if bar is not None:
+                bar.close()
+        return SampleResult(samples=np.concatenate(samples), seconds=seconds, engine_seconds=engine_seconds,
+                            step_subsets=subsets, decoded=np.concatenate(decoded) if decoded else None)
+
+    def _sample(self, noise: np.ndarray, condition: dict, guiding: bool, cfg_scale: float, subsets: list[int],
+                ddpm_noise, bar) -> tuple[np.ndarray, float, float]:
+        """One batch: initial noise (b, C, H, W), the model batch's conditioning inputs (2b rows when ``guiding``),
+        ``ddpm_noise(call) -> (b, C, H, W)`` -> (samples (b, C, H, W) float32, seconds of the loop, seconds in the
+        engines)."""
+        n = len(noise)
         guided = self.manifest["guidance"]["guided_channels"]
         state = self.backend.new_request()
-        subsets = [self.full_subset] * self.sampler.num_calls if full else list(self.step_subset)
-        batch = 2 * n if guiding else n
         engine_seconds = 0.0
 
         def run_model(call: ModelCall) -> np.ndarray:
@@ -196,23 +281,6 @@ class L2CPipeline:
             out = apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
             return out if self.sampler_channels is None else out[:, :self.sampler_channels]
 
-        def ddpm_noise(s: int) -> np.ndarray:
-            return step_noise(seed, s, (batch, *self.sample_shape))[:n]  # drawn for the model batch, as DiT does
-
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.sampler.num_calls, desc=f"sampling ({self.backend.name})", leave=False)
         start = time.perf_counter()
-        try:
-            x = denoise(self.sampler, np.asarray(noise, dtype=np.float32), run_model, ddpm_noise,
-                        progress=bar.update if bar is not None else None)
-        finally:
-            if bar is not None:
-                bar.close()
-        seconds = time.perf_counter() - start
-        samples = np.asarray(x, dtype=np.float32)
-        decoded = self.decoder(samples) if decode and self.decoder is not None else None
-        return SampleResult(samples=samples, seconds=seconds, engine_seconds=engine_seconds, step_subsets=subsets,
-                            decoded=decoded)
+        x = denoise(self.sampler, noise, run_model, ddpm_noise, progress=bar.update if bar is not None else None)
+        return np.asarray(x, dtype=np.float32), time.perf_counter() - start, engine_seconds

@@ -22,6 +22,11 @@ GUIDANCE_ROLE = "guidance"
 CONDITIONING_ROLES = ("label", *TEXT_ROLES, GUIDANCE_ROLE)
 TEXT_ARGUMENTS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 
+# How messages call a request's parts: the command line's flags, or L2CPipeline's Python arguments.
+FLAG_NAMES = {"labels": "--labels", "conditioning": "--conditioning", "cfg_scale": "--cfg-scale",
+              "prompt": "--prompt/--prompts", "negative_prompt": "--negative-prompt"}
+ARGUMENT_NAMES = {name: name for name in FLAG_NAMES}
+
 
 class ConditioningError(ValueError):
     """Conditioning that does not fit the model; the message names the array (and file) and what was expected."""
@@ -35,16 +40,17 @@ def by_role(input_records: Sequence[dict]) -> dict[str, dict]:
 def batch_conditioning(input_records: Sequence[dict], null_class: int | None, guiding: bool,
                        labels: Sequence[int] | None = None, conditioning: Mapping[str, np.ndarray] | None = None,
                        where: str = "conditioning", max_tokens: int | None = None, classifier_free: bool = True,
-                       guidance_scale: float | None = None) -> tuple[int, dict[str, np.ndarray]]:
-    """:func:`l2c_export.runtime.conditioning.model_batch_conditioning` from the model's input records (the
-    manifest's ``model/inputs``, or a family's ``TensorSpec.record()``s: the PyTorch reference checks a request as
-    the runtimes do), null class, longest prompt (``model/max_sequence_length``; None: unbounded), whether the model
-    guides with a classifier-free batch (``guidance/classifier_free``) and the scale a ``guidance`` input is fed."""
+                       guidance_scale: float | None = None,
+                       names: Mapping[str, str] = FLAG_NAMES) -> tuple[int, dict[str, np.ndarray]]:
+    """:func:`model_batch_conditioning` from the model's input records (the manifest's ``model/inputs``, or a
+    family's ``TensorSpec.record()``s: the PyTorch reference checks a request as the runtimes do), null class,
+    longest prompt (``model/max_sequence_length``; None: unbounded), whether the model guides with a classifier-free
+    batch (``guidance/classifier_free``) and the scale a ``guidance`` input is fed."""
     inputs = by_role(input_records)
     if "label" in inputs:
         if conditioning:
-            raise ConditioningError(f"{where}: this model is conditioned on class labels (--labels), not on "
-                                    f"{', '.join(sorted(conditioning))}")
+            raise ConditioningError(f"{where}: this model is conditioned on class labels ({names['labels']}), not "
+                                    f"on {', '.join(sorted(conditioning))}")
         if labels is None or len(labels) == 0:
             raise ConditioningError("no labels given; expected at least one class label")
         labels = np.asarray([int(label) for label in labels], dtype=np.int64)
@@ -55,29 +61,31 @@ def batch_conditioning(input_records: Sequence[dict], null_class: int | None, gu
         raise ConditioningError(f"{where}: the manifest's model inputs have no conditioning this runtime knows "
                                 f"(roles {', '.join(CONDITIONING_ROLES)})")
     if labels is not None:
-        raise ConditioningError("--labels: this model is conditioned on prompt embeddings (--conditioning), not class "
-                                "labels")
+        raise ConditioningError(f"{names['labels']}: this model is conditioned on prompt embeddings "
+                                f"({names['conditioning']}), not class labels")
     arrays = dict(conditioning or {})
     if not classifier_free:
-        refuse_negatives(arrays, where)
+        refuse_negatives(arrays, where, names)
     checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens)
     n = len(checked["prompt_embeds"][0])
     feeds = {inputs[role]["name"]: np.ascontiguousarray(np.concatenate(pair) if guiding else pair[0])
              for role, pair in checked.items()}
     if GUIDANCE_ROLE in inputs:
         if guidance_scale is None:
-            raise ConditioningError(f"{where}: the model's guidance input needs a guidance scale (--cfg-scale)")
+            raise ConditioningError(f"{where}: the model's guidance input needs a guidance scale "
+                                    f"({names['cfg_scale']})")
         feeds[inputs[GUIDANCE_ROLE]["name"]] = np.full(2 * n if guiding else n, guidance_scale, dtype=np.float32)
     return n, feeds
 
 
-def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str) -> None:
+def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str, names: Mapping[str, str] = FLAG_NAMES) -> None:
     """A guidance-distilled model (``guidance/classifier_free`` false) runs no negative prompt: a ``negative_`` array
     is refused by name rather than ignored."""
     negatives = sorted(name for name in arrays if name.startswith("negative_"))
     if negatives:
         raise ConditioningError(f"{where}: array {negatives[0]!r} is not used: this model is guidance-distilled "
-                                f"(--cfg-scale feeds its guidance embedding; no negative prompt runs); leave it out")
+                                f"({names['cfg_scale']} feeds its guidance embedding; no negative prompt runs); leave "
+                                f"it out")
 
 
 def check_text_conditioning(arrays: Mapping[str, np.ndarray], inputs: dict, guiding: bool,

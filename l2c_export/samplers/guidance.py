@@ -18,6 +18,19 @@ def step_noise(seed: int, step: int, shape) -> np.ndarray:
     return make_noise(seed + step + 1, shape)
 
 
+class NoiseRows:
+    """``make_noise(seed, (n, *row_shape))`` drawn some rows at a time: draws of k1, k2, ... rows are rows 0..k1,
+    k1..k1 + k2, ... of the whole, whatever n (numpy's generator fills an array element by element from one stream,
+    which continues where the last draw stopped). So a request sampled in batches gets every sample's own noise."""
+
+    def __init__(self, seed: int, row_shape):
+        self.generator = np.random.default_rng(seed)
+        self.row_shape = tuple(row_shape)
+
+    def draw(self, rows: int) -> np.ndarray:
+        return self.generator.standard_normal((rows, *self.row_shape), dtype=np.float32)
+
+
 def check_labels(labels, num_classes: int) -> None:
     bad = [int(label) for label in labels if not 0 <= int(label) < num_classes]
     if bad:

@@ -256,10 +256,10 @@ def _decode_labels(pipeline, labels: np.ndarray | None) -> tuple[int, np.ndarray
 
 
 def images_per_batch(pipeline, cfg_scale: float) -> int:
-    """The most images one sampling batch may hold: the build's model batch limit (halved when guiding, as the
-    conditional and null-class halves run as one batch)."""
-    limit = pipeline.manifest["batch"]["max"]
-    return max(1, limit // 2) if classifier_free_batch(pipeline.manifest, cfg_scale) else limit
+    """The most images one sampling batch may hold (:func:`l2c_export.runtime.conditioning.images_per_batch`)."""
+    from ..runtime.conditioning import images_per_batch as build_images_per_batch
+
+    return build_images_per_batch(pipeline.manifest, cfg_scale)
 
 
 def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.ndarray | Exception], list[int]]:

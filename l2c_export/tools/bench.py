@@ -62,11 +62,12 @@ def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, 
 
 
 def bench_request(manifest: dict, batch: int, prompt_tokens: int = MACS_PROMPT_TOKENS) -> dict:
-    """The keyword arguments of a benchmark request of ``batch`` samples: labels, or prompt embeddings of
-    ``prompt_tokens`` tokens (:func:`l2c_export.runtime.conditioning.example_conditioning`)."""
+    """The keyword arguments of a benchmark request of ``batch`` samples, sampled as one batch whatever the build's
+    batch range: labels, or prompt embeddings of ``prompt_tokens`` tokens
+    (:func:`l2c_export.runtime.conditioning.example_conditioning`)."""
     from ..runtime.conditioning import example_conditioning
 
-    return example_conditioning(manifest, batch, prompt_tokens=prompt_tokens)
+    return {**example_conditioning(manifest, batch, prompt_tokens=prompt_tokens), "batch_size": batch}
 
 
 def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.extras import import_extra
+
 
 def synthetic_official_schedule(num_steps: int, depth: int, seed: int = 0, sublayers: tuple[str, ...] | None = None,
                                 sampler=None):
@@ -218,8 +220,9 @@ def save_random_pipeline(name: str, folder: Path) -> Path:
 
     if (folder / "model_index.json").is_file():
         return folder
-    import diffusers
     import torch
+
+    diffusers = import_extra("diffusers", "the large benchmark")
 
     pipeline_class, transformer_class, config, scheduler_class = REAL_SIZES[name]
     torch.manual_seed(0)
@@ -281,11 +284,10 @@ def measured_build(folder: Path, schedule, steps: int, out: Path,
 def diffusers_transformer(folder: Path):
     """The pipeline folder's transformer as diffusers has it, its weights copied in one tensor at a time (diffusers'
     own loader holds them twice without accelerate: SD3-medium's 8 GB would not fit beside the exported model)."""
-    import diffusers
-
     from ..models.checkpoint import load_safetensors_into
     from ..models.diffusers import weight_files
 
+    diffusers = import_extra("diffusers", "the large benchmark")
     config = json.loads((folder / "transformer" / "config.json").read_text())
     transformer = getattr(diffusers, config["_class_name"]).from_config(config)
     load_safetensors_into(weight_files(folder / "transformer"), transformer, str(folder / "transformer"))
@@ -340,11 +342,11 @@ def flux_projection(measured: dict, measured_config: dict, image_size: int, prom
     by the MAC ratio (per block: each block's MACs are its share of the time), the weights at 4 bytes (fp32) and 2
     (bf16) a parameter. A projection, not a measurement."""
     import torch
-    from diffusers import FluxTransformer2DModel
 
     from ..models import get_family
     from ..models.diffusers import DiffusersConfig
 
+    FluxTransformer2DModel = import_extra("diffusers", "the large benchmark").FluxTransformer2DModel
     family = get_family("diffusers-flux")
 
     def counts(config: dict) -> tuple[int, int]:
@@ -378,8 +380,6 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
     import time
 
     import torch
-    from diffusers import DiffusionPipeline
-    from diffusers.utils.torch_utils import randn_tensor
 
     from ..core import manifest as manifest_io
     from ..models.zoo import from_diffusers
@@ -387,6 +387,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
     from ..tools.verify import verify_build
     from .bench import bench_request, benchmark_together, machine_description, table
 
+    DiffusionPipeline = import_extra("diffusers", "the large benchmark").DiffusionPipeline
+    randn_tensor = import_extra("diffusers.utils.torch_utils", "the large benchmark").randn_tensor
     unknown = [name for name in names if name not in REAL_SIZES]
     if unknown:
         raise SystemExit(f"--models: unknown {unknown[0]!r}; expected some of {', '.join(REAL_SIZES)}")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..core import manifest as manifest_io
+from ..core.extras import import_extra
 from ..runtime.backends import cache_inputs, fresh_outputs, load_backend
 from ..runtime.backends.torch import model_from_manifest
 from ..runtime.pipeline import ModelInterface
@@ -174,8 +175,7 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
                                             f"{diffusers}'s: the component did not come from that folder")
     checks = []
     if pipe.prompt_encoder is not None:
-        from transformers import T5EncoderModel
-
+        T5EncoderModel = import_extra("transformers", "verify --diffusers").T5EncoderModel
         encoder = T5EncoderModel.from_pretrained(str(sources["text_encoder"]), use_safetensors=True,
                                                  local_files_only=True).float().eval()
         prompts = ["a photo of a cat", "the digit seven, handwritten", " ".join(["word"] * 400)]
@@ -184,16 +184,14 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
         want = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
         checks.append(SubsetCheck("text_encoder", 0, {"last_hidden_state": _relative(got, want.numpy())}, tolerance))
     if pipe.decoder is not None:
-        from diffusers import AutoencoderKL
-
+        AutoencoderKL = import_extra("diffusers", "verify --diffusers").AutoencoderKL
         vae = AutoencoderKL.from_pretrained(str(sources["vae_decoder"]), use_safetensors=True,
                                             local_files_only=True).float().eval()
         record = components["vae_decoder"]
         latents = make_noise(seed, (2, *pipe.sample_shape))
         spatial = torch.from_numpy(latents)
         if record.get("latent_layout") == "packed_2x2":
-            from diffusers import FluxPipeline
-
+            FluxPipeline = import_extra("diffusers", "verify --diffusers").FluxPipeline
             _, height, width = record["inputs"][0]["shape"][1:]
             spatial = FluxPipeline._unpack_latents(spatial, height, width, 1)
         want = vae.decode(spatial / record["scaling_factor"] + (record.get("shift_factor") or 0.0)).sample

@@ -266,9 +266,9 @@ class DiffusersFamily(ModelFamily):
         return config
 
     def diffusers_class(self):
-        import diffusers
+        from ...core.extras import import_extra
 
-        return getattr(diffusers, self.transformer_class)
+        return getattr(import_extra("diffusers"), self.transformer_class)
 
     # -- sizes -------------------------------------------------------------------------------------------------------
     def in_channels(self, config: DiffusersConfig) -> int:
@@ -434,8 +434,10 @@ def count_macs_by_hooks(family: DiffusersFamily, config: DiffusersConfig) -> Mac
             charge(path, packing.macs(out))
         return count
 
-    from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_processor import Attention
+    from ...core.extras import import_extra
+
+    AttentionModuleMixin = import_extra("diffusers.models.attention").AttentionModuleMixin
+    Attention = import_extra("diffusers.models.attention_processor").Attention
 
     with torch.device("meta"):
         model = family.create(config)

@@ -195,7 +195,9 @@ class FluxDiffusersFamily(DiffusersFamily):
     @contextlib.contextmanager
     def export_context(self):
         """The trace runs the attention processors with :func:`_traceable_rotary`."""
-        from diffusers.models.transformers import transformer_flux
+        from ...core.extras import import_extra
+
+        transformer_flux = import_extra("diffusers.models.transformers.transformer_flux")
 
         original = transformer_flux.apply_rotary_emb
         transformer_flux.apply_rotary_emb = functools.partial(_traceable_rotary, original)
