@@ -16,8 +16,9 @@
 - ``tools``, ``demo``, ``cli``: verification, benchmarks, plots, the demo and the command line on top.
 
 Within a stage any module may import any other, as long as no two import each other, directly or through others
-of the same stage (the imports within a stage form no cycle; a package's ``__init__`` that re-exports its submodules'
-names, and imports under ``if TYPE_CHECKING:``, which never run, do not count). ``tests/test_imports.py`` walks every
+of the same stage (the imports within a stage form no cycle; a module's import of its own package, e.g.
+``from . import RouterLogits`` in ``routers/baselines.py``, and imports under ``if TYPE_CHECKING:``, which never run, do not
+count). ``tests/test_imports.py`` walks every
 module's imports (top level and inside functions, absolute and relative) and fails on one that climbs this order,
 on a torch-free module that imports PyTorch or a stage that is not torch-free, and on a cycle within a stage.
 """
