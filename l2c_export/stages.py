@@ -17,10 +17,10 @@
 
 Within a stage any module may import any other, as long as no two import each other, directly or through others
 of the same stage (the imports within a stage form no cycle; a module's import of its own package, e.g.
-``from . import RouterLogits`` in ``routers/baselines.py``, and imports under ``if TYPE_CHECKING:``, which never run, do not
-count). ``tests/test_imports.py`` walks every
-module's imports (top level and inside functions, absolute and relative) and fails on one that climbs this order,
-on a torch-free module that imports PyTorch or a stage that is not torch-free, and on a cycle within a stage.
+``from . import RouterLogits`` in ``routers/baselines.py``, and imports under ``if TYPE_CHECKING:``, which never
+run, do not count). ``tests/test_imports.py`` walks every module's imports (top level and inside functions,
+absolute and relative) and fails on one that climbs this order, on a torch-free module that imports PyTorch or a
+stage that is not torch-free, and on a cycle within a stage.
 """
 
 STAGES = ("core", "samplers", "models", "routers", "learn", "export", "builder", "runtime", "serving", "tools", "demo",
