@@ -26,7 +26,8 @@ stage that is not torch-free, and on a cycle within a stage.
 STAGES = ("core", "samplers", "models", "routers", "learn", "export", "builder", "runtime", "serving", "tools", "demo",
           "cli")
 
-# The stages that run a build: no PyTorch, diffusers or transformers, so they may import only from one another.
+# The stages that run a build: they import only from one another, and PyTorch, diffusers or transformers never at the
+# top of a module (a function reached only with torch tensors may, as samplers.guidance.apply_guidance does).
 TORCH_FREE_STAGES = ("core", "samplers", "runtime", "serving")
 # Modules of those stages that are PyTorch's (imported by name only when asked for, never at the top of a
 # torch-free module): they may import from any lower-or-equal stage, as the order says.
