@@ -1,4 +1,14 @@
-"""Shared fixtures: tiny DiT configs, the authors' router file from ../shared (skipped where absent)."""
+"""Shared fixtures: tiny DiT configs, the authors' router file from ../shared (skipped where absent); the tiers.
+
+Tiers (pytest.ini registers the markers): a test's tier follows from the fixtures it uses, never from a list kept by
+hand. A test that uses ``triton_env`` (a real tritonserver, .venv-triton) is marked ``triton``; one that uses
+``cpp_build`` (the compiled runtime, ``make cpp``), ``cpp``; a heavy round trip (a build, learn or eval through the
+CLI taking tens of seconds) carries ``@pytest.mark.slow`` where it is written; every other test is ``fast``.
+``make test-fast`` runs ``-m fast``; ``make test`` runs every tier, on pytest-xdist workers (``-n``): each worker
+then gets its share of the cores for torch and ONNX Runtime (OMP_NUM_THREADS, which its CLI subprocesses inherit),
+and the Triton tests all run on one worker (xdist_group "triton"): one server at a time, so a test that checks what
+a stopped server left in /tmp and /dev/shm sees no other server's files.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +25,31 @@ from l2c_export.models.dit.model import DiT, DiTConfig
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 AUTHORS_ROUTER = SHARED / "data" / "official-l2c" / "DDIM20_router.pt"
+
+TIER_FIXTURES = {"triton_env": "triton", "cpp_build": "cpp"}  # fixture -> the tier of every test using it
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker's share of the cores: torch's threads here, and OMP_NUM_THREADS for the CLI
+    subprocesses (torch's threads) and ONNX Runtime's global pool in and out of process (runtime/backends)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Marks every test with its tier (see the module's docstring)."""
+    for item in items:
+        tiers = [tier for fixture, tier in TIER_FIXTURES.items() if fixture in getattr(item, "fixturenames", ())]
+        for tier in tiers:
+            item.add_marker(tier)
+        if "triton" in tiers:
+            item.add_marker(pytest.mark.xdist_group("triton"))
+        if not tiers and item.get_closest_marker("slow") is None:
+            item.add_marker("fast")
+
 
 TINY = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
 
