@@ -472,6 +472,7 @@ def _parity_request(family: str, folder, tmp_path):
     return schedule, noise, conditioning, ["--conditioning", str(tmp_path / "cond.npz")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, scheduler,
@@ -507,6 +508,7 @@ def _assert_equal_to_the_pipeline(family, folder, noise, conditioning, schedule,
     assert np.abs(full_latents - got).max() > 1e-3 * (want.max() - want.min())  # the schedule changed the result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sample_equals_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, tmp_path):
     """sample --diffusers DIR (the PyTorch reference sampler) --steps 12 --noise z.npy (--labels | --conditioning)
@@ -599,6 +601,7 @@ def test_the_soft_routed_forward_at_zero_and_one_is_the_cached_forward(tiny_diff
     assert not torch.allclose(half, hard, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_router_learned_on_a_tiny_pixart_decodes_builds_and_runs(tiny_diffusers, tmp_path):
     """learn --diffusers DIR --conditioning-data prompts.npz writes a router whose columns are the sub-layers' names;
     schedule --diffusers decodes it, build --router builds it, run and verify run it."""

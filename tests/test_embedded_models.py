@@ -104,6 +104,7 @@ def test_eval_on_the_digits_uvit_the_learned_schedule_beats_fora_and_random_at_e
         assert matched["l2c"]["fd_to_full"] < matched[method]["fd_to_full"], method
 
 
+@pytest.mark.slow
 def test_the_digits_uvit_builds_static_int8_with_calibration_on_its_own_model_calls(tmp_path):
     """Q/DQ int8 (TensorRT's form) calibrates on the model's own calls, for any family: 20 DPM-Solver calls here."""
     from l2c_export.export.quantize import calibration_batches

@@ -65,6 +65,7 @@ def test_dbcache_compute_is_counted_from_the_blocks_that_ran():
     assert np.abs(drawn.images - full.images).max() > 0  # caching changed the images
 
 
+@pytest.mark.slow
 def test_eval_model_t2i_digits_has_every_methods_row_timed_and_the_grid(tmp_path):
     """eval --model t2i-digits (6 captions, one DBCache setting searched): a matched row per method with every
     metric; cache-dit's MAC fraction is the one its block counts give, near the learned schedule's; the grid and

@@ -156,6 +156,7 @@ def _pipeline_latents(family: str, folder, latents, conditioning, schedule: Sche
     return out.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, tmp_path):
     """build --diffusers DIR --steps 8 --schedule s.json (FLUX: --image-size 8), then run --noise z.npy
@@ -216,6 +217,14 @@ def test_flux_guidance_scale_feeds_the_guidance_embedding(tiny_diffusers, tmp_pa
         pipe(conditioning={**arrays, "negative_prompt_embeds": arrays["prompt_embeds"]}, noise=latents.numpy())
 
 
+@pytest.fixture(scope="module")
+def sd3_build_2(tiny_diffusers, tmp_path_factory):
+    """``build --diffusers`` of the tiny SD3, 2 steps (CLI, a real subprocess); tests read it, never change it."""
+    engines = tmp_path_factory.mktemp("sd3-2") / "E"
+    run_cli("build", "--diffusers", str(tiny_diffusers("sd3", "flow")), "--steps", "2", "--out", str(engines))
+    return engines
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.pop("pooled_prompt_embeds"), "array 'pooled_prompt_embeds' is missing"),
     (lambda c: c.update(negative_pooled_prompt_embeds=c["negative_pooled_prompt_embeds"][:, :4]),
@@ -223,10 +232,8 @@ def test_flux_guidance_scale_feeds_the_guidance_embedding(tiny_diffusers, tmp_pa
     (lambda c: c.update(prompt_attention_mask=np.ones((2, 7))), "unknown array 'prompt_attention_mask'"),
     (lambda c: c["pooled_prompt_embeds"].__setitem__((0, 0), np.nan), "array 'pooled_prompt_embeds': 1 of its 12"),
 ])
-def test_sd3_conditioning_that_does_not_fit_is_refused_in_one_line(tiny_diffusers, tmp_path, change, message):
-    folder = tiny_diffusers("sd3", "flow")
-    engines = tmp_path / "E"
-    run_cli("build", "--diffusers", str(folder), "--steps", "2", "--out", str(engines))
+def test_sd3_conditioning_that_does_not_fit_is_refused_in_one_line(sd3_build_2, tmp_path, change, message):
+    engines = sd3_build_2
     latents, conditioning = _request("sd3")
     arrays = {name: value.numpy() for name, value in conditioning.items()}
     change(arrays)
@@ -263,6 +270,7 @@ def test_a_folder_with_another_scheduler_is_refused_by_name(tiny_diffusers, tmp_
     assert inverted.returncode == 2 and "field 'invert_sigmas' is True" in inverted.stderr
 
 
+@pytest.mark.slow
 def test_a_router_learned_on_a_tiny_sd3_decodes_builds_and_runs(tiny_diffusers, tmp_path):
     """learn --diffusers on SD3's own flow-matching trajectories (the teacher is the full model's velocity) over a
     set of prompts with pooled embeddings writes a router over the named sub-layers; it decodes, builds, runs and
@@ -290,6 +298,7 @@ def test_a_router_learned_on_a_tiny_sd3_decodes_builds_and_runs(tiny_diffusers, 
 
 
 
+@pytest.mark.slow
 def test_a_router_learned_on_a_tiny_flux_decodes_builds_and_runs(tiny_diffusers, tmp_path):
     """learn --diffusers on FLUX.1 (guidance-distilled: --cfg-scale feeds the guidance embedding of the teacher and
     the student, no negative batch) writes a router over the named sub-layers that decodes, builds at --image-size and
@@ -323,6 +332,7 @@ def test_a_router_learned_on_a_tiny_flux_decodes_builds_and_runs(tiny_diffusers,
         in refused.stderr
 
 
+@pytest.mark.slow
 def test_eval_on_a_tiny_sd3_the_learned_router_beats_fora_at_a_mac_fraction_of_0_7(tiny_diffusers, tmp_path):
     """Issue 21's acceptance, as a test of the machinery (a tiny random model, not image quality): a router learned on
     the tiny SD3 with flow matching (10 steps, general mode) decodes at a MAC fraction of 0.7 into a schedule that
@@ -410,6 +420,7 @@ def test_flux_proj_out_is_stored_as_its_branches_slices_and_read_back_whole(tiny
         assert torch.equal(rebuilt[name], tensor), name
 
 
+@pytest.mark.slow
 def test_eval_on_a_tiny_flux_at_its_image_size_without_negatives(tiny_diffusers, tmp_path):
     """eval --diffusers on FLUX.1 (--image-size 8): prompts without negatives (guidance-distilled: --cfg-scale feeds
     the guidance embedding), every method measured against full compute."""
@@ -448,6 +459,7 @@ def test_unpacking_flux_latents_equals_flux_pipelines():
         unpack_latents(packed.numpy(), 4, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ("sd3", "flux"))
 def test_decoded_images_equal_the_pipelines(tiny_diffusers, family, tmp_path):
     """SD3 and FLUX.1 builds carry the folder's VAE decoder, its record the VAE's scaling and shift factors (FLUX.1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from l2c_export.demo import t2i
@@ -75,6 +76,7 @@ def test_training_steps_lower_the_vaes_and_the_transformers_losses():
     assert _transformer_loss(trained, vae, embeds, mask) < 0.8 * untrained
 
 
+@pytest.mark.slow
 def test_train_default_writes_a_pixart_folder_that_diffusers_loads(tmp_path):
     """train-default --model t2i-digits (a few real steps) writes a PixArtAlphaPipeline folder with tokenizer.json;
     an occupied folder that is not one is refused, untouched."""
@@ -156,6 +158,7 @@ def test_model_t2i_digits_resolves_to_the_shipped_folder_with_its_router_and_sch
     assert refused.returncode == 2 and "array 'prompt_embeds' is missing" in refused.stderr
 
 
+@pytest.mark.slow
 def test_build_model_t2i_digits_runs_its_learned_schedule_on_prompts_from_its_own_t5(tmp_path):
     """build --model t2i-digits (the shipped schedule), run --conditioning with prompts the folder's T5 encoded: with
     --full it equals diffusers' own pipeline on the same latents to 1e-4 of the range; with the learned schedule the
