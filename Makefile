@@ -61,7 +61,7 @@ demo: setup
 # `make test-fast` the fast one (no Triton, no C++ build, no slow round trip; its set-up is the project venv only).
 # Both on pytest-xdist workers, one per core (each with its share of the threads); the 15 slowest tests print last.
 TEST_WORKERS ?= auto
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup triton-env cpp
 	$(PYTEST) tests
 
