@@ -204,6 +204,7 @@ def test_eval_on_a_diffusers_dit_with_labels_and_its_int8_build(tiny_diffusers, 
     _check_diffusers_report(report, 0.8)
 
 
+@pytest.mark.slow
 def test_eval_refuses_conditioning_that_does_not_fit_the_model(tiny_diffusers, tmp_path):
     pixart, dit = str(tiny_diffusers("pixart")), str(tiny_diffusers("dit"))
     from l2c_export.core.schedule import Schedule

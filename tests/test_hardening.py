@@ -370,6 +370,7 @@ def test_a_read_only_folder_is_one_line_exit_4(default_build, small_tmpfs):
 # ---------------------------------------------------------------------------------------------------------------------
 # A non-editable install (a wheel) can build: its package data is complete.
 
+@pytest.mark.slow
 def test_the_wheel_installs_into_a_fresh_environment_and_builds(tmp_path):
     wheels, source = tmp_path / "wheels", tmp_path / "source"
     skipped_anywhere = shutil.ignore_patterns(".venv*", ".git", "*.egg-info", "__pycache__", ".pytest_cache")
@@ -571,6 +572,7 @@ def _deeply_nested(levels: int = 1_000_000) -> str:
     return "[" * levels + "]" * levels
 
 
+@pytest.mark.slow
 def test_json_nested_a_million_deep_is_one_line_exit_2(default_build, tmp_path):
     schedule = tmp_path / "deep.json"
     schedule.write_text('{"num_steps": 1, "depth": 1, "compute": ' + _deeply_nested() + "}")

@@ -212,6 +212,7 @@ def test_an_unreachable_budget_is_refused():
         baselines.schedule_for_mac_fraction(router, 0.4, macs, "official")
 
 
+@pytest.mark.slow
 def test_cli_official_schedule_equals_what_schedule_decodes(tmp_path):
     router = tmp_path / "router.safetensors"
     out = run_cli("learn", "--iterations", "4", "--batch-size", "4", "--lr", "1.0", "--out", str(router),
@@ -398,6 +399,7 @@ def test_learn_cli_on_a_uvit_checkpoint_samples_trajectories_and_decodes_at_a_bu
     assert schedule.compute[[0, 1, 3]].all() and not schedule.compute[2].all()
 
 
+@pytest.mark.slow
 def test_model_config_describes_a_checkpoint_of_another_family(tmp_path):
     """--model-config with ``"family": "uvit"``: any U-ViT architecture learns on its family's sampler."""
     config = UViTConfig(img_size=4, patch_size=2, in_chans=4, embed_dim=16, depth=2, num_heads=2, num_classes=5)

@@ -195,6 +195,7 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
     assert np.abs(results[True] - results[False]).max() > 2e-4 * np.ptp(results[True])
 
 
+@pytest.mark.slow
 def test_flux_guidance_scale_feeds_the_guidance_embedding(tiny_diffusers, tmp_path):
     """--cfg-scale is FluxPipeline's guidance_scale: another scale gives other latents, and negatives are refused
     (no classifier-free batch runs)."""
@@ -244,6 +245,7 @@ def test_sd3_conditioning_that_does_not_fit_is_refused_in_one_line(sd3_build_2, 
     assert message in refused.stderr
 
 
+@pytest.mark.slow
 def test_image_size_is_flux_only_and_checked(tiny_diffusers, tmp_path):
     sd3 = run_cli("build", "--diffusers", str(tiny_diffusers("sd3", "flow")), "--image-size", "16", "--out",
                   str(tmp_path / "A"), check=False)
@@ -254,6 +256,7 @@ def test_image_size_is_flux_only_and_checked(tiny_diffusers, tmp_path):
     assert not (tmp_path / "A").exists() and not (tmp_path / "B").exists()
 
 
+@pytest.mark.slow
 def test_a_folder_with_another_scheduler_is_refused_by_name(tiny_diffusers, tmp_path):
     import shutil
 
@@ -380,6 +383,7 @@ def flux_build_16(tiny_diffusers, tmp_path_factory):
     return engines
 
 
+@pytest.mark.slow
 def test_verify_diffusers_checks_a_flux_build_at_its_image_size(tiny_diffusers, flux_build_16):
     """verify --diffusers compares a FLUX.1 build with the folder's transformer at the build's --image-size (not
     the pipeline's default size, which would make the folder's config differ), and still refuses another folder."""

@@ -133,6 +133,7 @@ def test_the_shipped_schedule_is_decoded_from_the_router_learned_on_the_models_o
     assert schedule.mac_fraction(spec.family.count_macs(spec.config)) < 0.75
 
 
+@pytest.mark.slow
 def test_diffusers_pipeline_draws_the_digit_each_prompt_names_including_held_out_caption_forms():
     """PixArtAlphaPipeline.from_pretrained(the folder; it ignores the router, schedule and captions beside), 20
     steps, its default guidance: the digits classifier reads at least 90% of 100 samples (every caption form with
@@ -143,6 +144,7 @@ def test_diffusers_pipeline_draws_the_digit_each_prompt_names_including_held_out
     assert result["held_out_forms"] >= 0.9, result
 
 
+@pytest.mark.slow
 def test_model_t2i_digits_resolves_to_the_shipped_folder_with_its_router_and_schedule():
     from l2c_export.models import zoo
 

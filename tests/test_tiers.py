@@ -20,16 +20,19 @@ def _collected(marker: str, *files: str) -> set[str]:
 
 
 def test_the_tier_of_a_test_follows_from_the_fixtures_it_uses():
-    """A test using the Triton server (triton_env through the server fixture) is ``triton``, not ``fast``; one using
-    only a build of the same module is ``fast``; every C++ test (cpp_build) is ``cpp``; a ``slow`` one is not fast."""
-    files = ("tests/test_triton.py", "tests/test_cpp.py", "tests/test_mmdit.py")
-    fast, triton = _collected("fast", *files), _collected("triton", *files)
-    assert "test_repository_holds_config_model_and_the_checked_build" in fast
-    assert "test_single_requests_over_http_equal_the_pipeline" in triton - fast
-    assert not {name for name in fast if name.startswith("test_l2c_run")}
-    assert "test_l2c_run_writes_a_png_grid" in _collected("cpp", *files)
-    assert "test_eval_on_a_tiny_sd3_the_learned_router_beats_fora_at_a_mac_fraction_of_0_7" not in fast
-    assert "test_unpacking_flux_latents_equals_flux_pipelines" in fast
+    """``-m "triton or cpp"`` selects a test using the Triton server (triton_env through the server fixture) and
+    every C++ test (cpp_build), not a test of the same module using only a build, nor a slow one without either."""
+    selected = _collected("triton or cpp", "tests/test_triton.py", "tests/test_cpp.py")
+    assert "test_single_requests_over_http_equal_the_pipeline" in selected
+    assert "test_l2c_run_writes_a_png_grid" in selected
+    assert "test_repository_holds_config_model_and_the_checked_build" not in selected
+    assert "test_ddpm_images_merged_from_several_requests_equal_each_alone" not in selected
+
+
+def test_a_test_without_triton_cpp_or_slow_is_fast(request):
+    """The default tier is explicit: this test (no such fixture, no slow marker) carries ``fast``."""
+    assert request.node.get_closest_marker("fast") is not None
+    assert not any(request.node.get_closest_marker(tier) for tier in ("triton", "cpp", "slow"))
 
 
 @pytest.mark.parametrize("value, threads", [("1", 1), ("3,1", 3), ("", 0), ("x", 0), ("0", 0)])
