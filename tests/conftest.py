@@ -13,6 +13,7 @@ and /dev/shm sees no other server's files.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -44,6 +45,7 @@ def pytest_configure(config) -> None:
 TIER_ORDER = ("triton", "cpp", "slow", "fast")  # heaviest first: under pytest-xdist the long groups start first
 
 
+@functools.lru_cache(maxsize=None)
 def worker_group(module: str) -> str:
     """The pytest-xdist work unit of the tests in ``module`` (a path from the repository root): the module (whose
     module-scoped builds they share), or "triton" for every module that defines or imports the fixture triton_env."""
