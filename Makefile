@@ -13,7 +13,7 @@ T2I_PROMPTS := "a handwritten zero" "the digit 1" "number two" "a picture of the
 	"an image of a handwritten 5" "the handwritten number six" "the number 7" "a handwritten digit eight" \
 	"a picture of a 9"
 
-.PHONY: setup triton-env demo test bench bench-large serve clean cpp cpp-deps cpp-asan cpp-asan-test
+.PHONY: setup triton-env demo test test-fast bench bench-large serve clean cpp cpp-deps cpp-asan cpp-asan-test
 
 setup: $(VENV)/.installed
 
@@ -57,8 +57,16 @@ demo: setup
 	@echo "demo: U-ViT $(DEMO)/uvit-samples-l2c.png, $(DEMO)/uvit-samples-full.png, $(DEMO)/uvit-schedule.png"
 	@echo "demo: text to image $(DEMO)/t2i-samples-l2c.png, $(DEMO)/t2i-samples-full.png (prompts: $(DEMO)/t2i-prompts.txt)"
 
+# The suite in tiers (tests/conftest.py marks each test from the fixtures it uses): `make test` runs every tier,
+# `make test-fast` the fast one (no Triton, no C++ build, no slow round trip; its set-up is the project venv only).
+# Both on pytest-xdist workers, one per core (each with its share of the threads); the 15 slowest tests print last.
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup triton-env cpp
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
+
+test-fast: setup
+	$(PYTEST) -m fast tests
 
 # Figures for the README: docs/bench.json, docs/bench.md, docs/bench.png (a few minutes on 2 cores).
 bench: setup triton-env cpp

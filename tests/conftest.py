@@ -1,8 +1,21 @@
-"""Shared fixtures: tiny DiT configs, the authors' router file from ../shared (skipped where absent)."""
+"""Shared fixtures: tiny DiT configs, the authors' router file from ../shared (skipped where absent); the tiers.
+
+Tiers (pytest.ini registers the markers): a test's tier follows from the fixtures it uses, never from a list kept by
+hand. A test that uses ``triton_env`` (a real tritonserver, .venv-triton) is marked ``triton``; one that uses
+``cpp_build`` (the compiled runtime, ``make cpp``), ``cpp``; a heavy round trip (a build, learn or eval through the
+CLI taking tens of seconds) carries ``@pytest.mark.slow`` where it is written; every other test is ``fast``.
+``make test-fast`` runs ``-m fast``; ``make test`` runs every tier, on pytest-xdist workers (``-n``): each worker
+then gets its share of the cores for torch and ONNX Runtime (OMP_NUM_THREADS, which its CLI subprocesses inherit),
+and the tests of one module run on one worker (``--dist loadfile``), sharing its module-scoped builds; the modules
+with Triton tests all on one worker: one server at a time, so a test that checks what a stopped server left in /tmp
+and /dev/shm sees no other server's files.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +28,63 @@ from l2c_export.models.dit.model import DiT, DiTConfig
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 AUTHORS_ROUTER = SHARED / "data" / "official-l2c" / "DDIM20_router.pt"
+
+TIER_FIXTURES = {"triton_env": "triton", "cpp_build": "cpp"}  # fixture -> the tier of every test using it
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker's share of the cores: torch's threads here, and OMP_NUM_THREADS for the CLI
+    subprocesses (torch's threads) and ONNX Runtime's global pool in and out of process (runtime/backends)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+TIER_ORDER = ("triton", "cpp", "slow", "fast")  # heaviest first: under pytest-xdist the long groups start first
+
+
+@functools.lru_cache(maxsize=None)
+def worker_group(module: str) -> str:
+    """The pytest-xdist work unit of the tests in ``module`` (a path from the repository root): the module (whose
+    module-scoped builds they share), or "triton" for every module that defines or imports the fixture triton_env."""
+    source = (REPO / module).read_text()
+    return "triton" if re.search(r"^def triton_env\(|^from .+ import .*\btriton_env\b", source, re.M) else module
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by tier
+def pytest_collection_modifyitems(config, items) -> None:
+    """Marks every test with its tier (see the module's docstring); runs the groups of :func:`worker_group`
+    heaviest tier first, each in file order."""
+    for item in items:
+        tiers = [tier for fixture, tier in TIER_FIXTURES.items() if fixture in getattr(item, "fixturenames", ())]
+        for tier in tiers:
+            item.add_marker(tier)
+        if not tiers and item.get_closest_marker("slow") is None:
+            item.add_marker("fast")
+    groups = {item.nodeid: worker_group(item.nodeid.split("::")[0]) for item in items}
+    rank: dict[str, int] = {}
+    for item in items:
+        tier = next(tier for tier in TIER_ORDER if item.get_closest_marker(tier))
+        rank[groups[item.nodeid]] = min(rank.get(groups[item.nodeid], len(TIER_ORDER)), TIER_ORDER.index(tier))
+    items.sort(key=lambda item: rank[groups[item.nodeid]])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with :func:`worker_group` as its unit: a module's tests on one worker, the Triton
+    modules' all on one."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(super()._split_scope(nodeid))
+
+    return GroupScheduling(config, log)
+
 
 TINY = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
 

@@ -15,6 +15,7 @@ FIELDS = {"backend", "batch", "full_seconds", "schedule_seconds", "speedup", "id
           "memory_all_engines_bytes", "memory_full_engine_bytes", "model_weights_bytes"}
 
 
+@pytest.mark.slow
 def test_bench_writes_every_field_and_a_plot(tmp_path):
     spec = embedded_default()
     out = tmp_path / "engines"
@@ -37,6 +38,7 @@ def test_bench_writes_every_field_and_a_plot(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_bench_runs_diffusers_builds_with_the_manifests_conditioning(tiny_diffusers, tmp_path):
     """A DiT build (class labels) and a PixArt build (prompt embeddings and masks, the model's only conditioning) of
     tiny diffusers folders, each over a schedule that reuses sub-layers, measured together on both backends."""

@@ -39,10 +39,16 @@ SANITIZER_REPORTS = ("AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSani
 
 
 @pytest.fixture(scope="session")
-def cpp_build() -> Path:
+def cpp_build(tmp_path_factory) -> Path:
     """Builds the C++ runtime with ``make cpp`` (headers from Debian, library from the venv's onnxruntime wheel), or
-    its sanitizer build with ``make cpp-asan`` under L2C_CPP_SANITIZE=1."""
-    result = subprocess.run(["make", "--no-print-directory", MAKE_TARGET], cwd=REPO, capture_output=True, text=True)
+    its sanitizer build with ``make cpp-asan`` under L2C_CPP_SANITIZE=1; one pytest-xdist worker at a time (a lock
+    in the run's shared temporary folder), the others then find it built."""
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "cpp-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run(["make", "--no-print-directory", MAKE_TARGET], cwd=REPO, capture_output=True,
+                                text=True)
     if result.returncode != 0:
         raise AssertionError(f"make {MAKE_TARGET} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-4000:]}")

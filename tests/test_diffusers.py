@@ -273,6 +273,7 @@ def test_build_refuses_a_bad_folder_in_one_line_with_exit_2(tiny_diffusers, tmp_
 
 
 # -- schedule --diffusers ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_schedule_cli_lists_the_sublayers_by_name_and_refuses_unknown_ones(tiny_diffusers, tmp_path):
     folder = tiny_diffusers("pixart")
     listing = run_cli("schedule", "--diffusers", str(folder)).stdout
@@ -472,6 +473,7 @@ def _parity_request(family: str, folder, tmp_path):
     return schedule, noise, conditioning, ["--conditioning", str(tmp_path / "cond.npz")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, scheduler,
@@ -507,6 +509,7 @@ def _assert_equal_to_the_pipeline(family, folder, noise, conditioning, schedule,
     assert np.abs(full_latents - got).max() > 1e-3 * (want.max() - want.min())  # the schedule changed the result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sample_equals_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, tmp_path):
     """sample --diffusers DIR (the PyTorch reference sampler) --steps 12 --noise z.npy (--labels | --conditioning)
@@ -520,6 +523,7 @@ def test_sample_equals_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diff
         *(["--full"] if full else ["--schedule", str(tmp_path / "s.json")])))
 
 
+@pytest.mark.slow
 def test_sample_refuses_conditioning_that_does_not_fit_in_one_line(tiny_diffusers, tmp_path):
     pixart, dit = str(tiny_diffusers("pixart")), str(tiny_diffusers("dit"))
     missing = run_cli("sample", "--diffusers", pixart, "--steps", "2", check=False)
@@ -537,6 +541,7 @@ def test_sample_refuses_conditioning_that_does_not_fit_in_one_line(tiny_diffuser
     assert noise.returncode == 2 and "noise has shape (3, 4, 8, 8); expected (2, 4, 8, 8)" in noise.stderr
 
 
+@pytest.mark.slow
 def test_verify_against_the_diffusers_folder_refuses_another_folder(diffusers_builds, tiny_diffusers, tmp_path):
     engines = str(diffusers_builds["dit"])
     passed = run_cli("verify", engines, "--diffusers", str(tiny_diffusers("dit")))
@@ -555,6 +560,7 @@ def test_verify_against_the_diffusers_folder_refuses_another_folder(diffusers_bu
     assert retrained.returncode == 2 and "field 'model/weights_sha256' differs" in retrained.stderr
 
 
+@pytest.mark.slow
 def test_a_diffusers_folder_samples_with_its_own_scheduler(tiny_diffusers, tmp_path):
     refused = run_cli("build", "--diffusers", str(tiny_diffusers("dit")), "--sampler", "ddim", "--out",
                       str(tmp_path / "E"), check=False)
@@ -599,6 +605,7 @@ def test_the_soft_routed_forward_at_zero_and_one_is_the_cached_forward(tiny_diff
     assert not torch.allclose(half, hard, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_router_learned_on_a_tiny_pixart_decodes_builds_and_runs(tiny_diffusers, tmp_path):
     """learn --diffusers DIR --conditioning-data prompts.npz writes a router whose columns are the sub-layers' names;
     schedule --diffusers decodes it, build --router builds it, run and verify run it."""
@@ -628,6 +635,7 @@ def test_a_router_learned_on_a_tiny_pixart_decodes_builds_and_runs(tiny_diffuser
     assert "agree with PyTorch" in run_cli("verify", str(engines)).stdout
 
 
+@pytest.mark.slow
 def test_learn_asks_a_text_model_for_prompts_and_refuses_them_for_a_label_model(tiny_diffusers, tmp_path):
     np.savez(tmp_path / "prompts.npz", **_conditioning())
     missing = run_cli("learn", "--diffusers", str(tiny_diffusers("pixart")), "--steps", "4", "--out",

@@ -89,6 +89,7 @@ def test_tokenizing_equals_the_pipelines_tokenizer_truncation_and_padding_includ
     assert mask[3].tolist() == [1] + [0] * (MAX_TOKENS - 1)  # the empty negative prompt: </s> alone
 
 
+@pytest.mark.slow
 def test_a_word_level_tokenizer_tokenizes_as_the_pipelines(tiny_diffusers, tmp_path):
     """A caption vocabulary shipped as a WordLevel tokenizer.json (transformers' generic fast tokenizer): the build
     tokenizes as the pipeline does, unknown words, truncation and padding included."""
@@ -104,6 +105,7 @@ def test_a_word_level_tokenizer_tokenizes_as_the_pipelines(tiny_diffusers, tmp_p
     assert 2 in ids[1] and ids[2, -1] == 1  # "7" and "blue" are unknown words; the long prompt ends in </s>
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["full", "schedule-negative", "long-prompt"])
 def test_run_with_prompts_equals_the_diffusers_pipeline(text_build, tmp_path, case):
     """run E --prompt ... --noise z.npy (--full) --save-latents equals PixArtAlphaPipeline with the same prompts and
@@ -146,6 +148,7 @@ def test_decoded_images_equal_the_pipelines_postprocessed_output(text_build):
         assert ours.size == theirs.size and difference.max() <= 1
 
 
+@pytest.mark.slow
 def test_run_out_writes_the_decoded_grid_and_a_prompts_file_is_one_batch(text_build, tmp_path):
     _, engines, _ = text_build
     (tmp_path / "prompts.txt").write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n", encoding="utf-8")
@@ -177,6 +180,7 @@ def test_a_bad_prompt_is_refused_in_one_line(text_build, tmp_path, arguments, me
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
 
 
+@pytest.mark.slow
 def test_prompts_on_a_build_without_a_text_encoder_are_refused(tiny_diffusers, tmp_path):
     run_cli("build", "--diffusers", str(tiny_diffusers("pixart")), "--steps", "2", "--out", str(tmp_path / "E"))
     assert sorted(load(tmp_path / "E")["components"]) == ["vae_decoder"]
@@ -298,6 +302,7 @@ def _edit(path, **changes):
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 def test_a_dit_build_decodes_its_latents_as_dit_pipeline_does(tiny_diffusers, tmp_path):
     """DiTPipeline's folder has a VAE too: the build's decoder gives DiTPipeline's output_type="np" images (to 1e-3) from
     the same latents (its generator's draw, fed as --noise), and run --out needs no --vae."""
@@ -322,6 +327,7 @@ def test_a_dit_build_decodes_its_latents_as_dit_pipeline_does(tiny_diffusers, tm
     assert (tmp_path / "x.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_verify_checks_the_component_graphs_against_the_folders_modules(text_build, tmp_path):
     """verify --diffusers DIR: the text encoder and VAE decoder graphs equal transformers' T5 and diffusers'
     AutoencoderKL of the folder (1e-4); a weights file changed after the build (hashes fixed up) fails (exit 1); a

@@ -88,6 +88,7 @@ def test_the_digits_uvit_builds_verifies_and_runs_with_its_schedule(uvit_build, 
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_eval_on_the_digits_uvit_the_learned_schedule_beats_fora_and_random_at_equal_macs(tmp_path):
     run_cli("eval", "--model", "uvit-digits", "--num-samples", "40", "--budgets", "0.8", "--random-seeds", "1",
             "--no-int8", "--json", str(tmp_path / "eval.json"))
@@ -104,6 +105,7 @@ def test_eval_on_the_digits_uvit_the_learned_schedule_beats_fora_and_random_at_e
         assert matched["l2c"]["fd_to_full"] < matched[method]["fd_to_full"], method
 
 
+@pytest.mark.slow
 def test_the_digits_uvit_builds_static_int8_with_calibration_on_its_own_model_calls(tmp_path):
     """Q/DQ int8 (TensorRT's form) calibrates on the model's own calls, for any family: 20 DPM-Solver calls here."""
     from l2c_export.export.quantize import calibration_batches

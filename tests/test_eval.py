@@ -104,6 +104,7 @@ def test_the_shipped_schedule_is_decoded_from_the_shipped_router():
     assert router.meta["learned_by"] == "l2c-export learn" and router.meta["data"] == "scikit-learn digits"
 
 
+@pytest.mark.slow
 def test_cli_eval_writes_results_and_plot(tmp_path):
     out = run_cli("eval", "--num-samples", "10", "--budgets", "0.8", "--random-seeds", "1",
                   "--json", str(tmp_path / "eval.json"), "--png", str(tmp_path / "fd.png")).stdout
@@ -159,6 +160,7 @@ def _check_diffusers_report(report: dict, budget: float) -> dict:
     return matched
 
 
+@pytest.mark.slow
 def test_cli_eval_on_a_diffusers_pixart_with_a_learned_router(tiny_diffusers, tmp_path):
     """learn --diffusers on prompts, then eval --diffusers --schedule --router --conditioning-data: the learned schedule
     against FORA, random and fewer steps at its MAC fraction and on the router's sweep; JSON and plot."""
@@ -179,6 +181,7 @@ def test_cli_eval_on_a_diffusers_pixart_with_a_learned_router(tiny_diffusers, tm
     assert (tmp_path / "fd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_eval_on_a_diffusers_dit_with_labels_and_its_int8_build(tiny_diffusers, tmp_path):
     """A DiT folder evaluated on --labels with a schedule over its named sub-layers (no router: baselines only on the
     sweep), the int8 build's rows included."""
@@ -201,6 +204,7 @@ def test_eval_on_a_diffusers_dit_with_labels_and_its_int8_build(tiny_diffusers, 
     _check_diffusers_report(report, 0.8)
 
 
+@pytest.mark.slow
 def test_eval_refuses_conditioning_that_does_not_fit_the_model(tiny_diffusers, tmp_path):
     pixart, dit = str(tiny_diffusers("pixart")), str(tiny_diffusers("dit"))
     from l2c_export.core.schedule import Schedule

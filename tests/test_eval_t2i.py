@@ -65,6 +65,7 @@ def test_dbcache_compute_is_counted_from_the_blocks_that_ran():
     assert np.abs(drawn.images - full.images).max() > 0  # caching changed the images
 
 
+@pytest.mark.slow
 def test_eval_model_t2i_digits_has_every_methods_row_timed_and_the_grid(tmp_path):
     """eval --model t2i-digits (6 captions, one DBCache setting searched): a matched row per method with every
     metric; cache-dit's MAC fraction is the one its block counts give, near the learned schedule's; the grid and
@@ -102,6 +103,7 @@ def test_eval_model_t2i_digits_has_every_methods_row_timed_and_the_grid(tmp_path
     assert Image.open(tmp_path / "grid.png").size[0] > 100 and (tmp_path / "plot.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_eval_t2i_refuses_what_does_not_apply(tmp_path):
     np.savez(tmp_path / "p.npz", prompt_embeds=np.zeros((1, 4, 64), np.float32))
     refused = run_cli("eval", "--model", "t2i-digits", "--conditioning-data", str(tmp_path / "p.npz"), check=False)
@@ -121,6 +123,7 @@ def _read_digits_png(path, count: int) -> np.ndarray:
     return np.stack(images)[:, None]
 
 
+@pytest.mark.slow
 def test_run_prompt_on_the_t2i_digits_build_draws_the_digit_named(t2i_build, tmp_path):
     """run E --prompt "a handwritten seven" --seed 0 --out x.png writes a seven (the digits classifier reads the
     PNG); several prompts, a held-out caption form among them, read as theirs."""
@@ -137,6 +140,7 @@ def test_run_prompt_on_the_t2i_digits_build_draws_the_digit_named(t2i_build, tmp
     assert read == [3, 0, 9]
 
 
+@pytest.mark.slow
 def test_run_prompt_full_equals_diffusers_pixart_pipeline_on_t2i_digits(t2i_build, tmp_path):
     """run --prompt --noise --full --save-latents equals PixArtAlphaPipeline.from_pretrained(t2i-digits)(prompt,
     latents, output_type="latent") to 1e-4 of the range (tokenizer and T5 included); the decoded images

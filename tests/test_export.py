@@ -382,6 +382,7 @@ def _default_schedule_file(tmp_path: Path, rows) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_build_killed_half_way_leaves_the_previous_output(tmp_path):
     """The embedded default (depth 6, 20 steps), killed once its staging folder holds the weights."""
     out, staging = tmp_path / "engines", tmp_path / ".engines.staging"
@@ -433,6 +434,7 @@ def dit_s2_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_build_cli_on_a_dit_s2_checkpoint_in_the_official_layout(tmp_path, dit_s2_checkpoint):
     from l2c_export.models.checkpoint import load_dit
     from l2c_export.models.dit.model import dit_config

@@ -535,6 +535,7 @@ def _deeply_nested(levels: int = 1_000_000) -> str:
     return "[" * levels + "]" * levels
 
 
+@pytest.mark.slow
 def test_json_nested_a_million_deep_is_one_line_exit_2(default_build, tmp_path):
     schedule = tmp_path / "deep.json"
     schedule.write_text('{"num_steps": 1, "depth": 1, "compute": ' + _deeply_nested() + "}")

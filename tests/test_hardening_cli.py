@@ -293,6 +293,7 @@ def _installed_cli(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedPro
     return subprocess.run([str(venv / "bin" / "l2c-export"), *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
+@pytest.mark.slow  # a wheel and fresh environments
 def test_the_wheel_declares_tokenizers_and_a_diffusers_extra_pinned_as_requirements_txt(wheel):
     pins = {line.split("==")[0]: line for line in (REPO / "requirements.txt").read_text().splitlines() if "==" in line}
     with zipfile.ZipFile(wheel) as archive:
@@ -305,6 +306,7 @@ def test_the_wheel_declares_tokenizers_and_a_diffusers_extra_pinned_as_requireme
         assert not any(r.startswith(name) and "extra" not in r for r in requires)
 
 
+@pytest.mark.slow  # a wheel and fresh environments
 def test_without_the_diffusers_extra_the_wheel_builds_the_default_and_refuses_a_folder_in_one_line(
         wheel, tiny_diffusers, tmp_path):
     venv = _venv(wheel, tmp_path, without=WITHOUT_THE_EXTRA)
@@ -321,6 +323,7 @@ def test_without_the_diffusers_extra_the_wheel_builds_the_default_and_refuses_a_
     manifest_io.load(tmp_path / "engines")
 
 
+@pytest.mark.slow  # a wheel and fresh environments
 def test_with_the_diffusers_extra_the_wheel_reads_a_diffusers_folder(wheel, tiny_diffusers, tmp_path):
     venv = _venv(wheel, tmp_path)
     result = _installed_cli(venv, "schedule", "--diffusers", str(tiny_diffusers("dit")), cwd=tmp_path)

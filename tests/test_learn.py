@@ -204,6 +204,7 @@ def test_an_unreachable_budget_is_refused():
         baselines.schedule_for_mac_fraction(router, 0.4, macs, "official")
 
 
+@pytest.mark.slow
 def test_cli_official_schedule_equals_what_schedule_decodes(tmp_path):
     router = tmp_path / "router.safetensors"
     out = run_cli("learn", "--iterations", "4", "--batch-size", "4", "--lr", "1.0", "--out", str(router),
@@ -234,6 +235,7 @@ def learned_config():
 TORCHRUN_TOLERANCE = 1e-5  # logits after 5 AdamW steps; the runs differ only in float summation order (~2e-7)
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_give_the_router_of_one(tiny_model, tmp_path):
     save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
     (tmp_path / "tiny.json").write_text(json.dumps(TINY.to_dict()))
@@ -335,6 +337,7 @@ def test_official_dpm_solver_learning_reuses_the_previous_midpoint_call(tiny_uvi
     torch.testing.assert_close(terms.mse, expected["mse"], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_learning_a_uvit_router_for_dpm_solver_decodes_to_a_schedule_that_builds_and_runs(tmp_path):
     """Learning runs real AdamW steps on a U-ViT-S/2 checkpoint, the loss falls, only the router's calls move, and
     the learned file decodes to a schedule that `build` and `run` accept."""
@@ -372,6 +375,7 @@ def test_learning_a_uvit_router_for_dpm_solver_decodes_to_a_schedule_that_builds
     assert np.abs(samples - reference).max() <= 1e-4 * (reference.max() - reference.min())
 
 
+@pytest.mark.slow
 def test_learn_cli_on_a_uvit_checkpoint_samples_trajectories_and_decodes_at_a_budget(tmp_path):
     config = uvit_config("U-ViT-S/2", img_size=8, num_classes=1001)
     torch.manual_seed(0)
@@ -387,6 +391,7 @@ def test_learn_cli_on_a_uvit_checkpoint_samples_trajectories_and_decodes_at_a_bu
     assert schedule.compute[[0, 1, 3]].all() and not schedule.compute[2].all()
 
 
+@pytest.mark.slow
 def test_model_config_describes_a_checkpoint_of_another_family(tmp_path):
     """--model-config with ``"family": "uvit"``: any U-ViT architecture learns on its family's sampler."""
     config = UViTConfig(img_size=4, patch_size=2, in_chans=4, embed_dim=16, depth=2, num_heads=2, num_classes=5)

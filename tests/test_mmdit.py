@@ -156,6 +156,7 @@ def _pipeline_latents(family: str, folder, latents, conditioning, schedule: Sche
     return out.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tiny_diffusers, family, tmp_path):
     """build --diffusers DIR --steps 8 --schedule s.json (FLUX: --image-size 8), then run --noise z.npy
@@ -194,6 +195,7 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
     assert np.abs(results[True] - results[False]).max() > 2e-4 * np.ptp(results[True])
 
 
+@pytest.mark.slow
 def test_flux_guidance_scale_feeds_the_guidance_embedding(tiny_diffusers, tmp_path):
     """--cfg-scale is FluxPipeline's guidance_scale: another scale gives other latents, and negatives are refused
     (no classifier-free batch runs)."""
@@ -216,6 +218,14 @@ def test_flux_guidance_scale_feeds_the_guidance_embedding(tiny_diffusers, tmp_pa
         pipe(conditioning={**arrays, "negative_prompt_embeds": arrays["prompt_embeds"]}, noise=latents.numpy())
 
 
+@pytest.fixture(scope="module")
+def sd3_build_2(tiny_diffusers, tmp_path_factory):
+    """``build --diffusers`` of the tiny SD3, 2 steps (CLI, a real subprocess); tests read it, never change it."""
+    engines = tmp_path_factory.mktemp("sd3-2") / "E"
+    run_cli("build", "--diffusers", str(tiny_diffusers("sd3", "flow")), "--steps", "2", "--out", str(engines))
+    return engines
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.pop("pooled_prompt_embeds"), "array 'pooled_prompt_embeds' is missing"),
     (lambda c: c.update(negative_pooled_prompt_embeds=c["negative_pooled_prompt_embeds"][:, :4]),
@@ -223,10 +233,8 @@ def test_flux_guidance_scale_feeds_the_guidance_embedding(tiny_diffusers, tmp_pa
     (lambda c: c.update(prompt_attention_mask=np.ones((2, 7))), "unknown array 'prompt_attention_mask'"),
     (lambda c: c["pooled_prompt_embeds"].__setitem__((0, 0), np.nan), "array 'pooled_prompt_embeds': 1 of its 12"),
 ])
-def test_sd3_conditioning_that_does_not_fit_is_refused_in_one_line(tiny_diffusers, tmp_path, change, message):
-    folder = tiny_diffusers("sd3", "flow")
-    engines = tmp_path / "E"
-    run_cli("build", "--diffusers", str(folder), "--steps", "2", "--out", str(engines))
+def test_sd3_conditioning_that_does_not_fit_is_refused_in_one_line(sd3_build_2, tmp_path, change, message):
+    engines = sd3_build_2
     latents, conditioning = _request("sd3")
     arrays = {name: value.numpy() for name, value in conditioning.items()}
     change(arrays)
@@ -237,6 +245,7 @@ def test_sd3_conditioning_that_does_not_fit_is_refused_in_one_line(tiny_diffuser
     assert message in refused.stderr
 
 
+@pytest.mark.slow
 def test_image_size_is_flux_only_and_checked(tiny_diffusers, tmp_path):
     sd3 = run_cli("build", "--diffusers", str(tiny_diffusers("sd3", "flow")), "--image-size", "16", "--out",
                   str(tmp_path / "A"), check=False)
@@ -247,6 +256,7 @@ def test_image_size_is_flux_only_and_checked(tiny_diffusers, tmp_path):
     assert not (tmp_path / "A").exists() and not (tmp_path / "B").exists()
 
 
+@pytest.mark.slow
 def test_a_folder_with_another_scheduler_is_refused_by_name(tiny_diffusers, tmp_path):
     import shutil
 
@@ -263,6 +273,7 @@ def test_a_folder_with_another_scheduler_is_refused_by_name(tiny_diffusers, tmp_
     assert inverted.returncode == 2 and "field 'invert_sigmas' is True" in inverted.stderr
 
 
+@pytest.mark.slow
 def test_a_router_learned_on_a_tiny_sd3_decodes_builds_and_runs(tiny_diffusers, tmp_path):
     """learn --diffusers on SD3's own flow-matching trajectories (the teacher is the full model's velocity) over a
     set of prompts with pooled embeddings writes a router over the named sub-layers; it decodes, builds, runs and
@@ -290,6 +301,7 @@ def test_a_router_learned_on_a_tiny_sd3_decodes_builds_and_runs(tiny_diffusers, 
 
 
 
+@pytest.mark.slow
 def test_a_router_learned_on_a_tiny_flux_decodes_builds_and_runs(tiny_diffusers, tmp_path):
     """learn --diffusers on FLUX.1 (guidance-distilled: --cfg-scale feeds the guidance embedding of the teacher and
     the student, no negative batch) writes a router over the named sub-layers that decodes, builds at --image-size and
@@ -323,6 +335,7 @@ def test_a_router_learned_on_a_tiny_flux_decodes_builds_and_runs(tiny_diffusers,
         in refused.stderr
 
 
+@pytest.mark.slow
 def test_eval_on_a_tiny_sd3_the_learned_router_beats_fora_at_a_mac_fraction_of_0_7(tiny_diffusers, tmp_path):
     """Issue 21's acceptance, as a test of the machinery (a tiny random model, not image quality): a router learned on
     the tiny SD3 with flow matching (10 steps, general mode) decodes at a MAC fraction of 0.7 into a schedule that
@@ -370,6 +383,7 @@ def flux_build_16(tiny_diffusers, tmp_path_factory):
     return engines
 
 
+@pytest.mark.slow
 def test_verify_diffusers_checks_a_flux_build_at_its_image_size(tiny_diffusers, flux_build_16):
     """verify --diffusers compares a FLUX.1 build with the folder's transformer at the build's --image-size (not
     the pipeline's default size, which would make the folder's config differ), and still refuses another folder."""
@@ -410,6 +424,7 @@ def test_flux_proj_out_is_stored_as_its_branches_slices_and_read_back_whole(tiny
         assert torch.equal(rebuilt[name], tensor), name
 
 
+@pytest.mark.slow
 def test_sd3_position_embedding_crop_is_a_weight_of_its_own(tiny_diffusers, tmp_path):
     """SD3 reads its position-embedding table (pos_embed_max_size on a side) through Reshape, Slice, Slice, Reshape:
     the crop for the build's size. The export folds that parameter-only chain into a weight of its own, so that no
@@ -468,6 +483,7 @@ def test_sd3_position_embedding_crop_is_a_weight_of_its_own(tiny_diffusers, tmp_
     assert torch.equal(rebuilt[table_name], spec.load_model().state_dict()[table_name])
 
 
+@pytest.mark.slow
 def test_eval_on_a_tiny_flux_at_its_image_size_without_negatives(tiny_diffusers, tmp_path):
     """eval --diffusers on FLUX.1 (--image-size 8): prompts without negatives (guidance-distilled: --cfg-scale feeds
     the guidance embedding), every method measured against full compute."""
@@ -509,6 +525,7 @@ def test_unpacking_flux_latents_equals_flux_pipelines():
         unpack_latents(packed.numpy(), 4, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ("sd3", "flux"))
 def test_decoded_images_equal_the_pipelines(tiny_diffusers, family, tmp_path):
     """SD3 and FLUX.1 builds carry the folder's VAE decoder, its record the VAE's scaling and shift factors (FLUX.1:

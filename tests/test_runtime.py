@@ -107,6 +107,7 @@ def _authors_router(path: Path, num_steps: int, depth: int, seed: int = 0) -> Pa
     return path
 
 
+@pytest.mark.slow
 def test_dit_s2_with_an_authors_router_matches_the_reference(tmp_path):
     from l2c_export.models.checkpoint import load_dit
     from l2c_export.models.dit.model import DiT, dit_config

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from l2c_export.demo import t2i
@@ -75,6 +76,7 @@ def test_training_steps_lower_the_vaes_and_the_transformers_losses():
     assert _transformer_loss(trained, vae, embeds, mask) < 0.8 * untrained
 
 
+@pytest.mark.slow
 def test_train_default_writes_a_pixart_folder_that_diffusers_loads(tmp_path):
     """train-default --model t2i-digits (a few real steps) writes a PixArtAlphaPipeline folder with tokenizer.json;
     an occupied folder that is not one is refused, untouched."""
@@ -131,6 +133,7 @@ def test_the_shipped_schedule_is_decoded_from_the_router_learned_on_the_models_o
     assert schedule.mac_fraction(spec.family.count_macs(spec.config)) < 0.75
 
 
+@pytest.mark.slow
 def test_diffusers_pipeline_draws_the_digit_each_prompt_names_including_held_out_caption_forms():
     """PixArtAlphaPipeline.from_pretrained(the folder; it ignores the router, schedule and captions beside), 20
     steps, its default guidance: the digits classifier reads at least 90% of 100 samples (every caption form with
@@ -141,6 +144,7 @@ def test_diffusers_pipeline_draws_the_digit_each_prompt_names_including_held_out
     assert result["held_out_forms"] >= 0.9, result
 
 
+@pytest.mark.slow
 def test_model_t2i_digits_resolves_to_the_shipped_folder_with_its_router_and_schedule():
     from l2c_export.models import zoo
 
@@ -156,6 +160,7 @@ def test_model_t2i_digits_resolves_to_the_shipped_folder_with_its_router_and_sch
     assert refused.returncode == 2 and "array 'prompt_embeds' is missing" in refused.stderr
 
 
+@pytest.mark.slow
 def test_build_model_t2i_digits_runs_its_learned_schedule_on_prompts_from_its_own_t5(tmp_path):
     """build --model t2i-digits (the shipped schedule), run --conditioning with prompts the folder's T5 encoded: with
     --full it equals diffusers' own pipeline on the same latents to 1e-4 of the range; with the learned schedule the

@@ -98,6 +98,7 @@ def _cli_latents(build, tmp_path, noise: np.ndarray, request: list[str], cfg_sca
 
 
 # ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_repository_declares_the_builds_conditioning_by_the_pipelines_names(repository):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as pb
@@ -164,6 +165,7 @@ def test_pixart_served_with_guidance_and_padded_masks_equals_the_run_cli(server,
     assert np.abs(unguided - want).max() > 1e-3 * float(want.max() - want.min())  # guidance changed the sample
 
 
+@pytest.mark.slow
 def test_prompts_of_different_lengths_and_scales_are_sampled_in_batches_that_fit(pixart):
     """What the model does with the requests Triton hands over together: images are merged by guidance scale and
     prompt length (a batch holds one length), negatives are passed only where a batch guides, and every image equals
@@ -252,6 +254,7 @@ def pixart_t5(builds) -> L2CPipeline:
     return L2CPipeline.from_engine_dir(builds["pixart-t5"])
 
 
+@pytest.mark.slow
 def test_a_build_with_a_text_encoder_is_served_prompts_and_gives_images(repository):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as pb
@@ -315,6 +318,7 @@ def test_a_bad_prompt_gets_an_error_naming_it_and_the_server_keeps_serving(serve
         client.close()
 
 
+@pytest.mark.slow
 def test_prompt_embeddings_longer_than_max_sequence_length_are_refused(pixart):
     """The prompt axis L is bounded by the manifest's max_sequence_length (PixArt-alpha's 120) when serving
     embeddings too (checked in the model, as run --conditioning checks it)."""

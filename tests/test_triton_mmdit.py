@@ -63,6 +63,7 @@ def _request(family: str, n: int, length: int, seed: int) -> tuple[dict[str, np.
     return arrays, generator.standard_normal((n, *SAMPLE[family]), dtype=np.float32)
 
 
+@pytest.mark.slow
 def test_the_repository_declares_the_mmdit_conditioning(builds, tmp_path):
     from l2c_export.core.manifest import load
     from l2c_export.serving.sampling import served_inputs
@@ -113,6 +114,7 @@ def test_a_flux_request_with_negatives_is_refused_and_the_server_keeps_serving(s
     _close_to(served, L2CPipeline.from_engine_dir(builds["flux"])(conditioning=arrays, noise=noise).samples)
 
 
+@pytest.mark.slow
 def test_mmdit_requests_are_batched_by_scale_and_length_in_process(builds):
     """What the model does with requests Triton hands over together (no server): SD3 images merged by guidance
     scale and prompt length, negatives only where a batch guides; FLUX.1 images of different scales in separate

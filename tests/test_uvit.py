@@ -308,6 +308,7 @@ def _authors_format_router(path: Path, nfe: int, num_layers: int, seed: int = 0)
     return path
 
 
+@pytest.mark.slow
 def test_build_verify_run_on_a_uvit_checkpoint_with_an_authors_router(tmp_path):
     config = uvit_config("U-ViT-S/2", img_size=8, num_classes=1001)
     torch.manual_seed(0)

@@ -10,6 +10,8 @@
 - Threads: one process-wide intra-op pool for all subset sessions (``use_per_session_threads = False``). With a pool
   per session, the pool of the subset that just ran keeps spinning while the next subset's pool works: on two cores
   that made the schedule slower than full compute.
+  Its size, unless asked for: OMP_NUM_THREADS where set (the cap torch honours too; the test suite's parallel
+  workers set it to their share of the cores), else one thread per core.
 - Cache: a request's slots are numpy buffers wrapped as OrtValues and bound with IO binding, inputs and outputs alike,
   so a fresh branch output is written straight into the slot the next subset reads, with no copy in between. A slot
   whose size varies per request (a named size in the manifest: the prompt's tokens) is allocated by ONNX Runtime at
@@ -20,6 +22,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -37,10 +40,19 @@ _shared_arena_registered = False
 _global_threads: int | None = None
 
 
+def _default_threads() -> int:
+    """The pool's size when none is asked for: OMP_NUM_THREADS where it is a positive integer, else 0 (one per
+    core)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() else 0
+
+
 def _set_up_environment(threads: int | None) -> None:
     """Once per process, before the first session creates ONNX Runtime's environment: one global intra-op thread
-    pool (``threads``, 0 = one per core) and one shared CPU arena."""
+    pool (``threads``, 0 = one per core, None = :func:`_default_threads`) and one shared CPU arena."""
     global _shared_arena_registered, _global_threads
+    if threads is None:
+        threads = _default_threads()
     with _shared_arena_lock:
         if _global_threads is None:
             from onnxruntime.capi import _pybind_state
