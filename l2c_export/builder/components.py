@@ -50,15 +50,15 @@ def component_sources(spec) -> dict[str, Path]:
 
 
 def require_exporters(spec) -> None:
-    """Imports the libraries that export ``spec``'s components (:func:`~l2c_export.core.extras.import_extra`), so
-    that a missing one is refused before anything is exported."""
-    from ..core.extras import import_extra
+    """Refuses a missing library that exports ``spec``'s components (:func:`~l2c_export.core.extras.require_extra`)
+    before anything is exported."""
+    from ..core.extras import require_extra
 
     sources = component_sources(spec)
     if "vae_decoder" in sources:
-        import_extra("diffusers", "exporting the VAE decoder")
+        require_extra("diffusers", "exporting the VAE decoder")
     if {"text_encoder", "tokenizer"} & set(sources):
-        import_extra("transformers", "exporting the text encoder and tokenizer")
+        require_extra("transformers", "exporting the text encoder and tokenizer")
 
 
 def export_component(name: str, source: Path, spec, staging: Path) -> dict:

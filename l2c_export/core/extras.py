@@ -5,6 +5,7 @@ diffusers folder in one line naming the command that installs them, not with a t
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 # top-level module -> the extra of setup.py that installs it
 EXTRAS = {"diffusers": "diffusers", "transformers": "diffusers"}
@@ -31,3 +32,12 @@ def import_extra(module: str, needed_for: str = "reading a diffusers folder"):
         missing = getattr(error, "name", None) or top
         what = top if missing.partition(".")[0] == top else f"{top} (it needs {missing})"
         raise MissingExtra(f"{needed_for} needs {what}, which is not installed: {install_command(extra)}") from None
+
+
+def require_extra(module: str, needed_for: str = "reading a diffusers folder") -> None:
+    """:class:`MissingExtra` (as :func:`import_extra`'s) where the optional dependency ``module`` is not installed,
+    found without importing it: diffusers and transformers take seconds to import, which a folder refused for a bad
+    field should not pay."""
+    top = module.partition(".")[0]
+    if importlib.util.find_spec(top) is None:
+        raise MissingExtra(f"{needed_for} needs {top}, which is not installed: {install_command(EXTRAS[top])}")

@@ -129,10 +129,10 @@ def from_diffusers(folder: str | Path, image_size: int | None = None) -> ModelSp
     """A diffusers pipeline folder (:func:`l2c_export.models.diffusers.read_folder`): its transformer, its scheduler as
     the sampler, the pipeline's default steps and guidance scale; ``image_size`` (pixels) for a transformer without a
     ``sample_size`` (FLUX.1)."""
-    from ..core.extras import import_extra
+    from ..core.extras import require_extra
     from .diffusers import read_folder
 
-    import_extra("diffusers", f"the diffusers folder {folder}")  # its transformer is diffusers' class
+    require_extra("diffusers", f"the diffusers folder {folder}")  # its transformer is diffusers' class
     found = read_folder(folder)
     config = found.family.sized_config(found.config, image_size, found.vae_scale_factor)
     return ModelSpec(name=f"{found.config.transformer_class} {Path(folder).resolve().name}", config=config,

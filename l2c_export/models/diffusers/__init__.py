@@ -241,11 +241,6 @@ class DiffusersFamily(ModelFamily):
         if config.transformer_class != self.transformer_class:
             raise DiffusersFolderError(f"{where}: field '_class_name' is {short_repr(config.transformer_class)}; the "
                                        f"{self.name} family reads {self.transformer_class}")
-        accepted = set(inspect.signature(self.diffusers_class().__init__).parameters) - {"self"}
-        unknown = sorted(set(config.transformer) - accepted)
-        if unknown:
-            raise DiffusersFolderError(f"{where}: field {short_repr(unknown[0])} is not an option of "
-                                       f"{self.transformer_class} (diffusers 0.42); not supported")
         for key, value in self.required.items():
             if config.get(key, value) != value:
                 raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(config.get(key))}; "
@@ -257,6 +252,12 @@ class DiffusersFamily(ModelFamily):
         if self.out_channels(config) not in (self.in_channels(config), 2 * self.in_channels(config)):
             raise DiffusersFolderError(f"{where}: field 'out_channels' is {short_repr(config.get('out_channels'))}; "
                                        f"expected in_channels or 2 * in_channels (learned sigma)")
+        # last: the keys are checked against diffusers' own class, whose import takes seconds
+        accepted = set(inspect.signature(self.diffusers_class().__init__).parameters) - {"self"}
+        unknown = sorted(set(config.transformer) - accepted)
+        if unknown:
+            raise DiffusersFolderError(f"{where}: field {short_repr(unknown[0])} is not an option of "
+                                       f"{self.transformer_class} (diffusers 0.42); not supported")
 
     def sized_config(self, config: DiffusersConfig, image_size: int | None, vae_scale_factor: int) -> DiffusersConfig:
         """The config at ``--image-size`` pixels; these families take their size from ``sample_size``."""
