@@ -9,7 +9,9 @@
    applied to (N, T, D) tokens) is stored transposed, as ``<parameter>.T`` of shape (in, out), so that no runtime
    constant-folds a private copy of it; a weight read only through transposed column slices (a Linear on part of
    its inputs: FLUX.1's proj_out shares) is stored as those slices, ``<parameter>.T[start:stop]``, for the same
-   reason.
+   reason; and a value computed from parameters alone by ops that only move or index data (SD3's crop of its
+   position-embedding table for the build's size) is stored as a weight of its own, ``<parameter>@<value>``, the
+   parameter kept whole beside it for the PyTorch reference.
 3. For each subset (:mod:`l2c_export.core.plan`), the universal graph is cut: the consumers of a reused sub-layer's
    branch output read a new input ``cache_<slot>`` instead, so its producing nodes become dead and are removed;
    outputs are ``model_out`` and the live ``fresh_<slot>`` values only.
@@ -347,8 +349,9 @@ def _fold_parameter_chains(graph_model: onnx.ModelProto, weights: dict[str, np.n
         if value is None:
             continue
         values[node.output[0]] = value
-        sources[node.output[0]] = set().union(*({name} if name in weights else sources.get(name, set())
-                                                for name in inputs if name))
+        # a Shape's value depends on no parameter's data: the shape arithmetic after it is not stored
+        sources[node.output[0]] = set() if node.op_type == "Shape" else \
+            set().union(*({name} if name in weights else sources.get(name, set()) for name in inputs if name))
         folded_nodes.append(node)
     computed = {node.output[0] for node in folded_nodes}
     readers: dict[str, list[onnx.NodeProto]] = {}
