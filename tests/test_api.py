@@ -1,10 +1,8 @@
 """The Python API where a user looks first: the names of ``from l2c_export import ...``, a light package import, and
-every Python example of the README run as written."""
+its Python examples (docs/run-and-python-api.md, run as written by tests/test_docs.py)."""
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 import sys
 
@@ -13,6 +11,7 @@ import pytest
 import l2c_export
 
 from .conftest import REPO
+from .test_docs import fenced_blocks
 
 
 def _python(code: str, cwd) -> subprocess.CompletedProcess:
@@ -46,27 +45,9 @@ def test_every_exported_name_is_its_modules_own_object():
         l2c_export.L2CPipe  # noqa: B018
 
 
-def _readme_python_examples() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.S | re.M)
-
-
-NEEDS_A_SERVER = "tritonclient"  # the client example talks to `make serve`'s server
-
-
-def test_the_readme_has_python_examples_for_the_api():
-    examples = _readme_python_examples()
-    assert any("from l2c_export import" in example and "L2CPipeline" in example for example in examples)
-    assert sum(NEEDS_A_SERVER not in example for example in examples) >= 3
-
-
-@pytest.mark.parametrize("position", range(len(_readme_python_examples())))
-def test_the_readmes_python_examples_run_as_written(default_build, tmp_path, position):
-    """Each ```python block of the README, verbatim, in a fresh interpreter, in a folder holding the embedded
-    default's build where `l2c-export build` puts it (engines/dit-digits-onnxruntime-fp32)."""
-    example = _readme_python_examples()[position]
-    if NEEDS_A_SERVER in example:
-        pytest.skip("the Triton client example needs a running server (make serve); tests/test_triton.py makes the "
-                    "same client calls against a real tritonserver")
-    shutil.copytree(default_build, tmp_path / "engines" / "dit-digits-onnxruntime-fp32")
-    result = _python(example, tmp_path)
-    assert result.returncode == 0, f"README example {position} failed:\n{example}\n{result.stderr}"
+def test_the_api_page_has_python_examples_that_run():
+    """docs/run-and-python-api.md shows the API in Python blocks that tests/test_docs.py runs as written (none of them
+    marked as needing something the tests lack)."""
+    blocks = [block for block in fenced_blocks(REPO / "docs" / "run-and-python-api.md") if block.language == "python"]
+    assert any("from l2c_export import" in block.code and "L2CPipeline" in block.code for block in blocks)
+    assert sum(block.needs is None for block in blocks) >= 3

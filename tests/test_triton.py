@@ -309,7 +309,7 @@ def _typed_inputs(module, **arrays) -> list:
 
 # Every bad request a client can send, and the error it must get: the input named and what was expected. Triton
 # itself checks dtypes, shapes and the batch limit against config.pbtxt; the model checks values
-# (l2c_export/serving/sampling.py). README "Hostile clients" lists the same cases.
+# (l2c_export/serving/sampling.py). docs/reliability.md "Hostile clients (Triton)" lists the same cases.
 BAD_REQUESTS = {
     "labels as FP32": (dict(labels=_f32([[3]])),
                        r"input 'labels' data-type is 'FP32', but model 'l2c' expects 'INT64'"),
@@ -516,9 +516,10 @@ def test_tensorrt_build_repository_has_the_same_shape(tmp_path):
     assert (repo / MODEL / "1" / "model.py").is_file() and (repo / MODEL / "1" / "build" / "manifest.json").is_file()
 
 
-def test_the_readme_client_snippet_works_against_the_server(server):
-    text = (REPO / "README.md").read_text()
-    snippet = text[text.index("## Serving on Triton"):].split("```python\n", 1)[1].split("```", 1)[0]
+def test_the_docs_client_snippet_works_against_the_server(server):
+    """The client block of docs/serving-triton.md (marked as needing a server, so tests/test_docs.py skips it)."""
+    text = (REPO / "docs" / "serving-triton.md").read_text()
+    snippet = text[text.index("## A client"):].split("```python\n", 1)[1].split("```", 1)[0]
     assert '"127.0.0.1:8000"' in snippet  # what `make serve` listens on
     result = subprocess.run([sys.executable, "-c", snippet.replace("127.0.0.1:8000", server.http_url)],
                             capture_output=True, text=True, timeout=120)
