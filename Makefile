@@ -62,7 +62,9 @@ demo: setup
 # Both on pytest-xdist workers, one per core (each with its share of the threads); the 15 slowest tests print last.
 TEST_WORKERS ?= auto
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
-test: setup triton-env cpp
+# The three environments are made side by side (the Triton server's beside the project's, then the C++ build).
+test:
+	$(MAKE) --no-print-directory -j2 setup triton-env cpp
 	$(PYTEST) tests
 
 test-fast: setup

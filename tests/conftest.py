@@ -13,6 +13,7 @@ and /dev/shm sees no other server's files.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import re
@@ -65,10 +66,13 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker("fast")
     groups = {item.nodeid: worker_group(item.nodeid.split("::")[0]) for item in items}
     rank: dict[str, int] = {}
+    size = collections.Counter(groups.values())
     for item in items:
         tier = next(tier for tier in TIER_ORDER if item.get_closest_marker(tier))
         rank[groups[item.nodeid]] = min(rank.get(groups[item.nodeid], len(TIER_ORDER)), TIER_ORDER.index(tier))
-    items.sort(key=lambda item: rank[groups[item.nodeid]])
+    # Within a tier the larger groups first: pytest-xdist hands a worker its next group while it runs one, so the
+    # small groups left at the end keep the other worker from idling behind a large one.
+    items.sort(key=lambda item: (rank[groups[item.nodeid]], -size[groups[item.nodeid]]))
 
 
 @pytest.hookimpl(optionalhook=True)
