@@ -44,6 +44,7 @@ def pytest_configure(config) -> None:
 
 
 TIER_ORDER = ("triton", "cpp", "slow", "fast")  # heaviest first: under pytest-xdist the long groups start first
+HEAVY_TEST_WEIGHT = 10  # a slow, Triton or C++ test against a fast one (tens of seconds against a few), in ordering
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,12 +67,14 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker("fast")
     groups = {item.nodeid: worker_group(item.nodeid.split("::")[0]) for item in items}
     rank: dict[str, int] = {}
-    size = collections.Counter(groups.values())
+    size: collections.Counter[str] = collections.Counter()
     for item in items:
         tier = next(tier for tier in TIER_ORDER if item.get_closest_marker(tier))
         rank[groups[item.nodeid]] = min(rank.get(groups[item.nodeid], len(TIER_ORDER)), TIER_ORDER.index(tier))
-    # Within a tier the larger groups first: pytest-xdist hands a worker its next group while it runs one, so the
-    # small groups left at the end keep the other worker from idling behind a large one.
+        size[groups[item.nodeid]] += 1 if tier == "fast" else HEAVY_TEST_WEIGHT
+    # Within a tier the larger groups first (a test of a heavier tier counts as several fast ones): pytest-xdist hands
+    # a worker its next group while it runs one, so the small groups left at the end keep the other worker from
+    # idling behind a large one.
     items.sort(key=lambda item: (rank[groups[item.nodeid]], -size[groups[item.nodeid]]))
 
 

@@ -162,6 +162,7 @@ def _runs_here(block: Block) -> bool:
     return block.needs is None or (block.needs == "cpp build" and L2C_RUN.is_file())
 
 
+@pytest.mark.slow  # a learn, builds, verify and runs of the whole walk: about 90 s on 2 cores
 def test_every_runnable_block_runs_as_written_in_document_order(docs_work):
     """One test, the blocks in order (the README first: later pages use its build, engines/mine), so that however the
     suite is spread over workers the blocks share one folder and run after the blocks they build on. Stops at the
