@@ -237,6 +237,7 @@ def test_check_fits_names_the_largest_part():
 # ---------------------------------------------------------------------------------------------------------------------
 # The tokenizer is read and cross-checked with the text encoder before the first export.
 
+@pytest.mark.slow  # CLI runs that each load a text-encoder folder
 def test_a_malformed_tokenizer_is_refused_naming_the_file_before_any_export(tiny_diffusers, tmp_path):
     folder = _copy(tiny_diffusers("pixart-t5"), tmp_path / "f")
     path = folder / "tokenizer" / "tokenizer.json"

@@ -396,6 +396,7 @@ def test_verify_diffusers_checks_a_flux_build_at_its_image_size(tiny_diffusers, 
     assert other.returncode == 2 and "the build did not come from that folder" in other.stderr
 
 
+@pytest.mark.slow  # a FLUX.1 build, shared with the verify test
 def test_flux_proj_out_is_stored_as_its_branches_slices_and_read_back_whole(tiny_diffusers, flux_build_16):
     """Each single-stream proj_out is held in weights.bin as its two branches' transposed column slices, which the
     graphs read directly (a runtime folding Transpose(Slice(W)) would copy them into every subset session); the

@@ -222,6 +222,7 @@ def test_verify_passes_and_catches_a_wrong_graph(default_build, tmp_path):
     assert f"FAIL {record['name']}" in failed.stdout
 
 
+@pytest.mark.slow  # a VAE export and decode
 def test_a_latent_model_decodes_through_a_local_vae(tmp_path):
     pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
     from diffusers import AutoencoderKL
