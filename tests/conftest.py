@@ -17,6 +17,7 @@ import collections
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,11 +179,42 @@ def telemetry_home(home: Path, setting: str | None) -> tuple[dict[str, str], Pat
     return env, home / ".cache" / "Microsoft" / "DeveloperTools" / ".onnxruntime" / "onnxruntime.db"
 
 
+CLI_FORK = Path(__file__).with_name("cli_fork.py")
+_cli_server: dict[str, object] = {}
+
+
+def cli_command() -> tuple[list[str], dict[str, str]]:
+    """The command line that runs ``l2c-export`` in this test process, and the variables it needs: a client of the
+    fork server (tests/cli_fork.py: a process of its own for each command, without the 4-7 s of imports), started on
+    first use, or ``python -m l2c_export.cli`` where L2C_TEST_FRESH_CLI=1."""
+    if os.environ.get("L2C_TEST_FRESH_CLI") == "1":
+        return [sys.executable, "-m", "l2c_export.cli"], {}
+    if "socket" not in _cli_server:
+        import atexit
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="l2c-cli-")
+        path = os.path.join(folder, "socket")
+        server = subprocess.Popen([sys.executable, str(CLI_FORK), "serve", path], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the CLI fork server did not start ({server.wait()})")
+
+        def stop() -> None:
+            server.stdin.close()  # the server ends when its stdin closes
+            server.wait(timeout=30)
+            shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(stop)
+        _cli_server.update(socket=path, server=server)
+    return [sys.executable, str(CLI_FORK)], {"L2C_TEST_CLI_SOCKET": str(_cli_server["socket"])}
+
+
 def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs ``l2c-export`` in a real subprocess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "l2c_export.cli", *args], capture_output=True, text=True,
-                            env=env, cwd=cwd or REPO)
+    """Runs ``l2c-export`` in a real subprocess (:func:`cli_command`)."""
+    command, variables = cli_command()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **variables}
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=cwd or REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"l2c-export {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, cli_command
 
 # docs/bench*.md are tables `make bench` and `make bench-large` write (l2c_export/tools/bench_suite.py), not pages.
 PAGES = sorted(page for page in (REPO / "docs").glob("*.md") if not page.name.startswith("bench"))
@@ -151,9 +152,10 @@ def docs_work(default_build, tmp_path_factory) -> tuple[Path, dict[str, str]]:
         (work / name).symlink_to(REPO / name, target_is_directory=True)
     folder = save_tiny_pipeline(tmp_path_factory.mktemp("folder") / "my-pixart", "pixart-t5-words", "dpm")
     bin_dir = tmp_path_factory.mktemp("bin")
-    (bin_dir / "l2c-export").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m l2c_export.cli "$@"\n')
+    command, variables = cli_command()
+    (bin_dir / "l2c-export").write_text(f'#!/bin/sh\nexec {shlex.join(command)} "$@"\n')
     (bin_dir / "l2c-export").chmod(0o755)
-    env = {**os.environ, "DIR": str(folder), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, **variables, "DIR": str(folder), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
            "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     return work, env
 
