@@ -204,8 +204,136 @@ def disable(pipe) -> None:
     """Removes what :func:`enable` added to ``pipe``: every hook (the transformer then runs its own forwards) and with
     them every cached tensor. Does nothing on a pipeline that is not enabled."""
     transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
-        return
+    if transformer is not None:
+        _remove_hooks(transformer)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pipelines' encode_prompt outputs, by pipeline class: the names of the arguments each output is passed as.
+ENCODED_NAMES = {
+    "PixArtAlphaPipeline": ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                            "negative_prompt_attention_mask"),
+    "PixArtSigmaPipeline": ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                            "negative_prompt_attention_mask"),
+    "StableDiffusion3Pipeline": ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                                 "negative_pooled_prompt_embeds"),
+    "FluxPipeline": ("prompt_embeds", "pooled_prompt_embeds", None),  # the third: text ids, not an input here
+}
+
+
+def encode_prompts(pipe, prompts: Sequence[str], guiding: bool, negative_prompt: str = "",
+                   where: str = "prompts") -> dict:
+    """``prompts`` encoded by the pipeline's own ``encode_prompt`` at its settings (its max_sequence_length, its
+    padding; PixArt without caption cleaning), the negative prompt's too where ``guiding``: -> numpy arrays by the
+    pipeline's argument names (``prompt_embeds`` (P, L, D), ``prompt_attention_mask`` (P, L), ...)."""
+    import torch
+
+    names = ENCODED_NAMES.get(type(pipe).__name__)
+    if names is None:
+        raise ValueError(f"{where}: a {type(pipe).__name__} is not encoded here; pipelines with prompts: "
+                         f"{', '.join(ENCODED_NAMES)}")
+    missing = [part for part in ("tokenizer", "text_encoder") if getattr(pipe, part, None) is None]
+    if missing:
+        raise ValueError(f"{where}: the pipeline has no {' and no '.join(missing)} to encode prompts with; load it "
+                         f"with its text encoder, or give the prompt embeddings (conditioning)")
+    if isinstance(prompts, str) or not prompts or not all(isinstance(text, str) for text in prompts):
+        raise ValueError(f"{where}: expected a non-empty list of prompts (str)")
+    device = getattr(pipe, "_execution_device", None) or "cpu"
+    with torch.no_grad():
+        if type(pipe).__name__.startswith("PixArt"):
+            outputs = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=guiding,
+                                         negative_prompt=negative_prompt, device=device, clean_caption=False)
+        elif type(pipe).__name__ == "StableDiffusion3Pipeline":
+            outputs = pipe.encode_prompt(list(prompts), None, None, do_classifier_free_guidance=guiding,
+                                         negative_prompt=negative_prompt, device=device)
+        else:
+            outputs = pipe.encode_prompt(list(prompts), None, device=device)
+    arrays = {name: value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+              for name, value in zip(names, outputs) if name is not None and value is not None}
+    if guiding and "negative_prompt_embeds" in arrays and len(arrays["negative_prompt_embeds"]) == 1 < len(prompts):
+        for name in [name for name in arrays if name.startswith("negative_")]:
+            arrays[name] = arrays[name].repeat(len(prompts), axis=0)
+    return arrays
+
+
+def prompt_condition(family, config, arrays: dict, guiding: bool, guidance_scale: float, max_tokens: int | None,
+                     where: str):
+    """The learner's :class:`~l2c_export.learn.data.Condition` of prompt arrays by the pipeline's argument names,
+    checked as the runtime checks them."""
+    from .data import Condition
+    from ..runtime.conditioning import refuse_negatives
+
+    inputs = {tensor.role: tensor for tensor in family.graph_inputs(config)}
+    records = {role: {"shape": ["batch", *tensor.shape]} for role, tensor in inputs.items()}
+    order = [tensor.role for tensor in family.graph_inputs(config)]
+    if not getattr(family, "classifier_free", True):
+        refuse_negatives(arrays, where)
+    return Condition.of_prompts(arrays, records, order, guiding, where, guidance_scale, max_tokens)
+
+
+def learn(pipe, prompts: Sequence[str] | None = None, *, num_inference_steps: int | None = None,
+          guidance_scale: float | None = None, negative_prompt: str = "", mode: str = "official",
+          trajectories: int = 256, iterations: int = 300, batch_size: int = 16, lr: float = 0.05, l1: float = 2e-4,
+          window: int | None = None, steps_per_iteration: int = 0, init_std: float = 0.0, seed: int = 0,
+          image_size: int | None = None, progress: bool = True) -> RouterLogits:
+    """Learns a router for the live diffusers pipeline ``pipe`` (L2C's objective, as ``l2c-export learn`` does):
+    ``trajectories`` sampled by its transformer (a copy: ``pipe`` is not changed) and scheduler at
+    ``num_inference_steps`` (default: the family's pipeline default) and ``guidance_scale``, conditioned on
+    ``prompts`` encoded by the pipeline's own text encoder (a text model; each trajectory takes one at random) or on
+    random class labels (DiT). Returns the router: logits (num_inference_steps, sub-layers) with the metadata
+    ``learn --out`` writes, so that ``router.save("router.safetensors")`` writes that file and
+    ``enable(pipe, router, target_mac_fraction=0.7)`` applies it."""
+    from ..models.diffusers import _cached_transformer_class
+    from ..samplers import sampler_from_scheduler_config
+    from .data import sample_trajectories
+    from .files import router_metadata
+    from .learner import learn_router
+    from .settings import LearnSettings
+    import json
+
+    family, config = live_model(pipe, image_size)
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None:
+        raise ValueError("l2c_export.learn: the pipeline has no scheduler (pipe.scheduler)")
+    num_steps = num_inference_steps or family.default_steps
+    sampler = sampler_from_scheduler_config(json.loads(scheduler.to_json_string()), num_steps, "pipe.scheduler.config",
+                                            family.pipeline_timesteps(config))
+    guidance_scale = family.default_cfg_scale if guidance_scale is None else guidance_scale
+    classifier_free = getattr(family, "classifier_free", True)
+    settings = LearnSettings(mode=mode, iterations=iterations, batch_size=batch_size, lr=lr, l1=l1,
+                             cfg_scale=guidance_scale if classifier_free else 1.0, window=window,
+                             steps_per_iteration=steps_per_iteration, init_std=init_std, seed=seed)
+    text_model = family.text_channels(config) is not None
+    if text_model and prompts is None:
+        raise ValueError("l2c_export.learn: a text model learns on prompts: give prompts=[...]")
+    if not text_model and prompts is not None:
+        raise ValueError("l2c_export.learn: this model is conditioned on class labels; prompts= does not apply")
+    condition = None
+    if text_model:
+        guiding = classifier_free and guidance_scale > 1.0
+        arrays = encode_prompts(pipe, prompts, guiding, negative_prompt, "l2c_export.learn: prompts")
+        max_tokens = None
+        if hasattr(family, "max_prompt_tokens") and type(pipe).__name__ in family.pipeline_classes:
+            max_tokens = family.max_prompt_tokens(type(pipe).__name__)
+        condition = prompt_condition(family, config, arrays, guiding, guidance_scale, max_tokens,
+                                     "l2c_export.learn: prompts")
+    transformer = copy.deepcopy(pipe.transformer)
+    _remove_hooks(transformer)
+    model = _cached_transformer_class()(family, config, transformer.float().eval())
+    source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed, progress=progress,
+                                 prompts=condition)
+    description = f"{len(prompts)} prompts" if text_model else "random class labels"
+    result = learn_router(model, sampler, source, settings, progress=progress, source_name=description)
+    router = result.router
+    router.source = "l2c_export.learn"
+    router.meta = {**router_metadata(f"{config.transformer_class} (live pipeline)", sampler, settings, description,
+                                     result.seconds),
+                   "learned_by": "l2c_export.learn", "sublayers": list(family.sublayer_names(config))}
+    return router
+
+
+def _remove_hooks(transformer) -> None:
+    """Removes :func:`enable`'s hooks from a transformer's modules (a copy of an enabled one)."""
     for module in transformer.modules():
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(HOOK_NAME) is not None:
