@@ -256,6 +256,25 @@ def encode_prompts(pipe, prompts: Sequence[str], guiding: bool, negative_prompt:
     return arrays
 
 
+def folder_text_pipeline(folder: Path, where: str):
+    """The pipeline of a diffusers folder with its tokenizer and text encoder only (no transformer, no VAE), as
+    diffusers loads it: what :func:`encode_prompts` encodes with. Refuses a folder without a text encoder."""
+    from diffusers import DiffusionPipeline
+
+    from ..core.util import read_folder_json
+    from ..models.diffusers import MODEL_INDEX, DiffusersFolderError
+
+    index = read_folder_json(Path(folder) / MODEL_INDEX, "model_index", DiffusersFolderError)
+    absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
+    if "text_encoder" not in index or "text_encoder" in absent:
+        raise ValueError(f"{where}: {folder} has no text encoder ({MODEL_INDEX} field 'text_encoder'); give the "
+                         f"prompt embeddings with --conditioning-data prompts.npz")
+    skipped = {name: None for name in ("transformer", "vae") if name in index}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **absent, **skipped)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def prompt_condition(family, config, arrays: dict, guiding: bool, guidance_scale: float, max_tokens: int | None,
                      where: str):
     """The learner's :class:`~l2c_export.learn.data.Condition` of prompt arrays by the pipeline's argument names,
