@@ -5,6 +5,8 @@ learn the same router from the folder's own text encoder."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -154,8 +156,9 @@ def test_a_schedule_that_does_not_fit_is_refused_in_one_line(tiny_diffusers, tmp
 @pytest.mark.slow
 def test_learn_with_prompts_from_the_folder_and_from_the_live_pipeline(tiny_diffusers, tmp_path):
     """learn --diffusers DIR --prompts prompts.txt (a tiny PixArt with a T5 encoder) learns a router whose columns
-    are the sub-layers; l2c_export.learn(pipe, prompts=...) on the same folder's pipeline learns the same one; it
-    decodes, builds (with the folder's text encoder) and runs from a prompt, and enable applies it to the pipe."""
+    are the sub-layers; l2c_export.learn(pipe, prompts=...) on the same folder's pipeline learns the same one; eval
+    --prompts evaluates it; it builds (with the folder's text encoder) and runs from a prompt, and enable applies it
+    to the pipe."""
     folder = tiny_diffusers("pixart-t5", "dpm")
     (tmp_path / "prompts.txt").write_text("a handwritten seven\n\nthe digit three\nnumber one\n")
     options = dict(steps=6, trajectories=4, batch_size=2, iterations=4, mode="general", lr=0.5)
@@ -173,6 +176,12 @@ def test_learn_with_prompts_from_the_folder_and_from_the_live_pipeline(tiny_diff
     np.testing.assert_allclose(live.logits, learned.logits, atol=1e-5)
     live.save(tmp_path / "live.safetensors")
     assert l2c_export.load_router(tmp_path / "live.safetensors").sublayers == learned.sublayers
+
+    run_cli("eval", "--diffusers", str(folder), "--router", str(router_file), "--mode", "general", "--prompts",
+            str(tmp_path / "prompts.txt"), "--num-samples", "4", "--budgets", "", "--random-seeds", "1", "--json",
+            str(tmp_path / "eval.json"))
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["num_samples"] == 4 and any(row["method"] == "l2c" for row in report["results"])
 
     engines = tmp_path / "E"
     run_cli("build", "--diffusers", str(folder), "--steps", "6", "--router", str(router_file), "--mode", "general",

@@ -179,21 +179,21 @@ def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, gui
                                      param_hint=given)
         return None
     if conditioning_data is None and prompts_file is None:
-        raise click.UsageError("a text model learns on prompts: give --prompts prompts.txt (one a line) or "
-                               "--conditioning-data prompts.npz")
+        raise click.UsageError("a text model learns on prompts: give --conditioning-data prompts.npz or --prompts "
+                               "prompts.txt (one a line)")
     if data_arg != "none":
         raise click.BadParameter(f"a text model learns on its own trajectories over {given}; use --data none",
                                  param_hint="--data")
     if prompts_file is not None:
         where = f"--prompts {prompts_file}"
-        arrays = _encoded_prompts(spec, prompts_file, guiding)
+        arrays = encoded_prompts(spec, prompts_file, guiding)
     else:
         where = f"--conditioning-data {conditioning_data}"
         arrays = load_conditioning(conditioning_data, where)
     return prompt_condition(spec.family, spec.config, arrays, guiding, guidance_scale, spec.max_prompt_tokens, where)
 
 
-def _encoded_prompts(spec, prompts_file: Path, guiding: bool) -> dict:
+def encoded_prompts(spec, prompts_file: Path, guiding: bool) -> dict:
     """``--prompts FILE``'s lines (read and capped as ``run --prompts`` reads them) encoded by the --diffusers
     folder's own tokenizer and text encoder (its pipeline's ``encode_prompt``): arrays by the pipeline's argument
     names."""

@@ -280,7 +280,7 @@ def prompt_condition(family, config, arrays: dict, guiding: bool, guidance_scale
     """The learner's :class:`~l2c_export.learn.data.Condition` of prompt arrays by the pipeline's argument names,
     checked as the runtime checks them."""
     from .data import Condition
-    from ..runtime.conditioning import refuse_negatives
+    from ..samplers.conditioning import refuse_negatives
 
     inputs = {tensor.role: tensor for tensor in family.graph_inputs(config)}
     records = {role: {"shape": ["batch", *tensor.shape]} for role, tensor in inputs.items()}
