@@ -15,14 +15,13 @@ reference is ``tests/diffusers_pipelines.py``'s ``schedule_hooks``). A run start
 scheduler's timesteps (each ``pipe(...)`` call does); calls at the same timestep are passes of one step (a pipeline
 that calls the transformer for the conditional and the unconditional half apart), each pass with a cache of its own.
 
-:func:`learn` learns a router from a live pipeline: its transformer (a copy, wrapped as the toolchain's
-:class:`~l2c_export.models.diffusers.CachedTransformer`), its scheduler as the sampler and its text encoder on the
+:func:`learn` learns a router from a live pipeline: its transformer (its weights copied into the toolchain's
+cached wrapper of the same class, :meth:`~l2c_export.models.diffusers.DiffusersFamily.create`), its scheduler as the sampler and its text encoder on the
 prompts, through the same learner as ``l2c-export learn`` (:func:`l2c_export.learn.learner.learn_router`).
 """
 
 from __future__ import annotations
 
-import copy
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -297,12 +296,12 @@ def learn(pipe, prompts: Sequence[str] | None = None, *, num_inference_steps: in
           image_size: int | None = None, progress: bool = True) -> RouterLogits:
     """Learns a router for the live diffusers pipeline ``pipe`` (L2C's objective, as ``l2c-export learn`` does):
     ``trajectories`` sampled by its transformer (a copy: ``pipe`` is not changed) and scheduler at
-    ``num_inference_steps`` (default: the family's pipeline default) and ``guidance_scale``, conditioned on
+    ``num_inference_steps`` (default: the family's pipeline default) and ``guidance_scale``, on the CPU in fp32
+    whatever the pipeline's device and dtype, conditioned on
     ``prompts`` encoded by the pipeline's own text encoder (a text model; each trajectory takes one at random) or on
     random class labels (DiT). Returns the router: logits (num_inference_steps, sub-layers) with the metadata
     ``learn --out`` writes, so that ``router.save("router.safetensors")`` writes that file and
     ``enable(pipe, router, target_mac_fraction=0.7)`` applies it."""
-    from ..models.diffusers import _cached_transformer_class
     from ..samplers import sampler_from_scheduler_config
     from .data import sample_trajectories
     from .files import router_metadata
@@ -336,9 +335,10 @@ def learn(pipe, prompts: Sequence[str] | None = None, *, num_inference_steps: in
             max_tokens = family.max_prompt_tokens(type(pipe).__name__)
         condition = prompt_condition(family, config, arrays, guiding, guidance_scale, max_tokens,
                                      "l2c_export.learn: prompts")
-    transformer = copy.deepcopy(pipe.transformer)
-    _remove_hooks(transformer)
-    model = _cached_transformer_class()(family, config, transformer.float().eval())
+    model = family.create(config)  # a CPU fp32 copy of the pipeline's transformer (the learner runs on the CPU)
+    model.transformer.load_state_dict({name: value.detach().float().cpu()
+                                       for name, value in pipe.transformer.state_dict().items()})
+    model.eval()
     source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed, progress=progress,
                                  prompts=condition)
     description = f"{len(prompts)} prompts" if text_model else "random class labels"
@@ -352,7 +352,7 @@ def learn(pipe, prompts: Sequence[str] | None = None, *, num_inference_steps: in
 
 
 def _remove_hooks(transformer) -> None:
-    """Removes :func:`enable`'s hooks from a transformer's modules (a copy of an enabled one)."""
+    """Removes :func:`enable`'s hooks from a transformer's modules, and with them their state (the caches)."""
     for module in transformer.modules():
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(HOOK_NAME) is not None:
