@@ -61,8 +61,8 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule [on for the "
                    "embedded models, off for --diffusers].")
 def eval_command(model_name, diffusers, image_size, router, schedule_file, threshold, mode, budgets, num_samples,
-                 batch_size, grid_out, labels, conditioning_data, prompts_file, cfg_scale, seed, random_seeds, json_out, png_out,
-                 int8):
+                 batch_size, grid_out, labels, conditioning_data, prompts_file, cfg_scale, seed, random_seeds,
+                 json_out, png_out, int8):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs, from the
     same noise: PSNR and Frechet distance against full compute; on the digits models also FD to the real digits and
     class accuracy (digits classifier features; elsewhere a fixed random projection of the latents)."""

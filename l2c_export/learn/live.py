@@ -15,9 +15,10 @@ reference is ``tests/diffusers_pipelines.py``'s ``schedule_hooks``). A run start
 scheduler's timesteps (each ``pipe(...)`` call does); calls at the same timestep are passes of one step (a pipeline
 that calls the transformer for the conditional and the unconditional half apart), each pass with a cache of its own.
 
-:func:`learn` learns a router from a live pipeline: its transformer (its weights copied into the toolchain's
-cached wrapper of the same class, :meth:`~l2c_export.models.diffusers.DiffusersFamily.create`), its scheduler as the sampler and its text encoder on the
-prompts, through the same learner as ``l2c-export learn`` (:func:`l2c_export.learn.learner.learn_router`).
+:func:`learn` learns a router from a live pipeline: its transformer (its weights copied into the toolchain's cached
+wrapper of the same class, :meth:`~l2c_export.models.diffusers.DiffusersFamily.create`), its scheduler as the sampler
+and its text encoder on the prompts, through the same learner as ``l2c-export learn``
+(:func:`l2c_export.learn.learner.learn_router`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ HOOK_NAME = "l2c_export_schedule"  # the hooks' name in every HookRegistry they 
 WHERE = "l2c_export.enable"
 
 
-def live_model(pipe, image_size: int | None = None):
+def live_model(pipe, image_size: int | None = None, where: str = WHERE):
     """The family and config of ``pipe.transformer`` (a class the toolchain supports, its options checked as a
     folder's are): -> (family, DiffusersConfig). ``image_size``: pixels, for a transformer without a sample_size
     (FLUX.1; default the pipeline's)."""
@@ -42,11 +43,11 @@ def live_model(pipe, image_size: int | None = None):
 
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
-        raise ValueError(f"{WHERE}: the pipeline has no transformer (pipe.transformer); expected a diffusers "
+        raise ValueError(f"{where}: the pipeline has no transformer (pipe.transformer); expected a diffusers "
                          f"pipeline of one of {', '.join(TRANSFORMER_FAMILIES)}")
     class_name = type(transformer).__name__
     if class_name not in TRANSFORMER_FAMILIES:
-        raise ValueError(f"{WHERE}: pipe.transformer is a {class_name}; supported transformer classes: "
+        raise ValueError(f"{where}: pipe.transformer is a {class_name}; supported transformer classes: "
                          f"{', '.join(TRANSFORMER_FAMILIES)}")
     family = get_family(TRANSFORMER_FAMILIES[class_name])
     config = DiffusersConfig(class_name, {key: value for key, value in dict(transformer.config).items()
@@ -309,7 +310,7 @@ def learn(pipe, prompts: Sequence[str] | None = None, *, num_inference_steps: in
     from .settings import LearnSettings
     import json
 
-    family, config = live_model(pipe, image_size)
+    family, config = live_model(pipe, image_size, "l2c_export.learn")
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
         raise ValueError("l2c_export.learn: the pipeline has no scheduler (pipe.scheduler)")
