@@ -13,6 +13,7 @@ import torch
 
 import l2c_export
 from l2c_export.core.schedule import Schedule
+from l2c_export.learn.live import HOOK_NAME
 
 from .conftest import run_cli
 from .diffusers_pipelines import load_pipeline, schedule_hooks
@@ -94,6 +95,8 @@ def test_enable_equals_sample_and_the_papers_hooks_and_disable_restores_diffuser
     applied = l2c_export.enable(pipe, tmp_path / "s.json")
     assert isinstance(applied, Schedule) and np.array_equal(applied.compute, request.schedule.compute)
     enabled, again = request.latents(pipe), request.latents(pipe)
+    state = pipe.transformer._diffusers_hook.get_hook(HOOK_NAME).state
+    assert state.caches and not any(state.caches)  # after a run's last step no cached tensor is held
     l2c_export.disable(pipe)
     assert _hooked_modules(pipe) == []
     restored = request.latents(pipe)

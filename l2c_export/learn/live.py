@@ -134,6 +134,11 @@ class _RunState:
         while len(self.caches) <= self.pass_index:
             self.caches.append({})
 
+    def end_call(self) -> None:
+        """After a call of the last step nothing reads its pass's cache again: its tensors are let go."""
+        if self.step == self.schedule.num_steps - 1:
+            self.caches[self.pass_index] = {}
+
     def computes(self, column: int) -> bool:
         return self.compute[self.step][column]
 
@@ -156,6 +161,10 @@ def _hook_classes():
         def pre_forward(self, module, *args, **kwargs):
             self.state.begin_call(kwargs.get("timestep", args[1] if len(args) > 1 else None))
             return args, kwargs
+
+        def post_forward(self, module, output):
+            self.state.end_call()
+            return output
 
     class ScheduledSublayer(ModelHook):
         """On a named sub-layer: its own forward where the schedule computes it (the output kept for later steps of
