@@ -199,9 +199,9 @@ def test_learn_with_prompts_from_the_folder_and_from_the_live_pipeline(tiny_diff
     assert torch.isfinite(latents).all()
 
 
-def test_learn_prompts_refused_in_one_line(tiny_diffusers, tmp_path):
-    """--prompts on a folder without a text encoder, on a label model, with --conditioning-data, or a missing file:
-    one line, exit 2, nothing written."""
+def test_learn_and_eval_prompts_refused_in_one_line(tiny_diffusers, tmp_path):
+    """learn and eval --prompts on a folder without a text encoder, on a label model, with --conditioning-data, or a
+    missing file: one line, exit 2, nothing written."""
     out = tmp_path / "r.safetensors"
     (tmp_path / "prompts.txt").write_text("a handwritten seven\n")
     np.savez(tmp_path / "cond.npz", prompt_embeds=np.zeros((1, 3, 12), np.float32))
@@ -215,3 +215,9 @@ def test_learn_prompts_refused_in_one_line(tiny_diffusers, tmp_path):
         refused = run_cli("learn", "--diffusers", str(folder), "--steps", "4", *flags, "--out", str(out), check=False)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
         assert refused.stderr.strip().count("\n") == 0 and not out.exists()
+    Schedule.full(4, depth=2).save(tmp_path / "s.json")  # eval --prompts refuses the same, before the schedule
+    for folder, flags, message in cases:
+        refused = run_cli("eval", "--diffusers", str(folder), "--schedule", str(tmp_path / "s.json"), *flags,
+                          "--json", str(tmp_path / "eval.json"), check=False)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert refused.stderr.strip().count("\n") == 0 and not (tmp_path / "eval.json").exists()

@@ -117,8 +117,13 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
     if prompts_file is not None:
         from .learn import encoded_prompts
 
-        if conditioning_data is not None or diffusers is None or not text_model:
-            raise click.BadParameter("give it for a --diffusers text model, instead of --conditioning-data",
+        if conditioning_data is not None:
+            raise click.UsageError("give --conditioning-data or --prompts, not both")
+        if diffusers is None:
+            raise click.BadParameter("prompts are encoded by a --diffusers folder's text encoder; the embedded models "
+                                     "are evaluated on their own captions or labels", param_hint="--prompts")
+        if not text_model:
+            raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
                                      param_hint="--prompts")
         guiding = getattr(spec.family, "classifier_free", True) and spec.cfg_scale > 1.0
         prompts, conditioning_data = encoded_prompts(spec, prompts_file, guiding), prompts_file
