@@ -13,7 +13,7 @@ import torch
 
 import l2c_export
 from l2c_export.core.schedule import Schedule
-from l2c_export.learn.live import HOOK_NAME
+from l2c_export.learn.live import HOOK_NAME, live_model
 
 from .conftest import run_cli
 from .diffusers_pipelines import load_pipeline, schedule_hooks
@@ -221,3 +221,22 @@ def test_learn_and_eval_prompts_refused_in_one_line(tiny_diffusers, tmp_path):
                           "--json", str(tmp_path / "eval.json"), check=False)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
         assert refused.stderr.strip().count("\n") == 0 and not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_learn_on_prompt_embeddings_of_a_pipeline_without_text_encoders(tiny_diffusers, family):
+    """l2c_export.learn(pipe, conditioning={...}) on SD3 (guided: the negatives too) and FLUX.1 (guidance-distilled)
+    pipelines loaded without their text encoders: a router over the named sub-layers that enable applies; prompts=
+    are refused naming the missing encoders."""
+    pipe = load_pipeline(tiny_diffusers(family, "flow"))
+    _, conditioning = _mmdit_request(family)
+    size = {"image_size": IMAGE_SIZE} if family == "flux" else {}
+    router = l2c_export.learn(pipe, conditioning=conditioning, num_inference_steps=4, trajectories=2, batch_size=2,
+                              iterations=2, mode="general", progress=False, **size)
+    model_family, config = live_model(pipe)
+    assert router.sublayers == list(model_family.sublayer_names(config))
+    assert router.logits.shape == (4, len(router.sublayers))
+    schedule = l2c_export.enable(pipe, router, threshold=0.5, mode="general")  # logits near 0: most reused
+    assert not schedule.compute[1:].all()
+    with pytest.raises(ValueError, match="has no tokenizer and no text_encoder to encode prompts with"):
+        l2c_export.learn(pipe, prompts=["a handwritten seven"], num_inference_steps=4, **size)

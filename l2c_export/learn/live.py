@@ -27,6 +27,8 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..core.schedule import Schedule
 from ..routers import RouterLogits
 
@@ -244,7 +246,7 @@ def encode_prompts(pipe, prompts: Sequence[str], guiding: bool, negative_prompt:
     missing = [part for part in ("tokenizer", "text_encoder") if getattr(pipe, part, None) is None]
     if missing:
         raise ValueError(f"{where}: the pipeline has no {' and no '.join(missing)} to encode prompts with; load it "
-                         f"with its text encoder, or give the prompt embeddings (conditioning)")
+                         f"with its text encoder, or give the prompt embeddings by the pipeline's argument names")
     if isinstance(prompts, str) or not prompts or not all(isinstance(text, str) for text in prompts):
         raise ValueError(f"{where}: expected a non-empty list of prompts (str)")
     device = getattr(pipe, "_execution_device", None) or "cpu"
@@ -303,13 +305,15 @@ def learn(pipe, prompts: Sequence[str] | None = None, *, num_inference_steps: in
           guidance_scale: float | None = None, negative_prompt: str = "", mode: str = "official",
           trajectories: int = 256, iterations: int = 300, batch_size: int = 16, lr: float = 0.05, l1: float = 2e-4,
           window: int | None = None, steps_per_iteration: int = 0, init_std: float = 0.0, seed: int = 0,
-          image_size: int | None = None, progress: bool = True) -> RouterLogits:
+          image_size: int | None = None, conditioning: dict | None = None, progress: bool = True) -> RouterLogits:
     """Learns a router for the live diffusers pipeline ``pipe`` (L2C's objective, as ``l2c-export learn`` does):
     ``trajectories`` sampled by its transformer (a copy: ``pipe`` is not changed) and scheduler at
     ``num_inference_steps`` (default: the family's pipeline default) and ``guidance_scale``, on the CPU in fp32
     whatever the pipeline's device and dtype, conditioned on
-    ``prompts`` encoded by the pipeline's own text encoder (a text model; each trajectory takes one at random) or on
-    random class labels (DiT). Returns the router: logits (num_inference_steps, sub-layers) with the metadata
+    ``prompts`` encoded by the pipeline's own text encoder (a text model; each trajectory takes one at random), or
+    on ``conditioning``, their embeddings by the pipeline's argument names (``prompt_embeds`` (P, L, D),
+    ``prompt_attention_mask``, ``pooled_prompt_embeds``, the ``negative_`` ones when guiding: a pipeline loaded
+    without its text encoders), or on random class labels (DiT). Returns the router: logits (num_inference_steps, sub-layers) with the metadata
     ``learn --out`` writes, so that ``router.save("router.safetensors")`` writes that file and
     ``enable(pipe, router, target_mac_fraction=0.7)`` applies it."""
     from ..samplers import sampler_from_scheduler_config
@@ -331,27 +335,33 @@ def learn(pipe, prompts: Sequence[str] | None = None, *, num_inference_steps: in
     settings = LearnSettings(mode=mode, iterations=iterations, batch_size=batch_size, lr=lr, l1=l1,
                              cfg_scale=guidance_scale if classifier_free else 1.0, window=window,
                              steps_per_iteration=steps_per_iteration, init_std=init_std, seed=seed)
-    text_model = family.text_channels(config) is not None
-    if text_model and prompts is None:
-        raise ValueError("l2c_export.learn: a text model learns on prompts: give prompts=[...]")
-    if not text_model and prompts is not None:
-        raise ValueError("l2c_export.learn: this model is conditioned on class labels; prompts= does not apply")
+    text_model = any(tensor.role == "prompt_embeds" for tensor in family.graph_inputs(config))
+    given = "prompts" if conditioning is None else "conditioning"
+    if prompts is not None and conditioning is not None:
+        raise ValueError("l2c_export.learn: give prompts= or conditioning=, not both")
+    if text_model and prompts is None and conditioning is None:
+        raise ValueError("l2c_export.learn: a text model learns on prompts: give prompts=[...] (or their embeddings, "
+                         "conditioning={'prompt_embeds': ..., ...})")
+    if not text_model and (prompts is not None or conditioning is not None):
+        raise ValueError(f"l2c_export.learn: this model is conditioned on class labels; {given}= does not apply")
     condition = None
     if text_model:
         guiding = classifier_free and guidance_scale > 1.0
-        arrays = encode_prompts(pipe, prompts, guiding, negative_prompt, "l2c_export.learn: prompts")
+        where = f"l2c_export.learn: {given}"
+        arrays = ({name: np.asarray(value.detach().float().cpu() if hasattr(value, "detach") else value)
+                   for name, value in conditioning.items()} if conditioning is not None
+                  else encode_prompts(pipe, prompts, guiding, negative_prompt, where))
         max_tokens = None
         if hasattr(family, "max_prompt_tokens") and type(pipe).__name__ in family.pipeline_classes:
             max_tokens = family.max_prompt_tokens(type(pipe).__name__)
-        condition = prompt_condition(family, config, arrays, guiding, guidance_scale, max_tokens,
-                                     "l2c_export.learn: prompts")
+        condition = prompt_condition(family, config, arrays, guiding, guidance_scale, max_tokens, where)
     model = family.create(config)  # a CPU fp32 copy of the pipeline's transformer (the learner runs on the CPU)
     model.transformer.load_state_dict({name: value.detach().float().cpu()
                                        for name, value in pipe.transformer.state_dict().items()})
     model.eval()
     source = sample_trajectories(model, sampler, trajectories, settings.cfg_scale, seed, progress=progress,
                                  prompts=condition)
-    description = f"{len(prompts)} prompts" if text_model else "random class labels"
+    description = f"{len(condition)} prompts" if text_model else "random class labels"
     result = learn_router(model, sampler, source, settings, progress=progress, source_name=description)
     router = result.router
     router.source = "l2c_export.learn"
