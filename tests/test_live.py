@@ -17,7 +17,7 @@ from l2c_export.learn.live import HOOK_NAME, live_model
 
 from .conftest import run_cli
 from .diffusers_pipelines import load_pipeline, schedule_hooks
-from .test_diffusers import CFG_SCALE, STEPS, _parity_request, _parity_schedule
+from .test_diffusers import CFG_SCALE, STEPS, _parity_request
 from .test_mmdit import IMAGE_SIZE, STEPS as MMDIT_STEPS, _request as _mmdit_request, _schedule as _mmdit_schedule
 
 FAMILIES = ("dit", "pixart", "sd3", "flux")
