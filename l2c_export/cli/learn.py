@@ -91,7 +91,7 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
     sample_shape = next(tensor.shape for tensor in family.graph_inputs(config) if tensor.role == "sample")
     num_labels = family.null_class(config)
     data_arg = data_arg or ("digits" if checkpoint is None and spec.space == "pixel" else "none")
-    classifier_free = getattr(family, "classifier_free", True)
+    classifier_free = family.classifier_free
     prompts = _learning_prompts(spec, conditioning_data, classifier_free and settings.cfg_scale > 1.0, data_arg,
                                 settings.cfg_scale)
     if not classifier_free:  # a guidance-distilled model: the scale rides in its guidance input; no negative batch
@@ -160,11 +160,12 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
 def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, guidance_scale: float):
     """A text model's prompts to learn on (``--conditioning-data``), as a :class:`Condition` (a guidance-distilled
     model's guidance input fed ``guidance_scale``); None for a label model (which refuses the flag)."""
+    from ..core.interface import conditioning_records, label_record
     from ..learn.data import Condition
     from ..runtime.conditioning import load_conditioning, refuse_negatives
 
-    inputs = {tensor.role: tensor for tensor in spec.family.graph_inputs(spec.config)}
-    if "prompt_embeds" not in inputs:
+    records = conditioning_records([tensor.record() for tensor in spec.family.graph_inputs(spec.config)])
+    if label_record(records) is not None:
         if conditioning_data is not None:
             raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
                                      param_hint="--conditioning-data")
@@ -174,13 +175,12 @@ def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, gui
     if data_arg != "none":
         raise click.BadParameter("a text model learns on its own trajectories over --conditioning-data; use --data "
                                  "none", param_hint="--data")
-    records = {role: {"shape": ["batch", *tensor.shape]} for role, tensor in inputs.items()}
-    order = [tensor.role for tensor in spec.family.graph_inputs(spec.config)]
+    guidance = spec.family.guidance_record(spec.config)
     where = f"--conditioning-data {conditioning_data}"
     arrays = load_conditioning(conditioning_data, where)
-    if not getattr(spec.family, "classifier_free", True):
+    if not spec.family.classifier_free:
         refuse_negatives(arrays, where)
-    return Condition.of_prompts(arrays, records, order, guiding, where, guidance_scale, spec.max_prompt_tokens)
+    return Condition.of_prompts(arrays, records, guidance, guiding, where, guidance_scale, spec.max_prompt_tokens)
 
 
 def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers=None):
