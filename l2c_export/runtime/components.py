@@ -180,7 +180,7 @@ def refuse_unused_negative_prompt(guiding: bool, prompts_given: bool, conditioni
     name = names or ARGUMENT_NAMES
     if conditioning_given:
         raise PromptError(f"{name['negative_prompt']} is not used with {name['conditioning']}: the conditioning "
-                          f"carries its own negative_prompt_embeds; encode the negative prompt into it, or give "
+                          f"carries its own negative arrays; encode the negative prompt into it, or give "
                           f"{name['prompt']} instead")
     if not prompts_given:
         raise PromptError(f"{name['negative_prompt']} needs {name['prompt']}: it is the text the prompts are guided "

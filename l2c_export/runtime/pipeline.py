@@ -49,8 +49,12 @@ class ModelInterface:
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ModelInterface":
-        from ..core.interface import CONDITIONING, label_record
+        from ..core.interface import CLASSIFIER_FREE, CONDITIONING, GUIDANCE_EMBEDDING, label_record
 
+        rule, runs = manifest["guidance"]["rule"], (CLASSIFIER_FREE, GUIDANCE_EMBEDDING)
+        if rule not in runs:  # Qwen-Image's true_cfg is declared and recorded, not yet run
+            raise manifest_io.ManifestError(f"manifest: field 'guidance/rule' is {rule}; this runtime runs "
+                                            f"{' and '.join(runs)}")
         by_role = {tensor["role"]: tensor for tensor in manifest["model"]["inputs"]}
         missing = {"sample", "time", CONDITIONING} - set(by_role)
         if missing:

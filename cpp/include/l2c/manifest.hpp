@@ -72,7 +72,7 @@ struct Guidance {
   // "guidance_embedding" (a guidance-distilled model, FLUX.1: no second half; the scale feeds the conditioning input
   // whose argument is scale_argument).
   std::string rule = "classifier_free";
-  std::string scale_argument = "guidance_scale";
+  std::string scale_argument;  // guidance/scale_argument
   bool classifier_free = true;  // the rule runs an unconditional half
 };
 
