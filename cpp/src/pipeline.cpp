@@ -234,8 +234,8 @@ std::string joined(const std::vector<std::string>& names) {
   return text;
 }
 
-// An array's .npy bytes parsed as the kind of input it feeds: floats for embeddings, pooled vectors and scalars;
-// a mask may be bool, int or float. All are read as float32.
+// An array (set directly, or an .npz member's .npy bytes parsed as the kind of input it feeds: floats for embeddings,
+// pooled vectors and scalars; a mask may be bool, int or float), as float32.
 Tensor parse_array(const Prompts& prompts, const std::string& name, const std::string& kind) {
   const auto given = prompts.arrays.find(name);
   if (given != prompts.arrays.end()) return given->second;
@@ -243,8 +243,7 @@ Tensor parse_array(const Prompts& prompts, const std::string& name, const std::s
   const std::string& bytes = prompts.npy.at(name);
   Tensor tensor = kind == "token_mask"
                       ? parse_npy(bytes, where, {"<f4", "<f8", "<i8", "<i4", "|b1"}, "a 0/1 mask (bool, int or float)")
-                      : parse_npy(bytes, where, {"<f4", "<f8"}, kind == "token_embeddings" ? "float32 embeddings"
-                                                                                             : "float32 values");
+                      : parse_npy(bytes, where, {"<f4", "<f8"}, kind == "scalar" ? "float32 values" : "float32 embeddings");
   return tensor;
 }
 
