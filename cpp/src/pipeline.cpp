@@ -630,6 +630,7 @@ Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const Sampl
       const std::string& name = negative ? record->negative : record->argument;
       const Tensor array = parse_array(prompts, name, record->kind);
       const int64_t width = record->shape.back();
+      if (n == 0 && !array.shape.empty()) n = array.shape[0];  // the first array given says how many prompts
       if (record->kind == "token_embeddings") {
         if (array.shape.empty())
           throw Error(prompts.source + ": array '" + name + "' is a 0-d array; expected (n, L, " +
@@ -648,7 +649,6 @@ Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const Sampl
       } else {
         check_scalars(array, name, n, prompts.source);
       }
-      if (n == 0) n = array.shape[0];
       if (negative) {
         condition.inputs[record->name] = concatenated(conditional.at(record->argument), array);
       } else {

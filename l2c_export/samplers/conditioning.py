@@ -116,6 +116,8 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], records: Sequence[
                 continue
             name = record["negative"] if negative else record["argument"]
             kind, shape = record["kind"], record["shape"][1:]
+            if n is None and np.ndim(arrays[name]) > 0:  # the first array given says how many prompts
+                n = len(arrays[name])
             if kind == TOKEN_EMBEDDINGS:
                 like = checked[record["argument"]][0] if negative else None
                 array = _embeddings(arrays[name], name, shape[-1], where, like, record["argument"])
@@ -133,7 +135,6 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], records: Sequence[
             else:
                 raise ConditioningError(f"{where}: input {record['name']!r} is of kind {kind!r}, which a request's "
                                         f"arrays do not feed")
-            n = len(array) if n is None else n
             checked[record["argument"]] = (array, None) if not negative else (checked[record["argument"]][0], array)
     return checked
 
