@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.util import check_finite
-from ..core.interface import TOKEN_EMBEDDINGS, TOKEN_MASK
+from ..core.interface import SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK
 from ..runtime.conditioning import (check_text_conditioning, classifier_free_batch, request_arguments, request_inputs,
                                    takes_labels)
 from ..samplers.guidance import check_labels, make_noise
@@ -191,6 +191,9 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
         guiding = any(classifier_free_batch(pipeline.manifest, float(scale)) for scale in scales) or \
             bool(set(prompts) - set(request_arguments(pipeline.manifest, negatives=False)))
         records = request_inputs(pipeline.manifest)
+        scalars = {name for r in records if r["kind"] == SCALAR for name in (r["argument"], r.get("negative")) if name}
+        prompts = {name: np.reshape(value, -1) if name in scalars else value  # (n, 1) per Triton's batch: (n,)
+                   for name, value in prompts.items()}
         checked = check_text_conditioning(prompts, records, guiding, where="request",
                                           max_tokens=pipeline.manifest["model"].get("max_sequence_length"))
         conditioning = {}

@@ -148,7 +148,9 @@ class TextEncoder:
     (:data:`LAST_HIDDEN_STATE`, :data:`POOLED_OUTPUT`, ...) to the pipeline argument it feeds (or helps make, for a
     stack that combines several encoders); ``mask`` the argument its tokenizer's attention mask feeds, if any;
     ``width`` the config field of its hidden size; ``max_length`` its fixed token count (CLIP's 77; None: the
-    pipeline's max_sequence_length)."""
+    pipeline's max_sequence_length); ``template`` the text a decoder LLM's prompt is put in (``{}`` for the prompt:
+    Qwen-Image's chat template, Sana's ``complex_human_instruction``) and ``drop_prefix_tokens`` how many of the
+    template's leading tokens the pipeline drops from the hidden states."""
 
     classes: tuple[str, ...]
     outputs: Mapping[str, str]
@@ -157,6 +159,8 @@ class TextEncoder:
     mask: str | None = None
     width: str = "d_model"
     max_length: int | None = None
+    template: str | None = None
+    drop_prefix_tokens: int = 0
 
 
 @dataclass(frozen=True)
