@@ -141,3 +141,24 @@ def test_a_guidance_distilled_declaration_refuses_negatives():
     with pytest.raises(ConditioningError, match="array 'negative_prompt_attention_mask' is not used: this model is "
                                                 "guidance-distilled"):
         batch_conditioning(records, guidance, False, conditioning=_arrays())
+
+
+def test_true_cfg_is_qwen_images_combination_rescaled_to_the_conditional_norm():
+    """The true_cfg rule (Qwen-Image's true_cfg_scale) equals QwenImagePipeline's own lines, on numpy arrays (the
+    runtime) and torch tensors (the reference) alike; classifier_free is the plain combination."""
+    import torch
+
+    from l2c_export.core.interface import CLASSIFIER_FREE, TRUE_CFG
+    from l2c_export.samplers.guidance import apply_guidance
+
+    out = np.random.default_rng(0).standard_normal((4, 6, 8)).astype(np.float32)  # (2n, T, C): packed latents
+    noise_pred, neg_noise_pred = torch.from_numpy(out[:2]), torch.from_numpy(out[2:])
+    comb_pred = neg_noise_pred + 4.0 * (noise_pred - neg_noise_pred)  # QwenImagePipeline.__call__
+    cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
+    noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
+    want = (comb_pred * (cond_norm / noise_norm)).numpy()
+    np.testing.assert_allclose(apply_guidance(out, 4.0, 6, TRUE_CFG)[:2], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply_guidance(torch.from_numpy(out), 4.0, 6, TRUE_CFG)[:2].numpy(), want, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(apply_guidance(out, 4.0, 6, CLASSIFIER_FREE)[:2], comb_pred.numpy(), rtol=1e-6)
+    assert np.abs(want - comb_pred.numpy()).max() > 1e-3  # the rescale changed something

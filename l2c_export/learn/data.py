@@ -151,7 +151,7 @@ def sampler_output(model_out: torch.Tensor, cfg_scale: float, family, config) ->
     """The model output as the sampler takes it: guided (as the family's pipeline guides), and only the channels the
     sampler steps on (a diffusers pipeline drops the learned-sigma half)."""
     if cfg_scale > 1.0:
-        model_out = apply_guidance(model_out, cfg_scale, family.guided_channels(config))
+        model_out = apply_guidance(model_out, cfg_scale, family.guided_channels(config), family.guidance_rule)
     channels = family.sampler_channels(config)
     return model_out if channels is None else model_out[:, :channels]
 

@@ -49,12 +49,8 @@ class ModelInterface:
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ModelInterface":
-        from ..core.interface import CLASSIFIER_FREE, CONDITIONING, GUIDANCE_EMBEDDING, label_record
+        from ..core.interface import CONDITIONING, label_record
 
-        rule, runs = manifest["guidance"]["rule"], (CLASSIFIER_FREE, GUIDANCE_EMBEDDING)
-        if rule not in runs:  # Qwen-Image's true_cfg is declared and recorded, not yet run
-            raise manifest_io.ManifestError(f"manifest: field 'guidance/rule' is {rule}; this runtime runs "
-                                            f"{' and '.join(runs)}")
         by_role = {tensor["role"]: tensor for tensor in manifest["model"]["inputs"]}
         missing = {"sample", "time", CONDITIONING} - set(by_role)
         if missing:
@@ -272,7 +268,7 @@ class L2CPipeline:
         ``ddpm_noise(call) -> (b, C, H, W)`` -> (samples (b, C, H, W) float32, seconds of the loop, seconds in the
         engines)."""
         n = len(noise)
-        guided = self.manifest["guidance"]["guided_channels"]
+        guided, rule = self.manifest["guidance"]["guided_channels"], self.manifest["guidance"]["rule"]
         state = self.backend.new_request()
         engine_seconds = 0.0
 
@@ -283,7 +279,7 @@ class L2CPipeline:
             engine_start = time.perf_counter()
             out = self.backend.run(subsets[call.index], self.interface.feeds(model_x, t, condition), state)
             engine_seconds += time.perf_counter() - engine_start
-            out = apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
+            out = apply_guidance(out, cfg_scale, guided, rule)[:n] if guiding else out
             return out if self.sampler_channels is None else out[:, :self.sampler_channels]
 
         start = time.perf_counter()
