@@ -6,8 +6,8 @@ its speedups against the fp32 build's full compute of that same run. Memory is
 measured in a fresh subprocess per configuration, as the growth of the resident set from loading the engines and
 running each once (the Python, numpy and ONNX Runtime imports come before the baseline).
 
-Every request is the manifest's conditioning roles filled in (:func:`bench_request`): class labels 0, 1, ... for a
-label model; for a text model (PixArt) seeded random prompt embeddings of ``prompt_tokens`` tokens, by default the
+Every request is the manifest's conditioning inputs filled in by kind (:func:`bench_request`): class labels 0, 1, ...
+for a label model; for a text model seeded random arrays, token inputs of ``prompt_tokens`` tokens, by default the
 length the MACs (and so the ideal speedup) are counted at, 120 (PixArt-α's T5 maximum).
 """
 
