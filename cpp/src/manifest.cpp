@@ -102,7 +102,8 @@ TensorRecord read_tensor(const Fields& node, bool output) {
   if (!dtypes.count(record.dtype)) node["dtype"].fail("is " + record.dtype + "; expected float32, float16, bfloat16 or int64");
   if (node.has("slot")) record.slot = node["slot"].str();
   record.role = node["role"].str();
-  static const std::set<std::string> input_roles{"sample", "time", "conditioning", "cache"}, output_roles{"output", "fresh"};
+  static const std::set<std::string> input_roles{"sample", "time", "conditioning", "cache"},
+      output_roles{"output", "fresh"};
   if (!(output ? output_roles : input_roles).count(record.role))
     node.fail(std::string("has no role this runtime feeds; expected ") +
               (output ? "role output, or a fresh output with a slot" :
@@ -181,8 +182,9 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
   const SubsetRecord& full = m.subsets[m.full_subset];
   const bool packed = m.latent_layout == "packed_2x2";
   const size_t rank = m.latent_layout == "nchw" ? 4 : m.latent_layout == "ncfhw" ? 5 : 3;
-  const std::string sample_form = packed ? "(batch, T, C) (packed)" : m.latent_layout == "nchw" ? "(batch, C, H, W)"
-                                                                                                 : "(batch, C, F, H, W)";
+  const std::string sample_form = packed                      ? "(batch, T, C) (packed)"
+                                  : m.latent_layout == "nchw" ? "(batch, C, H, W)"
+                                                              : "(batch, C, F, H, W)";
   if (Manifest::model_tensor(full, "sample").shape.size() != rank)
     model["latent_layout"].fail("is " + m.latent_layout + "; the sample " +
                                 record_shape_string(Manifest::model_tensor(full, "sample").shape) + " is not " +

@@ -241,10 +241,9 @@ Tensor parse_array(const Prompts& prompts, const std::string& name, const std::s
   if (given != prompts.arrays.end()) return given->second;
   const std::string where = prompts.source + ": array '" + name + "'";
   const std::string& bytes = prompts.npy.at(name);
-  Tensor tensor = kind == "token_mask"
-                      ? parse_npy(bytes, where, {"<f4", "<f8", "<i8", "<i4", "|b1"}, "a 0/1 mask (bool, int or float)")
-                      : parse_npy(bytes, where, {"<f4", "<f8"}, kind == "scalar" ? "float32 values" : "float32 embeddings");
-  return tensor;
+  if (kind == "token_mask")
+    return parse_npy(bytes, where, {"<f4", "<f8", "<i8", "<i4", "|b1"}, "a 0/1 mask (bool, int or float)");
+  return parse_npy(bytes, where, {"<f4", "<f8"}, kind == "scalar" ? "float32 values" : "float32 embeddings");
 }
 
 size_t count_not_finite(const Tensor& tensor) {

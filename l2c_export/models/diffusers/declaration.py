@@ -138,7 +138,7 @@ class Guidance:
 LAST_HIDDEN_STATE = "last_hidden_state"  # T5: the last hidden state (n, L, D), with the tokenizer's attention mask
 PENULTIMATE_HIDDEN_STATE = "penultimate_hidden_state"  # CLIP in SD3: hidden_states[-2]
 POOLED_OUTPUT = "pooled"  # CLIP: the pooled (projected) output (n, P)
-TEMPLATED_HIDDEN_STATES = "templated_hidden_states"  # a decoder LLM's states after the pipeline's template, prefix dropped
+TEMPLATED_HIDDEN_STATES = "templated_hidden_states"  # a decoder LLM's states after its template, prefix dropped
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class DiffusersFamily(ModelFamily):
         self.declaration = declaration
         self.sizes = sizes
 
-    # -- declared facts, by the names the stages read ------------------------------------------------------------------
+    # -- declared facts, by the names the stages read ----------------------------------------------------------------
     @property
     def transformer_class(self) -> str:  # the ``_class_name`` of transformer/config.json
         return self.declaration.transformer_class
@@ -282,7 +282,7 @@ class DiffusersFamily(ModelFamily):
         embeddings = self.declaration.of_kind(TOKEN_EMBEDDINGS)
         return None if embeddings is None else embeddings.width_of(config)
 
-    # -- graph interface, from the declared conditioning ----------------------------------------------------------------
+    # -- graph interface, from the declared conditioning --------------------------------------------------------------
     def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
         """The sample, the timestep, then each declared conditioning input the config has, in the forward's order."""
         return [self.sample_spec(config), TensorSpec("timestep", "float32", (), "time"),
