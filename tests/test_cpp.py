@@ -274,7 +274,18 @@ def test_a_newer_manifest_is_refused(cpp_build, default_build, tmp_path):
     data["sampler"] = {"kind": "something-new"}  # a newer manifest may change anything: the version is read first
     (engines / "manifest.json").write_text(json.dumps(data))
     line = _refused(tmp_path, engines)
-    assert "manifest.json" in line and "'schema_version' is 99, newer than this l2c runtime reads (2)" in line
+    assert "manifest.json" in line and "'schema_version' is 99, newer than this l2c runtime reads (3)" in line
+
+
+def test_an_older_manifest_is_refused_naming_the_rebuild(cpp_build, default_build, tmp_path):
+    """A version 2 manifest (conditioning inputs by a closed list of roles) is refused by its version, not misread:
+    l2c-export upgrades it when it reads it, and a rebuild writes version 3."""
+    engines = shutil.copytree(default_build, tmp_path / "engines")
+    data = json.loads((engines / "manifest.json").read_text())
+    data["schema_version"] = 2
+    (engines / "manifest.json").write_text(json.dumps(data))
+    line = _refused(tmp_path, engines)
+    assert "'schema_version' is 2, older than this l2c runtime reads (3" in line and "rebuild the engines" in line
 
 
 def test_a_bad_manifest_field_is_named(cpp_build, default_build, tmp_path):
@@ -816,8 +827,9 @@ def test_l2c_run_equals_the_python_runtime_on_a_pixart_with_prompts(cpp_build, d
     """PixArt conditioned on prompt embeddings by role (--conditioning cond.npz, a padded mask, a negative prompt for
     guidance): guided and not, full and with the schedule."""
     engines = diffusers_cpp_builds("pixart", scheduler)
-    roles = [t["role"] for t in json.loads((engines / "manifest.json").read_text())["model"]["inputs"]]
-    assert roles[2:] == ["prompt_embeds", "prompt_attention_mask"]
+    inputs = json.loads((engines / "manifest.json").read_text())["model"]["inputs"]
+    assert [(t["role"], t.get("argument")) for t in inputs][2:] == [("conditioning", "prompt_embeds"),
+                                                                      ("conditioning", "prompt_attention_mask")]
     _prompt_conditioning(tmp_path / "cond.npz")
     request = ["--conditioning", tmp_path / "cond.npz"]
     results = {}
@@ -997,8 +1009,8 @@ def test_l2c_run_equals_the_python_runtime_on_sd3_and_flux(cpp_build, diffusers_
     negatives, FLUX.1's scale reaches its guidance embedding."""
     engines = diffusers_cpp_builds(family, "flow")
     manifest = json.loads((engines / "manifest.json").read_text())
-    assert [t["role"] for t in manifest["model"]["inputs"]][2:] == [
-        "prompt_embeds", "pooled_prompt_embeds", *(["guidance"] if family == "flux" else [])]
+    assert [t.get("argument") for t in manifest["model"]["inputs"]][2:] == [
+        "prompt_embeds", "pooled_prompt_embeds", *(["guidance_scale"] if family == "flux" else [])]
     assert any("joint_tokens" in slot["shape"] for slot in manifest["cache_slots"])
     assert len(manifest["model"]["inputs"][0]["shape"]) == (3 if family == "flux" else 4)  # FLUX.1: packed
     results = {}

@@ -319,15 +319,19 @@ def test_a_diffusers_build_records_its_interface_and_verifies_every_subset(diffu
     from l2c_export.tools.verify import verify_build
 
     manifest = load(diffusers_builds[family])
-    roles = [(t["name"], t["role"], t["dtype"], t["shape"]) for t in manifest["model"]["inputs"]]
+    inputs = [(t["name"], t["role"], t.get("argument"), t.get("kind"), t.get("negative"), t["dtype"], t["shape"])
+              for t in manifest["model"]["inputs"]]
+    assert [role for _, role, *_ in inputs] == ["sample", "time", *["conditioning"] * (len(inputs) - 2)]
     if family == "dit":
-        assert roles[2] == ("class_labels", "label", "int64", ["batch"])
+        assert inputs[2:] == [("class_labels", "conditioning", "class_labels", "label", None, "int64", ["batch"])]
         assert manifest["guidance"]["null_class"] == 1000
-    else:
-        assert roles[2:] == [("encoder_hidden_states", "prompt_embeds", "float32",
-                              ["batch", "prompt_tokens", CAPTION_CHANNELS]),
-                             ("encoder_attention_mask", "prompt_attention_mask", "float32", ["batch", "prompt_tokens"])]
+    else:  # each fed from the pipeline's argument, guided against its negative_ partner
+        assert inputs[2:] == [("encoder_hidden_states", "conditioning", "prompt_embeds", "token_embeddings",
+                               "negative_prompt_embeds", "float32", ["batch", "prompt_tokens", CAPTION_CHANNELS]),
+                              ("encoder_attention_mask", "conditioning", "prompt_attention_mask", "token_mask",
+                               "negative_prompt_attention_mask", "float32", ["batch", "prompt_tokens"])]
         assert "null_class" not in manifest["guidance"]
+    assert manifest["guidance"]["rule"] == "classifier_free" and manifest["model"]["latent_layout"] == "nchw"
     assert manifest["guidance"]["sampler_channels"] == 4 and manifest["guidance"]["guided_channels"] == 4
     assert manifest["model"]["sublayers"][1] == ("transformer_blocks.0.ff" if family == "dit"
                                                  else "transformer_blocks.0.attn2")

@@ -279,8 +279,25 @@ def test_manifest_schema_is_checked_on_write_and_read(tmp_path):
         manifest_io.load(folder)
 
 
-def test_a_version_1_manifest_is_read_by_upgrading_it(tmp_path):
-    """A build made before model families (schema 1: DiT fields, no roles, sampler without calls) still runs."""
+def _as_version_2(data: dict) -> dict:
+    """A label model's current manifest as version 2 wrote it: its label input of role ``label`` (no argument, kind or
+    partner), ``guidance/classifier_free`` in place of the rule, no latent layout."""
+    data["schema_version"] = 2
+    del data["model"]["latent_layout"]
+    if data["guidance"].pop("rule") != "classifier_free":
+        data["guidance"]["classifier_free"] = False
+    del data["guidance"]["scale_argument"]
+    for tensor in (*data["model"]["inputs"], *(t for subset in data["subsets"] for t in subset["inputs"])):
+        if tensor["role"] == "conditioning":
+            assert tensor.pop("kind") == "label"
+            del tensor["argument"]
+            tensor["role"] = "label"
+    return data
+
+
+def test_a_version_1_or_2_manifest_is_read_by_upgrading_it(tmp_path):
+    """A build made before model families (schema 1: DiT fields, no roles, sampler without calls), or before inputs
+    named their pipeline argument and kind (schema 2: a closed list of roles), still runs, to the same samples."""
     _, report = _build(tmp_path, TINY2, ROWS)
     folder = report.manifest_path.parent
 
@@ -289,7 +306,12 @@ def test_a_version_1_manifest_is_read_by_upgrading_it(tmp_path):
         return np.load(tmp_path / name)
 
     before = run_samples("before.npy")
-    data = json.loads(report.manifest_path.read_text())
+    data = _as_version_2(json.loads(report.manifest_path.read_text()))
+    report.manifest_path.write_text(json.dumps(data))
+    upgraded = manifest_io.load(folder)
+    assert upgraded["schema_version"] == manifest_io.SCHEMA_VERSION and upgraded["model"]["latent_layout"] == "nchw"
+    assert [t.get("argument") for t in upgraded["model"]["inputs"]] == [None, None, "class_labels"]
+    np.testing.assert_array_equal(run_samples("after-2.npy"), before)
     data["schema_version"] = 1
     for key in ("family", "inputs", "output"):
         del data["model"][key]

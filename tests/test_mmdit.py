@@ -178,9 +178,14 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
             *size, "--out", str(engines))
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["sampler"]["kind"] == "diffusers_flow_match_euler"
-    assert [t["role"] for t in manifest["model"]["inputs"]] == [
-        "sample", "time", "prompt_embeds", "pooled_prompt_embeds", *(["guidance"] if family == "flux" else [])]
-    assert manifest["guidance"].get("classifier_free", True) is (family != "flux")
+    assert [(t["role"], t.get("argument"), t.get("kind"), t.get("negative")) for t in manifest["model"]["inputs"]] == [
+        ("sample", None, None, None), ("time", None, None, None),
+        *[("conditioning", argument, kind, None if family == "flux" else f"negative_{argument}")
+          for argument, kind in (("prompt_embeds", "token_embeddings"), ("pooled_prompt_embeds", "pooled"))],
+        *([("conditioning", "guidance_scale", "scalar", None)] if family == "flux" else [])]
+    assert manifest["guidance"]["rule"] == ("guidance_embedding" if family == "flux" else "classifier_free")
+    assert manifest["guidance"]["scale_argument"] == "guidance_scale"
+    assert manifest["model"]["latent_layout"] == ("packed_2x2" if family == "flux" else "nchw")
     assert "agree with PyTorch" in run_cli("verify", str(engines)).stdout
     results = {}
     for full in (True, False):
@@ -549,7 +554,7 @@ def test_decoded_images_equal_the_pipelines(tiny_diffusers, family, tmp_path):
     record = load(engines)["components"]["vae_decoder"]
     assert record["scaling_factor"] == pytest.approx(VAE_FACTORS[family]["scaling_factor"])
     assert record["shift_factor"] == pytest.approx(VAE_FACTORS[family]["shift_factor"])
-    assert record["latent_layout"] == ("packed_2x2" if family == "flux" else "spatial")
+    assert record["latent_layout"] == ("packed_2x2" if family == "flux" else "nchw")
     assert record["inputs"][0]["shape"] == ["batch", 4, 8, 8]
     arrays = {name: value.numpy() for name, value in conditioning.items()}
     result = L2CPipeline.from_engine_dir(engines)(conditioning=arrays, noise=latents.numpy(), cfg_scale=CFG_SCALE,
@@ -593,7 +598,7 @@ def test_manifest_checks_refuse_a_decoder_that_does_not_fit_the_packed_latents(t
                                             r"expected one input \(batch, C, h, w\), h and w even, that packs 2x2"):
         check_consistency(wide, "m")
     spatial = json.loads(json.dumps(data))
-    spatial["components"]["vae_decoder"]["latent_layout"] = "spatial"
+    spatial["components"]["vae_decoder"]["latent_layout"] = "nchw"
     with pytest.raises(ManifestError, match="expected one input of the sample's shape"):
         check_consistency(spatial, "m")
     for bad in ("0.1", True, 1e7):

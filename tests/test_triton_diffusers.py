@@ -196,7 +196,7 @@ def test_dit_diffusers_build_served_with_labels_equals_the_run_cli(server, build
 
 
 # Bad text conditioning: Triton checks names, dtypes and the caption width against config.pbtxt; the model checks
-# values and lengths (l2c_export/runtime/conditioning.py's check_prompts, as `run --conditioning` does).
+# values and lengths (l2c_export/samplers/conditioning.py's check_text_conditioning, as `run --conditioning` does).
 def _bad(change) -> dict:
     arrays = _prompts(1, 5, seed=6)
     change(arrays)

@@ -97,29 +97,37 @@ std::vector<int64_t> read_shape(const Fields& node, bool allow_batch) {
 }
 
 TensorRecord read_tensor(const Fields& node, bool output) {
-  TensorRecord record{node["name"].str(), node["dtype"].str(), read_shape(node["shape"], true), "", ""};
+  TensorRecord record{node["name"].str(), node["dtype"].str(), read_shape(node["shape"], true), "", "", "", "", ""};
   static const std::set<std::string> dtypes{"float32", "float16", "bfloat16", "int64"};
   if (!dtypes.count(record.dtype)) node["dtype"].fail("is " + record.dtype + "; expected float32, float16, bfloat16 or int64");
   if (node.has("slot")) record.slot = node["slot"].str();
-  if (node.has("role")) {
-    record.role = node["role"].str();
-  } else {  // schema 1: roles by name
-    static const std::map<std::string, std::string> by_name{
-        {"x", "sample"}, {"t", "time"}, {"y", "label"}, {"model_out", "output"}};
-    auto found = by_name.find(record.name);
-    record.role = !record.slot.empty() ? (output ? "fresh" : "cache") : found != by_name.end() ? found->second : "";
-  }
-  static const std::set<std::string> input_roles{"sample",        "time",   "label", "prompt_embeds",
-                                                 "prompt_attention_mask", "pooled_prompt_embeds", "guidance",
-                                                 "cache"},
+  record.role = node["role"].str();
+  static const std::set<std::string> input_roles{"sample", "time", "conditioning", "cache"},
       output_roles{"output", "fresh"};
   if (!(output ? output_roles : input_roles).count(record.role))
     node.fail(std::string("has no role this runtime feeds; expected ") +
-              (output ? "model_out (role output) or a fresh output with a slot" :
-                        "roles sample, time, label (or prompt_embeds with prompt_attention_mask or "
-                        "pooled_prompt_embeds), guidance or a cache input with a slot"));
+              (output ? "role output, or a fresh output with a slot" :
+                        "roles sample, time, conditioning or a cache input with a slot"));
   if ((record.role == "cache" || record.role == "fresh") == record.slot.empty())
     node.fail("role " + record.role + (record.slot.empty() ? " needs a slot" : " takes no slot"));
+  if (record.role == "conditioning") {
+    // What the input is, as l2c_export/core/interface.py says: per sample, its dtype and number of axes.
+    static const std::map<std::string, std::pair<std::string, size_t>> kinds{
+        {"token_embeddings", {"float32", 2}}, {"token_mask", {"float32", 1}}, {"pooled", {"float32", 1}},
+        {"scalar", {"float32", 0}}, {"label", {"int64", 0}}};
+    record.argument = node["argument"].str();
+    record.kind = node["kind"].str();
+    if (node.has("negative")) record.negative = node["negative"].str();
+    const auto found = kinds.find(record.kind);
+    if (found == kinds.end())
+      node["kind"].fail("is " + record.kind + "; expected token_embeddings, token_mask, pooled, scalar or label");
+    if (record.dtype != found->second.first || record.shape.size() != found->second.second + 1)
+      node.fail("(" + record.name + ", a " + record.kind + " input) is " + record.dtype + " " +
+                record_shape_string(record.shape) + "; expected " + found->second.first + " of " +
+                std::to_string(found->second.second) + " per-sample axes");
+  } else if (node.has("argument") || node.has("kind") || node.has("negative")) {
+    node.fail("names an argument or kind; only a conditioning input does");
+  }
   return record;
 }
 
@@ -165,29 +173,29 @@ void check_consistency(const Manifest& m, const Fields& subsets, const Fields& s
 }
 
 // The graph interface the runtime binds, as l2c_export.core.manifest checks it: one sample (float32 (batch, C, H, W),
-// or FLUX.1's packed (batch, T, C)), time (float32 (batch,)) and label (int64 (batch,)) or text input and one output
-// (float32 (batch, C or 2C, H, W); packed: the sample's shape) per subset, the same in every subset as in the full
-// one (the optional text roles, prompt_attention_mask, pooled_prompt_embeds and guidance, where the full one has them); each cache input and fresh output is its slot's dtype and
-// shape; every subset computes as many sub-layers as the full one. (That these records are each graph's own
-// interface is checked when the graph is loaded.)
-void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& guidance) {
+// FLUX.1's packed (batch, T, C), or (batch, C, F, H, W): as many axes as model/latent_layout says), one time (float32
+// (batch,)) and one output (the sample's shape, or C_out = 2 C) per subset, and the conditioning inputs of the full
+// subset (names, dtypes, shapes, arguments, kinds and partners), the same in every subset; each cache input and fresh
+// output is its slot's dtype and shape; every subset computes as many sub-layers as the full one. (That these records
+// are each graph's own interface is checked when the graph is loaded.)
+void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& guidance, const Fields& model) {
   const SubsetRecord& full = m.subsets[m.full_subset];
+  const bool packed = m.latent_layout == "packed_2x2";
+  const size_t rank = m.latent_layout == "nchw" ? 4 : m.latent_layout == "ncfhw" ? 5 : 3;
+  const std::string sample_form = packed                      ? "(batch, T, C) (packed)"
+                                  : m.latent_layout == "nchw" ? "(batch, C, H, W)"
+                                                              : "(batch, C, F, H, W)";
+  if (Manifest::model_tensor(full, "sample").shape.size() != rank)
+    model["latent_layout"].fail("is " + m.latent_layout + "; the sample " +
+                                record_shape_string(Manifest::model_tensor(full, "sample").shape) + " is not " +
+                                sample_form);
   // role -> (dtype, rank, the form in words)
-  const bool packed = Manifest::model_tensor(full, "sample").shape.size() == 3;
-  const char* sample_form = packed ? "(batch, T, C) (packed)" : "(batch, C, H, W)";
-  std::map<std::string, std::tuple<std::string, size_t, std::string>> model_roles{
-      {"sample", {"float32", packed ? 3 : 4, sample_form}}, {"time", {"float32", 1, "(batch,)"}},
-      {"output", {"float32", packed ? 3 : 4, sample_form}}};
-  if (m.conditioning == "label") {
-    model_roles["label"] = {"int64", 1, "(batch,)"};
-  } else {
-    model_roles["prompt_embeds"] = {"float32", 3, "(batch, prompt_tokens, D)"};
-    if (m.has_prompt_mask) model_roles["prompt_attention_mask"] = {"float32", 2, "(batch, prompt_tokens)"};
-    if (m.pooled_width) model_roles["pooled_prompt_embeds"] = {"float32", 2, "(batch, P)"};
-  }
-  if (m.has_guidance_input) model_roles["guidance"] = {"float32", 1, "(batch,)"};
+  const std::map<std::string, std::tuple<std::string, size_t, std::string>> model_roles{
+      {"sample", {"float32", rank, sample_form}}, {"time", {"float32", 1, "(batch,)"}},
+      {"output", {"float32", rank, sample_form}}};
   auto same = [](const TensorRecord& a, const TensorRecord& b) {
-    return a.name == b.name && a.dtype == b.dtype && a.shape == b.shape;
+    return a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.argument == b.argument &&
+           a.kind == b.kind && a.negative == b.negative;
   };
   for (size_t i = 0; i < m.subsets.size(); ++i) {
     const SubsetRecord& record = m.subsets[i];
@@ -204,17 +212,23 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
       const size_t at = std::find_if(list.begin(), list.end(), [&](const TensorRecord& t) { return t.role == role; }) -
                         list.begin();
       const TensorRecord& tensor = list[at];
-      const auto& [dtype, rank, words] = form;
-      if (tensor.dtype != dtype || tensor.shape.size() != rank)
+      const auto& [dtype, dims, words] = form;
+      if (tensor.dtype != dtype || tensor.shape.size() != dims)
         field[at].fail("(" + tensor.name + ", role " + role + ") is " + tensor.dtype + " of " +
                        std::to_string(tensor.shape.size()) + " dimensions; expected " + dtype + " of " +
-                       std::to_string(rank) + " " + words);
+                       std::to_string(dims) + " " + words);
       const TensorRecord& in_full = Manifest::model_tensor(full, role);
       if (!same(tensor, in_full))
         field[at].fail("(" + tensor.name + " " + tensor.dtype + " " + record_shape_string(tensor.shape) +
                        ") differs from the full subset's " + in_full.name + " " + in_full.dtype + " " +
                        record_shape_string(in_full.shape));
     }
+    std::vector<const TensorRecord*> conditioning;
+    for (const auto& tensor : record.inputs)
+      if (tensor.role == "conditioning") conditioning.push_back(&tensor);
+    bool agree = conditioning.size() == m.conditioning.size();
+    for (size_t k = 0; agree && k < conditioning.size(); ++k) agree = same(*conditioning[k], m.conditioning[k]);
+    if (!agree) subsets[i]["inputs"].fail("has conditioning inputs that differ from the full subset's");
     for (bool output : {false, true}) {
       const std::vector<TensorRecord>& list = output ? record.outputs : record.inputs;
       for (size_t k = 0; k < list.size(); ++k) {
@@ -234,28 +248,20 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
     subsets[m.full_subset]["outputs"].fail("model output " + output.name + " " + record_shape_string(output.shape) +
                                            " does not fit the packed sample " + record_shape_string(sample.shape) +
                                            "; expected the same (batch, T, C)");
-  // Guidance and the sampler take channels: along axis 1 of (batch, C, H, W); a packed sample's channels are its
-  // last axis, so there every channel is guided and stepped on.
+  // Guidance and the sampler take channels: along axis 1 of a channels-first sample; a packed sample's channels are
+  // its last axis, so there every channel is guided and stepped on.
   if (packed && (m.guidance.guided_channels != sample.shape[2] || m.guidance.sampler_channels))
     guidance["guided_channels"].fail("is " + std::to_string(m.guidance.guided_channels) +
                                      " (sampler_channels " + std::to_string(m.guidance.sampler_channels) +
                                      "); a packed sample " + record_shape_string(sample.shape) + " expects all " +
                                      std::to_string(sample.shape[2]) + " channels guided and no sampler_channels");
   if (packed) return;
-  if ((output.shape[1] != sample.shape[1] && output.shape[1] != 2 * sample.shape[1]) ||
-      output.shape[2] != sample.shape[2] || output.shape[3] != sample.shape[3])
+  bool fits = output.shape[1] == sample.shape[1] || output.shape[1] == 2 * sample.shape[1];
+  for (size_t d = 2; d < rank; ++d) fits = fits && output.shape[d] == sample.shape[d];
+  if (!fits)
     subsets[m.full_subset]["outputs"].fail("model output " + output.name + " " + record_shape_string(output.shape) +
                                            " does not fit the sample " + record_shape_string(sample.shape) +
-                                           "; expected (batch, C or 2C, H, W)");
-  if (m.conditioning == "prompt" && m.has_prompt_mask) {
-    const TensorRecord& embeds = Manifest::model_tensor(full, "prompt_embeds");
-    const TensorRecord& mask = Manifest::model_tensor(full, "prompt_attention_mask");
-    if (embeds.shape[1] != mask.shape[1] || embeds.shape[2] < 1)
-      subsets[m.full_subset]["inputs"].fail("prompt embeddings " + embeds.name + " " +
-                                            record_shape_string(embeds.shape) + " and mask " + mask.name + " " +
-                                            record_shape_string(mask.shape) +
-                                            " do not fit; expected (batch, prompt_tokens, D) and (batch, prompt_tokens)");
-  }
+                                           "; expected C or 2C channels, then the sample's sizes");
   if (m.guidance.sampler_channels > output.shape[1] ||
       (m.guidance.sampler_channels && m.guidance.sampler_channels < sample.shape[1]))
     guidance["sampler_channels"].fail("is " + std::to_string(m.guidance.sampler_channels) + "; expected the sample's " +
@@ -289,6 +295,10 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   if (m.schema_version > kSchemaVersion)
     root.fail("schema_version", "is " + std::to_string(m.schema_version) + ", newer than this l2c runtime reads (" +
                                     std::to_string(kSchemaVersion) + "); upgrade l2c or rebuild the engines");
+  if (m.schema_version < kSchemaVersion)
+    root.fail("schema_version", "is " + std::to_string(m.schema_version) + ", older than this l2c runtime reads (" +
+                                    std::to_string(kSchemaVersion) + ": conditioning inputs named by argument and " +
+                                    "kind); rebuild the engines with this l2c-export");
   m.name = root["name"].str();
   m.backend = root["backend"].str();
   if (m.backend != "onnxruntime" && m.backend != "tensorrt") root["backend"].fail("expected onnxruntime or tensorrt");
@@ -305,7 +315,14 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   m.guidance.guided_channels = static_cast<int>(guidance["guided_channels"].integer(1, 1 << 20));
   if (guidance.has("sampler_channels") && !guidance["sampler_channels"].is_null())
     m.guidance.sampler_channels = static_cast<int>(guidance["sampler_channels"].integer(1, 1 << 20));
-  if (guidance.has("classifier_free")) m.guidance.classifier_free = guidance["classifier_free"].boolean();
+  m.guidance.rule = guidance["rule"].str();
+  m.guidance.scale_argument = guidance["scale_argument"].str();
+  if (m.guidance.rule != "classifier_free" && m.guidance.rule != "guidance_embedding")
+    guidance["rule"].fail("is " + m.guidance.rule + "; this l2c runtime runs classifier_free and guidance_embedding");
+  m.guidance.classifier_free = m.guidance.rule == "classifier_free";
+  m.latent_layout = root["model"]["latent_layout"].str();
+  if (m.latent_layout != "nchw" && m.latent_layout != "packed_2x2" && m.latent_layout != "ncfhw")
+    root["model"]["latent_layout"].fail("is " + m.latent_layout + "; expected nchw, packed_2x2 or ncfhw");
 
   Fields batch = root["batch"];
   m.batch_min = batch["min"].integer(1, 1 << 20);
@@ -360,41 +377,41 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   }
   if (m.full_subset < 0) subsets.fail("has no subset that computes every sub-layer (the full-compute engine)");
 
-  // What the model conditions on, by the full subset's input roles.
-  const std::vector<TensorRecord>& model_inputs = m.subsets[m.full_subset].inputs;
-  auto has_role = [&](const char* role) {
-    return std::any_of(model_inputs.begin(), model_inputs.end(), [&](const TensorRecord& t) { return t.role == role; });
-  };
-  if (has_role("label")) {
-    m.conditioning = "label";
+  // What the model conditions on: the full subset's conditioning inputs, each by its argument and kind.
+  const Fields full_inputs = subsets[m.full_subset]["inputs"];
+  std::set<std::string> arguments;
+  for (const TensorRecord& tensor : m.subsets[m.full_subset].inputs) {
+    if (tensor.role != "conditioning") continue;
+    m.conditioning.push_back(tensor);
+    for (const std::string& argument : {tensor.argument, tensor.negative})
+      if (!argument.empty() && !arguments.insert(argument).second)
+        full_inputs.fail("names the pipeline argument " + argument + " twice");
+    if (tensor.kind == "label") m.takes_labels = true;
+    const bool scale_fed = tensor.argument == m.guidance.scale_argument;
+    if (scale_fed && tensor.kind != "scalar")
+      full_inputs.fail("has " + tensor.name + " fed the guidance scale (" + tensor.argument + "); expected a scalar");
+    if (!tensor.negative.empty() && !m.guidance.classifier_free)
+      full_inputs.fail("has " + tensor.name + " with a negative partner; guidance rule " + m.guidance.rule +
+                       " runs no unconditional half");
+  }
+  const auto request_fed = std::count_if(m.conditioning.begin(), m.conditioning.end(), [&](const TensorRecord& t) {
+    return t.kind != "label" && t.argument != m.guidance.scale_argument;
+  });
+  if (m.takes_labels == (request_fed > 0) || (m.takes_labels && m.conditioning.size() != 1))
+    full_inputs.fail("has no conditioning this runtime feeds; expected one label input, or inputs fed by argument "
+                     "name (token embeddings, masks, pooled vectors)");
+  if (m.takes_labels) {
     m.guidance.null_class = guidance["null_class"].integer(1, 1 << 30);
     m.num_classes = m.guidance.null_class;  // the labels are 0 .. null_class - 1 (every family's convention)
-  } else if (has_role("prompt_embeds")) {
-    m.conditioning = "prompt";
-    m.has_prompt_mask = has_role("prompt_attention_mask");
-    if (!m.has_prompt_mask && !has_role("pooled_prompt_embeds"))
-      subsets[m.full_subset]["inputs"].fail("has prompt_embeds alone; expected prompt_attention_mask (PixArt) or "
-                                            "pooled_prompt_embeds (SD3, FLUX.1) beside it");
-  } else {
-    subsets[m.full_subset]["inputs"].fail("has no conditioning input; expected one with role label, or "
-                                          "prompt_embeds with prompt_attention_mask or pooled_prompt_embeds");
   }
-  m.has_guidance_input = has_role("guidance");
-  m.pooled_width = has_role("pooled_prompt_embeds") ? 1 : 0;  // its width once check_interfaces checked its rank
-  check_interfaces(m, subsets, guidance);
-  if (m.conditioning == "prompt") {
-    m.prompt_width = Manifest::model_tensor(m.subsets[m.full_subset], "prompt_embeds").shape[2];
-    if (m.prompt_width < 1)
-      subsets[m.full_subset]["inputs"].fail("prompt_embeds is " + record_shape_string(Manifest::model_tensor(
-          m.subsets[m.full_subset], "prompt_embeds").shape) + "; expected (batch, prompt_tokens, D) with a size D");
-    if (m.pooled_width) {
-      const TensorRecord& pooled = Manifest::model_tensor(m.subsets[m.full_subset], "pooled_prompt_embeds");
-      m.pooled_width = pooled.shape[1];
-      if (m.pooled_width < 1)
-        subsets[m.full_subset]["inputs"].fail("pooled_prompt_embeds is " + record_shape_string(pooled.shape) +
-                                              "; expected (batch, P) with a size P");
+  check_interfaces(m, subsets, guidance, root["model"]);
+  for (const TensorRecord& tensor : m.conditioning) {
+    if (tensor.kind == "token_embeddings" || tensor.kind == "pooled") {
+      if (tensor.shape.back() < 1)
+        full_inputs.fail(tensor.name + " is " + record_shape_string(tensor.shape) + "; expected a size last");
     }
-    m.max_prompt_tokens = root["model"]["max_sequence_length"].integer(1, 65536);
+    if (tensor.kind == "token_embeddings" && m.max_prompt_tokens == 0)
+      m.max_prompt_tokens = root["model"]["max_sequence_length"].integer(1, 65536);
   }
 
   // Learned sigma (DiT): model_out carries the variance interpolation values after the eps channels.

@@ -192,13 +192,13 @@ struct RequestCache {
   std::map<std::string, Slot> slots;
 };
 
-// The model batch's conditioning inputs: class labels (with the null class for the unconditional half), or prompt
-// embeddings (batch, L, D) with masks (batch, L) or pooled embeddings (batch, P) (the negative prompt's for the
-// unconditional half); the guidance input's scale per row where the model has one.
+// The model batch's conditioning inputs, by graph input name: class labels (with the null class for the
+// unconditional half) as int64, every other input as float32 (2n rows when guiding: the conditional half first);
+// and the size of the token axis ("prompt_tokens") of this request, 0 without one.
 struct Condition {
   std::vector<int64_t> labels;
-  Tensor embeds, mask, pooled;
-  std::vector<float> guidance;
+  std::map<std::string, Tensor> inputs;
+  int64_t prompt_tokens = 0;
 };
 
 double checked_scale(const SampleOptions& options, const Manifest& m) {
@@ -209,18 +209,22 @@ double checked_scale(const SampleOptions& options, const Manifest& m) {
   return cfg_scale;
 }
 
-// The pipelines' argument names: the text roles, then their negative_ counterparts, in the order the Python runtime
-// names them (l2c_export/runtime/conditioning.py: TEXT_ROLES).
-const char* const kTextRoles[] = {"prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"};
+// The conditioning inputs a request feeds by argument name (all but a label and those fed the guidance scale), in
+// graph order, as l2c_export/core/interface.py's request_records.
+std::vector<const TensorRecord*> request_inputs(const Manifest& m) {
+  std::vector<const TensorRecord*> records;
+  for (const TensorRecord& tensor : m.conditioning)
+    if (tensor.kind != "label" && tensor.argument != m.guidance.scale_argument) records.push_back(&tensor);
+  return records;
+}
 
-// The text arrays a model takes (its roles; with `negatives`, their negative_ counterparts after them).
-std::vector<std::string> prompt_array_names(const Manifest& m, bool negatives) {
-  std::vector<std::string> roles{kTextRoles[0]};
-  if (m.has_prompt_mask) roles.push_back(kTextRoles[1]);
-  if (m.pooled_width) roles.push_back(kTextRoles[2]);
-  std::vector<std::string> names = roles;
+// Their arguments, then (with `negatives`) their negative partners: the arrays a request may carry.
+std::vector<std::string> argument_names(const Manifest& m, bool negatives) {
+  std::vector<std::string> names;
+  for (const TensorRecord* record : request_inputs(m)) names.push_back(record->argument);
   if (negatives)
-    for (const auto& role : roles) names.push_back("negative_" + role);
+    for (const TensorRecord* record : request_inputs(m))
+      if (!record->negative.empty()) names.push_back(record->negative);
   return names;
 }
 
@@ -230,57 +234,60 @@ std::string joined(const std::vector<std::string>& names) {
   return text;
 }
 
-// Every text array by its argument name, the member of Prompts that holds it.
-const std::vector<std::pair<std::string, Tensor Prompts::*>> kPromptMembers{
-    {"prompt_embeds", &Prompts::embeds},
-    {"prompt_attention_mask", &Prompts::mask},
-    {"pooled_prompt_embeds", &Prompts::pooled},
-    {"negative_prompt_embeds", &Prompts::negative_embeds},
-    {"negative_prompt_attention_mask", &Prompts::negative_mask},
-    {"negative_pooled_prompt_embeds", &Prompts::negative_pooled}};
-
-// The member holding the array `name`; nullptr for a name no pipeline takes.
-Tensor Prompts::*prompt_member(const std::string& name) {
-  for (const auto& [known, member] : kPromptMembers)
-    if (known == name) return member;
-  return nullptr;
+// An array (set directly, or an .npz member's .npy bytes parsed as the kind of input it feeds: floats for embeddings,
+// pooled vectors and scalars; a mask may be bool, int or float), as float32.
+Tensor parse_array(const Prompts& prompts, const std::string& name, const std::string& kind) {
+  const auto given = prompts.arrays.find(name);
+  if (given != prompts.arrays.end()) return given->second;
+  const std::string where = prompts.source + ": array '" + name + "'";
+  const std::string& bytes = prompts.npy.at(name);
+  if (kind == "token_mask")
+    return parse_npy(bytes, where, {"<f4", "<f8", "<i8", "<i4", "|b1"}, "a 0/1 mask (bool, int or float)");
+  return parse_npy(bytes, where, {"<f4", "<f8"}, kind == "scalar" ? "float32 values" : "float32 embeddings");
 }
 
-const Tensor& prompt_array(const Prompts& prompts, const std::string& name) { return prompts.*prompt_member(name); }
+size_t count_not_finite(const Tensor& tensor) {
+  return static_cast<size_t>(
+      std::count_if(tensor.data.begin(), tensor.data.end(), [](float v) { return !std::isfinite(v); }));
+}
 
-// pooled_prompt_embeds-like: (n, width), every value finite.
+// token_embeddings: (n, L, width) with n, L >= 1 (and `like`'s shape when given: the conditional half's, whose
+// argument is `positive`), every value finite.
+void check_embeddings(const Tensor& embeds, const std::string& array, int64_t width, const Tensor* like,
+                      const std::string& positive, const std::string& source) {
+  const std::string where = source + ": array '" + array + "'";
+  if (embeds.shape.size() != 3 || embeds.shape[0] < 1 || embeds.shape[1] < 1 || embeds.shape[2] != width)
+    throw Error(where + " has shape " + embeds.shape_string() + "; expected (n, L, " + std::to_string(width) + ")");
+  if (const size_t bad = count_not_finite(embeds))
+    throw Error(where + ": " + std::to_string(bad) + " of its " + std::to_string(embeds.size()) +
+                " values are NaN or infinite; expected finite embeddings");
+  if (like != nullptr && embeds.shape != like->shape)
+    throw Error(where + " has shape " + embeds.shape_string() + "; expected " + like->shape_string() + ", that of '" +
+                positive + "' (both halves run as one batch)");
+}
+
+// pooled: (n, width), every value finite.
 void check_pooled(const Tensor& pooled, const std::string& array, int64_t n, int64_t width, const std::string& source) {
   const std::string where = source + ": array '" + array + "'";
   if (pooled.shape != std::vector<int64_t>{n, width})
     throw Error(where + " has shape " + pooled.shape_string() + "; expected " + shape_string({n, width}) +
                 " (one pooled embedding per prompt)");
-  const size_t bad = static_cast<size_t>(
-      std::count_if(pooled.data.begin(), pooled.data.end(), [](float v) { return !std::isfinite(v); }));
-  if (bad)
+  if (const size_t bad = count_not_finite(pooled))
     throw Error(where + ": " + std::to_string(bad) + " of its " + std::to_string(pooled.size()) +
                 " values are NaN or infinite; expected finite embeddings");
 }
 
-// prompt_embeds-like: (n, L, width) with n, L >= 1 (and `like`'s shape when given), every value finite.
-void check_embeddings(const Tensor& embeds, const std::string& array, int64_t width, const Tensor* like,
-                      const std::string& source) {
-  const std::string where = source + ": array '" + array + "'";
-  if (like != nullptr && embeds.shape != like->shape)
-    throw Error(where + " has shape " + embeds.shape_string() + "; expected " + like->shape_string() +
-                ", that of 'prompt_embeds' (both halves run as one batch)");
-  if (embeds.shape.size() != 3 || embeds.shape[0] < 1 || embeds.shape[1] < 1 || embeds.shape[2] != width)
-    throw Error(where + " has shape " + embeds.shape_string() + "; expected (n, L, " + std::to_string(width) + ")");
-  const size_t bad = static_cast<size_t>(
-      std::count_if(embeds.data.begin(), embeds.data.end(), [](float v) { return !std::isfinite(v); }));
-  if (bad)
-    throw Error(where + ": " + std::to_string(bad) + " of its " + std::to_string(embeds.size()) +
-                " values are NaN or infinite; expected finite embeddings");
+// scalar: (n,), every value finite.
+void check_scalars(const Tensor& values, const std::string& array, int64_t n, const std::string& source) {
+  if (values.shape != std::vector<int64_t>{n} || count_not_finite(values))
+    throw Error(source + ": array '" + array + "' has shape " + values.shape_string() + "; expected (" +
+                std::to_string(n) + ",) finite numbers (one per prompt)");
 }
 
-// prompt_attention_mask-like: (n, L) of the embeddings, values 0 and 1, at least one 1 per prompt.
-void check_mask(const Tensor& mask, const std::string& array, const Tensor& embeds, const std::string& source) {
+// token_mask: (n, L) of the embeddings, values 0 and 1, at least one 1 per prompt.
+void check_mask(const Tensor& mask, const std::string& array, int64_t n, int64_t tokens, const std::string& source) {
   const std::string where = source + ": array '" + array + "'";
-  const std::vector<int64_t> shape{embeds.shape[0], embeds.shape[1]};
+  const std::vector<int64_t> shape{n, tokens};
   if (mask.shape != shape)
     throw Error(where + " has shape " + mask.shape_string() + "; expected " + shape_string(shape) +
                 " (n, L of the embeddings)");
@@ -305,25 +312,12 @@ Tensor concatenated(const Tensor& first, const Tensor& second) {
 
 }  // namespace
 
+void Prompts::set(const std::string& argument, Tensor array) { arrays[argument] = std::move(array); }
+
 Prompts read_prompts(const fs::path& npz, const std::string& source) {
   Prompts prompts;
   prompts.source = source.empty() ? npz.string() : source;
-  for (auto& [array, bytes] : read_npz(npz)) {
-    const std::string where = prompts.source + ": array '" + array + "'";
-    Tensor Prompts::*member = prompt_member(array);
-    if (member == nullptr) {
-      std::vector<std::string> known;
-      for (const auto& entry : kPromptMembers) known.push_back(entry.first);
-      throw Error(prompts.source + ": unknown array '" + array + "'; expected " + joined(known));
-    }
-    Tensor& to = prompts.*member;
-    const bool mask = array.find("attention_mask") != std::string::npos;
-    to = mask ? parse_npy(bytes, where, {"<f4", "<f8", "<i8", "<i4", "|b1"}, "a 0/1 mask (bool, int or float)")
-              : parse_npy(bytes, where, {"<f4", "<f8"}, "float32 embeddings");
-    if (to.shape.empty())
-      throw Error(where + " is a 0-d array; expected " +
-                  (mask ? "(n, L)" : array.find("pooled") != std::string::npos ? "(n, P)" : "(n, L, D)"));
-  }
+  prompts.npy = read_npz(npz);
   return prompts;
 }
 
@@ -476,19 +470,14 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
     return Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(tensor.data.data()), tensor.size(),
                                            tensor.shape.data(), tensor.shape.size());
   };
-  Ort::Value y_value{nullptr}, embeds_value{nullptr}, mask_value{nullptr}, pooled_value{nullptr},
-      guidance_value{nullptr};
-  if (manifest.conditioning == "label") {
-    y_value = Ort::Value::CreateTensor<int64_t>(cpu, const_cast<int64_t*>(condition.labels.data()),
-                                                condition.labels.size(), &batch, 1);
+  std::map<std::string, Ort::Value> values;  // the conditioning inputs by graph input name
+  if (manifest.takes_labels) {
+    values.emplace(manifest.conditioning.front().name,
+                   Ort::Value::CreateTensor<int64_t>(cpu, const_cast<int64_t*>(condition.labels.data()),
+                                                     condition.labels.size(), &batch, 1));
   } else {
-    embeds_value = wrap(condition.embeds);
-    if (manifest.has_prompt_mask) mask_value = wrap(condition.mask);
-    if (manifest.pooled_width) pooled_value = wrap(condition.pooled);
+    for (const auto& [name, tensor] : condition.inputs) values.emplace(name, wrap(tensor));
   }
-  if (manifest.has_guidance_input)
-    guidance_value = Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(condition.guidance.data()),
-                                                     condition.guidance.size(), &batch, 1);
   for (const TensorRecord& input : record.inputs) {
     if (input.role == "cache") {
       auto found = cache.slots.find(input.slot);
@@ -497,17 +486,15 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
       binding.BindInput(input.name.c_str(), found->second.value);
       continue;
     }
-    const Ort::Value& value = input.role == "sample"                 ? x_value
-                              : input.role == "time"                 ? t_value
-                              : input.role == "label"                ? y_value
-                              : input.role == "prompt_embeds"        ? embeds_value
-                              : input.role == "prompt_attention_mask" ? mask_value
-                              : input.role == "pooled_prompt_embeds" ? pooled_value
-                                                                     : guidance_value;
-    if (!value)
+    if (input.role == "sample" || input.role == "time") {
+      binding.BindInput(input.name.c_str(), input.role == "sample" ? x_value : t_value);
+      continue;
+    }
+    const auto value = values.find(input.name);
+    if (value == values.end())
       throw Error(manifest.path.string() + ": subset " + record.name + " has an input " + input.name + " (role " +
-                  input.role + ") that a model conditioned by " + manifest.conditioning + " does not feed");
-    binding.BindInput(input.name.c_str(), value);
+                  input.role + ") that the request does not feed");
+    binding.BindInput(input.name.c_str(), value->second);
   }
   std::vector<int64_t> out_dims{batch};
   out_dims.insert(out_dims.end(), out_shape.begin(), out_shape.end());
@@ -516,7 +503,7 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
                                                    model_out.shape.data(), model_out.shape.size());
   // The slots ONNX Runtime sizes at their first write (joint_tokens), by their place among the bound outputs.
   std::vector<std::pair<size_t, const TensorRecord*>> sized_by_graph;
-  const int64_t prompt_tokens = condition.embeds.shape.size() == 3 ? condition.embeds.shape[1] : 0;
+  const int64_t prompt_tokens = condition.prompt_tokens;
   for (size_t k = 0; k < record.outputs.size(); ++k) {
     const TensorRecord& output = record.outputs[k];
     if (output.role == "output") {
@@ -582,7 +569,7 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
 
 Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise, const SampleOptions& options) const {
   const Manifest& m = impl_->manifest;
-  if (m.conditioning != "label")
+  if (!m.takes_labels)
     throw Error("--labels: this model is conditioned on prompt embeddings (--conditioning), not class labels");
   if (labels.empty()) throw Error("no labels given; expected at least one class label");
   std::vector<int64_t> bad;
@@ -603,50 +590,71 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
 
 Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const SampleOptions& options) const {
   const Manifest& m = impl_->manifest;
-  if (m.conditioning != "prompt")
+  if (m.takes_labels)
     throw Error(prompts.source + ": this model is conditioned on class labels (--labels), not on prompt embeddings");
   const double cfg_scale = checked_scale(options, m);
   const bool guiding = m.guidance.classifier_free && cfg_scale > 1.0;
-  // As l2c_export/runtime/conditioning.py: negatives a guidance-distilled model never runs, arrays the model does not
-  // take, missing ones; then each array's shape and values.
-  const std::vector<std::string> all = prompt_array_names(m, true), needed = prompt_array_names(m, guiding);
+  // As l2c_export/samplers/conditioning.py: negatives a guidance-distilled model never runs, arrays the model does not
+  // take, missing ones; then each array's dtype, shape and values, by the kind of the input it feeds.
+  std::vector<std::string> given;
+  for (const auto& entry : prompts.npy) given.push_back(entry.first);
+  for (const auto& entry : prompts.arrays) given.push_back(entry.first);
   if (!m.guidance.classifier_free)
-    for (const auto& name : all)
-      if (name.rfind("negative_", 0) == 0 && !prompt_array(prompts, name).shape.empty())
+    for (const auto& name : given)
+      if (name.rfind("negative_", 0) == 0)
         throw Error(prompts.source + ": array '" + name + "' is not used: this model is guidance-distilled "
                     "(--cfg-scale feeds its guidance embedding; no negative prompt runs); leave it out");
-  for (const auto& [name, member] : kPromptMembers)
-    if (!(prompts.*member).shape.empty() && std::find(all.begin(), all.end(), name) == all.end())
+  const std::vector<std::string> all = argument_names(m, true), needed = argument_names(m, guiding);
+  std::sort(given.begin(), given.end());
+  for (const auto& name : given)
+    if (std::find(all.begin(), all.end(), name) == all.end())
       throw Error(prompts.source + ": unknown array '" + name + "'; expected " + joined(all));
   for (const auto& name : needed)
-    if (prompt_array(prompts, name).shape.empty())
+    if (std::find(given.begin(), given.end(), name) == given.end())
       throw Error(prompts.source + ": array '" + name + "' is missing" +
                   (name.rfind("negative_", 0) == 0 ? " (guidance runs the negative prompt as the unconditional half)"
                                                    : "") +
                   "; expected " + joined(needed));
-  check_embeddings(prompts.embeds, "prompt_embeds", m.prompt_width, nullptr, prompts.source);
-  if (prompts.embeds.shape[1] > m.max_prompt_tokens)
-    throw Error(prompts.source + ": array 'prompt_embeds' has shape " + prompts.embeds.shape_string() + ": " +
-                std::to_string(prompts.embeds.shape[1]) + " prompt tokens; expected at most the model's " +
-                "max_sequence_length " + std::to_string(m.max_prompt_tokens));
-  const int64_t n = prompts.embeds.shape[0];
-  if (m.has_prompt_mask) check_mask(prompts.mask, "prompt_attention_mask", prompts.embeds, prompts.source);
-  if (m.pooled_width) check_pooled(prompts.pooled, "pooled_prompt_embeds", n, m.pooled_width, prompts.source);
   Condition condition;
-  if (guiding) {
-    check_embeddings(prompts.negative_embeds, "negative_prompt_embeds", m.prompt_width, &prompts.embeds,
-                     prompts.source);
-    if (m.has_prompt_mask)
-      check_mask(prompts.negative_mask, "negative_prompt_attention_mask", prompts.embeds, prompts.source);
-    if (m.pooled_width)
-      check_pooled(prompts.negative_pooled, "negative_pooled_prompt_embeds", n, m.pooled_width, prompts.source);
-    condition.embeds = concatenated(prompts.embeds, prompts.negative_embeds);
-    if (m.has_prompt_mask) condition.mask = concatenated(prompts.mask, prompts.negative_mask);
-    if (m.pooled_width) condition.pooled = concatenated(prompts.pooled, prompts.negative_pooled);
-  } else {
-    condition.embeds = prompts.embeds;
-    condition.mask = prompts.mask;
-    condition.pooled = prompts.pooled;
+  std::map<std::string, Tensor> conditional;  // by argument: the conditional half's arrays
+  int64_t n = 0;
+  for (bool negative : {false, true}) {
+    if (negative && !guiding) break;
+    for (const TensorRecord* record : request_inputs(m)) {
+      if (negative && record->negative.empty()) {  // the same value in both halves
+        Tensor& fed = condition.inputs[record->name];
+        fed = concatenated(fed, conditional.at(record->argument));
+        continue;
+      }
+      const std::string& name = negative ? record->negative : record->argument;
+      const Tensor array = parse_array(prompts, name, record->kind);
+      const int64_t width = record->shape.back();
+      if (n == 0 && !array.shape.empty()) n = array.shape[0];  // the first array given says how many prompts
+      if (record->kind == "token_embeddings") {
+        if (array.shape.empty())
+          throw Error(prompts.source + ": array '" + name + "' is a 0-d array; expected (n, L, " +
+                      std::to_string(width) + ")");
+        check_embeddings(array, name, width, negative ? &conditional.at(record->argument) : nullptr,
+                         record->argument, prompts.source);
+        if (array.shape[1] > m.max_prompt_tokens)
+          throw Error(prompts.source + ": array '" + name + "' has shape " + array.shape_string() + ": " +
+                      std::to_string(array.shape[1]) + " prompt tokens; expected at most the model's " +
+                      "max_sequence_length " + std::to_string(m.max_prompt_tokens));
+        if (!negative) condition.prompt_tokens = array.shape[1];
+      } else if (record->kind == "token_mask") {
+        check_mask(array, name, n, condition.prompt_tokens, prompts.source);
+      } else if (record->kind == "pooled") {
+        check_pooled(array, name, n, width, prompts.source);
+      } else {
+        check_scalars(array, name, n, prompts.source);
+      }
+      if (negative) {
+        condition.inputs[record->name] = concatenated(conditional.at(record->argument), array);
+      } else {
+        conditional[record->argument] = array;
+        condition.inputs[record->name] = array;
+      }
+    }
   }
   return impl_->sample(n, std::move(condition), guiding, cfg_scale, noise, options, "prompts");
 }
@@ -655,8 +663,8 @@ Tensor Pipeline::Impl::sample(int64_t n, Condition condition, bool guiding, doub
                               const SampleOptions& options, const std::string& what) const {
   const Impl& p = *this;
   const Manifest& m = p.manifest;
-  const bool packed = p.sample_shape.size() == 2;  // FLUX.1's (T, C)
-  const std::string axes = packed ? ", T, C)" : ", C, H, W)";
+  const bool packed = m.latent_layout == "packed_2x2";  // FLUX.1's (T, C): channels last
+  const std::string axes = packed ? ", T, C)" : m.latent_layout == "ncfhw" ? ", C, F, H, W)" : ", C, H, W)";
   std::vector<int64_t> expected{n};
   expected.insert(expected.end(), p.sample_shape.begin(), p.sample_shape.end());
   if (noise.shape != expected)
@@ -665,7 +673,9 @@ Tensor Pipeline::Impl::sample(int64_t n, Condition condition, bool guiding, doub
   for (float value : noise.data)
     if (!std::isfinite(value)) throw Error("noise holds a value that is not finite; expected finite float32 noise");
   const int64_t model_batch = guiding ? 2 * n : n;
-  if (m.has_guidance_input) condition.guidance.assign(model_batch, static_cast<float>(cfg_scale));
+  for (const TensorRecord& record : m.conditioning)  // the inputs fed the guidance scale, per row
+    if (record.argument == m.guidance.scale_argument)
+      condition.inputs[record.name] = Tensor({model_batch}, static_cast<float>(cfg_scale));
   if (model_batch < m.batch_min || model_batch > m.batch_max)
     throw Error(std::to_string(n) + " " + what + " make a model batch of " + std::to_string(model_batch) +
                 (guiding ? " (guidance doubles it)" : "") + "; the engines take " + std::to_string(m.batch_min) +
@@ -673,11 +683,11 @@ Tensor Pipeline::Impl::sample(int64_t n, Condition condition, bool guiding, doub
   const Sampler& sampler = *m.sampler;
   const int noises = sampler.num_step_noises();
   if (noises > 0) {
-    if (options.step_noise == nullptr)
-      throw Error("the " + sampler.kind() + " sampler adds noise after each step but the last: pass step noise of " +
-                  "shape " + shape_string({noises, n, expected[1], expected[2], expected[3]}));
     std::vector<int64_t> step_shape{noises};
     step_shape.insert(step_shape.end(), expected.begin(), expected.end());
+    if (options.step_noise == nullptr)
+      throw Error("the " + sampler.kind() + " sampler adds noise after each step but the last: pass step noise of " +
+                  "shape " + shape_string(step_shape));
     if (options.step_noise->shape != step_shape)
       throw Error("step noise has shape " + shape_string(options.step_noise->shape) + "; expected " +
                   shape_string(step_shape) + " (steps - 1, n " + what + axes);
@@ -691,10 +701,10 @@ Tensor Pipeline::Impl::sample(int64_t n, Condition condition, bool guiding, doub
       throw Error("subset " + std::to_string(subset) + " is not loaded (Options::subsets leaves it out)");
 
   const float scale = static_cast<float>(cfg_scale);
-  // Per sample: (C_out, H, W) planes of which guidance mixes the leading guided channels and the sampler takes the
+  // Per sample: (C_out, ...) planes of which guidance mixes the leading guided channels and the sampler takes the
   // leading sampler channels; a packed (T, C) output is guided and stepped on whole (Manifest::load checks so).
   const int64_t out_plane = static_cast<int64_t>(Tensor::count(p.out_shape));
-  const int64_t channel_plane = packed ? 0 : p.out_shape[1] * p.out_shape[2];
+  const int64_t channel_plane = packed ? 0 : out_plane / p.out_shape[0];
   const int64_t guided_plane = packed ? out_plane : m.guidance.guided_channels * channel_plane;
   const int64_t sampler_channels = m.guidance.sampler_channels ? m.guidance.sampler_channels : p.out_shape[0];
   const int64_t sampler_plane = packed ? out_plane : sampler_channels * channel_plane;

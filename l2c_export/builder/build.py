@@ -302,7 +302,7 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
     model = {"family": family.name, "config": stamped["model/config"], "space": spec.space,
              "num_sublayers": len(plan.slots), "sublayers": list(plan.slots), "weights_sha256": weights_sha,
              "inputs": [tensor.record() for tensor in family.graph_inputs(config)],
-             "output": family.graph_output(config).record()}
+             "output": family.graph_output(config).record(), "latent_layout": family.latent_layout}
     if spec.space == "latent":
         model["latent_scale"] = family.latent_scale
     if spec.max_prompt_tokens is not None:
@@ -314,7 +314,7 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
         "precision": request.precision,
         "model": model,
         "sampler": request.sampler.to_dict(),
-        "guidance": _guidance_record(request, guided, stamped["guidance/null_class"]),
+        "guidance": _guidance_record(request, guided),
         "schedule": {"compute": schedule.compute.astype(int).tolist(), "step_subset": list(plan.step_to_subset),
                      "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
         "batch": request.batch.to_dict(),
@@ -331,16 +331,13 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
     return data
 
 
-def _guidance_record(request: BuildRequest, guided: int, null_class: int | None) -> dict:
-    """cfg_scale and guided channels; the null class of a label model; the channels the sampler takes where the
-    family's pipeline drops a learned-sigma half before its scheduler step."""
+def _guidance_record(request: BuildRequest, guided: int) -> dict:
+    """cfg_scale and guided channels; the family's guidance rule, the pipeline's name for its scale and, for a label
+    model, the null class; the channels the sampler takes where the family's pipeline drops a learned-sigma half
+    before its scheduler step."""
     spec = request.spec
     record = {"cfg_scale": float(spec.cfg_scale if request.cfg_scale is None else request.cfg_scale),
-              "guided_channels": guided}
-    if null_class is not None:
-        record["null_class"] = null_class
-    if not getattr(spec.family, "classifier_free", True):
-        record["classifier_free"] = False
+              "guided_channels": guided, **spec.family.guidance_record(spec.config)}
     sampler_channels = spec.family.sampler_channels(spec.config)
     if sampler_channels is not None:
         record["sampler_channels"] = sampler_channels

@@ -7,7 +7,7 @@ it (``<name>.weights``), both recorded in the manifest's ``components`` with the
 - ``vae_decoder``: ``latents`` (N, C, h, w) float32, already scaled -> ``sample`` (N, 3, H, W) float32,
   ``vae.decode(latents).sample``. The pipelines decode ``latents / scaling_factor + shift_factor`` (SD3 and FLUX.1
   have a shift; FLUX.1 first unpacks its packed (N, T, 4 C) latents to (N, C, h, w)); the record says so with
-  ``scaling_factor``, ``shift_factor`` (where the VAE has one) and ``latent_layout`` ("spatial" or "packed_2x2"), and
+  ``scaling_factor``, ``shift_factor`` (where the VAE has one) and ``latent_layout`` ("nchw" or "packed_2x2"), and
   the runtime does it (:class:`l2c_export.runtime.components.ImageDecoder`);
 - ``text_encoder``: ``input_ids`` (N, L) int64 and ``attention_mask`` (N, L) int64 -> ``last_hidden_state``
   (N, L, D) float32, L dynamic up to ``model/max_sequence_length``;

@@ -96,7 +96,7 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
     sample_shape = next(tensor.shape for tensor in family.graph_inputs(config) if tensor.role == "sample")
     num_labels = family.null_class(config)
     data_arg = data_arg or ("digits" if checkpoint is None and spec.space == "pixel" else "none")
-    classifier_free = getattr(family, "classifier_free", True)
+    classifier_free = family.classifier_free
     prompts = _learning_prompts(spec, conditioning_data, classifier_free and settings.cfg_scale > 1.0, data_arg,
                                 settings.cfg_scale, prompts_file)
     if not classifier_free:  # a guidance-distilled model: the scale rides in its guidance input; no negative batch
@@ -167,14 +167,15 @@ def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, gui
     """A text model's prompts to learn on (``--conditioning-data`` arrays, or ``--prompts`` texts encoded by the
     folder's text encoder), as a :class:`Condition` (a guidance-distilled model's guidance input fed
     ``guidance_scale``); None for a label model (which refuses the flags)."""
+    from ..core.interface import conditioning_records, label_record
     from ..learn.live import prompt_condition
     from ..runtime.conditioning import load_conditioning
 
     given = "--prompts" if prompts_file is not None else "--conditioning-data"
-    inputs = {tensor.role: tensor for tensor in spec.family.graph_inputs(spec.config)}
     if conditioning_data is not None and prompts_file is not None:
         raise click.UsageError("give --conditioning-data or --prompts, not both")
-    if "prompt_embeds" not in inputs:
+    records = conditioning_records([tensor.record() for tensor in spec.family.graph_inputs(spec.config)])
+    if label_record(records) is not None:
         if conditioning_data is not None or prompts_file is not None:
             raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
                                      param_hint=given)

@@ -54,7 +54,7 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
         noise_file, backend, device, full, compare_full, out, save_latents, vae):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
     from ..runtime.components import refuse_unused_negative_prompt
-    from ..runtime.conditioning import FLAG_NAMES, conditioning_inputs, load_conditioning
+    from ..runtime.conditioning import FLAG_NAMES, load_conditioning, takes_labels
     from ..runtime.pipeline import L2CPipeline
 
     given = [flag for flag, value in (("--labels", labels), ("--conditioning", conditioning_file),
@@ -68,7 +68,7 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     noise = None if noise_file is None else load_noise(noise_file)
     pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **backend_options(device, backend))
     if conditioning is None and labels is None and prompt_list is None and \
-            "label" in conditioning_inputs(pipe.manifest):
+            takes_labels(pipe.manifest):
         labels = "0,1,2,3,4,5,6,7,8,9"
     label_list = None if labels is None else parse_labels(labels)
     request = {"labels": label_list, "conditioning": conditioning, "batch_size": batch_size, "names": FLAG_NAMES}

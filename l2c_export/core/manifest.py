@@ -1,8 +1,10 @@
 """``manifest.json``: the only contract between building and running. No PyTorch here.
 
 Checked against the JSON Schema shipped in ``l2c_export/schemas/manifest.schema.json`` when written and when read; a
-manifest of a newer schema version than this reader knows is refused before anything else is looked at, and one of
-version 1 (DiT only, before model families) is upgraded in memory to the current shape when read. Read strictly: no NaN or
+manifest of a newer schema version than this reader knows is refused before anything else is looked at, and an older
+one is upgraded in memory to the current shape when read: version 1 (DiT only, before model families) to version 2,
+version 2 (conditioning inputs by a closed list of roles) to version 3 (each conditioning input names its pipeline
+argument and kind; guidance states its rule; the model its latent layout: :mod:`l2c_export.core.interface`). Read strictly: no NaN or
 Infinity, and the records must agree with one another (:func:`check_consistency`).
 
 A build folder is a closed world: every file a manifest names is a plain relative path that stays inside the folder
@@ -18,10 +20,13 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from .interface import (CLASSIFIER_FREE, CONDITIONING, DEFAULT_SCALE_ARGUMENT, GUIDANCE_EMBEDDING, KIND_DTYPES,
+                        KIND_RANKS, LABEL, LAYOUT_RANKS, NCHW, PACKED_2X2, POOLED, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK,
+                        conditioning_records, label_record, scale_fed)
 from .latents import packed_2x2_shape
 from .util import read_json, short_repr, write_json
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "manifest.schema.json"
 
@@ -170,6 +175,8 @@ def load(folder: str | Path, verify_files: bool = True) -> dict:
     data = read_json(path, ManifestError, f" (is {folder} an l2c-export build?)")
     if isinstance(data, dict) and data.get("schema_version") == 1:
         data = upgrade_v1(data, str(path))
+    if isinstance(data, dict) and data.get("schema_version") == 2:
+        data = upgrade_v2(data, str(path))
     validate(data, str(path))
     check_consistency(data, str(path))
     for entry in all_files(data):
@@ -208,6 +215,44 @@ def upgrade_v1(data: dict, where: str) -> dict:
         sampler["model_times"] = [float(t) for t in sampler["timesteps"]]
     except (KeyError, TypeError, IndexError, StopIteration) as error:
         raise ManifestError(f"{where}: a version 1 manifest without the field {error} cannot be upgraded; rebuild "
+                            f"the engines") from None
+    data["schema_version"] = 2
+    return data
+
+
+# Version 2's conditioning roles (a closed list, before inputs named their pipeline argument): role -> (the
+# argument it was fed from, its kind, its negative partner under classifier-free guidance). Read only to upgrade.
+_V2_CONDITIONING = {"label": ("class_labels", LABEL, None),
+                    "prompt_embeds": ("prompt_embeds", TOKEN_EMBEDDINGS, "negative_prompt_embeds"),
+                    "prompt_attention_mask": ("prompt_attention_mask", TOKEN_MASK, "negative_prompt_attention_mask"),
+                    "pooled_prompt_embeds": ("pooled_prompt_embeds", POOLED, "negative_pooled_prompt_embeds"),
+                    "guidance": (DEFAULT_SCALE_ARGUMENT, SCALAR, None)}
+
+
+def upgrade_v2(data: dict, where: str) -> dict:
+    """A version 2 manifest in the version 3 shape: each input of a version 2 conditioning role becomes role
+    ``conditioning`` with the argument, kind and partner that role stood for; ``guidance/classifier_free`` becomes
+    ``guidance/rule`` (with the pipelines' ``guidance_scale``); the model states its latent layout (a sample of two
+    per-sample axes is FLUX.1's packed one), as does the VAE decoder's record (``spatial`` is ``nchw``)."""
+    try:
+        guidance = data["guidance"]
+        classifier_free = guidance.pop("classifier_free", True)
+        guidance["rule"] = CLASSIFIER_FREE if classifier_free else GUIDANCE_EMBEDDING
+        guidance["scale_argument"] = DEFAULT_SCALE_ARGUMENT
+        model = data["model"]
+        for tensor in (*model["inputs"], *(t for subset in data["subsets"] for t in subset["inputs"])):
+            if tensor["role"] in _V2_CONDITIONING:
+                argument, kind, negative = _V2_CONDITIONING[tensor["role"]]
+                tensor.update(role=CONDITIONING, argument=argument, kind=kind)
+                if negative is not None and classifier_free:
+                    tensor["negative"] = negative
+        sample = next(t for t in model["inputs"] if t["role"] == "sample")
+        model["latent_layout"] = PACKED_2X2 if len(sample["shape"]) == 3 else NCHW
+        decoder = data.get("components", {}).get("vae_decoder")
+        if decoder is not None and decoder.get("latent_layout") == "spatial":
+            decoder["latent_layout"] = NCHW
+    except (KeyError, TypeError, AttributeError, StopIteration) as error:
+        raise ManifestError(f"{where}: a version 2 manifest without the field {error} cannot be upgraded; rebuild "
                             f"the engines") from None
     data["schema_version"] = SCHEMA_VERSION
     return data
@@ -335,7 +380,9 @@ def check_consistency(data: dict, where: str) -> None:
 
 
 def _tensor(record: dict) -> tuple:
-    return record["name"], record["dtype"], record["shape"], record["role"]
+    """What the interface's records must agree on: name, dtype, shape, role and what a conditioning input is fed."""
+    return tuple(record.get(key) for key in ("name", "dtype", "shape", "role", "argument", "kind", "negative")
+                 if key in record)
 
 
 def _check_interfaces_agree(data: dict, where: str) -> None:
@@ -346,6 +393,7 @@ def _check_interfaces_agree(data: dict, where: str) -> None:
     first and only there; ``guidance/guided_channels`` is at most the sample's channels. (That these records are the
     graphs' own interface is checked by the runtime against each graph it loads.)"""
     model = data["model"]
+    _check_conditioning(data, where)
     model_inputs = [_tensor(t) for t in model["inputs"]]
     for field, tensors in (("model/inputs", model["inputs"]), ("model/output", [model["output"]])):
         for position, tensor in enumerate(tensors):
@@ -393,6 +441,50 @@ def _check_interfaces_agree(data: dict, where: str) -> None:
                                 f"{index}, which 'schedule/step_subset/{step}' names")
 
 
+def _check_conditioning(data: dict, where: str) -> None:
+    """The model's inputs: one sample whose per-sample axes are as many as its latent layout has, one time; every
+    conditioning input (and only one) names its pipeline argument and kind, has its kind's dtype and number of
+    per-sample axes, and no argument is named twice; a label model states its null class; an input fed the guidance
+    scale is a scalar, and a rule with no unconditional half names no partners."""
+    model, guidance = data["model"], data["guidance"]
+    roles = [t["role"] for t in model["inputs"]]
+    if roles.count("sample") != 1 or roles.count("time") != 1:
+        raise ManifestError(f"{where}: field 'model/inputs' has roles {roles}; expected one sample and one time")
+    sample = model["inputs"][roles.index("sample")]
+    layout = model["latent_layout"]
+    if len(sample["shape"]) - 1 != LAYOUT_RANKS[layout]:
+        raise ManifestError(f"{where}: field 'model/latent_layout' is {layout}, of {LAYOUT_RANKS[layout]} per-sample "
+                            f"axes; the sample {sample['name']} is {sample['shape']}")
+    arguments = []
+    for position, tensor in enumerate(model["inputs"]):
+        at = f"{where}: field 'model/inputs/{position}'"
+        if (tensor["role"] == CONDITIONING) != ("argument" in tensor and "kind" in tensor) or (
+                tensor["role"] != CONDITIONING and "negative" in tensor):
+            raise ManifestError(f"{at}' ({tensor['name']}): a conditioning input, and only one, names its argument "
+                                f"and kind")
+        if tensor["role"] != CONDITIONING:
+            continue
+        kind = tensor["kind"]
+        if tensor["dtype"] != KIND_DTYPES[kind] or len(tensor["shape"]) - 1 != KIND_RANKS[kind]:
+            raise ManifestError(f"{at}' ({tensor['name']}): a {kind} input is {KIND_DTYPES[kind]} of "
+                                f"{KIND_RANKS[kind]} per-sample axes; it is {tensor['dtype']} {tensor['shape']}")
+        if scale_fed(tensor, guidance) and kind != SCALAR:
+            raise ManifestError(f"{at}' ({tensor['name']}): it is fed the guidance scale "
+                                f"('guidance/scale_argument' {guidance['scale_argument']}); expected a scalar input")
+        if "negative" in tensor and guidance["rule"] == GUIDANCE_EMBEDDING:
+            raise ManifestError(f"{at}' ({tensor['name']}): names a negative partner; guidance rule "
+                                f"{guidance['rule']} runs no unconditional half")
+        arguments += [tensor["argument"], *([tensor["negative"]] if "negative" in tensor else [])]
+    if len(set(arguments)) != len(arguments):
+        raise ManifestError(f"{where}: field 'model/inputs' names a pipeline argument twice: {arguments}")
+    if not conditioning_records(model["inputs"]):
+        raise ManifestError(f"{where}: field 'model/inputs' has no input with role {CONDITIONING}")
+    if (label_record(model["inputs"]) is not None) != ("null_class" in guidance):
+        raise ManifestError(f"{where}: field 'guidance/null_class' is "
+                            + ("missing; a label model guides against its null class" if "null_class" not in guidance
+                               else "given; only a model with a label input has one"))
+
+
 def _packed_2x2(shape: list | None) -> list | None:
     """(batch, C, h, w) -> the packed latents' shape (batch, T, 4 C) (:func:`~l2c_export.core.latents.packed_2x2_shape`);
     None where that is not a shape that packs."""
@@ -411,18 +503,19 @@ def _check_components(data: dict, where: str) -> None:
     with its tokenizer (the schema says so too); the files of the components are named once each."""
     model = data["model"]
     by_role = {tensor["role"]: tensor for tensor in model["inputs"]}
-    text = "prompt_embeds" in by_role
+    embeddings = next((t for t in conditioning_records(model["inputs"]) if t["kind"] == TOKEN_EMBEDDINGS), None)
+    text = embeddings is not None
     if text != ("max_sequence_length" in model):
         raise ManifestError(f"{where}: field 'model/max_sequence_length' is "
                             + ("missing; a text model states its longest prompt (rebuild with this l2c-export)" if text
-                               else "given; only a model with prompt embeddings among 'model/inputs' has one"))
+                               else "given; only a model with token embeddings among 'model/inputs' has one"))
     components = data.get("components", {})
     decoder = components.get("vae_decoder")
     if decoder is not None:
         expected = by_role["sample"]["shape"] if "sample" in by_role else None
         shapes = [t["shape"] for t in decoder["inputs"]]
         sample = shapes[0] if len(shapes) == 1 else None
-        if decoder.get("latent_layout") == "packed_2x2":
+        if decoder.get("latent_layout") == PACKED_2X2:
             sample = _packed_2x2(sample)
             what = f"(batch, C, h, w), h and w even, that packs 2x2 into the sample's shape {expected}"
         else:
@@ -435,7 +528,7 @@ def _check_components(data: dict, where: str) -> None:
                                 f"(batch, C, H, W)")
     encoder = components.get("text_encoder")
     if encoder is not None:
-        width = by_role["prompt_embeds"]["shape"][-1] if text else None
+        width = embeddings["shape"][-1] if text else None
         shapes = [t["shape"] for t in encoder["outputs"]]
         if shapes != [["batch", "prompt_tokens", width]]:
             raise ManifestError(f"{where}: field 'components/text_encoder/outputs' is {shapes}; expected the prompt "

@@ -95,7 +95,7 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         cycle = list(labels) if labels else list(range(null_class))
         label_array = np.asarray([cycle[i % len(cycle)] for i in range(num_samples)], dtype=np.int64)
     elif prompts is not None:
-        guiding = getattr(family, "classifier_free", True) and spec.cfg_scale > 1.0  # FLUX.1: no negative batch
+        guiding = family.classifier_free and spec.cfg_scale > 1.0  # FLUX.1: no negative batch
         conditioning = _cycle_prompts(spec, prompts, num_samples, guiding, prompts_source)
     sample_shape = next(t.shape for t in family.graph_inputs(config) if t.role == "sample")
     judge = DigitsFeatures(classifier_path) if DigitsFeatures.applies(spec) else RandomProjection(sample_shape)
@@ -198,16 +198,19 @@ def _cpu_count() -> int:
 def _cycle_prompts(spec, prompts: Mapping[str, np.ndarray], n: int, guiding: bool, where: str) -> dict:
     """``n`` rows of prompt arrays (the model's text roles: PixArt's masks, SD3's pooled embeddings; their negatives
     when ``guiding``), prompt ``i % P`` in row i, checked as the runtime checks a request."""
-    from ..runtime.conditioning import TEXT_ROLES, check_text_conditioning
+    from ..core.interface import request_records
+    from ..runtime.conditioning import check_text_conditioning
 
-    inputs = {t.role: t.record() for t in spec.family.graph_inputs(spec.config) if t.role in TEXT_ROLES}
-    checked = check_text_conditioning(prompts, inputs, guiding, where, max_tokens=spec.max_prompt_tokens)
-    rows = np.arange(n) % len(checked["prompt_embeds"][0])
+    records = request_records([t.record() for t in spec.family.graph_inputs(spec.config)],
+                              spec.family.guidance_record(spec.config))
+    checked = check_text_conditioning(prompts, records, guiding, where, max_tokens=spec.max_prompt_tokens)
+    rows = np.arange(n) % len(next(iter(checked.values()))[0])
     out = {}
-    for role, (array, negative) in checked.items():
-        out[role] = array[rows]
-        if negative is not None:
-            out[f"negative_{role}"] = negative[rows]
+    for record in records:
+        array, negative = checked[record["argument"]]
+        out[record["argument"]] = array[rows]
+        if negative is not None and record.get("negative"):
+            out[record["negative"]] = negative[rows]
     return out
 
 

@@ -36,22 +36,28 @@ class Condition:
         return cls((labels,), (torch.full_like(labels, null_class),))
 
     @classmethod
-    def of_prompts(cls, arrays: dict, inputs: dict, order: list[str], guiding: bool, where: str,
+    def of_prompts(cls, arrays: dict, records: list[dict], guidance: dict, guiding: bool, where: str,
                    guidance_scale: float | None = None, max_tokens: int | None = None) -> "Condition":
         """A set of prompts from arrays by the pipelines' argument names, checked as the runtime checks them (the
-        negative ones needed when ``guiding``): ``inputs`` role -> record with the per-request ``shape`` of each of
-        the model's inputs, ``order`` their roles in the model's argument order. A model with a ``guidance`` input
-        (a guidance-distilled FLUX.1) is fed ``guidance_scale`` there, (P,) for P prompts; prompts are at most
+        negative ones needed when ``guiding``): ``records`` the model's conditioning input records in its argument
+        order, ``guidance`` its guidance record (``rule``, ``scale_argument``). An input fed the guidance scale (a
+        guidance-distilled FLUX.1's) is fed ``guidance_scale``, (P,) for P prompts; prompts are at most
         ``max_tokens`` long (the pipeline's max_sequence_length: the longest a build of the model takes)."""
-        from ..samplers.conditioning import GUIDANCE_ROLE, check_text_conditioning
+        from ..core.interface import request_records, scale_fed
+        from ..samplers.conditioning import check_text_conditioning
 
-        checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens=max_tokens)
-        if GUIDANCE_ROLE in inputs:
-            scale = np.full(len(checked["prompt_embeds"][0]), guidance_scale, dtype=np.float32)
-            checked[GUIDANCE_ROLE] = (scale, scale)
-        roles = [role for role in order if role in checked]
-        cond = tuple(torch.from_numpy(checked[role][0]) for role in roles)
-        return cls(cond, tuple(torch.from_numpy(checked[role][1]) for role in roles) if guiding else cond)
+        checked = check_text_conditioning(arrays, request_records(records, guidance), guiding, where,
+                                          max_tokens=max_tokens)
+        count = len(next(iter(checked.values()))[0])
+        halves = []
+        for record in records:
+            if scale_fed(record, guidance):
+                scale = np.full(count, guidance_scale, dtype=np.float32)
+                halves.append((scale, scale))
+            else:
+                halves.append(checked[record["argument"]])
+        cond = tuple(torch.from_numpy(c) for c, _ in halves)
+        return cls(cond, tuple(torch.from_numpy(u) for _, u in halves) if guiding else cond)
 
     def __len__(self) -> int:
         return len(self.cond[0])
@@ -145,7 +151,7 @@ def sampler_output(model_out: torch.Tensor, cfg_scale: float, family, config) ->
     """The model output as the sampler takes it: guided (as the family's pipeline guides), and only the channels the
     sampler steps on (a diffusers pipeline drops the learned-sigma half)."""
     if cfg_scale > 1.0:
-        model_out = apply_guidance(model_out, cfg_scale, family.guided_channels(config))
+        model_out = apply_guidance(model_out, cfg_scale, family.guided_channels(config), family.guidance_rule)
     channels = family.sampler_channels(config)
     return model_out if channels is None else model_out[:, :channels]
 

@@ -291,14 +291,14 @@ def prompt_condition(family, config, arrays: dict, guiding: bool, guidance_scale
     """The learner's :class:`~l2c_export.learn.data.Condition` of prompt arrays by the pipeline's argument names,
     checked as the runtime checks them."""
     from .data import Condition
+    from ..core.interface import conditioning_records
     from ..samplers.conditioning import refuse_negatives
 
-    inputs = {tensor.role: tensor for tensor in family.graph_inputs(config)}
-    records = {role: {"shape": ["batch", *tensor.shape]} for role, tensor in inputs.items()}
-    order = [tensor.role for tensor in family.graph_inputs(config)]
-    if not getattr(family, "classifier_free", True):
+    records = conditioning_records([tensor.record() for tensor in family.graph_inputs(config)])
+    if not family.classifier_free:
         refuse_negatives(arrays, where)
-    return Condition.of_prompts(arrays, records, order, guiding, where, guidance_scale, max_tokens)
+    return Condition.of_prompts(arrays, records, family.guidance_record(config), guiding, where, guidance_scale,
+                                max_tokens)
 
 
 def learn(pipe, prompts: Sequence[str] | None = None, *, num_inference_steps: int | None = None,
@@ -331,11 +331,11 @@ def learn(pipe, prompts: Sequence[str] | None = None, *, num_inference_steps: in
     sampler = sampler_from_scheduler_config(json.loads(scheduler.to_json_string()), num_steps, "pipe.scheduler.config",
                                             family.pipeline_timesteps(config))
     guidance_scale = family.default_cfg_scale if guidance_scale is None else guidance_scale
-    classifier_free = getattr(family, "classifier_free", True)
+    classifier_free = family.classifier_free
     settings = LearnSettings(mode=mode, iterations=iterations, batch_size=batch_size, lr=lr, l1=l1,
                              cfg_scale=guidance_scale if classifier_free else 1.0, window=window,
                              steps_per_iteration=steps_per_iteration, init_std=init_std, seed=seed)
-    text_model = any(tensor.role == "prompt_embeds" for tensor in family.graph_inputs(config))
+    text_model = any(tensor.kind == "token_embeddings" for tensor in family.graph_inputs(config))
     given = "prompts" if conditioning is None else "conditioning"
     if prompts is not None and conditioning is not None:
         raise ValueError("l2c_export.learn: give prompts= or conditioning=, not both")

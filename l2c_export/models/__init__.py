@@ -6,17 +6,22 @@ the manifest a build wrote from it; none of them knows which family it handles. 
 per-architecture ONNX export configs and TensorRT demo/Diffusion's ``BaseModel``.)
 
 Adding a family: a folder with the model (a module whose ``forward_cached(*inputs, compute, cache)`` computes
-sub-layer ``i`` where ``compute[i]`` and otherwise adds ``cache[i]``) and a :class:`ModelFamily` subclass, and one line
-in :data:`FAMILIES` (or :func:`register` at run time, as the tests' toy family does). A diffusers transformer class is
-a smaller declaration still (:mod:`l2c_export.models.diffusers`): its block list, sub-layer paths and conditioning.
+sub-layer ``i`` where ``compute[i]`` and otherwise adds ``cache[i]``) and a :class:`ModelFamily` subclass as its
+``FAMILY``; the registry (:data:`FAMILIES`) finds it (or :func:`register` at run time, as the tests' toy family does).
+A diffusers transformer class is a smaller declaration still, one file of ``diffusers/``
+(:mod:`l2c_export.models.diffusers.declaration`; docs/adding-a-family.md).
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
+
+from ..core.interface import (CLASSIFIER_FREE, CONDITIONING, CONDITIONING_KINDS, DEFAULT_SCALE_ARGUMENT, LABEL,
+                              NCHW)
 
 LATENT_SCALE = 0.18215  # the SD-VAE scale both DiT and U-ViT latents use
 
@@ -24,19 +29,38 @@ LATENT_SCALE = 0.18215  # the SD-VAE scale both DiT and U-ViT latents use
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of the graph interface, the batch axis left out: ``shape`` is per sample, an axis that varies per
-    request named by a string (``prompt_tokens``). ``role`` says what a runtime feeds or reads: ``sample`` (x),
-    ``time`` (the timestep, float), ``label`` (class index), ``prompt_embeds``, ``prompt_attention_mask`` and
-    ``pooled_prompt_embeds`` (text conditioning, fed from the pipeline arguments of those names), ``guidance`` (a
-    guidance-distilled model's guidance scale, (N,) float, fed ``--cfg-scale``), ``output``."""
+    request named by a string (``prompt_tokens``). ``role`` says what a runtime feeds or reads
+    (:mod:`l2c_export.core.interface`): ``sample`` (x), ``time`` (the timestep, float), ``conditioning`` or
+    ``output``. A conditioning input also says the pipeline ``argument`` it is fed from, its ``kind`` and, where
+    guidance feeds the unconditional half from another argument, that ``negative`` partner."""
 
     name: str
     dtype: str
     shape: tuple[int | str, ...]
     role: str
+    argument: str | None = None
+    kind: str | None = None
+    negative: str | None = None
+
+    def __post_init__(self):
+        if (self.role == CONDITIONING) != (self.argument is not None and self.kind in CONDITIONING_KINDS):
+            raise ValueError(f"{self.name}: a conditioning input (and only one) has an argument and a kind of "
+                             f"{', '.join(CONDITIONING_KINDS)}")
 
     def record(self) -> dict:
         """The manifest's tensor record."""
-        return {"name": self.name, "dtype": self.dtype, "shape": ["batch", *self.shape], "role": self.role}
+        record = {"name": self.name, "dtype": self.dtype, "shape": ["batch", *self.shape], "role": self.role}
+        if self.role == CONDITIONING:
+            record.update(argument=self.argument, kind=self.kind)
+            if self.negative is not None:
+                record["negative"] = self.negative
+        return record
+
+
+def label_input(name: str) -> TensorSpec:
+    """A class-label input (int64 per sample), fed ``--labels`` and guided against the null class; the pipelines'
+    argument name for it is ``class_labels``."""
+    return TensorSpec(name, "int64", (), CONDITIONING, argument="class_labels", kind=LABEL)
 
 
 class ModelFamily:
@@ -48,6 +72,9 @@ class ModelFamily:
     default_sampler: str  # "ddim", "ddpm" or "dpm_solver_2s"
     default_cfg_scale: float  # uncond + s * (cond - uncond), the same meaning for every family
     latent_scale: float = LATENT_SCALE
+    guidance_rule: str = CLASSIFIER_FREE  # how the scale acts (l2c_export.core.interface.GUIDANCE_RULES)
+    scale_argument: str = DEFAULT_SCALE_ARGUMENT  # the pipeline's name for the scale
+    latent_layout: str = NCHW  # how the sample's axes lie (l2c_export.core.interface.LATENT_LAYOUTS)
 
     # -- configs and checkpoints -----------------------------------------------------------------------------------
     def owns(self, config) -> bool:
@@ -147,6 +174,22 @@ class ModelFamily:
         """The label of the unconditional half; labels 0 .. null_class - 1 are the classes (None: no label input)."""
         raise NotImplementedError
 
+    def guidance_record(self, config) -> dict:
+        """The manifest's guidance facts the family fixes: its rule, the pipeline's name for the scale and, for a
+        label model, the null class (what :mod:`l2c_export.samplers.conditioning` reads beside the input records)."""
+        record = {"rule": self.guidance_rule, "scale_argument": self.scale_argument}
+        null_class = self.null_class(config)
+        if null_class is not None:
+            record["null_class"] = null_class
+        return record
+
+    @property
+    def classifier_free(self) -> bool:
+        """Whether guidance runs an unconditional half (a batch of 2n)."""
+        from ..core.interface import BATCHED_RULES
+
+        return self.guidance_rule in BATCHED_RULES
+
     def sampler_channels(self, config) -> int | None:
         """The leading channels of the guided model output the sampler takes; None: every channel (the authors'
         samplers read a learned sigma themselves)."""
@@ -162,11 +205,26 @@ def config_from_dict(cls, data: Mapping):
     return cls(**dict(data))
 
 
-# name -> module defining FAMILY; adding a family is one line here.
-FAMILIES = {"dit": "l2c_export.models.dit", "uvit": "l2c_export.models.uvit",
-            "diffusers-dit": "l2c_export.models.diffusers.dit",
-            "diffusers-pixart": "l2c_export.models.diffusers.pixart",
-            "diffusers-sd3": "l2c_export.models.diffusers.sd3", "diffusers-flux": "l2c_export.models.diffusers.flux"}
+# Where families are declared: each sub-package of this package (``dit/``, ``uvit/``) and each module of
+# ``diffusers/`` whose source defines ``FAMILY`` at its top level is one, named after it (``dit``; ``diffusers-`` and
+# the module's name: ``diffusers/pixart.py`` is ``diffusers-pixart``). Adding a family is adding its file.
+_PACKAGE = Path(__file__).resolve().parent
+_DECLARES_FAMILY = re.compile(r"^FAMILY\s*[:=]", re.MULTILINE)
+
+
+def _declared_families() -> dict[str, str]:
+    """family name -> the module that declares it, found by reading the sources (nothing is imported)."""
+    found = {}
+    for init in sorted(_PACKAGE.glob("*/__init__.py")):
+        if _DECLARES_FAMILY.search(init.read_text()):
+            found[init.parent.name] = f"{__name__}.{init.parent.name}"
+    for module in sorted((_PACKAGE / "diffusers").glob("*.py")):
+        if module.stem != "__init__" and _DECLARES_FAMILY.search(module.read_text()):
+            found[f"diffusers-{module.stem}"] = f"{__name__}.diffusers.{module.stem}"
+    return found
+
+
+FAMILIES = _declared_families()
 _loaded: dict[str, ModelFamily] = {}
 
 
@@ -180,7 +238,10 @@ def get_family(name: str) -> ModelFamily:
         if name not in FAMILIES:
             known = sorted(set(FAMILIES) | set(_loaded))
             raise ValueError(f"unknown model family {name!r}; expected one of {', '.join(known)}")
-        _loaded[name] = importlib.import_module(FAMILIES[name]).FAMILY
+        family = importlib.import_module(FAMILIES[name]).FAMILY
+        if family.name != name:
+            raise AssertionError(f"{FAMILIES[name]} declares family {family.name!r}; its file makes it {name!r}")
+        _loaded[name] = family
     return _loaded[name]
 
 

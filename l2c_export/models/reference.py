@@ -39,11 +39,9 @@ def sample_reference(model: torch.nn.Module, sampler: DenoisingSampler, labels: 
     config = model.config
     family = family_of_config(config)
     graph_inputs = family.graph_inputs(config)
-    classifier_free = getattr(family, "classifier_free", True)  # False: a guidance-distilled model (FLUX.1)
-    guiding = classifier_free and cfg_scale > 1.0
-    n, by_name = batch_conditioning([tensor.record() for tensor in graph_inputs], family.null_class(config), guiding,
-                                    labels, conditioning, where, classifier_free=classifier_free,
-                                    guidance_scale=cfg_scale)
+    guiding = family.classifier_free and cfg_scale > 1.0  # False: a guidance-distilled model (FLUX.1)
+    n, by_name = batch_conditioning([tensor.record() for tensor in graph_inputs], family.guidance_record(config),
+                                    guiding, labels, conditioning, where, guidance_scale=cfg_scale)
     sample_shape = graph_inputs[0].shape
     expected = (n, *sample_shape)
     if noise is None:
@@ -68,7 +66,7 @@ def sample_reference(model: torch.nn.Module, sampler: DenoisingSampler, labels: 
             out = model(x, t, *condition)
         else:
             out = model.forward_cached(x, t, *condition, schedule.compute[call.index].tolist(), cache)
-        out = apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
+        out = apply_guidance(out, cfg_scale, guided, family.guidance_rule)[:n] if guiding else out
         return out if sampler_channels is None else out[:, :sampler_channels]
 
     def ddpm_noise(s: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..core import manifest as manifest_io
+from ..core.interface import PACKED_2X2, TOKEN_EMBEDDINGS, TOKEN_MASK, conditioning_records
 from ..core.latents import unpack_latents
 from ..core.util import short_repr
 
@@ -95,8 +96,10 @@ def _component_session(folder: Path, manifest: dict, name: str, providers: Seque
 
 
 class PromptEncoder:
-    """Prompts -> ``prompt_embeds`` (n, L, D) float32, ``prompt_attention_mask`` (n, L) float32 and, when guiding,
-    the negative prompt's pair, L = the manifest's ``model/max_sequence_length``.
+    """Prompts -> the model's token embeddings (n, L, D) float32 and their token mask (n, L) float32 and, when
+    guiding, the negative prompt's pair, by the pipeline argument names the manifest's conditioning inputs give them
+    (``model/inputs`` of kinds token_embeddings and token_mask, and their ``negative`` partners), L = the
+    manifest's ``model/max_sequence_length``.
 
     Written by hand because the pipeline's own ``encode_prompt`` needs torch and transformers; it mirrors diffusers
     0.42's ``PixArtAlphaPipeline.encode_prompt`` with ``clean_caption=False`` (``PixArtSigmaPipeline``'s is the
@@ -121,6 +124,11 @@ class PromptEncoder:
                                       length=self.max_length)
         self.session = _component_session(folder, manifest, "text_encoder", providers)
         self._inputs = [t["name"] for t in manifest["components"]["text_encoder"]["inputs"]]
+        records = {record["kind"]: record for record in conditioning_records(manifest["model"]["inputs"])}
+        # (the argument, its negative partner) that the embeddings and the mask feed
+        self._embeds = records[TOKEN_EMBEDDINGS]["argument"], records[TOKEN_EMBEDDINGS].get("negative")
+        mask = records.get(TOKEN_MASK)
+        self._mask = None if mask is None else (mask["argument"], mask.get("negative"))
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Prompts (already checked) -> input_ids (n, L) int64 and attention_mask (n, L) int64."""
@@ -143,11 +151,13 @@ class PromptEncoder:
             raise PromptError(f"{where}: expected a list of one or more prompts")
         prompts = [check_prompt(text, f"{where} {i + 1}" if len(prompts) > 1 else where)
                    for i, text in enumerate(prompts)]
-        embeds, mask = self.embed(prompts)
-        arrays = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
-        if guiding:
-            negatives = negative_prompts(negative_prompt, len(prompts))
-            arrays["negative_prompt_embeds"], arrays["negative_prompt_attention_mask"] = self.embed(negatives)
+        arrays = {}
+        for half, texts in enumerate([prompts, negative_prompts(negative_prompt, len(prompts))] if guiding
+                                     else [prompts]):
+            embeds, mask = self.embed(texts)
+            arrays[self._embeds[half]] = embeds
+            if self._mask is not None:
+                arrays[self._mask[half]] = mask
         return arrays
 
 
@@ -170,7 +180,7 @@ def refuse_unused_negative_prompt(guiding: bool, prompts_given: bool, conditioni
     name = names or ARGUMENT_NAMES
     if conditioning_given:
         raise PromptError(f"{name['negative_prompt']} is not used with {name['conditioning']}: the conditioning "
-                          f"carries its own negative_prompt_embeds; encode the negative prompt into it, or give "
+                          f"carries its own negative arrays; encode the negative prompt into it, or give "
                           f"{name['prompt']} instead")
     if not prompts_given:
         raise PromptError(f"{name['negative_prompt']} needs {name['prompt']}: it is the text the prompts are guided "
@@ -190,14 +200,14 @@ class ImageDecoder:
         record = manifest["components"]["vae_decoder"]
         self.scaling_factor = float(record["scaling_factor"])
         self.shift_factor = record.get("shift_factor")
-        self.layout = record.get("latent_layout", "spatial")
+        self.layout = record.get("latent_layout")
         self.latent_shape = tuple(record["inputs"][0]["shape"][1:])  # (C, h, w)
         self.session = _component_session(folder, manifest, "vae_decoder", providers)
         self._input = record["inputs"][0]["name"]
 
     def __call__(self, latents: np.ndarray) -> np.ndarray:
         latents = np.asarray(latents, dtype=np.float32)
-        if self.layout == "packed_2x2":
+        if self.layout == PACKED_2X2:
             latents = unpack_latents(latents, *self.latent_shape[1:])
         scaled = latents / np.float32(self.scaling_factor)
         if self.shift_factor is not None:

@@ -1,12 +1,11 @@
 """What a request conditions on, checked and turned into the model batch's inputs, from the manifest alone (numpy).
 
-A model's conditioning inputs are the manifest's ``model/inputs`` with a conditioning role: ``label`` (class labels,
-guided against the null class), or text: ``prompt_embeds`` (text-encoder embeddings, (n, L, D)), with
-``prompt_attention_mask`` ((n, L), 1 keep / 0 padding; PixArt) and ``pooled_prompt_embeds`` ((n, P); SD3, FLUX.1)
-where the model has them, each guided against the ``negative_`` array of the same shape (the pipelines' argument
-names). With classifier-free guidance the model batch is 2n: the conditional half first, the unconditional half
-second (the order changes no value: every sample is its own). A guidance-distilled model (FLUX.1, manifest
-``guidance/classifier_free`` false) runs no such batch: its ``guidance`` input, where it has one, is fed the scale.
+A model's conditioning inputs are the manifest's ``model/inputs`` of role ``conditioning``, each naming the
+pipeline argument it is fed from and its kind (:mod:`l2c_export.core.interface`): class labels (guided against the
+null class), or arrays by the pipelines' argument names (token embeddings, their mask, a pooled vector), each guided
+against its ``negative`` partner. The manifest's ``guidance/rule`` says whether a request at a scale above 1 runs a
+batch of 2n (the conditional half first, the unconditional half second: the order changes no value, every sample is
+its own), or (a guidance-distilled model) feeds the scale to the input named by ``guidance/scale_argument``.
 """
 
 from __future__ import annotations
@@ -15,22 +14,41 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..core.interface import (TOKEN_MASK, argument_names, conditioning_records, label_record,
+                              request_records, runs_unconditional_half)
 # The record-level checks live a stage down, where the PyTorch reference sampler and learning can use them too;
 # re-exported here, the runtime's conditioning module, for its callers.
-from ..samplers.conditioning import (CONDITIONING_ROLES, GUIDANCE_ROLE, TEXT_ARGUMENTS, TEXT_ROLES,  # noqa: F401
-                                     ARGUMENT_NAMES, FLAG_NAMES, ConditioningError, batch_conditioning, by_role,
-                                     check_prompts, check_text_conditioning, refuse_negatives)
+from ..samplers.conditioning import (ARGUMENT_NAMES, FLAG_NAMES, ConditioningError, batch_conditioning,  # noqa: F401
+                                     check_text_conditioning, refuse_negatives)
 
 
-def conditioning_inputs(manifest: dict) -> dict[str, dict]:
-    """role -> the manifest's input record, for each conditioning input of the model."""
-    return by_role(manifest["model"]["inputs"])
+def conditioning_inputs(manifest: dict) -> list[dict]:
+    """The manifest's records of the model's conditioning inputs, in graph order."""
+    return conditioning_records(manifest["model"]["inputs"])
+
+
+def takes_labels(manifest: dict) -> bool:
+    """Whether the model is conditioned on class labels (``--labels``)."""
+    return label_record(manifest["model"]["inputs"]) is not None
+
+
+def request_inputs(manifest: dict) -> list[dict]:
+    """The conditioning inputs a request feeds by argument name (all but a label and those fed the scale)."""
+    return request_records(manifest["model"]["inputs"], manifest["guidance"])
+
+
+def request_arguments(manifest: dict, negatives: bool | None = None) -> list[str]:
+    """The arrays a request may carry, by the pipelines' argument names: the model's, then (where the guidance
+    rule runs an unconditional half, or ``negatives``) their ``negative`` partners."""
+    if negatives is None:
+        negatives = runs_unconditional_half(manifest["guidance"])
+    return argument_names(request_inputs(manifest), negatives)
 
 
 def classifier_free_batch(manifest: dict, cfg_scale: float) -> bool:
-    """Whether a request at ``cfg_scale`` runs the 2n classifier-free batch: the scale is above 1 and the model's
-    pipeline guides that way (not a guidance-distilled one)."""
-    return manifest["guidance"].get("classifier_free", True) and cfg_scale > 1.0
+    """Whether a request at ``cfg_scale`` runs the 2n batch with an unconditional half: the scale is above 1 and the
+    model's guidance rule runs one (not a guidance-distilled model's)."""
+    return runs_unconditional_half(manifest["guidance"]) and cfg_scale > 1.0
 
 
 def images_per_batch(manifest: dict, cfg_scale: float) -> int:
@@ -46,45 +64,45 @@ def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int
                              names: Mapping[str, str] = FLAG_NAMES) -> tuple[int, dict[str, np.ndarray]]:
     """The number of samples n and, for each conditioning input of the model, its model-batch array (2n rows when
     ``guiding``: :func:`classifier_free_batch`). ``labels``: class labels (models with a label input);
-    ``conditioning``: the text arrays by the pipelines' argument names (models with text inputs); ``cfg_scale``: what
-    a ``guidance`` input is fed (the manifest's scale when None). Anything missing, extra, misshapen, of the wrong
-    dtype or not finite is refused naming it (``names``: how messages call labels, conditioning and cfg_scale)."""
+    ``conditioning``: the arrays by the pipelines' argument names (the other models); ``cfg_scale``: what an input
+    fed the scale takes (the manifest's scale when None). Anything missing, extra, misshapen, of the wrong dtype or
+    not finite is refused naming it (``names``: how messages call labels, conditioning and cfg_scale)."""
     guidance = manifest["guidance"]
-    return batch_conditioning(manifest["model"]["inputs"], guidance.get("null_class"), guiding, labels, conditioning,
-                              where, manifest["model"].get("max_sequence_length"),
-                              guidance.get("classifier_free", True),
+    return batch_conditioning(manifest["model"]["inputs"], guidance, guiding, labels, conditioning, where,
+                              manifest["model"].get("max_sequence_length"),
                               guidance["cfg_scale"] if cfg_scale is None else cfg_scale, names)
 
 
 def example_conditioning(manifest: dict, n: int, seed: int = 0, prompt_tokens: int = 6) -> dict:
     """Conditioning for checks (verify, bench): ``{"labels": [...]}`` for a label model, else ``{"conditioning":
-    {...}}`` with seeded random prompt embeddings of ``prompt_tokens`` tokens, the last two of the first prompt
-    padded."""
-    inputs = conditioning_inputs(manifest)
-    if "label" in inputs:
+    {...}}`` with seeded random values of every array a request feeds, token inputs ``prompt_tokens`` long, the
+    last two tokens of the first prompt masked (the unconditional half's masks keep every token)."""
+    if takes_labels(manifest):
         null_class = manifest["guidance"]["null_class"]
         return {"labels": [i % null_class for i in range(n)]}
-    width, length = inputs["prompt_embeds"]["shape"][-1], prompt_tokens
     generator = np.random.default_rng(seed)
-    mask = np.ones((n, length), dtype=np.float32)
-    mask[0, max(1, length - 2):] = 0  # padded, one token kept
-    arrays = {"prompt_embeds": generator.standard_normal((n, length, width), dtype=np.float32),
-              "negative_prompt_embeds": generator.standard_normal((n, length, width), dtype=np.float32)}
-    if "prompt_attention_mask" in inputs:
-        arrays.update(prompt_attention_mask=mask, negative_prompt_attention_mask=np.ones((n, length), np.float32))
-    if "pooled_prompt_embeds" in inputs:
-        pooled = inputs["pooled_prompt_embeds"]["shape"][-1]
-        arrays.update(pooled_prompt_embeds=generator.standard_normal((n, pooled), dtype=np.float32),
-                      negative_pooled_prompt_embeds=generator.standard_normal((n, pooled), dtype=np.float32))
-    if not manifest["guidance"].get("classifier_free", True):
-        arrays = {name: array for name, array in arrays.items() if not name.startswith("negative_")}
+    negatives = runs_unconditional_half(manifest["guidance"])
+    arrays = {}
+    for record in request_inputs(manifest):
+        for negative in (False, True) if negatives else (False,):
+            name = record.get("negative") if negative else record["argument"]
+            if name is None:
+                continue
+            shape = [n, *(prompt_tokens if isinstance(size, str) else size for size in record["shape"][1:])]
+            if record["kind"] == TOKEN_MASK:
+                arrays[name] = np.ones(shape, dtype=np.float32)
+                if not negative:
+                    arrays[name][0, max(1, prompt_tokens - 2):] = 0  # padded, one token kept
+            else:
+                arrays[name] = generator.standard_normal(shape, dtype=np.float32)
     return {"conditioning": arrays}
 
 
-def load_conditioning(path, where: str | None = None) -> dict[str, np.ndarray]:
+def load_conditioning(path, where: str | None = None, arguments: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """``--conditioning cond.npz``: its arrays by name (never unpickled). Anything else (not a zip, a damaged or
     truncated one, a pickled object array) is a :class:`ConditioningError` naming the file (``where``: how it is
-    named; default ``--conditioning PATH``) and the array."""
+    named; default ``--conditioning PATH``) and the array, and the arrays expected (``arguments``: the model's,
+    :func:`request_arguments`)."""
     import zipfile
     import zlib
     from pathlib import Path
@@ -92,7 +110,8 @@ def load_conditioning(path, where: str | None = None) -> dict[str, np.ndarray]:
     path = Path(path)
     where = where or f"--conditioning {path}"
     unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
-    expected = f"expected an .npz archive of arrays named {', '.join(TEXT_ARGUMENTS)} (numpy.savez)"
+    expected = (f"expected an .npz archive of arrays named {', '.join(arguments)} (numpy.savez)" if arguments
+                else "expected an .npz archive of arrays (numpy.savez)")
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:

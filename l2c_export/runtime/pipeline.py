@@ -49,15 +49,15 @@ class ModelInterface:
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ModelInterface":
-        from .conditioning import CONDITIONING_ROLES
+        from ..core.interface import CONDITIONING, label_record
 
         by_role = {tensor["role"]: tensor for tensor in manifest["model"]["inputs"]}
-        missing = {"sample", "time"} - set(by_role)
-        if missing or not set(by_role) & set(CONDITIONING_ROLES):
-            what = ", ".join(sorted(missing)) or f"of the conditioning roles ({', '.join(CONDITIONING_ROLES)})"
-            raise manifest_io.ManifestError(f"manifest: field 'model/inputs' has no input with role {what}")
+        missing = {"sample", "time", CONDITIONING} - set(by_role)
+        if missing:
+            raise manifest_io.ManifestError(f"manifest: field 'model/inputs' has no input with role "
+                                            f"{', '.join(sorted(missing))}")
         output = manifest["model"]["output"]
-        label = by_role.get("label")
+        label = label_record(manifest["model"]["inputs"])
         return cls(sample=by_role["sample"]["name"], time=by_role["time"]["name"],
                    label=None if label is None else label["name"], output=output["name"],
                    sample_shape=tuple(by_role["sample"]["shape"][1:]), output_shape=tuple(output["shape"][1:]))
@@ -162,8 +162,8 @@ class L2CPipeline:
         :data:`.conditioning.FLAG_NAMES`).
         """
         from ..core.memory import check_run_fits
-        from .conditioning import (ARGUMENT_NAMES, TEXT_ARGUMENTS, ConditioningError, classifier_free_batch,
-                                   images_per_batch, load_conditioning, model_batch_conditioning)
+        from .conditioning import (ARGUMENT_NAMES, ConditioningError, classifier_free_batch, images_per_batch,
+                                   load_conditioning, model_batch_conditioning, request_arguments)
 
         names = names or ARGUMENT_NAMES
 
@@ -200,10 +200,11 @@ class L2CPipeline:
                 refuse_unused_negative_prompt(guiding, False, conditioning is not None, names)
             if isinstance(conditioning, (str, os.PathLike)):  # an .npz file
                 where = f"conditioning {conditioning}"
-                conditioning = load_conditioning(conditioning, where)
+                conditioning = load_conditioning(conditioning, where, request_arguments(self.manifest))
             elif conditioning is not None and not isinstance(conditioning, Mapping):
                 raise ConditioningError(f"conditioning is a {type(conditioning).__name__}; expected a dict of arrays "
-                                        f"by the pipelines' argument names ({', '.join(TEXT_ARGUMENTS)}), or the "
+                                        f"by the pipelines' argument names "
+                                        f"({', '.join(request_arguments(self.manifest, negatives=True))}), or the "
                                         f"path of an .npz of them")
             # the whole request checked once, so that a message names what is wrong in it, not in one batch
             n, _ = model_batch_conditioning(self.manifest, guiding, labels, conditioning, where, cfg_scale, names)
@@ -267,7 +268,7 @@ class L2CPipeline:
         ``ddpm_noise(call) -> (b, C, H, W)`` -> (samples (b, C, H, W) float32, seconds of the loop, seconds in the
         engines)."""
         n = len(noise)
-        guided = self.manifest["guidance"]["guided_channels"]
+        guided, rule = self.manifest["guidance"]["guided_channels"], self.manifest["guidance"]["rule"]
         state = self.backend.new_request()
         engine_seconds = 0.0
 
@@ -278,7 +279,7 @@ class L2CPipeline:
             engine_start = time.perf_counter()
             out = self.backend.run(subsets[call.index], self.interface.feeds(model_x, t, condition), state)
             engine_seconds += time.perf_counter() - engine_start
-            out = apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
+            out = apply_guidance(out, cfg_scale, guided, rule)[:n] if guiding else out
             return out if self.sampler_channels is None else out[:, :self.sampler_channels]
 
         start = time.perf_counter()

@@ -1,12 +1,14 @@
 """A request's conditioning checked and batched from the model's input records alone (numpy): what the runtime, the
 PyTorch reference sampler and learning share. :mod:`l2c_export.runtime.conditioning` reads the records from a
-manifest.
+manifest; a family's :class:`~l2c_export.models.TensorSpec` records say the same before a build.
 
-A model's conditioning inputs are its input records with a conditioning role: ``label`` (class labels, guided against
-the null class), or text: ``prompt_embeds`` (text-encoder embeddings, (n, L, D)), with ``prompt_attention_mask``
-((n, L), 1 keep / 0 padding; PixArt) and ``pooled_prompt_embeds`` ((n, P); SD3, FLUX.1) where the model has them, each
-guided against the ``negative_`` array of the same shape (the pipelines' argument names). With classifier-free
-guidance the model batch is 2n: the conditional half first, the unconditional half second.
+A model's conditioning inputs are its input records of role ``conditioning`` (:mod:`l2c_export.core.interface`):
+each fed from the pipeline argument it names, checked by its kind: a ``label`` (class labels, guided against the
+null class), ``token_embeddings`` (n, L, D), a ``token_mask`` (n, L) of 0/1 over the same tokens, a ``pooled``
+vector (n, P), a ``scalar`` (n,); where the guidance rule runs an unconditional half, each is guided against its
+``negative`` partner of the same shape (or, without one, the same value). The input whose argument is the
+guidance's scale argument is fed the scale. With an unconditional half the model batch is 2n: the conditional half
+first, the unconditional half second.
 """
 
 from __future__ import annotations
@@ -15,12 +17,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..core.interface import (CONDITIONING, POOLED, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK,
+                              argument_names, conditioning_records, label_record, request_records,
+                              runs_unconditional_half, scale_fed)
 from .guidance import check_labels
-
-TEXT_ROLES = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
-GUIDANCE_ROLE = "guidance"
-CONDITIONING_ROLES = ("label", *TEXT_ROLES, GUIDANCE_ROLE)
-TEXT_ARGUMENTS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 
 # How messages call a request's parts: the command line's flags, or L2CPipeline's Python arguments.
 FLAG_NAMES = {"labels": "--labels", "conditioning": "--conditioning", "cfg_scale": "--cfg-scale",
@@ -32,55 +32,55 @@ class ConditioningError(ValueError):
     """Conditioning that does not fit the model; the message names the array (and file) and what was expected."""
 
 
-def by_role(input_records: Sequence[dict]) -> dict[str, dict]:
-    """role -> input record, for each record with a conditioning role."""
-    return {tensor["role"]: tensor for tensor in input_records if tensor["role"] in CONDITIONING_ROLES}
-
-
-def batch_conditioning(input_records: Sequence[dict], null_class: int | None, guiding: bool,
+def batch_conditioning(input_records: Sequence[dict], guidance: Mapping, guiding: bool,
                        labels: Sequence[int] | None = None, conditioning: Mapping[str, np.ndarray] | None = None,
-                       where: str = "conditioning", max_tokens: int | None = None, classifier_free: bool = True,
+                       where: str = "conditioning", max_tokens: int | None = None,
                        guidance_scale: float | None = None,
                        names: Mapping[str, str] = FLAG_NAMES) -> tuple[int, dict[str, np.ndarray]]:
     """:func:`model_batch_conditioning` from the model's input records (the manifest's ``model/inputs``, or a
-    family's ``TensorSpec.record()``s: the PyTorch reference checks a request as the runtimes do), null class,
-    longest prompt (``model/max_sequence_length``; None: unbounded), whether the model guides with a classifier-free
-    batch (``guidance/classifier_free``) and the scale a ``guidance`` input is fed."""
-    inputs = by_role(input_records)
-    if "label" in inputs:
+    family's ``TensorSpec.record()``s: the PyTorch reference checks a request as the runtimes do), its guidance
+    record (``rule``, ``scale_argument``, ``null_class``: the manifest's ``guidance``, or a family's
+    ``guidance_record``), longest prompt (``model/max_sequence_length``; None: unbounded) and the scale an input fed
+    the scale takes."""
+    label = label_record(input_records)
+    if label is not None:
         if conditioning:
             raise ConditioningError(f"{where}: this model is conditioned on class labels ({names['labels']}), not "
                                     f"on {', '.join(sorted(conditioning))}")
         if labels is None or len(labels) == 0:
             raise ConditioningError("no labels given; expected at least one class label")
         labels = np.asarray([int(label) for label in labels], dtype=np.int64)
+        null_class = guidance.get("null_class")
         check_labels(labels, null_class)
         batch = np.concatenate([labels, np.full_like(labels, null_class)]) if guiding else labels
-        return len(labels), {inputs["label"]["name"]: batch}
-    if "prompt_embeds" not in inputs:
-        raise ConditioningError(f"{where}: the manifest's model inputs have no conditioning this runtime knows "
-                                f"(roles {', '.join(CONDITIONING_ROLES)})")
+        return len(labels), {label["name"]: batch}
+    records = request_records(input_records, guidance)
+    if not records:
+        raise ConditioningError(f"{where}: the manifest's model inputs have no conditioning a request feeds (no "
+                                f"input of role {CONDITIONING} but those fed the guidance scale)")
     if labels is not None:
         raise ConditioningError(f"{names['labels']}: this model is conditioned on prompt embeddings "
                                 f"({names['conditioning']}), not class labels")
     arrays = dict(conditioning or {})
-    if not classifier_free:
+    if not runs_unconditional_half(guidance):
         refuse_negatives(arrays, where, names)
-    checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens)
-    n = len(checked["prompt_embeds"][0])
-    feeds = {inputs[role]["name"]: np.ascontiguousarray(np.concatenate(pair) if guiding else pair[0])
-             for role, pair in checked.items()}
-    if GUIDANCE_ROLE in inputs:
-        if guidance_scale is None:
-            raise ConditioningError(f"{where}: the model's guidance input needs a guidance scale "
-                                    f"({names['cfg_scale']})")
-        feeds[inputs[GUIDANCE_ROLE]["name"]] = np.full(2 * n if guiding else n, guidance_scale, dtype=np.float32)
+    checked = check_text_conditioning(arrays, records, guiding, where, max_tokens)
+    n = len(next(iter(checked.values()))[0])
+    feeds = {record["name"]: np.ascontiguousarray(np.concatenate(checked[record["argument"]]) if guiding
+                                                  else checked[record["argument"]][0])
+             for record in records}
+    for record in conditioning_records(input_records):
+        if scale_fed(record, guidance):
+            if guidance_scale is None:
+                raise ConditioningError(f"{where}: the model's {record['argument']} input needs a guidance scale "
+                                        f"({names['cfg_scale']})")
+            feeds[record["name"]] = np.full(2 * n if guiding else n, guidance_scale, dtype=np.float32)
     return n, feeds
 
 
 def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str, names: Mapping[str, str] = FLAG_NAMES) -> None:
-    """A guidance-distilled model (``guidance/classifier_free`` false) runs no negative prompt: a ``negative_`` array
-    is refused by name rather than ignored."""
+    """A guidance-distilled model (a guidance rule with no unconditional half) runs no negative prompt: a
+    ``negative_`` array is refused by name rather than ignored."""
     negatives = sorted(name for name in arrays if name.startswith("negative_"))
     if negatives:
         raise ConditioningError(f"{where}: array {negatives[0]!r} is not used: this model is guidance-distilled "
@@ -88,62 +88,61 @@ def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str, names: Mappin
                                 f"it out")
 
 
-def check_text_conditioning(arrays: Mapping[str, np.ndarray], inputs: dict, guiding: bool,
+def check_text_conditioning(arrays: Mapping[str, np.ndarray], records: Sequence[dict], guiding: bool,
                             where: str = "conditioning",
-                            max_tokens: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Text conditioning by the pipelines' argument names, for the text roles the model has (``inputs``: role ->
-    manifest record), checked: role -> (array, its ``negative_`` counterpart when ``guiding``, else None), float32;
-    prompt_embeds (n, L, D) with L at most ``max_tokens`` (the manifest's ``model/max_sequence_length``) where given,
-    prompt_attention_mask (n, L) 0/1, pooled_prompt_embeds (n, P). Raises :class:`ConditioningError` naming the
-    array."""
-    roles = [role for role in TEXT_ROLES if role in inputs]
-    names = [*roles, *(f"negative_{role}" for role in roles)]
-    unknown = sorted(set(arrays) - set(names))
+                            max_tokens: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A request's arrays by the pipelines' argument names, for the conditioning inputs a request feeds
+    (``records``: :func:`l2c_export.core.interface.request_records`), checked by kind: argument -> (array, the
+    unconditional half's when ``guiding``: its ``negative`` partner, or the array itself where the input has none;
+    else None), float32. Token embeddings (n, L, D) with L at most ``max_tokens`` (the manifest's
+    ``model/max_sequence_length``) where given, their partners of the same shape; a token mask (n, L) 0/1 over the
+    embeddings' L; a pooled vector (n, P); a scalar (n,). Raises :class:`ConditioningError` naming the array."""
+    expected = argument_names(records, negatives=True)
+    unknown = sorted(set(arrays) - set(expected))
     if unknown:
-        raise ConditioningError(f"{where}: unknown array {unknown[0]!r}; expected {', '.join(names)}")
-    needed = names if guiding else roles
+        raise ConditioningError(f"{where}: unknown array {unknown[0]!r}; expected {', '.join(expected)}")
+    needed = argument_names(records, negatives=guiding)
     missing = [name for name in needed if name not in arrays]
     if missing:
         why = " (guidance runs the negative prompt as the unconditional half)" if missing[0].startswith("neg") else ""
         raise ConditioningError(f"{where}: array {missing[0]!r} is missing{why}; expected {', '.join(needed)}")
-    checked = {}
-    for prefix in ("", "negative_") if guiding else ("",):
-        embeds = _embeddings(arrays[f"{prefix}prompt_embeds"], f"{prefix}prompt_embeds",
-                             inputs["prompt_embeds"]["shape"][-1], where)
-        if prefix and embeds.shape != checked["prompt_embeds"][0].shape:
-            raise ConditioningError(f"{where}: array 'negative_prompt_embeds' has shape {embeds.shape}; expected "
-                                    f"{checked['prompt_embeds'][0].shape}, that of 'prompt_embeds' (both halves run "
-                                    f"as one batch)")
-        n, length = embeds.shape[:2]
-        if max_tokens is not None and length > max_tokens:
-            raise ConditioningError(f"{where}: array '{prefix}prompt_embeds' has shape {embeds.shape}: {length} prompt "
-                                    f"tokens; expected at most the model's max_sequence_length {max_tokens}")
-        found = {"prompt_embeds": embeds}
-        if "prompt_attention_mask" in inputs:
-            name = f"{prefix}prompt_attention_mask"
-            found["prompt_attention_mask"] = _mask(arrays[name], name, (n, length), where)
-        if "pooled_prompt_embeds" in inputs:
-            name = f"{prefix}pooled_prompt_embeds"
-            found["pooled_prompt_embeds"] = _pooled(arrays[name], name, n, inputs["pooled_prompt_embeds"]["shape"][-1],
-                                                    where)
-        for role, array in found.items():
-            checked[role] = (array, None) if not prefix else (checked[role][0], array)
+    checked: dict[str, tuple] = {}
+    halves = (False, True) if guiding else (False,)
+    for negative in halves:
+        n, axes = None, {}  # the prompts, and the size of each named axis in this half
+        for record in records:
+            if negative and not record.get("negative"):
+                checked[record["argument"]] = (checked[record["argument"]][0],) * 2
+                continue
+            name = record["negative"] if negative else record["argument"]
+            kind, shape = record["kind"], record["shape"][1:]
+            if n is None and np.ndim(arrays[name]) > 0:  # the first array given says how many prompts
+                n = len(arrays[name])
+            if kind == TOKEN_EMBEDDINGS:
+                like = checked[record["argument"]][0] if negative else None
+                array = _embeddings(arrays[name], name, shape[-1], where, like, record["argument"])
+                if max_tokens is not None and array.shape[1] > max_tokens:
+                    raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}: {array.shape[1]} "
+                                            f"prompt tokens; expected at most the model's max_sequence_length "
+                                            f"{max_tokens}")
+                axes.setdefault(shape[0], array.shape[1])
+            elif kind == TOKEN_MASK:
+                array = _mask(arrays[name], name, (n, axes.get(shape[0])), where)
+            elif kind == POOLED:
+                array = _pooled(arrays[name], name, n, shape[-1], where)
+            elif kind == SCALAR:
+                array = _scalars(arrays[name], name, n, where)
+            else:
+                raise ConditioningError(f"{where}: input {record['name']!r} is of kind {kind!r}, which a request's "
+                                        f"arrays do not feed")
+            checked[record["argument"]] = (array, None) if not negative else (checked[record["argument"]][0], array)
     return checked
 
 
-def check_prompts(arrays: Mapping[str, np.ndarray], width: int, guiding: bool, where: str = "conditioning",
-                  max_tokens: int | None = None):
-    """Prompt conditioning with a mask (PixArt) by the pipelines' argument names, checked: -> prompt_embeds (n, L,
-    width) float32, prompt_attention_mask (n, L) float32 0/1, and when ``guiding`` the negative ones of the same
-    shapes (else None); L at most ``max_tokens`` where given. Raises :class:`ConditioningError` naming the array."""
-    inputs = {"prompt_embeds": {"shape": ["batch", "prompt_tokens", width]},
-              "prompt_attention_mask": {"shape": ["batch", "prompt_tokens"]}}
-    checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens)
-    (embeds, negative), (mask, negative_mask) = checked["prompt_embeds"], checked["prompt_attention_mask"]
-    return embeds, mask, negative, negative_mask
-
-
-def _embeddings(array, name: str, width: int, where: str) -> np.ndarray:
+def _embeddings(array, name: str, width: int, where: str, like: np.ndarray | None = None,
+                positive: str = "") -> np.ndarray:
+    """Token embeddings (n, L, width), finite; the unconditional half's of ``like``'s shape (its ``positive``
+    argument's), as both halves run as one batch."""
     array = np.asarray(array)
     if not np.issubdtype(array.dtype, np.floating):
         raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected float32 embeddings")
@@ -153,6 +152,19 @@ def _embeddings(array, name: str, width: int, where: str) -> np.ndarray:
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         raise ConditioningError(f"{where}: array {name!r}: {bad} of its {array.size} values are NaN or infinite; "
                                 f"expected finite embeddings")
+    if like is not None and array.shape != like.shape:
+        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected {like.shape}, that of "
+                                f"{positive!r} (both halves run as one batch)")
+    return array.astype(np.float32)
+
+
+def _scalars(array, name: str, n: int, where: str) -> np.ndarray:
+    array = np.asarray(array)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected numbers")
+    if array.shape != (n,) or not np.isfinite(array).all():
+        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected ({n},) finite numbers "
+                                f"(one per prompt)")
     return array.astype(np.float32)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.interface import CLASSIFIER_FREE, TRUE_CFG
+
 
 def make_noise(seed: int, shape) -> np.ndarray:
     """Standard normal float32 noise of ``shape`` from ``numpy.random.default_rng(seed)``: the same for every
@@ -47,8 +49,11 @@ def guidance_batch(noise: np.ndarray, labels, num_classes: int, cfg_scale: float
     return noise, labels
 
 
-def apply_guidance(model_out, cfg_scale: float, guided_channels: int):
-    """model_out: (2B, C_out, H, W), conditional half first -> the same shape with both halves guided.
+def apply_guidance(model_out, cfg_scale: float, guided_channels: int, rule: str = CLASSIFIER_FREE):
+    """model_out: (2B, C_out, H, W), conditional half first -> the same shape with both halves guided:
+    ``uncond + s * (cond - uncond)`` on the leading ``guided_channels``; with the ``true_cfg`` rule (Qwen-Image's
+    ``true_cfg_scale``) that combination is then rescaled along the last axis to the norm of ``cond``'s
+    (``QwenImagePipeline``: per token of its packed latents).
 
     Works on torch tensors and numpy arrays alike, so that runtimes without PyTorch share it.
     """
@@ -56,8 +61,18 @@ def apply_guidance(model_out, cfg_scale: float, guided_channels: int):
     half = len(eps) // 2
     cond_eps, uncond_eps = eps[:half], eps[half:]
     half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    if rule == TRUE_CFG:
+        norm = np.linalg.norm if isinstance(model_out, np.ndarray) else _torch_norm
+        half_eps = half_eps * (norm(cond_eps, axis=-1, keepdims=True) / norm(half_eps, axis=-1, keepdims=True))
     if isinstance(model_out, np.ndarray):
         return np.concatenate([np.concatenate([half_eps, half_eps], axis=0), rest], axis=1)
     import torch  # only reached with torch tensors, so torch is there
 
     return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+def _torch_norm(tensor, axis: int, keepdims: bool):
+    """``torch.norm(tensor, dim=axis, keepdim=keepdims)``, as the pipelines compute it."""
+    import torch  # only reached with torch tensors
+
+    return torch.norm(tensor, dim=axis, keepdim=keepdims)

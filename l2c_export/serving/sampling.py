@@ -3,31 +3,29 @@ dynamic batcher hands over together merged into as few ``L2CPipeline`` calls as 
 
 No Triton imports here: the Triton model (``triton_model.py``) only moves tensors in and out. A request holds ``n``
 images (Triton's batch dimension). Its conditioning is the build's (:func:`served_inputs`, from the manifest's
-``model/inputs``): ``labels`` for a label model, the prompt embeddings by the pipelines' argument names for a text model
-(PixArt; SD3 and FLUX.1 take ``pooled_prompt_embeds`` (P,) in place of the mask, FLUX.1 no negatives, its
-``cfg_scale`` feeding the guidance embedding; FLUX.1's ``noise`` and ``samples`` are packed, (T, 4 C)). Per image:
+``model/inputs``): ``labels`` for a label model, ``prompt`` texts for a build with a text encoder, else one input per
+conditioning array a request feeds, named as the pipeline's argument (``run --conditioning`` takes the same
+arrays), and its ``negative`` partner where the model's guidance runs an unconditional half (optional: needed when
+guiding); an input fed the guidance scale is fed ``cfg_scale``. Per image:
 
-============================== ============= =========================================================================
-input                          shape, dtype  meaning
-============================== ============= =========================================================================
-labels                         (1,) int64    label models: class label, 0 .. num_classes - 1
-prompt                         (1,) bytes    text models whose build has a text encoder and tokenizer: the prompt,
-                                             UTF-8, not empty (encoded as ``run --prompt`` encodes it, truncated to
-                                             the model's max_sequence_length); such a build takes no embeddings
-negative_prompt                (1,) bytes    optional, with ``prompt``: the unconditional half's text (default "")
-prompt_embeds                  (L, D) f32    text models: the prompt's embeddings (L tokens, 1 .. the model's
-                                             max_sequence_length; D the model's caption width), finite
-prompt_attention_mask          (L,) f32      text models: 1 keep / 0 padding, at least one 1
-negative_prompt_embeds         (L, D) f32    text models, needed when guiding (cfg_scale > 1): the unconditional half
-negative_prompt_attention_mask (L,) f32      text models, with the negative embeddings
-noise                          (C, H, W) f32 optional: the initial noise, finite, within +-MAX_ABS_NOISE
-seed                           (1,) int64    optional, 0 .. 2**63 - 1: the initial noise is
-                                             ``make_noise(seed, (1, C, H, W))``, so the image equals
-                                             ``L2CPipeline([label], seed=seed)``'s; with neither noise nor seed a
-                                             fresh random seed
-cfg_scale                      (1,) f32      optional: classifier-free guidance scale in [1, MAX_CFG_SCALE]
-                                             (default: the build's; 1: none)
-============================== ============= =========================================================================
+====================== ============= =================================================================================
+input                  shape, dtype  meaning
+====================== ============= =================================================================================
+labels                 (1,) int64    label models: class label, 0 .. num_classes - 1
+prompt                 (1,) bytes    text models whose build has a text encoder and tokenizer: the prompt, UTF-8, not
+                                     empty (encoded as ``run --prompt`` encodes it, truncated to the model's
+                                     max_sequence_length); such a build takes no embeddings
+negative_prompt        (1,) bytes    optional, with ``prompt``: the unconditional half's text (default "")
+(a conditioning array) per its kind  the other models, by kind (:mod:`l2c_export.core.interface`): token embeddings
+                                     (L, D) f32 (L tokens, 1 .. the model's max_sequence_length), finite; a token mask
+                                     (L,) f32, 1 keep / 0 padding, at least one 1; a pooled vector (P,) f32, finite
+(its negative partner) the same      needed when guiding (cfg_scale > 1) with an unconditional half
+noise                  (sample) f32  optional: the initial noise, finite, within +-MAX_ABS_NOISE
+seed                   (1,) int64    optional, 0 .. 2**63 - 1: the initial noise is ``make_noise(seed, (1, *sample))``,
+                                     so the image equals ``L2CPipeline([label], seed=seed)``'s; with neither noise nor
+                                     seed a fresh random seed
+cfg_scale              (1,) f32      optional: the guidance scale in [1, MAX_CFG_SCALE] (default: the build's; 1: none)
+====================== ============= =================================================================================
 
 :func:`input_ranges` holds those ranges, :func:`decode_request` enforces them (the only place that does), and the
 Triton model config states them (its ``input_ranges`` parameter).
@@ -45,8 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.util import check_finite
-from ..runtime.conditioning import (TEXT_ROLES, check_text_conditioning, classifier_free_batch,
-                                   conditioning_inputs)
+from ..core.interface import SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK
+from ..runtime.conditioning import (check_text_conditioning, classifier_free_batch, request_arguments, request_inputs,
+                                   takes_labels)
 from ..samplers.guidance import check_labels, make_noise
 
 MAX_SEED = 2 ** 63 - 1  # numpy's generators take any seed >= 0; int64 caps it here
@@ -55,17 +54,18 @@ MAX_CFG_SCALE = 100.0  # far above any scale in use (DiT samples at 1.5-4, text-
 MAX_ABS_NOISE = 1000.0  # standard normal noise never comes near it (|x| > 10 has probability 1e-23)
 
 
-def input_ranges(num_classes: int | None, masked: bool = True, text_prompts: bool = False) -> dict[str, list]:
-    """The closed range of every input's values, by input name: what :func:`decode_request` enforces.
-    ``num_classes``: a label model's classes; None for a text model (its masks, where ``masked``, are 0/1, its
-    embeddings finite); ``text_prompts``: a text model served prompts as text (no masks)."""
+def input_ranges(manifest: dict) -> dict[str, list]:
+    """The closed range of every input's values, by input name: what :func:`decode_request` enforces. A label
+    model's labels are 0 .. null_class - 1; a text model's token masks (and their partners) 0/1, its embeddings
+    finite; a build served prompts as text takes neither."""
     ranges = {"noise": [-MAX_ABS_NOISE, MAX_ABS_NOISE], "seed": [0, MAX_SEED], "cfg_scale": [1.0, MAX_CFG_SCALE]}
-    if text_prompts:
+    if takes_labels(manifest):
+        return {"labels": [0, manifest["guidance"]["null_class"] - 1], **ranges}
+    if takes_text(manifest):
         return ranges
-    if num_classes is None:
-        masks = {"prompt_attention_mask": [0, 1], "negative_prompt_attention_mask": [0, 1]} if masked else {}
-        return {**masks, **ranges}
-    return {"labels": [0, num_classes - 1], **ranges}
+    masks = [name for record in request_inputs(manifest) if record["kind"] == TOKEN_MASK
+             for name in (record["argument"], record.get("negative")) if name is not None]
+    return {**{name: [0, 1] for name in masks}, **ranges}
 
 
 def takes_text(manifest: dict) -> bool:
@@ -74,36 +74,39 @@ def takes_text(manifest: dict) -> bool:
 
 
 def served_text_arguments(manifest: dict) -> list[str]:
-    """A text model's conditioning inputs by the pipelines' argument names: its text roles (prompt_embeds, and
-    prompt_attention_mask or pooled_prompt_embeds where it has them), then their ``negative_`` twins where it guides
-    with a classifier-free batch."""
-    inputs = conditioning_inputs(manifest)
-    roles = [role for role in TEXT_ROLES if role in inputs]
-    negatives = [f"negative_{role}" for role in roles] if manifest["guidance"].get("classifier_free", True) else []
-    return roles + negatives
+    """A text model's conditioning inputs by the pipelines' argument names: the arrays a request feeds, then their
+    ``negative`` partners where the model guides with an unconditional half."""
+    return request_arguments(manifest)
 
 
 def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
     """Every input a served request may carry, from the manifest alone: (name, numpy dtype, per-image dims with -1 for
-    the prompt length, optional). The conditioning comes first: ``labels`` for a label model, ``prompt`` and
-    ``negative_prompt`` (bytes) for a build with a text encoder, or for another text model the pipelines' argument names with the dtypes and caption width of the manifest's ``prompt_embeds`` and
-    ``prompt_attention_mask`` inputs (the negatives are optional: needed only when guiding)."""
+    a size that varies per request, optional). The conditioning comes first: ``labels`` for a label model, ``prompt``
+    and ``negative_prompt`` (bytes) for a build with a text encoder, or for another text model each array a request
+    feeds by its pipeline argument name, with its record's dtype and per-sample shape (the negatives are optional:
+    needed only when guiding)."""
     from ..runtime.pipeline import ModelInterface
 
     sample_shape = list(ModelInterface.from_manifest(manifest).sample_shape)
-    inputs = conditioning_inputs(manifest)
-    if "label" in inputs:
+    if takes_labels(manifest):
         conditioning = [("labels", "int64", [1], False)]
     elif takes_text(manifest):
         conditioning = [("prompt", "bytes", [1], False), ("negative_prompt", "bytes", [1], True)]
     else:
-        dims = {"prompt_embeds": [-1, inputs["prompt_embeds"]["shape"][-1]], "prompt_attention_mask": [-1],
-                "pooled_prompt_embeds": [inputs.get("pooled_prompt_embeds", {"shape": [0]})["shape"][-1]]}
-        conditioning = [(name, inputs[name.removeprefix("negative_")]["dtype"], dims[name.removeprefix("negative_")],
-                         name.startswith("negative"))
-                        for name in served_text_arguments(manifest)]
+        by_name = {}
+        for record in request_inputs(manifest):
+            dims = [-1 if isinstance(size, str) else size for size in record["shape"][1:]] or [1]
+            by_name[record["argument"]] = (record["dtype"], dims, False)
+            if record.get("negative"):
+                by_name[record["negative"]] = (record["dtype"], dims, True)
+        conditioning = [(name, *by_name[name]) for name in served_text_arguments(manifest)]
     return conditioning + [("noise", "float32", sample_shape, True), ("seed", "int64", [1], True),
                            ("cfg_scale", "float32", [1], True)]
+
+
+def _token_argument(manifest: dict) -> str:
+    """The argument of the token embeddings a request feeds (its prompt length groups images into batches)."""
+    return next(r["argument"] for r in request_inputs(manifest) if r["kind"] == TOKEN_EMBEDDINGS)
 
 
 @dataclass
@@ -115,10 +118,7 @@ class SampleRequest:
     seeds: np.ndarray  # (n,) int64: DDPM's step noise is drawn from them
     cfg_scales: np.ndarray  # (n,) float64
     conditioning: dict[str, np.ndarray] | None = None  # text models: argument name -> (n, L, D) / (n, L) / (n, P)
-
-    @property
-    def prompt_length(self) -> int | None:
-        return None if self.conditioning is None else self.conditioning["prompt_embeds"].shape[1]
+    prompt_length: int | None = None  # text models: L of the token embeddings
 
 
 def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray | None = None,
@@ -150,13 +150,14 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
         if labels is not None:
             raise ValueError("input 'labels': this model is conditioned on prompt embeddings (inputs "
                              f"{', '.join(served_text_arguments(pipeline.manifest))}), not class labels")
-        if "prompt_embeds" not in prompts:
-            raise ValueError("input 'prompt_embeds' is missing; expected float32 prompt embeddings of shape "
-                             "(n, L, D)")
-        if np.ndim(prompts["prompt_embeds"]) != 3:
-            raise ValueError(f"input 'prompt_embeds' has shape {list(np.shape(prompts['prompt_embeds']))}; expected "
+        embeddings = _token_argument(pipeline.manifest)
+        if embeddings not in prompts:
+            raise ValueError(f"input {embeddings!r} is missing; expected float32 prompt embeddings of shape "
+                             f"(n, L, D)")
+        if np.ndim(prompts[embeddings]) != 3:
+            raise ValueError(f"input {embeddings!r} has shape {list(np.shape(prompts[embeddings]))}; expected "
                              f"[n, L, D]")
-        n = np.shape(prompts["prompt_embeds"])[0]
+        n = np.shape(prompts[embeddings])[0]
 
     def per_image(name: str, value: np.ndarray | None, dtype) -> np.ndarray | None:
         if value is None:
@@ -166,7 +167,7 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
             raise ValueError(f"input '{name}' has shape {list(value.shape)}; expected [{n}, 1] (one per image)")
         return value.reshape(n).astype(dtype)
 
-    ranges = input_ranges(pipeline.num_classes, "prompt_attention_mask" in conditioning_inputs(pipeline.manifest))
+    ranges = input_ranges(pipeline.manifest)
     seeds = per_image("seed", seed, np.int64)
     if seeds is not None and np.any(seeds < 0):
         raise ValueError(f"input 'seed' is {seeds.tolist()}; expected seeds in 0..{MAX_SEED}")
@@ -188,14 +189,19 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
         if unknown:
             raise ValueError(f"input {unknown[0]!r} is not one of this model's; expected {', '.join(names)}")
         guiding = any(classifier_free_batch(pipeline.manifest, float(scale)) for scale in scales) or \
-            any(name.startswith("negative") for name in prompts)
-        checked = check_text_conditioning(prompts, conditioning_inputs(pipeline.manifest), guiding, where="request",
+            bool(set(prompts) - set(request_arguments(pipeline.manifest, negatives=False)))
+        records = request_inputs(pipeline.manifest)
+        scalars = {name for r in records if r["kind"] == SCALAR for name in (r["argument"], r.get("negative")) if name}
+        prompts = {name: np.reshape(value, -1) if name in scalars else value  # (n, 1) per Triton's batch: (n,)
+                   for name, value in prompts.items()}
+        checked = check_text_conditioning(prompts, records, guiding, where="request",
                                           max_tokens=pipeline.manifest["model"].get("max_sequence_length"))
         conditioning = {}
-        for role, (array, negative) in checked.items():
-            conditioning[role] = array
-            if negative is not None:
-                conditioning[f"negative_{role}"] = negative
+        for record in records:
+            array, negative = checked[record["argument"]]
+            conditioning[record["argument"]] = array
+            if negative is not None and record.get("negative"):
+                conditioning[record["negative"]] = negative
     if noise is not None:
         if seeds is not None:
             raise ValueError("inputs 'noise' and 'seed' are both given; give one of them (seed draws the noise)")
@@ -216,7 +222,9 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
         if seeds is None:
             seeds = np.random.SeedSequence().generate_state(n, dtype=np.uint64).astype(np.int64) & MAX_SEED
         noise = np.stack([make_noise(int(s), (1, *pipeline.sample_shape))[0] for s in seeds])
-    return SampleRequest(labels=labels, noise=noise, seeds=seeds, cfg_scales=scales, conditioning=conditioning)
+    length = None if conditioning is None else conditioning[_token_argument(pipeline.manifest)].shape[1]
+    return SampleRequest(labels=labels, noise=noise, seeds=seeds, cfg_scales=scales, conditioning=conditioning,
+                         prompt_length=length)
 
 
 def _decode_texts(texts: dict[str, np.ndarray]) -> tuple[int, dict[str, list[str]]]:
@@ -284,8 +292,7 @@ def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.nd
                 condition = {"labels": [int(requests[r].labels[i]) for r, i in chunk]}
             else:  # the negatives only where this batch guides (a request may send them for its unguided images too)
                 guided = classifier_free_batch(pipeline.manifest, scale)
-                names = [name for name in served_text_arguments(pipeline.manifest)
-                         if guided or not name.startswith("negative_")]
+                names = request_arguments(pipeline.manifest, negatives=guided)
                 condition = {"conditioning": {name: np.stack([requests[r].conditioning[name][i] for r, i in chunk])
                                               for name in names}}
             noise = np.stack([requests[r].noise[i] for r, i in chunk])

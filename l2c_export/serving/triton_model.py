@@ -7,8 +7,8 @@ The requests that Triton's dynamic batcher hands over together are sampled as on
 
 Inputs and outputs, per image (the batch dimension is images): the build's conditioning (``labels`` INT64 [1]; for
 a build with a text encoder ``prompt`` BYTES [1] and optional ``negative_prompt`` BYTES [1]; for another text model
-``prompt_embeds`` FP32 [L, D], ``prompt_attention_mask`` FP32 [L] and, when guiding, their ``negative_`` twins), read
-from the manifest (``l2c_export.serving.sampling.served_inputs``); optional ``noise`` FP32 [C, H, W], ``seed`` INT64
+each conditioning array by its pipeline argument name, token embeddings FP32 [L, D], a token mask FP32 [L], and when
+guiding their ``negative`` partners), read from the manifest (``l2c_export.serving.sampling.served_inputs``); optional ``noise`` FP32 [C, H, W], ``seed`` INT64
 [1], ``cfg_scale`` FP32 [1]; ``samples`` FP32 [C, H, W] (pixels in [-1, 1] or latents, as ``L2CPipeline`` returns
 them) and, for pixel models and builds with a VAE decoder, ``images`` UINT8 [H, W, 3].
 

@@ -6,8 +6,8 @@ its speedups against the fp32 build's full compute of that same run. Memory is
 measured in a fresh subprocess per configuration, as the growth of the resident set from loading the engines and
 running each once (the Python, numpy and ONNX Runtime imports come before the baseline).
 
-Every request is the manifest's conditioning roles filled in (:func:`bench_request`): class labels 0, 1, ... for a
-label model; for a text model (PixArt) seeded random prompt embeddings of ``prompt_tokens`` tokens, by default the
+Every request is the manifest's conditioning inputs filled in by kind (:func:`bench_request`): class labels 0, 1, ...
+for a label model; for a text model seeded random arrays, token inputs of ``prompt_tokens`` tokens, by default the
 length the MACs (and so the ideal speedup) are counted at, 120 (PixArt-α's T5 maximum).
 """
 
@@ -75,7 +75,7 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
                        prompt_tokens: int = MACS_PROMPT_TOKENS) -> list[BenchResult]:
     """One row per build, all measured in one interleaved loop (each repeat runs every build's full compute and
     schedule in turn), so that ratios between builds (int8 against fp32) share the machine's load."""
-    from ..runtime.conditioning import conditioning_inputs
+    from ..runtime.conditioning import takes_labels
     from ..runtime.pipeline import L2CPipeline
 
     folders = [Path(folder) for folder in folders]
@@ -105,7 +105,7 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
             # The C++ runtime reads fp32 and fp16 builds (not yet int8's quantization records); its memory probe
             # feeds class labels (a text model's prompts: not yet).
             if backend == "onnxruntime" and data["precision"] in ("fp32", "fp16") and CPP_MEMORY_PROBE.is_file() \
-                    and "label" in conditioning_inputs(data):
+                    and takes_labels(data):
                 cpp_all, cpp_full = (measure_cpp_engine_memory(folder, batch, which) for which in ("all", "full"))
         ideal = data["macs"]["ideal_speedup"]
         results.append(BenchResult(model=data["name"], backend=backend, precision=data["precision"],

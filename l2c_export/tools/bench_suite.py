@@ -205,11 +205,10 @@ IMAGE_SIZES = {"FLUX.1-width-2+4-256": 256}  # pixels, for a transformer without
 def real_size_config(name: str):
     """The :class:`l2c_export.models.diffusers.DiffusersConfig` of ``name`` (a key of :data:`REAL_SIZES`), checked by
     its family as a folder's config is."""
-    from ..models.diffusers import TRANSFORMER_FAMILIES, DiffusersConfig
-    from ..models import get_family
+    from ..models.diffusers import transformer_families
 
     _, transformer_class, config, _ = REAL_SIZES[name]
-    family = get_family(TRANSFORMER_FAMILIES[transformer_class])
+    family = transformer_families()[transformer_class]
     return family, family.config_from_dict({"transformer_class": transformer_class, "transformer": dict(config)})
 
 

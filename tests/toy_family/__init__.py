@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from l2c_export.core.macs import MacCount
-from l2c_export.models import ModelFamily, TensorSpec
+from l2c_export.models import ModelFamily, TensorSpec, label_input
 from l2c_export.models.layers import Attention, LayerNorm, Mlp, TimestepEmbedder, cached_output
 
 
@@ -102,7 +102,7 @@ class ToyFamily(ModelFamily):
 
     def graph_inputs(self, config: ToyConfig) -> list[TensorSpec]:
         return [TensorSpec("noisy", "float32", (config.channels, config.side, config.side), "sample"),
-                TensorSpec("time_step", "float32", (), "time"), TensorSpec("class_id", "int64", (), "label")]
+                TensorSpec("time_step", "float32", (), "time"), label_input("class_id")]
 
     def graph_output(self, config: ToyConfig) -> TensorSpec:
         return TensorSpec("prediction", "float32", (config.channels, config.side, config.side), "output")

@@ -11,7 +11,9 @@
 
 namespace l2c {
 
-constexpr int kSchemaVersion = 2;  // the newest manifest schema this runtime reads (1 and 2)
+// The manifest schema this runtime reads; older manifests are refused (l2c-export upgrades them when it reads them,
+// and a rebuild writes this version).
+constexpr int kSchemaVersion = 3;
 constexpr int64_t kBatch = -1;     // a "batch" dimension in a tensor record's shape
 constexpr int64_t kPromptTokens = -2;  // a "prompt_tokens" dimension: the text conditioning's length, per request
 // A "joint_tokens" dimension (MMDiTs' joint attention: image tokens + prompt tokens), per request; the runtime learns
@@ -33,11 +35,11 @@ struct TensorRecord {
   std::string dtype;           // float32, float16, bfloat16, int64
   std::vector<int64_t> shape;  // kBatch where the record says "batch"
   std::string slot;            // the cache slot a cache input reads or a fresh output writes; empty otherwise
-  // What the runtime feeds or reads: inputs "sample", "time", "label" (or "prompt_embeds" with
-  // "prompt_attention_mask" (PixArt) or "pooled_prompt_embeds" (SD3, FLUX.1) for a text-conditioned model),
-  // "guidance" (FLUX.1's guidance embedding: the scale), "cache"; outputs "output", "fresh". Schema 2 records say it;
-  // for schema 1 it follows from the names x, t, y, model_out and the slot.
+  // What the runtime feeds or reads: inputs "sample", "time", "conditioning", "cache"; outputs "output", "fresh".
   std::string role;
+  // A conditioning input (l2c_export/core/interface.py): the pipeline argument it is fed from, its kind
+  // (token_embeddings, token_mask, pooled, scalar, label) and the argument of its unconditional half (empty: none).
+  std::string argument, kind, negative;
 };
 
 struct WeightTensor {
@@ -66,8 +68,12 @@ struct Guidance {
   // The leading channels of the guided output the sampler steps on (diffusers' pipelines drop the learned-sigma half
   // before the scheduler); 0: every channel.
   int sampler_channels = 0;
-  // false: a guidance-distilled model (FLUX.1): no classifier-free batch runs; the scale feeds its guidance input.
-  bool classifier_free = true;
+  // How the scale acts (guidance/rule): "classifier_free" (a 2n batch, uncond + s * (cond - uncond)) or
+  // "guidance_embedding" (a guidance-distilled model, FLUX.1: no second half; the scale feeds the conditioning input
+  // whose argument is scale_argument).
+  std::string rule = "classifier_free";
+  std::string scale_argument;  // guidance/scale_argument
+  bool classifier_free = true;  // the rule runs an unconditional half
 };
 
 struct Manifest {
@@ -75,16 +81,15 @@ struct Manifest {
   int schema_version = 0;
   std::string name, backend, precision, space;  // space: "pixel" (images in [-1, 1]) or "latent"
   std::string document;  // the whole manifest as JSON text, for the fields each graph's stamp names
-  int64_t num_classes = 0;  // label models: labels 0 .. num_classes - 1; 0 for a text-conditioned model
-  // What the model conditions on, from its input roles: "label" (class labels, guided against the null class) or
-  // "prompt" (prompt_embeds (batch, L, prompt_width), with prompt_attention_mask (batch, L) and/or
-  // pooled_prompt_embeds (batch, pooled_width) where the model has them, guided against the negative prompt's).
-  std::string conditioning;
-  int64_t prompt_width = 0;
-  bool has_prompt_mask = false;  // a prompt_attention_mask input (PixArt)
-  int64_t pooled_width = 0;      // P of a pooled_prompt_embeds input (SD3, FLUX.1); 0: none
-  bool has_guidance_input = false;  // a guidance input (FLUX.1-dev), fed the guidance scale per row
-  int64_t max_prompt_tokens = 0;  // "prompt" models: the most prompt tokens L (model/max_sequence_length)
+  int64_t num_classes = 0;  // label models: labels 0 .. num_classes - 1; 0 for a model conditioned otherwise
+  // The model's conditioning inputs (role "conditioning"), in graph order: a label model's one label input (guided
+  // against the null class), or the arrays a request feeds by argument name (and those fed the guidance scale).
+  std::vector<TensorRecord> conditioning;
+  bool takes_labels = false;     // a label input: the model is sampled from class labels
+  int64_t max_prompt_tokens = 0;  // models with token inputs: the most tokens L (model/max_sequence_length)
+  // How the sample's per-sample axes lie (model/latent_layout): "nchw" (C, H, W), "packed_2x2" (T, C: channels
+  // last) or "ncfhw" (C, F, H, W).
+  std::string latent_layout = "nchw";
   std::shared_ptr<const Sampler> sampler;
   Guidance guidance;
   std::vector<int> step_subset;  // schedule: subset index per model call
@@ -97,9 +102,9 @@ struct Manifest {
   int full_subset = -1;  // the subset that computes every sub-layer
   double ideal_speedup = 1.0;
 
-  // Reads and checks `folder/manifest.json` (refusing a newer schema version before anything else) and, with
+  // Reads and checks `folder/manifest.json` (refusing another schema version before anything else) and, with
   // verify_files, every listed file's size and sha256. The records must agree with one another: every subset feeds
-  // the same sample, time and label inputs and returns the same output as the full subset, each cache input and
+  // the same sample, time and conditioning inputs and returns the same output as the full subset, each cache input and
   // fresh output has its slot's dtype and shape, shapes are positive and bounded (kMaxDimension, kMaxElements).
   // Throws l2c::Error naming the file and the field.
   static Manifest load(const std::filesystem::path& folder, bool verify_files = true);
@@ -108,7 +113,7 @@ struct Manifest {
   std::filesystem::path file_path(const FileRecord& record) const;
   const SubsetRecord& subset(int index) const;
   const CacheSlot& slot(const std::string& name) const;
-  // The record of a subset's tensor with `role` ("sample", "time", "label", "output").
+  // The record of a subset's tensor with `role` ("sample", "time", "output"; the first "conditioning" one).
   static const TensorRecord& model_tensor(const SubsetRecord& subset, const std::string& role);
   // Every file the manifest lists (weights, graphs, engines), each once.
   std::vector<FileRecord> files() const;

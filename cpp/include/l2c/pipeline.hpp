@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -57,25 +58,22 @@ struct SampleOptions {
   const Tensor* step_noise = nullptr;
 };
 
-// A text-conditioned model's request (PixArt, SD3, FLUX.1): the prompt embeddings of n prompts with their masks
-// (PixArt) or pooled embeddings (SD3, FLUX.1), by the diffusers pipelines' argument names; classifier-free guidance
-// runs the negative prompt as the unconditional half. An empty shape: not given. Which arrays a model takes follows
-// from its inputs (Manifest::has_prompt_mask, pooled_width; negatives only when it guides classifier-free).
+// A request of a model conditioned on arrays (PixArt, SD3, FLUX.1): each by the pipeline's argument name, as the
+// manifest's conditioning inputs name them (their `argument`, and their `negative` partner, which guidance with an
+// unconditional half feeds that half from). Which arrays a model takes, and how each is shaped and checked, follows
+// from its inputs' kinds (Manifest::conditioning): token embeddings (n, L, D) float, a token mask (n, L) of 0/1 over
+// the same tokens, a pooled vector (n, P) float, a scalar (n,) float.
 struct Prompts {
-  Tensor embeds;           // prompt_embeds (n, L, D) float32, finite; D the manifest's prompt_width
-  Tensor mask;             // prompt_attention_mask (n, L): 1 keep, 0 padding; at least one 1 per prompt
-  Tensor negative_embeds;  // negative_prompt_embeds (n, L, D), needed when guiding
-  Tensor negative_mask;    // negative_prompt_attention_mask (n, L), needed when guiding
-  Tensor pooled;           // pooled_prompt_embeds (n, P) float32, finite; P the manifest's pooled_width
-  Tensor negative_pooled;  // negative_pooled_prompt_embeds (n, P), needed when guiding
-  std::string source = "conditioning";  // names the arrays' origin in errors, e.g. "--conditioning cond.npz"
+  std::map<std::string, std::string> npy;  // an .npz's members by name: .npy bytes, parsed by the kind they feed
+  std::map<std::string, Tensor> arrays;    // arrays set directly (float32), by name
+  std::string source = "conditioning";     // names the arrays' origin in errors, e.g. "--conditioning cond.npz"
+  void set(const std::string& argument, Tensor array);
 };
 
-// Prompts from an .npz archive (numpy.savez or savez_compressed) holding arrays named prompt_embeds,
-// prompt_attention_mask, pooled_prompt_embeds and their negative_ counterparts: embeddings float32 or float64,
-// masks bool, int32, int64, float32 or float64 (all read as float32). An unknown or repeated name, another dtype, a
-// file that is not such an archive: l2c::Error naming the file and the array. Shapes and values are checked by
-// Pipeline::sample, against the manifest. `source` names the arrays in errors (default: the file's path).
+// Prompts from an .npz archive (numpy.savez or savez_compressed) of arrays by the pipeline's argument names; a file
+// that is not such an archive: l2c::Error naming the file. Names, dtypes (floats; a mask also bool or int), shapes
+// and values are checked by Pipeline::sample, against the manifest. `source` names the arrays in errors (default:
+// the file's path).
 Prompts read_prompts(const std::filesystem::path& npz, const std::string& source = "");
 
 class Pipeline {
@@ -90,12 +88,12 @@ class Pipeline {
   // out of range, noise of another shape or not finite, a guidance scale below 1, a batch beyond the engines', and a
   // graph that fails on what its records say it takes.
   Tensor sample(const std::vector<int64_t>& labels, const Tensor& noise, const SampleOptions& options = {}) const;
-  // The same for a text-conditioned model (Manifest::conditioning "prompt"): one sample per prompt, noise (n, C, H,
-  // W) (FLUX.1: packed (n, T, C)). A guidance-distilled model (guidance.classifier_free false) runs no negative
-  // batch; its guidance input is fed the scale. l2c::Error (naming prompts.source and the array) for an array the
-  // model does not take, a missing one (the negative ones when guiding), a shape that is not (n, L, prompt_width) /
-  // (n, L) / (n, pooled_width) with the same n and L throughout, values that are not finite, a mask of values other
-  // than 0 and 1 or masking a whole prompt, and for prompts given to a label model.
+  // The same for a model conditioned on arrays (not Manifest::takes_labels): one sample per prompt, noise (n, C, H,
+  // W) (FLUX.1: packed (n, T, C)). A guidance-distilled model (guidance.rule guidance_embedding) runs no negative
+  // batch; its input named by guidance.scale_argument is fed the scale. l2c::Error (naming prompts.source and the
+  // array) for an array the model does not take, a missing one (the negative ones when guiding), another dtype, a
+  // shape that does not fit its input's kind with the same n and L throughout, values that are not finite, a mask of
+  // values other than 0 and 1 or masking a whole prompt, and for prompts given to a label model.
   Tensor sample(const Prompts& prompts, const Tensor& noise, const SampleOptions& options = {}) const;
 
   const Manifest& manifest() const;

@@ -4,31 +4,20 @@ channel, the learned-sigma half dropped before the scheduler step. Sub-layers: e
 
 from __future__ import annotations
 
-from .. import TensorSpec
-from . import DiffusersConfig, DiffusersFamily
+from ...core.interface import LABEL
+from .declaration import Blocks, Conditioning, Declaration, Guidance
+from .family import DiffusersFamily
 
 DIT_NULL_CLASS = 1000  # DiTPipeline's class_null
 
+DECLARATION = Declaration(
+    transformer_class="DiTTransformer2DModel",
+    pipeline_classes=("DiTPipeline",),
+    blocks=(Blocks(sublayers=("attn1", "ff")),),
+    conditioning=(Conditioning(argument="class_labels", input="class_labels", kind=LABEL),),
+    guidance=Guidance(default_scale=4.0, null_class=DIT_NULL_CLASS),  # DiTPipeline's guidance_scale
+    default_steps=50,  # DiTPipeline's num_inference_steps
+    required={"norm_type": "ada_norm_zero", "num_embeds_ada_norm": DIT_NULL_CLASS},
+)
 
-class DiTDiffusersFamily(DiffusersFamily):
-    name = "diffusers-dit"
-    transformer_class = "DiTTransformer2DModel"
-    pipeline_classes = ("DiTPipeline",)
-    block_sublayers = ("attn1", "ff")
-    required = {"norm_type": "ada_norm_zero", "num_embeds_ada_norm": DIT_NULL_CLASS}
-    default_steps = 50  # DiTPipeline's num_inference_steps
-    default_cfg_scale = 4.0  # DiTPipeline's guidance_scale
-
-    def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
-        return [self.sample_spec(config), TensorSpec("timestep", "float32", (), "time"),
-                TensorSpec("class_labels", "int64", (), "label")]
-
-    def run_transformer(self, transformer, config: DiffusersConfig, hidden_states, timestep, class_labels):
-        """hidden_states (N, C, H, W), timestep (N,), class_labels (N,) int64 -> (N, C_out, H, W)."""
-        return transformer(hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
-
-    def null_class(self, config: DiffusersConfig) -> int:
-        return DIT_NULL_CLASS
-
-
-FAMILY = DiTDiffusersFamily()
+FAMILY = DiffusersFamily("diffusers-dit", DECLARATION)

@@ -29,16 +29,48 @@ from __future__ import annotations
 import contextlib
 import functools
 
-from ...core.latents import unpacked_2x2_shape
 from .. import TensorSpec
-from . import (JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError,
-               OutputPacking)
+from ...core.interface import GUIDANCE_EMBEDDING, PACKED_2X2, SCALAR
+from ...core.latents import unpacked_2x2_shape
 from ...core.util import short_repr
-from .sd3 import JointAttentionPacking
+from .cache import OutputPacking
+from .declaration import (JOINT, LAST_HIDDEN_STATE, POOLED_OUTPUT, PROMPT, Blocks, Conditioning, Declaration,
+                          FlowTimesteps, Guidance, TextEncoder, TextEncoderStack)
+from .family import DiffusersConfig
+from .files import DiffusersFolderError
+from .mmdit import TEXT_CONDITIONING, MMDiTFamily, without_negatives
 from .sizes import FLUX_ROPE_AXES, FLUX_SIZES, LATENT_SIDE, TRANSFORMER_SIZES, check_integer_list
 
-MACS_PROMPT_TOKENS = 512  # FLUX.1-dev's max_sequence_length: MACs are counted there
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's max_sequence_length: T5's tokens, the whole prompt_embeds
 DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: 1024 px at the VAE's scale factor 8
+
+DECLARATION = Declaration(
+    transformer_class="FluxTransformer2DModel",
+    pipeline_classes=("FluxPipeline",),
+    blocks=(Blocks(sublayers=("attn", "ff", "ff_context"), cached={"attn": JOINT, "ff_context": PROMPT}),
+            # the branches' proj_out shares span the text and image tokens
+            Blocks(sublayers=("attn", "proj_mlp"), path="single_transformer_blocks", count="num_single_layers",
+                   cached={"attn": JOINT, "proj_mlp": JOINT})),
+    # no negatives: FluxPipeline runs no second half; FLUX.1-dev's guidance embedding takes the scale (schnell has none)
+    conditioning=(*without_negatives(TEXT_CONDITIONING),
+                  Conditioning(argument="guidance_scale", input="guidance", kind=SCALAR, when="guidance_embeds")),
+    guidance=Guidance(default_scale=3.5, rule=GUIDANCE_EMBEDDING),  # the pipeline's guidance_scale
+    scheduler_classes=("FlowMatchEulerDiscreteScheduler",),
+    flow_timesteps=FlowTimesteps(linspace_sigmas=True, default_max_shift=1.15),
+    latent_layout=PACKED_2X2,  # FluxPipeline._pack_latents; unpacked before the VAE
+    # CLIP-L's pooled output and T5's last hidden state, as FluxPipeline.encode_prompt takes them. Not carried as
+    # graphs yet: a build takes embeddings.
+    text_encoders=TextEncoderStack((
+        TextEncoder(classes=("CLIPTextModel",), width="hidden_size", max_length=77,
+                    outputs={POOLED_OUTPUT: "pooled_prompt_embeds"}),
+        TextEncoder(classes=("T5EncoderModel",), tokenizer="tokenizer_2", encoder="text_encoder_2",
+                    outputs={LAST_HIDDEN_STATE: "prompt_embeds"}),
+    ), combine="pooled_and_tokens"),
+    default_steps=28,  # the pipeline's num_inference_steps
+    max_sequence_length={"FluxPipeline": MAX_SEQUENCE_LENGTH},
+    macs_prompt_tokens=MAX_SEQUENCE_LENGTH,  # FLUX.1-dev's: MACs are counted there
+    required={"patch_size": 1},  # the pipeline packs 2x2 latent patches itself
+)
 
 
 class ProjOutShare(OutputPacking):
@@ -100,20 +132,8 @@ def _traceable_rotary(original, x, freqs_cis, use_real: bool = True, use_real_un
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
-class FluxDiffusersFamily(DiffusersFamily):
-    name = "diffusers-flux"
-    transformer_class = "FluxTransformer2DModel"
-    pipeline_classes = ("FluxPipeline",)
-    scheduler_classes = ("FlowMatchEulerDiscreteScheduler",)
-    # The VAE only: the text encoders are CLIP and T5 pairs (not carried), so a build takes prompt embeddings.
-    component_parts = ("vae",)
-    latent_layout = "packed_2x2"  # FluxPipeline._unpack_latents before the VAE
-    classifier_free = False  # FluxPipeline guides through the guidance embedding (true CFG is not run)
-    required = {"patch_size": 1}  # the pipeline packs 2x2 latent patches itself
-    default_steps = 28  # the pipeline's num_inference_steps
-    default_cfg_scale = 3.5  # the pipeline's guidance_scale
-    dummy_prompt_tokens = 5
-    sizes = {**{k: v for k, v in TRANSFORMER_SIZES.items() if k != "sample_size"}, **FLUX_SIZES}
+class FluxDiffusersFamily(MMDiTFamily):
+    """The declaration, with what FLUX.1's packed sample, single-stream blocks and position ids need in code."""
 
     def check_config(self, config: DiffusersConfig, where: str) -> None:
         super().check_config(config, where)
@@ -152,41 +172,18 @@ class FluxDiffusersFamily(DiffusersFamily):
         side = self.latent_size(config)
         return unpacked_2x2_shape(self.sample_spec(config).shape, side, side)
 
-    def num_layers(self, config: DiffusersConfig) -> int:
-        return config["num_layers"] + config["num_single_layers"]
-
     def out_channels(self, config: DiffusersConfig) -> int:
         return config.get("out_channels") or config["in_channels"]
 
     # -- sub-layers --------------------------------------------------------------------------------------------------
-    def sublayer_names(self, config: DiffusersConfig) -> tuple[str, ...]:
-        return (tuple(f"transformer_blocks.{i}.{name}" for i in range(config["num_layers"])
-                      for name in ("attn", "ff", "ff_context"))
-                + tuple(f"single_transformer_blocks.{j}.{name}" for j in range(config["num_single_layers"])
-                        for name in ("attn", "proj_mlp")))
-
-    def cached_shapes(self, config: DiffusersConfig) -> tuple[tuple[int | str, ...], ...]:
-        dim, tokens = self.inner_dim(config), self.num_tokens(config)
-        shapes = []
-        for name in self.sublayer_names(config):
-            if name.endswith(".ff"):
-                shapes.append((tokens, dim))
-            elif name.endswith(".ff_context"):
-                shapes.append((PROMPT_TOKENS, dim))
-            else:  # joint attention, and the single-stream branches' proj_out shares: text and image tokens
-                shapes.append((JOINT_TOKENS, dim))
-        return tuple(shapes)
-
     def output_packing(self, transformer, config: DiffusersConfig, path: str) -> OutputPacking | None:
-        if path.startswith("transformer_blocks.") and path.endswith(".attn"):
-            return JointAttentionPacking()
         if path.startswith("single_transformer_blocks."):
             block = transformer.get_submodule(path.rsplit(".", 1)[0])
             dim = self.inner_dim(config)
             if path.endswith(".attn"):
                 return ProjOutShare(block.proj_out, 0, dim)
             return ProjOutShare(block.proj_out, dim, block.proj_out.in_features, block.act_mlp)
-        return None
+        return super().output_packing(transformer, config, path)
 
     def adapt_blocks(self, transformer, config: DiffusersConfig) -> None:
         for block in transformer.single_transformer_blocks:
@@ -212,32 +209,6 @@ class FluxDiffusersFamily(DiffusersFamily):
 
     def graph_output(self, config: DiffusersConfig) -> TensorSpec:
         return TensorSpec("noise_pred", "float32", (self.num_tokens(config), self.out_channels(config)), "output")
-
-    def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
-        inputs = [self.sample_spec(config), TensorSpec("timestep", "float32", (), "time"),
-                  TensorSpec("encoder_hidden_states", "float32", (PROMPT_TOKENS, config["joint_attention_dim"]),
-                             "prompt_embeds"),
-                  TensorSpec("pooled_projections", "float32", (config["pooled_projection_dim"],),
-                             "pooled_prompt_embeds")]
-        if config.get("guidance_embeds"):
-            inputs.append(TensorSpec("guidance", "float32", (), "guidance"))
-        return inputs
-
-    def dummy_inputs(self, config: DiffusersConfig, batch: int, tokens: int | None = None) -> tuple:
-        import torch
-
-        tokens = tokens or self.dummy_prompt_tokens
-        inputs = (torch.zeros(batch, self.num_tokens(config), config["in_channels"]), torch.full((batch,), 500.0),
-                  torch.zeros(batch, tokens, config["joint_attention_dim"]),
-                  torch.zeros(batch, config["pooled_projection_dim"]))
-        return inputs + ((torch.full((batch,), 3.5),) if config.get("guidance_embeds") else ())
-
-    def macs_inputs(self, config: DiffusersConfig) -> tuple:
-        return self.dummy_inputs(config, 1, tokens=MACS_PROMPT_TOKENS)
-
-    def max_prompt_tokens(self, pipeline_class: str) -> int:
-        """FluxPipeline's max_sequence_length: T5's tokens, the whole prompt_embeds."""
-        return MACS_PROMPT_TOKENS
 
     def image_ids(self, config: DiffusersConfig):
         """(T, 3) float32: ``FluxPipeline._prepare_latent_image_ids``: (0, row, column) of each packed patch."""
@@ -271,10 +242,6 @@ class FluxDiffusersFamily(DiffusersFamily):
     def sampler_channels(self, config: DiffusersConfig) -> int | None:
         return None
 
-    def pipeline_timesteps(self, config: DiffusersConfig):
-        from ...samplers import PipelineTimesteps
 
-        return PipelineTimesteps(self.num_tokens(config), linspace_sigmas=True, default_max_shift=1.15)
-
-
-FAMILY = FluxDiffusersFamily()
+FAMILY = FluxDiffusersFamily("diffusers-flux", DECLARATION,
+                             sizes={**{k: v for k, v in TRANSFORMER_SIZES.items() if k != "sample_size"}, **FLUX_SIZES})

@@ -6,25 +6,40 @@ residual adds run every call)."""
 
 from __future__ import annotations
 
-from .. import TensorSpec
-from . import PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError
+from ...core.interface import TOKEN_EMBEDDINGS, TOKEN_MASK
+from .declaration import LAST_HIDDEN_STATE, Blocks, Conditioning, Declaration, Guidance, TextEncoder, TextEncoderStack
+from .family import DiffusersConfig, DiffusersFamily
+from .files import DiffusersFolderError
 from .sizes import PIXART_SIZES, TRANSFORMER_SIZES
 
-MACS_PROMPT_TOKENS = 120  # PixArt-α's T5 max_sequence_length: the prompt length MACs are counted at
-# The pipelines' max_sequence_length defaults: the longest prompt each encodes, and the bound of the prompt axis L.
-MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+MACS_PROMPT_TOKENS = 120  # PixArt-α's max_sequence_length: the prompt length MACs are counted at
+
+DECLARATION = Declaration(
+    transformer_class="PixArtTransformer2DModel",
+    pipeline_classes=("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
+    blocks=(Blocks(sublayers=("attn1", "attn2", "ff")),),
+    conditioning=(
+        # T5's embeddings, projected inside from caption_channels (or taken as they are, cross_attention_dim wide)
+        Conditioning(argument="prompt_embeds", input="encoder_hidden_states", kind=TOKEN_EMBEDDINGS,
+                     width=("caption_channels", "cross_attention_dim"), negative="negative_prompt_embeds"),
+        Conditioning(argument="prompt_attention_mask", input="encoder_attention_mask", kind=TOKEN_MASK,
+                     negative="negative_prompt_attention_mask"),
+    ),
+    guidance=Guidance(default_scale=4.5),  # the pipelines' guidance_scale
+    text_encoders=TextEncoderStack((TextEncoder(classes=("T5EncoderModel",),
+                                                outputs={LAST_HIDDEN_STATE: "prompt_embeds"},
+                                                mask="prompt_attention_mask"),)),
+    default_steps=20,  # the pipelines' num_inference_steps
+    # the pipelines' max_sequence_length defaults: the longest prompt each encodes, the bound of the prompt axis L
+    max_sequence_length={"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300},
+    macs_prompt_tokens=MACS_PROMPT_TOKENS,
+    required={"norm_type": "ada_norm_single", "attention_type": "default"},
+    call_arguments={"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}},
+)
 
 
 class PixArtDiffusersFamily(DiffusersFamily):
-    name = "diffusers-pixart"
-    transformer_class = "PixArtTransformer2DModel"
-    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
-    block_sublayers = ("attn1", "attn2", "ff")
-    required = {"norm_type": "ada_norm_single", "attention_type": "default"}
-    default_steps = 20  # the pipelines' num_inference_steps
-    default_cfg_scale = 4.5  # the pipelines' guidance_scale
-    dummy_prompt_tokens = 5  # the traced length (any: the axis is dynamic)
-    sizes = {**TRANSFORMER_SIZES, **PIXART_SIZES}
+    """The declaration, and two config checks it cannot say as data."""
 
     def check_config(self, config: DiffusersConfig, where: str) -> None:
         super().check_config(config, where)
@@ -37,40 +52,5 @@ class PixArtDiffusersFamily(DiffusersFamily):
                                        f"the caption projection makes the prompt {self.inner_dim(config)} wide "
                                        f"(num_attention_heads x attention_head_dim)")
 
-    def max_prompt_tokens(self, pipeline_class: str) -> int:
-        return MAX_SEQUENCE_LENGTH[pipeline_class]
 
-    def text_channels(self, config: DiffusersConfig) -> int:
-        """D of the prompt embeddings: caption_channels (projected inside), else cross_attention_dim."""
-        return config.get("caption_channels") or config.get("cross_attention_dim")
-
-    def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
-        return [self.sample_spec(config), TensorSpec("timestep", "float32", (), "time"),
-                TensorSpec("encoder_hidden_states", "float32", (PROMPT_TOKENS, self.text_channels(config)),
-                           "prompt_embeds"),
-                TensorSpec("encoder_attention_mask", "float32", (PROMPT_TOKENS,), "prompt_attention_mask")]
-
-    def macs_inputs(self, config: DiffusersConfig) -> tuple:
-        return self.dummy_inputs(config, 1, tokens=MACS_PROMPT_TOKENS)
-
-    def dummy_inputs(self, config: DiffusersConfig, batch: int, tokens: int | None = None) -> tuple:
-        """Latents, timesteps 500, zero prompt embeddings of ``tokens`` (default: a short traced length) and a mask
-        with the last token padded."""
-        import torch
-
-        side, tokens = config["sample_size"], tokens or self.dummy_prompt_tokens
-        mask = torch.ones(batch, tokens)
-        mask[:, -1] = 0  # a padded token, so the trace keeps the mask's path
-        return (torch.zeros(batch, self.in_channels(config), side, side), torch.full((batch,), 500.0),
-                torch.zeros(batch, tokens, self.text_channels(config)), mask)
-
-    def run_transformer(self, transformer, config: DiffusersConfig, hidden_states, timestep, encoder_hidden_states,
-                        encoder_attention_mask):
-        """hidden_states (N, C, H, W), timestep (N,), encoder_hidden_states (N, L, D_text), encoder_attention_mask
-        (N, L) 1 keep / 0 discard -> (N, C_out, H, W)."""
-        return transformer(hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
-                           encoder_attention_mask=encoder_attention_mask,
-                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-
-
-FAMILY = PixArtDiffusersFamily()
+FAMILY = PixArtDiffusersFamily("diffusers-pixart", DECLARATION, sizes={**TRANSFORMER_SIZES, **PIXART_SIZES})

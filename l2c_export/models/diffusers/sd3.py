@@ -8,56 +8,54 @@ attention, in the blocks of ``dual_attention_layers``), ``ff`` (the image stream
 output is never read, so that block caches only the image part, (N, T, D)). The adaLN modulation, gates and residual
 adds of both streams run every call.
 
-Conditioning: ``prompt_embeds`` (N, L, joint_attention_dim) and ``pooled_prompt_embeds`` (N, pooled_projection_dim),
-guided against their ``negative_`` counterparts on every latent channel; the model predicts the flow-matching
-velocity; the folder's ``FlowMatchEulerDiscreteScheduler`` samples it with the pipeline's timesteps (``mu`` from the
-image sequence length when ``use_dynamic_shifting``).
+Conditioning (:data:`.mmdit.TEXT_CONDITIONING`): ``prompt_embeds`` (N, L, joint_attention_dim) and
+``pooled_prompt_embeds`` (N, pooled_projection_dim), guided against their ``negative_`` counterparts on every latent
+channel; the model predicts the flow-matching velocity; the folder's ``FlowMatchEulerDiscreteScheduler`` samples it
+with the pipeline's timesteps (``mu`` from the image sequence length when ``use_dynamic_shifting``).
 """
 
 from __future__ import annotations
 
-from .. import TensorSpec
-from . import (JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError,
-               OutputPacking)
 from ...core.util import short_repr
+from .declaration import (IMAGE, JOINT, PENULTIMATE_HIDDEN_STATE, POOLED_OUTPUT, PROMPT, LAST_HIDDEN_STATE, Blocks,
+                          Declaration, FlowTimesteps, Guidance, TextEncoder, TextEncoderStack)
+from .family import DiffusersConfig
+from .files import DiffusersFolderError
+from .mmdit import TEXT_CONDITIONING, MMDiTFamily
 from .sizes import SD3_SIZES, TRANSFORMER_SIZES
 
-MACS_PROMPT_TOKENS = 333  # the pipeline's 77 CLIP + 256 T5 tokens (max_sequence_length): MACs are counted there
 QK_NORMS = (None, "rms_norm", "layer_norm")
+MAX_SEQUENCE_LENGTH = 333  # the pipeline's 77 CLIP + 256 T5 tokens (max_sequence_length): prompt_embeds' longest
+
+DECLARATION = Declaration(
+    transformer_class="SD3Transformer2DModel",
+    pipeline_classes=("StableDiffusion3Pipeline",),
+    blocks=(Blocks(sublayers=("attn", "attn2", "ff", "ff_context"), only_in={"attn2": "dual_attention_layers"},
+                   not_in_last=("ff_context",), cached={"attn": JOINT, "ff_context": PROMPT},
+                   cached_in_last={"attn": IMAGE}),),
+    conditioning=TEXT_CONDITIONING,
+    guidance=Guidance(default_scale=7.0),  # the pipeline's guidance_scale
+    scheduler_classes=("FlowMatchEulerDiscreteScheduler",),
+    flow_timesteps=FlowTimesteps(linspace_sigmas=False, default_max_shift=1.16),
+    # CLIP-L and CLIP-G (pooled outputs side by side; penultimate states, padded to T5's width) and T5, as
+    # StableDiffusion3Pipeline.encode_prompt joins them. Not carried as graphs yet: a build takes embeddings.
+    text_encoders=TextEncoderStack((
+        TextEncoder(classes=("CLIPTextModelWithProjection",), width="hidden_size", max_length=77,
+                    outputs={POOLED_OUTPUT: "pooled_prompt_embeds", PENULTIMATE_HIDDEN_STATE: "prompt_embeds"}),
+        TextEncoder(classes=("CLIPTextModelWithProjection",), tokenizer="tokenizer_2", encoder="text_encoder_2",
+                    width="hidden_size", max_length=77,
+                    outputs={POOLED_OUTPUT: "pooled_prompt_embeds", PENULTIMATE_HIDDEN_STATE: "prompt_embeds"}),
+        TextEncoder(classes=("T5EncoderModel",), tokenizer="tokenizer_3", encoder="text_encoder_3",
+                    outputs={LAST_HIDDEN_STATE: "prompt_embeds"}),
+    ), combine="concatenated"),
+    default_steps=28,  # the pipeline's num_inference_steps
+    max_sequence_length={"StableDiffusion3Pipeline": MAX_SEQUENCE_LENGTH},
+    macs_prompt_tokens=MAX_SEQUENCE_LENGTH,
+)
 
 
-class JointAttentionPacking(OutputPacking):
-    """Joint attention returns (image output (N, T, D), text output (N, L, D)): cached as one (N, T + L, D), split
-    at the image stream's token count T (the ``hidden_states`` it was called with). ``image_only``: the text output is
-    never read (a ``context_pre_only`` block); only (N, T, D) is cached and None stands for the text part."""
-
-    def __init__(self, image_only: bool = False):
-        self.image_only = image_only
-
-    def pack(self, output, args, kwargs):
-        import torch
-
-        image, text = output
-        return image if self.image_only else torch.cat([image, text], dim=1)
-
-    def unpack(self, value, args, kwargs):
-        if self.image_only:
-            return value, None
-        tokens = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1]
-        return value[:, :tokens], value[:, tokens:]
-
-
-class SD3DiffusersFamily(DiffusersFamily):
-    name = "diffusers-sd3"
-    transformer_class = "SD3Transformer2DModel"
-    pipeline_classes = ("StableDiffusion3Pipeline",)
-    scheduler_classes = ("FlowMatchEulerDiscreteScheduler",)
-    # The VAE only: the text encoders are CLIP and T5 pairs (not carried), so a build takes prompt embeddings.
-    component_parts = ("vae",)
-    default_steps = 28  # the pipeline's num_inference_steps
-    default_cfg_scale = 7.0  # the pipeline's guidance_scale
-    dummy_prompt_tokens = 5  # the traced length (any: the axis is dynamic)
-    sizes = {**TRANSFORMER_SIZES, **SD3_SIZES}
+class SD3DiffusersFamily(MMDiTFamily):
+    """The declaration, and the config checks it cannot say as data."""
 
     def check_config(self, config: DiffusersConfig, where: str) -> None:
         super().check_config(config, where)
@@ -77,68 +75,5 @@ class SD3DiffusersFamily(DiffusersFamily):
             raise DiffusersFolderError(f"{where}: field 'dual_attention_layers' is {short_repr(dual)}; expected at "
                                        f"most num_layers block indices in 0..{config['num_layers'] - 1}")
 
-    # -- sub-layers --------------------------------------------------------------------------------------------------
-    def _block_sublayers(self, config: DiffusersConfig, i: int) -> tuple[str, ...]:
-        last = i == config["num_layers"] - 1
-        return ("attn", *(("attn2",) if i in (config.get("dual_attention_layers") or ()) else ()), "ff",
-                *(() if last else ("ff_context",)))
 
-    def sublayer_names(self, config: DiffusersConfig) -> tuple[str, ...]:
-        return tuple(f"{self.blocks}.{i}.{name}" for i in range(config["num_layers"])
-                     for name in self._block_sublayers(config, i))
-
-    def cached_shapes(self, config: DiffusersConfig) -> tuple[tuple[int | str, ...], ...]:
-        tokens, dim, last = self.num_tokens(config), self.inner_dim(config), f".{config['num_layers'] - 1}."
-        shapes = []
-        for name in self.sublayer_names(config):
-            if name.endswith(".attn") and last not in name:
-                shapes.append((JOINT_TOKENS, dim))
-            elif name.endswith(".ff_context"):
-                shapes.append((PROMPT_TOKENS, dim))
-            else:
-                shapes.append((tokens, dim))
-        return tuple(shapes)
-
-    def output_packing(self, transformer, config: DiffusersConfig, path: str) -> OutputPacking | None:
-        if path.endswith(".attn"):
-            return JointAttentionPacking(image_only=path == f"{self.blocks}.{config['num_layers'] - 1}.attn")
-        return None
-
-    # -- graph interface ---------------------------------------------------------------------------------------------
-    def graph_inputs(self, config: DiffusersConfig) -> list[TensorSpec]:
-        return [self.sample_spec(config), TensorSpec("timestep", "float32", (), "time"),
-                TensorSpec("encoder_hidden_states", "float32", (PROMPT_TOKENS, config["joint_attention_dim"]),
-                           "prompt_embeds"),
-                TensorSpec("pooled_projections", "float32", (config["pooled_projection_dim"],),
-                           "pooled_prompt_embeds")]
-
-    def dummy_inputs(self, config: DiffusersConfig, batch: int, tokens: int | None = None) -> tuple:
-        import torch
-
-        side, tokens = config["sample_size"], tokens or self.dummy_prompt_tokens
-        return (torch.zeros(batch, self.in_channels(config), side, side), torch.full((batch,), 500.0),
-                torch.zeros(batch, tokens, config["joint_attention_dim"]),
-                torch.zeros(batch, config["pooled_projection_dim"]))
-
-    def macs_inputs(self, config: DiffusersConfig) -> tuple:
-        return self.dummy_inputs(config, 1, tokens=MACS_PROMPT_TOKENS)
-
-    def max_prompt_tokens(self, pipeline_class: str) -> int:
-        """The longest prompt_embeds the pipeline makes at its defaults: CLIP's 77 tokens and T5's 256."""
-        return MACS_PROMPT_TOKENS
-
-    def run_transformer(self, transformer, config: DiffusersConfig, hidden_states, timestep, encoder_hidden_states,
-                        pooled_projections):
-        """hidden_states (N, C, H, W), timestep (N,) the scheduler's (0..1000), encoder_hidden_states (N, L,
-        joint_attention_dim), pooled_projections (N, P) -> the velocity (N, C_out, H, W)."""
-        return transformer(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                           pooled_projections=pooled_projections, return_dict=False)[0]
-
-    # -- sampling ----------------------------------------------------------------------------------------------------
-    def pipeline_timesteps(self, config: DiffusersConfig):
-        from ...samplers import PipelineTimesteps
-
-        return PipelineTimesteps(self.num_tokens(config), linspace_sigmas=False, default_max_shift=1.16)
-
-
-FAMILY = SD3DiffusersFamily()
+FAMILY = SD3DiffusersFamily("diffusers-sd3", DECLARATION, sizes={**TRANSFORMER_SIZES, **SD3_SIZES})

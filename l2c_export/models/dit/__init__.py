@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ...core.macs import MacCount
-from .. import ModelFamily, TensorSpec
+from .. import ModelFamily, TensorSpec, label_input
 from .model import MODEL_NAMES, DiT, DiTConfig, default_guided_channels, dit_config
 
 
@@ -30,7 +30,7 @@ class DiTFamily(ModelFamily):
     def graph_inputs(self, config: DiTConfig) -> list[TensorSpec]:
         side = config.input_size
         return [TensorSpec("x", "float32", (config.in_channels, side, side), "sample"),
-                TensorSpec("t", "float32", (), "time"), TensorSpec("y", "int64", (), "label")]
+                TensorSpec("t", "float32", (), "time"), label_input("y")]
 
     def graph_output(self, config: DiTConfig) -> TensorSpec:
         side = config.input_size

@@ -4,7 +4,7 @@ DPM-Solver-2S by default, guidance on every channel. The model is :mod:`.model`.
 from __future__ import annotations
 
 from ...core.macs import MacCount
-from .. import ModelFamily, TensorSpec
+from .. import ModelFamily, TensorSpec, label_input
 from .model import MODEL_NAMES, UViT, UViTConfig, uvit_config
 
 
@@ -30,7 +30,7 @@ class UViTFamily(ModelFamily):
     def graph_inputs(self, config: UViTConfig) -> list[TensorSpec]:
         side = config.img_size
         return [TensorSpec("x", "float32", (config.in_chans, side, side), "sample"),
-                TensorSpec("t", "float32", (), "time"), TensorSpec("y", "int64", (), "label")]
+                TensorSpec("t", "float32", (), "time"), label_input("y")]
 
     def graph_output(self, config: UViTConfig) -> TensorSpec:
         side = config.img_size

@@ -216,11 +216,13 @@ def _same_shape(recorded: list, graph: list) -> bool:
 
 
 def _check_label_table(graph, manifest: dict, where: str, name: str) -> None:
+    from ...core.interface import label_record
     from ...core.manifest import ManifestError
 
-    label = next((t["name"] for t in manifest["model"]["inputs"] if t["role"] == "label"), None)
-    if label is None:  # conditioned on something else (prompt embeddings): no label table
+    record = label_record(manifest["model"]["inputs"])
+    if record is None:  # conditioned on something else (prompt embeddings): no label table
         return
+    label = record["name"]
     tables = {t.name: list(t.dims) for t in graph.initializer}
     names, reached = {label}, []
     for node in graph.node:  # nodes are in topological order

@@ -1,0 +1,245 @@
+"""What a diffusers transformer class is, as data: a :class:`Declaration` per family file (``dit.py``, ``pixart.py``,
+``sd3.py``, ``flux.py``), read by :class:`~l2c_export.models.diffusers.family.DiffusersFamily` and recorded in the
+manifest, so that no stage after the model lists a family's names, kinds or layout (docs/adding-a-family.md walks
+through one).
+
+A declaration names, by the names diffusers and its pipelines use:
+
+- the transformer class it reads and the pipeline classes whose sampling the runtime reproduces;
+- its blocks (:class:`Blocks`: a module list, its length's config field, and each block's sub-layer module paths:
+  the modules whose outputs are cached);
+- its conditioning (:class:`Conditioning`): each input of the transformer's forward fed from a pipeline call
+  argument, with a kind (:data:`l2c_export.core.interface.CONDITIONING_KINDS`) and, for guidance, the ``negative_``
+  partner the unconditional half is fed from;
+- its guidance rule (:class:`Guidance`), latent layout, scheduler classes (and how a flow-matching pipeline sets
+  their timesteps, :class:`FlowTimesteps`);
+- its text-encoder stack (:class:`TextEncoderStack`: tokenizer and encoder pairs, and which output feeds which
+  argument) and its VAE (:class:`VaeKind`).
+
+No PyTorch here: a declaration is read by the folder checks and the builder before any model is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from ...core.interface import (CLASSIFIER_FREE, CONDITIONING, CONDITIONING_KINDS, DEFAULT_SCALE_ARGUMENT,
+                               GUIDANCE_RULES, KIND_DTYPES, KIND_RANKS, LABEL, LATENT_LAYOUTS, NCHW, SCALAR,
+                               TOKEN_EMBEDDINGS, TOKEN_MASK)
+
+# The sizes of a text model's graph interface that vary per request (a TensorSpec names them): the prompt's tokens,
+# and joint attention's image + prompt tokens (an MMDiT's cached joint outputs).
+PROMPT_TOKENS = "prompt_tokens"
+JOINT_TOKENS = "joint_tokens"
+
+# What a sub-layer's cached value spans (Blocks.cached): the image tokens, the prompt tokens, or both (joint).
+IMAGE, PROMPT, JOINT = "image", "prompt", "joint"
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A list of blocks: ``path`` the transformer's module list, ``count`` the config field holding its length, and
+    ``sublayers`` each block's sub-layer module paths in forward order (the schedule's columns are
+    ``{path}.{i}.{sublayer}``). ``only_in``: a sub-layer present only in the blocks a config field lists (SD3.5's
+    ``attn2`` in ``dual_attention_layers``); ``not_in_last``: sub-layers the last block lacks (SD3's
+    ``context_pre_only`` block has no ``ff_context``). ``cached``: what each sub-layer's cached value spans
+    (:data:`IMAGE` unless said), ``cached_in_last`` where the last block differs (SD3's last joint attention keeps
+    only its image output)."""
+
+    sublayers: tuple[str, ...]
+    path: str = "transformer_blocks"
+    count: str = "num_layers"
+    only_in: Mapping[str, str] = field(default_factory=dict)
+    not_in_last: tuple[str, ...] = ()
+    cached: Mapping[str, str] = field(default_factory=dict)
+    cached_in_last: Mapping[str, str] = field(default_factory=dict)
+
+    def span(self, config, i: int, name: str) -> str:
+        """What sub-layer ``name`` of block ``i`` caches: :data:`IMAGE`, :data:`PROMPT` or :data:`JOINT` tokens."""
+        if i == config[self.count] - 1 and name in self.cached_in_last:
+            return self.cached_in_last[name]
+        return self.cached.get(name, IMAGE)
+
+    def block_sublayers(self, config, i: int) -> tuple[str, ...]:
+        """Block ``i``'s sub-layer module paths (relative to the block), in forward order."""
+        last = i == config[self.count] - 1
+        return tuple(name for name in self.sublayers
+                     if (name not in self.only_in or i in (config.get(self.only_in[name]) or ()))
+                     and not (last and name in self.not_in_last))
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One conditioning input: the transformer's forward argument ``input`` (the graph input's name), fed from the
+    pipeline's call argument ``argument``, of ``kind`` (:data:`l2c_export.core.interface.CONDITIONING_KINDS`).
+
+    ``width``: the config field giving the last size of a token_embeddings or pooled input (a tuple: the first one
+    set). ``negative``: the pipeline argument that guidance feeds the unconditional half from (``negative_`` and the
+    argument), None where both halves take the same value (or the rule runs no second half). ``tokens``: the named
+    axis of a token input. ``when``: a config field that must be true for the input to exist (FLUX.1's
+    ``guidance_embeds``)."""
+
+    argument: str
+    input: str
+    kind: str
+    width: str | tuple[str, ...] | None = None
+    negative: str | None = None
+    tokens: str = PROMPT_TOKENS
+    when: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in CONDITIONING_KINDS:
+            raise ValueError(f"{self.argument}: kind {self.kind!r}; expected one of {', '.join(CONDITIONING_KINDS)}")
+
+    def present(self, config) -> bool:
+        return self.when is None or bool(config.get(self.when))
+
+    def width_of(self, config) -> int | None:
+        """The last size of the input: the first of the ``width`` fields that the config sets."""
+        fields = (self.width,) if isinstance(self.width, str) else (self.width or ())
+        return next((config.get(name) for name in fields if config.get(name) is not None), None)
+
+    def shape(self, config) -> tuple[int | str, ...]:
+        """The per-sample shape, a token axis named by :attr:`tokens`."""
+        if self.kind == TOKEN_EMBEDDINGS:
+            return (self.tokens, self.width_of(config))
+        if self.kind == TOKEN_MASK:
+            return (self.tokens,)
+        if KIND_RANKS[self.kind] == 1:
+            return (self.width_of(config),)
+        return ()
+
+    def spec(self, config):
+        """The graph input's :class:`~l2c_export.models.TensorSpec`."""
+        from .. import TensorSpec
+
+        return TensorSpec(self.input, KIND_DTYPES[self.kind], self.shape(config), CONDITIONING,
+                          argument=self.argument, kind=self.kind, negative=self.negative)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How the pipeline guides: ``rule`` (:data:`l2c_export.core.interface.GUIDANCE_RULES`), the name of its scale
+    argument (a conditioning input of that argument is fed the scale: FLUX.1-dev's ``guidance_scale``), its default
+    scale, and for a label model the null class of the unconditional half."""
+
+    default_scale: float
+    rule: str = CLASSIFIER_FREE
+    scale_argument: str = DEFAULT_SCALE_ARGUMENT
+    null_class: int | None = None
+
+    def __post_init__(self):
+        if self.rule not in GUIDANCE_RULES:
+            raise ValueError(f"guidance rule {self.rule!r}; expected one of {', '.join(GUIDANCE_RULES)}")
+
+
+# What a text encoder's output is, as the pipeline takes it.
+LAST_HIDDEN_STATE = "last_hidden_state"  # T5: the last hidden state (n, L, D), with the tokenizer's attention mask
+PENULTIMATE_HIDDEN_STATE = "penultimate_hidden_state"  # CLIP in SD3: hidden_states[-2]
+POOLED_OUTPUT = "pooled"  # CLIP: the pooled (projected) output (n, P)
+TEMPLATED_HIDDEN_STATES = "templated_hidden_states"  # a decoder LLM's states after its template, prefix dropped
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One tokenizer and encoder pair of a pipeline folder: the folder parts, the encoder classes
+    (``architectures``) read, and where its outputs go: ``outputs`` maps each output it gives
+    (:data:`LAST_HIDDEN_STATE`, :data:`POOLED_OUTPUT`, ...) to the pipeline argument it feeds (or helps make, for a
+    stack that combines several encoders); ``mask`` the argument its tokenizer's attention mask feeds, if any;
+    ``width`` the config field of its hidden size; ``max_length`` its fixed token count (CLIP's 77; None: the
+    pipeline's max_sequence_length); ``template`` the text a decoder LLM's prompt is put in (``{}`` for the prompt:
+    Qwen-Image's chat template, Sana's ``complex_human_instruction``) and ``drop_prefix_tokens`` how many of the
+    template's leading tokens the pipeline drops from the hidden states."""
+
+    classes: tuple[str, ...]
+    outputs: Mapping[str, str]
+    tokenizer: str = "tokenizer"
+    encoder: str = "text_encoder"
+    mask: str | None = None
+    width: str = "d_model"
+    max_length: int | None = None
+    template: str | None = None
+    drop_prefix_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TextEncoderStack:
+    """The pipeline's text encoders, in its order; ``combine`` says how their outputs make the arguments where there
+    are several ("single": one encoder feeds them as they are; "concatenated": the pipeline's concatenation, its
+    pooled outputs side by side and its token outputs padded to the widest and joined along the tokens, as SD3's
+    ``encode_prompt``; "pooled_and_tokens": one encoder's pooled output and another's tokens, as FLUX.1's)."""
+
+    encoders: tuple[TextEncoder, ...]
+    combine: str = "single"
+
+    @property
+    def single(self) -> TextEncoder | None:
+        return self.encoders[0] if self.combine == "single" and len(self.encoders) == 1 else None
+
+
+@dataclass(frozen=True)
+class VaeKind:
+    """The VAE the pipeline decodes with: its classes and how latents are normalised before decoding:
+    "scale_shift" (``latents / scaling_factor + shift_factor``, the config's fields) or "mean_std" (per-channel
+    ``latents_mean`` and ``latents_std``: Qwen-Image's and Wan's)."""
+
+    classes: tuple[str, ...] = ("AutoencoderKL",)
+    normalization: str = "scale_shift"
+
+
+@dataclass(frozen=True)
+class FlowTimesteps:
+    """How a flow-matching pipeline sets its scheduler's timesteps (:class:`l2c_export.samplers.PipelineTimesteps`):
+    whether it passes ``sigmas = linspace(1, 1 / N, N)`` (FluxPipeline) or none (StableDiffusion3Pipeline), and its
+    fallback ``max_shift`` for dynamic shifting."""
+
+    linspace_sigmas: bool = False
+    default_max_shift: float = 1.15
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """A diffusers transformer class as its pipelines run it (the module docstring lists what each field says).
+
+    ``max_sequence_length``: pipeline class -> its ``max_sequence_length`` default, the bound of the token axis;
+    ``macs_prompt_tokens``: the prompt length MACs are counted at; ``required``: config option -> the only value
+    supported; ``call_arguments``: fixed keyword arguments of the transformer's forward (PixArt's
+    ``added_cond_kwargs``); ``default_steps``: the pipelines' num_inference_steps."""
+
+    transformer_class: str
+    pipeline_classes: tuple[str, ...]
+    blocks: tuple[Blocks, ...]
+    conditioning: tuple[Conditioning, ...]
+    guidance: Guidance
+    scheduler_classes: tuple[str, ...] = ("DDIMScheduler", "DPMSolverMultistepScheduler")
+    flow_timesteps: FlowTimesteps | None = None
+    latent_layout: str = NCHW
+    text_encoders: TextEncoderStack | None = None
+    vae: VaeKind | None = VaeKind()
+    default_steps: int = 20
+    max_sequence_length: Mapping[str, int] = field(default_factory=dict)
+    macs_prompt_tokens: int | None = None
+    required: Mapping[str, object] = field(default_factory=dict)
+    call_arguments: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.latent_layout not in LATENT_LAYOUTS:
+            raise ValueError(f"latent layout {self.latent_layout!r}; expected one of {', '.join(LATENT_LAYOUTS)}")
+        arguments = [c.argument for c in self.conditioning] + [c.negative for c in self.conditioning if c.negative]
+        if len(set(arguments)) != len(arguments):
+            raise ValueError(f"{self.transformer_class}: a pipeline argument is declared twice in {arguments}")
+        if any(c.kind == LABEL for c in self.conditioning) != (self.guidance.null_class is not None):
+            raise ValueError(f"{self.transformer_class}: a label input and the guidance's null class come together")
+        scale_fed = [c for c in self.conditioning if c.argument == self.guidance.scale_argument]
+        if any(c.kind != SCALAR for c in scale_fed):
+            raise ValueError(f"{self.transformer_class}: the input fed the scale ({self.guidance.scale_argument}) "
+                             f"must be a scalar")
+
+    def present_conditioning(self, config) -> tuple[Conditioning, ...]:
+        """The conditioning inputs a transformer of ``config`` has, in its forward's order."""
+        return tuple(c for c in self.conditioning if c.present(config))
+
+    def of_kind(self, kind: str) -> Conditioning | None:
+        """The first conditioning input of ``kind`` (the prompt's token embeddings, ...), None if there is none."""
+        return next((c for c in self.conditioning if c.kind == kind), None)
