@@ -40,18 +40,18 @@ def live_model(pipe, image_size: int | None = None, where: str = WHERE):
     """The family and config of ``pipe.transformer`` (a class the toolchain supports, its options checked as a
     folder's are): -> (family, DiffusersConfig). ``image_size``: pixels, for a transformer without a sample_size
     (FLUX.1; default the pipeline's)."""
-    from ..models import get_family
-    from ..models.diffusers import TRANSFORMER_FAMILIES, DiffusersConfig
+    from ..models.diffusers import DiffusersConfig, transformer_families
 
+    families = transformer_families()
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise ValueError(f"{where}: the pipeline has no transformer (pipe.transformer); expected a diffusers "
-                         f"pipeline of one of {', '.join(TRANSFORMER_FAMILIES)}")
+                         f"pipeline of one of {', '.join(families)}")
     class_name = type(transformer).__name__
-    if class_name not in TRANSFORMER_FAMILIES:
+    if class_name not in families:
         raise ValueError(f"{where}: pipe.transformer is a {class_name}; supported transformer classes: "
-                         f"{', '.join(TRANSFORMER_FAMILIES)}")
-    family = get_family(TRANSFORMER_FAMILIES[class_name])
+                         f"{', '.join(families)}")
+    family = families[class_name]
     config = DiffusersConfig(class_name, {key: value for key, value in dict(transformer.config).items()
                                           if not key.startswith("_")})
     family.check_config(config, "pipe.transformer.config")
