@@ -1062,25 +1062,28 @@ def test_flux_noise_must_be_the_packed_latents(cpp_build, diffusers_cpp_builds, 
 
 def test_cpp_torch_randn_equals_numpy_and_torch_bit_for_bit(cpp_build, tmp_path):
     """cpp/tests/torch_randn.cpp over every family's latent shape (4-D, packed, 5-D, counts under 16 and not a
-    multiple of 16) and seeds up to 2**64 - 1 (negative ones as torch takes them, modulo 2**64), and counts 1..48."""
+    multiple of 16), seeds up to 2**64 - 1 (negative ones as torch takes them, modulo 2**64) and counts 1..48, with
+    both kernels: equal to numpy's torch_randn, and to torch's where this CPU runs the AVX2 kernel."""
     import torch
 
     from l2c_export.samplers.torch_noise import torch_randn
 
     from .test_torch_noise import SEEDS, SHAPES
 
-    cases = [(seed % 2 ** 64, shape) for seed in SEEDS for shape in SHAPES.values()]
-    cases += [(7, (count,)) for count in range(1, 49)]
+    cases = [(seed % 2 ** 64, shape, kernel) for seed in SEEDS for shape in SHAPES.values()
+             for kernel in ("avx2", "scalar")]
+    cases += [(7, (count,), kernel) for count in range(1, 49) for kernel in ("avx2", "scalar")]
+    lines = "".join(f"{seed} {kernel} {' '.join(map(str, shape))}\n" for seed, shape, kernel in cases)
     result = subprocess.run([str(cpp_build / "l2c-torch-randn-test"), str(tmp_path)], capture_output=True, text=True,
-                            input="".join(f"{seed} {' '.join(map(str, shape))}\n" for seed, shape in cases),
-                            timeout=120, env={**os.environ, **SANITIZER_ENV})
+                            input=lines, timeout=120, env={**os.environ, **SANITIZER_ENV})
     assert result.returncode == 0, result.stderr
-    for index, (seed, shape) in enumerate(cases):
+    for index, (seed, shape, kernel) in enumerate(cases):
         cpp = np.load(tmp_path / f"{index}.npy")
-        want = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
-        if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert cpp.shape == shape and np.array_equal(cpp.view(np.uint32),
+                                                     torch_randn(seed, shape, kernel).view(np.uint32))
+        if kernel == "avx2" and torch.backends.cpu.get_cpu_capability() == "AVX2":
+            want = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
             assert np.array_equal(cpp.view(np.uint32), want.view(np.uint32)), (seed, shape)
-        assert cpp.shape == shape and np.array_equal(cpp.view(np.uint32), torch_randn(seed, shape).view(np.uint32))
 
 
 @pytest.mark.parametrize("family", ["default", "flux"])

@@ -4,6 +4,9 @@ shape; a batch handed out in parts is the rows of the whole draw; the pipeline s
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +14,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from l2c_export.samplers.guidance import InitialNoiseRows, make_noise, step_noise
 from l2c_export.samplers.torch_noise import torch_randn
+
+from .conftest import REPO
 
 SEEDS = [0, 1, 2 ** 32 - 1, 2 ** 32, 2 ** 63 - 1, 2 ** 64 - 1, -1, -(2 ** 63)]
 SHAPES = {
@@ -35,16 +40,16 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
                                                                                        b.view(np.uint32))
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="torch_randn reproduces torch's AVX2 kernel (which AVX-512 CPUs run too)")
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2",
+                    reason="make_noise reproduces torch's AVX2 kernel; this CPU runs another")
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_make_noise_equals_diffusers_randn_tensor_bit_for_bit(shape):
     for seed in SEEDS:
         assert _same_bits(make_noise(seed, shape), _diffusers_noise(seed, shape)), (seed, shape)
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="torch_randn reproduces torch's AVX2 kernel (which AVX-512 CPUs run too)")
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2",
+                    reason="make_noise reproduces torch's AVX2 kernel; this CPU runs another")
 def test_torch_randn_equals_torch_on_many_sizes_and_seeds():
     """Every count 1..80 (each remainder mod 16, the numel < 16 path), and random counts and seeds."""
     rng = np.random.default_rng(0)
@@ -53,6 +58,24 @@ def test_torch_randn_equals_torch_on_many_sizes_and_seeds():
     for seed, count in cases:
         want = torch.randn(count, generator=torch.Generator().manual_seed(seed)).numpy()
         assert _same_bits(torch_randn(seed, (count,)), want), (seed, count)
+
+
+def test_the_scalar_kernel_equals_torch_under_the_default_cpu_capability(tmp_path):
+    """kernel="scalar" (torch's AVX512, DEFAULT and aarch64 kernel) equals a torch started with
+    ATEN_CPU_CAPABILITY=default, bit for bit, on every family's latent shape."""
+    script = (f"import sys, numpy as np, torch\n"
+              f"assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
+              f"np.savez(sys.argv[1], *[torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy() "
+              f"for seed in {SEEDS[:4]!r} for shape in {list(SHAPES.values())!r}])\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "want.npz")], check=True, cwd=REPO,
+                   env={"ATEN_CPU_CAPABILITY": "default", "PATH": "/usr/bin:/bin"}, timeout=120)
+    want = np.load(tmp_path / "want.npz")
+    cases = [(seed, shape) for seed in SEEDS[:4] for shape in SHAPES.values()]
+    for index, (seed, shape) in enumerate(cases):
+        assert _same_bits(torch_randn(seed, shape, kernel="scalar"), want[f"arr_{index}"]), (seed, shape)
+    assert not _same_bits(torch_randn(0, (2, 4, 8, 8), kernel="scalar"), torch_randn(0, (2, 4, 8, 8)))
+    with pytest.raises(ValueError, match="kernel 'sse'; expected one of avx2, scalar"):
+        torch_randn(0, (4,), kernel="sse")
 
 
 @pytest.mark.parametrize("seed", [2 ** 64, -(2 ** 63) - 1, 1.5, True, "3"])

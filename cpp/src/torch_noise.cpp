@@ -98,9 +98,19 @@ void box_muller_16(float* data) {
   }
 }
 
+// torch's scalar NormalFill16 (AVX512, DEFAULT, aarch64), in place
+void box_muller_16_scalar(float* data) {
+  for (int j = 0; j < 8; ++j) {
+    const float radius = std::sqrt(-2.0f * std::log(1.0f - data[j]));
+    const float theta = static_cast<float>(2.0 * M_PI * static_cast<double>(data[j + 8]));
+    data[j] = radius * std::cos(theta) + 0.0f;
+    data[j + 8] = radius * std::sin(theta) + 0.0f;
+  }
+}
+
 }  // namespace
 
-Tensor torch_randn(uint64_t seed, const std::vector<int64_t>& shape) {
+Tensor torch_randn(uint64_t seed, const std::vector<int64_t>& shape, NoiseKernel kernel) {
   Tensor out(shape);
   const size_t count = out.size();
   std::mt19937 engine(static_cast<uint32_t>(seed));  // torch's mt19937 seeds from the low 32 bits, as std's
@@ -119,12 +129,13 @@ Tensor torch_randn(uint64_t seed, const std::vector<int64_t>& shape) {
     }
     return out;
   }
+  void (*const box_muller)(float*) = kernel == NoiseKernel::Scalar ? box_muller_16_scalar : box_muller_16;
   for (size_t i = 0; i < count; ++i) data[i] = uniform(engine);
-  for (size_t i = 0; i + 16 <= count; i += 16) box_muller_16(data + i);
+  for (size_t i = 0; i + 16 <= count; i += 16) box_muller(data + i);
   if (count % 16 != 0) {
     float* tail = data + count - 16;
     for (int i = 0; i < 16; ++i) tail[i] = uniform(engine);
-    box_muller_16(tail);
+    box_muller(tail);
   }
   return out;
 }

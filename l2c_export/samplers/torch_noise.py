@@ -23,14 +23,19 @@ What torch does on the CPU (ATen/native/cpu/DistributionTemplates.h, ``normal_ke
   (each two 32-bit draws, high word first), Box-Muller in double with ``log1p``, the sine half kept for the next
   element; each value rounded to float32.
 
-Other CPU capabilities differ for numel >= 16: torch's ``DEFAULT`` capability (``ATEN_CPU_CAPABILITY=default``, or a
-CPU without AVX2) uses the scalar ``NormalFill16`` with ``std::log``/``std::cos``/``std::sin`` of glibc, AVX-512 builds
-use the same AVX2 kernel, and aarch64/VSX use Sleef's vectorised log/sin/cos: values there agree with these to about
-1e-7 but not bit for bit. Only the AVX2 path (and the numel < 16 path, which is the same everywhere) is reproduced.
+Other CPU capabilities run another kernel for numel >= 16: the ``AVX512`` and ``DEFAULT`` ones
+(``ATEN_CPU_CAPABILITY=default``, a CPU without AVX2) and aarch64 take the scalar ``NormalFill16``, float32
+``std::log``/``std::cos``/``std::sin`` of the C library, theta rounded from double (``kernel="scalar"``: the same
+steps, calling the C library's ``logf``/``cosf``/``sinf``, so bit for bit where torch uses that C library, as on
+glibc Linux; one call per value, so slower); POWER (VSX) uses Sleef's, not reproduced. The two kernels' values differ
+in the last bits (about 1e-7 of a value), so the default, ``"avx2"``, the usual x86-64 one, matches elsewhere to that.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 from collections.abc import Sequence
 
@@ -151,6 +156,31 @@ def _box_muller_16(uniforms: np.ndarray) -> np.ndarray:
     return np.concatenate([radius * cos + _f32(0), radius * sin + _f32(0)], axis=1)
 
 
+@functools.cache
+def _c_library_functions():
+    library = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    functions = []
+    for name in ("logf", "cosf", "sinf"):
+        function = getattr(library, name)
+        function.restype, function.argtypes = ctypes.c_float, [ctypes.c_float]
+        functions.append(np.frompyfunc(function, 1, 1))
+    return functions
+
+
+def _box_muller_16_scalar(uniforms: np.ndarray) -> np.ndarray:
+    """(m, 16) uniforms -> (m, 16) normals: torch's scalar ``NormalFill16`` (float32 log, cos and sin of the C
+    library; theta = 2 pi u2 in double, rounded to float32)."""
+    logf, cosf, sinf = _c_library_functions()
+    u1 = _f32(1) - uniforms[:, :8]
+    radius = np.sqrt(_f32(-2) * logf(u1).astype(_f32))
+    theta = (2.0 * math.pi * uniforms[:, 8:].astype(np.float64)).astype(_f32)
+    return np.concatenate([radius * cosf(theta).astype(_f32) + _f32(0), radius * sinf(theta).astype(_f32) + _f32(0)],
+                          axis=1)
+
+
+KERNELS = {"avx2": _box_muller_16, "scalar": _box_muller_16_scalar}
+
+
 def _small_randn(generator: np.random.MT19937, count: int) -> np.ndarray:
     """numel < 16: ``at::normal_distribution<double>`` per element, its cached second sample included."""
     values, cached = [], None
@@ -169,10 +199,14 @@ def _small_randn(generator: np.random.MT19937, count: int) -> np.ndarray:
     return np.array(values, dtype=_f32)
 
 
-def torch_randn(seed: int, shape: Sequence[int]) -> np.ndarray:
+def torch_randn(seed: int, shape: Sequence[int], kernel: str = "avx2") -> np.ndarray:
     """``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`` as a float32 array of ``shape``,
-    bit for bit (torch's AVX2 CPU kernel; see the module's docstring). Any shape: only numel matters."""
+    bit for bit with torch's ``kernel``: "avx2" (x86-64 with AVX2, the default) or "scalar" (AVX-512, no AVX2,
+    aarch64; see the module's docstring). Any shape: only numel matters."""
     seed = check_seed(seed)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+    box_muller_16 = KERNELS[kernel]
     shape = tuple(int(d) for d in shape)
     count = math.prod(shape)
     generator = _mt19937(seed)
@@ -180,7 +214,7 @@ def torch_randn(seed: int, shape: Sequence[int]) -> np.ndarray:
         return _small_randn(generator, count).reshape(shape)
     values = _uniforms(generator, count)
     whole = count // 16 * 16
-    values[:whole] = _box_muller_16(values[:whole].reshape(-1, 16)).reshape(-1)
+    values[:whole] = box_muller_16(values[:whole].reshape(-1, 16)).reshape(-1)
     if count % 16:
-        values[count - 16:] = _box_muller_16(_uniforms(generator, 16).reshape(1, 16)).reshape(-1)
+        values[count - 16:] = box_muller_16(_uniforms(generator, 16).reshape(1, 16)).reshape(-1)
     return values.reshape(shape)

@@ -9,8 +9,13 @@
 
 namespace l2c {
 
+// Which of torch's CPU kernels to reproduce for 16 values or more: Avx2, x86-64 with AVX2 (the usual one); Scalar,
+// torch's AVX512 and DEFAULT capabilities and aarch64 (float32 logf/cosf/sinf of the C library, so equal where torch
+// uses the same one, as on glibc Linux). They differ in the last bits.
+enum class NoiseKernel { Avx2, Scalar };
+
 // float32 standard normals of `shape` equal to torch's for manual_seed(seed) (a negative seed is given as its
 // two's-complement uint64, as torch takes it): a whole (n, ...) batch in one draw, as diffusers' randn_tensor.
-Tensor torch_randn(uint64_t seed, const std::vector<int64_t>& shape);
+Tensor torch_randn(uint64_t seed, const std::vector<int64_t>& shape, NoiseKernel kernel = NoiseKernel::Avx2);
 
 }  // namespace l2c
