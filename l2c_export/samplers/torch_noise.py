@@ -28,7 +28,8 @@ Other CPU capabilities run another kernel for numel >= 16: the ``AVX512`` and ``
 ``std::log``/``std::cos``/``std::sin`` of the C library, theta rounded from double (``kernel="scalar"``: the same
 steps, calling the C library's ``logf``/``cosf``/``sinf``, so bit for bit where torch uses that C library, as on
 glibc Linux; one call per value, so slower); POWER (VSX) uses Sleef's, not reproduced. The two kernels' values differ
-in the last bits (about 1e-7 of a value), so the default, ``"avx2"``, the usual x86-64 one, matches elsewhere to that.
+in the last bits (4 in 10 values, by up to 2e-6 on a 1 x 4 x 128 x 128 draw), so the default, ``"avx2"``, the usual
+x86-64 one, matches elsewhere to that.
 """
 
 from __future__ import annotations
