@@ -22,7 +22,8 @@ int main(int argc, char** argv) {
     std::vector<int64_t> shape;
     for (int64_t dim; fields >> dim;) shape.push_back(dim);
     const auto which = kernel == "scalar" ? l2c::NoiseKernel::Scalar : l2c::NoiseKernel::Avx2;
-    l2c::write_npy(std::filesystem::path(argv[1]) / (std::to_string(index) + ".npy"), l2c::torch_randn(seed, shape, which));
+    const auto path = std::filesystem::path(argv[1]) / (std::to_string(index) + ".npy");
+    l2c::write_npy(path, l2c::torch_randn(seed, shape, which));
   }
   return 0;
 }

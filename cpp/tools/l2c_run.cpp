@@ -2,7 +2,7 @@
 //
 //   l2c-run ENGINE_DIR --labels 3,1,4 --noise z.npy [--cfg-scale S] [--full] --out samples.npy [--png grid.png]
 //   l2c-run ENGINE_DIR --conditioning cond.npz --noise z.npy ...   (a text-conditioned build: PixArt, SD3, FLUX.1)
-//   l2c-run ENGINE_DIR ... --seed S ...   (instead of --noise: the noise diffusers draws for torch.Generator().manual_seed(S))
+//   l2c-run ENGINE_DIR ... --seed S ...   (instead of --noise: diffusers' noise for torch.Generator().manual_seed(S))
 //
 // Every failure is one line on stderr ("l2c-run: error: ..."), and the outputs are written only after the whole run
 // succeeded, each atomically. Exit status, as the l2c-export commands': 2 bad input (an l2c::Error from the library:
@@ -70,7 +70,8 @@ int fail(int status, std::string message) {
 
 int main(int argc, char** argv) {
   CLI::App app{"Sample from an l2c-export build with the C++ runtime (ONNX Runtime, no Python)."};
-  std::string engine_dir, labels_text, conditioning_path, noise_path, seed_text, step_noise_path, out_path, png_path, provider = "cpu";
+  std::string engine_dir, labels_text, conditioning_path, noise_path, step_noise_path, out_path, png_path, provider = "cpu";
+  std::string seed_text;
   std::optional<double> cfg_scale;
   bool full = false;
   int threads = 0;
