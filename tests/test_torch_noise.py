@@ -1,6 +1,7 @@
-"""Seeds that match (issue 31, point 3): ``make_noise(seed, shape)`` (numpy, no torch) is diffusers'
-``randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed))`` bit for bit, for every family's latent
-shape; a batch handed out in parts is the rows of the whole draw; the pipeline starts from it."""
+"""Seeds that match (issue 31, point 3): ``make_noise(seed, shape)`` (numpy, no torch) is the initial latents
+diffusers draws with ``generator=torch.Generator("cpu").manual_seed(seed)``, bit for bit, for every family's latent
+shape (``randn_tensor``; FLUX.1's packed latents drawn unpacked and packed, as ``FluxPipeline.prepare_latents``); a
+batch handed out in parts is the rows of the whole draw."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from types import SimpleNamespace
+
 from l2c_export.samplers.guidance import InitialNoiseRows, make_noise, step_noise
 from l2c_export.samplers.torch_noise import torch_randn
 
 from .conftest import REPO
 
 SEEDS = [0, 1, 2 ** 32 - 1, 2 ** 32, 2 ** 63 - 1, 2 ** 64 - 1, -1, -(2 ** 63)]
-SHAPES = {
+SHAPES = {  # torch_randn's; make_noise's but the packed ones
     "one value": (1,),
     "under 16": (3, 5),
     "4-D DiT/PixArt/SD3 latents": (2, 4, 8, 8),
@@ -28,6 +31,8 @@ SHAPES = {
     "5-D video (N, C, F, H, W)": (2, 16, 3, 4, 6),
     "5-D, numel % 16 != 0": (1, 4, 3, 5, 5),
 }
+AVX2 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2",
+                          reason="torch_randn's default kernel is torch's AVX2 one; this CPU runs another")
 
 
 def _diffusers_noise(seed: int, shape) -> np.ndarray:
@@ -40,16 +45,31 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
                                                                                        b.view(np.uint32))
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2",
-                    reason="make_noise reproduces torch's AVX2 kernel; this CPU runs another")
+@AVX2
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_make_noise_equals_diffusers_randn_tensor_bit_for_bit(shape):
+def test_torch_randn_equals_diffusers_randn_tensor_bit_for_bit(shape):
     for seed in SEEDS:
-        assert _same_bits(make_noise(seed, shape), _diffusers_noise(seed, shape)), (seed, shape)
+        assert _same_bits(torch_randn(seed, shape), _diffusers_noise(seed, shape)), (seed, shape)
+        if len(shape) != 3:  # make_noise draws the shape as it is but for FLUX.1's packed latents (below)
+            assert _same_bits(make_noise(seed, shape), _diffusers_noise(seed, shape)), (seed, shape)
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX2",
-                    reason="make_noise reproduces torch's AVX2 kernel; this CPU runs another")
+@AVX2
+@pytest.mark.parametrize("batch,channels,pixels", [(2, 16, 64), (1, 4, 48)])
+def test_make_noise_of_packed_latents_equals_flux_pipelines_prepare_latents(batch, channels, pixels):
+    """FluxPipeline.prepare_latents (diffusers' own code, on a stand-in for the pipeline's VAE scale factor) draws
+    (n, C, h, w) and packs it into (n, T, 4 C); make_noise of that packed shape is the same, bit for bit."""
+    from diffusers import FluxPipeline
+
+    stand_in = SimpleNamespace(vae_scale_factor=8, _pack_latents=FluxPipeline._pack_latents,
+                               _prepare_latent_image_ids=FluxPipeline._prepare_latent_image_ids)
+    for seed in SEEDS:
+        want, _ = FluxPipeline.prepare_latents(stand_in, batch, channels, pixels, pixels, torch.float32,
+                                               torch.device("cpu"), torch.Generator().manual_seed(seed))
+        assert _same_bits(make_noise(seed, tuple(want.shape)), want.numpy()), (seed, tuple(want.shape))
+
+
+@AVX2
 def test_torch_randn_equals_torch_on_many_sizes_and_seeds():
     """Every count 1..80 (each remainder mod 16, the numel < 16 path), and random counts and seeds."""
     rng = np.random.default_rng(0)

@@ -5,6 +5,7 @@
 #include "l2c/torch_noise.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <random>
 
@@ -138,6 +139,29 @@ Tensor torch_randn(uint64_t seed, const std::vector<int64_t>& shape, NoiseKernel
     box_muller(tail);
   }
   return out;
+}
+
+Tensor initial_noise(uint64_t seed, int64_t n, const std::vector<int64_t>& sample_shape) {
+  std::vector<int64_t> shape = sample_shape;
+  shape.insert(shape.begin(), n);
+  if (sample_shape.size() != 2 || sample_shape[1] % 4 != 0 || sample_shape[0] <= 0) return torch_randn(seed, shape);
+  const int64_t tokens = sample_shape[0], channels = sample_shape[1] / 4;
+  int64_t half = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(tokens))));
+  if (half * half != tokens) return torch_randn(seed, shape);
+  const int64_t side = 2 * half;
+  const Tensor unpacked = torch_randn(seed, {n, channels, side, side});
+  Tensor packed(shape);
+  // FluxPipeline._pack_latents: token (i, j) holds the 2x2 patch at rows 2i, 2i + 1 and columns 2j, 2j + 1,
+  // channel-major (channel, row, column), as l2c_export/core/latents.py's pack_latents
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t i = 0; i < half; ++i)
+      for (int64_t j = 0; j < half; ++j)
+        for (int64_t c = 0; c < channels; ++c)
+          for (int64_t di = 0; di < 2; ++di)
+            for (int64_t dj = 0; dj < 2; ++dj)
+              packed.data[((b * tokens + i * half + j) * channels + c) * 4 + di * 2 + dj] =
+                  unpacked.data[((b * channels + c) * side + 2 * i + di) * side + 2 * j + dj];
+  return packed;
 }
 
 }  // namespace l2c

@@ -3,16 +3,24 @@ PyTorch): seeded noise, labels and the classifier-free guidance batch and mix.""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from ..core.latents import pack_latents
 from .torch_noise import check_seed, torch_randn
 
 
 def make_noise(seed: int, shape) -> np.ndarray:
-    """Standard normal float32 noise of ``shape``: diffusers' ``randn_tensor(shape, generator=torch.Generator("cpu")
-    .manual_seed(seed))``, bit for bit, without torch (:func:`~l2c_export.samplers.torch_noise.torch_randn`); the same
-    for every backend, and the noise a diffusers pipeline starts from for that seed. ``seed`` as
-    ``manual_seed`` takes it (-2**63..2**64-1; else a ValueError naming ``seed``)."""
+    """The initial latents a diffusers pipeline draws for ``shape`` with ``generator=torch.Generator("cpu")
+    .manual_seed(seed)``, bit for bit, without torch: ``randn_tensor(shape)``
+    (:func:`~l2c_export.samplers.torch_noise.torch_randn`), except FLUX.1's packed (n, T, 4 C) latents (a 3-D shape,
+    T a square), which ``FluxPipeline.prepare_latents`` draws as (n, C, h, w) square latents and packs. The same for
+    every backend. ``seed`` as ``manual_seed`` takes it (-2**63..2**64-1; else a ValueError naming ``seed``)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 3 and shape[2] % 4 == 0 and math.isqrt(shape[1]) ** 2 == shape[1] and shape[1]:
+        side = 2 * math.isqrt(shape[1])
+        return pack_latents(torch_randn(seed, (shape[0], shape[2] // 4, side, side)))
     return torch_randn(seed, shape)
 
 

@@ -18,4 +18,9 @@ enum class NoiseKernel { Avx2, Scalar };
 // two's-complement uint64, as torch takes it): a whole (n, ...) batch in one draw, as diffusers' randn_tensor.
 Tensor torch_randn(uint64_t seed, const std::vector<int64_t>& shape, NoiseKernel kernel = NoiseKernel::Avx2);
 
+// The initial latents a diffusers pipeline draws for n samples of `sample_shape` with manual_seed(seed), as the Python
+// runtime's make_noise: torch_randn(seed, (n, ...sample_shape)), except FLUX.1's packed (T, 4 C) samples (T a square),
+// which FluxPipeline draws as (n, C, h, w) square latents and packs 2x2 into (n, T, 4 C).
+Tensor initial_noise(uint64_t seed, int64_t n, const std::vector<int64_t>& sample_shape);
+
 }  // namespace l2c
