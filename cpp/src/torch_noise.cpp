@@ -22,6 +22,8 @@ uint32_t bits_of(float x) {
 // double to float, which a float literal (rounded once) need not equal
 constexpr float as_float(double x) { return static_cast<float>(x); }
 
+constexpr double kPi = 3.14159265358979323846;  // c10::pi<double>
+
 float float_of(uint32_t bits) {
   float x;
   std::memcpy(&x, &bits, sizeof x);
@@ -93,7 +95,7 @@ void box_muller_16(float* data) {
   for (int j = 0; j < 8; ++j) {
     const float radius = std::sqrt(-2.0f * log_avx2(1.0f - data[j]));
     float sin, cos;
-    sincos_avx2(static_cast<float>(2.0 * M_PI) * data[j + 8], sin, cos);
+    sincos_avx2(static_cast<float>(2.0 * kPi) * data[j + 8], sin, cos);
     data[j] = radius * cos + 0.0f;  // + 0: the kernel's fmadd(n, 1, 0), which turns -0.0 into +0.0
     data[j + 8] = radius * sin + 0.0f;
   }
@@ -103,7 +105,7 @@ void box_muller_16(float* data) {
 void box_muller_16_scalar(float* data) {
   for (int j = 0; j < 8; ++j) {
     const float radius = std::sqrt(-2.0f * std::log(1.0f - data[j]));
-    const float theta = static_cast<float>(2.0 * M_PI * static_cast<double>(data[j + 8]));
+    const float theta = static_cast<float>(2.0 * kPi * static_cast<double>(data[j + 8]));
     data[j] = radius * std::cos(theta) + 0.0f;
     data[j + 8] = radius * std::sin(theta) + 0.0f;
   }
@@ -124,7 +126,7 @@ Tensor torch_randn(uint64_t seed, const std::vector<int64_t>& shape, NoiseKernel
     for (size_t i = 0; i < count; i += 2) {
       const double u1 = uniform53(), u2 = uniform53();
       const double radius = std::sqrt(-2.0 * std::log1p(-u2));
-      const double theta = 2.0 * M_PI * u1;
+      const double theta = 2.0 * kPi * u1;
       data[i] = static_cast<float>(radius * std::cos(theta));
       if (i + 1 < count) data[i + 1] = static_cast<float>(radius * std::sin(theta));
     }
