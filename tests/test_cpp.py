@@ -1066,3 +1066,73 @@ def test_flux_noise_must_be_the_packed_latents(cpp_build, diffusers_cpp_builds, 
     line = _refused_request(tmp_path, engines, "--conditioning", tmp_path / "cond.npz")
     assert "noise has shape (2, 16, 8, 8); expected (2, 16, 16) (n prompts, T, C), the pipeline's packed latents" \
         in line, line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Seeds that match (issue 31): l2c::torch_randn is torch's CPU randn for torch.Generator().manual_seed(seed), as numpy's
+# make_noise; l2c-run --seed draws the whole batch's noise with it.
+
+def test_cpp_torch_randn_equals_numpy_and_torch_bit_for_bit(cpp_build, tmp_path):
+    """cpp/tests/torch_randn.cpp over every family's latent shape (4-D, packed, 5-D, counts under 16 and not a
+    multiple of 16), seeds up to 2**64 - 1 (negative ones as torch takes them, modulo 2**64) and counts 1..48, with
+    both kernels: equal to numpy's torch_randn, and to torch's where this CPU runs the AVX2 kernel."""
+    import torch
+
+    from l2c_export.samplers.torch_noise import torch_randn
+
+    from .test_torch_noise import SEEDS, SHAPES
+
+    cases = [(seed % 2 ** 64, shape, kernel) for seed in SEEDS for shape in SHAPES.values()
+             for kernel in ("avx2", "scalar")]
+    cases += [(7, (count,), kernel) for count in range(1, 49) for kernel in ("avx2", "scalar")]
+    lines = "".join(f"{seed} {kernel} {' '.join(map(str, shape))}\n" for seed, shape, kernel in cases)
+    result = subprocess.run([str(cpp_build / "l2c-torch-randn-test"), str(tmp_path)], capture_output=True, text=True,
+                            input=lines, timeout=120, env={**os.environ, **SANITIZER_ENV})
+    assert result.returncode == 0, result.stderr
+    for index, (seed, shape, kernel) in enumerate(cases):
+        cpp = np.load(tmp_path / f"{index}.npy")
+        assert cpp.shape == shape and np.array_equal(cpp.view(np.uint32),
+                                                     torch_randn(seed, shape, kernel).view(np.uint32))
+        if kernel == "avx2" and torch.backends.cpu.get_cpu_capability() == "AVX2":
+            want = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
+            assert np.array_equal(cpp.view(np.uint32), want.view(np.uint32)), (seed, shape)
+
+
+@pytest.mark.parametrize("family", ["default", "flux"])
+def test_l2c_run_seed_draws_the_noise_diffusers_draws(cpp_build, default_build, diffusers_cpp_builds, tmp_path,
+                                                      family):
+    """l2c-run --seed S starts from torch's randn for torch.Generator().manual_seed(S) over the whole (n, ...)
+    batch (the embedded default's (n, 1, 8, 8) from --labels; FLUX.1's packed (n, T, C) from --conditioning): the
+    samples of --noise make_noise(S, ...) bit for bit, and of l2c-export run --seed S to 1e-5 of the range."""
+    if family == "default":
+        engines, request, n = default_build, ["--labels", "0,3,5"], 3
+    else:
+        engines, n = diffusers_cpp_builds("flux", "flow"), 2
+        _mmdit_conditioning(tmp_path / "cond.npz", "flux", length=3)
+        request = ["--conditioning", tmp_path / "cond.npz"]
+    seed = 2 ** 63 - 1
+    _noise(engines, n, seed, tmp_path / "z.npy")
+    common = [*request, "--cfg-scale", "3"]
+    for source, out in ((["--seed", str(seed)], "seeded.npy"), (["--noise", tmp_path / "z.npy"], "file.npy")):
+        result = l2c_run(engines, *common, *source, "--out", tmp_path / out)
+        assert result.returncode == 0, result.stderr
+    seeded = np.load(tmp_path / "seeded.npy")
+    assert np.array_equal(seeded, np.load(tmp_path / "file.npy"))
+    run_cli("run", str(engines), *map(str, common), "--seed", str(seed), "--save-latents", str(tmp_path / "py.npy"))
+    python = np.load(tmp_path / "py.npy")
+    assert seeded.shape == python.shape and np.abs(seeded - python).max() <= 1e-5 * (python.max() - python.min())
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--seed", str(2 ** 64)], f"--seed: {2 ** 64} is out of range; expected an integer in -2**63..2**64-1"),
+    (["--seed", str(-(2 ** 63) - 1)], f"--seed: {-(2 ** 63) - 1} is out of range; expected an integer in "),
+    (["--seed", "1.5"], "--seed: '1.5' is not an integer"),
+    (["--seed", "1", "--noise", "z.npy"], "--noise excludes --seed"),
+    ([], "give either --noise z.npy or --seed S"),
+], ids=["above", "below", "not-an-integer", "both", "neither"])
+def test_a_bad_seed_is_refused_in_one_line(cpp_build, default_build, tmp_path, args, expected):
+    out = tmp_path / "out.npy"
+    result = l2c_run(default_build, "--labels", "0,3", *args, "--out", out)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("l2c-run: error: "), result.stderr
+    assert expected in lines[0] and not out.exists()

@@ -131,6 +131,27 @@ def test_run_with_prompts_equals_the_diffusers_pipeline(text_build, tmp_path, ca
         assert np.abs(plain - want).max() > 1e-3 * (want.max() - want.min())
 
 
+
+@pytest.mark.slow
+def test_run_with_a_seed_equals_the_diffusers_pipeline_with_that_generator(text_build, tmp_path):
+    """run E --prompt ... --seed S --full --save-latents equals PixArtAlphaPipeline given no latents but
+    generator=torch.Generator().manual_seed(S), output_type="latent", to 1e-4 of the range: the runtime draws the
+    noise diffusers draws for that seed (l2c_export.samplers.torch_noise), without torch."""
+    folder, engines, _ = text_build
+    seed = 2 ** 32 + 5
+    options = [option for prompt in PROMPTS for option in ("--prompt", prompt)]
+    run_cli("run", str(engines), *options, "--seed", str(seed), "--cfg-scale", str(CFG_SCALE), "--full",
+            "--save-latents", str(tmp_path / "out.npy"))
+    got = np.load(tmp_path / "out.npy")
+    with torch.no_grad():
+        want = load_pipeline(folder)(prompt=PROMPTS, negative_prompt="", guidance_scale=CFG_SCALE,
+                                     generator=torch.Generator().manual_seed(seed), num_inference_steps=STEPS,
+                                     output_type="latent", use_resolution_binning=False).images.numpy()
+    assert got.shape == want.shape == (2, 4, 8, 8)
+    assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
+    other = np.load(engines.parent / "z.npy")  # seed 0's noise: another seed, another result
+    assert np.abs(_pipeline_output(folder, PROMPTS, other) - want).max() > 1e-2 * (want.max() - want.min())
+
 def test_decoded_images_equal_the_pipelines_postprocessed_output(text_build):
     """L2CPipeline(prompt=..., decode=True): the VAE decoder graph's images, postprocessed, equal the pipeline's
     output_type="np" (to 1e-3) and "pil" (to one level of 255)."""

@@ -20,7 +20,7 @@ from l2c_export.core.schedule import SCHEDULE_MODES, Schedule, ScheduleError
 from l2c_export.runtime.components import MAX_PROMPT_BYTES, PromptError
 from l2c_export.runtime.conditioning import ConditioningError
 from l2c_export.runtime.pipeline import L2CPipeline
-from l2c_export.samplers.guidance import NoiseRows, make_noise
+from l2c_export.samplers.guidance import InitialNoiseRows, NoiseRows, make_noise, step_noise
 
 from .conftest import REPO, run_cli
 from .test_diffusers_text import text_build  # noqa: F401  (a fixture: the tiny PixArt build with a T5 encoder)
@@ -174,9 +174,14 @@ def test_the_python_api_refuses_conditioning_that_is_not_a_dict_of_arrays(defaul
 BATCH_ROUNDING = 1e-4
 
 def test_noise_drawn_some_rows_at_a_time_is_the_noise_of_one_draw():
-    rows = NoiseRows(7, (1, 8, 8))
+    """The initial noise (InitialNoiseRows: torch's draw of all 5 rows, made once) and a DDPM step's noise stream
+    (NoiseRows: numpy's, which continues where it stopped) handed out 2, 2 and 1 rows at a time."""
+    rows = InitialNoiseRows(7, (1, 8, 8), 5)
     np.testing.assert_array_equal(np.concatenate([rows.draw(2), rows.draw(2), rows.draw(1)]),
                                   make_noise(7, (5, 1, 8, 8)))
+    stream = NoiseRows(7, (1, 8, 8))  # step_noise(seed, s, ...) is the stream of seed + s + 1
+    np.testing.assert_array_equal(np.concatenate([stream.draw(2), stream.draw(2), stream.draw(1)]),
+                                  step_noise(6, 0, (5, 1, 8, 8)))
 
 
 def test_prompts_sampled_two_at_a_time_equal_one_batch_and_show_progress(text_build, tmp_path):  # noqa: F811

@@ -2,6 +2,7 @@
 //
 //   l2c-run ENGINE_DIR --labels 3,1,4 --noise z.npy [--cfg-scale S] [--full] --out samples.npy [--png grid.png]
 //   l2c-run ENGINE_DIR --conditioning cond.npz --noise z.npy ...   (a text-conditioned build: PixArt, SD3, FLUX.1)
+//   l2c-run ENGINE_DIR ... --seed S ...   (instead of --noise: diffusers' noise for torch.Generator().manual_seed(S))
 //
 // Every failure is one line on stderr ("l2c-run: error: ..."), and the outputs are written only after the whole run
 // succeeded, each atomically. Exit status, as the l2c-export commands': 2 bad input (an l2c::Error from the library:
@@ -9,11 +10,15 @@
 // 4 the file system refused an output, 1 anything else (a failure that is not the input's, e.g. out of memory).
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "l2c/pipeline.hpp"
+#include "l2c/torch_noise.hpp"
 #include "png.hpp"
 
 namespace {
@@ -36,6 +41,24 @@ std::vector<int64_t> parse_labels(const std::string& text) {
 }
 
 // One line on stderr, whatever ONNX Runtime's or CLI11's own messages hold; returns `status`.
+// --seed as torch.Generator.manual_seed takes it: an integer in -2**63..2**64-1 (a negative one as its two's
+// complement, as torch).
+uint64_t parse_seed(const std::string& text) {
+  const std::string expected = "; expected an integer in -2**63..2**64-1 (what torch.Generator.manual_seed accepts)";
+  const bool negative = !text.empty() && text[0] == '-';
+  const std::string digits = negative ? text.substr(1) : text;
+  if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos)
+    throw l2c::Error("--seed: '" + text + "' is not an integer" + expected);
+  uint64_t value = 0;
+  for (const char c : digits) {
+    const uint64_t digit = static_cast<uint64_t>(c - '0');
+    if (value > (UINT64_MAX - digit) / 10) throw l2c::Error("--seed: " + text + " is out of range" + expected);
+    value = value * 10 + digit;
+  }
+  if (negative && value > (uint64_t{1} << 63)) throw l2c::Error("--seed: " + text + " is out of range" + expected);
+  return negative ? uint64_t{0} - value : value;
+}
+
 int fail(int status, std::string message) {
   for (char& c : message)
     if (c == '\n' || c == '\r') c = ' ';
@@ -48,6 +71,7 @@ int fail(int status, std::string message) {
 int main(int argc, char** argv) {
   CLI::App app{"Sample from an l2c-export build with the C++ runtime (ONNX Runtime, no Python)."};
   std::string engine_dir, labels_text, conditioning_path, noise_path, step_noise_path, out_path, png_path, provider = "cpu";
+  std::string seed_text;
   std::optional<double> cfg_scale;
   bool full = false;
   int threads = 0;
@@ -59,8 +83,12 @@ int main(int argc, char** argv) {
       "guide classifier-free, their negative partners (models conditioned on arrays: PixArt, SD3, FLUX.1)");
   labels_option->excludes(conditioning_option);
 
-  app.add_option("--noise", noise_path, ".npy float32 (n, C, H, W) (FLUX.1: packed (n, T, C)): the initial noise")
-      ->required();
+  auto* noise_option =
+      app.add_option("--noise", noise_path, ".npy float32 (n, C, H, W) (FLUX.1: packed (n, T, C)): the initial noise");
+  auto* seed_option = app.add_option("--seed", seed_text,
+                                     "instead of --noise: the initial noise diffusers draws for the n samples with "
+                                     "torch.Generator().manual_seed(SEED) (torch's CPU randn, bit for bit)");
+  noise_option->excludes(seed_option);
   app.add_option("--step-noise", step_noise_path,
                  ".npy float32 (steps - 1, n, C, H, W): the noise a DDPM build adds after each step but the last");
   app.add_option("--cfg-scale", cfg_scale, "guidance scale (default: the manifest's); > 1 guides");
@@ -85,7 +113,11 @@ int main(int argc, char** argv) {
     const std::vector<int64_t> labels = parse_labels(labels_text);
     std::optional<l2c::Prompts> prompts;
     if (!conditioning_path.empty()) prompts = l2c::read_prompts(conditioning_path, "--conditioning " + conditioning_path);
-    const l2c::Tensor noise = l2c::read_npy(noise_path);
+    if (noise_option->count() == seed_option->count())
+      throw l2c::Error("give either --noise z.npy or --seed S (the initial noise diffusers draws for that seed)");
+    const std::optional<uint64_t> seed = seed_option->count() ? std::optional(parse_seed(seed_text)) : std::nullopt;
+    std::optional<l2c::Tensor> read_noise;
+    if (!seed) read_noise = l2c::read_npy(noise_path);
     std::optional<l2c::Tensor> step_noise;
     if (!step_noise_path.empty()) step_noise = l2c::read_npy(step_noise_path);
     l2c::Options options;
@@ -97,6 +129,14 @@ int main(int argc, char** argv) {
       throw l2c::Error("--png: " + manifest.name + " is a latent model; its samples need a VAE to become images");
     std::cout << engine_dir << ": " << manifest.name << ", " << manifest.subsets.size() << " subset engine(s), "
               << manifest.sampler->num_model_calls() << " " << manifest.sampler->kind() << " steps" << std::endl;
+    l2c::Tensor seeded_noise;
+    if (seed) {  // one draw of the whole (n, ...) batch, as diffusers' randn_tensor
+      const auto rows = [](const l2c::Tensor& t) { return t.shape.empty() ? int64_t{0} : t.shape[0]; };
+      const int64_t n = prompts ? std::max(rows(prompts->embeds), rows(prompts->pooled))
+                                : static_cast<int64_t>(labels.size());
+      seeded_noise = l2c::initial_noise(*seed, n, pipe.sample_shape());
+    }
+    const l2c::Tensor& noise = seed ? seeded_noise : *read_noise;
     l2c::SampleOptions sample_options;
     sample_options.cfg_scale = cfg_scale;
     sample_options.full = full;

@@ -1,5 +1,6 @@
 """FLUX.1's 2x2 latent packing (``FluxPipeline._pack_latents`` / ``_unpack_latents``), defined once: the manifest's
-check of a "packed_2x2" VAE decoder, the runtime's decoding and the FLUX.1 family's VAE latents all use it. Numpy only.
+check of a "packed_2x2" VAE decoder, the runtime's decoding, the seeded initial noise and the FLUX.1 family's VAE
+latents all use it. Numpy only.
 
 Latents (C, h, w), h and w even, pack into (T, 4 C) tokens, T = (h / 2) (w / 2): token (i, j) holds the 2x2 patch at
 rows 2i, 2i + 1 and columns 2j, 2j + 1, channel-major (channel, row, column).
@@ -34,3 +35,11 @@ def unpack_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray:
     channels = unpacked_2x2_shape(latents.shape, height, width)[0]
     patches = latents.reshape(len(latents), height // 2, width // 2, channels, 2, 2)
     return patches.transpose(0, 3, 1, 4, 2, 5).reshape(len(latents), channels, height, width)
+
+
+def pack_latents(latents: np.ndarray) -> np.ndarray:
+    """(n, C, h, w) -> packed (n, (h / 2) (w / 2), 4 C), as ``FluxPipeline._pack_latents``."""
+    n, channels, height, width = latents.shape
+    tokens, width_4c = packed_2x2_shape(channels, height, width)
+    patches = latents.reshape(n, channels, height // 2, 2, width // 2, 2)
+    return np.ascontiguousarray(patches.transpose(0, 2, 4, 1, 3, 5).reshape(n, tokens, width_4c))

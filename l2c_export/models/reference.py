@@ -1,8 +1,9 @@
 """The PyTorch reference sampler: the eager model of any family, the L2C cached forward per model call, classifier-free
 guidance as one 2B batch, driven by the one denoising loop (:func:`l2c_export.samplers.denoise`).
 
-This is the numerical reference every exported backend is compared with. Noise comes from numpy's generator
-(:func:`l2c_export.samplers.make_noise`), so a seed gives the same noise to every backend, PyTorch or not.
+This is the numerical reference every exported backend is compared with. Noise comes from
+:func:`l2c_export.samplers.make_noise` (numpy, torch's CPU randn for ``torch.Generator().manual_seed(seed)`` bit for
+bit), so a seed gives the same noise to every backend, PyTorch or not, and the noise diffusers draws for it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import numpy as np
 from ..core import manifest as manifest_io
 from ..core.util import check_finite
 from ..samplers import ModelCall, denoise, sampler_from_dict
-from ..samplers.guidance import NoiseRows, apply_guidance
+from ..samplers.guidance import InitialNoiseRows, NoiseRows, apply_guidance
 from .backends import Backend, load_backend
 from .components import (ImageDecoder, PromptEncoder, PromptError, check_prompt, negative_prompts,
                          refuse_unused_negative_prompt)
@@ -148,7 +148,8 @@ class L2CPipeline:
         encoder; or ``conditioning``: the text arrays by the pipelines' argument names, :mod:`.conditioning`;
         ``where`` names it in errors; or the path of an .npz of them).
 
-        noise: (n, C, H, W) float32 initial noise for the n conditional samples (default: ``make_noise(seed, ...)``);
+        noise: (n, C, H, W) float32 initial noise for the n conditional samples (default: ``make_noise(seed, ...)``,
+        the latents diffusers draws for ``generator=torch.Generator().manual_seed(seed)``);
         guidance duplicates it for the unconditional half. DDPM draws its step noise from ``seed`` too.
         full: run the full-compute engine at every call (the reference the schedule is measured against).
         negative_prompt: with ``prompt`` only, when guiding: the unconditional half's text (default "", as the PixArt
@@ -215,9 +216,9 @@ class L2CPipeline:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {expected} (n samples, C, H, W)")
         if noise is not None and not np.isfinite(noise).all():
             raise ValueError("noise holds NaN or infinite values; expected finite noise")
-        # make_noise(seed, (n, ...)) and the first n rows of each DDPM step's step_noise(seed, s, ...), drawn a batch
-        # at a time
-        initial_noise = NoiseRows(seed, self.sample_shape) if noise is None else None
+        # make_noise(seed, (n, ...)) (diffusers' draw for torch.Generator().manual_seed(seed)) and the first n rows of
+        # each DDPM step's step_noise(seed, s, ...), drawn a batch at a time
+        initial_noise = InitialNoiseRows(seed, self.sample_shape, n) if noise is None else None
         ddpm_streams: dict[int, NoiseRows] = {}
 
         def ddpm_noise(s: int, rows: int) -> np.ndarray:

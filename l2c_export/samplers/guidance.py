@@ -3,27 +3,40 @@ PyTorch): seeded noise, labels and the classifier-free guidance batch and mix.""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..core.interface import CLASSIFIER_FREE, TRUE_CFG
+from ..core.latents import pack_latents
+from .torch_noise import check_seed, torch_randn
 
 
 def make_noise(seed: int, shape) -> np.ndarray:
-    """Standard normal float32 noise of ``shape`` from ``numpy.random.default_rng(seed)``: the same for every
-    backend."""
-    return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
+    """The initial latents a diffusers pipeline draws for ``shape`` with ``generator=torch.Generator("cpu")
+    .manual_seed(seed)``, bit for bit, without torch: ``randn_tensor(shape)``
+    (:func:`~l2c_export.samplers.torch_noise.torch_randn`), except FLUX.1's packed (n, T, 4 C) latents (a 3-D shape,
+    T a square), which ``FluxPipeline.prepare_latents`` draws as (n, C, h, w) square latents and packs. The same for
+    every backend. ``seed`` as ``manual_seed`` takes it (-2**63..2**64-1; else a ValueError naming ``seed``)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 3 and shape[2] % 4 == 0 and math.isqrt(shape[1]) ** 2 == shape[1] and shape[1]:
+        side = 2 * math.isqrt(shape[1])
+        return pack_latents(torch_randn(seed, (shape[0], shape[2] // 4, side, side)))
+    return torch_randn(seed, shape)
 
 
 def step_noise(seed: int, step: int, shape) -> np.ndarray:
-    """The noise DDPM adds after sampling step ``step``: ``make_noise(seed + step + 1, shape)`` (step 0 of a request
-    is fed ``make_noise(seed, ...)`` as its initial noise, so the two never coincide)."""
-    return make_noise(seed + step + 1, shape)
+    """The noise DDPM adds after sampling step ``step``: ``numpy.random.default_rng(seed + step + 1)``'s standard
+    normals (a stream of its own, not torch's, so that the first n rows of a (2n, ...) draw are those of an (n, ...)
+    one; seeded apart from the initial noise ``make_noise(seed, ...)``)."""
+    return np.random.default_rng(seed + step + 1).standard_normal(tuple(shape), dtype=np.float32)
 
 
 class NoiseRows:
-    """``make_noise(seed, (n, *row_shape))`` drawn some rows at a time: draws of k1, k2, ... rows are rows 0..k1,
-    k1..k1 + k2, ... of the whole, whatever n (numpy's generator fills an array element by element from one stream,
-    which continues where the last draw stopped). So a request sampled in batches gets every sample's own noise."""
+    """``step_noise``'s stream ``numpy.random.default_rng(seed)`` drawn some rows at a time: draws of k1, k2, ...
+    rows are rows 0..k1, k1..k1 + k2, ... of the whole, whatever n (numpy's generator fills an array element by
+    element from one stream, which continues where the last draw stopped). So a request sampled in batches gets every
+    sample's own noise."""
 
     def __init__(self, seed: int, row_shape):
         self.generator = np.random.default_rng(seed)
@@ -31,6 +44,25 @@ class NoiseRows:
 
     def draw(self, rows: int) -> np.ndarray:
         return self.generator.standard_normal((rows, *self.row_shape), dtype=np.float32)
+
+
+class InitialNoiseRows:
+    """``make_noise(seed, (n, *row_shape))`` handed out some rows at a time: draws of k1, k2, ... rows are rows 0..k1,
+    k1..k1 + k2, ... of the whole (n, ...) draw, as diffusers draws a batch's latents with one generator in one call.
+    torch's draw of n rows is not n draws of a row (its last 16 values are drawn again when the count is not a
+    multiple of 16), so the whole draw is made once, at the first ``draw``."""
+
+    def __init__(self, seed: int, row_shape, rows: int):
+        self.seed, self.row_shape, self.rows = check_seed(seed), tuple(row_shape), rows
+        self.noise, self.used = None, 0
+
+    def draw(self, rows: int) -> np.ndarray:
+        if self.noise is None:
+            self.noise = make_noise(self.seed, (self.rows, *self.row_shape))
+        if self.used + rows > self.rows:
+            raise ValueError(f"{rows} more noise row(s) asked after {self.used}; the draw has {self.rows}")
+        self.used += rows
+        return self.noise[self.used - rows:self.used]
 
 
 def check_labels(labels, num_classes: int) -> None:

@@ -48,7 +48,7 @@ from ..runtime.conditioning import (check_text_conditioning, classifier_free_bat
                                    takes_labels)
 from ..samplers.guidance import check_labels, make_noise
 
-MAX_SEED = 2 ** 63 - 1  # numpy's generators take any seed >= 0; int64 caps it here
+MAX_SEED = 2 ** 63 - 1  # int64, within what torch.Generator.manual_seed (make_noise) and numpy (step noise) take
 MAX_CFG_SCALE = 100.0  # far above any scale in use (DiT samples at 1.5-4, text-to-image pipelines at up to ~20);
 #                        a scale of 1e30 swamps the prediction (and overflows float32 in a latent model)
 MAX_ABS_NOISE = 1000.0  # standard normal noise never comes near it (|x| > 10 has probability 1e-23)

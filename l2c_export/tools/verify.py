@@ -27,9 +27,10 @@ from ..runtime.conditioning import classifier_free_batch, example_conditioning, 
 from ..samplers.guidance import apply_guidance, make_noise, step_noise
 
 # int8, measured on the embedded default against its fp32 build (verify --reference): the worst tensor of any subset,
-# a fresh branch output at the first step, is 4.6e-2 off with dynamic activations and 0.20 with static Q/DQ ones;
-# model_out 1.2e-2 and 3.2e-2; fp8 (E4M3 Q/DQ): 0.22, model_out 0.1. The tolerances leave 1.25x to 2x of headroom.
-DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2, "int8": 0.1, "int8-qdq": 0.25,
+# a fresh branch output at the first step, is 4.6e-2 off with dynamic activations and 0.17 to 0.26 with static Q/DQ
+# ones (verify seeds 0-3, calibrated on make_noise's 4 images; numpy's and torch's noise alike); model_out 1.2e-2 and
+# 3.2e-2; fp8 (E4M3 Q/DQ): 0.15 to 0.22, model_out 0.1. The tolerances leave 1.3x to 2x of headroom.
+DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2, "int8": 0.1, "int8-qdq": 0.35,
                      "fp8": 0.3}
 
 
