@@ -72,10 +72,13 @@ def test_a_signal_to_the_client_ends_the_command_and_a_lost_client_takes_it_alon
         os.mkfifo(fifo)
         client = subprocess.Popen([*command, "schedule", "--schedule", str(fifo)], env={**os.environ, **variables},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert _wait(lambda: any(_opening_a_fifo(pid) for pid in _descendants(server))), \
-            "the command never reached the FIFO"
-        client.send_signal(sent)
-        assert client.wait(timeout=30) == -sent
+        try:
+            assert _wait(lambda: any(_opening_a_fifo(pid) for pid in _descendants(server))), \
+                "the command never reached the FIFO"
+            client.send_signal(sent)
+            assert client.wait(timeout=30) == -sent
+        finally:
+            client.kill()  # a failed check leaves no client (and so no command) behind
         assert _wait(lambda: not _descendants(server)), f"the command outlived its client ({signal.Signals(sent).name})"
 
 
