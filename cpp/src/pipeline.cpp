@@ -588,6 +588,15 @@ Tensor Pipeline::sample(const std::vector<int64_t>& labels, const Tensor& noise,
                        "labels");
 }
 
+int64_t Pipeline::count_prompts(const Prompts& prompts) const {
+  for (const TensorRecord* record : request_inputs(impl_->manifest))
+    if (prompts.arrays.count(record->argument) || prompts.npy.count(record->argument)) {
+      const Tensor array = parse_array(prompts, record->argument, record->kind);
+      return array.shape.empty() ? 0 : array.shape[0];
+    }
+  return 0;
+}
+
 Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const SampleOptions& options) const {
   const Manifest& m = impl_->manifest;
   if (m.takes_labels)

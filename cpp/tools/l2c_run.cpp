@@ -131,9 +131,7 @@ int main(int argc, char** argv) {
               << manifest.sampler->num_model_calls() << " " << manifest.sampler->kind() << " steps" << std::endl;
     l2c::Tensor seeded_noise;
     if (seed) {  // one draw of the whole (n, ...) batch, as diffusers' randn_tensor
-      const auto rows = [](const l2c::Tensor& t) { return t.shape.empty() ? int64_t{0} : t.shape[0]; };
-      const int64_t n = prompts ? std::max(rows(prompts->embeds), rows(prompts->pooled))
-                                : static_cast<int64_t>(labels.size());
+      const int64_t n = prompts ? pipe.count_prompts(*prompts) : static_cast<int64_t>(labels.size());
       seeded_noise = l2c::initial_noise(*seed, n, pipe.sample_shape());
     }
     const l2c::Tensor& noise = seed ? seeded_noise : *read_noise;

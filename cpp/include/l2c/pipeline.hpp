@@ -95,6 +95,9 @@ class Pipeline {
   // shape that does not fit its input's kind with the same n and L throughout, values that are not finite, a mask of
   // values other than 0 and 1 or masking a whole prompt, and for prompts given to a label model.
   Tensor sample(const Prompts& prompts, const Tensor& noise, const SampleOptions& options = {}) const;
+  // How many prompts a request holds: the rows of its first conditioning array in the manifest's order (0: none
+  // given). What sample() then checks every other array against; seeded noise is drawn for that many.
+  int64_t count_prompts(const Prompts& prompts) const;
 
   const Manifest& manifest() const;
   std::vector<int64_t> sample_shape() const;  // (C, H, W) (packed: (T, C)) of one sample, from the sample record
