@@ -74,7 +74,7 @@ def test_a_negative_prompt_with_conditioning_or_alone_is_refused_naming_what_it_
     np.savez(tmp_path / "cond.npz", **arrays)
     line = _refused("run", str(default_build), "--conditioning", str(tmp_path / "cond.npz"), "--negative-prompt",
                     "blurry")
-    assert "--negative-prompt is not used with --conditioning" in line and "negative_prompt_embeds" in line
+    assert "--negative-prompt is not used with --conditioning" in line and "carries its own negative arrays" in line
     line = _refused("run", str(default_build), "--negative-prompt", "blurry")
     assert line.endswith("--negative-prompt needs --prompt/--prompts: it is the text the prompts are guided against")
     assert not list(tmp_path.glob("*.npy"))
