@@ -30,8 +30,8 @@ from typing import Mapping
 from .. import LATENT_SCALE, ModelFamily, TensorSpec, config_from_dict, get_family
 from ...core.macs import MacCount
 from ...core.util import read_folder_json, short_repr
-from .sizes import (TEXT_ENCODER_SIZES, TRANSFORMER_SIZES, VAE_CHANNELS, VAE_LEVELS, VAE_SIZES, Size,
-                    check_integer_list, check_sizes, is_integer)
+from .sizes import (DC_VAE_LAYERS, DC_VAE_SIZES, TEXT_ENCODER_SIZES, TRANSFORMER_SIZES, VAE_CHANNELS, VAE_LEVELS,
+                    VAE_SIZES, Size, check_integer_list, check_sizes, is_integer)
 
 MODEL_INDEX = "model_index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -458,7 +458,8 @@ def count_macs_by_hooks(family: DiffusersFamily, config: DiffusersConfig) -> Mac
 # ---------------------------------------------------------------------------------------------------------------------
 # Transformer class -> the family that reads it.
 TRANSFORMER_FAMILIES = {"DiTTransformer2DModel": "diffusers-dit", "PixArtTransformer2DModel": "diffusers-pixart",
-                        "SD3Transformer2DModel": "diffusers-sd3", "FluxTransformer2DModel": "diffusers-flux"}
+                        "SD3Transformer2DModel": "diffusers-sd3", "FluxTransformer2DModel": "diffusers-flux",
+                        "SanaTransformer2DModel": "diffusers-sana"}
 
 
 @dataclass(frozen=True)
@@ -473,6 +474,7 @@ class FolderComponents:
     tokenizer: Path | None = None
     vae_config: dict | None = field(default=None, compare=False)
     text_encoder_config: dict | None = field(default=None, compare=False)
+    vae_class: str | None = None  # the VAE's _class_name (VAE_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -496,13 +498,15 @@ class DiffusersFolder:
 
     @property
     def vae_scale_factor(self) -> int:
-        """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)``, 8 without a ``vae/``."""
+        """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)`` (AutoencoderDC's
+        ``encoder_block_out_channels``), 8 without a ``vae/``."""
         path = self.path / "vae" / "config.json"
         if not path.is_file():
             return 8
         raw = _read_json(path, "")
-        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(path), DiffusersFolderError, VAE_LEVELS)
-        return 2 ** (len(raw["block_out_channels"]) - 1)
+        levels = VAE_LEVEL_FIELDS.get(raw.get("_class_name"), "block_out_channels")
+        check_integer_list(raw, levels, VAE_CHANNELS, str(path), DiffusersFolderError, VAE_LEVELS)
+        return 2 ** (len(raw[levels]) - 1)
 
 
 def _read_json(path: Path, what: str, kind: str = "config") -> dict:
@@ -585,7 +589,69 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
     return DiffusersFolder(folder, pipeline_class, family, config, scheduler, components)
 
 
-VAE_CLASSES = ("AutoencoderKL",)
+def _check_vae_kl(raw: dict, where: Path) -> None:
+    """An ``AutoencoderKL`` config: its sizes, levels and group norms."""
+    check_sizes(raw, VAE_SIZES, str(where), DiffusersFolderError)
+    check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
+    groups = raw.get("norm_num_groups") or 32
+    if any(channels % groups for channels in raw["block_out_channels"]):
+        raise DiffusersFolderError(f"{where}: field 'block_out_channels' is {short_repr(raw['block_out_channels'])}"
+                                   f"; each must be a multiple of norm_num_groups {groups}")
+    for key in ("down_block_types", "up_block_types"):
+        blocks = raw.get(key)
+        if blocks is not None and not (isinstance(blocks, list) and len(blocks) == len(raw["block_out_channels"])):
+            raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(blocks)}; expected one block type "
+                                       f"per entry of block_out_channels")
+
+
+DC_VAE_BLOCKS = ("ResBlock", "EfficientViTBlock")
+
+
+def _check_vae_dc(raw: dict, where: Path) -> None:
+    """An ``AutoencoderDC`` config (DC-AE, Sana's 32x): its sizes, the encoder's and decoder's levels, and per level
+    of the decoder its layer count, block type and attention scales; an EfficientViT level's channels a multiple of
+    attention_head_dim."""
+    check_sizes(raw, DC_VAE_SIZES, str(where), DiffusersFolderError)
+    for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
+        check_integer_list(raw, key, VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
+    levels = len(raw["decoder_block_out_channels"])
+    check_integer_list(raw, "decoder_layers_per_block", DC_VAE_LAYERS, str(where), DiffusersFolderError,
+                       (levels, levels))
+    types = raw.get("decoder_block_types", "ResBlock")
+    types = [types] * levels if isinstance(types, str) else types
+    if not (isinstance(types, list) and len(types) == levels and all(t in DC_VAE_BLOCKS for t in types)):
+        raise DiffusersFolderError(f"{where}: field 'decoder_block_types' is "
+                                   f"{short_repr(raw.get('decoder_block_types'))}; expected one of "
+                                   f"{', '.join(DC_VAE_BLOCKS)}, or a list of them, one per level")
+    for key in ("decoder_norm_types", "decoder_act_fns"):
+        value = raw.get(key)
+        if not (value is None or isinstance(value, str) or (isinstance(value, list) and len(value) == levels
+                                                             and all(isinstance(v, str) for v in value))):
+            raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(value)}; expected a name or a list of "
+                                       f"{levels}, one per level")
+    scales = raw.get("decoder_qkv_multiscales", [[], [], [], [5], [5], [5]])
+    if not (isinstance(scales, list) and len(scales) == levels and all(
+            isinstance(level, list) and all(is_integer(k) and 1 <= k <= 31 and k % 2 for k in level)
+            for level in scales)):
+        raise DiffusersFolderError(f"{where}: field 'decoder_qkv_multiscales' is {short_repr(scales)}; expected a "
+                                   f"list of {levels} lists of odd kernel sizes in 1..31, one per level")
+    head = raw["attention_head_dim"]
+    for kind, channels in zip(types, raw["decoder_block_out_channels"]):
+        if kind == "EfficientViTBlock" and channels % head:
+            raise DiffusersFolderError(f"{where}: field 'decoder_block_out_channels' has {channels} at an "
+                                       f"EfficientViTBlock level; expected a multiple of attention_head_dim {head}")
+    if raw.get("upsample_block_type", "pixel_shuffle") not in ("pixel_shuffle", "interpolate"):
+        raise DiffusersFolderError(f"{where}: field 'upsample_block_type' is "
+                                   f"{short_repr(raw.get('upsample_block_type'))}; expected 'pixel_shuffle' or "
+                                   f"'interpolate'")
+
+
+# VAE class -> the check of its config, its default scaling factor, and the field whose levels give the pipelines'
+# vae_scale_factor (2 ** (levels - 1)).
+VAE_CHECKS = {"AutoencoderKL": _check_vae_kl, "AutoencoderDC": _check_vae_dc}
+VAE_DEFAULT_SCALING = {"AutoencoderKL": 0.18215, "AutoencoderDC": 1.0}
+VAE_LEVEL_FIELDS = {"AutoencoderKL": "block_out_channels", "AutoencoderDC": "encoder_block_out_channels"}
+VAE_CLASSES = tuple(VAE_CHECKS)
 TEXT_ENCODER_CLASSES = ("T5EncoderModel",)
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -599,7 +665,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         entry = index.get(part)
         return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
-    vae = text_encoder = tokenizer = vae_config = text_encoder_config = None
+    vae = text_encoder = tokenizer = vae_config = text_encoder_config = vae_class = None
     if named("vae") and "vae" in family.component_parts:
         vae = folder / "vae"
         raw = _read_json(vae / "config.json", "expected the VAE's config.json (model_index.json names a vae)")
@@ -607,22 +673,12 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         if raw.get("_class_name") not in VAE_CLASSES:
             raise DiffusersFolderError(f"{where}: field '_class_name' is {short_repr(raw.get('_class_name'))}; "
                                        f"supported VAE classes: {', '.join(VAE_CLASSES)}")
-        check_sizes(raw, VAE_SIZES, str(where), DiffusersFolderError)
-        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
-        groups = raw.get("norm_num_groups") or 32
-        if any(channels % groups for channels in raw["block_out_channels"]):
-            raise DiffusersFolderError(f"{where}: field 'block_out_channels' is {short_repr(raw['block_out_channels'])}"
-                                       f"; each must be a multiple of norm_num_groups {groups}")
-        for key in ("down_block_types", "up_block_types"):
-            blocks = raw.get(key)
-            if blocks is not None and not (isinstance(blocks, list) and len(blocks) == len(raw["block_out_channels"])):
-                raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(blocks)}; expected one block type "
-                                           f"per entry of block_out_channels")
+        VAE_CHECKS[raw["_class_name"]](raw, where)
         channels = family.vae_latents(config)[0]
         if raw.get("latent_channels") != channels:
             raise DiffusersFolderError(f"{where}: field 'latent_channels' is {short_repr(raw.get('latent_channels'))}; "
                                        f"the transformer samples {channels} latent channels")
-        scale = raw.get("scaling_factor", 0.18215)
+        scale = raw.get("scaling_factor", VAE_DEFAULT_SCALING[raw["_class_name"]])
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
             raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {short_repr(scale)}; expected a positive "
                                        f"number")
@@ -633,6 +689,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
                                        f"number or null")
         _safetensors_weights(vae, "diffusion_pytorch_model")
         vae_config = {k: v for k, v in raw.items() if not k.startswith("_")}
+        vae_class = raw["_class_name"]
     if (named("text_encoder") or named("tokenizer")) and "text_encoder" in family.component_parts:
         if not (named("text_encoder") and named("tokenizer")):
             missing = "tokenizer" if named("text_encoder") else "text_encoder"
@@ -661,7 +718,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         _safetensors_weights(text_encoder, "model")
         check_tokenizer(tokenizer, raw["vocab_size"])
         text_encoder_config = raw
-    return FolderComponents(vae, text_encoder, tokenizer, vae_config, text_encoder_config)
+    return FolderComponents(vae, text_encoder, tokenizer, vae_config, text_encoder_config, vae_class)
 
 
 def _special_token(value: object) -> str | None:
