@@ -614,9 +614,10 @@ def _check_vae_dc(raw: dict, where: Path) -> None:
     check_sizes(raw, DC_VAE_SIZES, str(where), DiffusersFolderError)
     for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
         check_integer_list(raw, key, VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
-    levels = len(raw["decoder_block_out_channels"])
-    check_integer_list(raw, "decoder_layers_per_block", DC_VAE_LAYERS, str(where), DiffusersFolderError,
-                       (levels, levels))
+    for part in ("encoder", "decoder"):  # from_pretrained builds the encoder too: its depth is memory as well
+        levels = len(raw[f"{part}_block_out_channels"])
+        check_integer_list(raw, f"{part}_layers_per_block", DC_VAE_LAYERS, str(where), DiffusersFolderError,
+                           (levels, levels))
     types = raw.get("decoder_block_types", "ResBlock")
     types = [types] * levels if isinstance(types, str) else types
     if not (isinstance(types, list) and len(types) == levels and all(t in DC_VAE_BLOCKS for t in types)):

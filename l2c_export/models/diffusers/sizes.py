@@ -131,4 +131,4 @@ DC_VAE_SIZES = {
     "latent_channels": Size(1, 1024, "Sana's 32"),
     "attention_head_dim": Size(1, 1024, "DC-AE's 32"),
 }
-DC_VAE_LAYERS = Size(0, 16, "decoder layers per level: 3 in DC-AE f32c32")
+DC_VAE_LAYERS = Size(0, 16, "layers per level: 2 or 3 in DC-AE f32c32")
