@@ -24,14 +24,16 @@ QK_NORMS = (None, "rms_norm_across_heads")  # Sana 1.0 and Sana 1.5
 
 
 class GridPacking(OutputPacking):
-    """GLUMBConv's output (N, D, h, w) as the tokens (N, h * w, D) its block flattens it to, and back."""
+    """GLUMBConv's output (N, D, h, w) as the tokens (N, h * w, D) its block flattens it to, and back. Unpacked by
+    unflattening the tokens first, so that the two transposes never meet in the graph (the exporter would cancel
+    them, and the consumers would read around the cached value)."""
 
     def pack(self, output, args, kwargs):
         return output.flatten(2).transpose(1, 2)
 
     def unpack(self, value, args, kwargs):
         grid = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[2:]
-        return value.transpose(1, 2).unflatten(2, tuple(grid))
+        return value.unflatten(1, tuple(grid)).permute(0, 3, 1, 2)
 
 
 class SanaDiffusersFamily(DiffusersFamily):
