@@ -76,8 +76,9 @@ def _export(module, inputs: tuple, input_names: list[str], output_names: list[st
     import onnx
     import torch
 
-    from ..export.onnx import OPSET
+    from ..export.onnx import OPSET, register_symbolics
 
+    register_symbolics()
     with tempfile.TemporaryDirectory(dir=staging, prefix=".export-") as scratch:
         exported = Path(scratch) / graph_file
         with warnings.catch_warnings(), torch.no_grad():
