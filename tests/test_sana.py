@@ -256,3 +256,24 @@ def test_build_refuses_a_bad_sana_config_in_one_line_with_exit_2(tiny_diffusers,
     result = run_cli("build", "--diffusers", str(folder), "--steps", "4", "--out", str(tmp_path / "E"), check=False)
     assert result.returncode == 2 and not (tmp_path / "E").exists()
     assert result.stderr.strip().count("\n") == 0 and "field 'guidance_embeds' is True" in result.stderr
+
+
+def test_a_cached_value_the_exporter_routes_around_is_refused_not_recomputed(tiny_diffusers, monkeypatch):
+    """Unpacked by the transpose that undoes the pack's, GLUMBConv's cached tokens vanish from the traced graph (the
+    exporter cancels the pair and the block reads the convolution directly): a subset reusing ff would silently
+    recompute it. subset_graph refuses that, naming the sub-layer."""
+    from l2c_export.export.onnx import subset_graph, trace
+    from l2c_export.models.diffusers.sana import GridPacking
+
+    def cancelling_unpack(self, value, args, kwargs):
+        return value.transpose(1, 2).unflatten(2, tuple(args[0].shape[2:]))
+
+    monkeypatch.setattr(GridPacking, "unpack", cancelling_unpack)
+    found = read_folder(tiny_diffusers("sana", "flow"))
+    names = found.family.sublayer_names(found.config)
+    universal = trace(found.family.load(found.transformer_dir, found.config), "fp32", found.family)
+    rows = np.ones((2, len(names)), dtype=bool)
+    rows[1, names.index("transformer_blocks.1.ff")] = False
+    reusing = BuildPlan.from_schedule(Schedule(rows, sublayers=names)).subsets[1]
+    with pytest.raises(ValueError, match=r"sub-layer transformer_blocks\.1\.ff: no node of the traced graph reads"):
+        subset_graph(universal, reusing, "reusing")

@@ -595,6 +595,12 @@ def subset_graph(universal: UniversalGraph, subset: SubsetPlan, graph_name: str)
     precision_dtype = ONNX_DTYPES[universal.precision]
     for k in subset.reads:
         fresh = tensors[fresh_output_name(universal.slots[k])]
+        if not fresh.outputs:
+            # the exporter routed the consumers around the cached value (transpose pairs cancelled, say): the graph
+            # would recompute the branch instead of reading its cache, silently
+            raise ValueError(f"sub-layer {universal.slots[k]}: no node of the traced graph reads its output, so a "
+                             f"subset cannot reuse it; the family's OutputPacking must keep the cached value on the "
+                             f"path")
         # The ONNX type enum, not a numpy dtype: numpy has no bfloat16, and graphsurgeon takes either.
         cached = gs.Variable(cache_input_name(universal.slots[k]), dtype=precision_dtype, shape=fresh.shape)
         for consumer in list(fresh.outputs):
