@@ -72,7 +72,6 @@ def test_a_sana_folder_reads_with_its_named_sublayers_sampler_and_macs(tiny_diff
     assert macs.per_sublayer[0] == linear + projections
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ("sana", "sana15"))
 def test_every_subset_graph_equals_the_cached_forward_in_onnxruntime(tiny_diffusers, family, tmp_path):
     """Sana's linear attention (ReLU kernel, the padded row of ones, float32 division) and GLUMBConv (cached as
