@@ -18,6 +18,7 @@ import torch
 from l2c_export.core.plan import BuildPlan
 from l2c_export.core.schedule import Schedule
 from l2c_export.models.diffusers import DiffusersFolderError, read_folder
+from l2c_export.models.diffusers.sana import DECLARATION
 from l2c_export.samplers import SchedulerConfigError
 
 from .conftest import ort_session, run_cli
@@ -168,7 +169,11 @@ def test_build_and_run_equal_the_sana_pipeline_full_and_with_a_schedule(sana_bui
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["sampler"]["kind"] == "diffusers_dpm_multistep"
     assert manifest["sampler"]["options"]["prediction_type"] == "flow_prediction"
-    assert [t["role"] for t in manifest["model"]["inputs"]][2:] == ["prompt_embeds", "prompt_attention_mask"]
+    # the manifest records the declared conditioning (argument, kind, negative partner), guidance rule and layout
+    assert [(t["name"], t["role"], t["argument"], t["kind"], t.get("negative"))
+            for t in manifest["model"]["inputs"][2:]] == [
+        (c.input, "conditioning", c.argument, c.kind, c.negative) for c in DECLARATION.conditioning]
+    assert manifest["guidance"]["rule"] == "classifier_free" and manifest["model"]["latent_layout"] == "nchw"
     assert "agree with PyTorch" in run_cli("verify", str(engines)).stdout
     results = {}
     for full, reference in ((True, None), (False, schedule)):

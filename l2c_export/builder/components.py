@@ -5,8 +5,9 @@ Each graph is exported once in fp32 (TorchScript exporter, as the subset graphs)
 it (``<name>.weights``), both recorded in the manifest's ``components`` with their sha256:
 
 - ``vae_decoder``: ``latents`` (N, C, h, w) float32, already scaled -> ``sample`` (N, 3, H, W) float32,
-  ``vae.decode(latents).sample`` of the folder's ``AutoencoderKL`` or ``AutoencoderDC`` (Sana's DC-AE, 32x). The pipelines decode ``latents / scaling_factor + shift_factor`` (SD3 and FLUX.1
-  have a shift; FLUX.1 first unpacks its packed (N, T, 4 C) latents to (N, C, h, w)); the record says so with
+  ``vae.decode(latents).sample`` of the folder's VAE (the declared kind's class: ``AutoencoderKL``, or Sana's DC-AE
+  ``AutoencoderDC``, 32x). The pipelines decode ``latents / scaling_factor + shift_factor`` (SD3 and FLUX.1 have a
+  shift; FLUX.1 first unpacks its packed (N, T, 4 C) latents to (N, C, h, w)); the record says so with
   ``scaling_factor``, ``shift_factor`` (where the VAE has one) and ``latent_layout`` ("nchw" or "packed_2x2"), and
   the runtime does it (:class:`l2c_export.runtime.components.ImageDecoder`);
 - ``text_encoder``: ``input_ids`` (N, L) int64 and ``attention_mask`` (N, L) int64 -> ``last_hidden_state``

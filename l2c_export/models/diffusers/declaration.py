@@ -1,7 +1,7 @@
 """What a diffusers transformer class is, as data: a :class:`Declaration` per family file (``dit.py``, ``pixart.py``,
-``sd3.py``, ``flux.py``), read by :class:`~l2c_export.models.diffusers.family.DiffusersFamily` and recorded in the
-manifest, so that no stage after the model lists a family's names, kinds or layout (docs/adding-a-family.md walks
-through one).
+``sd3.py``, ``flux.py``, ``sana.py``), read by :class:`~l2c_export.models.diffusers.family.DiffusersFamily` and
+recorded in the manifest, so that no stage after the model lists a family's names, kinds or layout
+(docs/adding-a-family.md walks through one).
 
 A declaration names, by the names diffusers and its pipelines use:
 
