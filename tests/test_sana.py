@@ -73,6 +73,28 @@ def test_a_sana_folder_reads_with_its_named_sublayers_sampler_and_macs(tiny_diff
     assert macs.per_sublayer[0] == linear + projections
 
 
+def test_the_dc_ae_is_estimated_by_its_own_class_and_a_gemma_encoder_is_declared_but_left_unread(tiny_diffusers,
+                                                                                                 tmp_path):
+    """The declared VAE kind (AUTOENCODER_DC) drives the memory estimate: AutoencoderDC's real parameter count,
+    blamed on its decoder levels; a folder naming Sana's Gemma-2 text encoder reads (the declared stack's templated
+    hidden states are not carried: the build takes embeddings) with no text encoder found."""
+    from diffusers import AutoencoderDC
+
+    from l2c_export.builder.memory import build_parts
+    from l2c_export.models.zoo import from_diffusers
+
+    folder = shutil.copytree(tiny_diffusers("sana", "flow"), tmp_path / "sana")
+    vae = AutoencoderDC.from_pretrained(str(folder / "vae"))
+    real = sum(t.numel() for t in vae.parameters()) + sum(t.numel() for t in vae.buffers())
+    weights = [part for part in build_parts(from_diffusers(folder)) if part.what.startswith("VAE weights")]
+    assert len(weights) == 1 and weights[0].bytes == real * 4 and "'decoder_block_out_channels'" in weights[0].blame
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(text_encoder=["transformers", "Gemma2Model"], tokenizer=["transformers", "GemmaTokenizerFast"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    found = read_folder(folder)
+    assert found.components.text_encoder is None and found.components.vae_class == "AutoencoderDC"
+
+
 @pytest.mark.parametrize("family", ("sana", "sana15"))
 def test_every_subset_graph_equals_the_cached_forward_in_onnxruntime(tiny_diffusers, family, tmp_path):
     """Sana's linear attention (ReLU kernel, the padded row of ones, float32 division) and GLUMBConv (cached as
