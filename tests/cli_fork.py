@@ -79,7 +79,8 @@ def _preload() -> None:
 
     matplotlib.use("Agg")
     for name in ("PixArtTransformer2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
-                 "AutoencoderKL", "DDIMScheduler", "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"):
+                 "SanaTransformer2DModel", "AutoencoderKL", "AutoencoderDC", "DDIMScheduler",
+                 "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"):
         getattr(diffusers, name)
     for name in ("T5EncoderModel", "CLIPTextModelWithProjection"):
         getattr(transformers, name)

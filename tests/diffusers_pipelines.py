@@ -31,6 +31,15 @@ SD35_CONFIG = dict(SD3_CONFIG, dual_attention_layers=(0, 1), qk_norm="rms_norm")
 FLUX_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
                    num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=True,
                    axes_dims_rope=(2, 2, 4))
+# Sana's layout in miniature: ReLU linear self-attention, cross-attention, GLUMBConv; caption width as PixArt's
+SANA_CONFIG = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4, num_layers=2,
+                   num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8,
+                   caption_channels=CAPTION_CHANNELS, mlp_ratio=2.5, sample_size=8, patch_size=1)
+# Sana 1.5's query/key RMS norms across heads
+SANA15_CONFIG = dict(SANA_CONFIG, qk_norm="rms_norm_across_heads")
+# Sana_1600M_1024px_diffusers' scheduler: DPM-Solver++ 2M on flow sigmas (shift 3), velocity prediction
+SANA_SCHEDULER = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0, solver_order=2,
+                      algorithm_type="dpmsolver++", final_sigmas_type="zero", lower_order_final=True)
 FLOW_SCHEDULERS = {"sd3": dict(shift=3.0), "sd35": dict(shift=3.0),  # SD3-medium's and SD3.5's
                    "flux": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                 max_image_seq_len=4096, shift=3.0)}  # FLUX.1-dev's
@@ -39,6 +48,8 @@ FLOW_SCHEDULERS = {"sd3": dict(shift=3.0), "sd35": dict(shift=3.0),  # SD3-mediu
 def _scheduler(kind: str, family: str = ""):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+    if kind == "flow" and family.startswith("sana"):
+        return DPMSolverMultistepScheduler(**SANA_SCHEDULER)
     if kind == "flow":
         return FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULERS[family])
     if kind == "ddim":
@@ -59,6 +70,25 @@ def tiny_vae(**factors):
 
     return AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8, layers_per_block=1,
                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), **factors)
+
+
+SANA_VAE_SCALING = 0.41407  # DC-AE f32c32's scaling_factor
+
+
+def tiny_dc_ae():
+    """A tiny random ``AutoencoderDC`` (Sana's DC-AE) of two levels (vae_scale_factor 2: 8 x 8 latents decode to
+    16 x 16 pixels), a ResBlock and an EfficientViT level (ReLU linear attention at scales 1 and 5), pixel-shuffle
+    upsampling as DC-AE f32c32's, its scaling factor."""
+    from diffusers import AutoencoderDC
+
+    return AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                         encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                         decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                         encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                         encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                         encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                         upsample_block_type="pixel_shuffle", downsample_block_type="pixel_unshuffle",
+                         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=SANA_VAE_SCALING)
 
 
 # The tiny tokenizer's words: prompts of other words tokenize letter by letter (the pieces below), as T5's do.
@@ -107,13 +137,18 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     "pixart-t5": with :func:`tiny_t5`; "pixart-t5-words": with its word-level tokenizer), ``StableDiffusion3Pipeline``
     ("sd3", "sd35") or ``FluxPipeline`` ("flux"; the last three with scheduler "flow"; without text encoders; their
     VAEs with SD3's and FLUX.1's scaling and shift factors), fp32, eval. The VAE has one level, so pixels are latents
-    (vae_scale_factor 1)."""
+    (vae_scale_factor 1). ``SanaPipeline`` ("sana"; "sana15" with Sana 1.5's qk norms): scheduler "flow" is Sana's
+    DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
-                           PixArtAlphaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+                           PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
 
     torch.manual_seed(seed)
-    if family in ("sd3", "sd35"):
+    if family in ("sana", "sana15"):
+        pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=tiny_dc_ae(),
+                            transformer=SanaTransformer2DModel(**(SANA_CONFIG if family == "sana" else SANA15_CONFIG)),
+                            scheduler=_scheduler("flow", family))
+    elif family in ("sd3", "sd35"):
         encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
         pipe = StableDiffusion3Pipeline(
             transformer=SD3Transformer2DModel(**(SD3_CONFIG if family == "sd3" else SD35_CONFIG)),

@@ -955,6 +955,29 @@ def test_the_wrong_conditioning_for_the_model_is_refused(cpp_build, diffusers_cp
     assert "give either --labels" in _refused_request(tmp_path, pixart)
 
 
+def test_l2c_run_equals_the_python_runtime_on_a_sana_with_flow_sigmas(cpp_build, diffusers_cpp_builds, tmp_path):
+    """Sana (issue 29): its DPM-Solver++ on flow sigmas with the velocity (prediction_type flow_prediction,
+    use_flow_sigmas), prompt embeddings by role with a padded mask and negatives: guided and not, full and with the
+    schedule; the velocity without flow sigmas is refused by field."""
+    engines = diffusers_cpp_builds("sana", "flow")
+    sampler = json.loads((engines / "manifest.json").read_text())["sampler"]
+    assert sampler["kind"] == "diffusers_dpm_multistep" and sampler["options"]["use_flow_sigmas"] is True
+    assert 2 in sampler["orders"]  # the multistep update really runs
+    _prompt_conditioning(tmp_path / "cond.npz")
+    request = ["--conditioning", tmp_path / "cond.npz"]
+    results = {}
+    for full in (True, False):
+        for cfg_scale in (3.0, 1.0):
+            assert _compare_request(engines, tmp_path, request, 2, cfg_scale, full) <= 1e-5
+            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
+    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
+    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # the negative prompt was used
+    copy = shutil.copytree(engines, tmp_path / "engines")
+    _rewrite_manifest(copy, lambda data: data["sampler"]["options"].update(use_flow_sigmas=False))
+    line = _refused_request(tmp_path, copy, *request)
+    assert "manifest.json: field 'sampler/options/prediction_type' is flow_prediction" in line, line
+
+
 @pytest.mark.parametrize("scheduler,change,expected", [
     ("ddim", lambda s: s["alphas_cumprod"].__setitem__(0, 1.5), "field 'sampler/alphas_cumprod/0' expected a value "
                                                                 "in (0, 1]"),

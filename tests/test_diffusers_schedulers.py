@@ -249,6 +249,52 @@ def test_noise_level_is_what_diffusers_adds():
             assert np.abs(alpha * x0.numpy() + sigma * noise.numpy() - expected).max() <= 1e-6 * np.ptp(expected)
 
 
+# Sana's scheduler_config.json (Sana_1600M_1024px_diffusers): DPM-Solver++ 2M on flow sigmas, velocity prediction.
+SANA_SCHEDULER = dict(algorithm_type="dpmsolver++", beta_end=0.02, beta_schedule="linear", beta_start=0.0001,
+                      dynamic_thresholding_ratio=0.995, euler_at_final=False, final_sigmas_type="zero", flow_shift=3.0,
+                      lambda_min_clipped=-math.inf, lower_order_final=True, num_train_timesteps=1000,
+                      prediction_type="flow_prediction", rescale_betas_zero_snr=False, sample_max_value=1.0,
+                      solver_order=2, solver_type="midpoint", steps_offset=0, thresholding=False,
+                      timestep_spacing="linspace", trained_betas=None, use_beta_sigmas=False,
+                      use_exponential_sigmas=False, use_flow_sigmas=True, use_karras_sigmas=False, variance_type=None)
+FLOW_DPM_GRID = [dict(SANA_SCHEDULER, flow_shift=shift, solver_order=order, solver_type=solver, lower_order_final=lower,
+                      final_sigmas_type=final, euler_at_final=euler)
+                 for shift, order, solver, lower, final, euler in itertools.product(
+                     (1.0, 3.0, 7.5), (1, 2), ("midpoint", "heun"), (True, False), ("zero", "sigma_min"),
+                     (False, True))]
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+def test_dpm_multistep_with_flow_sigmas_matches_diffusers_step_by_step(steps):
+    """use_flow_sigmas with flow_prediction (Sana's folders): the timesteps (int of sigma * 1000) equal diffusers',
+    and every step's latents to 1e-6 of the range, over flow shifts, orders, solver types and final sigmas."""
+    for config in FLOW_DPM_GRID:
+        try:
+            error = compare("DPMSolverMultistepScheduler", config, steps)
+        except SchedulerConfigError as refusal:
+            # a final sigma_min (0.01) above the last flow sigma: diffusers would step back up the noise
+            assert config["final_sigmas_type"] == "sigma_min" and "strictly decreasing" in str(refusal), refusal
+            continue
+        assert error <= TOLERANCE, (config, steps, error)
+    sampler = sampler_from_scheduler_config({"_class_name": "DPMSolverMultistepScheduler", **SANA_SCHEDULER}, 20, "s")
+    assert sampler.timesteps[0] == 999 and 2 in sampler.orders.tolist()
+    alpha, sigma = sampler.noise_level(3)
+    assert alpha == pytest.approx(1 - sigma) and sigma == pytest.approx(sampler.sigmas[3])
+
+
+@pytest.mark.parametrize("changes,field", [
+    (dict(use_flow_sigmas=False), "prediction_type"),  # the velocity without flow sigmas
+    (dict(prediction_type="epsilon"), "use_flow_sigmas"),  # flow sigmas with another prediction
+    (dict(use_karras_sigmas=True), "use_karras_sigmas"),  # diffusers would take Karras' VP sigmas instead
+    (dict(use_dynamic_shifting=True), "use_dynamic_shifting"),
+    (dict(flow_shift=0.0), "flow_shift"),
+])
+def test_a_flow_sigmas_option_not_implemented_is_refused_by_name(changes, field):
+    config = {"_class_name": "DPMSolverMultistepScheduler", **SANA_SCHEDULER, **changes}
+    with pytest.raises(SchedulerConfigError, match=rf"^DIR/scheduler_config\.json: field '{field}' "):
+        sampler_from_scheduler_config(config, 12, "DIR/scheduler_config.json")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading scheduler configs: what is refused, by name
 
@@ -341,7 +387,8 @@ def test_a_saved_scheduler_config_reads_with_its_minus_infinity(tmp_path):
 
 CONFIGS = [("DDIMScheduler", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
            ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "solver_type": "heun",
-                                            "trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()})]
+                                            "trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()}),
+           ("DPMSolverMultistepScheduler", SANA_SCHEDULER)]
 
 
 @pytest.mark.parametrize("class_name,config", CONFIGS)

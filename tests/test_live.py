@@ -16,12 +16,12 @@ from l2c_export.core.schedule import Schedule
 from l2c_export.learn.live import HOOK_NAME, live_model
 
 from .conftest import run_cli
-from .diffusers_pipelines import load_pipeline, schedule_hooks
+from .diffusers_pipelines import CAPTION_CHANNELS, load_pipeline, schedule_hooks
 from .test_diffusers import CFG_SCALE, STEPS, _parity_request
 from .test_mmdit import IMAGE_SIZE, STEPS as MMDIT_STEPS, _request as _mmdit_request, _schedule as _mmdit_schedule
 
-FAMILIES = ("dit", "pixart", "sd3", "flux")
-SCHEDULERS = {"dit": "dpm", "pixart": "dpm", "sd3": "flow", "flux": "flow"}
+FAMILIES = ("dit", "pixart", "sd3", "flux", "sana")
+SCHEDULERS = {"dit": "dpm", "pixart": "dpm", "sd3": "flow", "flux": "flow", "sana": "flow"}
 
 
 def _hooked_modules(pipe) -> list[str]:
@@ -41,6 +41,26 @@ class _Request:
             self.conditioning = {name: torch.from_numpy(value) for name, value in (conditioning or {}).items()}
             self.flags += ["--steps", str(STEPS)]
             self.steps = STEPS
+        elif family == "sana":  # test_sana's request: padded prompts and negative prompts, its general schedule
+            from l2c_export.models.diffusers import read_folder
+
+            from .test_sana import STEPS as SANA_STEPS, _schedule_rows
+
+            found = read_folder(folder)
+            names = found.family.sublayer_names(found.config)
+            self.schedule = Schedule(_schedule_rows(names, SANA_STEPS), sublayers=names, mode="general")
+            self.schedule.save(tmp_path / "s.json")
+            generator = torch.Generator().manual_seed(0)
+            self.noise = torch.randn(2, 4, 8, 8, generator=generator)
+            shape = (2, 5, CAPTION_CHANNELS)
+            self.conditioning = {"prompt_embeds": torch.randn(shape, generator=generator),
+                                 "prompt_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+                                 "negative_prompt_embeds": torch.randn(shape, generator=generator),
+                                 "negative_prompt_attention_mask": torch.tensor([[1, 0, 0, 0, 0]] * 2)}
+            np.save(tmp_path / "z.npy", self.noise.numpy())
+            np.savez(tmp_path / "cond.npz", **{name: value.numpy() for name, value in self.conditioning.items()})
+            self.flags = ["--conditioning", str(tmp_path / "cond.npz"), "--steps", str(SANA_STEPS)]
+            self.steps = SANA_STEPS
         else:
             from l2c_export.models.diffusers import read_folder
 
@@ -73,12 +93,15 @@ class _Request:
             extra = {"use_resolution_binning": False, "negative_prompt": None} if self.family == "pixart" else {}
             if self.family == "flux":
                 extra = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+            if self.family == "sana":  # SanaPipeline's sizes must be multiples of 32; the latents set the size
+                extra = {"height": 32, "width": 32, "use_resolution_binning": False, "negative_prompt": None}
             return pipe(**{"prompt": None, "latents": self.noise.clone(), "guidance_scale": CFG_SCALE,
                            "num_inference_steps": self.steps, "output_type": "latent", **self.conditioning, **extra,
                            **options}).images.numpy()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [pytest.param(family, marks=[pytest.mark.slow] if family == "sana" else [])
+                                    for family in FAMILIES])  # Sana's: about 25 s on the loaded 2 cores
 def test_enable_equals_sample_and_the_papers_hooks_and_disable_restores_diffusers(tiny_diffusers, family, tmp_path):
     """enable(pipe, "s.json") on diffusers' own pipeline loaded from the tiny folder: equal to `sample --diffusers
     --schedule s.json` on the same latents and conditioning (1e-6 of the range) and to the pipeline with

@@ -187,10 +187,11 @@ DiffusersDpmMultistepSampler::DiffusersDpmMultistepSampler(DiffusersDpmTables ta
   std::vector<float> alphas, sigmas_t, lambdas;
   for (size_t i = 0; i <= count; ++i) {
     const float sigma = static_cast<float>(i < count ? tables_.sigmas[i] : tables_.final_sigma);
-    const float alpha = 1.0f / std::sqrt(sigma * sigma + 1.0f);
+    const float alpha = tables_.flow_sigmas ? 1.0f - sigma : 1.0f / std::sqrt(sigma * sigma + 1.0f);
+    const float sigma_t = tables_.flow_sigmas ? sigma : sigma * alpha;
     alphas.push_back(alpha);
-    sigmas_t.push_back(sigma * alpha);
-    lambdas.push_back(log32(alpha) - log32(sigma * alpha));  // +inf at sigma 0
+    sigmas_t.push_back(sigma_t);
+    lambdas.push_back(log32(alpha) - log32(sigma_t));  // +inf at sigma 0
   }
   alpha_.assign(alphas.begin(), alphas.end() - 1);
   sigma_.assign(sigmas_t.begin(), sigmas_t.end() - 1);
@@ -227,6 +228,7 @@ void DiffusersDpmMultistepSampler::sample(Tensor& x, const ModelCall& model, con
         const float value = x.data[b * plane + i], m = out.data[b * stride + i];
         x0[b * plane + i] = tables_.prediction == Prediction::Epsilon ? (value - sigma * m) / alpha
                             : tables_.prediction == Prediction::Sample ? m
+                            : tables_.prediction == Prediction::Flow   ? value - sigma * m
                                                                        : alpha * value - sigma * m;
       }
     const bool second_order = tables_.orders[s] == 2 && !previous.empty();
@@ -314,9 +316,14 @@ std::string diffusers_choice(const Fields& section, const std::string& name, con
   option.fail("is not one this l2c runtime implements; supported: " + listed);
 }
 
-Prediction diffusers_prediction(const Fields& section) {
-  const std::string type = diffusers_choice(section, "prediction_type", {"epsilon", "sample", "v_prediction"});
-  return type == "epsilon" ? Prediction::Epsilon : type == "sample" ? Prediction::Sample : Prediction::VPrediction;
+// options/prediction_type; `flow`: the sampler takes flow_prediction too (DPM-Solver with use_flow_sigmas).
+Prediction diffusers_prediction(const Fields& section, bool flow = false) {
+  const std::string type = flow ? diffusers_choice(section, "prediction_type",
+                                                   {"epsilon", "sample", "v_prediction", "flow_prediction"})
+                                : diffusers_choice(section, "prediction_type", {"epsilon", "sample", "v_prediction"});
+  return type == "epsilon" ? Prediction::Epsilon : type == "sample" ? Prediction::Sample
+         : type == "flow_prediction"                ? Prediction::Flow
+                                                    : Prediction::VPrediction;
 }
 
 // num_calls, num_inference_steps, timesteps (integers in 0..num_train_timesteps - 1) and model_times (the same) of a
@@ -359,7 +366,12 @@ std::shared_ptr<const Sampler> make_diffusers_dpm_multistep(const Fields& sectio
   DiffusersDpmTables tables;
   tables.timesteps = diffusers_timesteps(section);
   const size_t calls = tables.timesteps.size();
-  tables.prediction = diffusers_prediction(section);
+  tables.prediction = diffusers_prediction(section, true);
+  tables.flow_sigmas = section["options"]["use_flow_sigmas"].boolean();
+  if (tables.flow_sigmas != (tables.prediction == Prediction::Flow))
+    section["options"]["prediction_type"].fail(tables.flow_sigmas
+                                                   ? "is not flow_prediction; use_flow_sigmas goes with it only"
+                                                   : "is flow_prediction; it goes with use_flow_sigmas true only");
   diffusers_choice(section, "algorithm_type", {"dpmsolver++"});
   diffusers_choice(section, "thresholding", {"false"});
   tables.heun = diffusers_choice(section, "solver_type", {"midpoint", "heun"}) == "heun";
@@ -368,6 +380,8 @@ std::shared_ptr<const Sampler> make_diffusers_dpm_multistep(const Fields& sectio
   tables.final_sigma = section["final_sigma"].number();
   for (size_t s = 0; s < calls; ++s) {
     if (!(tables.sigmas[s] > 0.0)) section["sigmas"][s].fail("expected a sigma > 0");
+    if (tables.flow_sigmas && !(tables.sigmas[s] < 1.0))
+      section["sigmas"][s].fail("expected a flow sigma below 1 (alpha_t = 1 - sigma)");
     if (s > 0 && !(tables.sigmas[s] < tables.sigmas[s - 1]))
       section["sigmas"][s].fail("expected the steps' sigmas strictly decreasing (a step divides by the log ratio of "
                                 "the last two)");

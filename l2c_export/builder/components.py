@@ -5,8 +5,9 @@ Each graph is exported once in fp32 (TorchScript exporter, as the subset graphs)
 it (``<name>.weights``), both recorded in the manifest's ``components`` with their sha256:
 
 - ``vae_decoder``: ``latents`` (N, C, h, w) float32, already scaled -> ``sample`` (N, 3, H, W) float32,
-  ``vae.decode(latents).sample``. The pipelines decode ``latents / scaling_factor + shift_factor`` (SD3 and FLUX.1
-  have a shift; FLUX.1 first unpacks its packed (N, T, 4 C) latents to (N, C, h, w)); the record says so with
+  ``vae.decode(latents).sample`` of the folder's VAE (the declared kind's class: ``AutoencoderKL``, or Sana's DC-AE
+  ``AutoencoderDC``, 32x). The pipelines decode ``latents / scaling_factor + shift_factor`` (SD3 and FLUX.1 have a
+  shift; FLUX.1 first unpacks its packed (N, T, 4 C) latents to (N, C, h, w)); the record says so with
   ``scaling_factor``, ``shift_factor`` (where the VAE has one) and ``latent_layout`` ("nchw" or "packed_2x2"), and
   the runtime does it (:class:`l2c_export.runtime.components.ImageDecoder`);
 - ``text_encoder``: ``input_ids`` (N, L) int64 and ``attention_mask`` (N, L) int64 -> ``last_hidden_state``
@@ -76,8 +77,9 @@ def _export(module, inputs: tuple, input_names: list[str], output_names: list[st
     import onnx
     import torch
 
-    from ..export.onnx import OPSET
+    from ..export.onnx import OPSET, register_symbolics
 
+    register_symbolics()
     with tempfile.TemporaryDirectory(dir=staging, prefix=".export-") as scratch:
         exported = Path(scratch) / graph_file
         with warnings.catch_warnings(), torch.no_grad():
@@ -96,9 +98,8 @@ def _export_vae_decoder(source: Path, spec, staging: Path) -> dict:
 
     from ..core.extras import import_extra
 
-    AutoencoderKL = import_extra("diffusers", "exporting the VAE decoder").AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(source), use_safetensors=True, local_files_only=True).float().eval()
+    vae_class = getattr(import_extra("diffusers", "exporting the VAE decoder"), spec.components.vae_class)
+    vae = vae_class.from_pretrained(str(source), use_safetensors=True, local_files_only=True).float().eval()
 
     class Decoder(torch.nn.Module):
         """latents (N, C, h, w), scaled (and shifted) -> sample (N, 3, H, W) in about [-1, 1]."""

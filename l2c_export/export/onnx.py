@@ -119,6 +119,29 @@ def _rms_norm_symbolic(g, input, normalized_shape, weight, eps):
     return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
 
 
+def _movedim_symbolic(g, input, source, destination):
+    """``aten::movedim`` as a Transpose with its dimensions taken modulo the rank: the exporter's own symbolic writes
+    a negative source into the permutation as it is (DC-AE's ``movedim(-1, 1)`` became perm (0, -1, 1, 2), which
+    ONNX Runtime refuses). Dimensions not moved keep their order, as torch's."""
+    from torch.onnx import symbolic_helper
+
+    rank = symbolic_helper._get_tensor_rank(input)
+    sources = [int(d) % rank for d in symbolic_helper._get_const(source, "t", "source").view(-1).tolist()]
+    targets = [int(d) % rank for d in symbolic_helper._get_const(destination, "t", "destination").view(-1).tolist()]
+    perm = [None] * rank
+    for src, dst in zip(sources, targets):
+        perm[dst] = src
+    rest = iter(d for d in range(rank) if d not in sources)
+    return g.op("Transpose", input, perm_i=[next(rest) if d is None else d for d in perm])
+
+
+def register_symbolics() -> None:
+    """The TorchScript exporter's symbolics this project replaces or adds (``aten::rms_norm``, ``aten::movedim``);
+    every export calls it first."""
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
+    torch.onnx.register_custom_op_symbolic("aten::movedim", _movedim_symbolic, OPSET)
+
+
 def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> UniversalGraph:
     """Traces ``model`` once in ``precision`` and returns the universal graph and its weights. The graph interface
     (input names, shapes, dummy inputs) and the cached shape come from the model's family."""
@@ -138,7 +161,7 @@ def trace(model: torch.nn.Module, precision: str = "fp32", family=None) -> Unive
     for spec in input_specs:  # axes that vary per request (a prompt's tokens) keep their names
         dynamic_axes[spec.name].update({1 + i: dim for i, dim in enumerate(spec.shape) if isinstance(dim, str)})
     buffer = io.BytesIO()
-    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
+    register_symbolics()
     with warnings.catch_warnings(), family.export_context(), _stand_in_weights(model, dtype):
         warnings.simplefilter("ignore")
         torch.onnx.export(_EveryBranch(model, num_sublayers).eval(), family.dummy_inputs(config, 2), buffer,
@@ -572,6 +595,12 @@ def subset_graph(universal: UniversalGraph, subset: SubsetPlan, graph_name: str)
     precision_dtype = ONNX_DTYPES[universal.precision]
     for k in subset.reads:
         fresh = tensors[fresh_output_name(universal.slots[k])]
+        if not fresh.outputs:
+            # the exporter routed the consumers around the cached value (transpose pairs cancelled, say): the graph
+            # would recompute the branch instead of reading its cache, silently
+            raise ValueError(f"sub-layer {universal.slots[k]}: no node of the traced graph reads its output, so a "
+                             f"subset cannot reuse it; the family's OutputPacking must keep the cached value on the "
+                             f"path")
         # The ONNX type enum, not a numpy dtype: numpy has no bfloat16, and graphsurgeon takes either.
         cached = gs.Variable(cache_input_name(universal.slots[k]), dtype=precision_dtype, shape=fresh.shape)
         for consumer in list(fresh.outputs):

@@ -113,7 +113,8 @@ DDIM_OPTIONS: dict[str, tuple[object, Check]] = {
 DPM_MULTISTEP_OPTIONS: dict[str, tuple[object, Check]] = {
     **_BETAS_OPTIONS,
     "solver_order": (2, _choice(1, 2)),
-    "prediction_type": ("epsilon", _choice("epsilon", "sample", "v_prediction")),
+    # flow_prediction (the velocity) goes with use_flow_sigmas and the other three without (check_flow_options)
+    "prediction_type": ("epsilon", _choice("epsilon", "sample", "v_prediction", "flow_prediction")),
     "algorithm_type": ("dpmsolver++", _choice("dpmsolver++")),
     "solver_type": ("midpoint", _choice("midpoint", "heun")),
     "lower_order_final": (True, _boolean),
@@ -122,7 +123,7 @@ DPM_MULTISTEP_OPTIONS: dict[str, tuple[object, Check]] = {
     "use_exponential_sigmas": (False, _choice(False)),
     "use_beta_sigmas": (False, _choice(False)),
     "use_lu_lambdas": (False, _choice(False)),
-    "use_flow_sigmas": (False, _choice(False)),
+    "use_flow_sigmas": (False, _boolean),  # Sana's: sigmas 1 - t shifted by flow_shift, alpha_t = 1 - sigma
     "flow_shift": (1.0, _positive),  # read only with flow sigmas
     "final_sigmas_type": ("zero", _choice("zero", "sigma_min")),
     "lambda_min_clipped": (None, _lambda_min_clipped),
@@ -432,10 +433,30 @@ class DiffusersDDIM(_DiffusersSampler):
 # ---------------------------------------------------------------------------------------------------------------------
 # DPMSolverMultistepScheduler
 
-def _alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
-    """``_sigma_to_alpha_sigma_t`` in float32: alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha."""
+def _alpha_sigma(sigma: np.float32, flow: bool = False) -> tuple[np.float32, np.float32]:
+    """``_sigma_to_alpha_sigma_t`` in float32: alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha; with flow
+    sigmas (``flow``) alpha = 1 - sigma, sigma_t = sigma."""
+    if flow:
+        return np.float32(1.0) - sigma, sigma
     alpha = np.float32(1.0) / np.sqrt(sigma * sigma + np.float32(1.0))
     return alpha, sigma * alpha
+
+
+def _check_flow_options(options: dict, where: str, prefix: str = "") -> None:
+    """Flow sigmas come with the velocity (``flow_prediction``) as Sana's folders ship them, and the velocity with
+    them only; Karras sigmas would replace the flow sigmas in diffusers (its first branch) while the step still
+    takes alpha_t = 1 - sigma. Raises :class:`SchedulerConfigError` naming the field."""
+    flow, velocity = options["use_flow_sigmas"], options["prediction_type"] == "flow_prediction"
+    if velocity and not flow:
+        raise SchedulerConfigError(f"{where}: field '{prefix}prediction_type' is 'flow_prediction' with "
+                                   f"use_flow_sigmas false; supported with use_flow_sigmas true only")
+    if flow and not velocity:
+        raise SchedulerConfigError(f"{where}: field '{prefix}use_flow_sigmas' is true with prediction_type "
+                                   f"{options['prediction_type']!r}; supported with prediction_type "
+                                   f"'flow_prediction' only")
+    if flow and options["use_karras_sigmas"]:
+        raise SchedulerConfigError(f"{where}: field '{prefix}use_karras_sigmas' is true with use_flow_sigmas; "
+                                   f"supported: one of the two")
 
 
 def _log32(value: np.float32) -> np.float32:
@@ -457,10 +478,14 @@ def _lambda(alpha: np.float32, sigma: np.float32) -> np.float32:
 
 class DiffusersDPMMultistep(_DiffusersSampler):
     """diffusers' ``DPMSolverMultistepScheduler`` with ``algorithm_type = "dpmsolver++"``, ``solver_order`` 1 or 2
-    (``midpoint`` or ``heun``), deterministic, as the pipelines call it.
+    (``midpoint`` or ``heun``), deterministic, as the pipelines call it; with ``use_flow_sigmas`` and
+    ``prediction_type = "flow_prediction"`` as ``SanaPipeline`` runs it (the model predicts the velocity, ``x0 = x -
+    sigma * v``, and ``alpha_t = 1 - sigma``, ``sigma_t = sigma``).
 
     Tables: ``sigmas`` (num_calls,) float32 values, diffusers' ``sqrt((1 - alphas_cumprod) / alphas_cumprod)`` at each
-    step (Karras' where ``use_karras_sigmas``), ``final_sigma`` the one after the last step (0 for
+    step (Karras' where ``use_karras_sigmas``; with flow sigmas ``s' = shift s / (1 + (shift - 1) s)`` of ``s = 1 -
+    linspace(1, 1 / num_train_timesteps, N + 1)``, the last dropped, and the timesteps ``int(s' * num_train_timesteps)``),
+    ``final_sigma`` the one after the last step (0 for
     ``final_sigmas_type = "zero"``) and ``orders`` (num_calls,) the solver order of each step (1 at the first and, per
     ``lower_order_final``/``euler_at_final``/``final_sigmas_type``, at the last). A step works on the data prediction
     ``x0`` of its model output and the previous step's.
@@ -494,9 +519,13 @@ class DiffusersDPMMultistep(_DiffusersSampler):
             raise SchedulerConfigError(f"{where}: a second-order last step to sigma {self.final_sigma:.9g} from "
                                        f"{self.sigmas[-1]:.9g} has no finite update (diffusers gives NaN); expected "
                                        f"lower_order_final or euler_at_final")
+        flow = bool(self.options["use_flow_sigmas"])
+        if flow and not every[0] < 1:
+            raise SchedulerConfigError(f"{where}: the first flow sigma is {every[0]:.9g}; expected below 1 "
+                                       f"(alpha_t = 1 - sigma): choose a smaller flow_shift")
         # The step's scalars, formed in float32 exactly as diffusers forms them from its float32 sigmas.
         sigma32 = every.astype(np.float32)
-        alphas, sigmas_t = zip(*(_alpha_sigma(s) for s in sigma32))
+        alphas, sigmas_t = zip(*(_alpha_sigma(s, flow) for s in sigma32))
         lambdas = [_lambda(a, s) for a, s in zip(alphas, sigmas_t)]
         self._alpha = np.array(alphas[:-1], dtype=np.float32)  # the data prediction's alpha_t and sigma_t
         self._sigma = np.array(sigmas_t[:-1], dtype=np.float32)
@@ -517,9 +546,35 @@ class DiffusersDPMMultistep(_DiffusersSampler):
     def from_scheduler_config(cls, config: dict, num_inference_steps: int,
                               source: str) -> "DiffusersDPMMultistep":
         options = check_options(DPM_MULTISTEP_OPTIONS, config, source, cls.class_name)
+        _check_flow_options(options, source)
         _check_num_steps(num_inference_steps, options, source)
         count = options["num_train_timesteps"]
         table = alphas_cumprod_of(options)
+        if options["use_flow_sigmas"]:  # float64 as diffusers' numpy (no spacing); its int64 timesteps truncate
+            shift = float(options["flow_shift"])
+            ramp = 1.0 - np.linspace(1, 1 / count, num_inference_steps + 1)
+            sigmas = np.flip(shift * ramp / (1 + (shift - 1) * ramp))[:-1].copy()
+            timesteps = (sigmas * count).astype(np.int64)
+        else:
+            timesteps, sigmas = cls._vp_sigmas(options, table, num_inference_steps, source)
+        if options["final_sigmas_type"] == "sigma_min":
+            final_sigma = np.sqrt((np.float32(1.0) - table[0]) / table[0])
+        else:
+            final_sigma = np.float32(0.0)
+        if (timesteps[0] == timesteps[1:]).any():
+            # diffusers starts at the second occurrence of the first timestep (index_for_timestep).
+            raise SchedulerConfigError(f"{source}: {num_inference_steps} steps with timestep_spacing "
+                                       f"{options['timestep_spacing']!r} repeat the first timestep "
+                                       f"{int(timesteps[0])}; choose fewer steps")
+        orders = cls._orders(options, len(timesteps))
+        return cls(options, num_inference_steps, timesteps, sigmas.astype(np.float32), final_sigma, orders,
+                   where=f"{source} ({num_inference_steps} steps)")
+
+    @staticmethod
+    def _vp_sigmas(options: dict, table: np.ndarray, num_inference_steps: int,
+                   source: str) -> tuple[np.ndarray, np.ndarray]:
+        """The timesteps (int64) and sigmas (float64, Karras' or interpolated) of a variance-preserving schedule."""
+        count = options["num_train_timesteps"]
         last_timestep = count
         if options["lambda_min_clipped"] is not None:
             lambdas = np.log(np.sqrt(table)) - np.log(np.sqrt(np.float32(1.0) - table))
@@ -535,21 +590,8 @@ class DiffusersDPMMultistep(_DiffusersSampler):
             sigmas, times = _karras_sigmas(train_sigmas, num_inference_steps)
             if options["beta_schedule"] != "squaredcos_cap_v2":
                 times = times.round()
-            timesteps = times.astype(np.int64)
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
-        if options["final_sigmas_type"] == "sigma_min":
-            final_sigma = np.sqrt((np.float32(1.0) - table[0]) / table[0])
-        else:
-            final_sigma = np.float32(0.0)
-        if (timesteps[0] == timesteps[1:]).any():
-            # diffusers starts at the second occurrence of the first timestep (index_for_timestep).
-            raise SchedulerConfigError(f"{source}: {num_inference_steps} steps with timestep_spacing "
-                                       f"{options['timestep_spacing']!r} repeat the first timestep "
-                                       f"{int(timesteps[0])}; choose fewer steps")
-        orders = cls._orders(options, len(timesteps))
-        return cls(options, num_inference_steps, timesteps, sigmas.astype(np.float32), final_sigma, orders,
-                   where=f"{source} ({num_inference_steps} steps)")
+            return times.astype(np.int64), sigmas
+        return timesteps, np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
 
     @staticmethod
     def _orders(options: dict, count: int) -> np.ndarray:
@@ -574,6 +616,8 @@ class DiffusersDPMMultistep(_DiffusersSampler):
             return (x - sigma * model_output) / alpha
         if prediction == "sample":
             return model_output
+        if prediction == "flow_prediction":  # sigma_t is the flow sigma itself
+            return x - sigma * model_output
         return alpha * x - sigma * model_output  # v_prediction
 
     def calls(self, x, noise=None, first_step: int = 0) -> CallGenerator:
@@ -604,6 +648,7 @@ class DiffusersDPMMultistep(_DiffusersSampler):
     @classmethod
     def from_dict(cls, data: dict) -> "DiffusersDPMMultistep":
         options, steps, timesteps = _section_header(data, cls.kind, DPM_MULTISTEP_OPTIONS, cls.class_name)
+        _check_flow_options(options, "sampler", prefix="options/")
         final = data.get("final_sigma")
         if not (_is_number(final) and final >= 0):
             raise SchedulerConfigError(f"sampler: field 'final_sigma' is {final!r}; expected a finite number >= 0")

@@ -159,7 +159,7 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
                       seed: int = 0) -> list[SubsetCheck]:
     """The build's component graphs against the diffusers folder's own modules on the same inputs, one check each
     (``step`` 0): the text encoder (transformers' T5) on example prompts tokenized as the runtime tokenizes them
-    (padded, one truncated), the VAE decoder (diffusers' AutoencoderKL, after the pipelines' scaling, shift and
+    (padded, one truncated), the VAE decoder (diffusers' AutoencoderKL or AutoencoderDC, after the pipelines' scaling, shift and
     FLUX.1's ``FluxPipeline._unpack_latents``) on seeded random latents. A component whose folder part is not the one
     it was built from (``source_sha256``) is refused."""
     from ..builder.components import component_sources, source_sha256
@@ -169,7 +169,8 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
     folder = Path(folder)
     pipe = L2CPipeline.from_engine_dir(folder)
     components = pipe.manifest.get("components", {})
-    sources = component_sources(from_diffusers(diffusers))
+    spec = from_diffusers(diffusers)
+    sources = component_sources(spec)
     where = folder / manifest_io.MANIFEST_NAME
     for name, record in components.items():
         if name not in sources or source_sha256(sources[name]) != record["source_sha256"]:
@@ -186,9 +187,9 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
         want = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
         checks.append(SubsetCheck("text_encoder", 0, {"last_hidden_state": _relative(got, want.numpy())}, tolerance))
     if pipe.decoder is not None:
-        AutoencoderKL = import_extra("diffusers", "verify --diffusers").AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(str(sources["vae_decoder"]), use_safetensors=True,
-                                            local_files_only=True).float().eval()
+        vae_class = getattr(import_extra("diffusers", "verify --diffusers"), spec.components.vae_class)
+        vae = vae_class.from_pretrained(str(sources["vae_decoder"]), use_safetensors=True,
+                                        local_files_only=True).float().eval()
         record = components["vae_decoder"]
         latents = make_noise(seed, (2, *pipe.sample_shape))
         spatial = torch.from_numpy(latents)

@@ -102,7 +102,8 @@ class DpmSolver2SSampler : public Sampler {
 // diffusers_dpm_multistep): one model call per step at the integer timestep, eta 0, the model output cut to the
 // sample's channels (the learned-sigma half dropped) before the step, every coefficient formed in float32 from the
 // manifest's float32 tables, operation by operation, as the Python sampler forms it.
-enum class Prediction { Epsilon, Sample, VPrediction };
+// Flow: the velocity of flow matching (DPM-Solver with use_flow_sigmas, as Sana's folders ship it).
+enum class Prediction { Epsilon, Sample, VPrediction, Flow };
 
 // DDIMScheduler.step: per step the float32 alphas_cumprod at the timestep and at the previous one.
 struct DiffusersDdimTables {
@@ -131,6 +132,7 @@ struct DiffusersDpmTables {
   double final_sigma = 0.0;
   Prediction prediction = Prediction::Epsilon;
   bool heun = false;  // solver_type heun (else midpoint)
+  bool flow_sigmas = false;  // use_flow_sigmas: alpha_t = 1 - sigma, sigma_t = sigma
 };
 
 class DiffusersDpmMultistepSampler : public Sampler {

@@ -1,7 +1,7 @@
 """What a diffusers transformer class is, as data: a :class:`Declaration` per family file (``dit.py``, ``pixart.py``,
-``sd3.py``, ``flux.py``), read by :class:`~l2c_export.models.diffusers.family.DiffusersFamily` and recorded in the
-manifest, so that no stage after the model lists a family's names, kinds or layout (docs/adding-a-family.md walks
-through one).
+``sd3.py``, ``flux.py``, ``sana.py``), read by :class:`~l2c_export.models.diffusers.family.DiffusersFamily` and
+recorded in the manifest, so that no stage after the model lists a family's names, kinds or layout
+(docs/adding-a-family.md walks through one).
 
 A declaration names, by the names diffusers and its pipelines use:
 
@@ -181,11 +181,22 @@ class TextEncoderStack:
 @dataclass(frozen=True)
 class VaeKind:
     """The VAE the pipeline decodes with: its classes and how latents are normalised before decoding:
-    "scale_shift" (``latents / scaling_factor + shift_factor``, the config's fields) or "mean_std" (per-channel
-    ``latents_mean`` and ``latents_std``: Qwen-Image's and Wan's)."""
+    "scale_shift" (``latents / scaling_factor + shift_factor``, the config's fields; ``default_scaling`` where the
+    config has none) or "mean_std" (per-channel ``latents_mean`` and ``latents_std``: Qwen-Image's and Wan's).
+    ``levels``: the config field whose length L gives the pipelines' ``vae_scale_factor`` 2 ** (L - 1);
+    ``decoder_levels``: the field of the decoder's channels per level (what its memory estimate reads)."""
 
     classes: tuple[str, ...] = ("AutoencoderKL",)
     normalization: str = "scale_shift"
+    default_scaling: float = 0.18215
+    levels: str = "block_out_channels"
+    decoder_levels: str = "block_out_channels"
+
+
+AUTOENCODER_KL = VaeKind()  # SD's, DiT's, PixArt's, SD3's and FLUX.1's VAE
+# Sana's DC-AE (32x): its pipeline reads the scale factor from the encoder's levels
+AUTOENCODER_DC = VaeKind(classes=("AutoencoderDC",), default_scaling=1.0, levels="encoder_block_out_channels",
+                         decoder_levels="decoder_block_out_channels")
 
 
 @dataclass(frozen=True)
@@ -216,7 +227,7 @@ class Declaration:
     flow_timesteps: FlowTimesteps | None = None
     latent_layout: str = NCHW
     text_encoders: TextEncoderStack | None = None
-    vae: VaeKind | None = VaeKind()
+    vae: VaeKind | None = AUTOENCODER_KL
     default_steps: int = 20
     max_sequence_length: Mapping[str, int] = field(default_factory=dict)
     macs_prompt_tokens: int | None = None

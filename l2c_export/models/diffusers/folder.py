@@ -16,10 +16,12 @@ from pathlib import Path
 
 from .. import FAMILIES, get_family
 from ...core.util import short_repr
+from .declaration import AUTOENCODER_KL, LAST_HIDDEN_STATE
 from .family import DiffusersConfig, DiffusersFamily
 from .files import (MODEL_INDEX, DiffusersFolderError, read_json_object, safetensors_weights,
                     weight_files)  # noqa: F401  (weight_files: re-exported)
-from .sizes import TEXT_ENCODER_SIZES, VAE_CHANNELS, VAE_LEVELS, VAE_SIZES, check_integer_list, check_sizes, is_integer
+from .sizes import (DC_VAE_LAYERS, DC_VAE_SIZES, TEXT_ENCODER_SIZES, VAE_CHANNELS, VAE_LEVELS, VAE_SIZES,
+                    check_integer_list, check_sizes, is_integer)
 
 
 def transformer_families() -> dict[str, DiffusersFamily]:
@@ -31,15 +33,16 @@ def transformer_families() -> dict[str, DiffusersFamily]:
 @dataclass(frozen=True)
 class FolderComponents:
     """The parts of a pipeline folder a build carries beside the transformer, each checked (None: not in the
-    folder): ``vae/`` (an ``AutoencoderKL``: its decoder), ``text_encoder/`` (a ``T5EncoderModel``) with
-    ``tokenizer/`` (a ``tokenizer.json``; the two come together); and their configs as read (what the memory
-    estimate and the tokenizer's cross-check read)."""
+    folder): ``vae/`` (of the declared :class:`~.declaration.VaeKind`'s classes: its decoder), ``text_encoder/``
+    (a ``T5EncoderModel``) with ``tokenizer/`` (a ``tokenizer.json``; the two come together); their configs as read
+    (what the memory estimate and the tokenizer's cross-check read), and the VAE's ``_class_name``."""
 
     vae: Path | None = None
     text_encoder: Path | None = None
     tokenizer: Path | None = None
     vae_config: dict | None = field(default=None, compare=False)
     text_encoder_config: dict | None = field(default=None, compare=False)
+    vae_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,15 @@ class DiffusersFolder:
 
     @property
     def vae_scale_factor(self) -> int:
-        """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)``, 8 without a ``vae/``."""
+        """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)`` (the declared VAE kind's ``levels``
+        field: DC-AE's ``encoder_block_out_channels``), 8 without a ``vae/``."""
         path = self.path / "vae" / "config.json"
         if not path.is_file():
             return 8
         raw = read_json_object(path, "")
-        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(path), DiffusersFolderError, VAE_LEVELS)
-        return 2 ** (len(raw["block_out_channels"]) - 1)
+        levels = (self.family.declaration.vae or AUTOENCODER_KL).levels
+        check_integer_list(raw, levels, VAE_CHANNELS, str(path), DiffusersFolderError, VAE_LEVELS)
+        return 2 ** (len(raw[levels]) - 1)
 
 
 def _is_name(value: object, dotted: bool = False) -> bool:
@@ -145,6 +150,68 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def _check_autoencoder_kl(raw: dict, where: Path) -> None:
+    """An ``AutoencoderKL`` config: its sizes, levels and group norms."""
+    check_sizes(raw, VAE_SIZES, str(where), DiffusersFolderError)
+    check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
+    groups = raw.get("norm_num_groups") or 32
+    if any(channels % groups for channels in raw["block_out_channels"]):
+        raise DiffusersFolderError(f"{where}: field 'block_out_channels' is {short_repr(raw['block_out_channels'])}"
+                                   f"; each must be a multiple of norm_num_groups {groups}")
+    for key in ("down_block_types", "up_block_types"):
+        blocks = raw.get(key)
+        if blocks is not None and not (isinstance(blocks, list) and len(blocks) == len(raw["block_out_channels"])):
+            raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(blocks)}; expected one block type "
+                                       f"per entry of block_out_channels")
+
+
+DC_AE_BLOCKS = ("ResBlock", "EfficientViTBlock")
+
+
+def _check_autoencoder_dc(raw: dict, where: Path) -> None:
+    """An ``AutoencoderDC`` config (DC-AE, Sana's 32x): its sizes, the encoder's and decoder's levels, and per level
+    of the decoder its layer count, block type and attention scales; an EfficientViT level's channels a multiple of
+    attention_head_dim."""
+    check_sizes(raw, DC_VAE_SIZES, str(where), DiffusersFolderError)
+    for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
+        check_integer_list(raw, key, VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
+    for part in ("encoder", "decoder"):  # from_pretrained builds the encoder too: its depth is memory as well
+        levels = len(raw[f"{part}_block_out_channels"])
+        check_integer_list(raw, f"{part}_layers_per_block", DC_VAE_LAYERS, str(where), DiffusersFolderError,
+                           (levels, levels))
+    types = raw.get("decoder_block_types", "ResBlock")
+    types = [types] * levels if isinstance(types, str) else types
+    if not (isinstance(types, list) and len(types) == levels and all(t in DC_AE_BLOCKS for t in types)):
+        raise DiffusersFolderError(f"{where}: field 'decoder_block_types' is "
+                                   f"{short_repr(raw.get('decoder_block_types'))}; expected one of "
+                                   f"{', '.join(DC_AE_BLOCKS)}, or a list of them, one per level")
+    for key in ("decoder_norm_types", "decoder_act_fns"):
+        value = raw.get(key)
+        if not (value is None or isinstance(value, str) or (isinstance(value, list) and len(value) == levels
+                                                             and all(isinstance(v, str) for v in value))):
+            raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(value)}; expected a name or a list of "
+                                       f"{levels}, one per level")
+    scales = raw.get("decoder_qkv_multiscales", [[], [], [], [5], [5], [5]])
+    if not (isinstance(scales, list) and len(scales) == levels and all(
+            isinstance(level, list) and all(is_integer(k) and 1 <= k <= 31 and k % 2 for k in level)
+            for level in scales)):
+        raise DiffusersFolderError(f"{where}: field 'decoder_qkv_multiscales' is {short_repr(scales)}; expected a "
+                                   f"list of {levels} lists of odd kernel sizes in 1..31, one per level")
+    head = raw["attention_head_dim"]
+    for kind, channels in zip(types, raw["decoder_block_out_channels"]):
+        if kind == "EfficientViTBlock" and channels % head:
+            raise DiffusersFolderError(f"{where}: field 'decoder_block_out_channels' has {channels} at an "
+                                       f"EfficientViTBlock level; expected a multiple of attention_head_dim {head}")
+    if raw.get("upsample_block_type", "pixel_shuffle") not in ("pixel_shuffle", "interpolate"):
+        raise DiffusersFolderError(f"{where}: field 'upsample_block_type' is "
+                                   f"{short_repr(raw.get('upsample_block_type'))}; expected 'pixel_shuffle' or "
+                                   f"'interpolate'")
+
+
+# VAE class -> the check of its config.json (a VaeKind's classes each need one)
+VAE_CONFIG_CHECKS = {"AutoencoderKL": _check_autoencoder_kl, "AutoencoderDC": _check_autoencoder_dc}
+
+
 def read_components(folder: Path, index: dict, family: DiffusersFamily, config: DiffusersConfig) -> FolderComponents:
     """The folder's VAE, text encoder and tokenizer where ``model_index.json`` names them, checked: their classes,
     integer fields (:mod:`.sizes`), safetensors weights, the VAE's latent channels against the transformer and its
@@ -154,12 +221,15 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         entry = index.get(part)
         return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
-    vae = text_encoder = tokenizer = vae_config = text_encoder_config = None
+    vae = text_encoder = tokenizer = vae_config = text_encoder_config = vae_class = None
     declared = family.declaration
-    # carried as graphs: a VAE normalised by scale and shift; one text encoder whose outputs feed the model as
-    # they are (a stack of several is not carried yet: such a build takes embeddings)
+    # carried as graphs: a VAE normalised by scale and shift; one text encoder whose last hidden state feeds the
+    # model as it is (a stack of several, or a decoder LLM's templated states, is not carried yet: such a build
+    # takes embeddings)
     vae_kind = declared.vae if declared.vae is not None and declared.vae.normalization == "scale_shift" else None
     encoder = None if declared.text_encoders is None else declared.text_encoders.single
+    if encoder is not None and (encoder.template is not None or set(encoder.outputs) != {LAST_HIDDEN_STATE}):
+        encoder = None
     if named("vae") and vae_kind is not None:
         vae = folder / "vae"
         raw = read_json_object(vae / "config.json", "expected the VAE's config.json (model_index.json names a vae)")
@@ -167,22 +237,12 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         if raw.get("_class_name") not in vae_kind.classes:
             raise DiffusersFolderError(f"{where}: field '_class_name' is {short_repr(raw.get('_class_name'))}; "
                                        f"supported VAE classes: {', '.join(vae_kind.classes)}")
-        check_sizes(raw, VAE_SIZES, str(where), DiffusersFolderError)
-        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
-        groups = raw.get("norm_num_groups") or 32
-        if any(channels % groups for channels in raw["block_out_channels"]):
-            raise DiffusersFolderError(f"{where}: field 'block_out_channels' is {short_repr(raw['block_out_channels'])}"
-                                       f"; each must be a multiple of norm_num_groups {groups}")
-        for key in ("down_block_types", "up_block_types"):
-            blocks = raw.get(key)
-            if blocks is not None and not (isinstance(blocks, list) and len(blocks) == len(raw["block_out_channels"])):
-                raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(blocks)}; expected one block type "
-                                           f"per entry of block_out_channels")
+        VAE_CONFIG_CHECKS[raw["_class_name"]](raw, where)
         channels = family.vae_latents(config)[0]
         if raw.get("latent_channels") != channels:
             raise DiffusersFolderError(f"{where}: field 'latent_channels' is {short_repr(raw.get('latent_channels'))}; "
                                        f"the transformer samples {channels} latent channels")
-        scale = raw.get("scaling_factor", 0.18215)
+        scale = raw.get("scaling_factor", vae_kind.default_scaling)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
             raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {short_repr(scale)}; expected a positive "
                                        f"number")
@@ -193,6 +253,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
                                        f"number or null")
         safetensors_weights(vae, "diffusion_pytorch_model")
         vae_config = {k: v for k, v in raw.items() if not k.startswith("_")}
+        vae_class = raw["_class_name"]
     if declared.text_encoders is None and named("text_encoder"):
         raise DiffusersFolderError(f"{folder / MODEL_INDEX}: names a text encoder, but a "
                                    f"{config.transformer_class} takes no prompt embeddings")
@@ -221,7 +282,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         safetensors_weights(text_encoder, "model")
         check_tokenizer(tokenizer, raw["vocab_size"])
         text_encoder_config = raw
-    return FolderComponents(vae, text_encoder, tokenizer, vae_config, text_encoder_config)
+    return FolderComponents(vae, text_encoder, tokenizer, vae_config, text_encoder_config, vae_class)
 
 
 def _special_token(value: object) -> str | None:

@@ -86,6 +86,12 @@ FLUX_SIZES = {
     "joint_attention_dim": SD3_SIZES["joint_attention_dim"],
     "pooled_projection_dim": Size(1, _WIDTH, "CLIP-L pooled: 768"),
 }
+SANA_SIZES = {
+    "cross_attention_dim": Size(1, _WIDTH, "Sana 1.6B's 2240, the prompt's width after the caption projection"),
+    "caption_channels": Size(1, _WIDTH, "Gemma-2 2B's 2304"),
+    "num_cross_attention_heads": Size(1, 256, "Sana 1.6B's 20"),
+    "cross_attention_head_dim": Size(1, 1024, "Sana's 112"),
+}
 FLUX_ROPE_AXES = Size(0, 1024, "FLUX.1's rotary axes (16, 56, 56), summing to attention_head_dim", optional=True)
 # The latents on a side of a transformer without sample_size (FLUX.1: --image-size over the VAE's scale factor).
 LATENT_SIDE = TRANSFORMER_SIZES["sample_size"]
@@ -118,3 +124,11 @@ VAE_SIZES = {
 }
 VAE_CHANNELS = Size(1, 4096, "block_out_channels: 128 to 512 in every released VAE")
 VAE_LEVELS = (1, 8)  # block_out_channels' length: 4 levels (scale factor 8) in every released VAE
+
+# vae/config.json (AutoencoderDC: DC-AE, Sana's 32x autoencoder)
+DC_VAE_SIZES = {
+    "in_channels": Size(1, 16, "RGB: 3", optional=True),
+    "latent_channels": Size(1, 1024, "Sana's 32"),
+    "attention_head_dim": Size(1, 1024, "DC-AE's 32"),
+}
+DC_VAE_LAYERS = Size(0, 16, "layers per level: 2 or 3 in DC-AE f32c32")
