@@ -341,6 +341,8 @@ def _guidance_record(request: BuildRequest, guided: int, null_class: int | None)
         record["null_class"] = null_class
     if not getattr(spec.family, "classifier_free", True):
         record["classifier_free"] = False
+    if getattr(spec.family, "norm_rescale", False):
+        record["norm_rescale"] = True
     sampler_channels = spec.family.sampler_channels(spec.config)
     if sampler_channels is not None:
         record["sampler_channels"] = sampler_channels

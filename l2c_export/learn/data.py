@@ -43,9 +43,11 @@ class Condition:
         the model's inputs, ``order`` their roles in the model's argument order. A model with a ``guidance`` input
         (a guidance-distilled FLUX.1) is fed ``guidance_scale`` there, (P,) for P prompts; prompts are at most
         ``max_tokens`` long (the pipeline's max_sequence_length: the longest a build of the model takes)."""
-        from ..samplers.conditioning import GUIDANCE_ROLE, check_text_conditioning
+        from ..samplers.conditioning import GUIDANCE_ROLE, check_text_conditioning, pad_prompt_pair
 
         checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens=max_tokens)
+        if guiding:  # a negative prompt of another length (Qwen-Image) padded to the longer: one batch
+            checked = {role: pad_prompt_pair(pair) for role, pair in checked.items()}
         if GUIDANCE_ROLE in inputs:
             scale = np.full(len(checked["prompt_embeds"][0]), guidance_scale, dtype=np.float32)
             checked[GUIDANCE_ROLE] = (scale, scale)
@@ -145,7 +147,8 @@ def sampler_output(model_out: torch.Tensor, cfg_scale: float, family, config) ->
     """The model output as the sampler takes it: guided (as the family's pipeline guides), and only the channels the
     sampler steps on (a diffusers pipeline drops the learned-sigma half)."""
     if cfg_scale > 1.0:
-        model_out = apply_guidance(model_out, cfg_scale, family.guided_channels(config))
+        model_out = apply_guidance(model_out, cfg_scale, family.guided_channels(config),
+                                   getattr(family, "norm_rescale", False))
     channels = family.sampler_channels(config)
     return model_out if channels is None else model_out[:, :channels]
 

@@ -166,7 +166,8 @@ def config_from_dict(cls, data: Mapping):
 FAMILIES = {"dit": "l2c_export.models.dit", "uvit": "l2c_export.models.uvit",
             "diffusers-dit": "l2c_export.models.diffusers.dit",
             "diffusers-pixart": "l2c_export.models.diffusers.pixart",
-            "diffusers-sd3": "l2c_export.models.diffusers.sd3", "diffusers-flux": "l2c_export.models.diffusers.flux"}
+            "diffusers-sd3": "l2c_export.models.diffusers.sd3", "diffusers-flux": "l2c_export.models.diffusers.flux",
+            "diffusers-qwenimage": "l2c_export.models.diffusers.qwenimage"}
 _loaded: dict[str, ModelFamily] = {}
 
 

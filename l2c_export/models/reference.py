@@ -68,7 +68,7 @@ def sample_reference(model: torch.nn.Module, sampler: DenoisingSampler, labels: 
             out = model(x, t, *condition)
         else:
             out = model.forward_cached(x, t, *condition, schedule.compute[call.index].tolist(), cache)
-        out = apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
+        out = apply_guidance(out, cfg_scale, guided, getattr(family, "norm_rescale", False))[:n] if guiding else out
         return out if sampler_channels is None else out[:, :sampler_channels]
 
     def ddpm_noise(s: int) -> torch.Tensor:

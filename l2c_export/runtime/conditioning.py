@@ -17,8 +17,8 @@ import numpy as np
 
 # The record-level checks live a stage down, where the PyTorch reference sampler and learning can use them too;
 # re-exported here, the runtime's conditioning module, for its callers.
-from ..samplers.conditioning import (CONDITIONING_ROLES, GUIDANCE_ROLE, TEXT_ARGUMENTS, TEXT_ROLES,  # noqa: F401
-                                     ARGUMENT_NAMES, FLAG_NAMES, ConditioningError, batch_conditioning, by_role,
+from ..samplers.conditioning import (CONDITIONING_ROLES, GUIDANCE_ROLE, MASK_ROLES, TEXT_ARGUMENTS,  # noqa: F401
+                                     TEXT_ROLES, ARGUMENT_NAMES, FLAG_NAMES, ConditioningError, batch_conditioning, by_role,
                                      check_prompts, check_text_conditioning, refuse_negatives)
 
 
@@ -70,8 +70,9 @@ def example_conditioning(manifest: dict, n: int, seed: int = 0, prompt_tokens: i
     mask[0, max(1, length - 2):] = 0  # padded, one token kept
     arrays = {"prompt_embeds": generator.standard_normal((n, length, width), dtype=np.float32),
               "negative_prompt_embeds": generator.standard_normal((n, length, width), dtype=np.float32)}
-    if "prompt_attention_mask" in inputs:
-        arrays.update(prompt_attention_mask=mask, negative_prompt_attention_mask=np.ones((n, length), np.float32))
+    for mask_role in MASK_ROLES:
+        if mask_role in inputs:
+            arrays.update({mask_role: mask, f"negative_{mask_role}": np.ones((n, length), np.float32)})
     if "pooled_prompt_embeds" in inputs:
         pooled = inputs["pooled_prompt_embeds"]["shape"][-1]
         arrays.update(pooled_prompt_embeds=generator.standard_normal((n, pooled), dtype=np.float32),

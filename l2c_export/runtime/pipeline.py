@@ -268,6 +268,7 @@ class L2CPipeline:
         engines)."""
         n = len(noise)
         guided = self.manifest["guidance"]["guided_channels"]
+        rescale = self.manifest["guidance"].get("norm_rescale", False)
         state = self.backend.new_request()
         engine_seconds = 0.0
 
@@ -278,7 +279,7 @@ class L2CPipeline:
             engine_start = time.perf_counter()
             out = self.backend.run(subsets[call.index], self.interface.feeds(model_x, t, condition), state)
             engine_seconds += time.perf_counter() - engine_start
-            out = apply_guidance(out, cfg_scale, guided)[:n] if guiding else out
+            out = apply_guidance(out, cfg_scale, guided, rescale)[:n] if guiding else out
             return out if self.sampler_channels is None else out[:, :self.sampler_channels]
 
         start = time.perf_counter()

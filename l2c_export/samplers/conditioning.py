@@ -4,8 +4,9 @@ manifest.
 
 A model's conditioning inputs are its input records with a conditioning role: ``label`` (class labels, guided against
 the null class), or text: ``prompt_embeds`` (text-encoder embeddings, (n, L, D)), with ``prompt_attention_mask``
-((n, L), 1 keep / 0 padding; PixArt) and ``pooled_prompt_embeds`` ((n, P); SD3, FLUX.1) where the model has them, each
-guided against the ``negative_`` array of the same shape (the pipelines' argument names). With classifier-free
+or ``prompt_embeds_mask`` ((n, L), 1 keep / 0 padding; PixArt, Qwen-Image) and ``pooled_prompt_embeds`` ((n, P); SD3,
+FLUX.1) where the model has them, each guided against the ``negative_`` array of the same shape (the pipelines'
+argument names; Qwen-Image's negative prompt may have another length, padded to the longer). With classifier-free
 guidance the model batch is 2n: the conditional half first, the unconditional half second.
 """
 
@@ -17,10 +18,16 @@ import numpy as np
 
 from .guidance import check_labels
 
-TEXT_ROLES = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
+TEXT_ROLES = ("prompt_embeds", "prompt_attention_mask", "prompt_embeds_mask", "pooled_prompt_embeds")
+# Token masks, 1 keep / 0 padding, by the pipelines' names: PixArt's prompt_attention_mask; Qwen-Image's
+# prompt_embeds_mask, whose model treats a masked token as absent, so its prompt and negative prompt may differ in
+# length (the shorter is padded to the longer under mask 0: pad_prompt_pair).
+MASK_ROLES = ("prompt_attention_mask", "prompt_embeds_mask")
+PADDABLE_MASK_ROLE = "prompt_embeds_mask"
 GUIDANCE_ROLE = "guidance"
 CONDITIONING_ROLES = ("label", *TEXT_ROLES, GUIDANCE_ROLE)
-TEXT_ARGUMENTS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+TEXT_ARGUMENTS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask",
+                  "prompt_embeds_mask", "negative_prompt_embeds_mask")
 
 # How messages call a request's parts: the command line's flags, or L2CPipeline's Python arguments.
 FLAG_NAMES = {"labels": "--labels", "conditioning": "--conditioning", "cfg_scale": "--cfg-scale",
@@ -68,7 +75,7 @@ def batch_conditioning(input_records: Sequence[dict], null_class: int | None, gu
         refuse_negatives(arrays, where, names)
     checked = check_text_conditioning(arrays, inputs, guiding, where, max_tokens)
     n = len(checked["prompt_embeds"][0])
-    feeds = {inputs[role]["name"]: np.ascontiguousarray(np.concatenate(pair) if guiding else pair[0])
+    feeds = {inputs[role]["name"]: np.ascontiguousarray(np.concatenate(pad_prompt_pair(pair)) if guiding else pair[0])
              for role, pair in checked.items()}
     if GUIDANCE_ROLE in inputs:
         if guidance_scale is None:
@@ -76,6 +83,21 @@ def batch_conditioning(input_records: Sequence[dict], null_class: int | None, gu
                                     f"({names['cfg_scale']})")
         feeds[inputs[GUIDANCE_ROLE]["name"]] = np.full(2 * n if guiding else n, guidance_scale, dtype=np.float32)
     return n, feeds
+
+
+def pad_prompt_pair(pair: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A conditional array and its negative twin, the shorter along the prompt axis (axis 1) padded with zeros to the
+    longer (embeddings: zero vectors; a mask: 0, absent), so that both halves run as one batch; of equal lengths (or
+    no prompt axis), as they are. :func:`check_text_conditioning` lets the lengths differ only for a model with a
+    :data:`PADDABLE_MASK_ROLE`."""
+    array, negative = pair
+    if array.ndim < 2 or array.shape[1] == negative.shape[1]:
+        return pair
+    length = max(array.shape[1], negative.shape[1])
+
+    def padded(a):
+        return np.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+    return padded(array), padded(negative)
 
 
 def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str, names: Mapping[str, str] = FLAG_NAMES) -> None:
@@ -110,7 +132,12 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], inputs: dict, guid
     for prefix in ("", "negative_") if guiding else ("",):
         embeds = _embeddings(arrays[f"{prefix}prompt_embeds"], f"{prefix}prompt_embeds",
                              inputs["prompt_embeds"]["shape"][-1], where)
-        if prefix and embeds.shape != checked["prompt_embeds"][0].shape:
+        paddable = PADDABLE_MASK_ROLE in inputs  # the halves' lengths may differ
+        if prefix and paddable and embeds.shape[::2] != checked["prompt_embeds"][0].shape[::2]:
+            want = checked["prompt_embeds"][0].shape
+            raise ConditioningError(f"{where}: array 'negative_prompt_embeds' has shape {embeds.shape}; expected "
+                                    f"({want[0]}, L, {want[2]}), as many prompts as 'prompt_embeds' (any length L)")
+        if prefix and not paddable and embeds.shape != checked["prompt_embeds"][0].shape:
             raise ConditioningError(f"{where}: array 'negative_prompt_embeds' has shape {embeds.shape}; expected "
                                     f"{checked['prompt_embeds'][0].shape}, that of 'prompt_embeds' (both halves run "
                                     f"as one batch)")
@@ -119,9 +146,10 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], inputs: dict, guid
             raise ConditioningError(f"{where}: array '{prefix}prompt_embeds' has shape {embeds.shape}: {length} prompt "
                                     f"tokens; expected at most the model's max_sequence_length {max_tokens}")
         found = {"prompt_embeds": embeds}
-        if "prompt_attention_mask" in inputs:
-            name = f"{prefix}prompt_attention_mask"
-            found["prompt_attention_mask"] = _mask(arrays[name], name, (n, length), where)
+        for mask_role in MASK_ROLES:
+            if mask_role in inputs:
+                name = f"{prefix}{mask_role}"
+                found[mask_role] = _mask(arrays[name], name, (n, length), where)
         if "pooled_prompt_embeds" in inputs:
             name = f"{prefix}pooled_prompt_embeds"
             found["pooled_prompt_embeds"] = _pooled(arrays[name], name, n, inputs["pooled_prompt_embeds"]["shape"][-1],

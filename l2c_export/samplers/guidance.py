@@ -47,8 +47,11 @@ def guidance_batch(noise: np.ndarray, labels, num_classes: int, cfg_scale: float
     return noise, labels
 
 
-def apply_guidance(model_out, cfg_scale: float, guided_channels: int):
-    """model_out: (2B, C_out, H, W), conditional half first -> the same shape with both halves guided.
+def apply_guidance(model_out, cfg_scale: float, guided_channels: int, norm_rescale: bool = False):
+    """model_out: (2B, C_out, H, W), conditional half first -> the same shape with both halves guided:
+    ``u + s (c - u)``; with ``norm_rescale`` (QwenImagePipeline's true CFG, manifest ``guidance/norm_rescale``) that
+    combination rescaled along the last axis to the norm of ``c``: ``comb * (||c|| / ||comb||)`` (per token of a
+    packed (2B, T, C) output).
 
     Works on torch tensors and numpy arrays alike, so that runtimes without PyTorch share it.
     """
@@ -56,6 +59,12 @@ def apply_guidance(model_out, cfg_scale: float, guided_channels: int):
     half = len(eps) // 2
     cond_eps, uncond_eps = eps[:half], eps[half:]
     half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    if norm_rescale:
+        if isinstance(model_out, np.ndarray):
+            half_eps = half_eps * (np.linalg.norm(cond_eps, axis=-1, keepdims=True)
+                                   / np.linalg.norm(half_eps, axis=-1, keepdims=True))
+        else:
+            half_eps = half_eps * (cond_eps.norm(dim=-1, keepdim=True) / half_eps.norm(dim=-1, keepdim=True))
     if isinstance(model_out, np.ndarray):
         return np.concatenate([np.concatenate([half_eps, half_eps], axis=0), rest], axis=1)
     import torch  # only reached with torch tensors, so torch is there

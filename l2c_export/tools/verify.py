@@ -96,7 +96,8 @@ def verify_build(folder: str | Path, backend: str = "onnxruntime", tolerance: fl
                 worst[tensor["name"]] = _relative(engines.read_cache(state, tensor["slot"]),
                                                   reference_cache[slot_index[tensor["slot"]]].numpy())
             checks[subset_index] = SubsetCheck(record["name"], call.index, worst, tolerance)
-        out = apply_guidance(out, cfg_scale, data["guidance"]["guided_channels"])[:n] if guiding else out
+        out = apply_guidance(out, cfg_scale, data["guidance"]["guided_channels"],
+                             data["guidance"].get("norm_rescale", False))[:n] if guiding else out
         return out if sampler_channels is None else out[:, :sampler_channels]
 
     def ddpm_noise(s: int) -> np.ndarray:

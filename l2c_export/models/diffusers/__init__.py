@@ -336,6 +336,11 @@ class DiffusersFamily(ModelFamily):
         """Where a family's cached values are not what diffusers' block consumes (FLUX.1's single-stream branches,
         cached with their share of ``proj_out``), it replaces those blocks' forwards here; by default nothing."""
 
+    def vae_scale_factor(self, vae_config: dict, where: str) -> int:
+        """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)`` (an ``AutoencoderKL``)."""
+        check_integer_list(vae_config, "block_out_channels", VAE_CHANNELS, where, DiffusersFolderError, VAE_LEVELS)
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
     def pipeline_timesteps(self, config: DiffusersConfig):
         """How the pipeline sets a flow-matching scheduler's timesteps
         (:class:`l2c_export.samplers.PipelineTimesteps`); None for the other families."""
@@ -458,7 +463,8 @@ def count_macs_by_hooks(family: DiffusersFamily, config: DiffusersConfig) -> Mac
 # ---------------------------------------------------------------------------------------------------------------------
 # Transformer class -> the family that reads it.
 TRANSFORMER_FAMILIES = {"DiTTransformer2DModel": "diffusers-dit", "PixArtTransformer2DModel": "diffusers-pixart",
-                        "SD3Transformer2DModel": "diffusers-sd3", "FluxTransformer2DModel": "diffusers-flux"}
+                        "SD3Transformer2DModel": "diffusers-sd3", "FluxTransformer2DModel": "diffusers-flux",
+                        "QwenImageTransformer2DModel": "diffusers-qwenimage"}
 
 
 @dataclass(frozen=True)
@@ -496,13 +502,11 @@ class DiffusersFolder:
 
     @property
     def vae_scale_factor(self) -> int:
-        """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)``, 8 without a ``vae/``."""
+        """The pipeline's, from its ``vae/`` (:meth:`DiffusersFamily.vae_scale_factor`), 8 without one."""
         path = self.path / "vae" / "config.json"
         if not path.is_file():
             return 8
-        raw = _read_json(path, "")
-        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(path), DiffusersFolderError, VAE_LEVELS)
-        return 2 ** (len(raw["block_out_channels"]) - 1)
+        return self.family.vae_scale_factor(_read_json(path, ""), str(path))
 
 
 def _read_json(path: Path, what: str, kind: str = "config") -> dict:

@@ -86,6 +86,10 @@ FLUX_SIZES = {
     "joint_attention_dim": SD3_SIZES["joint_attention_dim"],
     "pooled_projection_dim": Size(1, _WIDTH, "CLIP-L pooled: 768"),
 }
+QWEN_IMAGE_SIZES = {
+    "joint_attention_dim": Size(1, _WIDTH, "the prompt embeddings' width: Qwen2.5-VL-7B's 3584"),
+}
+QWEN_ROPE_AXES = Size(2, 1024, "Qwen-Image's rotary axes (16, 56, 56): even, summing to attention_head_dim")
 FLUX_ROPE_AXES = Size(0, 1024, "FLUX.1's rotary axes (16, 56, 56), summing to attention_head_dim", optional=True)
 # The latents on a side of a transformer without sample_size (FLUX.1: --image-size over the VAE's scale factor).
 LATENT_SIDE = TRANSFORMER_SIZES["sample_size"]
