@@ -191,3 +191,90 @@ def test_true_cfg_rescales_each_token_to_the_conditional_norm():
                    apply_guidance(torch.from_numpy(out), 3.0, 16, norm_rescale=True).numpy()):
         assert np.abs(guided[:2] - want).max() <= 1e-6 and np.abs(guided[2:] - want).max() <= 1e-6
     assert np.abs(apply_guidance(out, 3.0, 16)[:2] - comb.numpy()).max() <= 1e-6
+
+
+@pytest.mark.slow
+def test_decoded_images_equal_the_pipelines(qwen_build, tmp_path):
+    """The build carries the folder's AutoencoderKLQwenImage decoder (one frame; the per-channel latents_mean and
+    latents_std inside the graph, its record's scaling_factor 1, the packed latents unpacked first):
+    L2CPipeline(..., decode=True) equals QwenImagePipeline's output_type="np" images to 1e-3 of the range, verify's
+    component check passes, and run --out writes the grid."""
+    from PIL import Image
+
+    from l2c_export.runtime.pipeline import L2CPipeline
+    from l2c_export.tools.verify import verify_components
+
+    root, folder, _, latents, conditioning = qwen_build
+    record = json.loads((root / "E" / "manifest.json").read_text())["components"]["vae_decoder"]
+    assert record["latent_layout"] == "packed_2x2" and record["scaling_factor"] == 1.0
+    assert record["inputs"][0]["shape"] == ["batch", 4, 8, 8] and record["outputs"][0]["shape"] == ["batch", 3, 16, 16]
+    arrays = {name: value.numpy() for name, value in conditioning.items()}
+    result = L2CPipeline.from_engine_dir(root / "E")(conditioning=arrays, noise=latents.numpy(), cfg_scale=CFG_SCALE,
+                                                     full=True, decode=True)
+    got = np.clip(result.decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    with torch.no_grad():
+        want = load_pipeline(folder)(prompt=None, latents=latents.clone(), num_inference_steps=STEPS,
+                                     true_cfg_scale=CFG_SCALE, height=IMAGE_SIZE, width=IMAGE_SIZE, output_type="np",
+                                     **conditioning).images
+    assert got.shape == want.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.ptp(want) > 0.1
+    assert np.abs(got - want).max() <= 1e-3 * np.ptp(want), (np.abs(got - want).max(), np.ptp(want))
+    (check,) = verify_components(root / "E", folder)
+    assert check.passed, check
+    run_cli("run", str(root / "E"), "--noise", str(root / "z.npy"), "--conditioning", str(root / "cond.npz"),
+            "--cfg-scale", str(CFG_SCALE), "--out", str(tmp_path / "grid.png"))
+    assert Image.open(tmp_path / "grid.png").size[0] > 2 * IMAGE_SIZE
+
+
+@pytest.mark.parametrize("part, changes, message", [
+    ("transformer", {"zero_cond_t": True},
+     "field 'zero_cond_t' is True; QwenImageTransformer2DModel is supported with zero_cond_t = False only"),
+    ("transformer", {"axes_dims_rope": [2, 2, 2]},
+     "field 'axes_dims_rope' is [2, 2, 2]; expected three even sizes summing to attention_head_dim 8"),
+    ("transformer", {"num_layers": 100000}, "field 'num_layers' is 100000; expected an integer in 1..128"),
+    ("vae", {"latents_std": [1.0, 0.0, 1.0, 1.0]}, "field 'latents_std' is [1.0, 0.0, 1.0, 1.0]; expected 4 finite"),
+    ("vae", {"z_dim": 8}, "field 'z_dim' is 8; the transformer samples 4 latent channels"),
+    ("vae", {"temperal_downsample": [False, True]}, "expected one flag per level after the first (1, dim_mult has 2)"),
+    ("scheduler", {"shift_terminal": 1.5}, "field 'shift_terminal' is 1.5; expected null or a finite number in [0, 1)"),
+])
+def test_a_folder_it_does_not_run_is_refused_by_name(tiny_diffusers, tmp_path, part, changes, message):
+    """An option of the transformer, VAE or scheduler this family does not run, or a size out of bounds: one line
+    naming the file and field, exit 2, nothing written."""
+    import shutil
+
+    folder = shutil.copytree(tiny_diffusers("qwen", "flow"), tmp_path / "copy")
+    path = folder / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    refused = run_cli("build", "--diffusers", str(folder), "--image-size", str(IMAGE_SIZE), "--steps", "2", "--out",
+                      str(tmp_path / "E"), check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert str(path) in refused.stderr and message in refused.stderr
+    assert not (tmp_path / "E").exists()
+
+
+@pytest.mark.slow
+def test_served_requests_are_batched_by_both_lengths_in_process(qwen_build):
+    """What the Triton model does with requests it is handed together (no server): the masks are 0/1 inputs of the
+    served model, images are merged by guidance scale and by both prompt lengths (a negative prompt of another
+    length is another batch), and each image equals L2CPipeline's alone."""
+    from l2c_export.runtime.pipeline import L2CPipeline
+    from l2c_export.serving.sampling import decode_request, input_ranges, mask_roles, sample_requests, served_inputs
+
+    root, _, _, latents, conditioning = qwen_build
+    pipe = L2CPipeline.from_engine_dir(root / "E")
+    assert [name for name, *_ in served_inputs(pipe.manifest)][:4] == [
+        "prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask"]
+    assert input_ranges(None, mask_roles(pipe.manifest))["negative_prompt_embeds_mask"] == [0, 1]
+    arrays = {name: value.numpy() for name, value in conditioning.items()}
+    generator = np.random.default_rng(5)
+    longer = {**arrays, "negative_prompt_embeds": generator.standard_normal((2, 6, 12)).astype(np.float32),
+              "negative_prompt_embeds_mask": np.ones((2, 6), np.float32)}
+    sent = [(arrays, latents.numpy()), (longer, latents.numpy()[::-1].copy()), (arrays, latents.numpy() * 0.5)]
+    scales = np.full((2, 1), CFG_SCALE, np.float32)
+    requests = [decode_request(pipe, noise=noise, cfg_scale=scales, **request) for request, noise in sent]
+    results, batch_sizes = sample_requests(pipe, requests)
+    assert sum(batch_sizes) == 6 and len(batch_sizes) >= 2  # the 6-token negatives never share a batch with the 4
+    for (request, noise), samples in zip(sent, results):
+        for i in range(2):
+            alone = pipe(conditioning={name: array[i:i + 1] for name, array in request.items()}, cfg_scale=CFG_SCALE,
+                         noise=noise[i:i + 1]).samples[0]
+            assert np.abs(samples[i] - alone).max() <= 1e-5 * np.ptp(alone)

@@ -734,6 +734,10 @@ class DiffusersFlowMatchEuler(_DiffusersSampler):
         if options["shift_terminal"]:
             # stretch_shift_to_terminal, on the same numpy array (float32 where the pipeline passed sigmas)
             one_minus_z = 1 - sigmas
+            if one_minus_z[-1] == 0:
+                raise SchedulerConfigError(f"{source}: field 'shift_terminal' is {options['shift_terminal']!r}; at "
+                                           f"{num_inference_steps} step(s) the last sigma is 1, which diffusers' "
+                                           f"stretch to the terminal value divides by (NaN); choose 2 or more steps")
             scale_factor = one_minus_z[-1] / (1 - options["shift_terminal"])
             sigmas = 1 - (one_minus_z / scale_factor)
         return cls(options, num_inference_steps, np.asarray(sigmas).astype(np.float32), mu,

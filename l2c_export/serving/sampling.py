@@ -5,7 +5,8 @@ No Triton imports here: the Triton model (``triton_model.py``) only moves tensor
 images (Triton's batch dimension). Its conditioning is the build's (:func:`served_inputs`, from the manifest's
 ``model/inputs``): ``labels`` for a label model, the prompt embeddings by the pipelines' argument names for a text model
 (PixArt; SD3 and FLUX.1 take ``pooled_prompt_embeds`` (P,) in place of the mask, FLUX.1 no negatives, its
-``cfg_scale`` feeding the guidance embedding; FLUX.1's ``noise`` and ``samples`` are packed, (T, 4 C)). Per image:
+``cfg_scale`` feeding the guidance embedding; FLUX.1's and Qwen-Image's ``noise`` and ``samples`` are packed,
+(T, 4 C); Qwen-Image's mask is ``prompt_embeds_mask``, and its negative prompt may have another length). Per image:
 
 ============================== ============= =========================================================================
 input                          shape, dtype  meaning
@@ -32,9 +33,9 @@ cfg_scale                      (1,) f32      optional: classifier-free guidance 
 :func:`input_ranges` holds those ranges, :func:`decode_request` enforces them (the only place that does), and the
 Triton model config states them (its ``input_ranges`` parameter).
 
-Images of the same guidance scale (and, for text models, the same prompt length L) are sampled as one batch (up to the
-build's batch limit), whatever request they came from: each image's sample is the same as when it is sampled alone
-(the model is per-sample; to float rounding).
+Images of the same guidance scale (and, for text models, the same prompt lengths L and L') are sampled as one batch
+(up to the build's batch limit), whatever request they came from: each image's sample is the same as when it is
+sampled alone (the model is per-sample; to float rounding).
 DDPM draws its step noise per sampling batch, so DDPM images are sampled one per batch, each from its own seed.
 """
 
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.util import check_finite
-from ..runtime.conditioning import (TEXT_ROLES, check_text_conditioning, classifier_free_batch,
+from ..runtime.conditioning import (MASK_ROLES, TEXT_ROLES, check_text_conditioning, classifier_free_batch,
                                    conditioning_inputs)
 from ..samplers.guidance import check_labels, make_noise
 
@@ -55,17 +56,24 @@ MAX_CFG_SCALE = 100.0  # far above any scale in use (DiT samples at 1.5-4, text-
 MAX_ABS_NOISE = 1000.0  # standard normal noise never comes near it (|x| > 10 has probability 1e-23)
 
 
-def input_ranges(num_classes: int | None, masked: bool = True, text_prompts: bool = False) -> dict[str, list]:
+def input_ranges(num_classes: int | None, masks=("prompt_attention_mask",),
+                 text_prompts: bool = False) -> dict[str, list]:
     """The closed range of every input's values, by input name: what :func:`decode_request` enforces.
-    ``num_classes``: a label model's classes; None for a text model (its masks, where ``masked``, are 0/1, its
-    embeddings finite); ``text_prompts``: a text model served prompts as text (no masks)."""
+    ``num_classes``: a label model's classes; None for a text model (its ``masks`` (:func:`mask_roles`) and their
+    negative twins are 0/1, its embeddings finite); ``text_prompts``: a text model served prompts as text (no
+    masks)."""
     ranges = {"noise": [-MAX_ABS_NOISE, MAX_ABS_NOISE], "seed": [0, MAX_SEED], "cfg_scale": [1.0, MAX_CFG_SCALE]}
     if text_prompts:
         return ranges
     if num_classes is None:
-        masks = {"prompt_attention_mask": [0, 1], "negative_prompt_attention_mask": [0, 1]} if masked else {}
-        return {**masks, **ranges}
+        return {**{f"{prefix}{role}": [0, 1] for role in masks for prefix in ("", "negative_")}, **ranges}
     return {"labels": [0, num_classes - 1], **ranges}
+
+
+def mask_roles(manifest: dict) -> list[str]:
+    """The token masks the model takes (PixArt's prompt_attention_mask, Qwen-Image's prompt_embeds_mask)."""
+    inputs = conditioning_inputs(manifest)
+    return [role for role in MASK_ROLES if role in inputs]
 
 
 def takes_text(manifest: dict) -> bool:
@@ -97,7 +105,7 @@ def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
     elif takes_text(manifest):
         conditioning = [("prompt", "bytes", [1], False), ("negative_prompt", "bytes", [1], True)]
     else:
-        dims = {"prompt_embeds": [-1, inputs["prompt_embeds"]["shape"][-1]], "prompt_attention_mask": [-1],
+        dims = {"prompt_embeds": [-1, inputs["prompt_embeds"]["shape"][-1]], **{role: [-1] for role in MASK_ROLES},
                 "pooled_prompt_embeds": [inputs.get("pooled_prompt_embeds", {"shape": [0]})["shape"][-1]]}
         conditioning = [(name, inputs[name.removeprefix("negative_")]["dtype"], dims[name.removeprefix("negative_")],
                          name.startswith("negative"))
@@ -119,6 +127,12 @@ class SampleRequest:
     @property
     def prompt_length(self) -> int | None:
         return None if self.conditioning is None else self.conditioning["prompt_embeds"].shape[1]
+
+    @property
+    def negative_length(self) -> int | None:
+        """The negative prompt's length L' (Qwen-Image's may differ from L); None without one."""
+        negative = (self.conditioning or {}).get("negative_prompt_embeds")
+        return None if negative is None else negative.shape[1]
 
 
 def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray | None = None,
@@ -166,7 +180,7 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
             raise ValueError(f"input '{name}' has shape {list(value.shape)}; expected [{n}, 1] (one per image)")
         return value.reshape(n).astype(dtype)
 
-    ranges = input_ranges(pipeline.num_classes, "prompt_attention_mask" in conditioning_inputs(pipeline.manifest))
+    ranges = input_ranges(pipeline.num_classes, mask_roles(pipeline.manifest))
     seeds = per_image("seed", seed, np.int64)
     if seeds is not None and np.any(seeds < 0):
         raise ValueError(f"input 'seed' is {seeds.tolist()}; expected seeds in 0..{MAX_SEED}")
@@ -271,12 +285,13 @@ def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.nd
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for r, request in enumerate(requests):
         for i, scale in enumerate(request.cfg_scales):
-            key = (float(scale), request.prompt_length, (r, i) if pipeline.sampler.kind == "ddpm" else None)
+            key = (float(scale), request.prompt_length, request.negative_length,
+                   (r, i) if pipeline.sampler.kind == "ddpm" else None)
             groups.setdefault(key, []).append((r, i))
     results: list[np.ndarray | Exception] = [np.empty((len(q.noise), *pipeline.sample_shape), np.float32)
                                              for q in requests]
     batch_sizes = []
-    for (scale, length, _), members in groups.items():
+    for (scale, length, _, _), members in groups.items():
         size = images_per_batch(pipeline, scale)
         for start in range(0, len(members), size):
             chunk = members[start: start + size]

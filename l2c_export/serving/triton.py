@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..core import manifest as manifest_io
 from ..core.util import atomic_write_text, check_finite
-from .sampling import MAX_CFG_SCALE, input_ranges, served_inputs, takes_text
+from .sampling import MAX_CFG_SCALE, input_ranges, mask_roles, served_inputs, takes_text
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 DEFAULT_ENV = Path(".venv-triton")
@@ -91,9 +91,8 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
     model.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     model.parameters["backend"].string_value = manifest["backend"]
     model.parameters["threads"].string_value = str(threads)
-    masked = any(tensor["role"] == "prompt_attention_mask" for tensor in manifest["model"]["inputs"])
     model.parameters["input_ranges"].string_value = json.dumps(input_ranges(manifest["guidance"].get("null_class"),
-                                                                            masked, takes_text(manifest)))
+                                                                            mask_roles(manifest), takes_text(manifest)))
     return model
 
 

@@ -168,7 +168,8 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
     folder = Path(folder)
     pipe = L2CPipeline.from_engine_dir(folder)
     components = pipe.manifest.get("components", {})
-    sources = component_sources(from_diffusers(diffusers))
+    spec = from_diffusers(diffusers)
+    sources = component_sources(spec)
     where = folder / manifest_io.MANIFEST_NAME
     for name, record in components.items():
         if name not in sources or source_sha256(sources[name]) != record["source_sha256"]:
@@ -185,9 +186,7 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
         want = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
         checks.append(SubsetCheck("text_encoder", 0, {"last_hidden_state": _relative(got, want.numpy())}, tolerance))
     if pipe.decoder is not None:
-        AutoencoderKL = import_extra("diffusers", "verify --diffusers").AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(str(sources["vae_decoder"]), use_safetensors=True,
-                                            local_files_only=True).float().eval()
+        vae, _ = spec.family.vae_decoder(sources["vae_decoder"])  # diffusers' decode, as the pipeline calls it
         record = components["vae_decoder"]
         latents = make_noise(seed, (2, *pipe.sample_shape))
         spatial = torch.from_numpy(latents)
@@ -195,7 +194,7 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
             FluxPipeline = import_extra("diffusers", "verify --diffusers").FluxPipeline
             _, height, width = record["inputs"][0]["shape"][1:]
             spatial = FluxPipeline._unpack_latents(spatial, height, width, 1)
-        want = vae.decode(spatial / record["scaling_factor"] + (record.get("shift_factor") or 0.0)).sample
+        want = vae(spatial / record["scaling_factor"] + (record.get("shift_factor") or 0.0))
         checks.append(SubsetCheck("vae_decoder", 0, {"sample": _relative(pipe.decoder(latents), want.numpy())},
                                   tolerance))
     return checks

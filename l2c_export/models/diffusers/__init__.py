@@ -336,10 +336,72 @@ class DiffusersFamily(ModelFamily):
         """Where a family's cached values are not what diffusers' block consumes (FLUX.1's single-stream branches,
         cached with their share of ``proj_out``), it replaces those blocks' forwards here; by default nothing."""
 
+    # -- the VAE (its kind: an AutoencoderKL here; a family with another overrides these) ---------------------------
+    vae_class = "AutoencoderKL"  # the ``_class_name`` of vae/config.json
+
     def vae_scale_factor(self, vae_config: dict, where: str) -> int:
         """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)`` (an ``AutoencoderKL``)."""
         check_integer_list(vae_config, "block_out_channels", VAE_CHANNELS, where, DiffusersFolderError, VAE_LEVELS)
         return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    def vae_decoder_width(self, vae_config: dict) -> tuple[int, str]:
+        """(channels of the decoder's full-resolution activations, the config field that sets them): what the memory
+        estimate counts."""
+        return (vae_config.get("block_out_channels") or (64,))[0], "block_out_channels"
+
+    def check_vae_config(self, raw: dict, where: str, config: DiffusersConfig) -> None:
+        """Refuses, naming the field, a ``vae/config.json`` this family's VAE kind does not decode: sizes out of
+        bounds (:mod:`.sizes`), latent channels other than the transformer's, factors that are not finite."""
+        check_sizes(raw, VAE_SIZES, where, DiffusersFolderError)
+        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, where, DiffusersFolderError, VAE_LEVELS)
+        groups = raw.get("norm_num_groups") or 32
+        if any(channels % groups for channels in raw["block_out_channels"]):
+            raise DiffusersFolderError(f"{where}: field 'block_out_channels' is {short_repr(raw['block_out_channels'])}"
+                                       f"; each must be a multiple of norm_num_groups {groups}")
+        for key in ("down_block_types", "up_block_types"):
+            blocks = raw.get(key)
+            if blocks is not None and not (isinstance(blocks, list) and len(blocks) == len(raw["block_out_channels"])):
+                raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(blocks)}; expected one block type "
+                                           f"per entry of block_out_channels")
+        channels = self.vae_latents(config)[0]
+        if raw.get("latent_channels") != channels:
+            raise DiffusersFolderError(f"{where}: field 'latent_channels' is {short_repr(raw.get('latent_channels'))}; "
+                                       f"the transformer samples {channels} latent channels")
+        scale = raw.get("scaling_factor", 0.18215)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
+            raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {short_repr(scale)}; expected a positive "
+                                       f"number")
+        shift = raw.get("shift_factor")
+        if shift is not None and (not isinstance(shift, (int, float)) or isinstance(shift, bool)
+                                  or not -1e6 <= shift <= 1e6):
+            raise DiffusersFolderError(f"{where}: field 'shift_factor' is {short_repr(shift)}; expected a finite "
+                                       f"number or null")
+
+    def vae_decoder(self, source: Path, exporting: bool = False):
+        """(module, record fields): the folder's VAE (``source``: its ``vae/``) as a module ``latents`` (N, C, h, w)
+        -> ``sample`` (N, 3, H, W) in about [-1, 1], and the fields the runtime reads before it (``scaling_factor``,
+        ``shift_factor``: it decodes ``latents / scaling_factor + shift_factor``). ``exporting``: the module is
+        traced to ONNX (a family may swap an op for an equal one the exporter has)."""
+        import torch
+
+        from ...core.extras import import_extra
+
+        vae = import_extra("diffusers", "exporting the VAE decoder").AutoencoderKL.from_pretrained(
+            str(source), use_safetensors=True, local_files_only=True).float().eval()
+
+        class Decoder(torch.nn.Module):
+            """latents (N, C, h, w), scaled (and shifted) -> sample (N, 3, H, W) in about [-1, 1]."""
+
+            def __init__(self):
+                super().__init__()
+                self.vae = vae
+
+            def forward(self, latents):
+                return self.vae.decode(latents, return_dict=False)[0]
+
+        shift = getattr(vae.config, "shift_factor", None)
+        return Decoder().eval(), {"scaling_factor": float(vae.config.scaling_factor),
+                                  **({} if shift is None else {"shift_factor": float(shift)})}
 
     def pipeline_timesteps(self, config: DiffusersConfig):
         """How the pipeline sets a flow-matching scheduler's timesteps
@@ -589,7 +651,6 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
     return DiffusersFolder(folder, pipeline_class, family, config, scheduler, components)
 
 
-VAE_CLASSES = ("AutoencoderKL",)
 TEXT_ENCODER_CLASSES = ("T5EncoderModel",)
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -608,33 +669,10 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         vae = folder / "vae"
         raw = _read_json(vae / "config.json", "expected the VAE's config.json (model_index.json names a vae)")
         where = vae / "config.json"
-        if raw.get("_class_name") not in VAE_CLASSES:
+        if raw.get("_class_name") != family.vae_class:
             raise DiffusersFolderError(f"{where}: field '_class_name' is {short_repr(raw.get('_class_name'))}; "
-                                       f"supported VAE classes: {', '.join(VAE_CLASSES)}")
-        check_sizes(raw, VAE_SIZES, str(where), DiffusersFolderError)
-        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
-        groups = raw.get("norm_num_groups") or 32
-        if any(channels % groups for channels in raw["block_out_channels"]):
-            raise DiffusersFolderError(f"{where}: field 'block_out_channels' is {short_repr(raw['block_out_channels'])}"
-                                       f"; each must be a multiple of norm_num_groups {groups}")
-        for key in ("down_block_types", "up_block_types"):
-            blocks = raw.get(key)
-            if blocks is not None and not (isinstance(blocks, list) and len(blocks) == len(raw["block_out_channels"])):
-                raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(blocks)}; expected one block type "
-                                           f"per entry of block_out_channels")
-        channels = family.vae_latents(config)[0]
-        if raw.get("latent_channels") != channels:
-            raise DiffusersFolderError(f"{where}: field 'latent_channels' is {short_repr(raw.get('latent_channels'))}; "
-                                       f"the transformer samples {channels} latent channels")
-        scale = raw.get("scaling_factor", 0.18215)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
-            raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {short_repr(scale)}; expected a positive "
-                                       f"number")
-        shift = raw.get("shift_factor")
-        if shift is not None and (not isinstance(shift, (int, float)) or isinstance(shift, bool)
-                                  or not -1e6 <= shift <= 1e6):
-            raise DiffusersFolderError(f"{where}: field 'shift_factor' is {short_repr(shift)}; expected a finite "
-                                       f"number or null")
+                                       f"supported VAE classes: {family.vae_class} (for a {config.transformer_class})")
+        family.check_vae_config(raw, str(where), config)
         _safetensors_weights(vae, "diffusion_pytorch_model")
         vae_config = {k: v for k, v in raw.items() if not k.startswith("_")}
     if (named("text_encoder") or named("tokenizer")) and "text_encoder" in family.component_parts:

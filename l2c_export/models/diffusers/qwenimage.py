@@ -24,18 +24,25 @@ tables), applied in real arithmetic (:class:`RealRotaryJointAttention`; diffuser
 ONNX has no type for); the image's cos/sin are constants of the graph, the text's gathered from a constant table by
 position, so the prompt axis stays dynamic. The timestep fed is the scheduler's (0..1000); the graph divides it by
 1000, as the pipeline does.
+
+The VAE kind is ``AutoencoderKLQwenImage`` (:meth:`QwenImageDiffusersFamily.vae_decoder`): one frame decoded, the
+per-channel ``latents_mean``/``latents_std`` applied inside the decoder graph. The Qwen2.5-VL text encoder is not
+carried: a build takes prompt embeddings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from pathlib import Path
 
 from .. import TensorSpec
 from . import JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError, OutputPacking
 from ...core.util import short_repr
 from .flux import FluxDiffusersFamily
 from .sd3 import JointAttentionPacking
-from .sizes import QWEN_IMAGE_SIZES, QWEN_ROPE_AXES, TRANSFORMER_SIZES, check_integer_list
+from .sizes import (QWEN_IMAGE_SIZES, QWEN_ROPE_AXES, QWEN_VAE_MULTIPLIERS, QWEN_VAE_SIZES, TRANSFORMER_SIZES,
+                    check_integer_list, check_sizes)
 
 MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's max_sequence_length default: the longest prompt_embeds it keeps
 TEXT_POSITIONS = 1024  # the pipeline's bound on max_sequence_length: the text rotary table's rows
@@ -98,9 +105,10 @@ class QwenImageDiffusersFamily(FluxDiffusersFamily):
     transformer_class = "QwenImageTransformer2DModel"
     pipeline_classes = ("QwenImagePipeline",)
     scheduler_classes = ("FlowMatchEulerDiscreteScheduler",)
-    # Neither is carried: the VAE is a causal 3D one (AutoencoderKLQwenImage) and the text encoder Qwen2.5-VL, so a
-    # build takes prompt embeddings and returns latents (the VAE's config gives the scale factor only).
-    component_parts = ()
+    # The VAE decoder (AutoencoderKLQwenImage, one frame) is carried; the Qwen2.5-VL text encoder is not, so a build
+    # takes prompt embeddings.
+    component_parts = ("vae",)
+    vae_class = "AutoencoderKLQwenImage"
     classifier_free = True  # true CFG: the negative prompt runs as the unconditional half ...
     norm_rescale = True  # ... and the combination is rescaled per token to the conditional norm
     # the pipeline packs 2x2 latent patches; the base Qwen-Image (no Edit's zero_cond_t, no Layered's extras)
@@ -130,6 +138,7 @@ class QwenImageDiffusersFamily(FluxDiffusersFamily):
     def num_layers(self, config: DiffusersConfig) -> int:
         return config["num_layers"]
 
+    # -- the VAE: AutoencoderKLQwenImage ----------------------------------------------------------------------------
     def vae_scale_factor(self, vae_config: dict, where: str) -> int:
         """``QwenImagePipeline``'s ``2 ** len(vae.temperal_downsample)`` (an ``AutoencoderKLQwenImage``)."""
         levels = vae_config.get("temperal_downsample")
@@ -137,6 +146,70 @@ class QwenImageDiffusersFamily(FluxDiffusersFamily):
             raise DiffusersFolderError(f"{where}: field 'temperal_downsample' is {short_repr(levels)}; expected a "
                                        f"list of 1 to 8 booleans (AutoencoderKLQwenImage)")
         return 2 ** len(levels)
+
+    def vae_decoder_width(self, vae_config: dict) -> tuple[int, str]:
+        return vae_config["base_dim"] * vae_config["dim_mult"][0], "base_dim"
+
+    def check_vae_config(self, raw: dict, where: str, config: DiffusersConfig) -> None:
+        """An ``AutoencoderKLQwenImage``: sizes in bounds, one temporal flag per level after the first, ``z_dim`` the
+        transformer's latent channels, ``latents_mean`` and ``latents_std`` one finite number per channel (std
+        positive: the pipeline divides by its inverse)."""
+        check_sizes(raw, QWEN_VAE_SIZES, where, DiffusersFolderError)
+        check_integer_list(raw, "dim_mult", QWEN_VAE_MULTIPLIERS, where, DiffusersFolderError, (1, 8))
+        self.vae_scale_factor(raw, where)  # temperal_downsample: a list of flags
+        flags, levels = raw["temperal_downsample"], len(raw["dim_mult"])
+        if len(flags) != levels - 1:
+            raise DiffusersFolderError(f"{where}: field 'temperal_downsample' is {short_repr(flags)}; expected one "
+                                       f"flag per level after the first ({levels - 1}, dim_mult has {levels})")
+        channels = self.vae_latents(config)[0]
+        if raw["z_dim"] != channels:
+            raise DiffusersFolderError(f"{where}: field 'z_dim' is {raw['z_dim']}; the transformer samples {channels} "
+                                       f"latent channels")
+        for key, low in (("latents_mean", -math.inf), ("latents_std", 0.0)):
+            values = raw.get(key)
+            if not (isinstance(values, list) and len(values) == channels and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low
+                    for v in values)):
+                raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(values)}; expected {channels} "
+                                           f"finite numbers{' > 0' if low == 0 else ''} (one per latent channel)")
+        if raw.get("attn_scales"):
+            raise DiffusersFolderError(f"{where}: field 'attn_scales' is {short_repr(raw['attn_scales'])}; "
+                                       f"AutoencoderKLQwenImage's decoder ignores it: expected [] as Qwen-Image's")
+
+    def vae_decoder(self, source: Path, exporting: bool = False):
+        """``QwenImagePipeline``'s decode of one frame: ``latents`` (N, C, h, w) unpacked -> ``latents *
+        latents_std + latents_mean`` per channel (its ``latents / (1 / std) + mean``), as (N, C, 1, h, w) ->
+        ``vae.decode(...)[:, :, 0]`` (N, 3, H, W) in [-1, 1]. The per-channel factors are in the module (the record's
+        ``scaling_factor`` is 1). ``exporting``: the 2x ``nearest-exact`` upsamplings run as ``nearest`` (the same
+        at a scale of 2: output pixel i reads input pixel floor(i / 2); the TorchScript exporter has no
+        nearest-exact)."""
+        import torch
+
+        from ...core.extras import import_extra
+
+        vae = import_extra("diffusers", "exporting the VAE decoder").AutoencoderKLQwenImage.from_pretrained(
+            str(source), use_safetensors=True, local_files_only=True).float().eval()
+        if exporting:
+            for module in vae.modules():
+                if isinstance(module, torch.nn.Upsample) and module.mode == "nearest-exact":
+                    if tuple(module.scale_factor) != (2.0, 2.0):
+                        raise ValueError(f"{source}: an upsampling by {module.scale_factor}; the exported decoder "
+                                         f"runs nearest-exact only at a scale of 2")
+                    module.mode = "nearest"
+        channels = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, channels, 1, 1, 1)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, channels, 1, 1, 1)
+
+        class Decoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.vae = vae
+
+            def forward(self, latents):
+                frames = latents.unsqueeze(2) / inverse_std + mean
+                return self.vae.decode(frames, return_dict=False)[0][:, :, 0]
+
+        return Decoder().eval(), {"scaling_factor": 1.0}
 
     # -- sub-layers --------------------------------------------------------------------------------------------------
     def sublayer_names(self, config: DiffusersConfig) -> tuple[str, ...]:
