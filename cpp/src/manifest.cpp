@@ -110,14 +110,14 @@ TensorRecord read_tensor(const Fields& node, bool output) {
     record.role = !record.slot.empty() ? (output ? "fresh" : "cache") : found != by_name.end() ? found->second : "";
   }
   static const std::set<std::string> input_roles{"sample",        "time",   "label", "prompt_embeds",
-                                                 "prompt_attention_mask", "pooled_prompt_embeds", "guidance",
-                                                 "cache"},
+                                                 "prompt_attention_mask", "prompt_embeds_mask",
+                                                 "pooled_prompt_embeds", "guidance", "cache"},
       output_roles{"output", "fresh"};
   if (!(output ? output_roles : input_roles).count(record.role))
     node.fail(std::string("has no role this runtime feeds; expected ") +
               (output ? "model_out (role output) or a fresh output with a slot" :
-                        "roles sample, time, label (or prompt_embeds with prompt_attention_mask or "
-                        "pooled_prompt_embeds), guidance or a cache input with a slot"));
+                        "roles sample, time, label (or prompt_embeds with prompt_attention_mask, prompt_embeds_mask "
+                        "or pooled_prompt_embeds), guidance or a cache input with a slot"));
   if ((record.role == "cache" || record.role == "fresh") == record.slot.empty())
     node.fail("role " + record.role + (record.slot.empty() ? " needs a slot" : " takes no slot"));
   return record;
@@ -182,7 +182,7 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
     model_roles["label"] = {"int64", 1, "(batch,)"};
   } else {
     model_roles["prompt_embeds"] = {"float32", 3, "(batch, prompt_tokens, D)"};
-    if (m.has_prompt_mask) model_roles["prompt_attention_mask"] = {"float32", 2, "(batch, prompt_tokens)"};
+    if (m.has_prompt_mask) model_roles[m.mask_role] = {"float32", 2, "(batch, prompt_tokens)"};
     if (m.pooled_width) model_roles["pooled_prompt_embeds"] = {"float32", 2, "(batch, P)"};
   }
   if (m.has_guidance_input) model_roles["guidance"] = {"float32", 1, "(batch,)"};
@@ -249,7 +249,7 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
                                            "; expected (batch, C or 2C, H, W)");
   if (m.conditioning == "prompt" && m.has_prompt_mask) {
     const TensorRecord& embeds = Manifest::model_tensor(full, "prompt_embeds");
-    const TensorRecord& mask = Manifest::model_tensor(full, "prompt_attention_mask");
+    const TensorRecord& mask = Manifest::model_tensor(full, m.mask_role);
     if (embeds.shape[1] != mask.shape[1] || embeds.shape[2] < 1)
       subsets[m.full_subset]["inputs"].fail("prompt embeddings " + embeds.name + " " +
                                             record_shape_string(embeds.shape) + " and mask " + mask.name + " " +
@@ -306,6 +306,7 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
   if (guidance.has("sampler_channels") && !guidance["sampler_channels"].is_null())
     m.guidance.sampler_channels = static_cast<int>(guidance["sampler_channels"].integer(1, 1 << 20));
   if (guidance.has("classifier_free")) m.guidance.classifier_free = guidance["classifier_free"].boolean();
+  if (guidance.has("norm_rescale")) m.guidance.norm_rescale = guidance["norm_rescale"].boolean();
 
   Fields batch = root["batch"];
   m.batch_min = batch["min"].integer(1, 1 << 20);
@@ -371,13 +372,22 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     m.num_classes = m.guidance.null_class;  // the labels are 0 .. null_class - 1 (every family's convention)
   } else if (has_role("prompt_embeds")) {
     m.conditioning = "prompt";
-    m.has_prompt_mask = has_role("prompt_attention_mask");
+    for (const char* role : {"prompt_attention_mask", "prompt_embeds_mask"})
+      if (has_role(role)) {
+        if (m.has_prompt_mask)
+          subsets[m.full_subset]["inputs"].fail("has two token masks; expected one of prompt_attention_mask and "
+                                                "prompt_embeds_mask");
+        m.has_prompt_mask = true;
+        m.mask_role = role;
+      }
     if (!m.has_prompt_mask && !has_role("pooled_prompt_embeds"))
-      subsets[m.full_subset]["inputs"].fail("has prompt_embeds alone; expected prompt_attention_mask (PixArt) or "
-                                            "pooled_prompt_embeds (SD3, FLUX.1) beside it");
+      subsets[m.full_subset]["inputs"].fail("has prompt_embeds alone; expected prompt_attention_mask (PixArt), "
+                                            "prompt_embeds_mask (Qwen-Image) or pooled_prompt_embeds (SD3, FLUX.1) "
+                                            "beside it");
   } else {
     subsets[m.full_subset]["inputs"].fail("has no conditioning input; expected one with role label, or "
-                                          "prompt_embeds with prompt_attention_mask or pooled_prompt_embeds");
+                                          "prompt_embeds with prompt_attention_mask, prompt_embeds_mask or "
+                                          "pooled_prompt_embeds");
   }
   m.has_guidance_input = has_role("guidance");
   m.pooled_width = has_role("pooled_prompt_embeds") ? 1 : 0;  // its width once check_interfaces checked its rank

@@ -209,15 +209,12 @@ double checked_scale(const SampleOptions& options, const Manifest& m) {
   return cfg_scale;
 }
 
-// The pipelines' argument names: the text roles, then their negative_ counterparts, in the order the Python runtime
-// names them (l2c_export/runtime/conditioning.py: TEXT_ROLES).
-const char* const kTextRoles[] = {"prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"};
-
-// The text arrays a model takes (its roles; with `negatives`, their negative_ counterparts after them).
+// The text arrays a model takes (its roles, in the order the Python runtime names them,
+// l2c_export/runtime/conditioning.py: TEXT_ROLES; with `negatives`, their negative_ counterparts after them).
 std::vector<std::string> prompt_array_names(const Manifest& m, bool negatives) {
-  std::vector<std::string> roles{kTextRoles[0]};
-  if (m.has_prompt_mask) roles.push_back(kTextRoles[1]);
-  if (m.pooled_width) roles.push_back(kTextRoles[2]);
+  std::vector<std::string> roles{"prompt_embeds"};
+  if (m.has_prompt_mask) roles.push_back(m.mask_role);
+  if (m.pooled_width) roles.push_back("pooled_prompt_embeds");
   std::vector<std::string> names = roles;
   if (negatives)
     for (const auto& role : roles) names.push_back("negative_" + role);
@@ -234,9 +231,11 @@ std::string joined(const std::vector<std::string>& names) {
 const std::vector<std::pair<std::string, Tensor Prompts::*>> kPromptMembers{
     {"prompt_embeds", &Prompts::embeds},
     {"prompt_attention_mask", &Prompts::mask},
+    {"prompt_embeds_mask", &Prompts::embeds_mask},
     {"pooled_prompt_embeds", &Prompts::pooled},
     {"negative_prompt_embeds", &Prompts::negative_embeds},
     {"negative_prompt_attention_mask", &Prompts::negative_mask},
+    {"negative_prompt_embeds_mask", &Prompts::negative_embeds_mask},
     {"negative_pooled_prompt_embeds", &Prompts::negative_pooled}};
 
 // The member holding the array `name`; nullptr for a name no pipeline takes.
@@ -296,6 +295,19 @@ void check_mask(const Tensor& mask, const std::string& array, const Tensor& embe
   }
 }
 
+// `t` (n, L, ...) with zeros after its L tokens up to `length` (axis 1): the shorter half of a batch whose prompt and
+// negative prompt differ in length (Qwen-Image: zero embeddings under mask 0, tokens the model treats as absent).
+Tensor padded_tokens(const Tensor& t, int64_t length) {
+  if (t.shape[1] == length) return t;
+  std::vector<int64_t> shape = t.shape;
+  shape[1] = length;
+  Tensor out(shape);
+  const int64_t row = static_cast<int64_t>(Tensor::count(std::vector<int64_t>(t.shape.begin() + 2, t.shape.end())));
+  for (int64_t b = 0; b < t.shape[0]; ++b)
+    std::copy_n(t.data.begin() + b * t.shape[1] * row, t.shape[1] * row, out.data.begin() + b * length * row);
+  return out;
+}
+
 Tensor concatenated(const Tensor& first, const Tensor& second) {
   Tensor both = first;
   both.shape[0] += second.shape[0];
@@ -317,7 +329,7 @@ Prompts read_prompts(const fs::path& npz, const std::string& source) {
       throw Error(prompts.source + ": unknown array '" + array + "'; expected " + joined(known));
     }
     Tensor& to = prompts.*member;
-    const bool mask = array.find("attention_mask") != std::string::npos;
+    const bool mask = array.find("_mask") != std::string::npos;
     to = mask ? parse_npy(bytes, where, {"<f4", "<f8", "<i8", "<i4", "|b1"}, "a 0/1 mask (bool, int or float)")
               : parse_npy(bytes, where, {"<f4", "<f8"}, "float32 embeddings");
     if (to.shape.empty())
@@ -501,7 +513,7 @@ const Tensor& Pipeline::Impl::run(int subset, const Tensor& x, const std::vector
                               : input.role == "time"                 ? t_value
                               : input.role == "label"                ? y_value
                               : input.role == "prompt_embeds"        ? embeds_value
-                              : input.role == "prompt_attention_mask" ? mask_value
+                              : input.role == manifest.mask_role     ? mask_value
                               : input.role == "pooled_prompt_embeds" ? pooled_value
                                                                      : guidance_value;
     if (!value)
@@ -630,22 +642,36 @@ Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const Sampl
                 std::to_string(prompts.embeds.shape[1]) + " prompt tokens; expected at most the model's " +
                 "max_sequence_length " + std::to_string(m.max_prompt_tokens));
   const int64_t n = prompts.embeds.shape[0];
-  if (m.has_prompt_mask) check_mask(prompts.mask, "prompt_attention_mask", prompts.embeds, prompts.source);
+  // Qwen-Image's prompt_embeds_mask: the negative prompt may have another length, padded to the longer
+  const bool paddable = m.mask_role == "prompt_embeds_mask";
+  const Tensor& mask = paddable ? prompts.embeds_mask : prompts.mask;
+  const Tensor& negative_mask = paddable ? prompts.negative_embeds_mask : prompts.negative_mask;
+  if (m.has_prompt_mask) check_mask(mask, m.mask_role, prompts.embeds, prompts.source);
   if (m.pooled_width) check_pooled(prompts.pooled, "pooled_prompt_embeds", n, m.pooled_width, prompts.source);
   Condition condition;
   if (guiding) {
-    check_embeddings(prompts.negative_embeds, "negative_prompt_embeds", m.prompt_width, &prompts.embeds,
+    const Tensor& negative = prompts.negative_embeds;
+    check_embeddings(negative, "negative_prompt_embeds", m.prompt_width, paddable ? nullptr : &prompts.embeds,
                      prompts.source);
-    if (m.has_prompt_mask)
-      check_mask(prompts.negative_mask, "negative_prompt_attention_mask", prompts.embeds, prompts.source);
+    if (negative.shape[0] != n)
+      throw Error(prompts.source + ": array 'negative_prompt_embeds' has shape " + negative.shape_string() +
+                  "; expected (" + std::to_string(n) + ", L, " + std::to_string(m.prompt_width) +
+                  "), as many prompts as 'prompt_embeds' (any length L)");
+    if (negative.shape[1] > m.max_prompt_tokens)
+      throw Error(prompts.source + ": array 'negative_prompt_embeds' has shape " + negative.shape_string() + ": " +
+                  std::to_string(negative.shape[1]) + " prompt tokens; expected at most the model's " +
+                  "max_sequence_length " + std::to_string(m.max_prompt_tokens));
+    if (m.has_prompt_mask) check_mask(negative_mask, "negative_" + m.mask_role, negative, prompts.source);
     if (m.pooled_width)
       check_pooled(prompts.negative_pooled, "negative_pooled_prompt_embeds", n, m.pooled_width, prompts.source);
-    condition.embeds = concatenated(prompts.embeds, prompts.negative_embeds);
-    if (m.has_prompt_mask) condition.mask = concatenated(prompts.mask, prompts.negative_mask);
+    const int64_t length = std::max(prompts.embeds.shape[1], negative.shape[1]);
+    condition.embeds = concatenated(padded_tokens(prompts.embeds, length), padded_tokens(negative, length));
+    if (m.has_prompt_mask)
+      condition.mask = concatenated(padded_tokens(mask, length), padded_tokens(negative_mask, length));
     if (m.pooled_width) condition.pooled = concatenated(prompts.pooled, prompts.negative_pooled);
   } else {
     condition.embeds = prompts.embeds;
-    condition.mask = prompts.mask;
+    condition.mask = mask;
     condition.pooled = prompts.pooled;
   }
   return impl_->sample(n, std::move(condition), guiding, cfg_scale, noise, options, "prompts");
@@ -724,6 +750,18 @@ Tensor Pipeline::Impl::sample(int64_t n, Condition condition, bool guiding, doub
       float* to = guided.data.data() + b * sampler_plane;
       for (int64_t i = 0; i < sampler_plane; ++i)
         to[i] = guiding && i < guided_plane ? uncond[i] + scale * (cond[i] - uncond[i]) : cond[i];
+      if (guiding && m.guidance.norm_rescale) {  // each row of the last axis to the conditional row's norm
+        const int64_t width = p.out_shape.back();
+        for (int64_t row = 0; row + width <= guided_plane; row += width) {
+          double cond_sum = 0.0, comb_sum = 0.0;
+          for (int64_t k = row; k < row + width; ++k) {
+            cond_sum += static_cast<double>(cond[k]) * cond[k];
+            comb_sum += static_cast<double>(to[k]) * to[k];
+          }
+          const float ratio = static_cast<float>(std::sqrt(cond_sum)) / static_cast<float>(std::sqrt(comb_sum));
+          for (int64_t k = row; k < row + width; ++k) to[k] *= ratio;
+        }
+      }
     }
     return guided;
   };

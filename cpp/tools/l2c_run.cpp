@@ -55,8 +55,9 @@ int main(int argc, char** argv) {
   auto* labels_option = app.add_option("--labels", labels_text, "comma-separated class labels, e.g. 3,1,4 (label models)");
   auto* conditioning_option = app.add_option(
       "--conditioning", conditioning_path,
-      ".npz (numpy.savez) of prompt_embeds with prompt_attention_mask (PixArt) or pooled_prompt_embeds (SD3, "
-      "FLUX.1) and, to guide classifier-free, their negative_ twins (text-conditioned models)");
+      ".npz (numpy.savez) of prompt_embeds with prompt_attention_mask (PixArt), prompt_embeds_mask (Qwen-Image) "
+      "or pooled_prompt_embeds (SD3, FLUX.1) and, to guide classifier-free, their negative_ twins "
+      "(text-conditioned models)");
   labels_option->excludes(conditioning_option);
 
   app.add_option("--noise", noise_path, ".npy float32 (n, C, H, W) (FLUX.1: packed (n, T, C)): the initial noise")

@@ -34,7 +34,8 @@ struct TensorRecord {
   std::vector<int64_t> shape;  // kBatch where the record says "batch"
   std::string slot;            // the cache slot a cache input reads or a fresh output writes; empty otherwise
   // What the runtime feeds or reads: inputs "sample", "time", "label" (or "prompt_embeds" with
-  // "prompt_attention_mask" (PixArt) or "pooled_prompt_embeds" (SD3, FLUX.1) for a text-conditioned model),
+  // "prompt_attention_mask" (PixArt), "prompt_embeds_mask" (Qwen-Image) or "pooled_prompt_embeds" (SD3, FLUX.1)
+  // for a text-conditioned model),
   // "guidance" (FLUX.1's guidance embedding: the scale), "cache"; outputs "output", "fresh". Schema 2 records say it;
   // for schema 1 it follows from the names x, t, y, model_out and the slot.
   std::string role;
@@ -68,6 +69,9 @@ struct Guidance {
   int sampler_channels = 0;
   // false: a guidance-distilled model (FLUX.1): no classifier-free batch runs; the scale feeds its guidance input.
   bool classifier_free = true;
+  // true: uncond + s * (cond - uncond) is rescaled along the output's last axis to the norm of cond (Qwen-Image's
+  // true CFG, per token of its packed (T, C) output).
+  bool norm_rescale = false;
 };
 
 struct Manifest {
@@ -81,7 +85,10 @@ struct Manifest {
   // pooled_prompt_embeds (batch, pooled_width) where the model has them, guided against the negative prompt's).
   std::string conditioning;
   int64_t prompt_width = 0;
-  bool has_prompt_mask = false;  // a prompt_attention_mask input (PixArt)
+  bool has_prompt_mask = false;  // a token mask input: mask_role
+  // The mask's role and argument name: prompt_attention_mask (PixArt) or prompt_embeds_mask (Qwen-Image, whose
+  // negative prompt may have another length: the shorter half is padded to the longer under mask 0).
+  std::string mask_role;
   int64_t pooled_width = 0;      // P of a pooled_prompt_embeds input (SD3, FLUX.1); 0: none
   bool has_guidance_input = false;  // a guidance input (FLUX.1-dev), fed the guidance scale per row
   int64_t max_prompt_tokens = 0;  // "prompt" models: the most prompt tokens L (model/max_sequence_length)

@@ -66,6 +66,11 @@ struct Prompts {
   Tensor mask;             // prompt_attention_mask (n, L): 1 keep, 0 padding; at least one 1 per prompt
   Tensor negative_embeds;  // negative_prompt_embeds (n, L, D), needed when guiding
   Tensor negative_mask;    // negative_prompt_attention_mask (n, L), needed when guiding
+  // Qwen-Image's token masks, as prompt_attention_mask's: prompt_embeds_mask (n, L) and, when guiding,
+  // negative_prompt_embeds_mask (n, L'); its negative prompt may have another length L' (n the same): the shorter
+  // half is padded to the longer with zero embeddings under mask 0, which the model treats as absent tokens.
+  Tensor embeds_mask;
+  Tensor negative_embeds_mask;
   Tensor pooled;           // pooled_prompt_embeds (n, P) float32, finite; P the manifest's pooled_width
   Tensor negative_pooled;  // negative_pooled_prompt_embeds (n, P), needed when guiding
   std::string source = "conditioning";  // names the arrays' origin in errors, e.g. "--conditioning cond.npz"
