@@ -513,8 +513,10 @@ def test_flow_matching_matches_diffusers_step_by_step(config, flux, steps):
         assert times == [float(t) for t in timesteps] and all(a.dtype == np.float32 for a in ours)
         assert worst_step_error(ours, reference_run(scheduler, x, outputs)) <= TOLERANCE
         if config.get("use_dynamic_shifting"):
-            assert sampler.mu == pytest.approx(
-                0.5 + (config.get("max_shift", 1.15) - 0.5) * (image_seq_len - 256) / (4096 - 256))
+            base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+            base_shift = config.get("base_shift", 0.5)
+            assert sampler.mu == pytest.approx(base_shift + (config.get("max_shift", 1.15) - base_shift)
+                                               * (image_seq_len - base_len) / (max_len - base_len))
 
 
 def test_flow_matching_started_later_and_its_noise_level():
