@@ -285,7 +285,10 @@ def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.nd
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for r, request in enumerate(requests):
         for i, scale in enumerate(request.cfg_scales):
-            key = (float(scale), request.prompt_length, request.negative_length,
+            # the negative prompt's length where the batch runs it (Qwen-Image's may differ from the prompt's)
+            negative_length = request.negative_length if classifier_free_batch(pipeline.manifest, float(scale)) \
+                else None
+            key = (float(scale), request.prompt_length, negative_length,
                    (r, i) if pipeline.sampler.kind == "ddpm" else None)
             groups.setdefault(key, []).append((r, i))
     results: list[np.ndarray | Exception] = [np.empty((len(q.noise), *pipeline.sample_shape), np.float32)
