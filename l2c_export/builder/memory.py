@@ -4,6 +4,7 @@ allocated. The terms, the comparison with the machine's memory and the request's
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..core.memory import ACTIVATION_COPIES, DECODER_COPIES, FLOAT32, TRACE_BATCH, Part, check_fits
@@ -44,17 +45,20 @@ def text_encoder_parts(config: dict, where: str) -> list[Part]:
     return [Part(f"text encoder weights ({params:,} parameters)", params * FLOAT32, blame)]
 
 
-def vae_parts(config: dict, where: str, latents: tuple[int, int, int], size_blame: str) -> list[Part]:
-    """The VAE's fp32 weights and its decoder's traced run on a batch of 2 latents (C, h, w)."""
-    from diffusers import AutoencoderKL
+def vae_parts(family, config: dict, class_name: str, where: str, latents: tuple[int, int, int],
+              size_blame: str) -> list[Part]:
+    """The VAE's fp32 weights and its decoder's traced run on a batch of 2 latents (C, h, w) (its scale factor and
+    full-resolution width: the family's VAE kind)."""
+    import diffusers
 
-    params = count_parameters(lambda: AutoencoderKL.from_config(config))
-    channels = config.get("block_out_channels") or (64,)
-    scale = 2 ** (len(channels) - 1)
+    kind = family.declaration.vae.code
+    params = count_parameters(lambda: getattr(diffusers, class_name).from_config(config))
+    width, field = kind.decoder_width(config)
+    scale = kind.scale_factor(config, where)
     _, h, w = latents
-    decoded = TRACE_BATCH * channels[0] * (h * scale) * (w * scale) * FLOAT32 * DECODER_COPIES
+    decoded = TRACE_BATCH * width * (h * scale) * (w * scale) * FLOAT32 * DECODER_COPIES
     return [Part(f"VAE weights ({params:,} parameters)", params * FLOAT32,
-                 f"{where}: field 'block_out_channels' ({list(channels)})"),
+                 f"{where}: field {field!r} ({config.get(field)})"),
             Part(f"VAE decoder activations ({h * scale}x{w * scale} px)", decoded, size_blame)]
 
 
@@ -78,7 +82,9 @@ def build_parts(spec) -> list[Part]:
     if found is not None and found.text_encoder_config is not None:
         components.append(text_encoder_parts(found.text_encoder_config, str(found.text_encoder / "config.json")))
     if found is not None and found.vae_config is not None:
-        components.append(vae_parts(found.vae_config, str(found.vae / "config.json"), family.vae_latents(config),
+        vae_class = json.loads((found.vae / "config.json").read_text())["_class_name"]
+        components.append(vae_parts(family, found.vae_config, vae_class, str(found.vae / "config.json"),
+                                    family.vae_latents(config),
                                     size_blame))
     if components:
         parts += max(components, key=lambda group: sum(part.bytes for part in group))

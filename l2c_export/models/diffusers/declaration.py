@@ -78,7 +78,8 @@ class Conditioning:
     set). ``negative``: the pipeline argument that guidance feeds the unconditional half from (``negative_`` and the
     argument), None where both halves take the same value (or the rule runs no second half). ``tokens``: the named
     axis of a token input. ``when``: a config field that must be true for the input to exist (FLUX.1's
-    ``guidance_embeds``)."""
+    ``guidance_embeds``). ``pads_negative``: a token mask over tokens its model treats as absent where masked, so
+    the ``negative`` partner may have another token count (the shorter half padded under mask 0: Qwen-Image's)."""
 
     argument: str
     input: str
@@ -87,10 +88,13 @@ class Conditioning:
     negative: str | None = None
     tokens: str = PROMPT_TOKENS
     when: str | None = None
+    pads_negative: bool = False
 
     def __post_init__(self):
         if self.kind not in CONDITIONING_KINDS:
             raise ValueError(f"{self.argument}: kind {self.kind!r}; expected one of {', '.join(CONDITIONING_KINDS)}")
+        if self.pads_negative and not (self.kind == TOKEN_MASK and self.negative):
+            raise ValueError(f"{self.argument}: only a token mask with a negative partner pads the shorter half")
 
     def present(self, config) -> bool:
         return self.when is None or bool(config.get(self.when))
@@ -115,7 +119,8 @@ class Conditioning:
         from .. import TensorSpec
 
         return TensorSpec(self.input, KIND_DTYPES[self.kind], self.shape(config), CONDITIONING,
-                          argument=self.argument, kind=self.kind, negative=self.negative)
+                          argument=self.argument, kind=self.kind, negative=self.negative,
+                          pads_negative=self.pads_negative)
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,11 @@ class TextEncoderStack:
 
     @property
     def single(self) -> TextEncoder | None:
-        return self.encoders[0] if self.combine == "single" and len(self.encoders) == 1 else None
+        """The one encoder a build carries as a graph: a lone encoder feeding its outputs as they are, with no
+        template (a decoder LLM's templated states, Qwen-Image's, are declared but not carried yet)."""
+        if self.combine == "single" and len(self.encoders) == 1 and self.encoders[0].template is None:
+            return self.encoders[0]
+        return None
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,19 @@ class VaeKind:
 
     classes: tuple[str, ...] = ("AutoencoderKL",)
     normalization: str = "scale_shift"
+
+    def __post_init__(self):
+        from .vae import VAE_KINDS
+
+        if self.normalization not in VAE_KINDS:
+            raise ValueError(f"VAE normalization {self.normalization!r}; expected one of {', '.join(VAE_KINDS)}")
+
+    @property
+    def code(self):
+        """What the stages ask of this kind of VAE (:data:`.vae.VAE_KINDS`)."""
+        from .vae import VAE_KINDS
+
+        return VAE_KINDS[self.normalization]
 
 
 @dataclass(frozen=True)

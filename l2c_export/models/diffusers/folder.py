@@ -63,13 +63,11 @@ class DiffusersFolder:
 
     @property
     def vae_scale_factor(self) -> int:
-        """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)``, 8 without a ``vae/``."""
+        """The pipeline's, from its ``vae/`` by the family's VAE kind (:mod:`.vae`), 8 without one."""
         path = self.path / "vae" / "config.json"
-        if not path.is_file():
+        if not path.is_file() or self.family.declaration.vae is None:
             return 8
-        raw = read_json_object(path, "")
-        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(path), DiffusersFolderError, VAE_LEVELS)
-        return 2 ** (len(raw["block_out_channels"]) - 1)
+        return self.family.declaration.vae.code.scale_factor(read_json_object(path, ""), str(path))
 
 
 def _is_name(value: object, dotted: bool = False) -> bool:
@@ -156,9 +154,9 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
 
     vae = text_encoder = tokenizer = vae_config = text_encoder_config = None
     declared = family.declaration
-    # carried as graphs: a VAE normalised by scale and shift; one text encoder whose outputs feed the model as
+    # carried as graphs: the declared VAE kind (:mod:`.vae`); one text encoder whose outputs feed the model as
     # they are (a stack of several is not carried yet: such a build takes embeddings)
-    vae_kind = declared.vae if declared.vae is not None and declared.vae.normalization == "scale_shift" else None
+    vae_kind = declared.vae
     encoder = None if declared.text_encoders is None else declared.text_encoders.single
     if named("vae") and vae_kind is not None:
         vae = folder / "vae"
@@ -167,30 +165,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         if raw.get("_class_name") not in vae_kind.classes:
             raise DiffusersFolderError(f"{where}: field '_class_name' is {short_repr(raw.get('_class_name'))}; "
                                        f"supported VAE classes: {', '.join(vae_kind.classes)}")
-        check_sizes(raw, VAE_SIZES, str(where), DiffusersFolderError)
-        check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
-        groups = raw.get("norm_num_groups") or 32
-        if any(channels % groups for channels in raw["block_out_channels"]):
-            raise DiffusersFolderError(f"{where}: field 'block_out_channels' is {short_repr(raw['block_out_channels'])}"
-                                       f"; each must be a multiple of norm_num_groups {groups}")
-        for key in ("down_block_types", "up_block_types"):
-            blocks = raw.get(key)
-            if blocks is not None and not (isinstance(blocks, list) and len(blocks) == len(raw["block_out_channels"])):
-                raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(blocks)}; expected one block type "
-                                           f"per entry of block_out_channels")
-        channels = family.vae_latents(config)[0]
-        if raw.get("latent_channels") != channels:
-            raise DiffusersFolderError(f"{where}: field 'latent_channels' is {short_repr(raw.get('latent_channels'))}; "
-                                       f"the transformer samples {channels} latent channels")
-        scale = raw.get("scaling_factor", 0.18215)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
-            raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {short_repr(scale)}; expected a positive "
-                                       f"number")
-        shift = raw.get("shift_factor")
-        if shift is not None and (not isinstance(shift, (int, float)) or isinstance(shift, bool)
-                                  or not -1e6 <= shift <= 1e6):
-            raise DiffusersFolderError(f"{where}: field 'shift_factor' is {short_repr(shift)}; expected a finite "
-                                       f"number or null")
+        vae_kind.code.check(raw, str(where), family.vae_latents(config)[0])
         safetensors_weights(vae, "diffusion_pytorch_model")
         vae_config = {k: v for k, v in raw.items() if not k.startswith("_")}
     if declared.text_encoders is None and named("text_encoder"):
