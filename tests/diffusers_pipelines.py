@@ -40,9 +40,15 @@ SANA15_CONFIG = dict(SANA_CONFIG, qk_norm="rms_norm_across_heads")
 # Sana_1600M_1024px_diffusers' scheduler: DPM-Solver++ 2M on flow sigmas (shift 3), velocity prediction
 SANA_SCHEDULER = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0, solver_order=2,
                       algorithm_type="dpmsolver++", final_sigmas_type="zero", lower_order_final=True)
+# Qwen-Image's layout in miniature: 2 blocks, rotary axes summing to the head dim, the VAE's 4 channels packed 2x2
+QWEN_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+                   num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(2, 2, 4))
 FLOW_SCHEDULERS = {"sd3": dict(shift=3.0), "sd35": dict(shift=3.0),  # SD3-medium's and SD3.5's
                    "flux": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                max_image_seq_len=4096, shift=3.0)}  # FLUX.1-dev's
+                                max_image_seq_len=4096, shift=3.0),  # FLUX.1-dev's
+                   "qwen": dict(use_dynamic_shifting=True, time_shift_type="exponential", shift_terminal=0.02,
+                                base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                                shift=1.0)}  # Qwen-Image's
 
 
 def _scheduler(kind: str, family: str = ""):
@@ -94,6 +100,14 @@ def tiny_dc_ae():
 # The tiny tokenizer's words: prompts of other words tokenize letter by letter (the pieces below), as T5's do.
 PROMPT_WORDS = ("a an the handwritten digit number zero one two three four five six seven eight nine of drawn "
                 "picture").split()
+
+
+def tiny_qwen_vae():
+    """A tiny ``AutoencoderKLQwenImage``: 4 latent channels, one temporal level (vae_scale_factor 2)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                  latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
 
 
 def tiny_t5(word_level: bool = False):
@@ -158,6 +172,11 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
         pipe = FluxPipeline(transformer=FluxTransformer2DModel(**FLUX_CONFIG), vae=tiny_vae(**VAE_FACTORS["flux"]),
                             scheduler=_scheduler("flow", family), text_encoder=None, tokenizer=None,
                             text_encoder_2=None, tokenizer_2=None)
+    elif family == "qwen":
+        from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+        pipe = QwenImagePipeline(transformer=QwenImageTransformer2DModel(**QWEN_CONFIG), vae=tiny_qwen_vae(),
+                                 scheduler=_scheduler("flow", family), text_encoder=None, tokenizer=None)
     elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))

@@ -714,6 +714,8 @@ def test_a_field_the_graphs_fix_edited_after_the_build_is_refused(cpp_build, def
 
 DIFFUSERS_STEPS = 8
 MMDIT_IMAGE_SIZE = 8  # FLUX.1 has no sample_size: 8 px, the tiny VAE's scale factor 1, 8 x 8 latents, 16 packed tokens
+# --image-size of the families without a sample_size (Qwen-Image's tiny VAE has a scale factor of 2: 16 packed tokens)
+IMAGE_SIZES = {"flux": MMDIT_IMAGE_SIZE, "qwen": 16}
 
 
 @pytest.fixture(scope="module")
@@ -726,7 +728,7 @@ def diffusers_cpp_builds(tiny_diffusers, tmp_path_factory):
     def make(family: str, scheduler: str) -> Path:
         key = (family, scheduler)
         if key not in builds:
-            spec = from_diffusers(tiny_diffusers(family, scheduler), MMDIT_IMAGE_SIZE if family == "flux" else None)
+            spec = from_diffusers(tiny_diffusers(family, scheduler), IMAGE_SIZES.get(family))
             rows = np.ones((DIFFUSERS_STEPS, len(spec.sublayer_names)), dtype=bool)
             rows[1::2, 1::2] = False
             rows[2::3, 0] = False
@@ -1159,3 +1161,45 @@ def test_a_bad_seed_is_refused_in_one_line(cpp_build, default_build, tmp_path, a
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("l2c-run: error: "), result.stderr
     assert expected in lines[0] and not out.exists()
+
+
+def _qwen_conditioning(path: Path, n: int = 2, seed: int = 4) -> dict:
+    """Qwen-Image's conditioning by the pipeline's argument names: a prompt of 7 tokens (the second padded after 5)
+    and a negative prompt of 4 (the first padded after 3), saved at ``path``."""
+    from .diffusers_pipelines import QWEN_CONFIG
+
+    generator = np.random.default_rng(seed)
+    width = QWEN_CONFIG["joint_attention_dim"]
+    mask, negative_mask = np.ones((n, 7), np.float32), np.ones((n, 4), np.float32)
+    mask[1, 5:] = 0
+    negative_mask[0, 3:] = 0
+    conditioning = {"prompt_embeds": generator.standard_normal((n, 7, width)).astype(np.float32),
+                    "prompt_embeds_mask": mask,
+                    "negative_prompt_embeds": generator.standard_normal((n, 4, width)).astype(np.float32),
+                    "negative_prompt_embeds_mask": negative_mask}
+    np.savez(path, **conditioning)
+    return conditioning
+
+
+def test_l2c_run_equals_the_python_runtime_on_qwen_image(cpp_build, diffusers_cpp_builds, tmp_path):
+    """Qwen-Image: a token mask that pads_negative (a negative prompt shorter than the prompt, the shorter half padded
+    under mask 0), the true_cfg rule (rescaled per token to the conditional norm), flow matching with
+    shift_terminal: guided and not, full and with the schedule, equal to l2c-export run to 1e-5 of the range; a
+    negative prompt of another batch is refused by name."""
+    engines = diffusers_cpp_builds("qwen", "flow")
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["guidance"]["rule"] == "true_cfg" and manifest["sampler"]["options"]["shift_terminal"] == 0.02
+    conditioning = _qwen_conditioning(tmp_path / "cond.npz")
+    results = {}
+    for full in (True, False):
+        for cfg_scale in (3.0, 1.0):
+            assert _compare_request(engines, tmp_path, ["--conditioning", tmp_path / "cond.npz"], 2, cfg_scale,
+                                    full) <= 1e-5
+            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
+    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
+    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # guidance changed the result
+    one_negative = conditioning["negative_prompt_embeds"][:1]
+    _bad_npz(tmp_path / "bad.npz", {**conditioning, "negative_prompt_embeds": one_negative})
+    line = _refused_request(tmp_path, engines, "--conditioning", tmp_path / "bad.npz")
+    assert "array 'negative_prompt_embeds' has shape (1, 4, 12); expected (2, L, 12), as many prompts as " \
+           "'prompt_embeds' (any length L" in line, line

@@ -19,15 +19,16 @@ from l2c_export.models.diffusers import (Blocks, Conditioning, Declaration, Diff
 from l2c_export.samplers.conditioning import ConditioningError, batch_conditioning
 
 from .conftest import REPO
-from .diffusers_pipelines import DIT_CONFIG, FLUX_CONFIG, PIXART_CONFIG, SANA15_CONFIG, SD35_CONFIG
+from .diffusers_pipelines import DIT_CONFIG, FLUX_CONFIG, PIXART_CONFIG, QWEN_CONFIG, SANA15_CONFIG, SD35_CONFIG
 
-# family -> a tiny config of its transformer (the tests' folders'), with FLUX.1's latent side
+# family -> a tiny config of its transformer (the tests' folders'), with FLUX.1's and Qwen-Image's latent side
 CONFIGS = {"diffusers-dit": DiffusersConfig("DiTTransformer2DModel", DIT_CONFIG),
            "diffusers-pixart": DiffusersConfig("PixArtTransformer2DModel", PIXART_CONFIG),
            "diffusers-sd3": DiffusersConfig("SD3Transformer2DModel", SD35_CONFIG),
            "diffusers-sana": DiffusersConfig("SanaTransformer2DModel", SANA15_CONFIG),
            "diffusers-flux": DiffusersConfig("FluxTransformer2DModel", dict(FLUX_CONFIG, guidance_embeds=True),
-                                             latent_size=8)}
+                                             latent_size=8),
+           "diffusers-qwenimage": DiffusersConfig("QwenImageTransformer2DModel", QWEN_CONFIG, latent_size=8)}
 RUNTIMES = ("l2c_export/runtime", "l2c_export/serving", "cpp/src", "cpp/include", "cpp/tools")
 
 

@@ -504,10 +504,17 @@ def test_a_build_runs_a_diffusers_sampler_from_its_manifest(default_build, tmp_p
 # ---------------------------------------------------------------------------------------------------------------------
 # FlowMatchEulerDiscreteScheduler as StableDiffusion3Pipeline and FluxPipeline set it up
 
+# Qwen-Image's scheduler_config.json (dynamic exponential shifting, stretched to end at sigma 0.02)
+QWEN_IMAGE_SCHEDULER = {"use_dynamic_shifting": True, "time_shift_type": "exponential", "shift_terminal": 0.02,
+                        "base_shift": 0.5, "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192,
+                        "shift": 1.0}
 FLOW_CONFIGS = [{}, {"shift": 3.0}, {"shift": 1.7},  # SD3-medium and SD3.5 use shift 3.0
                 {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                  "max_image_seq_len": 4096},  # FLUX.1-dev's
-                {"use_dynamic_shifting": True, "time_shift_type": "linear", "max_shift": 1.3}]
+                {"use_dynamic_shifting": True, "time_shift_type": "linear", "max_shift": 1.3},
+                QWEN_IMAGE_SCHEDULER,
+                {"shift": 3.0, "shift_terminal": 0.1}, {"use_dynamic_shifting": True, "time_shift_type": "linear",
+                                                        "shift_terminal": 0.05}]
 
 
 def flow_reference(config: dict, steps: int, pipeline):
@@ -537,6 +544,11 @@ def test_flow_matching_matches_diffusers_step_by_step(config, flux, steps):
 
     for image_seq_len in (16, 4096):
         pipeline = PipelineTimesteps(image_seq_len, linspace_sigmas=flux)
+        if config.get("shift_terminal") and steps == 1:  # diffusers: 0 / 0, NaN sigmas
+            with pytest.raises(SchedulerConfigError, match="field 'shift_terminal' is .*; at 1 step"):
+                sampler_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", **config}, steps,
+                                              "scheduler_config.json", pipeline)
+            continue
         scheduler = flow_reference(config, steps, pipeline)
         sampler = sampler_from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler", **config}, steps,
                                                 "scheduler_config.json", pipeline)
@@ -548,8 +560,10 @@ def test_flow_matching_matches_diffusers_step_by_step(config, flux, steps):
         assert times == [float(t) for t in timesteps] and all(a.dtype == np.float32 for a in ours)
         assert worst_step_error(ours, reference_run(scheduler, x, outputs)) <= TOLERANCE
         if config.get("use_dynamic_shifting"):
-            assert sampler.mu == pytest.approx(
-                0.5 + (config.get("max_shift", 1.15) - 0.5) * (image_seq_len - 256) / (4096 - 256))
+            base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+            base_shift = config.get("base_shift", 0.5)
+            assert sampler.mu == pytest.approx(base_shift + (config.get("max_shift", 1.15) - base_shift)
+                                               * (image_seq_len - base_len) / (max_len - base_len))
 
 
 def test_flow_matching_started_later_and_its_noise_level():
@@ -575,7 +589,36 @@ def test_flow_matching_started_later_and_its_noise_level():
     assert np.abs(alpha * x0[0] + sigma * noise - want.numpy()).max() <= 1e-6
 
 
-@pytest.mark.parametrize("field, value", [("invert_sigmas", True), ("shift_terminal", 0.1),
+@pytest.mark.parametrize("steps", (2, 12, 50))
+def test_qwen_image_timesteps_are_the_pipelines(steps):
+    """QwenImagePipeline's own calculate_shift (the folder's base/max image sequence lengths and shifts), its
+    ``sigmas = linspace(1, 1 / N, N)`` and ``mu``, then the exponential time shift and the stretch to
+    ``shift_terminal``: the timesteps equal diffusers' exactly, every step's latents to 1e-6 of their range, and the
+    last sigma is the terminal one."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    from l2c_export.models.diffusers import DiffusersConfig
+    from l2c_export.models.diffusers.qwenimage import FAMILY
+
+    for image_seq_len in (16, 4096):
+        config = {"_class_name": "FlowMatchEulerDiscreteScheduler", **QWEN_IMAGE_SCHEDULER}
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        mu = calculate_shift(image_seq_len, scheduler.config.get("base_image_seq_len", 256),
+                             scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
+                             scheduler.config.get("max_shift", 1.15))
+        scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        scheduler.set_begin_index(0)
+        side = 2 * math.isqrt(image_seq_len)  # latents on a side: (side / 2)^2 packed tokens
+        pipeline = FAMILY.pipeline_timesteps(DiffusersConfig(FAMILY.transformer_class, {}, latent_size=side))
+        sampler = sampler_from_scheduler_config(config, steps, "scheduler_config.json", pipeline)
+        assert sampler.mu == mu
+        assert sampler.model_times.tolist() == scheduler.timesteps.numpy().astype(float).tolist()
+        assert sampler.sigmas[-1] == pytest.approx(0.02, abs=1e-7)
+        x, outputs = random_inputs(steps)
+        assert worst_step_error(our_run(sampler, x, outputs)[0], reference_run(scheduler, x, outputs)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("field, value", [("invert_sigmas", True), ("shift_terminal", 1.0), ("shift_terminal", -0.1),
                                           ("use_karras_sigmas", True), ("use_exponential_sigmas", True),
                                           ("use_beta_sigmas", True), ("stochastic_sampling", True),
                                           ("time_shift_type", "cosine"), ("shift", 0.0), ("shift", float("nan")),
@@ -598,7 +641,7 @@ def test_dynamic_shifting_needs_the_pipelines_image_size():
                                        "use_dynamic_shifting": True}, 12, "s")
 
 
-@pytest.mark.parametrize("config", [{"shift": 3.0}, {"use_dynamic_shifting": True}])
+@pytest.mark.parametrize("config", [{"shift": 3.0}, {"use_dynamic_shifting": True}, QWEN_IMAGE_SCHEDULER])
 def test_a_flow_matching_section_round_trips_and_its_damage_is_refused_by_field(config):
     jsonschema = pytest.importorskip("jsonschema")
     from l2c_export.core.manifest import schema

@@ -75,7 +75,7 @@ def test_a_sana_folder_reads_with_its_named_sublayers_sampler_and_macs(tiny_diff
 
 def test_the_dc_ae_is_estimated_by_its_own_class_and_a_gemma_encoder_is_declared_but_left_unread(tiny_diffusers,
                                                                                                  tmp_path):
-    """The declared VAE kind (AUTOENCODER_DC) drives the memory estimate: AutoencoderDC's real parameter count,
+    """The declared VAE kind (dc_ae) drives the memory estimate: AutoencoderDC's real parameter count,
     blamed on its decoder levels; a folder naming Sana's Gemma-2 text encoder reads (the declared stack's templated
     hidden states are not carried: the build takes embeddings) with no text encoder found."""
     from diffusers import AutoencoderDC

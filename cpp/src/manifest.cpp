@@ -118,6 +118,11 @@ TensorRecord read_tensor(const Fields& node, bool output) {
     record.argument = node["argument"].str();
     record.kind = node["kind"].str();
     if (node.has("negative")) record.negative = node["negative"].str();
+    if (node.has("pads_negative")) {
+      record.pads_negative = node["pads_negative"].boolean();
+      if (!record.pads_negative || record.kind != "token_mask" || record.negative.empty())
+        node["pads_negative"].fail("is set on " + record.name + "; expected true, on a token_mask with a negative");
+    }
     const auto found = kinds.find(record.kind);
     if (found == kinds.end())
       node["kind"].fail("is " + record.kind + "; expected token_embeddings, token_mask, pooled, scalar or label");
@@ -125,7 +130,7 @@ TensorRecord read_tensor(const Fields& node, bool output) {
       node.fail("(" + record.name + ", a " + record.kind + " input) is " + record.dtype + " " +
                 record_shape_string(record.shape) + "; expected " + found->second.first + " of " +
                 std::to_string(found->second.second) + " per-sample axes");
-  } else if (node.has("argument") || node.has("kind") || node.has("negative")) {
+  } else if (node.has("argument") || node.has("kind") || node.has("negative") || node.has("pads_negative")) {
     node.fail("names an argument or kind; only a conditioning input does");
   }
   return record;
@@ -195,7 +200,7 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
       {"output", {"float32", rank, sample_form}}};
   auto same = [](const TensorRecord& a, const TensorRecord& b) {
     return a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.argument == b.argument &&
-           a.kind == b.kind && a.negative == b.negative;
+           a.kind == b.kind && a.negative == b.negative && a.pads_negative == b.pads_negative;
   };
   for (size_t i = 0; i < m.subsets.size(); ++i) {
     const SubsetRecord& record = m.subsets[i];
@@ -317,9 +322,10 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     m.guidance.sampler_channels = static_cast<int>(guidance["sampler_channels"].integer(1, 1 << 20));
   m.guidance.rule = guidance["rule"].str();
   m.guidance.scale_argument = guidance["scale_argument"].str();
-  if (m.guidance.rule != "classifier_free" && m.guidance.rule != "guidance_embedding")
-    guidance["rule"].fail("is " + m.guidance.rule + "; this l2c runtime runs classifier_free and guidance_embedding");
-  m.guidance.classifier_free = m.guidance.rule == "classifier_free";
+  if (m.guidance.rule != "classifier_free" && m.guidance.rule != "guidance_embedding" && m.guidance.rule != "true_cfg")
+    guidance["rule"].fail("is " + m.guidance.rule + "; expected classifier_free, guidance_embedding or true_cfg");
+  m.guidance.classifier_free = m.guidance.rule != "guidance_embedding";
+  m.guidance.true_cfg = m.guidance.rule == "true_cfg";
   m.latent_layout = root["model"]["latent_layout"].str();
   if (m.latent_layout != "nchw" && m.latent_layout != "packed_2x2" && m.latent_layout != "ncfhw")
     root["model"]["latent_layout"].fail("is " + m.latent_layout + "; expected nchw, packed_2x2 or ncfhw");

@@ -254,14 +254,18 @@ size_t count_not_finite(const Tensor& tensor) {
 // token_embeddings: (n, L, width) with n, L >= 1 (and `like`'s shape when given: the conditional half's, whose
 // argument is `positive`), every value finite.
 void check_embeddings(const Tensor& embeds, const std::string& array, int64_t width, const Tensor* like,
-                      const std::string& positive, const std::string& source) {
+                      const std::string& positive, const std::string& source, bool any_length = false) {
   const std::string where = source + ": array '" + array + "'";
   if (embeds.shape.size() != 3 || embeds.shape[0] < 1 || embeds.shape[1] < 1 || embeds.shape[2] != width)
     throw Error(where + " has shape " + embeds.shape_string() + "; expected (n, L, " + std::to_string(width) + ")");
   if (const size_t bad = count_not_finite(embeds))
     throw Error(where + ": " + std::to_string(bad) + " of its " + std::to_string(embeds.size()) +
                 " values are NaN or infinite; expected finite embeddings");
-  if (like != nullptr && embeds.shape != like->shape)
+  if (like != nullptr && any_length && embeds.shape[0] != like->shape[0])
+    throw Error(where + " has shape " + embeds.shape_string() + "; expected (" + std::to_string(like->shape[0]) +
+                ", L, " + std::to_string(width) + "), as many prompts as '" + positive + "' (any length L: the " +
+                "shorter is padded under its mask)");
+  if (like != nullptr && !any_length && embeds.shape != like->shape)
     throw Error(where + " has shape " + embeds.shape_string() + "; expected " + like->shape_string() + ", that of '" +
                 positive + "' (both halves run as one batch)");
 }
@@ -301,6 +305,20 @@ void check_mask(const Tensor& mask, const std::string& array, int64_t n, int64_t
     }
     if (!kept) throw Error(where + " masks every token of a prompt; expected at least one 1 per row");
   }
+}
+
+// (n, L, ...) -> (n, tokens, ...): zeros after each row's L tokens (a token input's shorter half, under mask 0).
+Tensor padded_tokens(const Tensor& array, int64_t tokens) {
+  if (array.shape.size() < 2 || array.shape[1] == tokens) return array;
+  const int64_t n = array.shape[0], length = array.shape[1];
+  const int64_t inner = length ? static_cast<int64_t>(array.size()) / (n * length) : 0;
+  std::vector<int64_t> shape = array.shape;
+  shape[1] = tokens;
+  Tensor padded(shape);
+  for (int64_t row = 0; row < n; ++row)
+    std::copy(array.data.begin() + row * length * inner, array.data.begin() + (row + 1) * length * inner,
+              padded.data.begin() + row * tokens * inner);
+  return padded;
 }
 
 Tensor concatenated(const Tensor& first, const Tensor& second) {
@@ -626,7 +644,10 @@ Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const Sampl
                   "; expected " + joined(needed));
   Condition condition;
   std::map<std::string, Tensor> conditional;  // by argument: the conditional half's arrays
-  int64_t n = 0;
+  int64_t n = 0, negative_tokens = 0;
+  // A token mask that pads_negative: the halves' prompt lengths may differ, the shorter padded under mask 0.
+  const bool any_length = std::any_of(m.conditioning.begin(), m.conditioning.end(),
+                                      [](const TensorRecord& r) { return r.pads_negative; });
   for (bool negative : {false, true}) {
     if (negative && !guiding) break;
     for (const TensorRecord* record : request_inputs(m)) {
@@ -644,27 +665,32 @@ Tensor Pipeline::sample(const Prompts& prompts, const Tensor& noise, const Sampl
           throw Error(prompts.source + ": array '" + name + "' is a 0-d array; expected (n, L, " +
                       std::to_string(width) + ")");
         check_embeddings(array, name, width, negative ? &conditional.at(record->argument) : nullptr,
-                         record->argument, prompts.source);
+                         record->argument, prompts.source, any_length);
         if (array.shape[1] > m.max_prompt_tokens)
           throw Error(prompts.source + ": array '" + name + "' has shape " + array.shape_string() + ": " +
                       std::to_string(array.shape[1]) + " prompt tokens; expected at most the model's " +
                       "max_sequence_length " + std::to_string(m.max_prompt_tokens));
-        if (!negative) condition.prompt_tokens = array.shape[1];
+        (negative ? negative_tokens : condition.prompt_tokens) = array.shape[1];
       } else if (record->kind == "token_mask") {
-        check_mask(array, name, n, condition.prompt_tokens, prompts.source);
+        check_mask(array, name, n, negative ? negative_tokens : condition.prompt_tokens, prompts.source);
       } else if (record->kind == "pooled") {
         check_pooled(array, name, n, width, prompts.source);
       } else {
         check_scalars(array, name, n, prompts.source);
       }
       if (negative) {
-        condition.inputs[record->name] = concatenated(conditional.at(record->argument), array);
+        const Tensor& cond = conditional.at(record->argument);
+        const bool tokens = record->kind == "token_embeddings" || record->kind == "token_mask";
+        const int64_t longer = tokens ? std::max(cond.shape[1], array.shape[1]) : 0;
+        condition.inputs[record->name] = tokens ? concatenated(padded_tokens(cond, longer), padded_tokens(array, longer))
+                                                : concatenated(cond, array);
       } else {
         conditional[record->argument] = array;
         condition.inputs[record->name] = array;
       }
     }
   }
+  if (guiding) condition.prompt_tokens = std::max(condition.prompt_tokens, negative_tokens);
   return impl_->sample(n, std::move(condition), guiding, cfg_scale, noise, options, "prompts");
 }
 
@@ -743,6 +769,18 @@ Tensor Pipeline::Impl::sample(int64_t n, Condition condition, bool guiding, doub
       float* to = guided.data.data() + b * sampler_plane;
       for (int64_t i = 0; i < sampler_plane; ++i)
         to[i] = guiding && i < guided_plane ? uncond[i] + scale * (cond[i] - uncond[i]) : cond[i];
+      if (guiding && m.guidance.true_cfg) {  // each row of the last axis rescaled to the conditional half's norm
+        const int64_t row = p.out_shape.back(), rows = std::min(guided_plane, sampler_plane) / row;
+        for (int64_t r = 0; r < rows; ++r) {
+          double cond_norm = 0.0, comb_norm = 0.0;
+          for (int64_t i = r * row; i < (r + 1) * row; ++i) {
+            cond_norm += static_cast<double>(cond[i]) * cond[i];
+            comb_norm += static_cast<double>(to[i]) * to[i];
+          }
+          const float ratio = static_cast<float>(std::sqrt(cond_norm) / std::sqrt(comb_norm));
+          for (int64_t i = r * row; i < (r + 1) * row; ++i) to[i] *= ratio;
+        }
+      }
     }
     return guided;
   };

@@ -94,36 +94,21 @@ def _export(module, inputs: tuple, input_names: list[str], output_names: list[st
 
 
 def _export_vae_decoder(source: Path, spec, staging: Path) -> dict:
+    """The folder's VAE decoder as its declared kind makes it (:mod:`l2c_export.models.diffusers.vae`), traced at a
+    batch of 2, and the fields the runtime reads before it."""
     import torch
 
-    from ..core.extras import import_extra
-
-    vae_class = getattr(import_extra("diffusers", "exporting the VAE decoder"), spec.components.vae_class)
-    vae = vae_class.from_pretrained(str(source), use_safetensors=True, local_files_only=True).float().eval()
-
-    class Decoder(torch.nn.Module):
-        """latents (N, C, h, w), scaled (and shifted) -> sample (N, 3, H, W) in about [-1, 1]."""
-
-        def __init__(self):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latents):
-            return self.vae.decode(latents, return_dict=False)[0]
-
+    decoder, fields = spec.family.declaration.vae.code.decoder(spec.components.vae_class, source, exporting=True)
     shape = list(spec.family.vae_latents(spec.config))
     latents = torch.zeros(2, *shape)
     with torch.no_grad():
-        image_shape = list(Decoder().eval()(latents).shape[1:])
+        image_shape = list(decoder(latents).shape[1:])
     graph_file, weights_file = COMPONENT_FILES["vae_decoder"]
-    _export(Decoder(), (latents,), ["latents"], ["sample"], {"latents": {0: "batch"}, "sample": {0: "batch"}},
+    _export(decoder, (latents,), ["latents"], ["sample"], {"latents": {0: "batch"}, "sample": {0: "batch"}},
             graph_file, weights_file, staging)
-    shift = getattr(vae.config, "shift_factor", None)
     return {"inputs": [{"name": "latents", "dtype": "float32", "shape": ["batch", *shape]}],
             "outputs": [{"name": "sample", "dtype": "float32", "shape": ["batch", *image_shape]}],
-            "scaling_factor": float(vae.config.scaling_factor),
-            **({} if shift is None else {"shift_factor": float(shift)}),
-            "latent_layout": spec.family.latent_layout}
+            **fields, "latent_layout": spec.family.latent_layout}
 
 
 def _export_text_encoder(source: Path, spec, staging: Path) -> dict:

@@ -44,19 +44,20 @@ def text_encoder_parts(config: dict, where: str) -> list[Part]:
     return [Part(f"text encoder weights ({params:,} parameters)", params * FLOAT32, blame)]
 
 
-def vae_parts(config: dict, where: str, latents: tuple[int, int, int], size_blame: str,
-              vae_class: str = "AutoencoderKL", levels: str = "block_out_channels") -> list[Part]:
-    """The VAE's fp32 weights and its decoder's traced run on a batch of 2 latents (C, h, w); ``levels``: the
-    config field of the decoder's channels per level (the declared VaeKind's ``decoder_levels``)."""
+def vae_parts(family, config: dict, class_name: str, where: str, latents: tuple[int, int, int],
+              size_blame: str) -> list[Part]:
+    """The VAE's fp32 weights and its decoder's traced run on a batch of 2 latents (C, h, w) (its scale factor and
+    full-resolution width: the family's VAE kind)."""
     import diffusers
 
-    params = count_parameters(lambda: getattr(diffusers, vae_class).from_config(config))
-    channels = config.get(levels) or (64,)
-    scale = 2 ** (len(channels) - 1)
+    kind = family.declaration.vae.code
+    params = count_parameters(lambda: getattr(diffusers, class_name).from_config(config))
+    width, field = kind.decoder_width(config)
+    scale = kind.scale_factor(config, where)
     _, h, w = latents
-    decoded = TRACE_BATCH * channels[0] * (h * scale) * (w * scale) * FLOAT32 * DECODER_COPIES
+    decoded = TRACE_BATCH * width * (h * scale) * (w * scale) * FLOAT32 * DECODER_COPIES
     return [Part(f"VAE weights ({params:,} parameters)", params * FLOAT32,
-                 f"{where}: field {levels!r} ({list(channels)})"),
+                 f"{where}: field {field!r} ({config.get(field)})"),
             Part(f"VAE decoder activations ({h * scale}x{w * scale} px)", decoded, size_blame)]
 
 
@@ -80,8 +81,8 @@ def build_parts(spec) -> list[Part]:
     if found is not None and found.text_encoder_config is not None:
         components.append(text_encoder_parts(found.text_encoder_config, str(found.text_encoder / "config.json")))
     if found is not None and found.vae_config is not None:
-        components.append(vae_parts(found.vae_config, str(found.vae / "config.json"), family.vae_latents(config),
-                                    size_blame, found.vae_class, family.declaration.vae.decoder_levels))
+        components.append(vae_parts(family, found.vae_config, found.vae_class, str(found.vae / "config.json"),
+                                    family.vae_latents(config), size_blame))
     if components:
         parts += max(components, key=lambda group: sum(part.bytes for part in group))
     return parts

@@ -10,6 +10,8 @@ it is, so that a runtime feeds it without knowing the family:
 - ``negative``: where guidance runs an unconditional half, the argument that half is fed from
   (``negative_prompt_embeds``); without one the conditional value is fed to both halves (a label's
   unconditional half is the null class, ``guidance/null_class``).
+- ``pads_negative`` (a ``token_mask`` with a partner): the model treats a masked token as absent, so the partners'
+  token axis may differ in length; the shorter half is padded with zero embeddings under mask 0 (Qwen-Image's).
 
 A named size in a shape (``prompt_tokens``) varies per request: every conditioning array that names it has the same
 size there (a mask's tokens are its embeddings' tokens), at most ``model/max_sequence_length``.

@@ -585,6 +585,30 @@ def write_weights(universal: UniversalGraph, path: Path) -> dict[str, tuple[int,
     return layout
 
 
+_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
+
+
+def _feeds_the_model(graph, fresh) -> bool:
+    """Whether a branch output ``fresh`` (a graphsurgeon tensor), or what it is a layout op (transpose, reshape...)
+    of, is on the path of a model output (a graph output other than the ``fresh_`` ones)."""
+    needed, stack = set(), [t for t in graph.outputs if not t.name.startswith("fresh_")]
+    while stack:
+        tensor = stack.pop()
+        if tensor.name in needed:
+            continue
+        needed.add(tensor.name)
+        for node in tensor.inputs:
+            stack.extend(node.inputs)
+    tensor = fresh
+    while True:
+        if tensor.name in needed:
+            return True
+        layout = [node for node in tensor.inputs if node.op in _LAYOUT_OPS]
+        if not layout or not layout[0].inputs:
+            return False
+        tensor = layout[0].inputs[0]
+
+
 def subset_graph(universal: UniversalGraph, subset: SubsetPlan, graph_name: str) -> onnx.ModelProto:
     """The graph of one subset: reused branches read ``cache_<slot>`` inputs, dead nodes pruned, live outputs only.
     Call after :meth:`UniversalGraph.bind_weights`; the result references the shared weights file."""
@@ -595,9 +619,10 @@ def subset_graph(universal: UniversalGraph, subset: SubsetPlan, graph_name: str)
     precision_dtype = ONNX_DTYPES[universal.precision]
     for k in subset.reads:
         fresh = tensors[fresh_output_name(universal.slots[k])]
-        if not fresh.outputs:
+        if not fresh.outputs and _feeds_the_model(graph, fresh):
             # the exporter routed the consumers around the cached value (transpose pairs cancelled, say): the graph
-            # would recompute the branch instead of reading its cache, silently
+            # would recompute the branch instead of reading its cache, silently. (A branch whose value feeds no model
+            # output, Qwen-Image's last text MLP, is dead in every graph: its cache input is read by nothing.)
             raise ValueError(f"sub-layer {universal.slots[k]}: no node of the traced graph reads its output, so a "
                              f"subset cannot reuse it; the family's OutputPacking must keep the cached value on the "
                              f"path")

@@ -44,10 +44,12 @@ class Condition:
         guidance-distilled FLUX.1's) is fed ``guidance_scale``, (P,) for P prompts; prompts are at most
         ``max_tokens`` long (the pipeline's max_sequence_length: the longest a build of the model takes)."""
         from ..core.interface import request_records, scale_fed
-        from ..samplers.conditioning import check_text_conditioning
+        from ..samplers.conditioning import check_text_conditioning, pad_halves
 
-        checked = check_text_conditioning(arrays, request_records(records, guidance), guiding, where,
-                                          max_tokens=max_tokens)
+        requested = request_records(records, guidance)
+        checked = check_text_conditioning(arrays, requested, guiding, where, max_tokens=max_tokens)
+        if guiding:  # a negative prompt of another length (a mask that pads_negative) padded to the longer
+            checked = pad_halves(checked, requested)
         count = len(next(iter(checked.values()))[0])
         halves = []
         for record in records:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..core.interface import (CLASSIFIER_FREE, CONDITIONING, CONDITIONING_KINDS, DEFAULT_SCALE_ARGUMENT, LABEL,
-                              NCHW)
+                              NCHW, TOKEN_MASK)
 
 LATENT_SCALE = 0.18215  # the SD-VAE scale both DiT and U-ViT latents use
 
@@ -32,7 +32,8 @@ class TensorSpec:
     request named by a string (``prompt_tokens``). ``role`` says what a runtime feeds or reads
     (:mod:`l2c_export.core.interface`): ``sample`` (x), ``time`` (the timestep, float), ``conditioning`` or
     ``output``. A conditioning input also says the pipeline ``argument`` it is fed from, its ``kind`` and, where
-    guidance feeds the unconditional half from another argument, that ``negative`` partner."""
+    guidance feeds the unconditional half from another argument, that ``negative`` partner; a token mask whose
+    partner's token count may differ (the shorter half padded under mask 0) says ``pads_negative``."""
 
     name: str
     dtype: str
@@ -41,8 +42,11 @@ class TensorSpec:
     argument: str | None = None
     kind: str | None = None
     negative: str | None = None
+    pads_negative: bool = False
 
     def __post_init__(self):
+        if self.pads_negative and not (self.kind == TOKEN_MASK and self.negative):
+            raise ValueError(f"{self.name}: only a token mask with a negative partner pads the shorter half")
         if (self.role == CONDITIONING) != (self.argument is not None and self.kind in CONDITIONING_KINDS):
             raise ValueError(f"{self.name}: a conditioning input (and only one) has an argument and a kind of "
                              f"{', '.join(CONDITIONING_KINDS)}")
@@ -54,6 +58,8 @@ class TensorSpec:
             record.update(argument=self.argument, kind=self.kind)
             if self.negative is not None:
                 record["negative"] = self.negative
+            if self.pads_negative:
+                record["pads_negative"] = True
         return record
 
 

@@ -6,7 +6,10 @@ A model's conditioning inputs are its input records of role ``conditioning`` (:m
 each fed from the pipeline argument it names, checked by its kind: a ``label`` (class labels, guided against the
 null class), ``token_embeddings`` (n, L, D), a ``token_mask`` (n, L) of 0/1 over the same tokens, a ``pooled``
 vector (n, P), a ``scalar`` (n,); where the guidance rule runs an unconditional half, each is guided against its
-``negative`` partner of the same shape (or, without one, the same value). The input whose argument is the
+``negative`` partner of the same shape (or, without one, the same value): where a token mask covers the token axis,
+the partners' prompt length may differ (Qwen-Image's prompt and negative prompt), and the shorter half is
+padded to the longer with zero embeddings under mask 0 (:func:`pad_halves`), where the mask's record says
+``pads_negative`` (its model treats a masked token as absent). The input whose argument is the
 guidance's scale argument is fed the scale. With an unconditional half the model batch is 2n: the conditional half
 first, the unconditional half second.
 """
@@ -66,6 +69,8 @@ def batch_conditioning(input_records: Sequence[dict], guidance: Mapping, guiding
         refuse_negatives(arrays, where, names)
     checked = check_text_conditioning(arrays, records, guiding, where, max_tokens)
     n = len(next(iter(checked.values()))[0])
+    if guiding:
+        checked = pad_halves(checked, records)
     feeds = {record["name"]: np.ascontiguousarray(np.concatenate(checked[record["argument"]]) if guiding
                                                   else checked[record["argument"]][0])
              for record in records}
@@ -76,6 +81,30 @@ def batch_conditioning(input_records: Sequence[dict], guidance: Mapping, guiding
                                         f"({names['cfg_scale']})")
             feeds[record["name"]] = np.full(2 * n if guiding else n, guidance_scale, dtype=np.float32)
     return n, feeds
+
+
+def padded_token_axes(records: Sequence[dict]) -> set[str]:
+    """The named token axes covered by a token mask that ``pads_negative``: there the two halves' prompt lengths may
+    differ (a masked token is absent), the shorter padded under mask 0 (:func:`pad_halves`)."""
+    return {r["shape"][1] for r in records if r["kind"] == TOKEN_MASK and r.get("pads_negative")}
+
+
+def pad_halves(checked: Mapping[str, tuple[np.ndarray, np.ndarray]],
+               records: Sequence[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """:func:`check_text_conditioning`'s (array, unconditional array) pairs with the token axis (axis 1) of each
+    token input made as long in both halves: the shorter padded with zeros (zero embeddings, mask 0), so that both
+    halves run as one batch. Equal lengths are left as they are."""
+    padded = dict(checked)
+    for record in records:
+        if record["kind"] not in (TOKEN_EMBEDDINGS, TOKEN_MASK):
+            continue
+        array, negative = checked[record["argument"]]
+        length = max(array.shape[1], negative.shape[1])
+
+        def pad(a):
+            return np.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+        padded[record["argument"]] = (pad(array), pad(negative))
+    return padded
 
 
 def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str, names: Mapping[str, str] = FLAG_NAMES) -> None:
@@ -107,6 +136,7 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], records: Sequence[
         why = " (guidance runs the negative prompt as the unconditional half)" if missing[0].startswith("neg") else ""
         raise ConditioningError(f"{where}: array {missing[0]!r} is missing{why}; expected {', '.join(needed)}")
     checked: dict[str, tuple] = {}
+    paddable = padded_token_axes(records)
     halves = (False, True) if guiding else (False,)
     for negative in halves:
         n, axes = None, {}  # the prompts, and the size of each named axis in this half
@@ -120,7 +150,8 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], records: Sequence[
                 n = len(arrays[name])
             if kind == TOKEN_EMBEDDINGS:
                 like = checked[record["argument"]][0] if negative else None
-                array = _embeddings(arrays[name], name, shape[-1], where, like, record["argument"])
+                array = _embeddings(arrays[name], name, shape[-1], where, like, record["argument"],
+                                    any_length=shape[0] in paddable)
                 if max_tokens is not None and array.shape[1] > max_tokens:
                     raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}: {array.shape[1]} "
                                             f"prompt tokens; expected at most the model's max_sequence_length "
@@ -140,9 +171,10 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], records: Sequence[
 
 
 def _embeddings(array, name: str, width: int, where: str, like: np.ndarray | None = None,
-                positive: str = "") -> np.ndarray:
+                positive: str = "", any_length: bool = False) -> np.ndarray:
     """Token embeddings (n, L, width), finite; the unconditional half's of ``like``'s shape (its ``positive``
-    argument's), as both halves run as one batch."""
+    argument's), as both halves run as one batch, or of any length L with ``any_length`` (a mask covers the tokens:
+    the shorter half is padded)."""
     array = np.asarray(array)
     if not np.issubdtype(array.dtype, np.floating):
         raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected float32 embeddings")
@@ -152,7 +184,11 @@ def _embeddings(array, name: str, width: int, where: str, like: np.ndarray | Non
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         raise ConditioningError(f"{where}: array {name!r}: {bad} of its {array.size} values are NaN or infinite; "
                                 f"expected finite embeddings")
-    if like is not None and array.shape != like.shape:
+    if like is not None and any_length and array.shape[::2] != like.shape[::2]:
+        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected ({like.shape[0]}, L, "
+                                f"{like.shape[2]}), as many prompts as {positive!r} (any length L: the shorter is "
+                                f"padded under its mask)")
+    if like is not None and not any_length and array.shape != like.shape:
         raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected {like.shape}, that of "
                                 f"{positive!r} (both halves run as one batch)")
     return array.astype(np.float32)

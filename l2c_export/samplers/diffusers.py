@@ -6,7 +6,7 @@ Hand-written in numpy on purpose: diffusers' schedulers are torch code, and the 
 (the runtime, the Triton model, the C++ runtime, which reads the same manifest tables). They reproduce diffusers 0.42's
 ``set_timesteps`` and ``step`` as its pipelines (``DiTPipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``)
 run them: ``eta = 0``, ``scale_model_input`` the identity, the model given the integer timestep, one model call per
-step; flow matching as ``StableDiffusion3Pipeline`` and ``FluxPipeline`` set its timesteps (:class:`PipelineTimesteps`). Like diffusers, the tables are float32 (betas from a float64 linspace rounded to float32, ``alphas_cumprod`` a
+step; flow matching as ``StableDiffusion3Pipeline``, ``FluxPipeline`` and ``QwenImagePipeline`` set its timesteps (:class:`PipelineTimesteps`). Like diffusers, the tables are float32 (betas from a float64 linspace rounded to float32, ``alphas_cumprod`` a
 product accumulated in float64 and rounded per entry, as torch's CPU ``cumprod`` does) and every scalar coefficient of
 a step is formed in float32 operation by operation; on float32 samples the step then matches diffusers' own to float32
 rounding. (torch's float32 ``linspace`` rounds some betas one float32 ulp differently, depending on the CPU's vector
@@ -663,6 +663,12 @@ def _optional_number(value) -> str | None:
     return None if value is None or _is_number(value) else "expected null or a finite number"
 
 
+def _shift_terminal(value) -> str | None:
+    # diffusers stretches the sigmas so that the last one is this value; 0 and null (falsy) leave them as they are
+    ok = value is None or (_is_number(value) and 0 <= value < 1)
+    return None if ok else "expected null or a finite number in [0, 1) (the last step's sigma)"
+
+
 FLOW_MATCH_OPTIONS: dict[str, tuple[object, Check]] = {
     "num_train_timesteps": (1000, _integer(2, 1000)),
     "shift": (1.0, _positive),
@@ -672,7 +678,7 @@ FLOW_MATCH_OPTIONS: dict[str, tuple[object, Check]] = {
     "base_image_seq_len": (256, _integer(1, 1 << 24)),
     "max_image_seq_len": (4096, _integer(1, 1 << 24)),
     "invert_sigmas": (False, _choice(False)),
-    "shift_terminal": (None, _choice(None)),
+    "shift_terminal": (None, _shift_terminal),  # Qwen-Image's 0.02
     "use_karras_sigmas": (False, _choice(False)),
     "use_exponential_sigmas": (False, _choice(False)),
     "use_beta_sigmas": (False, _choice(False)),
@@ -770,6 +776,15 @@ class DiffusersFlowMatchEuler(_DiffusersSampler):
         else:
             shift = float(options["shift"])
             sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        if options["shift_terminal"]:
+            # stretch_shift_to_terminal, on the same numpy array (float32 where the pipeline passed sigmas)
+            one_minus_z = 1 - sigmas
+            if one_minus_z[-1] == 0:
+                raise SchedulerConfigError(f"{source}: field 'shift_terminal' is {options['shift_terminal']!r}; at "
+                                           f"{num_inference_steps} step(s) the last sigma is 1, which diffusers' "
+                                           f"stretch to the terminal value divides by (NaN); choose 2 or more steps")
+            scale_factor = one_minus_z[-1] / (1 - options["shift_terminal"])
+            sigmas = 1 - (one_minus_z / scale_factor)
         return cls(options, num_inference_steps, np.asarray(sigmas).astype(np.float32), mu,
                    where=f"{source} ({num_inference_steps} steps)")
 

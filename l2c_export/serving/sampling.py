@@ -109,6 +109,12 @@ def _token_argument(manifest: dict) -> str:
     return next(r["argument"] for r in request_inputs(manifest) if r["kind"] == TOKEN_EMBEDDINGS)
 
 
+def _negative_token_argument(manifest: dict) -> str | None:
+    """The token embeddings' ``negative`` partner, whose length may differ from the prompt's where a token mask
+    covers the axis (its length also groups images, where the batch guides); None without one."""
+    return next((r.get("negative") for r in request_inputs(manifest) if r["kind"] == TOKEN_EMBEDDINGS), None)
+
+
 @dataclass
 class SampleRequest:
     """One request's images, checked."""
@@ -119,6 +125,7 @@ class SampleRequest:
     cfg_scales: np.ndarray  # (n,) float64
     conditioning: dict[str, np.ndarray] | None = None  # text models: argument name -> (n, L, D) / (n, L) / (n, P)
     prompt_length: int | None = None  # text models: L of the token embeddings
+    negative_length: int | None = None  # L' of their negative partner, where sent (it may differ where masked)
 
 
 def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray | None = None,
@@ -223,8 +230,9 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
             seeds = np.random.SeedSequence().generate_state(n, dtype=np.uint64).astype(np.int64) & MAX_SEED
         noise = np.stack([make_noise(int(s), (1, *pipeline.sample_shape))[0] for s in seeds])
     length = None if conditioning is None else conditioning[_token_argument(pipeline.manifest)].shape[1]
+    negative = None if conditioning is None else conditioning.get(_negative_token_argument(pipeline.manifest))
     return SampleRequest(labels=labels, noise=noise, seeds=seeds, cfg_scales=scales, conditioning=conditioning,
-                         prompt_length=length)
+                         prompt_length=length, negative_length=None if negative is None else negative.shape[1])
 
 
 def _decode_texts(texts: dict[str, np.ndarray]) -> tuple[int, dict[str, list[str]]]:
@@ -279,12 +287,16 @@ def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.nd
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for r, request in enumerate(requests):
         for i, scale in enumerate(request.cfg_scales):
-            key = (float(scale), request.prompt_length, (r, i) if pipeline.sampler.kind == "ddpm" else None)
+            # the negative prompt's length too where the batch runs it (it may differ from the prompt's)
+            negative_length = request.negative_length if classifier_free_batch(pipeline.manifest, float(scale)) \
+                else None
+            key = (float(scale), request.prompt_length, negative_length,
+                   (r, i) if pipeline.sampler.kind == "ddpm" else None)
             groups.setdefault(key, []).append((r, i))
     results: list[np.ndarray | Exception] = [np.empty((len(q.noise), *pipeline.sample_shape), np.float32)
                                              for q in requests]
     batch_sizes = []
-    for (scale, length, _), members in groups.items():
+    for (scale, length, _, _), members in groups.items():
         size = images_per_batch(pipeline, scale)
         for start in range(0, len(members), size):
             chunk = members[start: start + size]

@@ -159,9 +159,9 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
                       seed: int = 0) -> list[SubsetCheck]:
     """The build's component graphs against the diffusers folder's own modules on the same inputs, one check each
     (``step`` 0): the text encoder (transformers' T5) on example prompts tokenized as the runtime tokenizes them
-    (padded, one truncated), the VAE decoder (diffusers' AutoencoderKL or AutoencoderDC, after the pipelines' scaling, shift and
-    FLUX.1's ``FluxPipeline._unpack_latents``) on seeded random latents. A component whose folder part is not the one
-    it was built from (``source_sha256``) is refused."""
+    (padded, one truncated), the VAE decoder (diffusers' VAE as its kind decodes, after the pipelines' scaling,
+    shift and the packed layouts' ``FluxPipeline._unpack_latents``) on seeded random latents. A component whose
+    folder part is not the one it was built from (``source_sha256``) is refused."""
     from ..builder.components import component_sources, source_sha256
     from ..models.zoo import from_diffusers
     from ..runtime.pipeline import L2CPipeline
@@ -170,7 +170,7 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
     pipe = L2CPipeline.from_engine_dir(folder)
     components = pipe.manifest.get("components", {})
     spec = from_diffusers(diffusers)
-    sources = component_sources(spec)
+    sources, family = component_sources(spec), spec.family
     where = folder / manifest_io.MANIFEST_NAME
     for name, record in components.items():
         if name not in sources or source_sha256(sources[name]) != record["source_sha256"]:
@@ -187,9 +187,9 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
         want = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
         checks.append(SubsetCheck("text_encoder", 0, {"last_hidden_state": _relative(got, want.numpy())}, tolerance))
     if pipe.decoder is not None:
-        vae_class = getattr(import_extra("diffusers", "verify --diffusers"), spec.components.vae_class)
-        vae = vae_class.from_pretrained(str(sources["vae_decoder"]), use_safetensors=True,
-                                        local_files_only=True).float().eval()
+        source = Path(sources["vae_decoder"])
+        # the decoder module of the folder's VAE kind as the pipeline decodes (not the exporter's stand-ins)
+        vae, _ = family.declaration.vae.code.decoder(spec.components.vae_class, source)
         record = components["vae_decoder"]
         latents = make_noise(seed, (2, *pipe.sample_shape))
         spatial = torch.from_numpy(latents)
@@ -197,7 +197,8 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
             FluxPipeline = import_extra("diffusers", "verify --diffusers").FluxPipeline
             _, height, width = record["inputs"][0]["shape"][1:]
             spatial = FluxPipeline._unpack_latents(spatial, height, width, 1)
-        want = vae.decode(spatial / record["scaling_factor"] + (record.get("shift_factor") or 0.0)).sample
+        with torch.no_grad():
+            want = vae(spatial / record["scaling_factor"] + (record.get("shift_factor") or 0.0))
         checks.append(SubsetCheck("vae_decoder", 0, {"sample": _relative(pipe.decoder(latents), want.numpy())},
                                   tolerance))
     return checks

@@ -40,6 +40,8 @@ struct TensorRecord {
   // A conditioning input (l2c_export/core/interface.py): the pipeline argument it is fed from, its kind
   // (token_embeddings, token_mask, pooled, scalar, label) and the argument of its unconditional half (empty: none).
   std::string argument, kind, negative;
+  // A token mask whose partner's token count may differ (pads_negative): the shorter half is padded under mask 0.
+  bool pads_negative = false;
 };
 
 struct WeightTensor {
@@ -70,10 +72,12 @@ struct Guidance {
   int sampler_channels = 0;
   // How the scale acts (guidance/rule): "classifier_free" (a 2n batch, uncond + s * (cond - uncond)) or
   // "guidance_embedding" (a guidance-distilled model, FLUX.1: no second half; the scale feeds the conditioning input
-  // whose argument is scale_argument).
+  // whose argument is scale_argument) or "true_cfg" (Qwen-Image: as classifier_free, then each row of the last axis
+  // rescaled to the norm of the conditional half's).
   std::string rule = "classifier_free";
   std::string scale_argument;  // guidance/scale_argument
   bool classifier_free = true;  // the rule runs an unconditional half
+  bool true_cfg = false;        // the rule rescales the combination per row of the last axis
 };
 
 struct Manifest {

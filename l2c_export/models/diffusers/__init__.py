@@ -1,12 +1,12 @@
 """Diffusers pipeline folders as models: a transformer class is one declaration, diffusers' own modules do the rest.
 
-A family is one file of this package (``dit.py``, ``pixart.py``, ``sd3.py``, ``flux.py``, ``sana.py``) whose
-``FAMILY`` is a :class:`~.family.DiffusersFamily` made from a :class:`~.declaration.Declaration`: like cache-dit's
-block adapters and Optimum's export configs, it states only what differs between transformer classes, as data (its
-classes, blocks and sub-layer module paths, conditioning inputs by the pipeline's argument names with a kind,
-guidance rule, latent layout, schedulers, text encoders and VAE). The registry finds the file (:data:`l2c_export.models.FAMILIES`), and the
-folder reader maps transformer classes to families from the declarations (:func:`~.folder.transformer_families`).
-docs/adding-a-family.md walks through one.
+A family is one file of this package (``dit.py``, ``pixart.py``, ``sd3.py``, ``flux.py``, ``sana.py``,
+``qwenimage.py``) whose ``FAMILY`` is a :class:`~.family.DiffusersFamily` made from a
+:class:`~.declaration.Declaration`: like cache-dit's block adapters and Optimum's export configs, it states only what
+differs between transformer classes, as data (its classes, blocks and sub-layer module paths, conditioning inputs by
+the pipeline's argument names with a kind, guidance rule, latent layout, schedulers, text encoders and VAE). The registry finds the file
+(:data:`l2c_export.models.FAMILIES`), and the folder reader maps transformer classes to families from the
+declarations (:func:`~.folder.transformer_families`). docs/adding-a-family.md walks through one.
 
 The package, by job: :mod:`.declaration` (the format), :mod:`.family` (the family base, deriving every stage's
 answers from a declaration), :mod:`.cache` (the wrapper that makes each named sub-module compute or reuse),

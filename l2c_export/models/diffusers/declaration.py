@@ -1,7 +1,7 @@
 """What a diffusers transformer class is, as data: a :class:`Declaration` per family file (``dit.py``, ``pixart.py``,
-``sd3.py``, ``flux.py``, ``sana.py``), read by :class:`~l2c_export.models.diffusers.family.DiffusersFamily` and
-recorded in the manifest, so that no stage after the model lists a family's names, kinds or layout
-(docs/adding-a-family.md walks through one).
+``sd3.py``, ``flux.py``, ``sana.py``, ``qwenimage.py``), read by
+:class:`~l2c_export.models.diffusers.family.DiffusersFamily` and recorded in the manifest, so that no stage after the
+model lists a family's names, kinds or layout (docs/adding-a-family.md walks through one).
 
 A declaration names, by the names diffusers and its pipelines use:
 
@@ -78,7 +78,8 @@ class Conditioning:
     set). ``negative``: the pipeline argument that guidance feeds the unconditional half from (``negative_`` and the
     argument), None where both halves take the same value (or the rule runs no second half). ``tokens``: the named
     axis of a token input. ``when``: a config field that must be true for the input to exist (FLUX.1's
-    ``guidance_embeds``)."""
+    ``guidance_embeds``). ``pads_negative``: a token mask over tokens its model treats as absent where masked, so
+    the ``negative`` partner may have another token count (the shorter half padded under mask 0: Qwen-Image's)."""
 
     argument: str
     input: str
@@ -87,10 +88,13 @@ class Conditioning:
     negative: str | None = None
     tokens: str = PROMPT_TOKENS
     when: str | None = None
+    pads_negative: bool = False
 
     def __post_init__(self):
         if self.kind not in CONDITIONING_KINDS:
             raise ValueError(f"{self.argument}: kind {self.kind!r}; expected one of {', '.join(CONDITIONING_KINDS)}")
+        if self.pads_negative and not (self.kind == TOKEN_MASK and self.negative):
+            raise ValueError(f"{self.argument}: only a token mask with a negative partner pads the shorter half")
 
     def present(self, config) -> bool:
         return self.when is None or bool(config.get(self.when))
@@ -115,7 +119,8 @@ class Conditioning:
         from .. import TensorSpec
 
         return TensorSpec(self.input, KIND_DTYPES[self.kind], self.shape(config), CONDITIONING,
-                          argument=self.argument, kind=self.kind, negative=self.negative)
+                          argument=self.argument, kind=self.kind, negative=self.negative,
+                          pads_negative=self.pads_negative)
 
 
 @dataclass(frozen=True)
@@ -175,28 +180,36 @@ class TextEncoderStack:
 
     @property
     def single(self) -> TextEncoder | None:
-        return self.encoders[0] if self.combine == "single" and len(self.encoders) == 1 else None
+        """The one encoder a build carries as a graph: a lone encoder feeding its outputs as they are, with no
+        template (a decoder LLM's templated states, Qwen-Image's, are declared but not carried yet)."""
+        if self.combine == "single" and len(self.encoders) == 1 and self.encoders[0].template is None:
+            return self.encoders[0]
+        return None
 
 
 @dataclass(frozen=True)
 class VaeKind:
-    """The VAE the pipeline decodes with: its classes and how latents are normalised before decoding:
-    "scale_shift" (``latents / scaling_factor + shift_factor``, the config's fields; ``default_scaling`` where the
-    config has none) or "mean_std" (per-channel ``latents_mean`` and ``latents_std``: Qwen-Image's and Wan's).
-    ``levels``: the config field whose length L gives the pipelines' ``vae_scale_factor`` 2 ** (L - 1);
-    ``decoder_levels``: the field of the decoder's channels per level (what its memory estimate reads)."""
+    """The VAE the pipeline decodes with: its classes and its ``kind``, a key of :data:`.vae.VAE_KINDS` (the code
+    that checks its config, gives its scale factor and decoder): "scale_shift" (``AutoencoderKL``: ``latents /
+    scaling_factor + shift_factor``, the config's fields), "mean_std" (per-channel ``latents_mean`` and
+    ``latents_std``: Qwen-Image's and Wan's) or "dc_ae" (``AutoencoderDC``, Sana's: ``latents / scaling_factor``,
+    the scale factor from the encoder's levels)."""
 
     classes: tuple[str, ...] = ("AutoencoderKL",)
-    normalization: str = "scale_shift"
-    default_scaling: float = 0.18215
-    levels: str = "block_out_channels"
-    decoder_levels: str = "block_out_channels"
+    kind: str = "scale_shift"
 
+    def __post_init__(self):
+        from .vae import VAE_KINDS
 
-AUTOENCODER_KL = VaeKind()  # SD's, DiT's, PixArt's, SD3's and FLUX.1's VAE
-# Sana's DC-AE (32x): its pipeline reads the scale factor from the encoder's levels
-AUTOENCODER_DC = VaeKind(classes=("AutoencoderDC",), default_scaling=1.0, levels="encoder_block_out_channels",
-                         decoder_levels="decoder_block_out_channels")
+        if self.kind not in VAE_KINDS:
+            raise ValueError(f"VAE kind {self.kind!r}; expected one of {', '.join(VAE_KINDS)}")
+
+    @property
+    def code(self):
+        """What the stages ask of this kind of VAE (:data:`.vae.VAE_KINDS`)."""
+        from .vae import VAE_KINDS
+
+        return VAE_KINDS[self.kind]
 
 
 @dataclass(frozen=True)
@@ -227,7 +240,7 @@ class Declaration:
     flow_timesteps: FlowTimesteps | None = None
     latent_layout: str = NCHW
     text_encoders: TextEncoderStack | None = None
-    vae: VaeKind | None = AUTOENCODER_KL
+    vae: VaeKind | None = VaeKind()
     default_steps: int = 20
     max_sequence_length: Mapping[str, int] = field(default_factory=dict)
     macs_prompt_tokens: int | None = None

@@ -160,7 +160,7 @@ class FluxDiffusersFamily(MMDiTFamily):
         if pixels // vae_scale_factor > LATENT_SIDE.high:
             raise ValueError(f"--image-size {pixels}: expected at most {LATENT_SIDE.high * vae_scale_factor} pixels "
                              f"({LATENT_SIDE.high} latents on a side at the VAE's scale factor {vae_scale_factor}; "
-                             f"FLUX.1 samples up to about 2 megapixels)")
+                             f"FLUX.1 and Qwen-Image sample up to about 2 megapixels)")
         return DiffusersConfig(config.transformer_class, config.transformer, latent_size=pixels // vae_scale_factor)
 
     # -- sizes -------------------------------------------------------------------------------------------------------

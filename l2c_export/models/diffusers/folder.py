@@ -16,12 +16,11 @@ from pathlib import Path
 
 from .. import FAMILIES, get_family
 from ...core.util import short_repr
-from .declaration import AUTOENCODER_KL, LAST_HIDDEN_STATE
+from .declaration import LAST_HIDDEN_STATE
 from .family import DiffusersConfig, DiffusersFamily
 from .files import (MODEL_INDEX, DiffusersFolderError, read_json_object, safetensors_weights,
                     weight_files)  # noqa: F401  (weight_files: re-exported)
-from .sizes import (DC_VAE_LAYERS, DC_VAE_SIZES, TEXT_ENCODER_SIZES, VAE_CHANNELS, VAE_LEVELS, VAE_SIZES,
-                    check_integer_list, check_sizes, is_integer)
+from .sizes import TEXT_ENCODER_SIZES, check_sizes, is_integer
 
 
 def transformer_families() -> dict[str, DiffusersFamily]:
@@ -66,15 +65,11 @@ class DiffusersFolder:
 
     @property
     def vae_scale_factor(self) -> int:
-        """The pipelines' ``2 ** (len(vae.config.block_out_channels) - 1)`` (the declared VAE kind's ``levels``
-        field: DC-AE's ``encoder_block_out_channels``), 8 without a ``vae/``."""
+        """The pipeline's, from its ``vae/`` by the family's VAE kind (:mod:`.vae`), 8 without one."""
         path = self.path / "vae" / "config.json"
-        if not path.is_file():
+        if not path.is_file() or self.family.declaration.vae is None:
             return 8
-        raw = read_json_object(path, "")
-        levels = (self.family.declaration.vae or AUTOENCODER_KL).levels
-        check_integer_list(raw, levels, VAE_CHANNELS, str(path), DiffusersFolderError, VAE_LEVELS)
-        return 2 ** (len(raw[levels]) - 1)
+        return self.family.declaration.vae.code.scale_factor(read_json_object(path, ""), str(path))
 
 
 def _is_name(value: object, dotted: bool = False) -> bool:
@@ -150,66 +145,6 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def _check_autoencoder_kl(raw: dict, where: Path) -> None:
-    """An ``AutoencoderKL`` config: its sizes, levels and group norms."""
-    check_sizes(raw, VAE_SIZES, str(where), DiffusersFolderError)
-    check_integer_list(raw, "block_out_channels", VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
-    groups = raw.get("norm_num_groups") or 32
-    if any(channels % groups for channels in raw["block_out_channels"]):
-        raise DiffusersFolderError(f"{where}: field 'block_out_channels' is {short_repr(raw['block_out_channels'])}"
-                                   f"; each must be a multiple of norm_num_groups {groups}")
-    for key in ("down_block_types", "up_block_types"):
-        blocks = raw.get(key)
-        if blocks is not None and not (isinstance(blocks, list) and len(blocks) == len(raw["block_out_channels"])):
-            raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(blocks)}; expected one block type "
-                                       f"per entry of block_out_channels")
-
-
-DC_AE_BLOCKS = ("ResBlock", "EfficientViTBlock")
-
-
-def _check_autoencoder_dc(raw: dict, where: Path) -> None:
-    """An ``AutoencoderDC`` config (DC-AE, Sana's 32x): its sizes, the encoder's and decoder's levels, and per level
-    of the decoder its layer count, block type and attention scales; an EfficientViT level's channels a multiple of
-    attention_head_dim."""
-    check_sizes(raw, DC_VAE_SIZES, str(where), DiffusersFolderError)
-    for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
-        check_integer_list(raw, key, VAE_CHANNELS, str(where), DiffusersFolderError, VAE_LEVELS)
-    for part in ("encoder", "decoder"):  # from_pretrained builds the encoder too: its depth is memory as well
-        levels = len(raw[f"{part}_block_out_channels"])
-        check_integer_list(raw, f"{part}_layers_per_block", DC_VAE_LAYERS, str(where), DiffusersFolderError,
-                           (levels, levels))
-    types = raw.get("decoder_block_types", "ResBlock")
-    types = [types] * levels if isinstance(types, str) else types
-    if not (isinstance(types, list) and len(types) == levels and all(t in DC_AE_BLOCKS for t in types)):
-        raise DiffusersFolderError(f"{where}: field 'decoder_block_types' is "
-                                   f"{short_repr(raw.get('decoder_block_types'))}; expected one of "
-                                   f"{', '.join(DC_AE_BLOCKS)}, or a list of them, one per level")
-    for key in ("decoder_norm_types", "decoder_act_fns"):
-        value = raw.get(key)
-        if not (value is None or isinstance(value, str) or (isinstance(value, list) and len(value) == levels
-                                                             and all(isinstance(v, str) for v in value))):
-            raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(value)}; expected a name or a list of "
-                                       f"{levels}, one per level")
-    scales = raw.get("decoder_qkv_multiscales", [[], [], [], [5], [5], [5]])
-    if not (isinstance(scales, list) and len(scales) == levels and all(
-            isinstance(level, list) and all(is_integer(k) and 1 <= k <= 31 and k % 2 for k in level)
-            for level in scales)):
-        raise DiffusersFolderError(f"{where}: field 'decoder_qkv_multiscales' is {short_repr(scales)}; expected a "
-                                   f"list of {levels} lists of odd kernel sizes in 1..31, one per level")
-    head = raw["attention_head_dim"]
-    for kind, channels in zip(types, raw["decoder_block_out_channels"]):
-        if kind == "EfficientViTBlock" and channels % head:
-            raise DiffusersFolderError(f"{where}: field 'decoder_block_out_channels' has {channels} at an "
-                                       f"EfficientViTBlock level; expected a multiple of attention_head_dim {head}")
-    if raw.get("upsample_block_type", "pixel_shuffle") not in ("pixel_shuffle", "interpolate"):
-        raise DiffusersFolderError(f"{where}: field 'upsample_block_type' is "
-                                   f"{short_repr(raw.get('upsample_block_type'))}; expected 'pixel_shuffle' or "
-                                   f"'interpolate'")
-
-
-# VAE class -> the check of its config.json (a VaeKind's classes each need one)
-VAE_CONFIG_CHECKS = {"AutoencoderKL": _check_autoencoder_kl, "AutoencoderDC": _check_autoencoder_dc}
 
 
 def read_components(folder: Path, index: dict, family: DiffusersFamily, config: DiffusersConfig) -> FolderComponents:
@@ -223,10 +158,9 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
 
     vae = text_encoder = tokenizer = vae_config = text_encoder_config = vae_class = None
     declared = family.declaration
-    # carried as graphs: a VAE normalised by scale and shift; one text encoder whose last hidden state feeds the
-    # model as it is (a stack of several, or a decoder LLM's templated states, is not carried yet: such a build
-    # takes embeddings)
-    vae_kind = declared.vae if declared.vae is not None and declared.vae.normalization == "scale_shift" else None
+    # carried as graphs: the declared VAE kind (:mod:`.vae`); one text encoder whose outputs feed the model as
+    # they are (a stack of several is not carried yet: such a build takes embeddings)
+    vae_kind = declared.vae
     encoder = None if declared.text_encoders is None else declared.text_encoders.single
     if encoder is not None and (encoder.template is not None or set(encoder.outputs) != {LAST_HIDDEN_STATE}):
         encoder = None
@@ -237,20 +171,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         if raw.get("_class_name") not in vae_kind.classes:
             raise DiffusersFolderError(f"{where}: field '_class_name' is {short_repr(raw.get('_class_name'))}; "
                                        f"supported VAE classes: {', '.join(vae_kind.classes)}")
-        VAE_CONFIG_CHECKS[raw["_class_name"]](raw, where)
-        channels = family.vae_latents(config)[0]
-        if raw.get("latent_channels") != channels:
-            raise DiffusersFolderError(f"{where}: field 'latent_channels' is {short_repr(raw.get('latent_channels'))}; "
-                                       f"the transformer samples {channels} latent channels")
-        scale = raw.get("scaling_factor", vae_kind.default_scaling)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 1e-6 <= scale <= 1e6:
-            raise DiffusersFolderError(f"{where}: field 'scaling_factor' is {short_repr(scale)}; expected a positive "
-                                       f"number")
-        shift = raw.get("shift_factor")
-        if shift is not None and (not isinstance(shift, (int, float)) or isinstance(shift, bool)
-                                  or not -1e6 <= shift <= 1e6):
-            raise DiffusersFolderError(f"{where}: field 'shift_factor' is {short_repr(shift)}; expected a finite "
-                                       f"number or null")
+        vae_kind.code.check(raw, str(where), family.vae_latents(config)[0])
         safetensors_weights(vae, "diffusion_pytorch_model")
         vae_config = {k: v for k, v in raw.items() if not k.startswith("_")}
         vae_class = raw["_class_name"]

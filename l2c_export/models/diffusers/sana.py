@@ -19,8 +19,8 @@ from ...core.interface import TOKEN_EMBEDDINGS, TOKEN_MASK
 from ...core.macs import MacCount
 from ...core.util import short_repr
 from .cache import OutputPacking
-from .declaration import (AUTOENCODER_DC, TEMPLATED_HIDDEN_STATES, Blocks, Conditioning, Declaration, Guidance,
-                          TextEncoder, TextEncoderStack)
+from .declaration import (TEMPLATED_HIDDEN_STATES, Blocks, Conditioning, Declaration, Guidance, TextEncoder,
+                          TextEncoderStack, VaeKind)
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .macs import count_macs_by_hooks
@@ -47,7 +47,7 @@ DECLARATION = Declaration(
     text_encoders=TextEncoderStack((TextEncoder(classes=("Gemma2Model",),
                                                 outputs={TEMPLATED_HIDDEN_STATES: "prompt_embeds"},
                                                 mask="prompt_attention_mask", width="hidden_size"),)),
-    vae=AUTOENCODER_DC,
+    vae=VaeKind(classes=("AutoencoderDC",), kind="dc_ae"),  # DC-AE, 32x
     default_steps=20,  # the pipeline's num_inference_steps
     max_sequence_length={"SanaPipeline": MAX_SEQUENCE_LENGTH},
     macs_prompt_tokens=MAX_SEQUENCE_LENGTH,

@@ -92,6 +92,11 @@ SANA_SIZES = {
     "num_cross_attention_heads": Size(1, 256, "Sana 1.6B's 20"),
     "cross_attention_head_dim": Size(1, 1024, "Sana's 112"),
 }
+QWEN_IMAGE_SIZES = {
+    "joint_attention_dim": Size(1, _WIDTH, "the prompt embeddings' width: Qwen2.5-VL-7B's 3584"),
+}
+QWEN_ROPE_AXES = Size(2, 1024, "Qwen-Image's rotary axes (16, 56, 56): even, summing to attention_head_dim",
+                      optional=True)
 FLUX_ROPE_AXES = Size(0, 1024, "FLUX.1's rotary axes (16, 56, 56), summing to attention_head_dim", optional=True)
 # The latents on a side of a transformer without sample_size (FLUX.1: --image-size over the VAE's scale factor).
 LATENT_SIDE = TRANSFORMER_SIZES["sample_size"]
@@ -123,6 +128,14 @@ VAE_SIZES = {
                                     "never reads it", optional=True),
 }
 VAE_CHANNELS = Size(1, 4096, "block_out_channels: 128 to 512 in every released VAE")
+# vae/config.json (AutoencoderKLQwenImage: a causal 3D VAE, Wan 2.1's layout)
+QWEN_VAE_SIZES = {
+    "base_dim": Size(1, 4096, "the first level's width: Qwen-Image's 96"),
+    "z_dim": Size(1, 1024, "latent channels: Qwen-Image's 16"),
+    "num_res_blocks": Size(1, 16, "Qwen-Image's 2"),
+    "input_channels": Size(1, 16, "RGB: 3", optional=True),
+}
+QWEN_VAE_MULTIPLIERS = Size(1, 64, "dim_mult: each level's width over base_dim, Qwen-Image's (1, 2, 4, 4)")
 VAE_LEVELS = (1, 8)  # block_out_channels' length: 4 levels (scale factor 8) in every released VAE
 
 # vae/config.json (AutoencoderDC: DC-AE, Sana's 32x autoencoder)
