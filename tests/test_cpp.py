@@ -804,6 +804,20 @@ def _compare_request(engines: Path, tmp_path: Path, request: list, n: int, cfg_s
     return float(np.abs(cpp - python).max() / (python.max() - python.min()))
 
 
+def _parity_guided_and_scheduled(engines: Path, tmp_path: Path, request: list) -> dict:
+    """``request`` (2 samples) through l2c-run and l2c-export run, guided (3.0) and not (1.0), full and with the
+    schedule: each equal to 1e-5 of the range, the schedule reusing something and the scale changing the result.
+    Returns l2c-run's samples by (full, cfg_scale)."""
+    results = {}
+    for full in (True, False):
+        for cfg_scale in (3.0, 1.0):
+            assert _compare_request(engines, tmp_path, request, 2, cfg_scale, full) <= 1e-5
+            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
+    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
+    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # guidance changed the result
+    return results
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
 def test_l2c_run_equals_the_python_runtime_on_a_diffusers_dit(cpp_build, diffusers_cpp_builds, tmp_path, scheduler):
     """DiT with labels and a learned sigma (the sampler steps on the first half, sampler_channels), guided and not,
@@ -814,13 +828,7 @@ def test_l2c_run_equals_the_python_runtime_on_a_diffusers_dit(cpp_build, diffuse
     assert manifest["guidance"]["sampler_channels"] == 4
     if scheduler == "dpm":
         assert 2 in manifest["sampler"]["orders"]  # the multistep update really runs
-    results = {}
-    for full in (True, False):
-        for cfg_scale in (3.0, 1.0):
-            assert _compare_request(engines, tmp_path, ["--labels", "207,3"], 2, cfg_scale, full) <= 1e-5
-            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
-    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
-    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # guidance changed the result
+    _parity_guided_and_scheduled(engines, tmp_path, ["--labels", "207,3"])
 
 
 @pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
@@ -834,13 +842,7 @@ def test_l2c_run_equals_the_python_runtime_on_a_pixart_with_prompts(cpp_build, d
                                                                       ("conditioning", "prompt_attention_mask")]
     _prompt_conditioning(tmp_path / "cond.npz")
     request = ["--conditioning", tmp_path / "cond.npz"]
-    results = {}
-    for full in (True, False):
-        for cfg_scale in (3.0, 1.0):
-            assert _compare_request(engines, tmp_path, request, 2, cfg_scale, full) <= 1e-5
-            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
-    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
-    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # the negative prompt was used
+    results = _parity_guided_and_scheduled(engines, tmp_path, request)
     # The mask is used: unpadding the first prompt changes its sample, not the second's.
     conditioning = dict(np.load(tmp_path / "cond.npz"))
     conditioning["prompt_attention_mask"][0] = 1
@@ -967,13 +969,7 @@ def test_l2c_run_equals_the_python_runtime_on_a_sana_with_flow_sigmas(cpp_build,
     assert 2 in sampler["orders"]  # the multistep update really runs
     _prompt_conditioning(tmp_path / "cond.npz")
     request = ["--conditioning", tmp_path / "cond.npz"]
-    results = {}
-    for full in (True, False):
-        for cfg_scale in (3.0, 1.0):
-            assert _compare_request(engines, tmp_path, request, 2, cfg_scale, full) <= 1e-5
-            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
-    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
-    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # the negative prompt was used
+    _parity_guided_and_scheduled(engines, tmp_path, request)
     copy = shutil.copytree(engines, tmp_path / "engines")
     _rewrite_manifest(copy, lambda data: data["sampler"]["options"].update(use_flow_sigmas=False))
     line = _refused_request(tmp_path, copy, *request)
@@ -1190,14 +1186,7 @@ def test_l2c_run_equals_the_python_runtime_on_qwen_image(cpp_build, diffusers_cp
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["guidance"]["rule"] == "true_cfg" and manifest["sampler"]["options"]["shift_terminal"] == 0.02
     conditioning = _qwen_conditioning(tmp_path / "cond.npz")
-    results = {}
-    for full in (True, False):
-        for cfg_scale in (3.0, 1.0):
-            assert _compare_request(engines, tmp_path, ["--conditioning", tmp_path / "cond.npz"], 2, cfg_scale,
-                                    full) <= 1e-5
-            results[full, cfg_scale] = np.load(tmp_path / "cpp.npy")
-    assert np.abs(results[True, 3.0] - results[False, 3.0]).max() > 1e-4  # the schedule reused something
-    assert np.abs(results[False, 3.0] - results[False, 1.0]).max() > 1e-4  # guidance changed the result
+    _parity_guided_and_scheduled(engines, tmp_path, ["--conditioning", tmp_path / "cond.npz"])
     one_negative = conditioning["negative_prompt_embeds"][:1]
     _bad_npz(tmp_path / "bad.npz", {**conditioning, "negative_prompt_embeds": one_negative})
     line = _refused_request(tmp_path, engines, "--conditioning", tmp_path / "bad.npz")
