@@ -11,10 +11,11 @@ images (Triton's batch dimension). Its conditioning is the build's (:func:`serve
 input                          shape, dtype  meaning
 ============================== ============= =========================================================================
 labels                         (1,) int64    label models: class label, 0 .. num_classes - 1
-prompt                         (1,) bytes    text models whose build has a text encoder and tokenizer: the prompt,
+prompt                         (1,) bytes    text models whose build has text encoders and tokenizers: the prompt,
                                              UTF-8, not empty (encoded as ``run --prompt`` encodes it, truncated to
                                              the model's max_sequence_length); such a build takes no embeddings
-negative_prompt                (1,) bytes    optional, with ``prompt``: the unconditional half's text (default "")
+negative_prompt                (1,) bytes    optional, with ``prompt``: the unconditional half's text (default "");
+                                             not served where no classifier-free batch runs (FLUX.1)
 prompt_embeds                  (L, D) f32    text models: the prompt's embeddings (L tokens, 1 .. the model's
                                              max_sequence_length; D the model's caption width), finite
 prompt_attention_mask          (L,) f32      text models: 1 keep / 0 padding, at least one 1
@@ -95,7 +96,8 @@ def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
     if "label" in inputs:
         conditioning = [("labels", "int64", [1], False)]
     elif takes_text(manifest):
-        conditioning = [("prompt", "bytes", [1], False), ("negative_prompt", "bytes", [1], True)]
+        conditioning = [("prompt", "bytes", [1], False)] + (
+            [("negative_prompt", "bytes", [1], True)] if manifest["guidance"].get("classifier_free", True) else [])
     else:
         dims = {"prompt_embeds": [-1, inputs["prompt_embeds"]["shape"][-1]], "prompt_attention_mask": [-1],
                 "pooled_prompt_embeds": [inputs.get("pooled_prompt_embeds", {"shape": [0]})["shape"][-1]]}
@@ -140,6 +142,9 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
             raise ValueError(f"input {sorted(prompts)[0]!r}: this build encodes prompts itself; send 'prompt' (text)")
         if labels is not None:
             raise ValueError("input 'labels': this model is conditioned on prompts (input 'prompt'), not class labels")
+        if "negative_prompt" in texts and not pipeline.manifest["guidance"].get("classifier_free", True):
+            raise ValueError("input 'negative_prompt' is not used: this model runs no classifier-free batch (a "
+                             "guidance-distilled model: cfg_scale feeds its guidance embedding); leave it out")
         n, texts = _decode_texts(texts)
     elif pipeline.interface.label is not None:
         if prompts:

@@ -30,8 +30,9 @@ from typing import Mapping
 from .. import LATENT_SCALE, ModelFamily, TensorSpec, config_from_dict, get_family
 from ...core.macs import MacCount
 from ...core.util import read_folder_json, short_repr
-from .sizes import (TEXT_ENCODER_SIZES, TRANSFORMER_SIZES, VAE_CHANNELS, VAE_LEVELS, VAE_SIZES, Size,
-                    check_integer_list, check_sizes, is_integer)
+from .sizes import (TRANSFORMER_SIZES, VAE_CHANNELS, VAE_LEVELS, VAE_SIZES, Size, check_integer_list, check_sizes,
+                    is_integer)
+from .text_encoders import DEFAULT_TOKENIZER_MAX_LENGTH, TextEncoderStack, read_text_encoders
 
 MODEL_INDEX = "model_index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -218,7 +219,9 @@ class DiffusersFamily(ModelFamily):
     sizes: Mapping[str, Size] = TRANSFORMER_SIZES  # the config's integer fields, each bounded (.sizes)
     scheduler_classes: tuple[str, ...] = ("DDIMScheduler", "DPMSolverMultistepScheduler")  # what its pipelines take
     classifier_free: bool = True  # guidance runs a 2N batch (False: the pipeline never does; FLUX.1)
-    component_parts: tuple[str, ...] = ("vae", "text_encoder")  # the folder parts a build carries as graphs
+    component_parts: tuple[str, ...] = ("vae",)  # the folder parts a build carries as graphs, beside text_encoders
+    text_encoders: TextEncoderStack | None = None  # the pipeline's text encoders and how their outputs combine
+    max_sequence_lengths: Mapping[str, int] = {}  # pipeline -> its max_sequence_length default (text models)
     latent_layout: str = "spatial"  # how the sampled latents lie before the VAE decodes them (see vae_latents)
     default_steps: int = 20
     model_names = ()
@@ -374,10 +377,15 @@ class DiffusersFamily(ModelFamily):
         """One sample's graph inputs whose forward :meth:`count_macs` counts (the traced dummies by default)."""
         return self.dummy_inputs(config, 1)
 
-    def max_prompt_tokens(self, pipeline_class: str) -> int | None:
-        """The longest prompt (tokens, L) the pipeline encodes: its ``max_sequence_length`` default; None for a model
-        without text conditioning."""
-        return None
+    def max_prompt_tokens(self, pipeline_class: str, max_sequence_length: int | None = None,
+                          tokenizer_max_length: int | None = None) -> int | None:
+        """The longest prompt embeddings (tokens, L) the pipeline makes at ``max_sequence_length`` (default: its
+        own, :attr:`max_sequence_lengths`): that length (PixArt, FLUX.1), or CLIP's ``tokenizer_max_length`` (77)
+        more (SD3); None for a model without text conditioning."""
+        if self.text_encoders is None:
+            return None
+        return self.text_encoders.prompt_tokens(max_sequence_length or self.max_sequence_lengths[pipeline_class],
+                                                tokenizer_max_length or DEFAULT_TOKENIZER_MAX_LENGTH)
 
     def text_channels(self, config: DiffusersConfig) -> int | None:
         """D of the prompt embeddings the transformer takes; None for a model without text conditioning."""
@@ -463,16 +471,16 @@ TRANSFORMER_FAMILIES = {"DiTTransformer2DModel": "diffusers-dit", "PixArtTransfo
 
 @dataclass(frozen=True)
 class FolderComponents:
-    """The parts of a pipeline folder a build carries beside the transformer, each checked (None: not in the
-    folder): ``vae/`` (an ``AutoencoderKL``: its decoder), ``text_encoder/`` (a ``T5EncoderModel``) with
-    ``tokenizer/`` (a ``tokenizer.json``; the two come together); and their configs as read (what the memory
-    estimate and the tokenizer's cross-check read)."""
+    """The parts of a pipeline folder a build carries beside the transformer, each checked (None, empty: not in the
+    folder): ``vae/`` (an ``AutoencoderKL``: its decoder) and its config as read (what the memory estimate reads);
+    the family's text encoders with their tokenizers (:class:`.text_encoders.FoundTextEncoder`, in the order of its
+    :class:`.text_encoders.TextEncoderStack`), and the pipelines' ``tokenizer_max_length`` where the stack reads it
+    (CLIP's 77)."""
 
     vae: Path | None = None
-    text_encoder: Path | None = None
-    tokenizer: Path | None = None
     vae_config: dict | None = field(default=None, compare=False)
-    text_encoder_config: dict | None = field(default=None, compare=False)
+    text_encoders: tuple = ()
+    tokenizer_max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -586,7 +594,6 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
 
 
 VAE_CLASSES = ("AutoencoderKL",)
-TEXT_ENCODER_CLASSES = ("T5EncoderModel",)
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -599,7 +606,7 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
         entry = index.get(part)
         return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
-    vae = text_encoder = tokenizer = vae_config = text_encoder_config = None
+    vae = vae_config = None
     if named("vae") and "vae" in family.component_parts:
         vae = folder / "vae"
         raw = _read_json(vae / "config.json", "expected the VAE's config.json (model_index.json names a vae)")
@@ -633,35 +640,15 @@ def read_components(folder: Path, index: dict, family: DiffusersFamily, config: 
                                        f"number or null")
         _safetensors_weights(vae, "diffusion_pytorch_model")
         vae_config = {k: v for k, v in raw.items() if not k.startswith("_")}
-    if (named("text_encoder") or named("tokenizer")) and "text_encoder" in family.component_parts:
-        if not (named("text_encoder") and named("tokenizer")):
-            missing = "tokenizer" if named("text_encoder") else "text_encoder"
-            raise DiffusersFolderError(f"{folder / MODEL_INDEX}: field {missing!r} is missing; a text encoder and its "
-                                       f"tokenizer come together")
-        text_encoder, tokenizer = folder / "text_encoder", folder / "tokenizer"
-        raw = _read_json(text_encoder / "config.json", "expected the text encoder's config.json")
-        where = text_encoder / "config.json"
-        architectures = raw.get("architectures")
-        if not (isinstance(architectures, list) and len(architectures) == 1
-                and architectures[0] in TEXT_ENCODER_CLASSES):
-            raise DiffusersFolderError(f"{where}: field 'architectures' is {short_repr(architectures)}; supported "
-                                       f"text encoders: {', '.join(TEXT_ENCODER_CLASSES)}")
-        check_sizes(raw, TEXT_ENCODER_SIZES, str(where), DiffusersFolderError)
-        for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
-            if raw.get(key) is not None and raw[key] >= raw["vocab_size"]:
-                raise DiffusersFolderError(f"{where}: field {key!r} is {raw[key]}; expected a token id below "
-                                           f"vocab_size {raw['vocab_size']}")
-        width = family.text_channels(config)
-        if width is None:
+    if family.text_encoders is None:
+        if named("text_encoder"):
             raise DiffusersFolderError(f"{folder / MODEL_INDEX}: names a text encoder, but a "
                                        f"{config.transformer_class} takes no prompt embeddings")
-        if raw.get("d_model") != width:
-            raise DiffusersFolderError(f"{where}: field 'd_model' is {short_repr(raw.get('d_model'))}; the transformer "
-                                       f"takes prompt embeddings {width} wide (caption_channels)")
-        _safetensors_weights(text_encoder, "model")
-        check_tokenizer(tokenizer, raw["vocab_size"])
-        text_encoder_config = raw
-    return FolderComponents(vae, text_encoder, tokenizer, vae_config, text_encoder_config)
+        return FolderComponents(vae, vae_config)
+    widths = {tensor.role: tensor.shape[-1] for tensor in family.graph_inputs(config) if tensor.shape}
+    encoders, length = read_text_encoders(folder, index, family.text_encoders, widths, _read_json,
+                                          DiffusersFolderError)
+    return FolderComponents(vae, vae_config, encoders, length)
 
 
 def _special_token(value: object) -> str | None:
@@ -672,21 +659,27 @@ def _special_token(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def check_tokenizer(tokenizer: Path, vocab_size: int) -> None:
+def check_tokenizer(tokenizer: Path, vocab_size: int, encoder: str = "text_encoder") -> None:
     """Reads ``tokenizer/`` as the build and the runtime will, before anything is exported: every file within its
     size cap, ``tokenizer.json`` JSON the ``tokenizers`` library loads, every token id it can produce (its
-    vocabulary, added tokens, post-processor's special tokens, padding id) below the text encoder's ``vocab_size``,
-    and the pad and end-of-sequence tokens the configs name present in the vocabulary. Raises
-    :class:`DiffusersFolderError` naming the file."""
+    vocabulary, added tokens, post-processor's special tokens, padding id) below the text encoder's ``vocab_size``
+    (``encoder``: its folder part), and the pad and end-of-sequence tokens the configs name present in the
+    vocabulary. A CLIP tokenizer saved as ``vocab.json`` and ``merges.txt`` alone (no ``tokenizer.json``) is made
+    into one at build time as transformers makes it (:func:`l2c_export.builder.components.check_components` checks
+    its ids then). Raises :class:`DiffusersFolderError` naming the file."""
     from ...core.util import check_file_size
 
     path = tokenizer / TOKENIZER_FILE
-    if not path.is_file():
+    bpe_files = [tokenizer / "vocab.json", tokenizer / "merges.txt"]
+    if not path.is_file() and not all(file.is_file() for file in bpe_files):
         raise DiffusersFolderError(f"{path}: missing; expected the tokenizer as a tokenizers library file (a fast "
-                                   f"tokenizer's save_pretrained writes it)")
+                                   f"tokenizer's save_pretrained writes it), or a BPE's vocab.json and merges.txt")
     for file in sorted(tokenizer.iterdir()):  # what transformers will read besides: each within its cap
         if file.is_file() and file.name != TOKENIZER_FILE:
-            check_file_size(file, "tokenizer_config" if file.suffix == ".json" else "tokenizer", DiffusersFolderError)
+            check_file_size(file, "tokenizer_config" if file.suffix == ".json" and file.name != "vocab.json"
+                            else "tokenizer", DiffusersFolderError)
+    if not path.is_file():
+        return
     data = _read_json(path, "", kind="tokenizer")
     from tokenizers import Tokenizer
 
@@ -713,7 +706,7 @@ def check_tokenizer(tokenizer: Path, vocab_size: int) -> None:
     for what, token_id in ids:
         if not 0 <= token_id < vocab_size:
             raise DiffusersFolderError(f"{path}: {what} has token id {token_id}; the text encoder's vocab_size is "
-                                       f"{vocab_size} (text_encoder/config.json), so ids must be below it")
+                                       f"{vocab_size} ({encoder}/config.json), so ids must be below it")
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         config_path = tokenizer / name
         if not config_path.is_file():

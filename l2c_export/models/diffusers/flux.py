@@ -36,9 +36,16 @@ from . import (JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, Di
 from ...core.util import short_repr
 from .sd3 import JointAttentionPacking
 from .sizes import FLUX_ROPE_AXES, FLUX_SIZES, LATENT_SIDE, TRANSFORMER_SIZES, check_integer_list
+from .text_encoders import TOKENIZER_MAX_LENGTH, TextEncoderSpec, TextEncoderStack
 
 MACS_PROMPT_TOKENS = 512  # FLUX.1-dev's max_sequence_length: MACs are counted there
 DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: 1024 px at the VAE's scale factor 8
+# FluxPipeline.encode_prompt: CLIP-L's pooled output (77 tokens in) and T5's last hidden state
+FLUX_STACK = TextEncoderStack(
+    encoders=(TextEncoderSpec("text_encoder", "tokenizer", "clip", ("pooled",), length=TOKENIZER_MAX_LENGTH),
+              TextEncoderSpec("text_encoder_2", "tokenizer_2", "t5", ("last_hidden_state",))),
+    arrays=(("prompt_embeds", (("text_encoder_2/last_hidden_state",),)),
+            ("pooled_prompt_embeds", (("text_encoder/pooled",),))))
 
 
 class ProjOutShare(OutputPacking):
@@ -105,8 +112,8 @@ class FluxDiffusersFamily(DiffusersFamily):
     transformer_class = "FluxTransformer2DModel"
     pipeline_classes = ("FluxPipeline",)
     scheduler_classes = ("FlowMatchEulerDiscreteScheduler",)
-    # The VAE only: the text encoders are CLIP and T5 pairs (not carried), so a build takes prompt embeddings.
-    component_parts = ("vae",)
+    text_encoders = FLUX_STACK
+    max_sequence_lengths = {"FluxPipeline": 512}  # T5's tokens: the whole prompt_embeds
     latent_layout = "packed_2x2"  # FluxPipeline._unpack_latents before the VAE
     classifier_free = False  # FluxPipeline guides through the guidance embedding (true CFG is not run)
     required = {"patch_size": 1}  # the pipeline packs 2x2 latent patches itself
@@ -234,10 +241,6 @@ class FluxDiffusersFamily(DiffusersFamily):
 
     def macs_inputs(self, config: DiffusersConfig) -> tuple:
         return self.dummy_inputs(config, 1, tokens=MACS_PROMPT_TOKENS)
-
-    def max_prompt_tokens(self, pipeline_class: str) -> int:
-        """FluxPipeline's max_sequence_length: T5's tokens, the whole prompt_embeds."""
-        return MACS_PROMPT_TOKENS
 
     def image_ids(self, config: DiffusersConfig):
         """(T, 3) float32: ``FluxPipeline._prepare_latent_image_ids``: (0, row, column) of each packed patch."""

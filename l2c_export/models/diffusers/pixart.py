@@ -9,10 +9,16 @@ from __future__ import annotations
 from .. import TensorSpec
 from . import PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, DiffusersFolderError
 from .sizes import PIXART_SIZES, TRANSFORMER_SIZES
+from .text_encoders import TextEncoderSpec, TextEncoderStack
 
 MACS_PROMPT_TOKENS = 120  # PixArt-α's T5 max_sequence_length: the prompt length MACs are counted at
-# The pipelines' max_sequence_length defaults: the longest prompt each encodes, and the bound of the prompt axis L.
-MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+# encode_prompt (clean_caption=False): the prompt lower-cased and stripped, T5 fed its tokenizer's mask; the
+# embeddings and the mask are the conditioning
+T5_STACK = TextEncoderStack(
+    encoders=(TextEncoderSpec("text_encoder", "tokenizer", "t5", ("last_hidden_state",), masked=True),),
+    arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),
+            ("prompt_attention_mask", (("text_encoder/attention_mask",),))),
+    preprocessing="lower_strip")
 
 
 class PixArtDiffusersFamily(DiffusersFamily):
@@ -25,6 +31,9 @@ class PixArtDiffusersFamily(DiffusersFamily):
     default_cfg_scale = 4.5  # the pipelines' guidance_scale
     dummy_prompt_tokens = 5  # the traced length (any: the axis is dynamic)
     sizes = {**TRANSFORMER_SIZES, **PIXART_SIZES}
+    text_encoders = T5_STACK
+    # the pipelines' max_sequence_length defaults: the longest prompt each encodes, the bound of the prompt axis L
+    max_sequence_lengths = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 
     def check_config(self, config: DiffusersConfig, where: str) -> None:
         super().check_config(config, where)
@@ -36,9 +45,6 @@ class PixArtDiffusersFamily(DiffusersFamily):
             raise DiffusersFolderError(f"{where}: field 'cross_attention_dim' is {config['cross_attention_dim']}; "
                                        f"the caption projection makes the prompt {self.inner_dim(config)} wide "
                                        f"(num_attention_heads x attention_head_dim)")
-
-    def max_prompt_tokens(self, pipeline_class: str) -> int:
-        return MAX_SEQUENCE_LENGTH[pipeline_class]
 
     def text_channels(self, config: DiffusersConfig) -> int:
         """D of the prompt embeddings: caption_channels (projected inside), else cross_attention_dim."""

@@ -21,9 +21,21 @@ from . import (JOINT_TOKENS, PROMPT_TOKENS, DiffusersConfig, DiffusersFamily, Di
                OutputPacking)
 from ...core.util import short_repr
 from .sizes import SD3_SIZES, TRANSFORMER_SIZES
+from .text_encoders import TOKENIZER_MAX_LENGTH, TextEncoderSpec, TextEncoderStack
 
 MACS_PROMPT_TOKENS = 333  # the pipeline's 77 CLIP + 256 T5 tokens (max_sequence_length): MACs are counted there
 QK_NORMS = (None, "rms_norm", "layer_norm")
+# StableDiffusion3Pipeline.encode_prompt: CLIP-L's and CLIP-G's penultimate hidden states (77 tokens) side by side,
+# zero-padded to T5's width, then T5's max_sequence_length tokens; pooled: the two CLIPs' projected pooled outputs
+SD3_STACK = TextEncoderStack(
+    encoders=(TextEncoderSpec("text_encoder", "tokenizer", "clip", ("pooled", "penultimate_hidden_state"),
+                              length=TOKENIZER_MAX_LENGTH),
+              TextEncoderSpec("text_encoder_2", "tokenizer_2", "clip", ("pooled", "penultimate_hidden_state"),
+                              length=TOKENIZER_MAX_LENGTH),
+              TextEncoderSpec("text_encoder_3", "tokenizer_3", "t5", ("last_hidden_state",))),
+    arrays=(("prompt_embeds", (("text_encoder/penultimate_hidden_state", "text_encoder_2/penultimate_hidden_state"),
+                               ("text_encoder_3/last_hidden_state",))),
+            ("pooled_prompt_embeds", (("text_encoder/pooled", "text_encoder_2/pooled"),))))
 
 
 class JointAttentionPacking(OutputPacking):
@@ -52,8 +64,8 @@ class SD3DiffusersFamily(DiffusersFamily):
     transformer_class = "SD3Transformer2DModel"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     scheduler_classes = ("FlowMatchEulerDiscreteScheduler",)
-    # The VAE only: the text encoders are CLIP and T5 pairs (not carried), so a build takes prompt embeddings.
-    component_parts = ("vae",)
+    text_encoders = SD3_STACK
+    max_sequence_lengths = {"StableDiffusion3Pipeline": 256}  # T5's tokens
     default_steps = 28  # the pipeline's num_inference_steps
     default_cfg_scale = 7.0  # the pipeline's guidance_scale
     dummy_prompt_tokens = 5  # the traced length (any: the axis is dynamic)
@@ -122,10 +134,6 @@ class SD3DiffusersFamily(DiffusersFamily):
 
     def macs_inputs(self, config: DiffusersConfig) -> tuple:
         return self.dummy_inputs(config, 1, tokens=MACS_PROMPT_TOKENS)
-
-    def max_prompt_tokens(self, pipeline_class: str) -> int:
-        """The longest prompt_embeds the pipeline makes at its defaults: CLIP's 77 tokens and T5's 256."""
-        return MACS_PROMPT_TOKENS
 
     def run_transformer(self, transformer, config: DiffusersConfig, hidden_states, timestep, encoder_hidden_states,
                         pooled_projections):
