@@ -283,3 +283,33 @@ def test_text_encoders_that_cannot_be_used_are_refused_naming_file_and_field(tin
     with pytest.raises(DiffusersFolderError) as info:
         read_folder(folder)
     assert message in str(info.value)
+
+
+def test_a_clip_tokenizer_of_vocab_and_merges_alone_is_written_as_transformers_makes_it(tiny_diffusers, tmp_path):
+    """A CLIP tokenizer saved the slow way (vocab.json and merges.txt, no tokenizer.json, as SD3's released folders
+    ship CLIP-L and CLIP-G): the folder is accepted, and the tokenizer.json the build writes for it, read with the
+    tokenizers library, gives the ids of the pipeline's own tokenizer."""
+    from tokenizers import Tokenizer
+
+    from l2c_export.builder.components import check_components, export_component
+    from l2c_export.models.zoo import from_diffusers
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_diffusers("sd3-text", "flow"), folder)
+    model = json.loads((folder / "tokenizer_2" / "tokenizer.json").read_text())["model"]
+    (folder / "tokenizer_2" / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    (folder / "tokenizer_2" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_2" / "tokenizer.json").unlink()
+    spec = from_diffusers(folder, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    check_components(spec)
+    record = export_component("tokenizer_2", folder / "tokenizer_2", spec, tmp_path)
+    assert record == {"pad_token": "!", "pad_id": load_pipeline(folder).tokenizer_2.pad_token_id}
+    backend = Tokenizer.from_file(str(tmp_path / "tokenizer_2.json"))
+    backend.enable_truncation(max_length=CLIP_TOKENS)
+    backend.enable_padding(pad_id=record["pad_id"], pad_token=record["pad_token"], length=CLIP_TOKENS)
+    texts = [*PROMPTS, LONG_PROMPT, ""]
+    got = [encoding.ids for encoding in backend.encode_batch(texts)]
+    want = load_pipeline(folder).tokenizer_2(texts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
+                                             return_tensors="np").input_ids
+    np.testing.assert_array_equal(np.array(got), want)

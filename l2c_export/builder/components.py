@@ -171,6 +171,9 @@ def _export_text_encoder(found, spec, staging: Path) -> dict:
             self.encoder = encoder
 
         def forward(self, input_ids, attention_mask=None):
+            if attention_mask is None and declared.kind == "t5":
+                # what T5 makes of no mask, as an op of the graph (so the token axis stays dynamic)
+                attention_mask = torch.ones_like(input_ids)
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
             return encoder_outputs(out, outputs)
 
