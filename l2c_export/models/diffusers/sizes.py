@@ -126,7 +126,7 @@ CLIP_TEXT_SIZES = {
     "num_hidden_layers": Size(1, 128, "CLIP-G's 32"),
     "num_attention_heads": Size(1, 256, "CLIP-G's 20"),
     "max_position_embeddings": Size(1, 4096, "CLIP's 77"),
-    "projection_dim": Size(1, _WIDTH, "CLIP-G's 1280", optional=True),
+    "projection_dim": Size(1, _WIDTH, "CLIP-G's 1280"),
     "pad_token_id": Size(0, (1 << 20) - 1, "a token id: CLIP's 1", optional=True),
     "bos_token_id": Size(0, (1 << 20) - 1, "a token id: CLIP's 0 (49406 in its tokenizer)", optional=True),
     "eos_token_id": Size(0, (1 << 20) - 1, "a token id: CLIP's 2 (49407 in its tokenizer)", optional=True),

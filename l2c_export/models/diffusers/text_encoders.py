@@ -46,12 +46,12 @@ class EncoderKind:
     layers: str
     sizes: Mapping[str, Size]
 
-    def output_width(self, output: str, config: Mapping) -> int:
-        """Channels of ``output``: a pooled output is the projection's (``CLIPTextModelWithProjection``) or the
-        hidden width; hidden states are the hidden width."""
+    def width_field(self, output: str, config: Mapping) -> str:
+        """The config field of ``output``'s channels: a pooled output's is the projection's
+        (``CLIPTextModelWithProjection``) or the hidden width; hidden states' the hidden width."""
         if output == "pooled" and config.get("architectures") == ["CLIPTextModelWithProjection"]:
-            return config["projection_dim"]
-        return config[self.width]
+            return "projection_dim"
+        return self.width
 
 
 ENCODER_KINDS = {
@@ -169,18 +169,19 @@ def read_text_encoders(folder: Path, index: dict, stack: TextEncoderStack, width
         _safetensors_weights(part, "model")
         check_tokenizer(folder / encoder.tokenizer, raw["vocab_size"], encoder.part)
         for output in encoder.outputs:
-            piece_widths[f"{encoder.part}/{output}"] = kind.output_width(output, raw)
+            piece_widths[f"{encoder.part}/{output}"] = raw[kind.width_field(output, raw)]
         found.append(FoundTextEncoder(encoder, part, folder / encoder.tokenizer, raw))
     for name, groups in stack.arrays:
         if ATTENTION_MASK in {split_piece(piece)[1] for group in groups for piece in group}:
             continue
-        made = combined_width(groups, piece_widths, str(where_index))
+        try:
+            made = combined_width(groups, piece_widths, str(where_index))
+        except ValueError as refused:
+            raise error(str(refused)) from None
         if made != widths.get(name):
-            blamed = next(item for item in found if item.spec.part == split_piece(groups[-1][-1])[0])
-            output = split_piece(groups[-1][-1])[1]
-            key = "projection_dim" if output == "pooled" and ENCODER_KINDS[blamed.spec.kind].output_width(
-                output, blamed.config) != blamed.config.get(ENCODER_KINDS[blamed.spec.kind].width) \
-                else ENCODER_KINDS[blamed.spec.kind].width
+            part, output = split_piece(groups[-1][-1])
+            blamed = next(item for item in found if item.spec.part == part)
+            key = ENCODER_KINDS[blamed.spec.kind].width_field(output, blamed.config)
             pieces = [piece for group in groups for piece in group]
             made_of = (f" (made of {' + '.join(f'{piece} {piece_widths[piece]}' for piece in pieces)}, {made})"
                        if len(pieces) > 1 else "")
