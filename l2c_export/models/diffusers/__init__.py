@@ -2,10 +2,10 @@
 
 A folder is what a pipeline's ``save_pretrained`` writes: ``model_index.json``, ``transformer/`` (``config.json`` and
 ``diffusion_pytorch_model.safetensors`` or a sharded ``.safetensors.index.json``), ``scheduler/``
-(``scheduler_config.json``), and ``vae/``, ``text_encoder/``, ``tokenizer/`` where present. :func:`read_folder`
+(``scheduler_config.json``), and ``vae/``, ``text_encoder*/``, ``tokenizer*/`` where present. :func:`read_folder`
 checks it and refuses, in one line naming the file and field, what is not supported; the components a build carries
-beside the transformer (:class:`FolderComponents`: a VAE decoder, a T5 text encoder and its tokenizer) are found and
-checked here, and exported by :mod:`l2c_export.builder.components`.
+beside the transformer (:class:`FolderComponents`: a VAE decoder, the family's text encoders and their tokenizers,
+:mod:`.text_encoders`) are found and checked here, and exported by :mod:`l2c_export.builder.components`.
 
 A :class:`DiffusersFamily` declares, like cache-dit's block adapters and Optimum's export configs, only what differs
 between transformer classes: the class and pipeline it reads, the options it supports, its block list and the module
