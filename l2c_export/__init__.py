@@ -3,6 +3,8 @@
 The names a user needs first, importable from the package itself::
 
     from l2c_export import BuildRequest, L2CPipeline, build, embedded_default
+    l2c_export.enable(pipe, "schedule.json")        # a live diffusers pipeline, in PyTorch; l2c_export.disable(pipe)
+    router = l2c_export.learn(pipe, prompts=[...])  # a router learned from it
 
 Each lives in its stage's module and is imported only when first used (PEP 562), so ``import l2c_export`` stays light:
 no PyTorch is imported until a name that needs it is (``build``, ``verify_build``, the model specs' weights).
@@ -39,13 +41,19 @@ _EXPORTS = {
     "BuildReport": "l2c_export.builder.build",
     "BatchRange": "l2c_export.builder.engines",
     "verify_build": "l2c_export.tools.verify",
+    # a learned schedule on a live diffusers pipeline, in PyTorch (``learn``, the package l2c_export.learn, is callable)
+    "enable": "l2c_export.learn.live",
+    "disable": "l2c_export.learn.live",
 }
+_PACKAGES = {"learn": "l2c_export.learn"}  # exported names that are subpackages (callable ones)
 _ALIASES = {"load_manifest": "load"}  # exported name -> its name in its module
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, *_PACKAGES])
 
 
 def __getattr__(name: str):
+    if name in _PACKAGES:
+        return importlib.import_module(_PACKAGES[name])  # importing it sets it here
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'l2c_export' has no attribute {name!r}")

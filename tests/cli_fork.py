@@ -16,8 +16,8 @@ imported), and tests about a fresh interpreter (installs, imports, telemetry, pe
 ``python -m l2c_export.cli`` themselves. ``L2C_TEST_FRESH_CLI=1`` runs every command of the suite in a fresh
 interpreter instead.
 
-Usage: ``python tests/cli_fork.py serve SOCKET`` (the server; it prints "ready" once it listens, and ends when its
-stdin closes) and ``L2C_TEST_CLI_SOCKET=SOCKET python tests/cli_fork.py ARGS...`` (one command).
+Usage: ``L2C_TEST_CLI_SERVE=SOCKET python tests/cli_fork.py`` (the server; it prints "ready" once it listens, and
+ends when its stdin closes) and ``L2C_TEST_CLI_SOCKET=SOCKET python tests/cli_fork.py ARGS...`` (one command).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import socket
 import struct
 import sys
 
-SOCKET_ENV = "L2C_TEST_CLI_SOCKET"
+SOCKET_ENV = "L2C_TEST_CLI_SOCKET"  # the client's: the server to ask
+SERVE_ENV = "L2C_TEST_CLI_SERVE"  # the server's: the socket to listen on
 _LENGTH = struct.Struct("!I")
 _STATUS = struct.Struct("!i")  # the command's exit status, or -N for a death by signal N (as subprocess reports it)
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -127,8 +128,10 @@ def _run_command(request: dict, fds: list[int]) -> None:
 
     def stream(fd: int, mode: str, **options):
         raw = io.FileIO(fd, mode, closefd=False)
-        binary = raw if unbuffered and mode == "w" else (io.BufferedWriter(raw) if mode == "w" else io.BufferedReader(raw))
-        return io.TextIOWrapper(binary, encoding="utf-8", write_through=unbuffered and mode == "w", **options)
+        if mode == "r":
+            return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", **options)
+        binary = raw if unbuffered else io.BufferedWriter(raw)
+        return io.TextIOWrapper(binary, encoding="utf-8", write_through=unbuffered, **options)
 
     _REPLACED_STREAMS.extend((sys.stdin, sys.stdout, sys.stderr))  # kept: collected, they would close fds 0-2
     sys.stdin = sys.__stdin__ = stream(0, "r")
@@ -230,7 +233,7 @@ def serve(path: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve"]:
-        serve(sys.argv[2])
+    if SERVE_ENV in os.environ:  # not an argument: every argument is the command's (`l2c-export serve` is one)
+        serve(os.environ.pop(SERVE_ENV))
     else:
         client(sys.argv[1:])

@@ -195,8 +195,9 @@ def cli_command() -> tuple[list[str], dict[str, str]]:
 
         folder = tempfile.mkdtemp(prefix="l2c-cli-")
         path = os.path.join(folder, "socket")
-        server = subprocess.Popen([sys.executable, str(CLI_FORK), "serve", path], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        server = subprocess.Popen([sys.executable, str(CLI_FORK)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO), "L2C_TEST_CLI_SERVE": path})
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the CLI fork server did not start ({server.wait()})")
 
@@ -216,7 +217,8 @@ def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subproce
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **variables}
     result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=cwd or REPO)
     if check and result.returncode != 0:
-        raise AssertionError(f"l2c-export {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"l2c-export {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n"
+                             f"{result.stderr}")
     return result
 
 

@@ -232,21 +232,22 @@ def load_pipeline(folder: Path):
 
 
 @contextlib.contextmanager
-def schedule_hooks(transformer: torch.nn.Module, sublayers: Sequence[str], compute):
+def schedule_hooks(transformer: torch.nn.Module, sublayers: Sequence[str], compute, passes: int = 1):
     """While active, call ``k`` of ``transformer`` computes sub-module ``sublayers[j]`` where ``compute[k][j]``; where
     not, the module's output is replaced by its most recent computed output (forward hooks, diffusers untouched).
-    Yields the list of calls made so far."""
+    ``passes``: the pipeline calls the transformer that many times a step (cond and uncond apart): call ``k`` is
+    step ``k // passes`` and each pass keeps its own outputs. Yields the list of calls made so far."""
     calls: list[int] = [0]
-    last: dict[str, torch.Tensor] = {}
+    last: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
 
     def hook(name, column):
         def replace(module, args, output):
-            call = calls[0]
-            if compute[call][column]:
-                last[name] = output
+            step, key = calls[0] // passes, (calls[0] % passes, name)
+            if compute[step][column]:
+                last[key] = output
                 return output
-            return last[name]
+            return last[key]
         return replace
 
     def count(module, args, output):

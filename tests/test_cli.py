@@ -95,3 +95,17 @@ def test_onnx_runtime_telemetry_is_off_in_the_cli_unless_asked_for(default_build
                                 cwd=REPO)
         assert result.returncode == 0, result.stderr
         assert database.is_file() is made, setting
+
+
+def test_build_takes_the_step_count_from_the_schedule_and_refuses_a_steps_it_was_not_made_for(tmp_path):
+    """The embedded default samples 20 steps; a 10-step schedule builds a 10-step sampler without --steps, and with
+    --steps 20 is refused naming both counts and the fix, writing nothing."""
+    path = tmp_path / "s10.json"
+    path.write_text(json.dumps({"num_steps": 10, "depth": 6, "compute": [[1] * 12] * 10}))
+    refused = run_cli("build", "--schedule", str(path), "--steps", "20", "--out", str(tmp_path / "no"), check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "--steps: 20, but --schedule" in refused.stderr and "is for 10 model calls" in refused.stderr
+    assert "drop --steps" in refused.stderr and not (tmp_path / "no").exists()
+    run_cli("build", "--schedule", str(path), "--out", str(tmp_path / "E"))
+    manifest = json.loads((tmp_path / "E" / "manifest.json").read_text())
+    assert manifest["sampler"]["num_calls"] == len(manifest["sampler"]["model_times"]) == 10

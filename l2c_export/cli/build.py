@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import CFG_SCALE, EXIT_IO, CommandError, describe_os_error, main
-from .options import model_options, resolve_model, resolve_schedule, schedule_options
+from .options import model_options, resolve_model, resolve_schedule, schedule_options, schedule_steps
 
 
 @main.command()
@@ -43,7 +43,7 @@ def build(diffusers, checkpoint, model_name, image_size, num_classes, schedule_f
     from ..builder.engines import BatchRange
 
     spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers, max_sequence_length)
-    sampler = spec.sampler(sampler_kind, steps)
+    sampler = spec.sampler(sampler_kind, schedule_steps(schedule_file, steps))
     plan = resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction, mode,
                              use_default=checkpoint is None and diffusers is None)
     slug = spec.name.replace("/", "-").replace(" ", "-").lower()

@@ -47,6 +47,9 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="A text model's prompts (--diffusers PixArt), used in turn: an .npz of prompt_embeds (P, L, D), "
                    "prompt_attention_mask (P, L) and, for guidance, negative_prompt_embeds and "
                    "negative_prompt_attention_mask (the pipeline's argument names).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Instead of --conditioning-data: a UTF-8 file of prompts, one a line, encoded by the --diffusers "
+                   "folder's own text encoder at its pipeline's settings.")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the model's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed, the same for every method.")
 @click.option("--random-seeds", type=POSITIVE, default=2, show_default=True,
@@ -58,8 +61,8 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule [on for the "
                    "embedded models, off for --diffusers].")
 def eval_command(model_name, diffusers, image_size, router, schedule_file, threshold, mode, budgets, num_samples,
-                 batch_size, grid_out, labels, conditioning_data, cfg_scale, seed, random_seeds, json_out, png_out,
-                 int8):
+                 batch_size, grid_out, labels, conditioning_data, prompts_file, cfg_scale, seed, random_seeds,
+                 json_out, png_out, int8):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs, from the
     same noise: PSNR and Frechet distance against full compute; on the digits models also FD to the real digits and
     class accuracy (digits classifier features; elsewhere a fixed random projection of the latents)."""
@@ -111,6 +114,19 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
 
         prompts = load_conditioning(conditioning_data, f"--conditioning-data {conditioning_data}")
     text_model = spec.family.null_class(spec.config) is None
+    if prompts_file is not None:
+        from .learn import encoded_prompts
+
+        if conditioning_data is not None:
+            raise click.UsageError("give --conditioning-data or --prompts, not both")
+        if diffusers is None:
+            raise click.BadParameter("prompts are encoded by a --diffusers folder's text encoder; the embedded models "
+                                     "are evaluated on their own captions or labels", param_hint="--prompts")
+        if not text_model:
+            raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
+                                     param_hint="--prompts")
+        guiding = getattr(spec.family, "classifier_free", True) and spec.cfg_scale > 1.0
+        prompts, conditioning_data = encoded_prompts(spec, prompts_file, guiding), prompts_file
     if captioned and prompts is not None:
         raise click.BadParameter(f"{model_name} is evaluated on its own captions (every caption form with every "
                                  f"digit); prompt embeddings do not apply", param_hint="--conditioning-data")
@@ -134,7 +150,8 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
                       random_seeds=tuple(range(random_seeds)),
                       int8=(diffusers is None and not captioned) if int8 is None else int8,
                       labels=None if labels is None else parse_labels(labels), prompts=prompts,
-                      prompts_source=f"--conditioning-data {conditioning_data}", captions=captions,
+                      prompts_source=f"{'--prompts' if prompts_file else '--conditioning-data'} {conditioning_data}",
+                      captions=captions,
                       batch_size=batch_size, grid=grid)
     click.echo(format_table(report))
     click.echo(f"features: {report['features']}")

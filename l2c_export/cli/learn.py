@@ -30,6 +30,10 @@ from .options import model_options, resolve_model
               help="A text model's prompts to learn on: an .npz of prompt_embeds (P, L, D), prompt_attention_mask "
                    "(P, L) and, for guidance, negative_prompt_embeds and negative_prompt_attention_mask (the "
                    "pipeline's argument names); each trajectory takes one at random.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Instead of --conditioning-data, a --diffusers text model's prompts to learn on: a UTF-8 file, "
+                   "one a line (blank lines skipped), encoded by the folder's own text encoder at its pipeline's "
+                   "settings (the negative prompt: the empty one).")
 @click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
               help="official: only the calls where the authors' sampler consults its router reuse (DDIM: every "
                    "other step; DPM-Solver-2S: each step's first call); general: any call may reuse.")
@@ -62,7 +66,8 @@ from .options import model_options, resolve_model
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
 def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories,
-          conditioning_data, mode, sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window, steps_per_iteration, init_std,
+          conditioning_data, prompts_file, mode, sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window,
+          steps_per_iteration, init_std,
           seed, out, save_every, resume, threshold, target_mac_fraction, json_out):
     """Learn router logits (L2C): teacher = full model, student = soft-routed cache, loss = MSE + lambda * sum(w).
 
@@ -93,7 +98,7 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
     data_arg = data_arg or ("digits" if checkpoint is None and spec.space == "pixel" else "none")
     classifier_free = getattr(family, "classifier_free", True)
     prompts = _learning_prompts(spec, conditioning_data, classifier_free and settings.cfg_scale > 1.0, data_arg,
-                                settings.cfg_scale)
+                                settings.cfg_scale, prompts_file)
     if not classifier_free:  # a guidance-distilled model: the scale rides in its guidance input; no negative batch
         settings = dataclasses.replace(settings, cfg_scale=1.0)
     if data_arg == "none":
@@ -157,30 +162,49 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
             echo(f"wrote {json_out}")
 
 
-def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, guidance_scale: float):
-    """A text model's prompts to learn on (``--conditioning-data``), as a :class:`Condition` (a guidance-distilled
-    model's guidance input fed ``guidance_scale``); None for a label model (which refuses the flag)."""
-    from ..learn.data import Condition
-    from ..runtime.conditioning import load_conditioning, refuse_negatives
+def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, guidance_scale: float,
+                      prompts_file: Path | None = None):
+    """A text model's prompts to learn on (``--conditioning-data`` arrays, or ``--prompts`` texts encoded by the
+    folder's text encoder), as a :class:`Condition` (a guidance-distilled model's guidance input fed
+    ``guidance_scale``); None for a label model (which refuses the flags)."""
+    from ..learn.live import prompt_condition
+    from ..runtime.conditioning import load_conditioning
 
+    given = "--prompts" if prompts_file is not None else "--conditioning-data"
     inputs = {tensor.role: tensor for tensor in spec.family.graph_inputs(spec.config)}
+    if conditioning_data is not None and prompts_file is not None:
+        raise click.UsageError("give --conditioning-data or --prompts, not both")
     if "prompt_embeds" not in inputs:
-        if conditioning_data is not None:
+        if conditioning_data is not None or prompts_file is not None:
             raise click.BadParameter("this model is conditioned on class labels; prompts do not apply",
-                                     param_hint="--conditioning-data")
+                                     param_hint=given)
         return None
-    if conditioning_data is None:
-        raise click.UsageError("a text model learns on prompts: give --conditioning-data prompts.npz")
+    if conditioning_data is None and prompts_file is None:
+        raise click.UsageError("a text model learns on prompts: give --conditioning-data prompts.npz or --prompts "
+                               "prompts.txt (one a line)")
     if data_arg != "none":
-        raise click.BadParameter("a text model learns on its own trajectories over --conditioning-data; use --data "
-                                 "none", param_hint="--data")
-    records = {role: {"shape": ["batch", *tensor.shape]} for role, tensor in inputs.items()}
-    order = [tensor.role for tensor in spec.family.graph_inputs(spec.config)]
-    where = f"--conditioning-data {conditioning_data}"
-    arrays = load_conditioning(conditioning_data, where)
-    if not getattr(spec.family, "classifier_free", True):
-        refuse_negatives(arrays, where)
-    return Condition.of_prompts(arrays, records, order, guiding, where, guidance_scale, spec.max_prompt_tokens)
+        raise click.BadParameter(f"a text model learns on its own trajectories over {given}; use --data none",
+                                 param_hint="--data")
+    if prompts_file is not None:
+        where = f"--prompts {prompts_file}"
+        arrays = encoded_prompts(spec, prompts_file, guiding)
+    else:
+        where = f"--conditioning-data {conditioning_data}"
+        arrays = load_conditioning(conditioning_data, where)
+    return prompt_condition(spec.family, spec.config, arrays, guiding, guidance_scale, spec.max_prompt_tokens, where)
+
+
+def encoded_prompts(spec, prompts_file: Path, guiding: bool) -> dict:
+    """``--prompts FILE``'s lines (read and capped as ``run --prompts`` reads them) encoded by the --diffusers
+    folder's own tokenizer and text encoder (its pipeline's ``encode_prompt``): arrays by the pipeline's argument
+    names."""
+    from ..learn.live import encode_prompts, folder_text_pipeline
+    from .run import _read_prompts
+
+    texts = _read_prompts((), prompts_file)
+    folder = Path(spec.weights).parent
+    pipe = folder_text_pipeline(folder, f"--prompts {prompts_file}")
+    return encode_prompts(pipe, texts, guiding, where=f"--prompts {prompts_file}")
 
 
 def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers=None):

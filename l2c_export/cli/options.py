@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..core.schedule import SCHEDULE_MODES
+from ..core.util import short_repr
 from ..samplers import SAMPLER_KINDS
 from . import MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
 
@@ -53,14 +54,31 @@ def schedule_options(function):
                      help="Or decode the router at the threshold that meets this MAC fraction."),
         click.option("--mode", type=click.Choice(SCHEDULE_MODES), default="official", show_default=True,
                      help="How a router is decoded."),
-        click.option("--steps", type=STEPS, help="Model calls (NFE; default: the model's, 20). DPM-Solver-2S makes two "
-                                                "per step."),
+        click.option("--steps", type=STEPS,
+                     help="Model calls (NFE; DPM-Solver-2S makes two per step). Default: the --schedule's "
+                          "num_steps; else the model's: a diffusers folder's pipeline's num_inference_steps (DiT 50, "
+                          "PixArt 20, SD3 and FLUX.1 28), the embedded models' 20."),
         click.option("--sampler", "sampler_kind", type=click.Choice(SAMPLER_KINDS),
                      help="Default: the model's (DiT: ddim; U-ViT: dpm_solver_2s)."),
     ]
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def schedule_steps(schedule_file: Path | None, steps: int | None) -> int | None:
+    """The model calls to sample with: ``--steps``, or where only ``--schedule`` gives the count, the schedule's
+    ``num_steps`` (None: the model's default). A ``--steps`` the schedule was not made for is refused naming both."""
+    if schedule_file is None:
+        return steps
+    from ..core.schedule import Schedule
+
+    made_for = Schedule.load(schedule_file).num_steps
+    if steps is not None and steps != made_for:
+        raise click.BadParameter(f"{steps}, but --schedule {short_repr(str(schedule_file))} is for {made_for} model "
+                                 f"calls (its field 'num_steps'); drop --steps to sample with the schedule's "
+                                 f"{made_for}, or give a schedule made for {steps}", param_hint="--steps")
+    return made_for
 
 
 def resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction, mode,

@@ -9,7 +9,8 @@ import click
 from ..core.schedule import SCHEDULE_MODES, format_model_time
 from ..samplers import create_sampler
 from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, CommandError, main
-from .options import macs_for, model_options, parse_labels, resolve_model, resolve_schedule, save_npy, schedule_options
+from .options import (macs_for, model_options, parse_labels, resolve_model, resolve_schedule, save_npy,
+                      schedule_options, schedule_steps)
 
 
 @main.command()
@@ -135,7 +136,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
     from .options import load_noise
 
     spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers)
-    sampler = spec.sampler(sampler_kind, steps)
+    sampler = spec.sampler(sampler_kind, schedule_steps(schedule_file, steps))
     plan = None if full else resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction,
                                                mode, use_default=checkpoint is None and diffusers is None)
     if plan is not None and plan.compute.all():

@@ -55,6 +55,12 @@ class RouterLogits:
         """The sampler the router was made for (its rows are that sampler's model calls); DDIM unless it says."""
         return str(self.meta.get("sampler", "ddim"))
 
+    def save(self, path: str | Path) -> None:
+        """Writes the router as :func:`load_router` reads it back: :func:`save_router` with :attr:`meta` as string
+        metadata (a string as it is, anything else as JSON)."""
+        save_router(self, path, {key: value if isinstance(value, str) else json.dumps(value)
+                                 for key, value in self.meta.items()})
+
     def to_schedule(self, threshold: float, mode: ScheduleMode = "official",
                     timesteps: list[int] | None = None) -> Schedule:
         """Decode into a schedule with one row per model call.
