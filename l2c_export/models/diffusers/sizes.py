@@ -118,3 +118,16 @@ VAE_SIZES = {
 }
 VAE_CHANNELS = Size(1, 4096, "block_out_channels: 128 to 512 in every released VAE")
 VAE_LEVELS = (1, 8)  # block_out_channels' length: 4 levels (scale factor 8) in every released VAE
+# A CLIP text encoder (SD3's CLIP-L and CLIP-G, FLUX.1's CLIP-L), CLIPTextConfig's fields
+CLIP_TEXT_SIZES = {
+    "vocab_size": Size(1, 1 << 20, "CLIP's 49408"),
+    "hidden_size": Size(1, _WIDTH, "CLIP-G's 1280"),
+    "intermediate_size": Size(1, 1 << 16, "CLIP-G's 5120"),
+    "num_hidden_layers": Size(1, 128, "CLIP-G's 32"),
+    "num_attention_heads": Size(1, 256, "CLIP-G's 20"),
+    "max_position_embeddings": Size(1, 4096, "CLIP's 77"),
+    "projection_dim": Size(1, _WIDTH, "CLIP-G's 1280"),
+    "pad_token_id": Size(0, (1 << 20) - 1, "a token id: CLIP's 1", optional=True),
+    "bos_token_id": Size(0, (1 << 20) - 1, "a token id: CLIP's 0 (49406 in its tokenizer)", optional=True),
+    "eos_token_id": Size(0, (1 << 20) - 1, "a token id: CLIP's 2 (49407 in its tokenizer)", optional=True),
+}
