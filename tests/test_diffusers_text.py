@@ -296,7 +296,7 @@ def test_a_rebuild_reuses_the_component_files(text_build, tmp_path):
     (lambda f: _edit(f / "text_encoder" / "config.json", architectures=["CLIPTextModel"]),
      "field 'architectures' is ['CLIPTextModel']; supported text encoders: T5EncoderModel"),
     (lambda f: _edit(f / "text_encoder" / "config.json", d_model=16),
-     "field 'd_model' is 16; the transformer takes prompt embeddings 12 wide"),
+     "field 'd_model' is 16; the transformer takes prompt_embeds 12 wide"),
     (lambda f: (f / "tokenizer" / "tokenizer.json").unlink(), "tokenizer.json: missing"),
     (lambda f: (f / "text_encoder" / "model.safetensors").rename(f / "text_encoder" / "pytorch_model.bin"),
      "pytorch_model.bin is pickled, which is never loaded here"),

@@ -261,11 +261,11 @@ def _edit(path, **changes):
 
 @pytest.mark.parametrize("breakage, message", [
     (lambda f: _edit(f / "text_encoder_3" / "config.json", d_model=16),
-     "text_encoder_3/config.json: field 'd_model' is 16; the transformer takes prompt embeddings 12 wide (made of "
+     "text_encoder_3/config.json: field 'd_model' is 16; the transformer takes prompt_embeds 12 wide (made of "
      "text_encoder/penultimate_hidden_state 4 + text_encoder_2/penultimate_hidden_state 6 + "
      "text_encoder_3/last_hidden_state 16, 16)"),
     (lambda f: _edit(f / "text_encoder_2" / "config.json", projection_dim=5),
-     "text_encoder_2/config.json: field 'projection_dim' is 5; the transformer takes pooled prompt embeddings 6 wide"),
+     "text_encoder_2/config.json: field 'projection_dim' is 5; the transformer takes pooled_prompt_embeds 6 wide"),
     (lambda f: _edit(f / "text_encoder" / "config.json", architectures=["T5EncoderModel"]),
      "field 'architectures' is ['T5EncoderModel']; supported text encoders: CLIPTextModelWithProjection, "
      "CLIPTextModel"),

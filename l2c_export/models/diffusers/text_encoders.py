@@ -34,7 +34,6 @@ TOKENIZER_MAX_LENGTH = "tokenizer_max_length"
 DEFAULT_TOKENIZER_MAX_LENGTH = 77  # the pipelines' tokenizer_max_length where the folder has no tokenizer
 # --max-sequence-length's range: StableDiffusion3Pipeline and FluxPipeline refuse more than 512 (T5's trained length)
 SEQUENCE_LENGTHS = (1, 512)
-ARRAY_WORDS = {"prompt_embeds": "prompt embeddings", "pooled_prompt_embeds": "pooled prompt embeddings"}
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ def read_text_encoders(folder: Path, index: dict, stack: TextEncoderStack, width
             made_of = (f" (made of {' + '.join(f'{piece} {piece_widths[piece]}' for piece in pieces)}, {made})"
                        if len(pieces) > 1 else "")
             raise error(f"{blamed.encoder / 'config.json'}: field {key!r} is {blamed.config.get(key)}; the "
-                        f"transformer takes {ARRAY_WORDS.get(name, name)} {widths.get(name)} wide{made_of}")
+                        f"transformer takes {name} {widths.get(name)} wide{made_of}")
     length = None
     if any(encoder.length == TOKENIZER_MAX_LENGTH for encoder in stack.encoders):
         length = tokenizer_max_length(folder / stack.encoders[0].tokenizer, read_json, error)
