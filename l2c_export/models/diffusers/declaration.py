@@ -191,6 +191,10 @@ class Declaration:
             raise ValueError(f"{self.transformer_class}: a pipeline argument is declared twice in {arguments}")
         if any(c.kind == LABEL for c in self.conditioning) != (self.guidance.null_class is not None):
             raise ValueError(f"{self.transformer_class}: a label input and the guidance's null class come together")
+        made = [name for name, _ in self.text_encoders.arrays] if self.text_encoders is not None else []
+        if not set(made) <= {c.argument for c in self.conditioning}:
+            raise ValueError(f"{self.transformer_class}: the text encoders make {made}; each must be a declared "
+                             f"conditioning argument")
         scale_fed = [c for c in self.conditioning if c.argument == self.guidance.scale_argument]
         if any(c.kind != SCALAR for c in scale_fed):
             raise ValueError(f"{self.transformer_class}: the input fed the scale ({self.guidance.scale_argument}) "
