@@ -146,13 +146,85 @@ def tiny_t5(word_level: bool = False):
     return tokenizer, encoder.eval()
 
 
+# The tiny CLIP tokenizers' words: byte-level BPE merges build each word from its letters, as CLIP's vocabulary does;
+# anything else (digits, punctuation but "!", capitals are lower-cased) is a letter at a time or <|endoftext|> (unknown).
+CLIP_WORDS = ("a the handwritten digit seven three picture of blurry drawn").split()
+CLIP_MAX_LENGTH = 77  # CLIP's model_max_length: the pipelines' tokenizer_max_length
+
+
+def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A tiny CLIP tokenizer (transformers' ``CLIPTokenizer``, backed by a ``tokenizers`` BPE with CLIP's
+    normalizer, pre-tokenizer, ``</w>`` word ends and post-processor), ``model_max_length`` 77: letters, digits,
+    "!", merges for :data:`CLIP_WORDS`, <|startoftext|> and <|endoftext|> the highest ids (as in CLIP, where the
+    legacy pooled position is the argmax of the ids). ``pad_token``: CLIP-L pads with <|endoftext|>, SD3's CLIP-G
+    with "!"."""
+    from transformers import CLIPTokenizer
+
+    symbols = list("abcdefghijklmnopqrstuvwxyz0123456789!")
+    vocab = {}
+    for symbol in symbols:
+        vocab.setdefault(symbol, len(vocab))
+        vocab.setdefault(symbol + "</w>", len(vocab))
+    merges = []
+    for word in CLIP_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    merges = list(dict.fromkeys(merges))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=CLIP_MAX_LENGTH)
+
+
+def tiny_clip(hidden_size: int, projection_dim: int | None, pad_token: str = "<|endoftext|>",
+              legacy_eos: bool = False):
+    """(tokenizer, encoder): :func:`tiny_clip_tokenizer` and a tiny random ``CLIPTextModelWithProjection``
+    (``projection_dim`` given: SD3's pair) or ``CLIPTextModel`` (FLUX.1's), 77 positions. ``legacy_eos``: the
+    config's eos_token_id is 2, as CLIP's released configs have it (the pooled position is then the argmax of the
+    ids), else the tokenizer's <|endoftext|> id (the first of it)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer(pad_token)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH,
+                            projection_dim=projection_dim or hidden_size, pad_token_id=1,
+                            bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=2 if legacy_eos else tokenizer.eos_token_id)
+    encoder = CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+    return tokenizer, encoder.eval()
+
+
+def sd3_text_encoders() -> dict:
+    """SD3's three pairs in miniature: CLIP-L (4 wide, pooled projected to 2, its config's legacy eos_token_id 2),
+    CLIP-G (6 wide, pooled 4, padding with "!") and T5 (12 wide): the CLIPs' 4 + 6 channels are padded to T5's 12
+    (joint_attention_dim), the pooled 2 + 4 make pooled_projection_dim 6."""
+    tokenizer, text_encoder = tiny_clip(4, 2, legacy_eos=True)
+    tokenizer_2, text_encoder_2 = tiny_clip(6, 4, pad_token="!")
+    tokenizer_3, text_encoder_3 = tiny_t5()
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+
+
+def flux_text_encoders() -> dict:
+    """FLUX.1's two pairs in miniature: CLIP-L as a ``CLIPTextModel`` 6 wide (its pooler_output is
+    pooled_projection_dim 6) and T5 12 wide (joint_attention_dim)."""
+    tokenizer, text_encoder = tiny_clip(6, None)
+    tokenizer_2, text_encoder_2 = tiny_t5()
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer_2)
+
+
 def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     """A tiny random ``DiTPipeline`` (``family`` "dit"), ``PixArtAlphaPipeline`` ("pixart": without text encoder;
     "pixart-t5": with :func:`tiny_t5`; "pixart-t5-words": with its word-level tokenizer), ``StableDiffusion3Pipeline``
-    ("sd3", "sd35") or ``FluxPipeline`` ("flux"; the last three with scheduler "flow"; without text encoders; their
-    VAEs with SD3's and FLUX.1's scaling and shift factors), fp32, eval. The VAE has one level, so pixels are latents
+    ("sd3", "sd35"; "sd3-text" with :func:`sd3_text_encoders`) or ``FluxPipeline`` ("flux"; "flux-text" with
+    :func:`flux_text_encoders`; these with scheduler "flow", without text encoders unless "-text"; their VAEs with
+    SD3's and FLUX.1's scaling and shift factors), fp32, eval. The VAE has one level, so pixels are latents
     (vae_scale_factor 1). ``SanaPipeline`` ("sana"; "sana15" with Sana 1.5's qk norms): scheduler "flow" is Sana's
-    DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder."""
+    DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder;
+    ``QwenImagePipeline`` ("qwen"), no text encoder."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
@@ -162,16 +234,20 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
         pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=tiny_dc_ae(),
                             transformer=SanaTransformer2DModel(**(SANA_CONFIG if family == "sana" else SANA15_CONFIG)),
                             scheduler=_scheduler("flow", family))
-    elif family in ("sd3", "sd35"):
+    elif family in ("sd3", "sd35", "sd3-text"):
         encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
+        if family == "sd3-text":
+            encoders = sd3_text_encoders()
         pipe = StableDiffusion3Pipeline(
-            transformer=SD3Transformer2DModel(**(SD3_CONFIG if family == "sd3" else SD35_CONFIG)),
+            transformer=SD3Transformer2DModel(**(SD35_CONFIG if family == "sd35" else SD3_CONFIG)),
             vae=tiny_vae(**VAE_FACTORS["sd3"]),
-            scheduler=_scheduler("flow", family), **encoders)
-    elif family == "flux":
+            scheduler=_scheduler("flow", family.removesuffix("-text")), **encoders)
+    elif family in ("flux", "flux-text"):
+        encoders = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+        if family == "flux-text":
+            encoders = flux_text_encoders()
         pipe = FluxPipeline(transformer=FluxTransformer2DModel(**FLUX_CONFIG), vae=tiny_vae(**VAE_FACTORS["flux"]),
-                            scheduler=_scheduler("flow", family), text_encoder=None, tokenizer=None,
-                            text_encoder_2=None, tokenizer_2=None)
+                            scheduler=_scheduler("flow", "flux"), **encoders)
     elif family == "qwen":
         from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 

@@ -4,6 +4,7 @@ kinds it declares, and no runtime (Python, Triton model, C++) writes any declare
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -143,6 +144,19 @@ def test_a_guidance_distilled_declaration_refuses_negatives():
     with pytest.raises(ConditioningError, match="array 'negative_prompt_attention_mask' is not used: this model is "
                                                 "guidance-distilled"):
         batch_conditioning(records, guidance, False, conditioning=_arrays())
+
+
+def test_a_text_encoder_stack_makes_only_declared_conditioning_and_sd3s_prompt_is_clip_plus_t5():
+    """The stack's arrays are the declaration's conditioning arguments (one name, one place); the token bound of
+    SD3's prompt_embeds is CLIP's 77 + the pipeline's max_sequence_length, FLUX.1's the latter alone."""
+    sd3 = get_family("diffusers-sd3")
+    assert [name for name, _ in sd3.declaration.text_encoders.arrays] == ["prompt_embeds", "pooled_prompt_embeds"]
+    assert sd3.max_prompt_tokens("StableDiffusion3Pipeline") == 77 + 256
+    assert sd3.max_prompt_tokens("StableDiffusion3Pipeline", 24) == 77 + 24
+    assert get_family("diffusers-flux").max_prompt_tokens("FluxPipeline", 24) == 24
+    with pytest.raises(ValueError, match=r"the text encoders make \['prompt_embeds', 'pooled_prompt_embeds'\]; each "
+                                         r"must be a declared conditioning argument"):
+        dataclasses.replace(sd3.declaration, conditioning=sd3.declaration.conditioning[:1])
 
 
 def test_true_cfg_is_qwen_images_combination_rescaled_to_the_conditional_norm():

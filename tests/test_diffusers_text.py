@@ -60,8 +60,14 @@ def test_the_build_carries_the_text_encoder_tokenizer_and_vae_decoder_with_their
     _, engines, _ = text_build
     manifest = load(engines)
     components = manifest["components"]
-    assert sorted(components) == ["text_encoder", "tokenizer", "vae_decoder"]
+    assert sorted(components) == ["prompt_encoding", "text_encoder", "tokenizer", "vae_decoder"]
     assert manifest["model"]["max_sequence_length"] == MAX_TOKENS
+    # the stack as data: T5 fed its mask, prompts lower-cased and stripped, the embeddings and the mask the arrays
+    assert components["prompt_encoding"] == {
+        "max_sequence_length": MAX_TOKENS, "preprocessing": "lower_strip",
+        "encoders": [{"encoder": "text_encoder", "tokenizer": "tokenizer", "masked": True, "max_length": MAX_TOKENS}],
+        "arrays": {"prompt_embeds": [["text_encoder/last_hidden_state"]],
+                   "prompt_attention_mask": [["text_encoder/attention_mask"]]}}
     assert components["text_encoder"]["outputs"][0]["shape"] == ["batch", "prompt_tokens", CAPTION_CHANNELS]
     assert components["vae_decoder"]["inputs"][0]["shape"] == ["batch", 4, 8, 8]
     assert components["vae_decoder"]["scaling_factor"] == pytest.approx(0.18215)
@@ -261,8 +267,17 @@ def test_manifest_checks_refuse_components_that_do_not_fit_the_model(text_build)
     data = load(engines, verify_files=False)
     encoder = json.loads(json.dumps(data))
     encoder["components"]["text_encoder"]["outputs"][0]["shape"][-1] = 7
-    with pytest.raises(ManifestError, match="'components/text_encoder/outputs' is .*expected the prompt embeddings"):
+    with pytest.raises(ManifestError, match="'components/prompt_encoding/arrays/prompt_embeds' makes 7 channels; "
+                                            "'model/inputs' prompt_embeds takes 12"):
         check_consistency(encoder, "m")
+    recipe = json.loads(json.dumps(data))
+    del recipe["components"]["prompt_encoding"]
+    with pytest.raises(ManifestError, match="'components/prompt_encoding' is missing beside 'components/text_encoder'"):
+        check_consistency(recipe, "m")
+    unmasked = json.loads(json.dumps(data))
+    unmasked["components"]["prompt_encoding"]["encoders"][0]["masked"] = False
+    with pytest.raises(ManifestError, match="'components/text_encoder/inputs' is .*; expected \\['input_ids'\\]"):
+        check_consistency(unmasked, "m")
     unbounded = json.loads(json.dumps(data))
     del unbounded["model"]["max_sequence_length"]
     with pytest.raises(ManifestError, match="'model/max_sequence_length' is missing; a text model states"):
@@ -302,7 +317,7 @@ def test_a_rebuild_reuses_the_component_files(text_build, tmp_path):
     (lambda f: _edit(f / "text_encoder" / "config.json", architectures=["CLIPTextModel"]),
      "field 'architectures' is ['CLIPTextModel']; supported text encoders: T5EncoderModel"),
     (lambda f: _edit(f / "text_encoder" / "config.json", d_model=16),
-     "field 'd_model' is 16; the transformer takes prompt embeddings 12 wide"),
+     "field 'd_model' is 16; the transformer takes prompt_embeds 12 wide"),
     (lambda f: (f / "tokenizer" / "tokenizer.json").unlink(), "tokenizer.json: missing"),
     (lambda f: (f / "text_encoder" / "model.safetensors").rename(f / "text_encoder" / "pytorch_model.bin"),
      "pytorch_model.bin is pickled, which is never loaded here"),

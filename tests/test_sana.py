@@ -60,7 +60,7 @@ def test_a_sana_folder_reads_with_its_named_sublayers_sampler_and_macs(tiny_diff
     assert found.family.name == "diffusers-sana" and found.pipeline_class == "SanaPipeline"
     assert found.family.sublayer_names(found.config) == tuple(
         f"transformer_blocks.{i}.{name}" for i in range(2) for name in ("attn1", "attn2", "ff"))
-    assert found.components.vae_class == "AutoencoderDC" and found.components.text_encoder is None
+    assert found.components.vae_class == "AutoencoderDC" and found.components.text_encoders == ()
     assert found.vae_scale_factor == 2
     spec = from_diffusers(found.path)
     sampler = spec.sampler(None, STEPS)
@@ -92,7 +92,7 @@ def test_the_dc_ae_is_estimated_by_its_own_class_and_a_gemma_encoder_is_declared
     index.update(text_encoder=["transformers", "Gemma2Model"], tokenizer=["transformers", "GemmaTokenizerFast"])
     (folder / "model_index.json").write_text(json.dumps(index))
     found = read_folder(folder)
-    assert found.components.text_encoder is None and found.components.vae_class == "AutoencoderDC"
+    assert found.components.text_encoders == () and found.components.vae_class == "AutoencoderDC"
 
 
 @pytest.mark.parametrize("family", ("sana", "sana15"))

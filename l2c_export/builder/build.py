@@ -143,7 +143,10 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
                 _export_subset(universal, subset, staging / graph_file, inputs, outputs, _stamped_fields(spec), form)
                 exported.append(graph_file)
             engine_file = builder.engine_file(graph_file, key)
-            engine_key = key_of({"graph": key, "backend": request.backend, "batch": request.batch.to_dict()})
+            # a text model's engine profile spans its prompt lengths (build --max-sequence-length)
+            prompt_tokens = {} if spec.max_prompt_tokens is None else {"prompt_tokens": spec.max_prompt_tokens}
+            engine_key = key_of({"graph": key, "backend": request.backend, "batch": request.batch.to_dict(),
+                                 **prompt_tokens})
             if engine_file != graph_file and not reuse(previous, engine_key, staging / engine_file, reused):
                 builder.build(staging / graph_file, staging / engine_file, inputs, request.batch,
                               spec.family.dim_ranges(spec.config, spec.max_prompt_tokens))

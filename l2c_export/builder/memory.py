@@ -32,15 +32,17 @@ def transformer_parts(family, config, where: str, size_blame: str) -> list[Part]
                  TRACE_BATCH * tokens * width * FLOAT32 * ACTIVATION_COPIES, size_blame)]
 
 
-def text_encoder_parts(config: dict, where: str) -> list[Part]:
-    """A T5 encoder's fp32 weights (its vocabulary's embedding named where it is most of them)."""
-    from transformers import T5Config, T5EncoderModel
+def text_encoder_parts(config: dict, where: str, kind) -> list[Part]:
+    """A text encoder's fp32 weights (its vocabulary's embedding named where it is most of them); ``kind``: its
+    :class:`~l2c_export.models.diffusers.text_encoders.EncoderKind` (the config's width and depth fields)."""
+    import transformers
 
-    t5 = T5Config.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
-    params = count_parameters(lambda: T5EncoderModel(t5))
-    embedding = config["vocab_size"] * config["d_model"]
+    module = getattr(transformers, config["architectures"][0])
+    model_config = module.config_class.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    params = count_parameters(lambda: module(model_config))
+    embedding = config["vocab_size"] * config[kind.width]
     blame = (f"{where}: field 'vocab_size' ({config['vocab_size']})" if 2 * embedding >= params
-             else f"{where}: field 'num_layers' ({config['num_layers']})")
+             else f"{where}: field {kind.layers!r} ({config[kind.layers]})")
     return [Part(f"text encoder weights ({params:,} parameters)", params * FLOAT32, blame)]
 
 
@@ -78,8 +80,11 @@ def build_parts(spec) -> list[Part]:
                                                                f"image tokens)")
     parts = transformer_parts(family, config, where, size_blame)
     components = []
-    if found is not None and found.text_encoder_config is not None:
-        components.append(text_encoder_parts(found.text_encoder_config, str(found.text_encoder / "config.json")))
+    for encoder in () if found is None else found.text_encoders:  # exported one at a time
+        from ..models.diffusers.text_encoders import ENCODER_KINDS
+
+        components.append(text_encoder_parts(encoder.config, str(encoder.encoder / "config.json"),
+                                             ENCODER_KINDS[encoder.spec.kind]))
     if found is not None and found.vae_config is not None:
         components.append(vae_parts(family, found.vae_config, found.vae_class, str(found.vae / "config.json"),
                                     family.vae_latents(config), size_blame))

@@ -36,10 +36,10 @@ def model_options(function):
     return function
 
 
-def resolve_model(checkpoint, model_name, image_size, num_classes, diffusers=None):
+def resolve_model(checkpoint, model_name, image_size, num_classes, diffusers=None, max_sequence_length=None):
     from ..models import zoo
 
-    return zoo.resolve(checkpoint, model_name, image_size, num_classes, diffusers)
+    return zoo.resolve(checkpoint, model_name, image_size, num_classes, diffusers, max_sequence_length)
 
 
 def schedule_options(function):

@@ -496,11 +496,69 @@ def _packed_2x2(shape: list | None) -> list | None:
         return None
 
 
+def _check_prompt_encoding(components: dict, by_argument: dict, max_tokens: int | None, where: str) -> None:
+    """The text-encoder stack's record ('components/prompt_encoding') against its encoders' records and the model:
+    every text_encoder*/tokenizer* component is one of its entries; each entry's graph takes input_ids (and
+    attention_mask where 'masked'), int64 (batch, tokens); each array is one of the model's inputs, made of outputs
+    its encoders have (:mod:`.text_stack`), as wide as the model's input (``by_argument``: the conditioning records
+    by pipeline argument), and the token embeddings at most 'model/max_sequence_length' tokens long."""
+    from .text_stack import ATTENTION_MASK, combined_width, split_piece
+
+    record = components.get("prompt_encoding")
+    parts = sorted(name for name in components if name.startswith(("text_encoder", "tokenizer")))
+    if record is None:
+        if parts:
+            raise ManifestError(f"{where}: field 'components/prompt_encoding' is missing beside "
+                                f"'components/{parts[0]}'; rebuild with this l2c-export")
+        return
+    entries = {entry["encoder"]: entry for entry in record["encoders"]}
+    listed = sorted({*entries, *(entry["tokenizer"] for entry in record["encoders"])})
+    if listed != parts or len(entries) != len(record["encoders"]):
+        raise ManifestError(f"{where}: field 'components/prompt_encoding/encoders' names {listed}; the components "
+                            f"are {parts} (each encoder and its tokenizer once)")
+    widths, tokens = {}, {}
+    for name, entry in entries.items():
+        encoder = components[name]
+        expected = ["input_ids", "attention_mask"] if entry["masked"] else ["input_ids"]
+        got = [(t["name"], t["dtype"], len(t["shape"])) for t in encoder["inputs"]]
+        if got != [(input_name, "int64", 2) for input_name in expected]:
+            raise ManifestError(f"{where}: field 'components/{name}/inputs' is {got}; expected {expected}, int64 "
+                                f"(batch, tokens)")
+        for output in encoder["outputs"]:
+            widths[f"{name}/{output['name']}"] = output["shape"][-1]
+            length = output["shape"][1] if len(output["shape"]) == 3 else None
+            tokens[f"{name}/{output['name']}"] = entry["max_length"] if isinstance(length, str) else length
+        widths[f"{name}/{ATTENTION_MASK}"], tokens[f"{name}/{ATTENTION_MASK}"] = None, entry["max_length"]
+    for array, groups in record["arrays"].items():
+        field = f"'components/prompt_encoding/arrays/{array}'"
+        unknown = [piece for group in groups for piece in group if piece not in widths]
+        if unknown:
+            raise ManifestError(f"{where}: field {field} reads {unknown[0]!r}, which no encoder of the build gives")
+        if array not in by_argument:
+            raise ManifestError(f"{where}: field {field}: the model takes no {array} ('model/inputs')")
+        if split_piece(groups[0][0])[1] == ATTENTION_MASK:
+            continue
+        try:
+            width = combined_width(groups, widths, f"{where}: field {field}")
+        except TypeError:
+            raise ManifestError(f"{where}: field {field} mixes masks and embeddings") from None
+        except ValueError as error:
+            raise ManifestError(str(error)) from None
+        if width != by_argument[array]["shape"][-1]:
+            raise ManifestError(f"{where}: field {field} makes {width} channels; 'model/inputs' {array} takes "
+                                f"{by_argument[array]['shape'][-1]}")
+        if by_argument[array]["kind"] == TOKEN_EMBEDDINGS and max_tokens is not None:
+            length = sum(tokens[group[0]] or 0 for group in groups)
+            if length > max_tokens:
+                raise ManifestError(f"{where}: field {field} makes {length} tokens; 'model/max_sequence_length' is "
+                                    f"{max_tokens}")
+
+
 def _check_components(data: dict, where: str) -> None:
     """A text model (prompt embeddings among 'model/inputs') states its longest prompt, 'model/max_sequence_length',
     and only a text model does; the components fit the model: the VAE decoder takes the sample's shape (unpacked,
-    where its 'latent_layout' is packed_2x2), the text encoder gives embeddings as wide as 'prompt_embeds' and comes
-    with its tokenizer (the schema says so too); the files of the components are named once each."""
+    where its 'latent_layout' is packed_2x2), the text encoders make what the model takes
+    (:func:`_check_prompt_encoding`); the files of the components are named once each."""
     model = data["model"]
     by_role = {tensor["role"]: tensor for tensor in model["inputs"]}
     embeddings = next((t for t in conditioning_records(model["inputs"]) if t["kind"] == TOKEN_EMBEDDINGS), None)
@@ -526,16 +584,8 @@ def _check_components(data: dict, where: str) -> None:
         if len(decoder["outputs"]) != 1 or len(decoder["outputs"][0]["shape"]) != 4:
             raise ManifestError(f"{where}: field 'components/vae_decoder/outputs': expected one image output "
                                 f"(batch, C, H, W)")
-    encoder = components.get("text_encoder")
-    if encoder is not None:
-        width = embeddings["shape"][-1] if text else None
-        shapes = [t["shape"] for t in encoder["outputs"]]
-        if shapes != [["batch", "prompt_tokens", width]]:
-            raise ManifestError(f"{where}: field 'components/text_encoder/outputs' is {shapes}; expected the prompt "
-                                f"embeddings ['batch', 'prompt_tokens', {width}] of 'model/inputs'")
-        if [(t["dtype"], t["shape"]) for t in encoder["inputs"]] != [("int64", ["batch", "prompt_tokens"])] * 2:
-            raise ManifestError(f"{where}: field 'components/text_encoder/inputs': expected input ids and an "
-                                f"attention mask, int64 ['batch', 'prompt_tokens']")
+    _check_prompt_encoding(components, {t["argument"]: t for t in conditioning_records(model["inputs"])},
+                           model.get("max_sequence_length"), where)
     named = {entry["file"] for entry in all_files({**data, "components": {}})}
     for name, component in components.items():
         for field in ("graph", "weights", "file"):

@@ -41,7 +41,8 @@ class ModelSpec:
     scheduler_config: dict | None = None  # a diffusers folder's scheduler_config.json: the sampler comes from it
     scheduler_source: str | None = None  # where that config was read (named in its errors)
     components: object = None  # a diffusers folder's FolderComponents: the VAE, text encoder and tokenizer a build carries
-    max_prompt_tokens: int | None = None  # text models: the longest prompt L (the pipeline's max_sequence_length)
+    max_prompt_tokens: int | None = None  # text models: the longest prompt embeddings L (the bound of their tokens)
+    max_sequence_length: int | None = None  # text models: the pipeline's max_sequence_length (T5's tokens)
 
     def __post_init__(self):
         if self.sampler_kind is None:
@@ -125,31 +126,52 @@ def official(checkpoint: str | Path, model: str, image_size: int, num_classes: i
     return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent")
 
 
-def from_diffusers(folder: str | Path, image_size: int | None = None) -> ModelSpec:
+def from_diffusers(folder: str | Path, image_size: int | None = None,
+                   max_sequence_length: int | None = None) -> ModelSpec:
     """A diffusers pipeline folder (:func:`l2c_export.models.diffusers.read_folder`): its transformer, its scheduler as
     the sampler, the pipeline's default steps and guidance scale; ``image_size`` (pixels) for a transformer without a
-    ``sample_size`` (FLUX.1)."""
+    ``sample_size`` (FLUX.1); ``max_sequence_length`` the pipelines' argument of that name (T5's tokens; default the
+    pipeline's) for a text model."""
     from ..core.extras import require_extra
     from .diffusers import read_folder
+    from .diffusers.text_encoders import SEQUENCE_LENGTHS
 
     require_extra("diffusers", f"the diffusers folder {folder}")  # its transformer is diffusers' class
     found = read_folder(folder)
     config = found.family.sized_config(found.config, image_size, found.vae_scale_factor)
+    family = found.family
+    if max_sequence_length is not None:
+        low, high = SEQUENCE_LENGTHS
+        if family.declaration.text_encoders is None:
+            raise ValueError(f"--max-sequence-length: a {found.config.transformer_class} takes no prompts; leave "
+                             f"--max-sequence-length out")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+                or not low <= max_sequence_length <= high:
+            raise ValueError(f"--max-sequence-length {max_sequence_length!r}: expected an integer in {low}..{high} "
+                             f"(T5's tokens; {found.pipeline_class} takes at most {high})")
+    if family.declaration.text_encoders is not None:
+        max_sequence_length = max_sequence_length or family.declaration.max_sequence_length[found.pipeline_class]
     return ModelSpec(name=f"{found.config.transformer_class} {Path(folder).resolve().name}", config=config,
-                     weights=found.transformer_dir, space="latent", num_steps=found.family.default_steps,
+                     weights=found.transformer_dir, space="latent", num_steps=family.default_steps,
                      scheduler_config=found.scheduler_config, scheduler_source=str(found.scheduler_config_path),
                      components=found.components,
-                     max_prompt_tokens=found.family.max_prompt_tokens(found.pipeline_class))
+                     max_prompt_tokens=family.max_prompt_tokens(found.pipeline_class, max_sequence_length,
+                                                                found.components.tokenizer_max_length),
+                     max_sequence_length=max_sequence_length)
 
 
 def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | None,
-            num_classes: int | None, diffusers: str | Path | None = None) -> ModelSpec:
+            num_classes: int | None, diffusers: str | Path | None = None,
+            max_sequence_length: int | None = None) -> ModelSpec:
     """A diffusers folder (``diffusers``); without a checkpoint, an embedded model (``model``: dit-digits, the
     default, uvit-digits or t2i-digits); else the official model the flags describe."""
     if diffusers is not None:
         if checkpoint is not None or model is not None:
             raise ValueError("--diffusers names the model; leave out --checkpoint and --model")
-        return from_diffusers(diffusers, image_size)
+        return from_diffusers(diffusers, image_size, max_sequence_length)
+    if max_sequence_length is not None:
+        raise ValueError("--max-sequence-length is the prompt length of a --diffusers folder's text model; leave it "
+                         "out")
     if checkpoint is None:
         if model is not None and model not in EMBEDDED_MODELS:
             raise ValueError(f"--model {model} needs --checkpoint; without one, --model is an embedded model: "

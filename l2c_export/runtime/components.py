@@ -1,8 +1,9 @@
 """A build's components at run time (the manifest's ``components``; numpy, ONNX Runtime and the ``tokenizers`` library,
 no torch or transformers): prompts to prompt embeddings, latents to images.
 
-:class:`PromptEncoder` turns prompts into the pipelines' four conditioning arrays as ``PixArtAlphaPipeline.encode_prompt``
-(diffusers 0.42, ``clean_caption=False``) makes them; :class:`ImageDecoder` decodes latents with the VAE decoder graph
+:class:`PromptEncoder` turns prompts into the pipelines' conditioning arrays as their ``encode_prompt`` makes them
+(diffusers 0.42: PixArt's T5 with ``clean_caption=False``, SD3's CLIP-L + CLIP-G + T5, FLUX.1's CLIP-L + T5), from the
+manifest's ``components/prompt_encoding`` alone; :class:`ImageDecoder` decodes latents with the VAE decoder graph
 as the pipelines do before ``image_processor.postprocess`` (scaled, shifted, FLUX.1's unpacked by
 :func:`l2c_export.core.latents.unpack_latents`).
 """
@@ -15,8 +16,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..core import manifest as manifest_io
-from ..core.interface import PACKED_2X2, TOKEN_EMBEDDINGS, TOKEN_MASK, conditioning_records
+from ..core.interface import PACKED_2X2, conditioning_records
 from ..core.latents import unpack_latents
+from ..core.text_stack import ATTENTION_MASK, combine, preprocess
 from ..core.util import short_repr
 
 
@@ -95,53 +97,82 @@ def _component_session(folder: Path, manifest: dict, name: str, providers: Seque
     return component_session(path, providers)
 
 
-class PromptEncoder:
-    """Prompts -> the model's token embeddings (n, L, D) float32 and their token mask (n, L) float32 and, when
-    guiding, the negative prompt's pair, by the pipeline argument names the manifest's conditioning inputs give them
-    (``model/inputs`` of kinds token_embeddings and token_mask, and their ``negative`` partners), L = the
-    manifest's ``model/max_sequence_length``.
+class StackEncoder:
+    """One encoder of a build's text-encoder stack (an entry of ``components/prompt_encoding/encoders``): its
+    tokenizer, read with the ``tokenizers`` library and set as transformers calls it for the pipelines
+    (``padding="max_length", truncation=True``: right side, longest first, special tokens added, to the entry's
+    ``max_length``), and its graph, fed the ids (and the mask where the entry is ``masked``: PixArt; else the
+    padding is attended to, as SD3's and FLUX.1's pipelines call their encoders)."""
 
-    Written by hand because the pipeline's own ``encode_prompt`` needs torch and transformers; it mirrors diffusers
-    0.42's ``PixArtAlphaPipeline.encode_prompt`` with ``clean_caption=False`` (``PixArtSigmaPipeline``'s is the
-    same): each prompt lower-cased and stripped (``_text_preprocessing``), tokenized with special tokens (T5's
-    ``</s>``), truncated and padded on the right to ``max_sequence_length`` (the mask 1 on tokens, 0 on padding),
-    encoded with that mask; the negative prompt ("" by default) the same way, to the prompts' length, one per prompt.
-    """
-
-    def __init__(self, manifest: dict, folder: Path, providers: Sequence = ("CPUExecutionProvider",)):
+    def __init__(self, manifest: dict, folder: Path, entry: dict, providers: Sequence):
         from tokenizers import Tokenizer
 
-        self.max_length = manifest["model"]["max_sequence_length"]
-        record = manifest["components"]["tokenizer"]
-        path = _component_path(folder, manifest, "tokenizer", "file")
+        self.name, self.max_length = entry["encoder"], entry["max_length"]
+        record = manifest["components"][entry["tokenizer"]]
+        path = _component_path(folder, manifest, entry["tokenizer"], "file")
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises its own Exception on a bad file
             raise manifest_io.ManifestError(f"{path}: not a tokenizers library file ({error})") from None
-        # As transformers calls it (padding="max_length", truncation=True): right side, longest first, no stride.
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.enable_padding(direction="right", pad_id=record["pad_id"], pad_token=record["pad_token"],
                                       length=self.max_length)
-        self.session = _component_session(folder, manifest, "text_encoder", providers)
-        self._inputs = [t["name"] for t in manifest["components"]["text_encoder"]["inputs"]]
-        records = {record["kind"]: record for record in conditioning_records(manifest["model"]["inputs"])}
-        # (the argument, its negative partner) that the embeddings and the mask feed
-        self._embeds = records[TOKEN_EMBEDDINGS]["argument"], records[TOKEN_EMBEDDINGS].get("negative")
-        mask = records.get(TOKEN_MASK)
-        self._mask = None if mask is None else (mask["argument"], mask.get("negative"))
+        self.session = _component_session(folder, manifest, self.name, providers)
+        self._inputs = [t["name"] for t in manifest["components"][self.name]["inputs"]]
+        self._outputs = [t["name"] for t in manifest["components"][self.name]["outputs"]]
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts (already checked) -> input_ids (n, L) int64 and attention_mask (n, L) int64."""
-        encodings = self.tokenizer.encode_batch([prompt.lower().strip() for prompt in prompts],
-                                                add_special_tokens=True)
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Texts (checked and preprocessed) -> input_ids (n, max_length) int64 and attention_mask (n, max_length)
+        int64, 1 on tokens."""
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
         return (np.array([e.ids for e in encodings], dtype=np.int64),
                 np.array([e.attention_mask for e in encodings], dtype=np.int64))
 
-    def embed(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts -> embeddings (n, L, D) float32 and their mask (n, L) float32."""
-        ids, mask = self.tokenize(prompts)
-        (embeds,) = self.session.run(None, dict(zip(self._inputs, (ids, mask))))
-        return np.asarray(embeds, dtype=np.float32), mask.astype(np.float32)
+    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Texts -> ``"<encoder>/<output>"`` -> each graph output, and ``"<encoder>/attention_mask"`` -> the mask."""
+        ids, mask = self.tokenize(texts)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        values = self.session.run(None, {name: feeds[name] for name in self._inputs})
+        pieces = {f"{self.name}/{name}": np.asarray(value, dtype=np.float32)
+                  for name, value in zip(self._outputs, values)}
+        pieces[f"{self.name}/{ATTENTION_MASK}"] = mask.astype(np.float32)
+        return pieces
+
+
+class PromptEncoder:
+    """Prompts -> the conditioning arrays by the pipelines' argument names (token embeddings (n, L, D) float32, a
+    token mask (n, L), a pooled vector (n, P)) and, when guiding, the negative prompt's arrays by their ``negative``
+    partners (the manifest's conditioning records), as the manifest's ``components/prompt_encoding`` says: each prompt preprocessed (PixArt's
+    lower-cased and stripped), run through every encoder (:class:`StackEncoder`), the outputs combined by
+    :func:`l2c_export.core.text_stack.combine`.
+
+    Written by hand because the pipelines' own ``encode_prompt`` needs torch and transformers; it mirrors diffusers
+    0.42's ``PixArtAlphaPipeline.encode_prompt`` (``clean_caption=False``; ``PixArtSigmaPipeline``'s is the same),
+    ``StableDiffusion3Pipeline.encode_prompt`` (``prompt_2``, ``prompt_3`` and their negatives the prompt's, no
+    ``clip_skip``) and ``FluxPipeline.encode_prompt``; the negative prompt ("" by default) is encoded the same way,
+    one per prompt.
+    """
+
+    def __init__(self, manifest: dict, folder: Path, providers: Sequence = ("CPUExecutionProvider",)):
+        record = manifest["components"]["prompt_encoding"]
+        self.max_sequence_length = record["max_sequence_length"]
+        self.preprocessing = record["preprocessing"]
+        self.arrays = record["arrays"]
+        # each array's negative partner, as the model's conditioning inputs name it (where guidance runs one)
+        self.negatives = {r["argument"]: r.get("negative") for r in conditioning_records(manifest["model"]["inputs"])}
+        self.encoders = [StackEncoder(manifest, folder, entry, providers) for entry in record["encoders"]]
+
+    def tokenize(self, prompts: Sequence[str], encoder: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts (already checked) -> encoder ``encoder``'s input_ids and attention_mask (n, its max_length)."""
+        return self.encoders[encoder].tokenize([preprocess(prompt, self.preprocessing) for prompt in prompts])
+
+    def embed(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Prompts (already checked) -> the arrays by name (without negatives)."""
+        texts = [preprocess(prompt, self.preprocessing) for prompt in prompts]
+        pieces = {}
+        for encoder in self.encoders:
+            pieces.update(encoder(texts))
+        return {name: combine(groups, pieces) for name, groups in self.arrays.items()}
 
     def __call__(self, prompts: Sequence, negative_prompt="", guiding: bool = True,
                  where: str = "prompt") -> dict[str, np.ndarray]:
@@ -151,13 +182,11 @@ class PromptEncoder:
             raise PromptError(f"{where}: expected a list of one or more prompts")
         prompts = [check_prompt(text, f"{where} {i + 1}" if len(prompts) > 1 else where)
                    for i, text in enumerate(prompts)]
-        arrays = {}
-        for half, texts in enumerate([prompts, negative_prompts(negative_prompt, len(prompts))] if guiding
-                                     else [prompts]):
-            embeds, mask = self.embed(texts)
-            arrays[self._embeds[half]] = embeds
-            if self._mask is not None:
-                arrays[self._mask[half]] = mask
+        arrays = self.embed(prompts)
+        if guiding:
+            negatives = negative_prompts(negative_prompt, len(prompts))
+            arrays.update({self.negatives[name]: value for name, value in self.embed(negatives).items()
+                           if self.negatives.get(name)})
         return arrays
 
 

@@ -122,7 +122,7 @@ class L2CPipeline:
         self.full_subset = next(s["index"] for s in manifest["subsets"] if all(s["compute"]))
         components = manifest.get("components", {})
         providers = component_providers or ("CPUExecutionProvider",)
-        self.prompt_encoder = PromptEncoder(manifest, self.folder, providers) if "text_encoder" in components else None
+        self.prompt_encoder = PromptEncoder(manifest, self.folder, providers) if "prompt_encoding" in components else None
         self.decoder = ImageDecoder(manifest, self.folder, providers) if "vae_decoder" in components else None
 
     @classmethod

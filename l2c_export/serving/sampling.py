@@ -12,10 +12,11 @@ guiding); an input fed the guidance scale is fed ``cfg_scale``. Per image:
 input                  shape, dtype  meaning
 ====================== ============= =================================================================================
 labels                 (1,) int64    label models: class label, 0 .. num_classes - 1
-prompt                 (1,) bytes    text models whose build has a text encoder and tokenizer: the prompt, UTF-8, not
-                                     empty (encoded as ``run --prompt`` encodes it, truncated to the model's
+prompt                 (1,) bytes    text models whose build has text encoders and tokenizers: the prompt, UTF-8,
+                                     not empty (encoded as ``run --prompt`` encodes it, truncated to the model's
                                      max_sequence_length); such a build takes no embeddings
-negative_prompt        (1,) bytes    optional, with ``prompt``: the unconditional half's text (default "")
+negative_prompt        (1,) bytes    optional, with ``prompt``: the unconditional half's text (default ""); not
+                                     served where the guidance rule runs no unconditional half (FLUX.1)
 (a conditioning array) per its kind  the other models, by kind (:mod:`l2c_export.core.interface`): token embeddings
                                      (L, D) f32 (L tokens, 1 .. the model's max_sequence_length), finite; a token mask
                                      (L,) f32, 1 keep / 0 padding, at least one 1; a pooled vector (P,) f32, finite
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.util import check_finite
-from ..core.interface import SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK
+from ..core.interface import SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK, runs_unconditional_half
 from ..runtime.conditioning import (check_text_conditioning, classifier_free_batch, request_arguments, request_inputs,
                                    takes_labels)
 from ..samplers.guidance import check_labels, make_noise
@@ -69,8 +70,8 @@ def input_ranges(manifest: dict) -> dict[str, list]:
 
 
 def takes_text(manifest: dict) -> bool:
-    """Whether the build is served prompts as text: it carries a text encoder and tokenizer."""
-    return "text_encoder" in manifest.get("components", {})
+    """Whether the build is served prompts as text: it carries its text-encoder stack (``components/prompt_encoding``)."""
+    return "prompt_encoding" in manifest.get("components", {})
 
 
 def served_text_arguments(manifest: dict) -> list[str]:
@@ -91,7 +92,8 @@ def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
     if takes_labels(manifest):
         conditioning = [("labels", "int64", [1], False)]
     elif takes_text(manifest):
-        conditioning = [("prompt", "bytes", [1], False), ("negative_prompt", "bytes", [1], True)]
+        conditioning = [("prompt", "bytes", [1], False)] + (
+            [("negative_prompt", "bytes", [1], True)] if runs_unconditional_half(manifest["guidance"]) else [])
     else:
         by_name = {}
         for record in request_inputs(manifest):
@@ -147,6 +149,9 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
             raise ValueError(f"input {sorted(prompts)[0]!r}: this build encodes prompts itself; send 'prompt' (text)")
         if labels is not None:
             raise ValueError("input 'labels': this model is conditioned on prompts (input 'prompt'), not class labels")
+        if "negative_prompt" in texts and not runs_unconditional_half(pipeline.manifest["guidance"]):
+            raise ValueError("input 'negative_prompt' is not used: this model runs no classifier-free batch (a "
+                             "guidance-distilled model: cfg_scale feeds its guidance embedding); leave it out")
         n, texts = _decode_texts(texts)
     elif pipeline.interface.label is not None:
         if prompts:

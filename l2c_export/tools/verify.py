@@ -11,6 +11,7 @@ is the original fp32 model, so the error includes the weights' quantization too.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,19 +174,32 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
     sources, family = component_sources(spec), spec.family
     where = folder / manifest_io.MANIFEST_NAME
     for name, record in components.items():
+        if "source_sha256" not in record:  # prompt_encoding: no files, made of the encoders' records
+            continue
         if name not in sources or source_sha256(sources[name]) != record["source_sha256"]:
             raise manifest_io.ManifestError(f"{where}: field 'components/{name}/source_sha256' differs from "
                                             f"{diffusers}'s: the component did not come from that folder")
     checks = []
     if pipe.prompt_encoder is not None:
-        T5EncoderModel = import_extra("transformers", "verify --diffusers").T5EncoderModel
-        encoder = T5EncoderModel.from_pretrained(str(sources["text_encoder"]), use_safetensors=True,
-                                                 local_files_only=True).float().eval()
+        from ..core.text_stack import preprocess
+        from ..models.diffusers.text_encoders import encoder_outputs
+
+        transformers = import_extra("transformers", "verify --diffusers")
         prompts = ["a photo of a cat", "the digit seven, handwritten", " ".join(["word"] * 400)]
-        ids, mask = pipe.prompt_encoder.tokenize(prompts)
-        got, _ = pipe.prompt_encoder.embed(prompts)
-        want = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
-        checks.append(SubsetCheck("text_encoder", 0, {"last_hidden_state": _relative(got, want.numpy())}, tolerance))
+        texts = [preprocess(prompt, pipe.prompt_encoder.preprocessing) for prompt in prompts]
+        for encoder in pipe.prompt_encoder.encoders:
+            config = json.loads((sources[encoder.name] / "config.json").read_text())
+            module = getattr(transformers, config["architectures"][0]).from_pretrained(
+                str(sources[encoder.name]), use_safetensors=True, local_files_only=True).float().eval()
+            ids, mask = encoder.tokenize(texts)
+            got = encoder(texts)
+            names = tuple(t["name"] for t in components[encoder.name]["outputs"])
+            masked = "attention_mask" in [t["name"] for t in components[encoder.name]["inputs"]]
+            out = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask) if masked else None,
+                         output_hidden_states="penultimate_hidden_state" in names)
+            want = encoder_outputs(out, names)
+            checks.append(SubsetCheck(encoder.name, 0, {name: _relative(got[f"{encoder.name}/{name}"], value.numpy())
+                                                        for name, value in zip(names, want)}, tolerance))
     if pipe.decoder is not None:
         source = Path(sources["vae_decoder"])
         # the decoder module of the folder's VAE kind as the pipeline decodes (not the exporter's stand-ins)

@@ -13,8 +13,9 @@ A declaration names, by the names diffusers and its pipelines use:
   partner the unconditional half is fed from;
 - its guidance rule (:class:`Guidance`), latent layout, scheduler classes (and how a flow-matching pipeline sets
   their timesteps, :class:`FlowTimesteps`);
-- its text-encoder stack (:class:`TextEncoderStack`: tokenizer and encoder pairs, and which output feeds which
-  argument) and its VAE (:class:`VaeKind`).
+- its text-encoder stack (:class:`~.text_encoders.TextEncoderStack`: tokenizer and encoder pairs by folder part,
+  each of a kind, and the token groups of their outputs each pipeline argument is made of) and its VAE
+  (:class:`VaeKind`).
 
 No PyTorch here: a declaration is read by the folder checks and the builder before any model is made.
 """
@@ -27,6 +28,7 @@ from typing import Mapping
 from ...core.interface import (CLASSIFIER_FREE, CONDITIONING, CONDITIONING_KINDS, DEFAULT_SCALE_ARGUMENT,
                                GUIDANCE_RULES, KIND_DTYPES, KIND_RANKS, LABEL, LATENT_LAYOUTS, NCHW, SCALAR,
                                TOKEN_EMBEDDINGS, TOKEN_MASK)
+from .text_encoders import TextEncoder, TextEncoderStack  # noqa: F401  (re-exported: part of the format)
 
 # The sizes of a text model's graph interface that vary per request (a TensorSpec names them): the prompt's tokens,
 # and joint attention's image + prompt tokens (an MMDiT's cached joint outputs).
@@ -139,54 +141,6 @@ class Guidance:
             raise ValueError(f"guidance rule {self.rule!r}; expected one of {', '.join(GUIDANCE_RULES)}")
 
 
-# What a text encoder's output is, as the pipeline takes it.
-LAST_HIDDEN_STATE = "last_hidden_state"  # T5: the last hidden state (n, L, D), with the tokenizer's attention mask
-PENULTIMATE_HIDDEN_STATE = "penultimate_hidden_state"  # CLIP in SD3: hidden_states[-2]
-POOLED_OUTPUT = "pooled"  # CLIP: the pooled (projected) output (n, P)
-TEMPLATED_HIDDEN_STATES = "templated_hidden_states"  # a decoder LLM's states after its template, prefix dropped
-
-
-@dataclass(frozen=True)
-class TextEncoder:
-    """One tokenizer and encoder pair of a pipeline folder: the folder parts, the encoder classes
-    (``architectures``) read, and where its outputs go: ``outputs`` maps each output it gives
-    (:data:`LAST_HIDDEN_STATE`, :data:`POOLED_OUTPUT`, ...) to the pipeline argument it feeds (or helps make, for a
-    stack that combines several encoders); ``mask`` the argument its tokenizer's attention mask feeds, if any;
-    ``width`` the config field of its hidden size; ``max_length`` its fixed token count (CLIP's 77; None: the
-    pipeline's max_sequence_length); ``template`` the text a decoder LLM's prompt is put in (``{}`` for the prompt:
-    Qwen-Image's chat template, Sana's ``complex_human_instruction``) and ``drop_prefix_tokens`` how many of the
-    template's leading tokens the pipeline drops from the hidden states."""
-
-    classes: tuple[str, ...]
-    outputs: Mapping[str, str]
-    tokenizer: str = "tokenizer"
-    encoder: str = "text_encoder"
-    mask: str | None = None
-    width: str = "d_model"
-    max_length: int | None = None
-    template: str | None = None
-    drop_prefix_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class TextEncoderStack:
-    """The pipeline's text encoders, in its order; ``combine`` says how their outputs make the arguments where there
-    are several ("single": one encoder feeds them as they are; "concatenated": the pipeline's concatenation, its
-    pooled outputs side by side and its token outputs padded to the widest and joined along the tokens, as SD3's
-    ``encode_prompt``; "pooled_and_tokens": one encoder's pooled output and another's tokens, as FLUX.1's)."""
-
-    encoders: tuple[TextEncoder, ...]
-    combine: str = "single"
-
-    @property
-    def single(self) -> TextEncoder | None:
-        """The one encoder a build carries as a graph: a lone encoder feeding its outputs as they are, with no
-        template (a decoder LLM's templated states, Qwen-Image's, are declared but not carried yet)."""
-        if self.combine == "single" and len(self.encoders) == 1 and self.encoders[0].template is None:
-            return self.encoders[0]
-        return None
-
-
 @dataclass(frozen=True)
 class VaeKind:
     """The VAE the pipeline decodes with: its classes and its ``kind``, a key of :data:`.vae.VAE_KINDS` (the code
@@ -226,7 +180,9 @@ class FlowTimesteps:
 class Declaration:
     """A diffusers transformer class as its pipelines run it (the module docstring lists what each field says).
 
-    ``max_sequence_length``: pipeline class -> its ``max_sequence_length`` default, the bound of the token axis;
+    ``max_sequence_length``: pipeline class -> its ``max_sequence_length`` call argument's default (``build
+    --max-sequence-length`` overrides it), the bound of the token axis, or with a text-encoder stack the length
+    its ``max_sequence_length`` encoders pad to (SD3's prompt is CLIP's 77 tokens more, :meth:`TextEncoderStack.prompt_tokens`);
     ``macs_prompt_tokens``: the prompt length MACs are counted at; ``required``: config option -> the only value
     supported; ``call_arguments``: fixed keyword arguments of the transformer's forward (PixArt's
     ``added_cond_kwargs``); ``default_steps``: the pipelines' num_inference_steps."""
@@ -255,6 +211,10 @@ class Declaration:
             raise ValueError(f"{self.transformer_class}: a pipeline argument is declared twice in {arguments}")
         if any(c.kind == LABEL for c in self.conditioning) != (self.guidance.null_class is not None):
             raise ValueError(f"{self.transformer_class}: a label input and the guidance's null class come together")
+        made = [name for name, _ in self.text_encoders.arrays] if self.text_encoders is not None else []
+        if not set(made) <= {c.argument for c in self.conditioning}:
+            raise ValueError(f"{self.transformer_class}: the text encoders make {made}; each must be a declared "
+                             f"conditioning argument")
         scale_fed = [c for c in self.conditioning if c.argument == self.guidance.scale_argument]
         if any(c.kind != SCALAR for c in scale_fed):
             raise ValueError(f"{self.transformer_class}: the input fed the scale ({self.guidance.scale_argument}) "

@@ -20,6 +20,7 @@ from ...core.interface import KIND_DTYPES, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK
 from ...core.macs import MacCount
 from ...core.util import short_repr
 from .declaration import IMAGE, JOINT, JOINT_TOKENS, PROMPT, PROMPT_TOKENS, Declaration
+from .text_encoders import DEFAULT_TOKENIZER_MAX_LENGTH
 from .files import DiffusersFolderError, weight_files
 from .sizes import TRANSFORMER_SIZES, Size, check_sizes
 
@@ -272,10 +273,16 @@ class DiffusersFamily(ModelFamily):
         declared ``macs_prompt_tokens``."""
         return self.dummy_inputs(config, 1, tokens=self.declaration.macs_prompt_tokens)
 
-    def max_prompt_tokens(self, pipeline_class: str) -> int | None:
-        """The longest prompt (tokens, L) the pipeline encodes: its ``max_sequence_length`` default; None for a model
-        without text conditioning."""
-        return self.declaration.max_sequence_length.get(pipeline_class)
+    def max_prompt_tokens(self, pipeline_class: str, max_sequence_length: int | None = None,
+                          tokenizer_max_length: int | None = None) -> int | None:
+        """The longest prompt embeddings (tokens, L) the pipeline makes at ``max_sequence_length`` (default: its own,
+        the declaration's): that length (PixArt, FLUX.1), or with the declared stack's CLIP ``tokenizer_max_length``
+        (77) more (SD3); None for a model without text conditioning."""
+        length = max_sequence_length or self.declaration.max_sequence_length.get(pipeline_class)
+        stack = self.declaration.text_encoders
+        if length is None or stack is None:
+            return length
+        return stack.prompt_tokens(length, tokenizer_max_length or DEFAULT_TOKENIZER_MAX_LENGTH)
 
     def text_channels(self, config: DiffusersConfig) -> int | None:
         """D of the prompt embeddings the transformer takes; None for a model without text conditioning."""

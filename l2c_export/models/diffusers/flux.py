@@ -34,12 +34,12 @@ from ...core.interface import GUIDANCE_EMBEDDING, PACKED_2X2, SCALAR
 from ...core.latents import unpacked_2x2_shape
 from ...core.util import short_repr
 from .cache import OutputPacking
-from .declaration import (JOINT, LAST_HIDDEN_STATE, POOLED_OUTPUT, PROMPT, Blocks, Conditioning, Declaration,
-                          FlowTimesteps, Guidance, TextEncoder, TextEncoderStack)
+from .declaration import JOINT, PROMPT, Blocks, Conditioning, Declaration, FlowTimesteps, Guidance
 from .family import DiffusersConfig
 from .files import DiffusersFolderError
 from .mmdit import TEXT_CONDITIONING, MMDiTFamily, without_negatives
 from .sizes import FLUX_ROPE_AXES, FLUX_SIZES, LATENT_SIDE, TRANSFORMER_SIZES, check_integer_list
+from .text_encoders import TOKENIZER_MAX_LENGTH, TextEncoder, TextEncoderStack
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's max_sequence_length: T5's tokens, the whole prompt_embeds
 DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: 1024 px at the VAE's scale factor 8
@@ -58,14 +58,12 @@ DECLARATION = Declaration(
     scheduler_classes=("FlowMatchEulerDiscreteScheduler",),
     flow_timesteps=FlowTimesteps(linspace_sigmas=True, default_max_shift=1.15),
     latent_layout=PACKED_2X2,  # FluxPipeline._pack_latents; unpacked before the VAE
-    # CLIP-L's pooled output and T5's last hidden state, as FluxPipeline.encode_prompt takes them. Not carried as
-    # graphs yet: a build takes embeddings.
-    text_encoders=TextEncoderStack((
-        TextEncoder(classes=("CLIPTextModel",), width="hidden_size", max_length=77,
-                    outputs={POOLED_OUTPUT: "pooled_prompt_embeds"}),
-        TextEncoder(classes=("T5EncoderModel",), tokenizer="tokenizer_2", encoder="text_encoder_2",
-                    outputs={LAST_HIDDEN_STATE: "prompt_embeds"}),
-    ), combine="pooled_and_tokens"),
+    # FluxPipeline.encode_prompt: CLIP-L's pooled output (77 tokens in) and T5's last hidden state
+    text_encoders=TextEncoderStack(
+        encoders=(TextEncoder("text_encoder", "tokenizer", "clip", ("pooled",), length=TOKENIZER_MAX_LENGTH),
+                  TextEncoder("text_encoder_2", "tokenizer_2", "t5", ("last_hidden_state",))),
+        arrays=(("prompt_embeds", (("text_encoder_2/last_hidden_state",),)),
+                ("pooled_prompt_embeds", (("text_encoder/pooled",),)))),
     default_steps=28,  # the pipeline's num_inference_steps
     max_sequence_length={"FluxPipeline": MAX_SEQUENCE_LENGTH},
     macs_prompt_tokens=MAX_SEQUENCE_LENGTH,  # FLUX.1-dev's: MACs are counted there

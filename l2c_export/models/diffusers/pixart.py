@@ -7,10 +7,11 @@ residual adds run every call)."""
 from __future__ import annotations
 
 from ...core.interface import TOKEN_EMBEDDINGS, TOKEN_MASK
-from .declaration import LAST_HIDDEN_STATE, Blocks, Conditioning, Declaration, Guidance, TextEncoder, TextEncoderStack
+from .declaration import Blocks, Conditioning, Declaration, Guidance
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .sizes import PIXART_SIZES, TRANSFORMER_SIZES
+from .text_encoders import TextEncoder, TextEncoderStack
 
 MACS_PROMPT_TOKENS = 120  # PixArt-α's max_sequence_length: the prompt length MACs are counted at
 
@@ -26,9 +27,13 @@ DECLARATION = Declaration(
                      negative="negative_prompt_attention_mask"),
     ),
     guidance=Guidance(default_scale=4.5),  # the pipelines' guidance_scale
-    text_encoders=TextEncoderStack((TextEncoder(classes=("T5EncoderModel",),
-                                                outputs={LAST_HIDDEN_STATE: "prompt_embeds"},
-                                                mask="prompt_attention_mask"),)),
+    # encode_prompt (clean_caption=False): the prompt lower-cased and stripped, T5 fed its tokenizer's mask; the
+    # embeddings and the mask are the conditioning
+    text_encoders=TextEncoderStack(
+        encoders=(TextEncoder("text_encoder", "tokenizer", "t5", ("last_hidden_state",), masked=True),),
+        arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),
+                ("prompt_attention_mask", (("text_encoder/attention_mask",),))),
+        preprocessing="lower_strip"),
     default_steps=20,  # the pipelines' num_inference_steps
     # the pipelines' max_sequence_length defaults: the longest prompt each encodes, the bound of the prompt axis L
     max_sequence_length={"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300},

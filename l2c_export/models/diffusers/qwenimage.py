@@ -38,12 +38,12 @@ import contextlib
 
 from ...core.interface import PACKED_2X2, TOKEN_EMBEDDINGS, TOKEN_MASK, TRUE_CFG
 from ...core.util import short_repr
-from .declaration import (JOINT, PROMPT, TEMPLATED_HIDDEN_STATES, Blocks, Conditioning, Declaration, FlowTimesteps,
-                          Guidance, TextEncoder, TextEncoderStack, VaeKind)
+from .declaration import JOINT, PROMPT, Blocks, Conditioning, Declaration, FlowTimesteps, Guidance, VaeKind
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .flux import FluxDiffusersFamily
 from .sizes import QWEN_IMAGE_SIZES, QWEN_ROPE_AXES, TRANSFORMER_SIZES, check_integer_list
+from .text_encoders import TextEncoder, TextEncoderStack
 
 MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's max_sequence_length default: the longest prompt_embeds it keeps
 TEXT_POSITIONS = 1024  # the pipeline's bound on max_sequence_length: the text rotary table's rows
@@ -124,10 +124,11 @@ DECLARATION = Declaration(
     latent_layout=PACKED_2X2,  # QwenImagePipeline._pack_latents; unpacked before the VAE
     # Qwen2.5-VL's hidden states after the pipeline's chat template, its 34 prefix tokens dropped: declared, not
     # carried as a graph yet (a build takes prompt embeddings)
-    text_encoders=TextEncoderStack((TextEncoder(classes=("Qwen2_5_VLForConditionalGeneration",),
-                                                outputs={TEMPLATED_HIDDEN_STATES: "prompt_embeds"},
-                                                mask="prompt_embeds_mask", width="hidden_size",
-                                                template=PROMPT_TEMPLATE, drop_prefix_tokens=34),)),
+    text_encoders=TextEncoderStack(
+        encoders=(TextEncoder("text_encoder", "tokenizer", "qwen2_5_vl", ("last_hidden_state",), masked=True,
+                              template=PROMPT_TEMPLATE, drop_prefix_tokens=34),),
+        arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),
+                ("prompt_embeds_mask", (("text_encoder/attention_mask",),)))),
     vae=VaeKind(classes=("AutoencoderKLQwenImage",), kind="mean_std"),
     default_steps=50,  # the pipeline's num_inference_steps
     max_sequence_length={"QwenImagePipeline": MAX_SEQUENCE_LENGTH},

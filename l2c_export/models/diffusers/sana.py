@@ -19,12 +19,12 @@ from ...core.interface import TOKEN_EMBEDDINGS, TOKEN_MASK
 from ...core.macs import MacCount
 from ...core.util import short_repr
 from .cache import OutputPacking
-from .declaration import (TEMPLATED_HIDDEN_STATES, Blocks, Conditioning, Declaration, Guidance, TextEncoder,
-                          TextEncoderStack, VaeKind)
+from .declaration import Blocks, Conditioning, Declaration, Guidance, VaeKind
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .macs import count_macs_by_hooks
 from .sizes import SANA_SIZES, TRANSFORMER_SIZES
+from .text_encoders import TextEncoder, TextEncoderStack
 
 MAX_SEQUENCE_LENGTH = 300  # SanaPipeline's max_sequence_length: the bound of the prompt axis L, and where MACs count
 QK_NORMS = (None, "rms_norm_across_heads")  # Sana 1.0 and Sana 1.5
@@ -44,9 +44,10 @@ DECLARATION = Declaration(
     scheduler_classes=("DPMSolverMultistepScheduler",),  # Sana's folders: flow sigmas, flow_prediction
     # the pipeline's encode_prompt: Gemma-2's last hidden states of complex_human_instruction + the prompt, keeping
     # the first token and the last max_sequence_length - 1 (not carried: a build takes embeddings)
-    text_encoders=TextEncoderStack((TextEncoder(classes=("Gemma2Model",),
-                                                outputs={TEMPLATED_HIDDEN_STATES: "prompt_embeds"},
-                                                mask="prompt_attention_mask", width="hidden_size"),)),
+    text_encoders=TextEncoderStack(
+        encoders=(TextEncoder("text_encoder", "tokenizer", "gemma2", ("last_hidden_state",), masked=True),),
+        arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),
+                ("prompt_attention_mask", (("text_encoder/attention_mask",),)))),
     vae=VaeKind(classes=("AutoencoderDC",), kind="dc_ae"),  # DC-AE, 32x
     default_steps=20,  # the pipeline's num_inference_steps
     max_sequence_length={"SanaPipeline": MAX_SEQUENCE_LENGTH},

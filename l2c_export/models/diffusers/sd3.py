@@ -17,15 +17,15 @@ with the pipeline's timesteps (``mu`` from the image sequence length when ``use_
 from __future__ import annotations
 
 from ...core.util import short_repr
-from .declaration import (IMAGE, JOINT, PENULTIMATE_HIDDEN_STATE, POOLED_OUTPUT, PROMPT, LAST_HIDDEN_STATE, Blocks,
-                          Declaration, FlowTimesteps, Guidance, TextEncoder, TextEncoderStack)
+from .declaration import IMAGE, JOINT, PROMPT, Blocks, Declaration, FlowTimesteps, Guidance
 from .family import DiffusersConfig
 from .files import DiffusersFolderError
 from .mmdit import TEXT_CONDITIONING, MMDiTFamily
 from .sizes import SD3_SIZES, TRANSFORMER_SIZES
+from .text_encoders import TOKENIZER_MAX_LENGTH, TextEncoder, TextEncoderStack
 
 QK_NORMS = (None, "rms_norm", "layer_norm")
-MAX_SEQUENCE_LENGTH = 333  # the pipeline's 77 CLIP + 256 T5 tokens (max_sequence_length): prompt_embeds' longest
+MACS_PROMPT_TOKENS = 333  # the pipeline's 77 CLIP + 256 T5 tokens (max_sequence_length): prompt_embeds' longest
 
 DECLARATION = Declaration(
     transformer_class="SD3Transformer2DModel",
@@ -37,20 +37,22 @@ DECLARATION = Declaration(
     guidance=Guidance(default_scale=7.0),  # the pipeline's guidance_scale
     scheduler_classes=("FlowMatchEulerDiscreteScheduler",),
     flow_timesteps=FlowTimesteps(linspace_sigmas=False, default_max_shift=1.16),
-    # CLIP-L and CLIP-G (pooled outputs side by side; penultimate states, padded to T5's width) and T5, as
-    # StableDiffusion3Pipeline.encode_prompt joins them. Not carried as graphs yet: a build takes embeddings.
-    text_encoders=TextEncoderStack((
-        TextEncoder(classes=("CLIPTextModelWithProjection",), width="hidden_size", max_length=77,
-                    outputs={POOLED_OUTPUT: "pooled_prompt_embeds", PENULTIMATE_HIDDEN_STATE: "prompt_embeds"}),
-        TextEncoder(classes=("CLIPTextModelWithProjection",), tokenizer="tokenizer_2", encoder="text_encoder_2",
-                    width="hidden_size", max_length=77,
-                    outputs={POOLED_OUTPUT: "pooled_prompt_embeds", PENULTIMATE_HIDDEN_STATE: "prompt_embeds"}),
-        TextEncoder(classes=("T5EncoderModel",), tokenizer="tokenizer_3", encoder="text_encoder_3",
-                    outputs={LAST_HIDDEN_STATE: "prompt_embeds"}),
-    ), combine="concatenated"),
+    # StableDiffusion3Pipeline.encode_prompt: CLIP-L's and CLIP-G's penultimate hidden states (77 tokens) side by
+    # side, zero-padded to T5's width, then T5's max_sequence_length tokens; pooled: the two CLIPs' projected pooled
+    # outputs side by side
+    text_encoders=TextEncoderStack(
+        encoders=(TextEncoder("text_encoder", "tokenizer", "clip", ("pooled", "penultimate_hidden_state"),
+                              length=TOKENIZER_MAX_LENGTH),
+                  TextEncoder("text_encoder_2", "tokenizer_2", "clip", ("pooled", "penultimate_hidden_state"),
+                              length=TOKENIZER_MAX_LENGTH),
+                  TextEncoder("text_encoder_3", "tokenizer_3", "t5", ("last_hidden_state",))),
+        arrays=(("prompt_embeds", (("text_encoder/penultimate_hidden_state",
+                                    "text_encoder_2/penultimate_hidden_state"),
+                                   ("text_encoder_3/last_hidden_state",))),
+                ("pooled_prompt_embeds", (("text_encoder/pooled", "text_encoder_2/pooled"),)))),
     default_steps=28,  # the pipeline's num_inference_steps
-    max_sequence_length={"StableDiffusion3Pipeline": MAX_SEQUENCE_LENGTH},
-    macs_prompt_tokens=MAX_SEQUENCE_LENGTH,
+    max_sequence_length={"StableDiffusion3Pipeline": 256},  # T5's tokens
+    macs_prompt_tokens=MACS_PROMPT_TOKENS,
 )
 
 

@@ -145,3 +145,16 @@ DC_VAE_SIZES = {
     "attention_head_dim": Size(1, 1024, "DC-AE's 32"),
 }
 DC_VAE_LAYERS = Size(0, 16, "layers per level: 2 or 3 in DC-AE f32c32")
+# A CLIP text encoder (SD3's CLIP-L and CLIP-G, FLUX.1's CLIP-L), CLIPTextConfig's fields
+CLIP_TEXT_SIZES = {
+    "vocab_size": Size(1, 1 << 20, "CLIP's 49408"),
+    "hidden_size": Size(1, _WIDTH, "CLIP-G's 1280"),
+    "intermediate_size": Size(1, 1 << 16, "CLIP-G's 5120"),
+    "num_hidden_layers": Size(1, 128, "CLIP-G's 32"),
+    "num_attention_heads": Size(1, 256, "CLIP-G's 20"),
+    "max_position_embeddings": Size(1, 4096, "CLIP's 77"),
+    "projection_dim": Size(1, _WIDTH, "CLIP-G's 1280"),
+    "pad_token_id": Size(0, (1 << 20) - 1, "a token id: CLIP's 1", optional=True),
+    "bos_token_id": Size(0, (1 << 20) - 1, "a token id: CLIP's 0 (49406 in its tokenizer)", optional=True),
+    "eos_token_id": Size(0, (1 << 20) - 1, "a token id: CLIP's 2 (49407 in its tokenizer)", optional=True),
+}
