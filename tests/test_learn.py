@@ -208,8 +208,8 @@ def test_an_unreachable_budget_is_refused():
 def test_cli_official_schedule_equals_what_schedule_decodes(tmp_path):
     router = tmp_path / "router.safetensors"
     out = run_cli("learn", "--iterations", "4", "--batch-size", "4", "--lr", "1.0", "--out", str(router),
-                  "--target-mac-fraction", "0.8", "--json", str(tmp_path / "learned.json")).stdout
-    assert "learned in" in out
+                  "--target-mac-fraction", "0.8", "--json", str(tmp_path / "learned.json"), "--threads", "1").stdout
+    assert "learned in" in out and "1 process(es) of 1 thread(s)" in out  # --threads reached torch
     learned = Schedule.load(tmp_path / "learned.json")
     assert learned.mode == "official" and learned.mac_fraction(count_macs(learned_config())) <= 0.8
     assert (tmp_path / "router.state.safetensors").is_file()
