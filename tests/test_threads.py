@@ -27,6 +27,7 @@ def test_the_default_is_every_core_when_quiet_and_the_free_ones_when_busy(monkey
     assert (choose_threads().threads, choose_threads().source) == (3, "OMP_NUM_THREADS")
     assert (choose_threads(5).threads, choose_threads(5).source) == (5, "--threads")
     assert choose_threads(5).warning() is not None  # the load is the machine's, whoever chose the threads
+    assert choose_threads(0).threads == physical_cores()  # 0: one per core whatever the load, as l2c-run takes it
 
 
 def test_threads_reach_torch_and_a_busy_machine_warns_on_one_line(tmp_path):
@@ -42,7 +43,7 @@ def test_threads_reach_torch_and_a_busy_machine_warns_on_one_line(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == (f"Error: ${LOADAVG_ENV}: 'nan'; expected a finite number "
                                                           f">= 0 (the load average to assume)")
     assert not (tmp_path / "c.png").exists()
-    refused = run_cli(*SAMPLE, "--threads", "0", check=False)
+    refused = run_cli(*SAMPLE, "--threads", "-1", check=False)
     assert refused.returncode == 2 and "--threads" in refused.stderr and len(refused.stderr.splitlines()) == 1
 
 

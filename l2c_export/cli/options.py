@@ -198,10 +198,11 @@ def backend_options(device: str | None, backend: str) -> dict:
 def threads_option(function):
     """--threads: torch's intra-op threads and ONNX Runtime's intra-op pool (:func:`use_threads`)."""
     return click.option(
-        "--threads", type=click.IntRange(1, 1024),
-        help="Intra-op threads of torch and ONNX Runtime. Default: OMP_NUM_THREADS where set; else one per core, "
-             "less the cores the 1-minute load average counts busy with other work (at least 1): on a shared "
-             "machine threads on busy cores wait on each other, several times slower than fewer threads.")(function)
+        "--threads", type=click.IntRange(0, 1024),
+        help="Intra-op threads of torch and ONNX Runtime (0: one per core whatever the load). Default: "
+             "OMP_NUM_THREADS where set; else one per core, less the cores the 1-minute load average counts busy "
+             "with other work (at least 1): on a shared machine threads on busy cores wait on each other, several "
+             "times slower than fewer threads.")(function)
 
 
 def use_threads(threads: int | None, torch: bool = False):
