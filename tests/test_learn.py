@@ -252,7 +252,7 @@ def test_two_torchrun_processes_give_the_router_of_one(tiny_model, tmp_path):
          "-m", "l2c_export.cli", *common, "--out", str(tmp_path / "two.safetensors")],
         check=False, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 process(es)" in result.stdout
+    assert "2 process(es) of 1 thread(s)" in result.stdout  # OMP_NUM_THREADS, as torchrun sets it
     one, two = load_router(tmp_path / "one.safetensors"), load_router(tmp_path / "two.safetensors")
     initial = Router(6, TINY.num_sublayers, learned_calls(GaussianSampler.create("ddim", 6), "general"),
                      torch.Generator().manual_seed(0)).logits.detach().numpy()

@@ -92,8 +92,8 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
     settings = LearnSettings(mode=mode, iterations=iterations, batch_size=batch_size, lr=lr, l1=l1,
                              cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale, window=window,
                              steps_per_iteration=steps_per_iteration, init_std=init_std, seed=seed)
-    use_threads(threads, torch=True)
     dist_info = init_distributed()
+    use_threads(threads, torch=True, warn=dist_info.is_main)  # each process's threads; one warning
     echo = click.echo if dist_info.is_main else (lambda *args, **kwargs: None)
     model = spec.load_model()
     config, family = spec.config, spec.family

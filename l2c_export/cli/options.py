@@ -205,17 +205,17 @@ def threads_option(function):
              "times slower than fewer threads.")(function)
 
 
-def use_threads(threads: int | None, torch: bool = False):
+def use_threads(threads: int | None, torch: bool = False, warn: bool = True):
     """Applies ``--threads`` (or the default of :func:`l2c_export.core.threads.choose_threads`) to this process:
     OMP_NUM_THREADS, which ONNX Runtime's pool (runtime/backends/onnxruntime) and the subprocesses a command starts
     take, and torch's threads where the command runs torch (``torch``; the ONNX Runtime commands never import it).
-    Warns on stderr, one line, when the load average shows cores busy with other work. Returns the
+    Warns on stderr (where ``warn``), one line, when the load average shows cores busy with other work. Returns the
     :class:`~l2c_export.core.threads.ThreadChoice`."""
     from ..core.threads import choose_threads
 
     choice = choose_threads(threads)  # a bad $L2C_LOADAVG: ValueError, one line (cli._Group)
     warning = choice.warning()
-    if warning:
+    if warning and warn:
         click.echo(warning, err=True)
     os.environ["OMP_NUM_THREADS"] = str(choice.threads)
     if torch:
