@@ -84,9 +84,10 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     if prompt_list is not None:
         request.update(prompt=prompt_list, negative_prompt=negative_prompt)
     where = f"--conditioning {conditioning_file or ''}".rstrip()
+    threads_run = getattr(pipe.backend, "threads", None)  # torch's, or ONNX Runtime's pool (TensorRT: None)
     click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
-               f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on {', '.join(pipe.providers)}"
-               + ("" if getattr(pipe.backend, "threads", None) is None else f", {pipe.backend.threads} thread(s)"))
+               f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on "
+               f"{', '.join(pipe.providers)}" + ("" if threads_run is None else f", {threads_run} thread(s)"))
     latent = pipe.manifest["model"]["space"] == "latent"
     if vae is not None and pipe.decoder is not None:
         raise click.UsageError(f"--vae: the build {engine_dir} decodes with its own VAE decoder graph; leave --vae out")

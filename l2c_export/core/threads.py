@@ -105,10 +105,10 @@ def omp_num_threads() -> int | None:
 
 def choose_threads(requested: int | None = None) -> ThreadChoice:
     """``requested`` (``--threads``) where given, 0 meaning one per physical core whatever the load (torch's and ONNX
-    Runtime's own default, as ``l2c-run --threads 0`` and ``triton --threads 0``); else OMP_NUM_THREADS where set (the cap a launcher or the user put
-    on every OpenMP library: torchrun sets 1 per process, the test suite each worker's share); else the physical cores
-    on a quiet machine, and on a busy one the cores the load average leaves free, at least 1 (see the module's
-    docstring for why)."""
+    Runtime's own default, as ``l2c-run --threads 0`` and ``triton --threads 0``); else OMP_NUM_THREADS where set
+    (the cap a launcher or the user put on every OpenMP library: torchrun sets 1 per process, the test suite each
+    worker's share); else the physical cores on a quiet machine, and on a busy one the cores the load average leaves
+    free, at least 1 (see the module's docstring for why)."""
     cores, load = usable_cores(), load_average()
     if requested is not None:
         return ThreadChoice(requested or physical_cores(), "--threads", cores, load)

@@ -11,7 +11,8 @@
   per session, the pool of the subset that just ran keeps spinning while the next subset's pool works: on two cores
   that made the schedule slower than full compute.
   Its size, unless asked for: OMP_NUM_THREADS where set (the cap torch honours too; the test suite's parallel
-  workers set it to their share of the cores), else one thread per core.
+  workers set it to their share of the cores, the CLI's commands to their --threads or the cores the load average
+  leaves free: l2c_export/core/threads.py), else one thread per core.
 - Cache: a request's slots are numpy buffers wrapped as OrtValues and bound with IO binding, inputs and outputs alike,
   so a fresh branch output is written straight into the slot the next subset reads, with no copy in between. A slot
   whose size varies per request (a named size in the manifest: the prompt's tokens) is allocated by ONNX Runtime at
