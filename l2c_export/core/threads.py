@@ -3,16 +3,17 @@
 Measured on the 2-core machine this project runs on (learn: 6 iterations of the embedded digits model; run: the
 embedded default's build, 10 digits):
 
-- with the other jobs of the machine keeping about a core busy, torch's default of 2 threads took 482.6 s to learn
+- with other jobs keeping the cores busy (load average 2.6 to 7), torch's default of 2 threads took 482.6 s to learn
   against 50.1 s with 1 thread, and ONNX Runtime's full compute 2.99 s against 1.79 s: a thread of an OpenMP region
   (or of ONNX Runtime's spinning pool) that loses its core to another process holds up every other thread at the
   region's end, for the scheduler's time slices, at every one of the thousands of small operations;
-- on the quiet machine the default (all cores) was the faster: 3.3 s against 5.4 s for the same learning (issue 31).
+- on the quiet machine the default (all cores) was the faster: 3.3 s against 5.4 s for 6 iterations of the learning
+  issue 31 reports (this machine was never quiet while this was written).
 
 So the default is one thread per core not counted busy by the 1-minute load average (:func:`choose_threads`), and
-all of them (torch's and ONNX Runtime's own default) when none is. The load average lags (a job that just ended still
-counts for a minute), which errs on the side of fewer threads: a thread too few costs at most its share of the
-cores, a thread too many on a busy core costs several times the run.
+all of them (torch's and ONNX Runtime's own default) when none is. The load average lags: a job that just ended
+still counts for a minute, which errs on the side of fewer threads (a thread too few costs at most its share of the
+cores, a thread too many on a busy core several times the run), and a job started seconds before is not counted yet.
 """
 
 from __future__ import annotations
