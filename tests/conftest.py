@@ -36,7 +36,12 @@ TIER_FIXTURES = {"triton_env": "triton", "cpp_build": "cpp"}  # fixture -> the t
 
 def pytest_configure(config) -> None:
     """Under pytest-xdist, each worker's share of the cores: torch's threads here, and OMP_NUM_THREADS for the CLI
-    subprocesses (torch's threads) and ONNX Runtime's global pool in and out of process (runtime/backends)."""
+    subprocesses (torch's threads) and ONNX Runtime's global pool in and out of process (runtime/backends).
+    Whatever the machine's load, the suite's commands see a quiet machine ($L2C_LOADAVG, l2c_export/core/threads.py):
+    no load warning among the stderr lines the tests count; the tests of the warning set a load of their own."""
+    from l2c_export.core.threads import LOADAVG_ENV
+
+    os.environ.setdefault(LOADAVG_ENV, "0")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
@@ -211,10 +216,13 @@ def cli_command() -> tuple[list[str], dict[str, str]]:
     return [sys.executable, str(CLI_FORK)], {"L2C_TEST_CLI_SOCKET": str(_cli_server["socket"])}
 
 
-def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Runs ``l2c-export`` in a real subprocess (:func:`cli_command`)."""
+def run_cli(*args: str, check: bool = True, cwd: Path | None = None,
+            env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Runs ``l2c-export`` in a real subprocess (:func:`cli_command`), in this process's environment with ``env``'s
+    variables set (None: removed)."""
     command, variables = cli_command()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **variables}
+    env = {name: value for name, value in {**os.environ, "PYTHONUNBUFFERED": "1", **variables, **(env or {})}.items()
+           if value is not None}
     result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=cwd or REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"l2c-export {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n"

@@ -12,7 +12,9 @@ from l2c_export.models.zoo import embedded_default
 from .conftest import run_cli
 
 FIELDS = {"backend", "batch", "full_seconds", "schedule_seconds", "speedup", "ideal_speedup", "step_overhead_fraction",
-          "memory_all_engines_bytes", "memory_full_engine_bytes", "model_weights_bytes"}
+          "memory_all_engines_bytes", "memory_full_engine_bytes", "model_weights_bytes", "repeats", "warmup_runs",
+          "full_seconds_min", "full_seconds_max", "schedule_seconds_min", "schedule_seconds_max", "speedup_min",
+          "speedup_max", "threads"}
 
 
 @pytest.mark.slow
@@ -20,15 +22,25 @@ def test_bench_writes_every_field_and_a_plot(tmp_path):
     spec = embedded_default()
     out = tmp_path / "engines"
     build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
-    result = run_cli("bench", str(out), "--repeats", "1", "--batch", "1", "--json", str(tmp_path / "b.json"),
-                     "--png", str(tmp_path / "b.png"))
-    assert "of ideal" in result.stdout
+    result = run_cli("bench", str(out), "--repeats", "2", "--batch", "1", "--threads", "1", "--json",
+                     str(tmp_path / "b.json"), "--png", str(tmp_path / "b.png"))
+    assert "of ideal" in result.stdout and "spread" in result.stdout
+    assert "medians of 2 interleaved (full, schedule) pair(s) after 1 warm-up run(s) of each" in result.stdout
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["machine"]["cores"] >= 1
+    # --threads reached torch and ONNX Runtime's pool; the machine's load when they were chosen is recorded
+    assert {key: data["machine"][key] for key in ("threads", "threads_from", "torch_threads", "onnxruntime_threads",
+                                                   "load_average", "busy_cores")} == {
+        "threads": 1, "threads_from": "--threads", "torch_threads": 1, "onnxruntime_threads": 1, "load_average": 0.0,
+        "busy_cores": 0}
     rows = data["results"]
     assert [r["backend"] for r in rows] == ["onnxruntime", "torch"]
     for row in rows:
         assert FIELDS <= set(row)
+        assert (row["repeats"], row["warmup_runs"], row["threads"]) == (2, 1, 1)
+        assert row["full_seconds_min"] <= row["full_seconds"] <= row["full_seconds_max"]
+        assert row["schedule_seconds_min"] <= row["schedule_seconds"] <= row["schedule_seconds_max"]
+        assert row["speedup_min"] <= row["speedup_max"]
         assert row["speedup"] == pytest.approx(row["full_seconds"] / row["schedule_seconds"])
         assert row["ideal_speedup"] == pytest.approx(json.loads((out / "manifest.json").read_text())["macs"]
                                                      ["ideal_speedup"])

@@ -195,9 +195,11 @@ def test_eval_on_a_diffusers_dit_with_labels_and_its_int8_build(tiny_diffusers, 
     Schedule(rows, sublayers=names, mode="general").save(tmp_path / "s.json")
     run_cli("eval", "--diffusers", str(folder), "--schedule", str(tmp_path / "s.json"), "--labels", "207,3",
             "--num-samples", "6", "--budgets", "0.8", "--random-seeds", "1", "--int8", "--cfg-scale", "2",
-            "--json", str(tmp_path / "eval.json"))
+            "--json", str(tmp_path / "eval.json"), "--threads", "1")
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["cfg_scale"] == 2.0
+    # --threads reached torch (the reference sampler) and the int8 build's ONNX Runtime pool
+    assert (report["threads"]["torch_threads"], report["threads"]["onnxruntime_threads"]) == (1, 1)
     int8 = {row["method"]: row for row in report["results"] if row.get("precision") == "int8"}
     assert set(int8) == {"int8 full", "int8 l2c"} and all(row["psnr"] > 10 for row in int8.values())
     report["results"] = [row for row in report["results"] if row.get("precision") != "int8"]

@@ -208,8 +208,8 @@ def test_an_unreachable_budget_is_refused():
 def test_cli_official_schedule_equals_what_schedule_decodes(tmp_path):
     router = tmp_path / "router.safetensors"
     out = run_cli("learn", "--iterations", "4", "--batch-size", "4", "--lr", "1.0", "--out", str(router),
-                  "--target-mac-fraction", "0.8", "--json", str(tmp_path / "learned.json")).stdout
-    assert "learned in" in out
+                  "--target-mac-fraction", "0.8", "--json", str(tmp_path / "learned.json"), "--threads", "1").stdout
+    assert "learned in" in out and "1 process(es) of 1 thread(s)" in out  # --threads reached torch
     learned = Schedule.load(tmp_path / "learned.json")
     assert learned.mode == "official" and learned.mac_fraction(count_macs(learned_config())) <= 0.8
     assert (tmp_path / "router.state.safetensors").is_file()
@@ -252,7 +252,7 @@ def test_two_torchrun_processes_give_the_router_of_one(tiny_model, tmp_path):
          "-m", "l2c_export.cli", *common, "--out", str(tmp_path / "two.safetensors")],
         check=False, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 process(es)" in result.stdout
+    assert "2 process(es) of 1 thread(s)" in result.stdout  # OMP_NUM_THREADS, as torchrun sets it
     one, two = load_router(tmp_path / "one.safetensors"), load_router(tmp_path / "two.safetensors")
     initial = Router(6, TINY.num_sublayers, learned_calls(GaussianSampler.create("ddim", 6), "general"),
                      torch.Generator().manual_seed(0)).logits.detach().numpy()

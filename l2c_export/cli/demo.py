@@ -10,6 +10,7 @@ import click
 from ..core.schedule import SCHEDULE_MODES
 from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS, TEXT_TO_IMAGE_MODELS, embedded_default
 from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, THRESHOLD, CommandError, main
+from .options import threads_option
 
 DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: none unless asked)
 
@@ -60,9 +61,10 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
 @click.option("--int8/--no-int8", default=None,
               help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule [on for the "
                    "embedded models, off for --diffusers].")
+@threads_option
 def eval_command(model_name, diffusers, image_size, router, schedule_file, threshold, mode, budgets, num_samples,
                  batch_size, grid_out, labels, conditioning_data, prompts_file, cfg_scale, seed, random_seeds,
-                 json_out, png_out, int8):
+                 json_out, png_out, int8, threads):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs, from the
     same noise: PSNR and Frechet distance against full compute; on the digits models also FD to the real digits and
     class accuracy (digits classifier features; elsewhere a fixed random projection of the latents)."""
@@ -73,7 +75,7 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
     from ..demo.evaluate import evaluate, format_table, write_json
     from ..models import zoo
     from ..routers import load_router
-    from .options import parse_labels
+    from .options import parse_labels, threads_used, use_threads
 
     if diffusers is not None and model_name is not None:
         raise click.UsageError("give --model (an embedded model) or --diffusers, not both")
@@ -146,6 +148,7 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
 
         captions = evaluation_prompts(num_samples)
     grid = {}
+    choice = use_threads(threads, torch=True)
     report = evaluate(spec, learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
                       random_seeds=tuple(range(random_seeds)),
                       int8=(diffusers is None and not captioned) if int8 is None else int8,
@@ -153,6 +156,7 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
                       prompts_source=f"{'--prompts' if prompts_file else '--conditioning-data'} {conditioning_data}",
                       captions=captions,
                       batch_size=batch_size, grid=grid)
+    report["threads"] = threads_used(choice)
     click.echo(format_table(report))
     click.echo(f"features: {report['features']}")
     if json_out:

@@ -10,7 +10,7 @@ import click
 from ..core.schedule import SCHEDULE_MODES
 from ..samplers import SAMPLER_KINDS
 from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, Finite, main
-from .options import model_options, resolve_model
+from .options import model_options, resolve_model, threads_option, use_threads
 
 
 @main.command()
@@ -65,15 +65,18 @@ from .options import model_options, resolve_model
 @click.option("--target-mac-fraction", type=MAC_FRACTION, help="Or at the threshold that meets this MAC fraction.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
+@threads_option
 def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories,
           conditioning_data, prompts_file, mode, sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window,
           steps_per_iteration, init_std,
-          seed, out, save_every, resume, threshold, target_mac_fraction, json_out):
+          seed, out, save_every, resume, threshold, target_mac_fraction, json_out, threads):
     """Learn router logits (L2C): teacher = full model, student = soft-routed cache, loss = MSE + lambda * sum(w).
 
     Runs under torchrun for data-parallel learning (gloo on CPU):
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m l2c_export.cli learn ...
     """
+    import torch
+
     from ..learn.data import NoisedData, load_image_folder, load_latents, sample_trajectories, with_random_labels
     from ..learn.distributed import init_distributed
     from ..learn.files import router_metadata, write_router
@@ -90,6 +93,7 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
                              cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale, window=window,
                              steps_per_iteration=steps_per_iteration, init_std=init_std, seed=seed)
     dist_info = init_distributed()
+    use_threads(threads, torch=True, warn=dist_info.is_main)  # each process's threads; one warning
     echo = click.echo if dist_info.is_main else (lambda *args, **kwargs: None)
     model = spec.load_model()
     config, family = spec.config, spec.family
@@ -126,7 +130,8 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
                                      param_hint="--data")
         source = NoisedData(images, with_random_labels(labels, num_labels, seed), sampler, str(path))
     echo(f"learning {len(spec.sublayer_names)} x {sampler.num_calls} router logits ({mode} mode, "
-         f"{sampler.kind}) on {source.description}, {dist_info.world_size} process(es)")
+         f"{sampler.kind}) on {source.description}, {dist_info.world_size} process(es) of "
+         f"{torch.get_num_threads()} thread(s)")
     state_path = out.with_name(out.name[: -len(".safetensors")] + ".state.safetensors")
     result = learn_router(model, sampler, source, settings, state_path=state_path, resume=resume,
                           save_every=save_every, progress=dist_info.is_main, source_name=source.description)

@@ -1,7 +1,8 @@
-"""Options and resolvers that several commands share: which model, which schedule, labels, noise."""
+"""Options and resolvers that several commands share: which model, which schedule, labels, noise, threads."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -192,3 +193,45 @@ def backend_options(device: str | None, backend: str) -> dict:
     if backend == "torch":
         return {"device": device}
     raise click.UsageError(f"--device does not apply to --backend {backend}")
+
+
+def threads_option(function):
+    """--threads: torch's intra-op threads and ONNX Runtime's intra-op pool (:func:`use_threads`)."""
+    return click.option(
+        "--threads", type=click.IntRange(0, 1024),
+        help="Intra-op threads of torch and ONNX Runtime (0: one per core whatever the load). Default: "
+             "OMP_NUM_THREADS where set; else one per core, less the cores the 1-minute load average counts busy "
+             "with other work (at least 1): on a shared machine threads on busy cores wait on each other, several "
+             "times slower than fewer threads.")(function)
+
+
+def use_threads(threads: int | None, torch: bool = False, warn: bool = True):
+    """Applies ``--threads`` (or the default of :func:`l2c_export.core.threads.choose_threads`) to this process:
+    OMP_NUM_THREADS, which ONNX Runtime's pool (runtime/backends/onnxruntime) and the subprocesses a command starts
+    take, and torch's threads where the command runs torch (``torch``; the ONNX Runtime commands never import it).
+    Warns on stderr (where ``warn``), one line, when the load average shows cores busy with other work. Returns the
+    :class:`~l2c_export.core.threads.ThreadChoice`."""
+    from ..core.threads import choose_threads
+
+    choice = choose_threads(threads)  # a bad $L2C_LOADAVG: ValueError, one line (cli._Group)
+    warning = choice.warning()
+    if warning and warn:
+        click.echo(warning, err=True)
+    os.environ["OMP_NUM_THREADS"] = str(choice.threads)
+    if torch:
+        import torch as torch_module
+
+        torch_module.set_num_threads(choice.threads)
+    return choice
+
+
+def threads_used(choice) -> dict:
+    """For a command's results JSON: ``choice`` (:func:`use_threads`) and the threads torch and ONNX Runtime's pool
+    ran with (None: the command did not use that library)."""
+    import sys
+
+    from ..runtime.backends.onnxruntime import global_threads
+
+    torch = sys.modules.get("torch")
+    return {**choice.record(), "torch_threads": None if torch is None else torch.get_num_threads(),
+            "onnxruntime_threads": global_threads()}

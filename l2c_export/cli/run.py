@@ -8,7 +8,7 @@ import click
 
 from ..models.diffusers.pixart import MACS_PROMPT_TOKENS
 from . import CFG_SCALE, EXIT_CHECK_FAILED, POSITIVE, SEED, CommandError, Finite, main
-from .options import backend_options, load_noise, parse_labels, save_npy
+from .options import backend_options, load_noise, parse_labels, save_npy, threads_option, threads_used, use_threads
 
 # --prompts: every prompt's sample is held until the run ends (--save-latents writes them as one array), so a run takes
 # at most this many; and the file is read whole, so it is bounded first: this many prompts of 670 bytes.
@@ -43,15 +43,20 @@ MAX_PROMPTS_FILE_BYTES = 64 * 2**20
               show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime: provider; torch: device.")
 @click.option("--full", is_flag=True, help="Run the full-compute engine at every step instead of the schedule.")
-@click.option("--compare-full", is_flag=True, help="Also time full compute on the same request and print both.")
+@click.option("--compare-full", is_flag=True,
+              help="Also time full compute against the schedule on the same request: after a warm-up run of each, "
+                   "--repeats interleaved pairs; prints the medians and their spread.")
+@click.option("--repeats", type=POSITIVE, default=3, show_default=True,
+              help="With --compare-full: the timed (full, schedule) pairs.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="PNG grid (pixel models; latent models through the build's VAE decoder, or --vae).")
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Save the samples (.npy).")
 @click.option("--vae", type=click.Path(file_okay=False, path_type=Path),
               help="The authors' latent models: a local diffusers AutoencoderKL folder to decode latents with torch "
                    "(scale 0.18215). A diffusers build decodes with its own VAE decoder graph.")
+@threads_option
 def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_prompt, batch_size, cfg_scale, seed,
-        noise_file, backend, device, full, compare_full, out, save_latents, vae):
+        noise_file, backend, device, full, compare_full, repeats, out, save_latents, vae, threads):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
     from ..runtime.components import refuse_unused_negative_prompt
     from ..runtime.conditioning import FLAG_NAMES, load_conditioning, takes_labels
@@ -66,7 +71,11 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     prompt_list = _read_prompts(prompts, prompts_file) if prompts or prompts_file else None
     conditioning = None if conditioning_file is None else load_conditioning(conditioning_file)
     noise = None if noise_file is None else load_noise(noise_file)
-    pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **backend_options(device, backend))
+    choice = use_threads(threads, torch=backend == "torch")
+    options = backend_options(device, backend)
+    if backend == "onnxruntime":
+        options["threads"] = choice.threads
+    pipe = L2CPipeline.from_engine_dir(engine_dir, backend=backend, **options)
     if conditioning is None and labels is None and prompt_list is None and \
             takes_labels(pipe.manifest):
         labels = "0,1,2,3,4,5,6,7,8,9"
@@ -75,8 +84,10 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     if prompt_list is not None:
         request.update(prompt=prompt_list, negative_prompt=negative_prompt)
     where = f"--conditioning {conditioning_file or ''}".rstrip()
+    threads_run = getattr(pipe.backend, "threads", None)  # torch's, or ONNX Runtime's pool (TensorRT: None)
     click.echo(f"{engine_dir}: {pipe.manifest['name']}, {len(pipe.manifest['subsets'])} subset engine(s), "
-               f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on {', '.join(pipe.providers)}")
+               f"{pipe.sampler.num_calls} {pipe.sampler.kind} model calls, backend {backend} on "
+               f"{', '.join(pipe.providers)}" + ("" if threads_run is None else f", {threads_run} thread(s)"))
     latent = pipe.manifest["model"]["space"] == "latent"
     if vae is not None and pipe.decoder is not None:
         raise click.UsageError(f"--vae: the build {engine_dir} decodes with its own VAE decoder graph; leave --vae out")
@@ -88,11 +99,17 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     click.echo(f"{what}: {result.seconds:.3f} s for {len(result.samples)} sample(s) "
                f"({100 * result.overhead_fraction:.1f}% outside the engines)")
     if compare_full and not full:
-        reference = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, full=True, progress=True)
-        again = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, progress=True)  # warm, like full
-        click.echo(f"full compute: {reference.seconds:.3f} s; L2C schedule (warm): {again.seconds:.3f} s; "
-                   f"speedup {reference.seconds / again.seconds:.2f}x "
-                   f"(ideal {pipe.manifest['macs']['ideal_speedup']:.2f}x)")
+        import functools
+
+        from ..tools.bench import WARMUP_RUNS, interleaved_runs, timing_summary
+
+        timed = functools.partial(pipe, **request, cfg_scale=cfg_scale, seed=seed, noise=noise)
+        (full_s, full_low, full_high), (l2c_s, l2c_low, l2c_high), (_, low, high) = timing_summary(
+            *interleaved_runs([functools.partial(timed, full=True), timed], repeats))
+        click.echo(f"full compute: {full_s:.3f} s [{full_low:.3f}-{full_high:.3f}]; L2C schedule: {l2c_s:.3f} s "
+                   f"[{l2c_low:.3f}-{l2c_high:.3f}]; speedup {full_s / l2c_s:.2f}x [{low:.2f}-{high:.2f}] "
+                   f"(ideal {pipe.manifest['macs']['ideal_speedup']:.2f}x): medians [min-max] of {repeats} "
+                   f"interleaved run(s) of each after {WARMUP_RUNS} warm-up run(s)")
     if save_latents:
         save_npy(save_latents, result.samples)
         click.echo(f"wrote {save_latents}")
@@ -203,15 +220,17 @@ def verify(engine_dir, backend, device, tolerance, reference, diffusers):
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Plot achieved against ideal speedup.")
-def bench(engine_dirs, batch, backends, repeats, no_memory, prompt_tokens, json_out, png_out):
+@threads_option
+def bench(engine_dirs, batch, backends, repeats, no_memory, prompt_tokens, json_out, png_out, threads):
     """Full compute against the schedule, interleaved: speedup vs ideal, step overhead, memory.
 
     All ENGINE_DIRS are measured in one interleaved loop per backend: `bench DIR_FP32 DIR_INT8` gives the int8 rows'
     speedups against the fp32 full compute of the same run. The torch backend skips int8 builds (it would run their
     dequantized weights in fp32)."""
     from ..core.manifest import load as load_manifest
-    from ..tools.bench import benchmark_together, machine_description, plot, table, write_results
+    from ..tools.bench import WARMUP_RUNS, benchmark_together, machine_description, plot, table, write_results
 
+    choice = use_threads(threads, torch=True)
     results = []
     for backend in backends or ("onnxruntime", "torch"):
         folders = [f for f in engine_dirs
@@ -219,10 +238,15 @@ def bench(engine_dirs, batch, backends, repeats, no_memory, prompt_tokens, json_
         if folders:
             click.echo(f"benchmarking {', '.join(map(str, folders))} on {backend} ...")
             results += benchmark_together(folders, backend, batch=batch, repeats=repeats,
-                                          measure_memory=not no_memory, prompt_tokens=prompt_tokens)
+                                          measure_memory=not no_memory, threads=choice.threads,
+                                          prompt_tokens=prompt_tokens)
     click.echo(table(results))
+    click.echo(f"medians of {repeats} interleaved (full, schedule) pair(s) after {WARMUP_RUNS} warm-up run(s) of each; "
+               f"spread: the lowest and highest speedup of a pair; {choice.threads} thread(s)"
+               + (f"; load average {choice.load_average:.2f} on {choice.cores} core(s) at the start"
+                  if choice.load_average is not None else ""))
     if json_out:
-        write_results(results, json_out, machine_description())
+        write_results(results, json_out, {**machine_description(), **threads_used(choice)})
         click.echo(f"wrote {json_out}")
     if png_out:
         plot(results, png_out)

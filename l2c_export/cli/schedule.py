@@ -10,7 +10,7 @@ from ..core.schedule import SCHEDULE_MODES, format_model_time
 from ..samplers import create_sampler
 from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, CommandError, main
 from .options import (macs_for, model_options, parse_labels, resolve_model, resolve_schedule, save_npy,
-                      schedule_options, schedule_steps)
+                      schedule_options, schedule_steps, threads_option, use_threads)
 
 
 @main.command()
@@ -122,9 +122,10 @@ def _print_schedule(result, macs) -> None:
               help="Initial noise (the pipeline's latents) .npy of shape (n samples, C, H, W), float32.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True)
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Also save the samples (.npy).")
+@threads_option
 def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold,
            target_mac_fraction, mode, steps, sampler_kind, full, labels, conditioning_file, cfg_scale,
-           guide_all_channels, seed, noise_file, out, save_latents):
+           guide_all_channels, seed, noise_file, out, save_latents, threads):
     """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule. For a diffusers folder:
     its transformer and scheduler as its pipeline samples them (--noise is the pipeline's latents)."""
     import time
@@ -145,6 +146,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
     label_list = parse_labels(labels) if labels is not None else (
         None if conditioning is not None or spec.family.null_class(spec.config) is None else list(range(10)))
     noise = None if noise_file is None else load_noise(noise_file)
+    use_threads(threads, torch=True)
     model = spec.load_model()
     torch.set_grad_enabled(False)
     start = time.perf_counter()
@@ -155,7 +157,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
     elapsed = time.perf_counter() - start
     what = "full compute" if plan is None else f"L2C schedule ({plan.source})"
     click.echo(f"sampled {len(samples)} x {sampler.num_calls} {sampler.kind} model calls with {what} in "
-               f"{elapsed:.2f} s")
+               f"{elapsed:.2f} s ({torch.get_num_threads()} thread(s))")
     if save_latents:
         save_npy(save_latents, samples)
         click.echo(f"wrote {save_latents}")

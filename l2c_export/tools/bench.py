@@ -1,6 +1,7 @@
 """``l2c-export bench``: full compute against the schedule on the same engines, machine and batch, interleaved.
 
-Per backend: one warm-up run of each, then ``repeats`` pairs (full, schedule) alternating, medians of each. Builds of
+Per backend: one warm-up run of each, then ``repeats`` pairs (full, schedule) alternating (:func:`interleaved_runs`),
+medians of each, and their spread: the fastest and slowest run, and the lowest and highest speedup of a pair. Builds of
 one model measured together (``bench DIR_FP32 DIR_INT8``) are interleaved in the same loop, and every row also gets
 its speedups against the fp32 build's full compute of that same run. Memory is
 measured in a fresh subprocess per configuration, as the growth of the resident set from loading the engines and
@@ -13,6 +14,7 @@ length the MACs (and so the ideal speedup) are counted at, 120 (PixArt-α's T5 m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -53,6 +55,16 @@ class BenchResult:
     # The C++ runtime (cpp/, built by `make cpp`) on the same build: onnxruntime builds only, None where not built.
     cpp_memory_all_engines_bytes: int | None = None
     cpp_memory_full_engine_bytes: int | None = None
+    warmup_runs: int = 1  # untimed runs of each before the timed ones
+    # The spread of the ``repeats`` timed runs: the fastest and slowest of each, and the lowest and highest speedup of
+    # one interleaved (full, schedule) pair.
+    full_seconds_min: float | None = None
+    full_seconds_max: float | None = None
+    schedule_seconds_min: float | None = None
+    schedule_seconds_max: float | None = None
+    speedup_min: float | None = None
+    speedup_max: float | None = None
+    threads: int | None = None  # the backend's intra-op threads (onnxruntime: its pool, 0 = one per core)
 
 
 def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
@@ -81,22 +93,15 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
     folders = [Path(folder) for folder in folders]
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
     pipes = [L2CPipeline.from_engine_dir(folder, backend=backend, **options) for folder in folders]
-    full = [[] for _ in pipes]
-    scheduled = [[] for _ in pipes]
-    overhead = [[] for _ in pipes]
     requests = [bench_request(pipe.manifest, batch, prompt_tokens) for pipe in pipes]
-    for pipe, request in zip(pipes, requests):
-        pipe(**request, seed=0, full=True)
-        pipe(**request, seed=0)
-    for repeat in range(repeats):
-        for i, (pipe, request) in enumerate(zip(pipes, requests)):
-            full[i].append(pipe(**request, seed=repeat, full=True).seconds)
-            result = pipe(**request, seed=repeat)
-            scheduled[i].append(result.seconds)
-            overhead[i].append(result.overhead_fraction)
+    calls = [call for pipe, request in zip(pipes, requests)
+             for call in (functools.partial(pipe, **request, full=True), functools.partial(pipe, **request))]
+    runs = interleaved_runs(calls, repeats)
     results = []
     for i, (folder, pipe) in enumerate(zip(folders, pipes)):
-        full_seconds, schedule_seconds = statistics.median(full[i]), statistics.median(scheduled[i])
+        full, scheduled = runs[2 * i], runs[2 * i + 1]
+        (full_seconds, full_min, full_max), (schedule_seconds, schedule_min, schedule_max), (_, low, high) = \
+            timing_summary(full, scheduled)
         data = pipe.manifest
         memory_all = memory_full = cpp_all = cpp_full = None
         if measure_memory:
@@ -112,13 +117,44 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
                                    providers=pipe.providers, batch=batch, full_seconds=full_seconds,
                                    schedule_seconds=schedule_seconds, speedup=full_seconds / schedule_seconds,
                                    ideal_speedup=ideal, speedup_of_ideal=full_seconds / schedule_seconds / ideal,
-                                   step_overhead_fraction=statistics.median(overhead[i]),
+                                   step_overhead_fraction=statistics.median(r.overhead_fraction for r in scheduled),
                                    memory_all_engines_bytes=memory_all, memory_full_engine_bytes=memory_full,
                                    model_weights_bytes=data["weights"]["bytes"], num_subsets=len(data["subsets"]),
                                    repeats=repeats, cpp_memory_all_engines_bytes=cpp_all,
-                                   cpp_memory_full_engine_bytes=cpp_full))
+                                   cpp_memory_full_engine_bytes=cpp_full, warmup_runs=WARMUP_RUNS,
+                                   full_seconds_min=full_min, full_seconds_max=full_max,
+                                   schedule_seconds_min=schedule_min, schedule_seconds_max=schedule_max,
+                                   speedup_min=low, speedup_max=high,
+                                   threads=getattr(pipe.backend, "threads", None)))
     _against_fp32(results, [pipe.manifest for pipe in pipes])
     return results
+
+
+WARMUP_RUNS = 1  # the first run of a pipeline loads its sessions' kernels and grows its arena: never timed
+
+
+def interleaved_runs(calls: list, repeats: int) -> list[list]:
+    """Runs every call of ``calls`` (no arguments, a result with ``.seconds``) :data:`WARMUP_RUNS` times untimed, then
+    ``repeats`` rounds of each in turn, so that a change in the machine's load falls on all of them alike rather than
+    on whichever ran then. Returns each call's timed results, by call."""
+    for _ in range(WARMUP_RUNS):
+        for call in calls:
+            call()
+    runs = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            runs[i].append(call())
+    return runs
+
+
+def timing_summary(full: list, scheduled: list) -> tuple[tuple[float, float, float], ...]:
+    """Of interleaved runs (:func:`interleaved_runs`) of full compute and the schedule: (median, min, max) of each's
+    seconds, and (median, min, max) of the speedups of the pairs run one after the other (the medians' ratio is the
+    figure reported; the pairs' give its spread)."""
+    full_seconds, schedule_seconds = [r.seconds for r in full], [r.seconds for r in scheduled]
+    pairs = [f / s for f, s in zip(full_seconds, schedule_seconds)]
+    return tuple((statistics.median(values), min(values), max(values))
+                 for values in (full_seconds, schedule_seconds, pairs))
 
 
 def _against_fp32(results: list[BenchResult], manifests: list[dict]) -> None:
@@ -220,12 +256,14 @@ def write_results(results: list[BenchResult], path: Path, machine: dict) -> None
 
 def table(results: list[BenchResult]) -> str:
     header = (f"{'model':<14} {'backend':<12} {'prec':<5} {'batch':>5} {'full s':>8} {'L2C s':>8} {'speedup':>8} "
-              f"{'ideal':>6} {'of ideal':>8} {'overhead':>8} {'mem all':>9} {'mem full':>9} {'weights':>9} "
-              f"{'full/fp32':>9} {'L2C/fp32':>9}")
+              f"{'spread':>11} {'ideal':>6} {'of ideal':>8} {'overhead':>8} {'mem all':>9} {'mem full':>9} "
+              f"{'weights':>9} {'full/fp32':>9} {'L2C/fp32':>9}")
     rows = [header, "-" * len(header)]
     for r in results:
+        spread = "-" if r.speedup_min is None else f"{r.speedup_min:.2f}-{r.speedup_max:.2f}x"
         rows.append(f"{r.model:<14} {r.backend:<12} {r.precision:<5} {r.batch:>5} {r.full_seconds:>8.3f} "
-                    f"{r.schedule_seconds:>8.3f} {r.speedup:>7.3f}x {r.ideal_speedup:>5.3f}x {r.speedup_of_ideal:>8.3f} "
+                    f"{r.schedule_seconds:>8.3f} {r.speedup:>7.3f}x {spread:>11} {r.ideal_speedup:>5.3f}x "
+                    f"{r.speedup_of_ideal:>8.3f} "
                     f"{100 * r.step_overhead_fraction:>7.2f}% {_mib(r.memory_all_engines_bytes):>9} "
                     f"{_mib(r.memory_full_engine_bytes):>9} {_mib(r.model_weights_bytes):>9} "
                     f"{_times(r.full_speedup_vs_fp32):>9} {_times(r.schedule_speedup_vs_fp32):>9}")

@@ -11,7 +11,8 @@
   per session, the pool of the subset that just ran keeps spinning while the next subset's pool works: on two cores
   that made the schedule slower than full compute.
   Its size, unless asked for: OMP_NUM_THREADS where set (the cap torch honours too; the test suite's parallel
-  workers set it to their share of the cores), else one thread per core.
+  workers set it to their share of the cores, the CLI's commands to their --threads or the cores the load average
+  leaves free: l2c_export/core/threads.py), else one thread per core.
 - Cache: a request's slots are numpy buffers wrapped as OrtValues and bound with IO binding, inputs and outputs alike,
   so a fresh branch output is written straight into the slot the next subset reads, with no copy in between. A slot
   whose size varies per request (a named size in the manifest: the prompt's tokens) is allocated by ONNX Runtime at
@@ -22,7 +23,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ...core.backends import precision_refusal
+from ...core.threads import omp_num_threads
 from . import cache_inputs, check_graph, engine_path, fresh_outputs, model_inputs, selected_subsets, weight_arrays
 
 _shared_arena_lock = threading.Lock()
@@ -43,8 +44,7 @@ _global_threads: int | None = None
 def _default_threads() -> int:
     """The pool's size when none is asked for: OMP_NUM_THREADS where it is a positive integer, else 0 (one per
     core)."""
-    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    return int(value) if value.isdigit() else 0
+    return omp_num_threads() or 0
 
 
 def _set_up_environment(threads: int | None) -> None:
@@ -142,6 +142,11 @@ class OnnxRuntimeBackend:
         used = {p for session in self.sessions.values() for p in session.get_providers()}
         return [p for p in ort.get_available_providers() if p in used]
 
+    @property
+    def threads(self) -> int:
+        """The size of the process-wide intra-op pool the sessions run on (0: ONNX Runtime's one per core)."""
+        return _global_threads
+
     def new_request(self) -> _RequestCache:
         return _RequestCache()
 
@@ -180,6 +185,11 @@ class OnnxRuntimeBackend:
             for position, slot in allocated.items():
                 state.put(slot, values[position])
         return model_out
+
+
+def global_threads() -> int | None:
+    """The size of this process's intra-op pool (0: one per core), None before any session set it up."""
+    return _global_threads
 
 
 def component_session(path: Path, providers: Sequence = ("CPUExecutionProvider",)) -> ort.InferenceSession:

@@ -96,6 +96,11 @@ class TorchBackend:
     def providers(self) -> list[str]:
         return [f"torch-{self.device.type}" + ("-cudagraph" if self.cuda_graphs else "")]
 
+    @property
+    def threads(self) -> int:
+        """torch's intra-op threads (of this process: torch has one pool)."""
+        return torch.get_num_threads()
+
     def new_request(self) -> dict[int, torch.Tensor]:
         return {}
 
