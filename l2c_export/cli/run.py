@@ -8,7 +8,7 @@ import click
 
 from ..models.diffusers.pixart import MACS_PROMPT_TOKENS
 from . import CFG_SCALE, EXIT_CHECK_FAILED, POSITIVE, SEED, CommandError, Finite, main
-from .options import backend_options, load_noise, parse_labels, save_npy
+from .options import FLAG_NAMES, backend_options, load_noise, parse_labels, save_npy
 
 # --prompts: every prompt's sample is held until the run ends (--save-latents writes them as one array), so a run takes
 # at most this many; and the file is read whole, so it is bounded first: this many prompts of 670 bytes.
@@ -54,7 +54,7 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
         noise_file, backend, device, full, compare_full, out, save_latents, vae):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
     from ..runtime.components import refuse_unused_negative_prompt
-    from ..runtime.conditioning import FLAG_NAMES, load_conditioning, takes_labels
+    from ..runtime.conditioning import load_conditioning, takes_labels
     from ..runtime.pipeline import L2CPipeline
 
     given = [flag for flag, value in (("--labels", labels), ("--conditioning", conditioning_file),
