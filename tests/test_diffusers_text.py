@@ -432,24 +432,23 @@ def _edit(path, **changes):
 
 @pytest.mark.slow
 def test_a_dit_build_decodes_its_latents_as_dit_pipeline_does(tiny_diffusers, tmp_path):
-    """DiTPipeline's folder has a VAE too: the build's decoder gives DiTPipeline's output_type="np" images (to 1e-3) from
-    the same latents (its generator's draw, fed as --noise), and run --out needs no --vae."""
+    """DiTPipeline's folder has a VAE too: the build called as DiTPipeline (class_labels=, the same generator,
+    output_type="np") gives its images (to 1e-3), and run --out needs no --vae."""
     from diffusers.utils.torch_utils import randn_tensor
 
     folder = tiny_diffusers("dit")
     run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--out", str(tmp_path / "E"))
     assert sorted(load(tmp_path / "E")["components"]) == ["vae_decoder"]
-    noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)).numpy()
-    result = L2CPipeline.from_engine_dir(tmp_path / "E")(labels=[207, 3], cfg_scale=CFG_SCALE, noise=noise,
-                                                         decode=True)
+    got = L2CPipeline.from_pretrained(tmp_path / "E")(class_labels=[207, 3], guidance_scale=CFG_SCALE,
+                                                      generator=torch.Generator().manual_seed(0),
+                                                      output_type="np").images
     pipe = load_pipeline(folder)
     with torch.no_grad():
         want = pipe(class_labels=[207, 3], guidance_scale=CFG_SCALE, num_inference_steps=STEPS,
                     generator=torch.Generator().manual_seed(0), output_type="np").images
-    got = np.clip(result.decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
     assert got.shape == want.shape == (2, 8, 8, 3)
     assert np.abs(got - want).max() <= 1e-3
-    np.save(tmp_path / "z.npy", noise)
+    np.save(tmp_path / "z.npy", randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)).numpy())
     run_cli("run", str(tmp_path / "E"), "--labels", "207,3", "--noise", str(tmp_path / "z.npy"), "--out",
             str(tmp_path / "x.png"))
     assert (tmp_path / "x.png").stat().st_size > 0
