@@ -226,25 +226,10 @@ class L2CPipeline:
         """
         from .conditioning import ConditioningError, load_conditioning, request_arguments
 
-        guidance = self.manifest["guidance"]
-        scale_argument = guidance.get("scale_argument", DEFAULT_SCALE_ARGUMENT)
+        scale_argument = self.manifest["guidance"].get("scale_argument", DEFAULT_SCALE_ARGUMENT)
         label_argument = None if self.label_record is None else self.label_record["argument"]
         known_arrays = request_arguments(self.manifest, negatives=True)
-        scales, given_labels, arrays = {}, {}, {}
-        for name, value in arguments.items():
-            if name == scale_argument:
-                scales[name] = value
-            elif name == label_argument:
-                given_labels[name] = value
-            elif name in known_arrays:
-                arrays[name] = value
-            else:
-                accepted = [label_argument, scale_argument if scale_argument != "guidance_scale" else None,
-                            *known_arrays]
-                raise TypeError(f"L2CPipeline got an unexpected keyword argument {name!r}; this build takes, beside "
-                                f"the pipeline's own (prompt, negative_prompt, num_inference_steps, guidance_scale, "
-                                f"latents, generator, num_images_per_prompt, output_type, ...), "
-                                f"{', '.join(a for a in accepted if a) or 'no other'}")
+        scales, given_labels, arrays = self._sort_keywords(arguments, scale_argument, label_argument, known_arrays)
         if prompt_or_labels is not None:
             if _is_text(prompt_or_labels) or (label_argument is None and _is_empty(prompt_or_labels)):
                 if prompt is not None:
@@ -253,6 +238,8 @@ class L2CPipeline:
             else:
                 given_labels["the first argument"] = prompt_or_labels
         label_name, labels = _only_one_named({"labels": labels, **given_labels}, "labels")
+        if isinstance(labels, (int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
+            labels = [labels]  # one label, as DiTPipeline takes it
         if guidance_scale is not None and scale_argument != "guidance_scale":
             raise ValueError(f"guidance_scale: this model's guidance scale is its pipeline's {scale_argument} (the "
                              f"manifest's 'guidance/scale_argument'); pass {scale_argument}= instead")
@@ -308,18 +295,10 @@ class L2CPipeline:
                                  if self.prompt_encoder is not None else
                                  f"{', '.join(request_arguments(self.manifest, False))}: none given; expected the "
                                  f"prompt's arrays (the build has no text encoder to encode a prompt)")
-        repeat = int(num_images_per_prompt)
-        if repeat > 1:
-            if prompt is not None:
-                prompt = [text for text in ([prompt] if _is_text_item(prompt) else prompt) for _ in range(repeat)]
-                if negative_prompt is not None and not _is_text_item(negative_prompt):
-                    negative_prompt = [text for text in negative_prompt for _ in range(repeat)]
-            if labels is not None:
-                labels = [label for label in labels for _ in range(repeat)]
-            if conditioning is not None:
-                conditioning = {name: np.repeat(array, repeat, axis=0) if np.ndim(array) else array
-                                for name, array in conditioning.items()}
-        if seeds is not None:
+        if num_images_per_prompt > 1:
+            prompt, negative_prompt, labels, conditioning = _each_repeated(
+                int(num_images_per_prompt), prompt, negative_prompt, labels, conditioning)
+        if seeds is not None and noise is None:  # given latents, the generators only seed DDPM's step noise
             count = self._count(labels, prompt, conditioning)
             if count is not None and len(seeds) != count:
                 raise ValueError(f"generator: a list of {len(seeds)} generators for {count} images; expected one per "
@@ -329,6 +308,29 @@ class L2CPipeline:
             decode = True
         return self._generate(labels, cfg_scale, seed, noise, noise_name, full, progress, conditioning, where, prompt,
                               negative_prompt, decode, batch_size, names, output_type)
+
+    @staticmethod
+    def _sort_keywords(arguments: Mapping[str, object], scale_argument: str, label_argument: str | None,
+                       known_arrays: Sequence[str]) -> tuple[dict, dict, dict]:
+        """A call's keyword arguments beyond the named ones, by the family pipeline's names: (the scale by
+        ``scale_argument``, the labels by ``label_argument``, the arrays of ``known_arrays``); any other is a
+        TypeError listing what the build takes."""
+        scales, labels, arrays = {}, {}, {}
+        for name, value in arguments.items():
+            if name == scale_argument:
+                scales[name] = value
+            elif name == label_argument:
+                labels[name] = value
+            elif name in known_arrays:
+                arrays[name] = value
+            else:
+                accepted = [label_argument, scale_argument if scale_argument != "guidance_scale" else None,
+                            *known_arrays]
+                raise TypeError(f"L2CPipeline got an unexpected keyword argument {name!r}; this build takes, beside "
+                                f"the pipeline's own (prompt, negative_prompt, num_inference_steps, guidance_scale, "
+                                f"latents, generator, num_images_per_prompt, output_type, ...), "
+                                f"{', '.join(a for a in accepted if a) or 'no other'}")
+        return scales, labels, arrays
 
     @staticmethod
     def _count(labels, prompt, conditioning) -> int | None:
@@ -500,3 +502,21 @@ def _only_one_named(given: Mapping[str, object], default: str) -> tuple[str, obj
     if len(named) > 1:
         raise TypeError(f"L2CPipeline got {named[0][0]} and {named[1][0]}: they are the same argument; give one")
     return named[0] if named else (default, None)
+
+
+def _each_repeated(times: int, prompt, negative_prompt, labels, conditioning):
+    """``num_images_per_prompt``: each prompt (a list of negative prompts alike), label and row of the arrays
+    ``times`` times, next to each other, as the pipelines repeat the encoded prompt for their latents."""
+    def each(items):
+        return [item for item in items for _ in range(times)]
+
+    if prompt is not None:
+        prompt = each([prompt] if _is_text_item(prompt) else prompt)
+        if negative_prompt is not None and not _is_text_item(negative_prompt):
+            negative_prompt = each(negative_prompt)
+    if labels is not None:
+        labels = each(labels)
+    if conditioning is not None:
+        conditioning = {name: np.repeat(array, times, axis=0) if np.ndim(array) else array
+                        for name, array in conditioning.items()}
+    return prompt, negative_prompt, labels, conditioning
