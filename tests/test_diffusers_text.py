@@ -190,7 +190,7 @@ def test_from_pretrained_called_as_the_diffusers_pipeline_gives_its_latents(text
 
     folder, _, schedule = text_build
     seed = 7
-    assert text_pipe.guidance_scale == inspect.signature(PixArtAlphaPipeline.__call__).parameters[
+    assert text_pipe.default_guidance_scale == inspect.signature(PixArtAlphaPipeline.__call__).parameters[
         "guidance_scale"].default
     assert text_pipe.num_inference_steps == STEPS
     got = text_pipe(PROMPTS, generator=torch.Generator().manual_seed(seed), output_type="latent").images
@@ -198,8 +198,9 @@ def test_from_pretrained_called_as_the_diffusers_pipeline_gives_its_latents(text
                           output_type="latent")
     assert got.shape == want.shape == (2, 4, 8, 8)
     assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
-    spelled_out = text_pipe(prompt=PROMPTS, negative_prompt="", seed=seed, guidance_scale=text_pipe.guidance_scale,
-                            num_inference_steps=STEPS, output_type="latent")
+    spelled_out = text_pipe(prompt=PROMPTS, negative_prompt="", seed=seed,
+                            guidance_scale=text_pipe.default_guidance_scale, num_inference_steps=STEPS,
+                            output_type="latent")
     np.testing.assert_array_equal(spelled_out.images, got)
 
 

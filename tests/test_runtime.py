@@ -85,8 +85,9 @@ def test_a_label_build_is_called_as_dit_pipeline_is(default_build):
 
     pipe = L2CPipeline.from_pretrained(default_build)
     plain = pipe(LABELS, seed=4)
-    same = pipe(class_labels=LABELS, guidance_scale=pipe.guidance_scale, num_inference_steps=pipe.num_inference_steps,
-                generator=torch.Generator().manual_seed(4), output_type="np")
+    same = pipe(class_labels=LABELS, guidance_scale=pipe.default_guidance_scale,
+                num_inference_steps=pipe.num_inference_steps, generator=torch.Generator().manual_seed(4),
+                output_type="np")
     np.testing.assert_array_equal(same.samples, plain.samples)
     np.testing.assert_array_equal(same.images, np.clip(plain.samples / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
     assert [(image.mode, image.size) for image in plain.images] == [("L", (8, 8))] * len(LABELS)

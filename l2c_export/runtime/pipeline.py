@@ -175,15 +175,15 @@ class L2CPipeline:
         return int(self.manifest["sampler"].get("num_inference_steps", self.sampler.num_calls))
 
     @property
-    def guidance_scale(self) -> float:
-        """The build's guidance scale, the default of a call's (``guidance/cfg_scale``)."""
+    def default_guidance_scale(self) -> float:
+        """The build's guidance scale, a call's default (``guidance/cfg_scale``: the pipeline's default unless the
+        build set another)."""
         return float(self.manifest["guidance"]["cfg_scale"])
 
     def __call__(self, prompt_or_labels=None, /, *, prompt: Sequence[str] | str | None = None,
                  negative_prompt: Sequence[str] | str | None = None, labels: Sequence[int] | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 latents: np.ndarray | None = None, generator=None, seed: int | None = None,
-                 num_images_per_prompt: int = 1, output_type: str | None = None,
+                 num_inference_steps: int | None = None, latents: np.ndarray | None = None, generator=None,
+                 seed: int | None = None, num_images_per_prompt: int = 1, output_type: str | None = None,
                  conditioning: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
                  cfg_scale: float | None = None, noise: np.ndarray | None = None, full: bool = False,
                  progress: bool = False, decode: bool = False, batch_size: int | None = None,
@@ -191,17 +191,17 @@ class L2CPipeline:
         """Samples one image per label (a label model) or per prompt, as the family's diffusers pipeline is called.
 
         prompt_or_labels (the only positional argument): the prompt (a text, or a list of texts: a build with a text
-        encoder and tokenizer), or the class labels (integers: a label model, as ``DiTPipeline``'s ``class_labels``).
-        prompt / labels / ``class_labels``: the same, by name.
-        The prompt's arrays by the pipeline's argument names, as keyword arguments (``prompt_embeds=``,
-        ``prompt_attention_mask=``, ``negative_prompt_embeds=``, ...: the manifest's conditioning records name them,
-        :func:`.conditioning.request_arguments`), or ``conditioning``: a dict of them, or the path of an .npz of them
-        (``where`` names it in errors).
+        encoder and tokenizer), or the class labels (integers: a label model, as ``DiTPipeline``'s first argument).
+        prompt / labels: the same, by name.
+        ``arguments``, by the family pipeline's names as the manifest records them (no name is written here): the
+        labels by the label input's argument; the guidance scale by ``guidance/scale_argument`` (the pipelines'
+        common name, :data:`~l2c_export.core.interface.DEFAULT_SCALE_ARGUMENT`, or Qwen-Image's own); the prompt's
+        arrays by their arguments and their negative partners' (:func:`.conditioning.request_arguments`). Or
+        ``conditioning``: a dict of the arrays, or the path of an .npz of them (``where`` names it in errors).
         negative_prompt: with ``prompt``, when guiding: the unconditional half's text (default "", as the PixArt
         pipelines; one, or one per prompt); refused rather than dropped where it would not be used.
         num_inference_steps: the build's (:attr:`num_inference_steps`); another count is refused naming the rebuild.
-        guidance_scale (``cfg_scale``; Qwen-Image's ``true_cfg_scale``: the manifest's ``guidance/scale_argument``):
-        default the build's (``guidance/cfg_scale``, the pipeline's default where the build set none).
+        the scale (``cfg_scale``, or by its argument name): default :attr:`default_guidance_scale`.
         latents (``noise``): (n, *sample shape) float32 initial latents of the n conditional samples; guidance
         duplicates them for the unconditional half.
         seed, or generator: a ``torch.Generator`` (or a list of one per image), read by its ``initial_seed()``
@@ -240,11 +240,7 @@ class L2CPipeline:
         label_name, labels = _only_one_named({"labels": labels, **given_labels}, "labels")
         if isinstance(labels, (int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
             labels = [labels]  # one label, as DiTPipeline takes it
-        if guidance_scale is not None and scale_argument != "guidance_scale":
-            raise ValueError(f"guidance_scale: this model's guidance scale is its pipeline's {scale_argument} (the "
-                             f"manifest's 'guidance/scale_argument'); pass {scale_argument}= instead")
-        scale_name, cfg_scale = _only_one_named({"cfg_scale": cfg_scale, "guidance_scale": guidance_scale, **scales},
-                                                scale_argument)
+        scale_name, cfg_scale = _only_one_named({"cfg_scale": cfg_scale, **scales}, scale_argument)
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
                                                 or num_inference_steps != self.num_inference_steps):
             raise ValueError(f"num_inference_steps is {num_inference_steps!r}; this build samples "
@@ -286,7 +282,7 @@ class L2CPipeline:
                                     f"the pipelines' argument names ({', '.join(known_arrays)}), or the path of an "
                                     f".npz of them")
         if names is None:
-            names = {**ARGUMENT_NAMES, "labels": label_argument if label_name == "class_labels" else "labels",
+            names = {**ARGUMENT_NAMES, "labels": label_argument if label_name == label_argument else "labels",
                      "cfg_scale": scale_name,
                      "conditioning": ", ".join(arrays) if arrays else "conditioning"}
             if label_argument is None and prompt is None and conditioning is None and labels is None:
@@ -323,13 +319,15 @@ class L2CPipeline:
                 labels[name] = value
             elif name in known_arrays:
                 arrays[name] = value
+            elif name == DEFAULT_SCALE_ARGUMENT:
+                raise ValueError(f"{name}: this model's guidance scale is its pipeline's {scale_argument} (the "
+                                 f"manifest's 'guidance/scale_argument'); pass {scale_argument}= instead")
             else:
-                accepted = [label_argument, scale_argument if scale_argument != "guidance_scale" else None,
-                            *known_arrays]
+                accepted = [label_argument, scale_argument, *known_arrays]
                 raise TypeError(f"L2CPipeline got an unexpected keyword argument {name!r}; this build takes, beside "
-                                f"the pipeline's own (prompt, negative_prompt, num_inference_steps, guidance_scale, "
-                                f"latents, generator, num_images_per_prompt, output_type, ...), "
-                                f"{', '.join(a for a in accepted if a) or 'no other'}")
+                                f"the pipeline's own (prompt, negative_prompt, num_inference_steps, latents, "
+                                f"generator, num_images_per_prompt, output_type, ...), "
+                                f"{', '.join(a for a in accepted if a)}")
         return scales, labels, arrays
 
     @staticmethod

@@ -20,14 +20,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..core.interface import (CONDITIONING, POOLED, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK,
+from ..core.interface import (CONDITIONING, DEFAULT_SCALE_ARGUMENT, POOLED, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK,
                               argument_names, conditioning_records, label_record, request_records,
                               runs_unconditional_half, scale_fed)
 from .guidance import check_labels
 
 # How messages call a request's parts by default: L2CPipeline's Python arguments (the command line passes its flags,
 # l2c_export.cli.options.FLAG_NAMES; L2CPipeline the names a call used, guidance_scale's among them).
-ARGUMENT_NAMES = {"labels": "labels", "conditioning": "conditioning", "cfg_scale": "guidance_scale",
+ARGUMENT_NAMES = {"labels": "labels", "conditioning": "conditioning", "cfg_scale": DEFAULT_SCALE_ARGUMENT,
                   "prompt": "prompt", "negative_prompt": "negative_prompt"}
 
 
