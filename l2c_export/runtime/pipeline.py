@@ -2,17 +2,18 @@
 
 It drives the one denoising loop (:func:`l2c_export.samplers.denoise`) with numpy arrays, so the ONNX Runtime and
 TensorRT backends need no PyTorch; every name and shape comes from the manifest. Each call is one request with its
-own cache, so a pipeline can serve requests from several threads::
+own cache, so a pipeline can serve requests from several threads. It is called as the family's diffusers pipeline
+is, by the pipeline's argument names as the manifest records them::
 
-    pipe = L2CPipeline.from_engine_dir("engines/dit-digits-onnxruntime-fp32")
-    result = pipe(labels=[3, 7], cfg_scale=4.0, seed=0)
-    result.images      # list of PIL images (pixel models) / result.samples (n, C, H, W)
+    pipe = L2CPipeline.from_pretrained("engines/dit-digits-onnxruntime-fp32")
+    result = pipe([3, 7], seed=0)    # class labels first, as DiTPipeline's; the build's scale and steps
+    result.images      # list of PIL images (output_type="pil"); result.samples (n, C, H, W)
 
 A build that carries a text encoder and tokenizer takes prompts, and one with a VAE decoder gives images of its
 latents (the manifest's ``components``, :mod:`.components`)::
 
-    result = pipe(prompt=["a handwritten seven"], negative_prompt="", seed=0, decode=True)
-    result.images      # PIL images decoded from the latents, as the diffusers pipeline's output_type="pil"
+    result = pipe("a handwritten seven", negative_prompt="", seed=0, output_type="np")
+    result.images      # (1, H, W, 3) in [0, 1], as the diffusers pipeline's output_type="np"
 """
 
 from __future__ import annotations
