@@ -44,16 +44,21 @@ def text_build(tiny_diffusers, tmp_path_factory):
 
 def _pipeline_output(folder, prompts, noise: np.ndarray, negative_prompt="", schedule=None, output_type="latent"):
     """diffusers' own PixArtAlphaPipeline on the prompts and latents, ``schedule`` applied by hooks."""
+    return _pipeline_call(folder, schedule, prompt=prompts, negative_prompt=negative_prompt,
+                          latents=torch.from_numpy(noise), guidance_scale=CFG_SCALE, output_type=output_type)
+
+
+def _pipeline_call(folder, schedule=None, **call):
+    """``PixArtAlphaPipeline(**call).images`` of the folder at the build's STEPS (numpy for "latent"), ``schedule``
+    applied by hooks."""
     import contextlib
 
     pipe = load_pipeline(folder)
     hooks = (schedule_hooks(pipe.transformer, schedule.sublayer_names, schedule.compute) if schedule is not None
              else contextlib.nullcontext())
     with torch.no_grad(), hooks:
-        images = pipe(prompt=prompts, negative_prompt=negative_prompt, latents=torch.from_numpy(noise),
-                      guidance_scale=CFG_SCALE, num_inference_steps=STEPS, output_type=output_type,
-                      use_resolution_binning=False).images
-    return images.numpy() if output_type == "latent" else images
+        images = pipe(num_inference_steps=STEPS, use_resolution_binning=False, **call).images
+    return images.numpy() if call.get("output_type") == "latent" else images
 
 
 def test_the_build_carries_the_text_encoder_tokenizer_and_vae_decoder_with_their_hashes(text_build):
@@ -173,6 +178,109 @@ def test_decoded_images_equal_the_pipelines_postprocessed_output(text_build):
     for ours, theirs in zip(result.images, pictures):
         difference = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(theirs, dtype=np.int16))
         assert ours.size == theirs.size and difference.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def text_pipe(text_build):
+    return L2CPipeline.from_pretrained(text_build[1])
+
+
+def test_from_pretrained_called_as_the_diffusers_pipeline_gives_its_latents(text_build, text_pipe):
+    """L2CPipeline.from_pretrained(E)(prompts, generator=torch.Generator().manual_seed(s), output_type="latent")
+    equals PixArtAlphaPipeline with that generator and the build's schedule (hooks) to 1e-4 of the range, at both
+    pipelines' defaults (guidance_scale: PixArt's 4.5, recorded in the manifest; the build's steps); seed=s with the
+    defaults spelled out is the same call."""
+    import inspect
+
+    from diffusers import PixArtAlphaPipeline
+
+    folder, _, schedule = text_build
+    seed = 7
+    assert text_pipe.default_guidance_scale == inspect.signature(PixArtAlphaPipeline.__call__).parameters[
+        "guidance_scale"].default
+    assert text_pipe.num_inference_steps == STEPS
+    got = text_pipe(PROMPTS, generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    want = _pipeline_call(folder, schedule, prompt=PROMPTS, generator=torch.Generator().manual_seed(seed),
+                          output_type="latent")
+    assert got.shape == want.shape == (2, 4, 8, 8)
+    assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
+    spelled_out = text_pipe(prompt=PROMPTS, negative_prompt="", seed=seed,
+                            guidance_scale=text_pipe.default_guidance_scale, num_inference_steps=STEPS,
+                            output_type="latent")
+    np.testing.assert_array_equal(spelled_out.images, got)
+
+
+def test_np_and_pil_images_and_num_images_per_prompt_are_the_diffusers_pipelines(text_build, text_pipe):
+    """output_type="np": (n, H, W, 3) float32 in [0, 1] equal to PixArtAlphaPipeline's output_type="np" to 1e-3,
+    num_images_per_prompt=2 and a negative prompt included (4 images, each prompt's two side by side); the default
+    output_type gives PIL images of the VAE's size, those of the "np" images (one level of 255)."""
+    folder, _, schedule = text_build
+    call = dict(negative_prompt="blurry", guidance_scale=CFG_SCALE, num_images_per_prompt=2)
+    got = text_pipe(PROMPTS, seed=3, output_type="np", **call).images
+    want = _pipeline_call(folder, schedule, prompt=PROMPTS, generator=torch.Generator().manual_seed(3),
+                          output_type="np", **call)
+    assert got.shape == want.shape == (4, 8, 8, 3) and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-3
+    pictures = text_pipe(PROMPTS, seed=3, **call).images
+    assert [(picture.mode, picture.size) for picture in pictures] == [("RGB", (8, 8))] * 4
+    levels = np.stack([np.asarray(picture, dtype=np.int16) for picture in pictures])
+    assert np.abs(levels - np.round(want * 255)).max() <= 1
+
+
+def test_prompt_embeds_by_their_argument_names_give_the_prompts_images(text_build, text_pipe):
+    """The arrays PixArtAlphaPipeline.encode_prompt makes, given as prompt_embeds=, prompt_attention_mask=,
+    negative_prompt_embeds=, negative_prompt_attention_mask=, sample as the prompts do (to 1e-4 of the range)."""
+    folder, _, _ = text_build
+    with torch.no_grad():
+        encoded = load_pipeline(folder).encode_prompt(PROMPTS, negative_prompt="", max_sequence_length=MAX_TOKENS)
+    names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+    arrays = {name: array.numpy() for name, array in zip(names, encoded)}
+    got = text_pipe(**arrays, seed=1, guidance_scale=CFG_SCALE, output_type="latent").images
+    want = text_pipe(PROMPTS, seed=1, guidance_scale=CFG_SCALE, output_type="latent").images
+    assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
+
+
+def test_the_python_call_is_refused_naming_its_arguments_and_the_fix(text_build, text_pipe):
+    """Each refusal names the Python argument (never a CLI flag) and what to do; output_type "pil"/"np" on a build
+    without a VAE decoder is refused, "latent" runs."""
+    _, engines, _ = text_build
+    embeds = np.zeros((2, 5, CAPTION_CHANNELS), np.float32)
+    mask = np.ones((2, 5), np.float32)
+    cases = [
+        (dict(num_inference_steps=20), ValueError, r"^num_inference_steps is 20; this build samples 12 steps .*"
+                                                   r"leave num_inference_steps out, or build again .*--steps 20"),
+        (dict(output_type="pt"), ValueError, r"^output_type is 'pt'; expected one of 'pil', 'np', 'latent'"),
+        (dict(guidance_scale=0.5), ValueError, r"^guidance_scale is 0.5; expected a number at least 1"),
+        (dict(clean_caption=False), TypeError, r"unexpected keyword argument 'clean_caption'; .*prompt_embeds"),
+        (dict(prompt_embeds=embeds), ValueError, r"^give prompt or prompt_embeds, not both"),
+        (dict(latents=np.zeros((3, 4, 8, 8))), ValueError,
+         r"^latents has shape \(3, 4, 8, 8\); expected \(2, 4, 8, 8\)"),
+        (dict(generator=torch.Generator().manual_seed(2), seed=2), ValueError, r"^give seed or generator, not both"),
+    ]
+    for arguments, error, message in cases:
+        with pytest.raises(error, match=message):
+            text_pipe(PROMPTS, **arguments)
+    no_prompt = [
+        (dict(prompt_embeds=embeds[..., :7], prompt_attention_mask=mask, guidance_scale=1),
+         r"^prompt_embeds has shape \(2, 5, 7\); expected \(n, L, 12\)"),
+        (dict(prompt_embeds=embeds, prompt_attention_mask=mask), r"^negative_prompt_embeds is missing \(guidance "),
+        (dict(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt="x"),
+         r"^negative_prompt is not used with prompt_embeds, prompt_attention_mask"),
+        ({}, r"^prompt: none given; expected prompt"),
+    ]
+    for arguments, message in no_prompt:
+        with pytest.raises(ValueError, match=message):
+            text_pipe(**arguments)
+    latents_only = json.loads(json.dumps(text_pipe.manifest))
+    del latents_only["components"]["vae_decoder"]
+    without_vae = L2CPipeline(latents_only, engines, text_pipe.backend)
+    for output_type in ("pil", "np"):
+        with pytest.raises(ValueError, match=rf"^output_type is '{output_type}', but the build .* has no VAE decoder .*"
+                                             r"pass output_type=\"latent\""):
+            without_vae(PROMPTS, output_type=output_type)
+    assert without_vae(PROMPTS, output_type="latent").images.shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"^output_type: the samples are latents and the build has no VAE decoder"):
+        without_vae(PROMPTS).images
 
 
 @pytest.mark.slow
@@ -340,24 +448,23 @@ def _edit(path, **changes):
 
 @pytest.mark.slow
 def test_a_dit_build_decodes_its_latents_as_dit_pipeline_does(tiny_diffusers, tmp_path):
-    """DiTPipeline's folder has a VAE too: the build's decoder gives DiTPipeline's output_type="np" images (to 1e-3) from
-    the same latents (its generator's draw, fed as --noise), and run --out needs no --vae."""
+    """DiTPipeline's folder has a VAE too: the build called as DiTPipeline (class_labels=, the same generator,
+    output_type="np") gives its images (to 1e-3), and run --out needs no --vae."""
     from diffusers.utils.torch_utils import randn_tensor
 
     folder = tiny_diffusers("dit")
     run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--out", str(tmp_path / "E"))
     assert sorted(load(tmp_path / "E")["components"]) == ["vae_decoder"]
-    noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)).numpy()
-    result = L2CPipeline.from_engine_dir(tmp_path / "E")(labels=[207, 3], cfg_scale=CFG_SCALE, noise=noise,
-                                                         decode=True)
+    got = L2CPipeline.from_pretrained(tmp_path / "E")(class_labels=[207, 3], guidance_scale=CFG_SCALE,
+                                                      generator=torch.Generator().manual_seed(0),
+                                                      output_type="np").images
     pipe = load_pipeline(folder)
     with torch.no_grad():
         want = pipe(class_labels=[207, 3], guidance_scale=CFG_SCALE, num_inference_steps=STEPS,
                     generator=torch.Generator().manual_seed(0), output_type="np").images
-    got = np.clip(result.decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
     assert got.shape == want.shape == (2, 8, 8, 3)
     assert np.abs(got - want).max() <= 1e-3
-    np.save(tmp_path / "z.npy", noise)
+    np.save(tmp_path / "z.npy", randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)).numpy())
     run_cli("run", str(tmp_path / "E"), "--labels", "207,3", "--noise", str(tmp_path / "z.npy"), "--out",
             str(tmp_path / "x.png"))
     assert (tmp_path / "x.png").stat().st_size > 0

@@ -199,8 +199,9 @@ def test_true_cfg_rescales_each_token_to_the_conditional_norm():
 def test_decoded_images_equal_the_pipelines(qwen_build, tmp_path):
     """The build carries the folder's AutoencoderKLQwenImage decoder (one frame; the per-channel latents_mean and
     latents_std inside the graph, its record's scaling_factor 1, the packed latents unpacked first):
-    L2CPipeline(..., decode=True) equals QwenImagePipeline's output_type="np" images to 1e-3 of the range, verify's
-    component check passes, and run --out writes the grid."""
+    L2CPipeline called as QwenImagePipeline (its arrays by their argument names, latents=, true_cfg_scale=,
+    output_type="np") equals its output_type="np" images to 1e-3 of the range, guidance_scale being refused naming
+    true_cfg_scale; verify's component check passes, and run --out writes the grid."""
     from PIL import Image
 
     from l2c_export.runtime.pipeline import L2CPipeline
@@ -211,9 +212,11 @@ def test_decoded_images_equal_the_pipelines(qwen_build, tmp_path):
     assert record["latent_layout"] == "packed_2x2" and record["scaling_factor"] == 1.0
     assert record["inputs"][0]["shape"] == ["batch", 4, 8, 8] and record["outputs"][0]["shape"] == ["batch", 3, 16, 16]
     arrays = {name: value.numpy() for name, value in conditioning.items()}
-    result = L2CPipeline.from_engine_dir(root / "E")(conditioning=arrays, noise=latents.numpy(), cfg_scale=CFG_SCALE,
-                                                     full=True, decode=True)
-    got = np.clip(result.decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    pipe = L2CPipeline.from_pretrained(root / "E")
+    got = pipe(**arrays, latents=latents.numpy(), true_cfg_scale=CFG_SCALE, full=True, output_type="np").images
+    with pytest.raises(ValueError, match="^guidance_scale: this model's guidance scale is its pipeline's "
+                                         "true_cfg_scale .*; pass true_cfg_scale= instead"):
+        pipe(**arrays, guidance_scale=CFG_SCALE)
     with torch.no_grad():
         want = load_pipeline(folder)(prompt=None, latents=latents.clone(), num_inference_steps=STEPS,
                                      true_cfg_scale=CFG_SCALE, height=IMAGE_SIZE, width=IMAGE_SIZE, output_type="np",

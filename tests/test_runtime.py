@@ -76,10 +76,41 @@ def test_eight_concurrent_requests_give_the_serial_results(default_build):
     assert not np.allclose(serial[0], serial[1])
 
 
+def test_a_label_build_is_called_as_dit_pipeline_is(default_build):
+    """DiTPipeline's manners on the embedded DiT: the class labels first (or class_labels=), guidance_scale and
+    num_inference_steps (the build's; another count refused naming the rebuild), a generator read by its seed (one
+    per image in a list), output_type "pil" (the default: 8 x 8 grey images), "np" ((n, H, W, 1) in [0, 1]) or
+    "latent" (the samples), num_images_per_prompt (each label's images side by side)."""
+    from l2c_export.runtime.conditioning import ConditioningError
+
+    pipe = L2CPipeline.from_pretrained(default_build)
+    plain = pipe(LABELS, seed=4)
+    same = pipe(class_labels=LABELS, guidance_scale=pipe.default_guidance_scale,
+                num_inference_steps=pipe.num_inference_steps, generator=torch.Generator().manual_seed(4),
+                output_type="np")
+    np.testing.assert_array_equal(same.samples, plain.samples)
+    np.testing.assert_array_equal(same.images, np.clip(plain.samples / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
+    assert [(image.mode, image.size) for image in plain.images] == [("L", (8, 8))] * len(LABELS)
+    twice = pipe([3, 7], seed=4, num_images_per_prompt=2, output_type="latent").images
+    np.testing.assert_array_equal(twice, pipe([3, 3, 7, 7], seed=4).samples)
+    per_image = pipe([3, 7], generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).samples
+    np.testing.assert_allclose(per_image[1], pipe([7], seed=6).samples[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^num_inference_steps is 50; this build samples 20 steps .*--steps 50"):
+        pipe(LABELS, num_inference_steps=50)
+    with pytest.raises(ConditioningError, match=r"^prompt: this model is conditioned on class labels \(labels\)"):
+        pipe("a red cat")
+    used = torch.Generator().manual_seed(1)
+    torch.randn(1, generator=used)
+    with pytest.raises(ValueError, match=r"^generator has drawn numbers since it was seeded with 1; .*seed=1"):
+        pipe(LABELS, generator=used)
+    with pytest.raises(TypeError, match="got labels and the first argument: they are the same argument"):
+        pipe(LABELS, labels=LABELS)
+
+
 def test_the_runtime_needs_no_pytorch(default_build):
     code = ("import sys; from l2c_export.runtime.pipeline import L2CPipeline; "
-            f"r = L2CPipeline.from_engine_dir({str(default_build)!r})([1, 2], seed=0); "
-            "assert r.samples.shape == (2, 1, 8, 8); "
+            f"r = L2CPipeline.from_pretrained({str(default_build)!r})([1, 2], seed=0, output_type='np'); "
+            "assert r.samples.shape == (2, 1, 8, 8) and r.images.shape == (2, 8, 8, 1) and r.images.max() <= 1; "
             "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not loaded, loaded; print('no torch')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -10,7 +10,7 @@ import click
 from ..core.schedule import SCHEDULE_MODES
 from ..samplers import SAMPLER_KINDS
 from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, Finite, main
-from .options import model_options, resolve_model, threads_option, use_threads
+from .options import FLAG_NAMES, model_options, resolve_model, threads_option, use_threads
 
 
 @main.command()
@@ -197,7 +197,8 @@ def _learning_prompts(spec, conditioning_data, guiding: bool, data_arg: str, gui
     else:
         where = f"--conditioning-data {conditioning_data}"
         arrays = load_conditioning(conditioning_data, where)
-    return prompt_condition(spec.family, spec.config, arrays, guiding, guidance_scale, spec.max_prompt_tokens, where)
+    return prompt_condition(spec.family, spec.config, arrays, guiding, guidance_scale, spec.max_prompt_tokens, where,
+                            FLAG_NAMES)
 
 
 def encoded_prompts(spec, prompts_file: Path, guiding: bool) -> dict:

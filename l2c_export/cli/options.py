@@ -12,6 +12,11 @@ from ..core.util import short_repr
 from ..samplers import SAMPLER_KINDS
 from . import MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
 
+# How messages call a request's parts on the command line: the runtime, the reference sampler and learning name the
+# Python arguments (l2c_export.samplers.conditioning.ARGUMENT_NAMES) unless given these.
+FLAG_NAMES = {"labels": "--labels", "conditioning": "--conditioning", "cfg_scale": "--cfg-scale",
+              "prompt": "--prompt/--prompts", "negative_prompt": "--negative-prompt"}
+
 
 def model_options(function):
     """--diffusers or --checkpoint/--model/--image-size/--num-classes; an embedded model when neither is given."""

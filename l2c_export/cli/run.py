@@ -8,7 +8,8 @@ import click
 
 from ..models.diffusers.pixart import MACS_PROMPT_TOKENS
 from . import CFG_SCALE, EXIT_CHECK_FAILED, POSITIVE, SEED, CommandError, Finite, main
-from .options import backend_options, load_noise, parse_labels, save_npy, threads_option, threads_used, use_threads
+from .options import (FLAG_NAMES, backend_options, load_noise, parse_labels, save_npy, threads_option, threads_used,
+                      use_threads)
 
 # --prompts: every prompt's sample is held until the run ends (--save-latents writes them as one array), so a run takes
 # at most this many; and the file is read whole, so it is bounded first: this many prompts of 670 bytes.
@@ -59,7 +60,7 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
         noise_file, backend, device, full, compare_full, repeats, out, save_latents, vae, threads):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
     from ..runtime.components import refuse_unused_negative_prompt
-    from ..runtime.conditioning import FLAG_NAMES, load_conditioning, takes_labels
+    from ..runtime.conditioning import load_conditioning, takes_labels
     from ..runtime.pipeline import L2CPipeline
 
     given = [flag for flag, value in (("--labels", labels), ("--conditioning", conditioning_file),

@@ -134,7 +134,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
 
     from ..runtime.conditioning import load_conditioning
     from ..models.reference import sample_reference
-    from .options import load_noise
+    from .options import FLAG_NAMES, load_noise
 
     spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers)
     sampler = spec.sampler(sampler_kind, schedule_steps(schedule_file, steps))
@@ -153,7 +153,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
     samples = sample_reference(model, sampler, label_list, noise, cfg_scale=spec.cfg_scale if cfg_scale is None
                                else cfg_scale, schedule=plan, guide_all_channels=guide_all_channels,
                                step_noise_seed=seed, conditioning=conditioning,
-                               where=f"--conditioning {conditioning_file or ''}".rstrip())
+                               where=f"--conditioning {conditioning_file or ''}".rstrip(), names=FLAG_NAMES)
     elapsed = time.perf_counter() - start
     what = "full compute" if plan is None else f"L2C schedule ({plan.source})"
     click.echo(f"sampled {len(samples)} x {sampler.num_calls} {sampler.kind} model calls with {what} in "

@@ -287,16 +287,17 @@ def folder_text_pipeline(folder: Path, where: str):
 
 
 def prompt_condition(family, config, arrays: dict, guiding: bool, guidance_scale: float, max_tokens: int | None,
-                     where: str):
+                     where: str, names=None):
     """The learner's :class:`~l2c_export.learn.data.Condition` of prompt arrays by the pipeline's argument names,
-    checked as the runtime checks them."""
+    checked as the runtime checks them; ``names``: how messages call the request's parts (default the Python
+    arguments; the CLI passes its flags)."""
     from .data import Condition
     from ..core.interface import conditioning_records
-    from ..samplers.conditioning import refuse_negatives
+    from ..samplers.conditioning import ARGUMENT_NAMES, refuse_negatives
 
     records = conditioning_records([tensor.record() for tensor in family.graph_inputs(config)])
     if not family.classifier_free:
-        refuse_negatives(arrays, where)
+        refuse_negatives(arrays, where, names or ARGUMENT_NAMES)
     return Condition.of_prompts(arrays, records, family.guidance_record(config), guiding, where, guidance_scale,
                                 max_tokens)
 

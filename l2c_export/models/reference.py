@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..core.schedule import Schedule
 from ..samplers import DenoisingSampler, ModelCall, denoise
-from ..samplers.conditioning import batch_conditioning
+from ..samplers.conditioning import ARGUMENT_NAMES, batch_conditioning
 from ..samplers.guidance import apply_guidance, make_noise, step_noise
 from . import family_of_config
 
@@ -26,11 +26,12 @@ def sample_reference(model: torch.nn.Module, sampler: DenoisingSampler, labels: 
                      noise: np.ndarray | None, cfg_scale: float = 1.0, schedule: Schedule | None = None,
                      guide_all_channels: bool = False, step_noise_seed: int | None = None, progress: bool = True,
                      conditioning: Mapping[str, np.ndarray] | None = None,
-                     where: str = "conditioning") -> np.ndarray:
+                     where: str = "conditioning", names: Mapping[str, str] | None = None) -> np.ndarray:
     """Samples n images (latents) from ``noise`` (n, C, H, W; None: ``make_noise(step_noise_seed or 0, ...)``, as
     the runtime draws it) -> float32 (n, C, H, W), one per label (a label model)
     or per prompt (``conditioning``: a text model's arrays by the pipelines' argument names, checked as the runtime
-    checks them, :func:`l2c_export.samplers.conditioning.batch_conditioning`; ``where`` names them in errors).
+    checks them, :func:`l2c_export.samplers.conditioning.batch_conditioning`; ``where`` names them in errors, and
+    ``names`` the request's parts: default the Python arguments, the CLI passes its flags).
 
     With ``schedule`` (one row per model call) the model runs the L2C cached forward, one cache per request; without
     it, the plain forward. Guidance mixes the family's guided channels and the sampler takes the family's sampler
@@ -42,7 +43,8 @@ def sample_reference(model: torch.nn.Module, sampler: DenoisingSampler, labels: 
     graph_inputs = family.graph_inputs(config)
     guiding = family.classifier_free and cfg_scale > 1.0  # False: a guidance-distilled model (FLUX.1)
     n, by_name = batch_conditioning([tensor.record() for tensor in graph_inputs], family.guidance_record(config),
-                                    guiding, labels, conditioning, where, guidance_scale=cfg_scale)
+                                    guiding, labels, conditioning, where, guidance_scale=cfg_scale,
+                                    names=names or ARGUMENT_NAMES)
     sample_shape = graph_inputs[0].shape
     expected = (n, *sample_shape)
     if noise is None:

@@ -202,7 +202,7 @@ def negative_prompts(negative_prompt, count: int, where: str = "negative prompt"
 def refuse_unused_negative_prompt(guiding: bool, prompts_given: bool, conditioning_given: bool,
                                   names: Mapping[str, str] | None = None) -> None:
     """A negative prompt is used only with prompts and a classifier-free batch: else it is refused, not dropped.
-    ``names``: how messages call the request's parts (:data:`.conditioning.FLAG_NAMES`; default the Python
+    ``names``: how messages call the request's parts (the CLI's flags, ``cli.options.FLAG_NAMES``; default the Python
     arguments)."""
     from .conditioning import ARGUMENT_NAMES
 

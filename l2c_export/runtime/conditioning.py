@@ -18,7 +18,7 @@ from ..core.interface import (TOKEN_MASK, argument_names, conditioning_records, 
                               request_records, runs_unconditional_half)
 # The record-level checks live a stage down, where the PyTorch reference sampler and learning can use them too;
 # re-exported here, the runtime's conditioning module, for its callers.
-from ..samplers.conditioning import (ARGUMENT_NAMES, FLAG_NAMES, ConditioningError, batch_conditioning,  # noqa: F401
+from ..samplers.conditioning import (ARGUMENT_NAMES, ConditioningError, batch_conditioning,  # noqa: F401
                                      check_text_conditioning, refuse_negatives)
 
 
@@ -61,12 +61,13 @@ def images_per_batch(manifest: dict, cfg_scale: float) -> int:
 def model_batch_conditioning(manifest: dict, guiding: bool, labels: Sequence[int] | None = None,
                              conditioning: Mapping[str, np.ndarray] | None = None,
                              where: str = "conditioning", cfg_scale: float | None = None,
-                             names: Mapping[str, str] = FLAG_NAMES) -> tuple[int, dict[str, np.ndarray]]:
+                             names: Mapping[str, str] = ARGUMENT_NAMES) -> tuple[int, dict[str, np.ndarray]]:
     """The number of samples n and, for each conditioning input of the model, its model-batch array (2n rows when
     ``guiding``: :func:`classifier_free_batch`). ``labels``: class labels (models with a label input);
     ``conditioning``: the arrays by the pipelines' argument names (the other models); ``cfg_scale``: what an input
     fed the scale takes (the manifest's scale when None). Anything missing, extra, misshapen, of the wrong dtype or
-    not finite is refused naming it (``names``: how messages call labels, conditioning and cfg_scale)."""
+    not finite is refused naming it (``names``: how messages call labels, conditioning and the scale; the CLI passes
+    its flags)."""
     guidance = manifest["guidance"]
     return batch_conditioning(manifest["model"]["inputs"], guidance, guiding, labels, conditioning, where,
                               manifest["model"].get("max_sequence_length"),

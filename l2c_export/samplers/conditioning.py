@@ -20,26 +20,36 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..core.interface import (CONDITIONING, POOLED, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK,
+from ..core.interface import (CONDITIONING, DEFAULT_SCALE_ARGUMENT, POOLED, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK,
                               argument_names, conditioning_records, label_record, request_records,
                               runs_unconditional_half, scale_fed)
 from .guidance import check_labels
 
-# How messages call a request's parts: the command line's flags, or L2CPipeline's Python arguments.
-FLAG_NAMES = {"labels": "--labels", "conditioning": "--conditioning", "cfg_scale": "--cfg-scale",
-              "prompt": "--prompt/--prompts", "negative_prompt": "--negative-prompt"}
-ARGUMENT_NAMES = {name: name for name in FLAG_NAMES}
+# How messages call a request's parts by default: L2CPipeline's Python arguments (the command line passes its flags,
+# l2c_export.cli.options.FLAG_NAMES; L2CPipeline the names a call used, guidance_scale's among them).
+ARGUMENT_NAMES = {"labels": "labels", "conditioning": "conditioning", "cfg_scale": DEFAULT_SCALE_ARGUMENT,
+                  "prompt": "prompt", "negative_prompt": "negative_prompt"}
 
 
 class ConditioningError(ValueError):
     """Conditioning that does not fit the model; the message names the array (and file) and what was expected."""
 
 
+def _array(where: str, name: str) -> str:
+    """How a message names array ``name``: ``where: array 'name'`` (of a file, or of a dict of arrays), or with
+    ``where`` empty (the arrays given as the pipeline's keyword arguments) the argument ``name`` itself."""
+    return f"{where}: array {name!r}" if where else name
+
+
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
 def batch_conditioning(input_records: Sequence[dict], guidance: Mapping, guiding: bool,
                        labels: Sequence[int] | None = None, conditioning: Mapping[str, np.ndarray] | None = None,
                        where: str = "conditioning", max_tokens: int | None = None,
                        guidance_scale: float | None = None,
-                       names: Mapping[str, str] = FLAG_NAMES) -> tuple[int, dict[str, np.ndarray]]:
+                       names: Mapping[str, str] = ARGUMENT_NAMES) -> tuple[int, dict[str, np.ndarray]]:
     """:func:`model_batch_conditioning` from the model's input records (the manifest's ``model/inputs``, or a
     family's ``TensorSpec.record()``s: the PyTorch reference checks a request as the runtimes do), its guidance
     record (``rule``, ``scale_argument``, ``null_class``: the manifest's ``guidance``, or a family's
@@ -48,7 +58,7 @@ def batch_conditioning(input_records: Sequence[dict], guidance: Mapping, guiding
     label = label_record(input_records)
     if label is not None:
         if conditioning:
-            raise ConditioningError(f"{where}: this model is conditioned on class labels ({names['labels']}), not "
+            raise ConditioningError(f"{_at(where)}this model is conditioned on class labels ({names['labels']}), not "
                                     f"on {', '.join(sorted(conditioning))}")
         if labels is None or len(labels) == 0:
             raise ConditioningError("no labels given; expected at least one class label")
@@ -59,7 +69,7 @@ def batch_conditioning(input_records: Sequence[dict], guidance: Mapping, guiding
         return len(labels), {label["name"]: batch}
     records = request_records(input_records, guidance)
     if not records:
-        raise ConditioningError(f"{where}: the manifest's model inputs have no conditioning a request feeds (no "
+        raise ConditioningError(f"{_at(where)}the manifest's model inputs have no conditioning a request feeds (no "
                                 f"input of role {CONDITIONING} but those fed the guidance scale)")
     if labels is not None:
         raise ConditioningError(f"{names['labels']}: this model is conditioned on prompt embeddings "
@@ -77,7 +87,7 @@ def batch_conditioning(input_records: Sequence[dict], guidance: Mapping, guiding
     for record in conditioning_records(input_records):
         if scale_fed(record, guidance):
             if guidance_scale is None:
-                raise ConditioningError(f"{where}: the model's {record['argument']} input needs a guidance scale "
+                raise ConditioningError(f"{_at(where)}the model's {record['argument']} input needs a guidance scale "
                                         f"({names['cfg_scale']})")
             feeds[record["name"]] = np.full(2 * n if guiding else n, guidance_scale, dtype=np.float32)
     return n, feeds
@@ -107,12 +117,12 @@ def pad_halves(checked: Mapping[str, tuple[np.ndarray, np.ndarray]],
     return padded
 
 
-def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str, names: Mapping[str, str] = FLAG_NAMES) -> None:
+def refuse_negatives(arrays: Mapping[str, np.ndarray], where: str, names: Mapping[str, str] = ARGUMENT_NAMES) -> None:
     """A guidance-distilled model (a guidance rule with no unconditional half) runs no negative prompt: a
     ``negative_`` array is refused by name rather than ignored."""
     negatives = sorted(name for name in arrays if name.startswith("negative_"))
     if negatives:
-        raise ConditioningError(f"{where}: array {negatives[0]!r} is not used: this model is guidance-distilled "
+        raise ConditioningError(f"{_array(where, negatives[0])} is not used: this model is guidance-distilled "
                                 f"({names['cfg_scale']} feeds its guidance embedding; no negative prompt runs); leave "
                                 f"it out")
 
@@ -129,12 +139,12 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], records: Sequence[
     expected = argument_names(records, negatives=True)
     unknown = sorted(set(arrays) - set(expected))
     if unknown:
-        raise ConditioningError(f"{where}: unknown array {unknown[0]!r}; expected {', '.join(expected)}")
+        raise ConditioningError(f"{_at(where)}unknown array {unknown[0]!r}; expected {', '.join(expected)}")
     needed = argument_names(records, negatives=guiding)
     missing = [name for name in needed if name not in arrays]
     if missing:
         why = " (guidance runs the negative prompt as the unconditional half)" if missing[0].startswith("neg") else ""
-        raise ConditioningError(f"{where}: array {missing[0]!r} is missing{why}; expected {', '.join(needed)}")
+        raise ConditioningError(f"{_array(where, missing[0])} is missing{why}; expected {', '.join(needed)}")
     checked: dict[str, tuple] = {}
     paddable = padded_token_axes(records)
     halves = (False, True) if guiding else (False,)
@@ -153,7 +163,7 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], records: Sequence[
                 array = _embeddings(arrays[name], name, shape[-1], where, like, record["argument"],
                                     any_length=shape[0] in paddable)
                 if max_tokens is not None and array.shape[1] > max_tokens:
-                    raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}: {array.shape[1]} "
+                    raise ConditioningError(f"{_array(where, name)} has shape {array.shape}: {array.shape[1]} "
                                             f"prompt tokens; expected at most the model's max_sequence_length "
                                             f"{max_tokens}")
                 axes.setdefault(shape[0], array.shape[1])
@@ -164,7 +174,7 @@ def check_text_conditioning(arrays: Mapping[str, np.ndarray], records: Sequence[
             elif kind == SCALAR:
                 array = _scalars(arrays[name], name, n, where)
             else:
-                raise ConditioningError(f"{where}: input {record['name']!r} is of kind {kind!r}, which a request's "
+                raise ConditioningError(f"{_at(where)}input {record['name']!r} is of kind {kind!r}, which a request's "
                                         f"arrays do not feed")
             checked[record["argument"]] = (array, None) if not negative else (checked[record["argument"]][0], array)
     return checked
@@ -177,19 +187,19 @@ def _embeddings(array, name: str, width: int, where: str, like: np.ndarray | Non
     the shorter half is padded)."""
     array = np.asarray(array)
     if not np.issubdtype(array.dtype, np.floating):
-        raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected float32 embeddings")
+        raise ConditioningError(f"{_array(where, name)} holds {array.dtype} values; expected float32 embeddings")
     if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1 or array.shape[2] != width:
-        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected (n, L, {width})")
+        raise ConditioningError(f"{_array(where, name)} has shape {array.shape}; expected (n, L, {width})")
     if not np.isfinite(array).all():
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        raise ConditioningError(f"{where}: array {name!r}: {bad} of its {array.size} values are NaN or infinite; "
+        raise ConditioningError(f"{_array(where, name)}: {bad} of its {array.size} values are NaN or infinite; "
                                 f"expected finite embeddings")
     if like is not None and any_length and array.shape[::2] != like.shape[::2]:
-        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected ({like.shape[0]}, L, "
+        raise ConditioningError(f"{_array(where, name)} has shape {array.shape}; expected ({like.shape[0]}, L, "
                                 f"{like.shape[2]}), as many prompts as {positive!r} (any length L: the shorter is "
                                 f"padded under its mask)")
     if like is not None and not any_length and array.shape != like.shape:
-        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected {like.shape}, that of "
+        raise ConditioningError(f"{_array(where, name)} has shape {array.shape}; expected {like.shape}, that of "
                                 f"{positive!r} (both halves run as one batch)")
     return array.astype(np.float32)
 
@@ -197,9 +207,9 @@ def _embeddings(array, name: str, width: int, where: str, like: np.ndarray | Non
 def _scalars(array, name: str, n: int, where: str) -> np.ndarray:
     array = np.asarray(array)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected numbers")
+        raise ConditioningError(f"{_array(where, name)} holds {array.dtype} values; expected numbers")
     if array.shape != (n,) or not np.isfinite(array).all():
-        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected ({n},) finite numbers "
+        raise ConditioningError(f"{_array(where, name)} has shape {array.shape}; expected ({n},) finite numbers "
                                 f"(one per prompt)")
     return array.astype(np.float32)
 
@@ -207,13 +217,13 @@ def _scalars(array, name: str, n: int, where: str) -> np.ndarray:
 def _pooled(array, name: str, n: int, width: int, where: str) -> np.ndarray:
     array = np.asarray(array)
     if not np.issubdtype(array.dtype, np.floating):
-        raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected float32 embeddings")
+        raise ConditioningError(f"{_array(where, name)} holds {array.dtype} values; expected float32 embeddings")
     if array.shape != (n, width):
-        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected ({n}, {width}) (one "
+        raise ConditioningError(f"{_array(where, name)} has shape {array.shape}; expected ({n}, {width}) (one "
                                 f"pooled embedding per prompt)")
     if not np.isfinite(array).all():
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        raise ConditioningError(f"{where}: array {name!r}: {bad} of its {array.size} values are NaN or infinite; "
+        raise ConditioningError(f"{_array(where, name)}: {bad} of its {array.size} values are NaN or infinite; "
                                 f"expected finite embeddings")
     return array.astype(np.float32)
 
@@ -221,14 +231,14 @@ def _pooled(array, name: str, n: int, width: int, where: str) -> np.ndarray:
 def _mask(array, name: str, shape: tuple[int, int], where: str) -> np.ndarray:
     array = np.asarray(array)
     if array.shape != shape:
-        raise ConditioningError(f"{where}: array {name!r} has shape {array.shape}; expected {shape} (n, L of the "
+        raise ConditioningError(f"{_array(where, name)} has shape {array.shape}; expected {shape} (n, L of the "
                                 f"embeddings)")
     if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise ConditioningError(f"{where}: array {name!r} holds {array.dtype} values; expected a 0/1 mask")
+        raise ConditioningError(f"{_array(where, name)} holds {array.dtype} values; expected a 0/1 mask")
     values = array.astype(np.float64)
     if not np.isin(values, (0.0, 1.0)).all():
-        raise ConditioningError(f"{where}: array {name!r} holds values other than 0 and 1; expected a 0/1 mask")
+        raise ConditioningError(f"{_array(where, name)} holds values other than 0 and 1; expected a 0/1 mask")
     if not values.any(axis=1).all():
-        raise ConditioningError(f"{where}: array {name!r} masks every token of a prompt; expected at least one 1 "
+        raise ConditioningError(f"{_array(where, name)} masks every token of a prompt; expected at least one 1 "
                                 f"per row")
     return values.astype(np.float32)

@@ -58,6 +58,36 @@ def check_seed(seed, name: str = "seed") -> int:
     return int(seed)
 
 
+def generator_seed(generator, name: str = "generator") -> int:
+    """The seed of a ``torch.Generator`` (what diffusers pipelines take as ``generator``), read without importing
+    torch: ``generator.initial_seed()``. The noise :func:`torch_randn` draws for that seed is the generator's own only
+    while nothing has been drawn from it since it was seeded: a generator that has drawn (its ``get_state()`` is not
+    that of a new generator given the same seed) is refused, as is one on another device than the CPU (CUDA draws
+    other numbers altogether) and anything without ``initial_seed`` (an int: pass it as ``seed``)."""
+    initial_seed = getattr(generator, "initial_seed", None)
+    if not callable(initial_seed):
+        if isinstance(generator, (int, np.integer)) and not isinstance(generator, (bool, np.bool_)):
+            raise ValueError(f"{name} is the integer {generator}; expected a torch.Generator (pass seed={generator} "
+                             f"instead)")
+        raise ValueError(f"{name} is a {type(generator).__name__}; expected a torch.Generator seeded with "
+                         f"manual_seed (or pass seed=S)")
+    device = getattr(getattr(generator, "device", None), "type", "cpu")
+    if device != "cpu":
+        raise ValueError(f"{name} is on {device}; expected a CPU generator (torch.Generator().manual_seed(S)): a "
+                         f"generator on {device} draws other numbers, which are not reproduced")
+    seed = check_seed(initial_seed(), name)
+    try:  # duck-typed: a new generator of the same type, seeded alike, has the state of an unused one
+        fresh = type(generator)()
+        fresh.manual_seed(seed)
+        used = not bool(fresh.get_state().equal(generator.get_state()))
+    except Exception:  # not torch's Generator after all: its seed is all there is to read
+        used = False
+    if used:
+        raise ValueError(f"{name} has drawn numbers since it was seeded with {seed}; expected a freshly seeded "
+                         f"generator (torch.Generator().manual_seed({seed})), or pass seed={seed}")
+    return seed
+
+
 def _mt19937(seed: int) -> np.random.MT19937:
     generator = np.random.MT19937(0)
     generator._legacy_seeding(seed % 2 ** 64 & 0xFFFFFFFF)  # std::mt19937's seeding of the low 32 bits, as torch's
