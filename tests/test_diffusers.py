@@ -498,6 +498,23 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
         "--save-latents", str(out), *(["--full"] if full else [])))
 
 
+@pytest.mark.slow
+def test_a_pixart_folder_with_a_unipc_scheduler_runs_as_the_pipeline(tiny_diffusers, tmp_path):
+    """A PixArt-alpha folder whose scheduler is UniPCMultistepScheduler (order 3: predictor, corrector, their solved
+    weights): build samples with diffusers_unipc, and run equals PixArtAlphaPipeline with that scheduler to 1e-4 of
+    the range, full and with the schedule."""
+    folder = tiny_diffusers("pixart", "unipc")
+    schedule, noise, conditioning, request = _parity_request("pixart", folder, tmp_path)
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--schedule", str(tmp_path / "s.json"),
+            "--out", str(engines))
+    sampler = json.loads((engines / "manifest.json").read_text())["sampler"]
+    assert sampler["kind"] == "diffusers_unipc" and max(sampler["orders"]) == 3
+    _assert_equal_to_the_pipeline("pixart", folder, noise, conditioning, schedule, tmp_path, lambda full, out: run_cli(
+        "run", str(engines), "--noise", str(tmp_path / "z.npy"), *request, "--cfg-scale", str(CFG_SCALE),
+        "--save-latents", str(out), *(["--full"] if full else [])))
+
+
 def _assert_equal_to_the_pipeline(family, folder, noise, conditioning, schedule, tmp_path, sample_to) -> None:
     """``sample_to(full, out)`` writes latents to ``out`` (full compute, then the schedule): each equal to diffusers'
     pipeline (with hooks for the schedule) to 1e-4 of the range, and the schedule's differing from full compute's."""
