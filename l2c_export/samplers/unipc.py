@@ -8,7 +8,7 @@ formed in float32 operation by operation from the float32 sigmas, as diffusers f
 float32 samples a step matches diffusers' own to float32 rounding. The exception is the weights of the differences
 where diffusers solves for them (the order-3 predictor, the order-2 and 3 corrector): their recursion loses about a
 digit per order to cancellation in float32, so diffusers' own values move with the last bit of torch's float32 log and
-expm1 (which differ across CPUs and devices); here they are formed in float64 and solved by Gaussian elimination
+expm1 (which differ across CPUs); here they are formed in float64 and solved by Gaussian elimination
 (:func:`solve_small`, the C++ runtime's too), then rounded to float32.
 
 Implemented: the variance-preserving betas (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``, ``trained_betas``)
@@ -154,9 +154,9 @@ class DiffusersUniPC(_DiffusersSampler):
         self.final_sigma = float(np.float32(final_sigma))
         self.orders = np.asarray(orders, dtype=np.int64)
         every = np.append(self.sigmas, self.final_sigma)
-        if not (np.all(np.diff(self.sigmas) < 0) and 0 <= self.final_sigma <= self.sigmas[-1]):
-            step = int(np.argmax(np.diff(every) > 0)) if self.final_sigma > self.sigmas[-1] else \
-                int(np.argmax(np.diff(self.sigmas) >= 0))
+        rising = [i for i in range(len(self.sigmas) - 1) if not self.sigmas[i + 1] < self.sigmas[i]]
+        if rising or not 0 <= self.final_sigma <= self.sigmas[-1]:  # the final sigma may equal the last (sigma_min)
+            step = rising[0] if rising else len(self.sigmas) - 1
             raise SchedulerConfigError(f"{where}: sigma {every[step]:.9g} at step {step} and {every[step + 1]:.9g} "
                                        f"after it; expected the steps' sigmas strictly decreasing (a step divides by "
                                        f"the log ratio of the last two) down to the final sigma: choose fewer steps "
