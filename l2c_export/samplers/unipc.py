@@ -175,13 +175,13 @@ class DiffusersUniPC(_DiffusersSampler):
         self._lambdas64 = [_lambda64(float(s), flow) for s in every.astype(np.float32)]
         self._updates: dict[tuple[int, int, bool], UniUpdate] = {}
         for i, order in enumerate(self.orders):
-            runs = [("predictor", self._update(i, int(order), False))]
+            runs = [("predictor of", self._update(i, int(order), False))]
             if i + 1 < len(self.orders) and i not in options["disable_corrector"]:
-                runs.append(("corrector", self._update(i, int(order), True)))
+                runs.append(("corrector after", self._update(i, int(order), True)))
             for name, update in runs:
                 if not update.finite():
                     raise SchedulerConfigError(
-                        f"{where}: the order-{order} {name} of step {i} onto sigma {every[i + 1]:.9g} has no finite "
+                        f"{where}: the order-{order} {name} step {i} onto sigma {every[i + 1]:.9g} has no finite "
                         f"update (diffusers gives NaN or infinity); expected solver_type 'bh2' with predict_x0 true "
                         f"and lower_order_final onto a final sigma of zero, or final_sigmas_type 'sigma_min'")
 
