@@ -515,6 +515,18 @@ def test_a_pixart_folder_with_a_unipc_scheduler_runs_as_the_pipeline(tiny_diffus
         "--save-latents", str(out), *(["--full"] if full else [])))
 
 
+@pytest.mark.slow
+def test_a_unipc_option_not_implemented_is_refused_by_build_in_one_line(tiny_diffusers, tmp_path):
+    """A folder's UniPC config with an option the sampler does not implement: build exits 2 with one line naming
+    scheduler_config.json and the field, and writes nothing."""
+    folder = _copy(tiny_diffusers("pixart", "unipc"), tmp_path)
+    _edit_json(folder / "scheduler" / "scheduler_config.json", thresholding=True)
+    refused = run_cli("build", "--diffusers", str(folder), "--steps", "4", "--out", str(tmp_path / "E"), check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "scheduler_config.json: field 'thresholding' is True; supported: False" in refused.stderr
+    assert not (tmp_path / "E").exists()
+
+
 def _assert_equal_to_the_pipeline(family, folder, noise, conditioning, schedule, tmp_path, sample_to) -> None:
     """``sample_to(full, out)`` writes latents to ``out`` (full compute, then the schedule): each equal to diffusers'
     pipeline (with hooks for the schedule) to 1e-4 of the range, and the schedule's differing from full compute's."""
