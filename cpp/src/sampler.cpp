@@ -610,7 +610,8 @@ std::shared_ptr<const Sampler> make_diffusers_unipc(const Fields& section) {
   tables.sigmas = section["sigmas"].numbers(calls);
   tables.final_sigma = section["final_sigma"].number();
   if (section["orders"].size() != calls)
-    section["orders"].fail("has " + std::to_string(section["orders"].size()) + " entries; expected " + std::to_string(calls));
+    section["orders"].fail("has " + std::to_string(section["orders"].size()) + " entries; expected " +
+                           std::to_string(calls));
   for (size_t s = 0; s < calls; ++s) {
     if (!(tables.sigmas[s] > 0.0)) section["sigmas"][s].fail("expected a sigma > 0");
     if (tables.flow_sigmas && !(tables.sigmas[s] < 1.0))
