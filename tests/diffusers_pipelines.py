@@ -3,7 +3,7 @@
 
 :func:`save_tiny_pipeline` writes a ``DiTPipeline``, a ``PixArtAlphaPipeline(tokenizer=None, text_encoder=None)``
 ("pixart") or one with a tiny random ``T5EncoderModel`` and a T5-shaped tokenizer ("pixart-t5", :func:`tiny_t5`),
-with a DDIM or DPM-Solver++ multistep scheduler; :func:`schedule_hooks` makes a diffusers transformer follow a
+with a DDIM, DPM-Solver++ multistep or UniPC scheduler; :func:`schedule_hooks` makes a diffusers transformer follow a
 schedule the way the paper defines it, with forward hooks on the named sub-modules that return their last computed
 output at the calls the schedule skips.
 """
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-SCHEDULERS = ("ddim", "dpm", "flow")
+SCHEDULERS = ("ddim", "dpm", "flow", "unipc")
 DIT_CONFIG = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
                   sample_size=8, patch_size=2)
 PIXART_CONFIG = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
@@ -52,7 +52,8 @@ FLOW_SCHEDULERS = {"sd3": dict(shift=3.0), "sd35": dict(shift=3.0),  # SD3-mediu
 
 
 def _scheduler(kind: str, family: str = ""):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                           UniPCMultistepScheduler)
 
     if kind == "flow" and family.startswith("sana"):
         return DPMSolverMultistepScheduler(**SANA_SCHEDULER)
@@ -62,6 +63,8 @@ def _scheduler(kind: str, family: str = ""):
         return DDIMScheduler()
     if kind == "dpm":
         return DPMSolverMultistepScheduler()
+    if kind == "unipc":  # order 3: the predictor's and the corrector's solved weights run
+        return UniPCMultistepScheduler(solver_order=3)
     raise ValueError(f"unknown scheduler {kind!r}; expected one of {SCHEDULERS}")
 
 

@@ -771,6 +771,41 @@ def test_l2c_run_flow_matching_equals_the_python_sampler(cpp_build, diffusers_cp
     assert refused.returncode == 2 and "field 'sampler/options/invert_sigmas'" in refused.stderr
 
 
+# Wan2.1's scheduler (UniPC bh2, order 2, flow sigmas shifted by 3, the velocity), and UniPC's other branches: order 3
+# with the solved weights, bh1, the noise prediction onto sigma_min, a corrector left out
+UNIPC_CONFIGS = {"wan": dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+                 "order3": dict(solver_order=3, solver_type="bh1", predict_x0=False, final_sigmas_type="sigma_min",
+                                prediction_type="v_prediction", disable_corrector=[2], timestep_spacing="trailing")}
+
+
+@pytest.mark.parametrize("config", UNIPC_CONFIGS, ids=list(UNIPC_CONFIGS))
+def test_l2c_run_unipc_equals_the_python_sampler(cpp_build, diffusers_cpp_builds, tmp_path, config):
+    """The C++ diffusers_unipc sampler (UniPCMultistepScheduler: predictor, corrector, Wan's flow sigmas) equals the
+    numpy one to 1e-5 of the range on the same engines (the tiny DiT's, its sampler section swapped: a sampler's
+    test), guided and with the schedule; an option it does not implement, and an order with no finite update, are
+    refused by field."""
+    from l2c_export.samplers import sampler_from_scheduler_config
+
+    engines = shutil.copytree(diffusers_cpp_builds("dit", "ddim"), tmp_path / "unipc-engines")
+    sampler = sampler_from_scheduler_config({"_class_name": "UniPCMultistepScheduler", **UNIPC_CONFIGS[config]},
+                                            DIFFUSERS_STEPS, "s")
+    assert max(sampler.orders) == sampler.options["solver_order"]  # the multistep update really runs
+    _rewrite_manifest(engines, lambda data: data.__setitem__("sampler", sampler.to_dict()))
+    assert _compare_request(engines, tmp_path, ["--labels", "207,3"], 2, 3.0, False) <= 1e-5
+    unipc = np.load(tmp_path / "cpp.npy")
+    assert _compare_request(engines, tmp_path, ["--labels", "207,3"], 2, 3.0, True) <= 1e-5
+    assert np.abs(np.load(tmp_path / "cpp.npy") - unipc).max() > 1e-4  # the schedule reused something
+    _rewrite_manifest(engines, lambda data: data["sampler"]["options"].__setitem__("solver_p", {"a": 1}))
+    assert "field 'sampler/options/solver_p' is not one" in _refused_request(tmp_path, engines, "--labels", "207,3")
+    _rewrite_manifest(engines, lambda data: data["sampler"]["options"].__setitem__("solver_p", None))
+    last = DIFFUSERS_STEPS - 1
+    change = {"wan": lambda s: s["orders"].__setitem__(last, 2),  # order 2 onto sigma 0: infinite in diffusers
+              "order3": lambda s: s.__setitem__("final_sigma", 0.0)}[config]  # the noise prediction onto sigma 0
+    _rewrite_manifest(engines, lambda data: change(data["sampler"]))
+    assert f"field 'sampler/orders/{last}' gives step {last} no finite update" in _refused_request(
+        tmp_path, engines, "--labels", "207,3")
+
+
 def _prompt_conditioning(path: Path, n: int = 2, length: int = 5, seed: int = 1) -> dict:
     """PixArt conditioning by the pipelines' argument names, the first prompt padded (a 0/1 int64 mask, as a
     tokenizer's), saved with np.savez at ``path``."""

@@ -498,6 +498,38 @@ def test_build_and_run_equal_the_diffusers_pipeline_full_and_with_a_schedule(tin
         "--save-latents", str(out), *(["--full"] if full else [])))
 
 
+@pytest.mark.slow
+def test_a_pixart_folder_with_a_unipc_scheduler_runs_as_the_pipeline(tiny_diffusers, tmp_path):
+    """A PixArt-alpha folder whose scheduler is UniPCMultistepScheduler (order 3: predictor, corrector, their solved
+    weights): build samples with diffusers_unipc, and run equals PixArtAlphaPipeline with that scheduler
+    (output_type="latent") to 1e-4 of the range (full compute: a schedule does not depend on the sampler)."""
+    folder = tiny_diffusers("pixart", "unipc")
+    _, noise, conditioning, request = _parity_request("pixart", folder, tmp_path)
+    engines = tmp_path / "E"
+    run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--out", str(engines))
+    sampler = json.loads((engines / "manifest.json").read_text())["sampler"]
+    assert sampler["kind"] == "diffusers_unipc" and max(sampler["orders"]) == 3
+    run_cli("run", str(engines), "--noise", str(tmp_path / "z.npy"), *request, "--cfg-scale", str(CFG_SCALE),
+            "--save-latents", str(tmp_path / "out.npy"), "--full")
+    want = _pipeline_latents("pixart", folder, noise, conditioning)
+    got = np.load(tmp_path / "out.npy")
+    assert got.shape == want.shape == (2, 4, 8, 8)
+    assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min()), np.abs(got - want).max()
+    assert np.abs(got - noise.numpy()).max() > 0.1  # it did sample
+
+
+@pytest.mark.slow
+def test_a_unipc_option_not_implemented_is_refused_by_build_in_one_line(tiny_diffusers, tmp_path):
+    """A folder's UniPC config with an option the sampler does not implement: build exits 2 with one line naming
+    scheduler_config.json and the field, and writes nothing."""
+    folder = _copy(tiny_diffusers("pixart", "unipc"), tmp_path)
+    _edit_json(folder / "scheduler" / "scheduler_config.json", thresholding=True)
+    refused = run_cli("build", "--diffusers", str(folder), "--steps", "4", "--out", str(tmp_path / "E"), check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "scheduler_config.json: field 'thresholding' is True; supported: False" in refused.stderr
+    assert not (tmp_path / "E").exists()
+
+
 def _assert_equal_to_the_pipeline(family, folder, noise, conditioning, schedule, tmp_path, sample_to) -> None:
     """``sample_to(full, out)`` writes latents to ``out`` (full compute, then the schedule): each equal to diffusers'
     pipeline (with hooks for the schedule) to 1e-4 of the range, and the schedule's differing from full compute's."""

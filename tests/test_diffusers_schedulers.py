@@ -666,3 +666,180 @@ def test_a_flow_matching_section_round_trips_and_its_damage_is_refused_by_field(
         change(damaged)
         with pytest.raises(SchedulerConfigError, match=message):
             sampler_from_dict(damaged)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UniPCMultistepScheduler (issue 30): Wan's scheduler, and the variance-preserving one of DiT/PixArt folders
+
+# Wan2.1-T2V-1.3B-Diffusers' scheduler_config.json: UniPC bh2, order 2, on flow sigmas shifted by 3, the velocity
+WAN_SCHEDULER = dict(beta_end=0.02, beta_schedule="linear", beta_start=0.0001, disable_corrector=[],
+                     dynamic_thresholding_ratio=0.995, final_sigmas_type="zero", flow_shift=3.0, lower_order_final=True,
+                     num_train_timesteps=1000, predict_x0=True, prediction_type="flow_prediction",
+                     rescale_betas_zero_snr=False, sample_max_value=1.0, solver_order=2, solver_p=None,
+                     solver_type="bh2", steps_offset=0, thresholding=False, timestep_spacing="linspace",
+                     trained_betas=None, use_beta_sigmas=False, use_exponential_sigmas=False, use_flow_sigmas=True,
+                     use_karras_sigmas=False)
+# every solver type, final sigma, order and lower_order_final; predictions, predict_x0 and spacings in turn
+UNIPC_GRID = [dict(solver_type=solver, final_sigmas_type=final, solver_order=order, lower_order_final=lower,
+                   prediction_type=("epsilon", "v_prediction", "sample")[i % 3], predict_x0=i % 4 != 1,
+                   timestep_spacing=SPACINGS[i % 3], steps_offset=1 if SPACINGS[i % 3] == "leading" else 0)
+              for i, (solver, final, order, lower) in enumerate(itertools.product(
+                  ("bh1", "bh2"), ("zero", "sigma_min"), (1, 2, 3), (True, False)))]
+UNIPC_FLOW_GRID = [dict(WAN_SCHEDULER, solver_type=solver, final_sigmas_type=final, solver_order=order,
+                        lower_order_final=lower, flow_shift=(3.0, 5.0, 1.0)[i % 3])
+                   for i, (solver, final, order, lower) in enumerate(itertools.product(
+                       ("bh1", "bh2"), ("zero", "sigma_min"), (1, 2, 3), (True, False)))]
+
+
+def compare_unipc(config: dict, steps: int, first: int = 0) -> float:
+    """:func:`compare` for UniPC, from step ``first`` (diffusers' ``set_begin_index``). The update's weights come
+    from a recursion whose float32 cancellation loses about a digit per order, so diffusers' own result moves with
+    the last bit of torch's float32 log, expm1 and pow (which differ across CPUs; a few 1e-6 of the range at order 3
+    over 50 steps): where ours is not within 1e-6 of diffusers, it must be no farther from it than twice what
+    diffusers' own result moves when its sigma table is float64 (the same float32 samples)."""
+    class_name = "UniPCMultistepScheduler"
+    scheduler = reference_scheduler(class_name, config, steps, begin=first or None)
+    sampler = sampler_from_scheduler_config({"_class_name": class_name, "_diffusers_version": "0.42.1", **config},
+                                            steps, "scheduler_config.json")
+    timesteps = scheduler.timesteps.numpy()
+    assert np.array_equal(sampler.timesteps, timesteps), (config, steps)
+    x, outputs = random_inputs(len(timesteps))
+    ours, times = our_run(sampler, x, outputs, first)
+    assert times == [float(t) for t in timesteps[first:]] and all(a.dtype == np.float32 for a in ours)
+    theirs = reference_run(scheduler, x, outputs, first)
+    error = worst_step_error(ours, theirs)
+    if error <= TOLERANCE:
+        return error
+    exact_scalars = reference_run(_in_float64(reference_scheduler(class_name, config, steps, begin=first or None)), x,
+                                  outputs, first)
+    assert error <= 2 * worst_step_error(theirs, exact_scalars), (config, steps, error)
+    return 0.0
+
+
+def assert_diffusers_has_no_finite_answer(config: dict, steps: int, refusal: Exception) -> None:
+    """Refused only where diffusers' own run ends in NaN or infinity, or fails (a singular solve)."""
+    assert "has no finite update" in str(refusal), (config, steps, refusal)
+    scheduler = reference_scheduler("UniPCMultistepScheduler", config, steps)
+    x, outputs = random_inputs(len(scheduler.timesteps))
+    try:
+        last = reference_run(scheduler, x, outputs)[-1]
+    except RuntimeError:  # torch.linalg.solve: singular
+        return
+    assert not np.isfinite(last).all(), (config, steps)
+
+
+@pytest.mark.parametrize("steps", STEP_COUNTS)
+def test_unipc_matches_diffusers_step_by_step(steps):
+    """Over solver types, final sigmas, orders 1-3, lower_order_final, predictions and predict_x0 (variance-
+    preserving, every spacing) and over Wan's flow sigmas (shifts 1, 3, 5): the timesteps equal diffusers', every
+    step's latents to 1e-6 of their range, and what is refused has no finite answer in diffusers either."""
+    refused = 0
+    for config in UNIPC_GRID + UNIPC_FLOW_GRID:
+        try:
+            error = compare_unipc(config, steps)
+        except SchedulerConfigError as refusal:
+            assert_diffusers_has_no_finite_answer(config, steps, refusal)
+            refused += 1
+            continue
+        assert error <= TOLERANCE, (config, steps, error)
+    assert refused < len(UNIPC_GRID + UNIPC_FLOW_GRID) // 2
+
+
+@pytest.mark.parametrize("config", [
+    WAN_SCHEDULER,
+    dict(WAN_SCHEDULER, flow_shift=5.0, solver_order=3),  # Wan2.1 14B 720p's shift
+    dict(disable_corrector=[0, 3, 5]),
+    dict(solver_order=3, disable_corrector=[1]),
+    dict(prediction_type="sample", predict_x0=False, final_sigmas_type="sigma_min"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+         steps_offset=1),
+    dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing"),
+    dict(num_train_timesteps=500, beta_end=0.03, solver_type="bh1", final_sigmas_type="sigma_min"),
+    dict(trained_betas=np.linspace(0.0002, 0.03, 1000).tolist()),
+], ids=["wan", "wan-14b-order3", "disable-corrector", "order3-disable", "sample-eps", "scaled-leading",
+        "cosine-v-trailing", "train500-bh1", "trained-betas"])
+@pytest.mark.parametrize("steps", (1, 2, 12, 20))
+def test_unipc_further_options_match_diffusers(config, steps):
+    assert compare_unipc(config, steps) <= TOLERANCE
+
+
+def test_unipc_started_later_is_diffusers_with_a_begin_index():
+    """A run from step k (learning draws its start there) has no history at k: first order, no corrector there, as
+    diffusers' scheduler started with ``set_begin_index``; then multistep with the corrector again."""
+    for config in (WAN_SCHEDULER, dict(solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min")):
+        for first in (1, 7):
+            assert compare_unipc(config, 20, first) <= TOLERANCE
+
+
+def test_unipc_noise_level_is_what_diffusers_adds():
+    rng = np.random.default_rng(2)
+    x0, noise = (torch.from_numpy(rng.standard_normal(SHAPE).astype(np.float32)) for _ in range(2))
+    for config in (WAN_SCHEDULER, {"timestep_spacing": "trailing"}):
+        scheduler = reference_scheduler("UniPCMultistepScheduler", config, 12)
+        sampler = sampler_from_scheduler_config({"_class_name": "UniPCMultistepScheduler", **config}, 12, "s")
+        for call in (0, 5, 11):
+            alpha, sigma = sampler.noise_level(call)
+            expected = scheduler.add_noise(x0, noise, scheduler.timesteps[call:call + 1]).numpy()
+            assert np.abs(alpha * x0.numpy() + sigma * noise.numpy() - expected).max() <= 1e-6 * np.ptp(expected)
+    assert sampler_from_scheduler_config({"_class_name": "UniPCMultistepScheduler", **WAN_SCHEDULER}, 12,
+                                         "s").timesteps[0] == 999
+
+
+@pytest.mark.parametrize("field,value", [
+    ("solver_order", 4), ("solver_type", "midpoint"), ("solver_p", {"_class_name": "DDIMScheduler"}),
+    ("thresholding", True), ("use_karras_sigmas", True), ("use_exponential_sigmas", True), ("use_beta_sigmas", True),
+    ("use_dynamic_shifting", True), ("shift_terminal", 0.1), ("sigma_min", 0.1), ("rescale_betas_zero_snr", True),
+    ("disable_corrector", [-1]), ("disable_corrector", "0"), ("predict_x0", 1),
+    ("final_sigmas_type", "denoise_to_zero"),
+    ("timestep_spacing", "karras"), ("prediction_type", "flow_prediction"), ("use_flow_sigmas", True),
+    ("flow_shift", -1.0), ("algorithm_type", "dpmsolver++"),  # DPM-Solver's option, not UniPC's
+])
+def test_a_unipc_option_not_implemented_is_refused_by_name(field, value):
+    config = {"_class_name": "UniPCMultistepScheduler", "_diffusers_version": "0.42.1", field: value}
+    with pytest.raises(SchedulerConfigError) as refusal:
+        sampler_from_scheduler_config(config, 12, "DIR/scheduler/scheduler_config.json")
+    message = str(refusal.value)
+    assert "\n" not in message and message.startswith("DIR/scheduler/scheduler_config.json: ")
+    assert f"'{field}'" in message
+
+
+def test_unipc_flow_prediction_needs_the_data_prediction():
+    with pytest.raises(SchedulerConfigError, match=r"^s: field 'predict_x0' is false with prediction_type "
+                                                   r"'flow_prediction'"):
+        sampler_from_scheduler_config({"_class_name": "UniPCMultistepScheduler", **WAN_SCHEDULER,
+                                       "predict_x0": False}, 12, "s")
+
+
+@pytest.mark.parametrize("config", [WAN_SCHEDULER, dict(solver_order=3, predict_x0=False,
+                                                        final_sigmas_type="sigma_min", disable_corrector=[2])])
+def test_a_unipc_section_round_trips_and_its_damage_is_refused_by_field(config):
+    jsonschema = pytest.importorskip("jsonschema")
+    from l2c_export.core.manifest import schema
+
+    sampler = sampler_from_scheduler_config({"_class_name": "UniPCMultistepScheduler", **config}, 12, "s")
+    section = json.loads(json.dumps(sampler.to_dict(), allow_nan=False))
+    jsonschema.validate(section, schema()["properties"]["sampler"])
+    assert section["kind"] == "diffusers_unipc" and section["num_calls"] == 12
+    again = sampler_from_dict(section)
+    assert again.options == sampler.options and np.array_equal(again.timesteps, sampler.timesteps)
+    x, outputs = random_inputs(12)
+    assert all(np.array_equal(a, b) for a, b in zip(our_run(again, x, outputs)[0], our_run(sampler, x, outputs)[0]))
+    assert again.official_cache_calls() == official_cache_calls("diffusers_unipc", 12) == [1, 3, 5, 7, 9, 11]
+    for change, message in [(lambda s: s["sigmas"].pop(), "field 'sigmas' has 11 entries; expected 12"),
+                            (lambda s: s["sigmas"].reverse(), "expected the steps' sigmas strictly decreasing"),
+                            (lambda s: s["orders"].__setitem__(0, 2), "field 'orders' is"),
+                            (lambda s: s.__setitem__("final_sigma", -1.0), "field 'final_sigma' is -1.0"),
+                            (lambda s: s["options"].__setitem__("solver_type", "heun"),
+                             "field 'options/solver_type' is 'heun'"),
+                            (lambda s: s["options"].__setitem__("disable_corrector", [True]),
+                             "field 'options/disable_corrector' is"),
+                            (lambda s: s["model_times"].__setitem__(3, 1.5), "field 'model_times' differs")]:
+        damaged = json.loads(json.dumps(section))
+        change(damaged)
+        with pytest.raises(SchedulerConfigError, match=message.replace("(", r"\(")):
+            sampler_from_dict(damaged)
+    final_zero = json.loads(json.dumps(section))
+    final_zero["orders"][-1] = 2
+    if config is WAN_SCHEDULER:  # a second-order last step onto sigma 0: no finite update in diffusers
+        with pytest.raises(SchedulerConfigError, match="the order-2 predictor of step 11 onto sigma 0 has no finite"):
+            sampler_from_dict(final_zero)

@@ -179,6 +179,39 @@ namespace {
 // float32 log and exp rounded from float64, as the Python sampler's _log32/_exp32 (glibc's logf/expf).
 float log32(float value) { return static_cast<float>(std::log(static_cast<double>(value))); }
 float exp32(float value) { return static_cast<float>(std::exp(static_cast<double>(value))); }
+float expm1_32(float value) { return static_cast<float>(std::expm1(static_cast<double>(value))); }
+
+// Half log-SNR in float64 of a float32 sigma (+inf at 0), as unipc.py's _lambda64.
+double lambda64(double sigma, bool flow) {
+  const double alpha = flow ? 1.0 - sigma : 1.0 / std::sqrt(sigma * sigma + 1.0);
+  const double sigma_t = flow ? sigma : sigma * alpha;
+  return sigma_t == 0.0 ? INFINITY : std::log(alpha) - std::log(sigma_t);
+}
+
+// matrix x = vector for 2 x 2 or 3 x 3: Gaussian elimination with partial pivoting (the first largest pivot) in
+// float64, rounded to float32; NaN where a pivot is zero or not finite (unipc.py's solve_small, line for line).
+std::vector<float> solve_small(std::vector<std::vector<double>> a, const std::vector<double>& vector) {
+  const size_t n = vector.size();
+  for (size_t i = 0; i < n; ++i) a[i].push_back(vector[i]);
+  for (size_t col = 0; col < n; ++col) {
+    size_t pivot = col;
+    for (size_t r = col + 1; r < n; ++r)
+      if (std::fabs(a[r][col]) > std::fabs(a[pivot][col])) pivot = r;
+    std::swap(a[col], a[pivot]);
+    if (a[col][col] == 0.0 || !std::isfinite(a[col][col])) return std::vector<float>(n, NAN);
+    for (size_t row = col + 1; row < n; ++row) {
+      const double factor = a[row][col] / a[col][col];
+      for (size_t k = col; k <= n; ++k) a[row][k] -= factor * a[col][k];
+    }
+  }
+  std::vector<double> x(n, 0.0);
+  for (size_t row = n; row-- > 0;) {
+    double total = a[row][n];
+    for (size_t k = row + 1; k < n; ++k) total -= a[row][k] * x[k];
+    x[row] = total / a[row][row];
+  }
+  return std::vector<float>(x.begin(), x.end());
+}
 
 }  // namespace
 
@@ -241,6 +274,156 @@ void DiffusersDpmMultistepSampler::sample(Tensor& x, const ModelCall& model, con
       x.data[i] = update;
     }
     previous = x0;
+  }
+}
+
+DiffusersUniPcSampler::DiffusersUniPcSampler(DiffusersUniPcTables tables) : tables_(std::move(tables)) {
+  const size_t count = tables_.timesteps.size();
+  for (size_t i = 0; i <= count; ++i) {
+    const float sigma = static_cast<float>(i < count ? tables_.sigmas[i] : tables_.final_sigma);
+    const float alpha = tables_.flow_sigmas ? 1.0f - sigma : 1.0f / std::sqrt(sigma * sigma + 1.0f);
+    const float sigma_t = tables_.flow_sigmas ? sigma : sigma * alpha;
+    alpha_.push_back(alpha);
+    sigma_t_.push_back(sigma_t);
+    lambdas_.push_back(log32(alpha) - log32(sigma_t));  // +inf at sigma 0
+    lambdas64_.push_back(lambda64(static_cast<double>(sigma), tables_.flow_sigmas));
+  }
+  auto finite = [](const Update& u) {
+    bool ok = std::isfinite(u.c_x) && std::isfinite(u.c_m0) && std::isfinite(u.c_b);
+    for (float rho : u.rhos) ok = ok && std::isfinite(rho);
+    for (float rk : u.rks) ok = ok && rk != 0.0f && !std::isnan(rk);  // an infinite rk only zeroes its difference
+    return ok;
+  };
+  for (size_t i = 0; i < count; ++i) {
+    predictor_.push_back(make_update(static_cast<int>(i), tables_.orders[i], false));
+    const bool corrects = i + 1 < count && tables_.corrector_after[i];
+    corrector_.push_back(corrects ? make_update(static_cast<int>(i), tables_.orders[i], true) : Update());
+    if (first_infinite_step_ < 0 && (!finite(predictor_.back()) || (corrects && !finite(corrector_.back()))))
+      first_infinite_step_ = static_cast<int>(i);
+  }
+}
+
+DiffusersUniPcSampler::Update DiffusersUniPcSampler::make_update(int s0, int order, bool corrector) const {
+  const int t = s0 + 1;
+  Update u;
+  const float h = lambdas_[t] - lambdas_[s0];
+  for (int k = 1; k < order; ++k) u.rks.push_back((lambdas_[s0 - k] - lambdas_[s0]) / h);
+  const float hh = tables_.predict_x0 ? -h : h;
+  const float h_phi_1 = expm1_32(hh);
+  const float b_h = tables_.bh1 ? hh : expm1_32(hh);
+  const float scale = tables_.predict_x0 ? alpha_[t] : sigma_t_[t];
+  const std::vector<float>& other = tables_.predict_x0 ? sigma_t_ : alpha_;
+  u.c_x = other[t] / other[s0];
+  u.c_m0 = scale * h_phi_1;
+  u.c_b = scale * b_h;
+  if (order == 1) {
+    if (corrector) u.rhos = {0.5f};
+    return u;
+  }
+  if (order == 2 && !corrector) {
+    u.rhos = {0.5f};
+    return u;
+  }
+  // The weights from the float64 recursion h_phi_k = h_phi_{k-1} / hh - 1 / k! and R rhos = b.
+  const double h64 = lambdas64_[t] - lambdas64_[s0];
+  std::vector<double> columns;
+  for (int k = 1; k < order; ++k) columns.push_back((lambdas64_[s0 - k] - lambdas64_[s0]) / h64);
+  columns.push_back(1.0);
+  const double hh64 = tables_.predict_x0 ? -h64 : h64;
+  const double h_phi_1_64 = std::expm1(hh64);
+  double h_phi_k = h_phi_1_64 / hh64 - 1.0;
+  const double b_h64 = tables_.bh1 ? hh64 : h_phi_1_64;
+  std::vector<double> b;
+  double factorial = 1.0;
+  for (int i = 1; i <= order; ++i) {
+    b.push_back(h_phi_k * factorial / b_h64);
+    factorial *= i + 1;
+    h_phi_k = h_phi_k / hh64 - 1.0 / factorial;
+  }
+  std::vector<std::vector<double>> powers(order);
+  for (int p = 0; p < order; ++p)
+    for (double r : columns) powers[p].push_back(p == 0 ? 1.0 : p == 1 ? r : r * r);
+  if (!corrector) {  // the predictor's system leaves out the last row and column
+    powers.pop_back();
+    for (auto& row : powers) row.pop_back();
+    b.pop_back();
+  }
+  u.rhos = solve_small(powers, b);
+  return u;
+}
+
+const std::string& DiffusersUniPcSampler::kind() const {
+  static const std::string name = "diffusers_unipc";
+  return name;
+}
+
+std::vector<float> DiffusersUniPcSampler::convert(int s, const Tensor& x, const Tensor& out) const {
+  const int64_t n = x.shape[0], plane = static_cast<int64_t>(x.size()) / n;
+  const int64_t stride = scheduler_output_stride(x, out);
+  const float alpha = alpha_[s], sigma = sigma_t_[s];
+  std::vector<float> converted(x.size());
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t i = 0; i < plane; ++i) {
+      const float value = x.data[b * plane + i], m = out.data[b * stride + i];
+      float result;
+      if (tables_.predict_x0) {
+        result = tables_.prediction == Prediction::Epsilon ? (value - sigma * m) / alpha
+                 : tables_.prediction == Prediction::Sample ? m
+                 : tables_.prediction == Prediction::Flow   ? value - sigma * m
+                                                            : alpha * value - sigma * m;
+      } else {
+        result = tables_.prediction == Prediction::Epsilon ? m
+                 : tables_.prediction == Prediction::Sample ? (value - alpha * m) / sigma
+                                                            : alpha * m + sigma * value;
+      }
+      converted[b * plane + i] = result;
+    }
+  return converted;
+}
+
+namespace {
+
+// x_next = c_x * x - c_m0 * m0 - c_b * (sum_k rhos[k] * (m_k - m0) / rks[k] [+ rhos.back() * (m_t - m0)]), each
+// operation rounded as numpy rounds the Python sampler's. outputs[k]: m_k (outputs[0] is m0); m_t: null for the
+// predictor.
+void apply_uni_update(const DiffusersUniPcSampler::Update& u, std::vector<float>& x,
+                      const std::vector<std::vector<float>>& outputs, const std::vector<float>* m_t) {
+  const std::vector<float>& m0 = outputs[0];
+  const size_t differences = u.rks.size();
+  const bool any = differences > 0 || m_t != nullptr;
+  for (size_t i = 0; i < x.size(); ++i) {
+    float next = u.c_x * x[i] - u.c_m0 * m0[i];
+    if (any) {
+      float total = 0.0f;
+      for (size_t k = 0; k < differences; ++k) {
+        const float term = u.rhos[k] * ((outputs[k + 1][i] - m0[i]) / u.rks[k]);
+        total = k == 0 ? term : total + term;
+      }
+      if (m_t != nullptr) {
+        const float term = u.rhos.back() * ((*m_t)[i] - m0[i]);
+        total = differences == 0 ? term : total + term;
+      }
+      next = next - u.c_b * total;
+    }
+    x[i] = next;
+  }
+}
+
+}  // namespace
+
+void DiffusersUniPcSampler::sample(Tensor& x, const ModelCall& model, const Tensor*) const {
+  std::vector<std::vector<float>> outputs;  // the converted model outputs, most recent first
+  std::vector<float> last;                  // the sample the previous step's predictor started from
+  for (int s = 0; s < num_model_calls(); ++s) {
+    std::vector<float> converted = convert(s, x, model(s, x, static_cast<float>(tables_.timesteps[s])));
+    if (s > 0 && tables_.corrector_after[s - 1]) {  // the corrected sample replaces the one the model saw
+      x.data = last;
+      apply_uni_update(corrector_[s - 1], x.data, outputs, &converted);
+    }
+    outputs.insert(outputs.begin(), std::move(converted));
+    if (outputs.size() > static_cast<size_t>(tables_.solver_order)) outputs.pop_back();
+    last = x.data;
+    apply_uni_update(predictor_[s], x.data, outputs, nullptr);
   }
 }
 
@@ -399,6 +582,56 @@ std::shared_ptr<const Sampler> make_diffusers_dpm_multistep(const Fields& sectio
   return std::make_shared<DiffusersDpmMultistepSampler>(std::move(tables));
 }
 
+std::shared_ptr<const Sampler> make_diffusers_unipc(const Fields& section) {
+  DiffusersUniPcTables tables;
+  tables.timesteps = diffusers_timesteps(section);
+  const size_t calls = tables.timesteps.size();
+  const Fields options = section["options"];
+  tables.prediction = diffusers_prediction(section, true);
+  tables.flow_sigmas = options["use_flow_sigmas"].boolean();
+  if (tables.flow_sigmas != (tables.prediction == Prediction::Flow))
+    options["prediction_type"].fail(tables.flow_sigmas ? "is not flow_prediction; use_flow_sigmas goes with it only"
+                                                       : "is flow_prediction; it goes with use_flow_sigmas true only");
+  tables.predict_x0 = options["predict_x0"].boolean();
+  if (tables.prediction == Prediction::Flow && !tables.predict_x0)
+    options["predict_x0"].fail("is false with flow_prediction; expected true (the data prediction)");
+  for (const char* option : {"thresholding", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                             "use_dynamic_shifting"})
+    diffusers_choice(section, option, {"false"});
+  if (!options["solver_p"].is_null()) options["solver_p"].fail("is not one this l2c runtime implements; expected null");
+  tables.bh1 = diffusers_choice(section, "solver_type", {"bh1", "bh2"}) == "bh1";
+  tables.solver_order = std::stoi(diffusers_choice(section, "solver_order", {"1", "2", "3"}));
+  tables.corrector_after.assign(calls, true);
+  const Fields disabled = options["disable_corrector"];
+  for (size_t i = 0; i < disabled.size(); ++i) {
+    const int64_t step = disabled[i].integer(0);
+    if (step < static_cast<int64_t>(calls)) tables.corrector_after[step] = false;
+  }
+  tables.sigmas = section["sigmas"].numbers(calls);
+  tables.final_sigma = section["final_sigma"].number();
+  if (section["orders"].size() != calls)
+    section["orders"].fail("has " + std::to_string(section["orders"].size()) + " entries; expected " +
+                           std::to_string(calls));
+  for (size_t s = 0; s < calls; ++s) {
+    if (!(tables.sigmas[s] > 0.0)) section["sigmas"][s].fail("expected a sigma > 0");
+    if (tables.flow_sigmas && !(tables.sigmas[s] < 1.0))
+      section["sigmas"][s].fail("expected a flow sigma below 1 (alpha_t = 1 - sigma)");
+    if (s > 0 && !(tables.sigmas[s] < tables.sigmas[s - 1]))
+      section["sigmas"][s].fail("expected the steps' sigmas strictly decreasing (a step divides by the log ratio of "
+                                "the last two)");
+    const int64_t most = std::min<int64_t>(tables.solver_order, static_cast<int64_t>(s) + 1);
+    tables.orders.push_back(static_cast<int>(section["orders"][s].integer(1, most)));
+  }
+  if (!(tables.final_sigma >= 0.0 && tables.final_sigma <= tables.sigmas.back()))
+    section["final_sigma"].fail("expected a sigma in [0, the last step's sigma]");
+  auto sampler = std::make_shared<DiffusersUniPcSampler>(std::move(tables));
+  if (const int step = sampler->first_infinite_step(); step >= 0)
+    section["orders"][step].fail("gives step " + std::to_string(step) + " no finite update (diffusers gives NaN or "
+                                 "infinity); expected solver_type bh2, predict_x0 and lower order onto a final "
+                                 "sigma of zero");
+  return sampler;
+}
+
 std::shared_ptr<const Sampler> make_diffusers_flow_match_euler(const Fields& section) {
   const int64_t train = section["options"]["num_train_timesteps"].integer(2, 1000);
   const size_t calls = static_cast<size_t>(section["num_calls"].integer(1, train));
@@ -430,9 +663,10 @@ std::shared_ptr<const Sampler> make_sampler(const Fields& section, bool learn_si
   if (kind == "diffusers_ddim") return make_diffusers_ddim(section);
   if (kind == "diffusers_dpm_multistep") return make_diffusers_dpm_multistep(section);
   if (kind == "diffusers_flow_match_euler") return make_diffusers_flow_match_euler(section);
+  if (kind == "diffusers_unipc") return make_diffusers_unipc(section);
   if (kind != "ddim" && kind != "ddpm")
     section["kind"].fail("is " + kind + "; this l2c runtime knows ddim, ddpm, dpm_solver_2s, diffusers_ddim, "
-                         "diffusers_dpm_multistep and diffusers_flow_match_euler");
+                         "diffusers_dpm_multistep, diffusers_flow_match_euler and diffusers_unipc");
   const size_t steps = static_cast<size_t>(section["num_steps"].integer(1, 1 << 20));
   RespacedTables tables;
   tables.learn_sigma = learn_sigma;

@@ -9,7 +9,7 @@ consult their routers (every other call computes everything).
 from __future__ import annotations
 
 SAMPLER_KINDS = ("ddim", "ddpm", "dpm_solver_2s", "diffusers_ddim", "diffusers_dpm_multistep",
-                 "diffusers_flow_match_euler")
+                 "diffusers_flow_match_euler", "diffusers_unipc")
 
 
 def dit_official_calls(num_calls: int) -> list[int]:
@@ -28,7 +28,7 @@ def uvit_official_calls(num_calls: int) -> list[int]:
 # diffusers' schedulers come with no authors' router, so the official mode uses the DDIM rule's analogue.
 OFFICIAL_RULES = {"ddim": dit_official_calls, "ddpm": dit_official_calls, "dpm_solver_2s": uvit_official_calls,
                   "diffusers_ddim": dit_official_calls, "diffusers_dpm_multistep": dit_official_calls,
-                  "diffusers_flow_match_euler": dit_official_calls}
+                  "diffusers_flow_match_euler": dit_official_calls, "diffusers_unipc": dit_official_calls}
 
 
 def official_cache_calls(kind: str, num_calls: int) -> list[int]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 from ..core.vocabulary import SAMPLER_KINDS, official_cache_calls
 from .base import CallGenerator, DenoisingSampler, ModelCall, denoise
 from .diffusers import (DiffusersDDIM, DiffusersDPMMultistep, DiffusersFlowMatchEuler, PipelineTimesteps,
-                        SchedulerConfigError, sampler_from_scheduler_config)
+                        SchedulerConfigError)
+from .schedulers import sampler_from_scheduler_config
+from .unipc import DiffusersUniPC
 from .dpm_solver import DiscreteVPSchedule, DPMSolver2S, stable_diffusion_betas
 from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianSampler, linear_betas, space_timesteps
 from .guidance import apply_guidance, check_labels, guidance_batch, make_noise, step_noise
@@ -25,11 +27,12 @@ from .guidance import apply_guidance, check_labels, guidance_batch, make_noise, 
 # :mod:`l2c_export.core.vocabulary` (the manifest's vocabulary, which ``core`` checks).
 SAMPLERS = {"ddim": GaussianSampler, "ddpm": GaussianSampler, "dpm_solver_2s": DPMSolver2S,
             "diffusers_ddim": DiffusersDDIM, "diffusers_dpm_multistep": DiffusersDPMMultistep,
-            "diffusers_flow_match_euler": DiffusersFlowMatchEuler}
+            "diffusers_flow_match_euler": DiffusersFlowMatchEuler, "diffusers_unipc": DiffusersUniPC}
 
 __all__ = ["SAMPLERS", "SAMPLER_KINDS", "CallGenerator", "DenoisingSampler", "ModelCall", "denoise",
-           "official_cache_calls", "create_sampler", "sampler_from_dict", "GaussianSampler", "DPMSolver2S", "DiscreteVPSchedule",
-           "DiffusersDDIM", "DiffusersDPMMultistep", "DiffusersFlowMatchEuler", "PipelineTimesteps", "SchedulerConfigError", "sampler_from_scheduler_config",
+           "official_cache_calls", "create_sampler", "sampler_from_dict", "GaussianSampler", "DPMSolver2S",
+           "DiscreteVPSchedule", "DiffusersDDIM", "DiffusersDPMMultistep", "DiffusersFlowMatchEuler", "DiffusersUniPC",
+           "PipelineTimesteps", "SchedulerConfigError", "sampler_from_scheduler_config",
            "NUM_TRAIN_TIMESTEPS", "linear_betas", "space_timesteps", "stable_diffusion_betas", "apply_guidance",
            "check_labels", "guidance_batch", "make_noise", "step_noise"]
 

@@ -1,6 +1,7 @@
 """diffusers' schedulers as samplers: ``DDIMScheduler``, ``DPMSolverMultistepScheduler`` (DPM-Solver++ 1S/2M) and
 ``FlowMatchEulerDiscreteScheduler`` (flow matching: SD3/3.5, FLUX.1), read from a pipeline folder's
-``scheduler/scheduler_config.json``.
+``scheduler/scheduler_config.json`` (``UniPCMultistepScheduler`` builds on these in :mod:`.unipc`; :mod:`.schedulers`
+picks the sampler of a config).
 
 Hand-written in numpy on purpose: diffusers' schedulers are torch code, and the samplers here run where torch is not
 (the runtime, the Triton model, the C++ runtime, which reads the same manifest tables). They reproduce diffusers 0.42's
@@ -236,6 +237,15 @@ def _check_num_steps(num_inference_steps, options: dict, where: str) -> None:
             and 1 <= num_inference_steps <= count):
         raise SchedulerConfigError(f"{where}: num_inference_steps (--steps) is {num_inference_steps!r}; expected an "
                                    f"integer in 1..{count} (num_train_timesteps)")
+
+
+def check_first_timestep_once(timesteps: np.ndarray, options: dict, num_inference_steps: int, where: str) -> None:
+    """diffusers' multistep schedulers start at the second occurrence of a repeated first timestep
+    (``index_for_timestep``) and then run past their sigmas: refused."""
+    if (timesteps[0] == timesteps[1:]).any():
+        raise SchedulerConfigError(f"{where}: {num_inference_steps} steps with timestep_spacing "
+                                   f"{options['timestep_spacing']!r} repeat the first timestep "
+                                   f"{int(timesteps[0])}; choose fewer steps")
 
 
 def _check_timestep_range(timesteps: np.ndarray, options: dict, num_inference_steps: int, where: str) -> None:
@@ -561,11 +571,7 @@ class DiffusersDPMMultistep(_DiffusersSampler):
             final_sigma = np.sqrt((np.float32(1.0) - table[0]) / table[0])
         else:
             final_sigma = np.float32(0.0)
-        if (timesteps[0] == timesteps[1:]).any():
-            # diffusers starts at the second occurrence of the first timestep (index_for_timestep).
-            raise SchedulerConfigError(f"{source}: {num_inference_steps} steps with timestep_spacing "
-                                       f"{options['timestep_spacing']!r} repeat the first timestep "
-                                       f"{int(timesteps[0])}; choose fewer steps")
+        check_first_timestep_once(timesteps, options, num_inference_steps, source)
         orders = cls._orders(options, len(timesteps))
         return cls(options, num_inference_steps, timesteps, sigmas.astype(np.float32), final_sigma, orders,
                    where=f"{source} ({num_inference_steps} steps)")
@@ -573,10 +579,11 @@ class DiffusersDPMMultistep(_DiffusersSampler):
     @staticmethod
     def _vp_sigmas(options: dict, table: np.ndarray, num_inference_steps: int,
                    source: str) -> tuple[np.ndarray, np.ndarray]:
-        """The timesteps (int64) and sigmas (float64, Karras' or interpolated) of a variance-preserving schedule."""
+        """The timesteps (int64) and sigmas (float64, Karras' or interpolated) of a variance-preserving schedule
+        (UniPC's too, which has no ``lambda_min_clipped``)."""
         count = options["num_train_timesteps"]
         last_timestep = count
-        if options["lambda_min_clipped"] is not None:
+        if options.get("lambda_min_clipped") is not None:
             lambdas = np.log(np.sqrt(table)) - np.log(np.sqrt(np.float32(1.0) - table))
             last_timestep = count - int(np.searchsorted(lambdas[::-1], np.float32(options["lambda_min_clipped"])))
             if last_timestep < 2:
@@ -851,27 +858,6 @@ class DiffusersFlowMatchEuler(_DiffusersSampler):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading a scheduler config.
-
-SCHEDULER_CLASSES = {cls.class_name: cls for cls in (DiffusersDDIM, DiffusersDPMMultistep,
-                                                      DiffusersFlowMatchEuler)}
-
-
-def sampler_from_scheduler_config(config: dict, num_inference_steps: int, source: str,
-                                  pipeline: PipelineTimesteps | None = None):
-    """The sampler of a ``scheduler_config.json`` dict (its ``_class_name`` picks the scheduler) running
-    ``num_inference_steps`` (``--steps``); ``pipeline``: how a flow-matching pipeline sets the timesteps (the other
-    schedulers take none). Raises :class:`SchedulerConfigError` in one line naming ``source``, the field and what is
-    supported."""
-    if not isinstance(config, dict):
-        raise SchedulerConfigError(f"{source}: expected a JSON object; got {type(config).__name__}")
-    name = config.get("_class_name")
-    if name not in SCHEDULER_CLASSES:
-        raise SchedulerConfigError(f"{source}: field '_class_name' is {short_repr(name)}; supported: "
-                                   f"{', '.join(SCHEDULER_CLASSES)}")
-    if name == DiffusersFlowMatchEuler.class_name:
-        return DiffusersFlowMatchEuler.from_scheduler_config(config, num_inference_steps, source, pipeline)
-    return SCHEDULER_CLASSES[name].from_scheduler_config(config, num_inference_steps, source)
-
 
 def read_scheduler_config(path: Path) -> dict:
     """``scheduler_config.json`` as diffusers writes it: strict JSON, except that its default

@@ -148,6 +148,49 @@ class DiffusersDpmMultistepSampler : public Sampler {
   std::vector<float> alpha_, sigma_, c_sample_, c_x0_, c_d1_, inv_r0_;
 };
 
+// UniPCMultistepScheduler (kind diffusers_unipc; Wan's, l2c_export/samplers/unipc.py): per step the float32 sigma, the
+// sigma after the last step and the predictor's order (1-3); the corrector after step i (unless i is in
+// disable_corrector) at step i's order. A step converts the model output into a data prediction (predict_x0; else a
+// noise prediction) at the sample the model saw, corrects that sample, then predicts the next:
+//   x_next = c_x * x - c_m0 * m0 - c_b * (sum_k rhos[k] * (m_k - m0) / rks[k]  [+ rhos.back() * (m_t - m0)])
+// c_x, c_m0, c_b and rks in float32 as diffusers forms them, the rhos in float64 (solve_small), rounded to float32.
+struct DiffusersUniPcTables {
+  std::vector<double> timesteps, sigmas;
+  std::vector<int> orders;
+  std::vector<bool> corrector_after;  // per step: whether the next step starts with the corrector
+  double final_sigma = 0.0;
+  Prediction prediction = Prediction::Epsilon;
+  int solver_order = 2;
+  bool predict_x0 = true;
+  bool bh1 = false;          // solver_type bh1 (else bh2)
+  bool flow_sigmas = false;  // use_flow_sigmas: alpha_t = 1 - sigma, sigma_t = sigma
+};
+
+class DiffusersUniPcSampler : public Sampler {
+ public:
+  explicit DiffusersUniPcSampler(DiffusersUniPcTables tables);
+  const std::string& kind() const override;
+  int num_model_calls() const override { return static_cast<int>(tables_.timesteps.size()); }
+  void sample(Tensor& x, const ModelCall& model, const Tensor* step_noise) const override;
+  // The first step whose predictor (or the corrector after it) has no finite update (diffusers gives NaN or
+  // infinity there), or -1.
+  int first_infinite_step() const { return first_infinite_step_; }
+
+  struct Update {
+    float c_x = 0.0f, c_m0 = 0.0f, c_b = 0.0f;
+    std::vector<float> rks, rhos;
+  };
+
+ private:
+  Update make_update(int s0, int order, bool corrector) const;
+  std::vector<float> convert(int s, const Tensor& x, const Tensor& out) const;
+  DiffusersUniPcTables tables_;
+  std::vector<float> alpha_, sigma_t_, lambdas_;  // per sigma (steps and final), float32
+  std::vector<double> lambdas64_;
+  std::vector<Update> predictor_, corrector_;  // per step; corrector_[i]: the one after step i
+  int first_infinite_step_ = -1;
+};
+
 // FlowMatchEulerDiscreteScheduler (kind diffusers_flow_match_euler; SD3/3.5, FLUX.1): deterministic Euler on the
 // velocity, x + (sigma_next - sigma) * v in float32 (sigma after the last step 0), the model given the float32 timestep
 // sigma * num_train_timesteps (the manifest's model_times).

@@ -192,7 +192,7 @@ class Declaration:
     blocks: tuple[Blocks, ...]
     conditioning: tuple[Conditioning, ...]
     guidance: Guidance
-    scheduler_classes: tuple[str, ...] = ("DDIMScheduler", "DPMSolverMultistepScheduler")
+    scheduler_classes: tuple[str, ...] = ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
     flow_timesteps: FlowTimesteps | None = None
     latent_layout: str = NCHW
     text_encoders: TextEncoderStack | None = None
