@@ -317,9 +317,9 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     torch.manual_seed(seed)
     if family in ("sana", "sana15", "sana-text"):
         tokenizer, text_encoder = tiny_gemma2() if family == "sana-text" else (None, None)
+        config = SANA15_CONFIG if family == "sana15" else SANA_CONFIG
         pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_dc_ae(),
-                            transformer=SanaTransformer2DModel(**(SANA15_CONFIG if family == "sana15" else SANA_CONFIG)),
-                            scheduler=_scheduler("flow", family))
+                            transformer=SanaTransformer2DModel(**config), scheduler=_scheduler("flow", family))
     elif family in ("sd3", "sd35", "sd3-text"):
         encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
         if family == "sd3-text":

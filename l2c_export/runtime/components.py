@@ -3,8 +3,8 @@ no torch or transformers): prompts to prompt embeddings, latents to images.
 
 :class:`PromptEncoder` turns prompts into the pipelines' conditioning arrays as their ``encode_prompt`` makes them
 (diffusers 0.42: PixArt's T5 with ``clean_caption=False``, SD3's CLIP-L + CLIP-G + T5, FLUX.1's CLIP-L + T5, Sana's
-Gemma-2 and Qwen-Image's Qwen2.5-VL after their templates), from the manifest's ``components/prompt_encoding`` alone; :class:`ImageDecoder` decodes latents with the VAE decoder graph
-as the pipelines do before ``image_processor.postprocess`` (scaled, shifted, FLUX.1's unpacked by
+Gemma-2 and Qwen-Image's Qwen2.5-VL after their templates), from the manifest's ``components/prompt_encoding``
+alone; :class:`ImageDecoder` decodes latents with the VAE decoder graph as the pipelines do before ``image_processor.postprocess`` (scaled, shifted, FLUX.1's unpacked by
 :func:`l2c_export.core.latents.unpack_latents`).
 """
 

@@ -160,8 +160,9 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
                       seed: int = 0) -> list[SubsetCheck]:
     """The build's component graphs against the diffusers folder's own modules on the same inputs, one check each
     (``step`` 0): each text encoder (transformers' own class, as the pipeline runs it) on example prompts tokenized
-    as the runtime tokenizes them (in the template where it has one; padded, one truncated), the VAE decoder (diffusers' VAE as its kind decodes, after the pipelines' scaling,
-    shift and the packed layouts' ``FluxPipeline._unpack_latents``) on seeded random latents. A component whose
+    as the runtime tokenizes them (in the template where it has one; padded, one truncated), the VAE decoder
+    (diffusers' VAE as its kind decodes, after the pipelines' scaling, shift and the packed layouts'
+    ``FluxPipeline._unpack_latents``) on seeded random latents. A component whose
     folder part is not the one it was built from (``source_sha256``) is refused."""
     from ..builder.components import component_sources, source_sha256
     from ..models.zoo import from_diffusers

@@ -96,8 +96,8 @@ class TextEncoder:
     padding is attended to, as their pipelines call the encoders).
 
     A decoder LLM's prompt is put in a ``template`` first (``{}`` for the prompt, after preprocessing: Qwen-Image's
-    chat template; Sana's ``complex_human_instruction`` lines joined by newlines, then the prompt); ``template_negative``:
-    the negative prompt too (Qwen-Image) or as given (Sana). A templated prompt is truncated and padded to
+    chat template; Sana's ``complex_human_instruction`` lines joined by newlines, then the prompt);
+    ``template_negative``: the negative prompt too (Qwen-Image) or as given (Sana). A templated prompt is truncated and padded to
     ``template_tokens`` more tokens than the length: the template's own (its text without the prompt, special tokens
     included) plus ``template_extra`` (Sana's ``num_chi_prompt_tokens + max_sequence_length - 2``), or, where
     ``template_extra`` is None, ``selection_count`` (Qwen-Image: the tokens dropped; a causal decoder's kept tokens
