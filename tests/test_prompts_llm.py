@@ -204,3 +204,21 @@ def test_a_qwen_config_with_its_text_fields_at_the_top_reads(tiny_diffusers, tmp
     path.write_text(json.dumps(data))
     (found,) = read_folder(folder).components.text_encoders
     assert found.config["hidden_size"] == 12 and found.spec.kind == "qwen2_5_vl"
+
+
+@pytest.mark.slow
+def test_a_served_request_encodes_prompts_as_run_does(builds):
+    """The Triton model's request decoding (serving/sampling.py, in process): Qwen-Image's prompts and a negative
+    prompt of another length are encoded as run encodes them, each at its own length."""
+    from l2c_export.serving.sampling import decode_request
+
+    _, engines, _ = builds["qwen"]
+    pipe = L2CPipeline.from_engine_dir(engines)
+    request = decode_request(pipe, prompt=np.array([[p.encode()] for p in PROMPTS], dtype=object),
+                             negative_prompt=np.array([[NEGATIVE.encode()]] * 2, dtype=object),
+                             cfg_scale=np.full((2, 1), CFG_SCALE["qwen"], dtype=np.float32))
+    want = pipe.prompt_encoder(PROMPTS, NEGATIVE)
+    assert sorted(request.conditioning) == sorted(want)
+    assert want["prompt_embeds"].shape[1] != want["negative_prompt_embeds"].shape[1]
+    for name, value in want.items():
+        np.testing.assert_array_equal(request.conditioning[name], value)
