@@ -222,3 +222,29 @@ def test_a_served_request_encodes_prompts_as_run_does(builds):
     assert want["prompt_embeds"].shape[1] != want["negative_prompt_embeds"].shape[1]
     for name, value in want.items():
         np.testing.assert_array_equal(request.conditioning[name], value)
+
+
+@pytest.mark.slow
+def test_a_tokenizer_that_pads_on_the_left_is_followed(builds, tmp_path):
+    """The runtime pads on the side the pipeline's tokenizer pads (the tokenizer record's padding_side): a Qwen-Image
+    build whose record says left pads the short prompt's ids on the left, and its mask_rows selection still finds
+    each prompt's tokens by the mask: QwenImagePipeline.encode_prompt with the tokenizer padding on the left.
+    Sana's record says right, as its pipeline sets it (GemmaTokenizer's default is left)."""
+    folder, engines, _ = builds["qwen"]
+    assert load(builds["sana"][1])["components"]["tokenizer"]["padding_side"] == "right"
+    assert load(engines)["components"]["tokenizer"]["padding_side"] == "right"
+    copy = shutil.copytree(engines, tmp_path / "E")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["components"]["tokenizer"]["padding_side"] = "left"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    prompts = [LONG_PROMPT, PROMPTS[0]]
+    encoder = L2CPipeline.from_engine_dir(copy).prompt_encoder
+    ids, mask = encoder.tokenize(prompts)
+    assert mask[1, 0] == 0 and mask[1, -1] == 1 and ids[1, 0] == manifest["components"]["tokenizer"]["pad_id"]
+    got = encoder.embed(prompts)
+    pipe = load_pipeline(folder)
+    pipe.tokenizer.padding_side = "left"
+    with torch.no_grad():
+        embeds, want_mask = pipe.encode_prompt(prompts, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    np.testing.assert_array_equal(got["prompt_embeds_mask"], want_mask.numpy())
+    assert np.abs(got["prompt_embeds"] - embeds.numpy()).max() <= 1e-5 * np.ptp(embeds.numpy())

@@ -231,12 +231,14 @@ def check_components(spec) -> None:
 
 def _write_tokenizer(found, staging: Path) -> dict:
     """The tokenizer as :func:`_load_tokenizer` loads it, truncation and padding cleared (the runtime sets them per
-    request), and its pad token."""
+    request), its pad token and the side the pipeline pads on: the declaration's where its pipeline sets one (Sana's
+    right), else the tokenizer's own ``padding_side`` (GemmaTokenizer's default is left)."""
     tokenizer, backend = _load_tokenizer(found)
     backend.no_truncation()
     backend.no_padding()
     (staging / component_files(found.spec.tokenizer)[0]).write_text(backend.to_str())
-    return {"pad_token": str(tokenizer.pad_token), "pad_id": int(tokenizer.pad_token_id)}
+    return {"pad_token": str(tokenizer.pad_token), "pad_id": int(tokenizer.pad_token_id),
+            "padding_side": found.spec.padding_side or str(tokenizer.padding_side)}
 
 
 def component_record(name: str, record: dict, staging: Path, keys: dict[str, str]) -> dict:
@@ -253,7 +255,7 @@ def _made_for(name: str, spec) -> dict:
         return {"latents": list(spec.family.vae_latents(spec.config)), "latent_layout": spec.family.latent_layout}
     encoder = _text_encoders(spec)[name]
     if name != encoder.spec.part:
-        return {}
+        return {"padding_side": encoder.spec.padding_side}
     return {"declared": vars(encoder.spec), "tokenizer_max_length": spec.components.tokenizer_max_length}
 
 

@@ -4,8 +4,8 @@ no torch or transformers): prompts to prompt embeddings, latents to images.
 :class:`PromptEncoder` turns prompts into the pipelines' conditioning arrays as their ``encode_prompt`` makes them
 (diffusers 0.42: PixArt's T5 with ``clean_caption=False``, SD3's CLIP-L + CLIP-G + T5, FLUX.1's CLIP-L + T5, Sana's
 Gemma-2 and Qwen-Image's Qwen2.5-VL after their templates), from the manifest's ``components/prompt_encoding``
-alone; :class:`ImageDecoder` decodes latents with the VAE decoder graph as the pipelines do before ``image_processor.postprocess`` (scaled, shifted, FLUX.1's unpacked by
-:func:`l2c_export.core.latents.unpack_latents`).
+alone; :class:`ImageDecoder` decodes latents with the VAE decoder graph as the pipelines do before
+``image_processor.postprocess`` (scaled, shifted, FLUX.1's unpacked by :func:`l2c_export.core.latents.unpack_latents`).
 """
 
 from __future__ import annotations
@@ -100,9 +100,10 @@ def _component_session(folder: Path, manifest: dict, name: str, providers: Seque
 class StackEncoder:
     """One encoder of a build's text-encoder stack (an entry of ``components/prompt_encoding/encoders``): its
     tokenizer, read with the ``tokenizers`` library and set as transformers calls it for the pipelines
-    (``padding="max_length", truncation=True``: right side, longest first, special tokens added, to the entry's
-    ``max_length``), and its graph, fed the ids (and the mask where the entry is ``masked``: PixArt, the decoder
-    LLMs; else the padding is attended to, as SD3's and FLUX.1's pipelines call their encoders).
+    (``padding="max_length", truncation=True``: on the tokenizer record's ``padding_side`` (right where it has none),
+    longest first, special tokens added, to the entry's ``max_length``), and its graph, fed the ids (and the mask
+    where the entry is ``masked``: PixArt, the decoder LLMs; else the padding is attended to, as SD3's and FLUX.1's
+    pipelines call their encoders).
 
     Where the entry has a ``template``, a prompt is put in it first (the negative prompt only where
     ``template_negative``) and truncated and padded to ``template_max_length``; of the graph's token outputs and
@@ -135,7 +136,7 @@ class StackEncoder:
             prefix, suffix = self.template.split("{}")
             texts, length = [prefix + text + suffix for text in texts], self.template_max_length
         self.tokenizer.enable_truncation(max_length=length)
-        self.tokenizer.enable_padding(direction="right", pad_id=self._pad["pad_id"],
+        self.tokenizer.enable_padding(direction=self._pad.get("padding_side", "right"), pad_id=self._pad["pad_id"],
                                       pad_token=self._pad["pad_token"], length=length)
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
         return (np.array([e.ids for e in encodings], dtype=np.int64),

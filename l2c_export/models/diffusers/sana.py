@@ -66,7 +66,8 @@ DECLARATION = Declaration(
     text_encoders=TextEncoderStack(
         encoders=(TextEncoder("text_encoder", "tokenizer", "gemma2", ("last_hidden_state",), masked=True,
                               template="\n".join(COMPLEX_HUMAN_INSTRUCTION) + "{}", template_negative=False,
-                              template_extra=-2, selection="first_and_last", selection_count=1),),
+                              template_extra=-2, selection="first_and_last", selection_count=1,
+                              padding_side="right"),),
         arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),
                 ("prompt_attention_mask", (("text_encoder/attention_mask",),))),
         preprocessing="lower_strip"),

@@ -97,13 +97,14 @@ class TextEncoder:
 
     A decoder LLM's prompt is put in a ``template`` first (``{}`` for the prompt, after preprocessing: Qwen-Image's
     chat template; Sana's ``complex_human_instruction`` lines joined by newlines, then the prompt);
-    ``template_negative``: the negative prompt too (Qwen-Image) or as given (Sana). A templated prompt is truncated and padded to
-    ``template_tokens`` more tokens than the length: the template's own (its text without the prompt, special tokens
+    ``template_negative``: the negative prompt too (Qwen-Image) or as given (Sana). A templated prompt is truncated
+    and padded to more tokens than the length: the template's own (its text without the prompt, special tokens
     included) plus ``template_extra`` (Sana's ``num_chi_prompt_tokens + max_sequence_length - 2``), or, where
     ``template_extra`` is None, ``selection_count`` (Qwen-Image: the tokens dropped; a causal decoder's kept tokens
     never see the ones past them, so its 1024 + 34 comes to the same). Of the encoder's tokens the pipeline keeps
     ``selection`` (:data:`~l2c_export.core.text_stack.SELECTIONS`) with ``selection_count``: Sana's first_and_last
-    1, Qwen-Image's mask_rows 34 (its ``prompt_template_encode_start_idx``)."""
+    1, Qwen-Image's mask_rows 34 (its ``prompt_template_encode_start_idx``). ``padding_side``: the side the pipeline
+    sets its tokenizer to pad on (Sana's right), None where it pads as the tokenizer says."""
 
     part: str
     tokenizer: str
@@ -116,9 +117,10 @@ class TextEncoder:
     template_extra: int | None = None
     selection: str = "all"
     selection_count: int = 0
+    padding_side: str | None = None
 
     def __post_init__(self):
-        assert self.selection in SELECTIONS
+        assert self.selection in SELECTIONS and self.padding_side in (None, "left", "right")
         assert self.template is None or self.template.count("{}") == 1
 
     def template_max_length(self, max_length: int, template_tokens: int) -> int:
