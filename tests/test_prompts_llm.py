@@ -248,3 +248,21 @@ def test_a_tokenizer_that_pads_on_the_left_is_followed(builds, tmp_path):
         embeds, want_mask = pipe.encode_prompt(prompts, max_sequence_length=MAX_SEQUENCE_LENGTH)
     np.testing.assert_array_equal(got["prompt_embeds_mask"], want_mask.numpy())
     assert np.abs(got["prompt_embeds"] - embeds.numpy()).max() <= 1e-5 * np.ptp(embeds.numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, message", [
+    (dict(selection_count=30), "keeps the first 30 and the last of 24 tokens; expected selection_count <= "
+                               "max_length <= template_max_length"),
+    (dict(template="no prompt here"), "components/prompt_encoding/encoders/0/template"),
+    (dict(selection="middle"), "components/prompt_encoding/encoders/0/selection"),
+])
+def test_a_prompt_encoding_record_that_cannot_be_applied_is_refused_in_one_line(builds, tmp_path, change, message):
+    _, engines, _ = builds["sana"]
+    copy = shutil.copytree(engines, tmp_path / "E")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["components"]["prompt_encoding"]["encoders"][0].update(change)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("run", str(copy), "--prompt", "seven", "--noise", str(engines.parent / "z.npy"), check=False)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr
