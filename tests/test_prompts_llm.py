@@ -178,6 +178,8 @@ def _edit_text_config(path, **changes):
      "text_encoder/config.json: field 'hidden_size' is 16; the transformer takes prompt_embeds 12 wide"),
     ("qwen", lambda f: _edit_text_config(f / "text_encoder" / "config.json", vocab_size=1.5),
      "field 'vocab_size' is 1.5; expected an integer"),
+    ("sana", lambda f: _edit(f / "text_encoder" / "config.json", eos_token_id=[1, 10 ** 6]),
+     "field 'eos_token_id' is [1, 1000000]; expected a token id (or a list of them) below vocab_size"),
     ("qwen", lambda f: (f / "tokenizer" / "tokenizer.json").unlink(),
      "tokenizer.json: missing; expected the tokenizer as a tokenizers library file"),
 ])
@@ -200,7 +202,7 @@ def test_a_qwen_config_with_its_text_fields_at_the_top_reads(tiny_diffusers, tmp
     shutil.copytree(tiny_diffusers("qwen-text", "flow"), folder)
     path = folder / "text_encoder" / "config.json"
     data = json.loads(path.read_text())
-    data.update(data.pop("text_config"))
+    data.update(data.pop("text_config"), eos_token_id=[0, 1])  # a list, as chat models' configs may have it
     path.write_text(json.dumps(data))
     (found,) = read_folder(folder).components.text_encoders
     assert found.config["hidden_size"] == 12 and found.spec.kind == "qwen2_5_vl"

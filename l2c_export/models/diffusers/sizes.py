@@ -118,7 +118,6 @@ TEXT_ENCODER_SIZES = {
 }
 
 # text_encoder/config.json of the decoder LLMs (their hidden states are the prompt embeddings)
-_TOKEN_ID = (1 << 20) - 1
 _LLM_SIZES = {
     "vocab_size": Size(1, 1 << 20, "Gemma-2's 256000, Qwen2.5-VL's 152064"),
     "hidden_size": Size(1, _WIDTH, "Gemma-2 2B's 2304, Qwen2.5-VL-7B's 3584"),
@@ -127,10 +126,7 @@ _LLM_SIZES = {
     "num_attention_heads": Size(1, 256, "Gemma-2 2B's 8, Qwen2.5-VL-7B's 28"),
     "num_key_value_heads": Size(1, 256, "Gemma-2 2B's 4, Qwen2.5-VL-7B's 4"),
     "max_position_embeddings": Size(1, 1 << 20, "Gemma-2's 8192, Qwen2.5-VL's 128000"),
-    "pad_token_id": Size(0, _TOKEN_ID, "a token id: Gemma's 0", optional=True),
-    "eos_token_id": Size(0, _TOKEN_ID, "a token id: Gemma's 1, Qwen's 151645", optional=True),
-    "bos_token_id": Size(0, _TOKEN_ID, "a token id: Gemma's 2, Qwen's 151643", optional=True),
-}
+}  # their token ids (an eos_token_id may be a list) are checked against vocab_size by the folder reader
 GEMMA2_SIZES = {**_LLM_SIZES, "head_dim": Size(1, 1024, "Gemma-2's 256"),
                 "sliding_window": Size(1, 1 << 20, "Gemma-2's 4096 tokens", optional=True)}
 # Qwen2.5-VL's text fields, in its text_config (transformers 5) or at the top (transformers 4)

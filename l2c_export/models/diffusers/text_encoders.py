@@ -25,7 +25,8 @@ from typing import Mapping
 from ...core.text_stack import ATTENTION_MASK, PREPROCESSING, SELECTIONS, combined_width, split_piece
 from ...core.util import short_repr
 from .files import check_tokenizer, safetensors_weights
-from .sizes import CLIP_TEXT_SIZES, GEMMA2_SIZES, QWEN2_5_VL_TEXT_SIZES, TEXT_ENCODER_SIZES, Size, check_sizes
+from .sizes import (CLIP_TEXT_SIZES, GEMMA2_SIZES, QWEN2_5_VL_TEXT_SIZES, TEXT_ENCODER_SIZES, Size, check_sizes,
+                    is_integer)
 
 # Where an encoder's token length comes from: the build's --max-sequence-length (the pipelines' argument), or the
 # pipelines' ``tokenizer_max_length``: the first tokenizer's ``model_max_length`` (CLIP's 77).
@@ -229,9 +230,11 @@ def read_text_encoders(folder: Path, index: dict, stack: TextEncoderStack, width
         raw = kind.text_config(read)
         check_sizes(raw, kind.sizes, str(where), error)
         for key in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):
-            if raw.get(key) is not None and raw[key] >= raw["vocab_size"]:
-                raise error(f"{where}: field {key!r} is {raw[key]}; expected a token id below vocab_size "
-                            f"{raw['vocab_size']}")
+            value = raw.get(key)  # an LLM's eos_token_id may be a list (Gemma's chat turns end with another)
+            ids = value if isinstance(value, list) and value else [value]
+            if value is not None and not all(is_integer(i) and 0 <= i < raw["vocab_size"] for i in ids):
+                raise error(f"{where}: field {key!r} is {short_repr(value)}; expected a token id (or a list of "
+                            f"them) below vocab_size {raw['vocab_size']}")
         safetensors_weights(part, "model")
         check_tokenizer(folder / encoder.tokenizer, raw["vocab_size"], encoder.part)
         for output in encoder.outputs:
