@@ -211,7 +211,8 @@ def test_a_qwen_config_with_its_text_fields_at_the_top_reads(tiny_diffusers, tmp
 @pytest.mark.slow
 def test_a_served_request_encodes_prompts_as_run_does(builds):
     """The Triton model's request decoding (serving/sampling.py, in process): Qwen-Image's prompts and a negative
-    prompt of another length are encoded as run encodes them, each at its own length."""
+    prompt of another length are encoded as run encodes them, each at its own length; a guided request without a
+    negative prompt is refused naming it."""
     from l2c_export.serving.sampling import decode_request
 
     _, engines, _ = builds["qwen"]
@@ -224,6 +225,8 @@ def test_a_served_request_encodes_prompts_as_run_does(builds):
     assert want["prompt_embeds"].shape[1] != want["negative_prompt_embeds"].shape[1]
     for name, value in want.items():
         np.testing.assert_array_equal(request.conditioning[name], value)
+    with pytest.raises(ValueError, match="input 'negative_prompt' is missing: this model's pipeline guides only"):
+        decode_request(pipe, prompt=np.array([[b"seven"]], dtype=object), cfg_scale=np.full((1, 1), 4.0, np.float32))
 
 
 @pytest.mark.slow
@@ -268,3 +271,26 @@ def test_a_prompt_encoding_record_that_cannot_be_applied_is_refused_in_one_line(
     result = run_cli("run", str(copy), "--prompt", "seven", "--noise", str(engines.parent / "z.npy"), check=False)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert message in result.stderr
+
+
+@pytest.mark.slow
+def test_qwen_image_guides_only_against_a_negative_prompt_given(builds, tmp_path):
+    """QwenImagePipeline runs true CFG only with a negative prompt: the record says negative_prompt_required, a
+    guided run without --negative-prompt is refused in one line, and --cfg-scale 1 equals the pipeline unguided."""
+    folder, engines, noise = builds["qwen"]
+    assert load(engines)["components"]["prompt_encoding"]["negative_prompt_required"] is True
+    assert "negative_prompt_required" not in load(builds["sana"][1])["components"]["prompt_encoding"]
+    options = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--noise", str(engines.parent / "z.npy"), "--full"]
+    refused = run_cli("run", str(engines), *options, "--cfg-scale", "4", "--save-latents", str(tmp_path / "x.npy"),
+                      check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "--negative-prompt is missing: this model's pipeline guides only against a negative prompt" \
+        in refused.stderr and not (tmp_path / "x.npy").exists()
+    run_cli("run", str(engines), *options, "--cfg-scale", "1", "--save-latents", str(tmp_path / "out.npy"))
+    pipe = load_pipeline(folder)
+    with torch.no_grad():
+        want = pipe(prompt=PROMPTS, latents=torch.from_numpy(noise), num_inference_steps=STEPS, true_cfg_scale=4.0,
+                    max_sequence_length=MAX_SEQUENCE_LENGTH, height=QWEN_PIXELS, width=QWEN_PIXELS,
+                    output_type="latent").images.numpy()
+    got = np.load(tmp_path / "out.npy")
+    assert np.abs(got - want).max() <= 1e-4 * np.ptp(want)

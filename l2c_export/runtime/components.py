@@ -184,6 +184,7 @@ class PromptEncoder:
         self.arrays = record["arrays"]
         # each array's negative partner, as the model's conditioning inputs name it (where guidance runs one)
         self.negatives = {r["argument"]: r.get("negative") for r in conditioning_records(manifest["model"]["inputs"])}
+        self.negative_prompt_required = record.get("negative_prompt_required", False)
         self.encoders = [StackEncoder(manifest, folder, entry, providers) for entry in record["encoders"]]
 
     def tokenize(self, prompts: Sequence[str], encoder: int = 0,
@@ -201,17 +202,30 @@ class PromptEncoder:
             pieces.update(encoder(texts, negative))
         return {name: combine(groups, pieces) for name, groups in self.arrays.items()}
 
-    def __call__(self, prompts: Sequence, negative_prompt="", guiding: bool = True,
-                 where: str = "prompt") -> dict[str, np.ndarray]:
+    def negative_prompts(self, negative_prompt, count: int, names: Mapping[str, str] | None = None) -> list[str]:
+        """``negative_prompt`` (None: not given; one text for every prompt, or one per prompt) as ``count`` checked
+        texts: "" where not given, unless the record says the pipeline guides only against a negative prompt it is
+        given, when that is refused naming it (``names``: how messages call the arguments)."""
+        from .conditioning import ARGUMENT_NAMES
+
+        name = names or ARGUMENT_NAMES
+        if negative_prompt is None and self.negative_prompt_required:
+            raise PromptError(f"{name['negative_prompt']} is missing: this model's pipeline guides only against a "
+                              f"negative prompt (it runs unguided without one); give {name['negative_prompt']}, or "
+                              f"{name['cfg_scale']} 1")
+        return negative_prompts("" if negative_prompt is None else negative_prompt, count)
+
+    def __call__(self, prompts: Sequence, negative_prompt=None, guiding: bool = True,
+                 where: str = "prompt", names: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         """The conditioning arrays by the pipelines' argument names. ``negative_prompt``: one text for every prompt,
-        or one per prompt; used only when ``guiding``."""
+        or one per prompt, None for the default (:meth:`negative_prompts`); used only when ``guiding``."""
         if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
             raise PromptError(f"{where}: expected a list of one or more prompts")
         prompts = [check_prompt(text, f"{where} {i + 1}" if len(prompts) > 1 else where)
                    for i, text in enumerate(prompts)]
         arrays = self.embed(prompts)
         if guiding:
-            negatives = negative_prompts(negative_prompt, len(prompts))
+            negatives = self.negative_prompts(negative_prompt, len(prompts), names)
             arrays.update({self.negatives[name]: value for name, value in self.embed(negatives, True).items()
                            if self.negatives.get(name)})
         return arrays

@@ -30,8 +30,7 @@ from ..core.util import check_finite
 from ..samplers import ModelCall, denoise, sampler_from_dict
 from ..samplers.guidance import InitialNoiseRows, NoiseRows, apply_guidance
 from .backends import Backend, load_backend
-from .components import (ImageDecoder, PromptEncoder, PromptError, check_prompt, negative_prompts,
-                         refuse_unused_negative_prompt)
+from .components import ImageDecoder, PromptEncoder, PromptError, check_prompt, refuse_unused_negative_prompt
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,7 @@ class L2CPipeline:
             if negative_prompt is not None and not guiding:
                 refuse_unused_negative_prompt(guiding, True, False, names)
             if guiding:
-                negatives = negative_prompts("" if negative_prompt is None else negative_prompt, len(prompts))
+                negatives = self.prompt_encoder.negative_prompts(negative_prompt, len(prompts), names)
             n, where = len(prompts), "prompt"
         else:
             if negative_prompt is not None:

@@ -130,7 +130,8 @@ DECLARATION = Declaration(
         encoders=(TextEncoder("text_encoder", "tokenizer", "qwen2_5_vl", ("last_hidden_state",), masked=True,
                               template=PROMPT_TEMPLATE, selection="mask_rows", selection_count=34),),
         arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),
-                ("prompt_embeds_mask", (("text_encoder/attention_mask",),)))),
+                ("prompt_embeds_mask", (("text_encoder/attention_mask",),))),
+        negative_prompt_required=True),  # the pipeline runs true CFG only with a negative prompt
     vae=VaeKind(classes=("AutoencoderKLQwenImage",), kind="mean_std"),
     default_steps=50,  # the pipeline's num_inference_steps
     max_sequence_length={"QwenImagePipeline": MAX_SEQUENCE_LENGTH},

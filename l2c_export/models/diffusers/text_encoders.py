@@ -136,11 +136,14 @@ class TextEncoder:
 class TextEncoderStack:
     """A pipeline's text encoders and how their outputs make its conditioning arrays: ``arrays`` maps each array (by
     the pipeline's argument name) to its token groups of ``"<part>/<output>"`` pieces (:mod:`l2c_export.core.text_stack`);
-    ``preprocessing``: how prompts are rewritten first (:data:`~l2c_export.core.text_stack.PREPROCESSING`)."""
+    ``preprocessing``: how prompts are rewritten first (:data:`~l2c_export.core.text_stack.PREPROCESSING`);
+    ``negative_prompt_required``: the pipeline guides only against a negative prompt it is given (Qwen-Image's
+    ``do_true_cfg``), where the others default it to ""."""
 
     encoders: tuple[TextEncoder, ...]
     arrays: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]
     preprocessing: str = "none"
+    negative_prompt_required: bool = False
 
     def __post_init__(self):
         parts = {encoder.part: encoder for encoder in self.encoders}
@@ -168,7 +171,7 @@ class TextEncoderStack:
         each encoder (its component, its tokenizer's component, the length prompts are truncated and padded to,
         whether it is fed the mask; where it has them, its template, whether negative prompts are put in it, the
         length templated prompts are truncated and padded to, and the tokens kept) in the order they run, and the
-        arrays' token groups. ``template_tokens``: each templated encoder's template's own tokens, by part."""
+        arrays' token groups (and ``negative_prompt_required`` where it is). ``template_tokens``: each templated encoder's template's own tokens, by part."""
         encoders = []
         for e in self.encoders:
             entry = {"encoder": e.part, "tokenizer": e.tokenizer, "masked": e.masked,
@@ -180,8 +183,9 @@ class TextEncoderStack:
             if e.selection != "all":
                 entry.update(selection=e.selection, selection_count=e.selection_count)
             encoders.append(entry)
+        required = {"negative_prompt_required": True} if self.negative_prompt_required else {}
         return {"max_sequence_length": max_sequence_length, "preprocessing": self.preprocessing,
-                "encoders": encoders,
+                "encoders": encoders, **required,
                 "arrays": {name: [list(group) for group in groups] for name, groups in self.arrays}}
 
 
