@@ -1,7 +1,9 @@
-"""Serving SD3 and FLUX.1 builds (issue 21) on a real Triton Inference Server: the repository declares their
-conditioning by the pipelines' argument names (``prompt_embeds``, ``pooled_prompt_embeds``, SD3's ``negative_``
-twins; FLUX.1 none, its ``cfg_scale`` feeding the guidance embedding, its latents packed), and the server's answers
-equal ``l2c-export run`` on the same latents and conditioning, to 1e-5 of the range."""
+"""Serving SD3 and FLUX.1 builds (issue 21), and Sana and Qwen-Image builds (issue 29), on one real Triton Inference
+Server: the repository declares their conditioning by the pipelines' argument names, from the manifest
+(``prompt_embeds``, ``pooled_prompt_embeds``, SD3's ``negative_`` twins; FLUX.1 none, its ``cfg_scale`` feeding the
+guidance embedding, its latents packed; Sana's and Qwen-Image's token masks and negatives, Qwen-Image's negative prompt
+of another length and ``cfg_scale`` its ``true_cfg_scale``), and the server's answers equal ``l2c-export run`` on the
+same latents and conditioning, to 1e-5 of the range, full compute and with a general schedule."""
 
 from __future__ import annotations
 
@@ -16,6 +18,11 @@ from l2c_export.runtime.pipeline import L2CPipeline
 
 from .conftest import run_cli
 from .diffusers_pipelines import FLUX_CONFIG, SD3_CONFIG
+from .test_qwenimage import IMAGE_SIZE as QWEN_IMAGE_SIZE
+from .test_qwenimage import STEPS as QWEN_STEPS
+from .test_qwenimage import qwen_build  # noqa: F401 - the module's build of the tiny Qwen-Image, over a schedule
+from .test_sana import STEPS as SANA_STEPS
+from .test_sana import sana_build  # noqa: F401 - the module's build of the tiny Sana, over a schedule
 from .test_triton import _close_to, _f32, _typed_inputs, running_server, triton_env  # noqa: F401
 
 STEPS = 4
@@ -46,10 +53,30 @@ def builds(tiny_diffusers, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(builds, triton_env, tmp_path_factory):  # noqa: F811 - triton_env is test_triton's fixture
+def flow_builds(sana_build, qwen_build, tiny_diffusers, tmp_path_factory) -> dict:  # noqa: F811
+    """Sana and Qwen-Image: family -> (request: noise (2, ...) and conditioning by argument name, as test_sana.py and
+    test_qwenimage.py save them beside their builds; model name -> build): ``sana`` / ``qwen``, those modules'
+    builds over a general schedule (12 steps), and ``sana-full`` / ``qwen-full``, builds of the same folders
+    computing every sub-layer at every call."""
+    _, sana_engines, sana_work, _ = sana_build
+    qwen_root = qwen_build[0]
+    root = tmp_path_factory.mktemp("flow-builds")
+    out = {}
+    for family, engines, work, options in (
+            ("sana", sana_engines, sana_work, ["--steps", str(SANA_STEPS)]),
+            ("qwen", qwen_root / "E", qwen_root, ["--steps", str(QWEN_STEPS), "--image-size", str(QWEN_IMAGE_SIZE)])):
+        run_cli("build", "--diffusers", str(tiny_diffusers(family, "flow")), *options, "--out", str(root / family))
+        request = (np.load(work / "z.npy"), dict(np.load(work / "cond.npz")))
+        out[family] = request, {family: engines, f"{family}-full": root / family}
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(builds, flow_builds, triton_env, tmp_path_factory):  # noqa: F811 - triton_env is test_triton's fixture
     repo = tmp_path_factory.mktemp("triton-mmdit") / "repo"
-    for family in FAMILIES:
-        run_cli("triton", str(builds[family]), "--repo", str(repo), "--name", family)
+    served = {**builds, **{name: build for _, models in flow_builds.values() for name, build in models.items()}}
+    for name, build in served.items():
+        run_cli("triton", str(build), "--repo", str(repo), "--name", name)
     yield from running_server(repo, triton_env, tmp_path_factory)
 
 
@@ -77,28 +104,38 @@ def test_the_repository_declares_the_mmdit_conditioning(builds, tmp_path):
     assert flux[2][2] == list(SAMPLE["flux"])
 
 
+def _served_equals_run(server, model: str, build, arrays: dict[str, np.ndarray], noise: np.ndarray,
+                       cfg_scale: float, tmp_path) -> np.ndarray:
+    """Sends ``model`` the conditioning ``arrays`` (named and typed as the request's inputs), ``noise`` (n, ...) and
+    ``cfg_scale`` for every image; checks the served latents equal ``l2c-export run BUILD --noise z.npy --conditioning
+    cond.npz --cfg-scale S --save-latents`` to 1e-5 of the range, and the served images are those latents decoded by
+    the build's VAE decoder (scaled, shifted, unpacked); returns the served latents."""
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+    try:
+        inputs = _typed_inputs(httpclient, **arrays, noise=noise, cfg_scale=_f32(np.full((len(noise), 1), cfg_scale)))
+        answer = client.infer(model, inputs)
+    finally:
+        client.close()
+    served = answer.as_numpy("samples")
+    np.savez(tmp_path / "cond.npz", **arrays)
+    np.save(tmp_path / "z.npy", noise)
+    run_cli("run", str(build), "--noise", str(tmp_path / "z.npy"), "--conditioning", str(tmp_path / "cond.npz"),
+            "--cfg-scale", str(cfg_scale), "--save-latents", str(tmp_path / "out.npy"))
+    want = np.load(tmp_path / "out.npy")
+    assert served.shape == want.shape == noise.shape
+    _close_to(served, want)
+    decoded = to_uint8(L2CPipeline.from_engine_dir(build).decoder(want))
+    assert np.abs(answer.as_numpy("images").astype(int) - decoded.astype(int)).max() <= 1
+    return served
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mmdit_served_equals_the_run_cli(server, builds, family, tmp_path):
     """SD3 guided with its negatives, FLUX.1 with its guidance embedding: the server's latents equal
     ``l2c-export run --conditioning cond.npz --cfg-scale 3`` on the same latents to 1e-5 of the range, and its images
     are theirs decoded by the build's VAE decoder."""
     arrays, noise = _request(family, 2, 6, seed=1)
-    client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
-    try:
-        inputs = _typed_inputs(httpclient, **arrays, noise=noise, cfg_scale=_f32(np.full((2, 1), CFG_SCALE)))
-        answer = client.infer(family, inputs)
-    finally:
-        client.close()
-    served = answer.as_numpy("samples")
-    np.savez(tmp_path / "cond.npz", **arrays)
-    np.save(tmp_path / "z.npy", noise)
-    run_cli("run", str(builds[family]), "--noise", str(tmp_path / "z.npy"), "--conditioning", str(tmp_path / "cond.npz"),
-            "--cfg-scale", str(CFG_SCALE), "--save-latents", str(tmp_path / "out.npy"))
-    want = np.load(tmp_path / "out.npy")
-    assert served.shape == want.shape == noise.shape
-    _close_to(served, want)
-    decoded = to_uint8(L2CPipeline.from_engine_dir(builds[family]).decoder(want))  # scaled, shifted, FLUX.1 unpacked
-    assert np.abs(answer.as_numpy("images").astype(int) - decoded.astype(int)).max() <= 1
+    _served_equals_run(server, family, builds[family], arrays, noise, CFG_SCALE, tmp_path)
 
 
 def test_a_flux_request_with_negatives_is_refused_and_the_server_keeps_serving(server, builds):
@@ -139,3 +176,39 @@ def test_mmdit_requests_are_batched_by_scale_and_length_in_process(builds):
                                          "prompt_embeds, pooled_prompt_embeds"):
         decode_request(L2CPipeline.from_engine_dir(builds["flux"]), noise=noise,
                        negative_prompt_embeds=arrays["prompt_embeds"], **arrays)
+
+
+def _served_conditioning(build, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` (a ``run --conditioning`` file's) as a Triton request sends them: each named as the served model's
+    input of that name, in its dtype (a 0/1 mask saved as int64 goes as FP32), read from the build's manifest."""
+    from l2c_export.core.manifest import load
+    from l2c_export.serving.sampling import served_inputs
+
+    dtypes = {name: dtype for name, dtype, _, _ in served_inputs(load(build, verify_files=False))}
+    assert set(arrays) <= set(dtypes), (sorted(arrays), sorted(dtypes))
+    return {name: array.astype(dtypes[name]) for name, array in arrays.items()}
+
+
+@pytest.mark.parametrize("family", ("sana", "qwen"))
+def test_sana_and_qwen_image_served_equal_the_run_cli_full_and_scheduled(server, flow_builds, family, tmp_path):
+    """Sana (prompts and negatives of 5 tokens, padded masks; latents (2, 4, 8, 8)) and Qwen-Image (a prompt of 7
+    tokens and a negative prompt of 4, padded masks, true CFG; packed latents (2, 16, 16)): the latents the server
+    answers equal ``l2c-export run --noise z.npy --conditioning cond.npz --cfg-scale S --save-latents`` on the same
+    build, to 1e-5 of the range, guided (3) on the build over a general schedule and on the full-compute build, and
+    unguided (1, no negatives sent) on the scheduled one; the images are the latents decoded by the build's VAE
+    decoder (DC-AE; Qwen-Image's, unpacked)."""
+    (noise, conditioning), models = flow_builds[family]
+    positives = {name: array for name, array in conditioning.items() if not name.startswith("negative_")}
+    assert len(positives) == 2 and len(conditioning) == 4  # embeddings and mask, and their negative partners
+    lengths = conditioning["prompt_embeds"].shape[1], conditioning["negative_prompt_embeds"].shape[1]
+    assert lengths == {"sana": (5, 5), "qwen": (7, 4)}[family]
+    results = {}
+    for model, cfg_scale, arrays in ((family, CFG_SCALE, conditioning), (f"{family}-full", CFG_SCALE, conditioning),
+                                     (family, 1.0, positives)):
+        request = _served_conditioning(models[model], arrays)
+        results[model, cfg_scale] = _served_equals_run(server, model, models[model], request, noise, cfg_scale,
+                                                       tmp_path)
+    guided = results[family, CFG_SCALE]
+    span = float(guided.max() - guided.min())
+    assert np.abs(guided - results[f"{family}-full", CFG_SCALE]).max() > 1e-4 * span  # the schedule reused
+    assert np.abs(guided - results[family, 1.0]).max() > 1e-3 * span  # the negatives and the scale were used
