@@ -219,6 +219,91 @@ def flux_text_encoders() -> dict:
                 tokenizer_2=tokenizer_2)
 
 
+# The tiny LLM tokenizers' words: the words of the text their pipeline puts the prompt in (Sana's
+# complex_human_instruction, Qwen-Image's chat template) and of the tests' prompts, each merged from its letters by BPE
+# (a word after a space as one more merge); anything else a letter (or a byte) at a time.
+LLM_PROMPT_WORDS = (*CLIP_WORDS, "number", "eight", "nine")
+
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[A-Za-z]+", text)
+
+
+def _word_merges(words, space: str, vocab: dict) -> list[tuple[str, str]]:
+    """BPE merges that build each of ``words`` from its letters, longest words first, then ``space`` + the word;
+    each merged piece added to ``vocab``."""
+    words = sorted(dict.fromkeys(words), key=lambda word: (-len(word), word))
+    merges = []
+    for word in words:
+        pieces = list(word)
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    for word in words:
+        merges.append((space, word))
+        vocab.setdefault(space + word, len(vocab))
+    return list(dict.fromkeys(merges))
+
+
+def sana_instruction() -> str:
+    """``SanaPipeline``'s default ``complex_human_instruction``, its lines joined as the pipeline joins them."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    return "\n".join(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
+
+
+def tiny_gemma2(hidden_size: int = CAPTION_CHANNELS):
+    """(tokenizer, encoder): transformers' ``GemmaTokenizer`` (Gemma's BPE with byte fallback, spaces as "▁", <bos>
+    added) over letters, digits, byte tokens and merges for Sana's instruction and the prompts' words, and a tiny
+    random ``Gemma2Model`` ``hidden_size`` wide (the tiny Sana's caption_channels), its sliding window 16 tokens (so
+    that the instruction's length crosses it)."""
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    vocab.update({f"<0x{byte:02X}>": 5 + byte for byte in range(256)})
+    for symbol in "\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.:'-!>":
+        vocab.setdefault(symbol, len(vocab))
+    merges = _word_merges(_words(sana_instruction()) + list(LLM_PROMPT_WORDS), "\u2581", vocab)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=6,
+                          sliding_window=16, max_position_embeddings=1024, query_pre_attn_scalar=6, pad_token_id=0,
+                          eos_token_id=1, bos_token_id=2)
+    return tokenizer, Gemma2Model(config).eval()
+
+
+def tiny_qwen2_5_vl(hidden_size: int = 12):
+    """(tokenizer, encoder): transformers' ``Qwen2Tokenizer`` (byte-level BPE) over the 256 byte symbols and merges
+    for Qwen-Image's chat template and the prompts' words, <|im_start|> and <|im_end|> special, and a tiny random
+    ``Qwen2_5_VLForConditionalGeneration`` (text ``hidden_size`` wide: the tiny Qwen-Image's joint_attention_dim;
+    multimodal rotary sections 1 + 1 + 1 of its head's 3 frequencies; a one-block vision tower the prompts never
+    reach), its text config nested as transformers 5 saves it."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    from l2c_export.models.diffusers.qwenimage import PROMPT_TEMPLATE
+
+    vocab = {"<|endoftext|>": 0}
+    for symbol in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(symbol, len(vocab))
+    merges = _word_merges(_words(PROMPT_TEMPLATE) + list(LLM_PROMPT_WORDS), "\u0120", vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                bos_token_id=0, eos_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 1]})
+    vision = dict(depth=1, hidden_size=8, intermediate_size=8, num_heads=2, out_hidden_size=hidden_size,
+                  patch_size=2, temporal_patch_size=1, spatial_merge_size=1, window_size=4, fullatt_block_indexes=[0])
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    return tokenizer, encoder.eval()
+
+
 def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     """A tiny random ``DiTPipeline`` (``family`` "dit"), ``PixArtAlphaPipeline`` ("pixart": without text encoder;
     "pixart-t5": with :func:`tiny_t5`; "pixart-t5-words": with its word-level tokenizer), ``StableDiffusion3Pipeline``
@@ -226,17 +311,18 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     :func:`flux_text_encoders`; these with scheduler "flow", without text encoders unless "-text"; their VAEs with
     SD3's and FLUX.1's scaling and shift factors), fp32, eval. The VAE has one level, so pixels are latents
     (vae_scale_factor 1). ``SanaPipeline`` ("sana"; "sana15" with Sana 1.5's qk norms): scheduler "flow" is Sana's
-    DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder;
-    ``QwenImagePipeline`` ("qwen"), no text encoder."""
+    DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder ("sana-text":
+    :func:`tiny_gemma2`); ``QwenImagePipeline`` ("qwen"), no text encoder ("qwen-text": :func:`tiny_qwen2_5_vl`)."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
 
     torch.manual_seed(seed)
-    if family in ("sana", "sana15"):
-        pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=tiny_dc_ae(),
-                            transformer=SanaTransformer2DModel(**(SANA_CONFIG if family == "sana" else SANA15_CONFIG)),
-                            scheduler=_scheduler("flow", family))
+    if family in ("sana", "sana15", "sana-text"):
+        tokenizer, text_encoder = tiny_gemma2() if family == "sana-text" else (None, None)
+        config = SANA15_CONFIG if family == "sana15" else SANA_CONFIG
+        pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_dc_ae(),
+                            transformer=SanaTransformer2DModel(**config), scheduler=_scheduler("flow", family))
     elif family in ("sd3", "sd35", "sd3-text"):
         encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
         if family == "sd3-text":
@@ -251,11 +337,14 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
             encoders = flux_text_encoders()
         pipe = FluxPipeline(transformer=FluxTransformer2DModel(**FLUX_CONFIG), vae=tiny_vae(**VAE_FACTORS["flux"]),
                             scheduler=_scheduler("flow", "flux"), **encoders)
-    elif family == "qwen":
+    elif family in ("qwen", "qwen-text"):
         from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
+        tokenizer, text_encoder = tiny_qwen2_5_vl(QWEN_CONFIG["joint_attention_dim"]) if family == "qwen-text" \
+            else (None, None)
         pipe = QwenImagePipeline(transformer=QwenImageTransformer2DModel(**QWEN_CONFIG), vae=tiny_qwen_vae(),
-                                 scheduler=_scheduler("flow", family), text_encoder=None, tokenizer=None)
+                                 scheduler=_scheduler("flow", "qwen"), text_encoder=text_encoder,
+                                 tokenizer=tokenizer)
     elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))

@@ -304,7 +304,8 @@ def test_a_clip_tokenizer_of_vocab_and_merges_alone_is_written_as_transformers_m
     spec = from_diffusers(folder, max_sequence_length=MAX_SEQUENCE_LENGTH)
     check_components(spec)
     record = export_component("tokenizer_2", folder / "tokenizer_2", spec, tmp_path)
-    assert record == {"pad_token": "!", "pad_id": load_pipeline(folder).tokenizer_2.pad_token_id}
+    assert record == {"pad_token": "!", "pad_id": load_pipeline(folder).tokenizer_2.pad_token_id,
+                      "padding_side": "right"}
     backend = Tokenizer.from_file(str(tmp_path / "tokenizer_2.json"))
     backend.enable_truncation(max_length=CLIP_TOKENS)
     backend.enable_padding(pad_id=record["pad_id"], pad_token=record["pad_token"], length=CLIP_TOKENS)

@@ -73,14 +73,14 @@ def test_a_sana_folder_reads_with_its_named_sublayers_sampler_and_macs(tiny_diff
     assert macs.per_sublayer[0] == linear + projections
 
 
-def test_the_dc_ae_is_estimated_by_its_own_class_and_a_gemma_encoder_is_declared_but_left_unread(tiny_diffusers,
-                                                                                                 tmp_path):
+def test_the_dc_ae_is_estimated_by_its_own_class_and_a_named_gemma_encoder_must_be_there(tiny_diffusers, tmp_path):
     """The declared VAE kind (dc_ae) drives the memory estimate: AutoencoderDC's real parameter count,
-    blamed on its decoder levels; a folder naming Sana's Gemma-2 text encoder reads (the declared stack's templated
-    hidden states are not carried: the build takes embeddings) with no text encoder found."""
+    blamed on its decoder levels; a folder whose model_index.json names Sana's Gemma-2 text encoder and tokenizer is
+    read for them (they are carried), so one without their folders is refused naming the missing config."""
     from diffusers import AutoencoderDC
 
     from l2c_export.builder.memory import build_parts
+    from l2c_export.models.diffusers import DiffusersFolderError
     from l2c_export.models.zoo import from_diffusers
 
     folder = shutil.copytree(tiny_diffusers("sana", "flow"), tmp_path / "sana")
@@ -91,8 +91,8 @@ def test_the_dc_ae_is_estimated_by_its_own_class_and_a_gemma_encoder_is_declared
     index = json.loads((folder / "model_index.json").read_text())
     index.update(text_encoder=["transformers", "Gemma2Model"], tokenizer=["transformers", "GemmaTokenizerFast"])
     (folder / "model_index.json").write_text(json.dumps(index))
-    found = read_folder(folder)
-    assert found.components.text_encoders == () and found.components.vae_class == "AutoencoderDC"
+    with pytest.raises(DiffusersFolderError, match="text_encoder/config.json"):
+        read_folder(folder)
 
 
 @pytest.mark.parametrize("family", ("sana", "sana15"))

@@ -14,7 +14,8 @@ it (``<name>.weights``), both recorded in the manifest's ``components`` with the
   (:mod:`l2c_export.models.diffusers.text_encoders`), named by its folder part: ``input_ids`` (N, L) int64 (and
   ``attention_mask`` (N, L) int64 where the stack feeds it: PixArt) -> the outputs the stack reads, float32:
   ``last_hidden_state`` (N, L, D) (T5, L dynamic), ``penultimate_hidden_state`` (N, 77, D) and ``pooled`` (N, P)
-  (CLIP, 77 tokens: the pipelines' ``tokenizer_max_length``);
+  (CLIP, 77 tokens: the pipelines' ``tokenizer_max_length``); the decoder LLMs (Sana's Gemma-2, Qwen-Image's
+  Qwen2.5-VL language model) take the mask and give ``last_hidden_state`` (N, L, D), L dynamic, eager attention;
 - ``tokenizer``, ``tokenizer_2``, ...: ``<name>.json`` for the ``tokenizers`` library, with the pad token the
   runtime pads with;
 - ``prompt_encoding``: no files: the stack's record (:meth:`~l2c_export.models.diffusers.text_encoders.
@@ -135,17 +136,23 @@ def _export_vae_decoder(source: Path, spec, staging: Path) -> dict:
 
 def _export_text_encoder(found, spec, staging: Path) -> dict:
     """One encoder of the stack as a graph of the outputs the stack reads (:data:`~l2c_export.models.diffusers.
-    text_encoders.ENCODER_KINDS`): T5 over a dynamic token axis (``prompt_tokens``), CLIP over its
-    ``tokenizer_max_length`` tokens, fed ``attention_mask`` only where the stack says (PixArt)."""
+    text_encoders.ENCODER_KINDS`): T5 and the decoder LLMs over a dynamic token axis (``prompt_tokens``), CLIP
+    over its ``tokenizer_max_length`` tokens, fed ``attention_mask`` only where the stack says (PixArt, the LLMs);
+    a kind's ``module`` (Qwen2.5-VL's language model) is the part exported."""
     import torch
 
     from ..core.extras import import_extra
-    from ..models.diffusers.text_encoders import TOKENIZER_MAX_LENGTH, encoder_outputs
+    from ..models.diffusers.text_encoders import ENCODER_KINDS, TOKENIZER_MAX_LENGTH, encoder_outputs
 
     declared = found.spec
+    kind = ENCODER_KINDS[declared.kind]
     architecture = found.config["architectures"][0]
     module = getattr(import_extra("transformers", "exporting the text encoders"), architecture)
-    encoder = module.from_pretrained(str(found.encoder), use_safetensors=True, local_files_only=True).float().eval()
+    options = {"attn_implementation": "eager"} if kind.eager else {}
+    encoder = module.from_pretrained(str(found.encoder), use_safetensors=True, local_files_only=True,
+                                     **options).float().eval()
+    if kind.module is not None:
+        encoder = encoder.get_submodule(kind.module)
     outputs = declared.outputs
     hidden = "penultimate_hidden_state" in outputs
 
@@ -224,12 +231,14 @@ def check_components(spec) -> None:
 
 def _write_tokenizer(found, staging: Path) -> dict:
     """The tokenizer as :func:`_load_tokenizer` loads it, truncation and padding cleared (the runtime sets them per
-    request), and its pad token."""
+    request), its pad token and the side the pipeline pads on: the declaration's where its pipeline sets one (Sana's
+    right), else the tokenizer's own ``padding_side`` (GemmaTokenizer's default is left)."""
     tokenizer, backend = _load_tokenizer(found)
     backend.no_truncation()
     backend.no_padding()
     (staging / component_files(found.spec.tokenizer)[0]).write_text(backend.to_str())
-    return {"pad_token": str(tokenizer.pad_token), "pad_id": int(tokenizer.pad_token_id)}
+    return {"pad_token": str(tokenizer.pad_token), "pad_id": int(tokenizer.pad_token_id),
+            "padding_side": found.spec.padding_side or str(tokenizer.padding_side)}
 
 
 def component_record(name: str, record: dict, staging: Path, keys: dict[str, str]) -> dict:
@@ -246,7 +255,7 @@ def _made_for(name: str, spec) -> dict:
         return {"latents": list(spec.family.vae_latents(spec.config)), "latent_layout": spec.family.latent_layout}
     encoder = _text_encoders(spec)[name]
     if name != encoder.spec.part:
-        return {}
+        return {"padding_side": encoder.spec.padding_side}
     return {"declared": vars(encoder.spec), "tokenizer_max_length": spec.components.tokenizer_max_length}
 
 
@@ -274,5 +283,17 @@ def build_components(spec, staging: Path, key_of: Callable[[str, dict], str],
         from ..models.diffusers.text_encoders import DEFAULT_TOKENIZER_MAX_LENGTH
 
         components[PROMPT_ENCODING] = spec.family.declaration.text_encoders.record(
-            spec.max_sequence_length, spec.components.tokenizer_max_length or DEFAULT_TOKENIZER_MAX_LENGTH)
+            spec.max_sequence_length, spec.components.tokenizer_max_length or DEFAULT_TOKENIZER_MAX_LENGTH,
+            template_tokens(spec))
     return components
+
+
+def template_tokens(spec) -> dict[str, int]:
+    """Each templated encoder's template's own tokens (its text without the prompt, special tokens included), by
+    part, counted by the pipeline's tokenizer (Sana's ``num_chi_prompt_tokens``)."""
+    counts = {}
+    for found in spec.components.text_encoders:
+        if found.spec.template is not None:
+            tokenizer, _ = _load_tokenizer(found)
+            counts[found.spec.part] = len(tokenizer.encode(found.spec.template.replace("{}", "")))
+    return counts

@@ -524,6 +524,12 @@ def _check_prompt_encoding(components: dict, by_argument: dict, max_tokens: int 
         if got != [(input_name, "int64", 2) for input_name in expected]:
             raise ManifestError(f"{where}: field 'components/{name}/inputs' is {got}; expected {expected}, int64 "
                                 f"(batch, tokens)")
+        longest = entry.get("template_max_length", entry["max_length"])
+        if entry.get("selection") == "first_and_last" and not \
+                entry["selection_count"] <= entry["max_length"] <= longest:
+            raise ManifestError(f"{where}: field 'components/prompt_encoding/encoders' entry {name!r} keeps the first "
+                                f"{entry['selection_count']} and the last of {entry['max_length']} tokens; expected "
+                                f"selection_count <= max_length <= template_max_length")
         for output in encoder["outputs"]:
             widths[f"{name}/{output['name']}"] = output["shape"][-1]
             length = output["shape"][1] if len(output["shape"]) == 3 else None

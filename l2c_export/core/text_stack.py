@@ -10,6 +10,10 @@ t5], -2)``, is ``[["text_encoder/penultimate_hidden_state", "text_encoder_2/penu
 ["text_encoder_3/last_hidden_state"]]`` and its pooled_prompt_embeds ``[["text_encoder/pooled",
 "text_encoder_2/pooled"]]``. A pooled (N, P) piece has no token axis: an
 array of pooled pieces, one group, is (N, P).
+
+Before that, a decoder LLM's hidden states are cut to the tokens its pipeline keeps (:data:`SELECTIONS`,
+:func:`select_tokens`): Sana's first token and last ``max_sequence_length - 1``; Qwen-Image's each prompt's own tokens
+after its template's first 34, re-padded to the batch's longest.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ ATTENTION_MASK = "attention_mask"  # the piece that is a tokenizer's mask (N, L)
 # How prompts are rewritten before any tokenizer sees them: as they are (SD3, FLUX.1), or PixArt's
 # ``_text_preprocessing(clean_caption=False)``: lower-cased and stripped.
 PREPROCESSING = ("none", "lower_strip")
+
+# Which encoder tokens a pipeline keeps (the hidden states' and the mask's token axis alike): "all" as tokenized (T5,
+# CLIP); "first_and_last": the first ``count`` tokens and the last ``max_length - count`` (SanaPipeline.encode_prompt's
+# select_index, count 1); "mask_rows": each row's tokens under its mask after its first ``count``, zero-padded under
+# mask 0 to the batch's longest and at most ``max_length`` (QwenImagePipeline's _extract_masked_hidden, drop_idx 34,
+# and encode_prompt's cut to max_sequence_length).
+SELECTIONS = ("all", "first_and_last", "mask_rows")
 
 Groups = Sequence[Sequence[str]]
 
@@ -58,3 +69,26 @@ def combine(groups: Groups, values: Mapping[str, np.ndarray]) -> np.ndarray:
         width = made[-1].shape[-1]
         made = [np.pad(m, ((0, 0), (0, 0), (0, width - m.shape[-1]))) for m in made]
     return np.concatenate(made, axis=1).astype(np.float32)
+
+
+def select_tokens(values: Mapping[str, np.ndarray], mask: np.ndarray, selection: str, count: int,
+                  max_length: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The tokens a pipeline keeps (:data:`SELECTIONS`) of an encoder's outputs with a token axis ``values`` (name ->
+    (n, L, D)) and of its tokenizer's ``mask`` (n, L), 1 on tokens: (the outputs (n, L', D), the mask (n, L'))."""
+    if selection == "all":
+        return dict(values), mask
+    if selection == "first_and_last":
+        index = np.r_[np.arange(count), np.arange(mask.shape[1] - (max_length - count), mask.shape[1])]
+        return {name: value[:, index] for name, value in values.items()}, mask[:, index]
+    rows = [np.flatnonzero(row)[count:count + max_length] for row in mask]
+    length = max(len(row) for row in rows)
+    kept = np.zeros((len(rows), length), dtype=mask.dtype)
+    selected = {}
+    for name, value in values.items():
+        out = np.zeros((len(rows), length, value.shape[-1]), dtype=value.dtype)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = value[i, row]
+        selected[name] = out
+    for i, row in enumerate(rows):
+        kept[i, :len(row)] = 1
+    return selected, kept

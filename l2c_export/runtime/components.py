@@ -2,10 +2,10 @@
 no torch or transformers): prompts to prompt embeddings, latents to images.
 
 :class:`PromptEncoder` turns prompts into the pipelines' conditioning arrays as their ``encode_prompt`` makes them
-(diffusers 0.42: PixArt's T5 with ``clean_caption=False``, SD3's CLIP-L + CLIP-G + T5, FLUX.1's CLIP-L + T5), from the
-manifest's ``components/prompt_encoding`` alone; :class:`ImageDecoder` decodes latents with the VAE decoder graph
-as the pipelines do before ``image_processor.postprocess`` (scaled, shifted, FLUX.1's unpacked by
-:func:`l2c_export.core.latents.unpack_latents`).
+(diffusers 0.42: PixArt's T5 with ``clean_caption=False``, SD3's CLIP-L + CLIP-G + T5, FLUX.1's CLIP-L + T5, Sana's
+Gemma-2 and Qwen-Image's Qwen2.5-VL after their templates), from the manifest's ``components/prompt_encoding``
+alone; :class:`ImageDecoder` decodes latents with the VAE decoder graph as the pipelines do before
+``image_processor.postprocess`` (scaled, shifted, FLUX.1's unpacked by :func:`l2c_export.core.latents.unpack_latents`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from ..core import manifest as manifest_io
 from ..core.interface import PACKED_2X2, conditioning_records
 from ..core.latents import unpack_latents
-from ..core.text_stack import ATTENTION_MASK, combine, preprocess
+from ..core.text_stack import ATTENTION_MASK, combine, preprocess, select_tokens
 from ..core.util import short_repr
 
 
@@ -100,41 +100,64 @@ def _component_session(folder: Path, manifest: dict, name: str, providers: Seque
 class StackEncoder:
     """One encoder of a build's text-encoder stack (an entry of ``components/prompt_encoding/encoders``): its
     tokenizer, read with the ``tokenizers`` library and set as transformers calls it for the pipelines
-    (``padding="max_length", truncation=True``: right side, longest first, special tokens added, to the entry's
-    ``max_length``), and its graph, fed the ids (and the mask where the entry is ``masked``: PixArt; else the
-    padding is attended to, as SD3's and FLUX.1's pipelines call their encoders)."""
+    (``padding="max_length", truncation=True``: on the tokenizer record's ``padding_side`` (right where it has none),
+    longest first, special tokens added, to the entry's ``max_length``), and its graph, fed the ids (and the mask
+    where the entry is ``masked``: PixArt, the decoder LLMs; else the padding is attended to, as SD3's and FLUX.1's
+    pipelines call their encoders).
+
+    Where the entry has a ``template``, a prompt is put in it first (the negative prompt only where
+    ``template_negative``) and truncated and padded to ``template_max_length``; of the graph's token outputs and
+    the mask the entry's ``selection`` is kept (:func:`l2c_export.core.text_stack.select_tokens`)."""
 
     def __init__(self, manifest: dict, folder: Path, entry: dict, providers: Sequence):
         from tokenizers import Tokenizer
 
         self.name, self.max_length = entry["encoder"], entry["max_length"]
-        record = manifest["components"][entry["tokenizer"]]
+        self.template = entry.get("template")
+        self.template_negative = entry.get("template_negative", True)
+        self.template_max_length = entry.get("template_max_length", self.max_length)
+        self.selection, self.selection_count = entry.get("selection", "all"), entry.get("selection_count", 0)
+        self._pad = manifest["components"][entry["tokenizer"]]
         path = _component_path(folder, manifest, entry["tokenizer"], "file")
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises its own Exception on a bad file
             raise manifest_io.ManifestError(f"{path}: not a tokenizers library file ({error})") from None
-        self.tokenizer.enable_truncation(max_length=self.max_length)
-        self.tokenizer.enable_padding(direction="right", pad_id=record["pad_id"], pad_token=record["pad_token"],
-                                      length=self.max_length)
         self.session = _component_session(folder, manifest, self.name, providers)
         self._inputs = [t["name"] for t in manifest["components"][self.name]["inputs"]]
         self._outputs = [t["name"] for t in manifest["components"][self.name]["outputs"]]
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Texts (checked and preprocessed) -> input_ids (n, max_length) int64 and attention_mask (n, max_length)
-        int64, 1 on tokens."""
+    def tokenize(self, texts: Sequence[str], negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Texts (checked and preprocessed; ``negative``: negative prompts) -> input_ids (n, length) int64 and
+        attention_mask (n, length) int64, 1 on tokens; length ``max_length``, or ``template_max_length`` where the
+        texts are put in the template."""
+        length = self.max_length
+        if self.template is not None and (self.template_negative or not negative):
+            prefix, suffix = self.template.split("{}")
+            texts, length = [prefix + text + suffix for text in texts], self.template_max_length
+        self.tokenizer.enable_truncation(max_length=length)
+        self.tokenizer.enable_padding(direction=self._pad.get("padding_side", "right"), pad_id=self._pad["pad_id"],
+                                      pad_token=self._pad["pad_token"], length=length)
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
         return (np.array([e.ids for e in encodings], dtype=np.int64),
                 np.array([e.attention_mask for e in encodings], dtype=np.int64))
 
-    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Texts -> ``"<encoder>/<output>"`` -> each graph output, and ``"<encoder>/attention_mask"`` -> the mask."""
-        ids, mask = self.tokenize(texts)
+    def encode(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's outputs by name (float32) for input_ids and attention_mask (n, L) int64 (the mask fed only
+        where the graph takes it)."""
         feeds = {"input_ids": ids, "attention_mask": mask}
         values = self.session.run(None, {name: feeds[name] for name in self._inputs})
-        pieces = {f"{self.name}/{name}": np.asarray(value, dtype=np.float32)
-                  for name, value in zip(self._outputs, values)}
+        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self._outputs, values)}
+
+    def __call__(self, texts: Sequence[str], negative: bool = False) -> dict[str, np.ndarray]:
+        """Texts -> ``"<encoder>/<output>"`` -> each graph output, and ``"<encoder>/attention_mask"`` -> the mask,
+        the tokens the selection keeps."""
+        ids, mask = self.tokenize(texts, negative)
+        outputs = self.encode(ids, mask)
+        tokens, mask = select_tokens({name: value for name, value in outputs.items() if value.ndim == 3}, mask,
+                                     self.selection, self.selection_count, self.max_length)
+        outputs.update(tokens)
+        pieces = {f"{self.name}/{name}": value for name, value in outputs.items()}
         pieces[f"{self.name}/{ATTENTION_MASK}"] = mask.astype(np.float32)
         return pieces
 
@@ -149,8 +172,9 @@ class PromptEncoder:
     Written by hand because the pipelines' own ``encode_prompt`` needs torch and transformers; it mirrors diffusers
     0.42's ``PixArtAlphaPipeline.encode_prompt`` (``clean_caption=False``; ``PixArtSigmaPipeline``'s is the same),
     ``StableDiffusion3Pipeline.encode_prompt`` (``prompt_2``, ``prompt_3`` and their negatives the prompt's, no
-    ``clip_skip``) and ``FluxPipeline.encode_prompt``; the negative prompt ("" by default) is encoded the same way,
-    one per prompt.
+    ``clip_skip``), ``FluxPipeline.encode_prompt``, ``SanaPipeline.encode_prompt`` (its default
+    ``complex_human_instruction``, ``clean_caption=False``) and ``QwenImagePipeline.encode_prompt``; the negative
+    prompt ("" by default) is encoded the same way, one per prompt, out of the template where the entry says so.
     """
 
     def __init__(self, manifest: dict, folder: Path, providers: Sequence = ("CPUExecutionProvider",)):
@@ -160,32 +184,49 @@ class PromptEncoder:
         self.arrays = record["arrays"]
         # each array's negative partner, as the model's conditioning inputs name it (where guidance runs one)
         self.negatives = {r["argument"]: r.get("negative") for r in conditioning_records(manifest["model"]["inputs"])}
+        self.negative_prompt_required = record.get("negative_prompt_required", False)
         self.encoders = [StackEncoder(manifest, folder, entry, providers) for entry in record["encoders"]]
 
-    def tokenize(self, prompts: Sequence[str], encoder: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts (already checked) -> encoder ``encoder``'s input_ids and attention_mask (n, its max_length)."""
-        return self.encoders[encoder].tokenize([preprocess(prompt, self.preprocessing) for prompt in prompts])
+    def tokenize(self, prompts: Sequence[str], encoder: int = 0,
+                 negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts (already checked) -> encoder ``encoder``'s input_ids and attention_mask (n, its length)."""
+        return self.encoders[encoder].tokenize([preprocess(prompt, self.preprocessing) for prompt in prompts],
+                                               negative)
 
-    def embed(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Prompts (already checked) -> the arrays by name (without negatives)."""
+    def embed(self, prompts: Sequence[str], negative: bool = False) -> dict[str, np.ndarray]:
+        """Prompts (already checked; ``negative``: negative prompts, which an encoder's template may leave out) ->
+        the arrays by name (without negatives)."""
         texts = [preprocess(prompt, self.preprocessing) for prompt in prompts]
         pieces = {}
         for encoder in self.encoders:
-            pieces.update(encoder(texts))
+            pieces.update(encoder(texts, negative))
         return {name: combine(groups, pieces) for name, groups in self.arrays.items()}
 
-    def __call__(self, prompts: Sequence, negative_prompt="", guiding: bool = True,
-                 where: str = "prompt") -> dict[str, np.ndarray]:
+    def negative_prompts(self, negative_prompt, count: int, names: Mapping[str, str] | None = None) -> list[str]:
+        """``negative_prompt`` (None: not given; one text for every prompt, or one per prompt) as ``count`` checked
+        texts: "" where not given, unless the record says the pipeline guides only against a negative prompt it is
+        given, when that is refused naming it (``names``: how messages call the arguments)."""
+        from .conditioning import ARGUMENT_NAMES
+
+        name = names or ARGUMENT_NAMES
+        if negative_prompt is None and self.negative_prompt_required:
+            raise PromptError(f"{name['negative_prompt']} is missing: this model's pipeline guides only against a "
+                              f"negative prompt (it runs unguided without one); give {name['negative_prompt']}, or "
+                              f"{name['cfg_scale']} 1")
+        return negative_prompts("" if negative_prompt is None else negative_prompt, count)
+
+    def __call__(self, prompts: Sequence, negative_prompt=None, guiding: bool = True,
+                 where: str = "prompt", names: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         """The conditioning arrays by the pipelines' argument names. ``negative_prompt``: one text for every prompt,
-        or one per prompt; used only when ``guiding``."""
+        or one per prompt, None for the default (:meth:`negative_prompts`); used only when ``guiding``."""
         if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
             raise PromptError(f"{where}: expected a list of one or more prompts")
         prompts = [check_prompt(text, f"{where} {i + 1}" if len(prompts) > 1 else where)
                    for i, text in enumerate(prompts)]
         arrays = self.embed(prompts)
         if guiding:
-            negatives = negative_prompts(negative_prompt, len(prompts))
-            arrays.update({self.negatives[name]: value for name, value in self.embed(negatives).items()
+            negatives = self.negative_prompts(negative_prompt, len(prompts), names)
+            arrays.update({self.negatives[name]: value for name, value in self.embed(negatives, True).items()
                            if self.negatives.get(name)})
         return arrays
 

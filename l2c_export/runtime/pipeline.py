@@ -34,8 +34,7 @@ from ..samplers.conditioning import ARGUMENT_NAMES
 from ..samplers.guidance import InitialNoiseRows, NoiseRows, apply_guidance, make_noise
 from ..samplers.torch_noise import generator_seed
 from .backends import Backend, load_backend
-from .components import (ImageDecoder, PromptEncoder, PromptError, check_prompt, negative_prompts,
-                         refuse_unused_negative_prompt)
+from .components import ImageDecoder, PromptEncoder, PromptError, check_prompt, refuse_unused_negative_prompt
 
 
 @dataclass(frozen=True)
@@ -379,7 +378,7 @@ class L2CPipeline:
             if negative_prompt is not None and not guiding:
                 refuse_unused_negative_prompt(guiding, True, False, names)
             if guiding:
-                negatives = negative_prompts("" if negative_prompt is None else negative_prompt, len(prompts))
+                negatives = self.prompt_encoder.negative_prompts(negative_prompt, len(prompts), names)
             n, where, what = len(prompts), "prompt", "prompts"
         else:
             if negative_prompt is not None:

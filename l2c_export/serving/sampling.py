@@ -15,8 +15,10 @@ labels                 (1,) int64    label models: class label, 0 .. num_classes
 prompt                 (1,) bytes    text models whose build has text encoders and tokenizers: the prompt, UTF-8,
                                      not empty (encoded as ``run --prompt`` encodes it, truncated to the model's
                                      max_sequence_length); such a build takes no embeddings
-negative_prompt        (1,) bytes    optional, with ``prompt``: the unconditional half's text (default ""); not
-                                     served where the guidance rule runs no unconditional half (FLUX.1)
+negative_prompt        (1,) bytes    optional, with ``prompt``: the unconditional half's text (default "", or
+                                     needed when guiding where the build's record says the pipeline guides only
+                                     against one); not served where the guidance rule runs no
+                                     unconditional half (FLUX.1)
 (a conditioning array) per its kind  the other models, by kind (:mod:`l2c_export.core.interface`): token embeddings
                                      (L, D) f32 (L tokens, 1 .. the model's max_sequence_length), finite; a token mask
                                      (L,) f32, 1 keep / 0 padding, at least one 1; a pooled vector (P,) f32, finite
@@ -52,6 +54,9 @@ from ..samplers.guidance import check_labels, make_noise
 MAX_SEED = 2 ** 63 - 1  # int64, within what torch.Generator.manual_seed (make_noise) and numpy (step noise) take
 MAX_CFG_SCALE = 100.0  # far above any scale in use (DiT samples at 1.5-4, text-to-image pipelines at up to ~20);
 #                        a scale of 1e30 swamps the prediction (and overflows float32 in a latent model)
+# how messages call a request's parts (the runtime's names for them: l2c_export.runtime.conditioning.FLAG_NAMES)
+SERVED_NAMES = {name: f"input {name!r}" for name in ("labels", "conditioning", "cfg_scale", "prompt",
+                                                      "negative_prompt")}
 MAX_ABS_NOISE = 1000.0  # standard normal noise never comes near it (|x| > 10 has probability 1e-23)
 
 
@@ -191,8 +196,8 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
     conditioning = None
     if texts:  # encoded once for the request; the negatives whenever any image guides
         guiding = any(classifier_free_batch(pipeline.manifest, float(scale)) for scale in scales)
-        conditioning = pipeline.prompt_encoder(texts["prompt"], texts.get("negative_prompt", ""), guiding,
-                                               where="input 'prompt'")
+        conditioning = pipeline.prompt_encoder(texts["prompt"], texts.get("negative_prompt"), guiding,
+                                               where="input 'prompt'", names=SERVED_NAMES)
     elif pipeline.interface.label is None:
         # the negatives are checked whenever they are sent, and needed when any image of the request guides with a
         # classifier-free batch (a guidance-distilled model takes none)

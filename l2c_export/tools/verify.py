@@ -159,9 +159,10 @@ def _relative(got: np.ndarray, want: np.ndarray) -> float:
 def verify_components(folder: str | Path, diffusers: str | Path, tolerance: float = 1e-4,
                       seed: int = 0) -> list[SubsetCheck]:
     """The build's component graphs against the diffusers folder's own modules on the same inputs, one check each
-    (``step`` 0): the text encoder (transformers' T5) on example prompts tokenized as the runtime tokenizes them
-    (padded, one truncated), the VAE decoder (diffusers' VAE as its kind decodes, after the pipelines' scaling,
-    shift and the packed layouts' ``FluxPipeline._unpack_latents``) on seeded random latents. A component whose
+    (``step`` 0): each text encoder (transformers' own class, as the pipeline runs it) on example prompts tokenized
+    as the runtime tokenizes them (in the template where it has one; padded, one truncated), the VAE decoder
+    (diffusers' VAE as its kind decodes, after the pipelines' scaling, shift and the packed layouts'
+    ``FluxPipeline._unpack_latents``) on seeded random latents. A component whose
     folder part is not the one it was built from (``source_sha256``) is refused."""
     from ..builder.components import component_sources, source_sha256
     from ..models.zoo import from_diffusers
@@ -192,13 +193,13 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
             module = getattr(transformers, config["architectures"][0]).from_pretrained(
                 str(sources[encoder.name]), use_safetensors=True, local_files_only=True).float().eval()
             ids, mask = encoder.tokenize(texts)
-            got = encoder(texts)
+            got = encoder.encode(ids, mask)
             names = tuple(t["name"] for t in components[encoder.name]["outputs"])
             masked = "attention_mask" in [t["name"] for t in components[encoder.name]["inputs"]]
             out = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask) if masked else None,
-                         output_hidden_states="penultimate_hidden_state" in names)
+                         output_hidden_states=True)
             want = encoder_outputs(out, names)
-            checks.append(SubsetCheck(encoder.name, 0, {name: _relative(got[f"{encoder.name}/{name}"], value.numpy())
+            checks.append(SubsetCheck(encoder.name, 0, {name: _relative(got[name], value.numpy())
                                                         for name, value in zip(names, want)}, tolerance))
     if pipe.decoder is not None:
         source = Path(sources["vae_decoder"])

@@ -28,8 +28,9 @@ position, so the prompt axis stays dynamic. The timestep fed is the scheduler's 
 1000, as the pipeline does.
 
 The VAE kind is ``AutoencoderKLQwenImage`` (:meth:`QwenImageDiffusersFamily.vae_decoder`): one frame decoded, the
-per-channel ``latents_mean``/``latents_std`` applied inside the decoder graph. The Qwen2.5-VL text encoder is not
-carried: a build takes prompt embeddings.
+per-channel ``latents_mean``/``latents_std`` applied inside the decoder graph. Prompts: the Qwen2.5-VL text encoder
+(``Qwen2_5_VLForConditionalGeneration``, text only) is a graph of its language model's last hidden state, run as
+``encode_prompt`` runs it (the stack's declaration below); a folder without it builds taking prompt embeddings.
 """
 
 from __future__ import annotations
@@ -122,13 +123,15 @@ DECLARATION = Declaration(
     scheduler_classes=("FlowMatchEulerDiscreteScheduler",),
     flow_timesteps=FlowTimesteps(linspace_sigmas=True, default_max_shift=1.15),
     latent_layout=PACKED_2X2,  # QwenImagePipeline._pack_latents; unpacked before the VAE
-    # Qwen2.5-VL's hidden states after the pipeline's chat template, its 34 prefix tokens dropped: declared, not
-    # carried as a graph yet (a build takes prompt embeddings)
+    # _get_qwen_prompt_embeds: Qwen2.5-VL's hidden_states[-1] of the chat template around the prompt (the negative
+    # prompt too), each prompt's own tokens after the template's first 34, re-padded to the longest, at most
+    # max_sequence_length
     text_encoders=TextEncoderStack(
         encoders=(TextEncoder("text_encoder", "tokenizer", "qwen2_5_vl", ("last_hidden_state",), masked=True,
-                              template=PROMPT_TEMPLATE, drop_prefix_tokens=34),),
+                              template=PROMPT_TEMPLATE, selection="mask_rows", selection_count=34),),
         arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),
-                ("prompt_embeds_mask", (("text_encoder/attention_mask",),)))),
+                ("prompt_embeds_mask", (("text_encoder/attention_mask",),))),
+        negative_prompt_required=True),  # the pipeline runs true CFG only with a negative prompt
     vae=VaeKind(classes=("AutoencoderKLQwenImage",), kind="mean_std"),
     default_steps=50,  # the pipeline's num_inference_steps
     max_sequence_length={"QwenImagePipeline": MAX_SEQUENCE_LENGTH},

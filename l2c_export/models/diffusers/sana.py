@@ -8,8 +8,8 @@ latent grid); the block's adaLN-single modulation, gates and residual adds run e
 (:class:`GridPacking`). The linear attention's MACs are its own (two products of (d + 1) x d per token and head),
 not softmax attention's T^2 (:meth:`SanaDiffusersFamily.count_macs`).
 
-The Gemma-2 encoder is declared (the pipeline's ``complex_human_instruction`` template, its hidden states) but not
-carried as a graph yet: a build takes prompt embeddings."""
+Prompts: the Gemma-2 encoder (``Gemma2Model``) is a graph of its last hidden state, run as ``encode_prompt`` runs it
+(the stack's declaration below); a folder without it builds taking prompt embeddings."""
 
 from __future__ import annotations
 
@@ -27,6 +27,23 @@ from .sizes import SANA_SIZES, TRANSFORMER_SIZES
 from .text_encoders import TextEncoder, TextEncoderStack
 
 MAX_SEQUENCE_LENGTH = 300  # SanaPipeline's max_sequence_length: the bound of the prompt axis L, and where MACs count
+# SanaPipeline.__call__'s default complex_human_instruction (NVlabs' Sana_1600M_app.yaml), one line per item
+COMPLEX_HUMAN_INSTRUCTION = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image "
+    "generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+)
 QK_NORMS = (None, "rms_norm_across_heads")  # Sana 1.0 and Sana 1.5
 
 DECLARATION = Declaration(
@@ -42,12 +59,18 @@ DECLARATION = Declaration(
     ),
     guidance=Guidance(default_scale=4.5),  # the pipeline's guidance_scale
     scheduler_classes=("DPMSolverMultistepScheduler",),  # Sana's folders: flow sigmas, flow_prediction
-    # the pipeline's encode_prompt: Gemma-2's last hidden states of complex_human_instruction + the prompt, keeping
-    # the first token and the last max_sequence_length - 1 (not carried: a build takes embeddings)
+    # the pipeline's encode_prompt (clean_caption=False: lower-cased and stripped): Gemma-2's last hidden states of
+    # the complex_human_instruction lines joined by newlines + the prompt, tokenized (right-padded) to the
+    # instruction's tokens + max_sequence_length - 2, keeping the first token and the last max_sequence_length - 1;
+    # the negative prompt without the instruction, max_sequence_length tokens
     text_encoders=TextEncoderStack(
-        encoders=(TextEncoder("text_encoder", "tokenizer", "gemma2", ("last_hidden_state",), masked=True),),
+        encoders=(TextEncoder("text_encoder", "tokenizer", "gemma2", ("last_hidden_state",), masked=True,
+                              template="\n".join(COMPLEX_HUMAN_INSTRUCTION) + "{}", template_negative=False,
+                              template_extra=-2, selection="first_and_last", selection_count=1,
+                              padding_side="right"),),
         arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),
-                ("prompt_attention_mask", (("text_encoder/attention_mask",),)))),
+                ("prompt_attention_mask", (("text_encoder/attention_mask",),))),
+        preprocessing="lower_strip"),
     vae=VaeKind(classes=("AutoencoderDC",), kind="dc_ae"),  # DC-AE, 32x
     default_steps=20,  # the pipeline's num_inference_steps
     max_sequence_length={"SanaPipeline": MAX_SEQUENCE_LENGTH},

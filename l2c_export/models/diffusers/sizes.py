@@ -117,6 +117,21 @@ TEXT_ENCODER_SIZES = {
     "decoder_start_token_id": Size(0, (1 << 20) - 1, "a token id: T5's 0", optional=True),
 }
 
+# text_encoder/config.json of the decoder LLMs (their hidden states are the prompt embeddings)
+_LLM_SIZES = {
+    "vocab_size": Size(1, 1 << 20, "Gemma-2's 256000, Qwen2.5-VL's 152064"),
+    "hidden_size": Size(1, _WIDTH, "Gemma-2 2B's 2304, Qwen2.5-VL-7B's 3584"),
+    "intermediate_size": Size(1, 1 << 16, "Gemma-2 2B's 9216, Qwen2.5-VL-7B's 18944"),
+    "num_hidden_layers": Size(1, 256, "Gemma-2 2B's 26, Qwen2.5-VL-7B's 28"),
+    "num_attention_heads": Size(1, 256, "Gemma-2 2B's 8, Qwen2.5-VL-7B's 28"),
+    "num_key_value_heads": Size(1, 256, "Gemma-2 2B's 4, Qwen2.5-VL-7B's 4"),
+    "max_position_embeddings": Size(1, 1 << 20, "Gemma-2's 8192, Qwen2.5-VL's 128000"),
+}  # their token ids (an eos_token_id may be a list) are checked against vocab_size by the folder reader
+GEMMA2_SIZES = {**_LLM_SIZES, "head_dim": Size(1, 1024, "Gemma-2's 256"),
+                "sliding_window": Size(1, 1 << 20, "Gemma-2's 4096 tokens", optional=True)}
+# Qwen2.5-VL's text fields, in its text_config (transformers 5) or at the top (transformers 4)
+QWEN2_5_VL_TEXT_SIZES = dict(_LLM_SIZES)
+
 # vae/config.json (AutoencoderKL)
 VAE_SIZES = {
     "in_channels": Size(1, 16, "RGB: 3", optional=True),
