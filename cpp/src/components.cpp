@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "onnxruntime_env.hpp"
 #include "tokenizer.hpp"
@@ -98,9 +99,6 @@ std::string refused_prompt(const std::string& text, bool allow_empty, bool lower
       std::snprintf(hex, sizeof hex, "0x%02x", byte);
       return "not UTF-8 text (byte " + std::to_string(i) + ": " + hex + "); expected a UTF-8 prompt";
     }
-    if (byte < 0x20 || byte == 0x7f)
-      return "a control character (byte " + std::to_string(i) + ": tab, newline or another); the C++ tokenizer "
-             "reads prompts of printable text (use spaces)";
     if (lower_strip && byte >= 0x80)
       return "non-ASCII text (byte " + std::to_string(i) + "); this build lower-cases prompts (PixArt), which the "
              "C++ runtime does for ASCII text only";
@@ -173,6 +171,14 @@ struct PromptEncoder::Impl {
   std::map<std::string, std::string> negatives;  // argument -> its negative partner (where it has one)
   std::vector<Encoder> encoders;
 
+  // refused_prompt's reason, else the first tokenizer's that would read `text` otherwise than `tokenizers`.
+  std::string refusal(const std::string& text, bool allow_empty) const {
+    std::string refused = refused_prompt(text, allow_empty, record.preprocessing == "lower_strip");
+    for (const Encoder& encoder : encoders)
+      if (refused.empty()) refused = encoder.tokenizer->refusal(text);
+    return refused;
+  }
+
   std::map<std::string, Tensor> embed(const std::vector<std::string>& texts) const {
     std::map<std::string, Tensor> pieces;
     const int64_t n = static_cast<int64_t>(texts.size());
@@ -229,16 +235,15 @@ std::vector<std::string> PromptEncoder::tokenizer_kinds() const {
 Prompts PromptEncoder::encode(const std::vector<std::string>& prompts, const std::string& negative_prompt,
                               bool guiding, const std::string& where, const std::string& negative_where) const {
   if (prompts.empty()) throw Error(where + ": expected one or more prompts");
-  const bool lower_strip = impl_->record.preprocessing == "lower_strip";
   std::vector<std::string> texts;
   for (size_t i = 0; i < prompts.size(); ++i) {
-    const std::string refused = refused_prompt(prompts[i], false, lower_strip);
+    const std::string refused = impl_->refusal(prompts[i], false);
     if (!refused.empty())
       throw Error((prompts.size() > 1 ? where + " " + std::to_string(i + 1) : where) + ": " + refused);
     texts.push_back(preprocess(prompts[i], impl_->record.preprocessing));
   }
   if (guiding) {
-    const std::string refused = refused_prompt(negative_prompt, true, lower_strip);
+    const std::string refused = impl_->refusal(negative_prompt, true);
     if (!refused.empty()) throw Error(negative_where + ": " + refused);
   }
   Prompts request;

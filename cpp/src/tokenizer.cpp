@@ -9,6 +9,7 @@
 #include <dlfcn.h>
 #include <stdlib.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
@@ -146,6 +147,10 @@ Tokenizer::Tokenizer(const fs::path& file, const std::string& where, int64_t pad
                 "; the C++ tokenizer (onnxruntime-extensions') reads T5's Unigram and CLIP's BPE tokenizers; give "
                 "--conditioning cond.npz (the encoded prompts) for this build");
   }
+  for (const json& added : data.value("added_tokens", json::array()))
+    // One character (SD3's CLIP-G pads with "!", an added token): read alike, as tests/test_cpp.py checks.
+    if (added.is_object() && added.value("content", json()).is_string() && added["content"].get<std::string>().size() > 1)
+      specials_.push_back(added["content"].get<std::string>());
   // The post-processor's special tokens around the text's (as `tokenizers` adds them with add_special_tokens).
   const json post = data.value("post_processor", json());
   const std::string post_type = post.is_object() ? post.value("type", "") : "";
@@ -201,6 +206,35 @@ Tokenizer::Tokenizer(const fs::path& file, const std::string& where, int64_t pad
   }
   std::error_code ignored;
   fs::remove_all(folder, ignored);
+}
+
+std::string Tokenizer::refusal(const std::string& text) const {
+  for (size_t i = 0; i < text.size();) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    const size_t length = byte < 0x80 ? 1 : byte < 0xe0 ? 2 : byte < 0xf0 ? 3 : 4;
+    uint32_t code = length == 1 ? byte : byte & (0x3f >> (length - 1));
+    for (size_t k = 1; k < length && i + k < text.size(); ++k) code = (code << 6) | (text[i + k] & 0x3f);
+    char at[48];
+    std::snprintf(at, sizeof at, " (U+%04X at byte %zu)", code, i);
+    if (code < 0x20 || (code >= 0x7f && code < 0xa0))
+      return std::string("a control character") + at + ", such as a tab or a newline; the C++ tokenizer reads "
+             "prompts of printable text (use spaces)";
+    if (code == 0xa0 || code == 0x1680 || (code >= 0x2000 && code <= 0x200a) || code == 0x2028 || code == 0x2029 ||
+        code == 0x202f || code == 0x205f || code == 0x3000)
+      return std::string("whitespace other than the space") + at + "; the C++ tokenizer splits on spaces only (use "
+             "spaces)";
+    if (code >= 0x300 && code <= 0x36f)
+      return std::string("a combining mark") + at + "; the C++ tokenizer does not compose it with its letter (write "
+             "the accented letter as one character)";
+    i += length;
+  }
+  if (!text.empty() && text.find_first_not_of(' ') == std::string::npos)
+    return "only spaces; the C++ tokenizer reads them otherwise (give \"\" or some text)";
+  for (const std::string& special : specials_)
+    if (text.find(special) != std::string::npos)
+      return "the special token " + special + " of " + where_ + " written as text; the C++ tokenizer reads it as "
+             "text, not as the token";
+  return "";
 }
 
 Tokenizer::~Tokenizer() {

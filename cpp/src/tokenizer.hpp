@@ -28,6 +28,11 @@ class Tokenizer {
   // mask 0. Not thread-safe (the library's API is not).
   void encode(const std::string& text, std::vector<int64_t>& ids, std::vector<int64_t>& mask) const;
 
+  // Why the library would read `text` (valid UTF-8) otherwise than `tokenizers` does, or "" where it reads it the
+  // same: a control character (tab, newline), whitespace other than the space (the no-break space and the like), a
+  // combining mark (U+0300..U+036F: `tokenizers` composes it first, NFC), or a special token's text ("</s>").
+  std::string refusal(const std::string& text) const;
+
   const std::string& kind() const { return kind_; }  // "unigram (T5)" or "bpe (CLIP)"
 
  private:
@@ -36,6 +41,7 @@ class Tokenizer {
   std::string where_, kind_;
   int64_t pad_id_ = 0, max_length_ = 0, unk_id_ = -1;
   std::vector<int64_t> prefix_, suffix_;  // the post-processor's special tokens before and after the text's
+  std::vector<std::string> specials_;     // the added tokens' texts, which `tokenizers` matches in the text
 };
 
 // The default tokenizer library: $L2C_TOKENIZER_LIBRARY, else the path `make cpp` compiled in.

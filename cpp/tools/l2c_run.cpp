@@ -124,15 +124,15 @@ int main(int argc, char** argv) {
   }
 
   try {
-    if (labels_option->count() + conditioning_option->count() + prompt_option->count() == 0)
-      throw l2c::Error("give either --labels (a label model), --conditioning cond.npz or --prompt TEXT (a "
-                       "text-conditioned model)");
-    if (out_path.empty() && png_path.empty()) throw l2c::Error("give --out samples.npy, --png grid.png or both");
     if (negative_prompt && conditioning_option->count())
       throw l2c::Error("--negative-prompt is not used with --conditioning: the conditioning carries its own negative "
                        "arrays; encode the negative prompt into it, or give --prompt instead");
     if (negative_prompt && !prompt_option->count())
       throw l2c::Error("--negative-prompt needs --prompt: it is the text the prompts are guided against");
+    if (labels_option->count() + conditioning_option->count() + prompt_option->count() == 0)
+      throw l2c::Error("give either --labels (a label model), --conditioning cond.npz or --prompt TEXT (a "
+                       "text-conditioned model)");
+    if (out_path.empty() && png_path.empty()) throw l2c::Error("give --out samples.npy, --png grid.png or both");
     const std::vector<int64_t> labels = parse_labels(labels_text);
     std::optional<l2c::Prompts> prompts;
     if (!conditioning_path.empty()) prompts = l2c::read_prompts(conditioning_path, "--conditioning " + conditioning_path);
