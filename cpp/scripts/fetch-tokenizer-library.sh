@@ -29,7 +29,8 @@ if [ ! -f "$out/$wheel" ] || ! echo "$sha256  $out/$wheel" | sha256sum --check -
   fi
   mv "$download/$wheel" "$out/$wheel"
 fi
-"$python" -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('onnxruntime_genai_core/bin/libonnxruntime-genai.so'))" \
-  "$out/$wheel" "$out/lib/libonnxruntime-genai.so.tmp"
+member=onnxruntime_genai_core/bin/libonnxruntime-genai.so
+"$python" -c 'import sys, zipfile; open(sys.argv[3], "wb").write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
+  "$out/$wheel" "$member" "$out/lib/libonnxruntime-genai.so.tmp"
 mv "$out/lib/libonnxruntime-genai.so.tmp" "$out/lib/libonnxruntime-genai.so"
 echo "tokenizer library (onnxruntime-genai-core $version) in $out/lib/libonnxruntime-genai.so"

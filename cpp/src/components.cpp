@@ -83,7 +83,11 @@ std::string refused_prompt(const std::string& text, bool allow_empty, bool lower
            " bytes (the model reads at most its max_sequence_length tokens of it)";
   for (size_t i = 0; i < text.size();) {  // UTF-8: each sequence's length from its lead byte, no overlong forms
     const auto byte = static_cast<unsigned char>(text[i]);
-    const size_t length = byte < 0x80 ? 1 : (byte >> 5) == 0x6 ? 2 : (byte >> 4) == 0xe ? 3 : (byte >> 3) == 0x1e ? 4 : 0;
+    const size_t length = byte < 0x80            ? 1
+                          : (byte >> 5) == 0x6   ? 2
+                          : (byte >> 4) == 0xe   ? 3
+                          : (byte >> 3) == 0x1e  ? 4
+                                                 : 0;
     bool valid = length != 0 && i + length <= text.size() && !(byte == 0xc0 || byte == 0xc1) && byte <= 0xf4;
     for (size_t k = 1; valid && k < length; ++k) valid = (static_cast<unsigned char>(text[i + k]) >> 6) == 0x2;
     if (valid && length == 3) {

@@ -134,7 +134,8 @@ Tokenizer::Tokenizer(const fs::path& file, const std::string& where, int64_t pad
   std::string tokenizer_class;
   if (type == "Unigram") {
     tokenizer_class = "T5Tokenizer", kind_ = "unigram (T5)";
-    if (model.contains("unk_id") && !model["unk_id"].is_null()) unk_id_ = token_id(model["unk_id"], where, "model/unk_id");
+    if (model.contains("unk_id") && !model["unk_id"].is_null())
+      unk_id_ = token_id(model["unk_id"], where, "model/unk_id");
   } else if (type == "BPE" && model.value("end_of_word_suffix", json()).is_string() &&
              model["end_of_word_suffix"] == "</w>") {
     tokenizer_class = "CLIPTokenizer", kind_ = "bpe (CLIP)";
@@ -149,7 +150,8 @@ Tokenizer::Tokenizer(const fs::path& file, const std::string& where, int64_t pad
   }
   for (const json& added : data.value("added_tokens", json::array()))
     // One character (SD3's CLIP-G pads with "!", an added token): read alike, as tests/test_cpp.py checks.
-    if (added.is_object() && added.value("content", json()).is_string() && added["content"].get<std::string>().size() > 1)
+    if (added.is_object() && added.value("content", json()).is_string() &&
+        added["content"].get<std::string>().size() > 1)
       specials_.push_back(added["content"].get<std::string>());
   // The post-processor's special tokens around the text's (as `tokenizers` adds them with add_special_tokens).
   const json post = data.value("post_processor", json());

@@ -93,7 +93,8 @@ inline std::vector<uint8_t> resize_bicubic(const uint8_t* image, int h, int w, i
 
 inline void write_png_grid(const std::filesystem::path& path, const l2c::Tensor& images, int scale = 8) {
   const int64_t n = images.shape[0], c = images.shape[1], h = images.shape[2], w = images.shape[3];
-  if (c != 1 && c != 3) throw l2c::Error(path.string() + ": a PNG needs 1 or 3 channels; the images have " + std::to_string(c));
+  if (c != 1 && c != 3)
+    throw l2c::Error(path.string() + ": a PNG needs 1 or 3 channels; the images have " + std::to_string(c));
   const std::vector<uint8_t> bytes = l2c::to_uint8(images);  // (n, h, w, c)
   const int64_t columns = std::min<int64_t>(n, 10), rows = (n + columns - 1) / columns, pad = 2;
   const int64_t big_h = h * scale, big_w = w * scale;
