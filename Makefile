@@ -99,27 +99,31 @@ clean:
 
 # --- C++ runtime (cpp/): `make cpp` builds cpp/build/l2c-run, libl2c_runtime and the embedding example. ------------
 # ONNX Runtime's headers: Debian 13's libonnxruntime-dev, downloaded under a private APT_CONFIG, sha256-pinned and
-# unpacked (nothing installed); its library: the onnxruntime wheel's in $(VENV), dlopen'ed at run time. The other
-# build dependencies are Debian packages, installed only where missing (root needed then).
+# unpacked (nothing installed); its library: the onnxruntime wheel's in $(VENV), dlopen'ed at run time. The tokenizer
+# library (prompts in C++): onnxruntime-genai-core's wheel from PyPI, sha256-pinned, its libonnxruntime-genai.so
+# unzipped into cpp/build/deps/lib (nothing installed), dlopen'ed at run time. The other build dependencies are
+# Debian packages, installed only where missing (root needed then).
 CPP_BUILD := cpp/build
 CPP_ORT_HEADERS := $(CPP_BUILD)/deps/include/onnxruntime
+CPP_TOKENIZER_LIBRARY := $(CPP_BUILD)/deps/lib/libonnxruntime-genai.so
 # strace is the tests' (test_triton traces the server's file writes), installed with the C++ build's packages.
-CPP_DEBIAN_PACKAGES := cmake g++ make nlohmann-json3-dev libssl-dev libcli11-dev zlib1g-dev strace
+CPP_DEBIAN_PACKAGES := cmake g++ make nlohmann-json3-dev libssl-dev libcli11-dev zlib1g-dev libpng-dev strace
 
 # $(call cpp_configure,BUILD_FOLDER,EXTRA_CMAKE_ARGUMENTS)
 cpp_configure = library=$$(ls $(abspath $(VENV))/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.* | head -n1); \
 	  test -n "$$library" || { echo "make cpp: no libonnxruntime.so.1.* in the onnxruntime wheel of $(VENV)" >&2; exit 1; }; \
 	  mkdir -p $(1) && cmake -S cpp -B $(1) -DL2C_ONNXRUNTIME_INCLUDE_DIR=$(abspath $(CPP_ORT_HEADERS)) \
-	    -DL2C_ONNXRUNTIME_LIBRARY=$$library $(2) > $(1)/cmake.log || { cat $(1)/cmake.log; exit 1; }
+	    -DL2C_ONNXRUNTIME_LIBRARY=$$library -DL2C_TOKENIZER_LIBRARY=$(abspath $(CPP_TOKENIZER_LIBRARY)) $(2) \
+	    > $(1)/cmake.log || { cat $(1)/cmake.log; exit 1; }
 
-cpp: setup cpp-deps $(CPP_ORT_HEADERS)/onnxruntime_cxx_api.h
+cpp: setup cpp-deps $(CPP_ORT_HEADERS)/onnxruntime_cxx_api.h $(CPP_TOKENIZER_LIBRARY)
 	@$(call cpp_configure,$(CPP_BUILD),-DCMAKE_BUILD_TYPE=Release)
 	cmake --build $(CPP_BUILD) -j2 -- --no-print-directory
 
 # The same runtime, programs and tests built with AddressSanitizer and UndefinedBehaviorSanitizer, in a folder of its
 # own; `make cpp-asan-test` (or L2C_CPP_SANITIZE=1 with pytest) runs tests/test_cpp.py against it.
 CPP_ASAN_BUILD := $(CPP_BUILD)/asan
-cpp-asan: setup cpp-deps $(CPP_ORT_HEADERS)/onnxruntime_cxx_api.h
+cpp-asan: setup cpp-deps $(CPP_ORT_HEADERS)/onnxruntime_cxx_api.h $(CPP_TOKENIZER_LIBRARY)
 	@$(call cpp_configure,$(CPP_ASAN_BUILD),-DCMAKE_BUILD_TYPE=RelWithDebInfo -DL2C_SANITIZE=ON)
 	cmake --build $(CPP_ASAN_BUILD) -j2 -- --no-print-directory
 
@@ -135,4 +139,8 @@ cpp-deps:
 
 $(CPP_ORT_HEADERS)/onnxruntime_cxx_api.h: cpp/scripts/fetch-onnxruntime-headers.sh
 	cpp/scripts/fetch-onnxruntime-headers.sh $(CPP_BUILD)/deps
+	touch $@
+
+$(CPP_TOKENIZER_LIBRARY): cpp/scripts/fetch-tokenizer-library.sh | setup
+	cpp/scripts/fetch-tokenizer-library.sh $(CPP_BUILD)/deps $(PY)
 	touch $@

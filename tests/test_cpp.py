@@ -8,6 +8,7 @@ binary's stderr must hold no sanitizer report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -200,8 +201,12 @@ def test_the_schedule_differs_from_full_compute(cpp_build, default_build, tmp_pa
     assert np.abs(np.load(tmp_path / "schedule.npy") - np.load(tmp_path / "full.npy")).max() > 1e-4
 
 
-def test_l2c_run_writes_a_png_grid(cpp_build, default_build, tmp_path):
+def test_l2c_run_writes_the_png_grid_python_writes(cpp_build, default_build, tmp_path):
+    """--png of a pixel model: the grid l2c-export run --out writes of the same samples (save_grid: enlarged 8x by
+    Pillow's bicubic resize, 2 px gaps), pixel for pixel."""
     from PIL import Image
+
+    from l2c_export.core.images import save_grid
 
     _noise(default_build, 3, 2, tmp_path / "z.npy")
     result = l2c_run(default_build, "--labels", "3,1,4", "--noise", tmp_path / "z.npy", "--out", tmp_path / "s.npy",
@@ -209,9 +214,8 @@ def test_l2c_run_writes_a_png_grid(cpp_build, default_build, tmp_path):
     assert result.returncode == 0, result.stderr
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (2 + 8 * 8 + 2, 3 * (8 * 8 + 2) + 2)  # three 8x8 digits upscaled 8x, 2 px gaps
-    samples = np.load(tmp_path / "s.npy")
-    expected = np.clip((samples[1, 0] + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)  # label 1, nearest-upscaled
-    assert np.array_equal(grid[2:66:8, 68:132:8], expected)
+    save_grid(np.load(tmp_path / "s.npy"), tmp_path / "python.png", columns=3)
+    assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "python.png")))
 
 
 def test_concurrent_requests_from_threads_equal_serial_ones(cpp_build, dit_s2_build, tmp_path):
@@ -715,7 +719,7 @@ def test_a_field_the_graphs_fix_edited_after_the_build_is_refused(cpp_build, def
 DIFFUSERS_STEPS = 8
 MMDIT_IMAGE_SIZE = 8  # FLUX.1 has no sample_size: 8 px, the tiny VAE's scale factor 1, 8 x 8 latents, 16 packed tokens
 # --image-size of the families without a sample_size (Qwen-Image's tiny VAE has a scale factor of 2: 16 packed tokens)
-IMAGE_SIZES = {"flux": MMDIT_IMAGE_SIZE, "qwen": 16}
+IMAGE_SIZES = {"flux": MMDIT_IMAGE_SIZE, "flux-text": MMDIT_IMAGE_SIZE, "qwen": 16}
 
 
 @pytest.fixture(scope="module")
@@ -1227,3 +1231,151 @@ def test_l2c_run_equals_the_python_runtime_on_qwen_image(cpp_build, diffusers_cp
     line = _refused_request(tmp_path, engines, "--conditioning", tmp_path / "bad.npz")
     assert "array 'negative_prompt_embeds' has shape (1, 4, 12); expected (2, L, 12), as many prompts as " \
            "'prompt_embeds' (any length L" in line, line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts in, PNG out: the build's tokenizers (onnxruntime-extensions' tokenizer, in onnxruntime-genai-core's library),
+# text encoder graphs and VAE decoder graph, against l2c-export run --prompt on the same build.
+
+
+def _tokenizer_file(tokenizer, folder: Path) -> tuple[Path, int, str]:
+    """``tokenizer`` saved and written as a build writes it (builder/components.py _write_tokenizer: reloaded as
+    transformers loads it, truncation and padding cleared): (tokenizer.json, pad id, pad token)."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(folder)
+    loaded = AutoTokenizer.from_pretrained(str(folder))
+    backend = loaded.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    (folder / "build.json").write_text(backend.to_str())
+    return folder / "build.json", loaded.pad_token_id, loaded.pad_token
+
+
+# What the C++ tokenizer refuses (PromptEncoder names the prompt): texts the library would read otherwise.
+REFUSED_MARKS = ("\u00a0", "\u0301", "\t", "\n", "</s>", "<pad>", "<|endoftext|>", "<|startoftext|>")
+
+
+@pytest.mark.parametrize("kind", ["t5", "clip", "clip-g"])
+def test_the_cpp_tokenizer_gives_the_ids_tokenizers_gives(cpp_build, tmp_path, kind):
+    """The runtime's tokenizer (l2c-tokenize-test) against the tokenizers library set up as the Python runtime sets
+    it up (stack_tokenizer: special tokens, truncation, right padding), on a hundred texts of the tiny T5 (Unigram)
+    and CLIP (byte-level BPE; CLIP-G padding with "!") tokenizers: vocabulary words, capitals, digits, punctuation,
+    non-ASCII letters and emoji, runs of spaces, the empty text, texts past max_length. Equal ids and masks
+    everywhere, but for the texts it refuses, each holding what it names (a no-break space, a combining mark, a
+    control character, a special token written out, only spaces)."""
+    from l2c_export.runtime.components import stack_tokenizer
+
+    from .diffusers_pipelines import CLIP_WORDS, PROMPT_WORDS, tiny_clip_tokenizer, tiny_t5
+
+    tokenizer, length = {"t5": (lambda: tiny_t5()[0], 120), "clip": (tiny_clip_tokenizer, 77),
+                         "clip-g": (lambda: tiny_clip_tokenizer("!"), 77)}[kind]
+    path, pad_id, pad_token = _tokenizer_file(tokenizer(), tmp_path / kind)
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'-:;\"()/&")
+    alphabet += ["\u00e9", "\u00fc", "\u00df", "\u732b", "\U0001f431", "\u00a0", "\u03a9"]
+    words = [*PROMPT_WORDS, *CLIP_WORDS]
+    texts = ["", "a", "A", "the digit seven", "The Digit Seven", "a handwritten 7!", "hello!", "!", "seven!!",
+             "it's", "don't", "  a  b   c ", "x" * 300, " ".join(["seven"] * 200), "caf\u00e9", "\u732b \U0001f431",
+             "cafe\u0301", "a\tb", "a\nb", " ", "</s>", "<pad> a", "<|endoftext|>"]
+    for _ in range(40):
+        texts.append(" ".join(rng.choice(words, rng.integers(1, 8))))
+        texts.append("".join(rng.choice(alphabet, rng.integers(1, 30))))
+    result = subprocess.run([str(cpp_build / "l2c-tokenize-test"), str(path), str(pad_id), str(length)],
+                            input="".join(json.dumps(text) + "\n" for text in texts), capture_output=True, text=True,
+                            env={**os.environ, **SANITIZER_ENV}, timeout=120)
+    assert result.returncode == 0 and not any(mark in result.stderr for mark in SANITIZER_REPORTS), result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(texts)
+    reference = stack_tokenizer(path, length, pad_id, pad_token)
+    compared = 0
+    for text, line in zip(texts, lines):
+        if line.startswith("refused: "):
+            assert any(mark in text for mark in REFUSED_MARKS) or (text and not text.strip(" ")), (text, line)
+            continue
+        ids, ones = line.rsplit(" ", 1)
+        expected = reference.encode(text)
+        assert (json.loads(ids), int(ones)) == (expected.ids, sum(expected.attention_mask)), (text, line)
+        compared += 1
+    assert compared >= 80  # most texts are read alike, refused ones are the exceptions
+
+
+def _prompt_parity(engines: Path, tmp_path: Path, *request: str) -> np.ndarray:
+    """l2c-run ``request`` --png and l2c-export run ``request`` --out on ``engines``: the latents equal to 1e-4 of
+    their range and the PNGs pixel for pixel; returns the PNG's pixels."""
+    from PIL import Image
+
+    result = l2c_run(engines, *request, "--out", tmp_path / "cpp.npy", "--png", tmp_path / "cpp.png")
+    assert result.returncode == 0, result.stderr
+    run_cli("run", str(engines), *request, "--save-latents", str(tmp_path / "py.npy"), "--out",
+            str(tmp_path / "py.png"))
+    cpp, python = np.load(tmp_path / "cpp.npy"), np.load(tmp_path / "py.npy")
+    assert cpp.shape == python.shape and np.abs(cpp - python).max() <= 1e-4 * (python.max() - python.min())
+    pixels = np.asarray(Image.open(tmp_path / "cpp.png"))
+    assert np.array_equal(pixels, np.asarray(Image.open(tmp_path / "py.png")))
+    return pixels
+
+
+def test_l2c_run_turns_prompts_into_the_png_l2c_export_run_writes(cpp_build, diffusers_cpp_builds, tmp_path):
+    """A PixArt build with its T5 encoder (tiny, Unigram tokenizer): --prompt (two, one capitalised and padded with
+    spaces: lower-cased and stripped), --seed, guided against the default negative prompt "" and against
+    --negative-prompt, and unguided: the latents and the PNG (the VAE decoder graph's images) of l2c-export run."""
+    engines = diffusers_cpp_builds("pixart-t5", "dpm")
+    request = ["--prompt", "a handwritten seven", "--prompt", " The Digit 3 ", "--seed", "3"]
+    guided = _prompt_parity(engines, tmp_path, *request)
+    negative = _prompt_parity(engines, tmp_path, *request, "--negative-prompt", "a blurry digit")
+    unguided = _prompt_parity(engines, tmp_path, *request, "--cfg-scale", "1")
+    assert guided.shape == (2 + 64 + 2, 2 * (64 + 2) + 2, 3)  # two 8 px images enlarged 8x, as run writes them
+    assert not np.array_equal(guided, negative) and not np.array_equal(guided, unguided)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3-text", "flux-text"])
+def test_l2c_run_turns_prompts_into_pngs_with_clip_and_t5(cpp_build, diffusers_cpp_builds, tmp_path, family):
+    """SD3 (CLIP-L + CLIP-G padding with "!" + T5, pooled and token arrays, a negative prompt) and FLUX.1 (CLIP-L +
+    T5, guidance-distilled, packed latents unpacked for the VAE): the latents and PNG of l2c-export run."""
+    engines = diffusers_cpp_builds(family, "flow")
+    request = ["--prompt", "a handwritten seven!", "--prompt", "The Digit 3", "--seed", "5"]
+    _prompt_parity(engines, tmp_path, *request, *(["--negative-prompt", "blurry"] if family == "sd3-text" else []))
+
+
+def _refused_prompt_run(engines: Path, tmp_path: Path, *request: str) -> str:
+    """l2c-run ``request`` --png must exit 2 with one line and write nothing; returns the line."""
+    result = l2c_run(engines, *request, "--seed", "1", "--png", tmp_path / "out.png", "--out", tmp_path / "out.npy")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("l2c-run: error: "), result.stderr
+    assert not list(tmp_path.glob("out.*")), "a refused run left output behind"
+    return lines[0]
+
+
+def test_prompts_and_pngs_that_cannot_be_made_are_refused_in_one_line(cpp_build, diffusers_cpp_builds, tmp_path):
+    """--prompt on a build without text encoders; --png of a latent build without a VAE decoder; a tokenizer the C++
+    tokenizer does not read (a WordLevel one, as t2i-digits'); prompts it would read otherwise than tokenizers; a
+    --negative-prompt that is not used."""
+    plain, with_text = diffusers_cpp_builds("pixart", "dpm"), diffusers_cpp_builds("pixart-t5", "dpm")
+    assert "--prompt: the build" in _refused_prompt_run(plain, tmp_path, "--prompt", "a cat") and \
+        "carries no text encoders" in _refused_prompt_run(plain, tmp_path, "--prompt", "a cat")
+    no_decoder = shutil.copytree(with_text, tmp_path / "no-decoder")
+    _rewrite_manifest(no_decoder, lambda data: data["components"].pop("vae_decoder"))
+    assert "carries no VAE decoder" in _refused_prompt_run(no_decoder, tmp_path, "--prompt", "a cat")
+    word_level = shutil.copytree(with_text, tmp_path / "word-level")
+    tokenizer = json.loads((word_level / "tokenizer.json").read_text())
+    tokenizer["model"] = {"type": "WordLevel", "vocab": {"<pad>": 0, "</s>": 1, "<unk>": 2}, "unk_token": "<unk>"}
+    (word_level / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    def restamp(data):
+        record = data["components"]["tokenizer"]["file"]
+        record.update(bytes=(word_level / "tokenizer.json").stat().st_size,
+                      sha256=hashlib.sha256((word_level / "tokenizer.json").read_bytes()).hexdigest())
+
+    _rewrite_manifest(word_level, restamp)
+    assert "field 'model/type' is WordLevel" in _refused_prompt_run(word_level, tmp_path, "--prompt", "a cat")
+    for prompt, expected in (("a\tcat", "--prompt: a control character (U+0009 at byte 1)"),
+                             ("caf\u00e9", "--prompt: non-ASCII text (byte 3); this build lower-cases prompts"),
+                             ("a </s> cat", "--prompt: the special token </s>"), ("  ", "--prompt: empty prompt")):
+        assert expected in _refused_prompt_run(with_text, tmp_path, "--prompt", prompt)
+    assert "--negative-prompt: only spaces" in _refused_prompt_run(with_text, tmp_path, "--prompt", "a cat",
+                                                                   "--negative-prompt", " ")
+    assert "--negative-prompt is not used: no classifier-free batch runs" in _refused_prompt_run(
+        with_text, tmp_path, "--prompt", "a cat", "--negative-prompt", "dog", "--cfg-scale", "1")
+    assert "--negative-prompt needs --prompt" in _refused_prompt_run(plain, tmp_path, "--negative-prompt", "dog")

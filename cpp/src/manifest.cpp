@@ -277,6 +277,110 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
                                      "sample's " + std::to_string(sample.shape[1]) + " channel(s)");
 }
 
+ComponentGraph read_component_graph(const Fields& node, const std::string& name) {
+  ComponentGraph graph{name, read_file_record(node["graph"]), read_file_record(node["weights"]), {}, {}, {}, {}};
+  for (bool outputs : {false, true}) {
+    const Fields list = node[outputs ? "outputs" : "inputs"];
+    if (list.size() == 0) list.fail("is empty; expected the graph's " + std::string(outputs ? "outputs" : "inputs"));
+    for (size_t i = 0; i < list.size(); ++i) {
+      (outputs ? graph.outputs : graph.inputs).push_back(list[i]["name"].str());
+      (outputs ? graph.output_shapes : graph.input_shapes).push_back(read_shape(list[i]["shape"], true));
+      const std::string dtype = list[i]["dtype"].str();
+      const std::string expected = !outputs && name != "vae_decoder" ? "int64" : "float32";
+      if (dtype != expected) list[i]["dtype"].fail("is " + dtype + "; expected " + expected);
+    }
+  }
+  return graph;
+}
+
+// components (l2c_export/core/manifest.py's _check_components, as far as the C++ runtime uses them): the VAE
+// decoder takes the sample's (unpacked) latents, one image out; each text encoder and tokenizer is one entry of
+// prompt_encoding, each encoder fed input_ids (and attention_mask where 'masked'), each array one of the model's
+// conditioning arguments made of outputs its encoders have.
+void read_components(const json& data, const Fields& root, Manifest& m) {
+  if (!data.contains("components")) return;
+  const Fields components = root["components"];
+  if (!data["components"].is_object()) components.fail("expected an object");
+  for (const auto& item : data["components"].items()) {
+    const std::string& name = item.key();
+    const Fields node = components[name];
+    if (name == "vae_decoder") {
+      VaeDecoderRecord decoder;
+      decoder.graph = read_component_graph(node, name);
+      decoder.scaling_factor = node["scaling_factor"].number();
+      if (decoder.scaling_factor <= 0) node["scaling_factor"].fail("expected a positive number");
+      if (node.has("shift_factor")) decoder.shift_factor = node["shift_factor"].number();
+      if (node.has("latent_layout")) decoder.latent_layout = node["latent_layout"].str();
+      if (decoder.latent_layout != "nchw" && decoder.latent_layout != "packed_2x2")
+        node["latent_layout"].fail("is " + decoder.latent_layout + "; expected nchw or packed_2x2");
+      const auto& in = decoder.graph.input_shapes, &out = decoder.graph.output_shapes;
+      if (in.size() != 1 || in[0].size() != 4 || out.size() != 1 || out[0].size() != 4)
+        node.fail("expected one input (batch, C, h, w) and one output (batch, C, H, W)");
+      m.components.vae_decoder = decoder;
+    } else if (name.rfind("text_encoder", 0) == 0) {
+      m.components.text_encoders.emplace(name, read_component_graph(node, name));
+    } else if (name.rfind("tokenizer", 0) == 0) {
+      m.components.tokenizers.emplace(name, TokenizerRecord{read_file_record(node["file"]), node["pad_token"].str(),
+                                                            node["pad_id"].integer(0, INT32_MAX)});
+    } else if (name != "prompt_encoding") {
+      components.fail("names a component " + name + "; expected vae_decoder, text_encoder*, tokenizer* or "
+                      "prompt_encoding");
+    }
+  }
+  if (!m.components.text_encoders.empty() || !m.components.tokenizers.empty()) {
+    const Fields record = components["prompt_encoding"];
+    PromptEncodingRecord encoding;
+    encoding.max_sequence_length = record["max_sequence_length"].integer(1, 65536);
+    encoding.preprocessing = record["preprocessing"].str();
+    if (encoding.preprocessing != "none" && encoding.preprocessing != "lower_strip")
+      record["preprocessing"].fail("is " + encoding.preprocessing + "; expected none or lower_strip");
+    std::set<std::string> listed;
+    const Fields encoders = record["encoders"];
+    for (size_t i = 0; i < encoders.size(); ++i) {
+      PromptEncodingRecord::Encoder entry{encoders[i]["encoder"].str(), encoders[i]["tokenizer"].str(),
+                                          encoders[i]["masked"].boolean(), encoders[i]["max_length"].integer(1, 65536)};
+      if (!m.components.text_encoders.count(entry.encoder) || !m.components.tokenizers.count(entry.tokenizer) ||
+          !listed.insert(entry.encoder).second || !listed.insert(entry.tokenizer).second)
+        encoders[i].fail("names " + entry.encoder + " and " + entry.tokenizer + "; expected a text_encoder* and a "
+                         "tokenizer* component of the build, each in one entry");
+      const std::vector<std::string> expected = entry.masked ? std::vector<std::string>{"input_ids", "attention_mask"}
+                                                             : std::vector<std::string>{"input_ids"};
+      if (m.components.text_encoders.at(entry.encoder).inputs != expected)
+        components[entry.encoder]["inputs"].fail(std::string("expected ") +
+                                                 (entry.masked ? "input_ids, attention_mask" : "input_ids"));
+      encoding.encoders.push_back(entry);
+    }
+    if (listed.size() != m.components.text_encoders.size() + m.components.tokenizers.size())
+      encoders.fail("does not name every text_encoder* and tokenizer* component of the build");
+    std::set<std::string> arguments;
+    for (const TensorRecord& tensor : m.conditioning) arguments.insert(tensor.argument);
+    for (const auto& item : data["components"]["prompt_encoding"]["arrays"].items()) {
+      const Fields groups = record["arrays"][item.key()];
+      if (!arguments.count(item.key())) groups.fail("names an array the model takes no input of ('model/inputs')");
+      std::vector<std::vector<std::string>> made;
+      if (groups.size() == 0) groups.fail("is empty; expected token groups of pieces");
+      for (size_t g = 0; g < groups.size(); ++g) {
+        made.emplace_back();
+        if (groups[g].size() == 0) groups[g].fail("is empty; expected pieces");
+        for (size_t k = 0; k < groups[g].size(); ++k) {
+          const std::string piece = groups[g][k].str();
+          const size_t slash = piece.find('/');
+          const std::string encoder = piece.substr(0, slash), output = slash == std::string::npos ? "" :
+                                                                       piece.substr(slash + 1);
+          const auto found = m.components.text_encoders.find(encoder);
+          const bool known = found != m.components.text_encoders.end() && listed.count(encoder) &&
+                             (output == "attention_mask" ||
+                              std::count(found->second.outputs.begin(), found->second.outputs.end(), output));
+          if (!known) groups[g][k].fail("is " + piece + ", which no encoder of the build gives");
+          made.back().push_back(piece);
+        }
+      }
+      encoding.arrays.emplace_back(item.key(), made);
+    }
+    m.components.prompt_encoding = encoding;
+  }
+}
+
 }  // namespace
 
 Manifest Manifest::load(const fs::path& where, bool verify_files) {
@@ -436,6 +540,7 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
     m.step_subset.push_back(static_cast<int>(step_subset[i].integer(0, static_cast<int64_t>(m.subsets.size()) - 1)));
   check_consistency(m, subsets, schedule);
   m.ideal_speedup = root["macs"]["ideal_speedup"].number();
+  read_components(data, root, m);
   if (root.has("tensorrt") && root["tensorrt"].has("timing_cache"))
     m.other_files.push_back(read_file_record(root["tensorrt"]["timing_cache"]));
 
@@ -490,6 +595,10 @@ std::vector<FileRecord> Manifest::files() const {
   std::vector<FileRecord> all{weights};
   for (const auto& subset : subsets) all.insert(all.end(), {subset.graph, subset.engine});
   all.insert(all.end(), other_files.begin(), other_files.end());
+  if (components.vae_decoder)
+    all.insert(all.end(), {components.vae_decoder->graph.graph, components.vae_decoder->graph.weights});
+  for (const auto& [name, encoder] : components.text_encoders) all.insert(all.end(), {encoder.graph, encoder.weights});
+  for (const auto& [name, tokenizer] : components.tokenizers) all.push_back(tokenizer.file);
   std::vector<FileRecord> unique;
   std::set<std::string> seen;
   for (auto& record : all)

@@ -6,9 +6,7 @@
 // - One global intra-op thread pool and one process-wide CPU arena for all sessions; telemetry off.
 // - A request's cache slots are its own buffers bound with IO binding, inputs and outputs alike: a fresh branch
 //   output is written straight into the slot the next subset reads.
-#define ORT_API_MANUAL_INIT
-#include <onnxruntime_cxx_api.h>
-#undef ORT_API_MANUAL_INIT
+#include "onnxruntime_env.hpp"
 
 #include "l2c/pipeline.hpp"
 
@@ -340,6 +338,10 @@ Prompts read_prompts(const fs::path& npz, const std::string& source) {
 }
 
 void init_onnxruntime(const std::string& library, int threads) { onnxruntime(library, threads); }
+
+Ort::Env& detail::onnxruntime_env(const std::string& library, int threads) {
+  return *onnxruntime(library, threads).env;
+}
 
 struct Pipeline::Impl {
   Manifest manifest;

@@ -3,6 +3,9 @@
 //   l2c-run ENGINE_DIR --labels 3,1,4 --noise z.npy [--cfg-scale S] [--full] --out samples.npy [--png grid.png]
 //   l2c-run ENGINE_DIR --conditioning cond.npz --noise z.npy ...   (a text-conditioned build: PixArt, SD3, FLUX.1)
 //   l2c-run ENGINE_DIR ... --seed S ...   (instead of --noise: diffusers' noise for torch.Generator().manual_seed(S))
+//   l2c-run ENGINE_DIR --prompt "a red cat" [--prompt ...] [--negative-prompt TEXT] --seed S --png out.png
+//       (a build with its text encoders: the prompts through its tokenizers and text encoder graphs; a latent build's
+//       samples through its VAE decoder graph into the PNG, as `l2c-export run --prompt ... --out out.png`)
 //
 // Every failure is one line on stderr ("l2c-run: error: ..."), and the outputs are written only after the whole run
 // succeeded, each atomically. Exit status, as the l2c-export commands': 2 bad input (an l2c::Error from the library:
@@ -17,6 +20,7 @@
 #include <optional>
 #include <sstream>
 
+#include "l2c/components.hpp"
 #include "l2c/pipeline.hpp"
 #include "l2c/torch_noise.hpp"
 #include "png.hpp"
@@ -82,6 +86,16 @@ int main(int argc, char** argv) {
       ".npz (numpy.savez) of the arrays the manifest's conditioning inputs name (their pipeline arguments) and, to "
       "guide classifier-free, their negative partners (models conditioned on arrays: PixArt, SD3, FLUX.1)");
   labels_option->excludes(conditioning_option);
+  std::vector<std::string> prompt_texts;
+  std::optional<std::string> negative_prompt;
+  auto* prompt_option = app.add_option(
+      "--prompt", prompt_texts,
+      "a prompt (repeat for several, one sample each), encoded by the build's tokenizers and text encoder graphs "
+      "(a build of a diffusers folder with its text encoders: PixArt, SD3, FLUX.1)");
+  auto* negative_option = app.add_option("--negative-prompt", negative_prompt,
+                                         "with --prompt, when guiding: the unconditional half's text (default: \"\", "
+                                         "as the pipelines)");
+  prompt_option->excludes(labels_option)->excludes(conditioning_option);
 
   auto* noise_option =
       app.add_option("--noise", noise_path, ".npy float32 (n, C, H, W) (FLUX.1: packed (n, T, C)): the initial noise");
@@ -93,8 +107,10 @@ int main(int argc, char** argv) {
                  ".npy float32 (steps - 1, n, C, H, W): the noise a DDPM build adds after each step but the last");
   app.add_option("--cfg-scale", cfg_scale, "guidance scale (default: the manifest's); > 1 guides");
   app.add_flag("--full", full, "run the full-compute engine at every step instead of the L2C schedule");
-  app.add_option("--out", out_path, ".npy float32 (n, C, H, W): the samples")->required();
-  app.add_option("--png", png_path, "a grid PNG of the samples (pixel-space builds)");
+  app.add_option("--out", out_path, ".npy float32 (n, C, H, W): the samples");
+  app.add_option("--png", png_path,
+                 "a grid PNG of the samples (a latent build's decoded by its VAE decoder graph), as l2c-export run "
+                 "--out writes it");
   app.add_option("--threads", threads, "ONNX Runtime's intra-op threads (0: one per core)")
       ->check(CLI::Range(0, l2c::kMaxThreads));
   app.add_option("--provider", provider, "cpu, or tensorrt (ONNX Runtime's TensorRT provider)")
@@ -108,8 +124,15 @@ int main(int argc, char** argv) {
   }
 
   try {
-    if (labels_option->count() == conditioning_option->count())
-      throw l2c::Error("give either --labels (a label model) or --conditioning cond.npz (a text-conditioned model)");
+    if (negative_prompt && conditioning_option->count())
+      throw l2c::Error("--negative-prompt is not used with --conditioning: the conditioning carries its own negative "
+                       "arrays; encode the negative prompt into it, or give --prompt instead");
+    if (negative_prompt && !prompt_option->count())
+      throw l2c::Error("--negative-prompt needs --prompt: it is the text the prompts are guided against");
+    if (labels_option->count() + conditioning_option->count() + prompt_option->count() == 0)
+      throw l2c::Error("give either --labels (a label model), --conditioning cond.npz or --prompt TEXT (a "
+                       "text-conditioned model)");
+    if (out_path.empty() && png_path.empty()) throw l2c::Error("give --out samples.npy, --png grid.png or both");
     const std::vector<int64_t> labels = parse_labels(labels_text);
     std::optional<l2c::Prompts> prompts;
     if (!conditioning_path.empty()) prompts = l2c::read_prompts(conditioning_path, "--conditioning " + conditioning_path);
@@ -125,10 +148,33 @@ int main(int argc, char** argv) {
     options.provider = provider == "tensorrt" ? l2c::Provider::TensorRT : l2c::Provider::Cpu;
     l2c::Pipeline pipe(engine_dir, options);
     const l2c::Manifest& manifest = pipe.manifest();
-    if (!png_path.empty() && manifest.space != "pixel")
-      throw l2c::Error("--png: " + manifest.name + " is a latent model; its samples need a VAE to become images");
+    std::optional<l2c::ImageDecoder> decoder;  // made before sampling: a build without one is refused first
+    if (!png_path.empty() && manifest.space != "pixel") {
+      if (!manifest.components.vae_decoder)
+        throw l2c::Error("--png: " + manifest.name + " is a latent model and its build carries no VAE decoder "
+                         "(field 'components/vae_decoder' of " + manifest.path.string() + "); write the latents "
+                         "with --out");
+      decoder.emplace(manifest, options);
+    }
     std::cout << engine_dir << ": " << manifest.name << ", " << manifest.subsets.size() << " subset engine(s), "
               << manifest.sampler->num_model_calls() << " " << manifest.sampler->kind() << " steps" << std::endl;
+    const double scale = cfg_scale.value_or(manifest.guidance.cfg_scale);
+    const bool guiding = manifest.guidance.classifier_free && scale > 1.0;
+    if (prompt_option->count()) {
+      if (negative_prompt && !guiding)
+        throw l2c::Error("--negative-prompt is not used: no classifier-free batch runs (a --cfg-scale of 1, or a "
+                         "guidance-distilled model); leave it out");
+      if (!manifest.components.prompt_encoding)
+        throw l2c::Error("--prompt: the build " + engine_dir + " carries no text encoders (field "
+                         "'components/prompt_encoding' of " + manifest.path.string() + "); give --conditioning "
+                         "cond.npz (the encoded prompts) instead, or build from a diffusers folder with its text "
+                         "encoders");
+      const l2c::PromptEncoder encoder(manifest, options);
+      std::string kinds;
+      for (const auto& kind : encoder.tokenizer_kinds()) kinds += (kinds.empty() ? "" : ", ") + kind;
+      prompts = encoder.encode(prompt_texts, negative_prompt.value_or(""), guiding, "--prompt", "--negative-prompt");
+      std::cout << "encoded " << prompt_texts.size() << " prompt(s) (tokenizers: " << kinds << ")" << std::endl;
+    }
     l2c::Tensor seeded_noise;
     if (seed) {  // one draw of the whole (n, ...) batch, as diffusers' randn_tensor
       const int64_t n = prompts ? pipe.count_prompts(*prompts) : static_cast<int64_t>(labels.size());
@@ -145,10 +191,16 @@ int main(int argc, char** argv) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::cout << (full ? "full compute: " : "L2C schedule: ") << seconds << " s for " << samples.shape[0]
               << " sample(s)" << std::endl;
-    l2c::write_npy(out_path, samples);
-    std::cout << "wrote " << out_path << std::endl;
+    // The images before anything is written: both outputs, or neither.
+    const l2c::Tensor images = decoder ? decoder->decode(samples) : l2c::Tensor();
+    if (!out_path.empty()) {
+      l2c::write_npy(out_path, samples);
+      std::cout << "wrote " << out_path << std::endl;
+    }
     if (!png_path.empty()) {
-      l2c_run::write_png_grid(png_path, samples);
+      // As l2c-export run --out: pixel samples enlarged 8 times; decoded images to 64 px at least (tiny ones).
+      const int enlarge = decoder ? std::max<int>(1, static_cast<int>(64 / images.shape[3])) : 8;
+      l2c_run::write_png_grid(png_path, decoder ? images : samples, enlarge);
       std::cout << "wrote " << png_path << std::endl;
     }
   } catch (const l2c::UnavailableError& error) {

@@ -97,6 +97,21 @@ def _component_session(folder: Path, manifest: dict, name: str, providers: Seque
     return component_session(path, providers)
 
 
+def stack_tokenizer(path: Path, max_length: int, pad_id: int, pad_token: str, padding_side: str = "right"):
+    """A build's tokenizer file read with the ``tokenizers`` library and set as transformers calls it for the
+    pipelines: truncated (right side, special tokens counted) and padded on ``padding_side`` with the pad token to
+    ``max_length``."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library raises its own Exception on a bad file
+        raise manifest_io.ManifestError(f"{path}: not a tokenizers library file ({error})") from None
+    tokenizer.enable_truncation(max_length=max_length)
+    tokenizer.enable_padding(direction=padding_side, pad_id=pad_id, pad_token=pad_token, length=max_length)
+    return tokenizer
+
+
 class StackEncoder:
     """One encoder of a build's text-encoder stack (an entry of ``components/prompt_encoding/encoders``): its
     tokenizer, read with the ``tokenizers`` library and set as transformers calls it for the pipelines
@@ -110,8 +125,6 @@ class StackEncoder:
     the mask the entry's ``selection`` is kept (:func:`l2c_export.core.text_stack.select_tokens`)."""
 
     def __init__(self, manifest: dict, folder: Path, entry: dict, providers: Sequence):
-        from tokenizers import Tokenizer
-
         self.name, self.max_length = entry["encoder"], entry["max_length"]
         self.template = entry.get("template")
         self.template_negative = entry.get("template_negative", True)
@@ -119,10 +132,8 @@ class StackEncoder:
         self.selection, self.selection_count = entry.get("selection", "all"), entry.get("selection_count", 0)
         self._pad = manifest["components"][entry["tokenizer"]]
         path = _component_path(folder, manifest, entry["tokenizer"], "file")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as error:  # the tokenizers library raises its own Exception on a bad file
-            raise manifest_io.ManifestError(f"{path}: not a tokenizers library file ({error})") from None
+        self.tokenizer = stack_tokenizer(path, self.max_length, self._pad["pad_id"], self._pad["pad_token"],
+                                         self._pad.get("padding_side", "right"))
         self.session = _component_session(folder, manifest, self.name, providers)
         self._inputs = [t["name"] for t in manifest["components"][self.name]["inputs"]]
         self._outputs = [t["name"] for t in manifest["components"][self.name]["outputs"]]

@@ -3,7 +3,9 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -80,6 +82,53 @@ struct Guidance {
   bool true_cfg = false;        // the rule rescales the combination per row of the last axis
 };
 
+// A graph the build carries beside the subsets (manifest 'components'), run once per request: its ONNX file and the
+// weights file beside it (external data), its inputs and outputs by name with their shapes (kBatch, kPromptTokens).
+struct ComponentGraph {
+  std::string name;  // the component's name: vae_decoder, text_encoder, text_encoder_2, ...
+  FileRecord graph, weights;
+  std::vector<std::string> inputs, outputs;
+  std::vector<std::vector<int64_t>> input_shapes, output_shapes;
+};
+
+// components/vae_decoder: latents / scaling_factor + shift_factor (packed_2x2 latents unpacked first) -> images.
+struct VaeDecoderRecord {
+  ComponentGraph graph;
+  double scaling_factor = 1.0;
+  std::optional<double> shift_factor;  // SD3's and FLUX.1's VAEs have one
+  std::string latent_layout = "nchw";  // of the sampled latents: nchw, or packed_2x2 (FLUX.1)
+};
+
+// components/tokenizer*: a Hugging Face tokenizer.json and the token the runtime pads with.
+struct TokenizerRecord {
+  FileRecord file;
+  std::string pad_token;
+  int64_t pad_id = 0;
+};
+
+// components/prompt_encoding (l2c_export/core/text_stack.py): each prompt preprocessed ("none", or "lower_strip":
+// PixArt's lower-cased and stripped), tokenized and encoded by every encoder in order, and each array by the
+// pipeline's argument name made of token groups of "<encoder>/<output>" pieces ("<encoder>/attention_mask": the
+// tokenizer's mask).
+struct PromptEncodingRecord {
+  struct Encoder {
+    std::string encoder, tokenizer;
+    bool masked = false;  // the graph is fed the tokenizer's mask (PixArt); else the padding is attended to
+    int64_t max_length = 0;  // prompts are truncated and padded to this many tokens
+  };
+  int64_t max_sequence_length = 0;
+  std::string preprocessing = "none";
+  std::vector<Encoder> encoders;
+  std::vector<std::pair<std::string, std::vector<std::vector<std::string>>>> arrays;  // in the record's order
+};
+
+struct Components {
+  std::optional<VaeDecoderRecord> vae_decoder;
+  std::map<std::string, ComponentGraph> text_encoders;
+  std::map<std::string, TokenizerRecord> tokenizers;
+  std::optional<PromptEncodingRecord> prompt_encoding;  // set where the build carries its text encoders
+};
+
 struct Manifest {
   std::filesystem::path folder, path;
   int schema_version = 0;
@@ -105,6 +154,7 @@ struct Manifest {
   std::vector<SubsetRecord> subsets;
   int full_subset = -1;  // the subset that computes every sub-layer
   double ideal_speedup = 1.0;
+  Components components;  // what the build carries beside the subsets: VAE decoder, text encoders, tokenizers
 
   // Reads and checks `folder/manifest.json` (refusing another schema version before anything else) and, with
   // verify_files, every listed file's size and sha256. The records must agree with one another: every subset feeds
@@ -119,7 +169,7 @@ struct Manifest {
   const CacheSlot& slot(const std::string& name) const;
   // The record of a subset's tensor with `role` ("sample", "time", "output"; the first "conditioning" one).
   static const TensorRecord& model_tensor(const SubsetRecord& subset, const std::string& role);
-  // Every file the manifest lists (weights, graphs, engines), each once.
+  // Every file the manifest lists (weights, graphs, engines, components' files), each once.
   std::vector<FileRecord> files() const;
 };
 
