@@ -719,7 +719,7 @@ def test_a_field_the_graphs_fix_edited_after_the_build_is_refused(cpp_build, def
 DIFFUSERS_STEPS = 8
 MMDIT_IMAGE_SIZE = 8  # FLUX.1 has no sample_size: 8 px, the tiny VAE's scale factor 1, 8 x 8 latents, 16 packed tokens
 # --image-size of the families without a sample_size (Qwen-Image's tiny VAE has a scale factor of 2: 16 packed tokens)
-IMAGE_SIZES = {"flux": MMDIT_IMAGE_SIZE, "flux-text": MMDIT_IMAGE_SIZE, "qwen": 16}
+IMAGE_SIZES = {"flux": MMDIT_IMAGE_SIZE, "flux-text": MMDIT_IMAGE_SIZE, "qwen": 16, "qwen-text": 16}
 
 
 @pytest.fixture(scope="module")
@@ -1379,3 +1379,29 @@ def test_prompts_and_pngs_that_cannot_be_made_are_refused_in_one_line(cpp_build,
     assert "--negative-prompt is not used: no classifier-free batch runs" in _refused_prompt_run(
         with_text, tmp_path, "--prompt", "a cat", "--negative-prompt", "dog", "--cfg-scale", "1")
     assert "--negative-prompt needs --prompt" in _refused_prompt_run(plain, tmp_path, "--negative-prompt", "dog")
+
+
+@pytest.mark.parametrize("family", ["sana-text", "qwen-text"])
+def test_l2c_run_refuses_prompts_it_cannot_template_but_runs_their_embeddings(cpp_build, diffusers_cpp_builds,
+                                                                              tmp_path, family):
+    """l2c-run does not yet put prompts in a decoder LLM's template (Sana's Gemma-2, Qwen-Image's Qwen2.5-VL): a
+    prompt is refused in one line naming the manifest's field, nothing written, while the same build's embeddings
+    (made by the Python runtime from the same prompts, Qwen-Image's negative of another length) run equal to it."""
+    from l2c_export.runtime.pipeline import L2CPipeline
+
+    engines = diffusers_cpp_builds(family, "flow")
+    noise = _noise(engines, 2, 3, tmp_path / "z.npy")
+    refused = l2c_run(engines, "--prompt", "a seven", "--noise", tmp_path / "z.npy", "--out", tmp_path / "x.npy")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "field 'components/prompt_encoding/encoders/0/template'" in lines[0] and "--conditioning" in lines[0]
+    assert not (tmp_path / "x.npy").exists()
+    pipe = L2CPipeline.from_engine_dir(engines)
+    conditioning = pipe.prompt_encoder(["a seven", "an eight"], "a blurry picture of a digit")
+    np.savez(tmp_path / "cond.npz", **conditioning)
+    ran = l2c_run(engines, "--conditioning", tmp_path / "cond.npz", "--noise", tmp_path / "z.npy", "--cfg-scale", "3",
+                  "--out", tmp_path / "cpp.npy")
+    assert ran.returncode == 0, ran.stderr
+    python = pipe(conditioning=conditioning, noise=noise, cfg_scale=3.0).samples
+    cpp = np.load(tmp_path / "cpp.npy")
+    assert np.abs(cpp - python).max() <= 1e-5 * (python.max() - python.min())

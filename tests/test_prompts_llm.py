@@ -294,3 +294,4 @@ def test_qwen_image_guides_only_against_a_negative_prompt_given(builds, tmp_path
                     output_type="latent").images.numpy()
     got = np.load(tmp_path / "out.npy")
     assert np.abs(got - want).max() <= 1e-4 * np.ptp(want)
+

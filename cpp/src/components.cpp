@@ -214,6 +214,10 @@ PromptEncoder::PromptEncoder(const Manifest& manifest, const Options& options) :
                 "is missing: a folder without its text encoders builds without them); give --conditioning "
                 "cond.npz (the encoded prompts) instead");
   impl_->record = *manifest.components.prompt_encoding;
+  if (!impl_->record.unsupported.empty())
+    throw Error(manifest.path.string() + ": " + impl_->record.unsupported + ": not done by l2c-run's prompt encoding "
+                "yet; give --conditioning cond.npz (the encoded prompts, e.g. from l2c-export's Python runtime) "
+                "instead");
   for (const TensorRecord& tensor : manifest.conditioning)
     if (!tensor.negative.empty()) impl_->negatives[tensor.argument] = tensor.negative;
   detail::onnxruntime_env(options.onnxruntime_library, options.threads);  // loaded before the tokenizer library

@@ -349,6 +349,16 @@ void read_components(const json& data, const Fields& root, Manifest& m) {
         components[entry.encoder]["inputs"].fail(std::string("expected ") +
                                                  (entry.masked ? "input_ids, attention_mask" : "input_ids"));
       encoding.encoders.push_back(entry);
+      const std::string where = "field 'components/prompt_encoding/encoders/" + std::to_string(i) + "/";
+      if (encoding.unsupported.empty() && encoders[i].has("template"))
+        encoding.unsupported = where + "template' (prompts put in a decoder LLM's template)";
+      const std::string selection = encoders[i].has("selection") ? encoders[i]["selection"].str() : "all";
+      if (encoding.unsupported.empty() && selection != "all")
+        encoding.unsupported = where + "selection' is " + selection + " (a decoder LLM's kept tokens)";
+      const Fields tokenizer = components[entry.tokenizer];
+      if (encoding.unsupported.empty() && tokenizer.has("padding_side") && tokenizer["padding_side"].str() != "right")
+        encoding.unsupported = "field 'components/" + entry.tokenizer + "/padding_side' is " +
+                               tokenizer["padding_side"].str() + " (l2c-run pads on the right)";
     }
     if (listed.size() != m.components.text_encoders.size() + m.components.tokenizers.size())
       encoders.fail("does not name every text_encoder* and tokenizer* component of the build");

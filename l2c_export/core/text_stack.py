@@ -63,12 +63,13 @@ def combined_width(groups: Groups, widths: Mapping[str, int], where: str) -> int
 def combine(groups: Groups, values: Mapping[str, np.ndarray]) -> np.ndarray:
     """The array ``groups`` makes from ``values`` (piece -> (N, L, D), a pooled (N, P) or a mask (N, L)), float32:
     (N, sum of L, D of the last group) from hidden states; (N, P) from pooled pieces (one group); the masks
-    concatenated on tokens."""
+    concatenated on tokens. C-ordered (a kept token selection can leave a mask Fortran-ordered, which ``.npz`` files
+    then keep, and the C++ runtime refuses)."""
     made = [np.concatenate([np.asarray(values[piece]) for piece in group], axis=-1) for group in groups]
     if made[-1].ndim == 3:
         width = made[-1].shape[-1]
         made = [np.pad(m, ((0, 0), (0, 0), (0, width - m.shape[-1]))) for m in made]
-    return np.concatenate(made, axis=1).astype(np.float32)
+    return np.ascontiguousarray(np.concatenate(made, axis=1), dtype=np.float32)
 
 
 def select_tokens(values: Mapping[str, np.ndarray], mask: np.ndarray, selection: str, count: int,

@@ -120,6 +120,10 @@ struct PromptEncodingRecord {
   std::string preprocessing = "none";
   std::vector<Encoder> encoders;
   std::vector<std::pair<std::string, std::vector<std::vector<std::string>>>> arrays;  // in the record's order
+  // The first field of the record l2c-run does not apply (a decoder LLM's template or token selection, a left-padding
+  // tokenizer: Sana's and Qwen-Image's stacks), with why; empty where it applies all of it. Prompts are refused
+  // naming it (embeddings still run).
+  std::string unsupported;
 };
 
 struct Components {
