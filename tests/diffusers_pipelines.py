@@ -43,12 +43,18 @@ SANA_SCHEDULER = dict(use_flow_sigmas=True, prediction_type="flow_prediction", f
 # Qwen-Image's layout in miniature: 2 blocks, rotary axes summing to the head dim, the VAE's 4 channels packed 2x2
 QWEN_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
                    num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(2, 2, 4))
+# Wan2.1's layout in miniature: 3-D patches (1, 2, 2), 2 blocks of self-attention, cross-attention and feed-forward;
+# the head dim even and 6 or more (the rotary embedding's frame, height and width parts)
+WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                  text_dim=CAPTION_CHANNELS, freq_dim=8, ffn_dim=16, num_layers=2, cross_attn_norm=True,
+                  rope_max_seq_len=32)
 FLOW_SCHEDULERS = {"sd3": dict(shift=3.0), "sd35": dict(shift=3.0),  # SD3-medium's and SD3.5's
                    "flux": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                 max_image_seq_len=4096, shift=3.0),  # FLUX.1-dev's
                    "qwen": dict(use_dynamic_shifting=True, time_shift_type="exponential", shift_terminal=0.02,
                                 base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
-                                shift=1.0)}  # Qwen-Image's
+                                shift=1.0),  # Qwen-Image's
+                   "wan": dict(shift=3.0)}  # Wan2.1's flow_shift (480p), which WanPipeline runs with this scheduler
 
 
 def _scheduler(kind: str, family: str = ""):
@@ -224,7 +230,8 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     SD3's and FLUX.1's scaling and shift factors), fp32, eval. The VAE has one level, so pixels are latents
     (vae_scale_factor 1). ``SanaPipeline`` ("sana"; "sana15" with Sana 1.5's qk norms): scheduler "flow" is Sana's
     DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder;
-    ``QwenImagePipeline`` ("qwen"), no text encoder."""
+    ``QwenImagePipeline`` ("qwen"), no text encoder; ``WanPipeline`` ("wan", scheduler "flow": flow-matching Euler
+    with Wan's shift 3), no text encoder, no VAE (the pipeline's scale factors are then 4 in time, 8 in space)."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
@@ -253,6 +260,11 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
 
         pipe = QwenImagePipeline(transformer=QwenImageTransformer2DModel(**QWEN_CONFIG), vae=tiny_qwen_vae(),
                                  scheduler=_scheduler("flow", family), text_encoder=None, tokenizer=None)
+    elif family == "wan":
+        from diffusers import WanPipeline, WanTransformer3DModel
+
+        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=None,
+                           scheduler=_scheduler("flow", family), text_encoder=None, tokenizer=None)
     elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))

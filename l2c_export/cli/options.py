@@ -9,7 +9,7 @@ import click
 from ..core.schedule import SCHEDULE_MODES
 from ..core.util import short_repr
 from ..samplers import SAMPLER_KINDS
-from . import MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
+from . import IMAGE_SIZE, MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
 
 
 def model_options(function):
@@ -26,9 +26,11 @@ def model_options(function):
                      help="Model of --checkpoint, for example DiT-XL/2 or U-ViT-H/2; without --checkpoint an embedded "
                           "model: dit-digits (default), uvit-digits, t2i-digits (the diffusers folder "
                           "l2c_export/demo/t2i-digits)."),
-        click.option("--image-size", type=POSITIVE, help="Image size in pixels of --checkpoint (latents are 1/8), or of a "
-                     "--diffusers folder whose transformer has no sample_size (FLUX.1; latents are pixels over the "
-                     "VAE's scale factor)."),
+        click.option("--image-size", type=IMAGE_SIZE, help="Image size in pixels of --checkpoint (latents are 1/8), or "
+                     "of a --diffusers folder whose transformer has no sample_size (FLUX.1; latents are pixels over the "
+                     "VAE's scale factor); HxW: a video model's frame height and width (Wan)."),
+        click.option("--num-frames", type=POSITIVE, help="A --diffusers video model's frames per clip (Wan: 4k + 1, "
+                     "the pipeline's num_frames; default its 81)."),
         click.option("--num-classes", type=POSITIVE, default=1000, show_default=True, help="Classes of --checkpoint."),
     ]
     for option in reversed(options):
@@ -36,10 +38,11 @@ def model_options(function):
     return function
 
 
-def resolve_model(checkpoint, model_name, image_size, num_classes, diffusers=None, max_sequence_length=None):
+def resolve_model(checkpoint, model_name, image_size, num_classes, diffusers=None, max_sequence_length=None,
+                  num_frames=None):
     from ..models import zoo
 
-    return zoo.resolve(checkpoint, model_name, image_size, num_classes, diffusers, max_sequence_length)
+    return zoo.resolve(checkpoint, model_name, image_size, num_classes, diffusers, max_sequence_length, num_frames)
 
 
 def schedule_options(function):

@@ -122,7 +122,7 @@ def _print_schedule(result, macs) -> None:
               help="Initial noise (the pipeline's latents) .npy of shape (n samples, C, H, W), float32.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True)
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Also save the samples (.npy).")
-def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold,
+def sample(diffusers, checkpoint, model_name, image_size, num_frames, num_classes, schedule_file, router, threshold,
            target_mac_fraction, mode, steps, sampler_kind, full, labels, conditioning_file, cfg_scale,
            guide_all_channels, seed, noise_file, out, save_latents):
     """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule. For a diffusers folder:
@@ -135,7 +135,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
     from ..models.reference import sample_reference
     from .options import load_noise
 
-    spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers)
+    spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers, num_frames=num_frames)
     sampler = spec.sampler(sampler_kind, schedule_steps(schedule_file, steps))
     plan = None if full else resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction,
                                                mode, use_default=checkpoint is None and diffusers is None)
