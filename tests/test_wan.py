@@ -132,3 +132,108 @@ def test_build_and_run_equal_the_pipeline_full_and_with_a_schedule(wan_build):
     # the schedule's reuse and the guidance each change the latents well beyond the tolerance
     assert np.abs(results[True, CFG_SCALE] - results[False, CFG_SCALE]).max() > 2e-4 * np.ptp(results[True, CFG_SCALE])
     assert np.abs(results[True, CFG_SCALE] - results[True, 1.0]).max() > 1e-2 * np.ptp(results[True, CFG_SCALE])
+
+
+def test_the_cached_forward_is_diffusers_transformer_with_reused_modules(tiny_diffusers):
+    """The family's forward (its traceable rotary product) equals diffusers' transformer called as the pipeline calls
+    it on 5-D latents, computing everything and with modules reused from the previous call (diffusers with hooks)."""
+    folder = tiny_diffusers("wan", "flow")
+    found, config = _sized(folder)
+    model = found.family.load(found.transformer_dir, config)
+    reference = load_pipeline(folder).transformer.eval()
+    names = found.family.sublayer_names(config)
+    rows = np.ones((2, len(names)), dtype=bool)
+    rows[1, [names.index("blocks.0.attn1"), names.index("blocks.1.ffn")]] = False
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, PROMPT_TOKENS, WAN_CONFIG["text_dim"], generator=generator)
+    cache: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), schedule_hooks(reference, names, rows):
+        for call, row in enumerate(rows):
+            latents = torch.randn(2, *LATENTS, generator=generator)
+            timestep = torch.tensor([900.0, 600.0][call]).expand(2)
+            want = reference(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
+                             return_dict=False)[0]
+            got = model.forward_cached(latents, timestep, embeds, [bool(v) for v in row], cache)
+            assert got.shape == want.shape == (2, *LATENTS)
+            assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), call
+    assert cache[names.index("blocks.0.attn1")].shape == (2, 4, 24)
+
+
+@pytest.mark.slow
+def test_verify_passes_every_subset(wan_build):
+    """Every subset graph in ONNX Runtime equals the cached PyTorch forward."""
+    root = wan_build[0]
+    assert "agree with PyTorch" in run_cli("verify", str(root / "E")).stdout
+
+
+@pytest.mark.slow
+def test_a_seed_draws_the_5d_latents_the_pipeline_draws(wan_build, tmp_path):
+    """run --seed S starts from torch's randn of the whole (n, C, F', H', W') batch, as WanPipeline.prepare_latents
+    draws it for generator=torch.Generator().manual_seed(S): the same latents out (guided, full compute)."""
+    root, folder, _, _, conditioning = wan_build
+    run_cli("run", str(root / "E"), "--seed", "7", "--conditioning", str(root / "cond.npz"), "--cfg-scale",
+            str(CFG_SCALE), "--full", "--save-latents", str(tmp_path / "out.npy"))
+    with torch.no_grad():
+        want = load_pipeline(folder)(prompt=None, generator=torch.Generator().manual_seed(7),
+                                     num_inference_steps=STEPS, guidance_scale=CFG_SCALE, num_frames=NUM_FRAMES,
+                                     height=HEIGHT, width=WIDTH, output_type="latent", **conditioning).frames.numpy()
+    got = np.load(tmp_path / "out.npy")
+    assert got.shape == want.shape == (2, *LATENTS)
+    assert np.abs(got - want).max() <= 1e-4 * np.ptp(want)
+
+
+def _refused(*args: str, where) -> str:
+    refused = run_cli(*args, check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert not where.exists()
+    return refused.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-frames", "6"], "--num-frames 6: expected 4k + 1 frames in 1..1025"),
+    (["--num-frames", "5", "--image-size", "20x32"], "--image-size: the height 20 is not a positive multiple of 16"),
+    (["--num-frames", "5", "--image-size", "16x"], "expected a positive number of pixels or HEIGHTxWIDTH"),
+    (["--num-frames", "129", "--image-size", "16"], "33 patches on an axis; the transformer's rotary embedding has "
+                                                     "32 positions (rope_max_seq_len)"),
+])
+def test_a_clip_shape_it_cannot_sample_is_refused_by_name(tiny_diffusers, tmp_path, flags, message):
+    """A frame count not 4k + 1, frames not a multiple of the VAE's factor times the patch, a size that does not
+    parse, more positions than the rotary table has: one line naming the flag, exit 2, nothing written."""
+    stderr = _refused("build", "--diffusers", str(tiny_diffusers("wan", "flow")), "--steps", "2", *flags, "--out",
+                      str(tmp_path / "E"), where=tmp_path / "E")
+    assert message in stderr, stderr
+
+
+def test_an_image_model_refuses_a_clip_shape(tiny_diffusers, tmp_path):
+    stderr = _refused("build", "--diffusers", str(tiny_diffusers("dit", "ddim")), "--steps", "2", "--num-frames",
+                      "5", "--out", str(tmp_path / "E"), where=tmp_path / "E")
+    assert "--num-frames 5: a DiTTransformer2DModel samples images, not clips; leave --num-frames out" in stderr
+
+
+@pytest.mark.slow
+def test_noise_of_the_wrong_rank_is_refused(wan_build, tmp_path):
+    """Latents of 4 axes where the build samples (n, C, F', H', W'): one line, exit 2, nothing written."""
+    root = wan_build[0]
+    np.save(tmp_path / "z.npy", np.zeros((2, 4, 2, 4), np.float32))
+    stderr = _refused("run", str(root / "E"), "--noise", str(tmp_path / "z.npy"), "--conditioning",
+                      str(root / "cond.npz"), "--save-latents", str(tmp_path / "o.npy"), where=tmp_path / "o.npy")
+    assert "has shape (2, 4, 2, 4); expected (2, 4, 2, 2, 4)" in stderr, stderr
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"image_dim": 1280}, "field 'image_dim' is 1280; WanTransformer3DModel is supported with image_dim = None only"),
+    ({"patch_size": [1, 2]}, "field 'patch_size' is [1, 2]; expected a list of 3 to 3 integers in 1..16"),
+    ({"attention_head_dim": 11}, "field 'attention_head_dim' is 11; expected an even size"),
+    ({"num_layers": 1000}, "field 'num_layers' is 1000; expected an integer in 1..128"),
+])
+def test_a_folder_it_does_not_run_is_refused_by_name(tiny_diffusers, tmp_path, changes, message):
+    """An option of the transformer this family does not run (image to video's image embedding), a bad patch or head
+    size, a size out of bounds: one line naming the file and field, exit 2, nothing written."""
+    import shutil
+
+    folder = shutil.copytree(tiny_diffusers("wan", "flow"), tmp_path / "copy")
+    path = folder / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    stderr = _refused("build", "--diffusers", str(folder), "--num-frames", "5", "--image-size", "16", "--steps", "2",
+                      "--out", str(tmp_path / "E"), where=tmp_path / "E")
+    assert str(path) in stderr and message in stderr, stderr
