@@ -130,8 +130,8 @@ def from_diffusers(folder: str | Path, image_size: int | tuple[int, int] | None 
                    max_sequence_length: int | None = None, num_frames: int | None = None) -> ModelSpec:
     """A diffusers pipeline folder (:func:`l2c_export.models.diffusers.read_folder`): its transformer, its scheduler as
     the sampler, the pipeline's default steps and guidance scale; ``image_size`` (pixels) for a transformer without a
-    ``sample_size`` (FLUX.1), or (height, width) and ``num_frames`` for a video model (Wan); ``max_sequence_length`` the pipelines' argument of that name (T5's tokens; default the
-    pipeline's) for a text model."""
+    ``sample_size`` (FLUX.1), or (height, width) and ``num_frames`` for a video model (Wan); ``max_sequence_length``
+    the pipelines' argument of that name (T5's tokens; default the pipeline's) for a text model."""
     from ..core.extras import require_extra
     from .diffusers import read_folder
     from .diffusers.text_encoders import SEQUENCE_LENGTHS
