@@ -67,7 +67,8 @@ from .options import model_options, resolve_model
               help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
 def learn(diffusers, checkpoint, model_name, image_size, num_frames, num_classes, model_config, data_arg, data_labels,
           trajectories, conditioning_data, prompts_file, mode, sampler_kind, steps, iterations, batch_size, lr, l1,
-          cfg_scale, window, steps_per_iteration, init_std, seed, out, save_every, resume, threshold, target_mac_fraction, json_out):
+          cfg_scale, window, steps_per_iteration, init_std, seed, out, save_every, resume, threshold, target_mac_fraction,
+          json_out):
     """Learn router logits (L2C): teacher = full model, student = soft-routed cache, loss = MSE + lambda * sum(w).
 
     Runs under torchrun for data-parallel learning (gloo on CPU):
