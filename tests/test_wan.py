@@ -237,3 +237,29 @@ def test_a_folder_it_does_not_run_is_refused_by_name(tiny_diffusers, tmp_path, c
     stderr = _refused("build", "--diffusers", str(folder), "--num-frames", "5", "--image-size", "16", "--steps", "2",
                       "--out", str(tmp_path / "E"), where=tmp_path / "E")
     assert str(path) in stderr and message in stderr, stderr
+
+
+@pytest.mark.slow
+def test_served_requests_are_batched_and_equal_the_pipeline_alone_in_process(wan_build):
+    """What the Triton model does with requests it is handed together (no server): the inputs are the manifest's
+    (prompt_embeds, negative_prompt_embeds, 5-D noise), images of one scale and prompt length are merged, and each
+    equals L2CPipeline's alone."""
+    from l2c_export.runtime.pipeline import L2CPipeline
+    from l2c_export.serving.sampling import decode_request, sample_requests, served_inputs
+
+    root, _, _, latents, conditioning = wan_build
+    pipe = L2CPipeline.from_engine_dir(root / "E")
+    inputs = {name: dims for name, _, dims, _ in served_inputs(pipe.manifest)}
+    assert list(inputs)[:2] == ["prompt_embeds", "negative_prompt_embeds"] and inputs["noise"] == list(LATENTS)
+    arrays = {name: value.numpy() for name, value in conditioning.items()}
+    sent = [(arrays, latents.numpy()), (arrays, latents.numpy()[::-1].copy())]
+    scales = np.full((2, 1), CFG_SCALE, np.float32)
+    requests = [decode_request(pipe, noise=noise, cfg_scale=scales, **request) for request, noise in sent]
+    results, batch_sizes = sample_requests(pipe, requests)
+    assert sum(batch_sizes) == 4
+    for (request, noise), samples in zip(sent, results):
+        assert samples.shape == (2, *LATENTS)
+        for i in range(2):
+            alone = pipe(conditioning={name: array[i:i + 1] for name, array in request.items()}, cfg_scale=CFG_SCALE,
+                         noise=noise[i:i + 1]).samples[0]
+            assert np.abs(samples[i] - alone).max() <= 1e-5 * np.ptp(alone)
