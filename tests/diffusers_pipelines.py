@@ -116,6 +116,16 @@ def tiny_qwen_vae():
                                   latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
 
 
+def tiny_wan_vae():
+    """A tiny ``AutoencoderKLWan``: 4 latent channels, three levels with the last two downsampling in time (Wan 2.1's
+    temporal factor 4; spatial factor 4), its config's scale factors said to match."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[True, True], latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0],
+                            scale_factor_temporal=4, scale_factor_spatial=4)
+
+
 def tiny_t5(word_level: bool = False):
     """A tiny random ``T5EncoderModel`` (d_model = the tiny PixArt's caption_channels) and a tokenizer of T5's shape
     built with the ``tokenizers`` library: a Unigram model over whole words (``▁word``), single letters and digits
@@ -231,7 +241,7 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     (vae_scale_factor 1). ``SanaPipeline`` ("sana"; "sana15" with Sana 1.5's qk norms): scheduler "flow" is Sana's
     DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder;
     ``QwenImagePipeline`` ("qwen"), no text encoder; ``WanPipeline`` ("wan", scheduler "flow": flow-matching Euler
-    with Wan's shift 3), no text encoder, no VAE (the pipeline's scale factors are then 4 in time, 8 in space)."""
+    with Wan's shift 3), no text encoder, :func:`tiny_wan_vae` (scale factors 4 in time and in space)."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
@@ -263,7 +273,7 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     elif family == "wan":
         from diffusers import WanPipeline, WanTransformer3DModel
 
-        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=None,
+        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=tiny_wan_vae(),
                            scheduler=_scheduler("flow", family), text_encoder=None, tokenizer=None)
     elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),

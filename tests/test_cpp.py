@@ -1215,11 +1215,11 @@ def test_l2c_run_equals_the_python_runtime_on_wan(cpp_build, diffusers_cpp_build
     request = ["--conditioning", tmp_path / "cond.npz"]
     _parity_guided_and_scheduled(engines, tmp_path, request)
     noise = _noise(engines, 2, 5, tmp_path / "z.npy")
-    assert noise.shape == (2, WAN_CONFIG["in_channels"], 2, 2, 4)
+    assert noise.shape == (2, WAN_CONFIG["in_channels"], 2, 4, 8)
     for source, out in ((["--seed", "5"], "seeded.npy"), (["--noise", tmp_path / "z.npy"], "file.npy")):
         result = l2c_run(engines, *request, "--cfg-scale", "3", *source, "--out", tmp_path / out)
         assert result.returncode == 0, result.stderr
     assert np.array_equal(np.load(tmp_path / "seeded.npy"), np.load(tmp_path / "file.npy"))
     np.save(tmp_path / "z.npy", noise[:, :, 0])
     line = _refused_request(tmp_path, engines, *request)
-    assert "noise has shape (2, 4, 2, 4); expected (2, 4, 2, 2, 4) (n prompts, C, F, H, W)" in line, line
+    assert "noise has shape (2, 4, 4, 8); expected (2, 4, 2, 4, 8) (n prompts, C, F, H, W)" in line, line

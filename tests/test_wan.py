@@ -1,8 +1,8 @@
 """Wan2.1 from a diffusers folder (issue 30, point 1): ``WanTransformer3DModel`` as ``WanPipeline`` samples it, text
 to video: 5-D latents (N, C, F', H', W') end to end, F' = (num_frames - 1) / 4 + 1; sub-layers ``blocks.{i}.attn1``,
 ``.attn2``, ``.ffn``; classifier-free guidance with ``negative_prompt_embeds`` (no mask), on only above scale 1. A
-tiny random transformer saved with ``save_pretrained`` (no text encoder, no VAE: the pipeline's scale factors are
-then 4 in time and 8 in space), flow-matching Euler with Wan's shift; the reference is diffusers' own pipeline on the
+tiny random transformer and ``AutoencoderKLWan`` saved with ``save_pretrained`` (no text encoder; the VAE's scale
+factors 4 in time and in space), flow-matching Euler with Wan's shift; the reference is diffusers' own pipeline on the
 same latents and embeddings, with forward hooks that make the named sub-modules return their last computed output
 (one cache per pass: the pipeline calls the transformer for the prompt, then for the negative prompt)."""
 
@@ -24,8 +24,8 @@ from .diffusers_pipelines import WAN_CONFIG, load_pipeline, schedule_hooks
 STEPS = 6
 CFG_SCALE = 4.0
 NUM_FRAMES = 5  # 2 latent frames
-HEIGHT, WIDTH = 16, 32  # pixels: 2 x 4 latents at the scale factor 8, 1 x 2 patches of (1, 2, 2)
-LATENTS = (WAN_CONFIG["in_channels"], 2, 2, 4)  # (C, F', H', W')
+HEIGHT, WIDTH = 16, 32  # pixels: 4 x 8 latents at the tiny VAE's scale factor 4, 2 x 4 patches of (1, 2, 2)
+LATENTS = (WAN_CONFIG["in_channels"], 2, 4, 8)  # (C, F', H', W'): 16 tokens
 PROMPT_TOKENS = 7  # not the traced length (5): the prompt axis is dynamic
 
 
@@ -42,12 +42,12 @@ def test_sublayers_latents_and_graph_interface(tiny_diffusers):
     assert family.name == "diffusers-wan" and family.latent_layout == "ncfhw"
     names = family.sublayer_names(config)
     assert names == tuple(f"blocks.{i}.{s}" for i in range(2) for s in ("attn1", "attn2", "ffn"))
-    assert set(family.cached_shapes(config)) == {(4, 24)}
+    assert set(family.cached_shapes(config)) == {(16, 24)}
     records = [tensor.record() for tensor in family.graph_inputs(config)]
     assert records[0]["shape"] == ["batch", *LATENTS] and family.graph_output(config).shape == LATENTS
     assert [(r["role"], r.get("argument"), r.get("negative")) for r in records[1:]] == [
         ("time", None, None), ("conditioning", "prompt_embeds", "negative_prompt_embeds")]
-    # 17 frames of 48 x 48 (the issue's acceptance size): 5 latent frames of 6 x 6
+    # 17 frames of 48 x 48 (the issue's acceptance size) at Wan's scale factor 8: 5 latent frames of 6 x 6
     assert family.sized_config(found.config, 48, 8, 17).latent_shape == (5, 6, 6)
 
 
@@ -156,14 +156,16 @@ def test_the_cached_forward_is_diffusers_transformer_with_reused_modules(tiny_di
             got = model.forward_cached(latents, timestep, embeds, [bool(v) for v in row], cache)
             assert got.shape == want.shape == (2, *LATENTS)
             assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), call
-    assert cache[names.index("blocks.0.attn1")].shape == (2, 4, 24)
+    assert cache[names.index("blocks.0.attn1")].shape == (2, 16, 24)
 
 
 @pytest.mark.slow
 def test_verify_passes_every_subset(wan_build):
-    """Every subset graph in ONNX Runtime equals the cached PyTorch forward."""
-    root = wan_build[0]
+    """Every subset graph in ONNX Runtime equals the cached PyTorch forward, the build's own and the folder's
+    transformer at the build's clip shape (``verify --diffusers``, which also checks the VAE decoder)."""
+    root, folder = wan_build[:2]
     assert "agree with PyTorch" in run_cli("verify", str(root / "E")).stdout
+    assert "agree with PyTorch" in run_cli("verify", str(root / "E"), "--diffusers", str(folder)).stdout
 
 
 @pytest.mark.slow
@@ -191,7 +193,7 @@ def _refused(*args: str, where) -> str:
 
 @pytest.mark.parametrize("flags, message", [
     (["--num-frames", "6"], "--num-frames 6: expected 4k + 1 frames in 1..1025"),
-    (["--num-frames", "5", "--image-size", "20x32"], "--image-size: the height 20 is not a positive multiple of 16"),
+    (["--num-frames", "5", "--image-size", "20x32"], "--image-size: the height 20 is not a positive multiple of 8"),
     (["--num-frames", "5", "--image-size", "16x"], "expected a positive number of pixels or HEIGHTxWIDTH"),
     (["--num-frames", "129", "--image-size", "16"], "33 patches on an axis; the transformer's rotary embedding has "
                                                      "32 positions (rope_max_seq_len)"),
@@ -214,10 +216,10 @@ def test_an_image_model_refuses_a_clip_shape(tiny_diffusers, tmp_path):
 def test_noise_of_the_wrong_rank_is_refused(wan_build, tmp_path):
     """Latents of 4 axes where the build samples (n, C, F', H', W'): one line, exit 2, nothing written."""
     root = wan_build[0]
-    np.save(tmp_path / "z.npy", np.zeros((2, 4, 2, 4), np.float32))
+    np.save(tmp_path / "z.npy", np.zeros((2, 4, 4, 8), np.float32))
     stderr = _refused("run", str(root / "E"), "--noise", str(tmp_path / "z.npy"), "--conditioning",
                       str(root / "cond.npz"), "--save-latents", str(tmp_path / "o.npy"), where=tmp_path / "o.npy")
-    assert "has shape (2, 4, 2, 4); expected (2, 4, 2, 2, 4)" in stderr, stderr
+    assert "has shape (2, 4, 4, 8); expected (2, 4, 2, 4, 8)" in stderr, stderr
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -263,3 +265,39 @@ def test_served_requests_are_batched_and_equal_the_pipeline_alone_in_process(wan
             alone = pipe(conditioning={name: array[i:i + 1] for name, array in request.items()}, cfg_scale=CFG_SCALE,
                          noise=noise[i:i + 1]).samples[0]
             assert np.abs(samples[i] - alone).max() <= 1e-5 * np.ptp(alone)
+
+
+@pytest.mark.slow
+def test_decoded_clips_equal_the_pipelines(wan_build, tmp_path):
+    """The build carries the folder's AutoencoderKLWan decoder of every frame (the per-channel latents_mean and
+    latents_std inside the graph, the record's scaling_factor 1): L2CPipeline(..., decode=True) gives (n, 3, F, H, W)
+    equal to WanPipeline's output_type="np" frames to 1e-3 of the range, verify's component check passes, and run
+    --out writes an animated GIF of F frames (a .png refused before sampling)."""
+    from PIL import Image
+
+    from l2c_export.runtime.pipeline import L2CPipeline
+    from l2c_export.tools.verify import verify_components
+
+    root, folder, _, latents, conditioning = wan_build
+    record = json.loads((root / "E" / "manifest.json").read_text())["components"]["vae_decoder"]
+    assert record["latent_layout"] == "ncfhw" and record["scaling_factor"] == 1.0
+    assert record["outputs"][0]["shape"] == ["batch", 3, NUM_FRAMES, HEIGHT, WIDTH]
+    arrays = {name: value.numpy() for name, value in conditioning.items()}
+    result = L2CPipeline.from_engine_dir(root / "E")(conditioning=arrays, noise=latents.numpy(), cfg_scale=CFG_SCALE,
+                                                     full=True, decode=True)
+    got = np.clip(result.decoded.transpose(0, 2, 3, 4, 1) / 2 + 0.5, 0, 1)
+    with torch.no_grad():
+        want = load_pipeline(folder)(prompt=None, latents=latents.clone(), num_inference_steps=STEPS,
+                                     guidance_scale=CFG_SCALE, num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH,
+                                     output_type="np", **conditioning).frames
+    assert got.shape == want.shape == (2, NUM_FRAMES, HEIGHT, WIDTH, 3) and np.ptp(want) > 0.01
+    assert np.abs(got - want).max() <= 1e-3 * np.ptp(want), (np.abs(got - want).max(), np.ptp(want))
+    (check,) = verify_components(root / "E", folder)
+    assert check.passed, check
+    common = ["run", str(root / "E"), "--noise", str(root / "z.npy"), "--conditioning", str(root / "cond.npz"),
+              "--cfg-scale", str(CFG_SCALE)]
+    run_cli(*common, "--out", str(tmp_path / "clip.gif"))
+    with Image.open(tmp_path / "clip.gif") as clip:
+        assert clip.n_frames == NUM_FRAMES and clip.is_animated
+    stderr = _refused(*common, "--out", str(tmp_path / "clip.png"), where=tmp_path / "clip.png")
+    assert "a clip is written as .gif or .webp" in stderr, stderr

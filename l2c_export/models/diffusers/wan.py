@@ -15,7 +15,8 @@ fed is the scheduler's (``t.expand(N)``); the transformer's own forward runs as 
 Scheduler: Wan's folders ship ``UniPCMultistepScheduler`` (flow prediction, ``flow_shift``); the pipeline runs as
 well with ``FlowMatchEulerDiscreteScheduler`` (``shift`` as Wan's flow shift, no dynamic shifting: the pipeline
 passes no ``mu``), which this family samples with. The UMT5 encoder is declared, not carried as a graph yet (a build
-takes prompt embeddings); the VAE (``AutoencoderKLWan``) is not carried yet (a build gives latents).
+takes prompt embeddings); the VAE (``AutoencoderKLWan``) is carried as a decoder graph of every frame of the clip
+(the ``mean_std`` VAE kind, :mod:`.vae`), its scale factors checked to be the ones sampled here (4 in time).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from __future__ import annotations
 from ...core.interface import NCFHW, TOKEN_EMBEDDINGS
 from ...core.util import short_repr
 from .. import TensorSpec
-from .declaration import Blocks, Conditioning, Declaration, Guidance
+from .declaration import Blocks, Conditioning, Declaration, Guidance, VaeKind
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .sizes import LATENT_SIDE, WAN_FRAMES, WAN_PATCH, WAN_SIZES, check_integer_list
 from .text_encoders import TextEncoder, TextEncoderStack
+from .vae import WAN_VAE_TEMPORAL
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline's max_sequence_length: UMT5's tokens, the whole prompt_embeds
-VAE_SCALE_FACTOR_TEMPORAL = 4  # WanPipeline's vae_scale_factor_temporal (AutoencoderKLWan's, 4 without a VAE)
+VAE_SCALE_FACTOR_TEMPORAL = WAN_VAE_TEMPORAL  # WanPipeline's vae_scale_factor_temporal (4 without a VAE)
 DEFAULT_NUM_FRAMES = 81  # WanPipeline's num_frames
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 480, 832  # WanPipeline's height and width
 
@@ -50,7 +52,8 @@ DECLARATION = Declaration(
     text_encoders=TextEncoderStack(
         encoders=(TextEncoder("text_encoder", "tokenizer", "umt5", ("last_hidden_state",), masked=True),),
         arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),)),
-    vae=None,  # AutoencoderKLWan: not carried yet
+    # AutoencoderKLWan: Wan 2.1's causal 3D VAE, per-channel latents_mean/latents_std as Qwen-Image's; every frame
+    vae=VaeKind(classes=("AutoencoderKLWan",), kind="mean_std"),
     default_steps=50,  # the pipeline's num_inference_steps
     max_sequence_length={"WanPipeline": MAX_SEQUENCE_LENGTH},
     macs_prompt_tokens=MAX_SEQUENCE_LENGTH,
