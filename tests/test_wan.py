@@ -301,3 +301,23 @@ def test_decoded_clips_equal_the_pipelines(wan_build, tmp_path):
         assert clip.n_frames == NUM_FRAMES and clip.is_animated
     stderr = _refused(*common, "--out", str(tmp_path / "clip.png"), where=tmp_path / "clip.png")
     assert "a clip is written as .gif or .webp" in stderr, stderr
+
+
+@pytest.mark.slow
+def test_the_triton_repository_serves_5d_latents_and_frames(wan_build, tmp_path):
+    """``l2c-export triton`` on a Wan build: the model takes 5-D noise and answers 5-D samples and, through the build's
+    VAE decoder, ``frames`` UINT8 (F, H, W, 3) per clip (what the Triton model returns: to_uint8 of the decoded clips,
+    frames last)."""
+    from l2c_export.core.images import to_uint8
+
+    root = wan_build[0]
+    run_cli("triton", str(root / "E"), "--repo", str(tmp_path / "repo"), "--name", "wan")
+    config = (tmp_path / "repo" / "wan" / "config.pbtxt").read_text()
+    compact = " ".join(config.split())
+    assert f'name: "noise" data_type: TYPE_FP32 dims: {" dims: ".join(map(str, LATENTS))}' in compact, config
+    assert f'name: "samples" data_type: TYPE_FP32 dims: {" dims: ".join(map(str, LATENTS))}' in compact, config
+    assert f'name: "frames" data_type: TYPE_UINT8 dims: {NUM_FRAMES} dims: {HEIGHT} dims: {WIDTH} dims: 3' in compact
+    clips = np.linspace(-1, 1, 2 * 3 * NUM_FRAMES * HEIGHT * WIDTH, dtype=np.float32).reshape(
+        2, 3, NUM_FRAMES, HEIGHT, WIDTH)
+    assert np.array_equal(to_uint8(clips)[1, 4, 7, 9], to_uint8(clips[:, :, 4])[1, 7, 9])
+    assert to_uint8(clips).shape == (2, NUM_FRAMES, HEIGHT, WIDTH, 3)

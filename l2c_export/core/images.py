@@ -23,8 +23,8 @@ def figure_to_png(figure, path: str | Path, dpi: int = 120, tight: bool = True) 
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:
-    """(n, C, H, W) in [-1, 1] -> (n, H, W, C) uint8."""
-    return np.clip((samples + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    """(n, C, H, W) in [-1, 1] -> (n, H, W, C) uint8; clips (n, C, F, H, W) -> (n, F, H, W, C)."""
+    return np.moveaxis(np.clip((samples + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8), 1, -1)
 
 
 def grid_picture(samples: np.ndarray, columns: int | None = None, scale: int = 8) -> Image.Image:
