@@ -321,3 +321,29 @@ def test_the_triton_repository_serves_5d_latents_and_frames(wan_build, tmp_path)
         2, 3, NUM_FRAMES, HEIGHT, WIDTH)
     assert np.array_equal(to_uint8(clips)[1, 4, 7, 9], to_uint8(clips[:, :, 4])[1, 7, 9])
     assert to_uint8(clips).shape == (2, NUM_FRAMES, HEIGHT, WIDTH, 3)
+
+
+@pytest.mark.slow
+def test_a_router_learned_on_wan_trajectories_decodes_builds_and_runs(tiny_diffusers, tmp_path):
+    """learn --diffusers on the tiny Wan2.1 (its own 5-D trajectories from prompt and negative embeddings, guided)
+    writes a router over the named sub-layers that decodes, builds at the clip's shape and runs."""
+    from l2c_export.routers import load_router
+
+    folder = str(tiny_diffusers("wan", "flow"))
+    latents, conditioning = _request()
+    np.savez(tmp_path / "prompts.npz", **{name: value.numpy() for name, value in conditioning.items()})
+    shape = ["--num-frames", str(NUM_FRAMES), "--image-size", f"{HEIGHT}x{WIDTH}", "--steps", "4"]
+    router = tmp_path / "router.safetensors"
+    run_cli("learn", "--diffusers", folder, *shape, "--conditioning-data", str(tmp_path / "prompts.npz"),
+            "--trajectories", "2", "--batch-size", "2", "--iterations", "3", "--mode", "general", "--lr", "0.5",
+            "--cfg-scale", str(CFG_SCALE), "--out", str(router))
+    learned = load_router(router)
+    assert learned.sublayers == [f"blocks.{i}.{s}" for i in range(2) for s in ("attn1", "attn2", "ffn")]
+    assert learned.logits.shape == (4, 6) and np.abs(learned.logits[1:]).max() > 0  # the routers moved
+    run_cli("build", "--diffusers", folder, *shape, "--router", str(router), "--mode", "general",
+            "--target-mac-fraction", "0.8", "--out", str(tmp_path / "E"))
+    np.save(tmp_path / "z.npy", latents.numpy())
+    run_cli("run", str(tmp_path / "E"), "--noise", str(tmp_path / "z.npy"), "--conditioning",
+            str(tmp_path / "prompts.npz"), "--cfg-scale", str(CFG_SCALE), "--save-latents", str(tmp_path / "out.npy"))
+    out = np.load(tmp_path / "out.npy")
+    assert out.shape == (2, *LATENTS) and np.isfinite(out).all()

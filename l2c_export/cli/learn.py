@@ -138,7 +138,8 @@ def learn(diffusers, checkpoint, model_name, image_size, num_frames, num_classes
         return
     official_model = model_name if checkpoint is not None and model_config is None else None
     write_router(result.router, out, router_metadata(spec.name, sampler, settings, source.description,
-                                                     result.seconds, official_model, image_size,
+                                                     result.seconds, official_model,
+                                                     image_size if official_model else None,
                                                      num_classes if official_model else None,
                                                      result.router.sublayers))
     last = result.history[-1] if result.history else {}
