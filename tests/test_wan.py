@@ -340,6 +340,9 @@ def test_a_router_learned_on_wan_trajectories_decodes_builds_and_runs(tiny_diffu
     learned = load_router(router)
     assert learned.sublayers == [f"blocks.{i}.{s}" for i in range(2) for s in ("attn1", "attn2", "ffn")]
     assert learned.logits.shape == (4, 6) and np.abs(learned.logits[1:]).max() > 0  # the routers moved
+    shown = run_cli("schedule", "--diffusers", folder, "--num-frames", str(NUM_FRAMES), "--image-size",
+                    f"{HEIGHT}x{WIDTH}", "--router", str(router), "--target-mac-fraction", "0.8").stdout
+    assert "blocks.1.ffn" in shown and "MAC fraction" in shown, shown
     run_cli("build", "--diffusers", folder, *shape, "--router", str(router), "--mode", "general",
             "--target-mac-fraction", "0.8", "--out", str(tmp_path / "E"))
     np.save(tmp_path / "z.npy", latents.numpy())
