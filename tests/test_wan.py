@@ -350,3 +350,17 @@ def test_a_router_learned_on_wan_trajectories_decodes_builds_and_runs(tiny_diffu
             str(tmp_path / "prompts.npz"), "--cfg-scale", str(CFG_SCALE), "--save-latents", str(tmp_path / "out.npy"))
     out = np.load(tmp_path / "out.npy")
     assert out.shape == (2, *LATENTS) and np.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_eval_compares_the_schedule_and_the_baselines_on_clips(wan_build, tmp_path):
+    """eval --diffusers at the clip's shape: full compute, the schedule and the baselines from the same 5-D noise, PSNR
+    and FD to full compute over whole clips' latents (not yet frame by frame)."""
+    root, folder = wan_build[:2]
+    shown = run_cli("eval", "--diffusers", str(folder), "--num-frames", str(NUM_FRAMES), "--image-size",
+                    f"{HEIGHT}x{WIDTH}", "--schedule", str(root / "s.json"), "--conditioning-data",
+                    str(root / "cond.npz"), "--num-samples", "2", "--budgets", "0.8", "--random-seeds", "1",
+                    "--cfg-scale", str(CFG_SCALE), "--no-int8",
+                    "--json", str(tmp_path / "e.json")).stdout
+    assert "| l2c | matched |" in shown and "flattened 4x2x4x8 latents" in shown, shown
+    assert (tmp_path / "e.json").is_file()
