@@ -270,9 +270,10 @@ def test_served_requests_are_batched_and_equal_the_pipeline_alone_in_process(wan
 @pytest.mark.slow
 def test_decoded_clips_equal_the_pipelines(wan_build, tmp_path):
     """The build carries the folder's AutoencoderKLWan decoder of every frame (the per-channel latents_mean and
-    latents_std inside the graph, the record's scaling_factor 1): L2CPipeline(..., decode=True) gives (n, 3, F, H, W)
-    equal to WanPipeline's output_type="np" frames to 1e-3 of the range, verify's component check passes, and run
-    --out writes an animated GIF of F frames (a .png refused before sampling)."""
+    latents_std inside the graph, the record's scaling_factor 1): L2CPipeline(..., decode=True) decodes (n, 3, F, H,
+    W), its frames equal to WanPipeline's output_type="np" frames to 1e-3 of the range, verify's component check passes, and run
+    --out writes an animated GIF of F frames (a .png refused before sampling). ``result.frames`` is the pipeline's
+    (n, F, H, W, 3) in [0, 1]."""
     from PIL import Image
 
     from l2c_export.runtime.pipeline import L2CPipeline
@@ -285,7 +286,8 @@ def test_decoded_clips_equal_the_pipelines(wan_build, tmp_path):
     arrays = {name: value.numpy() for name, value in conditioning.items()}
     result = L2CPipeline.from_engine_dir(root / "E")(conditioning=arrays, noise=latents.numpy(), cfg_scale=CFG_SCALE,
                                                      full=True, decode=True)
-    got = np.clip(result.decoded.transpose(0, 2, 3, 4, 1) / 2 + 0.5, 0, 1)
+    assert result.decoded.shape == (2, 3, NUM_FRAMES, HEIGHT, WIDTH)
+    got = result.frames
     with torch.no_grad():
         want = load_pipeline(folder)(prompt=None, latents=latents.clone(), num_inference_steps=STEPS,
                                      guidance_scale=CFG_SCALE, num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH,

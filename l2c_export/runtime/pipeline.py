@@ -77,7 +77,8 @@ class SampleResult:
     seconds: float  # the whole sampling loop
     engine_seconds: float  # inside the engines
     step_subsets: list[int] = field(default_factory=list)  # the subset of each model call
-    decoded: np.ndarray | None = None  # latent models decoded by the build's VAE decoder: (n, 3, H, W) in about [-1, 1]
+    # latent models decoded by the build's VAE decoder: (n, 3, H, W) in about [-1, 1]; a video model's (n, 3, F, H, W)
+    decoded: np.ndarray | None = None
 
     @property
     def overhead_fraction(self) -> float:
@@ -92,6 +93,14 @@ class SampleResult:
         if self.samples.shape[1] not in (1, 3):
             raise ValueError("latent samples: decode them (decode=True, with a build that has a VAE decoder)")
         return self.samples
+
+    @property
+    def frames(self) -> np.ndarray:
+        """A video model's decoded clips as ``WanPipeline(output_type="np").frames``: (n, F, H, W, 3) float32 in
+        [0, 1] (the decoded (n, 3, F, H, W) halved and shifted, clamped)."""
+        if self.decoded is None or self.decoded.ndim != 5:
+            raise ValueError("frames are a video model's decoded clips: sample a clip build with decode=True")
+        return np.clip(np.moveaxis(self.decoded, 1, -1) / 2 + 0.5, 0, 1).astype(np.float32)
 
     @property
     def images(self):
