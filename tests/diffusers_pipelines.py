@@ -43,12 +43,18 @@ SANA_SCHEDULER = dict(use_flow_sigmas=True, prediction_type="flow_prediction", f
 # Qwen-Image's layout in miniature: 2 blocks, rotary axes summing to the head dim, the VAE's 4 channels packed 2x2
 QWEN_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
                    num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(2, 2, 4))
+# Wan2.1's layout in miniature: 3-D patches (1, 2, 2), 2 blocks of self-attention, cross-attention and feed-forward;
+# the head dim even and 6 or more (the rotary embedding's frame, height and width parts)
+WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                  text_dim=CAPTION_CHANNELS, freq_dim=8, ffn_dim=16, num_layers=2, cross_attn_norm=True,
+                  rope_max_seq_len=32)
 FLOW_SCHEDULERS = {"sd3": dict(shift=3.0), "sd35": dict(shift=3.0),  # SD3-medium's and SD3.5's
                    "flux": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                 max_image_seq_len=4096, shift=3.0),  # FLUX.1-dev's
                    "qwen": dict(use_dynamic_shifting=True, time_shift_type="exponential", shift_terminal=0.02,
                                 base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
-                                shift=1.0)}  # Qwen-Image's
+                                shift=1.0),  # Qwen-Image's
+                   "wan": dict(shift=3.0)}  # Wan2.1's flow_shift (480p), which WanPipeline runs with this scheduler
 
 
 def _scheduler(kind: str, family: str = ""):
@@ -63,6 +69,8 @@ def _scheduler(kind: str, family: str = ""):
         return DDIMScheduler()
     if kind == "dpm":
         return DPMSolverMultistepScheduler()
+    if kind == "unipc" and family == "wan":  # as Wan2.1's folders ship it (480p's flow shift)
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     if kind == "unipc":  # order 3: the predictor's and the corrector's solved weights run
         return UniPCMultistepScheduler(solver_order=3)
     raise ValueError(f"unknown scheduler {kind!r}; expected one of {SCHEDULERS}")
@@ -111,6 +119,16 @@ def tiny_qwen_vae():
 
     return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
                                   latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+
+
+def tiny_wan_vae():
+    """A tiny ``AutoencoderKLWan``: 4 latent channels, three levels with the last two downsampling in time (Wan 2.1's
+    temporal factor 4; spatial factor 4), its config's scale factors said to match."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[True, True], latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0],
+                            scale_factor_temporal=4, scale_factor_spatial=4)
 
 
 def tiny_t5(word_level: bool = False):
@@ -312,7 +330,9 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     SD3's and FLUX.1's scaling and shift factors), fp32, eval. The VAE has one level, so pixels are latents
     (vae_scale_factor 1). ``SanaPipeline`` ("sana"; "sana15" with Sana 1.5's qk norms): scheduler "flow" is Sana's
     DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder ("sana-text":
-    :func:`tiny_gemma2`); ``QwenImagePipeline`` ("qwen"), no text encoder ("qwen-text": :func:`tiny_qwen2_5_vl`)."""
+    :func:`tiny_gemma2`); ``QwenImagePipeline`` ("qwen"), no text encoder ("qwen-text": :func:`tiny_qwen2_5_vl`);
+    ``WanPipeline`` ("wan", scheduler "flow": flow-matching Euler with Wan's shift 3), no text encoder,
+    :func:`tiny_wan_vae` (scale factors 4 in time and in space)."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
@@ -345,6 +365,11 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
         pipe = QwenImagePipeline(transformer=QwenImageTransformer2DModel(**QWEN_CONFIG), vae=tiny_qwen_vae(),
                                  scheduler=_scheduler("flow", "qwen"), text_encoder=text_encoder,
                                  tokenizer=tokenizer)
+    elif family == "wan":
+        from diffusers import WanPipeline, WanTransformer3DModel
+
+        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=tiny_wan_vae(),
+                           scheduler=_scheduler(scheduler, family), text_encoder=None, tokenizer=None)
     elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))

@@ -719,7 +719,8 @@ def test_a_field_the_graphs_fix_edited_after_the_build_is_refused(cpp_build, def
 DIFFUSERS_STEPS = 8
 MMDIT_IMAGE_SIZE = 8  # FLUX.1 has no sample_size: 8 px, the tiny VAE's scale factor 1, 8 x 8 latents, 16 packed tokens
 # --image-size of the families without a sample_size (Qwen-Image's tiny VAE has a scale factor of 2: 16 packed tokens)
-IMAGE_SIZES = {"flux": MMDIT_IMAGE_SIZE, "flux-text": MMDIT_IMAGE_SIZE, "qwen": 16, "qwen-text": 16}
+IMAGE_SIZES = {"flux": MMDIT_IMAGE_SIZE, "flux-text": MMDIT_IMAGE_SIZE, "qwen": 16, "qwen-text": 16, "wan": (16, 32)}
+NUM_FRAMES = {"wan": 5}  # the video families' clips: Wan's 5 frames, 2 latent frames
 
 
 @pytest.fixture(scope="module")
@@ -732,7 +733,8 @@ def diffusers_cpp_builds(tiny_diffusers, tmp_path_factory):
     def make(family: str, scheduler: str) -> Path:
         key = (family, scheduler)
         if key not in builds:
-            spec = from_diffusers(tiny_diffusers(family, scheduler), IMAGE_SIZES.get(family))
+            spec = from_diffusers(tiny_diffusers(family, scheduler), IMAGE_SIZES.get(family),
+                                  num_frames=NUM_FRAMES.get(family))
             rows = np.ones((DIFFUSERS_STEPS, len(spec.sublayer_names)), dtype=bool)
             rows[1::2, 1::2] = False
             rows[2::3, 0] = False
@@ -1405,3 +1407,32 @@ def test_l2c_run_refuses_prompts_it_cannot_template_but_runs_their_embeddings(cp
     python = pipe(conditioning=conditioning, noise=noise, cfg_scale=3.0).samples
     cpp = np.load(tmp_path / "cpp.npy")
     assert np.abs(cpp - python).max() <= 1e-5 * (python.max() - python.min())
+
+
+def test_l2c_run_equals_the_python_runtime_on_wan(cpp_build, diffusers_cpp_builds, tmp_path):
+    """Wan2.1: 5-D latents (n, C, F', H', W') as model/latent_layout "ncfhw" says, prompt embeddings guided against
+    negative ones (no mask): guided and not, full and with the schedule, equal to l2c-export run to 1e-5 of the
+    range; --seed draws torch's randn of the 5-D batch (the samples of --noise make_noise(S, ...)); noise of 4 axes
+    is refused naming the 5-D shape."""
+    from .diffusers_pipelines import WAN_CONFIG
+
+    engines = diffusers_cpp_builds("wan", "flow")
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["model"]["latent_layout"] == "ncfhw" and len(manifest["model"]["inputs"][0]["shape"]) == 5
+    generator = np.random.default_rng(6)
+    shape = (2, 5, WAN_CONFIG["text_dim"])
+    conditioning = {"prompt_embeds": generator.standard_normal(shape).astype(np.float32),
+                    "negative_prompt_embeds": generator.standard_normal(shape).astype(np.float32)}
+    conditioning["prompt_embeds"][1, 3:] = 0  # the rows past a prompt, zeroed as the pipeline leaves them
+    np.savez(tmp_path / "cond.npz", **conditioning)
+    request = ["--conditioning", tmp_path / "cond.npz"]
+    _parity_guided_and_scheduled(engines, tmp_path, request)
+    noise = _noise(engines, 2, 5, tmp_path / "z.npy")
+    assert noise.shape == (2, WAN_CONFIG["in_channels"], 2, 4, 8)
+    for source, out in ((["--seed", "5"], "seeded.npy"), (["--noise", tmp_path / "z.npy"], "file.npy")):
+        result = l2c_run(engines, *request, "--cfg-scale", "3", *source, "--out", tmp_path / out)
+        assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.load(tmp_path / "seeded.npy"), np.load(tmp_path / "file.npy"))
+    np.save(tmp_path / "z.npy", noise[:, :, 0])
+    line = _refused_request(tmp_path, engines, *request)
+    assert "noise has shape (2, 4, 4, 8); expected (2, 4, 2, 4, 8) (n prompts, C, F, H, W)" in line, line

@@ -20,16 +20,20 @@ from l2c_export.models.diffusers import (Blocks, Conditioning, Declaration, Diff
 from l2c_export.samplers.conditioning import ConditioningError, batch_conditioning
 
 from .conftest import REPO
-from .diffusers_pipelines import DIT_CONFIG, FLUX_CONFIG, PIXART_CONFIG, QWEN_CONFIG, SANA15_CONFIG, SD35_CONFIG
+from .diffusers_pipelines import (DIT_CONFIG, FLUX_CONFIG, PIXART_CONFIG, QWEN_CONFIG, SANA15_CONFIG, SD35_CONFIG,
+                                 WAN_CONFIG)
 
-# family -> a tiny config of its transformer (the tests' folders'), with FLUX.1's and Qwen-Image's latent side
+# family -> a tiny config of its transformer (the tests' folders'), with FLUX.1's and Qwen-Image's latent side and
+# Wan's latents (F', H', W')
 CONFIGS = {"diffusers-dit": DiffusersConfig("DiTTransformer2DModel", DIT_CONFIG),
            "diffusers-pixart": DiffusersConfig("PixArtTransformer2DModel", PIXART_CONFIG),
            "diffusers-sd3": DiffusersConfig("SD3Transformer2DModel", SD35_CONFIG),
            "diffusers-sana": DiffusersConfig("SanaTransformer2DModel", SANA15_CONFIG),
            "diffusers-flux": DiffusersConfig("FluxTransformer2DModel", dict(FLUX_CONFIG, guidance_embeds=True),
                                              latent_size=8),
-           "diffusers-qwenimage": DiffusersConfig("QwenImageTransformer2DModel", QWEN_CONFIG, latent_size=8)}
+           "diffusers-qwenimage": DiffusersConfig("QwenImageTransformer2DModel", QWEN_CONFIG, latent_size=8),
+           "diffusers-wan": DiffusersConfig("WanTransformer3DModel", dict(WAN_CONFIG, patch_size=[1, 2, 2]),
+                                            latent_shape=(2, 2, 4))}
 RUNTIMES = ("l2c_export/runtime", "l2c_export/serving", "cpp/src", "cpp/include", "cpp/tools")
 
 

@@ -46,18 +46,20 @@ def text_encoder_parts(config: dict, where: str, kind) -> list[Part]:
     return [Part(f"text encoder weights ({params:,} parameters)", params * FLOAT32, blame)]
 
 
-def vae_parts(family, config: dict, class_name: str, where: str, latents: tuple[int, int, int],
+def vae_parts(family, config: dict, class_name: str, where: str, latents: tuple[int, ...],
               size_blame: str) -> list[Part]:
-    """The VAE's fp32 weights and its decoder's traced run on a batch of 2 latents (C, h, w) (its scale factor and
-    full-resolution width: the family's VAE kind)."""
+    """The VAE's fp32 weights and its decoder's traced run on a batch of 2 latents (C, h, w), or a video model's
+    (C, F', h, w) decoded to (F' - 1) scale_factor_temporal + 1 frames (its scale factor and full-resolution width:
+    the family's VAE kind)."""
     import diffusers
 
     kind = family.declaration.vae.code
     params = count_parameters(lambda: getattr(diffusers, class_name).from_config(config))
     width, field = kind.decoder_width(config)
     scale = kind.scale_factor(config, where)
-    _, h, w = latents
-    decoded = TRACE_BATCH * width * (h * scale) * (w * scale) * FLOAT32 * DECODER_COPIES
+    *_, h, w = latents
+    frames = 1 if len(latents) == 3 else (latents[1] - 1) * config.get("scale_factor_temporal", 4) + 1
+    decoded = TRACE_BATCH * width * frames * (h * scale) * (w * scale) * FLOAT32 * DECODER_COPIES
     return [Part(f"VAE weights ({params:,} parameters)", params * FLOAT32,
                  f"{where}: field {field!r} ({config.get(field)})"),
             Part(f"VAE decoder activations ({h * scale}x{w * scale} px)", decoded, size_blame)]
@@ -75,6 +77,8 @@ def build_parts(spec) -> list[Part]:
     transformer_dir = Path(spec.weights)
     where = str(transformer_dir / "config.json")
     size_blame = (f"--image-size ({config.latent_size} latents on a side)" if config.latent_size is not None
+                  else f"--num-frames and --image-size ({' x '.join(map(str, config.latent_shape))} latents)"
+                  if config.latent_shape is not None
                   else f"{where}: field 'sample_size' ({config.get('sample_size')})"
                   if "sample_size" in config.transformer else f"--image-size (default {family.num_tokens(config)} "
                                                                f"image tokens)")

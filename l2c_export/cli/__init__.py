@@ -92,6 +92,24 @@ class Finite(click.ParamType):
         return number
 
 
+class ImageSize(click.ParamType):
+    """``--image-size``: PIXELS (a square) or HxW (height x width, a video model's frames) -> int or (h, w)."""
+
+    name = "PIXELS|HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, tuple)):
+            return value
+        text = str(value).strip().lower()
+        parts = text.split("x")
+        if len(parts) in (1, 2) and all(part.isdigit() and int(part) > 0 for part in parts):
+            sizes = tuple(int(part) for part in parts)
+            return sizes[0] if len(sizes) == 1 else sizes
+        self.fail(f"{value!r}: expected a positive number of pixels or HEIGHTxWIDTH (for example 480x832)",
+                  param, ctx)
+
+
+IMAGE_SIZE = ImageSize()
 THRESHOLD = Finite(0.0, 1.0)
 MAC_FRACTION = Finite(0.0, 1.0, low_open=True)
 CFG_SCALE = Finite(1.0)

@@ -32,7 +32,7 @@ from .options import model_options, resolve_model, resolve_schedule, schedule_op
                    "are truncated and padded to (default the pipeline's: PixArt-α 120, -Σ 300, SD3 256, FLUX.1 512).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: engines/<model>-<backend>-<precision>).")
-def build(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold,
+def build(diffusers, checkpoint, model_name, image_size, num_frames, num_classes, schedule_file, router, threshold,
           target_mac_fraction, mode, steps, sampler_kind, backend, precision, quantization, calibration_images,
           batch_text, cfg_scale, guide_all_channels, max_sequence_length, out):
     """Export one ONNX graph per distinct subset of computed sub-layers, build engines, write manifest.json."""
@@ -42,7 +42,7 @@ def build(diffusers, checkpoint, model_name, image_size, num_classes, schedule_f
     from ..builder.build import build as run_build
     from ..builder.engines import BatchRange
 
-    spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers, max_sequence_length)
+    spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers, max_sequence_length, num_frames)
     sampler = spec.sampler(sampler_kind, schedule_steps(schedule_file, steps))
     plan = resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction, mode,
                              use_default=checkpoint is None and diffusers is None)

@@ -9,7 +9,7 @@ import click
 
 from ..core.schedule import SCHEDULE_MODES
 from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS, TEXT_TO_IMAGE_MODELS, embedded_default
-from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, THRESHOLD, CommandError, main
+from . import CFG_SCALE, IMAGE_SIZE, MAC_FRACTION, POSITIVE, SEED, THRESHOLD, CommandError, main
 from .options import threads_option
 
 DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: none unless asked)
@@ -23,8 +23,10 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
 @click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
               help="Or a diffusers pipeline folder (DiTPipeline, PixArtAlphaPipeline/PixArtSigmaPipeline): its "
                    "transformer and scheduler; needs --schedule or --router.")
-@click.option("--image-size", type=click.IntRange(min=1),
-              help="With --diffusers: the size in pixels of a transformer without sample_size (FLUX.1).")
+@click.option("--image-size", type=IMAGE_SIZE,
+              help="With --diffusers: the size in pixels of a transformer without sample_size (FLUX.1), or HxW: a "
+                   "video model's frames (Wan).")
+@click.option("--num-frames", type=POSITIVE, help="With --diffusers: a video model's frames per clip (Wan).")
 @click.option("--router", type=click.Path(dir_okay=False, path_type=Path),
               help="Router for the l2c sweep (default: the embedded model's); with --diffusers and no --schedule, "
                    "decoded at --threshold it is also the learned schedule.")
@@ -62,7 +64,8 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule [on for the "
                    "embedded models, off for --diffusers].")
 @threads_option
-def eval_command(model_name, diffusers, image_size, router, schedule_file, threshold, mode, budgets, num_samples,
+def eval_command(model_name, diffusers, image_size, num_frames, router, schedule_file, threshold, mode, budgets,
+                 num_samples,
                  batch_size, grid_out, labels, conditioning_data, prompts_file, cfg_scale, seed, random_seeds,
                  json_out, png_out, int8, threads):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs, from the
@@ -79,13 +82,13 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
 
     if diffusers is not None and model_name is not None:
         raise click.UsageError("give --model (an embedded model) or --diffusers, not both")
-    if image_size is not None and diffusers is None:
-        raise click.UsageError("--image-size sizes a --diffusers folder's transformer")
+    if (image_size is not None or num_frames is not None) and diffusers is None:
+        raise click.UsageError("--image-size and --num-frames size a --diffusers folder's transformer")
     try:
-        spec = (zoo.from_diffusers(diffusers, image_size) if diffusers is not None
+        spec = (zoo.from_diffusers(diffusers, image_size, num_frames=num_frames) if diffusers is not None
                 else zoo.embedded_default(model_name or DEFAULT_NAME))
-    except ValueError as error:  # an --image-size the family does not take
-        raise click.BadParameter(str(error), param_hint="--image-size") from None
+    except ValueError as error:  # an --image-size or --num-frames the family does not take (named in the message)
+        raise CommandError(str(error)) from None
     if cfg_scale is not None:
         spec = dataclasses.replace(spec, cfg_scale=cfg_scale)
     router_path = router or spec.default_router

@@ -66,10 +66,10 @@ from .options import FLAG_NAMES, model_options, resolve_model, threads_option, u
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decoded schedule JSON (needs --threshold or --target-mac-fraction).")
 @threads_option
-def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_config, data_arg, data_labels, trajectories,
-          conditioning_data, prompts_file, mode, sampler_kind, steps, iterations, batch_size, lr, l1, cfg_scale, window,
-          steps_per_iteration, init_std,
-          seed, out, save_every, resume, threshold, target_mac_fraction, json_out, threads):
+def learn(diffusers, checkpoint, model_name, image_size, num_frames, num_classes, model_config, data_arg, data_labels,
+          trajectories, conditioning_data, prompts_file, mode, sampler_kind, steps, iterations, batch_size, lr, l1,
+          cfg_scale, window, steps_per_iteration, init_std, seed, out, save_every, resume, threshold, target_mac_fraction,
+          json_out, threads):
     """Learn router logits (L2C): teacher = full model, student = soft-routed cache, loss = MSE + lambda * sum(w).
 
     Runs under torchrun for data-parallel learning (gloo on CPU):
@@ -87,7 +87,7 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
         raise click.BadParameter(f"{out}: the router is written as .safetensors", param_hint="--out")
     if json_out and threshold is None and target_mac_fraction is None:
         raise click.UsageError("--json needs --threshold or --target-mac-fraction")
-    spec = _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers)
+    spec = _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers, num_frames)
     sampler = spec.sampler(sampler_kind, steps)
     settings = LearnSettings(mode=mode, iterations=iterations, batch_size=batch_size, lr=lr, l1=l1,
                              cfg_scale=spec.cfg_scale if cfg_scale is None else cfg_scale, window=window,
@@ -143,7 +143,8 @@ def learn(diffusers, checkpoint, model_name, image_size, num_classes, model_conf
         return
     official_model = model_name if checkpoint is not None and model_config is None else None
     write_router(result.router, out, router_metadata(spec.name, sampler, settings, source.description,
-                                                     result.seconds, official_model, image_size,
+                                                     result.seconds, official_model,
+                                                     image_size if official_model else None,
                                                      num_classes if official_model else None,
                                                      result.router.sublayers))
     last = result.history[-1] if result.history else {}
@@ -214,14 +215,15 @@ def encoded_prompts(spec, prompts_file: Path, guiding: bool) -> dict:
     return encode_prompts(pipe, texts, guiding, where=f"--prompts {prompts_file}")
 
 
-def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers=None):
+def _learn_model_spec(checkpoint, model_name, image_size, num_classes, model_config, diffusers=None,
+                      num_frames=None):
     """The model of the flags, or with --model-config a checkpoint of any architecture of a family: the config JSON
     holds the family's config fields and ``family`` (default ``dit``)."""
     from ..core.util import read_json
     from ..models import get_family, zoo
 
     if model_config is None:
-        return resolve_model(checkpoint, model_name, image_size, num_classes, diffusers)
+        return resolve_model(checkpoint, model_name, image_size, num_classes, diffusers, num_frames=num_frames)
     if diffusers is not None:
         raise click.UsageError("--model-config describes a --checkpoint; a diffusers folder has its own config")
     if checkpoint is None:

@@ -10,7 +10,7 @@ import click
 from ..core.schedule import SCHEDULE_MODES
 from ..core.util import short_repr
 from ..samplers import SAMPLER_KINDS
-from . import MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
+from . import IMAGE_SIZE, MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
 
 # How messages call a request's parts on the command line: the runtime, the reference sampler and learning name the
 # Python arguments (l2c_export.samplers.conditioning.ARGUMENT_NAMES) unless given these.
@@ -24,7 +24,8 @@ def model_options(function):
         click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
                      help="A diffusers pipeline folder (what save_pretrained writes: model_index.json, transformer/, "
                           "scheduler/; vae/ and text encoders where it has them): DiTPipeline, "
-                          "PixArtAlphaPipeline/PixArtSigmaPipeline, StableDiffusion3Pipeline or FluxPipeline."),
+                          "PixArtAlphaPipeline/PixArtSigmaPipeline, StableDiffusion3Pipeline, FluxPipeline, "
+                          "SanaPipeline, QwenImagePipeline or WanPipeline."),
         click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
                      help="Official-layout DiT or U-ViT weights (.pt/.pth state_dict or .safetensors); default: an "
                           "embedded digits model."),
@@ -32,9 +33,12 @@ def model_options(function):
                      help="Model of --checkpoint, for example DiT-XL/2 or U-ViT-H/2; without --checkpoint an embedded "
                           "model: dit-digits (default), uvit-digits, t2i-digits (the diffusers folder "
                           "l2c_export/demo/t2i-digits)."),
-        click.option("--image-size", type=POSITIVE, help="Image size in pixels of --checkpoint (latents are 1/8), or of a "
-                     "--diffusers folder whose transformer has no sample_size (FLUX.1; latents are pixels over the "
-                     "VAE's scale factor)."),
+        click.option("--image-size", type=IMAGE_SIZE,
+                     help="Image size in pixels of --checkpoint (latents are 1/8), or of a --diffusers folder whose "
+                          "transformer has no sample_size (FLUX.1; latents are pixels over the VAE's scale factor); "
+                          "HxW: a video model's frame height and width (Wan)."),
+        click.option("--num-frames", type=POSITIVE, help="A --diffusers video model's frames per clip (Wan: 4k + 1, "
+                     "the pipeline's num_frames; default its 81)."),
         click.option("--num-classes", type=POSITIVE, default=1000, show_default=True, help="Classes of --checkpoint."),
     ]
     for option in reversed(options):
@@ -42,10 +46,11 @@ def model_options(function):
     return function
 
 
-def resolve_model(checkpoint, model_name, image_size, num_classes, diffusers=None, max_sequence_length=None):
+def resolve_model(checkpoint, model_name, image_size, num_classes, diffusers=None, max_sequence_length=None,
+                  num_frames=None):
     from ..models import zoo
 
-    return zoo.resolve(checkpoint, model_name, image_size, num_classes, diffusers, max_sequence_length)
+    return zoo.resolve(checkpoint, model_name, image_size, num_classes, diffusers, max_sequence_length, num_frames)
 
 
 def schedule_options(function):

@@ -59,6 +59,8 @@ MAX_PROMPTS_FILE_BYTES = 64 * 2**20
 def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_prompt, batch_size, cfg_scale, seed,
         noise_file, backend, device, full, compare_full, repeats, out, save_latents, vae, threads):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
+    from ..core.images import CLIP_FORMATS
+    from ..core.interface import NCFHW
     from ..runtime.components import refuse_unused_negative_prompt
     from ..runtime.conditioning import load_conditioning, takes_labels
     from ..runtime.pipeline import L2CPipeline
@@ -95,6 +97,10 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
     if latent and out is not None and vae is None and pipe.decoder is None:
         raise click.UsageError(f"--out needs --vae for a latent build without a VAE decoder graph ({engine_dir}; a "
                                f"diffusers folder with vae/ builds one), or use --save-latents")
+    if out is not None and pipe.manifest["model"].get("latent_layout") == NCFHW \
+            and out.suffix.lower() not in CLIP_FORMATS:
+        raise click.BadParameter(f"{out}: a clip is written as {' or '.join(CLIP_FORMATS)} (an animated image)",
+                                 param_hint="--out")
     result = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True, where=where)
     what = "full compute" if full else "L2C schedule"
     click.echo(f"{what}: {result.seconds:.3f} s for {len(result.samples)} sample(s) "
@@ -115,7 +121,7 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
         save_npy(save_latents, result.samples)
         click.echo(f"wrote {save_latents}")
     if out is not None:
-        from ..core.images import save_grid
+        from ..core.images import save_clip, save_grid
 
         samples, scale = result.samples, 8
         if latent and vae is not None:
@@ -125,7 +131,10 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
         elif latent:
             samples = pipe.decoder(samples)
             scale = max(1, 64 // samples.shape[-1])  # the VAE's images are the model's size; tiny ones are enlarged
-        save_grid(samples, out, columns=min(len(samples), 10), scale=scale)
+        if samples.ndim == 5:  # a video model's clips (n, 3, F, H, W)
+            save_clip(samples, out, columns=min(len(samples), 10), scale=scale)
+        else:
+            save_grid(samples, out, columns=min(len(samples), 10), scale=scale)
         click.echo(f"wrote {out}")
 
 

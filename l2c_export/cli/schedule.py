@@ -8,7 +8,7 @@ import click
 
 from ..core.schedule import SCHEDULE_MODES, format_model_time
 from ..samplers import create_sampler
-from . import CFG_SCALE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, CommandError, main
+from . import CFG_SCALE, IMAGE_SIZE, MAC_FRACTION, POSITIVE, SEED, STEPS, THRESHOLD, CommandError, main
 from .options import (macs_for, model_options, parse_labels, resolve_model, resolve_schedule, save_npy,
                       schedule_options, schedule_steps, threads_option, use_threads)
 
@@ -28,13 +28,15 @@ from .options import (macs_for, model_options, parse_labels, resolve_model, reso
                    "other step; DPM-Solver-2S: each step's first call); general: any call may reuse.")
 @click.option("--model", "model_name", help="Model for MAC counting, e.g. DiT-XL/2 (default: from the router file, "
                                             "else the embedded default).")
-@click.option("--image-size", type=POSITIVE, help="Image size in pixels for MAC counting of an official model [256].")
+@click.option("--image-size", type=IMAGE_SIZE, help="Image size in pixels for MAC counting of an official model [256], "
+              "or of a --diffusers folder's build (FLUX.1, Qwen-Image; HxW: Wan's frames).")
+@click.option("--num-frames", type=POSITIVE, help="A --diffusers video folder's frames per clip (Wan), as its build's.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the schedule JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap PNG.")
 @click.option("--target-mac-fraction", type=MAC_FRACTION,
               help="Instead of --threshold: the lowest threshold whose MAC fraction is at most this.")
-def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_name, image_size, json_out, png_out,
-             target_mac_fraction):
+def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_name, image_size, num_frames, json_out,
+             png_out, target_mac_fraction):
     """Decode a router into a schedule, or inspect one: sub-layers per step, subsets, MACs, ideal speedup."""
     from ..core.schedule import Schedule
     from ..models.zoo import embedded_diffusers_folder
@@ -44,8 +46,10 @@ def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_nam
         diffusers, model_name = embedded_diffusers_folder(model_name), None
     if diffusers is not None:
         _diffusers_schedule(diffusers, router, schedule_file, model_name, json_out, png_out, threshold, mode,
-                            target_mac_fraction)
+                            target_mac_fraction, image_size, num_frames)
         return
+    if num_frames is not None or isinstance(image_size, tuple):
+        raise click.UsageError("--num-frames and --image-size HxW size a --diffusers video folder (Wan)")
     if (router is None) == (schedule_file is None):
         raise click.UsageError("give exactly one of --router FILE or --schedule FILE")
     if target_mac_fraction is not None and router is None:
@@ -123,7 +127,7 @@ def _print_schedule(result, macs) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("samples.png"), show_default=True)
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Also save the samples (.npy).")
 @threads_option
-def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_file, router, threshold,
+def sample(diffusers, checkpoint, model_name, image_size, num_frames, num_classes, schedule_file, router, threshold,
            target_mac_fraction, mode, steps, sampler_kind, full, labels, conditioning_file, cfg_scale,
            guide_all_channels, seed, noise_file, out, save_latents, threads):
     """Sample with the PyTorch reference sampler (eager), with or without the L2C schedule. For a diffusers folder:
@@ -136,7 +140,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
     from ..models.reference import sample_reference
     from .options import FLAG_NAMES, load_noise
 
-    spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers)
+    spec = resolve_model(checkpoint, model_name, image_size, num_classes, diffusers, num_frames=num_frames)
     sampler = spec.sampler(sampler_kind, schedule_steps(schedule_file, steps))
     plan = None if full else resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac_fraction,
                                                mode, use_default=checkpoint is None and diffusers is None)
@@ -171,7 +175,7 @@ def sample(diffusers, checkpoint, model_name, image_size, num_classes, schedule_
 
 
 def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png_out, threshold, mode,
-                        target_mac_fraction) -> None:
+                        target_mac_fraction, image_size=None, num_frames=None) -> None:
     """``schedule --diffusers DIR [--schedule FILE | --router FILE]``: the folder's sub-layers by name, and a schedule
     (or a router learned on the folder, decoded) checked against them."""
     from ..core.schedule import Schedule
@@ -182,7 +186,7 @@ def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png
         raise CommandError("--model does not apply to --diffusers (the folder is the model)")
     if router is not None and schedule_file is not None:
         raise click.UsageError("give --router or --schedule, not both")
-    spec = from_diffusers(folder)
+    spec = from_diffusers(folder, image_size, num_frames=num_frames)  # MACs at the build's size
     names = spec.sublayer_names
     macs = spec.family.count_macs(spec.config)
     click.echo(f"{folder}: {spec.config.transformer_class}, {len(names)} sub-layers in forward order "

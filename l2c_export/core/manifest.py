@@ -21,8 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from .interface import (CLASSIFIER_FREE, CONDITIONING, DEFAULT_SCALE_ARGUMENT, GUIDANCE_EMBEDDING, KIND_DTYPES,
-                        KIND_RANKS, LABEL, LAYOUT_RANKS, NCHW, PACKED_2X2, POOLED, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK,
-                        conditioning_records, label_record, scale_fed)
+                        KIND_RANKS, LABEL, LAYOUT_RANKS, NCFHW, NCHW, PACKED_2X2, POOLED, SCALAR, TOKEN_EMBEDDINGS,
+                        TOKEN_MASK, conditioning_records, label_record, scale_fed)
 from .latents import packed_2x2_shape
 from .util import read_json, short_repr, write_json
 
@@ -587,9 +587,10 @@ def _check_components(data: dict, where: str) -> None:
         if sample is None or sample != expected:
             raise ManifestError(f"{where}: field 'components/vae_decoder/inputs' is {shapes}; expected one input "
                                 f"{what}")
-        if len(decoder["outputs"]) != 1 or len(decoder["outputs"][0]["shape"]) != 4:
-            raise ManifestError(f"{where}: field 'components/vae_decoder/outputs': expected one image output "
-                                f"(batch, C, H, W)")
+        clip = model.get("latent_layout") == NCFHW  # a video model's decoder gives every frame
+        if len(decoder["outputs"]) != 1 or len(decoder["outputs"][0]["shape"]) != (5 if clip else 4):
+            raise ManifestError(f"{where}: field 'components/vae_decoder/outputs': expected one "
+                                + ("clip output (batch, C, F, H, W)" if clip else "image output (batch, C, H, W)"))
     _check_prompt_encoding(components, {t["argument"]: t for t in conditioning_records(model["inputs"])},
                            model.get("max_sequence_length"), where)
     named = {entry["file"] for entry in all_files({**data, "components": {}})}

@@ -126,19 +126,19 @@ def official(checkpoint: str | Path, model: str, image_size: int, num_classes: i
     return ModelSpec(name=f"{model} {image_size}px", config=config, weights=Path(checkpoint), space="latent")
 
 
-def from_diffusers(folder: str | Path, image_size: int | None = None,
-                   max_sequence_length: int | None = None) -> ModelSpec:
+def from_diffusers(folder: str | Path, image_size: int | tuple[int, int] | None = None,
+                   max_sequence_length: int | None = None, num_frames: int | None = None) -> ModelSpec:
     """A diffusers pipeline folder (:func:`l2c_export.models.diffusers.read_folder`): its transformer, its scheduler as
     the sampler, the pipeline's default steps and guidance scale; ``image_size`` (pixels) for a transformer without a
-    ``sample_size`` (FLUX.1); ``max_sequence_length`` the pipelines' argument of that name (T5's tokens; default the
-    pipeline's) for a text model."""
+    ``sample_size`` (FLUX.1), or (height, width) and ``num_frames`` for a video model (Wan); ``max_sequence_length``
+    the pipelines' argument of that name (T5's tokens; default the pipeline's) for a text model."""
     from ..core.extras import require_extra
     from .diffusers import read_folder
     from .diffusers.text_encoders import SEQUENCE_LENGTHS
 
     require_extra("diffusers", f"the diffusers folder {folder}")  # its transformer is diffusers' class
     found = read_folder(folder)
-    config = found.family.sized_config(found.config, image_size, found.vae_scale_factor)
+    config = found.family.sized_config(found.config, image_size, found.vae_scale_factor, num_frames)
     family = found.family
     if max_sequence_length is not None:
         low, high = SEQUENCE_LENGTHS
@@ -160,15 +160,20 @@ def from_diffusers(folder: str | Path, image_size: int | None = None,
                      max_sequence_length=max_sequence_length)
 
 
-def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | None,
+def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | tuple[int, int] | None,
             num_classes: int | None, diffusers: str | Path | None = None,
-            max_sequence_length: int | None = None) -> ModelSpec:
+            max_sequence_length: int | None = None, num_frames: int | None = None) -> ModelSpec:
     """A diffusers folder (``diffusers``); without a checkpoint, an embedded model (``model``: dit-digits, the
     default, uvit-digits or t2i-digits); else the official model the flags describe."""
     if diffusers is not None:
         if checkpoint is not None or model is not None:
             raise ValueError("--diffusers names the model; leave out --checkpoint and --model")
-        return from_diffusers(diffusers, image_size, max_sequence_length)
+        return from_diffusers(diffusers, image_size, max_sequence_length, num_frames)
+    if num_frames is not None:
+        raise ValueError("--num-frames is the clip length of a --diffusers video folder (Wan); leave it out")
+    if isinstance(image_size, tuple):
+        raise ValueError(f"--image-size {image_size[0]}x{image_size[1]}: a height and a width are a --diffusers video "
+                         f"folder's (Wan); give one size in pixels")
     if max_sequence_length is not None:
         raise ValueError("--max-sequence-length is the prompt length of a --diffusers folder's text model; leave it "
                          "out")

@@ -85,7 +85,8 @@ class SampleResult:
     seconds: float  # the whole sampling loop
     engine_seconds: float  # inside the engines
     step_subsets: list[int] = field(default_factory=list)  # the subset of each model call
-    decoded: np.ndarray | None = None  # latent models decoded by the build's VAE decoder: (n, 3, H, W) in about [-1, 1]
+    # latent models decoded by the build's VAE decoder: (n, 3, H, W) in about [-1, 1]; a video model's (n, 3, F, H, W)
+    decoded: np.ndarray | None = None
     output_type: str | None = None  # "pil", "np", "latent"; None: PIL images (decoded when first read)
     # a latent model's VAE decoder, (n, ...) latents -> (n, 3, H, W), where ``decoded`` is not made yet
     decoder: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False, compare=False)
@@ -97,7 +98,8 @@ class SampleResult:
 
     @property
     def pixels(self) -> np.ndarray:
-        """The images (n, C, H, W) in [-1, 1] before clamping: a pixel model's samples, or the decoded latents."""
+        """The images (n, C, H, W) in [-1, 1] before clamping (a video model's clips (n, C, F, H, W)): a pixel model's
+        samples, or the decoded latents."""
         if self.decoded is None and self.decoder is not None:
             self.decoded = self.decoder(self.samples)
         if self.decoded is not None:
@@ -107,6 +109,14 @@ class SampleResult:
                              "of them; call with output_type=\"latent\" (result.images is then the latents), or "
                              "decode result.samples with the model's VAE")
         return self.samples
+
+    @property
+    def frames(self) -> np.ndarray:
+        """A video model's decoded clips as ``WanPipeline(output_type="np").frames``: (n, F, H, W, 3) float32 in
+        [0, 1] (the decoded (n, 3, F, H, W) halved and shifted, clamped)."""
+        if self.samples.ndim != 5:
+            raise ValueError("frames are a video model's decoded clips; this build samples images (result.images)")
+        return np.clip(np.moveaxis(self.pixels, 1, -1) / 2 + 0.5, 0, 1).astype(np.float32)
 
     @property
     def images(self):

@@ -84,8 +84,10 @@ def model_config(manifest: dict, name: str, instances: int = 1, max_batch_size: 
     if manifest["model"]["space"] == "pixel":
         model.output.add(name="images", data_type=pb.TYPE_UINT8, dims=[sample_shape[-1], sample_shape[-1], 3])
     elif "vae_decoder" in manifest.get("components", {}):  # latents decoded by the build's VAE decoder
-        _, _, height, width = manifest["components"]["vae_decoder"]["outputs"][0]["shape"]
-        model.output.add(name="images", data_type=pb.TYPE_UINT8, dims=[height, width, 3])
+        _, _, *frame_axes = manifest["components"]["vae_decoder"]["outputs"][0]["shape"]  # (F,) H, W
+        # a video model's clips: frames (F, H, W, 3) per request row
+        model.output.add(name="frames" if len(frame_axes) == 3 else "images", data_type=pb.TYPE_UINT8,
+                         dims=[*frame_axes, 3])
     model.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_GPU if device == "cuda"
                              else pb.ModelInstanceGroup.KIND_CPU)
     model.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us

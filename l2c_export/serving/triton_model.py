@@ -89,14 +89,16 @@ class TritonPythonModel:
             outputs = [pb_utils.Tensor("samples", np.ascontiguousarray(samples, dtype=np.float32))]
             if self.pixel_space or self.decoder is not None:
                 try:
-                    pictures = to_uint8(samples if self.pixel_space else self.decoder(samples))  # (n, H, W, C)
+                    pictures = to_uint8(samples if self.pixel_space else self.decoder(samples))  # (n, (F,) H, W, C)
                 except Exception as error:  # noqa: BLE001 - this request's error; the others go on
                     responses[index] = pb_utils.InferenceResponse(
                         error=pb_utils.TritonError(f"decoding failed: {type(error).__name__}: {error}"))
                     continue
                 if pictures.shape[-1] == 1:
                     pictures = np.repeat(pictures, 3, axis=-1)
-                outputs.append(pb_utils.Tensor("images", np.ascontiguousarray(pictures)))
+                # images (n, H, W, 3), or a video model's frames (n, F, H, W, 3)
+                outputs.append(pb_utils.Tensor("frames" if pictures.ndim == 5 else "images",
+                                               np.ascontiguousarray(pictures)))
             responses[index] = pb_utils.InferenceResponse(output_tensors=outputs)
         for index, error in errors.items():
             responses[index] = pb_utils.InferenceResponse(error=error)

@@ -132,13 +132,22 @@ def _reference_model(data: dict, folder: Path, reference: str | Path | None):
 
 def _diffusers_model(data: dict, folder: Path, diffusers: str | Path):
     """The transformer of the diffusers folder a build came from, refused unless its weights are the build's; at the
-    build's size (FLUX.1: the ``latent_size`` its ``--image-size`` set)."""
+    build's size (FLUX.1: the ``latent_size`` its ``--image-size`` set; Wan: its ``--num-frames`` and ``--image-size``
+    from ``latent_shape``)."""
     import dataclasses
 
+    from ..models.diffusers import read_folder
+    from ..models.diffusers.vae import WAN_VAE_TEMPORAL
     from ..models.zoo import from_diffusers
 
-    spec = from_diffusers(diffusers)
     built = data["model"]["config"]
+    if isinstance(built.get("latent_shape"), list) and len(built["latent_shape"]) == 3:  # a clip: at the build's size
+        frames, height, width = built["latent_shape"]
+        scale = read_folder(diffusers).vae_scale_factor
+        spec = from_diffusers(diffusers, (height * scale, width * scale),
+                              num_frames=(frames - 1) * WAN_VAE_TEMPORAL + 1)
+    else:
+        spec = from_diffusers(diffusers)
     if "latent_size" in built and spec.config.latent_size is not None:
         spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, latent_size=built["latent_size"]))
     if spec.family.name != data["model"]["family"] or spec.config.to_dict() != built:
@@ -165,13 +174,14 @@ def verify_components(folder: str | Path, diffusers: str | Path, tolerance: floa
     ``FluxPipeline._unpack_latents``) on seeded random latents. A component whose
     folder part is not the one it was built from (``source_sha256``) is refused."""
     from ..builder.components import component_sources, source_sha256
-    from ..models.zoo import from_diffusers
+    from ..models.diffusers import read_folder
     from ..runtime.pipeline import L2CPipeline
 
     folder = Path(folder)
     pipe = L2CPipeline.from_engine_dir(folder)
     components = pipe.manifest.get("components", {})
-    spec = from_diffusers(diffusers)
+    # the folder's parts, read and checked (not sized: the build's size is in its graphs)
+    spec = read_folder(diffusers)
     sources, family = component_sources(spec), spec.family
     where = folder / manifest_io.MANIFEST_NAME
     for name, record in components.items():

@@ -1,5 +1,5 @@
 """What a diffusers transformer class is, as data: a :class:`Declaration` per family file (``dit.py``, ``pixart.py``,
-``sd3.py``, ``flux.py``, ``sana.py``, ``qwenimage.py``), read by
+``sd3.py``, ``flux.py``, ``sana.py``, ``qwenimage.py``, ``wan.py``), read by
 :class:`~l2c_export.models.diffusers.family.DiffusersFamily` and recorded in the manifest, so that no stage after the
 model lists a family's names, kinds or layout (docs/adding-a-family.md walks through one).
 

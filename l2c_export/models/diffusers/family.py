@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from .. import LATENT_SCALE, ModelFamily, TensorSpec, config_from_dict
-from ...core.interface import KIND_DTYPES, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK
+from ...core.interface import KIND_DTYPES, NCFHW, SCALAR, TOKEN_EMBEDDINGS, TOKEN_MASK
 from ...core.macs import MacCount
 from ...core.util import short_repr
 from .declaration import IMAGE, JOINT, JOINT_TOKENS, PROMPT, PROMPT_TOKENS, Declaration
@@ -32,11 +32,17 @@ if TYPE_CHECKING:
 class DiffusersConfig:
     """A diffusers transformer: its class and its ``config.json`` (without diffusers' private ``_`` keys), and where
     that config has no ``sample_size`` (FLUX.1) the latent side the build runs at (``--image-size`` over the VAE's
-    scale factor)."""
+    scale factor); a video model's latents (F', H', W') the build runs at (``latent_shape``: Wan's, from
+    ``--num-frames`` and ``--image-size``)."""
 
     transformer_class: str
     transformer: Mapping = field(default_factory=dict)
     latent_size: int | None = None
+    latent_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.latent_shape is not None:  # a list where read back from JSON
+            object.__setattr__(self, "latent_shape", tuple(self.latent_shape))
 
     def __getitem__(self, key: str):
         return self.transformer[key]
@@ -48,10 +54,20 @@ class DiffusersConfig:
         data = {"transformer_class": self.transformer_class, "transformer": dict(self.transformer)}
         if self.latent_size is not None:
             data["latent_size"] = self.latent_size
+        if self.latent_shape is not None:
+            data["latent_shape"] = list(self.latent_shape)
         return data
 
     def __hash__(self):
-        return hash((self.transformer_class, json.dumps(dict(self.transformer), sort_keys=True), self.latent_size))
+        return hash((self.transformer_class, json.dumps(dict(self.transformer), sort_keys=True), self.latent_size,
+                     self.latent_shape))
+
+
+def refuse_num_frames(family, config: DiffusersConfig, num_frames: int | None) -> None:
+    """``--num-frames`` is a video model's; an image model refuses it (ValueError naming the flag)."""
+    if num_frames is not None and family.latent_layout != NCFHW:
+        raise ValueError(f"--num-frames {num_frames}: a {config.transformer_class} samples images, not clips; leave "
+                         f"--num-frames out")
 
 
 class DiffusersFamily(ModelFamily):
@@ -138,8 +154,11 @@ class DiffusersFamily(ModelFamily):
             raise DiffusersFolderError(f"{where}: field {short_repr(unknown[0])} is not an option of "
                                        f"{self.transformer_class} (diffusers 0.42); not supported")
 
-    def sized_config(self, config: DiffusersConfig, image_size: int | None, vae_scale_factor: int) -> DiffusersConfig:
-        """The config at ``--image-size`` pixels; these families take their size from ``sample_size``."""
+    def sized_config(self, config: DiffusersConfig, image_size: int | tuple[int, int] | None, vae_scale_factor: int,
+                     num_frames: int | None = None) -> DiffusersConfig:
+        """The config at ``--image-size`` pixels (and ``--num-frames`` for a video model); these families take their
+        size from ``sample_size``."""
+        refuse_num_frames(self, config, num_frames)
         if image_size is not None:
             raise ValueError(f"--image-size: a {self.transformer_class} runs at its config's sample_size "
                              f"({config.get('sample_size')} latents); leave --image-size out")

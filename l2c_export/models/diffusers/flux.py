@@ -35,7 +35,7 @@ from ...core.latents import unpacked_2x2_shape
 from ...core.util import short_repr
 from .cache import OutputPacking
 from .declaration import JOINT, PROMPT, Blocks, Conditioning, Declaration, FlowTimesteps, Guidance
-from .family import DiffusersConfig
+from .family import DiffusersConfig, refuse_num_frames
 from .files import DiffusersFolderError
 from .mmdit import TEXT_CONDITIONING, MMDiTFamily, without_negatives
 from .sizes import FLUX_ROPE_AXES, FLUX_SIZES, LATENT_SIDE, TRANSFORMER_SIZES, check_integer_list
@@ -147,9 +147,14 @@ class FluxDiffusersFamily(MMDiTFamily):
     def latent_size(self, config: DiffusersConfig) -> int:
         return config.latent_size or DEFAULT_LATENT_SIZE
 
-    def sized_config(self, config: DiffusersConfig, image_size: int | None, vae_scale_factor: int) -> DiffusersConfig:
+    def sized_config(self, config: DiffusersConfig, image_size: int | tuple[int, int] | None, vae_scale_factor: int,
+                     num_frames: int | None = None) -> DiffusersConfig:
         """``--image-size PIXELS``: the latents are ``2 * (pixels // (vae_scale_factor * 2))`` on a side, as
         ``FluxPipeline.prepare_latents`` computes; default its 128 * vae_scale_factor pixels."""
+        refuse_num_frames(self, config, num_frames)
+        if isinstance(image_size, tuple):
+            raise ValueError(f"--image-size {image_size[0]}x{image_size[1]}: a {config.transformer_class} samples "
+                             f"squares; give one size in pixels")
         pixels = DEFAULT_LATENT_SIZE * vae_scale_factor if image_size is None else image_size
         if not isinstance(pixels, int) or pixels < 2 * vae_scale_factor or pixels % (2 * vae_scale_factor):
             raise ValueError(f"--image-size {short_repr(pixels)}: expected a positive multiple of "

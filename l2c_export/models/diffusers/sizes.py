@@ -95,6 +95,20 @@ SANA_SIZES = {
 QWEN_IMAGE_SIZES = {
     "joint_attention_dim": Size(1, _WIDTH, "the prompt embeddings' width: Qwen2.5-VL-7B's 3584"),
 }
+WAN_SIZES = {
+    "num_layers": Size(1, 128, "blocks: Wan2.1-1.3B's 30, -14B's 40"),
+    "num_attention_heads": TRANSFORMER_SIZES["num_attention_heads"],
+    "attention_head_dim": TRANSFORMER_SIZES["attention_head_dim"],
+    "in_channels": Size(1, 1024, "latent channels: Wan2.1's 16, Wan2.2-TI2V's 48"),
+    "out_channels": TRANSFORMER_SIZES["out_channels"],
+    "text_dim": Size(1, _WIDTH, "the prompt embeddings' width: UMT5-XXL's 4096"),
+    "freq_dim": Size(2, 4096, "the sinusoidal timestep embedding's width: Wan's 256"),
+    "ffn_dim": Size(1, 1 << 16, "the feed-forward's hidden width: Wan2.1-1.3B's 8960, -14B's 13824"),
+    "rope_max_seq_len": Size(1, 1 << 16, "rotary positions per axis: Wan's 1024", optional=True),
+}
+WAN_PATCH = Size(1, 16, "patch_size (frames, height, width): Wan's (1, 2, 2)")
+# A clip's frames (Wan: 4k + 1, the pipeline's num_frames; Wan2.1 samples 81)
+WAN_FRAMES = Size(1, 1025, "frames per clip: Wan2.1's 81")
 QWEN_ROPE_AXES = Size(2, 1024, "Qwen-Image's rotary axes (16, 56, 56): even, summing to attention_head_dim",
                       optional=True)
 FLUX_ROPE_AXES = Size(0, 1024, "FLUX.1's rotary axes (16, 56, 56), summing to attention_head_dim", optional=True)

@@ -87,6 +87,9 @@ ENCODER_KINDS = {
     "qwen2_5_vl": EncoderKind(("Qwen2_5_VLForConditionalGeneration",), ("last_hidden_state",), "hidden_size",
                               "num_hidden_layers", QWEN2_5_VL_TEXT_SIZES, config_section="text_config",
                               module="model.language_model", eager=True),
+    # Wan's UMT5-XXL encoder, its hidden states past each prompt's tokens zeroed by the pipeline (declared; not
+    # exported yet)
+    "umt5": EncoderKind(("UMT5EncoderModel",), ("last_hidden_state",), "d_model", "num_layers", {}, exported=False),
 }
 
 

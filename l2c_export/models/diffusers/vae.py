@@ -101,8 +101,28 @@ class ScaleShiftVae:
         return _plain_decoder(_load(class_name, source))
 
 
+WAN_VAE_TEMPORAL = 4  # WanPipeline's vae_scale_factor_temporal: the frames per latent frame l2c-export samples
+
+
+def _check_wan_factors(raw: dict, where: str, flags: list) -> None:
+    """An ``AutoencoderKLWan``'s ``scale_factor_spatial`` and ``scale_factor_temporal`` (what WanPipeline reads) are
+    its levels' (2 ** levels, 2 ** temporal flags), the temporal one 4 (Wan 2.1's); no Wan2.2 patching or residual
+    levels."""
+    for key, value, want in (("scale_factor_spatial", raw.get("scale_factor_spatial", 8), 2 ** len(flags)),
+                             ("scale_factor_temporal", raw.get("scale_factor_temporal", 4), 2 ** sum(flags))):
+        if value != want or (key == "scale_factor_temporal" and value != WAN_VAE_TEMPORAL):
+            raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(value)}; its levels make {want}, and "
+                                       f"the temporal factor is sampled at {WAN_VAE_TEMPORAL} (Wan 2.1's) only")
+    for key, value in (("patch_size", None), ("is_residual", False), ("decoder_base_dim", None)):
+        if raw.get(key, value) != value:
+            raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(raw.get(key))}; AutoencoderKLWan is "
+                                       f"supported with {key} = {value!r} only (Wan 2.1's)")
+
+
 class MeanStdVae:
-    """An ``AutoencoderKLQwenImage``: scale factor ``2 ** len(temperal_downsample)`` (QwenImagePipeline's)."""
+    """An ``AutoencoderKLQwenImage`` or ``AutoencoderKLWan`` (Wan 2.1's causal 3D VAE, whose layout Qwen-Image's
+    shares): scale factor ``2 ** len(temperal_downsample)`` (QwenImagePipeline's; WanPipeline's
+    ``scale_factor_spatial``, which an ``AutoencoderKLWan``'s config must agree with)."""
 
     def scale_factor(self, raw: dict, where: str) -> int:
         levels = raw.get("temperal_downsample")
@@ -134,6 +154,8 @@ class MeanStdVae:
                     for v in values)):
                 raise DiffusersFolderError(f"{where}: field {key!r} is {short_repr(values)}; expected {channels} "
                                            f"finite numbers{' > 0' if low == 0 else ''} (one per latent channel)")
+        if raw.get("_class_name") == "AutoencoderKLWan":
+            _check_wan_factors(raw, where, flags)
         if raw.get("attn_scales"):
             raise DiffusersFolderError(f"{where}: field 'attn_scales' is {short_repr(raw['attn_scales'])}; "
                                        f"AutoencoderKLQwenImage's decoder ignores it: expected [] as Qwen-Image's")
@@ -141,7 +163,9 @@ class MeanStdVae:
     def decoder(self, class_name: str, source: Path, exporting: bool = False):
         """``QwenImagePipeline``'s decode of one frame: ``latents`` (N, C, h, w) -> ``latents * latents_std +
         latents_mean`` per channel (its ``latents / (1 / std) + mean``), as (N, C, 1, h, w) -> ``vae.decode(...)[:,
-        :, 0]`` (N, 3, H, W) in [-1, 1]; the record's ``scaling_factor`` is 1. ``exporting``: the 2x
+        :, 0]`` (N, 3, H, W) in [-1, 1]; ``WanPipeline``'s of every frame of a clip: (N, C, F', h, w) -> (N, 3, F, H,
+        W), F = 4 (F' - 1) + 1 (the causal decoder unrolled over the build's F' frames); the record's
+        ``scaling_factor`` is 1. ``exporting``: the 2x
         ``nearest-exact`` upsamplings run as ``nearest`` (the same at a scale of 2: output pixel i reads input pixel
         floor(i / 2); the TorchScript exporter has no nearest-exact)."""
         import torch
@@ -164,6 +188,8 @@ class MeanStdVae:
                 self.vae = vae
 
             def forward(self, latents):
+                if latents.dim() == 5:  # a clip (Wan): every frame
+                    return self.vae.decode(latents / inverse_std + mean, return_dict=False)[0]
                 frames = latents.unsqueeze(2) / inverse_std + mean
                 return self.vae.decode(frames, return_dict=False)[0][:, :, 0]
 
