@@ -105,3 +105,33 @@ def test_the_real_size_configs_are_accepted_and_their_macs_counted_per_sublayer(
     ff = 2 * tokens * dim * 4 * dim
     assert len(family.sublayer_names(config)) == 84 and macs.per_sublayer == (attn1, attn2, ff) * 28
     assert macs.always > prompt * 4096 * dim  # the caption projection, the patch embedding and the adaLN-single run always
+
+
+def test_sana_and_the_qwen_image_cut_at_real_size_are_accepted_and_their_macs_counted_per_sublayer():
+    """make bench-large's Sana 1.6B at 1024 px (20 blocks of 70 linear-attention heads of 32, width 2240; 32 x 32
+    DC-AE latents; 300 Gemma-2 tokens of 2304) and Qwen-Image's cut (4 blocks at its width 3072, 256 px: 16 x 16
+    packed tokens; 512 prompt tokens of 3584) pass their families' checks, and each block's MACs are the formulas':
+    Sana's linear self-attention, cross-attention and GLUMBConv; Qwen-Image's joint attention and its two MLPs. The
+    whole Qwen-Image the cut's row projects is the 20B model: 60 blocks, 20.4B parameters (on the meta device)."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from l2c_export.tools.bench_suite import REAL_SIZES, real_size_config
+
+    family, config = real_size_config("Sana-1600M-1024")
+    tokens, width, head, heads, prompt, hidden = 32 * 32, 2240, 32, 70, 300, int(2.5 * 2240)
+    attn1 = 4 * tokens * width ** 2 + 2 * tokens * (head + 1) * head * heads  # (d + 1) x d per head, not T x T
+    attn2 = 2 * tokens * width ** 2 + 2 * prompt * width ** 2 + 2 * tokens * prompt * width
+    ff = 2 * tokens * width * hidden + 9 * tokens * 2 * hidden + tokens * hidden * width  # 1x1, depthwise 3x3, 1x1
+    assert family.sublayer_names(config)[-3:] == ("transformer_blocks.19.attn1", "transformer_blocks.19.attn2",
+                                                  "transformer_blocks.19.ff")
+    assert family.count_macs(config).per_sublayer == (attn1, attn2, ff) * 20
+
+    family, config = real_size_config("Qwen-Image-width-4-256")
+    tokens, width, prompt = 16 * 16, 3072, 512
+    attn = 4 * (tokens + prompt) * width ** 2 + 2 * (tokens + prompt) ** 2 * width
+    macs = family.count_macs(config)
+    assert macs.per_sublayer == (attn, 8 * tokens * width ** 2, 8 * prompt * width ** 2) * 4
+    with torch.device("meta"):  # no memory
+        whole = QwenImageTransformer2DModel(**REAL_SIZES["Qwen-Image-width-4-256"].full_config)
+    assert whole.config.num_layers == 60 and 20.3e9 < sum(p.numel() for p in whole.parameters()) < 20.5e9
