@@ -104,7 +104,8 @@ def test_the_real_size_configs_are_accepted_and_their_macs_counted_per_sublayer(
     attn2 = 2 * tokens * dim * dim + 2 * prompt * dim * dim + 2 * tokens * prompt * dim
     ff = 2 * tokens * dim * 4 * dim
     assert len(family.sublayer_names(config)) == 84 and macs.per_sublayer == (attn1, attn2, ff) * 28
-    assert macs.always > prompt * 4096 * dim  # the caption projection, the patch embedding and the adaLN-single run always
+    # the caption projection, the patch embedding and the adaLN-single run always
+    assert macs.always > prompt * 4096 * dim
 
 
 def test_sana_and_the_qwen_image_cut_at_real_size_are_accepted_and_their_macs_counted_per_sublayer():
