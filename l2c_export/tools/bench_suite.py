@@ -93,12 +93,13 @@ def main(argv: list[str] | None = None) -> None:
                              "--batch images (default 1), --repeats (default 2)")
     parser.add_argument("--steps", type=int, default=6, help="--large: num_inference_steps")
     parser.add_argument("--models", default=",".join(REAL_SIZES), help="--large: which of " + ", ".join(REAL_SIZES))
+    parser.add_argument("--cfg-scale", type=float, help="--large: the guidance scale [each pipeline's own]")
     args = parser.parse_args(argv)
     if args.serving_only:
         return serving_benchmark(args.work, args.docs)
     if args.large:
         return large_benchmark(args.work, args.docs, [m for m in args.models.split(",") if m], args.steps,
-                               args.batch or 1, args.repeats or 2)
+                               args.batch or 1, args.repeats or 2, cfg_scale=args.cfg_scale)
     args.batch, args.repeats = args.batch or 2, args.repeats or 5
 
     import torch
@@ -299,9 +300,10 @@ def save_random_pipeline(size: RealSize, folder: Path) -> Path:
     return folder
 
 
-def measured_build(folder: Path, schedule, steps: int, out: Path,
-                   image_size: int | None) -> tuple[float, int, int]:
-    """``l2c-export build --diffusers folder`` over ``schedule`` in a child process, as a user runs it: its wall
+def measured_build(folder: Path, schedule, steps: int, out: Path, image_size: int | None,
+                   cfg_scale: float | None = None) -> tuple[float, int, int]:
+    """``l2c-export build --diffusers folder`` over ``schedule`` (``cfg_scale``: its ``--cfg-scale``; default the
+    pipeline's) in a child process, as a user runs it: its wall
     seconds, its peak resident set in bytes (the child's own ``ru_maxrss``, which counts the pages of files it maps:
     the safetensors file while its tensors are copied in, pages the kernel can drop) and its peak anonymous memory
     (``RssAnon``, what it cannot give back; sampled every 0.2 s)."""
@@ -314,6 +316,7 @@ def measured_build(folder: Path, schedule, steps: int, out: Path,
     command = [sys.executable, "-m", "l2c_export.cli", "build", "--diffusers", str(folder), "--steps", str(steps),
                "--schedule", str(schedule_file), "--out", str(out)]
     command += ["--image-size", str(image_size)] if image_size else []
+    command += ["--cfg-scale", str(cfg_scale)] if cfg_scale is not None else []
     start = time.perf_counter()
     process = subprocess.Popen(command)
     anonymous = 0
@@ -424,12 +427,14 @@ def full_model_projection(measured: dict, cut: RealSize, image_size: int, prompt
 
 
 def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, batch: int = 1,
-                    repeats: int = 2, sizes: dict[str, RealSize] = REAL_SIZES) -> list[dict]:
-    """Per model of ``sizes`` (default the real ones; a test passes tiny configs under the same names): save the
-    random pipeline, build (fp32, ONNX Runtime), verify every subset, benchmark the
-    build (speed against the ideal, memory against the full subset alone) and time its full compute against
-    diffusers' own pipeline on the same work (after one warm-up each, ``repeats`` interleaved pairs, medians), with
-    their largest difference relative to the pipeline latents' range. Writes docs/bench-large.json and .md."""
+                    repeats: int = 2, sizes: dict[str, RealSize] = REAL_SIZES,
+                    cfg_scale: float | None = None) -> list[dict]:
+    """Per model of ``sizes`` (default the real ones; a test passes tiny configs under the same names), guided at
+    ``cfg_scale`` (default each pipeline's own): save the random pipeline, build (fp32, ONNX Runtime), verify every
+    subset, benchmark the build (speed against the ideal, memory against the full subset alone) and time its full
+    compute against diffusers' own pipeline on the same work (after one warm-up each, ``repeats`` interleaved pairs,
+    medians), with their largest difference relative to the pipeline latents' range. Writes docs/bench-large.json
+    and .md."""
     import dataclasses
     import gc
     import statistics
@@ -458,7 +463,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         sampler = spec.sampler(None, steps)
         schedule = synthetic_official_schedule(steps, 0, sublayers=spec.sublayer_names, sampler=sampler)
         out = work / f"{name}-onnxruntime-fp32"
-        build_seconds, build_peak, build_anonymous = measured_build(folder, schedule, steps, out, image_size)
+        build_seconds, build_peak, build_anonymous = measured_build(folder, schedule, steps, out, image_size,
+                                                                    cfg_scale)
         print(f"{name}: built in {build_seconds:.0f} s, peak resident set {build_peak / 2 ** 30:.1f} GiB (anonymous "
               f"{build_anonymous / 2 ** 30:.1f} GiB); verifying ...", flush=True)
         checks, _ = verify_build(out, labels=(0,))  # one image (model batch 2): every subset, at half the cost
