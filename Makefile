@@ -75,15 +75,19 @@ bench: setup triton-env cpp
 	$(PY) -m l2c_export.tools.bench_suite --work engines/bench --docs docs
 
 # The real sizes (not part of `make test`): random-weight diffusers folders in the configs of facebook/DiT-XL-2-256,
-# PixArt-α 512, SD3-medium at 256 px (2B parameters) and FLUX.1's width with 2 double + 4 single blocks (1.3B; the full
-# FLUX.1 projected per block), each built (`l2c-export build` in a child process: time, peak memory), verified,
-# benchmarked against the ideal and against diffusers' own pipeline: docs/bench-large.json, docs/bench-large.md. About
-# an hour on 2 cores; the builds hold the weights once (SD3-medium's 8 GB build peaks near 10 GiB of RAM), and verify
-# holds them twice (PyTorch reference + engines). Rows can be picked:
-# make bench-large BENCH_LARGE_MODELS=DiT-XL-2-256,PixArt-XL-2-512
-BENCH_LARGE_MODELS ?= DiT-XL-2-256,PixArt-XL-2-512,SD3-medium-256,FLUX.1-width-2+4-256
+# PixArt-α 512, SD3-medium at 256 px (2B parameters), FLUX.1's width with 2 double + 4 single blocks (1.3B; the full
+# FLUX.1 projected per block), Sana 1.6B at 1024 px, and Qwen-Image's width with 4 of its 60 blocks at 256 px (1.4B;
+# the full 20B projected per block), each built (`l2c-export build` in a child process: time, peak memory), verified,
+# benchmarked against the ideal and against diffusers' own pipeline: docs/bench-large.json, docs/bench-large.md.
+# Hours on 2 cores (Sana's alone about an hour at the default 6 steps); the builds hold the weights once (SD3-medium's
+# 8 GB build peaks near 10 GiB of RAM), and saving the random folder, verify and the pipeline comparison hold them
+# twice (Sana 1.6B: about 12 GiB). Every model of bench_suite.py's REAL_SIZES by default; rows can be picked, and
+# the other rows of docs/bench-large.json are kept:
+# make bench-large BENCH_LARGE_MODELS=Sana-1600M-1024,Qwen-Image-width-4-256
+BENCH_LARGE_MODELS ?=
 bench-large: setup cpp
-	$(PY) -m l2c_export.tools.bench_suite --large --work engines/bench-large --docs docs --models $(BENCH_LARGE_MODELS)
+	$(PY) -m l2c_export.tools.bench_suite --large --work engines/bench-large --docs docs \
+		$(if $(BENCH_LARGE_MODELS),--models $(BENCH_LARGE_MODELS))
 
 # The embedded default (model l2c: labels in) and the text-to-image default (model t2i-digits: a prompt in, an image
 # out) on Triton Inference Server, on 127.0.0.1:8000 (HTTP), 8001 (gRPC), 8002 (metrics).

@@ -9,7 +9,7 @@ import pytest
 from l2c_export.builder.build import BuildRequest, build
 from l2c_export.models.zoo import embedded_default
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 FIELDS = {"backend", "batch", "full_seconds", "schedule_seconds", "speedup", "ideal_speedup", "step_overhead_fraction",
           "memory_all_engines_bytes", "memory_full_engine_bytes", "model_weights_bytes", "repeats", "warmup_runs",
@@ -104,4 +104,102 @@ def test_the_real_size_configs_are_accepted_and_their_macs_counted_per_sublayer(
     attn2 = 2 * tokens * dim * dim + 2 * prompt * dim * dim + 2 * tokens * prompt * dim
     ff = 2 * tokens * dim * 4 * dim
     assert len(family.sublayer_names(config)) == 84 and macs.per_sublayer == (attn1, attn2, ff) * 28
-    assert macs.always > prompt * 4096 * dim  # the caption projection, the patch embedding and the adaLN-single run always
+    # the caption projection, the patch embedding and the adaLN-single run always
+    assert macs.always > prompt * 4096 * dim
+
+
+def test_sana_and_the_qwen_image_cut_at_real_size_are_accepted_and_their_macs_counted_per_sublayer():
+    """make bench-large's Sana 1.6B at 1024 px (20 blocks of 70 linear-attention heads of 32, width 2240; 32 x 32
+    DC-AE latents; 300 Gemma-2 tokens of 2304) and Qwen-Image's cut (4 blocks at its width 3072, 256 px: 16 x 16
+    packed tokens; 512 prompt tokens of 3584) pass their families' checks, and each block's MACs are the formulas':
+    Sana's linear self-attention, cross-attention and GLUMBConv; Qwen-Image's joint attention and its two MLPs. The
+    whole Qwen-Image the cut's row projects is the 20B model: 60 blocks, 20.4B parameters (on the meta device)."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from l2c_export.tools.bench_suite import REAL_SIZES, real_size_config
+
+    family, config = real_size_config("Sana-1600M-1024")
+    tokens, width, head, heads, prompt, hidden = 32 * 32, 2240, 32, 70, 300, int(2.5 * 2240)
+    attn1 = 4 * tokens * width ** 2 + 2 * tokens * (head + 1) * head * heads  # (d + 1) x d per head, not T x T
+    attn2 = 2 * tokens * width ** 2 + 2 * prompt * width ** 2 + 2 * tokens * prompt * width
+    ff = 2 * tokens * width * hidden + 9 * tokens * 2 * hidden + tokens * hidden * width  # 1x1, depthwise 3x3, 1x1
+    assert family.sublayer_names(config)[-3:] == ("transformer_blocks.19.attn1", "transformer_blocks.19.attn2",
+                                                  "transformer_blocks.19.ff")
+    assert family.count_macs(config).per_sublayer == (attn1, attn2, ff) * 20
+
+    family, config = real_size_config("Qwen-Image-width-4-256")
+    tokens, width, prompt = 16 * 16, 3072, 512
+    attn = 4 * (tokens + prompt) * width ** 2 + 2 * (tokens + prompt) ** 2 * width
+    macs = family.count_macs(config)
+    assert macs.per_sublayer == (attn, 8 * tokens * width ** 2, 8 * prompt * width ** 2) * 4
+    with torch.device("meta"):  # no memory
+        whole = QwenImageTransformer2DModel(**REAL_SIZES["Qwen-Image-width-4-256"].full_config)
+    assert whole.config.num_layers == 60 and 20.3e9 < sum(p.numel() for p in whole.parameters()) < 20.5e9
+
+
+@pytest.mark.slow
+def test_bench_large_rows_of_sana_and_the_qwen_image_cut_at_a_tiny_size(tmp_path):
+    """make bench-large's path for its Sana and Qwen-Image rows, end to end on tiny configs under the rows' names
+    (``large_benchmark(..., sizes=...)``; the real schedulers' options): random pipelines saved by
+    ``save_pretrained`` without VAE or text encoder, built in a child ``l2c-export build`` (time and peak memory),
+    verified, benchmarked (speed against the MAC-counted ideal, memory of all subsets against the full one) and their
+    exported full compute run beside ``SanaPipeline`` / ``QwenImagePipeline`` (prompt embeddings and masks with
+    their negatives, 300 and 512 tokens; guidance 3, Qwen-Image's as ``true_cfg_scale``; its latents packed at 32 px)
+    to 1e-4 of the latents' range. The Qwen-Image cut (2 blocks) projects its whole model (here 6 blocks) by MACs;
+    the rows already in docs/bench-large.json are kept as they were, in REAL_SIZES order, and FLUX.1's projection is
+    still printed."""
+    import dataclasses
+    import shutil
+
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from l2c_export.tools.bench_suite import REAL_SIZES, large_benchmark, real_size_config
+
+    from .diffusers_pipelines import QWEN_CONFIG, SANA_CONFIG
+
+    sana, qwen = "Sana-1600M-1024", "Qwen-Image-width-4-256"
+    sizes = {**REAL_SIZES, sana: dataclasses.replace(REAL_SIZES[sana], config=SANA_CONFIG),
+             qwen: dataclasses.replace(REAL_SIZES[qwen], config=QWEN_CONFIG, image_size=32,
+                                       full_config=dict(QWEN_CONFIG, num_layers=6))}
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(REPO / "docs" / "bench-large.json", docs)
+    before = json.loads((docs / "bench-large.json").read_text())["results"]
+    large_benchmark(tmp_path / "work", docs, [sana, qwen], steps=4, batch=1, repeats=1, sizes=sizes,
+                    cfg_scale=3.0)
+
+    rows = json.loads((docs / "bench-large.json").read_text())["results"]
+    assert [r["model"] for r in rows] == [r["model"] for r in before] + [sana, qwen]
+    assert rows[:len(before)] == before
+    for row, transformer_class, tokens in ((rows[-2], "SanaTransformer2DModel", 300),
+                                           (rows[-1], "QwenImageTransformer2DModel", 512)):
+        manifest = json.loads((tmp_path / "work" / f"{row['model']}-onnxruntime-fp32" / "manifest.json").read_text())
+        assert (row["transformer"], row["config"], row["prompt_tokens"]) == (
+            transformer_class, json.loads(json.dumps(sizes[row["model"]].config)), tokens)  # tuples as lists
+        assert row["num_subsets"] == len(manifest["subsets"]) >= 2
+        assert row["bench"]["ideal_speedup"] == pytest.approx(manifest["macs"]["ideal_speedup"])
+        assert row["bench"]["ideal_speedup"] > 1
+        assert row["build_seconds"] > 0 and row["build_peak_anonymous_bytes"] > 0 and row["build_peak_rss_bytes"] > 0
+        assert row["bench"]["memory_all_engines_bytes"] > 0 and row["bench"]["memory_full_engine_bytes"] > 0
+        assert row["pipeline_seconds"] > 0 and row["exported_full_seconds"] > 0
+        assert row["exported_full_vs_pipeline_worst_difference"] < 1e-4 and row["verify_worst"] < 1e-4
+    # not the pipelines' defaults (4.5, 4.0): the parity above proves the scale reached each by its own name
+    assert rows[-2]["cfg_scale"] == rows[-1]["cfg_scale"] == 3.0
+    assert "full_model_projection" not in rows[-2] and rows[-1]["image_size"] == 32
+
+    projection = rows[-1]["full_model_projection"]
+    cut_family, cut = real_size_config(qwen, sizes)
+    with torch.device("meta"):
+        whole = QwenImageTransformer2DModel(**sizes[qwen].full_config)
+    assert projection["model"] == "Qwen-Image" and projection["parameters"] == sum(p.numel() for p in
+                                                                                    whole.parameters())
+    assert projection["measured_macs_per_sample"] == cut_family.count_macs(cut).full
+    assert projection["mac_ratio"] == pytest.approx(projection["macs_per_sample"] / cut_family.count_macs(cut).full)
+    assert projection["full_seconds"] == pytest.approx(rows[-1]["bench"]["full_seconds"] * projection["mac_ratio"])
+
+    table = (docs / "bench-large.md").read_text()
+    assert all(f"| {r['model']} | " in table for r in rows)
+    assert "the full Qwen-Image (6 blocks) from the Qwen-Image-width-4-256 row" in table
+    assert "the full FLUX.1-dev (19 double and 38 single blocks) from the FLUX.1-width-2+4-256 row" in table

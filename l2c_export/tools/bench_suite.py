@@ -13,13 +13,14 @@ share of sub-layers falling from 80% at the first cache step to 10% at the last 
 on), which gives 11 distinct subsets.
 
 ``make bench-large`` (``--large``; not part of ``make test``): diffusers folders at the real sizes, random weights
-(:data:`REAL_SIZES`: ``facebook/DiT-XL-2-256``'s transformer, PixArt-α 512's, SD3-medium's at 256 px and FLUX.1's
-real width with 2 double and 4 single blocks at 256 px, whose row also projects the full FLUX.1 per block: see
-:func:`flux_projection`), each built over the same kind of
-synthetic official-mode schedule over its named sub-layers, verified, benchmarked (speed against the ideal, memory of
-every subset against the full one alone) and its exported full compute timed against diffusers' own PyTorch pipeline
-on the same work (steps, batch, latents, conditioning, guidance), writing ``docs/bench-large.json`` and
-``docs/bench-large.md``.
+(:data:`REAL_SIZES`: ``facebook/DiT-XL-2-256``'s transformer, PixArt-α 512's, SD3-medium's at 256 px, FLUX.1's real
+width with 2 double and 4 single blocks at 256 px, Sana 1.6B at 1024 px, and Qwen-Image's real width with 4 of its
+60 blocks at 256 px; the two cuts' rows also project their whole model per block: see
+:func:`full_model_projection`), each built over the same kind of synthetic official-mode schedule over its named
+sub-layers, verified, benchmarked (speed against the ideal, memory of every subset against the full one alone) and its
+exported full compute timed against diffusers' own PyTorch pipeline on the same work (steps, batch, latents,
+conditioning, guidance), writing ``docs/bench-large.json`` and ``docs/bench-large.md``. ``large_benchmark(...,
+sizes=...)`` runs the same path on other configs under the same names (the test's tiny ones).
 
 Why it ships in the installed package rather than in a scripts folder beside it: it is how a user reproduces the
 published figures on their own machine and models (``python -m l2c_export.tools.bench_suite --large --models ...``
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import resource
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +93,13 @@ def main(argv: list[str] | None = None) -> None:
                              "--batch images (default 1), --repeats (default 2)")
     parser.add_argument("--steps", type=int, default=6, help="--large: num_inference_steps")
     parser.add_argument("--models", default=",".join(REAL_SIZES), help="--large: which of " + ", ".join(REAL_SIZES))
+    parser.add_argument("--cfg-scale", type=float, help="--large: the guidance scale [each pipeline's own]")
     args = parser.parse_args(argv)
     if args.serving_only:
         return serving_benchmark(args.work, args.docs)
     if args.large:
         return large_benchmark(args.work, args.docs, [m for m in args.models.split(",") if m], args.steps,
-                               args.batch or 1, args.repeats or 2)
+                               args.batch or 1, args.repeats or 2, cfg_scale=args.cfg_scale)
     args.batch, args.repeats = args.batch or 2, args.repeats or 5
 
     import torch
@@ -187,34 +190,93 @@ FLUX_1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers
                   num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                   axes_dims_rope=(16, 56, 56))
 FLUX_WIDTH_2_4 = dict(FLUX_1_DEV, num_layers=2, num_single_layers=4)
-REAL_SIZES = {"DiT-XL-2-256": ("DiTPipeline", "DiTTransformer2DModel", DIT_XL_2_256, "DDIMScheduler"),
-              "PixArt-XL-2-512": ("PixArtAlphaPipeline", "PixArtTransformer2DModel", PIXART_ALPHA_512,
-                                  "DPMSolverMultistepScheduler"),
-              "SD3-medium-256": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", SD3_MEDIUM_256,
-                                 "FlowMatchEulerDiscreteScheduler"),
-              "FLUX.1-width-2+4-256": ("FluxPipeline", "FluxTransformer2DModel", FLUX_WIDTH_2_4,
-                                       "FlowMatchEulerDiscreteScheduler")}
+# Efficient-Large-Model/Sana_1600M_1024px_diffusers' transformer (1.6B parameters, 6.4 GB in fp32): 20 blocks of
+# 70 linear-attention heads of 32 (width 2240), cross-attention 20 heads of 112 over Gemma-2 2B's 2304-wide hidden
+# states, DC-AE f32c32 latents (32 channels, 32 x 32 for 1024 px).
+SANA_1600M_1024 = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                       num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                       caption_channels=2304, mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=32,
+                       patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6)
+# Qwen/Qwen-Image's transformer (60 blocks of 24 heads of 128, width 3072, over Qwen2.5-VL-7B's 3584-wide hidden
+# states: 20.4B parameters, 82 GB in fp32, beyond these machines) and the benchmarked cut of it: the real width, 4
+# blocks.
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+QWEN_IMAGE_WIDTH_4 = dict(QWEN_IMAGE, num_layers=4)
 SCHEDULER_OPTIONS = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
-# The flow-matching schedulers as SD3-medium's and FLUX.1-dev's folders configure them.
-FLOW_SCHEDULER_OPTIONS = {"StableDiffusion3Pipeline": dict(shift=3.0),
-                          "FluxPipeline": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                               base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)}
-IMAGE_SIZES = {"FLUX.1-width-2+4-256": 256}  # pixels, for a transformer without sample_size (FLUX.1)
+# The schedulers as the real folders configure them: SD3-medium's, FLUX.1-dev's and Qwen-Image's flow matching, and
+# Sana_1600M_1024px's DPM-Solver++ 2M on flow sigmas.
+SD3_SCHEDULER = dict(shift=3.0)
+FLUX_SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096, shift=3.0)
+QWEN_IMAGE_SCHEDULER = dict(use_dynamic_shifting=True, time_shift_type="exponential", shift_terminal=0.02,
+                            base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift=1.0)
+SANA_SCHEDULER = dict(SCHEDULER_OPTIONS, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                      prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                      final_sigmas_type="zero", lower_order_final=True)
 
 
-def real_size_config(name: str):
-    """The :class:`l2c_export.models.diffusers.DiffusersConfig` of ``name`` (a key of :data:`REAL_SIZES`), checked by
-    its family as a folder's config is."""
+@dataclass(frozen=True)
+class RealSize:
+    """One model of ``make bench-large``: its pipeline, transformer and scheduler classes as diffusers names them,
+    the transformer's ``config.json`` fields and the scheduler's options as the real folder sets them, and
+    ``image_size`` (pixels, ``build --image-size``) for a transformer without ``sample_size``. A cut of a model too
+    large for the machine (its real width, fewer blocks) names the whole one, ``full_name`` and ``full_config``,
+    which its row projects per block (:func:`full_model_projection`)."""
+
+    pipeline_class: str
+    transformer_class: str
+    config: dict
+    scheduler_class: str
+    scheduler_options: dict = field(default_factory=lambda: dict(SCHEDULER_OPTIONS))
+    image_size: int | None = None
+    full_name: str | None = None
+    full_config: dict | None = None
+
+
+REAL_SIZES = {
+    "DiT-XL-2-256": RealSize("DiTPipeline", "DiTTransformer2DModel", DIT_XL_2_256, "DDIMScheduler"),
+    "PixArt-XL-2-512": RealSize("PixArtAlphaPipeline", "PixArtTransformer2DModel", PIXART_ALPHA_512,
+                                "DPMSolverMultistepScheduler"),
+    "SD3-medium-256": RealSize("StableDiffusion3Pipeline", "SD3Transformer2DModel", SD3_MEDIUM_256,
+                               "FlowMatchEulerDiscreteScheduler", SD3_SCHEDULER),
+    "FLUX.1-width-2+4-256": RealSize("FluxPipeline", "FluxTransformer2DModel", FLUX_WIDTH_2_4,
+                                     "FlowMatchEulerDiscreteScheduler", FLUX_SCHEDULER, image_size=256,
+                                     full_name="FLUX.1-dev", full_config=FLUX_1_DEV),
+    "Sana-1600M-1024": RealSize("SanaPipeline", "SanaTransformer2DModel", SANA_1600M_1024,
+                                "DPMSolverMultistepScheduler", SANA_SCHEDULER),
+    "Qwen-Image-width-4-256": RealSize("QwenImagePipeline", "QwenImageTransformer2DModel", QWEN_IMAGE_WIDTH_4,
+                                       "FlowMatchEulerDiscreteScheduler", QWEN_IMAGE_SCHEDULER, image_size=256,
+                                       full_name="Qwen-Image", full_config=QWEN_IMAGE),
+}
+# What each pipeline is called with besides the shared request (prompt=None, latents, steps, the scale, the arrays):
+# PixArt's and Sana's negative prompt left out (their negative embeddings are given) and no resolution binning.
+PIPELINE_CALL_OPTIONS = {"PixArtAlphaPipeline": dict(negative_prompt=None, use_resolution_binning=False),
+                         "SanaPipeline": dict(negative_prompt=None, use_resolution_binning=False)}
+
+
+def real_size_config(name: str, sizes: dict[str, RealSize] = REAL_SIZES):
+    """(family, :class:`l2c_export.models.diffusers.DiffusersConfig`) of ``name`` (a key of ``sizes``) as its row
+    builds it: checked by its family as a folder's config is, at the row's ``image_size`` (the VAE's scale factor 8
+    a folder without a VAE has)."""
+    size = sizes[name]
+    family, config = transformer_config(size.transformer_class, size.config)
+    return family, family.sized_config(config, size.image_size, 8) if size.image_size else config
+
+
+def transformer_config(transformer_class: str, config: dict):
+    """(family, :class:`l2c_export.models.diffusers.DiffusersConfig`) of a transformer's ``config.json`` fields."""
     from ..models.diffusers import transformer_families
 
-    _, transformer_class, config, _ = REAL_SIZES[name]
     family = transformer_families()[transformer_class]
     return family, family.config_from_dict({"transformer_class": transformer_class, "transformer": dict(config)})
 
 
-def save_random_pipeline(name: str, folder: Path) -> Path:
-    """The pipeline ``name`` with random weights (diffusers' own initialisation, seed 0) in its real config, saved
-    with ``save_pretrained`` into ``folder`` (transformer/ and scheduler/; no VAE or text encoder); kept if there."""
+def save_random_pipeline(size: RealSize, folder: Path) -> Path:
+    """The pipeline of ``size`` with random weights (diffusers' own initialisation, seed 0) in its config, saved
+    with ``save_pretrained`` into ``folder`` (transformer/ and scheduler/; every other component, the VAE and the
+    text encoders, None); kept if there."""
+    import inspect
     import shutil
 
     if (folder / "model_index.json").is_file():
@@ -223,21 +285,13 @@ def save_random_pipeline(name: str, folder: Path) -> Path:
 
     diffusers = import_extra("diffusers", "the large benchmark")
 
-    pipeline_class, transformer_class, config, scheduler_class = REAL_SIZES[name]
     torch.manual_seed(0)
-    transformer = getattr(diffusers, transformer_class)(**config)
-    scheduler = getattr(diffusers, scheduler_class)(**FLOW_SCHEDULER_OPTIONS.get(pipeline_class, SCHEDULER_OPTIONS))
-    if pipeline_class == "DiTPipeline":
-        pipe = diffusers.DiTPipeline(transformer=transformer, vae=None, scheduler=scheduler)
-    elif pipeline_class == "StableDiffusion3Pipeline":
-        encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
-        pipe = diffusers.StableDiffusion3Pipeline(transformer=transformer, vae=None, scheduler=scheduler, **encoders)
-    elif pipeline_class == "FluxPipeline":
-        pipe = diffusers.FluxPipeline(transformer=transformer, vae=None, scheduler=scheduler, text_encoder=None,
-                                      tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    else:
-        pipe = diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                                             scheduler=scheduler)
+    transformer = getattr(diffusers, size.transformer_class)(**size.config)
+    scheduler = getattr(diffusers, size.scheduler_class)(**size.scheduler_options)
+    pipeline_class = getattr(diffusers, size.pipeline_class)
+    absent = {name: None for name in inspect.signature(pipeline_class.__init__).parameters
+              if name not in ("self", "transformer", "scheduler")}
+    pipe = pipeline_class(transformer=transformer, scheduler=scheduler, **absent)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(str(partial))
@@ -246,9 +300,10 @@ def save_random_pipeline(name: str, folder: Path) -> Path:
     return folder
 
 
-def measured_build(folder: Path, schedule, steps: int, out: Path,
-                   image_size: int | None) -> tuple[float, int, int]:
-    """``l2c-export build --diffusers folder`` over ``schedule`` in a child process, as a user runs it: its wall
+def measured_build(folder: Path, schedule, steps: int, out: Path, image_size: int | None,
+                   cfg_scale: float | None = None) -> tuple[float, int, int]:
+    """``l2c-export build --diffusers folder`` over ``schedule`` (``cfg_scale``: its ``--cfg-scale``; default the
+    pipeline's) in a child process, as a user runs it: its wall
     seconds, its peak resident set in bytes (the child's own ``ru_maxrss``, which counts the pages of files it maps:
     the safetensors file while its tensors are copied in, pages the kernel can drop) and its peak anonymous memory
     (``RssAnon``, what it cannot give back; sampled every 0.2 s)."""
@@ -261,6 +316,7 @@ def measured_build(folder: Path, schedule, steps: int, out: Path,
     command = [sys.executable, "-m", "l2c_export.cli", "build", "--diffusers", str(folder), "--steps", str(steps),
                "--schedule", str(schedule_file), "--out", str(out)]
     command += ["--image-size", str(image_size)] if image_size else []
+    command += ["--cfg-scale", str(cfg_scale)] if cfg_scale is not None else []
     start = time.perf_counter()
     process = subprocess.Popen(command)
     anonymous = 0
@@ -312,11 +368,12 @@ class _KeepLatents:
 
 
 def run_diffusers_pipeline(pipe, request: dict, noise: np.ndarray, steps: int, cfg_scale: float,
-                           image_size: int | None = None) -> np.ndarray:
+                           image_size: int | None = None, scale_argument: str = "guidance_scale") -> np.ndarray:
     """diffusers' own pipeline on ``request`` (``labels``, or ``conditioning``: prompt arrays by its argument
-    names) from latents ``noise`` (n, C, H, W; FLUX.1: packed (n, T, C) at ``image_size`` pixels) -> its final
-    latents of that shape, as ``l2c-export run`` returns them. ``DiTPipeline`` draws its latents from its generator:
-    ``noise`` must be that draw (seed 0)."""
+    names) from latents ``noise`` (n, C, H, W; FLUX.1 and Qwen-Image: packed (n, T, C) at ``image_size`` pixels)
+    with the guidance scale ``cfg_scale`` passed as its ``scale_argument`` (the manifest's ``guidance/
+    scale_argument``: Qwen-Image's ``true_cfg_scale``) -> its final latents of that shape, as ``l2c-export run``
+    returns them. ``DiTPipeline`` draws its latents from its generator: ``noise`` must be that draw (seed 0)."""
     import torch
 
     with torch.no_grad():
@@ -327,52 +384,57 @@ def run_diffusers_pipeline(pipe, request: dict, noise: np.ndarray, steps: int, c
             return keep.latents.float().numpy()
         conditioning = {name: torch.from_numpy(np.asarray(value, dtype=np.float32))
                         for name, value in request["conditioning"].items()}
-        if type(pipe).__name__.startswith("PixArt"):
-            options = dict(negative_prompt=None, use_resolution_binning=False)
-        else:  # SD3 takes its negatives by name; FLUX.1 none, and its size in pixels (its latents are packed)
-            options = {"height": image_size, "width": image_size} if image_size else {}
-        return pipe(prompt=None, latents=torch.from_numpy(noise), guidance_scale=cfg_scale, num_inference_steps=steps,
-                    output_type="latent", **options, **conditioning).images.float().numpy()
+        options = dict(PIPELINE_CALL_OPTIONS.get(type(pipe).__name__, {}))
+        if image_size:  # a packed-latent pipeline takes its size in pixels
+            options.update(height=image_size, width=image_size)
+        return pipe(prompt=None, latents=torch.from_numpy(noise), num_inference_steps=steps, output_type="latent",
+                    **{scale_argument: cfg_scale}, **options, **conditioning).images.float().numpy()
 
 
-def flux_projection(measured: dict, measured_config: dict, image_size: int, prompt_tokens: int) -> dict:
-    """The full FLUX.1-dev (:data:`FLUX_1_DEV`) projected from the measured cut of it (``measured``: a report of
-    :func:`large_benchmark`): parameters and MACs counted exactly on the meta device (no memory), the times scaled
-    by the MAC ratio (per block: each block's MACs are its share of the time), the weights at 4 bytes (fp32) and 2
-    (bf16) a parameter. A projection, not a measurement."""
+def block_counts(config: dict) -> str:
+    """A transformer config's blocks in words: FLUX.1's "19 double and 38 single", another's "60"."""
+    if "num_single_layers" in config:
+        return f"{config['num_layers']} double and {config['num_single_layers']} single"
+    return str(config["num_layers"])
+
+
+def full_model_projection(measured: dict, cut: RealSize, image_size: int, prompt_tokens: int) -> dict:
+    """The whole model a cut is of (``cut.full_config``: FLUX.1-dev, Qwen-Image) projected from the cut's
+    measurements (``measured``: a report of :func:`large_benchmark`): parameters and MACs counted exactly on the meta
+    device (no memory) at ``image_size`` pixels and the family's MAC prompt length, the times scaled by the MAC ratio
+    (per block: each block's MACs are its share of the time), the weights at 4 bytes (fp32) and 2 (bf16) a parameter.
+    A projection, not a measurement."""
     import torch
 
-    from ..models import get_family
-    from ..models.diffusers import DiffusersConfig
-
-    FluxTransformer2DModel = import_extra("diffusers", "the large benchmark").FluxTransformer2DModel
-    family = get_family("diffusers-flux")
+    transformer_class = getattr(import_extra("diffusers", "the large benchmark"), cut.transformer_class)
 
     def counts(config: dict) -> tuple[int, int]:
         with torch.device("meta"):
-            parameters = sum(p.numel() for p in FluxTransformer2DModel(**config).parameters())
-        sized = family.sized_config(family.config_from_dict({"transformer_class": "FluxTransformer2DModel",
-                                                             "transformer": dict(config)}), image_size, 8)
-        return parameters, family.count_macs(sized).full
+            parameters = sum(p.numel() for p in transformer_class(**config).parameters())
+        family, checked = transformer_config(cut.transformer_class, config)
+        return parameters, family.count_macs(family.sized_config(checked, image_size, 8)).full
 
-    (cut_parameters, cut_macs), (full_parameters, full_macs) = counts(measured_config), counts(FLUX_1_DEV)
+    (cut_parameters, cut_macs), (full_parameters, full_macs) = counts(cut.config), counts(cut.full_config)
     scale = full_macs / cut_macs
     bench = measured["bench"]
-    return {"config": FLUX_1_DEV, "image_size": image_size, "prompt_tokens": prompt_tokens,
-            "parameters": full_parameters, "measured_parameters": cut_parameters,
+    return {"model": cut.full_name, "config": cut.full_config, "image_size": image_size,
+            "prompt_tokens": prompt_tokens, "parameters": full_parameters, "measured_parameters": cut_parameters,
             "macs_per_sample": full_macs, "measured_macs_per_sample": cut_macs, "mac_ratio": scale,
             "weights_fp32_bytes": 4 * full_parameters, "weights_bf16_bytes": 2 * full_parameters,
             "full_seconds": bench["full_seconds"] * scale, "schedule_seconds": bench["schedule_seconds"] * scale,
-            "note": "projected from the measured 2 double + 4 single block cut by MACs (times) and parameters "
-                    "(weights); not measured"}
+            "note": f"projected from the measured cut ({block_counts(cut.config)} blocks) by MACs (times) and "
+                    f"parameters (weights); not measured"}
 
 
 def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, batch: int = 1,
-                    repeats: int = 2) -> list[dict]:
-    """Per real-size model: save the random pipeline, build (fp32, ONNX Runtime), verify every subset, benchmark the
-    build (speed against the ideal, memory against the full subset alone) and time its full compute against
-    diffusers' own pipeline on the same work (after one warm-up each, ``repeats`` interleaved pairs, medians), with
-    their largest difference relative to the pipeline latents' range. Writes docs/bench-large.json and .md."""
+                    repeats: int = 2, sizes: dict[str, RealSize] = REAL_SIZES,
+                    cfg_scale: float | None = None) -> list[dict]:
+    """Per model of ``sizes`` (default the real ones; a test passes tiny configs under the same names), guided at
+    ``cfg_scale`` (default each pipeline's own): save the random pipeline, build (fp32, ONNX Runtime), verify every
+    subset, benchmark the build (speed against the ideal, memory against the full subset alone) and time its full
+    compute against diffusers' own pipeline on the same work (after one warm-up each, ``repeats`` interleaved pairs,
+    medians), with their largest difference relative to the pipeline latents' range. Writes docs/bench-large.json
+    and .md."""
     import dataclasses
     import gc
     import statistics
@@ -388,19 +450,21 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
 
     DiffusionPipeline = import_extra("diffusers", "the large benchmark").DiffusionPipeline
     randn_tensor = import_extra("diffusers.utils.torch_utils", "the large benchmark").randn_tensor
-    unknown = [name for name in names if name not in REAL_SIZES]
+    unknown = [name for name in names if name not in sizes]
     if unknown:
-        raise SystemExit(f"--models: unknown {unknown[0]!r}; expected some of {', '.join(REAL_SIZES)}")
+        raise SystemExit(f"--models: unknown {unknown[0]!r}; expected some of {', '.join(sizes)}")
     reports = []
     for name in names:
         print(f"{name}: random weights in the real config ...", flush=True)
-        folder = save_random_pipeline(name, work / name)
-        image_size = IMAGE_SIZES.get(name)
+        size = sizes[name]
+        folder = save_random_pipeline(size, work / name)
+        image_size = size.image_size
         spec = from_diffusers(folder, image_size)
         sampler = spec.sampler(None, steps)
         schedule = synthetic_official_schedule(steps, 0, sublayers=spec.sublayer_names, sampler=sampler)
         out = work / f"{name}-onnxruntime-fp32"
-        build_seconds, build_peak, build_anonymous = measured_build(folder, schedule, steps, out, image_size)
+        build_seconds, build_peak, build_anonymous = measured_build(folder, schedule, steps, out, image_size,
+                                                                    cfg_scale)
         print(f"{name}: built in {build_seconds:.0f} s, peak resident set {build_peak / 2 ** 30:.1f} GiB (anonymous "
               f"{build_anonymous / 2 ** 30:.1f} GiB); verifying ...", flush=True)
         checks, _ = verify_build(out, labels=(0,))  # one image (model batch 2): every subset, at half the cost
@@ -412,10 +476,12 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         print(table([row]), flush=True)
         gc.collect()
 
-        full_subset = next(s["index"] for s in manifest_io.load(out, verify_files=False)["subsets"] if all(s["compute"]))
+        subsets = manifest_io.load(out, verify_files=False)["subsets"]
+        full_subset = next(s["index"] for s in subsets if all(s["compute"]))
         exported = L2CPipeline.from_engine_dir(out, subsets=[full_subset])
         request = bench_request(exported.manifest, batch, prompt_tokens=prompt_tokens)
         cfg_scale = exported.manifest["guidance"]["cfg_scale"]
+        scale_argument = exported.manifest["guidance"]["scale_argument"]
         noise = randn_tensor((batch, *exported.sample_shape), generator=torch.Generator().manual_seed(0)).numpy()
         index = json.loads((folder / "model_index.json").read_text())
         absent = {key: None for key, value in index.items() if value == [None, None]}  # saved without VAE/encoder
@@ -427,7 +493,7 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
             begin = time.perf_counter()
             ours = exported(**request, noise=noise, full=True).samples
             middle = time.perf_counter()
-            theirs = run_diffusers_pipeline(reference, request, noise, steps, cfg_scale, image_size)
+            theirs = run_diffusers_pipeline(reference, request, noise, steps, cfg_scale, image_size, scale_argument)
             end = time.perf_counter()
             if repeat:
                 exported_seconds.append(middle - begin)
@@ -435,8 +501,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         worst = float(np.abs(ours - theirs).max() / (theirs.max() - theirs.min()))
         del exported, reference
         gc.collect()
-        report = {"model": name, "folder": str(folder), "build": str(out), "transformer": REAL_SIZES[name][1],
-                  "config": REAL_SIZES[name][2], "scheduler": REAL_SIZES[name][3], "steps": steps, "batch": batch,
+        report = {"model": name, "folder": str(folder), "build": str(out), "transformer": size.transformer_class,
+                  "config": size.config, "scheduler": size.scheduler_class, "steps": steps, "batch": batch,
                   "cfg_scale": cfg_scale, "repeats": repeats, "build_seconds": build_seconds,
                   "build_peak_rss_bytes": build_peak, "build_peak_anonymous_bytes": build_anonymous,
                   "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -445,22 +511,25 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
                   "bench": dataclasses.asdict(row),
                   "pipeline_seconds": statistics.median(pipeline_seconds),
                   "exported_full_seconds": statistics.median(exported_seconds),
-                  "exported_full_vs_pipeline": statistics.median(pipeline_seconds) / statistics.median(exported_seconds),
+                  "exported_full_vs_pipeline":
+                      statistics.median(pipeline_seconds) / statistics.median(exported_seconds),
                   "exported_full_vs_pipeline_worst_difference": worst,
                   "prompt_tokens": None if "labels" in request else request["conditioning"]["prompt_embeds"].shape[1],
                   "image_size": image_size}
-        if REAL_SIZES[name][0] == "FluxPipeline":
-            report["full_model_projection"] = flux_projection(report, REAL_SIZES[name][2], image_size, prompt_tokens)
+        if size.full_config is not None:
+            report["full_model_projection"] = full_model_projection(report, size, image_size, prompt_tokens)
         print(f"{name}: diffusers pipeline {report['pipeline_seconds']:.2f} s, exported full compute "
               f"{report['exported_full_seconds']:.2f} s ({report['exported_full_vs_pipeline']:.2f}x); latents differ "
               f"by {worst:.1e} of their range", flush=True)
         reports.append(report)
-    return write_large_docs(reports, machine_description(), docs)
+    return write_large_docs(reports, machine_description(), docs, sizes)
 
 
-def write_large_docs(reports: list[dict], machine: dict, docs: Path) -> list[dict]:
+def write_large_docs(reports: list[dict], machine: dict, docs: Path,
+                     sizes: dict[str, RealSize] = REAL_SIZES) -> list[dict]:
     """docs/bench-large.json and .md: ``reports``, and the rows of other models already there (a run of some
-    ``--models`` keeps the others'), in :data:`REAL_SIZES` order. Returns every row."""
+    ``--models`` keeps the others'), in the order of ``sizes``, each cut's projection of its whole model below the
+    table. Returns every row."""
     from ..core.util import atomic_write_text, write_json
 
     path = docs / "bench-large.json"
@@ -468,17 +537,17 @@ def write_large_docs(reports: list[dict], machine: dict, docs: Path) -> list[dic
     before = json.loads(path.read_text()) if path.is_file() else {"results": []}
     kept = [{"machine": before.get("machine"), **r} for r in before["results"] if r["model"] not in names]
     reports = [{**r, "machine": machine} for r in reports]  # rows of several runs: each says where it ran
-    rows = sorted(kept + reports, key=lambda r: list(REAL_SIZES).index(r["model"]) if r["model"] in REAL_SIZES else 99)
+    rows = sorted(kept + reports, key=lambda r: list(sizes).index(r["model"]) if r["model"] in sizes else len(sizes))
     docs.mkdir(parents=True, exist_ok=True)
     write_json(path, {"machine": machine, "results": rows})
     lines = [f"Machine of this run: {machine['cpu']}, {machine['cores']} cores, shared with other jobs while it ran; "
              f"onnxruntime {machine['onnxruntime']}, torch {machine['torch']} ({machine['torch_threads']} threads); "
              f"each row names its CPU. Random weights in the real configs, fp32, guidance on (model batch twice the "
-             f"images; FLUX.1 runs none: its guidance embedding takes the scale); medians of the interleaved runs "
-             f"after a warm-up of each.", "",
-             "| model | CPU | steps | images | repeats | subsets | full s | L2C s | speedup | ideal | of ideal | mem all "
-             "(MiB) | mem full (MiB) | all / full | weights (MiB) | build s | build peak anon / RSS (GiB) | diffusers "
-             "pipeline s | exported full s | vs pipeline | latents differ (of range) | verify worst |",
+             f"images; Qwen-Image's true_cfg_scale likewise; FLUX.1 runs none: its guidance embedding takes the "
+             f"scale); medians of the interleaved runs after a warm-up of each.", "",
+             "| model | CPU | steps | images | repeats | subsets | full s | L2C s | speedup | ideal | of ideal | "
+             "mem all (MiB) | mem full (MiB) | all / full | weights (MiB) | build s | build peak anon / RSS (GiB) | "
+             "diffusers pipeline s | exported full s | vs pipeline | latents differ (of range) | verify worst |",
              "| --- " * 22 + "|"]
     for r in rows:
         b = r["bench"]
@@ -495,19 +564,19 @@ def write_large_docs(reports: list[dict], machine: dict, docs: Path) -> list[dic
                      f"{r['pipeline_seconds']:.2f} | "
                      f"{r['exported_full_seconds']:.2f} | {r['exported_full_vs_pipeline']:.2f}x | "
                      f"{r['exported_full_vs_pipeline_worst_difference']:.1e} | {r['verify_worst']:.1e} |")
-    for r in reports:
+    for r in rows:
         projection = r.get("full_model_projection")
         if projection:
-            lines += ["", f"Projected, not measured: the full FLUX.1-dev ({projection['config']['num_layers']} double "
-                      f"and {projection['config']['num_single_layers']} single blocks) from the {r['model']} row, per "
-                      f"block by MACs: {projection['parameters'] / 1e9:.1f}B parameters "
-                      f"({projection['weights_fp32_bytes'] / 2 ** 30:.0f} GiB fp32, "
+            whole = projection.get("model") or sizes[r["model"]].full_name  # rows written before "model" was
+            lines += ["", f"Projected, not measured: the full {whole} ({block_counts(projection['config'])} "
+                      f"blocks) from the {r['model']} row, per block by MACs: {projection['parameters'] / 1e9:.1f}B "
+                      f"parameters ({projection['weights_fp32_bytes'] / 2 ** 30:.0f} GiB fp32, "
                       f"{projection['weights_bf16_bytes'] / 2 ** 30:.0f} GiB bf16; measured cut "
                       f"{projection['measured_parameters'] / 1e9:.2f}B), {projection['mac_ratio']:.1f}x the cut's MACs "
                       f"at {projection['image_size']} px and {projection['prompt_tokens']} prompt tokens: full compute "
                       f"about {projection['full_seconds']:.0f} s, the same schedule about "
-                      f"{projection['schedule_seconds']:.0f} s for {r['steps']} steps, batch {r['batch']}, on this "
-                      f"machine."]
+                      f"{projection['schedule_seconds']:.0f} s for {r['steps']} steps, batch {r['batch']}, on that "
+                      f"row's machine."]
     atomic_write_text(docs / "bench-large.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {docs / 'bench-large.json'}, {docs / 'bench-large.md'}")
