@@ -86,7 +86,7 @@ def evaluate_curve(spec, router: RouterLogits, budgets: Sequence[float], caption
             for candidate in tqdm(ours, desc="building and sampling the schedules", disable=not progress):
                 runtimes = ("onnxruntime", "torch") if candidate.method in ("full", "l2c") else ("onnxruntime",)
                 drawn = prompts.sample_build(setup, candidate.schedule, candidate.num_steps, runtimes=runtimes)
-                add({"method": candidate.method, "budget": candidate.budget,
+                add({"method": candidate.method, "budget": candidate.budget, "point": candidate.point,
                      "mac_fraction": round(candidate.mac_fraction, 6), "runtime": "onnxruntime",
                      **candidate.info}, drawn.samples, drawn.timers.items())
             _add_peers(add, setup, budgets, search_size, [PEERS[name] for name in (peers or PEERS)], timed,
@@ -137,7 +137,8 @@ def _our_candidates(budget: float, setup: EvalSetup) -> list[Candidate]:
         learned, note = baselines.schedule_for_mac_fraction(setup.router, budget, setup.macs, setup.mode,
                                                             setup.timesteps), None
     except ValueError as error:
-        learned, note = setup.router.to_schedule(1.0, setup.mode, setup.timesteps), str(error)
+        learned = setup.router.to_schedule(1.0, setup.mode, setup.timesteps)
+        note = f"cannot reach {budget}: nearest {learned.mac_fraction(setup.macs):.3f} ({error})"
     info = {"threshold": learned.threshold, "mode": learned.mode, **({"note": note} if note else {})}
     out = [Candidate("l2c", learned.mac_fraction(setup.macs), setup.num_steps, learned, budget, "sweep", info)]
     for name in ("fora", "random", "fewer-steps"):
@@ -159,7 +160,7 @@ def _add_peers(add, setup: EvalSetup, budgets: Sequence[float], search_size: str
     count = dict(macs=setup.macs, sublayers=spec.sublayer_names, batch_size=prompts.batch_size)
     full = diffusers_caches.draw(diffusers_caches.open_peer(prompts.folder, None, {}, state={}, **common),
                                  captions, noise, **count)
-    add({"method": "full (diffusers)", "budget": None, "mac_fraction": round(full.mac_fraction, 6),
+    add({"method": "full (diffusers)", "budget": None, "point": "reference", "mac_fraction": round(full.mac_fraction, 6),
          "runtime": "diffusers"}, full.images, [("diffusers", _peer_timer(full.peer, captions, noise, timed))])
     reference = full.images[timed]
     for peer in tqdm(peers, desc="searching and sampling the peers", disable=not progress):
@@ -176,10 +177,11 @@ def _add_peers(add, setup: EvalSetup, budgets: Sequence[float], search_size: str
                                             captions[timed], noise[timed], **count)
                 return run.mac_fraction, psnr(run.images, reference, 2.0)
 
-            tried = diffusers_caches.search(peer, budgets, measure, search_size)
+            tried = diffusers_caches.search(peer, budgets, measure, search_size,
+                                            refine=1 if search_size == "small" else 3)
         except Exception as error:  # noqa: BLE001 - a hook that cannot run on this transformer: its rows say why
             for budget in budgets:
-                add({"method": peer.name, "budget": budget, "mac_fraction": None, "runtime": "diffusers",
+                add({"method": peer.name, "budget": budget, "point": "sweep", "mac_fraction": None, "runtime": "diffusers",
                      "entry": peer.entry, "reached": False, "error": f"{type(error).__name__}: {error}"})
             continue
         drawn: dict[str, diffusers_caches.PeerRun] = {}
@@ -191,7 +193,7 @@ def _add_peers(add, setup: EvalSetup, budgets: Sequence[float], search_size: str
                                                                               chosen["settings"], state=state,
                                                                               **common), captions, noise, **count)
             run = drawn[key]
-            row = {"method": peer.name, "budget": budget, "mac_fraction": round(run.mac_fraction, 6),
+            row = {"method": peer.name, "budget": budget, "point": "sweep", "mac_fraction": round(run.mac_fraction, 6),
                    "runtime": "diffusers", "entry": peer.entry, "settings": chosen["settings"],
                    "reached": abs(run.mac_fraction - budget) <= TOLERANCE, **run.info}
             if not row["reached"]:
