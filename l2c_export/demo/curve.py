@@ -160,8 +160,9 @@ def _add_peers(add, setup: EvalSetup, budgets: Sequence[float], search_size: str
     count = dict(macs=setup.macs, sublayers=spec.sublayer_names, batch_size=prompts.batch_size)
     full = diffusers_caches.draw(diffusers_caches.open_peer(prompts.folder, None, {}, state={}, **common),
                                  captions, noise, **count)
-    add({"method": "full (diffusers)", "budget": None, "point": "reference", "mac_fraction": round(full.mac_fraction, 6),
-         "runtime": "diffusers"}, full.images, [("diffusers", _peer_timer(full.peer, captions, noise, timed))])
+    add({"method": "full (diffusers)", "budget": None, "point": "reference",
+         "mac_fraction": round(full.mac_fraction, 6), "runtime": "diffusers"}, full.images,
+        [("diffusers", _peer_timer(full.peer, captions, noise, timed))])
     reference = full.images[timed]
     for peer in tqdm(peers, desc="searching and sampling the peers", disable=not progress):
         state: dict = {}
@@ -181,8 +182,9 @@ def _add_peers(add, setup: EvalSetup, budgets: Sequence[float], search_size: str
                                             refine=1 if search_size == "small" else 3)
         except Exception as error:  # noqa: BLE001 - a hook that cannot run on this transformer: its rows say why
             for budget in budgets:
-                add({"method": peer.name, "budget": budget, "point": "sweep", "mac_fraction": None, "runtime": "diffusers",
-                     "entry": peer.entry, "reached": False, "error": f"{type(error).__name__}: {error}"})
+                add({"method": peer.name, "budget": budget, "point": "sweep", "mac_fraction": None,
+                     "runtime": "diffusers", "entry": peer.entry, "reached": False,
+                     "error": f"{type(error).__name__}: {error}"})
             continue
         drawn: dict[str, diffusers_caches.PeerRun] = {}
         for budget in budgets:

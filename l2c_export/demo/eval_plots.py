@@ -126,7 +126,9 @@ def plot_curve(report: dict, path: Path, speed_path: Path | None = None) -> None
 
     rows = [r for r in report["results"] if r["budget"] is not None and r.get("psnr") is not None]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    others = [m for m in methods if m != "l2c"]
+    palette = list(plt.get_cmap("tab10").colors) + [plt.get_cmap("tab20").colors[1], plt.get_cmap("tab20").colors[5]]
+    colors = {"l2c": "black", **dict(zip(others, palette * 2))}
     markers = dict(zip(methods, "osDP^v<>hX*" * 2))
 
     def lines(axis, x_of, y_of, suffix="", linestyle="-"):
