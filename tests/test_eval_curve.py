@@ -60,3 +60,15 @@ def test_eval_budgets_runs_every_method_at_every_budget_and_writes_the_files(tmp
     assert "| diffusers-magcache |" in result.stdout and "| l2c |" in (tmp_path / "curve.md").read_text()
     for png in ("curve.png", "curve-speed.png", "curve-grid.png"):
         assert Image.open(tmp_path / png).size[0] > 200, png
+
+
+def test_eval_budgets_refuses_what_the_curve_does_not_take(tmp_path):
+    """--markdown is the curve's table (refused without --budgets); the curve decodes the router, so a --schedule is
+    refused: one line naming the flag, exit 2, nothing written."""
+    table = tmp_path / "t.md"
+    refused = run_cli("eval", "--model", "t2i-digits", "--markdown", str(table), check=False)
+    assert refused.returncode == 2 and "--markdown" in refused.stderr and not table.exists()
+    refused = run_cli("eval", "--model", "t2i-digits", "--budgets", "0.5", "--schedule",
+                      "l2c_export/demo/t2i-digits/schedule.json", "--markdown", str(table), check=False)
+    assert refused.returncode == 2 and "--schedule" in refused.stderr and not table.exists()
+    assert "Traceback" not in refused.stderr

@@ -43,7 +43,7 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="t2i-digits: prompts per pipeline call, for every method (the timed calls).")
 @click.option("--grid", "grid_out", type=click.Path(dir_okay=False, path_type=Path),
               help="t2i-digits: write a PNG of one prompt per digit through full compute, the learned schedule and "
-                   "cache-dit, side by side.")
+                   "cache-dit, side by side (with --budgets: every method at the lowest budget).")
 @click.option("--labels", help="A label model's class labels, comma-separated, used in turn [every class in turn].")
 @click.option("--conditioning-data", type=click.Path(dir_okay=False, path_type=Path),
               help="A text model's prompts (--diffusers PixArt), used in turn: an .npz of prompt_embeds (P, L, D), "
@@ -58,7 +58,8 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="Random-drop schedules averaged per budget.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the plot of FD against MAC fraction.")
+              help="Write the plot of FD against MAC fraction (t2i-digits with --budgets: FD to full and PSNR, and "
+                   "beside it <stem>-speed.png, PSNR against seconds per image).")
 @click.option("--search", "search_size", type=click.Choice(["small", "full"]), default="full", show_default=True,
               help="t2i-digits with --budgets: the grid of each peer cache's knobs searched for the budgets "
                    "(small: a few settings, for a quick look).")
@@ -155,8 +156,15 @@ def eval_command(model_name, diffusers, image_size, router, schedule_file, thres
         from ..demo.t2i import evaluation_prompts
 
         captions = evaluation_prompts(num_samples)
+    curve = captioned and bool(budget_list)
+    if markdown_out is not None and not curve:
+        raise click.BadParameter("the Markdown table is the budget curve's: give --model t2i-digits --budgets ...",
+                                 param_hint="--markdown")
+    if curve and schedule_file is not None:
+        raise click.BadParameter("the budget curve decodes the router at each budget; give --router, not a schedule",
+                                 param_hint="--schedule")
     choice = use_threads(threads, torch=True)
-    if captioned and budget_list:
+    if curve:
         _budget_curve(spec, logits, mode, budget_list, captions, seed, batch_size, search_size, repeats,
                       random_seeds, json_out, png_out, grid_out, markdown_out, threads_used(choice))
         return
