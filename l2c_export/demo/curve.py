@@ -32,11 +32,10 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..core.schedule import Schedule
 from ..routers import RouterLogits, baselines
 from . import diffusers_caches
 from .diffusers_caches import PEERS, TOLERANCE
-from .evaluate import _average_random_seeds
+from .evaluate import average_random_seeds
 from .methods import METHODS, Candidate, EvalSetup, TextToImagePrompts
 from .metrics import DigitsFeatures, frechet_distance, psnr
 
@@ -112,7 +111,7 @@ def evaluate_curve(spec, router: RouterLogits, budgets: Sequence[float], caption
             if (index, runtime) in seconds:
                 suffix = "_torch" if runtime == "torch" else ""
                 row[f"seconds_per_image{suffix}"] = seconds[index, runtime] / (timed.stop - timed.start)
-    results = _average_random_seeds(rows)
+    results = average_random_seeds(rows)
     _speedups(results)
     grid_rows = _grid(prompts, rows, images, min(budgets) if budgets else None)
     import onnxruntime
