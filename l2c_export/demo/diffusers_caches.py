@@ -275,7 +275,10 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
     Peer("diffusers-fbc", "transformer.enable_cache(FirstBlockCacheConfig(...))", _fbc_grid,
          _diffusers_enable("FirstBlockCacheConfig", "apply_first_block_cache", lambda k, _s: dict(k)),
          bisect="threshold"),
-    Peer("diffusers-taylorseer", "transformer.enable_cache(TaylorSeerCacheConfig(...))", _taylorseer_grid,
+    # its default identifiers ("^transformer_blocks.*attn", fully matched) hook nothing in PixArt (attn1, attn2): the
+    # whole blocks are named instead
+    Peer("diffusers-taylorseer", "transformer.enable_cache(TaylorSeerCacheConfig(..., max_order=1, "
+         "cache_identifiers=[r'transformer_blocks\\.\\d+']))", _taylorseer_grid,
          _diffusers_enable("TaylorSeerCacheConfig", "apply_taylorseer_cache", _taylorseer_make)),
     Peer("diffusers-magcache", "transformer.enable_cache(MagCacheConfig(...)), mag_ratios from calibrate=True",
          _magcache_grid, _diffusers_enable("MagCacheConfig", "apply_mag_cache", _magcache_make), bisect="threshold",
