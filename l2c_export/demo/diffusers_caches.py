@@ -208,7 +208,7 @@ def _fbc_grid(size: str) -> list[dict]:
 
 
 def _taylorseer_grid(size: str) -> list[dict]:
-    intervals, before = ((2, 5), (2,)) if size == "small" else ((2, 3, 4, 6, 10), (1, 3))
+    intervals, before = ((2, 5), (2,)) if size == "small" else ((2, 3, 4, 6, 10), (1, 3, 6, 10))
     return [{"cache_interval": i, "disable_cache_before_step": b} for i in intervals for b in before]
 
 
