@@ -37,14 +37,15 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
 @click.option("--mode", type=click.Choice(SCHEDULE_MODES), help="How the router is decoded for the sweep "
                                                                           "(default: the schedule's).")
 @click.option("--budgets", help=f"MAC fractions of the sweep, comma-separated ('' for none) [{DEFAULT_BUDGETS}; "
-                                 f"t2i-digits: none].")
+                                 f"t2i-digits: none; given, the whole curve: every method and peer cache searched "
+                                 f"to each budget, in quality and wall time].")
 @click.option("--num-samples", type=click.IntRange(min=2), help="Samples per method (labels or prompts in turn) "
                                                                  "[1000; t2i-digits: 500].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
               help="t2i-digits: prompts per pipeline call, for every method (the timed calls).")
 @click.option("--grid", "grid_out", type=click.Path(dir_okay=False, path_type=Path),
               help="t2i-digits: write a PNG of one prompt per digit through full compute, the learned schedule and "
-                   "cache-dit, side by side.")
+                   "cache-dit, side by side (with --budgets: every method at the lowest budget).")
 @click.option("--labels", help="A label model's class labels, comma-separated, used in turn [every class in turn].")
 @click.option("--conditioning-data", type=click.Path(dir_okay=False, path_type=Path),
               help="A text model's prompts (--diffusers PixArt), used in turn: an .npz of prompt_embeds (P, L, D), "
@@ -59,7 +60,15 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="Random-drop schedules averaged per budget.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the plot of FD against MAC fraction.")
+              help="Write the plot of FD against MAC fraction (t2i-digits with --budgets: FD to full and PSNR, and "
+                   "beside it <stem>-speed.png, PSNR against seconds per image).")
+@click.option("--search", "search_size", type=click.Choice(["small", "full"]), default="full", show_default=True,
+              help="t2i-digits with --budgets: the grid of each peer cache's knobs searched for the budgets "
+                   "(small: a few settings, for a quick look).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="t2i-digits with --budgets: interleaved timing rounds (medians).")
+@click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="t2i-digits with --budgets: write the table as Markdown.")
 @click.option("--int8/--no-int8", default=None,
               help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule [on for the "
                    "embedded models, off for --diffusers].")
@@ -67,7 +76,7 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
 def eval_command(model_name, diffusers, image_size, num_frames, router, schedule_file, threshold, mode, budgets,
                  num_samples,
                  batch_size, grid_out, labels, conditioning_data, prompts_file, cfg_scale, seed, random_seeds,
-                 json_out, png_out, int8, threads):
+                 json_out, png_out, search_size, repeats, markdown_out, int8, threads):
     """Full compute, the learned schedule and the baselines (FORA, random drop, fewer steps) at equal MACs, from the
     same noise: PSNR and Frechet distance against full compute; on the digits models also FD to the real digits and
     class accuracy (digits classifier features; elsewhere a fixed random projection of the latents)."""
@@ -150,8 +159,19 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
         from ..demo.t2i import evaluation_prompts
 
         captions = evaluation_prompts(num_samples)
-    grid = {}
+    curve = captioned and bool(budget_list)
+    if markdown_out is not None and not curve:
+        raise click.BadParameter("the Markdown table is the budget curve's: give --model t2i-digits --budgets ...",
+                                 param_hint="--markdown")
+    if curve and schedule_file is not None:
+        raise click.BadParameter("the budget curve decodes the router at each budget; give --router, not a schedule",
+                                 param_hint="--schedule")
     choice = use_threads(threads, torch=True)
+    if curve:
+        _budget_curve(spec, logits, mode, budget_list, captions, seed, batch_size, search_size, repeats,
+                      random_seeds, json_out, png_out, grid_out, markdown_out, threads_used(choice))
+        return
+    grid = {}
     report = evaluate(spec, learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
                       random_seeds=tuple(range(random_seeds)),
                       int8=(diffusers is None and not captioned) if int8 is None else int8,
@@ -170,6 +190,37 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
         click.echo(f"wrote {png_out}")
     if grid_out:
         plot_t2i_grid(grid, grid_out)
+        click.echo(f"wrote {grid_out}")
+
+
+def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, search_size, repeats, random_seeds,
+                  json_out, png_out, grid_out, markdown_out, threads) -> None:
+    """``eval --model t2i-digits --budgets ...``: every method at every budget (:mod:`l2c_export.demo.curve`); the
+    table on stdout, and the files asked for (``--png`` also writes ``<stem>-speed.png``, PSNR against seconds)."""
+    from ..core.util import atomic_write_text
+    from ..demo.curve import evaluate_curve, format_curve_table
+    from ..demo.eval_plots import plot_curve, plot_curve_grid
+    from ..demo.evaluate import write_json
+
+    report = evaluate_curve(spec, router, budgets, captions, seed=seed, batch_size=batch_size,
+                            search_size=search_size, repeats=repeats, random_seeds=tuple(range(random_seeds)),
+                            mode=mode or "official")
+    report["threads"] = threads
+    grid = report.pop("grid")
+    table = format_curve_table(report)
+    click.echo(table)
+    if json_out:
+        write_json(report, json_out)
+        click.echo(f"wrote {json_out}")
+    if markdown_out:
+        atomic_write_text(markdown_out, table + "\n")
+        click.echo(f"wrote {markdown_out}")
+    if png_out:
+        speed = png_out.with_name(f"{png_out.stem}-speed{png_out.suffix}")
+        plot_curve(report, png_out, speed)
+        click.echo(f"wrote {png_out}\nwrote {speed}")
+    if grid_out:
+        plot_curve_grid(grid, grid_out)
         click.echo(f"wrote {grid_out}")
 
 

@@ -18,6 +18,17 @@ GRID_METHODS = ("full", "l2c", "cache-dit")  # the grid's columns
 def grid_samples(prompts: TextToImagePrompts, candidates: list[Candidate], samples_by_key: dict) -> dict:
     """One prompt per digit (caption forms in turn, held-out ones included) and its images of :data:`GRID_METHODS`
     at the matched point: {"captions": [...], "held_out": [...], method: (k, C, H, W)}."""
+    chosen = one_prompt_per_digit(prompts)
+    out = {"captions": [prompts.captions[i] for i in chosen], "held_out": [bool(prompts.held_out[i]) for i in chosen]}
+    for method in GRID_METHODS:
+        candidate = next((c for c in candidates if c.method == method and c.point in ("reference", "matched")), None)
+        if candidate is not None:
+            out[method] = samples_by_key[candidate.key()][chosen]
+    return out
+
+
+def one_prompt_per_digit(prompts: TextToImagePrompts) -> list[int]:
+    """The sample index of one prompt per digit present, the caption forms in turn (held-out ones included)."""
     chosen = []
     for digit in range(10):
         rows = [i for i in np.flatnonzero(prompts.digits == digit)]
@@ -25,12 +36,7 @@ def grid_samples(prompts: TextToImagePrompts, candidates: list[Candidate], sampl
             forms = list(dict.fromkeys(prompts.captions[i] for i in rows))
             wanted = forms[digit % len(forms)]
             chosen.append(next(i for i in rows if prompts.captions[i] == wanted))
-    out = {"captions": [prompts.captions[i] for i in chosen], "held_out": [bool(prompts.held_out[i]) for i in chosen]}
-    for method in GRID_METHODS:
-        candidate = next((c for c in candidates if c.method == method and c.point in ("reference", "matched")), None)
-        if candidate is not None:
-            out[method] = samples_by_key[candidate.key()][chosen]
-    return out
+    return chosen
 
 
 def plot_t2i_grid(grid: dict, path: Path) -> None:
@@ -105,4 +111,93 @@ def plot_fd(report: dict, path: Path) -> None:
     fd_axis.legend(fontsize=8)
     figure.suptitle(f"{report['model']}, {report['num_samples']} samples from the same noise, guidance "
                     f"{report['cfg_scale']:g}", fontsize=10)
+    figure_to_png(figure, path, dpi=110)
+
+
+def plot_curve(report: dict, path: Path, speed_path: Path | None = None) -> None:
+    """``eval --budgets`` on a text-to-image model (:mod:`l2c_export.demo.curve`): FD to full compute and PSNR
+    against MAC fraction, one line per method (a budget not reached: a hollow marker), to ``path``; PSNR against
+    measured seconds per image (each method in its own runtime; ours on ONNX Runtime, and PyTorch dashed) to
+    ``speed_path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r["budget"] is not None and r.get("psnr") is not None]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    others = [m for m in methods if m != "l2c"]
+    palette = list(plt.get_cmap("tab10").colors) + [plt.get_cmap("tab20").colors[1], plt.get_cmap("tab20").colors[5]]
+    colors = {"l2c": "black", **dict(zip(others, palette * 2))}
+    markers = dict(zip(methods, "osDP^v<>hX*" * 2))
+
+    def lines(axis, x_of, y_of, suffix="", linestyle="-"):
+        for method in methods:
+            points = sorted((x_of(r), y_of(r), r.get("reached", True)) for r in rows
+                            if r["method"] == method and x_of(r) is not None)
+            if not points:
+                continue
+            axis.plot([p[0] for p in points], [p[1] for p in points], color=colors[method], linestyle=linestyle,
+                      linewidth=1.8 if method == "l2c" else 1.1, label=method + suffix)
+            for x, y, reached in points:
+                axis.plot(x, y, marker=markers[method], color=colors[method], markersize=5,
+                          markerfacecolor=colors[method] if reached else "none")
+
+    figure, (fd_axis, psnr_axis) = plt.subplots(1, 2, figsize=(12.0, 4.6))
+    lines(fd_axis, lambda r: r["mac_fraction"], lambda r: r["fd_to_full"])
+    lines(psnr_axis, lambda r: r["mac_fraction"], lambda r: r["psnr"])
+    sampler = report["sampler"]
+    for axis in (fd_axis, psnr_axis):
+        axis.set_xlabel(f"MAC fraction (counted from what ran; {sampler['num_calls']} steps)")
+        axis.grid(True, alpha=0.3)
+        for budget in report["budgets"]:
+            axis.axvline(budget, color="#a0aec0", linewidth=0.6, linestyle=":")
+    fd_axis.set_yscale("log")
+    fd_axis.set_ylabel("FD to full compute (classifier features, log)")
+    psnr_axis.set_ylabel("PSNR against full compute (dB)")
+    psnr_axis.legend(fontsize=7, loc="upper left")
+    figure.suptitle(f"{report['model']}: {report['num_samples']} images per method and budget, guidance "
+                    f"{report['cfg_scale']:g} (hollow: budget not reached within {report['tolerance']})", fontsize=10)
+    figure_to_png(figure, path, dpi=110)
+    if speed_path is None:
+        return
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    lines(axis, lambda r: r.get("seconds_per_image"), lambda r: r["psnr"])
+    lines(axis, lambda r: r.get("seconds_per_image_torch"), lambda r: r["psnr"], " (PyTorch sample)", "--")
+    for row in report["results"]:
+        if row["budget"] is None and row.get("seconds_per_image"):
+            axis.axvline(row["seconds_per_image"], color="black", linewidth=0.7, linestyle=":")
+            axis.annotate(f"{row['method']} ({row['runtime']})", (row["seconds_per_image"], 0.02),
+                          xycoords=("data", "axes fraction"), rotation=90, fontsize=6, va="bottom")
+    axis.set_xlabel("seconds per image, measured (ours: ONNX Runtime; peers: diffusers in PyTorch)")
+    axis.set_ylabel("PSNR against full compute (dB)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=7)
+    axis.set_title(f"{report['model']}: quality against wall time ({report['timing']['threads']} threads)",
+                   fontsize=10)
+    figure_to_png(figure, speed_path, dpi=110)
+
+
+def plot_curve_grid(grid: dict, path: Path) -> None:
+    """The grid of :func:`l2c_export.demo.curve.evaluate_curve`: a row per method (at the lowest budget, its MAC
+    fraction in brackets; full compute first), a column per prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, columns = grid["methods"], len(grid["captions"])
+    figure, axes = plt.subplots(len(methods), columns, figsize=(0.95 * columns + 2.4, 0.95 * len(methods) + 0.8),
+                                squeeze=False)
+    for r, (label, images) in enumerate(methods):
+        for c in range(columns):
+            axis = axes[r][c]
+            axis.imshow(np.clip(images[c, 0], -1, 1), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if r == 0:
+                axis.set_title(grid["captions"][c] + (" (held out)" if grid["held_out"][c] else ""), fontsize=5)
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    figure.suptitle(f"every method at MAC fraction budget {grid['budget']}", fontsize=9)
+    figure.tight_layout()
     figure_to_png(figure, path, dpi=110)

@@ -181,7 +181,7 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
                             "cache-dit": f"diffusers' PixArtAlphaPipeline in PyTorch {torch.__version__}, "
                                          f"{torch.get_num_threads()} threads",
                             "cpus": _cpu_count()}}
-    return {"results": _average_random_seeds(rows), "learned_mac_fraction": matched, **extra,
+    return {"results": average_random_seeds(rows), "learned_mac_fraction": matched, **extra,
             "learned_schedule": learned.source, "num_samples": num_samples, "seed": seed,
             "random_seeds": list(random_seeds), "model": spec.name,
             "sampler": {"kind": sampler.kind, "num_calls": sampler.num_calls},
@@ -214,7 +214,7 @@ def _cycle_prompts(spec, prompts: Mapping[str, np.ndarray], n: int, guiding: boo
     return out
 
 
-def _average_random_seeds(rows: list[dict]) -> list[dict]:
+def average_random_seeds(rows: list[dict]) -> list[dict]:
     """One ``random`` row per (point, budget): the mean over seeds, with their spread."""
     out, groups = [], {}
     for row in rows:

@@ -62,6 +62,8 @@ class Drawn:
     samples: np.ndarray
     seconds: float
     info: dict = field(default_factory=dict)
+    # runtime -> a call that draws the first batch again and returns its seconds (interleaved timing, eval --budgets)
+    timers: dict[str, Callable[[], float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,7 +80,11 @@ class TextToImagePrompts:
     scratch: Path
     batch_size: int = 50
 
-    def sample_build(self, setup: "EvalSetup", schedule: Schedule | None, num_steps: int) -> Drawn:
+    def sample_build(self, setup: "EvalSetup", schedule: Schedule | None, num_steps: int,
+                     runtimes: Sequence[str] = ("onnxruntime",)) -> Drawn:
+        """The images of ``schedule`` (None: full compute) from its build on ONNX Runtime, with a timer per runtime
+        of ``runtimes`` (``"onnxruntime"``, ``"torch"``: the same build on the PyTorch backend) that draws the first
+        batch again."""
         import time
 
         from ..builder.build import BuildRequest, build
@@ -100,7 +106,25 @@ class TextToImagePrompts:
             result = pipe(prompt=self.captions[start:stop], noise=setup.noise[start:stop], decode=True)
             seconds += time.perf_counter() - begin
             images.append(np.clip(result.decoded, -1.0, 1.0))  # as the pipelines' postprocess clamps
-        return Drawn(np.concatenate(images), seconds)
+        return Drawn(np.concatenate(images), seconds,
+                     timers={runtime: self._timer(folder, pipe if runtime == "onnxruntime" else None, runtime,
+                                                  setup.noise) for runtime in runtimes})
+
+    def _timer(self, folder: Path, pipe, runtime: str, noise: np.ndarray) -> Callable[[], float]:
+        import time
+
+        from ..runtime.pipeline import L2CPipeline
+
+        batch = slice(0, min(self.batch_size, len(self.captions)))
+        if pipe is None:
+            pipe = L2CPipeline.from_engine_dir(folder, backend=runtime)
+            pipe(prompt=self.captions[:1], noise=noise[:1], decode=True)  # untimed set-up
+
+        def timer() -> float:
+            begin = time.perf_counter()
+            pipe(prompt=self.captions[batch], noise=noise[batch], decode=True)
+            return time.perf_counter() - begin
+        return timer
 
 
 @dataclass

@@ -1,0 +1,400 @@
+"""Every cache a diffusers user can switch on today, as peers of the learned schedule on a text-to-image folder
+(``eval --budgets``, :mod:`l2c_export.demo.curve`), each on diffusers' own ``PixArtAlphaPipeline.from_pretrained``
+in PyTorch, as its users run it:
+
+- cache-dit 1.5.3's DBCache (``cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))``), alone and with its
+  TaylorSeer calibrator (``calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1)``);
+- diffusers 0.42's hooks, ``transformer.enable_cache(config)`` with ``FirstBlockCacheConfig``,
+  ``TaylorSeerCacheConfig``, ``MagCacheConfig`` (its ratios calibrated first, ``calibrate=True``),
+  ``FasterCacheConfig`` and ``PyramidAttentionBroadcastConfig``. A transformer class without ``enable_cache``
+  (``PixArtTransformer2DModel`` is no ``CacheMixin``) is recorded with the error a user gets; the same hook is then
+  applied with the function ``enable_cache`` itself calls (``diffusers.hooks.apply_*``), each pipeline call wrapped
+  in the cache context ``enable_cache`` users get from their pipeline (``"cond"``: guidance is one batched call), the
+  hook state reset before it, and the current timestep handed to the hooks that ask for it from the transformer's
+  own ``timestep`` argument. A hook that still fails says so in its row.
+
+What a method spends is counted from what ran (:class:`SublayerCounter`): forward hooks on the first weighted layer
+inside each scheduled sub-layer (``transformer_blocks.i.attn1 / attn2 / ff``), which a cache that serves the
+sub-layer from memory never calls, weighted by the rows of the batch it ran on (FasterCache drops the unconditional
+half of some calls), times the model's own per-sub-layer MACs; the always-run part (embedders, final layer) by the
+rows of the patch embedding. cache-dit's own count (the steps it reports cached) is checked against it.
+
+Each method's knobs are searched on a calibration set (:func:`search`): a grid of settings, measured once and shared
+by every budget, then the continuous knob (a threshold) bisected between the two settings that bracket a budget the
+grid missed; every setting tried is recorded with its MAC fraction and PSNR against full compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..core.macs import MacCount
+
+TOLERANCE = 0.03  # a budget is reached within this MAC fraction
+
+
+class SublayerCounter:
+    """Forward hooks that see what a transformer computed: per scheduled sub-layer (``sublayers``, module names) the
+    batch rows its first weighted layer ran on, and the rows of the always-run patch embedding."""
+
+    def __init__(self, transformer, sublayers: Sequence[str]):
+        modules = dict(transformer.named_modules())
+        self.rows = [0] * len(sublayers)
+        self.always_rows = 0
+        self.handles = [_first_weighted(modules["pos_embed"]).register_forward_pre_hook(self._count_always)]
+        for index, name in enumerate(sublayers):
+            self.handles.append(_first_weighted(modules[name]).register_forward_pre_hook(self._count(index)))
+
+    def _count_always(self, _module, args):
+        self.always_rows += int(args[0].shape[0])
+
+    def _count(self, index: int):
+        def hook(_module, args):
+            self.rows[index] += int(args[0].shape[0])
+        return hook
+
+    def reset(self) -> None:
+        self.rows = [0] * len(self.rows)
+        self.always_rows = 0
+
+    def mac_fraction(self, macs: MacCount, full_rows: int) -> float:
+        """MACs spent / MACs of full compute, which runs ``full_rows`` rows through every forward (images x steps x
+        2 with guidance)."""
+        spent = self.always_rows * macs.always + sum(r * macs.sublayer(j) for j, r in enumerate(self.rows))
+        return spent / (full_rows * macs.full)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _first_weighted(module):
+    """The first module inside ``module`` (itself included) that holds weights of its own: it runs whenever
+    ``module`` computes."""
+    return next(m for _, m in module.named_modules() if any(True for _ in m.parameters(recurse=False)))
+
+
+@dataclass
+class PeerPipeline:
+    """A pipeline with one peer's cache switched on: ``call(captions, latents)`` returns decoded images (n, C, H, W)
+    in [-1, 1]; ``own_counter()`` the method's own report of what it skipped (None where it has none)."""
+
+    pipe: object
+    num_steps: int
+    cfg_scale: float
+    before_call: Callable[[], None] = lambda: None
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    own_counter: Callable[[], dict | None] = lambda: None
+    info: dict = field(default_factory=dict)
+
+    def call(self, captions: Sequence[str], latents: np.ndarray) -> np.ndarray:
+        import torch
+
+        self.before_call()
+        with torch.no_grad(), self.context():
+            out = self.pipe(list(captions), negative_prompt="", num_inference_steps=self.num_steps,
+                            guidance_scale=self.cfg_scale, latents=torch.from_numpy(np.ascontiguousarray(latents)),
+                            output_type="latent", clean_caption=False, use_resolution_binning=False).images
+            vae = self.pipe.vae
+            return vae.decode(out / vae.config.scaling_factor).sample.float().clamp(-1.0, 1.0).numpy()
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A cache as its users switch it on: ``entry`` (what they call), the knob grid (``grid(size)``: "small" or
+    "full", a list of knob dicts), ``enable(pipe, knobs, state)`` switching it on, and ``bisect`` the continuous knob
+    searched between grid settings (None: grid only)."""
+
+    name: str
+    entry: str
+    grid: Callable[[str], list[dict]]
+    enable: Callable[[PeerPipeline, dict, dict], None]
+    bisect: str | None = None
+    calibrate: Callable[["PeerPipeline", Sequence[str], np.ndarray, dict], None] | None = None
+
+
+def _geometric(low: float, high: float, count: int) -> list[float]:
+    return [float(f"{v:.4g}") for v in np.geomspace(low, high, count)]
+
+
+# ---- cache-dit
+
+def _import_cache_dit():
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # it logs every context at info
+    import cache_dit
+
+    return cache_dit
+
+
+def _dbcache_grid(size: str) -> list[dict]:
+    structures = ((1, 0, 2),) if size == "small" else ((1, 0, 2), (1, 0, 4), (2, 0, 2))
+    thresholds = _geometric(0.05, 0.5, 2) if size == "small" else _geometric(0.02, 2.0, 7)
+    return [{"Fn_compute_blocks": fn, "Bn_compute_blocks": bn, "max_warmup_steps": warmup,
+             "residual_diff_threshold": t} for fn, bn, warmup in structures for t in thresholds]
+
+
+def _enable_dbcache(taylorseer: bool):
+    def enable(peer: PeerPipeline, knobs: dict, _state: dict) -> None:
+        cache_dit = _import_cache_dit()
+        calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
+        cache_dit.enable_cache(peer.pipe, cache_config=cache_dit.DBCacheConfig(num_inference_steps=peer.num_steps,
+                                                                                 **knobs),
+                               calibrator_config=calibrator)
+        blocks = len(peer.pipe.transformer.transformer_blocks)
+        skipped_per_step = blocks - knobs["Fn_compute_blocks"] - knobs["Bn_compute_blocks"]
+        cached: list[int] = []
+
+        def own_counter() -> dict:
+            """Steps cache-dit says it served from its cache, per counted call so far."""
+            stats = cache_dit.summary(peer.pipe.transformer, logging=False)  # of the last call
+            cached.append(len(stats[0].cached_steps) if stats else 0)
+            return {"cached_steps_per_call": list(cached), "blocks_skipped_per_cached_step": skipped_per_step}
+
+        peer.own_counter = own_counter
+    return enable
+
+
+# ---- diffusers' hooks
+
+def _diffusers_enable(config_name: str, apply_name: str, make: Callable[[dict, dict], dict]):
+    """``transformer.enable_cache(Config(**make(knobs, state)))``; where the class has no ``enable_cache``, the hook
+    ``diffusers.hooks.<apply_name>`` that it calls, in the cache context its pipelines set."""
+    def enable(peer: PeerPipeline, knobs: dict, state: dict) -> None:
+        import diffusers
+        from diffusers import hooks
+        from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+        transformer = peer.pipe.transformer
+        timestep = {"value": -1}
+
+        def remember_timestep(_module, args, kwargs):
+            value = kwargs.get("timestep", args[2] if len(args) > 2 else None)
+            if value is not None:
+                timestep["value"] = int(value.reshape(-1)[0]) if hasattr(value, "reshape") else int(value)
+
+        transformer.register_forward_pre_hook(remember_timestep, with_kwargs=True)
+        config = getattr(diffusers, config_name)(**make(knobs, {**state, "timestep": lambda: timestep["value"]}))
+        try:
+            transformer.enable_cache(config)
+            peer.info["applied_with"] = f"transformer.enable_cache({config_name}(...))"
+        except AttributeError as error:
+            peer.info["enable_cache_error"] = f"{type(error).__name__}: {error}"
+            getattr(hooks, apply_name)(transformer, config)
+            peer.info["applied_with"] = f"diffusers.hooks.{apply_name}(transformer, {config_name}(...))"
+
+            @contextlib.contextmanager
+            def context():
+                _set_cache_context(transformer, CacheContext("cond"))
+                try:
+                    yield
+                finally:
+                    _set_cache_context(transformer, None)
+
+            peer.context = context
+        peer.before_call = lambda: HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
+    return enable
+
+
+def _fbc_grid(size: str) -> list[dict]:
+    return [{"threshold": t} for t in (_geometric(0.05, 0.5, 2) if size == "small" else _geometric(0.01, 2.0, 8))]
+
+
+def _taylorseer_grid(size: str) -> list[dict]:
+    intervals, before = ((2, 5), (2,)) if size == "small" else ((2, 3, 4, 6, 10), (1, 3, 6, 10))
+    return [{"cache_interval": i, "disable_cache_before_step": b} for i in intervals for b in before]
+
+
+def _taylorseer_make(knobs: dict, _state: dict) -> dict:
+    import torch
+
+    return {**knobs, "max_order": 1, "taylor_factors_dtype": torch.float32,
+            "cache_identifiers": [r"transformer_blocks\.\d+"]}
+
+
+def _magcache_grid(size: str) -> list[dict]:
+    thresholds = _geometric(0.02, 0.5, 2) if size == "small" else _geometric(0.005, 1.0, 7)
+    skips = (3,) if size == "small" else (2, 4, 8)
+    return [{"threshold": t, "max_skip_steps": k} for k in skips for t in thresholds]
+
+
+def _magcache_make(knobs: dict, state: dict) -> dict:
+    return {**knobs, "num_inference_steps": state["num_steps"], "mag_ratios": state["mag_ratios"]}
+
+
+def _magcache_calibrate(peer: PeerPipeline, captions: Sequence[str], latents: np.ndarray, state: dict) -> None:
+    """``MagCacheConfig(calibrate=True)`` on the calibration prompts: the ratios it prints become ``mag_ratios``."""
+    import ast
+
+    _diffusers_enable("MagCacheConfig", "apply_mag_cache",
+                      lambda _k, s: {"calibrate": True, "num_inference_steps": s["num_steps"]})(peer, {}, state)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        peer.call(captions, latents)
+    text = printed.getvalue()
+    start = text.index("[", text.index("mag_ratios=...):"))
+    state["mag_ratios"] = [float(v) for v in ast.literal_eval(text[start: text.index("]", start) + 1])]
+
+
+def _fastercache_grid(size: str) -> list[dict]:
+    skips, highs, uncond = ((2,), (1000,), (5,)) if size == "small" else ((2, 3, 4), (681, 1000), (5, 2))
+    return [{"spatial_attention_block_skip_range": s, "spatial_attention_timestep_skip_range": (-1, h),
+             "unconditional_batch_skip_range": u, "unconditional_batch_timestep_skip_range": (-1, h)}
+            for s in skips for h in highs for u in uncond]
+
+
+def _fastercache_make(knobs: dict, state: dict) -> dict:
+    return {**knobs, "current_timestep_callback": state["timestep"], "tensor_format": "BCHW"}
+
+
+def _pab_grid(size: str) -> list[dict]:
+    spatial, cross, ranges = (((3,), (2,), ((-1, 1000),)) if size == "small"
+                              else ((2, 3, 4), (None, 2, 6), ((100, 800), (-1, 1000))))
+    return [{"spatial_attention_block_skip_range": s, "cross_attention_block_skip_range": c,
+             "spatial_attention_timestep_skip_range": r, "cross_attention_timestep_skip_range": r}
+            for s in spatial for c in cross for r in ranges]
+
+
+def _pab_make(knobs: dict, state: dict) -> dict:
+    return {**knobs, "current_timestep_callback": state["timestep"]}
+
+
+PEERS: dict[str, Peer] = {peer.name: peer for peer in (
+    Peer("cache-dit", "cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))", _dbcache_grid,
+         _enable_dbcache(False), bisect="residual_diff_threshold"),
+    Peer("cache-dit+taylorseer", "cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...), "
+         "calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1))", _dbcache_grid,
+         _enable_dbcache(True), bisect="residual_diff_threshold"),
+    Peer("diffusers-fbc", "transformer.enable_cache(FirstBlockCacheConfig(...))", _fbc_grid,
+         _diffusers_enable("FirstBlockCacheConfig", "apply_first_block_cache", lambda k, _s: dict(k)),
+         bisect="threshold"),
+    # its default identifiers ("^transformer_blocks.*attn", fully matched) hook nothing in PixArt (attn1, attn2): the
+    # whole blocks are named instead
+    Peer("diffusers-taylorseer", "transformer.enable_cache(TaylorSeerCacheConfig(..., max_order=1, "
+         "cache_identifiers=[r'transformer_blocks\\.\\d+']))", _taylorseer_grid,
+         _diffusers_enable("TaylorSeerCacheConfig", "apply_taylorseer_cache", _taylorseer_make)),
+    Peer("diffusers-magcache", "transformer.enable_cache(MagCacheConfig(...)), mag_ratios from calibrate=True",
+         _magcache_grid, _diffusers_enable("MagCacheConfig", "apply_mag_cache", _magcache_make), bisect="threshold",
+         calibrate=_magcache_calibrate),
+    Peer("diffusers-fastercache", "transformer.enable_cache(FasterCacheConfig(...))", _fastercache_grid,
+         _diffusers_enable("FasterCacheConfig", "apply_faster_cache", _fastercache_make)),
+    Peer("diffusers-pab", "transformer.enable_cache(PyramidAttentionBroadcastConfig(...))", _pab_grid,
+         _diffusers_enable("PyramidAttentionBroadcastConfig", "apply_pyramid_attention_broadcast", _pab_make)),
+)}
+
+
+@dataclass
+class PeerRun:
+    """One peer setting drawn: images (n, C, H, W), the MAC fraction counted by :class:`SublayerCounter`, the
+    method's own counter, the pipeline (kept for timing) and how the cache was switched on."""
+
+    images: np.ndarray
+    mac_fraction: float
+    own: dict | None
+    peer: PeerPipeline
+    info: dict
+
+
+def open_peer(folder, peer: Peer | None, knobs: dict, num_steps: int, cfg_scale: float, state: dict) -> PeerPipeline:
+    """A fresh ``PixArtAlphaPipeline.from_pretrained(folder)`` with ``peer`` switched on at ``knobs`` (None: no
+    cache, full compute). Raises what switching it on raises."""
+    from .t2i import load_pipeline
+
+    pipeline = PeerPipeline(load_pipeline(folder), num_steps, cfg_scale)
+    if peer is not None:
+        peer.enable(pipeline, knobs, {"num_steps": num_steps, **state})
+    return pipeline
+
+
+def draw(pipeline: PeerPipeline, captions: Sequence[str], noise: np.ndarray, macs: MacCount,
+         sublayers: Sequence[str], batch_size: int) -> PeerRun:
+    """``captions`` (n) from ``noise`` (n, C, h, w), ``batch_size`` a call, counted (untimed: :func:`time_call`
+    times)."""
+    counter = SublayerCounter(pipeline.pipe.transformer, sublayers)
+    images, own = [], None
+    try:
+        for start in range(0, len(captions), batch_size):
+            stop = min(start + batch_size, len(captions))
+            images.append(pipeline.call(captions[start:stop], noise[start:stop]))
+            own = pipeline.own_counter()
+        guided = 2 if pipeline.cfg_scale > 1.0 else 1
+        fraction = counter.mac_fraction(macs, len(captions) * pipeline.num_steps * guided)
+    finally:
+        counter.remove()
+    return PeerRun(np.concatenate(images), fraction, own, pipeline, dict(pipeline.info))
+
+
+def own_mac_fraction(own: dict, macs: MacCount, num_steps: int, blocks: int) -> float:
+    """cache-dit's own count as a MAC fraction: every cached step skips ``blocks_skipped_per_cached_step`` whole
+    blocks (of ``blocks``), of equal MACs, in both halves of the guided batch."""
+    per_block = sum(macs.per_sublayer) / blocks if macs.per_sublayer else macs.attn + macs.mlp
+    calls = own["cached_steps_per_call"]
+    skipped = sum(calls) * own["blocks_skipped_per_cached_step"] * per_block
+    return 1.0 - skipped / (len(calls) * num_steps * macs.full)
+
+
+def time_call(pipeline: PeerPipeline, captions: Sequence[str], noise: np.ndarray) -> float:
+    """Wall-clock seconds of one pipeline call (text encoder, sampling and VAE decoding)."""
+    begin = time.perf_counter()
+    pipeline.call(captions, noise)
+    return time.perf_counter() - begin
+
+
+def search(peer: Peer, budgets: Sequence[float], measure: Callable[[dict], tuple[float, float]], size: str,
+           refine: int = 3) -> list[dict]:
+    """Every setting tried: the grid of ``peer`` (``size``), then, per budget no setting reached within
+    :data:`TOLERANCE`, ``peer.bisect`` bisected (geometrically, up to ``refine`` times) between the two settings of
+    the same other knobs whose MAC fractions bracket it. ``measure(knobs)`` -> (MAC fraction, PSNR)."""
+    tried = []
+
+    def run(knobs: dict) -> dict:
+        fraction, quality = measure(knobs)
+        tried.append({"settings": knobs, "mac_fraction": fraction, "psnr": quality})
+        return tried[-1]
+
+    for knobs in peer.grid(size):
+        run(knobs)
+    if peer.bisect is None:
+        return tried
+    for budget in budgets:
+        if any(abs(t["mac_fraction"] - budget) <= TOLERANCE for t in tried):
+            continue
+        bracket = _bracket(tried, budget, peer.bisect)
+        for _ in range(refine if bracket else 0):
+            above, below = bracket  # above: computes more than the budget
+            middle = math.sqrt(above["settings"][peer.bisect] * below["settings"][peer.bisect])
+            entry = run({**above["settings"], peer.bisect: float(f"{middle:.4g}")})
+            if abs(entry["mac_fraction"] - budget) <= TOLERANCE:
+                break
+            bracket = (entry, below) if entry["mac_fraction"] > budget else (above, entry)
+    return tried
+
+
+def _bracket(tried: list[dict], budget: float, knob: str):
+    """The closest pair (same knobs but ``knob``) around ``budget``: (computes more, computes less)."""
+    best = None
+    for above in tried:
+        for below in tried:
+            same = {k: v for k, v in above["settings"].items() if k != knob} == \
+                   {k: v for k, v in below["settings"].items() if k != knob}
+            if same and above["mac_fraction"] > budget > below["mac_fraction"]:
+                gap = above["mac_fraction"] - below["mac_fraction"]
+                if best is None or gap < best[0]:
+                    best = (gap, above, below)
+    return None if best is None else best[1:]
+
+
+def choose(tried: list[dict], budget: float) -> tuple[dict, bool]:
+    """The setting for ``budget``: of those within :data:`TOLERANCE` the best PSNR (the peer's best shot), else the
+    nearest; and whether it is within."""
+    close = [t for t in tried if abs(t["mac_fraction"] - budget) <= TOLERANCE]
+    if close:
+        return max(close, key=lambda t: -np.inf if t["psnr"] is None else t["psnr"]), True
+    return min(tried, key=lambda t: abs(t["mac_fraction"] - budget)), False
