@@ -169,8 +169,8 @@ def test_an_image_size_past_the_latent_bound_is_refused_for_flux(tiny_diffusers,
     ("text_encoder/config.json", {"num_heads": 0}, "field 'num_heads' is 0"),
     ("text_encoder/config.json", {"relative_attention_num_buckets": 1e9}, "field 'relative_attention_num_buckets' "
                                                                          "is 1000000000.0"),
-    ("text_encoder/config.json", {"pad_token_id": 5000}, "field 'pad_token_id' is 5000; expected a token id below "
-                                                         "vocab_size"),
+    ("text_encoder/config.json", {"pad_token_id": 5000}, "field 'pad_token_id' is 5000; expected a token id (or a "
+                                                         "list of them) below vocab_size"),
     ("vae/config.json", {"block_out_channels": [8, 10**9]}, "field 'block_out_channels' is [8, 1000000000]"),
     ("vae/config.json", {"block_out_channels": [8] * 20}, "expected a list of 1 to 8 integers"),
     ("vae/config.json", {"block_out_channels": [12]}, "each must be a multiple of norm_num_groups 8"),

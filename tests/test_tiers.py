@@ -24,7 +24,7 @@ def test_the_tier_of_a_test_follows_from_the_fixtures_it_uses():
     every C++ test (cpp_build), not a test of the same module using only a build, nor a slow one without either."""
     selected = _collected("triton or cpp", "tests/test_triton.py", "tests/test_cpp.py")
     assert "test_single_requests_over_http_equal_the_pipeline" in selected
-    assert "test_l2c_run_writes_a_png_grid" in selected
+    assert "test_l2c_run_writes_the_png_grid_python_writes" in selected
     assert "test_repository_holds_config_model_and_the_checked_build" not in selected
     assert "test_ddpm_images_merged_from_several_requests_equal_each_alone" not in selected
 
