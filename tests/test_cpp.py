@@ -1436,3 +1436,6 @@ def test_l2c_run_equals_the_python_runtime_on_wan(cpp_build, diffusers_cpp_build
     np.save(tmp_path / "z.npy", noise[:, :, 0])
     line = _refused_request(tmp_path, engines, *request)
     assert "noise has shape (2, 4, 4, 8); expected (2, 4, 2, 4, 8) (n prompts, C, F, H, W)" in line, line
+    refused = l2c_run(engines, *request, "--seed", "5", "--png", tmp_path / "clip.png")
+    assert refused.returncode == 2 and "'components/vae_decoder/latent_layout' is ncfhw" in refused.stderr
+    assert not (tmp_path / "clip.png").exists()

@@ -295,3 +295,21 @@ def test_qwen_image_guides_only_against_a_negative_prompt_given(builds, tmp_path
     got = np.load(tmp_path / "out.npy")
     assert np.abs(got - want).max() <= 1e-4 * np.ptp(want)
 
+
+
+@pytest.mark.parametrize("family", ["sana", "qwen"])
+def test_the_pipelines_own_encode_prompt_as_declared_equals_the_builds_encoders(builds, family):
+    """What ``learn --prompts`` and ``l2c_export.learn(pipe, prompts=)`` encode with, the pipeline's own
+    ``encode_prompt`` called as its family declares (Sana: the call's complex_human_instruction; Qwen-Image: once
+    more for the negative prompts), equals the build's encoder graphs on the same prompts (1e-4 of range), every
+    array by the pipeline's argument names."""
+    from l2c_export.learn.live import encode_prompts, folder_text_pipeline
+
+    folder, engines, _ = builds[family]
+    pipe = folder_text_pipeline(folder, "prompts")
+    live = encode_prompts(pipe, PROMPTS, True, NEGATIVE, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    built = L2CPipeline.from_engine_dir(engines).prompt_encoder(PROMPTS, NEGATIVE)
+    assert sorted(live) == sorted(built)
+    for name, want in built.items():
+        assert live[name].shape == want.shape, name
+        assert np.abs(live[name] - want).max() <= 1e-4 * max(np.ptp(want), 1.0), name

@@ -275,6 +275,10 @@ ImageDecoder::ImageDecoder(const Manifest& manifest, const Options& options) : i
     throw Error(manifest.path.string() + ": the build carries no VAE decoder (field 'components/vae_decoder' is "
                 "missing: a folder without vae/ builds without one); write the latents with --out");
   impl_->record = *manifest.components.vae_decoder;
+  if (impl_->record.latent_layout == "ncfhw")
+    throw Error(manifest.path.string() + ": field 'components/vae_decoder/latent_layout' is ncfhw: a video build's "
+                "clips are not decoded by l2c-run yet; write the latents with --out (l2c-export run --out clip.gif "
+                "decodes them)");
   impl_->session = open_component(manifest, impl_->record.graph, options);
 }
 

@@ -311,11 +311,13 @@ void read_components(const json& data, const Fields& root, Manifest& m) {
       if (decoder.scaling_factor <= 0) node["scaling_factor"].fail("expected a positive number");
       if (node.has("shift_factor")) decoder.shift_factor = node["shift_factor"].number();
       if (node.has("latent_layout")) decoder.latent_layout = node["latent_layout"].str();
-      if (decoder.latent_layout != "nchw" && decoder.latent_layout != "packed_2x2")
-        node["latent_layout"].fail("is " + decoder.latent_layout + "; expected nchw or packed_2x2");
+      if (decoder.latent_layout != "nchw" && decoder.latent_layout != "packed_2x2" && decoder.latent_layout != "ncfhw")
+        node["latent_layout"].fail("is " + decoder.latent_layout + "; expected nchw, packed_2x2 or ncfhw");
       const auto& in = decoder.graph.input_shapes, &out = decoder.graph.output_shapes;
-      if (in.size() != 1 || in[0].size() != 4 || out.size() != 1 || out[0].size() != 4)
-        node.fail("expected one input (batch, C, h, w) and one output (batch, C, H, W)");
+      const size_t rank = decoder.latent_layout == "ncfhw" ? 5 : 4;  // a clip's decoder: (batch, C, F, h, w)
+      if (in.size() != 1 || in[0].size() != rank || out.size() != 1 || out[0].size() != rank)
+        node.fail(rank == 5 ? "expected one input (batch, C, F, h, w) and one output (batch, C, F, H, W)"
+                            : "expected one input (batch, C, h, w) and one output (batch, C, H, W)");
       m.components.vae_decoder = decoder;
     } else if (name.rfind("text_encoder", 0) == 0) {
       m.components.text_encoders.emplace(name, read_component_graph(node, name));

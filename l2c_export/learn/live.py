@@ -219,50 +219,75 @@ def disable(pipe) -> None:
         _remove_hooks(transformer)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The pipelines' encode_prompt outputs, by pipeline class: the names of the arguments each output is passed as.
-ENCODED_NAMES = {
-    "PixArtAlphaPipeline": ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
-                            "negative_prompt_attention_mask"),
-    "PixArtSigmaPipeline": ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
-                            "negative_prompt_attention_mask"),
-    "StableDiffusion3Pipeline": ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                                 "negative_pooled_prompt_embeds"),
-    "FluxPipeline": ("prompt_embeds", "pooled_prompt_embeds", None),  # the third: text ids, not an input here
-}
+def _declared_family(pipe, where: str):
+    """The declared family whose pipeline classes include ``pipe``'s class (a folder's text pipeline may carry no
+    transformer to tell it by)."""
+    from ..models.diffusers import transformer_families
+
+    name = type(pipe).__name__
+    family = next((f for f in transformer_families().values() if name in f.declaration.pipeline_classes), None)
+    if family is None or family.declaration.encode_prompt is None:
+        prompted = sorted(c for f in transformer_families().values() if f.declaration.encode_prompt is not None
+                          for c in f.declaration.pipeline_classes)
+        raise ValueError(f"{where}: a {name} is not encoded here; pipelines with prompts: {', '.join(prompted)}")
+    return family
 
 
 def encode_prompts(pipe, prompts: Sequence[str], guiding: bool, negative_prompt: str = "",
-                   where: str = "prompts") -> dict:
-    """``prompts`` encoded by the pipeline's own ``encode_prompt`` at its settings (its max_sequence_length, its
-    padding; PixArt without caption cleaning), the negative prompt's too where ``guiding``: -> numpy arrays by the
-    pipeline's argument names (``prompt_embeds`` (P, L, D), ``prompt_attention_mask`` (P, L), ...)."""
+                   where: str = "prompts", max_sequence_length: int | None = None) -> dict:
+    """``prompts`` encoded by the pipeline's own ``encode_prompt`` at its call's settings, as its family declares the
+    call (:class:`~l2c_export.models.diffusers.declaration.EncodePrompt`: the outputs' names, the negative prompt
+    encoded in the same call or in a second, fixed and call-default keywords), the negative prompt's too where
+    ``guiding``: -> numpy arrays by the pipeline's argument names (``prompt_embeds`` (P, L, D),
+    ``prompt_attention_mask`` (P, L), ...). ``max_sequence_length``: the call's, where not its default (a build's
+    ``--max-sequence-length``)."""
+    import inspect
+
     import torch
 
-    names = ENCODED_NAMES.get(type(pipe).__name__)
-    if names is None:
-        raise ValueError(f"{where}: a {type(pipe).__name__} is not encoded here; pipelines with prompts: "
-                         f"{', '.join(ENCODED_NAMES)}")
+    from ..core.interface import TOKEN_EMBEDDINGS, TOKEN_MASK
+
+    declared = _declared_family(pipe, where).declaration
+    how = declared.encode_prompt
     missing = [part for part in ("tokenizer", "text_encoder") if getattr(pipe, part, None) is None]
     if missing:
         raise ValueError(f"{where}: the pipeline has no {' and no '.join(missing)} to encode prompts with; load it "
                          f"with its text encoder, or give the prompt embeddings by the pipeline's argument names")
     if isinstance(prompts, str) or not prompts or not all(isinstance(text, str) for text in prompts):
         raise ValueError(f"{where}: expected a non-empty list of prompts (str)")
-    device = getattr(pipe, "_execution_device", None) or "cpu"
-    with torch.no_grad():
-        if type(pipe).__name__.startswith("PixArt"):
-            outputs = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=guiding,
-                                         negative_prompt=negative_prompt, device=device, clean_caption=False)
-        elif type(pipe).__name__ == "StableDiffusion3Pipeline":
-            outputs = pipe.encode_prompt(list(prompts), None, None, do_classifier_free_guidance=guiding,
-                                         negative_prompt=negative_prompt, device=device)
-        else:
-            outputs = pipe.encode_prompt(list(prompts), None, device=device)
-    arrays = {name: value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-              for name, value in zip(names, outputs) if name is not None and value is not None}
-    if guiding and "negative_prompt_embeds" in arrays and len(arrays["negative_prompt_embeds"]) == 1 < len(prompts):
-        for name in [name for name in arrays if name.startswith("negative_")]:
+    parameters = inspect.signature(pipe.encode_prompt).parameters
+    call_defaults = {name: p.default for name, p in inspect.signature(pipe.__call__).parameters.items()
+                     if p.default is not inspect.Parameter.empty}
+    keywords = {"device": getattr(pipe, "_execution_device", None) or "cpu", **how.keywords,
+                **{name: call_defaults[name] for name in how.from_call if name in call_defaults and name in parameters}}
+    # the other prompts a stack may take (SD3's prompt_2, prompt_3): none, as the pipeline call's default
+    keywords.update({name: None for name, p in parameters.items() if name.startswith("prompt_") and name[7:].isdigit()
+                     and p.default is inspect.Parameter.empty})
+    if max_sequence_length is not None:
+        keywords["max_sequence_length"] = max_sequence_length
+    if how.guided:
+        keywords.update(do_classifier_free_guidance=guiding, negative_prompt=negative_prompt)
+
+    kinds = {name: c.kind for c in declared.conditioning for name in (c.argument, c.negative) if name}
+
+    def encoded(texts, names):
+        with torch.no_grad():
+            outputs = pipe.encode_prompt(list(texts), **keywords)
+        arrays = {name: value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+                  for name, value in zip(names, outputs) if name is not None and value is not None}
+        # a mask the pipeline leaves out where every token counts (Qwen-Image's all-ones mask is None): ones
+        tokens = next((arrays[name] for name in names if kinds.get(name) == TOKEN_EMBEDDINGS and name in arrays), None)
+        for name in names:
+            if kinds.get(name) == TOKEN_MASK and name not in arrays and tokens is not None:
+                arrays[name] = np.ones(tokens.shape[:2], dtype=np.int64)
+        return arrays
+
+    arrays = encoded(prompts, how.outputs)
+    partners = {c.argument: c.negative for c in declared.conditioning if c.negative}
+    if guiding and not how.guided and any(name in partners for name in arrays):
+        arrays.update(encoded([negative_prompt] * len(prompts), [partners.get(name) for name in how.outputs]))
+    for name in set(partners.values()) & set(arrays):  # one negative row for every prompt (PixArt's encode_prompt)
+        if len(arrays[name]) == 1 < len(prompts):
             arrays[name] = arrays[name].repeat(len(prompts), axis=0)
     return arrays
 

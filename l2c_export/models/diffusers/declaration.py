@@ -177,6 +177,23 @@ class FlowTimesteps:
 
 
 @dataclass(frozen=True)
+class EncodePrompt:
+    """How the pipelines' own ``encode_prompt`` is called and what it returns: what a live pipeline's prompts are
+    encoded with (``l2c_export.learn(pipe, prompts=...)``, ``learn --prompts``). ``outputs``: the pipeline argument
+    each returned value is passed as, in order (None: not a transformer input, FLUX.1's text ids); ``guided``: it
+    encodes the negative prompt itself (``do_classifier_free_guidance``, ``negative_prompt``), else it is called again
+    on the negative prompts, its outputs then their conditioning's ``negative`` partners (Qwen-Image's);
+    ``keywords``: fixed keyword arguments (PixArt's ``clean_caption=False``: the builds' preprocessing);
+    ``from_call``: keyword arguments given the default of the pipeline call's argument of the same name (Sana's
+    ``complex_human_instruction``; ``max_sequence_length`` where ``encode_prompt``'s default differs)."""
+
+    outputs: tuple[str | None, ...]
+    guided: bool = True
+    keywords: Mapping[str, object] = field(default_factory=dict)
+    from_call: tuple[str, ...] = ("max_sequence_length",)
+
+
+@dataclass(frozen=True)
 class Declaration:
     """A diffusers transformer class as its pipelines run it (the module docstring lists what each field says).
 
@@ -185,7 +202,8 @@ class Declaration:
     its ``max_sequence_length`` encoders pad to (SD3's prompt is CLIP's 77 tokens more, :meth:`TextEncoderStack.prompt_tokens`);
     ``macs_prompt_tokens``: the prompt length MACs are counted at; ``required``: config option -> the only value
     supported; ``call_arguments``: fixed keyword arguments of the transformer's forward (PixArt's
-    ``added_cond_kwargs``); ``default_steps``: the pipelines' num_inference_steps."""
+    ``added_cond_kwargs``); ``default_steps``: the pipelines' num_inference_steps; ``encode_prompt``: how the
+    pipelines' own prompt encoding is called (:class:`EncodePrompt`; None: the pipelines take no prompts)."""
 
     transformer_class: str
     pipeline_classes: tuple[str, ...]
@@ -202,6 +220,7 @@ class Declaration:
     macs_prompt_tokens: int | None = None
     required: Mapping[str, object] = field(default_factory=dict)
     call_arguments: Mapping[str, object] = field(default_factory=dict)
+    encode_prompt: EncodePrompt | None = None
 
     def __post_init__(self):
         if self.latent_layout not in LATENT_LAYOUTS:
@@ -215,6 +234,10 @@ class Declaration:
         if not set(made) <= {c.argument for c in self.conditioning}:
             raise ValueError(f"{self.transformer_class}: the text encoders make {made}; each must be a declared "
                              f"conditioning argument")
+        encoded = [name for name in (self.encode_prompt.outputs if self.encode_prompt else ()) if name is not None]
+        if not set(encoded) <= set(arguments):
+            raise ValueError(f"{self.transformer_class}: encode_prompt returns {encoded}; each must be a declared "
+                             f"conditioning argument or its negative partner")
         scale_fed = [c for c in self.conditioning if c.argument == self.guidance.scale_argument]
         if any(c.kind != SCALAR for c in scale_fed):
             raise ValueError(f"{self.transformer_class}: the input fed the scale ({self.guidance.scale_argument}) "

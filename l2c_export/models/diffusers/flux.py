@@ -34,7 +34,7 @@ from ...core.interface import GUIDANCE_EMBEDDING, PACKED_2X2, SCALAR
 from ...core.latents import unpacked_2x2_shape
 from ...core.util import short_repr
 from .cache import OutputPacking
-from .declaration import JOINT, PROMPT, Blocks, Conditioning, Declaration, FlowTimesteps, Guidance
+from .declaration import JOINT, PROMPT, Blocks, Conditioning, Declaration, EncodePrompt, FlowTimesteps, Guidance
 from .family import DiffusersConfig, refuse_num_frames
 from .files import DiffusersFolderError
 from .mmdit import TEXT_CONDITIONING, MMDiTFamily, without_negatives
@@ -68,6 +68,8 @@ DECLARATION = Declaration(
     max_sequence_length={"FluxPipeline": MAX_SEQUENCE_LENGTH},
     macs_prompt_tokens=MAX_SEQUENCE_LENGTH,  # FLUX.1-dev's: MACs are counted there
     required={"patch_size": 1},  # the pipeline packs 2x2 latent patches itself
+    # (prompt_embeds, pooled_prompt_embeds, text_ids): the text ids are made by the runtime, not fed
+    encode_prompt=EncodePrompt(("prompt_embeds", "pooled_prompt_embeds", None), guided=False),
 )
 
 

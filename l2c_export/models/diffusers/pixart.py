@@ -7,7 +7,7 @@ residual adds run every call)."""
 from __future__ import annotations
 
 from ...core.interface import TOKEN_EMBEDDINGS, TOKEN_MASK
-from .declaration import Blocks, Conditioning, Declaration, Guidance
+from .declaration import Blocks, Conditioning, Declaration, EncodePrompt, Guidance
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .sizes import PIXART_SIZES, TRANSFORMER_SIZES
@@ -40,6 +40,9 @@ DECLARATION = Declaration(
     macs_prompt_tokens=MACS_PROMPT_TOKENS,
     required={"norm_type": "ada_norm_single", "attention_type": "default"},
     call_arguments={"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}},
+    # encode_prompt(clean_caption=False): the builds' preprocessing (caption cleaning needs bs4 and ftfy)
+    encode_prompt=EncodePrompt(("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                                "negative_prompt_attention_mask"), keywords={"clean_caption": False}),
 )
 
 

@@ -39,7 +39,8 @@ import contextlib
 
 from ...core.interface import PACKED_2X2, TOKEN_EMBEDDINGS, TOKEN_MASK, TRUE_CFG
 from ...core.util import short_repr
-from .declaration import JOINT, PROMPT, Blocks, Conditioning, Declaration, FlowTimesteps, Guidance, VaeKind
+from .declaration import (JOINT, PROMPT, Blocks, Conditioning, Declaration, EncodePrompt, FlowTimesteps, Guidance,
+                          VaeKind)
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .flux import FluxDiffusersFamily
@@ -139,6 +140,8 @@ DECLARATION = Declaration(
     # the pipeline packs 2x2 latent patches; the base Qwen-Image (no Edit's zero_cond_t, no Layered's extras)
     required={"patch_size": 2, "guidance_embeds": False, "zero_cond_t": False, "use_additional_t_cond": False,
               "use_layer3d_rope": False},
+    # called once for the prompts and once for the negative prompts, as the pipeline does under true CFG
+    encode_prompt=EncodePrompt(("prompt_embeds", "prompt_embeds_mask"), guided=False),
 )
 
 

@@ -19,7 +19,7 @@ from ...core.interface import TOKEN_EMBEDDINGS, TOKEN_MASK
 from ...core.macs import MacCount
 from ...core.util import short_repr
 from .cache import OutputPacking
-from .declaration import Blocks, Conditioning, Declaration, Guidance, VaeKind
+from .declaration import Blocks, Conditioning, Declaration, EncodePrompt, Guidance, VaeKind
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .macs import count_macs_by_hooks
@@ -77,6 +77,10 @@ DECLARATION = Declaration(
     macs_prompt_tokens=MAX_SEQUENCE_LENGTH,
     # guidance_embeds: Sana-Sprint's distilled guidance (SanaSprintPipeline, SCM scheduler), not this pipeline's
     required={"guidance_embeds": False},
+    # the pipeline call's complex_human_instruction (encode_prompt's own default is None)
+    encode_prompt=EncodePrompt(("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                                "negative_prompt_attention_mask"),
+                               from_call=("max_sequence_length", "complex_human_instruction", "clean_caption")),
 )
 
 

@@ -17,7 +17,7 @@ with the pipeline's timesteps (``mu`` from the image sequence length when ``use_
 from __future__ import annotations
 
 from ...core.util import short_repr
-from .declaration import IMAGE, JOINT, PROMPT, Blocks, Declaration, FlowTimesteps, Guidance
+from .declaration import IMAGE, JOINT, PROMPT, Blocks, Declaration, EncodePrompt, FlowTimesteps, Guidance
 from .family import DiffusersConfig
 from .files import DiffusersFolderError
 from .mmdit import TEXT_CONDITIONING, MMDiTFamily
@@ -53,6 +53,8 @@ DECLARATION = Declaration(
     default_steps=28,  # the pipeline's num_inference_steps
     max_sequence_length={"StableDiffusion3Pipeline": 256},  # T5's tokens
     macs_prompt_tokens=MACS_PROMPT_TOKENS,
+    encode_prompt=EncodePrompt(("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                                "negative_pooled_prompt_embeds")),
 )
 
 

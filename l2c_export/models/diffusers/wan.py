@@ -24,7 +24,7 @@ from __future__ import annotations
 from ...core.interface import NCFHW, TOKEN_EMBEDDINGS
 from ...core.util import short_repr
 from .. import TensorSpec
-from .declaration import Blocks, Conditioning, Declaration, Guidance, VaeKind
+from .declaration import Blocks, Conditioning, Declaration, EncodePrompt, Guidance, VaeKind
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .sizes import LATENT_SIDE, WAN_FRAMES, WAN_PATCH, WAN_SIZES, check_integer_list
@@ -60,6 +60,7 @@ DECLARATION = Declaration(
     # text to video: no image embedding (Wan2.1-I2V's), no added key/value projections; the released query/key norm
     required={"image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None,
               "qk_norm": "rms_norm_across_heads"},
+    encode_prompt=EncodePrompt(("prompt_embeds", "negative_prompt_embeds")),
 )
 
 
