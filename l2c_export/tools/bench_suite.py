@@ -440,6 +440,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
     import statistics
     import time
 
+    started_load = os.getloadavg()[0]
+
     import torch
 
     from ..core import manifest as manifest_io
@@ -522,7 +524,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
               f"{report['exported_full_seconds']:.2f} s ({report['exported_full_vs_pipeline']:.2f}x); latents differ "
               f"by {worst:.1e} of their range", flush=True)
         reports.append(report)
-    return write_large_docs(reports, machine_description(), docs, sizes)
+    # the 1-minute load average as the run started: other jobs on the machine raise it (and every timing with it)
+    return write_large_docs(reports, {**machine_description(), "load_average_1min": started_load}, docs, sizes)
 
 
 def write_large_docs(reports: list[dict], machine: dict, docs: Path,
@@ -540,7 +543,9 @@ def write_large_docs(reports: list[dict], machine: dict, docs: Path,
     rows = sorted(kept + reports, key=lambda r: list(sizes).index(r["model"]) if r["model"] in sizes else len(sizes))
     docs.mkdir(parents=True, exist_ok=True)
     write_json(path, {"machine": machine, "results": rows})
-    lines = [f"Machine of this run: {machine['cpu']}, {machine['cores']} cores, shared with other jobs while it ran; "
+    load = machine.get("load_average_1min")
+    lines = [f"Machine of this run: {machine['cpu']}, {machine['cores']} cores"
+             f"{'' if load is None else f', load average {load:.1f} as it started (other jobs raise it)'}; "
              f"onnxruntime {machine['onnxruntime']}, torch {machine['torch']} ({machine['torch_threads']} threads); "
              f"each row names its CPU. Random weights in the real configs, fp32, guidance on (model batch twice the "
              f"images; Qwen-Image's true_cfg_scale likewise; FLUX.1 runs none: its guidance embedding takes the "
