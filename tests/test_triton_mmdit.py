@@ -23,6 +23,7 @@ from .test_qwenimage import STEPS as QWEN_STEPS
 from .test_qwenimage import qwen_build  # noqa: F401 - the module's build of the tiny Qwen-Image, over a schedule
 from .test_sana import STEPS as SANA_STEPS
 from .test_sana import sana_build  # noqa: F401 - the module's build of the tiny Sana, over a schedule
+from .test_wan import wan_build  # noqa: F401 - the module's build of the tiny Wan2.1, over a schedule
 from .test_triton import _close_to, _f32, _typed_inputs, running_server, triton_env  # noqa: F401
 
 STEPS = 4
@@ -72,9 +73,10 @@ def flow_builds(sana_build, qwen_build, tiny_diffusers, tmp_path_factory) -> dic
 
 
 @pytest.fixture(scope="module")
-def server(builds, flow_builds, triton_env, tmp_path_factory):  # noqa: F811 - triton_env is test_triton's fixture
+def server(builds, flow_builds, wan_build, triton_env, tmp_path_factory):  # noqa: F811 - test_triton's triton_env
     repo = tmp_path_factory.mktemp("triton-mmdit") / "repo"
-    served = {**builds, **{name: build for _, models in flow_builds.values() for name, build in models.items()}}
+    served = {**builds, **{name: build for _, models in flow_builds.values() for name, build in models.items()},
+              "wan": wan_build[0] / "E"}
     for name, build in served.items():
         run_cli("triton", str(build), "--repo", str(repo), "--name", name)
     yield from running_server(repo, triton_env, tmp_path_factory)
@@ -124,8 +126,9 @@ def _served_equals_run(server, model: str, build, arrays: dict[str, np.ndarray],
     want = np.load(tmp_path / "out.npy")
     assert served.shape == want.shape == noise.shape
     _close_to(served, want)
-    decoded = to_uint8(L2CPipeline.from_engine_dir(build).decoder(want))
-    assert np.abs(answer.as_numpy("images").astype(int) - decoded.astype(int)).max() <= 1
+    decoded = to_uint8(L2CPipeline.from_engine_dir(build).decoder(want))  # a clip's: (n, F, H, W, 3)
+    pictures = answer.as_numpy("frames" if noise.ndim == 5 else "images")
+    assert pictures.shape == decoded.shape and np.abs(pictures.astype(int) - decoded.astype(int)).max() <= 1
     return served
 
 
@@ -212,3 +215,16 @@ def test_sana_and_qwen_image_served_equal_the_run_cli_full_and_scheduled(server,
     span = float(guided.max() - guided.min())
     assert np.abs(guided - results[f"{family}-full", CFG_SCALE]).max() > 1e-4 * span  # the schedule reused
     assert np.abs(guided - results[family, 1.0]).max() > 1e-3 * span  # the negatives and the scale were used
+
+
+def test_a_wan_clip_served_equals_the_run_cli(server, wan_build, tmp_path):  # noqa: F811
+    """Wan2.1 (5-D latents (2, 4, 2, 4, 8), prompt embeddings guided against negative ones, no mask; a general
+    schedule): the server's latents equal ``l2c-export run`` on the same build to 1e-5 of the range, guided (4) and
+    not (no negatives sent), and its ``frames`` (n, F, H, W, 3) are those latents decoded by the build's VAE decoder."""
+    root, _, _, latents, conditioning = wan_build
+    arrays = {name: value.numpy() for name, value in conditioning.items()}
+    noise = latents.numpy()
+    guided = _served_equals_run(server, "wan", root / "E", arrays, noise, 4.0, tmp_path)
+    unguided = _served_equals_run(server, "wan", root / "E", {"prompt_embeds": arrays["prompt_embeds"]}, noise, 1.0,
+                                  tmp_path)
+    assert np.abs(guided - unguided).max() > 1e-3 * float(guided.max() - guided.min())
