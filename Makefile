@@ -33,9 +33,10 @@ $(TRITON_VENV)/.installed: requirements-triton.txt setup.py
 	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-# The main job on the embedded models: the digits DiT (DDIM), the digits U-ViT (DPM-Solver-2S) and the text-to-image
-# t2i-digits (PixArt-α, DPM-Solver++; prompts in, images out). For each, its schedule, one ONNX graph per subset,
-# every graph verified against PyTorch, then sampling on ONNX Runtime with full compute and with the schedule.
+# The main job on the embedded models: the digits DiT (DDIM), the digits U-ViT (DPM-Solver-2S), the text-to-image
+# t2i-digits (PixArt-α, DPM-Solver++; prompts in, images out) and the text-to-video t2v-digits (Wan2.1, UniPC; clips
+# out). For each, its schedule, one ONNX graph per subset, every graph verified against PyTorch, then sampling on ONNX
+# Runtime with full compute and with the schedule.
 demo: setup
 	$(CLI) schedule --schedule l2c_export/demo/dit-digits/schedule.json --png $(DEMO)/schedule.png
 	$(CLI) build --out $(DEMO)/engines
@@ -53,9 +54,14 @@ demo: setup
 	printf '%s\n' $(T2I_PROMPTS) > $(DEMO)/t2i-prompts.txt
 	$(CLI) run $(DEMO)/t2i-engines --prompts $(DEMO)/t2i-prompts.txt --seed 1 --full --out $(DEMO)/t2i-samples-full.png
 	$(CLI) run $(DEMO)/t2i-engines --prompts $(DEMO)/t2i-prompts.txt --seed 1 --compare-full --out $(DEMO)/t2i-samples-l2c.png
+	$(CLI) schedule --model t2v-digits --schedule l2c_export/demo/t2v-digits/schedule.json --png $(DEMO)/t2v-schedule.png
+	$(CLI) build --model t2v-digits --out $(DEMO)/t2v-engines
+	$(CLI) verify $(DEMO)/t2v-engines
+	$(PY) -m l2c_export.demo.t2v clips $(DEMO)/t2v-engines --seed 1 --out $(DEMO)/t2v-clips.gif
 	@echo "demo: DiT $(DEMO)/samples-l2c.png (L2C schedule), $(DEMO)/samples-full.png (every sub-layer), $(DEMO)/schedule.png"
 	@echo "demo: U-ViT $(DEMO)/uvit-samples-l2c.png, $(DEMO)/uvit-samples-full.png, $(DEMO)/uvit-schedule.png"
 	@echo "demo: text to image $(DEMO)/t2i-samples-l2c.png, $(DEMO)/t2i-samples-full.png (prompts: $(DEMO)/t2i-prompts.txt)"
+	@echo "demo: text to video $(DEMO)/t2v-clips.gif (full compute above, the L2C schedule below), $(DEMO)/t2v-schedule.png"
 
 # The suite in tiers (tests/conftest.py marks each test from the fixtures it uses): `make test` runs every tier,
 # `make test-fast` the fast one (no Triton, no C++ build, no slow round trip; its set-up is the project venv only).

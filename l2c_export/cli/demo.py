@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.schedule import SCHEDULE_MODES
-from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS, TEXT_TO_IMAGE_MODELS, embedded_default
+from ..models.zoo import DEFAULT_NAME, EMBEDDED_MODELS, TEXT_TO_IMAGE_MODELS, TEXT_TO_VIDEO_MODELS, embedded_default
 from . import CFG_SCALE, IMAGE_SIZE, MAC_FRACTION, POSITIVE, SEED, THRESHOLD, CommandError, main
 from .options import threads_option
 
@@ -227,18 +227,21 @@ def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, searc
 @main.command("train-default")
 @click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS), default=DEFAULT_NAME, show_default=True,
               help="The embedded model to train: the digits DiT or U-ViT (config and settings from its model.json), "
-                   "or the text-to-image t2i-digits (a diffusers folder; settings of l2c_export/demo/t2i.py).")
+                   "or the text-to-image t2i-digits and text-to-video t2v-digits (diffusers folders; settings of "
+                   "l2c_export/demo/t2i.py and t2v.py).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the weights [engines/MODEL] (t2i-digits: the diffusers folder).")
+              help="Folder for the weights [engines/MODEL] (t2i-digits, t2v-digits: the diffusers folder).")
 @click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000; t2i-digits: 3000 of the "
-                                             "transformer, after a third as many of the VAE].")
-@click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64; t2i: 128].")
+                                             "transformer, after a third as many of the VAE; t2v-digits: 2000 of "
+                                             "the transformer, after a quarter as many of the VAE].")
+@click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64; t2i: 128; "
+                                                  "t2v: 64 clips (the VAE a quarter as many)].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(model_name, out, steps, batch_size, seed):
     """Reproduce an embedded model's training on scikit-learn's digits (minutes on two CPU cores)."""
     out = out or Path("engines") / model_name
-    if model_name in TEXT_TO_IMAGE_MODELS:
-        _train_text_to_image(out, steps, batch_size, seed)
+    if model_name in TEXT_TO_IMAGE_MODELS + TEXT_TO_VIDEO_MODELS:
+        _train_text_to_image(out, steps, batch_size, seed, video=model_name in TEXT_TO_VIDEO_MODELS)
         return
     from ..demo.train import save_weights, train
 
@@ -249,30 +252,47 @@ def train_default_command(model_name, out, steps, batch_size, seed):
     click.echo(f"wrote {out / f'{model_name}.safetensors'}")
 
 
-def _train_text_to_image(out: Path, steps, batch_size, seed) -> None:
-    """t2i-digits: the VAE, then the PixArt transformer; the pipeline saved as a diffusers folder at ``out`` (written
-    beside it, then moved into place: a failed run leaves no half-written folder)."""
+def _train_text_to_image(out: Path, steps, batch_size, seed, video: bool = False) -> None:
+    """t2i-digits: the VAE, then the PixArt transformer; t2v-digits (``video``): the Wan VAE, then the Wan
+    transformer. The pipeline saved as a diffusers folder at ``out`` (written beside it, then moved into place: a
+    failed run leaves no half-written folder)."""
     import dataclasses
     import shutil
     import tempfile
 
     from ..core.util import replace_folder
-    from ..demo.t2i import T2IConfig, save_t2i, train_t2i
 
+    name = "t2v-digits" if video else "t2i-digits"
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "model_index.json").is_file())):
         raise CommandError(f"--out {out}: exists and is not a diffusers folder; give an absent or empty folder, or "
-                           f"a previous t2i-digits folder to replace")
-    config = T2IConfig()
-    if steps is not None:  # the VAE trains for a third as many steps as the transformer (1000 of 3000)
-        config = dataclasses.replace(config, steps=steps, vae_steps=max(1, steps // 3))
-    config = dataclasses.replace(config, batch_size=batch_size or config.batch_size)
-    pipe = train_t2i(config, seed=seed)
+                           f"a previous {name} folder to replace")
+    if video:
+        from ..demo.t2v import T2VConfig as Config, save_t2v as save, train_t2v as train_pipeline
+
+        config = Config()
+        if steps is not None:  # the VAE trains for a quarter as many steps as the transformer (500 of 2000)
+            config = dataclasses.replace(config, steps=steps, vae_steps=max(1, steps // 4))
+        if batch_size is not None:
+            config = dataclasses.replace(config, batch_size=batch_size, vae_batch_size=max(1, batch_size // 4))
+    else:
+        from ..demo.t2i import T2IConfig as Config, save_t2i as save, train_t2i as train_pipeline
+
+        config = Config()
+        if steps is not None:  # the VAE trains for a third as many steps as the transformer (1000 of 3000)
+            config = dataclasses.replace(config, steps=steps, vae_steps=max(1, steps // 3))
+        config = dataclasses.replace(config, batch_size=batch_size or config.batch_size)
+    pipe = train_pipeline(config, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_t2i(pipe, staging, config)
+        save(pipe, staging, config)
         replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    click.echo(f"wrote {out} (a PixArtAlphaPipeline folder; learn its router with l2c-export learn --diffusers {out} "
-               f"--conditioning-data prompts.npz, the prompts from python -m l2c_export.demo.t2i prompts)")
+    if video:
+        click.echo(f"wrote {out} (a WanPipeline folder; learn its router with l2c-export learn --diffusers {out} "
+                   f"--num-frames 5 --image-size 16x16 --max-sequence-length 16 --conditioning-data prompts.npz, "
+                   f"the prompts from python -m l2c_export.demo.t2v prompts)")
+    else:
+        click.echo(f"wrote {out} (a PixArtAlphaPipeline folder; learn its router with l2c-export learn --diffusers "
+                   f"{out} --conditioning-data prompts.npz, the prompts from python -m l2c_export.demo.t2i prompts)")

@@ -89,13 +89,14 @@ class T2IConfig:
 
 
 # -- the parts -------------------------------------------------------------------------------------------------------
-def make_tokenizer():
-    """The word-level tokenizer over :func:`caption_vocabulary`, as transformers loads it from ``tokenizer.json``."""
+def make_tokenizer(words: list[str] | None = None):
+    """The word-level tokenizer over ``words`` (default :func:`caption_vocabulary`), as transformers loads it from
+    ``tokenizer.json``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     PreTrainedTokenizerFast = import_extra("transformers", T2I_NEEDS).PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + tuple(caption_vocabulary()))}
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + tuple(words or caption_vocabulary()))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
