@@ -11,7 +11,7 @@ import pytest
 
 from l2c_export.core import manifest as manifest_io
 from l2c_export.demo.classifier import accuracy, load_classifier
-from l2c_export.models.zoo import EMBEDDED_MODELS, TEXT_TO_IMAGE_MODELS, embedded_default, resolve
+from l2c_export.models.zoo import EMBEDDED_MODELS, TEXT_TO_IMAGE_MODELS, TEXT_TO_VIDEO_MODELS, embedded_default, resolve
 from l2c_export.routers import baselines, load_router
 from l2c_export.samplers import make_noise
 from l2c_export.models.reference import sample_reference
@@ -19,8 +19,9 @@ from l2c_export.models.reference import sample_reference
 from .conftest import run_cli
 
 
-@pytest.mark.parametrize("name", [name for name in EMBEDDED_MODELS if name not in TEXT_TO_IMAGE_MODELS])
-def test_the_shipped_schedule_is_decoded_from_the_shipped_router(name):  # t2i-digits: tests/test_t2i_digits.py
+@pytest.mark.parametrize("name", [name for name in EMBEDDED_MODELS
+                                  if name not in TEXT_TO_IMAGE_MODELS + TEXT_TO_VIDEO_MODELS])
+def test_the_shipped_schedule_is_decoded_from_the_shipped_router(name):  # t2i, t2v: tests/test_t2[iv]_digits.py
     spec = embedded_default(name)
     schedule, router = spec.schedule(), load_router(spec.default_router)
     assert router.sampler == spec.sampler_kind == schedule.sampler or (name == "dit-digits" and

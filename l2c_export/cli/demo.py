@@ -232,10 +232,11 @@ def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, searc
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the weights [engines/MODEL] (t2i-digits, t2v-digits: the diffusers folder).")
 @click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000; t2i-digits: 3000 of the "
-                                             "transformer, after a third as many of the VAE; t2v-digits: 2000 of "
-                                             "the transformer, after a quarter as many of the VAE].")
+                                             "transformer, after a third as many of the VAE; t2v-digits: 1500 of "
+                                             "the transformer, after as many of the VAE on frames and 400 on "
+                                             "clips (N: N, N and 4N/15)].")
 @click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64; t2i: 128; "
-                                                  "t2v: 64 clips (the VAE a quarter as many)].")
+                                                  "t2v: 32 clips (the VAE half as many)].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(model_name, out, steps, batch_size, seed):
     """Reproduce an embedded model's training on scikit-learn's digits (minutes on two CPU cores)."""
@@ -270,10 +271,11 @@ def _train_text_to_image(out: Path, steps, batch_size, seed, video: bool = False
         from ..demo.t2v import T2VConfig as Config, save_t2v as save, train_t2v as train_pipeline
 
         config = Config()
-        if steps is not None:  # the VAE trains for a quarter as many steps as the transformer (500 of 2000)
-            config = dataclasses.replace(config, steps=steps, vae_steps=max(1, steps // 4))
+        if steps is not None:  # the VAE: as many steps on frames as the transformer's, 4/15 as many on clips
+            config = dataclasses.replace(config, steps=steps, vae_frame_steps=steps,
+                                         vae_steps=max(1, 4 * steps // 15))
         if batch_size is not None:
-            config = dataclasses.replace(config, batch_size=batch_size, vae_batch_size=max(1, batch_size // 4))
+            config = dataclasses.replace(config, batch_size=batch_size, vae_batch_size=max(1, batch_size // 2))
     else:
         from ..demo.t2i import T2IConfig as Config, save_t2i as save, train_t2i as train_pipeline
 

@@ -106,11 +106,14 @@ class T2VConfig:
     vae_dim_mult: tuple[int, ...] = (1, 2, 2)
     latent_channels: int = 8
     # training
-    vae_steps: int = 500
+    vae_frame_steps: int = 1500
+    vae_steps: int = 400
+    vae_decoder_steps: int = 600
     vae_batch_size: int = 16
-    vae_kl_weight: float = 1e-3
-    steps: int = 2000
-    batch_size: int = 64
+    vae_kl_weight: float = 1e-4
+    steps: int = 1500
+    transformer_rounds: int = 3
+    batch_size: int = 32
     lr: float = 2e-3
     ema_decay: float = 0.999
     caption_drop: float = 0.1
@@ -166,22 +169,51 @@ def _random_clips(images: torch.Tensor, count: int, generator: torch.Generator) 
 
 
 def train_vae(config: T2VConfig, seed: int = 0, progress: bool = True):
-    """The VAE on random clips (a random digit in a random direction): MSE of the reconstruction of a sampled latent
-    + ``vae_kl_weight`` x the KL to N(0, 1) per latent value. Returns it (eval mode, latents_mean and latents_std
-    unset)."""
+    """The VAE first on single frames (a random frame of a random clip: the spatial path, five times cheaper a
+    sample), then on random clips (a random digit in a random direction): MSE of the reconstruction of a sampled
+    latent + ``vae_kl_weight`` x the KL to N(0, 1) per latent value. Returns it (eval mode, latents_mean and
+    latents_std unset)."""
     torch.manual_seed(seed)
     images = torch.from_numpy(digits_dataset()[0])
     vae = make_vae(config)
 
-    def batch_loss(model, generator):
-        x = _random_clips(images, config.vae_batch_size, generator)
+    def loss_of(model, x, generator):
         posterior = model.encode(x).latent_dist
         reconstruction = model.decode(posterior.sample(generator)).sample
         kl = 0.5 * (posterior.mean ** 2 + posterior.var - 1.0 - posterior.logvar).mean()
         return ((reconstruction - x) ** 2).mean() + config.vae_kl_weight * kl
 
-    return fit(vae, batch_loss, config.vae_steps, lr=config.lr, ema_decay=None, seed=seed, progress=progress,
-               description="training the clips' Wan VAE")
+    def frame_loss(model, generator):
+        clips = _random_clips(images, config.vae_batch_size, generator)
+        frame = torch.randint(NUM_FRAMES, (len(clips),), generator=generator)
+        return loss_of(model, clips[torch.arange(len(clips)), :, frame][:, :, None], generator)
+
+    def clip_loss(model, generator):
+        return loss_of(model, _random_clips(images, config.vae_batch_size, generator), generator)
+
+    vae = fit(vae, frame_loss, config.vae_frame_steps, lr=config.lr, ema_decay=None, seed=seed, progress=progress,
+              description="training the Wan VAE on frames").train()
+    return fit(vae, clip_loss, config.vae_steps, lr=config.lr, ema_decay=None, seed=seed + 1, progress=progress,
+               description="training the Wan VAE on clips")
+
+
+def refine_decoder(vae, config: T2VConfig, seed: int = 0, progress: bool = True):
+    """The VAE's decoder alone (its encoder frozen: the latents, and so the transformer trained on them, stay as they
+    are) for ``vae_decoder_steps`` more steps on random clips: MSE of the reconstruction of a sampled latent.
+    Returns the VAE (eval mode)."""
+    images = torch.from_numpy(digits_dataset()[0])
+    vae.requires_grad_(False)
+    decoder = torch.nn.ModuleList([vae.post_quant_conv, vae.decoder]).requires_grad_(True)
+
+    def batch_loss(model, generator):
+        x = _random_clips(images, config.vae_batch_size, generator)
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample(generator)
+        return ((vae.decode(latents).sample - x) ** 2).mean()
+
+    fit(decoder, batch_loss, config.vae_decoder_steps, lr=config.lr / 2, ema_decay=None, seed=seed + 2,
+        progress=progress, description="refining the Wan VAE's decoder")
+    return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -207,14 +239,15 @@ def latent_statistics(means: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def train_transformer(config: T2VConfig, vae, caption_embeds: torch.Tensor, seed: int = 0, progress: bool = True,
-                      steps: int | None = None, dataset=None):
+                      steps: int | None = None, dataset=None, start=None):
     """The Wan transformer on the VAE's normalised latents of every clip (a posterior sample each step) with flow
     matching: x_t = (1 - sigma) x0 + sigma noise, target noise - x0, sigma = shift u / (1 + (shift - 1) u) for u
     uniform (the sigmas the scheduler samples at), timestep 1000 sigma.
 
     caption_embeds (10, 4, P + 1, L, D): digit d's prompt in direction r of training form p as the text encoder
     encodes it (the pipeline's rows past the prompt zeroed); index P is the empty prompt's, which a prompt becomes
-    with probability ``caption_drop``. Returns the EMA transformer (eval mode)."""
+    with probability ``caption_drop``. ``start``: a transformer whose weights this round starts from (default: the
+    seeded initial weights). Returns the EMA transformer (eval mode)."""
     torch.manual_seed(seed)
     means, stds, digits, directions = dataset if dataset is not None else encode_dataset(vae)
     shape = (1, -1, 1, 1, 1)
@@ -222,6 +255,8 @@ def train_transformer(config: T2VConfig, vae, caption_embeds: torch.Tensor, seed
     latents_std = torch.tensor(vae.config.latents_std).view(shape)
     transformer = make_transformer(config)
     ema = make_transformer(config)
+    if start is not None:  # a further round: from the previous round's (EMA) weights
+        transformer.load_state_dict(start.state_dict())
     num_forms = caption_embeds.shape[2] - 1
 
     def batch_loss(model, generator):
@@ -234,7 +269,7 @@ def train_transformer(config: T2VConfig, vae, caption_embeds: torch.Tensor, seed
         noise = torch.randn(x0.shape, generator=generator)
         u = torch.rand(config.batch_size, generator=generator)
         sigma = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
-        xt = (1 - sigma.view(shape)) * x0 + sigma.view(shape) * noise
+        xt = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise
         velocity = model(xt, timestep=sigma * 1000, encoder_hidden_states=caption_embeds[digits[index],
                          directions[index], form], return_dict=False)[0]
         return ((velocity - (noise - x0)) ** 2).mean()
@@ -283,15 +318,22 @@ def make_pipeline(config: T2VConfig, transformer=None, vae=None, seed: int = 0):
 
 def train_t2v(config: T2VConfig = T2VConfig(), seed: int = 0, progress: bool = True):
     """The whole model: the VAE (its latents' statistics then set), then the transformer on its latents under the
-    frozen text encoder's prompts. Returns the ``WanPipeline``."""
+    frozen text encoder's prompts, then the VAE's decoder refined (:func:`refine_decoder`). Returns the
+    ``WanPipeline``."""
     torch.set_num_threads(1)  # the training's arithmetic, whatever the machine: one thread (reproducible, shared)
     vae = train_vae(config, seed, progress).eval().requires_grad_(False)
     dataset = encode_dataset(vae)
     latents_mean, latents_std = latent_statistics(dataset[0])
     vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
     pipe = make_pipeline(config, vae=vae, seed=seed)
-    pipe.transformer = train_transformer(config, vae, training_captions(pipe), seed, progress, dataset=dataset)
+    embeds = training_captions(pipe)
+    transformer = None
+    for round_ in range(config.transformer_rounds):  # each round a one-cycle schedule from the last round's EMA
+        transformer = train_transformer(config, vae, embeds, seed + round_, progress, dataset=dataset,
+                                        start=transformer)
+    pipe.transformer = transformer
     pipe.register_modules(transformer=pipe.transformer)
+    refine_decoder(vae, config, seed, progress)
     return pipe
 
 
@@ -324,6 +366,17 @@ def sample_kwargs(steps: int = SAMPLE_STEPS) -> dict:
     """The pipeline's arguments the model is sampled with: its clip, its prompt length, ``steps`` steps."""
     return {"height": FRAME, "width": FRAME, "num_frames": NUM_FRAMES, "num_inference_steps": steps,
             "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: np.ndarray) -> np.ndarray:
+    """The pipeline's decoding: latents (n, C, F', H', W') -> clips (n, 3, F, H, W) in [-1, 1] (clipped), through
+    the VAE's latents_mean and latents_std."""
+    shape = (1, -1, 1, 1, 1)
+    latents = torch.from_numpy(np.asarray(latents, dtype=np.float32))
+    latents = latents * torch.tensor(vae.config.latents_std).view(shape) + torch.tensor(vae.config.latents_mean).view(
+        shape)
+    return vae.decode(latents).sample.clamp(-1.0, 1.0).numpy()
 
 
 def evaluation_prompts(num_samples: int) -> list[tuple[str, int, str, bool]]:
