@@ -346,7 +346,8 @@ def save_t2v(pipe, folder: str | Path, config: T2VConfig | None = None) -> Path:
     pipe.save_pretrained(str(folder), safe_serialization=True)
     info = {"train_forms": list(TRAIN_FORMS), "held_out_forms": list(HELD_OUT_FORMS),
             "digit_words": list(DIGIT_WORDS), "directions": list(DIRECTIONS), "num_frames": NUM_FRAMES,
-            "height": FRAME, "width": FRAME, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+            "height": FRAME, "width": FRAME, "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "num_inference_steps": SAMPLE_STEPS}
     if config is not None:
         info["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     write_json(folder / "captions.json", info)
@@ -380,10 +381,12 @@ def decode_latents(vae, latents: np.ndarray) -> np.ndarray:
 
 
 def evaluation_prompts(num_samples: int) -> list[tuple[str, int, str, bool]]:
-    """``num_samples`` (prompt, digit, direction, held_out) cycling through every digit, direction and form."""
+    """``num_samples`` (prompt, digit, direction, held_out): every form with every direction and digit (320), in a
+    fixed shuffled order, cycled."""
     forms = [(form, False) for form in TRAIN_FORMS] + [(form, True) for form in HELD_OUT_FORMS]
-    triples = itertools.product(range(len(forms)), DIRECTIONS, range(10))
-    chosen = itertools.islice(itertools.cycle(triples), num_samples)
+    triples = list(itertools.product(range(len(forms)), DIRECTIONS, range(10)))
+    order = np.random.default_rng(0).permutation(len(triples))
+    chosen = itertools.islice(itertools.cycle([triples[i] for i in order]), num_samples)
     return [(caption(forms[f][0], digit, direction), digit, direction, forms[f][1]) for f, direction, digit in chosen]
 
 
@@ -426,7 +429,7 @@ def judge_clips(frames: np.ndarray, digits: list[int], directions: list[str], cl
 
 
 @torch.no_grad()
-def sample_accuracy(folder: str | Path = T2V_DIR, num_samples: int = 240, steps: int = SAMPLE_STEPS, seed: int = 0,
+def sample_accuracy(folder: str | Path = T2V_DIR, num_samples: int = 320, steps: int = SAMPLE_STEPS, seed: int = 0,
                     batch_size: int = 40, pipe=None) -> dict:
     """Samples the folder with diffusers' own ``WanPipeline`` (:func:`sample_kwargs`, its default guidance 5) and
     judges each clip (:func:`judge_clips`). Returns the fractions of clips right overall, on training and held-out
@@ -513,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     accuracy = commands.add_parser("accuracy", help="What diffusers' WanPipeline draws, judged frame by frame.")
     accuracy.add_argument("--folder", type=Path, default=T2V_DIR)
-    accuracy.add_argument("--num-samples", type=int, default=240)
+    accuracy.add_argument("--num-samples", type=int, default=320)
     accuracy.add_argument("--steps", type=int, default=SAMPLE_STEPS)
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--json", type=Path, help="Also write the result here.")

@@ -22,7 +22,8 @@ EMBEDDED_MODELS = ("dit-digits", "uvit-digits", "t2i-digits", "t2v-digits")
 TEXT_TO_IMAGE_MODELS = ("t2i-digits",)
 TEXT_TO_VIDEO_MODELS = ("t2v-digits",)
 # An embedded diffusers folder's file beside model_index.json: its prompts and, for a video model, the clip it is
-# sampled at (num_frames, height, width) and its prompts' max_sequence_length, which a build of it takes.
+# sampled at (num_frames, height, width), its prompts' max_sequence_length and its num_inference_steps, which a build
+# of it takes.
 CAPTIONS_FILE = "captions.json"
 DEFAULT_NAME = "dit-digits"
 ROUTER_FILE, SCHEDULE_FILE = "router.safetensors", "schedule.json"
@@ -100,7 +101,7 @@ def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
         captions = json.loads((folder / CAPTIONS_FILE).read_text()) if (folder / CAPTIONS_FILE).is_file() else {}
         size = (captions["height"], captions["width"]) if "height" in captions else None
         spec = from_diffusers(folder, size, captions.get("max_sequence_length"), captions.get("num_frames"))
-        return replace(spec, name=name,
+        return replace(spec, name=name, num_steps=captions.get("num_inference_steps", spec.num_steps),
                        default_schedule=folder / SCHEDULE_FILE if (folder / SCHEDULE_FILE).is_file() else None,
                        default_router=folder / ROUTER_FILE if (folder / ROUTER_FILE).is_file() else None)
     info = json.loads((folder / "model.json").read_text())
