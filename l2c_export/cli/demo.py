@@ -227,18 +227,20 @@ def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, searc
 @main.command("train-default")
 @click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS), default=DEFAULT_NAME, show_default=True,
               help="The embedded model to train: the digits DiT or U-ViT (config and settings from its model.json), "
-                   "or the text-to-image t2i-digits (a diffusers folder; settings of l2c_export/demo/t2i.py).")
+                   "or the text-to-image t2i-digits (a PixArt-α diffusers folder; settings of "
+                   "l2c_export/demo/t2i.py) or t2i-digits-sd3 (an SD3 folder; l2c_export/demo/t2i_sd3.py).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the weights [engines/MODEL] (t2i-digits: the diffusers folder).")
 @click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000; t2i-digits: 3000 of the "
-                                             "transformer, after a third as many of the VAE].")
+                                             "transformer, after a third as many of the VAE; t2i-digits-sd3: 1500 "
+                                             "of the transformer on t2i-digits' VAE].")
 @click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64; t2i: 128].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def train_default_command(model_name, out, steps, batch_size, seed):
     """Reproduce an embedded model's training on scikit-learn's digits (minutes on two CPU cores)."""
     out = out or Path("engines") / model_name
     if model_name in TEXT_TO_IMAGE_MODELS:
-        _train_text_to_image(out, steps, batch_size, seed)
+        _train_text_to_image(model_name, out, steps, batch_size, seed)
         return
     from ..demo.train import save_weights, train
 
@@ -249,30 +251,41 @@ def train_default_command(model_name, out, steps, batch_size, seed):
     click.echo(f"wrote {out / f'{model_name}.safetensors'}")
 
 
-def _train_text_to_image(out: Path, steps, batch_size, seed) -> None:
-    """t2i-digits: the VAE, then the PixArt transformer; the pipeline saved as a diffusers folder at ``out`` (written
-    beside it, then moved into place: a failed run leaves no half-written folder)."""
+def _train_text_to_image(model_name: str, out: Path, steps, batch_size, seed) -> None:
+    """t2i-digits: the VAE, then the PixArt transformer; t2i-digits-sd3: the SD3 transformer on t2i-digits' VAE. The
+    pipeline saved as a diffusers folder at ``out`` (written beside it, then moved into place: a failed run leaves no
+    half-written folder)."""
     import dataclasses
     import shutil
     import tempfile
 
     from ..core.util import replace_folder
-    from ..demo.t2i import T2IConfig, save_t2i, train_t2i
 
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "model_index.json").is_file())):
         raise CommandError(f"--out {out}: exists and is not a diffusers folder; give an absent or empty folder, or "
-                           f"a previous t2i-digits folder to replace")
-    config = T2IConfig()
-    if steps is not None:  # the VAE trains for a third as many steps as the transformer (1000 of 3000)
-        config = dataclasses.replace(config, steps=steps, vae_steps=max(1, steps // 3))
+                           f"a previous {model_name} folder to replace")
+    if model_name == "t2i-digits-sd3":
+        from ..demo.t2i_sd3 import SD3Config, save_sd3, train_sd3
+
+        config, train, save, pipeline_class = SD3Config(), train_sd3, save_sd3, "StableDiffusion3Pipeline"
+        if steps is not None:
+            config = dataclasses.replace(config, steps=steps)
+        prompts = "--prompts prompts.txt (one caption a line)"
+    else:
+        from ..demo.t2i import T2IConfig, save_t2i, train_t2i
+
+        config, train, save, pipeline_class = T2IConfig(), train_t2i, save_t2i, "PixArtAlphaPipeline"
+        if steps is not None:  # the VAE trains for a third as many steps as the transformer (1000 of 3000)
+            config = dataclasses.replace(config, steps=steps, vae_steps=max(1, steps // 3))
+        prompts = "--conditioning-data prompts.npz, the prompts from python -m l2c_export.demo.t2i prompts"
     config = dataclasses.replace(config, batch_size=batch_size or config.batch_size)
-    pipe = train_t2i(config, seed=seed)
+    pipe = train(config, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_t2i(pipe, staging, config)
+        save(pipe, staging, config)
         replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    click.echo(f"wrote {out} (a PixArtAlphaPipeline folder; learn its router with l2c-export learn --diffusers {out} "
-               f"--conditioning-data prompts.npz, the prompts from python -m l2c_export.demo.t2i prompts)")
+    click.echo(f"wrote {out} (a {pipeline_class} folder; learn its router with l2c-export learn --diffusers {out} "
+               f"{prompts})")

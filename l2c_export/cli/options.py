@@ -31,8 +31,8 @@ def model_options(function):
                           "embedded digits model."),
         click.option("--model", "model_name",
                      help="Model of --checkpoint, for example DiT-XL/2 or U-ViT-H/2; without --checkpoint an embedded "
-                          "model: dit-digits (default), uvit-digits, t2i-digits (the diffusers folder "
-                          "l2c_export/demo/t2i-digits)."),
+                          "model: dit-digits (default), uvit-digits, t2i-digits or t2i-digits-sd3 (the diffusers "
+                          "folders l2c_export/demo/t2i-digits*: PixArt-α, SD3)."),
         click.option("--image-size", type=IMAGE_SIZE,
                      help="Image size in pixels of --checkpoint (latents are 1/8), or of a --diffusers folder whose "
                           "transformer has no sample_size (FLUX.1; latents are pixels over the VAE's scale factor); "

@@ -1,5 +1,6 @@
 """The peer of the learned schedule on the text-to-image model: cache-dit's DBCache (the ``cache-dit`` package, PyPI)
-on diffusers' own ``PixArtAlphaPipeline.from_pretrained(folder)``, in PyTorch, as a diffusers user runs it.
+on diffusers' own pipeline of the folder (``PixArtAlphaPipeline``, ``StableDiffusion3Pipeline``), in PyTorch, as a
+diffusers user runs it.
 
 DBCache ("dual block cache") always runs the first ``Fn`` and the last ``Bn`` transformer blocks; after
 ``max_warmup_steps`` it skips the blocks between them (reusing their cached residual) whenever the relative L1 change
@@ -108,15 +109,15 @@ class BlockCounter:
 def sample_dbcache(folder: str | Path, settings: DBCacheSettings | None, captions: Sequence[str], noise: np.ndarray,
                    num_steps: int, cfg_scale: float, macs: MacCount, sublayers: Sequence[str],
                    batch_size: int = 50) -> PeerSamples:
-    """``PixArtAlphaPipeline.from_pretrained(folder)`` (or ``folder`` itself when it is such a pipeline, loaded once
-    for many calls) with ``cache_dit.enable_cache(pipe, DBCacheConfig(...))``:
+    """diffusers' own pipeline of the folder (:func:`l2c_export.demo.t2i.load_pipeline`; or ``folder`` itself when it
+    is such a pipeline, loaded once for many calls) with ``cache_dit.enable_cache(pipe, DBCacheConfig(...))``:
     ``captions`` (n) from ``noise`` (n, C, h, w) latents, ``batch_size`` prompts per pipeline call, the negative
-    prompt "" (the pipeline's), no caption cleaning or resolution binning; the latents decoded by the folder's VAE
-    as the pipeline decodes them (``vae.decode(latents / scaling_factor)``), timed with the pipeline call.
+    prompt "" (the pipeline's), PixArt's caption cleaning and resolution binning off; the latents decoded by the
+    folder's VAE as the pipeline decodes them (:func:`l2c_export.demo.t2i.decode_latents`), timed with the call.
     ``settings`` None: the pipeline without cache-dit (full compute)."""
     import torch
 
-    from .t2i import load_pipeline
+    from .t2i import call_options, decode_latents, load_pipeline
 
     cache_dit = import_cache_dit()
 
@@ -126,8 +127,7 @@ def sample_dbcache(folder: str | Path, settings: DBCacheSettings | None, caption
     images, cached, seconds = [], [], 0.0
     with torch.no_grad():  # one untimed, uncounted call first: PyTorch's first-call set-up is no part of the cost
         pipe(list(captions[:1]), negative_prompt="", num_inference_steps=num_steps, guidance_scale=cfg_scale,
-             latents=torch.from_numpy(np.ascontiguousarray(noise[:1])), output_type="latent", clean_caption=False,
-             use_resolution_binning=False)
+             latents=torch.from_numpy(np.ascontiguousarray(noise[:1])), output_type="latent", **call_options(pipe))
     counter = BlockCounter(pipe.transformer)
     try:
         with torch.no_grad():
@@ -136,11 +136,10 @@ def sample_dbcache(folder: str | Path, settings: DBCacheSettings | None, caption
                 latents = torch.from_numpy(np.ascontiguousarray(noise[start: start + len(chunk)]))
                 begin = time.perf_counter()
                 out = pipe(chunk, negative_prompt="", num_inference_steps=num_steps, guidance_scale=cfg_scale,
-                           latents=latents, output_type="latent", clean_caption=False,
-                           use_resolution_binning=False).images
-                decoded = pipe.vae.decode(out / pipe.vae.config.scaling_factor).sample
+                           latents=latents, output_type="latent", **call_options(pipe)).images
+                decoded = decode_latents(pipe, out)
                 seconds += time.perf_counter() - begin
-                images.append(decoded.float().clamp(-1.0, 1.0).numpy())  # as the pipeline's postprocess
+                images.append(decoded.numpy())
                 if settings is not None:
                     stats = cache_dit.summary(pipe.transformer, logging=False)
                     cached.append(sorted(int(step) for step in stats[0].cached_steps) if stats else [])

@@ -116,6 +116,8 @@ def evaluate_curve(spec, router: RouterLogits, budgets: Sequence[float], caption
     grid_rows = _grid(prompts, rows, images, min(budgets) if budgets else None)
     import onnxruntime
 
+    from .t2i import pipeline_class
+
     return {"model": spec.name, "budgets": list(budgets), "tolerance": TOLERANCE, "num_samples": num_samples,
             "seed": seed, "random_seeds": list(random_seeds), "search": search_size, "repeats": repeats,
             "cfg_scale": spec.cfg_scale, "sampler": {"kind": sampler.kind, "num_calls": sampler.num_calls},
@@ -124,7 +126,7 @@ def evaluate_curve(spec, router: RouterLogits, budgets: Sequence[float], caption
                                f"encoder, sampling and VAE decoding), per image",
                        "onnxruntime": f"ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider)",
                        "torch": f"the same builds on the PyTorch backend, PyTorch {torch.__version__}",
-                       "diffusers": f"diffusers' PixArtAlphaPipeline in PyTorch {torch.__version__}",
+                       "diffusers": f"diffusers' {pipeline_class(prompts.folder)} in PyTorch {torch.__version__}",
                        "threads": torch.get_num_threads()},
             "features": judge.description, "results": results, "grid": grid_rows}
 

@@ -98,13 +98,14 @@ class PeerPipeline:
     def call(self, captions: Sequence[str], latents: np.ndarray) -> np.ndarray:
         import torch
 
+        from .t2i import call_options, decode_latents
+
         self.before_call()
         with torch.no_grad(), self.context():
             out = self.pipe(list(captions), negative_prompt="", num_inference_steps=self.num_steps,
                             guidance_scale=self.cfg_scale, latents=torch.from_numpy(np.ascontiguousarray(latents)),
-                            output_type="latent", clean_caption=False, use_resolution_binning=False).images
-            vae = self.pipe.vae
-            return vae.decode(out / vae.config.scaling_factor).sample.float().clamp(-1.0, 1.0).numpy()
+                            output_type="latent", **call_options(self.pipe)).images
+            return decode_latents(self.pipe, out).numpy()
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ class PeerRun:
 
 
 def open_peer(folder, peer: Peer | None, knobs: dict, num_steps: int, cfg_scale: float, state: dict) -> PeerPipeline:
-    """A fresh ``PixArtAlphaPipeline.from_pretrained(folder)`` with ``peer`` switched on at ``knobs`` (None: no
+    """A fresh pipeline of the folder (:func:`l2c_export.demo.t2i.load_pipeline`) with ``peer`` switched on at ``knobs`` (None: no
     cache, full compute). Raises what switching it on raises."""
     from .t2i import load_pipeline
 

@@ -170,6 +170,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
     if text_to_image is not None:
         import onnxruntime
 
+        from .t2i import pipeline_class
+
         forms = sorted(set(zip(text_to_image.captions, text_to_image.held_out.tolist())))
         extra = {"prompts": {"source": "l2c_export.demo.t2i.evaluation_prompts: every caption form (training and "
                                        "held-out) with every digit in turn",
@@ -178,8 +180,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
                  "timing": {"what": "wall-clock seconds per image of the calls that draw it, text encoder and VAE "
                                     "decoder included, batch_size prompts a call, on this machine",
                             "schedules": f"a build on ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider)",
-                            "cache-dit": f"diffusers' PixArtAlphaPipeline in PyTorch {torch.__version__}, "
-                                         f"{torch.get_num_threads()} threads",
+                            "cache-dit": f"diffusers' {pipeline_class(text_to_image.folder)} in PyTorch "
+                                         f"{torch.__version__}, {torch.get_num_threads()} threads",
                             "cpus": _cpu_count()}}
     return {"results": average_random_seeds(rows), "learned_mac_fraction": matched, **extra,
             "learned_schedule": learned.source, "num_samples": num_samples, "seed": seed,

@@ -18,8 +18,9 @@ from . import ModelFamily, family_of_config, family_of_model, get_family
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 # Folders of DEMO_DIR, each with a model.json, or a diffusers pipeline folder (model_index.json) with the learned
 # router.safetensors and schedule.json beside (diffusers' from_pretrained ignores them).
-EMBEDDED_MODELS = ("dit-digits", "uvit-digits", "t2i-digits")
-TEXT_TO_IMAGE_MODELS = ("t2i-digits",)
+EMBEDDED_MODELS = ("dit-digits", "uvit-digits", "t2i-digits", "t2i-digits-sd3")
+# The diffusers folders among them: PixArt-α (l2c_export/demo/t2i.py) and SD3 (l2c_export/demo/t2i_sd3.py)
+TEXT_TO_IMAGE_MODELS = ("t2i-digits", "t2i-digits-sd3")
 DEFAULT_NAME = "dit-digits"
 ROUTER_FILE, SCHEDULE_FILE = "router.safetensors", "schedule.json"
 MAX_PRESET_IMAGE_SIZE = 4096  # --image-size of an official checkpoint's preset, in pixels
@@ -86,8 +87,8 @@ class ModelSpec:
 
 
 def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
-    """A model shipped in ``l2c_export/demo/NAME/`` (see its ``model.json``, or for ``t2i-digits`` the diffusers
-    folder it is, with its router and schedule): the digits DiT by default."""
+    """A model shipped in ``l2c_export/demo/NAME/`` (see its ``model.json``, or for ``t2i-digits`` and
+    ``t2i-digits-sd3`` the diffusers folder it is, with its router and schedule): the digits DiT by default."""
     if name not in EMBEDDED_MODELS:
         raise ValueError(f"unknown embedded model {name!r}; expected one of {', '.join(EMBEDDED_MODELS)}")
     folder = DEMO_DIR / name
@@ -108,7 +109,8 @@ def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
 
 
 def embedded_diffusers_folder(name: str | None) -> Path | None:
-    """The folder of an embedded model that is a diffusers pipeline folder (``t2i-digits``); None for any other name."""
+    """The folder of an embedded model that is a diffusers pipeline folder (``t2i-digits``, ``t2i-digits-sd3``); None
+    for any other name."""
     folder = DEMO_DIR / name if name in EMBEDDED_MODELS else None
     return folder if folder is not None and (folder / "model_index.json").is_file() else None
 
@@ -164,7 +166,7 @@ def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | 
             num_classes: int | None, diffusers: str | Path | None = None,
             max_sequence_length: int | None = None, num_frames: int | None = None) -> ModelSpec:
     """A diffusers folder (``diffusers``); without a checkpoint, an embedded model (``model``: dit-digits, the
-    default, uvit-digits or t2i-digits); else the official model the flags describe."""
+    default, uvit-digits, t2i-digits or t2i-digits-sd3); else the official model the flags describe."""
     if diffusers is not None:
         if checkpoint is not None or model is not None:
             raise ValueError("--diffusers names the model; leave out --checkpoint and --model")
