@@ -31,7 +31,8 @@ def sd3_build(tmp_path_factory):
 def test_collapsed_padding_attention_equals_the_transformer_on_every_prompt_token():
     """The training's prompts (T5's identical padding tokens kept as a few slots, each with the log of the tokens it
     stands for added to its attention logits) give the transformer's output on the pipeline's whole encode_prompt
-    (16 tokens of CLIP-L and CLIP-G side by side, then T5's 256) to 1e-5, a training caption and the empty prompt alike."""
+    (16 tokens of CLIP-L and CLIP-G side by side, then T5's 256) to 1e-5, a training caption and the empty prompt
+    alike."""
     pipe = t2i_sd3.make_pipeline(SMALL, seed=3)
     collapsed = t2i_sd3.collapsed_captions(pipe)
     digit, form = 4, 2
@@ -66,7 +67,8 @@ def test_train_default_writes_an_sd3_folder_that_diffusers_loads_and_samples(tmp
     assert "StableDiffusion3Pipeline folder" in result.stdout
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline" and index["transformer"][1] == "SD3Transformer2DModel"
-    assert index["text_encoder_2"][1] == "CLIPTextModelWithProjection" and index["text_encoder_3"][1] == "T5EncoderModel"
+    assert index["text_encoder_2"][1] == "CLIPTextModelWithProjection"
+    assert index["text_encoder_3"][1] == "T5EncoderModel"
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     pipe = t2i_sd3.load_pipeline(out)
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.tokenizer_max_length == t2i_sd3.CLIP_TOKENS

@@ -232,7 +232,7 @@ def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, searc
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the weights [engines/MODEL] (t2i-digits: the diffusers folder).")
 @click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000; t2i-digits: 3000 of the "
-                                             "transformer, after a third as many of the VAE; t2i-digits-sd3: 1500 "
+                                             "transformer, after a third as many of the VAE; t2i-digits-sd3: 2500 "
                                              "of the transformer on t2i-digits' VAE].")
 @click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64; t2i: 128].")
 @click.option("--seed", type=SEED, default=0, show_default=True)

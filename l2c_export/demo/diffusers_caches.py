@@ -1,6 +1,6 @@
 """Every cache a diffusers user can switch on today, as peers of the learned schedule on a text-to-image folder
-(``eval --budgets``, :mod:`l2c_export.demo.curve`), each on diffusers' own ``PixArtAlphaPipeline.from_pretrained``
-in PyTorch, as its users run it:
+(``eval --budgets``, :mod:`l2c_export.demo.curve`), each on diffusers' own pipeline of the folder
+(``PixArtAlphaPipeline``, ``StableDiffusion3Pipeline``) in PyTorch, as its users run it:
 
 - cache-dit 1.5.3's DBCache (``cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))``), alone and with its
   TaylorSeer calibrator (``calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1)``);
@@ -304,8 +304,8 @@ class PeerRun:
 
 
 def open_peer(folder, peer: Peer | None, knobs: dict, num_steps: int, cfg_scale: float, state: dict) -> PeerPipeline:
-    """A fresh pipeline of the folder (:func:`l2c_export.demo.t2i.load_pipeline`) with ``peer`` switched on at ``knobs`` (None: no
-    cache, full compute). Raises what switching it on raises."""
+    """A fresh pipeline of the folder (:func:`l2c_export.demo.t2i.load_pipeline`) with ``peer`` switched on at
+    ``knobs`` (None: no cache, full compute). Raises what switching it on raises."""
     from .t2i import load_pipeline
 
     pipeline = PeerPipeline(load_pipeline(folder), num_steps, cfg_scale)

@@ -57,11 +57,12 @@ class SD3Config:
     clip_g_width: int = 32
     clip_projection: int = 32  # each CLIP's pooled projection: pooled_projection_dim is twice this
     t5_width: int = 64  # joint_attention_dim (the CLIPs' 32 + 32 are padded to it)
-    steps: int = 1500
-    batch_size: int = 128
+    steps: int = 2500
+    batch_size: int = 64
     lr: float = 2e-3
     ema_decay: float = 0.999
     caption_drop: float = 0.1
+    pooled_swap: float = 0.5  # the pooled embedding is another caption's (any digit) with this probability
     shift: float = 3.0
 
 
@@ -228,11 +229,17 @@ def train_transformer(config: SD3Config, vae, captions: dict, seed: int = 0, pro
         noise = torch.randn(x0.shape, generator=generator)
         s = torch.sigmoid(torch.randn(config.batch_size, generator=generator)).view(-1, 1, 1, 1)
         xs = (1.0 - s) * x0 + s * noise
+        # the digit is read from the prompt's tokens: a pooled embedding of another caption half the time keeps the
+        # modulation from depending on it (the held-out caption forms' pooled embeddings are new to the model)
+        swapped = torch.rand(config.batch_size, generator=generator) < config.pooled_swap
+        pooled_digit = torch.where(swapped, torch.randint(10, (config.batch_size,), generator=generator), digit)
+        pooled_form = torch.where(swapped, torch.randint(num_forms + 1, (config.batch_size,), generator=generator),
+                                  form)
         bias = captions["key_bias"][digit, form]
         processor.key_bias = torch.cat([torch.zeros(len(bias), x0.shape[2] * x0.shape[3]), bias], 1)[:, None, None]
         velocity = model(xs, encoder_hidden_states=captions["embeds"][digit, form],
-                         pooled_projections=captions["pooled"][digit, form], timestep=1000.0 * s.flatten(),
-                         return_dict=False)[0]
+                         pooled_projections=captions["pooled"][pooled_digit, pooled_form],
+                         timestep=1000.0 * s.flatten(), return_dict=False)[0]
         return ((velocity - (noise - x0)) ** 2).mean()
 
     ema = make_transformer(config)
