@@ -1,6 +1,7 @@
 """Text to image against the peer: ``eval --model t2i-digits`` (every method from captions, cache-dit's DBCache on
 diffusers' own pipeline with its compute counted from the blocks it ran), and the shipped t2i-digits build sampled
-from prompts (``run --prompt``) as diffusers' PixArtAlphaPipeline samples it."""
+from prompts (``run --prompt``) as diffusers' PixArtAlphaPipeline samples it, and by the C++ ``l2c-run`` from prompt
+to PNG as ``run`` does."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from l2c_export.demo import t2i
 from l2c_export.models.zoo import embedded_default
 
 from .conftest import run_cli
+from .test_cpp import _prompt_parity, cpp_build  # noqa: F401 (cpp_build: a fixture)
 
 METHODS = ("full", "l2c", "fora", "random", "fewer-steps", "cache-dit")
 
@@ -166,3 +168,12 @@ def test_run_prompt_full_equals_diffusers_pixart_pipeline_on_t2i_digits(t2i_buil
     decoded = L2CPipeline.from_engine_dir(t2i_build)(prompt=prompts, noise=noise, full=True, decode=True).decoded
     images = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
     assert np.abs(images - reference("np")).max() <= 1e-3
+
+
+def test_l2c_run_turns_prompts_into_the_png_run_writes_on_the_t2i_digits_demo(cpp_build, t2i_build, tmp_path):
+    """The shipped t2i-digits build (PixArt-α, its tiny T5 with a WordLevel tokenizer, which the runtime reads itself,
+    and its learned schedule): --prompt (a caption, and one with capitals, an unknown word and punctuation) --seed
+    --png equals l2c-export run --prompt --seed --out: the latents to 1e-5 of their range, the PNG pixel for pixel."""
+    pixels = _prompt_parity(t2i_build, tmp_path, "--prompt", "a handwritten seven", "--prompt",
+                            "The Digit 3, drawn!", "--seed", "4", tolerance=1e-5)
+    assert pixels.shape[0] > 8 and pixels.std() > 0
