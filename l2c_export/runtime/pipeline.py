@@ -385,6 +385,7 @@ class L2CPipeline:
                 raise PromptError("prompt: expected one or more prompts")
             prompts = [check_prompt(text, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
                        for i, text in enumerate(prompts)]
+            self.prompt_encoder.check_preprocessing(prompts, names["prompt"])
             if negative_prompt is not None and not guiding:
                 refuse_unused_negative_prompt(guiding, True, False, names)
             if guiding:
