@@ -116,8 +116,11 @@ def test_run_with_prompts_equals_the_pipeline(wan_text_build, tmp_path):
 def test_frames_and_the_mp4_are_the_pipelines(wan_text_build, tmp_path):
     """L2CPipeline.from_pretrained(E)(prompt=[...], ...).frames is WanPipeline's of the same output_type: "np" (n, F,
     H, W, 3) in [0, 1] to 1e-3 of the range, "pil" n lists of F PIL images within 1 level; run --prompt ... --out
-    clip.mp4 writes H.264 that plays back as F frames of the two clips side by side, at Wan's 16 frames a second."""
+    clip.mp4 writes H.264 that plays back as F frames of the two clips side by side, at Wan's 16 frames a second;
+    verify's component checks pass (UMT5 on example prompts, the VAE decoder)."""
     import imageio
+
+    from l2c_export.tools.verify import verify_components
 
     root, folder, noise = wan_text_build
     pipe = L2CPipeline.from_pretrained(root / "E")
@@ -140,6 +143,8 @@ def test_frames_and_the_mp4_are_the_pipelines(wan_text_build, tmp_path):
     assert played.shape == (NUM_FRAMES, HEIGHT, 2 * WIDTH, 3)
     sent = (np.concatenate(list(want), axis=2) * 255).astype(np.uint8)  # the clips side by side
     assert np.abs(played.astype(int) - sent).mean() < 20  # H.264 is lossy; another clip differs by ~85
+    checks = verify_components(root / "E", folder)  # the UMT5 and VAE decoder graphs against the folder's modules
+    assert [check.name for check in checks] == ["text_encoder", "vae_decoder"] and all(c.passed for c in checks)
 
 
 @pytest.mark.slow
