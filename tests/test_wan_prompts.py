@@ -170,15 +170,15 @@ def test_served_requests_take_the_prompt_as_text(wan_text_build, tmp_path):
 
 @pytest.mark.slow
 def test_a_prompt_ftfy_would_change_is_refused_in_one_line(wan_text_build, tmp_path):
-    """Without ftfy, a prompt or negative prompt WanPipeline's ftfy.fix_text could rewrite is refused naming it:
-    one line, exit 2, nothing written."""
+    """Without ftfy, a prompt WanPipeline's ftfy.fix_text could rewrite is refused naming it: one line, exit 2,
+    nothing written; a negative prompt too (from Python, naming the argument), before anything runs."""
     if _ftfy_installed():
         pytest.skip("ftfy is installed: prompts are cleaned with it")
     root = wan_text_build[0]
-    for flags, named in ((["--prompt", "caf\u00e9"], "--prompt/--prompts: '\u00e9' (U+00E9) at character 4"),
-                         (["--prompt", "a", "--negative-prompt", "x &amp; y"],
-                          "--negative-prompt: the HTML entity '&amp;'")):
-        refused = run_cli("run", str(root / "E"), *flags, "--save-latents", str(tmp_path / "o.npy"), check=False)
-        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-        assert named in refused.stderr and "ftfy" in refused.stderr, refused.stderr
-        assert not (tmp_path / "o.npy").exists()
+    refused = run_cli("run", str(root / "E"), "--prompt", "a", "--prompt", "caf\u00e9", "--save-latents",
+                      str(tmp_path / "o.npy"), check=False)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "--prompt/--prompts 2: '\u00e9' (U+00E9) at character 4" in refused.stderr, refused.stderr
+    assert "ftfy" in refused.stderr and not (tmp_path / "o.npy").exists()
+    with pytest.raises(ValueError, match="^negative_prompt: the HTML entity '&amp;'; WanPipeline cleans prompts"):
+        L2CPipeline.from_pretrained(root / "E")(prompt=["a"], negative_prompt="x &amp; y")
