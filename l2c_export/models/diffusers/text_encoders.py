@@ -41,9 +41,10 @@ SEQUENCE_LENGTHS = (1, 512)
 class EncoderKind:
     """A text encoder class family: the ``architectures`` its ``config.json`` may name, the outputs its graph can
     give, the config fields of its width and depth, and its integer fields' bounds. ``config_section``: the config's
-    nested object its text fields are read from, over the top level (Qwen2.5-VL's ``text_config``); ``module``: the submodule whose ``last_hidden_state`` the graph is made of (Qwen2.5-VL's
-    language model: its hidden_states[-1], the vision tower and the logits left out); ``eager``: loaded with eager
-    attention for the export (the attention the exporter traces exactly)."""
+    nested object its text fields are read from, over the top level (Qwen2.5-VL's ``text_config``); ``module``: the
+    submodule whose ``last_hidden_state`` the graph is made of (Qwen2.5-VL's language model: its hidden_states[-1],
+    the vision tower and the logits left out); ``eager``: loaded with eager attention for the export (the attention
+    the exporter traces exactly)."""
 
     classes: tuple[str, ...]
     outputs: tuple[str, ...]
