@@ -131,6 +131,20 @@ def tiny_wan_vae():
                             scale_factor_temporal=4, scale_factor_spatial=4)
 
 
+def tiny_umt5():
+    """A tiny random ``UMT5EncoderModel`` (d_model = the tiny Wan's text_dim; a relative position bias in every
+    layer, not only the first as T5's) and :func:`tiny_t5`'s tokenizer (UMT5's is a T5 tokenizer of another
+    vocabulary)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer, _ = tiny_t5()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=WAN_CONFIG["text_dim"], d_kv=4, d_ff=24,
+                                          num_layers=2, num_heads=3, relative_attention_num_buckets=8,
+                                          relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
+                                          decoder_start_token_id=0))
+    return tokenizer, encoder.eval()
+
+
 def tiny_t5(word_level: bool = False):
     """A tiny random ``T5EncoderModel`` (d_model = the tiny PixArt's caption_channels) and a tokenizer of T5's shape
     built with the ``tokenizers`` library: a Unigram model over whole words (``▁word``), single letters and digits
@@ -331,8 +345,8 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     (vae_scale_factor 1). ``SanaPipeline`` ("sana"; "sana15" with Sana 1.5's qk norms): scheduler "flow" is Sana's
     DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder ("sana-text":
     :func:`tiny_gemma2`); ``QwenImagePipeline`` ("qwen"), no text encoder ("qwen-text": :func:`tiny_qwen2_5_vl`);
-    ``WanPipeline`` ("wan", scheduler "flow": flow-matching Euler with Wan's shift 3), no text encoder,
-    :func:`tiny_wan_vae` (scale factors 4 in time and in space)."""
+    ``WanPipeline`` ("wan", scheduler "flow": flow-matching Euler with Wan's shift 3), no text encoder ("wan-text":
+    :func:`tiny_umt5`), :func:`tiny_wan_vae` (scale factors 4 in time and in space)."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
@@ -365,11 +379,12 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
         pipe = QwenImagePipeline(transformer=QwenImageTransformer2DModel(**QWEN_CONFIG), vae=tiny_qwen_vae(),
                                  scheduler=_scheduler("flow", "qwen"), text_encoder=text_encoder,
                                  tokenizer=tokenizer)
-    elif family == "wan":
+    elif family in ("wan", "wan-text"):
         from diffusers import WanPipeline, WanTransformer3DModel
 
+        tokenizer, text_encoder = tiny_umt5() if family == "wan-text" else (None, None)
         pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=tiny_wan_vae(),
-                           scheduler=_scheduler(scheduler, family), text_encoder=None, tokenizer=None)
+                           scheduler=_scheduler(scheduler, "wan"), text_encoder=text_encoder, tokenizer=tokenizer)
     elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))

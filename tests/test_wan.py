@@ -291,8 +291,7 @@ def test_decoded_clips_equal_the_pipelines(wan_build, tmp_path):
     """The build carries the folder's AutoencoderKLWan decoder of every frame (the per-channel latents_mean and
     latents_std inside the graph, the record's scaling_factor 1): L2CPipeline(..., decode=True) decodes (n, 3, F, H,
     W), its frames equal to WanPipeline's output_type="np" frames to 1e-3 of the range, verify's component check passes, and run
-    --out writes an animated GIF of F frames (a .png refused before sampling). ``result.frames`` is the pipeline's
-    (n, F, H, W, 3) in [0, 1]."""
+    --out writes an animated GIF of F frames. ``result.frames`` is the pipeline's (n, F, H, W, 3) in [0, 1]."""
     from PIL import Image
 
     from l2c_export.runtime.pipeline import L2CPipeline
@@ -320,8 +319,27 @@ def test_decoded_clips_equal_the_pipelines(wan_build, tmp_path):
     run_cli(*common, "--out", str(tmp_path / "clip.gif"))
     with Image.open(tmp_path / "clip.gif") as clip:
         assert clip.n_frames == NUM_FRAMES and clip.is_animated
-    stderr = _refused(*common, "--out", str(tmp_path / "clip.png"), where=tmp_path / "clip.png")
-    assert "a clip is written as .gif or .webp" in stderr, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, written, message", [
+    (["--prompt", "a seven"], "o.npy", "the build has no text encoder and tokenizer (field "
+                                       "'components/text_encoder'); give the prompt's arrays (prompt_embeds)"),
+    (["--out", "clip.png"], "clip.png", "a clip is written as .gif, .webp, .mp4"),
+    (["--out", "clip.avi"], "clip.avi", "a clip is written as .gif, .webp, .mp4"),
+])
+def test_a_prompt_without_a_text_encoder_and_a_clip_file_it_cannot_write_are_refused(wan_build, tmp_path, flags,
+                                                                                    written, message):
+    """A prompt to a build without UMT5, a clip to a picture's (.png) or an unknown extension: one line naming it,
+    exit 2, nothing written (refused before sampling)."""
+    root = wan_build[0]
+    request = ["--noise", str(root / "z.npy")] + (["--conditioning", str(root / "cond.npz")]
+                                                  if "--prompt" not in flags else [])
+    flags = [str(tmp_path / flag) if flag == written else flag for flag in flags]
+    stderr = _refused("run", str(root / "E"), *request, *flags, "--save-latents", str(tmp_path / "o.npy"),
+                      where=tmp_path / written)
+    assert message in stderr, stderr
+    assert not (tmp_path / "o.npy").exists()
 
 
 @pytest.mark.slow

@@ -334,8 +334,12 @@ void read_components(const json& data, const Fields& root, Manifest& m) {
     PromptEncodingRecord encoding;
     encoding.max_sequence_length = record["max_sequence_length"].integer(1, 65536);
     encoding.preprocessing = record["preprocessing"].str();
-    if (encoding.preprocessing != "none" && encoding.preprocessing != "lower_strip")
-      record["preprocessing"].fail("is " + encoding.preprocessing + "; expected none or lower_strip");
+    if (encoding.preprocessing == "wan_prompt_clean")  // the build runs from embeddings; prompts are refused
+      encoding.unsupported = "field 'components/prompt_encoding/preprocessing' is wan_prompt_clean (WanPipeline's "
+                             "prompt_clean)";
+    else if (encoding.preprocessing != "none" && encoding.preprocessing != "lower_strip")
+      record["preprocessing"].fail("is " + encoding.preprocessing + "; expected none, lower_strip or "
+                                   "wan_prompt_clean");
     std::set<std::string> listed;
     const Fields encoders = record["encoders"];
     for (size_t i = 0; i < encoders.size(); ++i) {

@@ -50,7 +50,9 @@ MAX_PROMPTS_FILE_BYTES = 64 * 2**20
 @click.option("--repeats", type=POSITIVE, default=3, show_default=True,
               help="With --compare-full: the timed (full, schedule) pairs.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG grid (pixel models; latent models through the build's VAE decoder, or --vae).")
+              help="PNG grid (pixel models; latent models through the build's VAE decoder, or --vae); a video "
+                   "model's clips: .gif or .webp (animated), or .mp4 (H.264, as diffusers' export_to_video; several "
+                   "clips side by side).")
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Save the samples (.npy).")
 @click.option("--vae", type=click.Path(file_okay=False, path_type=Path),
               help="The authors' latent models: a local diffusers AutoencoderKL folder to decode latents with torch "
@@ -99,8 +101,8 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
                                f"diffusers folder with vae/ builds one), or use --save-latents")
     if out is not None and pipe.manifest["model"].get("latent_layout") == NCFHW \
             and out.suffix.lower() not in CLIP_FORMATS:
-        raise click.BadParameter(f"{out}: a clip is written as {' or '.join(CLIP_FORMATS)} (an animated image)",
-                                 param_hint="--out")
+        raise click.BadParameter(f"{out}: a clip is written as {', '.join(CLIP_FORMATS)} (an animated image, or "
+                                 f"H.264 video as diffusers' export_to_video writes it)", param_hint="--out")
     result = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True, where=where)
     what = "full compute" if full else "L2C schedule"
     click.echo(f"{what}: {result.seconds:.3f} s for {len(result.samples)} sample(s) "

@@ -111,12 +111,24 @@ class SampleResult:
         return self.samples
 
     @property
-    def frames(self) -> np.ndarray:
-        """A video model's decoded clips as ``WanPipeline(output_type="np").frames``: (n, F, H, W, 3) float32 in
-        [0, 1] (the decoded (n, 3, F, H, W) halved and shifted, clamped)."""
+    def frames(self):
+        """A video model's clips as ``WanPipeline(...).frames`` of the same ``output_type``: (n, F, H, W, 3) float32
+        in [0, 1] ("np", WanPipeline's default, and where none was given: the decoded (n, 3, F, H, W) halved and
+        shifted, clamped, :func:`~l2c_export.core.images.clip_frames`), a list of n lists of F PIL images ("pil":
+        those frames ``(x * 255).round()`` as uint8, as diffusers' ``numpy_to_pil``) or the latents (n, C, F', H',
+        W') ("latent")."""
+        from ..core.images import clip_frames
+
         if self.samples.ndim != 5:
             raise ValueError("frames are a video model's decoded clips; this build samples images (result.images)")
-        return np.clip(np.moveaxis(self.pixels, 1, -1) / 2 + 0.5, 0, 1).astype(np.float32)
+        if self.output_type == "latent":
+            return self.samples
+        frames = clip_frames(self.pixels)
+        if self.output_type != "pil":
+            return frames
+        from PIL import Image
+
+        return [[Image.fromarray(frame) for frame in clip] for clip in (frames * 255).round().astype(np.uint8)]
 
     @property
     def images(self):
@@ -385,6 +397,7 @@ class L2CPipeline:
                 raise PromptError("prompt: expected one or more prompts")
             prompts = [check_prompt(text, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
                        for i, text in enumerate(prompts)]
+            self.prompt_encoder.check_preprocessing(prompts, names["prompt"])
             if negative_prompt is not None and not guiding:
                 refuse_unused_negative_prompt(guiding, True, False, names)
             if guiding:
