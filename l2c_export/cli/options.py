@@ -15,6 +15,7 @@ from . import IMAGE_SIZE, MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
 # How messages call a request's parts on the command line: the runtime, the reference sampler and learning name the
 # Python arguments (l2c_export.samplers.conditioning.ARGUMENT_NAMES) unless given these.
 FLAG_NAMES = {"labels": "--labels", "conditioning": "--conditioning", "cfg_scale": "--cfg-scale",
+              "cfg_scale_2": "--cfg-scale-2",
               "prompt": "--prompt/--prompts", "negative_prompt": "--negative-prompt"}
 
 
