@@ -170,3 +170,28 @@ def test_bad_two_expert_input_is_refused_in_one_line(wan22_build, default_build,
                     str(tmp_path / "out.npy"))
     assert line.startswith("Error: --cfg-scale-2: the build") and "one transformer" in line, line
     assert not (tmp_path / "out.npy").exists()
+
+
+@pytest.mark.slow
+def test_a_router_learned_on_two_experts_keeps_each_experts_first_step_whole(wan22_build, tmp_path):
+    """learn --diffusers on the two-expert folder (the switched experts' own trajectories, guided): the first step of
+    each expert (calls 0 and 4) is not learned and always computes; schedule --png decodes it at a MAC fraction and
+    names where the experts switch, the first step of transformer_2 whole in the decoded schedule."""
+    from l2c_export.routers import ALWAYS_COMPUTE, load_router
+
+    root, folder = wan22_build[:2]
+    shape = ["--num-frames", str(NUM_FRAMES), "--image-size", str(IMAGE_SIZE)]
+    router = tmp_path / "router.safetensors"
+    run_cli("learn", "--diffusers", str(folder), *shape, "--steps", str(STEPS), "--conditioning-data",
+            str(root / "cond.npz"), "--trajectories", "2", "--batch-size", "2", "--iterations", "3", "--mode",
+            "general", "--lr", "0.5", "--cfg-scale", str(CFG_SCALE), "--out", str(router))
+    logits = load_router(router).logits
+    assert (logits[[0, FIRST_EXPERT_STEPS]] == ALWAYS_COMPUTE).all()
+    assert np.abs(logits[1:FIRST_EXPERT_STEPS]).max() < ALWAYS_COMPUTE and np.abs(logits[5:]).max() < ALWAYS_COMPUTE
+    shown = run_cli("schedule", "--diffusers", str(folder), *shape, "--router", str(router), "--mode", "general",
+                    "--target-mac-fraction", "0.8", "--png", str(tmp_path / "s.png"), "--json",
+                    str(tmp_path / "s.json")).stdout
+    assert "experts: transformer from call 0, transformer_2 from call 4" in shown, shown
+    decoded = Schedule.load(tmp_path / "s.json")
+    assert decoded.compute[FIRST_EXPERT_STEPS].all() and not decoded.compute.all()
+    assert (tmp_path / "s.png").stat().st_size > 0
