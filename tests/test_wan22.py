@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -19,6 +20,7 @@ import onnx
 import pytest
 import torch
 
+from l2c_export.core.manifest import ManifestError, check_consistency
 from l2c_export.core.schedule import Schedule
 from l2c_export.runtime.pipeline import L2CPipeline
 
@@ -110,6 +112,21 @@ def test_two_experts_build_and_run_equal_the_pipeline(wan22_build):
         weights = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
         assert weights and weights <= (stored - first if prefix else first), record["name"]
     assert sum(1 for r in manifest["subsets"] if r["expert"] == 1 and not all(r["compute"])) >= 2
+    # the records must agree: a call on the other side of the boundary, a subset of another expert, one prefix
+    second_full = next(r["index"] for r in manifest["subsets"] if r["expert"] == 1 and all(r["compute"]))
+    assert manifest["schedule"]["step_subset"][FIRST_EXPERT_STEPS] == second_full
+    for path, value, message in (
+            (("experts", "step_expert", 4), 0, "field 'experts/step_expert/4' is 0"),
+            (("subsets", second_full, "expert"), 0, f"field 'schedule/step_subset/4' names subset {second_full}, of "
+                                                    f"expert 0; the call runs expert 1"),
+            (("experts", "models", 1, "prefix"), "", "field 'experts/models' has prefixes")):
+        edited = json.loads(json.dumps(manifest))
+        target = edited
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        with pytest.raises(ManifestError, match=re.escape(message)):
+            check_consistency(edited, "manifest.json")
     results = {}
     for full in (True, False):
         out = root / f"out-{full}.npy"
