@@ -3,7 +3,8 @@
 x num_train_timesteps, the second after, each guided with its own scale (``guidance_scale``, ``guidance_scale_2``).
 
 A tiny random folder saved with ``save_pretrained`` (:data:`~tests.diffusers_pipelines.WAN22_BOUNDARY` 0.9: 4 of 12
-UniPC steps on ``transformer``, the timestep 900 on the boundary included; ``transformer_2`` with a wider feed-forward),
+UniPC steps on ``transformer``, the timestep 900 on the boundary included; ``transformer_2`` with a wider feed-forward;
+no VAE),
 built once with a general schedule that caches in both experts; the reference is diffusers' own pipeline on the same
 5-D latents and embeddings, with forward hooks that make each expert's named sub-modules return their last computed
 output (one cache per expert and per pass)."""
@@ -29,8 +30,8 @@ from .diffusers_pipelines import WAN_CONFIG, load_pipeline, schedule_hooks
 
 STEPS = 12
 FIRST_EXPERT_STEPS = 4  # timesteps 999, 970, 937, 900 >= 0.9 x 1000
-NUM_FRAMES, IMAGE_SIZE = 5, 48  # 2 latent frames of 12 x 12 at the tiny VAE's scale factor 4: 72 tokens
-LATENTS = (WAN_CONFIG["in_channels"], 2, 12, 12)
+NUM_FRAMES, IMAGE_SIZE = 5, 48  # 2 latent frames of 6 x 6 at the pipeline's scale factor 8 (no VAE): 18 tokens
+LATENTS = (WAN_CONFIG["in_channels"], 2, 6, 6)
 SUBLAYERS = tuple(f"blocks.{i}.{s}" for i in range(2) for s in ("attn1", "attn2", "ffn"))
 CFG_SCALE, CFG_SCALE_2 = 4.0, 2.0
 
