@@ -48,6 +48,10 @@ QWEN_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, a
 WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
                   text_dim=CAPTION_CHANNELS, freq_dim=8, ffn_dim=16, num_layers=2, cross_attn_norm=True,
                   rope_max_seq_len=32)
+# Wan2.2-A14B's two experts in miniature: transformer_2 another random WAN_CONFIG (its feed-forward wider: a field the
+# experts need not share) taking over below boundary_ratio x 1000 (Wan2.2 T2V's 0.875 is 1 step in 12 here: 0.9 is 4)
+WAN22_CONFIG_2 = dict(WAN_CONFIG, ffn_dim=24)
+WAN22_BOUNDARY = 0.9
 FLOW_SCHEDULERS = {"sd3": dict(shift=3.0), "sd35": dict(shift=3.0),  # SD3-medium's and SD3.5's
                    "flux": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                 max_image_seq_len=4096, shift=3.0),  # FLUX.1-dev's
@@ -346,7 +350,9 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder ("sana-text":
     :func:`tiny_gemma2`); ``QwenImagePipeline`` ("qwen"), no text encoder ("qwen-text": :func:`tiny_qwen2_5_vl`);
     ``WanPipeline`` ("wan", scheduler "flow": flow-matching Euler with Wan's shift 3), no text encoder ("wan-text":
-    :func:`tiny_umt5`), :func:`tiny_wan_vae` (scale factors 4 in time and in space)."""
+    :func:`tiny_umt5`), :func:`tiny_wan_vae` (scale factors 4 in time and in space); "wan22": Wan2.2's two experts,
+    ``transformer_2`` (:data:`WAN22_CONFIG_2`) below ``boundary_ratio`` :data:`WAN22_BOUNDARY`, no VAE (the pipeline's
+    scale factors 4 in time and 8 in space)."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
@@ -379,12 +385,16 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
         pipe = QwenImagePipeline(transformer=QwenImageTransformer2DModel(**QWEN_CONFIG), vae=tiny_qwen_vae(),
                                  scheduler=_scheduler("flow", "qwen"), text_encoder=text_encoder,
                                  tokenizer=tokenizer)
-    elif family in ("wan", "wan-text"):
+    elif family in ("wan", "wan-text", "wan22"):
         from diffusers import WanPipeline, WanTransformer3DModel
 
         tokenizer, text_encoder = tiny_umt5() if family == "wan-text" else (None, None)
-        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=tiny_wan_vae(),
-                           scheduler=_scheduler(scheduler, "wan"), text_encoder=text_encoder, tokenizer=tokenizer)
+        two = family == "wan22"  # no VAE: the experts' latents are what is compared (the scale factors 4 and 8)
+        experts = dict(transformer_2=WanTransformer3DModel(**WAN22_CONFIG_2), boundary_ratio=WAN22_BOUNDARY) if two \
+            else {}
+        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=None if two else tiny_wan_vae(),
+                           scheduler=_scheduler(scheduler, "wan"), text_encoder=text_encoder, tokenizer=tokenizer,
+                           **experts)
     elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))

@@ -36,6 +36,9 @@ MAX_PROMPTS_FILE_BYTES = 64 * 2**20
                                                   "sample's noise is its own whatever the batch size, so the samples "
                                                   "are the same up to the engines' rounding.")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the manifest's).")
+@click.option("--cfg-scale-2", type=CFG_SCALE,
+              help="A build of two experts (Wan2.2): the second's guidance scale, the pipeline's guidance_scale_2 "
+                   "(default: --cfg-scale's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Initial noise (the pipeline's latents) .npy of shape (n samples, C, H, W), float32; guidance "
@@ -58,8 +61,8 @@ MAX_PROMPTS_FILE_BYTES = 64 * 2**20
               help="The authors' latent models: a local diffusers AutoencoderKL folder to decode latents with torch "
                    "(scale 0.18215). A diffusers build decodes with its own VAE decoder graph.")
 @threads_option
-def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_prompt, batch_size, cfg_scale, seed,
-        noise_file, backend, device, full, compare_full, repeats, out, save_latents, vae, threads):
+def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_prompt, batch_size, cfg_scale,
+        cfg_scale_2, seed, noise_file, backend, device, full, compare_full, repeats, out, save_latents, vae, threads):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
     from ..core.images import CLIP_FORMATS
     from ..core.interface import NCFHW
@@ -103,7 +106,8 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
             and out.suffix.lower() not in CLIP_FORMATS:
         raise click.BadParameter(f"{out}: a clip is written as {', '.join(CLIP_FORMATS)} (an animated image, or "
                                  f"H.264 video as diffusers' export_to_video writes it)", param_hint="--out")
-    result = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True, where=where)
+    result = pipe(**request, cfg_scale=cfg_scale, cfg_scale_2=cfg_scale_2, seed=seed, noise=noise, full=full,
+                  progress=True, where=where)
     what = "full compute" if full else "L2C schedule"
     click.echo(f"{what}: {result.seconds:.3f} s for {len(result.samples)} sample(s) "
                f"({100 * result.overhead_fraction:.1f}% outside the engines)")
@@ -112,7 +116,8 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
 
         from ..tools.bench import WARMUP_RUNS, interleaved_runs, timing_summary
 
-        timed = functools.partial(pipe, **request, cfg_scale=cfg_scale, seed=seed, noise=noise)
+        timed = functools.partial(pipe, **request, cfg_scale=cfg_scale, cfg_scale_2=cfg_scale_2, seed=seed,
+                                  noise=noise)
         (full_s, full_low, full_high), (l2c_s, l2c_low, l2c_high), (_, low, high) = timing_summary(
             *interleaved_runs([functools.partial(timed, full=True), timed], repeats))
         click.echo(f"full compute: {full_s:.3f} s [{full_low:.3f}-{full_high:.3f}]; L2C schedule: {l2c_s:.3f} s "

@@ -26,7 +26,7 @@ from __future__ import annotations
 from ...core.interface import NCFHW, TOKEN_EMBEDDINGS
 from ...core.util import short_repr
 from .. import TensorSpec
-from .declaration import Blocks, Conditioning, Declaration, EncodePrompt, Guidance, VaeKind
+from .declaration import Blocks, Conditioning, Declaration, EncodePrompt, Experts, Guidance, VaeKind
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .sizes import LATENT_SIDE, WAN_FRAMES, WAN_PATCH, WAN_SIZES, check_integer_list
@@ -64,6 +64,11 @@ DECLARATION = Declaration(
     required={"image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None,
               "qk_norm": "rms_norm_across_heads"},
     encode_prompt=EncodePrompt(("prompt_embeds", "negative_prompt_embeds")),
+    # Wan2.2-A14B: transformer while t >= boundary_ratio x num_train_timesteps (high noise), then transformer_2, each
+    # guided with its own scale (guidance_scale_2 defaults to guidance_scale); they share the clip, the prompt and the
+    # blocks' shapes
+    experts=Experts(shape_fields=("patch_size", "in_channels", "out_channels", "num_attention_heads",
+                                  "attention_head_dim", "num_layers", "text_dim")),
 )
 
 
