@@ -376,12 +376,17 @@ def test_a_router_learned_on_wan_trajectories_decodes_builds_and_runs(tiny_diffu
 @pytest.mark.slow
 def test_eval_compares_the_schedule_and_the_baselines_on_clips(wan_build, tmp_path):
     """eval --diffusers at the clip's shape: full compute, the schedule and the baselines from the same 5-D noise, PSNR
-    and FD to full compute over whole clips' latents (not yet frame by frame)."""
+    and FD to full compute frame by frame (:func:`l2c_export.demo.metrics.frame_psnr`, tested in test_eval.py): each
+    of the clip's 2 latent frames (4 x 4 x 8) as an image, in the same table and JSON as the image families'."""
     root, folder = wan_build[:2]
     shown = run_cli("eval", "--diffusers", str(folder), "--num-frames", str(NUM_FRAMES), "--image-size",
                     f"{HEIGHT}x{WIDTH}", "--schedule", str(root / "s.json"), "--conditioning-data",
                     str(root / "cond.npz"), "--num-samples", "2", "--budgets", "0.8", "--random-seeds", "1",
                     "--cfg-scale", str(CFG_SCALE), "--no-int8",
                     "--json", str(tmp_path / "e.json")).stdout
-    assert "| l2c | matched |" in shown and "flattened 4x2x4x8 latents" in shown, shown
-    assert (tmp_path / "e.json").is_file()
+    assert "| l2c | matched |" in shown and "each of the 2 latent frames (4x4x8) of every clip" in shown, shown
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["features"].startswith("frame by frame")
+    full, *others = report["results"]
+    assert full["method"] == "full" and full["psnr"] is None and full["fd_to_full"] == pytest.approx(0, abs=1e-6)
+    assert all(row["psnr"] > 0 and row["fd_to_full"] >= 0 for row in others if row["mac_fraction"] < 1)
