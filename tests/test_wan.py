@@ -117,6 +117,7 @@ def test_build_and_run_equal_the_pipeline_full_and_with_a_schedule(wan_build):
     assert [(t["role"], t.get("kind")) for t in manifest["model"]["inputs"]] == [
         ("sample", None), ("time", None), ("conditioning", "token_embeddings")]
     assert manifest["guidance"]["rule"] == "classifier_free" and manifest["model"]["max_sequence_length"] == 512
+    assert manifest["macs"]["prompt_tokens"] == 512  # the MACs, and so the ideal speedup, at the pipeline's 512
     results = {}
     for full, cfg_scale in ((True, CFG_SCALE), (False, CFG_SCALE), (True, 1.0)):
         out = root / f"out-{full}-{cfg_scale}.npy"
@@ -371,6 +372,22 @@ def test_a_router_learned_on_wan_trajectories_decodes_builds_and_runs(tiny_diffu
             str(tmp_path / "prompts.npz"), "--cfg-scale", str(CFG_SCALE), "--save-latents", str(tmp_path / "out.npy"))
     out = np.load(tmp_path / "out.npy")
     assert out.shape == (2, *LATENTS) and np.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_bench_measures_a_clip_build_against_its_ideal_and_its_memory(wan_build, tmp_path):
+    """bench on the Wan build (ONNX Runtime): full compute and the schedule on 5-D latents, interleaved, against the
+    ideal speedup of the manifest's MACs, whose prompt length (512, the pipeline's) its requests have by default; the
+    memory of every subset loaded against the full one alone."""
+    root = wan_build[0]
+    run_cli("bench", str(root / "E"), "--backend", "onnxruntime", "--repeats", "1", "--batch", "1", "--threads", "1",
+            "--json", str(tmp_path / "b.json"))
+    manifest = json.loads((root / "E" / "manifest.json").read_text())
+    (row,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert row["ideal_speedup"] == pytest.approx(manifest["macs"]["ideal_speedup"]) and row["ideal_speedup"] > 1
+    assert row["prompt_tokens"] == 512 and row["num_subsets"] == len(manifest["subsets"])
+    assert row["full_seconds"] > 0 and row["schedule_seconds"] > 0
+    assert row["memory_all_engines_bytes"] > 0 and row["memory_full_engine_bytes"] > 0
 
 
 @pytest.mark.slow

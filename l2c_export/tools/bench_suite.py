@@ -511,7 +511,7 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
     from ..models.zoo import from_diffusers
     from ..runtime.pipeline import L2CPipeline
     from ..tools.verify import verify_build
-    from .bench import bench_request, benchmark_together, machine_description, table
+    from .bench import bench_request, benchmark_together, machine_description, macs_prompt_tokens, table
 
     DiffusionPipeline = import_extra("diffusers", "the large benchmark").DiffusionPipeline
     randn_tensor = import_extra("diffusers.utils.torch_utils", "the large benchmark").randn_tensor
@@ -536,7 +536,7 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         gc.collect()
         print(f"{name}: worst subset difference {max(c.worst_value for c in checks):.2e}; benchmarking ...",
               flush=True)
-        prompt_tokens = manifest_io.load(out, verify_files=False)["model"].get("max_sequence_length", 120)
+        prompt_tokens = macs_prompt_tokens(manifest_io.load(out, verify_files=False))
         row = benchmark_together([out], "onnxruntime", batch=batch, repeats=repeats, prompt_tokens=prompt_tokens)[0]
         print(table([row]), flush=True)
         gc.collect()
