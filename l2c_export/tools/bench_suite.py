@@ -14,8 +14,9 @@ on), which gives 11 distinct subsets.
 
 ``make bench-large`` (``--large``; not part of ``make test``): diffusers folders at the real sizes, random weights
 (:data:`REAL_SIZES`: ``facebook/DiT-XL-2-256``'s transformer, PixArt-α 512's, SD3-medium's at 256 px, FLUX.1's real
-width with 2 double and 4 single blocks at 256 px, Sana 1.6B at 1024 px, and Qwen-Image's real width with 4 of its
-60 blocks at 256 px; the two cuts' rows also project their whole model per block: see
+width with 2 double and 4 single blocks at 256 px, Sana 1.6B at 1024 px, Qwen-Image's real width with 4 of its
+60 blocks at 256 px, and Wan2.1-T2V-1.3B's real width with 2 of its 30 blocks at 17 frames of 256 px; the cuts' rows
+also project their whole model per block, and the Wan row Wan2.1-14B and Wan2.2-A14B's two experts too: see
 :func:`full_model_projection`), each built over the same kind of synthetic official-mode schedule over its named
 sub-layers, verified, benchmarked (speed against the ideal, memory of every subset against the full one alone) and its
 exported full compute timed against diffusers' own PyTorch pipeline on the same work (steps, batch, latents,
