@@ -74,6 +74,7 @@ def test_bench_runs_diffusers_builds_with_the_manifests_conditioning(tiny_diffus
     assert [(r["model"].split()[0], r["backend"]) for r in rows] == [
         ("DiTTransformer2DModel", "onnxruntime"), ("PixArtTransformer2DModel", "onnxruntime"),
         ("DiTTransformer2DModel", "torch"), ("PixArtTransformer2DModel", "torch")]
+    assert [r["prompt_tokens"] for r in rows] == [None, 9, None, 9]  # --prompt-tokens over the build's 120
     for row, folder in zip(rows, folders * 2):
         manifest = json.loads((folder / "manifest.json").read_text())
         assert row["ideal_speedup"] == pytest.approx(manifest["macs"]["ideal_speedup"]) and row["ideal_speedup"] > 1
