@@ -117,6 +117,7 @@ def test_build_and_run_equal_the_pipeline_full_and_with_a_schedule(wan_build):
     assert [(t["role"], t.get("kind")) for t in manifest["model"]["inputs"]] == [
         ("sample", None), ("time", None), ("conditioning", "token_embeddings")]
     assert manifest["guidance"]["rule"] == "classifier_free" and manifest["model"]["max_sequence_length"] == 512
+    assert manifest["macs"]["prompt_tokens"] == 512  # the MACs, and so the ideal speedup, at the pipeline's 512
     results = {}
     for full, cfg_scale in ((True, CFG_SCALE), (False, CFG_SCALE), (True, 1.0)):
         out = root / f"out-{full}-{cfg_scale}.npy"
@@ -392,14 +393,35 @@ def test_a_router_learned_on_wan_trajectories_decodes_builds_and_runs(tiny_diffu
 
 
 @pytest.mark.slow
+def test_bench_measures_a_clip_build_against_its_ideal_and_its_memory(wan_build, tmp_path):
+    """bench on the Wan build (ONNX Runtime): full compute and the schedule on 5-D latents, interleaved, against the
+    ideal speedup of the manifest's MACs, whose prompt length (512, the pipeline's) its requests have by default; the
+    memory of every subset loaded against the full one alone."""
+    root = wan_build[0]
+    run_cli("bench", str(root / "E"), "--backend", "onnxruntime", "--repeats", "1", "--batch", "1", "--threads", "1",
+            "--json", str(tmp_path / "b.json"))
+    manifest = json.loads((root / "E" / "manifest.json").read_text())
+    (row,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert row["ideal_speedup"] == pytest.approx(manifest["macs"]["ideal_speedup"]) and row["ideal_speedup"] > 1
+    assert row["prompt_tokens"] == 512 and row["num_subsets"] == len(manifest["subsets"])
+    assert row["full_seconds"] > 0 and row["schedule_seconds"] > 0
+    assert row["memory_all_engines_bytes"] > 0 and row["memory_full_engine_bytes"] > 0
+
+
+@pytest.mark.slow
 def test_eval_compares_the_schedule_and_the_baselines_on_clips(wan_build, tmp_path):
     """eval --diffusers at the clip's shape: full compute, the schedule and the baselines from the same 5-D noise, PSNR
-    and FD to full compute over whole clips' latents (not yet frame by frame)."""
+    and FD to full compute frame by frame (:func:`l2c_export.demo.metrics.frame_psnr`, tested in test_eval.py): each
+    of the clip's 2 latent frames (4 x 4 x 8) as an image, in the same table and JSON as the image families'."""
     root, folder = wan_build[:2]
     shown = run_cli("eval", "--diffusers", str(folder), "--num-frames", str(NUM_FRAMES), "--image-size",
                     f"{HEIGHT}x{WIDTH}", "--schedule", str(root / "s.json"), "--conditioning-data",
                     str(root / "cond.npz"), "--num-samples", "2", "--budgets", "0.8", "--random-seeds", "1",
                     "--cfg-scale", str(CFG_SCALE), "--no-int8",
                     "--json", str(tmp_path / "e.json")).stdout
-    assert "| l2c | matched |" in shown and "flattened 4x2x4x8 latents" in shown, shown
-    assert (tmp_path / "e.json").is_file()
+    assert "| l2c | matched |" in shown and "each of the 2 latent frames (4x4x8) of every clip" in shown, shown
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["features"].startswith("frame by frame")
+    full, *others = report["results"]
+    assert full["method"] == "full" and full["psnr"] is None and full["fd_to_full"] == pytest.approx(0, abs=1e-6)
+    assert all(row["psnr"] > 0 and row["fd_to_full"] >= 0 for row in others if row["mac_fraction"] < 1)

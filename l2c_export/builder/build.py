@@ -379,7 +379,8 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
         "weights": manifest_io.file_entry(folder, weights_name, base_key),
         "subsets": subset_records,
         "macs": {"always": macs.always, "attn": macs.attn, "mlp": macs.mlp, "full": macs.full,
-                 **_schedule_macs(spec, schedule, plan)},
+                 **_schedule_macs(spec, schedule, plan),
+                 **({"prompt_tokens": family.macs_prompt_tokens} if family.macs_prompt_tokens else {})},
         "versions": versions,
     }
     if request.backend == "tensorrt":

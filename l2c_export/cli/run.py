@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..models.diffusers.pixart import MACS_PROMPT_TOKENS
 from . import CFG_SCALE, EXIT_CHECK_FAILED, POSITIVE, SEED, CommandError, Finite, main
 from .options import (FLAG_NAMES, backend_options, load_noise, parse_labels, save_npy, threads_option, threads_used,
                       use_threads)
@@ -231,9 +230,9 @@ def verify(engine_dir, backend, device, tolerance, reference, diffusers):
               help="Backends to measure (repeatable; default: onnxruntime and torch).")
 @click.option("--repeats", type=POSITIVE, default=5, show_default=True, help="Interleaved (full, schedule) pairs.")
 @click.option("--no-memory", is_flag=True, help="Skip the memory measurements (subprocesses).")
-@click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=MACS_PROMPT_TOKENS, show_default=True,
-              help="Text models: the requests' prompt length (random embeddings; default: the length the MACs and "
-                   "the ideal speedup are counted at, PixArt-α's T5 maximum).")
+@click.option("--prompt-tokens", type=click.IntRange(1, 4096),
+              help="Text models: the requests' prompt length (random embeddings) [each build's length that its MACs "
+                   "and ideal speedup are counted at: manifest macs/prompt_tokens, Wan's 512, PixArt-α's 120].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Plot achieved against ideal speedup.")
