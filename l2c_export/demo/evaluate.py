@@ -77,7 +77,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
     judged by the digits classifier (``fd`` to the digits, ``accuracy`` of the named digit). ``grid``, if given, is
     filled with a few prompts' images of full compute, the learned schedule and cache-dit
     (:func:`l2c_export.demo.eval_plots.plot_t2i_grid`);
-    ``peer_search``: options of :func:`l2c_export.demo.cache_dit_peer.match_mac_fraction` (which settings it tries).
+    ``peer_search``: the cache-dit row's search, ``{"size": "small" | "full"}`` (the grid of
+    :data:`l2c_export.demo.diffusers_caches.PEERS`'s ``cache-dit``; default full).
     Returns the JSON document (see the module doc)."""
     import tempfile
 
