@@ -1,7 +1,9 @@
-"""The whole budget curve on a text-to-image folder (``eval --model t2i-digits --budgets 0.35,0.5,0.7,0.85``): at
-each MAC fraction, the learned schedule (the router decoded at the threshold that meets it) against the plain
-baselines (FORA, fewer steps, random drop: :data:`l2c_export.demo.methods.METHODS`) and every cache a diffusers user
-can switch on (:data:`l2c_export.demo.diffusers_caches.PEERS`), each searched to land within
+"""The whole budget curve on a text-to-image folder (``eval --model t2i-digits --budgets 0.35,0.5,0.7,0.85``, or a
+user's own folder: ``eval --diffusers DIR --prompts prompts.txt --router router.safetensors --budgets ...``): at
+each MAC fraction, the learned schedule (the router decoded at the threshold that meets it, or a given schedule at
+its own MAC fraction) against the plain baselines (FORA, fewer steps, random drop:
+:data:`l2c_export.demo.methods.METHODS`) and every cache a diffusers user can switch on
+(:data:`l2c_export.demo.diffusers_caches.PEERS`), each searched to land within
 :data:`~l2c_export.demo.diffusers_caches.TOLERANCE` of the budget; in quality and in wall time.
 
 Every method draws the same captions from the same noise. Ours are built and run on ONNX Runtime
@@ -12,13 +14,18 @@ PyTorch. Per row (JSON ``results``):
 - ``mac_fraction``: counted (schedules: their MACs; peers: the sub-layers that ran, by hooks), ``reached`` (within
   the tolerance of ``budget``) and, where not, ``note`` with the nearest reached; ``error`` where the method could
   not run at all (and nothing else);
-- ``fd_to_full``, ``psnr`` (against the ONNX Runtime full-compute images), ``fd`` (to the 1797 digits),
-  ``accuracy`` (the digits classifier reads the prompted digit), as in :mod:`l2c_export.demo.evaluate`;
+- ``fd_to_full``, ``psnr`` (against the ONNX Runtime full-compute images, decoded, in [-1, 1]), ``fd`` (to the
+  1797 digits), ``accuracy`` (the digits classifier reads the prompted digit), as in
+  :mod:`l2c_export.demo.evaluate`; on a user's prompts (no digits named, or images not 8x8 one-channel) the
+  features are a fixed random projection of the decoded images and ``fd`` and ``accuracy`` are null;
 - ``seconds_per_image`` in the method's own ``runtime`` (the median of ``repeats`` interleaved timings of one call on
   the first ``batch_size`` prompts, every timer once per round), ``speedup`` against full compute in that runtime,
   ``ideal_speedup`` (1 / MAC fraction) and ``speedup_of_ideal``; the learned schedule and full compute also
   ``seconds_per_image_torch``, ``speedup_torch``, ``speedup_of_ideal_torch``;
 - ``search``: a peer's settings tried on the calibration prompts (MAC fraction, PSNR), and ``settings`` chosen.
+
+``l2c_speedup_of_ideal``: the learned schedule's achieved / ideal speedup in ONNX Runtime per budget, against the
+claim (>= :data:`SPEEDUP_OF_IDEAL_CLAIM`), also the table's last note.
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def _enable_dbcache(taylorseer: bool):
                                                                                  **knobs),
                                calibrator_config=calibrator)
         blocks = len(peer.pipe.transformer.transformer_blocks)
-        skipped_per_step = blocks - knobs["Fn_compute_blocks"] - knobs["Bn_compute_blocks"]
+        skipped = [knobs["Fn_compute_blocks"], blocks - knobs["Bn_compute_blocks"]]  # [first, stop) of the skipped
         cached: list[int] = []
         images: list[int] = []
 
@@ -171,7 +171,7 @@ def _enable_dbcache(taylorseer: bool):
             cached.append(len(stats[0].cached_steps) if stats else 0)
             images.append(peer.last_images)
             return {"cached_steps_per_call": list(cached), "images_per_call": list(images), "blocks": blocks,
-                    "blocks_skipped_per_cached_step": skipped_per_step}
+                    "blocks_skipped_per_cached_step": skipped}
 
         peer.own_counter = own_counter
     return enable
@@ -393,16 +393,18 @@ def draw(pipeline: PeerPipeline, captions: Sequence[str], noise: np.ndarray, mac
 
 
 def own_mac_fraction(own: dict, macs: MacCount, sublayers: Sequence[str], num_steps: int) -> float | None:
-    """cache-dit's own count as a MAC fraction: every cached step of a call skips
-    ``blocks_skipped_per_cached_step`` whole blocks of ``transformer_blocks`` (of equal MACs) for each of its
-    images, in every pass of the step. None where the scheduled ``sublayers`` are not all in ``transformer_blocks``
-    (FLUX.1's single blocks: cache-dit's count is not of blocks alike)."""
+    """cache-dit's own count as a MAC fraction: every cached step of a call skips the blocks
+    ``blocks_skipped_per_cached_step`` ([first, stop) of ``transformer_blocks``) for each of its images, in every
+    pass of the step; a block's MACs are those of its scheduled ``sublayers``. None where the sub-layers are not all
+    in ``transformer_blocks`` (FLUX.1's single blocks: cache-dit's count covers another list)."""
     if not all(name.startswith("transformer_blocks.") for name in sublayers):
         return None
-    per_block = sum(macs.sublayer(j) for j in range(macs.width)) / own["blocks"]
+    first, stop = own["blocks_skipped_per_cached_step"]
+    per_step = sum(macs.sublayer(j) for j, name in enumerate(sublayers)
+                   if first <= int(name.split(".")[1]) < stop)
     images = own["images_per_call"]
     skipped = sum(c * n for c, n in zip(own["cached_steps_per_call"], images))
-    return 1.0 - skipped * own["blocks_skipped_per_cached_step"] * per_block / (sum(images) * num_steps * macs.full)
+    return 1.0 - skipped * per_step / (sum(images) * num_steps * macs.full)
 
 
 def time_call(pipeline: PeerPipeline, captions: Sequence[str], noise: np.ndarray) -> float:
