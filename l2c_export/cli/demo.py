@@ -214,11 +214,12 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
 def _check_own_curve(spec, diffusers, schedule_file, router, int8) -> None:
     """The curve on a folder's own prompts takes an image model, one learned schedule (a router, decoded at each
     budget, or a schedule) and no int8 rows."""
-    sample = next(t for t in spec.family.graph_inputs(spec.config) if t.role == "sample")
-    if len(sample.shape) != 3:
+    from ..core.interface import NCFHW
+
+    if getattr(spec.family, "latent_layout", None) == NCFHW:
         raise CommandError(f"--diffusers {diffusers}: the budget curve compares decoded images; this is a video "
-                           f"model (its samples are {'x'.join(map(str, sample.shape))}): give --budgets '' for the "
-                           f"latents-only evaluation")
+                           f"model ({spec.config.transformer_class}): give --budgets '' for the latents-only "
+                           f"evaluation")
     if schedule_file is not None and router is not None:
         raise click.UsageError("the budget curve takes --router (decoded at each budget) or --schedule (at its own "
                                "MAC fraction), not both")

@@ -40,7 +40,8 @@ from ..core.macs import MacCount
 
 TOLERANCE = 0.03  # a budget is reached within this MAC fraction
 # The always-run input embedding of each transformer family (PixArt, SD3: pos_embed; FLUX.1: x_embedder; Sana:
-# patch_embed; Qwen-Image: img_in): it runs on the rows of the batch every forward computes.
+# patch_embed; Qwen-Image: img_in), the first of these with weights: it runs on the rows of the batch every forward
+# computes.
 PATCH_EMBEDDINGS = ("pos_embed", "x_embedder", "patch_embed", "img_in")
 
 
@@ -52,7 +53,8 @@ class SublayerCounter:
         modules = dict(transformer.named_modules())
         self.rows = [0] * len(sublayers)
         self.always_rows = 0
-        embedding = next((modules[name] for name in PATCH_EMBEDDINGS if name in modules), None)
+        embedding = next((modules[name] for name in PATCH_EMBEDDINGS  # FLUX.1's pos_embed is rotary: no weights
+                          if name in modules and any(True for _ in modules[name].parameters())), None)
         if embedding is None:
             raise ValueError(f"{type(transformer).__name__} has none of the patch embeddings {PATCH_EMBEDDINGS}")
         self.handles = [_first_weighted(embedding).register_forward_pre_hook(self._count_always)]
