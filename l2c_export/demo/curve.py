@@ -11,7 +11,9 @@ Every method draws the same captions from the same noise. Ours are built and run
 same builds (``sample --backend torch``), so the runtimes can be told apart; the peers on diffusers' own pipeline in
 PyTorch. Per row (JSON ``results``):
 
-- ``mac_fraction``: counted (schedules: their MACs; peers: the sub-layers that ran, by hooks), ``reached`` (within
+- ``mac_fraction``: counted (schedules: their MACs, checked against ``engines_mac_fraction``, the subsets the
+  engines report they ran; peers: the sub-layers that ran, by hooks, checked against ``own_mac_fraction`` where the
+  cache keeps a count of its own: cache-dit), ``reached`` (within
   the tolerance of ``budget``) and, where not, ``note`` with the nearest reached; ``error`` where the method could
   not run at all (and nothing else);
 - ``fd_to_full``, ``psnr`` (against the ONNX Runtime full-compute images, decoded, in [-1, 1]), ``fd`` (to the
@@ -102,7 +104,7 @@ def evaluate_curve(spec, router: RouterLogits | None, budgets: Sequence[float], 
                 drawn = prompts.sample_build(setup, candidate.schedule, candidate.num_steps, runtimes=runtimes)
                 add({"method": candidate.method, "budget": candidate.budget, "point": candidate.point,
                      "mac_fraction": round(candidate.mac_fraction, 6), "runtime": "onnxruntime",
-                     **candidate.info}, drawn.samples, drawn.timers.items())
+                     **candidate.info, **drawn.info}, drawn.samples, drawn.timers.items())
             family = spec.family
             pipelines = diffusers_caches.FolderPipelines(
                 prompts.folder, setup.num_steps, setup.cfg_scale, family.scale_argument,

@@ -235,7 +235,7 @@ def average_random_seeds(rows: list[dict]) -> list[dict]:
         group = groups[item]
         row = {**group[0], "seed": [r["seed"] for r in group], "dropped": [r["dropped"] for r in group]}
         for name in ("mac_fraction", "fd", "accuracy", "psnr", "fd_to_full", "accuracy_held_out_forms",
-                     "seconds_per_image"):
+                     "seconds_per_image", "engines_mac_fraction"):
             if name not in row:
                 continue
             values = [r[name] for r in group]

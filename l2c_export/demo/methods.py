@@ -99,14 +99,18 @@ class TextToImagePrompts:
         build(BuildRequest(spec=spec, schedule=schedule, sampler=sampler, out_dir=folder), progress=False)
         pipe = L2CPipeline.from_engine_dir(folder)
         pipe(prompt=self.captions[:1], noise=setup.noise[:1], decode=True)  # untimed: sessions' first-run set-up
-        images, seconds = [], 0.0
+        compute = {subset["index"]: subset["compute"] for subset in pipe.manifest["subsets"]}
+        images, seconds, spent = [], 0.0, 0
         for start in range(0, len(self.captions), self.batch_size):
             stop = min(start + self.batch_size, len(self.captions))
             begin = time.perf_counter()
             result = pipe(prompt=self.captions[start:stop], noise=setup.noise[start:stop], decode=True)
             seconds += time.perf_counter() - begin
             images.append(np.clip(result.decoded, -1.0, 1.0))  # as the pipelines' postprocess clamps
-        return Drawn(np.concatenate(images), seconds,
+            spent += (stop - start) * sum(setup.macs.of_subset(compute[index]) for index in result.step_subsets)
+        # the engines' own record of what ran (the subset of every model call), against full compute's calls
+        ran = spent / (len(self.captions) * setup.num_steps * setup.macs.full)
+        return Drawn(np.concatenate(images), seconds, {"engines_mac_fraction": round(ran, 6)},
                      timers={runtime: self._timer(folder, pipe if runtime == "onnxruntime" else None, runtime,
                                                   setup.noise) for runtime in runtimes})
 
