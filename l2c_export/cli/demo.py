@@ -68,7 +68,8 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="Write the plot of FD against MAC fraction (t2i-digits with --budgets: FD to full and PSNR, and "
                    "beside it <stem>-speed.png, PSNR against seconds per image).")
 @click.option("--search", "search_size", type=click.Choice(["small", "full"]), default="full", show_default=True,
-              help="The budget curve (t2i-digits with --budgets, --diffusers with --prompts): the grid of each peer cache's knobs searched for the budgets "
+              help="The budget curve (t2i-digits with --budgets, --diffusers with --prompts): the grid of each "
+                   "peer cache's knobs searched for the budgets "
                    "(small: a few settings, for a quick look).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="The budget curve: interleaved timing rounds (medians).")
