@@ -65,8 +65,8 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="Random-drop schedules averaged per budget.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the plot of FD against MAC fraction (t2i-digits with --budgets: FD to full and PSNR, and "
-                   "beside it <stem>-speed.png, PSNR against seconds per image).")
+              help="Write the plot of FD against MAC fraction (the budget curve: FD to full and PSNR, and beside it "
+                   "<stem>-speed.png, PSNR against seconds per image).")
 @click.option("--search", "search_size", type=click.Choice(["small", "full"]), default="full", show_default=True,
               help="The budget curve (t2i-digits with --budgets, --diffusers with --prompts): the grid of each "
                    "peer cache's knobs searched for the budgets "
