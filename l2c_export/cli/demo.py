@@ -125,15 +125,14 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
     own_curve = diffusers is not None and prompts_file is not None and budgets != ""
     if own_curve:
         _check_own_curve(spec, diffusers, schedule_file, router, int8)
-    if budgets is None:
-        budgets = (f"{learned.mac_fraction(spec.family.count_macs(spec.config)):.3f}" if own_curve
-                   else "" if captioned else DEFAULT_BUDGETS)
+    if budgets is None and not own_curve:  # the curve on a folder's prompts: at the learned schedule's (below)
+        budgets = "" if captioned else DEFAULT_BUDGETS
     num_samples_given, num_samples = num_samples, num_samples or (500 if captioned else 1000)
     if grid_out is not None and not (captioned or own_curve):
         raise click.BadParameter("the sample grid is drawn for a text-to-image model (--model t2i-digits, or "
                                  "--diffusers with --prompts)", param_hint="--grid")
     try:
-        budget_list = [MAC_FRACTION.convert(part, None, None) for part in budgets.split(",") if part.strip()]
+        budget_list = [MAC_FRACTION.convert(part, None, None) for part in (budgets or "").split(",") if part.strip()]
     except click.BadParameter as error:
         raise click.BadParameter(error.message, param_hint="--budgets") from None
     prompts = None
@@ -173,6 +172,11 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
         from ..demo.t2i import evaluation_prompts
 
         captions = evaluation_prompts(num_samples)
+    if own_curve:
+        learned.check_fits(spec.sampler(None, learned.num_steps).num_calls, spec.sublayer_names)
+        budget_list = budget_list or [round(learned.mac_fraction(spec.family.count_macs(spec.config)), 3)]
+        texts = prompts_text(prompts_file)
+        captions = [(texts[i % len(texts)], None, False) for i in range(num_samples_given or len(texts))]
     curve = (captioned or own_curve) and bool(budget_list)
     if markdown_out is not None and not curve:
         raise click.BadParameter("the Markdown table is the budget curve's: give --model t2i-digits --budgets ..., "
@@ -180,9 +184,6 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
     if captioned and curve and schedule_file is not None:
         raise click.BadParameter("the budget curve decodes the router at each budget; give --router, not a schedule",
                                  param_hint="--schedule")
-    if own_curve:
-        texts = prompts_text(prompts_file)
-        captions = [(texts[i % len(texts)], None, False) for i in range(num_samples_given or len(texts))]
     choice = use_threads(threads, torch=True)
     if curve:
         _budget_curve(spec, None if own_curve and schedule_file is not None else logits, mode, budget_list,
