@@ -81,7 +81,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
     judged by the digits classifier (``fd`` to the digits, ``accuracy`` of the named digit). ``grid``, if given, is
     filled with a few prompts' images of full compute, the learned schedule and cache-dit
     (:func:`l2c_export.demo.eval_plots.plot_t2i_grid`);
-    ``peer_search``: options of :func:`l2c_export.demo.cache_dit_peer.match_mac_fraction` (which settings it tries).
+    ``peer_search``: the cache-dit row's search, ``{"size": "small" | "full"}`` (the grid of
+    :data:`l2c_export.demo.diffusers_caches.PEERS`'s ``cache-dit``; default full).
     Returns the JSON document (see the module doc)."""
     import tempfile
 
@@ -239,7 +240,7 @@ def average_random_seeds(rows: list[dict]) -> list[dict]:
         group = groups[item]
         row = {**group[0], "seed": [r["seed"] for r in group], "dropped": [r["dropped"] for r in group]}
         for name in ("mac_fraction", "fd", "accuracy", "psnr", "fd_to_full", "accuracy_held_out_forms",
-                     "seconds_per_image"):
+                     "seconds_per_image", "engines_mac_fraction"):
             if name not in row:
                 continue
             values = [r[name] for r in group]
