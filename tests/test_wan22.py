@@ -88,7 +88,8 @@ def test_two_experts_build_and_run_equal_the_pipeline(wan22_build):
     as the pipeline's ``t >= boundary``); each expert's subsets are graphs of its own weights, stored once in one
     weights.bin under its prefix, with its own cache slots. run --cfg-scale 4 --cfg-scale-2 2 equals WanPipeline
     (guidance_scale 4, guidance_scale_2 2) to 1e-4 of the range with --full and with the schedule; L2CPipeline's
-    guidance_scale_2 gives the CLI's latents, and leaving it out (the first scale at every step) others."""
+    guidance_scale_2 gives the CLI's latents, and leaving it out (the first scale at every step) others; verify passes
+    every subset of both experts."""
     root, folder, latents, conditioning = wan22_build
     build = root / "E"
     manifest = json.loads((build / "manifest.json").read_text())
@@ -127,6 +128,9 @@ def test_two_experts_build_and_run_equal_the_pipeline(wan22_build):
     assert np.abs(second - results[False]).max() <= 1e-5 * np.ptp(results[False])
     same = pipe(latents=latents.numpy(), guidance_scale=CFG_SCALE, output_type="latent", **arrays).samples
     assert np.abs(same - second).max() > 1e-3 * np.ptp(second)
+    # verify: every subset engine against the PyTorch experts rebuilt from weights.bin, switched by timestep
+    checked = run_cli("verify", str(build)).stdout
+    assert "transformer_2.full" in checked and f"all {len(manifest['subsets'])} subset engine(s) agree" in checked
 
 
 def _refusal(*args: str) -> str:

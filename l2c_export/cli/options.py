@@ -118,6 +118,8 @@ def resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac
         result = Schedule.full(sampler.num_calls, sublayers=spec.sublayer_names,
                                timesteps=sampler.model_times.tolist(), sampler=sampler.kind)
     result.check_fits(sampler.num_calls, spec.sublayer_names)
+    if spec.experts is not None:  # each expert's cache starts empty
+        result.check_expert_starts(spec.experts.step_expert(sampler), [m.name for m in spec.experts.models])
     return result
 
 

@@ -98,7 +98,14 @@ class ModelSpec:
         return self.family.sublayer_names(self.config)
 
     def load_model(self):
-        return self.family.load(self.weights, self.config)
+        """The cached model; a pipeline of experts' switching between them by timestep, as the pipeline
+        (:func:`~l2c_export.models.diffusers.cache.expert_switch`)."""
+        if self.experts is None:
+            return self.family.load(self.weights, self.config)
+        from .diffusers.cache import expert_switch
+
+        return expert_switch([self.family.load(m.weights, m.config) for m in self.experts.models],
+                             self.experts.boundary_timestep(self.sampler()))
 
     def sampler(self, kind: str | None = None, num_steps: int | None = None) -> DenoisingSampler:
         """The sampler ``kind`` (default: the model's) with ``num_steps`` model calls (NFE; default: the model's). A
