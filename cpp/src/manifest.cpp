@@ -320,6 +320,7 @@ void read_experts(const json& data, const Fields& root, const Fields& subsets, M
   }
   if (!experts.models[0].prefix.empty() || experts.models[0].prefix == experts.models[1].prefix)
     models.fail("has prefixes " + prefixes + "]; expected the first empty and each different");
+  root["model"]["config"];  // present (else named), before it is compared
   if (data["experts"]["models"][0]["config"] != data["model"]["config"])
     models[0]["config"].fail("differs from 'model/config' (the first expert's)");
   for (size_t i = 0; i < subsets.size(); ++i) {
@@ -374,8 +375,9 @@ void read_experts(const json& data, const Fields& root, const Fields& subsets, M
         const int64_t index = slot_index.at(tensor.slot);
         const bool prefixed = tensor.slot.compare(0, prefix.size(), prefix) == 0;
         std::string expected = prefixed ? tensor.slot : prefix + tensor.slot;
-        if (named && index < static_cast<int64_t>(model["sublayers"].size()) && model["sublayers"][index].is_string())
-          expected = prefix + model["sublayers"][index].get<std::string>();
+        const size_t at = static_cast<size_t>(index);
+        if (named && at < model["sublayers"].size() && model["sublayers"][at].is_string())
+          expected = prefix + model["sublayers"][at].get<std::string>();
         if (!prefixed || tensor.slot != expected)
           subsets[i].fail("uses cache slot " + tensor.slot + "; a subset of expert " + std::to_string(record.expert) +
                           " uses its own slots ('" + expected + "')");
