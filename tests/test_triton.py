@@ -75,11 +75,11 @@ def repository(digits_build, tmp_path_factory) -> Path:
 
 
 def running_server(repository: Path, triton_env: Path, tmp_path_factory):
-    """A tritonserver on free local ports serving ``repository`` with this checkout's l2c_export (whichever the
-    server environment installs), for a fixture to yield; stopped after, with its whole process group checked gone."""
+    """A tritonserver on free local ports serving ``repository``, for a fixture to yield; stopped after, with its
+    whole process group checked gone."""
     log = tmp_path_factory.mktemp("log") / "tritonserver.log"
     server = TritonServer(repository, triton_env, http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port(), log=log, source=REPO)
+                          metrics_port=free_port(), log=log)
     server.start()
     group = server.process.pid
     yield server

@@ -270,12 +270,8 @@ class TritonServer:
     """
 
     def __init__(self, repository: str | Path, env: str | Path | None = None, http_port: int = 8000,
-                 grpc_port: int = 8001, metrics_port: int = 8002, log: str | Path | None = None,
-                 source: str | Path | None = None):
-        """``source``: a folder holding the ``l2c_export`` package that the models import (the server's PYTHONPATH)
-        instead of the one installed in the server environment: the tests serve the checkout they test."""
+                 grpc_port: int = 8001, metrics_port: int = 8002, log: str | Path | None = None):
         self.repository = Path(repository).absolute()
-        self.source = None if source is None else Path(source).absolute()
         self.env = server_environment(env)
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.log = None if log is None else Path(log)
@@ -328,8 +324,6 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(self.env.libraries), str(self.env.libpython_dir),
                                                         env.get("LD_LIBRARY_PATH")]))
         env.update(_scratch_env(self._work))
-        if self.source is not None:
-            env["PYTHONPATH"] = str(self.source)
         output = subprocess.DEVNULL
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
