@@ -337,7 +337,8 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     :func:`tiny_gemma2`); ``QwenImagePipeline`` ("qwen"), no text encoder ("qwen-text": :func:`tiny_qwen2_5_vl`);
     ``WanPipeline`` ("wan", scheduler "flow": flow-matching Euler with Wan's shift 3), no text encoder,
     :func:`tiny_wan_vae` (scale factors 4 in time and in space); "wan22": Wan2.2's two experts, ``transformer_2``
-    (:data:`WAN22_CONFIG_2`) below ``boundary_ratio`` :data:`WAN22_BOUNDARY`."""
+    (:data:`WAN22_CONFIG_2`) below ``boundary_ratio`` :data:`WAN22_BOUNDARY`, no VAE (the pipeline's scale factors
+    4 in time and 8 in space)."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
@@ -373,9 +374,10 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     elif family in ("wan", "wan22"):
         from diffusers import WanPipeline, WanTransformer3DModel
 
-        experts = dict(transformer_2=WanTransformer3DModel(**WAN22_CONFIG_2), boundary_ratio=WAN22_BOUNDARY) \
-            if family == "wan22" else {}
-        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=tiny_wan_vae(),
+        two = family == "wan22"  # no VAE: the experts' latents are what is compared (the scale factors 4 and 8)
+        experts = dict(transformer_2=WanTransformer3DModel(**WAN22_CONFIG_2), boundary_ratio=WAN22_BOUNDARY) if two \
+            else {}
+        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=None if two else tiny_wan_vae(),
                            scheduler=_scheduler(scheduler, "wan"), text_encoder=None, tokenizer=None, **experts)
     elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),

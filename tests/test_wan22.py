@@ -3,7 +3,8 @@
 x num_train_timesteps, the second after, each guided with its own scale (``guidance_scale``, ``guidance_scale_2``).
 
 A tiny random folder saved with ``save_pretrained`` (:data:`~tests.diffusers_pipelines.WAN22_BOUNDARY` 0.9: 4 of 12
-UniPC steps on ``transformer``, the timestep 900 on the boundary included; ``transformer_2`` with a wider feed-forward),
+UniPC steps on ``transformer``, the timestep 900 on the boundary included; ``transformer_2`` with a wider feed-forward;
+no VAE),
 built once with a general schedule that caches in both experts; the reference is diffusers' own pipeline on the same
 5-D latents and embeddings, with forward hooks that make each expert's named sub-modules return their last computed
 output (one cache per expert and per pass)."""
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -19,6 +21,7 @@ import onnx
 import pytest
 import torch
 
+from l2c_export.core.manifest import ManifestError, check_consistency
 from l2c_export.core.schedule import Schedule
 from l2c_export.runtime.pipeline import L2CPipeline
 
@@ -27,8 +30,8 @@ from .diffusers_pipelines import WAN_CONFIG, load_pipeline, schedule_hooks
 
 STEPS = 12
 FIRST_EXPERT_STEPS = 4  # timesteps 999, 970, 937, 900 >= 0.9 x 1000
-NUM_FRAMES, IMAGE_SIZE = 5, 48  # 2 latent frames of 12 x 12 at the tiny VAE's scale factor 4: 72 tokens
-LATENTS = (WAN_CONFIG["in_channels"], 2, 12, 12)
+NUM_FRAMES, IMAGE_SIZE = 5, 48  # 2 latent frames of 6 x 6 at the pipeline's scale factor 8 (no VAE): 18 tokens
+LATENTS = (WAN_CONFIG["in_channels"], 2, 6, 6)
 SUBLAYERS = tuple(f"blocks.{i}.{s}" for i in range(2) for s in ("attn1", "attn2", "ffn"))
 CFG_SCALE, CFG_SCALE_2 = 4.0, 2.0
 
@@ -110,6 +113,21 @@ def test_two_experts_build_and_run_equal_the_pipeline(wan22_build):
         weights = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
         assert weights and weights <= (stored - first if prefix else first), record["name"]
     assert sum(1 for r in manifest["subsets"] if r["expert"] == 1 and not all(r["compute"])) >= 2
+    # the records must agree: a call on the other side of the boundary, a subset of another expert, one prefix
+    second_full = next(r["index"] for r in manifest["subsets"] if r["expert"] == 1 and all(r["compute"]))
+    assert manifest["schedule"]["step_subset"][FIRST_EXPERT_STEPS] == second_full
+    for path, value, message in (
+            (("experts", "step_expert", 4), 0, "field 'experts/step_expert/4' is 0"),
+            (("subsets", second_full, "expert"), 0, f"field 'schedule/step_subset/4' names subset {second_full}, of "
+                                                    f"expert 0; the call runs expert 1"),
+            (("experts", "models", 1, "prefix"), "", "field 'experts/models' has prefixes")):
+        edited = json.loads(json.dumps(manifest))
+        target = edited
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        with pytest.raises(ManifestError, match=re.escape(message)):
+            check_consistency(edited, "manifest.json")
     results = {}
     for full in (True, False):
         out = root / f"out-{full}.npy"
@@ -170,3 +188,28 @@ def test_bad_two_expert_input_is_refused_in_one_line(wan22_build, default_build,
                     str(tmp_path / "out.npy"))
     assert line.startswith("Error: --cfg-scale-2: the build") and "one transformer" in line, line
     assert not (tmp_path / "out.npy").exists()
+
+
+@pytest.mark.slow
+def test_a_router_learned_on_two_experts_keeps_each_experts_first_step_whole(wan22_build, tmp_path):
+    """learn --diffusers on the two-expert folder (the switched experts' own trajectories, guided): the first step of
+    each expert (calls 0 and 4) is not learned and always computes; schedule --png decodes it at a MAC fraction and
+    names where the experts switch, the first step of transformer_2 whole in the decoded schedule."""
+    from l2c_export.routers import ALWAYS_COMPUTE, load_router
+
+    root, folder = wan22_build[:2]
+    shape = ["--num-frames", str(NUM_FRAMES), "--image-size", str(IMAGE_SIZE)]
+    router = tmp_path / "router.safetensors"
+    run_cli("learn", "--diffusers", str(folder), *shape, "--steps", str(STEPS), "--conditioning-data",
+            str(root / "cond.npz"), "--trajectories", "2", "--batch-size", "2", "--iterations", "3", "--mode",
+            "general", "--lr", "0.5", "--cfg-scale", str(CFG_SCALE), "--out", str(router))
+    logits = load_router(router).logits
+    assert (logits[[0, FIRST_EXPERT_STEPS]] == ALWAYS_COMPUTE).all()
+    assert np.abs(logits[1:FIRST_EXPERT_STEPS]).max() < ALWAYS_COMPUTE and np.abs(logits[5:]).max() < ALWAYS_COMPUTE
+    shown = run_cli("schedule", "--diffusers", str(folder), *shape, "--router", str(router), "--mode", "general",
+                    "--target-mac-fraction", "0.8", "--png", str(tmp_path / "s.png"), "--json",
+                    str(tmp_path / "s.json")).stdout
+    assert "experts: transformer from call 0, transformer_2 from call 4" in shown, shown
+    decoded = Schedule.load(tmp_path / "s.json")
+    assert decoded.compute[FIRST_EXPERT_STEPS].all() and not decoded.compute.all()
+    assert (tmp_path / "s.png").stat().st_size > 0

@@ -98,6 +98,10 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
                 else zoo.embedded_default(model_name or DEFAULT_NAME))
     except ValueError as error:  # an --image-size or --num-frames the family does not take (named in the message)
         raise CommandError(str(error)) from None
+    if spec.experts is not None:  # the baselines' schedules would reuse at an expert's first step
+        raise CommandError(f"--diffusers {diffusers}: a pipeline of {len(spec.experts.models)} experts "
+                           f"({', '.join(m.name for m in spec.experts.models)}) is not evaluated yet; build and run "
+                           f"its schedule, or verify it")
     if cfg_scale is not None:
         spec = dataclasses.replace(spec, cfg_scale=cfg_scale)
     router_path = router or spec.default_router

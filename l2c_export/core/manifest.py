@@ -383,6 +383,15 @@ def check_consistency(data: dict, where: str) -> None:
             raise ManifestError(f"{at}: axis {record['axis']} of a tensor of {len(tensor['shape'])} dimensions")
 
 
+def expert_of_time(time: float, boundary_timestep: float) -> int:
+    """The expert of a model call at ``time`` (``experts/step_expert``'s rule): 0 where ``time >= boundary_timestep``,
+    else 1, compared in float32 as ``WanPipeline`` compares its timestep tensor (float32 or int64) with the boundary
+    (a Python float torch casts to float32)."""
+    import numpy as np
+
+    return 0 if np.float32(time) >= np.float32(boundary_timestep) else 1
+
+
 def _check_experts(data: dict, where: str) -> None:
     """A pipeline of experts (``experts``, Wan2.2's): the first expert's prefix is empty and its config
     'model/config', the prefixes differ; every subset names its expert and only then; 'experts/step_expert' has one
@@ -416,7 +425,7 @@ def _check_experts(data: dict, where: str) -> None:
                             f"model call ({len(times)})")
     started: set[int] = set()
     for call, (expert, time, index) in enumerate(zip(step_expert, times, data["schedule"]["step_subset"])):
-        expected = 0 if time >= experts["boundary_timestep"] else 1
+        expected = expert_of_time(time, experts["boundary_timestep"])
         if expert != expected:
             raise ManifestError(f"{where}: field 'experts/step_expert/{call}' is {expert}; the call's timestep "
                                 f"{time} is {'>=' if expected == 0 else '<'} 'experts/boundary_timestep' "

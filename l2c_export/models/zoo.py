@@ -53,9 +53,12 @@ class ExpertSet:
 
     def step_expert(self, sampler: DenoisingSampler) -> list[int]:
         """(num_calls,) the expert of each of ``sampler``'s model calls, as ``WanPipeline.__call__`` chooses: the
-        first while the timestep is >= :meth:`boundary_timestep`, the second after."""
+        first while the timestep is >= :meth:`boundary_timestep` (in float32: :func:`expert_of_time`), the second
+        after."""
+        from ..core.manifest import expert_of_time
+
         boundary = self.boundary_timestep(sampler)
-        return [0 if float(t) >= boundary else 1 for t in sampler.model_times]
+        return [expert_of_time(t, boundary) for t in sampler.model_times]
 
 
 @dataclass(frozen=True)

@@ -221,8 +221,9 @@ class L2CPipeline:
         num_inference_steps: the build's (:attr:`num_inference_steps`); another count is refused naming the rebuild.
         the scale (``cfg_scale``, or by its argument name): default :attr:`default_guidance_scale`.
         a build of a pipeline of experts (the manifest's ``experts``, Wan2.2's): the second expert's scale
-        (``cfg_scale_2``, or by its argument name, ``guidance_scale_2``) combines the halves at its calls, default the
-        first's, as the pipeline's; whether to guide at all is the first scale's (> 1). Refused on other builds.
+        (``cfg_scale_2``, or by the name its ``experts/models/1/scale_argument`` gives) combines the halves at its
+        calls, default the first's, as the pipeline's; whether to guide at all is the first scale's (> 1). Refused on
+        other builds.
         latents (``noise``): (n, *sample shape) float32 initial latents of the n conditional samples; guidance
         duplicates them for the unconditional half.
         seed, or generator: a ``torch.Generator`` (or a list of one per image), read by its ``initial_seed()``
@@ -380,7 +381,7 @@ class L2CPipeline:
         if cfg_scale_2 is not None and len(self.expert_scale_arguments) < 2:
             raise ValueError(f"{scale_2_name}: the build {self.folder} has one transformer (its manifest has no "
                              f"'experts'), guided by {names['cfg_scale']} alone; leave {scale_2_name} out")
-        # each expert's scale, as the pipeline's guidance_scale_2 (None: guidance_scale); the first decides guiding
+        # each expert's scale, the second's defaulting to the first's as in the pipeline; the first decides guiding
         expert_scales = [cfg_scale, cfg_scale if cfg_scale_2 is None else check_finite(cfg_scale_2, scale_2_name,
                                                                                        low=1.0)]
         call_scales = [expert_scales[expert] for expert in self.step_expert]

@@ -171,7 +171,9 @@ def expert_switch(experts, boundary_timestep: float):
 
         def expert(self, timestep) -> torch.nn.Module:
             """The expert of a call at ``timestep`` (N,) (one value: a call's timesteps are the same)."""
-            return self.experts[0 if float(timestep.reshape(-1)[0]) >= self.boundary_timestep else 1]
+            from ...core.manifest import expert_of_time
+
+            return self.experts[expert_of_time(float(timestep.reshape(-1)[0]), self.boundary_timestep)]
 
         def forward(self, *inputs):
             return self.expert(inputs[1])(*inputs)
