@@ -1449,8 +1449,8 @@ def test_l2c_run_equals_the_python_runtime_on_wan(cpp_build, diffusers_cpp_build
 @pytest.fixture(scope="module")
 def wan22_cpp_build(tiny_diffusers, tmp_path_factory) -> tuple[Path, list]:
     """The tiny two-expert folder (tests/diffusers_pipelines.py's "wan22": transformer_2 below boundary_ratio 0.9,
-    UniPC) at 8 steps, 5 frames of 16 x 32 px (latents (4, 2, 4, 8)), over a general schedule that reuses in both
-    experts (build_two_experts); (build, the conditioning request: prompt embeddings and negatives)."""
+    UniPC, no VAE) at 8 steps, 5 frames of 16 x 32 px (latents (4, 2, 2, 4)), over a general schedule that reuses in
+    both experts (build_two_experts); (build, the conditioning request: prompt embeddings and negatives)."""
     from .diffusers_pipelines import WAN_CONFIG, build_two_experts
 
     root = tmp_path_factory.mktemp("cpp-wan22")

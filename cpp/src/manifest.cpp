@@ -279,7 +279,8 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
 
 // experts (l2c_export/core/manifest.py's _check_experts): a first and a second expert, the first's prefix empty and
 // its config model/config, the prefixes different; every subset names its expert, and only then; boundary_timestep is
-// boundary_ratio x num_train_timesteps; one expert per model call, the one its timestep gives against the boundary,
+// boundary_ratio x num_train_timesteps; one expert per model call, the one its timestep gives against the boundary
+// (in float32),
 // its subset one of that expert's, the first call of each computing every sub-layer (its cache is empty); each
 // subset's cache slots are its expert's (its prefix, then the sub-layer's name).
 void read_experts(const json& data, const Fields& root, const Fields& subsets, Manifest& m) {
@@ -343,7 +344,9 @@ void read_experts(const json& data, const Fields& root, const Fields& subsets, M
   std::set<int> started;
   for (size_t call = 0; call < calls; ++call) {
     const int expert = static_cast<int>(step_expert[call].integer(0, static_cast<int64_t>(models.size()) - 1));
-    const int expected = times[call] >= experts.boundary_timestep ? 0 : 1;
+    // compared in float32, as WanPipeline compares its timestep tensor with the boundary (l2c_export.core.manifest's
+    // expert_of_time)
+    const int expected = static_cast<float>(times[call]) >= static_cast<float>(experts.boundary_timestep) ? 0 : 1;
     if (expert != expected)
       step_expert[call].fail("is " + std::to_string(expert) + "; the call's timestep " + json(times[call]).dump() +
                              (expected == 0 ? " is >= " : " is < ") + "'experts/boundary_timestep' " +
