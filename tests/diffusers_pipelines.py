@@ -458,3 +458,25 @@ def schedule_hooks(transformer: torch.nn.Module, sublayers: Sequence[str], compu
     finally:
         for handle in handles:
             handle.remove()
+
+
+def build_two_experts(folder: Path, out: Path, steps: int, image_size, num_frames: int) -> Path:
+    """Builds a two-expert Wan2.2 folder (:func:`tiny_pipeline`'s "wan22") at ``steps`` into ``out`` over a general
+    schedule of its named sub-layers that reuses some in both experts (every other sub-layer at odd calls, the first
+    at every third), the first call of each expert computing everything (its cache is empty); returns ``out``."""
+    import numpy as np
+
+    from l2c_export.builder.build import BuildRequest, build
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import from_diffusers
+
+    spec = from_diffusers(folder, image_size, num_frames=num_frames)
+    sampler = spec.sampler(None, steps)
+    step_expert = spec.experts.step_expert(sampler)
+    rows = np.ones((steps, len(spec.sublayer_names)), dtype=bool)
+    rows[1::2, 1::2] = False
+    rows[2::3, 0] = False
+    rows[[step_expert.index(0), step_expert.index(1)]] = True
+    build(BuildRequest(spec=spec, schedule=Schedule(rows, sublayers=spec.sublayer_names, mode="general"),
+                       sampler=sampler, out_dir=out), progress=False)
+    return out

@@ -832,11 +832,12 @@ def _prompt_conditioning(path: Path, n: int = 2, length: int = 5, seed: int = 1)
 
 
 def _compare_request(engines: Path, tmp_path: Path, request: list, n: int, cfg_scale: float, full: bool,
-                     seed: int = 2) -> float:
-    """l2c-run and l2c-export run on the same noise and request (--labels or --conditioning); returns max |diff| /
-    sample range."""
+                     seed: int = 2, options: tuple = ()) -> float:
+    """l2c-run and l2c-export run on the same noise and request (--labels or --conditioning) and ``options`` (flags
+    both take); returns max |diff| / sample range."""
     noise = _noise(engines, n, seed, tmp_path / "z.npy")
-    common = [*request, "--noise", tmp_path / "z.npy", "--cfg-scale", str(cfg_scale), *(["--full"] if full else [])]
+    common = [*request, "--noise", tmp_path / "z.npy", "--cfg-scale", str(cfg_scale), *(["--full"] if full else []),
+              *options]
     result = l2c_run(engines, *common, "--out", tmp_path / "cpp.npy")
     assert result.returncode == 0, result.stderr
     run_cli("run", str(engines), *map(str, common), "--save-latents", str(tmp_path / "py.npy"))
@@ -1460,3 +1461,82 @@ def test_l2c_run_equals_the_python_runtime_on_wan(cpp_build, diffusers_cpp_build
     refused = l2c_run(engines, *request, "--seed", "5", "--png", tmp_path / "clip.png")
     assert refused.returncode == 2 and "'components/vae_decoder/latent_layout' is ncfhw" in refused.stderr
     assert not (tmp_path / "clip.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Wan2.2's two experts (issue 30): manifest 'experts', each call on its expert's subsets with its expert's cache, the
+# second expert's calls guided with --cfg-scale-2.
+
+@pytest.fixture(scope="module")
+def wan22_cpp_build(tiny_diffusers, tmp_path_factory) -> tuple[Path, list]:
+    """The tiny two-expert folder (tests/diffusers_pipelines.py's "wan22": transformer_2 below boundary_ratio 0.9,
+    UniPC, no VAE) at 8 steps, 5 frames of 16 x 32 px (latents (4, 2, 2, 4)), over a general schedule that reuses in
+    both experts (build_two_experts); (build, the conditioning request: prompt embeddings and negatives)."""
+    from .diffusers_pipelines import WAN_CONFIG, build_two_experts
+
+    root = tmp_path_factory.mktemp("cpp-wan22")
+    build_two_experts(tiny_diffusers("wan22", "unipc"), root / "engines", DIFFUSERS_STEPS, IMAGE_SIZES["wan"],
+                      NUM_FRAMES["wan"])
+    generator = np.random.default_rng(7)
+    shape = (2, 5, WAN_CONFIG["text_dim"])
+    conditioning = {"prompt_embeds": generator.standard_normal(shape).astype(np.float32),
+                    "negative_prompt_embeds": generator.standard_normal(shape).astype(np.float32)}
+    conditioning["prompt_embeds"][1, 3:] = 0  # the rows past a prompt, zeroed as the pipeline leaves them
+    np.savez(root / "cond.npz", **conditioning)
+    return root / "engines", ["--conditioning", root / "cond.npz"]
+
+
+def test_l2c_run_equals_the_python_runtime_on_wan22s_two_experts(cpp_build, wan22_cpp_build, tmp_path):
+    """Wan2.2's two experts: every call runs a subset of its expert (its own cache slots, its own weights), the
+    second expert's calls guided with --cfg-scale-2 (default --cfg-scale's): l2c-run equals l2c-export run to 1e-5 of
+    the range with --full (each expert's full subset) and with a schedule that reuses in both experts, with and
+    without --cfg-scale-2; the second scale and the schedule each change the result."""
+    engines, request = wan22_cpp_build
+    manifest = json.loads((engines / "manifest.json").read_text())
+    step_expert = manifest["experts"]["step_expert"]
+    assert 0 < step_expert.count(0) < len(step_expert)
+    reusing = {record["expert"] for record in manifest["subsets"] if not all(record["compute"])}
+    assert reusing == {0, 1}, manifest["subsets"]
+    results = {}
+    for full, scale_2 in ((True, "2"), (False, "2"), (False, None)):
+        options = ("--cfg-scale-2", scale_2) if scale_2 else ()
+        assert _compare_request(engines, tmp_path, request, 2, 4.0, full, options=options) <= 1e-5
+        results[full, scale_2] = np.load(tmp_path / "cpp.npy")
+    assert np.abs(results[False, "2"] - results[False, None]).max() > 1e-4  # the second expert's scale is applied
+    assert np.abs(results[True, "2"] - results[False, "2"]).max() > 1e-4  # the schedule reused something
+
+
+def _first_call_of_second_expert_reuses(data: dict) -> None:
+    """The first call of transformer_2 runs one of its subsets that reuses (its compute row to match)."""
+    call = data["experts"]["step_expert"].index(1)
+    partial = next(r for r in data["subsets"] if r["expert"] == 1 and not all(r["compute"]))
+    data["schedule"]["step_subset"][call] = partial["index"]
+    data["schedule"]["compute"][call] = partial["compute"]
+
+
+@pytest.mark.parametrize("change,expected", [
+    (_first_call_of_second_expert_reuses, "which reuses sub-layers at the first call of transformer_2; the first "
+                                          "call of each expert must compute every sub-layer"),
+    (lambda d: d["experts"]["step_expert"].__setitem__(0, 1), "field 'experts/step_expert/0' is 1; the call's "
+                                                              "timestep"),
+    (lambda d: d["experts"].update(boundary_ratio=1.5), "field 'experts/boundary_ratio' is 1.5; expected a number "
+                                                        "in (0, 1)"),
+    (lambda d: d["subsets"][0].pop("expert"), "field 'subsets/0/expert' is missing"),
+    (lambda d: d["experts"]["models"][1].update(prefix=""), "field 'experts/models' has prefixes ['', '']; expected "
+                                                            "the first empty and each different"),
+    (lambda d: d["experts"]["models"][1]["config"]["transformer"].update(ffn_dim=32),
+     "field 'experts/models/1/config/transformer/ffn_dim' is 32; the graph was built for 24"),
+], ids=["first-call-reuses", "step-expert", "boundary-ratio", "subset-expert", "prefixes", "second-config"])
+def test_a_bad_experts_record_is_refused(cpp_build, wan22_cpp_build, tmp_path, change, expected):
+    """The 'experts' record is checked as strictly as the others: one line naming the manifest and the field, exit 2,
+    nothing written (a second expert's config edited after the build: its graphs' stamp)."""
+    engines = shutil.copytree(wan22_cpp_build[0], tmp_path / "engines")
+    _rewrite_manifest(engines, change)
+    line = _refused_request(tmp_path, engines, *wan22_cpp_build[1])
+    assert str(engines / "manifest.json") in line and expected in line, line
+
+
+def test_cfg_scale_2_on_a_build_of_one_transformer_is_refused(cpp_build, default_build, tmp_path):
+    """--cfg-scale-2 (the second expert's guidance scale) on a build without experts: one line, exit 2."""
+    line = _refused(tmp_path, default_build, "--cfg-scale-2", "2")
+    assert "--cfg-scale-2: the build" in line and "has one transformer" in line, line
