@@ -15,6 +15,7 @@ from . import IMAGE_SIZE, MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
 # How messages call a request's parts on the command line: the runtime, the reference sampler and learning name the
 # Python arguments (l2c_export.samplers.conditioning.ARGUMENT_NAMES) unless given these.
 FLAG_NAMES = {"labels": "--labels", "conditioning": "--conditioning", "cfg_scale": "--cfg-scale",
+              "cfg_scale_2": "--cfg-scale-2",
               "prompt": "--prompt/--prompts", "negative_prompt": "--negative-prompt"}
 
 
@@ -117,6 +118,8 @@ def resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac
         result = Schedule.full(sampler.num_calls, sublayers=spec.sublayer_names,
                                timesteps=sampler.model_times.tolist(), sampler=sampler.kind)
     result.check_fits(sampler.num_calls, spec.sublayer_names)
+    if spec.experts is not None:  # each expert's cache starts empty
+        result.check_expert_starts(spec.experts.step_expert(sampler), [m.name for m in spec.experts.models])
     return result
 
 

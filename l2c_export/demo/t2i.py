@@ -277,9 +277,6 @@ def save_t2i(pipe, folder: str | Path, config: T2IConfig | None = None) -> Path:
 # -- what the model draws --------------------------------------------------------------------------------------------
 # What diffusers' pipeline of a text-to-image digits folder is called with besides prompts, steps, guidance and latents:
 # PixArt-α's caption cleaning (it needs bs4 and ftfy) and resolution binning (PixArt's 256-1024 px sizes only) off.
-CALL_OPTIONS = {"PixArtAlphaPipeline": dict(clean_caption=False, use_resolution_binning=False)}
-
-
 def load_pipeline(folder: str | Path = T2I_DIR):
     """diffusers' own pipeline of the folder, ``DiffusionPipeline.from_pretrained(folder)``: the class its
     ``model_index.json`` names (``PixArtAlphaPipeline`` for t2i-digits, ``StableDiffusion3Pipeline`` for
@@ -293,11 +290,6 @@ def load_pipeline(folder: str | Path = T2I_DIR):
 def pipeline_class(folder: str | Path) -> str:
     """The pipeline class the folder's ``model_index.json`` names."""
     return json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
-
-
-def call_options(pipe) -> dict:
-    """The keyword arguments :data:`CALL_OPTIONS` gives ``pipe``'s class (none for SD3's)."""
-    return dict(CALL_OPTIONS.get(type(pipe).__name__, {}))
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -324,6 +316,7 @@ def sample_accuracy(folder: str | Path = T2I_DIR, num_samples: int = 500, steps:
     ``use_resolution_binning=False``: the pipeline bins only PixArt's 256-1024 px sizes) and reads each image with
     the digits classifier. Returns the accuracy overall, on training and held-out caption forms, and per form."""
     from .classifier import load_classifier
+    from .diffusers_caches import call_options
 
     pipe = pipe or load_pipeline(folder)
     classifier = load_classifier()
@@ -333,7 +326,7 @@ def sample_accuracy(folder: str | Path = T2I_DIR, num_samples: int = 500, steps:
     for start in range(0, num_samples, batch_size):
         chunk = [text for text, _, _ in prompts[start: start + batch_size]]
         images = pipe(chunk, num_inference_steps=steps, generator=generator, output_type="pt",
-                      **call_options(pipe)).images  # (n, 1, 8, 8) in [0, 1]
+                      **call_options(pipe, None)).images  # (n, 1, 8, 8) in [0, 1]
         predicted.append(classifier(images * 2.0 - 1.0).argmax(dim=1).numpy())
     predicted = np.concatenate(predicted)
     digits = np.array([digit for _, digit, _ in prompts])
