@@ -82,9 +82,11 @@ bench: setup triton-env cpp
 
 # The real sizes (not part of `make test`): random-weight diffusers folders in the configs of facebook/DiT-XL-2-256,
 # PixArt-α 512, SD3-medium at 256 px (2B parameters), FLUX.1's width with 2 double + 4 single blocks (1.3B; the full
-# FLUX.1 projected per block), Sana 1.6B at 1024 px, and Qwen-Image's width with 4 of its 60 blocks at 256 px (1.4B;
-# the full 20B projected per block), each built (`l2c-export build` in a child process: time, peak memory), verified,
-# benchmarked against the ideal and against diffusers' own pipeline: docs/bench-large.json, docs/bench-large.md.
+# FLUX.1 projected per block), Sana 1.6B at 1024 px, Qwen-Image's width with 4 of its 60 blocks at 256 px (1.4B;
+# the full 20B projected per block), and Wan2.1-1.3B's width with 2 of its 30 blocks at 17 frames of 256 px (the whole
+# 1.3B, Wan2.1-14B and Wan2.2-A14B projected per block), each built (`l2c-export build` in a child process: time,
+# peak memory), verified, benchmarked against the ideal and against diffusers' own pipeline: docs/bench-large.json,
+# docs/bench-large.md.
 # Hours on 2 cores (Sana's alone about an hour at the default 6 steps); the builds hold the weights once (SD3-medium's
 # 8 GB build peaks near 10 GiB of RAM), and saving the random folder, verify and the pipeline comparison hold them
 # twice (Sana 1.6B: about 12 GiB). Every model of bench_suite.py's REAL_SIZES by default; rows can be picked, and

@@ -48,6 +48,10 @@ QWEN_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, a
 WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
                   text_dim=CAPTION_CHANNELS, freq_dim=8, ffn_dim=16, num_layers=2, cross_attn_norm=True,
                   rope_max_seq_len=32)
+# Wan2.2-A14B's two experts in miniature: transformer_2 another random WAN_CONFIG (its feed-forward wider: a field the
+# experts need not share) taking over below boundary_ratio x 1000 (Wan2.2 T2V's 0.875 is 1 step in 12 here: 0.9 is 4)
+WAN22_CONFIG_2 = dict(WAN_CONFIG, ffn_dim=24)
+WAN22_BOUNDARY = 0.9
 FLOW_SCHEDULERS = {"sd3": dict(shift=3.0), "sd35": dict(shift=3.0),  # SD3-medium's and SD3.5's
                    "flux": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                 max_image_seq_len=4096, shift=3.0),  # FLUX.1-dev's
@@ -129,6 +133,20 @@ def tiny_wan_vae():
     return AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
                             temperal_downsample=[True, True], latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0],
                             scale_factor_temporal=4, scale_factor_spatial=4)
+
+
+def tiny_umt5():
+    """A tiny random ``UMT5EncoderModel`` (d_model = the tiny Wan's text_dim; a relative position bias in every
+    layer, not only the first as T5's) and :func:`tiny_t5`'s tokenizer (UMT5's is a T5 tokenizer of another
+    vocabulary)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer, _ = tiny_t5()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=WAN_CONFIG["text_dim"], d_kv=4, d_ff=24,
+                                          num_layers=2, num_heads=3, relative_attention_num_buckets=8,
+                                          relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
+                                          decoder_start_token_id=0))
+    return tokenizer, encoder.eval()
 
 
 def tiny_t5(word_level: bool = False):
@@ -331,8 +349,10 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
     (vae_scale_factor 1). ``SanaPipeline`` ("sana"; "sana15" with Sana 1.5's qk norms): scheduler "flow" is Sana's
     DPM-Solver++ on flow sigmas, the VAE :func:`tiny_dc_ae` (vae_scale_factor 2), no text encoder ("sana-text":
     :func:`tiny_gemma2`); ``QwenImagePipeline`` ("qwen"), no text encoder ("qwen-text": :func:`tiny_qwen2_5_vl`);
-    ``WanPipeline`` ("wan", scheduler "flow": flow-matching Euler with Wan's shift 3), no text encoder,
-    :func:`tiny_wan_vae` (scale factors 4 in time and in space)."""
+    ``WanPipeline`` ("wan", scheduler "flow": flow-matching Euler with Wan's shift 3), no text encoder ("wan-text":
+    :func:`tiny_umt5`), :func:`tiny_wan_vae` (scale factors 4 in time and in space); "wan22": Wan2.2's two experts,
+    ``transformer_2`` (:data:`WAN22_CONFIG_2`) below ``boundary_ratio`` :data:`WAN22_BOUNDARY`, no VAE (the pipeline's
+    scale factors 4 in time and 8 in space)."""
     from diffusers import (DiTPipeline, DiTTransformer2DModel, FluxPipeline, FluxTransformer2DModel,
                            PixArtAlphaPipeline, PixArtTransformer2DModel, SanaPipeline, SanaTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
@@ -365,11 +385,16 @@ def tiny_pipeline(family: str, scheduler: str = "ddim", seed: int = 0):
         pipe = QwenImagePipeline(transformer=QwenImageTransformer2DModel(**QWEN_CONFIG), vae=tiny_qwen_vae(),
                                  scheduler=_scheduler("flow", "qwen"), text_encoder=text_encoder,
                                  tokenizer=tokenizer)
-    elif family == "wan":
+    elif family in ("wan", "wan-text", "wan22"):
         from diffusers import WanPipeline, WanTransformer3DModel
 
-        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=tiny_wan_vae(),
-                           scheduler=_scheduler(scheduler, family), text_encoder=None, tokenizer=None)
+        tokenizer, text_encoder = tiny_umt5() if family == "wan-text" else (None, None)
+        two = family == "wan22"  # no VAE: the experts' latents are what is compared (the scale factors 4 and 8)
+        experts = dict(transformer_2=WanTransformer3DModel(**WAN22_CONFIG_2), boundary_ratio=WAN22_BOUNDARY) if two \
+            else {}
+        pipe = WanPipeline(transformer=WanTransformer3DModel(**WAN_CONFIG), vae=None if two else tiny_wan_vae(),
+                           scheduler=_scheduler(scheduler, "wan"), text_encoder=text_encoder, tokenizer=tokenizer,
+                           **experts)
     elif family == "dit":
         pipe = DiTPipeline(transformer=DiTTransformer2DModel(**DIT_CONFIG), vae=tiny_vae(),
                            scheduler=_scheduler(scheduler))
@@ -433,3 +458,25 @@ def schedule_hooks(transformer: torch.nn.Module, sublayers: Sequence[str], compu
     finally:
         for handle in handles:
             handle.remove()
+
+
+def build_two_experts(folder: Path, out: Path, steps: int, image_size, num_frames: int) -> Path:
+    """Builds a two-expert Wan2.2 folder (:func:`tiny_pipeline`'s "wan22") at ``steps`` into ``out`` over a general
+    schedule of its named sub-layers that reuses some in both experts (every other sub-layer at odd calls, the first
+    at every third), the first call of each expert computing everything (its cache is empty); returns ``out``."""
+    import numpy as np
+
+    from l2c_export.builder.build import BuildRequest, build
+    from l2c_export.core.schedule import Schedule
+    from l2c_export.models.zoo import from_diffusers
+
+    spec = from_diffusers(folder, image_size, num_frames=num_frames)
+    sampler = spec.sampler(None, steps)
+    step_expert = spec.experts.step_expert(sampler)
+    rows = np.ones((steps, len(spec.sublayer_names)), dtype=bool)
+    rows[1::2, 1::2] = False
+    rows[2::3, 0] = False
+    rows[[step_expert.index(0), step_expert.index(1)]] = True
+    build(BuildRequest(spec=spec, schedule=Schedule(rows, sublayers=spec.sublayer_names, mode="general"),
+                       sampler=sampler, out_dir=out), progress=False)
+    return out

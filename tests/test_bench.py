@@ -74,6 +74,7 @@ def test_bench_runs_diffusers_builds_with_the_manifests_conditioning(tiny_diffus
     assert [(r["model"].split()[0], r["backend"]) for r in rows] == [
         ("DiTTransformer2DModel", "onnxruntime"), ("PixArtTransformer2DModel", "onnxruntime"),
         ("DiTTransformer2DModel", "torch"), ("PixArtTransformer2DModel", "torch")]
+    assert [r["prompt_tokens"] for r in rows] == [None, 9, None, 9]  # --prompt-tokens over the build's 120
     for row, folder in zip(rows, folders * 2):
         manifest = json.loads((folder / "manifest.json").read_text())
         assert row["ideal_speedup"] == pytest.approx(manifest["macs"]["ideal_speedup"]) and row["ideal_speedup"] > 1
@@ -138,44 +139,78 @@ def test_sana_and_the_qwen_image_cut_at_real_size_are_accepted_and_their_macs_co
     assert whole.config.num_layers == 60 and 20.3e9 < sum(p.numel() for p in whole.parameters()) < 20.5e9
 
 
+def test_the_wan_cut_at_real_size_is_accepted_its_macs_counted_per_sublayer_and_its_whole_models_projected():
+    """make bench-large's Wan2.1 row: Wan2.1-T2V-1.3B's width (12 heads of 128, FFN 8960, UMT5's 4096-wide states) with
+    2 of its 30 blocks, 17 frames at 256 px: latents (5, 32, 32), 1280 tokens; each block's self-attention, its
+    cross-attention to the 512 prompt tokens (the keys the prompt's, which WanTransformerBlock hands attn2 by
+    position) and its FFN are the formulas'. Its projections: the whole 1.3B (1.42B parameters), Wan2.1-T2V-14B
+    (14.29B) and Wan2.2-T2V-A14B (two 14B experts: twice the weights, one expert's MACs a step), on the meta device."""
+    from l2c_export.tools.bench_suite import REAL_SIZES, full_model_projection, real_size_config
+
+    name = "Wan2.1-1.3B-width-2-17x256"
+    family, config = real_size_config(name)
+    tokens, width, prompt, hidden = 5 * 16 * 16, 1536, 512, 8960
+    assert config.latent_shape == (5, 32, 32) and family.num_tokens(config) == tokens
+    attn1 = 4 * tokens * width ** 2 + 2 * tokens * tokens * width
+    attn2 = 2 * tokens * width ** 2 + 2 * prompt * width ** 2 + 2 * tokens * prompt * width
+    macs = family.count_macs(config)
+    assert macs.per_sublayer == (attn1, attn2, 2 * tokens * width * hidden) * 2
+    measured = {"bench": {"full_seconds": 10.0, "schedule_seconds": 8.0}}
+    whole, large, experts = (full_model_projection(measured, REAL_SIZES[name], 256, prompt, model)
+                             for model in REAL_SIZES[name].whole_models())
+    assert [p["model"] for p in (whole, large, experts)] == ["Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.2-T2V-A14B"]
+    assert 1.41e9 < whole["parameters"] < 1.43e9 and 14.2e9 < large["parameters"] < 14.4e9
+    assert experts["parameters"] == 2 * large["parameters"] and experts["experts"] == 2
+    assert experts["macs_per_sample"] == large["macs_per_sample"] and experts["full_seconds"] == large["full_seconds"]
+    assert whole["mac_ratio"] == pytest.approx((macs.always + 15 * sum(macs.per_sublayer)) / macs.full, rel=1e-9)
+    assert whole["full_seconds"] == pytest.approx(10.0 * whole["mac_ratio"]) and whole["num_frames"] == 17
+
+
 @pytest.mark.slow
-def test_bench_large_rows_of_sana_and_the_qwen_image_cut_at_a_tiny_size(tmp_path):
-    """make bench-large's path for its Sana and Qwen-Image rows, end to end on tiny configs under the rows' names
-    (``large_benchmark(..., sizes=...)``; the real schedulers' options): random pipelines saved by
+def test_bench_large_rows_of_sana_the_qwen_image_cut_and_the_wan_cut_at_a_tiny_size(tmp_path):
+    """make bench-large's path for its Sana, Qwen-Image and Wan2.1 rows, end to end on tiny configs under the rows'
+    names (``large_benchmark(..., sizes=...)``; the real schedulers' options, Wan's UniPC): random pipelines saved by
     ``save_pretrained`` without VAE or text encoder, built in a child ``l2c-export build`` (time and peak memory),
     verified, benchmarked (speed against the MAC-counted ideal, memory of all subsets against the full one) and their
-    exported full compute run beside ``SanaPipeline`` / ``QwenImagePipeline`` (prompt embeddings and masks with
-    their negatives, 300 and 512 tokens; guidance 3, Qwen-Image's as ``true_cfg_scale``; its latents packed at 32 px)
-    to 1e-4 of the latents' range. The Qwen-Image cut (2 blocks) projects its whole model (here 6 blocks) by MACs;
-    the rows already in docs/bench-large.json are kept as they were, in REAL_SIZES order, and FLUX.1's projection is
-    still printed."""
+    exported full compute run beside ``SanaPipeline`` / ``QwenImagePipeline`` / ``WanPipeline`` (prompt embeddings,
+    masks where the model takes them, with their negatives, 300 and 512 tokens; guidance 3, Qwen-Image's as
+    ``true_cfg_scale``; its latents packed at 32 px; Wan's 5-D latents of 5 frames at 32 px) to 1e-4 of the latents'
+    range. The Qwen-Image and Wan cuts (2 blocks) project their whole models (here 6 blocks) by MACs, Wan's also a
+    wider model and two experts of it; the rows already in docs/bench-large.json are kept as they were, in REAL_SIZES
+    order, and FLUX.1's projection is still printed."""
     import dataclasses
     import shutil
 
     import torch
     from diffusers import QwenImageTransformer2DModel
 
-    from l2c_export.tools.bench_suite import REAL_SIZES, large_benchmark, real_size_config
+    from l2c_export.tools.bench_suite import REAL_SIZES, WholeModel, large_benchmark, real_size_config
 
-    from .diffusers_pipelines import QWEN_CONFIG, SANA_CONFIG
+    from .diffusers_pipelines import QWEN_CONFIG, SANA_CONFIG, WAN_CONFIG
 
-    sana, qwen = "Sana-1600M-1024", "Qwen-Image-width-4-256"
+    sana, qwen, wan = "Sana-1600M-1024", "Qwen-Image-width-4-256", "Wan2.1-1.3B-width-2-17x256"
+    wider = dict(WAN_CONFIG, num_attention_heads=4, num_layers=8)
     sizes = {**REAL_SIZES, sana: dataclasses.replace(REAL_SIZES[sana], config=SANA_CONFIG),
              qwen: dataclasses.replace(REAL_SIZES[qwen], config=QWEN_CONFIG, image_size=32,
-                                       full_config=dict(QWEN_CONFIG, num_layers=6))}
+                                       full_config=dict(QWEN_CONFIG, num_layers=6)),
+             wan: dataclasses.replace(REAL_SIZES[wan], config=WAN_CONFIG, image_size=32, num_frames=5,
+                                      full_config=dict(WAN_CONFIG, num_layers=6),
+                                      also_projects=(WholeModel("wider", wider), WholeModel("two", wider, 2)))}
     docs = tmp_path / "docs"
     docs.mkdir()
     shutil.copy(REPO / "docs" / "bench-large.json", docs)
     before = json.loads((docs / "bench-large.json").read_text())["results"]
-    large_benchmark(tmp_path / "work", docs, [sana, qwen], steps=4, batch=1, repeats=1, sizes=sizes,
+    large_benchmark(tmp_path / "work", docs, [sana, qwen, wan], steps=4, batch=1, repeats=1, sizes=sizes,
                     cfg_scale=3.0)
 
     rows = json.loads((docs / "bench-large.json").read_text())["results"]
-    kept = [r for r in before if r["model"] not in (sana, qwen)]  # the rows of other models, as they were
-    assert [r["model"] for r in rows] == [r["model"] for r in kept] + [sana, qwen]
+    kept = [r for r in before if r["model"] not in (sana, qwen, wan)]  # the rows of other models, as they were
+    assert [r["model"] for r in rows] == [r["model"] for r in kept] + [sana, qwen, wan]
     assert rows[:len(kept)] == kept
+    rows, wan_row = rows[:-1], rows[-1]
     for row, transformer_class, tokens in ((rows[-2], "SanaTransformer2DModel", 300),
-                                           (rows[-1], "QwenImageTransformer2DModel", 512)):
+                                           (rows[-1], "QwenImageTransformer2DModel", 512),
+                                           (wan_row, "WanTransformer3DModel", 512)):
         manifest = json.loads((tmp_path / "work" / f"{row['model']}-onnxruntime-fp32" / "manifest.json").read_text())
         assert (row["transformer"], row["config"], row["prompt_tokens"]) == (
             transformer_class, json.loads(json.dumps(sizes[row["model"]].config)), tokens)  # tuples as lists
@@ -201,6 +236,16 @@ def test_bench_large_rows_of_sana_and_the_qwen_image_cut_at_a_tiny_size(tmp_path
     assert projection["full_seconds"] == pytest.approx(rows[-1]["bench"]["full_seconds"] * projection["mac_ratio"])
 
     table = (docs / "bench-large.md").read_text()
-    assert all(f"| {r['model']} | " in table for r in rows)
+    assert all(f"| {r['model']} | " in table for r in (*rows, wan_row))
     assert "the full Qwen-Image (6 blocks) from the Qwen-Image-width-4-256 row" in table
     assert "the full FLUX.1-dev (19 double and 38 single blocks) from the FLUX.1-width-2+4-256 row" in table
+
+    # the Wan row: 5-D latents of 5 frames at 32 px, its cut projected to 6 blocks, a wider model, and two experts
+    assert wan_row["num_frames"] == 5 and wan_row["cfg_scale"] == 3.0
+    whole, (wide, experts) = wan_row["full_model_projection"], wan_row["also_projected"]
+    assert (whole["model"], wide["model"], experts["model"]) == ("Wan2.1-T2V-1.3B", "wider", "two")
+    assert experts["parameters"] == 2 * wide["parameters"] and experts["macs_per_sample"] == wide["macs_per_sample"]
+    assert whole["num_frames"] == 5 and whole["mac_ratio"] > 2 and wide["mac_ratio"] > whole["mac_ratio"]
+    assert "the full Wan2.1-T2V-1.3B (6 blocks) from the Wan2.1-1.3B-width-2-17x256 row" in table
+    assert "the full two (2 experts of 8 blocks, one a step, width 48) from the Wan2.1-1.3B-width-2-17x256" in table
+    assert "at 5 frames of 32 px and 512 prompt tokens" in table

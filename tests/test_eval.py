@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from l2c_export.demo.classifier import FEATURE_DIM, accuracy, features, load_classifier, split_digits, train_classifier
-from l2c_export.demo.metrics import frechet_distance, psnr
+from l2c_export.demo.metrics import FrameProjection, RandomProjection, frame_psnr, frechet_distance, psnr
 from l2c_export.models.dit import count_macs
 from l2c_export.models.zoo import embedded_default
 from l2c_export.routers import baselines, load_router
@@ -43,6 +43,29 @@ def test_psnr():
     reference = np.zeros((2, 1, 8, 8), dtype=np.float32)
     assert psnr(reference + 0.1, reference) == pytest.approx(10 * np.log10(4 / 0.01), rel=1e-6)
     assert psnr(reference, reference) is None
+
+
+def test_clips_are_judged_frame_by_frame():
+    """A video model's clips (n, C, F, H, W): PSNR is each frame's against the same frame of the reference, averaged
+    over all frames (not one PSNR of the whole clips; an identical frame left out), over the reference's whole range;
+    the features are each frame's (C, H, W) random projection, n F rows, as an image model's latents of that shape."""
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((2, 4, 3, 5, 6))
+    clips = reference.copy()
+    clips[:, :, 0] += 0.1  # frame 0 of each clip off by 0.1, frame 1 by 0.3, frame 2 exact in clip 0
+    clips[:, :, 1] += 0.3
+    clips[1, :, 2] += 0.1
+    peak = np.ptp(reference) ** 2
+    per_frame = [10 * np.log10(peak / e) for e in (0.01, 0.09, 0.01, 0.09, 0.01)]
+    assert frame_psnr(clips, reference) == pytest.approx(np.mean(per_frame), rel=1e-9)
+    assert frame_psnr(clips, reference) != pytest.approx(psnr(clips, reference, None), rel=1e-3)
+    assert frame_psnr(reference, reference) is None
+
+    judge = FrameProjection((4, 3, 5, 6))
+    frames = reference.transpose(0, 2, 1, 3, 4).reshape(6, 4, 5, 6)  # clip 0's 3 frames, then clip 1's
+    assert np.allclose(judge(reference), RandomProjection((4, 5, 6))(frames))
+    assert judge(reference).shape == (6, 64) and judge.psnr(clips, reference) == frame_psnr(clips, reference)
+    assert "each of the 3 latent frames (4x5x6)" in judge.description
 
 
 def test_the_shipped_classifier_tells_digits_apart():

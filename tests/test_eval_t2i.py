@@ -1,6 +1,7 @@
 """Text to image against the peer: ``eval --model t2i-digits`` (every method from captions, cache-dit's DBCache on
 diffusers' own pipeline with its compute counted from the blocks it ran), and the shipped t2i-digits build sampled
-from prompts (``run --prompt``) as diffusers' PixArtAlphaPipeline samples it."""
+from prompts (``run --prompt``) as diffusers' PixArtAlphaPipeline samples it, and by the C++ ``l2c-run`` from prompt
+to PNG as ``run`` does."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from l2c_export.demo import t2i
 from l2c_export.models.zoo import embedded_default
 
 from .conftest import run_cli
+from .test_cpp import _prompt_parity, cpp_build  # noqa: F401 (cpp_build: a fixture)
 
 METHODS = ("full", "l2c", "fora", "random", "fewer-steps", "cache-dit")
 
@@ -36,29 +38,30 @@ def _block_macs(spec) -> tuple[object, list[int]]:
 
 def test_dbcache_compute_is_counted_from_the_blocks_that_ran():
     """cache-dit's DBCache (F1B0) on diffusers' pipeline: the hooks count the first block at every forward and the
-    others at the forwards cache-dit did not serve from its cache (its own cached_steps); a higher threshold caches
-    more and counts less; without cache-dit every block runs (fraction 1)."""
-    from l2c_export.demo import cache_dit_peer
+    others at the forwards cache-dit did not serve from its cache (its own cached_steps: the two counts agree); a
+    higher threshold caches more and counts less; without cache-dit every sub-layer runs (fraction 1)."""
+    from l2c_export.demo import diffusers_caches as caches
     from l2c_export.samplers.guidance import make_noise
 
     spec = embedded_default("t2i-digits")
     macs, blocks = _block_macs(spec)
     captions = [text for text, _, _ in t2i.evaluation_prompts(4)]
     noise = make_noise(0, (4, 4, 4, 4))
-    pipe = t2i.load_pipeline()
-    full = cache_dit_peer.sample_dbcache(pipe, None, captions, noise, 20, 4.5, macs, spec.sublayer_names,
-                                         batch_size=2)
-    assert full.mac_fraction == 1.0 and full.block_calls == [40] * 4 and full.transformer_calls == 40
+    pipelines = caches.FolderPipelines(t2i.T2I_DIR, 20, 4.5)
+    count = dict(macs=macs, sublayers=spec.sublayer_names, batch_size=2)
+    full = caches.draw(pipelines.open(None, {}, {}), captions, noise, **count)
+    assert full.mac_fraction == 1.0 and full.own is None
     fractions = []
     for threshold in (0.05, 0.3):
-        settings = cache_dit_peer.DBCacheSettings(Fn=1, Bn=0, threshold=threshold, warmup=2)
-        drawn = cache_dit_peer.sample_dbcache(pipe, settings, captions, noise, 20, 4.5, macs, spec.sublayer_names,
-                                              batch_size=2)
-        cached = sum(len(steps) for steps in drawn.cached_steps)
-        assert drawn.transformer_calls == 40 and len(drawn.cached_steps) == 2
-        assert drawn.block_calls == [40] + [40 - cached] * 3
-        spent = 40 * macs.always + sum(c * m for c, m in zip(drawn.block_calls, blocks))
-        assert drawn.mac_fraction == pytest.approx(spent / (40 * macs.full))
+        knobs = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 2,
+                 "residual_diff_threshold": threshold}
+        drawn = caches.draw(pipelines.open(caches.PEERS["cache-dit"], knobs, {}), captions, noise, **count)
+        own = drawn.own
+        assert own["images_per_call"] == [2, 2] and own["blocks_skipped_per_cached_step"] == [1, 4]
+        cached = sum(own["cached_steps_per_call"])  # per call: each of its 2 images, both guidance halves
+        spent = 4 * 20 * 2 * macs.full - cached * 2 * 2 * sum(blocks[1:])
+        assert drawn.mac_fraction == pytest.approx(spent / (4 * 20 * 2 * macs.full))
+        assert caches.own_mac_fraction(own, macs, spec.sublayer_names, 20) == pytest.approx(drawn.mac_fraction)
         assert drawn.images.shape == (4, 1, 8, 8) and np.abs(drawn.images).max() <= 1.0
         fractions.append(drawn.mac_fraction)
     assert fractions[0] > fractions[1]
@@ -78,8 +81,7 @@ def test_eval_model_t2i_digits_has_every_methods_row_timed_and_the_grid(tmp_path
     captions = t2i.evaluation_prompts(6)
     grid = {}
     report = evaluate(spec, spec.schedule(), budgets=(), num_samples=6, random_seeds=(0,), progress=False,
-                      captions=captions, batch_size=3, grid=grid,
-                      peer_search={"structures": ((1, 0, 2),), "iterations": 3})
+                      captions=captions, batch_size=3, grid=grid, peer_search={"size": "small"})
     rows = {row["method"]: row for row in report["results"]}
     assert tuple(rows) == METHODS
     for row in rows.values():
@@ -91,11 +93,10 @@ def test_eval_model_t2i_digits_has_every_methods_row_timed_and_the_grid(tmp_path
     assert rows["l2c"]["mac_fraction"] == pytest.approx(report["learned_mac_fraction"], abs=1e-6)
     assert report["learned_mac_fraction"] < 0.75
     peer = rows["cache-dit"]
-    assert peer["transformer_calls"] == 2 * 20 and peer["dbcache"]["Fn_compute_blocks"] == 1
-    spent = peer["transformer_calls"] * macs.always + sum(c * m for c, m in zip(peer["block_calls"], blocks))
-    assert peer["mac_fraction"] == pytest.approx(spent / (peer["transformer_calls"] * macs.full), abs=1e-6)
+    assert peer["own_counter"]["images_per_call"] == [3, 3] and peer["dbcache"]["Fn_compute_blocks"] == 1
+    assert peer["mac_fraction"] == pytest.approx(peer["own_mac_fraction"], abs=1e-6)  # hooks and cache-dit agree
     assert abs(peer["mac_fraction"] - report["learned_mac_fraction"]) < 0.15
-    assert len(peer["calibration"]["tried"]) == 3
+    assert len(peer["calibration"]["tried"]) >= 2
     assert report["prompts"]["num_samples"] == 6 and "ONNX Runtime" in report["timing"]["schedules"]
     assert grid["full"].shape == grid["l2c"].shape == grid["cache-dit"].shape == (len(grid["captions"]), 1, 8, 8)
     plot_t2i_grid(grid, tmp_path / "grid.png")
@@ -166,3 +167,12 @@ def test_run_prompt_full_equals_diffusers_pixart_pipeline_on_t2i_digits(t2i_buil
     decoded = L2CPipeline.from_engine_dir(t2i_build)(prompt=prompts, noise=noise, full=True, decode=True).decoded
     images = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
     assert np.abs(images - reference("np")).max() <= 1e-3
+
+
+def test_l2c_run_turns_prompts_into_the_png_run_writes_on_the_t2i_digits_demo(cpp_build, t2i_build, tmp_path):
+    """The shipped t2i-digits build (PixArt-α, its tiny T5 with a WordLevel tokenizer, which the runtime reads itself,
+    and its learned schedule): --prompt (a caption, and one with capitals, an unknown word and punctuation) --seed
+    --png equals l2c-export run --prompt --seed --out: the latents to 1e-5 of their range, the PNG pixel for pixel."""
+    pixels = _prompt_parity(t2i_build, tmp_path, "--prompt", "a handwritten seven", "--prompt",
+                            "The Digit 3, drawn!", "--seed", "4", tolerance=1e-5)
+    assert pixels.shape[0] > 8 and pixels.std() > 0

@@ -7,6 +7,8 @@ same latents and conditioning, to 1e-5 of the range, full compute and with a gen
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
@@ -17,7 +19,7 @@ from l2c_export.core.schedule import Schedule
 from l2c_export.runtime.pipeline import L2CPipeline
 
 from .conftest import run_cli
-from .diffusers_pipelines import FLUX_CONFIG, SD3_CONFIG
+from .diffusers_pipelines import FLUX_CONFIG, SD3_CONFIG, WAN_CONFIG, build_two_experts
 from .test_qwenimage import IMAGE_SIZE as QWEN_IMAGE_SIZE
 from .test_qwenimage import STEPS as QWEN_STEPS
 from .test_qwenimage import qwen_build  # noqa: F401 - the module's build of the tiny Qwen-Image, over a schedule
@@ -73,10 +75,17 @@ def flow_builds(sana_build, qwen_build, tiny_diffusers, tmp_path_factory) -> dic
 
 
 @pytest.fixture(scope="module")
-def server(builds, flow_builds, wan_build, triton_env, tmp_path_factory):  # noqa: F811 - test_triton's triton_env
+def wan22_serving_build(tiny_diffusers, tmp_path_factory) -> Path:
+    """The tiny two-expert Wan2.2 folder (no VAE) at 8 steps, 5 frames of 16 x 32 px (latents (4, 2, 2, 4)), over a
+    schedule that reuses in both experts (tests/diffusers_pipelines.py's build_two_experts)."""
+    return build_two_experts(tiny_diffusers("wan22", "unipc"), tmp_path_factory.mktemp("wan22") / "E", 8, (16, 32), 5)
+
+
+@pytest.fixture(scope="module")
+def server(builds, flow_builds, wan_build, wan22_serving_build, triton_env, tmp_path_factory):  # noqa: F811
     repo = tmp_path_factory.mktemp("triton-mmdit") / "repo"
     served = {**builds, **{name: build for _, models in flow_builds.values() for name, build in models.items()},
-              "wan": wan_build[0] / "E"}
+              "wan": wan_build[0] / "E", "wan22": wan22_serving_build}
     for name, build in served.items():
         run_cli("triton", str(build), "--repo", str(repo), "--name", name)
     yield from running_server(repo, triton_env, tmp_path_factory)
@@ -107,14 +116,17 @@ def test_the_repository_declares_the_mmdit_conditioning(builds, tmp_path):
 
 
 def _served_equals_run(server, model: str, build, arrays: dict[str, np.ndarray], noise: np.ndarray,
-                       cfg_scale: float, tmp_path) -> np.ndarray:
+                       cfg_scale: float, tmp_path, cfg_scale_2: float | None = None) -> np.ndarray:
     """Sends ``model`` the conditioning ``arrays`` (named and typed as the request's inputs), ``noise`` (n, ...) and
-    ``cfg_scale`` for every image; checks the served latents equal ``l2c-export run BUILD --noise z.npy --conditioning
-    cond.npz --cfg-scale S --save-latents`` to 1e-5 of the range, and the served images are those latents decoded by
-    the build's VAE decoder (scaled, shifted, unpacked); returns the served latents."""
+    ``cfg_scale`` (and a two-expert build's ``cfg_scale_2``, where given) for every image; checks the served latents
+    equal ``l2c-export run BUILD --noise z.npy --conditioning cond.npz --cfg-scale S [--cfg-scale-2 S2]
+    --save-latents`` to 1e-5 of the range, and the served images are those latents decoded by the build's VAE decoder
+    (scaled, shifted, unpacked); returns the served latents."""
+    second = {} if cfg_scale_2 is None else {"cfg_scale_2": _f32(np.full((len(noise), 1), cfg_scale_2))}
     client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
     try:
-        inputs = _typed_inputs(httpclient, **arrays, noise=noise, cfg_scale=_f32(np.full((len(noise), 1), cfg_scale)))
+        inputs = _typed_inputs(httpclient, **arrays, noise=noise, cfg_scale=_f32(np.full((len(noise), 1), cfg_scale)),
+                               **second)
         answer = client.infer(model, inputs)
     finally:
         client.close()
@@ -122,11 +134,16 @@ def _served_equals_run(server, model: str, build, arrays: dict[str, np.ndarray],
     np.savez(tmp_path / "cond.npz", **arrays)
     np.save(tmp_path / "z.npy", noise)
     run_cli("run", str(build), "--noise", str(tmp_path / "z.npy"), "--conditioning", str(tmp_path / "cond.npz"),
-            "--cfg-scale", str(cfg_scale), "--save-latents", str(tmp_path / "out.npy"))
+            "--cfg-scale", str(cfg_scale), *(["--cfg-scale-2", str(cfg_scale_2)] if second else []),
+            "--save-latents", str(tmp_path / "out.npy"))
     want = np.load(tmp_path / "out.npy")
     assert served.shape == want.shape == noise.shape
     _close_to(served, want)
-    decoded = to_uint8(L2CPipeline.from_engine_dir(build).decoder(want))  # a clip's: (n, F, H, W, 3)
+    decoder = L2CPipeline.from_engine_dir(build).decoder
+    if decoder is None:  # a build without a VAE decoder answers the latents alone
+        assert answer.as_numpy("frames" if noise.ndim == 5 else "images") is None
+        return served
+    decoded = to_uint8(decoder(want))  # a clip's: (n, F, H, W, 3)
     pictures = answer.as_numpy("frames" if noise.ndim == 5 else "images")
     assert pictures.shape == decoded.shape and np.abs(pictures.astype(int) - decoded.astype(int)).max() <= 1
     return served
@@ -228,3 +245,35 @@ def test_a_wan_clip_served_equals_the_run_cli(server, wan_build, tmp_path):  # n
     unguided = _served_equals_run(server, "wan", root / "E", {"prompt_embeds": arrays["prompt_embeds"]}, noise, 1.0,
                                   tmp_path)
     assert np.abs(guided - unguided).max() > 1e-3 * float(guided.max() - guided.min())
+
+
+def test_a_two_expert_wan22_clip_served_equals_the_run_cli(server, wan22_serving_build, wan_build,  # noqa: F811
+                                                           tmp_path):
+    """Wan2.2's two experts (a schedule reusing in both): the repository declares ``cfg_scale_2`` (the second expert's
+    scale), and the server's latents equal ``l2c-export run --cfg-scale 4 --cfg-scale-2 2`` to 1e-5 of the range (no
+    frames: the folder has no VAE); without ``cfg_scale_2``, ``run`` without it (the second expert at cfg_scale 4),
+    another result. A build of one transformer declares no ``cfg_scale_2``: the server refuses it and keeps serving."""
+    from l2c_export.core.manifest import load
+    from l2c_export.serving.sampling import decode_request, served_inputs
+
+    assert [name for name, *_ in served_inputs(load(wan22_serving_build, verify_files=False))][-2:] == \
+        ["cfg_scale", "cfg_scale_2"]
+    generator = np.random.default_rng(8)
+    arrays = {name: generator.standard_normal((2, 5, WAN_CONFIG["text_dim"]), dtype=np.float32)
+              for name in ("prompt_embeds", "negative_prompt_embeds")}
+    noise = generator.standard_normal((2, *L2CPipeline.from_engine_dir(wan22_serving_build).sample_shape),
+                                      dtype=np.float32)
+    both = _served_equals_run(server, "wan22", wan22_serving_build, arrays, noise, 4.0, tmp_path, cfg_scale_2=2.0)
+    first = _served_equals_run(server, "wan22", wan22_serving_build, arrays, noise, 4.0, tmp_path)
+    assert np.abs(both - first).max() > 1e-4 * float(both.max() - both.min())  # cfg_scale_2 reached the second expert
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+    try:
+        with pytest.raises(InferenceServerException, match="unexpected inference input 'cfg_scale_2'"):
+            client.infer("wan", _typed_inputs(httpclient, **arrays, noise=noise, cfg_scale_2=_f32([[2.0], [2.0]])))
+        assert client.infer("wan22", _typed_inputs(httpclient, **arrays, noise=noise)).as_numpy("samples").shape == \
+            noise.shape
+    finally:
+        client.close()
+    with pytest.raises(ValueError, match="input 'cfg_scale_2': this build has one transformer"):
+        decode_request(L2CPipeline.from_engine_dir(wan_build[0] / "E"), noise=noise, cfg_scale_2=_f32([[2.0], [2.0]]),
+                       **arrays)

@@ -117,6 +117,7 @@ def test_build_and_run_equal_the_pipeline_full_and_with_a_schedule(wan_build):
     assert [(t["role"], t.get("kind")) for t in manifest["model"]["inputs"]] == [
         ("sample", None), ("time", None), ("conditioning", "token_embeddings")]
     assert manifest["guidance"]["rule"] == "classifier_free" and manifest["model"]["max_sequence_length"] == 512
+    assert manifest["macs"]["prompt_tokens"] == 512  # the MACs, and so the ideal speedup, at the pipeline's 512
     results = {}
     for full, cfg_scale in ((True, CFG_SCALE), (False, CFG_SCALE), (True, 1.0)):
         out = root / f"out-{full}-{cfg_scale}.npy"
@@ -291,8 +292,7 @@ def test_decoded_clips_equal_the_pipelines(wan_build, tmp_path):
     """The build carries the folder's AutoencoderKLWan decoder of every frame (the per-channel latents_mean and
     latents_std inside the graph, the record's scaling_factor 1): L2CPipeline(..., decode=True) decodes (n, 3, F, H,
     W), its frames equal to WanPipeline's output_type="np" frames to 1e-3 of the range, verify's component check passes, and run
-    --out writes an animated GIF of F frames (a .png refused before sampling). ``result.frames`` is the pipeline's
-    (n, F, H, W, 3) in [0, 1]."""
+    --out writes an animated GIF of F frames. ``result.frames`` is the pipeline's (n, F, H, W, 3) in [0, 1]."""
     from PIL import Image
 
     from l2c_export.runtime.pipeline import L2CPipeline
@@ -320,8 +320,27 @@ def test_decoded_clips_equal_the_pipelines(wan_build, tmp_path):
     run_cli(*common, "--out", str(tmp_path / "clip.gif"))
     with Image.open(tmp_path / "clip.gif") as clip:
         assert clip.n_frames == NUM_FRAMES and clip.is_animated
-    stderr = _refused(*common, "--out", str(tmp_path / "clip.png"), where=tmp_path / "clip.png")
-    assert "a clip is written as .gif or .webp" in stderr, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, written, message", [
+    (["--prompt", "a seven"], "o.npy", "the build has no text encoder and tokenizer (field "
+                                       "'components/text_encoder'); give the prompt's arrays (prompt_embeds)"),
+    (["--out", "clip.png"], "clip.png", "a clip is written as .gif, .webp, .mp4"),
+    (["--out", "clip.avi"], "clip.avi", "a clip is written as .gif, .webp, .mp4"),
+])
+def test_a_prompt_without_a_text_encoder_and_a_clip_file_it_cannot_write_are_refused(wan_build, tmp_path, flags,
+                                                                                    written, message):
+    """A prompt to a build without UMT5, a clip to a picture's (.png) or an unknown extension: one line naming it,
+    exit 2, nothing written (refused before sampling)."""
+    root = wan_build[0]
+    request = ["--noise", str(root / "z.npy")] + (["--conditioning", str(root / "cond.npz")]
+                                                  if "--prompt" not in flags else [])
+    flags = [str(tmp_path / flag) if flag == written else flag for flag in flags]
+    stderr = _refused("run", str(root / "E"), *request, *flags, "--save-latents", str(tmp_path / "o.npy"),
+                      where=tmp_path / written)
+    assert message in stderr, stderr
+    assert not (tmp_path / "o.npy").exists()
 
 
 @pytest.mark.slow
@@ -374,14 +393,35 @@ def test_a_router_learned_on_wan_trajectories_decodes_builds_and_runs(tiny_diffu
 
 
 @pytest.mark.slow
+def test_bench_measures_a_clip_build_against_its_ideal_and_its_memory(wan_build, tmp_path):
+    """bench on the Wan build (ONNX Runtime): full compute and the schedule on 5-D latents, interleaved, against the
+    ideal speedup of the manifest's MACs, whose prompt length (512, the pipeline's) its requests have by default; the
+    memory of every subset loaded against the full one alone."""
+    root = wan_build[0]
+    run_cli("bench", str(root / "E"), "--backend", "onnxruntime", "--repeats", "1", "--batch", "1", "--threads", "1",
+            "--json", str(tmp_path / "b.json"))
+    manifest = json.loads((root / "E" / "manifest.json").read_text())
+    (row,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert row["ideal_speedup"] == pytest.approx(manifest["macs"]["ideal_speedup"]) and row["ideal_speedup"] > 1
+    assert row["prompt_tokens"] == 512 and row["num_subsets"] == len(manifest["subsets"])
+    assert row["full_seconds"] > 0 and row["schedule_seconds"] > 0
+    assert row["memory_all_engines_bytes"] > 0 and row["memory_full_engine_bytes"] > 0
+
+
+@pytest.mark.slow
 def test_eval_compares_the_schedule_and_the_baselines_on_clips(wan_build, tmp_path):
     """eval --diffusers at the clip's shape: full compute, the schedule and the baselines from the same 5-D noise, PSNR
-    and FD to full compute over whole clips' latents (not yet frame by frame)."""
+    and FD to full compute frame by frame (:func:`l2c_export.demo.metrics.frame_psnr`, tested in test_eval.py): each
+    of the clip's 2 latent frames (4 x 4 x 8) as an image, in the same table and JSON as the image families'."""
     root, folder = wan_build[:2]
     shown = run_cli("eval", "--diffusers", str(folder), "--num-frames", str(NUM_FRAMES), "--image-size",
                     f"{HEIGHT}x{WIDTH}", "--schedule", str(root / "s.json"), "--conditioning-data",
                     str(root / "cond.npz"), "--num-samples", "2", "--budgets", "0.8", "--random-seeds", "1",
                     "--cfg-scale", str(CFG_SCALE), "--no-int8",
                     "--json", str(tmp_path / "e.json")).stdout
-    assert "| l2c | matched |" in shown and "flattened 4x2x4x8 latents" in shown, shown
-    assert (tmp_path / "e.json").is_file()
+    assert "| l2c | matched |" in shown and "each of the 2 latent frames (4x4x8) of every clip" in shown, shown
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["features"].startswith("frame by frame")
+    full, *others = report["results"]
+    assert full["method"] == "full" and full["psnr"] is None and full["fd_to_full"] == pytest.approx(0, abs=1e-6)
+    assert all(row["psnr"] > 0 and row["fd_to_full"] >= 0 for row in others if row["mac_fraction"] < 1)

@@ -277,6 +277,118 @@ void check_interfaces(const Manifest& m, const Fields& subsets, const Fields& gu
                                      "sample's " + std::to_string(sample.shape[1]) + " channel(s)");
 }
 
+// experts (l2c_export/core/manifest.py's _check_experts): a first and a second expert, the first's prefix empty and
+// its config model/config, the prefixes different; every subset names its expert, and only then; boundary_timestep is
+// boundary_ratio x num_train_timesteps; one expert per model call, the one its timestep gives against the boundary
+// (in float32),
+// its subset one of that expert's, the first call of each computing every sub-layer (its cache is empty); each
+// subset's cache slots are its expert's (its prefix, then the sub-layer's name).
+void read_experts(const json& data, const Fields& root, const Fields& subsets, Manifest& m) {
+  if (!root.has("experts")) {
+    for (size_t i = 0; i < subsets.size(); ++i)
+      if (subsets[i].has("expert")) subsets[i]["expert"].fail("is given; only a build with 'experts' has one");
+    return;
+  }
+  const Fields node = root["experts"], models = node["models"];
+  Experts experts;
+  experts.boundary_ratio = node["boundary_ratio"].number();
+  if (!(experts.boundary_ratio > 0.0 && experts.boundary_ratio < 1.0))
+    node["boundary_ratio"].fail("is " + json(experts.boundary_ratio).dump() + "; expected a number in (0, 1)");
+  experts.boundary_timestep = node["boundary_timestep"].number();
+  const int64_t train = root["sampler"]["options"]["num_train_timesteps"].integer(1);
+  if (experts.boundary_timestep != experts.boundary_ratio * static_cast<double>(train))
+    node["boundary_timestep"].fail("is " + json(experts.boundary_timestep).dump() + "; expected 'boundary_ratio' " +
+                                   json(experts.boundary_ratio).dump() + " x the sampler's num_train_timesteps " +
+                                   std::to_string(train));
+  if (models.size() != 2)
+    models.fail("has " + std::to_string(models.size()) + " entries; expected 2 (the expert of the timesteps from " +
+                "'boundary_timestep' up, then the one below it)");
+  static const std::regex identifier("[A-Za-z_][A-Za-z0-9_]*"), prefix_form("([A-Za-z][A-Za-z0-9_]*\\.)?");
+  std::string prefixes;
+  for (size_t e = 0; e < models.size(); ++e) {
+    const Fields model = models[e];
+    ExpertRecord record{model["name"].str(), model["prefix"].str(), model["scale_argument"].str(), -1};
+    if (!std::regex_match(record.name, identifier)) model["name"].fail("is '" + record.name + "'; expected a name");
+    if (!std::regex_match(record.scale_argument, identifier))
+      model["scale_argument"].fail("is '" + record.scale_argument + "'; expected an argument name");
+    if (!std::regex_match(record.prefix, prefix_form))
+      model["prefix"].fail("is '" + record.prefix + "'; expected empty or a name and a dot ('transformer_2.')");
+    model["weights_sha256"].str();
+    if (!data["experts"]["models"][e].contains("config") || !data["experts"]["models"][e]["config"].is_object())
+      model["config"].fail("expected an object (the expert's config)");
+    prefixes += (e ? ", '" : "['") + record.prefix + "'";
+    experts.models.push_back(record);
+  }
+  if (!experts.models[0].prefix.empty() || experts.models[0].prefix == experts.models[1].prefix)
+    models.fail("has prefixes " + prefixes + "]; expected the first empty and each different");
+  root["model"]["config"];  // present (else named), before it is compared
+  if (data["experts"]["models"][0]["config"] != data["model"]["config"])
+    models[0]["config"].fail("differs from 'model/config' (the first expert's)");
+  for (size_t i = 0; i < subsets.size(); ++i) {
+    SubsetRecord& record = m.subsets[i];
+    record.expert = static_cast<int>(subsets[i]["expert"].integer(0, static_cast<int64_t>(models.size()) - 1));
+    ExpertRecord& expert = experts.models[record.expert];
+    if (expert.full_subset < 0 && std::all_of(record.compute.begin(), record.compute.end(), [](bool b) { return b; }))
+      expert.full_subset = record.index;
+  }
+  for (const ExpertRecord& expert : experts.models)
+    if (expert.full_subset < 0)
+      subsets.fail("has no subset of " + expert.name + " that computes every sub-layer (its full-compute engine)");
+
+  const Fields step_expert = node["step_expert"], step_subset = root["schedule"]["step_subset"];
+  const size_t calls = m.step_subset.size();
+  if (step_expert.size() != calls)
+    step_expert.fail("has " + std::to_string(step_expert.size()) + " entries; expected one per model call (" +
+                     std::to_string(calls) + ")");
+  const std::vector<double> times = root["sampler"]["model_times"].numbers(calls);
+  std::set<int> started;
+  for (size_t call = 0; call < calls; ++call) {
+    const int expert = static_cast<int>(step_expert[call].integer(0, static_cast<int64_t>(models.size()) - 1));
+    // compared in float32, as WanPipeline compares its timestep tensor with the boundary (l2c_export.core.manifest's
+    // expert_of_time)
+    const int expected = static_cast<float>(times[call]) >= static_cast<float>(experts.boundary_timestep) ? 0 : 1;
+    if (expert != expected)
+      step_expert[call].fail("is " + std::to_string(expert) + "; the call's timestep " + json(times[call]).dump() +
+                             (expected == 0 ? " is >= " : " is < ") + "'experts/boundary_timestep' " +
+                             json(experts.boundary_timestep).dump() + ", which runs expert " +
+                             std::to_string(expected));
+    const SubsetRecord& record = m.subsets[m.step_subset[call]];
+    if (record.expert != expert)
+      step_subset[call].fail("names subset " + std::to_string(record.index) + ", of expert " +
+                             std::to_string(record.expert) + "; the call runs expert " + std::to_string(expert) +
+                             " ('experts/step_expert')");
+    if (started.insert(expert).second &&
+        std::find(record.compute.begin(), record.compute.end(), false) != record.compute.end())
+      step_subset[call].fail("names subset " + std::to_string(record.index) + ", which reuses sub-layers at the " +
+                             "first call of " + experts.models[expert].name + "; the first call of each expert must " +
+                             "compute every sub-layer (its cache is empty)");
+    experts.step_expert.push_back(expert);
+  }
+  const Fields slots = root["cache_slots"];
+  std::map<std::string, int64_t> slot_index;
+  for (size_t k = 0; k < slots.size(); ++k) slot_index[slots[k]["name"].str()] = slots[k]["index"].integer(0);
+  const json& model = data["model"];
+  const bool named = model.contains("sublayers") && model["sublayers"].is_array() && !model["sublayers"].empty();
+  for (size_t i = 0; i < m.subsets.size(); ++i) {
+    const SubsetRecord& record = m.subsets[i];
+    const std::string& prefix = experts.models[record.expert].prefix;
+    for (const auto* list : {&record.inputs, &record.outputs})
+      for (const TensorRecord& tensor : *list) {
+        if (tensor.slot.empty()) continue;
+        const int64_t index = slot_index.at(tensor.slot);
+        const bool prefixed = tensor.slot.compare(0, prefix.size(), prefix) == 0;
+        std::string expected = prefixed ? tensor.slot : prefix + tensor.slot;
+        const size_t at = static_cast<size_t>(index);
+        if (named && at < model["sublayers"].size() && model["sublayers"][at].is_string())
+          expected = prefix + model["sublayers"][at].get<std::string>();
+        if (!prefixed || tensor.slot != expected)
+          subsets[i].fail("uses cache slot " + tensor.slot + "; a subset of expert " + std::to_string(record.expert) +
+                          " uses its own slots ('" + expected + "')");
+      }
+  }
+  m.experts = std::move(experts);
+}
+
 ComponentGraph read_component_graph(const Fields& node, const std::string& name) {
   ComponentGraph graph{name, read_file_record(node["graph"]), read_file_record(node["weights"]), {}, {}, {}, {}};
   for (bool outputs : {false, true}) {
@@ -334,8 +446,12 @@ void read_components(const json& data, const Fields& root, Manifest& m) {
     PromptEncodingRecord encoding;
     encoding.max_sequence_length = record["max_sequence_length"].integer(1, 65536);
     encoding.preprocessing = record["preprocessing"].str();
-    if (encoding.preprocessing != "none" && encoding.preprocessing != "lower_strip")
-      record["preprocessing"].fail("is " + encoding.preprocessing + "; expected none or lower_strip");
+    if (encoding.preprocessing == "wan_prompt_clean")  // the build runs from embeddings; prompts are refused
+      encoding.unsupported = "field 'components/prompt_encoding/preprocessing' is wan_prompt_clean (WanPipeline's "
+                             "prompt_clean)";
+    else if (encoding.preprocessing != "none" && encoding.preprocessing != "lower_strip")
+      record["preprocessing"].fail("is " + encoding.preprocessing + "; expected none, lower_strip or "
+                                   "wan_prompt_clean");
     std::set<std::string> listed;
     const Fields encoders = record["encoders"];
     for (size_t i = 0; i < encoders.size(); ++i) {
@@ -550,6 +666,7 @@ Manifest Manifest::load(const fs::path& where, bool verify_files) {
                              std::to_string(step_subset.size()) + " steps in 'schedule/step_subset'");
   for (size_t i = 0; i < step_subset.size(); ++i)
     m.step_subset.push_back(static_cast<int>(step_subset[i].integer(0, static_cast<int64_t>(m.subsets.size()) - 1)));
+  read_experts(data, root, subsets, m);  // before the schedule's slots: an expert's first call is named as such
   check_consistency(m, subsets, schedule);
   m.ideal_speedup = root["macs"]["ideal_speedup"].number();
   read_components(data, root, m);
@@ -594,6 +711,10 @@ const CacheSlot& Manifest::slot(const std::string& slot_name) const {
   for (const auto& slot : cache_slots)
     if (slot.name == slot_name) return slot;
   throw Error(path.string() + ": no cache slot " + slot_name);
+}
+
+int Manifest::full_subset_of_call(int call) const {
+  return experts ? experts->models.at(experts->step_expert.at(call)).full_subset : full_subset;
 }
 
 const TensorRecord& Manifest::model_tensor(const SubsetRecord& subset, const std::string& role) {

@@ -199,11 +199,19 @@ struct Condition {
   int64_t prompt_tokens = 0;
 };
 
+// The guidance scale; and a build of experts' second scale (SampleOptions::cfg_scale_2, checked here, refused on a build
+// of one transformer).
 double checked_scale(const SampleOptions& options, const Manifest& m) {
   const double cfg_scale = options.cfg_scale.value_or(m.guidance.cfg_scale);
   if (!std::isfinite(cfg_scale) || cfg_scale < 1.0)
     throw Error("cfg_scale is " + std::to_string(cfg_scale) + "; expected a finite number at least 1 "
                 "(uncond + s * (cond - uncond); 1 means no guidance)");
+  if (options.cfg_scale_2 && !m.experts)
+    throw Error("cfg_scale_2: the build " + m.folder.string() + " has one transformer (its manifest has no " +
+                "'experts'), guided by cfg_scale alone; leave cfg_scale_2 out");
+  if (options.cfg_scale_2 && (!std::isfinite(*options.cfg_scale_2) || *options.cfg_scale_2 < 1.0))
+    throw Error("cfg_scale_2 is " + std::to_string(*options.cfg_scale_2) + "; expected a finite number at least 1 "
+                "(the second expert's uncond + s * (cond - uncond))");
   return cfg_scale;
 }
 
@@ -731,13 +739,19 @@ Tensor Pipeline::Impl::sample(int64_t n, Condition condition, bool guiding, doub
     for (float value : options.step_noise->data)
       if (!std::isfinite(value)) throw Error("step noise holds a value that is not finite");
   }
-  std::vector<int> subsets = options.full ? std::vector<int>(sampler.num_model_calls(), m.full_subset)
-                                          : m.step_subset;
+  // Each call's subset and guidance scale: with experts, its expert's (full compute: that expert's full subset; the
+  // second expert's calls guided with cfg_scale_2, default cfg_scale, as WanPipeline's guidance_scale_2).
+  std::vector<int> subsets(sampler.num_model_calls());
+  std::vector<float> call_scales(sampler.num_model_calls(), static_cast<float>(cfg_scale));
+  for (int call = 0; call < sampler.num_model_calls(); ++call) {
+    subsets[call] = options.full ? m.full_subset_of_call(call) : m.step_subset[call];
+    if (m.experts && m.experts->step_expert[call] == 1)
+      call_scales[call] = static_cast<float>(options.cfg_scale_2.value_or(cfg_scale));
+  }
   for (int subset : subsets)
     if (!p.sessions.count(subset))
       throw Error("subset " + std::to_string(subset) + " is not loaded (Options::subsets leaves it out)");
 
-  const float scale = static_cast<float>(cfg_scale);
   // Per sample: (C_out, ...) planes of which guidance mixes the leading guided channels and the sampler takes the
   // leading sampler channels; a packed (T, C) output is guided and stepped on whole (Manifest::load checks so).
   const int64_t out_plane = static_cast<int64_t>(Tensor::count(p.out_shape));
@@ -762,6 +776,7 @@ Tensor Pipeline::Impl::sample(int64_t n, Condition condition, bool guiding, doub
     }
     std::fill(t.begin(), t.end(), timestep);
     p.run(subsets[call], *input, t, condition, cache, model_out);
+    const float scale = call_scales[call];
     if (!guiding && sampler_plane == out_plane) return model_out;
     // Guided channels: uncond + s * (cond - uncond); the others from the conditional half (DiT's forward_with_cfg).
     // Only the leading sampler channels are kept (all but where the manifest's guidance/sampler_channels says).

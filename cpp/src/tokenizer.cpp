@@ -4,11 +4,19 @@
 // tokenizes the text (normalizer, pre-tokenizer, model); what `tokenizers` does around that as the Python runtime
 // sets it up, the runtime does from the file's own records: the post-processor's special tokens (TemplateProcessing,
 // or RobertaProcessing / BertProcessing), truncation to max_length and right padding with the pad token.
+//
+// A WordLevel model (a vocabulary of whole words, as the t2i-digits demo's) is the exception: the library reads only
+// Unigram and BPE models, and neither can be given a file that reads as a WordLevel one does (WordLevel turns any
+// word outside its vocabulary into one unknown token, where a Unigram or BPE model splits it into the known pieces
+// it holds: "sevens" is [<unk>] to WordLevel, [seven, <unk>] to a Unigram over the same words). Its algorithm is a
+// lookup: the runtime does it (word_level_tokens), for ASCII text, tested against `tokenizers` in tests/test_cpp.py.
 #include "tokenizer.hpp"
 
 #include <dlfcn.h>
 #include <stdlib.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -106,6 +114,11 @@ void write_text(const fs::path& file, const std::string& text) {
   if (!out) throw FileSystemError(file.string() + ": cannot be written");
 }
 
+// Rust's `\s` (the `tokenizers` pre-tokenizers' regex) on ASCII: the space, tab, newline, vertical tab, form feed and
+// carriage return.
+bool ascii_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+bool ascii_word(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }
+
 }  // namespace
 
 std::string default_tokenizer_library() {
@@ -142,16 +155,20 @@ Tokenizer::Tokenizer(const fs::path& file, const std::string& where, int64_t pad
     if (model.contains("unk_token") && model["unk_token"].is_string() && model.contains("vocab") &&
         model["vocab"].contains(model["unk_token"].get<std::string>()))
       unk_id_ = token_id(model["vocab"][model["unk_token"].get<std::string>()], where, "model/vocab");
+  } else if (type == "WordLevel") {
+    kind_ = "word-level";
+    read_word_level(data, where);
   } else {
     throw Error(where + ": field 'model/type' is " + (type.empty() ? std::string("missing") : type) +
                 (type == "BPE" ? " without CLIP's \"</w>\" word ends" : "") +
-                "; the C++ tokenizer (onnxruntime-extensions') reads T5's Unigram and CLIP's BPE tokenizers; give "
-                "--conditioning cond.npz (the encoded prompts) for this build");
+                "; the C++ tokenizer reads T5's Unigram and CLIP's BPE tokenizers (onnxruntime-extensions') and "
+                "WordLevel ones; give --conditioning cond.npz (the encoded prompts) for this build");
   }
   for (const json& added : data.value("added_tokens", json::array()))
-    // One character (SD3's CLIP-G pads with "!", an added token): read alike, as tests/test_cpp.py checks.
+    // One character (SD3's CLIP-G pads with "!", an added token): read alike by the library, as tests/test_cpp.py
+    // checks; a WordLevel model's words would be cut at it ("!!" is two of it), so refused there.
     if (added.is_object() && added.value("content", json()).is_string() &&
-        added["content"].get<std::string>().size() > 1)
+        (added["content"].get<std::string>().size() > 1 || type == "WordLevel"))
       specials_.push_back(added["content"].get<std::string>());
   // The post-processor's special tokens around the text's (as `tokenizers` adds them with add_special_tokens).
   const json post = data.value("post_processor", json());
@@ -179,6 +196,7 @@ Tokenizer::Tokenizer(const fs::path& file, const std::string& where, int64_t pad
   }
   if (static_cast<int64_t>(prefix_.size() + suffix_.size()) >= max_length_)
     throw Error(where + ": its special tokens leave no room for text in " + std::to_string(max_length_) + " tokens");
+  if (!words_.empty()) return;  // WordLevel: no library
 
   // The library reads a folder (tokenizer.json, tokenizer_config.json and onnxruntime-genai's genai_config.json):
   // one is made for it in the temporary directory and removed once the tokenizer is made.
@@ -228,9 +246,12 @@ std::string Tokenizer::refusal(const std::string& text) const {
     if (code >= 0x300 && code <= 0x36f)
       return std::string("a combining mark") + at + "; the C++ tokenizer does not compose it with its letter (write "
              "the accented letter as one character)";
+    if (code >= 0x80 && !words_.empty())
+      return std::string("non-ASCII text") + at + "; the C++ runtime reads the prompts of " + where_ + " (a "
+             "WordLevel tokenizer) in ASCII";
     i += length;
   }
-  if (!text.empty() && text.find_first_not_of(' ') == std::string::npos)
+  if (words_.empty() && !text.empty() && text.find_first_not_of(' ') == std::string::npos)
     return "only spaces; the C++ tokenizer reads them otherwise (give \"\" or some text)";
   for (const std::string& special : specials_)
     if (text.find(special) != std::string::npos)
@@ -248,7 +269,10 @@ Tokenizer::~Tokenizer() {
 
 void Tokenizer::encode(const std::string& text, std::vector<int64_t>& ids, std::vector<int64_t>& mask) const {
   std::vector<int64_t> tokens(prefix_);
-  if (!text.empty()) {  // the library gives an empty text tokens of its own; `tokenizers` gives it none
+  const size_t room = static_cast<size_t>(max_length_) - prefix_.size() - suffix_.size();  // truncation
+  if (!words_.empty()) {
+    word_level_tokens(text, tokens, room);
+  } else if (!text.empty()) {  // the library gives an empty text tokens of its own; `tokenizers` gives it none
     OgaApi& api = *handle_->api;
     std::lock_guard<std::mutex> lock(api_mutex);
     OgaSequences* sequences = nullptr;
@@ -257,7 +281,6 @@ void Tokenizer::encode(const std::string& text, std::vector<int64_t>& ids, std::
     check(api, api.encode(handle_->tokenizer, text.c_str(), sequences), where_);
     const size_t count = api.sequence_count(sequences, 0);
     const int32_t* data = api.sequence_data(sequences, 0);
-    const size_t room = static_cast<size_t>(max_length_) - prefix_.size() - suffix_.size();  // truncation
     for (size_t i = 0; i < count && i < room; ++i) {
       // A piece missing from the vocabulary: the library marks it -1, `tokenizers` gives the unknown token.
       if (data[i] < 0 && unk_id_ < 0)
@@ -270,6 +293,57 @@ void Tokenizer::encode(const std::string& text, std::vector<int64_t>& ids, std::
     const bool token = i < static_cast<int64_t>(tokens.size());
     ids.push_back(token ? tokens[i] : pad_id_);
     mask.push_back(token ? 1 : 0);
+  }
+}
+
+void Tokenizer::read_word_level(const json& data, const std::string& where) {
+  const json& model = data["model"];
+  if (!model.value("vocab", json()).is_object() || model["vocab"].empty())
+    throw Error(where + ": field 'model/vocab' is missing; expected the WordLevel model's words and their ids");
+  for (const auto& [word, id] : model["vocab"].items()) words_[word] = token_id(id, where, "model/vocab/" + word);
+  if (model.value("unk_token", json()).is_string() && words_.count(model["unk_token"].get<std::string>()))
+    unk_id_ = words_.at(model["unk_token"].get<std::string>());
+  const json normalizer = data.value("normalizer", json());
+  const std::string normalizer_type = normalizer.is_object() ? normalizer.value("type", "") : "";
+  if (!normalizer.is_null() && normalizer_type != "Lowercase")
+    throw Error(where + ": field 'normalizer/type' is " + (normalizer_type.empty() ? "missing" : normalizer_type) +
+                "; the C++ runtime reads WordLevel tokenizers with a Lowercase normalizer or none; give "
+                "--conditioning cond.npz (the encoded prompts) for this build");
+  lowercase_ = normalizer_type == "Lowercase";
+  const json pre = data.value("pre_tokenizer", json());
+  const std::string pre_type = pre.is_object() ? pre.value("type", "") : "";
+  if (pre_type != "Whitespace" && pre_type != "WhitespaceSplit")
+    throw Error(where + ": field 'pre_tokenizer/type' is " + (pre_type.empty() ? "missing" : pre_type) +
+                "; the C++ runtime reads WordLevel tokenizers split by Whitespace or WhitespaceSplit; give "
+                "--conditioning cond.npz (the encoded prompts) for this build");
+  split_punctuation_ = pre_type == "Whitespace";
+}
+
+// WordLevel as `tokenizers` reads an ASCII text (refusal() holds back the rest): lower-cased where the normalizer
+// says so, cut into words by the pre-tokenizer (Whitespace, the regex \w+|[^\w\s]+: runs of word characters and runs
+// of other characters that are not spaces; WhitespaceSplit: runs of characters that are not spaces), each word its
+// id in the vocabulary, else the unknown token; at most `room` of them appended to `tokens`.
+void Tokenizer::word_level_tokens(const std::string& text, std::vector<int64_t>& tokens, size_t room) const {
+  size_t added = 0;
+  for (size_t i = 0; i < text.size() && added < room;) {
+    if (ascii_space(text[i])) {
+      ++i;
+      continue;
+    }
+    const bool word = ascii_word(text[i]);
+    size_t end = i + 1;
+    while (end < text.size() && !ascii_space(text[end]) && (!split_punctuation_ || ascii_word(text[end]) == word))
+      ++end;
+    std::string piece = text.substr(i, end - i);
+    if (lowercase_)
+      std::transform(piece.begin(), piece.end(), piece.begin(),
+                     [](char c) { return static_cast<char>(std::tolower(static_cast<unsigned char>(c))); });
+    const auto found = words_.find(piece);
+    if (found == words_.end() && unk_id_ < 0)
+      throw Error(where_ + ": the text has a word its vocabulary lacks, and the tokenizer has no unknown token");
+    tokens.push_back(found == words_.end() ? unk_id_ : found->second);
+    ++added;
+    i = end;
   }
 }
 

@@ -7,7 +7,10 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
+
+#include <nlohmann/json_fwd.hpp>
 
 namespace l2c::detail {
 
@@ -16,7 +19,8 @@ class Tokenizer {
   // `file`: the build's tokenizer.json (its sha256 already checked); `where` names it in errors. `library`: the
   // tokenizer library to load (empty: $L2C_TOKENIZER_LIBRARY, else the one `make cpp` fetched). l2c::Error for a
   // tokenizer kind the library does not read as `tokenizers` does; l2c::UnavailableError where the library is
-  // missing.
+  // missing. A WordLevel tokenizer (Lowercase normalizer or none; Whitespace or WhitespaceSplit pre-tokenizer) is read
+  // by the runtime itself: no library.
   Tokenizer(const std::filesystem::path& file, const std::string& where, int64_t pad_id, int64_t max_length,
             const std::string& library = "");
   ~Tokenizer();
@@ -30,10 +34,11 @@ class Tokenizer {
 
   // Why the library would read `text` (valid UTF-8) otherwise than `tokenizers` does, or "" where it reads it the
   // same: a control character (tab, newline), whitespace other than the space (the no-break space and the like), a
-  // combining mark (U+0300..U+036F: `tokenizers` composes it first, NFC), or a special token's text ("</s>").
+  // combining mark (U+0300..U+036F: `tokenizers` composes it first, NFC), or a special token's text ("</s>"); for a
+  // WordLevel tokenizer, any character past ASCII.
   std::string refusal(const std::string& text) const;
 
-  const std::string& kind() const { return kind_; }  // "unigram (T5)" or "bpe (CLIP)"
+  const std::string& kind() const { return kind_; }  // "unigram (T5)", "bpe (CLIP)" or "word-level"
 
  private:
   struct Handle;
@@ -42,6 +47,13 @@ class Tokenizer {
   int64_t pad_id_ = 0, max_length_ = 0, unk_id_ = -1;
   std::vector<int64_t> prefix_, suffix_;  // the post-processor's special tokens before and after the text's
   std::vector<std::string> specials_;     // the added tokens' texts, which `tokenizers` matches in the text
+  // WordLevel: its words and ids (empty for the library's kinds), whether the normalizer lower-cases, whether the
+  // pre-tokenizer is Whitespace (punctuation split from words) rather than WhitespaceSplit.
+  std::unordered_map<std::string, int64_t> words_;
+  bool lowercase_ = false, split_punctuation_ = false;
+
+  void read_word_level(const nlohmann::json& data, const std::string& where);
+  void word_level_tokens(const std::string& text, std::vector<int64_t>& tokens, size_t room) const;
 };
 
 // The default tokenizer library: $L2C_TOKENIZER_LIBRARY, else the path `make cpp` compiled in.

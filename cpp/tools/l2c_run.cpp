@@ -2,6 +2,8 @@
 //
 //   l2c-run ENGINE_DIR --labels 3,1,4 --noise z.npy [--cfg-scale S] [--full] --out samples.npy [--png grid.png]
 //   l2c-run ENGINE_DIR --conditioning cond.npz --noise z.npy ...   (a text-conditioned build: PixArt, SD3, FLUX.1)
+//   l2c-run ENGINE_DIR --conditioning cond.npz --noise z.npy --cfg-scale S --cfg-scale-2 S2 ...   (Wan2.2's two experts:
+//       the second's calls guided with S2, the pipeline's guidance_scale_2)
 //   l2c-run ENGINE_DIR ... --seed S ...   (instead of --noise: diffusers' noise for torch.Generator().manual_seed(S))
 //   l2c-run ENGINE_DIR --prompt "a red cat" [--prompt ...] [--negative-prompt TEXT] --seed S --png out.png
 //       (a build with its text encoders: the prompts through its tokenizers and text encoder graphs; a latent build's
@@ -76,7 +78,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Sample from an l2c-export build with the C++ runtime (ONNX Runtime, no Python)."};
   std::string engine_dir, labels_text, conditioning_path, noise_path, step_noise_path, out_path, png_path, provider = "cpu";
   std::string seed_text;
-  std::optional<double> cfg_scale;
+  std::optional<double> cfg_scale, cfg_scale_2;
   bool full = false;
   int threads = 0;
   app.add_option("engine_dir", engine_dir, "a build's folder (its manifest.json)")->required();
@@ -106,6 +108,9 @@ int main(int argc, char** argv) {
   app.add_option("--step-noise", step_noise_path,
                  ".npy float32 (steps - 1, n, C, H, W): the noise a DDPM build adds after each step but the last");
   app.add_option("--cfg-scale", cfg_scale, "guidance scale (default: the manifest's); > 1 guides");
+  app.add_option("--cfg-scale-2", cfg_scale_2,
+                 "a build of two experts (Wan2.2): the second's guidance scale, the pipeline's guidance_scale_2 "
+                 "(default: --cfg-scale's)");
   app.add_flag("--full", full, "run the full-compute engine at every step instead of the L2C schedule");
   app.add_option("--out", out_path, ".npy float32 (n, C, H, W): the samples");
   app.add_option("--png", png_path,
@@ -158,6 +163,9 @@ int main(int argc, char** argv) {
     }
     std::cout << engine_dir << ": " << manifest.name << ", " << manifest.subsets.size() << " subset engine(s), "
               << manifest.sampler->num_model_calls() << " " << manifest.sampler->kind() << " steps" << std::endl;
+    if (cfg_scale_2 && !manifest.experts)
+      throw l2c::Error("--cfg-scale-2: the build " + engine_dir + " has one transformer (field 'experts' is not in " +
+                       manifest.path.string() + "), guided by --cfg-scale alone; leave --cfg-scale-2 out");
     const double scale = cfg_scale.value_or(manifest.guidance.cfg_scale);
     const bool guiding = manifest.guidance.classifier_free && scale > 1.0;
     if (prompt_option->count()) {
@@ -183,6 +191,7 @@ int main(int argc, char** argv) {
     const l2c::Tensor& noise = seed ? seeded_noise : *read_noise;
     l2c::SampleOptions sample_options;
     sample_options.cfg_scale = cfg_scale;
+    sample_options.cfg_scale_2 = cfg_scale_2;
     sample_options.full = full;
     sample_options.step_noise = step_noise ? &*step_noise : nullptr;
     const auto start = std::chrono::steady_clock::now();

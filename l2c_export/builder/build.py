@@ -66,6 +66,7 @@ class BuildReport:
     exported: list[str]  # subset graphs exported in this build
     reused: list[str]  # files reused from the previous build
     traced: bool
+    subsets: int = 0  # subset graphs in the build (every expert's)
 
 
 def build(request: BuildRequest, progress: bool = True) -> BuildReport:
@@ -84,14 +85,33 @@ def build(request: BuildRequest, progress: bool = True) -> BuildReport:
     spec = request.spec
     require_exporters(spec)
     request.schedule.check_fits(request.sampler.num_calls, spec.sublayer_names)
+    plan = _plan(request)
     check_components(spec)  # the tokenizer as it will be exported: a bad one is refused before the first export
     check_build_fits(spec)  # the memory estimate, before torch allocates anything
-    plan = BuildPlan.from_schedule(request.schedule)
     check_output_folder(out_dir)
     with exclusive_lock(out_dir, progress):
         recover(out_dir)
         check_output_folder(out_dir)  # again, under the lock: another build may have written it meanwhile
         return _build_locked(request, builder, plan, out_dir, staging, progress)
+
+
+def _plan(request: BuildRequest) -> BuildPlan:
+    """The schedule's subsets; a pipeline of experts' (Wan2.2's) each expert's own, the first step of each checked to
+    compute everything, before anything is written."""
+    spec = request.spec
+    if spec.experts is None:
+        return BuildPlan.from_schedule(request.schedule)
+    if request.precision in ("int8", "fp8"):
+        raise ValueError(f"--precision {request.precision}: a pipeline of {len(spec.experts.models)} experts "
+                         f"({', '.join(m.name for m in spec.experts.models)}) is built in float precisions only")
+    step_expert = spec.experts.step_expert(request.sampler)
+    request.schedule.check_expert_starts(step_expert, [m.name for m in spec.experts.models])
+    return BuildPlan.from_schedule(request.schedule, step_expert, tuple(m.prefix for m in spec.experts.models))
+
+
+def _expert_configs(spec: ModelSpec) -> list:
+    """Each expert's config (the one transformer's where the pipeline has no experts)."""
+    return [spec.config] if spec.experts is None else [m.config for m in spec.experts.models]
 
 
 def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path, staging: Path,
@@ -102,12 +122,18 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
     form = _quantization_form(request)
     versions = tool_versions()
     weights_sha = spec.family.weights_sha256(spec.weights)
+    experts = None if spec.experts is None else [
+        {"name": m.name, "prefix": m.prefix, "config": m.config.to_dict(),
+         "weights_sha256": weights_sha if i == 0 else spec.family.weights_sha256(m.weights)}
+        for i, m in enumerate(spec.experts.models)]
     base_key = key_of({"weights": weights_sha, "family": spec.family.name, "config": config.to_dict(),
                        "precision": request.precision, "opset": OPSET, "versions": versions,
                        "exporter": exporter_digest(), "quantization": form,
                        "calibration": request.calibration_images if form == "qdq" else None,
-                       **({"reduce_range": request.backend == "onnxruntime"} if form is not None else {})})
-    graph_keys = [key_of({"base": base_key, "compute": s.compute, "writes": s.writes}) for s in plan.subsets]
+                       **({"reduce_range": request.backend == "onnxruntime"} if form is not None else {}),
+                       **({"experts": experts} if experts is not None else {})})
+    graph_keys = [key_of({"base": base_key, "compute": s.compute, "writes": s.writes,
+                          **({"expert": s.expert} if experts is not None else {})}) for s in plan.subsets]
     previous = previous_files(out_dir)
 
     if staging.exists():
@@ -116,7 +142,7 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
     reused: list[str] = []
     exported: list[str] = []
     try:
-        universal = None
+        universals = None
         quantization = None
         weights_name = "weights.bin"
         graph_files = [f"{subset.name}.onnx" for subset in plan.subsets]
@@ -125,22 +151,29 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
         if need_trace:
             from ..export.onnx import trace, weights_layout, write_weights
 
-            model = spec.load_model()
-            universal = trace(model, request.precision, spec.family)
-            if form is not None:
-                quantization = _quantize(universal, form, model, request)
+            if spec.experts is None:
+                model = spec.load_model()
+                universals = [trace(model, request.precision, spec.family)]
+                if form is not None:
+                    quantization = _quantize(universals[0], form, model, request)
+            else:  # each expert traced, its weights and slots named with its prefix
+                universals = [trace(spec.family.load(m.weights, m.config), request.precision,
+                                    spec.family).with_prefix(m.prefix) for m in spec.experts.models]
             reusing_weights = weights_name in reused
-            universal.bind_weights(weights_layout(universal) if reusing_weights
-                                   else write_weights(universal, staging / weights_name))
+            layout = (weights_layout(*universals) if reusing_weights
+                      else write_weights(universals[0], staging / weights_name, *universals[1:]))
+            for universal in universals:
+                universal.bind_weights(layout)
         dtype = NUMPY_DTYPES[request.precision]
         subset_records = []
         bar = tqdm(list(zip(plan.subsets, graph_files, graph_keys)), desc=f"building {request.backend} subsets",
                    disable=not progress)
         for subset, graph_file, key in bar:
             bar.set_postfix_str(subset.name)
-            inputs, outputs = _interface(subset, plan.slots, spec, dtype)
+            inputs, outputs = _interface(subset, plan, spec, dtype)
             if not reuse(previous, key, staging / graph_file, reused):
-                _export_subset(universal, subset, staging / graph_file, inputs, outputs, _stamped_fields(spec), form)
+                _export_subset(universals[subset.expert], subset, staging / graph_file, inputs, outputs,
+                               _stamped_fields(spec, subset.expert), form)
                 exported.append(graph_file)
             engine_file = builder.engine_file(graph_file, key)
             # a text model's engine profile spans its prompt lengths (build --max-sequence-length)
@@ -150,13 +183,15 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
             if engine_file != graph_file and not reuse(previous, engine_key, staging / engine_file, reused):
                 builder.build(staging / graph_file, staging / engine_file, inputs, request.batch,
                               spec.family.dim_ranges(spec.config, spec.max_prompt_tokens))
-            subset_records.append(_subset_record(subset, plan.slots, staging, graph_file, key, engine_file,
+            subset_records.append(_subset_record(subset, plan, staging, graph_file, key, engine_file,
                                                  engine_key, inputs, outputs, spec))
         data = _manifest(request, plan, subset_records, staging, weights_name, base_key, weights_sha, dtype, versions)
+        if experts is not None:
+            data["experts"] = _experts_record(request, plan, experts)
         components = _components(spec, staging, out_dir, previous, reused, versions)
         if components:
             data["components"] = components
-        data["weight_tensors"] = _weight_table(universal, out_dir, quantization)
+        data["weight_tensors"] = _weight_table(universals, out_dir, quantization)
         if form is not None:
             data["quantization"] = _quantization_record(quantization, out_dir)
         manifest_io.write(staging, data)
@@ -164,7 +199,8 @@ def _build_locked(request: BuildRequest, builder, plan: BuildPlan, out_dir: Path
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return BuildReport(out_dir / manifest_io.MANIFEST_NAME, exported, reused, universal is not None)
+    return BuildReport(out_dir / manifest_io.MANIFEST_NAME, exported, reused, universals is not None,
+                       len(plan.subsets))
 
 
 def _components(spec: ModelSpec, staging: Path, out_dir: Path, previous: dict[str, Path], reused: list[str],
@@ -187,12 +223,12 @@ def _components(spec: ModelSpec, staging: Path, out_dir: Path, previous: dict[st
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _interface(subset: SubsetPlan, slots: tuple[str, ...], spec: ModelSpec, dtype: str) -> tuple[list[dict],
-                                                                                                   list[dict]]:
+def _interface(subset: SubsetPlan, plan: BuildPlan, spec: ModelSpec, dtype: str) -> tuple[list[dict], list[dict]]:
     """The graph's inputs and outputs as manifest tensor records: the family's model inputs and output, then the
-    cache inputs and fresh outputs of the subset's live slots (``slots``: the name of every sub-layer)."""
+    cache inputs and fresh outputs of the subset's live slots (its expert's: :meth:`BuildPlan.slot_name`)."""
     family, config = spec.family, spec.config
     shapes = [["batch", *shape] for shape in family.cached_shapes(config)]
+    slots = [plan.slot_name(subset, k) for k in range(len(plan.slots))]
     inputs = [tensor.record() for tensor in family.graph_inputs(config)] + [
         {"name": cache_input_name(slots[k]), "dtype": dtype, "shape": shapes[k], "slot": slots[k],
          "role": "cache"} for k in subset.reads]
@@ -275,24 +311,41 @@ def _check_structure(graph) -> None:
     onnx.checker.check_model(probe, full_check=True)
 
 
-def _subset_record(subset, slots, folder, graph_file, graph_key, engine_file, engine_key, inputs, outputs,
+def _subset_record(subset, plan, folder, graph_file, graph_key, engine_file, engine_key, inputs, outputs,
                    spec) -> dict:
-    macs = spec.family.count_macs(spec.config)
+    macs = spec.family.count_macs(_expert_configs(spec)[subset.expert])
     graph_entry = manifest_io.file_entry(folder, graph_file, graph_key)
     engine_entry = graph_entry if engine_file == graph_file else manifest_io.file_entry(folder, engine_file,
                                                                                         engine_key)
-    reads, writes = [slots[k] for k in subset.reads], [slots[k] for k in subset.writes]
+    reads = [plan.slot_name(subset, k) for k in subset.reads]
+    writes = [plan.slot_name(subset, k) for k in subset.writes]
     return {"index": subset.index, "name": subset.name, "compute": [int(v) for v in subset.compute],
             "steps": list(subset.steps), "reads": reads, "writes": writes, "graph": graph_entry,
             "engine": engine_entry, "inputs": inputs, "outputs": outputs,
-            "macs_per_sample": macs.of_subset(subset.compute)}
+            "macs_per_sample": macs.of_subset(subset.compute),
+            **({"expert": subset.expert} if spec.experts is not None else {})}
 
 
-def _stamped_fields(spec: ModelSpec) -> dict:
+def _stamped_fields(spec: ModelSpec, expert: int = 0) -> dict:
     """The manifest fields the graphs fix, by path (:data:`l2c_export.core.manifest.STAMPED_FIELDS`): written into the
     manifest and stamped into every graph from this one place. A model without labels has no null class: the stamp
-    says null, and the manifest has no such field."""
-    return {"model/config": spec.config.to_dict(), "guidance/null_class": spec.family.null_class(spec.config)}
+    says null, and the manifest has no such field. A later expert's graphs (``expert``) fix its config too."""
+    stamped = {"model/config": spec.config.to_dict(), "guidance/null_class": spec.family.null_class(spec.config)}
+    if expert:
+        stamped[f"experts/models/{expert}/config"] = spec.experts.models[expert].config.to_dict()
+    return stamped
+
+
+def _experts_record(request: BuildRequest, plan: BuildPlan, experts: list[dict]) -> dict:
+    """The manifest's ``experts``: the boundary, the expert of each call, and each expert's name, prefix, guidance
+    scale argument, config and weights digest (``experts``: all but the scale argument)."""
+    spec_experts = request.spec.experts
+    return {"boundary_ratio": spec_experts.boundary_ratio,
+            "boundary_timestep": spec_experts.boundary_timestep(request.sampler),
+            "step_expert": list(plan.step_expert),
+            "models": [{**{key: record[key] for key in ("name", "prefix")}, "scale_argument": m.scale_argument,
+                        **{key: record[key] for key in ("config", "weights_sha256")}}
+                       for record, m in zip(experts, spec_experts.models)]}
 
 
 def _manifest(request, plan, subset_records, folder, weights_name, base_key, weights_sha, dtype, versions) -> dict:
@@ -300,7 +353,7 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
     family = spec.family
     stamped = _stamped_fields(spec)
     macs = family.count_macs(config)
-    used_slots = sorted({k for s in plan.subsets for k in (*s.reads, *s.writes)})
+    used_slots = sorted({(s.expert, k) for s in plan.subsets for k in (*s.reads, *s.writes)})
     guided = family.guided_channels(config, request.guide_all_channels)
     model = {"family": family.name, "config": stamped["model/config"], "space": spec.space,
              "num_sublayers": len(plan.slots), "sublayers": list(plan.slots), "weights_sha256": weights_sha,
@@ -321,17 +374,30 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
         "schedule": {"compute": schedule.compute.astype(int).tolist(), "step_subset": list(plan.step_to_subset),
                      "source": schedule.source, "threshold": schedule.threshold, "mode": schedule.mode},
         "batch": request.batch.to_dict(),
-        "cache_slots": [{"name": plan.slots[k], "index": k, "dtype": dtype,
-                         "shape": ["batch", *family.cached_shapes(config)[k]]} for k in used_slots],
+        "cache_slots": [{"name": plan.prefixes[e] + plan.slots[k], "index": k, "dtype": dtype,
+                         "shape": ["batch", *family.cached_shapes(config)[k]]} for e, k in used_slots],
         "weights": manifest_io.file_entry(folder, weights_name, base_key),
         "subsets": subset_records,
         "macs": {"always": macs.always, "attn": macs.attn, "mlp": macs.mlp, "full": macs.full,
-                 "schedule_fraction": schedule.mac_fraction(macs), "ideal_speedup": schedule.ideal_speedup(macs)},
+                 **_schedule_macs(spec, schedule, plan),
+                 **({"prompt_tokens": family.macs_prompt_tokens} if family.macs_prompt_tokens else {})},
         "versions": versions,
     }
     if request.backend == "tensorrt":
         data["tensorrt"] = {"timing_cache": manifest_io.file_entry(folder, "timing.cache"), "stripped_plans": True}
     return data
+
+
+def _schedule_macs(spec: ModelSpec, schedule: Schedule, plan: BuildPlan) -> dict:
+    """``schedule_fraction`` and ``ideal_speedup``: the schedule's MACs over full compute's, each call counted with
+    the MACs of the expert it runs."""
+    if plan.step_expert is None:
+        macs = spec.family.count_macs(spec.config)
+        return {"schedule_fraction": schedule.mac_fraction(macs), "ideal_speedup": schedule.ideal_speedup(macs)}
+    counts = [spec.family.count_macs(config) for config in _expert_configs(spec)]
+    used = sum(counts[e].of_subset(row) for e, row in zip(plan.step_expert, schedule.compute))
+    fraction = used / sum(counts[e].full for e in plan.step_expert)
+    return {"schedule_fraction": fraction, "ideal_speedup": 1.0 / fraction}
 
 
 def _guidance_record(request: BuildRequest, guided: int) -> dict:
@@ -347,18 +413,19 @@ def _guidance_record(request: BuildRequest, guided: int) -> dict:
     return record
 
 
-def _weight_table(universal, out_dir: Path, quantization: dict | None = None) -> list[dict]:
+def _weight_table(universals, out_dir: Path, quantization: dict | None = None) -> list[dict]:
     """name, dtype, shape, offset, length (and for an int8 weight how it dequantizes) of every tensor in weights.bin
-    (from the trace, or the previous manifest when the weights were reused without tracing)."""
-    if universal is None:
+    (from the traces, each expert's, or the previous manifest when the weights were reused without tracing)."""
+    if universals is None:
         return manifest_io.load(out_dir, verify_files=False)["weight_tensors"]
-    from ..export.onnx import weights_layout
+    from ..export.onnx import all_weights, weights_layout
 
     quantized = (quantization or {}).get("tensors", {})
+    weights = all_weights(*universals)
     table = []
-    for name, (offset, length) in weights_layout(universal).items():
-        entry = {"name": name, "dtype": str(universal.weights[name].dtype),
-                 "shape": list(universal.weights[name].shape), "offset": offset, "length": length}
+    for name, (offset, length) in weights_layout(*universals).items():
+        entry = {"name": name, "dtype": str(weights[name].dtype),
+                 "shape": list(weights[name].shape), "offset": offset, "length": length}
         if name in quantized:
             entry["quantization"] = quantized[name]
         table.append(entry)

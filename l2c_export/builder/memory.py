@@ -4,6 +4,7 @@ allocated. The terms, the comparison with the machine's memory and the request's
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..core.memory import ACTIVATION_COPIES, DECODER_COPIES, FLOAT32, TRACE_BATCH, Part, check_fits
@@ -67,7 +68,8 @@ def vae_parts(family, config: dict, class_name: str, where: str, latents: tuple[
 
 def build_parts(spec) -> list[Part]:
     """The estimate of a build of ``spec`` (a diffusers folder's model; none for the other models, whose sizes are
-    presets): the transformer's parts plus the larger of its components'."""
+    presets): the transformer's parts (and the later experts' weights, Wan2.2's transformer_2) plus the larger of its
+    components'."""
     from ..models.diffusers import DiffusersConfig
 
     config = spec.config
@@ -83,6 +85,9 @@ def build_parts(spec) -> list[Part]:
                   if "sample_size" in config.transformer else f"--image-size (default {family.num_tokens(config)} "
                                                                f"image tokens)")
     parts = transformer_parts(family, config, where, size_blame)
+    for expert in spec.experts.models[1:] if spec.experts is not None else ():  # traced weights held together
+        weights = transformer_parts(family, expert.config, str(Path(expert.weights) / "config.json"), size_blame)[0]
+        parts.append(dataclasses.replace(weights, what=f"{expert.name} {weights.what}"))
     components = []
     for encoder in () if found is None else found.text_encoders:  # exported one at a time
         from ..models.diffusers.text_encoders import ENCODER_KINDS

@@ -60,8 +60,7 @@ def build(diffusers, checkpoint, model_name, image_size, num_frames, num_classes
             raise
         raise CommandError(f"{describe_os_error(error)} (writing the build into {out}; the previous build there, if "
                            f"any, is unchanged)", EXIT_IO) from None
-    subsets = len(plan.distinct_subsets())
-    click.echo(f"built {subsets} subset(s) for {backend} ({precision}) in {time.perf_counter() - start:.1f} s: "
+    click.echo(f"built {report.subsets} subset(s) for {backend} ({precision}) in {time.perf_counter() - start:.1f} s: "
                f"{len(report.exported)} exported, {len(report.reused)} file(s) reused"
                + ("" if report.traced else ", model not traced"))
     click.echo(f"wrote {report.manifest_path}")

@@ -38,13 +38,17 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
                                                                           "(default: the schedule's).")
 @click.option("--budgets", help=f"MAC fractions of the sweep, comma-separated ('' for none) [{DEFAULT_BUDGETS}; "
                                  f"t2i-digits: none; given, the whole curve: every method and peer cache searched "
-                                 f"to each budget, in quality and wall time].")
+                                 f"to each budget, in quality and wall time; --diffusers with --prompts: the curve, "
+                                 f"at the learned schedule's MAC fraction unless given, '' for the latents-only "
+                                 f"evaluation].")
 @click.option("--num-samples", type=click.IntRange(min=2), help="Samples per method (labels or prompts in turn) "
                                                                  "[1000; t2i-digits: 500].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
-              help="t2i-digits: prompts per pipeline call, for every method (the timed calls).")
+              help="t2i-digits and --diffusers with --prompts: prompts per pipeline call, for every method (the "
+                   "timed calls; the first call's prompts calibrate the peers' searches).")
 @click.option("--grid", "grid_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="t2i-digits: write a PNG of one prompt per digit through full compute, the learned schedule and "
+              help="t2i-digits (or the curve on --diffusers with --prompts: its first ten prompts): write a PNG of "
+                   "one prompt per digit through full compute, the learned schedule and "
                    "cache-dit, side by side (with --budgets: every method at the lowest budget).")
 @click.option("--labels", help="A label model's class labels, comma-separated, used in turn [every class in turn].")
 @click.option("--conditioning-data", type=click.Path(dir_okay=False, path_type=Path),
@@ -53,22 +57,24 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
                    "negative_prompt_attention_mask (the pipeline's argument names).")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Instead of --conditioning-data: a UTF-8 file of prompts, one a line, encoded by the --diffusers "
-                   "folder's own text encoder at its pipeline's settings.")
+                   "folder's own text encoder at its pipeline's settings; the budget curve against every peer cache "
+                   "on the folder's own pipeline, on decoded images (see --budgets).")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the model's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed, the same for every method.")
 @click.option("--random-seeds", type=POSITIVE, default=2, show_default=True,
               help="Random-drop schedules averaged per budget.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results JSON.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the plot of FD against MAC fraction (t2i-digits with --budgets: FD to full and PSNR, and "
-                   "beside it <stem>-speed.png, PSNR against seconds per image).")
+              help="Write the plot of FD against MAC fraction (the budget curve: FD to full and PSNR, and beside it "
+                   "<stem>-speed.png, PSNR against seconds per image).")
 @click.option("--search", "search_size", type=click.Choice(["small", "full"]), default="full", show_default=True,
-              help="t2i-digits with --budgets: the grid of each peer cache's knobs searched for the budgets "
+              help="The budget curve (t2i-digits with --budgets, --diffusers with --prompts): the grid of each "
+                   "peer cache's knobs searched for the budgets "
                    "(small: a few settings, for a quick look).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="t2i-digits with --budgets: interleaved timing rounds (medians).")
+              help="The budget curve: interleaved timing rounds (medians).")
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="t2i-digits with --budgets: write the table as Markdown.")
+              help="The budget curve: write the table as Markdown.")
 @click.option("--int8/--no-int8", default=None,
               help="Add the int8 build's rows (ONNX Runtime): full compute and the learned schedule [on for the "
                    "embedded models, off for --diffusers].")
@@ -98,6 +104,10 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
                 else zoo.embedded_default(model_name or DEFAULT_NAME))
     except ValueError as error:  # an --image-size or --num-frames the family does not take (named in the message)
         raise CommandError(str(error)) from None
+    if spec.experts is not None:  # the baselines' schedules would reuse at an expert's first step
+        raise CommandError(f"--diffusers {diffusers}: a pipeline of {len(spec.experts.models)} experts "
+                           f"({', '.join(m.name for m in spec.experts.models)}) is not evaluated yet; build and run "
+                           f"its schedule, or verify it")
     if cfg_scale is not None:
         spec = dataclasses.replace(spec, cfg_scale=cfg_scale)
     router_path = router or spec.default_router
@@ -110,16 +120,23 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
     else:
         learned = spec.schedule()
     if learned is None:
-        raise click.UsageError(f"{spec.name} comes with no schedule; pass --schedule or --router")
+        hint = (f" (learn a router on your prompts first: l2c-export learn --diffusers {diffusers} --prompts "
+                f"{prompts_file} --out router.safetensors)" if prompts_file is not None else "")
+        raise click.UsageError(f"{spec.name} comes with no schedule; pass --schedule or --router{hint}")
     captioned = model_name in TEXT_TO_IMAGE_MODELS  # sampled from captions, judged on decoded images
-    if budgets is None:
+    # a folder's own prompts: the curve against every peer cache, at --budgets (default: the learned schedule's MAC
+    # fraction); --budgets '' keeps the latents-only evaluation against the plain baselines
+    own_curve = diffusers is not None and prompts_file is not None and budgets != ""
+    if own_curve:
+        _check_own_curve(spec, diffusers, schedule_file, router, int8)
+    if budgets is None and not own_curve:  # the curve on a folder's prompts: at the learned schedule's (below)
         budgets = "" if captioned else DEFAULT_BUDGETS
-    num_samples = num_samples or (500 if captioned else 1000)
-    if grid_out is not None and not captioned:
-        raise click.BadParameter("the sample grid is drawn for a text-to-image model (--model t2i-digits)",
-                                 param_hint="--grid")
+    num_samples_given, num_samples = num_samples, num_samples or (500 if captioned else 1000)
+    if grid_out is not None and not (captioned or own_curve):
+        raise click.BadParameter("the sample grid is drawn for a text-to-image model (--model t2i-digits, or "
+                                 "--diffusers with --prompts)", param_hint="--grid")
     try:
-        budget_list = [MAC_FRACTION.convert(part, None, None) for part in budgets.split(",") if part.strip()]
+        budget_list = [MAC_FRACTION.convert(part, None, None) for part in (budgets or "").split(",") if part.strip()]
     except click.BadParameter as error:
         raise click.BadParameter(error.message, param_hint="--budgets") from None
     prompts = None
@@ -159,17 +176,24 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
         from ..demo.t2i import evaluation_prompts
 
         captions = evaluation_prompts(num_samples)
-    curve = captioned and bool(budget_list)
+    if own_curve:
+        learned.check_fits(spec.sampler(None, learned.num_steps).num_calls, spec.sublayer_names)
+        budget_list = budget_list or [round(learned.mac_fraction(spec.family.count_macs(spec.config)), 3)]
+        texts = prompts_text(prompts_file)
+        captions = [(texts[i % len(texts)], None, False) for i in range(num_samples_given or len(texts))]
+    curve = (captioned or own_curve) and bool(budget_list)
     if markdown_out is not None and not curve:
-        raise click.BadParameter("the Markdown table is the budget curve's: give --model t2i-digits --budgets ...",
-                                 param_hint="--markdown")
-    if curve and schedule_file is not None:
+        raise click.BadParameter("the Markdown table is the budget curve's: give --model t2i-digits --budgets ..., "
+                                 "or --diffusers DIR --prompts FILE", param_hint="--markdown")
+    if captioned and curve and schedule_file is not None:
         raise click.BadParameter("the budget curve decodes the router at each budget; give --router, not a schedule",
                                  param_hint="--schedule")
     choice = use_threads(threads, torch=True)
     if curve:
-        _budget_curve(spec, logits, mode, budget_list, captions, seed, batch_size, search_size, repeats,
-                      random_seeds, json_out, png_out, grid_out, markdown_out, threads_used(choice))
+        _budget_curve(spec, None if own_curve and schedule_file is not None else logits, mode, budget_list,
+                      captions, seed, batch_size, search_size, repeats, random_seeds, json_out, png_out, grid_out,
+                      markdown_out, threads_used(choice),
+                      schedule=learned if own_curve and schedule_file is not None else None)
         return
     grid = {}
     report = evaluate(spec, learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
@@ -193,10 +217,34 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
         click.echo(f"wrote {grid_out}")
 
 
+def _check_own_curve(spec, diffusers, schedule_file, router, int8) -> None:
+    """The curve on a folder's own prompts takes an image model, one learned schedule (a router, decoded at each
+    budget, or a schedule) and no int8 rows."""
+    from ..core.interface import NCFHW
+
+    if getattr(spec.family, "latent_layout", None) == NCFHW:
+        raise CommandError(f"--diffusers {diffusers}: the budget curve compares decoded images; this is a video "
+                           f"model ({spec.config.transformer_class}): give --budgets '' for the latents-only "
+                           f"evaluation")
+    if schedule_file is not None and router is not None:
+        raise click.UsageError("the budget curve takes --router (decoded at each budget) or --schedule (at its own "
+                               "MAC fraction), not both")
+    if int8:
+        raise click.BadParameter("the budget curve has no int8 rows", param_hint="--int8")
+
+
+def prompts_text(prompts_file: Path) -> list[str]:
+    """``--prompts FILE``'s lines, read as ``run --prompts`` reads them."""
+    from .run import _read_prompts
+
+    return _read_prompts((), prompts_file)
+
+
 def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, search_size, repeats, random_seeds,
-                  json_out, png_out, grid_out, markdown_out, threads) -> None:
-    """``eval --model t2i-digits --budgets ...``: every method at every budget (:mod:`l2c_export.demo.curve`); the
-    table on stdout, and the files asked for (``--png`` also writes ``<stem>-speed.png``, PSNR against seconds)."""
+                  json_out, png_out, grid_out, markdown_out, threads, schedule=None) -> None:
+    """``eval --model t2i-digits --budgets ...`` or ``eval --diffusers DIR --prompts FILE``: every method at every
+    budget (:mod:`l2c_export.demo.curve`); the table on stdout, and the files asked for (``--png`` also writes
+    ``<stem>-speed.png``, PSNR against seconds)."""
     from ..core.util import atomic_write_text
     from ..demo.curve import evaluate_curve, format_curve_table
     from ..demo.eval_plots import plot_curve, plot_curve_grid
@@ -204,7 +252,8 @@ def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, searc
 
     report = evaluate_curve(spec, router, budgets, captions, seed=seed, batch_size=batch_size,
                             search_size=search_size, repeats=repeats, random_seeds=tuple(range(random_seeds)),
-                            mode=mode or "official")
+                            mode=mode or (schedule.mode if schedule is not None else None) or "official",
+                            schedule=schedule)
     report["threads"] = threads
     grid = report.pop("grid")
     table = format_curve_table(report)
@@ -227,14 +276,16 @@ def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, searc
 @main.command("train-default")
 @click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS), default=DEFAULT_NAME, show_default=True,
               help="The embedded model to train: the digits DiT or U-ViT (config and settings from its model.json), "
-                   "or the text-to-image t2i-digits and text-to-video t2v-digits (diffusers folders; settings of "
-                   "l2c_export/demo/t2i.py and t2v.py).")
+                   "or the text-to-image t2i-digits (a PixArt-α diffusers folder; settings of "
+                   "l2c_export/demo/t2i.py), t2i-digits-sd3 (an SD3 folder; l2c_export/demo/t2i_sd3.py) or the "
+                   "text-to-video t2v-digits (a Wan folder; l2c_export/demo/t2v.py).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the weights [engines/MODEL] (t2i-digits, t2v-digits: the diffusers folder).")
 @click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000; t2i-digits: 3000 of the "
-                                             "transformer, after a third as many of the VAE; t2v-digits: 1500 of "
-                                             "the transformer, after as many of the VAE on frames and 400 on "
-                                             "clips (N: N, N and 4N/15)].")
+                                             "transformer, after a third as many of the VAE; t2i-digits-sd3: 2500 "
+                                             "of the transformer on t2i-digits' VAE; t2v-digits: 1500 of the "
+                                             "transformer, after as many of the VAE on frames and 400 on clips (N: "
+                                             "N, N and 4N/15)].")
 @click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64; t2i: 128; "
                                                   "t2v: 32 clips (the VAE half as many)].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
@@ -242,7 +293,7 @@ def train_default_command(model_name, out, steps, batch_size, seed):
     """Reproduce an embedded model's training on scikit-learn's digits (minutes on two CPU cores)."""
     out = out or Path("engines") / model_name
     if model_name in TEXT_TO_IMAGE_MODELS + TEXT_TO_VIDEO_MODELS:
-        _train_text_to_image(out, steps, batch_size, seed, video=model_name in TEXT_TO_VIDEO_MODELS)
+        _train_text_to_image(model_name, out, steps, batch_size, seed)
         return
     from ..demo.train import save_weights, train
 
@@ -253,10 +304,10 @@ def train_default_command(model_name, out, steps, batch_size, seed):
     click.echo(f"wrote {out / f'{model_name}.safetensors'}")
 
 
-def _train_text_to_image(out: Path, steps, batch_size, seed, video: bool = False) -> None:
-    """t2i-digits: the VAE, then the PixArt transformer; t2v-digits (``video``): the Wan VAE, then the Wan
-    transformer. The pipeline saved as a diffusers folder at ``out`` (written beside it, then moved into place: a
-    failed run leaves no half-written folder)."""
+def _train_text_to_image(model_name: str, out: Path, steps, batch_size, seed) -> None:
+    """t2i-digits: the VAE, then the PixArt transformer; t2i-digits-sd3: the SD3 transformer on t2i-digits' VAE;
+    t2v-digits: the Wan VAE, then the Wan transformer. The pipeline saved as a diffusers folder at ``out`` (written
+    beside it, then moved into place: a failed run leaves no half-written folder)."""
     import dataclasses
     import shutil
     import tempfile
@@ -266,24 +317,33 @@ def _train_text_to_image(out: Path, steps, batch_size, seed, video: bool = False
     name = "t2v-digits" if video else "t2i-digits"
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "model_index.json").is_file())):
         raise CommandError(f"--out {out}: exists and is not a diffusers folder; give an absent or empty folder, or "
-                           f"a previous {name} folder to replace")
-    if video:
-        from ..demo.t2v import T2VConfig as Config, save_t2v as save, train_t2v as train_pipeline
+                           f"a previous {model_name} folder to replace")
+    if model_name == "t2v-digits":
+        from ..demo.t2v import T2VConfig, save_t2v, train_t2v
 
-        config = Config()
+        config, train, save, pipeline_class = T2VConfig(), train_t2v, save_t2v, "WanPipeline"
         if steps is not None:  # the VAE: as many steps on frames as the transformer's, 4/15 as many on clips
-            config = dataclasses.replace(config, steps=steps, vae_frame_steps=steps,
-                                         vae_steps=max(1, 4 * steps // 15))
+            config = dataclasses.replace(config, steps=steps, vae_frame_steps=steps, vae_steps=max(1, 4 * steps // 15))
         if batch_size is not None:
-            config = dataclasses.replace(config, batch_size=batch_size, vae_batch_size=max(1, batch_size // 2))
-    else:
-        from ..demo.t2i import T2IConfig as Config, save_t2i as save, train_t2i as train_pipeline
+            config = dataclasses.replace(config, vae_batch_size=max(1, batch_size // 2))
+        prompts = ("--num-frames 5 --image-size 16x16 --max-sequence-length 16 --conditioning-data prompts.npz, the "
+                   "prompts from python -m l2c_export.demo.t2v prompts")
+    elif model_name == "t2i-digits-sd3":
+        from ..demo.t2i_sd3 import SD3Config, save_sd3, train_sd3
 
-        config = Config()
+        config, train, save, pipeline_class = SD3Config(), train_sd3, save_sd3, "StableDiffusion3Pipeline"
+        if steps is not None:
+            config = dataclasses.replace(config, steps=steps)
+        prompts = "--prompts prompts.txt (one caption a line)"
+    else:
+        from ..demo.t2i import T2IConfig, save_t2i, train_t2i
+
+        config, train, save, pipeline_class = T2IConfig(), train_t2i, save_t2i, "PixArtAlphaPipeline"
         if steps is not None:  # the VAE trains for a third as many steps as the transformer (1000 of 3000)
             config = dataclasses.replace(config, steps=steps, vae_steps=max(1, steps // 3))
-        config = dataclasses.replace(config, batch_size=batch_size or config.batch_size)
-    pipe = train_pipeline(config, seed=seed)
+        prompts = "--conditioning-data prompts.npz, the prompts from python -m l2c_export.demo.t2i prompts"
+    config = dataclasses.replace(config, batch_size=batch_size or config.batch_size)
+    pipe = train(config, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -291,10 +351,5 @@ def _train_text_to_image(out: Path, steps, batch_size, seed, video: bool = False
         replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if video:
-        click.echo(f"wrote {out} (a WanPipeline folder; learn its router with l2c-export learn --diffusers {out} "
-                   f"--num-frames 5 --image-size 16x16 --max-sequence-length 16 --conditioning-data prompts.npz, "
-                   f"the prompts from python -m l2c_export.demo.t2v prompts)")
-    else:
-        click.echo(f"wrote {out} (a PixArtAlphaPipeline folder; learn its router with l2c-export learn --diffusers "
-                   f"{out} --conditioning-data prompts.npz, the prompts from python -m l2c_export.demo.t2i prompts)")
+    click.echo(f"wrote {out} (a {pipeline_class} folder; learn its router with l2c-export learn --diffusers {out} "
+               f"{prompts})")

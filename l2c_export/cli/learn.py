@@ -133,8 +133,15 @@ def learn(diffusers, checkpoint, model_name, image_size, num_frames, num_classes
          f"{sampler.kind}) on {source.description}, {dist_info.world_size} process(es) of "
          f"{torch.get_num_threads()} thread(s)")
     state_path = out.with_name(out.name[: -len(".safetensors")] + ".state.safetensors")
+    computed_calls = ()
+    if spec.experts is not None:  # each expert's first call computes everything (its cache is empty)
+        step_expert = spec.experts.step_expert(sampler)
+        computed_calls = tuple(sorted({step_expert.index(expert) for expert in step_expert}))
+        echo(f"{len(spec.experts.models)} experts ({', '.join(m.name for m in spec.experts.models)}): calls "
+             f"{', '.join(map(str, computed_calls))} start one and compute everything")
     result = learn_router(model, sampler, source, settings, state_path=state_path, resume=resume,
-                          save_every=save_every, progress=dist_info.is_main, source_name=source.description)
+                          save_every=save_every, progress=dist_info.is_main, source_name=source.description,
+                          computed_calls=computed_calls)
     if dist_info.world_size > 1:
         import torch.distributed
 

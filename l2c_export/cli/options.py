@@ -15,6 +15,7 @@ from . import IMAGE_SIZE, MAC_FRACTION, POSITIVE, STEPS, THRESHOLD, CommandError
 # How messages call a request's parts on the command line: the runtime, the reference sampler and learning name the
 # Python arguments (l2c_export.samplers.conditioning.ARGUMENT_NAMES) unless given these.
 FLAG_NAMES = {"labels": "--labels", "conditioning": "--conditioning", "cfg_scale": "--cfg-scale",
+              "cfg_scale_2": "--cfg-scale-2",
               "prompt": "--prompt/--prompts", "negative_prompt": "--negative-prompt"}
 
 
@@ -31,8 +32,8 @@ def model_options(function):
                           "embedded digits model."),
         click.option("--model", "model_name",
                      help="Model of --checkpoint, for example DiT-XL/2 or U-ViT-H/2; without --checkpoint an embedded "
-                          "model: dit-digits (default), uvit-digits, t2i-digits or t2v-digits (the diffusers folders "
-                          "l2c_export/demo/t2i-digits and t2v-digits)."),
+                          "model: dit-digits (default), uvit-digits, t2i-digits, t2i-digits-sd3 or t2v-digits (the "
+                          "diffusers folders l2c_export/demo/t2i-digits*, t2v-digits: PixArt-α, SD3, Wan)."),
         click.option("--image-size", type=IMAGE_SIZE,
                      help="Image size in pixels of --checkpoint (latents are 1/8), or of a --diffusers folder whose "
                           "transformer has no sample_size (FLUX.1; latents are pixels over the VAE's scale factor); "
@@ -117,6 +118,8 @@ def resolve_schedule(spec, sampler, schedule_file, router, threshold, target_mac
         result = Schedule.full(sampler.num_calls, sublayers=spec.sublayer_names,
                                timesteps=sampler.model_times.tolist(), sampler=sampler.kind)
     result.check_fits(sampler.num_calls, spec.sublayer_names)
+    if spec.experts is not None:  # each expert's cache starts empty
+        result.check_expert_starts(spec.experts.step_expert(sampler), [m.name for m in spec.experts.models])
     return result
 
 

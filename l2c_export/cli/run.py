@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..models.diffusers.pixart import MACS_PROMPT_TOKENS
 from . import CFG_SCALE, EXIT_CHECK_FAILED, POSITIVE, SEED, CommandError, Finite, main
 from .options import (FLAG_NAMES, backend_options, load_noise, parse_labels, save_npy, threads_option, threads_used,
                       use_threads)
@@ -36,6 +35,9 @@ MAX_PROMPTS_FILE_BYTES = 64 * 2**20
                                                   "sample's noise is its own whatever the batch size, so the samples "
                                                   "are the same up to the engines' rounding.")
 @click.option("--cfg-scale", type=CFG_SCALE, help="Guidance scale (default: the manifest's).")
+@click.option("--cfg-scale-2", type=CFG_SCALE,
+              help="A build of two experts (Wan2.2): the second's guidance scale, the pipeline's guidance_scale_2 "
+                   "(default: --cfg-scale's).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initial (and DDPM) noise.")
 @click.option("--noise", "noise_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Initial noise (the pipeline's latents) .npy of shape (n samples, C, H, W), float32; guidance "
@@ -50,14 +52,16 @@ MAX_PROMPTS_FILE_BYTES = 64 * 2**20
 @click.option("--repeats", type=POSITIVE, default=3, show_default=True,
               help="With --compare-full: the timed (full, schedule) pairs.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG grid (pixel models; latent models through the build's VAE decoder, or --vae).")
+              help="PNG grid (pixel models; latent models through the build's VAE decoder, or --vae); a video "
+                   "model's clips: .gif or .webp (animated), or .mp4 (H.264, as diffusers' export_to_video; several "
+                   "clips side by side).")
 @click.option("--save-latents", type=click.Path(dir_okay=False, path_type=Path), help="Save the samples (.npy).")
 @click.option("--vae", type=click.Path(file_okay=False, path_type=Path),
               help="The authors' latent models: a local diffusers AutoencoderKL folder to decode latents with torch "
                    "(scale 0.18215). A diffusers build decodes with its own VAE decoder graph.")
 @threads_option
-def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_prompt, batch_size, cfg_scale, seed,
-        noise_file, backend, device, full, compare_full, repeats, out, save_latents, vae, threads):
+def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_prompt, batch_size, cfg_scale,
+        cfg_scale_2, seed, noise_file, backend, device, full, compare_full, repeats, out, save_latents, vae, threads):
     """Sample from a build: each step runs on its subset engine, cached activations fed between them."""
     from ..core.images import CLIP_FORMATS
     from ..core.interface import NCFHW
@@ -99,9 +103,10 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
                                f"diffusers folder with vae/ builds one), or use --save-latents")
     if out is not None and pipe.manifest["model"].get("latent_layout") == NCFHW \
             and out.suffix.lower() not in CLIP_FORMATS:
-        raise click.BadParameter(f"{out}: a clip is written as {' or '.join(CLIP_FORMATS)} (an animated image)",
-                                 param_hint="--out")
-    result = pipe(**request, cfg_scale=cfg_scale, seed=seed, noise=noise, full=full, progress=True, where=where)
+        raise click.BadParameter(f"{out}: a clip is written as {', '.join(CLIP_FORMATS)} (an animated image, or "
+                                 f"H.264 video as diffusers' export_to_video writes it)", param_hint="--out")
+    result = pipe(**request, cfg_scale=cfg_scale, cfg_scale_2=cfg_scale_2, seed=seed, noise=noise, full=full,
+                  progress=True, where=where)
     what = "full compute" if full else "L2C schedule"
     click.echo(f"{what}: {result.seconds:.3f} s for {len(result.samples)} sample(s) "
                f"({100 * result.overhead_fraction:.1f}% outside the engines)")
@@ -110,7 +115,8 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
 
         from ..tools.bench import WARMUP_RUNS, interleaved_runs, timing_summary
 
-        timed = functools.partial(pipe, **request, cfg_scale=cfg_scale, seed=seed, noise=noise)
+        timed = functools.partial(pipe, **request, cfg_scale=cfg_scale, cfg_scale_2=cfg_scale_2, seed=seed,
+                                  noise=noise)
         (full_s, full_low, full_high), (l2c_s, l2c_low, l2c_high), (_, low, high) = timing_summary(
             *interleaved_runs([functools.partial(timed, full=True), timed], repeats))
         click.echo(f"full compute: {full_s:.3f} s [{full_low:.3f}-{full_high:.3f}]; L2C schedule: {l2c_s:.3f} s "
@@ -224,9 +230,9 @@ def verify(engine_dir, backend, device, tolerance, reference, diffusers):
               help="Backends to measure (repeatable; default: onnxruntime and torch).")
 @click.option("--repeats", type=POSITIVE, default=5, show_default=True, help="Interleaved (full, schedule) pairs.")
 @click.option("--no-memory", is_flag=True, help="Skip the memory measurements (subprocesses).")
-@click.option("--prompt-tokens", type=click.IntRange(1, 4096), default=MACS_PROMPT_TOKENS, show_default=True,
-              help="Text models: the requests' prompt length (random embeddings; default: the length the MACs and "
-                   "the ideal speedup are counted at, PixArt-α's T5 maximum).")
+@click.option("--prompt-tokens", type=click.IntRange(1, 4096),
+              help="Text models: the requests' prompt length (random embeddings) [each build's length that its MACs "
+                   "and ideal speedup are counted at: manifest macs/prompt_tokens, Wan's 512, PixArt-α's 120].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results.")
 @click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Plot achieved against ideal speedup.")

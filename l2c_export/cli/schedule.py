@@ -75,16 +75,19 @@ def schedule(diffusers, router, schedule_file, steps, threshold, mode, model_nam
     _show_schedule(result, macs, json_out, png_out, title=str(router or schedule_file))
 
 
-def _show_schedule(result, macs, json_out, png_out, title: str) -> None:
-    """Prints the schedule's summary and writes its JSON and heatmap where asked."""
+def _show_schedule(result, macs, json_out, png_out, title: str, experts: list[tuple[int, str]] | None = None) -> None:
+    """Prints the schedule's summary and writes its JSON and heatmap where asked; ``experts``: a pipeline's (first
+    call, name) of each, shown where they switch."""
     _print_schedule(result, macs)
+    if experts:
+        click.echo("experts: " + ", ".join(f"{name} from call {first}" for first, name in experts))
     if json_out:
         result.save(json_out)
         click.echo(f"wrote {json_out}")
     if png_out:
         from ..tools.plots import schedule_heatmap
 
-        schedule_heatmap(result, png_out, title=title, mac_fraction=result.mac_fraction(macs))
+        schedule_heatmap(result, png_out, title=title, mac_fraction=result.mac_fraction(macs), experts=experts)
         click.echo(f"wrote {png_out}")
 
 
@@ -209,4 +212,9 @@ def _diffusers_schedule(folder, router, schedule_file, model_name, json_out, png
             raise CommandError("--json/--png: give the --schedule or --router to write")
         return
     result.check_fits(result.num_steps, names)
-    _show_schedule(result, macs, json_out, png_out, title=str(router or schedule_file))
+    experts = None
+    if spec.experts is not None:  # where the experts switch, each one's first call computing everything
+        step_expert = spec.experts.step_expert(spec.sampler(None, result.num_steps))
+        result.check_expert_starts(step_expert, [m.name for m in spec.experts.models])
+        experts = [(step_expert.index(e), spec.experts.models[e].name) for e in dict.fromkeys(step_expert)]
+    _show_schedule(result, macs, json_out, png_out, title=str(router or schedule_file), experts=experts)

@@ -35,7 +35,8 @@ class ManifestError(ValueError):
     """A manifest or one of its files that cannot be used; the message names the file and the field."""
 
 
-# Each graph carries, under this ONNX metadata key, the manifest fields that its build fixed (:data:`STAMPED_FIELDS`),
+# Each graph carries, under this ONNX metadata key, the manifest fields that its build fixed (:data:`STAMPED_FIELDS`,
+# and a later expert's graphs ``experts/models/<e>/config``),
 # as compact JSON ``{"model/config": {...}, "guidance/null_class": 10}``. A runtime compares them with the manifest, so
 # a field edited after the build (hashes fixed up or not) is refused whether or not the runtime reads it itself.
 GRAPH_STAMP_KEY = "l2c.built_for"
@@ -44,7 +45,7 @@ STAMPED_FIELDS = ("model/config", "guidance/null_class")
 
 def graph_stamp(fields: dict) -> str:
     """The value of :data:`GRAPH_STAMP_KEY`: ``fields`` maps each of :data:`STAMPED_FIELDS` to its value."""
-    assert set(fields) == set(STAMPED_FIELDS), fields
+    assert set(STAMPED_FIELDS) <= set(fields), fields  # a later expert's graphs fix its config too
     return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
@@ -55,8 +56,10 @@ def stamp_difference(data: dict, stamp: dict) -> str | None:
         return "the graph's stamp is not a JSON object"
     for path in sorted(stamp):
         recorded: object = data
-        for key in path.split("/"):
-            recorded = recorded.get(key) if isinstance(recorded, dict) else None
+        for key in path.split("/"):  # a list indexed by a number (experts/models/1/config)
+            recorded = (recorded.get(key) if isinstance(recorded, dict) else
+                        recorded[int(key)] if isinstance(recorded, list) and key.isdigit() and int(key) < len(recorded)
+                        else None)
         difference = _difference(recorded, stamp[path], path)
         if difference:
             return difference
@@ -353,6 +356,7 @@ def check_consistency(data: dict, where: str) -> None:
         if [t["slot"] for t in record["outputs"] if "slot" in t] != record["writes"]:
             raise ManifestError(f"{at}/outputs': the fresh outputs' slots differ from 'writes' {record['writes']}")
     _check_interfaces_agree(data, where)
+    _check_experts(data, where)
     _check_components(data, where)
     weights_bytes = data["weights"]["bytes"]
     for position, tensor in enumerate(data["weight_tensors"]):
@@ -377,6 +381,73 @@ def check_consistency(data: dict, where: str) -> None:
             raise ManifestError(f"{at}: names {', '.join(missing)}, which 'weight_tensors' does not hold")
         if record["axis"] >= len(tensor["shape"]):
             raise ManifestError(f"{at}: axis {record['axis']} of a tensor of {len(tensor['shape'])} dimensions")
+
+
+def expert_of_time(time: float, boundary_timestep: float) -> int:
+    """The expert of a model call at ``time`` (``experts/step_expert``'s rule): 0 where ``time >= boundary_timestep``,
+    else 1, compared in float32 as ``WanPipeline`` compares its timestep tensor (float32 or int64) with the boundary
+    (a Python float torch casts to float32)."""
+    import numpy as np
+
+    return 0 if np.float32(time) >= np.float32(boundary_timestep) else 1
+
+
+def _check_experts(data: dict, where: str) -> None:
+    """A pipeline of experts (``experts``, Wan2.2's): the first expert's prefix is empty and its config
+    'model/config', the prefixes differ; every subset names its expert and only then; 'experts/step_expert' has one
+    expert per call, the one the boundary gives for the call's timestep, and the subset of each call is of that
+    expert, the first call of each computing every sub-layer; each subset's cache slots are its expert's (its prefix,
+    then the sub-layer's name)."""
+    experts = data.get("experts")
+    subsets = data["subsets"]
+    if experts is None:
+        marked = next((record["index"] for record in subsets if "expert" in record), None)
+        if marked is not None:
+            raise ManifestError(f"{where}: field 'subsets/{marked}/expert' is given; only a build with 'experts' has "
+                                f"one")
+        return
+    models = experts["models"]
+    prefixes = [model["prefix"] for model in models]
+    if prefixes[0] != "" or len(set(prefixes)) != len(prefixes):
+        raise ManifestError(f"{where}: field 'experts/models' has prefixes {prefixes}; expected the first empty and "
+                            f"each different")
+    if models[0]["config"] != data["model"]["config"]:
+        raise ManifestError(f"{where}: field 'experts/models/0/config' differs from 'model/config' (the first "
+                            f"expert's)")
+    for record in subsets:
+        expert = record.get("expert")
+        if expert is None or expert >= len(models):
+            raise ManifestError(f"{where}: field 'subsets/{record['index']}/expert' is {short_repr(expert)}; expected "
+                                f"the index of one of the {len(models)} 'experts/models'")
+    step_expert, times = experts["step_expert"], data["sampler"]["model_times"]
+    if len(step_expert) != len(times):
+        raise ManifestError(f"{where}: field 'experts/step_expert' has {len(step_expert)} entries; expected one per "
+                            f"model call ({len(times)})")
+    started: set[int] = set()
+    for call, (expert, time, index) in enumerate(zip(step_expert, times, data["schedule"]["step_subset"])):
+        expected = expert_of_time(time, experts["boundary_timestep"])
+        if expert != expected:
+            raise ManifestError(f"{where}: field 'experts/step_expert/{call}' is {expert}; the call's timestep "
+                                f"{time} is {'>=' if expected == 0 else '<'} 'experts/boundary_timestep' "
+                                f"{experts['boundary_timestep']}, which runs expert {expected}")
+        if subsets[index]["expert"] != expert:
+            raise ManifestError(f"{where}: field 'schedule/step_subset/{call}' names subset {index}, of expert "
+                                f"{subsets[index]['expert']}; the call runs expert {expert} ('experts/step_expert')")
+        if expert not in started and not all(subsets[index]["compute"]):
+            raise ManifestError(f"{where}: field 'schedule/step_subset/{call}' names subset {index}, which reuses "
+                                f"sub-layers at the first call of {models[expert]['name']}; the first call of each "
+                                f"expert must compute every sub-layer (its cache is empty)")
+        started.add(expert)
+    sublayers = data["model"].get("sublayers")
+    slots = {slot["name"]: slot for slot in data["cache_slots"]}
+    for record in subsets:
+        prefix = prefixes[record["expert"]]
+        for name in (*record["reads"], *record["writes"]):
+            index = slots[name]["index"]
+            expected = prefix + (sublayers[index] if sublayers and index < len(sublayers) else name[len(prefix):])
+            if name != expected or not name.startswith(prefix):
+                raise ManifestError(f"{where}: field 'subsets/{record['index']}' uses cache slot {name}; a subset of "
+                                    f"expert {record['expert']} uses its own slots ({expected!r})")
 
 
 def _tensor(record: dict) -> tuple:

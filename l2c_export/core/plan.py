@@ -42,20 +42,23 @@ def fresh_output_name(slot: str) -> str:
 
 @dataclass(frozen=True)
 class SubsetPlan:
-    """One distinct subset of computed sub-layers and its graph boundary."""
+    """One distinct subset of computed sub-layers and its graph boundary; ``expert``: the index of the expert whose
+    graph it is, ``prefix`` that expert's (of its name and its cache slots; none for the first or only one)."""
 
     index: int
     compute: tuple[bool, ...]  # (num_sublayers,)
     reads: tuple[int, ...]  # sub-layers read from the cache (exactly those not computed)
     writes: tuple[int, ...]  # computed sub-layers whose fresh value a later step reuses
     steps: tuple[int, ...]  # sampling steps that run this subset
+    expert: int = 0
+    prefix: str = ""
 
     @property
     def name(self) -> str:
-        """A stable, readable name: ``full`` or ``subset{index}_{computed}of{total}``."""
+        """A stable, readable name: ``full`` or ``subset{index}_{computed}of{total}``, after the expert's prefix."""
         if all(self.compute):
-            return "full"
-        return f"subset{self.index:02d}_{sum(self.compute)}of{len(self.compute)}"
+            return f"{self.prefix}full"
+        return f"{self.prefix}subset{self.index:02d}_{sum(self.compute)}of{len(self.compute)}"
 
     @property
     def num_computed(self) -> int:
@@ -67,21 +70,36 @@ class BuildPlan:
     subsets: tuple[SubsetPlan, ...]
     step_to_subset: tuple[int, ...]  # (num_steps,)
     slots: tuple[str, ...]  # (num_sublayers,): the cache slot (sub-layer) name of each column
+    step_expert: tuple[int, ...] | None = None  # (num_steps,): the expert each step runs; None: one transformer
+    prefixes: tuple[str, ...] = ("",)  # each expert's prefix of its cache slots
+
+    def slot_name(self, subset: SubsetPlan, k: int) -> str:
+        """The cache slot of column ``k`` in ``subset``'s expert: its prefix, then the sub-layer's name."""
+        return self.prefixes[subset.expert] + self.slots[k]
 
     @classmethod
-    def from_schedule(cls, schedule: Schedule) -> "BuildPlan":
+    def from_schedule(cls, schedule: Schedule, step_expert=None, prefixes: tuple[str, ...] = ("",)) -> "BuildPlan":
+        """The distinct subsets of ``schedule`` and their boundaries. ``step_expert``: the expert each step runs
+        (Wan2.2's two), each with its own subsets (its rows, in order of first appearance; the experts in the order
+        they first run) and its own cache: a value computed at a step is handed on to that expert's next step."""
         compute = schedule.compute
         num_steps, width = compute.shape
-        distinct = schedule.distinct_subsets()
-        step_to_subset = schedule.subset_of_step()
-        writes: list[set[int]] = [set() for _ in distinct]
-        for s in range(num_steps - 1):
-            live = [k for k in range(width) if compute[s, k] and not compute[s + 1, k]]
-            writes[step_to_subset[s]].update(live)
-        subsets = tuple(
-            SubsetPlan(index=i, compute=subset, reads=tuple(k for k in range(width) if not subset[k]),
-                       writes=tuple(sorted(writes[i])),
-                       steps=tuple(s for s in range(num_steps) if step_to_subset[s] == i))
-            for i, subset in enumerate(distinct)
-        )
-        return cls(subsets=subsets, step_to_subset=tuple(step_to_subset), slots=tuple(schedule.sublayer_names))
+        experts = [0] * num_steps if step_expert is None else [int(e) for e in step_expert]
+        subsets: list[SubsetPlan] = []
+        step_to_subset = [0] * num_steps
+        for expert in dict.fromkeys(experts):
+            calls = [s for s in range(num_steps) if experts[s] == expert]
+            index: dict[tuple[bool, ...], int] = {}
+            for s in calls:
+                row = tuple(bool(v) for v in compute[s])
+                step_to_subset[s] = index.setdefault(row, len(subsets) + len(index))
+            writes: dict[int, set[int]] = {i: set() for i in index.values()}
+            for s, after in zip(calls, calls[1:]):
+                writes[step_to_subset[s]].update(k for k in range(width) if compute[s, k] and not compute[after, k])
+            subsets += [SubsetPlan(index=i, compute=row, reads=tuple(k for k in range(width) if not row[k]),
+                                   writes=tuple(sorted(writes[i])),
+                                   steps=tuple(s for s in calls if step_to_subset[s] == i), expert=expert,
+                                   prefix=prefixes[expert])
+                        for row, i in index.items()]
+        return cls(subsets=tuple(subsets), step_to_subset=tuple(step_to_subset), slots=tuple(schedule.sublayer_names),
+                   step_expert=None if step_expert is None else tuple(experts), prefixes=tuple(prefixes))

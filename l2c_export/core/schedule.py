@@ -152,6 +152,21 @@ class Schedule:
                             f"order ({', '.join(model[:4])}{', ...' if len(model) > 4 else ''}); got "
                             f"{len(self.sublayers)}")
 
+    def check_expert_starts(self, step_expert, expert_names, where: str | None = None) -> None:
+        """Raises ScheduleError unless the first call of each expert (``step_expert``: the expert of each call;
+        ``expert_names``: their names) computes every sub-layer: each expert has its own cache, empty until then."""
+        where = where or self.source or "schedule"
+        first: dict[int, int] = {}
+        for call, expert in enumerate(step_expert):
+            first.setdefault(int(expert), call)
+        for expert, call in sorted(first.items(), key=lambda item: item[1]):
+            skipped = [self.sublayer_names[k] for k in np.flatnonzero(~self.compute[call])]
+            if skipped:
+                raise ScheduleError(f"{where}: field 'compute' row {call} (the first step of {expert_names[expert]}) "
+                                    f"reuses {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}; the first "
+                                    f"step of each expert must compute every sub-layer (each expert has its own cache, "
+                                    f"empty until then)")
+
     # ----------------------------------------------------------------------------------------------------------------
     def distinct_subsets(self) -> list[tuple[bool, ...]]:
         """The distinct rows, in order of first appearance (the full subset is first)."""

@@ -18,21 +18,34 @@ after its template's first 34, re-padded to the batch's longest.
 
 from __future__ import annotations
 
+import html
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
 
 ATTENTION_MASK = "attention_mask"  # the piece that is a tokenizer's mask (N, L), 1 on tokens, not a graph output
-# How prompts are rewritten before any tokenizer sees them: as they are (SD3, FLUX.1), or PixArt's
-# ``_text_preprocessing(clean_caption=False)``: lower-cased and stripped.
-PREPROCESSING = ("none", "lower_strip")
+# How prompts are rewritten before any tokenizer sees them: as they are (SD3, FLUX.1), PixArt's
+# ``_text_preprocessing(clean_caption=False)``: lower-cased and stripped, or WanPipeline's ``prompt_clean``
+# (:func:`wan_prompt_clean`).
+PREPROCESSING = ("none", "lower_strip", "wan_prompt_clean")
+
+# WanPipeline's whitespace_clean runs the ``regex`` module's ``\s+``: Python's ``\s`` but for U+001C..U+001F, which
+# str.isspace() counts and Unicode's White_Space does not.
+_WAN_WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
+# A prompt ftfy.fix_text leaves as it is, whatever its version: printable ASCII, tabs and line breaks (ftfy's fixes
+# act on other characters: mojibake, curly quotes, widths, ligatures, control characters, terminal escapes), with no
+# HTML entity (ftfy unescapes one more time than the pipeline's two html.unescape calls).
+_FTFY_UNCHANGED = re.compile(r"[\t\n\r\x20-\x7e]*")
+_HTML_ENTITY = re.compile(r"&#?\w+;")
 
 # Which encoder tokens a pipeline keeps (the hidden states' and the mask's token axis alike): "all" as tokenized (T5,
 # CLIP); "first_and_last": the first ``count`` tokens and the last ``max_length - count`` (SanaPipeline.encode_prompt's
 # select_index, count 1); "mask_rows": each row's tokens under its mask after its first ``count``, zero-padded under
 # mask 0 to the batch's longest and at most ``max_length`` (QwenImagePipeline's _extract_masked_hidden, drop_idx 34,
-# and encode_prompt's cut to max_sequence_length).
-SELECTIONS = ("all", "first_and_last", "mask_rows")
+# and encode_prompt's cut to max_sequence_length); "zeroed_past_prompt": all the tokens, each row's past its prompt's
+# (the first mask.sum() tokens: padding on the right) zeroed (WanPipeline._get_t5_prompt_embeds).
+SELECTIONS = ("all", "first_and_last", "mask_rows", "zeroed_past_prompt")
 
 Groups = Sequence[Sequence[str]]
 
@@ -43,9 +56,34 @@ def split_piece(piece: str) -> tuple[str, str]:
     return encoder, output
 
 
-def preprocess(text: str, kind: str) -> str:
-    """A prompt as the pipeline rewrites it before tokenizing (:data:`PREPROCESSING`)."""
+def preprocess(text: str, kind: str, where: str = "prompt") -> str:
+    """A prompt as the pipeline rewrites it before tokenizing (:data:`PREPROCESSING`); ``where`` names it in a
+    refusal (:func:`wan_prompt_clean`)."""
+    if kind == "wan_prompt_clean":
+        return wan_prompt_clean(text, where)
     return text.lower().strip() if kind == "lower_strip" else text
+
+
+def wan_prompt_clean(text: str, where: str = "prompt") -> str:
+    """``WanPipeline``'s ``prompt_clean`` (diffusers 0.42): ``ftfy.fix_text`` where ftfy is installed, the HTML
+    unescaped twice, stripped, every run of whitespace one space. Without ftfy (the pipeline skips it then, the
+    original Wan code never does), a prompt ftfy could change is refused (ValueError naming ``where`` and the
+    character), so that the text encoded is the pipeline's with ftfy or without."""
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    else:
+        kept = _FTFY_UNCHANGED.match(text).end()
+        entity = _HTML_ENTITY.search(text)
+        if kept < len(text) or entity:
+            what = (f"the HTML entity {entity.group()!r}" if kept == len(text)
+                    else f"{text[kept]!r} (U+{ord(text[kept]):04X}) at character {kept + 1}")
+            raise ValueError(f"{where}: {what}; WanPipeline cleans prompts with ftfy.fix_text, which is not "
+                             f"installed here: install ftfy, or give printable ASCII without HTML entities")
+    return _WAN_WHITESPACE.sub(" ", html.unescape(html.unescape(text)).strip()).strip()
 
 
 def combined_width(groups: Groups, widths: Mapping[str, int], where: str) -> int:
@@ -78,6 +116,9 @@ def select_tokens(values: Mapping[str, np.ndarray], mask: np.ndarray, selection:
     (n, L, D)) and of its tokenizer's ``mask`` (n, L), 1 on tokens: (the outputs (n, L', D), the mask (n, L'))."""
     if selection == "all":
         return dict(values), mask
+    if selection == "zeroed_past_prompt":
+        kept = (np.arange(mask.shape[1]) < mask.sum(axis=1, keepdims=True))[..., None]
+        return {name: np.where(kept, value, np.zeros((), value.dtype)) for name, value in values.items()}, mask
     if selection == "first_and_last":
         index = np.r_[np.arange(count), np.arange(mask.shape[1] - (max_length - count), mask.shape[1])]
         return {name: value[:, index] for name, value in values.items()}, mask[:, index]

@@ -1,7 +1,9 @@
-"""The whole budget curve on a text-to-image folder (``eval --model t2i-digits --budgets 0.35,0.5,0.7,0.85``): at
-each MAC fraction, the learned schedule (the router decoded at the threshold that meets it) against the plain
-baselines (FORA, fewer steps, random drop: :data:`l2c_export.demo.methods.METHODS`) and every cache a diffusers user
-can switch on (:data:`l2c_export.demo.diffusers_caches.PEERS`), each searched to land within
+"""The whole budget curve on a text-to-image folder (``eval --model t2i-digits --budgets 0.35,0.5,0.7,0.85``, or a
+user's own folder: ``eval --diffusers DIR --prompts prompts.txt --router router.safetensors --budgets ...``): at
+each MAC fraction, the learned schedule (the router decoded at the threshold that meets it, or a given schedule at
+its own MAC fraction) against the plain baselines (FORA, fewer steps, random drop:
+:data:`l2c_export.demo.methods.METHODS`) and every cache a diffusers user can switch on
+(:data:`l2c_export.demo.diffusers_caches.PEERS`), each searched to land within
 :data:`~l2c_export.demo.diffusers_caches.TOLERANCE` of the budget; in quality and in wall time.
 
 Every method draws the same captions from the same noise. Ours are built and run on ONNX Runtime
@@ -9,16 +11,23 @@ Every method draws the same captions from the same noise. Ours are built and run
 same builds (``sample --backend torch``), so the runtimes can be told apart; the peers on diffusers' own pipeline in
 PyTorch. Per row (JSON ``results``):
 
-- ``mac_fraction``: counted (schedules: their MACs; peers: the sub-layers that ran, by hooks), ``reached`` (within
+- ``mac_fraction``: counted (schedules: their MACs, checked against ``engines_mac_fraction``, the subsets the
+  engines report they ran; peers: the sub-layers that ran, by hooks, checked against ``own_mac_fraction`` where the
+  cache keeps a count of its own: cache-dit), ``reached`` (within
   the tolerance of ``budget``) and, where not, ``note`` with the nearest reached; ``error`` where the method could
   not run at all (and nothing else);
-- ``fd_to_full``, ``psnr`` (against the ONNX Runtime full-compute images), ``fd`` (to the 1797 digits),
-  ``accuracy`` (the digits classifier reads the prompted digit), as in :mod:`l2c_export.demo.evaluate`;
+- ``fd_to_full``, ``psnr`` (against the ONNX Runtime full-compute images, decoded, in [-1, 1]), ``fd`` (to the
+  1797 digits), ``accuracy`` (the digits classifier reads the prompted digit), as in
+  :mod:`l2c_export.demo.evaluate`; on a user's prompts (no digits named, or images not 8x8 one-channel) the
+  features are a fixed random projection of the decoded images and ``fd`` and ``accuracy`` are null;
 - ``seconds_per_image`` in the method's own ``runtime`` (the median of ``repeats`` interleaved timings of one call on
   the first ``batch_size`` prompts, every timer once per round), ``speedup`` against full compute in that runtime,
   ``ideal_speedup`` (1 / MAC fraction) and ``speedup_of_ideal``; the learned schedule and full compute also
   ``seconds_per_image_torch``, ``speedup_torch``, ``speedup_of_ideal_torch``;
 - ``search``: a peer's settings tried on the calibration prompts (MAC fraction, PSNR), and ``settings`` chosen.
+
+``l2c_speedup_of_ideal``: the learned schedule's achieved / ideal speedup in ONNX Runtime per budget, against the
+claim (>= :data:`SPEEDUP_OF_IDEAL_CLAIM`), also the table's last note.
 """
 
 from __future__ import annotations
@@ -32,36 +41,43 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..core.schedule import Schedule
 from ..routers import RouterLogits, baselines
 from . import diffusers_caches
 from .diffusers_caches import PEERS, TOLERANCE
 from .evaluate import average_random_seeds
 from .methods import METHODS, Candidate, EvalSetup, TextToImagePrompts
-from .metrics import DigitsFeatures, frechet_distance, psnr
+from .metrics import DigitsFeatures, RandomProjection, frechet_distance, psnr
 
 OURS = ("l2c", "fora", "random", "fewer-steps")  # built and run on ONNX Runtime
 REFERENCES = {"onnxruntime": "full", "torch": "full", "diffusers": "full (diffusers)"}
+SPEEDUP_OF_IDEAL_CLAIM = 0.9  # the learned schedule's achieved / MAC-counted speedup in ONNX Runtime engines
 
 
-def evaluate_curve(spec, router: RouterLogits, budgets: Sequence[float], captions, seed: int = 0,
+def evaluate_curve(spec, router: RouterLogits | None, budgets: Sequence[float], captions, seed: int = 0,
                    batch_size: int = 50, search_size: str = "full", repeats: int = 3, random_seeds=(0, 1),
-                   mode: str = "official", progress: bool = True, peers: Sequence[str] | None = None) -> dict:
-    """The curve (see the module doc) of ``spec`` (a text-to-image folder's spec; its router ``router``) at
-    ``budgets``, on ``captions`` ((caption, digit, held_out) per sample, one noise row each from ``seed``);
-    ``peers``: the names of :data:`PEERS` to run (default all). Returns the JSON document, with ``grid`` (the
-    lowest budget's images of one prompt per digit per method) popped off by the caller before writing."""
+                   mode: str = "official", progress: bool = True, peers: Sequence[str] | None = None,
+                   schedule: Schedule | None = None) -> dict:
+    """The curve (see the module doc) of ``spec`` (a text-to-image folder's spec) at ``budgets``: the learned
+    schedule decoded from ``router`` at each budget, or (no router) the given ``schedule`` itself at every budget it
+    reaches; on ``captions`` ((caption, digit, held_out) per sample, one noise row each from ``seed``; digit None:
+    a user's prompt, no classifier applies); ``peers``: the names of :data:`PEERS` to run (default all). Returns
+    the JSON document, with ``grid`` (the lowest budget's images of a few prompts per method) popped off by the
+    caller before writing."""
     import torch
 
     from ..samplers.guidance import make_noise
 
-    sampler = spec.sampler(None, router.num_steps)
+    if (router is None) == (schedule is None):
+        raise ValueError("the curve's learned schedule: give a router or a schedule")
+    sampler = spec.sampler(None, (router or schedule).num_steps)
     macs = spec.family.count_macs(spec.config)
     sample_shape = next(t.shape for t in spec.family.graph_inputs(spec.config) if t.role == "sample")
     num_samples = len(captions)
-    judge = DigitsFeatures()
+    digits = [d for _, d, _ in captions]
     scratch = tempfile.TemporaryDirectory(prefix="l2c-curve-")
     prompts = TextToImagePrompts(folder=Path(spec.weights).parent, captions=[c for c, _, _ in captions],
-                                 digits=np.array([d for _, d, _ in captions], dtype=np.int64),
+                                 digits=None if None in digits else np.array(digits, dtype=np.int64),
                                  held_out=np.array([h for _, _, h in captions], dtype=bool),
                                  scratch=Path(scratch.name), batch_size=batch_size)
     setup = EvalSetup(spec=spec, model=None, num_steps=sampler.num_calls, macs=macs, labels=None,
@@ -77,36 +93,45 @@ def evaluate_curve(spec, router: RouterLogits, budgets: Sequence[float], caption
             images[len(rows) - 1] = drawn_images
         timers.extend((len(rows) - 1, runtime, call) for runtime, call in row_timers)
 
+    pipelines = None
     try:
         with torch.no_grad():
             ours = [Candidate("full", 1.0, sampler.num_calls, None, None, "reference")]
             for budget in budgets:
-                ours += _our_candidates(budget, setup)
+                ours += _our_candidates(budget, setup, schedule)
             for candidate in tqdm(ours, desc="building and sampling the schedules", disable=not progress):
                 runtimes = ("onnxruntime", "torch") if candidate.method in ("full", "l2c") else ("onnxruntime",)
                 drawn = prompts.sample_build(setup, candidate.schedule, candidate.num_steps, runtimes=runtimes)
                 add({"method": candidate.method, "budget": candidate.budget, "point": candidate.point,
                      "mac_fraction": round(candidate.mac_fraction, 6), "runtime": "onnxruntime",
-                     **candidate.info}, drawn.samples, drawn.timers.items())
-            _add_peers(add, setup, budgets, search_size, [PEERS[name] for name in (peers or PEERS)], timed,
-                       progress)
+                     **candidate.info, **drawn.info}, drawn.samples, drawn.timers.items())
+            family = spec.family
+            pipelines = diffusers_caches.FolderPipelines(
+                prompts.folder, setup.num_steps, setup.cfg_scale, family.scale_argument,
+                image_size=tuple(images[0].shape[-2:]),
+                passes=2 if family.classifier_free and setup.cfg_scale > 1.0 else 1)
+            _add_peers(add, setup, pipelines, budgets, search_size, [PEERS[name] for name in (peers or PEERS)],
+                       timed, progress)
             seconds = _interleaved_medians(timers, repeats, progress)
     finally:
         scratch.cleanup()
 
     full = images[0]
+    judge = (DigitsFeatures() if prompts.digits is not None and full.shape[1:] == (1, 8, 8)
+             else RandomProjection(full.shape[1:]))
     full_features = judge(full)
     for index, row in enumerate(rows):
         if index in images:
             samples = images[index]
             features = judge(samples)
+            held_out = prompts.held_out.any() and prompts.digits is not None
             row.update({"fd_to_full": frechet_distance(features, full_features),
                         "psnr": None if index == 0 else psnr(samples, full, 2.0),
-                        "fd": frechet_distance(features, judge.real),
+                        "fd": None if judge.real is None else frechet_distance(features, judge.real),
                         "accuracy": judge.accuracy(samples, prompts.digits),
                         "accuracy_held_out_forms": (judge.accuracy(samples[prompts.held_out],
                                                                    prompts.digits[prompts.held_out])
-                                                    if prompts.held_out.any() else None)})
+                                                    if held_out else None)})
         for runtime in ("onnxruntime", "torch", "diffusers"):
             if (index, runtime) in seconds:
                 suffix = "_torch" if runtime == "torch" else ""
@@ -119,25 +144,30 @@ def evaluate_curve(spec, router: RouterLogits, budgets: Sequence[float], caption
     return {"model": spec.name, "budgets": list(budgets), "tolerance": TOLERANCE, "num_samples": num_samples,
             "seed": seed, "random_seeds": list(random_seeds), "search": search_size, "repeats": repeats,
             "cfg_scale": spec.cfg_scale, "sampler": {"kind": sampler.kind, "num_calls": sampler.num_calls},
-            "learned_router": router.source, "mode": mode,
+            **({"learned_router": router.source} if router is not None else {"learned_schedule": schedule.source}),
+            "mode": mode, "l2c_speedup_of_ideal": _learned_speedup_of_ideal(results),
             "timing": {"what": f"median of {repeats} interleaved timings of one call of {timed.stop} prompts (text "
                                f"encoder, sampling and VAE decoding), per image",
                        "onnxruntime": f"ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider)",
                        "torch": f"the same builds on the PyTorch backend, PyTorch {torch.__version__}",
-                       "diffusers": f"diffusers' PixArtAlphaPipeline in PyTorch {torch.__version__}",
+                       "diffusers": f"diffusers' {pipelines.pipeline_class} in PyTorch {torch.__version__}",
                        "threads": torch.get_num_threads()},
             "features": judge.description, "results": results, "grid": grid_rows}
 
 
-def _our_candidates(budget: float, setup: EvalSetup) -> list[Candidate]:
+def _our_candidates(budget: float, setup: EvalSetup, schedule: Schedule | None = None) -> list[Candidate]:
     """The learned schedule (the router decoded at the threshold that meets ``budget``; below the least its mode
-    reaches, the least, with the reason) and FORA, random drop and fewer steps at ``budget``."""
-    try:
-        learned, note = baselines.schedule_for_mac_fraction(setup.router, budget, setup.macs, setup.mode,
-                                                            setup.timesteps), None
-    except ValueError as error:
-        learned = setup.router.to_schedule(1.0, setup.mode, setup.timesteps)
-        note = f"cannot reach {budget}: nearest {learned.mac_fraction(setup.macs):.3f} ({error})"
+    reaches, the least, with the reason; or the given ``schedule`` itself) and FORA, random drop and fewer steps at
+    ``budget``."""
+    if schedule is not None:
+        learned, note = schedule, None
+    else:
+        try:
+            learned, note = baselines.schedule_for_mac_fraction(setup.router, budget, setup.macs, setup.mode,
+                                                                setup.timesteps), None
+        except ValueError as error:
+            learned = setup.router.to_schedule(1.0, setup.mode, setup.timesteps)
+            note = f"cannot reach {budget}: nearest {learned.mac_fraction(setup.macs):.3f} ({error})"
     info = {"threshold": learned.threshold, "mode": learned.mode, **({"note": note} if note else {})}
     out = [Candidate("l2c", learned.mac_fraction(setup.macs), setup.num_steps, learned, budget, "sweep", info)]
     for name in ("fora", "random", "fewer-steps"):
@@ -149,16 +179,14 @@ def _our_candidates(budget: float, setup: EvalSetup) -> list[Candidate]:
     return out
 
 
-def _add_peers(add, setup: EvalSetup, budgets: Sequence[float], search_size: str, peers, timed: slice,
-               progress: bool) -> None:
-    """Full compute on diffusers' pipeline, then each peer: its knobs searched on the calibration prompts (the first
-    call's), and at each budget the chosen setting drawn on every prompt."""
+def _add_peers(add, setup: EvalSetup, pipelines: "diffusers_caches.FolderPipelines", budgets: Sequence[float],
+               search_size: str, peers, timed: slice, progress: bool) -> None:
+    """Full compute on diffusers' pipeline (``pipelines``), then each peer: its knobs searched on the calibration
+    prompts (the first call's), and at each budget the chosen setting drawn on every prompt."""
     prompts, spec = setup.prompts, setup.spec
     captions, noise = prompts.captions, setup.noise
-    common = dict(num_steps=setup.num_steps, cfg_scale=setup.cfg_scale)
     count = dict(macs=setup.macs, sublayers=spec.sublayer_names, batch_size=prompts.batch_size)
-    full = diffusers_caches.draw(diffusers_caches.open_peer(prompts.folder, None, {}, state={}, **common),
-                                 captions, noise, **count)
+    full = diffusers_caches.draw(pipelines.open(None, {}, {}), captions, noise, **count)
     add({"method": "full (diffusers)", "budget": None, "point": "reference",
          "mac_fraction": round(full.mac_fraction, 6), "runtime": "diffusers"}, full.images,
         [("diffusers", _peer_timer(full.peer, captions, noise, timed))])
@@ -168,13 +196,11 @@ def _add_peers(add, setup: EvalSetup, budgets: Sequence[float], search_size: str
         try:
             if peer.calibrate is not None:
                 state = {"num_steps": setup.num_steps}
-                peer.calibrate(diffusers_caches.open_peer(prompts.folder, None, {}, state={}, **common),
-                               captions[timed], noise[timed], state)
+                peer.calibrate(pipelines.open(None, {}, {}), captions[timed], noise[timed], state)
 
             def measure(knobs: dict) -> tuple[float, float]:
-                run = diffusers_caches.draw(diffusers_caches.open_peer(prompts.folder, peer, knobs, state=state,
-                                                                       **common),
-                                            captions[timed], noise[timed], **count)
+                run = diffusers_caches.draw(pipelines.open(peer, knobs, state), captions[timed], noise[timed],
+                                            **count)
                 return run.mac_fraction, psnr(run.images, reference, 2.0)
 
             tried = diffusers_caches.search(peer, budgets, measure, search_size,
@@ -190,9 +216,8 @@ def _add_peers(add, setup: EvalSetup, budgets: Sequence[float], search_size: str
             chosen, reached = diffusers_caches.choose(tried, budget)
             key = json.dumps(chosen["settings"], sort_keys=True)
             if key not in drawn:
-                drawn[key] = diffusers_caches.draw(diffusers_caches.open_peer(prompts.folder, peer,
-                                                                              chosen["settings"], state=state,
-                                                                              **common), captions, noise, **count)
+                drawn[key] = diffusers_caches.draw(pipelines.open(peer, chosen["settings"], state), captions, noise,
+                                                   **count)
             run = drawn[key]
             row = {"method": peer.name, "budget": budget, "point": "sweep", "mac_fraction": round(run.mac_fraction, 6),
                    "runtime": "diffusers", "entry": peer.entry, "settings": chosen["settings"],
@@ -204,8 +229,8 @@ def _add_peers(add, setup: EvalSetup, budgets: Sequence[float], search_size: str
                                                    f"{chosen['mac_fraction']:.3f} on the calibration prompts")
             if run.own is not None:
                 row["own_counter"] = run.own
-                row["own_mac_fraction"] = round(diffusers_caches.own_mac_fraction(
-                    run.own, setup.macs, setup.num_steps, len(run.peer.pipe.transformer.transformer_blocks)), 6)
+                own = diffusers_caches.own_mac_fraction(run.own, setup.macs, spec.sublayer_names, setup.num_steps)
+                row["own_mac_fraction"] = None if own is None else round(own, 6)
             row["search"] = {"calibration_prompts": timed.stop, "tried": tried,
                              **({"mag_ratios": state["mag_ratios"]} if "mag_ratios" in state else {})}
             add(row, run.images, [("diffusers", _peer_timer(run.peer, captions, noise, timed))])
@@ -242,11 +267,16 @@ def _speedups(results: list[dict]) -> None:
 
 
 def _grid(prompts: TextToImagePrompts, rows: list[dict], images: dict, budget) -> dict:
-    """One prompt per digit's images of every method at ``budget`` (and full compute): {"captions", "held_out",
-    "budget", "methods": [(label, (k, C, H, W))]}."""
+    """A few prompts' images (one per digit where the captions name digits, else the first ten distinct prompts) of
+    every method at ``budget`` (and full compute): {"captions", "held_out", "budget", "methods": [(label,
+    (k, C, H, W))]}."""
     from .eval_plots import one_prompt_per_digit
 
-    chosen = one_prompt_per_digit(prompts)
+    if prompts.digits is not None:
+        chosen = one_prompt_per_digit(prompts)
+    else:
+        first = {caption: index for index, caption in reversed(list(enumerate(prompts.captions)))}
+        chosen = sorted(first.values())[:10]
     methods = []
     for index, row in enumerate(rows):
         if index in images and (row["budget"] is None or row["budget"] == budget):
@@ -258,6 +288,15 @@ def _grid(prompts: TextToImagePrompts, rows: list[dict], images: dict, budget) -
             "held_out": [bool(prompts.held_out[i]) for i in chosen], "budget": budget, "methods": methods}
 
 
+def _learned_speedup_of_ideal(results: list[dict]) -> dict:
+    """The learned schedule's achieved speedup over its MAC-counted ideal in ONNX Runtime engines, per budget (the
+    claim: >= :data:`SPEEDUP_OF_IDEAL_CLAIM`): {"claim", "by_budget": {budget: ratio or None}, "met"}."""
+    by_budget = {str(row["budget"]): row.get("speedup_of_ideal") for row in results if row["method"] == "l2c"}
+    measured = [value for value in by_budget.values() if value is not None]
+    return {"claim": SPEEDUP_OF_IDEAL_CLAIM, "by_budget": by_budget,
+            "met": bool(measured) and all(value >= SPEEDUP_OF_IDEAL_CLAIM for value in measured)}
+
+
 def format_curve_table(report: dict) -> str:
     """A Markdown table, a row per method and budget: ``-`` where a metric does not apply or the method did not
     run; a budget not reached within the tolerance marked ``*``."""
@@ -265,7 +304,7 @@ def format_curve_table(report: dict) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     lines = ["| budget | method | MAC fraction | FD to full | PSNR (dB) | FD to data | accuracy | s / image (runtime) "
-             "| speedup | of ideal | PyTorch `sample` s / image (of ideal) |",
+             "| speedup | achieved / ideal | PyTorch `sample` s / image (achieved / ideal) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in sorted(report["results"], key=lambda r: (-1 if r["budget"] is None else r["budget"])):
         fraction = number(row.get("mac_fraction"))
@@ -282,4 +321,9 @@ def format_curve_table(report: dict) -> str:
                      f"{number(row.get('speedup'), 2)} | {number(row.get('speedup_of_ideal'), 2)} | {torch_cell} |")
     notes = [f"- {row['method']} at {row['budget']}: {row.get('error') or row.get('note')}"
              for row in report["results"] if row.get("error") or row.get("note")]
+    claim = report.get("l2c_speedup_of_ideal")
+    if claim:
+        ratios = ", ".join(f"{number(value, 2)} at {budget}" for budget, value in claim["by_budget"].items())
+        notes.append(f"- l2c in ONNX Runtime engines, achieved / ideal speedup: {ratios} (claim >= {claim['claim']}: "
+                     f"{'met' if claim['met'] else 'not met'})")
     return "\n".join(lines + ([""] + notes if notes else []))

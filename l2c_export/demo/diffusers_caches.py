@@ -39,6 +39,10 @@ import numpy as np
 from ..core.macs import MacCount
 
 TOLERANCE = 0.03  # a budget is reached within this MAC fraction
+# The always-run input embedding of each transformer family (PixArt, SD3: pos_embed; FLUX.1: x_embedder; Sana:
+# patch_embed; Qwen-Image: img_in), the first of these with weights: it runs on the rows of the batch every forward
+# computes.
+PATCH_EMBEDDINGS = ("pos_embed", "x_embedder", "patch_embed", "img_in")
 
 
 class SublayerCounter:
@@ -49,7 +53,11 @@ class SublayerCounter:
         modules = dict(transformer.named_modules())
         self.rows = [0] * len(sublayers)
         self.always_rows = 0
-        self.handles = [_first_weighted(modules["pos_embed"]).register_forward_pre_hook(self._count_always)]
+        embedding = next((modules[name] for name in PATCH_EMBEDDINGS  # FLUX.1's pos_embed is rotary: no weights
+                          if name in modules and any(True for _ in modules[name].parameters())), None)
+        if embedding is None:
+            raise ValueError(f"{type(transformer).__name__} has none of the patch embeddings {PATCH_EMBEDDINGS}")
+        self.handles = [_first_weighted(embedding).register_forward_pre_hook(self._count_always)]
         for index, name in enumerate(sublayers):
             self.handles.append(_first_weighted(modules[name]).register_forward_pre_hook(self._count(index)))
 
@@ -90,21 +98,27 @@ class PeerPipeline:
     pipe: object
     num_steps: int
     cfg_scale: float
+    scale_argument: str = "guidance_scale"  # Qwen-Image's: true_cfg_scale
+    passes: int = 2  # batch rows per image and step at full compute: 2 with classifier-free guidance, else 1
+    call_options: dict = field(default_factory=dict)  # :func:`call_options`
     before_call: Callable[[], None] = lambda: None
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     own_counter: Callable[[], dict | None] = lambda: None
     info: dict = field(default_factory=dict)
+    last_images: int = 0
 
     def call(self, captions: Sequence[str], latents: np.ndarray) -> np.ndarray:
+        """``captions`` (n) from ``latents`` (the family's sample layout, n first) through the pipeline, decoded by
+        its VAE and post-processed as its ``output_type="pt"`` does, mapped back to [-1, 1]: (n, C, H, W)."""
         import torch
 
         self.before_call()
+        self.last_images = len(captions)
         with torch.no_grad(), self.context():
-            out = self.pipe(list(captions), negative_prompt="", num_inference_steps=self.num_steps,
-                            guidance_scale=self.cfg_scale, latents=torch.from_numpy(np.ascontiguousarray(latents)),
-                            output_type="latent", clean_caption=False, use_resolution_binning=False).images
-            vae = self.pipe.vae
-            return vae.decode(out / vae.config.scaling_factor).sample.float().clamp(-1.0, 1.0).numpy()
+            images = self.pipe(list(captions), num_inference_steps=self.num_steps,
+                               latents=torch.from_numpy(np.ascontiguousarray(latents)), output_type="pt",
+                               **{self.scale_argument: self.cfg_scale}, **self.call_options).images
+        return (images.float() * 2.0 - 1.0).clamp(-1.0, 1.0).numpy()
 
 
 @dataclass(frozen=True)
@@ -149,14 +163,17 @@ def _enable_dbcache(taylorseer: bool):
                                                                                  **knobs),
                                calibrator_config=calibrator)
         blocks = len(peer.pipe.transformer.transformer_blocks)
-        skipped_per_step = blocks - knobs["Fn_compute_blocks"] - knobs["Bn_compute_blocks"]
+        skipped = [knobs["Fn_compute_blocks"], blocks - knobs["Bn_compute_blocks"]]  # [first, stop) of the skipped
         cached: list[int] = []
+        images: list[int] = []
 
         def own_counter() -> dict:
-            """Steps cache-dit says it served from its cache, per counted call so far."""
+            """Steps cache-dit says it served from its cache, per counted call so far (and each call's images)."""
             stats = cache_dit.summary(peer.pipe.transformer, logging=False)  # of the last call
             cached.append(len(stats[0].cached_steps) if stats else 0)
-            return {"cached_steps_per_call": list(cached), "blocks_skipped_per_cached_step": skipped_per_step}
+            images.append(peer.last_images)
+            return {"cached_steps_per_call": list(cached), "images_per_call": list(images), "blocks": blocks,
+                    "blocks_skipped_per_cached_step": skipped}
 
         peer.own_counter = own_counter
     return enable
@@ -293,51 +310,103 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
 @dataclass
 class PeerRun:
     """One peer setting drawn: images (n, C, H, W), the MAC fraction counted by :class:`SublayerCounter`, the
-    method's own counter, the pipeline (kept for timing) and how the cache was switched on."""
+    method's own counter, the pipeline (kept for timing), how the cache was switched on and the wall-clock seconds of
+    the calls (counting hooks on)."""
 
     images: np.ndarray
     mac_fraction: float
     own: dict | None
     peer: PeerPipeline
     info: dict
+    seconds: float = 0.0
 
 
-def open_peer(folder, peer: Peer | None, knobs: dict, num_steps: int, cfg_scale: float, state: dict) -> PeerPipeline:
-    """A fresh ``PixArtAlphaPipeline.from_pretrained(folder)`` with ``peer`` switched on at ``knobs`` (None: no
-    cache, full compute). Raises what switching it on raises."""
-    from .t2i import load_pipeline
+class FolderPipelines:
+    """diffusers' own pipeline of a folder (``DiffusionPipeline.from_pretrained(folder)``, the components saved as
+    null left out), as its users load it, called as :class:`PeerPipeline` calls it: each :meth:`open` loads a fresh
+    transformer and scheduler (a cache's hooks stay on its transformer), the text encoders, tokenizers and VAE are
+    loaded once and shared. ``image_size``: (height, width) in pixels, passed to pipelines that take them."""
 
-    pipeline = PeerPipeline(load_pipeline(folder), num_steps, cfg_scale)
-    if peer is not None:
-        peer.enable(pipeline, knobs, {"num_steps": num_steps, **state})
-    return pipeline
+    def __init__(self, folder, num_steps: int, cfg_scale: float, scale_argument: str = "guidance_scale",
+                 image_size: tuple[int, int] | None = None, passes: int = 2):
+        self.folder, self.num_steps, self.cfg_scale = folder, num_steps, cfg_scale
+        self.scale_argument, self.image_size, self.passes = scale_argument, image_size, passes
+        self.shared: dict | None = None
+        self.pipeline_class = "pipeline"  # its class name, once loaded
+
+    def load(self):
+        import json
+        from pathlib import Path
+
+        from diffusers import DiffusionPipeline
+
+        index = json.loads((Path(self.folder) / "model_index.json").read_text())
+        absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
+        pipe = DiffusionPipeline.from_pretrained(str(self.folder), **{**absent, **(self.shared or {})})
+        if self.shared is None:
+            self.shared = {name: module for name, module in pipe.components.items()
+                           if module is not None and name not in ("transformer", "scheduler")}
+        pipe.set_progress_bar_config(disable=True)
+        self.pipeline_class = type(pipe).__name__
+        return pipe
+
+    def open(self, peer: "Peer | None", knobs: dict, state: dict) -> PeerPipeline:
+        """A fresh pipeline with ``peer`` switched on at ``knobs`` (None: no cache, full compute). Raises what
+        switching it on raises."""
+        pipe = self.load()
+        pipeline = PeerPipeline(pipe, self.num_steps, self.cfg_scale, self.scale_argument, self.passes,
+                                call_options(pipe, self.image_size))
+        if peer is not None:
+            peer.enable(pipeline, knobs, {"num_steps": self.num_steps, **state})
+        return pipeline
+
+
+def call_options(pipe, image_size: tuple[int, int] | None) -> dict:
+    """What a pipeline is called with besides the prompts, latents, steps and scale, where its ``__call__`` takes
+    them: the negative prompt "" (the builds' negative), no caption cleaning and no resolution binning (PixArt,
+    Sana: the builds' preprocessing and size), the image's height and width in pixels (a packed-latent pipeline
+    unpacks by them)."""
+    import inspect
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    wanted = {"negative_prompt": "", "clean_caption": False, "use_resolution_binning": False}
+    if image_size is not None:
+        wanted.update(height=image_size[0], width=image_size[1])
+    return {name: value for name, value in wanted.items() if name in accepted}
 
 
 def draw(pipeline: PeerPipeline, captions: Sequence[str], noise: np.ndarray, macs: MacCount,
          sublayers: Sequence[str], batch_size: int) -> PeerRun:
-    """``captions`` (n) from ``noise`` (n, C, h, w), ``batch_size`` a call, counted (untimed: :func:`time_call`
-    times)."""
+    """``captions`` (n) from ``noise`` (n, C, h, w), ``batch_size`` a call, counted (the interleaved timings of
+    ``eval --budgets`` are :func:`time_call`'s)."""
     counter = SublayerCounter(pipeline.pipe.transformer, sublayers)
-    images, own = [], None
+    images, own, seconds = [], None, 0.0
     try:
         for start in range(0, len(captions), batch_size):
             stop = min(start + batch_size, len(captions))
+            begin = time.perf_counter()
             images.append(pipeline.call(captions[start:stop], noise[start:stop]))
+            seconds += time.perf_counter() - begin
             own = pipeline.own_counter()
-        guided = 2 if pipeline.cfg_scale > 1.0 else 1
-        fraction = counter.mac_fraction(macs, len(captions) * pipeline.num_steps * guided)
+        fraction = counter.mac_fraction(macs, len(captions) * pipeline.num_steps * pipeline.passes)
     finally:
         counter.remove()
-    return PeerRun(np.concatenate(images), fraction, own, pipeline, dict(pipeline.info))
+    return PeerRun(np.concatenate(images), fraction, own, pipeline, dict(pipeline.info), seconds)
 
 
-def own_mac_fraction(own: dict, macs: MacCount, num_steps: int, blocks: int) -> float:
-    """cache-dit's own count as a MAC fraction: every cached step skips ``blocks_skipped_per_cached_step`` whole
-    blocks (of ``blocks``), of equal MACs, in both halves of the guided batch."""
-    per_block = sum(macs.per_sublayer) / blocks if macs.per_sublayer else macs.attn + macs.mlp
-    calls = own["cached_steps_per_call"]
-    skipped = sum(calls) * own["blocks_skipped_per_cached_step"] * per_block
-    return 1.0 - skipped / (len(calls) * num_steps * macs.full)
+def own_mac_fraction(own: dict, macs: MacCount, sublayers: Sequence[str], num_steps: int) -> float | None:
+    """cache-dit's own count as a MAC fraction: every cached step of a call skips the blocks
+    ``blocks_skipped_per_cached_step`` ([first, stop) of ``transformer_blocks``) for each of its images, in every
+    pass of the step; a block's MACs are those of its scheduled ``sublayers``. None where the sub-layers are not all
+    in ``transformer_blocks`` (FLUX.1's single blocks: cache-dit's count covers another list)."""
+    if not all(name.startswith("transformer_blocks.") for name in sublayers):
+        return None
+    first, stop = own["blocks_skipped_per_cached_step"]
+    per_step = sum(macs.sublayer(j) for j, name in enumerate(sublayers)
+                   if first <= int(name.split(".")[1]) < stop)
+    images = own["images_per_call"]
+    skipped = sum(c * n for c, n in zip(own["cached_steps_per_call"], images))
+    return 1.0 - skipped * per_step / (sum(images) * num_steps * macs.full)
 
 
 def time_call(pipeline: PeerPipeline, captions: Sequence[str], noise: np.ndarray) -> float:

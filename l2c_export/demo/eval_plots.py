@@ -153,7 +153,8 @@ def plot_curve(report: dict, path: Path, speed_path: Path | None = None) -> None
         for budget in report["budgets"]:
             axis.axvline(budget, color="#a0aec0", linewidth=0.6, linestyle=":")
     fd_axis.set_yscale("log")
-    fd_axis.set_ylabel("FD to full compute (classifier features, log)")
+    fd_axis.set_ylabel("FD to full compute (" + ("classifier features" if "classifier" in report["features"]
+                                                 else "random projection") + ", log)")
     psnr_axis.set_ylabel("PSNR against full compute (dB)")
     psnr_axis.legend(fontsize=7, loc="upper left")
     figure.suptitle(f"{report['model']}: {report['num_samples']} images per method and budget, guidance "
@@ -192,7 +193,10 @@ def plot_curve_grid(grid: dict, path: Path) -> None:
     for r, (label, images) in enumerate(methods):
         for c in range(columns):
             axis = axes[r][c]
-            axis.imshow(np.clip(images[c, 0], -1, 1), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            if images.shape[1] == 3:  # RGB in [-1, 1]
+                axis.imshow(np.clip(images[c].transpose(1, 2, 0) / 2 + 0.5, 0, 1), interpolation="nearest")
+            else:
+                axis.imshow(np.clip(images[c, 0], -1, 1), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
             axis.set_xticks([])
             axis.set_yticks([])
             if r == 0:

@@ -16,12 +16,15 @@ entry. Per method:
   models; else ``null``).
 - ``psnr``: PSNR (dB) of the samples against the full-compute samples from the same noise; ``null`` for full compute
   itself (identical, infinite). Pixel models: both clipped to [-1, 1], data range 2; latents: unclipped, data range
-  the full-compute latents' (max - min).
+  the full-compute latents' (max - min). A video model's clips (Wan: (C, F', H', W') latents): each latent frame's
+  PSNR against the same frame of full compute, averaged over every frame of every clip
+  (:func:`l2c_export.demo.metrics.frame_psnr`).
 - ``fd_to_full``: the Frechet distance to the full-compute samples: how far the method moves the model's own
   distribution (0 for full compute), in the classifier's features where it applies, else in a fixed random
   projection of the flattened latents (:class:`l2c_export.demo.metrics.RandomProjection`: 64 Gaussian directions
-  from seed 0). ``fd`` can fall below full compute's when an approximation happens to move the samples towards the
-  data; ``fd_to_full`` cannot.
+  from seed 0); a video model's over its clips' frames as images (each latent frame (C, H', W') projected alike,
+  :class:`l2c_export.demo.metrics.FrameProjection`: n F' frames, not n clips). ``fd`` can fall below full compute's
+  when an approximation happens to move the samples towards the data; ``fd_to_full`` cannot.
 
 ``int8 full`` and ``int8 l2c`` are the int8 build (ONNX Runtime, dynamic activations; :mod:`l2c_export.export.quantize`)
 with the learned schedule, sampled from the same noise; their PSNR and FD to full are against the fp32 full-compute
@@ -46,13 +49,14 @@ from typing import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..core.interface import NCFHW
 from ..core.schedule import Schedule, ScheduleMode
 from ..core.util import atomic_write_text
 from ..routers import RouterLogits
 from .eval_plots import grid_samples
 from .int8_builds import int8_samples
 from .methods import Candidate, Drawn, EvalSetup, TextToImagePrompts, candidates_at
-from .metrics import DigitsFeatures, RandomProjection, frechet_distance, psnr
+from .metrics import DigitsFeatures, FrameProjection, RandomProjection, frechet_distance
 
 DEFAULT_BUDGETS = (0.6, 0.7, 0.8, 0.9)
 
@@ -77,7 +81,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
     judged by the digits classifier (``fd`` to the digits, ``accuracy`` of the named digit). ``grid``, if given, is
     filled with a few prompts' images of full compute, the learned schedule and cache-dit
     (:func:`l2c_export.demo.eval_plots.plot_t2i_grid`);
-    ``peer_search``: options of :func:`l2c_export.demo.cache_dit_peer.match_mac_fraction` (which settings it tries).
+    ``peer_search``: the cache-dit row's search, ``{"size": "small" | "full"}`` (the grid of
+    :data:`l2c_export.demo.diffusers_caches.PEERS`'s ``cache-dit``; default full).
     Returns the JSON document (see the module doc)."""
     import tempfile
 
@@ -98,7 +103,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         guiding = family.classifier_free and spec.cfg_scale > 1.0  # FLUX.1: no negative batch
         conditioning = _cycle_prompts(spec, prompts, num_samples, guiding, prompts_source)
     sample_shape = next(t.shape for t in family.graph_inputs(config) if t.role == "sample")
-    judge = DigitsFeatures(classifier_path) if DigitsFeatures.applies(spec) else RandomProjection(sample_shape)
+    judge = (DigitsFeatures(classifier_path) if DigitsFeatures.applies(spec)
+             else FrameProjection(sample_shape) if family.latent_layout == NCFHW else RandomProjection(sample_shape))
     text_to_image, scratch = None, None
     if captions is not None:
         if len(captions) != num_samples:
@@ -142,7 +148,7 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         sample_features = judge(samples)
         out = {"fd": None if judge.real is None else frechet_distance(sample_features, judge.real),
                "accuracy": judge.accuracy(samples, label_array),
-               "psnr": None if reference else psnr(samples, full_samples, judge.data_range),
+               "psnr": None if reference else judge.psnr(samples, full_samples),
                "fd_to_full": frechet_distance(sample_features, full_features)}
         if text_to_image is not None and text_to_image.held_out.any():
             held_out = text_to_image.held_out
@@ -170,6 +176,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
     if text_to_image is not None:
         import onnxruntime
 
+        from .t2i import pipeline_class
+
         forms = sorted(set(zip(text_to_image.captions, text_to_image.held_out.tolist())))
         extra = {"prompts": {"source": "l2c_export.demo.t2i.evaluation_prompts: every caption form (training and "
                                        "held-out) with every digit in turn",
@@ -178,8 +186,8 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
                  "timing": {"what": "wall-clock seconds per image of the calls that draw it, text encoder and VAE "
                                     "decoder included, batch_size prompts a call, on this machine",
                             "schedules": f"a build on ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider)",
-                            "cache-dit": f"diffusers' PixArtAlphaPipeline in PyTorch {torch.__version__}, "
-                                         f"{torch.get_num_threads()} threads",
+                            "cache-dit": f"diffusers' {pipeline_class(text_to_image.folder)} in PyTorch "
+                                         f"{torch.__version__}, {torch.get_num_threads()} threads",
                             "cpus": _cpu_count()}}
     return {"results": average_random_seeds(rows), "learned_mac_fraction": matched, **extra,
             "learned_schedule": learned.source, "num_samples": num_samples, "seed": seed,
@@ -234,7 +242,7 @@ def average_random_seeds(rows: list[dict]) -> list[dict]:
         group = groups[item]
         row = {**group[0], "seed": [r["seed"] for r in group], "dropped": [r["dropped"] for r in group]}
         for name in ("mac_fraction", "fd", "accuracy", "psnr", "fd_to_full", "accuracy_held_out_forms",
-                     "seconds_per_image"):
+                     "seconds_per_image", "engines_mac_fraction"):
             if name not in row:
                 continue
             values = [r[name] for r in group]

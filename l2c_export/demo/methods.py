@@ -34,7 +34,7 @@ class EvalSetup:
     router: RouterLogits | None = None
     random_seeds: Sequence[int] = (0, 1)
     prompts: "TextToImagePrompts | None" = None  # a text-to-image model sampled from captions, on ONNX Runtime
-    peer_search: dict = field(default_factory=dict)  # cache_dit_peer.match_mac_fraction's search options
+    peer_search: dict = field(default_factory=dict)  # the cache-dit row's search: {"size": "small" | "full"}
 
     @property
     def sampler(self):
@@ -99,14 +99,18 @@ class TextToImagePrompts:
         build(BuildRequest(spec=spec, schedule=schedule, sampler=sampler, out_dir=folder), progress=False)
         pipe = L2CPipeline.from_engine_dir(folder)
         pipe(prompt=self.captions[:1], noise=setup.noise[:1], decode=True)  # untimed: sessions' first-run set-up
-        images, seconds = [], 0.0
+        compute = {subset["index"]: subset["compute"] for subset in pipe.manifest["subsets"]}
+        images, seconds, spent = [], 0.0, 0
         for start in range(0, len(self.captions), self.batch_size):
             stop = min(start + self.batch_size, len(self.captions))
             begin = time.perf_counter()
             result = pipe(prompt=self.captions[start:stop], noise=setup.noise[start:stop], decode=True)
             seconds += time.perf_counter() - begin
             images.append(np.clip(result.decoded, -1.0, 1.0))  # as the pipelines' postprocess clamps
-        return Drawn(np.concatenate(images), seconds,
+            spent += (stop - start) * sum(setup.macs.of_subset(compute[index]) for index in result.step_subsets)
+        # the engines' own record of what ran (the subset of every model call), against full compute's calls
+        ran = spent / (len(self.captions) * setup.num_steps * setup.macs.full)
+        return Drawn(np.concatenate(images), seconds, {"engines_mac_fraction": round(ran, 6)},
                      timers={runtime: self._timer(folder, pipe if runtime == "onnxruntime" else None, runtime,
                                                   setup.noise) for runtime in runtimes})
 
@@ -118,7 +122,7 @@ class TextToImagePrompts:
         batch = slice(0, min(self.batch_size, len(self.captions)))
         if pipe is None:
             pipe = L2CPipeline.from_engine_dir(folder, backend=runtime)
-            pipe(prompt=self.captions[:1], noise=noise[:1], decode=True)  # untimed set-up
+            pipe(prompt=self.captions[batch], noise=noise[batch], decode=True)  # untimed set-up, at the timed shape
 
         def timer() -> float:
             begin = time.perf_counter()
@@ -184,29 +188,43 @@ def _fewer_steps(budget: float, setup: EvalSetup, point: str) -> list[Candidate]
 
 
 def _cache_dit(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
-    """cache-dit's DBCache on diffusers' own pipeline (text-to-image models only), its settings matched to
-    ``budget`` on a calibration set (the first ``batch_size`` prompts); its MAC fraction is the one counted from
-    the blocks it ran on every prompt (set after it samples)."""
+    """cache-dit's DBCache on diffusers' own pipeline (text-to-image models only,
+    :data:`l2c_export.demo.diffusers_caches.PEERS`), its settings searched for ``budget`` on a calibration set (the
+    first ``batch_size`` prompts; ``setup.peer_search["size"]``: "small" or "full", the grid); its MAC fraction is
+    the one counted from the sub-layers it ran on every prompt (set after it samples), beside cache-dit's own count."""
     if setup.prompts is None:
         return []
-    from . import cache_dit_peer
+    from . import diffusers_caches as caches
+    from .metrics import psnr
 
     prompts, spec = setup.prompts, setup.spec
-    calibration = slice(0, min(prompts.batch_size, len(prompts.captions)))
-    settings, tried = cache_dit_peer.match_mac_fraction(
-        prompts.folder, budget, prompts.captions[calibration], setup.noise[calibration], setup.num_steps,
-        setup.cfg_scale, setup.macs, spec.sublayer_names, batch_size=prompts.batch_size, **setup.peer_search)
-    candidate = Candidate("cache-dit", budget, setup.num_steps, None, budget, point,
-                          {"dbcache": settings.as_dict(), "calibration": {"prompts": calibration.stop,
+    captions, noise = prompts.captions, setup.noise
+    calibration = slice(0, min(prompts.batch_size, len(captions)))
+    pipelines = caches.FolderPipelines(prompts.folder, setup.num_steps, setup.cfg_scale, spec.family.scale_argument,
+                                       passes=2 if spec.family.classifier_free and setup.cfg_scale > 1.0 else 1)
+    count = dict(macs=setup.macs, sublayers=spec.sublayer_names, batch_size=prompts.batch_size)
+    peer = caches.PEERS["cache-dit"]
+    reference = caches.draw(pipelines.open(None, {}, {}), captions[calibration], noise[calibration], **count).images
+
+    def measure(knobs: dict) -> tuple[float, float]:
+        run = caches.draw(pipelines.open(peer, knobs, {}), captions[calibration], noise[calibration], **count)
+        return run.mac_fraction, psnr(run.images, reference, 2.0)
+
+    size = setup.peer_search.get("size", "full")
+    tried = caches.search(peer, [budget], measure, size, refine=1 if size == "small" else 3)
+    chosen, _ = caches.choose(tried, budget)
+    candidate = Candidate("cache-dit", chosen["mac_fraction"], setup.num_steps, None, budget, point,
+                          {"dbcache": chosen["settings"], "calibration": {"prompts": calibration.stop,
                                                                          "tried": tried}})
 
     def run(setup: EvalSetup) -> Drawn:
-        drawn = cache_dit_peer.sample_dbcache(prompts.folder, settings, prompts.captions, setup.noise, setup.num_steps,
-                                              setup.cfg_scale, setup.macs, spec.sublayer_names, prompts.batch_size)
+        pipeline = pipelines.open(peer, chosen["settings"], {})
+        pipeline.call(captions[:1], noise[:1])  # untimed, uncounted: PyTorch's first-call set-up
+        drawn = caches.draw(pipeline, captions, noise, **count)
         candidate.mac_fraction = drawn.mac_fraction
-        return Drawn(drawn.images, drawn.seconds,
-                     {"block_calls": drawn.block_calls, "transformer_calls": drawn.transformer_calls,
-                      "cached_steps": drawn.cached_steps})
+        own = caches.own_mac_fraction(drawn.own, setup.macs, spec.sublayer_names, setup.num_steps)
+        return Drawn(drawn.images, drawn.seconds, {"own_counter": drawn.own,
+                                                   "own_mac_fraction": None if own is None else round(own, 6)})
 
     candidate.run = run
     return [candidate]

@@ -1,5 +1,5 @@
 """The evaluation's measures (:mod:`l2c_export.demo.evaluate`): Frechet distance, PSNR, and the feature spaces they
-are taken in (the digits classifier's, or a fixed random projection of the latents).
+are taken in (the digits classifier's, a fixed random projection of the latents, or of a clip's latent frames).
 """
 
 from __future__ import annotations
@@ -42,6 +42,28 @@ def psnr(samples: np.ndarray, reference: np.ndarray, data_range: float | None = 
     return None if mse == 0.0 else float(10.0 * np.log10(data_range ** 2 / mse))
 
 
+def clip_frames(clips: np.ndarray) -> np.ndarray:
+    """Clips (n, C, F, H, W) -> their frames as images (n F, C, H, W): clip 0's frames in order, then clip 1's."""
+    n, channels, frames, height, width = clips.shape
+    return clips.transpose(0, 2, 1, 3, 4).reshape(n * frames, channels, height, width)
+
+
+def frame_psnr(clips: np.ndarray, reference: np.ndarray, data_range: float | None = None) -> float | None:
+    """The mean over every frame of every clip (n, C, F, H, W) of that frame's PSNR in dB against the same frame of
+    ``reference`` (same shape): a frame that goes wrong counts as much as the clip's others, where one PSNR of whole
+    clips would be dominated by its worst frames' error. The range as :func:`psnr`'s (``data_range`` None: the whole
+    reference's max - min, nothing clipped). Frames equal to the reference's (infinite PSNR) are left out of the mean;
+    None when every frame is."""
+    if data_range is not None:
+        clips, reference = np.clip(clips, -1, 1), np.clip(reference, -1, 1)
+    else:
+        data_range = float(reference.max() - reference.min())
+    difference = clip_frames(clips).astype(np.float64) - clip_frames(reference)
+    mse = np.mean(difference ** 2, axis=(1, 2, 3))
+    changed = mse[mse > 0]
+    return None if not len(changed) else float(np.mean(10.0 * np.log10(data_range ** 2 / changed)))
+
+
 class DigitsFeatures:
     """The shipped digits classifier: 64 penultimate features, the 1797 real digits as reference, class accuracy."""
 
@@ -59,6 +81,9 @@ class DigitsFeatures:
         from .classifier import features
 
         return features(self.classifier, samples)
+
+    def psnr(self, samples: np.ndarray, reference: np.ndarray) -> float | None:
+        return psnr(samples, reference, self.data_range)
 
     def accuracy(self, samples: np.ndarray, labels: np.ndarray | None) -> float | None:
         from .classifier import accuracy
@@ -89,5 +114,29 @@ class RandomProjection:
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         return samples.reshape(len(samples), -1).astype(np.float64) @ self.matrix
 
+    def psnr(self, samples: np.ndarray, reference: np.ndarray) -> float | None:
+        return psnr(samples, reference, self.data_range)
+
     def accuracy(self, samples: np.ndarray, labels: np.ndarray | None) -> None:
         return None
+
+
+class FrameProjection(RandomProjection):
+    """A video model's clips (n, C, F, H, W) judged frame by frame: each latent frame (C, H, W) of every clip is an
+    image, projected as :class:`RandomProjection` projects an image model's latents, so that FD is over the n F
+    frames; PSNR is :func:`frame_psnr`, each frame's against the same frame of full compute, averaged."""
+
+    def __init__(self, clip_shape: Sequence[int], dim: int = PROJECTION_DIM, seed: int = 0):
+        channels, frames, height, width = clip_shape
+        super().__init__((channels, height, width), dim, seed)
+        self.frames = frames
+        self.description = (f"frame by frame: each of the {frames} latent frames ({channels}x{height}x{width}) of "
+                            f"every clip as an image, FD over the frames in a fixed random projection onto {dim} "
+                            f"Gaussian directions (numpy default_rng({seed})), PSNR per frame averaged over the "
+                            f"frames; no reference data")
+
+    def __call__(self, clips: np.ndarray) -> np.ndarray:
+        return super().__call__(clip_frames(clips))
+
+    def psnr(self, clips: np.ndarray, reference: np.ndarray) -> float | None:
+        return frame_psnr(clips, reference, self.data_range)

@@ -276,12 +276,30 @@ def save_t2i(pipe, folder: str | Path, config: T2IConfig | None = None) -> Path:
 
 
 # -- what the model draws --------------------------------------------------------------------------------------------
+# What diffusers' pipeline of a text-to-image digits folder is called with besides prompts, steps, guidance and latents:
+# PixArt-α's caption cleaning (it needs bs4 and ftfy) and resolution binning (PixArt's 256-1024 px sizes only) off.
 def load_pipeline(folder: str | Path = T2I_DIR):
-    """diffusers' own ``PixArtAlphaPipeline.from_pretrained(folder)``."""
-    PixArtAlphaPipeline = import_extra("diffusers", T2I_NEEDS).PixArtAlphaPipeline
-    pipe = PixArtAlphaPipeline.from_pretrained(str(folder))
+    """diffusers' own pipeline of the folder, ``DiffusionPipeline.from_pretrained(folder)``: the class its
+    ``model_index.json`` names (``PixArtAlphaPipeline`` for t2i-digits, ``StableDiffusion3Pipeline`` for
+    t2i-digits-sd3)."""
+    DiffusionPipeline = import_extra("diffusers", T2I_NEEDS).DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_class(folder: str | Path) -> str:
+    """The pipeline class the folder's ``model_index.json`` names."""
+    return json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """The pipeline's latents (n, C, h, w) decoded as it decodes them, ``vae.decode(latents / scaling_factor +
+    shift_factor)`` (no shift where the config has none): images (n, 1, 8, 8), float32, clamped to [-1, 1] as its
+    postprocess clamps."""
+    config = pipe.vae.config
+    shift = getattr(config, "shift_factor", None) or 0.0
+    return pipe.vae.decode(latents / config.scaling_factor + shift).sample.float().clamp(-1.0, 1.0)
 
 
 def evaluation_prompts(num_samples: int) -> list[tuple[str, int, bool]]:
@@ -299,6 +317,7 @@ def sample_accuracy(folder: str | Path = T2I_DIR, num_samples: int = 500, steps:
     ``use_resolution_binning=False``: the pipeline bins only PixArt's 256-1024 px sizes) and reads each image with
     the digits classifier. Returns the accuracy overall, on training and held-out caption forms, and per form."""
     from .classifier import load_classifier
+    from .diffusers_caches import call_options
 
     pipe = pipe or load_pipeline(folder)
     classifier = load_classifier()
@@ -308,7 +327,7 @@ def sample_accuracy(folder: str | Path = T2I_DIR, num_samples: int = 500, steps:
     for start in range(0, num_samples, batch_size):
         chunk = [text for text, _, _ in prompts[start: start + batch_size]]
         images = pipe(chunk, num_inference_steps=steps, generator=generator, output_type="pt",
-                      clean_caption=False, use_resolution_binning=False).images  # (n, 1, 8, 8) in [0, 1]
+                      **call_options(pipe, None)).images  # (n, 1, 8, 8) in [0, 1]
         predicted.append(classifier(images * 2.0 - 1.0).argmax(dim=1).numpy())
     predicted = np.concatenate(predicted)
     digits = np.array([digit for _, digit, _ in prompts])

@@ -102,6 +102,23 @@ class UniversalGraph:
                 entry.key, entry.value = key, str(value)
             self.model.graph.initializer.append(tensor)
 
+    def with_prefix(self, prefix: str) -> "UniversalGraph":
+        """This graph as an expert's whose cache slots and weight tensors are named with ``prefix`` first (Wan2.2's
+        ``transformer_2.``): its weights, its sub-layers' slots and their ``fresh_`` outputs renamed, in place."""
+        if not prefix:
+            return self
+        renames = {name: prefix + name for name in self.weights}
+        renames.update({fresh_output_name(slot): fresh_output_name(prefix + slot) for slot in self.slots})
+        graph = self.model.graph
+        for node in graph.node:
+            node.input[:] = [renames.get(name, name) for name in node.input]
+            node.output[:] = [renames.get(name, name) for name in node.output]
+        for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            value.name = renames.get(value.name, value.name)
+        self.weights = {renames[name]: array for name, array in self.weights.items()}
+        self.slots = tuple(prefix + slot for slot in self.slots)
+        return self
+
 
 def _rms_norm_symbolic(g, input, normalized_shape, weight, eps):
     """``aten::rms_norm`` (``torch.nn.RMSNorm``: FLUX.1's query/key norms), which the TorchScript exporter has no
@@ -556,29 +573,41 @@ def _name_dims(graph_model: onnx.ModelProto, cached_shapes: dict[str, tuple[int 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def weights_layout(universal: UniversalGraph) -> dict[str, tuple[int, int]]:
-    """name -> (offset, length) of every initializer in the shared weights file: sorted by name, page-aligned."""
+def all_weights(*universals: UniversalGraph) -> dict[str, np.ndarray]:
+    """The weights of one or more universal graphs (a pipeline's experts, their names prefixed apart), by name."""
+    weights: dict[str, np.ndarray] = {}
+    for universal in universals:
+        weights.update(universal.weights)
+    return weights
+
+
+def weights_layout(*universals: UniversalGraph) -> dict[str, tuple[int, int]]:
+    """name -> (offset, length) of every initializer of ``universals`` in the shared weights file: sorted by name,
+    page-aligned."""
+    weights = all_weights(*universals)
     layout, offset = {}, 0
-    for name in sorted(universal.weights):
+    for name in sorted(weights):
         offset += (-offset) % _ALIGNMENT
-        layout[name] = (offset, universal.weights[name].nbytes)
-        offset += universal.weights[name].nbytes
+        layout[name] = (offset, weights[name].nbytes)
+        offset += weights[name].nbytes
     return layout
 
 
-def write_weights(universal: UniversalGraph, path: Path) -> dict[str, tuple[int, int]]:
-    """Writes every initializer once to ``path`` at :func:`weights_layout`; returns the layout.
+def write_weights(universal: UniversalGraph, path: Path, *others: UniversalGraph) -> dict[str, tuple[int, int]]:
+    """Writes every initializer of ``universal`` (and of ``others``: a pipeline's further experts) once to ``path``
+    at :func:`weights_layout`; returns the layout.
 
     Written by hand because onnx's ``save_as_external_data`` writes one file per model, and the point here is one
     file that every subset graph shares.
     """
-    layout = weights_layout(universal)
+    layout = weights_layout(universal, *others)
+    weights = all_weights(universal, *others)
 
     def write(f) -> None:  # one tensor at a time: a transposed weight is laid out only while it is written
         end = 0
         for name, (offset, length) in layout.items():
             f.write(b"\0" * (offset - end))
-            f.write(np.ascontiguousarray(universal.weights[name]).reshape(-1).view(np.uint8).data)
+            f.write(np.ascontiguousarray(weights[name]).reshape(-1).view(np.uint8).data)
             end = offset + length
 
     atomic_write_with(path, write)

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from ..core.plan import default_sublayer_names
 from ..models import family_of_config
-from ..routers import RouterLogits
+from ..routers import ALWAYS_COMPUTE, RouterLogits
 from ..samplers import DenoisingSampler
 from .data import StepSource
 from .distributed import init_distributed
@@ -84,8 +84,12 @@ class LearnResult:
 
 def learn_router(model: nn.Module, sampler: DenoisingSampler, source: StepSource, settings: LearnSettings,
                  state_path: Path | None = None, resume: bool = False, save_every: int = 50,
-                 progress: bool = True, source_name: str = "", log_every: int = 25) -> LearnResult:
+                 progress: bool = True, source_name: str = "", log_every: int = 25,
+                 computed_calls: tuple[int, ...] = ()) -> LearnResult:
     """Learns router logits for ``model`` at ``sampler``'s steps; returns them (sampling order).
+
+    ``computed_calls``: calls that compute everything, not learned, their logits :data:`ALWAYS_COMPUTE` so that every
+    decoding keeps them whole (a pipeline of experts: each expert's first call, its cache empty until then).
 
     ``state_path``: a safetensors checkpoint (logits, AdamW moments, iteration) written every ``save_every``
     iterations and at the end; with ``resume`` the run continues from it and ends exactly where an uninterrupted
@@ -100,7 +104,7 @@ def learn_router(model: nn.Module, sampler: DenoisingSampler, source: StepSource
         raise ValueError(f"{type(model).__name__} has no soft-routed forward (forward_soft); learning routers needs "
                          f"one (decode the authors' routers, or learned ones, instead)")
     num_calls, width = sampler.num_calls, len(family_of_config(model.config).sublayer_names(model.config))
-    steps = learned_calls(sampler, settings.mode)
+    steps = [call for call in learned_calls(sampler, settings.mode) if call not in computed_calls]
     if not steps:
         raise ValueError(f"{sampler.kind} with {num_calls} model calls has no call to learn in {settings.mode} mode "
                          f"(the first solver step always computes everything); take more steps")
@@ -161,6 +165,7 @@ def learn_router(model: nn.Module, sampler: DenoisingSampler, source: StepSource
             save_state(Path(state_path), router, optimizer, settings, done)
     bar.close()
     logits = router.logits.detach().numpy().copy()
+    logits[list(computed_calls)] = ALWAYS_COMPUTE
     meta = {"sampler": sampler.kind, "source_data": source_name, "settings": settings}
     names = family_of_config(model.config).sublayer_names(model.config)
     if names != default_sublayer_names(len(names)):

@@ -81,6 +81,7 @@ class ModelFamily:
     guidance_rule: str = CLASSIFIER_FREE  # how the scale acts (l2c_export.core.interface.GUIDANCE_RULES)
     scale_argument: str = DEFAULT_SCALE_ARGUMENT  # the pipeline's name for the scale
     latent_layout: str = NCHW  # how the sample's axes lie (l2c_export.core.interface.LATENT_LAYOUTS)
+    macs_prompt_tokens: int | None = None  # a text model's prompt length that its MACs are counted at
 
     # -- configs and checkpoints -----------------------------------------------------------------------------------
     def owns(self, config) -> bool:

@@ -18,8 +18,10 @@ from . import ModelFamily, family_of_config, family_of_model, get_family
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 # Folders of DEMO_DIR, each with a model.json, or a diffusers pipeline folder (model_index.json) with the learned
 # router.safetensors and schedule.json beside (diffusers' from_pretrained ignores them).
-EMBEDDED_MODELS = ("dit-digits", "uvit-digits", "t2i-digits", "t2v-digits")
-TEXT_TO_IMAGE_MODELS = ("t2i-digits",)
+EMBEDDED_MODELS = ("dit-digits", "uvit-digits", "t2i-digits", "t2i-digits-sd3", "t2v-digits")
+# The diffusers folders among them: PixArt-α (l2c_export/demo/t2i.py), SD3 (l2c_export/demo/t2i_sd3.py) and Wan
+# (l2c_export/demo/t2v.py)
+TEXT_TO_IMAGE_MODELS = ("t2i-digits", "t2i-digits-sd3")
 TEXT_TO_VIDEO_MODELS = ("t2v-digits",)
 # An embedded diffusers folder's file beside model_index.json: its prompts and, for a video model, the clip it is
 # sampled at (num_frames, height, width), its prompts' max_sequence_length and its num_inference_steps, which a build
@@ -28,6 +30,42 @@ CAPTIONS_FILE = "captions.json"
 DEFAULT_NAME = "dit-digits"
 ROUTER_FILE, SCHEDULE_FILE = "router.safetensors", "schedule.json"
 MAX_PRESET_IMAGE_SIZE = 4096  # --image-size of an official checkpoint's preset, in pixels
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One of the transformers a pipeline switches between by timestep: its component ``name``, the ``prefix`` of its
+    cache slots and weight tensors in a build (none for the first), its guidance-scale argument, its config (sized as
+    the build's) and weights folder."""
+
+    name: str
+    prefix: str
+    scale_argument: str
+    config: object
+    weights: Path
+
+
+@dataclass(frozen=True)
+class ExpertSet:
+    """A pipeline's experts in the order they run (Wan2.2's transformer, then transformer_2) and its boundary ratio:
+    a model call whose timestep is >= ``boundary_ratio`` x num_train_timesteps runs the first, a later one the
+    next."""
+
+    boundary_ratio: float
+    models: tuple[Expert, ...]
+
+    def boundary_timestep(self, sampler: DenoisingSampler) -> float:
+        """``boundary_ratio`` x the scheduler's ``num_train_timesteps`` (a diffusers sampler's option)."""
+        return self.boundary_ratio * sampler.to_dict()["options"]["num_train_timesteps"]
+
+    def step_expert(self, sampler: DenoisingSampler) -> list[int]:
+        """(num_calls,) the expert of each of ``sampler``'s model calls, as ``WanPipeline.__call__`` chooses: the
+        first while the timestep is >= :meth:`boundary_timestep` (in float32: :func:`expert_of_time`), the second
+        after."""
+        from ..core.manifest import expert_of_time
+
+        boundary = self.boundary_timestep(sampler)
+        return [expert_of_time(t, boundary) for t in sampler.model_times]
 
 
 @dataclass(frozen=True)
@@ -48,6 +86,7 @@ class ModelSpec:
     components: object = None  # a diffusers folder's FolderComponents: the VAE, text encoder and tokenizer a build carries
     max_prompt_tokens: int | None = None  # text models: the longest prompt embeddings L (the bound of their tokens)
     max_sequence_length: int | None = None  # text models: the pipeline's max_sequence_length (T5's tokens)
+    experts: ExpertSet | None = None  # a pipeline of transformers switching by timestep (Wan2.2); None: one
 
     def __post_init__(self):
         if self.sampler_kind is None:
@@ -69,7 +108,14 @@ class ModelSpec:
         return self.family.sublayer_names(self.config)
 
     def load_model(self):
-        return self.family.load(self.weights, self.config)
+        """The cached model; a pipeline of experts' switching between them by timestep, as the pipeline
+        (:func:`~l2c_export.models.diffusers.cache.expert_switch`)."""
+        if self.experts is None:
+            return self.family.load(self.weights, self.config)
+        from .diffusers.cache import expert_switch
+
+        return expert_switch([self.family.load(m.weights, m.config) for m in self.experts.models],
+                             self.experts.boundary_timestep(self.sampler()))
 
     def sampler(self, kind: str | None = None, num_steps: int | None = None) -> DenoisingSampler:
         """The sampler ``kind`` (default: the model's) with ``num_steps`` model calls (NFE; default: the model's). A
@@ -91,9 +137,9 @@ class ModelSpec:
 
 
 def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
-    """A model shipped in ``l2c_export/demo/NAME/`` (see its ``model.json``, or for ``t2i-digits`` and ``t2v-digits``
-    the diffusers folder it is, with its router and schedule, sized by its :data:`CAPTIONS_FILE`): the digits DiT by
-    default."""
+    """A model shipped in ``l2c_export/demo/NAME/`` (see its ``model.json``, or for ``t2i-digits``, ``t2i-digits-sd3``
+    and ``t2v-digits`` the diffusers folder it is, with its router and schedule, sized by its :data:`CAPTIONS_FILE`):
+    the digits DiT by default."""
     if name not in EMBEDDED_MODELS:
         raise ValueError(f"unknown embedded model {name!r}; expected one of {', '.join(EMBEDDED_MODELS)}")
     folder = DEMO_DIR / name
@@ -116,8 +162,8 @@ def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
 
 
 def embedded_diffusers_folder(name: str | None) -> Path | None:
-    """The folder of an embedded model that is a diffusers pipeline folder (``t2i-digits``, ``t2v-digits``); None for
-    any other name."""
+    """The folder of an embedded model that is a diffusers pipeline folder (``t2i-digits``, ``t2i-digits-sd3``,
+    ``t2v-digits``); None for any other name."""
     folder = DEMO_DIR / name if name in EMBEDDED_MODELS else None
     return folder if folder is not None and (folder / "model_index.json").is_file() else None
 
@@ -160,20 +206,29 @@ def from_diffusers(folder: str | Path, image_size: int | tuple[int, int] | None 
                              f"(T5's tokens; {found.pipeline_class} takes at most {high})")
     if family.declaration.text_encoders is not None:
         max_sequence_length = max_sequence_length or family.declaration.max_sequence_length[found.pipeline_class]
+    experts = None
+    if found.experts is not None:
+        declared = family.declaration.experts
+        later = [Expert(expert.name, declared.prefix(i), declared.scale_arguments[i],
+                        family.sized_config(expert.config, image_size, found.vae_scale_factor, num_frames), expert.path)
+                 for i, expert in enumerate(found.experts.later, start=1)]
+        experts = ExpertSet(found.experts.boundary_ratio, (
+            Expert(declared.components[0], declared.prefix(0), declared.scale_arguments[0], config,
+                   found.transformer_dir), *later))
     return ModelSpec(name=f"{found.config.transformer_class} {Path(folder).resolve().name}", config=config,
                      weights=found.transformer_dir, space="latent", num_steps=family.default_steps,
                      scheduler_config=found.scheduler_config, scheduler_source=str(found.scheduler_config_path),
                      components=found.components,
                      max_prompt_tokens=family.max_prompt_tokens(found.pipeline_class, max_sequence_length,
                                                                 found.components.tokenizer_max_length),
-                     max_sequence_length=max_sequence_length)
+                     max_sequence_length=max_sequence_length, experts=experts)
 
 
 def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | tuple[int, int] | None,
             num_classes: int | None, diffusers: str | Path | None = None,
             max_sequence_length: int | None = None, num_frames: int | None = None) -> ModelSpec:
     """A diffusers folder (``diffusers``); without a checkpoint, an embedded model (``model``: dit-digits, the
-    default, uvit-digits, t2i-digits or t2v-digits); else the official model the flags describe."""
+    default, uvit-digits, t2i-digits, t2i-digits-sd3 or t2v-digits); else the official model the flags describe."""
     if diffusers is not None:
         if checkpoint is not None or model is not None:
             raise ValueError("--diffusers names the model; leave out --checkpoint and --model")

@@ -198,6 +198,12 @@ class PromptEncoder:
         self.negative_prompt_required = record.get("negative_prompt_required", False)
         self.encoders = [StackEncoder(manifest, folder, entry, providers) for entry in record["encoders"]]
 
+    def check_preprocessing(self, prompts: Sequence[str], where: str) -> None:
+        """Refuses, before anything runs, a prompt the preprocessing refuses (Wan's ``prompt_clean`` without ftfy:
+        :func:`~l2c_export.core.text_stack.wan_prompt_clean`), naming it ``where`` (numbered if several)."""
+        for i, text in enumerate(prompts):
+            preprocess(text, self.preprocessing, f"{where} {i + 1}" if len(prompts) > 1 else where)
+
     def tokenize(self, prompts: Sequence[str], encoder: int = 0,
                  negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Prompts (already checked) -> encoder ``encoder``'s input_ids and attention_mask (n, its length)."""
@@ -224,7 +230,9 @@ class PromptEncoder:
             raise PromptError(f"{name['negative_prompt']} is missing: this model's pipeline guides only against a "
                               f"negative prompt (it runs unguided without one); give {name['negative_prompt']}, or "
                               f"{name['cfg_scale']} 1")
-        return negative_prompts("" if negative_prompt is None else negative_prompt, count)
+        negatives = negative_prompts("" if negative_prompt is None else negative_prompt, count)
+        self.check_preprocessing(list(dict.fromkeys(negatives)), name["negative_prompt"])
+        return negatives
 
     def __call__(self, prompts: Sequence, negative_prompt=None, guiding: bool = True,
                  where: str = "prompt", names: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
@@ -234,6 +242,7 @@ class PromptEncoder:
             raise PromptError(f"{where}: expected a list of one or more prompts")
         prompts = [check_prompt(text, f"{where} {i + 1}" if len(prompts) > 1 else where)
                    for i, text in enumerate(prompts)]
+        self.check_preprocessing(prompts, where)
         arrays = self.embed(prompts)
         if guiding:
             negatives = self.negative_prompts(negative_prompt, len(prompts), names)

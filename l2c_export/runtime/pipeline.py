@@ -111,12 +111,24 @@ class SampleResult:
         return self.samples
 
     @property
-    def frames(self) -> np.ndarray:
-        """A video model's decoded clips as ``WanPipeline(output_type="np").frames``: (n, F, H, W, 3) float32 in
-        [0, 1] (the decoded (n, 3, F, H, W) halved and shifted, clamped)."""
+    def frames(self):
+        """A video model's clips as ``WanPipeline(...).frames`` of the same ``output_type``: (n, F, H, W, 3) float32
+        in [0, 1] ("np", WanPipeline's default, and where none was given: the decoded (n, 3, F, H, W) halved and
+        shifted, clamped, :func:`~l2c_export.core.images.clip_frames`), a list of n lists of F PIL images ("pil":
+        those frames ``(x * 255).round()`` as uint8, as diffusers' ``numpy_to_pil``) or the latents (n, C, F', H',
+        W') ("latent")."""
+        from ..core.images import clip_frames
+
         if self.samples.ndim != 5:
             raise ValueError("frames are a video model's decoded clips; this build samples images (result.images)")
-        return np.clip(np.moveaxis(self.pixels, 1, -1) / 2 + 0.5, 0, 1).astype(np.float32)
+        if self.output_type == "latent":
+            return self.samples
+        frames = clip_frames(self.pixels)
+        if self.output_type != "pil":
+            return frames
+        from PIL import Image
+
+        return [[Image.fromarray(frame) for frame in clip] for clip in (frames * 255).round().astype(np.uint8)]
 
     @property
     def images(self):
@@ -152,7 +164,14 @@ class L2CPipeline:
         self.sample_shape = self.interface.sample_shape
         self.label_record = label_record(manifest["model"]["inputs"])  # None: a model conditioned otherwise
         self.step_subset = manifest["schedule"]["step_subset"]
-        self.full_subset = next(s["index"] for s in manifest["subsets"] if all(s["compute"]))
+        experts = manifest.get("experts")  # a pipeline of experts (Wan2.2's): each call runs one, on its subsets
+        self.step_expert = [0] * len(self.step_subset) if experts is None else experts["step_expert"]
+        self.expert_scale_arguments = [] if experts is None else [m["scale_argument"] for m in experts["models"]]
+        full = {}  # expert -> its subset that computes everything
+        for record in manifest["subsets"]:
+            if all(record["compute"]):
+                full.setdefault(record.get("expert", 0), record["index"])
+        self.full_subsets = [full[expert] for expert in self.step_expert]
         components = manifest.get("components", {})
         providers = component_providers or ("CPUExecutionProvider",)
         self.prompt_encoder = PromptEncoder(manifest, self.folder, providers) if "prompt_encoding" in components else None
@@ -195,7 +214,8 @@ class L2CPipeline:
                  num_inference_steps: int | None = None, latents: np.ndarray | None = None, generator=None,
                  seed: int | None = None, num_images_per_prompt: int = 1, output_type: str | None = None,
                  conditioning: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
-                 cfg_scale: float | None = None, noise: np.ndarray | None = None, full: bool = False,
+                 cfg_scale: float | None = None, cfg_scale_2: float | None = None, noise: np.ndarray | None = None,
+                 full: bool = False,
                  progress: bool = False, decode: bool = False, batch_size: int | None = None,
                  where: str = "conditioning", names: Mapping[str, str] | None = None, **arguments) -> SampleResult:
         """Samples one image per label (a label model) or per prompt, as the family's diffusers pipeline is called.
@@ -212,6 +232,10 @@ class L2CPipeline:
         pipelines; one, or one per prompt); refused rather than dropped where it would not be used.
         num_inference_steps: the build's (:attr:`num_inference_steps`); another count is refused naming the rebuild.
         the scale (``cfg_scale``, or by its argument name): default :attr:`default_guidance_scale`.
+        a build of a pipeline of experts (the manifest's ``experts``, Wan2.2's): the second expert's scale
+        (``cfg_scale_2``, or by the name its ``experts/models/1/scale_argument`` gives) combines the halves at its
+        calls, default the first's, as the pipeline's; whether to guide at all is the first scale's (> 1). Refused on
+        other builds.
         latents (``noise``): (n, *sample shape) float32 initial latents of the n conditional samples; guidance
         duplicates them for the unconditional half.
         seed, or generator: a ``torch.Generator`` (or a list of one per image), read by its ``initial_seed()``
@@ -239,6 +263,7 @@ class L2CPipeline:
         scale_argument = self.manifest["guidance"].get("scale_argument", DEFAULT_SCALE_ARGUMENT)
         label_argument = None if self.label_record is None else self.label_record["argument"]
         known_arrays = request_arguments(self.manifest, negatives=True)
+        expert_scales = {name: arguments.pop(name) for name in self.expert_scale_arguments[1:] if name in arguments}
         scales, given_labels, arrays = self._sort_keywords(arguments, scale_argument, label_argument, known_arrays)
         if prompt_or_labels is not None:
             if _is_text(prompt_or_labels) or (label_argument is None and _is_empty(prompt_or_labels)):
@@ -251,6 +276,8 @@ class L2CPipeline:
         if isinstance(labels, (int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
             labels = [labels]  # one label, as DiTPipeline takes it
         scale_name, cfg_scale = _only_one_named({"cfg_scale": cfg_scale, **scales}, scale_argument)
+        scale_2_name, cfg_scale_2 = _only_one_named({"cfg_scale_2": cfg_scale_2, **expert_scales},
+                                                    (self.expert_scale_arguments or ["", "cfg_scale_2"])[1])
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
                                                 or num_inference_steps != self.num_inference_steps):
             raise ValueError(f"num_inference_steps is {num_inference_steps!r}; this build samples "
@@ -293,7 +320,7 @@ class L2CPipeline:
                                     f".npz of them")
         if names is None:
             names = {**ARGUMENT_NAMES, "labels": label_argument if label_name == label_argument else "labels",
-                     "cfg_scale": scale_name,
+                     "cfg_scale": scale_name, "cfg_scale_2": scale_2_name,
                      "conditioning": ", ".join(arrays) if arrays else "conditioning"}
             if label_argument is None and prompt is None and conditioning is None and labels is None:
                 raise ValueError(f"prompt: none given; expected prompt (texts, the build having a text encoder) or "
@@ -312,8 +339,8 @@ class L2CPipeline:
             noise_name, noise = "generator", np.concatenate([make_noise(s, (1, *self.sample_shape)) for s in seeds])
         if output_type in ("pil", "np"):
             decode = True
-        return self._generate(labels, cfg_scale, seed, noise, noise_name, full, progress, conditioning, where, prompt,
-                              negative_prompt, decode, batch_size, names, output_type)
+        return self._generate(labels, (cfg_scale, cfg_scale_2), seed, noise, noise_name, full, progress, conditioning,
+                              where, prompt, negative_prompt, decode, batch_size, names, output_type)
 
     @staticmethod
     def _sort_keywords(arguments: Mapping[str, object], scale_argument: str, label_argument: str | None,
@@ -350,16 +377,26 @@ class L2CPipeline:
         first = next((a for a in (conditioning or {}).values() if np.ndim(a)), None)
         return None if first is None else len(first)
 
-    def _generate(self, labels, cfg_scale, seed, noise, noise_name, full, progress, conditioning, where, prompt,
+    def _generate(self, labels, scales, seed, noise, noise_name, full, progress, conditioning, where, prompt,
                   negative_prompt, decode, batch_size, names, output_type) -> SampleResult:
         """:meth:`__call__`'s request, its arguments resolved (one name each, an .npz loaded, repeated per
-        ``num_images_per_prompt``): checked whole, then sampled (and decoded) a batch at a time."""
+        ``num_images_per_prompt``): checked whole, then sampled (and decoded) a batch at a time. ``scales``: the
+        guidance scale and the second expert's (None: the defaults)."""
         from ..core.memory import check_run_fits
         from .conditioning import (ConditioningError, classifier_free_batch, images_per_batch,
                                    model_batch_conditioning, request_arguments)
 
+        cfg_scale, cfg_scale_2 = scales
         cfg_scale = check_finite(self.manifest["guidance"]["cfg_scale"] if cfg_scale is None else cfg_scale,
                                  names["cfg_scale"], low=1.0)
+        scale_2_name = names.get("cfg_scale_2", "cfg_scale_2")
+        if cfg_scale_2 is not None and len(self.expert_scale_arguments) < 2:
+            raise ValueError(f"{scale_2_name}: the build {self.folder} has one transformer (its manifest has no "
+                             f"'experts'), guided by {names['cfg_scale']} alone; leave {scale_2_name} out")
+        # each expert's scale, the second's defaulting to the first's as in the pipeline; the first decides guiding
+        expert_scales = [cfg_scale, cfg_scale if cfg_scale_2 is None else check_finite(cfg_scale_2, scale_2_name,
+                                                                                       low=1.0)]
+        call_scales = [expert_scales[expert] for expert in self.step_expert]
         guiding = classifier_free_batch(self.manifest, cfg_scale)
         if batch_size is None:
             batch_size = images_per_batch(self.manifest, cfg_scale)
@@ -385,6 +422,7 @@ class L2CPipeline:
                 raise PromptError("prompt: expected one or more prompts")
             prompts = [check_prompt(text, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
                        for i, text in enumerate(prompts)]
+            self.prompt_encoder.check_preprocessing(prompts, names["prompt"])
             if negative_prompt is not None and not guiding:
                 refuse_unused_negative_prompt(guiding, True, False, names)
             if guiding:
@@ -416,7 +454,7 @@ class L2CPipeline:
             return ddpm_streams[s].draw(rows)
 
         starts = range(0, n, batch_size)
-        subsets = [self.full_subset] * self.sampler.num_calls if full else list(self.step_subset)
+        subsets = list(self.full_subsets) if full else list(self.step_subset)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -439,7 +477,7 @@ class L2CPipeline:
                                                         where, cfg_scale, names)
                 batch_noise = noise[start:stop] if noise is not None else initial_noise.draw(stop - start)
                 x, batch_seconds, batch_engine_seconds = self._sample(
-                    np.asarray(batch_noise, dtype=np.float32), condition, guiding, cfg_scale, subsets,
+                    np.asarray(batch_noise, dtype=np.float32), condition, guiding, call_scales, subsets,
                     lambda s, rows=stop - start: ddpm_noise(s, rows), bar)
                 samples.append(x)
                 seconds += batch_seconds
@@ -457,11 +495,11 @@ class L2CPipeline:
                             step_subsets=subsets, decoded=np.concatenate(decoded) if decoded else None,
                             output_type=output_type, decoder=lazy_decoder)
 
-    def _sample(self, noise: np.ndarray, condition: dict, guiding: bool, cfg_scale: float, subsets: list[int],
-                ddpm_noise, bar) -> tuple[np.ndarray, float, float]:
+    def _sample(self, noise: np.ndarray, condition: dict, guiding: bool, call_scales: list[float],
+                subsets: list[int], ddpm_noise, bar) -> tuple[np.ndarray, float, float]:
         """One batch: initial noise (b, C, H, W), the model batch's conditioning inputs (2b rows when ``guiding``),
-        ``ddpm_noise(call) -> (b, C, H, W)`` -> (samples (b, C, H, W) float32, seconds of the loop, seconds in the
-        engines)."""
+        the guidance scale of each call (its expert's), ``ddpm_noise(call) -> (b, C, H, W)`` -> (samples (b, C, H,
+        W) float32, seconds of the loop, seconds in the engines)."""
         n = len(noise)
         guided, rule = self.manifest["guidance"]["guided_channels"], self.manifest["guidance"]["rule"]
         state = self.backend.new_request()
@@ -474,7 +512,7 @@ class L2CPipeline:
             engine_start = time.perf_counter()
             out = self.backend.run(subsets[call.index], self.interface.feeds(model_x, t, condition), state)
             engine_seconds += time.perf_counter() - engine_start
-            out = apply_guidance(out, cfg_scale, guided, rule)[:n] if guiding else out
+            out = apply_guidance(out, call_scales[call.index], guided, rule)[:n] if guiding else out
             return out if self.sampler_channels is None else out[:, :self.sampler_channels]
 
         start = time.perf_counter()

@@ -28,12 +28,15 @@ seed                   (1,) int64    optional, 0 .. 2**63 - 1: the initial noise
                                      so the image equals ``L2CPipeline([label], seed=seed)``'s; with neither noise nor
                                      seed a fresh random seed
 cfg_scale              (1,) f32      optional: the guidance scale in [1, MAX_CFG_SCALE] (default: the build's; 1: none)
+cfg_scale_2            (1,) f32      a build of two experts only (the manifest's ``experts``, Wan2.2's), optional: the
+                                     second expert's scale (the pipeline's guidance_scale_2) in [1, MAX_CFG_SCALE]
+                                     (default: the image's cfg_scale); whether to guide is cfg_scale's
 ====================== ============= =================================================================================
 
 :func:`input_ranges` holds those ranges, :func:`decode_request` enforces them (the only place that does), and the
 Triton model config states them (its ``input_ranges`` parameter).
 
-Images of the same guidance scale (and, for text models, the same prompt length L) are sampled as one batch (up to the
+Images of the same guidance scales (and, for text models, the same prompt length L) are sampled as one batch (up to the
 build's batch limit), whatever request they came from: each image's sample is the same as when it is sampled alone
 (the model is per-sample; to float rounding).
 DDPM draws its step noise per sampling batch, so DDPM images are sampled one per batch, each from its own seed.
@@ -55,7 +58,7 @@ MAX_SEED = 2 ** 63 - 1  # int64, within what torch.Generator.manual_seed (make_n
 MAX_CFG_SCALE = 100.0  # far above any scale in use (DiT samples at 1.5-4, text-to-image pipelines at up to ~20);
 #                        a scale of 1e30 swamps the prediction (and overflows float32 in a latent model)
 # how messages call a request's parts (the runtime's names for them: l2c_export.runtime.conditioning.FLAG_NAMES)
-SERVED_NAMES = {name: f"input {name!r}" for name in ("labels", "conditioning", "cfg_scale", "prompt",
+SERVED_NAMES = {name: f"input {name!r}" for name in ("labels", "conditioning", "cfg_scale", "cfg_scale_2", "prompt",
                                                       "negative_prompt")}
 MAX_ABS_NOISE = 1000.0  # standard normal noise never comes near it (|x| > 10 has probability 1e-23)
 
@@ -64,7 +67,8 @@ def input_ranges(manifest: dict) -> dict[str, list]:
     """The closed range of every input's values, by input name: what :func:`decode_request` enforces. A label
     model's labels are 0 .. null_class - 1; a text model's token masks (and their partners) 0/1, its embeddings
     finite; a build served prompts as text takes neither."""
-    ranges = {"noise": [-MAX_ABS_NOISE, MAX_ABS_NOISE], "seed": [0, MAX_SEED], "cfg_scale": [1.0, MAX_CFG_SCALE]}
+    ranges = {"noise": [-MAX_ABS_NOISE, MAX_ABS_NOISE], "seed": [0, MAX_SEED], "cfg_scale": [1.0, MAX_CFG_SCALE],
+              **({"cfg_scale_2": [1.0, MAX_CFG_SCALE]} if has_experts(manifest) else {})}
     if takes_labels(manifest):
         return {"labels": [0, manifest["guidance"]["null_class"] - 1], **ranges}
     if takes_text(manifest):
@@ -72,6 +76,12 @@ def input_ranges(manifest: dict) -> dict[str, list]:
     masks = [name for record in request_inputs(manifest) if record["kind"] == TOKEN_MASK
              for name in (record["argument"], record.get("negative")) if name is not None]
     return {**{name: [0, 1] for name in masks}, **ranges}
+
+
+def has_experts(manifest: dict) -> bool:
+    """Whether the build is of two experts switching by timestep (the manifest's ``experts``, Wan2.2's): served a
+    second guidance scale, ``cfg_scale_2``."""
+    return "experts" in manifest
 
 
 def takes_text(manifest: dict) -> bool:
@@ -108,7 +118,8 @@ def served_inputs(manifest: dict) -> list[tuple[str, str, list[int], bool]]:
                 by_name[record["negative"]] = (record["dtype"], dims, True)
         conditioning = [(name, *by_name[name]) for name in served_text_arguments(manifest)]
     return conditioning + [("noise", "float32", sample_shape, True), ("seed", "int64", [1], True),
-                           ("cfg_scale", "float32", [1], True)]
+                           ("cfg_scale", "float32", [1], True)] + (
+        [("cfg_scale_2", "float32", [1], True)] if has_experts(manifest) else [])
 
 
 def _token_argument(manifest: dict) -> str:
@@ -130,6 +141,7 @@ class SampleRequest:
     noise: np.ndarray  # (n, C, H, W) float32
     seeds: np.ndarray  # (n,) int64: DDPM's step noise is drawn from them
     cfg_scales: np.ndarray  # (n,) float64
+    cfg_scales_2: np.ndarray | None = None  # (n,) float64: a build of experts' second scales; None for other builds
     conditioning: dict[str, np.ndarray] | None = None  # text models: argument name -> (n, L, D) / (n, L) / (n, P)
     prompt_length: int | None = None  # text models: L of the token embeddings
     negative_length: int | None = None  # L' of their negative partner, where sent (it may differ where masked)
@@ -137,7 +149,8 @@ class SampleRequest:
 
 def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray | None = None,
                    seed: np.ndarray | None = None, cfg_scale: np.ndarray | None = None,
-                   prompt: np.ndarray | None = None, negative_prompt: np.ndarray | None = None,
+                   cfg_scale_2: np.ndarray | None = None, prompt: np.ndarray | None = None,
+                   negative_prompt: np.ndarray | None = None,
                    **prompts: np.ndarray | None) -> SampleRequest:
     """Checks one request's tensors (shapes as in the table above, with the batch dimension first) against
     ``pipeline``'s build; raises ``ValueError`` with a message naming the input and what was expected. ``prompts``:
@@ -193,6 +206,14 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
         scales = np.full(n, float(pipeline.manifest["guidance"]["cfg_scale"]))
     for scale in scales:
         check_finite(float(scale), "input 'cfg_scale'", *ranges["cfg_scale"])  # 1 is no guidance
+    scales_2 = per_image("cfg_scale_2", cfg_scale_2, np.float64)
+    if scales_2 is not None and not has_experts(pipeline.manifest):
+        raise ValueError("input 'cfg_scale_2': this build has one transformer (its manifest has no 'experts'), "
+                         "guided by 'cfg_scale' alone; leave it out")
+    if has_experts(pipeline.manifest):
+        scales_2 = scales.copy() if scales_2 is None else scales_2  # as the pipeline's guidance_scale_2 default
+        for scale in scales_2:
+            check_finite(float(scale), "input 'cfg_scale_2'", *ranges["cfg_scale_2"])
     conditioning = None
     if texts:  # encoded once for the request; the negatives whenever any image guides
         guiding = any(classifier_free_batch(pipeline.manifest, float(scale)) for scale in scales)
@@ -241,7 +262,8 @@ def decode_request(pipeline, labels: np.ndarray | None = None, noise: np.ndarray
         noise = np.stack([make_noise(int(s), (1, *pipeline.sample_shape))[0] for s in seeds])
     length = None if conditioning is None else conditioning[_token_argument(pipeline.manifest)].shape[1]
     negative = None if conditioning is None else conditioning.get(_negative_token_argument(pipeline.manifest))
-    return SampleRequest(labels=labels, noise=noise, seeds=seeds, cfg_scales=scales, conditioning=conditioning,
+    return SampleRequest(labels=labels, noise=noise, seeds=seeds, cfg_scales=scales, cfg_scales_2=scales_2,
+                         conditioning=conditioning,
                          prompt_length=length, negative_length=None if negative is None else negative.shape[1])
 
 
@@ -300,13 +322,14 @@ def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.nd
             # the negative prompt's length too where the batch runs it (it may differ from the prompt's)
             negative_length = request.negative_length if classifier_free_batch(pipeline.manifest, float(scale)) \
                 else None
-            key = (float(scale), request.prompt_length, negative_length,
+            scale_2 = None if request.cfg_scales_2 is None else float(request.cfg_scales_2[i])
+            key = (float(scale), scale_2, request.prompt_length, negative_length,
                    (r, i) if pipeline.sampler.kind == "ddpm" else None)
             groups.setdefault(key, []).append((r, i))
     results: list[np.ndarray | Exception] = [np.empty((len(q.noise), *pipeline.sample_shape), np.float32)
                                              for q in requests]
     batch_sizes = []
-    for (scale, length, _, _), members in groups.items():
+    for (scale, scale_2, length, _, _), members in groups.items():
         size = images_per_batch(pipeline, scale)
         for start in range(0, len(members), size):
             chunk = members[start: start + size]
@@ -320,7 +343,7 @@ def sample_requests(pipeline, requests: list[SampleRequest]) -> tuple[list[np.nd
             noise = np.stack([requests[r].noise[i] for r, i in chunk])
             seed = int(requests[chunk[0][0]].seeds[chunk[0][1]])
             try:
-                samples = pipeline(**condition, cfg_scale=scale, seed=seed, noise=noise).samples
+                samples = pipeline(**condition, cfg_scale=scale, cfg_scale_2=scale_2, seed=seed, noise=noise).samples
             except Exception as error:  # noqa: BLE001 - reported to the requests of this batch, the rest go on
                 for r, _ in chunk:
                     results[r] = error

@@ -9,7 +9,8 @@ running each once (the Python, numpy and ONNX Runtime imports come before the ba
 
 Every request is the manifest's conditioning inputs filled in by kind (:func:`bench_request`): class labels 0, 1, ...
 for a label model; for a text model seeded random arrays, token inputs of ``prompt_tokens`` tokens, by default the
-length the MACs (and so the ideal speedup) are counted at, 120 (PixArt-α's T5 maximum).
+length the build's MACs (and so the ideal speedup) are counted at (:func:`macs_prompt_tokens`: Wan's and FLUX.1's
+512, PixArt-α's 120).
 """
 
 from __future__ import annotations
@@ -65,35 +66,45 @@ class BenchResult:
     speedup_min: float | None = None
     speedup_max: float | None = None
     threads: int | None = None  # the backend's intra-op threads (onnxruntime: its pool, 0 = one per core)
+    prompt_tokens: int | None = None  # a text model's requests' prompt length (None: a label model)
 
 
 def benchmark(folder: str | Path, backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
               measure_memory: bool = True, threads: int | None = None,
-              prompt_tokens: int = MACS_PROMPT_TOKENS) -> BenchResult:
+              prompt_tokens: int | None = None) -> BenchResult:
     return benchmark_together([folder], backend, batch, repeats, measure_memory, threads, prompt_tokens)[0]
 
 
-def bench_request(manifest: dict, batch: int, prompt_tokens: int = MACS_PROMPT_TOKENS) -> dict:
+def macs_prompt_tokens(manifest: dict) -> int:
+    """The prompt length a build's MACs and ideal speedup are counted at (``macs/prompt_tokens``; a build written
+    before it was recorded: PixArt-α's 120, the length then benchmarked)."""
+    return manifest["macs"].get("prompt_tokens", MACS_PROMPT_TOKENS)
+
+
+def bench_request(manifest: dict, batch: int, prompt_tokens: int | None = None) -> dict:
     """The keyword arguments of a benchmark request of ``batch`` samples, sampled as one batch whatever the build's
-    batch range: labels, or prompt embeddings of ``prompt_tokens`` tokens
+    batch range: labels, or prompt embeddings of ``prompt_tokens`` tokens (default :func:`macs_prompt_tokens`)
     (:func:`l2c_export.runtime.conditioning.example_conditioning`)."""
     from ..runtime.conditioning import example_conditioning
 
-    return {**example_conditioning(manifest, batch, prompt_tokens=prompt_tokens), "batch_size": batch}
+    tokens = prompt_tokens or macs_prompt_tokens(manifest)
+    return {**example_conditioning(manifest, batch, prompt_tokens=tokens), "batch_size": batch}
 
 
 def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", batch: int = 2, repeats: int = 5,
                        measure_memory: bool = True, threads: int | None = None,
-                       prompt_tokens: int = MACS_PROMPT_TOKENS) -> list[BenchResult]:
+                       prompt_tokens: int | None = None) -> list[BenchResult]:
     """One row per build, all measured in one interleaved loop (each repeat runs every build's full compute and
-    schedule in turn), so that ratios between builds (int8 against fp32) share the machine's load."""
+    schedule in turn), so that ratios between builds (int8 against fp32) share the machine's load; a text model's
+    requests ``prompt_tokens`` long (default each build's :func:`macs_prompt_tokens`)."""
     from ..runtime.conditioning import takes_labels
     from ..runtime.pipeline import L2CPipeline
 
     folders = [Path(folder) for folder in folders]
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
     pipes = [L2CPipeline.from_engine_dir(folder, backend=backend, **options) for folder in folders]
-    requests = [bench_request(pipe.manifest, batch, prompt_tokens) for pipe in pipes]
+    tokens = [prompt_tokens or macs_prompt_tokens(pipe.manifest) for pipe in pipes]
+    requests = [bench_request(pipe.manifest, batch, length) for pipe, length in zip(pipes, tokens)]
     calls = [call for pipe, request in zip(pipes, requests)
              for call in (functools.partial(pipe, **request, full=True), functools.partial(pipe, **request))]
     runs = interleaved_runs(calls, repeats)
@@ -105,8 +116,8 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
         data = pipe.manifest
         memory_all = memory_full = cpp_all = cpp_full = None
         if measure_memory:
-            memory_all = measure_engine_memory(folder, backend, batch, "all", prompt_tokens)
-            memory_full = measure_engine_memory(folder, backend, batch, "full", prompt_tokens)
+            memory_all = measure_engine_memory(folder, backend, batch, "all", tokens[i])
+            memory_full = measure_engine_memory(folder, backend, batch, "full", tokens[i])
             # The C++ runtime reads fp32 and fp16 builds (not yet int8's quantization records); its memory probe
             # feeds class labels (a text model's prompts: not yet).
             if backend == "onnxruntime" and data["precision"] in ("fp32", "fp16") and CPP_MEMORY_PROBE.is_file() \
@@ -125,7 +136,8 @@ def benchmark_together(folders: list[str | Path], backend: str = "onnxruntime", 
                                    full_seconds_min=full_min, full_seconds_max=full_max,
                                    schedule_seconds_min=schedule_min, schedule_seconds_max=schedule_max,
                                    speedup_min=low, speedup_max=high,
-                                   threads=getattr(pipe.backend, "threads", None)))
+                                   threads=getattr(pipe.backend, "threads", None),
+                                   prompt_tokens=None if takes_labels(data) else tokens[i]))
     _against_fp32(results, [pipe.manifest for pipe in pipes])
     return results
 

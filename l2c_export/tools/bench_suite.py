@@ -14,8 +14,9 @@ on), which gives 11 distinct subsets.
 
 ``make bench-large`` (``--large``; not part of ``make test``): diffusers folders at the real sizes, random weights
 (:data:`REAL_SIZES`: ``facebook/DiT-XL-2-256``'s transformer, PixArt-α 512's, SD3-medium's at 256 px, FLUX.1's real
-width with 2 double and 4 single blocks at 256 px, Sana 1.6B at 1024 px, and Qwen-Image's real width with 4 of its
-60 blocks at 256 px; the two cuts' rows also project their whole model per block: see
+width with 2 double and 4 single blocks at 256 px, Sana 1.6B at 1024 px, Qwen-Image's real width with 4 of its
+60 blocks at 256 px, and Wan2.1-T2V-1.3B's real width with 2 of its 30 blocks at 17 frames of 256 px; the cuts' rows
+also project their whole model per block, and the Wan row Wan2.1-14B and Wan2.2-A14B's two experts too: see
 :func:`full_model_projection`), each built over the same kind of synthetic official-mode schedule over its named
 sub-layers, verified, benchmarked (speed against the ideal, memory of every subset against the full one alone) and its
 exported full compute timed against diffusers' own PyTorch pipeline on the same work (steps, batch, latents,
@@ -203,6 +204,18 @@ SANA_1600M_1024 = dict(in_channels=32, out_channels=32, num_attention_heads=70, 
 QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
                   num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
 QWEN_IMAGE_WIDTH_4 = dict(QWEN_IMAGE, num_layers=4)
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers' transformer (30 blocks of 12 heads of 128, width 1536, FFN 8960, over UMT5-XXL's
+# 4096-wide hidden states: 1.4B parameters, 5.7 GB in fp32) as diffusers' scripts/convert_wan_to_diffusers.py writes
+# it (the options it sets; the rest, freq_dim 256, rope_max_seq_len 1024, are WanTransformer3DModel's defaults); the
+# benchmarked cut of it: the real width, 2 blocks (a block at 17 frames of 256 px is 66 GMAC a clip, so that 30 take
+# hours on two cores); and Wan2.1-T2V-14B's (40 blocks of 40 heads of 128, width 5120, FFN 13824), which each of
+# Wan2.2-T2V-A14B's two experts (transformer, transformer_2; boundary_ratio 0.875) is.
+WAN_2_1_T2V_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+                        added_kv_proj_dim=None)
+WAN_1_3B_WIDTH_2 = dict(WAN_2_1_T2V_1_3B, num_layers=2)
+WAN_2_1_T2V_14B = dict(WAN_2_1_T2V_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
 SCHEDULER_OPTIONS = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
 # The schedulers as the real folders configure them: SD3-medium's, FLUX.1-dev's and Qwen-Image's flow matching, and
 # Sana_1600M_1024px's DPM-Solver++ 2M on flow sigmas.
@@ -214,15 +227,30 @@ QWEN_IMAGE_SCHEDULER = dict(use_dynamic_shifting=True, time_shift_type="exponent
 SANA_SCHEDULER = dict(SCHEDULER_OPTIONS, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
                       prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                       final_sigmas_type="zero", lower_order_final=True)
+# Wan's folders: UniPC (bh2, order 2) on flow sigmas shifted by 3.0 (480p; the converter's for text to video).
+WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0)
+
+
+@dataclass(frozen=True)
+class WholeModel:
+    """A model a cut's row projects (:func:`full_model_projection`): its name, its transformer's ``config.json``
+    fields, and its ``experts``: transformers of that config that take turns by timestep (Wan2.2-A14B's two), one
+    running per step, the weights of all held."""
+
+    name: str
+    config: dict
+    experts: int = 1
 
 
 @dataclass(frozen=True)
 class RealSize:
     """One model of ``make bench-large``: its pipeline, transformer and scheduler classes as diffusers names them,
     the transformer's ``config.json`` fields and the scheduler's options as the real folder sets them, and
-    ``image_size`` (pixels, ``build --image-size``) for a transformer without ``sample_size``. A cut of a model too
-    large for the machine (its real width, fewer blocks) names the whole one, ``full_name`` and ``full_config``,
-    which its row projects per block (:func:`full_model_projection`)."""
+    ``image_size`` (pixels, ``build --image-size``) for a transformer without ``sample_size``, ``num_frames`` for a
+    video model (``build --num-frames``). A cut of a model too large for the machine (its real width, fewer blocks)
+    names the whole one, ``full_name`` and ``full_config``, which its row projects per block
+    (:func:`full_model_projection`), and ``also_projects`` the larger models of its family projected from it the same
+    way."""
 
     pipeline_class: str
     transformer_class: str
@@ -232,6 +260,13 @@ class RealSize:
     image_size: int | None = None
     full_name: str | None = None
     full_config: dict | None = None
+    num_frames: int | None = None
+    also_projects: tuple[WholeModel, ...] = ()
+
+    def whole_models(self) -> list[WholeModel]:
+        """The models its row projects: the one it is a cut of, then ``also_projects``."""
+        return ([WholeModel(self.full_name, self.full_config)] if self.full_config is not None else []) + list(
+            self.also_projects)
 
 
 REAL_SIZES = {
@@ -248,6 +283,11 @@ REAL_SIZES = {
     "Qwen-Image-width-4-256": RealSize("QwenImagePipeline", "QwenImageTransformer2DModel", QWEN_IMAGE_WIDTH_4,
                                        "FlowMatchEulerDiscreteScheduler", QWEN_IMAGE_SCHEDULER, image_size=256,
                                        full_name="Qwen-Image", full_config=QWEN_IMAGE),
+    "Wan2.1-1.3B-width-2-17x256": RealSize("WanPipeline", "WanTransformer3DModel", WAN_1_3B_WIDTH_2,
+                                           "UniPCMultistepScheduler", WAN_SCHEDULER, image_size=256, num_frames=17,
+                                           full_name="Wan2.1-T2V-1.3B", full_config=WAN_2_1_T2V_1_3B,
+                                           also_projects=(WholeModel("Wan2.1-T2V-14B", WAN_2_1_T2V_14B),
+                                                          WholeModel("Wan2.2-T2V-A14B", WAN_2_1_T2V_14B, experts=2))),
 }
 # What each pipeline is called with besides the shared request (prompt=None, latents, steps, the scale, the arrays):
 # PixArt's and Sana's negative prompt left out (their negative embeddings are given) and no resolution binning.
@@ -261,7 +301,14 @@ def real_size_config(name: str, sizes: dict[str, RealSize] = REAL_SIZES):
     a folder without a VAE has)."""
     size = sizes[name]
     family, config = transformer_config(size.transformer_class, size.config)
-    return family, family.sized_config(config, size.image_size, 8) if size.image_size else config
+    return family, sized(family, config, size)
+
+
+def sized(family, config, size: RealSize):
+    """``config`` at ``size``'s image size and frames (the VAE's scale factor 8 a folder without a VAE has)."""
+    if size.image_size is None and size.num_frames is None:
+        return config
+    return family.sized_config(config, size.image_size, 8, size.num_frames)
 
 
 def transformer_config(transformer_class: str, config: dict):
@@ -301,9 +348,9 @@ def save_random_pipeline(size: RealSize, folder: Path) -> Path:
 
 
 def measured_build(folder: Path, schedule, steps: int, out: Path, image_size: int | None,
-                   cfg_scale: float | None = None) -> tuple[float, int, int]:
+                   cfg_scale: float | None = None, num_frames: int | None = None) -> tuple[float, int, int]:
     """``l2c-export build --diffusers folder`` over ``schedule`` (``cfg_scale``: its ``--cfg-scale``; default the
-    pipeline's) in a child process, as a user runs it: its wall
+    pipeline's; ``num_frames``: a video model's ``--num-frames``) in a child process, as a user runs it: its wall
     seconds, its peak resident set in bytes (the child's own ``ru_maxrss``, which counts the pages of files it maps:
     the safetensors file while its tensors are copied in, pages the kernel can drop) and its peak anonymous memory
     (``RssAnon``, what it cannot give back; sampled every 0.2 s)."""
@@ -317,6 +364,7 @@ def measured_build(folder: Path, schedule, steps: int, out: Path, image_size: in
                "--schedule", str(schedule_file), "--out", str(out)]
     command += ["--image-size", str(image_size)] if image_size else []
     command += ["--cfg-scale", str(cfg_scale)] if cfg_scale is not None else []
+    command += ["--num-frames", str(num_frames)] if num_frames is not None else []
     start = time.perf_counter()
     process = subprocess.Popen(command)
     anonymous = 0
@@ -368,12 +416,14 @@ class _KeepLatents:
 
 
 def run_diffusers_pipeline(pipe, request: dict, noise: np.ndarray, steps: int, cfg_scale: float,
-                           image_size: int | None = None, scale_argument: str = "guidance_scale") -> np.ndarray:
+                           image_size: int | None = None, scale_argument: str = "guidance_scale",
+                           num_frames: int | None = None) -> np.ndarray:
     """diffusers' own pipeline on ``request`` (``labels``, or ``conditioning``: prompt arrays by its argument
-    names) from latents ``noise`` (n, C, H, W; FLUX.1 and Qwen-Image: packed (n, T, C) at ``image_size`` pixels)
-    with the guidance scale ``cfg_scale`` passed as its ``scale_argument`` (the manifest's ``guidance/
-    scale_argument``: Qwen-Image's ``true_cfg_scale``) -> its final latents of that shape, as ``l2c-export run``
-    returns them. ``DiTPipeline`` draws its latents from its generator: ``noise`` must be that draw (seed 0)."""
+    names) from latents ``noise`` (n, C, H, W; FLUX.1 and Qwen-Image: packed (n, T, C) at ``image_size`` pixels;
+    Wan: (n, C, F', H', W') of ``num_frames`` frames at ``image_size`` pixels) with the guidance scale ``cfg_scale``
+    passed as its ``scale_argument`` (the manifest's ``guidance/scale_argument``: Qwen-Image's ``true_cfg_scale``)
+    -> its final latents of that shape, as ``l2c-export run`` returns them. ``DiTPipeline`` draws its latents from
+    its generator: ``noise`` must be that draw (seed 0)."""
     import torch
 
     with torch.no_grad():
@@ -385,10 +435,13 @@ def run_diffusers_pipeline(pipe, request: dict, noise: np.ndarray, steps: int, c
         conditioning = {name: torch.from_numpy(np.asarray(value, dtype=np.float32))
                         for name, value in request["conditioning"].items()}
         options = dict(PIPELINE_CALL_OPTIONS.get(type(pipe).__name__, {}))
-        if image_size:  # a packed-latent pipeline takes its size in pixels
+        if image_size:  # a packed-latent pipeline and Wan take their size in pixels
             options.update(height=image_size, width=image_size)
-        return pipe(prompt=None, latents=torch.from_numpy(noise), num_inference_steps=steps, output_type="latent",
-                    **{scale_argument: cfg_scale}, **options, **conditioning).images.float().numpy()
+        if num_frames:
+            options.update(num_frames=num_frames)
+        out = pipe(prompt=None, latents=torch.from_numpy(noise), num_inference_steps=steps, output_type="latent",
+                   **{scale_argument: cfg_scale}, **options, **conditioning)
+        return (out.frames if num_frames else out.images).float().numpy()  # WanPipelineOutput's latents: frames
 
 
 def block_counts(config: dict) -> str:
@@ -398,32 +451,43 @@ def block_counts(config: dict) -> str:
     return str(config["num_layers"])
 
 
-def full_model_projection(measured: dict, cut: RealSize, image_size: int, prompt_tokens: int) -> dict:
-    """The whole model a cut is of (``cut.full_config``: FLUX.1-dev, Qwen-Image) projected from the cut's
-    measurements (``measured``: a report of :func:`large_benchmark`): parameters and MACs counted exactly on the meta
-    device (no memory) at ``image_size`` pixels and the family's MAC prompt length, the times scaled by the MAC ratio
-    (per block: each block's MACs are its share of the time), the weights at 4 bytes (fp32) and 2 (bf16) a parameter.
+def width(config: dict) -> int:
+    """A transformer config's width: its heads times their size."""
+    return config["num_attention_heads"] * config["attention_head_dim"]
+
+
+def full_model_projection(measured: dict, cut: RealSize, image_size: int, prompt_tokens: int,
+                          whole: WholeModel | None = None) -> dict:
+    """``whole`` (default the model the cut is of, ``cut.full_config``: FLUX.1-dev, Qwen-Image, Wan2.1-T2V-1.3B; or
+    one of ``cut.also_projects``) projected from the cut's measurements (``measured``: a report of
+    :func:`large_benchmark`): parameters and MACs counted exactly on the meta device (no memory) at ``image_size``
+    pixels (and the cut's frames) and the family's MAC prompt length, the times scaled by the MAC ratio (per block:
+    each block's MACs are its share of the time; a wider model's blocks by their MACs too), the weights at 4 bytes
+    (fp32) and 2 (bf16) a parameter, of every expert (one runs per step, so the MACs and times are one expert's).
     A projection, not a measurement."""
     import torch
 
+    whole = whole or cut.whole_models()[0]
     transformer_class = getattr(import_extra("diffusers", "the large benchmark"), cut.transformer_class)
 
     def counts(config: dict) -> tuple[int, int]:
         with torch.device("meta"):
             parameters = sum(p.numel() for p in transformer_class(**config).parameters())
         family, checked = transformer_config(cut.transformer_class, config)
-        return parameters, family.count_macs(family.sized_config(checked, image_size, 8)).full
+        return parameters, family.count_macs(sized(family, checked, cut)).full
 
-    (cut_parameters, cut_macs), (full_parameters, full_macs) = counts(cut.config), counts(cut.full_config)
+    (cut_parameters, cut_macs), (full_parameters, full_macs) = counts(cut.config), counts(whole.config)
+    parameters = whole.experts * full_parameters
     scale = full_macs / cut_macs
     bench = measured["bench"]
-    return {"model": cut.full_name, "config": cut.full_config, "image_size": image_size,
-            "prompt_tokens": prompt_tokens, "parameters": full_parameters, "measured_parameters": cut_parameters,
+    return {"model": whole.name, "config": whole.config, "experts": whole.experts, "image_size": image_size,
+            **({"num_frames": cut.num_frames} if cut.num_frames else {}),
+            "prompt_tokens": prompt_tokens, "parameters": parameters, "measured_parameters": cut_parameters,
             "macs_per_sample": full_macs, "measured_macs_per_sample": cut_macs, "mac_ratio": scale,
-            "weights_fp32_bytes": 4 * full_parameters, "weights_bf16_bytes": 2 * full_parameters,
+            "weights_fp32_bytes": 4 * parameters, "weights_bf16_bytes": 2 * parameters,
             "full_seconds": bench["full_seconds"] * scale, "schedule_seconds": bench["schedule_seconds"] * scale,
-            "note": f"projected from the measured cut ({block_counts(cut.config)} blocks) by MACs (times) and "
-                    f"parameters (weights); not measured"}
+            "note": f"projected from the measured cut ({block_counts(cut.config)} blocks of width "
+                    f"{width(cut.config)}) by MACs (times) and parameters (weights); not measured"}
 
 
 def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, batch: int = 1,
@@ -448,7 +512,7 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
     from ..models.zoo import from_diffusers
     from ..runtime.pipeline import L2CPipeline
     from ..tools.verify import verify_build
-    from .bench import bench_request, benchmark_together, machine_description, table
+    from .bench import bench_request, benchmark_together, machine_description, macs_prompt_tokens, table
 
     DiffusionPipeline = import_extra("diffusers", "the large benchmark").DiffusionPipeline
     randn_tensor = import_extra("diffusers.utils.torch_utils", "the large benchmark").randn_tensor
@@ -461,19 +525,19 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
         size = sizes[name]
         folder = save_random_pipeline(size, work / name)
         image_size = size.image_size
-        spec = from_diffusers(folder, image_size)
+        spec = from_diffusers(folder, image_size, num_frames=size.num_frames)
         sampler = spec.sampler(None, steps)
         schedule = synthetic_official_schedule(steps, 0, sublayers=spec.sublayer_names, sampler=sampler)
         out = work / f"{name}-onnxruntime-fp32"
         build_seconds, build_peak, build_anonymous = measured_build(folder, schedule, steps, out, image_size,
-                                                                    cfg_scale)
+                                                                    cfg_scale, size.num_frames)
         print(f"{name}: built in {build_seconds:.0f} s, peak resident set {build_peak / 2 ** 30:.1f} GiB (anonymous "
               f"{build_anonymous / 2 ** 30:.1f} GiB); verifying ...", flush=True)
         checks, _ = verify_build(out, labels=(0,))  # one image (model batch 2): every subset, at half the cost
         gc.collect()
         print(f"{name}: worst subset difference {max(c.worst_value for c in checks):.2e}; benchmarking ...",
               flush=True)
-        prompt_tokens = manifest_io.load(out, verify_files=False)["model"].get("max_sequence_length", 120)
+        prompt_tokens = macs_prompt_tokens(manifest_io.load(out, verify_files=False))
         row = benchmark_together([out], "onnxruntime", batch=batch, repeats=repeats, prompt_tokens=prompt_tokens)[0]
         print(table([row]), flush=True)
         gc.collect()
@@ -495,7 +559,8 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
             begin = time.perf_counter()
             ours = exported(**request, noise=noise, full=True).samples
             middle = time.perf_counter()
-            theirs = run_diffusers_pipeline(reference, request, noise, steps, cfg_scale, image_size, scale_argument)
+            theirs = run_diffusers_pipeline(reference, request, noise, steps, cfg_scale, image_size, scale_argument,
+                                            size.num_frames)
             end = time.perf_counter()
             if repeat:
                 exported_seconds.append(middle - begin)
@@ -517,9 +582,13 @@ def large_benchmark(work: Path, docs: Path, names: list[str], steps: int = 6, ba
                       statistics.median(pipeline_seconds) / statistics.median(exported_seconds),
                   "exported_full_vs_pipeline_worst_difference": worst,
                   "prompt_tokens": None if "labels" in request else request["conditioning"]["prompt_embeds"].shape[1],
-                  "image_size": image_size}
-        if size.full_config is not None:
-            report["full_model_projection"] = full_model_projection(report, size, image_size, prompt_tokens)
+                  "image_size": image_size, **({"num_frames": size.num_frames} if size.num_frames else {})}
+        projections = [full_model_projection(report, size, image_size, prompt_tokens, whole)
+                       for whole in size.whole_models()]
+        if projections:
+            report["full_model_projection"] = projections[0]
+        if projections[1:]:
+            report["also_projected"] = projections[1:]
         print(f"{name}: diffusers pipeline {report['pipeline_seconds']:.2f} s, exported full compute "
               f"{report['exported_full_seconds']:.2f} s ({report['exported_full_vs_pipeline']:.2f}x); latents differ "
               f"by {worst:.1e} of their range", flush=True)
@@ -570,18 +639,27 @@ def write_large_docs(reports: list[dict], machine: dict, docs: Path,
                      f"{r['exported_full_seconds']:.2f} | {r['exported_full_vs_pipeline']:.2f}x | "
                      f"{r['exported_full_vs_pipeline_worst_difference']:.1e} | {r['verify_worst']:.1e} |")
     for r in rows:
-        projection = r.get("full_model_projection")
-        if projection:
+        for projection in [r.get("full_model_projection"), *r.get("also_projected", [])]:
+            if not projection:
+                continue
             whole = projection.get("model") or sizes[r["model"]].full_name  # rows written before "model" was
-            lines += ["", f"Projected, not measured: the full {whole} ({block_counts(projection['config'])} "
-                      f"blocks) from the {r['model']} row, per block by MACs: {projection['parameters'] / 1e9:.1f}B "
+            experts = projection.get("experts", 1)
+            blocks = (f"{experts} experts of {block_counts(projection['config'])} blocks, one a step" if experts > 1
+                      else f"{block_counts(projection['config'])} blocks")
+            wider = width(projection["config"]) != width(r["config"])
+            if wider:
+                blocks += f", width {width(projection['config'])}"
+            frames = f"{projection['num_frames']} frames of " if projection.get("num_frames") else ""
+            lines += ["", f"Projected, not measured: the full {whole} ({blocks}) from the {r['model']} row, per "
+                      f"block by MACs: {projection['parameters'] / 1e9:.1f}B "
                       f"parameters ({projection['weights_fp32_bytes'] / 2 ** 30:.0f} GiB fp32, "
                       f"{projection['weights_bf16_bytes'] / 2 ** 30:.0f} GiB bf16; measured cut "
                       f"{projection['measured_parameters'] / 1e9:.2f}B), {projection['mac_ratio']:.1f}x the cut's MACs "
-                      f"at {projection['image_size']} px and {projection['prompt_tokens']} prompt tokens: full compute "
-                      f"about {projection['full_seconds']:.0f} s, the same schedule about "
+                      f"at {frames}{projection['image_size']} px and {projection['prompt_tokens']} prompt tokens: full "
+                      f"compute about {projection['full_seconds']:.0f} s, the same schedule about "
                       f"{projection['schedule_seconds']:.0f} s for {r['steps']} steps, batch {r['batch']}, on that "
-                      f"row's machine."]
+                      f"row's machine" + (" (a wider model's larger products may run more efficiently per MAC)."
+                                          if wider else ".")]
     atomic_write_text(docs / "bench-large.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {docs / 'bench-large.json'}, {docs / 'bench-large.md'}")

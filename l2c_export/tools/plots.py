@@ -11,15 +11,17 @@ from ..core.images import figure_to_png
 
 
 def schedule_heatmap(schedule: Schedule, path: str | Path, title: str | None = None,
-                     mac_fraction: float | None = None) -> None:
+                     mac_fraction: float | None = None, experts: list[tuple[int, str]] | None = None) -> None:
     """Writes :func:`schedule_figure` as a PNG."""
-    figure_to_png(schedule_figure(schedule, title, mac_fraction), Path(path))
+    figure_to_png(schedule_figure(schedule, title, mac_fraction, experts), Path(path))
 
 
-def schedule_figure(schedule: Schedule, title: str | None = None, mac_fraction: float | None = None):
+def schedule_figure(schedule: Schedule, title: str | None = None, mac_fraction: float | None = None,
+                    experts: list[tuple[int, str]] | None = None):
     """The schedule as a heatmap: one row per model call (DPM-Solver-2S makes two a step), labelled with the time
     the model sees, rounded (:func:`l2c_export.core.schedule.format_model_time`); one column per sub-layer
-    (attention, MLP alternating); computed sub-layers in blue, the count of each row at its right."""
+    (attention, MLP alternating); computed sub-layers in blue, the count of each row at its right. ``experts``: a
+    pipeline's (Wan2.2's), (first call, name) of each: a red line above each switch, the expert named below it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,6 +47,11 @@ def schedule_figure(schedule: Schedule, title: str | None = None, mac_fraction: 
         axis.set_xlabel("sub-layer")
         axis.set_xticks(range(width))
         axis.set_xticklabels(schedule.sublayers, fontsize=6, rotation=90)
+    for first, name in experts or ():
+        if first:
+            axis.axhline(first - 0.5, color="#c53030", linewidth=1.5)
+        axis.text(-0.45, first - 0.45, name, va="top", ha="left", fontsize=7, color="#c53030",
+                  bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     summary = f"{int(schedule.compute.sum())}/{schedule.compute.size} sub-layers computed (blue)"
     if mac_fraction is not None:
         summary += f", MAC fraction {mac_fraction:.3f}, ideal speedup {1 / mac_fraction:.2f}x"

@@ -156,6 +156,13 @@ def _diffusers_model(data: dict, folder: Path, diffusers: str | Path):
     if spec.family.weights_sha256(spec.weights) != data["model"]["weights_sha256"]:
         raise manifest_io.ManifestError(f"{folder / manifest_io.MANIFEST_NAME}: field 'model/weights_sha256' differs "
                                         f"from the weights of {diffusers}: the build did not come from that folder")
+    built_experts = data.get("experts", {}).get("models", [])
+    experts = [] if spec.experts is None else list(spec.experts.models)
+    if [m["name"] for m in built_experts] != [m.name for m in experts] or any(
+            spec.family.weights_sha256(m.weights) != record["weights_sha256"]
+            for m, record in zip(experts, built_experts)):
+        raise manifest_io.ManifestError(f"{folder / manifest_io.MANIFEST_NAME}: field 'experts' differs from "
+                                        f"{diffusers}'s experts: the build did not come from that folder")
     return spec.load_model()
 
 

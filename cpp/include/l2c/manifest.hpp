@@ -63,6 +63,25 @@ struct SubsetRecord {
   std::vector<bool> compute;  // per sub-layer
   FileRecord graph, engine;
   std::vector<TensorRecord> inputs, outputs;  // model inputs and cache reads; model_out and fresh cache writes
+  int expert = 0;  // a build of experts (Manifest::experts): the expert whose graph this is (subsets/*/expert)
+};
+
+// A pipeline of two transformers switching by timestep (Wan2.2's transformer and transformer_2; manifest 'experts'):
+// model call c runs expert step_expert[c], 0 while its timestep is >= boundary_timestep, then 1, on a subset of that
+// expert. Each expert has its own cache slots (its prefix, then the sub-layer's name), and the first call of each
+// computes every sub-layer. Whether to guide is the first expert's scale's; each expert's calls combine the halves
+// with its own scale (SampleOptions::cfg_scale, cfg_scale_2).
+struct ExpertRecord {
+  std::string name;            // the pipeline's component: transformer, transformer_2
+  std::string prefix;          // of its cache slots and weight tensors: "" for the first
+  std::string scale_argument;  // the pipeline's name for its guidance scale: guidance_scale, guidance_scale_2
+  int full_subset = -1;        // its subset that computes every sub-layer
+};
+
+struct Experts {
+  double boundary_ratio = 0.0, boundary_timestep = 0.0;
+  std::vector<int> step_expert;  // per model call
+  std::vector<ExpertRecord> models;
 };
 
 struct Guidance {
@@ -156,7 +175,8 @@ struct Manifest {
   std::vector<FileRecord> other_files;  // e.g. a TensorRT build's timing cache
   std::vector<WeightTensor> weight_tensors;
   std::vector<SubsetRecord> subsets;
-  int full_subset = -1;  // the subset that computes every sub-layer
+  int full_subset = -1;  // the subset that computes every sub-layer (with experts: the first expert's)
+  std::optional<Experts> experts;  // set for a pipeline of experts (Wan2.2); absent: one transformer
   double ideal_speedup = 1.0;
   Components components;  // what the build carries beside the subsets: VAE decoder, text encoders, tokenizers
 
@@ -171,6 +191,8 @@ struct Manifest {
   std::filesystem::path file_path(const FileRecord& record) const;
   const SubsetRecord& subset(int index) const;
   const CacheSlot& slot(const std::string& name) const;
+  // The subset computing every sub-layer that model call `call` runs under full compute (its expert's).
+  int full_subset_of_call(int call) const;
   // The record of a subset's tensor with `role` ("sample", "time", "output"; the first "conditioning" one).
   static const TensorRecord& model_tensor(const SubsetRecord& subset, const std::string& role);
   // Every file the manifest lists (weights, graphs, engines, components' files), each once.

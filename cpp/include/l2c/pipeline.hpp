@@ -52,7 +52,11 @@ struct Options {
 
 struct SampleOptions {
   std::optional<double> cfg_scale;  // default: the manifest's guidance.cfg_scale; > 1 guides (one 2n batch)
-  bool full = false;                // run the full-compute engine at every model call instead of the schedule
+  // A build of two experts (Manifest::experts, Wan2.2's): the scale the second expert's calls combine the halves with
+  // (the pipeline's guidance_scale_2); default cfg_scale. Whether to guide at all is cfg_scale's. Refused (l2c::Error)
+  // on a build of one transformer.
+  std::optional<double> cfg_scale_2;
+  bool full = false;  // run the full-compute engine at every model call (its expert's) instead of the schedule
   // The noise DDPM adds after each step but the last, (steps - 1, n, C, H, W). The Python runtime draws it from
   // numpy's generator (`step_noise(seed, s, ...)`); a C++ program passes it in, so both sample the same thing.
   const Tensor* step_noise = nullptr;

@@ -21,12 +21,13 @@ from .declaration import (JOINT_TOKENS, PROMPT_TOKENS, Blocks, Conditioning, Dec
                           TextEncoderStack, VaeKind)
 from .family import DiffusersConfig, DiffusersFamily
 from .files import MODEL_INDEX, WEIGHTS_FILE, WEIGHTS_INDEX, DiffusersFolderError, weight_files
-from .folder import (DiffusersFolder, FolderComponents, check_model_index, check_tokenizer, read_components,
-                     read_folder, transformer_families)
+from .folder import (DiffusersFolder, FolderComponents, FolderExpert, FolderExperts, check_model_index,
+                     check_tokenizer, read_components, read_folder, transformer_families)
 from .macs import count_macs_by_hooks
 
 __all__ = ["JOINT_TOKENS", "MODEL_INDEX", "PROMPT_TOKENS", "WEIGHTS_FILE", "WEIGHTS_INDEX", "Blocks", "Conditioning",
            "Declaration", "DiffusersConfig", "DiffusersFamily", "DiffusersFolder", "DiffusersFolderError",
-           "FolderComponents", "Guidance", "OutputPacking", "TextEncoder", "TextEncoderStack", "VaeKind",
+           "FolderComponents", "FolderExpert", "FolderExperts", "Guidance", "OutputPacking", "TextEncoder",
+           "TextEncoderStack", "VaeKind",
            "check_model_index", "check_tokenizer", "count_macs_by_hooks", "read_components", "read_folder",
            "transformer_families", "weight_files"]

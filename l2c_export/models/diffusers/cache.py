@@ -146,3 +146,42 @@ def cached_transformer_class():
     return _CachedTransformer
 
 
+
+
+def expert_switch(experts, boundary_timestep: float):
+    """A pipeline's experts (cached transformers, :func:`cached_transformer_class`; Wan2.2's ``transformer`` and
+    ``transformer_2``) as one model, as the pipeline switches them: a call whose timestep is >= ``boundary_timestep``
+    runs the first, a later one the second. It takes every forward of the cached model (``forward``,
+    ``forward_cached``, ``forward_soft``) with one cache keyed by sub-layer index: that equals one cache per expert
+    where the first call of each expert computes everything (a schedule must; it overwrites the whole cache), as the
+    experts' sub-layers have the same shapes."""
+    import torch
+
+    class _ExpertSwitch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList(experts)
+            self.config = experts[0].config  # the first's; the experts share the sub-layers and the interface
+            self.family_name = experts[0].family_name
+            self.boundary_timestep = float(boundary_timestep)
+
+        @property
+        def family(self):
+            return self.experts[0].family
+
+        def expert(self, timestep) -> torch.nn.Module:
+            """The expert of a call at ``timestep`` (N,) (one value: a call's timesteps are the same)."""
+            from ...core.manifest import expert_of_time
+
+            return self.experts[expert_of_time(float(timestep.reshape(-1)[0]), self.boundary_timestep)]
+
+        def forward(self, *inputs):
+            return self.expert(inputs[1])(*inputs)
+
+        def forward_cached(self, *arguments):
+            return self.expert(arguments[1]).forward_cached(*arguments)
+
+        def forward_soft(self, *arguments):
+            return self.expert(arguments[1]).forward_soft(*arguments)
+
+    return _ExpertSwitch()

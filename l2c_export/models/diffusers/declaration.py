@@ -194,6 +194,24 @@ class EncodePrompt:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """Transformers that take turns by timestep (Wan2.2's): the pipeline's components, in the order they run (the
+    first while the timestep is >= ``boundary`` x the scheduler's num_train_timesteps, the next after), the
+    ``model_index.json`` field holding that ratio, and each one's guidance-scale argument (a later one defaults to
+    the first's). ``shape_fields``: the config fields the experts must share (the graph interface, the sub-layers and
+    their cached shapes); the others may differ."""
+
+    components: tuple[str, ...] = ("transformer", "transformer_2")
+    boundary: str = "boundary_ratio"
+    scale_arguments: tuple[str, ...] = ("guidance_scale", "guidance_scale_2")
+    shape_fields: tuple[str, ...] = ()
+
+    def prefix(self, index: int) -> str:
+        """Expert ``index``'s prefix of cache slots and weight tensors: none for the first, ``<component>.`` after."""
+        return "" if index == 0 else f"{self.components[index]}."
+
+
+@dataclass(frozen=True)
 class Declaration:
     """A diffusers transformer class as its pipelines run it (the module docstring lists what each field says).
 
@@ -203,7 +221,8 @@ class Declaration:
     ``macs_prompt_tokens``: the prompt length MACs are counted at; ``required``: config option -> the only value
     supported; ``call_arguments``: fixed keyword arguments of the transformer's forward (PixArt's
     ``added_cond_kwargs``); ``default_steps``: the pipelines' num_inference_steps; ``encode_prompt``: how the
-    pipelines' own prompt encoding is called (:class:`EncodePrompt`; None: the pipelines take no prompts)."""
+    pipelines' own prompt encoding is called (:class:`EncodePrompt`; None: the pipelines take no prompts);
+    ``experts``: the transformers that may take turns by timestep (:class:`Experts`; None: one transformer)."""
 
     transformer_class: str
     pipeline_classes: tuple[str, ...]
@@ -221,6 +240,7 @@ class Declaration:
     required: Mapping[str, object] = field(default_factory=dict)
     call_arguments: Mapping[str, object] = field(default_factory=dict)
     encode_prompt: EncodePrompt | None = None
+    experts: Experts | None = None
 
     def __post_init__(self):
         if self.latent_layout not in LATENT_LAYOUTS:

@@ -122,6 +122,10 @@ class DiffusersFamily(ModelFamily):
     def latent_layout(self) -> str:
         return self.declaration.latent_layout
 
+    @property
+    def macs_prompt_tokens(self) -> int | None:
+        return self.declaration.macs_prompt_tokens
+
     def owns(self, config) -> bool:
         return isinstance(config, DiffusersConfig) and config.transformer_class == self.transformer_class
 

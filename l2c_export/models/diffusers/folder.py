@@ -43,6 +43,24 @@ class FolderComponents:
 
 
 @dataclass(frozen=True)
+class FolderExpert:
+    """A transformer that takes over from the folder's ``transformer/`` (Wan2.2's ``transformer_2/``): its component
+    name, folder and config (checked: its class, options and sizes, and the fields the experts share)."""
+
+    name: str
+    path: Path
+    config: DiffusersConfig
+
+
+@dataclass(frozen=True)
+class FolderExperts:
+    """``model_index.json``'s boundary ratio (in (0, 1)) and the experts after the first, in the order they run."""
+
+    boundary_ratio: float
+    later: tuple[FolderExpert, ...]
+
+
+@dataclass(frozen=True)
 class DiffusersFolder:
     """A checked diffusers pipeline folder."""
 
@@ -52,6 +70,7 @@ class DiffusersFolder:
     config: DiffusersConfig
     scheduler_config: dict | None  # scheduler/scheduler_config.json (None where the folder has no scheduler/)
     components: FolderComponents = FolderComponents()
+    experts: FolderExperts | None = None  # None: one transformer (no boundary ratio in model_index.json)
 
     @property
     def transformer_dir(self) -> Path:
@@ -136,8 +155,49 @@ def read_folder(folder: str | Path) -> DiffusersFolder:
         if scheduler.get("_class_name") not in family.scheduler_classes:
             raise DiffusersFolderError(f"{path}: field '_class_name' is {short_repr(scheduler.get('_class_name'))}; "
                                        f"{pipeline_class} is run here with {' or '.join(family.scheduler_classes)}")
+    if index.get("expand_timesteps"):
+        raise DiffusersFolderError(f"{where}: field 'expand_timesteps' is {short_repr(index['expand_timesteps'])}; "
+                                   f"per-token timesteps (Wan2.2's image-to-video 5B) are not supported: expected "
+                                   f"false")
     components = read_components(folder, index, family, config)
-    return DiffusersFolder(folder, pipeline_class, family, config, scheduler, components)
+    experts = read_experts(folder, index, family, config)
+    return DiffusersFolder(folder, pipeline_class, family, config, scheduler, components, experts)
+
+
+def read_experts(folder: Path, index: dict, family: DiffusersFamily, config: DiffusersConfig) -> FolderExperts | None:
+    """The declared experts after the first (:class:`~.declaration.Experts`) where ``model_index.json`` gives a
+    boundary ratio: the ratio in (0, 1), each expert named, its folder's config of the first's class, checked as the
+    first's and equal to it in the declared shape fields, its weights safetensors. None without a ratio (the pipeline
+    then runs the first transformer alone)."""
+    declared = family.declaration.experts
+    where = folder / MODEL_INDEX
+    ratio = index.get(declared.boundary) if declared is not None else None
+    if ratio is None:
+        return None
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise DiffusersFolderError(f"{where}: field {declared.boundary!r} is {short_repr(ratio)}; expected a number "
+                                   f"strictly between 0 and 1 (the fraction of the scheduler's num_train_timesteps "
+                                   f"below which {declared.components[1]} takes over)")
+    later = []
+    for name in declared.components[1:]:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+            raise DiffusersFolderError(f"{where}: field {name!r} is {short_repr(entry)}; a {declared.boundary} needs "
+                                       f"a {name} ([library, class]) to take over below it")
+        path = folder / name
+        config_path = path / "config.json"
+        raw = read_json_object(config_path, f"expected {name}'s config.json (model_index.json names it)")
+        expert = DiffusersConfig(raw.get("_class_name"), {k: v for k, v in raw.items() if not k.startswith("_")})
+        family.check_config(expert, str(config_path))
+        for field_name in declared.shape_fields:
+            if expert.get(field_name) != config.get(field_name):
+                raise DiffusersFolderError(f"{config_path}: field {field_name!r} is "
+                                           f"{short_repr(expert.get(field_name))}; transformer/config.json has "
+                                           f"{short_repr(config.get(field_name))} (the experts share the sample, the "
+                                           f"prompt and the sub-layers' shapes: {', '.join(declared.shape_fields)})")
+        weight_files(path)
+        later.append(FolderExpert(name, path, expert))
+    return FolderExperts(float(ratio), tuple(later))
 
 
 def read_components(folder: Path, index: dict, family: DiffusersFamily, config: DiffusersConfig) -> FolderComponents:

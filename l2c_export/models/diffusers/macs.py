@@ -39,7 +39,8 @@ def count_macs_by_hooks(family: "DiffusersFamily", config: "DiffusersConfig") ->
                 charge(path, out.numel() * module.in_channels // module.groups * kh * kw)
             else:  # an attention: queries from the first argument, keys from encoder_hidden_states when given
                 query = args[0] if args else kwargs["hidden_states"]
-                keys = kwargs.get("encoder_hidden_states")
+                # by name or second (Wan's blocks call attn2(norm_hidden_states, encoder_hidden_states, ...))
+                keys = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
                 if keys is not None and getattr(module, "added_kv_proj_dim", None) is not None:
                     tokens = query.shape[1] + keys.shape[1]  # joint attention (SD3, FLUX.1): both streams attend
                     charge(path, 2 * tokens * tokens * module.inner_dim)

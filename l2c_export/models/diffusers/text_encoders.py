@@ -40,19 +40,17 @@ SEQUENCE_LENGTHS = (1, 512)
 @dataclass(frozen=True)
 class EncoderKind:
     """A text encoder class family: the ``architectures`` its ``config.json`` may name, the outputs its graph can
-    give, the config fields of its width and depth, and its integer fields' bounds; ``exported``: False for a kind
-    declared but not yet carried as a graph (a folder with it builds without its encoders and takes embeddings).
-    ``config_section``: the config's nested object its text fields are read from, over the top level (Qwen2.5-VL's
-    ``text_config``); ``module``: the submodule whose ``last_hidden_state`` the graph is made of (Qwen2.5-VL's
-    language model: its hidden_states[-1], the vision tower and the logits left out); ``eager``: loaded with eager
-    attention for the export (the attention the exporter traces exactly)."""
+    give, the config fields of its width and depth, and its integer fields' bounds. ``config_section``: the config's
+    nested object its text fields are read from, over the top level (Qwen2.5-VL's ``text_config``); ``module``: the
+    submodule whose ``last_hidden_state`` the graph is made of (Qwen2.5-VL's language model: its hidden_states[-1],
+    the vision tower and the logits left out); ``eager``: loaded with eager attention for the export (the attention
+    the exporter traces exactly)."""
 
     classes: tuple[str, ...]
     outputs: tuple[str, ...]
     width: str
     layers: str
     sizes: Mapping[str, Size]
-    exported: bool = True
     config_section: str | None = None
     module: str | None = None
     eager: bool = False
@@ -87,9 +85,8 @@ ENCODER_KINDS = {
     "qwen2_5_vl": EncoderKind(("Qwen2_5_VLForConditionalGeneration",), ("last_hidden_state",), "hidden_size",
                               "num_hidden_layers", QWEN2_5_VL_TEXT_SIZES, config_section="text_config",
                               module="model.language_model", eager=True),
-    # Wan's UMT5-XXL encoder, its hidden states past each prompt's tokens zeroed by the pipeline (declared; not
-    # exported yet)
-    "umt5": EncoderKind(("UMT5EncoderModel",), ("last_hidden_state",), "d_model", "num_layers", {}, exported=False),
+    # Wan's UMT5-XXL encoder (T5's fields; a relative position bias in every layer), last_hidden_state (N, L, d_model)
+    "umt5": EncoderKind(("UMT5EncoderModel",), ("last_hidden_state",), "d_model", "num_layers", TEXT_ENCODER_SIZES),
 }
 
 
@@ -222,8 +219,6 @@ def read_text_encoders(folder: Path, index: dict, stack: TextEncoderStack, width
                         f"together")
     if not all(named(encoder.part) for encoder in stack.encoders):
         return (), None
-    if not all(ENCODER_KINDS[encoder.kind].exported for encoder in stack.encoders):
-        return (), None  # declared, not carried: the build takes embeddings
     found, piece_widths = [], {}
     for encoder in stack.encoders:
         kind = ENCODER_KINDS[encoder.kind]

@@ -14,8 +14,10 @@ fed is the scheduler's (``t.expand(N)``); the transformer's own forward runs as 
 
 Scheduler: Wan's folders ship ``UniPCMultistepScheduler`` (flow prediction, ``use_flow_sigmas``, ``flow_shift``:
 :mod:`l2c_export.samplers.unipc`); the pipeline runs as well with ``FlowMatchEulerDiscreteScheduler`` (``shift`` as
-Wan's flow shift, no dynamic shifting: the pipeline passes no ``mu``). The UMT5 encoder is declared, not carried as a graph yet (a build
-takes prompt embeddings); the VAE (``AutoencoderKLWan``) is carried as a decoder graph of every frame of the clip
+Wan's flow shift, no dynamic shifting: the pipeline passes no ``mu``). The UMT5 encoder and its tokenizer are
+carried as components where the folder has them (``build --max-sequence-length L``; prompts cleaned as the pipeline's
+``prompt_clean``, :func:`~l2c_export.core.text_stack.wan_prompt_clean`; each prompt's rows past its tokens zeroed);
+the VAE (``AutoencoderKLWan``) is carried as a decoder graph of every frame of the clip
 (the ``mean_std`` VAE kind, :mod:`.vae`), its scale factors checked to be the ones sampled here (4 in time).
 """
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 from ...core.interface import NCFHW, TOKEN_EMBEDDINGS
 from ...core.util import short_repr
 from .. import TensorSpec
-from .declaration import Blocks, Conditioning, Declaration, EncodePrompt, Guidance, VaeKind
+from .declaration import Blocks, Conditioning, Declaration, EncodePrompt, Experts, Guidance, VaeKind
 from .family import DiffusersConfig, DiffusersFamily
 from .files import DiffusersFolderError
 from .sizes import LATENT_SIDE, WAN_FRAMES, WAN_PATCH, WAN_SIZES, check_integer_list
@@ -47,11 +49,12 @@ DECLARATION = Declaration(
     guidance=Guidance(default_scale=5.0),  # the pipeline's guidance_scale
     scheduler_classes=("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"),
     latent_layout=NCFHW,
-    # WanPipeline._get_t5_prompt_embeds: UMT5's last hidden states, fed the mask, the rows past each prompt zeroed
-    # (declared, not carried: a build takes embeddings)
+    # WanPipeline._get_t5_prompt_embeds: prompt_clean, UMT5's last hidden states, fed the mask, the rows past each
+    # prompt zeroed; the negative prompt "" by default
     text_encoders=TextEncoderStack(
-        encoders=(TextEncoder("text_encoder", "tokenizer", "umt5", ("last_hidden_state",), masked=True),),
-        arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),)),
+        encoders=(TextEncoder("text_encoder", "tokenizer", "umt5", ("last_hidden_state",), masked=True,
+                              selection="zeroed_past_prompt"),),
+        arrays=(("prompt_embeds", (("text_encoder/last_hidden_state",),)),), preprocessing="wan_prompt_clean"),
     # AutoencoderKLWan: Wan 2.1's causal 3D VAE, per-channel latents_mean/latents_std as Qwen-Image's; every frame
     vae=VaeKind(classes=("AutoencoderKLWan",), kind="mean_std"),
     default_steps=50,  # the pipeline's num_inference_steps
@@ -61,6 +64,11 @@ DECLARATION = Declaration(
     required={"image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None,
               "qk_norm": "rms_norm_across_heads"},
     encode_prompt=EncodePrompt(("prompt_embeds", "negative_prompt_embeds")),
+    # Wan2.2-A14B: transformer while t >= boundary_ratio x num_train_timesteps (high noise), then transformer_2, each
+    # guided with its own scale (guidance_scale_2 defaults to guidance_scale); they share the clip, the prompt and the
+    # blocks' shapes
+    experts=Experts(shape_fields=("patch_size", "in_channels", "out_channels", "num_attention_heads",
+                                  "attention_head_dim", "num_layers", "text_dim")),
 )
 
 

@@ -22,14 +22,35 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 def model_from_manifest(manifest: dict, folder: Path, device: str = "cpu",
                         precision: str | None = None) -> torch.nn.Module:
     """The model of a build (of its family), its weights read back from ``weights.bin``, in the build's precision
-    (or ``precision``). An int8/fp8 build's weights come back dequantized (the float32 model its engines stand for)."""
+    (or ``precision``). An int8/fp8 build's weights come back dequantized (the float32 model its engines stand for).
+    A build of experts (``experts``): each expert from its config and its prefixed tensors, switched by timestep as
+    the pipeline does (:func:`~l2c_export.models.diffusers.cache.expert_switch`)."""
+    experts = manifest.get("experts")
+    if experts is None:
+        return _model_of(manifest, folder, manifest["model"]["config"], weight_arrays(manifest, folder), device,
+                         precision)
+    from ...models.diffusers.cache import expert_switch
+
+    arrays = weight_arrays(manifest, folder)
+    prefixes = [model["prefix"] for model in experts["models"]]
+    models = []
+    for model in experts["models"]:
+        others = [p for p in prefixes if p and p != model["prefix"]]
+        own = {name[len(model["prefix"]):]: array for name, array in arrays.items()
+               if name.startswith(model["prefix"]) and not any(name.startswith(p) for p in others)}
+        models.append(_model_of(manifest, folder, model["config"], own, device, precision))
+    return expert_switch(models, experts["boundary_timestep"]).eval()
+
+
+def _model_of(manifest: dict, folder: Path, config: dict, arrays: dict, device: str,
+              precision: str | None) -> torch.nn.Module:
+    """The model of ``config`` with the tensors ``arrays`` (weights.bin's, by parameter name)."""
     from ...core.quantized import dequantize
 
     dtype = _DTYPES[precision or manifest["precision"]]
     family = get_family(manifest["model"]["family"])
-    model = family.create(family.config_from_dict(manifest["model"]["config"]))
+    model = family.create(family.config_from_dict(config))
     expected = model.state_dict()
-    arrays = weight_arrays(manifest, folder)
     quantized = {e["name"]: e["quantization"] for e in manifest["weight_tensors"] if "quantization" in e}
     if quantized:
         arrays = dequantize(arrays, quantized)
