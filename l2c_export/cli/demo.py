@@ -314,7 +314,6 @@ def _train_text_to_image(model_name: str, out: Path, steps, batch_size, seed) ->
 
     from ..core.util import replace_folder
 
-    name = "t2v-digits" if video else "t2i-digits"
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "model_index.json").is_file())):
         raise CommandError(f"--out {out}: exists and is not a diffusers folder; give an absent or empty folder, or "
                            f"a previous {model_name} folder to replace")
