@@ -74,7 +74,7 @@ struct SubsetRecord {
 struct ExpertRecord {
   std::string name;            // the pipeline's component: transformer, transformer_2
   std::string prefix;          // of its cache slots and weight tensors: "" for the first
-  std::string scale_argument;  // the pipeline's name for its guidance scale: guidance_scale, guidance_scale_2
+  std::string scale_argument;  // the pipeline's argument for this expert's scale (experts/models/i/scale_argument)
   int full_subset = -1;        // its subset that computes every sub-layer
 };
 
