@@ -274,6 +274,9 @@ def test_a_latent_model_decodes_through_a_local_vae(tmp_path):
           progress=False)
     assert "--out needs --vae" in run_cli("run", str(tmp_path / "b"), "--labels", "1", "--out",
                                           str(tmp_path / "x.png"), check=False).stderr
+    refused = run_cli("run", str(tmp_path / "b"), "--labels", "1", "--vae", str(vae_dir), "--out",
+                      str(tmp_path / "x.mp4"), check=False)  # an image grid is PNG data: not under another name
+    assert refused.returncode == 2 and "name the file .png" in refused.stderr and not (tmp_path / "x.mp4").exists()
     run_cli("run", str(tmp_path / "b"), "--labels", "1,2", "--vae", str(vae_dir), "--out", str(tmp_path / "x.png"))
     from PIL import Image
 

@@ -105,6 +105,9 @@ def run(engine_dir, labels, conditioning_file, prompts, prompts_file, negative_p
             and out.suffix.lower() not in CLIP_FORMATS:
         raise click.BadParameter(f"{out}: a clip is written as {', '.join(CLIP_FORMATS)} (an animated image, or "
                                  f"H.264 video as diffusers' export_to_video writes it)", param_hint="--out")
+    if out is not None and pipe.manifest["model"].get("latent_layout") != NCFHW and out.suffix.lower() != ".png":
+        raise click.BadParameter(f"{out}: images are written as one .png grid; name the file .png",
+                                 param_hint="--out")
     result = pipe(**request, cfg_scale=cfg_scale, cfg_scale_2=cfg_scale_2, seed=seed, noise=noise, full=full,
                   progress=True, where=where)
     what = "full compute" if full else "L2C schedule"
