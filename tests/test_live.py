@@ -20,8 +20,24 @@ from .diffusers_pipelines import CAPTION_CHANNELS, load_pipeline, schedule_hooks
 from .test_diffusers import CFG_SCALE, STEPS, _parity_request
 from .test_mmdit import IMAGE_SIZE, STEPS as MMDIT_STEPS, _request as _mmdit_request, _schedule as _mmdit_schedule
 
-FAMILIES = ("dit", "pixart", "sd3", "flux", "sana")
-SCHEDULERS = {"dit": "dpm", "pixart": "dpm", "sd3": "flow", "flux": "flow", "sana": "flow"}
+FAMILIES = ("dit", "pixart", "sd3", "flux", "sana", "qwen", "wan")
+SCHEDULERS = {"dit": "dpm", "pixart": "dpm", "sd3": "flow", "flux": "flow", "sana": "flow", "qwen": "flow",
+              "wan": "flow"}
+WAN_STEPS, WAN_FRAMES, WAN_PIXELS = 4, 5, 48  # 2 x 12 x 12 latents (the tiny VAE's factors: 4 in time and space)
+
+
+def _wan_folder(tmp_path):
+    """The tiny Wan2.1 folder with rope_max_seq_len 64: enable names the sub-layers at the pipeline's default clip
+    (81 frames of 480 x 832: 52 patches on its widest axis), which the tests' folder (32 positions) cannot size."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from .diffusers_pipelines import WAN_CONFIG, _scheduler, tiny_wan_vae
+
+    torch.manual_seed(0)
+    pipe = WanPipeline(transformer=WanTransformer3DModel(**dict(WAN_CONFIG, rope_max_seq_len=64)),
+                       vae=tiny_wan_vae(), scheduler=_scheduler("flow", "wan"), text_encoder=None, tokenizer=None)
+    pipe.save_pretrained(tmp_path / "wan")
+    return tmp_path / "wan"
 
 
 def _hooked_modules(pipe) -> list[str]:
@@ -36,7 +52,35 @@ class _Request:
 
     def __init__(self, family: str, folder, tmp_path):
         self.family, self.folder = family, folder
-        if family in ("dit", "pixart"):
+        self.passes = 2 if family in ("qwen", "wan") else 1  # transformer calls a step: these call cond, uncond apart
+        if family in ("qwen", "wan"):
+            from l2c_export.models.diffusers import read_folder
+
+            from .test_qwenimage import IMAGE_SIZE as QWEN_PIXELS, STEPS as QWEN_STEPS, _request as qwen_request
+            from .test_qwenimage import _schedule as qwen_schedule
+
+            found = read_folder(folder)
+            sized = {"qwen": (QWEN_PIXELS,), "wan": ((WAN_PIXELS, WAN_PIXELS), WAN_FRAMES)}[family]
+            config = found.family.sized_config(found.config, sized[0], found.vae_scale_factor, *sized[1:])
+            names = found.family.sublayer_names(config)
+            if family == "qwen":
+                self.schedule, self.steps = qwen_schedule(names), QWEN_STEPS
+                self.noise, self.conditioning = qwen_request()
+                size_flags = ["--image-size", str(QWEN_PIXELS)]
+            else:  # every other step reuses alternate sub-layers
+                rows = np.ones((WAN_STEPS, len(names)), dtype=bool)
+                rows[2, ::2] = rows[3, 1::2] = False
+                self.schedule, self.steps = Schedule(rows, sublayers=names, mode="general"), WAN_STEPS
+                generator = torch.Generator().manual_seed(0)
+                self.noise = torch.randn(2, 4, 2, 12, 12, generator=generator)
+                self.conditioning = {name: torch.randn(2, 5, CAPTION_CHANNELS, generator=generator)
+                                     for name in ("prompt_embeds", "negative_prompt_embeds")}
+                size_flags = ["--image-size", f"{WAN_PIXELS}x{WAN_PIXELS}", "--num-frames", str(WAN_FRAMES)]
+            self.schedule.save(tmp_path / "s.json")
+            np.save(tmp_path / "z.npy", self.noise.numpy())
+            np.savez(tmp_path / "cond.npz", **{name: value.numpy() for name, value in self.conditioning.items()})
+            self.flags = ["--conditioning", str(tmp_path / "cond.npz"), "--steps", str(self.steps), *size_flags]
+        elif family in ("dit", "pixart"):
             self.schedule, self.noise, conditioning, self.flags = _parity_request(family, folder, tmp_path)
             self.conditioning = {name: torch.from_numpy(value) for name, value in (conditioning or {}).items()}
             self.flags += ["--steps", str(STEPS)]
@@ -95,25 +139,36 @@ class _Request:
                 extra = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
             if self.family == "sana":  # SanaPipeline's sizes must be multiples of 32; the latents set the size
                 extra = {"height": 32, "width": 32, "use_resolution_binning": False, "negative_prompt": None}
+            if self.family == "qwen":  # true CFG against the negative embeddings; packed latents need the size
+                from .test_qwenimage import IMAGE_SIZE as QWEN_PIXELS
+
+                return pipe(prompt=None, latents=self.noise.clone(), true_cfg_scale=CFG_SCALE, height=QWEN_PIXELS,
+                            width=QWEN_PIXELS, num_inference_steps=self.steps, output_type="latent",
+                            **self.conditioning, **options).images.numpy()
+            if self.family == "wan":
+                return pipe(prompt=None, latents=self.noise.clone(), guidance_scale=CFG_SCALE, height=WAN_PIXELS,
+                            width=WAN_PIXELS, num_frames=WAN_FRAMES, num_inference_steps=self.steps,
+                            output_type="latent", **self.conditioning, **options).frames.numpy()
             return pipe(**{"prompt": None, "latents": self.noise.clone(), "guidance_scale": CFG_SCALE,
                            "num_inference_steps": self.steps, "output_type": "latent", **self.conditioning, **extra,
                            **options}).images.numpy()
 
 
-@pytest.mark.parametrize("family", [pytest.param(family, marks=[pytest.mark.slow] if family == "sana" else [])
-                                    for family in FAMILIES])  # Sana's: about 25 s on the loaded 2 cores
+@pytest.mark.parametrize("family", [pytest.param(family, marks=[pytest.mark.slow] if family in ("sana", "qwen", "wan")
+                                                 else []) for family in FAMILIES])  # Sana's: about 25 s loaded
 def test_enable_equals_sample_and_the_papers_hooks_and_disable_restores_diffusers(tiny_diffusers, family, tmp_path):
     """enable(pipe, "s.json") on diffusers' own pipeline loaded from the tiny folder: equal to `sample --diffusers
     --schedule s.json` on the same latents and conditioning (1e-6 of the range) and to the pipeline with
     schedule_hooks; a second run (the step count starts again) gives the same; disable removes every hook and
     gives the full-compute output exactly."""
-    folder = tiny_diffusers(family, SCHEDULERS[family])
+    folder = _wan_folder(tmp_path) if family == "wan" else tiny_diffusers(family, SCHEDULERS[family])
     request = _Request(family, folder, tmp_path)
     pipe = load_pipeline(folder)
     full = request.latents(pipe)
-    with schedule_hooks(pipe.transformer, request.schedule.sublayer_names, request.schedule.compute) as calls:
+    with schedule_hooks(pipe.transformer, request.schedule.sublayer_names, request.schedule.compute,
+                        request.passes) as calls:
         hooked = request.latents(pipe)
-    assert calls[0] == request.steps
+    assert calls[0] == request.steps * request.passes
 
     applied = l2c_export.enable(pipe, tmp_path / "s.json")
     assert isinstance(applied, Schedule) and np.array_equal(applied.compute, request.schedule.compute)
