@@ -119,8 +119,9 @@ def fit(model: torch.nn.Module, batch_loss, steps: int, lr: float, ema_decay: fl
         progress: bool = True, description: str = "training", ema: torch.nn.Module | None = None) -> torch.nn.Module:
     """The training loop of every embedded model: AdamW (no weight decay) under a one-cycle learning rate (5% warm-up;
     none in a run of 20 steps or fewer), gradients clipped to norm 1, ``batch_loss(model, generator)`` the loss of one
-    batch drawn with ``generator`` (seeded by ``seed``). Returns the EMA of the weights (``ema_decay``; None: the weights themselves), in eval mode, kept in
-    ``ema`` (a model of the same architecture; default: a copy of ``model``)."""
+    batch drawn with ``generator`` (seeded by ``seed``). Returns the EMA of the weights (``ema_decay``; None: the
+    weights themselves), in eval mode, kept in ``ema`` (a model of the same architecture; default: a copy of
+    ``model``)."""
     import copy
 
     if ema_decay is None:
