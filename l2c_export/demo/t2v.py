@@ -516,20 +516,20 @@ def demo_prompts() -> list[tuple[str, int, str]]:
              list(DIRECTIONS)[digit % len(DIRECTIONS)]) for digit in range(10)]
 
 
-def full_and_learned_clips(engines: str | Path, out: str | Path, seed: int = 1, folder: str | Path = T2V_DIR) -> dict:
+def full_and_learned_clips(engines: str | Path, out: str | Path, seed: int = 1) -> dict:
     """A build of the model (``build --model t2v-digits``) run on ONNX Runtime on :func:`demo_prompts` (encoded by
-    the folder's UMT5), at full compute and with its schedule from the same noise, decoded by the build's VAE
-    decoder graph: one animated image (``.gif``/``.webp``) with full compute's clips on the top row and the
-    schedule's below. Returns each row's verdicts (:func:`judge_clips`: the fraction of clips right)."""
+    the build's own tokenizer and UMT5 graph, as ``run --prompt``), at full compute and with its schedule from the
+    same noise, decoded by the build's VAE decoder graph: one animated image (``.gif``/``.webp``) with full
+    compute's clips on the top row and the schedule's below. Returns each row's verdicts (:func:`judge_clips`: the
+    fraction of clips right)."""
     from ..core.images import save_clip
     from ..runtime.pipeline import L2CPipeline
 
     prompts = demo_prompts()
-    conditioning = prompt_conditioning(load_pipeline(folder), [text for text, _, _ in prompts])
     pipe = L2CPipeline.from_engine_dir(engines)
     rows, verdicts = [], {}
     for name, full in (("full", True), ("learned", False)):
-        result = pipe(conditioning=conditioning, seed=seed, full=full, decode=True)
+        result = pipe(prompt=[text for text, _, _ in prompts], seed=seed, full=full, decode=True)
         clips = np.clip(result.decoded, -1.0, 1.0)  # (n, 3, F, H, W)
         rows.append(clips)
         frames = (clips.transpose(0, 2, 3, 4, 1) + 1.0) / 2.0
@@ -554,10 +554,9 @@ def main(argv: list[str] | None = None) -> None:
     clips.add_argument("engines", type=Path, help="A build of the model (l2c-export build --model t2v-digits).")
     clips.add_argument("--out", type=Path, required=True, help="The .gif or .webp to write.")
     clips.add_argument("--seed", type=int, default=1)
-    clips.add_argument("--folder", type=Path, default=T2V_DIR)
     args = parser.parse_args(argv)
     if args.command == "clips":
-        verdicts = full_and_learned_clips(args.engines, args.out, args.seed, args.folder)
+        verdicts = full_and_learned_clips(args.engines, args.out, args.seed)
         print(f"wrote {args.out} (top: full compute, {100 * verdicts['full']:.0f}% of clips right; below: the "
               f"schedule, {100 * verdicts['learned']:.0f}%)")
     elif args.command == "accuracy":
