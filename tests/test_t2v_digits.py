@@ -4,6 +4,7 @@ the shipped diffusers folder as diffusers' own ``WanPipeline`` loads and samples
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -109,6 +110,12 @@ def test_training_steps_lower_the_vaes_and_the_transformers_losses(tmp_path):
     untrained = t2v.make_transformer(TINY)
     trained = t2v.train_transformer(TINY, vae, embeds, progress=False, dataset=dataset)
     assert _flow_loss(trained, vae, embeds, dataset) < 0.9 * _flow_loss(untrained, vae, embeds, dataset)
+    # the context rounds: from the trained weights, on TRAIN_FORMS + CONTEXT_FORMS (20 steps: fit's shortest warm-up)
+    assert t2v.train_context_rounds(dataclasses.replace(TINY, context_rounds=0), pipe, trained, 3) is trained
+    continued = t2v.train_context_rounds(dataclasses.replace(TINY, context_rounds=1, steps=20), pipe, trained, 3,
+                                         progress=False, dataset=dataset)
+    assert continued is not trained and _flow_loss(continued, vae, embeds, dataset) < 0.9 * _flow_loss(
+        untrained, vae, embeds, dataset)
     pipe.transformer = trained
     pipe.register_modules(transformer=trained)
     t2v.save_t2v(pipe, tmp_path / "t2v", TINY)

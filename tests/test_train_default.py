@@ -34,7 +34,7 @@ def test_fit_runs_any_number_of_steps_and_lowers_the_loss(steps):
         return ((model(x) - 3 * x) ** 2).mean()
 
     fitted = fit(model, batch_loss, steps, lr=0.1, ema_decay=None, progress=False)
-    assert 0.0 < float(fitted.weight) <= 3.0
+    assert 0.0 < fitted.weight.item() <= 3.0
 
 
 def _loss_on_fixed_batch(model: DiT) -> float:
