@@ -34,9 +34,9 @@ $(TRITON_VENV)/.installed: requirements-triton.txt setup.py
 	touch $@
 
 # The main job on the embedded models: the digits DiT (DDIM), the digits U-ViT (DPM-Solver-2S), the text-to-image
-# t2i-digits (PixArt-α, DPM-Solver++; prompts in, images out) and the text-to-video t2v-digits (Wan2.1, UniPC; clips
-# out). For each, its schedule, one ONNX graph per subset, every graph verified against PyTorch, then sampling on ONNX
-# Runtime with full compute and with the schedule.
+# t2i-digits (PixArt-α, DPM-Solver++; prompts in, images out) and the text-to-video t2v-digits (Wan2.1, UniPC; prompts
+# in, clips out). For each, its schedule, one ONNX graph per subset, every graph verified against PyTorch, then
+# sampling on ONNX Runtime with full compute and with the schedule.
 demo: setup
 	$(CLI) schedule --schedule l2c_export/demo/dit-digits/schedule.json --png $(DEMO)/schedule.png
 	$(CLI) build --out $(DEMO)/engines

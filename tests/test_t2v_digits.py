@@ -4,6 +4,7 @@ the shipped diffusers folder as diffusers' own ``WanPipeline`` loads and samples
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -56,8 +57,21 @@ def test_prompts_have_held_out_forms_of_trained_words_and_the_tokenizer_pads_as_
         return {word for form in forms for digit in range(10) for direction in t2v.DIRECTIONS
                 for word in t2v.caption(form, digit, direction).split()}
 
-    assert words(t2v.HELD_OUT_FORMS) <= words(t2v.TRAIN_FORMS)
-    assert not set(t2v.HELD_OUT_FORMS) & set(t2v.TRAIN_FORMS)
+    assert words(t2v.HELD_OUT_FORMS) <= words(t2v.TRAIN_FORMS) == words(t2v.TRAIN_FORMS + t2v.CONTEXT_FORMS)
+    assert not set(t2v.HELD_OUT_FORMS) & set(t2v.TRAIN_FORMS + t2v.CONTEXT_FORMS)
+    assert not set(t2v.TRAIN_FORMS) & set(t2v.CONTEXT_FORMS)
+
+    def parts(form):  # (prefix, "{numeral}" or "{word}", verb)
+        tokens = form.split()
+        at = next(i for i, token in enumerate(tokens) if token in ("{numeral}", "{word}"))
+        return " ".join(tokens[:at]), tokens[at], tokens[at + 1]
+
+    trained = {parts(form) for form in t2v.TRAIN_FORMS + t2v.CONTEXT_FORMS}
+    for prefix, kind, verb in map(parts, t2v.HELD_OUT_FORMS):  # every pair of its parts trained, never all three
+        assert (prefix, kind, verb) not in trained
+        assert {(p, k) for p, k, _ in trained} >= {(prefix, kind)}
+        assert {(k, v) for _, k, v in trained} >= {(kind, verb)}
+        assert {(p, v) for p, _, v in trained} >= {(prefix, verb)}
     assert t2v.caption(t2v.TRAIN_FORMS[0], 3, "left") == "a 3 moving left"
     tokenizer = t2v.make_tokenizer(t2v.caption_vocabulary())
     encoded = tokenizer(["a 3 moving left"], padding="max_length", max_length=t2v.MAX_SEQUENCE_LENGTH)
@@ -96,6 +110,12 @@ def test_training_steps_lower_the_vaes_and_the_transformers_losses(tmp_path):
     untrained = t2v.make_transformer(TINY)
     trained = t2v.train_transformer(TINY, vae, embeds, progress=False, dataset=dataset)
     assert _flow_loss(trained, vae, embeds, dataset) < 0.9 * _flow_loss(untrained, vae, embeds, dataset)
+    # the context rounds: from the trained weights, on TRAIN_FORMS + CONTEXT_FORMS (20 steps: fit's shortest warm-up)
+    assert t2v.train_context_rounds(dataclasses.replace(TINY, context_rounds=0), pipe, trained, 3) is trained
+    continued = t2v.train_context_rounds(dataclasses.replace(TINY, context_rounds=1, steps=20), pipe, trained, 3,
+                                         progress=False, dataset=dataset)
+    assert continued is not trained and _flow_loss(continued, vae, embeds, dataset) < 0.9 * _flow_loss(
+        untrained, vae, embeds, dataset)
     pipe.transformer = trained
     pipe.register_modules(transformer=trained)
     t2v.save_t2v(pipe, tmp_path / "t2v", TINY)

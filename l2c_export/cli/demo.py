@@ -284,8 +284,8 @@ def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, searc
 @click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000; t2i-digits: 3000 of the "
                                              "transformer, after a third as many of the VAE; t2i-digits-sd3: 2500 "
                                              "of the transformer on t2i-digits' VAE; t2v-digits: 1500 of the "
-                                             "transformer, after as many of the VAE on frames and 400 on clips (N: "
-                                             "N, N and 4N/15)].")
+                                             "transformer in each of its five rounds, after as many of the VAE on "
+                                             "frames and 400 on clips (N: N, N and 4N/15)].")
 @click.option("--batch-size", type=POSITIVE, help="Images per step [the model.json's: DiT 128, U-ViT 64; t2i: 128; "
                                                   "t2v: 32 clips (the VAE half as many)].")
 @click.option("--seed", type=SEED, default=0, show_default=True)

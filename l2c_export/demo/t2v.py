@@ -4,9 +4,11 @@ the diffusers folder ``l2c_export/demo/t2v-digits/`` (what ``WanPipeline.save_pr
 - **Clips.** :data:`NUM_FRAMES` frames of :data:`FRAME` x :data:`FRAME` pixels (RGB, gray): an 8x8 digit at its own
   resolution crossing the frame one pixel a frame in the direction its prompt names (left, right, up or down), 8
   pixels from one edge to the other, centred on the other axis (:func:`make_clips`).
-- **Prompts.** "a 3 moving left", "the digit seven going up", ...: :data:`TRAIN_FORMS` are trained on,
-  :data:`HELD_OUT_FORMS` never (they recombine the trained words). The tokenizer is t2i-digits' word-level one over
-  these words (``<pad>`` 0, ``</s>`` 1 appended, as UMT5's).
+- **Prompts.** "a 3 moving left", "the digit seven going up", ...: :data:`TRAIN_FORMS` are trained on and measured,
+  :data:`CONTEXT_FORMS` trained on in the last two rounds (they put numerals where the measured forms put words, and
+  the other way round), :data:`HELD_OUT_FORMS` never (they recombine the trained words: each pair of their parts is
+  trained on, the three together never). The tokenizer is t2i-digits' word-level one over these words (``<pad>`` 0,
+  ``</s>`` 1 appended, as UMT5's).
 - **Text encoder.** A small ``UMT5EncoderModel`` with random weights, frozen (as Wan freezes its UMT5). The model reads
   prompts at :data:`MAX_SEQUENCE_LENGTH` tokens (the pipeline's ``max_sequence_length``, 512 by default, must be
   given: Wan's cross-attention has no mask, so the zeroed rows past a prompt count, and the model was trained with 16).
@@ -52,6 +54,13 @@ TRAIN_FORMS = ("a {numeral} moving {direction}", "the digit {word} moving {direc
                "a handwritten {word} going {direction}", "number {numeral} sliding {direction}",
                "{word} moving {direction}", "the number {word} going {direction}")
 HELD_OUT_FORMS = ("the digit {numeral} going {direction}", "a handwritten {numeral} sliding {direction}")
+# Trained on in the last rounds (T2VConfig.context_rounds), never measured: each puts a numeral or a word where the
+# measured forms put the other, or a verb after a prefix it did not follow, so that every pair of a held-out form's
+# parts (prefix and numeral, numeral and verb, prefix and verb) is trained on and only the three together are new.
+CONTEXT_FORMS = ("the digit {numeral} moving {direction}", "a handwritten {numeral} going {direction}",
+                 "a {word} sliding {direction}", "number {word} going {direction}", "{numeral} sliding {direction}",
+                 "the number {numeral} moving {direction}", "the digit {word} going {direction}",
+                 "a handwritten {word} sliding {direction}")
 MAX_SEQUENCE_LENGTH = 16  # the prompt length the model reads (WanPipeline's max_sequence_length)
 SAMPLE_STEPS = 20  # num_inference_steps the model is measured and its router learned at
 FLOW_SHIFT = 3.0  # Wan2.1 480p's
@@ -63,8 +72,8 @@ def caption(form: str, digit: int, direction: str) -> str:
 
 def caption_vocabulary() -> list[str]:
     """Every word of every prompt form (held-out ones included), sorted."""
-    return sorted({word for form in TRAIN_FORMS + HELD_OUT_FORMS for digit in range(10) for direction in DIRECTIONS
-                   for word in caption(form, digit, direction).split()})
+    return sorted({word for form in TRAIN_FORMS + CONTEXT_FORMS + HELD_OUT_FORMS for digit in range(10)
+                   for direction in DIRECTIONS for word in caption(form, digit, direction).split()})
 
 
 def digit_positions(direction: str) -> list[tuple[int, int]]:
@@ -112,7 +121,8 @@ class T2VConfig:
     vae_batch_size: int = 16
     vae_kl_weight: float = 1e-4
     steps: int = 1500
-    transformer_rounds: int = 3
+    transformer_rounds: int = 3  # one-cycle rounds on TRAIN_FORMS
+    context_rounds: int = 2  # then on TRAIN_FORMS + CONTEXT_FORMS
     batch_size: int = 32
     lr: float = 2e-3
     ema_decay: float = 0.999
@@ -290,18 +300,18 @@ def encode_prompts(pipe, prompts: list[str], negative: bool = False) -> dict[str
     return arrays
 
 
-def training_captions(pipe) -> torch.Tensor:
-    """(10, 4, P + 1, L, D) embeddings of every digit's prompt in every direction of every training form, the empty
-    prompt's last."""
+def training_captions(pipe, forms: tuple[str, ...] = TRAIN_FORMS) -> torch.Tensor:
+    """(10, 4, P + 1, L, D) embeddings of every digit's prompt in every direction of each of the P ``forms``, the
+    empty prompt's last."""
     prompts = [caption(form, digit, direction) for digit in range(10) for direction in DIRECTIONS
-               for form in TRAIN_FORMS] + [""]
+               for form in forms] + [""]
     longest = max(len(pipe.tokenizer(text).input_ids) for text in prompts)
     if longest > MAX_SEQUENCE_LENGTH:
         raise ValueError(f"a prompt has {longest} tokens; MAX_SEQUENCE_LENGTH is {MAX_SEQUENCE_LENGTH}")
     embeds = encode_prompts(pipe, prompts)["prompt_embeds"]
     empty = embeds[-1:].expand(10 * len(DIRECTIONS), -1, -1)[:, None]
-    embeds = torch.cat([embeds[:-1].view(10 * len(DIRECTIONS), len(TRAIN_FORMS), *embeds.shape[1:]), empty], dim=1)
-    return embeds.view(10, len(DIRECTIONS), len(TRAIN_FORMS) + 1, *embeds.shape[2:])
+    embeds = torch.cat([embeds[:-1].view(10 * len(DIRECTIONS), len(forms), *embeds.shape[1:]), empty], dim=1)
+    return embeds.view(10, len(DIRECTIONS), len(forms) + 1, *embeds.shape[2:])
 
 
 def make_pipeline(config: T2VConfig, transformer=None, vae=None, seed: int = 0):
@@ -318,7 +328,8 @@ def make_pipeline(config: T2VConfig, transformer=None, vae=None, seed: int = 0):
 
 def train_t2v(config: T2VConfig = T2VConfig(), seed: int = 0, progress: bool = True):
     """The whole model: the VAE (its latents' statistics then set), then the transformer on its latents under the
-    frozen text encoder's prompts, then the VAE's decoder refined (:func:`refine_decoder`). Returns the
+    frozen text encoder's prompts (``transformer_rounds`` rounds on :data:`TRAIN_FORMS`, then ``context_rounds`` on
+    :data:`CONTEXT_FORMS` too), then the VAE's decoder refined (:func:`refine_decoder`). Returns the
     ``WanPipeline``."""
     torch.set_num_threads(1)  # the training's arithmetic, whatever the machine: one thread (reproducible, shared)
     vae = train_vae(config, seed, progress).eval().requires_grad_(False)
@@ -331,10 +342,25 @@ def train_t2v(config: T2VConfig = T2VConfig(), seed: int = 0, progress: bool = T
     for round_ in range(config.transformer_rounds):  # each round a one-cycle schedule from the last round's EMA
         transformer = train_transformer(config, vae, embeds, seed + round_, progress, dataset=dataset,
                                         start=transformer)
+    transformer = train_context_rounds(config, pipe, transformer, seed + config.transformer_rounds, progress, dataset)
     pipe.transformer = transformer
     pipe.register_modules(transformer=pipe.transformer)
     refine_decoder(vae, config, seed, progress)
     return pipe
+
+
+def train_context_rounds(config: T2VConfig, pipe, transformer, seed: int, progress: bool = True, dataset=None):
+    """``config.context_rounds`` more rounds from ``transformer`` on the prompts of :data:`TRAIN_FORMS` and
+    :data:`CONTEXT_FORMS` (round k seeded ``seed + k``; ``dataset``: :func:`encode_dataset` of the pipeline's VAE,
+    whose encoder :func:`refine_decoder` leaves as it is). Returns the last round's EMA transformer (``transformer``
+    itself after no round)."""
+    if config.context_rounds:
+        embeds = training_captions(pipe, TRAIN_FORMS + CONTEXT_FORMS)
+        dataset = dataset if dataset is not None else encode_dataset(pipe.vae)
+    for round_ in range(config.context_rounds):
+        transformer = train_transformer(config, pipe.vae, embeds, seed + round_, progress, dataset=dataset,
+                                        start=transformer)
+    return transformer
 
 
 def save_t2v(pipe, folder: str | Path, config: T2VConfig | None = None) -> Path:
@@ -344,7 +370,8 @@ def save_t2v(pipe, folder: str | Path, config: T2VConfig | None = None) -> Path:
 
     folder = Path(folder)
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    info = {"train_forms": list(TRAIN_FORMS), "held_out_forms": list(HELD_OUT_FORMS),
+    info = {"train_forms": list(TRAIN_FORMS), "context_forms": list(CONTEXT_FORMS),
+            "held_out_forms": list(HELD_OUT_FORMS),
             "digit_words": list(DIGIT_WORDS), "directions": list(DIRECTIONS), "num_frames": NUM_FRAMES,
             "height": FRAME, "width": FRAME, "max_sequence_length": MAX_SEQUENCE_LENGTH,
             "num_inference_steps": SAMPLE_STEPS}
@@ -489,20 +516,20 @@ def demo_prompts() -> list[tuple[str, int, str]]:
              list(DIRECTIONS)[digit % len(DIRECTIONS)]) for digit in range(10)]
 
 
-def full_and_learned_clips(engines: str | Path, out: str | Path, seed: int = 1, folder: str | Path = T2V_DIR) -> dict:
+def full_and_learned_clips(engines: str | Path, out: str | Path, seed: int = 1) -> dict:
     """A build of the model (``build --model t2v-digits``) run on ONNX Runtime on :func:`demo_prompts` (encoded by
-    the folder's UMT5), at full compute and with its schedule from the same noise, decoded by the build's VAE
-    decoder graph: one animated image (``.gif``/``.webp``) with full compute's clips on the top row and the
-    schedule's below. Returns each row's verdicts (:func:`judge_clips`: the fraction of clips right)."""
+    the build's own tokenizer and UMT5 graph, as ``run --prompt``), at full compute and with its schedule from the
+    same noise, decoded by the build's VAE decoder graph: one animated image (``.gif``/``.webp``) with full
+    compute's clips on the top row and the schedule's below. Returns each row's verdicts (:func:`judge_clips`: the
+    fraction of clips right)."""
     from ..core.images import save_clip
     from ..runtime.pipeline import L2CPipeline
 
     prompts = demo_prompts()
-    conditioning = prompt_conditioning(load_pipeline(folder), [text for text, _, _ in prompts])
     pipe = L2CPipeline.from_engine_dir(engines)
     rows, verdicts = [], {}
     for name, full in (("full", True), ("learned", False)):
-        result = pipe(conditioning=conditioning, seed=seed, full=full, decode=True)
+        result = pipe(prompt=[text for text, _, _ in prompts], seed=seed, full=full, decode=True)
         clips = np.clip(result.decoded, -1.0, 1.0)  # (n, 3, F, H, W)
         rows.append(clips)
         frames = (clips.transpose(0, 2, 3, 4, 1) + 1.0) / 2.0
@@ -527,10 +554,9 @@ def main(argv: list[str] | None = None) -> None:
     clips.add_argument("engines", type=Path, help="A build of the model (l2c-export build --model t2v-digits).")
     clips.add_argument("--out", type=Path, required=True, help="The .gif or .webp to write.")
     clips.add_argument("--seed", type=int, default=1)
-    clips.add_argument("--folder", type=Path, default=T2V_DIR)
     args = parser.parse_args(argv)
     if args.command == "clips":
-        verdicts = full_and_learned_clips(args.engines, args.out, args.seed, args.folder)
+        verdicts = full_and_learned_clips(args.engines, args.out, args.seed)
         print(f"wrote {args.out} (top: full compute, {100 * verdicts['full']:.0f}% of clips right; below: the "
               f"schedule, {100 * verdicts['learned']:.0f}%)")
     elif args.command == "accuracy":

@@ -117,10 +117,11 @@ LOSSES = {"dit": lambda config: DiffusionLoss(), "uvit": lambda config: UViTLoss
 
 def fit(model: torch.nn.Module, batch_loss, steps: int, lr: float, ema_decay: float | None, seed: int = 0,
         progress: bool = True, description: str = "training", ema: torch.nn.Module | None = None) -> torch.nn.Module:
-    """The training loop of every embedded model: AdamW (no weight decay) under a one-cycle learning rate (5% warm-up),
-    gradients clipped to norm 1, ``batch_loss(model, generator)`` the loss of one batch drawn with ``generator`` (seeded
-    by ``seed``). Returns the EMA of the weights (``ema_decay``; None: the weights themselves), in eval mode, kept in
-    ``ema`` (a model of the same architecture; default: a copy of ``model``)."""
+    """The training loop of every embedded model: AdamW (no weight decay) under a one-cycle learning rate (5% warm-up;
+    none in a run of 20 steps or fewer), gradients clipped to norm 1, ``batch_loss(model, generator)`` the loss of one
+    batch drawn with ``generator`` (seeded by ``seed``). Returns the EMA of the weights (``ema_decay``; None: the
+    weights themselves), in eval mode, kept in ``ema`` (a model of the same architecture; default: a copy of
+    ``model``)."""
     import copy
 
     if ema_decay is None:
@@ -130,7 +131,10 @@ def fit(model: torch.nn.Module, batch_loss, steps: int, lr: float, ema_decay: fl
         ema.load_state_dict(model.state_dict())
         ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # OneCycleLR ends the warm-up at step pct_start x steps - 1 and divides by that: a warm-up of one step (20 steps)
+    # divides by zero, so a run too short for a warm-up of more than one step has none
+    warm_up = 0.05 if 0.05 * steps > 1 else 0.0
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=warm_up)
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc=description, disable=not progress)
     for step in bar:
