@@ -282,7 +282,7 @@ def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, searc
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the weights [engines/MODEL] (t2i-digits, t2v-digits: the diffusers folder).")
 @click.option("--steps", type=POSITIVE, help="Training steps [the model.json's: 6000; t2i-digits: 3000 of the "
-                                             "transformer, after a third as many of the VAE; t2i-digits-sd3: 2500 "
+                                             "transformer, after a third as many of the VAE; t2i-digits-sd3: 5000 "
                                              "of the transformer on t2i-digits' VAE; t2v-digits: 1500 of the "
                                              "transformer in each of its five rounds, after as many of the VAE on "
                                              "frames and 400 on clips (N: N, N and 4N/15)].")

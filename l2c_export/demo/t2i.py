@@ -313,8 +313,9 @@ def evaluation_prompts(num_samples: int) -> list[tuple[str, int, bool]]:
 @torch.no_grad()
 def sample_accuracy(folder: str | Path = T2I_DIR, num_samples: int = 500, steps: int = SAMPLE_STEPS, seed: int = 0,
                     batch_size: int = 100, pipe=None) -> dict:
-    """Samples the folder with diffusers' own ``PixArtAlphaPipeline`` (``steps`` steps, its default guidance 4.5;
-    ``use_resolution_binning=False``: the pipeline bins only PixArt's 256-1024 px sizes) and reads each image with
+    """Samples the folder with diffusers' own pipeline (:func:`load_pipeline`: ``PixArtAlphaPipeline``, or
+    ``StableDiffusion3Pipeline`` for t2i-digits-sd3; ``steps`` steps, its default guidance, 4.5 or 7.0;
+    ``use_resolution_binning=False``: PixArt's pipeline bins only its 256-1024 px sizes) and reads each image with
     the digits classifier. Returns the accuracy overall, on training and held-out caption forms, and per form."""
     from .classifier import load_classifier
     from .diffusers_caches import call_options

@@ -5,11 +5,15 @@ trained here on scikit-learn's digits, shipped as the diffusers folder ``l2c_exp
 - **Captions.** Those of ``t2i-digits`` (:mod:`l2c_export.demo.t2i`): seven forms trained on, three held out.
 - **Text encoders.** SD3's three: CLIP-L and CLIP-G (``CLIPTextModelWithProjection``, their penultimate hidden states
   side by side, their projected pooled outputs side by side) and T5 (``T5EncoderModel``), all small, random and frozen
-  (as SD3 freezes its encoders: the transformer learns to read them). The CLIPs read :data:`CLIP_TOKENS` tokens (their
+  (as SD3 freezes its encoders: the transformer learns to read them). The CLIPs are context-free: their position
+  embeddings and attention outputs are zero, so a word's hidden states are its own wherever it stands and every
+  prompt's pooled embedding is the same (a random causal CLIP gives the digit's word a new state in each new caption
+  form, which the transformer misread: 50% on the held-out forms). The CLIPs read :data:`CLIP_TOKENS` tokens (their
   tokenizers' ``model_max_length``: the pipeline's ``tokenizer_max_length``), byte-level BPE tokenizers whose merges
   spell the captions' words; T5 reads the pipeline's ``max_sequence_length`` (256) with ``t2i-digits``' word-level
   tokenizer. T5's relative position bias is zero: its 256 - n padding tokens are then identical, and stay identical
-  through the MMDiT's text stream (which has no positions), which is what makes training cheap (below).
+  through the MMDiT's text stream (which has no positions), which is what makes training cheap (below). A held-out
+  caption form is then, in the CLIPs' tokens, the trained words' own states in a new combination.
 - **VAE.** ``t2i-digits``' ``AutoencoderKL`` (8x8x1 digits -> 4x4x4 latents), with ``shift_factor`` 0 (SD3's pipeline
   decodes ``latents / scaling_factor + shift_factor``).
 - **Transformer.** ``SD3Transformer2DModel`` on the 4x4x4 latents (patch 1), trained with SD3's rectified-flow
@@ -31,7 +35,6 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..core.extras import import_extra
@@ -57,12 +60,14 @@ class SD3Config:
     clip_g_width: int = 32
     clip_projection: int = 32  # each CLIP's pooled projection: pooled_projection_dim is twice this
     t5_width: int = 64  # joint_attention_dim (the CLIPs' 32 + 32 are padded to it)
-    steps: int = 2500
+    steps: int = 5000
     batch_size: int = 64
     lr: float = 2e-3
     ema_decay: float = 0.999
     caption_drop: float = 0.1
-    pooled_swap: float = 0.5  # the pooled embedding is another caption's (any digit) with this probability
+    pooled_swap: float = 0.5  # the pooled embedding is another caption's (any digit) with this probability (context-
+    # free CLIPs give every caption the same pooled embedding: then this only draws random numbers)
+    clip_context_free: bool = True  # the CLIPs' position embeddings and attention outputs zero: each token its own
     shift: float = 3.0
 
 
@@ -89,16 +94,24 @@ def make_clip_tokenizer(pad_token: str = "<|endoftext|>"):
                          model_max_length=CLIP_TOKENS)
 
 
-def make_clip(tokenizer, width: int, projection: int):
+def make_clip(tokenizer, width: int, projection: int, context_free: bool = False):
     """A small random ``CLIPTextModelWithProjection`` (2 layers, :data:`CLIP_TOKENS` positions), frozen; its pooled
-    position is the first <|endoftext|>."""
+    position is the first <|endoftext|>. ``context_free``: its position embeddings and attention outputs zero, so each
+    token's hidden states are those of its own word wherever it stands."""
     transformers = import_extra("transformers", SD3_NEEDS)
     config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
                                          num_hidden_layers=2, num_attention_heads=2,
                                          max_position_embeddings=CLIP_TOKENS, projection_dim=projection,
                                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id)
-    return transformers.CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+    clip = transformers.CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+    if context_free:
+        with torch.no_grad():
+            clip.text_model.embeddings.position_embedding.weight.zero_()
+            for layer in clip.text_model.encoder.layers:
+                layer.self_attn.out_proj.weight.zero_()
+                layer.self_attn.out_proj.bias.zero_()
+    return clip
 
 
 def make_t5(config: SD3Config, vocab_size: int):
@@ -138,8 +151,9 @@ def make_pipeline(config: SD3Config, transformer=None, vae=None, seed: int = 0):
     StableDiffusion3Pipeline = import_extra("diffusers", SD3_NEEDS).StableDiffusion3Pipeline
     tokenizer, tokenizer_2, tokenizer_3 = make_clip_tokenizer(), make_clip_tokenizer("!"), t2i.make_tokenizer()
     torch.manual_seed(seed)
-    encoders = dict(text_encoder=make_clip(tokenizer, config.clip_l_width, config.clip_projection),
-                    text_encoder_2=make_clip(tokenizer_2, config.clip_g_width, config.clip_projection),
+    free = config.clip_context_free
+    encoders = dict(text_encoder=make_clip(tokenizer, config.clip_l_width, config.clip_projection, free),
+                    text_encoder_2=make_clip(tokenizer_2, config.clip_g_width, config.clip_projection, free),
                     text_encoder_3=make_t5(config, len(tokenizer_3)))
     pipe = StableDiffusion3Pipeline(transformer=transformer or make_transformer(config), vae=vae or shipped_vae(),
                                     scheduler=make_scheduler(config), tokenizer=tokenizer, tokenizer_2=tokenizer_2,
@@ -230,7 +244,8 @@ def train_transformer(config: SD3Config, vae, captions: dict, seed: int = 0, pro
         s = torch.sigmoid(torch.randn(config.batch_size, generator=generator)).view(-1, 1, 1, 1)
         xs = (1.0 - s) * x0 + s * noise
         # the digit is read from the prompt's tokens: a pooled embedding of another caption half the time keeps the
-        # modulation from depending on it (the held-out caption forms' pooled embeddings are new to the model)
+        # modulation from depending on it (with random causal CLIPs the held-out forms' pooled embeddings are new to
+        # the model; context-free CLIPs give every caption the same one)
         swapped = torch.rand(config.batch_size, generator=generator) < config.pooled_swap
         pooled_digit = torch.where(swapped, torch.randint(10, (config.batch_size,), generator=generator), digit)
         pooled_form = torch.where(swapped, torch.randint(num_forms + 1, (config.batch_size,), generator=generator),
@@ -283,28 +298,12 @@ def load_pipeline(folder: str | Path = SD3_DIR):
     return pipe
 
 
-@torch.no_grad()
 def sample_accuracy(folder: str | Path = SD3_DIR, num_samples: int = 500, steps: int = SAMPLE_STEPS, seed: int = 0,
                     batch_size: int = 100, pipe=None) -> dict:
-    """Samples the folder with diffusers' own ``StableDiffusion3Pipeline`` (``steps`` steps, its default guidance
-    7.0 and max_sequence_length 256) on :func:`l2c_export.demo.t2i.evaluation_prompts` and reads each image with the
-    digits classifier. Returns the accuracy overall, on training and held-out caption forms."""
-    from .classifier import load_classifier
-
-    pipe = pipe or load_pipeline(folder)
-    classifier = load_classifier()
-    prompts = t2i.evaluation_prompts(num_samples)
-    generator = torch.Generator().manual_seed(seed)
-    predicted = []
-    for start in range(0, num_samples, batch_size):
-        chunk = [text for text, _, _ in prompts[start: start + batch_size]]
-        images = pipe(chunk, num_inference_steps=steps, generator=generator, output_type="pt").images  # (n, 1, 8, 8)
-        predicted.append(classifier(images * 2.0 - 1.0).argmax(dim=1).numpy())
-    correct = np.concatenate(predicted) == np.array([digit for _, digit, _ in prompts])
-    held_out = np.array([flag for _, _, flag in prompts])
-    return {"num_samples": num_samples, "steps": steps, "accuracy": float(correct.mean()),
-            "train_forms": float(correct[~held_out].mean()) if (~held_out).any() else None,
-            "held_out_forms": float(correct[held_out].mean()) if held_out.any() else None}
+    """What diffusers' own ``StableDiffusion3Pipeline`` of the folder draws (``steps`` steps, its default guidance
+    7.0 and max_sequence_length 256), read by the digits classifier: :func:`l2c_export.demo.t2i.sample_accuracy`
+    (the accuracy overall, on training and held-out caption forms, and per form)."""
+    return t2i.sample_accuracy(folder, num_samples, steps, seed, batch_size, pipe)
 
 
 def main(argv: list[str] | None = None) -> None:
