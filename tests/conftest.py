@@ -77,8 +77,9 @@ def pytest_collection_modifyitems(config, items) -> None:
         size[groups[item.nodeid]] += 1 if item.get_closest_marker("fast") else HEAVY_TEST_WEIGHT
     # The larger groups first (a Triton, C++ or slow test counts as several fast ones), whatever their tier:
     # pytest-xdist hands a worker its next group while it runs one, so the small groups left at the end keep the other
-    # worker from idling behind a large one. (Ranking by tier first left a group of one slow 90 s test, test_docs.py's, among the
-    # last; by weight alone both workers end within seconds of each other in a simulation on the suite's durations.)
+    # worker from idling behind a large one. (By tier first, or by test count as pytest-xdist orders them, a few long
+    # tests of small modules, test_docs.py's walk among them, came last; by weight alone both workers ended within a
+    # second of each other in a simulation on the suite's recorded durations.)
     items.sort(key=lambda item: -size[groups[item.nodeid]])
 
 
@@ -92,6 +93,7 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadFileScheduling
 
     config.option.loadscopereorder = False
+
     class GroupScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return worker_group(super()._split_scope(nodeid))
