@@ -16,6 +16,10 @@ imported), and tests about a fresh interpreter (installs, imports, telemetry, pe
 ``python -m l2c_export.cli`` themselves. ``L2C_TEST_FRESH_CLI=1`` runs every command of the suite in a fresh
 interpreter instead.
 
+Python code too: with ``L2C_TEST_CLI_PYTHON=1``, ``python tests/cli_fork.py -c CODE [ARGS...]`` runs CODE as
+``python -c CODE ARGS...`` would (``__main__``, ``sys.argv``, the folder first on ``sys.path``; an uncaught exception
+prints its traceback and exits 1), forked the same way (tests/test_docs.py runs the docs' Python blocks so).
+
 Usage: ``L2C_TEST_CLI_SERVE=SOCKET python tests/cli_fork.py`` (the server; it prints "ready" once it listens, and
 ends when its stdin closes) and ``L2C_TEST_CLI_SOCKET=SOCKET python tests/cli_fork.py ARGS...`` (one command).
 """
@@ -32,6 +36,7 @@ import sys
 
 SOCKET_ENV = "L2C_TEST_CLI_SOCKET"  # the client's: the server to ask
 SERVE_ENV = "L2C_TEST_CLI_SERVE"  # the server's: the socket to listen on
+PYTHON_ENV = "L2C_TEST_CLI_PYTHON"  # the client's: "1" runs ``-c CODE ARGS...`` as Python, not l2c-export
 _LENGTH = struct.Struct("!I")
 _STATUS = struct.Struct("!i")  # the command's exit status, or -N for a death by signal N (as subprocess reports it)
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -45,7 +50,11 @@ def client(args: list[str]) -> None:
     connection.connect(os.environ[SOCKET_ENV])
     umask = os.umask(0o022)
     os.umask(umask)
-    request = json.dumps({"args": args, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask}).encode()
+    python = os.environ.get(PYTHON_ENV) == "1"
+    if python and (args[:1] != ["-c"] or len(args) < 2):
+        sys.exit("cli_fork: with L2C_TEST_CLI_PYTHON=1 the arguments are -c CODE [ARGS...]")
+    request = json.dumps({"args": args, "python": python, "cwd": os.getcwd(), "env": dict(os.environ),
+                          "umask": umask}).encode()
     socket.send_fds(connection, [_LENGTH.pack(len(request))], [0, 1, 2])
     connection.sendall(request)
     for number in _FORWARDED:  # to the command, as if it had been sent to it
@@ -144,9 +153,12 @@ def _run_command(request: dict, fds: list[int]) -> None:
     numpy.random.seed()  # a fresh interpreter's global numpy state is its own (`random` reseeds itself at fork)
     threads = os.environ.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else len(os.sched_getaffinity(0)))
-    sys.argv = ["-m", *request["args"]]
     try:
-        runpy.run_module("l2c_export.cli", run_name="__main__", alter_sys=True)
+        if request.get("python"):
+            _run_python(request["args"][1], request["args"][2:])
+        else:
+            sys.argv = ["-m", *request["args"]]
+            runpy.run_module("l2c_export.cli", run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as error:  # as the interpreter turns it into a status
         if error.code is None or isinstance(error.code, int):
@@ -163,6 +175,18 @@ def _run_command(request: dict, fds: list[int]) -> None:
         sys.stderr.flush()
     finally:
         os._exit(code & 0xFF)
+
+
+def _run_python(source: str, args: list[str]) -> None:
+    """``python -c SOURCE ARGS...``: SOURCE as the module ``__main__``, the working folder first on ``sys.path``."""
+    import types
+
+    sys.argv = ["-c", *args]
+    sys.path[0] = ""  # python -c's (the server's is tests/, this file's folder)
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = __builtins__
+    sys.modules["__main__"] = main
+    exec(compile(source, "<string>", "exec"), main.__dict__)
 
 
 def _serve_one(connection: socket.socket, request: dict, fds: list[int]) -> None:

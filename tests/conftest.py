@@ -8,7 +8,8 @@ CLI taking tens of seconds) carries ``@pytest.mark.slow`` where it is written; e
 then gets its share of the cores for torch and ONNX Runtime (OMP_NUM_THREADS, which its CLI subprocesses inherit),
 and the tests of one module run on one worker (``--dist loadfile``), sharing its module-scoped builds; the modules
 with Triton tests all on one worker: one server at a time, so a test that checks what a stopped server left in /tmp
-and /dev/shm sees no other server's files.
+and /dev/shm sees no other server's files. The builds that several modules use (the embedded default's, the digits
+U-ViT's, t2i-digits', ...) are made once for the whole run, by whichever worker asks first (:func:`made_once`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(threads)
 
 
-TIER_ORDER = ("triton", "cpp", "slow", "fast")  # heaviest first: under pytest-xdist the long groups start first
 HEAVY_TEST_WEIGHT = 10  # a slow, Triton or C++ test against a fast one (tens of seconds against a few), in ordering
 
 
@@ -64,7 +64,7 @@ def worker_group(module: str) -> str:
 @pytest.hookimpl(tryfirst=True)  # before -m selects by tier
 def pytest_collection_modifyitems(config, items) -> None:
     """Marks every test with its tier (see the module's docstring); runs the groups of :func:`worker_group`
-    heaviest tier first, each in file order."""
+    heaviest first, each in file order."""
     for item in items:
         tiers = [tier for fixture, tier in TIER_FIXTURES.items() if fixture in getattr(item, "fixturenames", ())]
         for tier in tiers:
@@ -72,25 +72,27 @@ def pytest_collection_modifyitems(config, items) -> None:
         if not tiers and item.get_closest_marker("slow") is None:
             item.add_marker("fast")
     groups = {item.nodeid: worker_group(item.nodeid.split("::")[0]) for item in items}
-    rank: dict[str, int] = {}
     size: collections.Counter[str] = collections.Counter()
     for item in items:
-        tier = next(tier for tier in TIER_ORDER if item.get_closest_marker(tier))
-        rank[groups[item.nodeid]] = min(rank.get(groups[item.nodeid], len(TIER_ORDER)), TIER_ORDER.index(tier))
-        size[groups[item.nodeid]] += 1 if tier == "fast" else HEAVY_TEST_WEIGHT
-    # Within a tier the larger groups first (a test of a heavier tier counts as several fast ones): pytest-xdist hands
-    # a worker its next group while it runs one, so the small groups left at the end keep the other worker from
-    # idling behind a large one.
-    items.sort(key=lambda item: (rank[groups[item.nodeid]], -size[groups[item.nodeid]]))
+        size[groups[item.nodeid]] += 1 if item.get_closest_marker("fast") else HEAVY_TEST_WEIGHT
+    # The larger groups first (a Triton, C++ or slow test counts as several fast ones), whatever their tier:
+    # pytest-xdist hands a worker its next group while it runs one, so the small groups left at the end keep the other
+    # worker from idling behind a large one. (By tier first, or by test count as pytest-xdist orders them, a few long
+    # tests of small modules, test_docs.py's walk among them, came last; by weight alone both workers ended within a
+    # second of each other in a simulation on the suite's recorded durations.)
+    items.sort(key=lambda item: -size[groups[item.nodeid]])
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` with :func:`worker_group` as its unit: a module's tests on one worker, the Triton
-    modules' all on one."""
+    modules' all on one; the units handed out in the order :func:`pytest_collection_modifyitems` gives them (not
+    pytest-xdist's own, by test count, which left the few long tests of the smallest modules to the end)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False
 
     class GroupScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -114,17 +116,74 @@ def tiny_model() -> DiT:
     return model
 
 
+def run_temp(tmp_path_factory) -> Path:
+    """This run's temporary folder, shared by its pytest-xdist workers (each worker's own is a folder in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder ``<run's temporary folder>/name``, filled by ``make(folder)`` once for the whole run: the first
+    pytest-xdist worker (or module) to ask makes it under a lock while the others wait, then all use it. Tests never
+    change what is in it (they work on a copy)."""
+    import fcntl
+
+    shared = run_temp(tmp_path_factory)
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / f"{name}.made").is_file():  # one that failed half-way is made again
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (shared / f"{name}.made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory) -> Path:
-    """The embedded default (pixel digits, DDIM 20) with its own schedule, built once for ONNX Runtime (fp32). Tests
-    that change a build work on a copy."""
+    """The embedded default (pixel digits, DDIM 20) with its own schedule, built once for ONNX Runtime (fp32) for
+    every worker (:func:`made_once`). Tests that change a build work on a copy."""
     from l2c_export.builder.build import BuildRequest, build
     from l2c_export.models.zoo import embedded_default
 
     spec = embedded_default()
-    out = tmp_path_factory.mktemp("default") / "engines"
-    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
-    return out
+    return made_once(tmp_path_factory, "default-build", lambda folder: build(
+        BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=folder / "engines"),
+        progress=False)) / "engines"
+
+
+@pytest.fixture(scope="session")
+def uvit_digits_build(tmp_path_factory) -> Path:
+    """``l2c-export build --model uvit-digits``: the embedded digits U-ViT with its own DPM-Solver-2S schedule, built
+    once for every worker (:func:`made_once`). Tests that change a build work on a copy."""
+    def make(folder: Path) -> None:
+        run_cli("build", "--model", "uvit-digits", "--out", str(folder / "engines"))
+
+    return made_once(tmp_path_factory, "uvit-digits-build", make) / "engines"
+
+
+@pytest.fixture(scope="session")
+def t2i_digits_build(tmp_path_factory) -> Path:
+    """``l2c-export build --model t2i-digits`` (the shipped learned schedule, with the T5, tokenizer and VAE decoder
+    graphs), built once for every worker (:func:`made_once`). Tests that change a build work on a copy."""
+    def make(folder: Path) -> None:
+        run_cli("build", "--model", "t2i-digits", "--out", str(folder / "engines"))
+
+    return made_once(tmp_path_factory, "t2i-digits-build", make) / "engines"
+
+
+@pytest.fixture(scope="session")
+def wan22_two_experts_build(tiny_diffusers, tmp_path_factory) -> Path:
+    """The tiny two-expert Wan2.2 folder (no VAE) at 8 steps, 5 frames of 16 x 32 px (latents (4, 2, 2, 4)), over a
+    schedule that reuses in both experts (tests/diffusers_pipelines.py's build_two_experts), built once for every
+    worker (:func:`made_once`). Tests that change a build work on a copy."""
+    from .diffusers_pipelines import build_two_experts
+
+    def make(folder: Path) -> None:
+        build_two_experts(tiny_diffusers("wan22", "unipc"), folder / "engines", 8, (16, 32), 5)
+
+    return made_once(tmp_path_factory, "wan22-two-experts-build", make) / "engines"
 
 
 @pytest.fixture
@@ -214,6 +273,13 @@ def cli_command() -> tuple[list[str], dict[str, str]]:
         atexit.register(stop)
         _cli_server.update(socket=path, server=server)
     return [sys.executable, str(CLI_FORK)], {"L2C_TEST_CLI_SOCKET": str(_cli_server["socket"])}
+
+
+def python_command() -> tuple[list[str], dict[str, str]]:
+    """As :func:`cli_command`, for ``python -c CODE``: the fork server runs the code (its imports already done), or a
+    fresh interpreter where L2C_TEST_FRESH_CLI=1."""
+    command, variables = cli_command()
+    return (command, {**variables, "L2C_TEST_CLI_PYTHON": "1"}) if variables else ([sys.executable], variables)
 
 
 def run_cli(*args: str, check: bool = True, cwd: Path | None = None,

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from l2c_export.builder.build import BuildRequest, build
-from l2c_export.models.zoo import embedded_default
 
 from .conftest import REPO, run_cli
 
@@ -18,10 +17,8 @@ FIELDS = {"backend", "batch", "full_seconds", "schedule_seconds", "speedup", "id
 
 
 @pytest.mark.slow
-def test_bench_writes_every_field_and_a_plot(tmp_path):
-    spec = embedded_default()
-    out = tmp_path / "engines"
-    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
+def test_bench_writes_every_field_and_a_plot(default_build, tmp_path):
+    out = default_build
     result = run_cli("bench", str(out), "--repeats", "2", "--batch", "1", "--threads", "1", "--json",
                      str(tmp_path / "b.json"), "--png", str(tmp_path / "b.png"))
     assert "of ideal" in result.stdout and "spread" in result.stdout

@@ -119,3 +119,35 @@ def _opening_a_fifo(pid: int) -> bool:
 def test_run_cli_reports_a_failed_command_with_its_output(tmp_path):
     with pytest.raises(AssertionError, match=r"failed \(2\)"):
         run_cli("schedule", "--schedule", str(tmp_path / "missing.json"))
+
+
+PYTHON_CODE = """
+import os, sys
+import helper_here  # from the working folder: python -c puts it first on sys.path
+print(__name__, sys.argv, os.getcwd() == os.environ["WANT_CWD"], helper_here.VALUE)
+print("to stderr", file=sys.stderr)
+if sys.argv[1] == "raise":
+    raise ValueError("raised in the block")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("argument", ["0", "3", "raise"])
+def test_forked_python_code_runs_as_python_c_does(tmp_path, argument):
+    """``python -c CODE ARGS`` through the server (the docs' Python blocks, tests/test_docs.py) prints, exits and
+    fails as a fresh interpreter does: ``__main__``, its argv, the client's folder (first on sys.path) and
+    environment; an uncaught exception ends with its traceback's last line and status 1."""
+    from .conftest import python_command
+
+    command, variables = python_command()
+    if command == [sys.executable]:
+        pytest.skip("L2C_TEST_FRESH_CLI=1: Python code already runs fresh")
+    (tmp_path / "helper_here.py").write_text("VALUE = 42\n")
+    env = {**os.environ, "WANT_CWD": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    fresh, forked = (subprocess.run([*line, "-c", PYTHON_CODE, argument], capture_output=True, text=True,
+                                    cwd=tmp_path, env={**env, **extra})
+                     for line, extra in (([sys.executable], {}), (command, variables)))
+    assert fresh.stdout == forked.stdout == f"__main__ ['-c', '{argument}'] True 42\n"
+    assert (forked.returncode, forked.stderr.splitlines()[-1]) == (fresh.returncode, fresh.stderr.splitlines()[-1])
+    assert forked.returncode == {"0": 0, "3": 3, "raise": 1}[argument]
+    assert forked.stderr.startswith("to stderr\n")

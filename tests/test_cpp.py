@@ -176,12 +176,10 @@ def test_l2c_run_equals_the_python_runtime_with_dpm_solver(cpp_build, tmp_path):
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["schedule", "full"])
-def test_l2c_run_equals_the_python_runtime_on_the_digits_uvit(cpp_build, tmp_path, full):
+def test_l2c_run_equals_the_python_runtime_on_the_digits_uvit(cpp_build, uvit_digits_build, tmp_path, full):
     """The second family (long skips, no gates, label and time tokens) with its own DPM-Solver-2S schedule."""
-    spec = embedded_default("uvit-digits")
-    out = tmp_path / "engines"
-    build(BuildRequest(spec=spec, schedule=spec.schedule(), sampler=spec.sampler(), out_dir=out), progress=False)
-    assert _compare(out, tmp_path, LABELS, spec.cfg_scale, full=full) <= 1e-5
+    cfg_scale = embedded_default("uvit-digits").cfg_scale
+    assert _compare(uvit_digits_build, tmp_path, LABELS, cfg_scale, full=full) <= 1e-5
 
 
 @pytest.mark.parametrize("full,cfg_scale", [(False, 4.0), (True, 4.0), (False, 1.0), (True, 1.0)],
@@ -1468,22 +1466,22 @@ def test_l2c_run_equals_the_python_runtime_on_wan(cpp_build, diffusers_cpp_build
 # second expert's calls guided with --cfg-scale-2.
 
 @pytest.fixture(scope="module")
-def wan22_cpp_build(tiny_diffusers, tmp_path_factory) -> tuple[Path, list]:
+def wan22_cpp_build(wan22_two_experts_build, tmp_path_factory) -> tuple[Path, list]:
     """The tiny two-expert folder (tests/diffusers_pipelines.py's "wan22": transformer_2 below boundary_ratio 0.9,
     UniPC, no VAE) at 8 steps, 5 frames of 16 x 32 px (latents (4, 2, 2, 4)), over a general schedule that reuses in
-    both experts (build_two_experts); (build, the conditioning request: prompt embeddings and negatives)."""
-    from .diffusers_pipelines import WAN_CONFIG, build_two_experts
+    both experts (tests/conftest.py's, shared with tests/test_triton_mmdit.py); (build, the conditioning request:
+    prompt embeddings and negatives)."""
+    from .diffusers_pipelines import WAN_CONFIG
 
+    assert (DIFFUSERS_STEPS, IMAGE_SIZES["wan"], NUM_FRAMES["wan"]) == (8, (16, 32), 5)  # the shared build's
     root = tmp_path_factory.mktemp("cpp-wan22")
-    build_two_experts(tiny_diffusers("wan22", "unipc"), root / "engines", DIFFUSERS_STEPS, IMAGE_SIZES["wan"],
-                      NUM_FRAMES["wan"])
     generator = np.random.default_rng(7)
     shape = (2, 5, WAN_CONFIG["text_dim"])
     conditioning = {"prompt_embeds": generator.standard_normal(shape).astype(np.float32),
                     "negative_prompt_embeds": generator.standard_normal(shape).astype(np.float32)}
     conditioning["prompt_embeds"][1, 3:] = 0  # the rows past a prompt, zeroed as the pipeline leaves them
     np.savez(root / "cond.npz", **conditioning)
-    return root / "engines", ["--conditioning", root / "cond.npz"]
+    return wan22_two_experts_build, ["--conditioning", root / "cond.npz"]
 
 
 def test_l2c_run_equals_the_python_runtime_on_wan22s_two_experts(cpp_build, wan22_cpp_build, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from l2c_export.core.manifest import ManifestError, load
 from l2c_export.models.diffusers import DiffusersFolderError, read_folder
 from l2c_export.runtime.pipeline import L2CPipeline
 
-from .conftest import run_cli
+from .conftest import made_once, run_cli
 from .diffusers_pipelines import CAPTION_CHANNELS, load_pipeline, schedule_hooks
 from .test_diffusers import CFG_SCALE, STEPS, _parity_schedule
 
@@ -28,18 +29,21 @@ LONG_PROMPT = " ".join(["seven", "picture", "of", "number", "xyz"] * 30)  # well
 @pytest.fixture(scope="module")
 def text_build(tiny_diffusers, tmp_path_factory):
     """(folder, build, schedule): the tiny PixArt folder with a T5 encoder, tokenizer and VAE, built over the parity
-    schedule at 12 DDIM steps, and the noise z.npy (2 latents) beside it."""
+    schedule at 12 DDIM steps, and the noise z.npy (2 latents) beside it; built once for the run (tests/conftest.py's
+    made_once: tests/test_hardening_cli.py uses it too), never changed."""
     from diffusers.utils.torch_utils import randn_tensor
 
     folder = tiny_diffusers("pixart-t5")
     found = read_folder(folder)
     schedule = _parity_schedule(found.family.sublayer_names(found.config))
-    root = tmp_path_factory.mktemp("text-build")
-    schedule.save(root / "s.json")
-    np.save(root / "z.npy", randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)).numpy())
-    run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--schedule", str(root / "s.json"), "--out",
-            str(root / "E"))
-    return folder, root / "E", schedule
+
+    def make(root: Path) -> None:
+        schedule.save(root / "s.json")
+        np.save(root / "z.npy", randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)).numpy())
+        run_cli("build", "--diffusers", str(folder), "--steps", str(STEPS), "--schedule", str(root / "s.json"),
+                "--out", str(root / "E"))
+
+    return folder, made_once(tmp_path_factory, "text-build", make) / "E", schedule
 
 
 def _pipeline_output(folder, prompts, noise: np.ndarray, negative_prompt="", schedule=None, output_type="latent"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, cli_command
+from .conftest import REPO, cli_command, python_command
 
 # docs/bench*.md are tables `make bench` and `make bench-large` write (l2c_export/tools/bench_suite.py), and
 # docs/eval-curve-*.md those `eval --budgets --markdown` writes (l2c_export/demo/curve.py): not pages.
@@ -171,13 +171,15 @@ def test_every_runnable_block_runs_as_written_in_document_order(docs_work):
     suite is spread over workers the blocks share one folder and run after the blocks they build on. Stops at the
     first block that fails, naming it."""
     work, env = docs_work
+    python, python_variables = python_command()  # the CLI's fork server: no fresh import of diffusers per block
     ran = []
     for block in RUNNABLE:
         if not _runs_here(block):
             continue
-        command = (["bash", "-euo", "pipefail", "-c", block.code] if RUN[block.language] == "bash"
-                   else [sys.executable, "-c", block.code])
-        result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        command, variables = ((["bash", "-euo", "pipefail", "-c", block.code], {}) if RUN[block.language] == "bash"
+                              else ([*python, "-c", block.code], python_variables))
+        result = subprocess.run(command, cwd=work, env={**env, **variables}, capture_output=True, text=True,
+                                timeout=600)
         assert result.returncode == 0, (f"{block.name} failed ({result.returncode}) after {len(ran)} blocks ran:\n"
                                         f"{block.code}\n{result.stderr[-4000:]}")
         ran.append(block.name)

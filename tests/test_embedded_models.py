@@ -64,14 +64,8 @@ def test_dpm_solver_baselines_keep_whole_solver_steps_and_the_official_floor():
     assert baselines.least_mac_fraction(20, macs, "general", "dpm_solver_2s") < least
 
 
-@pytest.fixture(scope="module")
-def uvit_build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uvit-digits") / "engines"
-    run_cli("build", "--model", "uvit-digits", "--out", str(out))
-    return out
-
-
-def test_the_digits_uvit_builds_verifies_and_runs_with_its_schedule(uvit_build, tmp_path):
+def test_the_digits_uvit_builds_verifies_and_runs_with_its_schedule(uvit_digits_build, tmp_path):
+    uvit_build = uvit_digits_build  # `l2c-export build --model uvit-digits` (tests/conftest.py)
     manifest = manifest_io.load(uvit_build)
     spec = embedded_default("uvit-digits")
     assert manifest["model"]["family"] == "uvit" and manifest["sampler"]["kind"] == "dpm_solver_2s"

@@ -22,11 +22,9 @@ METHODS = ("full", "l2c", "fora", "random", "fewer-steps", "cache-dit")
 
 
 @pytest.fixture(scope="module")
-def t2i_build(tmp_path_factory):
-    """``build --model t2i-digits`` (the shipped learned schedule, with the T5, tokenizer and VAE decoder graphs)."""
-    engines = tmp_path_factory.mktemp("t2i") / "E"
-    run_cli("build", "--model", "t2i-digits", "--out", str(engines))
-    return engines
+def t2i_build(t2i_digits_build):
+    """``build --model t2i-digits`` (tests/conftest.py's, shared with tests/test_t2i_digits.py)."""
+    return t2i_digits_build
 
 
 def _block_macs(spec) -> tuple[object, list[int]]:

@@ -411,10 +411,11 @@ def test_a_build_killed_half_way_leaves_the_previous_output(tmp_path):
     full = _default_schedule_file(tmp_path, [[1] * 12] * 20)
     rows = [[1] * 12 if s % 2 == 0 else [int((k + s) % 3 != 0) for k in range(12)] for s in range(20)]
     scheduled = _default_schedule_file(tmp_path, rows)
+    run_cli("build", "--out", str(out), "--schedule", str(full))
+    before = (out / "manifest.json").read_bytes()
+    # A fresh interpreter, not the fork server's client: SIGKILL must end the build itself, at once.
     command = [sys.executable, "-m", "l2c_export.cli", "build", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run(command + ["--schedule", str(full)], check=True, capture_output=True, env=env, cwd=REPO)
-    before = (out / "manifest.json").read_bytes()
     process = subprocess.Popen(command + ["--schedule", str(scheduled)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=env, cwd=REPO)
     deadline = time.time() + 120
@@ -426,7 +427,7 @@ def test_a_build_killed_half_way_leaves_the_previous_output(tmp_path):
     assert staging.exists()  # killed mid-way indeed
     assert (out / "manifest.json").read_bytes() == before
     manifest_io.load(out)  # the previous build, complete and consistent
-    subprocess.run(command + ["--schedule", str(scheduled)], check=True, capture_output=True, env=env, cwd=REPO)
+    run_cli("build", "--out", str(out), "--schedule", str(scheduled))
     assert not staging.exists()
     assert len(manifest_io.load(out)["subsets"]) == 4
 

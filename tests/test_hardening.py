@@ -12,7 +12,6 @@ import pickle
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from l2c_export.core import manifest as manifest_io
 from l2c_export.core.util import exchange_names, short_repr
 
-from .conftest import REPO, restamp_graphs, run_cli
+from .conftest import REPO, cli_command, restamp_graphs, run_cli
 
 
 def _copy(build_dir: Path, target: Path) -> Path:
@@ -191,8 +190,9 @@ def test_nan_in_the_manifests_sampler_tables_is_refused(default_build, tmp_path)
 
 def test_two_builds_into_one_folder_at_once_are_serialised(tmp_path):
     out = tmp_path / "engines"
-    command = [sys.executable, "-m", "l2c_export.cli", "build", "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli, variables = cli_command()
+    command = [*cli, "build", "--out", str(out)]
+    env = {**os.environ, **variables, "PYTHONUNBUFFERED": "1"}
     first, second = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                       cwd=REPO) for _ in range(2))
     outputs = [process.communicate(timeout=600) for process in (first, second)]
@@ -231,9 +231,10 @@ def test_the_output_swap_is_one_atomic_exchange(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_build_files_get_the_modes_of_the_users_umask(tmp_path, umask):
     out = tmp_path / "engines"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run([sys.executable, "-m", "l2c_export.cli", "build", "--out", str(out)], check=True,
-                   capture_output=True, env=env, cwd=REPO, preexec_fn=lambda: os.umask(umask))
+    cli, variables = cli_command()
+    env = {**os.environ, **variables, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*cli, "build", "--out", str(out)], check=True, capture_output=True, env=env, cwd=REPO,
+                   preexec_fn=lambda: os.umask(umask))
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes and set(modes.values()) == {0o666 & ~umask}, modes
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

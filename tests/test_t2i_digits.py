@@ -161,14 +161,13 @@ def test_model_t2i_digits_resolves_to_the_shipped_folder_with_its_router_and_sch
 
 
 @pytest.mark.slow
-def test_build_model_t2i_digits_runs_its_learned_schedule_on_prompts_from_its_own_t5(tmp_path):
+def test_build_model_t2i_digits_runs_its_learned_schedule_on_prompts_from_its_own_t5(t2i_digits_build, tmp_path):
     """build --model t2i-digits (the shipped schedule), run --conditioning with prompts the folder's T5 encoded: with
     --full it equals diffusers' own pipeline on the same latents to 1e-4 of the range; with the learned schedule the
     latents, decoded by the folder's VAE, are read by the classifier as the prompts' digits."""
     from l2c_export.demo.classifier import load_classifier
 
-    engines = tmp_path / "E"
-    run_cli("build", "--model", "t2i-digits", "--out", str(engines))
+    engines = t2i_digits_build  # build --model t2i-digits (tests/conftest.py)
     manifest = json.loads((engines / "manifest.json").read_text())
     assert len(manifest["subsets"]) > 1  # the learned schedule, not full compute
     pipe = t2i.load_pipeline()

@@ -50,10 +50,9 @@ def triton_env() -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_build(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("build") / "dit-digits"
-    run_cli("build", "--out", str(out))
-    return out
+def digits_build(default_build) -> Path:
+    """The embedded default's build, as `l2c-export build` makes it (tests/conftest.py's, built once per run)."""
+    return default_build
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from l2c_export.core.schedule import Schedule
 from l2c_export.runtime.pipeline import L2CPipeline
 
 from .conftest import run_cli
-from .diffusers_pipelines import FLUX_CONFIG, SD3_CONFIG, WAN_CONFIG, build_two_experts
+from .diffusers_pipelines import FLUX_CONFIG, SD3_CONFIG, WAN_CONFIG
 from .test_qwenimage import IMAGE_SIZE as QWEN_IMAGE_SIZE
 from .test_qwenimage import STEPS as QWEN_STEPS
 from .test_qwenimage import qwen_build  # noqa: F401 - the module's build of the tiny Qwen-Image, over a schedule
@@ -75,10 +75,10 @@ def flow_builds(sana_build, qwen_build, tiny_diffusers, tmp_path_factory) -> dic
 
 
 @pytest.fixture(scope="module")
-def wan22_serving_build(tiny_diffusers, tmp_path_factory) -> Path:
+def wan22_serving_build(wan22_two_experts_build) -> Path:
     """The tiny two-expert Wan2.2 folder (no VAE) at 8 steps, 5 frames of 16 x 32 px (latents (4, 2, 2, 4)), over a
-    schedule that reuses in both experts (tests/diffusers_pipelines.py's build_two_experts)."""
-    return build_two_experts(tiny_diffusers("wan22", "unipc"), tmp_path_factory.mktemp("wan22") / "E", 8, (16, 32), 5)
+    schedule that reuses in both experts (tests/conftest.py's, shared with tests/test_cpp.py)."""
+    return wan22_two_experts_build
 
 
 @pytest.fixture(scope="module")
