@@ -11,8 +11,11 @@ from PIL import Image
 
 from .conftest import run_cli
 
-BUDGETS = (0.5,)  # one budget here (the suite's time); tests/test_eval_own_folder.py runs two
-METHODS = ("l2c", "fora", "random", "fewer-steps", "cache-dit", "cache-dit+taylorseer", "diffusers-fbc",
+# one budget here (the suite's time; tests/test_eval_own_folder.py runs two), below the least official mode reaches
+# (0.547 at 20 steps of DPM-Solver++): the shipped general-mode router's l2c-general row reaches it, l2c cannot
+BUDGETS = (0.35,)
+OURS = ("l2c", "l2c-general", "fora", "random", "fewer-steps")  # built and run on ONNX Runtime
+METHODS = OURS + ("cache-dit", "cache-dit+taylorseer", "diffusers-fbc",
            "diffusers-taylorseer", "diffusers-magcache", "diffusers-fastercache", "diffusers-pab")
 QUALITY = ("fd_to_full", "psnr", "fd", "accuracy")
 
@@ -23,7 +26,8 @@ def test_eval_budgets_runs_every_method_at_every_budget_and_writes_the_files(tmp
     (within 0.03 of the budget, or a note with the nearest, or the error that stopped it), every quality metric and
     the seconds per image in its own runtime with the speedup against full compute there; full compute and the
     learned schedule also timed on the PyTorch backend; the hooks' fractions are counted from what ran (cache-dit's
-    own count agrees); the table, JSON, plots and grid are written."""
+    own count agrees); the learned schedule in official mode (l2c) cannot reach the budget and says so, the shipped
+    general-mode router (l2c-general) reaches it; the table, JSON, plots and grid are written."""
     out = tmp_path / "curve"
     result = run_cli("eval", "--model", "t2i-digits", "--budgets", ",".join(map(str, BUDGETS)), "--num-samples", "4",
                      "--batch-size", "4", "--search", "small", "--repeats", "1", "--random-seeds", "1",
@@ -33,6 +37,7 @@ def test_eval_budgets_runs_every_method_at_every_budget_and_writes_the_files(tmp
     rows = report["results"]
     full = {row["method"]: row for row in rows if row["budget"] is None}
     assert set(full) == {"full", "full (diffusers)"}
+    assert report["general_router"].endswith("t2i-digits/router-general.safetensors")
     assert full["full"]["fd_to_full"] == 0.0 and full["full"]["seconds_per_image_torch"] > 0
     assert full["full (diffusers)"]["mac_fraction"] == pytest.approx(1.0)  # every sub-layer ran, by the hooks
     assert full["full (diffusers)"]["psnr"] > 60  # the same model in PyTorch: only rounding apart
@@ -48,16 +53,22 @@ def test_eval_budgets_runs_every_method_at_every_budget_and_writes_the_files(tmp
             for name in QUALITY:
                 assert np.isfinite(row[name]), (method, budget, name)
             assert row["seconds_per_image"] > 0 and row["speedup"] > 0 and row["speedup_of_ideal"] > 0
-            assert row["runtime"] == ("onnxruntime" if method in METHODS[:4] else "diffusers")
+            assert row["runtime"] == ("onnxruntime" if method in OURS else "diffusers")
             if row["runtime"] == "diffusers":
                 assert row["search"]["tried"] and all("mac_fraction" in t for t in row["search"]["tried"])
         assert at["l2c"]["seconds_per_image_torch"] > 0 and at["l2c"]["speedup_of_ideal_torch"] > 0
+        assert at["l2c"]["mode"] == "official" and not at["l2c"]["reached"] and "cannot reach" in at["l2c"]["note"]
+        general = at["l2c-general"]  # the general-mode router decoded at the budget, run by the engines
+        assert general["mode"] == "general" and general["reached"], general
+        assert general["engines_mac_fraction"] == pytest.approx(general["mac_fraction"], abs=1e-6)
+        assert report["l2c_general_speedup_of_ideal"]["by_budget"][str(budget)] == general["speedup_of_ideal"]
         cache_dit = at["cache-dit"]
         assert cache_dit["own_mac_fraction"] == pytest.approx(cache_dit["mac_fraction"], abs=1e-6)
     # PixArtTransformer2DModel is no CacheMixin: the error a user of enable_cache gets is recorded with each hook
     assert "enable_cache" in next(r for r in rows if r["method"] == "diffusers-pab").get(
         "enable_cache_error", next(r for r in rows if r["method"] == "diffusers-pab").get("error", ""))
-    assert "| diffusers-magcache |" in result.stdout and "| l2c |" in (tmp_path / "curve.md").read_text()
+    table = (tmp_path / "curve.md").read_text()
+    assert "| diffusers-magcache |" in result.stdout and "| l2c |" in table and "| l2c-general |" in table
     for png in ("curve.png", "curve-speed.png", "curve-grid.png"):
         assert Image.open(tmp_path / png).size[0] > 200, png
 

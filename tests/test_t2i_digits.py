@@ -133,6 +133,29 @@ def test_the_shipped_schedule_is_decoded_from_the_router_learned_on_the_models_o
     assert schedule.mac_fraction(spec.family.count_macs(spec.config)) < 0.75
 
 
+def test_the_shipped_general_router_is_learned_as_the_official_one_and_reaches_the_low_budgets():
+    """router-general.safetensors (the budget curve's l2c-general): the same sub-layers, sampler, trajectories and
+    settings as router.safetensors but general mode; decoded in general mode it meets every budget from 0.3 to 0.9
+    within 0.01, where official mode stops at 0.547."""
+    from l2c_export.models.zoo import embedded_default
+    from l2c_export.routers import load_router
+    from l2c_export.routers.baselines import schedule_for_mac_fraction
+
+    spec = embedded_default("t2i-digits")
+    official, general = load_router(spec.default_router), load_router(spec.general_router)
+    assert general.sublayers == official.sublayers and general.logits.shape == official.logits.shape
+    assert general.sampler == official.sampler and general.meta["data"] == official.meta["data"]
+    settings = {name: json.loads(router.meta["settings"]) for name, router in (("official", official),
+                                                                                ("general", general))}
+    assert settings["general"] == {**settings["official"], "mode": "general"}
+    macs, timesteps = spec.family.count_macs(spec.config), spec.sampler().model_times.tolist()
+    for budget in (0.3, 0.35, 0.5, 0.7, 0.85, 0.9):
+        decoded = schedule_for_mac_fraction(general, budget, macs, "general", timesteps)
+        assert budget - 0.01 <= decoded.mac_fraction(macs) <= budget, budget
+    with pytest.raises(ValueError, match="below the least"):
+        schedule_for_mac_fraction(official, 0.5, macs, "official", timesteps)
+
+
 @pytest.mark.slow
 def test_diffusers_pipeline_draws_the_digit_each_prompt_names_including_held_out_caption_forms():
     """PixArtAlphaPipeline.from_pretrained(the folder; it ignores the router, schedule and captions beside), 20

@@ -190,10 +190,12 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
                                  param_hint="--schedule")
     choice = use_threads(threads, torch=True)
     if curve:
+        # the shipped general-mode router (l2c-general) beside the shipped router, which it is learned as
+        general = load_router(spec.general_router) if spec.general_router and router is None else None
         _budget_curve(spec, None if own_curve and schedule_file is not None else logits, mode, budget_list,
                       captions, seed, batch_size, search_size, repeats, random_seeds, json_out, png_out, grid_out,
                       markdown_out, threads_used(choice),
-                      schedule=learned if own_curve and schedule_file is not None else None)
+                      schedule=learned if own_curve and schedule_file is not None else None, general_router=general)
         return
     grid = {}
     report = evaluate(spec, learned, logits, mode or learned.mode or "official", budget_list, num_samples, seed,
@@ -241,7 +243,7 @@ def prompts_text(prompts_file: Path) -> list[str]:
 
 
 def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, search_size, repeats, random_seeds,
-                  json_out, png_out, grid_out, markdown_out, threads, schedule=None) -> None:
+                  json_out, png_out, grid_out, markdown_out, threads, schedule=None, general_router=None) -> None:
     """``eval --model t2i-digits --budgets ...`` or ``eval --diffusers DIR --prompts FILE``: every method at every
     budget (:mod:`l2c_export.demo.curve`); the table on stdout, and the files asked for (``--png`` also writes
     ``<stem>-speed.png``, PSNR against seconds)."""
@@ -253,7 +255,7 @@ def _budget_curve(spec, router, mode, budgets, captions, seed, batch_size, searc
     report = evaluate_curve(spec, router, budgets, captions, seed=seed, batch_size=batch_size,
                             search_size=search_size, repeats=repeats, random_seeds=tuple(range(random_seeds)),
                             mode=mode or (schedule.mode if schedule is not None else None) or "official",
-                            schedule=schedule)
+                            schedule=schedule, general_router=general_router)
     report["threads"] = threads
     grid = report.pop("grid")
     table = format_curve_table(report)

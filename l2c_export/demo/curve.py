@@ -1,9 +1,11 @@
 """The whole budget curve on a text-to-image folder (``eval --model t2i-digits --budgets 0.35,0.5,0.7,0.85``, or a
 user's own folder: ``eval --diffusers DIR --prompts prompts.txt --router router.safetensors --budgets ...``): at
 each MAC fraction, the learned schedule (the router decoded at the threshold that meets it, or a given schedule at
-its own MAC fraction) against the plain baselines (FORA, fewer steps, random drop:
-:data:`l2c_export.demo.methods.METHODS`) and every cache a diffusers user can switch on
-(:data:`l2c_export.demo.diffusers_caches.PEERS`), each searched to land within
+its own MAC fraction; ``l2c``, in the router's mode, official by default) and, where the model ships one
+(:data:`~l2c_export.models.zoo.GENERAL_ROUTER_FILE`), a router learned in general mode decoded the same way
+(``l2c-general``: any call may reuse, so it reaches the budgets below official mode's least) against the plain
+baselines (FORA, fewer steps, random drop: :data:`l2c_export.demo.methods.METHODS`) and every cache a diffusers
+user can switch on (:data:`l2c_export.demo.diffusers_caches.PEERS`), each searched to land within
 :data:`~l2c_export.demo.diffusers_caches.TOLERANCE` of the budget; in quality and in wall time.
 
 Every method draws the same captions from the same noise. Ours are built and run on ONNX Runtime
@@ -26,8 +28,8 @@ PyTorch. Per row (JSON ``results``):
   ``seconds_per_image_torch``, ``speedup_torch``, ``speedup_of_ideal_torch``;
 - ``search``: a peer's settings tried on the calibration prompts (MAC fraction, PSNR), and ``settings`` chosen.
 
-``l2c_speedup_of_ideal``: the learned schedule's achieved / ideal speedup in ONNX Runtime per budget, against the
-claim (>= :data:`SPEEDUP_OF_IDEAL_CLAIM`), also the table's last note.
+``l2c_speedup_of_ideal`` (and ``l2c_general_speedup_of_ideal``): the learned schedule's achieved / ideal speedup in
+ONNX Runtime per budget, against the claim (>= :data:`SPEEDUP_OF_IDEAL_CLAIM`), also the table's last notes.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from .evaluate import average_random_seeds
 from .methods import METHODS, Candidate, EvalSetup, TextToImagePrompts
 from .metrics import DigitsFeatures, RandomProjection, frechet_distance, psnr
 
-OURS = ("l2c", "fora", "random", "fewer-steps")  # built and run on ONNX Runtime
+OURS = ("l2c", "l2c-general", "fora", "random", "fewer-steps")  # built and run on ONNX Runtime
 REFERENCES = {"onnxruntime": "full", "torch": "full", "diffusers": "full (diffusers)"}
 SPEEDUP_OF_IDEAL_CLAIM = 0.9  # the learned schedule's achieved / MAC-counted speedup in ONNX Runtime engines
 
@@ -57,11 +59,12 @@ SPEEDUP_OF_IDEAL_CLAIM = 0.9  # the learned schedule's achieved / MAC-counted sp
 def evaluate_curve(spec, router: RouterLogits | None, budgets: Sequence[float], captions, seed: int = 0,
                    batch_size: int = 50, search_size: str = "full", repeats: int = 3, random_seeds=(0, 1),
                    mode: str = "official", progress: bool = True, peers: Sequence[str] | None = None,
-                   schedule: Schedule | None = None) -> dict:
+                   schedule: Schedule | None = None, general_router: RouterLogits | None = None) -> dict:
     """The curve (see the module doc) of ``spec`` (a text-to-image folder's spec) at ``budgets``: the learned
     schedule decoded from ``router`` at each budget, or (no router) the given ``schedule`` itself at every budget it
     reaches; on ``captions`` ((caption, digit, held_out) per sample, one noise row each from ``seed``; digit None:
-    a user's prompt, no classifier applies); ``peers``: the names of :data:`PEERS` to run (default all). Returns
+    a user's prompt, no classifier applies); ``peers``: the names of :data:`PEERS` to run (default all);
+    ``general_router``: a router learned in general mode (same steps), the ``l2c-general`` row at each budget. Returns
     the JSON document, with ``grid`` (the lowest budget's images of a few prompts per method) popped off by the
     caller before writing."""
     import torch
@@ -98,7 +101,7 @@ def evaluate_curve(spec, router: RouterLogits | None, budgets: Sequence[float], 
         with torch.no_grad():
             ours = [Candidate("full", 1.0, sampler.num_calls, None, None, "reference")]
             for budget in budgets:
-                ours += _our_candidates(budget, setup, schedule)
+                ours += _our_candidates(budget, setup, schedule, general_router)
             for candidate in tqdm(ours, desc="building and sampling the schedules", disable=not progress):
                 runtimes = ("onnxruntime", "torch") if candidate.method in ("full", "l2c") else ("onnxruntime",)
                 drawn = prompts.sample_build(setup, candidate.schedule, candidate.num_steps, runtimes=runtimes)
@@ -145,7 +148,10 @@ def evaluate_curve(spec, router: RouterLogits | None, budgets: Sequence[float], 
             "seed": seed, "random_seeds": list(random_seeds), "search": search_size, "repeats": repeats,
             "cfg_scale": spec.cfg_scale, "sampler": {"kind": sampler.kind, "num_calls": sampler.num_calls},
             **({"learned_router": router.source} if router is not None else {"learned_schedule": schedule.source}),
+            **({"general_router": general_router.source} if general_router is not None else {}),
             "mode": mode, "l2c_speedup_of_ideal": _learned_speedup_of_ideal(results),
+            **({"l2c_general_speedup_of_ideal": _learned_speedup_of_ideal(results, "l2c-general")}
+               if general_router is not None else {}),
             "timing": {"what": f"median of {repeats} interleaved timings of one call of {timed.stop} prompts (text "
                                f"encoder, sampling and VAE decoding), per image",
                        "onnxruntime": f"ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider)",
@@ -155,21 +161,17 @@ def evaluate_curve(spec, router: RouterLogits | None, budgets: Sequence[float], 
             "features": judge.description, "results": results, "grid": grid_rows}
 
 
-def _our_candidates(budget: float, setup: EvalSetup, schedule: Schedule | None = None) -> list[Candidate]:
-    """The learned schedule (the router decoded at the threshold that meets ``budget``; below the least its mode
-    reaches, the least, with the reason; or the given ``schedule`` itself) and FORA, random drop and fewer steps at
-    ``budget``."""
+def _our_candidates(budget: float, setup: EvalSetup, schedule: Schedule | None = None,
+                    general_router: RouterLogits | None = None) -> list[Candidate]:
+    """The learned schedule (``l2c``: the router decoded in ``setup.mode`` at the threshold that meets ``budget``, or
+    the given ``schedule`` itself; ``l2c-general``: ``general_router`` decoded so in general mode) and FORA, random
+    drop and fewer steps at ``budget``."""
     if schedule is not None:
-        learned, note = schedule, None
+        out = [_learned_candidate("l2c", schedule, None, budget, setup)]
     else:
-        try:
-            learned, note = baselines.schedule_for_mac_fraction(setup.router, budget, setup.macs, setup.mode,
-                                                                setup.timesteps), None
-        except ValueError as error:
-            learned = setup.router.to_schedule(1.0, setup.mode, setup.timesteps)
-            note = f"cannot reach {budget}: nearest {learned.mac_fraction(setup.macs):.3f} ({error})"
-    info = {"threshold": learned.threshold, "mode": learned.mode, **({"note": note} if note else {})}
-    out = [Candidate("l2c", learned.mac_fraction(setup.macs), setup.num_steps, learned, budget, "sweep", info)]
+        out = [_decoded_candidate("l2c", setup.router, setup.mode, budget, setup)]
+    if general_router is not None:
+        out.append(_decoded_candidate("l2c-general", general_router, "general", budget, setup))
     for name in ("fora", "random", "fewer-steps"):
         out += METHODS[name](budget, setup, "sweep")
     for candidate in out:
@@ -177,6 +179,23 @@ def _our_candidates(budget: float, setup: EvalSetup, schedule: Schedule | None =
         if not candidate.info["reached"]:
             candidate.info.setdefault("note", f"cannot reach {budget}: nearest {candidate.mac_fraction:.3f}")
     return out
+
+
+def _decoded_candidate(method: str, router: RouterLogits, mode: str, budget: float, setup: EvalSetup) -> Candidate:
+    """``router`` decoded in ``mode`` at the threshold that meets ``budget``; below the least the mode reaches, the
+    least, with the reason."""
+    try:
+        learned, note = baselines.schedule_for_mac_fraction(router, budget, setup.macs, mode, setup.timesteps), None
+    except ValueError as error:
+        learned = router.to_schedule(1.0, mode, setup.timesteps)
+        note = f"cannot reach {budget}: nearest {learned.mac_fraction(setup.macs):.3f} ({error})"
+    return _learned_candidate(method, learned, note, budget, setup)
+
+
+def _learned_candidate(method: str, learned: Schedule, note: str | None, budget: float,
+                       setup: EvalSetup) -> Candidate:
+    info = {"threshold": learned.threshold, "mode": learned.mode, **({"note": note} if note else {})}
+    return Candidate(method, learned.mac_fraction(setup.macs), setup.num_steps, learned, budget, "sweep", info)
 
 
 def _add_peers(add, setup: EvalSetup, pipelines: "diffusers_caches.FolderPipelines", budgets: Sequence[float],
@@ -288,10 +307,11 @@ def _grid(prompts: TextToImagePrompts, rows: list[dict], images: dict, budget) -
             "held_out": [bool(prompts.held_out[i]) for i in chosen], "budget": budget, "methods": methods}
 
 
-def _learned_speedup_of_ideal(results: list[dict]) -> dict:
-    """The learned schedule's achieved speedup over its MAC-counted ideal in ONNX Runtime engines, per budget (the
-    claim: >= :data:`SPEEDUP_OF_IDEAL_CLAIM`): {"claim", "by_budget": {budget: ratio or None}, "met"}."""
-    by_budget = {str(row["budget"]): row.get("speedup_of_ideal") for row in results if row["method"] == "l2c"}
+def _learned_speedup_of_ideal(results: list[dict], method: str = "l2c") -> dict:
+    """The learned schedule's (``method``'s rows) achieved speedup over its MAC-counted ideal in ONNX Runtime engines,
+    per budget (the claim: >= :data:`SPEEDUP_OF_IDEAL_CLAIM`): {"claim", "by_budget": {budget: ratio or None},
+    "met"}."""
+    by_budget = {str(row["budget"]): row.get("speedup_of_ideal") for row in results if row["method"] == method}
     measured = [value for value in by_budget.values() if value is not None]
     return {"claim": SPEEDUP_OF_IDEAL_CLAIM, "by_budget": by_budget,
             "met": bool(measured) and all(value >= SPEEDUP_OF_IDEAL_CLAIM for value in measured)}
@@ -321,9 +341,10 @@ def format_curve_table(report: dict) -> str:
                      f"{number(row.get('speedup'), 2)} | {number(row.get('speedup_of_ideal'), 2)} | {torch_cell} |")
     notes = [f"- {row['method']} at {row['budget']}: {row.get('error') or row.get('note')}"
              for row in report["results"] if row.get("error") or row.get("note")]
-    claim = report.get("l2c_speedup_of_ideal")
-    if claim:
-        ratios = ", ".join(f"{number(value, 2)} at {budget}" for budget, value in claim["by_budget"].items())
-        notes.append(f"- l2c in ONNX Runtime engines, achieved / ideal speedup: {ratios} (claim >= {claim['claim']}: "
-                     f"{'met' if claim['met'] else 'not met'})")
+    for method in ("l2c", "l2c-general"):
+        claim = report.get(f"{method.replace('-', '_')}_speedup_of_ideal")
+        if claim:
+            ratios = ", ".join(f"{number(value, 2)} at {budget}" for budget, value in claim["by_budget"].items())
+            notes.append(f"- {method} in ONNX Runtime engines, achieved / ideal speedup: {ratios} (claim >= "
+                         f"{claim['claim']}: {'met' if claim['met'] else 'not met'})")
     return "\n".join(lines + ([""] + notes if notes else []))

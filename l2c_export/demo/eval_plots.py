@@ -126,9 +126,10 @@ def plot_curve(report: dict, path: Path, speed_path: Path | None = None) -> None
 
     rows = [r for r in report["results"] if r["budget"] is not None and r.get("psnr") is not None]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    others = [m for m in methods if m != "l2c"]
+    learned = {"l2c": "black", "l2c-general": "#1a365d"}  # ours, learned (official, general mode): bold
+    others = [m for m in methods if m not in learned]
     palette = list(plt.get_cmap("tab10").colors) + [plt.get_cmap("tab20").colors[1], plt.get_cmap("tab20").colors[5]]
-    colors = {"l2c": "black", **dict(zip(others, palette * 2))}
+    colors = {**learned, **dict(zip(others, palette * 2))}
     markers = dict(zip(methods, "osDP^v<>hX*" * 2))
 
     def lines(axis, x_of, y_of, suffix="", linestyle="-"):
@@ -138,7 +139,7 @@ def plot_curve(report: dict, path: Path, speed_path: Path | None = None) -> None
             if not points:
                 continue
             axis.plot([p[0] for p in points], [p[1] for p in points], color=colors[method], linestyle=linestyle,
-                      linewidth=1.8 if method == "l2c" else 1.1, label=method + suffix)
+                      linewidth=1.8 if method in learned else 1.1, label=method + suffix)
             for x, y, reached in points:
                 axis.plot(x, y, marker=markers[method], color=colors[method], markersize=5,
                           markerfacecolor=colors[method] if reached else "none")

@@ -29,6 +29,9 @@ TEXT_TO_VIDEO_MODELS = ("t2v-digits",)
 CAPTIONS_FILE = "captions.json"
 DEFAULT_NAME = "dit-digits"
 ROUTER_FILE, SCHEDULE_FILE = "router.safetensors", "schedule.json"
+# A second router beside ROUTER_FILE, learned in general mode (any call may reuse; ROUTER_FILE's official mode reuses
+# only where the authors' sampler consults its router): the budget curve's ``l2c-general`` row, below official's least.
+GENERAL_ROUTER_FILE = "router-general.safetensors"
 MAX_PRESET_IMAGE_SIZE = 4096  # --image-size of an official checkpoint's preset, in pixels
 
 
@@ -80,6 +83,7 @@ class ModelSpec:
     clip_denoised: bool = False
     default_schedule: Path | None = None
     default_router: Path | None = None
+    general_router: Path | None = None  # GENERAL_ROUTER_FILE of an embedded folder, where it ships one
     training: dict | None = None  # embedded models: how ``train-default`` trains them (steps, batch_size)
     scheduler_config: dict | None = None  # a diffusers folder's scheduler_config.json: the sampler comes from it
     scheduler_source: str | None = None  # where that config was read (named in its errors)
@@ -149,7 +153,9 @@ def embedded_default(name: str = DEFAULT_NAME) -> ModelSpec:
         spec = from_diffusers(folder, size, captions.get("max_sequence_length"), captions.get("num_frames"))
         return replace(spec, name=name, num_steps=captions.get("num_inference_steps", spec.num_steps),
                        default_schedule=folder / SCHEDULE_FILE if (folder / SCHEDULE_FILE).is_file() else None,
-                       default_router=folder / ROUTER_FILE if (folder / ROUTER_FILE).is_file() else None)
+                       default_router=folder / ROUTER_FILE if (folder / ROUTER_FILE).is_file() else None,
+                       general_router=(folder / GENERAL_ROUTER_FILE if (folder / GENERAL_ROUTER_FILE).is_file()
+                                       else None))
     info = json.loads((folder / "model.json").read_text())
     family = get_family(info["family"])
     return ModelSpec(name=info["name"], config=family.config_from_dict(info["config"]),
