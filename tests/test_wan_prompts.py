@@ -3,7 +3,8 @@
 tokenizer as components (``--max-sequence-length 24``); ``run --prompt ... --negative-prompt ...`` equals diffusers'
 own ``WanPipeline`` on the same prompts and latents (its ``prompt_clean``, UMT5 fed the mask, the rows past each
 prompt zeroed), ``--out clip.mp4`` writes H.264 as ``export_to_video`` does, ``L2CPipeline(...).frames`` are the
-pipeline's, and the served model takes the prompt as text."""
+pipeline's, the served model takes the prompt as text, and the C++ ``l2c-run`` cleans and encodes prompts as ``run``
+does."""
 
 from __future__ import annotations
 

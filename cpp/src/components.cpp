@@ -253,8 +253,10 @@ Prompts PromptEncoder::encode(const std::vector<std::string>& prompts, const std
                               bool guiding, const std::string& where, const std::string& negative_where) const {
   if (prompts.empty()) throw Error(where + ": expected one or more prompts");
   std::vector<std::string> texts;
-  for (size_t i = 0; i < prompts.size(); ++i)
-    texts.push_back(impl_->prepare(prompts[i], false, prompts.size() > 1 ? where + " " + std::to_string(i + 1) : where));
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::string named = prompts.size() > 1 ? where + " " + std::to_string(i + 1) : where;
+    texts.push_back(impl_->prepare(prompts[i], false, named));
+  }
   const std::string negative = guiding ? impl_->prepare(negative_prompt, true, negative_where) : "";
   Prompts request;
   request.source = where;
