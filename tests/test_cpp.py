@@ -1396,8 +1396,8 @@ def test_prompts_and_pngs_that_cannot_be_made_are_refused_in_one_line(cpp_build,
                              ("caf\u00e9", "--prompt: non-ASCII text (byte 3); this build lower-cases prompts"),
                              ("a </s> cat", "--prompt: the special token </s>"), ("  ", "--prompt: empty prompt")):
         assert expected in _refused_prompt_run(with_text, tmp_path, "--prompt", prompt)
-    assert "--negative-prompt: only spaces" in _refused_prompt_run(with_text, tmp_path, "--prompt", "a cat",
-                                                                   "--negative-prompt", " ")
+    assert "--negative-prompt: a control character (U+0009 at byte 1)" in _refused_prompt_run(
+        with_text, tmp_path, "--prompt", "a cat", "--negative-prompt", "a\tdog")
     assert "--negative-prompt is not used: no classifier-free batch runs" in _refused_prompt_run(
         with_text, tmp_path, "--prompt", "a cat", "--negative-prompt", "dog", "--cfg-scale", "1")
     assert "--negative-prompt needs --prompt" in _refused_prompt_run(plain, tmp_path, "--negative-prompt", "dog")

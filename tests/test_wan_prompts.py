@@ -3,11 +3,13 @@
 tokenizer as components (``--max-sequence-length 24``); ``run --prompt ... --negative-prompt ...`` equals diffusers'
 own ``WanPipeline`` on the same prompts and latents (its ``prompt_clean``, UMT5 fed the mask, the rows past each
 prompt zeroed), ``--out clip.mp4`` writes H.264 as ``export_to_video`` does, ``L2CPipeline(...).frames`` are the
-pipeline's, and the served model takes the prompt as text."""
+pipeline's, the served model takes the prompt as text, and the C++ ``l2c-run`` cleans and encodes prompts as ``run``
+does."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from l2c_export.runtime.pipeline import L2CPipeline
 
 from .conftest import run_cli
 from .diffusers_pipelines import load_pipeline
+from .test_cpp import cpp_build  # noqa: F401 (a fixture)
 
 STEPS = 6
 CFG_SCALE = 4.0
@@ -182,3 +185,80 @@ def test_a_prompt_ftfy_would_change_is_refused_in_one_line(wan_text_build, tmp_p
     assert "ftfy" in refused.stderr and not (tmp_path / "o.npy").exists()
     with pytest.raises(ValueError, match="^negative_prompt: the HTML entity '&amp;'; WanPipeline cleans prompts"):
         L2CPipeline.from_pretrained(root / "E")(prompt=["a"], negative_prompt="x &amp; y")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The C++ runtime: l2c-run cleans prompts as wan_prompt_clean does without ftfy (cpp/src/preprocessing.cpp).
+
+# HTML references html.unescape reads without a semicolon (numeric, the legacy names, a legacy name's prefix of a longer
+# word), ones the first unescaping makes ("&amp#233;"), whitespace of every kind they may stand for, and plain text
+HTML_PIECES = ["&amp", "&AMP", "&lt", "&gt", "&quot", "&nbsp", "&copy", "&eacute", "&ampx", "&amplt", "&not", "&notin",
+               "&frac12", "&sup23", "&#", "&#x", "&#X", "&#65", "&#x41", "&#0", "&#13", "&#9", "&#10", "&#12", "&#11",
+               "&#1", "&#127", "&#128", "&#129", "&#150", "&#159", "&#160", "&#173", "&#8195", "&#12288", "&#55296",
+               "&#1114112", "&#99999999999999", "&#xfffe", "&#64976", "&#x1F431", "&#38", "&#x26", "&#35", "&a.b;",
+               "&amp.x;", "#233", "#x41", "eacute", "amp", ";", "&", "#", " ", "  ", "\t", "\n", "\r", "\r\n", "a",
+               "B", "7", "_", ".", "<", "x", "f"]
+
+
+def test_cpp_prompt_cleaning_is_pythons(cpp_build):
+    """l2c-preprocess-test (the runtime's preprocessing) against core/text_stack.py on two thousand ASCII texts of
+    HTML references, whitespace and text: wan_prompt_clean's text (ftfy absent) for every text Python keeps, but for
+    the few whose first unescaping makes a named entity with its semicolon, which C++ refuses (it carries HTML's
+    legacy names only; "&amphearts&#59" is "&hearts;", then a heart); Python's refusals refused too (an entity with
+    its semicolon, a character past printable ASCII, named as Python names it); lower_strip and none as Python's."""
+    from l2c_export.core.text_stack import preprocess
+
+    if _ftfy_installed():
+        pytest.skip("ftfy is installed: Python cleans prompts with it, C++ as without it")
+    rng = np.random.default_rng(0)
+    texts = [*PROMPTS, NEGATIVE, "", " \t\r\n ", "&amp#233;", "&ampamp", "&ampamp&#59", "&#38#65", "&amp&#35;65;",
+             "&nbsp a &#8195; b &nbsp", "&#12&#9x&#13", "&#" + "9" * 4300, "&#x" + "0" * 5000 + "41"]
+    texts += ["".join(rng.choice(HTML_PIECES, rng.integers(1, 12))) for _ in range(2000)]
+    refused = {"caf\u00e9": "'\u00e9' (U+00E9) at character 4", "a\x1bb": "'\\x1b' (U+001B) at character 2",
+               "x &amp; y": "the HTML entity '&amp;'", "&#" + "9" * 4301: "a character reference of 4301 digits",
+               "&amphearts&#59": "unescaped once, the HTML reads '&hearts;'"}
+    kept = compared = 0
+    for kind, cases in (("wan_prompt_clean", texts + list(refused)), ("lower_strip", texts), ("none", texts)):
+        result = subprocess.run([str(cpp_build / "l2c-preprocess-test"), kind], capture_output=True, text=True,
+                                input="".join(json.dumps(text) + "\n" for text in cases), timeout=60)
+        lines = result.stdout.splitlines()
+        assert result.returncode == 0 and len(lines) == len(cases), result.stderr
+        for text, line in zip(cases, lines):
+            try:
+                want = preprocess(text, kind)
+            except ValueError:
+                want = None
+            if text in refused:
+                assert line.startswith("refused: prompt: " + refused[text]), (text, line)
+            elif line.startswith("refused: "):
+                assert kind == "wan_prompt_clean" and (want is None or "unescaped once" in line), (text, line)
+                kept += want is not None
+            else:
+                assert json.loads(line) == want, (kind, text, line)
+                compared += 1
+    assert compared > 5000 and kept < 20  # most texts are cleaned alike; refusing one Python keeps is rare
+
+
+@pytest.mark.slow
+def test_l2c_run_encodes_wan_prompts_as_run_does(cpp_build, wan_text_build, tmp_path):
+    """l2c-run --prompt P1 --prompt P2 --negative-prompt N --seed S (the prompts with doubled whitespace, tabs, line
+    breaks and an HTML entity without its semicolon: prompt_clean's work; the tiny UMT5, its Unigram tokenizer, the
+    rows past each prompt zeroed) equals l2c-export run on the same request to 1e-5 of the range, guided and not; a
+    non-ASCII prompt is refused in one line, exit 2, nothing written."""
+    from .test_cpp import l2c_run
+
+    engines = wan_text_build[0] / "E"
+    arguments = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    for request in ([*arguments, "--negative-prompt", NEGATIVE, "--cfg-scale", str(CFG_SCALE)],
+                    [*arguments, "--cfg-scale", "1"]):
+        ran = l2c_run(engines, *request, "--seed", "3", "--out", tmp_path / "cpp.npy")
+        assert ran.returncode == 0, ran.stderr
+        run_cli("run", str(engines), *request, "--seed", "3", "--save-latents", str(tmp_path / "py.npy"))
+        cpp, python = np.load(tmp_path / "cpp.npy"), np.load(tmp_path / "py.npy")
+        assert cpp.shape == python.shape == (2, *LATENTS)
+        assert np.abs(cpp - python).max() <= 1e-5 * np.ptp(python), np.abs(cpp - python).max()
+    refused = l2c_run(engines, "--prompt", "a", "--prompt", "caf\u00e9", "--seed", "3", "--out", tmp_path / "x.npy")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "--prompt 2: '\u00e9' (U+00E9) at character 4; WanPipeline cleans prompts with ftfy.fix_text" in lines[0]
+    assert not (tmp_path / "x.npy").exists()

@@ -8,6 +8,7 @@
 #include <cstdio>
 
 #include "onnxruntime_env.hpp"
+#include "preprocessing.hpp"
 #include "tokenizer.hpp"
 
 namespace l2c {
@@ -75,9 +76,9 @@ std::vector<Tensor> run_component(Ort::Session& session, const ComponentGraph& r
   return outputs;
 }
 
-// Where a prompt would be read otherwise by the C++ tokenizer than by `tokenizers`, or is not a prompt at all (as
-// l2c_export/runtime/components.py check_prompt): the refusal, else "".
-std::string refused_prompt(const std::string& text, bool allow_empty, bool lower_strip) {
+// Where a text is not a prompt at all (as l2c_export/runtime/components.py check_prompt): not UTF-8, too long, or (but
+// where `allow_empty`) only whitespace: the refusal, else "".
+std::string refused_prompt(const std::string& text, bool allow_empty) {
   if (text.size() > kMaxPromptBytes)
     return std::to_string(text.size()) + " bytes; expected a prompt of at most " + std::to_string(kMaxPromptBytes) +
            " bytes (the model reads at most its max_sequence_length tokens of it)";
@@ -103,22 +104,12 @@ std::string refused_prompt(const std::string& text, bool allow_empty, bool lower
       std::snprintf(hex, sizeof hex, "0x%02x", byte);
       return "not UTF-8 text (byte " + std::to_string(i) + ": " + hex + "); expected a UTF-8 prompt";
     }
-    if (lower_strip && byte >= 0x80)
-      return "non-ASCII text (byte " + std::to_string(i) + "); this build lower-cases prompts (PixArt), which the "
-             "C++ runtime does for ASCII text only";
     i += length;
   }
-  if (!allow_empty && text.find_first_not_of(' ') == std::string::npos) return "empty prompt; expected some text";
+  // Python's str.strip on ASCII: the space, \t \n \v \f \r and U+001C..U+001F
+  if (!allow_empty && text.find_first_not_of(" \t\n\v\f\r\x1c\x1d\x1e\x1f") == std::string::npos)
+    return "empty prompt; expected some text";
   return "";
-}
-
-// PixArt's preprocessing, lower_strip: lower-cased and stripped (ASCII text: refused_prompt refuses the rest).
-std::string preprocess(std::string text, const std::string& kind) {
-  if (kind != "lower_strip") return text;
-  std::transform(text.begin(), text.end(), text.begin(),
-                 [](char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c; });
-  const size_t first = text.find_first_not_of(' '), last = text.find_last_not_of(' ');
-  return first == std::string::npos ? "" : text.substr(first, last - first + 1);
 }
 
 // core/text_stack.py combine: a group's pieces concatenated on their last axis; where the last group is (N, L, D),
@@ -175,12 +166,19 @@ struct PromptEncoder::Impl {
   std::map<std::string, std::string> negatives;  // argument -> its negative partner (where it has one)
   std::vector<Encoder> encoders;
 
-  // refused_prompt's reason, else the first tokenizer's that would read `text` otherwise than `tokenizers`.
-  std::string refusal(const std::string& text, bool allow_empty) const {
-    std::string refused = refused_prompt(text, allow_empty, record.preprocessing == "lower_strip");
+  // `text` checked (refused_prompt) and preprocessed as the record says: the text the tokenizers read. l2c::Error
+  // naming `where` for a text refused, by the checks, the preprocessing, or a tokenizer that would read the
+  // preprocessed text otherwise than `tokenizers`.
+  std::string prepare(const std::string& text, bool allow_empty, const std::string& where) const {
+    std::string refused = refused_prompt(text, allow_empty);
+    if (!refused.empty()) throw Error(where + ": " + refused);
+    const std::string prepared = detail::preprocess_prompt(text, record.preprocessing, where);
     for (const Encoder& encoder : encoders)
-      if (refused.empty()) refused = encoder.tokenizer->refusal(text);
-    return refused;
+      if (refused.empty()) refused = encoder.tokenizer->refusal(prepared);
+    if (!refused.empty())
+      throw Error(where + ": " + refused + (prepared == text ? "" : " (in the text as the build's " +
+                                                                        record.preprocessing + " rewrites it)"));
+    return prepared;
   }
 
   std::map<std::string, Tensor> embed(const std::vector<std::string>& texts) const {
@@ -189,13 +187,24 @@ struct PromptEncoder::Impl {
     for (const Encoder& encoder : encoders) {
       std::vector<int64_t> ids, mask;
       for (const std::string& text : texts) encoder.tokenizer->encode(text, ids, mask);
-      const std::vector<int64_t> shape{n, encoder.entry.max_length};
+      const int64_t length = encoder.entry.max_length;
+      const std::vector<int64_t> shape{n, length};
       Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
       std::vector<Ort::Value> inputs;
       inputs.push_back(Ort::Value::CreateTensor<int64_t>(cpu, ids.data(), ids.size(), shape.data(), shape.size()));
       if (encoder.entry.masked)
         inputs.push_back(Ort::Value::CreateTensor<int64_t>(cpu, mask.data(), mask.size(), shape.data(), shape.size()));
       std::vector<Tensor> outputs = run_component(encoder.session, encoder.graph, inputs);
+      if (encoder.entry.selection == "zeroed_past_prompt")  // each row's tokens past its prompt's zeroed (Wan's)
+        for (Tensor& output : outputs) {
+          if (output.shape.size() != 3) continue;
+          const int64_t width = output.shape[2];
+          for (int64_t b = 0; b < n; ++b) {
+            const int64_t kept = std::count(mask.begin() + b * length, mask.begin() + (b + 1) * length, int64_t{1});
+            std::fill(output.data.begin() + (b * length + kept) * width, output.data.begin() + (b + 1) * length * width,
+                      0.0f);
+          }
+        }
       for (size_t i = 0; i < outputs.size(); ++i)
         pieces[encoder.entry.encoder + "/" + encoder.graph.outputs[i]] = std::move(outputs[i]);
       Tensor mask_piece(shape);
@@ -245,20 +254,15 @@ Prompts PromptEncoder::encode(const std::vector<std::string>& prompts, const std
   if (prompts.empty()) throw Error(where + ": expected one or more prompts");
   std::vector<std::string> texts;
   for (size_t i = 0; i < prompts.size(); ++i) {
-    const std::string refused = impl_->refusal(prompts[i], false);
-    if (!refused.empty())
-      throw Error((prompts.size() > 1 ? where + " " + std::to_string(i + 1) : where) + ": " + refused);
-    texts.push_back(preprocess(prompts[i], impl_->record.preprocessing));
+    const std::string named = prompts.size() > 1 ? where + " " + std::to_string(i + 1) : where;
+    texts.push_back(impl_->prepare(prompts[i], false, named));
   }
-  if (guiding) {
-    const std::string refused = impl_->refusal(negative_prompt, true);
-    if (!refused.empty()) throw Error(negative_where + ": " + refused);
-  }
+  const std::string negative = guiding ? impl_->prepare(negative_prompt, true, negative_where) : "";
   Prompts request;
   request.source = where;
   for (auto& [name, array] : impl_->embed(texts)) request.set(name, std::move(array));
   if (guiding) {
-    const std::vector<std::string> negatives(prompts.size(), preprocess(negative_prompt, impl_->record.preprocessing));
+    const std::vector<std::string> negatives(prompts.size(), negative);
     for (auto& [name, array] : impl_->embed(negatives))
       if (impl_->negatives.count(name)) request.set(impl_->negatives.at(name), std::move(array));
   }

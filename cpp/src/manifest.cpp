@@ -446,10 +446,8 @@ void read_components(const json& data, const Fields& root, Manifest& m) {
     PromptEncodingRecord encoding;
     encoding.max_sequence_length = record["max_sequence_length"].integer(1, 65536);
     encoding.preprocessing = record["preprocessing"].str();
-    if (encoding.preprocessing == "wan_prompt_clean")  // the build runs from embeddings; prompts are refused
-      encoding.unsupported = "field 'components/prompt_encoding/preprocessing' is wan_prompt_clean (WanPipeline's "
-                             "prompt_clean)";
-    else if (encoding.preprocessing != "none" && encoding.preprocessing != "lower_strip")
+    if (encoding.preprocessing != "none" && encoding.preprocessing != "lower_strip" &&
+        encoding.preprocessing != "wan_prompt_clean")
       record["preprocessing"].fail("is " + encoding.preprocessing + "; expected none, lower_strip or "
                                    "wan_prompt_clean");
     std::set<std::string> listed;
@@ -466,17 +464,17 @@ void read_components(const json& data, const Fields& root, Manifest& m) {
       if (m.components.text_encoders.at(entry.encoder).inputs != expected)
         components[entry.encoder]["inputs"].fail(std::string("expected ") +
                                                  (entry.masked ? "input_ids, attention_mask" : "input_ids"));
-      encoding.encoders.push_back(entry);
       const std::string where = "field 'components/prompt_encoding/encoders/" + std::to_string(i) + "/";
       if (encoding.unsupported.empty() && encoders[i].has("template"))
         encoding.unsupported = where + "template' (prompts put in a decoder LLM's template)";
-      const std::string selection = encoders[i].has("selection") ? encoders[i]["selection"].str() : "all";
-      if (encoding.unsupported.empty() && selection != "all")
-        encoding.unsupported = where + "selection' is " + selection + " (a decoder LLM's kept tokens)";
+      if (encoders[i].has("selection")) entry.selection = encoders[i]["selection"].str();
+      if (encoding.unsupported.empty() && entry.selection != "all" && entry.selection != "zeroed_past_prompt")
+        encoding.unsupported = where + "selection' is " + entry.selection + " (a decoder LLM's kept tokens)";
       const Fields tokenizer = components[entry.tokenizer];
       if (encoding.unsupported.empty() && tokenizer.has("padding_side") && tokenizer["padding_side"].str() != "right")
         encoding.unsupported = "field 'components/" + entry.tokenizer + "/padding_side' is " +
                                tokenizer["padding_side"].str() + " (l2c-run pads on the right)";
+      encoding.encoders.push_back(entry);
     }
     if (listed.size() != m.components.text_encoders.size() + m.components.tokenizers.size())
       encoders.fail("does not name every text_encoder* and tokenizer* component of the build");

@@ -24,8 +24,9 @@ namespace l2c {
 constexpr size_t kMaxPromptBytes = 16 * 1024;
 
 // Prompts -> the conditioning arrays by the pipelines' argument names, as the manifest's components/prompt_encoding
-// says (l2c_export/core/text_stack.py): each prompt preprocessed, tokenized by each encoder's tokenizer
-// (onnxruntime-extensions' tokenizer: T5's Unigram and CLIP's BPE tokenizer.json), encoded by its graph, the
+// says (l2c_export/core/text_stack.py): each prompt preprocessed (PixArt's lower_strip, Wan's prompt_clean),
+// tokenized by each encoder's tokenizer (onnxruntime-extensions' tokenizer: T5's Unigram and CLIP's BPE
+// tokenizer.json; WordLevel ones read by the runtime), encoded by its graph (Wan's rows past each prompt zeroed), the
 // outputs combined into the arrays. l2c::Error from the constructor for a build without text encoders, or a
 // tokenizer of another kind; l2c::UnavailableError where the tokenizer library is missing.
 class PromptEncoder {
@@ -37,10 +38,11 @@ class PromptEncoder {
 
   // One request's arrays for `prompts` and, when `guiding` (a classifier-free batch runs), the negative prompt's
   // under the negative partners' names (one negative for every prompt, "" as the pipelines' default). Each text is
-  // checked as the Python runtime checks it (UTF-8, at most kMaxPromptBytes, a prompt not empty) and, where the C++
-  // tokenizer would read it otherwise than `tokenizers`, refused: control characters (tabs, newlines), and non-ASCII
-  // text where the build lower-cases prompts (PixArt). Errors name `where` ("prompt", "prompt 2") or
-  // `negative_where`.
+  // checked as the Python runtime checks it (UTF-8, at most kMaxPromptBytes, a prompt not empty), preprocessed as
+  // the build says (refused where the preprocessing is not done as in Python: non-ASCII text where the build
+  // lower-cases prompts, PixArt; for Wan's prompt_clean, what Python refuses without ftfy) and, where the C++
+  // tokenizer would read the preprocessed text otherwise than `tokenizers`, refused: control characters (tabs,
+  // newlines), whitespace other than the space. Errors name `where` ("prompt", "prompt 2") or `negative_where`.
   Prompts encode(const std::vector<std::string>& prompts, const std::string& negative_prompt, bool guiding,
                  const std::string& where = "prompt", const std::string& negative_where = "negative prompt") const;
 

@@ -125,15 +125,18 @@ struct TokenizerRecord {
   int64_t pad_id = 0;
 };
 
-// components/prompt_encoding (l2c_export/core/text_stack.py): each prompt preprocessed ("none", or "lower_strip":
-// PixArt's lower-cased and stripped), tokenized and encoded by every encoder in order, and each array by the
-// pipeline's argument name made of token groups of "<encoder>/<output>" pieces ("<encoder>/attention_mask": the
-// tokenizer's mask).
+// components/prompt_encoding (l2c_export/core/text_stack.py): each prompt preprocessed ("none"; "lower_strip":
+// PixArt's lower-cased and stripped; "wan_prompt_clean": WanPipeline's prompt_clean), tokenized and encoded by every
+// encoder in order (of its token outputs the tokens its selection keeps), and each array by the pipeline's argument
+// name made of token groups of "<encoder>/<output>" pieces ("<encoder>/attention_mask": the tokenizer's mask).
 struct PromptEncodingRecord {
   struct Encoder {
     std::string encoder, tokenizer;
     bool masked = false;  // the graph is fed the tokenizer's mask (PixArt); else the padding is attended to
     int64_t max_length = 0;  // prompts are truncated and padded to this many tokens
+    // "all"; "zeroed_past_prompt": each row's tokens past its prompt's zeroed (Wan's); a decoder LLM's others are
+    // not applied (`unsupported`)
+    std::string selection = "all";
   };
   int64_t max_sequence_length = 0;
   std::string preprocessing = "none";
