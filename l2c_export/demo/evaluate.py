@@ -110,12 +110,9 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         if len(captions) != num_samples:
             raise ValueError(f"{len(captions)} captions for {num_samples} samples")
         scratch = tempfile.TemporaryDirectory(prefix="l2c-eval-")
-        text_to_image = TextToImagePrompts(folder=Path(spec.weights).parent, captions=[c for c, _, _ in captions],
-                                           digits=np.array([d for _, d, _ in captions], dtype=np.int64),
-                                           held_out=np.array([h for _, _, h in captions], dtype=bool),
-                                           scratch=Path(scratch.name), batch_size=batch_size)
-        label_array, int8 = text_to_image.digits, False
-        judge = DigitsFeatures(classifier_path)  # on the decoded 8x8 images
+        text_to_image = TextToImagePrompts.of(Path(spec.weights).parent, captions, Path(scratch.name), batch_size)
+        label_array, int8 = text_to_image.labels, False
+        judge = None  # the decoded samples' (below, once their shape is known)
     setup = EvalSetup(spec=spec, model=spec.load_model(), num_steps=sampler.num_calls, macs=macs,
                       labels=None if label_array is None or captions is not None else label_array.tolist(),
                       conditioning=conditioning, noise=make_noise(seed, (num_samples, *sample_shape)),
@@ -142,6 +139,9 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         if scratch is not None:
             scratch.cleanup()
     full_samples = samples_by_key[candidates[0].key()]
+    if judge is None:  # decoded images (the digits classifier on 8x8 digits) or clips (frame by frame)
+        judge = (DigitsFeatures(classifier_path) if full_samples.ndim == 4
+                 else text_to_image.judge(full_samples.shape[1:]))
     full_features = judge(full_samples)
 
     def metrics(samples: np.ndarray, reference: bool = False) -> dict:
@@ -179,8 +179,11 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         from .t2i import pipeline_class
 
         forms = sorted(set(zip(text_to_image.captions, text_to_image.held_out.tolist())))
-        extra = {"prompts": {"source": "l2c_export.demo.t2i.evaluation_prompts: every caption form (training and "
-                                       "held-out) with every digit in turn",
+        source = ("l2c_export.demo.t2v.evaluation_prompts: every prompt form (training and held-out) with every "
+                  "direction and digit, in a fixed shuffled order" if text_to_image.directions is not None else
+                  "l2c_export.demo.t2i.evaluation_prompts: every caption form (training and held-out) with every "
+                  "digit in turn")
+        extra = {"prompts": {"source": source,
                              "num_samples": num_samples, "distinct": len(forms),
                              "held_out": int(text_to_image.held_out.sum()), "batch_size": batch_size},
                  "timing": {"what": "wall-clock seconds per image of the calls that draw it, text encoder and VAE "
