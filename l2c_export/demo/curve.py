@@ -6,6 +6,9 @@ its own MAC fraction) against the plain baselines (FORA, fewer steps, random dro
 (:data:`l2c_export.demo.diffusers_caches.PEERS`), each searched to land within
 :data:`~l2c_export.demo.diffusers_caches.TOLERANCE` of the budget; in quality and in wall time.
 
+The text-to-video ``t2v-digits`` (``eval --model t2v-digits --budgets ...``) runs the same curve on its decoded clips,
+judged frame by frame (:meth:`l2c_export.demo.methods.TextToImagePrompts.judge`), the peers on ``WanPipeline``.
+
 Every method draws the same captions from the same noise. Ours are built and run on ONNX Runtime
 (``L2CPipeline(prompt=..., decode=True)``); full compute and the learned schedule also on the PyTorch backend of the
 same builds (``sample --backend torch``), so the runtimes can be told apart; the peers on diffusers' own pipeline in

@@ -1,6 +1,7 @@
 """Every cache a diffusers user can switch on today, as peers of the learned schedule on a text-to-image folder
 (``eval --budgets``, :mod:`l2c_export.demo.curve`), each on diffusers' own ``PixArtAlphaPipeline.from_pretrained``
-in PyTorch, as its users run it:
+in PyTorch, as its users run it (a video model's ``WanPipeline`` at the build's clip and prompt length:
+:func:`folder_pipelines`):
 
 - cache-dit 1.5.3's DBCache (``cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))``), alone and with its
   TaylorSeer calibrator (``calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1)``);

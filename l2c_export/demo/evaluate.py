@@ -23,7 +23,8 @@ entry. Per method:
   distribution (0 for full compute), in the classifier's features where it applies, else in a fixed random
   projection of the flattened latents (:class:`l2c_export.demo.metrics.RandomProjection`: 64 Gaussian directions
   from seed 0); a video model's over its clips' frames as images (each latent frame (C, H', W') projected alike,
-  :class:`l2c_export.demo.metrics.FrameProjection`: n F' frames, not n clips). ``fd`` can fall below full compute's
+  :class:`l2c_export.demo.metrics.FrameProjection`: n F' frames, not n clips; the embedded ``t2v-digits`` over its
+  decoded clips' frames, :class:`l2c_export.demo.metrics.DigitClips`). ``fd`` can fall below full compute's
   when an approximation happens to move the samples towards the data; ``fd_to_full`` cannot.
 
 ``int8 full`` and ``int8 l2c`` are the int8 build (ONNX Runtime, dynamic activations; :mod:`l2c_export.export.quantize`)
@@ -78,7 +79,11 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
     :func:`l2c_export.demo.t2i.evaluation_prompts`): every method samples images from the captions as its users run
     it, timed (``seconds_per_image``): the schedules from builds on ONNX Runtime (:class:`TextToImagePrompts`),
     cache-dit's DBCache on diffusers' pipeline in PyTorch, ``batch_size`` prompts a call; the decoded images are
-    judged by the digits classifier (``fd`` to the digits, ``accuracy`` of the named digit). ``grid``, if given, is
+    judged by the digits classifier (``fd`` to the digits, ``accuracy`` of the named digit). The text-to-video
+    ``t2v-digits`` (captions (caption, digit, held_out, direction), :func:`l2c_export.demo.t2v.evaluation_prompts`):
+    the same on its decoded clips (n, 3, F, H, W), judged frame by frame (:class:`l2c_export.demo.metrics.DigitClips`:
+    PSNR and FD to full compute over the frames, ``accuracy`` the digit drawn and moving as asked, no ``fd``), the
+    peer on diffusers' ``WanPipeline``. ``grid``, if given, is
     filled with a few prompts' images of full compute, the learned schedule and cache-dit
     (:func:`l2c_export.demo.eval_plots.plot_t2i_grid`);
     ``peer_search``: the cache-dit row's search, ``{"size": "small" | "full"}`` (the grid of
