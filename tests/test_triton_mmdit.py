@@ -26,6 +26,10 @@ from .test_qwenimage import qwen_build  # noqa: F401 - the module's build of the
 from .test_sana import STEPS as SANA_STEPS
 from .test_sana import sana_build  # noqa: F401 - the module's build of the tiny Sana, over a schedule
 from .test_wan import wan_build  # noqa: F401 - the module's build of the tiny Wan2.1, over a schedule
+from .test_wan_prompts import CFG_SCALE as WAN_TEXT_CFG_SCALE
+from .test_wan_prompts import NEGATIVE as WAN_TEXT_NEGATIVE
+from .test_wan_prompts import PROMPTS as WAN_TEXT_PROMPTS
+from .test_wan_prompts import wan_text_build  # noqa: F401 - the tiny Wan2.1 with its UMT5 and tokenizer
 from .test_triton import _close_to, _f32, _typed_inputs, running_server, triton_env  # noqa: F401
 
 STEPS = 4
@@ -82,10 +86,11 @@ def wan22_serving_build(wan22_two_experts_build) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(builds, flow_builds, wan_build, wan22_serving_build, triton_env, tmp_path_factory):  # noqa: F811
+def server(builds, flow_builds, wan_build, wan22_serving_build, wan_text_build, triton_env,  # noqa: F811
+           tmp_path_factory):
     repo = tmp_path_factory.mktemp("triton-mmdit") / "repo"
     served = {**builds, **{name: build for _, models in flow_builds.values() for name, build in models.items()},
-              "wan": wan_build[0] / "E", "wan22": wan22_serving_build}
+              "wan": wan_build[0] / "E", "wan22": wan22_serving_build, "wan-text": wan_text_build[0] / "E"}
     for name, build in served.items():
         run_cli("triton", str(build), "--repo", str(repo), "--name", name)
     yield from running_server(repo, triton_env, tmp_path_factory)
@@ -277,3 +282,24 @@ def test_a_two_expert_wan22_clip_served_equals_the_run_cli(server, wan22_serving
     with pytest.raises(ValueError, match="input 'cfg_scale_2': this build has one transformer"):
         decode_request(L2CPipeline.from_engine_dir(wan_build[0] / "E"), noise=noise, cfg_scale_2=_f32([[2.0], [2.0]]),
                        **arrays)
+
+
+def test_a_wan_build_with_umt5_served_takes_the_prompt_as_text_as_run_does(server, wan_text_build,  # noqa: F811
+                                                                            tmp_path):
+    """The tiny Wan2.1 built with its UMT5 and tokenizer (tests/test_wan_prompts.py): ``prompt`` and
+    ``negative_prompt`` sent as UTF-8 text (n, 1) with noise and cfg_scale; the served latents equal ``l2c-export run
+    --prompt P1 --prompt P2 --negative-prompt N --noise z.npy --cfg-scale S --save-latents`` to 1e-5 of the range."""
+    root, _, noise = wan_text_build
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+    try:
+        texts = np.array([[text.encode()] for text in WAN_TEXT_PROMPTS], dtype=object)
+        negative = np.array([[WAN_TEXT_NEGATIVE.encode()]] * len(texts), dtype=object)
+        answer = client.infer("wan-text", _typed_inputs(httpclient, prompt=texts, negative_prompt=negative,
+                                                        noise=noise,
+                                                        cfg_scale=_f32(np.full((len(texts), 1), WAN_TEXT_CFG_SCALE))))
+    finally:
+        client.close()
+    run_cli("run", str(root / "E"), "--prompt", WAN_TEXT_PROMPTS[0], "--prompt", WAN_TEXT_PROMPTS[1],
+            "--negative-prompt", WAN_TEXT_NEGATIVE, "--noise", str(root / "z.npy"), "--cfg-scale",
+            str(WAN_TEXT_CFG_SCALE), "--save-latents", str(tmp_path / "out.npy"))
+    _close_to(answer.as_numpy("samples"), np.load(tmp_path / "out.npy"))

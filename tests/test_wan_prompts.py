@@ -151,6 +151,24 @@ def test_frames_and_the_mp4_are_the_pipelines(wan_text_build, tmp_path):
 
 
 @pytest.mark.slow
+def test_macs_take_the_cross_attention_at_the_builds_prompt_length(wan_text_build):
+    """Wan pads every prompt to max_sequence_length and its cross-attention reads every row, so a build's MACs count
+    the prompt at the build's --max-sequence-length (24), not Wan's default 512: per token fewer, each block's
+    ``attn2`` a row of to_k and to_v (D x D each) and 2 T D of scores and values, and the text embedder's two layers
+    (text_dim x D, D x D); the manifest records the length."""
+    from l2c_export.models.zoo import from_diffusers
+
+    root, folder, _ = wan_text_build
+    macs = json.loads((root / "E" / "manifest.json").read_text())["macs"]
+    default = from_diffusers(folder, (HEIGHT, WIDTH), None, NUM_FRAMES)  # the pipeline's own length, 512
+    config, family = default.config, default.family
+    inner, tokens = family.inner_dim(config), family.num_tokens(config)
+    at_512 = family.count_macs(config)
+    assert macs["prompt_tokens"] == MAX_SEQUENCE_LENGTH and family.macs_prompt_length(config) == 512
+    per_token = config["num_layers"] * (2 * inner * inner + 2 * tokens * inner) + (config["text_dim"] + inner) * inner
+    assert at_512.full - macs["full"] == (512 - MAX_SEQUENCE_LENGTH) * per_token
+
+
 def test_served_requests_take_the_prompt_as_text(wan_text_build, tmp_path):
     """The Triton model (in process: the functions its execute runs) takes ``prompt`` and ``negative_prompt`` as
     UTF-8 bytes (n, 1), encodes them as run --prompt does and answers the pipeline's latents; the repository

@@ -380,7 +380,8 @@ def _manifest(request, plan, subset_records, folder, weights_name, base_key, wei
         "subsets": subset_records,
         "macs": {"always": macs.always, "attn": macs.attn, "mlp": macs.mlp, "full": macs.full,
                  **_schedule_macs(spec, schedule, plan),
-                 **({"prompt_tokens": family.macs_prompt_tokens} if family.macs_prompt_tokens else {})},
+                 **({"prompt_tokens": family.macs_prompt_length(config)} if family.macs_prompt_length(config)
+                    else {})},
         "versions": versions,
     }
     if request.backend == "tensorrt":

@@ -17,9 +17,11 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
 
 @main.command("eval")
 @click.option("--model", "model_name", type=click.Choice(EMBEDDED_MODELS),
-              help="The embedded model: the digits DiT (DDIM; the default), U-ViT (DPM-Solver-2S), or the "
-                   "text-to-image t2i-digits (captions in, images judged by the digits classifier; the schedules on "
-                   "ONNX Runtime builds and cache-dit's DBCache on diffusers' pipeline, each timed).")
+              help="The embedded model: the digits DiT (DDIM; the default), U-ViT (DPM-Solver-2S), the "
+                   "text-to-image t2i-digits or t2i-digits-sd3 (captions in, images judged by the digits classifier; "
+                   "the schedules on ONNX Runtime builds and cache-dit's DBCache on diffusers' pipeline, each timed), "
+                   "or the text-to-video t2v-digits (the same, on decoded clips judged frame by frame: PSNR and FD "
+                   "to full compute per frame, accuracy: the prompted digit drawn and moving as asked).")
 @click.option("--diffusers", type=click.Path(file_okay=False, path_type=Path),
               help="Or a diffusers pipeline folder (DiTPipeline, PixArtAlphaPipeline/PixArtSigmaPipeline): its "
                    "transformer and scheduler; needs --schedule or --router.")
@@ -37,19 +39,21 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
 @click.option("--mode", type=click.Choice(SCHEDULE_MODES), help="How the router is decoded for the sweep "
                                                                           "(default: the schedule's).")
 @click.option("--budgets", help=f"MAC fractions of the sweep, comma-separated ('' for none) [{DEFAULT_BUDGETS}; "
-                                 f"t2i-digits: none; given, the whole curve: every method and peer cache searched "
+                                 f"t2i-digits, t2v-digits: none; given, the whole curve: every method and peer cache searched "
                                  f"to each budget, in quality and wall time; --diffusers with --prompts: the curve, "
                                  f"at the learned schedule's MAC fraction unless given, '' for the latents-only "
                                  f"evaluation].")
 @click.option("--num-samples", type=click.IntRange(min=2), help="Samples per method (labels or prompts in turn) "
-                                                                 "[1000; t2i-digits: 500].")
+                                                                 "[1000; t2i-digits: 500; t2v-digits: 320, "
+                                                                 "every prompt form, direction and digit once].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True,
               help="t2i-digits and --diffusers with --prompts: prompts per pipeline call, for every method (the "
                    "timed calls; the first call's prompts calibrate the peers' searches).")
 @click.option("--grid", "grid_out", type=click.Path(dir_okay=False, path_type=Path),
               help="t2i-digits (or the curve on --diffusers with --prompts: its first ten prompts): write a PNG of "
                    "one prompt per digit through full compute, the learned schedule and "
-                   "cache-dit, side by side (with --budgets: every method at the lowest budget).")
+                   "cache-dit, side by side (with --budgets: every method at the lowest budget); t2v-digits: an "
+                   "animated .gif/.webp (or .mp4), a row of clips per method.")
 @click.option("--labels", help="A label model's class labels, comma-separated, used in turn [every class in turn].")
 @click.option("--conditioning-data", type=click.Path(dir_okay=False, path_type=Path),
               help="A text model's prompts (--diffusers PixArt), used in turn: an .npz of prompt_embeds (P, L, D), "
@@ -68,8 +72,8 @@ DEFAULT_BUDGETS = "0.6,0.7,0.8,0.9"  # the label models' sweep (text-to-image: n
               help="Write the plot of FD against MAC fraction (the budget curve: FD to full and PSNR, and beside it "
                    "<stem>-speed.png, PSNR against seconds per image).")
 @click.option("--search", "search_size", type=click.Choice(["small", "full"]), default="full", show_default=True,
-              help="The budget curve (t2i-digits with --budgets, --diffusers with --prompts): the grid of each "
-                   "peer cache's knobs searched for the budgets "
+              help="The models sampled from captions (t2i-digits, t2v-digits; the budget curve: with --budgets, "
+                   "or --diffusers with --prompts): the grid of each peer cache's knobs searched for the budgets "
                    "(small: a few settings, for a quick look).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="The budget curve: interleaved timing rounds (medians).")
@@ -88,6 +92,7 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
     class accuracy (digits classifier features; elsewhere a fixed random projection of the latents)."""
     import dataclasses
 
+    from ..core.images import CLIP_FORMATS
     from ..core.schedule import Schedule
     from ..demo.eval_plots import plot_fd, plot_t2i_grid
     from ..demo.evaluate import evaluate, format_table, write_json
@@ -123,7 +128,8 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
         hint = (f" (learn a router on your prompts first: l2c-export learn --diffusers {diffusers} --prompts "
                 f"{prompts_file} --out router.safetensors)" if prompts_file is not None else "")
         raise click.UsageError(f"{spec.name} comes with no schedule; pass --schedule or --router{hint}")
-    captioned = model_name in TEXT_TO_IMAGE_MODELS  # sampled from captions, judged on decoded images
+    # sampled from captions, judged on decoded images (the video model: clips, frame by frame)
+    captioned = model_name in TEXT_TO_IMAGE_MODELS + TEXT_TO_VIDEO_MODELS
     # a folder's own prompts: the curve against every peer cache, at --budgets (default: the learned schedule's MAC
     # fraction); --budgets '' keeps the latents-only evaluation against the plain baselines
     own_curve = diffusers is not None and prompts_file is not None and budgets != ""
@@ -131,10 +137,14 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
         _check_own_curve(spec, diffusers, schedule_file, router, int8)
     if budgets is None and not own_curve:  # the curve on a folder's prompts: at the learned schedule's (below)
         budgets = "" if captioned else DEFAULT_BUDGETS
-    num_samples_given, num_samples = num_samples, num_samples or (500 if captioned else 1000)
+    num_samples_given, num_samples = num_samples, num_samples or (
+        320 if model_name in TEXT_TO_VIDEO_MODELS else 500 if captioned else 1000)
     if grid_out is not None and not (captioned or own_curve):
-        raise click.BadParameter("the sample grid is drawn for a text-to-image model (--model t2i-digits, or "
-                                 "--diffusers with --prompts)", param_hint="--grid")
+        raise click.BadParameter("the sample grid is drawn for a model sampled from captions (--model t2i-digits, "
+                                 "t2v-digits, or --diffusers with --prompts)", param_hint="--grid")
+    if grid_out is not None and model_name in TEXT_TO_VIDEO_MODELS and grid_out.suffix.lower() not in CLIP_FORMATS:
+        raise click.BadParameter(f"{grid_out}: the clips of {model_name} are written as an animated image or video; "
+                                 f"expected a name ending {', '.join(CLIP_FORMATS)}", param_hint="--grid")
     try:
         budget_list = [MAC_FRACTION.convert(part, None, None) for part in (budgets or "").split(",") if part.strip()]
     except click.BadParameter as error:
@@ -171,11 +181,7 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
                                  "labels", param_hint="--labels")
     if captioned and int8:
         raise click.BadParameter(f"{model_name} has no int8 rows", param_hint="--int8")
-    captions = None
-    if captioned:
-        from ..demo.t2i import evaluation_prompts
-
-        captions = evaluation_prompts(num_samples)
+    captions = model_captions(model_name, num_samples) if captioned else None
     if own_curve:
         learned.check_fits(spec.sampler(None, learned.num_steps).num_calls, spec.sublayer_names)
         budget_list = budget_list or [round(learned.mac_fraction(spec.family.count_macs(spec.config)), 3)]
@@ -204,7 +210,7 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
                       labels=None if labels is None else parse_labels(labels), prompts=prompts,
                       prompts_source=f"{'--prompts' if prompts_file else '--conditioning-data'} {conditioning_data}",
                       captions=captions,
-                      batch_size=batch_size, grid=grid)
+                      batch_size=batch_size, grid=grid, peer_search={"size": search_size})
     report["threads"] = threads_used(choice)
     click.echo(format_table(report))
     click.echo(f"features: {report['features']}")
@@ -217,6 +223,19 @@ def eval_command(model_name, diffusers, image_size, num_frames, router, schedule
     if grid_out:
         plot_t2i_grid(grid, grid_out)
         click.echo(f"wrote {grid_out}")
+
+
+def model_captions(model_name: str, num_samples: int) -> list[tuple]:
+    """An embedded captioned model's evaluation prompts, ``num_samples`` of them: (caption, digit, held_out) for the
+    text-to-image models (:func:`l2c_export.demo.t2i.evaluation_prompts`), (caption, digit, held_out, direction)
+    for the text-to-video model (:func:`l2c_export.demo.t2v.evaluation_prompts`: every form, direction and digit)."""
+    if model_name in TEXT_TO_VIDEO_MODELS:
+        from ..demo.t2v import evaluation_prompts as clip_prompts
+
+        return [(text, digit, held_out, direction) for text, digit, direction, held_out in clip_prompts(num_samples)]
+    from ..demo.t2i import evaluation_prompts
+
+    return evaluation_prompts(num_samples)
 
 
 def _check_own_curve(spec, diffusers, schedule_file, router, int8) -> None:

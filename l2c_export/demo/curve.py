@@ -8,6 +8,9 @@ baselines (FORA, fewer steps, random drop: :data:`l2c_export.demo.methods.METHOD
 user can switch on (:data:`l2c_export.demo.diffusers_caches.PEERS`), each searched to land within
 :data:`~l2c_export.demo.diffusers_caches.TOLERANCE` of the budget; in quality and in wall time.
 
+The text-to-video ``t2v-digits`` (``eval --model t2v-digits --budgets ...``) runs the same curve on its decoded clips,
+judged frame by frame (:meth:`l2c_export.demo.methods.TextToImagePrompts.judge`), the peers on ``WanPipeline``.
+
 Every method draws the same captions from the same noise. Ours are built and run on ONNX Runtime
 (``L2CPipeline(prompt=..., decode=True)``); full compute and the learned schedule also on the PyTorch backend of the
 same builds (``sample --backend torch``), so the runtimes can be told apart; the peers on diffusers' own pipeline in
@@ -49,7 +52,7 @@ from . import diffusers_caches
 from .diffusers_caches import PEERS, TOLERANCE
 from .evaluate import average_random_seeds
 from .methods import METHODS, Candidate, EvalSetup, TextToImagePrompts
-from .metrics import DigitsFeatures, RandomProjection, frechet_distance, psnr
+from .metrics import frechet_distance, psnr
 
 OURS = ("l2c", "l2c-general", "fora", "random", "fewer-steps")  # built and run on ONNX Runtime
 REFERENCES = {"onnxruntime": "full", "torch": "full", "diffusers": "full (diffusers)"}
@@ -77,12 +80,8 @@ def evaluate_curve(spec, router: RouterLogits | None, budgets: Sequence[float], 
     macs = spec.family.count_macs(spec.config)
     sample_shape = next(t.shape for t in spec.family.graph_inputs(spec.config) if t.role == "sample")
     num_samples = len(captions)
-    digits = [d for _, d, _ in captions]
     scratch = tempfile.TemporaryDirectory(prefix="l2c-curve-")
-    prompts = TextToImagePrompts(folder=Path(spec.weights).parent, captions=[c for c, _, _ in captions],
-                                 digits=None if None in digits else np.array(digits, dtype=np.int64),
-                                 held_out=np.array([h for _, _, h in captions], dtype=bool),
-                                 scratch=Path(scratch.name), batch_size=batch_size)
+    prompts = TextToImagePrompts.of(Path(spec.weights).parent, captions, Path(scratch.name), batch_size)
     setup = EvalSetup(spec=spec, model=None, num_steps=sampler.num_calls, macs=macs, labels=None,
                       conditioning=None, noise=make_noise(seed, (num_samples, *sample_shape)),
                       cfg_scale=spec.cfg_scale, mode=mode, router=router, random_seeds=tuple(random_seeds),
@@ -108,11 +107,8 @@ def evaluate_curve(spec, router: RouterLogits | None, budgets: Sequence[float], 
                 add({"method": candidate.method, "budget": candidate.budget, "point": candidate.point,
                      "mac_fraction": round(candidate.mac_fraction, 6), "runtime": "onnxruntime",
                      **candidate.info, **drawn.info}, drawn.samples, drawn.timers.items())
-            family = spec.family
-            pipelines = diffusers_caches.FolderPipelines(
-                prompts.folder, setup.num_steps, setup.cfg_scale, family.scale_argument,
-                image_size=tuple(images[0].shape[-2:]),
-                passes=2 if family.classifier_free and setup.cfg_scale > 1.0 else 1)
+            pipelines = diffusers_caches.folder_pipelines(spec, setup.num_steps, setup.cfg_scale,
+                                                          image_size=tuple(images[0].shape[-2:]))
             _add_peers(add, setup, pipelines, budgets, search_size, [PEERS[name] for name in (peers or PEERS)],
                        timed, progress)
             seconds = _interleaved_medians(timers, repeats, progress)
@@ -120,20 +116,20 @@ def evaluate_curve(spec, router: RouterLogits | None, budgets: Sequence[float], 
         scratch.cleanup()
 
     full = images[0]
-    judge = (DigitsFeatures() if prompts.digits is not None and full.shape[1:] == (1, 8, 8)
-             else RandomProjection(full.shape[1:]))
+    judge = prompts.judge(full.shape[1:])
     full_features = judge(full)
+    labels = prompts.labels
     for index, row in enumerate(rows):
         if index in images:
             samples = images[index]
             features = judge(samples)
-            held_out = prompts.held_out.any() and prompts.digits is not None
+            held_out = prompts.held_out.any() and labels is not None
             row.update({"fd_to_full": frechet_distance(features, full_features),
-                        "psnr": None if index == 0 else psnr(samples, full, 2.0),
+                        "psnr": None if index == 0 else judge.psnr(samples, full),
                         "fd": None if judge.real is None else frechet_distance(features, judge.real),
-                        "accuracy": judge.accuracy(samples, prompts.digits),
+                        "accuracy": judge.accuracy(samples, labels),
                         "accuracy_held_out_forms": (judge.accuracy(samples[prompts.held_out],
-                                                                   prompts.digits[prompts.held_out])
+                                                                   labels[prompts.held_out])
                                                     if held_out else None)})
         for runtime in ("onnxruntime", "torch", "diffusers"):
             if (index, runtime) in seconds:

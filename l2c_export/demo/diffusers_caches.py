@@ -1,6 +1,7 @@
 """Every cache a diffusers user can switch on today, as peers of the learned schedule on a text-to-image folder
 (``eval --budgets``, :mod:`l2c_export.demo.curve`), each on diffusers' own ``PixArtAlphaPipeline.from_pretrained``
-in PyTorch, as its users run it:
+in PyTorch, as its users run it (a video model's ``WanPipeline`` at the build's clip and prompt length:
+:func:`folder_pipelines`):
 
 - cache-dit 1.5.3's DBCache (``cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))``), alone and with its
   TaylorSeer calibrator (``calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1)``);
@@ -40,9 +41,8 @@ from ..core.macs import MacCount
 
 TOLERANCE = 0.03  # a budget is reached within this MAC fraction
 # The always-run input embedding of each transformer family (PixArt, SD3: pos_embed; FLUX.1: x_embedder; Sana:
-# patch_embed; Qwen-Image: img_in), the first of these with weights: it runs on the rows of the batch every forward
-# computes.
-PATCH_EMBEDDINGS = ("pos_embed", "x_embedder", "patch_embed", "img_in")
+# patch_embed; Qwen-Image: img_in; Wan: patch_embedding)
+PATCH_EMBEDDINGS = ("pos_embed", "x_embedder", "patch_embed", "img_in", "patch_embedding")
 
 
 class SublayerCounter:
@@ -106,18 +106,21 @@ class PeerPipeline:
     own_counter: Callable[[], dict | None] = lambda: None
     info: dict = field(default_factory=dict)
     last_images: int = 0
+    video: bool = False  # a video pipeline: latents (n, C, F, H, W), clips out
 
     def call(self, captions: Sequence[str], latents: np.ndarray) -> np.ndarray:
         """``captions`` (n) from ``latents`` (the family's sample layout, n first) through the pipeline, decoded by
-        its VAE and post-processed as its ``output_type="pt"`` does, mapped back to [-1, 1]: (n, C, H, W)."""
+        its VAE and post-processed as its ``output_type="pt"`` does, mapped back to [-1, 1]: images (n, C, H, W), or
+        a video pipeline's clips (n, C, F, H, W) (its ``frames`` (n, F, C, H, W) in the builds' layout)."""
         import torch
 
         self.before_call()
         self.last_images = len(captions)
         with torch.no_grad(), self.context():
-            images = self.pipe(list(captions), num_inference_steps=self.num_steps,
+            output = self.pipe(list(captions), num_inference_steps=self.num_steps,
                                latents=torch.from_numpy(np.ascontiguousarray(latents)), output_type="pt",
-                               **{self.scale_argument: self.cfg_scale}, **self.call_options).images
+                               **{self.scale_argument: self.cfg_scale}, **self.call_options)
+        images = output.frames.transpose(1, 2) if hasattr(output, "frames") else output.images
         return (images.float() * 2.0 - 1.0).clamp(-1.0, 1.0).numpy()
 
 
@@ -162,21 +165,35 @@ def _enable_dbcache(taylorseer: bool):
         cache_dit.enable_cache(peer.pipe, cache_config=cache_dit.DBCacheConfig(num_inference_steps=peer.num_steps,
                                                                                  **knobs),
                                calibrator_config=calibrator)
-        blocks = len(peer.pipe.transformer.transformer_blocks)
+        block_list = blocks_path(peer.pipe.transformer)
+        blocks = len(peer.pipe.transformer.get_submodule(block_list))
         skipped = [knobs["Fn_compute_blocks"], blocks - knobs["Bn_compute_blocks"]]  # [first, stop) of the skipped
         cached: list[int] = []
+        cfg_cached: list[int] = []
         images: list[int] = []
 
         def own_counter() -> dict:
-            """Steps cache-dit says it served from its cache, per counted call so far (and each call's images)."""
+            """Steps cache-dit says it served from its cache, per counted call so far (and each call's images); where
+            the pipeline calls the conditional and unconditional passes apart (Wan; cache-dit's
+            ``enable_separate_cfg``), the conditional pass's, and the unconditional's as ``cfg_cached_steps``."""
             stats = cache_dit.summary(peer.pipe.transformer, logging=False)  # of the last call
             cached.append(len(stats[0].cached_steps) if stats else 0)
+            config = stats[0].cache_options.get("cache_config") if stats else None
+            separate = bool(getattr(config, "enable_separate_cfg", False))
+            cfg_cached.append(len(stats[0].cfg_cached_steps) if separate else 0)
             images.append(peer.last_images)
             return {"cached_steps_per_call": list(cached), "images_per_call": list(images), "blocks": blocks,
-                    "blocks_skipped_per_cached_step": skipped}
+                    "block_list": block_list, "blocks_skipped_per_cached_step": skipped,
+                    **({"cfg_cached_steps_per_call": list(cfg_cached)} if separate else {})}
 
         peer.own_counter = own_counter
     return enable
+
+
+def blocks_path(transformer) -> str:
+    """The module list of a transformer's blocks that the caches skip: ``transformer_blocks`` (PixArt, SD3, FLUX.1's
+    double-stream blocks), or ``blocks`` (Wan)."""
+    return "transformer_blocks" if hasattr(transformer, "transformer_blocks") else "blocks"
 
 
 # ---- diffusers' hooks
@@ -198,7 +215,9 @@ def _diffusers_enable(config_name: str, apply_name: str, make: Callable[[dict, d
                 timestep["value"] = int(value.reshape(-1)[0]) if hasattr(value, "reshape") else int(value)
 
         transformer.register_forward_pre_hook(remember_timestep, with_kwargs=True)
-        config = getattr(diffusers, config_name)(**make(knobs, {**state, "timestep": lambda: timestep["value"]}))
+        config = getattr(diffusers, config_name)(**make(knobs, {
+            **state, "timestep": lambda: timestep["value"], "blocks": blocks_path(transformer),
+            "tensor_format": "BCFHW" if peer.video else "BCHW"}))
         try:
             transformer.enable_cache(config)
             peer.info["applied_with"] = f"transformer.enable_cache({config_name}(...))"
@@ -229,11 +248,11 @@ def _taylorseer_grid(size: str) -> list[dict]:
     return [{"cache_interval": i, "disable_cache_before_step": b} for i in intervals for b in before]
 
 
-def _taylorseer_make(knobs: dict, _state: dict) -> dict:
+def _taylorseer_make(knobs: dict, state: dict) -> dict:
     import torch
 
     return {**knobs, "max_order": 1, "taylor_factors_dtype": torch.float32,
-            "cache_identifiers": [r"transformer_blocks\.\d+"]}
+            "cache_identifiers": [rf"{state['blocks']}\.\d+"]}
 
 
 def _magcache_grid(size: str) -> list[dict]:
@@ -268,7 +287,7 @@ def _fastercache_grid(size: str) -> list[dict]:
 
 
 def _fastercache_make(knobs: dict, state: dict) -> dict:
-    return {**knobs, "current_timestep_callback": state["timestep"], "tensor_format": "BCHW"}
+    return {**knobs, "current_timestep_callback": state["timestep"], "tensor_format": state["tensor_format"]}
 
 
 def _pab_grid(size: str) -> list[dict]:
@@ -293,7 +312,7 @@ PEERS: dict[str, Peer] = {peer.name: peer for peer in (
          _diffusers_enable("FirstBlockCacheConfig", "apply_first_block_cache", lambda k, _s: dict(k)),
          bisect="threshold"),
     # its default identifiers ("^transformer_blocks.*attn", fully matched) hook nothing in PixArt (attn1, attn2): the
-    # whole blocks are named instead
+    # whole blocks are named instead (Wan's: blocks.i)
     Peer("diffusers-taylorseer", "transformer.enable_cache(TaylorSeerCacheConfig(..., max_order=1, "
          "cache_identifiers=[r'transformer_blocks\\.\\d+']))", _taylorseer_grid,
          _diffusers_enable("TaylorSeerCacheConfig", "apply_taylorseer_cache", _taylorseer_make)),
@@ -325,12 +344,15 @@ class FolderPipelines:
     """diffusers' own pipeline of a folder (``DiffusionPipeline.from_pretrained(folder)``, the components saved as
     null left out), as its users load it, called as :class:`PeerPipeline` calls it: each :meth:`open` loads a fresh
     transformer and scheduler (a cache's hooks stay on its transformer), the text encoders, tokenizers and VAE are
-    loaded once and shared. ``image_size``: (height, width) in pixels, passed to pipelines that take them."""
+    loaded once and shared. ``image_size``: (height, width) in pixels, ``num_frames`` (a video pipeline's clip) and
+    ``max_sequence_length`` (the build's prompt length), passed to pipelines that take them."""
 
     def __init__(self, folder, num_steps: int, cfg_scale: float, scale_argument: str = "guidance_scale",
-                 image_size: tuple[int, int] | None = None, passes: int = 2):
+                 image_size: tuple[int, int] | None = None, passes: int = 2, num_frames: int | None = None,
+                 max_sequence_length: int | None = None):
         self.folder, self.num_steps, self.cfg_scale = folder, num_steps, cfg_scale
         self.scale_argument, self.image_size, self.passes = scale_argument, image_size, passes
+        self.num_frames, self.max_sequence_length = num_frames, max_sequence_length
         self.shared: dict | None = None
         self.pipeline_class = "pipeline"  # its class name, once loaded
 
@@ -355,23 +377,54 @@ class FolderPipelines:
         switching it on raises."""
         pipe = self.load()
         pipeline = PeerPipeline(pipe, self.num_steps, self.cfg_scale, self.scale_argument, self.passes,
-                                call_options(pipe, self.image_size))
+                                call_options(pipe, self.image_size, self.num_frames, self.max_sequence_length),
+                                video=self.num_frames is not None)
         if peer is not None:
             peer.enable(pipeline, knobs, {"num_steps": self.num_steps, **state})
         return pipeline
 
 
-def call_options(pipe, image_size: tuple[int, int] | None) -> dict:
+def folder_pipelines(spec, num_steps: int, cfg_scale: float,
+                     image_size: tuple[int, int] | None = None) -> FolderPipelines:
+    """:class:`FolderPipelines` of the folder of ``spec`` (a diffusers folder's :class:`l2c_export.models.zoo.ModelSpec`)
+    as its builds sample: two passes a step where it guides; ``image_size`` (pixels) where given, and a video model's
+    clip as ``WanPipeline`` sizes its latents (F' latent frames: (F' - 1) x the VAE's ``scale_factor_temporal`` + 1
+    frames; H' x W' latents: times its ``scale_factor_spatial``) at the build's ``max_sequence_length``."""
+    import json
+    from pathlib import Path
+
+    from ..core.interface import NCFHW
+
+    family, folder = spec.family, Path(spec.weights).parent
+    num_frames = max_sequence_length = None
+    if family.latent_layout == NCFHW:
+        vae_config = folder / "vae" / "config.json"
+        vae = json.loads(vae_config.read_text()) if vae_config.is_file() else {}
+        frames, height, width = family.latent_shape(spec.config)
+        spatial = vae.get("scale_factor_spatial", 8)
+        num_frames = (frames - 1) * vae.get("scale_factor_temporal", 4) + 1
+        image_size, max_sequence_length = (height * spatial, width * spatial), spec.max_sequence_length
+    return FolderPipelines(folder, num_steps, cfg_scale, family.scale_argument, image_size=image_size,
+                           passes=2 if family.classifier_free and cfg_scale > 1.0 else 1, num_frames=num_frames,
+                           max_sequence_length=max_sequence_length)
+
+
+def call_options(pipe, image_size: tuple[int, int] | None, num_frames: int | None = None,
+                 max_sequence_length: int | None = None) -> dict:
     """What a pipeline is called with besides the prompts, latents, steps and scale, where its ``__call__`` takes
     them: the negative prompt "" (the builds' negative), no caption cleaning and no resolution binning (PixArt,
     Sana: the builds' preprocessing and size), the image's height and width in pixels (a packed-latent pipeline
-    unpacks by them)."""
+    unpacks by them), a clip's frames and the prompt length (Wan: its cross-attention reads every padded row)."""
     import inspect
 
     accepted = inspect.signature(pipe.__call__).parameters
     wanted = {"negative_prompt": "", "clean_caption": False, "use_resolution_binning": False}
     if image_size is not None:
         wanted.update(height=image_size[0], width=image_size[1])
+    if num_frames is not None:
+        wanted.update(num_frames=num_frames)
+    if max_sequence_length is not None:
+        wanted.update(max_sequence_length=max_sequence_length)
     return {name: value for name, value in wanted.items() if name in accepted}
 
 
@@ -396,16 +449,22 @@ def draw(pipeline: PeerPipeline, captions: Sequence[str], noise: np.ndarray, mac
 
 def own_mac_fraction(own: dict, macs: MacCount, sublayers: Sequence[str], num_steps: int) -> float | None:
     """cache-dit's own count as a MAC fraction: every cached step of a call skips the blocks
-    ``blocks_skipped_per_cached_step`` ([first, stop) of ``transformer_blocks``) for each of its images, in every
-    pass of the step; a block's MACs are those of its scheduled ``sublayers``. None where the sub-layers are not all
-    in ``transformer_blocks`` (FLUX.1's single blocks: cache-dit's count covers another list)."""
-    if not all(name.startswith("transformer_blocks.") for name in sublayers):
+    ``blocks_skipped_per_cached_step`` ([first, stop) of ``block_list``: ``transformer_blocks``, Wan's ``blocks``)
+    for each of its images, in every pass of the step (where the passes are called apart,
+    ``cfg_cached_steps_per_call``: each pass's cached steps skip that pass, half the step); a block's MACs are those
+    of its scheduled ``sublayers``. None where the sub-layers are not all in that list (FLUX.1's single blocks:
+    cache-dit's count covers another list)."""
+    prefix = own.get("block_list", "transformer_blocks") + "."
+    if not all(name.startswith(prefix) for name in sublayers):
         return None
     first, stop = own["blocks_skipped_per_cached_step"]
     per_step = sum(macs.sublayer(j) for j, name in enumerate(sublayers)
                    if first <= int(name.split(".")[1]) < stop)
     images = own["images_per_call"]
-    skipped = sum(c * n for c, n in zip(own["cached_steps_per_call"], images))
+    cached = own["cached_steps_per_call"]
+    if "cfg_cached_steps_per_call" in own:
+        cached = [(c + u) / 2 for c, u in zip(cached, own["cfg_cached_steps_per_call"])]
+    skipped = sum(c * n for c, n in zip(cached, images))
     return 1.0 - skipped * per_step / (sum(images) * num_steps * macs.full)
 
 

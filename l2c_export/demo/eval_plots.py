@@ -39,15 +39,27 @@ def one_prompt_per_digit(prompts: TextToImagePrompts) -> list[int]:
     return chosen
 
 
+def save_clip_grid(methods: list[np.ndarray], path: Path) -> None:
+    """A video model's grid: one animated image (``.gif``, ``.webp``; or ``.mp4``), a row of k clips (k, 3, F, H, W)
+    per method in ``methods`` order, the prompts in the columns (:func:`l2c_export.core.images.save_clip`)."""
+    from ..core.images import save_clip
+
+    save_clip(np.concatenate(methods), path, columns=len(methods[0]), scale=8, fps=4)
+
+
 def plot_t2i_grid(grid: dict, path: Path) -> None:
     """The grid of :func:`grid_samples`: a row per prompt (its caption, "held-out form" marked), a column per
-    method."""
+    method; a video model's clips as an animated image (:func:`save_clip_grid`: a row per method, a column per
+    prompt)."""
+    methods = [m for m in GRID_METHODS if m in grid]
+    if grid[methods[0]].ndim == 5:
+        save_clip_grid([grid[m] for m in methods], path)
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in GRID_METHODS if m in grid]
     rows = len(grid["captions"])
     figure, axes = plt.subplots(rows, len(methods), figsize=(1.5 * len(methods) + 2.6, 1.25 * rows), squeeze=False)
     titles = {"full": "full compute", "l2c": "learned schedule", "cache-dit": "cache-dit DBCache"}
@@ -182,7 +194,11 @@ def plot_curve(report: dict, path: Path, speed_path: Path | None = None) -> None
 
 def plot_curve_grid(grid: dict, path: Path) -> None:
     """The grid of :func:`l2c_export.demo.curve.evaluate_curve`: a row per method (at the lowest budget, its MAC
-    fraction in brackets; full compute first), a column per prompt."""
+    fraction in brackets; full compute first), a column per prompt; a video model's clips as an animated image
+    (:func:`save_clip_grid`, the rows in the order of ``grid["methods"]``)."""
+    if grid["methods"] and grid["methods"][0][1].ndim == 5:
+        save_clip_grid([clips for _, clips in grid["methods"]], path)
+        return
     import matplotlib
 
     matplotlib.use("Agg")

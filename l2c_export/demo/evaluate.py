@@ -23,7 +23,8 @@ entry. Per method:
   distribution (0 for full compute), in the classifier's features where it applies, else in a fixed random
   projection of the flattened latents (:class:`l2c_export.demo.metrics.RandomProjection`: 64 Gaussian directions
   from seed 0); a video model's over its clips' frames as images (each latent frame (C, H', W') projected alike,
-  :class:`l2c_export.demo.metrics.FrameProjection`: n F' frames, not n clips). ``fd`` can fall below full compute's
+  :class:`l2c_export.demo.metrics.FrameProjection`: n F' frames, not n clips; the embedded ``t2v-digits`` over its
+  decoded clips' frames, :class:`l2c_export.demo.metrics.DigitClips`). ``fd`` can fall below full compute's
   when an approximation happens to move the samples towards the data; ``fd_to_full`` cannot.
 
 ``int8 full`` and ``int8 l2c`` are the int8 build (ONNX Runtime, dynamic activations; :mod:`l2c_export.export.quantize`)
@@ -78,7 +79,11 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
     :func:`l2c_export.demo.t2i.evaluation_prompts`): every method samples images from the captions as its users run
     it, timed (``seconds_per_image``): the schedules from builds on ONNX Runtime (:class:`TextToImagePrompts`),
     cache-dit's DBCache on diffusers' pipeline in PyTorch, ``batch_size`` prompts a call; the decoded images are
-    judged by the digits classifier (``fd`` to the digits, ``accuracy`` of the named digit). ``grid``, if given, is
+    judged by the digits classifier (``fd`` to the digits, ``accuracy`` of the named digit). The text-to-video
+    ``t2v-digits`` (captions (caption, digit, held_out, direction), :func:`l2c_export.demo.t2v.evaluation_prompts`):
+    the same on its decoded clips (n, 3, F, H, W), judged frame by frame (:class:`l2c_export.demo.metrics.DigitClips`:
+    PSNR and FD to full compute over the frames, ``accuracy`` the digit drawn and moving as asked, no ``fd``), the
+    peer on diffusers' ``WanPipeline``. ``grid``, if given, is
     filled with a few prompts' images of full compute, the learned schedule and cache-dit
     (:func:`l2c_export.demo.eval_plots.plot_t2i_grid`);
     ``peer_search``: the cache-dit row's search, ``{"size": "small" | "full"}`` (the grid of
@@ -110,12 +115,9 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         if len(captions) != num_samples:
             raise ValueError(f"{len(captions)} captions for {num_samples} samples")
         scratch = tempfile.TemporaryDirectory(prefix="l2c-eval-")
-        text_to_image = TextToImagePrompts(folder=Path(spec.weights).parent, captions=[c for c, _, _ in captions],
-                                           digits=np.array([d for _, d, _ in captions], dtype=np.int64),
-                                           held_out=np.array([h for _, _, h in captions], dtype=bool),
-                                           scratch=Path(scratch.name), batch_size=batch_size)
-        label_array, int8 = text_to_image.digits, False
-        judge = DigitsFeatures(classifier_path)  # on the decoded 8x8 images
+        text_to_image = TextToImagePrompts.of(Path(spec.weights).parent, captions, Path(scratch.name), batch_size)
+        label_array, int8 = text_to_image.labels, False
+        judge = None  # the decoded samples' (below, once their shape is known)
     setup = EvalSetup(spec=spec, model=spec.load_model(), num_steps=sampler.num_calls, macs=macs,
                       labels=None if label_array is None or captions is not None else label_array.tolist(),
                       conditioning=conditioning, noise=make_noise(seed, (num_samples, *sample_shape)),
@@ -142,6 +144,9 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         if scratch is not None:
             scratch.cleanup()
     full_samples = samples_by_key[candidates[0].key()]
+    if judge is None:  # decoded images (the digits classifier on 8x8 digits) or clips (frame by frame)
+        judge = (DigitsFeatures(classifier_path) if full_samples.ndim == 4
+                 else text_to_image.judge(full_samples.shape[1:]))
     full_features = judge(full_samples)
 
     def metrics(samples: np.ndarray, reference: bool = False) -> dict:
@@ -179,8 +184,11 @@ def evaluate(spec, learned: Schedule, router: RouterLogits | None = None, mode: 
         from .t2i import pipeline_class
 
         forms = sorted(set(zip(text_to_image.captions, text_to_image.held_out.tolist())))
-        extra = {"prompts": {"source": "l2c_export.demo.t2i.evaluation_prompts: every caption form (training and "
-                                       "held-out) with every digit in turn",
+        source = ("l2c_export.demo.t2v.evaluation_prompts: every prompt form (training and held-out) with every "
+                  "direction and digit, in a fixed shuffled order" if text_to_image.directions is not None else
+                  "l2c_export.demo.t2i.evaluation_prompts: every caption form (training and held-out) with every "
+                  "digit in turn")
+        extra = {"prompts": {"source": source,
                              "num_samples": num_samples, "distinct": len(forms),
                              "held_out": int(text_to_image.held_out.sum()), "batch_size": batch_size},
                  "timing": {"what": "wall-clock seconds per image of the calls that draw it, text encoder and VAE "

@@ -68,17 +68,52 @@ class Drawn:
 
 @dataclass
 class TextToImagePrompts:
-    """A text-to-image model (the embedded ``t2i-digits``, a diffusers folder with its T5, tokenizer and VAE) judged
-    on its decoded images: sample i is ``captions[i]`` (naming digit ``digits[i]``) from noise row i. Each schedule
-    is built (fp32, ONNX Runtime, with the folder's text encoder and VAE decoder graphs) into ``scratch`` and run as
-    ``L2CPipeline(...)(prompt=..., decode=True)``, ``batch_size`` prompts a call; the seconds are those calls'."""
+    """A text-to-image or text-to-video model (the embedded ``t2i-digits``, ``t2i-digits-sd3``, ``t2v-digits``, a
+    diffusers folder with its text encoder, tokenizer and VAE) judged on its decoded images or clips: sample i is
+    ``captions[i]`` (naming digit ``digits[i]``, moving in direction ``directions[i]`` for the video model; None where
+    a user's prompts name no digit) from noise row i. Each schedule is built (fp32, ONNX Runtime, with the folder's
+    text encoder and VAE decoder graphs) into ``scratch`` and run as ``L2CPipeline(...)(prompt=..., decode=True)``,
+    ``batch_size`` prompts a call; the seconds are those calls'."""
 
-    folder: Path  # the diffusers folder (what cache-dit's pipeline loads)
+    folder: Path  # the diffusers folder (what the peers' pipeline loads)
     captions: list[str]
-    digits: np.ndarray
+    digits: np.ndarray | None
     held_out: np.ndarray
     scratch: Path
     batch_size: int = 50
+    directions: np.ndarray | None = None  # the video model's: (n,) direction names (l2c_export.demo.t2v.DIRECTIONS)
+
+    @classmethod
+    def of(cls, folder: Path, captions, scratch: Path, batch_size: int) -> "TextToImagePrompts":
+        """From ``captions``: (caption, digit, held_out) per sample (:func:`l2c_export.demo.t2i.evaluation_prompts`;
+        digit None for a user's prompt) or (caption, digit, held_out, direction) (the video model's)."""
+        digits = [c[1] for c in captions]
+        directions = [c[3] for c in captions] if captions and len(captions[0]) > 3 else None
+        return cls(folder=folder, captions=[c[0] for c in captions],
+                   digits=None if None in digits else np.array(digits, dtype=np.int64),
+                   held_out=np.array([c[2] for c in captions], dtype=bool), scratch=scratch, batch_size=batch_size,
+                   directions=None if directions is None else np.array(directions, dtype=object))
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """What the judge's accuracy is against: the digits (n,), or for the video model (n, 2) rows (digit,
+        direction) (an object array); None where the prompts name no digit."""
+        if self.digits is None or self.directions is None:
+            return self.digits
+        return np.stack([self.digits.astype(object), self.directions], axis=1)
+
+    def judge(self, shape: tuple):
+        """The judge of decoded samples of ``shape`` (one sample's): the video model's clips frame by frame with the
+        clip judge (:class:`l2c_export.demo.metrics.DigitClips`), 8x8 one-channel digits with the digits classifier,
+        anything else in a fixed random projection of the decoded pixels (PSNR over [-1, 1])."""
+        from .metrics import DigitClips, DigitsFeatures, FrameProjection, RandomProjection
+
+        if len(shape) == 4:
+            return DigitClips(shape) if self.directions is not None and self.digits is not None else \
+                FrameProjection(shape, data_range=2.0)
+        if self.digits is not None and tuple(shape) == (1, 8, 8):
+            return DigitsFeatures()
+        return RandomProjection(shape, data_range=2.0)
 
     def sample_build(self, setup: "EvalSetup", schedule: Schedule | None, num_steps: int,
                      runtimes: Sequence[str] = ("onnxruntime",)) -> Drawn:
@@ -95,7 +130,10 @@ class TextToImagePrompts:
         if schedule is None:
             schedule = Schedule.full(num_steps, sublayers=list(spec.sublayer_names),
                                      timesteps=sampler.model_times.tolist(), sampler=sampler.kind)
-        folder = self.scratch / f"build-{len(list(self.scratch.glob('build-*')))}"
+        earlier = sorted(self.scratch.glob("build-*"))
+        folder = self.scratch / f"build-{len(earlier)}"
+        if earlier:  # the build reuses what it shares with the last one (weights, text encoder and VAE graphs)
+            _link_tree(earlier[-1], folder)
         build(BuildRequest(spec=spec, schedule=schedule, sampler=sampler, out_dir=folder), progress=False)
         pipe = L2CPipeline.from_engine_dir(folder)
         pipe(prompt=self.captions[:1], noise=setup.noise[:1], decode=True)  # untimed: sessions' first-run set-up
@@ -129,6 +167,19 @@ class TextToImagePrompts:
             pipe(prompt=self.captions[batch], noise=noise[batch], decode=True)
             return time.perf_counter() - begin
         return timer
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """``target`` a copy of the build folder ``source`` made of hard links (a build replaces files, never writes into
+    them), or of copies where the file system links none."""
+    import os
+    import shutil
+
+    try:
+        shutil.copytree(source, target, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
 
 
 @dataclass
@@ -188,7 +239,7 @@ def _fewer_steps(budget: float, setup: EvalSetup, point: str) -> list[Candidate]
 
 
 def _cache_dit(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
-    """cache-dit's DBCache on diffusers' own pipeline (text-to-image models only,
+    """cache-dit's DBCache on diffusers' own pipeline (models sampled from captions only,
     :data:`l2c_export.demo.diffusers_caches.PEERS`), its settings searched for ``budget`` on a calibration set (the
     first ``batch_size`` prompts; ``setup.peer_search["size"]``: "small" or "full", the grid); its MAC fraction is
     the one counted from the sub-layers it ran on every prompt (set after it samples), beside cache-dit's own count."""
@@ -200,8 +251,7 @@ def _cache_dit(budget: float, setup: EvalSetup, point: str) -> list[Candidate]:
     prompts, spec = setup.prompts, setup.spec
     captions, noise = prompts.captions, setup.noise
     calibration = slice(0, min(prompts.batch_size, len(captions)))
-    pipelines = caches.FolderPipelines(prompts.folder, setup.num_steps, setup.cfg_scale, spec.family.scale_argument,
-                                       passes=2 if spec.family.classifier_free and setup.cfg_scale > 1.0 else 1)
+    pipelines = caches.folder_pipelines(spec, setup.num_steps, setup.cfg_scale)
     count = dict(macs=setup.macs, sublayers=spec.sublayer_names, batch_size=prompts.batch_size)
     peer = caches.PEERS["cache-dit"]
     reference = caches.draw(pipelines.open(None, {}, {}), captions[calibration], noise[calibration], **count).images

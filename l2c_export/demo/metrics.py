@@ -103,12 +103,14 @@ class RandomProjection:
     only) and no classes."""
 
     real = None
-    data_range = None  # latents: PSNR over the reference's range
 
-    def __init__(self, sample_shape: Sequence[int], dim: int = PROJECTION_DIM, seed: int = 0):
+    def __init__(self, sample_shape: Sequence[int], dim: int = PROJECTION_DIM, seed: int = 0,
+                 data_range: float | None = None):
         size = int(np.prod(sample_shape))
         self.matrix = np.random.default_rng(seed).standard_normal((size, dim)) / np.sqrt(size)
-        self.description = (f"a fixed random projection of the flattened {'x'.join(map(str, sample_shape))} latents "
+        self.data_range = data_range  # None: latents, PSNR over the reference's range; 2: decoded pixels in [-1, 1]
+        what = "latents" if data_range is None else "decoded images"
+        self.description = (f"a fixed random projection of the flattened {'x'.join(map(str, sample_shape))} {what} "
                             f"onto {dim} Gaussian directions (numpy default_rng({seed})); no reference data")
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
@@ -126,11 +128,13 @@ class FrameProjection(RandomProjection):
     image, projected as :class:`RandomProjection` projects an image model's latents, so that FD is over the n F
     frames; PSNR is :func:`frame_psnr`, each frame's against the same frame of full compute, averaged."""
 
-    def __init__(self, clip_shape: Sequence[int], dim: int = PROJECTION_DIM, seed: int = 0):
+    def __init__(self, clip_shape: Sequence[int], dim: int = PROJECTION_DIM, seed: int = 0,
+                 data_range: float | None = None):
         channels, frames, height, width = clip_shape
-        super().__init__((channels, height, width), dim, seed)
+        super().__init__((channels, height, width), dim, seed, data_range)
         self.frames = frames
-        self.description = (f"frame by frame: each of the {frames} latent frames ({channels}x{height}x{width}) of "
+        kind = "latent frames" if data_range is None else "decoded frames"
+        self.description = (f"frame by frame: each of the {frames} {kind} ({channels}x{height}x{width}) of "
                             f"every clip as an image, FD over the frames in a fixed random projection onto {dim} "
                             f"Gaussian directions (numpy default_rng({seed})), PSNR per frame averaged over the "
                             f"frames; no reference data")
@@ -140,3 +144,28 @@ class FrameProjection(RandomProjection):
 
     def psnr(self, clips: np.ndarray, reference: np.ndarray) -> float | None:
         return frame_psnr(clips, reference, self.data_range)
+
+
+class DigitClips(FrameProjection):
+    """The text-to-video digits model's decoded clips (n, 3, F, H, W) in [-1, 1], judged frame by frame: FD to full
+    and PSNR as :class:`FrameProjection` (range 2, both clipped), and ``accuracy`` the share of clips in which
+    :func:`l2c_export.demo.t2v.judge_clips` reads the prompted digit and sees it move as asked. ``labels`` are (n, 2)
+    rows (digit, direction name), an object array; no reference data."""
+
+    def __init__(self, clip_shape: Sequence[int]):
+        super().__init__(clip_shape, data_range=2.0)
+        self.description += ("; accuracy: the digits classifier reads the prompted digit in 2/3 of a clip's frames "
+                             "and its ink moves as the prompt asks (l2c_export.demo.t2v.judge_clips)")
+        self._classifier = None
+
+    def accuracy(self, clips: np.ndarray, labels: np.ndarray | None) -> float | None:
+        from .classifier import load_classifier
+        from .t2v import judge_clips
+
+        if labels is None or not len(labels):
+            return None
+        self._classifier = self._classifier or load_classifier()
+        frames = (np.clip(clips, -1.0, 1.0).transpose(0, 2, 3, 4, 1) + 1.0) / 2.0  # the pipeline's "np" frames
+        verdict = judge_clips(frames, [int(d) for d in labels[:, 0]], [str(r) for r in labels[:, 1]],
+                              self._classifier)
+        return float(verdict["ok"].mean())

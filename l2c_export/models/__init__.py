@@ -173,6 +173,11 @@ class ModelFamily:
         """:class:`l2c_export.core.macs.MacCount` of one sample's forward."""
         raise NotImplementedError
 
+    def macs_prompt_length(self, config) -> int | None:
+        """A text model's prompt length (tokens) that :meth:`count_macs` counts ``config`` at; None for a label
+        model."""
+        return self.macs_prompt_tokens
+
     def guided_channels(self, config, guide_all: bool = False) -> int:
         """How many leading output channels classifier-free guidance mixes."""
         raise NotImplementedError

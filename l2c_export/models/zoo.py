@@ -212,11 +212,22 @@ def from_diffusers(folder: str | Path, image_size: int | tuple[int, int] | None 
                              f"(T5's tokens; {found.pipeline_class} takes at most {high})")
     if family.declaration.text_encoders is not None:
         max_sequence_length = max_sequence_length or family.declaration.max_sequence_length[found.pipeline_class]
+    max_prompt_tokens = family.max_prompt_tokens(found.pipeline_class, max_sequence_length,
+                                                 found.components.tokenizer_max_length)
+
+    def at_prompt_length(sized_config):
+        """Where MACs count at the build's prompt length (Wan), the config with that length."""
+        if family.declaration.macs_at_build_length and max_prompt_tokens is not None:
+            return replace(sized_config, prompt_tokens=max_prompt_tokens)
+        return sized_config
+
+    config = at_prompt_length(config)
     experts = None
     if found.experts is not None:
         declared = family.declaration.experts
-        later = [Expert(expert.name, declared.prefix(i), declared.scale_arguments[i],
-                        family.sized_config(expert.config, image_size, found.vae_scale_factor, num_frames), expert.path)
+        later = [Expert(expert.name, declared.prefix(i), declared.scale_arguments[i], at_prompt_length(
+                            family.sized_config(expert.config, image_size, found.vae_scale_factor, num_frames)),
+                        expert.path)
                  for i, expert in enumerate(found.experts.later, start=1)]
         experts = ExpertSet(found.experts.boundary_ratio, (
             Expert(declared.components[0], declared.prefix(0), declared.scale_arguments[0], config,
@@ -225,9 +236,8 @@ def from_diffusers(folder: str | Path, image_size: int | tuple[int, int] | None 
                      weights=found.transformer_dir, space="latent", num_steps=family.default_steps,
                      scheduler_config=found.scheduler_config, scheduler_source=str(found.scheduler_config_path),
                      components=found.components,
-                     max_prompt_tokens=family.max_prompt_tokens(found.pipeline_class, max_sequence_length,
-                                                                found.components.tokenizer_max_length),
-                     max_sequence_length=max_sequence_length, experts=experts)
+                     max_prompt_tokens=max_prompt_tokens, max_sequence_length=max_sequence_length,
+                     experts=experts)
 
 
 def resolve(checkpoint: str | Path | None, model: str | None, image_size: int | tuple[int, int] | None,

@@ -218,7 +218,10 @@ class Declaration:
     ``max_sequence_length``: pipeline class -> its ``max_sequence_length`` call argument's default (``build
     --max-sequence-length`` overrides it), the bound of the token axis, or with a text-encoder stack the length
     its ``max_sequence_length`` encoders pad to (SD3's prompt is CLIP's 77 tokens more, :meth:`TextEncoderStack.prompt_tokens`);
-    ``macs_prompt_tokens``: the prompt length MACs are counted at; ``required``: config option -> the only value
+    ``macs_prompt_tokens``: the prompt length MACs are counted at; ``macs_at_build_length``: the pipeline pads every
+    prompt to its ``max_sequence_length`` and the transformer reads every padded row (no mask: Wan), so a build's
+    MACs are counted at the build's length (``build --max-sequence-length``, :attr:`DiffusersConfig.prompt_tokens`)
+    instead; ``required``: config option -> the only value
     supported; ``call_arguments``: fixed keyword arguments of the transformer's forward (PixArt's
     ``added_cond_kwargs``); ``default_steps``: the pipelines' num_inference_steps; ``encode_prompt``: how the
     pipelines' own prompt encoding is called (:class:`EncodePrompt`; None: the pipelines take no prompts);
@@ -237,6 +240,7 @@ class Declaration:
     default_steps: int = 20
     max_sequence_length: Mapping[str, int] = field(default_factory=dict)
     macs_prompt_tokens: int | None = None
+    macs_at_build_length: bool = False
     required: Mapping[str, object] = field(default_factory=dict)
     call_arguments: Mapping[str, object] = field(default_factory=dict)
     encode_prompt: EncodePrompt | None = None

@@ -33,12 +33,14 @@ class DiffusersConfig:
     """A diffusers transformer: its class and its ``config.json`` (without diffusers' private ``_`` keys), and where
     that config has no ``sample_size`` (FLUX.1) the latent side the build runs at (``--image-size`` over the VAE's
     scale factor); a video model's latents (F', H', W') the build runs at (``latent_shape``: Wan's, from
-    ``--num-frames`` and ``--image-size``)."""
+    ``--num-frames`` and ``--image-size``); where a build's MACs are counted at its own prompt length (Wan:
+    ``Declaration.macs_at_build_length``), that length (``prompt_tokens``: ``--max-sequence-length``)."""
 
     transformer_class: str
     transformer: Mapping = field(default_factory=dict)
     latent_size: int | None = None
     latent_shape: tuple[int, ...] | None = None
+    prompt_tokens: int | None = None
 
     def __post_init__(self):
         if self.latent_shape is not None:  # a list where read back from JSON
@@ -56,11 +58,13 @@ class DiffusersConfig:
             data["latent_size"] = self.latent_size
         if self.latent_shape is not None:
             data["latent_shape"] = list(self.latent_shape)
+        if self.prompt_tokens is not None:
+            data["prompt_tokens"] = self.prompt_tokens
         return data
 
     def __hash__(self):
         return hash((self.transformer_class, json.dumps(dict(self.transformer), sort_keys=True), self.latent_size,
-                     self.latent_shape))
+                     self.latent_shape, self.prompt_tokens))
 
 
 def refuse_num_frames(family, config: DiffusersConfig, num_frames: int | None) -> None:
@@ -292,9 +296,15 @@ class DiffusersFamily(ModelFamily):
         return self.declaration.guidance.null_class
 
     def macs_inputs(self, config: DiffusersConfig) -> tuple:
-        """One sample's graph inputs whose forward :meth:`count_macs` counts: the traced dummies, a prompt of the
-        declared ``macs_prompt_tokens``."""
-        return self.dummy_inputs(config, 1, tokens=self.declaration.macs_prompt_tokens)
+        """One sample's graph inputs whose forward :meth:`count_macs` counts: the traced dummies, a prompt of
+        :meth:`macs_prompt_length` tokens."""
+        return self.dummy_inputs(config, 1, tokens=self.macs_prompt_length(config))
+
+    def macs_prompt_length(self, config: DiffusersConfig) -> int | None:
+        """The prompt length ``config``'s MACs are counted at: the build's (``config.prompt_tokens``) where the
+        pipeline pads every prompt to it and the transformer reads every row (Wan), else the declared
+        ``macs_prompt_tokens``."""
+        return config.prompt_tokens or self.declaration.macs_prompt_tokens
 
     def max_prompt_tokens(self, pipeline_class: str, max_sequence_length: int | None = None,
                           tokenizer_max_length: int | None = None) -> int | None:

@@ -60,6 +60,7 @@ DECLARATION = Declaration(
     default_steps=50,  # the pipeline's num_inference_steps
     max_sequence_length={"WanPipeline": MAX_SEQUENCE_LENGTH},
     macs_prompt_tokens=MAX_SEQUENCE_LENGTH,
+    macs_at_build_length=True,  # every prompt padded to max_sequence_length, every row read by attn2
     # text to video: no image embedding (Wan2.1-I2V's), no added key/value projections; the released query/key norm
     required={"image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None,
               "qk_norm": "rms_norm_across_heads"},
